@@ -1,0 +1,1 @@
+"""GGML block types: size table, torch dequantizers, QTensor, QMatMul, GPU kernels."""

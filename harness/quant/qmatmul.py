@@ -1,0 +1,67 @@
+"""QMatMul: `x @ W.T` for a GGUF weight, with candle's three strategies chosen in one place.
+
+- "quantized": keep the blocks, dequantize on every call (least memory).
+- "f32": dequantize once to float32 at construction.
+- "f16": dequantize once to float16; the product runs in float16.
+
+F32, F16 and BF16 weights are plain floats: they are always converted once, on the weight's
+own device (candle#1823's fix; candle#1815 dequantized them on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness.quant.qtensor import QTensor
+
+STRATEGIES = ("quantized", "f32", "f16")
+
+
+class QMatMul(nn.Module):
+    """A linear layer without bias over a QTensor of shape [out_features, in_features]."""
+
+    def __init__(self, weight: QTensor, strategy: str = "quantized"):
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"QMatMul strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if len(weight.shape) != 2:
+            raise ValueError(f"QMatMul {weight.name}: weight must be 2-D, shape is {list(weight.shape)}")
+        self.gguf_name = weight.name
+        self.qtype = weight.qtype
+        self.out_features, self.in_features = weight.shape
+        if weight.is_float and strategy == "quantized":
+            strategy = "f32"
+        self.strategy = strategy
+        # Exactly one of the two buffers is set; both move with the module.
+        self.register_buffer("qweight", weight.raw if strategy == "quantized" else None, persistent=False)
+        dense = None
+        if strategy != "quantized":
+            dense = weight.dequantize(dtype=torch.float16 if strategy == "f16" else torch.float32)
+        self.register_buffer("weight", dense, persistent=False)
+
+    @property
+    def qtensor(self) -> QTensor | None:
+        """The raw blocks when kept quantized, else None."""
+        if self.strategy != "quantized":
+            return None
+        return QTensor(self.qweight, self.qtype, (self.out_features, self.in_features), self.gguf_name)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[out, in] float weight on the module's device."""
+        if self.strategy == "quantized":
+            return self.qtensor.dequantize(dtype=dtype)
+        return self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        if self.strategy == "f16":
+            return (x.to(torch.float16) @ self.weight.T).to(x.dtype)
+        w = self.weight if self.strategy == "f32" else self.qtensor.dequantize(dtype=x.dtype)
+        return x @ w.to(x.dtype).T
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.gguf_name}, {self.qtype.name}, in={self.in_features}, out={self.out_features}, "
+            f"strategy={self.strategy}"
+        )

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up .venv with the harness and its test tools.
+#
+# torch: an existing torch (in the active environment, or the system's, which the venv can see)
+# is left alone. Otherwise a machine with an NVIDIA GPU gets PyPI's default (CUDA) build, and a
+# machine without one gets the CPU wheel, never the multi-GB CUDA build.
+#
+#   bash scripts/setup.sh            # the package and test tools
+#   HARNESS_EXTRAS=test,llamacpp bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=${HARNESS_TORCH_VERSION:-2.13.0}
+EXTRAS=${HARNESS_EXTRAS:-test}
+
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  py=python
+else
+  [ -x .venv/bin/python ] || python3 -m venv --system-site-packages .venv
+  py=.venv/bin/python
+fi
+pip=("$py" -m pip install --quiet --disable-pip-version-check)
+
+if "$py" -c "import torch" 2>/dev/null; then
+  echo "setup: using the installed torch $("$py" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "setup: NVIDIA GPU found: installing torch==$TORCH_VERSION (CUDA build)"
+  "${pip[@]}" "torch==$TORCH_VERSION"
+else
+  echo "setup: no NVIDIA GPU: installing the CPU wheel torch==$TORCH_VERSION+cpu"
+  "${pip[@]}" --extra-index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION+cpu"
+fi
+
+"${pip[@]}" -e ".[$EXTRAS]"
+echo "setup: ready ($("$py" -c 'import sys; print(sys.prefix)'))"
