@@ -59,7 +59,9 @@ def describe(path: str) -> dict:
 
 def _print_summary(info: dict, with_table: bool) -> None:
     c = info["config"]
-    print(f"{info['path']}: GGUF v{info['gguf_version']}, {_fmt_bytes(info['file_bytes'])}, {info['architecture']}")
+    print(
+        f"{info['path']}: GGUF v{info['gguf_version']}, {_fmt_bytes(info['file_bytes'])}, {info['architecture']}"
+    )
     print(
         f"  layers {c['block_count']}, embedding {c['embedding_length']}, feed-forward {c['feed_forward_length']}, "
         f"heads {c['head_count']} (kv {c['head_count_kv']}), vocab {c['vocab_size']}"
@@ -119,14 +121,20 @@ def cmd_demo(args) -> int:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = synthesize(out_dir / "demo-tiny.gguf", "tiny", file_type="Q4_K_M", layout="per-expert", router="f16")
+    path = synthesize(
+        out_dir / "demo-tiny.gguf", "tiny", file_type="Q4_K_M", layout="per-expert", router="f16"
+    )
     _print_summary(describe(str(path)), with_table=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with open_gguf(path) as mf:
         router = QMatMul(mf.tensor("blk.0.ffn_gate_inp.weight").to(device))
         expert = QMatMul(mf.experts(0, "gate")[0].to(device))
-    print(f"  on {device}: router {router.gguf_name} ({router.qtype.name}) dequantized to {router.weight.device}")
-    print(f"  on {device}: expert {expert.gguf_name} ({expert.qtype.name}) kept quantized on {expert.qweight.device}")
+    print(
+        f"  on {device}: router {router.gguf_name} ({router.qtype.name}) dequantized to {router.weight.device}"
+    )
+    print(
+        f"  on {device}: expert {expert.gguf_name} ({expert.qtype.name}) kept quantized on {expert.qweight.device}"
+    )
     return 0
 
 
@@ -143,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write a synthetic Mixtral GGUF with random weights")
     s.add_argument("out", help="output .gguf path")
     s.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    s.add_argument("--type", default="Q4_K_M", help="file type: a GGML type (Q8_0, Q4_K, ...) or a mix (Q4_K_M, ...)")
+    s.add_argument(
+        "--type", default="Q4_K_M", help="file type: a GGML type (Q8_0, Q4_K, ...) or a mix (Q4_K_M, ...)"
+    )
     s.add_argument("--layout", default="merged", choices=["merged", "per-expert"])
     s.add_argument("--router", default="f32", choices=["f32", "f16"])
     s.add_argument("--seed", type=int, default=0)

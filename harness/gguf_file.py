@@ -112,11 +112,15 @@ class _CheckedReader(GGUFReader):
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         file_bytes = len(self.data)
+        alignment = int(self.alignment)
+        start = int(start_offs)
         for field in fields:
             _name_len, name_data, _n_dims, dims, raw_type, offset = field.parts
             name = field.name
             if len(dims) == 0 or len(dims) > MAX_DIMS:
-                raise GGUFTensorError(self.path, name, f"has {len(dims)} dimensions (1 to {MAX_DIMS} allowed)")
+                raise GGUFTensorError(
+                    self.path, name, f"has {len(dims)} dimensions (1 to {MAX_DIMS} allowed)"
+                )
             dims = [int(d) for d in dims]
             if any(d <= 0 for d in dims):
                 raise GGUFTensorError(self.path, name, f"has a dimension that is not positive: {dims}")
@@ -136,9 +140,9 @@ class _CheckedReader(GGUFReader):
             n_elements = int(np.prod(dims, dtype=object))
             n_bytes = n_elements // block * type_bytes
             rel = int(offset[0])
-            if rel % self.alignment:
-                raise GGUFTensorError(self.path, name, f"data offset {rel} is not aligned to {self.alignment}")
-            end = start_offs + rel + n_bytes
+            if rel % alignment:
+                raise GGUFTensorError(self.path, name, f"data offset {rel} is not aligned to {alignment}")
+            end = start + rel + n_bytes
             if end > file_bytes:
                 raise GGUFTensorError(
                     self.path,
@@ -155,7 +159,9 @@ def _precheck_header(path: str) -> None:
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
     if len(head) < 4 or head[:4] != GGUF_MAGIC:
-        raise GGUFFormatError(path, "magic", f"not a GGUF file: starts with {head[:4]!r}, expected {GGUF_MAGIC!r}")
+        raise GGUFFormatError(
+            path, "magic", f"not a GGUF file: starts with {head[:4]!r}, expected {GGUF_MAGIC!r}"
+        )
     if len(head) < HEADER_BYTES:
         raise GGUFFormatError(path, "header", f"truncated: {size} bytes, a GGUF header needs {HEADER_BYTES}")
     version = int.from_bytes(head[4:8], "little")
@@ -212,7 +218,9 @@ class ModelFile:
         except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as exc:
             raise GGUFFormatError(self.path, "header", f"malformed or truncated header ({exc})") from None
         self.metadata: dict[str, Any] = {
-            name: _field_value(field) for name, field in self._reader.fields.items() if not name.startswith("GGUF.")
+            name: _field_value(field)
+            for name, field in self._reader.fields.items()
+            if not name.startswith("GGUF.")
         }
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.architecture = self._get("general.architecture", str)
@@ -234,7 +242,9 @@ class ModelFile:
             str: isinstance(value, str),
         }[kind]
         if not ok:
-            raise GGUFMetadataError(self.path, key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+            raise GGUFMetadataError(
+                self.path, key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}"
+            )
         return kind(value)
 
     def _read_config(self) -> MixtralConfig:
@@ -283,17 +293,29 @@ class ModelFile:
             if value <= 0:
                 bad(key, f"must be positive, got {value}")
         if c.embedding_length % c.head_count:
-            bad("attention.head_count", f"{c.head_count} heads do not divide embedding_length {c.embedding_length}")
+            bad(
+                "attention.head_count",
+                f"{c.head_count} heads do not divide embedding_length {c.embedding_length}",
+            )
         if c.head_count % c.head_count_kv:
-            bad("attention.head_count_kv", f"{c.head_count_kv} KV heads do not divide head_count {c.head_count}")
+            bad(
+                "attention.head_count_kv",
+                f"{c.head_count_kv} KV heads do not divide head_count {c.head_count}",
+            )
         if c.rope_dimension_count is not None and not (
             0 < c.rope_dimension_count <= c.head_dim and c.rope_dimension_count % 2 == 0
         ):
-            bad("rope.dimension_count", f"{c.rope_dimension_count} must be even and in 1..head_dim {c.head_dim}")
+            bad(
+                "rope.dimension_count",
+                f"{c.rope_dimension_count} must be even and in 1..head_dim {c.head_dim}",
+            )
         if c.expert_count < 0:
             bad("expert_count", f"must not be negative, got {c.expert_count}")
         if c.expert_count > 0 and not 1 <= c.expert_used_count <= c.expert_count:
-            bad("expert_used_count", f"{c.expert_used_count} used experts, but expert_count is {c.expert_count}")
+            bad(
+                "expert_used_count",
+                f"{c.expert_used_count} used experts, but expert_count is {c.expert_count}",
+            )
         if not c.rms_eps > 0:
             bad("attention.layer_norm_rms_epsilon", f"must be positive, got {c.rms_eps}")
 
@@ -334,7 +356,11 @@ class ModelFile:
                 f"{b}.ffn_norm.weight": (d,),
             }
             if self.layout == "dense":
-                shapes |= {f"{b}.ffn_gate.weight": (f, d), f"{b}.ffn_up.weight": (f, d), f"{b}.ffn_down.weight": (d, f)}
+                shapes |= {
+                    f"{b}.ffn_gate.weight": (f, d),
+                    f"{b}.ffn_up.weight": (f, d),
+                    f"{b}.ffn_down.weight": (d, f),
+                }
                 continue
             shapes[f"{b}.ffn_gate_inp.weight"] = (e, d)
             if self.layout == "merged":
@@ -358,7 +384,9 @@ class ModelFile:
                 raise GGUFTensorError(self.path, name, f"missing (the {self.layout} layout needs it)")
             got = self.shape(name)
             if got != shape:
-                raise GGUFTensorError(self.path, name, f"has shape {list(got)}, expected {list(shape)} from the config")
+                raise GGUFTensorError(
+                    self.path, name, f"has shape {list(got)}, expected {list(shape)} from the config"
+                )
 
     @property
     def tensor_names(self) -> list[str]:
@@ -398,7 +426,9 @@ class ModelFile:
             stack = self.tensor(f"blk.{layer}.ffn_{kind}_exps.weight")
             return [stack[e] for e in range(self.config.expert_count)]
         if self.layout == "per-expert":
-            return [self.tensor(f"blk.{layer}.ffn_{kind}.{e}.weight") for e in range(self.config.expert_count)]
+            return [
+                self.tensor(f"blk.{layer}.ffn_{kind}.{e}.weight") for e in range(self.config.expert_count)
+            ]
         raise GGUFTensorError(self.path, f"blk.{layer}.ffn_{kind}", "a dense model has no experts")
 
     @property

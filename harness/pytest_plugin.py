@@ -36,7 +36,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     if config.getoption("--require-cuda"):
         if any(item.get_closest_marker("cuda") for item in items):
-            raise pytest.UsageError("--require-cuda: tests marked `cuda` were selected but no CUDA GPU is present")
+            raise pytest.UsageError(
+                "--require-cuda: tests marked `cuda` were selected but no CUDA GPU is present"
+            )
         return
     skip = pytest.mark.skip(reason="no CUDA GPU here (torch.cuda.is_available() is False)")
     for item in items:

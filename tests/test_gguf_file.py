@@ -29,7 +29,9 @@ def files(tmp_path_factory):
         "per-expert": synthesize(
             d / "per-expert.gguf", "tiny", file_type="Q4_K_M", layout="per-expert", router="f16", seed=1
         ),
-        "dense": synthesize(d / "dense.gguf", TINY.replace(expert_count=0, expert_used_count=0), file_type="Q8_0"),
+        "dense": synthesize(
+            d / "dense.gguf", TINY.replace(expert_count=0, expert_used_count=0), file_type="Q8_0"
+        ),
     }
 
 
@@ -39,7 +41,10 @@ def files(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["merged", "per-expert"])
 def test_config_and_layout_from_metadata(files, layout):
     mf = open_gguf(files[layout])
-    assert mf.config == TINY
+    # The file stores eps as float32 and the rope dimension explicitly.
+    assert mf.config.rms_eps == pytest.approx(TINY.rms_eps, rel=1e-6)
+    assert mf.config.rope_dim == TINY.head_dim
+    assert mf.config.replace(rms_eps=TINY.rms_eps, rope_dimension_count=None) == TINY
     assert mf.layout == layout
     assert mf.architecture == "llama"
     assert mf.version == 3
@@ -78,7 +83,7 @@ def test_experts_are_the_same_bytes_in_both_layouts(files, tmp_path):
     for kind in ("gate", "up", "down"):
         a, b = merged.experts(1, kind), per_expert.experts(1, kind)
         assert len(a) == len(b) == TINY.expert_count
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             assert x.shape == y.shape and x.qtype == y.qtype
             assert torch.equal(x.raw, y.raw)
             assert torch.equal(x.dequantize(), y.dequantize())
@@ -178,7 +183,9 @@ def test_row_length_not_a_multiple_of_the_block(files, tmp_path):
     name = "blk.0.attn_k.weight"
     assert open_gguf(files["merged"]).qtype(name).name in ("Q4_K", "Q6_K", "Q8_0", "Q5_K")
     patch(bad, tensor_info_offsets(bad, name)["dims"], struct.pack("<Q", 200))
-    with pytest.raises(GGUFTensorError, match=f"{name}: row length 200 is not a multiple of the .* block size"):
+    with pytest.raises(
+        GGUFTensorError, match=f"{name}: row length 200 is not a multiple of the .* block size"
+    ):
         open_gguf(bad)
 
 
@@ -241,7 +248,9 @@ def test_inconsistent_metadata(files, tmp_path, key, value, message):
 
 
 def test_more_layers_claimed_than_present(files, tmp_path):
-    bad = rewrite(files["merged"], tmp_path / "bad.gguf", set_keys={"llama.block_count": (3, GGUFValueType.UINT32)})
+    bad = rewrite(
+        files["merged"], tmp_path / "bad.gguf", set_keys={"llama.block_count": (3, GGUFValueType.UINT32)}
+    )
     with pytest.raises(GGUFTensorError, match="blk.2.attn_norm.weight: missing"):
         open_gguf(bad)
 
@@ -263,9 +272,13 @@ def test_no_expert_tensors_at_all(files, tmp_path):
 
 def test_tensor_shape_disagrees_with_config(files, tmp_path):
     bad = rewrite(
-        files["merged"], tmp_path / "bad.gguf", set_keys={"llama.feed_forward_length": (256, GGUFValueType.UINT32)}
+        files["merged"],
+        tmp_path / "bad.gguf",
+        set_keys={"llama.feed_forward_length": (256, GGUFValueType.UINT32)},
     )
-    with pytest.raises(GGUFTensorError, match=r"blk.0.ffn_gate_exps.weight: has shape \[4, 512, 256\], expected"):
+    with pytest.raises(
+        GGUFTensorError, match=r"blk.0.ffn_gate_exps.weight: has shape \[4, 512, 256\], expected"
+    ):
         open_gguf(bad)
 
 

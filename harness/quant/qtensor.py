@@ -24,13 +24,17 @@ class QTensor:
             raise TypeError(f"QTensor {name}: raw must be uint8 bytes, got {raw.dtype}")
         if not shape or shape[-1] % block_size(qtype):
             raise GGUFTensorError(
-                None, name, f"row length {shape[-1] if shape else None} is not a multiple of the "
-                f"{qtype.name} block size {block_size(qtype)}"
+                None,
+                name,
+                f"row length {shape[-1] if shape else None} is not a multiple of the "
+                f"{qtype.name} block size {block_size(qtype)}",
             )
         expected = nbytes_for(shape, qtype)
         if raw.numel() != expected:
             raise GGUFTensorError(
-                None, name, f"{raw.numel()} bytes of data, but shape {list(shape)} in {qtype.name} needs {expected}"
+                None,
+                name,
+                f"{raw.numel()} bytes of data, but shape {list(shape)} in {qtype.name} needs {expected}",
             )
         self.raw = raw.reshape(*shape[:-1], shape[-1] // block_size(qtype) * type_size(qtype))
         self.qtype = qtype
@@ -39,7 +43,12 @@ class QTensor:
 
     @classmethod
     def from_numpy(
-        cls, data: np.ndarray, qtype: GGMLType, shape: tuple[int, ...], name: str | None = None, path: str | None = None
+        cls,
+        data: np.ndarray,
+        qtype: GGMLType,
+        shape: tuple[int, ...],
+        name: str | None = None,
+        path: str | None = None,
     ) -> QTensor:
         """Wrap bytes (a numpy array of any dtype, e.g. a memory map) without copying."""
         raw = torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
@@ -49,9 +58,13 @@ class QTensor:
             raise GGUFTensorError(path, name, exc.problem) from None
 
     @classmethod
-    def from_float(cls, values: torch.Tensor, qtype: GGMLType = GGMLType.F32, name: str | None = None) -> QTensor:
+    def from_float(
+        cls, values: torch.Tensor, qtype: GGMLType = GGMLType.F32, name: str | None = None
+    ) -> QTensor:
         """A float tensor as an F32, F16 or BF16 QTensor on the same device."""
-        dtype = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}[qtype]
+        dtype = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}[
+            qtype
+        ]
         raw = values.detach().to(dtype).contiguous().view(torch.uint8)
         return cls(raw, qtype, tuple(values.shape), name)
 
@@ -86,7 +99,9 @@ class QTensor:
 
     # -- values ---------------------------------------------------------------------------
 
-    def dequantize(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Float values of logical shape, computed on `device` (default: where the blocks are).
 
         With `device` given, the raw blocks move there first and the work is done there."""
@@ -102,7 +117,9 @@ class QTensor:
         from harness.quant.dequant import dequantize
 
         if len(self.shape) != 2:
-            raise ValueError(f"QTensor {self.name}: dequantize_rows needs a 2-D tensor, shape is {list(self.shape)}")
+            raise ValueError(
+                f"QTensor {self.name}: dequantize_rows needs a 2-D tensor, shape is {list(self.shape)}"
+            )
         rows = self.raw.index_select(0, index.reshape(-1))
         out = dequantize(rows, self.qtype, (rows.shape[0], self.shape[1]), dtype)
         return out.reshape(*index.shape, self.shape[1])

@@ -1,0 +1,97 @@
+"""The command line: output of synth, inspect and demo; one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness.cli import main
+from harness.gguf_file import PRESETS
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh interpreter, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.gguf"
+    assert main(["synth", str(path), "--layout", "per-expert", "--router", "f16", "--quiet"]) == 0
+    return path
+
+
+def test_inspect_prints_config_layout_and_table(tiny, capsys):
+    assert main(["inspect", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    assert "layout per-expert, router F16" in out
+    assert "experts 4 (2 used)" in out
+    assert "blk.1.ffn_down.3.weight" in out
+    table_row = next(line for line in out.splitlines() if "token_embd.weight" in line)
+    assert "[256, 384]" in table_row  # ggml order: ne0 (row length) first
+
+
+def test_inspect_json(tiny, capsys):
+    assert main(["inspect", str(tiny), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "per-expert"
+    assert info["config"]["expert_count"] == PRESETS["tiny"].expert_count
+    by_name = {t["name"]: t for t in info["tensors"]}
+    assert by_name["blk.0.ffn_gate_inp.weight"]["type"] == "F16"
+    assert by_name["blk.0.ffn_gate_inp.weight"]["bytes"] == 4 * 256 * 2
+    assert sum(t["bytes"] for t in info["tensors"]) < info["file_bytes"]
+
+
+def test_synth_then_inspect_through_the_entry_point(tmp_path):
+    out = tmp_path / "m.gguf"
+    done = run_cli("synth", str(out), "--type", "Q8_0", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout
+    shown = run_cli("inspect", str(out))
+    assert shown.returncode == 0
+    assert "layout merged, router F32" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["inspect", "{tmp}/absent.gguf"], "absent.gguf: no such file"),
+        (["inspect", "{tmp}/junk.gguf"], "junk.gguf: magic: not a GGUF file"),
+        (["synth", "{tmp}/x.gguf", "--type", "Q9_Z"], "Q9_Z"),
+        (["synth", "{tmp}/x.gguf", "--layout", "sideways"], "sideways"),
+        (["synth", "{tmp}/x.gguf", "--seed", "abc"], "abc"),
+        ([], "command"),
+        (["explode"], "explode"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all, just text" * 4)
+    done = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("harness: error: ")
+    assert needle in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_truncated_model_is_one_line(tiny, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny.read_bytes()[:-100])
+    done = run_cli("inspect", str(cut))
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "past the end of the file" in done.stderr
+
+
+def test_demo(tmp_path):
+    done = run_cli("demo", "--out-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "demo-tiny.gguf").exists()
+    assert "layout per-expert, router F16" in done.stdout
+    assert "router blk.0.ffn_gate_inp.weight (F16) dequantized to" in done.stdout
