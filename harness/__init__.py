@@ -10,6 +10,9 @@ from harness.errors import (
     UsageError,
 )
 from harness.gguf_file import PRESETS, MixtralConfig, ModelFile, open_gguf
+from harness.model.generate import generate
+from harness.model.mixtral import Mixtral
+from harness.model.placement import Placement
 from harness.quant.qmatmul import QMatMul
 from harness.quant.qtensor import QTensor
 from harness.quant.types import GGMLType
@@ -22,11 +25,14 @@ __all__ = [
     "GGUFMetadataError",
     "GGUFTensorError",
     "HarnessError",
+    "Mixtral",
     "MixtralConfig",
     "ModelFile",
+    "Placement",
     "QMatMul",
     "QTensor",
     "UnsupportedTypeError",
     "UsageError",
+    "generate",
     "open_gguf",
 ]

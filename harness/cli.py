@@ -138,6 +138,127 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _parse_tokens(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(None, "--tokens", f"expected comma-separated integers, got {text!r}") from None
+
+
+def _parse_device_map(text: str | None) -> dict | None:
+    """`--device-map` as JSON (`{"embed": "cpu", "layers.0-15": "cuda:0", ...}`) or `k=v,k=v`."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(None, "--device-map", f"not valid JSON ({exc.msg})") from None
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise UsageError(None, "--device-map", "must map names to device strings")
+        return value
+    pairs = [p.split("=", 1) for p in text.split(",") if p]
+    if any(len(p) != 2 for p in pairs):
+        raise UsageError(None, "--device-map", f"expected JSON or key=device pairs, got {text!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _load_model(args):
+    from harness.model.mixtral import Mixtral
+
+    device_map = _parse_device_map(args.device_map)
+    device = args.device if (args.device or device_map is None) else None
+    return Mixtral.from_gguf(
+        args.model,
+        device=device,
+        device_map=device_map,
+        n_gpu_layers=args.n_gpu_layers,
+        strategy=args.strategy,
+    )
+
+
+def _add_model_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help="GGUF model file")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default cpu)")
+    s.add_argument(
+        "--device-map", default=None, help='JSON, e.g. \'{"embed": "cpu", "layers.0-15": "cuda:0", ...}\''
+    )
+    s.add_argument("--n-gpu-layers", type=int, default=None, help="llama.cpp-style partial offload")
+    s.add_argument(
+        "--strategy", default="quantized", choices=["quantized", "f32", "f16"], help="QMatMul strategy"
+    )
+
+
+def cmd_run(args) -> int:
+    from harness.model.generate import generate
+    from harness.model.tokenizer import Tokenizer
+
+    if not args.prompt:
+        raise UsageError(None, "--prompt", "the prompt is empty")
+    tokenizer = Tokenizer.from_gguf(args.model)
+    model = _load_model(args)
+    prompt = tokenizer.encode(args.prompt)
+    out = generate(
+        model,
+        prompt,
+        args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=tokenizer.eos_id,
+    )
+    text = tokenizer.decode(out.tokens)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "prompt_tokens": prompt,
+                    "tokens": out.tokens,
+                    "text": text,
+                    "stopped_at_eos": out.stopped_at_eos,
+                    "prefill_tokens_per_second": out.prefill_tokens_per_second,
+                    "decode_tokens_per_second": out.decode_tokens_per_second,
+                    "placement": model.placement.describe(),
+                }
+            )
+        )
+        return 0
+    print(args.prompt + text)
+    print(
+        f"prefill: {len(prompt)} tokens, {out.prefill_tokens_per_second:.1f} tokens/s; "
+        f"decode: {len(out.tokens)} tokens, {out.decode_tokens_per_second:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_logits(args) -> int:
+    import numpy as np
+    import torch
+
+    tokens = _parse_tokens(args.tokens)
+    model = _load_model(args)
+    model.check_tokens(tokens)
+    with torch.inference_mode():
+        logits = model(torch.tensor(tokens, dtype=torch.long), 0)  # [T, V]
+    array = logits.float().cpu().numpy()
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(out)
+    print(f"wrote {out}: float32 logits {list(array.shape)}")
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from harness.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(args.model)
+    print(json.dumps(tokenizer.encode(args.text, add_bos=not args.no_bos)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from harness.gguf_file import PRESETS
 
@@ -164,6 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("run", help="generate text from a prompt; prints tokens/s for prefill and decode")
+    _add_model_args(s)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("logits", help="write float32 logits [T, vocab] of a token sequence to .npy")
+    _add_model_args(s)
+    s.add_argument("--tokens", required=True, help="comma-separated ids, e.g. 1,2,3")
+    s.add_argument("--out", required=True, help="output .npy path")
+    s.set_defaults(func=cmd_logits)
+
+    s = sub.add_parser("tokenize", help="print the ids of a text as a JSON list")
+    s.add_argument("model")
+    s.add_argument("text")
+    s.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
+    s.set_defaults(func=cmd_tokenize)
     return p
 
 

@@ -1,0 +1,1 @@
+"""The quantized Mixtral: modules, placement, tokenizer and generation."""

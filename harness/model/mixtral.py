@@ -1,0 +1,365 @@
+"""A quantized Mixtral (and dense llama) over GGUF weights, as llama.cpp's llama graph runs it.
+
+Weights stay quantized on their device (QMatMul "quantized": dequantized per call, on that
+device). Routing stays on the device: no host reads of device data in the forward.
+
+Shape legend: T tokens in this call, S cached positions (start_pos + T), D embedding,
+H heads, K KV heads, Hd head dim, F feed-forward, E experts, k used experts, V vocab.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import UsageError
+from harness.gguf_file import MixtralConfig, ModelFile, open_gguf
+from harness.model.placement import Placement
+from harness.quant.qmatmul import QMatMul
+from harness.quant.qtensor import QTensor
+
+ROUTER_WEIGHT_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k weight sum at this (2^-14)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: QTensor, eps: float):
+        super().__init__()
+        self.gguf_name = weight.name
+        self.eps = eps
+        self.register_buffer("weight", weight.dequantize(), persistent=False)  # [D] float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight).to(x.dtype)
+
+
+class Embedding(nn.Module):
+    """Rows of the quantized token table, dequantized on its device: only the rows asked for."""
+
+    def __init__(self, table: QTensor):
+        super().__init__()
+        self.gguf_name = table.name
+        self.qtype = table.qtype
+        self.shape = table.shape
+        self.register_buffer("qweight", table.raw, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # [T] -> [T, D]
+        table = QTensor(self.qweight, self.qtype, self.shape, self.gguf_name)
+        return table.dequantize_rows(tokens)
+
+
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_tables(rope_dim: int, base: float, max_seq_len: int, device: torch.device):
+    """cos and sin [max_seq_len, rope_dim/2] float32 on `device`, built once per device."""
+    key = (rope_dim, base, max_seq_len, device)
+    if key not in _ROPE_TABLES:
+        inv_freq = base ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)  # [rope_dim/2]
+        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # [S_max, rope_dim/2]
+        _ROPE_TABLES[key] = (angles.cos().float().to(device), angles.sin().float().to(device))
+    return _ROPE_TABLES[key]
+
+
+class Rope(nn.Module):
+    """GGML rope type 0 ("normal"): rotates adjacent pairs (x[2i], x[2i+1]) of the first
+    rope_dim dims by pos * base^(-2i/rope_dim). Layers on one device share the tables."""
+
+    def __init__(self, rope_dim: int, base: float, max_seq_len: int, device: torch.device):
+        super().__init__()
+        self.rope_dim = rope_dim
+        cos, sin = rope_tables(rope_dim, base, max_seq_len, device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        # x: [T, heads, Hd]
+        t = x.shape[0]
+        cos = self.cos[start_pos : start_pos + t, None, :]  # [T, 1, rope_dim/2]
+        sin = self.sin[start_pos : start_pos + t, None, :]
+        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]
+        even, odd = rot[..., 0::2], rot[..., 1::2]  # [T, heads, rope_dim/2]
+        out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+class KVCache(nn.Module):
+    def __init__(
+        self, n_kv_heads: int, max_seq_len: int, head_dim: int, device: torch.device, dtype: torch.dtype
+    ):
+        super().__init__()
+        shape = (n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: [T, K, Hd] -> cached [K, S, Hd]
+        end = start_pos + k.shape[0]
+        self.k[:, start_pos:end] = k.transpose(0, 1)
+        self.v[:, start_pos:end] = v.transpose(0, 1)
+        return self.k[:, :end], self.v[:, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, mf: ModelFile, i: int, strategy: str, cache: KVCache):
+        super().__init__()
+        c = mf.config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.head_count, c.head_count_kv, c.head_dim
+        self.wq = QMatMul(mf.tensor(f"blk.{i}.attn_q.weight").to(cache.k.device), strategy)
+        self.wk = QMatMul(mf.tensor(f"blk.{i}.attn_k.weight").to(cache.k.device), strategy)
+        self.wv = QMatMul(mf.tensor(f"blk.{i}.attn_v.weight").to(cache.k.device), strategy)
+        self.wo = QMatMul(mf.tensor(f"blk.{i}.attn_output.weight").to(cache.k.device), strategy)
+        self.rope = Rope(c.rope_dim, c.rope_freq_base, cache.k.shape[1], cache.k.device)
+        self.cache = cache
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.rope(self.wq(x).view(t, self.n_heads, self.head_dim), start_pos)  # [T, H, Hd]
+        k = self.rope(self.wk(x).view(t, self.n_kv_heads, self.head_dim), start_pos)  # [T, K, Hd]
+        v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)  # [T, K, Hd]
+        keys, values = self.cache.update(k, v, start_pos)  # [K, S, Hd]
+        group = self.n_heads // self.n_kv_heads
+        q = q.transpose(0, 1).reshape(self.n_kv_heads, group * t, self.head_dim)  # [K, group*T, Hd]
+        scores = (q @ keys.transpose(1, 2)) * self.head_dim**-0.5  # [K, group*T, S]
+        scores = scores.view(self.n_kv_heads, group, t, -1)  # [K, group, T, S]
+        s = keys.shape[1]
+        q_pos = torch.arange(start_pos, start_pos + t, device=x.device)[:, None]  # [T, 1]
+        k_pos = torch.arange(s, device=x.device)[None, :]  # [1, S]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        probs = scores.float().softmax(-1).to(values.dtype).view(self.n_kv_heads, group * t, s)
+        out = (probs @ values).view(self.n_heads, t, self.head_dim)  # [H, T, Hd]
+        return self.wo(out.transpose(0, 1).reshape(t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """A dense llama MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, gate: QTensor, up: QTensor, down: QTensor, strategy: str):
+        super().__init__()
+        self.w1, self.w3, self.w2 = QMatMul(gate, strategy), QMatMul(up, strategy), QMatMul(down, strategy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Experts(nn.Module):
+    """Every expert's w1 (gate), w3 (up) and w2 (down) as stacks of raw blocks [E, rows, row_bytes].
+
+    Two ways to apply them, both without host reads of routing data:
+    - gather (few token-expert pairs, e.g. decode): the chosen experts' blocks are gathered by
+      index on the device and only those are dequantized;
+    - dense (many pairs, e.g. prefill): each expert runs on every token, weighted by its routing
+      weight, which is zero for tokens not routed to it.
+    """
+
+    def __init__(self, gate: list[QTensor], up: list[QTensor], down: list[QTensor]):
+        super().__init__()
+        self.n_experts = len(gate)
+        self.gguf_names = {
+            "w1": [g.name for g in gate],
+            "w3": [u.name for u in up],
+            "w2": [d.name for d in down],
+        }
+        self.meta = {}
+        for attr, weights in (("w1", gate), ("w3", up), ("w2", down)):
+            qtypes = {w.qtype for w in weights}
+            if len(qtypes) != 1:
+                names = ", ".join(f"{w.name}={w.qtype.name}" for w in weights)
+                raise UsageError(
+                    None, weights[0].name, f"experts of one layer have different types ({names})"
+                )
+            self.meta[attr] = (weights[0].qtype, weights[0].shape)
+            self.register_buffer(attr, _stack_raw(weights), persistent=False)
+
+    def weight(self, attr: str, experts: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized weights of the given experts: [n, rows, cols] for an index tensor, else [rows, cols]."""
+        qtype, shape = self.meta[attr]
+        raw = getattr(self, attr)
+        if isinstance(experts, int):
+            return QTensor(raw[experts], qtype, shape).dequantize(dtype=dtype)
+        picked = raw.index_select(0, experts)  # [n, rows, row_bytes]
+        return QTensor(picked, qtype, (experts.shape[0], *shape)).dequantize(dtype=dtype)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        # x: [T, D]; weights, experts: [T, k]
+        t, k = experts.shape
+        if t * k < self.n_experts:
+            return self._gather(x, weights, experts)
+        return self._dense(x, weights, experts)
+
+    def _gather(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        t, k = experts.shape
+        flat = experts.reshape(-1)  # [T*k]
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [T*k, D, 1]
+        h = F.silu(self.weight("w1", flat, x.dtype) @ xs) * (
+            self.weight("w3", flat, x.dtype) @ xs
+        )  # [T*k, F, 1]
+        y = (self.weight("w2", flat, x.dtype) @ h).view(t, k, -1)  # [T, k, D]
+        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)  # [T, D]
+        for e in range(self.n_experts):
+            coef = (weights * (experts == e)).sum(-1, keepdim=True).to(x.dtype)  # [T, 1], 0 if not routed
+            w1, w3, w2 = (self.weight(a, e, x.dtype) for a in ("w1", "w3", "w2"))
+            out += coef * (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            ", ".join(f"{a}={q.name}{list(s)}" for a, (q, s) in self.meta.items())
+            + f", experts={self.n_experts}"
+        )
+
+
+def _stack_raw(weights: list[QTensor]) -> torch.Tensor:
+    """[E, rows, row_bytes] raw blocks: a view when the experts are slices of one merged stack."""
+    first = weights[0].raw
+    base = first.untyped_storage()
+    stride = first.numel()
+    contiguous_stack = all(
+        w.raw.untyped_storage().data_ptr() == base.data_ptr()
+        and w.raw.storage_offset() == first.storage_offset() + e * stride
+        for e, w in enumerate(weights)
+    )
+    if contiguous_stack:
+        return first.as_strided((len(weights), *first.shape), (stride, *first.stride()))
+    return torch.stack([w.raw for w in weights])
+
+
+class MoE(nn.Module):
+    """Router -> softmax over all experts -> top-k -> renormalized weights -> weighted experts."""
+
+    def __init__(self, router: QMatMul, experts: Experts, n_used: int):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.n_used = n_used
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)  # [T, E]
+        probs = logits.float().softmax(-1)
+        weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
+        return self.experts(x, weights, chosen)
+
+
+class Block(nn.Module):
+    def __init__(self, mf: ModelFile, i: int, device: torch.device, strategy: str, cache: KVCache):
+        super().__init__()
+        c = mf.config
+
+        def w(name: str) -> QTensor:
+            return mf.tensor(f"blk.{i}.{name}.weight").to(device)
+
+        self.attn_norm = RMSNorm(w("attn_norm"), c.rms_eps)
+        self.attn = Attention(mf, i, strategy, cache)
+        self.ffn_norm = RMSNorm(w("ffn_norm"), c.rms_eps)
+        if c.is_moe:
+            experts = Experts(
+                *([q.to(device) for q in mf.experts(i, kind)] for kind in ("gate", "up", "down"))
+            )
+            self.moe = MoE(QMatMul(w("ffn_gate_inp"), strategy), experts, c.expert_used_count)
+        else:
+            self.ffn = FeedForward(w("ffn_gate"), w("ffn_up"), w("ffn_down"), strategy)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), start_pos)
+        mlp = self.moe if hasattr(self, "moe") else self.ffn
+        return x + mlp(self.ffn_norm(x))
+
+
+class Mixtral(nn.Module):
+    """The whole model. `model(tokens, start_pos)`: tokens [T] -> logits [T, V] (float32)."""
+
+    def __init__(
+        self, config: MixtralConfig, placement: Placement, mf: ModelFile, strategy: str, max_seq_len: int
+    ):
+        super().__init__()
+        self.config = config
+        self.placement = placement
+        self.max_seq_len = max_seq_len
+        self.dtype = torch.float32
+        self.embed = Embedding(mf.tensor("token_embd.weight").to(placement.embed))
+        self.layers = nn.ModuleList(
+            Block(
+                mf,
+                i,
+                d,
+                strategy,
+                KVCache(config.head_count_kv, max_seq_len, config.head_dim, d, self.dtype),
+            )
+            for i, d in enumerate(placement.layers)
+        )
+        self.norm = RMSNorm(mf.tensor("output_norm.weight").to(placement.head), config.rms_eps)
+        head_name = "output.weight" if "output.weight" in mf else "token_embd.weight"
+        self.head = QMatMul(mf.tensor(head_name).to(placement.head), strategy)
+
+    @classmethod
+    def from_gguf(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        device_map: dict[str, str] | None = None,
+        n_gpu_layers: int | None = None,
+        strategy: str = "quantized",
+        max_seq_len: int | None = None,
+    ) -> Mixtral:
+        """Load a GGUF file onto the placement given by `device`, `device_map` or `n_gpu_layers`.
+
+        `max_seq_len` sizes the KV cache (default: the file's context length, at most 4096)."""
+        mf = open_gguf(path)
+        c = mf.config
+        placement = Placement.resolve(
+            c.block_count, device=device, device_map=device_map, n_gpu_layers=n_gpu_layers
+        )
+        if max_seq_len is None:
+            max_seq_len = min(c.context_length, 4096)
+        if not 0 < max_seq_len <= c.context_length:
+            raise UsageError(
+                str(path), "max_seq_len", f"{max_seq_len} is outside 1..context length {c.context_length}"
+            )
+        model = cls(c, placement, mf, strategy, max_seq_len)
+        model.gguf_path = os.fspath(path)
+        return model
+
+    def reset(self) -> None:
+        """Forget the cached sequence (the cache is overwritten from position 0 next time)."""
+        for layer in self.layers:
+            layer.attn.cache.k.zero_()
+            layer.attn.cache.v.zero_()
+
+    def check_tokens(self, tokens: list[int] | torch.Tensor, start_pos: int = 0) -> None:
+        """Host-side checks of a token sequence before it goes anywhere near a device."""
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        if not ids:
+            raise UsageError(None, "tokens", "the token sequence is empty")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise UsageError(
+                None, "tokens", f"token id {bad[0]} is outside the vocabulary 0..{self.config.vocab_size - 1}"
+            )
+        if start_pos < 0 or start_pos + len(ids) > self.max_seq_len:
+            raise UsageError(
+                None,
+                "tokens",
+                f"positions {start_pos}..{start_pos + len(ids) - 1} exceed the context of {self.max_seq_len} tokens",
+            )
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        # tokens: [T] int64 -> logits [T, V] float32
+        if tokens.device.type == "cpu":
+            self.check_tokens(tokens, start_pos)  # a device tensor is not read back to check it
+        x = self.embed(tokens.to(self.placement.embed))  # [T, D]
+        for layer, device in zip(self.layers, self.placement.layers, strict=True):
+            if x.device != device:
+                x = x.to(device)  # a declared device-map boundary
+            x = layer(x, start_pos)
+        if x.device != self.placement.head:
+            x = x.to(self.placement.head)
+        return self.head(self.norm(x)).float()
