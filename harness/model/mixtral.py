@@ -157,7 +157,7 @@ class Experts(nn.Module):
       weight, which is zero for tokens not routed to it.
     """
 
-    def __init__(self, gate: list[QTensor], up: list[QTensor], down: list[QTensor]):
+    def __init__(self, gate: list[QTensor], up: list[QTensor], down: list[QTensor], device: torch.device):
         super().__init__()
         self.n_experts = len(gate)
         self.gguf_names = {
@@ -174,7 +174,8 @@ class Experts(nn.Module):
                     None, weights[0].name, f"experts of one layer have different types ({names})"
                 )
             self.meta[attr] = (weights[0].qtype, weights[0].shape)
-            self.register_buffer(attr, _stack_raw(weights), persistent=False)
+            # Stacked where the blocks are (a view for a merged file), then moved in one copy.
+            self.register_buffer(attr, _stack_raw(weights).to(device), persistent=False)
 
     def weight(self, attr: str, experts: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized weights of the given experts: [n, rows, cols] for an index tensor, else [rows, cols]."""
