@@ -262,9 +262,7 @@ class Block(nn.Module):
         self.attn = Attention(mf, i, strategy, cache)
         self.ffn_norm = RMSNorm(w("ffn_norm"), c.rms_eps)
         if c.is_moe:
-            experts = Experts(
-                *([q.to(device) for q in mf.experts(i, kind)] for kind in ("gate", "up", "down"))
-            )
+            experts = Experts(*(mf.experts(i, kind) for kind in ("gate", "up", "down")), device=device)
             self.moe = MoE(QMatMul(w("ffn_gate_inp"), strategy), experts, c.expert_used_count)
         else:
             self.ffn = FeedForward(w("ffn_gate"), w("ffn_up"), w("ffn_down"), strategy)
