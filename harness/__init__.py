@@ -13,6 +13,7 @@ from harness.gguf_file import PRESETS, MixtralConfig, ModelFile, open_gguf
 from harness.model.generate import generate
 from harness.model.mixtral import Mixtral
 from harness.model.placement import Placement
+from harness.model.tokenizer import Tokenizer
 from harness.quant.qmatmul import QMatMul
 from harness.quant.qtensor import QTensor
 from harness.quant.types import GGMLType
@@ -31,6 +32,7 @@ __all__ = [
     "Placement",
     "QMatMul",
     "QTensor",
+    "Tokenizer",
     "UnsupportedTypeError",
     "UsageError",
     "generate",

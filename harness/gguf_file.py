@@ -105,10 +105,15 @@ class _CheckedReader(GGUFReader):
     data is mapped, so errors name the tensor."""
 
     path: str
+    last_key: str | None = None  # the last key read whole, to say where a broken header broke
 
     def __init__(self, path: str):
         self.path = path
         super().__init__(path, "c")  # copy-on-write: writable views, the file is never changed
+
+    def _push_field(self, field, skip_sum: bool = False) -> int:
+        self.last_key = field.name
+        return super()._push_field(field, skip_sum)
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         file_bytes = len(self.data)
@@ -188,7 +193,8 @@ def _field_value(field) -> Any:
 
     def scalar(part, vtype):
         if vtype == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8", errors="replace")
+            # surrogateescape: bytes that are not UTF-8 survive .encode("utf-8", "surrogateescape")
+            return bytes(part).decode("utf-8", errors="surrogateescape")
         value = part[0]
         if vtype == GGUFValueType.BOOL:
             return bool(value)
@@ -203,25 +209,40 @@ def _field_value(field) -> Any:
     return scalar(field.parts[field.data[0]], types[0])
 
 
+def _open_reader(path: str) -> _CheckedReader:
+    """gguf's reader over `path`, after the header's claims are checked; HarnessErrors only."""
+    if not os.path.isfile(path):
+        raise GGUFFormatError(path, None, "no such file")
+    _precheck_header(path)
+    reader = _CheckedReader.__new__(_CheckedReader)
+    try:
+        reader.__init__(path)
+        return reader
+    except (GGUFTensorError, GGUFFormatError):
+        raise
+    except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as exc:
+        where = "header" if reader.last_key in (None, "GGUF.kv_count") else f"after key {reader.last_key}"
+        raise GGUFFormatError(path, where, f"malformed or truncated header ({exc})") from None
+
+
+def _metadata(reader: GGUFReader) -> dict[str, Any]:
+    return {
+        name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")
+    }
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every metadata key of any GGUF file (a vocab-only file too) as Python values."""
+    return _metadata(_open_reader(os.fspath(path)))
+
+
 class ModelFile:
     """An open GGUF model: metadata, config, layout and lazily mapped tensors."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise GGUFFormatError(self.path, None, "no such file")
-        _precheck_header(self.path)
-        try:
-            self._reader = _CheckedReader(self.path)
-        except (GGUFTensorError, GGUFFormatError):
-            raise
-        except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as exc:
-            raise GGUFFormatError(self.path, "header", f"malformed or truncated header ({exc})") from None
-        self.metadata: dict[str, Any] = {
-            name: _field_value(field)
-            for name, field in self._reader.fields.items()
-            if not name.startswith("GGUF.")
-        }
+        self._reader = _open_reader(self.path)
+        self.metadata: dict[str, Any] = _metadata(self._reader)
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.architecture = self._get("general.architecture", str)
         self.config = self._read_config()
