@@ -5,13 +5,19 @@
 # is left alone. Otherwise a machine with an NVIDIA GPU gets PyPI's default (CUDA) build, and a
 # machine without one gets the CPU wheel, never the multi-GB CUDA build.
 #
-#   bash scripts/setup.sh            # the package and test tools
-#   HARNESS_EXTRAS=test,llamacpp bash scripts/setup.sh
+#   bash scripts/setup.sh                   # the package and its test tools
+#   bash scripts/setup.sh --with-llamacpp   # also llama.cpp (built from source, ~4 min) for the cross-checks
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=${HARNESS_TORCH_VERSION:-2.13.0}
-EXTRAS=${HARNESS_EXTRAS:-test}
+EXTRAS=test
+for arg in "$@"; do
+  case "$arg" in
+    --with-llamacpp) EXTRAS=test,llamacpp ;;
+    *) echo "setup: unknown option $arg (known: --with-llamacpp)" >&2; exit 2 ;;
+  esac
+done
 
 if [ -n "${VIRTUAL_ENV:-}" ]; then
   py=python
