@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     import triton
 
     from harness.quant import kernels
-    from harness.quant.types import GGMLType, block_size, type_size
+    from harness.quant.types import F16_FIELDS, GGMLType, block_size, type_size
 
     device = torch.device("cuda" if cuda else "cpu")
     if args.smoke:
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                 nvalues *= s
             nblocks = nvalues // bs
             raw = torch.randint(0, 256, (nblocks, ts), dtype=torch.uint8, device=device, generator=gen)
-            for off in kernels.F16_FIELDS.get(qtype, ()):
+            for off in F16_FIELDS.get(qtype, ()):
                 raw[:, off + 1] &= 0xBF  # f16 exponent < 16: finite scales
             raw = raw.view(-1)
             in_bytes = raw.numel()

@@ -12,27 +12,14 @@ from hypothesis import strategies as st
 
 from harness.errors import GGUFTensorError, UnsupportedTypeError, UsageError
 from harness.quant.dequant import dequantize
-from harness.quant.types import FLOAT_TYPES, SUPPORTED_TYPES, GGMLType, block_size, type_size
+from harness.quant.types import F16_FIELDS, FLOAT_TYPES, SUPPORTED_TYPES, GGMLType, block_size, type_size
 
 T = GGMLType
 QUANT_TYPES = tuple(t for t in SUPPORTED_TYPES if t not in FLOAT_TYPES)
 # Types gguf can quantize from float32 itself; the rest are written as random valid blocks.
 GGUF_QUANTIZES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 # Byte offsets of the f16 scale fields (d, and m / dmin where there is one) within each block.
-SCALE_OFFSETS = {
-    T.Q4_0: (0,),
-    T.Q4_1: (0, 2),
-    T.Q5_0: (0,),
-    T.Q5_1: (0, 2),
-    T.Q8_0: (0,),
-    T.Q2_K: (80, 82),
-    T.Q3_K: (108,),
-    T.Q4_K: (0, 2),
-    T.Q5_K: (0, 2),
-    T.Q6_K: (208,),
-    T.IQ4_NL: (0,),
-    T.IQ4_XS: (0,),
-}
+
 # (exponent mask, a bit of it to clear) per float layout: all-ones exponent -> finite.
 F16_EXP = (0x7C00, 0x4000)
 BF16_EXP = (0x7F80, 0x4000)
@@ -59,7 +46,7 @@ def random_blocks(qtype: GGMLType, shape: tuple[int, ...], rng: np.random.Genera
         _make_finite(raw.view(np.uint16), F16_EXP if qtype == T.F16 else BF16_EXP)
     else:
         blocks = raw.reshape(-1, type_size(qtype))
-        for off in SCALE_OFFSETS[qtype]:
+        for off in F16_FIELDS[qtype]:
             field = np.ascontiguousarray(blocks[:, off : off + 2]).view(np.uint16)
             _make_finite(field, F16_EXP)
             blocks[:, off : off + 2] = field.view(np.uint8)
@@ -69,7 +56,7 @@ def random_blocks(qtype: GGMLType, shape: tuple[int, ...], rng: np.random.Genera
 def set_scales(raw: np.ndarray, qtype: GGMLType, value: float) -> None:
     """Write `value` (as f16) into every scale field of every block, in place."""
     blocks = raw.reshape(-1, type_size(qtype))
-    for off in SCALE_OFFSETS[qtype]:
+    for off in F16_FIELDS[qtype]:
         blocks[:, off : off + 2] = np.array([value], dtype=np.float16).view(np.uint8)
 
 

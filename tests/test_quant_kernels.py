@@ -24,7 +24,7 @@ import torch
 from gguf import quants
 
 from harness.errors import UnsupportedTypeError, UsageError
-from harness.quant.types import GGMLType, block_size, type_size
+from harness.quant.types import F16_FIELDS, GGMLType, block_size, type_size
 
 T = GGMLType
 REQUIRED = (T.Q8_0, T.Q4_K, T.Q6_K)
@@ -40,7 +40,7 @@ def _kernels():
 
 def random_blocks(qtype: GGMLType, nblocks: int, seed: int) -> np.ndarray:
     """[nblocks, type_size] random bytes whose f16 fields are finite halves of mixed magnitude."""
-    from harness.quant.kernels import F16_FIELDS
+    from harness.quant.types import F16_FIELDS
 
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(nblocks, type_size(qtype)), dtype=np.uint8)
@@ -150,7 +150,7 @@ def test_interpreter_matches_gguf_bitwise(interpreted, qtype_name, case):
 def test_required_types_have_kernels():
     kernels = _kernels()
     assert set(REQUIRED) <= set(kernels.KERNEL_TYPES)
-    assert set(kernels.KERNEL_TYPES) == set(kernels.F16_FIELDS)
+    assert set(kernels.KERNEL_TYPES) == set(F16_FIELDS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")

@@ -48,23 +48,6 @@ IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Byte offsets of the f16 fields (scales, mins) within a block, per type with a kernel: tests and
-# benchmarks use it to make random blocks whose scales are finite.
-F16_FIELDS: dict[GGMLType, tuple[int, ...]] = {
-    T.Q4_0: (0,),
-    T.Q4_1: (0, 2),
-    T.Q5_0: (0,),
-    T.Q5_1: (0, 2),
-    T.Q8_0: (0,),
-    T.Q2_K: (80, 82),
-    T.Q3_K: (108,),
-    T.Q4_K: (0, 2),
-    T.Q5_K: (0, 2),
-    T.Q6_K: (208,),
-    T.IQ4_NL: (0,),
-    T.IQ4_XS: (0,),
-}
-
 
 # Whether the kernels below are built for Triton's interpreter (decided once, at import).
 _INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0").lower() in (

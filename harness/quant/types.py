@@ -29,6 +29,23 @@ SUPPORTED_TYPES: tuple[GGMLType, ...] = (
 )
 FLOAT_TYPES: tuple[GGMLType, ...] = (T.F32, T.F16, T.BF16)
 
+# Byte offsets of the f16 fields (the scale d, and m / dmin where there is one) within each block
+# of the block types: where random test blocks must hold finite values.
+F16_FIELDS: dict[GGMLType, tuple[int, ...]] = {
+    T.Q4_0: (0,),
+    T.Q4_1: (0, 2),
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
+    T.Q8_0: (0,),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+    T.IQ4_NL: (0,),
+    T.IQ4_XS: (0,),
+}
+
 
 def block_size(qtype: GGMLType) -> int:
     """Elements per block (1 for float types)."""
