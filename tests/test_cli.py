@@ -95,3 +95,80 @@ def test_demo(tmp_path):
     assert (tmp_path / "demo-tiny.gguf").exists()
     assert "layout per-expert, router F16" in done.stdout
     assert "router blk.0.ffn_gate_inp.weight (F16) dequantized to" in done.stdout
+
+
+def test_run_prints_text_and_speeds(tiny):
+    done = run_cli("run", str(tiny), "--prompt", "The cat", "--max-tokens", "5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("The cat")
+    assert "prefill: " in done.stderr and "tokens/s" in done.stderr
+
+
+def test_run_json_is_greedy_and_deterministic(tiny):
+    a = json.loads(run_cli("run", str(tiny), "--prompt", "hello there", "--max-tokens", "4", "--json").stdout)
+    b = json.loads(run_cli("run", str(tiny), "--prompt", "hello there", "--max-tokens", "4", "--json").stdout)
+    assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 4
+    assert a["prompt_tokens"][0] == 1  # BOS
+    assert a["placement"] == {"embed": "cpu", "layers.0-1": "cpu", "head": "cpu"}
+
+
+def test_logits_writes_one_row_per_position(tiny, tmp_path):
+    import numpy as np
+    import torch
+
+    from harness.model.mixtral import Mixtral
+
+    out = tmp_path / "logits.npy"
+    assert main(["logits", str(tiny), "--tokens", "1,5,9,200", "--out", str(out)]) == 0
+    logits = np.load(out)
+    assert logits.dtype == np.float32 and logits.shape == (4, PRESETS["tiny"].vocab_size)
+    expected = Mixtral.from_gguf(tiny)(torch.tensor([1, 5, 9, 200]), 0).numpy()
+    assert np.array_equal(logits, expected)
+
+
+def test_tokenize_prints_ids(tiny, capsys):
+    from harness.model.tokenizer import Tokenizer
+
+    assert main(["tokenize", str(tiny), "hello world"]) == 0
+    ids = json.loads(capsys.readouterr().out)
+    assert ids == Tokenizer.from_gguf(tiny).encode("hello world")
+    assert ids[0] == 1
+    assert main(["tokenize", str(tiny), "hello world", "--no-bos"]) == 0
+    assert json.loads(capsys.readouterr().out) == ids[1:]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "{model}", "--prompt", ""], "--prompt: the prompt is empty"),
+        (["run", "{model}", "--prompt", "hi", "--device", "cuda:3"], "device cuda:3 does not exist here"),
+        (["run", "{model}", "--prompt", "hi", "--max-tokens", "5000"], "exceed the context"),
+        (["logits", "{model}", "--tokens", "1,2,99999", "--out", "{tmp}/l.npy"], "token id 99999 is outside"),
+        (
+            ["logits", "{model}", "--tokens", "1,x", "--out", "{tmp}/l.npy"],
+            "--tokens: expected comma-separated",
+        ),
+        (
+            [
+                "logits",
+                "{model}",
+                "--tokens",
+                "1",
+                "--device-map",
+                '{"embed": "cpu"}',
+                "--out",
+                "{tmp}/l.npy",
+            ],
+            "layers 0-1 are not placed",
+        ),
+        (
+            ["logits", "{model}", "--tokens", "1", "--out", "{tmp}/no/such/dir/l.npy"],
+            "No such file or directory",
+        ),
+    ],
+)
+def test_model_commands_bad_input(tiny, tmp_path, args, needle):
+    done = run_cli(*[a.replace("{model}", str(tiny)).replace("{tmp}", str(tmp_path)) for a in args])
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
