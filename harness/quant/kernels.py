@@ -370,7 +370,7 @@ def dequantize(
         )
     if raw.device.type != "cuda" and not interpreting():
         raise UsageError(None, None, f"Triton kernels need a CUDA tensor, got one on {raw.device}")
-    out = torch.empty(shape, dtype=dtype, device=raw.device)
+    out = raw.new_empty(shape, dtype=dtype)  # from raw: a tracer sees which weight it is for
     if nblocks == 0:
         return out
     raw = raw.contiguous().view(-1)

@@ -1,0 +1,788 @@
+"""The fault catalog: named placement bugs injected into a loaded model, and taken out again.
+
+Each `Fault` reproduces one known class of device bug in quantized MoE inference (a tensor left on
+the CPU, a host read in the hot path, a lost transfer) without editing the model's code: it
+replaces instance `forward` methods (`types.MethodType`), moves or replaces buffers, or patches a
+module-level function, and `Injection.remove()` puts back exactly the objects it replaced.
+
+    fault = faults.get("candle-1815")
+    if fault.applies_to(model):
+        with fault.inject(model):
+            with Tracer(model) as tracer:
+                model(tokens)  # a real device mismatch raises here; the tracer has recorded it
+        first = tracer.summary.first_offence
+        assert first["class"] == fault.expected(model)
+        assert (first["module"], first["tensor"]) == fault.location(model)
+
+Inject outside the tracer: the copies a fault makes as it goes in are not part of the run.
+
+A fault only means something where the part it breaks is on an accelerator (`cuda`, or `meta`
+standing in for one): `applies_to` says whether the model's placement has such a part, and
+`inject` refuses a model it does not apply to. Faults that break one layer pick the first layer
+the placement puts on an accelerator (layer 0 when the whole model is there). `location` is where
+the tracer's first offence must point: the module path and the GGUF tensor among the offending
+op's inputs (None where the op reads no GGUF weight, e.g. the KV cache or the routing logits).
+Both depend only on the placement and the model's structure, so they give the same answer before,
+during and after an injection.
+
+Several injections may be active at once; remove them in reverse order (context managers do).
+An injection that finds something it changed changed again by someone else (the model moved with
+`.to()`, a patch of the same function made later and still active) leaves that in place and says
+so with a RuntimeError after restoring the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from harness.errors import UsageError
+from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Embedding, Experts, Mixtral, MoE
+from harness.quant import dequant
+from harness.quant.qmatmul import QMatMul
+from harness.quant.types import FLOAT_TYPES, GGMLType, type_size
+
+__all__ = ["CATALOG", "Fault", "Injection", "get", "names"]
+
+CPU = torch.device("cpu")
+MISMATCH, SYNC, STRAY = "mismatch", "sync", "stray"
+
+_ABSENT = object()
+
+
+# ---- injections ----------------------------------------------------------------------------------
+
+
+class Injection:
+    """One fault injected into one model: what it changed, and `remove()` to put it back.
+
+    `location` is `fault.location(model)`, worked out when the fault went in."""
+
+    def __init__(self, fault: Fault, model: Mixtral):
+        self.fault = fault
+        self.model = model
+        self.location = fault.location(model)
+        self._changes: list[tuple[str, Callable[[], object], Callable[[object], None], object, object]] = []
+        self.active = True
+
+    # -- what a fault may change ---------------------------------------------------------------
+
+    def _change(
+        self, what: str, get: Callable[[], object], put: Callable[[object], None], new: object
+    ) -> None:
+        old = get()
+        put(new)
+        self._changes.append((what, get, put, old, new))
+
+    def replace_buffer(self, module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+        """`module.<name>` becomes `tensor` (a registered buffer, kept registered)."""
+        buffers = module._buffers
+        if name not in buffers:
+            raise KeyError(f"{type(module).__name__} has no buffer {name!r}")
+        self._change(
+            f"buffer {self._path(module)}.{name}",
+            lambda: buffers[name],
+            lambda v: buffers.__setitem__(name, v),
+            tensor,
+        )
+
+    def replace_forward(self, module: torch.nn.Module, fn: Callable) -> None:
+        """`module.forward` becomes `fn` bound to the module (an instance attribute)."""
+        d = module.__dict__
+
+        def put(v):
+            if v is _ABSENT:
+                d.pop("forward", None)
+            else:
+                d["forward"] = v
+
+        self._change(
+            f"forward of {self._path(module) or '<model>'}",
+            lambda: d.get("forward", _ABSENT),
+            put,
+            types.MethodType(fn, module),
+        )
+
+    def replace_attr(self, obj: object, name: str, value: object) -> None:
+        """`obj.<name>` (a module-level function, say) becomes `value`."""
+        owner = getattr(obj, "__name__", type(obj).__name__)
+        self._change(f"{owner}.{name}", lambda: getattr(obj, name), lambda v: setattr(obj, name, v), value)
+
+    def _path(self, module: torch.nn.Module) -> str:
+        for path, m in self.model.named_modules():
+            if m is module:
+                return path
+        return type(module).__name__
+
+    # -- taking it out -------------------------------------------------------------------------
+
+    def remove(self) -> None:
+        """Put back every object the fault replaced, newest change first. Idempotent."""
+        if not self.active:
+            return
+        self.active = False
+        changed_since = []
+        while self._changes:
+            what, get, put, old, new = self._changes.pop()
+            if get() is new:
+                put(old)
+            else:
+                changed_since.append(what)
+        if changed_since:
+            raise RuntimeError(
+                f"fault {self.fault.name}: {', '.join(changed_since)} changed again after the fault went "
+                "in; left as it is now (remove injections in the reverse order of injecting them)"
+            )
+
+    def __enter__(self) -> Injection:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"Injection({self.fault.name!r}, {state}, location={self.location})"
+
+
+# ---- faults --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A named, documented placement bug.
+
+    `name` ("candle-1815"), `summary` (one line, for `harness faults`), `doc` (the real bug it
+    mirrors and what the tracer sees), `expected_class` (the class of the tracer's first offence
+    for a model loaded with the default "quantized" strategy; `expected(model)` gives it for any
+    model), `requires` (what `applies_to` checks, in words)."""
+
+    name: str
+    summary: str
+    doc: str
+    expected_class: str
+    requires: str
+    _applies: Callable[[Mixtral], bool] = field(repr=False, compare=False)
+    _location: Callable[[Mixtral], tuple[str, str | None]] = field(repr=False, compare=False)
+    _inject: Callable[[Mixtral, Injection], None] = field(repr=False, compare=False)
+    _expected: Callable[[Mixtral], str] | None = field(default=None, repr=False, compare=False)
+
+    def applies_to(self, model: Mixtral) -> bool:
+        """Whether the model has what this fault breaks on an accelerator."""
+        if not (hasattr(model, "placement") and hasattr(model, "layers")):
+            return False  # not a loaded Mixtral
+        return bool(self._applies(model))
+
+    def location(self, model: Mixtral) -> tuple[str, str | None]:
+        """(module path, GGUF tensor name or None) where the tracer's first offence must point."""
+        self._check(model)
+        return self._location(model)
+
+    def expected(self, model: Mixtral) -> str:
+        """The class of the first offence on this model (`expected_class` unless the model's
+        strategy changes which op offends first)."""
+        self._check(model)
+        return self._expected(model) if self._expected is not None else self.expected_class
+
+    def inject(self, model: Mixtral) -> Injection:
+        """Break `model` in place; the returned `Injection` (a context manager) undoes it."""
+        self._check(model)
+        injection = Injection(self, model)
+        try:
+            self._inject(model, injection)
+        except BaseException:
+            injection.remove()
+            raise
+        return injection
+
+    def _check(self, model: Mixtral) -> None:
+        if not self.applies_to(model):
+            placement = getattr(model, "placement", None)
+            where = placement.describe() if placement is not None else "a model without a placement"
+            raise UsageError(
+                None, "fault", f"{self.name} does not apply to {where}: it needs {self.requires}"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.summary}"
+
+
+# ---- where things are ----------------------------------------------------------------------------
+
+
+def _accel(device: torch.device) -> bool:
+    """An accelerator (cuda, or meta standing in for one): anything but the CPU."""
+    return device.type != "cpu"
+
+
+def _first_accel_layer(model: Mixtral, moe: bool = False) -> int | None:
+    for i, device in enumerate(model.placement.layers):
+        if _accel(device) and (not moe or hasattr(model.layers[i], "moe")):
+            return i
+    return None
+
+
+def _layer(model: Mixtral, moe: bool = False) -> int:
+    i = _first_accel_layer(model, moe)
+    assert i is not None  # applies_to checked it
+    return i
+
+
+def _on_accel(model: Mixtral, path: str) -> bool:
+    return _accel(model.placement.device_of(path))
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the CPU (a meta tensor has no values to copy: an uninitialised one of its shape)."""
+    return torch.empty_like(t, device=CPU) if t.is_meta else t.to(CPU)
+
+
+def _accel_count(device_type: str) -> int:
+    if device_type == "cuda":
+        return torch.cuda.device_count()
+    backend = getattr(torch, device_type, None)
+    count = getattr(backend, "device_count", None)
+    return count() if callable(count) else 1
+
+
+def _other_device(device: torch.device) -> torch.device:
+    """Another device of the same kind: the next index, wrapping around."""
+    index = device.index or 0
+    return torch.device(device.type, (index + 1) % _accel_count(device.type))
+
+
+@functools.cache
+def _uses_consts(qtype: GGMLType) -> bool:
+    """Whether dequantizing `qtype` reads the per-device constants (shift vectors, codebooks)."""
+    fn = dequant._DEQUANT.get(qtype)
+    if fn is None:
+        return False
+
+    class _Read(Exception):
+        pass
+
+    class _Probe:
+        def __getattr__(self, name):
+            raise _Read
+
+    with _disable_current_modes():  # a tracer or an emulation active now need not see the probe
+        try:
+            fn(torch.zeros((1, type_size(qtype)), dtype=torch.uint8), _Probe())
+        except _Read:
+            return True
+    return False
+
+
+# ---- candle-1815 ---------------------------------------------------------------------------------
+
+
+def _float_qmatmuls(model: Mixtral) -> list[tuple[str, QMatMul]]:
+    """QMatMuls over F32/F16/BF16 GGUF tensors on an accelerator, in forward order."""
+    return [
+        (path, m)
+        for path, m in model.named_modules()
+        if isinstance(m, QMatMul)
+        and m.qtype in FLOAT_TYPES
+        and m.weight is not None
+        and _on_accel(model, path)
+    ]
+
+
+def _candle_location(model):
+    path, m = _float_qmatmuls(model)[0]
+    return path, m.gguf_name
+
+
+def _candle_inject(model, inj):
+    for _, m in _float_qmatmuls(model):
+        inj.replace_buffer(m, "weight", _host_copy(m.weight))
+
+
+# ---- router-topk-on-host -------------------------------------------------------------------------
+
+
+def _moe_path(model):
+    return f"layers.{_layer(model, moe=True)}.moe"
+
+
+def _topk_on_host_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
+    logits = self.router(x)  # [T, E] on the device
+    probs = logits.float().cpu().softmax(-1)  # FAULT: routing fetched to the host
+    weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k] on the host
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
+    return self.experts(x, weights.to(x.device), chosen.to(x.device))
+
+
+def _topk_inject(model, inj):
+    inj.replace_forward(model.get_submodule(_moe_path(model)), _topk_on_host_forward)
+
+
+# ---- item-in-routing -----------------------------------------------------------------------------
+
+
+def _item_in_routing_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
+    logits = self.router(x)  # [T, E]
+    probs = logits.float().softmax(-1)
+    weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
+    total = weights.sum(-1, keepdim=True)  # [T, 1]
+    if total.min().item() < ROUTER_WEIGHT_SUM_MIN:  # FAULT: a host read decides whether to clamp
+        total = total.clamp(min=ROUTER_WEIGHT_SUM_MIN)
+    return self.experts(x, weights / total, chosen)
+
+
+def _item_inject(model, inj):
+    inj.replace_forward(model.get_submodule(_moe_path(model)), _item_in_routing_forward)
+
+
+# ---- expert-indices-on-cpu -----------------------------------------------------------------------
+
+
+def _experts_path(model):
+    return f"layers.{_layer(model, moe=True)}.moe.experts"
+
+
+def _indices_on_host_forward(self: Experts, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
+    experts = experts.cpu()  # FAULT: the combine step works from host copies of the expert indices
+    t, k = experts.shape
+    if t * k < self.n_experts:
+        return self._gather(x, weights, experts)
+    return self._dense(x, weights, experts)
+
+
+def _indices_inject(model, inj):
+    inj.replace_forward(model.get_submodule(_experts_path(model)), _indices_on_host_forward)
+
+
+# ---- kv-cache-on-cpu, rope-tables-on-cpu, norm-weight-on-cpu -------------------------------------
+
+
+def _attn_path(model):
+    return f"layers.{_layer(model)}.attn"
+
+
+def _kv_inject(model, inj):
+    cache = model.get_submodule(_attn_path(model)).cache
+    for name in ("k", "v"):
+        t = getattr(cache, name)
+        inj.replace_buffer(cache, name, torch.zeros(t.shape, dtype=t.dtype, device=CPU))  # FAULT: no device=
+
+
+def _rope_inject(model, inj):
+    rope = model.get_submodule(_attn_path(model)).rope
+    for name in ("cos", "sin"):
+        inj.replace_buffer(rope, name, _host_copy(getattr(rope, name)))
+
+
+def _norm_path(model):
+    return f"layers.{_layer(model)}.attn_norm"
+
+
+def _norm_location(model):
+    path = _norm_path(model)
+    return path, model.get_submodule(path).gguf_name
+
+
+def _norm_inject(model, inj):
+    norm = model.get_submodule(_norm_path(model))
+    inj.replace_buffer(norm, "weight", _host_copy(norm.weight))
+
+
+# ---- causal-mask-on-host -------------------------------------------------------------------------
+
+
+def _mask_on_host_forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+    # Attention.forward, but with the causal mask built on the host on every call.
+    t = x.shape[0]
+    q = self.rope(self.wq(x).view(t, self.n_heads, self.head_dim), start_pos)  # [T, H, Hd]
+    k = self.rope(self.wk(x).view(t, self.n_kv_heads, self.head_dim), start_pos)  # [T, K, Hd]
+    v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)  # [T, K, Hd]
+    keys, values = self.cache.update(k, v, start_pos)  # [K, S, Hd]
+    group = self.n_heads // self.n_kv_heads
+    q = q.transpose(0, 1).reshape(self.n_kv_heads, group * t, self.head_dim)  # [K, group*T, Hd]
+    scores = (q @ keys.transpose(1, 2)) * self.head_dim**-0.5  # [K, group*T, S]
+    scores = scores.view(self.n_kv_heads, group, t, -1)  # [K, group, T, S]
+    s = keys.shape[1]
+    q_pos = torch.arange(start_pos, start_pos + t)[:, None]  # FAULT: no device=, so on the host
+    k_pos = torch.arange(s)[None, :]
+    mask = (k_pos > q_pos).to(x.device)  # [T, S], uploaded on every call
+    scores = scores.masked_fill(mask, float("-inf"))
+    probs = scores.float().softmax(-1).to(values.dtype).view(self.n_kv_heads, group * t, s)
+    out = (probs @ values).view(self.n_heads, t, self.head_dim)  # [H, T, Hd]
+    return self.wo(out.transpose(0, 1).reshape(t, self.n_heads * self.head_dim))
+
+
+def _mask_inject(model, inj):
+    inj.replace_forward(model.get_submodule(_attn_path(model)), _mask_on_host_forward)
+
+
+# ---- dequant-host-constants ----------------------------------------------------------------------
+
+
+def _host_consts(device: torch.device) -> types.SimpleNamespace:
+    # FAULT: dequant._consts without its per-device cache and without device=: fresh host tensors
+    # on every call, whatever device the blocks are on.
+    def u8(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.uint8)
+
+    return types.SimpleNamespace(
+        nib=u8([0, 4]),
+        crumb=u8([0, 2, 4, 6]),
+        bit=u8(list(range(8))),
+        iq4=torch.tensor(dequant.IQ4_KVALUES, dtype=torch.float32),
+    )
+
+
+def _dequant_sites(model: Mixtral) -> list[tuple[str, str | None, bool]]:
+    """Per-call dequantizations in forward order: (module path, GGUF name, reads the constants).
+
+    The embedding and QMatMuls kept quantized dequantize per call; an Experts module first
+    dequantizes w1 (gate), then w3 and w2, with names depending on the number of tokens (None)."""
+    sites = []
+    for path, m in model.named_modules():
+        if not _on_accel(model, path) or not path:
+            continue
+        if isinstance(m, Embedding) or (isinstance(m, QMatMul) and m.strategy == "quantized"):
+            sites.append((path, m.gguf_name, _uses_consts(m.qtype)))
+        elif isinstance(m, Experts):
+            uses = any(_uses_consts(m.meta[a][0]) for a in ("w1", "w3", "w2"))
+            sites.append((path, None, uses))
+    return sites
+
+
+def _first_const_site(model: Mixtral) -> tuple[str, str | None] | None:
+    for path, name, uses in _dequant_sites(model):
+        if uses:
+            return (path, name) if name is not None else None
+    return None
+
+
+def _dequant_inject(model, inj):
+    inj.replace_attr(dequant, "_consts", _host_consts)
+    try:
+        kernels = importlib.import_module("harness.quant.kernels")
+    except ImportError:
+        return
+    # On a real GPU the Triton kernels (with their own tables) would take these types: the fault
+    # is in the torch path, so take that one.
+    inj.replace_attr(kernels, "supports", _no_kernels)
+
+
+def _no_kernels(qtype) -> bool:
+    return False
+
+
+# ---- embedding-output-on-cpu ---------------------------------------------------------------------
+
+
+def _embed_on_host_forward(self: Embedding, tokens: torch.Tensor) -> torch.Tensor:
+    rows = self.qweight.index_select(0, tokens.reshape(-1))  # [T, row_bytes], on the device
+    rows = rows.cpu()  # FAULT: the rows are dequantized by a host routine and stay there
+    out = dequant.dequantize(rows, self.qtype, (rows.shape[0], self.shape[1]), torch.float32)
+    return out.reshape(*tokens.shape, self.shape[1])
+
+
+def _embed_inject(model, inj):
+    inj.replace_forward(model.embed, _embed_on_host_forward)
+
+
+# ---- head-on-wrong-gpu ---------------------------------------------------------------------------
+
+
+def _head_applies(model):
+    head = model.placement.head
+    return _accel(head) and head.type != "meta" and _accel_count(head.type) >= 2
+
+
+def _head_inject(model, inj):
+    head = model.head
+    attr = "qweight" if head.strategy == "quantized" else "weight"
+    target = _other_device(model.placement.head)
+    inj.replace_buffer(head, attr, getattr(head, attr).to(target))
+
+
+def _head_location(model):
+    return "head", model.head.gguf_name
+
+
+def _head_expected(model):
+    # Kept quantized, the head first dequantizes its blocks on the other GPU (stray); dequantized
+    # at load, the first op is the product itself, which CUDA refuses.
+    return STRAY if model.head.strategy == "quantized" else MISMATCH
+
+
+# ---- lost-boundary-transfer ----------------------------------------------------------------------
+
+
+def _lost_boundary(model: Mixtral) -> str:
+    return model.placement.boundaries()[0][0]
+
+
+def _lost_boundary_location(model):
+    entered = _lost_boundary(model)
+    prefix = entered + "."
+    for path, m in model.named_modules():  # the first leaf module inside the module entered
+        if (path == entered or path.startswith(prefix)) and not any(True for _ in m.children()):
+            return path, None
+    return entered, None
+
+
+def _lost_boundary_inject(model, inj):
+    skip = _lost_boundary(model)
+
+    def forward(self: Mixtral, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        # Mixtral.forward, without the transfer at the boundary into `skip`.
+        if tokens.device.type == "cpu":
+            self.check_tokens(tokens, start_pos)
+        x = self.embed(tokens.to(self.placement.embed))  # [T, D]
+        for i, (layer, device) in enumerate(zip(self.layers, self.placement.layers, strict=True)):
+            if x.device != device and f"layers.{i}" != skip:  # FAULT: this boundary lost its .to()
+                x = x.to(device)
+            x = layer(x, start_pos)
+        if x.device != self.placement.head and skip != "norm":
+            x = x.to(self.placement.head)
+        return self.head(self.norm(x)).float()
+
+    inj.replace_forward(model, forward)
+
+
+# ---- the catalog ---------------------------------------------------------------------------------
+
+
+def _has_moe_on_accel(model):
+    return _first_accel_layer(model, moe=True) is not None
+
+
+def _has_layer_on_accel(model):
+    return _first_accel_layer(model) is not None
+
+
+_FAULTS = [
+    Fault(
+        name="candle-1815",
+        summary="F16/F32 QMatMul weights (the MoE router) dequantized to the CPU",
+        doc=(
+            "candle#1815: candle's QMatMul turned F16/F32 GGUF tensors into dense tensors on the "
+            "CPU whatever the model's device. llama.cpp never quantizes the router (ffn_gate_inp, "
+            "F16 in TheBloke's Mixtral files), so in Mixtral only the routers left the GPU and the "
+            "MoE forward failed with a device mismatch. Injected: every float-typed QMatMul weight "
+            "on an accelerator is replaced by a CPU copy. The tracer's first offence is the "
+            "router's matmul (x on the device, the weight on the CPU): a mismatch, which real CUDA "
+            "(and the emulation) refuses, at the first such router and its GGUF tensor."
+        ),
+        expected_class=MISMATCH,
+        requires="an F16/F32/BF16 QMatMul weight (the router) on an accelerator",
+        _applies=lambda m: bool(_float_qmatmuls(m)),
+        _location=_candle_location,
+        _inject=_candle_inject,
+    ),
+    Fault(
+        name="router-topk-on-host",
+        summary="MoE routing (softmax, top-k, renormalisation) computed on the CPU",
+        doc=(
+            "MoE code that fetches the router logits to the host to pick the experts (the style "
+            "of many early Mixtral ports) and sends weights and indices back. Nothing raises; "
+            "each layer pays a device-to-host copy that waits for the device. Injected into the "
+            "first MoE layer on an accelerator. The tracer's first offence is that copy inside "
+            "the MoE module (a sync; the logits are no GGUF tensor), followed by strays (softmax "
+            "and top-k on the host) and undeclared transfers back."
+        ),
+        expected_class=SYNC,
+        requires="a MoE layer on an accelerator",
+        _applies=_has_moe_on_accel,
+        _location=lambda m: (_moe_path(m), None),
+        _inject=_topk_inject,
+    ),
+    Fault(
+        name="item-in-routing",
+        summary="a .item() host read inside MoE routing",
+        doc=(
+            "A host read of device data in routing (`if total.min().item() < eps:` before "
+            "renormalising the top-k weights), the kind of check that makes every layer wait for "
+            "the GPU. The values are unchanged. Injected into the first MoE layer on an "
+            "accelerator; the tracer's first offence is the _local_scalar_dense (item) in that "
+            "MoE module: a sync."
+        ),
+        expected_class=SYNC,
+        requires="a MoE layer on an accelerator",
+        _applies=_has_moe_on_accel,
+        _location=lambda m: (_moe_path(m), None),
+        _inject=_item_inject,
+    ),
+    Fault(
+        name="expert-indices-on-cpu",
+        summary="the expert combine step works from CPU copies of the expert indices",
+        doc=(
+            "Expert dispatch that fetches the chosen expert indices to the host to build its "
+            "batches (as in implementations that group tokens per expert on the CPU). The copy "
+            "waits for the device, and the CPU indices then meet device tensors: index_select of "
+            "the expert stacks with a CPU index (gather path) or a CPU routing mask times device "
+            "weights (dense path), which CUDA refuses. Injected into the experts of the first MoE "
+            "layer on an accelerator; the tracer's first offence is the device-to-host copy of "
+            "the indices in that experts module (a sync), then mismatches."
+        ),
+        expected_class=SYNC,
+        requires="a MoE layer on an accelerator",
+        _applies=_has_moe_on_accel,
+        _location=lambda m: (_experts_path(m), None),
+        _inject=_indices_inject,
+    ),
+    Fault(
+        name="kv-cache-on-cpu",
+        summary="KV cache allocated on the CPU (torch.zeros without device=)",
+        doc=(
+            "A KV cache allocated without device= lands on the CPU while the layer runs on the "
+            "GPU. Writing the new keys into it is a device-to-host copy, then attention multiplies "
+            "device queries with host keys, which CUDA refuses. Injected into the first layer on "
+            "an accelerator. KVCache has no forward of its own (attention calls cache.update), so "
+            "the tracer's first offence, the copy into the cache (a sync), is in the attention "
+            "module, with no GGUF tensor."
+        ),
+        expected_class=SYNC,
+        requires="a layer on an accelerator",
+        _applies=_has_layer_on_accel,
+        _location=lambda m: (_attn_path(m), None),
+        _inject=_kv_inject,
+    ),
+    Fault(
+        name="rope-tables-on-cpu",
+        summary="RoPE cos/sin tables left on the CPU",
+        doc=(
+            "RoPE tables built once on the host and never moved (a cache keyed without the device, "
+            "or registered after .to()). The rotation multiplies device activations by host "
+            "tables, which CUDA refuses. Injected into the first layer on an accelerator; the "
+            "tracer's first offence is that multiply in the rope module: a mismatch, with no GGUF "
+            "tensor (the tables are computed, not read from the file)."
+        ),
+        expected_class=MISMATCH,
+        requires="a layer on an accelerator",
+        _applies=_has_layer_on_accel,
+        _location=lambda m: (f"{_attn_path(m)}.rope", None),
+        _inject=_rope_inject,
+    ),
+    Fault(
+        name="causal-mask-on-host",
+        summary="causal mask built on the host on every call, then uploaded",
+        doc=(
+            "The causal mask built with torch.arange without device= on every call and copied to "
+            "the GPU before masked_fill. Nothing raises, but each layer runs small host ops and "
+            "uploads a mask per call. Injected into the first layer on an accelerator; the "
+            "tracer's first offence is the host arange in the attention module: a stray (an op "
+            "on the CPU in a module placed on the accelerator), then an undeclared transfer."
+        ),
+        expected_class=STRAY,
+        requires="a layer on an accelerator",
+        _applies=_has_layer_on_accel,
+        _location=lambda m: (_attn_path(m), None),
+        _inject=_mask_inject,
+    ),
+    Fault(
+        name="dequant-host-constants",
+        summary="dequantization builds its shift vectors and codebook on the host per call",
+        doc=(
+            "A dequantizer that makes its constants (nibble and bit shift vectors, the IQ4 "
+            "codebook) with torch.tensor(...) on every call and without device=, instead of "
+            "keeping one copy per device. Shifting device blocks by a host vector is refused by "
+            "CUDA. Injected by patching harness.quant.dequant._consts (and turning off the Triton "
+            "kernels, which have tables of their own, so the torch path runs on a real GPU too). "
+            "The tracer's first offence is a mismatch in the first per-call dequantization on an "
+            "accelerator whose type uses the constants (the embedding when it is there, else the "
+            "first quantized projection), with that weight's GGUF name."
+        ),
+        expected_class=MISMATCH,
+        requires="a per-call dequantization of a block type (not F32/F16/Q8_0) on an accelerator, "
+        "in the embedding or a QMatMul kept quantized",
+        _applies=lambda m: _first_const_site(m) is not None,
+        _location=_first_const_site,
+        _inject=_dequant_inject,
+    ),
+    Fault(
+        name="embedding-output-on-cpu",
+        summary="the token embedding is dequantized on the host and its output left there",
+        doc=(
+            "The embedding looks up its rows on the GPU and then dequantizes them with a host-only "
+            "routine (a numpy dequantizer, a CPU-only kernel), so its output stays on the CPU and "
+            "the first layer meets host activations. Injected into `embed` when it is on an "
+            "accelerator; the tracer's first offence is the device-to-host copy of the looked-up "
+            "rows of token_embd.weight in the embedding: a sync."
+        ),
+        expected_class=SYNC,
+        requires="the token embedding on an accelerator",
+        _applies=lambda m: _accel(m.placement.embed),
+        _location=lambda m: ("embed", m.embed.gguf_name),
+        _inject=_embed_inject,
+    ),
+    Fault(
+        name="head-on-wrong-gpu",
+        summary="the output head's weights on another GPU than the final norm",
+        doc=(
+            "A device map applied to the output norm but not to the output projection (or a "
+            "weight moved with the wrong index), so the head's weights sit on another GPU. "
+            "Injected by moving the head's weight to the next GPU. Kept quantized, the head first "
+            "dequantizes its blocks on that GPU: the tracer's first offence is a stray in `head` "
+            "naming its GGUF tensor, and the product then mixes the two GPUs (a mismatch CUDA "
+            "refuses). With the weight dequantized at load the first offence is that mismatch."
+        ),
+        expected_class=STRAY,
+        requires="the output head on an accelerator, and at least 2 accelerator devices",
+        _applies=_head_applies,
+        _location=_head_location,
+        _inject=_head_inject,
+        _expected=_head_expected,
+    ),
+    Fault(
+        name="lost-boundary-transfer",
+        summary="a device-map boundary without its explicit transfer",
+        doc=(
+            "A split model whose forward forgets to move the activations at one declared "
+            "boundary (e.g. between the CPU layers and the offloaded ones, or between two GPUs). "
+            "Injected by replacing the model's forward with one that skips the transfer at the "
+            "first boundary. The module entered then gets activations on the previous device: "
+            "the tracer's first offence is a stray in the first module inside it (its norm), "
+            "followed by a mismatch where they meet its weight."
+        ),
+        expected_class=STRAY,
+        requires="a placement with a device-map boundary (two devices)",
+        _applies=lambda m: bool(m.placement.boundaries()),
+        _location=_lost_boundary_location,
+        _inject=_lost_boundary_inject,
+    ),
+    Fault(
+        name="norm-weight-on-cpu",
+        summary="an RMSNorm weight (F32 in GGUF) left on the CPU",
+        doc=(
+            "The same family as candle-1815 for the other F32 tensors a quantized GGUF has: the "
+            "norm weights, 1-D, kept on the host by a loader that only moves quantized tensors. "
+            "Injected into the attention norm of the first layer on an accelerator; the tracer's "
+            "first offence is the multiply by the norm weight: a mismatch at that module and its "
+            "GGUF tensor."
+        ),
+        expected_class=MISMATCH,
+        requires="a layer on an accelerator",
+        _applies=_has_layer_on_accel,
+        _location=_norm_location,
+        _inject=_norm_inject,
+    ),
+]
+
+CATALOG: dict[str, Fault] = {f.name: f for f in _FAULTS}
+
+
+def names() -> list[str]:
+    """The catalog's fault names, in catalog order."""
+    return list(CATALOG)
+
+
+def get(name: str) -> Fault:
+    """The fault called `name`; UsageError naming the known faults otherwise."""
+    try:
+        return CATALOG[name]
+    except (KeyError, TypeError):
+        raise UsageError(
+            None, "fault", f"unknown fault {name!r} (known faults: {', '.join(CATALOG)})"
+        ) from None

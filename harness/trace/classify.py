@@ -1,0 +1,301 @@
+"""Classification of one event against the placement: mismatch, sync, stray, transfer, allowed, ok.
+
+The rules follow what the real CUDA backend does:
+- an op with tensor inputs on different devices is refused, except where CUDA's kernel takes them
+  (`refused`, by the rule table of the emulated accelerator: a 0-dim CPU tensor as a scalar in
+  elementwise binary ops, CPU index tensors in advanced indexing (`x[idx]`, `x[idx] = v`), which
+  CUDA copies to the device itself, an implicit transfer); an op that raised a device error is a
+  mismatch whatever the table says;
+- `_to_copy`, `to`, `copy_` across devices are explicit transfers;
+- a host read of device data (`_local_scalar_dense` behind `item()`, `bool()`, `int()`;
+  `nonzero`, `masked_select`, `unique`, ...; a boolean mask on the device used as an index; a
+  device-to-host copy inside the model) is a sync;
+- an op of a module that computes on a device other than the module's placement is stray; view
+  ops compute nothing and are never stray.
+A transfer is allowed at a declared device-map boundary (in the model's forward, between the
+module before the boundary and the module entered, or in the module entered itself) and at the
+edges of a run (outside the model; the token upload before `embed` or in it; the download after
+`head`). A sync outside the model is the caller reading its output, allowed too.
+"""
+
+from __future__ import annotations
+
+import re
+
+from harness.trace.events import ALLOWED, MISMATCH, OK, STRAY, SYNC, TRANSFER, Event
+
+# Kinds of ops, by their name without namespace and overload (`aten.mm.default` -> `mm`).
+COPY_TO = frozenset({"_to_copy", "to", "_copy_to"})  # input 0 -> output 0
+COPY_INTO = frozenset({"copy_", "copy"})  # (dst, src)
+COPY_FROM = frozenset({"_copy_from", "_copy_from_and_resize"})  # (src, dst)
+SYNC_OPS = frozenset(
+    {
+        "_local_scalar_dense",
+        "item",
+        "is_nonzero",
+        "nonzero",
+        "nonzero_numpy",
+        "argwhere",
+        "masked_select",
+        "unique",
+        "_unique",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "unique_dim_consecutive",
+        "equal",
+        "bincount",
+        "_assert_async",
+        "tolist",
+    }
+)
+INDEX_GET = frozenset({"index", "_unsafe_index"})  # (self, *indices)
+# (self, *indices, value)
+INDEX_PUT = frozenset({"index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"})
+(K_OTHER, K_COPY_TO, K_COPY_INTO, K_COPY_FROM, K_SYNC, K_INDEX_GET, K_INDEX_PUT) = range(7)
+
+_DEVICE_ERROR = re.compile(
+    r"same device|expected device|at least two devices|different from other tensors|"
+    r"on the current device|Expected object of device|to be on (?:the )?(?:same )?device|"
+    r"device mismatch|on different devices|indices should be either on|CPU scalars to non-CPU kernel|"
+    r"expected self and mask|device type for generator",
+    re.IGNORECASE,
+)
+
+
+def is_device_error(message: str | None) -> bool:
+    """Whether an exception message is a backend refusing tensors on different devices."""
+    return bool(message) and _DEVICE_ERROR.search(message) is not None
+
+
+def base_name(op: str) -> str:
+    """`aten.index_put_.default` -> `index_put_`; `aten::mm` -> `mm`."""
+    parts = op.replace("::", ".").split(".")
+    return parts[1] if len(parts) >= 2 else parts[0]
+
+
+_KINDS: dict[str, int] = {}
+
+
+def op_kind(op: str) -> int:
+    kind = _KINDS.get(op)
+    if kind is None:
+        b = base_name(op)
+        if b in COPY_TO:
+            kind = K_COPY_TO
+        elif b in COPY_INTO:
+            kind = K_COPY_INTO
+        elif b in COPY_FROM:
+            kind = K_COPY_FROM
+        elif b in SYNC_OPS:
+            kind = K_SYNC
+        elif b in INDEX_GET:
+            kind = K_INDEX_GET
+        elif b in INDEX_PUT:
+            kind = K_INDEX_PUT
+        else:
+            kind = K_OTHER
+        _KINDS[op] = kind
+    return kind
+
+
+def _is_cpu_scalar(spec) -> bool:
+    return spec[0] == "cpu" and not spec[2]
+
+
+# What CUDA's kernel for an op accepts when its tensors are on more than one device: the rule
+# names of the emulated accelerator's table (`harness.trace.emulated.RULES`), which the
+# conformance table checks against real CUDA; a small copy of it stands in where that module
+# cannot be imported. Default: every tensor on one device, no exception for 0-dim CPU tensors.
+SAME, CPU_SCALAR, WHERE, MASKED_FILL = "same", "cpu-scalar", "where", "masked-fill"
+SCALAR_VALUE, INDEX_RULE, INDEX_PUT_RULE, TRANSFER_RULE = "scalar-value", "index", "index-put", "transfer"
+_FALLBACK_CPU_SCALAR = [
+    *("add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow"),
+    *("maximum", "minimum", "fmax", "fmin", "atan2", "hypot", "copysign", "bitwise_and", "bitwise_or"),
+    *("bitwise_xor", "bitwise_left_shift", "bitwise_right_shift", "eq", "ne", "lt", "le", "gt", "ge"),
+    *("logical_and", "logical_or", "logical_xor"),
+]
+_FALLBACK_RULES = {
+    **{n: CPU_SCALAR for name in _FALLBACK_CPU_SCALAR for n in (name, name + "_")},
+    **dict.fromkeys(["__and__", "__or__", "__xor__", "__lshift__", "__rshift__"], CPU_SCALAR),
+    "where": WHERE,
+    "masked_fill": MASKED_FILL,
+    "masked_fill_": MASKED_FILL,
+    "fill": SCALAR_VALUE,
+    "fill_": SCALAR_VALUE,
+    "index_fill": SCALAR_VALUE,
+    "index_fill_": SCALAR_VALUE,
+    **dict.fromkeys(INDEX_GET, INDEX_RULE),
+    **dict.fromkeys(INDEX_PUT, INDEX_PUT_RULE),
+    **dict.fromkeys(COPY_TO | COPY_INTO | COPY_FROM, TRANSFER_RULE),
+}
+_rules: dict[str, str] | None = None
+
+
+def rules() -> dict[str, str]:
+    """op base name -> rule (see above)."""
+    global _rules
+    if _rules is None:
+        try:
+            from harness.trace.emulated import RULES
+
+            _rules = dict(RULES)
+        except Exception:  # the emulation is optional here
+            _rules = dict(_FALLBACK_RULES)
+    return _rules
+
+
+def _one_device(specs) -> bool:
+    return len({s[0] for s in specs}) <= 1
+
+
+def refused(event: Event) -> bool:
+    """Whether real CUDA refuses this op for the devices of its inputs (and out= tensors).
+
+    Meta counts as an accelerator here, so a meta run is judged as a CUDA run would be."""
+    ins = event.inputs
+    if len(ins) < 2 or _one_device(ins):
+        return False
+    if all(s[0] == "cpu" for s in ins):
+        return False
+    rule = rules().get(base_name(event.op), SAME)
+    if rule == TRANSFER_RULE:
+        return False
+    if rule == SAME:
+        return True
+    if rule == CPU_SCALAR:
+        scalars = [s for s in ins if _is_cpu_scalar(s)]
+        return len(scalars) > 1 or not _one_device([s for s in ins if not _is_cpu_scalar(s)])
+    if rule == WHERE:
+        return not _one_device([s for s in ins if s[2]])  # 0-dim operands are moved
+    if rule == MASKED_FILL:
+        self, mask, value = ins[0], ins[1], ins[2] if len(ins) > 2 else None
+        if value is not None and not value[2] and self[0] == "cpu" and value[0] != "cpu":
+            return True
+        return mask[0] != self[0]
+    if rule == SCALAR_VALUE:
+        return not _one_device([ins[0]] + [s for s in ins[1:] if s[2]])
+    home = ins[0][0]
+    if rule == INDEX_RULE:
+        return any(s[0] != "cpu" and s[0] != home for s in ins[1:])
+    if rule == INDEX_PUT_RULE:
+        value, indices = ins[-1], ins[1:-1]
+        if value[0] == home or not value[2]:
+            return False  # on the device, or 0-dim (moved)
+        masks = [s for s in indices if s[1] in ("bool", "uint8")]
+        numel = 1
+        for n in value[2]:
+            numel *= n
+        one_mask = len(indices) == 1 and len(masks) == 1 and masks[0][0] == home
+        return not (numel == 1 and value[0] == "cpu" and one_mask)  # else masked_fill with value.item()
+    return True
+
+
+class Classifier:
+    """Classifies events for one placement (a `Placement`, or None for no expectations)."""
+
+    def __init__(self, placement=None):
+        self.placement = placement
+        self.embed = None
+        self.head_modules = frozenset({"head"})
+        self._after: set[tuple[str | None, str, str]] = set()  # (module before, from, to)
+        self._entered: set[tuple[str, str, str]] = set()  # (module entered, from, to)
+        if placement is None:
+            return
+        self.embed = str(placement.embed)
+        n = len(placement.layers)
+        for module, src, dst in placement.boundaries():
+            src, dst = str(src), str(dst)
+            self._entered.add((module, src, dst))
+            if module == "norm":
+                before = f"layers.{n - 1}" if n else "embed"
+            else:
+                i = int(module.split(".")[1])
+                before = f"layers.{i - 1}" if i else "embed"
+            self._after.add((before, src, dst))
+
+    def transfer_allowed(self, event: Event, src: str, dst: str, last_child: str | None) -> bool:
+        module = event.module
+        if module is None:
+            return True  # outside the model: the caller's uploads and downloads
+        if module == "":
+            if last_child is None:
+                return self.embed is None or dst == self.embed  # the token upload
+            if last_child in self.head_modules:
+                return True  # the download of the logits
+            return (last_child, src, dst) in self._after
+        if (module, src, dst) in self._entered:
+            return True
+        if (module == "embed" or module.startswith("embed.")) and dst == self.embed:
+            dtype = event.inputs[0][1] if event.inputs else ""
+            return "int" in dtype  # token ids
+        return False
+
+    def classify(self, event: Event, last_child: str | None = None) -> str:
+        """Sets and returns `event.cls` (and `event.transfer` for copies across devices)."""
+        kind = op_kind(event.op)
+        ins, outs = event.inputs, event.outputs
+        if (event.error is not None and is_device_error(event.error)) or refused(event):
+            event.cls = MISMATCH
+            return MISMATCH
+        if kind in (K_COPY_TO, K_COPY_INTO, K_COPY_FROM) and ins:
+            if kind == K_COPY_TO:
+                src = ins[0][0]
+                if outs:
+                    dst = outs[0][0]
+                elif len(ins) > 1:
+                    dst = ins[1][0]  # to(other)
+                else:
+                    dst = event.target or src
+            elif kind == K_COPY_INTO:
+                dst, src = ins[0][0], ins[1][0] if len(ins) > 1 else ins[0][0]
+            else:
+                src, dst = ins[0][0], ins[1][0] if len(ins) > 1 else ins[0][0]
+            if src != dst:
+                nbytes = ins[1][3] if kind == K_COPY_INTO and len(ins) > 1 else ins[0][3]
+                event.transfer = {"from": src, "to": dst, "bytes": nbytes, "explicit": True}
+                if self.transfer_allowed(event, src, dst, last_child):
+                    cls = ALLOWED
+                elif dst == "cpu":
+                    cls = SYNC  # a device-to-host copy in the model waits for the device
+                else:
+                    cls = TRANSFER
+                event.cls = cls
+                return cls
+        elif kind == K_SYNC:
+            if ins and ins[0][0] != "cpu":
+                cls = ALLOWED if event.module is None else SYNC
+                event.cls = cls
+                return cls
+        elif kind in (K_INDEX_GET, K_INDEX_PUT):
+            home = ins[0][0] if ins else "cpu"
+            indices = ins[1:-1] if kind == K_INDEX_PUT else ins[1:]
+            if home != "cpu":
+                if any(s[0] != "cpu" and s[1] == "bool" for s in indices):
+                    cls = ALLOWED if event.module is None else SYNC  # nonzero of a device mask
+                    event.cls = cls
+                    return cls
+                moved = [s for s in indices if s[0] == "cpu"]
+                if moved:
+                    event.transfer = {
+                        "from": "cpu",
+                        "to": home,
+                        "bytes": sum(s[3] for s in moved),
+                        "explicit": False,
+                    }
+                    cls = ALLOWED if event.module is None else TRANSFER
+                    event.cls = cls
+                    return cls
+        expected = event.expected
+        if expected is not None and not event.alias and event.module:
+            if outs:
+                device = outs[0][0]
+            elif ins:
+                device = next((s[0] for s in ins if not _is_cpu_scalar(s)), ins[0][0])
+            else:
+                device = None
+            if device is not None and device != expected:
+                event.cls = STRAY
+                return STRAY
+        event.cls = OK
+        return OK

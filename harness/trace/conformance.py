@@ -1,0 +1,735 @@
+"""The conformance table: op x placement -> does real CUDA accept it?
+
+Each `Row` builds its inputs on the CPU (fixed values), puts each on the device its placement
+names (`gpu` = cuda:0, `gpu1` = cuda:1, `cpu`), runs one op and says what real CUDA does with that
+placement: `ACCEPTS` or `REFUSES` (a RuntimeError about devices), with the fact behind it
+(`why`). `run_row(row, backend)` runs a row on
+
+- `"cuda"`: the real GPU(s); rows that need two GPUs are `UNSUPPORTED` on a machine with one;
+- `"emulated"`: `harness.trace.emulated.EmulatedCuda` (two emulated devices), anywhere;
+- `"cpu"`: every placement on the CPU, the reference values (every row accepts there).
+
+The tests check every row's verdict against the emulation everywhere and against real CUDA under
+`pytest -m cuda`, so the two agree on every row; accepted rows also give the output's device and
+values equal to the CPU reference. Like llama.cpp's test-backend-ops, a row prints its own
+parameters (`str(row)`), and "unsupported here" is not a failure.
+
+Sources of the verdicts (aten, PyTorch 2.x): the generated CUDA wrappers check all positional and
+out tensors against the first one (`check_and_update_common_device`, no exception for 0-dim CPU
+tensors): mm, addmm, bmm, cat, index_select, index_add, index_copy, gather, scatter_add, take,
+clamp(Tensor) ...; ops marked `device_check: NoCheck` do their own: TensorIterator's
+`compute_types` (binary/comparison ops allow one 0-dim CPU input), `where_self_out` (moves 0-dim
+operands), `masked_fill__cuda` (mask on self's device), `index` (`check_indices_on_cpu_or_selfdevice`,
+CPU indices moved), `_index_put_impl_` (indices moved, 0-dim value moved), `copy_` (any devices).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from harness.trace import emulated
+
+ACCEPTS, REFUSES, UNSUPPORTED, ERROR = "accepts", "refuses", "unsupported", "error"
+BACKENDS = ("cuda", "emulated", "cpu")
+PLACES = ("gpu", "gpu1", "cpu")
+
+# What a refusal for devices says (CUDA's messages, and the emulation's, which copy them).
+_REFUSAL = re.compile(
+    r"same device|at least two devices|different from other tensors|indices should be either on|"
+    r"expected device|Expected inputs to be on same device|CPU scalars to non-CPU kernel|"
+    r"expected self and mask to be on the same device|on the current device",
+    re.IGNORECASE,
+)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether an exception is the backend refusing operands on different devices."""
+    return isinstance(exc, (RuntimeError, IndexError, ValueError)) and bool(_REFUSAL.search(str(exc)))
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input: where it goes (`gpu`, `gpu1`, `cpu`) and how to make its CPU values."""
+
+    place: str
+    make: Callable[[], torch.Tensor]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def describe(self, devices: dict[str, str]) -> str:
+        dims = "x".join(map(str, self.shape)) if self.shape else "0-dim"
+        dt = "" if self.dtype == torch.float32 else f" {str(self.dtype).removeprefix('torch.')}"
+        return f"{devices[self.place]} [{dims}]{dt}"
+
+
+@dataclass(frozen=True)
+class Dev:
+    """A device argument: the device a place names on the backend (`to(device)`)."""
+
+    place: str
+
+    def describe(self, devices: dict[str, str]) -> str:
+        return devices[self.place]
+
+
+def _values(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g)
+
+
+def f32(place: str, *shape: int, seed: int = 0) -> Input:
+    """Distinct float32 values (ties would let CUDA and the CPU order top-k/sort differently)."""
+    n = 1
+    for s in shape:
+        n *= s
+
+    def make():
+        v = _values((n,), seed)
+        return (v + torch.arange(n) * 1e-3).reshape(shape)
+
+    return Input(place, make, tuple(shape), torch.float32)
+
+
+def scalar(place: str, value: float = 2.0) -> Input:
+    """A 0-dim float32 tensor."""
+    return Input(place, lambda: torch.tensor(value), (), torch.float32)
+
+
+def longs(place: str, values: list[int]) -> Input:
+    return Input(place, lambda: torch.tensor(values, dtype=torch.long), (len(values),), torch.long)
+
+
+def long_grid(place: str, values: list[list[int]]) -> Input:
+    return Input(
+        place, lambda: torch.tensor(values, dtype=torch.long), (len(values), len(values[0])), torch.long
+    )
+
+
+def mask(place: str, *shape: int, seed: int = 1) -> Input:
+    def make():
+        m = _values(shape, seed) > 0
+        m.view(-1)[0] = True  # never empty
+        return m
+
+    return Input(place, make, tuple(shape), torch.bool)
+
+
+def flag(place: str, value: bool = True) -> Input:
+    """A 0-dim bool tensor."""
+    return Input(place, lambda: torch.tensor(value), (), torch.bool)
+
+
+# ---- rows ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One op with one placement of its inputs, and what real CUDA does with it."""
+
+    op: str
+    inputs: dict[str, Input | Dev]
+    call: Callable[..., object]  # called with the inputs, positionally, in order
+    expect: str  # ACCEPTS or REFUSES
+    why: str
+    out: str | None = None  # where an accepted result lives (a place), checked when given
+    note: str = ""  # what makes this row differ from its neighbours, for the id
+
+    @property
+    def gpus(self) -> int:
+        return 2 if any(i.place == "gpu1" for i in self.inputs.values()) or self.out == "gpu1" else 1
+
+    def describe(self, devices: dict[str, str] | None = None) -> str:
+        devices = devices or {"gpu": "cuda:0", "gpu1": "cuda:1", "cpu": "cpu"}
+        args = ", ".join(f"{k}={v.describe(devices)}" for k, v in self.inputs.items())
+        note = f", {self.note}" if self.note else ""
+        return f"{self.op}({args}{note})"
+
+    @property
+    def id(self) -> str:
+        return self.describe()
+
+    def __str__(self) -> str:
+        return f"{self.describe()} -> {self.expect}"
+
+
+def _setitem(x, idx, v):
+    x[idx] = v
+    return x
+
+
+TI = "TensorIterator (compute_types): one 0-dim CPU input is taken as a scalar"
+TI_STRICT = "TensorIterator (compute_types): all operands on the common device"
+CODEGEN = "generated CUDA wrapper: check_and_update_common_device (no 0-dim exception)"
+INDEX = "index: check_indices_on_cpu_or_selfdevice; CPU indices are copied to the device"
+INDEX_PUT = "_index_put_impl_: indices moved to self's device; a 0-dim value is moved"
+WHERE = "where_self_out: 0-dim operands on another device are moved to the op's device"
+MASKED = "masked_fill__cuda: self and mask must be on the same device (0-dim too)"
+COPY = "copy_/_to_copy cross devices by design"
+
+A, R = ACCEPTS, REFUSES
+
+ROWS: tuple[Row, ...] = (
+    # -- matrix products
+    Row("mm", {"a": f32("gpu", 4, 3), "b": f32("gpu", 3, 5, seed=1)}, torch.mm, A, "same device", out="gpu"),
+    Row("mm", {"a": f32("gpu", 4, 3), "b": f32("cpu", 3, 5, seed=1)}, torch.mm, R, CODEGEN),
+    Row("mm", {"a": f32("cpu", 4, 3), "b": f32("gpu", 3, 5, seed=1)}, torch.mm, R, CODEGEN),
+    Row("mm", {"a": f32("gpu", 4, 3), "b": f32("gpu1", 3, 5, seed=1)}, torch.mm, R, CODEGEN),
+    Row(
+        "addmm",
+        {"bias": f32("cpu", 5), "a": f32("gpu", 4, 3, seed=1), "b": f32("gpu", 3, 5, seed=2)},
+        torch.addmm,
+        R,
+        CODEGEN,
+    ),
+    Row(
+        "addmm",
+        {"bias": scalar("cpu"), "a": f32("gpu", 4, 3, seed=1), "b": f32("gpu", 3, 5, seed=2)},
+        torch.addmm,
+        R,
+        CODEGEN + ": a 0-dim CPU bias is refused too",
+    ),
+    Row("bmm", {"a": f32("gpu", 2, 4, 3), "b": f32("cpu", 2, 3, 5, seed=1)}, torch.bmm, R, CODEGEN),
+    Row(
+        "bmm",
+        {"a": f32("gpu", 2, 4, 3), "b": f32("gpu", 2, 3, 5, seed=1)},
+        torch.bmm,
+        A,
+        "same device",
+        out="gpu",
+    ),
+    Row(
+        "matmul",
+        {"a": f32("gpu", 2, 4, 3), "b": f32("cpu", 3, 5, seed=1)},
+        torch.matmul,
+        R,
+        "matmul -> mm: " + CODEGEN,
+    ),
+    Row(
+        "matmul",
+        {"a": f32("gpu", 4, 3), "b": f32("gpu1", 3, 5, seed=1)},
+        torch.matmul,
+        R,
+        "matmul -> mm: " + CODEGEN,
+    ),
+    Row(
+        "linear",
+        {"x": f32("gpu", 4, 3), "w": f32("gpu", 5, 3, seed=1)},
+        lambda x, w: F.linear(x, w),
+        A,
+        "same device",
+        out="gpu",
+    ),
+    Row(
+        "linear",
+        {"x": f32("gpu", 4, 3), "w": f32("cpu", 5, 3, seed=1)},
+        lambda x, w: F.linear(x, w),
+        R,
+        "linear -> mm: " + CODEGEN + " (candle#1815: the router weight left on the CPU)",
+    ),
+    Row(
+        "linear",
+        {"x": f32("gpu", 4, 3), "w": f32("gpu", 5, 3, seed=1), "b": f32("cpu", 5, seed=2)},
+        F.linear,
+        R,
+        "linear -> addmm: " + CODEGEN,
+    ),
+    Row(
+        "einsum",
+        {"a": f32("gpu", 4, 3), "b": f32("gpu", 3, 5, seed=1)},
+        lambda a, b: torch.einsum("ij,jk->ik", a, b),
+        A,
+        "same device",
+        out="gpu",
+    ),
+    Row(
+        "einsum",
+        {"a": f32("gpu", 4, 3), "b": f32("cpu", 3, 5, seed=1)},
+        lambda a, b: torch.einsum("ij,jk->ik", a, b),
+        R,
+        "einsum -> bmm: " + CODEGEN,
+    ),
+    # -- elementwise with CPU scalars
+    Row("add", {"x": f32("gpu", 4, 3), "s": scalar("cpu")}, torch.add, A, TI, out="gpu"),
+    Row("add", {"s": scalar("cpu"), "x": f32("gpu", 4, 3)}, torch.add, A, TI, out="gpu"),
+    Row("mul", {"x": f32("gpu", 4, 3), "s": scalar("cpu")}, torch.mul, A, TI, out="gpu"),
+    Row("mul", {"x": f32("gpu", 4, 3), "s": f32("cpu", 1)}, torch.mul, R, TI + "; shape [1] is not 0-dim"),
+    Row("mul", {"x": f32("gpu", 4, 3), "y": f32("cpu", 4, 3, seed=1)}, torch.mul, R, TI_STRICT),
+    Row("div", {"x": f32("gpu", 4, 3), "s": scalar("cpu")}, torch.div, A, TI, out="gpu"),
+    Row(
+        "gt",
+        {"x": f32("gpu", 4, 3), "s": scalar("cpu", 0.0)},
+        torch.gt,
+        A,
+        TI + " (comparison ops too)",
+        out="gpu",
+    ),
+    Row(
+        "add",
+        {"x": f32("gpu", 4, 3), "s": scalar("gpu1")},
+        torch.add,
+        R,
+        TI + "; a 0-dim tensor on another GPU is not a CPU scalar",
+    ),
+    Row(
+        "add_",
+        {"x": f32("gpu", 4, 3), "s": scalar("cpu")},
+        lambda x, s: x.add_(s),
+        A,
+        TI,
+        out="gpu",
+        note="in place",
+    ),
+    Row(
+        "add_",
+        {"x": f32("cpu", 4, 3), "y": f32("gpu", 4, 3, seed=1)},
+        lambda x, y: x.add_(y),
+        R,
+        TI_STRICT + "; the CPU output is never a scalar",
+        note="in place",
+    ),
+    Row(
+        "add",
+        {"s": scalar("cpu"), "t": scalar("cpu", 3.0), "out": f32("gpu", 0)},
+        lambda s, t, out: torch.add(s, t, out=out),
+        R,
+        "TensorIterator: at most one CPU scalar per CUDA kernel ('Trying to pass too many CPU scalars')",
+    ),
+    Row(
+        "clamp",
+        {"x": f32("gpu", 4, 3), "lo": scalar("cpu", 0.0)},
+        lambda x, lo: torch.clamp(x, min=lo),
+        R,
+        "clamp.Tensor: TensorIterator without allow_cpu_scalars",
+    ),
+    Row(
+        "fill_",
+        {"x": f32("gpu", 4, 3), "v": scalar("cpu")},
+        lambda x, v: x.fill_(v),
+        A,
+        "fill_(Tensor): a value on another device is read with item()",
+        out="gpu",
+    ),
+    # -- where
+    Row(
+        "where",
+        {"c": flag("cpu"), "x": f32("gpu", 4, 3), "y": f32("gpu", 4, 3, seed=1)},
+        torch.where,
+        A,
+        WHERE,
+        out="gpu",
+    ),
+    Row(
+        "where",
+        {"c": mask("cpu", 4, 3), "x": f32("gpu", 4, 3), "y": f32("gpu", 4, 3, seed=1)},
+        torch.where,
+        R,
+        WHERE,
+    ),
+    Row(
+        "where",
+        {"c": mask("gpu", 4, 3), "x": f32("gpu", 4, 3), "y": scalar("cpu")},
+        torch.where,
+        A,
+        WHERE,
+        out="gpu",
+    ),
+    Row("where", {"c": mask("gpu", 4, 3), "x": f32("gpu", 4, 3), "y": f32("cpu", 1)}, torch.where, R, WHERE),
+    Row(
+        "where",
+        {"c": mask("gpu", 4, 3), "x": f32("gpu", 4, 3), "y": scalar("gpu1")},
+        torch.where,
+        A,
+        WHERE + " (a 0-dim operand on another GPU too)",
+        out="gpu",
+    ),
+    # -- masked_fill
+    Row(
+        "masked_fill",
+        {"x": f32("gpu", 4, 3), "m": flag("cpu")},
+        lambda x, m: x.masked_fill(m, 1.0),
+        R,
+        MASKED,
+    ),
+    Row(
+        "masked_fill",
+        {"x": f32("gpu", 4, 3), "m": mask("cpu", 4, 3)},
+        lambda x, m: x.masked_fill(m, 1.0),
+        R,
+        MASKED,
+    ),
+    Row(
+        "masked_fill",
+        {"x": f32("gpu", 4, 3), "m": mask("gpu", 4, 3), "v": scalar("cpu")},
+        lambda x, m, v: x.masked_fill(m, v),
+        A,
+        "masked_fill__cuda(Tensor value): a 0-dim value is read with item()",
+        out="gpu",
+    ),
+    Row(
+        "masked_fill",
+        {"x": f32("cpu", 4, 3), "m": mask("gpu", 4, 3)},
+        lambda x, m: x.masked_fill(m, 1.0),
+        R,
+        MASKED,
+    ),
+    # -- cat, stack
+    Row(
+        "cat",
+        {"a": f32("gpu", 2, 3), "b": f32("gpu", 2, 3, seed=1)},
+        lambda a, b: torch.cat([a, b]),
+        A,
+        "same device",
+        out="gpu",
+    ),
+    Row(
+        "cat",
+        {"a": f32("gpu", 2, 3), "b": f32("cpu", 2, 3, seed=1)},
+        lambda a, b: torch.cat([a, b]),
+        R,
+        CODEGEN,
+    ),
+    Row(
+        "cat",
+        {"a": f32("gpu", 2, 3), "b": f32("gpu1", 2, 3, seed=1)},
+        lambda a, b: torch.cat([a, b]),
+        R,
+        CODEGEN,
+    ),
+    Row(
+        "stack",
+        {"a": f32("gpu", 2, 3), "b": f32("cpu", 2, 3, seed=1)},
+        lambda a, b: torch.stack([a, b]),
+        R,
+        "stack -> cat: " + CODEGEN,
+    ),
+    # -- index ops with index tensors
+    Row(
+        "index_select",
+        {"x": f32("gpu", 5, 3), "i": longs("cpu", [4, 0, 2])},
+        lambda x, i: x.index_select(0, i),
+        R,
+        CODEGEN,
+    ),
+    Row(
+        "index_select",
+        {"x": f32("cpu", 5, 3), "i": longs("gpu", [4, 0, 2])},
+        lambda x, i: x.index_select(0, i),
+        R,
+        CODEGEN,
+    ),
+    Row(
+        "index_select",
+        {"x": f32("gpu", 5, 3), "i": longs("gpu", [4, 0, 2])},
+        lambda x, i: x.index_select(0, i),
+        A,
+        "same device",
+        out="gpu",
+    ),
+    Row(
+        "index_add_",
+        {"x": f32("gpu", 5, 3), "i": longs("cpu", [4, 0]), "s": f32("gpu", 2, 3, seed=1)},
+        lambda x, i, s: x.index_add_(0, i, s),
+        R,
+        CODEGEN + " (FakeTensor in older torch accepted this one)",
+    ),
+    Row(
+        "index_add_",
+        {"x": f32("gpu", 5, 3), "i": longs("gpu", [4, 0]), "s": f32("cpu", 2, 3, seed=1)},
+        lambda x, i, s: x.index_add_(0, i, s),
+        R,
+        CODEGEN,
+    ),
+    Row(
+        "index_copy_",
+        {"x": f32("gpu", 5, 3), "i": longs("cpu", [4, 0]), "s": f32("gpu", 2, 3, seed=1)},
+        lambda x, i, s: x.index_copy_(0, i, s),
+        R,
+        CODEGEN,
+    ),
+    Row(
+        "gather",
+        {"x": f32("gpu", 4, 3), "i": long_grid("cpu", [[0, 2], [1, 0], [2, 2], [0, 1]])},
+        lambda x, i: x.gather(1, i),
+        R,
+        CODEGEN,
+    ),
+    Row(
+        "scatter_add_",
+        {
+            "x": f32("gpu", 4, 3),
+            "i": long_grid("cpu", [[0, 2], [1, 0], [2, 2], [0, 1]]),
+            "s": f32("gpu", 4, 2, seed=1),
+        },
+        lambda x, i, s: x.scatter_add_(1, i, s),
+        R,
+        CODEGEN,
+    ),
+    Row(
+        "scatter_add_",
+        {
+            "x": f32("gpu", 4, 3),
+            "i": long_grid("gpu", [[0, 2], [1, 0], [2, 2], [0, 1]]),
+            "s": f32("gpu", 4, 2, seed=1),
+        },
+        lambda x, i, s: x.scatter_add_(1, i, s),
+        A,
+        "same device",
+        out="gpu",
+    ),
+    Row("take", {"x": f32("gpu", 4, 3), "i": longs("cpu", [0, 5, 11])}, torch.take, R, CODEGEN),
+    Row(
+        "embedding",
+        {"ids": longs("cpu", [3, 0, 3]), "w": f32("gpu", 5, 4)},
+        F.embedding,
+        R,
+        "embedding -> index_select: " + CODEGEN,
+    ),
+    Row(
+        "embedding",
+        {"ids": longs("gpu", [3, 0, 3]), "w": f32("gpu", 5, 4)},
+        F.embedding,
+        A,
+        "same device",
+        out="gpu",
+    ),
+    # -- advanced indexing
+    Row(
+        "index",
+        {"x": f32("gpu", 5, 3), "i": longs("cpu", [4, 0, 2])},
+        lambda x, i: x[i],
+        A,
+        INDEX,
+        out="gpu",
+        note="x[i]",
+    ),
+    Row(
+        "index",
+        {"x": f32("gpu", 5, 3), "m": mask("cpu", 5)},
+        lambda x, m: x[m],
+        A,
+        INDEX,
+        out="gpu",
+        note="x[mask]",
+    ),
+    Row(
+        "index",
+        {"x": f32("gpu", 5, 3), "i": longs("gpu", [4, 0, 2])},
+        lambda x, i: x[i],
+        A,
+        "same device",
+        out="gpu",
+        note="x[i]",
+    ),
+    Row(
+        "index",
+        {"x": f32("cpu", 5, 3), "i": longs("gpu", [4, 0, 2])},
+        lambda x, i: x[i],
+        R,
+        INDEX,
+        note="x[i]",
+    ),
+    Row(
+        "index",
+        {"x": f32("gpu", 5, 3), "i": longs("gpu1", [4, 0, 2])},
+        lambda x, i: x[i],
+        R,
+        INDEX,
+        note="x[i]",
+    ),
+    Row(
+        "index_put_",
+        {"x": f32("gpu", 5, 3), "i": longs("cpu", [4, 0]), "v": f32("gpu", 2, 3, seed=1)},
+        _setitem,
+        A,
+        INDEX_PUT,
+        out="gpu",
+        note="x[i] = v",
+    ),
+    Row(
+        "index_put_",
+        {"x": f32("gpu", 5, 3), "i": longs("cpu", [4, 0]), "v": f32("cpu", 2, 3, seed=1)},
+        _setitem,
+        R,
+        INDEX_PUT + "; a CPU value that is not 0-dim is refused (TensorIterator)",
+        note="x[i] = v",
+    ),
+    Row(
+        "index_put_",
+        {"x": f32("gpu", 5, 3), "i": longs("cpu", [4, 0]), "v": scalar("cpu")},
+        _setitem,
+        A,
+        INDEX_PUT,
+        out="gpu",
+        note="x[i] = v",
+    ),
+    Row(
+        "index_put_",
+        {"x": f32("gpu", 5, 3), "m": mask("gpu", 5, 3), "v": scalar("cpu")},
+        _setitem,
+        A,
+        "_index_put_impl_: one mask on the device and a one-element CPU value -> masked_fill_",
+        out="gpu",
+        note="x[mask] = v",
+    ),
+    Row(
+        "copy_",
+        {"x": f32("gpu", 5, 3), "v": f32("cpu", 2, 3, seed=1)},
+        lambda x, v: _setitem(x, slice(0, 2), v),
+        A,
+        "a basic-indexing setitem is a copy_ (any devices)",
+        out="gpu",
+        note="x[0:2] = v",
+    ),
+    # -- single-device ops of the MoE block
+    Row("softmax", {"x": f32("gpu", 4, 3)}, lambda x: x.softmax(-1), A, "one device", out="gpu"),
+    Row("topk", {"x": f32("gpu", 4, 6)}, lambda x: x.topk(2, dim=-1), A, "one device", out="gpu"),
+    Row("argsort", {"x": f32("gpu", 4, 6)}, lambda x: x.argsort(dim=-1), A, "one device", out="gpu"),
+    Row("one_hot", {"i": longs("gpu", [2, 0, 3])}, lambda i: F.one_hot(i, 4), A, "one device", out="gpu"),
+    # -- transfers
+    Row(
+        "copy_",
+        {"dst": f32("gpu", 4, 3), "src": f32("cpu", 4, 3, seed=1)},
+        lambda dst, src: dst.copy_(src),
+        A,
+        COPY,
+        out="gpu",
+    ),
+    Row(
+        "copy_",
+        {"dst": f32("cpu", 4, 3), "src": f32("gpu", 4, 3, seed=1)},
+        lambda dst, src: dst.copy_(src),
+        A,
+        COPY,
+        out="cpu",
+    ),
+    Row(
+        "copy_",
+        {"dst": f32("gpu", 4, 3), "src": f32("gpu1", 4, 3, seed=1)},
+        lambda dst, src: dst.copy_(src),
+        A,
+        COPY,
+        out="gpu",
+    ),
+    Row(
+        "to",
+        {"x": f32("cpu", 4, 3), "device": Dev("gpu")},
+        lambda x, device: x.to(device),
+        A,
+        COPY,
+        out="gpu",
+    ),
+    Row(
+        "to",
+        {"x": f32("gpu", 4, 3), "device": Dev("gpu1")},
+        lambda x, device: x.to(device),
+        A,
+        COPY,
+        out="gpu1",
+    ),
+    Row(
+        "to",
+        {"x": f32("gpu", 4, 3), "device": Dev("cpu")},
+        lambda x, device: x.to(device),
+        A,
+        COPY,
+        out="cpu",
+    ),
+)
+
+
+# ---- running a row ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    row: Row
+    backend: str
+    verdict: str  # ACCEPTS, REFUSES, UNSUPPORTED or ERROR
+    error: str | None = None
+    devices: tuple[str, ...] = ()  # devices of the tensor outputs, as placements name them
+    values: tuple[torch.Tensor, ...] = ()  # the tensor outputs, on the CPU
+
+    def __str__(self) -> str:
+        tail = f": {self.error}" if self.error else ""
+        return f"{self.row.describe()} on {self.backend}: {self.verdict}{tail}"
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _outputs(o)]
+    return []
+
+
+def _run(row: Row, backend: str, devices: dict[str, torch.device]) -> Result:
+    names = {str(d): p for p, d in devices.items()}
+    try:
+        inputs = {
+            k: devices[v.place] if isinstance(v, Dev) else v.make().to(devices[v.place])
+            for k, v in row.inputs.items()
+        }
+    except Exception as exc:  # the placement itself failed: not what the row tests
+        return Result(row, backend, ERROR, f"making inputs: {type(exc).__name__}: {exc}")
+    try:
+        out = row.call(*inputs.values())
+        if backend == "cuda":
+            torch.cuda.synchronize()
+    except Exception as exc:
+        verdict = REFUSES if is_refusal(exc) else ERROR
+        return Result(row, backend, verdict, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    outs = _outputs(out)
+    places = tuple(names.get(str(t.device), str(t.device)) for t in outs)
+    values = tuple(t.detach().to("cpu") for t in outs)
+    return Result(row, backend, ACCEPTS, devices=places, values=values)
+
+
+def run_row(row: Row, backend: str = "emulated") -> Result:
+    """Run `row` on `backend` ("cuda", "emulated" or "cpu") and say what happened."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu":
+        cpu = torch.device("cpu")
+        return _run(row, backend, dict.fromkeys(PLACES, cpu))
+    gpu, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    devices = {"gpu": gpu, "gpu1": gpu1, "cpu": torch.device("cpu")}
+    if backend == "emulated":
+        ctx = emulated.active()
+        if ctx is not None and ctx.device_count >= 2:
+            return _run(row, backend, devices)
+        if ctx is not None:
+            return Result(row, backend, UNSUPPORTED, f"the active emulation has {ctx.device_count} device(s)")
+        with emulated.EmulatedCuda(device_count=2):
+            return _run(row, backend, devices)
+    if emulated.active() is not None:
+        raise RuntimeError("run_row(..., 'cuda') inside an EmulatedCuda block would not reach real CUDA")
+    if not torch.cuda.is_available():
+        return Result(row, backend, UNSUPPORTED, "no CUDA GPU here")
+    if row.gpus > torch.cuda.device_count():
+        return Result(row, backend, UNSUPPORTED, f"needs {row.gpus} GPUs, {torch.cuda.device_count()} here")
+    return _run(row, backend, devices)
+
+
+def run_table(backend: str = "emulated", rows: tuple[Row, ...] = ROWS) -> list[Result]:
+    """Every row on one backend (one emulation for them all)."""
+    if backend == "emulated" and emulated.active() is None:
+        with emulated.EmulatedCuda(device_count=2):
+            return [run_row(r, backend) for r in rows]
+    return [run_row(r, backend) for r in rows]
+
+
+def format_table(results: list[Result]) -> str:
+    """Plain lines: row, expected verdict, what the backend did."""
+    lines = []
+    for r in results:
+        mark = "ok  " if r.verdict in (r.row.expect, UNSUPPORTED) else "FAIL"
+        lines.append(f"{mark} {r.row.describe():<90} expect {r.row.expect:<8} {r.backend}: {r.verdict}")
+    return "\n".join(lines)

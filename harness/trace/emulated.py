@@ -1,0 +1,1101 @@
+"""An emulated CUDA accelerator: tensors that say `cuda:N` and compute on the CPU with real values.
+
+Most CI machines have no GPU, yet the device rules of CUDA must be checked there with real values
+flowing through the model (MoE routing depends on them). Inside
+
+    with EmulatedCuda(device_count=2):
+        model = Mixtral.from_gguf(path, device_map={..., "layers.1": "cuda:1", ...})
+        logits = model(tokens)
+
+`torch.zeros(..., device="cuda:1")`, `t.to("cuda:1")`, `t.cuda()`, `torch.tensor(..., device=...)`
+make tensors whose `.device` is `cuda:N` (any N below `device_count`), whose values are real (a
+CPU tensor inside), and whose ops refuse what CUDA refuses, with CUDA's messages and RuntimeError.
+`torch.cuda.is_available()` is True, `device_count()` is `device_count`, `synchronize()`,
+`current_device()`, `set_device()`, `torch.cuda.device(n)` and `torch.Generator(device="cuda")`
+work, and real CUDA is never initialised (on a CPU-only build every real CUDA call raises).
+Everything is put back when the block ends, also on an exception.
+
+How it works:
+- `EmulatedTensor` is a wrapper subclass (`_make_wrapper_subclass`) whose device is `cuda:N`,
+  holding a CPU tensor with the values (`.data_cpu`, views share its storage);
+- one `TorchDispatchMode` sees every aten op: ops without emulated tensors or a CUDA `device=`
+  run untouched; the others are checked against `RULES` (what CUDA's kernel for that op accepts),
+  run on the CPU tensors, and their outputs wrapped with the op's device. The mode sits at the
+  bottom of the dispatch-mode stack whichever order contexts are entered in, so a tracer's mode
+  (entered before or after) sees each op once, with the emulated devices, before it runs;
+- the C++ bindings initialise CUDA lazily before dispatch by calling `torch.cuda._lazy_init`,
+  which is a no-op here, so factories with `device="cuda"` reach the dispatch mode; a
+  `TorchFunctionMode` builds `torch.tensor` / `as_tensor` / `asarray` / `new_tensor` with a CUDA
+  device (their C++ path hides the copy from dispatch modes) and checks generator devices;
+- Python bindings that open a CUDA device guard (absent from a CPU-only build) or refuse tensor
+  subclasses are done by the function mode with the aten ops their C++ code calls: indexing
+  (`x[i]`, `x[i] = v`), `copy_`, `contiguous`, `int()`/`float()`, `nonzero`, `tolist`, `numpy`;
+- `torch.cuda.*` queries and `torch.Generator` are patched for the duration;
+- GPU-only paths are switched off (`harness.quant.kernels.supports` answers False, so the torch
+  dequantizers run on the wrapped CPU data), and the per-device constant caches of the model
+  (`dequant._CONSTS`, `mixtral._ROPE_TABLES`, `kernels._LUTS`) are cleared of CUDA entries on
+  entry (real ones are kept aside and put back) and of the emulated ones on exit.
+
+Limits: autograd cannot record graphs through emulated devices (its nodes ask the CUDA device
+guard for a stream, which aborts the process on a CPU-only build), so with grad enabled an op
+on a tensor that requires grad and touches an emulated device raises RuntimeError instead (run
+models under `torch.no_grad()` / `torch.inference_mode()`; buffers never require grad);
+in-place changes of an emulated tensor's shape (`resize_` to a new size, `set_`, `unsqueeze_`,
+...) raise; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
+`torch.accelerator`, streams and events are not emulated; the patches are process-wide, so one
+thread at a time. On a machine with real CUDA the emulation works too: real CUDA tensors made
+outside keep working, inside they compute for real until they meet an emulated tensor (then their
+values are copied to the CPU for that op); factories and moves to "cuda" inside make emulated
+tensors. The CUDA C++ lazy-init flag stays set after the block (on a CPU-only build a later real
+CUDA call then fails with "Could not run ... 'CUDA' backend" rather than "Torch not compiled with
+CUDA enabled"); `torch.cuda.is_available()` is False again.
+
+`RULES` (op -> rule) is the table of what CUDA accepts; `refusal(func, args, kwargs)` applies it
+without running anything and gives CUDA's error message or None. The facts behind it are from
+aten (PyTorch 2.x): the generated CUDA wrappers check every positional and out tensor argument
+against the first (`check_and_update_common_device`, no exception for 0-dim CPU tensors); ops
+marked `device_check: NoCheck` in native_functions.yaml do their own checks, listed below.
+`harness.trace.conformance` checks the rules row by row against real CUDA (`pytest -m cuda`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
+    _pop_mode,
+    _push_mode,
+)
+
+__all__ = [
+    "RULES",
+    "EmulatedCuda",
+    "EmulatedGenerator",
+    "EmulatedTensor",
+    "active",
+    "cpu_data",
+    "is_emulated",
+    "refusal",
+    "rule_of",
+]
+
+CPU = torch.device("cpu")
+_Tensor = torch.Tensor
+_RealGenerator = torch.Generator
+
+
+# ---- the rules -----------------------------------------------------------------------------------
+# Each rule names the check CUDA's kernel for an op does when its operands are on more than one
+# device. An op's operands are its tensor arguments (inside lists too). An op runs CUDA's kernel
+# when any operand is on a CUDA device (the dispatcher picks the highest backend); all-CPU ops are
+# plain CPU ops and are not checked.
+
+SAME = "same"  # default: all operands on one device (generated `check_and_update_common_device`)
+CPU_SCALAR = "cpu-scalar"  # TensorIterator binary/comparison ops: one 0-dim CPU input is a scalar
+WHERE = "where"  # where: 0-dim operands on another device are moved to the op's device
+MASKED_FILL = "masked-fill"  # masked_fill: mask on self's device (even 0-dim); value 0-dim, any device
+SCALAR_VALUE = "scalar-value"  # fill_/index_fill_: the 0-dim `value` tensor is read with item()
+INDEX = "index"  # x[idx]: indices on the CPU or on x's device (CPU ones are moved)
+INDEX_PUT = "index-put"  # x[idx] = v: indices anywhere (moved); v on x's device unless 0-dim
+TRANSFER = "transfer"  # copies: any devices
+
+RULE_DOCS = {
+    SAME: "all tensor arguments on one device; a 0-dim CPU tensor is no exception "
+    "(generated CUDA wrappers: check_and_update_common_device)",
+    CPU_SCALAR: "TensorIterator with allow_cpu_scalars: at most one 0-dim CPU input, never an output; "
+    "everything else on the device",
+    WHERE: "where_self_out: 0-dim condition/self/other on another device are moved to the first "
+    "non-CPU one's device; then TensorIterator without CPU scalars",
+    MASKED_FILL: "masked_fill__cuda: mask on self's device, even 0-dim; a value tensor must be 0-dim "
+    "and may be anywhere (item()), but a CPU self with a CUDA value is refused",
+    SCALAR_VALUE: "fill_/index_fill_ with a 0-dim value tensor read by item(): value anywhere, "
+    "the other tensors on one device",
+    INDEX: "index (x[idx]): every index on the CPU or on x's device (check_indices_on_cpu_or_selfdevice); "
+    "CPU indices are copied to the device",
+    INDEX_PUT: "_index_put_impl_ (x[idx] = v): indices moved to x's device whatever theirs; v on x's "
+    "device unless 0-dim (moved), or a one-element CPU v with a single boolean mask on x's device "
+    "(masked_fill path); with accumulate=True v must end up on x's device",
+    TRANSFER: "copies across devices are the point: no check",
+}
+
+# Binary and comparison ops built with TensorIterator's BINARY_OP_CONFIG / comparison config
+# (allow_cpu_scalars(true)); their functional, in-place and out variants are all `NoCheck`.
+# fmt: off
+_CPU_SCALAR_OPS = [
+    "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod",
+    "pow", "maximum", "minimum", "fmax", "fmin", "atan2", "hypot", "copysign", "heaviside",
+    "xlogy", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_left_shift",
+    "bitwise_right_shift", "__and__", "__or__", "__xor__", "__lshift__", "__rshift__",
+    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "eq", "ne", "lt", "le",
+    "gt", "ge", "logical_and", "logical_or", "logical_xor",
+]
+# fmt: on
+
+
+def _with_inplace(names: list[str]) -> list[str]:
+    """Each op and its in-place variant (`add`, `add_`); dunder ops are named as they are."""
+    return [n for name in names for n in ((name,) if name.startswith("__") else (name, name + "_"))]
+
+
+RULES: dict[str, str] = {
+    **dict.fromkeys(_with_inplace(_CPU_SCALAR_OPS), CPU_SCALAR),
+    "where": WHERE,
+    "masked_fill": MASKED_FILL,
+    "masked_fill_": MASKED_FILL,
+    "fill": SCALAR_VALUE,
+    "fill_": SCALAR_VALUE,
+    "index_fill": SCALAR_VALUE,
+    "index_fill_": SCALAR_VALUE,
+    "index": INDEX,
+    "_unsafe_index": INDEX,
+    "index_put": INDEX_PUT,
+    "index_put_": INDEX_PUT,
+    "_index_put_impl_": INDEX_PUT,
+    "_unsafe_index_put": INDEX_PUT,
+    "copy_": TRANSFER,
+    "copy": TRANSFER,
+    "_to_copy": TRANSFER,
+    "_copy_from": TRANSFER,
+    "_copy_from_and_resize": TRANSFER,
+}
+
+# Ops that change an emulated tensor's shape or strides in place (the wrapper's are fixed).
+# fmt: off
+_META_MUTATING = frozenset([
+    "resize_", "resize_as_", "set_", "as_strided_", "squeeze_", "unsqueeze_", "t_",
+    "transpose_", "swapaxes_", "swapdims_", "_resize_output_", "sparse_resize_",
+    "sparse_resize_and_clear_",
+])
+# fmt: on
+
+
+def rule_of(op_name: str) -> str:
+    """The rule for an op, by its name with or without namespace and overload (`aten.add_.Tensor`)."""
+    parts = op_name.replace("::", ".").split(".")
+    base = parts[1] if len(parts) >= 2 and parts[0] in ("aten", "prims") else parts[0]
+    return RULES.get(base, SAME)
+
+
+# ---- state ---------------------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_ACTIVE: EmulatedCuda | None = None
+
+
+def active() -> EmulatedCuda | None:
+    """The `EmulatedCuda` in effect, or None."""
+    return _ACTIVE
+
+
+# ---- the tensor ----------------------------------------------------------------------------------
+
+
+class EmulatedTensor(torch.Tensor):
+    """A tensor on an emulated CUDA device: `.device` is `cuda:N`, the values are in `.data_cpu`."""
+
+    data_cpu: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, device: torch.device):
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            data.size(),
+            strides=data.stride(),
+            storage_offset=data.storage_offset(),
+            dtype=data.dtype,
+            layout=data.layout,
+            device=device,
+            requires_grad=False,
+        )
+        r.data_cpu = data
+        return r
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    # A traceable wrapper subclass: nn.Module.to() then swaps parameters (swap_tensors) instead of
+    # `param.data = ...`, which would leave a plain Parameter claiming a CUDA device.
+    def __tensor_flatten__(self):
+        return ["data_cpu"], {"device": self.device}
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
+        return EmulatedTensor(inner_tensors["data_cpu"], ctx["device"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached when no EmulatedCuda mode is on the stack (e.g. after the block ended).
+        return _emulate(func, args, kwargs or {}, _ACTIVE)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        text = repr(self.data_cpu)
+        cut = text.find(", dtype=")
+        if cut < 0:
+            cut = text.rfind(")")
+        return f"{text[:cut]}, device='{self.device}'{text[cut:]}"
+
+
+def is_emulated(t) -> bool:
+    """Whether `t` is a tensor on an emulated CUDA device."""
+    return isinstance(t, EmulatedTensor) and t.is_cuda  # (`param.data = cpu_tensor` makes it a CPU one)
+
+
+def cpu_data(t: torch.Tensor) -> torch.Tensor:
+    """The CPU tensor holding an emulated tensor's values (shares its storage); `t` itself otherwise."""
+    return t.data_cpu if is_emulated(t) else t
+
+
+# ---- devices -------------------------------------------------------------------------------------
+
+
+def _current_index() -> int:
+    return _ACTIVE.current if _ACTIVE is not None else 0
+
+
+def _resolve(device) -> torch.device:
+    """A device argument (torch.device, str, int) -> torch.device; "cuda" -> "cuda:<current>"."""
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", _current_index())
+    return device
+
+
+def _check_ordinal(device: torch.device) -> None:
+    if device.type == "cuda" and _ACTIVE is not None and not 0 <= device.index < _ACTIVE.device_count:
+        raise RuntimeError(
+            "CUDA error: invalid device ordinal\n"
+            f"(emulated CUDA has {_ACTIVE.device_count} device(s); {device} does not exist)"
+        )
+
+
+def _is_accel(device: torch.device) -> bool:
+    return device.type != "cpu" and device.type != "meta"
+
+
+# ---- per-op plan -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    name: str  # overload packet, e.g. "add_"
+    rule: str
+    wrapper: str  # the name CUDA's generated wrapper has in messages
+    positional: tuple[str, ...]  # names of the positional arguments
+    outs: tuple[str, ...]  # names of kwarg-only out arguments
+    inplace: bool  # the first argument is written
+    device_kwarg: bool
+    composite: bool  # has a CompositeImplicitAutograd kernel (seen only in inference mode)
+    meta_mutating: bool
+    view: bool  # the output is a view of the first input
+
+
+_PLANS: dict = {}
+
+
+def _plan(func) -> _Plan:
+    plan = _PLANS.get(func)
+    if plan is None:
+        schema = func._schema
+        name = func._overloadpacket.__name__
+        positional, outs, inplace = [], [], False
+        for i, a in enumerate(schema.arguments):
+            written = a.alias_info is not None and a.alias_info.is_write
+            if a.kwarg_only:
+                if written:
+                    outs.append(a.name)
+            else:
+                positional.append(a.name)
+                if i == 0 and written:
+                    inplace = True
+        try:
+            composite = torch._C._dispatch_has_kernel_for_dispatch_key(
+                func.name(), "CompositeImplicitAutograd"
+            )
+        except Exception:
+            composite = False
+        overload = "" if func._overloadname == "default" else "_" + func._overloadname
+        plan = _Plan(
+            name=name,
+            rule=RULES.get(name, SAME),
+            wrapper=f"wrapper_CUDA_{name}{overload}",  # as structured kernels' wrappers are named
+            positional=tuple(positional),
+            outs=tuple(outs),
+            inplace=inplace,
+            device_kwarg=any(a.name == "device" for a in schema.arguments),
+            composite=composite,
+            meta_mutating=name in _META_MUTATING,
+            view=bool(getattr(func, "is_view", False)),
+        )
+        _PLANS[func] = plan
+    return plan
+
+
+def _operands(plan: _Plan, args, kwargs) -> list[tuple[str, torch.Tensor, bool]]:
+    """(argument name, tensor, is an output) for every tensor argument: outs first, then positional."""
+    ops = []
+    for name in plan.outs:
+        t = kwargs.get(name)
+        if isinstance(t, _Tensor):
+            ops.append((name, t, True))
+        elif isinstance(t, (list, tuple)):
+            ops.extend((name, x, True) for x in t if isinstance(x, _Tensor))
+    names = plan.positional
+    for i, a in enumerate(args):
+        name = names[i] if i < len(names) else f"arg{i}"
+        if isinstance(a, _Tensor):
+            if i == 0 and plan.inplace:
+                ops.append((name, a, True))  # written, and read
+            ops.append((name, a, False))
+        elif isinstance(a, (list, tuple)):
+            ops.extend((name, x, False) for x in a if isinstance(x, _Tensor))
+    for name, v in kwargs.items():  # kwarg-only tensor inputs (rare)
+        if name not in plan.outs and isinstance(v, _Tensor):
+            ops.append((name, v, False))
+    return ops
+
+
+# ---- the checks ----------------------------------------------------------------------------------
+
+
+def _same_device(plan: _Plan, ops) -> str | None:
+    common = None
+    for name, t, _ in ops:
+        d = t.device
+        if common is None:
+            common = d
+        elif d != common:
+            return (
+                f"Expected all tensors to be on the same device, but got {name} is on {d}, different "
+                f"from other tensors on {common} (when checking argument in method {plan.wrapper})"
+            )
+    return None
+
+
+def _tensor_iterator(ops, allow_cpu_scalars: bool) -> str | None:
+    """TensorIterator's compute_types device check (outputs come first in `ops`' order for it)."""
+    ordered = [o for o in ops if o[2]] + [o for o in ops if not o[2]]
+    common = next((t.device for _, t, _ in ordered if t.device.type != "cpu"), CPU)
+    if common.type == "cpu":
+        return None
+    scalars = 0
+    for _, t, is_out in ordered:
+        d = t.device
+        if allow_cpu_scalars and not is_out and d.type == "cpu" and t.dim() == 0:
+            if scalars >= 1:
+                return "Trying to pass too many CPU scalars to non-CPU kernel!"
+            scalars += 1
+        elif d != common:
+            return f"Expected all tensors to be on the same device, but found at least two devices, {common} and {d}!"
+    return None
+
+
+def _check_where(plan, ops, args, kwargs) -> str | None:
+    trio = [a for a in args[:3] if isinstance(a, _Tensor)]
+    device = next((t.device for t in trio if t.device.type != "cpu"), CPU)
+    out = kwargs.get("out")
+    moved = [
+        ("x", t, False) for t in trio if not (t.device != device and t.dim() == 0 and device.type != "cpu")
+    ]
+    ops2 = ([("out", out, True)] if isinstance(out, _Tensor) else []) + moved
+    return _tensor_iterator(ops2, allow_cpu_scalars=False)
+
+
+def _check_masked_fill(plan, ops, args, kwargs) -> str | None:
+    self, mask = args[0], args[1]
+    value = args[2] if len(args) > 2 else kwargs.get("value")
+    if isinstance(value, _Tensor):
+        if value.dim() != 0:
+            return None  # the CPU kernel raises the same "only supports a 0-dimensional value tensor"
+        if self.device.type == "cpu" and _is_accel(value.device):
+            return "masked_fill_: Expected inputs to be on same device"
+    if self.device != mask.device:
+        return f"expected self and mask to be on the same device, but got mask on {mask.device} and self on {self.device}"
+    return None
+
+
+def _check_scalar_value(plan, ops, args, kwargs) -> str | None:
+    rest = [o for o in ops if not (o[0] == "value" and o[1].dim() == 0)]
+    return _tensor_iterator(rest, allow_cpu_scalars=False)
+
+
+def _check_index(plan, ops, args, kwargs) -> str | None:
+    self, indices = args[0], args[1]
+    dev = self.device
+    for idx in indices:
+        if isinstance(idx, _Tensor) and idx.device.type != "cpu" and idx.device != dev:
+            return f"indices should be either on cpu or on the same device as the indexed tensor ({dev})"
+    out = kwargs.get("out")
+    if isinstance(out, _Tensor) and out.device != dev:
+        return _tensor_iterator([("out", out, True), ("self", self, False)], allow_cpu_scalars=False)
+    return None
+
+
+def _check_index_put(plan, ops, args, kwargs) -> str | None:
+    self, indices, value = args[0], args[1], args[2]
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    dev = self.device
+    if not accumulate and value.numel() == 1 and value.device.type == "cpu":
+        masks = [i for i in indices if i is not None]
+        if len(masks) == 1 and masks[0].dtype in (torch.bool, torch.uint8) and masks[0].device == dev:
+            return None  # canDispatchToMaskedFill: self.masked_fill_(mask, value.item())
+    vdev = value.device
+    if vdev != dev and value.dim() == 0:
+        vdev = dev  # moved
+    if vdev == dev:
+        return None
+    if dev.type == "cuda" and accumulate:
+        return f"expected device {dev} but got device {vdev} for value tensor"
+    common = dev if dev.type != "cpu" else vdev
+    return f"Expected all tensors to be on the same device, but found at least two devices, {common} and {vdev if common == dev else dev}!"
+
+
+_CHECKS: dict[str, Callable] = {
+    SAME: lambda plan, ops, args, kwargs: _same_device(plan, ops),
+    CPU_SCALAR: lambda plan, ops, args, kwargs: _tensor_iterator(ops, allow_cpu_scalars=True),
+    WHERE: _check_where,
+    MASKED_FILL: _check_masked_fill,
+    SCALAR_VALUE: _check_scalar_value,
+    INDEX: _check_index,
+    INDEX_PUT: _check_index_put,
+    TRANSFER: lambda plan, ops, args, kwargs: None,
+}
+
+
+def refusal(func, args=(), kwargs=None) -> str | None:
+    """CUDA's error message if real CUDA refuses `func(*args, **kwargs)` for the devices of its
+    tensors, else None. Nothing runs; devices are read from the tensors (emulated or not)."""
+    kwargs = kwargs or {}
+    plan = _plan(func)
+    ops = _operands(plan, args, kwargs)
+    if not any(_is_accel(t.device) for _, t, _ in ops):
+        return None  # a CPU op
+    if plan.device_kwarg:
+        return None  # factories, *_like, new_*: made on their device from one input at most
+    return _CHECKS[plan.rule](plan, ops, args, kwargs)
+
+
+# ---- running an op -------------------------------------------------------------------------------
+
+
+def _unwrap(x, pairs: list):
+    if isinstance(x, EmulatedTensor):
+        pairs.append((x.data_cpu, x))
+        return x.data_cpu
+    if isinstance(x, _Tensor):
+        if x.device.type == "cuda":  # a real CUDA tensor meeting emulated ones
+            return x.cpu()
+        pairs.append((x, x))
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(y, pairs) for y in x)
+    return x
+
+
+def _wrap(out, device: torch.device, pairs: list):
+    if isinstance(out, _Tensor):
+        for inner, outer in pairs:
+            if out is inner:
+                return outer  # in-place, out=, or an op that returns its input
+        if device.type == "cuda" and out.device.type == "cpu":
+            return EmulatedTensor(out, device)
+        return out
+    if isinstance(out, list):
+        return [_wrap(o, device, pairs) for o in out]
+    if isinstance(out, tuple):
+        items = [_wrap(o, device, pairs) for o in out]
+        return tuple(items) if type(out) is tuple else type(out)(items)
+    return out
+
+
+def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
+    plan = _plan(func)
+    if plan.composite:  # only in inference mode: decompose, as the C++ kernel would
+        if ctx is not None and ctx._mode is not None:
+            with ctx._mode:
+                r = func.decompose(*args, **kwargs)
+        else:
+            r = func.decompose(*args, **kwargs)
+        if r is not NotImplemented:
+            return r
+
+    ops = _operands(plan, args, kwargs)
+    device = kwargs.get("device") if plan.device_kwarg else None
+    if device is not None:
+        device = _resolve(device)
+    else:
+        device = next((t.device for _, t, _ in ops if _is_accel(t.device)), CPU)
+        if not plan.device_kwarg and device.type != "cpu":
+            error = _CHECKS[plan.rule](plan, ops, args, kwargs)
+            if error is not None:
+                raise RuntimeError(error)
+    _check_ordinal(device)
+
+    if plan.meta_mutating:
+        self = args[0]
+        if isinstance(self, EmulatedTensor):
+            if plan.name == "resize_" and tuple(args[1]) == tuple(self.shape):
+                return self
+            raise RuntimeError(
+                f"emulated CUDA: {plan.name} would change the shape or strides of a tensor on "
+                f"{self.device} in place, which the emulation cannot follow"
+            )
+
+    pairs: list = []
+    uargs = tuple(_unwrap(a, pairs) for a in args)
+    ukwargs = {k: _unwrap(v, pairs) for k, v in kwargs.items()}
+    if plan.device_kwarg and ukwargs.get("device") is not None and _resolve(ukwargs["device"]).type == "cuda":
+        ukwargs["device"] = CPU
+        if ukwargs.get("pin_memory"):
+            ukwargs["pin_memory"] = False
+    out = func(*uargs, **ukwargs)
+    if plan.view and torch.is_inference_mode_enabled() and not args[0].is_inference():
+        # In inference mode a view of a normal tensor is a normal tensor (autograd gives it the
+        # base's version counter); a wrapper made here would be an inference tensor.
+        with torch._C._InferenceMode(False):
+            result = _wrap(out, device, pairs)
+    else:
+        result = _wrap(out, device, pairs)
+    if plan.inplace or plan.outs:  # the wrapper's shape is fixed: an out= resize cannot be followed
+        for inner, outer in pairs:
+            if outer is not inner and inner.shape != outer.shape:
+                raise RuntimeError(
+                    f"emulated CUDA: {plan.name} resized a tensor on {outer.device} in place "
+                    f"from {list(outer.shape)} to {list(inner.shape)}, which the emulation cannot follow"
+                )
+    return result
+
+
+class _EmulationMode(TorchDispatchMode):
+    def __init__(self, ctx: EmulatedCuda):
+        super().__init__()
+        self.ctx = ctx
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if EmulatedTensor not in types:
+            device = kwargs.get("device")
+            if not (isinstance(device, torch.device) and device.type == "cuda"):
+                return func(*args, **kwargs)  # nothing emulated (CPU, or real CUDA): run as is
+        return _emulate(func, args, kwargs, self.ctx)
+
+
+# ---- tensors from data, generators ---------------------------------------------------------------
+
+_RealGeneratorMeta = type(_RealGenerator)
+
+
+class _GeneratorMeta(_RealGeneratorMeta):
+    # While `torch.Generator` is EmulatedGenerator, isinstance(g, torch.Generator) holds for all.
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, _RealGenerator)
+
+    def __subclasscheck__(cls, sub):
+        return issubclass(sub, _RealGenerator)
+
+
+class EmulatedGenerator(_RealGenerator, metaclass=_GeneratorMeta):
+    """`torch.Generator(device="cuda:N")` under the emulation: a CPU generator reporting `cuda:N`."""
+
+    def __new__(cls, device="cpu"):
+        d = _resolve(device)
+        if d.type != "cuda":
+            return _RealGenerator(d)
+        _check_ordinal(d)
+        g = super().__new__(cls)
+        g._emulated_device = d
+        return g
+
+    def __init__(self, device="cpu"):
+        pass
+
+    @property
+    def device(self) -> torch.device:
+        return self._emulated_device
+
+
+def _generator_device(g) -> torch.device:
+    return getattr(g, "_emulated_device", None) or g.device
+
+
+_FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray, _Tensor.new_tensor}
+
+
+class _ConstructorMode(TorchFunctionMode):
+    """Builds tensors from data on an emulated device and checks generators' devices."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.is_grad_enabled() and _records_graph(func, args, kwargs):
+            raise RuntimeError(
+                f"emulated CUDA: {getattr(func, '__name__', func)} with a tensor that requires grad, "
+                "on an emulated cuda device, with grad enabled: the emulation cannot record autograd "
+                "graphs (autograd would ask the CUDA device guard, absent from a CPU-only build, for a "
+                "stream and abort the process); run it under torch.no_grad() or torch.inference_mode()"
+            )
+        if func in _FROM_DATA:
+            return _from_data(func, args, kwargs)
+        if args and isinstance(args[0], EmulatedTensor):
+            method = _METHODS.get(func)
+            if method is not None:
+                return method(*args, **kwargs)
+        # Give "cuda" (and device numbers) an index here: the C++ side asks a CUDA device guard or
+        # the accelerator for the current device, and this build has neither.
+        if func is _Tensor.to or func is _Tensor.cuda:
+            if func is _Tensor.cuda and len(args) < 2 and kwargs.get("device") is None:
+                kwargs = dict(kwargs, device=torch.device("cuda", _current_index()))
+            args = (args[0], *(_indexed(a) for a in args[1:]))
+        if kwargs.get("device") is not None:
+            kwargs = dict(kwargs, device=_indexed(kwargs["device"]))
+        g = kwargs.get("generator")
+        if g is not None:
+            _check_generator(g, args, kwargs)
+        return func(*args, **kwargs)
+
+
+# ---- Python bindings that need a CUDA device guard or refuse subclasses --------------------------
+# These C++ bindings open a CUDA DeviceGuard (absent from a CPU-only build) before dispatching, or
+# refuse tensor subclasses; for emulated tensors they are done here with the aten ops the C++ code
+# would call, so dispatch modes (a tracer) see the same ops.
+
+_aten = torch.ops.aten
+
+
+def _item(self: torch.Tensor):
+    return _aten._local_scalar_dense.default(self)
+
+
+def _index(self):
+    if self.dtype.is_floating_point or self.dtype.is_complex or self.dtype == torch.bool or self.numel() != 1:
+        raise TypeError("only integer tensors of a single element can be converted to an index")
+    return int(_item(self))
+
+
+def _contiguous(self, memory_format=torch.contiguous_format):
+    if self.is_contiguous(memory_format=memory_format):
+        return self
+    return _aten.clone.default(self, memory_format=memory_format)
+
+
+def _nonzero(self, *, as_tuple=False, out=None):
+    if as_tuple:
+        return tuple(_aten.nonzero_numpy.default(self))
+    return _aten.nonzero.default(self) if out is None else _aten.nonzero.out(self, out=out)
+
+
+def _numpy(self, *, force=False):
+    if force:
+        return self.cpu().numpy(force=True)
+    raise TypeError(
+        f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory first."
+    )
+
+
+def _index_parts(self: torch.Tensor, index) -> tuple[torch.Tensor, list]:
+    """Basic indexing (ints, slices, None, ...) applied with aten view ops; the tensor indices left
+    for advanced indexing, by dimension (at::indexing::applySlicing)."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    items = []
+    for i in index:
+        if isinstance(i, (list, range)) or (hasattr(i, "__array__") and not isinstance(i, _Tensor)):
+            # A sequence becomes a long (or bool) index tensor on the tensor's device, uploaded
+            # without dispatch (indexing_tensor_from_data).
+            with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
+                t = torch.as_tensor(list(i) if isinstance(i, range) else i)
+                if t.dtype not in (torch.bool, torch.uint8):
+                    t = t.to(torch.long)
+            i = EmulatedTensor(t, self.device)
+        items.append(i)
+
+    def width(i) -> int:
+        if i is None or i is Ellipsis or isinstance(i, bool):
+            return 0
+        if isinstance(i, _Tensor) and i.dtype in (torch.bool, torch.uint8):
+            return i.dim()
+        return 1
+
+    specified = sum(width(i) for i in items)
+    if specified > self.dim():
+        raise IndexError(f"too many indices for tensor of dimension {self.dim()}")
+    result, dim, tensors = self, 0, []
+
+    def record(t: torch.Tensor) -> None:
+        nonlocal dim
+        tensors.extend([None] * (dim + 1 - len(tensors)))
+        tensors[dim] = t
+        dim += t.dim() if t.dtype in (torch.bool, torch.uint8) else 1
+
+    for i in items:
+        if i is None:
+            result = _aten.unsqueeze.default(result, dim)
+            dim += 1
+        elif i is Ellipsis:
+            dim += self.dim() - specified
+        elif isinstance(i, bool):
+            result = _aten.unsqueeze.default(result, dim)
+            with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
+                t = torch.zeros(1 if i else 0, dtype=torch.long)  # boolToIndexingTensor
+            record(EmulatedTensor(t, self.device))
+        elif isinstance(i, slice):
+            start, stop, step = i.start, i.stop, 1 if i.step is None else int(i.step)
+            if step <= 0:
+                raise ValueError("step must be greater than zero")
+            size = result.shape[dim]
+            if (start in (None, 0)) and (stop is None or stop >= size) and step == 1:
+                dim += 1  # a full slice is no op (applySlice's shortcut)
+                continue
+            result = _aten.slice.Tensor(result, dim, start, stop, step)
+            dim += 1
+        elif isinstance(i, _Tensor):
+            if i.dim() == 0 and not i.dtype.is_floating_point and not i.dtype.is_complex:
+                if i.dtype in (torch.bool, torch.uint8):
+                    result = _aten.unsqueeze.default(result, dim)
+                    record(i.reshape(1))
+                else:
+                    result = _aten.select.int(result, dim, int(_item(i)))
+            else:
+                record(i)
+        else:
+            result = _aten.select.int(result, dim, _operator_index(i))
+    return result, tensors
+
+
+def _operator_index(i) -> int:
+    import operator
+
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise IndexError(
+            "only integers, slices (`:`), ellipsis (`...`), None and long or byte Variables are valid indices "
+            f"(got {type(i).__name__})"
+        ) from None
+
+
+def _getitem(self, index):
+    result, tensors = _index_parts(self, index)
+    if tensors:
+        return _aten.index.Tensor(result, tensors)
+    return _aten.alias.default(result) if result is self else result
+
+
+def _setitem(self, index, value) -> None:
+    if not isinstance(value, _Tensor):
+        # CUDA's setitem makes a Python number a 0-dim CPU tensor of self's dtype (no dispatch).
+        with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
+            value = torch.scalar_tensor(value, dtype=self.dtype)
+    result, tensors = _index_parts(self, index)
+    if tensors:
+        _aten.index_put_.default(result, tensors, _strip_leading_ones(value))
+    elif tuple(result.shape) == tuple(value.shape):
+        _aten.copy_.default(result, value)
+    elif value.dim() == 0 and value.device.type == "cpu":
+        _aten.fill_.Tensor(result, value)
+    else:
+        _aten.copy_.default(result, _aten.expand.default(_strip_leading_ones(value), list(result.shape)))
+
+
+def _strip_leading_ones(value: torch.Tensor) -> torch.Tensor:
+    shape = list(value.shape)
+    while shape and shape[0] == 1:
+        shape.pop(0)
+    return value if len(shape) == value.dim() else _aten.view.default(value, shape)
+
+
+_METHODS: dict = {
+    _Tensor.tolist: lambda self: self.to(CPU).tolist(),  # CUDA's tolist copies to the host first
+    _Tensor.__int__: lambda self: int(_item(self)),
+    _Tensor.__float__: lambda self: float(_item(self)),
+    _Tensor.__complex__: lambda self: complex(_item(self)),
+    _Tensor.__index__: _index,
+    _Tensor.__invert__: lambda self: _aten.bitwise_not.default(self),
+    _Tensor.contiguous: _contiguous,
+    _Tensor.copy_: lambda self, src, non_blocking=False: _aten.copy_.default(self, src, non_blocking),
+    _Tensor.nonzero: _nonzero,
+    torch.nonzero: _nonzero,
+    _Tensor.numpy: _numpy,
+    _Tensor.__array__: lambda self, dtype=None, copy=None: _numpy(self),
+    _Tensor.__getitem__: _getitem,
+    _Tensor.__setitem__: _setitem,
+}
+
+
+# Calls that never record an autograd node, allowed on emulated tensors that require grad.
+# fmt: off
+_GRAD_FREE = frozenset([
+    "detach", "detach_", "requires_grad_", "retain_grad", "size", "dim", "numel", "stride",
+    "element_size", "is_contiguous", "data_ptr", "storage_offset", "get_device",
+    "is_floating_point", "is_complex", "__repr__", "__format__", "__len__", "__hash__",
+    "__deepcopy__", "__reduce_ex__", "_has_compatible_shallow_copy_type",
+])
+# fmt: on
+
+
+def _records_graph(func, args, kwargs) -> bool:
+    """Whether `func` could record an autograd node touching an emulated device: an input that
+    requires grad, and an emulated input or a move to "cuda"."""
+    if type(func).__name__ == "method-wrapper" or getattr(func, "__name__", "") in _GRAD_FREE:
+        return False  # property getters and setters, metadata
+    grad = cuda = False
+    for a in (*args, *kwargs.values()):
+        for x in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(x, _Tensor):
+                grad = grad or x.requires_grad
+                cuda = cuda or x.is_cuda
+            elif func is _Tensor.to or func is _Tensor.cuda:
+                cuda = cuda or _names_cuda(x)
+    return grad and (cuda or func is _Tensor.cuda)
+
+
+def _names_cuda(x) -> bool:
+    if isinstance(x, torch.device):
+        return x.type == "cuda"
+    if isinstance(x, str):
+        return x.startswith("cuda")
+    return type(x) is int
+
+
+def _indexed(a):
+    """A device argument naming "cuda" without an index -> the current emulated device; n -> cuda:n."""
+    if type(a) is int:
+        return torch.device("cuda", a)
+    if isinstance(a, str) and a == "cuda":
+        return torch.device("cuda", _current_index())
+    if isinstance(a, torch.device) and a.type == "cuda" and a.index is None:
+        return torch.device("cuda", _current_index())
+    return a
+
+
+def _check_generator(g, args, kwargs) -> None:
+    device = kwargs.get("device")
+    if device is not None:
+        device = _resolve(device)
+    else:
+        device = next((a.device for a in args if isinstance(a, _Tensor)), CPU)
+    gdev = _generator_device(g)
+    if device.type != gdev.type:
+        raise RuntimeError(f"Expected a '{device.type}' device type for generator but found '{gdev.type}'")
+
+
+def _from_data(func, args, kwargs):
+    device = kwargs.get("device")
+    if func is _Tensor.new_tensor and device is None and isinstance(args[0], EmulatedTensor):
+        device = args[0].device
+    target = _resolve(device) if device is not None else None
+    data = (
+        args[1]
+        if func is _Tensor.new_tensor
+        else (args[0] if args else kwargs.get("data", kwargs.get("obj")))
+    )
+    if isinstance(data, _Tensor) and func in (torch.as_tensor, torch.asarray):
+        dtype = kwargs.get("dtype")
+        if target is None and dtype is None and not kwargs.get("copy"):
+            return data
+        out = data.to(device=target or data.device, dtype=dtype or data.dtype, copy=bool(kwargs.get("copy")))
+        if kwargs.get("requires_grad"):
+            out.requires_grad_(True)
+        return out
+    if target is None or target.type != "cuda":
+        return func(*args, **kwargs)
+    _check_ordinal(target)
+    kw = dict(kwargs, device=CPU)
+    requires_grad = kw.pop("requires_grad", False)
+    pairs: list = []
+    cargs = tuple(_unwrap(a, pairs) for a in args)
+    with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
+        values = func(*cargs, **kw)  # on the CPU, unseen by dispatch modes (as CUDA's upload is)
+    out = torch.ops.aten.lift_fresh.default(EmulatedTensor(values.detach(), target))
+    if requires_grad:
+        out.requires_grad_(True)
+    return out
+
+
+# ---- the context ---------------------------------------------------------------------------------
+
+# Per-device constant caches of the model: (module, attribute). Keys are devices or tuples of them.
+_DEVICE_CACHES = (
+    ("harness.quant.dequant", "_CONSTS"),
+    ("harness.model.mixtral", "_ROPE_TABLES"),
+    ("harness.quant.kernels", "_LUTS"),
+)
+# GPU-only code paths switched off under the emulation: (module, attribute, replacement).
+_GPU_ONLY = (("harness.quant.kernels", "supports", lambda *args, **kwargs: False),)
+
+
+def _cuda_key(key) -> bool:
+    if isinstance(key, torch.device):
+        return key.type == "cuda"
+    if isinstance(key, tuple):
+        return any(_cuda_key(k) for k in key)
+    return False
+
+
+class EmulatedCuda:
+    """`with EmulatedCuda(device_count=2):` CUDA devices cuda:0..cuda:N-1 emulated on the CPU.
+
+    See the module doc. `device_count` >= 1. Not re-entrant; one at a time per process.
+    """
+
+    def __init__(self, device_count: int = 1):
+        if not isinstance(device_count, int) or device_count < 1:
+            raise ValueError(f"EmulatedCuda: device_count must be a positive integer, got {device_count!r}")
+        self.device_count = device_count
+        self.current = 0
+        self._mode: _EmulationMode | None = None
+        self._fmode: _ConstructorMode | None = None
+        self._patches: list[tuple[object, str, object]] = []
+        self._stashed: list[tuple[dict, object, object]] = []
+        self._real_cuda = False
+
+    # -- torch.cuda stand-ins --------------------------------------------------------------------
+
+    def _set_device(self, device) -> None:
+        d = _resolve(device)
+        if d.type == "cuda":
+            _check_ordinal(d)
+            self.current = d.index
+
+    def _exchange_device(self, index: int) -> int:
+        prev = self.current
+        if index is not None and index >= 0:
+            self._set_device(index)
+        return prev
+
+    def _synchronize(self, device=None) -> None:
+        if self._real_cuda:
+            self._real["synchronize"]()
+
+    def _get_device_name(self, device=None) -> str:
+        return "Emulated CUDA (CPU)"
+
+    # -- entering and leaving ----------------------------------------------------------------------
+
+    def __enter__(self) -> EmulatedCuda:
+        global _ACTIVE
+        with _LOCK:
+            if _ACTIVE is not None:
+                raise RuntimeError("EmulatedCuda is already active; it does not nest")
+            _ACTIVE = self
+        try:
+            self._enter()
+        except BaseException:
+            self._exit()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._exit()
+
+    def _patch(self, obj, name: str, value) -> None:
+        self._patches.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def _enter(self) -> None:
+        cuda = torch.cuda
+        self._real = {"synchronize": cuda.synchronize}
+        self._real_cuda = torch.backends.cuda.is_built() and cuda.is_available()
+        if self._real_cuda:
+            cuda.init()  # so the C++ lazy-init flag is set by a real initialisation
+        else:
+            self._patch(cuda, "_lazy_init", lambda: None)
+        self._patch(cuda, "is_available", lambda: True)
+        self._patch(cuda, "device_count", lambda: self.device_count)
+        self._patch(cuda, "current_device", lambda: self.current)
+        self._patch(cuda, "set_device", self._set_device)
+        self._patch(cuda, "_exchange_device", self._exchange_device)
+        self._patch(cuda, "_maybe_exchange_device", self._exchange_device)
+        self._patch(cuda, "synchronize", self._synchronize)
+        self._patch(cuda, "get_device_name", self._get_device_name)
+        self._patch(torch, "Generator", EmulatedGenerator)
+        for module, name, value in _GPU_ONLY:
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:
+                continue
+            self._patch(mod, name, value)
+        for module, name in _DEVICE_CACHES:
+            cache = getattr(sys.modules.get(module), name, None)
+            if isinstance(cache, dict):
+                for key in [k for k in cache if _cuda_key(k)]:
+                    self._stashed.append((cache, key, cache.pop(key)))
+        self._fmode = _ConstructorMode()
+        self._fmode.__enter__()
+        self._mode = _EmulationMode(self)
+        _enter_at_bottom(self._mode)
+
+    def _exit(self) -> None:
+        global _ACTIVE
+        try:
+            if self._mode is not None:
+                _exit_from_stack(self._mode)
+                self._mode = None
+            if self._fmode is not None:
+                self._fmode.__exit__(None, None, None)
+                self._fmode = None
+        finally:
+            for obj, name, value in reversed(self._patches):
+                setattr(obj, name, value)
+            self._patches.clear()
+            for module, name in _DEVICE_CACHES:
+                cache = getattr(sys.modules.get(module), name, None)
+                if isinstance(cache, dict):
+                    for key in [k for k in cache if _cuda_key(k)]:
+                        del cache[key]
+            for cache, key, value in self._stashed:
+                cache[key] = value
+            self._stashed.clear()
+            self.current = 0
+            with _LOCK:
+                if _ACTIVE is self:
+                    _ACTIVE = None
+
+
+def _plain_stack() -> list | None:
+    """The dispatch-mode stack, bottom first, if it holds only ordinary modes (no infra modes)."""
+    try:
+        stack = list(_get_current_dispatch_mode_stack())
+    except Exception:
+        return None
+    if any(getattr(m, "_mode_key", None) is not None or getattr(m, "_dispatch_key", None) for m in stack):
+        return None
+    return stack
+
+
+def _enter_at_bottom(mode: TorchDispatchMode) -> None:
+    """Enter `mode` and move it below the modes already on the stack (e.g. a tracer entered first)."""
+    mode.__enter__()
+    stack = _plain_stack()
+    if not stack or len(stack) == 1 or stack[-1] is not mode:
+        return
+    others = [_pop_mode() for _ in range(len(stack))][1:]  # popped top first; drop `mode`
+    _push_mode(mode)
+    for m in reversed(others):
+        _push_mode(m)
+
+
+def _exit_from_stack(mode: TorchDispatchMode) -> None:
+    """Leave `mode` wherever it is in the stack, keeping the others in their order."""
+    stack = _plain_stack()
+    if stack is None or mode not in stack or stack[-1] is mode:
+        mode.__exit__(None, None, None)
+        return
+    above = []
+    while True:
+        top = _pop_mode()
+        if top is mode:
+            break
+        above.append(top)
+    _push_mode(mode)
+    mode.__exit__(None, None, None)
+    for m in reversed(above):
+        _push_mode(m)

@@ -1,0 +1,247 @@
+"""What a trace is made of: one `Event` per aten op, a `Summary` per run.
+
+An event's tensors are `TensorSpec`s: plain tuples (device, dtype, shape, bytes), cheap to make
+on the hot path and written to JSON as lists. Classes, worst first:
+
+- `mismatch`: tensor inputs on different devices that the real backend refuses (or an op that
+  raised a device error);
+- `sync`: a host read of device data (`item`, `bool()`, `tolist`, `nonzero`, a boolean mask on
+  the device, a device-to-host copy inside the model);
+- `stray`: an op that runs on a device other than its module's placement though nothing raised;
+- `transfer`: a cross-device copy that no declared boundary explains;
+- `allowed`: a transfer at a declared device-map boundary, or at the edges of a run;
+- `ok`: everything else.
+
+A run is `clean` when it has no mismatch, stray or sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MISMATCH, SYNC, STRAY, TRANSFER, ALLOWED, OK = "mismatch", "sync", "stray", "transfer", "allowed", "ok"
+CLASSES = (MISMATCH, SYNC, STRAY, TRANSFER, ALLOWED, OK)
+OFFENDING = frozenset((MISMATCH, SYNC, STRAY))
+CLEAN, DIRTY = "clean", "dirty"
+
+
+class TensorSpec(tuple):
+    """(device, dtype, shape, bytes), e.g. ("cuda:0", "float32", (3, 256), 3072): a plain tuple
+    to everyone; the tracer interns one per distinct spec and caches its JSON text on it."""
+
+    def __new__(cls, device: str, dtype: str, shape: tuple[int, ...], nbytes: int):
+        spec = super().__new__(cls, (device, dtype, tuple(shape), nbytes))
+        spec.json = f'["{device}","{dtype}",[{",".join(str(int(n)) for n in shape)}],{nbytes}]'
+        return spec
+
+    # Interned by the tracer: hashed and compared by identity (cheap keys on the hot path);
+    # compare `tuple(spec)` for values.
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+
+    device = property(lambda self: self[0])
+    dtype = property(lambda self: self[1])
+    shape = property(lambda self: self[2])
+    nbytes = property(lambda self: self[3])
+
+
+def spec_dict(spec: TensorSpec) -> dict:
+    device, dtype, shape, nbytes = spec
+    return {"device": device, "dtype": dtype, "shape": list(shape), "bytes": nbytes}
+
+
+class Event:
+    """One aten op as the tracer saw it, made before the op ran.
+
+    `module` is the module path (`layers.0.moe.router`), "" for the model's own forward and None
+    outside the model; `expected` the device its placement gives that module (None where there
+    is no single one); `tensors` the GGUF names of the weights among the inputs; `source`
+    "file:line in function" of the innermost model frame; `alias` True when the op only made a
+    view (it computed nothing); `transfer` {"from", "to", "bytes", "explicit"} for a copy
+    across devices; `stack` the Python stack, kept for offending events only.
+    """
+
+    __slots__ = (
+        "seq",
+        "step",
+        "op",
+        "module",
+        "expected",
+        "tensors",
+        "source",
+        "inputs",
+        "outputs",
+        "alias",
+        "error",
+        "cls",
+        "transfer",
+        "stack",
+        "target",
+    )
+
+    def __init__(
+        self,
+        seq: int,
+        step: int,
+        op: str,
+        module: str | None,
+        expected: str | None,
+        tensors: tuple[str, ...] | None,
+        source: str | None,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec] | None = None,
+        alias: bool = False,
+        error: str | None = None,
+        cls: str | None = None,
+        transfer: dict | None = None,
+        stack: list[str] | None = None,
+        target: str | None = None,
+    ):
+        self.seq = seq
+        self.step = step
+        self.op = op
+        self.module = module
+        self.expected = expected
+        self.tensors = tensors
+        self.source = source
+        self.inputs = inputs
+        self.outputs = outputs
+        self.alias = alias
+        self.error = error
+        self.cls = cls
+        self.transfer = transfer
+        self.stack = stack
+        self.target = target  # the device a copy goes to, known before it runs (not written)
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device among inputs and outputs, in order of appearance."""
+        return list(dict.fromkeys(s[0] for s in (*self.inputs, *(self.outputs or ()))))
+
+    @property
+    def offending(self) -> bool:
+        return self.cls in OFFENDING
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "seq": self.seq,
+            "step": self.step,
+            "op": self.op,
+            "module": self.module,
+            "expected": self.expected,
+            "class": self.cls,
+            "source": self.source,
+            "in": [list(s[:2]) + [list(s[2]), s[3]] for s in self.inputs],
+            "out": None if self.outputs is None else [list(s[:2]) + [list(s[2]), s[3]] for s in self.outputs],
+        }
+        if self.tensors:
+            d["tensors"] = list(self.tensors)
+        if self.alias:
+            d["alias"] = True
+        if self.error is not None:
+            d["error"] = self.error
+        if self.transfer is not None:
+            d["transfer"] = self.transfer
+        if self.stack is not None:
+            d["stack"] = self.stack
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Event:
+        def specs(xs):
+            return None if xs is None else [TensorSpec(*s) for s in xs]
+
+        return cls(
+            seq=d["seq"],
+            step=d.get("step", 0),
+            op=d["op"],
+            module=d.get("module"),
+            expected=d.get("expected"),
+            tensors=tuple(d["tensors"]) if d.get("tensors") else None,
+            source=d.get("source"),
+            inputs=specs(d.get("in")) or [],
+            outputs=specs(d.get("out")),
+            alias=bool(d.get("alias", False)),
+            error=d.get("error"),
+            cls=d.get("class"),
+            transfer=d.get("transfer"),
+            stack=d.get("stack"),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        where = self.module if self.module is not None else "<outside>"
+        return f"Event(#{self.seq} {self.op} in {where!r} {self.cls} {self.devices})"
+
+
+def first_offence(event: Event) -> dict[str, Any]:
+    """The summary's description of an offending event."""
+    return {
+        "class": event.cls,
+        "module": event.module,
+        "tensor": ", ".join(event.tensors) if event.tensors else None,
+        "op": event.op,
+        "devices": event.devices,
+        "expected": event.expected,
+        "source": event.source,
+        "seq": event.seq,
+        "step": event.step,
+        "error": event.error,
+        "stack": event.stack,
+    }
+
+
+@dataclass
+class Summary:
+    """The last record of a trace: the verdict and what led to it.
+
+    `counts` by class (every class present); `first_offence` as `first_offence()` gives it, or
+    None; `events` recorded; `steps` {"traced", "skipped"} forward calls; `unrecorded` ops only
+    counted (sampled mode "count"); `transfers` totals per (from, to, class); `modules` the
+    number of ops per module and device."""
+
+    verdict: str
+    counts: dict[str, int]
+    first_offence: dict[str, Any] | None = None
+    events: int = 0
+    steps: dict[str, int] = field(default_factory=lambda: {"traced": 0, "skipped": 0})
+    unrecorded: int = 0
+    transfers: list[dict[str, Any]] = field(default_factory=list)
+    modules: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        return self.verdict == CLEAN
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "record": "summary",
+            "verdict": self.verdict,
+            "counts": dict(self.counts),
+            "first_offence": self.first_offence,
+            "events": self.events,
+            "steps": dict(self.steps),
+            "unrecorded": self.unrecorded,
+            "transfers": list(self.transfers),
+            "modules": self.modules,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Summary:
+        return cls(
+            verdict=d["verdict"],
+            counts={c: d.get("counts", {}).get(c, 0) for c in CLASSES},
+            first_offence=d.get("first_offence"),
+            events=d.get("events", 0),
+            steps=d.get("steps", {"traced": 0, "skipped": 0}),
+            unrecorded=d.get("unrecorded", 0),
+            transfers=d.get("transfers", []),
+            modules=d.get("modules", {}),
+            seconds=d.get("seconds", 0.0),
+        )

@@ -1,0 +1,219 @@
+"""Traces on disk: JSON Lines written as the run goes, read back lazily.
+
+Line 1 is the header (`{"record": "header", ...}`: format, model path, config, placement,
+torch version, device names, sampling), then one line per event (no "record" key: events are
+the bulk), and last the summary (`{"record": "summary", "verdict", "counts", "first_offence",
+...}`). A run that died leaves no summary line; `load_trace` then gives `summary` None.
+
+The writer encodes events by hand from cached fragments (op names, module paths, tensor specs
+repeat endlessly), which is several times faster than `json.dumps` of a dict; the file is
+buffered and flushed at the end of every forward call, so it grows during the run while the
+tracer keeps no events in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UsageError
+from harness.trace.events import Event, Summary
+
+FORMAT = "harness-trace/1"
+BATCH = 1024  # event lines joined into one write
+
+
+_CACHE_LIMIT = 1 << 16
+
+
+class _Fragments(dict):
+    """JSON text of a value (a string, None, a tuple of strings), computed once per value."""
+
+    def __missing__(self, key):
+        if len(self) > _CACHE_LIMIT:
+            self.clear()
+        text = self[key] = json.dumps(key)
+        return text
+
+
+def _spec_json(spec) -> str:
+    """JSON text of a tensor spec (device, dtype, shape, bytes); a TensorSpec carries its own."""
+    text = getattr(spec, "json", None)
+    if text is None:
+        shape = ",".join(str(int(n)) for n in spec[2])
+        text = f'["{spec[0]}","{spec[1]}",[{shape}],{spec[3]}]'
+    return text
+
+
+class TraceWriter:
+    """Writes a trace file record by record. `header()` first, `summary()` last."""
+
+    def __init__(self, path: str | os.PathLike, buffer_bytes: int = 1 << 16):
+        self.path = Path(path)
+        if self.path.parent and not self.path.parent.is_dir():
+            raise UsageError(self.path, None, f"cannot write here: {self.path.parent} is not a directory")
+        self._f = open(self.path, "w", encoding="utf-8", buffering=buffer_bytes)  # noqa: SIM115
+        self._frag = _Fragments()
+        self.lines: list[str] = []  # encoded lines not yet handed to the file (at most BATCH)
+
+    def header(self, header: dict[str, Any]) -> None:
+        self._write_obj({"record": "header", "format": FORMAT, **header})
+
+    def summary(self, summary: Summary | dict[str, Any]) -> None:
+        self._write_obj(summary.to_dict() if isinstance(summary, Summary) else summary)
+
+    def _write_obj(self, obj: dict[str, Any]) -> None:
+        self.flush()
+        self._f.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+
+    def event(self, ev: Event) -> None:
+        self.write(self.encode(ev))
+
+    def write(self, line: str) -> None:
+        """Writes a line already encoded (by `encode`), through a buffer of `BATCH` lines."""
+        lines = self.lines
+        lines.append(line)
+        if len(lines) >= BATCH:
+            self.drain()
+
+    def drain(self) -> None:
+        """Moves the buffered lines to the file (its own buffer; `flush` pushes that out too)."""
+        if self.lines:
+            self._f.write("".join(self.lines))
+            self.lines.clear()
+
+    def encode(self, ev: Event) -> str:
+        """One event as a JSON line (the same object as `ev.to_dict()`)."""
+        return f'{{"seq":{ev.seq},"step":{ev.step},{self.body(ev)}'
+
+    def body(self, ev: Event) -> str:
+        """The line of an event after its seq and step (the same for every repeat of an op)."""
+        text = self.plain_body(ev.op, ev.module, ev.expected, ev.cls, ev.source, ev.inputs, ev.outputs)
+        if ev.tensors:
+            text += f',"tensors":{self._frag[ev.tensors]}'
+        if ev.alias:
+            text += ',"alias":true'
+        if ev.error is not None:
+            text += f',"error":{json.dumps(ev.error)}'
+        if ev.transfer is not None:
+            text += f',"transfer":{json.dumps(ev.transfer, separators=(",", ":"))}'
+        if ev.stack is not None:
+            text += f',"stack":{json.dumps(ev.stack)}'
+        return text + "}\n"
+
+    def ok_body(self, op, module, expected, source, inputs, outputs, tensors, alias) -> str:
+        """`body` of an ok event without error, transfer or stack, from its fields."""
+        text = self.plain_body(op, module, expected, "ok", source, inputs, outputs)
+        if tensors:
+            text += f',"tensors":{self._frag[tensors]}'
+        return text + (',"alias":true}\n' if alias else "}\n")
+
+    def plain_body(self, op, module, expected, cls, source, inputs, outputs) -> str:
+        f = self._frag
+        try:
+            ins_text = ",".join([s.json for s in inputs])
+            outs_text = "null" if outputs is None else "[" + ",".join([s.json for s in outputs]) + "]"
+        except AttributeError:  # plain tuples
+            ins_text = ",".join([_spec_json(s) for s in inputs])
+            outs_text = "null" if outputs is None else "[" + ",".join([_spec_json(s) for s in outputs]) + "]"
+        return (
+            f'"op":{f[op]},"module":{f[module]},"expected":{f[expected]},"class":"{cls}",'
+            f'"source":{f[source]},"in":[{ins_text}],"out":{outs_text}'
+        )
+
+    def flush(self) -> None:
+        self.drain()
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self.flush()
+            self._f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+
+class Trace:
+    """A trace file read back: `header` and `summary` (None when the run did not finish) are
+    read at once; events are read lazily, one line at a time, by iterating or `events()`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                first = f.readline()
+        except FileNotFoundError:
+            raise UsageError(self.path, None, "no such trace file") from None
+        self.header = self._parse(first, 1)
+        if self.header.get("record") != "header":
+            raise UsageError(self.path, "line 1", "not a harness trace (no header record)")
+        try:
+            record = json.loads(self._last_line())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None  # a run that died mid-line
+        is_summary = isinstance(record, dict) and record.get("record") == "summary"
+        self.summary = Summary.from_dict(record) if is_summary else None
+
+    def _parse(self, line: str, lineno: int | None) -> dict[str, Any]:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            where = f"line {lineno}" if lineno else "last line"
+            raise UsageError(self.path, where, f"not JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise UsageError(self.path, f"line {lineno}" if lineno else "last line", "not a JSON object")
+        return value
+
+    def _last_line(self) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            size = 4096
+            while True:
+                start = max(end - size, 0)
+                f.seek(start)
+                chunk = f.read(end - start)
+                lines = chunk.rstrip(b"\n").split(b"\n")
+                if len(lines) > 1 or start == 0:
+                    return lines[-1].decode("utf-8")
+                size *= 4
+
+    def events(self) -> Iterator[Event]:
+        """The events in order, parsed one line at a time."""
+        with open(self.path, encoding="utf-8") as f:
+            f.readline()
+            for lineno, line in enumerate(f, start=2):
+                if not line.strip():
+                    continue
+                if not line.endswith("\n"):
+                    try:
+                        d = json.loads(line)
+                    except json.JSONDecodeError:
+                        return  # the run died while writing this line
+                else:
+                    d = self._parse(line, lineno)
+                if "record" in d:
+                    continue
+                yield Event.from_dict(d)
+
+    def __iter__(self) -> Iterator[Event]:
+        return self.events()
+
+    @property
+    def placement(self) -> dict[str, Any] | None:
+        """{"embed": dev, "layers": [dev, ...], "head": dev} as the header gives it."""
+        return self.header.get("placement_full")
+
+    def __repr__(self) -> str:
+        verdict = self.summary.verdict if self.summary else "unfinished"
+        return f"Trace({str(self.path)!r}, {verdict})"
+
+
+def load_trace(path: str | os.PathLike | Trace) -> Trace:
+    """Open a trace written by the tracer (`Trace`: header, summary, events())."""
+    return path if isinstance(path, Trace) else Trace(path)

@@ -1,0 +1,732 @@
+"""The tracer: every aten op of a run, with its module, weights, source line and devices.
+
+A `TorchDispatchMode` sees each op; global module forward hooks (`always_call=True`, so the
+module stack stays right when an op raises) say which module it belongs to. The event is made
+before the op runs (an op that raises is recorded with its exception, which is re-raised
+unchanged), classified when it is done, streamed to the trace file and dropped: the tracer keeps
+counters, the first offence and small aggregates, never the events (unless `keep_events`).
+
+Weights are known by identity: at the start the model's buffers are mapped to their GGUF names
+(QMatMul, Embedding and RMSNorm by `gguf_name`, Experts by `gguf_names`), and the names follow a
+weight through views and copies (`.T`, `raw[e]` picks one expert of a stack, `index_select` of a
+stack keeps the stack's names, `.to()`), so the op that reads it names it.
+
+Sampled mode (`sample_every=N`): forward call i of the model (0 is the prefill, then one per
+decode step) is traced when i % N == 0. The ops of the other calls, up to the next call, are
+skipped (`unsampled="skip"`: the mode and the global hooks are taken off, nothing is paid per
+op) or only counted (`unsampled="count"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import linecache
+import math
+import os
+import platform
+import sys
+import sysconfig
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode,
+    _pop_mode,
+    _push_mode,
+)
+
+from harness.errors import UsageError
+from harness.trace.classify import (
+    K_COPY_FROM,
+    K_COPY_INTO,
+    K_COPY_TO,
+    K_OTHER,
+    Classifier,
+    base_name,
+    op_kind,
+)
+from harness.trace.events import (
+    CLASSES,
+    CLEAN,
+    DIRTY,
+    OFFENDING,
+    OK,
+    Event,
+    Summary,
+    TensorSpec,
+    first_offence,
+)
+from harness.trace.store import BATCH, TraceWriter
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TRACE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_HARNESS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_REPO_DIR = os.path.dirname(os.path.dirname(_HARNESS_DIR)) + os.sep
+_STDLIB_DIRS = tuple(
+    {
+        os.path.join(sysconfig.get_paths()[k], "")
+        for k in ("stdlib", "platstdlib")
+        if sysconfig.get_paths().get(k)
+    }
+)
+
+# Ops whose output is (a view or copy of) their first input: weight names follow them.
+_FOLLOW = frozenset(
+    {
+        "_to_copy",
+        "to",
+        "clone",
+        "contiguous",
+        "alias",
+        "detach",
+        "lift_fresh",
+        "lift_fresh_copy",
+        "numpy_T",
+        "t",
+        "T",
+        "mT",
+        "reshape",
+        "flatten",
+        "unflatten",
+        "index_select",
+        "_unsafe_view",
+        "view_as",
+        "reshape_as",
+        "expand_as",
+    }
+)
+_SEQUENCES = (list, tuple)
+_OUTSIDE = (None, None)  # (module path, expected device) outside the model
+_MAX_STACK_FRAMES = 40
+_SEEN_LIMIT = 1 << 14  # kinds of ok events whose line is kept (a few MiB at most)
+
+
+def _is_model_code(filename: str) -> bool:
+    """A frame worth naming as the source: not torch, not the tracer, not the standard library."""
+    if filename.startswith("<") or filename.startswith(_TORCH_DIR) or filename.startswith(_TRACE_DIR):
+        return False
+    return not (filename.startswith(_STDLIB_DIRS) and "site-packages" not in filename)
+
+
+def _short_path(filename: str) -> str:
+    if filename.startswith(_REPO_DIR):
+        return filename[len(_REPO_DIR) :]
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:
+        return filename
+    return filename if rel.startswith("..") else rel
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cpu":
+        return platform.processor() or platform.machine() or "cpu"
+    if device.type == "cuda":
+        try:
+            if torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count():
+                return torch.cuda.get_device_name(device.index or 0)
+        except Exception:  # an emulated accelerator may answer in its own way
+            return "unknown"
+        return "emulated"
+    return device.type
+
+
+# Ops that return their input itself when there is nothing to do (else a new tensor).
+_MAYBE_SELF = frozenset({"to", "contiguous", "_to_copy", "clone", "lift_fresh"})
+
+
+class _SpecCache(dict):
+    """(device, dtype, shape) -> the interned TensorSpec."""
+
+    def __missing__(self, key):
+        if len(self) > 1 << 16:
+            self.clear()
+        device, dtype, shape = key
+        nbytes = math.prod(shape) * dtype.itemsize
+        spec = self[key] = TensorSpec(str(device), str(dtype).removeprefix("torch."), shape, nbytes)
+        return spec
+
+
+def _source_text(code, lineno: int) -> str:
+    return f"{_short_path(code.co_filename)}:{lineno} in {getattr(code, 'co_qualname', code.co_name)}"
+
+
+class _OpInfo:
+    """What the hot path needs to know of an op, worked out once per op.
+
+    `alias`: the op only makes a view (computes nothing), `maybe_self`: it does when it returns
+    its input, `follow`: weight names go from its first input to its output, `plain`: an op
+    with no rule of its own (not a copy, sync or index op), classified by devices alone."""
+
+    __slots__ = ("name", "call", "alias", "maybe_self", "follow", "copy_to", "plain")
+
+    def __init__(self, func):
+        self.name = str(func)
+        self.call = getattr(func, "_op", func)  # OpOverload.__call__ is a Python frame around _op
+        base = base_name(self.name)
+        try:
+            is_view = bool(func.is_view)
+        except Exception:
+            is_view = False
+        in_place = base.endswith("_") and not base.endswith("__")
+        self.maybe_self = base in _MAYBE_SELF
+        self.alias = is_view and not in_place and not self.maybe_self
+        self.follow = (is_view and not in_place) or base in _FOLLOW
+        kind = op_kind(self.name)
+        self.copy_to = kind == K_COPY_TO
+        # With every tensor on the module's own device, these are ok without further ado (a copy
+        # that crosses no device is no transfer); sync and index ops are, on the CPU.
+        self.plain = kind in (K_OTHER, K_COPY_TO, K_COPY_INTO, K_COPY_FROM)
+
+
+class _Mode(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps __torch_dispatch__ in a dynamo-disabling shim (about 0.5 us an op); the
+        # tracer traces eager runs, where there is no dynamo to keep out.
+        return False
+
+    def __init__(self, dispatch: Callable):
+        super().__init__()
+        self._dispatch = dispatch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self._dispatch(func, args, kwargs)
+
+
+class Tracer:
+    """Records every aten op run inside `with Tracer(model, path=...) as tracer:`.
+
+    - `model`: the model (a `Mixtral`, or any module; its submodule paths name the events);
+    - `placement`: where its parts should be (default `model.placement`), None for no
+      expectations (no op is then stray);
+    - `path`: JSON Lines file written as the run goes (header, events, summary); None for none;
+    - `sample_every`, `unsampled`: sampled mode (see the module doc);
+    - `keep_events`: also keep the events in `tracer.events` (small runs, tests);
+    - `max_stacks`: the Python stack is kept for the first this many offending events;
+    - `header`: extra fields for the header record.
+
+    After the block, `tracer.summary` is the `Summary`; `tracer.verdict` "clean" or "dirty".
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        placement=None,
+        path: str | os.PathLike | None = None,
+        *,
+        sample_every: int = 1,
+        unsampled: str = "skip",
+        keep_events: bool = False,
+        max_stacks: int = 64,
+        header: dict[str, Any] | None = None,
+    ):
+        if not isinstance(sample_every, int) or sample_every < 1:
+            raise UsageError(None, "sample_every", f"must be a positive integer, got {sample_every!r}")
+        if unsampled not in ("skip", "count"):
+            raise UsageError(None, "unsampled", f"must be 'skip' or 'count', got {unsampled!r}")
+        self.model = model
+        if placement is None and model is not None:
+            placement = getattr(model, "placement", None)
+        self.placement = placement
+        self.path = path
+        self.sample_every = sample_every
+        self.unsampled = unsampled
+        self.keep_events = keep_events
+        self.max_stacks = max_stacks
+        self.extra_header = dict(header or {})
+        self.classifier = Classifier(placement)
+        self.events: list[Event] = []
+        self._summary: Summary | None = None
+        self._active = False
+        self._reset()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._seq = 0
+        self._step = 0
+        self._calls = 0
+        self._stack: list[tuple[str | None, str | None]] = []  # (module path, its device)
+        self._last_child: str | None = None
+        self._recording = True
+        self._skipping = False
+        self._mode_popped = False
+        self._unrecorded = 0
+        self._steps_traced = 0
+        self._steps_skipped = 0
+        self._counts = dict.fromkeys(CLASSES, 0)
+        self._first: dict | None = None
+        self._stacks_kept = 0
+        self._transfers: dict[tuple, list[int]] = {}
+        self._modules: dict[tuple, int] = {}
+        self._ops: dict[int, _OpInfo] = {}
+        self._weights: dict[int, tuple] = {}
+        self._sources: dict[Any, dict[int, str] | bool] = {}  # code -> {lasti: text}; False: not model code
+        self._expected: dict[str | None, str | None] = {}
+        self._hooks: list = []
+        self._global_hooks: list = []
+        self._writer: TraceWriter | None = None
+        self._write: Callable[[str], None] | None = None
+        self._lines: list[str] | None = None  # the writer's line buffer
+        self._encode: Callable[[Event], str] | None = None
+        self._specs = _SpecCache()
+        self._seen: dict[tuple, list] = {}  # ok events of the fast path: kind -> [line body, count]
+        self._t0 = 0.0
+
+    def _build_maps(self) -> None:
+        self._paths: dict[torch.nn.Module, tuple[str, str | None]] = {}  # module -> (path, device)
+        self._n_weights = 0
+        model = self.model
+        if model is None:
+            return
+        for path, module in model.named_modules():
+            self._paths[module] = (path, self._expected_device(path))
+            names = getattr(module, "gguf_names", None)
+            if isinstance(names, dict):
+                for attr, ns in names.items():
+                    t = getattr(module, attr, None)
+                    if isinstance(t, torch.Tensor):
+                        self._remember(t, tuple(ns))
+            name = getattr(module, "gguf_name", None)
+            if isinstance(name, str):
+                for _, t in module.named_buffers(recurse=False):
+                    if t is not None:
+                        self._remember(t, (name,))
+                for _, t in module.named_parameters(recurse=False):
+                    self._remember(t, (name,))
+        self._n_weights = len(self._weights)
+
+    def _remember(self, t: torch.Tensor, names: tuple[str, ...]) -> None:
+        # A dead entry is harmless (its weakref no longer gives the tensor of that id) and is
+        # swept at the end of a forward call.
+        self._weights[id(t)] = (weakref.ref(t), names)
+
+    def _sweep_weights(self) -> None:
+        if len(self._weights) > 2 * self._n_weights + 256:
+            self._weights = {k: e for k, e in self._weights.items() if e[0]() is not None}
+
+    def _expected_device(self, module: str | None) -> str | None:
+        if module in self._expected:
+            return self._expected[module]
+        device = str(self.placement.device_of(module)) if module and self.placement is not None else None
+        self._expected[module] = device
+        return device
+
+    def _header(self) -> dict[str, Any]:
+        model, placement = self.model, self.placement
+        config = getattr(model, "config", None)
+        header: dict[str, Any] = {
+            "model": getattr(model, "gguf_path", None),
+            "model_class": type(model).__name__ if model is not None else None,
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "sample_every": self.sample_every,
+            "unsampled": self.unsampled,
+        }
+        if placement is not None:
+            header["placement"] = placement.describe()
+            header["placement_full"] = {
+                "embed": str(placement.embed),
+                "layers": [str(d) for d in placement.layers],
+                "head": str(placement.head),
+            }
+            header["devices"] = {str(d): _device_name(d) for d in placement.devices}
+        header.update(self.extra_header)
+        return header
+
+    # -- entering and leaving ------------------------------------------------------------
+
+    def __enter__(self) -> Tracer:
+        if self._active:
+            raise RuntimeError("this Tracer is already active")
+        self._reset()
+        self.events = []
+        self._summary = None
+        self._build_maps()
+        if self.path is not None:
+            self._writer = TraceWriter(self.path)
+            self._writer.header(self._header())
+            self._write = self._writer.write
+            self._lines = self._writer.lines
+            self._encode = self._writer.encode
+        self._mode = _Mode(self._dispatch)
+        self._install_global_hooks()
+        if self.model is not None:
+            self._hooks.append(self.model.register_forward_pre_hook(self._root_pre))
+            self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        self._t0 = time.perf_counter()
+        self._active = True
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self._mode_popped:
+                _push_mode(self._mode)
+                self._mode_popped = False
+            self._mode.__exit__(exc_type, exc, tb)
+        finally:
+            self._active = False
+            self._remove_global_hooks()
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self._summary = self._make_summary()
+            if self._writer is not None:
+                self._writer.summary(self._summary)
+                self._writer.close()
+                self._write = None
+                self._lines = None
+            self._weights = {}
+            self._paths = {}
+
+    def _install_global_hooks(self) -> None:
+        if not self._global_hooks:
+            self._global_hooks = [
+                register_module_forward_pre_hook(self._pre_hook),
+                register_module_forward_hook(self._post_hook, always_call=True),
+            ]
+
+    def _remove_global_hooks(self) -> None:
+        for h in self._global_hooks:
+            h.remove()
+        self._global_hooks = []
+
+    # -- module hooks --------------------------------------------------------------------
+
+    def _pre_hook(self, module, args) -> None:
+        entry = self._paths.get(module)
+        stack = self._stack
+        if entry is None:
+            entry = stack[-1] if stack else _OUTSIDE  # a module outside the model map: its caller's
+        stack.append(entry)
+
+    def _post_hook(self, module, args, output) -> None:
+        stack = self._stack
+        if stack:
+            path = stack.pop()[0]
+            if path and len(stack) == 1 and stack[0][0] == "":
+                self._last_child = path  # a direct child of the model has finished
+
+    def _root_pre(self, module, args) -> None:
+        step = self._calls
+        self._calls += 1
+        self._step = step
+        self._last_child = None
+        if step % self.sample_every == 0:
+            self._steps_traced += 1
+            if self._skipping:
+                self._resume()
+        else:
+            self._steps_skipped += 1
+            if not self._skipping:
+                self._skip()
+
+    def _root_post(self, module, args, output) -> None:
+        if not self._skipping:
+            self._sweep_weights()
+            if self._writer is not None:
+                self._writer.flush()
+
+    def _skip(self) -> None:
+        # The global pre-hook has pushed the model's path for this call; its post-hook will not run.
+        if self._global_hooks and self._stack and self._stack[-1][0] == "":
+            self._stack.pop()
+        self._remove_global_hooks()
+        self._skipping = True
+        self._recording = False
+        if self.unsampled == "skip" and _get_current_dispatch_mode() is self._mode:
+            _pop_mode()
+            self._mode_popped = True
+
+    def _resume(self) -> None:
+        if self._mode_popped:
+            _push_mode(self._mode)
+            self._mode_popped = False
+        self._install_global_hooks()
+        self._stack.append(self._paths[self.model])  # the global post-hook pops it at the call's end
+        self._skipping = False
+        self._recording = True
+
+    # -- the hot path --------------------------------------------------------------------
+
+    def _dispatch(self, func, args, kwargs):
+        # Everything about the op is taken before it runs; an op that raises is recorded with
+        # its exception. Written for speed: this runs for every op of the model.
+        if not self._recording:
+            self._unrecorded += 1
+            return func(*args, **kwargs) if kwargs else func(*args)
+        info = self._ops.get(id(func))  # ops live for ever; OpOverload.__hash__ is slow Python
+        if info is None:
+            info = self._ops[id(func)] = _OpInfo(func)
+        seq = self._seq
+        self._seq = seq + 1
+
+        # Tensor arguments (inside lists too): their specs, and the names of weights among them.
+        specs = self._specs
+        weights = self._weights
+        inputs = []
+        names = None
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(a, Tensor):
+                inputs.append(specs[(a.device, a.dtype, a.shape)])
+                entry = weights.get(id(a))
+                if entry is not None and entry[0]() is a:
+                    names = entry[1] if names is None else names + entry[1]
+            elif a.__class__ in _SEQUENCES:
+                for b in a:
+                    if isinstance(b, Tensor):
+                        inputs.append(specs[(b.device, b.dtype, b.shape)])
+                        entry = weights.get(id(b))
+                        if entry is not None and entry[0]() is b:
+                            names = entry[1] if names is None else names + entry[1]
+        inputs = tuple(inputs)
+
+        module, expected = self._stack[-1] if self._stack else _OUTSIDE
+
+        # The innermost frame of model code (not torch, not the tracer): code -> {instruction:
+        # "file:line in function"} (f_lasti is cheap; f_lineno scans the line table).
+        f = sys._getframe(1).f_back  # the caller of __torch_dispatch__ (None from C++ threads)
+        sources = self._sources
+        source = None
+        while f is not None:
+            at = sources.get(f.f_code)
+            if at is None:
+                at = sources[f.f_code] = {} if _is_model_code(f.f_code.co_filename) else False
+            if at is not False:
+                source = at.get(f.f_lasti)
+                if source is None:
+                    source = at[f.f_lasti] = _source_text(f.f_code, f.f_lineno)
+                break
+            f = f.f_back
+
+        try:
+            out = info.call(*args, **kwargs) if kwargs else info.call(*args)
+        except BaseException as exc:
+            ev = Event(seq, self._step, info.name, module, expected, names, source, list(inputs))
+            ev.error = f"{type(exc).__name__}: {str(exc)[:2000]}"
+            if info.copy_to:
+                ev.target = _target_device(args, kwargs)
+            self._finish(ev)
+            raise
+
+        alias = info.alias
+        if isinstance(out, Tensor):
+            outputs = (specs[(out.device, out.dtype, out.shape)],)
+            if info.maybe_self and args and out is args[0]:
+                alias = True
+            if names is not None and info.follow:
+                self._follow(info, args, out)
+        elif isinstance(out, _SEQUENCES):
+            outs = [o for o in out if isinstance(o, Tensor)]
+            outputs = tuple([specs[(t.device, t.dtype, t.shape)] for t in outs])
+            if names is not None and info.follow and outs:
+                self._follow(info, args, outs[0])
+        else:
+            outputs = ()
+
+        # The common case, an ordinary op of a module with every tensor on the module's device,
+        # is ok; its line is the same as the last time this op ran here on these shapes.
+        if (info.plain or expected == "cpu") and expected is not None and not self.keep_events:
+            for spec in inputs:
+                if spec[0] != expected:
+                    break
+            else:
+                for spec in outputs:
+                    if spec[0] != expected:
+                        break
+                else:
+                    key = (info, module, source, alias, names, inputs, outputs)
+                    seen = self._seen.get(key)
+                    if seen is None:
+                        seen = self._new_seen(key)
+                    seen[1] += 1
+                    lines = self._lines
+                    if lines is not None:
+                        lines.append(f'{{"seq":{seq},"step":{self._step},{seen[0]}')
+                        if len(lines) >= BATCH:
+                            self._writer.drain()
+                    return out
+
+        ev = Event(seq, self._step, info.name, module, expected, names, source, list(inputs))
+        ev.outputs = list(outputs)
+        ev.alias = alias
+        self._finish(ev)
+        return out
+
+    def _new_seen(self, key: tuple) -> list:
+        """[line body, count] for a kind of ok event of the fast path."""
+        if len(self._seen) >= _SEEN_LIMIT:
+            self._fold_seen()
+        info, module, source, alias, names, inputs, outputs = key
+        body = None
+        if self._writer is not None:
+            expected = self._expected_device(module)
+            body = self._writer.ok_body(info.name, module, expected, source, inputs, outputs, names, alias)
+        seen = self._seen[key] = [body, 0]
+        return seen
+
+    def _fold_seen(self) -> None:
+        """Moves the counts of the fast path's ok events into the counters."""
+        for (_, module, *_), (_, n) in self._seen.items():
+            key = (module, self._expected_device(module))
+            self._modules[key] = self._modules.get(key, 0) + n
+            self._counts[OK] += n
+        self._seen = {}
+
+    def _follow(self, info: _OpInfo, args, out: torch.Tensor) -> None:
+        """The weight names of an op's first input go to its output (a view or copy of it)."""
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if src is None:
+            return
+        entry = self._weights.get(id(src))
+        if entry is None or entry[0]() is not src:
+            return
+        names = entry[1]
+        if len(names) > 1 and len(args) >= 3 and type(args[1]) is int and args[1] == 0:
+            base = base_name(info.name)
+            if base == "select" and isinstance(args[2], int) and -len(names) <= args[2] < len(names):
+                names = (names[args[2]],)
+            elif base == "slice":
+                start = args[2] if len(args) > 2 and isinstance(args[2], int) else None
+                end = args[3] if len(args) > 3 and isinstance(args[3], int) else None
+                step = args[4] if len(args) > 4 and isinstance(args[4], int) else 1
+                names = names[start:end:step] or names
+        if out is not src:
+            self._remember(out, names)
+
+    def _python_stack(self) -> list[str]:
+        """The stack of the op now running, outermost first, without torch and tracer frames."""
+        frames = []
+        f = sys._getframe(2)
+        while f is not None and len(frames) < _MAX_STACK_FRAMES:
+            code = f.f_code
+            name = code.co_filename
+            if not (name.startswith(_TORCH_DIR) or name.startswith(_TRACE_DIR)):
+                line = linecache.getline(name, f.f_lineno).strip()
+                qualname = getattr(code, "co_qualname", code.co_name)
+                text = f"{_short_path(name)}:{f.f_lineno} in {qualname}"
+                frames.append(f"{text}: {line}" if line else text)
+            f = f.f_back
+        frames.reverse()
+        return frames
+
+    def _finish(self, ev: Event) -> None:
+        cls = self.classifier.classify(ev, self._last_child)
+        self._counts[cls] += 1
+        if cls in OFFENDING:
+            if self._stacks_kept < self.max_stacks:
+                self._stacks_kept += 1
+                ev.stack = self._python_stack()
+            if self._first is None:
+                self._first = first_offence(ev)
+                if ev.source:
+                    self._first["code"] = _code_line(ev.source)
+        if ev.transfer is not None:
+            tr = ev.transfer
+            key = (tr["from"], tr["to"], cls, tr["explicit"])
+            agg = self._transfers.get(key)
+            if agg is None:
+                self._transfers[key] = [1, tr["bytes"]]
+            else:
+                agg[0] += 1
+                agg[1] += tr["bytes"]
+        outs = ev.outputs
+        device = outs[0][0] if outs else (ev.inputs[0][0] if ev.inputs else None)
+        key = (ev.module, device)
+        self._modules[key] = self._modules.get(key, 0) + 1
+        if self._write is not None:
+            self._write(self._encode(ev))
+        if self.keep_events:
+            self.events.append(ev)
+
+    # -- results -------------------------------------------------------------------------
+
+    def _make_summary(self) -> Summary:
+        self._fold_seen()
+        counts = self.counts
+        dirty = any(counts[c] for c in OFFENDING)
+        modules: dict[str, dict[str, int]] = {}
+        for (module, device), n in self._modules.items():
+            name = "<outside>" if module is None else (module or "<model>")
+            modules.setdefault(name, {})[str(device)] = n
+        transfers = [
+            {"from": src, "to": dst, "class": cls, "explicit": explicit, "count": n, "bytes": nbytes}
+            for (src, dst, cls, explicit), (n, nbytes) in self._transfers.items()
+        ]
+        return Summary(
+            verdict=DIRTY if dirty else CLEAN,
+            counts=counts,
+            first_offence=self._first,
+            events=sum(counts.values()),
+            steps={"traced": self._steps_traced, "skipped": self._steps_skipped},
+            unrecorded=self._unrecorded,
+            transfers=transfers,
+            modules=modules,
+            seconds=round(time.perf_counter() - self._t0, 6),
+        )
+
+    @property
+    def summary(self) -> Summary:
+        """The run's summary: final after the block, a snapshot inside it."""
+        return self._summary if self._summary is not None else self._make_summary()
+
+    @property
+    def verdict(self) -> str:
+        return self.summary.verdict
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = dict(self._counts)
+        counts[OK] += sum(n for _, n in self._seen.values())
+        return counts
+
+    @property
+    def first_offence(self) -> dict | None:
+        return self._first
+
+    @property
+    def events_in_memory(self) -> int:
+        """Events held in memory (0 unless `keep_events`)."""
+        return len(self.events)
+
+    def flush(self) -> None:
+        if self._writer is not None and not self._writer.closed:
+            self._writer.flush()
+
+
+def _target_device(args, kwargs) -> str | None:
+    """The device a `to`/`_to_copy` asks for (when it raised before making its output)."""
+    candidates = list((kwargs or {}).values()) + list(args[1:])
+    for a in candidates:
+        if isinstance(a, torch.device):
+            return str(a)
+        if isinstance(a, str):
+            try:
+                return str(torch.device(a))
+            except RuntimeError:
+                continue
+        if isinstance(a, torch.Tensor):
+            return str(a.device)
+    return None
+
+
+def _code_line(source: str) -> str | None:
+    """The text of "file:line in func"."""
+    try:
+        where = source.split(" in ", 1)[0]
+        filename, lineno = where.rsplit(":", 1)
+        path = filename if os.path.isabs(filename) else os.path.join(_REPO_DIR, filename)
+        if not os.path.exists(path):
+            path = filename
+        return linecache.getline(path, int(lineno)).strip() or None
+    except (ValueError, OSError):
+        return None

@@ -1,0 +1,97 @@
+"""The conformance table: every row's verdict on the emulation (everywhere) and on real CUDA
+(`pytest -m cuda`) equals what real CUDA is known to do; accepted rows give the CPU's values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.trace import conformance
+from harness.trace.conformance import ACCEPTS, REFUSES, ROWS, UNSUPPORTED, run_row
+
+IDS = [row.id for row in ROWS]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Every row with all its inputs on the CPU: the values an accepted row must give."""
+    return {row.id: run_row(row, "cpu") for row in ROWS}
+
+
+def _check_accepted(result, ref, atol=0.0, rtol=0.0):
+    row = result.row
+    if row.out is not None:
+        assert result.devices and result.devices[0] == row.out, f"{result}: output on {result.devices}"
+    assert len(result.values) == len(ref.values)
+    for got, want in zip(result.values, ref.values, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.allclose(got, want, atol=atol, rtol=rtol), f"{result}: values differ from the CPU's"
+
+
+def test_the_table():
+    assert len(ROWS) >= 40
+    assert len(set(IDS)) == len(IDS), "every row prints differently"
+    assert {r.expect for r in ROWS} == {ACCEPTS, REFUSES}
+    ops = {r.op for r in ROWS}
+    for op in ("mm", "addmm", "linear", "bmm", "matmul", "einsum", "add", "mul", "where", "cat", "stack"):
+        assert op in ops
+    for op in ("index_select", "index_add_", "index_copy_", "gather", "scatter_add_", "index", "index_put_"):
+        assert op in ops
+    for op in ("embedding", "softmax", "topk", "argsort", "one_hot", "copy_", "to", "masked_fill"):
+        assert op in ops
+    assert any(r.gpus == 2 for r in ROWS) and all(r.why for r in ROWS)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=IDS)
+def test_row_runs_on_the_cpu(row, reference):
+    # With every input on the CPU a row is a plain CPU op: a refusal elsewhere is about devices.
+    result = reference[row.id]
+    assert result.verdict == ACCEPTS, str(result)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=IDS)
+def test_emulated(row, reference):
+    result = run_row(row, "emulated")
+    assert result.verdict == row.expect, str(result)
+    if result.verdict == ACCEPTS:
+        _check_accepted(result, reference[row.id])  # the same CPU kernels: exact
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("row", ROWS, ids=IDS)
+def test_cuda(row, reference):
+    result = run_row(row, "cuda")
+    if result.verdict == UNSUPPORTED:
+        pytest.skip(f"unsupported here: {result.error}")
+    assert result.verdict == row.expect, str(result)
+    if result.verdict == ACCEPTS:
+        _check_accepted(result, reference[row.id], atol=1e-5, rtol=1e-4)
+
+
+def test_run_row_reports_unsupported_and_bad_backends():
+    two_gpus = next(r for r in ROWS if r.gpus == 2)
+    with conformance.emulated.EmulatedCuda(device_count=1):
+        assert run_row(two_gpus, "emulated").verdict == UNSUPPORTED
+    if not torch.cuda.is_available():
+        assert run_row(ROWS[0], "cuda").verdict == UNSUPPORTED
+    with pytest.raises(ValueError, match="backend must be one of"):
+        run_row(ROWS[0], "tpu")
+
+
+def test_a_non_device_error_is_not_a_refusal():
+    row = conformance.Row(
+        "mm",
+        {"a": conformance.f32("gpu", 4, 3), "b": conformance.f32("gpu", 4, 3, seed=1)},
+        torch.mm,
+        REFUSES,
+        "shapes do not fit: not a device refusal",
+    )
+    result = run_row(row, "emulated")
+    assert result.verdict == conformance.ERROR and "cannot be multiplied" in result.error
+
+
+def test_format_table_lists_every_row():
+    results = conformance.run_table("emulated")
+    text = conformance.format_table(results)
+    assert len(text.splitlines()) == len(ROWS)
+    assert "FAIL" not in text

@@ -1,0 +1,342 @@
+"""The tracer: each class of event caught and located on the tiny model, on an accelerator.
+
+The accelerator is the emulated CUDA (CUDA's device rules, real values, on the CPU) and, under
+`pytest -m cuda` on a GPU runner, real CUDA; the `accel` fixture gives both the same tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.model.generate import generate
+from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Mixtral, MoE
+from harness.synth import synthesize
+from harness.trace import ALLOWED, CLEAN, DIRTY, MISMATCH, OK, STRAY, SYNC, TRANSFER, Tracer
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Accel:
+    name: str
+    device: str  # where the model goes
+    context: object  # () -> context manager in which the device exists
+
+    def __call__(self):
+        return self.context()
+
+
+def _emulated() -> Accel:
+    try:
+        from harness.trace.emulated import EmulatedCuda
+    except ImportError:
+        pytest.skip("the emulated accelerator (harness.trace.emulated) is not here")
+    return Accel("emulated", "cuda", lambda: EmulatedCuda(device_count=2))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are small: intra-op threads only contend (badly, on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["emulated", pytest.param("cuda", marks=pytest.mark.cuda)])
+def accel(request) -> Accel:
+    if request.param == "emulated":
+        return _emulated()
+    return Accel("cuda", "cuda", contextlib.nullcontext)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    # TheBloke's layout: one tensor per expert, the router in F16 (candle#1815's setting).
+    return synthesize(
+        tmp_path_factory.mktemp("trace") / "tiny.gguf", "tiny", layout="per-expert", router="f16"
+    )
+
+
+@pytest.fixture(scope="module")
+def model(accel, tiny_path):
+    with accel():
+        return Mixtral.from_gguf(tiny_path, device=accel.device, max_seq_len=32)
+
+
+@pytest.fixture
+def on(accel):
+    """The accelerator in effect for the test."""
+    with accel():
+        yield accel
+
+
+TOKENS = [1, 5, 9]
+
+
+def _tokens() -> torch.Tensor:
+    return torch.tensor(TOKENS)
+
+
+# -- clean runs ---------------------------------------------------------------------------------
+
+
+def test_clean_run_on_the_accelerator(model, on):
+    with Tracer(model) as tracer:
+        out = generate(model, TOKENS, 3)
+    s = tracer.summary
+    assert len(out.tokens) == 3
+    assert s.verdict == CLEAN and s.first_offence is None
+    assert s.counts[MISMATCH] == s.counts[STRAY] == s.counts[SYNC] == s.counts[TRANSFER] == 0
+    assert s.counts[OK] > 1000
+    # The token upload and the reads of each chosen id are the edges of the run.
+    upload = [t for t in s.transfers if t["from"] == "cpu"]
+    assert upload == [
+        {
+            "from": "cpu",
+            "to": "cuda:0",
+            "class": ALLOWED,
+            "explicit": True,
+            "count": 1,
+            "bytes": 8 * len(TOKENS),
+        }
+    ]
+    assert s.steps == {"traced": 3, "skipped": 0}
+    assert set(s.modules["layers.1.moe.experts"]) == {"cuda:0"}
+
+
+def test_clean_run_on_the_cpu(tiny_path):
+    model = Mixtral.from_gguf(tiny_path, device="cpu", max_seq_len=32)
+    with Tracer(model) as tracer:
+        generate(model, TOKENS, 2)
+    s = tracer.summary
+    assert s.verdict == CLEAN
+    assert s.counts[ALLOWED] == s.counts[TRANSFER] == 0  # nothing crosses a device
+    assert s.counts[OK] == s.events
+
+
+def test_weights_are_named_where_they_are_read(model, on):
+    with Tracer(model, keep_events=True) as tracer:
+        model(_tokens(), 0)  # prefill: the dense expert path (one expert at a time)
+        model(torch.tensor([7], device=on.device), 3)  # decode: the gather path
+    names: dict[str, set] = {}
+    for ev in tracer.events:
+        names.setdefault(ev.module, set()).update(ev.tensors or ())
+    assert names["embed"] == {"token_embd.weight"}
+    assert names["layers.0.attn.wq"] == {"blk.0.attn_q.weight"}
+    assert names["layers.1.moe.router"] == {"blk.1.ffn_gate_inp.weight"}
+    assert names["layers.1.attn_norm"] == {"blk.1.attn_norm.weight"}
+    assert {f"blk.0.ffn_down.{e}.weight" for e in range(4)} <= names["layers.0.moe.experts"]
+    # The dense path takes one expert by a view of the stack: the ops reading that view name
+    # that expert alone.
+    single = {ev.tensors for ev in tracer.events if ev.module == "layers.0.moe.experts" and ev.step == 0}
+    assert {("blk.0.ffn_gate.2.weight",), ("blk.0.ffn_down.3.weight",)} <= single
+    # Sources point into the model code.
+    router_ops = [ev for ev in tracer.events if ev.module == "layers.0.moe.router"]
+    assert any(ev.source.startswith("harness/quant/qmatmul.py:") for ev in router_ops)
+
+
+# -- mismatch -------------------------------------------------------------------------------------
+
+
+def test_router_dequantized_on_the_cpu_is_a_mismatch(model, on):
+    """candle#1815: the F16 router weight left on the CPU; the MoE forward fails on the device."""
+    router = model.layers[0].moe.router
+    on_device = router.weight
+    router.weight = on_device.to(CPU)
+    try:
+        with Tracer(model, keep_events=True) as tracer:
+            with pytest.raises(RuntimeError, match="same device") as raised:
+                model(_tokens(), 0)
+            after = torch.ones(2, device=on.device) * 2  # outside the model again
+    finally:
+        router.weight = on_device
+    f = tracer.summary.first_offence
+    assert tracer.summary.verdict == DIRTY
+    assert f["class"] == MISMATCH
+    assert f["module"] == "layers.0.moe.router"
+    assert f["tensor"] == "blk.0.ffn_gate_inp.weight"
+    assert "mm" in f["op"] or "matmul" in f["op"]
+    assert set(f["devices"]) == {"cuda:0", "cpu"} and f["expected"] == "cuda:0"
+    assert f["source"].startswith("harness/quant/qmatmul.py:")
+    assert f["error"] == f"RuntimeError: {raised.value}"  # recorded, then re-raised unchanged
+    assert any("MoE.forward" in frame for frame in f["stack"])
+    # The failing op was recorded before it ran (no outputs); the module stack unwound with the
+    # exception, so the next op is outside the model.
+    failed = next(ev for ev in tracer.events if ev.error)
+    assert failed.outputs is None and failed.cls == MISMATCH
+    assert tracer.events[-1].module is None and after.device.type == on.device
+
+
+def test_meta_run_judged_by_cuda_rules(tiny_path):
+    """Meta accepts a CPU weight in a matmul where CUDA does not: the tracer still calls it a mismatch."""
+    model = Mixtral.from_gguf(tiny_path, device="meta", max_seq_len=32)
+    router = model.layers[1].moe.router
+    router.weight = torch.zeros(router.weight.shape)
+    with Tracer(model) as tracer:
+        model(_tokens(), 0)  # runs to the end on meta
+    f = tracer.summary.first_offence
+    assert (f["class"], f["module"], f["tensor"], f["error"]) == (
+        MISMATCH,
+        "layers.1.moe.router",
+        "blk.1.ffn_gate_inp.weight",
+        None,
+    )
+    assert f["devices"] == ["meta", "cpu"]
+
+
+# -- sync and stray: faults injected into the routing ----------------------------------------------
+
+
+def _route(self, x, hook):
+    logits = self.router(x)  # [T, E]
+    logits = hook(logits)
+    probs = logits.float().softmax(-1)
+    weights, chosen = probs.topk(self.n_used, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
+    return self.experts(x, weights.to(x.device), chosen.to(x.device))
+
+
+def _item_in_routing(logits):
+    if logits.max().item() > 1e9:  # a host read of routing data
+        raise AssertionError
+    return logits
+
+
+def _host_mask(logits):
+    mask = torch.zeros(logits.shape, dtype=torch.bool)  # built on the host
+    return logits.masked_fill(mask.to(logits.device), float("-inf"))
+
+
+def _cpu_topk(logits):
+    top = logits.cpu().topk(2, dim=-1).values  # a CPU top-k inside the device model
+    return logits + F.pad(top, (0, logits.shape[-1] - 2)).to(logits.device) * 0
+
+
+@pytest.mark.parametrize(
+    ("hook", "cls", "op", "line"),
+    [
+        (_item_in_routing, SYNC, ("aten._local_scalar_dense", "aten.item"), "logits.max().item()"),
+        (_host_mask, STRAY, ("aten.zeros",), "torch.zeros(logits.shape"),
+        (_cpu_topk, SYNC, ("aten._to_copy", "aten.to"), "logits.cpu().topk"),
+    ],
+    ids=["item", "host-mask", "cpu-topk"],
+)
+def test_routing_faults_are_caught_where_they_are(model, on, monkeypatch, hook, cls, op, line):
+    monkeypatch.setattr(MoE, "forward", lambda self, x: _route(self, x, hook))
+    with Tracer(model, keep_events=hook is _cpu_topk) as tracer:
+        model(_tokens(), 0)
+    s = tracer.summary
+    f = s.first_offence
+    assert s.verdict == DIRTY and f["class"] == cls
+    assert f["module"] == "layers.0.moe"
+    assert f["op"].startswith(op)
+    assert f["source"].startswith("tests/test_trace_tracer.py:")
+    assert line in f["code"]
+    assert s.counts[MISMATCH] == 0  # nothing was refused: the run went through
+    if hook is _host_mask:
+        moved = [t for t in s.transfers if t["class"] == TRANSFER]
+        assert moved and moved[0]["from"] == "cpu" and moved[0]["to"] == "cuda:0"
+    if hook is _cpu_topk:
+        strays = [ev for ev in tracer.events if ev.cls == STRAY]
+        assert any(ev.op.startswith("aten.topk") and ev.devices == ["cpu"] for ev in strays)
+
+
+# -- transfers ------------------------------------------------------------------------------------
+
+
+def test_device_map_boundary_is_an_allowed_transfer(tiny_path, on):
+    device_map = {"embed": "cpu", "layers.0": "cpu", "layers.1": "cuda:0", "head": "cuda:0"}
+    model = Mixtral.from_gguf(tiny_path, device_map=device_map, max_seq_len=32)
+    with Tracer(model, keep_events=True) as tracer:
+        generate(model, TOKENS, 2)
+    s = tracer.summary
+    assert s.verdict == CLEAN and s.counts[TRANSFER] == 0
+    crossing = [ev for ev in tracer.events if ev.transfer and ev.transfer["to"] == "cuda:0"]
+    assert crossing and all(ev.cls == ALLOWED and ev.module == "" for ev in crossing)
+    assert all(ev.transfer["bytes"] == ev.inputs[0][3] for ev in crossing)
+    assert set(s.modules["layers.0.attn.wq"]) == {"cpu"} and set(s.modules["layers.1.attn.wq"]) == {"cuda:0"}
+
+
+def test_two_device_split(tiny_path, on):
+    if on.name != "emulated" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    device_map = {"embed": "cuda:0", "layers.0": "cuda:0", "layers.1": "cuda:1", "head": "cuda:1"}
+    model = Mixtral.from_gguf(tiny_path, device_map=device_map, max_seq_len=32)
+    with Tracer(model) as tracer:
+        model(_tokens(), 0)
+    s = tracer.summary
+    assert s.verdict == CLEAN
+    d2d = [t for t in s.transfers if (t["from"], t["to"]) == ("cuda:0", "cuda:1")]
+    assert d2d and d2d[0]["class"] == ALLOWED
+
+
+def test_undeclared_move_inside_a_layer_is_a_transfer(model, on, monkeypatch):
+    moved = []
+
+    def forward(self, x):
+        bias = torch.zeros(x.shape[-1]).to(x.device)  # a host-made constant uploaded every call
+        moved.append(bias.device.type)
+        return _route(self, x + bias, lambda logits: logits)
+
+    monkeypatch.setattr(MoE, "forward", forward)
+    with Tracer(model, keep_events=True) as tracer:
+        model(_tokens(), 0)
+    uploads = [ev for ev in tracer.events if ev.cls == TRANSFER]
+    assert moved == [on.device, on.device]
+    assert [ev.module for ev in uploads] == ["layers.0.moe", "layers.1.moe"]
+    assert uploads[0].transfer == {"from": "cpu", "to": "cuda:0", "bytes": 4 * 256, "explicit": True}
+
+
+# -- the record and the stack ---------------------------------------------------------------------
+
+
+def test_the_record_is_made_before_a_raising_op():
+    a, b = torch.ones(2, 3), torch.ones(2, 3)
+    with pytest.raises(RuntimeError) as plain:
+        a @ b
+    with Tracer(keep_events=True) as tracer, pytest.raises(RuntimeError) as traced:
+        a @ b
+    assert type(traced.value) is type(plain.value) and str(traced.value) == str(plain.value)
+    ev = tracer.events[-1]
+    assert ev.error == f"RuntimeError: {plain.value}"
+    assert ev.outputs is None and [s[2] for s in ev.inputs] == [(2, 3), (2, 3)]
+    assert ev.cls == OK  # a shape error is no device problem
+    assert ev.source.startswith("tests/test_trace_tracer.py:")
+
+
+def test_sampled_mode_traces_every_nth_forward(model, on, tmp_path):
+    with Tracer(model, path=tmp_path / "t.jsonl", sample_every=2) as tracer:
+        generate(model, TOKENS, 5)  # 5 forward calls: 0 (prefill) ... 4
+    s = tracer.summary
+    assert s.steps == {"traced": 3, "skipped": 2}
+    assert s.verdict == CLEAN
+    from harness.trace import load_trace
+
+    assert {ev.step for ev in load_trace(tmp_path / "t.jsonl").events()} == {0, 2, 4}
+
+    with Tracer(model, sample_every=2, unsampled="count") as counting:
+        generate(model, TOKENS, 2)
+    assert counting.summary.unrecorded > 0
+    assert counting.summary.steps == {"traced": 1, "skipped": 1}
+
+
+def test_tracer_leaves_no_trace_behind(model, on):
+    from torch.nn.modules import module as nn_module
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    modes = list(_get_current_dispatch_mode_stack())
+    hooks = (len(nn_module._global_forward_pre_hooks), len(nn_module._global_forward_hooks))
+    with Tracer(model, sample_every=2):
+        generate(model, TOKENS, 2)
+    with pytest.raises(ValueError), Tracer(model, sample_every=2):
+        generate(model, TOKENS, 2)
+        raise ValueError  # leaving after a skipped step
+    assert list(_get_current_dispatch_mode_stack()) == modes
+    assert (len(nn_module._global_forward_pre_hooks), len(nn_module._global_forward_hooks)) == hooks
+    assert not model._forward_hooks and not model._forward_pre_hooks
