@@ -251,12 +251,171 @@ def cmd_logits(args) -> int:
     return 0
 
 
+def _emulation_for(args):
+    """`--device emulated`: the emulated accelerator with as many CUDA devices as the map names."""
+    import re
+
+    try:
+        from harness.trace.emulated import EmulatedCuda
+    except ImportError as exc:
+        raise UsageError(
+            None,
+            "--device",
+            f"emulated: the emulated accelerator (harness.trace.emulated) is not available ({exc})",
+        ) from None
+    device_map = _parse_device_map(args.device_map) or {}
+    indices = [int(m[1]) for v in device_map.values() if (m := re.fullmatch(r"cuda:(\d+)", v.strip()))]
+    return EmulatedCuda(device_count=max(indices, default=0) + 1)
+
+
+def cmd_trace(args) -> int:
+    """Trace a prefill and `--decode` steps; print the summary record; exit 1 if it is not clean."""
+    import contextlib
+
+    from harness.model.generate import generate
+    from harness.trace import Tracer
+
+    if args.decode < 0:
+        raise UsageError(None, "--decode", f"must not be negative, got {args.decode}")
+    if args.sample_every < 1:
+        raise UsageError(None, "--sample-every", f"must be a positive integer, got {args.sample_every}")
+    if args.report:
+        from harness.report import check_report_path
+
+        check_report_path(args.report)  # before the run, which would be lost otherwise
+    with contextlib.ExitStack() as stack:
+        trace_path = args.json
+        if args.report and trace_path is None:  # the report is built from a trace file
+            import os
+            import tempfile
+
+            fd, trace_path = tempfile.mkstemp(prefix="harness-trace-", suffix=".jsonl")
+            os.close(fd)
+            stack.callback(os.unlink, trace_path)
+        if args.device == "emulated":
+            stack.enter_context(_emulation_for(args))
+            args.device = None if args.device_map else "cuda"
+        model = _load_model(args)
+        if args.prompt is not None:
+            from harness.model.tokenizer import Tokenizer
+
+            if not args.prompt:
+                raise UsageError(None, "--prompt", "the prompt is empty")
+            prompt = Tokenizer.from_gguf(args.model).encode(args.prompt)
+        else:
+            prompt = _parse_tokens(args.tokens if args.tokens is not None else "1")
+        model.check_tokens(prompt)
+        header = {"prompt_tokens": prompt, "decode": args.decode, "command": "harness trace"}
+        tracer = Tracer(model, path=trace_path, sample_every=args.sample_every, header=header)
+        bar = None
+        if args.decode >= 8:
+            from tqdm import tqdm
+
+            bar = stack.enter_context(
+                tqdm(total=args.decode + 1, desc="trace", unit="tok", file=sys.stderr, disable=None)
+            )
+        routing = contextlib.nullcontext()
+        if args.report:
+            from harness.report import collect_routing
+
+            routing = collect_routing(model)  # tokens per expert per layer, for the heatmap
+        try:
+            with tracer, routing as routing:
+                generate(model, prompt, args.decode + 1, on_token=(lambda _: bar.update()) if bar else None)
+        except HarnessError:
+            raise
+        except Exception:
+            if tracer.summary.clean:
+                raise  # not a fault the trace explains
+            # The offending op raised (CUDA refuses a mismatch): the summary says where.
+        if args.report:
+            _trace_report(args, trace_path, routing)
+    summary = tracer.summary
+    print(json.dumps(summary.to_dict(), separators=(",", ":")))
+    counts = ", ".join(f"{n} {c}" for c, n in summary.counts.items() if c != "ok")
+    where = f" -> {args.json}" if args.json else ""
+    if summary.clean:
+        print(f"trace: clean, {summary.events} events ({counts}){where}", file=sys.stderr)
+        return 0
+    f = summary.first_offence
+    tensor = f" ({f['tensor']})" if f["tensor"] else ""
+    print(
+        f"trace: {f['class'].upper()} in {f['module'] or '<model>'}{tensor}: {f['op']} on "
+        f"{', '.join(f['devices'])} (expected {f['expected']}) at {f['source']}; "
+        f"{summary.events} events ({counts}){where}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _trace_report(args, trace_path: str, routing) -> None:
+    """`harness trace --report OUT.html`: the run's report, with its expert routing."""
+    from harness.report import build_report
+
+    name = Path(args.json).name if args.json else Path(args.model).name
+    out = build_report(
+        [trace_path],
+        args.report,
+        title=f"harness trace {Path(args.model).name}",
+        names=[name],
+        routing=[routing],
+    )
+    print(f"report -> {out}", file=sys.stderr)
+
+
+def cmd_report(args) -> int:
+    """Build one HTML report from saved traces (two traces: with their diff). Exit 0, or 2 on bad input."""
+    from harness.report import build_report
+
+    out = build_report(args.traces, args.out, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from harness.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(args.model)
     print(json.dumps(tokenizer.encode(args.text, add_bos=not args.no_bos)))
     return 0
+
+
+def cmd_cases(args) -> int:
+    """Run YAML cases: one line each, then `N passed, M failed`. Exit 0 all passed (or skipped),
+    1 any failed, 2 bad input (a malformed case file before anything runs, or a case whose model,
+    placement, fault or tokens turn out unusable)."""
+    from harness.cases import load_cases, run_case
+
+    cases = load_cases(args.paths or ["cases"])  # a malformed file: CaseError, one line, exit 2
+    results, errors = [], []
+    for case in cases:
+        try:
+            result = run_case(case, out_dir=args.out_dir, cache_dir=args.cache_dir)
+        except HarnessError as exc:
+            errors.append({"name": case.name, "file": case.shown_as, "status": "error", "error": str(exc)})
+            if not args.json:
+                print(f"ERROR {case.name}: {exc}", flush=True)
+            continue
+        results.append(result)
+        if not args.json:
+            print(result.line(), flush=True)
+    counts = Counter(r.status for r in results)
+    if args.json:
+        doc = {
+            "cases": [r.to_dict() for r in results] + errors,
+            "passed": counts["passed"],
+            "failed": counts["failed"],
+            "skipped": counts["skipped"],
+            "errors": len(errors),
+        }
+        print(json.dumps(doc, indent=1, default=str))
+    else:
+        tail = [f"{counts['skipped']} skipped"] if counts["skipped"] else []
+        tail += [f"{len(errors)} errors"] if errors else []
+        print(", ".join([f"{counts['passed']} passed", f"{counts['failed']} failed", *tail]))
+    if errors:
+        return 2
+    return 1 if counts["failed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +466,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("text")
     s.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
     s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser(
+        "trace",
+        help="trace the devices of every op of a prefill and decode; exit 1 on a mismatch, stray or sync",
+    )
+    _add_model_args(s)
+    s.epilog = "--device also takes 'emulated': CUDA devices emulated on the CPU (the model goes on cuda)"
+    given = s.add_mutually_exclusive_group()
+    given.add_argument("--tokens", default=None, help="comma-separated ids (default: 1)")
+    given.add_argument("--prompt", default=None, help="text, tokenized with the model's vocabulary")
+    s.add_argument("--decode", type=int, default=0, help="decode steps after the prefill (default 0)")
+    s.add_argument(
+        "--sample-every", type=int, default=1, help="trace every Nth forward call fully, skip the others"
+    )
+    s.add_argument("--json", default=None, metavar="OUT.jsonl", help="write the trace (JSON Lines) here")
+    s.add_argument("--report", default=None, metavar="OUT.html", help="write the run's HTML report here")
+    s.set_defaults(func=cmd_trace)
+
+    s = sub.add_parser("report", help="build one HTML report from saved traces (two traces: with their diff)")
+    s.add_argument(
+        "traces", nargs="+", metavar="TRACE.jsonl", help="traces written by `harness trace --json`"
+    )
+    s.add_argument("-o", "--out", required=True, metavar="OUT.html", help="the report to write")
+    s.add_argument("--title", default=None, help="the report's title")
+    s.set_defaults(func=cmd_report)
+    s = sub.add_parser(
+        "cases", help="run YAML regression cases (files or directories; default cases/); exit 1 if any fails"
+    )
+    s.add_argument("paths", nargs="*", metavar="PATH", help="case files or directories (default: cases/)")
+    s.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    s.add_argument(
+        "--out-dir",
+        default="reports/cases",
+        help="where each case's trace (NAME.jsonl) goes (default: reports/cases)",
+    )
+    s.add_argument(
+        "--cache-dir", default=None, help="keep synthesized models here (default: a temporary directory)"
+    )
+    s.set_defaults(func=cmd_cases)
     return p
 
 
