@@ -17,6 +17,7 @@ from harness.model.tokenizer import Tokenizer
 from harness.quant.qmatmul import QMatMul
 from harness.quant.qtensor import QTensor
 from harness.quant.types import GGMLType
+from harness.trace import Tracer, diff, load_trace
 
 __all__ = [
     "PRESETS",
@@ -33,8 +34,11 @@ __all__ = [
     "QMatMul",
     "QTensor",
     "Tokenizer",
+    "Tracer",
     "UnsupportedTypeError",
     "UsageError",
+    "diff",
     "generate",
+    "load_trace",
     "open_gguf",
 ]

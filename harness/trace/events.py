@@ -1,7 +1,8 @@
 """What a trace is made of: one `Event` per aten op, a `Summary` per run.
 
-An event's tensors are `TensorSpec`s: plain tuples (device, dtype, shape, bytes), cheap to make
-on the hot path and written to JSON as lists. Classes, worst first:
+An event's tensors are `TensorSpec`s: tuples (device, dtype, shape, bytes), interned by the
+tracer (one object per distinct spec, with its JSON text) and written to JSON as lists.
+Classes, worst first:
 
 - `mismatch`: tensor inputs on different devices that the real backend refuses (or an op that
   raised a device error);
@@ -34,12 +35,6 @@ class TensorSpec(tuple):
         spec = super().__new__(cls, (device, dtype, tuple(shape), nbytes))
         spec.json = f'["{device}","{dtype}",[{",".join(str(int(n)) for n in shape)}],{nbytes}]'
         return spec
-
-    # Interned by the tracer: hashed and compared by identity (cheap keys on the hot path);
-    # compare `tuple(spec)` for values.
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
-    __ne__ = object.__ne__
 
     device = property(lambda self: self[0])
     dtype = property(lambda self: self[1])

@@ -1,0 +1,200 @@
+"""Tracing overhead: traced / untraced wall time of the same generation, in one process.
+
+Modes, run in turn in every repeat (so drifts of the machine hit them alike), medians over the
+repeats:
+- untraced: `generate(model, prompt, decode + 1)` in eager mode;
+- full: the same under `Tracer(model, path=...)`, every op recorded and written;
+- sampledN: `Tracer(..., sample_every=N)`: every Nth forward call traced (the prefill is call 0),
+  the others skipped;
+- nop (with --nop): a do-nothing TorchDispatchMode, the floor any dispatch-mode tracer pays.
+
+    python benchmarks/bench_trace.py                      # tiny model on the CPU (synthesized)
+    python benchmarks/bench_trace.py --model mixtral-8x7b.Q4_K_M.gguf --device cuda --decode 128
+
+Results are merged into `--out` (default benchmarks/results/trace.json) under a name
+(`--name`, default "<model>-<device>-d<decode>"), so the CPU and GPU figures live side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.model.generate import generate  # noqa: E402
+from harness.model.mixtral import Mixtral  # noqa: E402
+from harness.trace import Tracer, load_trace  # noqa: E402
+
+
+class NopMode(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # as the tracer's mode
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF file (default: the tiny preset, synthesized)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or emulated")
+    p.add_argument("--device-map", default=None, help="JSON device map instead of --device")
+    p.add_argument("--prompt-tokens", type=int, default=8)
+    p.add_argument("--decode", type=int, default=32, help="decode steps after the prefill")
+    p.add_argument("--repeats", type=int, default=None, help="default 7 (tiny), 3 (a given model)")
+    p.add_argument("--sample-every", default="16", help="N, or several: 16,32 (one sampled mode each)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--nop", action="store_true", help="also time a do-nothing dispatch mode")
+    p.add_argument("--name", default=None)
+    p.add_argument("--out", default="benchmarks/results/trace.json")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-trace-"))
+    stack = contextlib.ExitStack()
+    device = args.device
+    if device == "emulated":
+        from harness.trace.emulated import EmulatedCuda
+
+        stack.enter_context(EmulatedCuda(device_count=8))
+        device = "cuda"
+    with stack:
+        if args.model is None:
+            from harness.synth import synthesize
+
+            model_path = synthesize(tmp / "tiny.gguf", "tiny", layout="per-expert", router="f16")
+            model_name = "tiny"
+        else:
+            model_path = Path(args.model)
+            model_name = model_path.stem
+        repeats = args.repeats or (7 if args.model is None else 3)
+        device_map = json.loads(args.device_map) if args.device_map else None
+        t0 = time.perf_counter()
+        model = Mixtral.from_gguf(
+            model_path,
+            device=None if device_map else device,
+            device_map=device_map,
+            max_seq_len=args.prompt_tokens + args.decode + 1,
+        )
+        load_s = time.perf_counter() - t0
+        vocab = model.config.vocab_size
+        prompt = [1] + [(97 * i + 13) % (vocab - 3) + 3 for i in range(args.prompt_tokens - 1)]
+        n_new = args.decode + 1
+        head = str(model.placement.head)
+
+        def untraced():
+            generate(model, prompt, n_new)
+            _sync(head)
+
+        def nop():
+            with NopMode():
+                generate(model, prompt, n_new)
+            _sync(head)
+
+        def full():
+            with Tracer(model, path=tmp / "full.jsonl"):
+                generate(model, prompt, n_new)
+            _sync(head)
+
+        def sampled(n: int):
+            def run():
+                with Tracer(model, path=tmp / f"sampled{n}.jsonl", sample_every=n):
+                    generate(model, prompt, n_new)
+                _sync(head)
+
+            return run
+
+        every = [int(n) for n in str(args.sample_every).split(",")]
+        modes = {"untraced": untraced, "full": full, **{f"sampled{n}": sampled(n) for n in every}}
+        if args.nop:
+            modes["nop"] = nop
+        for f in modes.values():  # warm up: caches, first-call costs
+            f()
+        wall: dict[str, list[float]] = {k: [] for k in modes}
+        cpu: dict[str, list[float]] = {k: [] for k in modes}
+        for r in range(repeats):
+            order = list(modes)[r % len(modes) :] + list(modes)[: r % len(modes)]
+            for k in order:
+                w, c = time.perf_counter(), time.process_time()
+                modes[k]()
+                wall[k].append(time.perf_counter() - w)
+                cpu[k].append(time.process_time() - c)
+            print(
+                f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {wall[k][-1]:.3f}s" for k in modes),
+                file=sys.stderr,
+            )
+
+        med = {k: statistics.median(v) for k, v in wall.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        full_trace = load_trace(tmp / "full.jsonl")
+        sampled_traces = {n: load_trace(tmp / f"sampled{n}.jsonl") for n in every}
+        events = full_trace.summary.events
+        result = {
+            "benchmark": "trace",
+            "model": model_name,
+            "model_path": str(args.model)
+            if args.model
+            else "synthesized tiny preset (per-expert, F16 router)",
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name()
+            if device.startswith("cuda") and args.device != "emulated"
+            else platform.processor() or platform.machine(),
+            "placement": model.placement.describe(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "prompt_tokens": len(prompt),
+            "decode_steps": args.decode,
+            "sample_every": every,
+            "repeats": repeats,
+            "load_s": round(load_s, 3),
+            "median_wall_s": {k: round(v, 5) for k, v in med.items()},
+            "ratio_wall": {k: round(v / med["untraced"], 3) for k, v in med.items() if k != "untraced"},
+            "ratio_cpu_time": {
+                k: round(v / med_cpu["untraced"], 3) for k, v in med_cpu.items() if k != "untraced"
+            },
+            "events_full": events,
+            "events_sampled": {n: t.summary.events for n, t in sampled_traces.items()},
+            "steps_sampled": {n: t.summary.steps for n, t in sampled_traces.items()},
+            "trace_bytes_full": (tmp / "full.jsonl").stat().st_size,
+            "verdict": full_trace.summary.verdict,
+            "untraced_us_per_op": round(med["untraced"] / events * 1e6, 2),
+            "full_overhead_us_per_op": round((med["full"] - med["untraced"]) / events * 1e6, 2),
+            "wall_s": {k: [round(x, 5) for x in v] for k, v in wall.items()},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+    name = args.name or f"{model_name}-{args.device}-d{args.decode}"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results[name] = result
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    ratios = ", ".join(f"{k} x{v}" for k, v in result["ratio_wall"].items())
+    print(
+        f"{name}: untraced {med['untraced']:.3f}s; {ratios}; {events} events, "
+        f"{result['full_overhead_us_per_op']} us/op -> {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
