@@ -109,33 +109,56 @@ def cmd_synth(args) -> int:
     return 0
 
 
+DEMO_CASE = """
+description: candle#1815 on a TheBloke-style Mixtral (per-expert experts, F16 router, Q4_K_M)
+model: {{synth: tiny, type: Q4_K_M, layout: per-expert, router: f16, seed: 0}}
+device: cuda
+accelerator: auto
+fault: {fault}
+tokens: [1, 260, 301, 42, 17, 99]
+decode: 4
+expect: {expect}
+"""
+
+
 def cmd_demo(args) -> int:
-    """Synthesize a tiny TheBloke-style model (per-expert layout, F16 router) and summarize it.
-
-    The full demo (clean run and candle-1815 fault, HTML report) arrives with the tracer."""
-    import torch
-
-    from harness.gguf_file import open_gguf
-    from harness.quant.qmatmul import QMatMul
-    from harness.synth import synthesize
+    """The seed bug end to end: a tiny TheBloke-style model (per-expert layout, F16 router) on
+    CUDA, or on the emulated accelerator without a GPU, traced clean and with `candle-1815`;
+    one HTML report; where the bug was caught. Exit 0 when both runs came out as expected."""
+    from harness.cases import parse_case, run_case
+    from harness.report import build_report
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = synthesize(
-        out_dir / "demo-tiny.gguf", "tiny", file_type="Q4_K_M", layout="per-expert", router="f16"
+    results = []
+    for name, fault, expect in (
+        ("demo-clean", "null", "{verdict: clean}"),
+        (
+            "demo-candle-1815",
+            "candle-1815",
+            "{verdict: dirty, class: mismatch, module: layers.0.moe.router, tensor: blk.0.ffn_gate_inp.weight}",
+        ),
+    ):
+        text = f"name: {name}\n" + DEMO_CASE.format(fault=fault, expect=expect)
+        results.append(run_case(parse_case(text, f"<demo {name}>"), out_dir=out_dir / "demo"))
+    clean, faulty = results
+    print(f"model: tiny Mixtral, per-expert experts, F16 router, Q4_K_M; on {clean.accelerator} (cuda:0)")
+    for r in results:
+        print(f"  {r.line()}")
+    first = faulty.summary["first_offence"] if faulty.summary else None
+    if first:
+        print(
+            f"caught: {first['class']} in {first['module']} ({first['tensor']}), "
+            f"op {first['op']} on {' and '.join(first['devices'])}, at {first['source']}"
+        )
+    report = build_report(
+        [r.trace_path for r in results],
+        out_dir / "demo.html",
+        title="harness demo: candle#1815",
+        diff_pairs=[(0, 1)],
     )
-    _print_summary(describe(str(path)), with_table=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with open_gguf(path) as mf:
-        router = QMatMul(mf.tensor("blk.0.ffn_gate_inp.weight").to(device))
-        expert = QMatMul(mf.experts(0, "gate")[0].to(device))
-    print(
-        f"  on {device}: router {router.gguf_name} ({router.qtype.name}) dequantized to {router.weight.device}"
-    )
-    print(
-        f"  on {device}: expert {expert.gguf_name} ({expert.qtype.name}) kept quantized on {expert.qweight.device}"
-    )
-    return 0
+    print(f"report: {report}")
+    return 0 if all(r.passed for r in results) else 1
 
 
 def _parse_tokens(text: str) -> list[int]:
@@ -424,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="harness", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("demo", help="synthesize a tiny model and show the harness at work")
+    s = sub.add_parser("demo", help="the seed bug (candle#1815) caught and reported, clean run beside it")
     s.add_argument("--out-dir", default="reports", help="where files are written (default: reports)")
     s.set_defaults(func=cmd_demo)
 

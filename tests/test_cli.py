@@ -90,11 +90,17 @@ def test_truncated_model_is_one_line(tiny, tmp_path):
 
 
 def test_demo(tmp_path):
+    """The main job: the seed bug caught where it is, beside a clean run, in one report."""
     done = run_cli("demo", "--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "demo-tiny.gguf").exists()
-    assert "layout per-expert, router F16" in done.stdout
-    assert "router blk.0.ffn_gate_inp.weight (F16) dequantized to" in done.stdout
+    assert "per-expert experts, F16 router" in done.stdout
+    assert "PASS demo-clean  clean" in done.stdout
+    assert "PASS demo-candle-1815  dirty: mismatch at layers.0.moe.router (blk.0.ffn_gate_inp.weight)" in done.stdout
+    assert "caught: mismatch in layers.0.moe.router (blk.0.ffn_gate_inp.weight)" in done.stdout
+    assert "harness/quant/qmatmul.py" in done.stdout  # the source line of the offending op
+    report = tmp_path / "demo.html"
+    assert report.is_file() and "blk.0.ffn_gate_inp.weight" in report.read_text()
+    assert (tmp_path / "demo" / "demo-candle-1815.jsonl").is_file()
 
 
 def test_run_prints_text_and_speeds(tiny):
