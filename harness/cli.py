@@ -328,7 +328,16 @@ def cmd_trace(args) -> int:
         else:
             prompt = _parse_tokens(args.tokens if args.tokens is not None else "1")
         model.check_tokens(prompt)
-        header = {"prompt_tokens": prompt, "decode": args.decode, "command": "harness trace"}
+        if args.fault:
+            from harness import faults
+
+            stack.enter_context(faults.get(args.fault).inject(model))  # removed when the run ends
+        header = {
+            "prompt_tokens": prompt,
+            "decode": args.decode,
+            "command": "harness trace",
+            "fault": args.fault,
+        }
         tracer = Tracer(model, path=trace_path, sample_every=args.sample_every, header=header)
         bar = None
         if args.decode >= 8:
@@ -441,6 +450,28 @@ def cmd_cases(args) -> int:
     return 1 if counts["failed"] else 0
 
 
+def cmd_faults(args) -> int:
+    from harness.faults import CATALOG
+
+    if args.json:
+        rows = [
+            {
+                "name": f.name,
+                "class": f.expected_class,
+                "summary": f.summary,
+                "requires": f.requires,
+                "doc": f.doc,
+            }
+            for f in CATALOG.values()
+        ]
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(name) for name in CATALOG)
+    for f in CATALOG.values():
+        print(f"{f.name:<{width}}  {f.expected_class:<8}  {f.summary}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from harness.gguf_file import PRESETS
 
@@ -484,6 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .npy path")
     s.set_defaults(func=cmd_logits)
 
+    s = sub.add_parser(
+        "faults", help="list the fault catalog: name, the class the tracer reports, what it breaks"
+    )
+    s.add_argument(
+        "--json", action="store_true", help="print JSON, with each fault's requirements and documentation"
+    )
+    s.set_defaults(func=cmd_faults)
+
     s = sub.add_parser("tokenize", help="print the ids of a text as a JSON list")
     s.add_argument("model")
     s.add_argument("text")
@@ -505,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", default=None, metavar="OUT.jsonl", help="write the trace (JSON Lines) here")
     s.add_argument("--report", default=None, metavar="OUT.html", help="write the run's HTML report here")
+    s.add_argument(
+        "--fault", default=None, metavar="NAME", help="inject a fault from the catalog (`harness faults`)"
+    )
     s.set_defaults(func=cmd_trace)
 
     s = sub.add_parser("report", help="build one HTML report from saved traces (two traces: with their diff)")

@@ -95,7 +95,10 @@ def test_demo(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "per-expert experts, F16 router" in done.stdout
     assert "PASS demo-clean  clean" in done.stdout
-    assert "PASS demo-candle-1815  dirty: mismatch at layers.0.moe.router (blk.0.ffn_gate_inp.weight)" in done.stdout
+    assert (
+        "PASS demo-candle-1815  dirty: mismatch at layers.0.moe.router (blk.0.ffn_gate_inp.weight)"
+        in done.stdout
+    )
     assert "caught: mismatch in layers.0.moe.router (blk.0.ffn_gate_inp.weight)" in done.stdout
     assert "harness/quant/qmatmul.py" in done.stdout  # the source line of the offending op
     report = tmp_path / "demo.html"
@@ -178,3 +181,46 @@ def test_model_commands_bad_input(tiny, tmp_path, args, needle):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], done.stderr
+
+
+def test_faults_lists_the_catalog(capsys):
+    from harness.faults import CATALOG
+
+    assert main(["faults"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(CATALOG) >= 10
+    assert lines[0].split()[:2] == ["candle-1815", "mismatch"]
+    assert main(["faults", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == set(CATALOG)
+
+
+def test_trace_with_a_fault_is_caught_and_exits_1(tiny, tmp_path):
+    out = tmp_path / "t.jsonl"
+    done = run_cli("trace", str(tiny), "--device", "emulated", "--fault", "candle-1815", "--json", str(out))
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["verdict"] == "dirty"
+    first = summary["first_offence"]
+    assert (first["class"], first["module"], first["tensor"]) == (
+        "mismatch",
+        "layers.0.moe.router",
+        "blk.0.ffn_gate_inp.weight",
+    )
+    clean = run_cli("trace", str(tiny), "--device", "emulated", "--json", str(out))
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["verdict"] == "clean"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--device", "emulated", "--fault", "nope"], "unknown fault 'nope'"),
+        (["--device", "cpu", "--fault", "candle-1815"], "candle-1815 does not apply"),
+    ],
+)
+def test_trace_bad_fault(tiny, args, needle):
+    done = run_cli("trace", str(tiny), *args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0]
