@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.trace import conformance
-from harness.trace.conformance import ACCEPTS, REFUSES, ROWS, UNSUPPORTED, run_row
+from harness.trace import conformance, emulated
+from harness.trace.conformance import ACCEPTS, REFUSES, ROWS, UNSUPPORTED, Dev, is_refusal, run_row
 
 IDS = [row.id for row in ROWS]
 
@@ -95,3 +95,30 @@ def test_format_table_lists_every_row():
     text = conformance.format_table(results)
     assert len(text.splitlines()) == len(ROWS)
     assert "FAIL" not in text
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_tracer_classifies_each_row_as_cuda_does(row):
+    """The tracer's own rule (`classify.refused`, which judges recorded devices without running
+    anything) agrees with real CUDA on every row, and so does the mismatch class it records."""
+    from torch import nn
+
+    from harness.trace import MISMATCH, Tracer
+    from harness.trace.classify import refused
+
+    gpu, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    devices = {"gpu": gpu, "gpu1": gpu1, "cpu": torch.device("cpu")}
+    with emulated.EmulatedCuda(device_count=2):
+        inputs = {
+            k: devices[v.place] if isinstance(v, Dev) else v.make().to(devices[v.place])
+            for k, v in row.inputs.items()
+        }
+        with Tracer(nn.Module(), keep_events=True) as tracer:
+            try:
+                row.call(*inputs.values())
+            except Exception as exc:
+                if not is_refusal(exc):
+                    raise
+    seen = [(e.op, e.inputs) for e in tracer.events]
+    assert any(refused(e) for e in tracer.events) == (row.expect == REFUSES), seen
+    assert any(e.cls == MISMATCH for e in tracer.events) == (row.expect == REFUSES), seen
