@@ -40,6 +40,8 @@ class RMSNorm(nn.Module):
 class Embedding(nn.Module):
     """Rows of the quantized token table, dequantized on its device: only the rows asked for."""
 
+    outputs_activations = True  # for a tracer: the rows it returns are no longer the weight
+
     def __init__(self, table: QTensor):
         super().__init__()
         self.gguf_name = table.name

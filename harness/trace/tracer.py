@@ -410,6 +410,8 @@ class Tracer:
         stack.append(entry)
 
     def _post_hook(self, module, args, output) -> None:
+        if isinstance(output, torch.Tensor) and getattr(module, "outputs_activations", False):
+            self._weights.pop(id(output), None)  # looked-up rows of a table are activations, not the weight
         stack = self._stack
         if stack:
             path = stack.pop()[0]
