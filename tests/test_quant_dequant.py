@@ -225,7 +225,7 @@ def test_meta_device_needs_no_host_reads(qtype: GGMLType) -> None:
     assert out.dtype == torch.bfloat16
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(real=True)
 @pytest.mark.parametrize("layout", ["byte_shape", "misaligned"])
 @pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=ids)
 def test_cuda_output_on_raw_device_and_bit_identical(qtype: GGMLType, layout: str) -> None:

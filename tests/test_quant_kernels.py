@@ -195,7 +195,7 @@ def _cuda_device() -> torch.device:
     return torch.device("cuda", torch.cuda.device_count() - 1)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(real=True)
 @pytest.mark.parametrize("blocks_shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("qtype_name", _kernel_type_names())
 def test_cuda_matches_gguf_bitwise(qtype_name, blocks_shape):
@@ -214,7 +214,7 @@ def test_cuda_matches_gguf_bitwise(qtype_name, blocks_shape):
     assert mismatched == 0, f"{qtype_name} {shape}: {mismatched} of {want.numel()} values differ from gguf"
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(real=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("qtype_name", _kernel_type_names())
 def test_cuda_half_outputs_are_the_float32_result_cast(qtype_name, dtype):
@@ -228,7 +228,7 @@ def test_cuda_half_outputs_are_the_float32_result_cast(qtype_name, dtype):
     assert torch.equal(bits(half), bits(full.to(dtype)))
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(real=True)
 @pytest.mark.parametrize("qtype_name", _kernel_type_names())
 def test_cuda_misaligned_input_and_launch_overrides(qtype_name):
     """Bytes starting at an odd address (a slice of a larger buffer) and other program sizes."""

@@ -57,7 +57,7 @@ def test_emulated(row, reference):
         _check_accepted(result, reference[row.id])  # the same CPU kernels: exact
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(real=True)
 @pytest.mark.parametrize("row", ROWS, ids=IDS)
 def test_cuda(row, reference):
     result = run_row(row, "cuda")

@@ -249,7 +249,7 @@ def test_state_is_restored_after_the_block():
         assert torch.cuda.device_count() == 1
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(real=True)
 def test_real_cuda_tensors_keep_working_inside_and_after():
     real = torch.arange(4.0, device="cuda")
     with EmulatedCuda(device_count=3):
