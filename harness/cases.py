@@ -723,6 +723,7 @@ class CaseResult:
     seconds: float = 0.0
     raised: str | None = None
     skip_reason: str | None = None
+    routing: Any = None  # tokens per expert per layer (harness.report.RoutingCounts), for a report
 
     @property
     def name(self) -> str:
@@ -962,9 +963,11 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
                     f"it needs {fault.requires}",
                 )
             stack.enter_context(fault.inject(model))
+        from harness.report import collect_routing
+
         tracer = Tracer(model, path=trace_path, header=header)
         try:
-            with tracer:
+            with collect_routing(model) as routing, tracer:
                 generate(model, tokens, case.decode + 1)
         except HarnessError:
             raise
@@ -974,6 +977,7 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
     summary = tracer.summary
     result.summary = summary.to_dict()
     result.trace_path = trace_path
+    result.routing = routing
     first = summary.first_offence or {}
     result.checks.append(
         ("verdict", case.expect.verdict, summary.verdict, case.expect.verdict == summary.verdict)

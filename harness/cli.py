@@ -154,6 +154,7 @@ def cmd_demo(args) -> int:
     report = build_report(
         [r.trace_path for r in results],
         out_dir / "demo.html",
+        routing=[r.routing for r in results],
         title="harness demo: candle#1815",
         diff_pairs=[(0, 1)],
     )
