@@ -34,7 +34,14 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   "${pip[@]}" "torch==$TORCH_VERSION"
 else
   echo "setup: no NVIDIA GPU: installing the CPU wheel torch==$TORCH_VERSION+cpu"
-  "${pip[@]}" --extra-index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION+cpu"
+  # PyTorch's CPU index, where it can be reached (pip would retry it for every dependency
+  # otherwise); a local wheel found through pip's own configuration serves where it cannot.
+  cpu_index=https://download.pytorch.org/whl/cpu
+  if "$py" -c "import urllib.request; urllib.request.urlopen('$cpu_index/', timeout=5)" 2>/dev/null; then
+    "${pip[@]}" --extra-index-url "$cpu_index" "torch==$TORCH_VERSION+cpu"
+  else
+    "${pip[@]}" "torch==$TORCH_VERSION+cpu"
+  fi
 fi
 
 "${pip[@]}" -e ".[$EXTRAS]"
