@@ -94,17 +94,21 @@ class Injection:
 
     def replace_forward(self, module: torch.nn.Module, fn: Callable) -> None:
         """`module.forward` becomes `fn` bound to the module (an instance attribute)."""
+        self.replace_method(module, "forward", fn)
+
+    def replace_method(self, module: torch.nn.Module, name: str, fn: Callable) -> None:
+        """`module.<name>` becomes `fn` bound to the module (an instance attribute)."""
         d = module.__dict__
 
         def put(v):
             if v is _ABSENT:
-                d.pop("forward", None)
+                d.pop(name, None)
             else:
-                d["forward"] = v
+                d[name] = v
 
         self._change(
-            f"forward of {self._path(module) or '<model>'}",
-            lambda: d.get("forward", _ABSENT),
+            f"{name} of {self._path(module) or '<model>'}",
+            lambda: d.get(name, _ABSENT),
             put,
             types.MethodType(fn, module),
         )
@@ -396,29 +400,15 @@ def _norm_inject(model, inj):
 # ---- causal-mask-on-host -------------------------------------------------------------------------
 
 
-def _mask_on_host_forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-    # Attention.forward, but with the causal mask built on the host on every call.
-    t = x.shape[0]
-    q = self.rope(self.wq(x).view(t, self.n_heads, self.head_dim), start_pos)  # [T, H, Hd]
-    k = self.rope(self.wk(x).view(t, self.n_kv_heads, self.head_dim), start_pos)  # [T, K, Hd]
-    v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)  # [T, K, Hd]
-    keys, values = self.cache.update(k, v, start_pos)  # [K, S, Hd]
-    group = self.n_heads // self.n_kv_heads
-    q = q.transpose(0, 1).reshape(self.n_kv_heads, group * t, self.head_dim)  # [K, group*T, Hd]
-    scores = (q @ keys.transpose(1, 2)) * self.head_dim**-0.5  # [K, group*T, S]
-    scores = scores.view(self.n_kv_heads, group, t, -1)  # [K, group, T, S]
-    s = keys.shape[1]
+def _mask_on_host(self, start_pos: int, t: int, s: int, device: torch.device) -> torch.Tensor:
+    # Attention.causal_mask, but built on the host on every call and then uploaded.
     q_pos = torch.arange(start_pos, start_pos + t)[:, None]  # FAULT: no device=, so on the host
     k_pos = torch.arange(s)[None, :]
-    mask = (k_pos > q_pos).to(x.device)  # [T, S], uploaded on every call
-    scores = scores.masked_fill(mask, float("-inf"))
-    probs = scores.float().softmax(-1).to(values.dtype).view(self.n_kv_heads, group * t, s)
-    out = (probs @ values).view(self.n_heads, t, self.head_dim)  # [H, T, Hd]
-    return self.wo(out.transpose(0, 1).reshape(t, self.n_heads * self.head_dim))
+    return (k_pos > q_pos).to(device)  # [T, S], uploaded on every call
 
 
 def _mask_inject(model, inj):
-    inj.replace_forward(model.get_submodule(_attn_path(model)), _mask_on_host_forward)
+    inj.replace_method(model.get_submodule(_attn_path(model)), "causal_mask", _mask_on_host)
 
 
 # ---- dequant-host-constants ----------------------------------------------------------------------

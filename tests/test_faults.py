@@ -159,10 +159,12 @@ def paths(tmp_path_factory):
 
 
 def _state(model: Mixtral) -> dict:
-    """Every object a fault may replace: instance forwards, buffers, patched module functions."""
+    """Every object a fault may replace: instance methods (forward, causal_mask), buffers,
+    patched module functions."""
     state = {("fn", "dequant._consts"): dequant._consts, ("fn", "kernels.supports"): kernels.supports}
     for path, m in model.named_modules():
-        state[("forward", path)] = m.__dict__.get("forward")
+        for name in ("forward", "causal_mask"):
+            state[(name, path)] = m.__dict__.get(name)
         for name, b in m._buffers.items():
             state[("buffer", f"{path}.{name}")] = b
     return state

@@ -130,12 +130,16 @@ class Attention(nn.Module):
         scores = (q @ keys.transpose(1, 2)) * self.head_dim**-0.5  # [K, group*T, S]
         scores = scores.view(self.n_kv_heads, group, t, -1)  # [K, group, T, S]
         s = keys.shape[1]
-        q_pos = torch.arange(start_pos, start_pos + t, device=x.device)[:, None]  # [T, 1]
-        k_pos = torch.arange(s, device=x.device)[None, :]  # [1, S]
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        scores = scores.masked_fill(self.causal_mask(start_pos, t, s, x.device), float("-inf"))
         probs = scores.float().softmax(-1).to(values.dtype).view(self.n_kv_heads, group * t, s)
         out = (probs @ values).view(self.n_heads, t, self.head_dim)  # [H, T, Hd]
         return self.wo(out.transpose(0, 1).reshape(t, self.n_heads * self.head_dim))
+
+    def causal_mask(self, start_pos: int, t: int, s: int, device: torch.device) -> torch.Tensor:
+        """[T, S] True where query position start_pos + i must not see key position j, built on `device`."""
+        q_pos = torch.arange(start_pos, start_pos + t, device=device)[:, None]  # [T, 1]
+        k_pos = torch.arange(s, device=device)[None, :]  # [1, S]
+        return k_pos > q_pos
 
 
 class FeedForward(nn.Module):
