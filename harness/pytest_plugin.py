@@ -45,12 +45,13 @@ MARKERS = {
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N or emulated"
 EMULATED_NOTE = "ran on the emulated accelerator (no GPU here)"
+_OPTION_GROUP = ("harness", "device-consistency harness")  # every option of the plugin is in it
 _PROPERTY = "harness_accelerator"  # user property of a cuda test's reports: "cuda" or "emulated"
 _PARTS_KEY = "harness_parts_dir"  # workerinput key: the folder shared with the controller
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("harness", "device-consistency harness")
+    group = parser.getgroup(*_OPTION_GROUP)
     group.addoption(
         "--device",
         dest="harness_device",
@@ -506,7 +507,7 @@ _CASE_KEYS = None  # the compiled pattern, made on first use
 
 
 def _add_case_options(parser: pytest.Parser) -> None:
-    group = parser.getgroup("harness", "device-consistency harness")
+    group = parser.getgroup(*_OPTION_GROUP)
     group.addoption(
         "--harness-no-cases",
         action="store_true",

@@ -187,13 +187,18 @@ def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _q4_k(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
-    # d f16 | dmin f16 | scales[12] | qs[128]
+def _k_sub_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: d*scale and dmin*min of the 8 sub-blocks, each [N, 8, 1] float32."""
     n = blocks.shape[0]
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # [N, 1]
     sc, mn = _k_scale_min(blocks[:, 4:16])
-    dl = (d * sc.float()).view(n, 8, 1)  # [N, S=8, 1]
-    ml = (dmin * mn.float()).view(n, 8, 1)
+    return (d * sc.float()).view(n, 8, 1), (dmin * mn.float()).view(n, 8, 1)
+
+
+def _q4_k(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # d f16 | dmin f16 | scales[12] | qs[128]
+    n = blocks.shape[0]
+    dl, ml = _k_sub_scales(blocks)  # [N, S=8, 1]
     q = _nibbles(blocks[:, 16:144].view(n, 4, 32), c).view(n, 8, 32)  # [N, S, L=32]
     return (dl * q.float()).sub_(ml).view(n, 256)  # (dl * q) - ml
 
@@ -201,10 +206,7 @@ def _q4_k(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
 def _q5_k(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     # d f16 | dmin f16 | scales[12] | qh[32] | qs[128]
     n = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # [N, 1]
-    sc, mn = _k_scale_min(blocks[:, 4:16])
-    dl = (d * sc.float()).view(n, 8, 1)  # [N, S=8, 1]
-    ml = (dmin * mn.float()).view(n, 8, 1)
+    dl, ml = _k_sub_scales(blocks)  # [N, S=8, 1]
     ql = _nibbles(blocks[:, 48:176].view(n, 4, 32), c).view(n, 8, 32)  # [N, S, L=32]
     qh = _split(blocks[:, 16:48].view(n, 1, 32), c.bit, 1).view(n, 8, 32)
     q = ql.bitwise_or_(qh << 4)
