@@ -185,22 +185,7 @@ class _OpInfo:
         self.plain = kind in (K_OTHER, K_COPY_TO, K_COPY_INTO, K_COPY_FROM)
 
 
-class _Mode(TorchDispatchMode):
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # torch wraps __torch_dispatch__ in a dynamo-disabling shim (about 0.5 us an op); the
-        # tracer traces eager runs, where there is no dynamo to keep out.
-        return False
-
-    def __init__(self, dispatch: Callable):
-        super().__init__()
-        self._dispatch = dispatch
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return self._dispatch(func, args, kwargs)
-
-
-class Tracer:
+class Tracer(TorchDispatchMode):
     """Records every aten op run inside `with Tracer(model, path=...) as tracer:`.
 
     - `model`: the model (a `Mixtral`, or any module; its submodule paths name the events);
@@ -213,7 +198,14 @@ class Tracer:
     - `header`: extra fields for the header record.
 
     After the block, `tracer.summary` is the `Summary`; `tracer.verdict` "clean" or "dirty".
+    The tracer is itself the dispatch mode (a mode calling back into it costs a call per op).
     """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps __torch_dispatch__ in a dynamo-disabling shim (about 0.5 us an op); the
+        # tracer traces eager runs, where there is no dynamo to keep out.
+        return False
 
     def __init__(
         self,
@@ -231,6 +223,7 @@ class Tracer:
             raise UsageError(None, "sample_every", f"must be a positive integer, got {sample_every!r}")
         if unsampled not in ("skip", "count"):
             raise UsageError(None, "unsampled", f"must be 'skip' or 'count', got {unsampled!r}")
+        super().__init__()
         self.model = model
         if placement is None and model is not None:
             placement = getattr(model, "placement", None)
@@ -277,7 +270,8 @@ class Tracer:
         self._lines: list[str] | None = None  # the writer's line buffer
         self._encode: Callable[[Event], str] | None = None
         self._specs = _SpecCache()
-        self._seen: dict[tuple, list] = {}  # ok events of the fast path: kind -> [line body, count]
+        self._seen: dict[tuple, list | bool] = {}  # kinds of event: [line body, count] of ok ones, else False
+        self._fast = not self.keep_events
         self._t0 = 0.0
 
     def _build_maps(self) -> None:
@@ -357,22 +351,21 @@ class Tracer:
             self._write = self._writer.write
             self._lines = self._writer.lines
             self._encode = self._writer.encode
-        self._mode = _Mode(self._dispatch)
         self._install_global_hooks()
         if self.model is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._root_pre))
             self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
         self._t0 = time.perf_counter()
         self._active = True
-        self._mode.__enter__()
+        super().__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if self._mode_popped:
-                _push_mode(self._mode)
+                _push_mode(self)
                 self._mode_popped = False
-            self._mode.__exit__(exc_type, exc, tb)
+            super().__exit__(exc_type, exc, tb)
         finally:
             self._active = False
             self._remove_global_hooks()
@@ -445,13 +438,13 @@ class Tracer:
         self._remove_global_hooks()
         self._skipping = True
         self._recording = False
-        if self.unsampled == "skip" and _get_current_dispatch_mode() is self._mode:
+        if self.unsampled == "skip" and _get_current_dispatch_mode() is self:
             _pop_mode()
             self._mode_popped = True
 
     def _resume(self) -> None:
         if self._mode_popped:
-            _push_mode(self._mode)
+            _push_mode(self)
             self._mode_popped = False
         self._install_global_hooks()
         self._stack.append(self._paths[self.model])  # the global post-hook pops it at the call's end
@@ -460,7 +453,7 @@ class Tracer:
 
     # -- the hot path --------------------------------------------------------------------
 
-    def _dispatch(self, func, args, kwargs):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # Everything about the op is taken before it runs; an op that raises is recorded with
         # its exception. Written for speed: this runs for every op of the model.
         if not self._recording:
@@ -496,7 +489,7 @@ class Tracer:
 
         # The innermost frame of model code (not torch, not the tracer): code -> {instruction:
         # "file:line in function"} (f_lasti is cheap; f_lineno scans the line table).
-        f = sys._getframe(1).f_back  # the caller of __torch_dispatch__ (None from C++ threads)
+        f = sys._getframe(1)  # the code that called the op (None from C++ threads)
         sources = self._sources
         source = None
         while f is not None:
@@ -535,28 +528,21 @@ class Tracer:
         else:
             outputs = ()
 
-        # The common case, an ordinary op of a module with every tensor on the module's device,
-        # is ok; its line is the same as the last time this op ran here on these shapes.
-        if (info.plain or expected == "cpu") and expected is not None and not self.keep_events:
-            for spec in inputs:
-                if spec[0] != expected:
-                    break
-            else:
-                for spec in outputs:
-                    if spec[0] != expected:
-                        break
-                else:
-                    key = (info, module, source, alias, names, inputs, outputs)
-                    seen = self._seen.get(key)
-                    if seen is None:
-                        seen = self._new_seen(key)
-                    seen[1] += 1
-                    lines = self._lines
-                    if lines is not None:
-                        lines.append(f'{{"seq":{seq},"step":{self._step},{seen[0]}')
-                        if len(lines) >= BATCH:
-                            self._writer.drain()
-                    return out
+        # The common case: an op that ran here before on these specs and was found an ordinary
+        # ok event then (see `_new_seen`); its line is the same as that time's.
+        if self._fast:
+            key = (info, module, source, alias, names, inputs, outputs)
+            seen = self._seen.get(key)
+            if seen is None:
+                seen = self._new_seen(key, expected)
+            if seen is not False:
+                seen[1] += 1
+                lines = self._lines
+                if lines is not None:
+                    lines.append(f'{{"seq":{seq},"step":{self._step},{seen[0]}')
+                    if len(lines) >= BATCH:
+                        self._writer.drain()
+                return out
 
         ev = Event(seq, self._step, info.name, module, expected, names, source, list(inputs))
         ev.outputs = list(outputs)
@@ -564,24 +550,36 @@ class Tracer:
         self._finish(ev)
         return out
 
-    def _new_seen(self, key: tuple) -> list:
-        """[line body, count] for a kind of ok event of the fast path."""
+    def _new_seen(self, key: tuple, expected: str | None) -> list | bool:
+        """[line body, count] for a kind of event that is ok without further ado: an op with no
+        rule of its own (not a sync or index op; a copy that crosses no device is no transfer),
+        or any op of a CPU module, with every tensor on the module's device. False for any
+        other kind (it goes to the classifier every time)."""
         if len(self._seen) >= _SEEN_LIMIT:
             self._fold_seen()
         info, module, source, alias, names, inputs, outputs = key
+        plain = (
+            expected is not None
+            and (info.plain or expected == "cpu")
+            and all(spec[0] == expected for spec in inputs)
+            and all(spec[0] == expected for spec in outputs)
+        )
+        if not plain:
+            self._seen[key] = False
+            return False
         body = None
         if self._writer is not None:
-            expected = self._expected_device(module)
             body = self._writer.ok_body(info.name, module, expected, source, inputs, outputs, names, alias)
         seen = self._seen[key] = [body, 0]
         return seen
 
     def _fold_seen(self) -> None:
         """Moves the counts of the fast path's ok events into the counters."""
-        for (_, module, *_), (_, n) in self._seen.items():
-            key = (module, self._expected_device(module))
-            self._modules[key] = self._modules.get(key, 0) + n
-            self._counts[OK] += n
+        for (_, module, *_), seen in self._seen.items():
+            if seen is not False:
+                key = (module, self._expected_device(module))
+                self._modules[key] = self._modules.get(key, 0) + seen[1]
+                self._counts[OK] += seen[1]
         self._seen = {}
 
     def _follow(self, info: _OpInfo, args, out: torch.Tensor) -> None:
@@ -688,7 +686,7 @@ class Tracer:
     @property
     def counts(self) -> dict[str, int]:
         counts = dict(self._counts)
-        counts[OK] += sum(n for _, n in self._seen.values())
+        counts[OK] += sum(seen[1] for seen in self._seen.values() if seen is not False)
         return counts
 
     @property
