@@ -122,3 +122,80 @@ def test_tracer_classifies_each_row_as_cuda_does(row):
     seen = [(e.op, e.inputs) for e in tracer.events]
     assert any(refused(e) for e in tracer.events) == (row.expect == REFUSES), seen
     assert any(e.cls == MISMATCH for e in tracer.events) == (row.expect == REFUSES), seen
+
+
+# -- the sync table ---------------------------------------------------------------------------------
+
+SYNC_IDS = [row.id for row in conformance.SYNC_ROWS]
+
+
+def test_the_sync_table():
+    rows = conformance.SYNC_ROWS
+    assert len(set(SYNC_IDS)) == len(SYNC_IDS)
+    assert sum(r.syncs for r in rows) >= 10 and sum(not r.syncs for r in rows) >= 10
+    for op in (
+        "item",
+        "tolist",
+        "nonzero",
+        "masked_select",
+        "unique",
+        "repeat_interleave",
+        "one_hot",
+        "histc",
+    ):
+        assert op in {r.op for r in rows}
+    assert all(r.why for r in rows)
+
+
+def _run_in_a_module(row, device):
+    """The row's op inside a submodule of a traced model, its inputs on `device`."""
+    from torch import nn
+
+    from harness.trace import Tracer
+
+    class Op(nn.Module):
+        def forward(self, *xs):
+            return row.call(*xs)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.op = Op()
+
+        def forward(self, *xs):
+            return self.op(*xs)
+
+    model = Model()
+    inputs = [v.make().to(device) for v in row.inputs.values()]
+    with Tracer(model, keep_events=True) as tracer:
+        model(*inputs)
+    return tracer
+
+
+def _check_tracer_on_sync_row(row, tracer):
+    from harness.trace import MISMATCH, SYNC
+
+    seen = [(e.op, e.cls) for e in tracer.events]
+    assert any(e.cls == SYNC for e in tracer.events) == row.syncs, seen
+    assert tracer.summary.counts[MISMATCH] == 0, seen
+    if row.syncs:
+        first = tracer.summary.first_offence
+        assert first["class"] == SYNC and first["module"] == "op", first
+        assert first["source"].startswith("tests/test_trace_conformance.py:"), first  # Op.forward
+
+
+@pytest.mark.parametrize("row", conformance.SYNC_ROWS, ids=SYNC_IDS)
+def test_tracer_flags_the_syncs_of_the_sync_table(row):
+    with emulated.EmulatedCuda(device_count=1):
+        tracer = _run_in_a_module(row, torch.device("cuda", 0))
+    _check_tracer_on_sync_row(row, tracer)
+
+
+@pytest.mark.cuda(real=True)
+@pytest.mark.parametrize("row", conformance.SYNC_ROWS, ids=SYNC_IDS)
+def test_sync_table_on_cuda(row):
+    """Real CUDA: the host waits for queued GPU work exactly on the rows that say it syncs, and the
+    tracer, on real CUDA too, flags exactly those."""
+    result = conformance.run_sync_row(row)
+    assert result.waited == row.syncs, str(result)
+    _check_tracer_on_sync_row(row, _run_in_a_module(row, torch.device("cuda", 0)))

@@ -49,6 +49,28 @@ SYNC_OPS = frozenset(
         "tolist",
     }
 )
+
+
+def _output_size_unknown(args, kwargs) -> bool:
+    # repeat_interleave(repeats): the output's length is the sum of the repeats, read on the host
+    # unless the caller gives it (`output_size=`).
+    return (kwargs or {}).get("output_size") is None
+
+
+def _range_unknown(args, kwargs) -> bool:
+    # histc(x, bins, min, max): with min == max (the default 0, 0) CUDA reads x's min and max first.
+    kwargs = kwargs or {}
+    lo = kwargs.get("min", args[2] if len(args) > 2 else 0)
+    hi = kwargs.get("max", args[3] if len(args) > 3 else 0)
+    return lo == hi
+
+
+# Ops that read device data on the host only for some arguments: op -> (args, kwargs) -> whether
+# this call does. The tracer asks before the op runs and marks the event `sized` when it does not.
+SYNC_UNLESS = {
+    "aten.repeat_interleave.Tensor": _output_size_unknown,
+    "aten.histc.default": _range_unknown,
+}
 INDEX_GET = frozenset({"index", "_unsafe_index"})  # (self, *indices)
 # (self, *indices, value)
 INDEX_PUT = frozenset({"index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"})
@@ -87,7 +109,7 @@ def op_kind(op: str) -> int:
             kind = K_COPY_INTO
         elif b in COPY_FROM:
             kind = K_COPY_FROM
-        elif b in SYNC_OPS:
+        elif b in SYNC_OPS or op in SYNC_UNLESS:
             kind = K_SYNC
         elif b in INDEX_GET:
             kind = K_INDEX_GET
@@ -263,7 +285,7 @@ class Classifier:
                 event.cls = cls
                 return cls
         elif kind == K_SYNC:
-            if ins and ins[0][0] != "cpu":
+            if ins and ins[0][0] != "cpu" and not event.sized:
                 cls = ALLOWED if event.module is None else SYNC
                 event.cls = cls
                 return cls

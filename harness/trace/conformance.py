@@ -26,6 +26,7 @@ CPU indices moved), `_index_put_impl_` (indices moved, 0-dim value moved), `copy
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -733,3 +734,198 @@ def format_table(results: list[Result]) -> str:
         mark = "ok  " if r.verdict in (r.row.expect, UNSUPPORTED) else "FAIL"
         lines.append(f"{mark} {r.row.describe():<90} expect {r.row.expect:<8} {r.backend}: {r.verdict}")
     return "\n".join(lines)
+
+
+# ---- the sync table --------------------------------------------------------------------------------
+#
+# Which ops make the host wait for the GPU (a "sync": the op needs device data on the host, for a
+# value or for the size of its output). Every input lives on the GPU. On real CUDA a row is
+# checked by what the host does: a kernel that keeps the GPU busy for a while (`torch.cuda._sleep`)
+# is queued first, and an op that syncs cannot return before it is done; one that does not returns
+# at once. The tests check the tracer's `sync` class against the same table.
+
+SYNCS, NO_SYNC = True, False
+
+
+@dataclass(frozen=True)
+class SyncRow:
+    """One op on GPU tensors, and whether real CUDA makes the host wait for it."""
+
+    op: str
+    inputs: dict[str, Input]
+    call: Callable[..., object]
+    syncs: bool
+    why: str
+    note: str = ""
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v.describe({'gpu': 'cuda:0', 'cpu': 'cpu'})}" for k, v in self.inputs.items())
+        note = f", {self.note}" if self.note else ""
+        return f"{self.op}({args}{note})"
+
+    @property
+    def id(self) -> str:
+        return self.describe()
+
+    def __str__(self) -> str:
+        return f"{self.describe()} -> {'syncs' if self.syncs else 'no sync'}"
+
+
+def counts(place: str, values: list[int]) -> Input:
+    return longs(place, values)
+
+
+_COUNTS = [1, 2, 0, 3, 1, 1]  # repeats; they sum to 8
+VALUE = "the op returns a Python value: the host must read it"
+SHAPE = "the output's shape depends on the data: the host reads a count first"
+STAYS = "computed on the GPU into an output of known shape"
+
+SYNC_ROWS: tuple[SyncRow, ...] = (
+    SyncRow("item", {"x": f32("gpu", 8)}, lambda x: x.sum().item(), SYNCS, VALUE),
+    SyncRow(
+        "bool", {"x": f32("gpu", 8)}, lambda x: bool(x.sum() > 0), SYNCS, VALUE, note="if on a device scalar"
+    ),
+    SyncRow("tolist", {"x": f32("gpu", 8)}, lambda x: x.tolist(), SYNCS, VALUE),
+    SyncRow("equal", {"a": f32("gpu", 8), "b": f32("gpu", 8, seed=1)}, torch.equal, SYNCS, VALUE),
+    SyncRow("cpu", {"x": f32("gpu", 8)}, lambda x: x.cpu(), SYNCS, "a blocking device-to-host copy"),
+    SyncRow("nonzero", {"x": f32("gpu", 8)}, torch.nonzero, SYNCS, SHAPE),
+    SyncRow("where", {"x": f32("gpu", 8)}, lambda x: torch.where(x > 0), SYNCS, SHAPE, note="condition only"),
+    SyncRow(
+        "index", {"x": f32("gpu", 8), "m": mask("gpu", 8)}, lambda x, m: x[m], SYNCS, SHAPE, note="bool mask"
+    ),
+    SyncRow("masked_select", {"x": f32("gpu", 8), "m": mask("gpu", 8)}, torch.masked_select, SYNCS, SHAPE),
+    SyncRow("unique", {"i": counts("gpu", _COUNTS)}, torch.unique, SYNCS, SHAPE),
+    SyncRow("bincount", {"i": counts("gpu", _COUNTS)}, torch.bincount, SYNCS, SHAPE + " (its largest value)"),
+    SyncRow(
+        "repeat_interleave",
+        {"r": counts("gpu", _COUNTS)},
+        torch.repeat_interleave,
+        SYNCS,
+        SHAPE + " (the sum of the repeats)",
+    ),
+    SyncRow(
+        "repeat_interleave",
+        {"r": counts("gpu", _COUNTS)},
+        lambda r: torch.repeat_interleave(r, output_size=8),
+        NO_SYNC,
+        "output_size given: " + STAYS,
+        note="output_size=8",
+    ),
+    SyncRow(
+        "repeat_interleave",
+        {"x": f32("gpu", 6), "r": counts("gpu", _COUNTS)},
+        lambda x, r: x.repeat_interleave(r, dim=0),
+        SYNCS,
+        SHAPE,
+        note="dim=0",
+    ),
+    SyncRow(
+        "one_hot", {"i": counts("gpu", _COUNTS)}, F.one_hot, SYNCS, SHAPE + " (num_classes from the data)"
+    ),
+    SyncRow(
+        "one_hot",
+        {"i": counts("gpu", _COUNTS)},
+        lambda i: F.one_hot(i, num_classes=4),
+        NO_SYNC,
+        STAYS,
+        note="num_classes=4",
+    ),
+    SyncRow(
+        "histc",
+        {"x": f32("gpu", 8)},
+        lambda x: torch.histc(x, bins=4),
+        SYNCS,
+        "min == max: the data's range first",
+    ),
+    SyncRow(
+        "histc",
+        {"x": f32("gpu", 8)},
+        lambda x: torch.histc(x, bins=4, min=-3.0, max=3.0),
+        NO_SYNC,
+        STAYS,
+        note="min=-3, max=3",
+    ),
+    SyncRow(
+        "nonzero_static", {"x": f32("gpu", 8)}, lambda x: torch.nonzero_static(x, size=4), NO_SYNC, STAYS
+    ),
+    SyncRow("topk", {"x": f32("gpu", 4, 8)}, lambda x: x.topk(2, dim=-1), NO_SYNC, STAYS),
+    SyncRow("argsort", {"x": f32("gpu", 8)}, torch.argsort, NO_SYNC, STAYS),
+    SyncRow("max", {"x": f32("gpu", 8)}, torch.max, NO_SYNC, STAYS + " (a 0-dim tensor)"),
+    SyncRow(
+        "index_select",
+        {"x": f32("gpu", 8, 3), "i": counts("gpu", _COUNTS)},
+        lambda x, i: x.index_select(0, i),
+        NO_SYNC,
+        STAYS,
+    ),
+    SyncRow(
+        "index",
+        {"x": f32("gpu", 8, 3), "i": counts("gpu", _COUNTS)},
+        lambda x, i: x[i],
+        NO_SYNC,
+        STAYS,
+        note="long index",
+    ),
+    SyncRow(
+        "masked_fill",
+        {"x": f32("gpu", 8), "m": mask("gpu", 8)},
+        lambda x, m: x.masked_fill(m, 0.0),
+        NO_SYNC,
+        STAYS,
+    ),
+    SyncRow(
+        "where",
+        {"c": mask("gpu", 8), "a": f32("gpu", 8), "b": f32("gpu", 8, seed=1)},
+        torch.where,
+        NO_SYNC,
+        STAYS,
+        note="three arguments",
+    ),
+    SyncRow("cumsum", {"i": counts("gpu", _COUNTS)}, lambda i: i.cumsum(0), NO_SYNC, STAYS),
+)
+
+
+@dataclass
+class SyncResult:
+    row: SyncRow
+    waited: bool  # the host waited for the GPU to finish the work queued before the op
+    seconds: float  # how long the op took on the host
+    busy_seconds: float  # how long the work queued before it kept the GPU busy
+
+    def __str__(self) -> str:
+        what = "waited" if self.waited else "did not wait"
+        return f"{self.row.describe()}: the host {what} ({self.seconds * 1e3:.1f} ms; GPU busy {self.busy_seconds * 1e3:.0f} ms)"
+
+
+def _sleep_cycles(seconds: float) -> int:
+    """GPU clock cycles that `torch.cuda._sleep` spins for about `seconds` (measured)."""
+    cycles = 10_000_000
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(cycles)
+    torch.cuda.synchronize()
+    took = time.perf_counter() - t0
+    return max(1, int(cycles * seconds / max(took, 1e-6)))
+
+
+def run_sync_row(row: SyncRow, busy_seconds: float = 0.2) -> SyncResult:
+    """Run `row` on real CUDA (cuda:0) behind `busy_seconds` of queued GPU work, and see whether
+    the host waited for it. The row runs once before, so that first-call costs (kernel loading,
+    allocation) do not look like waiting."""
+    if emulated.active() is not None:
+        raise RuntimeError("run_sync_row inside an EmulatedCuda block would not reach real CUDA")
+    gpu = torch.device("cuda", 0)
+    inputs = [v.make().to(gpu) for v in row.inputs.values()]
+    row.call(*inputs)
+    cycles = _sleep_cycles(busy_seconds)
+    torch.cuda.synchronize()
+    t_busy = time.perf_counter()
+    torch.cuda._sleep(cycles)
+    torch.cuda.synchronize()
+    busy = time.perf_counter() - t_busy
+    torch.cuda._sleep(cycles)
+    t0 = time.perf_counter()
+    row.call(*inputs)
+    took = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return SyncResult(row, waited=took > busy / 2, seconds=took, busy_seconds=busy)

@@ -74,6 +74,7 @@ class Event:
         "transfer",
         "stack",
         "target",
+        "sized",
     )
 
     def __init__(
@@ -109,6 +110,7 @@ class Event:
         self.transfer = transfer
         self.stack = stack
         self.target = target  # the device a copy goes to, known before it runs (not written)
+        self.sized = False  # an op of `classify.SYNC_UNLESS` told what it would read (not written)
 
     @property
     def devices(self) -> list[str]:
@@ -197,7 +199,8 @@ class Summary:
     `counts` by class (every class present); `first_offence` as `first_offence()` gives it, or
     None; `events` recorded; `steps` {"traced", "skipped"} forward calls; `unrecorded` ops only
     counted (sampled mode "count"); `transfers` totals per (from, to, class); `modules` the
-    number of ops per module and device."""
+    number of ops per module and device; `routing` tokens per expert per layer
+    ({"layers": [...], "counts": [[...]]}) when the tracer collected it, else None."""
 
     verdict: str
     counts: dict[str, int]
@@ -208,6 +211,7 @@ class Summary:
     transfers: list[dict[str, Any]] = field(default_factory=list)
     modules: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    routing: dict[str, Any] | None = None
 
     @property
     def clean(self) -> bool:
@@ -225,6 +229,7 @@ class Summary:
             "transfers": list(self.transfers),
             "modules": self.modules,
             "seconds": self.seconds,
+            "routing": self.routing,
         }
 
     @classmethod
@@ -239,4 +244,5 @@ class Summary:
             transfers=d.get("transfers", []),
             modules=d.get("modules", {}),
             seconds=d.get("seconds", 0.0),
+            routing=d.get("routing"),
         )
