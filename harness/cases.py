@@ -723,7 +723,6 @@ class CaseResult:
     seconds: float = 0.0
     raised: str | None = None
     skip_reason: str | None = None
-    routing: Any = None  # tokens per expert per layer (harness.report.RoutingCounts), for a report
 
     @property
     def name(self) -> str:
@@ -963,11 +962,9 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
                     f"it needs {fault.requires}",
                 )
             stack.enter_context(fault.inject(model))
-        from harness.report import collect_routing
-
-        tracer = Tracer(model, path=trace_path, header=header)
+        tracer = Tracer(model, path=trace_path, header=header, routing=True)
         try:
-            with collect_routing(model) as routing, tracer:
+            with tracer:
                 generate(model, tokens, case.decode + 1)
         except HarnessError:
             raise
@@ -977,7 +974,6 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
     summary = tracer.summary
     result.summary = summary.to_dict()
     result.trace_path = trace_path
-    result.routing = routing
     first = summary.first_offence or {}
     result.checks.append(
         ("verdict", case.expect.verdict, summary.verdict, case.expect.verdict == summary.verdict)

@@ -154,7 +154,6 @@ def cmd_demo(args) -> int:
     report = build_report(
         [r.trace_path for r in results],
         out_dir / "demo.html",
-        routing=[r.routing for r in results],
         title="harness demo: candle#1815",
         diff_pairs=[(0, 1)],
     )
@@ -339,7 +338,7 @@ def cmd_trace(args) -> int:
             "command": "harness trace",
             "fault": args.fault,
         }
-        tracer = Tracer(model, path=trace_path, sample_every=args.sample_every, header=header)
+        tracer = Tracer(model, path=trace_path, sample_every=args.sample_every, header=header, routing=True)
         bar = None
         if args.decode >= 8:
             from tqdm import tqdm
@@ -347,13 +346,8 @@ def cmd_trace(args) -> int:
             bar = stack.enter_context(
                 tqdm(total=args.decode + 1, desc="trace", unit="tok", file=sys.stderr, disable=None)
             )
-        routing = contextlib.nullcontext()
-        if args.report:
-            from harness.report import collect_routing
-
-            routing = collect_routing(model)  # tokens per expert per layer, for the heatmap
         try:
-            with tracer, routing as routing:
+            with tracer:
                 generate(model, prompt, args.decode + 1, on_token=(lambda _: bar.update()) if bar else None)
         except HarnessError:
             raise
@@ -362,7 +356,7 @@ def cmd_trace(args) -> int:
                 raise  # not a fault the trace explains
             # The offending op raised (CUDA refuses a mismatch): the summary says where.
         if args.report:
-            _trace_report(args, trace_path, routing)
+            _trace_report(args, trace_path)
     summary = tracer.summary
     print(json.dumps(summary.to_dict(), separators=(",", ":")))
     counts = ", ".join(f"{n} {c}" for c, n in summary.counts.items() if c != "ok")
@@ -381,8 +375,8 @@ def cmd_trace(args) -> int:
     return 1
 
 
-def _trace_report(args, trace_path: str, routing) -> None:
-    """`harness trace --report OUT.html`: the run's report, with its expert routing."""
+def _trace_report(args, trace_path: str) -> None:
+    """`harness trace --report OUT.html`: the run's report (with the expert routing in the trace)."""
     from harness.report import build_report
 
     name = Path(args.json).name if args.json else Path(args.model).name
@@ -391,7 +385,6 @@ def _trace_report(args, trace_path: str, routing) -> None:
         args.report,
         title=f"harness trace {Path(args.model).name}",
         names=[name],
-        routing=[routing],
     )
     print(f"report -> {out}", file=sys.stderr)
 

@@ -23,7 +23,7 @@ from harness.model.generate import generate
 from harness.model.mixtral import Mixtral
 from harness.report import build_report, collect_routing
 from harness.synth import synthesize
-from harness.trace import CLASSES, CLEAN, DIRTY, Event, Summary, TensorSpec, Tracer, TraceWriter
+from harness.trace import CLASSES, CLEAN, DIRTY, Event, Summary, TensorSpec, Tracer, TraceWriter, load_trace
 
 HOSTILE = "<script>alert(1)</script>"
 TOKENS = [1, 5, 9]
@@ -340,6 +340,39 @@ def test_collect_routing_adds_nothing_to_the_trace(tiny_path):
     assert routing.layers == ["layers.0.moe.experts", "layers.1.moe.experts"]
     assert routing.counts.sum().item() == 2 * 2 * (len(TOKENS) + N_NEW - 1)
     assert not any(h for m in model.modules() for h in m._forward_hooks.values())  # hooks removed
+
+
+def test_a_tracer_with_routing_writes_it_into_the_trace(tiny_path, tmp_path):
+    model = Mixtral.from_gguf(tiny_path, device="cpu", max_seq_len=32)
+    with Tracer(model, path=tmp_path / "plain.jsonl") as plain:
+        generate(model, TOKENS, N_NEW)
+    with collect_routing(model) as live, Tracer(model, path=tmp_path / "r.jsonl", routing=True) as traced:
+        generate(model, TOKENS, N_NEW)
+    assert plain.summary.routing is None
+    assert traced.summary.counts == plain.summary.counts  # counting adds no event
+    record = traced.summary.routing
+    assert record["layers"] == ["layers.0.moe.experts", "layers.1.moe.experts"]
+    assert record["counts"] == live.counts.tolist()  # the same counts as collect_routing's
+    assert sum(map(sum, record["counts"])) == 2 * 2 * (len(TOKENS) + N_NEW - 1)
+    assert load_trace(tmp_path / "r.jsonl").summary.routing == record  # on disk, read back
+    assert not any(h for m in model.modules() for h in m._forward_hooks.values())  # hooks removed
+    # The report of the saved trace alone shows the heatmap, with the layers' names.
+    html = build_report([tmp_path / "r.jsonl"], tmp_path / "r.html").read_text()
+    assert "Tokens routed to each expert" in html
+    n = record["counts"][1][3]
+    assert f'title="layer 1, expert 3: {n}"' in html
+    assert (
+        "Tokens routed to each expert"
+        not in build_report([tmp_path / "plain.jsonl"], tmp_path / "p.html").read_text()
+    )
+
+
+def test_routing_of_a_sampled_trace_counts_every_step(tiny_path):
+    model = Mixtral.from_gguf(tiny_path, device="cpu", max_seq_len=32)
+    with Tracer(model, sample_every=3, routing=True) as tracer:
+        generate(model, TOKENS, N_NEW)
+    assert tracer.summary.steps["skipped"] > 0
+    assert sum(map(sum, tracer.summary.routing["counts"])) == 2 * 2 * (len(TOKENS) + N_NEW - 1)
 
 
 # -- harness trace --report ---------------------------------------------------------------------

@@ -21,9 +21,9 @@ the page through jinja2's autoescape or through the embedded JSON block, where `
 are written as `\\u003c`, `\\u003e`, `\\u0026`; the page's script puts strings into the DOM as
 text only.
 
-Routing is not part of a trace (the tracer records devices, not values): `collect_routing(model)`
-gathers it with forward hooks on the model's `Experts` modules, and `build_report(routing=...)`
-takes it.
+Routing: a trace made with `Tracer(..., routing=True)` (as `harness trace` and the cases make
+them) carries tokens per expert per layer in its summary, and the heatmap shows it; otherwise
+`build_report(routing=...)` takes counts gathered by `collect_routing(model)`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from markupsafe import Markup
 
 from harness.errors import UsageError
 from harness.trace.events import CLASSES, OFFENDING, OK
+from harness.trace.routing import RoutingCounts, collect_routing
 from harness.trace.store import Trace, load_trace
 
 __all__ = ["MAX_EVENTS", "RoutingCounts", "build_report", "check_report_path", "collect_routing"]
@@ -76,103 +77,18 @@ F_ALIAS, F_TRANSFER = 1, 2
 # ---- routing -------------------------------------------------------------------------------------
 
 
-class RoutingCounts:
-    """Tokens per expert per layer, gathered by `collect_routing`.
-
-    `counts` is a [layers, experts] `torch.Tensor` (int64) once the block has ended; `layers`
-    the module paths of the rows (`layers.0.moe.experts`, ...); each token adds one to each of
-    the experts it is routed to (`expert_used_count` per token per layer)."""
-
-    def __init__(self, layers: list[str], n_experts: int):
-        self.layers = layers
-        self.n_experts = n_experts
-        self.counts = None
-        self._seen: dict[int, list] = {i: [] for i in range(len(layers))}
-        self.unknown = False  # indices on a device without values (meta)
-
-    def tolist(self) -> list[list[int]]:
-        if self.counts is None:
-            raise RuntimeError("routing counts are ready when the collect_routing block has ended")
-        return self.counts.tolist()
-
-    def _finish(self) -> None:
-        import torch
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        try:
-            from harness.trace.emulated import cpu_data
-        except ImportError:  # pragma: no cover - the emulated accelerator is optional
-
-            def cpu_data(t):
-                return t
-
-        rows = []
-        # Outside every dispatch mode (a tracer may still be active): these ops are the
-        # report's, not the model's. Emulated tensors give their CPU values directly.
-        with _disable_current_modes(), torch.no_grad():
-            for i in range(len(self.layers)):
-                row = torch.zeros(self.n_experts, dtype=torch.int64)
-                for t in self._seen[i]:
-                    t = cpu_data(t)
-                    if t.device.type == "meta":
-                        self.unknown = True
-                        continue
-                    flat = t.detach().reshape(-1).to("cpu", torch.int64)
-                    flat = flat[(flat >= 0) & (flat < self.n_experts)]
-                    row += torch.bincount(flat, minlength=self.n_experts)[: self.n_experts]
-                rows.append(row)
-            self.counts = torch.stack(rows) if rows else torch.zeros((0, self.n_experts), dtype=torch.int64)
-        self._seen = {}
-
-    def __repr__(self) -> str:
-        shape = "pending" if self.counts is None else list(self.counts.shape)
-        return f"RoutingCounts({shape})"
-
-
-@contextlib.contextmanager
-def collect_routing(model) -> Iterator[RoutingCounts]:
-    """Record which experts each token is routed to, per layer, while the block runs.
-
-        with collect_routing(model) as routing, Tracer(model, path=...):
-            generate(model, prompt, n)
-        build_report([path], out, routing=[routing])
-
-    Forward hooks on the model's `Experts` modules (whose forward receives x, the routing
-    weights and the chosen experts' indices) keep a reference to each index tensor; nothing is
-    computed or read from the device during the run (no op for a tracer to see, no host sync),
-    the counts are made when the block ends: `routing.counts`, a [layers, experts] tensor."""
-    from harness.model.mixtral import Experts
-
-    found = [(path, m) for path, m in model.named_modules() if isinstance(m, Experts)]
-    n_experts = max((m.n_experts for _, m in found), default=0)
-    routing = RoutingCounts([path for path, _ in found], n_experts)
-    handles = []
-
-    def hook_for(i: int):
-        def hook(module, args, output):
-            if len(args) >= 3 and hasattr(args[2], "reshape"):
-                routing._seen[i].append(args[2])
-
-        return hook
-
-    try:
-        for i, (_, m) in enumerate(found):
-            handles.append(m.register_forward_hook(hook_for(i)))
-        yield routing
-    finally:
-        for h in handles:
-            h.remove()
-        routing._finish()
-
-
 def _routing_matrix(value) -> dict[str, Any] | None:
-    """RoutingCounts, a tensor or nested lists -> {"rows": [...], "labels": [...], "max": n}."""
+    """RoutingCounts, a summary's routing record, a tensor or nested lists -> {"rows": [...],
+    "labels": [...], "max": n}."""
     if value is None:
         return None
     labels = None
     if isinstance(value, RoutingCounts):
         labels = [_layer_label(p) for p in value.layers]
         value = value.tolist()
+    elif isinstance(value, dict) and "counts" in value:  # a trace summary's `routing`
+        labels = [_layer_label(str(p)) for p in value.get("layers") or []] or None
+        value = value["counts"]
     elif hasattr(value, "tolist"):
         value = value.tolist()
     try:
@@ -995,7 +911,8 @@ def build_report(
     - `names`: a name per trace (default: the header's `test`, `nodeid`, `case` or `name`, else
       the file name);
     - `routing`: a routing matrix per trace (a `RoutingCounts` from `collect_routing`, a
-      [layers, experts] tensor or nested lists, or None), for the heatmap;
+      [layers, experts] tensor or nested lists, or None: the trace's own, when its tracer
+      collected it), for the heatmap;
     - `max_events`: events embedded in the timeline over all traces (see the module doc).
 
     The file is written atomically (a temporary file in the same folder, then renamed). Bad
@@ -1023,7 +940,10 @@ def build_report(
     devices: list[str] = []
     for i, trace in enumerate(loaded):
         scan = _Scan(trace, cap)
-        run = _run(i, trace, names[i] if names else None, scan, routing[i] if routing else None)
+        given = routing[i] if routing else None
+        if given is None and trace.summary is not None:
+            given = trace.summary.routing  # collected by the tracer (`Tracer(routing=True)`)
+        run = _run(i, trace, names[i] if names else None, scan, given)
         runs.append(run)
         timelines.append(_timeline_data(scan, run["name"], run["first"], classes))
         placement = _placement(trace.placement) or {}

@@ -23,6 +23,7 @@ from harness.trace.events import (
     Summary,
     TensorSpec,
 )
+from harness.trace.routing import RoutingCounts, collect_routing
 from harness.trace.store import Trace, TraceWriter, load_trace
 from harness.trace.tracer import Tracer
 
@@ -40,12 +41,14 @@ __all__ = [
     "Classifier",
     "Difference",
     "Event",
+    "RoutingCounts",
     "Summary",
     "TensorSpec",
     "Trace",
     "TraceDiff",
     "TraceWriter",
     "Tracer",
+    "collect_routing",
     "diff",
     "is_device_error",
     "load_trace",

@@ -47,6 +47,7 @@ from harness.trace.classify import (
     K_COPY_INTO,
     K_COPY_TO,
     K_OTHER,
+    SYNC_UNLESS,
     Classifier,
     base_name,
     op_kind,
@@ -62,6 +63,7 @@ from harness.trace.events import (
     TensorSpec,
     first_offence,
 )
+from harness.trace.routing import collect_routing
 from harness.trace.store import BATCH, TraceWriter
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -164,7 +166,7 @@ class _OpInfo:
     its input, `follow`: weight names go from its first input to its output, `plain`: an op
     with no rule of its own (not a copy, sync or index op), classified by devices alone."""
 
-    __slots__ = ("name", "call", "alias", "maybe_self", "follow", "copy_to", "plain")
+    __slots__ = ("name", "call", "alias", "maybe_self", "follow", "copy_to", "plain", "sync_unless")
 
     def __init__(self, func):
         self.name = str(func)
@@ -183,6 +185,7 @@ class _OpInfo:
         # With every tensor on the module's own device, these are ok without further ado (a copy
         # that crosses no device is no transfer); sync and index ops are, on the CPU.
         self.plain = kind in (K_OTHER, K_COPY_TO, K_COPY_INTO, K_COPY_FROM)
+        self.sync_unless = SYNC_UNLESS.get(self.name)  # (args, kwargs) -> whether it reads the device
 
 
 class Tracer(TorchDispatchMode):
@@ -195,6 +198,8 @@ class Tracer(TorchDispatchMode):
     - `sample_every`, `unsampled`: sampled mode (see the module doc);
     - `keep_events`: also keep the events in `tracer.events` (small runs, tests);
     - `max_stacks`: the Python stack is kept for the first this many offending events;
+    - `routing`: also count tokens per expert per layer (`harness.trace.routing`), for every
+      forward call, sampled or not, into `summary.routing`;
     - `header`: extra fields for the header record.
 
     After the block, `tracer.summary` is the `Summary`; `tracer.verdict` "clean" or "dirty".
@@ -218,6 +223,7 @@ class Tracer(TorchDispatchMode):
         keep_events: bool = False,
         max_stacks: int = 64,
         header: dict[str, Any] | None = None,
+        routing: bool = False,
     ):
         if not isinstance(sample_every, int) or sample_every < 1:
             raise UsageError(None, "sample_every", f"must be a positive integer, got {sample_every!r}")
@@ -233,6 +239,8 @@ class Tracer(TorchDispatchMode):
         self.unsampled = unsampled
         self.keep_events = keep_events
         self.max_stacks = max_stacks
+        self.routing = routing
+        self._routing = None  # (context manager, RoutingCounts) while the block runs
         self.extra_header = dict(header or {})
         self.classifier = Classifier(placement)
         self.events: list[Event] = []
@@ -273,6 +281,7 @@ class Tracer(TorchDispatchMode):
         self._seen: dict[tuple, list | bool] = {}  # kinds of event: [line body, count] of ok ones, else False
         self._fast = not self.keep_events
         self._t0 = 0.0
+        self._routing_record: dict | None = None
 
     def _build_maps(self) -> None:
         self._paths: dict[torch.nn.Module, tuple[str, str | None]] = {}  # module -> (path, device)
@@ -355,6 +364,9 @@ class Tracer(TorchDispatchMode):
         if self.model is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._root_pre))
             self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        if self.routing and self.model is not None:
+            collection = collect_routing(self.model)
+            self._routing = (collection, collection.__enter__())
         self._t0 = time.perf_counter()
         self._active = True
         super().__enter__()
@@ -372,6 +384,10 @@ class Tracer(TorchDispatchMode):
             for h in self._hooks:
                 h.remove()
             self._hooks = []
+            if self._routing is not None:
+                (collection, counts), self._routing = self._routing, None
+                collection.__exit__(None, None, None)  # counts made now, outside the mode
+                self._routing_record = counts.record()
             self._summary = self._make_summary()
             if self._writer is not None:
                 self._writer.summary(self._summary)
@@ -547,6 +563,8 @@ class Tracer(TorchDispatchMode):
         ev = Event(seq, self._step, info.name, module, expected, names, source, list(inputs))
         ev.outputs = list(outputs)
         ev.alias = alias
+        if info.sync_unless is not None:
+            ev.sized = not info.sync_unless(args, kwargs)
         self._finish(ev)
         return out
 
@@ -672,6 +690,7 @@ class Tracer(TorchDispatchMode):
             transfers=transfers,
             modules=modules,
             seconds=round(time.perf_counter() - self._t0, 6),
+            routing=self._routing_record,
         )
 
     @property
