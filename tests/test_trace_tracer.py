@@ -340,3 +340,43 @@ def test_tracer_leaves_no_trace_behind(model, on):
     assert list(_get_current_dispatch_mode_stack()) == modes
     assert (len(nn_module._global_forward_pre_hooks), len(nn_module._global_forward_hooks)) == hooks
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+# -- threads --------------------------------------------------------------------------------------
+
+
+def test_modules_run_by_another_thread_do_not_disturb_the_module_stack(tiny_path, monkeypatch):
+    """Module hooks are global: a module that another thread runs while the model is traced
+    must not push or pop the traced model's module stack (its ops are not traced at all)."""
+    import threading
+
+    model = Mixtral.from_gguf(tiny_path, device="cpu", max_seq_len=32)
+    other = torch.nn.Linear(4, 4)
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_forward(x):
+        entered.set()
+        release.wait(10)
+        return x * 2
+
+    other.forward = blocking_forward
+    worker = threading.Thread(target=lambda: other(torch.ones(4)))
+    moe_forward = MoE.forward
+
+    def moe_with_the_other_thread(self, x):
+        release.set()  # the other thread's module ends here, inside layers.N.moe
+        worker.join(10)
+        return moe_forward(self, x)
+
+    monkeypatch.setattr(MoE, "forward", moe_with_the_other_thread)
+    with Tracer(model, keep_events=True) as tracer:
+        worker.start()
+        assert entered.wait(10)  # its pre-hook ran while the tracer was active
+        model(_tokens(), 0)
+    assert not worker.is_alive()
+    modules = {e.module for e in tracer.events}
+    assert "layers.0.moe.router" in modules and "layers.1.moe.experts" in modules
+    # The MoE's own ops (after the other thread ended inside it) still belong to it.
+    assert any(e.module == "layers.0.moe" and e.op.startswith("aten.topk") for e in tracer.events)
+    assert all(e.op != "aten.mul.Tensor" or e.module is not None for e in tracer.events)  # x * 2 untraced
+    assert tracer._stack == [] and tracer.summary.verdict == CLEAN

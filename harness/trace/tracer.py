@@ -27,6 +27,7 @@ import platform
 import sys
 import sysconfig
 import time
+from threading import get_ident
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -281,6 +282,7 @@ class Tracer(TorchDispatchMode):
         self._seen: dict[tuple, list | bool] = {}  # kinds of event: [line body, count] of ok ones, else False
         self._fast = not self.keep_events
         self._t0 = 0.0
+        self._thread: int | None = None  # the thread that entered the tracer
         self._routing_record: dict | None = None
 
     def _build_maps(self) -> None:
@@ -354,6 +356,7 @@ class Tracer(TorchDispatchMode):
         self.events = []
         self._summary = None
         self._build_maps()
+        self._thread = get_ident()
         if self.path is not None:
             self._writer = TraceWriter(self.path)
             self._writer.header(self._header())
@@ -412,6 +415,8 @@ class Tracer(TorchDispatchMode):
     # -- module hooks --------------------------------------------------------------------
 
     def _pre_hook(self, module, args) -> None:
+        if get_ident() != self._thread:
+            return  # module hooks are global; the dispatch mode sees the tracing thread's ops only
         entry = self._paths.get(module)
         stack = self._stack
         if entry is None:
@@ -419,6 +424,8 @@ class Tracer(TorchDispatchMode):
         stack.append(entry)
 
     def _post_hook(self, module, args, output) -> None:
+        if get_ident() != self._thread:
+            return
         if isinstance(output, torch.Tensor) and getattr(module, "outputs_activations", False):
             self._weights.pop(id(output), None)  # looked-up rows of a table are activations, not the weight
         stack = self._stack
@@ -428,6 +435,8 @@ class Tracer(TorchDispatchMode):
                 self._last_child = path  # a direct child of the model has finished
 
     def _root_pre(self, module, args) -> None:
+        if get_ident() != self._thread:
+            return
         step = self._calls
         self._calls += 1
         self._step = step
@@ -442,7 +451,7 @@ class Tracer(TorchDispatchMode):
                 self._skip()
 
     def _root_post(self, module, args, output) -> None:
-        if not self._skipping:
+        if get_ident() == self._thread and not self._skipping:
             self._sweep_weights()
             if self._writer is not None:
                 self._writer.flush()
