@@ -27,9 +27,9 @@ import platform
 import sys
 import sysconfig
 import time
-from threading import get_ident
 import weakref
 from collections.abc import Callable
+from threading import get_ident
 from typing import Any
 
 import torch
