@@ -380,3 +380,58 @@ def test_modules_run_by_another_thread_do_not_disturb_the_module_stack(tiny_path
     assert any(e.module == "layers.0.moe" and e.op.startswith("aten.topk") for e in tracer.events)
     assert all(e.op != "aten.mul.Tensor" or e.module is not None for e in tracer.events)  # x * 2 untraced
     assert tracer._stack == [] and tracer.summary.verdict == CLEAN
+
+
+# -- any model, with one expected device ------------------------------------------------------------
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, through_host: bool):
+        super().__init__()
+        self.through_host = through_host
+
+    def forward(self, h):
+        if self.through_host:
+            return (h.cpu() * 2).to(h.device)  # a round trip through the host
+        return h * 2
+
+
+class _Net(torch.nn.Module):
+    """A small model that is not a Mixtral: two linear layers around a scaling step."""
+
+    def __init__(self, host_step: bool = False):
+        super().__init__()
+        self.first = torch.nn.Linear(8, 8)
+        self.scale = _Scale(host_step)
+        self.second = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.second(self.scale(torch.relu(self.first(x))))
+
+
+def test_any_model_traced_against_one_device(on):
+    net = _Net().to(on.device)
+    x = torch.randn(3, 8).to(on.device)
+    with torch.no_grad(), Tracer(net, placement=on.device, keep_events=True) as tracer:
+        net(x)
+    assert tracer.summary.verdict == CLEAN
+    assert tracer.placement.describe() == {"embed": "cuda:0", "head": "cuda:0"}
+    assert {e.expected for e in tracer.events if e.module} == {"cuda:0"}
+    assert {e.module for e in tracer.events} >= {"first", "second"}
+
+    # A weight left on the CPU: the backend refuses the matmul, and the tracer says where.
+    net.second.to("cpu")
+    with torch.no_grad(), Tracer(net, placement=on.device) as tracer, contextlib.suppress(RuntimeError):
+        net(x)
+    f = tracer.summary.first_offence
+    assert f["class"] == MISMATCH and f["module"] == "second" and set(f["devices"]) == {"cpu", "cuda:0"}
+
+    # A host round trip inside the model: a sync, then a stray CPU op, at the line that did it.
+    net = _Net(host_step=True).to(on.device)
+    with torch.no_grad(), Tracer(net, placement=on.device, keep_events=True) as tracer:
+        net(x)
+    f = tracer.summary.first_offence
+    assert f["class"] == SYNC and f["module"] == "scale" and "h.cpu() * 2" in f["code"]
+    strays = [e for e in tracer.events if e.cls == STRAY]
+    assert [(e.op, e.module, e.devices) for e in strays] == [("aten.mul.Tensor", "scale", ["cpu"])]
+    assert [t["class"] for t in tracer.summary.transfers] == [SYNC, TRANSFER]  # out and back

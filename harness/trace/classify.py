@@ -11,7 +11,8 @@ The rules follow what the real CUDA backend does:
   `nonzero`, `masked_select`, `unique`, ...; a boolean mask on the device used as an index; a
   device-to-host copy inside the model) is a sync;
 - an op of a module that computes on a device other than the module's placement is stray; view
-  ops compute nothing and are never stray.
+  ops compute nothing and are never stray, nor are the ops of the model's own forward (module
+  ""), where a run's inputs are checked on the host and moved: the edges of the run.
 A transfer is allowed at a declared device-map boundary (in the model's forward, between the
 module before the boundary and the module entered, or in the module entered itself) and at the
 edges of a run (outside the model; the token upload before `embed` or in it; the download after

@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import (
 )
 
 from harness.errors import UsageError
+from harness.model.placement import Placement
 from harness.trace.classify import (
     K_COPY_FROM,
     K_COPY_INTO,
@@ -193,8 +194,8 @@ class Tracer(TorchDispatchMode):
     """Records every aten op run inside `with Tracer(model, path=...) as tracer:`.
 
     - `model`: the model (a `Mixtral`, or any module; its submodule paths name the events);
-    - `placement`: where its parts should be (default `model.placement`), None for no
-      expectations (no op is then stray);
+    - `placement`: where its parts should be (default `model.placement`); a device ("cuda:0")
+      expects every module of any model there; None for no expectations (no op is then stray);
     - `path`: JSON Lines file written as the run goes (header, events, summary); None for none;
     - `sample_every`, `unsampled`: sampled mode (see the module doc);
     - `keep_events`: also keep the events in `tracer.events` (small runs, tests);
@@ -234,6 +235,8 @@ class Tracer(TorchDispatchMode):
         self.model = model
         if placement is None and model is not None:
             placement = getattr(model, "placement", None)
+        elif isinstance(placement, (str, torch.device)):
+            placement = Placement.single(placement, 0)  # any model: every module on that device
         self.placement = placement
         self.path = path
         self.sample_every = sample_every
