@@ -23,6 +23,21 @@ from __future__ import annotations
 
 import re
 
+from harness.trace.emulated import (
+    ANY,
+    CPU_SCALAR,
+    CPU_SCALAR_OTHER,
+    MASKED_FILL,
+    MASKED_INDEX,
+    RULES,
+    SAME,
+    SCALAR_VALUE,
+    SCATTER,
+    WHERE,
+)
+from harness.trace.emulated import INDEX as INDEX_RULE
+from harness.trace.emulated import INDEX_PUT as INDEX_PUT_RULE
+from harness.trace.emulated import TRANSFER as TRANSFER_RULE
 from harness.trace.events import ALLOWED, MISMATCH, OK, STRAY, SYNC, TRANSFER, Event
 
 # Kinds of ops, by their name without namespace and overload (`aten.mm.default` -> `mm`).
@@ -126,54 +141,14 @@ def _is_cpu_scalar(spec) -> bool:
     return spec[0] == "cpu" and not spec[2]
 
 
-# What CUDA's kernel for an op accepts when its tensors are on more than one device: the rule
-# names of the emulated accelerator's table (`harness.trace.emulated.RULES`), which the
-# conformance table checks against real CUDA; a small copy of it stands in where that module
-# cannot be imported. Default: every tensor on one device, no exception for 0-dim CPU tensors.
-SAME, CPU_SCALAR, WHERE, MASKED_FILL = "same", "cpu-scalar", "where", "masked-fill"
-SCALAR_VALUE, INDEX_RULE, INDEX_PUT_RULE, TRANSFER_RULE = "scalar-value", "index", "index-put", "transfer"
-_FALLBACK_CPU_SCALAR = [
-    *("add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow"),
-    *("maximum", "minimum", "fmax", "fmin", "atan2", "hypot", "copysign", "bitwise_and", "bitwise_or"),
-    *("bitwise_xor", "bitwise_left_shift", "bitwise_right_shift", "eq", "ne", "lt", "le", "gt", "ge"),
-    *("logical_and", "logical_or", "logical_xor"),
-]
-_FALLBACK_RULES = {
-    **{n: CPU_SCALAR for name in _FALLBACK_CPU_SCALAR for n in (name, name + "_")},
-    **dict.fromkeys(["__and__", "__or__", "__xor__", "__lshift__", "__rshift__"], CPU_SCALAR),
-    "where": WHERE,
-    "masked_fill": MASKED_FILL,
-    "masked_fill_": MASKED_FILL,
-    "fill": SCALAR_VALUE,
-    "fill_": SCALAR_VALUE,
-    "index_fill": SCALAR_VALUE,
-    "index_fill_": SCALAR_VALUE,
-    **dict.fromkeys(INDEX_GET, INDEX_RULE),
-    **dict.fromkeys(INDEX_PUT, INDEX_PUT_RULE),
-    **dict.fromkeys(COPY_TO | COPY_INTO | COPY_FROM, TRANSFER_RULE),
-}
-_rules: dict[str, str] | None = None
-
-
-def rules() -> dict[str, str]:
-    """op base name -> rule (see above)."""
-    global _rules
-    if _rules is None:
-        try:
-            from harness.trace.emulated import RULES
-
-            _rules = dict(RULES)
-        except Exception:  # the emulation is optional here
-            _rules = dict(_FALLBACK_RULES)
-    return _rules
-
-
 def _one_device(specs) -> bool:
     return len({s[0] for s in specs}) <= 1
 
 
 def refused(event: Event) -> bool:
-    """Whether real CUDA refuses this op for the devices of its inputs (and out= tensors).
+    """Whether real CUDA refuses this op for the devices of its inputs (and out= tensors), by the
+    emulated accelerator's rule table (`emulated.RULES`, checked against real CUDA by the
+    conformance table) applied to the recorded devices.
 
     Meta counts as an accelerator here, so a meta run is judged as a CUDA run would be."""
     ins = event.inputs
@@ -181,12 +156,14 @@ def refused(event: Event) -> bool:
         return False
     if all(s[0] == "cpu" for s in ins):
         return False
-    rule = rules().get(base_name(event.op), SAME)
-    if rule == TRANSFER_RULE:
+    rule = RULES.get(base_name(event.op), SAME)
+    if rule in (TRANSFER_RULE, SCATTER, ANY):
         return False
     if rule == SAME:
         return True
-    if rule == CPU_SCALAR:
+    if rule == CPU_SCALAR_OTHER and _is_cpu_scalar(ins[0]):
+        return True  # the result is made on self's device, the CPU
+    if rule in (CPU_SCALAR, CPU_SCALAR_OTHER):
         scalars = [s for s in ins if _is_cpu_scalar(s)]
         return len(scalars) > 1 or not _one_device([s for s in ins if not _is_cpu_scalar(s)])
     if rule == WHERE:
@@ -199,6 +176,12 @@ def refused(event: Event) -> bool:
     if rule == SCALAR_VALUE:
         return not _one_device([ins[0]] + [s for s in ins[1:] if s[2]])
     home = ins[0][0]
+    if rule == MASKED_INDEX:
+        # (self, mask, *indices[, values]): index tensors on the CPU or home, the rest at home
+        put = base_name(event.op).endswith("_put_accumulate")
+        fixed = [ins[1], ins[-1]] if put else [ins[1]]
+        indices = ins[2:-1] if put else ins[2:]
+        return any(s[0] != home for s in fixed) or any(s[0] not in ("cpu", home) for s in indices)
     if rule == INDEX_RULE:
         return any(s[0] != "cpu" and s[0] != home for s in ins[1:])
     if rule == INDEX_PUT_RULE:

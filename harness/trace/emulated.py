@@ -106,6 +106,10 @@ SCALAR_VALUE = "scalar-value"  # fill_/index_fill_: the 0-dim `value` tensor is 
 INDEX = "index"  # x[idx]: indices on the CPU or on x's device (CPU ones are moved)
 INDEX_PUT = "index-put"  # x[idx] = v: indices anywhere (moved); v on x's device unless 0-dim
 TRANSFER = "transfer"  # copies: any devices
+CPU_SCALAR_OTHER = "cpu-scalar-other"  # logical_and/or/xor: as CPU_SCALAR, but self is no CPU scalar
+SCATTER = "scatter"  # slice_scatter & co: src copied into a clone of self; any devices, out on self's
+ANY = "any"  # resize_as_: the other tensor gives a shape only
+MASKED_INDEX = "masked-index"  # _unsafe_masked_index(_put_accumulate): indices on the CPU or self's device
 
 RULE_DOCS = {
     SAME: "all tensor arguments on one device; a 0-dim CPU tensor is no exception "
@@ -124,6 +128,13 @@ RULE_DOCS = {
     "device unless 0-dim (moved), or a one-element CPU v with a single boolean mask on x's device "
     "(masked_fill path); with accumulate=True v must end up on x's device",
     TRANSFER: "copies across devices are the point: no check",
+    CPU_SCALAR_OTHER: "logical_and/or/xor (CompositeExplicitAutograd): the result is made on self's device "
+    "before TensorIterator runs, so only `other` may be a 0-dim CPU input",
+    SCATTER: "slice/select/diagonal/as_strided_scatter (CompositeExplicitAutograd): self is cloned and src "
+    "copied into it: any devices; the result is on self's device",
+    ANY: "resize_as_ reads the template's sizes only: no check",
+    MASKED_INDEX: "_unsafe_masked_index(_put_accumulate) (CompositeExplicitAutograd, over index): index "
+    "tensors on the CPU or on self's device; mask and values on self's device",
 }
 
 # Binary and comparison ops built with TensorIterator's BINARY_OP_CONFIG / comparison config
@@ -135,8 +146,16 @@ _CPU_SCALAR_OPS = [
     "xlogy", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_left_shift",
     "bitwise_right_shift", "__and__", "__or__", "__xor__", "__lshift__", "__rshift__",
     "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "eq", "ne", "lt", "le",
-    "gt", "ge", "logical_and", "logical_or", "logical_xor",
+    "gt", "ge", "special_xlog1py", "special_zeta", "special_chebyshev_polynomial_t",
+    "special_chebyshev_polynomial_u", "special_chebyshev_polynomial_v",
+    "special_chebyshev_polynomial_w", "special_shifted_chebyshev_polynomial_t",
+    "special_shifted_chebyshev_polynomial_u", "special_shifted_chebyshev_polynomial_v",
+    "special_shifted_chebyshev_polynomial_w", "special_hermite_polynomial_h",
+    "special_hermite_polynomial_he", "special_laguerre_polynomial_l",
+    "special_legendre_polynomial_p",
 ]
+# CompositeExplicitAutograd ops made of such elementwise ops: the same rule holds for them.
+_CPU_SCALAR_COMPOSITES = ["ldexp", "allclose", "binary_cross_entropy_with_logits", "soft_margin_loss"]
 # fmt: on
 
 
@@ -147,6 +166,12 @@ def _with_inplace(names: list[str]) -> list[str]:
 
 RULES: dict[str, str] = {
     **dict.fromkeys(_with_inplace(_CPU_SCALAR_OPS), CPU_SCALAR),
+    **dict.fromkeys(_CPU_SCALAR_COMPOSITES, CPU_SCALAR),
+    **dict.fromkeys(_with_inplace(["logical_and", "logical_or", "logical_xor"]), CPU_SCALAR_OTHER),
+    **dict.fromkeys(["slice_scatter", "select_scatter", "diagonal_scatter", "as_strided_scatter"], SCATTER),
+    "resize_as_": ANY,
+    "_unsafe_masked_index": MASKED_INDEX,
+    "_unsafe_masked_index_put_accumulate": MASKED_INDEX,
     "where": WHERE,
     "masked_fill": MASKED_FILL,
     "masked_fill_": MASKED_FILL,
@@ -459,9 +484,34 @@ def _check_index_put(plan, ops, args, kwargs) -> str | None:
     return f"Expected all tensors to be on the same device, but found at least two devices, {common} and {vdev if common == dev else dev}!"
 
 
+def _check_cpu_scalar_other(plan, ops, args, kwargs) -> str | None:
+    self = args[0]
+    if self.device.type == "cpu" and any(_is_accel(t.device) for _, t, _ in ops):
+        other = next(t.device for _, t, _ in ops if _is_accel(t.device))
+        return (
+            f"Expected all tensors to be on the same device, but found at least two devices, {other} and cpu!"
+        )
+    return _tensor_iterator(ops, allow_cpu_scalars=True)
+
+
+def _check_masked_index(plan, ops, args, kwargs) -> str | None:
+    dev = args[0].device
+    for name, t, _ in ops:
+        if t.device != dev and not (name == "indices" and t.device.type == "cpu"):
+            return (
+                f"Expected all tensors to be on the same device, but got {name} is on {t.device}, different "
+                f"from other tensors on {dev} (when checking argument in method {plan.wrapper})"
+            )
+    return None
+
+
 _CHECKS: dict[str, Callable] = {
     SAME: lambda plan, ops, args, kwargs: _same_device(plan, ops),
     CPU_SCALAR: lambda plan, ops, args, kwargs: _tensor_iterator(ops, allow_cpu_scalars=True),
+    CPU_SCALAR_OTHER: _check_cpu_scalar_other,
+    SCATTER: lambda plan, ops, args, kwargs: None,
+    ANY: lambda plan, ops, args, kwargs: None,
+    MASKED_INDEX: _check_masked_index,
     WHERE: _check_where,
     MASKED_FILL: _check_masked_fill,
     SCALAR_VALUE: _check_scalar_value,
@@ -532,6 +582,8 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     device = kwargs.get("device") if plan.device_kwarg else None
     if device is not None:
         device = _resolve(device)
+    elif plan.rule == SCATTER:
+        device = args[0].device  # a clone of self, whatever src's device
     else:
         device = next((t.device for _, t, _ in ops if _is_accel(t.device)), CPU)
         if not plan.device_kwarg and device.type != "cpu":
@@ -543,7 +595,8 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     if plan.meta_mutating:
         self = args[0]
         if isinstance(self, EmulatedTensor):
-            if plan.name == "resize_" and tuple(args[1]) == tuple(self.shape):
+            target = args[1].shape if plan.name == "resize_as_" else args[1]
+            if plan.name in ("resize_", "resize_as_") and tuple(target) == tuple(self.shape):
                 return self
             raise RuntimeError(
                 f"emulated CUDA: {plan.name} would change the shape or strides of a tensor on "

@@ -1,0 +1,297 @@
+"""Sweep PyTorch's OpInfo database for device rules, comparing real CUDA with the emulation.
+
+For each op of `torch.testing._internal.common_methods_invocations.op_db` and a few of its sample
+inputs, every tensor argument is put on the CPU in turn while the others are on the accelerator.
+Real CUDA either accepts the call or refuses it for devices; the emulated accelerator
+(`harness.trace.emulated`, whose rule table the tracer's `refused()` shares) must do the same.
+The result is JSON: counts, and every disagreement with the call's devices and both messages.
+What it finds belongs in the conformance table (`harness.trace.conformance.ROWS`), which the
+test suite checks everywhere.
+
+    python scripts/sweep_device_rules.py --out sweep.json                   # on a GPU machine
+    python scripts/sweep_device_rules.py --backend emulated --ops add,where  # anywhere: emulation only
+
+The op database imports `expecttest` (pip install expecttest). An op that breaks the CUDA context
+(an illegal address is sticky) ends its worker process; the sweep goes on after it in a new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MAX_SAMPLES = 6  # sample inputs per op
+MAX_LEAVES = 6  # tensor arguments moved to the CPU per sample, at most
+DTYPES = ("float32", "int64", "bool")  # the first one an op supports on CUDA
+
+
+def _ops(names: list[str] | None):
+    import torch
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    out = []
+    for op in op_db:
+        if names and op.name not in names and f"{op.name}.{op.variant_test_name}" not in names:
+            continue
+        dtype = next(
+            (getattr(torch, d) for d in DTYPES if getattr(torch, d) in op.supported_dtypes("cuda")), None
+        )
+        if dtype is not None:
+            out.append((op, dtype))
+    return out
+
+
+def _verdict(exc: BaseException | None) -> tuple[str, str | None]:
+    from harness.trace.conformance import is_refusal
+
+    if exc is None:
+        return "accepts", None
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+    return ("refuses" if is_refusal(exc) else "error"), text
+
+
+def _describe(leaves, places) -> str:
+    parts = []
+    for t, place in zip(leaves, places, strict=True):
+        dims = "x".join(map(str, t.shape)) if t.dim() else "0-dim"
+        parts.append(f"{place}[{dims}]{'' if t.dtype.is_floating_point else ' ' + str(t.dtype)[6:]}")
+    return ", ".join(parts)
+
+
+def _call(op, sample, spec, places, device_of):
+    """Run the op with each tensor leaf on the device its place names."""
+    import torch
+    from torch.utils._pytree import tree_unflatten
+
+    flat, tensor_at = sample
+    moved = list(flat)
+    for i, place in zip(tensor_at, places, strict=True):
+        moved[i] = flat[i].to(device_of(place))
+    inp, args, kwargs = tree_unflatten(moved, spec)
+    try:
+        with torch.no_grad():
+            op(inp, *args, **kwargs)
+        return None
+    except Exception as exc:  # what the backend said is the result
+        return exc
+
+
+def _samples(op, dtype):
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    out = []
+    for s in op.sample_inputs("cpu", dtype, requires_grad=False):
+        flat, spec = tree_flatten((s.input, s.args, s.kwargs))
+        tensor_at = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+        if not tensor_at or len(tensor_at) > 16 or any(flat[i].layout != torch.strided for i in tensor_at):
+            continue  # dense tensors only (sparse layouts have their own device rules)
+        out.append(((flat, tensor_at), spec))
+        if len(out) >= MAX_SAMPLES:
+            break
+    return out
+
+
+def sweep_op(op, dtype, backend: str) -> dict:
+    """Every variant of a few samples of one op on the backends asked for."""
+    import torch
+
+    from harness.trace.emulated import EmulatedCuda
+
+    record = {
+        "op": op.name + (f".{op.variant_test_name}" if op.variant_test_name else ""),
+        "dtype": str(dtype)[6:],
+    }
+    try:
+        samples = _samples(op, dtype)
+    except Exception as exc:
+        record["skipped"] = f"samples: {type(exc).__name__}: {exc}"[:300]
+        return record
+    variants = []  # (sample index, places)
+    for k, ((_, tensor_at), _) in enumerate(samples):
+        n = len(tensor_at)
+        variants.append((k, ["gpu"] * n))
+        for j in range(min(n, MAX_LEAVES)):
+            variants.append((k, ["gpu"] * j + ["cpu"] + ["gpu"] * (n - j - 1)))
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def device_of(place):
+        return gpu if place == "gpu" else cpu
+
+    results = {}
+    if backend in ("cuda", "both"):
+        for v, (k, places) in enumerate(variants):
+            (sample, spec) = samples[k]
+            exc = _call(op, sample, spec, places, device_of)
+            torch.cuda.synchronize()  # an asynchronous failure shows here, and ends the worker
+            results.setdefault(v, {})["cuda"] = _verdict(exc)
+    if backend in ("emulated", "both"):
+        with EmulatedCuda(device_count=1):
+            for v, (k, places) in enumerate(variants):
+                (sample, spec) = samples[k]
+                exc = _call(op, sample, spec, places, device_of)
+                results.setdefault(v, {})["emulated"] = _verdict(exc)
+    record["variants"] = []
+    for v, (k, places) in enumerate(variants):
+        flat, tensor_at = samples[k][0]
+        leaves = [flat[i] for i in tensor_at]
+        row = {"sample": k, "devices": _describe(leaves, places)}
+        for b, (verdict, text) in results[v].items():
+            row[b] = verdict
+            if text:
+                row[f"{b}_error"] = text
+        record["variants"].append(row)
+    return record
+
+
+def _worker(args) -> int:
+    """Sweep ops [start, stop) of the selection, one JSON line each, into args.part."""
+    ops = _ops(args.ops.split(",") if args.ops else None)[args.start : args.stop]
+    with open(args.part, "a") as f:
+        for i, (op, dtype) in enumerate(ops, args.start):
+            f.write(json.dumps({"index": i, "started": op.name}) + "\n")
+            f.flush()
+            try:
+                record = sweep_op(op, dtype, args.backend)
+            except Exception as exc:  # the CUDA context is gone: say so and stop
+                f.write(
+                    json.dumps({"index": i, "op": op.name, "poisoned": f"{type(exc).__name__}: {exc}"[:300]})
+                    + "\n"
+                )
+                return 3
+            record["index"] = i
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+    return 0
+
+
+def _summarize(records: list[dict], backend: str) -> dict:
+    out = {
+        "ops": 0,
+        "variants": 0,
+        "compared": 0,
+        "agree": 0,
+        "disagreements": [],
+        "skipped": [],
+        "poisoned": [],
+    }
+    for r in records:
+        if "poisoned" in r:
+            out["poisoned"].append({"op": r["op"], "error": r["poisoned"]})
+            continue
+        if "skipped" in r:
+            out["skipped"].append({"op": r["op"], "why": r["skipped"]})
+            continue
+        out["ops"] += 1
+        for v in r["variants"]:
+            out["variants"] += 1
+            if backend != "both":
+                continue
+            a, b = v.get("cuda"), v.get("emulated")
+            if "error" in (a, b):
+                continue  # not about devices (the sample itself fails somewhere)
+            out["compared"] += 1
+            if a == b:
+                out["agree"] += 1
+            else:
+                out["disagreements"].append({"op": r["op"], "dtype": r["dtype"], **v})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--backend", choices=("both", "cuda", "emulated"), default=None, help="default: both with a GPU"
+    )
+    p.add_argument("--ops", default=None, help="comma-separated OpInfo names (default: all)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--out", default="sweep.json")
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds; then report what is done")
+    p.add_argument("--start", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    import torch
+
+    if args.backend is None:
+        args.backend = "both" if torch.cuda.is_available() else "emulated"
+    if args.part:
+        return _worker(args)
+
+    t0 = time.perf_counter()
+    n = len(_ops(args.ops.split(",") if args.ops else None))
+    tmp = Path(tempfile.mkdtemp(prefix="sweep-"))
+    bounds = [(n * w // args.workers, n * (w + 1) // args.workers) for w in range(args.workers)]
+    running = {}  # part -> (stop, process)
+
+    def launch(start: int, stop: int, part: Path) -> None:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--backend",
+            args.backend,
+            "--start",
+            str(start),
+            "--stop",
+            str(stop),
+        ]
+        cmd += ["--part", str(part)] + (["--ops", args.ops] if args.ops else [])
+        running[part] = (stop, subprocess.Popen(cmd))
+
+    for w, (start, stop) in enumerate(bounds):
+        if stop > start:
+            launch(start, stop, tmp / f"part{w}.jsonl")
+    while running and time.perf_counter() - t0 < args.deadline:
+        time.sleep(0.5)
+        for part, (stop, proc) in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del running[part]
+            if code == 0:
+                continue
+            lines = [json.loads(x) for x in part.read_text().splitlines()] if part.exists() else []
+            last = max((x["index"] for x in lines), default=-1)
+            if not any(x["index"] == last and "op" in x for x in lines):  # it died inside an op
+                started = next((x["started"] for x in lines if x["index"] == last), f"#{last}")
+                with part.open("a") as f:
+                    f.write(
+                        json.dumps({"index": last, "op": started, "poisoned": f"worker exit {code}"}) + "\n"
+                    )
+            if last + 1 < stop:
+                launch(last + 1, stop, part)
+    timed_out = bool(running)
+    for _, proc in running.values():
+        proc.kill()
+    records = []
+    for part in sorted(tmp.glob("part*.jsonl")):
+        records += [r for r in map(json.loads, part.read_text().splitlines()) if "op" in r]
+    summary = _summarize(records, args.backend)
+    result = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.backend != "emulated" else None,
+        "backend": args.backend,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "timed_out": timed_out,
+        **summary,
+        "records": records if args.backend == "emulated" else None,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(
+        f"{summary['ops']} ops, {summary['variants']} calls; compared {summary['compared']}, agree {summary['agree']}, "
+        f"disagree {len(summary['disagreements'])}; skipped {len(summary['skipped'])}, "
+        f"poisoned {len(summary['poisoned'])} -> {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
