@@ -3,7 +3,9 @@
 For each op of `torch.testing._internal.common_methods_invocations.op_db` and a few of its sample
 inputs, every tensor argument is put on the CPU in turn while the others are on the accelerator.
 Real CUDA either accepts the call or refuses it for devices; the emulated accelerator
-(`harness.trace.emulated`, whose rule table the tracer's `refused()` shares) must do the same.
+(`harness.trace.emulated`) must do the same, and so must the tracer without help from the error:
+its own rule (`refused()`, which judges the devices it recorded) or a device error it saw come out
+of a module before any aten op ran.
 The result is JSON: counts, and every disagreement with the call's devices and both messages.
 What it finds belongs in the conformance table (`harness.trace.conformance.ROWS`), which the
 test suite checks everywhere.
@@ -104,7 +106,10 @@ def sweep_op(op, dtype, backend: str) -> dict:
     """Every variant of a few samples of one op on the backends asked for."""
     import torch
 
+    from harness.trace import Tracer
+    from harness.trace.classify import refused
     from harness.trace.emulated import EmulatedCuda
+    from harness.trace.events import RAISED
 
     record = {
         "op": op.name + (f".{op.variant_test_name}" if op.variant_test_name else ""),
@@ -137,8 +142,13 @@ def sweep_op(op, dtype, backend: str) -> dict:
         with EmulatedCuda(device_count=1):
             for v, (k, places) in enumerate(variants):
                 (sample, spec) = samples[k]
-                exc = _call(op, sample, spec, places, device_of)
+                with Tracer(torch.nn.Module(), keep_events=True) as tracer:
+                    exc = _call(op, sample, spec, places, device_of)
                 results.setdefault(v, {})["emulated"] = _verdict(exc)
+                # The tracer's own rule (`refused`, on the recorded devices) for the ops it saw.
+                seen = [e for e in tracer.events if refused(e) or e.op == RAISED]
+                text = f"{seen[0].op} refused" if seen else None
+                results[v]["tracer"] = ("refuses" if seen else "accepts", text)
     record["variants"] = []
     for v, (k, places) in enumerate(variants):
         flat, tensor_at = samples[k][0]
@@ -195,11 +205,11 @@ def _summarize(records: list[dict], backend: str) -> dict:
             out["variants"] += 1
             if backend != "both":
                 continue
-            a, b = v.get("cuda"), v.get("emulated")
+            a, b, c = v.get("cuda"), v.get("emulated"), v.get("tracer")
             if "error" in (a, b):
                 continue  # not about devices (the sample itself fails somewhere)
             out["compared"] += 1
-            if a == b:
+            if a == b == c:
                 out["agree"] += 1
             else:
                 out["disagreements"].append({"op": r["op"], "dtype": r["dtype"], **v})

@@ -435,3 +435,72 @@ def test_any_model_traced_against_one_device(on):
     strays = [e for e in tracer.events if e.cls == STRAY]
     assert [(e.op, e.module, e.devices) for e in strays] == [("aten.mul.Tensor", "scale", ["cpu"])]
     assert [t["class"] for t in tracer.summary.transfers] == [SYNC, TRANSFER]  # out and back
+
+
+# -- device errors raised before any aten op --------------------------------------------------------
+
+
+class _Attend(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)  # checks devices in C++, before any aten op
+
+
+class _Grid(torch.nn.Module):
+    def forward(self, a, b):
+        return torch.meshgrid(a, b, indexing="ij")
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *xs):
+        return self.inner(*xs)
+
+
+@pytest.mark.parametrize(
+    ("inner", "make", "line"),
+    [
+        (
+            _Attend,
+            lambda d: (torch.randn(2, 3, 4), torch.randn(2, 5, 4).to(d), torch.randn(2, 5, 4).to(d)),
+            "scaled_dot_product_attention(q, k, v)",
+        ),
+        (_Grid, lambda d: (torch.arange(3), torch.arange(2).to(d)), "torch.meshgrid(a, b"),
+    ],
+    ids=["sdpa", "meshgrid"],
+)
+def test_a_device_error_raised_before_any_aten_op_is_a_mismatch(on, inner, make, line):
+    model = _Outer(inner())
+    xs = make(on.device)
+    with Tracer(model, placement=on.device) as tracer, pytest.raises(RuntimeError, match="device"):
+        model(*xs)
+    s = tracer.summary
+    f = s.first_offence
+    assert s.verdict == DIRTY and s.counts[MISMATCH] == 1  # once, not again for the outer module
+    assert f["class"] == MISMATCH and f["module"] == "inner" and f["op"] == "<raised before any aten op>"
+    assert set(f["devices"]) == {"cpu", "cuda:0"}
+    assert f["source"].startswith("tests/test_trace_tracer.py:") and line in f["code"]
+    assert any(line in frame for frame in f["stack"])
+
+
+def test_an_error_an_op_raised_is_recorded_once(tiny_path, on):
+    model = Mixtral.from_gguf(tiny_path, device=on.device, max_seq_len=32)
+    router = model.layers[0].moe.router
+    router.weight = router.weight.to("cpu")  # candle#1815
+    with Tracer(model) as tracer, pytest.raises(RuntimeError):
+        model(_tokens(), 0)
+    assert tracer.summary.counts[MISMATCH] == 1
+    assert tracer.summary.first_offence["op"].startswith("aten.")
+
+
+def test_a_non_device_error_is_not_recorded(on):
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("not about devices")
+
+    model = _Outer(Bad())
+    with Tracer(model, placement=on.device) as tracer, pytest.raises(ValueError):
+        model(torch.ones(2).to(on.device))
+    assert tracer.summary.verdict == CLEAN

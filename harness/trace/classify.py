@@ -167,7 +167,10 @@ def refused(event: Event) -> bool:
         scalars = [s for s in ins if _is_cpu_scalar(s)]
         return len(scalars) > 1 or not _one_device([s for s in ins if not _is_cpu_scalar(s)])
     if rule == WHERE:
-        return not _one_device([s for s in ins if s[2]])  # 0-dim operands are moved
+        # The op's device is the first of condition/self/other not on the CPU; 0-dim operands on
+        # another device are moved there, every other operand must be on it.
+        device = next((s[0] for s in ins[:3] if s[0] != "cpu"), "cpu")
+        return any(s[0] != device for s in ins if s[2])
     if rule == MASKED_FILL:
         self, mask, value = ins[0], ins[1], ins[2] if len(ins) > 2 else None
         if value is not None and not value[2] and self[0] == "cpu" and value[0] != "cpu":

@@ -345,6 +345,13 @@ ROWS: tuple[Row, ...] = (
     Row("where", {"c": mask("gpu", 4, 3), "x": f32("gpu", 4, 3), "y": f32("cpu", 1)}, torch.where, R, WHERE),
     Row(
         "where",
+        {"c": mask("cpu", 4, 3), "x": scalar("gpu"), "y": scalar("gpu", 3.0)},
+        torch.where,
+        R,
+        WHERE + "; the op's device is the first non-CPU operand's, even a 0-dim one",
+    ),
+    Row(
+        "where",
         {"c": mask("gpu", 4, 3), "x": f32("gpu", 4, 3), "y": scalar("gpu1")},
         torch.where,
         A,
@@ -636,6 +643,14 @@ ROWS: tuple[Row, ...] = (
         lambda x, src: torch.select_scatter(x, src, 0, 1),
         A,
         "CompositeExplicitAutograd: a clone of self with src copied in (any devices)",
+        out="gpu",
+    ),
+    Row(
+        "linspace",
+        {"start": scalar("cpu", 0.0), "end": scalar("gpu", 1.0), "device": Dev("gpu")},
+        lambda start, end, device: torch.linspace(start, end, 5, device=device),
+        A,
+        "tensor start and end are read as scalars; the result goes to `device`",
         out="gpu",
     ),
     Row(

@@ -128,11 +128,11 @@ RULE_DOCS = {
     "device unless 0-dim (moved), or a one-element CPU v with a single boolean mask on x's device "
     "(masked_fill path); with accumulate=True v must end up on x's device",
     TRANSFER: "copies across devices are the point: no check",
-    CPU_SCALAR_OTHER: "logical_and/or/xor (CompositeExplicitAutograd): the result is made on self's device "
-    "before TensorIterator runs, so only `other` may be a 0-dim CPU input",
+    CPU_SCALAR_OTHER: "logical_and/or/xor, soft_margin_loss (CompositeExplicitAutograd): the result is made "
+    "on self's device before TensorIterator runs, so only `other` may be a 0-dim CPU input",
     SCATTER: "slice/select/diagonal/as_strided_scatter (CompositeExplicitAutograd): self is cloned and src "
     "copied into it: any devices; the result is on self's device",
-    ANY: "resize_as_ reads the template's sizes only: no check",
+    ANY: "resize_as_ reads the template's sizes only, linspace/logspace their tensor ends' values: no check",
     MASKED_INDEX: "_unsafe_masked_index(_put_accumulate) (CompositeExplicitAutograd, over index): index "
     "tensors on the CPU or on self's device; mask and values on self's device",
 }
@@ -155,7 +155,7 @@ _CPU_SCALAR_OPS = [
     "special_legendre_polynomial_p",
 ]
 # CompositeExplicitAutograd ops made of such elementwise ops: the same rule holds for them.
-_CPU_SCALAR_COMPOSITES = ["ldexp", "allclose", "binary_cross_entropy_with_logits", "soft_margin_loss"]
+_CPU_SCALAR_COMPOSITES = ["ldexp", "allclose"]
 # fmt: on
 
 
@@ -168,8 +168,11 @@ RULES: dict[str, str] = {
     **dict.fromkeys(_with_inplace(_CPU_SCALAR_OPS), CPU_SCALAR),
     **dict.fromkeys(_CPU_SCALAR_COMPOSITES, CPU_SCALAR),
     **dict.fromkeys(_with_inplace(["logical_and", "logical_or", "logical_xor"]), CPU_SCALAR_OTHER),
+    "soft_margin_loss": CPU_SCALAR_OTHER,  # CompositeExplicitAutograd; only the target may be a CPU scalar
     **dict.fromkeys(["slice_scatter", "select_scatter", "diagonal_scatter", "as_strided_scatter"], SCATTER),
     "resize_as_": ANY,
+    "linspace": ANY,  # tensor start/end are read as scalars; the result goes to `device`
+    "logspace": ANY,
     "_unsafe_masked_index": MASKED_INDEX,
     "_unsafe_masked_index_put_accumulate": MASKED_INDEX,
     "where": WHERE,

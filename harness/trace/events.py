@@ -47,6 +47,11 @@ def spec_dict(spec: TensorSpec) -> dict:
     return {"device": device, "dtype": dtype, "shape": list(shape), "bytes": nbytes}
 
 
+# The op of an event for a device error raised before any aten op ran (a check in a composite
+# op's C++ code or in Python: meshgrid, multi_dot, scaled_dot_product_attention, ...).
+RAISED = "<raised before any aten op>"
+
+
 class Event:
     """One aten op as the tracer saw it, made before the op ran.
 
@@ -75,6 +80,7 @@ class Event:
         "stack",
         "target",
         "sized",
+        "named_devices",
     )
 
     def __init__(
@@ -111,10 +117,15 @@ class Event:
         self.stack = stack
         self.target = target  # the device a copy goes to, known before it runs (not written)
         self.sized = False  # an op of `classify.SYNC_UNLESS` told what it would read (not written)
+        # The devices a device error names, for an error raised before any aten op (RAISED).
+        self.named_devices: list[str] | None = None
 
     @property
     def devices(self) -> list[str]:
-        """Every device among inputs and outputs, in order of appearance."""
+        """Every device among inputs and outputs, in order of appearance (for a RAISED event,
+        the devices its error names)."""
+        if self.named_devices is not None:
+            return list(self.named_devices)
         return list(dict.fromkeys(s[0] for s in (*self.inputs, *(self.outputs or ()))))
 
     @property
@@ -143,6 +154,8 @@ class Event:
             d["transfer"] = self.transfer
         if self.stack is not None:
             d["stack"] = self.stack
+        if self.named_devices is not None:
+            d["devices"] = list(self.named_devices)
         return d
 
     @classmethod
@@ -150,7 +163,7 @@ class Event:
         def specs(xs):
             return None if xs is None else [TensorSpec(*s) for s in xs]
 
-        return cls(
+        ev = cls(
             seq=d["seq"],
             step=d.get("step", 0),
             op=d["op"],
@@ -166,6 +179,9 @@ class Event:
             transfer=d.get("transfer"),
             stack=d.get("stack"),
         )
+        if d.get("devices") is not None:
+            ev.named_devices = list(d["devices"])
+        return ev
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Event) and self.to_dict() == other.to_dict()

@@ -102,6 +102,8 @@ class TraceWriter:
             text += f',"transfer":{json.dumps(ev.transfer, separators=(",", ":"))}'
         if ev.stack is not None:
             text += f',"stack":{json.dumps(ev.stack)}'
+        if ev.named_devices is not None:
+            text += f',"devices":{json.dumps(ev.named_devices)}'
         return text + "}\n"
 
     def ok_body(self, op, module, expected, source, inputs, outputs, tensors, alias) -> str:

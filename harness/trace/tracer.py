@@ -24,6 +24,7 @@ import linecache
 import math
 import os
 import platform
+import re
 import sys
 import sysconfig
 import time
@@ -52,6 +53,7 @@ from harness.trace.classify import (
     SYNC_UNLESS,
     Classifier,
     base_name,
+    is_device_error,
     op_kind,
 )
 from harness.trace.events import (
@@ -60,6 +62,7 @@ from harness.trace.events import (
     DIRTY,
     OFFENDING,
     OK,
+    RAISED,
     Event,
     Summary,
     TensorSpec,
@@ -155,6 +158,16 @@ class _SpecCache(dict):
         nbytes = math.prod(shape) * dtype.itemsize
         spec = self[key] = TensorSpec(str(device), str(dtype).removeprefix("torch."), shape, nbytes)
         return spec
+
+
+_DEVICE_NAME = re.compile(r"\b(?:cpu|meta|cuda:\d+)\b")
+
+
+def _frame_text(code, lineno: int) -> str:
+    """ "file:line in function: the line's code" of a stack frame."""
+    text = _source_text(code, lineno)
+    line = linecache.getline(code.co_filename, lineno).strip()
+    return f"{text}: {line}" if line else text
 
 
 def _source_text(code, lineno: int) -> str:
@@ -286,6 +299,7 @@ class Tracer(TorchDispatchMode):
         self._fast = not self.keep_events
         self._t0 = 0.0
         self._thread: int | None = None  # the thread that entered the tracer
+        self._seen_errors: set[int] = set()  # ids of exceptions already recorded
         self._routing_record: dict | None = None
 
     def _build_maps(self) -> None:
@@ -380,6 +394,8 @@ class Tracer(TorchDispatchMode):
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            if exc is not None and self._recording and not self._skipping:
+                self._raised(exc)  # raised outside every module of the model
             if self._mode_popped:
                 _push_mode(self)
                 self._mode_popped = False
@@ -429,6 +445,10 @@ class Tracer(TorchDispatchMode):
     def _post_hook(self, module, args, output) -> None:
         if get_ident() != self._thread:
             return
+        if output is None and self._recording:
+            exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except` when forward raised
+            if exc is not None:
+                self._raised(exc, args)
         if isinstance(output, torch.Tensor) and getattr(module, "outputs_activations", False):
             self._weights.pop(id(output), None)  # looked-up rows of a table are activations, not the weight
         stack = self._stack
@@ -539,6 +559,7 @@ class Tracer(TorchDispatchMode):
             if info.copy_to:
                 ev.target = _target_device(args, kwargs)
             self._finish(ev)
+            self._seen_errors.add(id(exc))  # recorded at its op: not again as RAISED
             raise
 
         alias = info.alias
@@ -633,6 +654,42 @@ class Tracer(TorchDispatchMode):
         if out is not src:
             self._remember(out, names)
 
+    def _raised(self, exc: BaseException, args=()) -> None:
+        """A device error that no aten op raised (a check in a composite op's C++ code, or in
+        Python): recorded once, as a RAISED event of the module it came out of, with the source
+        line and stack from its traceback, and the devices the error names (else those of the
+        module's tensor arguments, `args`)."""
+        if id(exc) in self._seen_errors:
+            return
+        self._seen_errors.add(id(exc))
+        text = f"{type(exc).__name__}: {str(exc)[:2000]}"
+        if not is_device_error(text):
+            return
+        frames = []  # (code, line), outermost first: the stack above the module, then the traceback
+        f = sys._getframe(2)
+        while f is not None:
+            frames.append((f.f_code, f.f_lineno))
+            f = f.f_back
+        frames.reverse()
+        t = exc.__traceback__
+        while t is not None:
+            frames.append((t.tb_frame.f_code, t.tb_lineno))
+            t = t.tb_next
+        model = [(c, n) for c, n in frames if _is_model_code(c.co_filename)]
+        module, expected = self._stack[-1] if self._stack else _OUTSIDE
+        source = _source_text(*model[-1]) if model else None
+        ev = Event(self._seq, self._step, RAISED, module, expected, None, source, [])
+        self._seq += 1
+        ev.error = text
+        named = _DEVICE_NAME.findall(str(exc))
+        if not named:
+            named = [str(a.device) for a in args if isinstance(a, torch.Tensor)]
+        ev.named_devices = list(dict.fromkeys(named))
+        stack = [
+            _frame_text(c, n) for c, n in frames if not c.co_filename.startswith((_TORCH_DIR, _TRACE_DIR))
+        ]
+        self._finish(ev, stack=stack[-_MAX_STACK_FRAMES:])
+
     def _python_stack(self) -> list[str]:
         """The stack of the op now running, outermost first, without torch and tracer frames."""
         frames = []
@@ -641,21 +698,18 @@ class Tracer(TorchDispatchMode):
             code = f.f_code
             name = code.co_filename
             if not (name.startswith(_TORCH_DIR) or name.startswith(_TRACE_DIR)):
-                line = linecache.getline(name, f.f_lineno).strip()
-                qualname = getattr(code, "co_qualname", code.co_name)
-                text = f"{_short_path(name)}:{f.f_lineno} in {qualname}"
-                frames.append(f"{text}: {line}" if line else text)
+                frames.append(_frame_text(code, f.f_lineno))
             f = f.f_back
         frames.reverse()
         return frames
 
-    def _finish(self, ev: Event) -> None:
+    def _finish(self, ev: Event, stack: list[str] | None = None) -> None:
         cls = self.classifier.classify(ev, self._last_child)
         self._counts[cls] += 1
         if cls in OFFENDING:
             if self._stacks_kept < self.max_stacks:
                 self._stacks_kept += 1
-                ev.stack = self._python_stack()
+                ev.stack = stack if stack is not None else self._python_stack()
             if self._first is None:
                 self._first = first_offence(ev)
                 if ev.source:
