@@ -69,7 +69,7 @@ def _describe(leaves, places) -> str:
 
 
 def _call(op, sample, spec, places, device_of):
-    """Run the op with each tensor leaf on the device its place names."""
+    """Run the op (or a module calling it) with each tensor leaf on the device its place names."""
     import torch
     from torch.utils._pytree import tree_unflatten
 
@@ -84,6 +84,16 @@ def _call(op, sample, spec, places, device_of):
         return None
     except Exception as exc:  # what the backend said is the result
         return exc
+
+
+def _op_module(op):
+    import torch
+
+    class OpModule(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return op(*args, **kwargs)
+
+    return OpModule()
 
 
 def _samples(op, dtype):
@@ -142,8 +152,9 @@ def sweep_op(op, dtype, backend: str) -> dict:
         with EmulatedCuda(device_count=1):
             for v, (k, places) in enumerate(variants):
                 (sample, spec) = samples[k]
-                with Tracer(torch.nn.Module(), keep_events=True) as tracer:
-                    exc = _call(op, sample, spec, places, device_of)
+                module = _op_module(op)  # errors come out of a module, as in a model
+                with Tracer(module, keep_events=True) as tracer:
+                    exc = _call(module, sample, spec, places, device_of)
                 results.setdefault(v, {})["emulated"] = _verdict(exc)
                 # The tracer's own rule (`refused`, on the recorded devices) for the ops it saw.
                 seen = [e for e in tracer.events if refused(e) or e.op == RAISED]

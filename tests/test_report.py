@@ -668,3 +668,31 @@ def test_report_renders_in_chromium(runs, big, tmp_path):
     assert console == []
     assert '<ul id="js-errors" hidden=""></ul>' in dom and 'data-ready="1"' in dom
     assert HOSTILE not in dom and "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+
+def test_report_of_a_device_error_raised_before_any_aten_op(tmp_path):
+    import torch.nn.functional as F
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attend()
+
+        def forward(self, q, k, v):
+            return self.attn(q, k, v)
+
+    with _emulated():
+        model = Model()
+        k = torch.randn(2, 5, 4, device="cuda")
+        tracer = Tracer(model, placement="cuda", path=tmp_path / "t.jsonl")
+        with pytest.raises(RuntimeError, match="same device"), tracer:
+            model(torch.randn(2, 3, 4), k, k)  # the query on the CPU
+    html = build_report([tmp_path / "t.jsonl"], tmp_path / "r.html").read_text()
+    assert '<span class="verdict dirty">dirty</span>' in html
+    assert '<code class="offence-module">attn</code>' in html
+    assert "&lt;raised before any aten op&gt;" in html
+    assert "F.scaled_dot_product_attention(q, k, v)" in html  # the source line
