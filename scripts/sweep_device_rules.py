@@ -13,6 +13,10 @@ test suite checks everywhere.
     python scripts/sweep_device_rules.py --out sweep.json                   # on a GPU machine
     python scripts/sweep_device_rules.py --backend emulated --ops add,where  # anywhere: emulation only
 
+`--check syncs` (GPU only) puts every tensor on the GPU instead and asks whether the host waits
+for GPU work queued before the call (`torch.cuda._sleep`): the tracer must see a `sync` exactly
+there.
+
 The op database imports `expecttest` (pip install expecttest). An op that breaks the CUDA context
 (an illegal address is sticky) ends its worker process; the sweep goes on after it in a new one.
 """
@@ -37,7 +41,9 @@ KNOWN_DIFFERENCES = {
     "nn.functional.bilinear": "with zero-size inputs, CUDA skips the device check",
     "linalg.pinv": "with zero-size inputs, CUDA skips the device check",
 }
-MAX_SAMPLES = 6  # sample inputs per op
+KNOWN_SYNC_DIFFERENCES: dict[str, str] = {}
+BUSY_SECONDS = 0.02  # GPU work queued before a call whose wait is measured (--check syncs)
+MAX_SAMPLES = 6  # sample inputs per op (environment: SWEEP_SAMPLES)
 MAX_LEAVES = 6  # tensor arguments moved to the CPU per sample, at most
 DTYPES = ("float32", "int64", "bool")  # the first one an op supports on CUDA
 
@@ -114,9 +120,81 @@ def _samples(op, dtype):
         if not tensor_at or len(tensor_at) > 16 or any(flat[i].layout != torch.strided for i in tensor_at):
             continue  # dense tensors only (sparse layouts have their own device rules)
         out.append(((flat, tensor_at), spec))
-        if len(out) >= MAX_SAMPLES:
+        if len(out) >= int(os.environ.get("SWEEP_SAMPLES", MAX_SAMPLES)):
             break
     return out
+
+
+_BUSY: list = []  # (cycles, seconds) of `torch.cuda._sleep` for this worker, measured once
+
+
+def _busy() -> tuple[int, float]:
+    import torch
+
+    if not _BUSY:
+        cycles = 2_000_000
+        torch.cuda._sleep(cycles)  # warm up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.cuda._sleep(cycles)
+        torch.cuda.synchronize()
+        cycles = int(cycles * BUSY_SECONDS / max(time.perf_counter() - t0, 1e-6))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.cuda._sleep(cycles)
+        torch.cuda.synchronize()
+        _BUSY.append((cycles, time.perf_counter() - t0))
+    return _BUSY[0]
+
+
+def sweep_syncs(op, dtype) -> dict:
+    """Each of a few samples of one op with every tensor on the GPU: does the host wait for GPU
+    work queued before it (real CUDA), and does the tracer see a sync?"""
+    import torch
+
+    from harness.trace import SYNC, Tracer
+
+    record = {
+        "op": op.name + (f".{op.variant_test_name}" if op.variant_test_name else ""),
+        "dtype": str(dtype)[6:],
+    }
+    try:
+        samples = _samples(op, dtype)
+    except Exception as exc:
+        record["skipped"] = f"samples: {type(exc).__name__}: {exc}"[:300]
+        return record
+    gpu = torch.device("cuda", 0)
+    cycles, busy = _busy()
+    record["variants"] = []
+    for k, (sample, spec) in enumerate(samples):
+        places = ["gpu"] * len(sample[1])
+        row = {"sample": k, "devices": _describe([sample[0][i] for i in sample[1]], places)}
+        record["variants"].append(row)
+        exc = _call(op, sample, spec, places, lambda _: gpu)  # first-call costs: kernels, memory
+        torch.cuda.synchronize()
+        if exc is not None:
+            row["error"] = _verdict(exc)[1]
+            continue
+        t0 = time.perf_counter()
+        _call(op, sample, spec, places, lambda _: gpu)
+        plain = time.perf_counter() - t0  # the host's own time for the call
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        t0 = time.perf_counter()
+        _call(op, sample, spec, places, lambda _: gpu)
+        took = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        row["waited"] = took - plain > busy / 2
+        row["ms"] = [round(plain * 1e3, 2), round(took * 1e3, 2), round(busy * 1e3, 1)]
+        module = _op_module(op)
+        with Tracer(module, placement=gpu, keep_events=True) as tracer:
+            _call(module, sample, spec, places, lambda _: gpu)
+        torch.cuda.synchronize()
+        syncs = [e.op for e in tracer.events if e.cls == SYNC]
+        row["tracer_sync"] = bool(syncs)
+        if syncs:
+            row["sync_op"] = syncs[0]
+    return record
 
 
 def sweep_op(op, dtype, backend: str) -> dict:
@@ -188,7 +266,10 @@ def _worker(args) -> int:
             f.write(json.dumps({"index": i, "started": op.name}) + "\n")
             f.flush()
             try:
-                record = sweep_op(op, dtype, args.backend)
+                if args.check == "syncs":
+                    record = sweep_syncs(op, dtype)
+                else:
+                    record = sweep_op(op, dtype, args.backend)
             except Exception as exc:  # the CUDA context is gone: say so and stop
                 f.write(
                     json.dumps({"index": i, "op": op.name, "poisoned": f"{type(exc).__name__}: {exc}"[:300]})
@@ -199,6 +280,32 @@ def _worker(args) -> int:
             f.write(json.dumps(record) + "\n")
             f.flush()
     return 0
+
+
+def _summarize_syncs(records: list[dict]) -> dict:
+    out = {"ops": 0, "variants": 0, "compared": 0, "agree": 0, "syncs": 0, "disagreements": [], "known": []}
+    out["skipped"], out["poisoned"] = [], []
+    for r in records:
+        if "poisoned" in r:
+            out["poisoned"].append({"op": r["op"], "error": r["poisoned"]})
+            continue
+        if "skipped" in r:
+            out["skipped"].append({"op": r["op"], "why": r["skipped"]})
+            continue
+        out["ops"] += 1
+        for v in r["variants"]:
+            out["variants"] += 1
+            if "waited" not in v:
+                continue
+            out["compared"] += 1
+            out["syncs"] += v["waited"]
+            if v["waited"] == v["tracer_sync"]:
+                out["agree"] += 1
+            elif r["op"] in KNOWN_SYNC_DIFFERENCES:
+                out["known"].append({"op": r["op"], **v})
+            else:
+                out["disagreements"].append({"op": r["op"], **v})
+    return out
 
 
 def _summarize(records: list[dict], backend: str) -> dict:
@@ -243,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         "--backend", choices=("both", "cuda", "emulated"), default=None, help="default: both with a GPU"
     )
     p.add_argument("--ops", default=None, help="comma-separated OpInfo names (default: all)")
+    p.add_argument(
+        "--check",
+        choices=("devices", "syncs"),
+        default="devices",
+        help="devices: a tensor on the CPU in turn (above); syncs: all on the GPU, does the host wait",
+    )
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--out", default="sweep.json")
     p.add_argument("--deadline", type=float, default=1e9, help="seconds; then report what is done")
@@ -269,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             __file__,
             "--backend",
             args.backend,
+            "--check",
+            args.check,
             "--start",
             str(start),
             "--stop",
@@ -305,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for part in sorted(tmp.glob("part*.jsonl")):
         records += [r for r in map(json.loads, part.read_text().splitlines()) if "op" in r]
-    summary = _summarize(records, args.backend)
+    summarize = _summarize_syncs if args.check == "syncs" else lambda r: _summarize(r, args.backend)
+    summary = summarize(records)
     result = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.backend != "emulated" else None,
@@ -313,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "timed_out": timed_out,
         **summary,
-        "records": records if args.backend == "emulated" else None,
+        "records": records if args.backend == "emulated" and args.check == "devices" else None,
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(
