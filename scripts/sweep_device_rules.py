@@ -151,6 +151,7 @@ def sweep_syncs(op, dtype) -> dict:
     """Each of a few samples of one op with every tensor on the GPU: does the host wait for GPU
     work queued before it (real CUDA), and does the tracer see a sync?"""
     import torch
+    from torch.utils._pytree import tree_unflatten
 
     from harness.trace import SYNC, Tracer
 
@@ -166,29 +167,41 @@ def sweep_syncs(op, dtype) -> dict:
     gpu = torch.device("cuda", 0)
     cycles, busy = _busy()
     record["variants"] = []
-    for k, (sample, spec) in enumerate(samples):
-        places = ["gpu"] * len(sample[1])
-        row = {"sample": k, "devices": _describe([sample[0][i] for i in sample[1]], places)}
+    for k, ((flat, tensor_at), spec) in enumerate(samples):
+        row = {"sample": k, "devices": _describe([flat[i] for i in tensor_at], ["gpu"] * len(tensor_at))}
         record["variants"].append(row)
-        exc = _call(op, sample, spec, places, lambda _: gpu)  # first-call costs: kernels, memory
+        moved = list(flat)
+        for i in tensor_at:
+            moved[i] = flat[i].to(gpu)  # uploaded before anything is timed (a pageable upload waits)
+        inp, args, kwargs = tree_unflatten(moved, spec)
+
+        def run(fn=op, inp=inp, args=args, kwargs=kwargs):
+            try:
+                with torch.no_grad():
+                    fn(inp, *args, **kwargs)
+                return None
+            except Exception as error:
+                return error
+
+        failed = run()  # first-call costs: kernels, memory
         torch.cuda.synchronize()
-        if exc is not None:
-            row["error"] = _verdict(exc)[1]
+        if failed is not None:
+            row["error"] = _verdict(failed)[1]
             continue
         t0 = time.perf_counter()
-        _call(op, sample, spec, places, lambda _: gpu)
+        run()
         plain = time.perf_counter() - t0  # the host's own time for the call
         torch.cuda.synchronize()
         torch.cuda._sleep(cycles)
         t0 = time.perf_counter()
-        _call(op, sample, spec, places, lambda _: gpu)
+        run()
         took = time.perf_counter() - t0
         torch.cuda.synchronize()
         row["waited"] = took - plain > busy / 2
         row["ms"] = [round(plain * 1e3, 2), round(took * 1e3, 2), round(busy * 1e3, 1)]
         module = _op_module(op)
         with Tracer(module, placement=gpu, keep_events=True) as tracer:
-            _call(module, sample, spec, places, lambda _: gpu)
+            run(module)
         torch.cuda.synchronize()
         syncs = [e.op for e in tracer.events if e.cls == SYNC]
         row["tracer_sync"] = bool(syncs)
