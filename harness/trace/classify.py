@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from harness.trace.emulated import (
     ANY,
     CPU_SCALAR,
@@ -59,10 +61,29 @@ SYNC_OPS = frozenset(
         "unique_dim",
         "unique_consecutive",
         "unique_dim_consecutive",
-        "equal",
         "bincount",
         "_assert_async",
         "tolist",
+        # found by `scripts/sweep_device_rules.py --check syncs` (the host waited on an H100):
+        # error checks and solvers that read results on the host, a bool result, sizes from data
+        "allclose",
+        "_linalg_check_errors",
+        "linalg_eig",
+        "_linalg_eigh",
+        "_linalg_svd",
+        "linalg_lstsq",
+        "linalg_lu",
+        "linalg_lu_factor_ex",
+        "linalg_ldl_factor_ex",
+        "linalg_ldl_solve",
+        "linalg_pinv",
+        "cholesky",
+        "matrix_exp",
+        "unravel_index",
+        "to_sparse",
+        "_to_sparse",
+        "segment_reduce",
+        "_segment_reduce",
     }
 )
 
@@ -81,11 +102,50 @@ def _range_unknown(args, kwargs) -> bool:
     return lo == hi
 
 
-# Ops that read device data on the host only for some arguments: op -> (args, kwargs) -> whether
-# this call does. The tracer asks before the op runs and marks the event `sized` when it does not.
+def _same_shapes(args, kwargs) -> bool:
+    # equal(a, b): tensors of different shapes are unequal without reading them.
+    return args[0].shape == args[1].shape
+
+
+def _ends_on_device(args, kwargs) -> bool:
+    # linspace/logspace with tensor ends: their values are read on the host.
+    return any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args[:2])
+
+
+def _value_on_device(position: int):
+    # masked_fill/index_fill with a tensor value: the value is read on the host (`item()`).
+    def reads(args, kwargs) -> bool:
+        value = args[position] if len(args) > position else (kwargs or {}).get("value")
+        return isinstance(value, torch.Tensor) and value.device.type != "cpu"
+
+    return reads
+
+
+def _always(args, kwargs) -> bool:
+    return True
+
+
+# Ops that read device data on the host only for some arguments (or overloads): op -> (args,
+# kwargs) -> whether this call does. The tracer asks before the op runs (`Event.waits`).
 SYNC_UNLESS = {
     "aten.repeat_interleave.Tensor": _output_size_unknown,
     "aten.histc.default": _range_unknown,
+    "aten.equal.default": _same_shapes,
+    **dict.fromkeys(
+        [
+            f"aten.{op}.{o}"
+            for op in ("linspace", "logspace")
+            for o in ("Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor")
+        ],
+        _ends_on_device,
+    ),
+    "aten.masked_fill.Tensor": _value_on_device(2),
+    "aten.masked_fill_.Tensor": _value_on_device(2),
+    "aten.index_fill.int_Tensor": _value_on_device(3),
+    "aten.index_fill_.int_Tensor": _value_on_device(3),
+    # normal with a tensor std checks std >= 0 on the host
+    "aten.normal.Tensor_Tensor": _always,
+    "aten.normal.float_Tensor": _always,
 }
 INDEX_GET = frozenset({"index", "_unsafe_index"})  # (self, *indices)
 # (self, *indices, value)
@@ -265,14 +325,14 @@ class Classifier:
                 event.transfer = {"from": src, "to": dst, "bytes": nbytes, "explicit": True}
                 if self.transfer_allowed(event, src, dst, last_child):
                     cls = ALLOWED
-                elif dst == "cpu":
+                elif dst == "cpu" and event.waits is not False:
                     cls = SYNC  # a device-to-host copy in the model waits for the device
                 else:
                     cls = TRANSFER
                 event.cls = cls
                 return cls
         elif kind == K_SYNC:
-            if ins and ins[0][0] != "cpu" and not event.sized:
+            if ins and ins[0][0] != "cpu" and event.waits is not False:
                 cls = ALLOWED if event.module is None else SYNC
                 event.cls = cls
                 return cls

@@ -79,7 +79,7 @@ class Event:
         "transfer",
         "stack",
         "target",
-        "sized",
+        "waits",
         "named_devices",
     )
 
@@ -116,7 +116,9 @@ class Event:
         self.transfer = transfer
         self.stack = stack
         self.target = target  # the device a copy goes to, known before it runs (not written)
-        self.sized = False  # an op of `classify.SYNC_UNLESS` told what it would read (not written)
+        # Whether the op makes the host wait for the device, where its arguments tell (an op of
+        # `classify.SYNC_UNLESS`, a non-blocking copy to the host); None: by its kind (not written).
+        self.waits: bool | None = None
         # The devices a device error names, for an error raised before any aten op (RAISED).
         self.named_devices: list[str] | None = None
 

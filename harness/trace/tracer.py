@@ -597,7 +597,9 @@ class Tracer(TorchDispatchMode):
         ev.outputs = list(outputs)
         ev.alias = alias
         if info.sync_unless is not None:
-            ev.sized = not info.sync_unless(args, kwargs)
+            ev.waits = info.sync_unless(args, kwargs)
+        elif info.copy_to and kwargs and kwargs.get("non_blocking"):
+            ev.waits = False  # a non-blocking copy to the host lands in pinned memory, asynchronously
         self._finish(ev)
         return out
 
