@@ -78,12 +78,9 @@ SYNC_OPS = frozenset(
         "linalg_ldl_solve",
         "linalg_pinv",
         "cholesky",
-        "matrix_exp",
-        "unravel_index",
+        "linalg_matrix_exp",
         "to_sparse",
         "_to_sparse",
-        "segment_reduce",
-        "_segment_reduce",
     }
 )
 
@@ -125,6 +122,12 @@ def _always(args, kwargs) -> bool:
     return True
 
 
+def _lengths_checked(args, kwargs) -> bool:
+    # segment_reduce(data, reduce, lengths=...): the lengths are checked on the host unless unsafe.
+    kwargs = kwargs or {}
+    return isinstance(kwargs.get("lengths"), torch.Tensor) and not kwargs.get("unsafe", False)
+
+
 # Ops that read device data on the host only for some arguments (or overloads): op -> (args,
 # kwargs) -> whether this call does. The tracer asks before the op runs (`Event.waits`).
 SYNC_UNLESS = {
@@ -146,6 +149,7 @@ SYNC_UNLESS = {
     # normal with a tensor std checks std >= 0 on the host
     "aten.normal.Tensor_Tensor": _always,
     "aten.normal.float_Tensor": _always,
+    "aten.segment_reduce.default": _lengths_checked,
 }
 INDEX_GET = frozenset({"index", "_unsafe_index"})  # (self, *indices)
 # (self, *indices, value)
