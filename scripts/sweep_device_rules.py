@@ -456,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.backend != "emulated" else None,
-        "backend": args.backend,
+        "backend": args.backend if args.check == "devices" else "cuda",
+        "check": args.check,
         "seconds": round(time.perf_counter() - t0, 1),
         "timed_out": timed_out,
         **summary,
