@@ -504,3 +504,19 @@ def test_a_non_device_error_is_not_recorded(on):
     with Tracer(model, placement=on.device) as tracer, pytest.raises(ValueError):
         model(torch.ones(2).to(on.device))
     assert tracer.summary.verdict == CLEAN
+
+
+def test_a_tensor_made_on_the_device_from_python_data_is_an_upload(on):
+    class Offsets(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.tensor([1.0, 2.0, 3.0], device=x.device)  # host data, uploaded
+
+    model = _Outer(Offsets())
+    with torch.no_grad(), Tracer(model, placement=on.device, keep_events=True) as tracer:
+        model(torch.zeros(3).to(on.device))
+    moved = [t for t in tracer.summary.transfers if t["class"] == TRANSFER]
+    assert moved == [
+        {"from": "cpu", "to": "cuda:0", "class": TRANSFER, "explicit": True, "count": 1, "bytes": 12}
+    ]
+    upload = next(e for e in tracer.events if e.cls == TRANSFER)
+    assert upload.module == "inner" and upload.source.startswith("tests/test_trace_tracer.py:")

@@ -18,6 +18,7 @@ from torch import nn
 from harness.errors import UsageError
 from harness.gguf_file import MixtralConfig, ModelFile, open_gguf
 from harness.model.placement import Placement
+from harness.quant import dequant
 from harness.quant.qmatmul import QMatMul
 from harness.quant.qtensor import QTensor
 
@@ -290,6 +291,8 @@ class Mixtral(nn.Module):
         self.placement = placement
         self.max_seq_len = max_seq_len
         self.dtype = torch.float32
+        for device in placement.devices:
+            dequant.warm(device)  # per-device constants built at load, not in the first forward
         self.embed = Embedding(mf.tensor("token_embd.weight").to(placement.embed))
         self.layers = nn.ModuleList(
             Block(

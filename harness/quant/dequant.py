@@ -31,22 +31,37 @@ IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 
 _CONSTS: dict[torch.device, SimpleNamespace] = {}
 
 
+def constant_table(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant table on `device`: made on the CPU and copied over, once per device (at
+    load, by `warm`). A model whose weight sits on an unplanned device makes one in its forward:
+    a tracer then sees that copy as a transfer, not as ops of its own on the wrong device."""
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
 def _consts(device: torch.device) -> SimpleNamespace:
     """Shift vectors and lookup tables on `device`, built once per device."""
     c = _CONSTS.get(device)
     if c is None:
-
-        def u8(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.uint8, device=device)
-
         c = SimpleNamespace(
-            nib=u8([0, 4]),  # low nibble, high nibble
-            crumb=u8([0, 2, 4, 6]),  # four 2-bit fields of a byte
-            bit=u8(list(range(8))),  # eight bits of a byte
-            iq4=torch.tensor(IQ4_KVALUES, dtype=torch.float32, device=device),
+            nib=constant_table([0, 4], torch.uint8, device),  # low nibble, high nibble
+            crumb=constant_table([0, 2, 4, 6], torch.uint8, device),  # four 2-bit fields of a byte
+            bit=constant_table(list(range(8)), torch.uint8, device),  # eight bits of a byte
+            iq4=constant_table(IQ4_KVALUES, torch.float32, device),
         )
         _CONSTS[device] = c
     return c
+
+
+def warm(device: torch.device) -> None:
+    """Build the constants of `device` now (a model does at load), not in its first forward."""
+    _consts(device)
+    if device.type == "cuda":
+        try:
+            from harness.quant import kernels
+        except ImportError:  # the GPU kernels are optional
+            return
+        if kernels.supports(T.IQ4_NL):
+            kernels._lut(device)
 
 
 # ---- byte-level helpers ------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import os
 import torch
 
 from harness.errors import UnsupportedTypeError, UsageError
+from harness.quant.dequant import IQ4_KVALUES, constant_table
 from harness.quant.types import GGMLType, block_size, type_size
 
 try:  # triton is an optional dependency (`pip install harness[gpu]`)
@@ -42,9 +43,6 @@ except Exception:  # ImportError, or an install that fails to import
     tl = None
 
 T = GGMLType
-
-# Values of the IQ4_NL / IQ4_XS non-linear 4-bit grid (ggml-common.h `kvalues_iq4nl`).
-IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -330,7 +328,7 @@ def _lut(device: torch.device) -> torch.Tensor:
     """The IQ4_NL grid as float32 on `device` (cached per device)."""
     lut = _LUTS.get(device)
     if lut is None:
-        lut = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=device)
+        lut = constant_table(IQ4_KVALUES, torch.float32, device)
         _LUTS[device] = lut
     return lut
 

@@ -6,7 +6,8 @@ The rules follow what the real CUDA backend does:
   elementwise binary ops, CPU index tensors in advanced indexing (`x[idx]`, `x[idx] = v`), which
   CUDA copies to the device itself, an implicit transfer); an op that raised a device error is a
   mismatch whatever the table says;
-- `_to_copy`, `to`, `copy_` across devices are explicit transfers;
+- `_to_copy`, `to`, `copy_` across devices are explicit transfers, and so is a tensor made on a
+  device from Python data (`torch.tensor(..., device=...)`: its `lift_fresh` on the device);
 - a host read of device data (`_local_scalar_dense` behind `item()`, `bool()`, `int()`;
   `nonzero`, `masked_select`, `unique`, ...; a boolean mask on the device used as an index; a
   device-to-host copy inside the model) is a sync;
@@ -154,7 +155,10 @@ SYNC_UNLESS = {
 INDEX_GET = frozenset({"index", "_unsafe_index"})  # (self, *indices)
 # (self, *indices, value)
 INDEX_PUT = frozenset({"index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"})
-(K_OTHER, K_COPY_TO, K_COPY_INTO, K_COPY_FROM, K_SYNC, K_INDEX_GET, K_INDEX_PUT) = range(7)
+# torch.tensor / as_tensor of Python data: the values are copied to the device in C++, unseen,
+# and the fresh tensor is then lifted (`lift_fresh`) on its device: an upload from the host.
+UPLOAD = frozenset({"lift_fresh", "lift_fresh_copy"})
+(K_OTHER, K_COPY_TO, K_COPY_INTO, K_COPY_FROM, K_SYNC, K_INDEX_GET, K_INDEX_PUT, K_UPLOAD) = range(8)
 
 _DEVICE_ERROR = re.compile(
     r"same device|expected device|at least two devices|different from other tensors|"
@@ -195,6 +199,8 @@ def op_kind(op: str) -> int:
             kind = K_INDEX_GET
         elif b in INDEX_PUT:
             kind = K_INDEX_PUT
+        elif b in UPLOAD:
+            kind = K_UPLOAD
         else:
             kind = K_OTHER
         _KINDS[op] = kind
@@ -333,6 +339,13 @@ class Classifier:
                     cls = SYNC  # a device-to-host copy in the model waits for the device
                 else:
                     cls = TRANSFER
+                event.cls = cls
+                return cls
+        elif kind == K_UPLOAD:
+            if ins and ins[0][0] != "cpu":
+                dst = ins[0][0]
+                event.transfer = {"from": "cpu", "to": dst, "bytes": ins[0][3], "explicit": True}
+                cls = ALLOWED if self.transfer_allowed(event, "cpu", dst, last_child) else TRANSFER
                 event.cls = cls
                 return cls
         elif kind == K_SYNC:

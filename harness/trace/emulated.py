@@ -33,8 +33,10 @@ How it works:
 - `torch.cuda.*` queries and `torch.Generator` are patched for the duration;
 - GPU-only paths are switched off (`harness.quant.kernels.supports` answers False, so the torch
   dequantizers run on the wrapped CPU data), and the per-device constant caches of the model
-  (`dequant._CONSTS`, `mixtral._ROPE_TABLES`, `kernels._LUTS`) are cleared of CUDA entries on
-  entry (real ones are kept aside and put back) and of the emulated ones on exit.
+  (`dequant._CONSTS`, `mixtral._ROPE_TABLES`, `kernels._LUTS`) hold emulated entries inside a
+  block only: real CUDA entries are kept aside on entry and put back on exit, and the emulated
+  ones are kept aside on exit and put back on the next entry (a model loaded in one block keeps
+  the constants it made at load when traced in another).
 
 Limits: autograd cannot record graphs through emulated devices (its nodes ask the CUDA device
 guard for a stream, which aborts the process on a CPU-only build), so with grad enabled an op
@@ -984,6 +986,8 @@ _DEVICE_CACHES = (
     ("harness.model.mixtral", "_ROPE_TABLES"),
     ("harness.quant.kernels", "_LUTS"),
 )
+# Their emulated entries between blocks: (module, cache name) -> {key: value}.
+_EMULATED_ENTRIES: dict[tuple[str, str], dict] = {}
 # GPU-only code paths switched off under the emulation: (module, attribute, replacement).
 _GPU_ONLY = (("harness.quant.kernels", "supports", lambda *args, **kwargs: False),)
 
@@ -1084,6 +1088,9 @@ class EmulatedCuda:
             if isinstance(cache, dict):
                 for key in [k for k in cache if _cuda_key(k)]:
                     self._stashed.append((cache, key, cache.pop(key)))
+                # Emulated entries of an earlier block are valid again (a model loaded there may
+                # be traced here, its constants made at load).
+                cache.update(_EMULATED_ENTRIES.get((module, name), {}))
         self._fmode = _ConstructorMode()
         self._fmode.__enter__()
         self._mode = _EmulationMode(self)
@@ -1105,8 +1112,9 @@ class EmulatedCuda:
             for module, name in _DEVICE_CACHES:
                 cache = getattr(sys.modules.get(module), name, None)
                 if isinstance(cache, dict):
+                    kept = _EMULATED_ENTRIES.setdefault((module, name), {})
                     for key in [k for k in cache if _cuda_key(k)]:
-                        del cache[key]
+                        kept[key] = cache.pop(key)
             for cache, key, value in self._stashed:
                 cache[key] = value
             self._stashed.clear()
