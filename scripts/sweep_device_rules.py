@@ -127,6 +127,19 @@ def _op_module(op):
     return OpModule()
 
 
+def _start(op, dtype) -> tuple[dict, list | None]:
+    """An op's record, and its samples (None, with the record saying why, when there are none)."""
+    record = {
+        "op": op.name + (f".{op.variant_test_name}" if op.variant_test_name else ""),
+        "dtype": str(dtype)[6:],
+    }
+    try:
+        return record, _samples(op, dtype)
+    except Exception as exc:
+        record["skipped"] = f"samples: {type(exc).__name__}: {exc}"[:300]
+        return record, None
+
+
 def _samples(op, dtype):
     import torch
     from torch.utils._pytree import tree_flatten
@@ -173,14 +186,8 @@ def sweep_syncs(op, dtype) -> dict:
 
     from harness.trace import SYNC, Tracer
 
-    record = {
-        "op": op.name + (f".{op.variant_test_name}" if op.variant_test_name else ""),
-        "dtype": str(dtype)[6:],
-    }
-    try:
-        samples = _samples(op, dtype)
-    except Exception as exc:
-        record["skipped"] = f"samples: {type(exc).__name__}: {exc}"[:300]
+    record, samples = _start(op, dtype)
+    if samples is None:
         return record
     gpu = torch.device("cuda", 0)
     cycles, busy = _busy()
@@ -237,14 +244,8 @@ def sweep_op(op, dtype, backend: str) -> dict:
     from harness.trace.emulated import EmulatedCuda
     from harness.trace.events import RAISED
 
-    record = {
-        "op": op.name + (f".{op.variant_test_name}" if op.variant_test_name else ""),
-        "dtype": str(dtype)[6:],
-    }
-    try:
-        samples = _samples(op, dtype)
-    except Exception as exc:
-        record["skipped"] = f"samples: {type(exc).__name__}: {exc}"[:300]
+    record, samples = _start(op, dtype)
+    if samples is None:
         return record
     variants = []  # (sample index, places)
     for k, ((_, tensor_at), _) in enumerate(samples):
@@ -313,43 +314,22 @@ def _worker(args) -> int:
     return 0
 
 
-def _summarize_syncs(records: list[dict]) -> dict:
-    out = {"ops": 0, "variants": 0, "compared": 0, "agree": 0, "syncs": 0, "disagreements": [], "known": []}
-    out["skipped"], out["poisoned"] = [], []
-    for r in records:
-        if "poisoned" in r:
-            out["poisoned"].append({"op": r["op"], "error": r["poisoned"]})
-            continue
-        if "skipped" in r:
-            out["skipped"].append({"op": r["op"], "why": r["skipped"]})
-            continue
-        out["ops"] += 1
-        for v in r["variants"]:
-            out["variants"] += 1
-            if "waited" not in v:
-                continue
-            out["compared"] += 1
-            out["syncs"] += v["waited"]
-            if v["waited"] == v["tracer_sync"]:
-                out["agree"] += 1
-            elif r["op"] in KNOWN_SYNC_DIFFERENCES:
-                out["known"].append({"op": r["op"], **v})
-            else:
-                out["disagreements"].append({"op": r["op"], **v})
-    return out
-
-
-def _summarize(records: list[dict], backend: str) -> dict:
+def _summarize(records: list[dict], check: str, backend: str) -> dict:
+    """Counts and lists over every call; `agree` where the backends (or, for syncs, the host's
+    wait and the tracer) say the same."""
+    known_ops = KNOWN_SYNC_DIFFERENCES if check == "syncs" else KNOWN_DIFFERENCES
     out = {
         "ops": 0,
         "variants": 0,
         "compared": 0,
         "agree": 0,
         "disagreements": [],
-        "known": [],  # disagreements of KNOWN_DIFFERENCES
+        "known": [],  # disagreements of ops listed as known
         "skipped": [],
         "poisoned": [],  # ops after which the CUDA context was gone (CUDA read memory it should not)
     }
+    if check == "syncs":
+        out["syncs"] = 0  # calls where the host waited
     for r in records:
         if "poisoned" in r:
             out["poisoned"].append({"op": r["op"], "error": r["poisoned"]})
@@ -360,18 +340,21 @@ def _summarize(records: list[dict], backend: str) -> dict:
         out["ops"] += 1
         for v in r["variants"]:
             out["variants"] += 1
-            if backend != "both":
-                continue
-            a, b, c = v.get("cuda"), v.get("emulated"), v.get("tracer")
-            if "error" in (a, b):
-                continue  # not about devices (the sample itself fails somewhere)
-            out["compared"] += 1
-            if a == b == c:
-                out["agree"] += 1
-            elif r["op"] in KNOWN_DIFFERENCES:
-                out["known"].append({"op": r["op"], "dtype": r["dtype"], **v})
+            if check == "syncs":
+                if "waited" not in v:
+                    continue  # the call failed
+                out["syncs"] += v["waited"]
+                same = v["waited"] == v["tracer_sync"]
             else:
-                out["disagreements"].append({"op": r["op"], "dtype": r["dtype"], **v})
+                a, b, c = v.get("cuda"), v.get("emulated"), v.get("tracer")
+                if backend != "both" or "error" in (a, b):
+                    continue  # one backend only, or the sample itself fails somewhere
+                same = a == b == c
+            out["compared"] += 1
+            if same:
+                out["agree"] += 1
+            else:
+                out["known" if r["op"] in known_ops else "disagreements"].append({"op": r["op"], **v})
     return out
 
 
@@ -451,8 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for part in sorted(tmp.glob("part*.jsonl")):
         records += [r for r in map(json.loads, part.read_text().splitlines()) if "op" in r]
-    summarize = _summarize_syncs if args.check == "syncs" else lambda r: _summarize(r, args.backend)
-    summary = summarize(records)
+    summary = _summarize(records, args.check, args.backend)
     result = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.backend != "emulated" else None,

@@ -845,21 +845,11 @@ class SyncRow:
     why: str
     note: str = ""
 
-    def describe(self) -> str:
-        args = ", ".join(f"{k}={v.describe({'gpu': 'cuda:0', 'cpu': 'cpu'})}" for k, v in self.inputs.items())
-        note = f", {self.note}" if self.note else ""
-        return f"{self.op}({args}{note})"
-
-    @property
-    def id(self) -> str:
-        return self.describe()
+    describe = Row.describe
+    id = Row.id
 
     def __str__(self) -> str:
         return f"{self.describe()} -> {'syncs' if self.syncs else 'no sync'}"
-
-
-def counts(place: str, values: list[int]) -> Input:
-    return longs(place, values)
 
 
 _COUNTS = [1, 2, 0, 3, 1, 1]  # repeats; they sum to 8
@@ -927,18 +917,18 @@ SYNC_ROWS: tuple[SyncRow, ...] = (
         "index", {"x": f32("gpu", 8), "m": mask("gpu", 8)}, lambda x, m: x[m], SYNCS, SHAPE, note="bool mask"
     ),
     SyncRow("masked_select", {"x": f32("gpu", 8), "m": mask("gpu", 8)}, torch.masked_select, SYNCS, SHAPE),
-    SyncRow("unique", {"i": counts("gpu", _COUNTS)}, torch.unique, SYNCS, SHAPE),
-    SyncRow("bincount", {"i": counts("gpu", _COUNTS)}, torch.bincount, SYNCS, SHAPE + " (its largest value)"),
+    SyncRow("unique", {"i": longs("gpu", _COUNTS)}, torch.unique, SYNCS, SHAPE),
+    SyncRow("bincount", {"i": longs("gpu", _COUNTS)}, torch.bincount, SYNCS, SHAPE + " (its largest value)"),
     SyncRow(
         "repeat_interleave",
-        {"r": counts("gpu", _COUNTS)},
+        {"r": longs("gpu", _COUNTS)},
         torch.repeat_interleave,
         SYNCS,
         SHAPE + " (the sum of the repeats)",
     ),
     SyncRow(
         "repeat_interleave",
-        {"r": counts("gpu", _COUNTS)},
+        {"r": longs("gpu", _COUNTS)},
         lambda r: torch.repeat_interleave(r, output_size=8),
         NO_SYNC,
         "output_size given: " + STAYS,
@@ -946,18 +936,18 @@ SYNC_ROWS: tuple[SyncRow, ...] = (
     ),
     SyncRow(
         "repeat_interleave",
-        {"x": f32("gpu", 6), "r": counts("gpu", _COUNTS)},
+        {"x": f32("gpu", 6), "r": longs("gpu", _COUNTS)},
         lambda x, r: x.repeat_interleave(r, dim=0),
         SYNCS,
         SHAPE,
         note="dim=0",
     ),
     SyncRow(
-        "one_hot", {"i": counts("gpu", _COUNTS)}, F.one_hot, SYNCS, SHAPE + " (num_classes from the data)"
+        "one_hot", {"i": longs("gpu", _COUNTS)}, F.one_hot, SYNCS, SHAPE + " (num_classes from the data)"
     ),
     SyncRow(
         "one_hot",
-        {"i": counts("gpu", _COUNTS)},
+        {"i": longs("gpu", _COUNTS)},
         lambda i: F.one_hot(i, num_classes=4),
         NO_SYNC,
         STAYS,
@@ -986,14 +976,14 @@ SYNC_ROWS: tuple[SyncRow, ...] = (
     SyncRow("max", {"x": f32("gpu", 8)}, torch.max, NO_SYNC, STAYS + " (a 0-dim tensor)"),
     SyncRow(
         "index_select",
-        {"x": f32("gpu", 8, 3), "i": counts("gpu", _COUNTS)},
+        {"x": f32("gpu", 8, 3), "i": longs("gpu", _COUNTS)},
         lambda x, i: x.index_select(0, i),
         NO_SYNC,
         STAYS,
     ),
     SyncRow(
         "index",
-        {"x": f32("gpu", 8, 3), "i": counts("gpu", _COUNTS)},
+        {"x": f32("gpu", 8, 3), "i": longs("gpu", _COUNTS)},
         lambda x, i: x[i],
         NO_SYNC,
         STAYS,
@@ -1014,7 +1004,7 @@ SYNC_ROWS: tuple[SyncRow, ...] = (
         STAYS,
         note="three arguments",
     ),
-    SyncRow("cumsum", {"i": counts("gpu", _COUNTS)}, lambda i: i.cumsum(0), NO_SYNC, STAYS),
+    SyncRow("cumsum", {"i": longs("gpu", _COUNTS)}, lambda i: i.cumsum(0), NO_SYNC, STAYS),
 )
 
 
