@@ -170,6 +170,26 @@ def _frame_text(code, lineno: int) -> str:
     return f"{text}: {line}" if line else text
 
 
+def _live_frames(frame) -> list[tuple[Any, int]]:
+    """(code, line) of `frame` and its callers, outermost first."""
+    frames = []
+    while frame is not None:
+        frames.append((frame.f_code, frame.f_lineno))
+        frame = frame.f_back
+    frames.reverse()
+    return frames
+
+
+def _stack_text(frames: list[tuple[Any, int]]) -> list[str]:
+    """The innermost frames as text, outermost first, without torch and tracer frames."""
+    kept = [(c, n) for c, n in frames if not c.co_filename.startswith((_TORCH_DIR, _TRACE_DIR))]
+    return [_frame_text(c, n) for c, n in kept[-_MAX_STACK_FRAMES:]]
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:2000]}"
+
+
 def _source_text(code, lineno: int) -> str:
     return f"{_short_path(code.co_filename)}:{lineno} in {getattr(code, 'co_qualname', code.co_name)}"
 
@@ -555,7 +575,7 @@ class Tracer(TorchDispatchMode):
             out = info.call(*args, **kwargs) if kwargs else info.call(*args)
         except BaseException as exc:
             ev = Event(seq, self._step, info.name, module, expected, names, source, list(inputs))
-            ev.error = f"{type(exc).__name__}: {str(exc)[:2000]}"
+            ev.error = _error_text(exc)
             if info.copy_to:
                 ev.target = _target_device(args, kwargs)
             self._finish(ev)
@@ -664,15 +684,10 @@ class Tracer(TorchDispatchMode):
         if id(exc) in self._seen_errors:
             return
         self._seen_errors.add(id(exc))
-        text = f"{type(exc).__name__}: {str(exc)[:2000]}"
+        text = _error_text(exc)
         if not is_device_error(text):
             return
-        frames = []  # (code, line), outermost first: the stack above the module, then the traceback
-        f = sys._getframe(2)
-        while f is not None:
-            frames.append((f.f_code, f.f_lineno))
-            f = f.f_back
-        frames.reverse()
+        frames = _live_frames(sys._getframe(2))  # the stack above the module, then the traceback
         t = exc.__traceback__
         while t is not None:
             frames.append((t.tb_frame.f_code, t.tb_lineno))
@@ -687,23 +702,7 @@ class Tracer(TorchDispatchMode):
         if not named:
             named = [str(a.device) for a in args if isinstance(a, torch.Tensor)]
         ev.named_devices = list(dict.fromkeys(named))
-        stack = [
-            _frame_text(c, n) for c, n in frames if not c.co_filename.startswith((_TORCH_DIR, _TRACE_DIR))
-        ]
-        self._finish(ev, stack=stack[-_MAX_STACK_FRAMES:])
-
-    def _python_stack(self) -> list[str]:
-        """The stack of the op now running, outermost first, without torch and tracer frames."""
-        frames = []
-        f = sys._getframe(2)
-        while f is not None and len(frames) < _MAX_STACK_FRAMES:
-            code = f.f_code
-            name = code.co_filename
-            if not (name.startswith(_TORCH_DIR) or name.startswith(_TRACE_DIR)):
-                frames.append(_frame_text(code, f.f_lineno))
-            f = f.f_back
-        frames.reverse()
-        return frames
+        self._finish(ev, stack=_stack_text(frames))
 
     def _finish(self, ev: Event, stack: list[str] | None = None) -> None:
         cls = self.classifier.classify(ev, self._last_child)
@@ -711,7 +710,7 @@ class Tracer(TorchDispatchMode):
         if cls in OFFENDING:
             if self._stacks_kept < self.max_stacks:
                 self._stacks_kept += 1
-                ev.stack = stack if stack is not None else self._python_stack()
+                ev.stack = stack if stack is not None else _stack_text(_live_frames(sys._getframe(1)))
             if self._first is None:
                 self._first = first_offence(ev)
                 if ev.source:
