@@ -33,7 +33,6 @@ so with a RuntimeError after restoring the rest.
 
 from __future__ import annotations
 
-import importlib
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from harness.device_tables import TABLES
 from harness.errors import UsageError
 from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Embedding, Experts, Mixtral, MoE
-from harness.quant import dequant
+from harness.quant import dequant, kernels
 from harness.quant.qmatmul import QMatMul
 from harness.quant.types import FLOAT_TYPES
 
@@ -501,10 +500,6 @@ def _first_const_site(model: Mixtral) -> tuple[str, str | None] | None:
 
 def _dequant_inject(model, inj):
     inj.replace_table(dequant.DEQUANT_TABLE, _host_consts)
-    try:
-        kernels = importlib.import_module("harness.quant.kernels")
-    except ImportError:
-        return
     # On a real GPU the Triton kernels (with their own tables) would take these types: the fault
     # is in the torch path, so take that one.
     inj.replace_attr(kernels, "supports", _no_kernels)

@@ -11,7 +11,6 @@ the detection table (fault x configs tried x detected x located).
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -24,13 +23,11 @@ from harness.device_tables import TABLES
 from harness.errors import UsageError
 from harness.gguf_file import MixtralConfig
 from harness.model.mixtral import Mixtral
-from harness.quant import dequant
+from harness.quant import dequant, kernels
 from harness.synth import synthesize
 from harness.trace import OFFENDING as trace_offending
 from harness.trace import Tracer, is_device_error
 from harness.trace.emulated import EmulatedCuda, cpu_data
-
-kernels = importlib.import_module("harness.quant.kernels")
 
 REQUIRED = (
     "candle-1815",
