@@ -365,6 +365,9 @@ def cmd_trace(args) -> int:
         print(f"trace: clean, {summary.events} events ({counts}){where}", file=sys.stderr)
         return 0
     f = summary.first_offence
+    if f is None:  # an error (not a device error) or nothing traced: never clean
+        print(f"trace: {summary.verdict.explanation}{where}", file=sys.stderr)
+        return 1
     tensor = f" ({f['tensor']})" if f["tensor"] else ""
     print(
         f"trace: {f['class'].upper()} in {f['module'] or '<model>'}{tensor}: {f['op']} on "
