@@ -13,9 +13,9 @@ names, it runs there. A failing example shrinks to the smallest config and print
 notes) a Python snippet and a `harness trace` command line that reproduce it. Synthesized files
 are cached per module, keyed by what they depend on, so examples cost tenths of a second.
 
-Profiles (registered by the harness pytest plugin): `ci` (derandomized, a dozen examples per
-property, loaded when CI is set), `dev` (the local default), `nightly` (hundreds);
-`--hypothesis-profile NAME` picks one. The clean runs and their false positives are counted and
+Profiles (of the harness pytest plugin, `pytest_harness.profiles`): `harness-ci` (derandomized,
+15 examples per property, loaded here when CI is set), `harness-dev` (this repository's local
+default), `harness-nightly` (500); `--hypothesis-profile NAME` picks one. The clean runs and their false positives are counted and
 printed as one line when the module ends.
 """
 
@@ -54,7 +54,7 @@ from harness.trace.emulated import EmulatedCuda, cpu_data, is_emulated
 
 NMSE_EMULATED = 1e-10  # the emulated accelerator computes with the CPU's kernels
 NMSE_CUDA = 1e-5  # real CUDA: other kernels, other rounding
-CLASSES = ("mismatch", "sync", "stray")
+CLASSES = ("mismatch", "sync", "stray", "transfer")
 assert set(CLASSES) == set(OFFENDING)
 
 
