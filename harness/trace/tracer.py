@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import (
     _push_mode,
 )
 
+from harness.device_tables import TABLES
 from harness.errors import UsageError
 from harness.trace.classify import (
     K_COPY_FROM,
@@ -1057,8 +1058,8 @@ class Tracer(TorchDispatchMode):
 
 
 def _warm_constants(params: dict[int, weakref.ref]) -> None:
-    """Builds the quantized kernels' per-device constant tables (`harness.quant.dequant.warm`)
-    for every device the model's weights are on, before tracing starts: a weight on a device
+    """Builds the per-device constant tables (`harness.device_tables.TABLES`) for every device
+    the model's weights are on, before tracing starts: a weight on a device
     the placement never planned would otherwise have them built in its first forward, and the
     first offence would be that one-time upload rather than the weight's own ops."""
     devices = {
@@ -1066,12 +1067,8 @@ def _warm_constants(params: dict[int, weakref.ref]) -> None:
         for ref in params.values()
         if (t := ref()) is not None and t.device.type not in ("cpu", "meta")
     }
-    if not devices:
-        return
-    from harness.quant import dequant
-
     for device in devices:
-        dequant.warm(device)
+        TABLES.warm(device)
 
 
 def _non_blocking(info: _OpInfo, args, kwargs) -> bool:
