@@ -33,6 +33,7 @@ so with a RuntimeError after restoring the rest.
 
 from __future__ import annotations
 
+import difflib
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1225,6 +1226,8 @@ def get(name: str) -> Fault:
     try:
         return CATALOG[name]
     except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(CATALOG), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UsageError(
-            None, "fault", f"unknown fault {name!r} (known faults: {', '.join(CATALOG)})"
+            None, "fault", f"unknown fault {name!r}; {hint}`harness faults` lists the {len(CATALOG)} known"
         ) from None
