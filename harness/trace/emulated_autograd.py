@@ -167,7 +167,9 @@ def _checked(grad, node, index: int, next_node, input_nr: int):
             ) from None
     if grad.dtype != meta.dtype:
         grad = grad.to(meta.dtype)
-    if grad.device != meta.device and not (grad.dim() == 0 and grad.device.type == "cpu"):
+    if grad.device != meta.device:
+        if grad.dim() == 0:
+            return grad.to(meta.device)  # PyTorch moves a 0-dim gradient where its consumer is
         raise RuntimeError(
             f"Function {name} returned an invalid gradient at index {index} - expected device "
             f"{meta.device} but got {grad.device}"
