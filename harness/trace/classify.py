@@ -2,7 +2,7 @@
 
 The rules follow what the real CUDA backend does:
 - an op with tensor inputs on different devices is refused, except where CUDA's kernel takes them
-  (`refused`, by the rule table of the emulated accelerator: a 0-dim CPU tensor as a scalar in
+  (`refused`, by CUDA's device rules in `harness.trace.rules`: a 0-dim CPU tensor as a scalar in
   elementwise binary ops, CPU index tensors in advanced indexing (`x[idx]`, `x[idx] = v`), which
   CUDA copies to the device itself, an implicit transfer); an op that raised a device error is a
   mismatch whatever the table says;
@@ -30,21 +30,7 @@ from collections.abc import Callable
 import torch
 
 from harness.errors import UsageError
-from harness.trace.emulated import (
-    ANY,
-    CPU_SCALAR,
-    CPU_SCALAR_OTHER,
-    MASKED_FILL,
-    MASKED_INDEX,
-    RULES,
-    SAME,
-    SCALAR_VALUE,
-    SCATTER,
-    WHERE,
-)
-from harness.trace.emulated import INDEX as INDEX_RULE
-from harness.trace.emulated import INDEX_PUT as INDEX_PUT_RULE
-from harness.trace.emulated import TRANSFER as TRANSFER_RULE
+from harness.trace import rules
 from harness.trace.events import ALLOWED, MISMATCH, OK, STRAY, SYNC, TRANSFER, Event
 
 # Kinds of ops, by their name without namespace and overload (`aten.mm.default` -> `mm`).
@@ -212,66 +198,22 @@ def op_kind(op: str) -> int:
 
 
 def _is_cpu_scalar(spec) -> bool:
-    return spec[0] == "cpu" and not spec[2]
-
-
-def _one_device(specs) -> bool:
-    return len({s[0] for s in specs}) <= 1
+    return spec.device == "cpu" and not spec.shape
 
 
 def refused(event: Event) -> bool:
-    """Whether real CUDA refuses this op for the devices of its inputs (and out= tensors), by the
-    emulated accelerator's rule table (`emulated.RULES`, checked against real CUDA by the
-    conformance table) applied to the recorded devices.
+    """Whether real CUDA refuses this op for the devices of its inputs (and out= tensors): CUDA's
+    device rules (`harness.trace.rules`, which the emulated accelerator applies too, checked
+    against real CUDA by the conformance table) applied to the recorded devices.
 
     Meta counts as an accelerator here, so a meta run is judged as a CUDA run would be."""
     ins = event.inputs
-    if len(ins) < 2 or _one_device(ins):
+    if len(ins) < 2:
         return False
-    if all(s[0] == "cpu" for s in ins):
+    first = ins[0].device
+    if all(s.device == first for s in ins):
         return False
-    rule = RULES.get(base_name(event.op), SAME)
-    if rule in (TRANSFER_RULE, SCATTER, ANY):
-        return False
-    if rule == SAME:
-        return True
-    if rule == CPU_SCALAR_OTHER and _is_cpu_scalar(ins[0]):
-        return True  # the result is made on self's device, the CPU
-    if rule in (CPU_SCALAR, CPU_SCALAR_OTHER):
-        scalars = [s for s in ins if _is_cpu_scalar(s)]
-        return len(scalars) > 1 or not _one_device([s for s in ins if not _is_cpu_scalar(s)])
-    if rule == WHERE:
-        # The op's device is the first of condition/self/other not on the CPU; 0-dim operands on
-        # another device are moved there, every other operand must be on it.
-        device = next((s[0] for s in ins[:3] if s[0] != "cpu"), "cpu")
-        return any(s[0] != device for s in ins if s[2])
-    if rule == MASKED_FILL:
-        self, mask, value = ins[0], ins[1], ins[2] if len(ins) > 2 else None
-        if value is not None and not value[2] and self[0] == "cpu" and value[0] != "cpu":
-            return True
-        return mask[0] != self[0]
-    if rule == SCALAR_VALUE:
-        return not _one_device([ins[0]] + [s for s in ins[1:] if s[2]])
-    home = ins[0][0]
-    if rule == MASKED_INDEX:
-        # (self, mask, *indices[, values]): index tensors on the CPU or home, the rest at home
-        put = base_name(event.op).endswith("_put_accumulate")
-        fixed = [ins[1], ins[-1]] if put else [ins[1]]
-        indices = ins[2:-1] if put else ins[2:]
-        return any(s[0] != home for s in fixed) or any(s[0] not in ("cpu", home) for s in indices)
-    if rule == INDEX_RULE:
-        return any(s[0] != "cpu" and s[0] != home for s in ins[1:])
-    if rule == INDEX_PUT_RULE:
-        value, indices = ins[-1], ins[1:-1]
-        if value[0] == home or not value[2]:
-            return False  # on the device, or 0-dim (moved)
-        masks = [s for s in indices if s[1] in ("bool", "uint8")]
-        numel = 1
-        for n in value[2]:
-            numel *= n
-        one_mask = len(indices) == 1 and len(masks) == 1 and masks[0][0] == home
-        return not (numel == 1 and value[0] == "cpu" and one_mask)  # else masked_fill with value.item()
-    return True
+    return rules.refusal(event.op, rules.recorded_operands(event.op, ins)) is not None
 
 
 def allowance(allow_transfers) -> Callable[[Event], bool] | None:

@@ -1,7 +1,7 @@
 """What a trace is made of: one `Event` per aten op, a `Summary` per run.
 
-An event's tensors are `TensorSpec`s: tuples (device, dtype, shape, bytes), interned by the
-tracer (one object per distinct spec, with its JSON text) and written to JSON as lists.
+An event's tensors are `TensorSpec`s: named tuples (device, dtype, shape, nbytes), interned by
+the tracer (one object per distinct spec) and written to JSON as lists.
 Classes, worst first:
 
 - `mismatch`: tensor inputs on different devices that the real backend refuses (or an op that
@@ -25,7 +25,7 @@ but device errors, and has no mismatch, sync, stray or transfer; `dirty` when it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 MISMATCH, SYNC, STRAY, TRANSFER, ALLOWED, OK = "mismatch", "sync", "stray", "transfer", "allowed", "ok"
 CLASSES = (MISMATCH, SYNC, STRAY, TRANSFER, ALLOWED, OK)
@@ -53,19 +53,14 @@ class Verdict(str):
         return (Verdict, (str(self), self.explanation))
 
 
-class TensorSpec(tuple):
-    """(device, dtype, shape, bytes), e.g. ("cuda:0", "float32", (3, 256), 3072): a plain tuple
-    to everyone; the tracer interns one per distinct spec and caches its JSON text on it."""
+class TensorSpec(NamedTuple):
+    """One tensor of an event, e.g. ("cuda:0", "float32", (3, 256), 3072). The tracer interns one
+    per distinct spec; JSON writes it as a list."""
 
-    def __new__(cls, device: str, dtype: str, shape: tuple[int, ...], nbytes: int):
-        spec = super().__new__(cls, (device, dtype, tuple(shape), nbytes))
-        spec.json = f'["{device}","{dtype}",[{",".join(str(int(n)) for n in shape)}],{nbytes}]'
-        return spec
-
-    device = property(lambda self: self[0])
-    dtype = property(lambda self: self[1])
-    shape = property(lambda self: self[2])
-    nbytes = property(lambda self: self[3])
+    device: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
 
 
 def spec_dict(spec: TensorSpec) -> dict:
@@ -163,7 +158,7 @@ class Event:
         the devices its error names)."""
         if self.named_devices is not None:
             return list(self.named_devices)
-        return list(dict.fromkeys(s[0] for s in (*self.inputs, *(self.outputs or ()))))
+        return list(dict.fromkeys(s.device for s in (*self.inputs, *(self.outputs or ()))))
 
     @property
     def offending(self) -> bool:
@@ -178,8 +173,10 @@ class Event:
             "expected": self.expected,
             "class": self.cls,
             "source": self.source,
-            "in": [list(s[:2]) + [list(s[2]), s[3]] for s in self.inputs],
-            "out": None if self.outputs is None else [list(s[:2]) + [list(s[2]), s[3]] for s in self.outputs],
+            "in": [[s.device, s.dtype, list(s.shape), s.nbytes] for s in self.inputs],
+            "out": None
+            if self.outputs is None
+            else [[s.device, s.dtype, list(s.shape), s.nbytes] for s in self.outputs],
         }
         if self.tensors:
             d["tensors"] = list(self.tensors)
@@ -198,7 +195,7 @@ class Event:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Event:
         def specs(xs):
-            return None if xs is None else [TensorSpec(*s) for s in xs]
+            return None if xs is None else [TensorSpec(d, t, tuple(shape), n) for d, t, shape, n in xs]
 
         ev = cls(
             seq=d["seq"],
