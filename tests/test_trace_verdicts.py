@@ -363,7 +363,7 @@ def test_declared_boundaries_inputs_and_allowances_are_allowed(dev):
         assert tracer.summary.verdict == CLEAN, tracer.summary.verdict.explanation
         assert {t["why"] for t in tracer.summary.transfers if t["module"] == "first.up"} == {"declared"}
     with pytest.raises(UsageError, match="allow_transfers.*no module"):
-        Tracer(model, allow_transfers=["frist"]).__enter__()
+        Tracer(model, allow_transfers=["frist"])
 
 
 def test_a_copy_of_no_bytes_is_no_offence(dev):
@@ -635,3 +635,29 @@ def test_accelerate_cpu_offload_is_declared_offload_traffic():
     assert s.bytes_per_token["h2d"] == offloaded
     with pytest.raises(AssertionError, match="per decoded token"):
         s.assert_transfers(max_bytes_per_token=offloaded // 2)
+
+
+# -- the same allowances in YAML cases -------------------------------------------------------------
+
+CASE = """\
+schema: harness-case/1
+model: {synth: tiny, layout: merged, router: f32}
+device: cuda
+tokens: [1, 5, 9]
+allow_transfers: %s
+expect: {verdict: clean}
+"""
+
+
+def test_yaml_cases_declare_allowed_transfers(tmp_path):
+    from harness.cases import CaseError, parse_case, run_case
+
+    case = parse_case(CASE % '["layers.0.moe", layers.1]', "c.yaml")
+    assert case.allow_transfers == ("layers.0.moe", "layers.1")
+    result = run_case(case, out_dir=tmp_path, cache_dir=tmp_path)
+    assert result.passed, result.report()
+    assert load_trace(result.trace_path).header["allow_transfers"] == ["layers.0.moe", "layers.1"]
+    with pytest.raises(CaseError, match=r"c.yaml:5: allow_transfers: expected a list of module paths"):
+        parse_case(CASE % "layers.0", "c.yaml")
+    with pytest.raises(CaseError, match=r"c.yaml:5: allow_transfers.*the model has no module of that path"):
+        run_case(parse_case(CASE % "[layers.9]", "c.yaml"), out_dir=tmp_path, cache_dir=tmp_path)

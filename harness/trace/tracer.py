@@ -360,6 +360,11 @@ class Tracer(TorchDispatchMode):
         self._routing = None  # (context manager, RoutingCounts) while the block runs
         self.extra_header = dict(header or {})
         self.classifier = Classifier(None, allow_transfers)  # checks allow_transfers now
+        if model is not None:
+            paths = {path for path, _ in model.named_modules()}
+            for p in getattr(self.classifier.allow, "prefixes", ()):
+                if p and p not in paths:
+                    raise UsageError(None, f"allow_transfers[{p!r}]", "the model has no module of that path")
         self.events: list[Event] = []
         self._summary: Summary | None = None
         self._active = False
@@ -419,11 +424,6 @@ class Tracer(TorchDispatchMode):
         self.classifier = Classifier(self.placement, self.allow_transfers)
         if model is None:
             return
-        prefixes = getattr(self.classifier.allow, "prefixes", ())
-        paths = {path for path, _ in model.named_modules()}
-        for p in prefixes:
-            if p and p not in paths:
-                raise UsageError(None, f"allow_transfers[{p!r}]", "the model has no module of that path")
         for path, module in model.named_modules():
             self._paths[module] = (path, self._expected_device(path))
             if getattr(module, "_hf_hook", None) is not None:
