@@ -466,6 +466,7 @@ def test_traces_use_the_models_own_module_paths(dev, tmp_path):
     assert trace.placement is None
     assert set(trace.summary.modules) >= {"tok", "layers.0.router", "layers.1.experts.3.down", "lm"}
     assert trace.header["eager"] is True and trace.header["grad_mode"] == "no_grad"
+    assert trace.header["placement_source"] == "inferred"
     assert trace.summary.verdict == CLEAN and trace.summary.verdict.explanation == ""
     assert trace.summary.inside == tracer.summary.inside > 0
 

@@ -486,6 +486,15 @@ class Tracer(TorchDispatchMode):
             header["allow_transfers"] = list(prefixes) if prefixes is not None else repr(self.allow_transfers)
         if placement is not None:
             header["placement"] = placement.describe()
+            # "inferred": where the weights were when tracing started (a weight left on the wrong
+            # device is then where it is expected; give `placement=` to say where it belongs)
+            header["placement_source"] = (
+                "given"
+                if self.placement_given is not None
+                else "model"
+                if hasattr(model, "placement")
+                else "inferred"
+            )
             header["devices"] = {d: _device_name(torch.device(d)) for d in placement.devices}
         mixtral = (
             self.placement_given if self.placement_given is not None else getattr(model, "placement", None)
