@@ -310,7 +310,16 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
                     f"it needs {fault.requires}",
                 )
             stack.enter_context(fault.inject(model))
-        tracer = Tracer(model, path=trace_path, header=header, routing=True)
+        try:
+            tracer = Tracer(
+                model,
+                path=trace_path,
+                header=header,
+                routing=True,
+                allow_transfers=case.allow_transfers or None,
+            )
+        except UsageError as exc:
+            raise case.error("allow_transfers", exc.problem) from None
         try:
             with tracer:
                 generate(model, tokens, case.decode + 1)
