@@ -19,25 +19,28 @@ import torch
 from torch import nn
 
 VOCAB = 64
-SEQ = 5
 D = 32
 
 
 @dataclass(frozen=True)
 class ThirdParty:
-    """A model builder: `build()` -> module on the CPU; `inputs(device)` -> (args, kwargs);
+    """A model builder: `build(seed)` -> module on the CPU; `inputs(tokens, device)` -> (args,
+    kwargs) for a sequence of token ids (a model without an embedding gets one vector a token);
     `blocks`: the module paths a device map splits it by (in forward order); `first`: the module
     that gets the input."""
 
     name: str
-    build: Callable[[], nn.Module]
-    inputs: Callable[[torch.device], tuple[tuple, dict]]
+    build: Callable[[int], nn.Module]
+    inputs: Callable[[list[int], torch.device], tuple[tuple, dict]]
     blocks: tuple[str, ...]
     first: str
 
 
-def _ids(device) -> tuple[tuple, dict]:
-    ids = torch.tensor([[1, 5, 9, 33, 42][:SEQ]], device=device)
+TOKENS = [1, 5, 9, 33, 42]
+
+
+def _ids(tokens, device) -> tuple[tuple, dict]:
+    ids = torch.tensor([tokens], device=device)
     mask = torch.ones_like(ids)  # as a tokenizer gives it
     return (), {"input_ids": ids, "attention_mask": mask, "use_cache": False}
 
@@ -55,25 +58,25 @@ def _hf_common() -> dict:
     )
 
 
-def hf_mixtral() -> nn.Module:
+def hf_mixtral(seed: int = 0) -> nn.Module:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = MixtralConfig(**_hf_common(), num_local_experts=4, num_experts_per_tok=2)
     return MixtralForCausalLM(config).eval()
 
 
-def hf_llama() -> nn.Module:
+def hf_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**_hf_common())).eval()
 
 
-def hf_qwen2_moe() -> nn.Module:
+def hf_qwen2_moe(seed: int = 0) -> nn.Module:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = Qwen2MoeConfig(
         **_hf_common(),
         num_experts=4,
@@ -84,14 +87,16 @@ def hf_qwen2_moe() -> nn.Module:
     return Qwen2MoeForCausalLM(config).eval()
 
 
-def transformer_encoder() -> nn.Module:
-    torch.manual_seed(0)
+def transformer_encoder(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(d_model=D, nhead=4, dim_feedforward=64, batch_first=True)
     return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
 
 
-def _x(device) -> tuple[tuple, dict]:
-    x = torch.linspace(-1, 1, SEQ * D).reshape(1, SEQ, D)
+def _x(tokens, device) -> tuple[tuple, dict]:
+    # one vector a token: a fixed function of its id
+    ids = torch.tensor(tokens, dtype=torch.float32)[:, None]
+    x = torch.sin(ids * torch.arange(1, D + 1, dtype=torch.float32) / D)[None]  # [1, T, D]
     return (x.to(device),), {}
 
 
@@ -151,13 +156,13 @@ class HandMoEModel(nn.Module):
         return self.head(x)
 
 
-def hand_moe() -> nn.Module:
-    torch.manual_seed(0)
+def hand_moe(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return HandMoEModel().eval()
 
 
-def _tokens(device) -> tuple[tuple, dict]:
-    return (torch.tensor([1, 5, 9, 33, 42][:SEQ], device=device),), {}
+def _tokens(tokens, device) -> tuple[tuple, dict]:
+    return (torch.tensor(tokens, device=device),), {}
 
 
 _HF_BLOCKS = (
@@ -213,8 +218,8 @@ def place(model: nn.Module, spec: ThirdParty, placement: str) -> nn.Module:
     return dispatch_model(model, device_map=dmap, main_device="cuda:0")
 
 
-def run(model: nn.Module, spec: ThirdParty, device) -> object:
-    args, kwargs = spec.inputs(torch.device(device))
+def run(model: nn.Module, spec: ThirdParty, device, tokens: list[int] = TOKENS) -> object:
+    args, kwargs = spec.inputs(list(tokens), torch.device(device))
     return model(*args, **kwargs)
 
 
@@ -247,6 +252,8 @@ class Result:
     fired: int | None = None
     error: str | None = None
     crashed: bool = False
+    seed: int = 0
+    tokens: list[int] | None = None
 
     @property
     def clean(self) -> bool:
@@ -276,23 +283,29 @@ def pick_site(sites: list[str], index: int | None) -> str:
 
 
 def trace_run(
-    name: str, placement: str, mode: str, fault: str | None = None, site: int | None = None
+    name: str,
+    placement: str,
+    mode: str,
+    fault: str | None = None,
+    site: int | None = None,
+    seed: int = 0,
+    tokens: list[int] = TOKENS,
 ) -> Result:
-    """Build model `name`, place it, inject `fault` at its `site`-th site (None: the middle one),
-    and trace one call under grad mode `mode`. Run it inside the emulated accelerator or on real
-    CUDA (with two devices for the "split" placement)."""
+    """Build model `name` (weights from `seed`), place it, inject `fault` at its `site`-th site
+    (None: the middle one), and trace one call on `tokens` under grad mode `mode`. Run it inside
+    the emulated accelerator or on real CUDA (with two devices for the "split" placement)."""
     from harness import faults
     from harness.trace import Tracer, is_device_error
 
     spec = MODELS[name]
-    result = Result(name, placement, mode, fault)
+    result = Result(name, placement, mode, fault, seed=seed, tokens=list(tokens))
     injection = None
     try:
-        model = place(spec.build(), spec, placement)
+        model = place(spec.build(seed), spec, placement)
         if fault is not None:
             f = faults.get(fault)
             with torch.no_grad():
-                sites = f.sites(model, run=lambda: run(model, spec, "cuda:0"))
+                sites = f.sites(model, run=lambda: run(model, spec, "cuda:0", tokens))
             if not sites:
                 raise LookupError(f"{fault} has no site in {name} on {placement}")
             result.at = pick_site(sites, site)
@@ -301,7 +314,7 @@ def trace_run(
         tracer = Tracer(model, placement="cuda:0" if placement == "cuda" else None)
         with GRAD_MODES[mode](), tracer:
             try:
-                run(model, spec, "cuda:0")
+                run(model, spec, "cuda:0", tokens)
             except Exception as exc:  # a device error is recorded by the tracer; others crash
                 result.error = f"{type(exc).__name__}: {str(exc)[:300]}"
                 result.crashed = not is_device_error(str(exc))
