@@ -71,6 +71,15 @@ from harness.trace.events import (
 from harness.trace.routing import collect_routing
 from harness.trace.store import BATCH, TraceWriter
 
+_RECORDING: set[int] = set()  # ids of the Tracers inside their `with` block
+
+
+def tracing() -> bool:
+    """Whether a Tracer is recording now. Models check it and run eager (no CUDA graph replays,
+    which would hide their ops from the dispatch mode)."""
+    return bool(_RECORDING)
+
+
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _TRACE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _HARNESS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -372,6 +381,7 @@ class Tracer(TorchDispatchMode):
             "python": platform.python_version(),
             "sample_every": self.sample_every,
             "unsampled": self.unsampled,
+            "execution": "eager (CUDA-graph decode is off while a Tracer records)",
         }
         if placement is not None:
             header["placement"] = placement.describe()
@@ -409,6 +419,7 @@ class Tracer(TorchDispatchMode):
             self._routing = (collection, collection.__enter__())
         self._t0 = time.perf_counter()
         self._active = True
+        _RECORDING.add(id(self))
         super().__enter__()
         return self
 
@@ -422,6 +433,7 @@ class Tracer(TorchDispatchMode):
             super().__exit__(exc_type, exc, tb)
         finally:
             self._active = False
+            _RECORDING.discard(id(self))
             self._remove_global_hooks()
             for h in self._hooks:
                 h.remove()
