@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", weight.dequantize(), persistent=False)  # [D] float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and fused.runs_on(x.device):
+            return torch.ops.harness.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight).to(x.dtype)
@@ -83,6 +85,12 @@ class Rope(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         # x: [T, heads, Hd]; start_pos an int, or a [1] device tensor (one token, static shapes)
         t = x.shape[0]
+        if x.dtype == torch.float32 and fused.runs_on(x.device):
+            if isinstance(start_pos, torch.Tensor):
+                positions = start_pos
+            else:
+                positions = torch.arange(start_pos, start_pos + t, device=x.device)
+            return torch.ops.harness.rope(x, self.cos, self.sin, positions)
         if isinstance(start_pos, torch.Tensor):
             cos = self.cos.index_select(0, start_pos)[:, None, :]  # [1, 1, rope_dim/2]
             sin = self.sin.index_select(0, start_pos)[:, None, :]

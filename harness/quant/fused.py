@@ -69,10 +69,15 @@ def disabled():
 
 def supports(qtype: GGMLType, device: torch.device, in_features: int) -> bool:
     """Whether a weight of `qtype` with rows of `in_features` on `device` takes the fused kernels."""
-    if not _enabled or qtype not in PARTS or in_features % SUPER:
+    return qtype in PARTS and in_features % SUPER == 0 and runs_on(device)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the fused kernels (these, and `rms_norm` and `rope`) run on `device` now."""
+    if not _enabled:
         return False
     if device.type == "cuda":
-        return kernels.supports(qtype)
+        return kernels.supports(GGMLType.Q4_K)  # triton imports and has a GPU
     return device.type == "cpu" and kernels.interpreting()
 
 
@@ -323,6 +328,41 @@ if triton is not None:
         tl.store(out, acc, mask=valid[:, None] & (n < N)[None, :])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BD: tl.constexpr):
+        """One row: x * rsqrt(mean(x^2) + eps) * w, in float32."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BD)
+        m = cols < D
+        x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        y = x * r * tl.load(w_ptr + cols, mask=m, other=0.0)
+        tl.store(out_ptr + row * D + cols, y, mask=m)
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, H, HD, HALF, BH: tl.constexpr):
+        """Token t, head h: pairs (x[2i], x[2i+1]), i < HALF, rotated by position pos[t] (GGML rope
+        type 0); dims past 2*HALF copied. Products and differences rounded one by one, as eager
+        torch does (launched without fp fusion)."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        i = tl.arange(0, BH)
+        m = i < HALF
+        base = (t * H + h) * HD
+        even = tl.load(x_ptr + base + 2 * i, mask=m, other=0.0)
+        odd = tl.load(x_ptr + base + 2 * i + 1, mask=m, other=0.0)
+        c = tl.load(cos_ptr + pos * HALF + i, mask=m, other=0.0)
+        s = tl.load(sin_ptr + pos * HALF + i, mask=m, other=0.0)
+        tl.store(out_ptr + base + 2 * i, even * c - odd * s, mask=m)
+        tl.store(out_ptr + base + 2 * i + 1, even * s + odd * c, mask=m)
+        rest = 2 * HALF + tl.arange(0, 2 * BH)
+        mr = rest < HD
+        tl.store(out_ptr + base + rest, tl.load(x_ptr + base + rest, mask=mr, other=0.0), mask=mr)
+
+
 @functools.cache
 def _programs_wanted(device: torch.device) -> int:
     """Programs that keep `device` busy in a matrix-vector launch: four per multiprocessor."""
@@ -463,3 +503,47 @@ def moe_ffn(
 @moe_ffn.register_fake
 def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype):
     return x.new_empty((x.shape[0], down.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("harness::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] float32 normalized by its root mean square, times weight [D] float32 (one launch)."""
+    _check_devices("harness::rms_norm", x, weight)
+    d = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        with _launch_device(x.device):
+            bd = triton.next_power_of_2(d)
+            _rms_norm_kernel[(x.numel() // d,)](
+                x, weight, out, d, eps, BD=bd, num_warps=8 if bd >= 2048 else 4
+            )
+    return out
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("harness::rope", mutates_args=())
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, Hd] float32 with pairs (2i, 2i+1), i < cos.shape[1], rotated by the angles of
+    row positions[t] of the tables cos, sin [S_max, rope_dim/2] (GGML rope type 0; one launch)."""
+    _check_devices("harness::rope", x, cos, sin, positions)
+    t, heads, hd = x.shape
+    half = cos.shape[1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        with _launch_device(x.device):
+            _rope_kernel[(t, heads)](
+                x, cos, sin, positions, out, heads, hd, half, BH=triton.next_power_of_2(max(half, 1)),
+                num_warps=1, enable_fp_fusion=False,
+            )  # fmt: skip
+    return out
+
+
+@rope.register_fake
+def _(x, cos, sin, positions):
+    return torch.empty_like(x)
