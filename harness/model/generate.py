@@ -15,7 +15,7 @@ import torch
 
 from harness.errors import UsageError
 from harness.model.mixtral import Mixtral
-from harness.trace.tracer import tracing
+from harness.trace.tracer import is_tracing
 
 
 @dataclass
@@ -171,7 +171,7 @@ def graph_decoding_possible(model: Mixtral) -> bool:
     """A CUDA graph can replay the decode step: one GPU holds the whole model, and no Tracer is
     recording (a graph would hide the ops from it: under a Tracer the model runs eager)."""
     devices = model.placement.devices
-    return len(devices) == 1 and devices[0].type == "cuda" and not tracing()
+    return len(devices) == 1 and devices[0].type == "cuda" and not is_tracing()
 
 
 def greedy_decode(
