@@ -98,6 +98,7 @@ print(d(with_kernels, without), d(step, step_without))
 """
 
 
+@pytest.mark.slow
 def test_logits_with_and_without_fused_kernels_agree(tiny_path):
     """Prefill (5 tokens: the tiled kernel) and a decode step (the matrix-vector kernel) through
     the interpreter, against the same model on the torch path."""

@@ -150,6 +150,7 @@ def interpreted():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
     assert len(interpreted) == 3 * 3 + 2 * 3 + 2 * 3 * 2
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
