@@ -89,8 +89,8 @@ def check_output_file(
     out = Path(path)
     try:
         st = os.stat(out)
-    except FileNotFoundError:
-        st = None
+    except (FileNotFoundError, NotADirectoryError):
+        st = None  # the folder's check below says what is wrong
     except OSError as exc:
         raise _error(path, field, f"cannot write it ({exc.strerror or exc})") from None
     if st is not None:
