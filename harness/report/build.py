@@ -778,6 +778,8 @@ def _run(
             f"{len(toks)} tokens: " + json.dumps(toks[:32]) + (" ..." if len(toks) > 32 else "")
         )
     placement = h.get("placement") if isinstance(h.get("placement"), dict) else {}
+    # Any model's placement is by module-path prefix; "" is the whole model.
+    placement = {("every module" if k == "" else k): v for k, v in placement.items()}
     if placement_full is not None and not placement_full["layers"] and h.get("model_class") != "Mixtral":
         # Any module traced against one device (`Tracer(model, placement="cuda:0")`): it has no
         # embedding or head, whatever the placement object calls its parts.

@@ -1057,7 +1057,7 @@ class Tracer(TorchDispatchMode):
 
 
 def _warm_constants(params: dict[int, weakref.ref]) -> None:
-    """Builds the quantized kernels' per-device constant tables (`harness.quant.dequant.warm`)
+    """Builds the quantized kernels' per-device constant tables (`harness.device_tables.TABLES.warm`)
     for every device the model's weights are on, before tracing starts: a weight on a device
     the placement never planned would otherwise have them built in its first forward, and the
     first offence would be that one-time upload rather than the weight's own ops."""
@@ -1068,10 +1068,11 @@ def _warm_constants(params: dict[int, weakref.ref]) -> None:
     }
     if not devices:
         return
-    from harness.quant import dequant
+    from harness.device_tables import TABLES
+    from harness.quant import dequant  # noqa: F401 (defines its tables in the registry)
 
     for device in devices:
-        dequant.warm(device)
+        TABLES.warm(device)
 
 
 def _non_blocking(info: _OpInfo, args, kwargs) -> bool:
