@@ -45,10 +45,12 @@ fault, and malformed YAML (with the YAML parser's line) are found when the file 
 only the model can tell (a fault that does not apply to the placement, a token outside the
 vocabulary, a missing GGUF file) when the case runs, still with the line of the key responsible.
 
-`run_case(case)` synthesizes the model into a cache (a temporary directory per process unless
-`cache_dir` is given; cases sharing synth parameters share one file), loads it under the
-accelerator, injects the fault, traces the prefill and decode steps to
+`run_case(case)` synthesizes the model into a cache (`<out_dir>/models` unless `cache_dir` is
+given, a temporary directory without an `out_dir`; cases sharing synth parameters share one
+file), loads it under the accelerator, injects the fault, traces the prefill and decode steps to
 `<out_dir>/<name>.jsonl` (default `reports/cases`) and compares. A forward that raises (a real
+device mismatch) is still a traced, dirty run: the error is caught and kept in `raised`.
+
 Modules: `schema` (the keys, their checks, `Case`), `loader` (YAML with lines, files found and
 loaded), `runner` (`run_case`, `CaseResult`).
 """

@@ -366,7 +366,7 @@ def add_commands(sub) -> None:
         "--cache-dir",
         type=options.text,
         default=None,
-        help="keep synthesized models here (default: a temporary directory)",
+        help="keep synthesized models here (default: OUT_DIR/models, beside the traces that name them)",
     )
     s.set_defaults(func=cmd_cases)
 
