@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from harness.cli import main
@@ -84,6 +84,24 @@ def tiny(files):
 
 
 # -- llama.cpp habits ---------------------------------------------------------------------------
+
+
+def test_every_command_has_help():
+    for command in [
+        "bench",
+        "cases",
+        "demo",
+        "faults",
+        "inspect",
+        "logits",
+        "report",
+        "run",
+        "synth",
+        "tokenize",
+        "trace",
+    ]:
+        code, out, _ = call([command, "--help"])
+        assert code == 0 and out.startswith(f"usage: harness {command} ")
 
 
 def test_version():
@@ -200,6 +218,26 @@ def test_inspect_prints_every_metadata_key_and_the_file_type(tiny):
     assert "[str x 384]" in tokens_line and "'<unk>', '<s>', '</s>'" in tokens_line
     table_row = next(line for line in out.splitlines() if "token_embd.weight" in line)
     assert "[256, 384]" in table_row  # ggml order: ne0 (row length) first
+
+
+def test_inspect_shows_the_metadata_of_a_gguf_it_cannot_run(tmp_path):
+    """Another architecture (a vocabulary-only file here): its keys on stdout, then why not, exit 2."""
+    import gguf
+
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_file_type(7)
+    writer.add_string("tokenizer.ggml.model", "gpt2\nforged line")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    code, out, err = call(["inspect", str(path)])
+    assert code == 2 and len(err.splitlines()) == 1 and str(path) in err
+    assert out.splitlines()[0] == f"{path}: qwen2, file type Q8_0"
+    assert (
+        "general.architecture" in out and "3: tokenizer.ggml.model  str  'gpt2\\nforged line'" in out
+    )  # one line, quoted
 
 
 def test_inspect_json(tiny):
@@ -570,7 +608,7 @@ def argument_sets(draw):
     return argv
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None)
 @given(argv=argument_sets())
 def test_any_argument_set_ends_in_time_with_a_clear_status(files, argv):
     argv = [a.format(**files) for a in argv]
