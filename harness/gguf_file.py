@@ -1,25 +1,35 @@
-"""Reading Mixtral (and dense llama) GGUF files through the `gguf` package.
+"""Reading Mixtral (and dense llama) GGUF files.
 
 `open_gguf(path)` returns a `ModelFile`: its `config` (a `MixtralConfig` from the `llama.*`
 keys), its `layout` (merged or per-expert experts, or dense), and `tensor(name)` giving a
-`QTensor` over the memory-mapped bytes. Everything the header claims is checked against the
-file's length before any of it is used.
+`QTensor` over the memory-mapped bytes.
+
+The header is parsed here, not by gguf-py's reader, to llama.cpp's standard (`gguf.cpp`,
+`llama-model-loader.cpp`): every length, count and size is checked against the bytes left before
+it is used, so no claim in a file can make the reader allocate or loop past the file; keys and
+tensor names are unique; tensor data lies in the data section in the table's order, aligned,
+without gaps or overlap; every tensor's type is one this harness computes. Then the config must
+be finite and in range and agree with the tensors present, the tokenizer arrays with the
+embedding. Every refusal is a `HarnessError` subclass naming the file and the key or tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUFValueType
 
-from harness.errors import GGUFFormatError, GGUFMetadataError, GGUFTensorError
+from harness.errors import GGUFFormatError, GGUFMetadataError, GGUFTensorError, UnsupportedTypeError, shown
 from harness.quant.qtensor import QTensor
-from harness.quant.types import GGMLType
+from harness.quant.types import F16_FIELDS, FLOAT_TYPES, SUPPORTED_TYPES, GGMLType, type_size
 
 
 @dataclass(frozen=True)
@@ -92,148 +102,292 @@ PRESETS: dict[str, MixtralConfig] = {
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 HEADER_BYTES = 24  # magic, version, tensor count, key count
-MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
-MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, name, n_dims, one dim, type, offset
+MIN_KV_BYTES = 8 + 4 + 1  # key length (an empty key), value type, a 1-byte value
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length (an empty name), n_dims, one dim, type, offset
 MAX_DIMS = 4
+MAX_NAME_BYTES = 63  # llama.cpp's GGML_MAX_NAME (64) less its terminating NUL
+MAX_ELEMENTS = 2**63 - 1  # llama.cpp: a tensor's element count must fit an int64
+# No tokenizer array comes near this (the largest vocabularies hold about 262k tokens); a length
+# field claiming more is broken, and refusing it bounds the time and memory of the parse.
+MAX_ARRAY_ITEMS = 2**22
+DEFAULT_ALIGNMENT = 32
+U32_MAX = 2**32 - 1
+ARCHITECTURES = ("llama",)  # the graphs this harness computes
 
 LAYOUTS = ("merged", "per-expert", "dense")
 EXPERT_KINDS = ("gate", "up", "down")
 
+V = GGUFValueType
+# Metadata value types of a fixed size: struct format and bytes.
+_SCALARS: dict[int, tuple[str, int]] = {
+    V.UINT8: ("<B", 1),
+    V.INT8: ("<b", 1),
+    V.UINT16: ("<H", 2),
+    V.INT16: ("<h", 2),
+    V.UINT32: ("<I", 4),
+    V.INT32: ("<i", 4),
+    V.FLOAT32: ("<f", 4),
+    V.BOOL: ("<B", 1),
+    V.UINT64: ("<Q", 8),
+    V.INT64: ("<q", 8),
+    V.FLOAT64: ("<d", 8),
+}
+_NUMPY = {
+    V.UINT8: "<u1",
+    V.INT8: "<i1",
+    V.UINT16: "<u2",
+    V.INT16: "<i2",
+    V.UINT32: "<u4",
+    V.INT32: "<i4",
+    V.FLOAT32: "<f4",
+    V.BOOL: "<u1",
+    V.UINT64: "<u8",
+    V.INT64: "<i8",
+    V.FLOAT64: "<f8",
+}
 
-class _CheckedReader(GGUFReader):
-    """gguf's reader, with every tensor's type, shape and data range checked before its
-    data is mapped, so errors name the tensor."""
 
-    path: str
-    last_key: str | None = None  # the last key read whole, to say where a broken header broke
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of the tensor table: where its blocks are and what they hold."""
 
-    def __init__(self, path: str):
+    name: str
+    shape: tuple[int, ...]  # numpy order (GGUF's dims reversed: rows last)
+    qtype: GGMLType
+    start: int  # absolute file offset of its data
+    nbytes: int
+
+
+class _Cursor:
+    """Reads the header of a mapped GGUF file; every length is checked against the bytes left
+    before it is used, so no claim in the file can make it allocate or loop past the file."""
+
+    def __init__(self, buf: memoryview, path: str):
+        self.buf = buf
         self.path = path
-        super().__init__(path, "c")  # copy-on-write: writable views, the file is never changed
+        self.pos = 0
+        self.where = "header"  # the field being read, for errors
 
-    def _push_field(self, field, skip_sum: bool = False) -> int:
-        self.last_key = field.name
-        return super()._push_field(field, skip_sum)
+    def fail(self, problem: str, field: str | None = None) -> GGUFFormatError:
+        return GGUFFormatError(self.path, field or self.where, problem)
 
-    def _build_tensors(self, start_offs: int, fields: list) -> None:
-        file_bytes = len(self.data)
-        alignment = int(self.alignment)
-        start = int(start_offs)
-        for field in fields:
-            _name_len, name_data, _n_dims, dims, raw_type, offset = field.parts
-            name = field.name
-            if len(dims) == 0 or len(dims) > MAX_DIMS:
-                raise GGUFTensorError(
-                    self.path, name, f"has {len(dims)} dimensions (1 to {MAX_DIMS} allowed)"
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n > self.left:
+            raise self.fail(
+                f"{what} needs {n} bytes at offset {self.pos}, but only {self.left} are left (truncated?)"
+            )
+        view = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return view
+
+    def scalar(self, vtype: int, what: str):
+        fmt, size = _SCALARS[vtype]
+        value = struct.unpack(fmt, self.take(size, what))[0]
+        if vtype == V.BOOL:
+            return bool(value)
+        return float(value) if vtype in (V.FLOAT32, V.FLOAT64) else value
+
+    def u32(self, what: str) -> int:
+        return self.scalar(V.UINT32, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar(V.UINT64, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"the length of {what}")
+        # surrogateescape: bytes that are not UTF-8 survive .encode("utf-8", "surrogateescape")
+        return bytes(self.take(n, what)).decode("utf-8", errors="surrogateescape")
+
+    def value(self, vtype: int, key: str):
+        if vtype == V.STRING:
+            return self.string("a string value")
+        if vtype in _SCALARS:
+            return self.scalar(vtype, "a value")
+        if vtype != V.ARRAY:
+            raise self.fail(f"unknown value type {vtype}")
+        item_type = self.u32("the array's item type")
+        n = self.u64("the array's length")
+        if n > MAX_ARRAY_ITEMS:
+            raise self.fail(f"an array of {n} items, more than the {MAX_ARRAY_ITEMS} allowed")
+        if item_type == V.STRING:
+            if n * 8 > self.left:  # each string needs at least its 8-byte length
+                raise self.fail(
+                    f"an array of {n} strings cannot fit in the {self.left} bytes left (truncated?)"
                 )
-            dims = [int(d) for d in dims]
+            return [self.string(f"item {i}") for i in range(n)]
+        if item_type not in _SCALARS:
+            problem = (
+                "arrays of arrays are not allowed"
+                if item_type == V.ARRAY
+                else f"unknown array item type {item_type}"
+            )
+            raise self.fail(problem)
+        size = _SCALARS[item_type][1]
+        data = self.take(n * size, f"an array of {n} items")
+        values = np.frombuffer(data, dtype=_NUMPY[item_type]).tolist()
+        return [bool(v) for v in values] if item_type == V.BOOL else values
+
+
+def _pad(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def _check_size_and_kind(path: str) -> int:
+    """The size of `path`, a regular file; anything else (absent, a folder, a FIFO, a device) is
+    refused before it is opened, so nothing blocks or reads without end."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise GGUFFormatError(
+            path,
+            None,
+            "no such file" if isinstance(exc, FileNotFoundError) else f"cannot read: {exc.strerror}",
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise GGUFFormatError(path, None, "not a regular file (a folder, FIFO or device)")
+    return st.st_size
+
+
+class _GGUF:
+    """The parsed header of a GGUF file over a copy-on-write memory map of it."""
+
+    def __init__(self, path: str, with_tensors: bool = True):
+        self.path = path
+        size = _check_size_and_kind(path)
+        if size < HEADER_BYTES:
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if head != GGUF_MAGIC[: len(head)] or not head:
+                _check_magic(path, head)
+            raise GGUFFormatError(
+                path, "header", f"truncated: {size} bytes, a GGUF header needs {HEADER_BYTES}"
+            )
+        # copy-on-write: writable views for torch.from_numpy, the file itself is never changed
+        self.data = np.memmap(path, dtype=np.uint8, mode="c")
+        cur = _Cursor(memoryview(self.data), path)
+        _check_magic(path, bytes(cur.take(4, "the magic")))
+        self.version = cur.u32("the version")
+        if self.version not in SUPPORTED_VERSIONS:
+            if self.version & 0xFFFF == 0:
+                raise GGUFFormatError(path, "version", "big-endian GGUF files are not supported")
+            raise GGUFFormatError(path, "version", f"GGUF version {self.version} is not supported (2 or 3)")
+        n_tensors = cur.u64("the tensor count")
+        n_kv = cur.u64("the key count")
+        if n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES > cur.left:
+            raise GGUFFormatError(
+                path,
+                "header",
+                f"claims {n_tensors} tensors and {n_kv} keys, more than its {size} bytes can hold (truncated?)",
+            )
+        self.metadata: dict[str, Any] = {}
+        self.types: dict[str, int] = {}
+        key = None
+        for i in range(n_kv):
+            cur.where = f"key #{i}" if key is None else f"key #{i} (after {shown(key)})"
+            key = cur.string("a key")
+            cur.where = key or f"key #{i} (an empty name)"
+            if key in self.metadata:
+                raise cur.fail("appears twice")
+            vtype = cur.u32("the value type")
+            self.metadata[key] = cur.value(vtype, key)
+            self.types[key] = vtype
+        self.alignment = self._alignment()
+        self.tensors: dict[str, TensorInfo] = {}
+        if with_tensors:
+            self._read_tensor_table(cur, n_tensors, size)
+
+    def _alignment(self) -> int:
+        key = "general.alignment"
+        if key not in self.metadata:
+            return DEFAULT_ALIGNMENT
+        value = self.metadata[key]
+        if self.types[key] != V.UINT32:
+            raise GGUFMetadataError(self.path, key, f"must be a uint32, got {shown(value)}")
+        if value <= 0 or value & (value - 1):
+            raise GGUFMetadataError(self.path, key, f"must be a power of 2, got {value}")
+        return value
+
+    def _read_tensor_table(self, cur: _Cursor, n_tensors: int, size: int) -> None:
+        infos = []
+        names: set[str] = set()
+        for i in range(n_tensors):
+            cur.where = f"tensor #{i}"
+            name = cur.string("a tensor name")
+            if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+                raise cur.fail(f"tensor name {shown(name)} is longer than {MAX_NAME_BYTES} bytes")
+            label = name or f"tensor #{i} (an empty name)"  # what errors call it
+            if name in names:
+                raise GGUFTensorError(self.path, label, "appears twice in the tensor table")
+            names.add(name)
+            cur.where = label
+            n_dims = cur.u32("the dimension count")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFTensorError(self.path, label, f"has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+            dims = [cur.u64("a dimension") for _ in range(n_dims)]
             if any(d <= 0 for d in dims):
-                raise GGUFTensorError(self.path, name, f"has a dimension that is not positive: {dims}")
-            try:
-                qtype = GGMLType(int(raw_type[0]))
-            except ValueError:
-                raise GGUFTensorError(self.path, name, f"unknown GGML type id {int(raw_type[0])}") from None
-            if qtype not in GGML_QUANT_SIZES:
-                raise GGUFTensorError(self.path, name, f"type {qtype.name} has no known block size")
+                raise GGUFTensorError(self.path, label, f"has a dimension that is not positive: {dims}")
+            n_elements = math.prod(dims)
+            if n_elements > MAX_ELEMENTS:
+                raise GGUFTensorError(self.path, label, f"has {n_elements} elements, more than 2^63 - 1")
+            raw_type = cur.u32("the type")
+            offset = cur.u64("the data offset")
+            infos.append((name, label, dims, raw_type, offset))
+        data_start = _pad(cur.pos, self.alignment)
+        expected = 0  # llama.cpp: each tensor starts where the one before ends, padded to the alignment
+        for name, label, dims, raw_type, offset in infos:
+            qtype = _tensor_type(self.path, label, raw_type)
             block, type_bytes = GGML_QUANT_SIZES[qtype]
             if dims[0] % block:
                 raise GGUFTensorError(
                     self.path,
-                    name,
+                    label,
                     f"row length {dims[0]} is not a multiple of the {qtype.name} block size {block}",
                 )
-            n_elements = int(np.prod(dims, dtype=object))
-            n_bytes = n_elements // block * type_bytes
-            rel = int(offset[0])
-            if rel % alignment:
-                raise GGUFTensorError(self.path, name, f"data offset {rel} is not aligned to {alignment}")
-            end = start + rel + n_bytes
-            if end > file_bytes:
+            nbytes = math.prod(dims) // block * type_bytes
+            if offset != expected:
                 raise GGUFTensorError(
                     self.path,
-                    name,
-                    f"data ends at byte {end}, past the end of the file ({file_bytes} bytes)",
+                    label,
+                    f"data offset {offset}, expected {expected}: tensor data must follow the table's "
+                    f"order, each tensor padded to {self.alignment} bytes, without gaps or overlap",
                 )
-        super()._build_tensors(start_offs, fields)
+            end = data_start + offset + nbytes
+            if end > size:
+                raise GGUFTensorError(
+                    self.path, label, f"data ends at byte {end}, past the end of the file ({size} bytes)"
+                )
+            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), qtype, data_start + offset, nbytes)
+            expected += _pad(nbytes, self.alignment)
 
 
-def _precheck_header(path: str) -> None:
-    """Check magic, version and the claimed counts against the file length, before gguf's
-    reader walks a header whose sizes are not yet trusted."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(HEADER_BYTES)
-    if len(head) < 4 or head[:4] != GGUF_MAGIC:
+def _check_magic(path: str, head: bytes) -> None:
+    if head != GGUF_MAGIC:
         raise GGUFFormatError(
             path, "magic", f"not a GGUF file: starts with {head[:4]!r}, expected {GGUF_MAGIC!r}"
         )
-    if len(head) < HEADER_BYTES:
-        raise GGUFFormatError(path, "header", f"truncated: {size} bytes, a GGUF header needs {HEADER_BYTES}")
-    version = int.from_bytes(head[4:8], "little")
-    if version not in SUPPORTED_VERSIONS:
-        if version & 0xFFFF == 0:
-            raise GGUFFormatError(path, "version", "big-endian GGUF files are not supported")
-        raise GGUFFormatError(path, "version", f"GGUF version {version} is not supported (2 or 3)")
-    tensor_count = int.from_bytes(head[8:16], "little")
-    kv_count = int.from_bytes(head[16:24], "little")
-    need = HEADER_BYTES + kv_count * MIN_KV_BYTES + tensor_count * MIN_TENSOR_INFO_BYTES
-    if need > size:
-        raise GGUFFormatError(
-            path,
-            "header",
-            f"claims {tensor_count} tensors and {kv_count} keys, more than its {size} bytes can hold (truncated?)",
-        )
 
 
-def _field_value(field) -> Any:
-    """A reader field's value as Python: int, float, bool, str, or a list of those."""
-    types = field.types
-    if not types:
-        return None
-
-    def scalar(part, vtype):
-        if vtype == GGUFValueType.STRING:
-            # surrogateescape: bytes that are not UTF-8 survive .encode("utf-8", "surrogateescape")
-            return bytes(part).decode("utf-8", errors="surrogateescape")
-        value = part[0]
-        if vtype == GGUFValueType.BOOL:
-            return bool(value)
-        if vtype in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
-            return float(value)
-        return int(value)
-
-    if types[0] == GGUFValueType.ARRAY:
-        if len(types) < 2:
-            return []
-        return [scalar(field.parts[i], types[-1]) for i in field.data]
-    return scalar(field.parts[field.data[0]], types[0])
-
-
-def _open_reader(path: str) -> _CheckedReader:
-    """gguf's reader over `path`, after the header's claims are checked; HarnessErrors only."""
-    if not os.path.isfile(path):
-        raise GGUFFormatError(path, None, "no such file")
-    _precheck_header(path)
-    reader = _CheckedReader.__new__(_CheckedReader)
+def _tensor_type(path: str, name: str, raw_type: int) -> GGMLType:
+    """The tensor's GGML type, refused at open when this harness cannot compute it."""
     try:
-        reader.__init__(path)
-        return reader
-    except (GGUFTensorError, GGUFFormatError):
-        raise
-    except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as exc:
-        where = "header" if reader.last_key in (None, "GGUF.kv_count") else f"after key {reader.last_key}"
-        raise GGUFFormatError(path, where, f"malformed or truncated header ({exc})") from None
-
-
-def _metadata(reader: GGUFReader) -> dict[str, Any]:
-    return {
-        name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")
-    }
+        qtype = GGMLType(raw_type)
+    except ValueError:
+        raise GGUFTensorError(path, name, f"unknown GGML type id {raw_type}") from None
+    if qtype not in SUPPORTED_TYPES:
+        supported = ", ".join(t.name for t in SUPPORTED_TYPES)
+        raise UnsupportedTypeError(
+            path, name, f"type {qtype.name} cannot be computed by this harness (supported: {supported})"
+        )
+    return qtype
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Every metadata key of any GGUF file (a vocab-only file too) as Python values."""
-    return _metadata(_open_reader(os.fspath(path)))
+    return _GGUF(os.fspath(path), with_tensors=False).metadata
 
 
 class ModelFile:
@@ -241,13 +395,21 @@ class ModelFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._reader = _open_reader(self.path)
-        self.metadata: dict[str, Any] = _metadata(self._reader)
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._file = _GGUF(self.path)
+        self.metadata: dict[str, Any] = self._file.metadata
+        self._tensors: dict[str, TensorInfo] = self._file.tensors
+        self._checked: set[str] = set()  # tensors whose float fields were found finite
         self.architecture = self._get("general.architecture", str)
+        if self.architecture not in ARCHITECTURES:
+            raise GGUFMetadataError(
+                self.path,
+                "general.architecture",
+                f"{shown(self.architecture)} is not an architecture this harness computes ({', '.join(ARCHITECTURES)})",
+            )
         self.config = self._read_config()
         self.layout = self._detect_layout()
         self._check_tensors()
+        self._check_vocabulary()
 
     # -- metadata -------------------------------------------------------------------------
 
@@ -264,7 +426,7 @@ class ModelFile:
         }[kind]
         if not ok:
             raise GGUFMetadataError(
-                self.path, key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}"
+                self.path, key, f"expected {kind.__name__}, got {type(value).__name__} {shown(value)}"
             )
         return kind(value)
 
@@ -304,6 +466,9 @@ class ModelFile:
 
         for key, value in (
             ("block_count", c.block_count),
+            ("expert_count", c.expert_count),
+            ("expert_used_count", c.expert_used_count),
+            ("rope.dimension_count", c.rope_dimension_count or 1),
             ("embedding_length", c.embedding_length),
             ("feed_forward_length", c.feed_forward_length),
             ("attention.head_count", c.head_count),
@@ -311,7 +476,9 @@ class ModelFile:
             ("vocab_size", c.vocab_size),
             ("context_length", c.context_length),
         ):
-            if value <= 0:
+            if value > U32_MAX:  # llama.cpp reads these keys as uint32
+                bad(key, f"{value} does not fit a uint32")
+            if value <= 0 and key not in ("expert_count", "expert_used_count"):
                 bad(key, f"must be positive, got {value}")
         if c.embedding_length % c.head_count:
             bad(
@@ -323,22 +490,44 @@ class ModelFile:
                 "attention.head_count_kv",
                 f"{c.head_count_kv} KV heads do not divide head_count {c.head_count}",
             )
-        if c.rope_dimension_count is not None and not (
-            0 < c.rope_dimension_count <= c.head_dim and c.rope_dimension_count % 2 == 0
-        ):
+        if c.rope_dimension_count is None:
+            if c.head_dim % 2:
+                bad(
+                    "attention.head_count",
+                    f"head_dim {c.head_dim} (embedding_length / head_count) is odd, and rope covers it "
+                    "whole (no rope.dimension_count): rope needs an even dimension",
+                )
+        elif not (0 < c.rope_dimension_count <= c.head_dim and c.rope_dimension_count % 2 == 0):
             bad(
                 "rope.dimension_count",
                 f"{c.rope_dimension_count} must be even and in 1..head_dim {c.head_dim}",
             )
         if c.expert_count < 0:
             bad("expert_count", f"must not be negative, got {c.expert_count}")
+        if c.expert_count == 0 and c.expert_used_count != 0:
+            bad("expert_used_count", f"{c.expert_used_count} used experts in a dense model (expert_count 0)")
         if c.expert_count > 0 and not 1 <= c.expert_used_count <= c.expert_count:
             bad(
                 "expert_used_count",
                 f"{c.expert_used_count} used experts, but expert_count is {c.expert_count}",
             )
-        if not c.rms_eps > 0:
-            bad("attention.layer_norm_rms_epsilon", f"must be positive, got {c.rms_eps}")
+        if not (math.isfinite(c.rms_eps) and c.rms_eps > 0):
+            bad("attention.layer_norm_rms_epsilon", f"must be finite and positive, got {c.rms_eps}")
+        if not (math.isfinite(c.rope_freq_base) and c.rope_freq_base > 0):
+            bad("rope.freq_base", f"must be finite and positive, got {c.rope_freq_base}")
+        # Variants of the llama graph this harness does not compute: refused, never ignored.
+        scaling = self.metadata.get(f"{a}.rope.scaling.type", "none")
+        if scaling != "none":
+            bad("rope.scaling.type", f"{shown(scaling)} rope scaling is not supported (only none)")
+        for key in ("attention.key_length", "attention.value_length"):
+            value = self.metadata.get(f"{a}.{key}", c.head_dim)
+            if value != c.head_dim:
+                bad(key, f"{shown(value)} differs from head_dim {c.head_dim} (embedding_length / head_count)")
+        # Bounded by the tensors present before any list is built from it (a layer has 9 or
+        # more); a smaller excess is named by the first missing tensor.
+        n = len(self._tensors)
+        if c.block_count > n:
+            bad("block_count", f"{c.block_count} layers, but the file has only {n} tensors")
 
     # -- tensors --------------------------------------------------------------------------
 
@@ -348,6 +537,15 @@ class ModelFile:
         if "blk.0.ffn_gate_exps.weight" in self._tensors:
             return "merged"
         if "blk.0.ffn_gate.0.weight" in self._tensors:
+            c, n = self.config, len(self._tensors)
+            need = c.block_count * (7 + 3 * c.expert_count) + 2
+            if need > n:
+                raise GGUFMetadataError(
+                    self.path,
+                    f"{self.architecture}.expert_count",
+                    f"{c.expert_count} experts in {c.block_count} per-expert layers need {need} tensors, "
+                    f"the file has {n}",
+                )
             return "per-expert"
         raise GGUFTensorError(
             self.path,
@@ -400,13 +598,60 @@ class ModelFile:
         return shapes
 
     def _check_tensors(self) -> None:
-        for name, shape in self.expected_tensors().items():
+        expected = self.expected_tensors()
+        # llama.cpp refuses a file with tensors its graph does not use ("wrong number of
+        # tensors"): one is a sign that the layer or expert count disagrees with the file, or
+        # of a variant (rope_freqs, biases) this graph would silently compute without.
+        for name in self._tensors:
+            if name not in expected:
+                raise GGUFTensorError(
+                    self.path,
+                    name or "''",
+                    f"not used by a {self.layout} llama of {self.config.block_count} layers"
+                    + (f" and {self.config.expert_count} experts" if self.config.is_moe else ""),
+                )
+        for name, shape in expected.items():
             if name not in self._tensors:
                 raise GGUFTensorError(self.path, name, f"missing (the {self.layout} layout needs it)")
             got = self.shape(name)
             if got != shape:
                 raise GGUFTensorError(
                     self.path, name, f"has shape {list(got)}, expected {list(shape)} from the config"
+                )
+        if self.layout == "per-expert":  # one type per projection of a layer, as a merged stack has
+            for i in range(self.config.block_count):
+                for kind in EXPERT_KINDS:
+                    names = [f"blk.{i}.ffn_{kind}.{x}.weight" for x in range(self.config.expert_count)]
+                    types = {self.qtype(n) for n in names}
+                    if len(types) > 1:
+                        listed = ", ".join(f"{n}={self.qtype(n).name}" for n in names)
+                        raise GGUFTensorError(
+                            self.path, names[0], f"experts of one layer have different types ({listed})"
+                        )
+
+    def _check_vocabulary(self) -> None:
+        """The tokenizer arrays, where present, have one entry per row of the embedding."""
+        n = self.config.vocab_size
+        kinds = {
+            "tokenizer.ggml.tokens": str,
+            "tokenizer.ggml.scores": float,
+            "tokenizer.ggml.token_type": int,
+        }
+        for key, kind in kinds.items():
+            if key not in self.metadata:
+                continue
+            values = self.metadata[key]
+            if not isinstance(values, list):
+                raise GGUFMetadataError(self.path, key, f"must be an array, got {shown(values)}")
+            if len(values) != n:
+                raise GGUFMetadataError(
+                    self.path,
+                    key,
+                    f"has {len(values)} entries, but the vocabulary has {n} tokens (token_embd rows)",
+                )
+            if values and not all(isinstance(v, kind) and not isinstance(v, bool) for v in values[:1]):
+                raise GGUFMetadataError(
+                    self.path, key, f"must hold {kind.__name__} values, got {shown(values[0])}"
                 )
 
     @property
@@ -416,7 +661,7 @@ class ModelFile:
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
-    def _info(self, name: str):
+    def _info(self, name: str) -> TensorInfo:
         try:
             return self._tensors[name]
         except KeyError:
@@ -424,19 +669,26 @@ class ModelFile:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Logical shape in numpy order (GGUF's dims reversed: rows last)."""
-        return tuple(int(d) for d in reversed(self._info(name).shape.tolist()))
+        return self._info(name).shape
 
     def qtype(self, name: str) -> GGMLType:
-        return GGMLType(self._info(name).tensor_type)
+        return self._info(name).qtype
 
     def nbytes(self, name: str) -> int:
-        return int(self._info(name).n_bytes)
+        return self._info(name).nbytes
 
     def tensor(self, name: str) -> QTensor:
-        """The tensor's raw blocks as a CPU QTensor over the memory map (nothing is read yet)."""
+        """The tensor's raw blocks as a CPU QTensor over the memory map (nothing is copied).
+
+        The first time a tensor is asked for, its float values (the values of F32/F16/BF16
+        tensors, the f16 scales of block types) are checked finite, as llama.cpp's
+        `--check-tensors` does: a NaN or inf there would make every logit NaN."""
         info = self._info(name)
-        raw = np.asarray(info.data).reshape(-1).view(np.uint8)
-        return QTensor.from_numpy(raw, self.qtype(name), self.shape(name), name=name, path=self.path)
+        raw = self._file.data[info.start : info.start + info.nbytes]
+        if name not in self._checked:
+            _check_finite(self.path, info, raw)
+            self._checked.add(name)
+        return QTensor.from_numpy(raw, info.qtype, info.shape, name=name, path=self.path)
 
     def experts(self, layer: int, kind: str) -> list[QTensor]:
         """The `kind` ("gate", "up" or "down") weights of each expert of `layer`, in either layout;
@@ -454,15 +706,15 @@ class ModelFile:
 
     @property
     def version(self) -> int:
-        return int(self._reader.fields["GGUF.version"].parts[0][0])
+        return self._file.version
 
     @property
     def file_bytes(self) -> int:
-        return len(self._reader.data)
+        return len(self._file.data)
 
     def close(self) -> None:
         self._tensors = {}
-        self._reader = None
+        self._file = None
 
     def __enter__(self) -> ModelFile:
         return self
@@ -472,6 +724,27 @@ class ModelFile:
 
     def __repr__(self) -> str:
         return f"ModelFile({self.path!r}, layout={self.layout!r}, tensors={len(self._tensors)})"
+
+
+def _check_finite(path: str, info: TensorInfo, raw: np.ndarray) -> None:
+    """Refuse a tensor whose float values, or the f16 scales of its blocks, hold NaN or inf."""
+    q = info.qtype
+    if q == GGMLType.F32:
+        bad = ~np.isfinite(raw.view("<f4"))
+    elif q in (GGMLType.F16, GGMLType.BF16):
+        exponent = 0x7C00 if q == GGMLType.F16 else 0x7F80
+        bad = (raw.view("<u2") & exponent) == exponent  # exponent all ones: inf or NaN
+    else:
+        offsets = F16_FIELDS.get(q, ())
+        if not offsets:
+            return
+        blocks = raw.reshape(-1, type_size(q))
+        scales = np.stack([blocks[:, o : o + 2] for o in offsets], axis=1).reshape(-1).view("<u2")
+        bad = (scales & 0x7C00) == 0x7C00
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        where = f"value {first}" if q in FLOAT_TYPES else f"the f16 scale of block {first // len(offsets)}"
+        raise GGUFTensorError(path, info.name, f"{where} is NaN or inf")
 
 
 def open_gguf(path: str | os.PathLike | Path) -> ModelFile:

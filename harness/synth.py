@@ -36,6 +36,7 @@ import contextlib
 import math
 import os
 import pathlib
+import shutil
 import string
 import zlib
 from collections import Counter
@@ -120,6 +121,7 @@ FILE_TYPES: dict[str, FileType] = _file_types()
 LAYOUTS: tuple[str, ...] = ("merged", "per-expert")
 ROUTER_TYPES: dict[str, GGMLType] = {"f32": T.F32, "f16": T.F16}
 MIN_VOCAB = 3 + 256  # <unk> <s> </s> and the byte tokens
+MAX_VOCAB = 1 << 22  # harness.gguf_file.MAX_ARRAY_ITEMS: the longest array the loader reads
 
 
 def resolve_config(config: MixtralConfig | str) -> MixtralConfig:
@@ -136,10 +138,50 @@ def resolve_config(config: MixtralConfig | str) -> MixtralConfig:
     return config
 
 
+# Bounds of what can be written (and what `open_gguf` reads back): GGUF stores these keys as
+# uint32 and the loader reads no tokenizer array longer than its MAX_ARRAY_ITEMS.
+U32_FIELDS = (
+    "block_count",
+    "embedding_length",
+    "feed_forward_length",
+    "head_count",
+    "head_count_kv",
+    "vocab_size",
+    "expert_count",
+    "expert_used_count",
+    "context_length",
+    "rope_dimension_count",
+)
+MAX_TENSORS = 1 << 17  # a per-expert DeepSeek-V3 (61 layers x 256 experts) has about 47,000
+MAX_PARAMETERS = 1 << 44  # 17.6 T: far past any disk here; a config past it is a typo
+
+
+def _tensor_count(c: MixtralConfig, layout: str) -> int:
+    per_layer = 9 if c.expert_count == 0 else 10 if layout == "merged" else 7 + 3 * c.expert_count
+    return 3 + c.block_count * per_layer
+
+
+def _parameter_count(c: MixtralConfig) -> int:
+    d, f, kv = c.embedding_length, c.feed_forward_length, c.head_count_kv * c.head_dim
+    ffn = 3 * d * f * max(c.expert_count, 1) + c.expert_count * d
+    return 2 * c.vocab_size * d + d + c.block_count * (2 * d * d + 2 * kv * d + 2 * d + ffn)
+
+
 def _check_config(c: MixtralConfig) -> None:
     def bad(field: str, problem: str) -> UsageError:
         return UsageError(None, f"config.{field}", problem)
 
+    for field in U32_FIELDS:
+        value = getattr(c, field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise bad(field, f"must be an integer, got {value!r}")
+        if value is not None and value > 0xFFFFFFFF:
+            raise bad(field, f"{value} does not fit the uint32 GGUF stores it in")
+    for field in ("rms_eps", "rope_freq_base"):
+        value = getattr(c, field)
+        stored = float(np.float32(value)) if isinstance(value, (int, float)) else math.nan
+        if not (math.isfinite(stored) and stored > 0):
+            raise bad(field, f"must be positive and finite as a float32, got {value!r}")
     for field in ("block_count", "embedding_length", "feed_forward_length", "head_count", "head_count_kv"):
         if getattr(c, field) < 1:
             raise bad(field, f"must be at least 1, got {getattr(c, field)}")
@@ -153,6 +195,10 @@ def _check_config(c: MixtralConfig) -> None:
         raise bad("head_count", f"head_dim {c.head_dim} must be even for RoPE")
     if c.rope_dim < 2 or c.rope_dim % 2 or c.rope_dim > c.head_dim:
         raise bad("rope_dimension_count", f"{c.rope_dim} must be even and in [2, head_dim={c.head_dim}]")
+    if c.vocab_size > MAX_VOCAB:
+        raise bad(
+            "vocab_size", f"{c.vocab_size} tokens, more than the {MAX_VOCAB} a GGUF vocabulary may hold here"
+        )
     if c.vocab_size < MIN_VOCAB:
         raise bad(
             "vocab_size", f"must be at least {MIN_VOCAB} (3 special and 256 byte tokens), got {c.vocab_size}"
@@ -163,6 +209,11 @@ def _check_config(c: MixtralConfig) -> None:
         raise bad(
             "expert_used_count",
             f"{c.expert_used_count} used experts must be in [1, expert_count={c.expert_count}]",
+        )
+    params = _parameter_count(c)
+    if params > MAX_PARAMETERS:
+        raise bad(
+            "block_count", f"the config has {params} parameters, more than the {MAX_PARAMETERS} allowed"
         )
 
 
@@ -261,6 +312,14 @@ def plan(
     ft = _resolve_file_type(file_type)
     layout = _resolve_layout(layout)
     router_type = _resolve_router(router)
+    count = _tensor_count(c, layout)
+    if count > MAX_TENSORS:
+        raise UsageError(
+            None,
+            "config.block_count",
+            f"{c.block_count} layers make {count} tensors in the {layout} layout, more than the "
+            f"{MAX_TENSORS} allowed",
+        )
     # TheBloke's per-expert files were quantized before llama.cpp's mix applied to MoE experts.
     state = _MixState(legacy_moe=layout == "per-expert" and c.is_moe)
     out = []
@@ -700,6 +759,9 @@ def synthesize(
     path = pathlib.Path(path)
     if not path.parent.is_dir():
         raise UsageError(path, None, f"cannot write here: {path.parent} is not a directory")
+    need, free = tensor_bytes(tensors), shutil.disk_usage(path.parent).free
+    if need > free:
+        raise UsageError(path, None, f"needs {need} bytes of tensor data, the disk has {free} free")
 
     writer = gguf.GGUFWriter(path, "llama")
     _add_metadata(writer, c, ft)

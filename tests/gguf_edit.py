@@ -10,7 +10,28 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-from harness.gguf_file import _field_value
+from harness.fuzzing import rewrite_gguf
+
+
+def _field_value(field) -> Any:
+    """A gguf-py reader field's value as Python: int, float, bool, str, or a list of those."""
+    types = field.types
+
+    def scalar(part, vtype):
+        if vtype == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="surrogateescape")
+        value = part[0]
+        if vtype == GGUFValueType.BOOL:
+            return bool(value)
+        if vtype in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+            return float(value)
+        return int(value)
+
+    if types[0] == GGUFValueType.ARRAY:
+        if len(types) < 2:
+            return []
+        return [scalar(field.parts[i], types[-1]) for i in field.data]
+    return scalar(field.parts[field.data[0]], types[0])
 
 
 def _copy_key(writer: GGUFWriter, field) -> None:
@@ -20,39 +41,10 @@ def _copy_key(writer: GGUFWriter, field) -> None:
     writer.add_key_value(field.name, value, vtype, sub_type=sub)
 
 
-def rewrite(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    drop_keys: tuple[str, ...] = (),
-    set_keys: dict[str, tuple[Any, GGUFValueType]] | None = None,
-    drop_tensors: tuple[str, ...] = (),
-    rename: dict[str, str] | None = None,
-) -> Path:
-    """Copy `src` to `dst` with keys dropped or set and tensors dropped or renamed."""
-    reader = GGUFReader(src)
-    set_keys = set_keys or {}
-    rename = rename or {}
-    arch = _field_value(reader.fields["general.architecture"])
-    writer = GGUFWriter(dst, arch=arch)
-    writer.kv_data[0].clear()  # the writer pre-adds general.architecture; copy keys in file order
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in drop_keys:
-            continue
-        if name in set_keys:
-            value, vtype = set_keys[name]
-            writer.add_key_value(name, value, vtype)
-        else:
-            _copy_key(writer, field)
-    for name, (value, vtype) in set_keys.items():
-        if name not in reader.fields:
-            writer.add_key_value(name, value, vtype)
-    for t in reader.tensors:
-        if t.name in drop_tensors:
-            continue
-        writer.add_tensor(rename.get(t.name, t.name), np.asarray(t.data), raw_dtype=t.tensor_type)
-    _finish(writer)
-    return Path(dst)
+def rewrite(src: str | Path, dst: str | Path, **changes) -> Path:
+    """Copy `src` to `dst` with keys set or dropped and tensors dropped, renamed, retyped or
+    edited (`harness.fuzzing.rewrite_gguf`)."""
+    return rewrite_gguf(src, dst, **changes)
 
 
 def split_experts(src: str | Path, dst: str | Path) -> Path:

@@ -367,7 +367,9 @@ def test_not_a_gguf_or_truncated(tmp_path):
     good = spm_file(tmp_path / "v.gguf", CHARS).read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good[: len(good) // 2])
-    with pytest.raises(GGUFFormatError, match=r"cut.gguf: after key [\w.]+: malformed or truncated header"):
+    with pytest.raises(
+        GGUFFormatError, match=r"cut.gguf: tokenizer.ggml.tokens: .* needs \d+ bytes .* left \(truncated\?\)"
+    ):
         Tokenizer.from_gguf(cut)
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UsageError
+from harness.errors import UsageError, shown
 from harness.trace.events import Event, Summary
 
 FORMAT = "harness-trace/1"
@@ -140,35 +141,118 @@ class TraceWriter:
         return self._f.closed
 
 
+MAX_LINE_BYTES = 64 << 20  # no record the tracer writes comes near this
+MAX_TRACE_BYTES = 256 << 30
+
+
+def _event_problem(d: dict[str, Any]) -> str | None:
+    """What makes `d` not an event line as the writer writes it, or None."""
+    if not isinstance(d.get("seq"), int) or not isinstance(d.get("step", 0), int):
+        return "seq and step must be integers"
+    if not isinstance(d.get("op"), str):
+        return "op must be a string"
+    for key in ("module", "expected", "source", "class", "error"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            return f"{key} must be a string"
+    for key in ("in", "out"):
+        specs = d.get(key)
+        if specs is None:
+            continue
+        if not isinstance(specs, list) or not all(
+            isinstance(s, list)
+            and len(s) == 4
+            and isinstance(s[0], str)
+            and isinstance(s[1], str)
+            and isinstance(s[2], list)
+            and all(isinstance(n, int) for n in s[2])
+            and isinstance(s[3], int)
+            for s in specs
+        ):
+            return f"{key} must be a list of [device, dtype, shape, bytes] tensor specs"
+    if d.get("tensors") is not None and not (
+        isinstance(d["tensors"], list) and all(isinstance(t, str) or t is None for t in d["tensors"])
+    ):
+        return "tensors must be a list of names"
+    if d.get("devices") is not None and not isinstance(d["devices"], list):
+        return "devices must be a list"
+    return None
+
+
+def _placement_problem(p: Any) -> str | None:
+    if not isinstance(p, dict):
+        return "must be an object"
+    if not isinstance(p.get("embed"), str) or not isinstance(p.get("head"), str):
+        return "needs embed and head devices"
+    layers = p.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(d, str) for d in layers):
+        return "needs a list of layer devices"
+    return None
+
+
 class Trace:
     """A trace file read back: `header` and `summary` (None when the run did not finish) are
-    read at once; events are read lazily, one line at a time, by iterating or `events()`."""
+    read at once; events are read lazily, one line at a time, by iterating or `events()`.
+
+    Only a regular file is read (a FIFO or device could block or never end), and no line
+    longer than `MAX_LINE_BYTES`; every malformed line is a UsageError naming the file and line."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            with open(self.path, encoding="utf-8") as f:
-                first = f.readline()
+            st = os.stat(self.path)
         except FileNotFoundError:
             raise UsageError(self.path, None, "no such trace file") from None
+        except OSError as exc:
+            raise UsageError(self.path, None, f"cannot read: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(self.path, None, "not a regular file (a folder, FIFO or device)")
+        if st.st_size > MAX_TRACE_BYTES:
+            raise UsageError(
+                self.path, None, f"{st.st_size} bytes, more than a trace may hold ({MAX_TRACE_BYTES})"
+            )
+        with open(self.path, "rb") as f:
+            first = self._read_line(f, 1)
+        if not first.strip():
+            raise UsageError(self.path, "line 1", "not a harness trace (the file is empty)")
         self.header = self._parse(first, 1)
         if self.header.get("record") != "header":
             raise UsageError(self.path, "line 1", "not a harness trace (no header record)")
+        placement = self.header.get("placement_full")
+        if placement is not None and (problem := _placement_problem(placement)):
+            raise UsageError(self.path, "line 1", f"placement_full {problem}")
         try:
             record = json.loads(self._last_line())
         except (json.JSONDecodeError, UnicodeDecodeError):
             record = None  # a run that died mid-line
         is_summary = isinstance(record, dict) and record.get("record") == "summary"
-        self.summary = Summary.from_dict(record) if is_summary else None
+        self.summary = None
+        if is_summary:
+            if not isinstance(record.get("verdict"), str) or not isinstance(record.get("counts", {}), dict):
+                raise UsageError(self.path, "last line", "not a trace summary: needs a verdict and counts")
+            try:
+                self.summary = Summary.from_dict(record)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise UsageError(self.path, "last line", f"not a trace summary ({shown(exc)})") from None
+
+    def _read_line(self, f, lineno: int) -> str:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if len(line) > MAX_LINE_BYTES:
+            raise UsageError(self.path, f"line {lineno}", f"longer than {MAX_LINE_BYTES} bytes")
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(self.path, f"line {lineno}", f"not UTF-8 (byte {exc.start})") from None
 
     def _parse(self, line: str, lineno: int | None) -> dict[str, Any]:
+        where = f"line {lineno}" if lineno else "last line"
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            where = f"line {lineno}" if lineno else "last line"
             raise UsageError(self.path, where, f"not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise UsageError(self.path, where, "JSON nested too deep") from None
         if not isinstance(value, dict):
-            raise UsageError(self.path, f"line {lineno}" if lineno else "last line", "not a JSON object")
+            raise UsageError(self.path, where, "not a JSON object")
         return value
 
     def _last_line(self) -> str:
@@ -183,24 +267,36 @@ class Trace:
                 lines = chunk.rstrip(b"\n").split(b"\n")
                 if len(lines) > 1 or start == 0:
                     return lines[-1].decode("utf-8")
+                if size > MAX_LINE_BYTES:
+                    raise UsageError(self.path, "last line", f"longer than {MAX_LINE_BYTES} bytes")
                 size *= 4
 
     def events(self) -> Iterator[Event]:
         """The events in order, parsed one line at a time."""
-        with open(self.path, encoding="utf-8") as f:
-            f.readline()
-            for lineno, line in enumerate(f, start=2):
+        with open(self.path, "rb") as f:
+            self._read_line(f, 1)
+            lineno = 1
+            while True:
+                lineno += 1
+                line = self._read_line(f, lineno)
+                if not line:
+                    return
                 if not line.strip():
                     continue
                 if not line.endswith("\n"):
                     try:
                         d = json.loads(line)
-                    except json.JSONDecodeError:
+                    except (json.JSONDecodeError, RecursionError):
                         return  # the run died while writing this line
+                    if not isinstance(d, dict):
+                        raise UsageError(self.path, f"line {lineno}", "not a JSON object")
                 else:
                     d = self._parse(line, lineno)
                 if "record" in d:
                     continue
+                problem = _event_problem(d)
+                if problem:
+                    raise UsageError(self.path, f"line {lineno}", f"not a trace event: {problem}")
                 yield Event.from_dict(d)
 
     def __iter__(self) -> Iterator[Event]:
