@@ -8,14 +8,7 @@ from collections import Counter
 from harness.cli import options
 from harness.cli.loading import add_model_argument
 from harness.paths import check_output_file
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+from harness.trace.events import format_bytes
 
 
 def file_type_name(value) -> str | None:
