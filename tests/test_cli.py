@@ -476,6 +476,18 @@ BAD_INPUTS = [
         ["bench", "{tiny}", "--compare-llamacpp", "{file}"],
         "--compare-llamacpp: '{file}' is not an executable; give its path: --compare-llamacpp /path/to/llama-bench",
     ),
+    (
+        ["report", "{clean}", "-o", "{clean}"],
+        "-o: {clean}: is also '{clean}', which this command reads or writes; give another path",
+    ),
+    (
+        ["logits", "{tiny}", "--tokens", "1", "-o", "{tiny}"],
+        "-o: {tiny}: is also '{tiny}', which this command reads or writes; give another path",
+    ),
+    (
+        ["trace", "{tiny}", "-o", "{dir}/t.jsonl", "--report", "{dir}/t.jsonl"],
+        "--report: {dir}/t.jsonl: is also '{dir}/t.jsonl', which this command reads or writes; give another path",
+    ),
     (["explode"], "COMMAND: invalid choice: 'explode' (choose from ..."),
 ]
 
