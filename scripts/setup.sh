@@ -14,7 +14,7 @@ TORCH_VERSION=${HARNESS_TORCH_VERSION:-2.13.0}
 EXTRAS=test
 for arg in "$@"; do
   case "$arg" in
-    --with-llamacpp) EXTRAS=test,llamacpp ;;
+    --with-llamacpp) EXTRAS=test,thirdparty,llamacpp ;;
     *) echo "setup: unknown option $arg (known: --with-llamacpp)" >&2; exit 2 ;;
   esac
 done

@@ -54,7 +54,7 @@ from harness.trace.emulated import EmulatedCuda, cpu_data, is_emulated
 
 NMSE_EMULATED = 1e-10  # the emulated accelerator computes with the CPU's kernels
 NMSE_CUDA = 1e-5  # real CUDA: other kernels, other rounding
-CLASSES = ("mismatch", "sync", "stray")
+CLASSES = ("mismatch", "sync", "stray", "transfer")
 assert set(CLASSES) == set(OFFENDING)
 
 

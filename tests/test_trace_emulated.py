@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.device_tables import TABLES
 from harness.model.mixtral import Mixtral
 from harness.quant import dequant
 from harness.quant.qtensor import QTensor
@@ -209,13 +210,13 @@ def test_state_is_restored_after_the_block():
     with pytest.raises(ZeroDivisionError), EmulatedCuda(device_count=2):
         assert torch.cuda.is_available() and torch.Generator is not real_generator
         x = torch.ones(2, device="cuda:1")
-        dequant._consts(C1)
+        dequant.constants(C1)
         1 / 0  # noqa: B018
     assert emulated.active() is None
     assert not torch.cuda.is_available()
     assert torch.cuda.device_count() == 0
     assert torch.Generator is real_generator
-    assert C1 not in dequant._CONSTS  # no emulated tensors left in the model's caches
+    assert not TABLES.has(dequant.DEQUANT_TABLE, C1)  # no emulated tensors left in the constant tables
     with pytest.raises((RuntimeError, AssertionError, NotImplementedError)):
         torch.zeros(1, device="cuda")
     assert x.device == C1  # what was made inside still says so

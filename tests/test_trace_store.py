@@ -12,10 +12,8 @@ from harness.errors import UsageError
 from harness.model.generate import generate
 from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Mixtral, MoE
 from harness.synth import synthesize
-from harness.trace import CLASSES, CLEAN, DIRTY, MISMATCH, SYNC, Event, Tracer, diff, load_trace
+from harness.trace import CLASSES, CLEAN, DIRTY, MISMATCH, SYNC, Event, Tracer, diff, emulated, load_trace
 from harness.trace.store import TraceWriter
-
-emulated = pytest.importorskip("harness.trace.emulated", reason="the emulated accelerator is not here")
 
 TOKENS = [1, 5, 9]
 

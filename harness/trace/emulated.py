@@ -32,11 +32,11 @@ How it works:
   (`x[i]`, `x[i] = v`), `copy_`, `contiguous`, `int()`/`float()`, `nonzero`, `tolist`, `numpy`;
 - `torch.cuda.*` queries and `torch.Generator` are patched for the duration;
 - GPU-only paths are switched off (`harness.quant.kernels.supports` answers False, so the torch
-  dequantizers run on the wrapped CPU data), and the per-device constant caches of the model
-  (`dequant._CONSTS`, `mixtral._ROPE_TABLES`, `kernels._LUTS`) hold emulated entries inside a
-  block only: real CUDA entries are kept aside on entry and put back on exit, and the emulated
-  ones are kept aside on exit and put back on the next entry (a model loaded in one block keeps
-  the constants it made at load when traced in another).
+  dequantizers run on the wrapped CPU data), and the per-device constant tables
+  (`harness.device_tables.TABLES`) hold emulated CUDA entries inside a block only: real CUDA
+  entries are taken out on entry and given back on exit, and the emulated ones are taken out on
+  exit and given back on the next entry (a model loaded in one block keeps the constants it made
+  at load when traced in another).
 
 Limits: autograd cannot record graphs through emulated devices (its nodes ask the CUDA device
 guard for a stream, which aborts the process on a CPU-only build), so with grad enabled an op
@@ -59,7 +59,6 @@ CUDA's error message or None.
 from __future__ import annotations
 
 import importlib
-import sys
 import threading
 from dataclasses import dataclass
 
@@ -72,6 +71,7 @@ from torch.utils._python_dispatch import (
     _push_mode,
 )
 
+from harness.device_tables import TABLES
 from harness.trace import rules
 
 __all__ = [
@@ -709,24 +709,10 @@ def _from_data(func, args, kwargs):
 
 # ---- the context ---------------------------------------------------------------------------------
 
-# Per-device constant caches of the model: (module, attribute). Keys are devices or tuples of them.
-_DEVICE_CACHES = (
-    ("harness.quant.dequant", "_CONSTS"),
-    ("harness.model.mixtral", "_ROPE_TABLES"),
-    ("harness.quant.kernels", "_LUTS"),
-)
-# Their emulated entries between blocks: (module, cache name) -> {key: value}.
-_EMULATED_ENTRIES: dict[tuple[str, str], dict] = {}
+# The emulated CUDA entries of the per-device constant tables, kept between blocks.
+_EMULATED_TABLES: dict[tuple, object] = {}
 # GPU-only code paths switched off under the emulation: (module, attribute, replacement).
 _GPU_ONLY = (("harness.quant.kernels", "supports", lambda *args, **kwargs: False),)
-
-
-def _cuda_key(key) -> bool:
-    if isinstance(key, torch.device):
-        return key.type == "cuda"
-    if isinstance(key, tuple):
-        return any(_cuda_key(k) for k in key)
-    return False
 
 
 class EmulatedCuda:
@@ -743,7 +729,7 @@ class EmulatedCuda:
         self._mode: _EmulationMode | None = None
         self._fmode: _ConstructorMode | None = None
         self._patches: list[tuple[object, str, object]] = []
-        self._stashed: list[tuple[dict, object, object]] = []
+        self._real_tables: dict[tuple, object] = {}  # real CUDA constant tables, aside while active
         self._real_cuda = False
 
     # -- torch.cuda stand-ins --------------------------------------------------------------------
@@ -812,14 +798,10 @@ class EmulatedCuda:
             except ImportError:
                 continue
             self._patch(mod, name, value)
-        for module, name in _DEVICE_CACHES:
-            cache = getattr(sys.modules.get(module), name, None)
-            if isinstance(cache, dict):
-                for key in [k for k in cache if _cuda_key(k)]:
-                    self._stashed.append((cache, key, cache.pop(key)))
-                # Emulated entries of an earlier block are valid again (a model loaded there may
-                # be traced here, its constants made at load).
-                cache.update(_EMULATED_ENTRIES.get((module, name), {}))
+        self._real_tables = TABLES.take("cuda")
+        # Emulated entries of an earlier block are valid again (a model loaded there may be
+        # traced here, its constants made at load).
+        TABLES.give(_EMULATED_TABLES)
         self._fmode = _ConstructorMode()
         self._fmode.__enter__()
         self._mode = _EmulationMode(self)
@@ -838,15 +820,9 @@ class EmulatedCuda:
             for obj, name, value in reversed(self._patches):
                 setattr(obj, name, value)
             self._patches.clear()
-            for module, name in _DEVICE_CACHES:
-                cache = getattr(sys.modules.get(module), name, None)
-                if isinstance(cache, dict):
-                    kept = _EMULATED_ENTRIES.setdefault((module, name), {})
-                    for key in [k for k in cache if _cuda_key(k)]:
-                        kept[key] = cache.pop(key)
-            for cache, key, value in self._stashed:
-                cache[key] = value
-            self._stashed.clear()
+            _EMULATED_TABLES.update(TABLES.take("cuda"))
+            TABLES.give(self._real_tables)
+            self._real_tables = {}
             self.current = 0
             with _LOCK:
                 if _ACTIVE is self:
