@@ -1063,7 +1063,7 @@ class CliWorld:
                     str(model),
                     "--device",
                     "cpu",
-                    "--json",
+                    "-o",
                     str(trace),
                 ],
                 check=False,
@@ -1166,7 +1166,8 @@ def cli_argv(rng: random.Random, w: CliWorld) -> tuple[str, str, list[str], str]
         "run": lambda: {
             "model": w.inputs(),
             "--prompt": TEXTS,
-            "--max-tokens": INTS,
+            "--max-tokens": [(v, bad) for v, bad in INTS if v != "-1"]
+            + [("-2", True)],  # -1: to the context's end
             "--temperature": FLOATS,
             "--top-p": FLOATS + [("1.5", True), ("0", None)],
             "--seed": INTS,
@@ -1177,7 +1178,7 @@ def cli_argv(rng: random.Random, w: CliWorld) -> tuple[str, str, list[str], str]
             "--tokens": TOKENS,
             "--device": DEVICES,
             "--decode": INTS,
-            "--json": w.outputs(".jsonl"),
+            "-o": w.outputs(".jsonl"),
             "--report": w.outputs(".html"),
             "--fault": FAULTS,
         },
@@ -1199,7 +1200,7 @@ def cli_argv(rng: random.Random, w: CliWorld) -> tuple[str, str, list[str], str]
         "run": [model, "--prompt", "hello", "--max-tokens", "2"],
         "trace": [model, "--device", "cpu", "--tokens", "1,2"],
         "report": [str(w.trace), "-o", out(".html")],
-        "synth": [out(".gguf"), "--type", "Q8_0"],
+        "synth": [out(".gguf"), "--type", "Q8_0", "--force"],
         "cases": [str(w.folder / "none.yaml"), "--out-dir", out("-dir")],
     }
     name = rng.choice(list(commands))
