@@ -4,7 +4,6 @@ case files collected by the pytest plugin (a good one, a failing one, a malforme
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 import textwrap
@@ -25,6 +24,7 @@ from harness.cases import (
 )
 from harness.cli import main
 from harness.errors import UsageError
+from tests.plugin_util import plugin_args
 
 pytest_plugins = ["pytester"]
 
@@ -43,6 +43,7 @@ device: cuda
 tokens: [1, 5, 9]
 expect:
   verdict: clean
+schema: harness-case/1
 """
 
 SEED_LIKE = """\
@@ -59,6 +60,7 @@ expect:
   class: mismatch
   module: {module}
   tensor: blk.0.ffn_gate_inp.weight
+schema: harness-case/1
 """
 
 
@@ -95,7 +97,7 @@ def test_seed_case_parses_as_the_issue_describes():
         "module": "layers.0.moe.router",
         "tensor": "blk.0.ffn_gate_inp.weight",
     }
-    assert case.line("expect.module") == 20
+    assert case.line("expect.module") == 21
     twin = load_case(FIXED)
     assert twin.model == case.model and twin.fault is None and twin.expect.verdict == "clean"
 
@@ -164,7 +166,7 @@ SCHEMA_ERRORS = [
         "is not one of: merged, per-expert",
     ),
     ("bad type", BASE.replace("synth: tiny", "synth: tiny\n  type: Q9_K"), 3, "model.type", "'Q9_K'"),
-    ("bad preset", BASE.replace("synth: tiny", "synth: huge"), 2, "model.synth.preset", "'huge'"),
+    ("bad preset", BASE.replace("synth: tiny", "synth: huge"), 2, "model.synth", "'huge'"),
     (
         "bad override type",
         BASE.replace("synth: tiny", "synth: {preset: tiny, block_count: two}"),
@@ -259,6 +261,7 @@ SCHEMA_ERRORS = [
         "missing: give tokens",
     ),
     ("duplicate key", BASE + "device: cpu\n", 8, "device", "duplicate key"),
+    ("another schema", BASE + "schema: openapi/3\n", 8, "schema", "'openapi/3' is not a case schema"),
     (
         "not a mapping",
         BASE.replace("  synth: tiny", "  - synth"),
@@ -332,11 +335,13 @@ def test_find_case_files(tmp_path):
     write(tmp_path / "d" / "b.yml", GOOD)
     write(tmp_path / "d" / "a.yaml", GOOD)
     write(tmp_path / "d" / "notes.txt", "not a case")
+    write(tmp_path / "d" / "other.yaml", GOOD.replace("schema: harness-case/1\n", ""))  # undeclared
     assert [p.name for p in find_case_files([tmp_path / "d"])] == ["a.yaml", "b.yml"]
+    assert find_case_files([tmp_path / "d" / "other.yaml"]) == [tmp_path / "d" / "other.yaml"]  # named
     with pytest.raises(UsageError, match="no such file or directory"):
         find_case_files([tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match=r"no case files \(\*\.yaml, \*\.yml\) here"):
+    with pytest.raises(UsageError, match=r"no case files here \(\*\.yaml, \*\.yml declaring"):
         find_case_files([tmp_path / "empty"])
 
 
@@ -547,7 +552,7 @@ def test_cli_exits_2_on_a_case_that_cannot_run(tmp_path, capsys):
     assert main(["cases", str(tmp_path), "--out-dir", str(tmp_path)]) == 2
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(
-        f"ERROR cpu-fault: {tmp_path / 'cpu-fault.yaml'}:10: fault: candle-1815 does not apply"
+        f"ERROR cpu-fault: {tmp_path / 'cpu-fault.yaml'}:11: fault: candle-1815 does not apply"
     )
     assert out[-1] == "0 passed, 0 failed, 1 errors"
 
@@ -561,15 +566,17 @@ def test_cli_exits_2_on_a_missing_path(tmp_path, capsys):
 
 
 def _plugin_args() -> list[str]:
-    installed = any(ep.name == "harness" for ep in importlib.metadata.entry_points(group="pytest11"))
-    return ["-p", "no:benchmark"] + ([] if installed else ["-p", "harness.pytest_plugin"])
+    return plugin_args()
 
 
 def test_pytest_collects_cases(pytester):
+    pytester.makeini("[pytest]\nharness_cases = cases\n")
     write(pytester.path / "cases" / "good.yaml", GOOD)
     write(pytester.path / "cases" / "wrong.yaml", SEED_LIKE.format(module="layers.1.moe.router"))
-    write(pytester.path / "cases" / "notes.yaml", "title: not a case\n")  # no model/expect key: ignored
-    write(pytester.path / "data" / "other.yaml", GOOD)  # not under a `cases` directory: ignored
+    write(pytester.path / "cases" / "notes.yaml", "title: not a case\n")  # not declared: never read
+    undeclared = GOOD.replace("schema: harness-case/1\n", "")  # a case in all but the declaration
+    write(pytester.path / "cases" / "theirs.yaml", undeclared.replace("device: cuda", "device: tpu"))
+    write(pytester.path / "data" / "other.yaml", GOOD)  # declared, but not under a configured path
 
     result = pytester.runpytest(*_plugin_args(), "-p", "no:cacheprovider", "-rA")
     result.assert_outcomes(passed=1, failed=1)
@@ -582,12 +589,19 @@ def test_pytest_collects_cases(pytester):
 
     off = pytester.runpytest(*_plugin_args(), "--harness-no-cases", "-p", "no:cacheprovider")
     off.assert_outcomes()
-    pytester.makeini("[pytest]\nharness_cases = false\n")
-    off_ini = pytester.runpytest(*_plugin_args(), "-p", "no:cacheprovider")
-    off_ini.assert_outcomes()
+
+
+def test_pytest_collects_no_yaml_unless_configured(pytester):
+    """A project that never set `harness_cases`: its YAML, even declared case files, is not read."""
+    write(pytester.path / "cases" / "good.yaml", GOOD)
+    write(pytester.path / "tests" / "cases" / "data.yaml", "model: theirs\nexpect: [1, 2\n")
+    result = pytester.runpytest(*_plugin_args(), "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+    result.assert_outcomes()
 
 
 def test_pytest_malformed_case_fails_collection_with_file_and_line(pytester):
+    pytester.makeini("[pytest]\nharness_cases = cases\n")
     write(pytester.path / "cases" / "good.yaml", GOOD)
     write(pytester.path / "cases" / "bad.yaml", GOOD.replace("device: cuda", "device: tpu"))
     result = pytester.runpytest(*_plugin_args(), "-p", "no:cacheprovider", "--collect-only")

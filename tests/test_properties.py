@@ -13,9 +13,9 @@ names, it runs there. A failing example shrinks to the smallest config and print
 notes) a Python snippet and a `harness trace` command line that reproduce it. Synthesized files
 are cached per module, keyed by what they depend on, so examples cost tenths of a second.
 
-Profiles (registered by the harness pytest plugin): `ci` (derandomized, a dozen examples per
-property, loaded when CI is set), `dev` (the local default), `nightly` (hundreds);
-`--hypothesis-profile NAME` picks one. The clean runs and their false positives are counted and
+Profiles (of the harness pytest plugin, `pytest_harness.profiles`): `harness-ci` (derandomized,
+15 examples per property, loaded here when CI is set), `harness-dev` (this repository's local
+default), `harness-nightly` (500); `--hypothesis-profile NAME` picks one. The clean runs and their false positives are counted and
 printed as one line when the module ends.
 """
 

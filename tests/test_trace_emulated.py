@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -168,37 +166,6 @@ def test_refusal_answers_without_running(emu):
     assert emulated.refusal(mm, (a, a)) is None
     assert SAME_DEVICE in emulated.refusal(mm, (a, torch.ones(2, 2)))
     assert emulated.refusal(torch.ops.aten.add.Tensor, (a, torch.tensor(1.0))) is None
-    assert emulated.rule_of("aten.index_put_.default") == emulated.INDEX_PUT
-    assert emulated.rule_of("mm") == emulated.SAME
-
-
-def test_cpu_scalar_ops_are_nocheck_in_native_functions():
-    """The ops the table lets take a 0-dim CPU scalar skip the generated device check."""
-    yaml = pytest.importorskip("yaml")
-    torchgen = pytest.importorskip("torchgen")
-    path = os.path.join(
-        os.path.dirname(torchgen.__file__), "packaged", "ATen", "native", "native_functions.yaml"
-    )
-    if not os.path.exists(path):
-        pytest.skip("torchgen's native_functions.yaml is not installed")
-    with open(path) as f:
-        entries = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    checked, kernels = {}, {}
-    for e in entries:
-        name, _, overload = e["func"].split("(")[0].partition(".")
-        if "Scalar" not in overload:  # Scalar overloads have one tensor (and composite kernels)
-            checked.setdefault(name, set()).add(e.get("device_check", "ExactSame"))
-            kernels.setdefault(name, set()).update(
-                k.strip() for k in (e.get("dispatch") or {}) for k in k.split(",")
-            )
-    composites = set(emulated._CPU_SCALAR_COMPOSITES)
-    scalar_ops = [op for op, rule in emulated.RULES.items() if rule == emulated.CPU_SCALAR and op in checked]
-    assert len(scalar_ops) > 30
-    strict = [op for op in scalar_ops if checked[op] != {"NoCheck"} and op not in composites]
-    assert strict == []
-    # The composites have no kernel of their own that a device check could wrap.
-    for op in composites:
-        assert kernels[op] and all(k.startswith("Composite") for k in kernels[op]), (op, kernels[op])
 
 
 def test_shape_changes_in_place_are_refused(emu):

@@ -285,8 +285,9 @@ def test_cli_trace_clean(tiny_path, tmp_path, capsys):
             "1,2,3",
             "--decode",
             "1",
-            "--json",
+            "-o",
             str(out),
+            "--json",
         ]
     )
     captured = capsys.readouterr()
@@ -312,7 +313,7 @@ def test_cli_trace_finds_a_sync(tiny_path, tmp_path, capsys, monkeypatch):
         return self.experts(x, weights / weights.sum(-1, keepdim=True), chosen)
 
     monkeypatch.setattr(MoE, "forward", forward)
-    code = main(["trace", str(tiny_path), "--device", "emulated", "--tokens", "1,2,3"])
+    code = main(["trace", str(tiny_path), "--device", "emulated", "--tokens", "1,2,3", "--json"])
     captured = capsys.readouterr()
     assert code == 1
     f = json.loads(captured.out)["first_offence"]
@@ -323,9 +324,9 @@ def test_cli_trace_finds_a_sync(tiny_path, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--decode", "-1"], "--decode: must not be negative"),
+        (["--decode", "-1"], "--decode: must be in [0, 2147483647], got -1"),
         (["--sample-every", "0"], "--sample-every"),
-        (["--tokens", "1,x"], "expected comma-separated integers"),
+        (["--tokens", "1,x"], "--tokens: item 2: expected an integer, got 'x'"),
         (["--tokens", "1", "--prompt", "hi"], "not allowed with"),
         (["--device", "gpu"], "'gpu' is not a device name"),
     ],

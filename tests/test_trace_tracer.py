@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from harness.model.generate import generate
 from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Mixtral, MoE
 from harness.synth import synthesize
-from harness.trace import ALLOWED, CLEAN, DIRTY, MISMATCH, OK, STRAY, SYNC, TRANSFER, Tracer
+from harness.trace import ALLOWED, CLEAN, DIRTY, ERROR, MISMATCH, OK, STRAY, SYNC, TRANSFER, Tracer
 
 CPU = torch.device("cpu")
 
@@ -102,11 +102,17 @@ def test_clean_run_on_the_accelerator(model, on):
             "to": "cuda:0",
             "class": ALLOWED,
             "explicit": True,
+            "why": "input",
+            "module": "",
             "count": 1,
             "bytes": 8 * len(TOKENS),
         }
     ]
     assert s.steps == {"traced": 3, "skipped": 0}
+    # Inside the model only the prompt's upload moved bytes (in the first call); the decode
+    # steps take their token on the device.
+    assert s.bytes_per_call == {"h2d": 8 * len(TOKENS) / 3, "d2h": 0, "d2d": 0}
+    assert s.bytes_per_token == {"h2d": 0, "d2h": 0, "d2d": 0}
     assert set(s.modules["layers.1.moe.experts"]) == {"cuda:0"}
 
 
@@ -415,7 +421,7 @@ def test_any_model_traced_against_one_device(on):
     with torch.no_grad(), Tracer(net, placement=on.device, keep_events=True) as tracer:
         net(x)
     assert tracer.summary.verdict == CLEAN
-    assert tracer.placement.describe() == {"embed": "cuda:0", "head": "cuda:0"}
+    assert tracer.placement.describe() == {"": "cuda:0"}
     assert {e.expected for e in tracer.events if e.module} == {"cuda:0"}
     assert {e.module for e in tracer.events} >= {"first", "second"}
 
@@ -495,15 +501,27 @@ def test_an_error_an_op_raised_is_recorded_once(tiny_path, on):
     assert tracer.summary.first_offence["op"].startswith("aten.")
 
 
-def test_a_non_device_error_is_not_recorded(on):
+def test_a_non_device_error_makes_the_run_an_error_not_clean(on):
     class Bad(torch.nn.Module):
         def forward(self, x):
+            x = x * 2
             raise ValueError("not about devices")
 
     model = _Outer(Bad())
     with Tracer(model, placement=on.device) as tracer, pytest.raises(ValueError):
         model(torch.ones(2).to(on.device))
-    assert tracer.summary.verdict == CLEAN
+    s = tracer.summary
+    assert s.verdict == ERROR and s.counts[MISMATCH] == 0 and s.first_offence is None
+    assert s.error["error"] == "ValueError: not about devices" and s.error["module"] == "inner"
+    assert s.error["source"].startswith("tests/test_trace_tracer.py:")
+    assert "ValueError: not about devices" in s.verdict.explanation
+    with pytest.raises(AssertionError, match="not a device error"):
+        s.assert_clean()
+
+    # Swallowed inside the block, it still left the model: the run did not finish.
+    with Tracer(model, placement=on.device) as tracer, contextlib.suppress(ValueError):
+        model(torch.ones(2).to(on.device))
+    assert tracer.summary.verdict == ERROR
 
 
 def test_a_tensor_made_on_the_device_from_python_data_is_an_upload(on):
@@ -516,7 +534,16 @@ def test_a_tensor_made_on_the_device_from_python_data_is_an_upload(on):
         model(torch.zeros(3).to(on.device))
     moved = [t for t in tracer.summary.transfers if t["class"] == TRANSFER]
     assert moved == [
-        {"from": "cpu", "to": "cuda:0", "class": TRANSFER, "explicit": True, "count": 1, "bytes": 12}
+        {
+            "from": "cpu",
+            "to": "cuda:0",
+            "class": TRANSFER,
+            "explicit": True,
+            "why": None,
+            "module": "inner",
+            "count": 1,
+            "bytes": 12,
+        }
     ]
     upload = next(e for e in tracer.events if e.cls == TRANSFER)
     assert upload.module == "inner" and upload.source.startswith("tests/test_trace_tracer.py:")

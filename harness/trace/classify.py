@@ -2,7 +2,7 @@
 
 The rules follow what the real CUDA backend does:
 - an op with tensor inputs on different devices is refused, except where CUDA's kernel takes them
-  (`refused`, by the rule table of the emulated accelerator: a 0-dim CPU tensor as a scalar in
+  (`refused`, by CUDA's device rules in `harness.trace.rules`: a 0-dim CPU tensor as a scalar in
   elementwise binary ops, CPU index tensors in advanced indexing (`x[idx]`, `x[idx] = v`), which
   CUDA copies to the device itself, an implicit transfer); an op that raised a device error is a
   mismatch whatever the table says;
@@ -14,33 +14,23 @@ The rules follow what the real CUDA backend does:
 - an op of a module that computes on a device other than the module's placement is stray; view
   ops compute nothing and are never stray, nor are the ops of the model's own forward (module
   ""), where a run's inputs are checked on the host and moved: the edges of the run.
-A transfer is allowed at a declared device-map boundary (in the model's forward, between the
-module before the boundary and the module entered, or in the module entered itself) and at the
-edges of a run (outside the model; the token upload before `embed` or in it; the download after
-`head`). A sync outside the model is the caller reading its output, allowed too.
+A copy across devices is allowed when something declares it (`Classifier.why_allowed`): outside
+the model (the caller's uploads and downloads), the run's inputs uploaded, an activation moved at
+a device-map boundary (between devices of a module that the placement spreads over several),
+an offloading hook's traffic (accelerate's), the user's `allow_transfers`, or no bytes at all.
+Any other copy inside the model is an offending `transfer` (a device-to-host one a `sync`). A
+sync outside the model is the caller reading its output, allowed too.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
-from harness.trace.emulated import (
-    ANY,
-    CPU_SCALAR,
-    CPU_SCALAR_OTHER,
-    MASKED_FILL,
-    MASKED_INDEX,
-    RULES,
-    SAME,
-    SCALAR_VALUE,
-    SCATTER,
-    WHERE,
-)
-from harness.trace.emulated import INDEX as INDEX_RULE
-from harness.trace.emulated import INDEX_PUT as INDEX_PUT_RULE
-from harness.trace.emulated import TRANSFER as TRANSFER_RULE
+from harness.errors import UsageError
+from harness.trace import rules
 from harness.trace.events import ALLOWED, MISMATCH, OK, STRAY, SYNC, TRANSFER, Event
 
 # Kinds of ops, by their name without namespace and overload (`aten.mm.default` -> `mm`).
@@ -208,111 +198,109 @@ def op_kind(op: str) -> int:
 
 
 def _is_cpu_scalar(spec) -> bool:
-    return spec[0] == "cpu" and not spec[2]
-
-
-def _one_device(specs) -> bool:
-    return len({s[0] for s in specs}) <= 1
+    return spec.device == "cpu" and not spec.shape
 
 
 def refused(event: Event) -> bool:
-    """Whether real CUDA refuses this op for the devices of its inputs (and out= tensors), by the
-    emulated accelerator's rule table (`emulated.RULES`, checked against real CUDA by the
-    conformance table) applied to the recorded devices.
+    """Whether real CUDA refuses this op for the devices of its inputs (and out= tensors): CUDA's
+    device rules (`harness.trace.rules`, which the emulated accelerator applies too, checked
+    against real CUDA by the conformance table) applied to the recorded devices.
 
     Meta counts as an accelerator here, so a meta run is judged as a CUDA run would be."""
     ins = event.inputs
-    if len(ins) < 2 or _one_device(ins):
+    if len(ins) < 2:
         return False
-    if all(s[0] == "cpu" for s in ins):
+    first = ins[0].device
+    if all(s.device == first for s in ins):
         return False
-    rule = RULES.get(base_name(event.op), SAME)
-    if rule in (TRANSFER_RULE, SCATTER, ANY):
-        return False
-    if rule == SAME:
-        return True
-    if rule == CPU_SCALAR_OTHER and _is_cpu_scalar(ins[0]):
-        return True  # the result is made on self's device, the CPU
-    if rule in (CPU_SCALAR, CPU_SCALAR_OTHER):
-        scalars = [s for s in ins if _is_cpu_scalar(s)]
-        return len(scalars) > 1 or not _one_device([s for s in ins if not _is_cpu_scalar(s)])
-    if rule == WHERE:
-        # The op's device is the first of condition/self/other not on the CPU; 0-dim operands on
-        # another device are moved there, every other operand must be on it.
-        device = next((s[0] for s in ins[:3] if s[0] != "cpu"), "cpu")
-        return any(s[0] != device for s in ins if s[2])
-    if rule == MASKED_FILL:
-        self, mask, value = ins[0], ins[1], ins[2] if len(ins) > 2 else None
-        if value is not None and not value[2] and self[0] == "cpu" and value[0] != "cpu":
-            return True
-        return mask[0] != self[0]
-    if rule == SCALAR_VALUE:
-        return not _one_device([ins[0]] + [s for s in ins[1:] if s[2]])
-    home = ins[0][0]
-    if rule == MASKED_INDEX:
-        # (self, mask, *indices[, values]): index tensors on the CPU or home, the rest at home
-        put = base_name(event.op).endswith("_put_accumulate")
-        fixed = [ins[1], ins[-1]] if put else [ins[1]]
-        indices = ins[2:-1] if put else ins[2:]
-        return any(s[0] != home for s in fixed) or any(s[0] not in ("cpu", home) for s in indices)
-    if rule == INDEX_RULE:
-        return any(s[0] != "cpu" and s[0] != home for s in ins[1:])
-    if rule == INDEX_PUT_RULE:
-        value, indices = ins[-1], ins[1:-1]
-        if value[0] == home or not value[2]:
-            return False  # on the device, or 0-dim (moved)
-        masks = [s for s in indices if s[1] in ("bool", "uint8")]
-        numel = 1
-        for n in value[2]:
-            numel *= n
-        one_mask = len(indices) == 1 and len(masks) == 1 and masks[0][0] == home
-        return not (numel == 1 and value[0] == "cpu" and one_mask)  # else masked_fill with value.item()
-    return True
+    return rules.refusal(event.op, rules.recorded_operands(event.op, ins)) is not None
+
+
+def allowance(allow_transfers) -> Callable[[Event], bool] | None:
+    """A user's declared transfers as a predicate on events: module-path prefixes (a str or a
+    list of them: a copy inside one of those modules is allowed; "" allows every copy), or a
+    predicate `(event) -> bool` (it sees `event.module`, `event.op`, `event.tensors`,
+    `event.transfer` {"from", "to", "bytes"}, `event.source`), or None."""
+    if allow_transfers is None:
+        return None
+    if callable(allow_transfers):
+        return allow_transfers
+    prefixes = (allow_transfers,) if isinstance(allow_transfers, str) else tuple(allow_transfers)
+    for p in prefixes:
+        if not isinstance(p, str):
+            raise UsageError(None, "allow_transfers", f"module-path prefixes (str) or a predicate; got {p!r}")
+
+    def allowed(event: Event) -> bool:
+        module = event.module
+        return module is not None and any(
+            not p or module == p or module.startswith(p + ".") for p in prefixes
+        )
+
+    allowed.prefixes = prefixes
+    return allowed
 
 
 class Classifier:
-    """Classifies events for one placement (a `Placement`, or None for no expectations)."""
+    """Classifies events for one placement (a `ModulePlacement`, or None for no expectations)
+    and the user's declared transfers (`allowance(allow_transfers)`)."""
 
-    def __init__(self, placement=None):
+    def __init__(self, placement=None, allow_transfers=None):
         self.placement = placement
-        self.embed = None
-        self.head_modules = frozenset({"head"})
-        self._after: set[tuple[str | None, str, str]] = set()  # (module before, from, to)
-        self._entered: set[tuple[str, str, str]] = set()  # (module entered, from, to)
-        if placement is None:
-            return
-        self.embed = str(placement.embed)
-        n = len(placement.layers)
-        for module, src, dst in placement.boundaries():
-            src, dst = str(src), str(dst)
-            self._entered.add((module, src, dst))
-            if module == "norm":
-                before = f"layers.{n - 1}" if n else "embed"
-            else:
-                i = int(module.split(".")[1])
-                before = f"layers.{i - 1}" if i else "embed"
-            self._after.add((before, src, dst))
+        self.allow = allowance(allow_transfers)
 
-    def transfer_allowed(self, event: Event, src: str, dst: str, last_child: str | None) -> bool:
-        module = event.module
-        if module is None:
-            return True  # outside the model: the caller's uploads and downloads
-        if module == "":
-            if last_child is None:
-                return self.embed is None or dst == self.embed  # the token upload
-            if last_child in self.head_modules:
-                return True  # the download of the logits
-            return (last_child, src, dst) in self._after
-        if (module, src, dst) in self._entered:
-            return True
-        if (module == "embed" or module.startswith("embed.")) and dst == self.embed:
-            dtype = event.inputs[0][1] if event.inputs else ""
-            return "int" in dtype  # token ids
-        return False
+    def why_allowed(self, event: Event, src: str, dst: str) -> str | None:
+        """Why a copy across devices is declared (the transfer's "why"), or None when nothing
+        declares it: "outside" (the caller's uploads and downloads, outside the model), "empty"
+        (no bytes move), "offload" or "boundary" (an offloading hook moving weights, or a module's
+        inputs, as accelerate's does: `event.hook`), "input" (the run's inputs uploaded),
+        "declared" (`allow_transfers`), "boundary" (an activation moved between the devices of
+        a module that the placement spreads over several: a declared device-map boundary)."""
+        if event.module is None:
+            return "outside"
+        if not event.transfer["bytes"]:
+            return "empty"
+        if event.hook is not None:
+            return event.hook
+        if event.role == "input" and (dst != "cpu" or self._places_on(event.module, dst)):
+            return "input"  # the run's inputs uploaded (read back to the host, they are a sync)
+        if self.allow is not None and self.allow(event):
+            return "declared"
+        if event.role != "weight" and event.op_kind != K_UPLOAD and self._at_boundary(event.module, src, dst):
+            return "boundary"
+        return None
+
+    def _places_on(self, module: str, device: str) -> bool:
+        return self.placement is None or device in self.placement.devices_under(module)
+
+    def _at_boundary(self, module: str, src: str, dst: str) -> bool:
+        """Whether the placement declares a boundary here: the module spreads over both devices,
+        or one of its ancestors does and the copy brings data to the module's own device."""
+        placement = self.placement
+        if placement is None:
+            return True  # no expectations: an activation may go anywhere
+        own = placement.device_of(module)
+        path = module
+        while True:
+            devices = placement.devices_under(path)
+            if len(devices) > 1 and src in devices and dst in devices and (path == module or dst == own):
+                return True
+            if not path:
+                return False
+            path = path.rsplit(".", 1)[0] if "." in path else ""
+
+    def _transfer(self, event: Event, src: str, dst: str, nbytes: int, explicit: bool) -> str:
+        if dst == "meta":
+            nbytes = 0  # meta holds no data: nothing moves (an offloaded weight released)
+        event.transfer = {"from": src, "to": dst, "bytes": nbytes, "explicit": explicit}
+        why = self.why_allowed(event, src, dst)
+        if why is not None:
+            event.transfer["why"] = why
+            return ALLOWED
+        return TRANSFER
 
     def classify(self, event: Event, last_child: str | None = None) -> str:
         """Sets and returns `event.cls` (and `event.transfer` for copies across devices)."""
-        kind = op_kind(event.op)
+        kind = event.op_kind = op_kind(event.op)
         ins, outs = event.inputs, event.outputs
         if (event.error is not None and is_device_error(event.error)) or refused(event):
             event.cls = MISMATCH
@@ -332,22 +320,16 @@ class Classifier:
                 src, dst = ins[0][0], ins[1][0] if len(ins) > 1 else ins[0][0]
             if src != dst:
                 nbytes = ins[1][3] if kind == K_COPY_INTO and len(ins) > 1 else ins[0][3]
-                event.transfer = {"from": src, "to": dst, "bytes": nbytes, "explicit": True}
-                if self.transfer_allowed(event, src, dst, last_child):
-                    cls = ALLOWED
-                elif dst == "cpu" and event.waits is not False:
+                cls = self._transfer(event, src, dst, nbytes, explicit=True)
+                if cls == TRANSFER and dst == "cpu" and event.waits is not False:
                     cls = SYNC  # a device-to-host copy in the model waits for the device
-                else:
-                    cls = TRANSFER
                 event.cls = cls
                 return cls
         elif kind == K_UPLOAD:
             if ins and ins[0][0] != "cpu":
                 dst = ins[0][0]
-                event.transfer = {"from": "cpu", "to": dst, "bytes": ins[0][3], "explicit": True}
-                cls = ALLOWED if self.transfer_allowed(event, "cpu", dst, last_child) else TRANSFER
-                event.cls = cls
-                return cls
+                event.cls = self._transfer(event, "cpu", dst, ins[0][3], explicit=True)
+                return event.cls
         elif kind == K_SYNC:
             if ins and ins[0][0] != "cpu" and event.waits is not False:
                 cls = ALLOWED if event.module is None else SYNC
@@ -363,15 +345,9 @@ class Classifier:
                     return cls
                 moved = [s for s in indices if s[0] == "cpu"]
                 if moved:
-                    event.transfer = {
-                        "from": "cpu",
-                        "to": home,
-                        "bytes": sum(s[3] for s in moved),
-                        "explicit": False,
-                    }
-                    cls = ALLOWED if event.module is None else TRANSFER
-                    event.cls = cls
-                    return cls
+                    # CUDA copies CPU indices to the device itself: an implicit upload
+                    event.cls = self._transfer(event, "cpu", home, sum(s[3] for s in moved), explicit=False)
+                    return event.cls
         expected = event.expected
         if expected is not None and not event.alias and event.module:
             if outs:

@@ -19,8 +19,8 @@ How it works:
 - `EmulatedTensor` is a wrapper subclass (`_make_wrapper_subclass`) whose device is `cuda:N`,
   holding a CPU tensor with the values (`.data_cpu`, views share its storage);
 - one `TorchDispatchMode` sees every aten op: ops without emulated tensors or a CUDA `device=`
-  run untouched; the others are checked against `RULES` (what CUDA's kernel for that op accepts),
-  run on the CPU tensors, and their outputs wrapped with the op's device. The mode sits at the
+  run untouched; the others are checked against CUDA's device rules (`harness.trace.rules`, the
+  same module the classifier uses), run on the CPU tensors, and their outputs wrapped with the op's device. The mode sits at the
   bottom of the dispatch-mode stack whichever order contexts are entered in, so a tracer's mode
   (entered before or after) sees each op once, with the emulated devices, before it runs;
 - the C++ bindings initialise CUDA lazily before dispatch by calling `torch.cuda._lazy_init`,
@@ -52,12 +52,8 @@ tensors. The CUDA C++ lazy-init flag stays set after the block (on a CPU-only bu
 CUDA call then fails with "Could not run ... 'CUDA' backend" rather than "Torch not compiled with
 CUDA enabled"); `torch.cuda.is_available()` is False again.
 
-`RULES` (op -> rule) is the table of what CUDA accepts; `refusal(func, args, kwargs)` applies it
-without running anything and gives CUDA's error message or None. The facts behind it are from
-aten (PyTorch 2.x): the generated CUDA wrappers check every positional and out tensor argument
-against the first (`check_and_update_common_device`, no exception for 0-dim CPU tensors); ops
-marked `device_check: NoCheck` in native_functions.yaml do their own checks, listed below.
-`harness.trace.conformance` checks the rules row by row against real CUDA (`pytest -m cuda`).
+`refusal(func, args, kwargs)` applies the rules to a call without running anything and gives
+CUDA's error message or None.
 """
 
 from __future__ import annotations
@@ -65,7 +61,6 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +72,9 @@ from torch.utils._python_dispatch import (
     _push_mode,
 )
 
+from harness.trace import rules
+
 __all__ = [
-    "RULES",
     "EmulatedCuda",
     "EmulatedGenerator",
     "EmulatedTensor",
@@ -86,116 +82,12 @@ __all__ = [
     "cpu_data",
     "is_emulated",
     "refusal",
-    "rule_of",
 ]
 
 CPU = torch.device("cpu")
 _Tensor = torch.Tensor
 _RealGenerator = torch.Generator
 
-
-# ---- the rules -----------------------------------------------------------------------------------
-# Each rule names the check CUDA's kernel for an op does when its operands are on more than one
-# device. An op's operands are its tensor arguments (inside lists too). An op runs CUDA's kernel
-# when any operand is on a CUDA device (the dispatcher picks the highest backend); all-CPU ops are
-# plain CPU ops and are not checked.
-
-SAME = "same"  # default: all operands on one device (generated `check_and_update_common_device`)
-CPU_SCALAR = "cpu-scalar"  # TensorIterator binary/comparison ops: one 0-dim CPU input is a scalar
-WHERE = "where"  # where: 0-dim operands on another device are moved to the op's device
-MASKED_FILL = "masked-fill"  # masked_fill: mask on self's device (even 0-dim); value 0-dim, any device
-SCALAR_VALUE = "scalar-value"  # fill_/index_fill_: the 0-dim `value` tensor is read with item()
-INDEX = "index"  # x[idx]: indices on the CPU or on x's device (CPU ones are moved)
-INDEX_PUT = "index-put"  # x[idx] = v: indices anywhere (moved); v on x's device unless 0-dim
-TRANSFER = "transfer"  # copies: any devices
-CPU_SCALAR_OTHER = "cpu-scalar-other"  # logical_and/or/xor: as CPU_SCALAR, but self is no CPU scalar
-SCATTER = "scatter"  # slice_scatter & co: src copied into a clone of self; any devices, out on self's
-ANY = "any"  # resize_as_: the other tensor gives a shape only
-MASKED_INDEX = "masked-index"  # _unsafe_masked_index(_put_accumulate): indices on the CPU or self's device
-
-RULE_DOCS = {
-    SAME: "all tensor arguments on one device; a 0-dim CPU tensor is no exception "
-    "(generated CUDA wrappers: check_and_update_common_device)",
-    CPU_SCALAR: "TensorIterator with allow_cpu_scalars: at most one 0-dim CPU input, never an output; "
-    "everything else on the device",
-    WHERE: "where_self_out: 0-dim condition/self/other on another device are moved to the first "
-    "non-CPU one's device; then TensorIterator without CPU scalars",
-    MASKED_FILL: "masked_fill__cuda: mask on self's device, even 0-dim; a value tensor must be 0-dim "
-    "and may be anywhere (item()), but a CPU self with a CUDA value is refused",
-    SCALAR_VALUE: "fill_/index_fill_ with a 0-dim value tensor read by item(): value anywhere, "
-    "the other tensors on one device",
-    INDEX: "index (x[idx]): every index on the CPU or on x's device (check_indices_on_cpu_or_selfdevice); "
-    "CPU indices are copied to the device",
-    INDEX_PUT: "_index_put_impl_ (x[idx] = v): indices moved to x's device whatever theirs; v on x's "
-    "device unless 0-dim (moved), or a one-element CPU v with a single boolean mask on x's device "
-    "(masked_fill path); with accumulate=True v must end up on x's device",
-    TRANSFER: "copies across devices are the point: no check",
-    CPU_SCALAR_OTHER: "logical_and/or/xor, soft_margin_loss (CompositeExplicitAutograd): the result is made "
-    "on self's device before TensorIterator runs, so only `other` may be a 0-dim CPU input",
-    SCATTER: "slice/select/diagonal/as_strided_scatter (CompositeExplicitAutograd): self is cloned and src "
-    "copied into it: any devices; the result is on self's device",
-    ANY: "resize_as_ reads the template's sizes only, linspace/logspace their tensor ends' values: no check",
-    MASKED_INDEX: "_unsafe_masked_index(_put_accumulate) (CompositeExplicitAutograd, over index): index "
-    "tensors on the CPU or on self's device; mask and values on self's device",
-}
-
-# Binary and comparison ops built with TensorIterator's BINARY_OP_CONFIG / comparison config
-# (allow_cpu_scalars(true)); their functional, in-place and out variants are all `NoCheck`.
-# fmt: off
-_CPU_SCALAR_OPS = [
-    "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod",
-    "pow", "maximum", "minimum", "fmax", "fmin", "atan2", "hypot", "copysign", "heaviside",
-    "xlogy", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_left_shift",
-    "bitwise_right_shift", "__and__", "__or__", "__xor__", "__lshift__", "__rshift__",
-    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "eq", "ne", "lt", "le",
-    "gt", "ge", "special_xlog1py", "special_zeta", "special_chebyshev_polynomial_t",
-    "special_chebyshev_polynomial_u", "special_chebyshev_polynomial_v",
-    "special_chebyshev_polynomial_w", "special_shifted_chebyshev_polynomial_t",
-    "special_shifted_chebyshev_polynomial_u", "special_shifted_chebyshev_polynomial_v",
-    "special_shifted_chebyshev_polynomial_w", "special_hermite_polynomial_h",
-    "special_hermite_polynomial_he", "special_laguerre_polynomial_l",
-    "special_legendre_polynomial_p",
-]
-# CompositeExplicitAutograd ops made of such elementwise ops: the same rule holds for them.
-_CPU_SCALAR_COMPOSITES = ["ldexp", "allclose"]
-# fmt: on
-
-
-def _with_inplace(names: list[str]) -> list[str]:
-    """Each op and its in-place variant (`add`, `add_`); dunder ops are named as they are."""
-    return [n for name in names for n in ((name,) if name.startswith("__") else (name, name + "_"))]
-
-
-RULES: dict[str, str] = {
-    **dict.fromkeys(_with_inplace(_CPU_SCALAR_OPS), CPU_SCALAR),
-    **dict.fromkeys(_CPU_SCALAR_COMPOSITES, CPU_SCALAR),
-    **dict.fromkeys(_with_inplace(["logical_and", "logical_or", "logical_xor"]), CPU_SCALAR_OTHER),
-    "soft_margin_loss": CPU_SCALAR_OTHER,  # CompositeExplicitAutograd; only the target may be a CPU scalar
-    **dict.fromkeys(["slice_scatter", "select_scatter", "diagonal_scatter", "as_strided_scatter"], SCATTER),
-    "resize_as_": ANY,
-    "linspace": ANY,  # tensor start/end are read as scalars; the result goes to `device`
-    "logspace": ANY,
-    "_unsafe_masked_index": MASKED_INDEX,
-    "_unsafe_masked_index_put_accumulate": MASKED_INDEX,
-    "where": WHERE,
-    "masked_fill": MASKED_FILL,
-    "masked_fill_": MASKED_FILL,
-    "fill": SCALAR_VALUE,
-    "fill_": SCALAR_VALUE,
-    "index_fill": SCALAR_VALUE,
-    "index_fill_": SCALAR_VALUE,
-    "index": INDEX,
-    "_unsafe_index": INDEX,
-    "index_put": INDEX_PUT,
-    "index_put_": INDEX_PUT,
-    "_index_put_impl_": INDEX_PUT,
-    "_unsafe_index_put": INDEX_PUT,
-    "copy_": TRANSFER,
-    "copy": TRANSFER,
-    "_to_copy": TRANSFER,
-    "_copy_from": TRANSFER,
-    "_copy_from_and_resize": TRANSFER,
-}
 
 # Ops that change an emulated tensor's shape or strides in place (the wrapper's are fixed).
 # fmt: off
@@ -205,13 +97,6 @@ _META_MUTATING = frozenset([
     "sparse_resize_and_clear_",
 ])
 # fmt: on
-
-
-def rule_of(op_name: str) -> str:
-    """The rule for an op, by its name with or without namespace and overload (`aten.add_.Tensor`)."""
-    parts = op_name.replace("::", ".").split(".")
-    base = parts[1] if len(parts) >= 2 and parts[0] in ("aten", "prims") else parts[0]
-    return RULES.get(base, SAME)
 
 
 # ---- state ---------------------------------------------------------------------------------------
@@ -318,12 +203,9 @@ def _is_accel(device: torch.device) -> bool:
 @dataclass
 class _Plan:
     name: str  # overload packet, e.g. "add_"
+    op: str  # "aten::add_.Tensor", as rules.refusal takes it
     rule: str
-    wrapper: str  # the name CUDA's generated wrapper has in messages
-    positional: tuple[str, ...]  # names of the positional arguments
-    outs: tuple[str, ...]  # names of kwarg-only out arguments
-    inplace: bool  # the first argument is written
-    device_kwarg: bool
+    layout: rules.Layout  # the schema's tensor arguments
     composite: bool  # has a CompositeImplicitAutograd kernel (seen only in inference mode)
     meta_mutating: bool
     view: bool  # the output is a view of the first input
@@ -335,33 +217,18 @@ _PLANS: dict = {}
 def _plan(func) -> _Plan:
     plan = _PLANS.get(func)
     if plan is None:
-        schema = func._schema
         name = func._overloadpacket.__name__
-        positional, outs, inplace = [], [], False
-        for i, a in enumerate(schema.arguments):
-            written = a.alias_info is not None and a.alias_info.is_write
-            if a.kwarg_only:
-                if written:
-                    outs.append(a.name)
-            else:
-                positional.append(a.name)
-                if i == 0 and written:
-                    inplace = True
         try:
             composite = torch._C._dispatch_has_kernel_for_dispatch_key(
                 func.name(), "CompositeImplicitAutograd"
             )
         except Exception:
             composite = False
-        overload = "" if func._overloadname == "default" else "_" + func._overloadname
         plan = _Plan(
             name=name,
-            rule=RULES.get(name, SAME),
-            wrapper=f"wrapper_CUDA_{name}{overload}",  # as structured kernels' wrappers are named
-            positional=tuple(positional),
-            outs=tuple(outs),
-            inplace=inplace,
-            device_kwarg=any(a.name == "device" for a in schema.arguments),
+            op=func.name(),
+            rule=rules.rule_of(name),
+            layout=rules.layout(func),
             composite=composite,
             meta_mutating=name in _META_MUTATING,
             view=bool(getattr(func, "is_view", False)),
@@ -370,173 +237,23 @@ def _plan(func) -> _Plan:
     return plan
 
 
-def _operands(plan: _Plan, args, kwargs) -> list[tuple[str, torch.Tensor, bool]]:
-    """(argument name, tensor, is an output) for every tensor argument: outs first, then positional."""
-    ops = []
-    for name in plan.outs:
-        t = kwargs.get(name)
-        if isinstance(t, _Tensor):
-            ops.append((name, t, True))
-        elif isinstance(t, (list, tuple)):
-            ops.extend((name, x, True) for x in t if isinstance(x, _Tensor))
-    names = plan.positional
-    for i, a in enumerate(args):
-        name = names[i] if i < len(names) else f"arg{i}"
-        if isinstance(a, _Tensor):
-            if i == 0 and plan.inplace:
-                ops.append((name, a, True))  # written, and read
-            ops.append((name, a, False))
-        elif isinstance(a, (list, tuple)):
-            ops.extend((name, x, False) for x in a if isinstance(x, _Tensor))
-    for name, v in kwargs.items():  # kwarg-only tensor inputs (rare)
-        if name not in plan.outs and isinstance(v, _Tensor):
-            ops.append((name, v, False))
-    return ops
-
-
-# ---- the checks ----------------------------------------------------------------------------------
-
-
-def _same_device(plan: _Plan, ops) -> str | None:
-    common = None
-    for name, t, _ in ops:
-        d = t.device
-        if common is None:
-            common = d
-        elif d != common:
-            return (
-                f"Expected all tensors to be on the same device, but got {name} is on {d}, different "
-                f"from other tensors on {common} (when checking argument in method {plan.wrapper})"
-            )
-    return None
-
-
-def _tensor_iterator(ops, allow_cpu_scalars: bool) -> str | None:
-    """TensorIterator's compute_types device check (outputs come first in `ops`' order for it)."""
-    ordered = [o for o in ops if o[2]] + [o for o in ops if not o[2]]
-    common = next((t.device for _, t, _ in ordered if t.device.type != "cpu"), CPU)
-    if common.type == "cpu":
-        return None
-    scalars = 0
-    for _, t, is_out in ordered:
-        d = t.device
-        if allow_cpu_scalars and not is_out and d.type == "cpu" and t.dim() == 0:
-            if scalars >= 1:
-                return "Trying to pass too many CPU scalars to non-CPU kernel!"
-            scalars += 1
-        elif d != common:
-            return f"Expected all tensors to be on the same device, but found at least two devices, {common} and {d}!"
-    return None
-
-
-def _check_where(plan, ops, args, kwargs) -> str | None:
-    trio = [a for a in args[:3] if isinstance(a, _Tensor)]
-    device = next((t.device for t in trio if t.device.type != "cpu"), CPU)
-    out = kwargs.get("out")
-    moved = [
-        ("x", t, False) for t in trio if not (t.device != device and t.dim() == 0 and device.type != "cpu")
-    ]
-    ops2 = ([("out", out, True)] if isinstance(out, _Tensor) else []) + moved
-    return _tensor_iterator(ops2, allow_cpu_scalars=False)
-
-
-def _check_masked_fill(plan, ops, args, kwargs) -> str | None:
-    self, mask = args[0], args[1]
-    value = args[2] if len(args) > 2 else kwargs.get("value")
-    if isinstance(value, _Tensor):
-        if value.dim() != 0:
-            return None  # the CPU kernel raises the same "only supports a 0-dimensional value tensor"
-        if self.device.type == "cpu" and _is_accel(value.device):
-            return "masked_fill_: Expected inputs to be on same device"
-    if self.device != mask.device:
-        return f"expected self and mask to be on the same device, but got mask on {mask.device} and self on {self.device}"
-    return None
-
-
-def _check_scalar_value(plan, ops, args, kwargs) -> str | None:
-    rest = [o for o in ops if not (o[0] == "value" and o[1].dim() == 0)]
-    return _tensor_iterator(rest, allow_cpu_scalars=False)
-
-
-def _check_index(plan, ops, args, kwargs) -> str | None:
-    self, indices = args[0], args[1]
-    dev = self.device
-    for idx in indices:
-        if isinstance(idx, _Tensor) and idx.device.type != "cpu" and idx.device != dev:
-            return f"indices should be either on cpu or on the same device as the indexed tensor ({dev})"
-    out = kwargs.get("out")
-    if isinstance(out, _Tensor) and out.device != dev:
-        return _tensor_iterator([("out", out, True), ("self", self, False)], allow_cpu_scalars=False)
-    return None
-
-
-def _check_index_put(plan, ops, args, kwargs) -> str | None:
-    self, indices, value = args[0], args[1], args[2]
-    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
-    dev = self.device
-    if not accumulate and value.numel() == 1 and value.device.type == "cpu":
-        masks = [i for i in indices if i is not None]
-        if len(masks) == 1 and masks[0].dtype in (torch.bool, torch.uint8) and masks[0].device == dev:
-            return None  # canDispatchToMaskedFill: self.masked_fill_(mask, value.item())
-    vdev = value.device
-    if vdev != dev and value.dim() == 0:
-        vdev = dev  # moved
-    if vdev == dev:
-        return None
-    if dev.type == "cuda" and accumulate:
-        return f"expected device {dev} but got device {vdev} for value tensor"
-    common = dev if dev.type != "cpu" else vdev
-    return f"Expected all tensors to be on the same device, but found at least two devices, {common} and {vdev if common == dev else dev}!"
-
-
-def _check_cpu_scalar_other(plan, ops, args, kwargs) -> str | None:
-    self = args[0]
-    if self.device.type == "cpu" and any(_is_accel(t.device) for _, t, _ in ops):
-        other = next(t.device for _, t, _ in ops if _is_accel(t.device))
-        return (
-            f"Expected all tensors to be on the same device, but found at least two devices, {other} and cpu!"
-        )
-    return _tensor_iterator(ops, allow_cpu_scalars=True)
-
-
-def _check_masked_index(plan, ops, args, kwargs) -> str | None:
-    dev = args[0].device
-    for name, t, _ in ops:
-        if t.device != dev and not (name == "indices" and t.device.type == "cpu"):
-            return (
-                f"Expected all tensors to be on the same device, but got {name} is on {t.device}, different "
-                f"from other tensors on {dev} (when checking argument in method {plan.wrapper})"
-            )
-    return None
-
-
-_CHECKS: dict[str, Callable] = {
-    SAME: lambda plan, ops, args, kwargs: _same_device(plan, ops),
-    CPU_SCALAR: lambda plan, ops, args, kwargs: _tensor_iterator(ops, allow_cpu_scalars=True),
-    CPU_SCALAR_OTHER: _check_cpu_scalar_other,
-    SCATTER: lambda plan, ops, args, kwargs: None,
-    ANY: lambda plan, ops, args, kwargs: None,
-    MASKED_INDEX: _check_masked_index,
-    WHERE: _check_where,
-    MASKED_FILL: _check_masked_fill,
-    SCALAR_VALUE: _check_scalar_value,
-    INDEX: _check_index,
-    INDEX_PUT: _check_index_put,
-    TRANSFER: lambda plan, ops, args, kwargs: None,
-}
+def _accumulate(plan: _Plan, args, kwargs) -> bool:
+    """index_put's `accumulate` flag (its fourth argument); False for other ops."""
+    if plan.rule != rules.INDEX_PUT:
+        return False
+    return bool(args[3] if len(args) > 3 else kwargs.get("accumulate", False))
 
 
 def refusal(func, args=(), kwargs=None) -> str | None:
     """CUDA's error message if real CUDA refuses `func(*args, **kwargs)` for the devices of its
-    tensors, else None. Nothing runs; devices are read from the tensors (emulated or not)."""
+    tensors, else None (`rules.refusal` on the live tensors). Nothing runs; devices are read from
+    the tensors (emulated or not)."""
     kwargs = kwargs or {}
     plan = _plan(func)
-    ops = _operands(plan, args, kwargs)
-    if not any(_is_accel(t.device) for _, t, _ in ops):
-        return None  # a CPU op
-    if plan.device_kwarg:
-        return None  # factories, *_like, new_*: made on their device from one input at most
-    return _CHECKS[plan.rule](plan, ops, args, kwargs)
+    operands = rules.live_operands(plan.layout, args, kwargs)
+    return rules.refusal(
+        plan.op, operands, accumulate=_accumulate(plan, args, kwargs), device_arg=plan.layout.device_arg
+    )
 
 
 # ---- running an op -------------------------------------------------------------------------------
@@ -572,6 +289,15 @@ def _wrap(out, device: torch.device, pairs: list):
     return out
 
 
+def _tensors(args, kwargs):
+    """The tensor arguments of a call, inside lists too."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, _Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (x for x in a if isinstance(x, _Tensor))
+
+
 def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     plan = _plan(func)
     if plan.composite:  # only in inference mode: decompose, as the C++ kernel would
@@ -583,16 +309,17 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
         if r is not NotImplemented:
             return r
 
-    ops = _operands(plan, args, kwargs)
-    device = kwargs.get("device") if plan.device_kwarg else None
+    device_arg = plan.layout.device_arg
+    device = kwargs.get("device") if device_arg else None
     if device is not None:
         device = _resolve(device)
-    elif plan.rule == SCATTER:
+    elif plan.rule == rules.SCATTER:
         device = args[0].device  # a clone of self, whatever src's device
     else:
-        device = next((t.device for _, t, _ in ops if _is_accel(t.device)), CPU)
-        if not plan.device_kwarg and device.type != "cpu":
-            error = _CHECKS[plan.rule](plan, ops, args, kwargs)
+        device = next((t.device for t in _tensors(args, kwargs) if _is_accel(t.device)), CPU)
+        if not device_arg and device.type != "cpu":
+            operands = rules.live_operands(plan.layout, args, kwargs)
+            error = rules.refusal(plan.op, operands, accumulate=_accumulate(plan, args, kwargs))
             if error is not None:
                 raise RuntimeError(error)
     _check_ordinal(device)
@@ -611,7 +338,7 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     pairs: list = []
     uargs = tuple(_unwrap(a, pairs) for a in args)
     ukwargs = {k: _unwrap(v, pairs) for k, v in kwargs.items()}
-    if plan.device_kwarg and ukwargs.get("device") is not None and _resolve(ukwargs["device"]).type == "cuda":
+    if device_arg and ukwargs.get("device") is not None and _resolve(ukwargs["device"]).type == "cuda":
         ukwargs["device"] = CPU
         if ukwargs.get("pin_memory"):
             ukwargs["pin_memory"] = False
@@ -623,7 +350,9 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
             result = _wrap(out, device, pairs)
     else:
         result = _wrap(out, device, pairs)
-    if plan.inplace or plan.outs:  # the wrapper's shape is fixed: an out= resize cannot be followed
+    if (
+        plan.layout.inplace or plan.layout.outs
+    ):  # the wrapper's shape is fixed: an out= resize cannot be followed
         for inner, outer in pairs:
             if outer is not inner and inner.shape != outer.shape:
                 raise RuntimeError(

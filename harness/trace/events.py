@@ -1,7 +1,7 @@
 """What a trace is made of: one `Event` per aten op, a `Summary` per run.
 
-An event's tensors are `TensorSpec`s: tuples (device, dtype, shape, bytes), interned by the
-tracer (one object per distinct spec, with its JSON text) and written to JSON as lists.
+An event's tensors are `TensorSpec`s: named tuples (device, dtype, shape, nbytes), interned by
+the tracer (one object per distinct spec) and written to JSON as lists.
 Classes, worst first:
 
 - `mismatch`: tensor inputs on different devices that the real backend refuses (or an op that
@@ -9,37 +9,58 @@ Classes, worst first:
 - `sync`: a host read of device data (`item`, `bool()`, `tolist`, `nonzero`, a boolean mask on
   the device, a device-to-host copy inside the model);
 - `stray`: an op that runs on a device other than its module's placement though nothing raised;
-- `transfer`: a cross-device copy that no declared boundary explains;
-- `allowed`: a transfer at a declared device-map boundary, or at the edges of a run;
+- `transfer`: a cross-device copy inside the model that nothing declared (an upload of a weight
+  on every call, a tensor built from Python data, a host round trip);
+- `allowed`: a copy that is declared: at a device-map boundary, an upload of the run's inputs, a
+  download of its outputs (outside the model), an offloading hook's weight traffic, a copy the
+  user allowed (`Tracer(allow_transfers=...)`), or one that moves no bytes;
 - `ok`: everything else.
 
-A run is `clean` when it has no mismatch, stray or sync.
+A run's verdict (`Verdict`, a `str`): `clean` when it ran ops inside the model, raised nothing
+but device errors, and has no mismatch, sync, stray or transfer; `dirty` when it has one;
+`error` when it raised another error (and has no offence: an offence is the finding);
+`inconclusive` when no op ran inside the model (nothing was checked).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 MISMATCH, SYNC, STRAY, TRANSFER, ALLOWED, OK = "mismatch", "sync", "stray", "transfer", "allowed", "ok"
 CLASSES = (MISMATCH, SYNC, STRAY, TRANSFER, ALLOWED, OK)
-OFFENDING = frozenset((MISMATCH, SYNC, STRAY))
-CLEAN, DIRTY = "clean", "dirty"
+OFFENDING = frozenset((MISMATCH, SYNC, STRAY, TRANSFER))
+CLEAN, DIRTY, ERROR, INCONCLUSIVE = "clean", "dirty", "error", "inconclusive"
+VERDICTS = (CLEAN, DIRTY, ERROR, INCONCLUSIVE)
 
 
-class TensorSpec(tuple):
-    """(device, dtype, shape, bytes), e.g. ("cuda:0", "float32", (3, 256), 3072): a plain tuple
-    to everyone; the tracer interns one per distinct spec and caches its JSON text on it."""
+class Verdict(str):
+    """A run's verdict: equal to "clean", "dirty", "error" or "inconclusive" (a `str`, so
+    `summary.verdict == "clean"` reads as before), with `.explanation`: one paragraph that says
+    why ("" when clean). pytest's assertion rewriting shows it for a failed
+    `assert summary.verdict == "clean"` (through the plugin's `pytest_assertrepr_compare`)."""
 
-    def __new__(cls, device: str, dtype: str, shape: tuple[int, ...], nbytes: int):
-        spec = super().__new__(cls, (device, dtype, tuple(shape), nbytes))
-        spec.json = f'["{device}","{dtype}",[{",".join(str(int(n)) for n in shape)}],{nbytes}]'
-        return spec
+    explanation: str
 
-    device = property(lambda self: self[0])
-    dtype = property(lambda self: self[1])
-    shape = property(lambda self: self[2])
-    nbytes = property(lambda self: self[3])
+    def __new__(cls, value: str, explanation: str = "") -> Verdict:
+        if value not in VERDICTS:
+            raise ValueError(f"a verdict is one of {', '.join(VERDICTS)}, not {value!r}")
+        verdict = super().__new__(cls, value)
+        verdict.explanation = explanation
+        return verdict
+
+    def __reduce__(self):
+        return (Verdict, (str(self), self.explanation))
+
+
+class TensorSpec(NamedTuple):
+    """One tensor of an event, e.g. ("cuda:0", "float32", (3, 256), 3072). The tracer interns one
+    per distinct spec; JSON writes it as a list."""
+
+    device: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
 
 
 def spec_dict(spec: TensorSpec) -> dict:
@@ -81,6 +102,9 @@ class Event:
         "target",
         "waits",
         "named_devices",
+        "role",
+        "hook",
+        "op_kind",
     )
 
     def __init__(
@@ -121,6 +145,12 @@ class Event:
         self.waits: bool | None = None
         # The devices a device error names, for an error raised before any aten op (RAISED).
         self.named_devices: list[str] | None = None
+        # For a copy: "input" when it copies the run's input, "weight" a parameter or buffer of
+        # the model (or a view of one), else None; `hook` "offload" or "boundary" when an
+        # offloading hook (accelerate's) made it. Set by the tracer, not written.
+        self.role: str | None = None
+        self.hook: str | None = None
+        self.op_kind: int | None = None
 
     @property
     def devices(self) -> list[str]:
@@ -128,7 +158,7 @@ class Event:
         the devices its error names)."""
         if self.named_devices is not None:
             return list(self.named_devices)
-        return list(dict.fromkeys(s[0] for s in (*self.inputs, *(self.outputs or ()))))
+        return list(dict.fromkeys(s.device for s in (*self.inputs, *(self.outputs or ()))))
 
     @property
     def offending(self) -> bool:
@@ -143,8 +173,10 @@ class Event:
             "expected": self.expected,
             "class": self.cls,
             "source": self.source,
-            "in": [list(s[:2]) + [list(s[2]), s[3]] for s in self.inputs],
-            "out": None if self.outputs is None else [list(s[:2]) + [list(s[2]), s[3]] for s in self.outputs],
+            "in": [[s.device, s.dtype, list(s.shape), s.nbytes] for s in self.inputs],
+            "out": None
+            if self.outputs is None
+            else [[s.device, s.dtype, list(s.shape), s.nbytes] for s in self.outputs],
         }
         if self.tensors:
             d["tensors"] = list(self.tensors)
@@ -163,7 +195,7 @@ class Event:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Event:
         def specs(xs):
-            return None if xs is None else [TensorSpec(*s) for s in xs]
+            return None if xs is None else [TensorSpec(d, t, tuple(shape), n) for d, t, shape, n in xs]
 
         ev = cls(
             seq=d["seq"],
@@ -206,19 +238,72 @@ def first_offence(event: Event) -> dict[str, Any]:
         "seq": event.seq,
         "step": event.step,
         "error": event.error,
+        "transfer": event.transfer,
         "stack": event.stack,
     }
+
+
+DIRECTIONS = ("h2d", "d2h", "d2d")  # host to device, device to host, device to device
+_DIRECTION_NAMES = {"h2d": "host->device", "d2h": "device->host", "d2d": "device->device"}
+
+
+def direction(src: str, dst: str) -> str:
+    """ "h2d", "d2h" or "d2d" for a copy from device `src` to device `dst`."""
+    if src == "cpu":
+        return "h2d"
+    return "d2h" if dst == "cpu" else "d2d"
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _per_direction(text: dict[str, float]) -> str:
+    return ", ".join(f"{_DIRECTION_NAMES[d]} {format_bytes(text.get(d, 0))}" for d in DIRECTIONS)
+
+
+def describe_offence(f: dict[str, Any]) -> str:
+    """One sentence for a first offence: class, module, tensor, op, devices, source line."""
+    module = f.get("module")
+    where = (
+        "outside the model"
+        if module is None
+        else ("in the model's own forward" if module == "" else f"in module {module!r}")
+    )
+    tensor = f" (tensor {f['tensor']})" if f.get("tensor") else ""
+    devices = ", ".join(f.get("devices") or []) or "no device"
+    expected = f", where the placement expects {f['expected']}" if f.get("expected") else ""
+    text = f"{f['class']} {where}{tensor}: {f['op']} on {devices}{expected}"
+    transfer = f.get("transfer")
+    if transfer:
+        text += f", copying {format_bytes(transfer['bytes'])} {transfer['from']} -> {transfer['to']}"
+    if f.get("source"):
+        text += f", at {f['source']}"
+        if f.get("code"):
+            text += f" (`{f['code']}`)"
+    if f.get("error"):
+        text += f"; it raised {f['error'].splitlines()[0]}"
+    return text
 
 
 @dataclass
 class Summary:
     """The last record of a trace: the verdict and what led to it.
 
-    `counts` by class (every class present); `first_offence` as `first_offence()` gives it, or
-    None; `events` recorded; `steps` {"traced", "skipped"} forward calls; `unrecorded` ops only
-    counted (sampled mode "count"); `transfers` totals per (from, to, class); `modules` the
-    number of ops per module and device; `routing` tokens per expert per layer
-    ({"layers": [...], "counts": [[...]]}) when the tracer collected it, else None."""
+    `verdict` a `Verdict` (a `str` with `.explanation`); `counts` by class (every class present);
+    `first_offence` as `first_offence()` gives it, or None; `events` recorded; `inside` events
+    recorded inside the model; `steps` {"traced", "skipped"} forward calls; `unrecorded` ops only
+    counted (sampled mode "count"); `transfers` totals per (from, to, class, why, module);
+    `traffic` the bytes copied across devices inside the model's forward calls (see
+    `bytes_per_call`, `bytes_per_token`); `error` {"error", "module", "source"} for an error the
+    run raised that is not a device error, else None; `modules` the number of ops per module and
+    device; `routing` tokens per expert per layer ({"layers": [...], "counts": [[...]]}) when the
+    tracer collected it, else None."""
 
     verdict: str
     counts: dict[str, int]
@@ -230,21 +315,154 @@ class Summary:
     modules: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
     routing: dict[str, Any] | None = None
+    inside: int | None = None
+    traffic: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.verdict, Verdict):
+            self.verdict = Verdict(self.verdict, self._explain(str(self.verdict)))
 
     @property
     def clean(self) -> bool:
         return self.verdict == CLEAN
 
+    # -- what the verdict says ------------------------------------------------------------
+
+    def _explain(self, verdict: str) -> str:
+        offending = {c: self.counts.get(c, 0) for c in CLASSES if c in OFFENDING and self.counts.get(c)}
+        total = sum(offending.values())
+        if verdict == DIRTY and self.first_offence:
+            text = f"dirty: the first offence is a {describe_offence(self.first_offence)}."
+            if total > 1:
+                text += f" {total} offending events in all ({', '.join(f'{n} {c}' for c, n in offending.items())})."
+            if self.error:
+                text += f" The run also raised {self.error['error'].splitlines()[0]}."
+            return text
+        if verdict == ERROR:
+            e = self.error or {}
+            module = e.get("module")
+            where = (
+                ""
+                if module is None
+                else (" in the model's own forward" if module == "" else f" in module {module!r}")
+            )
+            at = f" at {e['source']}" if e.get("source") else ""
+            return (
+                f"error: the run raised {(e.get('error') or 'an error').splitlines()[0]}{where}{at}; "
+                "it is not a device error, and a run that did not finish is never clean (what it "
+                f"would have done after the error was not checked; {self.events} events recorded before it)."
+            )
+        if verdict == INCONCLUSIVE:
+            if self.events:
+                return (
+                    f"inconclusive: no op ran inside the model ({self.events} events outside it), so "
+                    "nothing of the model was checked: was the model called inside the `with Tracer(...)` block?"
+                )
+            return "inconclusive: no op was recorded, so nothing was checked."
+        return ""
+
+    def assert_clean(self) -> None:
+        """Raises AssertionError with the verdict's explanation unless the run is clean."""
+        if self.verdict != CLEAN:
+            raise AssertionError(self.verdict.explanation)
+
+    # -- bytes moved ------------------------------------------------------------------------
+
+    @property
+    def bytes_per_call(self) -> dict[str, float]:
+        """Bytes copied across devices inside the model per traced forward call, by direction
+        ("h2d", "d2h", "d2d"), every class counted (allowed boundaries and offload too)."""
+        calls = self.traffic.get("calls") or 0
+        moved = self.traffic.get("bytes") or {}
+        return {d: (moved.get(d, 0) / calls if calls else 0.0) for d in DIRECTIONS}
+
+    @property
+    def bytes_per_token(self) -> dict[str, float] | None:
+        """Bytes copied inside the model per decoded token, by direction: over the forward calls
+        after the first (the decode steps; the first is the prefill) when there are any, else over
+        all; a call's tokens are its token ids (`input_ids`, else its first integer tensor
+        argument). None when no call had token ids."""
+        t = self.traffic
+        if t.get("decode_tokens"):
+            moved, tokens = t.get("decode_bytes") or {}, t["decode_tokens"]
+        elif t.get("tokens"):
+            moved, tokens = t.get("bytes") or {}, t["tokens"]
+        else:
+            return None
+        return {d: moved.get(d, 0) / tokens for d in DIRECTIONS}
+
+    def assert_transfers(
+        self, max_bytes_per_token: float | None = None, max_bytes_per_call: float | None = None
+    ) -> None:
+        """Raises AssertionError when the bytes copied across devices inside the model (every
+        direction together) exceed a budget per decoded token or per forward call."""
+        if max_bytes_per_token is None and max_bytes_per_call is None:
+            raise TypeError("assert_transfers needs max_bytes_per_token or max_bytes_per_call")
+        problems = []
+        if max_bytes_per_token is not None:
+            per_token = self.bytes_per_token
+            if per_token is None:
+                problems.append(
+                    "no forward call had token ids (`input_ids` or an integer tensor), so there is no per-token figure"
+                )
+            elif sum(per_token.values()) > max_bytes_per_token:
+                problems.append(
+                    f"{format_bytes(sum(per_token.values()))} per decoded token ({_per_direction(per_token)}) "
+                    f"exceed the budget of {format_bytes(max_bytes_per_token)}"
+                )
+        if max_bytes_per_call is not None:
+            per_call = self.bytes_per_call
+            if sum(per_call.values()) > max_bytes_per_call:
+                problems.append(
+                    f"{format_bytes(sum(per_call.values()))} per forward call ({_per_direction(per_call)}) "
+                    f"exceed the budget of {format_bytes(max_bytes_per_call)}"
+                )
+        if problems:
+            inside = [t for t in self.transfers if t.get("module") is not None]
+            top = sorted(inside, key=lambda t: -t["bytes"])[:3]
+            largest = "; ".join(
+                f"{t['count']} copies {t['from']} -> {t['to']} in {t['module'] or '<model>'!r} "
+                f"({t['class']}{', ' + t['why'] if t.get('why') else ''}): {format_bytes(t['bytes'])}"
+                for t in top
+            )
+            raise AssertionError(f"transfers: {'; '.join(problems)}. Largest: {largest or 'none'}.")
+
+    def __str__(self) -> str:
+        lines = [f"verdict: {self.verdict}"]
+        if self.verdict.explanation:
+            lines.append(f"  {self.verdict.explanation}")
+        counts = ", ".join(f"{n} {c}" for c, n in self.counts.items() if n)
+        traced = self.steps.get("traced", 0)
+        calls = f" in {traced} forward call{'' if traced == 1 else 's'}"
+        if self.steps.get("skipped"):
+            calls += f" ({self.steps['skipped']} more not traced)"
+        lines.append(f"events: {self.events} ({counts or 'none'}){calls}")
+        if self.traffic.get("calls"):
+            lines.append(f"bytes moved per forward call: {_per_direction(self.bytes_per_call)}")
+            per_token = self.bytes_per_token
+            if per_token is not None:
+                lines.append(f"bytes moved per decoded token: {_per_direction(per_token)}")
+            if self.traffic.get("offload"):
+                lines.append(f"declared offload traffic: {format_bytes(self.traffic['offload'])} in all")
+        if self.error and self.verdict != ERROR:
+            lines.append(f"the run raised: {self.error['error'].splitlines()[0]}")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "record": "summary",
-            "verdict": self.verdict,
+            "verdict": str(self.verdict),
+            "explanation": self.verdict.explanation,
             "counts": dict(self.counts),
             "first_offence": self.first_offence,
             "events": self.events,
+            "inside": self.inside,
             "steps": dict(self.steps),
             "unrecorded": self.unrecorded,
             "transfers": list(self.transfers),
+            "traffic": self.traffic,
+            "error": self.error,
             "modules": self.modules,
             "seconds": self.seconds,
             "routing": self.routing,
@@ -252,8 +470,8 @@ class Summary:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Summary:
-        return cls(
-            verdict=d["verdict"],
+        summary = cls(
+            verdict=CLEAN,  # replaced below, once the fields that explain it are in
             counts={c: d.get("counts", {}).get(c, 0) for c in CLASSES},
             first_offence=d.get("first_offence"),
             events=d.get("events", 0),
@@ -263,4 +481,9 @@ class Summary:
             modules=d.get("modules", {}),
             seconds=d.get("seconds", 0.0),
             routing=d.get("routing"),
+            inside=d.get("inside"),
+            traffic=d.get("traffic") or {},
+            error=d.get("error"),
         )
+        summary.verdict = Verdict(d["verdict"], d.get("explanation") or summary._explain(d["verdict"]))
+        return summary

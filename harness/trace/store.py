@@ -40,13 +40,15 @@ class _Fragments(dict):
         return text
 
 
-def _spec_json(spec) -> str:
-    """JSON text of a tensor spec (device, dtype, shape, bytes); a TensorSpec carries its own."""
-    text = getattr(spec, "json", None)
-    if text is None:
-        shape = ",".join(str(int(n)) for n in spec[2])
-        text = f'["{spec[0]}","{spec[1]}",[{shape}],{spec[3]}]'
-    return text
+class _SpecTexts(dict):
+    """JSON text of a tensor spec (device, dtype, shape, nbytes), computed once per spec."""
+
+    def __missing__(self, spec):
+        if len(self) > _CACHE_LIMIT:
+            self.clear()
+        device, dtype, shape, nbytes = spec
+        text = self[spec] = f'["{device}","{dtype}",[{",".join(str(int(n)) for n in shape)}],{nbytes}]'
+        return text
 
 
 class TraceWriter:
@@ -58,6 +60,7 @@ class TraceWriter:
             raise UsageError(self.path, None, f"cannot write here: {self.path.parent} is not a directory")
         self._f = open(self.path, "w", encoding="utf-8", buffering=buffer_bytes)  # noqa: SIM115
         self._frag = _Fragments()
+        self._spec_texts = _SpecTexts()
         self.lines: list[str] = []  # encoded lines not yet handed to the file (at most BATCH)
 
     def header(self, header: dict[str, Any]) -> None:
@@ -116,12 +119,9 @@ class TraceWriter:
 
     def plain_body(self, op, module, expected, cls, source, inputs, outputs) -> str:
         f = self._frag
-        try:
-            ins_text = ",".join([s.json for s in inputs])
-            outs_text = "null" if outputs is None else "[" + ",".join([s.json for s in outputs]) + "]"
-        except AttributeError:  # plain tuples
-            ins_text = ",".join([_spec_json(s) for s in inputs])
-            outs_text = "null" if outputs is None else "[" + ",".join([_spec_json(s) for s in outputs]) + "]"
+        texts = self._spec_texts
+        ins_text = ",".join([texts[s] for s in inputs])
+        outs_text = "null" if outputs is None else "[" + ",".join([texts[s] for s in outputs]) + "]"
         return (
             f'"op":{f[op]},"module":{f[module]},"expected":{f[expected]},"class":"{cls}",'
             f'"source":{f[source]},"in":[{ins_text}],"out":{outs_text}'

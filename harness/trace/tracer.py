@@ -44,12 +44,14 @@ from torch.utils._python_dispatch import (
 )
 
 from harness.errors import UsageError
-from harness.model.placement import Placement
 from harness.trace.classify import (
     K_COPY_FROM,
     K_COPY_INTO,
     K_COPY_TO,
+    K_INDEX_GET,
+    K_INDEX_PUT,
     K_OTHER,
+    K_UPLOAD,
     SYNC_UNLESS,
     Classifier,
     base_name,
@@ -59,15 +61,20 @@ from harness.trace.classify import (
 from harness.trace.events import (
     CLASSES,
     CLEAN,
+    DIRECTIONS,
     DIRTY,
+    ERROR,
+    INCONCLUSIVE,
     OFFENDING,
     OK,
     RAISED,
     Event,
     Summary,
     TensorSpec,
+    direction,
     first_offence,
 )
+from harness.trace.placement import ModulePlacement
 from harness.trace.routing import collect_routing
 from harness.trace.store import BATCH, TraceWriter
 
@@ -112,6 +119,24 @@ _SEQUENCES = (list, tuple)
 _OUTSIDE = (None, None)  # (module path, expected device) outside the model
 _MAX_STACK_FRAMES = 40
 _SEEN_LIMIT = 1 << 14  # kinds of ok events whose line is kept (a few MiB at most)
+_ACTIVE: list[Tracer] = []  # the tracers inside their `with` block
+
+
+def is_tracing() -> bool:
+    """Whether a `Tracer` is recording now. Code that would run CUDA graphs, Triton custom ops
+    or other paths that hide aten ops from a dispatch mode runs eager instead while this is
+    True, so that the trace sees every op (traces say `"eager": true` in their header)."""
+    return bool(_ACTIVE)
+
+
+def _grad_mode() -> str:
+    if torch.is_inference_mode_enabled():
+        return "inference_mode"
+    return "grad" if torch.is_grad_enabled() else "no_grad"
+
+
+# Ops that may copy across devices: the tracer tells the classifier what they copy.
+_COPY_KINDS = frozenset((K_COPY_TO, K_COPY_INTO, K_COPY_FROM, K_UPLOAD, K_INDEX_GET, K_INDEX_PUT))
 
 
 def _is_model_code(filename: str) -> bool:
@@ -146,6 +171,15 @@ def _device_name(device: torch.device) -> str:
 
 # Ops that return their input itself when there is nothing to do (else a new tensor).
 _MAYBE_SELF = frozenset({"to", "contiguous", "_to_copy", "clone", "lift_fresh"})
+# In-place ops that compute nothing (`torch.tensor(...)` under inference mode ends with `detach_`).
+_NO_COMPUTE = frozenset({"detach_", "requires_grad_"})
+
+try:
+    from torch.utils._python_dispatch import autograd_would_have_decomposed
+except ImportError:  # older torch: decompose whenever the op has a composite kernel
+
+    def autograd_would_have_decomposed(func, flat_args) -> bool:
+        return True
 
 
 class _SpecCache(dict):
@@ -201,7 +235,20 @@ class _OpInfo:
     its input, `follow`: weight names go from its first input to its output, `plain`: an op
     with no rule of its own (not a copy, sync or index op), classified by devices alone."""
 
-    __slots__ = ("name", "call", "alias", "maybe_self", "follow", "copy_to", "plain", "sync_unless")
+    __slots__ = (
+        "name",
+        "call",
+        "alias",
+        "maybe_self",
+        "follow",
+        "copy_to",
+        "plain",
+        "sync_unless",
+        "kind",
+        "copies",
+        "non_blocking_at",
+        "composite",
+    )
 
     def __init__(self, func):
         self.name = str(func)
@@ -213,7 +260,13 @@ class _OpInfo:
             is_view = False
         in_place = base.endswith("_") and not base.endswith("__")
         self.maybe_self = base in _MAYBE_SELF
-        self.alias = is_view and not in_place and not self.maybe_self
+        self.alias = (is_view and not in_place and not self.maybe_self) or base in _NO_COMPUTE
+        # A CompositeImplicitAutograd op (`aten.linear`, `aten.to`, ...): autograd decomposes it
+        # before a dispatch mode sees it, except under inference mode, where the tracer does.
+        try:
+            self.composite = bool(func._can_decompose())
+        except Exception:
+            self.composite = False
         self.follow = (is_view and not in_place) or base in _FOLLOW
         kind = op_kind(self.name)
         self.copy_to = kind == K_COPY_TO
@@ -221,14 +274,28 @@ class _OpInfo:
         # that crosses no device is no transfer); sync and index ops are, on the CPU.
         self.plain = kind in (K_OTHER, K_COPY_TO, K_COPY_INTO, K_COPY_FROM)
         self.sync_unless = SYNC_UNLESS.get(self.name)  # (args, kwargs) -> whether it reads the device
+        self.kind = kind
+        self.copies = kind in _COPY_KINDS
+        # where `non_blocking` sits among the positional arguments (`aten.to.device` has it
+        # third; under inference mode the dispatch mode sees `aten.to` rather than `_to_copy`)
+        self.non_blocking_at = None
+        try:
+            names = [a.name for a in func._schema.arguments if not a.kwarg_only]
+            self.non_blocking_at = names.index("non_blocking")
+        except (AttributeError, ValueError):
+            pass
 
 
 class Tracer(TorchDispatchMode):
     """Records every aten op run inside `with Tracer(model, path=...) as tracer:`.
 
     - `model`: the model (a `Mixtral`, or any module; its submodule paths name the events);
-    - `placement`: where its parts should be (default `model.placement`); a device ("cuda:0")
-      expects every module of any model there; None for no expectations (no op is then stray);
+    - `placement`: where each module should compute (`harness.trace.placement`): a device, a
+      dict {module-path prefix: device}, a harness `Placement`; by default the model's own
+      (a Mixtral's) or where each module's parameters and buffers are when tracing starts;
+      `{}` for no expectations (no op is then stray);
+    - `allow_transfers`: copies across devices the user declares: module-path prefixes, or a
+      predicate `(event) -> bool` (`harness.trace.classify.allowance`);
     - `path`: JSON Lines file written as the run goes (header, events, summary); None for none;
     - `sample_every`, `unsampled`: sampled mode (see the module doc);
     - `keep_events`: also keep the events in `tracer.events` (small runs, tests);
@@ -237,7 +304,9 @@ class Tracer(TorchDispatchMode):
       forward call, sampled or not, into `summary.routing`;
     - `header`: extra fields for the header record.
 
-    After the block, `tracer.summary` is the `Summary`; `tracer.verdict` "clean" or "dirty".
+    After the block, `tracer.summary` is the `Summary`; `tracer.verdict` its `Verdict`: "clean",
+    "dirty", "error" (the run raised an error that is not a device error) or "inconclusive" (no op
+    ran inside the model).
     The tracer is itself the dispatch mode (a mode calling back into it costs a call per op).
     """
 
@@ -259,6 +328,7 @@ class Tracer(TorchDispatchMode):
         max_stacks: int = 64,
         header: dict[str, Any] | None = None,
         routing: bool = False,
+        allow_transfers=None,
     ):
         if not isinstance(sample_every, int) or sample_every < 1:
             raise UsageError(None, "sample_every", f"must be a positive integer, got {sample_every!r}")
@@ -266,11 +336,10 @@ class Tracer(TorchDispatchMode):
             raise UsageError(None, "unsampled", f"must be 'skip' or 'count', got {unsampled!r}")
         super().__init__()
         self.model = model
-        if placement is None and model is not None:
-            placement = getattr(model, "placement", None)
-        elif isinstance(placement, (str, torch.device)):
-            placement = Placement.single(placement, 0)  # any model: every module on that device
-        self.placement = placement
+        self.placement_given = placement
+        # Resolved when tracing starts (a default placement is where the weights are then).
+        self.placement: ModulePlacement | None = None
+        self.allow_transfers = allow_transfers
         self.path = path
         self.sample_every = sample_every
         self.unsampled = unsampled
@@ -279,7 +348,7 @@ class Tracer(TorchDispatchMode):
         self.routing = routing
         self._routing = None  # (context manager, RoutingCounts) while the block runs
         self.extra_header = dict(header or {})
-        self.classifier = Classifier(placement)
+        self.classifier = Classifier(None, allow_transfers)  # checks allow_transfers now
         self.events: list[Event] = []
         self._summary: Summary | None = None
         self._active = False
@@ -292,7 +361,6 @@ class Tracer(TorchDispatchMode):
         self._step = 0
         self._calls = 0
         self._stack: list[tuple[str | None, str | None]] = []  # (module path, its device)
-        self._last_child: str | None = None
         self._recording = True
         self._skipping = False
         self._mode_popped = False
@@ -321,15 +389,34 @@ class Tracer(TorchDispatchMode):
         self._thread: int | None = None  # the thread that entered the tracer
         self._seen_errors: set[int] = set()  # ids of exceptions already recorded
         self._routing_record: dict | None = None
+        self._inputs: dict[int, weakref.ref] = {}  # the tensors of the current forward call's arguments
+        self._error: dict | None = None  # an error (not a device error) that the run raised
+        self._last_error: tuple[int, dict] | None = None  # the latest one seen leaving a module
+        self._hooked = False  # whether some module has an offloading hook (accelerate's)
+        self._grad_mode = _grad_mode()
+        # Bytes copied inside the model: direction -> bytes, in the first traced call and after it.
+        self._moved = {"first": dict.fromkeys(DIRECTIONS, 0), "later": dict.fromkeys(DIRECTIONS, 0)}
+        self._offload = 0
+        self._tokens = {"first": 0, "later": 0, "calls_later": 0}
 
     def _build_maps(self) -> None:
         self._paths: dict[torch.nn.Module, tuple[str, str | None]] = {}  # module -> (path, device)
+        self._params: dict[int, weakref.ref] = {}  # every parameter and buffer of the model
         self._n_weights = 0
         model = self.model
+        self.placement = ModulePlacement.of(model, self.placement_given)
+        self.classifier = Classifier(self.placement, self.allow_transfers)
         if model is None:
             return
+        prefixes = getattr(self.classifier.allow, "prefixes", ())
+        paths = {path for path, _ in model.named_modules()}
+        for p in prefixes:
+            if p and p not in paths:
+                raise UsageError(None, f"allow_transfers[{p!r}]", "the model has no module of that path")
         for path, module in model.named_modules():
             self._paths[module] = (path, self._expected_device(path))
+            if getattr(module, "_hf_hook", None) is not None:
+                self._hooked = True
             names = getattr(module, "gguf_names", None)
             if isinstance(names, dict):
                 for attr, ns in names.items():
@@ -342,6 +429,14 @@ class Tracer(TorchDispatchMode):
                     if t is not None:
                         self._remember(t, (name,))
                 for _, t in module.named_parameters(recurse=False):
+                    self._remember(t, (name,))
+        # Every parameter and buffer is a weight to the transfer policy; a model without GGUF
+        # names has its weights named by their state-dict names.
+        named = bool(self._weights)
+        for name, t in (*model.named_parameters(), *model.named_buffers()):
+            if t is not None:
+                self._params[id(t)] = weakref.ref(t)
+                if not named:
                     self._remember(t, (name,))
         self._n_weights = len(self._weights)
 
@@ -357,7 +452,7 @@ class Tracer(TorchDispatchMode):
     def _expected_device(self, module: str | None) -> str | None:
         if module in self._expected:
             return self._expected[module]
-        device = str(self.placement.device_of(module)) if module and self.placement is not None else None
+        device = self.placement.device_of(module) if module and self.placement is not None else None
         self._expected[module] = device
         return device
 
@@ -372,15 +467,26 @@ class Tracer(TorchDispatchMode):
             "python": platform.python_version(),
             "sample_every": self.sample_every,
             "unsampled": self.unsampled,
+            "grad_mode": self._grad_mode,
+            "eager": True,  # under a tracer, `is_tracing()` is True: the model runs eager
         }
+        if self.allow_transfers is not None:
+            prefixes = getattr(self.classifier.allow, "prefixes", None)
+            header["allow_transfers"] = list(prefixes) if prefixes is not None else repr(self.allow_transfers)
         if placement is not None:
             header["placement"] = placement.describe()
+            header["devices"] = {d: _device_name(torch.device(d)) for d in placement.devices}
+        mixtral = (
+            self.placement_given if self.placement_given is not None else getattr(model, "placement", None)
+        )
+        if all(hasattr(mixtral, a) for a in ("embed", "layers", "head")):
+            # a Mixtral's placement, as the report draws it
+            header["placement"] = mixtral.describe()
             header["placement_full"] = {
-                "embed": str(placement.embed),
-                "layers": [str(d) for d in placement.layers],
-                "head": str(placement.head),
+                "embed": str(mixtral.embed),
+                "layers": [str(d) for d in mixtral.layers],
+                "head": str(mixtral.head),
             }
-            header["devices"] = {str(d): _device_name(d) for d in placement.devices}
         header.update(self.extra_header)
         return header
 
@@ -393,6 +499,7 @@ class Tracer(TorchDispatchMode):
         self.events = []
         self._summary = None
         self._build_maps()
+        _warm_constants(self._params)
         self._thread = get_ident()
         if self.path is not None:
             self._writer = TraceWriter(self.path)
@@ -402,7 +509,7 @@ class Tracer(TorchDispatchMode):
             self._encode = self._writer.encode
         self._install_global_hooks()
         if self.model is not None:
-            self._hooks.append(self.model.register_forward_pre_hook(self._root_pre))
+            self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
             self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
         if self.routing and self.model is not None:
             collection = collect_routing(self.model)
@@ -410,17 +517,20 @@ class Tracer(TorchDispatchMode):
         self._t0 = time.perf_counter()
         self._active = True
         super().__enter__()
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc is not None and self._recording and not self._skipping:
-                self._raised(exc)  # raised outside every module of the model
+            if exc is not None:
+                self._escaped(exc)  # (raised outside every module of the model, if not recorded yet)
             if self._mode_popped:
                 _push_mode(self)
                 self._mode_popped = False
             super().__exit__(exc_type, exc, tb)
         finally:
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
             self._active = False
             self._remove_global_hooks()
             for h in self._hooks:
@@ -438,6 +548,8 @@ class Tracer(TorchDispatchMode):
                 self._lines = None
             self._weights = {}
             self._paths = {}
+            self._params = {}
+            self._inputs = {}
 
     def _install_global_hooks(self) -> None:
         if not self._global_hooks:
@@ -471,33 +583,94 @@ class Tracer(TorchDispatchMode):
                 self._raised(exc, args)
         if isinstance(output, torch.Tensor) and getattr(module, "outputs_activations", False):
             self._weights.pop(id(output), None)  # looked-up rows of a table are activations, not the weight
-        stack = self._stack
-        if stack:
-            path = stack.pop()[0]
-            if path and len(stack) == 1 and stack[0][0] == "":
-                self._last_child = path  # a direct child of the model has finished
+        if self._stack:
+            self._stack.pop()
 
-    def _root_pre(self, module, args) -> None:
+    def _root_pre(self, module, args, kwargs) -> None:
         if get_ident() != self._thread:
             return
         step = self._calls
         self._calls += 1
         self._step = step
-        self._last_child = None
         if step % self.sample_every == 0:
             self._steps_traced += 1
             if self._skipping:
                 self._resume()
+            self._note_inputs(step, args, kwargs)
         else:
             self._steps_skipped += 1
             if not self._skipping:
                 self._skip()
 
     def _root_post(self, module, args, output) -> None:
-        if get_ident() == self._thread and not self._skipping:
+        if get_ident() != self._thread:
+            return
+        if output is None:
+            exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except` when forward raised
+            if exc is not None:
+                self._escaped(exc)
+        if not self._skipping:
             self._sweep_weights()
             if self._writer is not None:
                 self._writer.flush()
+
+    def _note_inputs(self, step: int, args, kwargs) -> None:
+        """The tensors of a traced forward call's arguments (their uploads are the run's own)
+        and its token ids: `input_ids`, else the first integer tensor argument."""
+        inputs: dict[int, weakref.ref] = {}
+        tokens = None
+        for a in (*args, *kwargs.values()):
+            for t in a.values() if isinstance(a, dict) else a if isinstance(a, _SEQUENCES) else (a,):
+                if isinstance(t, Tensor):
+                    inputs[id(t)] = weakref.ref(t)
+                    if (
+                        tokens is None
+                        and not t.dtype.is_floating_point
+                        and not t.dtype.is_complex
+                        and t.dtype != torch.bool
+                    ):
+                        tokens = t
+        ids = kwargs.get("input_ids")
+        if isinstance(ids, Tensor):
+            tokens = ids
+        self._inputs = inputs
+        n = tokens.numel() if tokens is not None else 0
+        if step == 0:
+            self._tokens["first"] += n
+        else:
+            self._tokens["later"] += n
+            self._tokens["calls_later"] += 1
+
+    def _is_input(self, t) -> bool:
+        """A tensor among the forward call's arguments, or a view of one."""
+        for x in (t, getattr(t, "_base", None)):
+            ref = self._inputs.get(id(x)) if x is not None else None
+            if ref is not None and ref() is x:
+                return True
+        return False
+
+    def _escaped(self, exc: BaseException) -> None:
+        """An exception that left the model's forward or the `with` block: a device error is a
+        mismatch (recorded where it was raised, if not yet); any other makes the run an error."""
+        if is_device_error(_error_text(exc)):
+            self._raised(exc)
+            return
+        if self._error is not None:
+            return
+        if self._last_error is not None and self._last_error[0] == id(exc):
+            self._error = self._last_error[1]
+        else:
+            self._error = self._error_record(exc, None)
+
+    def _error_record(self, exc: BaseException, module: str | None) -> dict:
+        """{"error", "module", "source"} of an error: the innermost model frame of its traceback."""
+        source = None
+        t = exc.__traceback__
+        while t is not None:
+            if _is_model_code(t.tb_frame.f_code.co_filename):
+                source = _source_text(t.tb_frame.f_code, t.tb_lineno)
+            t = t.tb_next
+        return {"error": _error_text(exc), "module": module, "source": source}
 
     def _skip(self) -> None:
         # The global pre-hook has pushed the model's path for this call; its post-hook will not run.
@@ -530,6 +703,10 @@ class Tracer(TorchDispatchMode):
         info = self._ops.get(id(func))  # ops live for ever; OpOverload.__hash__ is slow Python
         if info is None:
             info = self._ops[id(func)] = _OpInfo(func)
+        if info.composite and torch.is_inference_mode_enabled():
+            out = self._decompose(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         seq = self._seq
         self._seq = seq + 1
 
@@ -618,10 +795,59 @@ class Tracer(TorchDispatchMode):
         ev.alias = alias
         if info.sync_unless is not None:
             ev.waits = info.sync_unless(args, kwargs)
-        elif info.copy_to and kwargs and kwargs.get("non_blocking"):
+        elif info.copy_to and _non_blocking(info, args, kwargs):
             ev.waits = False  # a non-blocking copy to the host lands in pinned memory, asynchronously
+        if info.copies and module is not None:
+            self._copy_roles(ev, info, args, kwargs)
         self._finish(ev)
         return out
+
+    def _copy_roles(self, ev: Event, info: _OpInfo, args, kwargs) -> None:
+        """For an op that may copy across devices: whether what it copies is the run's input or a
+        weight (`ev.role`), and whether an offloading hook made the copy (`ev.hook`)."""
+        if len({s[0] for s in (*ev.inputs, *ev.outputs)}) < 2 and not (info.kind == K_UPLOAD and ev.inputs):
+            return  # crosses no device
+        kind = info.kind
+        if kind in (K_INDEX_GET, K_INDEX_PUT):
+            moved = [
+                t
+                for t in (args[1] if len(args) > 1 and isinstance(args[1], _SEQUENCES) else ())
+                if isinstance(t, Tensor)
+            ]
+        else:
+            src = args[1] if kind == K_COPY_INTO and len(args) > 1 else (args[0] if args else None)
+            moved = [src] if isinstance(src, Tensor) else []
+        if moved and all(self._is_input(t) for t in moved):
+            ev.role = "input"
+        elif moved and any(self._is_weight(t) for t in moved):
+            ev.role = "weight"
+        if self._hooked:
+            ev.hook = _offloading_hook(sys._getframe(2))
+
+    def _is_weight(self, t) -> bool:
+        """A parameter or buffer of the model, a view of one, or a copy the names followed."""
+        entry = self._weights.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return True
+        for x in (t, getattr(t, "_base", None)):
+            ref = self._params.get(id(x)) if x is not None else None
+            if ref is not None and ref() is x:
+                return True
+        return False
+
+    def _decompose(self, func, args, kwargs):
+        """Runs a composite op as its decomposition, whose ops the tracer then sees, as it does
+        outside inference mode: one verdict in every grad mode. NotImplemented where autograd
+        would not have decomposed it either (a backend kernel of its own)."""
+        flat = [*args, *(kwargs or {}).values()]
+        flat = [t for a in flat for t in (a if isinstance(a, _SEQUENCES) else (a,))]
+        if not autograd_would_have_decomposed(func, flat):
+            return NotImplemented
+        _push_mode(self)  # the mode is off while its __torch_dispatch__ runs
+        try:
+            return func.decompose(*args, **(kwargs or {}))
+        finally:
+            _pop_mode()
 
     def _new_seen(self, key: tuple, expected: str | None) -> list | bool:
         """[line body, count] for a kind of event that is ok without further ado: an op with no
@@ -686,6 +912,9 @@ class Tracer(TorchDispatchMode):
         self._seen_errors.add(id(exc))
         text = _error_text(exc)
         if not is_device_error(text):
+            # Not a device error: the run is an error if it leaves the model (`_escaped`).
+            module = self._stack[-1][0] if self._stack else None
+            self._last_error = (id(exc), self._error_record(exc, module))
             return
         frames = _live_frames(sys._getframe(2))  # the stack above the module, then the traceback
         t = exc.__traceback__
@@ -705,7 +934,7 @@ class Tracer(TorchDispatchMode):
         self._finish(ev, stack=_stack_text(frames))
 
     def _finish(self, ev: Event, stack: list[str] | None = None) -> None:
-        cls = self.classifier.classify(ev, self._last_child)
+        cls = self.classifier.classify(ev)
         self._counts[cls] += 1
         if cls in OFFENDING:
             if self._stacks_kept < self.max_stacks:
@@ -717,13 +946,19 @@ class Tracer(TorchDispatchMode):
                     self._first["code"] = _code_line(ev.source)
         if ev.transfer is not None:
             tr = ev.transfer
-            key = (tr["from"], tr["to"], cls, tr["explicit"])
+            why = tr.get("why")
+            key = (tr["from"], tr["to"], cls, tr["explicit"], why, ev.module)
             agg = self._transfers.get(key)
             if agg is None:
                 self._transfers[key] = [1, tr["bytes"]]
             else:
                 agg[0] += 1
                 agg[1] += tr["bytes"]
+            if ev.module is not None:  # inside the model's forward: its traffic
+                moved = self._moved["first" if ev.step == 0 else "later"]
+                moved[direction(tr["from"], tr["to"])] += tr["bytes"]
+                if why == "offload":
+                    self._offload += tr["bytes"]
         outs = ev.outputs
         device = outs[0][0] if outs else (ev.inputs[0][0] if ev.inputs else None)
         key = (ev.module, device)
@@ -744,14 +979,46 @@ class Tracer(TorchDispatchMode):
             name = "<outside>" if module is None else (module or "<model>")
             modules.setdefault(name, {})[str(device)] = n
         transfers = [
-            {"from": src, "to": dst, "class": cls, "explicit": explicit, "count": n, "bytes": nbytes}
-            for (src, dst, cls, explicit), (n, nbytes) in self._transfers.items()
+            {
+                "from": src,
+                "to": dst,
+                "class": cls,
+                "explicit": explicit,
+                "why": why,
+                "module": module,
+                "count": n,
+                "bytes": nbytes,
+            }
+            for (src, dst, cls, explicit, why, module), (n, nbytes) in self._transfers.items()
         ]
+        events = sum(counts.values())
+        inside = sum(n for (module, _), n in self._modules.items() if module is not None)
+        if dirty:
+            verdict = DIRTY
+        elif self._error is not None:
+            verdict = ERROR
+        elif (inside if self.model is not None else events) == 0:
+            verdict = INCONCLUSIVE
+        else:
+            verdict = CLEAN
+        first, later = self._moved["first"], self._moved["later"]
+        traffic = {
+            "calls": self._steps_traced,
+            "tokens": self._tokens["first"] + self._tokens["later"],
+            "bytes": {d: first[d] + later[d] for d in DIRECTIONS},
+            "decode_calls": self._tokens["calls_later"],
+            "decode_tokens": self._tokens["later"],
+            "decode_bytes": dict(later),
+            "offload": self._offload,
+        }
         return Summary(
-            verdict=DIRTY if dirty else CLEAN,
+            verdict=verdict,
+            inside=inside,
+            traffic=traffic,
+            error=self._error,
             counts=counts,
             first_offence=self._first,
-            events=sum(counts.values()),
+            events=events,
             steps={"traced": self._steps_traced, "skipped": self._steps_skipped},
             unrecorded=self._unrecorded,
             transfers=transfers,
@@ -787,6 +1054,49 @@ class Tracer(TorchDispatchMode):
     def flush(self) -> None:
         if self._writer is not None and not self._writer.closed:
             self._writer.flush()
+
+
+def _warm_constants(params: dict[int, weakref.ref]) -> None:
+    """Builds the quantized kernels' per-device constant tables (`harness.quant.dequant.warm`)
+    for every device the model's weights are on, before tracing starts: a weight on a device
+    the placement never planned would otherwise have them built in its first forward, and the
+    first offence would be that one-time upload rather than the weight's own ops."""
+    devices = {
+        t.device
+        for ref in params.values()
+        if (t := ref()) is not None and t.device.type not in ("cpu", "meta")
+    }
+    if not devices:
+        return
+    from harness.quant import dequant
+
+    for device in devices:
+        dequant.warm(device)
+
+
+def _non_blocking(info: _OpInfo, args, kwargs) -> bool:
+    """Whether a copy was asked to be non-blocking (by keyword or by position)."""
+    if kwargs and kwargs.get("non_blocking"):
+        return True
+    at = info.non_blocking_at
+    return at is not None and len(args) > at and args[at] is True
+
+
+def _offloading_hook(frame) -> str | None:
+    """ "offload" when an offloading hook (accelerate's `AlignDevicesHook`) is moving a module's
+    weights in or out (`set_module_tensor_to_device`), "boundary" when it moves the module's
+    inputs or outputs to its execution device; None when no such hook is on the stack."""
+    weights = False
+    while frame is not None:
+        code = frame.f_code
+        filename = code.co_filename.replace(os.sep, "/")
+        if "/accelerate/" in filename:
+            if code.co_name == "set_module_tensor_to_device":
+                weights = True
+            elif filename.endswith("/accelerate/hooks.py"):
+                return "offload" if weights else "boundary"
+        frame = frame.f_back
+    return None
 
 
 def _target_device(args, kwargs) -> str | None:
