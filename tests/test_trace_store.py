@@ -186,6 +186,7 @@ def test_line_length_is_capped(cpu_trace, tmp_path, monkeypatch):
         (b"[1, 2]\n", "line 3: not a JSON object"),
         (b"\xff\xfe\n", "line 3: not UTF-8"),
         (b"[" * 100000 + b"\n", "line 3: (not JSON|JSON nested too deep)"),
+        (b'{"seq": ' + b"1" * 5000 + b"}\n", "line 3: not JSON"),
     ],
 )
 def test_malformed_event_lines_name_the_line(cpu_trace, tmp_path, line, message):
@@ -222,6 +223,13 @@ def test_malformed_summary_names_the_last_line(cpu_trace, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(lines[:-1]) + json.dumps({"record": "summary", "verdict": ["clean"]}) + "\n")
     with pytest.raises(UsageError, match="bad.jsonl: last line: not a trace summary"):
+        load_trace(bad)
+    summary = json.loads(lines[-1])
+    summary["first_offence"] = ["not", "a", "dict"]
+    bad.write_text("".join(lines[:-1]) + json.dumps(summary) + "\n")
+    with pytest.raises(
+        UsageError, match="bad.jsonl: last line: not a trace summary: first_offence has the wrong type"
+    ):
         load_trace(bad)
 
 
