@@ -486,5 +486,5 @@ def _join(parent: str, key: Any) -> str:
 
 
 def build_case(doc: Any, file: Path, shown: str) -> Case:
-    """The `Case` a composed document describes (`doc`: see `harness.cases.loader.compose`)."""
+    """The `Case` a composed document describes (`doc`: see `harness.safe_yaml.loads`)."""
     return _Parser(shown).case(doc, file)
