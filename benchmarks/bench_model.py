@@ -1,33 +1,29 @@
-"""Full-model speed: load time, peak device memory, prefill and decode tokens/s, written to JSON.
+"""Full-model speed beside llama.cpp: prefill and decode tok/s, load time, peak GPU memory and
+decode bandwidth as a fraction of a device copy, written to JSON (via `harness.bench`).
 
     python benchmarks/bench_model.py --preset mixtral-8x7b --type Q4_K_M --device cuda \\
-        --out benchmarks/results/model.json
+        --compare-llamacpp /path/to/llama-bench --out benchmarks/results/model.json
 
-Synthesizes the model file first unless --model names one (the full-size preset is ~26 GB;
---workdir says where it goes). Prefill and decode are each timed --repeats times; medians are
-reported. A measurement, not a test: nothing here asserts a speed.
+Synthesizes the model file first unless --model names one (the full-size preset is ~28 GB;
+--workdir says where it goes). The tests are llama-bench's pp512 and tg128 (`harness.bench`);
+with --compare-llamacpp, llama-bench runs on the same file in the same run (`-ngl 99 -fa 1`) and
+the ratios harness / llama.cpp are written beside. A measurement, not a test: nothing asserts a speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from harness.gguf_file import open_gguf
-from harness.model.mixtral import Mixtral
-from harness.synth import synthesize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from harness import bench  # noqa: E402
+from harness.synth import synthesize  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,71 +37,74 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens (pp)")
     p.add_argument("--decode", type=int, default=128, help="generated tokens (tg)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--eager", action="store_true", help="decode with eager calls, not a CUDA graph")
+    p.add_argument("--compare-llamacpp", metavar="LLAMA_BENCH", help="path to llama.cpp's llama-bench")
     p.add_argument("--out", default="benchmarks/results/model.json")
     args = p.parse_args(argv)
 
-    result: dict = {
-        "device_name": torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor(),
-        "torch": torch.__version__,
-        "preset": args.preset,
-        "file_type": args.type,
-        "prefill_tokens": args.prefill,
-        "decode_tokens": args.decode,
-        "repeats": args.repeats,
-    }
     path = Path(args.model) if args.model else Path(args.workdir) / f"bench-{args.preset}-{args.type}.gguf"
+    synth_seconds = None
     if not args.model:
         start = time.perf_counter()
         synthesize(path, args.preset, file_type=args.type, layout=args.layout, progress=sys.stderr.isatty())
-        result["synth_seconds"] = time.perf_counter() - start
-    result["file_bytes"] = path.stat().st_size
-    config = open_gguf(path).config
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        synth_seconds = time.perf_counter() - start
 
-    start = time.perf_counter()
-    model = Mixtral.from_gguf(path, device=args.device, max_seq_len=args.prefill + args.decode)
-    _sync(model.placement.head)
-    result["load_seconds"] = time.perf_counter() - start
-    if device.type == "cuda":
-        result["gpu_memory_after_load_bytes"] = torch.cuda.memory_allocated(device)
-
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, config.vocab_size, (args.prefill,), generator=gen)
-    prefill, decode = [], []
-    with torch.inference_mode():
-        model(prompt[:8], 0)  # warm-up: kernels compiled, caches built
-        for _ in range(args.repeats):
-            _sync(device)
-            start = time.perf_counter()
-            logits = model(prompt, 0)
-            _sync(device)
-            prefill.append(time.perf_counter() - start)
-
-            token = logits[-1].argmax().view(1)
-            start = time.perf_counter()
-            for pos in range(args.prefill, args.prefill + args.decode):
-                token = model(token, pos)[-1].argmax().view(1)  # greedy, stays on the device
-            _sync(device)
-            decode.append(time.perf_counter() - start)
-
-    result["prefill_seconds"] = prefill
-    result["decode_seconds"] = decode
-    result["prefill_tokens_per_second_median"] = args.prefill / statistics.median(prefill)
-    result["decode_tokens_per_second_median"] = args.decode / statistics.median(decode)
-    if device.type == "cuda":
-        result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        result["kv_cache_bytes"] = sum(
-            layer.attn.cache.k.nbytes + layer.attn.cache.v.nbytes for layer in model.layers
+    r = bench.measure(
+        path,
+        args.device,
+        n_prompt=args.prefill,
+        n_gen=args.decode,
+        repetitions=args.repeats,
+        warmup=args.warmup,
+        fast_decode=not args.eager,
+    )
+    result = {
+        "device_name": r.device_name,
+        "torch": torch.__version__,
+        "preset": None if args.model else args.preset,
+        "file_type": None if args.model else args.type,
+        "file_bytes": r.file_bytes,
+        "prefill_tokens": r.n_prompt,
+        "decode_tokens": r.n_gen,
+        "repeats": args.repeats,
+        "decode": "eager" if args.eager else "CUDA graph where possible",
+        "synth_seconds": synth_seconds,
+        "load_seconds": r.load_seconds,
+        "prefill_tokens_per_second": r.prefill_tokens_per_second,
+        "decode_tokens_per_second": r.decode_tokens_per_second,
+        "prefill_tokens_per_second_median": r.prefill_stats["median"],
+        "decode_tokens_per_second_median": r.decode_stats["median"],
+        "peak_gpu_memory_bytes": r.peak_gpu_memory_bytes,
+        "kv_cache_bytes": r.kv_cache_bytes,
+        "peak_gpu_memory_over_file_plus_kv": (
+            r.peak_gpu_memory_bytes / (r.file_bytes + r.kv_cache_bytes) if r.peak_gpu_memory_bytes else None
+        ),
+        "decode_bytes_per_token": r.decode_bytes_per_token,
+        "copy_bytes_per_second": r.copy_bytes_per_second,
+        "decode_bandwidth_fraction_of_copy": r.decode_bandwidth_fraction,
+    }
+    results: list = [r]
+    if args.compare_llamacpp:
+        llama = bench.run_llama_bench(
+            args.compare_llamacpp, path, n_prompt=args.prefill, n_gen=args.decode, repetitions=args.repeats
         )
+        pp, tg = llama[f"pp{args.prefill}"], llama[f"tg{args.decode}"]
+        result["llamacpp"] = {"pp512" if args.prefill == 512 else f"pp{args.prefill}": pp}
+        result["llamacpp"]["tg128" if args.decode == 128 else f"tg{args.decode}"] = tg
+        result["llamacpp"]["command"] = llama["command"]
+        result["llamacpp"]["tests"] = llama["tests"]
+        result["ratio_prefill"] = result["prefill_tokens_per_second_median"] / pp
+        result["ratio_decode"] = result["decode_tokens_per_second_median"] / tg
+        results.append(llama)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    print(bench.format_results(results, "md"))
+    print(json.dumps({k: v for k, v in result.items() if k != "llamacpp"}, indent=1))
+    if "llamacpp" in result:
+        print(f"ratio prefill {result['ratio_prefill']:.3f}  ratio decode {result['ratio_decode']:.3f}")
     return 0
 
 

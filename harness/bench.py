@@ -14,6 +14,7 @@ asserts a speed: callers write the numbers down (benchmarks/bench_model.py, `har
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import os
@@ -223,7 +224,8 @@ def measure(
                 result.decode_seconds.append(elapsed)
     if device.type == "cuda":
         result.peak_gpu_memory_bytes = torch.cuda.max_memory_allocated(device)
-    del model
+    del model  # with its decode graph (a reference cycle: collected below)
+    gc.collect()
     if bandwidth and device.type == "cuda":
         torch.cuda.empty_cache()
         result.copy_bytes_per_second = copy_bandwidth(device)

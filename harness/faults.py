@@ -1201,10 +1201,8 @@ def get(name: str) -> Fault:
     try:
         return CATALOG[name]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), list(CATALOG), n=1)
-        hint = f", did you mean {close[0]!r}?" if close else ""
+        close = difflib.get_close_matches(str(name), list(CATALOG), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UsageError(
-            None,
-            "fault",
-            f"unknown fault {name!r}{hint} (`harness faults` or faults.names() lists the {len(CATALOG)} known)",
+            None, "fault", f"unknown fault {name!r}; {hint}`harness faults` lists the {len(CATALOG)} known"
         ) from None

@@ -348,4 +348,4 @@ def test_command_line_reproduces_a_clean_case(tmp_path):
         line, shell=True, cwd=tmp_path, env={**os.environ, "PATH": path}, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "trace: clean" in done.stderr
+    assert "trace: clean" in done.stdout

@@ -15,6 +15,7 @@ import torch
 
 from harness.errors import UsageError
 from harness.model.mixtral import Mixtral
+from harness.trace.tracer import is_tracing
 
 
 @dataclass
@@ -121,11 +122,75 @@ def generate(
     return result
 
 
+class DecodeGraph:
+    """One greedy decode step of `model` captured as a CUDA graph, replayed once per token.
+
+    The step reads the token and its position from static device buffers, writes the chosen id
+    into the output buffer and advances both: no host work, no host read, between steps. It runs
+    at a device position over the whole static KV cache (masked), so one capture serves every
+    position. `greedy_decode` makes one on a single-GPU placement and keeps it as `model.decode_graph`.
+    """
+
+    def __init__(self, model: Mixtral, max_tokens: int):
+        device = model.placement.head
+        self.model = model
+        self.max_tokens = max_tokens
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.out = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._step()  # compiles the kernels and warms the allocator, off the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def _step(self) -> None:
+        token = self.model(self.token, self.pos)[-1].argmax().view(1)
+        self.out.index_copy_(0, self.step, token)
+        self.token.copy_(token)
+        self.pos.add_(1)
+        self.step.add_(1)
+
+    def run(self, token: torch.Tensor, start_pos: int, n: int) -> torch.Tensor:
+        """The `n` ids greedily decoded after `token` at `start_pos` ([n], on the device)."""
+        if n > self.max_tokens:
+            raise UsageError(None, "n", f"this graph decodes at most {self.max_tokens} tokens, asked {n}")
+        self.token.copy_(token.view(1))
+        self.pos.fill_(start_pos)
+        self.step.zero_()
+        for _ in range(n):
+            self.graph.replay()
+        return self.out[:n].clone()
+
+
+def graph_decoding_possible(model: Mixtral) -> bool:
+    """A CUDA graph can replay the decode step: one GPU holds the whole model, and no Tracer is
+    recording (a graph would hide the ops from it: under a Tracer the model runs eager)."""
+    devices = model.placement.devices
+    return len(devices) == 1 and devices[0].type == "cuda" and not is_tracing()
+
+
 def greedy_decode(
     model: Mixtral, token: torch.Tensor, start_pos: int, n: int, *, fast: bool = True
 ) -> torch.Tensor:
     """Decode `n` tokens greedily after `token` ([1] int64 on the embedding's device) at
-    `start_pos`, with no host read between steps: the [n] generated ids, on the head's device."""
+    `start_pos`, with no host read between steps: the [n] generated ids, on the head's device.
+
+    `fast`: replay a CUDA graph of the step where `graph_decoding_possible`, else eager calls."""
+    if start_pos + n > model.max_seq_len:
+        raise UsageError(
+            None, "n", f"positions up to {start_pos + n} exceed the context of {model.max_seq_len}"
+        )
+    if fast and graph_decoding_possible(model):
+        graph = model.decode_graph
+        if graph is None or graph.max_tokens < n:
+            model.decode_graph = None  # the old graph's memory goes first
+            graph = model.decode_graph = DecodeGraph(model, max(n, 128))
+        return graph.run(token, start_pos, n)
     out = []
     for pos in range(start_pos, start_pos + n):
         token = model(token, pos)[-1].argmax().view(1)

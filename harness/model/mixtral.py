@@ -19,6 +19,7 @@ from harness.device_tables import TABLES
 from harness.errors import UsageError
 from harness.gguf_file import MixtralConfig, ModelFile, open_gguf
 from harness.model.placement import Placement
+from harness.quant import fused
 from harness.quant.qmatmul import QMatMul
 from harness.quant.qtensor import QTensor
 
@@ -33,6 +34,8 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", weight.dequantize(), persistent=False)  # [D] float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and fused.runs_on(x.device):
+            return torch.ops.harness.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight).to(x.dtype)
@@ -82,11 +85,21 @@ class Rope(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        # x: [T, heads, Hd]
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, Hd]; start_pos an int, or a [1] device tensor (one token, static shapes)
         t = x.shape[0]
-        cos = self.cos[start_pos : start_pos + t, None, :]  # [T, 1, rope_dim/2]
-        sin = self.sin[start_pos : start_pos + t, None, :]
+        if x.dtype == torch.float32 and fused.runs_on(x.device):
+            if isinstance(start_pos, torch.Tensor):
+                positions = start_pos
+            else:
+                positions = torch.arange(start_pos, start_pos + t, device=x.device)
+            return torch.ops.harness.rope(x, self.cos, self.sin, positions)
+        if isinstance(start_pos, torch.Tensor):
+            cos = self.cos.index_select(0, start_pos)[:, None, :]  # [1, 1, rope_dim/2]
+            sin = self.sin.index_select(0, start_pos)[:, None, :]
+        else:
+            cos = self.cos[start_pos : start_pos + t, None, :]  # [T, 1, rope_dim/2]
+            sin = self.sin[start_pos : start_pos + t, None, :]
         rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]
         even, odd = rot[..., 0::2], rot[..., 1::2]  # [T, heads, rope_dim/2]
         out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
@@ -102,8 +115,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: [T, K, Hd] -> cached [K, S, Hd]
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: [T, K, Hd] -> cached [K, S, Hd]; for a [1] device position, the whole cache
+        # [K, S_max, Hd] (static shapes; the caller masks positions past it)
+        if isinstance(start_pos, torch.Tensor):
+            self.k.index_copy_(1, start_pos, k.transpose(0, 1))
+            self.v.index_copy_(1, start_pos, v.transpose(0, 1))
+            return self.k, self.v
         end = start_pos + k.shape[0]
         self.k[:, start_pos:end] = k.transpose(0, 1)
         self.v[:, start_pos:end] = v.transpose(0, 1)
@@ -122,7 +142,7 @@ class Attention(nn.Module):
         self.rope = Rope(c.rope_dim, c.rope_freq_base, cache.k.shape[1], cache.k.device)
         self.cache = cache
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         q = self.rope(self.wq(x).view(t, self.n_heads, self.head_dim), start_pos)  # [T, H, Hd]
         k = self.rope(self.wk(x).view(t, self.n_kv_heads, self.head_dim), start_pos)  # [T, K, Hd]
@@ -138,9 +158,14 @@ class Attention(nn.Module):
         out = (probs @ values).view(self.n_heads, t, self.head_dim)  # [H, T, Hd]
         return self.wo(out.transpose(0, 1).reshape(t, self.n_heads * self.head_dim))
 
-    def causal_mask(self, start_pos: int, t: int, s: int, device: torch.device) -> torch.Tensor:
+    def causal_mask(
+        self, start_pos: int | torch.Tensor, t: int, s: int, device: torch.device
+    ) -> torch.Tensor:
         """[T, S] True where query position start_pos + i must not see key position j, built on `device`."""
-        q_pos = torch.arange(start_pos, start_pos + t, device=device)[:, None]  # [T, 1]
+        if isinstance(start_pos, torch.Tensor):
+            q_pos = start_pos.view(1, 1)  # one token at a device position
+        else:
+            q_pos = torch.arange(start_pos, start_pos + t, device=device)[:, None]  # [T, 1]
         k_pos = torch.arange(s, device=device)[None, :]  # [1, S]
         return k_pos > q_pos
 
@@ -195,8 +220,18 @@ class Experts(nn.Module):
         picked = raw.index_select(0, experts)  # [n, rows, row_bytes]
         return QTensor(picked, qtype, (experts.shape[0], *shape)).dequantize(dtype=dtype)
 
+    def fused(self) -> bool:
+        """Whether the whole expert MLP runs as one `harness::moe_ffn` (fused.supports decides)."""
+        (g, (_, d)), (u, _), (w2, (_, f)) = self.meta["w1"], self.meta["w3"], self.meta["w2"]
+        device = self.w1.device
+        return g == u and fused.supports(g, device, d) and fused.supports(w2, device, f)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; weights, experts: [T, k]
+        if self.fused():
+            qt, qt_down = int(self.meta["w1"][0]), int(self.meta["w2"][0])
+            y = torch.ops.harness.moe_ffn(x, self.w1, self.w3, self.w2, weights, experts, qt, qt_down)
+            return y.to(x.dtype)
         t, k = experts.shape
         if t * k < self.n_experts:
             return self._gather(x, weights, experts)
@@ -276,7 +311,7 @@ class Block(nn.Module):
         else:
             self.ffn = FeedForward(w("ffn_gate"), w("ffn_up"), w("ffn_down"), strategy)
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), start_pos)
         mlp = self.moe if hasattr(self, "moe") else self.ffn
         return x + mlp(self.ffn_norm(x))
@@ -293,6 +328,7 @@ class Mixtral(nn.Module):
         self.placement = placement
         self.max_seq_len = max_seq_len
         self.dtype = torch.float32
+        self.decode_graph = None  # a captured decode step (harness.model.generate.DecodeGraph)
         for device in placement.devices:
             TABLES.warm(device)  # per-device constants built at load, not in the first forward
         self.embed = Embedding(mf.tensor("token_embd.weight").to(placement.embed))
@@ -361,14 +397,19 @@ class Mixtral(nn.Module):
                 f"positions {start_pos}..{start_pos + len(ids) - 1} exceed the context of {self.max_seq_len} tokens",
             )
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        # tokens: [T] int64 -> logits [T, V] float32
-        if tokens.device.type == "cpu":
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        # tokens: [T] int64 -> logits [T, V] float32. start_pos: an int, or for one token a [1]
+        # int64 tensor on the layers' device (static shapes throughout: a CUDA graph can replay it)
+        if isinstance(start_pos, torch.Tensor) and tokens.shape != (1,):
+            raise UsageError(None, "start_pos", "a tensor position takes exactly one token")
+        if tokens.device.type == "cpu" and not isinstance(start_pos, torch.Tensor):
             self.check_tokens(tokens, start_pos)  # a device tensor is not read back to check it
         x = self.embed(tokens.to(self.placement.embed))  # [T, D]
         for layer, device in zip(self.layers, self.placement.layers, strict=True):
             if x.device != device:
                 x = x.to(device)  # a declared device-map boundary
+                if isinstance(start_pos, torch.Tensor):
+                    start_pos = start_pos.to(device)
             x = layer(x, start_pos)
         if x.device != self.placement.head:
             x = x.to(self.placement.head)

@@ -1,6 +1,7 @@
 """QMatMul: `x @ W.T` for a GGUF weight, with candle's three strategies chosen in one place.
 
-- "quantized": keep the blocks, dequantize on every call (least memory).
+- "quantized": keep the blocks; on a GPU, types with a fused kernel (`harness.quant.fused.supports`)
+  multiply straight from the blocks (`harness::qmatmul`), others dequantize on every call.
 - "f32": dequantize once to float32 at construction.
 - "f16": dequantize once to float16; the product runs in float16.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from harness.quant import fused
 from harness.quant.qtensor import QTensor
 
 STRATEGIES = ("quantized", "f32", "f16")
@@ -57,6 +59,10 @@ class QMatMul(nn.Module):
         # x: [..., in] -> [..., out]
         if self.strategy == "f16":
             return (x.to(torch.float16) @ self.weight.T).to(x.dtype)
+        if self.strategy == "quantized" and fused.supports(self.qtype, self.qweight.device, self.in_features):
+            flat = x.reshape(-1, self.in_features)
+            y = torch.ops.harness.qmatmul(flat, self.qweight, int(self.qtype), self.out_features)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         w = self.weight if self.strategy == "f32" else self.qtensor.dequantize(dtype=x.dtype)
         return x @ w.to(x.dtype).T
 

@@ -1,0 +1,552 @@
+"""Fused quantized products in Triton, registered as torch custom ops.
+
+- `harness::qmatmul(x, raw, qtype, out_features)`: `x @ W.T` for a GGUF weight W kept as raw blocks.
+- `harness::moe_ffn(x, gate, up, down, weights, experts, qtypes)`: a whole mixture-of-experts MLP
+  (every chosen expert of a layer, gate/up/SwiGLU fused, routing weights applied) in two launches.
+
+The weights are dequantized in registers, never written out. Two kernels serve both ops:
+- a matrix-vector kernel (few rows: decode), one program per (output tile, token-expert pair);
+- a tiled matrix-matrix kernel (`tl.dot`, prefill): token-expert pairs are sorted by expert on the
+  device and padded to whole row blocks (vLLM's moe_align_block_size), each row block knows its
+  expert, and one launch covers every expert. No host read of the routing, no loop over experts.
+A dense weight is the one-expert case of the same kernels.
+
+Each type supplies `_tile`: part `P` of super-block `sb` (256 values of each row) of `BN` rows,
+dequantized as gguf does it, and the columns of x it multiplies. Values are produced in an order
+that keeps the loads of one row contiguous (x is gathered to match), so the dot products are the
+ones of dequantize-then-matmul summed in another order (float32; tf32 in the tensor-core `tl.dot`).
+
+Where they run: CUDA tensors (all on one device), or CPU tensors under Triton's interpreter
+(`TRITON_INTERPRET=1` before the first import, as in harness.quant.kernels). A CPU tensor handed to
+an op otherwise raises the device error CUDA's own ops raise. `supports` is the one place that
+says whether a weight takes these kernels; QMatMul and Experts ask it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from harness.quant import kernels
+from harness.quant.types import GGMLType, block_size, type_size
+
+triton, tl = kernels.triton, kernels.tl
+
+T = GGMLType
+
+# Types with kernels here: (parts per 256-value super-block). Rows must be whole super-blocks.
+PARTS: dict[GGMLType, int] = {T.Q4_K: 2, T.Q6_K: 4, T.Q8_0: 1}
+FUSED_TYPES: tuple[GGMLType, ...] = tuple(PARTS)
+SUPER = 256  # values per super-block (one K-quant block, eight 32-value blocks)
+
+MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel is used
+# Launch configurations per type (benchmarks/bench_fused.py --sweep on an H100).
+MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
+    T.Q4_K: {"BN": 16, "num_warps": 4},
+    T.Q6_K: {"BN": 64, "num_warps": 2},
+    T.Q8_0: {"BN": 8, "num_warps": 2},
+}
+MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
+    qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
+}
+
+_enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside the block no weight takes the fused kernels (the torch path runs): for comparisons."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def supports(qtype: GGMLType, device: torch.device, in_features: int) -> bool:
+    """Whether a weight of `qtype` with rows of `in_features` on `device` takes the fused kernels."""
+    return qtype in PARTS and in_features % SUPER == 0 and runs_on(device)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the fused kernels (these, and `rms_norm` and `rope`) run on `device` now."""
+    if not _enabled:
+        return False
+    if device.type == "cuda":
+        from harness.trace import emulated  # here: harness.trace imports the model, which imports this
+
+        # triton imports and has a GPU, and "cuda" is not the CPU emulation of one
+        return emulated.active() is None and kernels.supports(GGMLType.Q4_K)
+    return device.type == "cpu" and kernels.interpreting()
+
+
+def _check_devices(op: str, *tensors: torch.Tensor) -> torch.device:
+    """The one device of `tensors`; the device error CUDA ops raise when they are not all on one
+    CUDA device (a CPU pointer handed to a GPU kernel would be read as garbage)."""
+    devices = []
+    for t in tensors:
+        if t.device not in devices:
+            devices.append(t.device)
+    if len(devices) > 1:
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found at least two devices, "
+            f"{devices[0]} and {devices[1]}! ({op})"
+        )
+    device = devices[0]
+    if device.type != "cuda" and not (device.type == "cpu" and kernels.interpreting()):
+        raise RuntimeError(f"{op}: expected device cuda, but got tensors on {device} (a GPU-only kernel)")
+    return device
+
+
+if triton is not None:
+
+    @triton.jit
+    def _f16(ptr):
+        """The little-endian f16 at byte pointer `ptr` (any alignment), as float32."""
+        lo = tl.load(ptr).to(tl.uint16)
+        hi = tl.load(ptr + 1).to(tl.uint16)
+        return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _byte(ptr):
+        return tl.load(ptr).to(tl.int32)
+
+    @triton.jit
+    def _tile_q4_k(raw, rowb, sb, P: tl.constexpr):
+        """Q4_K (d | dmin | scales[12] | qs[128]): part P = nibble P of every qs byte.
+        Tile [BN, 4, 32]: g, i -> value 64g + 32P + i, sub-block j = 2g + P."""
+        blk = rowb[:, None] + sb * 144  # [BN, 1]
+        g = tl.arange(0, 4)[None, :]
+        i = tl.arange(0, 32)
+        j = 2 * g + P  # [1, 4]
+        k = blk + 4 + j % 4
+        a = _byte(raw + k)
+        b = _byte(raw + k + 4)
+        c = _byte(raw + k + 8)
+        first = j < 4
+        sc = tl.where(first, a & 63, (c & 0xF) | ((a >> 6) << 4)).to(tl.float32)
+        mn = tl.where(first, b & 63, (c >> 4) | ((b >> 6) << 4)).to(tl.float32)
+        dl = _f16(raw + blk) * sc  # [BN, 4]
+        ml = _f16(raw + blk + 2) * mn
+        q = (_byte(raw + blk[:, :, None] + 16 + g[:, :, None] * 32 + i[None, None, :]) >> (4 * P)) & 0xF
+        w = dl[:, :, None] * q.to(tl.float32) - ml[:, :, None]
+        cols = sb * 256 + 64 * tl.arange(0, 4)[:, None] + 32 * P + i[None, :]
+        return w, cols
+
+    @triton.jit
+    def _tile_q6_k(raw, rowb, sb, P: tl.constexpr):
+        """Q6_K (ql[128] | qh[64] | scales int8[16] | d): tile [BN, 2, 32]: c, l -> value
+        128c + 32P + l; low nibble P//2 of ql[64c + 32(P%2) + l], bits 2P.. of qh[32c + l]."""
+        blk = rowb[:, None, None] + sb * 210  # [BN, 1, 1]
+        c = tl.arange(0, 2)[None, :, None]
+        l = tl.arange(0, 32)[None, None, :]
+        ql = (_byte(raw + blk + 64 * c + 32 * (P % 2) + l) >> (4 * (P // 2))) & 0xF
+        qh = (_byte(raw + blk + 128 + 32 * c + l) >> (2 * P)) & 3
+        sc = tl.load(raw + blk + 192 + 8 * c + 2 * P + l // 16).to(tl.int8, bitcast=True).to(tl.float32)
+        d = _f16(raw + blk + 208)
+        w = (d * sc) * ((ql | (qh << 4)) - 32).to(tl.float32)
+        cols = sb * 256 + 128 * tl.arange(0, 2)[:, None] + 32 * P + tl.arange(0, 32)[None, :]
+        return w, cols
+
+    @triton.jit
+    def _tile_q8_0(raw, rowb, sb, P: tl.constexpr):
+        """Q8_0 (d | qs int8[32]), eight blocks: tile [BN, 8, 32]: b, i -> value 32b + i."""
+        b = tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        blk = rowb[:, None, None] + (sb * 8 + b) * 34  # [BN, 8, 1]
+        q = tl.load(raw + blk + 2 + i).to(tl.int8, bitcast=True).to(tl.float32)
+        w = q * _f16(raw + blk)
+        cols = sb * 256 + 32 * tl.arange(0, 8)[:, None] + tl.arange(0, 32)[None, :]
+        return w, cols
+
+    @triton.jit
+    def _tile(raw, rowb, sb, QT: tl.constexpr, P: tl.constexpr, BN: tl.constexpr):
+        """[BN, CH] dequantized values of part P of super-block sb, and their CH columns of x."""
+        if QT == 12:  # Q4_K
+            w, cols = _tile_q4_k(raw, rowb, sb, P)
+            return tl.reshape(w, (BN, 128)), tl.reshape(cols, (128,))
+        elif QT == 14:  # Q6_K
+            w, cols = _tile_q6_k(raw, rowb, sb, P)
+            return tl.reshape(w, (BN, 64)), tl.reshape(cols, (64,))
+        else:  # Q8_0
+            w, cols = _tile_q8_0(raw, rowb, sb, P)
+            return tl.reshape(w, (BN, 256)), tl.reshape(cols, (256,))
+
+    @triton.jit
+    def _silu_mul(g, u):
+        return g * tl.sigmoid(g) * u
+
+    @triton.jit
+    def _q4_k_dot(wq, roww, sb, xp, BN: tl.constexpr):
+        """[BN] dot products of x with super-block sb of BN Q4_K rows, read as int32 words.
+
+        roww: each row's first word. Block words: 0 = d | dmin << 16, 1..3 = scales[12],
+        4..35 = qs; word 4 + 8g + w holds qs[32g + 4w + b] in byte b, whose low nibble is value
+        64g + 4w + b (sub-block 2g) and high nibble value 64g + 32 + 4w + b (sub-block 2g + 1).
+        Per sub-block: d*sc * sum(q*x) - dmin*m * sum(x), as llama.cpp's vec_dot does."""
+        blk = roww[:, None] + sb * 36  # [BN, 1]
+        head = tl.load(wq + blk)
+        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        g = tl.arange(0, 4)[None, :]  # [1, 4]
+        words = tl.load(wq + blk[:, :, None] + 4 + 8 * g[:, :, None] + tl.arange(0, 8)[None, None, :])
+        xcol = xp + sb * 256 + 64 * g[:, :, None] + 4 * tl.arange(0, 8)[None, None, :]  # [1, 4, 8]
+        s1 = tl.load(wq + blk + 1)
+        s2 = tl.load(wq + blk + 2)
+        s3 = tl.load(wq + blk + 3)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for h in tl.static_range(2):
+            j = 2 * g + h  # [1, 4] sub-blocks of this nibble
+            shift = 8 * (j % 4)
+            a = (s1 >> shift) & 0xFF
+            b = (s2 >> shift) & 0xFF
+            c = (s3 >> shift) & 0xFF
+            first = j < 4
+            sc = tl.where(first, a & 63, (c & 0xF) | ((a >> 6) << 4)).to(tl.float32)
+            mn = tl.where(first, b & 63, (c >> 4) | ((b >> 6) << 4)).to(tl.float32)
+            qx = tl.zeros((BN, 4, 8), dtype=tl.float32)
+            xs = tl.zeros((1, 4, 8), dtype=tl.float32)
+            for byte in tl.static_range(4):
+                # nibble -> float exactly, without an int-to-float conversion: 2^23 + q, minus 2^23
+                q = ((words >> (8 * byte + 4 * h)) & 0xF) | 0x4B000000
+                xv = tl.load(xcol + 32 * h + byte)
+                qx += (q.to(tl.float32, bitcast=True) - 8388608.0) * xv
+                xs += xv
+            acc += tl.sum((d * sc) * tl.sum(qx, axis=2) - (dmin * mn) * tl.sum(xs, axis=2), axis=1)
+        return acc
+
+    @triton.jit
+    def _matvec_kernel(
+        x_ptr,
+        w_ptr,
+        u_ptr,
+        out_ptr,
+        experts_ptr,
+        scale_ptr,
+        N,
+        n_pairs,
+        n_super,
+        chunk,
+        row_bytes,
+        expert_bytes,
+        x_stride,
+        x_div,
+        QT: tl.constexpr,
+        NP: tl.constexpr,
+        BN: tl.constexpr,
+        GATED: tl.constexpr,
+        SCALED: tl.constexpr,
+        ROUTED: tl.constexpr,
+    ):
+        """out[s, p, n] = x[p // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e =
+        experts[p] when ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)). For Q4_K, w_ptr and
+        u_ptr are int32 views."""
+        pid_n = tl.program_id(0)
+        p = tl.program_id(1)
+        split = tl.program_id(2)
+        e = tl.load(experts_ptr + p).to(tl.int64) if ROUTED else 0
+        xp = x_ptr + (p // x_div).to(tl.int64) * x_stride
+        n = pid_n * BN + tl.arange(0, BN)
+        rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        acc_u = tl.zeros((BN,), dtype=tl.float32)
+        first = split * chunk
+        last = tl.minimum(first + chunk, n_super)
+        for sb in range(first, last):
+            if QT == 12:  # Q4_K
+                acc += _q4_k_dot(w_ptr, rowb // 4, sb, xp, BN)
+                if GATED:
+                    acc_u += _q4_k_dot(u_ptr, rowb // 4, sb, xp, BN)
+            else:
+                for part in tl.static_range(NP):
+                    w, cols = _tile(w_ptr, rowb, sb, QT, part, BN)
+                    xv = tl.load(xp + cols)
+                    acc += tl.sum(w * xv[None, :], axis=1)
+                    if GATED:
+                        wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN)
+                        acc_u += tl.sum(wu * xv[None, :], axis=1)
+        if GATED:
+            acc = _silu_mul(acc, acc_u)
+        if SCALED:
+            acc = acc * tl.load(scale_ptr + p)
+        tl.store(out_ptr + (split * n_pairs + p).to(tl.int64) * N + n, acc, mask=n < N)
+
+    @triton.jit
+    def _matmat_kernel(
+        x_ptr,
+        w_ptr,
+        u_ptr,
+        out_ptr,
+        sorted_ptr,
+        block_expert_ptr,
+        scale_ptr,
+        N,
+        n_super,
+        n_pairs,
+        row_bytes,
+        expert_bytes,
+        x_stride,
+        x_div,
+        QT: tl.constexpr,
+        NP: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        GATED: tl.constexpr,
+        SCALED: tl.constexpr,
+    ):
+        """Row block b of the expert-sorted pairs times its expert's W (tiles of BN outputs).
+
+        Pair ids >= n_pairs are padding; x row of pair q is q // x_div; a block whose expert is
+        -1 (past the last expert's blocks) does nothing."""
+        b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + b)
+        live = e >= 0
+        e = tl.where(live, e, 0).to(tl.int64)
+        pairs = tl.load(sorted_ptr + b * BM + tl.arange(0, BM))
+        valid = pairs < tl.where(live, n_pairs, 0)
+        xrow = tl.where(valid, pairs // x_div, 0).to(tl.int64)
+        n = pid_n * BN + tl.arange(0, BN)
+        rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        steps = tl.where(live, n_super, 0)
+        for sb in range(0, steps):
+            for part in tl.static_range(NP):
+                w, cols = _tile(w_ptr, rowb, sb, QT, part, BN)
+                xt = tl.load(x_ptr + xrow[:, None] * x_stride + cols[None, :], mask=valid[:, None], other=0.0)
+                acc = tl.dot(xt, tl.trans(w), acc)
+                if GATED:
+                    wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN)
+                    acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+        if GATED:
+            acc = _silu_mul(acc, acc_u)
+        if SCALED:
+            acc = acc * tl.load(scale_ptr + tl.where(valid, pairs, 0), mask=valid, other=0.0)[:, None]
+        out = out_ptr + tl.where(valid, pairs, 0).to(tl.int64)[:, None] * N + n[None, :]
+        tl.store(out, acc, mask=valid[:, None] & (n < N)[None, :])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BD: tl.constexpr):
+        """One row: x * rsqrt(mean(x^2) + eps) * w, in float32."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BD)
+        m = cols < D
+        x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        y = x * r * tl.load(w_ptr + cols, mask=m, other=0.0)
+        tl.store(out_ptr + row * D + cols, y, mask=m)
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, H, HD, HALF, BH: tl.constexpr):
+        """Token t, head h: pairs (x[2i], x[2i+1]), i < HALF, rotated by position pos[t] (GGML rope
+        type 0); dims past 2*HALF copied. Products and differences rounded one by one, as eager
+        torch does (launched without fp fusion)."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        i = tl.arange(0, BH)
+        m = i < HALF
+        base = (t * H + h) * HD
+        even = tl.load(x_ptr + base + 2 * i, mask=m, other=0.0)
+        odd = tl.load(x_ptr + base + 2 * i + 1, mask=m, other=0.0)
+        c = tl.load(cos_ptr + pos * HALF + i, mask=m, other=0.0)
+        s = tl.load(sin_ptr + pos * HALF + i, mask=m, other=0.0)
+        tl.store(out_ptr + base + 2 * i, even * c - odd * s, mask=m)
+        tl.store(out_ptr + base + 2 * i + 1, even * s + odd * c, mask=m)
+        rest = 2 * HALF + tl.arange(0, 2 * BH)
+        mr = rest < HD
+        tl.store(out_ptr + base + rest, tl.load(x_ptr + base + rest, mask=mr, other=0.0), mask=mr)
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that keep `device` busy in a matrix-vector launch: four per multiprocessor."""
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_device(device: torch.device):
+    """Triton launches on the current CUDA device: switch only when the data lives elsewhere."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair ids (flattened [T, k] routing) grouped by expert, each group padded to whole blocks of
+    `block` rows with the id n_pairs; and each row block's expert (-1 past the last). On the
+    device, fixed sizes: no host read."""
+    flat = experts.reshape(-1)
+    n_pairs = flat.numel()
+    n_blocks = -(-n_pairs // block) + n_experts
+    device = flat.device
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+    padded = (counts + block - 1) // block * block
+    padded_end = padded.cumsum(0)
+    order = flat.argsort(stable=True)
+    chosen = flat[order]
+    first = counts.cumsum(0) - counts  # first sorted position of each expert
+    slot = (padded_end - padded)[chosen] + torch.arange(n_pairs, device=device) - first[chosen]
+    sorted_ids = torch.full((n_blocks * block,), n_pairs, dtype=torch.int64, device=device)
+    sorted_ids.scatter_(0, slot, order)
+    starts = torch.arange(n_blocks, device=device) * block
+    block_expert = torch.searchsorted(padded_end, starts, right=True)
+    block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
+    return sorted_ids, block_expert
+
+
+def _product(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor | None,
+    qtype: GGMLType,
+    out_features: int,
+    experts: torch.Tensor | None,
+    x_div: int,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """[P, out] rows: pair p times expert experts[p] (None: expert 0 for every row, P = len(x)) of
+    the stack w [E, out, row_bytes] (gated by u: silu(w.x) * (u.x)), x row p // x_div, times
+    scale[p] when given."""
+    w = w.contiguous()  # a merged stack's view already is
+    u = None if u is None else u.contiguous()
+    n_experts = w.shape[0]
+    in_features = x.shape[1]
+    n_super = in_features // SUPER
+    row_bytes = in_features // block_size(qtype) * type_size(qtype)
+    if experts is not None:
+        experts = experts.reshape(-1)
+    n_pairs = x.shape[0] * x_div if experts is None else experts.numel()
+    out = x.new_empty((n_pairs, out_features), dtype=torch.float32)
+    if n_pairs == 0:
+        return out
+    x = x.float().contiguous()
+    consts = {"QT": int(qtype), "NP": PARTS[qtype], "GATED": u is not None, "SCALED": scale is not None}
+    scale = out if scale is None else scale.float().contiguous()
+    gated = u is not None
+    u = w if u is None else u
+    with _launch_device(x.device):
+        if n_pairs <= MATVEC_MAX_ROWS:
+            bn, warps = MATVEC_CONFIG[qtype]["BN"], MATVEC_CONFIG[qtype]["num_warps"]
+            tiles = triton.cdiv(out_features, bn) * n_pairs
+            # Split the rows' super-blocks over programs until the device has enough of them;
+            # the partial sums add up in a fixed order (deterministic). Gated products need whole sums.
+            splits = 1 if gated else min(n_super, -(-_programs_wanted(x.device) // tiles))
+            chunk = -(-n_super // splits)
+            splits = -(-n_super // chunk)
+            part = out if splits == 1 else x.new_empty((splits, n_pairs, out_features), dtype=torch.float32)
+            wv, uv = (w.view(torch.int32), u.view(torch.int32)) if qtype == T.Q4_K else (w, u)
+            grid = (triton.cdiv(out_features, bn), n_pairs, splits)
+            _matvec_kernel[grid](
+                x, wv, uv, part, out if experts is None else experts, scale, out_features, n_pairs, n_super,
+                chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, BN=bn, num_warps=warps,
+                ROUTED=experts is not None, **consts,
+            )  # fmt: skip
+            if splits > 1:
+                torch.sum(part, 0, out=out)
+        else:
+            cfg = MATMAT_CONFIG[qtype]
+            bm, bn = cfg["BM"], cfg["BN"]
+            if experts is None:  # a dense weight: every row on "expert" 0
+                experts = torch.zeros(n_pairs, dtype=torch.int64, device=x.device)
+            sorted_ids, block_expert = _sort_by_expert(experts, n_experts, bm)
+            grid = (block_expert.numel(), triton.cdiv(out_features, bn))
+            _matmat_kernel[grid](
+                x, w, u, out, sorted_ids, block_expert, scale, out_features, n_super, n_pairs,
+                row_bytes, out_features * row_bytes, x.stride(0), x_div, BM=bm, BN=bn,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts,
+            )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("harness::qmatmul", mutates_args=())
+def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+    """[T, in] float x times the GGUF weight `raw` ([out, row_bytes] blocks of `qtype`) -> [T, out] float32."""
+    _check_devices("harness::qmatmul", x, raw)
+    return _product(x, raw.reshape(1, out_features, -1), None, GGMLType(qtype), out_features, None, 1, None)
+
+
+@qmatmul.register_fake
+def _(x, raw, qtype, out_features):
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+
+@torch.library.custom_op("harness::moe_ffn", mutates_args=())
+def moe_ffn(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    gate_up_qtype: int,
+    down_qtype: int,
+) -> torch.Tensor:
+    """sum_s weights[t, s] * down_e(silu(gate_e x_t) * up_e x_t), e = experts[t, s], for every token
+    t of x [T, D]; gate/up [E, F, bytes] and down [E, D, bytes] raw blocks -> [T, D] float32."""
+    _check_devices("harness::moe_ffn", x, gate, up, down, weights, experts)
+    t, k = experts.shape
+    ffn, dim = gate.shape[1], down.shape[1]
+    h = _product(x, gate, up, GGMLType(gate_up_qtype), ffn, experts, k, None)  # [T*k, F]
+    y = _product(h, down, None, GGMLType(down_qtype), dim, experts, 1, weights.reshape(-1))  # [T*k, D]
+    return y.view(t, k, dim).sum(1)
+
+
+@moe_ffn.register_fake
+def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype):
+    return x.new_empty((x.shape[0], down.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("harness::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] float32 normalized by its root mean square, times weight [D] float32 (one launch)."""
+    _check_devices("harness::rms_norm", x, weight)
+    d = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        with _launch_device(x.device):
+            bd = triton.next_power_of_2(d)
+            _rms_norm_kernel[(x.numel() // d,)](
+                x, weight, out, d, eps, BD=bd, num_warps=8 if bd >= 2048 else 4
+            )
+    return out
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("harness::rope", mutates_args=())
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, Hd] float32 with pairs (2i, 2i+1), i < cos.shape[1], rotated by the angles of
+    row positions[t] of the tables cos, sin [S_max, rope_dim/2] (GGML rope type 0; one launch)."""
+    _check_devices("harness::rope", x, cos, sin, positions)
+    t, heads, hd = x.shape
+    half = cos.shape[1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        with _launch_device(x.device):
+            _rope_kernel[(t, heads)](
+                x, cos, sin, positions, out, heads, hd, half, BH=triton.next_power_of_2(max(half, 1)),
+                num_warps=1, enable_fp_fusion=False,
+            )  # fmt: skip
+    return out
+
+
+@rope.register_fake
+def _(x, cos, sin, positions):
+    return torch.empty_like(x)

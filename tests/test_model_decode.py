@@ -1,0 +1,116 @@
+"""The static-shape decode step (a [1] device position), greedy decoding, and the model with and
+without the fused kernels (Triton's interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.errors import UsageError
+from harness.model.generate import generate, graph_decoding_possible, greedy_decode
+from harness.model.mixtral import Mixtral
+from harness.synth import synthesize
+from harness.trace.tracer import Tracer, is_tracing
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("decode") / "tiny.gguf", "tiny", file_type="Q4_K_M", seed=5)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    return Mixtral.from_gguf(tiny_path, max_seq_len=32)
+
+
+def test_tensor_position_step_equals_the_int_position_step(model):
+    prompt = torch.tensor([3, 17, 99, 250, 7])
+    with torch.inference_mode():
+        model.reset()
+        model(prompt, 0)
+        by_int = model(torch.tensor([42]), 5)
+        model.reset()
+        model(prompt, 0)
+        by_tensor = model(torch.tensor([42]), torch.tensor([5]))
+        # the cache slot was written at position 5 in both runs
+        k_int = [layer.attn.cache.k[:, 5].clone() for layer in model.layers]
+    assert by_tensor.shape == by_int.shape == (1, model.config.vocab_size)
+    torch.testing.assert_close(by_tensor, by_int, rtol=1e-5, atol=1e-5)
+    assert all(torch.count_nonzero(k) > 0 for k in k_int)
+    with pytest.raises(UsageError, match="exactly one token"):
+        model(prompt, torch.tensor([0]))
+
+
+def test_greedy_decode_matches_generate(model):
+    prompt = [5, 6, 7, 8]
+    expected = generate(model, prompt, 6).tokens  # first from the prefill, then 5 decode steps
+    with torch.inference_mode():
+        model.reset()
+        first = model(torch.tensor(prompt), 0)[-1].argmax().view(1)
+        ids = greedy_decode(model, first, len(prompt), 5)
+    assert [int(first)] + ids.tolist() == expected
+    with pytest.raises(UsageError, match="exceed the context"):
+        greedy_decode(model, first, 30, 5)
+
+
+def test_no_graph_decoding_on_the_cpu_or_under_a_tracer(model):
+    assert not graph_decoding_possible(model)  # a CPU model
+    assert not is_tracing()
+    with Tracer(model) as tracer:
+        assert is_tracing() and not graph_decoding_possible(model)
+    assert not is_tracing()
+    assert tracer.summary is not None
+
+
+def test_trace_header_says_the_run_is_eager(model, tmp_path):
+    path = tmp_path / "t.jsonl"
+    with Tracer(model, path=path), torch.inference_mode():
+        model(torch.tensor([1, 2]), 0)
+    header = json.loads(path.read_text().splitlines()[0])
+    assert header["eager"] is True
+
+
+_INTERPRETED_LOGITS = """
+import sys, torch
+from harness.model.mixtral import Mixtral
+from harness.quant import fused
+model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
+assert model.layers[0].moe.experts.fused() and fused.supports(model.head.qtype, torch.device("cpu"), 256)
+tokens = torch.tensor([3, 9, 27, 81, 243])
+with torch.inference_mode():
+    with_kernels = model(tokens, 0)
+    step = model(torch.tensor([5]), torch.tensor([5]))
+    model.reset()
+    with fused.disabled():
+        assert not model.layers[0].moe.experts.fused()
+        without = model(tokens, 0)
+        step_without = model(torch.tensor([5]), 5)
+d = lambda a, b: float(((a - b) ** 2).sum() / (b ** 2).sum())
+print(d(with_kernels, without), d(step, step_without))
+"""
+
+
+@pytest.mark.slow
+def test_logits_with_and_without_fused_kernels_agree(tiny_path):
+    """Prefill (5 tokens: the tiled kernel) and a decode step (the matrix-vector kernel) through
+    the interpreter, against the same model on the torch path."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED_LOGITS, str(tiny_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prefill_nmse, step_nmse = map(float, proc.stdout.split())
+    assert prefill_nmse < 1e-6 and step_nmse < 1e-6, (prefill_nmse, step_nmse)

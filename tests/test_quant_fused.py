@@ -1,0 +1,235 @@
+"""Fused quantized custom ops (harness.quant.fused) against dequantize-then-matmul in float64.
+
+Every case draws fresh random blocks and activations, poisons nothing (the ops allocate their
+outputs) but checks every element is finite and the normalized squared error
+||out - ref||^2 / ||ref||^2 is at most 1e-5. Shapes cover 1, 5, 17, 129 and 512 tokens, output
+row counts that do not fill the last tile, and experts that get no token or every token.
+
+Two ways to run: compiled on a GPU (`-m cuda`, every shape), and on the CPU through Triton's
+interpreter (small shapes; a subprocess, because TRITON_INTERPRET must be set before the kernels
+are defined). Run this file as a script (`python tests/test_quant_fused.py SMALL|FULL DEVICE`)
+to print the cases' results as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+NMSE_MAX = 1e-5
+
+
+def _random_weight(qtype, rows: int, cols: int, rng: np.random.Generator) -> torch.Tensor:
+    """[rows, row_bytes] random blocks whose f16 fields are finite and of moderate size."""
+    from harness.quant.types import F16_FIELDS, block_size, type_size
+
+    nblocks = rows * cols // block_size(qtype)
+    raw = rng.integers(0, 256, size=(nblocks, type_size(qtype)), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        halves = (rng.standard_normal(nblocks) * 0.05).astype(np.float16)
+        raw[:, off : off + 2] = halves.view(np.uint8).reshape(nblocks, 2)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
+def _dequant(raw: torch.Tensor, qtype, rows: int, cols: int) -> torch.Tensor:
+    from harness.quant.dequant import dequantize
+
+    return dequantize(raw.cpu(), qtype, (rows, cols), torch.float32).double()
+
+
+def _nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float(((out - ref) ** 2).sum() / (ref**2).sum().clamp(min=1e-300))
+
+
+def run_cases(device: str, small: bool) -> list[dict]:
+    """Every case on `device`; [{"case": name, "nmse": value}]."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    tokens = (1, 5, 17) if small else (1, 5, 17, 129, 512)
+    rows, cols = (19, 256) if small else (333, 1024)
+    results = []
+    for qtype in fused.FUSED_TYPES:
+        raw = _random_weight(qtype, rows, cols, rng)
+        w = _dequant(raw, qtype, rows, cols)
+        for t in tokens:
+            x = torch.randn(t, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+            out = torch.ops.harness.qmatmul(x.to(device), raw.to(device), int(qtype), rows)
+            results.append(
+                {"case": f"qmatmul {qtype.name} T={t} N={rows}", "nmse": _nmse(out, x.double() @ w.T)}
+            )
+
+    # RMSNorm and rope, against the model's torch path (rope bit for bit: same rounded ops).
+    from harness.model.mixtral import rope_tables
+
+    for t in tokens:
+        x = torch.randn(t, 4096 if not small else 256) * 3
+        w = torch.randn(x.shape[1])
+        ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)) * w.double()
+        out = torch.ops.harness.rms_norm(x.to(device), w.to(device), 1e-5)
+        results.append({"case": f"rms_norm T={t}", "nmse": _nmse(out, ref)})
+        cos, sin = rope_tables(64, 10000.0, 600, torch.device("cpu"))
+        q = torch.randn(t, 3, 80)  # head dim 80, rope on the first 64
+        start = 7
+        c, s_ = cos[start : start + t, None, :], sin[start : start + t, None, :]
+        even, odd = q[..., :64:2], q[..., 1:64:2]
+        rot = torch.stack((even * c - odd * s_, even * s_ + odd * c), dim=-1).flatten(-2)
+        ref = torch.cat((rot, q[..., 64:]), dim=-1)
+        pos = torch.arange(start, start + t)
+        out = torch.ops.harness.rope(q.to(device), cos.to(device), sin.to(device), pos.to(device)).cpu()
+        results.append(
+            {"case": f"rope T={t}", "nmse": _nmse(out, ref.double()), "exact": bool(torch.equal(out, ref))}
+        )
+
+    # MoE: E experts, k=2; gate/up [F, D], down [D, F]. Routings: random, all tokens on experts
+    # 0 and 1 (the others get none; 0 and 1 get every token).
+    n_exp, k = 4, 2
+    dim, ffn = (256, 512) if small else (512, 768)
+    for gu_type, down_type in ((GGMLType.Q4_K, GGMLType.Q6_K), (GGMLType.Q8_0, GGMLType.Q4_K)):
+        gate = torch.stack([_random_weight(gu_type, ffn, dim, rng) for _ in range(n_exp)])
+        up = torch.stack([_random_weight(gu_type, ffn, dim, rng) for _ in range(n_exp)])
+        down = torch.stack([_random_weight(down_type, dim, ffn, rng) for _ in range(n_exp)])
+        wg = [_dequant(gate[e], gu_type, ffn, dim) for e in range(n_exp)]
+        wu = [_dequant(up[e], gu_type, ffn, dim) for e in range(n_exp)]
+        wd = [_dequant(down[e], down_type, dim, ffn) for e in range(n_exp)]
+        for t in tokens:
+            x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+            for routing in ("random", "two experts take all"):
+                if routing == "random":
+                    experts = torch.stack([torch.randperm(n_exp)[:k] for _ in range(t)])
+                else:
+                    experts = torch.tensor([[0, 1]] * t)
+                weights = torch.rand(t, k).softmax(-1)
+                ref = torch.zeros(t, dim, dtype=torch.float64)
+                for i in range(t):
+                    for s in range(k):
+                        e = int(experts[i, s])
+                        xi = x[i].double()
+                        h = torch.nn.functional.silu(wg[e] @ xi) * (wu[e] @ xi)
+                        ref[i] += weights[i, s].double() * (wd[e] @ h)
+                out = torch.ops.harness.moe_ffn(
+                    x.to(device),
+                    gate.to(device),
+                    up.to(device),
+                    down.to(device),
+                    weights.to(device),
+                    experts.to(device),
+                    int(gu_type),
+                    int(down_type),
+                )
+                name = f"moe_ffn {gu_type.name}/{down_type.name} T={t} {routing}"
+                results.append({"case": name, "nmse": _nmse(out, ref)})
+    return results
+
+
+# ---- CPU: Triton's interpreter ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, __file__, "SMALL", "cpu"], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert proc.returncode == 0, (
+        f"interpreter subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
+    assert len(interpreted) == 3 * 3 + 2 * 3 + 2 * 3 * 2
+    bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
+    assert not bad, bad
+
+
+def test_cpu_tensors_raise_a_device_error_without_the_interpreter():
+    from harness.quant import fused, kernels
+    from harness.quant.types import GGMLType
+    from harness.trace.classify import is_device_error
+
+    if kernels.interpreting():
+        pytest.skip("the interpreter runs CPU tensors")
+    raw = torch.zeros(4, 144, dtype=torch.uint8)
+    with pytest.raises(RuntimeError) as info:
+        torch.ops.harness.qmatmul(torch.ones(1, 256), raw, int(GGMLType.Q4_K), 4)
+    assert is_device_error(str(info.value)) and "cpu" in str(info.value)
+    assert not fused.supports(GGMLType.Q4_K, torch.device("cpu"), 256)
+
+
+def test_fake_implementations_give_shapes_without_running():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from harness.quant import fused  # noqa: F401  (registers the ops)
+
+    with FakeTensorMode():
+        x = torch.empty(5, 512)
+        out = torch.ops.harness.qmatmul(x, torch.empty(7, 288, dtype=torch.uint8), 12, 7)
+        assert out.shape == (5, 7) and out.dtype == torch.float32
+        y = torch.ops.harness.moe_ffn(
+            x,
+            torch.empty(4, 64, 288, dtype=torch.uint8),
+            torch.empty(4, 64, 288, dtype=torch.uint8),
+            torch.empty(4, 512, 36, dtype=torch.uint8),
+            torch.empty(5, 2),
+            torch.empty(5, 2, dtype=torch.int64),
+            12,
+            12,
+        )
+        assert y.shape == (5, 512)
+
+
+def test_supports_is_false_for_types_and_rows_without_kernels():
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    dev = torch.device("cuda")
+    assert not fused.supports(GGMLType.IQ4_NL, dev, 4096)
+    assert not fused.supports(GGMLType.Q8_0, dev, 4096 + 32)  # rows must be whole 256-value spans
+    with fused.disabled():
+        assert not fused.supports(GGMLType.Q4_K, dev, 4096)
+
+
+# ---- GPU -------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_kernels_match_dequantize_then_matmul():
+    from harness.quant import fused  # noqa: F401
+
+    results = run_cases("cuda", small=False)
+    bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
+    assert not bad, bad
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_op_refuses_a_cpu_weight_with_a_device_error():
+    from harness.quant import fused  # noqa: F401
+    from harness.trace.classify import is_device_error
+
+    with pytest.raises(RuntimeError) as info:
+        torch.ops.harness.qmatmul(
+            torch.ones(1, 256, device="cuda"), torch.zeros(4, 144, dtype=torch.uint8), 12, 4
+        )
+    assert is_device_error(str(info.value)) and "cpu" in str(info.value)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    from harness.quant import fused  # noqa: F401
+
+    print(json.dumps(run_cases(sys.argv[2], small=sys.argv[1] == "SMALL")))
