@@ -8,7 +8,8 @@ Every test is a `cuda` test: real CUDA where there is a GPU (`pytest -m cuda`), 
 accelerator with two devices.
 
 (a) Every model on every placement, in every grad mode (inference_mode, no_grad, grad enabled),
-    traces clean: nothing raised, no offending event.
+    traces clean: nothing raised, no offending event; but for the real bugs of REAL_BUGS, which
+    must be found where they are.
 (b) Every generic fault of the catalog, injected at a module in the middle of each model (its
     middle site), is found: the first offence has the fault's class and is in that module. On one
     GPU under inference_mode for every model; on every placement and grad mode for the Llama
@@ -17,9 +18,9 @@ accelerator with two devices.
 `scripts/detection_matrix.py` runs the whole product (faults x models x placements x grad modes,
 and hypothesis-drawn clean runs) and writes the tables.
 
-GAPS: cases that fail today because the emulation or the tracer lacks a capability that issue 9
-asks for (other parts of it). Each is a strict xfail naming the capability: when it lands, the
-case passes, the strict xfail fails, and its entry here must go.
+`gap()`: cases that fail today because the emulation or the tracer lacks a capability that
+issue 9 asks for (other parts of it). Each is a strict xfail naming the capability: when it
+lands, the case passes, the strict xfail fails, and its entry here must go.
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ from tests.thirdparty import GRAD_MODES, MODELS, PLACEMENTS, trace_run
 pytestmark = pytest.mark.cuda
 
 
+EMULATED = not torch.cuda.is_available()  # a `cuda` test runs on the emulated accelerator
+
+
 def gap(model: str, placement: str, mode: str, fault: str | None = None) -> str | None:
     """The missing capability that makes this case fail today, or None."""
     # tensor-on-wrong-device raises before an offloaded module runs; so does the encoder's own bug
-    if placement == "offload" and fault != "tensor-on-wrong-device" and model != "torch-encoder":
+    offloaded = placement == "offload" and fault != "tensor-on-wrong-device" and model != "torch-encoder"
+    if EMULATED and offloaded:
         return "emulation: accelerate's offload rebuilds parameters as type(param)(data, requires_grad=)"
     if model in ("hf-mixtral", "hf-qwen2-moe") and fault == "new-tensor-without-device":
         return (
