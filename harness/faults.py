@@ -48,6 +48,7 @@ from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Embedding, Experts, Mix
 from harness.quant import dequant, kernels
 from harness.quant.qmatmul import QMatMul
 from harness.quant.types import FLOAT_TYPES
+from harness.trace.placement import ModulePlacement
 
 __all__ = ["CATALOG", "GENERIC", "Fault", "Injection", "get", "module_devices", "names"]
 
@@ -589,36 +590,15 @@ def _lost_boundary_inject(model, inj):
 
 
 def module_devices(model: torch.nn.Module) -> dict[str, torch.device | None]:
-    """Where each module of `model` computes, by module path (None where nothing says).
-
-    A model with a `placement` (a `Mixtral`) says it itself. Otherwise: the execution device of
-    an accelerate hook (`dispatch_model`, offloaded modules included), else the device of the
-    module's own parameters and buffers, else of the first one below it, else its parent's."""
-    placement = getattr(model, "placement", None)
-    if placement is not None and hasattr(placement, "device_of"):
-        return {path: torch.device(placement.device_of(path)) for path, _ in model.named_modules()}
-    out: dict[str, torch.device | None] = {}
-    for path, m in model.named_modules():  # parents come before their children
-        device = _hook_device(m)
-        if device is None:
-            device = next((t.device for t in _own_tensors(m).values() if not t.is_meta), None)
-        if device is None:
-            device = next((t.device for t in _subtree_tensors(m) if not t.is_meta), None)
-        if device is None and path:
-            device = out.get(path.rpartition(".")[0])
-        out[path] = device
-    return out
-
-
-def _hook_device(module: torch.nn.Module) -> torch.device | None:
-    """The execution device of accelerate's hooks on `module` (AlignDevicesHook, in a
-    SequentialHook or alone)."""
-    hook = getattr(module, "_hf_hook", None)
-    for h in (hook, *getattr(hook, "hooks", ())):
-        device = getattr(h, "execution_device", None)
-        if device is not None:
-            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    return None
+    """Where each module of `model` computes, by module path (None where no single device):
+    what a tracer expects by default (`harness.trace.placement.ModulePlacement.of`: a Mixtral's
+    own placement; else an offloading hook's execution device, or where the module's own
+    parameters and buffers are, or its submodules', or its parent's)."""
+    placement = ModulePlacement.of(model)
+    return {
+        path: torch.device(d) if (d := placement.device_of(path)) is not None else None
+        for path, _ in model.named_modules()
+    }
 
 
 def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -626,11 +606,6 @@ def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     own = {n: t for n, t in module._parameters.items() if t is not None}
     own.update((n, t) for n, t in module._buffers.items() if t is not None)
     return own
-
-
-def _subtree_tensors(module: torch.nn.Module):
-    yield from module.parameters()
-    yield from module.buffers()
 
 
 def _runs(module: torch.nn.Module) -> bool:
