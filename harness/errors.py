@@ -67,3 +67,9 @@ class DeviceError(HarnessError):
 
 class UsageError(HarnessError):
     """A bad command-line argument or API argument."""
+
+
+class EmulationUnsupported(HarnessError):
+    """Something the emulated CUDA accelerator cannot run; `field` names the op or feature.
+
+    Raised instead of running it some other way: a run that meets one is never clean."""

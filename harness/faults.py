@@ -33,25 +33,26 @@ so with a RuntimeError after restoring the rest.
 
 from __future__ import annotations
 
-import functools
-import importlib
+import difflib
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
 
+from harness.device_tables import TABLES
 from harness.errors import UsageError
 from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Embedding, Experts, Mixtral, MoE
-from harness.quant import dequant
+from harness.quant import dequant, kernels
 from harness.quant.qmatmul import QMatMul
-from harness.quant.types import FLOAT_TYPES, GGMLType, type_size
+from harness.quant.types import FLOAT_TYPES
 
-__all__ = ["CATALOG", "Fault", "Injection", "get", "names"]
+__all__ = ["CATALOG", "GENERIC", "Fault", "Injection", "get", "module_devices", "names"]
 
 CPU = torch.device("cpu")
-MISMATCH, SYNC, STRAY = "mismatch", "sync", "stray"
+MISMATCH, SYNC, STRAY, TRANSFER = "mismatch", "sync", "stray", "transfer"
 
 _ABSENT = object()
 
@@ -62,12 +63,16 @@ _ABSENT = object()
 class Injection:
     """One fault injected into one model: what it changed, and `remove()` to put it back.
 
-    `location` is `fault.location(model)`, worked out when the fault went in."""
+    `at` is the module a generic fault went in at; `location` is `fault.location(model, at)`,
+    worked out when the fault went in; `fired` counts the times a generic fault acted since (a
+    fault whose module made no new tensor, say, changed nothing in that run)."""
 
-    def __init__(self, fault: Fault, model: Mixtral):
+    def __init__(self, fault: Fault, model: torch.nn.Module, at: str | None = None):
         self.fault = fault
         self.model = model
-        self.location = fault.location(model)
+        self.at = at
+        self.location = fault.location(model, at)
+        self.fired = 0  # times a generic fault acted in the runs since it went in
         self._changes: list[tuple[str, Callable[[], object], Callable[[object], None], object, object]] = []
         self.active = True
 
@@ -92,6 +97,19 @@ class Injection:
             tensor,
         )
 
+    def replace_tensor(self, module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+        """`module.<name>` (a parameter or a buffer of its own) becomes `tensor`, kept registered
+        as what it was."""
+        table = module._parameters if name in module._parameters else module._buffers
+        if name not in table:
+            raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+        self._change(
+            f"{'parameter' if table is module._parameters else 'buffer'} {self._path(module)}.{name}",
+            lambda: table[name],
+            lambda v: table.__setitem__(name, v),
+            tensor,
+        )
+
     def replace_forward(self, module: torch.nn.Module, fn: Callable) -> None:
         """`module.forward` becomes `fn` bound to the module (an instance attribute)."""
         self.replace_method(module, "forward", fn)
@@ -111,6 +129,16 @@ class Injection:
             lambda: d.get(name, _ABSENT),
             put,
             types.MethodType(fn, module),
+        )
+
+    def replace_table(self, name: str, build: Callable) -> None:
+        """Device table `name` (`harness.device_tables`) is built by `build(device, ...)` on every
+        use, kept nowhere."""
+        self._change(
+            f"device table {name!r}",
+            lambda: TABLES.overridden(name),
+            lambda v: TABLES.override(name, v),
+            build,
         )
 
     def replace_attr(self, obj: object, name: str, value: object) -> None:
@@ -165,53 +193,94 @@ class Fault:
     `name` ("candle-1815"), `summary` (one line, for `harness faults`), `doc` (the real bug it
     mirrors and what the tracer sees), `expected_class` (the class of the tracer's first offence
     for a model loaded with the default "quantized" strategy; `expected(model)` gives it for any
-    model), `requires` (what `applies_to` checks, in words)."""
+    model), `requires` (what `applies_to` checks, in words).
+
+    A generic fault (`generic`) applies to any `nn.Module` and goes in at a module path `at`, one
+    of `sites(model)` (the first when `at` is None). A Mixtral fault knows its one module; its
+    `sites` is that module, or nothing where it does not apply."""
 
     name: str
     summary: str
     doc: str
     expected_class: str
     requires: str
-    _applies: Callable[[Mixtral], bool] = field(repr=False, compare=False)
-    _location: Callable[[Mixtral], tuple[str, str | None]] = field(repr=False, compare=False)
-    _inject: Callable[[Mixtral, Injection], None] = field(repr=False, compare=False)
-    _expected: Callable[[Mixtral], str] | None = field(default=None, repr=False, compare=False)
+    _applies: Callable[..., bool] = field(repr=False, compare=False)
+    _location: Callable[..., tuple[str, str | None]] = field(repr=False, compare=False)
+    _inject: Callable[..., None] = field(repr=False, compare=False)
+    _expected: Callable[..., str] | None = field(default=None, repr=False, compare=False)
+    _sites: Callable[[torch.nn.Module], list[str]] | None = field(default=None, repr=False, compare=False)
+    _acts_at: Callable[..., set[str]] | None = field(default=None, repr=False, compare=False)
 
-    def applies_to(self, model: Mixtral) -> bool:
-        """Whether the model has what this fault breaks on an accelerator."""
+    @property
+    def generic(self) -> bool:
+        """Applies to any model, at a module path."""
+        return self._sites is not None
+
+    def sites(self, model: torch.nn.Module, run: Callable[[], object] | None = None) -> list[str]:
+        """Module paths where this fault can go in, in module order. `run` (a call that runs
+        the model once, as the traced run will) narrows them to modules where the fault acts
+        in that run, for faults that depend on what the module's code does (a module that makes
+        no new tensor cannot make one on the wrong device); it runs only for those."""
+        if not self.generic:
+            return [self._location(model)[0]] if self.applies_to(model) else []
+        sites = self._sites(model)
+        if run is not None and self._acts_at is not None and sites:
+            acting = self._acts_at(model, run)
+            sites = [s for s in sites if s in acting]
+        return sites
+
+    def applies_to(self, model: torch.nn.Module, at: str | None = None) -> bool:
+        """Whether the model has what this fault breaks on an accelerator (at module `at`)."""
+        if self.generic:
+            sites = self._sites(model)
+            return bool(sites) if at is None else at in sites
         if not (hasattr(model, "placement") and hasattr(model, "layers")):
             return False  # not a loaded Mixtral
-        return bool(self._applies(model))
+        if not self._applies(model):
+            return False
+        return at is None or at == self._location(model)[0]
 
-    def location(self, model: Mixtral) -> tuple[str, str | None]:
+    def location(self, model: torch.nn.Module, at: str | None = None) -> tuple[str, str | None]:
         """(module path, GGUF tensor name or None) where the tracer's first offence must point."""
-        self._check(model)
-        return self._location(model)
+        at = self._check(model, at)
+        return self._location(model, at) if self.generic else self._location(model)
 
-    def expected(self, model: Mixtral) -> str:
-        """The class of the first offence on this model (`expected_class` unless the model's
-        strategy changes which op offends first)."""
-        self._check(model)
-        return self._expected(model) if self._expected is not None else self.expected_class
+    def expected(self, model: torch.nn.Module, at: str | None = None) -> str:
+        """The class of the first offence on this model (`expected_class` unless the model, its
+        strategy or the direction of the fault changes which op offends first)."""
+        at = self._check(model, at)
+        if self._expected is None:
+            return self.expected_class
+        return self._expected(model, at) if self.generic else self._expected(model)
 
-    def inject(self, model: Mixtral) -> Injection:
-        """Break `model` in place; the returned `Injection` (a context manager) undoes it."""
-        self._check(model)
-        injection = Injection(self, model)
+    def inject(self, model: torch.nn.Module, at: str | None = None) -> Injection:
+        """Break `model` in place (at module `at`, for a generic fault); the returned `Injection`
+        (a context manager) undoes it."""
+        at = self._check(model, at)
+        injection = Injection(self, model, at)
         try:
-            self._inject(model, injection)
+            if self.generic:
+                self._inject(model, injection, at)
+            else:
+                self._inject(model, injection)
         except BaseException:
             injection.remove()
             raise
         return injection
 
-    def _check(self, model: Mixtral) -> None:
-        if not self.applies_to(model):
-            placement = getattr(model, "placement", None)
-            where = placement.describe() if placement is not None else "a model without a placement"
-            raise UsageError(
-                None, "fault", f"{self.name} does not apply to {where}: it needs {self.requires}"
-            )
+    def _check(self, model: torch.nn.Module, at: str | None) -> str | None:
+        """`at`, or the first site where it is None; UsageError where the fault does not apply."""
+        if self.applies_to(model, at):
+            return at if at is not None or not self.generic else self._sites(model)[0]
+        placement = getattr(model, "placement", None)
+        if at is not None:
+            sites = self.sites(model)
+            where = f"module {at!r} (sites here: {', '.join(sites) if sites else 'none'})"
+        elif placement is not None:
+            where = placement.describe()
+        else:
+            where = f"this {type(model).__name__}"
+        raise UsageError(None, "fault", f"{self.name} does not apply to {where}: it needs {self.requires}")
 
     def __str__(self) -> str:
         return f"{self.name}: {self.summary}"
@@ -259,28 +328,6 @@ def _other_device(device: torch.device) -> torch.device:
     """Another device of the same kind: the next index, wrapping around."""
     index = device.index or 0
     return torch.device(device.type, (index + 1) % _accel_count(device.type))
-
-
-@functools.cache
-def _uses_consts(qtype: GGMLType) -> bool:
-    """Whether dequantizing `qtype` reads the per-device constants (shift vectors, codebooks)."""
-    fn = dequant._DEQUANT.get(qtype)
-    if fn is None:
-        return False
-
-    class _Read(Exception):
-        pass
-
-    class _Probe:
-        def __getattr__(self, name):
-            raise _Read
-
-    with _disable_current_modes():  # a tracer or an emulation active now need not see the probe
-        try:
-            fn(torch.zeros((1, type_size(qtype)), dtype=torch.uint8), _Probe())
-        except _Read:
-            return True
-    return False
 
 
 # ---- candle-1815 ---------------------------------------------------------------------------------
@@ -415,8 +462,8 @@ def _mask_inject(model, inj):
 
 
 def _host_consts(device: torch.device) -> types.SimpleNamespace:
-    # FAULT: dequant._consts without its per-device cache and without device=: fresh host tensors
-    # on every call, whatever device the blocks are on.
+    # FAULT: the dequantizers' constants without the per-device table and without device=:
+    # fresh host tensors on every call, whatever device the blocks are on.
     def u8(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.uint8)
 
@@ -438,9 +485,9 @@ def _dequant_sites(model: Mixtral) -> list[tuple[str, str | None, bool]]:
         if not _on_accel(model, path) or not path:
             continue
         if isinstance(m, Embedding) or (isinstance(m, QMatMul) and m.strategy == "quantized"):
-            sites.append((path, m.gguf_name, _uses_consts(m.qtype)))
+            sites.append((path, m.gguf_name, dequant.uses_constants(m.qtype)))
         elif isinstance(m, Experts):
-            uses = any(_uses_consts(m.meta[a][0]) for a in ("w1", "w3", "w2"))
+            uses = any(dequant.uses_constants(m.meta[a][0]) for a in ("w1", "w3", "w2"))
             sites.append((path, None, uses))
     return sites
 
@@ -453,11 +500,7 @@ def _first_const_site(model: Mixtral) -> tuple[str, str | None] | None:
 
 
 def _dequant_inject(model, inj):
-    inj.replace_attr(dequant, "_consts", _host_consts)
-    try:
-        kernels = importlib.import_module("harness.quant.kernels")
-    except ImportError:
-        return
+    inj.replace_table(dequant.DEQUANT_TABLE, _host_consts)
     # On a real GPU the Triton kernels (with their own tables) would take these types: the fault
     # is in the torch path, so take that one.
     inj.replace_attr(kernels, "supports", _no_kernels)
@@ -493,6 +536,7 @@ def _head_inject(model, inj):
     head = model.head
     attr = "qweight" if head.strategy == "quantized" else "weight"
     target = _other_device(model.placement.head)
+    TABLES.warm(target)  # as when the weight first went there: the head's constants are there too
     inj.replace_buffer(head, attr, getattr(head, attr).to(target))
 
 
@@ -539,6 +583,414 @@ def _lost_boundary_inject(model, inj):
         return self.head(self.norm(x)).float()
 
     inj.replace_forward(model, forward)
+
+
+# ---- generic faults: any nn.Module, at a module path ---------------------------------------------
+
+
+def module_devices(model: torch.nn.Module) -> dict[str, torch.device | None]:
+    """Where each module of `model` computes, by module path (None where nothing says).
+
+    A model with a `placement` (a `Mixtral`) says it itself. Otherwise: the execution device of
+    an accelerate hook (`dispatch_model`, offloaded modules included), else the device of the
+    module's own parameters and buffers, else of the first one below it, else its parent's."""
+    placement = getattr(model, "placement", None)
+    if placement is not None and hasattr(placement, "device_of"):
+        return {path: torch.device(placement.device_of(path)) for path, _ in model.named_modules()}
+    out: dict[str, torch.device | None] = {}
+    for path, m in model.named_modules():  # parents come before their children
+        device = _hook_device(m)
+        if device is None:
+            device = next((t.device for t in _own_tensors(m).values() if not t.is_meta), None)
+        if device is None:
+            device = next((t.device for t in _subtree_tensors(m) if not t.is_meta), None)
+        if device is None and path:
+            device = out.get(path.rpartition(".")[0])
+        out[path] = device
+    return out
+
+
+def _hook_device(module: torch.nn.Module) -> torch.device | None:
+    """The execution device of accelerate's hooks on `module` (AlignDevicesHook, in a
+    SequentialHook or alone)."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in (hook, *getattr(hook, "hooks", ())):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return None
+
+
+def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own parameters and buffers (not its children's), by attribute name."""
+    own = {n: t for n, t in module._parameters.items() if t is not None}
+    own.update((n, t) for n, t in module._buffers.items() if t is not None)
+    return own
+
+
+def _subtree_tensors(module: torch.nn.Module):
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _runs(module: torch.nn.Module) -> bool:
+    """The module has a forward of its own (a KVCache-like holder of tensors has none: its owner
+    computes with them)."""
+    return type(module).forward is not torch.nn.Module.forward
+
+
+def _wrong_device(device: torch.device, devices: dict) -> torch.device | None:
+    """Where a tensor of a module on `device` should not be: the CPU for a module on an
+    accelerator; the model's first accelerator for a module on the CPU (None if it has none)."""
+    if _accel(device):
+        return CPU
+    return next((d for d in devices.values() if d is not None and _accel(d)), None)
+
+
+def _module_sites(model, *, accel_only: bool, own_tensors: bool, wrong_device: bool) -> list[str]:
+    """Modules (never the model itself: its forward is the run's edge, where inputs go up and
+    outputs come down) that run, are placed somewhere known, and meet the conditions."""
+    devices = module_devices(model)
+    sites = []
+    for path, m in model.named_modules():
+        device = devices.get(path)
+        if not path or device is None or not _runs(m):
+            continue
+        if accel_only and not _accel(device):
+            continue
+        if wrong_device and _wrong_device(device, devices) is None:
+            continue
+        if own_tensors:
+            own = _own_tensors(m)
+            # an offloaded module's tensors wait on the meta device: its hook brings them in
+            if not own or any(t.is_meta and device.type != "meta" for t in own.values()):
+                continue
+        sites.append(path)
+    return sites
+
+
+def _site_device(model, at: str) -> torch.device:
+    return module_devices(model)[at]
+
+
+def _site_location(model, at: str) -> tuple[str, str | None]:
+    """The module, and its GGUF tensor where it has one (a Mixtral module's `gguf_name`)."""
+    name = getattr(model.get_submodule(at), "gguf_name", None)
+    return at, name if isinstance(name, str) else None
+
+
+def _previous_forward(module: torch.nn.Module) -> Callable:
+    """The forward the module runs now: an instance attribute (another wrapper, accelerate's
+    hook) or its class's."""
+    return module.__dict__.get("forward") or types.MethodType(type(module).forward, module)
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+# -- tensor-on-wrong-device
+
+
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of `t` on `device`, a parameter again if it was one (the copy is no autograd op)."""
+    with torch.no_grad():
+        moved = _host_copy(t.detach()) if device == CPU else t.detach().to(device)
+    if isinstance(t, torch.nn.Parameter):
+        return torch.nn.Parameter(moved, requires_grad=t.requires_grad)
+    return moved
+
+
+def _move_tensor_inject(model, inj: Injection, at: str) -> None:
+    module = model.get_submodule(at)
+    target = _wrong_device(_site_device(model, at), module_devices(model))
+    for name, t in _own_tensors(module).items():
+        inj.replace_tensor(module, name, _moved(t, target))  # FAULT: left on (or moved to) the wrong device
+    inj.fired += 1
+
+
+# -- output-on-wrong-device
+
+
+def _move_output_inject(model, inj: Injection, at: str) -> None:
+    module = model.get_submodule(at)
+    target = _wrong_device(_site_device(model, at), module_devices(model))
+    forward = _previous_forward(module)
+
+    def moved_output(self, *args, **kwargs):
+        out = forward(*args, **kwargs)
+        if _tensors_in(out):
+            inj.fired += 1
+        # FAULT: the module hands its output over on the wrong device
+        return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(target), out)
+
+    inj.replace_forward(module, moved_output)
+
+
+def _move_output_expected(model, at: str) -> str:
+    # Brought to the host, the copy waits for the device (a sync); sent to an accelerator, it
+    # is an undeclared transfer.
+    return SYNC if _accel(_site_device(model, at)) else TRANSFER
+
+
+# -- new-tensor-without-device
+
+# Factories that take `device=` and make a tensor from nothing (or from Python data).
+_FACTORIES = frozenset(
+    {
+        torch.zeros,
+        torch.ones,
+        torch.empty,
+        torch.full,
+        torch.arange,
+        torch.linspace,
+        torch.logspace,
+        torch.eye,
+        torch.rand,
+        torch.randn,
+        torch.randint,
+        torch.randperm,
+        torch.tensor,
+        torch.as_tensor,
+        torch.asarray,
+        torch.empty_strided,
+        torch.scalar_tensor,
+        torch.tril_indices,
+        torch.triu_indices,
+    }
+)
+
+
+class _NoDevice(TorchFunctionMode):
+    """Drops `device=` from the factory calls of one module's own code (not its children's)."""
+
+    def __init__(self, injection: Injection):
+        super().__init__()
+        self.injection = injection
+        self.depth = 0  # submodule forwards entered and not yet left
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if self.depth == 0 and func in _FACTORIES and device is not None and torch.device(device) != CPU:
+            kwargs = {k: v for k, v in kwargs.items() if k != "device"}  # FAULT: no device=
+            self.injection.fired += 1
+        return func(*args, **kwargs)
+
+
+class _FactoryCalls(TorchFunctionMode):
+    """Records the modules whose own code calls a torch factory with an accelerator device=."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.paths = {m: path for path, m in model.named_modules()}
+        self.stack = [""]
+        self.found: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if func in _FACTORIES and device is not None and torch.device(device) != CPU:
+            self.found.add(self.stack[-1])
+        return func(*args, **kwargs)
+
+    def enter(self, module, args) -> None:
+        self.stack.append(self.paths.get(module, self.stack[-1]))
+
+    def leave(self, module, args, out) -> None:
+        self.stack.pop()
+
+
+def _factory_sites(model: torch.nn.Module, run: Callable[[], object]) -> set[str]:
+    probe = _FactoryCalls(model)
+    hooks = (
+        register_module_forward_pre_hook(probe.enter),
+        register_module_forward_hook(probe.leave, always_call=True),
+    )
+    try:
+        with probe:
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return probe.found
+
+
+def _no_device_inject(model, inj: Injection, at: str) -> None:
+    module = model.get_submodule(at)
+    forward = _previous_forward(module)
+
+    def without_device(self, *args, **kwargs):
+        mode = _NoDevice(inj)
+
+        def enter(m, a):
+            mode.depth += 1
+
+        def leave(m, a, out):
+            mode.depth -= 1
+
+        hooks = (
+            register_module_forward_pre_hook(enter),
+            register_module_forward_hook(leave, always_call=True),
+        )
+        try:
+            with mode:
+                return forward(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    inj.replace_forward(module, without_device)
+
+
+# -- item-in-forward
+
+
+def _item_in_forward_inject(model, inj: Injection, at: str) -> None:
+    module = model.get_submodule(at)
+    forward = _previous_forward(module)
+
+    def with_item(self, *args, **kwargs):
+        out = forward(*args, **kwargs)
+        tensors = _tensors_in(out)
+        if tensors:
+            inj.fired += 1
+            tensors[0].detach().sum().item()  # FAULT: a host read of device data (a NaN check, say)
+        return out
+
+    inj.replace_forward(module, with_item)
+
+
+# -- weight-uploaded-per-call
+
+
+def _upload_inject(model, inj: Injection, at: str) -> None:
+    module = model.get_submodule(at)
+    device = _site_device(model, at)
+    host = {name: _moved(t, CPU) for name, t in _own_tensors(module).items()}
+    for name, t in host.items():
+        inj.replace_tensor(module, name, t)  # kept on the host between calls
+    forward = _previous_forward(module)
+
+    def uploading(self, *args, **kwargs):
+        for name, t in host.items():
+            table = self._parameters if name in self._parameters else self._buffers
+            table[name] = t.to(device)  # FAULT: uploaded again on every call
+        inj.fired += 1
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            for name, t in host.items():
+                table = self._parameters if name in self._parameters else self._buffers
+                table[name] = t
+
+    inj.replace_forward(module, uploading)
+
+
+_GENERIC = [
+    Fault(
+        name="tensor-on-wrong-device",
+        summary="a module's parameters and buffers moved to the wrong device",
+        doc=(
+            "The family of candle#1815 in any model: a loader, a `.to()` that misses a tensor "
+            "(a buffer registered after the move, a weight kept aside), or a weight tied across "
+            "devices leaves a module's own tensors on the CPU while the module runs on the "
+            "accelerator (or puts them on the accelerator while it runs on the CPU). Injected at "
+            "module `at` by moving every parameter and buffer of its own. The tracer's first "
+            "offence is the first op of that module that meets them: a mismatch (CUDA refuses to "
+            "mix the devices). Where the module's own code moves them itself (`w.to(x.device)`), "
+            "the first offence is that copy (a transfer, or a sync when it comes to the host), or "
+            "a stray where it computes with them alone first."
+        ),
+        expected_class=MISMATCH,
+        requires="a module that runs, with parameters or buffers of its own on its device, in a "
+        "model with an accelerator",
+        _applies=None,
+        _location=_site_location,
+        _inject=_move_tensor_inject,
+        _sites=lambda m: _module_sites(m, accel_only=False, own_tensors=True, wrong_device=True),
+    ),
+    Fault(
+        name="output-on-wrong-device",
+        summary="a module hands its output over on the wrong device",
+        doc=(
+            "A module whose result ends up elsewhere than where it ran: a `.cpu()` left in for "
+            "debugging, a numpy round trip, a CPU-only kernel, or a `.to(self.device)` that names "
+            "the wrong device. Injected at module `at` by moving every tensor of its output to "
+            "the CPU (to the model's first accelerator where the module is on the CPU). The "
+            "tracer's first offence is that copy inside the module: a sync when it comes down to "
+            "the host (the host waits for the device), an undeclared transfer when it goes up. "
+            "The next module then meets the tensor on the wrong device (a mismatch or a stray)."
+        ),
+        expected_class=SYNC,
+        requires="a module that runs (not the model itself), in a model with an accelerator",
+        _applies=None,
+        _location=lambda m, at: (at, None),
+        _inject=_move_output_inject,
+        _expected=_move_output_expected,
+        _sites=lambda m: _module_sites(m, accel_only=False, own_tensors=False, wrong_device=True),
+    ),
+    Fault(
+        name="new-tensor-without-device",
+        summary="a module builds its new tensors without device=",
+        doc=(
+            "`torch.zeros(shape)`, `torch.arange(n)`, `torch.tensor(data)` without device= inside a "
+            "forward that runs on the GPU: the tensor is made on the CPU (a mask, position ids, "
+            "an accumulator for the experts' outputs). Injected at module `at` by dropping "
+            "`device=` from every torch factory call of that module's own code (not of its "
+            "children) while it runs; `Injection.fired` counts them (a module that makes no "
+            "tensor of its own is not broken by it: `sites(model, run)` gives the modules that make one in "
+            "that run). The tracer's first offence is the factory "
+            "op on the CPU in a module placed on the accelerator: a stray; then a mismatch where "
+            "it meets device data, or a transfer where the code moves it."
+        ),
+        expected_class=STRAY,
+        requires="a module that runs on an accelerator (not the model itself) and makes new "
+        "tensors with device= in its own code",
+        _applies=None,
+        _location=lambda m, at: (at, None),
+        _inject=_no_device_inject,
+        _sites=lambda m: _module_sites(m, accel_only=True, own_tensors=False, wrong_device=False),
+        _acts_at=_factory_sites,
+    ),
+    Fault(
+        name="item-in-forward",
+        summary="a module reads a value of its output back to the host with .item()",
+        doc=(
+            "A host read of device data in the hot path: a NaN or overflow check "
+            "(`if out.sum().item() != out.sum().item()`), a threshold, a logging line. Each one "
+            "makes the host wait for the device. Injected at module `at` by reading the sum of "
+            "the first tensor of its output with `.item()` after it has computed; the values are "
+            "unchanged. The tracer's first offence is that _local_scalar_dense in the module: a "
+            "sync."
+        ),
+        expected_class=SYNC,
+        requires="a module that runs on an accelerator (not the model itself)",
+        _applies=None,
+        _location=lambda m, at: (at, None),
+        _inject=_item_in_forward_inject,
+        _sites=lambda m: _module_sites(m, accel_only=True, own_tensors=False, wrong_device=False),
+    ),
+    Fault(
+        name="weight-uploaded-per-call",
+        summary="a module's weights kept on the host and uploaded again on every call",
+        doc=(
+            "Weights that live on the CPU and are copied to the GPU inside every forward: a "
+            "hand-rolled offload without a declared device map, a cache of `.to(device)` copies "
+            "that never hits, a dequantizer that works on host blocks. Nothing fails; every call "
+            "moves the weights' bytes again. Injected at module `at`: its own parameters and "
+            "buffers are moved to the host, and its forward uploads them before each call. The "
+            "tracer's first offence is the upload in that module: an undeclared transfer "
+            "(host to device), with the module's GGUF tensor where it has one."
+        ),
+        expected_class=TRANSFER,
+        requires="a module that runs on an accelerator, with parameters or buffers of its own there",
+        _applies=None,
+        _location=_site_location,
+        _inject=_upload_inject,
+        _sites=lambda m: _module_sites(m, accel_only=True, own_tensors=True, wrong_device=False),
+    ),
+]
 
 
 # ---- the catalog ---------------------------------------------------------------------------------
@@ -678,7 +1130,7 @@ _FAULTS = [
             "A dequantizer that makes its constants (nibble and bit shift vectors, the IQ4 "
             "codebook) with torch.tensor(...) on every call and without device=, instead of "
             "keeping one copy per device. Shifting device blocks by a host vector is refused by "
-            "CUDA. Injected by patching harness.quant.dequant._consts (and turning off the Triton "
+            'CUDA. Injected by overriding the "dequant" table of harness.device_tables (and turning off the Triton '
             "kernels, which have tables of their own, so the torch path runs on a real GPU too). "
             "The tracer's first offence is a mismatch in the first per-call dequantization on an "
             "accelerator whose type uses the constants (the embedding when it is there, else the "
@@ -760,7 +1212,8 @@ _FAULTS = [
     ),
 ]
 
-CATALOG: dict[str, Fault] = {f.name: f for f in _FAULTS}
+CATALOG: dict[str, Fault] = {f.name: f for f in (*_FAULTS, *_GENERIC)}
+GENERIC: dict[str, Fault] = {f.name: f for f in _GENERIC}
 
 
 def names() -> list[str]:
@@ -773,6 +1226,8 @@ def get(name: str) -> Fault:
     try:
         return CATALOG[name]
     except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(CATALOG), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UsageError(
-            None, "fault", f"unknown fault {name!r} (known faults: {', '.join(CATALOG)})"
+            None, "fault", f"unknown fault {name!r}; {hint}`harness faults` lists the {len(CATALOG)} known"
         ) from None

@@ -255,7 +255,7 @@ def _check_size_and_kind(path: str) -> int:
 class _GGUF:
     """The parsed header of a GGUF file over a copy-on-write memory map of it."""
 
-    def __init__(self, path: str, with_tensors: bool = True):
+    def __init__(self, path: str, computable_only: bool = True):
         self.path = path
         size = _check_size_and_kind(path)
         if size < HEADER_BYTES:
@@ -297,8 +297,7 @@ class _GGUF:
             self.types[key] = vtype
         self.alignment = self._alignment()
         self.tensors: dict[str, TensorInfo] = {}
-        if with_tensors:
-            self._read_tensor_table(cur, n_tensors, size)
+        self._read_tensor_table(cur, n_tensors, size, computable_only)
 
     def _alignment(self) -> int:
         key = "general.alignment"
@@ -311,7 +310,7 @@ class _GGUF:
             raise GGUFMetadataError(self.path, key, f"must be a power of 2, got {value}")
         return value
 
-    def _read_tensor_table(self, cur: _Cursor, n_tensors: int, size: int) -> None:
+    def _read_tensor_table(self, cur: _Cursor, n_tensors: int, size: int, computable_only: bool) -> None:
         infos = []
         names: set[str] = set()
         for i in range(n_tensors):
@@ -339,7 +338,7 @@ class _GGUF:
         data_start = _pad(cur.pos, self.alignment)
         expected = 0  # llama.cpp: each tensor starts where the one before ends, padded to the alignment
         for name, label, dims, raw_type, offset in infos:
-            qtype = _tensor_type(self.path, label, raw_type)
+            qtype = _tensor_type(self.path, label, raw_type, computable_only)
             block, type_bytes = GGML_QUANT_SIZES[qtype]
             if dims[0] % block:
                 raise GGUFTensorError(
@@ -371,13 +370,15 @@ def _check_magic(path: str, head: bytes) -> None:
         )
 
 
-def _tensor_type(path: str, name: str, raw_type: int) -> GGMLType:
-    """The tensor's GGML type, refused at open when this harness cannot compute it."""
+def _tensor_type(path: str, name: str, raw_type: int, computable_only: bool) -> GGMLType:
+    """The tensor's GGML type; with `computable_only`, refused unless this harness computes it."""
     try:
         qtype = GGMLType(raw_type)
     except ValueError:
         raise GGUFTensorError(path, name, f"unknown GGML type id {raw_type}") from None
-    if qtype not in SUPPORTED_TYPES:
+    if qtype not in GGML_QUANT_SIZES:
+        raise GGUFTensorError(path, name, f"type {qtype.name} has no known block size")
+    if computable_only and qtype not in SUPPORTED_TYPES:
         supported = ", ".join(t.name for t in SUPPORTED_TYPES)
         raise UnsupportedTypeError(
             path, name, f"type {qtype.name} cannot be computed by this harness (supported: {supported})"
@@ -385,9 +386,34 @@ def _tensor_type(path: str, name: str, raw_type: int) -> GGMLType:
     return qtype
 
 
+def _check_vocabulary(path: str, metadata: dict[str, Any], n: int) -> None:
+    """The tokenizer arrays, where present, have one entry per row of the embedding (`n`)."""
+    kinds = {"tokenizer.ggml.tokens": str, "tokenizer.ggml.scores": float, "tokenizer.ggml.token_type": int}
+    for key, kind in kinds.items():
+        if key not in metadata:
+            continue
+        values = metadata[key]
+        if not isinstance(values, list):
+            raise GGUFMetadataError(path, key, f"must be an array, got {shown(values)}")
+        if len(values) != n:
+            raise GGUFMetadataError(
+                path, key, f"has {len(values)} entries, but the vocabulary has {n} tokens (token_embd rows)"
+            )
+        # GGUF arrays hold one item type: the first item says it
+        if values and (not isinstance(values[0], kind) or isinstance(values[0], bool)):
+            raise GGUFMetadataError(path, key, f"must hold {kind.__name__} values, got {shown(values[0])}")
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Every metadata key of any GGUF file (a vocab-only file too) as Python values."""
-    return _GGUF(os.fspath(path), with_tensors=False).metadata
+    """Every metadata key of any GGUF file (a vocab-only file too) as Python values.
+
+    In a model file the tokenizer arrays must have one entry per row of `token_embd.weight`
+    (a tokenizer built from a shorter list would map ids to the wrong rows)."""
+    f = _GGUF(os.fspath(path), computable_only=False)
+    embedding = f.tensors.get("token_embd.weight")
+    if embedding is not None and len(embedding.shape) == 2:
+        _check_vocabulary(f.path, f.metadata, embedding.shape[0])
+    return f.metadata
 
 
 class ModelFile:
@@ -409,7 +435,7 @@ class ModelFile:
         self.config = self._read_config()
         self.layout = self._detect_layout()
         self._check_tensors()
-        self._check_vocabulary()
+        _check_vocabulary(self.path, self.metadata, self.config.vocab_size)
 
     # -- metadata -------------------------------------------------------------------------
 
@@ -629,31 +655,6 @@ class ModelFile:
                             self.path, names[0], f"experts of one layer have different types ({listed})"
                         )
 
-    def _check_vocabulary(self) -> None:
-        """The tokenizer arrays, where present, have one entry per row of the embedding."""
-        n = self.config.vocab_size
-        kinds = {
-            "tokenizer.ggml.tokens": str,
-            "tokenizer.ggml.scores": float,
-            "tokenizer.ggml.token_type": int,
-        }
-        for key, kind in kinds.items():
-            if key not in self.metadata:
-                continue
-            values = self.metadata[key]
-            if not isinstance(values, list):
-                raise GGUFMetadataError(self.path, key, f"must be an array, got {shown(values)}")
-            if len(values) != n:
-                raise GGUFMetadataError(
-                    self.path,
-                    key,
-                    f"has {len(values)} entries, but the vocabulary has {n} tokens (token_embd rows)",
-                )
-            if values and not all(isinstance(v, kind) and not isinstance(v, bool) for v in values[:1]):
-                raise GGUFMetadataError(
-                    self.path, key, f"must hold {kind.__name__} values, got {shown(values[0])}"
-                )
-
     @property
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
@@ -726,14 +727,21 @@ class ModelFile:
         return f"ModelFile({self.path!r}, layout={self.layout!r}, tensors={len(self._tensors)})"
 
 
+MAX_WEIGHT = 65504.0  # the largest F16: no trained weight comes near it
+
+
 def _check_finite(path: str, info: TensorInfo, raw: np.ndarray) -> None:
-    """Refuse a tensor whose float values, or the f16 scales of its blocks, hold NaN or inf."""
+    """Refuse a tensor whose float values, or the f16 scales of its blocks, are NaN or inf, and
+    F32/BF16 values past the F16 range (finite, but a forward through them overflows float32)."""
     q = info.qtype
     if q == GGMLType.F32:
-        bad = ~np.isfinite(raw.view("<f4"))
-    elif q in (GGMLType.F16, GGMLType.BF16):
-        exponent = 0x7C00 if q == GGMLType.F16 else 0x7F80
-        bad = (raw.view("<u2") & exponent) == exponent  # exponent all ones: inf or NaN
+        values = raw.view("<f4")
+        bad = ~(np.abs(values) <= MAX_WEIGHT)  # NaN compares False
+    elif q == GGMLType.BF16:
+        values = (raw.view("<u2").astype("<u4") << 16).view("<f4")
+        bad = ~(np.abs(values) <= MAX_WEIGHT)
+    elif q == GGMLType.F16:
+        bad = (raw.view("<u2") & 0x7C00) == 0x7C00  # exponent all ones: inf or NaN
     else:
         offsets = F16_FIELDS.get(q, ())
         if not offsets:
@@ -743,8 +751,16 @@ def _check_finite(path: str, info: TensorInfo, raw: np.ndarray) -> None:
         bad = (scales & 0x7C00) == 0x7C00
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        where = f"value {first}" if q in FLOAT_TYPES else f"the f16 scale of block {first // len(offsets)}"
-        raise GGUFTensorError(path, info.name, f"{where} is NaN or inf")
+        if q in FLOAT_TYPES:
+            value = float(values[first]) if q != GGMLType.F16 else float(raw.view("<f2")[first])
+            raise GGUFTensorError(
+                path,
+                info.name,
+                f"value {first} is {value:g}: not finite or past ±{MAX_WEIGHT:g} (a corrupt file?)",
+            )
+        raise GGUFTensorError(
+            path, info.name, f"the f16 scale of block {first // len(offsets)} is NaN or inf"
+        )
 
 
 def open_gguf(path: str | os.PathLike | Path) -> ModelFile:

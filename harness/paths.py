@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -81,12 +82,23 @@ def open_input_file(path: str | os.PathLike, field: str | None = None) -> Binary
 
 
 def check_output_file(
-    path: str | os.PathLike, field: str | None = None, *, overwrite: bool = True, force_flag: str = "--force"
+    path: str | os.PathLike,
+    field: str | None = None,
+    *,
+    overwrite: bool = True,
+    force_flag: str = "--force",
+    inputs: Iterable[str | os.PathLike | None] = (),
 ) -> Path:
     """`path` as a Path if a regular file can be written there: its folder exists and is
-    writable, and whatever is there already is a regular file (replaced only if `overwrite`)."""
+    writable, whatever is there already is a regular file (replaced only if `overwrite`), and
+    it is none of `inputs` (files the same command reads or writes, which it would destroy)."""
     _nonempty(path, field)
     out = Path(path)
+    same = [os.fspath(i) for i in inputs if i is not None and os.path.realpath(i) == os.path.realpath(out)]
+    if same:
+        raise _error(
+            path, field, f"is also {same[0]!r}, which this command reads or writes; give another path"
+        )
     try:
         st = os.stat(out)
     except (FileNotFoundError, NotADirectoryError):

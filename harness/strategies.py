@@ -34,8 +34,10 @@ What each strategy gives:
 - `placements(n_layers, n_devices)`: keyword arguments of `Mixtral.from_gguf` / `Placement.resolve`:
   one device (`{"device": "cuda:1"}`), a device map (`{"device_map": {...}}`) or llama.cpp's partial
   offload (`{"n_gpu_layers": N, "device": "cuda:0"}`), over the CPU and `cuda:0..n_devices-1`.
-- `faults(model=None)`: names from `harness.faults.CATALOG`, only those that apply to `model` when
-  one is given.
+- `faults(model=None)`: names of the Mixtral faults of `harness.faults.CATALOG`, only those that
+  apply to `model` when one is given.
+- `generic_faults(model, run=None)`: (fault, module path) pairs of the generic faults, which apply
+  to any `nn.Module` (a transformers model, a hand-written MoE), at any module where they act.
 - `model_cases()`: all of it as one `ModelCase` (config, file type, layout, router, seed, tokens,
   placement), which synthesizes, loads, runs on the emulated accelerator or real CUDA, and writes
   out the code and the command line that reproduce it (`snippet()`, `command_line()`).
@@ -65,6 +67,7 @@ __all__ = [
     "configs",
     "device_maps",
     "faults",
+    "generic_faults",
     "group_types",
     "layouts",
     "model_cases",
@@ -271,15 +274,31 @@ def _full_name(device: str) -> str:
 
 
 def faults(model=None, names: Sequence[str] | None = None) -> st.SearchStrategy[str]:
-    """A fault name of `harness.faults.CATALOG` (or of `names`); with `model`, only the faults
-    that apply to it (`Fault.applies_to`). Nothing at all when none applies: draw it with
-    `data.draw()` after loading the model, from a placement that uses an accelerator."""
+    """A name of a Mixtral fault of `harness.faults.CATALOG` (or of `names`, generic ones too);
+    with `model`, only the faults that apply to it (`Fault.applies_to`). Nothing at all when none
+    applies: draw it with `data.draw()` after loading the model, from a placement that uses an
+    accelerator. The generic faults need a module as well: `generic_faults`."""
     from harness import faults as catalog  # imports the model: only when faults are wanted
 
-    pool = list(catalog.CATALOG) if names is None else [catalog.get(n).name for n in names]
+    if names is None:
+        pool = [n for n, f in catalog.CATALOG.items() if not f.generic]
+    else:
+        pool = [catalog.get(n).name for n in names]
     if model is not None:
         pool = [n for n in pool if catalog.get(n).applies_to(model)]
     return st.sampled_from(pool) if pool else st.nothing()
+
+
+def generic_faults(model, run=None, names: Sequence[str] | None = None) -> st.SearchStrategy[tuple[str, str]]:
+    """(fault name, module path): a generic fault of `harness.faults.GENERIC` (or of `names`) and
+    one of its sites in `model`, any `nn.Module` (`Fault.sites(model, run)`: `run`, a call that
+    runs the model once, keeps only the modules where a fault that depends on the module's code
+    acts). Shrinks towards the first fault and the first module. Nothing when no fault has a site."""
+    from harness import faults as catalog
+
+    pool = list(catalog.GENERIC) if names is None else [catalog.get(n).name for n in names]
+    pairs = [(name, at) for name in pool for at in catalog.get(name).sites(model, run)]
+    return st.sampled_from(pairs) if pairs else st.nothing()
 
 
 # ---- the composite ---------------------------------------------------------------------------

@@ -57,7 +57,10 @@ class TraceSession:
         entry = self.outcomes.setdefault(report.nodeid, {"outcome": "passed", "duration": 0.0})
         entry["duration"] += report.duration
         if report.failed:
-            entry["outcome"] = "error" if report.when != "call" else "failed"
+            if report.when == "call":
+                entry["outcome"] = "failed"
+            elif entry["outcome"] != "failed":
+                entry["outcome"] = "error"
         elif report.skipped and entry["outcome"] == "passed":
             entry["outcome"] = "skipped"
         if report.when == "call" and hasattr(report, "wasxfail"):
@@ -117,7 +120,7 @@ class TraceSession:
         from harness.trace import load_trace
 
         records, problems = self.all_records()
-        traces, names, tests, seen = [], [], set(), {}
+        traces, names, outcomes, tests, seen = [], [], [], set(), {}
         for rec in sorted(records, key=lambda r: r["test"]):
             path = Path(rec["path"])
             if not path.is_file() or path.stat().st_size == 0:
@@ -132,13 +135,21 @@ class TraceSession:
             seen[label] = seen.get(label, 0) + 1
             names.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
             traces.append(trace)
+            outcomes.append(self.outcomes.get(rec["test"]))
             tests.add(rec["test"])
         if not traces:
             self.report_line = "no traces were recorded by the `harness_tracer` fixture: no report written"
             return
         title = f"pytest report: {len(traces)} traces from {len(tests)} tests"
         try:
-            out = build_report(traces, self.report_path, title=title, names=names)
+            out = build_report(
+                traces,
+                self.report_path,
+                title=title,
+                names=names,
+                tests=outcomes,
+                command=_command_line(self.config),
+            )
         except HarnessError as exc:
             self.report_line = f"harness report not written: {exc}"
             return

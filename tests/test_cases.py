@@ -511,7 +511,9 @@ def test_cli_runs_cases_and_exits_0(tmp_path, capsys):
     assert sorted(p.name for p in out_dir.iterdir()) == [
         "candle-1815-mixtral-router-fixed.jsonl",
         "candle-1815-mixtral-router.jsonl",
+        "models",  # the synthesized model the traces name, kept beside them
     ]
+    assert len(list((out_dir / "models").glob("*.gguf"))) == 1  # the twins share one
 
 
 def test_cli_exits_1_when_a_case_fails_and_json(tmp_path, capsys):

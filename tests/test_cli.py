@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from harness.cli import main
@@ -86,6 +86,24 @@ def tiny(files):
 # -- llama.cpp habits ---------------------------------------------------------------------------
 
 
+def test_every_command_has_help():
+    for command in [
+        "bench",
+        "cases",
+        "demo",
+        "faults",
+        "inspect",
+        "logits",
+        "report",
+        "run",
+        "synth",
+        "tokenize",
+        "trace",
+    ]:
+        code, out, _ = call([command, "--help"])
+        assert code == 0 and out.startswith(f"usage: harness {command} ")
+
+
 def test_version():
     done = run_cli("--version")
     assert done.returncode == 0 and done.stderr == ""
@@ -97,7 +115,7 @@ def test_no_command_is_one_line_with_the_commands():
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "harness: error: no command given; one of: demo, trace, report, cases, faults, synth, inspect, "
-        "run, logits, tokenize (harness --help says more)"
+        "run, logits, tokenize, bench (harness --help says more)"
     ]
 
 
@@ -200,6 +218,26 @@ def test_inspect_prints_every_metadata_key_and_the_file_type(tiny):
     assert "[str x 384]" in tokens_line and "'<unk>', '<s>', '</s>'" in tokens_line
     table_row = next(line for line in out.splitlines() if "token_embd.weight" in line)
     assert "[256, 384]" in table_row  # ggml order: ne0 (row length) first
+
+
+def test_inspect_shows_the_metadata_of_a_gguf_it_cannot_run(tmp_path):
+    """Another architecture (a vocabulary-only file here): its keys on stdout, then why not, exit 2."""
+    import gguf
+
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_file_type(7)
+    writer.add_string("tokenizer.ggml.model", "gpt2\nforged line")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    code, out, err = call(["inspect", str(path)])
+    assert code == 2 and len(err.splitlines()) == 1 and str(path) in err
+    assert out.splitlines()[0] == f"{path}: qwen2, file type Q8_0"
+    assert (
+        "general.architecture" in out and "3: tokenizer.ggml.model  str  'gpt2\\nforged line'" in out
+    )  # one line, quoted
 
 
 def test_inspect_json(tiny):
@@ -428,6 +466,28 @@ BAD_INPUTS = [
     (["inspect", "{dir}/absent.gguf"], "{dir}/absent.gguf: no such file"),
     (["inspect", "{file}"], "{file}: magic: not a GGUF file..."),
     (["tokenize", "/dev/zero", "x"], "/dev/zero: is a device, not a regular file"),
+    (
+        ["bench", "{tiny}", "--device", "emulated"],
+        "--device: emulated devices compute on the CPU, so their speed means nothing; bench cpu or a real cuda device",
+    ),
+    (["bench", "{tiny}", "-r", "0"], "-r: must be in [1, 1000], got 0"),
+    (["bench", "{tiny}", "-o", "yaml"], "-o: invalid choice: 'yaml' (choose from 'md', 'json', 'csv')"),
+    (
+        ["bench", "{tiny}", "--compare-llamacpp", "{file}"],
+        "--compare-llamacpp: '{file}' is not an executable; give its path: --compare-llamacpp /path/to/llama-bench",
+    ),
+    (
+        ["report", "{clean}", "-o", "{clean}"],
+        "-o: {clean}: is also '{clean}', which this command reads or writes; give another path",
+    ),
+    (
+        ["logits", "{tiny}", "--tokens", "1", "-o", "{tiny}"],
+        "-o: {tiny}: is also '{tiny}', which this command reads or writes; give another path",
+    ),
+    (
+        ["trace", "{tiny}", "-o", "{dir}/t.jsonl", "--report", "{dir}/t.jsonl"],
+        "--report: {dir}/t.jsonl: is also '{dir}/t.jsonl', which this command reads or writes; give another path",
+    ),
     (["explode"], "COMMAND: invalid choice: 'explode' (choose from ..."),
 ]
 
@@ -513,9 +573,19 @@ _FLAGS = {
     "tokenize": {"--json": None, "--no-bos": None},
     "report": {"-o": _OUTPUTS, "--fail-on-dirty": None, "--json": None},
     "synth": {"--seed": _INTS, "--type": (["Q8_0"], ["", "Q9"]), "--force": None},
+    "bench": {
+        "-p": (["1", "4"], ["0", "x"]),
+        "-n": (["1", "2"], ["0", "-1"]),
+        "-r": (["1"], ["0", ""]),
+        "--warmup": (["0"], ["-1"]),
+        "--device": (["cpu"], ["emulated", "meta", "", "cuda:7"]),
+        "-o": (["md", "json", "csv"], ["", "yaml"]),
+        "--json": None,
+    },
     "cases": {"--out-dir": (["{dir}/cases/out"], ["{file}", "{fifo}", ""]), "--json": None},
 }
 _FIRST = {
+    "bench": _MODELS,
     "run": _MODELS,
     "logits": _MODELS,
     "trace": _MODELS,
@@ -540,6 +610,8 @@ def argument_sets(draw):
     argv = [command, pick(_FIRST[command])]
     if command == "tokenize":
         argv.append(pick(_TEXTS))
+    if command == "bench":  # small tests unless drawn below (the last of a flag counts)
+        argv += ["-p", "4", "-n", "1", "-r", "1", "--warmup", "0"]
     for flag in draw(st.lists(st.sampled_from(sorted(_FLAGS[command])), unique=True, max_size=4)):
         values = _FLAGS[command][flag]
         argv += [flag] if values is None else [flag, pick(values)]
@@ -548,7 +620,7 @@ def argument_sets(draw):
     return argv
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None)
 @given(argv=argument_sets())
 def test_any_argument_set_ends_in_time_with_a_clear_status(files, argv):
     argv = [a.format(**files) for a in argv]
@@ -558,3 +630,57 @@ def test_any_argument_set_ends_in_time_with_a_clear_status(files, argv):
     assert "Traceback" not in err
     if code == 2:
         assert len(err.splitlines()) == 1 and err.startswith("harness: error: "), (argv, err)
+
+
+# -- harness bench ----------------------------------------------------------------------------------
+
+FAKE_LLAMA_BENCH = """#!/bin/sh
+echo "$@" > "$(dirname "$0")/argv"
+cat <<'JSON'
+[{"n_prompt": 8, "n_gen": 0, "avg_ts": 100.0, "stddev_ts": 2.0, "samples_ts": [98.0, 102.0],
+  "model_filename": "tiny.gguf", "model_size": 2105000, "gpu_info": ""},
+ {"n_prompt": 0, "n_gen": 2, "avg_ts": 50.0, "stddev_ts": 1.0, "samples_ts": [49.0, 51.0],
+  "model_filename": "tiny.gguf", "model_size": 2105000, "gpu_info": ""}]
+JSON
+"""
+
+
+def test_bench_as_llama_bench(tiny, tmp_path):
+    """pp and tg rows with mean ± sd over the repetitions; -o json; llama-bench's rows beside."""
+    code, out, err = call(["bench", str(tiny), "-p", "8", "-n", "2", "-r", "2", "--warmup", "0"])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "| engine | model | size | device | test | t/s |"
+    assert [line.split(" | ")[4] for line in lines[2:]] == ["pp8", "tg2"]
+    assert all(" ± " in line for line in lines[2:])
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH)
+    fake.chmod(0o755)
+    code, out, err = call(
+        ["bench", str(tiny), "-p", "8", "-n", "2", "-r", "2", "-o", "json", "--compare-llamacpp", str(fake)]
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["engine"], r["test"]) for r in rows] == [
+        ("harness", "pp8"),
+        ("harness", "tg2"),
+        ("llama.cpp", "pp8"),
+        ("llama.cpp", "tg2"),
+    ]
+    assert rows[2]["ts_mean"] == 100.0 and rows[3]["ts_median"] == 50.0
+    assert (tmp_path / "argv").read_text().split() == [
+        "-m",
+        str(tiny),
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-ngl",
+        "0",
+        "-r",
+        "2",
+        "-fa",
+        "0",
+        "-o",
+        "json",
+    ]

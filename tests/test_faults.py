@@ -11,23 +11,23 @@ the detection table (fault x configs tried x detected x located).
 
 from __future__ import annotations
 
-import importlib
 import os
+import pickle
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from harness import faults
+from harness.device_tables import TABLES
 from harness.errors import UsageError
 from harness.gguf_file import MixtralConfig
 from harness.model.mixtral import Mixtral
-from harness.quant import dequant
+from harness.quant import dequant, kernels
 from harness.synth import synthesize
+from harness.trace import OFFENDING as trace_offending
 from harness.trace import Tracer, is_device_error
 from harness.trace.emulated import EmulatedCuda, cpu_data
-
-kernels = importlib.import_module("harness.quant.kernels")
 
 REQUIRED = (
     "candle-1815",
@@ -42,7 +42,7 @@ REQUIRED = (
     "lost-boundary-transfer",
     "item-in-routing",
 )
-OFFENDING = ("mismatch", "sync", "stray")
+OFFENDING = ("mismatch", "sync", "stray", "transfer")
 
 # -- models and placements ---------------------------------------------------------------------
 
@@ -87,6 +87,7 @@ class Config:
     tokens: tuple[int, ...]  # traced
     prefill: tuple[int, ...] = ()  # run clean before the traced tokens (a decode step then)
     not_applicable: frozenset[str] = frozenset()  # faults that must not apply here
+    generic: bool = False  # also the generic faults (any model; tests/test_thirdparty.py has more)
 
     @property
     def start_pos(self) -> int:
@@ -99,7 +100,7 @@ CPU_EMBED_AND_HEAD = frozenset({"embedding-output-on-cpu", "head-on-wrong-gpu"})
 NO_BLOCK_TYPES = frozenset({"dequant-host-constants"})
 
 CONFIGS = [
-    Config("thebloke-cuda-prefill", "thebloke", ALL_CUDA, PROMPT, not_applicable=NO_BOUNDARY),
+    Config("thebloke-cuda-prefill", "thebloke", ALL_CUDA, PROMPT, not_applicable=NO_BOUNDARY, generic=True),
     Config("thebloke-split-prefill", "thebloke", SPLIT_2, PROMPT),
     Config(
         "thebloke-ngl1-prefill", "thebloke", {"n_gpu_layers": 1}, PROMPT, not_applicable=CPU_EMBED_AND_HEAD
@@ -120,6 +121,7 @@ CONFIGS = [
         (7,),
         prefill=PROMPT[:4],
         not_applicable=CPU_EMBED_AND_HEAD,
+        generic=True,
     ),
     Config(
         "merged-headsplit-decode",  # the only boundary is the one into the output norm
@@ -135,6 +137,7 @@ CONFIGS = [
         SPLIT_3,
         PROMPT[:3],
         not_applicable=frozenset({"embedding-output-on-cpu"}) | NO_BLOCK_TYPES,
+        generic=True,
     ),
 ]
 
@@ -155,13 +158,25 @@ def paths(tmp_path_factory):
     return {name: synthesize(d / f"{name}.gguf", seed=7, **spec) for name, spec in MODELS.items()}
 
 
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory):
+    """A folder every pytest-xdist worker of this session sees (the session's own folder)."""
+    base = tmp_path_factory.getbasetemp()
+    d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "fault-sweeps"
+    d.mkdir(exist_ok=True)
+    return d
+
+
 # -- helpers -----------------------------------------------------------------------------------
 
 
 def _state(model: Mixtral) -> dict:
     """Every object a fault may replace: instance methods (forward, causal_mask), buffers,
     patched module functions."""
-    state = {("fn", "dequant._consts"): dequant._consts, ("fn", "kernels.supports"): kernels.supports}
+    state = {
+        ("table", "dequant"): TABLES.overridden(dequant.DEQUANT_TABLE),
+        ("fn", "kernels.supports"): kernels.supports,
+    }
     for path, m in model.named_modules():
         for name in ("forward", "causal_mask"):
             state[(name, path)] = m.__dict__.get(name)
@@ -186,6 +201,9 @@ def _load(path, cfg: Config) -> Mixtral:
 @dataclass
 class Outcome:
     applies: bool
+    tried: bool = True  # False: a generic fault this config leaves out
+    at: str | None = None  # the module a generic fault went in at
+    fired: int | None = None  # times a generic fault acted in the traced run
     expected: tuple | None = None  # (class, module, tensor)
     first: tuple | None = None
     verdict: str | None = None
@@ -203,6 +221,8 @@ class Outcome:
 
     @property
     def located(self) -> bool:
+        if self.at is not None:  # a generic fault names its module; the tensor is what the op read
+            return self.first is not None and self.first[:2] == self.expected[:2]
         return self.first == self.expected
 
 
@@ -215,10 +235,25 @@ class Sweep:
 _SWEEPS: dict[str, Sweep] = {}
 
 
-def _sweep(cfg: Config, paths) -> Sweep:
-    """Run every catalog fault on one config (memoized: the table test reuses the results)."""
+def _sweep(cfg: Config, paths, shared=None) -> Sweep:
+    """Run every catalog fault on one config. Memoized in the process, and in `shared` (a folder
+    of the session) for the other xdist workers: the table test takes a worker's results from
+    there and runs the configs no worker has run yet."""
     if cfg.id in _SWEEPS:
         return _SWEEPS[cfg.id]
+    stored = shared / f"{cfg.id}.pickle" if shared is not None else None
+    if stored is not None and stored.exists():
+        _SWEEPS[cfg.id] = pickle.loads(stored.read_bytes())
+        return _SWEEPS[cfg.id]
+    _SWEEPS[cfg.id] = _run_sweep(cfg, paths)
+    if stored is not None:
+        part = stored.with_suffix(f".{os.getpid()}.part")
+        part.write_bytes(pickle.dumps(_SWEEPS[cfg.id]))
+        part.replace(stored)  # atomic: a reader sees all of it or nothing
+    return _SWEEPS[cfg.id]
+
+
+def _run_sweep(cfg: Config, paths) -> Sweep:
     outcomes = {}
     clean = []
     with EmulatedCuda(device_count=2):
@@ -232,24 +267,35 @@ def _sweep(cfg: Config, paths) -> Sweep:
         clean.append(tracer.summary.counts)
 
         for fault in faults.CATALOG.values():
+            if fault.generic and not cfg.generic:
+                outcomes[fault.name] = Outcome(applies=False, tried=False)
+                continue
             if not fault.applies_to(model):
                 outcomes[fault.name] = Outcome(applies=False)
                 continue
-            o = Outcome(applies=True)
-            location = fault.location(model)
-            o.expected = (fault.expected(model), *location)
+            at = None
+            if fault.generic:  # at the first module where it acts in this run
+                sites = fault.sites(model, run=lambda: model(torch.tensor(cfg.tokens), cfg.start_pos))
+                if not sites:
+                    outcomes[fault.name] = Outcome(applies=False)
+                    continue
+                at = sites[0]
+            o = Outcome(applies=True, at=at)
+            location = fault.location(model, at)
+            o.expected = (fault.expected(model, at), *location)
             before = _state(model)
             raised = None
-            with fault.inject(model) as injection:
+            with fault.inject(model, at) as injection:
                 o.changed = bool(_changed(before, _state(model)))
-                o.location_stable = injection.location == location == fault.location(model)
+                o.location_stable = injection.location == location == fault.location(model, at)
                 with Tracer(model, keep_events=True) as tracer:
                     try:
                         model(torch.tensor(cfg.tokens), cfg.start_pos)
                     except RuntimeError as exc:
                         raised = exc
+                o.fired = injection.fired
             o.left_behind = _changed(before, _state(model))
-            o.location_stable = o.location_stable and fault.location(model) == location
+            o.location_stable = o.location_stable and fault.location(model, at) == location
             s = tracer.summary
             o.verdict, o.counts = s.verdict, s.counts
             if s.first_offence is not None:
@@ -271,8 +317,7 @@ def _sweep(cfg: Config, paths) -> Sweep:
             after = _logits(model, cfg)
         clean.append(tracer.summary.counts)
         assert torch.equal(after, reference)
-    _SWEEPS[cfg.id] = Sweep(clean, outcomes)
-    return _SWEEPS[cfg.id]
+    return Sweep(clean, outcomes)
 
 
 # -- the catalog -------------------------------------------------------------------------------
@@ -294,7 +339,8 @@ def test_catalog_has_the_known_bug_classes():
 def test_unknown_fault_names_the_known_ones():
     with pytest.raises(UsageError, match="unknown fault 'candle-1816'") as info:
         faults.get("candle-1816")
-    assert all(name in str(info.value) for name in faults.CATALOG)
+    assert "did you mean candle-1815" in str(info.value)
+    assert f"lists the {len(faults.CATALOG)} known" in str(info.value)
 
 
 def test_no_fault_applies_to_a_cpu_model(paths):
@@ -347,8 +393,10 @@ def test_nested_injections_come_out_in_reverse_order(paths):
     before = _state(model)
     with faults.get("candle-1815").inject(model), faults.get("item-in-routing").inject(model):
         with faults.get("dequant-host-constants").inject(model):
-            assert dequant._consts is not before[("fn", "dequant._consts")]
-        assert dequant._consts is before[("fn", "dequant._consts")]
+            assert TABLES.overridden(dequant.DEQUANT_TABLE) is not None
+            assert dequant.constants(torch.device("meta")).nib.device.type == "cpu"
+        assert TABLES.overridden(dequant.DEQUANT_TABLE) is None
+        assert dequant.constants(torch.device("meta")).nib.device.type == "meta"
         assert model.layers[0].moe.router.weight.device.type == "cpu"
         assert "forward" in model.layers[0].moe.__dict__
     assert _changed(before, _state(model)) == []
@@ -380,44 +428,72 @@ def test_removal_leaves_what_changed_since_and_says_so(paths):
 # -- detection and localization on the emulated accelerator ------------------------------------
 
 
+def _problems(o: Outcome) -> list[str]:
+    """What is wrong with one fault's outcome (nothing when it was detected, located and removed)."""
+    problems = []
+    if not o.detected:
+        problems.append(f"verdict {o.verdict}")
+    if not o.located:
+        problems.append(f"first offence {o.first}, expected {o.expected}")
+    if o.raised is not None and not o.raised_recorded:
+        problems.append(f"raised {o.raised!r} without a mismatch event carrying it")
+    if not o.changed and not o.fired:
+        problems.append("injection changed nothing")
+    if not o.location_stable:
+        problems.append("location() changed with the injection")
+    if o.left_behind:
+        problems.append(f"not restored: {o.left_behind}")
+    if not o.same_logits:
+        problems.append("logits after remove() differ from before")
+    return problems
+
+
+def _expects_transfer(o: Outcome) -> bool:
+    return o.applies and o.expected[0] == "transfer"
+
+
+TRANSFERS_OFFEND = "transfer" in trace_offending
+NO_TRANSFER_POLICY = pytest.mark.xfail(
+    not TRANSFERS_OFFEND,
+    strict=True,
+    reason="tracer: an undeclared transfer inside the forward is not yet offending (issue 9, build item 1)",
+)
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.id for c in CONFIGS])
-def test_clean_model_is_clean_and_every_fault_is_detected_and_located(cfg, paths):
-    sweep = _sweep(cfg, paths)
+def test_clean_model_is_clean_and_every_fault_is_detected_and_located(cfg, paths, shared_dir):
+    """Every fault whose first offence is a mismatch, sync or stray (transfers: the next test)."""
+    sweep = _sweep(cfg, paths, shared_dir)
     # False positives: none of the clean runs (before any fault, after all were removed) offends.
     for counts in sweep.clean_counts:
-        assert {c: counts[c] for c in OFFENDING} == dict.fromkeys(OFFENDING, 0)
+        assert {c: counts.get(c, 0) for c in OFFENDING} == dict.fromkeys(OFFENDING, 0)
 
-    not_applied = {name for name, o in sweep.outcomes.items() if not o.applies}
+    not_applied = {name for name, o in sweep.outcomes.items() if o.tried and not o.applies}
     assert not_applied == set(cfg.not_applicable)
-    wrong = {}
-    for name, o in sweep.outcomes.items():
-        if not o.applies:
-            continue
-        problems = []
-        if not o.detected:
-            problems.append(f"verdict {o.verdict}")
-        if not o.located:
-            problems.append(f"first offence {o.first}, expected {o.expected}")
-        if o.raised is not None and not o.raised_recorded:
-            problems.append(f"raised {o.raised!r} without a mismatch event carrying it")
-        if not o.changed:
-            problems.append("injection changed nothing")
-        if not o.location_stable:
-            problems.append("location() changed with the injection")
-        if o.left_behind:
-            problems.append(f"not restored: {o.left_behind}")
-        if not o.same_logits:
-            problems.append("logits after remove() differ from before")
-        if problems:
-            wrong[name] = problems
+    wrong = {
+        name: _problems(o)
+        for name, o in sweep.outcomes.items()
+        if o.applies and not _expects_transfer(o) and _problems(o)
+    }
     assert wrong == {}
 
 
-def test_faults_that_break_the_forward_raise_a_device_error(paths):
+@NO_TRANSFER_POLICY
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.generic], ids=[c.id for c in CONFIGS if c.generic])
+def test_faults_that_only_copy_are_detected_and_located(cfg, paths, shared_dir):
+    """Faults whose first offence is an undeclared transfer: a weight uploaded on every call, an
+    output sent up from a module on the CPU."""
+    sweep = _sweep(cfg, paths, shared_dir)
+    copying = {name: o for name, o in sweep.outcomes.items() if _expects_transfer(o)}
+    assert copying  # weight-uploaded-per-call applies wherever a module runs on an accelerator
+    assert {name: _problems(o) for name, o in copying.items() if _problems(o)} == {}
+
+
+def test_faults_that_break_the_forward_raise_a_device_error(paths, shared_dir):
     """On CUDA's rules the mismatch faults fail the forward (a device error the tracer recorded
     before the op ran); the routing read on the host, the mask built there and the embedding
     output brought back by the model's own guard run to the end."""
-    sweep = _sweep(CONFIGS[0], paths)
+    sweep = _sweep(CONFIGS[0], paths, shared_dir)
     raising = {name for name, o in sweep.outcomes.items() if o.raised}
     silent = {name for name, o in sweep.outcomes.items() if o.applies and not o.raised}
     assert silent == {
@@ -425,20 +501,24 @@ def test_faults_that_break_the_forward_raise_a_device_error(paths):
         "item-in-routing",
         "causal-mask-on-host",
         "embedding-output-on-cpu",
+        "output-on-wrong-device",  # the embedding's: the model's forward moves it back
+        "item-in-forward",
+        "weight-uploaded-per-call",
     }
     assert {"candle-1815", "rope-tables-on-cpu", "dequant-host-constants", "norm-weight-on-cpu"} <= raising
     assert all(is_device_error(sweep.outcomes[name].raised) for name in raising)
     assert all(sweep.outcomes[name].raised_recorded for name in raising)
 
 
-def test_detection_table(paths, capsys):
-    """Every fault on every config it applies to: detected and located, 100%; printed for the record.
+def test_detection_table(paths, shared_dir, capsys):
+    """Every fault on every config it applies to, over the whole config list: detected and
+    located, 100% (transfers: where the tracer makes them offending); printed for the record.
 
-    Under pytest-xdist the configs are spread over the workers (and a worker's output is not
-    shown): this worker's table then covers the configs it ran, rather than running them all again."""
+    Under pytest-xdist the configs the other workers ran are taken from the session's shared
+    folder and the rest are run here (a worker's output is not shown; `-n 0` shows the table)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    configs = [c for c in CONFIGS if c.id in _SWEEPS] if worker else CONFIGS
-    sweeps = {cfg.id: _sweep(cfg, paths) for cfg in configs}
+    configs = CONFIGS
+    sweeps = {cfg.id: _sweep(cfg, paths, shared_dir) for cfg in configs}
     rows = []
     for name, fault in faults.CATALOG.items():
         outs = [s.outcomes[name] for s in sweeps.values() if s.outcomes[name].applies]
@@ -447,7 +527,7 @@ def test_detection_table(paths, capsys):
         rows.append((name, fault.expected_class, tried, detected, located, raised))
     tried, detected, located = (sum(r[i] for r in rows) for i in (2, 3, 4))
     clean_runs = [c for s in sweeps.values() for c in s.clean_counts]
-    false_positives = sum(c[k] for c in clean_runs for k in OFFENDING)
+    false_positives = sum(c.get(k, 0) for c in clean_runs for k in OFFENDING)
 
     width = max(len(r[0]) for r in rows)
     lines = [
@@ -463,7 +543,12 @@ def test_detection_table(paths, capsys):
     with capsys.disabled():
         print("\n" + "\n".join(lines))
 
-    if not worker:
-        assert all(t >= 2 for _, _, t, _, _, _ in rows), "every fault must be tried on at least two configs"
-    assert detected == tried and located == tried
+    assert all(t >= 2 for _, _, t, _, _, _ in rows), "every fault must be tried on at least two configs"
+    missed = [
+        (cfg_id, name)
+        for cfg_id, s in sweeps.items()
+        for name, o in s.outcomes.items()
+        if o.applies and not (o.detected and o.located) and (TRANSFERS_OFFEND or not _expects_transfer(o))
+    ]
+    assert missed == []
     assert false_positives == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import struct
 import tracemalloc
 
@@ -11,7 +13,13 @@ import torch
 from gguf import GGUFReader, GGUFValueType
 
 import harness
-from harness.errors import GGUFFormatError, GGUFMetadataError, GGUFTensorError, HarnessError
+from harness.errors import (
+    GGUFFormatError,
+    GGUFMetadataError,
+    GGUFTensorError,
+    HarnessError,
+    UnsupportedTypeError,
+)
 from harness.gguf_file import PRESETS, open_gguf
 from harness.quant.types import GGMLType
 from harness.synth import synthesize
@@ -293,3 +301,325 @@ def test_missing_tensor_lookup(files):
 def test_every_error_is_a_harness_error():
     for cls in (GGUFFormatError, GGUFMetadataError, GGUFTensorError):
         assert issubclass(cls, HarnessError)
+
+
+# -- bounds checked before use (llama.cpp's gguf.cpp and llama-model-loader.cpp) -----------------
+
+
+def _copy(files, tmp_path, layout="merged"):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(files[layout].read_bytes())
+    return bad
+
+
+def _key_offsets(path, key):
+    """File offsets of a key's parts: "type", and for an array "items" and "length"."""
+    from tests.gguf_edit import byte_offset
+
+    reader = GGUFReader(path)
+    parts = reader.fields[key].parts
+    out = {"type": byte_offset(reader, parts[2])}
+    if len(parts) > 4:
+        out |= {"items": byte_offset(reader, parts[3]), "length": byte_offset(reader, parts[4])}
+    else:
+        out["value"] = byte_offset(reader, parts[3])
+    return out
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.scores", "tokenizer.ggml.tokens"])
+@pytest.mark.parametrize("length", [2**40, 2**22 + 1, 2**64 - 1])
+def test_huge_array_length_is_refused_at_once(files, tmp_path, key, length):
+    # gguf-py's parser spins on such a length; llama.cpp reads only what the file holds.
+    bad = _copy(files, tmp_path)
+    patch(bad, _key_offsets(bad, key)["length"], struct.pack("<Q", length))
+    tracemalloc.start()
+    with pytest.raises(GGUFFormatError, match=rf"bad.gguf: {key}: an array of {length} items"):
+        open_gguf(bad)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 16 * 2**20
+
+
+def test_array_longer_than_the_file_is_refused(files, tmp_path):
+    bad = _copy(files, tmp_path)
+    patch(bad, _key_offsets(bad, "tokenizer.ggml.scores")["length"], struct.pack("<Q", 2**21))
+    with pytest.raises(
+        GGUFFormatError, match="tokenizer.ggml.scores: an array of 2097152 items needs 8388608 bytes"
+    ):
+        open_gguf(bad)
+
+
+def test_nested_arrays_and_unknown_value_types_are_refused(files, tmp_path):
+    bad = _copy(files, tmp_path)
+    patch(bad, _key_offsets(bad, "tokenizer.ggml.scores")["items"], struct.pack("<I", 9))
+    with pytest.raises(GGUFFormatError, match="tokenizer.ggml.scores: arrays of arrays are not allowed"):
+        open_gguf(bad)
+    bad = _copy(files, tmp_path)
+    patch(bad, _key_offsets(bad, "llama.block_count")["type"], struct.pack("<I", 13))
+    with pytest.raises(GGUFFormatError, match="llama.block_count: unknown value type 13"):
+        open_gguf(bad)
+
+
+def test_duplicate_key_and_tensor_name(files, tmp_path):
+    from tests.gguf_edit import byte_offset
+
+    reader = GGUFReader(files["merged"])
+    # Two keys of one length: the second renamed to the first.
+    by_length: dict[int, list[str]] = {}
+    for name in reader.fields:
+        if not name.startswith("GGUF."):
+            by_length.setdefault(len(name), []).append(name)
+    first, second = next(names for names in by_length.values() if len(names) > 1)[:2]
+    bad = _copy(files, tmp_path)
+    patch(bad, byte_offset(reader, reader.fields[second].parts[1]), first.encode())
+    with pytest.raises(GGUFFormatError, match=f"bad.gguf: {first}: appears twice"):
+        open_gguf(bad)
+    bad = _copy(files, tmp_path)
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight")
+    patch(bad, byte_offset(reader, t.field.parts[1]), b"blk.0.attn_k.weight")
+    with pytest.raises(
+        GGUFTensorError, match="bad.gguf: blk.0.attn_k.weight: appears twice in the tensor table"
+    ):
+        open_gguf(bad)
+
+
+def test_overlapping_and_out_of_order_data_is_refused(files, tmp_path):
+    # One tensor's offset moved onto another's data: llama.cpp refuses any offset but the next.
+    reader = GGUFReader(files["merged"])
+    first, second = reader.tensors[0], reader.tensors[1]
+    bad = _copy(files, tmp_path)
+    patch(
+        bad,
+        tensor_info_offsets(bad, second.name)["offset"],
+        struct.pack("<Q", int(first.data_offset - reader.data_offset)),
+    )
+    with pytest.raises(
+        GGUFTensorError, match=rf"{second.name}: data offset 0, expected \d+: tensor data must follow"
+    ):
+        open_gguf(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [(0, "must be a power of 2, got 0"), (48, "must be a power of 2, got 48")]
+)
+def test_alignment_must_be_a_power_of_two(files, tmp_path, value, message):
+    bad = rewrite(
+        files["merged"], tmp_path / "bad.gguf", set_keys={"general.alignment": (value, GGUFValueType.UINT32)}
+    )
+    with pytest.raises(GGUFMetadataError, match=f"general.alignment: {message}"):
+        open_gguf(bad)
+    bad = rewrite(
+        files["merged"], tmp_path / "bad2.gguf", set_keys={"general.alignment": (32, GGUFValueType.UINT64)}
+    )
+    with pytest.raises(GGUFMetadataError, match="general.alignment: must be a uint32"):
+        open_gguf(bad)
+
+
+def test_a_file_laid_out_to_another_alignment_loads(files, tmp_path):
+    good = rewrite(
+        files["merged"],
+        tmp_path / "a64.gguf",
+        set_keys={"general.alignment": (64, GGUFValueType.UINT32)},
+        alignment=64,
+    )
+    mf = open_gguf(good)
+    assert torch.equal(
+        mf.tensor("blk.1.attn_q.weight").raw, open_gguf(files["merged"]).tensor("blk.1.attn_q.weight").raw
+    )
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.IQ1_S, GGMLType.IQ2_XXS, GGMLType.TQ1_0])
+def test_a_type_that_cannot_be_computed_is_refused_at_open(files, tmp_path, qtype):
+    from gguf import GGML_QUANT_SIZES
+
+    name = "blk.1.attn_q.weight"
+    rows, cols = open_gguf(files["merged"]).shape(name)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.zeros((rows, cols // block * size), dtype=np.uint8)
+    bad = rewrite(files["merged"], tmp_path / "bad.gguf", retype={name: (int(qtype), raw)})
+    with pytest.raises(UnsupportedTypeError, match=f"bad.gguf: {name}: type {qtype.name} cannot be computed"):
+        open_gguf(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("llama.rope.freq_base", float("nan")),
+        ("llama.rope.freq_base", 0.0),
+        ("llama.rope.freq_base", -10000.0),
+        ("llama.rope.freq_base", float("inf")),
+        ("llama.attention.layer_norm_rms_epsilon", float("inf")),
+        ("llama.attention.layer_norm_rms_epsilon", 0.0),
+        ("llama.attention.layer_norm_rms_epsilon", float("nan")),
+    ],
+)
+def test_non_finite_or_non_positive_floats_are_refused(files, tmp_path, key, value):
+    bad = rewrite(files["merged"], tmp_path / "bad.gguf", set_keys={key: (value, GGUFValueType.FLOAT32)})
+    with pytest.raises(GGUFMetadataError, match=f"bad.gguf: {key}: must be finite and positive, got {value}"):
+        open_gguf(bad)
+
+
+def test_odd_head_dim_without_rope_dimension_count(files, tmp_path):
+    bad = rewrite(
+        files["merged"],
+        tmp_path / "bad.gguf",
+        drop_keys=("llama.rope.dimension_count",),
+        set_keys={"llama.attention.head_count": (256, GGUFValueType.UINT32)},
+    )
+    with pytest.raises(GGUFMetadataError, match="llama.attention.head_count: head_dim 1 .* is odd"):
+        open_gguf(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("llama.block_count", 2**31, "2147483648 layers, but the file has only 23 tensors"),
+        ("llama.block_count", 2**40, "1099511627776 does not fit a uint32"),
+        ("llama.context_length", 2**63, "9223372036854775808 does not fit a uint32"),
+        ("llama.expert_count", 2**31 - 1, "2147483647 experts in 2 per-expert layers need"),
+        ("llama.expert_used_count", 5, "5 used experts, but expert_count is 4"),
+    ],
+)
+def test_counts_are_bounded_before_lists_are_built(files, tmp_path, key, value, message):
+    vtype = GGUFValueType.UINT64 if value >= 2**32 else GGUFValueType.UINT32
+    bad = rewrite(files["per-expert"], tmp_path / "bad.gguf", set_keys={key: (value, vtype)})
+    if key == "llama.block_count" and value == 2**31:
+        message = message.replace("23 tensors", f"{len(open_gguf(files['per-expert']).tensor_names)} tensors")
+    tracemalloc.start()
+    with pytest.raises(GGUFMetadataError, match=f"{key}: {message}"):
+        open_gguf(bad)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 2**20
+
+
+def test_dense_model_with_used_experts(files, tmp_path):
+    bad = rewrite(
+        files["dense"], tmp_path / "bad.gguf", set_keys={"llama.expert_used_count": (2, GGUFValueType.UINT32)}
+    )
+    with pytest.raises(GGUFMetadataError, match="llama.expert_used_count: 2 used experts in a dense model"):
+        open_gguf(bad)
+
+
+@pytest.mark.parametrize(
+    "key", ["tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"]
+)
+def test_vocabulary_arrays_have_the_embedding_length(files, tmp_path, key):
+    reader = GGUFReader(files["merged"])
+    from tests.gguf_edit import _field_value
+
+    values = _field_value(reader.fields[key])
+    sub = reader.fields[key].types[-1]
+    bad = rewrite(
+        files["merged"], tmp_path / "bad.gguf", set_keys={key: ((values[:100], sub), GGUFValueType.ARRAY)}
+    )
+    with pytest.raises(GGUFMetadataError, match=f"{key}: has 100 entries, but the vocabulary has 384 tokens"):
+        open_gguf(bad)
+    with pytest.raises(GGUFMetadataError, match=f"bad.gguf: {key}: has 100 entries"):  # `harness tokenize`
+        harness.Tokenizer.from_gguf(bad)
+
+
+def test_experts_of_mixed_types_name_the_file(files, tmp_path):
+    import gguf.quants
+
+    mf = open_gguf(files["per-expert"])
+    name = "blk.1.ffn_up.2.weight"
+    assert mf.qtype(name) != GGMLType.Q8_0
+    raw = gguf.quants.quantize(mf.tensor(name).dequantize().numpy(), GGMLType.Q8_0)
+    bad = rewrite(files["per-expert"], tmp_path / "bad.gguf", retype={name: (int(GGMLType.Q8_0), raw)})
+    with pytest.raises(
+        GGUFTensorError,
+        match=r"bad.gguf: blk.1.ffn_up.0.weight: experts of one layer have different types \(.*blk.1.ffn_up.2.weight=Q8_0",
+    ):
+        open_gguf(bad)
+
+
+def test_unused_tensor_is_refused(files, tmp_path):
+    # One layer claimed, two in the file: llama.cpp's "wrong number of tensors".
+    bad = rewrite(
+        files["merged"], tmp_path / "bad.gguf", set_keys={"llama.block_count": (1, GGUFValueType.UINT32)}
+    )
+    with pytest.raises(
+        GGUFTensorError, match="blk.1.attn_norm.weight: not used by a merged llama of 1 layers and 4 experts"
+    ):
+        open_gguf(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("llama.rope.scaling.type", "yarn"), ("llama.attention.key_length", 128)]
+)
+def test_llama_variants_this_harness_does_not_compute(files, tmp_path, key, value):
+    vtype = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.UINT32
+    bad = rewrite(files["merged"], tmp_path / "bad.gguf", set_keys={key: (value, vtype)})
+    with pytest.raises(GGUFMetadataError, match=key):
+        open_gguf(bad)
+
+
+def test_other_architectures_are_refused(files, tmp_path):
+    bad = rewrite(
+        files["merged"],
+        tmp_path / "bad.gguf",
+        set_keys={"general.architecture": ("qwen2", GGUFValueType.STRING)},
+    )
+    with pytest.raises(
+        GGUFMetadataError, match="general.architecture: 'qwen2' is not an architecture this harness computes"
+    ):
+        open_gguf(bad)
+
+
+def test_a_name_holding_a_newline_stays_on_one_line(files, tmp_path):
+    forged = "blk.0.attn_q.weight\nharness: clean"
+    bad = rewrite(files["merged"], tmp_path / "bad.gguf", rename={"blk.0.attn_q.weight": forged})
+    with pytest.raises(GGUFTensorError) as err:
+        open_gguf(bad)
+    text = str(err.value)
+    assert "\n" not in text
+    assert f"bad.gguf: {forged!r}: not used by" in text
+
+
+def test_long_values_are_cut_in_messages(files, tmp_path):
+    bad = rewrite(
+        files["merged"],
+        tmp_path / "bad.gguf",
+        set_keys={"general.architecture": ("x" * 10000, GGUFValueType.STRING)},
+    )
+    with pytest.raises(GGUFMetadataError) as err:
+        open_gguf(bad)
+    assert len(str(err.value)) < 400 + len(str(bad))
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "-3e38", "scale"])
+def test_non_finite_weights_are_refused_naming_the_tensor(files, tmp_path, poison):
+    from harness.quant.types import F16_FIELDS, type_size
+
+    mf = open_gguf(files["merged"])
+    if poison == "scale":
+        name = "blk.0.attn_q.weight"
+        qtype = mf.qtype(name)
+
+        def spoil(raw):
+            flat = raw.reshape(-1)
+            at = 3 * type_size(qtype) + F16_FIELDS[qtype][0]
+            flat[at : at + 2] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)
+            return raw
+
+        message = "the f16 scale of block 3 is NaN or inf"
+    else:
+        name = "blk.1.ffn_norm.weight"
+
+        def spoil(raw):
+            raw[7] = float(poison)
+            return raw
+
+        message = f"value 7 is {float(poison):g}: not finite or past ±65504"
+    bad = rewrite(files["merged"], tmp_path / "bad.gguf", edit={name: spoil})
+    with pytest.raises(GGUFTensorError, match=re.escape(f"bad.gguf: {name}: {message}")):
+        open_gguf(bad).tensor(name)
+
+
+def test_fifo_and_devices_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero", tmp_path):
+        with pytest.raises(GGUFFormatError, match="not a regular file"):
+            open_gguf(path)

@@ -31,6 +31,7 @@ import pytest
 from gguf import GGUFReader
 
 from harness.gguf_file import PRESETS
+from harness.model.tokenizer import Tokenizer
 from harness.synth import synthesize
 from tests.test_model_reference import Reference, Trace, load_model, nmse, run_model
 
@@ -350,10 +351,7 @@ TEXTS = [
 @pytest.mark.parametrize("parse_special", [False, True])
 @pytest.mark.parametrize("add_special", [True, False])
 def test_tokenizer_matches_llamacpp(add_special: bool, parse_special: bool, f32_source):
-    tokenizer_mod = pytest.importorskip(
-        "harness.model.tokenizer", reason="harness/model/tokenizer.py is not there yet"
-    )
-    tokenizer = tokenizer_mod.Tokenizer.from_gguf(f32_source)
+    tokenizer = Tokenizer.from_gguf(f32_source)
     with LlamaCpp(f32_source) as llama:
         for text in TEXTS:
             expected = llama.tokenize(text, add_special=add_special, parse_special=parse_special)

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.gguf_file import PRESETS, MixtralConfig
+from harness.model.mixtral import Mixtral
 from harness.synth import synthesize
 from tests.gguf_edit import rewrite, split_experts
 
@@ -228,8 +229,7 @@ class Reference:
 
 
 def load_model(path, **kwargs):
-    mixtral = pytest.importorskip("harness.model.mixtral", reason="harness/model/mixtral.py not there yet")
-    return mixtral.Mixtral.from_gguf(path, device="cpu", **kwargs)
+    return Mixtral.from_gguf(path, device="cpu", **kwargs)
 
 
 def run_model(model, tokens, start_pos: int = 0) -> np.ndarray:

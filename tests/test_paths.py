@@ -87,3 +87,14 @@ def test_output_dir_is_made_unless_a_file_is_there(tmp_path):
     f.write_text("")
     with pytest.raises(UsageError, match="^--out-dir: .*file: is not a directory$"):
         check_output_dir(f, "--out-dir")
+
+
+def test_an_output_that_is_also_an_input_is_refused(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    with pytest.raises(
+        UsageError, match=r"^-o: .*m.gguf: is also '.*m.gguf', which this command reads or writes"
+    ):
+        check_output_file(tmp_path / "." / "m.gguf", "-o", inputs=[None, model])
+    assert model.read_bytes() == b"GGUF"
+    assert check_output_file(tmp_path / "t.jsonl", inputs=[model]) == tmp_path / "t.jsonl"

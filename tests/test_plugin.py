@@ -340,8 +340,7 @@ def test_profiles_are_registered_and_loaded_only_when_asked(pytester, monkeypatc
     run("--hypothesis-profile", "default").stdout.fnmatch_lines(
         ["*PROFILE default 100*"]
     )  # the command line wins
-    pytester.makeini("[pytest]\nharness_hypothesis_profile = auto\n")
-    run().stdout.fnmatch_lines(["*PROFILE harness-dev 25*"])
+    pytester.makeini("[pytest]\nharness_hypothesis_profile = auto\n")  # harness-dev, or with CI:
     monkeypatch.setenv("CI", "true")
     run().stdout.fnmatch_lines(["*PROFILE harness-ci 15*"])
     pytester.makeini("[pytest]\nharness_hypothesis_profile = harness-weekly\n")
@@ -404,3 +403,17 @@ def test_junit_xml_carries_the_verdict_and_first_offence(pytester):
     assert dirty["harness_verdict"] == "dirty"
     assert "layers.0.moe.router" in dirty["harness_first_offence"]
     assert "blk.0.ffn_gate_inp.weight" in dirty["harness_first_offence"]
+
+
+def test_assertrepr_explains_harness_own_verdict():
+    from harness.trace.events import Verdict
+    from pytest_harness.assertions import pytest_assertrepr_compare
+
+    dirty = Verdict(
+        "dirty", "mismatch in layers.0.moe.router (blk.0.ffn_gate_inp.weight): aten.mm on cuda:0, cpu"
+    )
+    lines = pytest_assertrepr_compare(None, "==", dirty, "clean")
+    assert lines[0] == "'dirty' == 'clean'"
+    assert lines[2:] == ["the run is dirty:", str(dirty.explanation)]
+    assert pytest_assertrepr_compare(None, "==", "dirty", "clean") is None  # plain strings: pytest's own
+    assert pytest_assertrepr_compare(None, "<", dirty, "clean") is None

@@ -54,7 +54,7 @@ from harness.trace.emulated import EmulatedCuda, cpu_data, is_emulated
 
 NMSE_EMULATED = 1e-10  # the emulated accelerator computes with the CPU's kernels
 NMSE_CUDA = 1e-5  # real CUDA: other kernels, other rounding
-CLASSES = ("mismatch", "sync", "stray")
+CLASSES = ("mismatch", "sync", "stray", "transfer")
 assert set(CLASSES) == set(OFFENDING)
 
 
@@ -348,4 +348,4 @@ def test_command_line_reproduces_a_clean_case(tmp_path):
         line, shell=True, cwd=tmp_path, env={**os.environ, "PATH": path}, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "trace: clean" in done.stderr
+    assert "trace: clean" in done.stdout

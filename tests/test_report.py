@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.cases import parse_case, run_case
 from harness.cli import loading, main
 from harness.errors import HarnessError
 from harness.model.generate import generate
@@ -156,8 +158,13 @@ def test_summary_names_each_trace_and_its_placement(runs, tmp_path):
     html = build_report(
         [runs["cpu"], runs["clean"], runs["dirty"]], tmp_path / "r.html", names=["cpu run", "cuda run", None]
     ).read_text()
-    assert '<a href="#run-0">cpu run</a>' in html and '<a href="#run-1">cuda run</a>' in html
-    assert '<a href="#run-2">candle-1815</a>' in html  # from the header's case name
+    assert (
+        '<a href="#run-0" class="id" title="cpu run">cpu run</a>' in html
+        and '<a href="#run-1" class="id" title="cuda run">cuda run</a>' in html
+    )
+    assert (
+        '<a href="#run-2" class="id" title="candle-1815">candle-1815</a>' in html
+    )  # from the header's case name
     assert "2 layers, 2/4 experts" in html
     assert "1 of 3 dirty" in html
 
@@ -389,7 +396,7 @@ def test_trace_report_option(tiny_path, tmp_path, capsys, monkeypatch):
     assert f"report -> {out}" in capsys.readouterr().err
     html = out.read_text()
     assert "Tokens routed to each expert" in html and 'title="layer 1, expert 3: ' in html
-    assert '<a href="#run-0">t.jsonl</a>' in html
+    assert '<a href="#run-0" class="id" title="t.jsonl">t.jsonl</a>' in html
     # Without -o the trace is a temporary file, gone afterwards.
     before = set(os.listdir(tempfile.gettempdir()))
     assert main([*argv, "--report", str(tmp_path / "t2.html")]) == 0
@@ -554,24 +561,29 @@ def _chromium() -> str:
     pytest.skip("no headless Chromium here (Debian: apt-get install -y chromium)")
 
 
-def _render(page: Path, tmp_path: Path) -> tuple[str, list[str]]:
-    """The DOM after the page's script ran, and the console lines Chromium logged."""
+def _chrome(page: Path, tmp_path: Path, *mode: str, size: str = "1280,1600") -> subprocess.CompletedProcess:
+    """Headless Chromium on `page` (`--dump-dom`, `--screenshot=...`); fails on a browser error."""
     cmd = [
         _chromium(),
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
         "--disable-dev-shm-usage",
+        "--hide-scrollbars",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--enable-logging=stderr",
-        "--v=0",
         "--virtual-time-budget=5000",
-        "--window-size=1400,1800",
-        "--dump-dom",
+        f"--window-size={size}",
+        *mode,
         page.resolve().as_uri(),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _render(page: Path, tmp_path: Path) -> tuple[str, list[str]]:
+    """The DOM after the page's script ran, and the console lines Chromium logged."""
+    done = _chrome(page, tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", size="1400,1800")
     console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
     return done.stdout, console
 
@@ -701,3 +713,259 @@ def test_report_of_a_device_error_raised_before_any_aten_op(tmp_path):
     assert '<code class="offence-module">attn</code>' in html
     assert "&lt;raised before any aten op&gt;" in html
     assert "F.scaled_dot_product_attention(q, k, v)" in html  # the source line
+
+
+# -- for CI people and users' own models: outcomes, folded stacks, pages that fit, charts -----------
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A router's top-k fetched to the host on a model split over two GPUs: syncs, strays and
+# transfers at the declared boundary, over a prefill and 3 decode steps.
+TWO_GPUS = """\
+name: {name}
+model: {{synth: tiny, layout: merged, router: f32}}
+device_map: {{embed: cuda:0, layers.0: cuda:0, layers.1: cuda:1, head: cuda:1}}
+fault: {fault}
+tokens: [1, 5, 9]
+decode: 3
+expect: {{verdict: {verdict}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def two_gpu_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-gpus")
+    results = {}
+    for name, fault, verdict in (("clean", "null", "clean"), ("topk", "router-topk-on-host", "dirty")):
+        text = TWO_GPUS.format(name=name, fault=fault, verdict=verdict)
+        results[name] = run_case(parse_case(text, out / f"{name}.yaml"), out_dir=out)
+        assert results[name].passed, results[name].report()
+    return results
+
+
+PYTEST_STACK = [
+    "/usr/lib/python3/dist-packages/_pytest/python.py:157 in pytest_pyfunc_call: result = testfunction(**testargs)",
+    "/usr/lib/python3/dist-packages/pluggy/_callers.py:103 in _multicall: res = hook_impl.function(*args)",
+    "/usr/lib/python3/dist-packages/pluggy/_manager.py:120 in _hookexec: return self._inner_hookexec(hook_name, methods, kwargs, firstresult)",
+    "/usr/lib/python3/dist-packages/_pytest/runner.py:178 in pytest_runtest_call: item.runtest()",
+    "/usr/lib/python3/dist-packages/xdist/remote.py:195 in run_one_test: self.config.hook.pytest_runtestloop(session=self.session)",
+    "/usr/lib/python3/dist-packages/execnet/gateway_base.py:1291 in executetask: do_exec(co, loc)",
+    "tests/test_mine.py:12 in test_my_model: model(x)",
+    "mypkg/model.py:40 in Net.forward: return self.proj(x.cpu())",
+]
+
+
+def test_outcomes_command_expected_and_folded_stacks(tmp_path):
+    bad = Event(
+        0,
+        0,
+        "aten.mm.default",
+        "proj",
+        "cuda:0",
+        None,
+        "mypkg/model.py:40 in Net.forward",
+        [_spec(), _spec("cpu")],
+        [_spec()],
+        cls="mismatch",
+        stack=PYTEST_STACK,
+    )
+    ok = Event(
+        1,
+        0,
+        "aten.relu.default",
+        "act",
+        "cuda:0",
+        None,
+        "mypkg/model.py:41 in Net.forward",
+        [_spec()],
+        [_spec()],
+        cls="ok",
+    )
+    model = tmp_path / "net.gguf"
+    model.write_bytes(b"GGUF")
+    plain = {
+        "model": None,
+        "model_class": "Net",
+        "placement": {"embed": "cuda:0", "head": "cuda:0"},
+        "placement_full": {"embed": "cuda:0", "layers": [], "head": "cuda:0"},
+    }
+    long_id = "tests/test_mine.py::test_my_model[" + "-".join(f"cuda{i}" for i in range(40)) + "]"
+    meant = _write_trace(
+        tmp_path / "meant.jsonl", [bad, ok], {**plain, "model": str(model), "expected_verdict": "dirty"}
+    )
+    surprise = _write_trace(
+        tmp_path / "surprise.jsonl", [bad], {**plain, "model": str(tmp_path / "gone.gguf")}
+    )
+    clean = _write_trace(tmp_path / "clean.jsonl", [ok], plain)
+    html = build_report(
+        [meant, surprise, clean],
+        tmp_path / "r.html",
+        names=[long_id, None, None],
+        tests=[{"outcome": "passed", "duration": 1.5}, {"outcome": "failed", "duration": 0.25}, None],
+        command="pytest -n 2 --harness-report r.html",
+    ).read_text()
+
+    # Each test's outcome and duration beside its verdict; the command as run.
+    assert '<span class="outcome passed">passed</span> <span class="muted small">1.50 s</span>' in html
+    assert '<span class="outcome failed">failed</span> <span class="muted small">0.25 s</span>' in html
+    assert "not a test" in html
+    assert "command: <code>pytest -n 2 --harness-report r.html</code>" in html
+    # The run meant to be dirty is marked expected; the other is the one surprise.
+    assert html.count('<span class="tag" title="this run was meant to be dirty') == 2  # summary, details
+    assert "2 of 3 dirty</span>" in html and '<span class="verdict expected">1 expected</span>' in html
+    # A long id is cut on the page, whole in its tooltip.
+    assert f'class="id" title="{long_id}">{long_id}</a>' in html
+    # The model path: the one that exists has no warning, the missing one says so.
+    assert f"{model}</dd>" in html
+    assert f'{tmp_path / "gone.gguf"} <span class="tag bad-tag">not found here</span>' in html
+    # A plain module is no Mixtral: one device for every module, no embed/head in its tree.
+    assert '<dt class="mono">every module</dt>' in html
+    assert (
+        '<span class="tn-name">embed</span>' not in html and '<span class="tn-name">head</span>' not in html
+    )
+    # The stack shows the user's 2 frames and folds the 6 of the test runner.
+    assert "Python stack (2 of your frames, 6 of the test runner folded; innermost last)" in html
+    assert "6 frames of pytest, pluggy, xdist, execnet</summary>" in html
+    data = json.loads(html_module.unescape(re.search(r'id="report-data">(.*?)</script>', html, re.S)[1]))
+    stacks = data["traces"][0]["stacks"]
+    assert stacks == [
+        [
+            "\u22ef 6 frames of pytest, pluggy, xdist, execnet (folded)",
+            "tests/test_mine.py:12 in test_my_model: model(x)",
+            "mypkg/model.py:40 in Net.forward: return self.proj(x.cpu())",
+        ]
+    ]
+
+    with pytest.raises(HarnessError, match="1 test outcomes for 3 traces"):
+        build_report([meant, surprise, clean], tmp_path / "x.html", tests=[None])
+
+
+def test_case_traces_name_an_existing_model_the_command_and_what_they_expect(two_gpu_runs):
+    import sys
+
+    from harness.trace import load_trace
+
+    header = load_trace(two_gpu_runs["topk"].trace_path).header
+    assert Path(header["model"]).is_file()  # kept beside the trace (`<out_dir>/models`)
+    assert header["expected_verdict"] == "dirty"
+    assert header["command"].split()[0] in (Path(sys.argv[0]).name, "python")
+
+
+def test_bytes_per_step_and_layer_strip(two_gpu_runs, tmp_path):
+    topk = two_gpu_runs["topk"]
+    html = build_report([topk.trace_path], tmp_path / "r.html").read_text()
+    chart = html.split('<svg class="bytes-chart"', 1)[1].split("</svg>", 1)[0]
+    bars = re.findall(r'<g class="bar"><title>([^<]*)</title>', chart)
+    assert [b.split(":")[0] for b in bars] == ["prefill", "decode 1", "decode 2", "decode 3"]
+    # The trace's transfers, summed per step, are the bars' totals.
+    from harness.trace import load_trace
+
+    per_step: dict[int, int] = {}
+    for ev in load_trace(topk.trace_path).events():
+        if ev.transfer:
+            per_step[ev.step] = per_step.get(ev.step, 0) + int(ev.transfer["bytes"])
+    titles = re.findall(r"<rect [^>]*><title>([^<]*)</title>", chart)
+    by_step = {}
+    for t in titles:
+        m = re.match(r"(prefill|decode (\d)): (\S+) \u2192 (\S+), ([\d,]+) bytes", html_module.unescape(t))
+        step = 0 if m[1] == "prefill" else int(m[2])
+        by_step[step] = by_step.get(step, 0) + int(m[5].replace(",", ""))
+    assert by_step == per_step and len(per_step) == 4
+    # One strip column per layer and top-level module; layer 0 holds the offence.
+    strip = html.split('<div class="strip"', 1)[1].split("<h3>", 1)[0]
+    labels = re.findall(r'<div class="strip-label mono">([^<]*)</div>', strip)
+    assert labels == ["embed", "0", "1", "norm", "head"]
+    offending = re.findall(r'<div class="strip-col offending" title="([^"]*)"', strip)
+    assert len(offending) == 1 and offending[0].startswith("layers.0: placed on cuda:0")
+    assert "on cpu" in offending[0]  # the host's share of layer 0's ops
+
+
+# -- in a browser -----------------------------------------------------------------------------------
+
+
+# Measures the laid-out page and writes what it saw into #probe.
+_PROBE = """
+<pre id="probe"></pre>
+<script>
+setTimeout(function () {
+  var out = {};
+  try {
+    out.page_width = document.documentElement.clientWidth;
+    out.scroll_width = document.documentElement.scrollWidth;
+    out.tables = Array.prototype.map.call(document.querySelectorAll("table.grid"), function (t) {
+      return [Math.round(t.getBoundingClientRect().width), Math.round(t.parentElement.getBoundingClientRect().width)];
+    });
+    out.ids_cut = Array.prototype.map.call(document.querySelectorAll("#summary a.id"), function (a) {
+      return [a.scrollWidth > a.clientWidth, a.title.length > 0];
+    });
+    out.bars = Array.prototype.map.call(document.querySelectorAll("svg.bytes-chart rect"), function (r) {
+      var b = r.getBoundingClientRect(); return [Math.round(b.width), Math.round(b.height)];
+    });
+    out.strip = Array.prototype.map.call(document.querySelectorAll(".strip-col"), function (c) {
+      return [c.getBoundingClientRect().width > 10, c.querySelectorAll(".strip-ran i").length];
+    });
+    out.errors = document.getElementById("js-errors").children.length;
+  } catch (e) { out.error = String(e); }
+  document.getElementById("probe").textContent = JSON.stringify(out);
+}, 200);
+</script>
+</body>"""
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_fits_the_page_and_draws_in_chromium(two_gpu_runs, tmp_path):
+    long_id = (
+        "tests/test_placement.py::test_two_gpus["
+        + "-".join(f"layers.{i}-cuda{i % 2}" for i in range(24))
+        + "]"
+    )
+    page = build_report(
+        [two_gpu_runs["clean"].trace_path, two_gpu_runs["topk"].trace_path],
+        tmp_path / "r.html",
+        names=[long_id, None],
+        tests=[{"outcome": "passed", "duration": 2.0}, {"outcome": "passed", "duration": 1.0}],
+        command="pytest --harness-report r.html",
+    )
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _PROBE))
+    dom = _chrome(probe, tmp_path, "--dump-dom").stdout
+    seen = json.loads(html_module.unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)[1]))
+    assert "error" not in seen and seen["errors"] == 0
+    assert seen["scroll_width"] <= seen["page_width"]  # nothing runs off the page
+    assert all(width <= room for width, room in seen["tables"]), seen["tables"]
+    assert seen["ids_cut"][0] == [True, True] and seen["ids_cut"][1] == [False, True]
+    assert len(seen["bars"]) >= 8 and all(w > 0 and h > 0 for w, h in seen["bars"])  # 2 traces x 4 steps
+    assert len(seen["strip"]) == 10 and all(wide and n >= 1 for wide, n in seen["strip"])
+
+    # The screenshot: the details of the dirty run (its strip and chart) on top.
+    shown = tmp_path / "details.html"
+    shown.write_text(
+        page.read_text().replace(
+            "</head>",
+            "<style>#summary, #offences, #diff, #timeline, #run-0 { display: none; }</style></head>",
+            1,
+        )
+    )
+    png = tmp_path / "details.png"
+    _chrome(shown, tmp_path, f"--screenshot={png}")
+    assert _png_size(png) == (1280, 1600)
+    reports = REPO / "reports"
+    if reports.is_dir():  # kept for a person to look at (reports/ is not committed)
+        shutil.copy(png, reports / "report-details.png")
+    torch.manual_seed(0)  # (nothing random above; keeps the module's state tidy for others)
+
+
+def test_plain_module_report_says_every_module(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with torch.no_grad(), Tracer(model, placement="cpu", path=tmp_path / "t.jsonl"):
+        model(torch.ones(2, 4))
+    html = build_report([tmp_path / "t.jsonl"], tmp_path / "r.html").read_text()
+    assert '<dt class="mono">every module</dt>' in html
+    assert '<span class="tn-name">embed</span>' not in html
+    labels = re.findall(r'<div class="strip-label mono">([^<]*)</div>', html)
+    assert labels == ["0", "1", "2"]  # Sequential's children, in forward order

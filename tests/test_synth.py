@@ -563,3 +563,59 @@ def test_llama_cpp_tokenizer_uses_the_merges(llama, tiny_file):
         assert b"".join(pieces).strip() == SENTENCE
     finally:
         L.llama_model_free(model)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "match"),
+    [
+        ({"expert_count": 2**40}, "config.expert_count", "does not fit the uint32 GGUF stores it in"),
+        ({"block_count": 2**63}, "config.block_count", "does not fit the uint32"),
+        ({"vocab_size": 2**32}, "config.vocab_size", "does not fit the uint32"),
+        ({"vocab_size": 2**22 + 1}, "config.vocab_size", "more than the 4194304"),
+        ({"feed_forward_length": 2**32 - 1}, "config.block_count", "parameters, more than the"),
+        ({"rms_eps": float("nan")}, "config.rms_eps", "must be positive and finite as a float32"),
+        ({"rms_eps": 1e-50}, "config.rms_eps", "must be positive and finite as a float32"),
+        ({"rope_freq_base": float("inf")}, "config.rope_freq_base", "must be positive and finite"),
+        ({"rope_freq_base": 1e39}, "config.rope_freq_base", "must be positive and finite as a float32"),
+        ({"expert_used_count": True}, "config.expert_used_count", "must be an integer"),
+    ],
+)
+def test_sizes_are_bounded_before_anything_is_built(changes, field, match):
+    tracemalloc.start()
+    with pytest.raises(UsageError, match=match) as err:
+        plan(PRESETS["tiny"].replace(**changes))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert err.value.field == field
+    assert peak < 16 * 2**20
+
+
+def test_tensor_count_is_bounded_per_layout():
+    # 20,000 layers of a few parameters each: small in bytes, 200,000 names in a plan.
+    small = PRESETS["tiny"].replace(
+        block_count=20_000,
+        embedding_length=32,
+        feed_forward_length=32,
+        head_count=1,
+        head_count_kv=1,
+        vocab_size=300,
+    )
+    with pytest.raises(
+        UsageError, match=r"layers make \d+ tensors in the merged layout, more than the 131072"
+    ):
+        plan(small, "Q8_0")
+    many = PRESETS["tiny"].replace(block_count=200, expert_count=256, expert_used_count=2)
+    assert len(plan(many, "Q8_0", layout="merged")) == 3 + 200 * 10
+    with pytest.raises(UsageError, match="in the per-expert layout"):
+        plan(many, "Q8_0", layout="per-expert")
+
+
+def test_a_file_larger_than_the_free_disk_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    from harness import synth as synth_module
+
+    monkeypatch.setattr(synth_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
+    with pytest.raises(UsageError, match=r"needs \d+ bytes of tensor data, the disk has 1000 free"):
+        synthesize(tmp_path / "big.gguf", "tiny")
+    assert not (tmp_path / "big.gguf").exists()

@@ -7,7 +7,18 @@ import pytest
 import torch
 
 from harness.trace import conformance, emulated
-from harness.trace.conformance import ACCEPTS, REFUSES, ROWS, UNSUPPORTED, Dev, is_refusal, run_row
+from harness.trace.conformance import (
+    ACCEPTS,
+    GRAD,
+    GRAD_MODES,
+    REFUSES,
+    ROWS,
+    UNSUPPORTED,
+    grad_context,
+    is_refusal,
+    place_inputs,
+    run_row,
+)
 
 IDS = [row.id for row in ROWS]
 
@@ -49,23 +60,52 @@ def test_row_runs_on_the_cpu(row, reference):
     assert result.verdict == ACCEPTS, str(result)
 
 
+def _runnable_in(row, grad_mode):
+    """The row on the CPU in this grad mode; skips the test where it cannot run there either
+    (out= arguments and resizes refuse inputs that require grad, whatever their device)."""
+    ref = run_row(row, "cpu", grad_mode)
+    if ref.verdict == conformance.ERROR:
+        pytest.skip(f"not runnable with {grad_mode} on the CPU either: {ref.error}")
+    return ref
+
+
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("row", ROWS, ids=IDS)
-def test_emulated(row, reference):
-    result = run_row(row, "emulated")
+def test_emulated(row, grad_mode, reference):
+    """The same verdict in every grad mode; with grad, an accepted row's backward runs too and
+    fails only where the CPU's does, or for devices (which `test_cuda` checks against CUDA)."""
+    cpu = _runnable_in(row, grad_mode)
+    result = run_row(row, "emulated", grad_mode)
     assert result.verdict == row.expect, str(result)
     if result.verdict == ACCEPTS:
         _check_accepted(result, reference[row.id])  # the same CPU kernels: exact
+        if cpu.backward == conformance.ERROR:
+            assert result.backward == conformance.ERROR, str(result)
+        else:
+            assert result.backward in (None, ACCEPTS, REFUSES), str(result)
+
+
+def test_backward_runs_for_most_rows_in_grad_mode():
+    with emulated.EmulatedCuda(device_count=2):
+        results = [run_row(row, "emulated", GRAD) for row in ROWS if row.expect == ACCEPTS]
+    assert sum(r.backward == ACCEPTS for r in results) >= 20
 
 
 @pytest.mark.cuda(real=True)
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("row", ROWS, ids=IDS)
-def test_cuda(row, reference):
-    result = run_row(row, "cuda")
+def test_cuda(row, grad_mode, reference):
+    """Real CUDA in each grad mode: the row's verdict, its values, and (with grad) whether the
+    backward pass is refused, as the emulation says."""
+    _runnable_in(row, grad_mode)
+    result = run_row(row, "cuda", grad_mode)
     if result.verdict == UNSUPPORTED:
         pytest.skip(f"unsupported here: {result.error}")
     assert result.verdict == row.expect, str(result)
     if result.verdict == ACCEPTS:
         _check_accepted(result, reference[row.id], atol=1e-5, rtol=1e-4)
+        emulated_result = run_row(row, "emulated", grad_mode)
+        assert result.backward == emulated_result.backward, f"{result} / emulated: {emulated_result}"
 
 
 def test_run_row_reports_unsupported_and_bad_backends():
@@ -97,22 +137,22 @@ def test_format_table_lists_every_row():
     assert "FAIL" not in text
 
 
+@pytest.mark.parametrize("grad_mode", GRAD_MODES)
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
-def test_tracer_classifies_each_row_as_cuda_does(row):
+def test_tracer_classifies_each_row_as_cuda_does(row, grad_mode):
     """The tracer's own rule (`classify.refused`, which judges recorded devices without running
-    anything) agrees with real CUDA on every row, and so does the mismatch class it records."""
+    anything) agrees with real CUDA on every row in every grad mode, and so does the mismatch
+    class it records."""
     from torch import nn
 
     from harness.trace import MISMATCH, Tracer
     from harness.trace.classify import refused
 
+    _runnable_in(row, grad_mode)
     gpu, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
     devices = {"gpu": gpu, "gpu1": gpu1, "cpu": torch.device("cpu")}
-    with emulated.EmulatedCuda(device_count=2):
-        inputs = {
-            k: devices[v.place] if isinstance(v, Dev) else v.make().to(devices[v.place])
-            for k, v in row.inputs.items()
-        }
+    with emulated.EmulatedCuda(device_count=2), grad_context(grad_mode):
+        inputs = place_inputs(row, devices, grad_mode)
         with Tracer(nn.Module(), keep_events=True) as tracer:
             try:
                 row.call(*inputs.values())

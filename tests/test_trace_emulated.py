@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.device_tables import TABLES
 from harness.model.mixtral import Mixtral
 from harness.quant import dequant
 from harness.quant.qtensor import QTensor
@@ -175,18 +176,25 @@ def test_shape_changes_in_place_are_refused(emu):
         x.unsqueeze_(0)
 
 
-def test_autograd_is_refused_not_aborted(emu):
-    w = torch.ones(3, device="cuda", requires_grad=True)
-    with pytest.raises(RuntimeError, match="cannot record autograd graphs"):
-        w * 2
-    with pytest.raises(RuntimeError, match="cannot record autograd graphs"):
-        torch.ones(3, requires_grad=True).to("cuda")
-    with torch.no_grad():
-        assert (w * 2).device == C0
-    lin = torch.nn.Linear(3, 2).to("cuda:1")
-    assert isinstance(lin.weight, torch.nn.Parameter) and lin.weight.device == C1
-    with torch.inference_mode():
-        assert lin(torch.ones(3, device="cuda:1")).device == C1
+def test_without_a_device_guard_autograd_is_refused_not_aborted(monkeypatch):
+    """Where torch gives no way to stand in a CUDA device guard, recording a graph through an
+    emulated device raises EmulationUnsupported (never the process abort it would be)."""
+    from harness.errors import EmulationUnsupported
+    from harness.trace import emulated_autograd
+
+    monkeypatch.setattr(emulated_autograd, "install_guard", lambda: False)
+    with EmulatedCuda(device_count=2):
+        w = torch.ones(3, device="cuda", requires_grad=True)
+        with pytest.raises(EmulationUnsupported, match="autograd cannot record"):
+            w * 2
+        with pytest.raises(EmulationUnsupported, match="autograd cannot record"):
+            torch.ones(3, requires_grad=True).to("cuda")
+        with torch.no_grad():
+            assert (w * 2).device == C0
+        lin = torch.nn.Linear(3, 2).to("cuda:1")
+        assert isinstance(lin.weight, torch.nn.Parameter) and lin.weight.device == C1
+        with torch.inference_mode():
+            assert lin(torch.ones(3, device="cuda:1")).device == C1
 
 
 def test_gpu_kernels_are_switched_off_and_the_torch_path_runs(emu):
@@ -209,13 +217,13 @@ def test_state_is_restored_after_the_block():
     with pytest.raises(ZeroDivisionError), EmulatedCuda(device_count=2):
         assert torch.cuda.is_available() and torch.Generator is not real_generator
         x = torch.ones(2, device="cuda:1")
-        dequant._consts(C1)
+        dequant.constants(C1)
         1 / 0  # noqa: B018
     assert emulated.active() is None
     assert not torch.cuda.is_available()
     assert torch.cuda.device_count() == 0
     assert torch.Generator is real_generator
-    assert C1 not in dequant._CONSTS  # no emulated tensors left in the model's caches
+    assert not TABLES.has(dequant.DEQUANT_TABLE, C1)  # no emulated tensors left in the constant tables
     with pytest.raises((RuntimeError, AssertionError, NotImplementedError)):
         torch.zeros(1, device="cuda")
     assert x.device == C1  # what was made inside still says so

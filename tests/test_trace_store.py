@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,10 +13,8 @@ from harness.errors import UsageError
 from harness.model.generate import generate
 from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Mixtral, MoE
 from harness.synth import synthesize
-from harness.trace import CLASSES, CLEAN, DIRTY, MISMATCH, SYNC, Event, Tracer, diff, load_trace
+from harness.trace import CLASSES, CLEAN, DIRTY, MISMATCH, SYNC, Event, Tracer, diff, emulated, load_trace
 from harness.trace.store import TraceWriter
-
-emulated = pytest.importorskip("harness.trace.emulated", reason="the emulated accelerator is not here")
 
 TOKENS = [1, 5, 9]
 
@@ -143,6 +142,93 @@ def test_not_a_trace(tmp_path):
         load_trace(tmp_path / "missing.jsonl")
     with pytest.raises(UsageError, match="not a directory"):
         TraceWriter(tmp_path / "missing" / "t.jsonl")
+
+
+def _lines(cpu_trace) -> list[str]:
+    return cpu_trace[0].read_text().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/dev/null", "fifo", "folder"])
+def test_only_regular_files_are_read(tmp_path, path):
+    if path == "fifo":
+        path = tmp_path / "t.jsonl"
+        os.mkfifo(path)
+    elif path == "folder":
+        path = tmp_path
+    with pytest.raises(UsageError, match="not a regular file"):
+        load_trace(path)
+
+
+def test_line_length_is_capped(cpu_trace, tmp_path, monkeypatch):
+    from harness.trace import store
+
+    monkeypatch.setattr(store, "MAX_LINE_BYTES", 4096)
+    lines = _lines(cpu_trace)
+    long = tmp_path / "long.jsonl"
+    long.write_text(lines[0] + "[" + " " * 10000 + "\n" + "".join(lines[1:]))
+    with pytest.raises(UsageError, match="long.jsonl: line 2: longer than 4096 bytes"):
+        list(load_trace(long).events())
+    one = tmp_path / "one.jsonl"
+    one.write_text(" " * 10000)  # no newline at all: a header of no end
+    with pytest.raises(UsageError, match="one.jsonl: line 1: longer than 4096 bytes"):
+        load_trace(one)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b'{"seq": "x", "op": "aten::add"}\n', "line 3: not a trace event: seq and step must be integers"),
+        (b'{"seq": 1, "op": ["a"]}\n', "line 3: not a trace event: op must be a string"),
+        (b'{"seq": 1, "op": "a", "in": [["cpu"]]}\n', "line 3: not a trace event: in must be a list of"),
+        (b'{"seq": 1, "op": "a", "module": {}}\n', "line 3: not a trace event: module must be a string"),
+        (b"[1, 2]\n", "line 3: not a JSON object"),
+        (b"\xff\xfe\n", "line 3: not UTF-8"),
+        (b"[" * 100000 + b"\n", "line 3: (not JSON|JSON nested too deep)"),
+        (b'{"seq": ' + b"1" * 5000 + b"}\n", "line 3: not JSON"),
+    ],
+)
+def test_malformed_event_lines_name_the_line(cpu_trace, tmp_path, line, message):
+    lines = [x.encode() for x in _lines(cpu_trace)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"".join(lines[:2]) + line + b"".join(lines[2:]))
+    with pytest.raises(UsageError, match=f"bad.jsonl: {message}"):
+        list(load_trace(bad).events())
+
+
+@pytest.mark.parametrize(
+    ("placement", "message"),
+    [
+        ({"embed": "cpu", "head": "cpu"}, "placement_full needs a list of layer devices"),
+        ({"embed": "cpu", "layers": "cpu", "head": "cpu"}, "placement_full needs a list of layer devices"),
+        ({"layers": ["cpu"], "head": 3}, "placement_full needs embed and head devices"),
+        ([], "placement_full must be an object"),
+    ],
+)
+def test_header_placement_is_checked(cpu_trace, tmp_path, placement, message):
+    lines = _lines(cpu_trace)
+    header = json.loads(lines[0])
+    header["placement_full"] = placement
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(header) + "\n" + "".join(lines[1:]))
+    with pytest.raises(UsageError, match=f"bad.jsonl: line 1: {message}"):
+        load_trace(bad)
+    with pytest.raises(UsageError, match="bad.jsonl: line 1"):  # diff raised KeyError here
+        diff(cpu_trace[0], bad)
+
+
+def test_malformed_summary_names_the_last_line(cpu_trace, tmp_path):
+    lines = _lines(cpu_trace)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines[:-1]) + json.dumps({"record": "summary", "verdict": ["clean"]}) + "\n")
+    with pytest.raises(UsageError, match="bad.jsonl: last line: not a trace summary"):
+        load_trace(bad)
+    summary = json.loads(lines[-1])
+    summary["first_offence"] = ["not", "a", "dict"]
+    bad.write_text("".join(lines[:-1]) + json.dumps(summary) + "\n")
+    with pytest.raises(
+        UsageError, match="bad.jsonl: last line: not a trace summary: first_offence has the wrong type"
+    ):
+        load_trace(bad)
 
 
 # -- diff -----------------------------------------------------------------------------------------

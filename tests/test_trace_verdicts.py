@@ -363,7 +363,7 @@ def test_declared_boundaries_inputs_and_allowances_are_allowed(dev):
         assert tracer.summary.verdict == CLEAN, tracer.summary.verdict.explanation
         assert {t["why"] for t in tracer.summary.transfers if t["module"] == "first.up"} == {"declared"}
     with pytest.raises(UsageError, match="allow_transfers.*no module"):
-        Tracer(model, allow_transfers=["frist"]).__enter__()
+        Tracer(model, allow_transfers=["frist"])
 
 
 def test_a_copy_of_no_bytes_is_no_offence(dev):
@@ -466,6 +466,7 @@ def test_traces_use_the_models_own_module_paths(dev, tmp_path):
     assert trace.placement is None
     assert set(trace.summary.modules) >= {"tok", "layers.0.router", "layers.1.experts.3.down", "lm"}
     assert trace.header["eager"] is True and trace.header["grad_mode"] == "no_grad"
+    assert trace.header["placement_source"] == "inferred"
     assert trace.summary.verdict == CLEAN and trace.summary.verdict.explanation == ""
     assert trace.summary.inside == tracer.summary.inside > 0
 
@@ -511,3 +512,153 @@ def test_is_tracing_says_when_a_tracer_records():
     with Tracer():
         assert is_tracing()
     assert not is_tracing()
+
+
+# -- third-party models and offloading -------------------------------------------------------------
+
+
+def _hf(name: str):
+    tf = pytest.importorskip("transformers")
+    common = dict(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    if name == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    # the eager experts (the grouped_mm path counts tokens with an integer histc, which the
+    # emulation cannot run on the CPU)
+    config = tf.MixtralConfig(
+        **common, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager"
+    )
+    return tf.MixtralForCausalLM(config)
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_transformers_models_get_one_verdict_in_every_grad_mode(name):
+    """transformers' Llama runs clean; its Mixtral's eager experts find the routed experts with
+    `nonzero` (a host sync on CUDA) on every step: the same sync, located in its experts module,
+    under every grad mode."""
+    with EmulatedCuda():
+        model = _hf(name).eval().requires_grad_(False).to("cuda")
+        ids = torch.tensor([[1, 2, 3, 4]]).to("cuda")
+        keys = {}
+        for mode, context in MODES.items():
+            with context(), Tracer(model) as tracer:
+                model.generate(ids, max_new_tokens=3, do_sample=False)
+            s = tracer.summary
+            keys[mode] = _key(s)
+            assert s.steps["traced"] == 3 and s.traffic["decode_tokens"] == 2
+    assert len(set(map(str, keys.values()))) == 1, keys
+    verdict, cls, module, _, op, _ = keys["grad"]
+    if name == "llama":
+        assert verdict == CLEAN
+    else:
+        assert (verdict, cls, module, op) == (
+            DIRTY,
+            SYNC,
+            "model.layers.0.mlp.experts",
+            "aten.nonzero.default",
+        )
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = TinyMoE()
+
+    def forward(self, h):
+        return h + self.moe(h)
+
+
+class _Chain(nn.Module):
+    """Blocks with their residuals inside, as accelerate's device maps want them."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList(_Residual() for _ in range(2))
+        self.lm = nn.Linear(8, 16, bias=False)
+
+    def forward(self, input_ids):
+        h = self.tok(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.lm(h)
+
+
+def test_accelerate_device_map_moves_are_declared_boundaries():
+    accelerate = pytest.importorskip("accelerate")
+    with EmulatedCuda():
+        torch.manual_seed(0)
+        model = _Chain().eval().requires_grad_(False)
+        device_map = {"tok": "cuda:0", "layers.0": "cuda:0", "layers.1": "cpu", "lm": "cpu"}
+        model = accelerate.dispatch_model(model, device_map=device_map, main_device="cpu")
+        ids = torch.tensor([[1, 2, 3]])
+        with torch.no_grad(), Tracer(model) as tracer:
+            model(input_ids=ids)
+            model(input_ids=ids[:, :1])
+    s = tracer.summary
+    assert s.verdict == CLEAN, s.verdict.explanation
+    assert tracer.placement.device_of("layers.0.moe.router") == "cuda:0"
+    assert tracer.placement.device_of("layers.1.moe.router") == "cpu"
+    moves = {(t["module"], t["from"], t["to"], t["why"], t["count"], t["bytes"]) for t in s.transfers}
+    assert moves == {
+        ("tok", "cpu", "cuda:0", "boundary", 2, 8 * 4),
+        ("layers.1", "cuda:0", "cpu", "boundary", 2, 4 * 8 * 4),
+    }
+    assert s.bytes_per_token == {"h2d": 8, "d2h": 32, "d2d": 0}
+
+
+@pytest.mark.cuda(real=True)
+def test_accelerate_cpu_offload_is_declared_offload_traffic():
+    """Offloaded to the CPU, a module's weights are copied to the GPU for each call: declared
+    offload traffic with its bytes, not a bug; a budget catches more of it."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = _Chain().eval().requires_grad_(False)
+    offloaded = sum(t.numel() * t.element_size() for t in model.layers[1].parameters())
+    device_map = {"tok": "cuda:0", "layers.0": "cuda:0", "layers.1": "cpu", "lm": "cuda:0"}
+    model = accelerate.dispatch_model(model, device_map=device_map, main_device="cuda:0")
+    ids = torch.tensor([[1, 2, 3]]).to("cuda:0")
+    with torch.no_grad(), Tracer(model) as tracer:
+        model(input_ids=ids)
+        model(input_ids=ids[:, :1])
+    s = tracer.summary
+    assert s.verdict == CLEAN, s.verdict.explanation
+    assert tracer.placement.device_of("layers.1.moe.router") == "cuda:0"  # the hook's execution device
+    assert s.traffic["offload"] == 2 * offloaded
+    assert s.bytes_per_token["h2d"] == offloaded
+    with pytest.raises(AssertionError, match="per decoded token"):
+        s.assert_transfers(max_bytes_per_token=offloaded // 2)
+
+
+# -- the same allowances in YAML cases -------------------------------------------------------------
+
+CASE = """\
+schema: harness-case/1
+model: {synth: tiny, layout: merged, router: f32}
+device: cuda
+tokens: [1, 5, 9]
+allow_transfers: %s
+expect: {verdict: clean}
+"""
+
+
+def test_yaml_cases_declare_allowed_transfers(tmp_path):
+    from harness.cases import CaseError, parse_case, run_case
+
+    case = parse_case(CASE % '["layers.0.moe", layers.1]', "c.yaml")
+    assert case.allow_transfers == ("layers.0.moe", "layers.1")
+    result = run_case(case, out_dir=tmp_path, cache_dir=tmp_path)
+    assert result.passed, result.report()
+    assert load_trace(result.trace_path).header["allow_transfers"] == ["layers.0.moe", "layers.1"]
+    with pytest.raises(CaseError, match=r"c.yaml:5: allow_transfers: expected a list of module paths"):
+        parse_case(CASE % "layers.0", "c.yaml")
+    with pytest.raises(CaseError, match=r"c.yaml:5: allow_transfers.*the model has no module of that path"):
+        run_case(parse_case(CASE % "[layers.9]", "c.yaml"), out_dir=tmp_path, cache_dir=tmp_path)

@@ -16,7 +16,7 @@ A case file (`cases/candle-1815-mixtral-router.yaml`):
     tokens: [1, 5, 9, 260, 42]    # or `prompt: some text` (tokenized with the model's vocabulary)
     expect:
       verdict: dirty              # clean | dirty
-      class: mismatch             # of the first offence: mismatch | sync | stray  (only for dirty)
+      class: mismatch             # of the first offence: mismatch | sync | stray | transfer (dirty)
       module: layers.0.moe.router # its module path (a string, or null for "none")  (only for dirty)
       tensor: blk.0.ffn_gate_inp.weight  # its GGUF tensor (a string, or null)     (only for dirty)
 
@@ -33,6 +33,8 @@ Keys, all but `schema`, `model`, `expect` and one of `tokens`/`prompt` optional:
   there is no GPU). The emulated accelerator has as many devices as the placement names, at least 2;
 - `strategy`: QMatMul strategy, quantized | f32 | f16 (default quantized);
 - `fault`: injected after loading (`Fault.inject`), removed after the run;
+- `allow_transfers`: module paths (prefixes) whose copies across devices are declared, not
+  offences (`Tracer(allow_transfers=...)`);
 - `decode`: greedy decode steps traced after the prefill (default 0);
 - `expect`: `verdict` is required; `class`, `module` and `tensor` are compared exactly when given.
 
@@ -43,10 +45,12 @@ fault, and malformed YAML (with the YAML parser's line) are found when the file 
 only the model can tell (a fault that does not apply to the placement, a token outside the
 vocabulary, a missing GGUF file) when the case runs, still with the line of the key responsible.
 
-`run_case(case)` synthesizes the model into a cache (a temporary directory per process unless
-`cache_dir` is given; cases sharing synth parameters share one file), loads it under the
-accelerator, injects the fault, traces the prefill and decode steps to
+`run_case(case)` synthesizes the model into a cache (`<out_dir>/models` unless `cache_dir` is
+given, a temporary directory without an `out_dir`; cases sharing synth parameters share one
+file), loads it under the accelerator, injects the fault, traces the prefill and decode steps to
 `<out_dir>/<name>.jsonl` (default `reports/cases`) and compares. A forward that raises (a real
+device mismatch) is still a traced, dirty run: the error is caught and kept in `raised`.
+
 Modules: `schema` (the keys, their checks, `Case`), `loader` (YAML with lines, files found and
 loaded), `runner` (`run_case`, `CaseResult`).
 """

@@ -1,4 +1,5 @@
-"""Reading case files: YAML composed with the line of every key, case files found and loaded.
+"""Reading case files: plain YAML composed with the line of every key (`harness.safe_yaml`),
+case files found and loaded.
 
 `parse_case(text)` / `load_case(path)` give a `Case` (see `harness.cases.schema`);
 `find_case_files(paths)` the case files under files and directories; `load_cases(paths)` them all.
@@ -10,121 +11,40 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from harness import safe_yaml
 from harness.cases.schema import CASE_SUFFIXES, SCHEMA, Case, CaseError, build_case
 from harness.errors import UsageError
+from harness.paths import check_input_file
+from harness.safe_yaml import YAMLInputError
 
-# ---- YAML with lines -------------------------------------------------------------------------------
-
-
-class LineMap(dict):
-    """A YAML mapping: `line` where it starts, `key_lines`/`value_lines` per key, `duplicates`."""
-
-    line: int = 1
-
-    def __init__(self, line: int):
-        super().__init__()
-        self.line = line
-        self.key_lines: dict[Any, int] = {}
-        self.value_lines: dict[Any, int] = {}
-        self.duplicates: list[tuple[Any, int]] = []
+# ---- YAML ----------------------------------------------------------------------------------------
+# `harness.safe_yaml` reads the file (a regular file of bounded size, UTF-8, no control
+# characters) and composes plain YAML with the line of every key; its errors become CaseErrors.
 
 
-class LineSeq(list):
-    """A YAML sequence: `line` where it starts, `item_lines` per item."""
-
-    def __init__(self, line: int):
-        super().__init__()
-        self.line = line
-        self.item_lines: list[int] = []
-
-
-def read_text(path: Path, shown: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CaseError(shown, None, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise CaseError(shown, None, None, f"cannot read: {exc.strerror or exc}") from None
-
-
-def compose(text: str, shown: str) -> Any:
-    """The document as plain values (LineMap, LineSeq, scalars) carrying their lines.
-
-    Composed with PyYAML's SafeLoader (what `yaml.safe_load` uses): scalars are constructed by its
-    safe constructors, mappings and sequences here, so that every value keeps its line."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-
-        built: dict[int, Any] = {}  # aliases share one value, as yaml.safe_load makes them
-
-        def build(n: yaml.Node, seen: tuple[int, ...]) -> Any:
-            if id(n) in built:
-                return built[id(n)]
-            if id(n) in seen:
-                raise CaseError(shown, n.start_mark.line + 1, None, "a recursive alias")
-            seen = (*seen, id(n))
-            line = n.start_mark.line + 1
-            if isinstance(n, yaml.MappingNode):
-                own = sum(1 for k, _ in n.value if k.tag != "tag:yaml.org,2002:merge")
-                loader.flatten_mapping(n)  # `<<` merge keys: merged pairs first, then the node's own
-                first_own = len(n.value) - own
-                m = LineMap(line)
-                own_keys: set = set()
-                for i, (key_node, value_node) in enumerate(n.value):
-                    key = build(key_node, seen)
-                    if isinstance(key, (LineMap, LineSeq)):
-                        raise CaseError(
-                            shown, key_node.start_mark.line + 1, None, "a key must be a plain value"
-                        )
-                    if (
-                        i >= first_own
-                    ):  # a key given twice in this mapping (an override of a merged one is fine)
-                        if key in own_keys:
-                            m.duplicates.append((key, key_node.start_mark.line + 1))
-                        own_keys.add(key)
-                    m[key] = build(value_node, seen)
-                    m.key_lines[key] = key_node.start_mark.line + 1
-                    m.value_lines[key] = value_node.start_mark.line + 1
-                built[id(n)] = m
-                return m
-            if isinstance(n, yaml.SequenceNode):
-                s = LineSeq(line)
-                for item in n.value:
-                    s.append(build(item, seen))
-                    s.item_lines.append(item.start_mark.line + 1)
-                built[id(n)] = s
-                return s
-            return loader.construct_object(n, deep=True)
-
-        return build(node, ())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        problem = " ".join(p for p in (exc.context, exc.problem) if p) or "malformed"
-        raise CaseError(shown, line, None, f"invalid YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise CaseError(shown, None, None, f"invalid YAML: {exc}") from None
-    finally:
-        loader.dispose()
+def _case_error(exc: YAMLInputError) -> CaseError:
+    return CaseError(exc.path, exc.line, None, exc.problem)
 
 
 def parse_case(text: str, file: str | os.PathLike = "<case>", shown_as: str | None = None) -> Case:
     """A case from YAML text; `file` is where it came from (relative model paths start there)."""
     shown = shown_as or os.fspath(file)
-    return build_case(compose(text, shown), Path(file), shown)
+    try:
+        doc = safe_yaml.loads(text, shown)
+    except YAMLInputError as exc:
+        raise _case_error(exc) from None
+    return build_case(doc, Path(file), shown)
 
 
 def load_case(path: str | os.PathLike, shown_as: str | None = None) -> Case:
     """A case from a file; CaseError naming `shown_as` (default: `path` as given) for bad input."""
     shown = shown_as or os.fspath(path)
-    return parse_case(read_text(Path(path), shown), path, shown)
+    try:
+        text = safe_yaml.read_text(path, shown)
+    except YAMLInputError as exc:
+        raise _case_error(exc) from None
+    return parse_case(text, path, shown)
 
 
 def declares_schema(path: str | os.PathLike) -> bool:
@@ -136,7 +56,8 @@ def declares_schema(path: str | os.PathLike) -> bool:
     if path.suffix not in CASE_SUFFIXES or not path.is_file():
         return False
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as f:
+            text = f.read(safe_yaml.MAX_BYTES).decode("utf-8", errors="replace")
     except OSError:
         return False
     return _DECLARATION.search(text) is not None
@@ -155,8 +76,8 @@ def find_case_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
             if not found:
                 raise UsageError(p, None, f"no case files here (*.yaml, *.yml declaring `schema: {SCHEMA}`)")
             out += found
-        elif p.is_file():
-            out.append(p)
+        elif p.exists():
+            out.append(check_input_file(p))  # a FIFO or device is refused here, never opened
         else:
             raise UsageError(p, None, "no such file or directory")
     return list(dict.fromkeys(out))

@@ -8,7 +8,9 @@ import atexit
 import contextlib
 import os
 import re
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -157,6 +159,15 @@ class CaseResult:
         }
 
 
+def _command_line() -> str:
+    """The command this process runs, as typed (`harness cases cases/`, `pytest -n 2 ...`)."""
+    argv = sys.argv or [""]
+    prog = Path(argv[0]).name
+    if prog == "__main__.py":  # python -m pytest / python -m harness
+        prog = f"python -m {Path(argv[0]).parent.name}"
+    return " ".join([prog or "python", *map(shlex.quote, argv[1:])])
+
+
 def _show(v: Any) -> str:
     return "none" if v is None else repr(v) if v == "" else str(v)
 
@@ -213,7 +224,9 @@ def run_case(
     """Run one case: synthesize or find the model, load it on its placement under the chosen
     accelerator, inject the fault, trace the prefill and `decode` steps, compare with `expect`.
 
-    Writes the trace to `<out_dir>/<name>.jsonl` (no trace file when `out_dir` is None).
+    Writes the trace to `<out_dir>/<name>.jsonl` (no trace file when `out_dir` is None); a
+    synthetic model goes to `cache_dir`, by default `<out_dir>/models` (so that the path the
+    trace names exists after the run), or a temporary folder when there is no `out_dir`.
     `threads`: torch's intra-op threads during the run; None: 1 for a synthetic model (small by
     design: on a busy machine, threads waiting on each other make its tiny ops ~10x slower),
     torch's setting for a GGUF file. CaseError (naming the case's file, line and key) for what
@@ -250,8 +263,6 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
         result.seconds = time.perf_counter() - start
         return result
 
-    path = _model_path(case, cache_dir)
-    tokens = list(case.tokens) if case.tokens is not None else _tokenize(case, path)
     trace_path = None
     if out_dir is not None:
         out = Path(out_dir)
@@ -262,8 +273,13 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
                 out, None, f"cannot create the output directory: {exc.strerror or exc}"
             ) from None
         trace_path = out / f"{_trace_name(case.name)}.jsonl"
+        if cache_dir is None:  # the synthesized model stays beside its trace, which names it
+            cache_dir = out / "models"
+    path = _model_path(case, cache_dir)
+    tokens = list(case.tokens) if case.tokens is not None else _tokenize(case, path)
     header = {
-        "command": "harness cases",
+        "command": _command_line(),
+        "expected_verdict": case.expect.verdict,
         "case": case.name,
         "case_file": case.shown_as or str(case.file),
         "fault": case.fault,
@@ -310,7 +326,16 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
                     f"it needs {fault.requires}",
                 )
             stack.enter_context(fault.inject(model))
-        tracer = Tracer(model, path=trace_path, header=header, routing=True)
+        try:
+            tracer = Tracer(
+                model,
+                path=trace_path,
+                header=header,
+                routing=True,
+                allow_transfers=case.allow_transfers or None,
+            )
+        except UsageError as exc:
+            raise case.error("allow_transfers", exc.problem) from None
         try:
             with tracer:
                 generate(model, tokens, case.decode + 1)

@@ -26,7 +26,7 @@ SCHEMA = "harness-case/1"
 CASE_SUFFIXES = (".yaml", ".yml")
 ACCELERATORS = ("auto", "emulated", "real")
 VERDICTS = ("clean", "dirty")
-OFFENCE_CLASSES = ("mismatch", "sync", "stray")
+OFFENCE_CLASSES = ("mismatch", "sync", "stray", "transfer")
 OFFENCE_FIELDS = ("class", "module", "tensor")
 STRATEGIES = ("quantized", "f32", "f16")
 LAYOUTS = ("merged", "per-expert")
@@ -45,6 +45,7 @@ TOP_KEYS = (
     "accelerator",
     "strategy",
     "fault",
+    "allow_transfers",
     "tokens",
     "prompt",
     "decode",
@@ -147,6 +148,7 @@ class Case:
     accelerator: str = "auto"
     strategy: str = "quantized"
     fault: str | None = None
+    allow_transfers: tuple[str, ...] = ()
     tokens: tuple[int, ...] | None = None
     prompt: str | None = None
     decode: int = 0
@@ -418,6 +420,21 @@ class _Parser:
                     f"unknown fault {fault!r} ({hint}known faults: {', '.join(faults.CATALOG)})",
                 )
 
+        allow_transfers: tuple[str, ...] = ()
+        if "allow_transfers" in doc:
+            raw, line = doc["allow_transfers"], doc.value_lines["allow_transfers"]
+            if not isinstance(raw, list):
+                raise self.error(
+                    line, "allow_transfers", f"expected a list of module paths, got {_kind(raw)}"
+                )
+            for i, (p, pline) in enumerate(zip(raw, raw.item_lines, strict=True)):
+                if not isinstance(p, str):
+                    raise self.error(
+                        pline, f"allow_transfers[{i}]", f"expected a module path, got {_kind(p)}"
+                    )
+            allow_transfers = tuple(raw)
+            self.lines["allow_transfers"] = line
+
         if "tokens" in doc and "prompt" in doc:
             raise self.error(doc.key_lines["prompt"], "prompt", "give tokens or prompt, not both")
         if "tokens" not in doc and "prompt" not in doc:
@@ -455,6 +472,7 @@ class _Parser:
             accelerator=accelerator,
             strategy=strategy,
             fault=fault,
+            allow_transfers=allow_transfers,
             tokens=tokens,
             prompt=prompt,
             decode=decode,
@@ -468,5 +486,5 @@ def _join(parent: str, key: Any) -> str:
 
 
 def build_case(doc: Any, file: Path, shown: str) -> Case:
-    """The `Case` a composed document describes (`doc`: see `harness.cases.loader.compose`)."""
+    """The `Case` a composed document describes (`doc`: see `harness.safe_yaml.loads`)."""
     return _Parser(shown).case(doc, file)

@@ -7,7 +7,7 @@ means machine-readable output on stdout; files are written with `-o/--out`. A re
 stops reading (`harness run ... | head`) ends the command quietly.
 
 Where each command lives: `generation` (run, logits, tokenize), `tracing` (trace, report,
-cases, demo, faults), `files` (synth, inspect); `options` reads and checks values, `loading`
+cases, demo, faults), `files` (synth, inspect), `bench`; `options` reads and checks values, `loading`
 holds the model options and loads the model.
 """
 
@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from harness.cli import exits, files, generation, options, tracing
+from harness.cli import bench, exits, files, generation, options, tracing
 from harness.errors import HarnessError, UsageError
 
 MAX_MESSAGE = 600  # characters of an error line; the rest is cut
@@ -49,6 +49,7 @@ def build_parser() -> options.Parser:
     tracing.add_commands(sub)
     files.add_commands(sub)
     generation.add_commands(sub)
+    bench.add_commands(sub)
     p.commands = list(sub.choices)
     return p
 

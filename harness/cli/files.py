@@ -8,14 +8,7 @@ from collections import Counter
 from harness.cli import options
 from harness.cli.loading import add_model_argument
 from harness.paths import check_output_file
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+from harness.trace.events import format_bytes
 
 
 def file_type_name(value) -> str | None:
@@ -87,7 +80,7 @@ def _shown(value, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 4] + "...'"
 
 
-def _print_summary(info: dict) -> None:
+def _print_model(info: dict) -> None:
     c = info["config"]
     ft = info["file_type"]
     ft_text = f", file type {ft['name'] or 'unknown'} ({ft['id']})" if ft else ", file type not given"
@@ -110,25 +103,49 @@ def _print_summary(info: dict) -> None:
     counts = Counter(t["type"] for t in info["tensors"])
     print(f"  {len(info['tensors'])} tensors: " + ", ".join(f"{n} {t}" for t, n in counts.most_common()))
 
-    meta = info["metadata"]
+
+def _print_metadata(meta: dict) -> None:
     print(f"\n  {len(meta)} metadata keys:")
     key_width = max((len(k) for k in meta), default=0)
     type_width = max((len(_type_name(v)) for v in meta.values()), default=0)
     for i, (key, value) in enumerate(meta.items(), start=1):
         print(f"  {i:4d}: {key:<{key_width}}  {_type_name(value):<{type_width}}  {_shown(value)}")
 
-    width = max(len(t["name"]) for t in info["tensors"])
+
+def _print_tensors(tensors: list[dict]) -> None:
+    width = max((len(t["name"]) for t in tensors), default=4)
     print(f"\n  {'name':<{width}}  {'type':<7} {'dims (ne0, ne1, ...)':<24} {'bytes':>12}")
-    for t in info["tensors"]:
+    for t in tensors:
         print(f"  {t['name']:<{width}}  {t['type']:<7} {str(t['dims']):<24} {t['bytes']:>12}")
 
 
 def cmd_inspect(args) -> int:
-    info = describe(args.model)
+    """As gguf-dump: the model's summary, every metadata key and value, the tensor table. A
+    GGUF that is readable but is no model the harness runs (another architecture, a vocabulary
+    only) still gets its metadata printed, before the one-line error that says why (exit 2)."""
+    from harness.errors import GGUFMetadataError, GGUFTensorError
+    from harness.gguf_file import read_metadata
+
+    try:
+        info = describe(args.model)
+    except (GGUFMetadataError, GGUFTensorError):
+        metadata = read_metadata(args.model)  # a file gguf cannot read at all raises here instead
+        if args.json:
+            print(json.dumps({"path": args.model, "model": None, "metadata": metadata}, indent=1))
+        else:
+            ft = metadata.get("general.file_type")
+            name = file_type_name(ft)
+            print(
+                f"{args.model}: {metadata.get('general.architecture', 'no architecture')}, file type {name or ft}"
+            )
+            _print_metadata(metadata)
+        raise
     if args.json:
         print(json.dumps(info, indent=1))
-    else:
-        _print_summary(info)
+        return 0
+    _print_model(info)
+    _print_metadata(info["metadata"])
+    _print_tensors(info["tensors"])
     return 0
 
 

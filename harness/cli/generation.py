@@ -105,7 +105,7 @@ def cmd_logits(args) -> int:
     import numpy as np
     import torch
 
-    out = check_output_file(args.out, "--out")
+    out = check_output_file(args.out, "--out", inputs=[args.model])
     with contextlib.ExitStack() as stack:
         enter_device(args, stack)
         model = loading.load_model(args)  # through the module: tests replace it

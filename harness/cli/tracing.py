@@ -48,8 +48,8 @@ def cmd_trace(args) -> int:
     from harness.model.generate import generate
     from harness.trace import Tracer
 
-    out = check_output_file(args.out, "--out") if args.out else None
-    report = check_output_file(args.report, "--report") if args.report else None
+    out = check_output_file(args.out, "--out", inputs=[args.model]) if args.out else None
+    report = check_output_file(args.report, "--report", inputs=[args.model, out]) if args.report else None
     with contextlib.ExitStack() as stack:
         trace_path = out
         if report and trace_path is None:  # the report is built from a trace file
@@ -138,7 +138,7 @@ def cmd_report(args) -> int:
     from harness.trace import load_trace
 
     traces = [check_trace_input(t) for t in args.traces]
-    out = check_output_file(args.out, "--out")
+    out = check_output_file(args.out, "--out", inputs=traces)
     written = build_report(traces, out, title=args.title)
     verdicts = []
     for t in traces:
@@ -366,7 +366,7 @@ def add_commands(sub) -> None:
         "--cache-dir",
         type=options.text,
         default=None,
-        help="keep synthesized models here (default: a temporary directory)",
+        help="keep synthesized models here (default: OUT_DIR/models, beside the traces that name them)",
     )
     s.set_defaults(func=cmd_cases)
 

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.device_tables import TABLES
 from harness.errors import UsageError
 from harness.gguf_file import MixtralConfig, ModelFile, open_gguf
 from harness.model.placement import Placement
-from harness.quant import dequant, fused
+from harness.quant import fused
 from harness.quant.qmatmul import QMatMul
 from harness.quant.qtensor import QTensor
 
@@ -58,17 +59,19 @@ class Embedding(nn.Module):
         return table.dequantize_rows(tokens)
 
 
-_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+def _build_rope(device: torch.device, rope_dim: int, base: float, max_seq_len: int):
+    inv_freq = base ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)  # [rope_dim/2]
+    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # [S_max, rope_dim/2]
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+TABLES.define("rope", _build_rope, params=True)
 
 
 def rope_tables(rope_dim: int, base: float, max_seq_len: int, device: torch.device):
-    """cos and sin [max_seq_len, rope_dim/2] float32 on `device`, built once per device."""
-    key = (rope_dim, base, max_seq_len, device)
-    if key not in _ROPE_TABLES:
-        inv_freq = base ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)  # [rope_dim/2]
-        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # [S_max, rope_dim/2]
-        _ROPE_TABLES[key] = (angles.cos().float().to(device), angles.sin().float().to(device))
-    return _ROPE_TABLES[key]
+    """cos and sin [max_seq_len, rope_dim/2] float32 on `device`: the registry's "rope" table
+    (`harness.device_tables`), built once per device and size (at load, by `Rope`)."""
+    return TABLES.get("rope", device, rope_dim, base, max_seq_len)
 
 
 class Rope(nn.Module):
@@ -327,7 +330,7 @@ class Mixtral(nn.Module):
         self.dtype = torch.float32
         self.decode_graph = None  # a captured decode step (harness.model.generate.DecodeGraph)
         for device in placement.devices:
-            dequant.warm(device)  # per-device constants built at load, not in the first forward
+            TABLES.warm(device)  # per-device constants built at load, not in the first forward
         self.embed = Embedding(mf.tensor("token_embd.weight").to(placement.embed))
         self.layers = nn.ModuleList(
             Block(

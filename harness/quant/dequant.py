@@ -2,8 +2,8 @@
 
 `dequantize(raw, qtype, shape, dtype)` turns whole GGML blocks (uint8, on any device) into a
 tensor of logical `shape` on the same device. Every step is a torch op on `raw.device`: no host
-reads, no per-call host tensors. The few constants (shift vectors, IQ4 codebook) live in a
-per-device cache.
+reads, no per-call host tensors. The few constants (shift vectors, IQ4 codebook) are the
+"dequant" table of the per-device registry `harness.device_tables`.
 
 Bit-identity with gguf's numpy code comes from doing the same float32 ops in the same order:
 f16 fields widen to float32 exactly, integer codes become float32 exactly, and every product or
@@ -14,12 +14,15 @@ Shape legend: N blocks; S sub-blocks per block; L values per sub-block; B bytes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
+from harness.device_tables import TABLES
 from harness.errors import GGUFTensorError, UsageError
 from harness.quant.types import GGMLType, block_size, parse_type, type_size
 
@@ -28,40 +31,32 @@ T = GGMLType
 # IQ4_NL / IQ4_XS codebook (kvalues_iq4nl in ggml-common.h).
 IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
-_CONSTS: dict[torch.device, SimpleNamespace] = {}
-
 
 def constant_table(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small constant table on `device`: made on the CPU and copied over, once per device (at
-    load, by `warm`). A model whose weight sits on an unplanned device makes one in its forward:
-    a tracer then sees that copy as a transfer, not as ops of its own on the wrong device."""
+    """A small constant table on `device`: made on the CPU and copied over, once per device (when
+    blocks first move there, or at load). A model whose weight sits on an unplanned device makes
+    one in its forward: a tracer then sees that copy as a transfer, not as ops of its own on the
+    wrong device."""
     return torch.tensor(values, dtype=dtype).to(device)
 
 
-def _consts(device: torch.device) -> SimpleNamespace:
-    """Shift vectors and lookup tables on `device`, built once per device."""
-    c = _CONSTS.get(device)
-    if c is None:
-        c = SimpleNamespace(
-            nib=constant_table([0, 4], torch.uint8, device),  # low nibble, high nibble
-            crumb=constant_table([0, 2, 4, 6], torch.uint8, device),  # four 2-bit fields of a byte
-            bit=constant_table(list(range(8)), torch.uint8, device),  # eight bits of a byte
-            iq4=constant_table(IQ4_KVALUES, torch.float32, device),
-        )
-        _CONSTS[device] = c
-    return c
+def _build_constants(device: torch.device) -> SimpleNamespace:
+    return SimpleNamespace(
+        nib=constant_table([0, 4], torch.uint8, device),  # low nibble, high nibble
+        crumb=constant_table([0, 2, 4, 6], torch.uint8, device),  # four 2-bit fields of a byte
+        bit=constant_table(list(range(8)), torch.uint8, device),  # eight bits of a byte
+        iq4=constant_table(IQ4_KVALUES, torch.float32, device),
+    )
 
 
-def warm(device: torch.device) -> None:
-    """Build the constants of `device` now (a model does at load), not in its first forward."""
-    _consts(device)
-    if device.type == "cuda":
-        try:
-            from harness.quant import kernels
-        except ImportError:  # the GPU kernels are optional
-            return
-        if kernels.supports(T.IQ4_NL):
-            kernels._lut(device)
+DEQUANT_TABLE = "dequant"
+TABLES.define(DEQUANT_TABLE, _build_constants)
+
+
+def constants(device: torch.device) -> SimpleNamespace:
+    """Shift vectors and the IQ4 codebook on `device`: the registry's "dequant" table
+    (`harness.device_tables`), built once per device."""
+    return TABLES.get(DEQUANT_TABLE, device)
 
 
 # ---- byte-level helpers ------------------------------------------------------------------------
@@ -324,5 +319,29 @@ def dequantize(
     blocks = raw.contiguous().view(-1, type_size(qtype))  # [N, B]
     if (qtype, dtype) in _NATIVE:
         return _view(blocks, dtype).view(shape)
-    out = _DEQUANT[qtype](blocks, _consts(raw.device))  # [N, block_size] float32
+    out = _DEQUANT[qtype](blocks, constants(raw.device))  # [N, block_size] float32
     return out.view(shape).to(dtype)
+
+
+@functools.cache
+def uses_constants(qtype: GGMLType | str | int) -> bool:
+    """Whether dequantizing `qtype` with the torch ops reads the per-device constants (shift
+    vectors, codebook): every block type but Q8_0; no float type."""
+    qtype = parse_type(qtype)
+    fn = _DEQUANT.get(qtype)
+    if fn is None:
+        return False
+
+    class _Read(Exception):
+        pass
+
+    class _Probe:
+        def __getattr__(self, name):
+            raise _Read
+
+    with _disable_current_modes():  # a tracer or an emulation active now need not see the probe
+        try:
+            fn(torch.zeros((1, type_size(qtype)), dtype=torch.uint8), _Probe())
+        except _Read:
+            return True
+    return False

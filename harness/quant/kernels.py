@@ -32,7 +32,7 @@ import os
 import torch
 
 from harness.errors import UnsupportedTypeError, UsageError
-from harness.quant.dequant import IQ4_KVALUES, constant_table
+from harness.quant.dequant import constants
 from harness.quant.types import GGMLType, block_size, type_size
 
 try:  # triton is an optional dependency (`pip install harness[gpu]`)
@@ -321,16 +321,9 @@ def supports(qtype: GGMLType) -> bool:
     return qtype in _KERNELS and _triton_usable()
 
 
-_LUTS: dict[torch.device, torch.Tensor] = {}
-
-
 def _lut(device: torch.device) -> torch.Tensor:
-    """The IQ4_NL grid as float32 on `device` (cached per device)."""
-    lut = _LUTS.get(device)
-    if lut is None:
-        lut = constant_table(IQ4_KVALUES, torch.float32, device)
-        _LUTS[device] = lut
-    return lut
+    """The IQ4_NL grid as float32 on `device`: the torch path's codebook, one per device."""
+    return constants(device).iq4
 
 
 iq4_table = _lut  # public: the fused kernels (harness.quant.fused) read the same grid

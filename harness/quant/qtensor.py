@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from harness.device_tables import TABLES
 from harness.errors import GGUFTensorError
+from harness.quant import dequant  # defines the "dequant" device table that `to` warms
 from harness.quant.types import FLOAT_TYPES, GGMLType, block_size, nbytes_for, type_size
 
 
@@ -75,9 +77,13 @@ class QTensor:
         return self.raw.device
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> QTensor:
-        """The same blocks on `device` (self when already there)."""
+        """The same blocks on `device` (self when already there). The first blocks to reach a
+        device build its constant tables (`harness.device_tables`), outside any forward."""
         raw = self.raw.to(device, non_blocking=non_blocking)
-        return self if raw is self.raw else QTensor(raw, self.qtype, self.shape, self.name)
+        if raw is self.raw:
+            return self
+        TABLES.warm(raw.device)
+        return QTensor(raw, self.qtype, self.shape, self.name)
 
     # -- sizes ----------------------------------------------------------------------------
 
@@ -105,23 +111,19 @@ class QTensor:
         """Float values of logical shape, computed on `device` (default: where the blocks are).
 
         With `device` given, the raw blocks move there first and the work is done there."""
-        from harness.quant.dequant import dequantize
-
         raw = self.raw if device is None else self.raw.to(device)
-        return dequantize(raw, self.qtype, self.shape, dtype)
+        return dequant.dequantize(raw, self.qtype, self.shape, dtype)
 
     def dequantize_rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows `index` (of the 2-D tensor) dequantized, and only those: [*index.shape, row_length].
 
         `index` must be on this tensor's device."""
-        from harness.quant.dequant import dequantize
-
         if len(self.shape) != 2:
             raise ValueError(
                 f"QTensor {self.name}: dequantize_rows needs a 2-D tensor, shape is {list(self.shape)}"
             )
         rows = self.raw.index_select(0, index.reshape(-1))
-        out = dequantize(rows, self.qtype, (rows.shape[0], self.shape[1]), dtype)
+        out = dequant.dequantize(rows, self.qtype, (rows.shape[0], self.shape[1]), dtype)
         return out.reshape(*index.shape, self.shape[1])
 
     def __getitem__(self, i: int) -> QTensor:

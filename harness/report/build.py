@@ -66,6 +66,7 @@ _CLASS_COLORS = {
     "ok": "#b0bec5",
 }
 _DEVICE_PALETTE = ("#2e7d32", "#6a1b9a", "#00838f", "#9e6a03", "#3949ab", "#827717", "#4e342e")
+_DIRECTION_PALETTE = ("#1565c0", "#ef6c00", "#2e7d32", "#ad1457", "#6a1b9a", "#00838f", "#9e6a03", "#546e7a")
 _CPU_COLOR = "#546e7a"
 _OTHER_COLOR = "#9e9e9e"
 
@@ -183,6 +184,7 @@ class _Kind:
         "first_seq",
         "first_step",
         "row",
+        "nbytes",
     )
 
     def __init__(self, d: dict[str, Any]):
@@ -205,6 +207,10 @@ class _Kind:
         self.alias = bool(d.get("alias"))
         self.error = d.get("error")
         self.transfer = d.get("transfer") if isinstance(d.get("transfer"), dict) else None
+        self.nbytes = 0
+        if self.transfer is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                self.nbytes = int(self.transfer.get("bytes") or 0)
         stack = d.get("stack")
         self.stack = [str(s) for s in stack] if isinstance(stack, list) else None
         self.count = 0
@@ -238,6 +244,7 @@ class _Scan:
         self.ev_kind: list[int] = []
         self.ev_seq: list[int] = []
         self.steps: list[list[int]] = []  # [first embedded index, step]
+        self.step_bytes: dict[int, dict[tuple[str, str], int]] = {}  # step -> (from, to) -> bytes
         self.total = 0
         self.shown = 0
         self.note = None
@@ -309,6 +316,10 @@ class _Scan:
                         if m is not None and line.endswith("\n"):
                             by_body[line[m.end() :]] = kind
                     total += 1
+                    if kind.transfer is not None:
+                        moved = self.step_bytes.setdefault(step, {})
+                        direction = (str(kind.transfer.get("from")), str(kind.transfer.get("to")))
+                        moved[direction] = moved.get(direction, 0) + kind.nbytes
                     if kind.count == 0:
                         kind.first_seq, kind.first_step = seq, step
                     kind.count += 1
@@ -400,7 +411,7 @@ def _tree(kinds: list[_Kind], placement: dict[str, Any] | None) -> list[dict[str
             roots.append(n)
         return n
 
-    if placement:
+    if placement and placement.get("layers"):  # a Mixtral's skeleton, in forward order
         node("embed")
         for i in range(len(placement.get("layers") or [])):
             node(f"layers.{i}")
@@ -527,7 +538,47 @@ def _first_offence(trace: Trace, kinds: list[_Kind]) -> dict[str, Any] | None:
         first["code"] = next((t for n, t, here in first["context"] if here), None)
     stack = first.get("stack") or []
     first["stack"] = [_split_frame(s) for s in stack]
+    first["stack_groups"] = _fold_stack(first["stack"])
+    first["user_frames"] = sum(len(g["frames"]) for g in first["stack_groups"] if not g["folded"])
     return first
+
+
+# Frames of the machinery that ran the test, not of the user's code: folded in the stacks shown.
+_FOLDED = re.compile(
+    r"(?:^|[/\\])(?P<what>_pytest|pluggy|xdist|execnet|pytest_harness)[/\\]"
+    r"|(?:^|[/\\])(?P<main>pytest)[/\\]__main__\.py|(?P<runpy><frozen runpy>|runpy\.py)"
+)
+
+
+def _fold_stack(frames: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """The frames in groups: the user's frames one by one, runs of pytest, pluggy, xdist,
+    execnet (and runpy) frames folded into one group that names what they belong to."""
+    groups: list[dict[str, Any]] = []
+    for frame in frames:
+        m = _FOLDED.search(frame["where"].split(" in ", 1)[0])
+        if m is None:
+            groups.append({"folded": False, "frames": [frame]})
+            continue
+        what = (m["what"] or m["main"] or "runpy").lstrip("_")
+        if groups and groups[-1]["folded"]:
+            groups[-1]["frames"].append(frame)
+            if what not in groups[-1]["what"]:
+                groups[-1]["what"].append(what)
+        else:
+            groups.append({"folded": True, "frames": [frame], "what": [what]})
+    return groups
+
+
+def _stack_lines(stack: list[str]) -> list[str]:
+    """A stack as lines for the timeline's detail: each run of folded frames one line."""
+    lines = []
+    for g in _fold_stack([_split_frame(f) for f in stack]):
+        if g["folded"]:
+            n = len(g["frames"])
+            lines.append(f"\u22ef {n} frame{'s' if n != 1 else ''} of {', '.join(g['what'])} (folded)")
+        else:
+            lines += [f"{f['where']}: {f['code']}" if f["code"] else f["where"] for f in g["frames"]]
+    return lines
 
 
 def _split_frame(frame: str) -> dict[str, str]:
@@ -560,6 +611,102 @@ def _source_context(source: str | None, around: int = 3) -> list[tuple[int, str,
         return []
     lo, hi = max(lineno - around, 1), min(lineno + around, len(lines))
     return [(n, lines[n - 1].rstrip("\n"), n == lineno) for n in range(lo, hi + 1)]
+
+
+MAX_CHART_BARS = 160
+
+
+def _bytes_per_step(step_bytes: dict[int, dict[tuple[str, str], int]]) -> dict[str, Any] | None:
+    """Bars of bytes moved across devices per forward step, stacked by direction (from, to);
+    steps beyond MAX_CHART_BARS are summed in equal runs of steps. None when nothing moved."""
+    if not step_bytes or not any(sum(v.values()) for v in step_bytes.values()):
+        return None
+    steps = sorted(step_bytes)
+    per_bar = math.ceil(len(steps) / MAX_CHART_BARS)
+    directions = sorted({d for v in step_bytes.values() for d in v}, key=lambda d: (d[0], d[1]))
+    bars = []
+    for i in range(0, len(steps), per_bar):
+        chunk = steps[i : i + per_bar]
+        moved = dict.fromkeys(directions, 0)
+        for step in chunk:
+            for d, n in step_bytes[step].items():
+                moved[d] += n
+        label = _step_label(chunk[0]) if len(chunk) == 1 else f"steps {chunk[0]}-{chunk[-1]}"
+        bars.append({"label": label, "total": sum(moved.values()), "moved": moved})
+    top = max(b["total"] for b in bars) or 1
+    for b in bars:
+        y = 0.0
+        b["segments"] = []
+        for k, d in enumerate(directions):
+            n = b["moved"][d]
+            if n:
+                h = max(100.0 * n / top, 1.5)  # a few bytes still show
+                b["segments"].append({"direction": k, "bytes": n, "y": max(100.0 - y - h, 0.0), "h": h})
+                y += h
+        b["total_text"] = _fmt_bytes(b["total"])
+        del b["moved"]
+    return {
+        "bars": bars,
+        "directions": [{"src": a, "dst": b, "color": None} for a, b in directions],  # colored per report
+        "max_text": _fmt_bytes(top),
+        "total_text": _fmt_bytes(sum(b["total"] for b in bars)),
+        "per_bar": per_bar,
+    }
+
+
+def _step_label(step: int) -> str:
+    return "prefill" if step == 0 else f"decode {step}"
+
+
+def _part_of(module: str) -> str | None:
+    """The strip's column of a module path: `layers.N` for what is inside a layer, else the
+    top-level module (`embed`, `norm`, `output`, or a user model's own children)."""
+    if module in ("<outside>", "<model>", "layers"):
+        return None
+    head, _, rest = module.partition(".")
+    if head == "layers" and rest:
+        return f"layers.{rest.partition('.')[0]}"
+    return head
+
+
+def _layer_strip(kinds: list[_Kind], placement: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One column per layer (and per other top-level module), in forward order: the device its
+    placement gives it and the devices its ops ran on, with how many ops and offences."""
+    columns: dict[str, dict[str, Any]] = {}
+    for k in sorted(kinds, key=lambda k: k.first_seq if k.first_seq is not None else 0):
+        part = _part_of(k.module)
+        if part is None:
+            continue
+        col = columns.get(part)
+        if col is None:
+            col = columns[part] = {
+                "part": part,
+                "placed": _device_of(placement, part),
+                "ran": {},
+                "ops": 0,
+                "offending": 0,
+            }
+        col["ops"] += k.count
+        if k.run_on is not None and not k.alias:
+            col["ran"][k.run_on] = col["ran"].get(k.run_on, 0) + k.count
+        if k.cls in OFFENDING:
+            col["offending"] += k.count
+    out = []
+    for col in columns.values():
+        total = sum(col["ran"].values()) or 1
+        ran = sorted(col["ran"].items(), key=lambda kv: -kv[1])
+        # Widths in the strip: a device off the placement gets at least a tenth, so a few
+        # stray ops still show (the tooltip has the numbers).
+        widths = [100.0 * n / total if d == col["placed"] else max(100.0 * n / total, 10.0) for d, n in ran]
+        scale = 100.0 / (sum(widths) or 1.0)
+        col["ran"] = [
+            {"device": d, "ops": n, "share": w * scale} for (d, n), w in zip(ran, widths, strict=True)
+        ]
+        col["label"] = col["part"].removeprefix("layers.")
+        off = [r["device"] for r in col["ran"] if col["placed"] and r["device"] != col["placed"]]
+        col["off_placement"] = off
+        out.append(col)
+    return out
 
 
 def _device_order(device: str) -> tuple:
@@ -604,7 +751,9 @@ def _scalar_items(d: Any) -> list[tuple[str, str]]:
 _HEADER_SHOWN = ("command", "case", "test", "nodeid", "fault", "prompt_tokens", "decode", "sample_every")
 
 
-def _run(i: int, trace: Trace, name: str | None, scan: _Scan, routing) -> dict[str, Any]:
+def _run(
+    i: int, trace: Trace, name: str | None, scan: _Scan, routing, test: dict[str, Any] | None = None
+) -> dict[str, Any]:
     h = trace.header
     s = trace.summary
     kinds = scan.kinds
@@ -628,6 +777,16 @@ def _run(i: int, trace: Trace, name: str | None, scan: _Scan, routing) -> dict[s
         shown["prompt_tokens"] = (
             f"{len(toks)} tokens: " + json.dumps(toks[:32]) + (" ..." if len(toks) > 32 else "")
         )
+    placement = h.get("placement") if isinstance(h.get("placement"), dict) else {}
+    # Any model's placement is by module-path prefix; "" is the whole model.
+    placement = {("every module" if k == "" else k): v for k, v in placement.items()}
+    if placement_full is not None and not placement_full["layers"] and h.get("model_class") != "Mixtral":
+        # Any module traced against one device (`Tracer(model, placement="cuda:0")`): it has no
+        # embedding or head, whatever the placement object calls its parts.
+        placement = {"every module": placement_full["embed"]}
+        placement_full = None
+    expected = h.get("expected_verdict") if h.get("expected_verdict") in ("clean", "dirty") else None
+    model = h.get("model")
     return {
         "index": i,
         "anchor": f"run-{i}",
@@ -635,24 +794,31 @@ def _run(i: int, trace: Trace, name: str | None, scan: _Scan, routing) -> dict[s
         "path": os.fspath(trace.path),
         "verdict": verdict,
         "dirty": verdict != "clean",
+        # A run meant to be dirty (a demo, a fault case) that came out dirty is no surprise.
+        "expected": expected,
+        "as_expected": expected is not None and expected == verdict,
+        "test": _test_outcome(test),
         "counts": counts,
         "events": scan.total,
         "steps": _steps(s.steps) if s is not None else None,
         "seconds": _number(s.seconds) if s is not None else None,
         "unrecorded": (s.unrecorded if s is not None else 0),
-        "model": h.get("model"),
-        "model_name": Path(str(h.get("model"))).name if h.get("model") else None,
+        "model": model,
+        "model_name": Path(str(model)).name if model else None,
+        "model_exists": bool(model) and Path(str(model)).is_file(),
         "model_class": h.get("model_class"),
         "config": _scalar_items(config),
         "config_short": _config_short(config),
-        "placement": h.get("placement") if isinstance(h.get("placement"), dict) else {},
+        "placement": placement,
         "placement_full": placement_full,
+        "strip": _layer_strip(kinds, _placement(trace.placement)),
+        "bytes_chart": _bytes_per_step(scan.step_bytes),
         "device_names": h.get("devices") if isinstance(h.get("devices"), dict) else {},
         "torch": h.get("torch"),
         "python": h.get("python"),
         "header": [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in shown.items()],
         "first": first,
-        "tree": _tree(kinds, placement_full),
+        "tree": _tree(kinds, _placement(trace.placement)),
         "transfers": transfers[:MAX_TABLE_ROWS],
         "transfers_more": max(len(transfers) - MAX_TABLE_ROWS, 0),
         "transfer_bytes": _fmt_bytes(sum(r["bytes"] for r in transfers)),
@@ -662,6 +828,14 @@ def _run(i: int, trace: Trace, name: str | None, scan: _Scan, routing) -> dict[s
         "routing": _routing_matrix(routing),
         "note": scan.note,
     }
+
+
+def _test_outcome(test: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A pytest test's outcome and duration, as the plugin hands them over, ready to show."""
+    if not isinstance(test, dict) or not test.get("outcome"):
+        return None
+    seconds = _number(test.get("duration"))
+    return {"outcome": str(test["outcome"]), "duration": None if seconds is None else f"{seconds:.2f} s"}
 
 
 def _placement(p: Any) -> dict[str, Any] | None:
@@ -720,7 +894,7 @@ def _timeline_data(
         stack = -1
         if k.stack:
             stack = len(stacks)
-            stacks.append(k.stack)
+            stacks.append(_stack_lines(k.stack))
         tr = k.transfer
         tr_text = None
         if tr is not None:
@@ -902,6 +1076,8 @@ def build_report(
     names: Sequence[str | None] | None = None,
     routing: Sequence[Any] | None = None,
     max_events: int = MAX_EVENTS,
+    tests: Sequence[dict[str, Any] | None] | None = None,
+    command: str | None = None,
 ) -> Path:
     """Write one self-contained HTML report of `traces` (paths or loaded `Trace`s) to `out_path`.
 
@@ -913,7 +1089,13 @@ def build_report(
     - `routing`: a routing matrix per trace (a `RoutingCounts` from `collect_routing`, a
       [layers, experts] tensor or nested lists, or None: the trace's own, when its tracer
       collected it), for the heatmap;
-    - `max_events`: events embedded in the timeline over all traces (see the module doc).
+    - `max_events`: events embedded in the timeline over all traces (see the module doc);
+    - `tests`: per trace, the pytest test that made it: {"outcome", "duration"} (seconds), shown
+      beside its verdict (the pytest plugin gives them);
+    - `command`: the command that was run (shown at the top).
+
+    A trace whose header says `expected_verdict` (a demo or a fault case meant to be dirty) is
+    marked "expected" where its verdict is that.
 
     The file is written atomically (a temporary file in the same folder, then renamed). Bad
     input (a missing or garbled trace, a path that cannot be written) raises a `HarnessError`
@@ -924,6 +1106,8 @@ def build_report(
         raise UsageError(None, "traces", "no trace to report on")
     if names is not None and len(names) != len(loaded):
         raise UsageError(None, "names", f"{len(names)} names for {len(loaded)} traces")
+    if tests is not None and len(tests) != len(loaded):
+        raise UsageError(None, "tests", f"{len(tests)} test outcomes for {len(loaded)} traces")
     if routing is not None and not isinstance(routing, (list, tuple)):
         routing = [routing]
     if routing is not None and len(routing) != len(loaded):
@@ -943,7 +1127,7 @@ def build_report(
         given = routing[i] if routing else None
         if given is None and trace.summary is not None:
             given = trace.summary.routing  # collected by the tracer (`Tracer(routing=True)`)
-        run = _run(i, trace, names[i] if names else None, scan, given)
+        run = _run(i, trace, names[i] if names else None, scan, given, tests[i] if tests else None)
         runs.append(run)
         timelines.append(_timeline_data(scan, run["name"], run["first"], classes))
         placement = _placement(trace.placement) or {}
@@ -956,7 +1140,16 @@ def build_report(
     devices = [d for d in dict.fromkeys(devices) if d and d != "None"]
     colors = _colors(sorted(devices, key=_device_order))
     diffs = [_diff(runs, loaded[a], loaded[b], a, b) for a, b in diff_pairs]
+    # One color per direction across the report's charts.
+    directions = sorted(
+        {(d["src"], d["dst"]) for r in runs if r["bytes_chart"] for d in r["bytes_chart"]["directions"]}
+    )
+    for r in runs:
+        for d in (r["bytes_chart"] or {}).get("directions", []):
+            k = directions.index((d["src"], d["dst"]))
+            d["color"] = _DIRECTION_PALETTE[k % len(_DIRECTION_PALETTE)]
     dirty = [r for r in runs if r["dirty"]]
+    surprises = [r for r in dirty if not r["as_expected"]]
     data = {
         "classes": classes,
         "classColors": {c: _CLASS_COLORS.get(c, _OTHER_COLOR) for c in classes},
@@ -972,6 +1165,9 @@ def build_report(
             generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
             runs=runs,
             dirty=dirty,
+            surprises=surprises,
+            command=command,
+            with_tests=any(r["test"] for r in runs),
             diffs=diffs,
             classes=classes,
             class_colors={c: _CLASS_COLORS.get(c, _OTHER_COLOR) for c in classes},

@@ -257,10 +257,10 @@ class Classifier:
         a module that the placement spreads over several: a declared device-map boundary)."""
         if event.module is None:
             return "outside"
-        if not event.transfer["bytes"]:
-            return "empty"
         if event.hook is not None:
             return event.hook
+        if not event.transfer["bytes"]:
+            return "empty"
         if event.role == "input" and (dst != "cpu" or self._places_on(event.module, dst)):
             return "input"  # the run's inputs uploaded (read back to the host, they are a sync)
         if self.allow is not None and self.allow(event):
@@ -331,7 +331,8 @@ class Classifier:
                 event.cls = self._transfer(event, "cpu", dst, ins[0][3], explicit=True)
                 return event.cls
         elif kind == K_SYNC:
-            if ins and ins[0][0] != "cpu" and event.waits is not False:
+            # (an op that raised another error than a device error read nothing)
+            if ins and ins[0][0] != "cpu" and event.waits is not False and event.error is None:
                 cls = ALLOWED if event.module is None else SYNC
                 event.cls = cls
                 return cls

@@ -9,8 +9,11 @@ placement: `ACCEPTS` or `REFUSES` (a RuntimeError about devices), with the fact 
 - `"emulated"`: `harness.trace.emulated.EmulatedCuda` (two emulated devices), anywhere;
 - `"cpu"`: every placement on the CPU, the reference values (every row accepts there).
 
-The tests check every row's verdict against the emulation everywhere and against real CUDA under
-`pytest -m cuda`, so the two agree on every row; accepted rows also give the output's device and
+Every row runs in each grad mode of `GRAD_MODES` (inference mode, no_grad, grad enabled with the
+floating inputs requiring grad, where an accepted row's backward pass runs too). The tests check
+every row's verdict in every mode against the emulation everywhere and against real CUDA under
+`pytest -m cuda` (which also compares the backward's verdict with the emulation's), so the two
+agree on every row; accepted rows also give the output's device and
 values equal to the CPU reference. Like llama.cpp's test-backend-ops, a row prints its own
 parameters (`str(row)`), and "unsupported here" is not a failure.
 
@@ -37,6 +40,10 @@ from harness.trace import emulated
 
 ACCEPTS, REFUSES, UNSUPPORTED, ERROR = "accepts", "refuses", "unsupported", "error"
 BACKENDS = ("cuda", "emulated", "cpu")
+# The grad modes a row runs in: the dispatch modes see other ops in each (inference mode
+# decomposes composite ops below autograd; with grad, inputs that can require grad do).
+INFERENCE, NO_GRAD, GRAD = "inference_mode", "no_grad", "grad"
+GRAD_MODES = (INFERENCE, NO_GRAD, GRAD)
 PLACES = ("gpu", "gpu1", "cpu")
 
 # What a refusal for devices says (CUDA's messages, and the emulation's, which copy them).
@@ -744,10 +751,17 @@ class Result:
     error: str | None = None
     devices: tuple[str, ...] = ()  # devices of the tensor outputs, as placements name them
     values: tuple[torch.Tensor, ...] = ()  # the tensor outputs, on the CPU
+    grad_mode: str = NO_GRAD
+    # In GRAD mode, what a backward pass from the accepted outputs did (ACCEPTS, REFUSES, ERROR),
+    # or None where nothing requires grad.
+    backward: str | None = None
+    backward_error: str | None = None
 
     def __str__(self) -> str:
         tail = f": {self.error}" if self.error else ""
-        return f"{self.row.describe()} on {self.backend}: {self.verdict}{tail}"
+        back = f"; backward {self.backward}" + (f": {self.backward_error}" if self.backward_error else "")
+        back = back if self.backward else ""
+        return f"{self.row.describe()} on {self.backend} ({self.grad_mode}): {self.verdict}{tail}{back}"
 
 
 def _outputs(out) -> list[torch.Tensor]:
@@ -758,60 +772,120 @@ def _outputs(out) -> list[torch.Tensor]:
     return []
 
 
-def _run(row: Row, backend: str, devices: dict[str, torch.device]) -> Result:
+def grad_context(grad_mode: str):
+    """The context manager of a grad mode of `GRAD_MODES`."""
+    if grad_mode == INFERENCE:
+        return torch.inference_mode()
+    if grad_mode == NO_GRAD:
+        return torch.no_grad()
+    if grad_mode == GRAD:
+        return torch.enable_grad()
+    raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+
+
+def place_inputs(row: Row, devices: dict[str, torch.device], grad_mode: str = NO_GRAD) -> dict[str, object]:
+    """The row's inputs, each on the device its place names (`Dev` inputs give the device itself);
+    in GRAD mode the floating ones require grad. Call inside the grad mode's context."""
+    return {
+        k: devices[v.place] if isinstance(v, Dev) else _make(v, devices[v.place], grad_mode)
+        for k, v in row.inputs.items()
+    }
+
+
+def _make(v: Input, device: torch.device, grad_mode: str) -> torch.Tensor:
+    t = v.make()
+    if grad_mode != GRAD or not (t.dtype.is_floating_point or t.dtype.is_complex):
+        return t.to(device)
+    # A non-leaf that requires grad (a leaf would refuse the rows' in-place ops)
+    leaf = t.requires_grad_()
+    return leaf.to(device) if device != leaf.device else leaf.clone()
+
+
+def _error(exc: BaseException) -> tuple[str, str]:
+    return (REFUSES if is_refusal(exc) else ERROR), f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _run(row: Row, backend: str, devices: dict[str, torch.device], grad_mode: str) -> Result:
     names = {str(d): p for p, d in devices.items()}
-    try:
-        inputs = {
-            k: devices[v.place] if isinstance(v, Dev) else v.make().to(devices[v.place])
-            for k, v in row.inputs.items()
-        }
-    except Exception as exc:  # the placement itself failed: not what the row tests
-        return Result(row, backend, ERROR, f"making inputs: {type(exc).__name__}: {exc}")
-    try:
-        out = row.call(*inputs.values())
-        if backend == "cuda":
-            torch.cuda.synchronize()
-    except Exception as exc:
-        verdict = REFUSES if is_refusal(exc) else ERROR
-        return Result(row, backend, verdict, f"{type(exc).__name__}: {exc}".splitlines()[0])
-    outs = _outputs(out)
-    places = tuple(names.get(str(t.device), str(t.device)) for t in outs)
-    values = tuple(t.detach().to("cpu") for t in outs)
-    return Result(row, backend, ACCEPTS, devices=places, values=values)
+    with grad_context(grad_mode):
+        try:
+            inputs = place_inputs(row, devices, grad_mode)
+        except Exception as exc:  # the placement itself failed: not what the row tests
+            return Result(
+                row, backend, ERROR, f"making inputs: {type(exc).__name__}: {exc}", grad_mode=grad_mode
+            )
+        try:
+            out = row.call(*inputs.values())
+            if backend == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:
+            verdict, text = _error(exc)
+            return Result(row, backend, verdict, text, grad_mode=grad_mode)
+        outs = _outputs(out)
+        places = tuple(names.get(str(t.device), str(t.device)) for t in outs)
+        values = tuple(t.detach().to("cpu") for t in outs)
+        result = Result(row, backend, ACCEPTS, devices=places, values=values, grad_mode=grad_mode)
+        graded = [t for t in outs if t.requires_grad]
+        if graded:
+            try:
+                sum(
+                    t.sum() if t.device == graded[0].device else t.sum().to(graded[0].device) for t in graded
+                ).backward()
+                if backend == "cuda":
+                    torch.cuda.synchronize()
+                result.backward = ACCEPTS
+            except Exception as exc:
+                result.backward, result.backward_error = _error(exc)
+    return result
 
 
-def run_row(row: Row, backend: str = "emulated") -> Result:
-    """Run `row` on `backend` ("cuda", "emulated" or "cpu") and say what happened."""
+def run_row(row: Row, backend: str = "emulated", grad_mode: str = NO_GRAD) -> Result:
+    """Run `row` on `backend` ("cuda", "emulated" or "cpu") in `grad_mode` (one of `GRAD_MODES`)
+    and say what happened."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpu":
         cpu = torch.device("cpu")
-        return _run(row, backend, dict.fromkeys(PLACES, cpu))
+        return _run(row, backend, dict.fromkeys(PLACES, cpu), grad_mode)
     gpu, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
     devices = {"gpu": gpu, "gpu1": gpu1, "cpu": torch.device("cpu")}
     if backend == "emulated":
         ctx = emulated.active()
         if ctx is not None and ctx.device_count >= 2:
-            return _run(row, backend, devices)
+            return _run(row, backend, devices, grad_mode)
         if ctx is not None:
-            return Result(row, backend, UNSUPPORTED, f"the active emulation has {ctx.device_count} device(s)")
+            return Result(
+                row,
+                backend,
+                UNSUPPORTED,
+                f"the active emulation has {ctx.device_count} device(s)",
+                grad_mode=grad_mode,
+            )
         with emulated.EmulatedCuda(device_count=2):
-            return _run(row, backend, devices)
+            return _run(row, backend, devices, grad_mode)
     if emulated.active() is not None:
         raise RuntimeError("run_row(..., 'cuda') inside an EmulatedCuda block would not reach real CUDA")
     if not torch.cuda.is_available():
-        return Result(row, backend, UNSUPPORTED, "no CUDA GPU here")
+        return Result(row, backend, UNSUPPORTED, "no CUDA GPU here", grad_mode=grad_mode)
     if row.gpus > torch.cuda.device_count():
-        return Result(row, backend, UNSUPPORTED, f"needs {row.gpus} GPUs, {torch.cuda.device_count()} here")
-    return _run(row, backend, devices)
+        return Result(
+            row,
+            backend,
+            UNSUPPORTED,
+            f"needs {row.gpus} GPUs, {torch.cuda.device_count()} here",
+            grad_mode=grad_mode,
+        )
+    return _run(row, backend, devices, grad_mode)
 
 
-def run_table(backend: str = "emulated", rows: tuple[Row, ...] = ROWS) -> list[Result]:
-    """Every row on one backend (one emulation for them all)."""
+def run_table(
+    backend: str = "emulated", rows: tuple[Row, ...] = ROWS, grad_mode: str = NO_GRAD
+) -> list[Result]:
+    """Every row on one backend in one grad mode (one emulation for them all)."""
     if backend == "emulated" and emulated.active() is None:
         with emulated.EmulatedCuda(device_count=2):
-            return [run_row(r, backend) for r in rows]
-    return [run_row(r, backend) for r in rows]
+            return [run_row(r, backend, grad_mode) for r in rows]
+    return [run_row(r, backend, grad_mode) for r in rows]
 
 
 def format_table(results: list[Result]) -> str:

@@ -20,28 +20,40 @@ How it works:
   holding a CPU tensor with the values (`.data_cpu`, views share its storage);
 - one `TorchDispatchMode` sees every aten op: ops without emulated tensors or a CUDA `device=`
   run untouched; the others are checked against CUDA's device rules (`harness.trace.rules`, the
-  same module the classifier uses), run on the CPU tensors, and their outputs wrapped with the op's device. The mode sits at the
-  bottom of the dispatch-mode stack whichever order contexts are entered in, so a tracer's mode
+  same module the classifier uses), run on the CPU tensors, and their outputs wrapped with the
+  op's device. The mode sits at the bottom of the dispatch-mode stack whichever order contexts are entered in, so a tracer's mode
   (entered before or after) sees each op once, with the emulated devices, before it runs;
 - the C++ bindings initialise CUDA lazily before dispatch by calling `torch.cuda._lazy_init`,
   which is a no-op here, so factories with `device="cuda"` reach the dispatch mode; a
   `TorchFunctionMode` builds `torch.tensor` / `as_tensor` / `asarray` / `new_tensor` with a CUDA
   device (their C++ path hides the copy from dispatch modes) and checks generator devices;
-- Python bindings that open a CUDA device guard (absent from a CPU-only build) or refuse tensor
-  subclasses are done by the function mode with the aten ops their C++ code calls: indexing
-  (`x[i]`, `x[i] = v`), `copy_`, `contiguous`, `int()`/`float()`, `nonzero`, `tolist`, `numpy`;
-- `torch.cuda.*` queries and `torch.Generator` are patched for the duration;
+- a no-op CUDA device guard stands in for the absent one during the block
+  (`harness.trace.emulated_autograd.install_guard`), so C++ bindings that open a device guard
+  (indexing, `copy_`, ...) and autograd's graph recording work, also inside functions entered
+  through `handle_torch_function` (where the function mode is off); `torch.tensor(...,
+  device="cuda")` reached there is made on the CPU and moved by an op the dispatch mode sees;
+  where no guard can be installed, the function mode does those bindings with the aten ops
+  their C++ code calls (indexing, `copy_`, `contiguous`, `int()`/`float()`, `nonzero`, ...);
+- backward passes of graphs that reach a CUDA device run in
+  `harness.trace.emulated_autograd.run_backward` (PyTorch's nodes, PyTorch's gradient checks),
+  so a training step runs and meets CUDA's device errors;
+- where CUDA has a kernel the CPU lacks, the emulation runs PyTorch's decomposition of the op
+  (recurrent layers, whose CUDA path uses fused cells, are decomposed above autograd), or the
+  CPU kernel in a wider dtype (a dtype only CUDA's kernel takes, e.g. histc of integers); an op
+  it cannot run raises `harness.errors.EmulationUnsupported` naming it, never something else;
+- `torch.cuda.*` queries (`device_count`, `get_device_properties`, `get_device_capability`
+  (`capability`, sm_80 by default), `mem_get_info`, ...) and `torch.Generator` are patched for
+  the duration;
 - GPU-only paths are switched off (`harness.quant.kernels.supports` answers False, so the torch
-  dequantizers run on the wrapped CPU data), and the per-device constant caches of the model
-  (`dequant._CONSTS`, `mixtral._ROPE_TABLES`, `kernels._LUTS`) hold emulated entries inside a
-  block only: real CUDA entries are kept aside on entry and put back on exit, and the emulated
-  ones are kept aside on exit and put back on the next entry (a model loaded in one block keeps
-  the constants it made at load when traced in another).
+  dequantizers run on the wrapped CPU data), and the per-device constant tables
+  (`harness.device_tables.TABLES`) hold emulated CUDA entries inside a block only: real CUDA
+  entries are taken out on entry and given back on exit, and the emulated ones are taken out on
+  exit and given back on the next entry (a model loaded in one block keeps the constants it made
+  at load when traced in another).
 
-Limits: autograd cannot record graphs through emulated devices (its nodes ask the CUDA device
-guard for a stream, which aborts the process on a CPU-only build), so with grad enabled an op
-on a tensor that requires grad and touches an emulated device raises RuntimeError instead (run
-models under `torch.no_grad()` / `torch.inference_mode()`; buffers never require grad);
+Limits: the emulated backward does not run hooks registered on autograd nodes themselves nor
+`nn.Module` full backward hooks (it raises `EmulationUnsupported` for the latter);
+`Tensor.as_subclass` of an emulated tensor is refused (it is a wrapper subclass already);
 in-place changes of an emulated tensor's shape (`resize_` to a new size, `set_`, `unsqueeze_`,
 ...) raise; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
 `torch.accelerator`, streams and events are not emulated; the patches are process-wide, so one
@@ -59,7 +71,6 @@ CUDA's error message or None.
 from __future__ import annotations
 
 import importlib
-import sys
 import threading
 from dataclasses import dataclass
 
@@ -72,7 +83,9 @@ from torch.utils._python_dispatch import (
     _push_mode,
 )
 
-from harness.trace import rules
+from harness.device_tables import TABLES
+from harness.errors import EmulationUnsupported
+from harness.trace import emulated_autograd, rules
 
 __all__ = [
     "EmulatedCuda",
@@ -148,6 +161,24 @@ class EmulatedTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # Reached when no EmulatedCuda mode is on the stack (e.g. after the block ended).
         return _emulate(func, args, kwargs or {}, _ACTIVE)
+
+    # Bindings that refuse tensor subclasses in C++, reached also where the function mode is off
+    # (inside functions entered through handle_torch_function): CUDA's behaviour.
+    def tolist(self):
+        return self.to(CPU).tolist()  # CUDA's tolist copies to the host first
+
+    def numpy(self, *, force: bool = False):
+        return _numpy(self, force=force)
+
+    def __array__(self, dtype=None, copy=None):
+        return _numpy(self)
+
+    def as_subclass(self, cls):
+        raise EmulationUnsupported(
+            None,
+            "Tensor.as_subclass",
+            "an emulated tensor is a wrapper subclass and cannot become another one",
+        )
 
     def __repr__(self, *, tensor_contents=None) -> str:
         text = repr(self.data_cpu)
@@ -289,6 +320,51 @@ def _wrap(out, device: torch.device, pairs: list):
     return out
 
 
+# Ops whose CUDA kernel returns some outputs on the host: op -> their positions.
+_HOST_OUTPUTS = {"_pack_padded_sequence": frozenset({1})}  # batch_sizes
+
+
+def _run_wider(func, args, kwargs):
+    """`func` with its integer and reduced-precision float tensors widened (to float64, float32),
+    its outputs of the widened dtype cast back to the first input's; None if that fails too."""
+    first = next((t for t in _tensors(args, kwargs)), None)
+    if first is None or first.dtype in (torch.float32, torch.float64):
+        return None
+    wide = torch.float64 if not first.dtype.is_floating_point else torch.float32
+
+    def widen(x):
+        if isinstance(x, _Tensor) and x.dtype not in (torch.bool, torch.float32, torch.float64):
+            return x.to(wide)
+        if isinstance(x, (list, tuple)):
+            return type(x)(widen(y) for y in x)
+        return x
+
+    def narrow(x):
+        if isinstance(x, _Tensor) and x.dtype == wide:
+            return x.to(first.dtype)
+        if isinstance(x, (list, tuple)):
+            return type(x)(narrow(y) for y in x)
+        return x
+
+    try:
+        return narrow(func(*widen(args), **{k: widen(v) for k, v in kwargs.items()}))
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def _decomposition(func):
+    from torch._decomp import decomposition_table
+
+    return decomposition_table.get(func)
+
+
+def _active_mode(ctx: EmulatedCuda | None):
+    """The emulation's dispatch mode entered again (inside its own handler it is off)."""
+    import contextlib
+
+    return ctx._mode if ctx is not None and ctx._mode is not None else contextlib.nullcontext()
+
+
 def _tensors(args, kwargs):
     """The tensor arguments of a call, inside lists too."""
     for a in (*args, *kwargs.values()):
@@ -301,10 +377,7 @@ def _tensors(args, kwargs):
 def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     plan = _plan(func)
     if plan.composite:  # only in inference mode: decompose, as the C++ kernel would
-        if ctx is not None and ctx._mode is not None:
-            with ctx._mode:
-                r = func.decompose(*args, **kwargs)
-        else:
+        with _active_mode(ctx):
             r = func.decompose(*args, **kwargs)
         if r is not NotImplemented:
             return r
@@ -342,7 +415,26 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
         ukwargs["device"] = CPU
         if ukwargs.get("pin_memory"):
             ukwargs["pin_memory"] = False
-    out = func(*uargs, **ukwargs)
+    try:
+        out = func(*uargs, **ukwargs)
+    except NotImplementedError as exc:
+        if "not implemented for '" in str(exc):
+            # The CPU kernel lacks a dtype CUDA's has (histc of integers, ...): computed in a
+            # wider one, the results given the dtype CUDA's kernel gives them.
+            out = _run_wider(func, uargs, ukwargs)
+            if out is not None:
+                return _wrap(out, device, pairs)
+        # CUDA has a kernel the CPU lacks (fused RNN cells, ...): its decomposition if PyTorch
+        # has one, run under the emulation; else the emulation says it cannot run the op.
+        decomposition = _decomposition(func)
+        if decomposition is None:
+            raise EmulationUnsupported(
+                None,
+                plan.op,
+                "CUDA has a kernel for this op, the CPU has none and no decomposition to emulate it",
+            ) from None
+        with _active_mode(ctx):
+            return decomposition(*args, **kwargs)
     if plan.view and torch.is_inference_mode_enabled() and not args[0].is_inference():
         # In inference mode a view of a normal tensor is a normal tensor (autograd gives it the
         # base's version counter); a wrapper made here would be an inference tensor.
@@ -350,6 +442,9 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
             result = _wrap(out, device, pairs)
     else:
         result = _wrap(out, device, pairs)
+    host = _HOST_OUTPUTS.get(plan.name)
+    if host:  # outputs CUDA's kernel makes on the host
+        result = type(result)(o if i in host else r for i, (o, r) in enumerate(zip(out, result, strict=True)))
     if (
         plan.layout.inplace or plan.layout.outs
     ):  # the wrapper's shape is fixed: an out= resize cannot be followed
@@ -362,6 +457,14 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     return result
 
 
+def _names_cuda_device(args, kwargs) -> bool:
+    """Whether a call names a CUDA device (`device=`, or by position as `aten.to.device` does)."""
+    device = kwargs.get("device")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return True
+    return any(isinstance(a, torch.device) and a.type == "cuda" for a in args)
+
+
 class _EmulationMode(TorchDispatchMode):
     def __init__(self, ctx: EmulatedCuda):
         super().__init__()
@@ -369,10 +472,8 @@ class _EmulationMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if EmulatedTensor not in types:
-            device = kwargs.get("device")
-            if not (isinstance(device, torch.device) and device.type == "cuda"):
-                return func(*args, **kwargs)  # nothing emulated (CPU, or real CUDA): run as is
+        if EmulatedTensor not in types and not _names_cuda_device(args, kwargs):
+            return func(*args, **kwargs)  # nothing emulated (CPU, or real CUDA): run as is
         return _emulate(func, args, kwargs, self.ctx)
 
 
@@ -417,20 +518,79 @@ def _generator_device(g) -> torch.device:
 _FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray, _Tensor.new_tensor}
 
 
+_WATCHING = {_Tensor.register_hook, _Tensor.retain_grad}
+
+
+# Recurrent layers: for CUDA tensors PyTorch's C++ picks fused kernels (cuDNN, `_thnn_fused_*`)
+# that the CPU has not. On emulated devices they run as PyTorch's decompositions instead,
+# above autograd so that their backward is made of ordinary ops too.
+def _rnn(packet):
+    def run(*args, **kwargs):
+        # (input, hx, params, has_biases, ...) or, packed, (data, batch_sizes, hx, params, ...)
+        overload = packet.data if isinstance(args[3], (list, tuple)) else packet.input
+        from torch._decomp import decomposition_table
+
+        return decomposition_table[overload](*args, **kwargs)
+
+    return run
+
+
+def _gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    i_r, i_z, i_n = torch.nn.functional.linear(input, w_ih, b_ih).chunk(3, -1)
+    h_r, h_z, h_n = torch.nn.functional.linear(hx, w_hh, b_hh).chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (hx - n)
+
+
+def _lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    h, c = hx
+    gates = torch.nn.functional.linear(input, w_ih, b_ih) + torch.nn.functional.linear(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, -1)
+    cy = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(cy), cy
+
+
+_RECURRENT = {
+    torch._VF.gru: _rnn(torch.ops.aten.gru),
+    torch._VF.lstm: _rnn(torch.ops.aten.lstm),
+    torch._VF.rnn_tanh: _rnn(torch.ops.aten.rnn_tanh),
+    torch._VF.rnn_relu: _rnn(torch.ops.aten.rnn_relu),
+    torch._VF.gru_cell: _gru_cell,
+    torch._VF.lstm_cell: _lstm_cell,
+}
+
+
 class _ConstructorMode(TorchFunctionMode):
     """Builds tensors from data on an emulated device and checks generators' devices."""
 
+    def __init__(self, autograd: bool):
+        super().__init__()
+        self.autograd = autograd  # autograd can record graphs through emulated devices
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.is_grad_enabled() and _records_graph(func, args, kwargs):
-            raise RuntimeError(
-                f"emulated CUDA: {getattr(func, '__name__', func)} with a tensor that requires grad, "
-                "on an emulated cuda device, with grad enabled: the emulation cannot record autograd "
-                "graphs (autograd would ask the CUDA device guard, absent from a CPU-only build, for a "
-                "stream and abort the process); run it under torch.no_grad() or torch.inference_mode()"
+        if not self.autograd and torch.is_grad_enabled() and _records_graph(func, args, kwargs):
+            raise EmulationUnsupported(
+                None,
+                getattr(func, "__name__", str(func)),
+                "a tensor that requires grad on an emulated cuda device, with grad enabled: this torch "
+                "build gives the emulation no CUDA device guard, so autograd cannot record the graph; "
+                "run it under torch.no_grad() or torch.inference_mode()",
             )
+        if func is _Tensor.as_subclass and args and is_emulated(args[0]):
+            raise EmulationUnsupported(
+                None,
+                "Tensor.as_subclass",
+                "an emulated tensor is a wrapper subclass and cannot become another one",
+            )
+        if func in _WATCHING and args and isinstance(args[0], _Tensor):
+            emulated_autograd.watch(args[0])  # its hooks and retained grad, for the emulated backward
         if func in _FROM_DATA:
             return _from_data(func, args, kwargs)
+        if func in _RECURRENT and any(is_emulated(t) for t in _tensors(args, kwargs)):
+            with self:
+                return _RECURRENT[func](*args, **kwargs)
         if args and isinstance(args[0], EmulatedTensor):
             method = _METHODS.get(func)
             if method is not None:
@@ -438,7 +598,8 @@ class _ConstructorMode(TorchFunctionMode):
         # Give "cuda" (and device numbers) an index here: the C++ side asks a CUDA device guard or
         # the accelerator for the current device, and this build has neither.
         if func is _Tensor.to or func is _Tensor.cuda:
-            if func is _Tensor.cuda and len(args) < 2 and kwargs.get("device") is None:
+            if func is _Tensor.cuda and (len(args) < 2 or args[1] is None) and kwargs.get("device") is None:
+                args = args[:1]
                 kwargs = dict(kwargs, device=torch.device("cuda", _current_index()))
             args = (args[0], *(_indexed(a) for a in args[1:]))
         if kwargs.get("device") is not None:
@@ -709,24 +870,24 @@ def _from_data(func, args, kwargs):
 
 # ---- the context ---------------------------------------------------------------------------------
 
-# Per-device constant caches of the model: (module, attribute). Keys are devices or tuples of them.
-_DEVICE_CACHES = (
-    ("harness.quant.dequant", "_CONSTS"),
-    ("harness.model.mixtral", "_ROPE_TABLES"),
-    ("harness.quant.kernels", "_LUTS"),
-)
-# Their emulated entries between blocks: (module, cache name) -> {key: value}.
-_EMULATED_ENTRIES: dict[tuple[str, str], dict] = {}
+# The emulated CUDA entries of the per-device constant tables, kept between blocks.
+_EMULATED_TABLES: dict[tuple, object] = {}
 # GPU-only code paths switched off under the emulation: (module, attribute, replacement).
 _GPU_ONLY = (("harness.quant.kernels", "supports", lambda *args, **kwargs: False),)
 
 
-def _cuda_key(key) -> bool:
-    if isinstance(key, torch.device):
-        return key.type == "cuda"
-    if isinstance(key, tuple):
-        return any(_cuda_key(k) for k in key)
-    return False
+@dataclass(frozen=True)
+class EmulatedDeviceProperties:
+    """`torch.cuda.get_device_properties()` of an emulated device."""
+
+    name: str
+    major: int
+    minor: int
+    total_memory: int
+    index: int
+    multi_processor_count: int = 1
+    is_integrated: bool = False
+    is_multi_gpu_board: bool = False
 
 
 class EmulatedCuda:
@@ -735,16 +896,21 @@ class EmulatedCuda:
     See the module doc. `device_count` >= 1. Not re-entrant; one at a time per process.
     """
 
-    def __init__(self, device_count: int = 1):
+    def __init__(self, device_count: int = 1, capability: tuple[int, int] = (8, 0), memory_gib: float = 16.0):
         if not isinstance(device_count, int) or device_count < 1:
             raise ValueError(f"EmulatedCuda: device_count must be a positive integer, got {device_count!r}")
         self.device_count = device_count
+        self.capability = tuple(capability)  # what get_device_capability() answers (sm_80 by default)
+        self.total_memory = int(memory_gib * (1 << 30))  # what get_device_properties/mem_get_info say
         self.current = 0
         self._mode: _EmulationMode | None = None
         self._fmode: _ConstructorMode | None = None
         self._patches: list[tuple[object, str, object]] = []
-        self._stashed: list[tuple[dict, object, object]] = []
+        self._real_tables: dict[tuple, object] = {}  # real CUDA constant tables, aside while active
         self._real_cuda = False
+        self._autograd = False
+        self._engine = None
+        self._only_lift_cpu: bool | None = None
 
     # -- torch.cuda stand-ins --------------------------------------------------------------------
 
@@ -766,6 +932,32 @@ class EmulatedCuda:
 
     def _get_device_name(self, device=None) -> str:
         return "Emulated CUDA (CPU)"
+
+    def _device_index(self, device) -> int:
+        if device is None:
+            return self.current
+        d = _resolve(device)
+        _check_ordinal(d)
+        return d.index
+
+    def _get_device_properties(self, device=None) -> EmulatedDeviceProperties:
+        index = self._device_index(device)
+        major, minor = self.capability
+        return EmulatedDeviceProperties(
+            name=self._get_device_name(),
+            major=major,
+            minor=minor,
+            total_memory=self.total_memory,
+            index=index,
+        )
+
+    def _get_device_capability(self, device=None) -> tuple[int, int]:
+        self._device_index(device)
+        return self.capability
+
+    def _mem_get_info(self, device=None) -> tuple[int, int]:
+        self._device_index(device)
+        return self.total_memory, self.total_memory
 
     # -- entering and leaving ----------------------------------------------------------------------
 
@@ -805,6 +997,12 @@ class EmulatedCuda:
         self._patch(cuda, "_maybe_exchange_device", self._exchange_device)
         self._patch(cuda, "synchronize", self._synchronize)
         self._patch(cuda, "get_device_name", self._get_device_name)
+        self._patch(cuda, "get_device_properties", self._get_device_properties)
+        self._patch(cuda, "get_device_capability", self._get_device_capability)
+        self._patch(cuda, "mem_get_info", self._mem_get_info)
+        for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+            self._patch(cuda, name, lambda device=None: 0)  # the values live in host memory
+        self._patch(cuda, "empty_cache", lambda: None)
         self._patch(torch, "Generator", EmulatedGenerator)
         for module, name, value in _GPU_ONLY:
             try:
@@ -812,15 +1010,17 @@ class EmulatedCuda:
             except ImportError:
                 continue
             self._patch(mod, name, value)
-        for module, name in _DEVICE_CACHES:
-            cache = getattr(sys.modules.get(module), name, None)
-            if isinstance(cache, dict):
-                for key in [k for k in cache if _cuda_key(k)]:
-                    self._stashed.append((cache, key, cache.pop(key)))
-                # Emulated entries of an earlier block are valid again (a model loaded there may
-                # be traced here, its constants made at load).
-                cache.update(_EMULATED_ENTRIES.get((module, name), {}))
-        self._fmode = _ConstructorMode()
+        self._real_tables = TABLES.take("cuda")
+        # Emulated entries of an earlier block are valid again (a model loaded there may be
+        # traced here, its constants made at load).
+        TABLES.give(_EMULATED_TABLES)
+        # torch.tensor(data, device="cuda") outside the function mode: made on the CPU, lifted, then
+        # moved by an op the dispatch mode sees (PyTorch's path for FakeTensorMode).
+        self._only_lift_cpu = torch._C._only_lift_cpu_tensors()
+        torch._C._set_only_lift_cpu_tensors(True)
+        self._autograd = emulated_autograd.install_guard()
+        self._engine = emulated_autograd.install_engine()
+        self._fmode = _ConstructorMode(self._autograd)
         self._fmode.__enter__()
         self._mode = _EmulationMode(self)
         _enter_at_bottom(self._mode)
@@ -835,18 +1035,21 @@ class EmulatedCuda:
                 self._fmode.__exit__(None, None, None)
                 self._fmode = None
         finally:
+            if self._only_lift_cpu is not None:
+                torch._C._set_only_lift_cpu_tensors(self._only_lift_cpu)
+                self._only_lift_cpu = None
+            if self._engine is not None:
+                emulated_autograd.remove_engine(self._engine)
+                self._engine = None
+            if self._autograd:
+                emulated_autograd.remove_guard()
+                self._autograd = False
             for obj, name, value in reversed(self._patches):
                 setattr(obj, name, value)
             self._patches.clear()
-            for module, name in _DEVICE_CACHES:
-                cache = getattr(sys.modules.get(module), name, None)
-                if isinstance(cache, dict):
-                    kept = _EMULATED_ENTRIES.setdefault((module, name), {})
-                    for key in [k for k in cache if _cuda_key(k)]:
-                        kept[key] = cache.pop(key)
-            for cache, key, value in self._stashed:
-                cache[key] = value
-            self._stashed.clear()
+            _EMULATED_TABLES.update(TABLES.take("cuda"))
+            TABLES.give(self._real_tables)
+            self._real_tables = {}
             self.current = 0
             with _LOCK:
                 if _ACTIVE is self:

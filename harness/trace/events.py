@@ -336,7 +336,7 @@ class Summary:
             text = f"dirty: the first offence is a {describe_offence(self.first_offence)}."
             if total > 1:
                 text += f" {total} offending events in all ({', '.join(f'{n} {c}' for c, n in offending.items())})."
-            if self.error:
+            if self.error and self.error["error"] != self.first_offence.get("error"):
                 text += f" The run also raised {self.error['error'].splitlines()[0]}."
             return text
         if verdict == ERROR:

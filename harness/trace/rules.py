@@ -76,7 +76,8 @@ RULE_DOCS = {
     "on self's device before TensorIterator runs, so only `other` may be a 0-dim CPU input",
     SCATTER: "slice/select/diagonal/as_strided_scatter (CompositeExplicitAutograd): self is cloned and src "
     "copied into it: any devices; the result is on self's device",
-    ANY: "resize_as_ reads the template's sizes only, linspace/logspace their tensor ends' values: no check",
+    ANY: "resize_as_ reads the template's sizes only, linspace/logspace their tensor ends' values, "
+    "_pack_padded_sequence/_pad_packed_sequence their CPU lengths: no check",
     MASKED_INDEX: "_unsafe_masked_index(_put_accumulate) (CompositeExplicitAutograd, over index): index "
     "tensors on the CPU or on self's device; mask and values on self's device",
 }
@@ -117,6 +118,9 @@ RULES: dict[str, str] = {
     "resize_as_": ANY,
     "linspace": ANY,  # tensor start/end are read as scalars; the result goes to `device`
     "logspace": ANY,
+    # CompositeExplicitAutograd, no device check: lengths / batch_sizes are CPU tensors read on the host
+    "_pack_padded_sequence": ANY,
+    "_pad_packed_sequence": ANY,
     "_unsafe_masked_index": MASKED_INDEX,
     "_unsafe_masked_index_put_accumulate": MASKED_INDEX,
     "where": WHERE,

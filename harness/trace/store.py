@@ -178,6 +178,32 @@ def _event_problem(d: dict[str, Any]) -> str | None:
     return None
 
 
+_SUMMARY_FIELDS = {
+    "counts": dict,
+    "first_offence": (dict, type(None)),
+    "events": int,
+    "steps": dict,
+    "unrecorded": int,
+    "transfers": list,
+    "modules": dict,
+    "seconds": (int, float),
+    "routing": (dict, type(None)),
+    "inside": (int, type(None)),
+    "traffic": dict,
+    "error": (dict, type(None)),
+}
+
+
+def _summary_problem(d: dict[str, Any]) -> str | None:
+    """What makes `d` not a summary record as the writer writes it, or None."""
+    if not isinstance(d.get("verdict"), str):
+        return "the verdict must be a string"
+    for key, kind in _SUMMARY_FIELDS.items():
+        if key in d and (not isinstance(d[key], kind) or isinstance(d[key], bool)):
+            return f"{key} has the wrong type ({type(d[key]).__name__})"
+    return None
+
+
 def _placement_problem(p: Any) -> str | None:
     if not isinstance(p, dict):
         return "must be an object"
@@ -222,13 +248,14 @@ class Trace:
             raise UsageError(self.path, "line 1", f"placement_full {problem}")
         try:
             record = json.loads(self._last_line())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep, a 5,000-digit number
             record = None  # a run that died mid-line
         is_summary = isinstance(record, dict) and record.get("record") == "summary"
         self.summary = None
         if is_summary:
-            if not isinstance(record.get("verdict"), str) or not isinstance(record.get("counts", {}), dict):
-                raise UsageError(self.path, "last line", "not a trace summary: needs a verdict and counts")
+            problem = _summary_problem(record)
+            if problem:
+                raise UsageError(self.path, "last line", f"not a trace summary: {problem}")
             try:
                 self.summary = Summary.from_dict(record)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -249,6 +276,8 @@ class Trace:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(self.path, where, f"not JSON ({exc.msg})") from None
+        except ValueError as exc:  # e.g. an integer past Python's 4,300-digit limit
+            raise UsageError(self.path, where, f"not JSON ({shown(str(exc), 80)})") from None
         except RecursionError:
             raise UsageError(self.path, where, "JSON nested too deep") from None
         if not isinstance(value, dict):
@@ -286,7 +315,7 @@ class Trace:
                 if not line.endswith("\n"):
                     try:
                         d = json.loads(line)
-                    except (json.JSONDecodeError, RecursionError):
+                    except (ValueError, RecursionError):
                         return  # the run died while writing this line
                     if not isinstance(d, dict):
                         raise UsageError(self.path, f"line {lineno}", "not a JSON object")

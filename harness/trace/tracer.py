@@ -174,12 +174,21 @@ _MAYBE_SELF = frozenset({"to", "contiguous", "_to_copy", "clone", "lift_fresh"})
 # In-place ops that compute nothing (`torch.tensor(...)` under inference mode ends with `detach_`).
 _NO_COMPUTE = frozenset({"detach_", "requires_grad_"})
 
-try:
-    from torch.utils._python_dispatch import autograd_would_have_decomposed
-except ImportError:  # older torch: decompose whenever the op has a composite kernel
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_BACKEND_KERNEL: dict[tuple[str, str], bool] = {}  # (op, device type) -> has a kernel of its own
 
-    def autograd_would_have_decomposed(func, flat_args) -> bool:
-        return True
+
+def _backend_kernel(func, device_type: str) -> bool:
+    """Whether `func` has a kernel of its own for the device type, which autograd runs rather
+    than its composite kernel (as torch's `autograd_would_have_decomposed` tells)."""
+    key = (func.name(), device_type)
+    found = _BACKEND_KERNEL.get(key)
+    if found is None:
+        backend = torch._C._parse_dispatch_key(torch._C._dispatch_key_for_device(device_type))
+        found = _BACKEND_KERNEL[key] = bool(
+            backend is not None and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), backend)
+        )
+    return found
 
 
 class _SpecCache(dict):
@@ -263,8 +272,10 @@ class _OpInfo:
         self.alias = (is_view and not in_place and not self.maybe_self) or base in _NO_COMPUTE
         # A CompositeImplicitAutograd op (`aten.linear`, `aten.to`, ...): autograd decomposes it
         # before a dispatch mode sees it, except under inference mode, where the tracer does.
+        # (Its C++ kernel, as autograd runs it; Python decompositions some ops also have, such as
+        # one_hot's, differ: they check on the host.)
         try:
-            self.composite = bool(func._can_decompose())
+            self.composite = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE)
         except Exception:
             self.composite = False
         self.follow = (is_view and not in_place) or base in _FOLLOW
@@ -349,6 +360,11 @@ class Tracer(TorchDispatchMode):
         self._routing = None  # (context manager, RoutingCounts) while the block runs
         self.extra_header = dict(header or {})
         self.classifier = Classifier(None, allow_transfers)  # checks allow_transfers now
+        if model is not None:
+            paths = {path for path, _ in model.named_modules()}
+            for p in getattr(self.classifier.allow, "prefixes", ()):
+                if p and p not in paths:
+                    raise UsageError(None, f"allow_transfers[{p!r}]", "the model has no module of that path")
         self.events: list[Event] = []
         self._summary: Summary | None = None
         self._active = False
@@ -408,11 +424,6 @@ class Tracer(TorchDispatchMode):
         self.classifier = Classifier(self.placement, self.allow_transfers)
         if model is None:
             return
-        prefixes = getattr(self.classifier.allow, "prefixes", ())
-        paths = {path for path, _ in model.named_modules()}
-        for p in prefixes:
-            if p and p not in paths:
-                raise UsageError(None, f"allow_transfers[{p!r}]", "the model has no module of that path")
         for path, module in model.named_modules():
             self._paths[module] = (path, self._expected_device(path))
             if getattr(module, "_hf_hook", None) is not None:
@@ -475,6 +486,15 @@ class Tracer(TorchDispatchMode):
             header["allow_transfers"] = list(prefixes) if prefixes is not None else repr(self.allow_transfers)
         if placement is not None:
             header["placement"] = placement.describe()
+            # "inferred": where the weights were when tracing started (a weight left on the wrong
+            # device is then where it is expected; give `placement=` to say where it belongs)
+            header["placement_source"] = (
+                "given"
+                if self.placement_given is not None
+                else "model"
+                if hasattr(model, "placement")
+                else "inferred"
+            )
             header["devices"] = {d: _device_name(torch.device(d)) for d in placement.devices}
         mixtral = (
             self.placement_given if self.placement_given is not None else getattr(model, "placement", None)
@@ -755,8 +775,12 @@ class Tracer(TorchDispatchMode):
             ev.error = _error_text(exc)
             if info.copy_to:
                 ev.target = _target_device(args, kwargs)
+            if info.copies and module is not None:
+                self._copy_roles(ev, info, args, kwargs)
             self._finish(ev)
             self._seen_errors.add(id(exc))  # recorded at its op: not again as RAISED
+            if not is_device_error(ev.error):  # the run's error, if it leaves the model
+                self._last_error = (id(exc), {"error": ev.error, "module": module, "source": source})
             raise
 
         alias = info.alias
@@ -839,13 +863,20 @@ class Tracer(TorchDispatchMode):
         """Runs a composite op as its decomposition, whose ops the tracer then sees, as it does
         outside inference mode: one verdict in every grad mode. NotImplemented where autograd
         would not have decomposed it either (a backend kernel of its own)."""
-        flat = [*args, *(kwargs or {}).values()]
-        flat = [t for a in flat for t in (a if isinstance(a, _SEQUENCES) else (a,))]
-        if not autograd_would_have_decomposed(func, flat):
+        first = next(
+            (
+                t
+                for a in (*args, *(kwargs or {}).values())
+                for t in (a if a.__class__ in _SEQUENCES else (a,))
+                if isinstance(t, Tensor)
+            ),
+            None,
+        )  # the first tensor's device decides, as in the dispatcher
+        if first is not None and _backend_kernel(func, first.device.type):
             return NotImplemented
         _push_mode(self)  # the mode is off while its __torch_dispatch__ runs
         try:
-            return func.decompose(*args, **(kwargs or {}))
+            return func._op_dk(_COMPOSITE, *args, **(kwargs or {}))
         finally:
             _pop_mode()
 
@@ -1057,7 +1088,7 @@ class Tracer(TorchDispatchMode):
 
 
 def _warm_constants(params: dict[int, weakref.ref]) -> None:
-    """Builds the quantized kernels' per-device constant tables (`harness.quant.dequant.warm`)
+    """Builds the per-device constant tables (`harness.device_tables.TABLES.warm`)
     for every device the model's weights are on, before tracing starts: a weight on a device
     the placement never planned would otherwise have them built in its first forward, and the
     first offence would be that one-time upload rather than the weight's own ops."""
@@ -1068,10 +1099,10 @@ def _warm_constants(params: dict[int, weakref.ref]) -> None:
     }
     if not devices:
         return
-    from harness.quant import dequant
+    from harness.device_tables import TABLES
 
     for device in devices:
-        dequant.warm(device)
+        TABLES.warm(device)
 
 
 def _non_blocking(info: _OpInfo, args, kwargs) -> bool:
