@@ -399,6 +399,28 @@ def test_a_copy_of_no_bytes_is_no_offence(dev):
     assert copy.cls == ALLOWED and copy.transfer["why"] == "empty" and copy.transfer["bytes"] == 0
 
 
+def test_the_models_own_forward_may_hand_its_result_to_the_host(dev):
+    class Wrapper(nn.Module):
+        def __init__(self, round_trip: bool):
+            super().__init__()
+            self.mlp = MLP()
+            self.round_trip = round_trip
+
+        def forward(self, x):
+            out = self.mlp(x).cpu()  # the result, downloaded: the run's edge
+            return out.to(x.device) * 2 if self.round_trip else out
+
+    x = torch.randn(3, 8).to(dev)
+    for round_trip, verdict in ((False, CLEAN), (True, DIRTY)):
+        model = Wrapper(round_trip).to(dev).requires_grad_(False)
+        with torch.no_grad(), Tracer(model) as tracer:
+            model(x)
+        s = tracer.summary
+        assert s.verdict == verdict, s.verdict.explanation
+        assert [(t["to"], t["why"]) for t in s.transfers if t["from"] == "cuda:0"] == [("cpu", "output")]
+    assert (s.first_offence["class"], s.first_offence["transfer"]["to"]) == (TRANSFER, "cuda:0")
+
+
 def test_reading_an_input_back_to_the_host_is_a_sync(dev):
     class Back(nn.Module):
         def forward(self, x):
