@@ -108,12 +108,8 @@ def main(argv=None) -> int:
         try:  # the per-type torch functions, without dequantize's dispatch to the kernels
             from harness.quant import dequant
 
-            table, consts = dequant._DEQUANT, dequant._consts
-
-            def torch_path(raw, qtype, shape):
-                return table[qtype](raw.view(-1, type_size(qtype)), consts(raw.device)).view(shape)
-
-            torch_note = "harness.quant.dequant._DEQUANT[qtype] (kernel dispatch bypassed)"
+            torch_path = dequant.dequantize_torch
+            torch_note = "harness.quant.dequant.dequantize_torch (kernel dispatch bypassed)"
         except Exception as e:  # another engineer's module may be missing or mid-edit
             torch_note = f"unavailable: {e!r}"
 
@@ -203,7 +199,7 @@ def main(argv=None) -> int:
                         ms,
                         in_bytes + nvalues * 4,
                     )
-            if torch_path is not None and qtype in dequant._DEQUANT:
+            if torch_path is not None:
                 try:
                     ms = timed(partial(torch_path, raw, qtype, shape), args.torch_iters, 1)
                     record(qtype, shape_name, shape, "torch", torch.float32, None, ms, in_bytes + nvalues * 4)

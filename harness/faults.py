@@ -745,7 +745,7 @@ class _NoDevice(TorchFunctionMode):
         self.depth = 0  # submodule forwards entered and not yet left
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        args, kwargs = args or (), kwargs or {}
         device = kwargs.get("device")
         if self.depth == 0 and func in _FACTORIES and device is not None and torch.device(device) != CPU:
             kwargs = {k: v for k, v in kwargs.items() if k != "device"}  # FAULT: no device=
@@ -763,7 +763,7 @@ class _FactoryCalls(TorchFunctionMode):
         self.found: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        args, kwargs = args or (), kwargs or {}
         device = kwargs.get("device")
         if func in _FACTORIES and device is not None and torch.device(device) != CPU:
             self.found.add(self.stack[-1])

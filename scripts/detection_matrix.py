@@ -7,7 +7,8 @@
     (inference_mode, no_grad, grad enabled), traced once. Each run is: detected (the trace has a
     first offence), class right (the fault's expected class), located right (in the module where
     it went in), or crashed (something other than a device error was raised: the run could not
-    be judged).
+    be judged); no_site: the fault has nowhere to go in that model (no module of it makes new
+    tensors, say).
 (b) `--clean N` clean runs that hypothesis draws over (model, placement, grad mode, weight seed,
     tokens): false positives (a run with an offending event), errors and crashes (a run that
     raised is never clean).
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 from harness import faults  # noqa: E402
 from tests.thirdparty import GRAD_MODES, MODELS, PLACEMENTS, VOCAB, Result, trace_run  # noqa: E402
 
-COLUMNS = ("runs", "detected", "class_right", "located", "crashed")
+COLUMNS = ("runs", "detected", "class_right", "located", "crashed", "no_site")
 
 
 def _accelerator(backend: str):
@@ -85,6 +86,7 @@ def _row(r: Result) -> dict:
         "class_right": r.class_right,
         "located": r.located,
         "crashed": r.crashed,
+        "no_site": r.no_site,
         "error": r.error,
     }
 

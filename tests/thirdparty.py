@@ -254,6 +254,7 @@ class Result:
     crashed: bool = False
     seed: int = 0
     tokens: list[int] | None = None
+    no_site: bool = False  # the fault has nowhere to go in this model (e.g. no module makes tensors)
 
     @property
     def clean(self) -> bool:
@@ -261,7 +262,7 @@ class Result:
 
     @property
     def detected(self) -> bool:
-        return not self.crashed and self.first is not None
+        return not self.crashed and not self.no_site and self.first is not None
 
     @property
     def class_right(self) -> bool:
@@ -307,7 +308,9 @@ def trace_run(
             with torch.no_grad():
                 sites = f.sites(model, run=lambda: run(model, spec, "cuda:0", tokens))
             if not sites:
-                raise LookupError(f"{fault} has no site in {name} on {placement}")
+                result.no_site = True
+                result.error = f"{fault} has no site in {name} on {placement}"
+                return result
             result.at = pick_site(sites, site)
             result.expected_class = f.expected(model, result.at)
             injection = f.inject(model, result.at)

@@ -300,15 +300,27 @@ def dequantize(
 
     `shape` is in numpy order (rows last), as the gguf package reports it. Values are computed in
     float32, bit-identical to `gguf.quants.dequantize`, then cast to `dtype`; F32/F16/BF16 read
-    as their own dtype go direct and may share memory with `raw`.
+    as their own dtype go direct and may share memory with `raw`. On CUDA the Triton kernels
+    (`harness.quant.kernels`) do the types they support; `dequantize_torch` never takes them.
     Raises UnsupportedTypeError for a type not in SUPPORTED_TYPES, GGUFTensorError when the bytes
     do not fit `shape`, UsageError when `raw` is not a uint8 tensor.
     """
+    return _dequantize(raw, qtype, shape, dtype, kernels_ok=True)
+
+
+def dequantize_torch(
+    raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """`dequantize` by the torch ops alone, on any device (for comparisons with the kernels)."""
+    return _dequantize(raw, qtype, shape, dtype, kernels_ok=False)
+
+
+def _dequantize(raw, qtype, shape, dtype, kernels_ok: bool) -> torch.Tensor:
     qtype = parse_type(qtype)
     shape = tuple(int(s) for s in shape)
     _check(raw, qtype, shape)
 
-    if raw.device.type == "cuda":
+    if kernels_ok and raw.device.type == "cuda":
         try:
             from harness.quant import kernels
         except ImportError:  # the GPU kernels are optional; the torch path below covers every type
