@@ -39,6 +39,7 @@ def main() -> int:
     args = p.parse_args()
     command = "python scripts/fuzz.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     work = Path(args.work or tempfile.mkdtemp(prefix="harness-fuzz-"))
+    work.mkdir(parents=True, exist_ok=True)
     memory = int(args.memory_gb * 2**30)
     started = time.time()
 
