@@ -728,39 +728,45 @@ class ModelFile:
 
 
 MAX_WEIGHT = 65504.0  # the largest F16: no trained weight comes near it
+CHECK_CHUNK_BYTES = 64 << 20  # tensors are checked a slice at a time: memory stays bounded
 
 
 def _check_finite(path: str, info: TensorInfo, raw: np.ndarray) -> None:
     """Refuse a tensor whose float values, or the f16 scales of its blocks, are NaN or inf, and
     F32/BF16 values past the F16 range (finite, but a forward through them overflows float32)."""
     q = info.qtype
-    if q == GGMLType.F32:
-        values = raw.view("<f4")
-        bad = ~(np.abs(values) <= MAX_WEIGHT)  # NaN compares False
-    elif q == GGMLType.BF16:
-        values = (raw.view("<u2").astype("<u4") << 16).view("<f4")
-        bad = ~(np.abs(values) <= MAX_WEIGHT)
-    elif q == GGMLType.F16:
-        bad = (raw.view("<u2") & 0x7C00) == 0x7C00  # exponent all ones: inf or NaN
-    else:
-        offsets = F16_FIELDS.get(q, ())
-        if not offsets:
-            return
-        blocks = raw.reshape(-1, type_size(q))
-        scales = np.stack([blocks[:, o : o + 2] for o in offsets], axis=1).reshape(-1).view("<u2")
-        bad = (scales & 0x7C00) == 0x7C00
-    if bad.any():
+    unit = 4 if q == GGMLType.F32 else 2 if q in FLOAT_TYPES else type_size(q)  # bytes per value or block
+    offsets = F16_FIELDS.get(q, ())
+    if q not in FLOAT_TYPES and not offsets:
+        return
+    step = max(CHECK_CHUNK_BYTES // unit, 1) * unit
+    for start in range(0, raw.size, step):
+        chunk = raw[start : start + step]
+        if q == GGMLType.F32:
+            values = chunk.view("<f4")
+            bad = ~(np.abs(values) <= MAX_WEIGHT)  # NaN compares False
+        elif q == GGMLType.BF16:
+            values = (chunk.view("<u2").astype("<u4") << 16).view("<f4")
+            bad = ~(np.abs(values) <= MAX_WEIGHT)
+        elif q == GGMLType.F16:
+            values = chunk.view("<f2")
+            bad = (chunk.view("<u2") & 0x7C00) == 0x7C00  # exponent all ones: inf or NaN
+        else:
+            blocks = chunk.reshape(-1, unit)
+            scales = np.stack([blocks[:, o : o + 2] for o in offsets], axis=1).reshape(-1).view("<u2")
+            bad = (scales & 0x7C00) == 0x7C00
+        if not bad.any():
+            continue
         first = int(np.flatnonzero(bad)[0])
         if q in FLOAT_TYPES:
-            value = float(values[first]) if q != GGMLType.F16 else float(raw.view("<f2")[first])
             raise GGUFTensorError(
                 path,
                 info.name,
-                f"value {first} is {value:g}: not finite or past ±{MAX_WEIGHT:g} (a corrupt file?)",
+                f"value {start // unit + first} is {float(values[first]):g}: not finite or past "
+                f"±{MAX_WEIGHT:g} (a corrupt file?)",
             )
-        raise GGUFTensorError(
-            path, info.name, f"the f16 scale of block {first // len(offsets)} is NaN or inf"
-        )
+        block = start // unit + first // len(offsets)
+        raise GGUFTensorError(path, info.name, f"the f16 scale of block {block} is NaN or inf")
 
 
 def open_gguf(path: str | os.PathLike | Path) -> ModelFile:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +38,8 @@ class TraceSession:
     def dir(self) -> Path:
         """The folder of traces and parts, made on first use (a session that traces nothing has none)."""
         if self._dir is None:
+            import tempfile  # here, not at the top: a session that traces nothing never pays for it
+
             self._dir = Path(tempfile.mkdtemp(prefix="harness-pytest-"))
         return self._dir
 
@@ -97,6 +97,8 @@ class TraceSession:
 
     def write_part(self) -> None:
         """This worker's part, replaced atomically: whatever happens next, the last one is whole."""
+        import tempfile
+
         fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=self.dir)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"worker": self.worker, "traces": self.records}, f)
@@ -194,4 +196,6 @@ def unconfigure(config: pytest.Config) -> None:
         return
     config.pluginmanager.unregister(trace_session)
     if trace_session.owns_dir and trace_session._dir is not None:
+        import shutil
+
         shutil.rmtree(trace_session._dir, ignore_errors=True)

@@ -39,6 +39,7 @@ def main() -> int:
     args = p.parse_args()
     command = "python scripts/fuzz.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     work = Path(args.work or tempfile.mkdtemp(prefix="harness-fuzz-"))
+    work.mkdir(parents=True, exist_ok=True)
     memory = int(args.memory_gb * 2**30)
     started = time.time()
 
@@ -54,6 +55,7 @@ def main() -> int:
             )
         )
         print(json.dumps(campaigns[-1].to_dict()["outcomes"]), file=sys.stderr, flush=True)
+        write(args, command, started, campaigns)
     if args.n_yaml:
         campaigns.append(
             fuzzing.run_yaml_campaign(
@@ -61,6 +63,7 @@ def main() -> int:
             )
         )
         print(json.dumps(campaigns[-1].to_dict()["outcomes"]), file=sys.stderr, flush=True)
+        write(args, command, started, campaigns)
     if args.n_cli:
         model = work / "cli-model.gguf"
         if not model.exists():
@@ -79,7 +82,17 @@ def main() -> int:
             )
         )
         print(json.dumps(campaigns[-1].to_dict()["outcomes"]), file=sys.stderr, flush=True)
+        write(args, command, started, campaigns)
 
+    write(args, command, started, campaigns)
+    tables = [c.to_dict() for c in campaigns]
+    print(fuzzing.format_table(tables))
+    bad = sum(t["outcomes"][o] for t in tables for o in fuzzing.FAILURES)
+    return 1 if bad else 0
+
+
+def write(args, command: str, started: float, campaigns: list) -> None:
+    """The JSON table of the campaigns run so far (written after each, so none is lost)."""
     tables = [c.to_dict() for c in campaigns]
     result = {
         "command": command,
@@ -93,9 +106,6 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(fuzzing.format_table(tables))
-    bad = sum(t["outcomes"][o] for t in tables for o in fuzzing.FAILURES)
-    return 1 if bad else 0
 
 
 if __name__ == "__main__":

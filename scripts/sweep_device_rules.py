@@ -5,7 +5,10 @@ inputs, every tensor argument is put on the CPU in turn while the others are on 
 Real CUDA either accepts the call or refuses it for devices; the emulated accelerator
 (`harness.trace.emulated`) must do the same, and so must the tracer without help from the error:
 its own rule (`refused()`, which judges the devices it recorded) or a device error it saw come out
-of a module before any aten op ran.
+of a module before any aten op ran. Every call runs in each grad mode (`--grad-modes`: inference
+mode, no_grad, grad enabled with the floating tensors requiring grad): the verdicts must not
+depend on it (`grad_mode_differences` lists any call whose verdict does). Without a GPU the
+emulation is compared with the tracer's rule.
 The result is JSON: counts, and every disagreement with the call's devices and both messages.
 What it finds belongs in the conformance table (`harness.trace.conformance.ROWS`), which the
 test suite checks everywhere.
@@ -23,16 +26,27 @@ The op database imports `expecttest` (pip install expecttest). An op that breaks
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sweep_common import (  # noqa: E402
+    GRAD_MODES,
+    describe,
+    grad_context,
+    parse,
+    parser,
+    place,
+    run_pool,
+    summarize,
+    traced,
+    verdict,
+    worker_loop,
+)
 
 # Disagreements known and left alone (ops far from inference code); the sweep lists them apart.
 KNOWN_DIFFERENCES = {
@@ -82,35 +96,18 @@ def _ops(names: list[str] | None):
     return out
 
 
-def _verdict(exc: BaseException | None) -> tuple[str, str | None]:
-    from harness.trace.conformance import is_refusal
-
-    if exc is None:
-        return "accepts", None
-    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-    return ("refuses" if is_refusal(exc) else "error"), text
-
-
-def _describe(leaves, places) -> str:
-    parts = []
-    for t, place in zip(leaves, places, strict=True):
-        dims = "x".join(map(str, t.shape)) if t.dim() else "0-dim"
-        parts.append(f"{place}[{dims}]{'' if t.dtype.is_floating_point else ' ' + str(t.dtype)[6:]}")
-    return ", ".join(parts)
-
-
-def _call(op, sample, spec, places, device_of):
-    """Run the op (or a module calling it) with each tensor leaf on the device its place names."""
-    import torch
+def _call(op, sample, spec, places, device_of, grad_mode="no_grad"):
+    """Run the op (or a module calling it) with each tensor leaf on the device its place names,
+    in a grad mode (`GRAD_MODES`; with grad, floating leaves require grad)."""
     from torch.utils._pytree import tree_unflatten
 
     flat, tensor_at = sample
     moved = list(flat)
-    for i, place in zip(tensor_at, places, strict=True):
-        moved[i] = flat[i].to(device_of(place))
-    inp, args, kwargs = tree_unflatten(moved, spec)
     try:
-        with torch.no_grad():
+        with grad_context(grad_mode):
+            for i, p in zip(tensor_at, places, strict=True):
+                moved[i] = place(flat[i], device_of(p), grad_mode)
+            inp, args, kwargs = tree_unflatten(moved, spec)
             op(inp, *args, **kwargs)
         return None
     except Exception as exc:  # what the backend said is the result
@@ -193,7 +190,7 @@ def sweep_syncs(op, dtype) -> dict:
     cycles, busy = _busy()
     record["variants"] = []
     for k, ((flat, tensor_at), spec) in enumerate(samples):
-        row = {"sample": k, "devices": _describe([flat[i] for i in tensor_at], ["gpu"] * len(tensor_at))}
+        row = {"sample": k, "devices": describe([flat[i] for i in tensor_at], ["gpu"] * len(tensor_at))}
         record["variants"].append(row)
         moved = list(flat)
         for i in tensor_at:
@@ -211,7 +208,7 @@ def sweep_syncs(op, dtype) -> dict:
         failed = run()  # first-call costs: kernels, memory
         torch.cuda.synchronize()
         if failed is not None:
-            row["error"] = _verdict(failed)[1]
+            row["error"] = verdict(failed)[1]
             continue
         t0 = time.perf_counter()
         run()
@@ -235,55 +232,48 @@ def sweep_syncs(op, dtype) -> dict:
     return record
 
 
-def sweep_op(op, dtype, backend: str) -> dict:
-    """Every variant of a few samples of one op on the backends asked for."""
+def sweep_op(op, dtype, backend: str, grad_modes=GRAD_MODES) -> dict:
+    """Every variant of a few samples of one op on the backends asked for, in each grad mode."""
     import torch
 
-    from harness.trace import Tracer
-    from harness.trace.classify import refused
     from harness.trace.emulated import EmulatedCuda
-    from harness.trace.events import RAISED
 
     record, samples = _start(op, dtype)
     if samples is None:
         return record
-    variants = []  # (sample index, places)
+    variants = []  # (sample index, places, grad mode)
     for k, ((_, tensor_at), _) in enumerate(samples):
         n = len(tensor_at)
-        variants.append((k, ["gpu"] * n))
-        for j in range(min(n, MAX_LEAVES)):
-            variants.append((k, ["gpu"] * j + ["cpu"] + ["gpu"] * (n - j - 1)))
+        placements = [["gpu"] * n] + [
+            ["gpu"] * j + ["cpu"] + ["gpu"] * (n - j - 1) for j in range(min(n, MAX_LEAVES))
+        ]
+        variants += [(k, places, mode) for places in placements for mode in grad_modes]
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
 
-    def device_of(place):
-        return gpu if place == "gpu" else cpu
+    def device_of(where):
+        return gpu if where == "gpu" else cpu
 
     results = {}
     if backend in ("cuda", "both"):
-        for v, (k, places) in enumerate(variants):
+        for v, (k, places, mode) in enumerate(variants):
             (sample, spec) = samples[k]
-            exc = _call(op, sample, spec, places, device_of)
+            exc = _call(op, sample, spec, places, device_of, mode)
             torch.cuda.synchronize()  # an asynchronous failure shows here, and ends the worker
-            results.setdefault(v, {})["cuda"] = _verdict(exc)
+            results.setdefault(v, {})["cuda"] = verdict(exc)
     if backend in ("emulated", "both"):
         with EmulatedCuda(device_count=1):
-            for v, (k, places) in enumerate(variants):
+            for v, (k, places, mode) in enumerate(variants):
                 (sample, spec) = samples[k]
                 module = _op_module(op)  # errors come out of a module, as in a model
-                with Tracer(module, keep_events=True) as tracer:
-                    exc = _call(module, sample, spec, places, device_of)
-                results.setdefault(v, {})["emulated"] = _verdict(exc)
-                # The tracer's own rule (`refused`, on the recorded devices) for the ops it saw.
-                seen = [e for e in tracer.events if refused(e) or e.op == RAISED]
-                text = f"{seen[0].op} refused" if seen else None
-                results[v]["tracer"] = ("refuses" if seen else "accepts", text)
+                found = traced(module, lambda: _call(module, sample, spec, places, device_of, mode))  # noqa: B023
+                results.setdefault(v, {}).update(found)
     record["variants"] = []
-    for v, (k, places) in enumerate(variants):
+    for v, (k, places, mode) in enumerate(variants):
         flat, tensor_at = samples[k][0]
         leaves = [flat[i] for i in tensor_at]
-        row = {"sample": k, "devices": _describe(leaves, places)}
-        for b, (verdict, text) in results[v].items():
-            row[b] = verdict
+        row = {"sample": k, "devices": describe(leaves, places), "grad_mode": mode}
+        for b, (answer, text) in results[v].items():
+            row[b] = answer
             if text:
                 row[f"{b}_error"] = text
         record["variants"].append(row)
@@ -293,153 +283,72 @@ def sweep_op(op, dtype, backend: str) -> dict:
 def _worker(args) -> int:
     """Sweep ops [start, stop) of the selection, one JSON line each, into args.part."""
     ops = _ops(args.ops.split(",") if args.ops else None)[args.start : args.stop]
-    with open(args.part, "a") as f:
-        for i, (op, dtype) in enumerate(ops, args.start):
-            f.write(json.dumps({"index": i, "started": op.name}) + "\n")
-            f.flush()
-            try:
-                if args.check == "syncs":
-                    record = sweep_syncs(op, dtype)
-                else:
-                    record = sweep_op(op, dtype, args.backend)
-            except Exception as exc:  # the CUDA context is gone: say so and stop
-                f.write(
-                    json.dumps({"index": i, "op": op.name, "poisoned": f"{type(exc).__name__}: {exc}"[:300]})
-                    + "\n"
-                )
-                return 3
-            record["index"] = i
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-    return 0
+    modes = args.grad_modes.split(",")
+
+    def sweep_one(item):
+        op, dtype = item
+        return sweep_syncs(op, dtype) if args.check == "syncs" else sweep_op(op, dtype, args.backend, modes)
+
+    return worker_loop(ops, args.start, args.part, sweep_one, name=lambda item: item[0].name)
 
 
-def _summarize(records: list[dict], check: str, backend: str) -> dict:
-    """Counts and lists over every call; `agree` where the backends (or, for syncs, the host's
-    wait and the tracer) say the same."""
-    known_ops = KNOWN_SYNC_DIFFERENCES if check == "syncs" else KNOWN_DIFFERENCES
-    out = {
-        "ops": 0,
-        "variants": 0,
-        "compared": 0,
-        "agree": 0,
-        "disagreements": [],
-        "known": [],  # disagreements of ops listed as known
-        "skipped": [],
-        "poisoned": [],  # ops after which the CUDA context was gone (CUDA read memory it should not)
-    }
-    if check == "syncs":
-        out["syncs"] = 0  # calls where the host waited
-    for r in records:
-        if "poisoned" in r:
-            out["poisoned"].append({"op": r["op"], "error": r["poisoned"]})
-            continue
-        if "skipped" in r:
-            out["skipped"].append({"op": r["op"], "why": r["skipped"]})
-            continue
-        out["ops"] += 1
-        for v in r["variants"]:
-            out["variants"] += 1
-            if check == "syncs":
-                if "waited" not in v:
-                    continue  # the call failed
-                out["syncs"] += v["waited"]
-                same = v["waited"] == v["tracer_sync"]
-            else:
-                a, b, c = v.get("cuda"), v.get("emulated"), v.get("tracer")
-                if backend != "both" or "error" in (a, b):
-                    continue  # one backend only, or the sample itself fails somewhere
-                same = a == b == c
-            out["compared"] += 1
-            if same:
-                out["agree"] += 1
-            else:
-                out["known" if r["op"] in known_ops else "disagreements"].append({"op": r["op"], **v})
-    return out
+def _same(check: str, backend: str):
+    """Whether the backends agree on one call (None: not comparable)."""
+
+    def same(v: dict) -> bool | None:
+        if check == "syncs":
+            return None if "waited" not in v else v["waited"] == v["tracer_sync"]  # no "waited": it failed
+        a, b, c = v.get("cuda"), v.get("emulated"), v.get("tracer")
+        if backend == "emulated":  # no GPU: the emulation and the tracer's own rule
+            return None if b == "error" else b == c
+        if backend != "both" or "error" in (a, b):
+            return None  # one backend only, or the sample itself fails somewhere
+        return a == b == c
+
+    return same
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--backend", choices=("both", "cuda", "emulated"), default=None, help="default: both with a GPU"
-    )
-    p.add_argument("--ops", default=None, help="comma-separated OpInfo names (default: all)")
+    p = parser(__doc__, ("--ops", "comma-separated OpInfo names (default: all)"), "sweep.json")
     p.add_argument(
         "--check",
         choices=("devices", "syncs"),
         default="devices",
         help="devices: a tensor on the CPU in turn (above); syncs: all on the GPU, does the host wait",
     )
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--out", default="sweep.json")
-    p.add_argument("--deadline", type=float, default=1e9, help="seconds; then report what is done")
-    p.add_argument("--start", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--stop", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    import torch
-
-    if args.backend is None:
-        args.backend = "both" if torch.cuda.is_available() else "emulated"
+    args = parse(p, argv)
     if args.part:
         return _worker(args)
+    import torch
 
     t0 = time.perf_counter()
     n = len(_ops(args.ops.split(",") if args.ops else None))
-    tmp = Path(tempfile.mkdtemp(prefix="sweep-"))
-    bounds = [(n * w // args.workers, n * (w + 1) // args.workers) for w in range(args.workers)]
-    running = {}  # part -> (stop, process)
 
-    def launch(start: int, stop: int, part: Path) -> None:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--backend",
-            args.backend,
-            "--check",
-            args.check,
+    def command(start: int, stop: int, part: Path) -> list[str]:
+        cmd = [sys.executable, __file__, "--backend", args.backend, "--check", args.check]
+        cmd += [
+            "--grad-modes",
+            args.grad_modes,
             "--start",
             str(start),
             "--stop",
             str(stop),
+            "--part",
+            str(part),
         ]
-        cmd += ["--part", str(part)] + (["--ops", args.ops] if args.ops else [])
-        running[part] = (stop, subprocess.Popen(cmd))
+        return cmd + (["--ops", args.ops] if args.ops else [])
 
-    for w, (start, stop) in enumerate(bounds):
-        if stop > start:
-            launch(start, stop, tmp / f"part{w}.jsonl")
-    while running and time.perf_counter() - t0 < args.deadline:
-        time.sleep(0.5)
-        for part, (stop, proc) in list(running.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            del running[part]
-            if code == 0:
-                continue
-            lines = [json.loads(x) for x in part.read_text().splitlines()] if part.exists() else []
-            last = max((x["index"] for x in lines), default=-1)
-            if not any(x["index"] == last and "op" in x for x in lines):  # it died inside an op
-                started = next((x["started"] for x in lines if x["index"] == last), f"#{last}")
-                with part.open("a") as f:
-                    f.write(
-                        json.dumps({"index": last, "op": started, "poisoned": f"worker exit {code}"}) + "\n"
-                    )
-            if last + 1 < stop:
-                launch(last + 1, stop, part)
-    timed_out = bool(running)
-    for _, proc in running.values():
-        proc.kill()
-    records = []
-    for part in sorted(tmp.glob("part*.jsonl")):
-        records += [r for r in map(json.loads, part.read_text().splitlines()) if "op" in r]
-    summary = _summarize(records, args.check, args.backend)
+    records, timed_out = run_pool(n, args.workers, args.deadline, command)
+    known = KNOWN_SYNC_DIFFERENCES if args.check == "syncs" else KNOWN_DIFFERENCES
+    summary = summarize(records, known, _same(args.check, args.backend))
+    if args.check == "syncs":
+        summary["syncs"] = sum(v.get("waited", False) for r in records for v in r.get("variants", []))
     result = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.backend != "emulated" else None,
         "backend": args.backend if args.check == "devices" else "cuda",
         "check": args.check,
+        "grad_modes": args.grad_modes.split(",") if args.check == "devices" else None,
         "seconds": round(time.perf_counter() - t0, 1),
         "timed_out": timed_out,
         **summary,
@@ -448,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"{summary['ops']} ops, {summary['variants']} calls; compared {summary['compared']}, agree {summary['agree']}, "
-        f"disagree {len(summary['disagreements'])} (+{len(summary['known'])} known); "
+        f"disagree {len(summary['disagreements'])} (+{len(summary['known'])} known), "
+        f"differ by grad mode {len(summary['grad_mode_differences'])}; "
         f"skipped {len(summary['skipped'])}, "
         f"poisoned {len(summary['poisoned'])} -> {args.out}"
     )

@@ -179,7 +179,8 @@ def test_cli_arguments_exit_cleanly(tmp_path_factory, seeds, command, flag, valu
     }[command]
     argv = [*base, flag, value]
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    here = tmp_path_factory.mktemp("cwd")  # a relative path from the draw lands here
+    with contextlib.chdir(here), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
     assert code in (0, 1, 2, 3), argv
     text = err.getvalue()

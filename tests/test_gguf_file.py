@@ -588,8 +588,12 @@ def test_long_values_are_cut_in_messages(files, tmp_path):
     assert len(str(err.value)) < 400 + len(str(bad))
 
 
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 16])  # the check goes a slice at a time
 @pytest.mark.parametrize("poison", ["nan", "inf", "-3e38", "scale"])
-def test_non_finite_weights_are_refused_naming_the_tensor(files, tmp_path, poison):
+def test_non_finite_weights_are_refused_naming_the_tensor(files, tmp_path, poison, chunk_bytes, monkeypatch):
+    from harness import gguf_file
+
+    monkeypatch.setattr(gguf_file, "CHECK_CHUNK_BYTES", chunk_bytes)
     from harness.quant.types import F16_FIELDS, type_size
 
     mf = open_gguf(files["merged"])

@@ -152,7 +152,9 @@ def interpreted():
 
 @pytest.mark.slow
 def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
-    assert len(interpreted) == 3 * 3 + 2 * 3 + 2 * 3 * 2
+    from harness.quant.fused import FUSED_TYPES
+
+    assert len(interpreted) == len(FUSED_TYPES) * 3 + 2 * 3 + 2 * 3 * 2
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
 

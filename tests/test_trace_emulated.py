@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harness.device_tables import TABLES
+from harness.errors import EmulationUnsupported
 from harness.model.mixtral import Mixtral
 from harness.quant import dequant
 from harness.quant.qtensor import QTensor
@@ -172,7 +173,7 @@ def test_refusal_answers_without_running(emu):
 def test_shape_changes_in_place_are_refused(emu):
     x = torch.zeros(2, 3, device="cuda")
     x.resize_(2, 3)  # same shape: fine
-    with pytest.raises(RuntimeError, match="emulated CUDA: unsqueeze_"):
+    with pytest.raises(EmulationUnsupported, match="aten::unsqueeze_: would change the shape"):
         x.unsqueeze_(0)
 
 

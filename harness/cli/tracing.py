@@ -50,9 +50,14 @@ def cmd_trace(args) -> int:
 
     out = check_output_file(args.out, "--out", inputs=[args.model]) if args.out else None
     report = check_output_file(args.report, "--report", inputs=[args.model, out]) if args.report else None
+    perfetto = (
+        check_output_file(args.perfetto, "--perfetto", inputs=[args.model, out, report])
+        if args.perfetto
+        else None
+    )
     with contextlib.ExitStack() as stack:
         trace_path = out
-        if report and trace_path is None:  # the report is built from a trace file
+        if (report or perfetto) and trace_path is None:  # both are made from a trace file
             fd, name = tempfile.mkstemp(prefix="harness-trace-", suffix=".jsonl")
             os.close(fd)
             stack.callback(os.unlink, name)
@@ -95,6 +100,10 @@ def cmd_trace(args) -> int:
             error = exc
         if report:
             _trace_report(args, trace_path, report)
+        if perfetto:
+            from harness.trace.perfetto import write_perfetto
+
+            print(f"perfetto -> {write_perfetto(trace_path, perfetto)}", file=sys.stderr)
     summary = tracer.summary
     verdict = str(summary.verdict)
     if verdict == "clean" and error is not None:
@@ -132,23 +141,38 @@ def check_trace_input(path: str) -> Path:
 
 
 def cmd_report(args) -> int:
-    """One HTML report from saved traces (two: with their diff). `--fail-on-dirty`: the exit
-    status says the worst verdict among them (dirty 1; error, inconclusive or unfinished 3)."""
+    """One HTML report from saved traces (two: with their diff), and/or one trace as Perfetto
+    JSON. `--fail-on-dirty`: the exit status says the worst verdict among them (dirty 1; error,
+    inconclusive or unfinished 3)."""
     from harness.report import build_report
     from harness.trace import load_trace
 
+    if args.out is None and args.perfetto is None:
+        raise UsageError(None, None, "nothing to write: give -o OUT.html, --perfetto OUT.json or both")
+    if args.perfetto is not None and len(args.traces) != 1:
+        raise UsageError(None, "--perfetto", f"converts one trace, got {len(args.traces)}")
     traces = [check_trace_input(t) for t in args.traces]
-    out = check_output_file(args.out, "--out", inputs=traces)
-    written = build_report(traces, out, title=args.title)
+    out = check_output_file(args.out, "--out", inputs=traces) if args.out is not None else None
+    perfetto = (
+        check_output_file(args.perfetto, "--perfetto", inputs=[*traces, out]) if args.perfetto else None
+    )
+    written = {}
+    if out is not None:
+        written["report"] = str(build_report(traces, out, title=args.title))
+    if perfetto is not None:
+        from harness.trace.perfetto import write_perfetto
+
+        written["perfetto"] = str(write_perfetto(traces[0], perfetto))
     verdicts = []
     for t in traces:
         summary = load_trace(t).summary
         verdicts.append(str(summary.verdict) if summary is not None else "unfinished")
     if args.json:
         rows = [{"trace": str(t), "verdict": v} for t, v in zip(traces, verdicts, strict=True)]
-        print(json.dumps({"report": str(written), "traces": rows}))
+        print(json.dumps({**written, "traces": rows}))
     else:
-        print(f"wrote {written}")
+        for path in written.values():
+            print(f"wrote {path}")
     if not args.fail_on_dirty:
         return exits.CLEAN
     code = max((exits.for_verdict(v) for v in verdicts), default=exits.CLEAN, key=_severity)
@@ -315,6 +339,13 @@ def add_commands(sub) -> None:
         help="write the run's HTML report here",
     )
     s.add_argument(
+        "--perfetto",
+        type=options.text,
+        default=None,
+        metavar="OUT.json",
+        help="write the run as Chrome/Perfetto trace-event JSON (ui.perfetto.dev, chrome://tracing)",
+    )
+    s.add_argument(
         "--fault",
         type=options.text,
         default=None,
@@ -323,7 +354,9 @@ def add_commands(sub) -> None:
     )
     s.set_defaults(func=cmd_trace)
 
-    s = sub.add_parser("report", help="build one HTML report from saved traces (two traces: with their diff)")
+    s = sub.add_parser(
+        "report", help="one HTML report from saved traces (two: with their diff); a trace as Perfetto JSON"
+    )
     s.add_argument(
         "traces",
         nargs="+",
@@ -332,7 +365,14 @@ def add_commands(sub) -> None:
         help="traces written by `harness trace -o`",
     )
     s.add_argument(
-        "-o", "--out", type=options.text, required=True, metavar="OUT.html", help="the report to write"
+        "-o", "--out", type=options.text, default=None, metavar="OUT.html", help="the report to write"
+    )
+    s.add_argument(
+        "--perfetto",
+        type=options.text,
+        default=None,
+        metavar="OUT.json",
+        help="write the (one) trace as Chrome/Perfetto trace-event JSON",
     )
     s.add_argument("--title", default=None, help="the report's title")
     s.add_argument(

@@ -38,14 +38,23 @@ triton, tl = kernels.triton, kernels.tl
 T = GGMLType
 
 # Types with kernels here: (parts per 256-value super-block). Rows must be whole super-blocks.
-PARTS: dict[GGMLType, int] = {T.Q4_K: 2, T.Q6_K: 4, T.Q8_0: 1}
+PARTS: dict[GGMLType, int] = {
+    T.Q4_K: 2,
+    T.Q6_K: 4,
+    T.Q8_0: 1,
+    T.Q5_K: 2,
+    T.Q4_0: 2,
+    T.Q3_K: 2,
+    T.Q2_K: 2,
+    T.IQ4_XS: 2,
+}
 FUSED_TYPES: tuple[GGMLType, ...] = tuple(PARTS)
 SUPER = 256  # values per super-block (one K-quant block, eight 32-value blocks)
 
 MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel is used
 # Launch configurations per type (benchmarks/bench_fused.py --sweep on an H100).
-MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
-    T.Q4_K: {"BN": 16, "num_warps": 4},
+# Types not swept take the Q4_K tile settings (their tiles have the same 128-value parts).
+MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {qtype: {"BN": 16, "num_warps": 4} for qtype in PARTS} | {
     T.Q6_K: {"BN": 64, "num_warps": 2},
     T.Q8_0: {"BN": 8, "num_warps": 2},
 }
@@ -116,13 +125,8 @@ if triton is not None:
         return tl.load(ptr).to(tl.int32)
 
     @triton.jit
-    def _tile_q4_k(raw, rowb, sb, P: tl.constexpr):
-        """Q4_K (d | dmin | scales[12] | qs[128]): part P = nibble P of every qs byte.
-        Tile [BN, 4, 32]: g, i -> value 64g + 32P + i, sub-block j = 2g + P."""
-        blk = rowb[:, None] + sb * 144  # [BN, 1]
-        g = tl.arange(0, 4)[None, :]
-        i = tl.arange(0, 32)
-        j = 2 * g + P  # [1, 4]
+    def _k_scales(raw, blk, j):
+        """Q4_K/Q5_K sub-block j's 6-bit (scale, min) from the 12 bytes at blk + 4, as float32."""
         k = blk + 4 + j % 4
         a = _byte(raw + k)
         b = _byte(raw + k + 4)
@@ -130,11 +134,96 @@ if triton is not None:
         first = j < 4
         sc = tl.where(first, a & 63, (c & 0xF) | ((a >> 6) << 4)).to(tl.float32)
         mn = tl.where(first, b & 63, (c >> 4) | ((b >> 6) << 4)).to(tl.float32)
-        dl = _f16(raw + blk) * sc  # [BN, 4]
+        return sc, mn
+
+    @triton.jit
+    def _tile_q4_k(raw, rowb, sb, P: tl.constexpr):
+        """Q4_K (d | dmin | scales[12] | qs[128]): part P = nibble P of every qs byte.
+        Tile [BN, 4, 32]: g, i -> value 64g + 32P + i, sub-block j = 2g + P."""
+        blk = rowb[:, None] + sb * 144  # [BN, 1]
+        g = tl.arange(0, 4)[None, :]
+        i = tl.arange(0, 32)
+        sc, mn = _k_scales(raw, blk, 2 * g + P)  # [BN, 4]
+        dl = _f16(raw + blk) * sc
         ml = _f16(raw + blk + 2) * mn
         q = (_byte(raw + blk[:, :, None] + 16 + g[:, :, None] * 32 + i[None, None, :]) >> (4 * P)) & 0xF
         w = dl[:, :, None] * q.to(tl.float32) - ml[:, :, None]
         cols = sb * 256 + 64 * tl.arange(0, 4)[:, None] + 32 * P + i[None, :]
+        return w, cols
+
+    @triton.jit
+    def _tile_q5_k(raw, rowb, sb, P: tl.constexpr):
+        """Q5_K (d | dmin | scales[12] | qh[32] | qs[128]): as Q4_K (qs at 48), with bit j of
+        qh[i] as bit 4 of value 32j + i."""
+        blk = rowb[:, None] + sb * 176  # [BN, 1]
+        g = tl.arange(0, 4)[None, :]
+        i = tl.arange(0, 32)[None, None, :]
+        j = 2 * g + P
+        sc, mn = _k_scales(raw, blk, j)
+        dl = _f16(raw + blk) * sc
+        ml = _f16(raw + blk + 2) * mn
+        ql = (_byte(raw + blk[:, :, None] + 48 + g[:, :, None] * 32 + i) >> (4 * P)) & 0xF
+        qh = (_byte(raw + blk[:, :, None] + 16 + i) >> j[:, :, None]) & 1
+        w = dl[:, :, None] * (ql | (qh << 4)).to(tl.float32) - ml[:, :, None]
+        cols = sb * 256 + 64 * tl.arange(0, 4)[:, None] + 32 * P + tl.arange(0, 32)[None, :]
+        return w, cols
+
+    @triton.jit
+    def _tile_q2_k(raw, rowb, sb, P: tl.constexpr):
+        """Q2_K (scales[16] | qs[64] | d | dmin): tile [BN, 8, 16]: sub-block j = 8P + jj, value
+        16j + i = 2 bits at 2((j%8)//2) of qs[32(j//8) + 16(j%2) + i]; y = (d*sc)*q - dmin*m."""
+        blk = rowb[:, None, None] + sb * 84
+        j = 8 * P + tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 16)[None, None, :]
+        sc = _byte(raw + blk + j)
+        dl = _f16(raw + blk + 80) * (sc & 0xF).to(tl.float32)
+        ml = _f16(raw + blk + 82) * (sc >> 4).to(tl.float32)
+        q = (_byte(raw + blk + 16 + 32 * (j // 8) + 16 * (j % 2) + i) >> (2 * ((j % 8) // 2))) & 3
+        w = dl * q.to(tl.float32) - ml
+        cols = sb * 256 + 128 * P + 16 * tl.arange(0, 8)[:, None] + tl.arange(0, 16)[None, :]
+        return w, cols
+
+    @triton.jit
+    def _tile_q3_k(raw, rowb, sb, P: tl.constexpr):
+        """Q3_K (hmask[32] | qs[64] | scales[12] | d): tile [BN, 8, 16]: sub-block j = 8P + jj;
+        low 2 bits as Q2_K (qs at 32), minus 4 unless bit j//2 of hmask[16(j%2) + i]; y = (d*sc)*q."""
+        blk = rowb[:, None, None] + sb * 110
+        j = 8 * P + tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 16)[None, None, :]
+        lo = (_byte(raw + blk + 96 + j % 8) >> (4 * (j // 8))) & 0xF
+        hi = (_byte(raw + blk + 104 + j % 4) >> (2 * (j // 4))) & 3
+        dl = _f16(raw + blk + 108) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        ql = (_byte(raw + blk + 32 + 32 * (j // 8) + 16 * (j % 2) + i) >> (2 * ((j % 8) // 2))) & 3
+        hb = (_byte(raw + blk + 16 * (j % 2) + i) >> (j // 2)) & 1
+        w = dl * (ql - 4 + 4 * hb).to(tl.float32)
+        cols = sb * 256 + 128 * P + 16 * tl.arange(0, 8)[:, None] + tl.arange(0, 16)[None, :]
+        return w, cols
+
+    @triton.jit
+    def _tile_q4_0(raw, rowb, sb, P: tl.constexpr):
+        """Q4_0 (d | qs[16]), blocks 4P..4P+3 of the eight: tile [BN, 4, 32]: value 32b + i =
+        nibble i//16 of qs[i%16], minus 8, times d."""
+        b = 4 * P + tl.arange(0, 4)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        blk = rowb[:, None, None] + (sb * 8 + b) * 18
+        q = (_byte(raw + blk + 2 + i % 16) >> (4 * (i // 16))) & 0xF
+        w = _f16(raw + blk) * (q - 8).to(tl.float32)
+        cols = sb * 256 + 128 * P + 32 * tl.arange(0, 4)[:, None] + tl.arange(0, 32)[None, :]
+        return w, cols
+
+    @triton.jit
+    def _tile_iq4_xs(raw, rowb, sb, P: tl.constexpr, lut):
+        """IQ4_XS (d | scales_h u16 | scales_l[4] | qs[128]): tile [BN, 4, 32]: sub-block
+        j = 4P + jj, value 32j + i = grid[nibble i//16 of qs[16j + i%16]] * d*(scale_j - 32)."""
+        blk = rowb[:, None, None] + sb * 136
+        j = 4 * P + tl.arange(0, 4)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        lo = (_byte(raw + blk + 4 + j // 2) >> (4 * (j % 2))) & 0xF
+        hi = (_byte(raw + blk + 2 + j // 4) >> (2 * (j % 4))) & 3
+        dl = _f16(raw + blk) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        q = (_byte(raw + blk + 8 + 16 * j + i % 16) >> (4 * (i // 16))) & 0xF
+        w = dl * tl.load(lut + q)
+        cols = sb * 256 + 128 * P + 32 * tl.arange(0, 4)[:, None] + tl.arange(0, 32)[None, :]
         return w, cols
 
     @triton.jit
@@ -164,17 +253,25 @@ if triton is not None:
         return w, cols
 
     @triton.jit
-    def _tile(raw, rowb, sb, QT: tl.constexpr, P: tl.constexpr, BN: tl.constexpr):
+    def _tile(raw, rowb, sb, QT: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr, lut):
         """[BN, CH] dequantized values of part P of super-block sb, and their CH columns of x."""
         if QT == 12:  # Q4_K
             w, cols = _tile_q4_k(raw, rowb, sb, P)
-            return tl.reshape(w, (BN, 128)), tl.reshape(cols, (128,))
         elif QT == 14:  # Q6_K
             w, cols = _tile_q6_k(raw, rowb, sb, P)
-            return tl.reshape(w, (BN, 64)), tl.reshape(cols, (64,))
-        else:  # Q8_0
+        elif QT == 8:  # Q8_0
             w, cols = _tile_q8_0(raw, rowb, sb, P)
-            return tl.reshape(w, (BN, 256)), tl.reshape(cols, (256,))
+        elif QT == 13:  # Q5_K
+            w, cols = _tile_q5_k(raw, rowb, sb, P)
+        elif QT == 10:  # Q2_K
+            w, cols = _tile_q2_k(raw, rowb, sb, P)
+        elif QT == 11:  # Q3_K
+            w, cols = _tile_q3_k(raw, rowb, sb, P)
+        elif QT == 2:  # Q4_0
+            w, cols = _tile_q4_0(raw, rowb, sb, P)
+        else:  # IQ4_XS
+            w, cols = _tile_iq4_xs(raw, rowb, sb, P, lut)
+        return tl.reshape(w, (BN, 256 // NP)), tl.reshape(cols, (256 // NP,))
 
     @triton.jit
     def _silu_mul(g, u):
@@ -227,6 +324,7 @@ if triton is not None:
         out_ptr,
         experts_ptr,
         scale_ptr,
+        lut_ptr,
         N,
         n_pairs,
         n_super,
@@ -263,11 +361,11 @@ if triton is not None:
                     acc_u += _q4_k_dot(u_ptr, rowb // 4, sb, xp, BN)
             else:
                 for part in tl.static_range(NP):
-                    w, cols = _tile(w_ptr, rowb, sb, QT, part, BN)
+                    w, cols = _tile(w_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
                     xv = tl.load(xp + cols)
                     acc += tl.sum(w * xv[None, :], axis=1)
                     if GATED:
-                        wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN)
+                        wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
         if GATED:
             acc = _silu_mul(acc, acc_u)
@@ -284,6 +382,7 @@ if triton is not None:
         sorted_ptr,
         block_expert_ptr,
         scale_ptr,
+        lut_ptr,
         N,
         n_super,
         n_pairs,
@@ -317,11 +416,11 @@ if triton is not None:
         steps = tl.where(live, n_super, 0)
         for sb in range(0, steps):
             for part in tl.static_range(NP):
-                w, cols = _tile(w_ptr, rowb, sb, QT, part, BN)
+                w, cols = _tile(w_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
                 xt = tl.load(x_ptr + xrow[:, None] * x_stride + cols[None, :], mask=valid[:, None], other=0.0)
                 acc = tl.dot(xt, tl.trans(w), acc)
                 if GATED:
-                    wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN)
+                    wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
                     acc_u = tl.dot(xt, tl.trans(wu), acc_u)
         if GATED:
             acc = _silu_mul(acc, acc_u)
@@ -436,6 +535,7 @@ def _product(
     scale = out if scale is None else scale.float().contiguous()
     gated = u is not None
     u = w if u is None else u
+    lut = kernels.iq4_table(x.device) if qtype == T.IQ4_XS else out
     with _launch_device(x.device):
         if n_pairs <= MATVEC_MAX_ROWS:
             bn, warps = MATVEC_CONFIG[qtype]["BN"], MATVEC_CONFIG[qtype]["num_warps"]
@@ -449,7 +549,7 @@ def _product(
             wv, uv = (w.view(torch.int32), u.view(torch.int32)) if qtype == T.Q4_K else (w, u)
             grid = (triton.cdiv(out_features, bn), n_pairs, splits)
             _matvec_kernel[grid](
-                x, wv, uv, part, out if experts is None else experts, scale, out_features, n_pairs, n_super,
+                x, wv, uv, part, out if experts is None else experts, scale, lut, out_features, n_pairs, n_super,
                 chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, BN=bn, num_warps=warps,
                 ROUTED=experts is not None, **consts,
             )  # fmt: skip
@@ -463,7 +563,7 @@ def _product(
             sorted_ids, block_expert = _sort_by_expert(experts, n_experts, bm)
             grid = (block_expert.numel(), triton.cdiv(out_features, bn))
             _matmat_kernel[grid](
-                x, w, u, out, sorted_ids, block_expert, scale, out_features, n_super, n_pairs,
+                x, w, u, out, sorted_ids, block_expert, scale, lut, out_features, n_super, n_pairs,
                 row_bytes, out_features * row_bytes, x.stride(0), x_div, BM=bm, BN=bn,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts,
             )  # fmt: skip

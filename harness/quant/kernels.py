@@ -326,6 +326,9 @@ def _lut(device: torch.device) -> torch.Tensor:
     return constants(device).iq4
 
 
+iq4_table = _lut  # public: the fused kernels (harness.quant.fused) read the same grid
+
+
 def dequantize(
     raw: torch.Tensor,
     qtype: GGMLType,

@@ -250,7 +250,8 @@ class Classifier:
 
     def why_allowed(self, event: Event, src: str, dst: str) -> str | None:
         """Why a copy across devices is declared (the transfer's "why"), or None when nothing
-        declares it: "outside" (the caller's uploads and downloads, outside the model), "empty"
+        declares it: "outside" (the caller's uploads and downloads, outside the model), "output" (an activation
+        downloaded in the model's own forward: its result handed to the host), "empty"
         (no bytes move), "offload" or "boundary" (an offloading hook moving weights, or a module's
         inputs, as accelerate's does: `event.hook`), "input" (the run's inputs uploaded),
         "declared" (`allow_transfers`), "boundary" (an activation moved between the devices of
@@ -265,6 +266,8 @@ class Classifier:
             return "input"  # the run's inputs uploaded (read back to the host, they are a sync)
         if self.allow is not None and self.allow(event):
             return "declared"
+        if event.module == "" and dst == "cpu" and event.role is None:
+            return "output"  # the model's own forward hands its result to the host: the run's edge
         if event.role != "weight" and event.op_kind != K_UPLOAD and self._at_boundary(event.module, src, dst):
             return "boundary"
         return None

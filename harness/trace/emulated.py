@@ -55,7 +55,7 @@ Limits: the emulated backward does not run hooks registered on autograd nodes th
 `nn.Module` full backward hooks (it raises `EmulationUnsupported` for the latter);
 `Tensor.as_subclass` of an emulated tensor is refused (it is a wrapper subclass already);
 in-place changes of an emulated tensor's shape (`resize_` to a new size, `set_`, `unsqueeze_`,
-...) raise; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
+...) raise `EmulationUnsupported`; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
 `torch.accelerator`, streams and events are not emulated; the patches are process-wide, so one
 thread at a time. On a machine with real CUDA the emulation works too: real CUDA tensors made
 outside keep working, inside they compute for real until they meet an emulated tensor (then their
@@ -320,6 +320,9 @@ def _wrap(out, device: torch.device, pairs: list):
     return out
 
 
+# Ops that ask whether CUDA's kernel can use a vendor library (`_use_cudnn_ctc_loss`, ...).
+_LIBRARY_QUERIES = ("_use_cudnn", "_use_miopen")
+
 # Ops whose CUDA kernel returns some outputs on the host: op -> their positions.
 _HOST_OUTPUTS = {"_pack_padded_sequence": frozenset({1})}  # batch_sizes
 
@@ -382,6 +385,8 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
         if r is not NotImplemented:
             return r
 
+    if plan.name.startswith(_LIBRARY_QUERIES):
+        return False  # whether to take a cuDNN/MIOpen path: not here (as CUDA without those libraries)
     device_arg = plan.layout.device_arg
     device = kwargs.get("device") if device_arg else None
     if device is not None:
@@ -403,9 +408,11 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
             target = args[1].shape if plan.name == "resize_as_" else args[1]
             if plan.name in ("resize_", "resize_as_") and tuple(target) == tuple(self.shape):
                 return self
-            raise RuntimeError(
-                f"emulated CUDA: {plan.name} would change the shape or strides of a tensor on "
-                f"{self.device} in place, which the emulation cannot follow"
+            raise EmulationUnsupported(
+                None,
+                plan.op,
+                f"would change the shape or strides of a tensor on {self.device} in place, "
+                "which the emulation cannot follow",
             )
 
     pairs: list = []
@@ -450,9 +457,11 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     ):  # the wrapper's shape is fixed: an out= resize cannot be followed
         for inner, outer in pairs:
             if outer is not inner and inner.shape != outer.shape:
-                raise RuntimeError(
-                    f"emulated CUDA: {plan.name} resized a tensor on {outer.device} in place "
-                    f"from {list(outer.shape)} to {list(inner.shape)}, which the emulation cannot follow"
+                raise EmulationUnsupported(
+                    None,
+                    plan.op,
+                    f"resized a tensor on {outer.device} in place from {list(outer.shape)} to "
+                    f"{list(inner.shape)}, which the emulation cannot follow",
                 )
     return result
 

@@ -77,7 +77,8 @@ RULE_DOCS = {
     SCATTER: "slice/select/diagonal/as_strided_scatter (CompositeExplicitAutograd): self is cloned and src "
     "copied into it: any devices; the result is on self's device",
     ANY: "resize_as_ reads the template's sizes only, linspace/logspace their tensor ends' values, "
-    "_pack_padded_sequence/_pad_packed_sequence their CPU lengths: no check",
+    "_pack_padded_sequence/_pad_packed_sequence their CPU lengths, _use_cudnn_ctc_loss & co. only "
+    "inspect their arguments: no check",
     MASKED_INDEX: "_unsafe_masked_index(_put_accumulate) (CompositeExplicitAutograd, over index): index "
     "tensors on the CPU or on self's device; mask and values on self's device",
 }
@@ -121,6 +122,10 @@ RULES: dict[str, str] = {
     # CompositeExplicitAutograd, no device check: lengths / batch_sizes are CPU tensors read on the host
     "_pack_padded_sequence": ANY,
     "_pad_packed_sequence": ANY,
+    # questions about the arguments (may cuDNN / MIOpen run this?), asked by CTC loss and RNNs
+    "_use_cudnn_ctc_loss": ANY,
+    "_use_miopen_ctc_loss": ANY,
+    "_use_cudnn_rnn_flatten_weight": ANY,
     "_unsafe_masked_index": MASKED_INDEX,
     "_unsafe_masked_index_put_accumulate": MASKED_INDEX,
     "where": WHERE,

@@ -11,6 +11,18 @@ Weights are known by identity: at the start the model's buffers are mapped to th
 weight through views and copies (`.T`, `raw[e]` picks one expert of a stack, `index_select` of a
 stack keeps the stack's names, `.to()`), so the op that reads it names it.
 
+Where modules should compute comes from a `ModulePlacement` (`harness.trace.placement`): given,
+the model's own, or where its weights are when tracing starts. A copy across devices is allowed
+only where something declares it (`Classifier.why_allowed`): the tracer tells the classifier
+whether a copy moves the forward call's inputs or a weight (`Event.role`), and whether an
+offloading hook made it (`Event.hook`). Under inference mode, autograd's decomposition of
+composite ops does not happen before a dispatch mode sees them; the tracer runs their composite
+kernels itself, so it sees the same ops, and gives the same verdict, in every grad mode.
+
+A run is `clean` only when it ran ops inside the model, has no offence, and no error but device
+errors left the model's forward or the `with` block (`summary.error`, verdict `error`); with no op
+inside the model it is `inconclusive`. While a tracer records, `is_tracing()` is True.
+
 Sampled mode (`sample_every=N`): forward call i of the model (0 is the prefill, then one per
 decode step) is traced when i % N == 0. The ops of the other calls, up to the next call, are
 skipped (`unsampled="skip"`: the mode and the global hooks are taken off, nothing is paid per
@@ -829,7 +841,7 @@ class Tracer(TorchDispatchMode):
     def _copy_roles(self, ev: Event, info: _OpInfo, args, kwargs) -> None:
         """For an op that may copy across devices: whether what it copies is the run's input or a
         weight (`ev.role`), and whether an offloading hook made the copy (`ev.hook`)."""
-        if len({s[0] for s in (*ev.inputs, *ev.outputs)}) < 2 and not (info.kind == K_UPLOAD and ev.inputs):
+        if len({s[0] for s in (*ev.inputs, *(ev.outputs or ()))}) < 2 and not (info.kind == K_UPLOAD and ev.inputs):
             return  # crosses no device
         kind = info.kind
         if kind in (K_INDEX_GET, K_INDEX_PUT):
