@@ -43,12 +43,6 @@ def gap(model: str, placement: str, mode: str, fault: str | None = None) -> str 
     offloaded = placement == "offload" and fault != "tensor-on-wrong-device" and model != "torch-encoder"
     if EMULATED and offloaded:
         return "emulation: accelerate's offload rebuilds parameters as type(param)(data, requires_grad=)"
-    if model in ("hf-mixtral", "hf-qwen2-moe") and fault == "new-tensor-without-device":
-        return (
-            "tracer: an index_put_ that raises a device error (inv_perm[perm] = torch.arange(n) "
-            "on the CPU) meets Tracer._copy_roles reading ev.outputs, None for an op that raised: "
-            "TypeError instead of the recorded device error"
-        )
     if placement == "split" and fault in ("output-on-wrong-device", "weight-uploaded-per-call"):
         return "tracer: a copy inside a module of a dispatch_model'ed model reads as allowed offload traffic"
     return None
