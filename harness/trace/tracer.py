@@ -841,7 +841,9 @@ class Tracer(TorchDispatchMode):
     def _copy_roles(self, ev: Event, info: _OpInfo, args, kwargs) -> None:
         """For an op that may copy across devices: whether what it copies is the run's input or a
         weight (`ev.role`), and whether an offloading hook made the copy (`ev.hook`)."""
-        if len({s[0] for s in (*ev.inputs, *(ev.outputs or ()))}) < 2 and not (info.kind == K_UPLOAD and ev.inputs):
+        if len({s[0] for s in (*ev.inputs, *(ev.outputs or ()))}) < 2 and not (
+            info.kind == K_UPLOAD and ev.inputs
+        ):
             return  # crosses no device
         kind = info.kind
         if kind in (K_INDEX_GET, K_INDEX_PUT):
