@@ -17,10 +17,6 @@ accelerator with two devices.
 
 `scripts/detection_matrix.py` runs the whole product (faults x models x placements x grad modes,
 and hypothesis-drawn clean runs) and writes the tables.
-
-`gap()`: cases that fail today because the emulation or the tracer lacks a capability that
-issue 9 asks for (other parts of it). Each is a strict xfail naming the capability: when it
-lands, the case passes, the strict xfail fails, and its entry here must go.
 """
 
 from __future__ import annotations
@@ -37,17 +33,6 @@ pytestmark = pytest.mark.cuda
 EMULATED = not torch.cuda.is_available()  # a `cuda` test runs on the emulated accelerator
 
 
-def gap(model: str, placement: str, mode: str, fault: str | None = None) -> str | None:
-    """The missing capability that makes this case fail today, or None."""
-    # tensor-on-wrong-device raises before an offloaded module runs; so does the encoder's own bug
-    offloaded = placement == "offload" and fault != "tensor-on-wrong-device" and model != "torch-encoder"
-    if EMULATED and offloaded:
-        return "emulation: accelerate's offload rebuilds parameters as type(param)(data, requires_grad=)"
-    if placement == "split" and fault in ("output-on-wrong-device", "weight-uploaded-per-call"):
-        return "tracer: a copy inside a module of a dispatch_model'ed model reads as allowed offload traffic"
-    return None
-
-
 # Clean runs that are not clean on CUDA either: (model, placement) -> the first offence's
 # (class, module). nn.MultiheadAttention reads out_proj's weight without calling out_proj, so
 # accelerate's offload hook on out_proj never brings it in: CUDA refuses the product.
@@ -55,10 +40,7 @@ REAL_BUGS = {("torch-encoder", "offload"): ("mismatch", "layers.1.self_attn")}
 
 
 def _param(*values, fault=None):
-    model, placement, mode = values[:3]
-    reason = gap(model, placement, mode, fault)
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    return pytest.param(*values, marks=marks, id="-".join(v for v in values if v))
+    return pytest.param(*values, id="-".join(v for v in values if v))
 
 
 CLEAN = [_param(m, p, g) for m in MODELS for p in PLACEMENTS for g in GRAD_MODES]

@@ -274,3 +274,18 @@ def test_transformers_models_train_and_generate(name):
     assert grads.keys() == expected.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], expected[n], rtol=1e-4, atol=1e-4)
+
+
+def test_a_parameter_rebuilt_from_its_own_type_stays_a_parameter_on_the_device():
+    # accelerate's offload rebuilds parameters as type(param)(value, requires_grad=...)
+    with EmulatedCuda():
+        layer = torch.nn.Linear(3, 2).to("cuda")
+        old = layer.weight
+        rebuilt = type(old)(torch.ones(2, 3, device="cuda"), requires_grad=False)
+        assert isinstance(rebuilt, EmulatedTensor) and isinstance(rebuilt, torch.nn.Parameter)
+        assert str(rebuilt.device) == "cuda:0" and not rebuilt.requires_grad
+        layer.weight = type(old)(rebuilt.detach() * 2, requires_grad=True)
+        out = layer(torch.ones(1, 3, device="cuda"))
+        assert out.device.type == "cuda" and out.cpu().tolist()[0][0] == pytest.approx(
+            6 + layer.bias[0].item()
+        )

@@ -132,7 +132,12 @@ class EmulatedTensor(torch.Tensor):
     data_cpu: torch.Tensor
 
     @staticmethod
-    def __new__(cls, data: torch.Tensor, device: torch.device):
+    def __new__(cls, data: torch.Tensor, device: torch.device | None = None, requires_grad=None):
+        if device is None:
+            # Called as a parameter's type: a parameter over an emulated tensor is an
+            # EmulatedTensor, and code that rebuilds parameters calls `type(param)(value,
+            # requires_grad=...)` (accelerate's offload does), which is nn.Parameter's signature.
+            return torch.nn.Parameter(data, requires_grad=True if requires_grad is None else requires_grad)
         r = torch.Tensor._make_wrapper_subclass(
             cls,
             data.size(),

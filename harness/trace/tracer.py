@@ -1130,7 +1130,10 @@ def _non_blocking(info: _OpInfo, args, kwargs) -> bool:
 def _offloading_hook(frame) -> str | None:
     """ "offload" when an offloading hook (accelerate's `AlignDevicesHook`) is moving a module's
     weights in or out (`set_module_tensor_to_device`), "boundary" when it moves the module's
-    inputs or outputs to its execution device; None when no such hook is on the stack."""
+    inputs or outputs to its execution device; None when no such hook made the copy. A copy
+    that a module's own code makes (its forward runs inside the hook's `new_forward`) is the
+    module's, not the hook's: the innermost frame that is neither torch's nor the tracer's must
+    be accelerate's."""
     weights = False
     while frame is not None:
         code = frame.f_code
@@ -1140,6 +1143,8 @@ def _offloading_hook(frame) -> str | None:
                 weights = True
             elif filename.endswith("/accelerate/hooks.py"):
                 return "offload" if weights else "boundary"
+        elif _is_model_code(code.co_filename):
+            return None  # the module's own code (or a user's) made this copy
         frame = frame.f_back
     return None
 
