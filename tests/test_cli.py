@@ -278,6 +278,8 @@ def test_trace_writes_with_out_and_the_old_json_file_spelling_is_explained(files
     code, text, _ = call(["trace", str(files["tiny"]), "--device", "emulated", "-o", str(out)])
     assert code == 0 and text.startswith("trace: clean, ") and text.rstrip().endswith(f"-> {out}")
     assert out.is_file()
+    header = json.loads(out.read_text().splitlines()[0])
+    assert header["command"] == f"harness trace {files['tiny']} --device emulated -o {out}"
     code, _, err = call(["trace", str(files["tiny"]), "--json", str(out)])
     assert code == 2
     assert err == (

@@ -14,6 +14,7 @@ holds the model options and loads the model.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -87,6 +88,7 @@ def _run(argv: Sequence[str]) -> int:
         commands = ", ".join(parser.commands)
         raise UsageError(None, None, f"no command given; one of: {commands} (harness --help says more)")
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["harness", *argv])  # as typed, for headers and reports
     if hasattr(args, "model_option"):
         from harness.cli.loading import resolve_model
 

@@ -79,7 +79,7 @@ def cmd_trace(args) -> int:
         header = {
             "prompt_tokens": prompt,
             "decode": args.decode,
-            "command": "harness trace",
+            "command": getattr(args, "command_line", "harness trace"),
             "fault": args.fault,
         }
         tracer = Tracer(model, path=trace_path, sample_every=args.sample_every, header=header, routing=True)
