@@ -1127,18 +1127,24 @@ def _non_blocking(info: _OpInfo, args, kwargs) -> bool:
     return at is not None and len(args) > at and args[at] is True
 
 
+_INTERPOSERS = frozenset(("__torch_function__", "__torch_dispatch__"))
+
+
 def _offloading_hook(frame) -> str | None:
     """ "offload" when an offloading hook (accelerate's `AlignDevicesHook`) is moving a module's
     weights in or out (`set_module_tensor_to_device`), "boundary" when it moves the module's
     inputs or outputs to its execution device; None when no such hook made the copy. A copy
     that a module's own code makes (its forward runs inside the hook's `new_forward`) is the
     module's, not the hook's: the innermost frame that is neither torch's nor the tracer's must
-    be accelerate's."""
+    be accelerate's. Frames of `__torch_function__`/`__torch_dispatch__` handlers (a mode or a
+    tensor subclass of anyone's) only pass the call on, so they are skipped."""
     weights = False
     while frame is not None:
         code = frame.f_code
         filename = code.co_filename.replace(os.sep, "/")
-        if "/accelerate/" in filename:
+        if code.co_name in _INTERPOSERS:
+            pass
+        elif "/accelerate/" in filename:
             if code.co_name == "set_module_tensor_to_device":
                 weights = True
             elif filename.endswith("/accelerate/hooks.py"):
