@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFValueType
 
 from harness.errors import GGUFFormatError, GGUFMetadataError, GGUFTensorError, UnsupportedTypeError, shown
+from harness.paths import check_input_file
 from harness.quant.qtensor import QTensor
 from harness.quant.types import F16_FIELDS, FLOAT_TYPES, SUPPORTED_TYPES, GGMLType, type_size
 
@@ -239,17 +239,7 @@ def _pad(n: int, alignment: int) -> int:
 def _check_size_and_kind(path: str) -> int:
     """The size of `path`, a regular file; anything else (absent, a folder, a FIFO, a device) is
     refused before it is opened, so nothing blocks or reads without end."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise GGUFFormatError(
-            path,
-            None,
-            "no such file" if isinstance(exc, FileNotFoundError) else f"cannot read: {exc.strerror}",
-        ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise GGUFFormatError(path, None, "not a regular file (a folder, FIFO or device)")
-    return st.st_size
+    return check_input_file(path, error=GGUFFormatError).stat().st_size
 
 
 class _GGUF:

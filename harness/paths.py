@@ -4,18 +4,19 @@ Only regular files are read or written: a FIFO blocks its reader (and its writer
 opens the other end, and a device such as `/dev/zero` never ends. An output goes into a folder
 that exists already: a mistyped folder is an error, never created behind the user's back.
 An empty name is refused. Each check raises `UsageError` naming the path (and the flag or field
-that gave it, when the caller says which), as one line.
+that gave it, when the caller says which), as one line; a reader of one kind of file (GGUF,
+YAML, traces) passes its own `HarnessError` subclass as `error`.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from harness.errors import UsageError
+from harness.errors import HarnessError, UsageError
 
 
 def _kind(mode: int) -> str | None:
@@ -33,10 +34,12 @@ def _kind(mode: int) -> str | None:
     return "not a regular file"
 
 
-def _error(path: str | os.PathLike, field: str | None, problem: str) -> UsageError:
+def _error(
+    path: str | os.PathLike, field: str | None, problem: str, error: Callable[..., HarnessError] = UsageError
+) -> HarnessError:
     if field is None:
-        return UsageError(path, None, problem)
-    return UsageError(None, field, f"{os.fspath(path)}: {problem}")
+        return error(path, None, problem)
+    return error(None, field, f"{os.fspath(path)}: {problem}")
 
 
 def _nonempty(path: str | os.PathLike | None, field: str | None) -> None:
@@ -45,21 +48,30 @@ def _nonempty(path: str | os.PathLike | None, field: str | None) -> None:
 
 
 def check_input_file(
-    path: str | os.PathLike, field: str | None = None, *, max_bytes: int | None = None
+    path: str | os.PathLike,
+    field: str | None = None,
+    *,
+    max_bytes: int | None = None,
+    what: str = "file",
+    error: Callable[[str | os.PathLike | None, str | None, str], HarnessError] = UsageError,
 ) -> Path:
-    """`path` as a Path if it is a regular file (symlinks followed) of at most `max_bytes`."""
+    """`path` as a Path if it is a regular file (symlinks followed) of at most `max_bytes`;
+    `error` (naming the path, and `field` where given) otherwise. `what` names the file in
+    "no such ..."."""
     _nonempty(path, field)
     try:
         st = os.stat(path)  # stat never opens, so a FIFO cannot block here
     except FileNotFoundError:
-        raise _error(path, field, "no such file") from None
+        raise _error(path, field, f"no such {what}", error) from None
     except OSError as exc:
-        raise _error(path, field, f"cannot read it ({exc.strerror or exc})") from None
+        raise _error(path, field, f"cannot read it ({exc.strerror or exc})", error) from None
     kind = _kind(st.st_mode)
     if kind is not None:
-        raise _error(path, field, f"is {kind}, not a regular file")
+        raise _error(path, field, f"is {kind}, not a regular file", error)
     if max_bytes is not None and st.st_size > max_bytes:
-        raise _error(path, field, f"is {st.st_size} bytes, more than the {max_bytes} this reader takes")
+        raise _error(
+            path, field, f"is {st.st_size} bytes, more than the {max_bytes} this reader takes", error
+        )
     return Path(path)
 
 

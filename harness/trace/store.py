@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from harness.errors import UsageError, shown
+from harness.paths import check_input_file
 from harness.trace.events import Event, Summary
 
 FORMAT = "harness-trace/1"
@@ -223,19 +223,7 @@ class Trace:
     longer than `MAX_LINE_BYTES`; every malformed line is a UsageError naming the file and line."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise UsageError(self.path, None, "no such trace file") from None
-        except OSError as exc:
-            raise UsageError(self.path, None, f"cannot read: {exc.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(self.path, None, "not a regular file (a folder, FIFO or device)")
-        if st.st_size > MAX_TRACE_BYTES:
-            raise UsageError(
-                self.path, None, f"{st.st_size} bytes, more than a trace may hold ({MAX_TRACE_BYTES})"
-            )
+        self.path = check_input_file(path, max_bytes=MAX_TRACE_BYTES, what="trace file")
         with open(self.path, "rb") as f:
             first = self._read_line(f, 1)
         if not first.strip():
