@@ -152,7 +152,9 @@ def clean_runs(backend: str, n: int, models: list[str], placements: list[str], m
             results.append(trace_run(name, placement, mode, seed=seed, tokens=tokens))
 
     one()
-    false_positives = [r for r in results if not r.crashed and r.error is None and r.verdict != "clean"]
+    # A run whose only offences are KNOWN_FINDINGS (a library's own real upload) is clean here.
+    false_positives = [r for r in results if not r.crashed and r.error is None and not r.clean]
+    known = [r for r in results if r.clean and r.known]
     errors = [r for r in results if r.error is not None and not r.crashed]
     crashed = [r for r in results if r.crashed]
     by_model = {}
@@ -166,6 +168,8 @@ def clean_runs(backend: str, n: int, models: list[str], placements: list[str], m
         "runs": len(results),
         "clean": sum(r.clean for r in results),
         "false_positives": len(false_positives),
+        "clean_with_known_findings": len(known),
+        "known_findings": dict(Counter(k for r in known for k in r.known)),
         "errors": len(errors),
         "crashed": len(crashed),
         "by_model": {k: dict(v) for k, v in by_model.items()},

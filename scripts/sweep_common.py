@@ -101,7 +101,7 @@ def traced(module, call: Callable[[], BaseException | None]) -> dict:
     """Runs `call()` (which calls `module`, catching what it raises) under a Tracer of `module`, on
     the emulation: {"emulated": the call's verdict, "tracer": whether the tracer's own rule
     (`classify.refused` on the devices it recorded), or a device error it saw come out before any
-    aten op, refuses it}."""
+    aten op, refuses it; "error" where the call raised something else and nothing was refused}."""
     from harness.trace import Tracer
     from harness.trace.classify import refused
     from harness.trace.events import RAISED
@@ -109,10 +109,16 @@ def traced(module, call: Callable[[], BaseException | None]) -> dict:
     with Tracer(module, keep_events=True) as tracer:
         exc = call()
     seen = [e for e in tracer.events if refused(e) or e.op == RAISED]
-    return {
-        "emulated": verdict(exc),
-        "tracer": ("refuses" if seen else "accepts", f"{seen[0].op} refused" if seen else None),
-    }
+    emulated = verdict(exc)
+    if seen:
+        judged = ("refuses", f"{seen[0].op} refused")
+    elif emulated[0] == "error":
+        # The call broke for another reason (autograd refusing an input that requires grad, say):
+        # a traced run that raised is never judged "accepts".
+        judged = ("error", f"not judged: {emulated[1]}")
+    else:
+        judged = ("accepts", None)
+    return {"emulated": emulated, "tracer": judged}
 
 
 def worker_loop(items: list, start: int, part: str, sweep_one: Callable, name: Callable = str) -> int:

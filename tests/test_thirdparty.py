@@ -84,6 +84,12 @@ def test_generic_fault_is_found_at_its_module(model, placement, mode, fault):
     if result.no_site:
         pytest.skip(result.error)
     assert not result.crashed, result.describe()
-    assert result.fired, f"the fault never acted: {result.describe()}"
     assert result.first is not None, result.describe()
-    assert (result.first[0], result.first[1]) == (result.expected_class, result.at), result.describe()
+    assert result.located, result.describe()
+    if result.fired:
+        assert result.first[0] == result.expected_class, result.describe()
+    else:
+        # The module's forward never ran (nn.TransformerEncoderLayer's fast path on real CUDA
+        # reads its attention weights itself): what the fault left in place is found instead,
+        # its weight parked on the CPU.
+        assert fault == "weight-uploaded-per-call" and result.first[0] == "mismatch", result.describe()

@@ -144,3 +144,31 @@ def test_cpu_scalar_ops_are_nocheck_in_native_functions():
     # The composites have no kernel of their own that a device check could wrap.
     for op in composites:
         assert kernels[op] and all(k.startswith("Composite") for k in kernels[op]), (op, kernels[op])
+
+
+@pytest.mark.parametrize(
+    "message, device_error",
+    [
+        # Real CUDA's messages, seen on an H100 (torch 2.11) by the module-database sweep.
+        ("Input type (torch.cuda.FloatTensor) and weight type (torch.FloatTensor) should be the same", True),
+        (
+            "Input type (torch.FloatTensor) and bias type (torch.cuda.FloatTensor) should be the same or ...",
+            True,
+        ),
+        ("iter.device(arg).is_cuda() INTERNAL ASSERT FAILED at aten/src/ATen/native/cuda/Loops.cuh", True),
+        ("Could not run 'aten::slow_conv3d_forward' with arguments from the 'CUDA' backend.", True),
+        # The same legacy message for dtypes on one device is not about devices.
+        (
+            "Input type (torch.cuda.HalfTensor) and weight type (torch.cuda.FloatTensor) should be the same",
+            False,
+        ),
+        ("Input type (torch.FloatTensor) and weight type (torch.HalfTensor) should be the same", False),
+        ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", False),
+    ],
+)
+def test_device_errors_are_told_from_other_errors(message, device_error):
+    from harness.trace.classify import is_device_error
+    from harness.trace.conformance import is_refusal
+
+    assert is_device_error(message) is device_error
+    assert is_refusal(RuntimeError(message)) is device_error

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from harness.model.generate import generate
 from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Mixtral, MoE
+from harness.quant import fused
 from harness.synth import synthesize
 from harness.trace import ALLOWED, CLEAN, DIRTY, ERROR, MISMATCH, OK, STRAY, SYNC, TRANSFER, Tracer
 
@@ -93,7 +94,8 @@ def test_clean_run_on_the_accelerator(model, on):
     assert len(out.tokens) == 3
     assert s.verdict == CLEAN and s.first_offence is None
     assert s.counts[MISMATCH] == s.counts[STRAY] == s.counts[SYNC] == s.counts[TRANSFER] == 0
-    assert s.counts[OK] > 1000
+    # It saw the model's ops: the torch path runs ~1,400; the fused kernels (real CUDA) ~450.
+    assert s.counts[OK] > (300 if fused.runs_on(torch.device(on.device)) else 1000)
     # The token upload and the reads of each chosen id are the edges of the run.
     upload = [t for t in s.transfers if t["from"] == "cpu"]
     assert upload == [
@@ -127,7 +129,7 @@ def test_clean_run_on_the_cpu(tiny_path):
 
 
 def test_weights_are_named_where_they_are_read(model, on):
-    with Tracer(model, keep_events=True) as tracer:
+    with fused.disabled(), Tracer(model, keep_events=True) as tracer:  # the torch path
         model(_tokens(), 0)  # prefill: the dense expert path (one expert at a time)
         model(torch.tensor([7], device=on.device), 3)  # decode: the gather path
     names: dict[str, set] = {}
@@ -145,6 +147,22 @@ def test_weights_are_named_where_they_are_read(model, on):
     # Sources point into the model code.
     router_ops = [ev for ev in tracer.events if ev.module == "layers.0.moe.router"]
     assert any(ev.source.startswith("harness/quant/qmatmul.py:") for ev in router_ops)
+
+
+def test_fused_kernels_are_one_op_that_names_its_weights(model, on):
+    if not fused.runs_on(torch.device(on.device)):
+        pytest.skip("the fused kernels run on real CUDA (and on the CPU under Triton's interpreter)")
+    with Tracer(model, keep_events=True) as tracer:
+        model(_tokens(), 0)
+    experts = [ev for ev in tracer.events if ev.module == "layers.0.moe.experts"]
+    moe = [ev for ev in experts if "moe_ffn" in ev.op]
+    assert len(moe) == 1, [ev.op for ev in experts]  # all chosen experts of the layer, one launch
+    assert {f"blk.0.ffn_{p}.{e}.weight" for p in ("gate", "up", "down") for e in range(4)} <= set(
+        moe[0].tensors
+    )
+    wq = [ev for ev in tracer.events if ev.module == "layers.0.attn.wq"]
+    assert [ev.tensors for ev in wq if "qmatmul" in ev.op] == [("blk.0.attn_q.weight",)]
+    assert tracer.summary.verdict == CLEAN
 
 
 # -- mismatch -------------------------------------------------------------------------------------

@@ -154,7 +154,12 @@ _DEVICE_ERROR = re.compile(
     r"same device|expected device|at least two devices|different from other tensors|"
     r"on the current device|Expected object of device|to be on (?:the )?(?:same )?device|"
     r"device mismatch|on different devices|indices should be either on|CPU scalars to non-CPU kernel|"
-    r"expected self and mask|device type for generator",
+    r"expected self and mask|device type for generator|"
+    # Legacy checks (convolutions) name tensor types: one CUDA type against one CPU type.
+    r"\(torch\.cuda\.\w+\) and \w+ type \(torch\.(?!cuda\.)\w+\)|"
+    r"\(torch\.(?!cuda\.)\w+\) and \w+ type \(torch\.cuda\.\w+\)|"
+    # A kernel's own device assertion, and a CUDA tensor reaching an op with no CUDA kernel.
+    r"is_cuda\(\) INTERNAL ASSERT|with arguments from the 'CUDA' backend",
     re.IGNORECASE,
 )
 

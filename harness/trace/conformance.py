@@ -28,7 +28,6 @@ CPU indices moved), `_index_put_impl_` (indices moved, 0-dim value moved), `copy
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.trace import emulated
+from harness.trace.classify import is_device_error
 
 ACCEPTS, REFUSES, UNSUPPORTED, ERROR = "accepts", "refuses", "unsupported", "error"
 BACKENDS = ("cuda", "emulated", "cpu")
@@ -46,18 +46,12 @@ INFERENCE, NO_GRAD, GRAD = "inference_mode", "no_grad", "grad"
 GRAD_MODES = (INFERENCE, NO_GRAD, GRAD)
 PLACES = ("gpu", "gpu1", "cpu")
 
-# What a refusal for devices says (CUDA's messages, and the emulation's, which copy them).
-_REFUSAL = re.compile(
-    r"same device|at least two devices|different from other tensors|indices should be either on|"
-    r"expected device|Expected inputs to be on same device|CPU scalars to non-CPU kernel|"
-    r"expected self and mask to be on the same device|on the current device",
-    re.IGNORECASE,
-)
-
-
 def is_refusal(exc: BaseException) -> bool:
-    """Whether an exception is the backend refusing operands on different devices."""
-    return isinstance(exc, (RuntimeError, IndexError, ValueError)) and bool(_REFUSAL.search(str(exc)))
+    """Whether an exception is the backend refusing operands on different devices (the one
+    recognizer of device errors, `classify.is_device_error`, on the exception types backends use)."""
+    return isinstance(exc, (RuntimeError, IndexError, ValueError, NotImplementedError)) and is_device_error(
+        str(exc)
+    )
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
