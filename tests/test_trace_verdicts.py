@@ -408,18 +408,54 @@ def test_the_models_own_forward_may_hand_its_result_to_the_host(dev):
             self.round_trip = round_trip
 
         def forward(self, x):
-            out = self.mlp(x).cpu()  # the result, downloaded: the run's edge
-            return out.to(x.device) * 2 if self.round_trip else out
+            out = self.mlp(x).cpu()  # the result, downloaded: the run's edge ...
+            return out.to(x.device) * 2 if self.round_trip else out  # ... unless computed on again
 
     x = torch.randn(3, 8).to(dev)
-    for round_trip, verdict in ((False, CLEAN), (True, DIRTY)):
+    for round_trip, verdict, why in ((False, CLEAN, "output"), (True, DIRTY, None)):
         model = Wrapper(round_trip).to(dev).requires_grad_(False)
         with torch.no_grad(), Tracer(model) as tracer:
             model(x)
         s = tracer.summary
         assert s.verdict == verdict, s.verdict.explanation
-        assert [(t["to"], t["why"]) for t in s.transfers if t["from"] == "cuda:0"] == [("cpu", "output")]
-    assert (s.first_offence["class"], s.first_offence["transfer"]["to"]) == (TRANSFER, "cuda:0")
+        assert [(t["to"], t["why"]) for t in s.transfers if t["from"] == "cuda:0"] == [("cpu", why)]
+    # The download was no result: it was read again in the forward (the host waited for it).
+    assert (s.first_offence["class"], s.first_offence["transfer"]["to"]) == (SYNC, "cpu")
+    assert s.counts[TRANSFER] == 1  # and the upload back
+
+
+def test_a_module_left_on_the_cpu_that_moves_activations_to_it_and_back_is_found(dev):
+    """candle#1815's shape in any model, made silent: the router's weights stay on the host and
+    the code moves activations to them and back, so CUDA never refuses. Nothing declares such a
+    split: the inferred placement allows a one-way split only."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.router, self.down = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.up(x)
+            r = self.router(h.to(self.router.weight.device)).to(h.device)
+            return self.down(h) + r.sum(-1, keepdim=True)
+
+    model = Block().to(dev).requires_grad_(False)
+    model.router.to("cpu")
+    for mode in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+        with mode(), Tracer(model) as tracer:
+            model(torch.randn(2, 8, device=dev))
+        f = tracer.summary.first_offence
+        assert (f["class"], f["module"], f["transfer"]["from"], f["transfer"]["to"]) == (
+            TRANSFER,
+            "",
+            "cpu",
+            "cuda:0",
+        )
+        assert "self.router(h.to(self.router.weight.device)).to(h.device)" in f["code"]
+    # Declared, the same split is allowed.
+    with torch.no_grad(), Tracer(model, placement={"": dev, "router": "cpu"}) as tracer:
+        model(torch.randn(2, 8, device=dev))
+    assert tracer.summary.verdict == CLEAN, tracer.summary.verdict.explanation
 
 
 def test_reading_an_input_back_to_the_host_is_a_sync(dev):

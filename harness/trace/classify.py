@@ -252,6 +252,11 @@ class Classifier:
     def __init__(self, placement=None, allow_transfers=None):
         self.placement = placement
         self.allow = allowance(allow_transfers)
+        self._left: set[str] = set()  # devices activations left at boundaries, this forward call
+
+    def begin_call(self) -> None:
+        """A new forward call of the model begins (boundaries are judged per call)."""
+        self._left = set()
 
     def why_allowed(self, event: Event, src: str, dst: str) -> str | None:
         """Why a copy across devices is declared (the transfer's "why"), or None when nothing
@@ -286,11 +291,17 @@ class Classifier:
         placement = self.placement
         if placement is None:
             return True  # no expectations: an activation may go anywhere
+        if not placement.declared and dst in self._left:
+            # Where weights happen to be declares a split only one way: activations that come
+            # back to a device they left in this call go back and forth (a router left on the
+            # CPU between layers on the GPU, say). Give `placement=` to declare such a map.
+            return False
         own = placement.device_of(module)
         path = module
         while True:
             devices = placement.devices_under(path)
             if len(devices) > 1 and src in devices and dst in devices and (path == module or dst == own):
+                self._left.add(src)
                 return True
             if not path:
                 return False

@@ -46,6 +46,7 @@ INFERENCE, NO_GRAD, GRAD = "inference_mode", "no_grad", "grad"
 GRAD_MODES = (INFERENCE, NO_GRAD, GRAD)
 PLACES = ("gpu", "gpu1", "cpu")
 
+
 def is_refusal(exc: BaseException) -> bool:
     """Whether an exception is the backend refusing operands on different devices (the one
     recognizer of device errors, `classify.is_device_error`, on the exception types backends use)."""

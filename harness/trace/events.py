@@ -146,7 +146,8 @@ class Event:
         # The devices a device error names, for an error raised before any aten op (RAISED).
         self.named_devices: list[str] | None = None
         # For a copy: "input" when it copies the run's input, "weight" a parameter or buffer of
-        # the model (or a view of one), else None; `hook` "offload" or "boundary" when an
+        # the model (or a view of one), "reused" a copy to the host in the model's own forward
+        # that an op of that forward read again (not its result handed over), else None; `hook` "offload" or "boundary" when an
         # offloading hook (accelerate's) made it. Set by the tracer, not written.
         self.role: str | None = None
         self.hook: str | None = None

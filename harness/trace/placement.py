@@ -13,7 +13,10 @@ gives:
   where all of its submodules' are, or else where its parent is expected; a module under an
   offloading hook (accelerate's `dispatch_model` / `device_map="auto"`: its weights wait on the
   CPU, on disk or on `meta` and are moved in for each call) is expected on the hook's execution
-  device;
+  device. An inferred placement declares a split one way only: where nothing else declares it
+  (no `placement=`, no model placement, no offloading hook making the copy), an activation
+  copied back to a device it left in the same forward call is a `transfer` (a router left on
+  the CPU whose code moves activations to it and back, say);
 - `{}`: no expectations (no op is stray).
 """
 
@@ -49,8 +52,11 @@ def execution_device(module: torch.nn.Module) -> str | None:
 class ModulePlacement:
     """Module-path prefix -> expected device (a str), for any `nn.Module`."""
 
-    def __init__(self, prefixes: Mapping[str, str], modules: list[str] | None = None):
+    def __init__(self, prefixes: Mapping[str, str], modules: list[str] | None = None, declared: bool = True):
         self.prefixes = dict(prefixes)
+        # Given by the user or the model (a device map), not inferred from where weights are:
+        # an inferred split is a boundary one way only (see `Classifier._at_boundary`).
+        self.declared = declared
         self._cache: dict[str, str | None] = {}
         self._under: dict[str, frozenset[str]] = {}
         self._modules = modules  # every module path of the model, when known
@@ -106,7 +112,7 @@ class ModulePlacement:
                 continue  # no tensors at all: where its parent is (the longest prefix)
             else:
                 prefixes[path] = ""  # several devices: no single expectation
-        return cls(prefixes, list(named))
+        return cls(prefixes, list(named), declared=False)
 
     def device_of(self, path: str | None) -> str | None:
         """The device a module is expected on, by its path; None where there is no single one."""

@@ -418,6 +418,9 @@ class Tracer(TorchDispatchMode):
         self._seen_errors: set[int] = set()  # ids of exceptions already recorded
         self._routing_record: dict | None = None
         self._inputs: dict[int, weakref.ref] = {}  # the tensors of the current forward call's arguments
+        # Copies to the host in the model's own forward, held until it returns: its result handed
+        # to the host ("output") unless an op of the same forward reads the copy again.
+        self._held: dict[int, tuple[weakref.ref, Event]] = {}
         self._error: dict | None = None  # an error (not a device error) that the run raised
         self._last_error: tuple[int, dict] | None = None  # the latest one seen leaving a module
         self._hooked = False  # whether some module has an offloading hook (accelerate's)
@@ -556,6 +559,8 @@ class Tracer(TorchDispatchMode):
         try:
             if exc is not None:
                 self._escaped(exc)  # (raised outside every module of the model, if not recorded yet)
+            if self._held:
+                self._release_held()
             if self._mode_popped:
                 _push_mode(self)
                 self._mode_popped = False
@@ -624,6 +629,7 @@ class Tracer(TorchDispatchMode):
         step = self._calls
         self._calls += 1
         self._step = step
+        self.classifier.begin_call()
         if step % self.sample_every == 0:
             self._steps_traced += 1
             if self._skipping:
@@ -641,6 +647,8 @@ class Tracer(TorchDispatchMode):
             exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except` when forward raised
             if exc is not None:
                 self._escaped(exc)
+        if self._held:
+            self._release_held()
         if not self._skipping:
             self._sweep_weights()
             if self._writer is not None:
@@ -732,6 +740,8 @@ class Tracer(TorchDispatchMode):
         if not self._recording:
             self._unrecorded += 1
             return func(*args, **kwargs) if kwargs else func(*args)
+        if self._held:
+            self._release_reused(args, kwargs)
         info = self._ops.get(id(func))  # ops live for ever; OpOverload.__hash__ is slow Python
         if info is None:
             info = self._ops[id(func)] = _OpInfo(func)
@@ -835,8 +845,31 @@ class Tracer(TorchDispatchMode):
             ev.waits = False  # a non-blocking copy to the host lands in pinned memory, asynchronously
         if info.copies and module is not None:
             self._copy_roles(ev, info, args, kwargs)
+            if module == "" and isinstance(out, Tensor) and out.device.type == "cpu":
+                cls = self.classifier.classify(ev)
+                if ev.transfer is not None and ev.transfer.get("why") == "output":
+                    self._held[id(out)] = (weakref.ref(out), ev)
+                    return out
+                self._finish(ev, cls)
+                return out
         self._finish(ev)
         return out
+
+    def _release_reused(self, args, kwargs) -> None:
+        """An op reads a held copy to the host: it was not the forward's result but an activation
+        taken to the host and computed on (a transfer, unless something else declares it)."""
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            for t in a if a.__class__ in _SEQUENCES else (a,):
+                held = self._held.pop(id(t), None) if isinstance(t, Tensor) else None
+                if held is not None and held[0]() is t:
+                    held[1].role = "reused"
+                    self._finish(held[1])
+
+    def _release_held(self) -> None:
+        """The forward returned: what is still held was its result, handed to the host."""
+        held, self._held = self._held, {}
+        for _, ev in held.values():
+            self._finish(ev)
 
     def _copy_roles(self, ev: Event, info: _OpInfo, args, kwargs) -> None:
         """For an op that may copy across devices: whether what it copies is the run's input or a
@@ -978,8 +1011,9 @@ class Tracer(TorchDispatchMode):
         ev.named_devices = list(dict.fromkeys(named))
         self._finish(ev, stack=_stack_text(frames))
 
-    def _finish(self, ev: Event, stack: list[str] | None = None) -> None:
-        cls = self.classifier.classify(ev)
+    def _finish(self, ev: Event, cls: str | None = None, stack: list[str] | None = None) -> None:
+        if cls is None:
+            cls = self.classifier.classify(ev)
         self._counts[cls] += 1
         if cls in OFFENDING:
             if self._stacks_kept < self.max_stacks:
