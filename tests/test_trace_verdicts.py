@@ -764,3 +764,15 @@ def test_yaml_cases_declare_allowed_transfers(tmp_path):
         parse_case(CASE % "layers.0", "c.yaml")
     with pytest.raises(CaseError, match=r"c.yaml:5: allow_transfers.*the model has no module of that path"):
         run_case(parse_case(CASE % "[layers.9]", "c.yaml"), out_dir=tmp_path, cache_dir=tmp_path)
+
+
+def test_a_refused_op_that_reads_several_weights_names_the_ones_on_the_wrong_device(dev):
+    """A bias on the device and its weight left behind: the refused addmm reads both, and the
+    offence names the one on the other device (as a fused op's many weights, e.g. the encoder
+    layer's fast path on CUDA, name the culprit)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).to(dev).requires_grad_(False)
+    model[1].weight.data = model[1].weight.data.cpu()
+    with torch.no_grad(), Tracer(model, placement=dev) as tracer, pytest.raises(RuntimeError):
+        model(torch.randn(2, 8, device=dev))
+    f = tracer.summary.first_offence
+    assert (f["class"], f["module"], f["tensor"]) == (MISMATCH, "1", "1.weight")

@@ -793,6 +793,8 @@ class Tracer(TorchDispatchMode):
         try:
             out = info.call(*args, **kwargs) if kwargs else info.call(*args)
         except BaseException as exc:
+            if names is not None and len(names) > 1 and is_device_error(str(exc)):
+                names = self._names_elsewhere(args, kwargs, inputs) or names
             ev = Event(seq, self._step, info.name, module, expected, names, source, list(inputs))
             ev.error = _error_text(exc)
             if info.copy_to:
@@ -854,6 +856,25 @@ class Tracer(TorchDispatchMode):
                 return out
         self._finish(ev)
         return out
+
+    def _names_elsewhere(self, args, kwargs, inputs) -> tuple[str, ...] | None:
+        """For an op refused for devices that reads many weights (a fused op, as the encoder
+        layer's fast path): the names of the weights on a device that the op's other operands
+        are not on (the device fewest operands are on), so the offence names the culprits."""
+        counts: dict[str, int] = {}
+        for spec in inputs:
+            counts[spec.device] = counts.get(spec.device, 0) + 1
+        if len(counts) < 2:
+            return None
+        odd = min(counts, key=counts.get)
+        found: list[str] = []
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            for t in a if a.__class__ in _SEQUENCES else (a,):
+                if isinstance(t, Tensor) and str(t.device) == odd:
+                    entry = self._weights.get(id(t))
+                    if entry is not None and entry[0]() is t:
+                        found.extend(entry[1])
+        return tuple(found) or None
 
     def _release_reused(self, args, kwargs) -> None:
         """An op reads a held copy to the host: it was not the forward's result but an activation
