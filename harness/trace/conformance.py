@@ -50,7 +50,8 @@ PLACES = ("gpu", "gpu1", "cpu")
 _REFUSAL = re.compile(
     r"same device|at least two devices|different from other tensors|indices should be either on|"
     r"expected device|Expected inputs to be on same device|CPU scalars to non-CPU kernel|"
-    r"expected self and mask to be on the same device|on the current device",
+    r"expected self and mask to be on the same device|on the current device|"
+    r"should be a 1D CPU int64 tensor",
     re.IGNORECASE,
 )
 
@@ -736,6 +737,22 @@ ROWS: tuple[Row, ...] = (
         A,
         COPY,
         out="cpu",
+    ),
+    # -- host arguments: packed sequences read their lengths on the host (checkLongTensor)
+    Row(
+        "_pack_padded_sequence",
+        {"x": f32("gpu", 2, 3, 4), "lengths": longs("cpu", [3, 2])},
+        lambda x, lengths: torch._VF._pack_padded_sequence(x, lengths, True)[0],
+        A,
+        "lengths on the host, as the API wants them",
+        out="gpu",
+    ),
+    Row(
+        "_pack_padded_sequence",
+        {"x": f32("gpu", 2, 3, 4), "lengths": longs("gpu", [3, 2])},
+        lambda x, lengths: torch._VF._pack_padded_sequence(x, lengths, True)[0],
+        R,
+        "checkLongTensor: 'lengths' must be a 1D CPU int64 tensor, whatever the data's device",
     ),
 )
 
