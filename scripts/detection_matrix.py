@@ -180,11 +180,12 @@ def clean_runs(backend: str, n: int, models: list[str], placements: list[str], m
     }
 
 
-def _table(title: str, tally: dict[str, dict[str, int]]) -> str:
+def table(title: str, tally: dict[str, dict[str, int]], columns: tuple[str, ...] = COLUMNS) -> str:
+    """Counts as a text table: a row per key, a column per count."""
     width = max([len(title), *map(len, tally)])
-    lines = [f"{title:<{width}}  " + "  ".join(f"{c:>11}" for c in COLUMNS)]
+    lines = [f"{title:<{width}}  " + "  ".join(f"{c:>12}" for c in columns)]
     for key, c in tally.items():
-        lines.append(f"{key:<{width}}  " + "  ".join(f"{c[col]:>11}" for col in COLUMNS))
+        lines.append(f"{key:<{width}}  " + "  ".join(f"{c[col]:>12}" for col in columns))
     return "\n".join(lines)
 
 
@@ -241,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"generic faults x third-party models x placements x grad modes on {device}:")
     for key in ("fault", "model", "placement", "mode"):
-        print(_table(key, matrix[f"by_{key}"]))
-    print(_table("total", {"all": matrix["total"]}) if matrix["total"] else "no runs")
+        print(table(key, matrix[f"by_{key}"]))
+    print(table("total", {"all": matrix["total"]}) if matrix["total"] else "no runs")
     if clean is not None:
         print(
             f"clean runs drawn by hypothesis: {clean['runs']}, clean {clean['clean']}, "

@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from harness import faults
-from tests.thirdparty import GRAD_MODES, MODELS, PLACEMENTS, trace_run
+from tests.thirdparty import GRAD_MODES, MODELS, PLACEMENTS, one_thread, trace_run  # noqa: F401
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("one_thread")]
 
 
 EMULATED = not torch.cuda.is_available()  # a `cuda` test runs on the emulated accelerator
@@ -56,14 +56,6 @@ FAULTS = [_param(m, "cuda", "inference_mode", f, fault=f) for m in MODELS for f 
 def _needs_devices(placement: str) -> None:
     if placement == "split" and torch.cuda.device_count() < 2:
         pytest.skip("the split placement needs two CUDA devices")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("model, placement, mode", CLEAN)

@@ -408,20 +408,25 @@ def test_the_models_own_forward_may_hand_its_result_to_the_host(dev):
             self.round_trip = round_trip
 
         def forward(self, x):
-            out = self.mlp(x).cpu()  # the result, downloaded: the run's edge ...
-            return out.to(x.device) * 2 if self.round_trip else out  # ... unless computed on again
+            out = self.mlp(x).cpu()  # the result, downloaded: the run's edge if it is returned
+            return out.to(x.device) * 2 if self.round_trip else {"logits": out.float() * 2}
 
     x = torch.randn(3, 8).to(dev)
-    for round_trip, verdict, why in ((False, CLEAN, "output"), (True, DIRTY, None)):
-        model = Wrapper(round_trip).to(dev).requires_grad_(False)
-        with torch.no_grad(), Tracer(model) as tracer:
-            model(x)
-        s = tracer.summary
-        assert s.verdict == verdict, s.verdict.explanation
-        assert [(t["to"], t["why"]) for t in s.transfers if t["from"] == "cuda:0"] == [("cpu", why)]
-    # The download was no result: it was read again in the forward (the host waited for it).
+    model = Wrapper(False).to(dev).requires_grad_(False)
+    with torch.no_grad(), Tracer(model) as tracer:
+        model(x)  # returns a host tensor made from the download: the download is the result's
+    s = tracer.summary
+    assert s.verdict == CLEAN, s.verdict.explanation
+    assert [(t["to"], t["why"]) for t in s.transfers if t["from"] == "cuda:0"] == [("cpu", "output")]
+    # A round trip: the download is not what the call returns, so the host waited for it for
+    # nothing (a sync, the first offence), and the upload back is an undeclared transfer.
+    model = Wrapper(True).to(dev).requires_grad_(False)
+    with torch.no_grad(), Tracer(model) as tracer:
+        model(x)
+    s = tracer.summary
+    assert s.verdict == DIRTY
     assert (s.first_offence["class"], s.first_offence["transfer"]["to"]) == (SYNC, "cpu")
-    assert s.counts[TRANSFER] == 1  # and the upload back
+    assert s.counts[SYNC] == 1 and s.counts[TRANSFER] == 1
 
 
 def test_a_module_left_on_the_cpu_that_moves_activations_to_it_and_back_is_found(dev):

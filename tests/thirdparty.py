@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import nn
 
@@ -221,6 +222,15 @@ def place(model: nn.Module, spec: ThirdParty, placement: str) -> nn.Module:
 def run(model: nn.Module, spec: ThirdParty, device, tokens: list[int] = TOKENS) -> object:
     args, kwargs = spec.inputs(list(tokens), torch.device(device))
     return model(*args, **kwargs)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models run faster so, and xdist workers share cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- one traced run --------------------------------------------------------------------------

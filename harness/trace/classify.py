@@ -154,7 +154,7 @@ _DEVICE_ERROR = re.compile(
     r"same device|expected device|at least two devices|different from other tensors|"
     r"on the current device|Expected object of device|to be on (?:the )?(?:same )?device|"
     r"device mismatch|on different devices|indices should be either on|CPU scalars to non-CPU kernel|"
-    r"expected self and mask|device type for generator|"
+    r"expected self and mask|device type for generator|should be a 1D CPU int64 tensor, but got \d+D (?!cpu)|"
     # Legacy checks (convolutions) name tensor types: one CUDA type against one CPU type.
     r"\(torch\.cuda\.\w+\) and \w+ type \(torch\.(?!cuda\.)\w+\)|"
     r"\(torch\.(?!cuda\.)\w+\) and \w+ type \(torch\.cuda\.\w+\)|"
@@ -206,6 +206,13 @@ def _is_cpu_scalar(spec) -> bool:
     return spec.device == "cpu" and not spec.shape
 
 
+def _computes_nothing(specs) -> bool:
+    """Whether an op's tensors are all host scalars (0-dim CPU tensors, which CUDA itself takes
+    as numbers) or empty: host bookkeeping such as `int(batch_sizes[0])` or `torch.tensor(2.0).sqrt()`,
+    no computation that belongs on a device."""
+    return all(s.nbytes == 0 or (s.device == "cpu" and not s.shape) for s in specs)
+
+
 def refused(event: Event) -> bool:
     """Whether real CUDA refuses this op for the devices of its inputs (and out= tensors): CUDA's
     device rules (`harness.trace.rules`, which the emulated accelerator applies too, checked
@@ -216,7 +223,7 @@ def refused(event: Event) -> bool:
     if len(ins) < 2:
         return False
     first = ins[0].device
-    if all(s.device == first for s in ins):
+    if all(s.device == first for s in ins) and (first == "cpu" or rules.one_device_suffices(event.op)):
         return False
     return rules.refusal(event.op, rules.recorded_operands(event.op, ins)) is not None
 
@@ -276,11 +283,21 @@ class Classifier:
             return "input"  # the run's inputs uploaded (read back to the host, they are a sync)
         if self.allow is not None and self.allow(event):
             return "declared"
-        if event.module == "" and dst == "cpu" and event.role is None:
-            return "output"  # the model's own forward hands its result to the host: the run's edge
         if event.role != "weight" and event.op_kind != K_UPLOAD and self._at_boundary(event.module, src, dst):
             return "boundary"
+        if event.module == "" and dst == "cpu" and event.role is None:
+            # the model's own forward hands its result to the host: the run's edge (the tracer
+            # checks that the call returns it, else `not_returned`)
+            return "output"
         return None
+
+    def not_returned(self, event: Event) -> str:
+        """The class of a download that `why_allowed` took for the model's result ("output") once
+        the forward call has returned without it: a copy to the host in the middle of the
+        forward (logging, numpy), which the host waits for (`sync`; `transfer` if non-blocking)."""
+        event.transfer.pop("why", None)
+        event.cls = TRANSFER if event.waits is False else SYNC
+        return event.cls
 
     def _places_on(self, module: str, device: str) -> bool:
         return self.placement is None or device in self.placement.devices_under(module)
@@ -376,7 +393,7 @@ class Classifier:
                 device = next((s[0] for s in ins if not _is_cpu_scalar(s)), ins[0][0])
             else:
                 device = None
-            if device is not None and device != expected:
+            if device is not None and device != expected and not _computes_nothing((*ins, *(outs or ()))):
                 event.cls = STRAY
                 return STRAY
         event.cls = OK

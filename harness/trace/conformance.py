@@ -732,6 +732,22 @@ ROWS: tuple[Row, ...] = (
         COPY,
         out="cpu",
     ),
+    # -- host arguments: packed sequences read their lengths on the host (checkLongTensor)
+    Row(
+        "_pack_padded_sequence",
+        {"x": f32("gpu", 2, 3, 4), "lengths": longs("cpu", [3, 2])},
+        lambda x, lengths: torch._VF._pack_padded_sequence(x, lengths, True)[0],
+        A,
+        "lengths on the host, as the API wants them",
+        out="gpu",
+    ),
+    Row(
+        "_pack_padded_sequence",
+        {"x": f32("gpu", 2, 3, 4), "lengths": longs("gpu", [3, 2])},
+        lambda x, lengths: torch._VF._pack_padded_sequence(x, lengths, True)[0],
+        R,
+        "checkLongTensor: 'lengths' must be a 1D CPU int64 tensor, whatever the data's device",
+    ),
 )
 
 

@@ -71,6 +71,7 @@ CUDA's error message or None.
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -616,6 +617,10 @@ class _ConstructorMode(TorchFunctionMode):
                 args = args[:1]
                 kwargs = dict(kwargs, device=torch.device("cuda", _current_index()))
             args = (args[0], *(_indexed(a) for a in args[1:]))
+            if isinstance(args[0], torch.nn.parameter.UninitializedTensorMixin):
+                target = _target(args[1:], kwargs)
+                if target is not None and target.type == "cuda":
+                    return _lazy_to(args[0], target)
         if kwargs.get("device") is not None:
             kwargs = dict(kwargs, device=_indexed(kwargs["device"]))
         g = kwargs.get("generator")
@@ -838,6 +843,16 @@ def _indexed(a):
     return a
 
 
+def _target(args, kwargs) -> torch.device | None:
+    """The device a `.to(...)` / `.cuda(...)` call names (by position or `device=`), or None."""
+    for a in (kwargs.get("device"), *args):
+        if isinstance(a, (torch.device, str)):
+            return _resolve(a)
+        if isinstance(a, _Tensor):
+            return a.device
+    return None
+
+
 def _check_generator(g, args, kwargs) -> None:
     device = kwargs.get("device")
     if device is not None:
@@ -880,6 +895,90 @@ def _from_data(func, args, kwargs):
     if requires_grad:
         out.requires_grad_(True)
     return out
+
+
+# ---- modules whose parameters cannot be swapped ----------------------------------------------------
+# nn.Module._apply swaps a parameter for its emulated copy (swap_tensors: the copy is a wrapper
+# subclass). A TorchScript module's C++ side holds its parameters too, so they cannot be swapped, and
+# a lazy module's uninitialized parameters would lose what makes them lazy. On real CUDA both take
+# `param.data = ...`; here they get what that path would leave.
+
+
+def _script_module_apply(self, fn, recurse=True):
+    """`RecursiveScriptModule._apply`: emulated parameters and buffers are set as new entries (the
+    C++ module takes them), as `Module._apply` does for parameters it can neither swap nor set."""
+    if recurse:
+        for child in self.children():
+            child._apply(fn)
+    for key, param in self._parameters.items():
+        if param is None:
+            continue
+        with torch.no_grad():
+            applied = fn(param)
+        if isinstance(applied, EmulatedTensor):
+            new = torch.nn.Parameter(applied, requires_grad=param.requires_grad)
+            if param.grad is not None:
+                with torch.no_grad():
+                    new.grad = fn(param.grad)
+            self._parameters[key] = new
+        elif applied is not param:
+            param.data = applied
+    for key, buf in self._buffers.items():
+        if buf is not None:
+            self._buffers[key] = fn(buf)
+    return self
+
+
+def _lazy_to(t, device: torch.device):
+    """`.to(emulated device)` of an uninitialized (lazy) parameter or buffer: it stays itself, and
+    is materialized on that device."""
+    t._emulated_device = device
+    return t
+
+
+def _materialize(real):
+    """`UninitializedTensorMixin.materialize`: a lazy tensor moved to an emulated device is made on
+    the CPU (its data can only be a CPU tensor), and `_move_materialized` moves it then."""
+
+    def materialize(self, shape, device=None, dtype=None):
+        target = device if device is not None else getattr(self, "_emulated_device", None)
+        if target is None or _resolve(target).type != "cuda":
+            return real(self, shape, device=device, dtype=dtype)
+        with torch._C._DisableTorchDispatch():  # CUDA would make it on the device: no op to see here
+            real(self, shape, device=CPU, dtype=dtype)
+        self._emulated_device = _resolve(target)
+        # The module whose `initialize_parameters` asks (as torch's lazy modules do) gets the
+        # tensor on its device now, before it initializes the values.
+        owner = sys._getframe(1).f_locals.get("self")
+        if isinstance(owner, torch.nn.Module):
+            _move_to_emulated(owner)
+
+    return materialize
+
+
+def _move_to_emulated(module: torch.nn.Module) -> None:
+    """A lazy module's parameters and buffers materialized for an emulated device, moved there
+    (set as new entries, as `Module._apply` does: other code may hold the old ones)."""
+    for table in (module._parameters, module._buffers):
+        for key, t in table.items():
+            device = getattr(t, "_emulated_device", None)
+            if device is None or isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+                continue
+            moved = EmulatedTensor(t.detach(), device)
+            if isinstance(t, torch.nn.Parameter):
+                moved = torch.nn.Parameter(moved, requires_grad=t.requires_grad)
+            table[key] = moved
+
+
+def _move_materialized(real):
+    """`LazyModuleMixin.has_uninitialized_params`, which a lazy module asks right after it has
+    made its parameters: any made for an emulated device and still on the CPU are moved first."""
+
+    def has_uninitialized_params(self):
+        _move_to_emulated(self)
+        return real(self)
+
+    return has_uninitialized_params
 
 
 # ---- the context ---------------------------------------------------------------------------------
@@ -1018,6 +1117,11 @@ class EmulatedCuda:
             self._patch(cuda, name, lambda device=None: 0)  # the values live in host memory
         self._patch(cuda, "empty_cache", lambda: None)
         self._patch(torch, "Generator", EmulatedGenerator)
+        self._patch(torch.jit.RecursiveScriptModule, "_apply", _script_module_apply)
+        lazy = torch.nn.parameter.UninitializedTensorMixin
+        self._patch(lazy, "materialize", _materialize(lazy.materialize))
+        mixin = torch.nn.modules.lazy.LazyModuleMixin
+        self._patch(mixin, "has_uninitialized_params", _move_materialized(mixin.has_uninitialized_params))
         for module, name, value in _GPU_ONLY:
             try:
                 mod = importlib.import_module(module)

@@ -37,6 +37,11 @@ def _device(spec, what: str) -> str:
     return str(parse_device(spec, what))
 
 
+def is_lazy(t: torch.Tensor) -> bool:
+    """An uninitialized parameter or buffer of a lazy module (`nn.LazyLinear`, ...)."""
+    return isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
+
+
 def execution_device(module: torch.nn.Module) -> str | None:
     """The device an offloading hook (accelerate's `AlignDevicesHook`, alone or inside a
     `SequentialHook`) runs `module` on, else None."""
@@ -90,9 +95,9 @@ class ModulePlacement:
         named = dict(model.named_modules())
         own: dict[str, set[str]] = {}
         for path, module in named.items():
-            devices = {str(t.device) for t in module.parameters(recurse=False)}
-            devices |= {str(t.device) for t in module.buffers(recurse=False) if t is not None}
-            own[path] = devices
+            tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+            # a lazy module's uninitialized parameters have no place yet
+            own[path] = {str(t.device) for t in tensors if t is not None and not is_lazy(t)}
         hooked = {path: d for path, m in named.items() if (d := execution_device(m)) is not None}
         under: dict[str, set[str]] = {path: set(devices) for path, devices in own.items()}
         for path in sorted(named, key=lambda p: -p.count(".") if p else 1):

@@ -54,6 +54,7 @@ CPU_SCALAR_OTHER = "cpu-scalar-other"  # logical_and/or/xor: as CPU_SCALAR, but 
 SCATTER = "scatter"  # slice_scatter & co: src copied into a clone of self; any devices, out on self's
 ANY = "any"  # resize_as_: the other tensor gives a shape only
 MASKED_INDEX = "masked-index"  # _unsafe_masked_index(_put_accumulate): indices on the CPU or self's device
+HOST_LENGTHS = "host-lengths"  # _pack_padded_sequence / _pad_packed_sequence: lengths on the CPU
 
 RULE_DOCS = {
     SAME: "all tensor arguments on one device; a 0-dim CPU tensor is no exception "
@@ -77,8 +78,9 @@ RULE_DOCS = {
     SCATTER: "slice/select/diagonal/as_strided_scatter (CompositeExplicitAutograd): self is cloned and src "
     "copied into it: any devices; the result is on self's device",
     ANY: "resize_as_ reads the template's sizes only, linspace/logspace their tensor ends' values, "
-    "_pack_padded_sequence/_pad_packed_sequence their CPU lengths, _use_cudnn_ctc_loss & co. only "
-    "inspect their arguments: no check",
+    "_use_cudnn_ctc_loss & co. only inspect their arguments: no check",
+    HOST_LENGTHS: "_pack_padded_sequence/_pad_packed_sequence read their lengths / batch_sizes on the "
+    "host (checkLongTensor): those must be CPU tensors; the data may be anywhere",
     MASKED_INDEX: "_unsafe_masked_index(_put_accumulate) (CompositeExplicitAutograd, over index): index "
     "tensors on the CPU or on self's device; mask and values on self's device",
 }
@@ -119,9 +121,9 @@ RULES: dict[str, str] = {
     "resize_as_": ANY,
     "linspace": ANY,  # tensor start/end are read as scalars; the result goes to `device`
     "logspace": ANY,
-    # CompositeExplicitAutograd, no device check: lengths / batch_sizes are CPU tensors read on the host
-    "_pack_padded_sequence": ANY,
-    "_pad_packed_sequence": ANY,
+    # CompositeExplicitAutograd: lengths / batch_sizes must be CPU tensors, read on the host
+    "_pack_padded_sequence": HOST_LENGTHS,
+    "_pad_packed_sequence": HOST_LENGTHS,
     # questions about the arguments (may cuDNN / MIOpen run this?), asked by CTC loss and RNNs
     "_use_cudnn_ctc_loss": ANY,
     "_use_miopen_ctc_loss": ANY,
@@ -161,9 +163,16 @@ def _split(op: str) -> tuple[str, str]:
     return name, overload
 
 
+@lru_cache(maxsize=4096)
 def rule_of(op: str) -> str:
     """The rule for an op, by its name with or without namespace and overload (`aten.add_.Tensor`)."""
     return RULES.get(_split(op)[0], SAME)
+
+
+def one_device_suffices(op: str) -> bool:
+    """Whether every call of `op` with all its tensors on one device is accepted (all but the ops
+    that want some argument on the host whatever the others' device)."""
+    return rule_of(op) != HOST_LENGTHS
 
 
 # ---- operands ------------------------------------------------------------------------------------
@@ -445,6 +454,27 @@ def _check_masked_index(ops, wrapper, accumulate) -> str | None:
     return None
 
 
+def _check_host_lengths(ops, wrapper, accumulate) -> str | None:
+    for o in ops:
+        if o.name in ("lengths", "batch_sizes") and o.device != "cpu":
+            return (
+                f"'lengths' argument should be a 1D CPU int64 tensor, but got {o.dim}D {o.device} "
+                f"{_TYPE_NAMES.get(o.dtype, o.dtype)} tensor"
+            )
+    return None
+
+
+# c10's names of scalar types, as its messages write them
+_TYPE_NAMES = {
+    "int64": "Long",
+    "int32": "Int",
+    "int16": "Short",
+    "int8": "Char",
+    "uint8": "Byte",
+    "bool": "Bool",
+}
+
+
 def _no_check(ops, wrapper, accumulate) -> None:
     return None
 
@@ -457,6 +487,7 @@ _CHECKS = {
     ANY: _no_check,
     TRANSFER: _no_check,
     MASKED_INDEX: _check_masked_index,
+    HOST_LENGTHS: _check_host_lengths,
     WHERE: _check_where,
     MASKED_FILL: _check_masked_fill,
     SCALAR_VALUE: _check_scalar_value,
@@ -474,8 +505,10 @@ def refusal(
     if device_arg or len(operands) < 2:
         return None
     first = operands[0].device
-    if all(o.device == first for o in operands) or all(o.device == "cpu" for o in operands):
-        return None  # one device, or a CPU op
+    if all(o.device == "cpu" for o in operands):
+        return None  # a CPU op
+    if all(o.device == first for o in operands) and one_device_suffices(op):
+        return None
     name, overload = _split(op)
     wrapper = f"wrapper_CUDA_{name}{'_' + overload if overload else ''}"  # as structured kernels' are named
     return _CHECKS[RULES.get(name, SAME)](list(operands), wrapper, accumulate)

@@ -71,6 +71,7 @@ from harness.trace.classify import (
     op_kind,
 )
 from harness.trace.events import (
+    ALLOWED,
     CLASSES,
     CLEAN,
     DIRECTIONS,
@@ -418,17 +419,19 @@ class Tracer(TorchDispatchMode):
         self._seen_errors: set[int] = set()  # ids of exceptions already recorded
         self._routing_record: dict | None = None
         self._inputs: dict[int, weakref.ref] = {}  # the tensors of the current forward call's arguments
-        # Copies to the host in the model's own forward, held until it returns: its result handed
-        # to the host ("output") unless an op of the same forward reads the copy again.
-        self._held: dict[int, tuple[weakref.ref, Event]] = {}
         self._error: dict | None = None  # an error (not a device error) that the run raised
         self._last_error: tuple[int, dict] | None = None  # the latest one seen leaving a module
         self._hooked = False  # whether some module has an offloading hook (accelerate's)
+        self._root_by_global = False  # a TorchScript model: its calls are seen by the global hooks
         self._grad_mode = _grad_mode()
         # Bytes copied inside the model: direction -> bytes, in the first traced call and after it.
         self._moved = {"first": dict.fromkeys(DIRECTIONS, 0), "later": dict.fromkeys(DIRECTIONS, 0)}
         self._offload = 0
         self._tokens = {"first": 0, "later": 0, "calls_later": 0}
+        # Downloads in the model's own forward, held until the call returns: allowed if it
+        # returns them (or tensors the forward made from them on the host), else offences.
+        self._downloads: list[tuple[Event, list[str]]] = []
+        self._downloaded: dict[int, tuple[weakref.ref, int]] = {}  # tensor id -> (tensor, download)
 
     def _build_maps(self) -> None:
         self._paths: dict[torch.nn.Module, tuple[str, str | None]] = {}  # module -> (path, device)
@@ -533,6 +536,12 @@ class Tracer(TorchDispatchMode):
         self._reset()
         self.events = []
         self._summary = None
+        if isinstance(self.model, torch.jit.ScriptModule) and self.sample_every > 1:
+            raise UsageError(
+                None,
+                "sample_every",
+                "sampled mode needs forward hooks on the model, which a TorchScript module refuses",
+            )
         self._build_maps()
         _warm_constants(self._params)
         self._thread = get_ident()
@@ -543,7 +552,8 @@ class Tracer(TorchDispatchMode):
             self._lines = self._writer.lines
             self._encode = self._writer.encode
         self._install_global_hooks()
-        if self.model is not None:
+        self._root_by_global = isinstance(self.model, torch.jit.ScriptModule)
+        if self.model is not None and not self._root_by_global:
             self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
             self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
         if self.routing and self.model is not None:
@@ -559,8 +569,8 @@ class Tracer(TorchDispatchMode):
         try:
             if exc is not None:
                 self._escaped(exc)  # (raised outside every module of the model, if not recorded yet)
-            if self._held:
-                self._release_held()
+            if self._downloads:
+                self._settle_downloads(None)
             if self._mode_popped:
                 _push_mode(self)
                 self._mode_popped = False
@@ -610,6 +620,8 @@ class Tracer(TorchDispatchMode):
         if entry is None:
             entry = stack[-1] if stack else _OUTSIDE  # a module outside the model map: its caller's
         stack.append(entry)
+        if self._root_by_global and module is self.model:
+            self._root_pre(module, args, {})  # a TorchScript model takes no hooks of its own
 
     def _post_hook(self, module, args, output) -> None:
         if get_ident() != self._thread:
@@ -622,6 +634,8 @@ class Tracer(TorchDispatchMode):
             self._weights.pop(id(output), None)  # looked-up rows of a table are activations, not the weight
         if self._stack:
             self._stack.pop()
+        if self._root_by_global and module is self.model:
+            self._root_post(module, args, output)
 
     def _root_pre(self, module, args, kwargs) -> None:
         if get_ident() != self._thread:
@@ -647,8 +661,8 @@ class Tracer(TorchDispatchMode):
             exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except` when forward raised
             if exc is not None:
                 self._escaped(exc)
-        if self._held:
-            self._release_held()
+        if self._downloads:
+            self._settle_downloads(output)
         if not self._skipping:
             self._sweep_weights()
             if self._writer is not None:
@@ -740,8 +754,6 @@ class Tracer(TorchDispatchMode):
         if not self._recording:
             self._unrecorded += 1
             return func(*args, **kwargs) if kwargs else func(*args)
-        if self._held:
-            self._release_reused(args, kwargs)
         info = self._ops.get(id(func))  # ops live for ever; OpOverload.__hash__ is slow Python
         if info is None:
             info = self._ops[id(func)] = _OpInfo(func)
@@ -757,19 +769,22 @@ class Tracer(TorchDispatchMode):
         weights = self._weights
         inputs = []
         names = None
-        for a in (*args, *kwargs.values()) if kwargs else args:
-            if isinstance(a, Tensor):
-                inputs.append(specs[(a.device, a.dtype, a.shape)])
-                entry = weights.get(id(a))
-                if entry is not None and entry[0]() is a:
-                    names = entry[1] if names is None else names + entry[1]
-            elif a.__class__ in _SEQUENCES:
-                for b in a:
-                    if isinstance(b, Tensor):
-                        inputs.append(specs[(b.device, b.dtype, b.shape)])
-                        entry = weights.get(id(b))
-                        if entry is not None and entry[0]() is b:
-                            names = entry[1] if names is None else names + entry[1]
+        try:
+            for a in (*args, *kwargs.values()) if kwargs else args:
+                if isinstance(a, Tensor):
+                    inputs.append(specs[(a.device, a.dtype, a.shape)])
+                    entry = weights.get(id(a))
+                    if entry is not None and entry[0]() is a:
+                        names = entry[1] if names is None else names + entry[1]
+                elif a.__class__ in _SEQUENCES:
+                    for b in a:
+                        if isinstance(b, Tensor):
+                            inputs.append(specs[(b.device, b.dtype, b.shape)])
+                            entry = weights.get(id(b))
+                            if entry is not None and entry[0]() is b:
+                                names = entry[1] if names is None else names + entry[1]
+        except RuntimeError:  # an uninitialized (lazy) parameter refuses `.shape`
+            inputs = [specs[_raw_key(t)] for t in _tensor_args(args, kwargs)]
         inputs = tuple(inputs)
 
         module, expected = self._stack[-1] if self._stack else _OUTSIDE
@@ -807,6 +822,8 @@ class Tracer(TorchDispatchMode):
                 self._last_error = (id(exc), {"error": ev.error, "module": module, "source": source})
             raise
 
+        if self._downloaded and module == "":
+            self._derive(args, kwargs, out)
         alias = info.alias
         if isinstance(out, Tensor):
             outputs = (specs[(out.device, out.dtype, out.shape)],)
@@ -847,14 +864,7 @@ class Tracer(TorchDispatchMode):
             ev.waits = False  # a non-blocking copy to the host lands in pinned memory, asynchronously
         if info.copies and module is not None:
             self._copy_roles(ev, info, args, kwargs)
-            if module == "" and isinstance(out, Tensor) and out.device.type == "cpu":
-                cls = self.classifier.classify(ev)
-                if ev.transfer is not None and ev.transfer.get("why") == "output":
-                    self._held[id(out)] = (weakref.ref(out), ev)
-                    return out
-                self._finish(ev, cls)
-                return out
-        self._finish(ev)
+        self._finish(ev, out=out if module == "" else None)
         return out
 
     def _names_elsewhere(self, args, kwargs, inputs) -> tuple[str, ...] | None:
@@ -875,22 +885,6 @@ class Tracer(TorchDispatchMode):
                     if entry is not None and entry[0]() is t:
                         found.extend(entry[1])
         return tuple(found) or None
-
-    def _release_reused(self, args, kwargs) -> None:
-        """An op reads a held copy to the host: it was not the forward's result but an activation
-        taken to the host and computed on (a transfer, unless something else declares it)."""
-        for a in (*args, *kwargs.values()) if kwargs else args:
-            for t in a if a.__class__ in _SEQUENCES else (a,):
-                held = self._held.pop(id(t), None) if isinstance(t, Tensor) else None
-                if held is not None and held[0]() is t:
-                    held[1].role = "reused"
-                    self._finish(held[1])
-
-    def _release_held(self) -> None:
-        """The forward returned: what is still held was its result, handed to the host."""
-        held, self._held = self._held, {}
-        for _, ev in held.values():
-            self._finish(ev)
 
     def _copy_roles(self, ev: Event, info: _OpInfo, args, kwargs) -> None:
         """For an op that may copy across devices: whether what it copies is the run's input or a
@@ -1032,15 +1026,59 @@ class Tracer(TorchDispatchMode):
         ev.named_devices = list(dict.fromkeys(named))
         self._finish(ev, stack=_stack_text(frames))
 
-    def _finish(self, ev: Event, cls: str | None = None, stack: list[str] | None = None) -> None:
-        if cls is None:
-            cls = self.classifier.classify(ev)
+    def _finish(self, ev: Event, stack: list[str] | None = None, out=None) -> None:
+        """Classifies an event and records it (a download in the model's own forward waits for
+        the call's end: `_settle_downloads`)."""
+        cls = self.classifier.classify(ev)
+        if isinstance(out, Tensor) and cls == ALLOWED and ev.transfer.get("why") == "output":
+            self._downloaded[id(out)] = (weakref.ref(out), len(self._downloads))
+            self._downloads.append((ev, _stack_text(_live_frames(sys._getframe(1)))))
+            return
+        self._record(ev, cls, stack, depth=2)
+
+    def _derive(self, args, kwargs, out) -> None:
+        """Host tensors the model's own forward makes from a held download (`out.float()`, a dict
+        of them) count as that download, so that returning them returns it."""
+        downloaded = self._downloaded
+        for a in (*args, *(kwargs or {}).values()):
+            for t in a if a.__class__ in _SEQUENCES else (a,):
+                entry = downloaded.get(id(t)) if isinstance(t, Tensor) else None
+                if entry is not None and entry[0]() is t:
+                    for o in out if isinstance(out, _SEQUENCES) else (out,):
+                        if isinstance(o, Tensor) and o.device.type == "cpu":  # (not a round trip)
+                            downloaded[id(o)] = (weakref.ref(o), entry[1])
+                    return
+
+    def _settle_downloads(self, output) -> None:
+        """At the end of a forward call: its held downloads that it returns (inside tuples, lists,
+        dicts, transformers' ModelOutput) are the run's edge; the others are offences."""
+        returned: dict[int, Tensor] = {}
+        todo = [output]
+        while todo and len(returned) < 1 << 12:
+            x = todo.pop()
+            if isinstance(x, Tensor):
+                returned[id(x)] = x
+            elif isinstance(x, dict):
+                todo.extend(x.values())
+            elif isinstance(x, (list, tuple)):
+                todo.extend(x)
+        kept = {
+            index
+            for key, (ref, index) in self._downloaded.items()
+            if key in returned and ref() is returned[key]
+        }
+        downloads, self._downloads, self._downloaded = self._downloads, [], {}
+        for index, (ev, stack) in enumerate(downloads):
+            cls = ev.cls if index in kept else self.classifier.not_returned(ev)
+            self._record(ev, cls, stack)
+
+    def _record(self, ev: Event, cls: str, stack: list[str] | None, depth: int = 1) -> None:
         self._counts[cls] += 1
         if cls in OFFENDING:
             if self._stacks_kept < self.max_stacks:
                 self._stacks_kept += 1
-                ev.stack = stack if stack is not None else _stack_text(_live_frames(sys._getframe(1)))
-            if self._first is None:
+                ev.stack = stack if stack is not None else _stack_text(_live_frames(sys._getframe(depth)))
+            if self._first is None or ev.seq < self._first["seq"]:  # (a held download comes late)
                 self._first = first_offence(ev)
                 if ev.source:
                     self._first["code"] = _code_line(ev.source)
@@ -1154,6 +1192,22 @@ class Tracer(TorchDispatchMode):
     def flush(self) -> None:
         if self._writer is not None and not self._writer.closed:
             self._writer.flush()
+
+
+_TENSOR_BASE = torch._C.TensorBase
+
+
+def _raw_key(t: Tensor) -> tuple:
+    """(device, dtype, shape) of a tensor, read past Python overrides (a lazy module's
+    uninitialized parameter is an empty tensor that refuses `.shape`)."""
+    return (_TENSOR_BASE.device.__get__(t), _TENSOR_BASE.dtype.__get__(t), _TENSOR_BASE.shape.__get__(t))
+
+
+def _tensor_args(args, kwargs):
+    for a in (*args, *(kwargs or {}).values()):
+        for t in a if a.__class__ in _SEQUENCES else (a,):
+            if isinstance(t, Tensor):
+                yield t
 
 
 def _warm_constants(params: dict[int, weakref.ref]) -> None:

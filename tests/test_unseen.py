@@ -1,0 +1,163 @@
+"""The held-out cases of `tests/unseen.py` in CI, and the mechanisms they showed wrong, one fact each.
+
+Each case runs once, in one grad mode (rotated over the cases, so all three are covered), with
+its placement inferred; `scripts/unseen_bugs.py` runs every case in every grad mode with the
+placement inferred and given. They are `cuda` tests: real CUDA where there is a GPU
+(`pytest -m cuda`), else the emulated accelerator with two devices.
+
+Before the fixes these cases showed (`scripts/unseen_bugs.py` on main): host bookkeeping in a
+device module (`int(batch_sizes[0])` of a packed sequence, `torch.tensor(2.0).sqrt()`, an empty
+tensor) read as stray; a download in the model's own forward that it does not return (logging
+with `.cpu().numpy()`) passed as the run's output; CUDA's refusal of device lengths in
+`pack_padded_sequence` was unknown to the rules; a TorchScript submodule or a lazy module could
+not be moved onto the emulated device, and a traced lazy module crashed the tracer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from harness.trace import Tracer, rules
+from harness.trace.events import ALLOWED, MISMATCH, OK, STRAY, SYNC, TRANSFER
+from tests.thirdparty import one_thread  # noqa: F401
+from tests.unseen import CASES, GRAD_MODES, Case, trace_case
+
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("one_thread")]
+
+MODES = list(GRAD_MODES)
+
+
+def _needs(case: Case) -> None:
+    if case.devices > torch.cuda.device_count():
+        pytest.skip(f"{case.name} needs {case.devices} CUDA devices")
+    if case.name.startswith(("hf-", "gpt2-")) or case.name.endswith("-offload"):
+        pytest.importorskip("transformers")
+        pytest.importorskip("accelerate")
+
+
+@pytest.mark.parametrize(
+    "name, mode", [(name, MODES[i % len(MODES)]) for i, name in enumerate(CASES)], ids=lambda v: v
+)
+def test_held_out_case(name, mode):
+    case = CASES[name]
+    _needs(case)
+    o = trace_case(name, mode, "inferred")
+    assert not o.crashed, o.describe()
+    if case.expect is None:
+        assert o.verdict == "clean", o.describe()
+        assert o.counts.get(OK, 0) > 0, o.describe()  # it saw the model's ops
+    else:
+        assert o.first[:2] == case.expect, f"{o.describe()} ({case.why})"
+        assert f" in {case.where}" in o.first[2], o.describe()
+
+
+# ---- the mechanisms, one fact each -----------------------------------------------------------------
+
+
+class _Host(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.make = make
+
+    def forward(self, x):
+        return self.proj(x) * self.make(x)
+
+
+@pytest.mark.parametrize(
+    "make, cls",
+    [
+        (lambda x: torch.tensor(2.0).sqrt() * torch.tensor(3.0), OK),  # host scalars: CUDA takes them
+        (lambda x: torch.empty(0, 4).sum(), OK),  # an empty tensor computes nothing
+        (lambda x: torch.arange(4).float(), STRAY),  # a 4-element tensor computed on the host
+    ],
+    ids=["host-scalars", "empty", "host-vector"],
+)
+def test_only_real_host_compute_in_a_device_module_is_stray(make, cls):
+    model = nn.Sequential(_Host(make)).to("cuda:0")
+    # (the host vector then meets the device output: CUDA refuses)
+    with torch.no_grad(), Tracer(model, keep_events=True) as t, contextlib.suppress(RuntimeError):
+        model(torch.ones(2, 4, device="cuda:0"))
+    on_host = [e.cls for e in t.events if e.module == "0" and e.outputs and e.outputs[0].device == "cpu"]
+    assert on_host and set(on_host) == {cls}, [(e.op, e.cls) for e in t.events]
+
+
+class _Logs(nn.Module):
+    """The model's own forward: `how` the result or a logged activation goes to the host."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.how = how
+
+    def forward(self, x):
+        y = self.proj(x)
+        if self.how == "log":
+            self.logged = y.detach().cpu().numpy().mean()  # read back, not returned
+            return y
+        if self.how == "tuple":
+            return y, y.detach().cpu().double()  # a host copy made from the download, returned
+        return y.cpu()
+
+
+@pytest.mark.parametrize("how, cls", [("log", SYNC), ("tuple", ALLOWED), ("result", ALLOWED)])
+def test_a_download_in_the_models_forward_is_allowed_only_when_returned(how, cls):
+    model = _Logs(how).to("cuda:0")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:
+        model(torch.ones(2, 4, device="cuda:0"))
+    downloads = [e for e in t.events if e.transfer and e.transfer["to"] == "cpu" and e.module == ""]
+    assert [e.cls for e in downloads] == [cls]
+    assert t.summary.verdict == ("dirty" if cls == SYNC else "clean")
+    if cls == SYNC:
+        assert t.summary.first_offence["source"].endswith("in _Logs.forward")
+
+
+def test_packed_sequences_want_their_lengths_on_the_host():
+    """CUDA: "'lengths' argument should be a 1D CPU int64 tensor" whatever the data's device."""
+    x = torch.ones(2, 3, 4, device="cuda:0")
+    with pytest.raises(RuntimeError, match="should be a 1D CPU int64 tensor, but got 1D cuda:0 Long"):
+        nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 2], device="cuda:0"), batch_first=True)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 2]), batch_first=True)
+    assert packed.data.device == x.device and packed.batch_sizes.device.type == "cpu"
+
+
+def test_the_rule_for_host_lengths():
+    data = rules.Operand("input", "cuda:0", "float32", (2, 3, 4))
+    host, device = (rules.Operand("lengths", d, "int64", (2,)) for d in ("cpu", "cuda:0"))
+    assert rules.refusal("aten._pack_padded_sequence.default", [data, host]) is None
+    message = rules.refusal("aten._pack_padded_sequence.default", [data, device])
+    assert message == "'lengths' argument should be a 1D CPU int64 tensor, but got 1D cuda:0 Long tensor"
+    assert rules.refusal("aten.add.Tensor", [data, data]) is None  # one device suffices elsewhere
+
+
+def test_a_torchscript_model_is_moved_and_traced():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 4), nn.GELU())).to("cuda:0")
+    assert {p.device for p in scripted.parameters()} == {torch.device("cuda:0")}
+    model = nn.Sequential(nn.Linear(3, 3), torch.jit.script(nn.Linear(3, 2))).to("cuda:0")
+    for traced in (scripted, model):
+        with torch.no_grad(), Tracer(traced) as t:  # a ScriptModule as the root takes no hooks of its own
+            y = traced(torch.ones(2, 3, device="cuda:0"))
+        assert y.device == torch.device("cuda:0")
+        assert t.summary.verdict == "clean" and t.summary.inside > 0, t.summary.counts
+        assert t.summary.traffic["calls"] == 1  # the root's calls are seen (the global hooks)
+
+
+def test_a_lazy_module_is_made_on_its_device_inside_the_trace():
+    model = nn.Sequential(nn.Linear(3, 3), nn.LazyLinear(4)).to("cuda:0")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:  # the first call makes the weights
+        model(torch.ones(2, 3, device="cuda:0"))
+    assert model[1].weight.device == torch.device("cuda:0") and model[1].weight.shape == (4, 3)
+    assert t.summary.verdict == "clean", t.summary.first_offence
+    assert t.placement.device_of("1") == "cuda:0"  # no CPU place read off the uninitialized weight
+
+
+def test_held_out_bugs_are_found_in_every_grad_mode():
+    """The same first offence (class, module, line) in the three grad modes, for a bug of each class."""
+    for name in ("mask-without-device", "mask-uploaded-per-call", "cpu-numpy-in-forward", "buffer-after-to"):
+        firsts = {mode: trace_case(name, mode, "given").first for mode in MODES}
+        assert len(set(firsts.values())) == 1, firsts
+        assert next(iter(firsts.values()))[0] in (STRAY, TRANSFER, SYNC, MISMATCH)

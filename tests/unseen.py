@@ -1,0 +1,1038 @@
+"""A held-out evaluation: models and placement bugs that no other test of the harness contains.
+
+The harness was built against its own Mixtral, `tests/thirdparty.py` and the generic faults of
+`harness.faults`. These cases are written the way users write models and bugs, not through
+`harness.faults`: a conv net with BatchNorm, GRU and LSTM models, a ViT-like model from
+`nn.TransformerEncoderLayer(batch_first, norm_first)` and `nn.MultiheadAttention`, transformers'
+GPT-2, BERT, T5, Phi and Gemma from tiny random configs, weight tying, non-persistent buffers; bugs
+such as a causal mask built without `device=`, `.tolist()` in forward, a rotary cache kept for
+the first device, a buffer registered after `.to()`. Traps that must NOT be flagged sit beside
+them: 0-dim CPU tensors and Python scalars in arithmetic, `new_zeros`, `.to(same device)`,
+zero-byte copies, channels_last, non-contiguous views, TorchScript, accelerate's offload.
+
+Each `Case` builds its model inside the accelerator (real CUDA or `EmulatedCuda(device_count=2)`),
+places it, and says what the tracer must find: `expect` = (class, module) of the first offence,
+and `where`, the function whose line the first offence must name; `expect=None`: the run must be
+clean. What class a bug is, where that is open to argument, is decided in the case's `why`.
+
+`scripts/unseen_bugs.py` runs every case in each grad mode with the placement inferred and given,
+and tabulates; `tests/test_unseen.py` runs a fast subset in CI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D = 16
+T = 6  # sequence length
+VOCAB = 50
+
+MISMATCH, SYNC, STRAY, TRANSFER = "mismatch", "sync", "stray", "transfer"
+
+
+@dataclass(frozen=True)
+class Case:
+    """`build(devices)` -> (model placed on `devices`, run(model) -> output, explicit placement);
+    `expect`: (class, module) of the first offence, None for a clean run; `where`: the function
+    (qualified name) whose line the first offence names; `devices`: how many it needs."""
+
+    name: str
+    build: Callable
+    expect: tuple[str, str] | None
+    where: str | None = None
+    devices: int = 1
+    why: str = ""
+
+
+def _tokens(device, n: int = T) -> torch.Tensor:
+    return (torch.arange(n) * 7 % VOCAB).to(device)[None]  # [1, n]
+
+
+def _vectors(device, n: int = T) -> torch.Tensor:
+    x = torch.sin(torch.arange(n * D, dtype=torch.float32).reshape(1, n, D) / 7)
+    return x.to(device)
+
+
+def _pair(device) -> torch.Tensor:
+    return torch.cat([_tokens(device), _tokens(device).flip(-1)])  # [2, T]
+
+
+def _image(device) -> torch.Tensor:
+    return torch.cos(torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) / 5).to(device)
+
+
+# ---- clean models ---------------------------------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+    """Conv, BatchNorm, ReLU, pooling, a linear head; channels_last input and a non-contiguous view."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(x, 2)
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = x.transpose(2, 3)  # a non-contiguous view
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.head(x)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: str):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        rnn = nn.GRU if cell == "gru" else nn.LSTM
+        self.rnn = rnn(D, D, num_layers=2, batch_first=True)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        out, _ = self.rnn(self.embed(ids))
+        return self.head(out)
+
+
+class TinyViT(nn.Module):
+    """Patches, a class token, learned positions, pre-norm encoder layers, an attention-pooling head."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, D, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos = nn.Parameter(torch.randn(1, 5, D) * 0.02)
+        layer = nn.TransformerEncoderLayer(D, 4, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.pool = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.head = nn.Linear(D, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # [B, 4, D]
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = self.encoder(x)
+        pooled, _ = self.pool(x[:, :1], x, x, need_weights=False)
+        return self.head(pooled[:, 0])
+
+
+class TiedLM(nn.Module):
+    """Weight tying (the head is the embedding), a non-persistent causal-mask buffer, 0-dim and
+    Python scalars, `new_zeros`, `arange(device=)`, `.to(same device)`, a zero-byte copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.out = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("causal", torch.ones(32, 32, dtype=torch.bool).tril(), persistent=False)
+        self.scale = 1 / math.sqrt(D)
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        pos = torch.arange(n, device=ids.device)
+        x = self.embed(ids) + torch.sin(pos[:, None] / 10.0)
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        scores = (q @ k.transpose(-1, -2)) * torch.tensor(self.scale)  # a 0-dim CPU tensor: allowed
+        scores = scores.masked_fill(~self.causal[:n, :n], float("-inf"))
+        x = x + self.out(scores.softmax(-1) @ v)
+        bias = x.new_zeros(x.shape[-1]) + torch.zeros_like(x[0, 0])
+        x = (x + bias).to(x.device).to(self.head.weight.device)  # no-ops
+        x = x + torch.empty(0).to(x.device).sum()  # a zero-byte copy
+        return self.head(x) * 2.0
+
+
+class Scripted(nn.Module):
+    """A TorchScript submodule between plain ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.mlp = torch.jit.script(nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D)))
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.mlp(self.embed(ids)))
+
+
+def _on(device: str, model: nn.Module, make_input) -> tuple:
+    model = model.to(device)
+    return model, lambda m: m(make_input(device)), device
+
+
+def _clean_model(cls, make_input, *args):
+    def build(devices):
+        torch.manual_seed(0)
+        return _on(devices[0], cls(*args).eval(), make_input)
+
+    return build
+
+
+# ---- transformers from tiny random configs ----------------------------------------------------------
+
+
+# transformers' models: (model class, config class, tiny sizes)
+_DECODER = dict(
+    hidden_size=D,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=32,
+)
+_HF = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=D, n_layer=2, n_head=2, n_positions=32)),
+    "bert": ("BertForMaskedLM", "BertConfig", _DECODER),
+    "t5": (
+        "T5ForConditionalGeneration",
+        "T5Config",
+        dict(d_model=D, d_kv=8, d_ff=32, num_layers=2, num_heads=2),
+    ),
+    "phi": ("PhiForCausalLM", "PhiConfig", _DECODER),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_DECODER, num_key_value_heads=1, head_dim=8)),
+}
+
+
+def _hf(kind: str, attn: str = "eager", mask: bool = True):
+    def build(devices):
+        import transformers as tf
+
+        torch.manual_seed(0)
+        model_class, config_class, sizes = _HF[kind]
+        config = getattr(tf, config_class)(vocab_size=VOCAB, attn_implementation=attn, **sizes)
+        model = getattr(tf, model_class)(config)
+        model = model.eval().to(devices[0])
+
+        def run(m):
+            ids = _tokens(devices[0])
+            kwargs = {"input_ids": ids}
+            if mask:
+                kwargs["attention_mask"] = torch.ones_like(ids)  # as a tokenizer gives it
+            if kind == "t5":
+                kwargs["decoder_input_ids"] = ids[:, :3]
+            if kind in ("gpt2", "phi", "gemma", "t5"):
+                kwargs["use_cache"] = False
+            return m(**kwargs)
+
+        return model, run, devices[0]
+
+    return build
+
+
+# ---- CPU offload (accelerate) of a user's model: its traffic is declared ----------------------------
+
+
+def _offloaded_convnet(devices):
+    from accelerate import dispatch_model
+
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    dmap = {"conv1": devices[0], "bn1": devices[0], "conv2": "cpu", "bn2": "cpu", "head": devices[0]}
+    model = dispatch_model(model, device_map=dmap, main_device=devices[0])
+    return model, lambda m: m(_image(devices[0])), None
+
+
+# ---- bugs, as users write them ------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Causal self-attention; `bug` picks a way to get its mask or positions wrong."""
+
+    def __init__(self, bug: str | None = None):
+        super().__init__()
+        self.bug = bug
+        self.qkv = nn.Linear(D, 3 * D)
+        self.out = nn.Linear(D, D)
+        # a plain attribute, not a buffer: `.to()` does not move it
+        self.host_mask = torch.ones(32, 32, dtype=torch.bool).tril()
+        self.host_bias = np.linspace(0, 1, D, dtype=np.float32)
+
+    def forward(self, x):
+        n = x.shape[1]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+        if self.bug == "mask-without-device":
+            mask = torch.ones(n, n, dtype=torch.bool).tril()  # no device=
+        elif self.bug == "mask-uploaded-per-call":
+            mask = self.host_mask[:n, :n].to(x.device)  # a host tensor uploaded on every call
+        elif self.bug == "mask-from-list":
+            mask = torch.tensor([[j <= i for j in range(n)] for i in range(n)], device=x.device)
+        else:
+            mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        y = self.out(scores.softmax(-1) @ v)
+        if self.bug == "from-numpy":
+            y = y + torch.from_numpy(self.host_bias).to(y.device)  # host data uploaded each call
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, bug: str | None = None):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.attn = Attention(bug)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + self.mlp(x)
+
+
+class LM(nn.Module):
+    """Token and position embeddings, blocks, a head; `bug` is one of the LM-level bugs."""
+
+    def __init__(self, bug: str | None = None, attn_bug: str | None = None, layers: int = 2):
+        super().__init__()
+        self.bug = bug
+        self.embed = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(32, D)
+        self.layers = nn.ModuleList(Block(attn_bug if i == layers - 1 else None) for i in range(layers))
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        if self.bug == "positions-without-device":
+            positions = torch.arange(n)  # no device=
+        else:
+            positions = torch.arange(n, device=ids.device)
+        x = self.embed(ids) + self.pos(positions)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _lm(bug=None, attn_bug=None, *, at: str | None = None, prepare=None):
+    def build(devices):
+        torch.manual_seed(0)
+        model = LM(bug, attn_bug).eval().to(devices[0])
+        if prepare is not None:
+            prepare(model, devices)
+        return model, lambda m: m(_tokens(devices[0])), devices[0]
+
+    return build
+
+
+class HostRead(nn.Module):
+    """An MLP that reads something back to the host in forward (`how`)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.up = nn.Linear(D, 2 * D)
+        self.down = nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        h = F.gelu(self.up(x))
+        if self.how == "numpy":
+            stats = h.detach().cpu().numpy()  # e.g. for logging
+            h = h * float(np.abs(stats).mean() > -1)
+        elif self.how == "tolist":
+            lengths = (h[0, :, 0] > -100).sum(-1).tolist()
+            h = h * (lengths > 0)
+        elif self.how == "item":
+            h = h / (h.abs().max().item() + 1)
+        return self.down(h)
+
+
+class ReadLM(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.mlp = HostRead(how)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.mlp(self.embed(ids)))
+
+
+class Gather(nn.Module):
+    """Picks positions of its input: with a CPU index tensor (`bug`) or one on the device."""
+
+    def __init__(self, bug: bool):
+        super().__init__()
+        self.bug = bug
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        # with the bug: built on the host, then used to index a device tensor
+        keep = torch.tensor([0, 2, 4]) if self.bug else torch.arange(0, 5, 2, device=x.device)
+        return self.proj(x[:, keep])
+
+
+class GatherLM(nn.Module):
+    def __init__(self, bug: bool):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.pick = Gather(bug)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.pick(self.embed(ids)))
+
+
+class StateDictLinear(nn.Module):
+    """A linear layer that rebuilds its weight from a CPU state dict kept aside on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.saved = {k: v.detach().clone() for k, v in self.proj.state_dict().items()}  # on the host
+
+    def forward(self, x):
+        w = self.saved["weight"].to(x.device)
+        return F.linear(x, w, self.proj.bias)
+
+
+class SavedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.proj = StateDictLinear()
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.proj(self.embed(ids)))
+
+
+_ROPE_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class Rotary(nn.Module):
+    """Rotary embedding whose tables are cached by length (`cache_by_device=False`: only by
+    length, so the first device's tables are reused on the other one)."""
+
+    def __init__(self, cache_by_device: bool):
+        super().__init__()
+        self.by_device = cache_by_device
+
+    def tables(self, n: int, device):
+        key = (n, device) if self.by_device else n
+        if key not in _ROPE_CACHE:
+            inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=device).float() / D))
+            angles = torch.arange(n, device=device).float()[:, None] * inv
+            _ROPE_CACHE[key] = (angles.cos(), angles.sin())
+        return _ROPE_CACHE[key]
+
+    def forward(self, x):
+        cos, sin = self.tables(x.shape[1], x.device)
+        a, b = x[..., ::2], x[..., 1::2]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+class RopeBlock(nn.Module):
+    def __init__(self, cache_by_device: bool):
+        super().__init__()
+        self.rope = Rotary(cache_by_device)
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        return x + self.proj(self.rope(x))
+
+
+class SplitLM(nn.Module):
+    """Two blocks meant for two GPUs: an explicit hand-off in the model's own forward."""
+
+    def __init__(self, block0: nn.Module, block1: nn.Module):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.block0 = block0
+        self.block1 = block1
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.block0(self.embed(ids))
+        x = self.block1(x.to(self.block1_device))  # the device-map boundary, declared by the placement
+        return self.head(x.to(self.head.weight.device))
+
+
+def _split(block0, block1, head_on: int = 1):
+    def build(devices):
+        _ROPE_CACHE.clear()
+        torch.manual_seed(0)
+        model = SplitLM(block0(), block1()).eval()
+        d0, d1 = devices[0], devices[1]
+        model.embed.to(d0)
+        model.block0.to(d0)
+        model.block1.to(d1)
+        model.head.to(devices[head_on])
+        model.block1_device = torch.device(d1)
+        placement = {"": d0, "block1": d1, "head": devices[head_on]}
+        return model, lambda m: m(_tokens(d0)), placement
+
+    return build
+
+
+class ToFirstGpu(nn.Module):
+    """A block that hands its output to "cuda:0", wherever it is placed."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.proj(x).to("cuda:0")
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.proj(x) * self.gain  # `gain`: a buffer registered after the model was moved
+
+
+def _late_buffer(model, devices):
+    scaled = Scaled().to(devices[0])
+    model.layers[1].mlp[0] = scaled
+    scaled.register_buffer("gain", torch.ones(D))  # after .to(): stays on the CPU
+
+
+def _rope_block(by_device):
+    return lambda: RopeBlock(by_device)
+
+
+# ---- more clean models: idioms that must not be flagged ------------------------------------------
+
+
+class PackedGRU(nn.Module):
+    """A GRU over padded sequences packed with their lengths, which PyTorch wants on the host."""
+
+    def __init__(self, lengths_on_device: bool = False):
+        super().__init__()
+        self.lengths_on_device = lengths_on_device
+        self.embed = nn.Embedding(VOCAB, D)
+        self.rnn = nn.GRU(D, D, batch_first=True)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        lengths = torch.tensor([ids.shape[1], ids.shape[1] - 2])  # host lengths, as the API wants
+        if self.lengths_on_device:
+            lengths = (ids != -1).sum(-1)  # lengths computed on the device: torch reads them back
+        x = self.embed(ids)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=True)
+        out, _ = self.rnn(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
+        return self.head(out)
+
+
+class Idioms(nn.Module):
+    """LazyLinear, a weight-norm parametrization, one_hot with its class count, indexing with a
+    0-dim CPU integer, torch.where with a 0-dim CPU tensor, interpolate, a Python-list-free MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.lazy = nn.LazyLinear(D)
+        self.normed = nn.utils.parametrizations.weight_norm(nn.Linear(D, D))
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids) + F.one_hot(ids % D, D).to(self.embed.weight.dtype)
+        x = self.lazy(x)
+        x = torch.where(x > 0, x, torch.tensor(0.0))
+        x = x + x[:, torch.tensor(0)][:, None]
+        x = F.interpolate(x.transpose(1, 2), size=ids.shape[1], mode="linear").transpose(1, 2)
+        return self.head(self.normed(x) * np.float32(0.5))
+
+
+class Checkpointed(nn.Module):
+    """Blocks under activation checkpointing (recomputed in the backward pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(2))
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        from torch.utils.checkpoint import checkpoint
+
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if torch.is_grad_enabled() else block(x)
+        return self.head(x)
+
+
+class Compiled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.mlp = torch.compile(nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D)))
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.mlp(self.embed(ids)))
+
+
+def _gpt2_generate(devices):
+    """transformers' generate(): a prefill and decode steps with a KV cache, its host-side loop."""
+    model, _, device = _hf("gpt2")(devices)
+
+    def run(m):
+        ids = _tokens(device)
+        out = m.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
+        return out.float()
+
+    return model, run, device
+
+
+def _autocast(devices):
+    torch.manual_seed(0)
+    model = LM().eval().to(devices[0])
+
+    def run(m):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return m(_tokens(devices[0])).float()
+
+    return model, run, devices[0]
+
+
+def _train_step(devices):
+    """A training step: forward, loss, backward, AdamW, outside and inside a tracer alike."""
+    torch.manual_seed(0)
+    model = LM().to(devices[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def run(m):
+        ids = _tokens(devices[0])
+        logits = m(ids)
+        if torch.is_grad_enabled():
+            loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+        return logits
+
+    return model, run, devices[0]
+
+
+# ---- more bugs --------------------------------------------------------------------------------------
+
+
+class HardCoded(nn.Module):
+    """`device="cuda"` written into the code: the current device (cuda:0), wherever the module is."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        noise = torch.zeros(x.shape, device="cuda")
+        return self.proj(x + noise)
+
+
+class Trimmed(nn.Module):
+    """Cuts padding at the longest sequence, with the length read from the device."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        lengths = (x[..., 0] > -100).sum(-1)  # [B] on the device
+        if self.how == "slice":
+            x = x[:, : lengths.max()]  # a device tensor as a slice bound: read on the host
+        elif self.how == "branch":
+            if (lengths > 0).all():  # Python `if` on a device tensor: read on the host
+                x = x * 1.0
+        elif self.how == "one-hot":
+            x = x + F.one_hot(lengths - 1)[:, None, : x.shape[-1]].to(x.dtype).sum()  # class count read
+        elif self.how == "bucketize":
+            edges = torch.linspace(-1, 1, 5)  # host boundaries with device values
+            x = x + torch.bucketize(x, edges).to(x.dtype)
+        elif self.how == "one-element":
+            x = x + torch.tensor([1.0])  # a 1-element CPU tensor is no scalar to CUDA
+        return self.proj(x)
+
+
+class ListHolder(nn.Module):
+    """Submodules kept in a plain Python list (not an nn.ModuleList): `.to()` never sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = [nn.Linear(D, D) for _ in range(2)]
+        self.gate = nn.Linear(D, 2)
+
+    def forward(self, x):
+        w = self.gate(x).softmax(-1)
+        return sum(w[..., i, None] * e(x) for i, e in enumerate(self.experts))
+
+
+class Wrapper(nn.Module):
+    """Embedding, one inner module, a head."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.inner = inner
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.inner(self.embed(ids)))
+
+
+def _wrapped(make_inner, device_index: int = 0):
+    def build(devices):
+        torch.manual_seed(0)
+        device = devices[device_index]
+        model = Wrapper(make_inner()).eval().to(device)
+        return model, lambda m: m(_tokens(device)), device
+
+    return build
+
+
+class ChildTraps(nn.Module):
+    """What must not be flagged, inside a module (the model's own forward is the run's edge, so
+    traps there prove less): 0-dim CPU tensors and Python and numpy scalars in arithmetic,
+    `new_zeros`/`zeros_like`, `arange(device=)`, `.to(same device)`, a zero-byte upload,
+    indexing with a 0-dim CPU integer, `torch.where` with a 0-dim CPU tensor, one_hot with its
+    class count, a scalar computed on the host from 0-dim CPU tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.temperature = 2.0
+
+    def forward(self, x):
+        n = x.shape[1]
+        t = torch.tensor(self.temperature)  # a 0-dim CPU tensor: CUDA takes it as a scalar
+        x = self.proj(x) / t + torch.tensor(0.5) * np.float32(0.1) - 1
+        x = torch.where(x > 0, x, torch.tensor(0.0))
+        x = x + x.new_zeros(x.shape[-1]) + torch.zeros_like(x) + torch.arange(n, device=x.device)[:, None]
+        x = x.to(x.device).to(self.proj.weight.device).cuda(x.device)  # no-ops
+        x = x + torch.empty(0, D).to(x.device).sum(0)  # a zero-byte upload
+        x = x + x[:, torch.tensor(0)][:, None]  # a 0-dim CPU index is an integer
+        x = x + F.one_hot(torch.arange(n, device=x.device) % D, D)
+        scale = torch.tensor(3.0).sqrt() * torch.tensor(2.0)  # host scalars, computed on the host
+        return x * scale
+
+
+class RootRead(nn.Module):
+    """The model's own forward reads an activation back mid-way (to log it) and goes on."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        self.last_norm = float(np.linalg.norm(x.detach().cpu().numpy()))  # for logging
+        return self.head(x)
+
+
+def _read(devices, how):
+    torch.manual_seed(0)
+    model = ReadLM(how).eval().to(devices[0])
+    return model, lambda m: m(_tokens(devices[0])), devices[0]
+
+
+def _gather(devices, bug):
+    torch.manual_seed(0)
+    model = GatherLM(bug).eval().to(devices[0])
+    return model, lambda m: m(_tokens(devices[0])), devices[0]
+
+
+def _saved(devices):
+    torch.manual_seed(0)
+    model = SavedLM().eval().to(devices[0])
+    return model, lambda m: m(_tokens(devices[0])), devices[0]
+
+
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in (
+        # clean models (traps included): the run must be clean
+        Case("convnet", _clean_model(ConvNet, _image), None),
+        Case("gru", _clean_model(Recurrent, _tokens, "gru"), None),
+        Case("lstm", _clean_model(Recurrent, _tokens, "lstm"), None),
+        Case("vit", _clean_model(TinyViT, _image), None),
+        Case("tied-lm", _clean_model(TiedLM, _tokens), None),
+        Case("scripted", _clean_model(Scripted, _tokens), None),
+        Case("lm", _lm(), None),
+        Case("hf-gpt2", _hf("gpt2"), None),
+        Case("hf-bert", _hf("bert", mask=False), None),
+        Case("hf-t5", _hf("t5", mask=False), None),
+        Case("hf-phi", _hf("phi"), None),
+        Case("hf-gemma", _hf("gemma"), None),
+        Case("convnet-offload", _offloaded_convnet, None),
+        Case(
+            "split-rope-by-device",
+            _split(_rope_block(True), _rope_block(True)),
+            None,
+            devices=2,
+            why="a rotary cache keyed by (length, device): each GPU builds its own tables",
+        ),
+        Case("gather-on-device", lambda d: _gather(d, False), None),
+        Case("packed-gru", _clean_model(PackedGRU, _pair), None, why="host lengths are what the API wants"),
+        Case("idioms", _clean_model(Idioms, _tokens), None),
+        Case("checkpointed", _clean_model(Checkpointed, _tokens), None),
+        Case("compiled", _clean_model(Compiled, _tokens), None),
+        Case("gpt2-generate", _gpt2_generate, None),
+        Case("autocast", _autocast, None),
+        Case("train-step", _train_step, None),
+        Case(
+            "packed-gru-device-lengths",
+            _clean_model(PackedGRU, _pair, True),
+            (MISMATCH, ""),
+            "PackedGRU.forward",
+            why="pack_padded_sequence wants its lengths on the host: CUDA refuses device lengths "
+            "(\"'lengths' argument should be a 1D CPU int64 tensor\"), a device error of the model's "
+            "own forward, at the line that packs",
+        ),
+        Case(
+            "hard-coded-cuda",
+            _wrapped(HardCoded, device_index=1),
+            (STRAY, "inner"),
+            "HardCoded.forward",
+            devices=2,
+            why="device='cuda' is cuda:0 in a model placed on cuda:1: a tensor made on another "
+            "device than the module's (a stray), then CUDA refuses the sum",
+        ),
+        Case(
+            "slice-by-device-length", _wrapped(lambda: Trimmed("slice")), (SYNC, "inner"), "Trimmed.forward"
+        ),
+        Case("branch-on-device", _wrapped(lambda: Trimmed("branch")), (SYNC, "inner"), "Trimmed.forward"),
+        Case(
+            "one-hot-without-count",
+            _wrapped(lambda: Trimmed("one-hot")),
+            (SYNC, "inner"),
+            "Trimmed.forward",
+            why="one_hot without num_classes reads the largest index on the host",
+        ),
+        Case(
+            "bucketize-host-edges",
+            _wrapped(lambda: Trimmed("bucketize")),
+            (STRAY, "inner"),
+            "Trimmed.forward",
+            why="linspace without device= computes on the host in a device module (a stray, as "
+            "torch.ones without device=), then CUDA refuses bucketize",
+        ),
+        Case(
+            "one-element-cpu-tensor",
+            _wrapped(lambda: Trimmed("one-element")),
+            (MISMATCH, "inner"),
+            "Trimmed.forward",
+            why="torch.tensor([1.0]) is built on the host (no op computes there but the lift) and "
+            "CUDA refuses it beside a device tensor: only 0-dim CPU tensors pass as scalars",
+        ),
+        Case(
+            "modules-in-a-list",
+            _wrapped(ListHolder),
+            (MISMATCH, "inner"),
+            "ListHolder.forward",
+            why="the listed Linears stay on the host; they are no submodules, so their ops belong to "
+            "`inner`, whose code calls them",
+        ),
+        # bugs
+        Case("child-traps", _wrapped(ChildTraps), None),
+        Case(
+            "root-cpu-numpy",
+            _clean_model(RootRead, _tokens),
+            (SYNC, ""),
+            "RootRead.forward",
+            why="a device-to-host copy in the model's own forward that is not what it returns: a "
+            "sync (only the result handed back is the run's edge)",
+        ),
+        Case(
+            "hf-bert-mask-read",
+            _hf("bert"),
+            (SYNC, "bert"),
+            "_ignore_bidirectional_mask_sdpa",
+            why="not our bug but transformers': given an attention_mask, BERT asks `mask.all()` on "
+            "the host on every call (to skip the mask), a real device-to-host wait; reported where "
+            "it happens",
+        ),
+        Case("hf-t5-mask-read", _hf("t5"), (SYNC, "encoder"), "_ignore_bidirectional_mask_sdpa"),
+        Case(
+            "mask-without-device",
+            _lm(attn_bug="mask-without-device"),
+            (STRAY, "layers.1.attn"),
+            "Attention.forward",
+            why="torch.ones without device= computes on the host in a module placed on the device: "
+            "a stray at that line (the catalog's new-tensor-without-device), before CUDA refuses "
+            "masked_fill with the host mask",
+        ),
+        Case(
+            "positions-without-device",
+            _lm(bug="positions-without-device"),
+            (MISMATCH, "pos"),
+            "LM.forward",
+            why="CPU position ids into a CUDA embedding: CUDA refuses index_select; the op runs in "
+            "the embedding `pos`, the line that named it is LM.forward's",
+        ),
+        Case(
+            "mask-uploaded-per-call",
+            _lm(attn_bug="mask-uploaded-per-call"),
+            (TRANSFER, "layers.1.attn"),
+            "Attention.forward",
+            why="a host tensor moved to the device on every call: a silent upload per forward",
+        ),
+        Case(
+            "mask-from-list",
+            _lm(attn_bug="mask-from-list"),
+            (TRANSFER, "layers.1.attn"),
+            "Attention.forward",
+            why="torch.tensor(python data, device=cuda) each call: an upload from host data",
+        ),
+        Case(
+            "from-numpy",
+            _lm(attn_bug="from-numpy"),
+            (TRANSFER, "layers.1.attn"),
+            "Attention.forward",
+            why="torch.from_numpy(...).to(device) each call: an upload of host data",
+        ),
+        Case(
+            "cpu-numpy-in-forward",
+            lambda d: _read(d, "numpy"),
+            (SYNC, "mlp"),
+            "HostRead.forward",
+            why="x.cpu() inside the model: a device-to-host copy the host waits for",
+        ),
+        Case("tolist-in-forward", lambda d: _read(d, "tolist"), (SYNC, "mlp"), "HostRead.forward"),
+        Case("item-in-forward", lambda d: _read(d, "item"), (SYNC, "mlp"), "HostRead.forward"),
+        Case(
+            "cpu-index",
+            lambda d: _gather(d, True),
+            (TRANSFER, "pick"),
+            "Gather.forward",
+            why="CUDA accepts CPU indices and copies them to the device itself: a hidden upload",
+        ),
+        Case(
+            "weight-from-state-dict",
+            _saved,
+            (TRANSFER, "proj"),
+            "StateDictLinear.forward",
+            why="a weight re-uploaded from a host copy on every call",
+        ),
+        Case(
+            "buffer-after-to",
+            _lm(prepare=_late_buffer),
+            (MISMATCH, "layers.1.mlp.0"),
+            "Scaled.forward",
+            why="a buffer registered after .to() stays on the CPU; CUDA refuses the product",
+        ),
+        Case(
+            "rope-cache-first-device",
+            _split(_rope_block(False), _rope_block(False)),
+            (MISMATCH, "block1.rope"),
+            "Rotary.forward",
+            devices=2,
+            why="tables cached by length only: block1 on cuda:1 gets cuda:0's; CUDA refuses",
+        ),
+        Case(
+            "output-to-cuda0",
+            _split(lambda: RopeBlock(True), ToFirstGpu, head_on=1),
+            (TRANSFER, "block1"),
+            "ToFirstGpu.forward",
+            devices=2,
+            why="block1 on cuda:1 sends its output to cuda:0, which no device map declares",
+        ),
+    )
+}
+
+
+# ---- one traced run ------------------------------------------------------------------------------------
+
+GRAD_MODES = {
+    "inference_mode": torch.inference_mode,
+    "no_grad": torch.no_grad,
+    "grad": torch.enable_grad,
+}
+PLACEMENTS = ("inferred", "given")
+
+
+@dataclass
+class Outcome:
+    case: str
+    mode: str
+    placement: str
+    expect: tuple | None
+    verdict: str | None = None
+    first: tuple | None = None  # (class, module, source) of the first offence
+    counts: dict | None = None
+    error: str | None = None  # an error other than a device error (the run could not be judged)
+
+    @property
+    def crashed(self) -> bool:
+        return self.error is not None
+
+    @property
+    def detected(self) -> bool:
+        return self.expect is not None and not self.crashed and self.first is not None
+
+    @property
+    def class_right(self) -> bool:
+        return self.detected and self.first[0] == self.expect[0]
+
+    def located(self, where: str | None) -> bool:
+        return (
+            self.class_right
+            and self.first[1] == self.expect[1]
+            and (where is None or f" in {where}" in (self.first[2] or ""))
+        )
+
+    @property
+    def false_alarm(self) -> bool:
+        return self.expect is None and not self.crashed and self.verdict != "clean"
+
+    def describe(self) -> str:
+        got = f"crashed: {self.error}" if self.crashed else f"{self.verdict}, first {self.first}"
+        return f"{self.case} / {self.mode} / {self.placement}: expected {self.expect or 'clean'}, {got}"
+
+
+def trace_case(name: str, mode: str, placement: str, devices=("cuda:0", "cuda:1")) -> Outcome:
+    """Build case `name` on `devices`, trace one call under grad mode `mode` (with a backward
+    pass of the output's sum when grad is enabled) with the placement inferred or given."""
+    from harness.trace import Tracer, is_device_error
+
+    case = CASES[name]
+    outcome = Outcome(name, mode, placement, case.expect)
+    try:
+        model, run, given = case.build(list(devices))
+        if mode == "grad":
+            model.train()
+            for m in model.modules():  # keep dropout and batch statistics deterministic
+                if isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm)):
+                    m.eval()
+        if placement == "given" and given is None:
+            placement = "inferred"  # (offloaded: only the hooks know where it runs)
+        tracer = Tracer(model, placement=given if placement == "given" else None)
+        with GRAD_MODES[mode](), tracer:
+            try:
+                out = run(model)
+                out = out if isinstance(out, torch.Tensor) else out.logits
+                if out.requires_grad:  # (a training step returns its loss, detached)
+                    out.float().sum().backward()
+            except Exception as exc:
+                if not is_device_error(str(exc)):
+                    raise
+    except Exception as exc:
+        outcome.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return outcome
+    s = tracer.summary
+    outcome.verdict = str(s.verdict)
+    outcome.counts = {k: v for k, v in s.counts.items() if v}
+    if s.verdict == "error":
+        outcome.error = f"verdict error: {s.error}"
+    if s.first_offence is not None:
+        f0 = s.first_offence
+        outcome.first = (f0["class"], f0["module"], f0.get("source"))
+    return outcome
