@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-9 checks against real CUDA on one GPU machine, in one run, logs under $OUT:
 # `pytest -m cuda` (its two slow tests run the OpInfo and module-database sweeps whole; their JSON
-# is kept under $OUT) and, beside it, the detection matrix.
+# is kept under $OUT) and, beside it, the detection matrix and the held-out unseen-bugs check.
 #
 #   OUT=results-dir DEADLINE=330 bash scripts/gpu_checks.sh
 set -o pipefail
@@ -20,5 +20,6 @@ HARNESS_SWEEP_RESULTS="$OUT" run pytest_cuda python3 -m pytest -m cuda --harness
   -p no:cacheprovider -rfE tests cases
 run detection_matrix python3 scripts/detection_matrix.py --backend cuda \
   --out "$OUT/detection_matrix.h100.json"
+run unseen_bugs python3 scripts/unseen_bugs.py --backend cuda --out "$OUT/unseen_bugs.h100.json"
 wait
 for f in "$OUT"/*.log; do echo "== $f"; tail -4 "$f"; done
