@@ -103,7 +103,8 @@ def _ksign_table() -> list[list[float]]:
     return rows
 
 
-def _build_constants(device: torch.device) -> SimpleNamespace:
+def build_constants(device: torch.device) -> SimpleNamespace:
+    """Every dequantizer's constants, made now on `device` (the registry keeps one set per device)."""
     return SimpleNamespace(
         nib=constant_table([0, 4], torch.uint8, device),  # low nibble, high nibble
         crumb=constant_table([0, 2, 4, 6], torch.uint8, device),  # four 2-bit fields of a byte
@@ -120,7 +121,7 @@ def _build_constants(device: torch.device) -> SimpleNamespace:
 
 
 DEQUANT_TABLE = "dequant"
-TABLES.define(DEQUANT_TABLE, _build_constants)
+TABLES.define(DEQUANT_TABLE, build_constants)
 
 
 def constants(device: torch.device) -> SimpleNamespace:
