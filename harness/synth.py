@@ -7,8 +7,9 @@ tensors a file will hold (names, GGML types, numpy shapes) without writing anyth
 
 File types (`FILE_TYPES`):
   - plain GGML type names (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K,
-    IQ4_NL, IQ4_XS, Q2_K_PURE): every weight matrix in that type (a row too short for its blocks
-    falls back as llama.cpp's quantizer does);
+    IQ4_NL, IQ4_XS, Q2_K_PURE, and the low-bit IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S,
+    IQ1_M, TQ1_0, TQ2_0, MXFP4, NVFP4, Q1_0): every weight matrix in that type (a row too short
+    for its blocks falls back as llama.cpp's quantizer does);
   - llama.cpp's mixes (Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M): the type of
     each tensor chosen as `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp chooses it.
     `Q2_K` names llama.cpp's Q2_K mix, as `llama-quantize` does; Q2_K everywhere is `Q2_K_PURE`.
@@ -24,9 +25,11 @@ Layouts: "merged" experts are one 3-D tensor per projection (`blk.N.ffn_gate_exp
 Weights are generated tensor by tensor, in chunks of rows, straight into the file after a header
 written first, so memory stays bounded by a chunk (a few MB) whatever the model's size. Each tensor
 has its own random stream, seeded by (`seed`, tensor name). Float weights are drawn from a normal
-distribution and quantized with `gguf.quants.quantize` where gguf can quantize the type; for the
-K-quants and IQ4 types valid blocks are generated directly (random quant bits, scales chosen so
-the dequantized values have the requested standard deviation). Shapes here are numpy order (rows
+distribution and quantized with `gguf.quants.quantize` where gguf can quantize the type (and
+NVFP4 by a small quantizer here); for the K-quants, IQ and ternary types valid blocks are
+generated directly (random quant bits or grid indices, scales chosen so the dequantized values
+have the requested standard deviation). llama.cpp's quantizer needs an importance matrix for the
+IQ2/IQ1/IQ3_XXS types, which these files need not. Shapes here are numpy order (rows
 last): GGUF's dims are the reverse.
 """
 

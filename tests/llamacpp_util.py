@@ -39,6 +39,16 @@ FTYPES: dict[str, int] = {
     "IQ4_XS": L.LLAMA_FTYPE_MOSTLY_IQ4_XS,
 }
 
+# The low-bit ftypes llama-quantize makes without an importance matrix (IQ2_*, IQ1_* and IQ3_XXS
+# need one; NVFP4 it does not write: "invalid output file type 39").
+LOW_BIT_FTYPES: dict[str, int] = {
+    "IQ3_S": L.LLAMA_FTYPE_MOSTLY_IQ3_S,
+    "TQ1_0": L.LLAMA_FTYPE_MOSTLY_TQ1_0,
+    "TQ2_0": L.LLAMA_FTYPE_MOSTLY_TQ2_0,
+    "MXFP4_MOE": L.LLAMA_FTYPE_MOSTLY_MXFP4_MOE,
+    "Q1_0": L.LLAMA_FTYPE_MOSTLY_Q1_0,
+}
+
 _LOG: collections.deque[str] = collections.deque(maxlen=200)  # llama.cpp's latest log lines
 
 
@@ -66,7 +76,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str) -> Path
     """llama.cpp's own quantizer (llama-quantize without an imatrix) from `src` to `dst`."""
     init()
     params = L.llama_model_quantize_default_params()
-    params.ftype = FTYPES[ftype]
+    params.ftype = FTYPES[ftype] if ftype in FTYPES else LOW_BIT_FTYPES[ftype]
     params.nthread = N_THREADS
     rc = L.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
     if rc != 0:
