@@ -61,6 +61,12 @@ class UnsupportedTypeError(HarnessError):
     """A GGML type this harness does not dequantize."""
 
 
+class NonFiniteLogitsError(HarnessError):
+    """A model that loaded gave NaN or inf logits (its finite weights overflow the forward, or a
+    computation failed): no result is reported. The CLI exits 3, as for a run that did not
+    finish; `field` is "logits"."""
+
+
 class DeviceError(HarnessError):
     """A device that does not exist or cannot be used here."""
 

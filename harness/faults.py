@@ -465,15 +465,7 @@ def _mask_inject(model, inj):
 def _host_consts(device: torch.device) -> types.SimpleNamespace:
     # FAULT: the dequantizers' constants without the per-device table and without device=:
     # fresh host tensors on every call, whatever device the blocks are on.
-    def u8(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.uint8)
-
-    return types.SimpleNamespace(
-        nib=u8([0, 4]),
-        crumb=u8([0, 2, 4, 6]),
-        bit=u8(list(range(8))),
-        iq4=torch.tensor(dequant.IQ4_KVALUES, dtype=torch.float32),
-    )
+    return dequant.build_constants(torch.device("cpu"))
 
 
 def _dequant_sites(model: Mixtral) -> list[tuple[str, str | None, bool]]:

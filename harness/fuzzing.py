@@ -610,8 +610,12 @@ def semantic(seed: Seed, rng: random.Random, dst: Path) -> tuple[str, str, str]:
             _rewrite(seed, dst, rename={name: name + "x" * rng.choice([40, 100, 300])})
             return "tensor:rename_long", name, REFUSE
         if which == "unsupported_type":
-            t = rng.choice([Q.IQ1_S, Q.IQ2_XXS, Q.IQ3_S, Q.TQ1_0, Q.Q8_1, Q.I8, Q.F64, Q.IQ1_M])
+            # (the low-bit types are computed: zero blocks of one are a valid tensor, either
+            # accepted or refused for its place, e.g. one expert's type among others)
+            t = rng.choice([Q.IQ1_S, Q.IQ2_XXS, Q.IQ3_S, Q.TQ1_0, Q.Q8_1, Q.Q8_K, Q.I8, Q.F64, Q.IQ1_M])
             from gguf import GGML_QUANT_SIZES
+
+            from harness.quant.types import SUPPORTED_TYPES
 
             shape = mf.shape(name)
             block, size = GGML_QUANT_SIZES[t]
@@ -622,6 +626,8 @@ def semantic(seed: Seed, rng: random.Random, dst: Path) -> tuple[str, str, str]:
             raw = np.zeros((*shape[:-1], shape[-1] // block * size), dtype=np.uint8)
             assert raw.size == n
             _rewrite(seed, dst, retype={name: (int(t), raw)})
+            if t in SUPPORTED_TYPES:
+                return "tensor:retype", f"{name} as {t.name} (zeros)", EITHER
             return "tensor:unsupported_type", f"{name} as {t.name}", REFUSE
         if which == "reshape":
             shape = mf.shape(name)
@@ -660,7 +666,7 @@ def semantic(seed: Seed, rng: random.Random, dst: Path) -> tuple[str, str, str]:
     if kind == "weights":
         floats = [t for t, q, *_ in seed.tensors if q in (0, 1)]
         quants = [t for t, q, *_ in seed.tensors if q not in (0, 1, 30)]
-        # NaN and inf must be refused; the largest finite values must not make the logits NaN
+        # NaN and inf must be refused; huge finite values give finite logits or a clean error
         which = rng.choice(["nan", "inf", "huge", "scale_inf", "scale_nan", "scale_max"])
         if which.startswith("scale") and quants:
             name = rng.choice(quants)
@@ -734,6 +740,7 @@ def exercise_gguf(path: str, expect: str) -> tuple[str, str]:
     """Open, dequantize every tensor, tokenize, one CPU forward; the outcome and a message."""
     import torch
 
+    from harness.cli.loading import check_logits
     from harness.gguf_file import open_gguf
     from harness.model.mixtral import Mixtral
     from harness.model.tokenizer import Tokenizer
@@ -752,6 +759,7 @@ def exercise_gguf(path: str, expect: str) -> tuple[str, str]:
         model = Mixtral.from_gguf(path, device="cpu", max_seq_len=min(16, mf.config.context_length))
         with torch.no_grad():
             logits = model(torch.tensor(tokens[: model.max_seq_len]), 0)
+        check_logits(logits, path)  # as `harness logits` and `run` do: NaN or inf is an error
     except BaseException as exc:  # noqa: BLE001
         return classify_error(exc, path)
     shape_ok = tuple(logits.shape) == (min(len(tokens), model.max_seq_len), v)

@@ -29,7 +29,15 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType
 from harness.errors import GGUFFormatError, GGUFMetadataError, GGUFTensorError, UnsupportedTypeError, shown
 from harness.paths import check_input_file
 from harness.quant.qtensor import QTensor
-from harness.quant.types import F16_FIELDS, FLOAT_TYPES, SUPPORTED_TYPES, GGMLType, type_size
+from harness.quant.types import (
+    F16_FIELDS,
+    FLOAT_TYPES,
+    IQ1_M_SCALE_BYTES,
+    MXFP4_SCALE_BYTE,
+    SUPPORTED_TYPES,
+    GGMLType,
+    type_size,
+)
 
 
 @dataclass(frozen=True)
@@ -360,11 +368,28 @@ def _check_magic(path: str, head: bytes) -> None:
         )
 
 
+# GGML types llama.cpp writes (ggml.h of llama-cpp-python 0.3.36) that gguf may not name yet.
+GGML_TYPES_NEWER_THAN_GGUF = {
+    39: "MXFP4",
+    40: "NVFP4",
+    41: "Q1_0",
+    42: "Q2_0",
+}
+
+
 def _tensor_type(path: str, name: str, raw_type: int, computable_only: bool) -> GGMLType:
     """The tensor's GGML type; with `computable_only`, refused unless this harness computes it."""
     try:
         qtype = GGMLType(raw_type)
     except ValueError:
+        newer = GGML_TYPES_NEWER_THAN_GGUF.get(raw_type)
+        if newer:
+            raise UnsupportedTypeError(
+                path,
+                name,
+                f"type {newer} (GGML type id {raw_type}) cannot be computed by this harness: the "
+                "installed gguf package does not know it",
+            ) from None
         raise GGUFTensorError(path, name, f"unknown GGML type id {raw_type}") from None
     if qtype not in GGML_QUANT_SIZES:
         raise GGUFTensorError(path, name, f"type {qtype.name} has no known block size")
@@ -717,30 +742,38 @@ class ModelFile:
         return f"ModelFile({self.path!r}, layout={self.layout!r}, tensors={len(self._tensors)})"
 
 
-MAX_WEIGHT = 65504.0  # the largest F16: no trained weight comes near it
 CHECK_CHUNK_BYTES = 64 << 20  # tensors are checked a slice at a time: memory stays bounded
+# MXFP4 codes whose value, times the half-scale 2^(e - 128) of exponent byte e, stays finite: an
+# exponent up to 252 keeps every code finite; past it only the smaller magnitudes do.
+_MXFP4_MAGNITUDE = np.array((0, 1, 2, 3, 4, 6, 8, 12) * 2, dtype=np.float64)
+_MXFP4_SAFE_EXPONENT = 252
 
 
 def _check_finite(path: str, info: TensorInfo, raw: np.ndarray) -> None:
-    """Refuse a tensor whose float values, or the f16 scales of its blocks, are NaN or inf, and
-    F32/BF16 values past the F16 range (finite, but a forward through them overflows float32)."""
+    """Refuse a tensor whose float values, or the scales of its blocks, are NaN or inf (or, for
+    MXFP4, whose exponent makes a value overflow float32), as llama.cpp's `--check-tensors`
+    does. Finite values of any size are accepted, as llama.cpp accepts them: a forward that
+    overflows says so in its logits (`harness.cli.loading.check_logits`)."""
     q = info.qtype
     unit = 4 if q == GGMLType.F32 else 2 if q in FLOAT_TYPES else type_size(q)  # bytes per value or block
     offsets = F16_FIELDS.get(q, ())
-    if q not in FLOAT_TYPES and not offsets:
-        return
+    if q not in FLOAT_TYPES and not offsets and q not in (GGMLType.IQ1_M, _MXFP4):
+        return  # scales that are finite whatever their bits (NVFP4's UE4M3)
     step = max(CHECK_CHUNK_BYTES // unit, 1) * unit
     for start in range(0, raw.size, step):
         chunk = raw[start : start + step]
         if q == GGMLType.F32:
-            values = chunk.view("<f4")
-            bad = ~(np.abs(values) <= MAX_WEIGHT)  # NaN compares False
+            bad = (chunk.view("<u4") & 0x7F800000) == 0x7F800000  # exponent all ones: inf or NaN
         elif q == GGMLType.BF16:
-            values = (chunk.view("<u2").astype("<u4") << 16).view("<f4")
-            bad = ~(np.abs(values) <= MAX_WEIGHT)
+            bad = (chunk.view("<u2") & 0x7F80) == 0x7F80
         elif q == GGMLType.F16:
-            values = chunk.view("<f2")
-            bad = (chunk.view("<u2") & 0x7C00) == 0x7C00  # exponent all ones: inf or NaN
+            bad = (chunk.view("<u2") & 0x7C00) == 0x7C00
+        elif q == GGMLType.IQ1_M:  # the f16 scale's exponent: bits 6-7 of byte 53, 4-6 of byte 55
+            blocks = chunk.reshape(-1, unit)
+            high = (blocks[:, IQ1_M_SCALE_BYTES[2]] >> 4) | (blocks[:, IQ1_M_SCALE_BYTES[3]] & 0xF0)
+            bad = (high & 0x7C) == 0x7C
+        elif q == _MXFP4:
+            bad = _mxfp4_overflows(chunk.reshape(-1, unit))
         else:
             blocks = chunk.reshape(-1, unit)
             scales = np.stack([blocks[:, o : o + 2] for o in offsets], axis=1).reshape(-1).view("<u2")
@@ -749,14 +782,41 @@ def _check_finite(path: str, info: TensorInfo, raw: np.ndarray) -> None:
             continue
         first = int(np.flatnonzero(bad)[0])
         if q in FLOAT_TYPES:
+            value = _float_at(chunk, first, q)
+            raise GGUFTensorError(
+                path, info.name, f"value {start // unit + first} is {value:g}: not finite (a corrupt file?)"
+            )
+        if q == _MXFP4:
+            e = int(chunk[first * unit + MXFP4_SCALE_BYTE])
             raise GGUFTensorError(
                 path,
                 info.name,
-                f"value {start // unit + first} is {float(values[first]):g}: not finite or past "
-                f"±{MAX_WEIGHT:g} (a corrupt file?)",
+                f"block {start // unit + first}: exponent {e} makes its values overflow to inf",
             )
-        block = start // unit + first // len(offsets)
+        block = start // unit + first // max(len(offsets), 1)
         raise GGUFTensorError(path, info.name, f"the f16 scale of block {block} is NaN or inf")
+
+
+_MXFP4 = GGMLType["MXFP4"] if "MXFP4" in GGMLType.__members__ else None
+
+
+def _float_at(chunk: np.ndarray, i: int, q: GGMLType) -> float:
+    """Value `i` of the F32, F16 or BF16 bytes `chunk`."""
+    if q == GGMLType.BF16:
+        return float((chunk.view("<u2")[i : i + 1].astype("<u4") << 16).view("<f4")[0])
+    return float(chunk.view("<f4" if q == GGMLType.F32 else "<f2")[i])
+
+
+def _mxfp4_overflows(blocks: np.ndarray) -> np.ndarray:
+    """[N, 17] MXFP4 blocks -> [N] bool: a value of the block is inf (2^(e - 128) * |code|)."""
+    bad = np.zeros(blocks.shape[0], dtype=bool)
+    risky = np.flatnonzero(blocks[:, MXFP4_SCALE_BYTE] > _MXFP4_SAFE_EXPONENT)  # rare: look closer
+    if risky.size:
+        codes = blocks[risky, 1:]
+        largest = np.maximum(_MXFP4_MAGNITUDE[codes & 0xF], _MXFP4_MAGNITUDE[codes >> 4]).max(axis=1)
+        e = blocks[risky, MXFP4_SCALE_BYTE].astype(np.float64)
+        bad[risky] = largest * np.exp2(e - 128) >= 2.0**128
+    return bad
 
 
 def open_gguf(path: str | os.PathLike | Path) -> ModelFile:

@@ -7,8 +7,9 @@ tensors a file will hold (names, GGML types, numpy shapes) without writing anyth
 
 File types (`FILE_TYPES`):
   - plain GGML type names (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K,
-    IQ4_NL, IQ4_XS, Q2_K_PURE): every weight matrix in that type (a row too short for its blocks
-    falls back as llama.cpp's quantizer does);
+    IQ4_NL, IQ4_XS, Q2_K_PURE, and the low-bit IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S,
+    IQ1_M, TQ1_0, TQ2_0, MXFP4, NVFP4, Q1_0): every weight matrix in that type (a row too short
+    for its blocks falls back as llama.cpp's quantizer does);
   - llama.cpp's mixes (Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M): the type of
     each tensor chosen as `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp chooses it.
     `Q2_K` names llama.cpp's Q2_K mix, as `llama-quantize` does; Q2_K everywhere is `Q2_K_PURE`.
@@ -24,15 +25,18 @@ Layouts: "merged" experts are one 3-D tensor per projection (`blk.N.ffn_gate_exp
 Weights are generated tensor by tensor, in chunks of rows, straight into the file after a header
 written first, so memory stays bounded by a chunk (a few MB) whatever the model's size. Each tensor
 has its own random stream, seeded by (`seed`, tensor name). Float weights are drawn from a normal
-distribution and quantized with `gguf.quants.quantize` where gguf can quantize the type; for the
-K-quants and IQ4 types valid blocks are generated directly (random quant bits, scales chosen so
-the dequantized values have the requested standard deviation). Shapes here are numpy order (rows
+distribution and quantized with `gguf.quants.quantize` where gguf can quantize the type (and
+NVFP4 by a small quantizer here); for the K-quants, IQ and ternary types valid blocks are
+generated directly (random quant bits or grid indices, scales chosen so the dequantized values
+have the requested standard deviation). llama.cpp's quantizer needs an importance matrix for the
+IQ2/IQ1/IQ3_XXS types, which these files need not. Shapes here are numpy order (rows
 last): GGUF's dims are the reverse.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import pathlib
@@ -49,7 +53,14 @@ import numpy as np
 
 from harness.errors import UsageError
 from harness.gguf_file import PRESETS, MixtralConfig
-from harness.quant.types import GGMLType, block_size, type_size
+from harness.quant.types import (
+    F16_FIELDS,
+    IQ1_M_SCALE_BYTES,
+    SUPPORTED_TYPES,
+    GGMLType,
+    block_size,
+    type_size,
+)
 
 T = GGMLType
 LFT = gguf.LlamaFileType
@@ -102,6 +113,26 @@ def _file_types() -> dict[str, FileType]:
         ("IQ4_NL", LFT.MOSTLY_IQ4_NL, T.IQ4_NL),
         ("IQ4_XS", LFT.MOSTLY_IQ4_XS, T.IQ4_XS),
     ]
+    # The low-bit types, where this gguf names them and the harness computes them: every matrix
+    # in the type (llama.cpp's own mixes for these ftypes vary the type per tensor; these do not).
+    # MXFP4 is llama.cpp's MXFP4_MOE ftype, which quantizes only the experts: here all matrices.
+    low_bit = [
+        ("IQ2_XXS", "MOSTLY_IQ2_XXS"),
+        ("IQ2_XS", "MOSTLY_IQ2_XS"),
+        ("IQ2_S", "MOSTLY_IQ2_S"),
+        ("IQ3_XXS", "MOSTLY_IQ3_XXS"),
+        ("IQ3_S", "MOSTLY_IQ3_S"),
+        ("IQ1_S", "MOSTLY_IQ1_S"),
+        ("IQ1_M", "MOSTLY_IQ1_M"),
+        ("TQ1_0", "MOSTLY_TQ1_0"),
+        ("TQ2_0", "MOSTLY_TQ2_0"),
+        ("MXFP4", "MOSTLY_MXFP4_MOE"),
+        ("NVFP4", "MOSTLY_NVFP4"),
+        ("Q1_0", "MOSTLY_Q1_0"),
+    ]
+    for name, ftype in low_bit:
+        if name in T.__members__ and T[name] in SUPPORTED_TYPES and ftype in LFT.__members__:
+            plain.append((name, LFT[ftype], T[name]))
     mixes = [
         ("Q2_K", LFT.MOSTLY_Q2_K, T.Q2_K),
         ("Q3_K_S", LFT.MOSTLY_Q3_K_S, T.Q3_K),
@@ -441,6 +472,15 @@ def _mix_type(c: MixtralConfig, ft: FileType, name: str, shape: tuple[int, ...],
 
 
 _FALLBACK = {
+    T.IQ1_S: T.IQ4_NL,
+    T.IQ1_M: T.IQ4_NL,
+    T.IQ2_XXS: T.IQ4_NL,
+    T.IQ2_XS: T.IQ4_NL,
+    T.IQ2_S: T.IQ4_NL,
+    T.IQ3_XXS: T.IQ4_NL,
+    T.IQ3_S: T.IQ4_NL,
+    T.TQ1_0: T.Q4_0,
+    T.TQ2_0: T.Q4_0,
     T.IQ4_XS: T.IQ4_NL,
     T.Q2_K: T.Q4_0,
     T.Q3_K: T.Q4_0,
@@ -454,6 +494,7 @@ def _fallback(qtype: GGMLType, ncols: int) -> GGMLType:
     """llama.cpp's tensor_type_fallback: a type whose blocks fit a row of `ncols`."""
     if ncols % block_size(qtype) == 0:
         return qtype
+    # (llama.cpp has no fallback for NVFP4 and Q1_0 and refuses such a row: F16 here)
     new = _FALLBACK.get(qtype, qtype)
     return new if ncols % block_size(new) == 0 else T.F16
 
@@ -566,7 +607,20 @@ def _merged_pieces(n: int, chars: set[str]) -> list[str]:
 _D_TARGET = 2.0**-13  # aim the f16 super-block scale d at about this (a normal f16)
 _IQ4_VALUES = np.array(gguf.quants.IQ4_NL.kvalues, dtype=np.float64)
 # gguf.quants can quantize floats to these; the rest get directly generated blocks.
-_FLOAT_QUANTIZED = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+_FLOAT_QUANTIZED = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0) + tuple(
+    T[name] for name in ("MXFP4",) if name in T.__members__ and T[name] in SUPPORTED_TYPES
+)
+# Types whose random bytes are valid blocks once their scale is set (grid indices, signs, bits,
+# base-3 digits and sub-scales cover their whole range; TQ2_0's unused code 3 is redrawn): the
+# scale is chosen from the values' RMS at scale 1.
+_SCALE_ONLY = tuple(
+    T[name]
+    for name in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ3_S", "IQ2_S", "IQ1_M", "TQ1_0", "TQ2_0", "Q1_0")
+    if name in T.__members__ and T[name] in SUPPORTED_TYPES
+)
+# NVFP4's smallest scale is too coarse for random codes at small std: its values are quantized
+# here, as llama.cpp's reference quantizer does (`_quantize_nvfp4`).
+_NVFP4 = tuple(T[name] for name in ("NVFP4",) if name in T.__members__ and T[name] in SUPPORTED_TYPES)
 
 
 @dataclass(frozen=True)
@@ -589,7 +643,7 @@ _LAYOUTS = {
     T.IQ4_NL: _Layout(float(_IQ4_VALUES.mean()), float(_IQ4_VALUES.var()), 1, True),
     T.IQ4_XS: _Layout(float(_IQ4_VALUES.mean()), float(_IQ4_VALUES.var()), 31, True),
 }
-RANDOM_BLOCK_TYPES: tuple[GGMLType, ...] = _FLOAT_QUANTIZED + tuple(_LAYOUTS)
+RANDOM_BLOCK_TYPES: tuple[GGMLType, ...] = _FLOAT_QUANTIZED + tuple(_LAYOUTS) + _SCALE_ONLY + _NVFP4
 
 
 def random_blocks(
@@ -609,14 +663,83 @@ def random_blocks(
             None, "shape", f"row length of {shape} is not a multiple of {qtype.name}'s block size"
         )
     byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-    if qtype in _FLOAT_QUANTIZED:
+    if qtype in _FLOAT_QUANTIZED or qtype in _NVFP4:
         values = rng.standard_normal(shape, dtype=np.float32)
         values *= np.float32(std)
+        if qtype in _NVFP4:
+            return _quantize_nvfp4(values.reshape(-1, 64)).reshape(byte_shape)
         return gguf.quants.quantize(values, qtype).view(np.uint8).reshape(byte_shape)
     n_blocks = math.prod(shape) // block_size(qtype)
-    blocks = _random_bytes(rng, n_blocks * type_size(qtype)).reshape(n_blocks, type_size(qtype))
-    _fill_scales(qtype, blocks, rng, std)
+    blocks = _random_block_bytes(qtype, rng, n_blocks)
+    if qtype in _SCALE_ONLY:
+        jitter = rng.uniform(0.75, 1.25, size=n_blocks)  # per-block scales vary, as in real files
+        _set_scale(qtype, blocks, std / (_unit_rms(qtype) * math.sqrt(_JITTER_MS)) * jitter)
+    else:
+        _fill_scales(qtype, blocks, rng, std)
     return blocks.reshape(byte_shape)
+
+
+def _random_block_bytes(qtype: GGMLType, rng: np.random.Generator, n_blocks: int) -> np.ndarray:
+    """[n_blocks, type_size] random bytes (scales still to be set)."""
+    blocks = _random_bytes(rng, n_blocks * type_size(qtype)).reshape(n_blocks, type_size(qtype))
+    if qtype == T.TQ2_0:  # 2-bit codes 0..2 (-1, 0, 1): a code 3 (+2) becomes a random one of those
+        shifts = np.array([0, 2, 4, 6], dtype=np.uint8)
+        crumbs = (blocks[:, :64, None] >> shifts) & 3
+        redraw = rng.integers(0, 3, size=crumbs.shape, dtype=np.uint8)
+        crumbs = np.where(crumbs == 3, redraw, crumbs)
+        blocks[:, :64] = np.bitwise_or.reduce(crumbs << shifts, axis=-1)
+    return blocks
+
+
+def _set_scale(qtype: GGMLType, blocks: np.ndarray, d: np.ndarray) -> None:
+    """Write the block scale `d` (one per block, made finite and positive) into `blocks`."""
+    bits = _f16(d).view(np.uint16)
+    if qtype == T.IQ1_M:  # the f16's four nibbles are the top nibbles of four sub-scale bytes
+        for k, at in enumerate(IQ1_M_SCALE_BYTES):
+            blocks[:, at] = (blocks[:, at] & 0x0F) | (((bits >> (4 * k)) & 0xF) << 4).astype(np.uint8)
+        return
+    (off,) = F16_FIELDS[qtype]
+    blocks[:, off : off + 2] = bits.view(np.uint8).reshape(-1, 2)
+
+
+_MXFP4_VALUES = np.array((0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12), dtype=np.float64)
+
+
+def _quantize_nvfp4(values: np.ndarray) -> np.ndarray:
+    """[N, 64] float32 -> [N, 36] NVFP4 blocks: per 16 values the UE4M3 scale nearest amax / 6
+    (the largest E2M1 value), each value the nearest code at that scale."""
+    n = values.shape[0]
+    sub = values.reshape(n, 4, 16).astype(np.float64)
+    codes = np.arange(1, 0x7F)
+    scales = np.array([_ue4m3(c) for c in codes])  # increasing
+    want = np.abs(sub).max(axis=-1) / 12  # per sub-block: value = code value * scale, max 12
+    pick = np.clip(np.searchsorted(scales, want), 0, len(codes) - 1)
+    d = scales[pick][..., None]  # [N, 4, 1]
+    q = np.abs(sub[..., None] - _MXFP4_VALUES * d[..., None]).argmin(axis=-1).astype(np.uint8)  # [N, 4, 16]
+    out = np.empty((n, 36), dtype=np.uint8)
+    out[:, :4] = codes[pick]
+    out[:, 4:] = (q[..., :8] | (q[..., 8:] << 4)).reshape(n, 32)
+    return out
+
+
+def _ue4m3(code: int) -> float:
+    """NVFP4's scale code -> its value, halved as ggml_ue4m3_to_fp32 does (codes 1..0x7E)."""
+    exp, man = (code >> 3) & 0xF, code & 7
+    return (man * 2.0**-9 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7)) * 0.5
+
+
+@functools.cache
+def _unit_rms(qtype: GGMLType) -> float:
+    """The RMS of the values of random blocks of `qtype` whose scale is 1."""
+    import torch
+
+    from harness.quant.dequant import dequantize_torch
+
+    n = 4096
+    blocks = _random_block_bytes(qtype, np.random.default_rng(0), n)
+    _set_scale(qtype, blocks, np.ones(n))
+    values = dequantize_torch(torch.from_numpy(blocks), qtype, (n * block_size(qtype),), torch.float64)
+    return float(values.square().mean().sqrt())
 
 
 def _random_bytes(rng: np.random.Generator, n: int) -> np.ndarray:

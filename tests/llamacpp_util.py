@@ -39,6 +39,16 @@ FTYPES: dict[str, int] = {
     "IQ4_XS": L.LLAMA_FTYPE_MOSTLY_IQ4_XS,
 }
 
+# The low-bit ftypes llama-quantize makes without an importance matrix (IQ2_*, IQ1_* and IQ3_XXS
+# need one; NVFP4 it does not write: "invalid output file type 39").
+LOW_BIT_FTYPES: dict[str, int] = {
+    "IQ3_S": L.LLAMA_FTYPE_MOSTLY_IQ3_S,
+    "TQ1_0": L.LLAMA_FTYPE_MOSTLY_TQ1_0,
+    "TQ2_0": L.LLAMA_FTYPE_MOSTLY_TQ2_0,
+    "MXFP4_MOE": L.LLAMA_FTYPE_MOSTLY_MXFP4_MOE,
+    "Q1_0": L.LLAMA_FTYPE_MOSTLY_Q1_0,
+}
+
 _LOG: collections.deque[str] = collections.deque(maxlen=200)  # llama.cpp's latest log lines
 
 
@@ -66,7 +76,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str) -> Path
     """llama.cpp's own quantizer (llama-quantize without an imatrix) from `src` to `dst`."""
     init()
     params = L.llama_model_quantize_default_params()
-    params.ftype = FTYPES[ftype]
+    params.ftype = FTYPES[ftype] if ftype in FTYPES else LOW_BIT_FTYPES[ftype]
     params.nthread = N_THREADS
     rc = L.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
     if rc != 0:
@@ -147,3 +157,52 @@ class LlamaCpp:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# ggml's own row (de)quantizers, from the libggml-base that llama-cpp-python ships
+# --------------------------------------------------------------------------------------------
+
+_GGML: ctypes.CDLL | None = None
+
+
+def ggml() -> ctypes.CDLL:
+    global _GGML
+    if _GGML is None:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(L.__file__), "lib", "libggml-base.so"))
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.ggml_quantize_chunk.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        _GGML = lib
+    return _GGML
+
+
+def ggml_dequantize(blocks: np.ndarray, type_name: str, n_values: int) -> np.ndarray:
+    """llama.cpp's dequantize_row_<type> over whole blocks: float32 [n_values]."""
+    symbol = "dequantize_row_" + (
+        type_name[:-1].lower() + "K" if type_name.endswith("_K") else type_name.lower()
+    )
+    fn = getattr(ggml(), symbol)
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    src = np.ascontiguousarray(blocks, dtype=np.uint8)
+    out = np.empty(n_values, dtype=np.float32)
+    fn(src.ctypes.data, out.ctypes.data, n_values)
+    return out
+
+
+def ggml_quantize(values: np.ndarray, type_id: int, type_bytes: int, block: int) -> np.ndarray:
+    """llama.cpp's quantizer (ggml_quantize_chunk) over rows of float32 `values` [rows, cols]:
+    uint8 [rows, cols // block * type_bytes]. Types that need an importance matrix get one of
+    ones (every column weighted alike)."""
+    rows, cols = values.shape
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    dst = np.zeros((rows, cols // block * type_bytes), dtype=np.uint8)
+    weights = np.ones(cols, dtype=np.float32)
+    imatrix = weights.ctypes.data if ggml().ggml_quantize_requires_imatrix(type_id) else None
+    written = ggml().ggml_quantize_chunk(type_id, src.ctypes.data, dst.ctypes.data, 0, rows, cols, imatrix)
+    if written != dst.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {dst.nbytes}")
+    return dst

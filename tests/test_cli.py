@@ -374,6 +374,36 @@ def test_logits_writes_one_row_per_position(tiny, tmp_path):
     assert np.array_equal(logits, expected)
 
 
+@pytest.fixture(scope="module")
+def overflowing(files):
+    """The tiny model with finite but huge output-norm weights (3e38): the loader accepts it, as
+    llama.cpp does, and every logit of its forward overflows."""
+    from tests.gguf_edit import rewrite
+
+    def huge(raw):
+        raw = raw.copy()
+        raw[:] = 3.0e38
+        return raw
+
+    return rewrite(files["tiny"], files["dir"] / "overflowing.gguf", edit={"output_norm.weight": huge})
+
+
+def test_non_finite_logits_are_an_error_not_a_result(overflowing, tmp_path):
+    """`logits` writes no .npy of NaN, `run` prints no tokens sampled from them as an answer,
+    `trace` is not clean: each says so in one line naming the file, and exits 3."""
+    out = tmp_path / "logits.npy"
+    code, stdout, err = call(["logits", str(overflowing), "--tokens", "1,5,9", "--out", str(out)])
+    assert code == 3 and not out.exists()
+    assert err.count("\n") == 1
+    assert err.startswith(f"harness: error: {overflowing}: logits: ") and "NaN or inf" in err
+    assert "first at position 0" in err
+    code, stdout, err = call(["run", str(overflowing), "-p", "Hello", "-n", "2", "--json"])
+    assert code == 3 and stdout == "" and err.startswith(f"harness: error: {overflowing}: logits: ")
+    code, stdout, _ = call(["trace", str(overflowing), "--device", "emulated"])
+    assert code == 3
+    assert stdout.startswith("trace: ERROR: ") and "a run without a finite result is never clean" in stdout
+
+
 def test_faults_lists_the_catalog(capsys):
     from harness.faults import CATALOG
 

@@ -428,7 +428,7 @@ def test_a_file_laid_out_to_another_alignment_loads(files, tmp_path):
     )
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.IQ1_S, GGMLType.IQ2_XXS, GGMLType.TQ1_0])
+@pytest.mark.parametrize("qtype", [GGMLType.Q8_1, GGMLType.Q8_K, GGMLType.I8, GGMLType.F64])
 def test_a_type_that_cannot_be_computed_is_refused_at_open(files, tmp_path, qtype):
     from gguf import GGML_QUANT_SIZES
 
@@ -589,7 +589,7 @@ def test_long_values_are_cut_in_messages(files, tmp_path):
 
 
 @pytest.mark.parametrize("chunk_bytes", [64 << 20, 16])  # the check goes a slice at a time
-@pytest.mark.parametrize("poison", ["nan", "inf", "-3e38", "scale"])
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf", "scale"])
 def test_non_finite_weights_are_refused_naming_the_tensor(files, tmp_path, poison, chunk_bytes, monkeypatch):
     from harness import gguf_file
 
@@ -615,10 +615,91 @@ def test_non_finite_weights_are_refused_naming_the_tensor(files, tmp_path, poiso
             raw[7] = float(poison)
             return raw
 
-        message = f"value 7 is {float(poison):g}: not finite or past ±65504"
+        message = f"value 7 is {float(poison):g}: not finite (a corrupt file?)"
     bad = rewrite(files["merged"], tmp_path / "bad.gguf", edit={name: spoil})
     with pytest.raises(GGUFTensorError, match=re.escape(f"bad.gguf: {name}: {message}")):
         open_gguf(bad).tensor(name)
+
+
+@pytest.mark.parametrize("value", [3.0e38, -1e20, 65505.0])
+def test_finite_weights_of_any_size_are_accepted(files, tmp_path, value):
+    """llama.cpp loads finite F32 weights of any size: so does the loader (a forward they
+    overflow reports its NaN logits as an error, tests/test_cli.py)."""
+    name = "blk.1.ffn_norm.weight"
+
+    def spoil(raw):
+        raw[7] = value
+        return raw
+
+    big = rewrite(files["merged"], tmp_path / "big.gguf", edit={name: spoil})
+    assert open_gguf(big).tensor(name).dequantize()[7] == np.float32(value)
+
+
+def _blocks_of(qtype: GGMLType, rows: int, cols: int, fill) -> np.ndarray:
+    from harness.quant.types import block_size, type_size
+
+    raw = np.zeros((rows, cols // block_size(qtype) * type_size(qtype)), dtype=np.uint8)
+    fill(raw.reshape(-1, type_size(qtype)))
+    return raw
+
+
+def test_a_ggml_type_newer_than_gguf_is_named(files, tmp_path):
+    """Q2_0 (GGML type id 42) is one llama.cpp writes and gguf 0.19 does not know: the refusal
+    names the file, the tensor and the type, in one line."""
+    name = "blk.1.attn_q.weight"
+    bad = tmp_path / "q2_0.gguf"
+    bad.write_bytes(files["merged"].read_bytes())
+    patch(bad, tensor_info_offsets(bad, name)["type"], struct.pack("<I", 42))
+    with pytest.raises(UnsupportedTypeError) as raised:
+        open_gguf(bad)
+    assert str(raised.value) == (
+        f"{bad}: {name}: type Q2_0 (GGML type id 42) cannot be computed by this harness: the installed "
+        "gguf package does not know it"
+    )
+
+
+def test_iq1_m_scale_spread_over_nibbles_is_checked(files, tmp_path):
+    """IQ1_M's f16 scale lives in the top nibbles of bytes 49, 51, 53, 55: inf there is refused."""
+    name = "blk.0.attn_q.weight"
+    rows, cols = open_gguf(files["merged"]).shape(name)
+    inf = 0x7C00  # f16 +inf: nibbles 0, 0, C, 7
+
+    def fill(blocks):
+        blocks[5, 53], blocks[5, 55] = 0xC0, 0x70
+
+    raw = _blocks_of(GGMLType.IQ1_M, rows, cols, fill)
+    assert np.float16(np.array([inf], np.uint16).view(np.float16)[0]) == np.inf
+    bad = rewrite(files["merged"], tmp_path / "bad.gguf", retype={name: (int(GGMLType.IQ1_M), raw)})
+    with pytest.raises(
+        GGUFTensorError, match=re.escape(f"bad.gguf: {name}: the f16 scale of block 5 is NaN or inf")
+    ):
+        open_gguf(bad).tensor(name)
+
+
+@pytest.mark.skipif("MXFP4" not in GGMLType.__members__, reason="this gguf does not name MXFP4")
+@pytest.mark.parametrize(
+    ("exponent", "code", "refused"),
+    [(252, 7, False), (253, 5, False), (253, 6, True), (255, 1, False), (255, 2, True)],
+)
+def test_mxfp4_exponents_that_overflow_are_refused(files, tmp_path, exponent, code, refused):
+    """2^(e - 128) * |value| must stay finite: code 7 is 12, 5 is 6, 6 is 8, 1 is 1, 2 is 2."""
+    name = "blk.0.attn_q.weight"
+    rows, cols = open_gguf(files["merged"]).shape(name)
+    qtype = GGMLType.MXFP4
+
+    def fill(blocks):
+        blocks[:, 0] = 127
+        blocks[3, 0], blocks[3, 1] = exponent, code
+
+    raw = _blocks_of(qtype, rows, cols, fill)
+    path = rewrite(files["merged"], tmp_path / "mx.gguf", retype={name: (int(qtype), raw)})
+    if refused:
+        with pytest.raises(
+            GGUFTensorError, match=re.escape(f"{name}: block 3: exponent {exponent} makes its")
+        ):
+            open_gguf(path).tensor(name)
+    else:
+        assert torch.isfinite(open_gguf(path).tensor(name).dequantize()).all()
 
 
 def test_fifo_and_devices_are_refused_without_blocking(tmp_path):

@@ -1,4 +1,6 @@
-"""harness.quant.dequant against gguf.quants.dequantize, bit for bit, for every supported type."""
+"""harness.quant.dequant against gguf.quants.dequantize, bit for bit, for every supported type.
+
+(llama.cpp's own dequantize_row_* are the reference in tests/test_quant_llamacpp.py.)"""
 
 from __future__ import annotations
 
@@ -10,15 +12,32 @@ from gguf.quants import quant_shape_to_byte_shape
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.device_tables import TABLES
 from harness.errors import GGUFTensorError, UnsupportedTypeError, UsageError
+from harness.quant import dequant
 from harness.quant.dequant import dequantize
-from harness.quant.types import F16_FIELDS, FLOAT_TYPES, SUPPORTED_TYPES, GGMLType, block_size, type_size
+from harness.quant.qtensor import QTensor
+from harness.quant.types import (
+    F16_FIELDS,
+    FLOAT_TYPES,
+    IQ1_M_SCALE_BYTES,
+    MXFP4_SCALE_BYTE,
+    SUPPORTED_TYPES,
+    GGMLType,
+    block_size,
+    type_size,
+)
 
 T = GGMLType
 QUANT_TYPES = tuple(t for t in SUPPORTED_TYPES if t not in FLOAT_TYPES)
 # Types gguf can quantize from float32 itself; the rest are written as random valid blocks.
 GGUF_QUANTIZES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
-# Byte offsets of the f16 scale fields (d, and m / dmin where there is one) within each block.
+# Types whose scale is an f16 (in fields, or spread over IQ1_M's sub-scale words): the edge cases.
+F16_SCALED = tuple(t for t in QUANT_TYPES if t in F16_FIELDS or t == T.IQ1_M)
+# The types added for low-bit files (IQ2/IQ3/IQ1 grids, ternary, FP4): checked on the emulation.
+LOW_BIT_TYPES = tuple(
+    t for t in QUANT_TYPES if t.name.startswith(("IQ1", "IQ2", "IQ3", "TQ", "MXFP", "NVFP", "Q1_"))
+)
 
 # (exponent mask, a bit of it to clear) per float layout: all-ones exponent -> finite.
 F16_EXP = (0x7C00, 0x4000)
@@ -44,9 +63,13 @@ def random_blocks(qtype: GGMLType, shape: tuple[int, ...], rng: np.random.Genera
         _make_finite(raw.view(np.uint32), F32_EXP)
     elif qtype in (T.F16, T.BF16):
         _make_finite(raw.view(np.uint16), F16_EXP if qtype == T.F16 else BF16_EXP)
-    else:
+    elif qtype == T.IQ1_M:  # clear f16 exponent bit 10 (bit 6 of byte 53): never all ones
+        raw.reshape(-1, type_size(qtype))[:, IQ1_M_SCALE_BYTES[2]] &= 0xBF
+    elif qtype.name == "MXFP4":  # exponents past 252 overflow the larger codes
+        raw.reshape(-1, type_size(qtype))[:, MXFP4_SCALE_BYTE] %= 253
+    else:  # NVFP4's UE4M3 scales are finite whatever their bits
         blocks = raw.reshape(-1, type_size(qtype))
-        for off in F16_FIELDS[qtype]:
+        for off in F16_FIELDS.get(qtype, ()):
             field = np.ascontiguousarray(blocks[:, off : off + 2]).view(np.uint16)
             _make_finite(field, F16_EXP)
             blocks[:, off : off + 2] = field.view(np.uint8)
@@ -54,13 +77,23 @@ def random_blocks(qtype: GGMLType, shape: tuple[int, ...], rng: np.random.Genera
 
 
 def set_scales(raw: np.ndarray, qtype: GGMLType, value: float) -> None:
-    """Write `value` (as f16) into every scale field of every block, in place."""
+    """Write `value` (as f16) into every f16 scale of every block, in place."""
     blocks = raw.reshape(-1, type_size(qtype))
+    bits = np.array([value], dtype=np.float16).view(np.uint16)[0]
+    if qtype == T.IQ1_M:  # the scale's four nibbles are the top nibbles of bytes 49, 51, 53, 55
+        for k, at in enumerate(IQ1_M_SCALE_BYTES):
+            blocks[:, at] = (blocks[:, at] & 0x0F) | (((int(bits) >> (4 * k)) & 0xF) << 4)
+        return
     for off in F16_FIELDS[qtype]:
-        blocks[:, off : off + 2] = np.array([value], dtype=np.float16).view(np.uint8)
+        blocks[:, off : off + 2] = np.array([bits], dtype=np.uint16).view(np.uint8)
 
 
 def reference(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    if qtype.name == "Q1_0":  # gguf 0.19 names Q1_0 but cannot dequantize it: +-d by each bit
+        blocks = np.ascontiguousarray(raw).reshape(-1, type_size(qtype))
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        plus = np.unpackbits(blocks[:, 2:], axis=-1, bitorder="little").astype(bool)
+        return np.where(plus, d, -d).reshape(*raw.shape[:-1], -1)
     return gguf.quants.dequantize(raw, qtype)
 
 
@@ -115,7 +148,7 @@ def test_random_blocks_match_gguf(qtype: GGMLType, data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.0, 2.0**-24, -(2.0**-14), 1.0, -65504.0, 65504.0])
-@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=ids)
+@pytest.mark.parametrize("qtype", F16_SCALED, ids=ids)
 def test_edge_scales_match_gguf(qtype: GGMLType, scale: float) -> None:
     """Zero, signed zero, the smallest f16 subnormal and the largest f16 as every scale."""
     shape = (2, 2 * block_size(qtype))
@@ -191,7 +224,56 @@ def test_other_dtypes_are_the_float32_result_cast(qtype: GGMLType, dtype: torch.
     assert torch.equal(out.view(bits), want.view(bits))
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_1, T.Q8_K, T.IQ2_XXS, T.TQ1_0, T.MXFP4], ids=ids)
+@pytest.mark.skipif("MXFP4" not in T.__members__, reason="this gguf does not name MXFP4")
+def test_mxfp4_every_exponent_and_code_matches_gguf() -> None:
+    """All 256 E8M0 exponents (a subnormal half-scale below 2, infinities past 252 for the
+    larger codes) with all 16 codes in both nibbles."""
+    qtype = T.MXFP4
+    raw = np.zeros((256, type_size(qtype)), dtype=np.uint8)
+    raw[:, MXFP4_SCALE_BYTE] = np.arange(256)
+    codes = np.arange(16, dtype=np.uint8)
+    raw[:, 1:17] = codes | (codes[::-1] << 4)
+    out = dequantize(as_raw(raw), qtype, (256 * 32,))
+    with np.errstate(over="ignore"):
+        want = reference(raw, qtype)
+    assert_bit_identical(out, want.reshape(-1))
+    assert torch.isinf(out).any() and torch.isfinite(out[: 253 * 32]).all()
+
+
+@pytest.mark.skipif("NVFP4" not in T.__members__, reason="this gguf does not name NVFP4")
+def test_nvfp4_every_scale_byte_matches_gguf() -> None:
+    qtype = T.NVFP4
+    raw = np.random.default_rng(6).integers(0, 256, size=(64, type_size(qtype)), dtype=np.uint8)
+    raw[:, :4] = np.arange(256, dtype=np.uint8).reshape(64, 4)
+    assert_bit_identical(dequantize(as_raw(raw), qtype, (64 * 64,)), reference(raw, qtype).reshape(-1))
+
+
+def test_sign_table_is_ggml_ksigns() -> None:
+    """The computed IQ2/IQ3 sign patterns are ggml's ksigns_iq2xs (gguf-py's copy)."""
+    table = dequant.constants(torch.device("cpu")).ksign  # [128, 8] of +-1
+    bits = (table < 0).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)
+    assert bits.sum(-1).to(torch.uint8).numpy().tobytes() == gguf.quants.IQ2_XXS.ksigns
+
+
+@pytest.mark.parametrize("qtype", LOW_BIT_TYPES, ids=ids)
+def test_emulated_accelerator_dequantizes_bit_identically(qtype: GGMLType) -> None:
+    """On the emulated CUDA device the blocks move, the tables are built at the move (not in the
+    dequantization), and the values are the CPU's bit for bit."""
+    from harness.trace.emulated import EmulatedCuda
+
+    shape = (3, 2 * block_size(qtype))
+    raw = random_blocks(qtype, shape, np.random.default_rng(7))
+    want = dequantize(as_raw(raw), qtype, shape)
+    with EmulatedCuda(device_count=2):
+        moved = QTensor(as_raw(raw), qtype, shape).to("cuda:1")
+        assert TABLES.has(dequant.DEQUANT_TABLE, torch.device("cuda", 1))
+        got = moved.dequantize()
+        assert got.device == torch.device("cuda", 1)
+        got = got.cpu()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_1, T.Q8_K, T.I8, T.F64], ids=ids)
 def test_unsupported_type_raises(qtype: GGMLType) -> None:
     shape = (1, block_size(qtype))
     raw = torch.zeros(type_size(qtype), dtype=torch.uint8)

@@ -22,7 +22,8 @@ def make(qtype: GGMLType, shape: tuple[int, ...], seed: int = 0, name: str = "w"
     return QTensor.from_numpy(blocks, qtype, shape, name=name)
 
 
-@pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda t: t.name)
+# gguf 0.19 names Q1_0 but cannot dequantize it (tests/test_quant_dequant.py checks it)
+@pytest.mark.parametrize("qtype", [t for t in SUPPORTED_TYPES if t.name != "Q1_0"], ids=lambda t: t.name)
 def test_dequantize_matches_gguf(qtype):
     qt = make(qtype, (3, 512))
     expected = gguf_dequantize(qt.raw.numpy(), qtype)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from harness.cli import bench, exits, files, generation, options, tracing
-from harness.errors import HarnessError, UsageError
+from harness.errors import HarnessError, NonFiniteLogitsError, UsageError
 
 MAX_MESSAGE = 600  # characters of an error line; the rest is cut
 
@@ -114,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()  # the reader went away (`| head`): nothing is wrong, stop quietly
         return exits.CLEAN
+    except NonFiniteLogitsError as exc:  # the input was read, the run gave no answer
+        print(f"harness: error: {one_line(str(exc))}", file=sys.stderr)
+        return exits.UNDECIDED
     except HarnessError as exc:
         print(f"harness: error: {one_line(_message(exc, argv))}", file=sys.stderr)
         return exits.BAD_INPUT

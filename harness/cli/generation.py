@@ -8,7 +8,14 @@ import sys
 from typing import TextIO
 
 from harness.cli import loading, options
-from harness.cli.loading import add_model_argument, add_model_options, check_tokens, enter_device
+from harness.cli.loading import (
+    LogitsWatch,
+    add_model_argument,
+    add_model_options,
+    check_logits,
+    check_tokens,
+    enter_device,
+)
 from harness.errors import UsageError
 from harness.paths import check_output_file
 
@@ -70,16 +77,18 @@ def cmd_run(args) -> int:
             sys.stdout.write(args.prompt)
             sys.stdout.flush()
             stream = TextStream(tokenizer, prompt, sys.stdout)
-        out = generate(
-            model,
-            prompt,
-            n,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            eos_id=tokenizer.eos_id,
-            on_token=stream.push if stream else None,
-        )
+        with LogitsWatch(model) as watch:
+            out = generate(
+                model,
+                prompt,
+                n,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                eos_id=tokenizer.eos_id,
+                on_token=stream.push if stream else None,
+            )
+        watch.check(args.model)  # tokens sampled from NaN logits are no answer
     if stream is None:
         doc = {
             "prompt_tokens": prompt,
@@ -112,6 +121,7 @@ def cmd_logits(args) -> int:
         check_tokens(model, args.tokens, "--tokens")
         with torch.inference_mode():
             logits = model(torch.tensor(args.tokens, dtype=torch.long), 0)  # [T, V]
+        check_logits(logits, args.model)  # no .npy of NaN is written as if it were a result
         array = logits.float().cpu().numpy()
     tmp = out.with_name(out.name + ".tmp.npy")
     np.save(tmp, array)

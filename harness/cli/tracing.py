@@ -15,8 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 from harness.cli import exits, loading, options
-from harness.cli.loading import add_model_options, check_tokens, enter_device
-from harness.errors import HarnessError, UsageError
+from harness.cli.loading import LogitsWatch, add_model_options, check_tokens, enter_device
+from harness.errors import HarnessError, NonFiniteLogitsError, UsageError
 from harness.paths import check_input_file, check_output_dir, check_output_file, open_input_file
 
 
@@ -37,6 +37,8 @@ def _verdict_line(summary, verdict: str, error: BaseException | None, where: str
     explanation = getattr(summary.verdict, "explanation", "")
     if explanation and summary.verdict == verdict:
         return f"trace: {verdict.upper()}: {explanation.split(': ', 1)[-1]} {tail}"
+    if verdict == "error" and isinstance(error, NonFiniteLogitsError):
+        return f"trace: ERROR: {error.problem}; a run without a finite result is never clean; {tail}"
     if verdict == "error":
         raised = f"{type(error).__name__}: {error}" if error is not None else "an error"
         return f"trace: ERROR: the run raised {raised}; it is not a device error and was not judged; {tail}"
@@ -92,8 +94,11 @@ def cmd_trace(args) -> int:
             )
         error = None
         try:
-            with tracer:
+            with LogitsWatch(model) as watch, tracer:
                 generate(model, prompt, args.decode + 1, on_token=(lambda _: bar.update()) if bar else None)
+            watch.check(args.model)  # outside the trace: the check's own ops are not the model's
+        except NonFiniteLogitsError as exc:  # the devices were traced, but the run gave no result
+            error = exc
         except HarnessError:
             raise
         except Exception as exc:  # CUDA refusing a mismatch (dirty), or another error (not judged)

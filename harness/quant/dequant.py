@@ -40,17 +40,88 @@ def constant_table(values, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.tensor(values, dtype=dtype).to(device)
 
 
-def _build_constants(device: torch.device) -> SimpleNamespace:
+# MXFP4 codebook: the E2M1 values, doubled (kvalues_mxfp4 in ggml-common.h; the block scale is
+# E8M0 halved to match).
+MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+IQ1_DELTA = 0.125  # IQ1S_DELTA in ggml-common.h
+
+
+def _ue4m3_table() -> list[float]:
+    """NVFP4's sub-block scales: an unsigned E4M3 byte (bit 7 unused; 0 and 0x7F read as 0),
+    halved like MXFP4's (ggml_ue4m3_to_fp32 in ggml-impl.h). Exact in float32."""
+    table = []
+    for x in range(256):
+        exp, man = (x >> 3) & 0xF, x & 7
+        raw = man * 2.0**-9 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7)
+        table.append(0.0 if x in (0, 0x7F) else raw * 0.5)
+    return table
+
+
+# The IQ grids (iq2xxs_grid ... iq1s_grid in ggml-common.h) are data, read from gguf-py's own
+# copies: `gguf.quants.<TYPE>.grid_hex` packs each grid value's code in 2 or 3 bits, as hex text,
+# and `grid_map` gives the value of each code. Decoded once on the host (`iq_grids`).
+GRID_SOURCES = {
+    "iq2xxs": "IQ2_XXS",
+    "iq2xs": "IQ2_XS",
+    "iq2s": "IQ2_S",
+    "iq3xxs": "IQ3_XXS",
+    "iq3s": "IQ3_S",
+    "iq1s": "IQ1_S",
+}
+
+
+def _decode_grid(hex_text: bytes, values: tuple, shape: tuple[int, int]) -> torch.Tensor:
+    bits = max(1, math.ceil(math.log2(len(values))))
+    per_byte = 8 // bits
+    packed = torch.frombuffer(bytearray(bytes.fromhex(hex_text.decode("ascii"))), dtype=torch.uint8)
+    shifts = torch.arange(0, 8, 8 // per_byte, dtype=torch.uint8)
+    codes = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(-1).long()
+    return torch.tensor(values, dtype=torch.float32)[codes].view(shape)
+
+
+@functools.cache
+def iq_grids() -> dict[str, torch.Tensor]:
+    """Each IQ grid gguf-py has, as float32 [rows, 8 or 4] on the CPU: name -> grid."""
+    import gguf.quants
+
+    grids = {}
+    with _disable_current_modes():  # host data, made once: no tracer or emulation need see it
+        for name, source in GRID_SOURCES.items():
+            q = getattr(gguf.quants, source, None)
+            if q is not None and getattr(q, "grid_hex", None):
+                grids[name] = _decode_grid(q.grid_hex, q.grid_map, q.grid_shape)
+    return grids
+
+
+def _ksign_table() -> list[list[float]]:
+    """IQ2/IQ3 sign patterns: 7 stored sign bits select 8 signs; the 8th makes the count of minus
+    signs even (ksigns_iq2xs in ggml-common.h). [128, 8] of +-1.0."""
+    rows = []
+    for i in range(128):
+        bits = i | ((bin(i).count("1") & 1) << 7)
+        rows.append([-1.0 if bits >> j & 1 else 1.0 for j in range(8)])
+    return rows
+
+
+def build_constants(device: torch.device) -> SimpleNamespace:
+    """Every dequantizer's constants, made now on `device` (the registry keeps one set per device)."""
     return SimpleNamespace(
         nib=constant_table([0, 4], torch.uint8, device),  # low nibble, high nibble
         crumb=constant_table([0, 2, 4, 6], torch.uint8, device),  # four 2-bit fields of a byte
         bit=constant_table(list(range(8)), torch.uint8, device),  # eight bits of a byte
         iq4=constant_table(IQ4_KVALUES, torch.float32, device),
+        mxfp4=constant_table(MXFP4_KVALUES, torch.float32, device),
+        ue4m3=constant_table(_ue4m3_table(), torch.float32, device),
+        pow3=constant_table([1, 3, 9, 27, 81], torch.int32, device),  # TQ1_0's base-3 digits
+        shift3=constant_table([0, 3, 6, 9], torch.int32, device),  # four 3-bit fields of a u16
+        shift7=constant_table([0, 7, 14, 21], torch.int32, device),  # four 7-bit fields of a u32
+        ksign=constant_table(_ksign_table(), torch.float32, device),
+        **{name: grid.to(device) for name, grid in iq_grids().items()},
     )
 
 
 DEQUANT_TABLE = "dequant"
-TABLES.define(DEQUANT_TABLE, _build_constants)
+TABLES.define(DEQUANT_TABLE, build_constants)
 
 
 def constants(device: torch.device) -> SimpleNamespace:
@@ -246,6 +317,191 @@ def _iq4_xs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     return (dl * _iq4(q, c)).view(n, 256)
 
 
+# ---- IQ grid types (i-quants below 4 bits) ------------------------------------------------------
+# Groups of 8 (IQ2, IQ1) or 4 (IQ3) values are one row of a grid of magnitudes (see `iq_grids`),
+# signs apply per value, one scale per 16 or 32 values. llama.cpp's order of rounding is kept:
+# the sub-block scale `db` first, then `(db * grid) * sign` (a sign is exact) or
+# `dl * (grid + delta)` (IQ1).
+
+
+def _u16(b: torch.Tensor) -> torch.Tensor:
+    """[..., 2k] little-endian bytes -> [..., k] uint16 values as int32."""
+    b = b.int()
+    return b[..., 0::2] | (b[..., 1::2] << 8)
+
+
+def _u32(b: torch.Tensor) -> torch.Tensor:
+    """[..., 4k] little-endian bytes -> [..., k] uint32 bit patterns as int32 (the top bit is
+    the sign bit: mask after every right shift)."""
+    b = b.int()
+    return b[..., 0::4] | (b[..., 1::4] << 8) | (b[..., 2::4] << 16) | (b[..., 3::4] << 24)
+
+
+def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a [K, W] table: [*index.shape, W]."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+
+def _bits(b: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    """[N, B] bytes -> [N, B, 8] of their bits, least significant first, as uint8."""
+    return (b.unsqueeze(-1) >> c.bit).bitwise_and_(1)
+
+
+def _signed(x: torch.Tensor, minus: torch.Tensor) -> torch.Tensor:
+    """x with its sign flipped where `minus` (0/1, same shape) is 1."""
+    return torch.where(minus.bool(), -x, x)
+
+
+def _iq2_xxs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # d f16 | 8 x (4 grid indices u8, u32: 4 x 7-bit sign index, 4-bit scale on top)
+    n = blocks.shape[0]
+    d = _f16(blocks, 0).view(n, 1, 1, 1)
+    q = blocks[:, 2:66].view(n, 8, 8)
+    aux = _u32(q[:, :, 4:8])  # [N, 8, 1]
+    db = (d * ((aux >> 28) & 0xF).view(n, 8, 1, 1).float().add_(0.5)).mul_(0.25)  # [N, S=8, 1, 1]
+    grid = _rows(c.iq2xxs, q[:, :, :4].int())  # [N, 8, 4, 8]
+    sign_index = (aux >> c.shift7).bitwise_and_(0x7F)  # [N, 8, 4]
+    return ((db * grid) * _rows(c.ksign, sign_index)).view(n, 256)
+
+
+def _iq2_xs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # d f16 | qs u16[32] (9-bit grid index, 7-bit sign index) | scales[8] (two 4-bit each)
+    n = blocks.shape[0]
+    d = _f16(blocks, 0).view(n, 1, 1, 1)
+    qs = _u16(blocks[:, 2:66]).view(n, 16, 2)  # [N, S=16, 2 groups of 8]
+    sc = _nibbles(blocks[:, 66:74].view(n, 8, 1), c).view(n, 16, 1, 1)
+    db = (d * sc.float().add_(0.5)).mul_(0.25)
+    grid = _rows(c.iq2xs, qs & 511)  # [N, 16, 2, 8]
+    return ((db * grid) * _rows(c.ksign, qs >> 9)).view(n, 256)
+
+
+def _iq2_s(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # d f16 | qs[32] (grid index, low 8 bits) | signs[32] | qh[8] (4 x 2 high index bits) | scales[8]
+    n = blocks.shape[0]
+    d = _f16(blocks, 0).view(n, 1, 1, 1)
+    hi = _split(blocks[:, 66:74].view(n, 8, 1), c.crumb, 3).view(n, 32)
+    index = blocks[:, 2:34].int() | (hi.int() << 8)  # [N, 32]
+    sc = _nibbles(blocks[:, 74:82].view(n, 8, 1), c).view(n, 16, 1, 1)
+    db = (d * sc.float().add_(0.5)).mul_(0.25)
+    grid = _rows(c.iq2s, index).view(n, 16, 2, 8)
+    minus = _bits(blocks[:, 34:66], c).view(n, 16, 2, 8)
+    return _signed(db * grid, minus).view(n, 256)
+
+
+def _iq3_xxs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # d f16 | qs[64] (grid indices, 4 values each) | 8 x u32 (4 x 7-bit sign index, 4-bit scale)
+    n = blocks.shape[0]
+    d = _f16(blocks, 0).view(n, 1, 1, 1)
+    aux = _u32(blocks[:, 66:98]).view(n, 8, 1)
+    db = (d * ((aux >> 28) & 0xF).view(n, 8, 1, 1).float().add_(0.5)).mul_(0.5)  # [N, S=8, 1, 1]
+    grid = _rows(c.iq3xxs, blocks[:, 2:66].int()).view(n, 8, 4, 8)
+    sign_index = (aux >> c.shift7).bitwise_and_(0x7F)  # [N, 8, 4]
+    return ((db * grid) * _rows(c.ksign, sign_index)).view(n, 256)
+
+
+def _iq3_s(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # d f16 | qs[64] (grid index, low 8 bits) | qh[8] (high index bits) | signs[32] | scales[4]
+    n = blocks.shape[0]
+    d = _f16(blocks, 0).view(n, 1, 1, 1)
+    index = blocks[:, 2:66].int() | (_bits(blocks[:, 66:74], c).view(n, 64).int() << 8)
+    sc = _nibbles(blocks[:, 106:110].view(n, 4, 1), c).view(n, 8, 1, 1)
+    db = d * (sc.int() * 2 + 1).float()  # [N, S=8, 1, 1]
+    grid = _rows(c.iq3s, index).view(n, 8, 4, 8)
+    minus = _bits(blocks[:, 74:106], c).view(n, 8, 4, 8)
+    return _signed(db * grid, minus).view(n, 256)
+
+
+def _iq1_values(dl: torch.Tensor, index: torch.Tensor, minus: torch.Tensor, c: SimpleNamespace):
+    """IQ1_S/IQ1_M: dl * (grid + delta), delta = -+IQ1_DELTA by `minus`; dl broadcasts over the
+    [N, G, 8] grid rows that `index` [N, G] picks, `minus` is [N, G]."""
+    delta = torch.where(minus.bool(), -IQ1_DELTA, IQ1_DELTA).unsqueeze(-1).float()
+    return dl * (_rows(c.iq1s, index) + delta)
+
+
+def _iq1_s(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # d f16 | qs[32] (grid index, low 8 bits) | qh u16[8] (4 x 3 high index bits, 3-bit scale, delta sign)
+    n = blocks.shape[0]
+    d = _f16(blocks, 0).view(n, 1, 1)
+    qh = _u16(blocks[:, 34:50])  # [N, 8]
+    dl = d * (((qh >> 12) & 7) * 2 + 1).float().view(n, 8, 1)  # [N, S=8, 1]
+    hi = (qh.unsqueeze(-1) >> c.shift3) & 7  # [N, 8, 4]
+    index = blocks[:, 2:34].int().view(n, 8, 4) | (hi << 8)
+    minus = (qh >> 15).view(n, 8, 1).expand(n, 8, 4)
+    return _iq1_values(dl.unsqueeze(-1), index, minus, c).view(n, 256)
+
+
+def _iq1_m(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # qs[32] (grid index, low 8 bits) | qh[16] (2 x: 3 high index bits, delta sign) |
+    # scales u16[4]: 4 x 3-bit sub-scales each, and the f16 d spread over their top nibbles
+    n = blocks.shape[0]
+    sc = blocks[:, 48:56]
+    d_bytes = torch.stack(
+        ((sc[:, 1] >> 4) | (sc[:, 3] & 0xF0), (sc[:, 5] >> 4) | (sc[:, 7] & 0xF0)), dim=-1
+    )  # [N, 2]
+    d = _view(d_bytes, torch.float16).float().view(n, 1, 1, 1)
+    s = (_u16(sc).unsqueeze(-1) >> c.shift3) & 7  # [N, 4, 4]
+    dl = d * (s * 2 + 1).float().view(n, 16, 1, 1)  # [N, S=16 (of 16 values), 1, 1]
+    qh = _nibbles(blocks[:, 32:48].view(n, 16, 1), c).view(n, 16, 2)  # [N, S, 2 groups of 8]
+    index = blocks[:, :32].int().view(n, 16, 2) | ((qh & 7).int() << 8)
+    return _iq1_values(dl, index, qh >> 3, c).view(n, 256)
+
+
+# ---- ternary and microscaled FP4 ----------------------------------------------------------------
+
+
+def _tq1_0(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # qs[48] | qh[4] | d f16: five (qs) or four (qh) base-3 digits per byte, read as
+    # ((byte * 3^k mod 256) * 3) >> 8; value d * (digit - 1)
+    n = blocks.shape[0]
+    d = _f16(blocks, 52)  # [N, 1]
+    b = blocks[:, :52].int()
+
+    def digits(part: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:  # [N, B] -> [N, k * B]
+        q = (part.unsqueeze(1) * powers.view(-1, 1)) & 0xFF
+        return ((q * 3) >> 8).reshape(n, powers.numel() * part.shape[1])
+
+    t = torch.cat(
+        (digits(b[:, :32], c.pow3), digits(b[:, 32:48], c.pow3), digits(b[:, 48:52], c.pow3[:4])), 1
+    )
+    return (t - 1).float().mul_(d)  # [N, 256]
+
+
+def _tq2_0(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # qs[64] (four 2-bit values per byte) | d f16; value d * (q - 1)
+    n = blocks.shape[0]
+    d = _f16(blocks, 64)  # [N, 1]
+    q = _split(blocks[:, :64].view(n, 2, 32), c.crumb, 3).view(n, 256)
+    return q.float().sub_(1).mul_(d)
+
+
+def _mxfp4(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # e u8 (E8M0 scale) | qs[16] (4-bit codes: low nibbles, then high nibbles)
+    n = blocks.shape[0]
+    e = blocks[:, :1].int()  # [N, 1]
+    # ggml_e8m0_to_fp32_half: 2^(e - 128) as float32 bits (a subnormal for e < 2)
+    bits = torch.where(e < 2, (e + 1) * 0x00200000, (e - 1) << 23)
+    d = bits.view(torch.float32)
+    q = _nibbles(blocks[:, 1:17].view(n, 1, 16), c).view(n, 32)
+    return c.mxfp4.index_select(0, q.reshape(-1).int()).view(n, 32).mul_(d)
+
+
+def _nvfp4(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # d[4] (UE4M3 scale of each 16 values) | qs[32] (4-bit codes; per 16 values: 8 low nibbles,
+    # then the same 8 bytes' high nibbles)
+    n = blocks.shape[0]
+    d = c.ue4m3.index_select(0, blocks[:, :4].reshape(-1).int()).view(n, 4, 1)  # [N, S=4, 1]
+    q = _nibbles(blocks[:, 4:36].view(n, 4, 8), c).view(n, 4, 16)
+    return (c.mxfp4.index_select(0, q.reshape(-1).int()).view(n, 4, 16) * d).view(n, 64)
+
+
+def _q1_0(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    # d f16 | qs[16] (one bit per value, least significant first): +d where set, -d where clear
+    n = blocks.shape[0]
+    d = _f16(blocks, 0)  # [N, 1]
+    plus = _bits(blocks[:, 2:18], c).view(n, 128)
+    return torch.where(plus.bool(), d, -d)
+
+
 _DEQUANT: dict[GGMLType, Callable[[torch.Tensor, SimpleNamespace], torch.Tensor]] = {
     T.F32: _f32,
     T.F16: _f16_all,
@@ -262,7 +518,20 @@ _DEQUANT: dict[GGMLType, Callable[[torch.Tensor, SimpleNamespace], torch.Tensor]
     T.Q6_K: _q6_k,
     T.IQ4_NL: _iq4_nl,
     T.IQ4_XS: _iq4_xs,
+    T.IQ2_XXS: _iq2_xxs,
+    T.IQ2_XS: _iq2_xs,
+    T.IQ2_S: _iq2_s,
+    T.IQ3_XXS: _iq3_xxs,
+    T.IQ3_S: _iq3_s,
+    T.IQ1_S: _iq1_s,
+    T.IQ1_M: _iq1_m,
+    T.TQ1_0: _tq1_0,
+    T.TQ2_0: _tq2_0,
 }
+# Types a gguf older than 0.19 may not name.
+for _name, _fn in (("MXFP4", _mxfp4), ("NVFP4", _nvfp4), ("Q1_0", _q1_0)):
+    if _name in T.__members__:
+        _DEQUANT[T[_name]] = _fn
 
 # Float types whose own torch dtype needs no float32 detour.
 _NATIVE = {(T.F32, torch.float32), (T.F16, torch.float16), (T.BF16, torch.bfloat16)}
