@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from harness.errors import UsageError
 from harness.quant import kernels
 from harness.quant.types import GGMLType, block_size, type_size
 
@@ -61,6 +62,21 @@ MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {qtype: {"BN": 16, "num_warps": 
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
+
+# How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
+# - "dequant": the weight is dequantized into a float16 scratch (harness.quant.kernels, a
+#   bandwidth-bound kernel) and multiplied on tensor cores: torch.matmul (cuBLAS) for a dense
+#   weight, a grouped float16 GEMM in Triton (`_grouped_kernel`) for experts;
+# - "tiled": `_matmat_kernel`, which dequantizes in registers for every row block.
+# HARNESS_PREFILL picks one at import; `prefill_path` may be set later (benchmarks compare both).
+PREFILL_PATHS = ("dequant", "tiled")
+prefill_path = os.environ.get("HARNESS_PREFILL", "dequant")
+# The float16 scratch of one grouped launch is at most this many bytes: experts are dequantized in
+# chunks that fit (Mixtral-8x7B: 4 experts of 14336x4096, 470 MB, per launch). A dense weight is
+# dequantized whole (its largest, a 32000x4096 output head, is 262 MB). The scratch comes from
+# torch's caching allocator and is freed before the next one is made, so the same block is reused.
+SCRATCH_MAX_BYTES = 512 << 20
+GROUPED_CONFIG: dict[str, int] = {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4}
 
 _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
@@ -429,6 +445,48 @@ if triton is not None:
         out = out_ptr + tl.where(valid, pairs, 0).to(tl.int64)[:, None] * N + n[None, :]
         tl.store(out, acc, mask=valid[:, None] & (n < N)[None, :])
 
+    @triton.jit
+    def _grouped_kernel(
+        x_ptr,
+        xscale_ptr,
+        w_ptr,
+        out_ptr,
+        sorted_ptr,
+        block_expert_ptr,
+        N,
+        K,
+        n_pairs,
+        x_div,
+        e_lo,
+        e_hi,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        """Row block b of the expert-sorted pairs times its expert's float16 weight, for the blocks
+        whose expert is in [e_lo, e_hi) (w_ptr: those experts' weights, [e_hi - e_lo, N, K]).
+
+        x [rows, K] float16 holds each row divided by xscale[row]; the float32 product is
+        multiplied back. Pair ids >= n_pairs are padding; x row of pair q is q // x_div."""
+        b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + b)
+        live = (e >= e_lo) & (e < e_hi)
+        pairs = tl.load(sorted_ptr + b * BM + tl.arange(0, BM))
+        valid = pairs < tl.where(live, n_pairs, 0)
+        xrow = tl.where(valid, pairs // x_div, 0).to(tl.int64)
+        n = pid_n * BN + tl.arange(0, BN)
+        wrow = tl.where(live, e - e_lo, 0).to(tl.int64) * N + tl.where(n < N, n, 0)
+        kk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, tl.where(live, K, 0), BK):
+            xt = tl.load(x_ptr + xrow[:, None] * K + (k0 + kk)[None, :], mask=valid[:, None], other=0.0)
+            wt = tl.load(w_ptr + wrow[:, None] * K + (k0 + kk)[None, :])
+            acc = tl.dot(xt, tl.trans(wt), acc)
+        acc = acc * tl.load(xscale_ptr + xrow, mask=valid, other=0.0)[:, None]
+        out = out_ptr + tl.where(valid, pairs, 0).to(tl.int64)[:, None] * N + n[None, :]
+        tl.store(out, acc, mask=valid[:, None] & (n < N)[None, :])
+
 
 if triton is not None:
 
@@ -532,6 +590,7 @@ def _product(
         return out
     x = x.float().contiguous()
     consts = {"QT": int(qtype), "NP": PARTS[qtype], "GATED": u is not None, "SCALED": scale is not None}
+    scaled = scale is not None
     scale = out if scale is None else scale.float().contiguous()
     gated = u is not None
     u = w if u is None else u
@@ -555,6 +614,10 @@ def _product(
             )  # fmt: skip
             if splits > 1:
                 torch.sum(part, 0, out=out)
+        elif _prefill_path() == "dequant":
+            return _product_dequantized(
+                x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None
+            )
         else:
             cfg = MATMAT_CONFIG[qtype]
             bm, bn = cfg["BM"], cfg["BN"]
@@ -567,6 +630,75 @@ def _product(
                 row_bytes, out_features * row_bytes, x.stride(0), x_div, BM=bm, BN=bn,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts,
             )  # fmt: skip
+    return out
+
+
+def _prefill_path() -> str:
+    if prefill_path not in PREFILL_PATHS:
+        raise UsageError(
+            None, "HARNESS_PREFILL", f"must be one of {', '.join(PREFILL_PATHS)}, got {prefill_path!r}"
+        )
+    return prefill_path
+
+
+def _scaled_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] float32 as float16 rows divided by their largest magnitude (no overflow, no lost
+    small rows), and those magnitudes [R] (1 for a row of zeros)."""
+    peak = x.abs().amax(1)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return (x / peak[:, None]).half(), peak
+
+
+def _product_dequantized(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor | None,
+    qtype: GGMLType,
+    out: torch.Tensor,
+    experts: torch.Tensor | None,
+    x_div: int,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """`_product` for many rows, written into `out` [P, N]: weights dequantized to float16 (bounded
+    scratch), products on tensor cores with float32 accumulation. A dense weight (experts None,
+    x_div 1) goes to torch.matmul; routed pairs to `_grouped_kernel`, launched once per chunk of
+    experts, each launch skipping the row blocks of other experts (no host read of the routing)."""
+    n_pairs, n_out = out.shape
+    in_features = x.shape[1]
+    xh, peak = _scaled_half(x)
+    mats = [w] if u is None else [w, u]
+    results = []
+    if experts is None:
+        if x_div != 1:  # every row of x stands for x_div pairs
+            xh, peak = xh.repeat_interleave(x_div, 0), peak.repeat_interleave(x_div)
+        for m in mats:
+            wh = kernels.dequantize(m[0], qtype, (n_out, in_features), torch.float16)
+            results.append(torch.matmul(xh, wh.T).float() * peak[:, None])
+            del wh  # the scratch goes back to the allocator before the next one is made
+    else:
+        cfg = GROUPED_CONFIG
+        n_experts = w.shape[0]
+        sorted_ids, block_expert = _sort_by_expert(experts, n_experts, cfg["BM"])
+        per_expert = n_out * in_features * 2
+        chunk = max(1, min(n_experts, SCRATCH_MAX_BYTES // per_expert))
+        grid = (block_expert.numel(), triton.cdiv(n_out, cfg["BN"]))
+        for m in mats:
+            y = out if len(mats) == 1 else torch.empty_like(out)
+            for lo in range(0, n_experts, chunk):
+                hi = min(lo + chunk, n_experts)
+                wh = kernels.dequantize(m[lo:hi], qtype, (hi - lo, n_out, in_features), torch.float16)
+                _grouped_kernel[grid](
+                    xh, peak, wh, y, sorted_ids, block_expert, n_out, in_features, n_pairs, x_div, lo, hi,
+                    BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"],
+                )  # fmt: skip
+                del wh
+            results.append(y)
+    y = results[0] if u is None else torch.nn.functional.silu(results[0]) * results[1]
+    if scale is not None:
+        y = y * scale[:, None]
+    if y is not out:
+        out.copy_(y)
     return out
 
 
