@@ -67,8 +67,8 @@ def run_cases(device: str, small: bool) -> list[dict]:
         w = _dequant(raw, qtype, rows, cols)
         for t in tokens:
             x = torch.randn(t, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-            for path in _paths(t):
-                with _prefill(path):
+            for path in _paths(t, qtype == GGMLType.Q4_K):
+                with _kernels(path):
                     out = torch.ops.harness.qmatmul(x.to(device), raw.to(device), int(qtype), rows)
                 results.append(
                     {
@@ -131,8 +131,8 @@ def run_cases(device: str, small: bool) -> list[dict]:
                         xi = x[i].double()
                         h = torch.nn.functional.silu(wg[e] @ xi) * (wu[e] @ xi)
                         ref[i] += weights[i, s].double() * (wd[e] @ h)
-                for path in _paths(t * k):
-                    with _prefill(path, scratch):
+                for path in _paths(t * k, True):  # both pairs of types have a Q4_K weight
+                    with _kernels(path, scratch):
                         out = torch.ops.harness.moe_ffn(
                             x.to(device),
                             gate.to(device),
@@ -148,35 +148,43 @@ def run_cases(device: str, small: bool) -> list[dict]:
     return results
 
 
-def _paths(rows: int) -> tuple[str, ...]:
-    """The kernels that serve a product of `rows` rows: the matrix-vector one, or each prefill path."""
+def _paths(rows: int, q4_k: bool) -> tuple[str, ...]:
+    """The kernel choices that serve a product of `rows` rows: each way the matrix-vector kernel
+    reads Q4_K (when `q4_k`: a Q4_K weight takes part), or each prefill path."""
     from harness.quant import fused
 
-    return ("matvec",) if rows <= fused.MATVEC_MAX_ROWS else fused.PREFILL_PATHS
+    if rows > fused.MATVEC_MAX_ROWS:
+        return tuple(f"prefill={p}" for p in fused.PREFILL_PATHS)
+    return tuple(f"matvec={p}" for p in fused.MATVEC_PATHS) if q4_k else ("matvec",)
 
 
 @contextlib.contextmanager
-def _prefill(path: str, scratch: int | None = None):
-    """Products of many rows take prefill `path` inside (and a scratch of `scratch` bytes)."""
+def _kernels(path: str, scratch: int | None = None):
+    """Inside, products take the kernel choice `path` (from `_paths`), and the prefill's float16
+    scratch holds `scratch` bytes."""
     from harness.quant import fused
 
-    before = fused.prefill_path, fused.SCRATCH_MAX_BYTES
-    if path != "matvec":
-        fused.prefill_path = path
-    fused.SCRATCH_MAX_BYTES = scratch or before[1]
+    before = fused.matvec_path, fused.prefill_path, fused.SCRATCH_MAX_BYTES
+    kind, _, choice = path.partition("=")
+    if kind == "matvec" and choice:
+        fused.matvec_path = choice
+    if kind == "prefill":
+        fused.prefill_path = choice
+    fused.SCRATCH_MAX_BYTES = scratch or before[2]
     try:
         yield
     finally:
-        fused.prefill_path, fused.SCRATCH_MAX_BYTES = before
+        fused.matvec_path, fused.prefill_path, fused.SCRATCH_MAX_BYTES = before
 
 
 def expected_case_count(small: bool) -> int:
     """How many results run_cases gives."""
     from harness.quant import fused
+    from harness.quant.types import GGMLType
 
     tokens = (1, 5, 17) if small else (1, 5, 17, 129, 512)
-    qmatmul = sum(len(_paths(t)) for t in tokens) * len(fused.FUSED_TYPES)
-    moe = sum(len(_paths(2 * t)) for t in tokens) * 2 * 2
+    qmatmul = sum(len(_paths(t, qtype == GGMLType.Q4_K)) for t in tokens for qtype in fused.FUSED_TYPES)
+    moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
     return qmatmul + 2 * len(tokens) + moe
 
 
@@ -200,11 +208,8 @@ def interpreted():
 def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
 
     assert len(interpreted) == expected_case_count(small=True)
-    assert {r["case"].split()[-1] for r in interpreted if r["case"].startswith("moe_ffn")} == {
-        "matvec",
-        "dequant",
-        "tiled",
-    }
+    paths = {r["case"].split()[-1] for r in interpreted if r["case"].startswith("moe_ffn")}
+    assert paths == {"matvec=vec", "matvec=words", "prefill=dequant", "prefill=tiled"}
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
 

@@ -55,13 +55,22 @@ SUPER = 256  # values per super-block (one K-quant block, eight 32-value blocks)
 MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel is used
 # Launch configurations per type (benchmarks/bench_fused.py --sweep on an H100).
 # Types not swept take the Q4_K tile settings (their tiles have the same 128-value parts).
-MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {qtype: {"BN": 16, "num_warps": 4} for qtype in PARTS} | {
-    T.Q6_K: {"BN": 64, "num_warps": 2},
-    T.Q8_0: {"BN": 8, "num_warps": 2},
+# "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory).
+MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
+    qtype: {"BN": 16, "num_warps": 4, "stages": 1} for qtype in PARTS
+} | {
+    T.Q6_K: {"BN": 64, "num_warps": 2, "stages": 1},
+    T.Q8_0: {"BN": 8, "num_warps": 2, "stages": 1},
 }
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
+
+# How the matrix-vector kernel reads Q4_K (decode): "vec", `_q4_k_dot_vec` (16-byte loads of
+# weights and x, two integer ops a nibble); "words", the older `_q4_k_dot`. HARNESS_MATVEC picks
+# one at import; `matvec_path` may be set later (benchmarks compare both). Other types: one kernel.
+MATVEC_PATHS = ("vec", "words")
+matvec_path = os.environ.get("HARNESS_MATVEC", "vec")
 
 # How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
 # - "dequant": the weight is dequantized into a float16 scratch (harness.quant.kernels, a
@@ -333,6 +342,53 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _q4_k_dot_vec(wq, roww, sb, xp, xsum_p, BN: tl.constexpr):
+        """[BN, 4, 8] partial dot products of x with super-block sb of BN Q4_K rows (their sum is
+        the row's), in fewer instructions per byte than `_q4_k_dot`:
+        - x comes permuted (`_vec_x`): for each group g, nibble h and byte b, the values of the
+          8 words w (64g + 32h + 4w + b) are adjacent, so x loads in the words' own layout, four
+          floats at a time, and nothing moves between threads until the loop ends;
+        - a nibble q becomes the float 1 + q/16 in two integer ops (its bits placed in the
+          mantissa under the exponent of 1.0), and per sub-block sum(q*x) =
+          16 * (sum((1 + q/16) * x) - sum(x)), with sum(x) read from xsum (one float per 32
+          values of x, in the original order).
+        Block words: 0 = d | dmin << 16, 1..3 = scales[12], 4 + 8g + w = qs[32g + 4w .. + 3]."""
+        blk = roww[:, None] + sb * 36  # [BN, 1] in words
+        head = tl.load(wq + blk)
+        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        s1 = tl.load(wq + blk + 1)
+        s2 = tl.load(wq + blk + 2)
+        s3 = tl.load(wq + blk + 3)
+        g = tl.arange(0, 4)[None, :]  # [1, 4]
+        w = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
+        words = tl.load(wq + blk[:, :, None] + 4 + 8 * g[:, :, None] + w)  # [BN, 4, 8]
+        xg = xp + sb * 256 + 64 * g[:, :, None] + w  # [1, 4, 8]
+        acc = tl.zeros((BN, 4, 8), dtype=tl.float32)
+        for h in tl.static_range(2):
+            j = 2 * g + h  # [1, 4] sub-blocks of this nibble
+            shift = 8 * (j % 4)
+            a = (s1 >> shift) & 0xFF
+            b = (s2 >> shift) & 0xFF
+            c = (s3 >> shift) & 0xFF
+            first = j < 4
+            sc = tl.where(first, a & 63, (c & 0xF) | ((a >> 6) << 4)).to(tl.float32)
+            mn = tl.where(first, b & 63, (c >> 4) | ((b >> 6) << 4)).to(tl.float32)
+            part = tl.zeros((BN, 4, 8), dtype=tl.float32)
+            for byte in tl.static_range(4):
+                at = 8 * byte + 4 * h  # the nibble's lowest bit in the word
+                # the nibble to mantissa bits 19..22
+                bits = ((words << (19 - at)) if at <= 19 else (words >> (at - 19))) & 0x780000
+                f = (bits | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16, exactly
+                part += f * tl.load(xg + 32 * h + 8 * byte)
+            dsc = (d * sc)[:, :, None]  # [BN, 4, 1]
+            xs = tl.load(xsum_p + sb * 8 + j)[:, :, None]  # [1, 4, 1] sum(x) of sub-block j
+            # d*sc*sum(q*x) - dmin*m*sum(x) per sub-block; the x-sum term goes on w = 0 only
+            ms = tl.where(w == 0, (16.0 * dsc + (dmin * mn)[:, :, None]) * xs, 0.0)
+            acc += (16.0 * dsc) * part - ms
+        return acc
+
+    @triton.jit
     def _matvec_kernel(
         x_ptr,
         w_ptr,
@@ -349,16 +405,20 @@ if triton is not None:
         expert_bytes,
         x_stride,
         x_div,
+        xsum_ptr,
         QT: tl.constexpr,
         NP: tl.constexpr,
         BN: tl.constexpr,
         GATED: tl.constexpr,
         SCALED: tl.constexpr,
         ROUTED: tl.constexpr,
+        VEC: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
         """out[s, p, n] = x[p // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e =
         experts[p] when ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)). For Q4_K, w_ptr and
-        u_ptr are int32 views."""
+        u_ptr are int32 views; with VEC, Q4_K takes `_q4_k_dot_vec`, and xsum_ptr holds each x
+        row's sums of 32 values."""
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         split = tl.program_id(2)
@@ -368,10 +428,17 @@ if triton is not None:
         rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
         acc = tl.zeros((BN,), dtype=tl.float32)
         acc_u = tl.zeros((BN,), dtype=tl.float32)
+        acc3 = tl.zeros((BN, 4, 8), dtype=tl.float32)
+        acc3_u = tl.zeros((BN, 4, 8), dtype=tl.float32)
+        xsum = xsum_ptr + (p // x_div).to(tl.int64) * (x_stride // 32)
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
-        for sb in range(first, last):
-            if QT == 12:  # Q4_K
+        for sb in tl.range(first, last, num_stages=STAGES):
+            if QT == 12 and VEC:  # Q4_K, wide loads
+                acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN)
+                if GATED:
+                    acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN)
+            elif QT == 12:  # Q4_K
                 acc += _q4_k_dot(w_ptr, rowb // 4, sb, xp, BN)
                 if GATED:
                     acc_u += _q4_k_dot(u_ptr, rowb // 4, sb, xp, BN)
@@ -383,6 +450,9 @@ if triton is not None:
                     if GATED:
                         wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
+        if QT == 12 and VEC:
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+            acc_u = tl.sum(tl.sum(acc3_u, axis=2), axis=1)
         if GATED:
             acc = _silu_mul(acc, acc_u)
         if SCALED:
@@ -597,7 +667,8 @@ def _product(
     lut = kernels.iq4_table(x.device) if qtype == T.IQ4_XS else out
     with _launch_device(x.device):
         if n_pairs <= MATVEC_MAX_ROWS:
-            bn, warps = MATVEC_CONFIG[qtype]["BN"], MATVEC_CONFIG[qtype]["num_warps"]
+            cfg = MATVEC_CONFIG[qtype]
+            bn, warps = cfg["BN"], cfg["num_warps"]
             tiles = triton.cdiv(out_features, bn) * n_pairs
             # Split the rows' super-blocks over programs until the device has enough of them;
             # the partial sums add up in a fixed order (deterministic). Gated products need whole sums.
@@ -606,11 +677,15 @@ def _product(
             splits = -(-n_super // chunk)
             part = out if splits == 1 else x.new_empty((splits, n_pairs, out_features), dtype=torch.float32)
             wv, uv = (w.view(torch.int32), u.view(torch.int32)) if qtype == T.Q4_K else (w, u)
+            vec = _matvec_path() == "vec" and qtype == T.Q4_K
+            xsum = out
+            if vec:
+                x, xsum = _vec_x(x)
             grid = (triton.cdiv(out_features, bn), n_pairs, splits)
             _matvec_kernel[grid](
                 x, wv, uv, part, out if experts is None else experts, scale, lut, out_features, n_pairs, n_super,
-                chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, BN=bn, num_warps=warps,
-                ROUTED=experts is not None, **consts,
+                chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, BN=bn, num_warps=warps,
+                ROUTED=experts is not None, VEC=vec, STAGES=cfg.get("stages", 1), **consts,
             )  # fmt: skip
             if splits > 1:
                 torch.sum(part, 0, out=out)
@@ -631,6 +706,22 @@ def _product(
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts,
             )  # fmt: skip
     return out
+
+
+def _vec_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] in the order `_q4_k_dot_vec` reads it (per 256 values: group g, nibble h, byte b,
+    word w -> value 64g + 32h + 4w + b), and its sums of 32 values [R, K / 32]."""
+    r = x.shape[0]
+    order = x.view(r, -1, 4, 2, 8, 4).transpose(4, 5).reshape(r, -1)
+    return order, x.view(r, -1, 32).sum(2)
+
+
+def _matvec_path() -> str:
+    if matvec_path not in MATVEC_PATHS:
+        raise UsageError(
+            None, "HARNESS_MATVEC", f"must be one of {', '.join(MATVEC_PATHS)}, got {matvec_path!r}"
+        )
+    return matvec_path
 
 
 def _prefill_path() -> str:
