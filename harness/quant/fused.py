@@ -303,6 +303,18 @@ if triton is not None:
         return g * tl.sigmoid(g) * u
 
     @triton.jit
+    def _q4_k_word_scales(s1, s2, s3, j):
+        """Q4_K sub-block j's 6-bit (scale, min) from block words 1..3 (scales[12]), as float32."""
+        shift = 8 * (j % 4)
+        a = (s1 >> shift) & 0xFF
+        b = (s2 >> shift) & 0xFF
+        c = (s3 >> shift) & 0xFF
+        first = j < 4
+        sc = tl.where(first, a & 63, (c & 0xF) | ((a >> 6) << 4)).to(tl.float32)
+        mn = tl.where(first, b & 63, (c >> 4) | ((b >> 6) << 4)).to(tl.float32)
+        return sc, mn
+
+    @triton.jit
     def _q4_k_dot(wq, roww, sb, xp, BN: tl.constexpr):
         """[BN] dot products of x with super-block sb of BN Q4_K rows, read as int32 words.
 
@@ -323,13 +335,7 @@ if triton is not None:
         acc = tl.zeros((BN,), dtype=tl.float32)
         for h in tl.static_range(2):
             j = 2 * g + h  # [1, 4] sub-blocks of this nibble
-            shift = 8 * (j % 4)
-            a = (s1 >> shift) & 0xFF
-            b = (s2 >> shift) & 0xFF
-            c = (s3 >> shift) & 0xFF
-            first = j < 4
-            sc = tl.where(first, a & 63, (c & 0xF) | ((a >> 6) << 4)).to(tl.float32)
-            mn = tl.where(first, b & 63, (c >> 4) | ((b >> 6) << 4)).to(tl.float32)
+            sc, mn = _q4_k_word_scales(s1, s2, s3, j)
             qx = tl.zeros((BN, 4, 8), dtype=tl.float32)
             xs = tl.zeros((1, 4, 8), dtype=tl.float32)
             for byte in tl.static_range(4):
@@ -367,13 +373,7 @@ if triton is not None:
         acc = tl.zeros((BN, 4, 8), dtype=tl.float32)
         for h in tl.static_range(2):
             j = 2 * g + h  # [1, 4] sub-blocks of this nibble
-            shift = 8 * (j % 4)
-            a = (s1 >> shift) & 0xFF
-            b = (s2 >> shift) & 0xFF
-            c = (s3 >> shift) & 0xFF
-            first = j < 4
-            sc = tl.where(first, a & 63, (c & 0xF) | ((a >> 6) << 4)).to(tl.float32)
-            mn = tl.where(first, b & 63, (c >> 4) | ((b >> 6) << 4)).to(tl.float32)
+            sc, mn = _q4_k_word_scales(s1, s2, s3, j)
             part = tl.zeros((BN, 4, 8), dtype=tl.float32)
             for byte in tl.static_range(4):
                 at = 8 * byte + 4 * h  # the nibble's lowest bit in the word
