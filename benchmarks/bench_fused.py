@@ -39,6 +39,17 @@ MATMAT_SWEEP = [
     (16, 64, 4, 2),
 ]
 
+# Mixtral-8x7B's products: (type, out, in) of a weight, the tokens of a row, and the MoE layer
+# (experts, embedding, feed-forward).
+SHAPES = [
+    (T.Q4_K, 14336, 4096),
+    (T.Q4_K, 4096, 14336),
+    (T.Q6_K, 32000, 4096),
+    (T.Q8_0, 1024, 4096),
+    (T.Q4_K, 4096, 4096),
+]
+TOKENS = (1, 512)
+MOE_SHAPE = (8, 4096, 14336)
 MATVEC_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
 
 
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             with kernel_choice(n_rows, way):
                 times[way] = time_ms(fn)
                 outs[way] = fn()
-            row(f"{name} {way}", times[way], nbytes, flops)
+            row(f"{name} {way}" if len(choices(n_rows, qtypes)) > 1 else name, times[way], nbytes, flops)
         if len(ways) == 2:
             new, old = ways
             c = {
@@ -167,15 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    for qtype, n, k in (
-        (T.Q4_K, 14336, 4096),
-        (T.Q4_K, 4096, 14336),
-        (T.Q6_K, 32000, 4096),
-        (T.Q8_0, 1024, 4096),
-        (T.Q4_K, 4096, 4096),
-    ):
+    for qtype, n, k in SHAPES:
         w = random_weight(qtype, n, k, device=dev)
-        for t in (1, 512):
+        for t in TOKENS:
             x = torch.randn(t, k, device=dev)
             compared(
                 f"qmatmul {qtype.name} {n}x{k} T={t}",
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             fused.MATMAT_CONFIG[qtype].update(saved[1])
 
     if args.sweep_matvec:
-        n, k = 14336, 4096
+        _, n, k = SHAPES[0]
         w = random_weight(T.Q4_K, n, k, device=dev)
         x = torch.randn(1, k, device=dev)
         saved = dict(fused.MATVEC_CONFIG[T.Q4_K])
@@ -223,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                 row(name, ms, w.numel(), 2 * n * k)
         fused.MATVEC_CONFIG[T.Q4_K].update(saved)
 
-    e, d, f = 8, 4096, 14336
+    e, d, f = MOE_SHAPE
     gate, up = random_weight(T.Q4_K, e, f, d, device=dev), random_weight(T.Q4_K, e, f, d, device=dev)
     down = random_weight(T.Q4_K, e, d, f, device=dev)
     per_expert = (gate.numel() + up.numel() + down.numel()) // e
-    for t in (1, 512):
+    for t in TOKENS:
         x = torch.randn(t, d, device=dev)
         experts = torch.stack([torch.randperm(e, device=dev)[:2] for _ in range(t)])
         weights = torch.rand(t, 2, device=dev).softmax(-1)
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         def moe(x=x, experts=experts, weights=weights):
             return torch.ops.harness.moe_ffn(x, gate, up, down, weights, experts, int(T.Q4_K), int(T.Q4_K))
 
-        name = f"moe_ffn Q4_K E=8 k=2 D={d} F={f} T={t}"
+        name = f"moe_ffn Q4_K E={e} k=2 D={d} F={f} T={t}"
         compared(name, 2 * t, (T.Q4_K,), moe, read, 2 * 3 * t * 2 * d * f)
 
     out = Path(args.out)
