@@ -138,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     copy = copy_bandwidth(dev)
     rows = []
     comparisons = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_second": copy}
+
+    def save() -> None:
+        """The JSON so far (after every row: a run cut short by a time limit keeps what it measured)."""
+        out.write_text(json.dumps({**info, "rows": rows, "comparisons": comparisons}, indent=1))
 
     def row(name: str, ms: float, nbytes: int, flops: int) -> None:
         r = {
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             "tflops": flops / (ms / 1e3) / 1e12,
         }
         rows.append(r)
+        save()
         print(
             f"{name:56s} {ms:8.3f} ms  {r['fraction_of_copy']:6.1%} of copy  {r['tflops']:7.1f} TFLOP/s",
             flush=True,
@@ -173,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 "nmse_new_vs_old": nmse(outs[new], outs[old]),
             }
             comparisons.append(c)
+            save()
             print(
                 f"  {new} is {c['old_ms_over_new_ms']:.2f}x {old}, NMSE {c['nmse_new_vs_old']:.1e}",
                 flush=True,
@@ -215,19 +224,6 @@ def main(argv: list[str] | None = None) -> int:
             fused.MATVEC_CONFIG[qtype].update(saved[0])
             fused.MATMAT_CONFIG[qtype].update(saved[1])
 
-    if args.sweep_matvec:
-        _, n, k = SHAPES[0]
-        w = random_weight(T.Q4_K, n, k, device=dev)
-        x = torch.randn(1, k, device=dev)
-        saved = dict(fused.MATVEC_CONFIG[T.Q4_K])
-        for bn, warps in MATVEC_SWEEP:
-            for stages in (1, 2):
-                fused.MATVEC_CONFIG[T.Q4_K].update(BN=bn, num_warps=warps, stages=stages)
-                ms = try_time_ms(lambda x=x, w=w, n=n: torch.ops.harness.qmatmul(x, w, int(T.Q4_K), n))
-                name = f"  sweep {fused.matvec_path} BN={bn} warps={warps} stages={stages} Q4_K {n}x{k} T=1"
-                row(name, ms, w.numel(), 2 * n * k)
-        fused.MATVEC_CONFIG[T.Q4_K].update(saved)
-
     e, d, f = MOE_SHAPE
     gate, up = random_weight(T.Q4_K, e, f, d, device=dev), random_weight(T.Q4_K, e, f, d, device=dev)
     down = random_weight(T.Q4_K, e, d, f, device=dev)
@@ -244,10 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         name = f"moe_ffn Q4_K E={e} k=2 D={d} F={f} T={t}"
         compared(name, 2 * t, (T.Q4_K,), moe, read, 2 * 3 * t * 2 * d * f)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_second": copy}
-    out.write_text(json.dumps({**info, "rows": rows, "comparisons": comparisons}, indent=1))
+    if args.sweep_matvec:
+        _, n, k = SHAPES[0]
+        w = random_weight(T.Q4_K, n, k, device=dev)
+        x = torch.randn(1, k, device=dev)
+        saved = dict(fused.MATVEC_CONFIG[T.Q4_K])
+        for bn, warps in MATVEC_SWEEP:
+            for stages in (1, 2):
+                fused.MATVEC_CONFIG[T.Q4_K].update(BN=bn, num_warps=warps, stages=stages)
+                ms = try_time_ms(lambda x=x, w=w, n=n: torch.ops.harness.qmatmul(x, w, int(T.Q4_K), n))
+                name = f"  sweep {fused.matvec_path} BN={bn} warps={warps} stages={stages} Q4_K {n}x{k} T=1"
+                row(name, ms, w.numel(), 2 * n * k)
+        fused.MATVEC_CONFIG[T.Q4_K].update(saved)
     return 0
 
 

@@ -349,15 +349,18 @@ if triton is not None:
 
     @triton.jit
     def _q4_k_dot_vec(wq, roww, sb, xp, xsum_p, BN: tl.constexpr):
-        """[BN, 4, 8] partial dot products of x with super-block sb of BN Q4_K rows (their sum is
-        the row's), in fewer instructions per byte than `_q4_k_dot`:
-        - x comes permuted (`_vec_x`): for each group g, nibble h and byte b, the values of the
-          8 words w (64g + 32h + 4w + b) are adjacent, so x loads in the words' own layout, four
-          floats at a time, and nothing moves between threads until the loop ends;
-        - a nibble q becomes the float 1 + q/16 in two integer ops (its bits placed in the
-          mantissa under the exponent of 1.0), and per sub-block sum(q*x) =
-          16 * (sum((1 + q/16) * x) - sum(x)), with sum(x) read from xsum (one float per 32
-          values of x, in the original order).
+        """[BN, 4, 8] partial dot products of super-block sb of BN Q4_K rows with x (prepared by
+        `_vec_x`); the row's product is their sum times 2^29 times the row's x power. Fewer instructions
+        per byte than `_q4_k_dot`:
+        - x comes permuted: for each group g, nibble h and byte b, the values of the 8 words w
+          (64g + 32h + 4w + b) are adjacent, so x loads in the words' own layout, four floats at
+          a time, and nothing moves between threads until the loop ends;
+        - a nibble q at bit `at` of a word is read as a float by masking alone: the bits
+          q << at (at <= 16; the top three nibbles after one shift of the word by 12) are the
+          subnormal float q * 2^(at - 149), exactly, and x of that nibble position comes
+          multiplied by 2^(120 - at), so every product is q * x * 2^-29 (x divided by a power
+          of two >= its largest magnitude, so nothing overflows);
+        - the min term uses sum(x) per sub-block from xsum, in the products' units (x * 2^-29).
         Block words: 0 = d | dmin << 16, 1..3 = scales[12], 4 + 8g + w = qs[32g + 4w .. + 3]."""
         blk = roww[:, None] + sb * 36  # [BN, 1] in words
         head = tl.load(wq + blk)
@@ -369,6 +372,7 @@ if triton is not None:
         g = tl.arange(0, 4)[None, :]  # [1, 4]
         w = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
         words = tl.load(wq + blk[:, :, None] + 4 + 8 * g[:, :, None] + w)  # [BN, 4, 8]
+        high = words >> 12  # nibbles at bits 20, 24, 28 now at 8, 12, 16
         xg = xp + sb * 256 + 64 * g[:, :, None] + w  # [1, 4, 8]
         acc = tl.zeros((BN, 4, 8), dtype=tl.float32)
         for h in tl.static_range(2):
@@ -377,16 +381,43 @@ if triton is not None:
             part = tl.zeros((BN, 4, 8), dtype=tl.float32)
             for byte in tl.static_range(4):
                 at = 8 * byte + 4 * h  # the nibble's lowest bit in the word
-                # the nibble to mantissa bits 19..22
-                bits = ((words << (19 - at)) if at <= 19 else (words >> (at - 19))) & 0x780000
-                f = (bits | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16, exactly
+                src = words if at <= 16 else high
+                f = (src & (0xF << (at if at <= 16 else at - 12))).to(tl.float32, bitcast=True)
                 part += f * tl.load(xg + 32 * h + 8 * byte)
-            dsc = (d * sc)[:, :, None]  # [BN, 4, 1]
             xs = tl.load(xsum_p + sb * 8 + j)[:, :, None]  # [1, 4, 1] sum(x) of sub-block j
             # d*sc*sum(q*x) - dmin*m*sum(x) per sub-block; the x-sum term goes on w = 0 only
-            ms = tl.where(w == 0, (16.0 * dsc + (dmin * mn)[:, :, None]) * xs, 0.0)
-            acc += (16.0 * dsc) * part - ms
+            ms = tl.where(w == 0, (dmin * mn)[:, :, None] * xs, 0.0)
+            acc += (d * sc)[:, :, None] * part - ms
         return acc
+
+    @triton.jit
+    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, n_super):
+        """One row of x for `_q4_k_dot_vec` (see `_vec_x`), in two passes over it: its peak,
+        then the permuted, scaled values and the sums of 32 values."""
+        r = tl.program_id(0).to(tl.int64)
+        row = x_ptr + r * K
+        o = tl.arange(0, 256)
+        peak = tl.max(tl.abs(tl.load(row + o)), axis=0)
+        for sb in range(1, n_super):
+            peak = tl.maximum(peak, tl.max(tl.abs(tl.load(row + sb * 256 + o)), axis=0))
+        # 2^e with 2^(e-1) <= peak < 2^e (at least 2^-125, at most 2^127), 1 for a zero row
+        biased = (peak.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        power = (tl.minimum(tl.maximum(biased, 1) + 1, 254) << 23).to(tl.float32, bitcast=True)
+        power = tl.where(peak > 0, power, 1.0)
+        inv = 1.0 / power  # exact: a power of two
+        tl.store(power_ptr + r, power)
+        # output position o = (g, h, b, w) reads value 64g + 32h + 4w + b, times 2^(120 - at)
+        g, h, b, w = o // 64, (o // 32) % 2, (o // 8) % 4, o % 8
+        at = 8 * b + 4 * h
+        at = tl.where(at <= 16, at, at - 12)
+        place = ((247 - at) << 23).to(tl.float32, bitcast=True)  # 2^(120 - at)
+        src = 64 * g + 32 * h + 4 * w + b
+        j = tl.arange(0, 8)
+        for sb in range(0, n_super):
+            v = tl.load(row + sb * 256 + src) * inv
+            tl.store(out_ptr + r * K + sb * 256 + o, v * place)
+            chunk = tl.load(row + sb * 256 + 32 * j[:, None] + tl.arange(0, 32)[None, :]) * inv
+            tl.store(xsum_ptr + r * (K // 32) + sb * 8 + j, tl.sum(chunk, axis=1) * 1.862645149230957e-09)
 
     @triton.jit
     def _matvec_kernel(
@@ -406,6 +437,7 @@ if triton is not None:
         x_stride,
         x_div,
         xsum_ptr,
+        xpow_ptr,
         QT: tl.constexpr,
         NP: tl.constexpr,
         BN: tl.constexpr,
@@ -417,8 +449,8 @@ if triton is not None:
     ):
         """out[s, p, n] = x[p // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e =
         experts[p] when ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)). For Q4_K, w_ptr and
-        u_ptr are int32 views; with VEC, Q4_K takes `_q4_k_dot_vec`, and xsum_ptr holds each x
-        row's sums of 32 values."""
+        u_ptr are int32 views; with VEC, Q4_K takes `_q4_k_dot_vec` on x from `_vec_x` (xsum_ptr,
+        xpow_ptr: its sums and powers)."""
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         split = tl.program_id(2)
@@ -431,6 +463,7 @@ if triton is not None:
         acc3 = tl.zeros((BN, 4, 8), dtype=tl.float32)
         acc3_u = tl.zeros((BN, 4, 8), dtype=tl.float32)
         xsum = xsum_ptr + (p // x_div).to(tl.int64) * (x_stride // 32)
+        x_power = tl.load(xpow_ptr + p // x_div) if QT == 12 and VEC else 1.0
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
         for sb in tl.range(first, last, num_stages=STAGES):
@@ -451,8 +484,8 @@ if triton is not None:
                         wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
         if QT == 12 and VEC:
-            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
-            acc_u = tl.sum(tl.sum(acc3_u, axis=2), axis=1)
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1) * 536870912.0 * x_power  # * 2^29 * power
+            acc_u = tl.sum(tl.sum(acc3_u, axis=2), axis=1) * 536870912.0 * x_power
         if GATED:
             acc = _silu_mul(acc, acc_u)
         if SCALED:
@@ -678,13 +711,13 @@ def _product(
             part = out if splits == 1 else x.new_empty((splits, n_pairs, out_features), dtype=torch.float32)
             wv, uv = (w.view(torch.int32), u.view(torch.int32)) if qtype == T.Q4_K else (w, u)
             vec = _matvec_path() == "vec" and qtype == T.Q4_K
-            xsum = out
+            xsum = xpow = out
             if vec:
-                x, xsum = _vec_x(x)
+                x, xsum, xpow = _vec_x(x)
             grid = (triton.cdiv(out_features, bn), n_pairs, splits)
             _matvec_kernel[grid](
                 x, wv, uv, part, out if experts is None else experts, scale, lut, out_features, n_pairs, n_super,
-                chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, BN=bn, num_warps=warps,
+                chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, BN=bn, num_warps=warps,
                 ROUTED=experts is not None, VEC=vec, STAGES=cfg.get("stages", 1), **consts,
             )  # fmt: skip
             if splits > 1:
@@ -708,12 +741,19 @@ def _product(
     return out
 
 
-def _vec_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] in the order `_q4_k_dot_vec` reads it (per 256 values: group g, nibble h, byte b,
-    word w -> value 64g + 32h + 4w + b), and its sums of 32 values [R, K / 32]."""
-    r = x.shape[0]
-    order = x.view(r, -1, 4, 2, 8, 4).transpose(4, 5).reshape(r, -1)
-    return order, x.view(r, -1, 32).sum(2)
+def _vec_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, K] as `_q4_k_dot_vec` reads it, made by one launch (`_vec_x_kernel`): in the order
+    (per 256 values) group g, nibble h, byte b, word w -> value 64g + 32h + 4w + b; each row
+    divided by its power, a power of two above its largest magnitude, and times 2^(120 - at)
+    for the nibble's bit position `at` in the word as the kernel reads it (all exact). Also the
+    rows' sums of 32 values, divided by the power, times 2^-29 (the products' units)
+    [R, K / 32], and the powers [R]."""
+    r, k = x.shape
+    order = torch.empty_like(x)
+    sums = x.new_empty((r, k // 32))
+    power = x.new_empty(r)
+    _vec_x_kernel[(r,)](x, order, sums, power, k, k // SUPER, num_warps=4)
+    return order, sums, power
 
 
 def _matvec_path() -> str:
