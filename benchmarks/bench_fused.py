@@ -51,6 +51,13 @@ SHAPES = [
 TOKENS = (1, 512)
 MOE_SHAPE = (8, 4096, 14336)
 MATVEC_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
+GROUPED_SWEEP = [  # BM, BN, BK, warps, stages
+    (64, 128, 64, 4, 4),
+    (64, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (32, 128, 64, 4, 4),
+]
 
 
 def random_weight(qtype: GGMLType, *shape: int, device) -> torch.Tensor:
@@ -128,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/fused.json")
     p.add_argument("--sweep", action="store_true", help="also try matrix-vector tile sizes")
     p.add_argument("--default-only", action="store_true", help="time only the default kernels")
+    p.add_argument(
+        "--sweep-grouped",
+        action="store_true",
+        help="also try launch configurations of the prefill's grouped float16 GEMM (MoE, 512 tokens)",
+    )
     p.add_argument(
         "--sweep-matvec",
         action="store_true",
@@ -238,7 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             return torch.ops.harness.moe_ffn(x, gate, up, down, weights, experts, int(T.Q4_K), int(T.Q4_K))
 
         name = f"moe_ffn Q4_K E={e} k=2 D={d} F={f} T={t}"
-        compared(name, 2 * t, (T.Q4_K,), moe, read, 2 * 3 * t * 2 * d * f)
+        flops = 2 * 3 * t * 2 * d * f
+        compared(name, 2 * t, (T.Q4_K,), moe, read, flops)
+        if args.sweep_grouped and 2 * t > fused.MATVEC_MAX_ROWS:
+            saved = dict(fused.GROUPED_CONFIG)
+            for bm, bn, bk, warps, stages in GROUPED_SWEEP:
+                fused.GROUPED_CONFIG.update(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+                with kernel_choice(2 * t, "dequant"):
+                    ms = try_time_ms(moe)
+                row(f"  sweep grouped BM={bm} BN={bn} BK={bk} w={warps} s={stages} {name}", ms, read, flops)
+            fused.GROUPED_CONFIG.update(saved)
 
     if args.sweep_matvec:
         _, n, k = SHAPES[0]
