@@ -3,14 +3,19 @@ device-to-device copy measured in the same run. Writes JSON; asserts nothing.
 
     python benchmarks/bench_fused.py --out benchmarks/results/fused.json
 
-Rows: `harness::qmatmul` at 1 token (matrix-vector) and 512 tokens (tiled, tl.dot) per type, and
-`harness::moe_ffn` for one layer (8 experts, 2 used) at 1 and 512 tokens. For a memory-bound row,
-`fraction_of_copy` is the weight bytes it reads over the time, divided by the copy rate.
+Rows: `harness::qmatmul` at 1 token (matrix-vector) and 512 tokens (prefill) per type, and
+`harness::moe_ffn` for one layer (8 experts, 2 used) at 1 and 512 tokens. Where the fused module
+has two ways to compute a row (the matrix-vector kernel's Q4_K reads, `fused.MATVEC_PATHS`; the
+prefill paths, `fused.PREFILL_PATHS`; the first of each is the default), both run in this one
+process and `comparisons` gives old_ms / new_ms and the NMSE of the new output against the old.
+For a memory-bound row, `fraction_of_copy` is the weight bytes it reads over the time, divided
+by the copy rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -32,6 +37,26 @@ MATMAT_SWEEP = [
     (128, 64, 8, 2),
     (128, 128, 8, 2),
     (16, 64, 4, 2),
+]
+
+# Mixtral-8x7B's products: (type, out, in) of a weight, the tokens of a row, and the MoE layer
+# (experts, embedding, feed-forward).
+SHAPES = [
+    (T.Q4_K, 14336, 4096),
+    (T.Q4_K, 4096, 14336),
+    (T.Q6_K, 32000, 4096),
+    (T.Q8_0, 1024, 4096),
+    (T.Q4_K, 4096, 4096),
+]
+TOKENS = (1, 512)
+MOE_SHAPE = (8, 4096, 14336)
+MATVEC_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
+GROUPED_SWEEP = [  # BM, BN, BK, warps, stages
+    (64, 128, 64, 4, 4),
+    (64, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (32, 128, 64, 4, 4),
 ]
 
 
@@ -80,14 +105,58 @@ def try_time_ms(fn, reps: int = 20) -> float:
         return float("nan")
 
 
+@contextlib.contextmanager
+def kernel_choice(rows: int, choice: str):
+    """Inside, a product of `rows` rows takes `choice`: a matrix-vector path or a prefill path."""
+    attr = "matvec_path" if rows <= fused.MATVEC_MAX_ROWS else "prefill_path"
+    before = getattr(fused, attr)
+    setattr(fused, attr, choice)
+    try:
+        yield
+    finally:
+        setattr(fused, attr, before)
+
+
+def choices(rows: int, qtypes) -> tuple[str, ...]:
+    """The ways the fused module can compute a product of `rows` rows of weights of `qtypes`,
+    the default first (the matrix-vector kernel has two only for Q4_K)."""
+    if rows > fused.MATVEC_MAX_ROWS:
+        return fused.PREFILL_PATHS
+    return fused.MATVEC_PATHS if T.Q4_K in qtypes else fused.MATVEC_PATHS[:1]
+
+
+def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float(((out - ref) ** 2).sum() / (ref**2).sum().clamp(min=1e-300))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/fused.json")
     p.add_argument("--sweep", action="store_true", help="also try matrix-vector tile sizes")
+    p.add_argument("--default-only", action="store_true", help="time only the default kernels")
+    p.add_argument(
+        "--sweep-grouped",
+        action="store_true",
+        help="also try launch configurations of the prefill's grouped float16 GEMM (MoE, 512 tokens)",
+    )
+    p.add_argument(
+        "--sweep-matvec",
+        action="store_true",
+        help="also try launch configurations of the default Q4_K matrix-vector kernel (1 token)",
+    )
     args = p.parse_args(argv)
     dev = torch.device("cuda")
     copy = copy_bandwidth(dev)
     rows = []
+    comparisons = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_second": copy}
+
+    def save() -> None:
+        """The JSON so far (after every row: a run cut short by a time limit keeps what it measured)."""
+        out.write_text(json.dumps({**info, "rows": rows, "comparisons": comparisons}, indent=1))
 
     def row(name: str, ms: float, nbytes: int, flops: int) -> None:
         r = {
@@ -98,23 +167,50 @@ def main(argv: list[str] | None = None) -> int:
             "tflops": flops / (ms / 1e3) / 1e12,
         }
         rows.append(r)
+        save()
         print(
-            f"{name:48s} {ms:8.3f} ms  {r['fraction_of_copy']:6.1%} of copy  {r['tflops']:7.1f} TFLOP/s",
+            f"{name:56s} {ms:8.3f} ms  {r['fraction_of_copy']:6.1%} of copy  {r['tflops']:7.1f} TFLOP/s",
             flush=True,
         )
 
-    for qtype, n, k in (
-        (T.Q4_K, 14336, 4096),
-        (T.Q4_K, 4096, 14336),
-        (T.Q6_K, 32000, 4096),
-        (T.Q8_0, 1024, 4096),
-        (T.Q4_K, 4096, 4096),
-    ):
+    def compared(name: str, n_rows: int, qtypes, fn, nbytes: int, flops: int) -> None:
+        """Time `fn` under each kernel choice for its rows (the default only with
+        --default-only); with two, add the comparison of the default (new) with the other (old)."""
+        ways = choices(n_rows, qtypes)[: 1 if args.default_only else None]
+        times, outs = {}, {}
+        for way in ways:
+            with kernel_choice(n_rows, way):
+                times[way] = time_ms(fn)
+                outs[way] = fn()
+            row(f"{name} {way}" if len(choices(n_rows, qtypes)) > 1 else name, times[way], nbytes, flops)
+        if len(ways) == 2:
+            new, old = ways
+            c = {
+                "name": name,
+                "new": new,
+                "old": old,
+                "old_ms_over_new_ms": times[old] / times[new],
+                "nmse_new_vs_old": nmse(outs[new], outs[old]),
+            }
+            comparisons.append(c)
+            save()
+            print(
+                f"  {new} is {c['old_ms_over_new_ms']:.2f}x {old}, NMSE {c['nmse_new_vs_old']:.1e}",
+                flush=True,
+            )
+
+    for qtype, n, k in SHAPES:
         w = random_weight(qtype, n, k, device=dev)
-        for t in (1, 512):
+        for t in TOKENS:
             x = torch.randn(t, k, device=dev)
-            ms = time_ms(lambda x=x, w=w, qtype=qtype, n=n: torch.ops.harness.qmatmul(x, w, int(qtype), n))
-            row(f"qmatmul {qtype.name} {n}x{k} T={t}", ms, w.numel(), 2 * t * n * k)
+            compared(
+                f"qmatmul {qtype.name} {n}x{k} T={t}",
+                t,
+                (qtype,),
+                lambda x=x, w=w, qtype=qtype, n=n: torch.ops.harness.qmatmul(x, w, int(qtype), n),
+                w.numel(),
+                2 * t * n * k,
+            )
         if args.sweep:
             saved = dict(fused.MATVEC_CONFIG[qtype]), dict(fused.MATMAT_CONFIG[qtype])
             x = torch.randn(1, k, device=dev)
@@ -140,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             fused.MATVEC_CONFIG[qtype].update(saved[0])
             fused.MATMAT_CONFIG[qtype].update(saved[1])
 
-    e, d, f = 8, 4096, 14336
+    e, d, f = MOE_SHAPE
     gate, up = random_weight(T.Q4_K, e, f, d, device=dev), random_weight(T.Q4_K, e, f, d, device=dev)
     down = random_weight(T.Q4_K, e, d, f, device=dev)
     per_expert = (gate.numel() + up.numel() + down.numel()) // e
-    for t in (1, 512):
+    for t in TOKENS:
         x = torch.randn(t, d, device=dev)
         experts = torch.stack([torch.randperm(e, device=dev)[:2] for _ in range(t)])
         weights = torch.rand(t, 2, device=dev).softmax(-1)
@@ -153,12 +249,30 @@ def main(argv: list[str] | None = None) -> int:
         def moe(x=x, experts=experts, weights=weights):
             return torch.ops.harness.moe_ffn(x, gate, up, down, weights, experts, int(T.Q4_K), int(T.Q4_K))
 
-        row(f"moe_ffn Q4_K E=8 k=2 D={d} F={f} T={t}", time_ms(moe), read, 2 * 3 * t * 2 * d * f)
+        name = f"moe_ffn Q4_K E={e} k=2 D={d} F={f} T={t}"
+        flops = 2 * 3 * t * 2 * d * f
+        compared(name, 2 * t, (T.Q4_K,), moe, read, flops)
+        if args.sweep_grouped and 2 * t > fused.MATVEC_MAX_ROWS:
+            saved = dict(fused.GROUPED_CONFIG)
+            for bm, bn, bk, warps, stages in GROUPED_SWEEP:
+                fused.GROUPED_CONFIG.update(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+                with kernel_choice(2 * t, "dequant"):
+                    ms = try_time_ms(moe)
+                row(f"  sweep grouped BM={bm} BN={bn} BK={bk} w={warps} s={stages} {name}", ms, read, flops)
+            fused.GROUPED_CONFIG.update(saved)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_second": copy}
-    out.write_text(json.dumps({**info, "rows": rows}, indent=1))
+    if args.sweep_matvec:
+        _, n, k = SHAPES[0]
+        w = random_weight(T.Q4_K, n, k, device=dev)
+        x = torch.randn(1, k, device=dev)
+        saved = dict(fused.MATVEC_CONFIG[T.Q4_K])
+        for bn, warps in MATVEC_SWEEP:
+            for stages in (1, 2):
+                fused.MATVEC_CONFIG[T.Q4_K].update(BN=bn, num_warps=warps, stages=stages)
+                ms = try_time_ms(lambda x=x, w=w, n=n: torch.ops.harness.qmatmul(x, w, int(T.Q4_K), n))
+                name = f"  sweep {fused.matvec_path} BN={bn} warps={warps} stages={stages} Q4_K {n}x{k} T=1"
+                row(name, ms, w.numel(), 2 * n * k)
+        fused.MATVEC_CONFIG[T.Q4_K].update(saved)
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import bench  # noqa: E402
+from harness.quant import fused  # noqa: E402
 from harness.synth import synthesize  # noqa: E402
 
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         "decode_tokens": r.n_gen,
         "repeats": args.repeats,
         "decode": "eager" if args.eager else "CUDA graph where possible",
+        # which fused kernels ran (HARNESS_MATVEC, HARNESS_PREFILL; see harness.quant.fused)
+        "kernels": {"matvec": fused.matvec_path, "prefill": fused.prefill_path},
         "synth_seconds": synth_seconds,
         "load_seconds": r.load_seconds,
         "prefill_tokens_per_second": r.prefill_tokens_per_second,

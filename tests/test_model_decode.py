@@ -100,17 +100,54 @@ print(d(with_kernels, without), d(step, step_without))
 
 @pytest.mark.slow
 def test_logits_with_and_without_fused_kernels_agree(tiny_path):
-    """Prefill (5 tokens: the tiled kernel) and a decode step (the matrix-vector kernel) through
-    the interpreter, against the same model on the torch path."""
+    """Prefill (5 tokens: 10 token-expert pairs take the prefill path) and a decode step (the
+    matrix-vector kernel) through the interpreter, against the same model on the torch path."""
+    prefill_nmse, step_nmse = map(float, _interpreted(_INTERPRETED_LOGITS, tiny_path).split())
+    assert prefill_nmse < 1e-6 and step_nmse < 1e-6, (prefill_nmse, step_nmse)
+
+
+_INTERPRETED_TRACE = """
+import json, sys, torch
+from harness.model.mixtral import Mixtral
+from harness.quant import fused
+from harness.trace.tracer import Tracer
+model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
+seen = {}
+for path in fused.PREFILL_PATHS:
+    fused.prefill_path = path
+    model.reset()
+    with Tracer(model, keep_events=True) as tracer, torch.inference_mode():
+        model(torch.arange(1, 10), 0)  # 9 tokens: every product has more than 8 rows
+    # the ops that computed something (QMatMul's reshapes around its op are views)
+    seen[path] = [[e.module, e.op, list(e.tensors or ())] for e in tracer.events if e.module and not e.alias]
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_a_trace_sees_each_fused_product_as_one_op_with_its_gguf_names(tiny_path):
+    """Under a Tracer, both prefill paths (float16 scratch + tensor cores, and the tiled kernel)
+    show each weight's product as one harness op naming its GGUF tensors, and nothing of
+    what runs inside (no dequantization, no matmul, no sort). Views around the ops are left out."""
+    seen = json.loads(_interpreted(_INTERPRETED_TRACE, tiny_path))
+    assert set(seen) == {"dequant", "tiled"}
+    for events in seen.values():
+        experts = [e for e in events if e[0] == "layers.1.moe.experts"]
+        assert [e[1] for e in experts] == ["harness.moe_ffn.default"]
+        assert sorted(experts[0][2]) == sorted(
+            f"blk.1.ffn_{kind}_exps.weight[{i}]" for kind in ("gate", "up", "down") for i in range(4)
+        )
+        wq = [e for e in events if e[0] == "layers.0.attn.wq"]
+        assert wq == [["layers.0.attn.wq", "harness.qmatmul.default", ["blk.0.attn_q.weight"]]]
+        assert [e[1:] for e in events if e[0] == "head"] == [["harness.qmatmul.default", ["output.weight"]]]
+
+
+def _interpreted(script: str, model_path) -> str:
+    """stdout of `script` run with `model_path` in a subprocess under Triton's interpreter."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
     proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED_LOGITS, str(tiny_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
+        [sys.executable, "-c", script, str(model_path)], capture_output=True, text=True, env=env, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    prefill_nmse, step_nmse = map(float, proc.stdout.split())
-    assert prefill_nmse < 1e-6 and step_nmse < 1e-6, (prefill_nmse, step_nmse)
+    return proc.stdout

@@ -13,6 +13,7 @@ to print the cases' results as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -66,10 +67,15 @@ def run_cases(device: str, small: bool) -> list[dict]:
         w = _dequant(raw, qtype, rows, cols)
         for t in tokens:
             x = torch.randn(t, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-            out = torch.ops.harness.qmatmul(x.to(device), raw.to(device), int(qtype), rows)
-            results.append(
-                {"case": f"qmatmul {qtype.name} T={t} N={rows}", "nmse": _nmse(out, x.double() @ w.T)}
-            )
+            for path in _paths(t, qtype == GGMLType.Q4_K):
+                with _kernels(path):
+                    out = torch.ops.harness.qmatmul(x.to(device), raw.to(device), int(qtype), rows)
+                results.append(
+                    {
+                        "case": f"qmatmul {qtype.name} T={t} N={rows} {path}",
+                        "nmse": _nmse(out, x.double() @ w.T),
+                    }
+                )
 
     # RMSNorm and rope, against the model's torch path (rope bit for bit: same rounded ops).
     from harness.model.mixtral import rope_tables
@@ -97,7 +103,13 @@ def run_cases(device: str, small: bool) -> list[dict]:
     # 0 and 1 (the others get none; 0 and 1 get every token).
     n_exp, k = 4, 2
     dim, ffn = (256, 512) if small else (512, 768)
-    for gu_type, down_type in ((GGMLType.Q4_K, GGMLType.Q6_K), (GGMLType.Q8_0, GGMLType.Q4_K)):
+    # The second pair's float16 scratch holds one expert at a time: its grouped launches take the
+    # experts one by one, each skipping the other experts' rows.
+    one_expert = ffn * dim * 2
+    for gu_type, down_type, scratch in (
+        (GGMLType.Q4_K, GGMLType.Q6_K, fused.SCRATCH_MAX_BYTES),
+        (GGMLType.Q8_0, GGMLType.Q4_K, one_expert),
+    ):
         gate = torch.stack([_random_weight(gu_type, ffn, dim, rng) for _ in range(n_exp)])
         up = torch.stack([_random_weight(gu_type, ffn, dim, rng) for _ in range(n_exp)])
         down = torch.stack([_random_weight(down_type, dim, ffn, rng) for _ in range(n_exp)])
@@ -119,19 +131,61 @@ def run_cases(device: str, small: bool) -> list[dict]:
                         xi = x[i].double()
                         h = torch.nn.functional.silu(wg[e] @ xi) * (wu[e] @ xi)
                         ref[i] += weights[i, s].double() * (wd[e] @ h)
-                out = torch.ops.harness.moe_ffn(
-                    x.to(device),
-                    gate.to(device),
-                    up.to(device),
-                    down.to(device),
-                    weights.to(device),
-                    experts.to(device),
-                    int(gu_type),
-                    int(down_type),
-                )
-                name = f"moe_ffn {gu_type.name}/{down_type.name} T={t} {routing}"
-                results.append({"case": name, "nmse": _nmse(out, ref)})
+                for path in _paths(t * k, True):  # both pairs of types have a Q4_K weight
+                    with _kernels(path, scratch):
+                        out = torch.ops.harness.moe_ffn(
+                            x.to(device),
+                            gate.to(device),
+                            up.to(device),
+                            down.to(device),
+                            weights.to(device),
+                            experts.to(device),
+                            int(gu_type),
+                            int(down_type),
+                        )
+                    name = f"moe_ffn {gu_type.name}/{down_type.name} T={t} {routing} {path}"
+                    results.append({"case": name, "nmse": _nmse(out, ref)})
     return results
+
+
+def _paths(rows: int, q4_k: bool) -> tuple[str, ...]:
+    """The kernel choices that serve a product of `rows` rows: each way the matrix-vector kernel
+    reads Q4_K (when `q4_k`: a Q4_K weight takes part), or each prefill path."""
+    from harness.quant import fused
+
+    if rows > fused.MATVEC_MAX_ROWS:
+        return tuple(f"prefill={p}" for p in fused.PREFILL_PATHS)
+    return tuple(f"matvec={p}" for p in fused.MATVEC_PATHS) if q4_k else ("matvec",)
+
+
+@contextlib.contextmanager
+def _kernels(path: str, scratch: int | None = None):
+    """Inside, products take the kernel choice `path` (from `_paths`), and the prefill's float16
+    scratch holds `scratch` bytes."""
+    from harness.quant import fused
+
+    before = fused.matvec_path, fused.prefill_path, fused.SCRATCH_MAX_BYTES
+    kind, _, choice = path.partition("=")
+    if kind == "matvec" and choice:
+        fused.matvec_path = choice
+    if kind == "prefill":
+        fused.prefill_path = choice
+    fused.SCRATCH_MAX_BYTES = scratch or before[2]
+    try:
+        yield
+    finally:
+        fused.matvec_path, fused.prefill_path, fused.SCRATCH_MAX_BYTES = before
+
+
+def expected_case_count(small: bool) -> int:
+    """How many results run_cases gives."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    tokens = (1, 5, 17) if small else (1, 5, 17, 129, 512)
+    qmatmul = sum(len(_paths(t, qtype == GGMLType.Q4_K)) for t in tokens for qtype in fused.FUSED_TYPES)
+    moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
+    return qmatmul + 2 * len(tokens) + moe
 
 
 # ---- CPU: Triton's interpreter ---------------------------------------------------------------
@@ -152,9 +206,10 @@ def interpreted():
 
 @pytest.mark.slow
 def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
-    from harness.quant.fused import FUSED_TYPES
 
-    assert len(interpreted) == len(FUSED_TYPES) * 3 + 2 * 3 + 2 * 3 * 2
+    assert len(interpreted) == expected_case_count(small=True)
+    paths = {r["case"].split()[-1] for r in interpreted if r["case"].startswith("moe_ffn")}
+    assert paths == {"matvec=vec", "matvec=words", "prefill=dequant", "prefill=tiled"}
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
 
@@ -214,6 +269,7 @@ def test_cuda_kernels_match_dequantize_then_matmul():
     from harness.quant import fused  # noqa: F401
 
     results = run_cases("cuda", small=False)
+    assert len(results) == expected_case_count(small=False)
     bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
 

@@ -2,13 +2,21 @@
 
 - `harness::qmatmul(x, raw, qtype, out_features)`: `x @ W.T` for a GGUF weight W kept as raw blocks.
 - `harness::moe_ffn(x, gate, up, down, weights, experts, qtypes)`: a whole mixture-of-experts MLP
-  (every chosen expert of a layer, gate/up/SwiGLU fused, routing weights applied) in two launches.
+  (every chosen expert of a layer, gate/up/SwiGLU fused, routing weights applied) in one op.
 
-The weights are dequantized in registers, never written out. Two kernels serve both ops:
-- a matrix-vector kernel (few rows: decode), one program per (output tile, token-expert pair);
-- a tiled matrix-matrix kernel (`tl.dot`, prefill): token-expert pairs are sorted by expert on the
-  device and padded to whole row blocks (vLLM's moe_align_block_size), each row block knows its
-  expert, and one launch covers every expert. No host read of the routing, no loop over experts.
+How a product runs depends on its rows (token-expert pairs):
+- up to MATVEC_MAX_ROWS (decode): a matrix-vector kernel dequantizes the blocks in registers, one
+  program per (output tile, pair); Q4_K has a read with fewer instructions per byte
+  (`_q4_k_dot_vec`, `matvec_path` "vec"; "words" is the older `_q4_k_dot`);
+- more rows (prefill, `prefill_path`): "dequant" writes the weight as float16 into a bounded
+  scratch (harness.quant.kernels, bandwidth-bound) and multiplies on tensor cores: torch.matmul
+  for a dense weight, `_grouped_kernel` for experts; "tiled" is the older `_matmat_kernel`,
+  which dequantizes in registers for every row block. Either way the pairs are sorted by expert
+  on the device and padded to whole row blocks (vLLM's moe_align_block_size), each row block
+  knows its expert: no host read of the routing, no Python loop over experts (the "dequant" path
+  launches once per chunk of experts that fits the scratch). Its products round weights and
+  activations to float16 (activation rows divided by their peak first) and accumulate in
+  float32: NMSE about 1e-7 against float32 (a weight beyond float16's range would overflow).
 A dense weight is the one-expert case of the same kernels.
 
 Each type supplies `_tile`: part `P` of super-block `sb` (256 values of each row) of `BN` rows,
@@ -30,6 +38,7 @@ import os
 
 import torch
 
+from harness.errors import UsageError
 from harness.quant import kernels
 from harness.quant.types import GGMLType, block_size, type_size
 
@@ -54,13 +63,37 @@ SUPER = 256  # values per super-block (one K-quant block, eight 32-value blocks)
 MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel is used
 # Launch configurations per type (benchmarks/bench_fused.py --sweep on an H100).
 # Types not swept take the Q4_K tile settings (their tiles have the same 128-value parts).
-MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {qtype: {"BN": 16, "num_warps": 4} for qtype in PARTS} | {
-    T.Q6_K: {"BN": 64, "num_warps": 2},
-    T.Q8_0: {"BN": 8, "num_warps": 2},
+# "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory).
+MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
+    qtype: {"BN": 16, "num_warps": 4, "stages": 1} for qtype in PARTS
+} | {
+    T.Q6_K: {"BN": 64, "num_warps": 2, "stages": 1},
+    T.Q8_0: {"BN": 8, "num_warps": 2, "stages": 1},
 }
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
+
+# How the matrix-vector kernel reads Q4_K (decode): "vec", `_q4_k_dot_vec` (16-byte loads of
+# weights and x, two integer ops a nibble); "words", the older `_q4_k_dot`. HARNESS_MATVEC picks
+# one at import; `matvec_path` may be set later (benchmarks compare both). Other types: one kernel.
+MATVEC_PATHS = ("vec", "words")
+matvec_path = os.environ.get("HARNESS_MATVEC", "vec")
+
+# How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
+# - "dequant": the weight is dequantized into a float16 scratch (harness.quant.kernels, a
+#   bandwidth-bound kernel) and multiplied on tensor cores: torch.matmul (cuBLAS) for a dense
+#   weight, a grouped float16 GEMM in Triton (`_grouped_kernel`) for experts;
+# - "tiled": `_matmat_kernel`, which dequantizes in registers for every row block.
+# HARNESS_PREFILL picks one at import; `prefill_path` may be set later (benchmarks compare both).
+PREFILL_PATHS = ("dequant", "tiled")
+prefill_path = os.environ.get("HARNESS_PREFILL", "dequant")
+# The float16 scratch of one grouped launch is at most this many bytes: experts are dequantized in
+# chunks that fit (Mixtral-8x7B: 4 experts of 14336x4096, 470 MB, per launch). A dense weight is
+# dequantized whole (its largest, a 32000x4096 output head, is 262 MB). The scratch comes from
+# torch's caching allocator and is freed before the next one is made, so the same block is reused.
+SCRATCH_MAX_BYTES = 512 << 20
+GROUPED_CONFIG: dict[str, int] = {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4}
 
 _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
@@ -278,6 +311,18 @@ if triton is not None:
         return g * tl.sigmoid(g) * u
 
     @triton.jit
+    def _q4_k_word_scales(s1, s2, s3, j):
+        """Q4_K sub-block j's 6-bit (scale, min) from block words 1..3 (scales[12]), as float32."""
+        shift = 8 * (j % 4)
+        a = (s1 >> shift) & 0xFF
+        b = (s2 >> shift) & 0xFF
+        c = (s3 >> shift) & 0xFF
+        first = j < 4
+        sc = tl.where(first, a & 63, (c & 0xF) | ((a >> 6) << 4)).to(tl.float32)
+        mn = tl.where(first, b & 63, (c >> 4) | ((b >> 6) << 4)).to(tl.float32)
+        return sc, mn
+
+    @triton.jit
     def _q4_k_dot(wq, roww, sb, xp, BN: tl.constexpr):
         """[BN] dot products of x with super-block sb of BN Q4_K rows, read as int32 words.
 
@@ -298,13 +343,7 @@ if triton is not None:
         acc = tl.zeros((BN,), dtype=tl.float32)
         for h in tl.static_range(2):
             j = 2 * g + h  # [1, 4] sub-blocks of this nibble
-            shift = 8 * (j % 4)
-            a = (s1 >> shift) & 0xFF
-            b = (s2 >> shift) & 0xFF
-            c = (s3 >> shift) & 0xFF
-            first = j < 4
-            sc = tl.where(first, a & 63, (c & 0xF) | ((a >> 6) << 4)).to(tl.float32)
-            mn = tl.where(first, b & 63, (c >> 4) | ((b >> 6) << 4)).to(tl.float32)
+            sc, mn = _q4_k_word_scales(s1, s2, s3, j)
             qx = tl.zeros((BN, 4, 8), dtype=tl.float32)
             xs = tl.zeros((1, 4, 8), dtype=tl.float32)
             for byte in tl.static_range(4):
@@ -315,6 +354,78 @@ if triton is not None:
                 xs += xv
             acc += tl.sum((d * sc) * tl.sum(qx, axis=2) - (dmin * mn) * tl.sum(xs, axis=2), axis=1)
         return acc
+
+    @triton.jit
+    def _q4_k_dot_vec(wq, roww, sb, xp, xsum_p, BN: tl.constexpr):
+        """[BN, 4, 8] partial dot products of super-block sb of BN Q4_K rows with x (prepared by
+        `_vec_x`); the row's product is their sum times 2^29 times the row's x power. Fewer instructions
+        per byte than `_q4_k_dot`:
+        - x comes permuted: for each group g, nibble h and byte b, the values of the 8 words w
+          (64g + 32h + 4w + b) are adjacent, so x loads in the words' own layout, four floats at
+          a time, and nothing moves between threads until the loop ends;
+        - a nibble q at bit `at` of a word is read as a float by masking alone: the bits
+          q << at (at <= 16; the top three nibbles after one shift of the word by 12) are the
+          subnormal float q * 2^(at - 149), exactly, and x of that nibble position comes
+          multiplied by 2^(120 - at), so every product is q * x * 2^-29 (x divided by a power
+          of two >= its largest magnitude, so nothing overflows);
+        - the min term uses sum(x) per sub-block from xsum, in the products' units (x * 2^-29).
+        Block words: 0 = d | dmin << 16, 1..3 = scales[12], 4 + 8g + w = qs[32g + 4w .. + 3]."""
+        blk = roww[:, None] + sb * 36  # [BN, 1] in words
+        head = tl.load(wq + blk)
+        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        s1 = tl.load(wq + blk + 1)
+        s2 = tl.load(wq + blk + 2)
+        s3 = tl.load(wq + blk + 3)
+        g = tl.arange(0, 4)[None, :]  # [1, 4]
+        w = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
+        words = tl.load(wq + blk[:, :, None] + 4 + 8 * g[:, :, None] + w)  # [BN, 4, 8]
+        high = words >> 12  # nibbles at bits 20, 24, 28 now at 8, 12, 16
+        xg = xp + sb * 256 + 64 * g[:, :, None] + w  # [1, 4, 8]
+        acc = tl.zeros((BN, 4, 8), dtype=tl.float32)
+        for h in tl.static_range(2):
+            j = 2 * g + h  # [1, 4] sub-blocks of this nibble
+            sc, mn = _q4_k_word_scales(s1, s2, s3, j)
+            part = tl.zeros((BN, 4, 8), dtype=tl.float32)
+            for byte in tl.static_range(4):
+                at = 8 * byte + 4 * h  # the nibble's lowest bit in the word
+                src = words if at <= 16 else high
+                f = (src & (0xF << (at if at <= 16 else at - 12))).to(tl.float32, bitcast=True)
+                part += f * tl.load(xg + 32 * h + 8 * byte)
+            xs = tl.load(xsum_p + sb * 8 + j)[:, :, None]  # [1, 4, 1] sum(x) of sub-block j
+            # d*sc*sum(q*x) - dmin*m*sum(x) per sub-block; the x-sum term goes on w = 0 only
+            ms = tl.where(w == 0, (dmin * mn)[:, :, None] * xs, 0.0)
+            acc += (d * sc)[:, :, None] * part - ms
+        return acc
+
+    @triton.jit
+    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, n_super):
+        """One row of x for `_q4_k_dot_vec` (see `_vec_x`), in two passes over it: its peak,
+        then the permuted, scaled values and the sums of 32 values."""
+        r = tl.program_id(0).to(tl.int64)
+        row = x_ptr + r * K
+        o = tl.arange(0, 256)
+        peak = tl.max(tl.abs(tl.load(row + o)), axis=0)
+        for sb in range(1, n_super):
+            peak = tl.maximum(peak, tl.max(tl.abs(tl.load(row + sb * 256 + o)), axis=0))
+        # 2^e with 2^(e-1) <= peak < 2^e (at least 2^-125, at most 2^127), 1 for a zero row
+        biased = (peak.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        power = (tl.minimum(tl.maximum(biased, 1) + 1, 254) << 23).to(tl.float32, bitcast=True)
+        power = tl.where(peak > 0, power, 1.0)
+        inv = 1.0 / power  # exact: a power of two
+        tl.store(power_ptr + r, power)
+        # output position o = (g, h, b, w) reads value 64g + 32h + 4w + b, times 2^(120 - at)
+        g, h, b, w = o // 64, (o // 32) % 2, (o // 8) % 4, o % 8
+        at = 8 * b + 4 * h
+        at = tl.where(at <= 16, at, at - 12)
+        place = ((247 - at) << 23).to(tl.float32, bitcast=True)  # 2^(120 - at)
+        src = 64 * g + 32 * h + 4 * w + b
+        j = tl.arange(0, 8)
+        for sb in range(0, n_super):
+            v = tl.load(row + sb * 256 + src) * inv
+            tl.store(out_ptr + r * K + sb * 256 + o, v * place)
+            chunk = tl.load(row + sb * 256 + 32 * j[:, None] + tl.arange(0, 32)[None, :]) * inv
+            tl.store(xsum_ptr + r * (K // 32) + sb * 8 + j, tl.sum(chunk, axis=1) * 1.862645149230957e-09)
 
     @triton.jit
     def _matvec_kernel(
@@ -333,16 +444,21 @@ if triton is not None:
         expert_bytes,
         x_stride,
         x_div,
+        xsum_ptr,
+        xpow_ptr,
         QT: tl.constexpr,
         NP: tl.constexpr,
         BN: tl.constexpr,
         GATED: tl.constexpr,
         SCALED: tl.constexpr,
         ROUTED: tl.constexpr,
+        VEC: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
         """out[s, p, n] = x[p // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e =
         experts[p] when ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)). For Q4_K, w_ptr and
-        u_ptr are int32 views."""
+        u_ptr are int32 views; with VEC, Q4_K takes `_q4_k_dot_vec` on x from `_vec_x` (xsum_ptr,
+        xpow_ptr: its sums and powers)."""
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         split = tl.program_id(2)
@@ -352,10 +468,18 @@ if triton is not None:
         rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
         acc = tl.zeros((BN,), dtype=tl.float32)
         acc_u = tl.zeros((BN,), dtype=tl.float32)
+        acc3 = tl.zeros((BN, 4, 8), dtype=tl.float32)
+        acc3_u = tl.zeros((BN, 4, 8), dtype=tl.float32)
+        xsum = xsum_ptr + (p // x_div).to(tl.int64) * (x_stride // 32)
+        x_power = tl.load(xpow_ptr + p // x_div) if QT == 12 and VEC else 1.0
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
-        for sb in range(first, last):
-            if QT == 12:  # Q4_K
+        for sb in tl.range(first, last, num_stages=STAGES):
+            if QT == 12 and VEC:  # Q4_K, wide loads
+                acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN)
+                if GATED:
+                    acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN)
+            elif QT == 12:  # Q4_K
                 acc += _q4_k_dot(w_ptr, rowb // 4, sb, xp, BN)
                 if GATED:
                     acc_u += _q4_k_dot(u_ptr, rowb // 4, sb, xp, BN)
@@ -367,6 +491,9 @@ if triton is not None:
                     if GATED:
                         wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
+        if QT == 12 and VEC:
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1) * 536870912.0 * x_power  # * 2^29 * power
+            acc_u = tl.sum(tl.sum(acc3_u, axis=2), axis=1) * 536870912.0 * x_power
         if GATED:
             acc = _silu_mul(acc, acc_u)
         if SCALED:
@@ -426,6 +553,48 @@ if triton is not None:
             acc = _silu_mul(acc, acc_u)
         if SCALED:
             acc = acc * tl.load(scale_ptr + tl.where(valid, pairs, 0), mask=valid, other=0.0)[:, None]
+        out = out_ptr + tl.where(valid, pairs, 0).to(tl.int64)[:, None] * N + n[None, :]
+        tl.store(out, acc, mask=valid[:, None] & (n < N)[None, :])
+
+    @triton.jit
+    def _grouped_kernel(
+        x_ptr,
+        xscale_ptr,
+        w_ptr,
+        out_ptr,
+        sorted_ptr,
+        block_expert_ptr,
+        N,
+        K,
+        n_pairs,
+        x_div,
+        e_lo,
+        e_hi,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        """Row block b of the expert-sorted pairs times its expert's float16 weight, for the blocks
+        whose expert is in [e_lo, e_hi) (w_ptr: those experts' weights, [e_hi - e_lo, N, K]).
+
+        x [rows, K] float16 holds each row divided by xscale[row]; the float32 product is
+        multiplied back. Pair ids >= n_pairs are padding; x row of pair q is q // x_div."""
+        b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + b)
+        live = (e >= e_lo) & (e < e_hi)
+        pairs = tl.load(sorted_ptr + b * BM + tl.arange(0, BM))
+        valid = pairs < tl.where(live, n_pairs, 0)
+        xrow = tl.where(valid, pairs // x_div, 0).to(tl.int64)
+        n = pid_n * BN + tl.arange(0, BN)
+        wrow = tl.where(live, e - e_lo, 0).to(tl.int64) * N + tl.where(n < N, n, 0)
+        kk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, tl.where(live, K, 0), BK):
+            xt = tl.load(x_ptr + xrow[:, None] * K + (k0 + kk)[None, :], mask=valid[:, None], other=0.0)
+            wt = tl.load(w_ptr + wrow[:, None] * K + (k0 + kk)[None, :])
+            acc = tl.dot(xt, tl.trans(wt), acc)
+        acc = acc * tl.load(xscale_ptr + xrow, mask=valid, other=0.0)[:, None]
         out = out_ptr + tl.where(valid, pairs, 0).to(tl.int64)[:, None] * N + n[None, :]
         tl.store(out, acc, mask=valid[:, None] & (n < N)[None, :])
 
@@ -532,13 +701,15 @@ def _product(
         return out
     x = x.float().contiguous()
     consts = {"QT": int(qtype), "NP": PARTS[qtype], "GATED": u is not None, "SCALED": scale is not None}
+    scaled = scale is not None
     scale = out if scale is None else scale.float().contiguous()
     gated = u is not None
     u = w if u is None else u
     lut = kernels.iq4_table(x.device) if qtype == T.IQ4_XS else out
     with _launch_device(x.device):
         if n_pairs <= MATVEC_MAX_ROWS:
-            bn, warps = MATVEC_CONFIG[qtype]["BN"], MATVEC_CONFIG[qtype]["num_warps"]
+            cfg = MATVEC_CONFIG[qtype]
+            bn, warps = cfg["BN"], cfg["num_warps"]
             tiles = triton.cdiv(out_features, bn) * n_pairs
             # Split the rows' super-blocks over programs until the device has enough of them;
             # the partial sums add up in a fixed order (deterministic). Gated products need whole sums.
@@ -547,14 +718,22 @@ def _product(
             splits = -(-n_super // chunk)
             part = out if splits == 1 else x.new_empty((splits, n_pairs, out_features), dtype=torch.float32)
             wv, uv = (w.view(torch.int32), u.view(torch.int32)) if qtype == T.Q4_K else (w, u)
+            vec = _matvec_path() == "vec" and qtype == T.Q4_K
+            xsum = xpow = out
+            if vec:
+                x, xsum, xpow = _vec_x(x)
             grid = (triton.cdiv(out_features, bn), n_pairs, splits)
             _matvec_kernel[grid](
                 x, wv, uv, part, out if experts is None else experts, scale, lut, out_features, n_pairs, n_super,
-                chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, BN=bn, num_warps=warps,
-                ROUTED=experts is not None, **consts,
+                chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, BN=bn, num_warps=warps,
+                ROUTED=experts is not None, VEC=vec, STAGES=cfg.get("stages", 1), **consts,
             )  # fmt: skip
             if splits > 1:
                 torch.sum(part, 0, out=out)
+        elif _prefill_path() == "dequant":
+            return _product_dequantized(
+                x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None
+            )
         else:
             cfg = MATMAT_CONFIG[qtype]
             bm, bn = cfg["BM"], cfg["BN"]
@@ -567,6 +746,98 @@ def _product(
                 row_bytes, out_features * row_bytes, x.stride(0), x_div, BM=bm, BN=bn,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts,
             )  # fmt: skip
+    return out
+
+
+def _vec_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, K] as `_q4_k_dot_vec` reads it, made by one launch (`_vec_x_kernel`): in the order
+    (per 256 values) group g, nibble h, byte b, word w -> value 64g + 32h + 4w + b; each row
+    divided by its power, a power of two above its largest magnitude, and times 2^(120 - at)
+    for the nibble's bit position `at` in the word as the kernel reads it (all exact). Also the
+    rows' sums of 32 values, divided by the power, times 2^-29 (the products' units)
+    [R, K / 32], and the powers [R]."""
+    r, k = x.shape
+    order = torch.empty_like(x)
+    sums = x.new_empty((r, k // 32))
+    power = x.new_empty(r)
+    _vec_x_kernel[(r,)](x, order, sums, power, k, k // SUPER, num_warps=4)
+    return order, sums, power
+
+
+def _matvec_path() -> str:
+    if matvec_path not in MATVEC_PATHS:
+        raise UsageError(
+            None, "HARNESS_MATVEC", f"must be one of {', '.join(MATVEC_PATHS)}, got {matvec_path!r}"
+        )
+    return matvec_path
+
+
+def _prefill_path() -> str:
+    if prefill_path not in PREFILL_PATHS:
+        raise UsageError(
+            None, "HARNESS_PREFILL", f"must be one of {', '.join(PREFILL_PATHS)}, got {prefill_path!r}"
+        )
+    return prefill_path
+
+
+def _scaled_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] float32 as float16 rows divided by their largest magnitude (no overflow, no lost
+    small rows), and those magnitudes [R] (1 for a row of zeros)."""
+    peak = x.abs().amax(1)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return (x / peak[:, None]).half(), peak
+
+
+def _product_dequantized(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor | None,
+    qtype: GGMLType,
+    out: torch.Tensor,
+    experts: torch.Tensor | None,
+    x_div: int,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """`_product` for many rows, written into `out` [P, N]: weights dequantized to float16 (bounded
+    scratch), products on tensor cores with float32 accumulation. A dense weight (experts None,
+    x_div 1) goes to torch.matmul; routed pairs to `_grouped_kernel`, launched once per chunk of
+    experts, each launch skipping the row blocks of other experts (no host read of the routing)."""
+    n_pairs, n_out = out.shape
+    in_features = x.shape[1]
+    xh, peak = _scaled_half(x)
+    mats = [w] if u is None else [w, u]
+    results = []
+    if experts is None:
+        if x_div != 1:  # every row of x stands for x_div pairs
+            xh, peak = xh.repeat_interleave(x_div, 0), peak.repeat_interleave(x_div)
+        for m in mats:
+            wh = kernels.dequantize(m[0], qtype, (n_out, in_features), torch.float16)
+            results.append(torch.matmul(xh, wh.T).float() * peak[:, None])
+            del wh  # the scratch goes back to the allocator before the next one is made
+    else:
+        cfg = GROUPED_CONFIG
+        n_experts = w.shape[0]
+        sorted_ids, block_expert = _sort_by_expert(experts, n_experts, cfg["BM"])
+        per_expert = n_out * in_features * 2
+        chunk = max(1, min(n_experts, SCRATCH_MAX_BYTES // per_expert))
+        grid = (block_expert.numel(), triton.cdiv(n_out, cfg["BN"]))
+        for m in mats:
+            y = out if len(mats) == 1 else torch.empty_like(out)
+            for lo in range(0, n_experts, chunk):
+                hi = min(lo + chunk, n_experts)
+                wh = kernels.dequantize(m[lo:hi], qtype, (hi - lo, n_out, in_features), torch.float16)
+                _grouped_kernel[grid](
+                    xh, peak, wh, y, sorted_ids, block_expert, n_out, in_features, n_pairs, x_div, lo, hi,
+                    BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"],
+                )  # fmt: skip
+                del wh
+            results.append(y)
+    y = results[0] if u is None else torch.nn.functional.silu(results[0]) * results[1]
+    if scale is not None:
+        y = y * scale[:, None]
+    if y is not out:
+        out.copy_(y)
     return out
 
 
