@@ -317,9 +317,7 @@ def test_synth_refuses_to_overwrite_without_force(tmp_path):
     assert call(["synth", str(out), "--quiet"])[0] == 0
     before = out.read_bytes()
     code, _, err = call(["synth", str(out), "--quiet", "--seed", "1"])
-    assert (
-        code == 2 and err == f"harness: error: OUT.gguf: {out}: already exists (pass --force to replace it)\n"
-    )
+    assert code == 2 and err == f"harness: error: {out}: already exists (pass --force to replace it)\n"
     assert out.read_bytes() == before
     assert call(["synth", str(out), "--quiet", "--seed", "1", "--force"])[0] == 0
     assert out.read_bytes() != before
@@ -499,6 +497,11 @@ BAD_INPUTS = [
         "--perfetto: {fifo}: is a FIFO (named pipe); give the path of a regular file to write",
     ),
     (["explode"], "COMMAND: invalid choice: 'explode' (choose from ..."),
+    (["trace", "{tiny}", "--fault", "nope"], "--fault: unknown fault 'nope'; `harness faults` lists the..."),
+    (
+        ["logits", "{tiny}", "--tokens", "1", "--device", "cuda:99", "-o", "{dir}/l.npy"],
+        "--device: device cuda:99 does not exist here...",
+    ),
 ]
 
 
@@ -513,6 +516,38 @@ def test_bad_input_is_one_line_and_exit_2(files, argv, expected):
     else:
         assert err == line + "\n"
     assert not (files["dir"] / "nonexistent").exists()  # a missing folder is an error, never made
+
+
+def test_a_device_that_is_not_here_names_the_flag_that_asked_and_the_way_out(tiny):
+    """-ngl puts layers on cuda:0: without a GPU the message names -ngl (as typed) and the emulation."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("there is a GPU here: cuda:0 exists")
+    for flag in ("-ngl", "--n-gpu-layers"):
+        code, _, err = call(["run", str(tiny), "-p", "hi", flag, "1"])
+        assert code == 2
+        assert err == (
+            f"harness: error: {flag}: device cuda:0 does not exist here "
+            "(no CUDA GPU here; --device emulated runs on the emulated one)\n"
+        )
+    code, _, err = call(["trace", str(tiny), "--device-map", "embed=cpu,layers.0-1=cuda:1,head=cpu"])
+    assert code == 2 and err.startswith(
+        "harness: error: --device-map ['layers.0-1']: device cuda:1 does not"
+    ), err
+
+
+def test_cases_outside_a_checkout_needs_paths_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """`harness cases` in a folder without cases/: one line, exit 2, and no reports/ folder made."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call(["cases"])
+    assert code == 2 and out == ""
+    assert (
+        err == "harness: error: no case files given, and there is no cases/ folder here to run by default\n"
+    )
+    code, _, err = call(["cases", "absent.yaml"])
+    assert code == 2 and err == "harness: error: absent.yaml: no such file or directory\n"
+    assert list(tmp_path.iterdir()) == []  # the default --out-dir reports/cases was not made
 
 
 def test_a_closed_pipe_ends_quietly(tiny):

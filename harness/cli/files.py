@@ -152,7 +152,7 @@ def cmd_inspect(args) -> int:
 def cmd_synth(args) -> int:
     from harness.synth import synthesize
 
-    out = check_output_file(args.out, "OUT.gguf", overwrite=args.force)
+    out = check_output_file(args.out, overwrite=args.force)  # "x.gguf: already exists ..."
     written = synthesize(
         out,
         args.preset,

@@ -28,6 +28,7 @@ FLAG_OF_FIELD = {
     "n_gpu_layers": "--n-gpu-layers",
     "device_map": "--device-map",
     "device": "--device",
+    "fault": "--fault",
 }
 
 # Short and alternative spellings: the flag in messages is the one the user typed.

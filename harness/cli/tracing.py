@@ -193,9 +193,14 @@ def cmd_cases(args) -> int:
     placement, fault or tokens turn out unusable)."""
     from harness.cases import load_cases, run_case
 
+    if not args.paths and not os.path.exists("cases"):
+        raise UsageError(
+            None, None, "no case files given, and there is no cases/ folder here to run by default"
+        )
+    cases = load_cases(args.paths or ["cases"])  # a malformed file: CaseError, one line, exit 2
+    # Output folders are made only once there is something to run: a refused command leaves nothing.
     out_dir = check_output_dir(args.out_dir, "--out-dir")
     cache_dir = check_output_dir(args.cache_dir, "--cache-dir") if args.cache_dir else None
-    cases = load_cases(args.paths or ["cases"])  # a malformed file: CaseError, one line, exit 2
     results, errors = [], []
     for case in cases:
         try:
