@@ -2,13 +2,15 @@
 
 Each ```python block runs unchanged: the library's blocks in a folder holding the `model.gguf`
 they name (made with `harness synth`, as the README says), on the emulated accelerator where
-there is no GPU; the test-suite block as a test file of a pytest session of its own.
+there is no GPU; the test-suite block as a test file of a pytest session of its own. So does the
+example at the top of `harness.strategies`, the other piece of code users copy.
 """
 
 from __future__ import annotations
 
 import re
 import runpy
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,21 @@ def test_the_test_suite_block_runs_as_written(pytester, not_a_worker):
     junit = (pytester.path / "junit.xml").read_text(encoding="utf-8")
     assert junit.count('name="harness_verdict" value="dirty"') == 1
     assert junit.count('name="harness_verdict" value="clean"') == 1
+
+
+def test_the_strategies_example_runs_as_written(pytester, not_a_worker):
+    """Its given() names its argument (positional strategies fill the rightmost parameters, which
+    once made `case` a fixture that did not exist) and it uses no function-scoped fixture
+    (hypothesis's health check refuses tmp_path)."""
+    import harness.strategies
+
+    doc = harness.strategies.__doc__
+    example = doc[doc.index("    import torch") : doc.index("What each strategy gives")]
+    pytester.makeconftest(
+        "from hypothesis import settings\n"
+        "settings.register_profile('two', max_examples=2)\n"
+        "settings.load_profile('two')\n"
+    )
+    pytester.makepyfile(test_property=textwrap.dedent(example))
+    result = pytester.runpytest_subprocess(*plugin_args(), "-p", "no:cacheprovider", "-p", "no:xdist")
+    result.assert_outcomes(passed=1)
