@@ -347,6 +347,17 @@ def test_profiles_are_registered_and_loaded_only_when_asked(pytester, monkeypatc
     bad = run()
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["ERROR: harness_hypothesis_profile: 'harness-weekly' is not one of*"])
+    # A misspelt harness profile on the command line: one line, not hypothesis's INTERNALERROR.
+    pytester.makeini("[pytest]\n")
+    bad = run("--hypothesis-profile", "harness-weekly")
+    assert (
+        bad.ret == pytest.ExitCode.USAGE_ERROR and "INTERNALERROR" not in bad.stdout.str() + bad.stderr.str()
+    )
+    bad.stderr.fnmatch_lines(
+        [
+            "ERROR: --hypothesis-profile: 'harness-weekly' is not one of harness-ci, harness-dev, harness-nightly"
+        ]
+    )
 
 
 # -- assertions people read ---------------------------------------------------------------------------
