@@ -593,6 +593,21 @@ def test_pytest_collects_cases(pytester):
     off.assert_outcomes()
 
 
+def test_pytest_skips_a_case_whose_model_variable_is_not_set_at_the_case_file(pytester, monkeypatch):
+    """`-rs` names the case file (not the plugin's module) and the variable."""
+    monkeypatch.delenv("HARNESS_NOT_SET", raising=False)
+    pytester.makeini("[pytest]\nharness_cases = cases\n")
+    theirs = GOOD.replace(
+        "  synth: tiny\n  layout: per-expert\n  router: f16\n", "  path: ${HARNESS_NOT_SET}\n"
+    )
+    write(pytester.path / "cases" / "theirs.yaml", theirs)
+    result = pytester.runpytest(*_plugin_args(), "-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED [1] cases/theirs.yaml: model.path needs $HARNESS_NOT_SET, which is not set"]
+    )
+
+
 def test_pytest_collects_no_yaml_unless_configured(pytester):
     """A project that never set `harness_cases`: its YAML, even declared case files, is not read."""
     write(pytester.path / "cases" / "good.yaml", GOOD)
