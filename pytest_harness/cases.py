@@ -5,7 +5,8 @@ case schema (a top-level `schema: harness-case/1`); it becomes one test named by
 `cases/foo.yaml::foo`. Nothing else is read: with `harness_cases` unset (the default) the
 plugin never opens a project's YAML. A declared file that is broken fails collection with its
 `file:line: key: problem`. `--harness-no-cases` turns collection off. Traces go to
-`harness_cases_output` (default reports/cases, relative to the rootdir). A case that fails
+`harness_cases_output` (default reports/cases, relative to the rootdir) and into the session's
+`--harness-report`, beside the `harness_tracer` fixture's. A case that fails
 reports expected against got; `accelerator: real` cases get the cuda marker with real=True.
 """
 
@@ -15,6 +16,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from pytest_harness import merge
 
 # The declaration `harness.cases.loader.declares_schema` looks for (checked here on the text,
 # so that deciding costs no import of harness); tests/test_plugin.py keeps the two in step.
@@ -96,6 +99,7 @@ class CaseItem(pytest.Item):
         result = self.result = run_case(self.case, out_dir=self.config.rootpath / output)
         if result.trace_path is not None:
             self.user_properties.append(("trace", str(result.trace_path)))
+            merge.session(self.config).register(self.nodeid, None, result.trace_path)  # --harness-report
         if result.summary is not None:
             self.user_properties.append(("harness_verdict", result.summary["verdict"]))
         if result.skipped:

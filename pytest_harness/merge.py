@@ -140,7 +140,9 @@ class TraceSession:
             outcomes.append(self.outcomes.get(rec["test"]))
             tests.add(rec["test"])
         if not traces:
-            self.report_line = "no traces were recorded by the `harness_tracer` fixture: no report written"
+            self.report_line = (
+                "no traces were recorded (by the `harness_tracer` fixture or a YAML case): no report written"
+            )
             return
         title = f"pytest report: {len(traces)} traces from {len(tests)} tests"
         try:

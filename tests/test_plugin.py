@@ -203,7 +203,7 @@ def test_no_traces_no_report(pytester):
     result = _inprocess(pytester, "--harness-report", str(out))
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
-        ["*no traces were recorded by the `harness_tracer` fixture: no report written"]
+        ["*no traces were recorded (by the `harness_tracer` fixture or a YAML case): no report written"]
     )
     assert not out.exists()
 
