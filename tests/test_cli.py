@@ -310,6 +310,15 @@ def test_report_fail_on_dirty(files, tmp_path):
     unfinished.write_text(files["clean"].read_text().splitlines()[0] + "\n")  # the header, no summary
     code, _, err = call(["report", str(unfinished), str(files["dirty"]), "-o", out, "--fail-on-dirty"])
     assert code == 3 and "unfinished.jsonl unfinished" in err  # not judged outranks dirty
+    # Nothing to write: only the check (a CI gate on saved traces), or only the verdicts as JSON.
+    clean, dirty = str(files["clean"]), str(files["dirty"])
+    code, out_text, err = call(["report", clean, dirty, "--fail-on-dirty"])
+    assert (code, out_text) == (1, f"{clean}: clean\n{dirty}: dirty\n") and "dirty.jsonl dirty" in err
+    assert call(["report", clean, "--fail-on-dirty"])[:2] == (0, f"{clean}: clean\n")
+    code, out_text, _ = call(["report", clean, dirty, "--json"])
+    assert code == 0 and json.loads(out_text) == {
+        "traces": [{"trace": clean, "verdict": "clean"}, {"trace": dirty, "verdict": "dirty"}]
+    }
 
 
 def test_synth_refuses_to_overwrite_without_force(tmp_path):
@@ -491,7 +500,10 @@ BAD_INPUTS = [
         "--report: {dir}/t.jsonl: is also '{dir}/t.jsonl', which this command reads or writes; give another path",
     ),
     (["report", "{clean}", "{dirty}", "--perfetto", "{dir}/p.json"], "--perfetto: converts one trace, got 2"),
-    (["report", "{clean}"], "nothing to write: give -o OUT.html, --perfetto OUT.json or both"),
+    (
+        ["report", "{clean}"],
+        "nothing to do: give -o OUT.html, --perfetto OUT.json, --json or --fail-on-dirty",
+    ),
     (
         ["trace", "{tiny}", "--perfetto", "{fifo}"],
         "--perfetto: {fifo}: is a FIFO (named pipe); give the path of a regular file to write",

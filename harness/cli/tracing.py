@@ -143,12 +143,15 @@ def check_trace_input(path: str) -> Path:
 def cmd_report(args) -> int:
     """One HTML report from saved traces (two: with their diff), and/or one trace as Perfetto
     JSON. `--fail-on-dirty`: the exit status says the worst verdict among them (dirty 1; error,
-    inconclusive or unfinished 3)."""
+    inconclusive or unfinished 3); with nothing to write it only checks (`harness report
+    *.jsonl --fail-on-dirty` gates CI on saved traces), as `--json` alone only prints verdicts."""
     from harness.report import build_report
     from harness.trace import load_trace
 
-    if args.out is None and args.perfetto is None:
-        raise UsageError(None, None, "nothing to write: give -o OUT.html, --perfetto OUT.json or both")
+    if args.out is None and args.perfetto is None and not (args.json or args.fail_on_dirty):
+        raise UsageError(
+            None, None, "nothing to do: give -o OUT.html, --perfetto OUT.json, --json or --fail-on-dirty"
+        )
     if args.perfetto is not None and len(args.traces) != 1:
         raise UsageError(None, "--perfetto", f"converts one trace, got {len(args.traces)}")
     traces = [check_trace_input(t) for t in args.traces]
@@ -170,9 +173,12 @@ def cmd_report(args) -> int:
     if args.json:
         rows = [{"trace": str(t), "verdict": v} for t, v in zip(traces, verdicts, strict=True)]
         print(json.dumps({**written, "traces": rows}))
-    else:
+    elif written:
         for path in written.values():
             print(f"wrote {path}")
+    else:  # only the verdicts were asked for (--fail-on-dirty)
+        for t, v in zip(traces, verdicts, strict=True):
+            print(f"{t}: {v}")
     if not args.fail_on_dirty:
         return exits.CLEAN
     code = max((exits.for_verdict(v) for v in verdicts), default=exits.CLEAN, key=_severity)
