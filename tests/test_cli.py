@@ -236,10 +236,18 @@ def test_inspect_shows_the_metadata_of_a_gguf_it_cannot_run(tmp_path):
     writer.close()
     code, out, err = call(["inspect", str(path)])
     assert code == 2 and len(err.splitlines()) == 1 and str(path) in err
-    assert out.splitlines()[0] == f"{path}: qwen2, file type Q8_0"
+    assert out.splitlines()[0] == f"{path}: qwen2, file type Q8_0 (7)"  # as for a model it runs
     assert (
         "general.architecture" in out and "3: tokenizer.ggml.model  str  'gpt2\\nforged line'" in out
     )  # one line, quoted
+    bare = tmp_path / "bare.gguf"  # no general.file_type at all
+    writer = gguf.GGUFWriter(bare, "gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    code, out, _ = call(["inspect", str(bare)])
+    assert code == 2 and out.splitlines()[0] == f"{bare}: gpt2, file type not given"  # not "file type None"
 
 
 def test_inspect_json(tiny):
