@@ -16,8 +16,8 @@ it before a release, or after a change to packaging, the plugin, the CLI or the 
    profile, its `tests/cases/*.yaml` of another schema and a broken one, `--strict-markers`,
    `--strict-config`, warnings as errors) with README.md's code blocks as its tests and scripts:
    run plain, under `CI=true` with pytest-xdist, the emulated device, the HTML report and JUnit
-   XML, with `-p no:harness`; `--collect-only`, `--fixtures`, `--help` and the plugin's import
-   without torch.
+   XML, with `-p no:harness`, with a case file of theirs; `--collect-only`, `--fixtures`,
+   `--help` and the plugin's import without torch.
 
 Each check is a row (name, ok, what was seen); the script prints them and exits 1 if any failed.
 """
@@ -323,6 +323,26 @@ def project(checks: Checks, venv: Path, root: Path) -> None:
         f"import pytest_harness.plugin: {cumulative.get('pytest_harness.plugin', 0) / 1000:.0f} ms with pytest, "
         f"{(cumulative.get('pytest_harness.plugin', 0) - cumulative.get('pytest', 0)) / 1000:.1f} ms of its own; no torch",
         "torch" not in cumulative and "harness" not in cumulative,
+    )
+    # Their own case file, on their own GGUF, with the rest of their YAML beside it left alone.
+    run([str(venv / "bin" / "harness"), "synth", "tests/cases/mine.gguf", "--quiet"], proj, clean_env(venv))
+    (proj / "tests" / "cases" / "mine.yaml").write_text(
+        "schema: harness-case/1\nmodel: {path: mine.gguf}\ntokens: [1, 2, 3]\nexpect: {verdict: clean}\n"
+    )
+    done = pytest(
+        "-o", "harness_cases=tests/cases", "--harness-report", "out/cases.html", "-k", "mine", "-rA"
+    )
+    report = (
+        (proj / "out" / "cases.html").read_text(encoding="utf-8")
+        if (proj / "out" / "cases.html").is_file()
+        else ""
+    )
+    checks.add(
+        f"pytest -o harness_cases=tests/cases --harness-report: {passed(done)}",
+        done.returncode == 0
+        and "PASSED tests/cases/mine.yaml::mine" in done.stdout
+        and "mine.yaml::mine" in report,
+        done.stdout,
     )
     for i, block in enumerate(b for b in blocks if b is not suite):
         (proj / "model.gguf").unlink(missing_ok=True)
