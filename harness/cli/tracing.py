@@ -404,7 +404,7 @@ def add_commands(sub) -> None:
         nargs="*",
         type=options.text,
         metavar="PATH",
-        help="case files or directories (default: cases/)",
+        help="case files or directories (default: cases/ in the current folder)",
     )
     s.add_argument("--json", action="store_true", help="print the results as one JSON document")
     s.add_argument(
