@@ -306,6 +306,17 @@ def test_tokenize_prints_ids_as_llama_tokenize(tiny):
     assert [int(line.split(" -> ")[0]) for line in lines] == ids
     assert lines[0] == "     1 -> '<s>'"
     assert json.loads(call(["tokenize", str(tiny), "hello world", "--no-bos", "--json"])[1]) == ids[1:]
+    # llama-tokenize's spelling, and the text after -m MODEL, give the same lines.
+    assert call(["tokenize", "-m", str(tiny), "-p", "hello world"])[:2] == (0, out)
+    assert call(["tokenize", "-m", str(tiny), "hello world"])[:2] == (0, out)
+    # A missing text is said as such (it was "no model given", the model taken for the text).
+    code, _, err = call(["tokenize", str(tiny)])
+    assert (code, err) == (
+        2,
+        "harness: error: no text given: harness tokenize MODEL.gguf TEXT (or -p TEXT)\n",
+    )
+    code, _, err = call(["tokenize", str(tiny), "a", "-p", "b"])
+    assert (code, err) == (2, "harness: error: -p: the text is given twice (as an argument and with -p)\n")
 
 
 def test_report_fail_on_dirty(files, tmp_path):
@@ -517,6 +528,7 @@ BAD_INPUTS = [
         "--perfetto: {fifo}: is a FIFO (named pipe); give the path of a regular file to write",
     ),
     (["explode"], "COMMAND: invalid choice: 'explode' (choose from ..."),
+    (["synth", "{dir}/t.gguf", "--type", "Q9"], "--type: unknown file type 'Q9' (types: F32, F16, ..."),
     (["trace", "{tiny}", "--fault", "nope"], "--fault: unknown fault 'nope'; `harness faults` lists the..."),
     (
         ["logits", "{tiny}", "--tokens", "1", "--device", "cuda:99", "-o", "{dir}/l.npy"],

@@ -127,8 +127,13 @@ def cmd_tokenize(args) -> int:
     """As llama-tokenize: one `id -> 'piece'` line per token; `--json`: the ids as a JSON list."""
     from harness.model.tokenizer import Tokenizer
 
+    if args.text is not None and args.prompt is not None:
+        raise UsageError(None, "--prompt", "the text is given twice (as an argument and with -p)")
+    text = args.text if args.text is not None else args.prompt
+    if text is None:
+        raise UsageError(None, None, "no text given: harness tokenize MODEL.gguf TEXT (or -p TEXT)")
     tokenizer = Tokenizer.from_gguf(args.model)
-    ids = tokenizer.encode(args.text, add_bos=not args.no_bos)
+    ids = tokenizer.encode(text, add_bos=not args.no_bos)
     if args.json:
         print(json.dumps(ids))
         return 0
@@ -174,7 +179,8 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("tokenize", help="the token ids of a text, as llama-tokenize prints them")
     add_model_argument(s)
-    s.add_argument("text", help="the text")
+    s.add_argument("text", nargs="?", help="the text")
+    s.add_argument("-p", "--prompt", default=None, help="the text, as llama-tokenize takes it")
     s.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
     s.add_argument("--json", action="store_true", help="print the ids as a JSON list")
     s.set_defaults(func=cmd_tokenize)

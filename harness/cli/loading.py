@@ -58,6 +58,8 @@ def add_model_options(s: argparse.ArgumentParser) -> None:
 
 def resolve_model(args: argparse.Namespace) -> str:
     """The model path from `MODEL.gguf` or `-m`, checked to be a regular file."""
+    if getattr(args, "text", "") is None and args.model_option is not None and args.model is not None:
+        args.text, args.model = args.model, None  # `tokenize -m MODEL TEXT`: the one positional is the text
     given = [m for m in (args.model, args.model_option) if m is not None]
     if not given:
         raise UsageError(

@@ -29,6 +29,7 @@ FLAG_OF_FIELD = {
     "device_map": "--device-map",
     "device": "--device",
     "fault": "--fault",
+    "file type": "--type",  # harness.synth's name for it
 }
 
 # Short and alternative spellings: the flag in messages is the one the user typed.
