@@ -131,6 +131,12 @@ def test_run_streams_with_llama_cli_flags(tiny):
     doc = json.loads(doc)
     assert len(doc["tokens"]) == 6
     assert out == "The cat" + doc["text"] + "\n"
+    # -n 0: the prompt is echoed and nothing run; no "0.0 tokens/s" of a prefill that never ran.
+    assert call(["run", "-m", str(tiny), "-p", "The cat", "-n", "0"]) == (
+        0,
+        "The cat\n",
+        "no token to generate: the prompt was not run\n",
+    )
     # -ngl 1 with the emulated accelerator: the last layer and nothing else on the GPU.
     code, doc, err = call(
         ["run", str(tiny), "-p", "hi", "-n", "2", "-ngl", "1", "--device", "emulated", "--json"]

@@ -93,6 +93,9 @@ def cmd_run(args) -> int:
         print(json.dumps(doc))
         return 0
     stream.finish()
+    if n == 0:  # generate() returns before the prefill: there is no speed to report
+        print("no token to generate: the prompt was not run", file=sys.stderr)
+        return 0
     print(
         f"prefill: {len(prompt)} tokens, {out.prefill_tokens_per_second:.1f} tokens/s; "
         f"decode: {len(out.tokens)} tokens, {out.decode_tokens_per_second:.1f} tokens/s",
