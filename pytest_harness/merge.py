@@ -1,4 +1,6 @@
-"""The session's traces and the one HTML report made from them (`--harness-report PATH`).
+"""The session's traces and the one HTML report made from them (`--harness-report PATH`): those
+of the `harness_tracer` fixture (in a folder of the session's) and of YAML cases (where
+`harness_cases_output` puts them), each registered under its test id.
 
 pytest-xdist: the controller makes a folder and hands it to the workers (`workerinput`); each
 worker writes its traces there and, after every trace it starts, rewrites its part (a small JSON
