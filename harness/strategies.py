@@ -2,12 +2,14 @@
 
 Public, for your own suites as much as for the harness's:
 
-    from hypothesis import given
+    import torch
+    from hypothesis import given, settings
     from harness import strategies as hs
 
-    @given(hs.model_cases(n_devices=2))
-    def test_my_property(case, tmp_path):
-        path = case.synthesize(tmp_path / "case.gguf")
+    @settings(deadline=None)  # a model runs longer than hypothesis's 200 ms (harness-* profiles say so too)
+    @given(case=hs.model_cases(n_devices=2))  # by name: given's positional ones go rightmost
+    def test_my_property(tmp_path_factory, case):  # (tmp_path would be shared by the examples)
+        path = case.synthesize(tmp_path_factory.mktemp("case") / "case.gguf")
         with case.accelerator(), torch.no_grad():
             model = case.load(path)
             for tokens, start_pos in case.calls():

@@ -8,6 +8,7 @@ module imports nothing of `harness` (nor torch) to do it.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -48,14 +49,20 @@ def first_offence_line(first: dict | None) -> str:
 
 
 def record_verdicts(record_property, tracers: list[tuple[str | None, Any]]) -> None:
-    """JUnit XML properties for each tracer a test made and ran: `harness_verdict` and
-    `harness_first_offence` (suffixed with the tracer's name, or its number, beyond the first)."""
+    """JUnit XML properties for each tracer a test made and entered: `harness_verdict`, and
+    `harness_first_offence` for a dirty run or `harness_explanation` for one that was not judged
+    (it raised, or ran nothing); suffixed with the tracer's name, or its number, beyond the first."""
     for i, (name, tracer) in enumerate(tracers):
-        summary = getattr(tracer, "summary", None)
-        if summary is None or not summary.events:
-            continue  # made but never run: nothing to say
+        path = getattr(tracer, "path", None)
+        if path is None or not os.path.isfile(path):
+            continue  # made but never entered (the trace file is written on entry): nothing to say
+        summary = tracer.summary
         suffix = "" if i == 0 else f"[{name or i}]"
         record_property(f"harness_verdict{suffix}", str(summary.verdict))
         if summary.first_offence:
             text = explain_verdict(summary.verdict) or first_offence_line(summary.first_offence)
             record_property(f"harness_first_offence{suffix}", " ".join(text.split()))
+        elif summary.verdict != "clean" and explain_verdict(summary.verdict):
+            record_property(
+                f"harness_explanation{suffix}", " ".join(explain_verdict(summary.verdict).split())
+            )

@@ -5,7 +5,8 @@ case schema (a top-level `schema: harness-case/1`); it becomes one test named by
 `cases/foo.yaml::foo`. Nothing else is read: with `harness_cases` unset (the default) the
 plugin never opens a project's YAML. A declared file that is broken fails collection with its
 `file:line: key: problem`. `--harness-no-cases` turns collection off. Traces go to
-`harness_cases_output` (default reports/cases, relative to the rootdir). A case that fails
+`harness_cases_output` (default reports/cases, relative to the rootdir) and into the session's
+`--harness-report`, beside the `harness_tracer` fixture's. A case that fails
 reports expected against got; `accelerator: real` cases get the cuda marker with real=True.
 """
 
@@ -15,6 +16,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from pytest_harness import merge
 
 # The declaration `harness.cases.loader.declares_schema` looks for (checked here on the text,
 # so that deciding costs no import of harness); tests/test_plugin.py keeps the two in step.
@@ -76,6 +79,8 @@ class CaseFile(pytest.File):
         item = CaseItem.from_parent(self, name=case.name, case=case)
         if case.accelerator == "real":  # never emulated: it says real
             item.add_marker(getattr(pytest.mark, marker_name(self.config))(real=True))
+        if case.model.missing_variable():  # a skip mark, so that -rs names the case file, not this module
+            item.add_marker(pytest.mark.skip(reason=case.model.missing_variable()))
         yield item
 
 
@@ -94,6 +99,7 @@ class CaseItem(pytest.Item):
         result = self.result = run_case(self.case, out_dir=self.config.rootpath / output)
         if result.trace_path is not None:
             self.user_properties.append(("trace", str(result.trace_path)))
+            merge.session(self.config).register(self.nodeid, None, result.trace_path)  # --harness-report
         if result.summary is not None:
             self.user_properties.append(("harness_verdict", result.summary["verdict"]))
         if result.skipped:

@@ -1,4 +1,6 @@
-"""The session's traces and the one HTML report made from them (`--harness-report PATH`).
+"""The session's traces and the one HTML report made from them (`--harness-report PATH`): those
+of the `harness_tracer` fixture (in a folder of the session's) and of YAML cases (where
+`harness_cases_output` puts them), each registered under its test id.
 
 pytest-xdist: the controller makes a folder and hands it to the workers (`workerinput`); each
 worker writes its traces there and, after every trace it starts, rewrites its part (a small JSON
@@ -140,7 +142,9 @@ class TraceSession:
             outcomes.append(self.outcomes.get(rec["test"]))
             tests.add(rec["test"])
         if not traces:
-            self.report_line = "no traces were recorded by the `harness_tracer` fixture: no report written"
+            self.report_line = (
+                "no traces were recorded (by the `harness_tracer` fixture or a YAML case): no report written"
+            )
             return
         title = f"pytest report: {len(traces)} traces from {len(tests)} tests"
         try:

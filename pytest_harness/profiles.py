@@ -54,6 +54,8 @@ def configure(config: pytest.Config) -> None:
     from_ini = chosen(config)
     if not (from_ini or (asked or "").startswith(PREFIX)):
         return
+    if asked and asked.startswith(PREFIX) and asked not in NAMES:  # else hypothesis's INTERNALERROR
+        raise pytest.UsageError(f"--hypothesis-profile: {asked!r} is not one of {', '.join(NAMES)}")
     register()
     if from_ini and not asked:  # the command line wins over the ini file
         from hypothesis import settings

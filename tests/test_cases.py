@@ -580,9 +580,16 @@ def test_pytest_collects_cases(pytester):
     write(pytester.path / "cases" / "theirs.yaml", undeclared.replace("device: cuda", "device: tpu"))
     write(pytester.path / "data" / "other.yaml", GOOD)  # declared, but not under a configured path
 
-    result = pytester.runpytest(*_plugin_args(), "-p", "no:cacheprovider", "-rA")
+    result = pytester.runpytest(
+        *_plugin_args(), "-p", "no:cacheprovider", "-rA", "--harness-report", "r.html"
+    )
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["PASSED cases/good.yaml::good", "FAILED cases/wrong.yaml::wrong*"])
+    # The cases' traces are the session's report, with each case's outcome.
+    result.stdout.fnmatch_lines(["harness report: r.html (2 traces from 2 tests)"])
+    report = (pytester.path / "r.html").read_text(encoding="utf-8")
+    assert "cases/good.yaml::good" in report and "cases/wrong.yaml::wrong" in report
+    assert '<span class="outcome failed">failed</span>' in report
     out = result.stdout.str()
     assert "expected module layers.1.moe.router, got layers.0.moe.router" in out
     assert "first offence: mismatch in 'layers.0.moe.router'" in out
@@ -591,6 +598,21 @@ def test_pytest_collects_cases(pytester):
 
     off = pytester.runpytest(*_plugin_args(), "--harness-no-cases", "-p", "no:cacheprovider")
     off.assert_outcomes()
+
+
+def test_pytest_skips_a_case_whose_model_variable_is_not_set_at_the_case_file(pytester, monkeypatch):
+    """`-rs` names the case file (not the plugin's module) and the variable."""
+    monkeypatch.delenv("HARNESS_NOT_SET", raising=False)
+    pytester.makeini("[pytest]\nharness_cases = cases\n")
+    theirs = GOOD.replace(
+        "  synth: tiny\n  layout: per-expert\n  router: f16\n", "  path: ${HARNESS_NOT_SET}\n"
+    )
+    write(pytester.path / "cases" / "theirs.yaml", theirs)
+    result = pytester.runpytest(*_plugin_args(), "-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED [1] cases/theirs.yaml: model.path needs $HARNESS_NOT_SET, which is not set"]
+    )
 
 
 def test_pytest_collects_no_yaml_unless_configured(pytester):

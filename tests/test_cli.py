@@ -131,6 +131,12 @@ def test_run_streams_with_llama_cli_flags(tiny):
     doc = json.loads(doc)
     assert len(doc["tokens"]) == 6
     assert out == "The cat" + doc["text"] + "\n"
+    # -n 0: the prompt is echoed and nothing run; no "0.0 tokens/s" of a prefill that never ran.
+    assert call(["run", "-m", str(tiny), "-p", "The cat", "-n", "0"]) == (
+        0,
+        "The cat\n",
+        "no token to generate: the prompt was not run\n",
+    )
     # -ngl 1 with the emulated accelerator: the last layer and nothing else on the GPU.
     code, doc, err = call(
         ["run", str(tiny), "-p", "hi", "-n", "2", "-ngl", "1", "--device", "emulated", "--json"]
@@ -236,10 +242,18 @@ def test_inspect_shows_the_metadata_of_a_gguf_it_cannot_run(tmp_path):
     writer.close()
     code, out, err = call(["inspect", str(path)])
     assert code == 2 and len(err.splitlines()) == 1 and str(path) in err
-    assert out.splitlines()[0] == f"{path}: qwen2, file type Q8_0"
+    assert out.splitlines()[0] == f"{path}: qwen2, file type Q8_0 (7)"  # as for a model it runs
     assert (
         "general.architecture" in out and "3: tokenizer.ggml.model  str  'gpt2\\nforged line'" in out
     )  # one line, quoted
+    bare = tmp_path / "bare.gguf"  # no general.file_type at all
+    writer = gguf.GGUFWriter(bare, "gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    code, out, _ = call(["inspect", str(bare)])
+    assert code == 2 and out.splitlines()[0] == f"{bare}: gpt2, file type not given"  # not "file type None"
 
 
 def test_inspect_json(tiny):
@@ -298,6 +312,17 @@ def test_tokenize_prints_ids_as_llama_tokenize(tiny):
     assert [int(line.split(" -> ")[0]) for line in lines] == ids
     assert lines[0] == "     1 -> '<s>'"
     assert json.loads(call(["tokenize", str(tiny), "hello world", "--no-bos", "--json"])[1]) == ids[1:]
+    # llama-tokenize's spelling, and the text after -m MODEL, give the same lines.
+    assert call(["tokenize", "-m", str(tiny), "-p", "hello world"])[:2] == (0, out)
+    assert call(["tokenize", "-m", str(tiny), "hello world"])[:2] == (0, out)
+    # A missing text is said as such (it was "no model given", the model taken for the text).
+    code, _, err = call(["tokenize", str(tiny)])
+    assert (code, err) == (
+        2,
+        "harness: error: no text given: harness tokenize MODEL.gguf TEXT (or -p TEXT)\n",
+    )
+    code, _, err = call(["tokenize", str(tiny), "a", "-p", "b"])
+    assert (code, err) == (2, "harness: error: -p: the text is given twice (as an argument and with -p)\n")
 
 
 def test_report_fail_on_dirty(files, tmp_path):
@@ -310,6 +335,15 @@ def test_report_fail_on_dirty(files, tmp_path):
     unfinished.write_text(files["clean"].read_text().splitlines()[0] + "\n")  # the header, no summary
     code, _, err = call(["report", str(unfinished), str(files["dirty"]), "-o", out, "--fail-on-dirty"])
     assert code == 3 and "unfinished.jsonl unfinished" in err  # not judged outranks dirty
+    # Nothing to write: only the check (a CI gate on saved traces), or only the verdicts as JSON.
+    clean, dirty = str(files["clean"]), str(files["dirty"])
+    code, out_text, err = call(["report", clean, dirty, "--fail-on-dirty"])
+    assert (code, out_text) == (1, f"{clean}: clean\n{dirty}: dirty\n") and "dirty.jsonl dirty" in err
+    assert call(["report", clean, "--fail-on-dirty"])[:2] == (0, f"{clean}: clean\n")
+    code, out_text, _ = call(["report", clean, dirty, "--json"])
+    assert code == 0 and json.loads(out_text) == {
+        "traces": [{"trace": clean, "verdict": "clean"}, {"trace": dirty, "verdict": "dirty"}]
+    }
 
 
 def test_synth_refuses_to_overwrite_without_force(tmp_path):
@@ -317,9 +351,7 @@ def test_synth_refuses_to_overwrite_without_force(tmp_path):
     assert call(["synth", str(out), "--quiet"])[0] == 0
     before = out.read_bytes()
     code, _, err = call(["synth", str(out), "--quiet", "--seed", "1"])
-    assert (
-        code == 2 and err == f"harness: error: OUT.gguf: {out}: already exists (pass --force to replace it)\n"
-    )
+    assert code == 2 and err == f"harness: error: {out}: already exists (pass --force to replace it)\n"
     assert out.read_bytes() == before
     assert call(["synth", str(out), "--quiet", "--seed", "1", "--force"])[0] == 0
     assert out.read_bytes() != before
@@ -523,12 +555,21 @@ BAD_INPUTS = [
         "--report: {dir}/t.jsonl: is also '{dir}/t.jsonl', which this command reads or writes; give another path",
     ),
     (["report", "{clean}", "{dirty}", "--perfetto", "{dir}/p.json"], "--perfetto: converts one trace, got 2"),
-    (["report", "{clean}"], "nothing to write: give -o OUT.html, --perfetto OUT.json or both"),
+    (
+        ["report", "{clean}"],
+        "nothing to do: give -o OUT.html, --perfetto OUT.json, --json or --fail-on-dirty",
+    ),
     (
         ["trace", "{tiny}", "--perfetto", "{fifo}"],
         "--perfetto: {fifo}: is a FIFO (named pipe); give the path of a regular file to write",
     ),
     (["explode"], "COMMAND: invalid choice: 'explode' (choose from ..."),
+    (["synth", "{dir}/t.gguf", "--type", "Q9"], "--type: unknown file type 'Q9' (types: F32, F16, ..."),
+    (["trace", "{tiny}", "--fault", "nope"], "--fault: unknown fault 'nope'; `harness faults` lists the..."),
+    (
+        ["logits", "{tiny}", "--tokens", "1", "--device", "cuda:99", "-o", "{dir}/l.npy"],
+        "--device: device cuda:99 does not exist here...",
+    ),
 ]
 
 
@@ -543,6 +584,38 @@ def test_bad_input_is_one_line_and_exit_2(files, argv, expected):
     else:
         assert err == line + "\n"
     assert not (files["dir"] / "nonexistent").exists()  # a missing folder is an error, never made
+
+
+def test_a_device_that_is_not_here_names_the_flag_that_asked_and_the_way_out(tiny):
+    """-ngl puts layers on cuda:0: without a GPU the message names -ngl (as typed) and the emulation."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("there is a GPU here: cuda:0 exists")
+    for flag in ("-ngl", "--n-gpu-layers"):
+        code, _, err = call(["run", str(tiny), "-p", "hi", flag, "1"])
+        assert code == 2
+        assert err == (
+            f"harness: error: {flag}: device cuda:0 does not exist here "
+            "(no CUDA GPU here; --device emulated runs on the emulated one)\n"
+        )
+    code, _, err = call(["trace", str(tiny), "--device-map", "embed=cpu,layers.0-1=cuda:1,head=cpu"])
+    assert code == 2 and err.startswith(
+        "harness: error: --device-map ['layers.0-1']: device cuda:1 does not"
+    ), err
+
+
+def test_cases_outside_a_checkout_needs_paths_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """`harness cases` in a folder without cases/: one line, exit 2, and no reports/ folder made."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call(["cases"])
+    assert code == 2 and out == ""
+    assert (
+        err == "harness: error: no case files given, and there is no cases/ folder here to run by default\n"
+    )
+    code, _, err = call(["cases", "absent.yaml"])
+    assert code == 2 and err == "harness: error: absent.yaml: no such file or directory\n"
+    assert list(tmp_path.iterdir()) == []  # the default --out-dir reports/cases was not made
 
 
 def test_a_closed_pipe_ends_quietly(tiny):

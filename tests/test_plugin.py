@@ -203,7 +203,7 @@ def test_no_traces_no_report(pytester):
     result = _inprocess(pytester, "--harness-report", str(out))
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
-        ["*no traces were recorded by the `harness_tracer` fixture: no report written"]
+        ["*no traces were recorded (by the `harness_tracer` fixture or a YAML case): no report written"]
     )
     assert not out.exists()
 
@@ -347,6 +347,17 @@ def test_profiles_are_registered_and_loaded_only_when_asked(pytester, monkeypatc
     bad = run()
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["ERROR: harness_hypothesis_profile: 'harness-weekly' is not one of*"])
+    # A misspelt harness profile on the command line: one line, not hypothesis's INTERNALERROR.
+    pytester.makeini("[pytest]\n")
+    bad = run("--hypothesis-profile", "harness-weekly")
+    assert (
+        bad.ret == pytest.ExitCode.USAGE_ERROR and "INTERNALERROR" not in bad.stdout.str() + bad.stderr.str()
+    )
+    bad.stderr.fnmatch_lines(
+        [
+            "ERROR: --hypothesis-profile: 'harness-weekly' is not one of harness-ci, harness-dev, harness-nightly"
+        ]
+    )
 
 
 # -- assertions people read ---------------------------------------------------------------------------
@@ -404,6 +415,45 @@ def test_junit_xml_carries_the_verdict_and_first_offence(pytester):
     assert dirty["harness_verdict"] == "dirty"
     assert "layers.0.moe.router" in dirty["harness_first_offence"]
     assert "blk.0.ffn_gate_inp.weight" in dirty["harness_first_offence"]
+
+
+UNJUDGED = """
+import pytest
+import torch
+
+
+def test_raised(harness_tracer):
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(RuntimeError), harness_tracer(model):
+        model(torch.ones(3, 5))  # a shape error, not a device error
+
+
+def test_ran_nothing(harness_tracer):
+    with harness_tracer(torch.nn.Linear(4, 4)):
+        pass
+
+
+def test_never_entered(harness_tracer):
+    harness_tracer(torch.nn.Linear(4, 4))
+"""
+
+
+def test_junit_xml_says_why_a_run_was_not_judged(pytester):
+    """A run that raised or ran nothing has no first offence: the property says why instead; a
+    tracer made but never entered says nothing."""
+    pytester.makepyfile(test_unjudged=UNJUDGED)
+    xml = pytester.path / "junit.xml"
+    _inprocess(pytester, f"--junitxml={xml}").assert_outcomes(passed=3)
+    props = {
+        case.get("name"): {p.get("name"): p.get("value") for p in case.iter("property")}
+        for case in ElementTree.parse(xml).getroot().iter("testcase")
+    }
+    raised, nothing = props["test_raised"], props["test_ran_nothing"]
+    assert raised["harness_verdict"] == "error" and "harness_first_offence" not in raised
+    assert "the run raised RuntimeError: mat1 and mat2 shapes" in raised["harness_explanation"]
+    assert nothing["harness_verdict"] == "inconclusive"
+    assert "no op was recorded" in nothing["harness_explanation"]
+    assert props["test_never_entered"] == {}
 
 
 def test_assertrepr_explains_harness_own_verdict():

@@ -744,6 +744,9 @@ def two_gpu_runs(tmp_path_factory):
 
 
 PYTEST_STACK = [
+    # what launched the runner (execnet's bootstrap in an xdist worker, the `pytest` script)
+    "<string>:1 in <module>",
+    "/venv/bin/pytest:8 in <module>: sys.exit(console_main())",
     "/usr/lib/python3/dist-packages/_pytest/python.py:157 in pytest_pyfunc_call: result = testfunction(**testargs)",
     "/usr/lib/python3/dist-packages/pluggy/_callers.py:103 in _multicall: res = hook_impl.function(*args)",
     "/usr/lib/python3/dist-packages/pluggy/_manager.py:120 in _hookexec: return self._inner_hookexec(hook_name, methods, kwargs, firstresult)",
@@ -823,14 +826,14 @@ def test_outcomes_command_expected_and_folded_stacks(tmp_path):
     assert (
         '<span class="tn-name">embed</span>' not in html and '<span class="tn-name">head</span>' not in html
     )
-    # The stack shows the user's 2 frames and folds the 6 of the test runner.
-    assert "Python stack (2 of your frames, 6 of the test runner folded; innermost last)" in html
-    assert "6 frames of pytest, pluggy, xdist, execnet</summary>" in html
+    # The stack shows the user's 2 frames and folds the 8 of the test runner and its launcher.
+    assert "Python stack (2 of your frames, 8 of the test runner folded; innermost last)" in html
+    assert "8 frames of launcher, pytest, pluggy, xdist, execnet</summary>" in html
     data = json.loads(html_module.unescape(re.search(r'id="report-data">(.*?)</script>', html, re.S)[1]))
     stacks = data["traces"][0]["stacks"]
     assert stacks == [
         [
-            "\u22ef 6 frames of pytest, pluggy, xdist, execnet (folded)",
+            "\u22ef 8 frames of launcher, pytest, pluggy, xdist, execnet (folded)",
             "tests/test_mine.py:12 in test_my_model: model(x)",
             "mypkg/model.py:40 in Net.forward: return self.proj(x.cpu())",
         ]

@@ -252,9 +252,8 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
 
     start = time.perf_counter()
     result = CaseResult(case, "skipped")
-    missing = case.model.unset_variables()
-    if missing:
-        result.skip_reason = f"model.path needs ${missing[0]}, which is not set"
+    result.skip_reason = case.model.missing_variable()
+    if result.skip_reason:
         return result
     accelerator, n_emulated, skip = _choose_accelerator(case)
     result.accelerator = accelerator

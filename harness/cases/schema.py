@@ -109,6 +109,12 @@ class ModelSpec:
             return []
         return [a or b for a, b in _ENV.findall(self.path) if (a or b) not in os.environ]
 
+    def missing_variable(self) -> str | None:
+        """Why the case cannot run here when `path` names a variable that is not set (it is
+        skipped, not failed: the file is somebody else's), else None."""
+        missing = self.unset_variables()
+        return f"model.path needs ${missing[0]}, which is not set" if missing else None
+
     def resolved_path(self) -> Path:
         """`path` with `~` and environment variables expanded, relative to the case file's
         directory. A variable that is not set: KeyError naming it (see `unset_variables`)."""

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from harness.cli import bench, exits, files, generation, options, tracing
-from harness.errors import HarnessError, NonFiniteLogitsError, UsageError
+from harness.errors import DeviceError, HarnessError, NonFiniteLogitsError, UsageError
 
 MAX_MESSAGE = 600  # characters of an error line; the rest is cut
 
@@ -62,7 +62,7 @@ def one_line(text: str) -> str:
 
 
 def _message(exc: HarnessError, argv: Sequence[str]) -> str:
-    if not isinstance(exc, UsageError):
+    if not isinstance(exc, (UsageError, DeviceError)):
         return str(exc)
     field = options.as_typed(exc.field, argv)
     problem = options.argparse_message(exc.problem, argv) if field is None else exc.problem

@@ -134,10 +134,10 @@ def cmd_inspect(args) -> int:
             print(json.dumps({"path": args.model, "model": None, "metadata": metadata}, indent=1))
         else:
             ft = metadata.get("general.file_type")
-            name = file_type_name(ft)
-            print(
-                f"{args.model}: {metadata.get('general.architecture', 'no architecture')}, file type {name or ft}"
+            ft_text = (
+                "file type not given" if ft is None else f"file type {file_type_name(ft) or 'unknown'} ({ft})"
             )
+            print(f"{args.model}: {metadata.get('general.architecture', 'no architecture')}, {ft_text}")
             _print_metadata(metadata)
         raise
     if args.json:
@@ -152,7 +152,7 @@ def cmd_inspect(args) -> int:
 def cmd_synth(args) -> int:
     from harness.synth import synthesize
 
-    out = check_output_file(args.out, "OUT.gguf", overwrite=args.force)
+    out = check_output_file(args.out, overwrite=args.force)  # "x.gguf: already exists ..."
     written = synthesize(
         out,
         args.preset,

@@ -102,6 +102,9 @@ def cmd_run(args) -> int:
         print(json.dumps(doc))
         return 0
     stream.finish()
+    if n == 0:  # generate() returns before the prefill: there is no speed to report
+        print("no token to generate: the prompt was not run", file=sys.stderr)
+        return 0
     print(
         f"prefill: {len(prompt)} tokens, {out.prefill_tokens_per_second:.1f} tokens/s; "
         f"decode: {len(out.tokens)} tokens, {out.decode_tokens_per_second:.1f} tokens/s",
@@ -137,8 +140,13 @@ def cmd_tokenize(args) -> int:
     """As llama-tokenize: one `id -> 'piece'` line per token; `--json`: the ids as a JSON list."""
     from harness.model.tokenizer import Tokenizer
 
+    if args.text is not None and args.prompt is not None:
+        raise UsageError(None, "--prompt", "the text is given twice (as an argument and with -p)")
+    text = args.text if args.text is not None else args.prompt
+    if text is None:
+        raise UsageError(None, None, "no text given: harness tokenize MODEL.gguf TEXT (or -p TEXT)")
     tokenizer = Tokenizer.from_gguf(args.model)
-    ids = tokenizer.encode(args.text, add_bos=not args.no_bos)
+    ids = tokenizer.encode(text, add_bos=not args.no_bos)
     if args.json:
         print(json.dumps(ids))
         return 0
@@ -184,7 +192,8 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("tokenize", help="the token ids of a text, as llama-tokenize prints them")
     add_model_argument(s)
-    s.add_argument("text", help="the text")
+    s.add_argument("text", nargs="?", help="the text")
+    s.add_argument("-p", "--prompt", default=None, help="the text, as llama-tokenize takes it")
     s.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
     s.add_argument("--json", action="store_true", help="print the ids as a JSON list")
     s.set_defaults(func=cmd_tokenize)

@@ -58,6 +58,8 @@ def add_model_options(s: argparse.ArgumentParser) -> None:
 
 def resolve_model(args: argparse.Namespace) -> str:
     """The model path from `MODEL.gguf` or `-m`, checked to be a regular file."""
+    if getattr(args, "text", "") is None and args.model_option is not None and args.model is not None:
+        args.text, args.model = args.model, None  # `tokenize -m MODEL TEXT`: the one positional is the text
     given = [m for m in (args.model, args.model_option) if m is not None]
     if not given:
         raise UsageError(
@@ -85,16 +87,38 @@ def enter_device(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
 def load_model(args: argparse.Namespace):
     """The `Mixtral` the model options describe (after `enter_device`)."""
+    from harness.errors import DeviceError
     from harness.model.mixtral import Mixtral
 
     device = args.device if (args.device or args.device_map is None) else None
-    return Mixtral.from_gguf(
-        args.model,
-        device=device,
-        device_map=args.device_map,
-        n_gpu_layers=args.n_gpu_layers,
-        strategy=args.strategy,
-    )
+    try:
+        return Mixtral.from_gguf(
+            args.model,
+            device=device,
+            device_map=args.device_map,
+            n_gpu_layers=args.n_gpu_layers,
+            strategy=args.strategy,
+        )
+    except DeviceError as exc:  # name the flag that asked for the device, and the way out
+        raise DeviceError(None, placing_flag(args, exc.field), with_emulation_hint(exc.problem)) from None
+
+
+def placing_flag(args: argparse.Namespace, field: str | None) -> str | None:
+    """The flag that placed the model on a device the library refused (`field` as it named it)."""
+    if field and field.startswith("device_map"):
+        return field
+    if args.device is None and args.device_map is None and args.n_gpu_layers is not None:
+        return "--n-gpu-layers"
+    return "--device" if field == "device" else field
+
+
+def with_emulation_hint(problem: str) -> str:
+    """`problem`, plus how to run anyway where a CUDA device was asked for and there is no GPU."""
+    import torch
+
+    if "cuda" in problem and not torch.cuda.is_available():
+        return f"{problem} (no CUDA GPU here; --device emulated runs on the emulated one)"
+    return problem
 
 
 def check_tokens(model, ids: list[int], flag: str) -> None:

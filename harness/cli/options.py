@@ -28,6 +28,8 @@ FLAG_OF_FIELD = {
     "n_gpu_layers": "--n-gpu-layers",
     "device_map": "--device-map",
     "device": "--device",
+    "fault": "--fault",
+    "file type": "--type",  # harness.synth's name for it
 }
 
 # Short and alternative spellings: the flag in messages is the one the user typed.

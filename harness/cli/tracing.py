@@ -148,12 +148,15 @@ def check_trace_input(path: str) -> Path:
 def cmd_report(args) -> int:
     """One HTML report from saved traces (two: with their diff), and/or one trace as Perfetto
     JSON. `--fail-on-dirty`: the exit status says the worst verdict among them (dirty 1; error,
-    inconclusive or unfinished 3)."""
+    inconclusive or unfinished 3); with nothing to write it only checks (`harness report
+    *.jsonl --fail-on-dirty` gates CI on saved traces), as `--json` alone only prints verdicts."""
     from harness.report import build_report
     from harness.trace import load_trace
 
-    if args.out is None and args.perfetto is None:
-        raise UsageError(None, None, "nothing to write: give -o OUT.html, --perfetto OUT.json or both")
+    if args.out is None and args.perfetto is None and not (args.json or args.fail_on_dirty):
+        raise UsageError(
+            None, None, "nothing to do: give -o OUT.html, --perfetto OUT.json, --json or --fail-on-dirty"
+        )
     if args.perfetto is not None and len(args.traces) != 1:
         raise UsageError(None, "--perfetto", f"converts one trace, got {len(args.traces)}")
     traces = [check_trace_input(t) for t in args.traces]
@@ -175,9 +178,12 @@ def cmd_report(args) -> int:
     if args.json:
         rows = [{"trace": str(t), "verdict": v} for t, v in zip(traces, verdicts, strict=True)]
         print(json.dumps({**written, "traces": rows}))
-    else:
+    elif written:
         for path in written.values():
             print(f"wrote {path}")
+    else:  # only the verdicts were asked for (--fail-on-dirty)
+        for t, v in zip(traces, verdicts, strict=True):
+            print(f"{t}: {v}")
     if not args.fail_on_dirty:
         return exits.CLEAN
     code = max((exits.for_verdict(v) for v in verdicts), default=exits.CLEAN, key=_severity)
@@ -198,9 +204,14 @@ def cmd_cases(args) -> int:
     placement, fault or tokens turn out unusable)."""
     from harness.cases import load_cases, run_case
 
+    if not args.paths and not os.path.exists("cases"):
+        raise UsageError(
+            None, None, "no case files given, and there is no cases/ folder here to run by default"
+        )
+    cases = load_cases(args.paths or ["cases"])  # a malformed file: CaseError, one line, exit 2
+    # Output folders are made only once there is something to run: a refused command leaves nothing.
     out_dir = check_output_dir(args.out_dir, "--out-dir")
     cache_dir = check_output_dir(args.cache_dir, "--cache-dir") if args.cache_dir else None
-    cases = load_cases(args.paths or ["cases"])  # a malformed file: CaseError, one line, exit 2
     results, errors = [], []
     for case in cases:
         try:
@@ -398,7 +409,7 @@ def add_commands(sub) -> None:
         nargs="*",
         type=options.text,
         metavar="PATH",
-        help="case files or directories (default: cases/)",
+        help="case files or directories (default: cases/ in the current folder)",
     )
     s.add_argument("--json", action="store_true", help="print the results as one JSON document")
     s.add_argument(

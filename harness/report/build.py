@@ -552,14 +552,17 @@ _FOLDED = re.compile(
 
 def _fold_stack(frames: list[dict[str, str]]) -> list[dict[str, Any]]:
     """The frames in groups: the user's frames one by one, runs of pytest, pluggy, xdist,
-    execnet (and runpy) frames folded into one group that names what they belong to."""
+    execnet (and runpy) frames folded into one group that names what they belong to. Frames
+    outside the innermost of those (the `pytest` script, execnet's `<string>` bootstrap) only
+    launched the test runner: they are folded with it."""
+    matches = [_FOLDED.search(frame["where"].split(" in ", 1)[0]) for frame in frames]
+    innermost = max((i for i, m in enumerate(matches) if m is not None), default=-1)
     groups: list[dict[str, Any]] = []
-    for frame in frames:
-        m = _FOLDED.search(frame["where"].split(" in ", 1)[0])
-        if m is None:
+    for i, (frame, m) in enumerate(zip(frames, matches, strict=True)):
+        if m is None and i > innermost:
             groups.append({"folded": False, "frames": [frame]})
             continue
-        what = (m["what"] or m["main"] or "runpy").lstrip("_")
+        what = "launcher" if m is None else (m["what"] or m["main"] or "runpy").lstrip("_")
         if groups and groups[-1]["folded"]:
             groups[-1]["frames"].append(frame)
             if what not in groups[-1]["what"]:
