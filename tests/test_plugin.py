@@ -468,3 +468,20 @@ def test_assertrepr_explains_harness_own_verdict():
     assert lines[2:] == ["the run is dirty:", str(dirty.explanation)]
     assert pytest_assertrepr_compare(None, "==", "dirty", "clean") is None  # plain strings: pytest's own
     assert pytest_assertrepr_compare(None, "<", dirty, "clean") is None
+
+
+def test_a_failed_summary_assertion_shows_the_callers_line_not_the_harness_frame(pytester):
+    pytester.makepyfile(
+        test_s="""
+        from harness.trace.events import Summary
+
+        def test_dirty():
+            summary = Summary("dirty", {"mismatch": 1})
+            summary.assert_clean()
+        """
+    )
+    result = _inprocess(pytester)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "summary.assert_clean()" in out
+    assert "harness/trace/events.py" not in out and "def assert_clean" not in out

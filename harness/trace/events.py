@@ -365,6 +365,7 @@ class Summary:
 
     def assert_clean(self) -> None:
         """Raises AssertionError with the verdict's explanation unless the run is clean."""
+        __tracebackhide__ = True  # pytest shows the caller's line, not this frame
         if self.verdict != CLEAN:
             raise AssertionError(self.verdict.explanation)
 
@@ -398,6 +399,7 @@ class Summary:
     ) -> None:
         """Raises AssertionError when the bytes copied across devices inside the model (every
         direction together) exceed a budget per decoded token or per forward call."""
+        __tracebackhide__ = True
         if max_bytes_per_token is None and max_bytes_per_call is None:
             raise TypeError("assert_transfers needs max_bytes_per_token or max_bytes_per_call")
         problems = []
