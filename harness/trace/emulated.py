@@ -329,6 +329,12 @@ def _wrap(out, device: torch.device, pairs: list):
 # Ops that ask whether CUDA's kernel can use a vendor library (`_use_cudnn_ctc_loss`, ...).
 _LIBRARY_QUERIES = ("_use_cudnn", "_use_miopen")
 
+# Softmax and its backward with a half input and a float result (autocast's `half_to_float`):
+# CUDA's kernels only; the CPU's refuse them ("not supported on CPU", "expected scalar type").
+_HALF_TO_FLOAT = frozenset(
+    ("_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data")
+)
+
 # Ops whose CUDA kernel returns some outputs on the host: op -> their positions.
 _HOST_OUTPUTS = {"_pack_padded_sequence": frozenset({1})}  # batch_sizes
 
@@ -429,7 +435,13 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
         if ukwargs.get("pin_memory"):
             ukwargs["pin_memory"] = False
     try:
-        out = func(*uargs, **ukwargs)
+        try:
+            out = func(*uargs, **ukwargs)
+        except RuntimeError as exc:
+            if "not supported on CPU" not in str(exc) and plan.name not in _HALF_TO_FLOAT:
+                raise
+            # CUDA's kernel takes what the CPU's refuses: as NotImplementedError, decomposed below
+            raise NotImplementedError(str(exc)) from None
     except NotImplementedError as exc:
         if "not implemented for '" in str(exc):
             # The CPU kernel lacks a dtype CUDA's has (histc of integers, ...): computed in a

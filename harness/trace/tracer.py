@@ -1029,10 +1029,12 @@ class Tracer(TorchDispatchMode):
 
     def _settle_downloads(self, output) -> None:
         """At the end of a forward call: its held downloads that it returns (inside tuples, lists,
-        dicts, transformers' ModelOutput) are the run's edge; the others are offences."""
+        dicts, transformers' ModelOutput; as numpy arrays too) are the run's edge; the others are
+        offences."""
         returned: dict[int, Tensor] = {}
+        arrays = set()  # where returned numpy arrays keep their data (`.cpu().numpy()`)
         todo = [output]
-        while todo and len(returned) < 1 << 12:
+        while todo and len(returned) + len(arrays) < 1 << 12:
             x = todo.pop()
             if isinstance(x, Tensor):
                 returned[id(x)] = x
@@ -1040,11 +1042,13 @@ class Tracer(TorchDispatchMode):
                 todo.extend(x.values())
             elif isinstance(x, (list, tuple)):
                 todo.extend(x)
-        kept = {
-            index
-            for key, (ref, index) in self._downloaded.items()
-            if key in returned and ref() is returned[key]
-        }
+            elif isinstance(getattr(x, "__array_interface__", None), dict):
+                arrays.add(x.__array_interface__["data"][0])
+        kept = set()
+        for key, (ref, index) in self._downloaded.items():
+            t = ref()
+            if t is not None and (returned.get(key) is t or (arrays and t.data_ptr() in arrays)):
+                kept.add(index)
         downloads, self._downloads, self._downloaded = self._downloads, [], {}
         for index, (ev, stack) in enumerate(downloads):
             cls = ev.cls if index in kept else self.classifier.not_returned(ev)
