@@ -12,12 +12,15 @@ The rules follow what the real CUDA backend does:
   `nonzero`, `masked_select`, `unique`, ...; a boolean mask on the device used as an index; a
   device-to-host copy inside the model) is a sync;
 - an op of a module that computes on a device other than the module's placement is stray; view
-  ops compute nothing and are never stray, nor are the ops of the model's own forward (module
-  ""), where a run's inputs are checked on the host and moved: the edges of the run.
+  ops compute nothing and are never stray, nor is host bookkeeping (every tensor a 0-dim CPU
+  tensor, which CUDA takes as a number, or empty), nor are the ops of the model's own forward
+  (module ""), where a run's inputs are checked on the host and moved: the edges of the run.
 A copy across devices is allowed when something declares it (`Classifier.why_allowed`): outside
 the model (the caller's uploads and downloads), the run's inputs uploaded, an activation moved at
 a device-map boundary (between devices of a module that the placement spreads over several),
-an offloading hook's traffic (accelerate's), the user's `allow_transfers`, or no bytes at all.
+an offloading hook's traffic (accelerate's), the user's `allow_transfers`, no bytes at all, or
+the model's own forward handing its result to the host (the tracer holds such a download until
+the call returns, and asks `not_returned` for one the call does not return).
 Any other copy inside the model is an offending `transfer` (a device-to-host one a `sync`). A
 sync outside the model is the caller reading its output, allowed too.
 """

@@ -38,9 +38,13 @@ How it works:
   `harness.trace.emulated_autograd.run_backward` (PyTorch's nodes, PyTorch's gradient checks),
   so a training step runs and meets CUDA's device errors;
 - where CUDA has a kernel the CPU lacks, the emulation runs PyTorch's decomposition of the op
-  (recurrent layers, whose CUDA path uses fused cells, are decomposed above autograd), or the
-  CPU kernel in a wider dtype (a dtype only CUDA's kernel takes, e.g. histc of integers); an op
-  it cannot run raises `harness.errors.EmulationUnsupported` naming it, never something else;
+  (recurrent layers, whose CUDA path uses fused cells, are decomposed above autograd; autocast's
+  half-to-float softmax), or the CPU kernel in a wider dtype (a dtype only CUDA's kernel takes,
+  e.g. histc of integers); an op it cannot run raises `harness.errors.EmulationUnsupported`
+  naming it, never something else;
+- modules whose parameters `Module._apply` cannot swap for emulated ones: a TorchScript module
+  gets them as new entries; a lazy module's uninitialized parameters stay lazy when moved and are
+  made on the emulated device when the module first runs;
 - `torch.cuda.*` queries (`device_count`, `get_device_properties`, `get_device_capability`
   (`capability`, sm_80 by default), `mem_get_info`, ...) and `torch.Generator` are patched for
   the duration;

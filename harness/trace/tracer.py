@@ -15,7 +15,10 @@ Where modules should compute comes from a `ModulePlacement` (`harness.trace.plac
 the model's own, or where its weights are when tracing starts. A copy across devices is allowed
 only where something declares it (`Classifier.why_allowed`): the tracer tells the classifier
 whether a copy moves the forward call's inputs or a weight (`Event.role`), and whether an
-offloading hook made it (`Event.hook`). Under inference mode, autograd's decomposition of
+offloading hook made it (`Event.hook`). A download in the model's own forward is held until the
+call returns: the result handed to the host if the call returns it (or a host tensor or numpy
+array made from it), else a sync; such an event is written when the call ends. A TorchScript
+model takes no hooks of its own: the global module hooks see its calls. Under inference mode, autograd's decomposition of
 composite ops does not happen before a dispatch mode sees them; the tracer runs their composite
 kernels itself, so it sees the same ops, and gives the same verdict, in every grad mode.
 
