@@ -23,6 +23,7 @@ from torch import nn
 
 from harness.trace import Tracer, rules
 from harness.trace.events import ALLOWED, MISMATCH, OK, STRAY, SYNC, TRANSFER
+from harness.trace.placement import ModulePlacement
 from tests.thirdparty import one_thread  # noqa: F401
 from tests.unseen import CASES, GRAD_MODES, Case, trace_case
 
@@ -170,3 +171,19 @@ def test_held_out_bugs_are_found_in_every_grad_mode():
         firsts = {mode: trace_case(name, mode, "given").first for mode in MODES}
         assert len(set(firsts.values())) == 1, firsts
         assert next(iter(firsts.values()))[0] in (STRAY, TRANSFER, SYNC, MISMATCH)
+
+
+def test_an_offloaded_models_modules_run_where_the_hooks_run_them():
+    """accelerate's cpu_offload hooks the modules that hold weights (now on meta); a module
+    without weights or a hook of its own is expected where its submodules run, not on meta."""
+    accelerate = pytest.importorskip("accelerate")
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2))
+    model = accelerate.cpu_offload(model, execution_device=torch.device("cuda:0"))
+    placement = ModulePlacement.inferred(model)
+    assert {path: placement.device_of(path) for path in ("", "0", "0.0", "0.1", "1")} == dict.fromkeys(
+        ("", "0", "0.0", "0.1", "1"), "cuda:0"
+    )
+    with torch.no_grad(), Tracer(model) as t:
+        model(torch.ones(2, 4, device="cuda:0"))
+    assert t.summary.verdict == "clean", t.summary.first_offence
+    assert t.summary.traffic["offload"] == (16 + 4 + 8 + 2) * 4  # every weight brought in once

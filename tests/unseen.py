@@ -964,6 +964,59 @@ def _data_parallel(devices):
     return model, lambda m: m(_pair(devices[0])), None
 
 
+def _hf_mixtral_eager(devices):
+    """transformers' Mixtral with its eager experts: `nonzero` and `torch.where` on the routing
+    mask pick the tokens of each expert, on the host."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        attn_implementation="eager",
+        experts_implementation="eager",
+    )
+    model = tf.MixtralForCausalLM(config).eval().to(devices[0])
+    ids = _tokens(devices[0])
+    return model, lambda m: m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False), devices[0]
+
+
+class Noisy(nn.Module):
+    """Adds noise from its own generator, seeded once: on the host (the bug) or on the device."""
+
+    def __init__(self, host_generator: bool):
+        super().__init__()
+        self.host_generator = host_generator
+        self.proj = nn.Linear(D, D)
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x):
+        if self.generator is None:
+            device = "cpu" if self.host_generator else x.device
+            self.generator = torch.Generator(device=device).manual_seed(0)
+        noise = torch.randn(x.shape, device=x.device, generator=self.generator)
+        return self.proj(x + 0.01 * noise)
+
+
+def _cpu_offloaded(attn_bug=None):
+    """accelerate's cpu_offload: every weight waits on the host and comes in for each call."""
+
+    def build(devices):
+        from accelerate import cpu_offload
+
+        torch.manual_seed(0)
+        model = cpu_offload(LM(None, attn_bug).eval(), execution_device=torch.device(devices[0]))
+        return model, lambda m: m(_tokens(devices[0])), None
+
+    return build
+
+
 def _read(devices, how):
     torch.manual_seed(0)
     model = ReadLM(how).eval().to(devices[0])
@@ -1142,6 +1195,36 @@ CASES: dict[str, Case] = {
             "model's own forward, the run's edge: no stray there); the decoder then checks on the "
             "host whether it is causal (a stray in the decoder) and, finding it is, drops it: CUDA "
             "raises nothing, but the host computes for a module placed on the GPU",
+        ),
+        Case("device-generator", _wrapped(lambda: Noisy(False)), None),
+        Case(
+            "cpu-offload",
+            _cpu_offloaded(),
+            None,
+            why="the hooks sit on the modules with weights; their parents (no hook, weights on meta) "
+            "run where their submodules' hooks run them",
+        ),
+        Case(
+            "cpu-offload-mask-upload",
+            _cpu_offloaded("mask-uploaded-per-call"),
+            (TRANSFER, "layers.1.attn"),
+            "Attention.forward",
+        ),
+        Case(
+            "hf-mixtral-eager-experts",
+            _hf_mixtral_eager,
+            (SYNC, "model.layers.0.mlp.experts"),
+            "MixtralExperts.forward",
+            why="transformers' own eager experts read the routing on the host (nonzero, where): a "
+            "sync per layer and call, which the default grouped_mm path avoids",
+        ),
+        Case(
+            "host-generator",
+            _wrapped(lambda: Noisy(True)),
+            (MISMATCH, "inner"),
+            "Noisy.forward",
+            why="CUDA refuses a CPU generator for a CUDA tensor ('Expected a 'cuda' device type "
+            "for generator'): a device error",
         ),
         # bugs
         Case("child-traps", _wrapped(ChildTraps), None),
