@@ -60,13 +60,14 @@ def run_all(backend: str, names: list[str], modes: list[str], placements: list[s
             for placement in placements:
                 with _accelerator(backend):
                     o = trace_case(name, mode, placement)
+                expect = case.expect_in(mode)
                 row = {
                     "case": name,
-                    "bug": case.expect is not None,
+                    "bug": expect is not None,
                     "known": case.known or None,
                     "mode": mode,
                     "placement": placement,
-                    "expect": list(case.expect) if case.expect else None,
+                    "expect": list(expect) if expect else None,
                     "where": case.where,
                     "verdict": o.verdict,
                     "first": list(o.first) if o.first else None,
@@ -74,7 +75,7 @@ def run_all(backend: str, names: list[str], modes: list[str], placements: list[s
                     "error": o.error,
                     "crashed": o.crashed,
                 }
-                if case.expect is not None:
+                if expect is not None:
                     row |= {
                         "detected": o.detected,
                         "class_right": o.class_right,

@@ -50,6 +50,10 @@ class Case:
     devices: int = 1
     why: str = ""
     known: str = ""  # why the harness cannot judge this case yet (a known limit)
+    modes: tuple[str, ...] = ()  # the grad modes the bug shows in (others: a clean run); () all
+
+    def expect_in(self, mode: str) -> tuple[str, str] | None:
+        return self.expect if not self.modes or mode in self.modes else None
 
 
 def _tokens(device, n: int = T) -> torch.Tensor:
@@ -1017,6 +1021,98 @@ def _cpu_offloaded(attn_bug=None):
     return build
 
 
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; its backward scales the gradient by a tensor made without device=."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * torch.full(grad.shape[-1:], 0.5)  # on the host: CUDA refuses the product
+
+
+class GradScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.proj(ScaleGrad.apply(x))
+
+
+class Timed(nn.Module):
+    """Times itself with torch.cuda.synchronize(), left in from a benchmark."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        y = self.proj(x)
+        torch.cuda.synchronize()  # the host waits for the device here
+        return y
+
+
+class HostInputs(nn.Module):
+    """Takes its batch on the host, as a dict, and moves it to its device itself (as transformers'
+    models and many training loops do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, batch):
+        batch = {k: v.to(self.embed.weight.device, non_blocking=True) for k, v in batch.items()}
+        x = self.embed(batch["ids"]) * batch["mask"][..., None]
+        return self.head(x)
+
+
+def _host_inputs(devices):
+    torch.manual_seed(0)
+    model = HostInputs().eval().to(devices[0])
+    ids = _tokens("cpu")
+    return model, lambda m: m({"ids": ids, "mask": torch.ones(ids.shape)}), devices[0]
+
+
+class StepCounter(nn.Module):
+    """Decode steps after the first build their position from a Python int on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(32, D)
+        self.head = nn.Linear(D, VOCAB)
+        self.step = 0
+
+    def forward(self, ids):  # [1, 1]
+        position = torch.tensor([[self.step]], device=ids.device)  # an upload on every step
+        self.step += 1
+        return self.head(self.embed(ids) + self.pos(position))
+
+
+class Stepper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = StepCounter()
+
+    def forward(self, ids):
+        return self.inner(ids)
+
+
+def _stepper(devices):
+    torch.manual_seed(0)
+    model = Stepper().eval().to(devices[0])
+
+    def run(m):
+        ids = _tokens(devices[0])
+        return [m(ids[:, i : i + 1]) for i in range(3)][-1]
+
+    return model, run, devices[0]
+
+
 def _read(devices, how):
     torch.manual_seed(0)
     model = ReadLM(how).eval().to(devices[0])
@@ -1226,6 +1322,31 @@ CASES: dict[str, Case] = {
             why="CUDA refuses a CPU generator for a CUDA tensor ('Expected a 'cuda' device type "
             "for generator'): a device error",
         ),
+        Case("host-inputs", _host_inputs, None, why="the run's own inputs, uploaded by the model: declared"),
+        Case(
+            "backward-host-tensor",
+            _wrapped(GradScaled),
+            (MISMATCH, None),
+            "ScaleGrad.backward",
+            modes=("grad",),
+            why="a custom backward makes a tensor without device=: CUDA refuses it in the backward "
+            "pass, which runs outside every module's forward (module None), at the backward's line; "
+            "without grad there is no backward, and the run is clean",
+        ),
+        Case(
+            "synchronize-in-forward",
+            _wrapped(Timed),
+            (SYNC, "inner"),
+            "Timed.forward",
+            why="torch.cuda.synchronize() makes the host wait for the device, though no tensor op does",
+        ),
+        Case(
+            "upload-per-decode-step",
+            _stepper,
+            (TRANSFER, "inner"),
+            "StepCounter.forward",
+            why="torch.tensor([[step]], device=...) on every call: an upload from host data",
+        ),
         # bugs
         Case("child-traps", _wrapped(ChildTraps), None),
         Case(
@@ -1389,7 +1510,7 @@ def trace_case(name: str, mode: str, placement: str, devices=("cuda:0", "cuda:1"
     from harness.trace import Tracer, is_device_error
 
     case = CASES[name]
-    outcome = Outcome(name, mode, placement, case.expect)
+    outcome = Outcome(name, mode, placement, case.expect_in(mode))
     try:
         model, run, given = case.build(list(devices))
         if mode == "grad":

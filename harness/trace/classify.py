@@ -40,8 +40,13 @@ from harness.trace.events import ALLOWED, MISMATCH, OK, STRAY, SYNC, TRANSFER, E
 COPY_TO = frozenset({"_to_copy", "to", "_copy_to"})  # input 0 -> output 0
 COPY_INTO = frozenset({"copy_", "copy"})  # (dst, src)
 COPY_FROM = frozenset({"_copy_from", "_copy_from_and_resize"})  # (src, dst)
+# The host waiting for the device without a tensor op (`torch.cuda.synchronize()`, a stream's or
+# an event's `synchronize()`): the tracer records it as an event of this op, without tensors.
+HOST_WAIT = "cuda::synchronize"
+
 SYNC_OPS = frozenset(
     {
+        "synchronize",  # HOST_WAIT
         "_local_scalar_dense",
         "item",
         "is_nonzero",
@@ -355,7 +360,8 @@ class Classifier:
                 return event.cls
         elif kind == K_SYNC:
             # (an op that raised another error than a device error read nothing)
-            if ins and ins[0][0] != "cpu" and event.waits is not False and event.error is None:
+            reads = (ins and ins[0][0] != "cpu") or (not ins and event.op == HOST_WAIT)
+            if reads and event.waits is not False and event.error is None:
                 cls = ALLOWED if event.module is None else SYNC
                 event.cls = cls
                 return cls

@@ -60,6 +60,7 @@ from torch.utils._python_dispatch import (
 
 from harness.errors import UsageError
 from harness.trace.classify import (
+    HOST_WAIT,
     K_COPY_FROM,
     K_COPY_INTO,
     K_COPY_TO,
@@ -426,6 +427,7 @@ class Tracer(TorchDispatchMode):
         self._last_error: tuple[int, dict] | None = None  # the latest one seen leaving a module
         self._hooked = False  # whether some module has an offloading hook (accelerate's)
         self._root_by_global = False  # a TorchScript model: its calls are seen by the global hooks
+        self._waits_patched: list[tuple[object, str, object]] = []  # (owner, name, the real one)
         self._grad_mode = _grad_mode()
         # Bytes copied inside the model: direction -> bytes, in the first traced call and after it.
         self._moved = {"first": dict.fromkeys(DIRECTIONS, 0), "later": dict.fromkeys(DIRECTIONS, 0)}
@@ -555,6 +557,7 @@ class Tracer(TorchDispatchMode):
             self._lines = self._writer.lines
             self._encode = self._writer.encode
         self._install_global_hooks()
+        self._watch_host_waits()
         self._root_by_global = isinstance(self.model, torch.jit.ScriptModule)
         if self.model is not None and not self._root_by_global:
             self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
@@ -583,6 +586,9 @@ class Tracer(TorchDispatchMode):
                 _ACTIVE.remove(self)
             self._active = False
             self._remove_global_hooks()
+            for owner, name, real in reversed(self._waits_patched):
+                setattr(owner, name, real)
+            self._waits_patched = []
             for h in self._hooks:
                 h.remove()
             self._hooks = []
@@ -607,6 +613,45 @@ class Tracer(TorchDispatchMode):
                 register_module_forward_pre_hook(self._pre_hook),
                 register_module_forward_hook(self._post_hook, always_call=True),
             ]
+
+    def _watch_host_waits(self) -> None:
+        """`torch.cuda.synchronize()` and a stream's or an event's `synchronize()` make the host
+        wait for the device without a tensor op: while the tracer records, each call is an event
+        (`HOST_WAIT`: a sync inside the model)."""
+        cuda = torch.cuda
+        for owner, name in ((cuda, "synchronize"), (cuda.Stream, "synchronize"), (cuda.Event, "synchronize")):
+            real = getattr(owner, name, None)
+            if real is None:
+                continue
+
+            def waits(*args, _real=real, **kwargs):
+                if self._recording and get_ident() == self._thread:
+                    self._host_wait(args[0] if args else kwargs.get("device"))
+                return _real(*args, **kwargs)
+
+            self._waits_patched.append((owner, name, real))
+            setattr(owner, name, waits)
+
+    def _host_wait(self, on) -> None:
+        """Records a host wait; `on`: the device, a stream or an event waited for, or None."""
+        module, expected = self._stack[-1] if self._stack else _OUTSIDE
+        frames = _live_frames(sys._getframe(2))
+        model = [(c, n) for c, n in frames if _is_model_code(c.co_filename)]
+        source = _source_text(*model[-1]) if model else None
+        ev = Event(self._seq, self._step, HOST_WAIT, module, expected, None, source, [])
+        self._seq += 1
+        ev.outputs = []
+        device = getattr(on, "device", on)
+        try:
+            device = (
+                torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+            )
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            ev.named_devices = [str(device)]
+        except (RuntimeError, TypeError):
+            ev.named_devices = []
+        self._finish(ev, stack=_stack_text(frames))
 
     def _remove_global_hooks(self) -> None:
         for h in self._global_hooks:
