@@ -207,6 +207,12 @@ _HF = {
     ),
     "phi": ("PhiForCausalLM", "PhiConfig", _DECODER),
     "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_DECODER, num_key_value_heads=1, head_dim=8)),
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        dict(_DECODER, num_key_value_heads=1, head_dim=8, sliding_window=4),
+    ),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(_DECODER, num_key_value_heads=1)),
 }
 
 
@@ -227,7 +233,7 @@ def _hf(kind: str, attn: str = "eager", mask: bool = True):
                 kwargs["attention_mask"] = torch.ones_like(ids)  # as a tokenizer gives it
             if kind == "t5":
                 kwargs["decoder_input_ids"] = ids[:, :3]
-            if kind in ("gpt2", "phi", "gemma", "t5"):
+            if kind != "bert":
                 kwargs["use_cache"] = False
             return m(**kwargs)
 
@@ -582,18 +588,22 @@ class Compiled(nn.Module):
         return self.head(self.mlp(self.embed(ids)))
 
 
-def _gpt2_generate(devices):
+def _generate(kind: str = "gpt2", **options):
     """transformers' generate(): a prefill and decode steps with a KV cache, its host-side loop."""
-    model, _, device = _hf("gpt2")(devices)
 
-    def run(m):
-        ids = _tokens(device)
-        out = m.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0
-        )
-        return out.float()
+    def build(devices):
+        model, _, device = _hf(kind)(devices)
 
-    return model, run, device
+        def run(m):
+            ids = _tokens(device)
+            out = m.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, pad_token_id=0, **options
+            )
+            return out.float()
+
+        return model, run, device
+
+    return build
 
 
 def _autocast(devices):
@@ -1160,7 +1170,11 @@ CASES: dict[str, Case] = {
         Case("idioms", _clean_model(Idioms, _tokens), None),
         Case("checkpointed", _clean_model(Checkpointed, _tokens), None),
         Case("compiled", _clean_model(Compiled, _tokens), None),
-        Case("gpt2-generate", _gpt2_generate, None),
+        Case("gpt2-generate", _generate(do_sample=False), None),
+        Case("gpt2-sample", _generate(do_sample=True, top_k=5), None),
+
+        Case("hf-gemma2", _hf("gemma2"), None),
+        Case("hf-llama", _hf("llama"), None),
         Case("autocast", _autocast, None),
         Case("train-step", _train_step, None),
         Case(
@@ -1367,6 +1381,15 @@ CASES: dict[str, Case] = {
             "it happens",
         ),
         Case("hf-t5-mask-read", _hf("t5"), (SYNC, "encoder"), "_ignore_bidirectional_mask_sdpa"),
+        Case(
+            "llama-static-cache",
+            _generate("llama", do_sample=False, cache_implementation="static"),
+            (TRANSFER, "model.layers.0.self_attn"),
+            "StaticLayer.lazy_initialization",
+            why="transformers' own: the static cache is made in the first forward and moves its "
+            "length counter from the host then (once; `early_initialization` avoids it), the "
+            "same lazy set-up inside a traced forward that this project's own model must not do",
+        ),
         Case(
             "mask-without-device",
             _lm(attn_bug="mask-without-device"),
