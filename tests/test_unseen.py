@@ -47,10 +47,12 @@ def _needs(case: Case) -> None:
 def test_held_out_case(name, mode):
     case = CASES[name]
     _needs(case)
-    if case.known and torch.cuda.is_available() and not torch.cuda.get_device_name().startswith("Emulated"):
-        pytest.skip(f"a known limit, checked on the emulation only: {case.known}")
+    emulated = torch.cuda.get_device_name().startswith("Emulated")
+    known = case.known_in(mode)
+    if known and not emulated and not case.cuda_checked:
+        pytest.skip(f"a known limit, on real CUDA too: {known}")
     o = trace_case(name, mode, "inferred")
-    if case.known:  # a limit of the harness: the run is never judged clean
+    if known and emulated:  # a limit of the emulation: the run is never judged clean
         assert o.crashed or o.verdict != "clean", o.describe()
         return
     assert not o.crashed, o.describe()
@@ -215,3 +217,37 @@ def test_the_host_waiting_without_a_tensor_op_is_a_sync_inside_the_model(tmp_pat
     assert (first["class"], first["module"], first["op"]) == (SYNC, "0", "cuda::synchronize")
     assert first["source"].endswith("in _Waits.forward")
     assert load_trace(tmp_path / "t.jsonl").summary.verdict == "dirty"
+
+
+def _padded_encoder_on(device):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True).eval().to(device)
+    pad = torch.tensor([[False, False, False], [False, False, True]], device=device)
+    return model, torch.randn(2, 3, 8).to(device), pad
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_the_encoders_nested_tensor_fast_path(device):
+    """In eval without grad, nn.TransformerEncoder with a padding mask runs on nested tensors (the
+    emulation takes the path real CUDA takes: its own function mode does not count as a
+    `__torch_function__` override). The tracer reads them (no single shape); on a GPU the mask is
+    checked on the host first (a sync); the emulation cannot hold nested tensors and says so."""
+    from harness.errors import EmulationUnsupported
+
+    model, x, pad = _padded_encoder_on(device)
+    emulated = device != "cpu" and torch.cuda.get_device_name().startswith("Emulated")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:
+        if emulated:
+            with pytest.raises(EmulationUnsupported, match="_nested_tensor_from_mask.*nested tensor"):
+                model(x, src_key_padding_mask=pad)
+        else:
+            model(x, src_key_padding_mask=pad)
+    ops = [e.op for e in t.events]
+    assert "aten._nested_tensor_from_mask_left_aligned.default" in ops
+    if device == "cpu":
+        assert "aten._transformer_encoder_layer_fwd.default" in ops  # the fused fast path, traced
+        assert t.summary.verdict == "clean"
+    else:
+        first = t.summary.first_offence
+        assert (first["class"], first["op"]) == (SYNC, "aten._nested_tensor_from_mask_left_aligned.default")

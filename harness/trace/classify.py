@@ -80,6 +80,10 @@ SYNC_OPS = frozenset(
         "linalg_matrix_exp",
         "to_sparse",
         "_to_sparse",
+        # a nested tensor's sizes, or whether a mask is left-aligned, come from the mask's values
+        # (nn.TransformerEncoder's fast path with a padding mask)
+        "_nested_tensor_from_mask",
+        "_nested_tensor_from_mask_left_aligned",
     }
 )
 

@@ -42,6 +42,9 @@ How it works:
   half-to-float softmax), or the CPU kernel in a wider dtype (a dtype only CUDA's kernel takes,
   e.g. histc of integers); an op it cannot run raises `harness.errors.EmulationUnsupported`
   naming it, never something else;
+- torch.nn's fast paths (MultiheadAttention, TransformerEncoder) ask `has_torch_function`, to
+  which the emulation's function mode does not count: they take the path real CUDA takes (a
+  nested tensor, which the encoder's makes from a padding mask, is not emulated);
 - modules whose parameters `Module._apply` cannot swap for emulated ones: a TorchScript module
   gets them as new entries; a lazy module's uninitialized parameters stay lazy when moved and are
   made on the emulated device when the module first runs;
@@ -464,6 +467,15 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
             ) from None
         with _active_mode(ctx):
             return decomposition(*args, **kwargs)
+    if any(
+        t.is_nested for t in (out if isinstance(out, (list, tuple)) else (out,)) if isinstance(t, _Tensor)
+    ):
+        raise EmulationUnsupported(
+            None,
+            plan.op,
+            "made a nested tensor, which the emulation cannot hold on an emulated device "
+            "(nn.TransformerEncoder's fast path makes them from a padding mask)",
+        )
     if plan.view and torch.is_inference_mode_enabled() and not args[0].is_inference():
         # In inference mode a view of a normal tensor is a normal tensor (autograd gives it the
         # base's version counter); a wrapper made here would be an inference tensor.
@@ -997,6 +1009,21 @@ def _move_materialized(real):
     return has_uninitialized_params
 
 
+def _has_torch_function(real):
+    """`torch.overrides.has_torch_function`, which torch.nn's fast paths ask (MultiheadAttention,
+    TransformerEncoder(Layer)): the emulation's own function mode does not count, so they take the
+    path they take on real CUDA."""
+
+    def has_torch_function(relevant_args) -> bool:
+        stack = torch.overrides._get_current_function_mode_stack()
+        if len(stack) == 1 and isinstance(stack[0], _ConstructorMode):
+            with torch.overrides._pop_mode_temporarily():
+                return real(relevant_args)
+        return real(relevant_args)
+
+    return has_torch_function
+
+
 # ---- the context ---------------------------------------------------------------------------------
 
 # The emulated CUDA entries of the per-device constant tables, kept between blocks.
@@ -1134,6 +1161,9 @@ class EmulatedCuda:
         self._patch(cuda, "empty_cache", lambda: None)
         self._patch(torch, "Generator", EmulatedGenerator)
         self._patch(torch.jit.RecursiveScriptModule, "_apply", _script_module_apply)
+        self._patch(
+            torch.overrides, "has_torch_function", _has_torch_function(torch.overrides.has_torch_function)
+        )
         lazy = torch.nn.parameter.UninitializedTensorMixin
         self._patch(lazy, "materialize", _materialize(lazy.materialize))
         mixin = torch.nn.modules.lazy.LazyModuleMixin

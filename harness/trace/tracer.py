@@ -830,7 +830,7 @@ class Tracer(TorchDispatchMode):
                             entry = weights.get(id(b))
                             if entry is not None and entry[0]() is b:
                                 names = entry[1] if names is None else names + entry[1]
-        except RuntimeError:  # an uninitialized (lazy) parameter refuses `.shape`
+        except RuntimeError:  # a lazy module's uninitialized parameter, a nested tensor
             inputs = [specs[_raw_key(t)] for t in _tensor_args(args, kwargs)]
         inputs = tuple(inputs)
 
@@ -871,14 +871,20 @@ class Tracer(TorchDispatchMode):
             self._derive(args, kwargs, out)
         alias = info.alias
         if isinstance(out, Tensor):
-            outputs = (specs[(out.device, out.dtype, out.shape)],)
+            try:
+                outputs = (specs[(out.device, out.dtype, out.shape)],)
+            except RuntimeError:  # a nested tensor has no single shape
+                outputs = (specs[_raw_key(out)],)
             if info.maybe_self and args and out is args[0]:
                 alias = True
             if names is not None and info.follow:
                 self._follow(info, args, out)
         elif isinstance(out, _SEQUENCES):
             outs = [o for o in out if isinstance(o, Tensor)]
-            outputs = tuple([specs[(t.device, t.dtype, t.shape)] for t in outs])
+            try:
+                outputs = tuple([specs[(t.device, t.dtype, t.shape)] for t in outs])
+            except RuntimeError:
+                outputs = tuple([specs[_raw_key(t)] for t in outs])
             if names is not None and info.follow and outs:
                 self._follow(info, args, outs[0])
         else:
@@ -1228,9 +1234,13 @@ _TENSOR_BASE = torch._C.TensorBase
 
 
 def _raw_key(t: Tensor) -> tuple:
-    """(device, dtype, shape) of a tensor, read past Python overrides (a lazy module's
-    uninitialized parameter is an empty tensor that refuses `.shape`)."""
-    return (_TENSOR_BASE.device.__get__(t), _TENSOR_BASE.dtype.__get__(t), _TENSOR_BASE.shape.__get__(t))
+    """(device, dtype, shape) of a tensor that refuses `.shape`: read past Python overrides (a lazy
+    module's uninitialized parameter is an empty tensor); a nested tensor (nn.TransformerEncoder's
+    fast path with a padding mask) has no single shape: its elements, flat."""
+    device, dtype = _TENSOR_BASE.device.__get__(t), _TENSOR_BASE.dtype.__get__(t)
+    if _TENSOR_BASE.is_nested.__get__(t):
+        return device, dtype, torch.Size([t.numel()])
+    return device, dtype, _TENSOR_BASE.shape.__get__(t)
 
 
 def _tensor_args(args, kwargs):
