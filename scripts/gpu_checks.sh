@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The issue-9 checks against real CUDA on one GPU machine, in one run, logs under $OUT:
-# `pytest -m cuda`, the module-database and OpInfo sweeps, and the detection matrix.
+# `pytest -m cuda`, the module-database and OpInfo sweeps, the detection matrix and the held-out
+# models and bugs (scripts/unseen_bugs.py).
 #
 #   OUT=results-dir DEADLINE=300 bash scripts/gpu_checks.sh
 #
-# All four run side by side (the machine has 16 cores), each bounded by DEADLINE seconds; the
+# All five run side by side (the machine has 16 cores), each bounded by DEADLINE seconds; the
 # sweeps write what they finished by then.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -26,5 +27,6 @@ run sweep_modules python3 scripts/sweep_modules.py --workers 3 --deadline $((DEA
   --out "$OUT/sweep_modules.h100.json"
 run detection_matrix python3 scripts/detection_matrix.py --backend cuda \
   --out "$OUT/detection_matrix.h100.json"
+run unseen_bugs python3 scripts/unseen_bugs.py --backend cuda --out "$OUT/unseen_bugs.h100.json"
 wait
 for f in "$OUT"/*.log; do echo "== $f"; tail -4 "$f"; done
