@@ -33,6 +33,7 @@ so with a RuntimeError after restoring the rest.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import types
 from collections.abc import Callable
@@ -219,9 +220,10 @@ class Fault:
 
     def sites(self, model: torch.nn.Module, run: Callable[[], object] | None = None) -> list[str]:
         """Module paths where this fault can go in, in module order. `run` (a call that runs
-        the model once, as the traced run will) narrows them to modules where the fault acts
-        in that run, for faults that depend on what the module's code does (a module that makes
-        no new tensor cannot make one on the wrong device); it runs only for those."""
+        the model once, as the traced run will, in the same grad mode) narrows them to modules
+        where the fault acts in that run: modules whose forward runs (a parent's fused op may
+        take their weights without calling them), and that make new tensors for
+        new-tensor-without-device."""
         if not self.generic:
             return [self._location(model)[0]] if self.applies_to(model) else []
         sites = self._sites(model)
@@ -775,12 +777,29 @@ def _factory_sites(model: torch.nn.Module, run: Callable[[], object]) -> set[str
         register_module_forward_hook(probe.leave, always_call=True),
     )
     try:
-        with probe:
+        with probe, contextlib.suppress(Exception):  # (a run that fails: what ran until then)
             run()
     finally:
         for h in hooks:
             h.remove()
     return probe.found
+
+
+def _called_sites(model: torch.nn.Module, run: Callable[[], object]) -> set[str]:
+    """Modules whose own forward runs in `run` (a fused op of a parent can take a module's
+    weights without calling it: nn.TransformerEncoderLayer's fast path, in inference, calls
+    neither its attention nor its linear layers)."""
+    paths = {m: p for p, m in model.named_modules()}
+    called: set[str] = set()
+    hook = register_module_forward_pre_hook(lambda m, a: called.add(paths[m]) if m in paths else None)
+    try:
+        with contextlib.suppress(
+            Exception
+        ):  # a run that fails (a bug of the model's own): what ran until then
+            run()
+    finally:
+        hook.remove()
+    return called
 
 
 def _no_device_inject(model, inj: Injection, at: str) -> None:
@@ -876,6 +895,7 @@ _GENERIC = [
         _location=_site_location,
         _inject=_move_tensor_inject,
         _sites=lambda m: _module_sites(m, accel_only=False, own_tensors=True, wrong_device=True),
+        _acts_at=_called_sites,
     ),
     Fault(
         name="output-on-wrong-device",
@@ -896,6 +916,7 @@ _GENERIC = [
         _inject=_move_output_inject,
         _expected=_move_output_expected,
         _sites=lambda m: _module_sites(m, accel_only=False, own_tensors=False, wrong_device=True),
+        _acts_at=_called_sites,
     ),
     Fault(
         name="new-tensor-without-device",
@@ -937,6 +958,7 @@ _GENERIC = [
         _location=lambda m, at: (at, None),
         _inject=_item_in_forward_inject,
         _sites=lambda m: _module_sites(m, accel_only=True, own_tensors=False, wrong_device=False),
+        _acts_at=_called_sites,
     ),
     Fault(
         name="weight-uploaded-per-call",
@@ -956,6 +978,7 @@ _GENERIC = [
         _location=_site_location,
         _inject=_upload_inject,
         _sites=lambda m: _module_sites(m, accel_only=True, own_tensors=True, wrong_device=False),
+        _acts_at=_called_sites,
     ),
 ]
 

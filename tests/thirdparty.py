@@ -353,7 +353,7 @@ def trace_run(
         model = place(spec.build(seed), spec, placement)
         if fault is not None:
             f = faults.get(fault)
-            with torch.no_grad():
+            with GRAD_MODES[mode]():  # the modules that run depend on it (torch.nn's fast paths)
                 sites = f.sites(model, run=lambda: run(model, spec, "cuda:0", tokens))
             if not sites:
                 result.no_site = True

@@ -49,6 +49,17 @@ class Case:
     where: str | None = None
     devices: int = 1
     why: str = ""
+    known: str = ""  # why the emulation cannot judge this case (a known limit: never judged clean there)
+    cuda_checked: bool = (
+        True  # with a known limit: whether real CUDA meets `expect` (False: a limit there too)
+    )
+    modes: tuple[str, ...] = ()  # the grad modes the bug shows in (others: a clean run); () all
+
+    def expect_in(self, mode: str) -> tuple[str, str] | None:
+        return self.expect if not self.modes or mode in self.modes else None
+
+    def known_in(self, mode: str) -> str:
+        return self.known if not self.modes or mode in self.modes else ""
 
 
 def _tokens(device, n: int = T) -> torch.Tensor:
@@ -202,6 +213,12 @@ _HF = {
     ),
     "phi": ("PhiForCausalLM", "PhiConfig", _DECODER),
     "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_DECODER, num_key_value_heads=1, head_dim=8)),
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        dict(_DECODER, num_key_value_heads=1, head_dim=8, sliding_window=4),
+    ),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(_DECODER, num_key_value_heads=1)),
 }
 
 
@@ -222,7 +239,7 @@ def _hf(kind: str, attn: str = "eager", mask: bool = True):
                 kwargs["attention_mask"] = torch.ones_like(ids)  # as a tokenizer gives it
             if kind == "t5":
                 kwargs["decoder_input_ids"] = ids[:, :3]
-            if kind in ("gpt2", "phi", "gemma", "t5"):
+            if kind != "bert":
                 kwargs["use_cache"] = False
             return m(**kwargs)
 
@@ -313,7 +330,7 @@ class LM(nn.Module):
         return self.head(x)
 
 
-def _lm(bug=None, attn_bug=None, *, at: str | None = None, prepare=None):
+def _lm(bug=None, attn_bug=None, *, prepare=None):
     def build(devices):
         torch.manual_seed(0)
         model = LM(bug, attn_bug).eval().to(devices[0])
@@ -577,18 +594,22 @@ class Compiled(nn.Module):
         return self.head(self.mlp(self.embed(ids)))
 
 
-def _gpt2_generate(devices):
+def _generate(kind: str = "gpt2", **options):
     """transformers' generate(): a prefill and decode steps with a KV cache, its host-side loop."""
-    model, _, device = _hf("gpt2")(devices)
 
-    def run(m):
-        ids = _tokens(device)
-        out = m.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0
-        )
-        return out.float()
+    def build(devices):
+        model, _, device = _hf(kind)(devices)
 
-    return model, run, device
+        def run(m):
+            ids = _tokens(device)
+            out = m.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, pad_token_id=0, **options
+            )
+            return out.float()
+
+        return model, run, device
+
+    return build
 
 
 def _autocast(devices):
@@ -738,6 +759,376 @@ class RootRead(nn.Module):
         return self.head(x)
 
 
+# ---- round two: placements by accelerate, decode steps, caches, mixed precision ----------------------
+
+
+def _dispatched(attn_bug=None, offload: bool = False, make_inner=None):
+    """The LM split by accelerate's dispatch_model: layer 0 on cuda:0, layer 1 and the head on
+    cuda:1 (or, `offload`, their weights on the host, brought to cuda:0 for each call)."""
+
+    def build(devices):
+        from accelerate import dispatch_model
+
+        torch.manual_seed(0)
+        model = LM(None, attn_bug).eval()
+        second = "cpu" if offload else devices[1]
+        dmap = {
+            "embed": devices[0],
+            "pos": devices[0],
+            "layers.0": devices[0],
+            "layers.1": second,
+            "head": second,
+        }
+        model = dispatch_model(model, device_map=dmap, main_device=devices[0])
+        given = None if offload else {"": devices[0], "layers.1": devices[1], "head": devices[1]}
+        return model, lambda m: m(_tokens(devices[0])), given
+
+    return build
+
+
+class CachedAttention(nn.Module):
+    """Attention over a KV cache kept between calls; `bug`: the cache made without `device=`."""
+
+    def __init__(self, bug: bool):
+        super().__init__()
+        self.bug = bug
+        self.qkv = nn.Linear(D, 3 * D)
+        self.cache: torch.Tensor | None = None
+        self.pos = 0
+
+    def forward(self, x):  # [1, 1, D]: one token a call
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.cache is None:
+            device = None if self.bug else x.device
+            self.cache = torch.zeros(2, 16, D, device=device)
+        self.cache[0, self.pos].copy_(k[0, 0])  # with the bug: a device-to-host copy each step
+        self.cache[1, self.pos].copy_(v[0, 0])
+        self.pos += 1
+        keys = self.cache[0, : self.pos].to(x.device)
+        values = self.cache[1, : self.pos].to(x.device)
+        return (q @ keys.T).softmax(-1) @ values
+
+
+class Decoder(nn.Module):
+    def __init__(self, bug: bool):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.attn = CachedAttention(bug)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):  # [1, 1]
+        return self.head(self.attn(self.embed(ids)))
+
+
+def _decoder(bug: bool):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Decoder(bug).eval().to(devices[0])
+
+        def run(m):
+            ids = _tokens(devices[0])
+            out = None
+            for i in range(3):  # a prefill token, then two decode steps
+                out = m(ids[:, i : i + 1])
+            return out
+
+        return model, run, devices[0]
+
+    return build
+
+
+class Prefetch(nn.Module):
+    """Reads its activations back with non_blocking=True (into pinned memory, as for prefetching)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        y = self.proj(x)
+        self.kept = y.detach().to("cpu", non_blocking=True)
+        return y
+
+
+class SdpaMask(nn.Module):
+    """scaled_dot_product_attention with a mask: `host_mask` made without device=."""
+
+    def __init__(self, host_mask: bool):
+        super().__init__()
+        self.host_mask = host_mask
+        self.qkv = nn.Linear(D, 3 * D)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (2, D // 2)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        n = x.shape[1]
+        if self.host_mask:
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+            mask = mask[None, None]  # a view: the stray is the tril above
+        else:
+            mask = None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return out.transpose(1, 2).flatten(2)
+
+
+class Routed(nn.Module):
+    """Top-k routing without host reads: topk, sort, cumsum, scatter_add, gather, an EmbeddingBag."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(D, 4)
+        self.experts = nn.Parameter(torch.randn(4, D, D) * 0.1)
+        self.bag = nn.EmbeddingBag(VOCAB, D, mode="mean")
+
+    def forward(self, x):  # [1, T, D]
+        t = x[0]
+        weights, chosen = self.router(t).softmax(-1).topk(2, dim=-1)  # [T, 2]
+        order = chosen.flatten().argsort()
+        counts = torch.zeros(4, dtype=torch.long, device=x.device).scatter_add(
+            0, chosen.flatten(), torch.ones_like(chosen.flatten())
+        )
+        offsets = counts.cumsum(0) - counts
+        out = torch.einsum("td,tkde->tke", t, self.experts[chosen])  # [T, 2, D]
+        out = (out * weights[..., None]).sum(1)
+        ranked = chosen.flatten()[order]
+        ids = (ranked * 7 + offsets[ranked]) % VOCAB
+        bag = self.bag(ids[None])  # [1, D]
+        return (out + bag)[None]
+
+
+def _train_amp(devices):
+    """A mixed-precision training step: autocast, GradScaler, clip_grad_norm_, AdamW."""
+    torch.manual_seed(0)
+    model = LM().to(devices[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+
+    def run(m):
+        ids = _tokens(devices[0])
+        with torch.autocast("cuda", dtype=torch.float16):
+            logits = m(ids)
+        if not torch.is_grad_enabled():
+            return logits.float()
+        loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        return loss.detach()
+
+    return model, run, devices[0]
+
+
+def _hf_labels(devices):
+    """transformers computes the loss inside forward when given labels."""
+    model, _, device = _hf("gpt2")(devices)
+
+    def run(m):
+        ids = _tokens(device)
+        return m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False).loss
+
+    return model, run, device
+
+
+def _half(devices):
+    torch.manual_seed(0)
+    model = LM().eval().to(devices[0], torch.bfloat16)
+    return model, lambda m: m(_tokens(devices[0])).float(), devices[0]
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer with a causal target mask; `host_mask`: the mask made without device=."""
+
+    def __init__(self, host_mask: bool):
+        super().__init__()
+        self.host_mask = host_mask
+        self.embed = nn.Embedding(VOCAB, D)
+        self.transformer = nn.Transformer(D, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, src, tgt):
+        n = tgt.shape[1]
+        device = None if self.host_mask else tgt.device
+        mask = nn.Transformer.generate_square_subsequent_mask(n, device=device)
+        # tgt_is_causal: without it nn.Transformer compares the mask with a causal one, on the
+        # mask's device (on the GPU: `bool((mask == causal).all())`, a sync on every call)
+        causal = None if self.host_mask else True
+        out = self.transformer(self.embed(src), self.embed(tgt), tgt_mask=mask, tgt_is_causal=causal)
+        return self.head(out)
+
+
+def _seq2seq(host_mask: bool):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Seq2Seq(host_mask).eval().to(devices[0])
+        return model, lambda m: m(_tokens(devices[0]), _tokens(devices[0], 4)), devices[0]
+
+    return build
+
+
+def _padded_encoder(devices):
+    """nn.TransformerEncoder with a key padding mask, nested tensors allowed (its eval fast path)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval().to(devices[0])
+    pad = torch.tensor([[False] * T, [False] * (T - 2) + [True] * 2], device=devices[0])
+    x = torch.cat([_vectors(devices[0]), _vectors(devices[0]).flip(1)])
+    return model, lambda m: m(x, src_key_padding_mask=pad), devices[0]
+
+
+def _data_parallel(devices):
+    """nn.DataParallel over both GPUs: it copies the model and the batch to each for every call."""
+    torch.manual_seed(0)
+    model = nn.DataParallel(LM().eval().to(devices[0]), device_ids=[0, 1])
+    return model, lambda m: m(_pair(devices[0])), None
+
+
+def _hf_mixtral_eager(devices):
+    """transformers' Mixtral with its eager experts: `nonzero` and `torch.where` on the routing
+    mask pick the tokens of each expert, on the host."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        attn_implementation="eager",
+        experts_implementation="eager",
+    )
+    model = tf.MixtralForCausalLM(config).eval().to(devices[0])
+    ids = _tokens(devices[0])
+    return model, lambda m: m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False), devices[0]
+
+
+class Noisy(nn.Module):
+    """Adds noise from its own generator, seeded once: on the host (the bug) or on the device."""
+
+    def __init__(self, host_generator: bool):
+        super().__init__()
+        self.host_generator = host_generator
+        self.proj = nn.Linear(D, D)
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x):
+        if self.generator is None:
+            device = "cpu" if self.host_generator else x.device
+            self.generator = torch.Generator(device=device).manual_seed(0)
+        noise = torch.randn(x.shape, device=x.device, generator=self.generator)
+        return self.proj(x + 0.01 * noise)
+
+
+def _cpu_offloaded(attn_bug=None):
+    """accelerate's cpu_offload: every weight waits on the host and comes in for each call."""
+
+    def build(devices):
+        from accelerate import cpu_offload
+
+        torch.manual_seed(0)
+        model = cpu_offload(LM(None, attn_bug).eval(), execution_device=torch.device(devices[0]))
+        return model, lambda m: m(_tokens(devices[0])), None
+
+    return build
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; its backward scales the gradient by a tensor made without device=."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * torch.full(grad.shape[-1:], 0.5)  # on the host: CUDA refuses the product
+
+
+class GradScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.proj(ScaleGrad.apply(x))
+
+
+class Timed(nn.Module):
+    """Times itself with torch.cuda.synchronize(), left in from a benchmark."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        y = self.proj(x)
+        torch.cuda.synchronize()  # the host waits for the device here
+        return y
+
+
+class HostInputs(nn.Module):
+    """Takes its batch on the host, as a dict, and moves it to its device itself (as transformers'
+    models and many training loops do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, batch):
+        batch = {k: v.to(self.embed.weight.device, non_blocking=True) for k, v in batch.items()}
+        x = self.embed(batch["ids"]) * batch["mask"][..., None]
+        return self.head(x)
+
+
+def _host_inputs(devices):
+    torch.manual_seed(0)
+    model = HostInputs().eval().to(devices[0])
+    ids = _tokens("cpu")
+    return model, lambda m: m({"ids": ids, "mask": torch.ones(ids.shape)}), devices[0]
+
+
+class StepCounter(nn.Module):
+    """Decode steps after the first build their position from a Python int on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(32, D)
+        self.head = nn.Linear(D, VOCAB)
+        self.step = 0
+
+    def forward(self, ids):  # [1, 1]
+        position = torch.tensor([[self.step]], device=ids.device)  # an upload on every step
+        self.step += 1
+        return self.head(self.embed(ids) + self.pos(position))
+
+
+class Stepper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = StepCounter()
+
+    def forward(self, ids):
+        return self.inner(ids)
+
+
+def _stepper(devices):
+    torch.manual_seed(0)
+    model = Stepper().eval().to(devices[0])
+
+    def run(m):
+        ids = _tokens(devices[0])
+        return [m(ids[:, i : i + 1]) for i in range(3)][-1]
+
+    return model, run, devices[0]
+
+
 def _read(devices, how):
     torch.manual_seed(0)
     model = ReadLM(how).eval().to(devices[0])
@@ -785,7 +1176,10 @@ CASES: dict[str, Case] = {
         Case("idioms", _clean_model(Idioms, _tokens), None),
         Case("checkpointed", _clean_model(Checkpointed, _tokens), None),
         Case("compiled", _clean_model(Compiled, _tokens), None),
-        Case("gpt2-generate", _gpt2_generate, None),
+        Case("gpt2-generate", _generate(do_sample=False), None),
+        Case("gpt2-sample", _generate(do_sample=True, top_k=5), None),
+        Case("hf-gemma2", _hf("gemma2"), None),
+        Case("hf-llama", _hf("llama"), None),
         Case("autocast", _autocast, None),
         Case("train-step", _train_step, None),
         Case(
@@ -841,6 +1235,148 @@ CASES: dict[str, Case] = {
             why="the listed Linears stay on the host; they are no submodules, so their ops belong to "
             "`inner`, whose code calls them",
         ),
+        # round two
+        Case("dispatched-split", _dispatched(), None, devices=2),
+        Case("dispatched-offload", _dispatched(offload=True), None),
+        Case("decoder-cache", _decoder(False), None),
+        Case("sdpa-causal", _wrapped(lambda: SdpaMask(False)), None),
+        Case("routed", _wrapped(Routed), None),
+        Case("train-amp", _train_amp, None),
+        Case("hf-gpt2-labels", _hf_labels, None),
+        Case("bf16", _half, None),
+        Case(
+            "dispatched-split-mask-upload",
+            _dispatched("mask-uploaded-per-call"),
+            (TRANSFER, "layers.1.attn"),
+            "Attention.forward",
+            devices=2,
+            why="the module's own upload, not accelerate's hook moving inputs: still a transfer",
+        ),
+        Case(
+            "dispatched-offload-mask-upload",
+            _dispatched("mask-uploaded-per-call", offload=True),
+            (TRANSFER, "layers.1.attn"),
+            "Attention.forward",
+            why="an offloaded module's own upload is not offload traffic",
+        ),
+        Case(
+            "kv-cache-on-host",
+            _decoder(True),
+            (STRAY, "attn"),
+            "CachedAttention.forward",
+            why="a KV cache made without device=: the zeros are made on the host in a device module "
+            "(a stray, as torch.ones without device=); then each step copies k and v to the host "
+            "(syncs) and back (transfers)",
+        ),
+        Case(
+            "hf-gpt2-no-mask",
+            _hf("gpt2", mask=False),
+            (SYNC, "transformer"),
+            "find_packed_sequence_indices",
+            why="transformers' own: without an attention_mask it asks on the host whether the "
+            "position ids pack several sequences, on every call",
+        ),
+        Case(
+            "non-blocking-download",
+            _wrapped(Prefetch),
+            (TRANSFER, "inner"),
+            "Prefetch.forward",
+            why="non_blocking: the host does not wait (no sync), but the bytes still move every call",
+        ),
+        Case(
+            "sdpa-host-mask",
+            _wrapped(lambda: SdpaMask(True)),
+            (STRAY, "inner"),
+            "SdpaMask.forward",
+            why="the mask computed on the host (a stray), then CUDA refuses it in the attention",
+        ),
+        Case("seq2seq", _seq2seq(False), None),
+        Case(
+            "padded-encoder",
+            _padded_encoder,
+            (SYNC, ""),
+            "TransformerEncoder.forward",
+            modes=("inference_mode", "no_grad"),
+            known="nested tensors are not emulated",
+            why="PyTorch's own: in eval without grad, nn.TransformerEncoder with a padding mask takes "
+            "its nested-tensor fast path, which asks on the host whether the mask is left-aligned "
+            "(training, with grad, it takes the plain path: clean)",
+        ),
+        Case(
+            "data-parallel",
+            _data_parallel,
+            None,
+            devices=2,
+            cuda_checked=False,
+            known="nn.DataParallel: the emulation has no torch._C._scatter/_broadcast_coalesced/_gather "
+            "(CUDA-only bindings), and its replicas run in worker threads, which the tracer does not "
+            "watch (a dispatch mode is per thread)",
+        ),
+        Case(
+            "seq2seq-host-mask",
+            _seq2seq(True),
+            (STRAY, "transformer.decoder"),
+            "Seq2Seq.forward",
+            why="generate_square_subsequent_mask without device= gives a host mask (made in the "
+            "model's own forward, the run's edge: no stray there); the decoder then checks on the "
+            "host whether it is causal (a stray in the decoder) and, finding it is, drops it: CUDA "
+            "raises nothing, but the host computes for a module placed on the GPU",
+        ),
+        Case("device-generator", _wrapped(lambda: Noisy(False)), None),
+        Case(
+            "cpu-offload",
+            _cpu_offloaded(),
+            None,
+            why="the hooks sit on the modules with weights; their parents (no hook, weights on meta) "
+            "run where their submodules' hooks run them",
+        ),
+        Case(
+            "cpu-offload-mask-upload",
+            _cpu_offloaded("mask-uploaded-per-call"),
+            (TRANSFER, "layers.1.attn"),
+            "Attention.forward",
+        ),
+        Case(
+            "hf-mixtral-eager-experts",
+            _hf_mixtral_eager,
+            (SYNC, "model.layers.0.mlp.experts"),
+            "MixtralExperts.forward",
+            why="transformers' own eager experts read the routing on the host (nonzero, where): a "
+            "sync per layer and call, which the default grouped_mm path avoids",
+        ),
+        Case(
+            "host-generator",
+            _wrapped(lambda: Noisy(True)),
+            (MISMATCH, "inner"),
+            "Noisy.forward",
+            why="CUDA refuses a CPU generator for a CUDA tensor ('Expected a 'cuda' device type "
+            "for generator'): a device error",
+        ),
+        Case("host-inputs", _host_inputs, None, why="the run's own inputs, uploaded by the model: declared"),
+        Case(
+            "backward-host-tensor",
+            _wrapped(GradScaled),
+            (MISMATCH, None),
+            "ScaleGrad.backward",
+            modes=("grad",),
+            why="a custom backward makes a tensor without device=: CUDA refuses it in the backward "
+            "pass, which runs outside every module's forward (module None), at the backward's line; "
+            "without grad there is no backward, and the run is clean",
+        ),
+        Case(
+            "synchronize-in-forward",
+            _wrapped(Timed),
+            (SYNC, "inner"),
+            "Timed.forward",
+            why="torch.cuda.synchronize() makes the host wait for the device, though no tensor op does",
+        ),
+        Case(
+            "upload-per-decode-step",
+            _stepper,
+            (TRANSFER, "inner"),
+            "StepCounter.forward",
+            why="torch.tensor([[step]], device=...) on every call: an upload from host data",
+        ),
         # bugs
         Case("child-traps", _wrapped(ChildTraps), None),
         Case(
@@ -861,6 +1397,15 @@ CASES: dict[str, Case] = {
             "it happens",
         ),
         Case("hf-t5-mask-read", _hf("t5"), (SYNC, "encoder"), "_ignore_bidirectional_mask_sdpa"),
+        Case(
+            "llama-static-cache",
+            _generate("llama", do_sample=False, cache_implementation="static"),
+            (TRANSFER, "model.layers.0.self_attn"),
+            "StaticLayer.lazy_initialization",
+            why="transformers' own: the static cache is made in the first forward and moves its "
+            "length counter from the host then (once; `early_initialization` avoids it), the "
+            "same lazy set-up inside a traced forward that this project's own model must not do",
+        ),
         Case(
             "mask-without-device",
             _lm(attn_bug="mask-without-device"),
@@ -1004,7 +1549,7 @@ def trace_case(name: str, mode: str, placement: str, devices=("cuda:0", "cuda:1"
     from harness.trace import Tracer, is_device_error
 
     case = CASES[name]
-    outcome = Outcome(name, mode, placement, case.expect)
+    outcome = Outcome(name, mode, placement, case.expect_in(mode))
     try:
         model, run, given = case.build(list(devices))
         if mode == "grad":

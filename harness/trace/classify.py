@@ -12,12 +12,15 @@ The rules follow what the real CUDA backend does:
   `nonzero`, `masked_select`, `unique`, ...; a boolean mask on the device used as an index; a
   device-to-host copy inside the model) is a sync;
 - an op of a module that computes on a device other than the module's placement is stray; view
-  ops compute nothing and are never stray, nor are the ops of the model's own forward (module
-  ""), where a run's inputs are checked on the host and moved: the edges of the run.
+  ops compute nothing and are never stray, nor is host bookkeeping (every tensor a 0-dim CPU
+  tensor, which CUDA takes as a number, or empty), nor are the ops of the model's own forward
+  (module ""), where a run's inputs are checked on the host and moved: the edges of the run.
 A copy across devices is allowed when something declares it (`Classifier.why_allowed`): outside
 the model (the caller's uploads and downloads), the run's inputs uploaded, an activation moved at
 a device-map boundary (between devices of a module that the placement spreads over several),
-an offloading hook's traffic (accelerate's), the user's `allow_transfers`, or no bytes at all.
+an offloading hook's traffic (accelerate's), the user's `allow_transfers`, no bytes at all, or
+the model's own forward handing its result to the host (the tracer holds such a download until
+the call returns, and asks `not_returned` for one the call does not return).
 Any other copy inside the model is an offending `transfer` (a device-to-host one a `sync`). A
 sync outside the model is the caller reading its output, allowed too.
 """
@@ -37,8 +40,13 @@ from harness.trace.events import ALLOWED, MISMATCH, OK, STRAY, SYNC, TRANSFER, E
 COPY_TO = frozenset({"_to_copy", "to", "_copy_to"})  # input 0 -> output 0
 COPY_INTO = frozenset({"copy_", "copy"})  # (dst, src)
 COPY_FROM = frozenset({"_copy_from", "_copy_from_and_resize"})  # (src, dst)
+# The host waiting for the device without a tensor op (`torch.cuda.synchronize()`, a stream's or
+# an event's `synchronize()`): the tracer records it as an event of this op, without tensors.
+HOST_WAIT = "cuda::synchronize"
+
 SYNC_OPS = frozenset(
     {
+        "synchronize",  # HOST_WAIT
         "_local_scalar_dense",
         "item",
         "is_nonzero",
@@ -72,6 +80,10 @@ SYNC_OPS = frozenset(
         "linalg_matrix_exp",
         "to_sparse",
         "_to_sparse",
+        # a nested tensor's sizes, or whether a mask is left-aligned, come from the mask's values
+        # (nn.TransformerEncoder's fast path with a padding mask)
+        "_nested_tensor_from_mask",
+        "_nested_tensor_from_mask_left_aligned",
     }
 )
 
@@ -368,7 +380,8 @@ class Classifier:
                 return event.cls
         elif kind == K_SYNC:
             # (an op that raised another error than a device error read nothing)
-            if ins and ins[0][0] != "cpu" and event.waits is not False and event.error is None:
+            reads = (ins and ins[0][0] != "cpu") or (not ins and event.op == HOST_WAIT)
+            if reads and event.waits is not False and event.error is None:
                 cls = ALLOWED if event.module is None else SYNC
                 event.cls = cls
                 return cls

@@ -38,9 +38,16 @@ How it works:
   `harness.trace.emulated_autograd.run_backward` (PyTorch's nodes, PyTorch's gradient checks),
   so a training step runs and meets CUDA's device errors;
 - where CUDA has a kernel the CPU lacks, the emulation runs PyTorch's decomposition of the op
-  (recurrent layers, whose CUDA path uses fused cells, are decomposed above autograd), or the
-  CPU kernel in a wider dtype (a dtype only CUDA's kernel takes, e.g. histc of integers); an op
-  it cannot run raises `harness.errors.EmulationUnsupported` naming it, never something else;
+  (recurrent layers, whose CUDA path uses fused cells, are decomposed above autograd; autocast's
+  half-to-float softmax), or the CPU kernel in a wider dtype (a dtype only CUDA's kernel takes,
+  e.g. histc of integers); an op it cannot run raises `harness.errors.EmulationUnsupported`
+  naming it, never something else;
+- torch.nn's fast paths (MultiheadAttention, TransformerEncoder) ask `has_torch_function`, to
+  which the emulation's function mode does not count: they take the path real CUDA takes (a
+  nested tensor, which the encoder's makes from a padding mask, is not emulated);
+- modules whose parameters `Module._apply` cannot swap for emulated ones: a TorchScript module
+  gets them as new entries; a lazy module's uninitialized parameters stay lazy when moved and are
+  made on the emulated device when the module first runs;
 - `torch.cuda.*` queries (`device_count`, `get_device_properties`, `get_device_capability`
   (`capability`, sm_80 by default), `mem_get_info`, ...) and `torch.Generator` are patched for
   the duration;
@@ -329,6 +336,12 @@ def _wrap(out, device: torch.device, pairs: list):
 # Ops that ask whether CUDA's kernel can use a vendor library (`_use_cudnn_ctc_loss`, ...).
 _LIBRARY_QUERIES = ("_use_cudnn", "_use_miopen")
 
+# Softmax and its backward with a half input and a float result (autocast's `half_to_float`):
+# CUDA's kernels only; the CPU's refuse them ("not supported on CPU", "expected scalar type").
+_HALF_TO_FLOAT = frozenset(
+    ("_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data")
+)
+
 # Ops whose CUDA kernel returns some outputs on the host: op -> their positions.
 _HOST_OUTPUTS = {"_pack_padded_sequence": frozenset({1})}  # batch_sizes
 
@@ -429,7 +442,13 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
         if ukwargs.get("pin_memory"):
             ukwargs["pin_memory"] = False
     try:
-        out = func(*uargs, **ukwargs)
+        try:
+            out = func(*uargs, **ukwargs)
+        except RuntimeError as exc:
+            if "not supported on CPU" not in str(exc) and plan.name not in _HALF_TO_FLOAT:
+                raise
+            # CUDA's kernel takes what the CPU's refuses: as NotImplementedError, decomposed below
+            raise NotImplementedError(str(exc)) from None
     except NotImplementedError as exc:
         if "not implemented for '" in str(exc):
             # The CPU kernel lacks a dtype CUDA's has (histc of integers, ...): computed in a
@@ -448,6 +467,15 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
             ) from None
         with _active_mode(ctx):
             return decomposition(*args, **kwargs)
+    if any(
+        t.is_nested for t in (out if isinstance(out, (list, tuple)) else (out,)) if isinstance(t, _Tensor)
+    ):
+        raise EmulationUnsupported(
+            None,
+            plan.op,
+            "made a nested tensor, which the emulation cannot hold on an emulated device "
+            "(nn.TransformerEncoder's fast path makes them from a padding mask)",
+        )
     if plan.view and torch.is_inference_mode_enabled() and not args[0].is_inference():
         # In inference mode a view of a normal tensor is a normal tensor (autograd gives it the
         # base's version counter); a wrapper made here would be an inference tensor.
@@ -981,6 +1009,21 @@ def _move_materialized(real):
     return has_uninitialized_params
 
 
+def _has_torch_function(real):
+    """`torch.overrides.has_torch_function`, which torch.nn's fast paths ask (MultiheadAttention,
+    TransformerEncoder(Layer)): the emulation's own function mode does not count, so they take the
+    path they take on real CUDA."""
+
+    def has_torch_function(relevant_args) -> bool:
+        stack = torch.overrides._get_current_function_mode_stack()
+        if len(stack) == 1 and isinstance(stack[0], _ConstructorMode):
+            with torch.overrides._pop_mode_temporarily():
+                return real(relevant_args)
+        return real(relevant_args)
+
+    return has_torch_function
+
+
 # ---- the context ---------------------------------------------------------------------------------
 
 # The emulated CUDA entries of the per-device constant tables, kept between blocks.
@@ -1118,6 +1161,9 @@ class EmulatedCuda:
         self._patch(cuda, "empty_cache", lambda: None)
         self._patch(torch, "Generator", EmulatedGenerator)
         self._patch(torch.jit.RecursiveScriptModule, "_apply", _script_module_apply)
+        self._patch(
+            torch.overrides, "has_torch_function", _has_torch_function(torch.overrides.has_torch_function)
+        )
         lazy = torch.nn.parameter.UninitializedTensorMixin
         self._patch(lazy, "materialize", _materialize(lazy.materialize))
         mixin = torch.nn.modules.lazy.LazyModuleMixin

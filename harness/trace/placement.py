@@ -93,12 +93,15 @@ class ModulePlacement:
     def inferred(cls, model: torch.nn.Module) -> ModulePlacement:
         """Where each module's own parameters and buffers are now (see the module doc)."""
         named = dict(model.named_modules())
+        hooked = {path: d for path, m in named.items() if (d := execution_device(m)) is not None}
         own: dict[str, set[str]] = {}
         for path, module in named.items():
+            if path in hooked:  # its weights wait elsewhere (host, disk, meta); it runs here
+                own[path] = {hooked[path]}
+                continue
             tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
             # a lazy module's uninitialized parameters have no place yet
             own[path] = {str(t.device) for t in tensors if t is not None and not is_lazy(t)}
-        hooked = {path: d for path, m in named.items() if (d := execution_device(m)) is not None}
         under: dict[str, set[str]] = {path: set(devices) for path, devices in own.items()}
         for path in sorted(named, key=lambda p: -p.count(".") if p else 1):
             if path:

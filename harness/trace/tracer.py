@@ -15,7 +15,10 @@ Where modules should compute comes from a `ModulePlacement` (`harness.trace.plac
 the model's own, or where its weights are when tracing starts. A copy across devices is allowed
 only where something declares it (`Classifier.why_allowed`): the tracer tells the classifier
 whether a copy moves the forward call's inputs or a weight (`Event.role`), and whether an
-offloading hook made it (`Event.hook`). Under inference mode, autograd's decomposition of
+offloading hook made it (`Event.hook`). A download in the model's own forward is held until the
+call returns: the result handed to the host if the call returns it (or a host tensor or numpy
+array made from it), else a sync; such an event is written when the call ends. A TorchScript
+model takes no hooks of its own: the global module hooks see its calls. Under inference mode, autograd's decomposition of
 composite ops does not happen before a dispatch mode sees them; the tracer runs their composite
 kernels itself, so it sees the same ops, and gives the same verdict, in every grad mode.
 
@@ -57,6 +60,7 @@ from torch.utils._python_dispatch import (
 
 from harness.errors import UsageError
 from harness.trace.classify import (
+    HOST_WAIT,
     K_COPY_FROM,
     K_COPY_INTO,
     K_COPY_TO,
@@ -423,6 +427,7 @@ class Tracer(TorchDispatchMode):
         self._last_error: tuple[int, dict] | None = None  # the latest one seen leaving a module
         self._hooked = False  # whether some module has an offloading hook (accelerate's)
         self._root_by_global = False  # a TorchScript model: its calls are seen by the global hooks
+        self._waits_patched: list[tuple[object, str, object]] = []  # (owner, name, the real one)
         self._grad_mode = _grad_mode()
         # Bytes copied inside the model: direction -> bytes, in the first traced call and after it.
         self._moved = {"first": dict.fromkeys(DIRECTIONS, 0), "later": dict.fromkeys(DIRECTIONS, 0)}
@@ -552,6 +557,7 @@ class Tracer(TorchDispatchMode):
             self._lines = self._writer.lines
             self._encode = self._writer.encode
         self._install_global_hooks()
+        self._watch_host_waits()
         self._root_by_global = isinstance(self.model, torch.jit.ScriptModule)
         if self.model is not None and not self._root_by_global:
             self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
@@ -580,6 +586,9 @@ class Tracer(TorchDispatchMode):
                 _ACTIVE.remove(self)
             self._active = False
             self._remove_global_hooks()
+            for owner, name, real in reversed(self._waits_patched):
+                setattr(owner, name, real)
+            self._waits_patched = []
             for h in self._hooks:
                 h.remove()
             self._hooks = []
@@ -604,6 +613,45 @@ class Tracer(TorchDispatchMode):
                 register_module_forward_pre_hook(self._pre_hook),
                 register_module_forward_hook(self._post_hook, always_call=True),
             ]
+
+    def _watch_host_waits(self) -> None:
+        """`torch.cuda.synchronize()` and a stream's or an event's `synchronize()` make the host
+        wait for the device without a tensor op: while the tracer records, each call is an event
+        (`HOST_WAIT`: a sync inside the model)."""
+        cuda = torch.cuda
+        for owner, name in ((cuda, "synchronize"), (cuda.Stream, "synchronize"), (cuda.Event, "synchronize")):
+            real = getattr(owner, name, None)
+            if real is None:
+                continue
+
+            def waits(*args, _real=real, **kwargs):
+                if self._recording and get_ident() == self._thread:
+                    self._host_wait(args[0] if args else kwargs.get("device"))
+                return _real(*args, **kwargs)
+
+            self._waits_patched.append((owner, name, real))
+            setattr(owner, name, waits)
+
+    def _host_wait(self, on) -> None:
+        """Records a host wait; `on`: the device, a stream or an event waited for, or None."""
+        module, expected = self._stack[-1] if self._stack else _OUTSIDE
+        frames = _live_frames(sys._getframe(2))
+        model = [(c, n) for c, n in frames if _is_model_code(c.co_filename)]
+        source = _source_text(*model[-1]) if model else None
+        ev = Event(self._seq, self._step, HOST_WAIT, module, expected, None, source, [])
+        self._seq += 1
+        ev.outputs = []
+        device = getattr(on, "device", on)
+        try:
+            device = (
+                torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+            )
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            ev.named_devices = [str(device)]
+        except (RuntimeError, TypeError):
+            ev.named_devices = []
+        self._finish(ev, stack=_stack_text(frames))
 
     def _remove_global_hooks(self) -> None:
         for h in self._global_hooks:
@@ -783,7 +831,7 @@ class Tracer(TorchDispatchMode):
                             entry = weights.get(id(b))
                             if entry is not None and entry[0]() is b:
                                 names = entry[1] if names is None else names + entry[1]
-        except RuntimeError:  # an uninitialized (lazy) parameter refuses `.shape`
+        except RuntimeError:  # a lazy module's uninitialized parameter, a nested tensor
             inputs = [specs[_raw_key(t)] for t in _tensor_args(args, kwargs)]
         inputs = tuple(inputs)
 
@@ -826,14 +874,20 @@ class Tracer(TorchDispatchMode):
             self._derive(args, kwargs, out)
         alias = info.alias
         if isinstance(out, Tensor):
-            outputs = (specs[(out.device, out.dtype, out.shape)],)
+            try:
+                outputs = (specs[(out.device, out.dtype, out.shape)],)
+            except RuntimeError:  # a nested tensor has no single shape
+                outputs = (specs[_raw_key(out)],)
             if info.maybe_self and args and out is args[0]:
                 alias = True
             if names is not None and info.follow:
                 self._follow(info, args, out)
         elif isinstance(out, _SEQUENCES):
             outs = [o for o in out if isinstance(o, Tensor)]
-            outputs = tuple([specs[(t.device, t.dtype, t.shape)] for t in outs])
+            try:
+                outputs = tuple([specs[(t.device, t.dtype, t.shape)] for t in outs])
+            except RuntimeError:
+                outputs = tuple([specs[_raw_key(t)] for t in outs])
             if names is not None and info.follow and outs:
                 self._follow(info, args, outs[0])
         else:
@@ -1051,10 +1105,12 @@ class Tracer(TorchDispatchMode):
 
     def _settle_downloads(self, output) -> None:
         """At the end of a forward call: its held downloads that it returns (inside tuples, lists,
-        dicts, transformers' ModelOutput) are the run's edge; the others are offences."""
+        dicts, transformers' ModelOutput; as numpy arrays too) are the run's edge; the others are
+        offences."""
         returned: dict[int, Tensor] = {}
+        arrays = set()  # where returned numpy arrays keep their data (`.cpu().numpy()`)
         todo = [output]
-        while todo and len(returned) < 1 << 12:
+        while todo and len(returned) + len(arrays) < 1 << 12:
             x = todo.pop()
             if isinstance(x, Tensor):
                 returned[id(x)] = x
@@ -1062,11 +1118,13 @@ class Tracer(TorchDispatchMode):
                 todo.extend(x.values())
             elif isinstance(x, (list, tuple)):
                 todo.extend(x)
-        kept = {
-            index
-            for key, (ref, index) in self._downloaded.items()
-            if key in returned and ref() is returned[key]
-        }
+            elif isinstance(getattr(x, "__array_interface__", None), dict):
+                arrays.add(x.__array_interface__["data"][0])
+        kept = set()
+        for key, (ref, index) in self._downloaded.items():
+            t = ref()
+            if t is not None and (returned.get(key) is t or (arrays and t.data_ptr() in arrays)):
+                kept.add(index)
         downloads, self._downloads, self._downloaded = self._downloads, [], {}
         for index, (ev, stack) in enumerate(downloads):
             cls = ev.cls if index in kept else self.classifier.not_returned(ev)
@@ -1198,9 +1256,13 @@ _TENSOR_BASE = torch._C.TensorBase
 
 
 def _raw_key(t: Tensor) -> tuple:
-    """(device, dtype, shape) of a tensor, read past Python overrides (a lazy module's
-    uninitialized parameter is an empty tensor that refuses `.shape`)."""
-    return (_TENSOR_BASE.device.__get__(t), _TENSOR_BASE.dtype.__get__(t), _TENSOR_BASE.shape.__get__(t))
+    """(device, dtype, shape) of a tensor that refuses `.shape`: read past Python overrides (a lazy
+    module's uninitialized parameter is an empty tensor); a nested tensor (nn.TransformerEncoder's
+    fast path with a padding mask) has no single shape: its elements, flat."""
+    device, dtype = _TENSOR_BASE.device.__get__(t), _TENSOR_BASE.dtype.__get__(t)
+    if _TENSOR_BASE.is_nested.__get__(t):
+        return device, dtype, torch.Size([t.numel()])
+    return device, dtype, _TENSOR_BASE.shape.__get__(t)
 
 
 def _tensor_args(args, kwargs):
