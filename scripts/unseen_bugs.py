@@ -73,6 +73,7 @@ def run_all(backend: str, names: list[str], modes: list[str], placements: list[s
                     "where": case.where,
                     "verdict": o.verdict,
                     "first": list(o.first) if o.first else None,
+                    "known_findings": o.known or None,  # a library's own real offences, set apart
                     "counts": o.counts,
                     "error": o.error,
                     "crashed": o.crashed,
@@ -154,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             "by_case": tally(clean, CLEAN_COLUMNS, "case"),
             "by_mode": tally(clean, CLEAN_COLUMNS, "mode"),
         },
+        # Offences of tests/thirdparty.py's KNOWN_FINDINGS (a library version's own upload, say),
+        # set apart from the judging: how many runs had them, and which.
+        "runs_with_known_findings": sum(bool(r["known_findings"]) for r in rows),
+        "known_findings": dict(Counter(k for r in rows for k in (r["known_findings"] or ()))),
         "known_limits": {r["case"]: r["known"] for r in known},
         "known_limit_runs": [
             {k: r[k] for k in ("case", "mode", "placement", "verdict", "error")} for r in known

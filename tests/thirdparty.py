@@ -272,6 +272,17 @@ KNOWN_FINDINGS = (
 )
 
 
+def judge_offences(events) -> tuple[dict | None, list[str]]:
+    """(the first offence that is not a KNOWN_FINDING, or None; the known ones, described) of a
+    traced run's events (the Tracer's `keep_events=True`)."""
+    from harness.trace.events import first_offence
+
+    offences = [first_offence(ev) for ev in events if ev.offending]
+    known = [o for o in offences if any(k.matches(o) for k in KNOWN_FINDINGS)]
+    first = next((o for o in offences if o not in known), None)
+    return first, [f"{o['class']} {o['op']} at {o['source']}" for o in known]
+
+
 @dataclass
 class Result:
     """One traced run of a third-party model, clean or with a generic fault at module `at`.
@@ -344,7 +355,6 @@ def trace_run(
     the emulated accelerator or on real CUDA (with two devices for the "split" placement)."""
     from harness import faults
     from harness.trace import Tracer, is_device_error
-    from harness.trace.events import first_offence
 
     spec = MODELS[name]
     result = Result(name, placement, mode, fault, seed=seed, tokens=list(tokens))
@@ -379,10 +389,7 @@ def trace_run(
             injection.remove()
     s = tracer.summary
     result.verdict, result.counts = s.verdict, {k: v for k, v in s.counts.items() if v}
-    offences = [first_offence(ev) for ev in tracer.events if ev.offending]
-    known = [o for o in offences if any(k.matches(o) for k in KNOWN_FINDINGS)]
-    result.known = [f"{o['class']} {o['op']} at {o['source']}" for o in known]
-    f0 = next((o for o in offences if o not in known), None)
+    f0, result.known = judge_offences(tracer.events)
     if f0 is not None:
         result.first = (f0["class"], f0["module"], f0.get("tensor"))
     return result
