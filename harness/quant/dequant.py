@@ -1,9 +1,11 @@
-"""Torch dequantizers for GGML block types, bit-identical to `gguf.quants.dequantize` in float32.
+"""Torch dequantizers for GGML block types, bit-identical in float32 to `gguf.quants.dequantize`
+and to llama.cpp's `dequantize_row_*` (tests/test_quant_llamacpp.py).
 
 `dequantize(raw, qtype, shape, dtype)` turns whole GGML blocks (uint8, on any device) into a
 tensor of logical `shape` on the same device. Every step is a torch op on `raw.device`: no host
-reads, no per-call host tensors. The few constants (shift vectors, IQ4 codebook) are the
-"dequant" table of the per-device registry `harness.device_tables`.
+reads, no per-call host tensors. The constants (shift vectors, the IQ4/MXFP4 codebooks, the
+NVFP4 scale table, the IQ sign patterns and grids) are the "dequant" table of the per-device
+registry `harness.device_tables`.
 
 Bit-identity with gguf's numpy code comes from doing the same float32 ops in the same order:
 f16 fields widen to float32 exactly, integer codes become float32 exactly, and every product or
@@ -411,7 +413,9 @@ def _iq3_s(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     return _signed(db * grid, minus).view(n, 256)
 
 
-def _iq1_values(dl: torch.Tensor, index: torch.Tensor, minus: torch.Tensor, c: SimpleNamespace):
+def _iq1_values(
+    dl: torch.Tensor, index: torch.Tensor, minus: torch.Tensor, c: SimpleNamespace
+) -> torch.Tensor:
     """IQ1_S/IQ1_M: dl * (grid + delta), delta = -+IQ1_DELTA by `minus`; dl broadcasts over the
     [N, G, 8] grid rows that `index` [N, G] picks, `minus` is [N, G]."""
     delta = torch.where(minus.bool(), -IQ1_DELTA, IQ1_DELTA).unsqueeze(-1).float()
