@@ -811,7 +811,8 @@ class Campaign:
 
 def make_seeds(work: Path) -> list[Seed]:
     """Tiny seed models: merged Q4_K_M with an F32 router, per-expert with an F16 router (the
-    TheBloke layout), and a dense Q8_0 llama."""
+    TheBloke layout), a dense Q8_0 llama, and a dense IQ1_M one (the f16 scale spread over
+    nibbles: byte flips reach it)."""
     from harness.gguf_file import PRESETS
     from harness.synth import synthesize
 
@@ -832,6 +833,12 @@ def make_seeds(work: Path) -> list[Seed]:
             tiny.replace(expert_count=0, expert_used_count=0, block_count=1),
             file_type="Q8_0",
             seed=3,
+        ),
+        synthesize(
+            work / "seed-iq1_m.gguf",
+            tiny.replace(expert_count=0, expert_used_count=0, block_count=1),
+            file_type="IQ1_M",
+            seed=4,
         ),
     ]
     seeds = [load_seed(p) for p in paths]
