@@ -332,11 +332,13 @@ def _u16(b: torch.Tensor) -> torch.Tensor:
     return b[..., 0::2] | (b[..., 1::2] << 8)
 
 
-def _u32(b: torch.Tensor) -> torch.Tensor:
-    """[..., 4k] little-endian bytes -> [..., k] uint32 bit patterns as int32 (the top bit is
-    the sign bit: mask after every right shift)."""
+def _scale_and_signs(b: torch.Tensor, c: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS/IQ3_XXS: [N, G, 4] bytes of a little-endian u32 -> its top 4 bits (the 4-bit
+    scale, [N, G]) and its four 7-bit sign indices (bits 0-27, [N, G, 4]). Built from the low 28
+    bits only, so no shift reaches an int32's sign bit."""
     b = b.int()
-    return b[..., 0::4] | (b[..., 1::4] << 8) | (b[..., 2::4] << 16) | (b[..., 3::4] << 24)
+    low28 = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | ((b[..., 3] & 0x0F) << 24)
+    return b[..., 3] >> 4, (low28.unsqueeze(-1) >> c.shift7).bitwise_and_(0x7F)
 
 
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -359,10 +361,9 @@ def _iq2_xxs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     n = blocks.shape[0]
     d = _f16(blocks, 0).view(n, 1, 1, 1)
     q = blocks[:, 2:66].view(n, 8, 8)
-    aux = _u32(q[:, :, 4:8])  # [N, 8, 1]
-    db = (d * ((aux >> 28) & 0xF).view(n, 8, 1, 1).float().add_(0.5)).mul_(0.25)  # [N, S=8, 1, 1]
+    scale, sign_index = _scale_and_signs(q[:, :, 4:8], c)  # [N, 8], [N, 8, 4]
+    db = (d * scale.view(n, 8, 1, 1).float().add_(0.5)).mul_(0.25)  # [N, S=8, 1, 1]
     grid = _rows(c.iq2xxs, q[:, :, :4].int())  # [N, 8, 4, 8]
-    sign_index = (aux >> c.shift7).bitwise_and_(0x7F)  # [N, 8, 4]
     return ((db * grid) * _rows(c.ksign, sign_index)).view(n, 256)
 
 
@@ -394,10 +395,9 @@ def _iq3_xxs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     # d f16 | qs[64] (grid indices, 4 values each) | 8 x u32 (4 x 7-bit sign index, 4-bit scale)
     n = blocks.shape[0]
     d = _f16(blocks, 0).view(n, 1, 1, 1)
-    aux = _u32(blocks[:, 66:98]).view(n, 8, 1)
-    db = (d * ((aux >> 28) & 0xF).view(n, 8, 1, 1).float().add_(0.5)).mul_(0.5)  # [N, S=8, 1, 1]
+    scale, sign_index = _scale_and_signs(blocks[:, 66:98].view(n, 8, 4), c)  # [N, 8], [N, 8, 4]
+    db = (d * scale.view(n, 8, 1, 1).float().add_(0.5)).mul_(0.5)  # [N, S=8, 1, 1]
     grid = _rows(c.iq3xxs, blocks[:, 2:66].int()).view(n, 8, 4, 8)
-    sign_index = (aux >> c.shift7).bitwise_and_(0x7F)  # [N, 8, 4]
     return ((db * grid) * _rows(c.ksign, sign_index)).view(n, 256)
 
 
