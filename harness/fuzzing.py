@@ -740,10 +740,10 @@ def exercise_gguf(path: str, expect: str) -> tuple[str, str]:
     """Open, dequantize every tensor, tokenize, one CPU forward; the outcome and a message."""
     import torch
 
-    from harness.cli.loading import check_logits
     from harness.gguf_file import open_gguf
     from harness.model.mixtral import Mixtral
     from harness.model.tokenizer import Tokenizer
+    from harness.run_checks import check_logits
 
     warnings.simplefilter("ignore")  # llama.cpp's warnings (e.g. a special token id out of range)
     try:
