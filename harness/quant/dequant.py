@@ -117,6 +117,9 @@ def build_constants(device: torch.device) -> SimpleNamespace:
         pow3=constant_table([1, 3, 9, 27, 81], torch.int32, device),  # TQ1_0's base-3 digits
         shift3=constant_table([0, 3, 6, 9], torch.int32, device),  # four 3-bit fields of a u16
         shift7=constant_table([0, 7, 14, 21], torch.int32, device),  # four 7-bit fields of a u32
+        shift8=constant_table([0, 8], torch.int32, device),  # bytes of a little-endian u16
+        shift8x4=constant_table([0, 8, 16, 24], torch.int32, device),  # bytes of a u32
+        low28=constant_table([0xFF, 0xFF, 0xFF, 0x0F], torch.int32, device),  # a u32's bits 0-27
         ksign=constant_table(_ksign_table(), torch.float32, device),
         **{name: grid.to(device) for name, grid in iq_grids().items()},
     )
@@ -326,10 +329,13 @@ def _iq4_xs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
 # `dl * (grid + delta)` (IQ1).
 
 
-def _u16(b: torch.Tensor) -> torch.Tensor:
-    """[..., 2k] little-endian bytes -> [..., k] uint16 values as int32."""
-    b = b.int()
-    return b[..., 0::2] | (b[..., 1::2] << 8)
+# The op that first meets a constant reads the block bytes themselves (a view or copy of the
+# weight), so that under a fault that misplaces the constants a tracer names the weight.
+
+
+def _u16(b: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    """[..., 2k] little-endian bytes -> [..., k] uint16 values (as int64)."""
+    return (b.unflatten(-1, (-1, 2)).int() << c.shift8).sum(-1)
 
 
 def _scale_and_signs(b: torch.Tensor, c: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,7 +343,7 @@ def _scale_and_signs(b: torch.Tensor, c: SimpleNamespace) -> tuple[torch.Tensor,
     scale, [N, G]) and its four 7-bit sign indices (bits 0-27, [N, G, 4]). Built from the low 28
     bits only, so no shift reaches an int32's sign bit."""
     b = b.int()
-    low28 = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | ((b[..., 3] & 0x0F) << 24)
+    low28 = ((b & c.low28) << c.shift8x4).sum(-1)  # [N, G]
     return b[..., 3] >> 4, (low28.unsqueeze(-1) >> c.shift7).bitwise_and_(0x7F)
 
 
@@ -371,7 +377,7 @@ def _iq2_xs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     # d f16 | qs u16[32] (9-bit grid index, 7-bit sign index) | scales[8] (two 4-bit each)
     n = blocks.shape[0]
     d = _f16(blocks, 0).view(n, 1, 1, 1)
-    qs = _u16(blocks[:, 2:66]).view(n, 16, 2)  # [N, S=16, 2 groups of 8]
+    qs = _u16(blocks[:, 2:66], c).view(n, 16, 2)  # [N, S=16, 2 groups of 8]
     sc = _nibbles(blocks[:, 66:74].view(n, 8, 1), c).view(n, 16, 1, 1)
     db = (d * sc.float().add_(0.5)).mul_(0.25)
     grid = _rows(c.iq2xs, qs & 511)  # [N, 16, 2, 8]
@@ -426,7 +432,7 @@ def _iq1_s(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     # d f16 | qs[32] (grid index, low 8 bits) | qh u16[8] (4 x 3 high index bits, 3-bit scale, delta sign)
     n = blocks.shape[0]
     d = _f16(blocks, 0).view(n, 1, 1)
-    qh = _u16(blocks[:, 34:50])  # [N, 8]
+    qh = _u16(blocks[:, 34:50], c)  # [N, 8]
     dl = d * (((qh >> 12) & 7) * 2 + 1).float().view(n, 8, 1)  # [N, S=8, 1]
     hi = (qh.unsqueeze(-1) >> c.shift3) & 7  # [N, 8, 4]
     index = blocks[:, 2:34].int().view(n, 8, 4) | (hi << 8)
@@ -443,7 +449,7 @@ def _iq1_m(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
         ((sc[:, 1] >> 4) | (sc[:, 3] & 0xF0), (sc[:, 5] >> 4) | (sc[:, 7] & 0xF0)), dim=-1
     )  # [N, 2]
     d = _view(d_bytes, torch.float16).float().view(n, 1, 1, 1)
-    s = (_u16(sc).unsqueeze(-1) >> c.shift3) & 7  # [N, 4, 4]
+    s = (_u16(sc, c).unsqueeze(-1) >> c.shift3) & 7  # [N, 4, 4]
     dl = d * (s * 2 + 1).float().view(n, 16, 1, 1)  # [N, S=16 (of 16 values), 1, 1]
     qh = _nibbles(blocks[:, 32:48].view(n, 16, 1), c).view(n, 16, 2)  # [N, S, 2 groups of 8]
     index = blocks[:, :32].int().view(n, 16, 2) | ((qh & 7).int() << 8)
