@@ -740,10 +740,10 @@ def exercise_gguf(path: str, expect: str) -> tuple[str, str]:
     """Open, dequantize every tensor, tokenize, one CPU forward; the outcome and a message."""
     import torch
 
-    from harness.cli.loading import check_logits
     from harness.gguf_file import open_gguf
     from harness.model.mixtral import Mixtral
     from harness.model.tokenizer import Tokenizer
+    from harness.run_checks import check_logits
 
     warnings.simplefilter("ignore")  # llama.cpp's warnings (e.g. a special token id out of range)
     try:
@@ -811,7 +811,8 @@ class Campaign:
 
 def make_seeds(work: Path) -> list[Seed]:
     """Tiny seed models: merged Q4_K_M with an F32 router, per-expert with an F16 router (the
-    TheBloke layout), and a dense Q8_0 llama."""
+    TheBloke layout), a dense Q8_0 llama, and a dense IQ1_M one (the f16 scale spread over
+    nibbles: byte flips reach it)."""
     from harness.gguf_file import PRESETS
     from harness.synth import synthesize
 
@@ -832,6 +833,12 @@ def make_seeds(work: Path) -> list[Seed]:
             tiny.replace(expert_count=0, expert_used_count=0, block_count=1),
             file_type="Q8_0",
             seed=3,
+        ),
+        synthesize(
+            work / "seed-iq1_m.gguf",
+            tiny.replace(expert_count=0, expert_used_count=0, block_count=1),
+            file_type="IQ1_M",
+            seed=4,
         ),
     ]
     seeds = [load_seed(p) for p in paths]
@@ -1234,7 +1241,7 @@ def cli_argv(rng: random.Random, w: CliWorld) -> tuple[str, str, list[str], str]
         "synth": lambda: {
             "out": w.outputs(".gguf"),
             "--seed": INTS,
-            "--type": [("Q8_0", False), ("", True), ("IQ1_S", True)],
+            "--type": [("Q8_0", False), ("", True), ("IQ1_S", False), ("Q8_K", True)],
         },
         "cases": lambda: {
             "paths": [(str(w.folder), True), (str(w.fifo), True), ("/dev/zero", True), ("", True)],

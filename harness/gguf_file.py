@@ -753,7 +753,7 @@ def _check_finite(path: str, info: TensorInfo, raw: np.ndarray) -> None:
     """Refuse a tensor whose float values, or the scales of its blocks, are NaN or inf (or, for
     MXFP4, whose exponent makes a value overflow float32), as llama.cpp's `--check-tensors`
     does. Finite values of any size are accepted, as llama.cpp accepts them: a forward that
-    overflows says so in its logits (`harness.cli.loading.check_logits`)."""
+    overflows says so in its logits (`harness.run_checks.check_logits`)."""
     q = info.qtype
     unit = 4 if q == GGMLType.F32 else 2 if q in FLOAT_TYPES else type_size(q)  # bytes per value or block
     offsets = F16_FIELDS.get(q, ())

@@ -23,8 +23,9 @@ What each strategy gives:
   256 (every K-quant and IQ4_XS fits its blocks), a small vocabulary (at least `synth.MIN_VOCAB`,
   259) and a context of at least 64.
 - `tensor_types()`: a file type of `harness.synth.FILE_TYPES`: a plain GGML type for every weight
-  matrix (F32 ... IQ4_XS) or one of llama.cpp's K-quant mixes, which give the attention, expert,
-  embedding and output groups different types (`group_types()` says which). `synth.synthesize`
+  matrix (F32 ... IQ4_XS, the low-bit IQ1-IQ3, TQ, FP4 and Q1_0 types) or one of llama.cpp's
+  K-quant mixes, which give the attention, expert, embedding and output groups different types
+  (`group_types()` says which). `synth.synthesize`
   takes one file type, not a type per group, so the strategy draws file types; the mixes are where
   the groups differ.
 - `layouts()`, `router_types()`: `synth.LAYOUTS` (merged, per-expert) and `synth.ROUTER_TYPES`

@@ -411,6 +411,29 @@ def test_a_case_runs_a_gguf_named_by_an_env_var(tmp_path, monkeypatch):
         run_case(case, out_dir=None)
 
 
+def test_a_case_whose_logits_are_not_finite_fails(tmp_path):
+    """Finite weights that overflow the forward (output norm 3e38): the trace of the devices is
+    clean, but a run without a finite result does not pass as clean."""
+    from tests.gguf_edit import rewrite
+
+    def huge(raw):
+        raw = raw.copy()
+        raw[:] = 3.0e38
+        return raw
+
+    gguf = rewrite(
+        model_file(load_case(FIXED).model.synth), tmp_path / "huge.gguf", edit={"output_norm.weight": huge}
+    )
+    case = parse_case(
+        f"model: {{path: '{gguf}'}}\ndevice: cuda\ntokens: [1, 5, 9]\nexpect: {{verdict: clean}}\n",
+        tmp_path / "huge.yaml",
+    )
+    result = run_case(case, out_dir=tmp_path)
+    assert not result.passed and result.summary["verdict"] == "clean"
+    assert result.raised.startswith("NonFiniteLogitsError: ") and "NaN or inf" in result.raised
+    assert "which the trace does not explain" in result.line()
+
+
 # -- the runner ----------------------------------------------------------------------------------
 
 

@@ -320,3 +320,40 @@ def test_cuda_output_on_raw_device_and_bit_identical(qtype: GGMLType, layout: st
     half = dequantize(as_raw(raw, layout).to(device), qtype, shape, torch.float16)
     assert half.device == device
     assert torch.equal(half.view(torch.int16), out.to(torch.float16).view(torch.int16))
+
+
+class _Rows(torch.nn.Module):
+    """The embedding's use of a QTensor: a GGUF-named buffer of blocks, rows dequantized."""
+
+    def __init__(self, qt: QTensor):
+        super().__init__()
+        self.gguf_name, self.qtype, self.shape = qt.name, qt.qtype, qt.shape
+        self.register_buffer("qweight", qt.raw, persistent=False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return QTensor(self.qweight, self.qtype, self.shape, self.gguf_name).dequantize_rows(rows)
+
+
+@pytest.mark.parametrize("qtype", LOW_BIT_TYPES, ids=ids)
+def test_misplaced_constants_are_found_at_an_op_that_names_the_weight(qtype: GGMLType) -> None:
+    """With the constants on the host (the dequant-host-constants fault), the first op that meets
+    them reads the blocks themselves, so the tracer's first offence names the GGUF tensor."""
+    from harness.trace import Tracer
+    from harness.trace.emulated import EmulatedCuda
+
+    shape = (4, 256)
+    raw = as_raw(random_blocks(qtype, shape, np.random.default_rng(8)))
+    with EmulatedCuda():
+        module = _Rows(QTensor(raw, qtype, shape, "token_embd.weight").to("cuda:0"))
+        previous = TABLES.override(
+            dequant.DEQUANT_TABLE, lambda device: dequant.build_constants(torch.device("cpu"))
+        )
+        try:
+            with Tracer(module) as tracer:
+                module(torch.tensor([1, 3], device="cuda:0"))
+        except RuntimeError:  # CUDA refuses the mixed op; the tracer has recorded it
+            pass
+        finally:
+            TABLES.override(dequant.DEQUANT_TABLE, previous)
+    first = tracer.summary.first_offence
+    assert (first["class"], first["tensor"]) == ("mismatch", "token_embd.weight"), first

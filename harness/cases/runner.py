@@ -23,9 +23,11 @@ from harness.errors import (
     GGUFMetadataError,
     GGUFTensorError,
     HarnessError,
+    NonFiniteLogitsError,
     UnsupportedTypeError,
     UsageError,
 )
+from harness.run_checks import LogitsWatch
 
 # ---- models ---------------------------------------------------------------------------------------
 
@@ -336,8 +338,11 @@ def _run_case(case: Case, out_dir, cache_dir) -> CaseResult:
         except UsageError as exc:
             raise case.error("allow_transfers", exc.problem) from None
         try:
-            with tracer:
+            with LogitsWatch(model) as watch, tracer:
                 generate(model, tokens, case.decode + 1)
+            watch.check(str(path))  # NaN or inf logits: the run gave no result, never clean
+        except NonFiniteLogitsError as exc:
+            result.raised = f"{type(exc).__name__}: {exc.problem}"
         except HarnessError:
             raise
         except Exception as exc:  # a device mismatch the backend refused: the trace has it

@@ -8,16 +8,10 @@ import sys
 from typing import TextIO
 
 from harness.cli import loading, options
-from harness.cli.loading import (
-    LogitsWatch,
-    add_model_argument,
-    add_model_options,
-    check_logits,
-    check_tokens,
-    enter_device,
-)
+from harness.cli.loading import add_model_argument, add_model_options, check_tokens, enter_device
 from harness.errors import UsageError
 from harness.paths import check_output_file
+from harness.run_checks import LogitsWatch, check_logits
 
 
 class TextStream:

@@ -12,7 +12,7 @@ import contextlib
 import re
 
 from harness.cli import options
-from harness.errors import NonFiniteLogitsError, UsageError
+from harness.errors import UsageError
 from harness.paths import check_input_file
 
 
@@ -127,52 +127,3 @@ def check_tokens(model, ids: list[int], flag: str) -> None:
         model.check_tokens(ids)
     except UsageError as exc:
         raise UsageError(None, flag, exc.problem) from None
-
-
-def check_logits(logits, path: str, start: int = 0) -> None:
-    """NonFiniteLogitsError naming `path` when `logits` ([T, V] of positions `start`...,
-    any device) hold a NaN or inf: a run that gives one never reports a result as if clean."""
-    import torch
-
-    bad = ~torch.isfinite(logits.detach())
-    if not bool(bad.any()):
-        return
-    rows = bad.reshape(-1, logits.shape[-1]).any(dim=-1).nonzero()
-    raise NonFiniteLogitsError(
-        path,
-        "logits",
-        f"{int(bad.sum())} of {bad.numel()} are NaN or inf, first at position {start + int(rows[0])}: "
-        "the forward overflowed (finite weights too large for float32?) or a computation failed",
-    )
-
-
-class LogitsWatch:
-    """Keeps the first and the latest logits `model` returns while the block runs (references,
-    no ops: a tracer sees nothing of it), for `check` after the run. A NaN or inf in the cache
-    reaches every later position, so the two catch what any step would show."""
-
-    def __init__(self, model):
-        self.model = model
-        self.first = self.last = None
-        self._handle = None
-
-    def _keep(self, module, args, output) -> None:
-        if self.first is None:
-            self.first = output
-        else:
-            self.last = output
-
-    def __enter__(self) -> LogitsWatch:
-        register = getattr(self.model, "register_forward_hook", None)  # a test's stand-in may lack it
-        self._handle = register(self._keep) if register else None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-
-    def check(self, path: str) -> None:
-        """NonFiniteLogitsError when the logits kept hold a NaN or inf."""
-        for logits in (self.first, self.last):
-            if logits is not None:
-                check_logits(logits, path)

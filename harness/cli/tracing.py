@@ -15,9 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 from harness.cli import exits, loading, options
-from harness.cli.loading import LogitsWatch, add_model_options, check_tokens, enter_device
+from harness.cli.loading import add_model_options, check_tokens, enter_device
 from harness.errors import HarnessError, NonFiniteLogitsError, UsageError
 from harness.paths import check_input_file, check_output_dir, check_output_file, open_input_file
+from harness.run_checks import LogitsWatch
 
 
 def _verdict_line(summary, verdict: str, error: BaseException | None, where: str) -> str:

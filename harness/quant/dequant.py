@@ -1,9 +1,11 @@
-"""Torch dequantizers for GGML block types, bit-identical to `gguf.quants.dequantize` in float32.
+"""Torch dequantizers for GGML block types, bit-identical in float32 to `gguf.quants.dequantize`
+and to llama.cpp's `dequantize_row_*` (tests/test_quant_llamacpp.py).
 
 `dequantize(raw, qtype, shape, dtype)` turns whole GGML blocks (uint8, on any device) into a
 tensor of logical `shape` on the same device. Every step is a torch op on `raw.device`: no host
-reads, no per-call host tensors. The few constants (shift vectors, IQ4 codebook) are the
-"dequant" table of the per-device registry `harness.device_tables`.
+reads, no per-call host tensors. The constants (shift vectors, the IQ4/MXFP4 codebooks, the
+NVFP4 scale table, the IQ sign patterns and grids) are the "dequant" table of the per-device
+registry `harness.device_tables`.
 
 Bit-identity with gguf's numpy code comes from doing the same float32 ops in the same order:
 f16 fields widen to float32 exactly, integer codes become float32 exactly, and every product or
@@ -115,6 +117,9 @@ def build_constants(device: torch.device) -> SimpleNamespace:
         pow3=constant_table([1, 3, 9, 27, 81], torch.int32, device),  # TQ1_0's base-3 digits
         shift3=constant_table([0, 3, 6, 9], torch.int32, device),  # four 3-bit fields of a u16
         shift7=constant_table([0, 7, 14, 21], torch.int32, device),  # four 7-bit fields of a u32
+        shift8=constant_table([0, 8], torch.int32, device),  # bytes of a little-endian u16
+        shift8x4=constant_table([0, 8, 16, 24], torch.int32, device),  # bytes of a u32
+        low28=constant_table([0xFF, 0xFF, 0xFF, 0x0F], torch.int32, device),  # a u32's bits 0-27
         ksign=constant_table(_ksign_table(), torch.float32, device),
         **{name: grid.to(device) for name, grid in iq_grids().items()},
     )
@@ -324,17 +329,22 @@ def _iq4_xs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
 # `dl * (grid + delta)` (IQ1).
 
 
-def _u16(b: torch.Tensor) -> torch.Tensor:
-    """[..., 2k] little-endian bytes -> [..., k] uint16 values as int32."""
-    b = b.int()
-    return b[..., 0::2] | (b[..., 1::2] << 8)
+# The op that first meets a constant reads the block bytes themselves (a view or copy of the
+# weight), so that under a fault that misplaces the constants a tracer names the weight.
 
 
-def _u32(b: torch.Tensor) -> torch.Tensor:
-    """[..., 4k] little-endian bytes -> [..., k] uint32 bit patterns as int32 (the top bit is
-    the sign bit: mask after every right shift)."""
+def _u16(b: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
+    """[..., 2k] little-endian bytes -> [..., k] uint16 values (as int64)."""
+    return (b.unflatten(-1, (-1, 2)).int() << c.shift8).sum(-1)
+
+
+def _scale_and_signs(b: torch.Tensor, c: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS/IQ3_XXS: [N, G, 4] bytes of a little-endian u32 -> its top 4 bits (the 4-bit
+    scale, [N, G]) and its four 7-bit sign indices (bits 0-27, [N, G, 4]). Built from the low 28
+    bits only, so no shift reaches an int32's sign bit."""
     b = b.int()
-    return b[..., 0::4] | (b[..., 1::4] << 8) | (b[..., 2::4] << 16) | (b[..., 3::4] << 24)
+    low28 = ((b & c.low28) << c.shift8x4).sum(-1)  # [N, G]
+    return b[..., 3] >> 4, (low28.unsqueeze(-1) >> c.shift7).bitwise_and_(0x7F)
 
 
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -357,10 +367,9 @@ def _iq2_xxs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     n = blocks.shape[0]
     d = _f16(blocks, 0).view(n, 1, 1, 1)
     q = blocks[:, 2:66].view(n, 8, 8)
-    aux = _u32(q[:, :, 4:8])  # [N, 8, 1]
-    db = (d * ((aux >> 28) & 0xF).view(n, 8, 1, 1).float().add_(0.5)).mul_(0.25)  # [N, S=8, 1, 1]
+    scale, sign_index = _scale_and_signs(q[:, :, 4:8], c)  # [N, 8], [N, 8, 4]
+    db = (d * scale.view(n, 8, 1, 1).float().add_(0.5)).mul_(0.25)  # [N, S=8, 1, 1]
     grid = _rows(c.iq2xxs, q[:, :, :4].int())  # [N, 8, 4, 8]
-    sign_index = (aux >> c.shift7).bitwise_and_(0x7F)  # [N, 8, 4]
     return ((db * grid) * _rows(c.ksign, sign_index)).view(n, 256)
 
 
@@ -368,7 +377,7 @@ def _iq2_xs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     # d f16 | qs u16[32] (9-bit grid index, 7-bit sign index) | scales[8] (two 4-bit each)
     n = blocks.shape[0]
     d = _f16(blocks, 0).view(n, 1, 1, 1)
-    qs = _u16(blocks[:, 2:66]).view(n, 16, 2)  # [N, S=16, 2 groups of 8]
+    qs = _u16(blocks[:, 2:66], c).view(n, 16, 2)  # [N, S=16, 2 groups of 8]
     sc = _nibbles(blocks[:, 66:74].view(n, 8, 1), c).view(n, 16, 1, 1)
     db = (d * sc.float().add_(0.5)).mul_(0.25)
     grid = _rows(c.iq2xs, qs & 511)  # [N, 16, 2, 8]
@@ -392,10 +401,9 @@ def _iq3_xxs(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     # d f16 | qs[64] (grid indices, 4 values each) | 8 x u32 (4 x 7-bit sign index, 4-bit scale)
     n = blocks.shape[0]
     d = _f16(blocks, 0).view(n, 1, 1, 1)
-    aux = _u32(blocks[:, 66:98]).view(n, 8, 1)
-    db = (d * ((aux >> 28) & 0xF).view(n, 8, 1, 1).float().add_(0.5)).mul_(0.5)  # [N, S=8, 1, 1]
+    scale, sign_index = _scale_and_signs(blocks[:, 66:98].view(n, 8, 4), c)  # [N, 8], [N, 8, 4]
+    db = (d * scale.view(n, 8, 1, 1).float().add_(0.5)).mul_(0.5)  # [N, S=8, 1, 1]
     grid = _rows(c.iq3xxs, blocks[:, 2:66].int()).view(n, 8, 4, 8)
-    sign_index = (aux >> c.shift7).bitwise_and_(0x7F)  # [N, 8, 4]
     return ((db * grid) * _rows(c.ksign, sign_index)).view(n, 256)
 
 
@@ -411,7 +419,9 @@ def _iq3_s(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     return _signed(db * grid, minus).view(n, 256)
 
 
-def _iq1_values(dl: torch.Tensor, index: torch.Tensor, minus: torch.Tensor, c: SimpleNamespace):
+def _iq1_values(
+    dl: torch.Tensor, index: torch.Tensor, minus: torch.Tensor, c: SimpleNamespace
+) -> torch.Tensor:
     """IQ1_S/IQ1_M: dl * (grid + delta), delta = -+IQ1_DELTA by `minus`; dl broadcasts over the
     [N, G, 8] grid rows that `index` [N, G] picks, `minus` is [N, G]."""
     delta = torch.where(minus.bool(), -IQ1_DELTA, IQ1_DELTA).unsqueeze(-1).float()
@@ -422,7 +432,7 @@ def _iq1_s(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
     # d f16 | qs[32] (grid index, low 8 bits) | qh u16[8] (4 x 3 high index bits, 3-bit scale, delta sign)
     n = blocks.shape[0]
     d = _f16(blocks, 0).view(n, 1, 1)
-    qh = _u16(blocks[:, 34:50])  # [N, 8]
+    qh = _u16(blocks[:, 34:50], c)  # [N, 8]
     dl = d * (((qh >> 12) & 7) * 2 + 1).float().view(n, 8, 1)  # [N, S=8, 1]
     hi = (qh.unsqueeze(-1) >> c.shift3) & 7  # [N, 8, 4]
     index = blocks[:, 2:34].int().view(n, 8, 4) | (hi << 8)
@@ -439,7 +449,7 @@ def _iq1_m(blocks: torch.Tensor, c: SimpleNamespace) -> torch.Tensor:
         ((sc[:, 1] >> 4) | (sc[:, 3] & 0xF0), (sc[:, 5] >> 4) | (sc[:, 7] & 0xF0)), dim=-1
     )  # [N, 2]
     d = _view(d_bytes, torch.float16).float().view(n, 1, 1, 1)
-    s = (_u16(sc).unsqueeze(-1) >> c.shift3) & 7  # [N, 4, 4]
+    s = (_u16(sc, c).unsqueeze(-1) >> c.shift3) & 7  # [N, 4, 4]
     dl = d * (s * 2 + 1).float().view(n, 16, 1, 1)  # [N, S=16 (of 16 values), 1, 1]
     qh = _nibbles(blocks[:, 32:48].view(n, 16, 1), c).view(n, 16, 2)  # [N, S, 2 groups of 8]
     index = blocks[:, :32].int().view(n, 16, 2) | ((qh & 7).int() << 8)
