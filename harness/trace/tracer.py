@@ -932,12 +932,10 @@ class Tracer(TorchDispatchMode):
             return None
         odd = min(counts, key=counts.get)
         found: list[str] = []
-        for a in (*args, *kwargs.values()) if kwargs else args:
-            for t in a if a.__class__ in _SEQUENCES else (a,):
-                if isinstance(t, Tensor) and str(t.device) == odd:
-                    entry = self._weights.get(id(t))
-                    if entry is not None and entry[0]() is t:
-                        found.extend(entry[1])
+        for t in _tensor_args(args, kwargs):
+            entry = self._weights.get(id(t)) if str(t.device) == odd else None
+            if entry is not None and entry[0]() is t:
+                found.extend(entry[1])
         return tuple(found) or None
 
     def _copy_roles(self, ev: Event, info: _OpInfo, args, kwargs) -> None:
@@ -979,15 +977,7 @@ class Tracer(TorchDispatchMode):
         """Runs a composite op as its decomposition, whose ops the tracer then sees, as it does
         outside inference mode: one verdict in every grad mode. NotImplemented where autograd
         would not have decomposed it either (a backend kernel of its own)."""
-        first = next(
-            (
-                t
-                for a in (*args, *(kwargs or {}).values())
-                for t in (a if a.__class__ in _SEQUENCES else (a,))
-                if isinstance(t, Tensor)
-            ),
-            None,
-        )  # the first tensor's device decides, as in the dispatcher
+        first = next(_tensor_args(args, kwargs), None)  # its device decides, as in the dispatcher
         if first is not None and _backend_kernel(func, first.device.type):
             return NotImplemented
         _push_mode(self)  # the mode is off while its __torch_dispatch__ runs
@@ -1094,14 +1084,13 @@ class Tracer(TorchDispatchMode):
         """Host tensors the model's own forward makes from a held download (`out.float()`, a dict
         of them) count as that download, so that returning them returns it."""
         downloaded = self._downloaded
-        for a in (*args, *(kwargs or {}).values()):
-            for t in a if a.__class__ in _SEQUENCES else (a,):
-                entry = downloaded.get(id(t)) if isinstance(t, Tensor) else None
-                if entry is not None and entry[0]() is t:
-                    for o in out if isinstance(out, _SEQUENCES) else (out,):
-                        if isinstance(o, Tensor) and o.device.type == "cpu":  # (not a round trip)
-                            downloaded[id(o)] = (weakref.ref(o), entry[1])
-                    return
+        for t in _tensor_args(args, kwargs):
+            entry = downloaded.get(id(t))
+            if entry is not None and entry[0]() is t:
+                for o in out if isinstance(out, _SEQUENCES) else (out,):
+                    if isinstance(o, Tensor) and o.device.type == "cpu":  # (not a round trip)
+                        downloaded[id(o)] = (weakref.ref(o), entry[1])
+                return
 
     def _settle_downloads(self, output) -> None:
         """At the end of a forward call: its held downloads that it returns (inside tuples, lists,
