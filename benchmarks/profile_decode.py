@@ -1,0 +1,112 @@
+"""Where one decode step and one prefill of the full model spend their GPU time: kernel time by
+kernel name under torch.profiler, beside the wall time of the same steps. Writes JSON; asserts
+nothing.
+
+    python benchmarks/profile_decode.py --model /tmp/m.gguf --out profile.json
+
+A decode step runs eager here (a replayed CUDA graph shows as one event), so `wall_ms_per_step`
+includes launch costs the graph removes; `kernel_ms_per_step` is what the graph cannot remove.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.model.generate import greedy_decode  # noqa: E402
+from harness.model.mixtral import Mixtral  # noqa: E402
+
+
+def kernel_table(prof, kind, steps: int, top: int) -> tuple[float, list[dict]]:
+    """(GPU kernel milliseconds per step, the `top` kernels by time: name, calls and ms per step)."""
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == kind:
+            row = by_name[ev.name[:160]]
+            row[0] += 1
+            row[1] += ev.device_time_total / 1000.0
+    total = sum(ms for _, ms in by_name.values()) / steps
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return total, [
+        {"kernel": name, "calls_per_step": n / steps, "ms_per_step": ms / steps} for name, (n, ms) in rows
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--steps", type=int, default=4, help="decode steps profiled")
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = Mixtral.from_gguf(args.model, device=device, max_seq_len=max(args.prefill, 256))
+    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    token = torch.tensor([5], device=device)
+    prompt = torch.randint(3, model.config.vocab_size, (args.prefill,), device=device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result: dict = {"device": name, "torch": torch.__version__}
+    with torch.inference_mode():
+        for pos in range(3):  # compile and warm up
+            model(token, pos)
+        model(prompt, 0)
+        sync()
+
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for pos in range(3, 3 + args.steps):
+                model(token, pos)
+            sync()
+        wall = (time.perf_counter() - start) * 1000 / args.steps
+        kernel_ms, rows = kernel_table(prof, kind, args.steps, args.top)
+        result["decode_eager"] = {
+            "wall_ms_per_step_profiled": wall,
+            "kernel_ms_per_step": kernel_ms,
+            "top": rows,
+        }
+
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(prompt, 0)
+            sync()
+        wall = (time.perf_counter() - start) * 1000
+        kernel_ms, rows = kernel_table(prof, kind, 1, args.top)
+        result["prefill"] = {
+            "tokens": args.prefill,
+            "wall_ms_profiled": wall,
+            "kernel_ms": kernel_ms,
+            "top": rows,
+        }
+
+        n = 64
+        greedy_decode(model, token, 0, n)  # captures the graph
+        sync()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            greedy_decode(model, token, 0, n)
+            sync()
+            times.append((time.perf_counter() - start) * 1000 / n)
+        result["decode_graph_ms_per_token"] = sorted(times)[1]
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
