@@ -86,6 +86,12 @@ def run_cases(device: str, small: bool) -> list[dict]:
         ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)) * w.double()
         out = torch.ops.harness.rms_norm(x.to(device), w.to(device), 1e-5)
         results.append({"case": f"rms_norm T={t}", "nmse": _nmse(out, ref)})
+        h = torch.randn(x.shape)
+        total, normed = torch.ops.harness.add_rms_norm(x.to(device), h.to(device), w.to(device), 1e-5)
+        s = (x + h).double()
+        ref = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)) * w.double()
+        exact = torch.equal(total.cpu(), x + h)
+        results.append({"case": f"add_rms_norm T={t}", "nmse": _nmse(normed, ref), "exact": exact})
         cos, sin = rope_tables(64, 10000.0, 600, torch.device("cpu"))
         q = torch.randn(t, 3, 80)  # head dim 80, rope on the first 64
         start = 7
@@ -286,7 +292,7 @@ def expected_case_count(small: bool) -> int:
     qmatmul = sum(len(_paths(t, qtype == GGMLType.Q4_K)) for t in tokens for qtype in fused.FUSED_TYPES)
     moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
     decode_ops = 2 * 2 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
-    return qmatmul + 2 * len(tokens) + decode_ops + moe
+    return qmatmul + 3 * len(tokens) + decode_ops + moe
 
 
 # ---- CPU: Triton's interpreter ---------------------------------------------------------------
@@ -359,6 +365,12 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
             ),  # fmt: skip
         ),
         ("router_topk", lambda: torch.ops.harness.router_topk(*tensors(torch.ones(1, 8)), 2, 1e-4)),
+        (
+            "add_rms_norm",
+            lambda: torch.ops.harness.add_rms_norm(
+                *tensors(torch.ones(1, 8), torch.ones(1, 8), torch.ones(8)), 1e-5
+            ),
+        ),
         ("embed_rows", lambda: torch.ops.harness.embed_rows(*tensors(wq, torch.tensor([1])), q4, 256)),
     ]
 
@@ -409,6 +421,8 @@ def test_fake_implementations_give_shapes_without_running():
             q, k, v, cache, torch.empty_like(cache), torch.empty(32, 4), torch.empty(32, 4), None, 3
         )
         assert out.shape == (5, 64) and out.dtype == torch.float32
+        total, normed = torch.ops.harness.add_rms_norm(x, x, torch.empty(512), 1e-5)
+        assert total.shape == normed.shape == (5, 512)
         w, e = torch.ops.harness.router_topk(torch.empty(5, 8), 2, 1e-4)
         assert (w.shape, w.dtype, e.shape, e.dtype) == ((5, 2), torch.float32, (5, 2), torch.int64)
         rows = torch.ops.harness.embed_rows(

@@ -33,8 +33,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.register_buffer("weight", weight.dequantize(), persistent=False)  # [D] float32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and fused.runs_on(x.device):
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x normalized; with `residual`, (x + residual, that normalized): a residual add and the
+        norm after it (one op on the fused path, `harness::add_rms_norm`)."""
+        fast = x.dtype == torch.float32 and fused.runs_on(x.device)
+        if residual is None:
+            return self._normed(x, fast)
+        if fast and residual.dtype == torch.float32:
+            return torch.ops.harness.add_rms_norm(x, residual, self.weight, self.eps)
+        x = x + residual
+        return x, self._normed(x, fast)
+
+    def _normed(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
+        if fast:
             return torch.ops.harness.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -348,9 +361,9 @@ class Block(nn.Module):
             self.ffn = FeedForward(w("ffn_gate"), w("ffn_up"), w("ffn_down"), strategy)
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), start_pos)
+        x, normed = self.ffn_norm(x, self.attn(self.attn_norm(x), start_pos))  # x + attention, normed
         mlp = self.moe if hasattr(self, "moe") else self.ffn
-        return x + mlp(self.ffn_norm(x))
+        return x + mlp(normed)
 
 
 class Mixtral(nn.Module):

@@ -884,6 +884,11 @@ def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] float32 normalized by its root mean square, times weight [D] float32 (one launch)."""
     _check_devices("harness::rms_norm", x, weight)
+    return _normed(x, weight, eps)
+
+
+def _normed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm`'s launch (the devices checked by the caller)."""
     d = x.shape[-1]
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -906,6 +911,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch
     """x [T, heads, Hd] float32 with pairs (2i, 2i+1), i < cos.shape[1], rotated by the angles of
     row positions[t] of the tables cos, sin [S_max, rope_dim/2] (GGML rope type 0; one launch)."""
     _check_devices("harness::rope", x, cos, sin, positions)
+    return _rotated(x, cos, sin, positions)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`rope`'s launch (the devices checked by the caller)."""
     t, heads, hd = x.shape
     half = cos.shape[1]
     x = x.contiguous()
@@ -1044,8 +1054,8 @@ def attention(
         n_keys = start + t
     else:
         n_keys = s_max
-    q = rope(q.view(t, n_heads, hd), cos, sin, positions)  # [T, H, Hd]
-    k = rope(k.view(t, n_kv, hd), cos, sin, positions)  # [T, K, Hd]
+    q = _rotated(q.view(t, n_heads, hd), cos, sin, positions)  # [T, H, Hd]
+    k = _rotated(k.view(t, n_kv, hd), cos, sin, positions)  # [T, K, Hd]
     cache_k.index_copy_(1, positions, k.transpose(0, 1))
     cache_v.index_copy_(1, positions, v.view(t, n_kv, hd).transpose(0, 1))
     keys, values = cache_k[:, :n_keys], cache_v[:, :n_keys]  # [K, S, Hd]
@@ -1062,6 +1072,22 @@ def attention(
 @attention.register_fake
 def _(q, k, v, cache_k, cache_v, cos, sin, positions, start):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("harness::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the RMSNorm after it in one op: (x + residual, `rms_norm` of that),
+    x, residual [..., D] float32, weight [D] float32."""
+    _check_devices("harness::add_rms_norm", x, residual, weight)
+    total = x + residual
+    return total, _normed(total, weight, eps)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.custom_op("harness::router_topk", mutates_args=())
