@@ -28,20 +28,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_trace import NopMode  # noqa: E402  (the do-nothing mode bench_trace.py times)
+
 from harness.trace import Tracer  # noqa: E402
-
-
-class NopMode(TorchDispatchMode):
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False  # as the tracer's mode
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 class Product(nn.Module):
