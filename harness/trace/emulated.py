@@ -64,7 +64,9 @@ Limits: the emulated backward does not run hooks registered on autograd nodes th
 in-place changes of an emulated tensor's shape (`resize_` to a new size, `set_`, `unsqueeze_`,
 ...) raise `EmulationUnsupported`; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
 `torch.accelerator`, streams and events are not emulated; the patches are process-wide, so one
-thread at a time. On a machine with real CUDA the emulation works too: real CUDA tensors made
+thread at a time (jobs given to a `concurrent.futures.ThreadPoolExecutor` inside a block run under
+it in their worker threads: transformers loads weights so). A bare device number is a CUDA device,
+as on a CUDA build (`torch.device(1)`, `module.to(0)`: accelerate's device maps). On a machine with real CUDA the emulation works too: real CUDA tensors made
 outside keep working, inside they compute for real until they meet an emulated tensor (then their
 values are copied to the CPU for that op); factories and moves to "cuda" inside make emulated
 tensors. The CUDA C++ lazy-init flag stays set after the block (on a CPU-only build a later real
@@ -77,6 +79,7 @@ CUDA's error message or None.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import sys
 import threading
@@ -640,6 +643,10 @@ class _ConstructorMode(TorchFunctionMode):
                 return method(*args, **kwargs)
         # Give "cuda" (and device numbers) an index here: the C++ side asks a CUDA device guard or
         # the accelerator for the current device, and this build has neither.
+        if func is torch.device and args and type(args[0]) is int:  # the accelerator's device n
+            return torch.device("cuda", args[0])
+        if func is torch._C._nn._parse_to:  # nn.Module.to(...)
+            args = tuple(_indexed(a) for a in args)
         if func is _Tensor.to or func is _Tensor.cuda:
             if func is _Tensor.cuda and (len(args) < 2 or args[1] is None) and kwargs.get("device") is None:
                 args = args[:1]
@@ -1174,6 +1181,8 @@ class EmulatedCuda:
             except ImportError:
                 continue
             self._patch(mod, name, value)
+        pool = concurrent.futures.ThreadPoolExecutor
+        self._patch(pool, "submit", _submit_in_emulation(self, pool.submit))
         self._real_tables = TABLES.take("cuda")
         # Emulated entries of an earlier block are valid again (a model loaded there may be
         # traced here, its constants made at load).
@@ -1218,6 +1227,23 @@ class EmulatedCuda:
             with _LOCK:
                 if _ACTIVE is self:
                     _ACTIVE = None
+
+
+def _submit_in_emulation(ctx: EmulatedCuda, submit):
+    """ThreadPoolExecutor.submit inside a block: the job runs under the block's modes in its worker
+    thread too (torch's mode stacks are per thread, and transformers' from_pretrained moves weights
+    to their devices in a thread pool)."""
+
+    def submit_emulated(pool, fn, /, *args, **kwargs):
+        def job(*a, **k):
+            if _ACTIVE is not ctx:  # the block has ended
+                return fn(*a, **k)
+            with _ConstructorMode(ctx._autograd), _EmulationMode(ctx):
+                return fn(*a, **k)
+
+        return submit(pool, job, *args, **kwargs)
+
+    return submit_emulated
 
 
 def _plain_stack() -> list | None:
