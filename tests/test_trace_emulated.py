@@ -356,3 +356,17 @@ def test_router_left_on_the_cpu_fails_as_on_cuda(tiny):
             pytest.raises(RuntimeError, match=f"{SAME_DEVICE}.*other tensors on cuda:0"),
         ):
             model(tokens)
+
+
+def test_the_device_generic_accelerator_api_answers_for_cuda(emu):
+    accelerator = torch.accelerator
+    assert accelerator.current_accelerator() == torch.device("cuda") and accelerator.is_available()
+    assert accelerator.device_count() == 4 and accelerator.current_device_index() == 0
+    with accelerator.device_index(2):
+        assert accelerator.current_device_index() == 2
+        assert torch.empty(1, device="cuda").device == C2
+    assert accelerator.current_device_index() == 0
+    accelerator.synchronize()
+    # each device's one stream, nothing pending (optimizers ask whether a graph is being captured)
+    assert not accelerator.current_stream().is_capturing() and torch.cuda.current_stream(1).device == C1
+    assert torch.cuda.current_stream().query() and not torch.cuda.is_current_stream_capturing()

@@ -63,7 +63,8 @@ Limits: the emulated backward does not run hooks registered on autograd nodes th
 `Tensor.as_subclass` of an emulated tensor is refused (it is a wrapper subclass already);
 in-place changes of an emulated tensor's shape (`resize_` to a new size, `set_`, `unsqueeze_`,
 ...) raise `EmulationUnsupported`; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
-`torch.accelerator`, streams and events are not emulated; the patches are process-wide, so one
+streams and events are not emulated but for each device's one stream (`torch.cuda.current_stream()`,
+nothing pending on it, `torch.accelerator` answers for CUDA); the patches are process-wide, so one
 thread at a time (jobs given to a `concurrent.futures.ThreadPoolExecutor` inside a block run under
 it in their worker threads: transformers loads weights so). A bare device number is a CUDA device,
 as on a CUDA build (`torch.device(1)`, `module.to(0)`: accelerate's device maps). On a machine with real CUDA the emulation works too: real CUDA tensors made
@@ -80,6 +81,7 @@ CUDA's error message or None.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib
 import sys
 import threading
@@ -1040,6 +1042,33 @@ _GPU_ONLY = (("harness.quant.kernels", "supports", lambda *args, **kwargs: False
 
 
 @dataclass(frozen=True)
+class EmulatedStream:
+    """A device's one stream (`torch.cuda.current_stream()`): the emulation runs every op when it
+    is called, so nothing is ever pending and no graph is being captured."""
+
+    device: torch.device
+
+    @property
+    def device_index(self) -> int:
+        return self.device.index
+
+    def is_capturing(self) -> bool:
+        return False
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class EmulatedDeviceProperties:
     """`torch.cuda.get_device_properties()` of an emulated device."""
 
@@ -1088,6 +1117,18 @@ class EmulatedCuda:
         if index is not None and index >= 0:
             self._set_device(index)
         return prev
+
+    def _stream(self, device=None) -> EmulatedStream:
+        return EmulatedStream(torch.device("cuda", self._device_index(device)))
+
+    @contextlib.contextmanager
+    def _current_within(self, index):
+        """`torch.accelerator.device_index(i)`: device i is the current one inside (None: no change)."""
+        before = self._exchange_device(index if index is not None else -1)
+        try:
+            yield
+        finally:
+            self.current = before
 
     def _synchronize(self, device=None) -> None:
         if self._real_cuda:
@@ -1159,6 +1200,9 @@ class EmulatedCuda:
         self._patch(cuda, "_exchange_device", self._exchange_device)
         self._patch(cuda, "_maybe_exchange_device", self._exchange_device)
         self._patch(cuda, "synchronize", self._synchronize)
+        self._patch(cuda, "current_stream", self._stream)
+        self._patch(cuda, "default_stream", self._stream)
+        self._patch(cuda, "is_current_stream_capturing", lambda: False)
         self._patch(cuda, "get_device_name", self._get_device_name)
         self._patch(cuda, "get_device_properties", self._get_device_properties)
         self._patch(cuda, "get_device_capability", self._get_device_capability)
@@ -1166,6 +1210,24 @@ class EmulatedCuda:
         for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
             self._patch(cuda, name, lambda device=None: 0)  # the values live in host memory
         self._patch(cuda, "empty_cache", lambda: None)
+        accelerator = getattr(torch, "accelerator", None)
+        if accelerator is not None:  # the device-generic API (torch >= 2.6) answers for CUDA
+            for name, value in (
+                ("current_accelerator", lambda check_available=False: torch.device("cuda")),
+                ("is_available", lambda: True),
+                ("device_count", lambda: self.device_count),
+                ("current_device_index", lambda: self.current),
+                ("current_device_idx", lambda: self.current),
+                ("set_device_index", self._set_device),
+                ("set_device_idx", self._set_device),
+                ("device_index", self._current_within),
+                ("synchronize", self._synchronize),
+                ("current_stream", self._stream),
+                ("get_memory_info", self._mem_get_info),
+                ("empty_cache", lambda: None),
+            ):
+                if hasattr(accelerator, name):
+                    self._patch(accelerator, name, value)
         self._patch(torch, "Generator", EmulatedGenerator)
         self._patch(torch.jit.RecursiveScriptModule, "_apply", _script_module_apply)
         self._patch(
