@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         full_trace = load_trace(tmp / "full.jsonl")
         sampled_traces = {n: load_trace(tmp / f"sampled{n}.jsonl") for n in every}
         events = full_trace.summary.events
+        # Events of the decode steps (forward calls 1.., with the sampling after each), per token;
+        # the prefill's apart.
+        prefill_events = sum(1 for ev in full_trace.events() if ev.step == 0)
         result = {
             "benchmark": "trace",
             "model": model_name,
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 k: round(v / med_cpu["untraced"], 3) for k, v in med_cpu.items() if k != "untraced"
             },
             "events_full": events,
+            "events_prefill": prefill_events,
+            "events_per_decoded_token": round((events - prefill_events) / max(args.decode, 1), 1),
             "events_sampled": {n: t.summary.events for n, t in sampled_traces.items()},
             "steps_sampled": {n: t.summary.steps for n, t in sampled_traces.items()},
             "trace_bytes_full": (tmp / "full.jsonl").stat().st_size,
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=1) + "\n")
     ratios = ", ".join(f"{k} x{v}" for k, v in result["ratio_wall"].items())
     print(
-        f"{name}: untraced {med['untraced']:.3f}s; {ratios}; {events} events, "
+        f"{name}: untraced {med['untraced']:.3f}s; {ratios}; {events} events "
+        f"({result['events_per_decoded_token']} per decoded token), "
         f"{result['full_overhead_us_per_op']} us/op -> {out}"
     )
     return 0

@@ -420,6 +420,21 @@ def _attn_path(model):
     return f"layers.{_layer(model)}.attn"
 
 
+def _attention_fused(model) -> bool:
+    """Whether the faulted layer's attention runs as the fused ops (`Attention.fused`): then a
+    host cache or host rope tables go into `harness::attention`, which refuses them."""
+    return model.get_submodule(_attn_path(model)).fused()
+
+
+def _kv_expected(model):
+    return MISMATCH if _attention_fused(model) else SYNC
+
+
+def _rope_location(model):
+    path = _attn_path(model)
+    return (path if _attention_fused(model) else f"{path}.rope"), None
+
+
 def _kv_inject(model, inj):
     cache = model.get_submodule(_attn_path(model)).cache
     for name in ("k", "v"):
@@ -459,6 +474,9 @@ def _mask_on_host(self, start_pos: int, t: int, s: int, device: torch.device) ->
 
 def _mask_inject(model, inj):
     inj.replace_method(model.get_submodule(_attn_path(model)), "causal_mask", _mask_on_host)
+    # The fused attention (`harness::attention`) builds its mask on the device: the fault is in
+    # the torch path's `causal_mask`, so on a real GPU take that path.
+    inj.replace_attr(kernels, "supports", _no_kernels)
 
 
 # ---- dequant-host-constants ----------------------------------------------------------------------
@@ -1073,13 +1091,15 @@ _FAULTS = [
             "device queries with host keys, which CUDA refuses. Injected into the first layer on "
             "an accelerator. KVCache has no forward of its own (attention calls cache.update), so "
             "the tracer's first offence, the copy into the cache (a sync), is in the attention "
-            "module, with no GGUF tensor."
+            "module, with no GGUF tensor. Where the attention runs fused (`harness::attention`, "
+            "on a real GPU), that op refuses the host cache: a mismatch in the same module."
         ),
         expected_class=SYNC,
         requires="a layer on an accelerator",
         _applies=_has_layer_on_accel,
         _location=lambda m: (_attn_path(m), None),
         _inject=_kv_inject,
+        _expected=_kv_expected,
     ),
     Fault(
         name="rope-tables-on-cpu",
@@ -1089,12 +1109,14 @@ _FAULTS = [
             "or registered after .to()). The rotation multiplies device activations by host "
             "tables, which CUDA refuses. Injected into the first layer on an accelerator; the "
             "tracer's first offence is that multiply in the rope module: a mismatch, with no GGUF "
-            "tensor (the tables are computed, not read from the file)."
+            "tensor (the tables are computed, not read from the file). Where the attention runs "
+            "fused (`harness::attention`, on a real GPU), that op refuses the host tables: the "
+            "mismatch is in the attention module."
         ),
         expected_class=MISMATCH,
         requires="a layer on an accelerator",
         _applies=_has_layer_on_accel,
-        _location=lambda m: (f"{_attn_path(m)}.rope", None),
+        _location=_rope_location,
         _inject=_rope_inject,
     ),
     Fault(

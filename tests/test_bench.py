@@ -163,3 +163,25 @@ def test_format_results_md_json_csv(tiny):
     assert float(parsed[0]["ts_median"]) == 768.0
     with pytest.raises(UsageError, match="md, json, csv"):
         bench.format_results([r], "xml")
+
+
+def test_bench_trace_reports_events_per_decoded_token(tiny, tmp_path):
+    """benchmarks/bench_trace.py on the CPU: its JSON has the decode steps' events per token, and
+    they and the prefill's add up to the whole trace."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trace.py"
+    spec = importlib.util.spec_from_file_location("bench_trace", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "trace.json"
+    args = ["--model", str(tiny), "--decode", "3", "--prompt-tokens", "4", "--repeats", "1"]
+    assert (
+        module.main([*args, "--sample-every", "2", "--threads", "1", "--out", str(out), "--name", "t"]) == 0
+    )
+    result = json.loads(out.read_text())["t"]
+    assert result["verdict"] == "clean"
+    per_token = result["events_per_decoded_token"]
+    assert per_token > 0 and result["events_prefill"] > 0
+    assert result["events_prefill"] + 3 * per_token == pytest.approx(result["events_full"], abs=0.2)

@@ -137,9 +137,63 @@ def test_a_trace_sees_each_fused_product_as_one_op_with_its_gguf_names(tiny_path
         assert sorted(experts[0][2]) == sorted(
             f"blk.1.ffn_{kind}_exps.weight[{i}]" for kind in ("gate", "up", "down") for i in range(4)
         )
-        wq = [e for e in events if e[0] == "layers.0.attn.wq"]
-        assert wq == [["layers.0.attn.wq", "harness.qmatmul.default", ["blk.0.attn_q.weight"]]]
+        attn = [e for e in events if e[0] == "layers.0.attn" or e[0].startswith("layers.0.attn.")]
+        names = [f"blk.0.attn_{p}.weight" for p in ("q", "k", "v")]
+        assert attn == [
+            ["layers.0.attn", "harness.qkv.default", names],
+            ["layers.0.attn", "harness.attention.default", []],
+            ["layers.0.attn.wo", "harness.qmatmul.default", ["blk.0.attn_output.weight"]],
+        ]
         assert [e[1:] for e in events if e[0] == "head"] == [["harness.qmatmul.default", ["output.weight"]]]
+
+
+_INTERPRETED_STEP = """
+import json, sys, torch
+from harness.model.mixtral import Mixtral
+from harness.trace.tracer import Tracer
+model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
+steps = []
+with torch.inference_mode():
+    model(torch.arange(1, 5), 0)
+    token = torch.tensor([7])
+    for pos in (4, torch.tensor([5])):  # a decode step at an int position, then at a device one
+        with Tracer(model, keep_events=True) as tracer:
+            model(token, pos)
+        steps.append({"verdict": tracer.summary.verdict,
+                      "events": [[e.module, e.op, list(e.tensors or ())] for e in tracer.events]})
+print(json.dumps(steps))
+"""
+
+
+@pytest.mark.slow
+def test_a_fused_decode_step_is_eleven_ops_a_layer(tiny_path):
+    """On the fused path a decode step is, per layer: two norms, q/k/v as one product naming its
+    three tensors, attention with its cache write, the output product, two residual adds, the
+    router's product (2 ops: an F32 weight), routing, and the experts; then the embedding, the
+    final norm and the head: no view, no position or mask bookkeeping, at either kind of position."""
+    steps = json.loads(_interpreted(_INTERPRETED_STEP, tiny_path))
+    for step in steps:
+        assert step["verdict"] == "clean"
+        events = step["events"]
+        layer = [e[:2] for e in events if e[0] == "layers.1" or e[0].startswith("layers.1.")]
+        assert layer == [
+            ["layers.1.attn_norm", "harness.rms_norm.default"],
+            ["layers.1.attn", "harness.qkv.default"],
+            ["layers.1.attn", "harness.attention.default"],
+            ["layers.1.attn.wo", "harness.qmatmul.default"],
+            ["layers.1", "aten.add.Tensor"],
+            ["layers.1.ffn_norm", "harness.rms_norm.default"],
+            ["layers.1.moe.router", "aten.permute.default"],
+            ["layers.1.moe.router", "aten.mm.default"],
+            ["layers.1.moe", "harness.router_topk.default"],
+            ["layers.1.moe.experts", "harness.moe_ffn.default"],
+            ["layers.1", "aten.add.Tensor"],
+        ]
+        assert len(events) == 3 + 2 * len(layer), events
+        assert events[0] == ["embed", "harness.embed_rows.default", ["token_embd.weight"]]
+        assert [e[2] for e in events if e[1] == "harness.qkv.default"][1] == [
+            f"blk.1.attn_{p}.weight" for p in ("q", "k", "v")
+        ]
 
 
 def _interpreted(script: str, model_path) -> str:

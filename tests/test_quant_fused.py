@@ -99,6 +99,8 @@ def run_cases(device: str, small: bool) -> list[dict]:
             {"case": f"rope T={t}", "nmse": _nmse(out, ref.double()), "exact": bool(torch.equal(out, ref))}
         )
 
+    results += _decode_op_cases(device, tokens, rng)
+
     # MoE: E experts, k=2; gate/up [F, D], down [D, F]. Routings: random, all tokens on experts
     # 0 and 1 (the others get none; 0 and 1 get every token).
     n_exp, k = 4, 2
@@ -148,6 +150,104 @@ def run_cases(device: str, small: bool) -> list[dict]:
     return results
 
 
+def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Generator) -> list[dict]:
+    """The ops that make a decode step few ops: qkv (q, k, v of one buffer and of three; types
+    mixed as in Q4_K_M), attention with its cache write (at start positions and at device
+    positions), router_topk and embed_rows, each against its reference (float64, or the torch
+    path's own ops, bit for bit)."""
+    from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, rope_tables
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    results = []
+    dim, hd, n_heads, n_kv = 256, 16, 4, 2
+    s_max = 8 + max(tokens)  # cached positions: the tokens go at 5.., later ones stay masked
+    cos, sin = rope_tables(hd, 10000.0, s_max, torch.device("cpu"))
+    for types in ((GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.Q8_0), (GGMLType.Q6_K,) * 3):
+        rows = (n_heads * hd, n_kv * hd, n_kv * hd)
+        raws = [_random_weight(q, r, dim, rng) for q, r in zip(types, rows, strict=True)]
+        refs = [_dequant(w, q, r, dim) for w, q, r in zip(raws, types, rows, strict=True)]
+        for packed in (False, True):
+            on_device = [w.to(device) for w in raws]
+            if packed:
+                on_device = fused.pack_rows(on_device, list(types))
+            for t in tokens:
+                x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+                outs = torch.ops.harness.qkv(x.to(device), *on_device, *map(int, types))
+                for part, out, ref in zip("qkv", outs, refs, strict=True):
+                    name = f"qkv {part} {'/'.join(q.name for q in types)} T={t} packed={packed}"
+                    results.append({"case": name, "nmse": _nmse(out, x.double() @ ref.T)})
+
+    for t in tokens:
+        for at_device in (False, True) if t == 1 else (False,):
+            start = 5
+            q = torch.randn(t, n_heads * hd)
+            k, v = torch.randn(t, n_kv * hd), torch.randn(t, n_kv * hd)
+            cache_k, cache_v = torch.randn(n_kv, s_max, hd), torch.randn(n_kv, s_max, hd)
+            ref, ref_k, ref_v = _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start)
+            got_k, got_v = cache_k.to(device), cache_v.to(device)
+            positions = torch.tensor([start], device=device) if at_device else None
+            if at_device:  # the static-shape step attends over the whole cache: later slots masked
+                got_k[:, start + 1 :] = got_v[:, start + 1 :] = 1e4
+            out = torch.ops.harness.attention(
+                q.to(device), k.to(device), v.to(device), got_k, got_v, cos.to(device), sin.to(device),
+                positions, start,
+            )  # fmt: skip
+            case = f"attention T={t} {'device position' if at_device else 'start position'}"
+            results.append({"case": case, "nmse": _nmse(out, ref)})
+            end = start + t
+            same = torch.equal(got_k[:, :end].cpu(), ref_k[:, :end]) and torch.equal(
+                got_v[:, :end].cpu(), ref_v[:, :end]
+            )
+            results.append({"case": f"{case} cache write", "nmse": 0.0, "exact": bool(same)})
+
+    for t in tokens:
+        logits = torch.randn(t, 8) * 3
+        weights, experts = torch.ops.harness.router_topk(logits.to(device), 2, ROUTER_WEIGHT_SUM_MIN)
+        ref_w, ref_e = logits.softmax(-1).topk(2, dim=-1)
+        ref_w = ref_w / ref_w.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
+        exact = torch.equal(experts.cpu(), ref_e) and torch.equal(weights.cpu(), ref_w)
+        results.append({"case": f"router_topk T={t}", "nmse": _nmse(weights, ref_w.double()), "exact": exact})
+
+    table = _random_weight(GGMLType.Q4_K, 50, dim, rng)
+    full = _dequant(table, GGMLType.Q4_K, 50, dim)
+    ids = torch.tensor([49, 0, 7, 7, 21])
+    rows = torch.ops.harness.embed_rows(table.to(device), ids.to(device), int(GGMLType.Q4_K), dim)
+    results.append(
+        {
+            "case": "embed_rows",
+            "nmse": _nmse(rows, full[ids]),
+            "exact": bool(torch.equal(rows.cpu().double(), full[ids])),
+        }
+    )
+    return results
+
+
+def _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start):
+    """Attention of tokens at start.. over a cache, in float64 from the model's torch path's rope:
+    the output [T, H*Hd] and the caches after the write (float32)."""
+    t, n_kv, hd = q.shape[0], cache_k.shape[0], cache_k.shape[2]
+    n_heads = q.shape[1] // hd
+    c, s_ = cos[start : start + t, None, :], sin[start : start + t, None, :]
+
+    def rope(x):
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack((even * c - odd * s_, even * s_ + odd * c), dim=-1).flatten(-2)
+
+    qr, kr = rope(q.view(t, n_heads, hd)), rope(k.view(t, n_kv, hd))
+    cache_k, cache_v = cache_k.clone(), cache_v.clone()
+    cache_k[:, start : start + t] = kr.transpose(0, 1)
+    cache_v[:, start : start + t] = v.view(t, n_kv, hd).transpose(0, 1)
+    out = torch.zeros(t, n_heads, hd, dtype=torch.float64)
+    group = n_heads // n_kv
+    for i in range(t):
+        for h in range(n_heads):
+            keys = cache_k[h // group, : start + i + 1].double()
+            p = ((keys @ qr[i, h].double()) * hd**-0.5).softmax(-1)
+            out[i, h] = p @ cache_v[h // group, : start + i + 1].double()
+    return out.reshape(t, n_heads * hd), cache_k, cache_v
+
+
 def _paths(rows: int, q4_k: bool) -> tuple[str, ...]:
     """The kernel choices that serve a product of `rows` rows: each way the matrix-vector kernel
     reads Q4_K (when `q4_k`: a Q4_K weight takes part), or each prefill path."""
@@ -185,7 +285,8 @@ def expected_case_count(small: bool) -> int:
     tokens = (1, 5, 17) if small else (1, 5, 17, 129, 512)
     qmatmul = sum(len(_paths(t, qtype == GGMLType.Q4_K)) for t in tokens for qtype in fused.FUSED_TYPES)
     moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
-    return qmatmul + 2 * len(tokens) + moe
+    decode_ops = 2 * 2 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
+    return qmatmul + 2 * len(tokens) + decode_ops + moe
 
 
 # ---- CPU: Triton's interpreter ---------------------------------------------------------------
@@ -228,6 +329,52 @@ def test_cpu_tensors_raise_a_device_error_without_the_interpreter():
     assert not fused.supports(GGMLType.Q4_K, torch.device("cpu"), 256)
 
 
+def _decode_op_calls(device: str, cpu_arg: int | None = None):
+    """(name, call) of each decode-path op on small `device` tensors; argument `cpu_arg` of each
+    (counted among its tensor arguments) on the CPU instead."""
+    from harness.quant.types import GGMLType
+
+    def tensors(*ts):
+        return [t.to("cpu" if i == cpu_arg else device) for i, t in enumerate(ts)]
+
+    q4, q8 = int(GGMLType.Q4_K), int(GGMLType.Q8_0)
+    wq, wk = torch.zeros(8, 144, dtype=torch.uint8), torch.zeros(4, 272, dtype=torch.uint8)
+    cache = torch.zeros(2, 6, 4)
+    return [
+        ("qkv", lambda: torch.ops.harness.qkv(*tensors(torch.ones(1, 256), wq, wk, wk.clone()), q4, q8, q8)),
+        (
+            "attention",
+            lambda: torch.ops.harness.attention(
+                *tensors(
+                    torch.ones(1, 16),
+                    torch.ones(1, 8),
+                    torch.ones(1, 8),
+                    cache,
+                    cache.clone(),
+                    torch.ones(6, 2),
+                    torch.ones(6, 2),
+                    torch.tensor([2]),
+                ),
+                0,
+            ),  # fmt: skip
+        ),
+        ("router_topk", lambda: torch.ops.harness.router_topk(*tensors(torch.ones(1, 8)), 2, 1e-4)),
+        ("embed_rows", lambda: torch.ops.harness.embed_rows(*tensors(wq, torch.tensor([1])), q4, 256)),
+    ]
+
+
+def test_decode_ops_refuse_cpu_tensors_without_the_interpreter():
+    from harness.quant import fused, kernels  # noqa: F401  (registers the ops)
+    from harness.trace.classify import is_device_error
+
+    if kernels.interpreting():
+        pytest.skip("the interpreter runs CPU tensors")
+    for name, call in _decode_op_calls("cpu"):
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert is_device_error(str(info.value)) and f"harness::{name}" in str(info.value), name
+
+
 def test_fake_implementations_give_shapes_without_running():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -248,6 +395,47 @@ def test_fake_implementations_give_shapes_without_running():
             12,
         )
         assert y.shape == (5, 512)
+        q, k, v = torch.ops.harness.qkv(
+            x,
+            torch.empty(64, 288, dtype=torch.uint8),
+            *[torch.empty(16, 544, dtype=torch.uint8)] * 2,
+            12,
+            8,
+            8,
+        )
+        assert (q.shape, k.shape, v.shape) == ((5, 64), (5, 16), (5, 16))
+        cache = torch.empty(2, 32, 8)
+        out = torch.ops.harness.attention(
+            q, k, v, cache, torch.empty_like(cache), torch.empty(32, 4), torch.empty(32, 4), None, 3
+        )
+        assert out.shape == (5, 64) and out.dtype == torch.float32
+        w, e = torch.ops.harness.router_topk(torch.empty(5, 8), 2, 1e-4)
+        assert (w.shape, w.dtype, e.shape, e.dtype) == ((5, 2), torch.float32, (5, 2), torch.int64)
+        rows = torch.ops.harness.embed_rows(
+            torch.empty(50, 144, dtype=torch.uint8), torch.empty(3, dtype=torch.int64), 12, 256
+        )
+        assert rows.shape == (3, 256)
+
+
+def test_pack_rows_puts_runs_of_one_type_in_one_buffer():
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    raws = [torch.randint(0, 256, (r, 144), dtype=torch.uint8) for r in (8, 4, 4)]
+    for types, joined in (
+        ((GGMLType.Q4_K,) * 3, [(0, 1), (1, 2)]),
+        ((GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q4_K), [(1, 2)]),
+        ((GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.Q4_K), []),
+    ):
+        packed = fused.pack_rows(raws, list(types))
+        assert all(torch.equal(p, r) for p, r in zip(packed, raws, strict=True))
+        follows = [
+            (i, i + 1)
+            for i in range(2)
+            if packed[i].untyped_storage().data_ptr() == packed[i + 1].untyped_storage().data_ptr()
+            and packed[i + 1].storage_offset() == packed[i].storage_offset() + packed[i].numel()
+        ]
+        assert follows == joined, types
 
 
 def test_supports_is_false_for_types_and_rows_without_kernels():
@@ -284,6 +472,20 @@ def test_cuda_op_refuses_a_cpu_weight_with_a_device_error():
             torch.ones(1, 256, device="cuda"), torch.zeros(4, 144, dtype=torch.uint8), 12, 4
         )
     assert is_device_error(str(info.value)) and "cpu" in str(info.value)
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_decode_ops_refuse_a_cpu_tensor_with_a_device_error():
+    from harness.quant import fused  # noqa: F401
+    from harness.trace.classify import is_device_error
+
+    for cpu_arg in (0, 1, 3):  # an activation, a weight or the cache, the table or the token ids
+        for name, call in _decode_op_calls("cuda", cpu_arg):
+            if name == "router_topk" and cpu_arg:
+                continue  # it has one tensor argument
+            with pytest.raises(RuntimeError) as info:
+                call()
+            assert is_device_error(str(info.value)) and "cpu" in str(info.value), (name, cpu_arg)
 
 
 if __name__ == "__main__":

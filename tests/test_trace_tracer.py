@@ -160,8 +160,8 @@ def test_fused_kernels_are_one_op_that_names_its_weights(model, on):
     assert {f"blk.0.ffn_{p}.{e}.weight" for p in ("gate", "up", "down") for e in range(4)} <= set(
         moe[0].tensors
     )
-    wq = [ev for ev in tracer.events if ev.module == "layers.0.attn.wq"]
-    assert [ev.tensors for ev in wq if "qmatmul" in ev.op] == [("blk.0.attn_q.weight",)]
+    attn = [ev for ev in tracer.events if ev.module == "layers.0.attn"]  # q, k, v: one product
+    assert [ev.tensors for ev in attn if "qkv" in ev.op] == [tuple(f"blk.0.attn_{p}.weight" for p in "qkv")]
     assert tracer.summary.verdict == CLEAN
 
 
@@ -284,7 +284,7 @@ def test_device_map_boundary_is_an_allowed_transfer(tiny_path, on):
     crossing = [ev for ev in tracer.events if ev.transfer and ev.transfer["to"] == "cuda:0"]
     assert crossing and all(ev.cls == ALLOWED and ev.module == "" for ev in crossing)
     assert all(ev.transfer["bytes"] == ev.inputs[0][3] for ev in crossing)
-    assert set(s.modules["layers.0.attn.wq"]) == {"cpu"} and set(s.modules["layers.1.attn.wq"]) == {"cuda:0"}
+    assert set(s.modules["layers.0.attn"]) == {"cpu"} and set(s.modules["layers.1.attn"]) == {"cuda:0"}
 
 
 def test_two_device_split(tiny_path, on):

@@ -55,6 +55,8 @@ class Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # [T] -> [T, D]
+        if tokens.dim() == 1 and fused.runs_on(self.qweight.device):
+            return torch.ops.harness.embed_rows(self.qweight, tokens, int(self.qtype), self.shape[1])
         table = QTensor(self.qweight, self.qtype, self.shape, self.gguf_name)
         return table.dequantize_rows(tokens)
 
@@ -135,15 +137,46 @@ class Attention(nn.Module):
         super().__init__()
         c = mf.config
         self.n_heads, self.n_kv_heads, self.head_dim = c.head_count, c.head_count_kv, c.head_dim
-        self.wq = QMatMul(mf.tensor(f"blk.{i}.attn_q.weight").to(cache.k.device), strategy)
-        self.wk = QMatMul(mf.tensor(f"blk.{i}.attn_k.weight").to(cache.k.device), strategy)
-        self.wv = QMatMul(mf.tensor(f"blk.{i}.attn_v.weight").to(cache.k.device), strategy)
-        self.wo = QMatMul(mf.tensor(f"blk.{i}.attn_output.weight").to(cache.k.device), strategy)
+        device = cache.k.device
+        q, k, v = (mf.tensor(f"blk.{i}.attn_{p}.weight").to(device) for p in ("q", "k", "v"))
+        if fused.runs_on(device) and not any(w.is_float for w in (q, k, v)):
+            # q, k, v of one type in one buffer, one after another: `harness::qkv` launches once
+            raws = fused.pack_rows([w.raw for w in (q, k, v)], [w.qtype for w in (q, k, v)])
+            q, k, v = (QTensor(r, w.qtype, w.shape, w.name) for r, w in zip(raws, (q, k, v), strict=True))
+        self.wq, self.wk, self.wv = (QMatMul(w, strategy) for w in (q, k, v))
+        self.wo = QMatMul(mf.tensor(f"blk.{i}.attn_output.weight").to(device), strategy)
         self.rope = Rope(c.rope_dim, c.rope_freq_base, cache.k.shape[1], cache.k.device)
         self.cache = cache
 
+    def fused(self) -> bool:
+        """Whether this call runs as `harness::qkv` and `harness::attention` (q/k/v products;
+        rope, cache write and attention): every weight kept quantized with a fused kernel, on a
+        device the fused ops run on (`fused.supports`), and a float32 cache."""
+        return self.cache.k.dtype == torch.float32 and all(
+            m.strategy == "quantized" and fused.supports(m.qtype, m.qweight.device, m.in_features)
+            for m in (self.wq, self.wk, self.wv)
+        )
+
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
+        if x.dtype == torch.float32 and self.fused():
+            wq, wk, wv = self.wq, self.wk, self.wv
+            q, k, v = torch.ops.harness.qkv(
+                x, wq.qweight, wk.qweight, wv.qweight, int(wq.qtype), int(wk.qtype), int(wv.qtype)
+            )
+            at = start_pos if isinstance(start_pos, torch.Tensor) else None
+            out = torch.ops.harness.attention(
+                q,
+                k,
+                v,
+                self.cache.k,
+                self.cache.v,
+                self.rope.cos,
+                self.rope.sin,
+                at,
+                0 if at is not None else start_pos,
+            )
+            return self.wo(out)
         q = self.rope(self.wq(x).view(t, self.n_heads, self.head_dim), start_pos)  # [T, H, Hd]
         k = self.rope(self.wk(x).view(t, self.n_kv_heads, self.head_dim), start_pos)  # [T, K, Hd]
         v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)  # [T, K, Hd]
@@ -288,6 +321,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)  # [T, E]
+        if logits.dtype == torch.float32 and fused.runs_on(logits.device):
+            weights, chosen = torch.ops.harness.router_topk(logits, self.n_used, ROUTER_WEIGHT_SUM_MIN)
+            return self.experts(x, weights, chosen)
         probs = logits.float().softmax(-1)
         weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)

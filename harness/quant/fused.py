@@ -35,11 +35,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import Optional
 
 import torch
 
 from harness.errors import UsageError
-from harness.quant import kernels
+from harness.quant import dequant, kernels
 from harness.quant.types import GGMLType, block_size, type_size
 
 triton, tl = kernels.triton, kernels.tl
@@ -921,3 +922,173 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch
 @rope.register_fake
 def _(x, cos, sin, positions):
     return torch.empty_like(x)
+
+
+# ---- Ops that make a decode step few ops (a tracer pays per op) ----------------------------------
+# Each is one op to a dispatch mode, whatever it launches inside; each names its inputs, so a
+# tracer sees which GGUF tensors it reads and on which devices, and each refuses tensors that
+# are not on one CUDA device (`_check_devices`). They keep static shapes and read nothing back
+# to the host: a CUDA graph can capture them.
+
+
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the blocks of `b` start where those of `a` end, in one allocation (rows of one
+    buffer, as `pack_rows` lays them out)."""
+    return (
+        a.is_contiguous()
+        and b.is_contiguous()
+        and a.shape[1:] == b.shape[1:]
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and b.storage_offset() == a.storage_offset() + a.numel()
+    )
+
+
+def pack_rows(raws: list[torch.Tensor], qtypes: list[GGMLType]) -> list[torch.Tensor]:
+    """`raws` ([rows, row_bytes] blocks on one device), each run of consecutive ones of one type
+    and row size copied into one buffer, one after another, and returned as views of it (the
+    same bytes): `harness::qkv` multiplies such a run in one launch."""
+    out = list(raws)
+    i = 0
+    while i < len(raws):
+        j = i + 1
+        while j < len(raws) and qtypes[j] == qtypes[i] and raws[j].shape[1:] == raws[i].shape[1:]:
+            j += 1
+        if j - i > 1:
+            buffer = torch.cat(raws[i:j])
+            start = 0
+            for n in range(i, j):
+                rows = raws[n].shape[0]
+                out[n] = buffer[start : start + rows]
+                start += rows
+        i = j
+    return out
+
+
+@torch.library.custom_op("harness::qkv", mutates_args=())
+def qkv(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    qtype_q: int,
+    qtype_k: int,
+    qtype_v: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, in] float times attention's three GGUF weights (raw blocks [out_i, row_bytes] of
+    their types) -> q, k, v [T, out_i] float32. Weights of one type whose blocks follow each
+    other in memory (`pack_rows`) are multiplied in one launch."""
+    _check_devices("harness::qkv", x, wq, wk, wv)
+    weights, qtypes = (wq, wk, wv), (qtype_q, qtype_k, qtype_v)
+    outs: list[torch.Tensor] = []
+    i = 0
+    while i < 3:
+        j = i + 1
+        while j < 3 and qtypes[j] == qtypes[i] and _follows(weights[j - 1], weights[j]):
+            j += 1
+        rows = sum(w.shape[0] for w in weights[i:j])
+        run = torch.as_strided(weights[i], (rows, *weights[i].shape[1:]), weights[i].stride())
+        y = _product(x, run.reshape(1, rows, -1), None, GGMLType(qtypes[i]), rows, None, 1, None)
+        if j - i == 1:
+            outs.append(y)
+        else:
+            start = 0
+            for w in weights[i:j]:
+                outs.append(y[:, start : start + w.shape[0]].clone(memory_format=torch.contiguous_format))
+                start += w.shape[0]
+        i = j
+    return outs[0], outs[1], outs[2]
+
+
+@qkv.register_fake
+def _(x, wq, wk, wv, qtype_q, qtype_k, qtype_v):
+    return tuple(x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32) for w in (wq, wk, wv))
+
+
+@torch.library.custom_op("harness::attention", mutates_args=("cache_k", "cache_v"))
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor],  # noqa: UP045  (torch 2.11's schema inference reads Optional)
+    start: int,
+) -> torch.Tensor:
+    """Causal attention of one call, with its KV-cache write, in one op.
+
+    q [T, H*Hd], k, v [T, K*Hd] float32 (projections, before rope); cache_k, cache_v [K, S_max, Hd]
+    float32; cos, sin [S_max, rope_dim/2] rope tables (GGML rope type 0 on q and k). The tokens
+    sit at `positions` ([T] int64 on the device; the static-shape decode step, attending over the
+    whole cache, masked), or, when that is None, at start..start+T-1 (attending over the first
+    start+T cached positions). k and v (k rotated) are written into the caches at those
+    positions. -> [T, H*Hd] float32, the heads' outputs side by side. The arithmetic is the
+    torch path's (`harness.model.mixtral.Attention`), op for op."""
+    _check_devices(
+        "harness::attention",
+        q,
+        k,
+        v,
+        cache_k,
+        cache_v,
+        cos,
+        sin,
+        *(() if positions is None else (positions,)),
+    )
+    t = q.shape[0]
+    n_kv, s_max, hd = cache_k.shape
+    n_heads = q.shape[1] // hd
+    if positions is None:
+        positions = torch.arange(start, start + t, device=q.device)
+        n_keys = start + t
+    else:
+        n_keys = s_max
+    q = rope(q.view(t, n_heads, hd), cos, sin, positions)  # [T, H, Hd]
+    k = rope(k.view(t, n_kv, hd), cos, sin, positions)  # [T, K, Hd]
+    cache_k.index_copy_(1, positions, k.transpose(0, 1))
+    cache_v.index_copy_(1, positions, v.view(t, n_kv, hd).transpose(0, 1))
+    keys, values = cache_k[:, :n_keys], cache_v[:, :n_keys]  # [K, S, Hd]
+    group = n_heads // n_kv
+    q = q.transpose(0, 1).reshape(n_kv, group * t, hd)  # [K, group*T, Hd]
+    scores = (q @ keys.transpose(1, 2)) * hd**-0.5  # [K, group*T, S]
+    masked = torch.arange(n_keys, device=q.device)[None, :] > positions[:, None]  # [T, S]
+    scores = scores.view(n_kv, group, t, n_keys).masked_fill(masked, float("-inf"))
+    probs = scores.softmax(-1).view(n_kv, group * t, n_keys)
+    out = (probs @ values).view(n_heads, t, hd)  # [H, T, Hd]
+    return out.transpose(0, 1).reshape(t, n_heads * hd)
+
+
+@attention.register_fake
+def _(q, k, v, cache_k, cache_v, cos, sin, positions, start):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("harness::router_topk", mutates_args=())
+def router_topk(logits: torch.Tensor, k: int, min_sum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's routing in one op: softmax over the experts of logits [T, E], the top k, their
+    weights renormalized to sum 1 (the sum clamped at `min_sum`, as llama.cpp does) ->
+    weights [T, k] float32, experts [T, k] int64."""
+    _check_devices("harness::router_topk", logits)
+    weights, experts = logits.float().softmax(-1).topk(k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True).clamp(min=min_sum), experts
+
+
+@router_topk.register_fake
+def _(logits, k, min_sum):
+    t = logits.shape[0]
+    return logits.new_empty((t, k), dtype=torch.float32), logits.new_empty((t, k), dtype=torch.int64)
+
+
+@torch.library.custom_op("harness::embed_rows", mutates_args=())
+def embed_rows(table: torch.Tensor, tokens: torch.Tensor, qtype: int, row_length: int) -> torch.Tensor:
+    """Rows `tokens` ([T] int64) of the GGUF table `table` ([V, row_bytes] blocks of `qtype`),
+    dequantized (only those rows) -> [T, row_length] float32, bit-identical to dequantizing the table."""
+    _check_devices("harness::embed_rows", table, tokens)
+    rows = table.index_select(0, tokens.reshape(-1))
+    return dequant.dequantize(rows, GGMLType(qtype), (rows.shape[0], row_length), torch.float32)
+
+
+@embed_rows.register_fake
+def _(table, tokens, qtype, row_length):
+    return table.new_empty((tokens.numel(), row_length), dtype=torch.float32)

@@ -60,6 +60,8 @@ class QMatMul(nn.Module):
         if self.strategy == "f16":
             return (x.to(torch.float16) @ self.weight.T).to(x.dtype)
         if self.strategy == "quantized" and fused.supports(self.qtype, self.qweight.device, self.in_features):
+            if x.dim() == 2 and x.dtype == torch.float32:  # (no reshapes: each is an op to a tracer)
+                return torch.ops.harness.qmatmul(x, self.qweight, int(self.qtype), self.out_features)
             flat = x.reshape(-1, self.in_features)
             y = torch.ops.harness.qmatmul(flat, self.qweight, int(self.qtype), self.out_features)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
