@@ -200,6 +200,7 @@ class Experts(nn.Module):
             "w2": [d.name for d in down],
         }
         self.meta = {}
+        self.kernel_qtypes = {}  # the `qtype` each stack goes to the fused ops with
         for attr, weights in (("w1", gate), ("w3", up), ("w2", down)):
             qtypes = {w.qtype for w in weights}
             if len(qtypes) != 1:
@@ -208,16 +209,21 @@ class Experts(nn.Module):
                     None, weights[0].name, f"experts of one layer have different types ({names})"
                 )
             self.meta[attr] = (weights[0].qtype, weights[0].shape)
-            # Stacked where the blocks are (a view for a merged file), then moved in one copy.
-            self.register_buffer(attr, _stack_raw(weights).to(device), persistent=False)
+            # Stacked where the blocks are (a view for a merged file), then moved in one copy; kept
+            # as the fused kernels read them where they run (`fused.kernel_weight`).
+            raw, qtype, cols = _stack_raw(weights).to(device), weights[0].qtype, weights[0].shape[-1]
+            self.kernel_qtypes[attr] = int(qtype)
+            if fused.supports(qtype, raw.device, cols):
+                raw, self.kernel_qtypes[attr] = fused.kernel_weight(raw, qtype, cols)
+            self.register_buffer(attr, raw, persistent=False)
 
     def weight(self, attr: str, experts: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized weights of the given experts: [n, rows, cols] for an index tensor, else [rows, cols]."""
         qtype, shape = self.meta[attr]
-        raw = getattr(self, attr)
+        raw, code = getattr(self, attr), self.kernel_qtypes[attr]
         if isinstance(experts, int):
-            return QTensor(raw[experts], qtype, shape).dequantize(dtype=dtype)
-        picked = raw.index_select(0, experts)  # [n, rows, row_bytes]
+            return QTensor(fused.gguf_blocks(raw[experts], code), qtype, shape).dequantize(dtype=dtype)
+        picked = fused.gguf_blocks(raw.index_select(0, experts), code)  # [n, rows, row_bytes]
         return QTensor(picked, qtype, (experts.shape[0], *shape)).dequantize(dtype=dtype)
 
     def fused(self) -> bool:
@@ -229,7 +235,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; weights, experts: [T, k]
         if self.fused():
-            qt, qt_down = int(self.meta["w1"][0]), int(self.meta["w2"][0])
+            codes = self.kernel_qtypes
+            qt, qt_down = codes["w1"] | (codes["w3"] & fused.WIDE), codes["w2"]
             y = torch.ops.harness.moe_ffn(x, self.w1, self.w3, self.w2, weights, experts, qt, qt_down)
             return y.to(x.dtype)
         t, k = experts.shape
