@@ -203,15 +203,20 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
         rows = (n_heads * hd, n_kv * hd, n_kv * hd)
         raws = [_random_weight(q, r, dim, rng) for q, r in zip(types, rows, strict=True)]
         refs = [_dequant(w, q, r, dim) for w, q, r in zip(raws, types, rows, strict=True)]
-        for packed in (False, True):
-            on_device = [w.to(device) for w in raws]
-            if packed:
-                on_device = fused.pack_rows(on_device, list(types))
+        # GGUF's blocks apart, in one buffer, and in the kernels' layout (as the model hands them:
+        # `kernel_weight`'s codes, Q8_0 repacked) in one buffer
+        for layout in ("apart", "one buffer", "kernel layout"):
+            on_device, codes = [w.to(device) for w in raws], list(map(int, types))
+            if layout == "kernel layout":
+                prepared = [fused.kernel_weight(w, q, dim) for w, q in zip(on_device, types, strict=True)]
+                on_device, codes = [w for w, _ in prepared], [c for _, c in prepared]
+            if layout != "apart":
+                on_device = fused.pack_rows(on_device, codes)
             for t in tokens:
                 x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-                outs = torch.ops.harness.qkv(x.to(device), *on_device, *map(int, types))
+                outs = torch.ops.harness.qkv(x.to(device), *on_device, *codes)
                 for part, out, ref in zip("qkv", outs, refs, strict=True):
-                    name = f"qkv {part} {'/'.join(q.name for q in types)} T={t} packed={packed}"
+                    name = f"qkv {part} {'/'.join(q.name for q in types)} T={t} {layout}"
                     results.append({"case": name, "nmse": _nmse(out, x.double() @ ref.T)})
 
     for t in tokens:
@@ -359,7 +364,7 @@ def expected_case_count(small: bool) -> int:
         len(_paths(t, qtype == GGMLType.Q4_K)) for t in tokens for qtype, _, _ in _weight_cases(256, small)
     )
     moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
-    decode_ops = 2 * 2 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
+    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
     extreme = sum(
         len(_paths(t, q == GGMLType.Q4_K)) for t in (1, 17) for q, _, _ in _extreme_cases(256, small)
     )

@@ -1230,9 +1230,9 @@ def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def pack_rows(raws: list[torch.Tensor], qtypes: list[GGMLType]) -> list[torch.Tensor]:
+def pack_rows(raws: list[torch.Tensor], qtypes: list[int]) -> list[torch.Tensor]:
     """`raws` ([rows, row_bytes] blocks on one device), each run of consecutive ones of one type
-    and row size copied into one buffer, one after another, and returned as views of it (the
+    (or `kernel_weight` code) and row size copied into one buffer, one after another, and returned as views of it (the
     same bytes): `harness::qkv` multiplies such a run in one launch."""
     out = list(raws)
     i = 0
@@ -1261,9 +1261,10 @@ def qkv(
     qtype_k: int,
     qtype_v: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, in] float times attention's three GGUF weights (raw blocks [out_i, row_bytes] of
-    their types) -> q, k, v [T, out_i] float32. Weights of one type whose blocks follow each
-    other in memory (`pack_rows`) are multiplied in one launch."""
+    """x [T, in] float times attention's three GGUF weights (blocks [out_i, row_bytes] as
+    `kernel_weight` prepares them, with its codes: the GGML type | PACKED | WIDE) -> q, k, v
+    [T, out_i] float32. Weights of one code whose blocks follow each other in memory
+    (`pack_rows`) are multiplied in one launch."""
     _check_devices("harness::qkv", x, wq, wk, wv)
     weights, qtypes = (wq, wk, wv), (qtype_q, qtype_k, qtype_v)
     outs: list[torch.Tensor] = []
@@ -1274,7 +1275,7 @@ def qkv(
             j += 1
         rows = sum(w.shape[0] for w in weights[i:j])
         run = torch.as_strided(weights[i], (rows, *weights[i].shape[1:]), weights[i].stride())
-        y = _product(x, run.reshape(1, rows, -1), None, GGMLType(qtypes[i]), rows, None, 1, None)
+        y = _product(x, run.reshape(1, rows, -1), None, qtypes[i], rows, None, 1, None)
         if j - i == 1:
             outs.append(y)
         else:
