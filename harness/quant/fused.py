@@ -1024,10 +1024,8 @@ def _product(
             if splits > 1:
                 torch.sum(part, 0, out=out)
         elif _prefill_path() == "dequant" and not wide:
-            if packed:  # the GGUF blocks again, for the dequantization kernels (a transient copy)
-                w, u = unpack(w, qtype), (unpack(u, qtype) if gated else None)
             return _product_dequantized(
-                x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None
+                x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None, packed
             )
         else:
             cfg = MATMAT_CONFIG[qtype]
@@ -1101,21 +1099,27 @@ def _product_dequantized(
     experts: torch.Tensor | None,
     x_div: int,
     scale: torch.Tensor | None,
+    packed: bool,
 ) -> torch.Tensor:
     """`_product` for many rows, written into `out` [P, N]: weights dequantized to float16 (bounded
-    scratch), products on tensor cores with float32 accumulation. A dense weight (experts None,
+    scratch; a packed weight is unpacked a chunk at a time, a transient copy of its blocks, for
+    the dequantization kernels), products on tensor cores with float32 accumulation. A dense weight (experts None,
     x_div 1) goes to torch.matmul; routed pairs to `_grouped_kernel`, launched once per chunk of
     experts, each launch skipping the row blocks of other experts (no host read of the routing)."""
     n_pairs, n_out = out.shape
     in_features = x.shape[1]
     xh, peak = _scaled_half(x)
     mats = [w] if u is None else [w, u]
+
+    def blocks(m: torch.Tensor) -> torch.Tensor:
+        return unpack(m, qtype) if packed else m
+
     results = []
     if experts is None:
         if x_div != 1:  # every row of x stands for x_div pairs
             xh, peak = xh.repeat_interleave(x_div, 0), peak.repeat_interleave(x_div)
         for m in mats:
-            wh = kernels.dequantize(m[0], qtype, (n_out, in_features), torch.float16)
+            wh = kernels.dequantize(blocks(m[0]), qtype, (n_out, in_features), torch.float16)
             results.append(torch.matmul(xh, wh.T).float() * peak[:, None])
             del wh  # the scratch goes back to the allocator before the next one is made
     else:
@@ -1129,7 +1133,7 @@ def _product_dequantized(
             y = out if len(mats) == 1 else torch.empty_like(out)
             for lo in range(0, n_experts, chunk):
                 hi = min(lo + chunk, n_experts)
-                wh = kernels.dequantize(m[lo:hi], qtype, (hi - lo, n_out, in_features), torch.float16)
+                wh = kernels.dequantize(blocks(m[lo:hi]), qtype, (hi - lo, n_out, in_features), torch.float16)
                 _grouped_kernel[grid](
                     xh, peak, wh, y, sorted_ids, block_expert, n_out, in_features, n_pairs, x_div, lo, hi,
                     BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
