@@ -5,11 +5,12 @@ device-to-device copy measured in the same run. Writes JSON; asserts nothing.
 
 Rows: `harness::qmatmul` at 1 token (matrix-vector) and 512 tokens (prefill) per type, and
 `harness::moe_ffn` for one layer (8 experts, 2 used) at 1 and 512 tokens. Where the fused module
-has two ways to compute a row (the matrix-vector kernel's Q4_K reads, `fused.MATVEC_PATHS`; the
-prefill paths, `fused.PREFILL_PATHS`; the first of each is the default), both run in this one
-process and `comparisons` gives old_ms / new_ms and the NMSE of the new output against the old.
-A weight the kernels read repacked (`fused.packs`: Q6_K) is also timed in GGUF's own layout, the
-old read ("packed" new, "gguf" old), with the default kernel choices.
+has two ways to compute a row (the matrix-vector kernel's Q4_K and Q5_K reads,
+`fused.MATVEC_PATHS`; the prefill paths, `fused.PREFILL_PATHS`; the first of each is the
+default), both run in this one process and `comparisons` gives old_ms / new_ms and the NMSE of
+the new output against the old.
+A weight the kernels read repacked (`fused.packs`: Q6_K, Q8_0) is also timed in GGUF's own
+layout, the old read ("packed" new, "gguf" old), with the default kernel choices.
 For a memory-bound row, `fraction_of_copy` is the weight bytes it reads over the time, divided
 by the copy rate.
 """
@@ -49,6 +50,7 @@ SHAPES = [
     (T.Q6_K, 32000, 4096),
     (T.Q6_K, 4096, 14336),
     (T.Q8_0, 1024, 4096),
+    (T.Q5_K, 4096, 4096),
     (T.Q4_K, 4096, 4096),
 ]
 TOKENS = (1, 512)
@@ -122,10 +124,10 @@ def kernel_choice(rows: int, choice: str):
 
 def choices(rows: int, qtypes) -> tuple[str, ...]:
     """The ways the fused module can compute a product of `rows` rows of weights of `qtypes`,
-    the default first (the matrix-vector kernel has two only for Q4_K)."""
+    the default first (the matrix-vector kernel has two only for Q4_K and Q5_K)."""
     if rows > fused.MATVEC_MAX_ROWS:
         return fused.PREFILL_PATHS
-    return fused.MATVEC_PATHS if T.Q4_K in qtypes else fused.MATVEC_PATHS[:1]
+    return fused.MATVEC_PATHS if set(qtypes) & set(fused.MATVEC_PATH_TYPES) else fused.MATVEC_PATHS[:1]
 
 
 def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -232,14 +234,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 ways = {"packed": product, "gguf": gguf_layout}
                 compared_ways(f"{name} layout", ways, w.numel(), 2 * t * n * k)
-        if args.sweep:
-            saved = dict(fused.MATVEC_CONFIG[qtype]), dict(fused.MATMAT_CONFIG[qtype])
+        if args.sweep:  # the matrix-vector configurations of the layout the model uses
+            matvec = fused.PACKED_MATVEC_CONFIG if code & fused.PACKED else fused.MATVEC_CONFIG
+            saved = dict(matvec[qtype]), dict(fused.MATMAT_CONFIG[qtype])
             x = torch.randn(1, k, device=dev)
             for bn in (8, 16, 32, 64):
                 for warps in (1, 2, 4, 8):
-                    fused.MATVEC_CONFIG[qtype].update(BN=bn, num_warps=warps)
+                    matvec[qtype].update(BN=bn, num_warps=warps)
                     ms = try_time_ms(
-                        lambda x=x, w=w, qtype=qtype, n=n: torch.ops.harness.qmatmul(x, w, int(qtype), n)
+                        lambda x=x, w=kw, code=code, n=n: torch.ops.harness.qmatmul(x, w, code, n)
                     )
                     row(f"  sweep BN={bn} warps={warps} {qtype.name} {n}x{k} T=1", ms, w.numel(), 2 * n * k)
             x = torch.randn(512, k, device=dev)
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     w.numel(),
                     2 * 512 * n * k,
                 )
-            fused.MATVEC_CONFIG[qtype].update(saved[0])
+            matvec[qtype].update(saved[0])
             fused.MATMAT_CONFIG[qtype].update(saved[1])
 
     e, d, f = MOE_SHAPE

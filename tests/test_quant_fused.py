@@ -83,7 +83,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
         kraw, code = _prepared(raw, qtype, width, layout)
         for t in tokens:
             x = torch.randn(t, width, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-            for path in _paths(t, qtype == GGMLType.Q4_K):
+            for path in _paths(t, qtype in fused.MATVEC_PATH_TYPES):
                 with _kernels(path):
                     out = torch.ops.harness.qmatmul(x.to(device), kraw.to(device), code, rows)
                 results.append(
@@ -101,7 +101,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
         assert code & fused.WIDE, (qtype, cols_)
         for t in (1, 17):
             x = torch.randn(t, cols_, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-            for path in _paths(t, qtype == GGMLType.Q4_K):
+            for path in _paths(t, qtype in fused.MATVEC_PATH_TYPES):
                 with _kernels(path):
                     out = torch.ops.harness.qmatmul(x.to(device), kraw.to(device), code, rows)
                 name = f"qmatmul extreme {qtype.name} {layout} T={t} {path}"
@@ -138,7 +138,9 @@ def run_cases(device: str, small: bool) -> list[dict]:
     # The second pair's float16 scratch holds one expert at a time (None): its grouped launches
     # take the experts one by one, each skipping the other experts' rows.
     for gu_type, down_type, ffn, scratch in (
-        (GGMLType.Q4_K, GGMLType.Q6_K, 2048, fused.SCRATCH_MAX_BYTES),  # Q6_K rows of 2048: packed
+        # Q6_K down rows: GGUF's layout at 512, packed at 2048 (under the interpreter a module test
+        # runs a packed Q6_K down); Q8_0 gate/up: packed
+        (GGMLType.Q4_K, GGMLType.Q6_K, 512 if small else 2048, fused.SCRATCH_MAX_BYTES),
         (GGMLType.Q8_0, GGMLType.Q4_K, 512 if small else 768, None),
     ):
         scratch = scratch or ffn * dim * 2
@@ -180,7 +182,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
                             gu_code,
                             down_code,
                         )
-                    layout = "packed" if down_code & fused.PACKED else "gguf"
+                    layout = "packed" if (gu_code | down_code) & fused.PACKED else "gguf"
                     name = f"moe_ffn {gu_type.name}/{down_type.name} {layout} T={t} {routing} {path}"
                     results.append({"case": name, "nmse": _nmse(out, ref)})
     return results
@@ -326,14 +328,14 @@ def _prepared(raw: torch.Tensor, qtype, cols: int, layout: str) -> tuple[torch.T
     return kraw, code
 
 
-def _paths(rows: int, q4_k: bool) -> tuple[str, ...]:
+def _paths(rows: int, two_reads: bool) -> tuple[str, ...]:
     """The kernel choices that serve a product of `rows` rows: each way the matrix-vector kernel
-    reads Q4_K (when `q4_k`: a Q4_K weight takes part), or each prefill path."""
+    reads Q4_K and Q5_K (when `two_reads`: such a weight takes part), or each prefill path."""
     from harness.quant import fused
 
     if rows > fused.MATVEC_MAX_ROWS:
         return tuple(f"prefill={p}" for p in fused.PREFILL_PATHS)
-    return tuple(f"matvec={p}" for p in fused.MATVEC_PATHS) if q4_k else ("matvec",)
+    return tuple(f"matvec={p}" for p in fused.MATVEC_PATHS) if two_reads else ("matvec",)
 
 
 @contextlib.contextmanager
@@ -357,16 +359,20 @@ def _kernels(path: str, scratch: int | None = None):
 
 def expected_case_count(small: bool) -> int:
     """How many results run_cases gives."""
-    from harness.quant.types import GGMLType
+    from harness.quant import fused
 
     tokens = (1, 5, 17) if small else (1, 5, 17, 129, 512)
     qmatmul = sum(
-        len(_paths(t, qtype == GGMLType.Q4_K)) for t in tokens for qtype, _, _ in _weight_cases(256, small)
+        len(_paths(t, qtype in fused.MATVEC_PATH_TYPES))
+        for t in tokens
+        for qtype, _, _ in _weight_cases(256, small)
     )
     moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
     decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
     extreme = sum(
-        len(_paths(t, q == GGMLType.Q4_K)) for t in (1, 17) for q, _, _ in _extreme_cases(256, small)
+        len(_paths(t, q in fused.MATVEC_PATH_TYPES))
+        for t in (1, 17)
+        for q, _, _ in _extreme_cases(256, small)
     )
     return qmatmul + extreme + 2 * len(tokens) + decode_ops + moe
 
@@ -392,7 +398,7 @@ def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
 
     assert len(interpreted) == expected_case_count(small=True)
     assert any(" packed " in r["case"] and "matvec" in r["case"] for r in interpreted)
-    assert any(r["case"].startswith("moe_ffn Q4_K/Q6_K packed") for r in interpreted)
+    assert any(r["case"].startswith("moe_ffn Q8_0/Q4_K packed") for r in interpreted)
     paths = {r["case"].split()[-1] for r in interpreted if r["case"].startswith("moe_ffn")}
     assert paths == {"matvec=vec", "matvec=words", "prefill=dequant", "prefill=tiled"}
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]

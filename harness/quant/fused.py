@@ -6,10 +6,10 @@
 
 How a product runs depends on its rows (token-expert pairs):
 - up to MATVEC_MAX_ROWS (decode): a matrix-vector kernel dequantizes the blocks in registers, one
-  program per (output tile, pair); Q4_K has a read with fewer instructions per byte
-  (`_q4_k_dot_vec`, `matvec_path` "vec"; "words" is the older `_q4_k_dot`), and so has Q6_K
-  repacked (`_q6_k_dot_vec`: its 210-byte blocks are 2-byte aligned, so the weight is kept as
-  per-row planes that load 16 bytes at a time, see `kernel_weight`);
+  program per (output tile, pair); Q4_K and Q5_K have a read with fewer instructions per byte
+  (`_q4_k_dot_vec`, `matvec_path` "vec"; "words" is the older read), and so have Q6_K and Q8_0
+  repacked (`_q6_k_dot_vec`, `_q8_0_dot_vec`: their blocks are 2-byte aligned, so the weight is
+  kept as per-row planes that load 16 bytes at a time, see `kernel_weight`);
 - more rows (prefill, `prefill_path`): "dequant" writes the weight as float16 into a bounded
   scratch (harness.quant.kernels, bandwidth-bound) and multiplies on tensor cores: torch.matmul
   for a dense weight, `_grouped_kernel` for experts; "tiled" is the older `_matmat_kernel`,
@@ -84,10 +84,12 @@ MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
 
-# How the matrix-vector kernel reads Q4_K (decode): "vec", `_q4_k_dot_vec` (16-byte loads of
-# weights and x, two integer ops a nibble); "words", the older `_q4_k_dot`. HARNESS_MATVEC picks
-# one at import; `matvec_path` may be set later (benchmarks compare both). Other types: one kernel.
+# How the matrix-vector kernel reads Q4_K and Q5_K (decode): "vec", `_q4_k_dot_vec` (16-byte
+# loads of weights and x, two integer ops a nibble); "words", the older `_q4_k_dot` (Q4_K) and
+# `_tile_q5_k` (Q5_K). HARNESS_MATVEC picks one at import; `matvec_path` may be set later
+# (benchmarks compare both). Other types: one kernel for each layout (see `kernel_weight`).
 MATVEC_PATHS = ("vec", "words")
+MATVEC_PATH_TYPES = (T.Q4_K, T.Q5_K)  # the types `matvec_path` chooses for
 matvec_path = os.environ.get("HARNESS_MATVEC", "vec")
 
 # How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
@@ -219,8 +221,8 @@ def _max_magnitude(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> floa
     peak = torch.zeros((), device=raw.device)
     for lo in range(0, rows.shape[0], step):
         part = rows[lo : lo + step]
-        values = dequant.dequantize(part, qtype, (part.shape[0], in_features), torch.float32)
-        peak = torch.maximum(peak, values.abs().nan_to_num(nan=float("inf")).amax())
+        low, high = dequant.dequantize(part, qtype, (part.shape[0], in_features), torch.float32).aminmax()
+        peak = torch.maximum(peak, torch.maximum(-low, high))
     return float(peak)
 
 
@@ -500,10 +502,10 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _q4_k_dot_vec(wq, roww, sb, xp, xsum_p, BN: tl.constexpr):
-        """[BN, 4, 8] partial dot products of super-block sb of BN Q4_K rows with x (prepared by
-        `_vec_x`); the row's product is their sum times 2^29 times the row's x power. Fewer instructions
-        per byte than `_q4_k_dot`:
+    def _q4_k_dot_vec(wq, roww, sb, xp, xsum_p, BN: tl.constexpr, Q5: tl.constexpr = False):
+        """[BN, 4, 8] partial dot products of super-block sb of BN Q4_K (Q5: Q5_K) rows with x
+        (prepared by `_vec_x`); the row's product is their sum times 2^29 times the row's x power.
+        Fewer instructions per byte than `_q4_k_dot`:
         - x comes permuted: for each group g, nibble h and byte b, the values of the 8 words w
           (64g + 32h + 4w + b) are adjacent, so x loads in the words' own layout, four floats at
           a time, and nothing moves between threads until the loop ends;
@@ -513,8 +515,14 @@ if triton is not None:
           multiplied by 2^(120 - at), so every product is q * x * 2^-29 (x divided by a power
           of two >= its largest magnitude, so nothing overflows);
         - the min term uses sum(x) per sub-block from xsum, in the products' units (x * 2^-29).
-        Block words: 0 = d | dmin << 16, 1..3 = scales[12], 4 + 8g + w = qs[32g + 4w .. + 3]."""
-        blk = roww[:, None] + sb * 36  # [BN, 1] in words
+        - Q5_K: the fifth bit of value 64g + 32h + 4w + b (sub-block j = 2g + h) is bit j of qh
+          byte 4w + b, bit 8b + j of qh word w: masked alone it is the float 2^(bt - 149) for
+          its bit bt <= 24 (one shift of the word by 12 for byte 3), which one multiply takes to
+          16 * 2^(at - 149), the nibble's place, before the nibble is added (all exact).
+        Block words: 0 = d | dmin << 16, 1..3 = scales[12], (Q5_K: 4 + w = qh[4w .. + 3]), then
+        8g + w = qs[32g + 4w .. + 3]."""
+        QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
+        blk = roww[:, None] + sb * (44 if Q5 else 36)  # [BN, 1] in words
         head = tl.load(wq + blk)
         d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -523,8 +531,11 @@ if triton is not None:
         s3 = tl.load(wq + blk + 3)
         g = tl.arange(0, 4)[None, :]  # [1, 4]
         w = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
-        words = tl.load(wq + blk[:, :, None] + 4 + 8 * g[:, :, None] + w)  # [BN, 4, 8]
+        words = tl.load(wq + blk[:, :, None] + QS + 8 * g[:, :, None] + w)  # [BN, 4, 8]
         high = words >> 12  # nibbles at bits 20, 24, 28 now at 8, 12, 16
+        if Q5:
+            qh = tl.load(wq + blk[:, :, None] + 4 + 0 * g[:, :, None] + w)  # [BN, 4, 8], same for each g
+            qh_high = qh >> 12
         xg = xp + sb * 256 + 64 * g[:, :, None] + w  # [1, 4, 8]
         acc = tl.zeros((BN, 4, 8), dtype=tl.float32)
         for h in tl.static_range(2):
@@ -534,7 +545,12 @@ if triton is not None:
             for byte in tl.static_range(4):
                 at = 8 * byte + 4 * h  # the nibble's lowest bit in the word
                 src = words if at <= 16 else high
-                f = (src & (0xF << (at if at <= 16 else at - 12))).to(tl.float32, bitcast=True)
+                at_ = at if at <= 16 else at - 12
+                f = (src & (0xF << at_)).to(tl.float32, bitcast=True)
+                if Q5:
+                    bt = 8 * byte + j[:, :, None] - (12 if byte == 3 else 0)  # [1, 4, 1]
+                    fh = ((qh_high if byte == 3 else qh) & (1 << bt)).to(tl.float32, bitcast=True)
+                    f = fh * _pow2(at_ + 4 - bt) + f
                 part += f * tl.load(xg + 32 * h + 8 * byte)
             xs = tl.load(xsum_p + sb * 8 + j)[:, :, None]  # [1, 4, 1] sum(x) of sub-block j
             # d*sc*sum(q*x) - dmin*m*sum(x) per sub-block; the x-sum term goes on w = 0 only
@@ -746,6 +762,10 @@ if triton is not None:
                 acc3 += _q8_0_dot_vec(w_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
                 if GATED:
                     acc3_u += _q8_0_dot_vec(u_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
+            elif QT == 13 and VEC:  # Q5_K, wide loads (176-byte blocks are 16-byte aligned)
+                acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN, True)
+                if GATED:
+                    acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN, True)
             elif QT == 12:  # Q4_K
                 acc += _q4_k_dot(w_ptr, rowb // 4, sb, xp, BN)
                 if GATED:
@@ -981,7 +1001,7 @@ def _product(
     lut = kernels.iq4_table(x.device) if qtype == T.IQ4_XS else out
     with _launch_device(x.device):
         if n_pairs <= MATVEC_MAX_ROWS:
-            vec = (_matvec_path() == "vec" and qtype == T.Q4_K) or packed
+            vec = (_matvec_path() == "vec" and qtype in MATVEC_PATH_TYPES) or packed
             cfg = PACKED_MATVEC_CONFIG[qtype] if packed else MATVEC_CONFIG[qtype]
             bn, warps = cfg["BN"], cfg["num_warps"]
             tiles = triton.cdiv(out_features, bn) * n_pairs
@@ -1005,10 +1025,8 @@ def _product(
             if splits > 1:
                 torch.sum(part, 0, out=out)
         elif _prefill_path() == "dequant" and not wide:
-            if packed:  # the GGUF blocks again, for the dequantization kernels (a transient copy)
-                w, u = unpack(w, qtype), (unpack(u, qtype) if gated else None)
             return _product_dequantized(
-                x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None
+                x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None, packed
             )
         else:
             cfg = MATMAT_CONFIG[qtype]
@@ -1082,21 +1100,27 @@ def _product_dequantized(
     experts: torch.Tensor | None,
     x_div: int,
     scale: torch.Tensor | None,
+    packed: bool,
 ) -> torch.Tensor:
     """`_product` for many rows, written into `out` [P, N]: weights dequantized to float16 (bounded
-    scratch), products on tensor cores with float32 accumulation. A dense weight (experts None,
+    scratch; a packed weight is unpacked a chunk at a time, a transient copy of its blocks, for
+    the dequantization kernels), products on tensor cores with float32 accumulation. A dense weight (experts None,
     x_div 1) goes to torch.matmul; routed pairs to `_grouped_kernel`, launched once per chunk of
     experts, each launch skipping the row blocks of other experts (no host read of the routing)."""
     n_pairs, n_out = out.shape
     in_features = x.shape[1]
     xh, peak = _scaled_half(x)
     mats = [w] if u is None else [w, u]
+
+    def blocks(m: torch.Tensor) -> torch.Tensor:
+        return unpack(m, qtype) if packed else m
+
     results = []
     if experts is None:
         if x_div != 1:  # every row of x stands for x_div pairs
             xh, peak = xh.repeat_interleave(x_div, 0), peak.repeat_interleave(x_div)
         for m in mats:
-            wh = kernels.dequantize(m[0], qtype, (n_out, in_features), torch.float16)
+            wh = kernels.dequantize(blocks(m[0]), qtype, (n_out, in_features), torch.float16)
             results.append(torch.matmul(xh, wh.T).float() * peak[:, None])
             del wh  # the scratch goes back to the allocator before the next one is made
     else:
@@ -1110,7 +1134,7 @@ def _product_dequantized(
             y = out if len(mats) == 1 else torch.empty_like(out)
             for lo in range(0, n_experts, chunk):
                 hi = min(lo + chunk, n_experts)
-                wh = kernels.dequantize(m[lo:hi], qtype, (hi - lo, n_out, in_features), torch.float16)
+                wh = kernels.dequantize(blocks(m[lo:hi]), qtype, (hi - lo, n_out, in_features), torch.float16)
                 _grouped_kernel[grid](
                     xh, peak, wh, y, sorted_ids, block_expert, n_out, in_features, n_pairs, x_div, lo, hi,
                     BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
