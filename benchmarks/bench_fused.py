@@ -5,9 +5,12 @@ device-to-device copy measured in the same run. Writes JSON; asserts nothing.
 
 Rows: `harness::qmatmul` at 1 token (matrix-vector) and 512 tokens (prefill) per type, and
 `harness::moe_ffn` for one layer (8 experts, 2 used) at 1 and 512 tokens. Where the fused module
-has two ways to compute a row (the matrix-vector kernel's Q4_K reads, `fused.MATVEC_PATHS`; the
-prefill paths, `fused.PREFILL_PATHS`; the first of each is the default), both run in this one
-process and `comparisons` gives old_ms / new_ms and the NMSE of the new output against the old.
+has two ways to compute a row (the matrix-vector kernel's Q4_K and Q5_K reads,
+`fused.MATVEC_PATHS`; the prefill paths, `fused.PREFILL_PATHS`; the first of each is the
+default), both run in this one process and `comparisons` gives old_ms / new_ms and the NMSE of
+the new output against the old.
+A weight the kernels read repacked (`fused.packs`: Q6_K, Q8_0) is also timed in GGUF's own
+layout, the old read ("packed" new, "gguf" old), with the default kernel choices.
 For a memory-bound row, `fraction_of_copy` is the weight bytes it reads over the time, divided
 by the copy rate.
 """
@@ -45,7 +48,9 @@ SHAPES = [
     (T.Q4_K, 14336, 4096),
     (T.Q4_K, 4096, 14336),
     (T.Q6_K, 32000, 4096),
+    (T.Q6_K, 4096, 14336),
     (T.Q8_0, 1024, 4096),
+    (T.Q5_K, 4096, 4096),
     (T.Q4_K, 4096, 4096),
 ]
 TOKENS = (1, 512)
@@ -119,10 +124,10 @@ def kernel_choice(rows: int, choice: str):
 
 def choices(rows: int, qtypes) -> tuple[str, ...]:
     """The ways the fused module can compute a product of `rows` rows of weights of `qtypes`,
-    the default first (the matrix-vector kernel has two only for Q4_K)."""
+    the default first (the matrix-vector kernel has two only for Q4_K and Q5_K)."""
     if rows > fused.MATVEC_MAX_ROWS:
         return fused.PREFILL_PATHS
-    return fused.MATVEC_PATHS if T.Q4_K in qtypes else fused.MATVEC_PATHS[:1]
+    return fused.MATVEC_PATHS if set(qtypes) & set(fused.MATVEC_PATH_TYPES) else fused.MATVEC_PATHS[:1]
 
 
 def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -177,14 +182,26 @@ def main(argv: list[str] | None = None) -> int:
         """Time `fn` under each kernel choice for its rows (the default only with
         --default-only); with two, add the comparison of the default (new) with the other (old)."""
         ways = choices(n_rows, qtypes)[: 1 if args.default_only else None]
+        named = len(choices(n_rows, qtypes)) > 1
+
+        def under(way):
+            def run():
+                with kernel_choice(n_rows, way):
+                    return fn()
+
+            return run
+
+        compared_ways(name, {way: under(way) for way in ways}, nbytes, flops, named)
+
+    def compared_ways(name: str, fns: dict, nbytes: int, flops: int, named: bool = True) -> None:
+        """Time each of `fns` (way -> fn, the new one first); with two, add their comparison."""
         times, outs = {}, {}
-        for way in ways:
-            with kernel_choice(n_rows, way):
-                times[way] = time_ms(fn)
-                outs[way] = fn()
-            row(f"{name} {way}" if len(choices(n_rows, qtypes)) > 1 else name, times[way], nbytes, flops)
-        if len(ways) == 2:
-            new, old = ways
+        for way, fn in fns.items():
+            times[way] = time_ms(fn)
+            outs[way] = fn()
+            row(f"{name} {way}" if named else name, times[way], nbytes, flops)
+        if len(fns) == 2:
+            new, old = fns
             c = {
                 "name": name,
                 "new": new,
@@ -201,24 +218,31 @@ def main(argv: list[str] | None = None) -> int:
 
     for qtype, n, k in SHAPES:
         w = random_weight(qtype, n, k, device=dev)
+        kw, code = fused.kernel_weight(w, qtype, k)  # as the model hands it to the op
         for t in TOKENS:
             x = torch.randn(t, k, device=dev)
-            compared(
-                f"qmatmul {qtype.name} {n}x{k} T={t}",
-                t,
-                (qtype,),
-                lambda x=x, w=w, qtype=qtype, n=n: torch.ops.harness.qmatmul(x, w, int(qtype), n),
-                w.numel(),
-                2 * t * n * k,
-            )
-        if args.sweep:
-            saved = dict(fused.MATVEC_CONFIG[qtype]), dict(fused.MATMAT_CONFIG[qtype])
+            name = f"qmatmul {qtype.name} {n}x{k} T={t}"
+
+            def product(x=x, w=kw, code=code, n=n):
+                return torch.ops.harness.qmatmul(x, w, code, n)
+
+            compared(name, t, (qtype,), product, w.numel(), 2 * t * n * k)
+            if code & fused.PACKED and not args.default_only:
+
+                def gguf_layout(x=x, w=w, qtype=qtype, n=n):
+                    return torch.ops.harness.qmatmul(x, w, int(qtype), n)
+
+                ways = {"packed": product, "gguf": gguf_layout}
+                compared_ways(f"{name} layout", ways, w.numel(), 2 * t * n * k)
+        if args.sweep:  # the matrix-vector configurations of the layout the model uses
+            matvec = fused.PACKED_MATVEC_CONFIG if code & fused.PACKED else fused.MATVEC_CONFIG
+            saved = dict(matvec[qtype]), dict(fused.MATMAT_CONFIG[qtype])
             x = torch.randn(1, k, device=dev)
             for bn in (8, 16, 32, 64):
                 for warps in (1, 2, 4, 8):
-                    fused.MATVEC_CONFIG[qtype].update(BN=bn, num_warps=warps)
+                    matvec[qtype].update(BN=bn, num_warps=warps)
                     ms = try_time_ms(
-                        lambda x=x, w=w, qtype=qtype, n=n: torch.ops.harness.qmatmul(x, w, int(qtype), n)
+                        lambda x=x, w=kw, code=code, n=n: torch.ops.harness.qmatmul(x, w, code, n)
                     )
                     row(f"  sweep BN={bn} warps={warps} {qtype.name} {n}x{k} T=1", ms, w.numel(), 2 * n * k)
             x = torch.randn(512, k, device=dev)
@@ -233,13 +257,33 @@ def main(argv: list[str] | None = None) -> int:
                     w.numel(),
                     2 * 512 * n * k,
                 )
-            fused.MATVEC_CONFIG[qtype].update(saved[0])
+            matvec[qtype].update(saved[0])
             fused.MATMAT_CONFIG[qtype].update(saved[1])
 
     e, d, f = MOE_SHAPE
     gate, up = random_weight(T.Q4_K, e, f, d, device=dev), random_weight(T.Q4_K, e, f, d, device=dev)
     down = random_weight(T.Q4_K, e, d, f, device=dev)
     per_expert = (gate.numel() + up.numel() + down.numel()) // e
+    # A layer whose down stack is Q6_K (about a third of a Q4_K_M file's layers): repacked, against
+    # GGUF's layout.
+    down6 = random_weight(T.Q6_K, e, d, f, device=dev)
+    down6_packed, code6 = fused.kernel_weight(down6, T.Q6_K, f)
+    per_expert6 = (gate.numel() + up.numel() + down6.numel()) // e
+    for t in TOKENS:
+        x = torch.randn(t, d, device=dev)
+        experts = torch.stack([torch.randperm(e, device=dev)[:2] for _ in range(t)])
+        weights = torch.rand(t, 2, device=dev).softmax(-1)
+        ways = {}
+        for way, w2, c2 in (("packed", down6_packed, code6), ("gguf", down6, int(T.Q6_K))):
+
+            def moe6(x=x, experts=experts, weights=weights, w2=w2, c2=c2):
+                return torch.ops.harness.moe_ffn(x, gate, up, w2, weights, experts, int(T.Q4_K), c2)
+
+            ways[way] = moe6
+        if args.default_only:
+            ways.pop("gguf")
+        name = f"moe_ffn Q4_K/Q6_K E={e} k=2 D={d} F={f} T={t} layout"
+        compared_ways(name, ways, per_expert6 * (2 if t == 1 else e), 2 * 3 * t * 2 * d * f)
     for t in TOKENS:
         x = torch.randn(t, d, device=dev)
         experts = torch.stack([torch.randperm(e, device=dev)[:2] for _ in range(t)])

@@ -40,6 +40,21 @@ def _random_weight(qtype, rows: int, cols: int, rng: np.random.Generator) -> tor
     return torch.from_numpy(raw.reshape(rows, -1))
 
 
+def _extreme_weight(qtype, rows: int, cols: int, rng: np.random.Generator) -> torch.Tensor:
+    """[rows, row_bytes] random blocks whose f16 fields are drawn from float16's extremes (its
+    largest, a subnormal, zero, both signs) and ordinary values: products near float32's and
+    float16's limits, and values beyond float16's range."""
+    from harness.quant.types import F16_FIELDS, block_size, type_size
+
+    nblocks = rows * cols // block_size(qtype)
+    raw = rng.integers(0, 256, size=(nblocks, type_size(qtype)), dtype=np.uint8)
+    choices = np.array([65504.0, -65504.0, 6e-8, -6e-8, 0.0, 0.5, -1.0, 3.0], dtype=np.float16)
+    for off in F16_FIELDS[qtype]:
+        halves = choices[rng.integers(0, len(choices), nblocks)]
+        raw[:, off : off + 2] = halves.view(np.uint8).reshape(nblocks, 2)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
 def _dequant(raw: torch.Tensor, qtype, rows: int, cols: int) -> torch.Tensor:
     from harness.quant.dequant import dequantize
 
@@ -62,20 +77,35 @@ def run_cases(device: str, small: bool) -> list[dict]:
     tokens = (1, 5, 17) if small else (1, 5, 17, 129, 512)
     rows, cols = (19, 256) if small else (333, 1024)
     results = []
-    for qtype in fused.FUSED_TYPES:
-        raw = _random_weight(qtype, rows, cols, rng)
-        w = _dequant(raw, qtype, rows, cols)
+    for qtype, width, layout in _weight_cases(cols, small):
+        raw = _random_weight(qtype, rows, width, rng)
+        w = _dequant(raw, qtype, rows, width)
+        kraw, code = _prepared(raw, qtype, width, layout)
         for t in tokens:
-            x = torch.randn(t, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-            for path in _paths(t, qtype == GGMLType.Q4_K):
+            x = torch.randn(t, width, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+            for path in _paths(t, qtype in fused.MATVEC_PATH_TYPES):
                 with _kernels(path):
-                    out = torch.ops.harness.qmatmul(x.to(device), raw.to(device), int(qtype), rows)
+                    out = torch.ops.harness.qmatmul(x.to(device), kraw.to(device), code, rows)
                 results.append(
                     {
-                        "case": f"qmatmul {qtype.name} T={t} N={rows} {path}",
+                        "case": f"qmatmul {qtype.name} {layout} T={t} N={rows} {path}",
                         "nmse": _nmse(out, x.double() @ w.T),
                     }
                 )
+
+    # Extreme scales (values far beyond float16's range: WIDE), in each layout the kernels read.
+    for qtype, cols_, layout in _extreme_cases(cols, small):
+        raw = _extreme_weight(qtype, rows, cols_, rng)
+        w = _dequant(raw, qtype, rows, cols_)
+        kraw, code = _prepared(raw, qtype, cols_, layout)
+        assert code & fused.WIDE, (qtype, cols_)
+        for t in (1, 17):
+            x = torch.randn(t, cols_, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+            for path in _paths(t, qtype in fused.MATVEC_PATH_TYPES):
+                with _kernels(path):
+                    out = torch.ops.harness.qmatmul(x.to(device), kraw.to(device), code, rows)
+                name = f"qmatmul extreme {qtype.name} {layout} T={t} {path}"
+                results.append({"case": name, "nmse": _nmse(out, x.double() @ w.T)})
 
     # RMSNorm and rope, against the model's torch path (rope bit for bit: same rounded ops).
     from harness.model.mixtral import rope_tables
@@ -110,20 +140,27 @@ def run_cases(device: str, small: bool) -> list[dict]:
     # MoE: E experts, k=2; gate/up [F, D], down [D, F]. Routings: random, all tokens on experts
     # 0 and 1 (the others get none; 0 and 1 get every token).
     n_exp, k = 4, 2
-    dim, ffn = (256, 512) if small else (512, 768)
-    # The second pair's float16 scratch holds one expert at a time: its grouped launches take the
-    # experts one by one, each skipping the other experts' rows.
-    one_expert = ffn * dim * 2
-    for gu_type, down_type, scratch in (
-        (GGMLType.Q4_K, GGMLType.Q6_K, fused.SCRATCH_MAX_BYTES),
-        (GGMLType.Q8_0, GGMLType.Q4_K, one_expert),
+    dim = 256 if small else 512
+    # The second pair's float16 scratch holds one expert at a time (None): its grouped launches
+    # take the experts one by one, each skipping the other experts' rows.
+    for gu_type, down_type, ffn, scratch in (
+        # Q6_K down rows: GGUF's layout at 512, packed at 2048 (under the interpreter a module test
+        # runs a packed Q6_K down); Q8_0 gate/up: packed
+        (GGMLType.Q4_K, GGMLType.Q6_K, 512 if small else 2048, fused.SCRATCH_MAX_BYTES),
+        (GGMLType.Q8_0, GGMLType.Q4_K, 512 if small else 768, None),
     ):
+        scratch = scratch or ffn * dim * 2
         gate = torch.stack([_random_weight(gu_type, ffn, dim, rng) for _ in range(n_exp)])
         up = torch.stack([_random_weight(gu_type, ffn, dim, rng) for _ in range(n_exp)])
         down = torch.stack([_random_weight(down_type, dim, ffn, rng) for _ in range(n_exp)])
         wg = [_dequant(gate[e], gu_type, ffn, dim) for e in range(n_exp)]
         wu = [_dequant(up[e], gu_type, ffn, dim) for e in range(n_exp)]
         wd = [_dequant(down[e], down_type, dim, ffn) for e in range(n_exp)]
+        (gate, gu_code), (up, _), (down, down_code) = (
+            fused.kernel_weight(gate, gu_type, dim),
+            fused.kernel_weight(up, gu_type, dim),
+            fused.kernel_weight(down, down_type, ffn),
+        )
         for t in tokens:
             x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
             for routing in ("random", "two experts take all"):
@@ -148,10 +185,11 @@ def run_cases(device: str, small: bool) -> list[dict]:
                             down.to(device),
                             weights.to(device),
                             experts.to(device),
-                            int(gu_type),
-                            int(down_type),
+                            gu_code,
+                            down_code,
                         )
-                    name = f"moe_ffn {gu_type.name}/{down_type.name} T={t} {routing} {path}"
+                    layout = "packed" if (gu_code | down_code) & fused.PACKED else "gguf"
+                    name = f"moe_ffn {gu_type.name}/{down_type.name} {layout} T={t} {routing} {path}"
                     results.append({"case": name, "nmse": _nmse(out, ref)})
     return results
 
@@ -173,15 +211,20 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
         rows = (n_heads * hd, n_kv * hd, n_kv * hd)
         raws = [_random_weight(q, r, dim, rng) for q, r in zip(types, rows, strict=True)]
         refs = [_dequant(w, q, r, dim) for w, q, r in zip(raws, types, rows, strict=True)]
-        for packed in (False, True):
-            on_device = [w.to(device) for w in raws]
-            if packed:
-                on_device = fused.pack_rows(on_device, list(types))
+        # GGUF's blocks apart, in one buffer, and in the kernels' layout (as the model hands them:
+        # `kernel_weight`'s codes, Q8_0 repacked) in one buffer
+        for layout in ("apart", "one buffer", "kernel layout"):
+            on_device, codes = [w.to(device) for w in raws], list(map(int, types))
+            if layout == "kernel layout":
+                prepared = [fused.kernel_weight(w, q, dim) for w, q in zip(on_device, types, strict=True)]
+                on_device, codes = [w for w, _ in prepared], [c for _, c in prepared]
+            if layout != "apart":
+                on_device = fused.pack_rows(on_device, codes)
             for t in tokens:
                 x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-                outs = torch.ops.harness.qkv(x.to(device), *on_device, *map(int, types))
+                outs = torch.ops.harness.qkv(x.to(device), *on_device, *codes)
                 for part, out, ref in zip("qkv", outs, refs, strict=True):
-                    name = f"qkv {part} {'/'.join(q.name for q in types)} T={t} packed={packed}"
+                    name = f"qkv {part} {'/'.join(q.name for q in types)} T={t} {layout}"
                     results.append({"case": name, "nmse": _nmse(out, x.double() @ ref.T)})
 
     for t in tokens:
@@ -254,14 +297,51 @@ def _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start):
     return out.reshape(t, n_heads * hd), cache_k, cache_v
 
 
-def _paths(rows: int, q4_k: bool) -> tuple[str, ...]:
+def _weight_cases(cols: int, small: bool) -> list:
+    """(type, row length, layout) of the qmatmul cases: every type with a kernel at `cols` in
+    GGUF's layout (as a module built elsewhere and moved hands it), and each type the kernels
+    read repacked (`fused.packs`) in that layout, at `cols` or at a row length it packs at."""
+    from harness.quant import fused
+
+    packed_cols = 2048 if small else 4096
+    cases = [(q, cols, "gguf") for q in fused.FUSED_TYPES]
+    for q in fused.FUSED_TYPES:
+        width = cols if fused.packs(q, cols) else packed_cols
+        if fused.packs(q, width):
+            cases.append((q, width, "packed"))
+    return cases
+
+
+def _extreme_cases(cols: int, small: bool) -> list:
+    """(type, row length, layout) of the extreme-scale cases: both layouts of Q8_0, packed Q6_K."""
+    from harness.quant.types import GGMLType
+
+    return [
+        (GGMLType.Q8_0, cols, "gguf"),
+        (GGMLType.Q8_0, cols, "packed"),
+        (GGMLType.Q6_K, 2048 if small else 4096, "packed"),
+    ]
+
+
+def _prepared(raw: torch.Tensor, qtype, cols: int, layout: str) -> tuple[torch.Tensor, int]:
+    """A weight as a module hands it to the ops (`fused.kernel_weight`), or in GGUF's layout."""
+    from harness.quant import fused
+
+    kraw, code = fused.kernel_weight(raw, qtype, cols)
+    if layout == "gguf":
+        return raw, code & ~fused.PACKED
+    assert code & fused.PACKED, (qtype, cols)
+    return kraw, code
+
+
+def _paths(rows: int, two_reads: bool) -> tuple[str, ...]:
     """The kernel choices that serve a product of `rows` rows: each way the matrix-vector kernel
-    reads Q4_K (when `q4_k`: a Q4_K weight takes part), or each prefill path."""
+    reads Q4_K and Q5_K (when `two_reads`: such a weight takes part), or each prefill path."""
     from harness.quant import fused
 
     if rows > fused.MATVEC_MAX_ROWS:
         return tuple(f"prefill={p}" for p in fused.PREFILL_PATHS)
-    return tuple(f"matvec={p}" for p in fused.MATVEC_PATHS) if q4_k else ("matvec",)
+    return tuple(f"matvec={p}" for p in fused.MATVEC_PATHS) if two_reads else ("matvec",)
 
 
 @contextlib.contextmanager
@@ -286,13 +366,21 @@ def _kernels(path: str, scratch: int | None = None):
 def expected_case_count(small: bool) -> int:
     """How many results run_cases gives."""
     from harness.quant import fused
-    from harness.quant.types import GGMLType
 
     tokens = (1, 5, 17) if small else (1, 5, 17, 129, 512)
-    qmatmul = sum(len(_paths(t, qtype == GGMLType.Q4_K)) for t in tokens for qtype in fused.FUSED_TYPES)
+    qmatmul = sum(
+        len(_paths(t, qtype in fused.MATVEC_PATH_TYPES))
+        for t in tokens
+        for qtype, _, _ in _weight_cases(256, small)
+    )
     moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
-    decode_ops = 2 * 2 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
-    return qmatmul + 3 * len(tokens) + decode_ops + moe
+    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
+    extreme = sum(
+        len(_paths(t, q in fused.MATVEC_PATH_TYPES))
+        for t in (1, 17)
+        for q, _, _ in _extreme_cases(256, small)
+    )
+    return qmatmul + extreme + 3 * len(tokens) + decode_ops + moe
 
 
 # ---- CPU: Triton's interpreter ---------------------------------------------------------------
@@ -315,10 +403,158 @@ def interpreted():
 def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
 
     assert len(interpreted) == expected_case_count(small=True)
+    assert any(" packed " in r["case"] and "matvec" in r["case"] for r in interpreted)
+    assert any(r["case"].startswith("moe_ffn Q8_0/Q4_K packed") for r in interpreted)
     paths = {r["case"].split()[-1] for r in interpreted if r["case"].startswith("moe_ffn")}
     assert paths == {"matvec=vec", "matvec=words", "prefill=dequant", "prefill=tiled"}
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
+
+
+@pytest.mark.parametrize(
+    "qtype, planes",
+    [
+        ("Q6_K", ((0, 128), (128, 64), (192, 16), (208, 2))),  # ql | qh | scales (reordered) | d
+        ("Q8_0", ((2, 32), (0, 2))),  # qs | d
+    ],
+)
+def test_packed_layout_moves_the_gguf_bytes_and_dequantizes_bit_for_bit(qtype, planes):
+    """`fused.pack` (rows as planes of one block field each) moves bytes only: each plane holds
+    its field of every block, `unpack` gives the GGUF bytes back, and gguf-py dequantizes them
+    to the same bits, for odd row counts, expert stacks and extreme scales."""
+    gguf = pytest.importorskip("gguf")
+    from harness.quant import fused
+    from harness.quant.dequant import dequantize
+    from harness.quant.types import GGMLType, block_size, type_size
+
+    qtype = GGMLType[qtype]
+    rng = np.random.default_rng(7)
+    for shape in ((1, 2048), (7, 2048), (33, 4096), (3, 5, 2048)):
+        for make in (_random_weight, _extreme_weight):
+            raw = make(qtype, int(np.prod(shape[:-1])), shape[-1], rng).reshape(*shape[:-1], -1)
+            packed = fused.pack(raw, qtype)
+            assert packed.shape == raw.shape and packed.dtype == torch.uint8 and not torch.equal(packed, raw)
+            n = shape[-1] // block_size(qtype)
+            blocks = raw.reshape(-1, n, type_size(qtype))
+            rows = packed.reshape(-1, n * type_size(qtype))
+            at = 0
+            for first, size in planes:
+                plane = rows[:, at * n : (at + size) * n].reshape(-1, n, size)
+                field = blocks[..., first : first + size]
+                if size == 16:  # Q6_K's scales: plane byte 4f + 2c + h is scale 8c + 2f + h
+                    plane = plane.reshape(-1, n, 4, 2, 2).permute(0, 1, 3, 2, 4).reshape(-1, n, 16)
+                assert torch.equal(plane, field), (first, size)
+                at += size
+            back = fused.unpack(packed, qtype)
+            assert torch.equal(back, raw)
+            ours = dequantize(back, qtype, shape, torch.float32).numpy()
+            theirs = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(int(qtype))).reshape(shape)
+            assert np.array_equal(ours.view(np.uint32), theirs.astype(np.float32).view(np.uint32))
+
+
+def test_kernel_weight_packs_where_rows_align_and_marks_values_beyond_float16():
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    rng = np.random.default_rng(3)
+    q6 = GGMLType.Q6_K
+    raw = _random_weight(q6, 5, 2048, rng)
+    packed, code = fused.kernel_weight(raw, q6, 2048)
+    assert code == int(q6) | fused.PACKED and torch.equal(fused.gguf_blocks(packed, code), raw)
+    odd = _random_weight(q6, 5, 768, rng)  # 3 super-blocks: 630-byte rows, not 16-byte aligned
+    same, code = fused.kernel_weight(odd, q6, 768)
+    assert same is odd and code == int(q6) and fused.gguf_blocks(same, code) is odd
+    assert not fused.packs(GGMLType.Q4_K, 4096) and fused.packs(q6, 4096) and not fused.packs(q6, 256)
+    huge = _extreme_weight(GGMLType.Q4_K, 5, 256, rng)
+    assert fused.kernel_weight(huge, GGMLType.Q4_K, 256)[1] == int(GGMLType.Q4_K) | fused.WIDE
+    # largest value 65504 * 127 / 127: exactly float16's largest, not beyond it
+    edge = torch.zeros(1, 34, dtype=torch.uint8)
+    edge[0, :2] = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
+    edge[0, 2] = 0x7F
+    assert fused.kernel_weight(edge, GGMLType.Q8_0, 32)[1] == int(GGMLType.Q8_0)
+
+
+_INTERPRETED_PACKED_MODULES = """
+import json, sys, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from test_quant_fused import _extreme_weight, _random_weight
+from harness.model.mixtral import Experts
+from harness.quant import fused
+from harness.quant.qmatmul import QMatMul
+from harness.quant.qtensor import QTensor
+from harness.quant.types import GGMLType
+from harness.trace.tracer import Tracer
+
+rng = np.random.default_rng(11)
+q6, q4 = GGMLType.Q6_K, GGMLType.Q4_K
+nmse = lambda a, b: float(((a.double() - b.double()) ** 2).sum() / (b.double() ** 2).sum())
+raw = _random_weight(q6, 5, 2048, rng)
+head = QMatMul(QTensor(raw, q6, (5, 2048), "output.weight"))
+x = torch.randn(3, 2048)
+with Tracer(head, keep_events=True) as tracer:
+    y = head(x[:1])
+ops = [[e.op, list(e.tensors or ())] for e in tracer.events if not e.alias]
+with fused.disabled():
+    y_torch = head(x[:1])
+wide = QMatMul(QTensor(_extreme_weight(q6, 5, 2048, rng), q6, (5, 2048), "wide"))
+x9 = torch.randn(9, 2048)
+with fused.disabled():
+    wide_torch = wide(x9)
+gate = [QTensor(_random_weight(q4, 2048, 256, rng), q4, (2048, 256), f"g{e}") for e in range(3)]
+up = [QTensor(_random_weight(q4, 2048, 256, rng), q4, (2048, 256), f"u{e}") for e in range(3)]
+down = [QTensor(_random_weight(q6, 256, 2048, rng), q6, (256, 2048), f"d{e}") for e in range(3)]
+experts = Experts(gate, up, down, torch.device("cpu"))
+xe, chosen, weights = torch.randn(1, 256), torch.tensor([[2, 0]]), torch.tensor([[0.75, 0.25]])
+with Tracer(experts, keep_events=True) as tracer:
+    ye = experts(xe, weights, chosen)
+moe_ops = [[e.op, sorted(e.tensors or ())] for e in tracer.events if not e.alias]
+with fused.disabled():
+    ye_torch = experts(xe, weights, chosen)
+print(json.dumps({
+    "code": head.kernel_qtype,
+    "gguf_bytes": torch.equal(head.qtensor.raw, raw),
+    "buffer_packed": not torch.equal(head.qweight, raw),
+    "ops": ops,
+    "nmse": nmse(y, y_torch),
+    "wide_code": wide.kernel_qtype,
+    "wide_nmse": nmse(wide(x9), wide_torch),
+    "experts_codes": experts.kernel_qtypes,
+    "moe_ops": moe_ops,
+    "moe_nmse": nmse(ye, ye_torch),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_modules_hand_the_ops_packed_weights_and_keep_the_gguf_bytes_for_the_torch_path():
+    """Under the interpreter (the kernels run on the CPU), QMatMul and Experts keep a Q6_K weight
+    of 2048-value rows packed: the op reads it and the trace names the GGUF tensor, the torch
+    path (kernels disabled) gets the GGUF bytes back and agrees; a weight beyond float16's range
+    is marked WIDE and its prefill is right."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED_PACKED_MODULES, str(REPO / "tests")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    q6 = int(GGMLType.Q6_K)
+    assert seen["code"] == q6 | fused.PACKED and seen["gguf_bytes"] and seen["buffer_packed"]
+    assert seen["ops"] == [["harness.qmatmul.default", ["output.weight"]]]
+    assert seen["nmse"] <= NMSE_MAX
+    assert seen["wide_code"] == q6 | fused.PACKED | fused.WIDE and seen["wide_nmse"] <= NMSE_MAX
+    assert seen["experts_codes"] == {
+        "w1": int(GGMLType.Q4_K),
+        "w3": int(GGMLType.Q4_K),
+        "w2": q6 | fused.PACKED,
+    }
+    [op] = [o for o in seen["moe_ops"] if "moe_ffn" in o[0]]
+    assert sorted(op[1]) == sorted(f"{k}{e}" for k in "gud" for e in range(3))
+    assert seen["moe_nmse"] <= NMSE_MAX
 
 
 def test_cpu_tensors_raise_a_device_error_without_the_interpreter():

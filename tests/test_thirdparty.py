@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from harness import faults
-from tests.thirdparty import GRAD_MODES, MODELS, PLACEMENTS, one_thread, trace_run  # noqa: F401
+from tests.thirdparty import GRAD_MODES, MODELS, PLACEMENTS, hf_common, one_thread, trace_run  # noqa: F401
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("one_thread")]
 
@@ -85,3 +85,30 @@ def test_generic_fault_is_found_at_its_module(model, placement, mode, fault):
         # reads its attention weights itself): what the fault left in place is found instead,
         # its weight parked on the CPU.
         assert fault == "weight-uploaded-per-call" and result.first[0] == "mismatch", result.describe()
+
+
+def test_a_model_loaded_with_device_map_auto_and_offloaded_traces_clean(tmp_path):
+    """transformers' from_pretrained(device_map="auto") as users call it: the weights go to the
+    devices accelerate picks (numbers, not names), in a thread pool, and what does not fit waits
+    on the CPU and comes in for each call: declared offload traffic, not a bug."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from harness.trace import Tracer
+
+    tiny = dict(hf_common(), num_hidden_layers=4)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**tiny)).save_pretrained(tmp_path)
+    gpus = min(torch.cuda.device_count(), 2)
+    max_memory = {i: "60KB" for i in range(gpus)} | {"cpu": "1GB"}
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map="auto", max_memory=max_memory, use_kernels=False
+    ).eval()
+    placed = set(model.hf_device_map.values())
+    assert "cpu" in placed and 0 in placed, model.hf_device_map
+    tracer = Tracer(model, keep_events=True)
+    with torch.no_grad(), tracer:
+        out = model.generate(torch.tensor([[3, 7, 11]], device="cuda:0"), max_new_tokens=3, do_sample=False)
+    s = tracer.summary
+    assert out.shape == (1, 6)
+    assert s.verdict == "clean", s.explanation
+    assert s.counts["ok"] > 0 and s.counts["allowed"] > 0  # the offloaded weights came in, declared

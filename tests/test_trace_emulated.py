@@ -98,6 +98,29 @@ def test_moves_between_devices(emu):
         y.numpy()
 
 
+def test_device_numbers_name_the_accelerator(emu):
+    # On a CUDA build a bare number is a CUDA device: accelerate's device maps use them.
+    assert torch.device(2) == C2
+    assert torch.nn.Linear(2, 2).to(1).weight.device == C1
+    assert torch.nn.Linear(2, 2).to(2, torch.float16).weight.dtype == torch.float16
+    assert torch.ones(2).to(3).device == torch.device("cuda", 3)
+    assert torch.zeros(2, device=1).device == C1
+
+
+def test_jobs_of_a_thread_pool_run_on_the_emulated_devices(emu):
+    # transformers' from_pretrained moves weights to their devices in a pool; torch's modes are per thread
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        moved = pool.submit(lambda t: t.to("cuda:1"), torch.arange(3.0)).result()
+        made = pool.submit(torch.ones, 2, device="cuda:2").result()
+        refused = pool.submit(torch.add, moved, torch.ones(3))
+        with pytest.raises(RuntimeError, match=SAME_DEVICE):
+            refused.result()
+    assert moved.device == C1 and torch.equal(moved.cpu(), torch.arange(3.0))
+    assert made.device == C2
+
+
 def test_a_move_copies(emu):
     x = torch.zeros(3)
     y = x.to("cuda:1")
@@ -333,3 +356,17 @@ def test_router_left_on_the_cpu_fails_as_on_cuda(tiny):
             pytest.raises(RuntimeError, match=f"{SAME_DEVICE}.*other tensors on cuda:0"),
         ):
             model(tokens)
+
+
+def test_the_device_generic_accelerator_api_answers_for_cuda(emu):
+    accelerator = torch.accelerator
+    assert accelerator.current_accelerator() == torch.device("cuda") and accelerator.is_available()
+    assert accelerator.device_count() == 4 and accelerator.current_device_index() == 0
+    with accelerator.device_index(2):
+        assert accelerator.current_device_index() == 2
+        assert torch.empty(1, device="cuda").device == C2
+    assert accelerator.current_device_index() == 0
+    accelerator.synchronize()
+    # each device's one stream, nothing pending (optimizers ask whether a graph is being captured)
+    assert not accelerator.current_stream().is_capturing() and torch.cuda.current_stream(1).device == C1
+    assert torch.cuda.current_stream().query() and not torch.cuda.is_current_stream_capturing()

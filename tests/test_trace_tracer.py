@@ -565,3 +565,22 @@ def test_a_tensor_made_on_the_device_from_python_data_is_an_upload(on):
     ]
     upload = next(e for e in tracer.events if e.cls == TRANSFER)
     assert upload.module == "inner" and upload.source.startswith("tests/test_trace_tracer.py:")
+
+
+@pytest.mark.parametrize("wait", ["torch.cuda", "torch.accelerator"])
+def test_a_host_wait_with_no_tensor_op_is_a_sync(on, wait):
+    # torch.accelerator.synchronize() reaches the runtime without torch.cuda.synchronize()
+    api = torch.cuda if wait == "torch.cuda" else torch.accelerator
+
+    class Timed(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2
+            api.synchronize()  # a leftover timing line: the host waits for the device
+            return y
+
+    model = _Outer(Timed())
+    with torch.no_grad(), Tracer(model, placement=on.device) as tracer:
+        model(torch.zeros(3).to(on.device))
+    first = tracer.summary.first_offence
+    assert (first["class"], first["module"]) == (SYNC, "inner")
+    assert first["source"].startswith("tests/test_trace_tracer.py:")

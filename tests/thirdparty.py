@@ -46,7 +46,7 @@ def _ids(tokens, device) -> tuple[tuple, dict]:
     return (), {"input_ids": ids, "attention_mask": mask, "use_cache": False}
 
 
-def _hf_common() -> dict:
+def hf_common() -> dict:
     return dict(
         vocab_size=VOCAB,
         hidden_size=D,
@@ -63,7 +63,7 @@ def hf_mixtral(seed: int = 0) -> nn.Module:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    config = MixtralConfig(**_hf_common(), num_local_experts=4, num_experts_per_tok=2)
+    config = MixtralConfig(**hf_common(), num_local_experts=4, num_experts_per_tok=2)
     return MixtralForCausalLM(config).eval()
 
 
@@ -71,7 +71,7 @@ def hf_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**_hf_common())).eval()
+    return LlamaForCausalLM(LlamaConfig(**hf_common())).eval()
 
 
 def hf_qwen2_moe(seed: int = 0) -> nn.Module:
@@ -79,7 +79,7 @@ def hf_qwen2_moe(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = Qwen2MoeConfig(
-        **_hf_common(),
+        **hf_common(),
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=32,

@@ -151,15 +151,18 @@ class Attention(nn.Module):
         c = mf.config
         self.n_heads, self.n_kv_heads, self.head_dim = c.head_count, c.head_count_kv, c.head_dim
         device = cache.k.device
-        q, k, v = (mf.tensor(f"blk.{i}.attn_{p}.weight").to(device) for p in ("q", "k", "v"))
-        if fused.runs_on(device) and not any(w.is_float for w in (q, k, v)):
-            # q, k, v of one type in one buffer, one after another: `harness::qkv` launches once
-            raws = fused.pack_rows([w.raw for w in (q, k, v)], [w.qtype for w in (q, k, v)])
-            q, k, v = (QTensor(r, w.qtype, w.shape, w.name) for r, w in zip(raws, (q, k, v), strict=True))
-        self.wq, self.wk, self.wv = (QMatMul(w, strategy) for w in (q, k, v))
+        self.cache = cache
+        self.wq, self.wk, self.wv = (
+            QMatMul(mf.tensor(f"blk.{i}.attn_{p}.weight").to(device), strategy) for p in ("q", "k", "v")
+        )
+        if self.fused():
+            # q, k, v of one layout in one buffer, one after another: `harness::qkv` launches once
+            mats = (self.wq, self.wk, self.wv)
+            raws = fused.pack_rows([m.qweight for m in mats], [m.kernel_qtype for m in mats])
+            for m, raw in zip(mats, raws, strict=True):
+                m.qweight = raw
         self.wo = QMatMul(mf.tensor(f"blk.{i}.attn_output.weight").to(device), strategy)
         self.rope = Rope(c.rope_dim, c.rope_freq_base, cache.k.shape[1], cache.k.device)
-        self.cache = cache
 
     def fused(self) -> bool:
         """Whether this call runs as `harness::qkv` and `harness::attention` (q/k/v products;
@@ -175,7 +178,7 @@ class Attention(nn.Module):
         if x.dtype == torch.float32 and self.fused():
             wq, wk, wv = self.wq, self.wk, self.wv
             q, k, v = torch.ops.harness.qkv(
-                x, wq.qweight, wk.qweight, wv.qweight, int(wq.qtype), int(wk.qtype), int(wv.qtype)
+                x, wq.qweight, wk.qweight, wv.qweight, wq.kernel_qtype, wk.kernel_qtype, wv.kernel_qtype
             )
             at = start_pos if isinstance(start_pos, torch.Tensor) else None
             out = torch.ops.harness.attention(
@@ -246,6 +249,7 @@ class Experts(nn.Module):
             "w2": [d.name for d in down],
         }
         self.meta = {}
+        self.kernel_qtypes = {}  # the `qtype` each stack goes to the fused ops with
         for attr, weights in (("w1", gate), ("w3", up), ("w2", down)):
             qtypes = {w.qtype for w in weights}
             if len(qtypes) != 1:
@@ -254,16 +258,21 @@ class Experts(nn.Module):
                     None, weights[0].name, f"experts of one layer have different types ({names})"
                 )
             self.meta[attr] = (weights[0].qtype, weights[0].shape)
-            # Stacked where the blocks are (a view for a merged file), then moved in one copy.
-            self.register_buffer(attr, _stack_raw(weights).to(device), persistent=False)
+            # Stacked where the blocks are (a view for a merged file), then moved in one copy; kept
+            # as the fused kernels read them where they run (`fused.kernel_weight`).
+            raw, qtype, cols = _stack_raw(weights).to(device), weights[0].qtype, weights[0].shape[-1]
+            self.kernel_qtypes[attr] = int(qtype)
+            if fused.supports(qtype, raw.device, cols):
+                raw, self.kernel_qtypes[attr] = fused.kernel_weight(raw, qtype, cols)
+            self.register_buffer(attr, raw, persistent=False)
 
     def weight(self, attr: str, experts: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized weights of the given experts: [n, rows, cols] for an index tensor, else [rows, cols]."""
         qtype, shape = self.meta[attr]
-        raw = getattr(self, attr)
+        raw, code = getattr(self, attr), self.kernel_qtypes[attr]
         if isinstance(experts, int):
-            return QTensor(raw[experts], qtype, shape).dequantize(dtype=dtype)
-        picked = raw.index_select(0, experts)  # [n, rows, row_bytes]
+            return QTensor(fused.gguf_blocks(raw[experts], code), qtype, shape).dequantize(dtype=dtype)
+        picked = fused.gguf_blocks(raw.index_select(0, experts), code)  # [n, rows, row_bytes]
         return QTensor(picked, qtype, (experts.shape[0], *shape)).dequantize(dtype=dtype)
 
     def fused(self) -> bool:
@@ -275,7 +284,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; weights, experts: [T, k]
         if self.fused():
-            qt, qt_down = int(self.meta["w1"][0]), int(self.meta["w2"][0])
+            codes = self.kernel_qtypes
+            qt, qt_down = codes["w1"] | (codes["w3"] & fused.WIDE), codes["w2"]
             y = torch.ops.harness.moe_ffn(x, self.w1, self.w3, self.w2, weights, experts, qt, qt_down)
             return y.to(x.dtype)
         t, k = experts.shape

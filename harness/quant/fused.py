@@ -6,8 +6,10 @@
 
 How a product runs depends on its rows (token-expert pairs):
 - up to MATVEC_MAX_ROWS (decode): a matrix-vector kernel dequantizes the blocks in registers, one
-  program per (output tile, pair); Q4_K has a read with fewer instructions per byte
-  (`_q4_k_dot_vec`, `matvec_path` "vec"; "words" is the older `_q4_k_dot`);
+  program per (output tile, pair); Q4_K and Q5_K have a read with fewer instructions per byte
+  (`_q4_k_dot_vec`, `matvec_path` "vec"; "words" is the older read), and so have Q6_K and Q8_0
+  repacked (`_q6_k_dot_vec`, `_q8_0_dot_vec`: their blocks are 2-byte aligned, so the weight is
+  kept as per-row planes that load 16 bytes at a time, see `kernel_weight`);
 - more rows (prefill, `prefill_path`): "dequant" writes the weight as float16 into a bounded
   scratch (harness.quant.kernels, bandwidth-bound) and multiplies on tensor cores: torch.matmul
   for a dense weight, `_grouped_kernel` for experts; "tiled" is the older `_matmat_kernel`,
@@ -16,7 +18,8 @@ How a product runs depends on its rows (token-expert pairs):
   knows its expert: no host read of the routing, no Python loop over experts (the "dequant" path
   launches once per chunk of experts that fits the scratch). Its products round weights and
   activations to float16 (activation rows divided by their peak first) and accumulate in
-  float32: NMSE about 1e-7 against float32 (a weight beyond float16's range would overflow).
+  float32: NMSE about 1e-7 against float32. A weight with values beyond float16's range (WIDE,
+  found when it is prepared) takes "tiled", whose float32 tiles do not overflow.
 A dense weight is the one-expert case of the same kernels.
 
 Each type supplies `_tile`: part `P` of super-block `sb` (256 values of each row) of `BN` rows,
@@ -71,14 +74,22 @@ MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q6_K: {"BN": 64, "num_warps": 2, "stages": 1},
     T.Q8_0: {"BN": 8, "num_warps": 2, "stages": 1},
 }
+# Weights in `pack`'s layout (not swept on a GPU yet: 32 rows of [2, 2, 4] words give 4 warps
+# one 16-byte load per thread).
+PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
+    T.Q6_K: {"BN": 32, "num_warps": 4, "stages": 1},
+    T.Q8_0: {"BN": 16, "num_warps": 4, "stages": 1},
+}
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
 
-# How the matrix-vector kernel reads Q4_K (decode): "vec", `_q4_k_dot_vec` (16-byte loads of
-# weights and x, two integer ops a nibble); "words", the older `_q4_k_dot`. HARNESS_MATVEC picks
-# one at import; `matvec_path` may be set later (benchmarks compare both). Other types: one kernel.
+# How the matrix-vector kernel reads Q4_K and Q5_K (decode): "vec", `_q4_k_dot_vec` (16-byte
+# loads of weights and x, two integer ops a nibble); "words", the older `_q4_k_dot` (Q4_K) and
+# `_tile_q5_k` (Q5_K). HARNESS_MATVEC picks one at import; `matvec_path` may be set later
+# (benchmarks compare both). Other types: one kernel for each layout (see `kernel_weight`).
 MATVEC_PATHS = ("vec", "words")
+MATVEC_PATH_TYPES = (T.Q4_K, T.Q5_K)  # the types `matvec_path` chooses for
 matvec_path = os.environ.get("HARNESS_MATVEC", "vec")
 
 # How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
@@ -113,6 +124,106 @@ def disabled():
 def supports(qtype: GGMLType, device: torch.device, in_features: int) -> bool:
     """Whether a weight of `qtype` with rows of `in_features` on `device` takes the fused kernels."""
     return qtype in PARTS and in_features % SUPER == 0 and runs_on(device)
+
+
+# -- the layout the kernels read ---------------------------------------------------------------
+# A weight that takes the kernels is prepared once, when its module is built (`kernel_weight`):
+# its blocks may be repacked (`pack`), and its values' range checked. The ops' `qtype` argument
+# says what was done: the GGML type | PACKED | WIDE. This is the one place that decides.
+PACKED = 1 << 8  # the blocks are in `pack`'s layout
+WIDE = 1 << 9  # some value is beyond float16's range: prefill keeps the weight in float32 (tiled)
+HALF_MAX = 65504.0
+# Q6_K's 16 int8 scales of a block, as `pack` stores them: index 4f + 2c + h holds GGUF's
+# scale 8c + 2f + h (half c of the block, quarter f of the half, sub-block h of the quarter).
+_Q6_K_SCALE_ORDER = [8 * c + 2 * f + h for f in range(4) for c in range(2) for h in range(2)]
+# The planes of a repacked row, in order: (first byte in the block, bytes, order of those bytes).
+_PLANES: dict[GGMLType, tuple[tuple[int, int, list[int] | None], ...]] = {
+    T.Q6_K: ((0, 128, None), (128, 64, None), (192, 16, _Q6_K_SCALE_ORDER), (208, 2, None)),  # ql qh sc d
+    T.Q8_0: ((2, 32, None), (0, 2, None)),  # qs d
+}
+
+
+def packs(qtype: GGMLType, in_features: int) -> bool:
+    """Whether a weight of `qtype` with rows of `in_features` is repacked for the kernels: Q6_K
+    (210-byte blocks) and Q8_0 (34), whose blocks are 2-byte aligned (their bytes do not load as
+    wide words), when their rows are whole multiples of 16 bytes, so that every plane of every
+    row starts 16-byte aligned."""
+    if qtype not in _PLANES or in_features % SUPER:
+        return False
+    return in_features // block_size(qtype) * type_size(qtype) % 16 == 0
+
+
+def _planes(raw: torch.Tensor, qtype: GGMLType):
+    """(leading shape, blocks per row, [(plane's bytes [..., blocks, size] in the packed row,
+    the block bytes it holds [..., blocks, size] in the GGUF row's layout, order)])"""
+    if qtype not in _PLANES:
+        raise ValueError(f"no packed layout for {qtype.name}")
+    lead, row_bytes, size = raw.shape[:-1], raw.shape[-1], type_size(qtype)
+    n = row_bytes // size
+    planes, at = [], 0
+    for first, nbytes, order in _PLANES[qtype]:
+        planes.append((slice(at * n, (at + nbytes) * n), slice(first, first + nbytes), order))
+        at += nbytes
+    return lead, n, size, planes
+
+
+def pack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
+    """Blocks [..., row_bytes] of a type in `_PLANES` in the kernels' layout, the same bytes
+    moved: each row becomes planes, one per field, holding that field of all its blocks in
+    turn (Q6_K: ql | qh | scales in `_Q6_K_SCALE_ORDER` | d; Q8_0: qs | d). A new tensor on raw's
+    device, written field by field."""
+    lead, n, size, planes = _planes(raw, qtype)
+    blocks = raw.reshape(*lead, n, size)
+    out = torch.empty_like(raw)
+    for packed, field, order in planes:
+        source = blocks[..., field] if order is None else blocks[..., field][..., order]
+        out[..., packed].view(*lead, n, -1).copy_(source)
+    return out
+
+
+def unpack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
+    """GGUF blocks [..., row_bytes] from `pack`'s layout (a new tensor; bit for bit the original)."""
+    lead, n, size, planes = _planes(raw, qtype)
+    out = torch.empty_like(raw)
+    blocks = out.view(*lead, n, size)
+    for packed, field, order in planes:
+        plane = raw[..., packed].reshape(*lead, n, -1)
+        if order is not None:
+            plane = plane[..., [order.index(i) for i in range(len(order))]]
+        blocks[..., field].copy_(plane)
+    return out
+
+
+def kernel_weight(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> tuple[torch.Tensor, int]:
+    """A weight's blocks [..., out, row_bytes] as the ops read them, and the `qtype` code to hand
+    the ops with them (module construction calls this once, for a weight on a device where
+    `supports` is true): repacked when `packs`; WIDE when a value's magnitude exceeds float16's
+    largest, found by dequantizing (on the weight's device, a slice at a time: one host read per
+    weight, at load)."""
+    code = int(qtype)
+    if _max_magnitude(raw, qtype, in_features) > HALF_MAX:
+        code |= WIDE
+    if packs(qtype, in_features):
+        return pack(raw, qtype), code | PACKED
+    return raw, code
+
+
+def gguf_blocks(raw: torch.Tensor, code: int) -> torch.Tensor:
+    """The GGUF blocks of a weight prepared by `kernel_weight` (raw itself unless repacked)."""
+    return unpack(raw, GGMLType(code & 0xFF)) if code & PACKED else raw
+
+
+def _max_magnitude(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> float:
+    from harness.quant import dequant  # dequant's CUDA path imports this module's sibling
+
+    rows = raw.reshape(-1, raw.shape[-1])
+    step = max(1, (64 << 20) // (4 * in_features))  # float32 slices of at most 64 MiB
+    peak = torch.zeros((), device=raw.device)
+    for lo in range(0, rows.shape[0], step):
+        part = rows[lo : lo + step]
+        low, high = dequant.dequantize(part, qtype, (part.shape[0], in_features), torch.float32).aminmax()
+        peak = torch.maximum(peak, torch.maximum(-low, high))
+    return float(peak)
 
 
 def runs_on(device: torch.device) -> bool:
@@ -276,6 +387,32 @@ if triton is not None:
         return w, cols
 
     @triton.jit
+    def _tile_q6_k_packed(raw, rowb, sb, n_super, P: tl.constexpr):
+        """Q6_K in `pack`'s layout (per row: ql planes | qh | scales | d): the tile of `_tile_q6_k`."""
+        row = rowb[:, None, None]  # [BN, 1, 1]
+        c = tl.arange(0, 2)[None, :, None]
+        l = tl.arange(0, 32)[None, None, :]
+        ql = (_byte(raw + row + sb * 128 + 64 * c + 32 * (P % 2) + l) >> (4 * (P // 2))) & 0xF
+        qh = (_byte(raw + row + 128 * n_super + sb * 64 + 32 * c + l) >> (2 * P)) & 3
+        scale = raw + row + 192 * n_super + sb * 16 + 4 * P + 2 * c + l // 16
+        sc = tl.load(scale).to(tl.int8, bitcast=True).to(tl.float32)
+        d = _f16(raw + rowb[:, None, None] + 208 * n_super + 2 * sb)
+        w = (d * sc) * ((ql | (qh << 4)) - 32).to(tl.float32)
+        cols = sb * 256 + 128 * tl.arange(0, 2)[:, None] + 32 * P + tl.arange(0, 32)[None, :]
+        return w, cols
+
+    @triton.jit
+    def _tile_q8_0_packed(raw, rowb, sb, n_super, P: tl.constexpr):
+        """Q8_0 in `pack`'s layout (per row: qs plane | d plane): the tile of `_tile_q8_0`."""
+        b = tl.arange(0, 8)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        row = rowb[:, None, None]
+        q = tl.load(raw + row + sb * 256 + 32 * b + i).to(tl.int8, bitcast=True).to(tl.float32)
+        w = q * _f16(raw + row + 256 * n_super + 2 * (sb * 8 + b))
+        cols = sb * 256 + 32 * tl.arange(0, 8)[:, None] + tl.arange(0, 32)[None, :]
+        return w, cols
+
+    @triton.jit
     def _tile_q8_0(raw, rowb, sb, P: tl.constexpr):
         """Q8_0 (d | qs int8[32]), eight blocks: tile [BN, 8, 32]: b, i -> value 32b + i."""
         b = tl.arange(0, 8)[None, :, None]
@@ -287,12 +424,20 @@ if triton is not None:
         return w, cols
 
     @triton.jit
-    def _tile(raw, rowb, sb, QT: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr, lut):
-        """[BN, CH] dequantized values of part P of super-block sb, and their CH columns of x."""
+    def _tile(
+        raw, rowb, sb, n_super, QT: tl.constexpr, PACKED: tl.constexpr, P: tl.constexpr, BN: tl.constexpr,
+        NP: tl.constexpr, lut,
+    ):  # fmt: skip
+        """[BN, CH] dequantized values of part P of super-block sb, and their CH columns of x
+        (PACKED: the rows are in `pack`'s layout, rows of n_super super-blocks)."""
         if QT == 12:  # Q4_K
             w, cols = _tile_q4_k(raw, rowb, sb, P)
+        elif QT == 14 and PACKED:  # Q6_K, repacked
+            w, cols = _tile_q6_k_packed(raw, rowb, sb, n_super, P)
         elif QT == 14:  # Q6_K
             w, cols = _tile_q6_k(raw, rowb, sb, P)
+        elif QT == 8 and PACKED:  # Q8_0, repacked
+            w, cols = _tile_q8_0_packed(raw, rowb, sb, n_super, P)
         elif QT == 8:  # Q8_0
             w, cols = _tile_q8_0(raw, rowb, sb, P)
         elif QT == 13:  # Q5_K
@@ -357,10 +502,10 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _q4_k_dot_vec(wq, roww, sb, xp, xsum_p, BN: tl.constexpr):
-        """[BN, 4, 8] partial dot products of super-block sb of BN Q4_K rows with x (prepared by
-        `_vec_x`); the row's product is their sum times 2^29 times the row's x power. Fewer instructions
-        per byte than `_q4_k_dot`:
+    def _q4_k_dot_vec(wq, roww, sb, xp, xsum_p, BN: tl.constexpr, Q5: tl.constexpr = False):
+        """[BN, 4, 8] partial dot products of super-block sb of BN Q4_K (Q5: Q5_K) rows with x
+        (prepared by `_vec_x`); the row's product is their sum times 2^29 times the row's x power.
+        Fewer instructions per byte than `_q4_k_dot`:
         - x comes permuted: for each group g, nibble h and byte b, the values of the 8 words w
           (64g + 32h + 4w + b) are adjacent, so x loads in the words' own layout, four floats at
           a time, and nothing moves between threads until the loop ends;
@@ -370,8 +515,14 @@ if triton is not None:
           multiplied by 2^(120 - at), so every product is q * x * 2^-29 (x divided by a power
           of two >= its largest magnitude, so nothing overflows);
         - the min term uses sum(x) per sub-block from xsum, in the products' units (x * 2^-29).
-        Block words: 0 = d | dmin << 16, 1..3 = scales[12], 4 + 8g + w = qs[32g + 4w .. + 3]."""
-        blk = roww[:, None] + sb * 36  # [BN, 1] in words
+        - Q5_K: the fifth bit of value 64g + 32h + 4w + b (sub-block j = 2g + h) is bit j of qh
+          byte 4w + b, bit 8b + j of qh word w: masked alone it is the float 2^(bt - 149) for
+          its bit bt <= 24 (one shift of the word by 12 for byte 3), which one multiply takes to
+          16 * 2^(at - 149), the nibble's place, before the nibble is added (all exact).
+        Block words: 0 = d | dmin << 16, 1..3 = scales[12], (Q5_K: 4 + w = qh[4w .. + 3]), then
+        8g + w = qs[32g + 4w .. + 3]."""
+        QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
+        blk = roww[:, None] + sb * (44 if Q5 else 36)  # [BN, 1] in words
         head = tl.load(wq + blk)
         d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -380,8 +531,11 @@ if triton is not None:
         s3 = tl.load(wq + blk + 3)
         g = tl.arange(0, 4)[None, :]  # [1, 4]
         w = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
-        words = tl.load(wq + blk[:, :, None] + 4 + 8 * g[:, :, None] + w)  # [BN, 4, 8]
+        words = tl.load(wq + blk[:, :, None] + QS + 8 * g[:, :, None] + w)  # [BN, 4, 8]
         high = words >> 12  # nibbles at bits 20, 24, 28 now at 8, 12, 16
+        if Q5:
+            qh = tl.load(wq + blk[:, :, None] + 4 + 0 * g[:, :, None] + w)  # [BN, 4, 8], same for each g
+            qh_high = qh >> 12
         xg = xp + sb * 256 + 64 * g[:, :, None] + w  # [1, 4, 8]
         acc = tl.zeros((BN, 4, 8), dtype=tl.float32)
         for h in tl.static_range(2):
@@ -391,7 +545,12 @@ if triton is not None:
             for byte in tl.static_range(4):
                 at = 8 * byte + 4 * h  # the nibble's lowest bit in the word
                 src = words if at <= 16 else high
-                f = (src & (0xF << (at if at <= 16 else at - 12))).to(tl.float32, bitcast=True)
+                at_ = at if at <= 16 else at - 12
+                f = (src & (0xF << at_)).to(tl.float32, bitcast=True)
+                if Q5:
+                    bt = 8 * byte + j[:, :, None] - (12 if byte == 3 else 0)  # [1, 4, 1]
+                    fh = ((qh_high if byte == 3 else qh) & (1 << bt)).to(tl.float32, bitcast=True)
+                    f = fh * _pow2(at_ + 4 - bt) + f
                 part += f * tl.load(xg + 32 * h + 8 * byte)
             xs = tl.load(xsum_p + sb * 8 + j)[:, :, None]  # [1, 4, 1] sum(x) of sub-block j
             # d*sc*sum(q*x) - dmin*m*sum(x) per sub-block; the x-sum term goes on w = 0 only
@@ -400,9 +559,10 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, n_super):
-        """One row of x for `_q4_k_dot_vec` (see `_vec_x`), in two passes over it: its peak,
-        then the permuted, scaled values and the sums of 32 values."""
+    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, n_super, QT: tl.constexpr):
+        """One row of x for `_q4_k_dot_vec` (QT 12; Q8_0, 8, shares its sums), or
+        `_q6_k_dot_vec` (QT 14), see `_vec_x`, in two passes over it: its peak, then the
+        permuted, scaled values and the sums."""
         r = tl.program_id(0).to(tl.int64)
         row = x_ptr + r * K
         o = tl.arange(0, 256)
@@ -415,18 +575,121 @@ if triton is not None:
         power = tl.where(peak > 0, power, 1.0)
         inv = 1.0 / power  # exact: a power of two
         tl.store(power_ptr + r, power)
-        # output position o = (g, h, b, w) reads value 64g + 32h + 4w + b, times 2^(120 - at)
-        g, h, b, w = o // 64, (o // 32) % 2, (o // 8) % 4, o % 8
-        at = 8 * b + 4 * h
-        at = tl.where(at <= 16, at, at - 12)
+        # output position o reads value src, times 2^(120 - at) for the bit `at` its field has
+        # in the word as the kernel reads it
+        if QT == 14:  # o = (f, b, c, h, w4): value 128c + 32f + 4(4h + w4) + b, nibble f // 2
+            f, b, c, h, w4 = o // 64, (o // 16) % 4, (o // 8) % 2, (o // 4) % 2, o % 4
+            src = 128 * c + 32 * f + 16 * h + 4 * w4 + b
+            at = 8 * b + 4 * (f // 2)
+            at = tl.where(at <= 16, at, at - 12)
+            # sums: position j = 4f + 2c + h has 32 x the sum of sub-block 8c + 2f + h (16 values)
+            j = tl.arange(0, 16)
+            first = 16 * (8 * ((j // 2) % 2) + 2 * (j // 4) + j % 2)
+            unit: tl.constexpr = 5.9604644775390625e-08  # 32 * 2^-29
+            SUMS: tl.constexpr = 16
+        elif QT == 8:  # o = (b, block, w): value 32 block + 4w + b, byte b (after >> 16: b % 2)
+            b, blk, w = o // 64, (o // 8) % 8, o % 8
+            src = 32 * blk + 4 * w + b
+            at = 8 * (b % 2)
+            j = tl.arange(0, 8)
+            first = 32 * j
+            unit: tl.constexpr = 1.862645149230957e-09  # 2^-29
+            SUMS: tl.constexpr = 8
+        else:  # o = (g, h, b, w): value 64g + 32h + 4w + b, nibble h of byte b
+            g, h, b, w = o // 64, (o // 32) % 2, (o // 8) % 4, o % 8
+            src = 64 * g + 32 * h + 4 * w + b
+            at = 8 * b + 4 * h
+            at = tl.where(at <= 16, at, at - 12)
+            j = tl.arange(0, 8)
+            first = 32 * j
+            unit: tl.constexpr = 1.862645149230957e-09  # 2^-29
+            SUMS: tl.constexpr = 8
         place = ((247 - at) << 23).to(tl.float32, bitcast=True)  # 2^(120 - at)
-        src = 64 * g + 32 * h + 4 * w + b
-        j = tl.arange(0, 8)
+        span: tl.constexpr = 256 // SUMS
         for sb in range(0, n_super):
             v = tl.load(row + sb * 256 + src) * inv
             tl.store(out_ptr + r * K + sb * 256 + o, v * place)
-            chunk = tl.load(row + sb * 256 + 32 * j[:, None] + tl.arange(0, 32)[None, :]) * inv
-            tl.store(xsum_ptr + r * (K // 32) + sb * 8 + j, tl.sum(chunk, axis=1) * 1.862645149230957e-09)
+            chunk = tl.load(row + sb * 256 + first[:, None] + tl.arange(0, span)[None, :]) * inv
+            tl.store(xsum_ptr + r * (K // span) + sb * SUMS + j, tl.sum(chunk, axis=1) * unit)
+
+    @triton.jit
+    def _q8_0_dot_vec(wq, roww, sb, n_super, xp, xsum_p, BN: tl.constexpr):
+        """[BN, 8, 8] partial dot products of super-block sb (eight blocks) of BN Q8_0 rows in
+        `pack`'s layout with x (prepared by `_vec_x`, QT 8); the row's product is their sum
+        times 2^29 times the row's x power. Value 32k + 4w + b of block k is byte b of qs word
+        8k + w. One xor makes every byte q + 128 (unsigned), which becomes a float by masking
+        alone (bytes 2 and 3 after one shift of the word by 16), as in `_q4_k_dot_vec`; the
+        -128 comes back as 128 sum(x) per block, from the sums `_vec_x` gives Q4_K.
+        Row words: qs plane at 0 (64 per super-block), then the d plane (halves, 8 per one)."""
+        row = roww[:, None, None]  # [BN, 1, 1]
+        k = tl.arange(0, 8)[None, :, None]
+        w = tl.arange(0, 8)[None, None, :]
+        words = tl.load(wq + row + sb * 64 + 8 * k + w) ^ -2139062144  # ^ 0x80808080: q + 128
+        high = words >> 16
+        xg = xp + sb * 256 + 8 * k + w  # [1, 8, 8]
+        part = tl.zeros((BN, 8, 8), dtype=tl.float32)
+        for b in tl.static_range(4):
+            src = words if b < 2 else high
+            f = (src & (0xFF << (8 * (b % 2)))).to(tl.float32, bitcast=True)  # (q + 128) 2^(at - 149)
+            part += f * tl.load(xg + 64 * b)
+        halves = wq.to(tl.pointer_type(tl.float16))
+        d = tl.load(halves + 2 * roww[:, None] + 128 * n_super + 8 * sb + tl.arange(0, 8)[None, :])
+        xs = tl.load(xsum_p + sb * 8 + k)  # [1, 8, 1] sum(x) of block k, in the products' units
+        return d.to(tl.float32)[:, :, None] * (part - tl.where(w == 0, 128.0 * xs, 0.0))
+
+    @triton.jit
+    def _pow2(e):
+        """2^e as float32 (e a normal exponent)."""
+        return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _q6_k_dot_vec(wq, roww, sb, n_super, xp, xoff_p, BN: tl.constexpr):
+        """[BN, 2, 2, 4] partial dot products of super-block sb of BN Q6_K rows in `pack`'s layout
+        with x (prepared by `_vec_x`, QT 14); the row's product is their sum times 2^29 times the
+        row's x power. The reads are 16-byte loads of whole words, as `_q4_k_dot_vec` does:
+        - value 128c + 32f + l (half c, quarter f, l = 4w + b, w = 4h + w4): its low nibble is
+          nibble f // 2 of ql byte 64c + 32(f % 2) + l, i.e. at bit 8b + 4(f // 2) of ql word
+          16c + 8(f % 2) + w; its two high bits are at bit 8b + 2f of qh word 8c + w; its scale
+          is number 8c + 2f + h, byte 2c + h of scale word f (`_Q6_K_SCALE_ORDER`);
+        - each field becomes a float by masking alone (a subnormal, exactly, as in
+          `_q4_k_dot_vec`; fields above bit 16 (nibbles) or 20 (pairs) after one shift of the
+          word by 12), the pair scaled to the nibble's place by one multiply, and x of that
+          position comes times 2^(120 - nibble's bit), so every product is q * x * 2^-29;
+        - the -32 of every value: 32 * sum(x) per sub-block, from xoff, in the products' units.
+        Row words: ql plane at 0 (32 per super-block), qh at 32 n_super (16), scales at 48 n_super
+        (4), d at 52 n_super (halves)."""
+        row = roww[:, None, None, None]  # [BN, 1, 1, 1]
+        c = tl.arange(0, 2)[None, :, None, None]
+        h = tl.arange(0, 2)[None, None, :, None]
+        w4 = tl.arange(0, 4)[None, None, None, :]
+        ql_even = tl.load(wq + row + sb * 32 + 16 * c + 4 * h + w4)  # [BN, 2, 2, 4], f = 0, 2
+        ql_odd = tl.load(wq + row + sb * 32 + 16 * c + 8 + 4 * h + w4)  # f = 1, 3
+        qh = tl.load(wq + row + 32 * n_super + sb * 16 + 8 * c + 4 * h + w4)
+        qh_high = qh >> 12
+        d_word = tl.load(wq + roww + 52 * n_super + sb // 2)  # [BN]
+        d = ((d_word >> (16 * (sb % 2))) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        xg = xp + sb * 256 + 8 * c + 4 * h + w4  # [1, 2, 2, 4]
+        acc = tl.zeros((BN, 2, 2, 4), dtype=tl.float32)
+        for f in tl.static_range(4):
+            ql = ql_even if f % 2 == 0 else ql_odd
+            ql_high = ql >> 12
+            part = tl.zeros((BN, 2, 2, 4), dtype=tl.float32)
+            for b in tl.static_range(4):
+                at = 8 * b + 4 * (f // 2)  # the nibble's bit in its word
+                bt = 8 * b + 2 * f  # the pair's
+                lo = ql if at <= 16 else ql_high
+                hi = qh if bt <= 20 else qh_high
+                at_ = at if at <= 16 else at - 12
+                bt_ = bt if bt <= 20 else bt - 12
+                fl = (lo & (0xF << at_)).to(tl.float32, bitcast=True)  # nibble * 2^(at_ - 149)
+                fh = (hi & (3 << bt_)).to(tl.float32, bitcast=True)  # pair * 2^(bt_ - 149)
+                q = fh * _pow2(at_ + 4 - bt_) + fl  # (nibble + 16 pair) * 2^(at_ - 149), exact
+                part += q * tl.load(xg + (4 * f + b) * 16)
+            scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None, None]
+            sc = ((scale_word << (24 - 8 * (2 * c + h))) >> 24).to(tl.float32)  # int8, sign kept
+            off = tl.load(xoff_p + sb * 16 + 4 * f + 2 * c + h)  # [1, 2, 2, 1]
+            acc += (d[:, None, None, None] * sc) * (part - tl.where(w4 == 0, off, 0.0))
+        return acc
 
     @triton.jit
     def _matvec_kernel(
@@ -454,12 +717,14 @@ if triton is not None:
         SCALED: tl.constexpr,
         ROUTED: tl.constexpr,
         VEC: tl.constexpr,
+        PACKED: tl.constexpr,
         STAGES: tl.constexpr,
     ):
         """out[s, p, n] = x[p // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e =
-        experts[p] when ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)). For Q4_K, w_ptr and
-        u_ptr are int32 views; with VEC, Q4_K takes `_q4_k_dot_vec` on x from `_vec_x` (xsum_ptr,
-        xpow_ptr: its sums and powers)."""
+        experts[p] when ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)). For Q4_K, and
+        Q6_K with VEC, w_ptr and u_ptr are int32 views; with VEC, Q4_K takes `_q4_k_dot_vec` and
+        Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x` (xsum_ptr, xpow_ptr: its sums and
+        powers)."""
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         split = tl.program_id(2)
@@ -469,10 +734,19 @@ if triton is not None:
         rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
         acc = tl.zeros((BN,), dtype=tl.float32)
         acc_u = tl.zeros((BN,), dtype=tl.float32)
-        acc3 = tl.zeros((BN, 4, 8), dtype=tl.float32)
-        acc3_u = tl.zeros((BN, 4, 8), dtype=tl.float32)
-        xsum = xsum_ptr + (p // x_div).to(tl.int64) * (x_stride // 32)
-        x_power = tl.load(xpow_ptr + p // x_div) if QT == 12 and VEC else 1.0
+        if QT == 14:
+            acc3 = tl.zeros((BN, 2, 2, 4), dtype=tl.float32)
+            acc3_u = tl.zeros((BN, 2, 2, 4), dtype=tl.float32)
+            xsum = xsum_ptr + (p // x_div).to(tl.int64) * (x_stride // 16)
+        elif QT == 8:
+            acc3 = tl.zeros((BN, 8, 8), dtype=tl.float32)
+            acc3_u = tl.zeros((BN, 8, 8), dtype=tl.float32)
+            xsum = xsum_ptr + (p // x_div).to(tl.int64) * (x_stride // 32)
+        else:
+            acc3 = tl.zeros((BN, 4, 8), dtype=tl.float32)
+            acc3_u = tl.zeros((BN, 4, 8), dtype=tl.float32)
+            xsum = xsum_ptr + (p // x_div).to(tl.int64) * (x_stride // 32)
+        x_power = tl.load(xpow_ptr + p // x_div) if VEC else 1.0
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
         for sb in tl.range(first, last, num_stages=STAGES):
@@ -480,21 +754,34 @@ if triton is not None:
                 acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN)
                 if GATED:
                     acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN)
+            elif QT == 14 and VEC:  # Q6_K repacked, wide loads
+                acc3 += _q6_k_dot_vec(w_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
+                if GATED:
+                    acc3_u += _q6_k_dot_vec(u_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
+            elif QT == 8 and VEC:  # Q8_0 repacked, wide loads
+                acc3 += _q8_0_dot_vec(w_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
+                if GATED:
+                    acc3_u += _q8_0_dot_vec(u_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
+            elif QT == 13 and VEC:  # Q5_K, wide loads (176-byte blocks are 16-byte aligned)
+                acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN, True)
+                if GATED:
+                    acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN, True)
             elif QT == 12:  # Q4_K
                 acc += _q4_k_dot(w_ptr, rowb // 4, sb, xp, BN)
                 if GATED:
                     acc_u += _q4_k_dot(u_ptr, rowb // 4, sb, xp, BN)
             else:
                 for part in tl.static_range(NP):
-                    w, cols = _tile(w_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
+                    w, cols = _tile(w_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                     xv = tl.load(xp + cols)
                     acc += tl.sum(w * xv[None, :], axis=1)
                     if GATED:
-                        wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
+                        wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
-        if QT == 12 and VEC:
-            acc = tl.sum(tl.sum(acc3, axis=2), axis=1) * 536870912.0 * x_power  # * 2^29 * power
-            acc_u = tl.sum(tl.sum(acc3_u, axis=2), axis=1) * 536870912.0 * x_power
+        if VEC:
+            width: tl.constexpr = 16 if QT == 14 else 64 if QT == 8 else 32
+            acc = tl.sum(tl.reshape(acc3, (BN, width)), axis=1) * 536870912.0 * x_power  # * 2^29 * power
+            acc_u = tl.sum(tl.reshape(acc3_u, (BN, width)), axis=1) * 536870912.0 * x_power
         if GATED:
             acc = _silu_mul(acc, acc_u)
         if SCALED:
@@ -524,6 +811,7 @@ if triton is not None:
         BN: tl.constexpr,
         GATED: tl.constexpr,
         SCALED: tl.constexpr,
+        PACKED: tl.constexpr,
     ):
         """Row block b of the expert-sorted pairs times its expert's W (tiles of BN outputs).
 
@@ -544,11 +832,11 @@ if triton is not None:
         steps = tl.where(live, n_super, 0)
         for sb in range(0, steps):
             for part in tl.static_range(NP):
-                w, cols = _tile(w_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
+                w, cols = _tile(w_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                 xt = tl.load(x_ptr + xrow[:, None] * x_stride + cols[None, :], mask=valid[:, None], other=0.0)
                 acc = tl.dot(xt, tl.trans(w), acc)
                 if GATED:
-                    wu, _ = _tile(u_ptr, rowb, sb, QT, part, BN, NP, lut_ptr)
+                    wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                     acc_u = tl.dot(xt, tl.trans(wu), acc_u)
         if GATED:
             acc = _silu_mul(acc, acc_u)
@@ -679,7 +967,7 @@ def _product(
     x: torch.Tensor,
     w: torch.Tensor,
     u: torch.Tensor | None,
-    qtype: GGMLType,
+    code: int,
     out_features: int,
     experts: torch.Tensor | None,
     x_div: int,
@@ -687,7 +975,8 @@ def _product(
 ) -> torch.Tensor:
     """[P, out] rows: pair p times expert experts[p] (None: expert 0 for every row, P = len(x)) of
     the stack w [E, out, row_bytes] (gated by u: silu(w.x) * (u.x)), x row p // x_div, times
-    scale[p] when given."""
+    scale[p] when given. `code`: the GGML type | PACKED | WIDE (`kernel_weight`)."""
+    qtype, packed, wide = GGMLType(code & 0xFF), bool(code & PACKED), bool(code & WIDE)
     w = w.contiguous()  # a merged stack's view already is
     u = None if u is None else u.contiguous()
     n_experts = w.shape[0]
@@ -701,7 +990,10 @@ def _product(
     if n_pairs == 0:
         return out
     x = x.float().contiguous()
-    consts = {"QT": int(qtype), "NP": PARTS[qtype], "GATED": u is not None, "SCALED": scale is not None}
+    consts = {
+        "QT": int(qtype), "NP": PARTS[qtype], "GATED": u is not None, "SCALED": scale is not None,
+        "PACKED": packed,
+    }  # fmt: skip
     scaled = scale is not None
     scale = out if scale is None else scale.float().contiguous()
     gated = u is not None
@@ -709,7 +1001,8 @@ def _product(
     lut = kernels.iq4_table(x.device) if qtype == T.IQ4_XS else out
     with _launch_device(x.device):
         if n_pairs <= MATVEC_MAX_ROWS:
-            cfg = MATVEC_CONFIG[qtype]
+            vec = (_matvec_path() == "vec" and qtype in MATVEC_PATH_TYPES) or packed
+            cfg = PACKED_MATVEC_CONFIG[qtype] if packed else MATVEC_CONFIG[qtype]
             bn, warps = cfg["BN"], cfg["num_warps"]
             tiles = triton.cdiv(out_features, bn) * n_pairs
             # Split the rows' super-blocks over programs until the device has enough of them;
@@ -718,11 +1011,11 @@ def _product(
             chunk = -(-n_super // splits)
             splits = -(-n_super // chunk)
             part = out if splits == 1 else x.new_empty((splits, n_pairs, out_features), dtype=torch.float32)
-            wv, uv = (w.view(torch.int32), u.view(torch.int32)) if qtype == T.Q4_K else (w, u)
-            vec = _matvec_path() == "vec" and qtype == T.Q4_K
+            words = qtype == T.Q4_K or vec
+            wv, uv = (w.view(torch.int32), u.view(torch.int32)) if words else (w, u)
             xsum = xpow = out
             if vec:
-                x, xsum, xpow = _vec_x(x)
+                x, xsum, xpow = _vec_x(x, qtype)
             grid = (triton.cdiv(out_features, bn), n_pairs, splits)
             _matvec_kernel[grid](
                 x, wv, uv, part, out if experts is None else experts, scale, lut, out_features, n_pairs, n_super,
@@ -731,9 +1024,9 @@ def _product(
             )  # fmt: skip
             if splits > 1:
                 torch.sum(part, 0, out=out)
-        elif _prefill_path() == "dequant":
+        elif _prefill_path() == "dequant" and not wide:
             return _product_dequantized(
-                x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None
+                x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None, packed
             )
         else:
             cfg = MATMAT_CONFIG[qtype]
@@ -750,8 +1043,17 @@ def _product(
     return out
 
 
-def _vec_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [R, K] as `_q4_k_dot_vec` reads it, made by one launch (`_vec_x_kernel`): in the order
+def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, K] as `_q4_k_dot_vec`, `_q6_k_dot_vec` or `_q8_0_dot_vec` reads it, made by one
+    launch (`_vec_x_kernel`).
+
+    Q6_K: per 256 values in the order of (quarter f, byte b, half c, word w) -> value
+    128c + 32f + 4w + b, scaled as below for its nibble's bit; the sums are 32 times those of
+    the 16 values of sub-block 8c + 2f + h, at position 4f + 2c + h [R, K / 16].
+
+    Q8_0: in the order (byte b, block k, word w) -> value 32k + 4w + b; sums as Q4_K's.
+
+    Q4_K: in the order
     (per 256 values) group g, nibble h, byte b, word w -> value 64g + 32h + 4w + b; each row
     divided by its power, a power of two above its largest magnitude, and times 2^(120 - at)
     for the nibble's bit position `at` in the word as the kernel reads it (all exact). Also the
@@ -759,9 +1061,9 @@ def _vec_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     [R, K / 32], and the powers [R]."""
     r, k = x.shape
     order = torch.empty_like(x)
-    sums = x.new_empty((r, k // 32))
     power = x.new_empty(r)
-    _vec_x_kernel[(r,)](x, order, sums, power, k, k // SUPER, num_warps=4)
+    sums = x.new_empty((r, k // (16 if qtype == T.Q6_K else 32)))
+    _vec_x_kernel[(r,)](x, order, sums, power, k, k // SUPER, QT=int(qtype), num_warps=4)
     return order, sums, power
 
 
@@ -798,21 +1100,27 @@ def _product_dequantized(
     experts: torch.Tensor | None,
     x_div: int,
     scale: torch.Tensor | None,
+    packed: bool,
 ) -> torch.Tensor:
     """`_product` for many rows, written into `out` [P, N]: weights dequantized to float16 (bounded
-    scratch), products on tensor cores with float32 accumulation. A dense weight (experts None,
+    scratch; a packed weight is unpacked a chunk at a time, a transient copy of its blocks, for
+    the dequantization kernels), products on tensor cores with float32 accumulation. A dense weight (experts None,
     x_div 1) goes to torch.matmul; routed pairs to `_grouped_kernel`, launched once per chunk of
     experts, each launch skipping the row blocks of other experts (no host read of the routing)."""
     n_pairs, n_out = out.shape
     in_features = x.shape[1]
     xh, peak = _scaled_half(x)
     mats = [w] if u is None else [w, u]
+
+    def blocks(m: torch.Tensor) -> torch.Tensor:
+        return unpack(m, qtype) if packed else m
+
     results = []
     if experts is None:
         if x_div != 1:  # every row of x stands for x_div pairs
             xh, peak = xh.repeat_interleave(x_div, 0), peak.repeat_interleave(x_div)
         for m in mats:
-            wh = kernels.dequantize(m[0], qtype, (n_out, in_features), torch.float16)
+            wh = kernels.dequantize(blocks(m[0]), qtype, (n_out, in_features), torch.float16)
             results.append(torch.matmul(xh, wh.T).float() * peak[:, None])
             del wh  # the scratch goes back to the allocator before the next one is made
     else:
@@ -826,7 +1134,7 @@ def _product_dequantized(
             y = out if len(mats) == 1 else torch.empty_like(out)
             for lo in range(0, n_experts, chunk):
                 hi = min(lo + chunk, n_experts)
-                wh = kernels.dequantize(m[lo:hi], qtype, (hi - lo, n_out, in_features), torch.float16)
+                wh = kernels.dequantize(blocks(m[lo:hi]), qtype, (hi - lo, n_out, in_features), torch.float16)
                 _grouped_kernel[grid](
                     xh, peak, wh, y, sorted_ids, block_expert, n_out, in_features, n_pairs, x_div, lo, hi,
                     BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
@@ -844,9 +1152,11 @@ def _product_dequantized(
 
 @torch.library.custom_op("harness::qmatmul", mutates_args=())
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
-    """[T, in] float x times the GGUF weight `raw` ([out, row_bytes] blocks of `qtype`) -> [T, out] float32."""
+    """[T, in] float x times the GGUF weight `raw` ([out, row_bytes] blocks of `qtype`) -> [T, out] float32.
+
+    `qtype`: the GGML type, with PACKED and WIDE as `kernel_weight` gives them."""
     _check_devices("harness::qmatmul", x, raw)
-    return _product(x, raw.reshape(1, out_features, -1), None, GGMLType(qtype), out_features, None, 1, None)
+    return _product(x, raw.reshape(1, out_features, -1), None, qtype, out_features, None, 1, None)
 
 
 @qmatmul.register_fake
@@ -866,12 +1176,13 @@ def moe_ffn(
     down_qtype: int,
 ) -> torch.Tensor:
     """sum_s weights[t, s] * down_e(silu(gate_e x_t) * up_e x_t), e = experts[t, s], for every token
-    t of x [T, D]; gate/up [E, F, bytes] and down [E, D, bytes] raw blocks -> [T, D] float32."""
+    t of x [T, D]; gate/up [E, F, bytes] and down [E, D, bytes] raw blocks -> [T, D] float32
+    (the qtypes with PACKED and WIDE as `kernel_weight` gives them; gate and up share one)."""
     _check_devices("harness::moe_ffn", x, gate, up, down, weights, experts)
     t, k = experts.shape
     ffn, dim = gate.shape[1], down.shape[1]
-    h = _product(x, gate, up, GGMLType(gate_up_qtype), ffn, experts, k, None)  # [T*k, F]
-    y = _product(h, down, None, GGMLType(down_qtype), dim, experts, 1, weights.reshape(-1))  # [T*k, D]
+    h = _product(x, gate, up, gate_up_qtype, ffn, experts, k, None)  # [T*k, F]
+    y = _product(h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1))  # [T*k, D]
     return y.view(t, k, dim).sum(1)
 
 
@@ -953,9 +1264,9 @@ def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def pack_rows(raws: list[torch.Tensor], qtypes: list[GGMLType]) -> list[torch.Tensor]:
+def pack_rows(raws: list[torch.Tensor], qtypes: list[int]) -> list[torch.Tensor]:
     """`raws` ([rows, row_bytes] blocks on one device), each run of consecutive ones of one type
-    and row size copied into one buffer, one after another, and returned as views of it (the
+    (or `kernel_weight` code) and row size copied into one buffer, one after another, and returned as views of it (the
     same bytes): `harness::qkv` multiplies such a run in one launch."""
     out = list(raws)
     i = 0
@@ -984,9 +1295,10 @@ def qkv(
     qtype_k: int,
     qtype_v: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, in] float times attention's three GGUF weights (raw blocks [out_i, row_bytes] of
-    their types) -> q, k, v [T, out_i] float32. Weights of one type whose blocks follow each
-    other in memory (`pack_rows`) are multiplied in one launch."""
+    """x [T, in] float times attention's three GGUF weights (blocks [out_i, row_bytes] as
+    `kernel_weight` prepares them, with its codes: the GGML type | PACKED | WIDE) -> q, k, v
+    [T, out_i] float32. Weights of one code whose blocks follow each other in memory
+    (`pack_rows`) are multiplied in one launch."""
     _check_devices("harness::qkv", x, wq, wk, wv)
     weights, qtypes = (wq, wk, wv), (qtype_q, qtype_k, qtype_v)
     outs: list[torch.Tensor] = []
@@ -997,7 +1309,7 @@ def qkv(
             j += 1
         rows = sum(w.shape[0] for w in weights[i:j])
         run = torch.as_strided(weights[i], (rows, *weights[i].shape[1:]), weights[i].stride())
-        y = _product(x, run.reshape(1, rows, -1), None, GGMLType(qtypes[i]), rows, None, 1, None)
+        y = _product(x, run.reshape(1, rows, -1), None, qtypes[i], rows, None, 1, None)
         if j - i == 1:
             outs.append(y)
         else:

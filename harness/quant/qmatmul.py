@@ -35,8 +35,12 @@ class QMatMul(nn.Module):
         if weight.is_float and strategy == "quantized":
             strategy = "f32"
         self.strategy = strategy
-        # Exactly one of the two buffers is set; both move with the module.
-        self.register_buffer("qweight", weight.raw if strategy == "quantized" else None, persistent=False)
+        # Exactly one of the two buffers is set; both move with the module. On a device where the
+        # fused kernels run, the blocks are kept as they read them (`fused.kernel_weight`).
+        raw, self.kernel_qtype = weight.raw, int(self.qtype)
+        if strategy == "quantized" and fused.supports(self.qtype, raw.device, self.in_features):
+            raw, self.kernel_qtype = fused.kernel_weight(raw, self.qtype, self.in_features)
+        self.register_buffer("qweight", raw if strategy == "quantized" else None, persistent=False)
         dense = None
         if strategy != "quantized":
             dense = weight.dequantize(dtype=torch.float16 if strategy == "f16" else torch.float32)
@@ -47,7 +51,8 @@ class QMatMul(nn.Module):
         """The raw blocks when kept quantized, else None."""
         if self.strategy != "quantized":
             return None
-        return QTensor(self.qweight, self.qtype, (self.out_features, self.in_features), self.gguf_name)
+        raw = fused.gguf_blocks(self.qweight, self.kernel_qtype)
+        return QTensor(raw, self.qtype, (self.out_features, self.in_features), self.gguf_name)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[out, in] float weight on the module's device."""
@@ -61,9 +66,9 @@ class QMatMul(nn.Module):
             return (x.to(torch.float16) @ self.weight.T).to(x.dtype)
         if self.strategy == "quantized" and fused.supports(self.qtype, self.qweight.device, self.in_features):
             if x.dim() == 2 and x.dtype == torch.float32:  # (no reshapes: each is an op to a tracer)
-                return torch.ops.harness.qmatmul(x, self.qweight, int(self.qtype), self.out_features)
+                return torch.ops.harness.qmatmul(x, self.qweight, self.kernel_qtype, self.out_features)
             flat = x.reshape(-1, self.in_features)
-            y = torch.ops.harness.qmatmul(flat, self.qweight, int(self.qtype), self.out_features)
+            y = torch.ops.harness.qmatmul(flat, self.qweight, self.kernel_qtype, self.out_features)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         w = self.weight if self.strategy == "f32" else self.qtensor.dequantize(dtype=x.dtype)
         return x @ w.to(x.dtype).T

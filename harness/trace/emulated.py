@@ -63,8 +63,11 @@ Limits: the emulated backward does not run hooks registered on autograd nodes th
 `Tensor.as_subclass` of an emulated tensor is refused (it is a wrapper subclass already);
 in-place changes of an emulated tensor's shape (`resize_` to a new size, `set_`, `unsqueeze_`,
 ...) raise `EmulationUnsupported`; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
-`torch.accelerator`, streams and events are not emulated; the patches are process-wide, so one
-thread at a time. On a machine with real CUDA the emulation works too: real CUDA tensors made
+streams and events are not emulated but for each device's one stream (`torch.cuda.current_stream()`,
+nothing pending on it, `torch.accelerator` answers for CUDA); the patches are process-wide, so one
+thread at a time (jobs given to a `concurrent.futures.ThreadPoolExecutor` inside a block run under
+it in their worker threads: transformers loads weights so). A bare device number is a CUDA device,
+as on a CUDA build (`torch.device(1)`, `module.to(0)`: accelerate's device maps). On a machine with real CUDA the emulation works too: real CUDA tensors made
 outside keep working, inside they compute for real until they meet an emulated tensor (then their
 values are copied to the CPU for that op); factories and moves to "cuda" inside make emulated
 tensors. The CUDA C++ lazy-init flag stays set after the block (on a CPU-only build a later real
@@ -77,6 +80,8 @@ CUDA's error message or None.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import importlib
 import sys
 import threading
@@ -640,6 +645,10 @@ class _ConstructorMode(TorchFunctionMode):
                 return method(*args, **kwargs)
         # Give "cuda" (and device numbers) an index here: the C++ side asks a CUDA device guard or
         # the accelerator for the current device, and this build has neither.
+        if func is torch.device and args and type(args[0]) is int:  # the accelerator's device n
+            return torch.device("cuda", args[0])
+        if func is torch._C._nn._parse_to:  # nn.Module.to(...)
+            args = tuple(_indexed(a) for a in args)
         if func is _Tensor.to or func is _Tensor.cuda:
             if func is _Tensor.cuda and (len(args) < 2 or args[1] is None) and kwargs.get("device") is None:
                 args = args[:1]
@@ -1033,6 +1042,33 @@ _GPU_ONLY = (("harness.quant.kernels", "supports", lambda *args, **kwargs: False
 
 
 @dataclass(frozen=True)
+class EmulatedStream:
+    """A device's one stream (`torch.cuda.current_stream()`): the emulation runs every op when it
+    is called, so nothing is ever pending and no graph is being captured."""
+
+    device: torch.device
+
+    @property
+    def device_index(self) -> int:
+        return self.device.index
+
+    def is_capturing(self) -> bool:
+        return False
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class EmulatedDeviceProperties:
     """`torch.cuda.get_device_properties()` of an emulated device."""
 
@@ -1081,6 +1117,18 @@ class EmulatedCuda:
         if index is not None and index >= 0:
             self._set_device(index)
         return prev
+
+    def _stream(self, device=None) -> EmulatedStream:
+        return EmulatedStream(torch.device("cuda", self._device_index(device)))
+
+    @contextlib.contextmanager
+    def _current_within(self, index):
+        """`torch.accelerator.device_index(i)`: device i is the current one inside (None: no change)."""
+        before = self._exchange_device(index if index is not None else -1)
+        try:
+            yield
+        finally:
+            self.current = before
 
     def _synchronize(self, device=None) -> None:
         if self._real_cuda:
@@ -1152,6 +1200,9 @@ class EmulatedCuda:
         self._patch(cuda, "_exchange_device", self._exchange_device)
         self._patch(cuda, "_maybe_exchange_device", self._exchange_device)
         self._patch(cuda, "synchronize", self._synchronize)
+        self._patch(cuda, "current_stream", self._stream)
+        self._patch(cuda, "default_stream", self._stream)
+        self._patch(cuda, "is_current_stream_capturing", lambda: False)
         self._patch(cuda, "get_device_name", self._get_device_name)
         self._patch(cuda, "get_device_properties", self._get_device_properties)
         self._patch(cuda, "get_device_capability", self._get_device_capability)
@@ -1159,6 +1210,24 @@ class EmulatedCuda:
         for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
             self._patch(cuda, name, lambda device=None: 0)  # the values live in host memory
         self._patch(cuda, "empty_cache", lambda: None)
+        accelerator = getattr(torch, "accelerator", None)
+        if accelerator is not None:  # the device-generic API (torch >= 2.6) answers for CUDA
+            for name, value in (
+                ("current_accelerator", lambda check_available=False: torch.device("cuda")),
+                ("is_available", lambda: True),
+                ("device_count", lambda: self.device_count),
+                ("current_device_index", lambda: self.current),
+                ("current_device_idx", lambda: self.current),
+                ("set_device_index", self._set_device),
+                ("set_device_idx", self._set_device),
+                ("device_index", self._current_within),
+                ("synchronize", self._synchronize),
+                ("current_stream", self._stream),
+                ("get_memory_info", self._mem_get_info),
+                ("empty_cache", lambda: None),
+            ):
+                if hasattr(accelerator, name):
+                    self._patch(accelerator, name, value)
         self._patch(torch, "Generator", EmulatedGenerator)
         self._patch(torch.jit.RecursiveScriptModule, "_apply", _script_module_apply)
         self._patch(
@@ -1174,6 +1243,8 @@ class EmulatedCuda:
             except ImportError:
                 continue
             self._patch(mod, name, value)
+        pool = concurrent.futures.ThreadPoolExecutor
+        self._patch(pool, "submit", _submit_in_emulation(self, pool.submit))
         self._real_tables = TABLES.take("cuda")
         # Emulated entries of an earlier block are valid again (a model loaded there may be
         # traced here, its constants made at load).
@@ -1218,6 +1289,23 @@ class EmulatedCuda:
             with _LOCK:
                 if _ACTIVE is self:
                     _ACTIVE = None
+
+
+def _submit_in_emulation(ctx: EmulatedCuda, submit):
+    """ThreadPoolExecutor.submit inside a block: the job runs under the block's modes in its worker
+    thread too (torch's mode stacks are per thread, and transformers' from_pretrained moves weights
+    to their devices in a thread pool)."""
+
+    def submit_emulated(pool, fn, /, *args, **kwargs):
+        def job(*a, **k):
+            if _ACTIVE is not ctx:  # the block has ended
+                return fn(*a, **k)
+            with _ConstructorMode(ctx._autograd), _EmulationMode(ctx):
+                return fn(*a, **k)
+
+        return submit(pool, job, *args, **kwargs)
+
+    return submit_emulated
 
 
 def _plain_stack() -> list | None:

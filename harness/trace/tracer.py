@@ -622,11 +622,13 @@ class Tracer(TorchDispatchMode):
             ]
 
     def _watch_host_waits(self) -> None:
-        """`torch.cuda.synchronize()` and a stream's or an event's `synchronize()` make the host
-        wait for the device without a tensor op: while the tracer records, each call is an event
-        (`HOST_WAIT`: a sync inside the model)."""
+        """`torch.cuda.synchronize()`, `torch.accelerator.synchronize()` and a stream's or an
+        event's `synchronize()` make the host wait for the device without a tensor op: while the
+        tracer records, each call is an event (`HOST_WAIT`: a sync inside the model)."""
         cuda = torch.cuda
-        for owner, name in ((cuda, "synchronize"), (cuda.Stream, "synchronize"), (cuda.Event, "synchronize")):
+        accelerator = getattr(torch, "accelerator", None)
+        owners = [(cuda, "synchronize"), (cuda.Stream, "synchronize"), (cuda.Event, "synchronize")]
+        for owner, name in owners + [(accelerator, "synchronize")] * (accelerator is not None):
             real = getattr(owner, name, None)
             if real is None:
                 continue
