@@ -64,7 +64,7 @@ Limits: the emulated backward does not run hooks registered on autograd nodes th
 in-place changes of an emulated tensor's shape (`resize_` to a new size, `set_`, `unsqueeze_`,
 ...) raise `EmulationUnsupported`; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
 streams and events are not emulated but for each device's one stream (`torch.cuda.current_stream()`,
-nothing pending on it, `torch.accelerator` answers for CUDA); the patches are process-wide, so one
+nothing pending on it; without a GPU), and `torch.accelerator` answers for CUDA; the patches are process-wide, so one
 thread at a time (jobs given to a `concurrent.futures.ThreadPoolExecutor` inside a block run under
 it in their worker threads: transformers loads weights so). A bare device number is a CUDA device,
 as on a CUDA build (`torch.device(1)`, `module.to(0)`: accelerate's device maps). On a machine with real CUDA the emulation works too: real CUDA tensors made
@@ -1200,9 +1200,10 @@ class EmulatedCuda:
         self._patch(cuda, "_exchange_device", self._exchange_device)
         self._patch(cuda, "_maybe_exchange_device", self._exchange_device)
         self._patch(cuda, "synchronize", self._synchronize)
-        self._patch(cuda, "current_stream", self._stream)
-        self._patch(cuda, "default_stream", self._stream)
-        self._patch(cuda, "is_current_stream_capturing", lambda: False)
+        if not self._real_cuda:  # (with a GPU, real streams keep ordering real work)
+            self._patch(cuda, "current_stream", self._stream)
+            self._patch(cuda, "default_stream", self._stream)
+            self._patch(cuda, "is_current_stream_capturing", lambda: False)
         self._patch(cuda, "get_device_name", self._get_device_name)
         self._patch(cuda, "get_device_properties", self._get_device_properties)
         self._patch(cuda, "get_device_capability", self._get_device_capability)
@@ -1222,7 +1223,7 @@ class EmulatedCuda:
                 ("set_device_idx", self._set_device),
                 ("device_index", self._current_within),
                 ("synchronize", self._synchronize),
-                ("current_stream", self._stream),
+                ("current_stream", torch.cuda.current_stream),
                 ("get_memory_info", self._mem_get_info),
                 ("empty_cache", lambda: None),
             ):
