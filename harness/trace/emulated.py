@@ -1200,7 +1200,9 @@ class EmulatedCuda:
         self._patch(cuda, "_exchange_device", self._exchange_device)
         self._patch(cuda, "_maybe_exchange_device", self._exchange_device)
         self._patch(cuda, "synchronize", self._synchronize)
-        if not self._real_cuda:  # (with a GPU, real streams keep ordering real work)
+        # Without a GPU each device has one stand-in stream; with one, real streams keep ordering real work.
+        stream = cuda.current_stream if self._real_cuda else self._stream
+        if not self._real_cuda:
             self._patch(cuda, "current_stream", self._stream)
             self._patch(cuda, "default_stream", self._stream)
             self._patch(cuda, "is_current_stream_capturing", lambda: False)
@@ -1223,7 +1225,7 @@ class EmulatedCuda:
                 ("set_device_idx", self._set_device),
                 ("device_index", self._current_within),
                 ("synchronize", self._synchronize),
-                ("current_stream", torch.cuda.current_stream),
+                ("current_stream", stream),
                 ("get_memory_info", self._mem_get_info),
                 ("empty_cache", lambda: None),
             ):
