@@ -474,6 +474,71 @@ def test_kernel_weight_packs_where_rows_align_and_marks_values_beyond_float16():
     assert fused.kernel_weight(edge, GGMLType.Q8_0, 32)[1] == int(GGMLType.Q8_0)
 
 
+def test_modules_lay_their_weights_out_again_when_moved(monkeypatch):
+    """A module built where the kernels do not run keeps the GGUF blocks; moved to a device where
+    they run (`runs_on` made true for the CPU here: no kernel runs), its weights are prepared as
+    if built there (Q6_K repacked, a weight beyond float16's range marked WIDE, q/k/v in one
+    buffer); moved back, the GGUF bytes come back bit for bit. Moves between such devices keep
+    the layout (no second range scan)."""
+    from harness.model.mixtral import Experts
+    from harness.quant import fused
+    from harness.quant.qmatmul import QMatMul
+    from harness.quant.qtensor import QTensor
+    from harness.quant.types import GGMLType
+
+    rng = np.random.default_rng(5)
+    q6, q4 = GGMLType.Q6_K, GGMLType.Q4_K
+    raw, huge = _random_weight(q6, 5, 2048, rng), _extreme_weight(q6, 5, 2048, rng)
+    head, wide = (
+        QMatMul(QTensor(raw, q6, (5, 2048), "output.weight")),
+        QMatMul(QTensor(huge, q6, (5, 2048), "w")),
+    )
+    gate = [QTensor(_random_weight(q4, 2048, 256, rng), q4, (2048, 256), f"g{e}") for e in range(2)]
+    down = [QTensor(_random_weight(q6, 256, 2048, rng), q6, (256, 2048), f"d{e}") for e in range(2)]
+    experts = Experts(gate, gate, down, torch.device("cpu"))
+    assert (head.kernel_qtype, head.kernel_ready) == (int(q6), False) and torch.equal(head.qweight, raw)
+    assert experts.kernel_qtypes == {"w1": int(q4), "w3": int(q4), "w2": int(q6)}
+
+    monkeypatch.setattr(fused, "runs_on", lambda device: True)
+    for m in (head, wide, experts):
+        m.to("cpu")
+    assert head.kernel_qtype == int(q6) | fused.PACKED and head.kernel_ready
+    assert not torch.equal(head.qweight, raw) and torch.equal(head.qtensor.raw, raw)
+    assert wide.kernel_qtype == int(q6) | fused.PACKED | fused.WIDE
+    assert experts.kernel_qtypes == {"w1": int(q4), "w3": int(q4), "w2": int(q6) | fused.PACKED}
+    assert all(experts.kernel_ready.values())
+    scans = []
+    monkeypatch.setattr(fused, "_max_magnitude", lambda *a: scans.append(a) or 0.0)
+    packed = head.qweight
+    head.float()
+    assert head.qweight is packed and not scans
+
+    monkeypatch.setattr(fused, "runs_on", lambda device: False)
+    for m in (head, wide, experts):
+        m.cpu()
+    assert (head.kernel_qtype, head.kernel_ready) == (int(q6), False) and torch.equal(head.qweight, raw)
+    assert torch.equal(wide.qweight, huge) and wide.kernel_qtype == int(q6)
+    assert experts.kernel_qtypes["w2"] == int(q6) and torch.equal(experts.w2[1], down[1].raw)
+
+
+def test_attention_puts_q_k_v_in_one_buffer_again_after_a_move(monkeypatch, tiny_mixtral):
+    """A model loaded where the fused ops do not run, then moved where they run: each layer's
+    q and k blocks (both Q4_K in a Q4_K_M file; v is Q6_K) follow each other in one buffer
+    (`harness::qkv` multiplies them in one launch), as in a model loaded there."""
+    from harness.quant import fused
+
+    model = tiny_mixtral(on="cpu", file_type="Q4_K_M")
+    attention = model.layers[1].attn
+    assert not attention.fused()
+    monkeypatch.setattr(fused, "runs_on", lambda device: True)
+    model.to("cpu")
+    wq, wk, wv = (m.qweight for m in (attention.wq, attention.wk, attention.wv))
+    assert attention.fused() and attention.wv.kernel_qtype != attention.wq.kernel_qtype
+    assert wq.untyped_storage().data_ptr() == wk.untyped_storage().data_ptr()
+    assert wk.storage_offset() == wq.storage_offset() + wq.numel()
+    assert wv.untyped_storage().data_ptr() != wq.untyped_storage().data_ptr()
+
+
 _INTERPRETED_PACKED_MODULES = """
 import json, sys, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
@@ -710,6 +775,30 @@ def test_cuda_kernels_match_dequantize_then_matmul():
     assert len(results) == expected_case_count(small=False)
     bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_module_built_on_the_cpu_and_moved_is_prepared_for_the_kernels():
+    """QMatMul built on the CPU, then `.to("cuda")`: repacked and range-checked as if loaded
+    there, its products agree with the torch path; back on the CPU, the GGUF bytes are intact."""
+    from harness.quant import fused
+    from harness.quant.qmatmul import QMatMul
+    from harness.quant.qtensor import QTensor
+    from harness.quant.types import GGMLType
+
+    rng = np.random.default_rng(9)
+    q6 = GGMLType.Q6_K
+    raw, huge = _random_weight(q6, 37, 2048, rng), _extreme_weight(q6, 37, 2048, rng)
+    for weight, code in ((raw, int(q6) | fused.PACKED), (huge, int(q6) | fused.PACKED | fused.WIDE)):
+        m = QMatMul(QTensor(weight, q6, (37, 2048), "w"))
+        m.to("cuda")
+        assert m.kernel_qtype == code
+        ref = _dequant(weight, q6, 37, 2048)
+        for tokens in (1, 17):
+            x = torch.randn(tokens, 2048, device="cuda")
+            assert _nmse(m(x), x.double().cpu() @ ref.T) <= NMSE_MAX
+        m.cpu()
+        assert torch.equal(m.qweight, weight) and m.kernel_qtype == int(q6)
 
 
 @pytest.mark.cuda(real=True)

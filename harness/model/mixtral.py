@@ -155,14 +155,22 @@ class Attention(nn.Module):
         self.wq, self.wk, self.wv = (
             QMatMul(mf.tensor(f"blk.{i}.attn_{p}.weight").to(device), strategy) for p in ("q", "k", "v")
         )
+        self._pack_qkv()
+        self.wo = QMatMul(mf.tensor(f"blk.{i}.attn_output.weight").to(device), strategy)
+        self.rope = Rope(c.rope_dim, c.rope_freq_base, cache.k.shape[1], cache.k.device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # (each weight moved on its own)
+        self._pack_qkv()
+        return self
+
+    def _pack_qkv(self) -> None:
+        """q, k, v of one layout in one buffer, one after another: `harness::qkv` launches once."""
         if self.fused():
-            # q, k, v of one layout in one buffer, one after another: `harness::qkv` launches once
             mats = (self.wq, self.wk, self.wv)
             raws = fused.pack_rows([m.qweight for m in mats], [m.kernel_qtype for m in mats])
             for m, raw in zip(mats, raws, strict=True):
                 m.qweight = raw
-        self.wo = QMatMul(mf.tensor(f"blk.{i}.attn_output.weight").to(device), strategy)
-        self.rope = Rope(c.rope_dim, c.rope_freq_base, cache.k.shape[1], cache.k.device)
 
     def fused(self) -> bool:
         """Whether this call runs as `harness::qkv` and `harness::attention` (q/k/v products;
@@ -250,6 +258,7 @@ class Experts(nn.Module):
         }
         self.meta = {}
         self.kernel_qtypes = {}  # the `qtype` each stack goes to the fused ops with
+        self.kernel_ready = {}  # whether `fused.placed_weight` prepared it for the ops
         for attr, weights in (("w1", gate), ("w3", up), ("w2", down)):
             qtypes = {w.qtype for w in weights}
             if len(qtypes) != 1:
@@ -259,12 +268,23 @@ class Experts(nn.Module):
                 )
             self.meta[attr] = (weights[0].qtype, weights[0].shape)
             # Stacked where the blocks are (a view for a merged file), then moved in one copy; kept
-            # as the fused kernels read them where they run (`fused.kernel_weight`).
-            raw, qtype, cols = _stack_raw(weights).to(device), weights[0].qtype, weights[0].shape[-1]
-            self.kernel_qtypes[attr] = int(qtype)
-            if fused.supports(qtype, raw.device, cols):
-                raw, self.kernel_qtypes[attr] = fused.kernel_weight(raw, qtype, cols)
-            self.register_buffer(attr, raw, persistent=False)
+            # as the fused kernels read them where they run (`fused.placed_weight`, here and after
+            # every move).
+            self.register_buffer(attr, _stack_raw(weights).to(device), persistent=False)
+            self.kernel_qtypes[attr], self.kernel_ready[attr] = int(weights[0].qtype), False
+        self._place_weights()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._place_weights()
+        return self
+
+    def _place_weights(self) -> None:
+        for attr, (_, shape) in self.meta.items():
+            raw, self.kernel_qtypes[attr], self.kernel_ready[attr] = fused.placed_weight(
+                getattr(self, attr), self.kernel_qtypes[attr], shape[-1], self.kernel_ready[attr]
+            )
+            setattr(self, attr, raw)
 
     def weight(self, attr: str, experts: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized weights of the given experts: [n, rows, cols] for an index tensor, else [rows, cols]."""

@@ -208,6 +208,19 @@ def kernel_weight(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> tuple
     return raw, code
 
 
+def placed_weight(
+    raw: torch.Tensor, code: int, in_features: int, ready: bool
+) -> tuple[torch.Tensor, int, bool]:
+    """A weight's blocks, `qtype` code and readiness as the ops want them on raw's device, at
+    construction and after each move (`nn.Module._apply`): prepared by `kernel_weight` where
+    `supports` holds and it is not `ready` yet; the GGUF blocks and the plain type elsewhere.
+    Moving between devices where the kernels run keeps the prepared layout."""
+    qtype = GGMLType(code & 0xFF)
+    if supports(qtype, raw.device, in_features):
+        return (raw, code, True) if ready else (*kernel_weight(raw, qtype, in_features), True)
+    return gguf_blocks(raw, code), int(qtype), False
+
+
 def gguf_blocks(raw: torch.Tensor, code: int) -> torch.Tensor:
     """The GGUF blocks of a weight prepared by `kernel_weight` (raw itself unless repacked)."""
     return unpack(raw, GGMLType(code & 0xFF)) if code & PACKED else raw
@@ -1267,14 +1280,14 @@ def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
 def pack_rows(raws: list[torch.Tensor], qtypes: list[int]) -> list[torch.Tensor]:
     """`raws` ([rows, row_bytes] blocks on one device), each run of consecutive ones of one type
     (or `kernel_weight` code) and row size copied into one buffer, one after another, and returned as views of it (the
-    same bytes): `harness::qkv` multiplies such a run in one launch."""
+    same bytes; a run already laid out so is left as it is): `harness::qkv` multiplies such a run in one launch."""
     out = list(raws)
     i = 0
     while i < len(raws):
         j = i + 1
         while j < len(raws) and qtypes[j] == qtypes[i] and raws[j].shape[1:] == raws[i].shape[1:]:
             j += 1
-        if j - i > 1:
+        if j - i > 1 and not all(_follows(raws[n - 1], raws[n]) for n in range(i + 1, j)):
             buffer = torch.cat(raws[i:j])
             start = 0
             for n in range(i, j):

@@ -36,15 +36,26 @@ class QMatMul(nn.Module):
             strategy = "f32"
         self.strategy = strategy
         # Exactly one of the two buffers is set; both move with the module. On a device where the
-        # fused kernels run, the blocks are kept as they read them (`fused.kernel_weight`).
-        raw, self.kernel_qtype = weight.raw, int(self.qtype)
-        if strategy == "quantized" and fused.supports(self.qtype, raw.device, self.in_features):
-            raw, self.kernel_qtype = fused.kernel_weight(raw, self.qtype, self.in_features)
-        self.register_buffer("qweight", raw if strategy == "quantized" else None, persistent=False)
+        # fused kernels run, the blocks are kept as they read them (`fused.placed_weight`, here
+        # and after every move).
+        self.kernel_qtype, self.kernel_ready = int(self.qtype), False
+        self.register_buffer("qweight", weight.raw if strategy == "quantized" else None, persistent=False)
+        self._place_weight()
         dense = None
         if strategy != "quantized":
             dense = weight.dequantize(dtype=torch.float16 if strategy == "f16" else torch.float32)
         self.register_buffer("weight", dense, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._place_weight()
+        return self
+
+    def _place_weight(self) -> None:
+        if self.qweight is not None:
+            self.qweight, self.kernel_qtype, self.kernel_ready = fused.placed_weight(
+                self.qweight, self.kernel_qtype, self.in_features, self.kernel_ready
+            )
 
     @property
     def qtensor(self) -> QTensor | None:
