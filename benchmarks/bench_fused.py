@@ -19,9 +19,9 @@ tokens; 512 and 4096 cached positions, in the start form and at device positions
 4096-position cache as the decode graph calls it): its Triton kernels ("triton", new) against
 the torch path ("torch", old), timed in a CUDA graph like the rest, and also eager (`eager_ms`,
 host launch costs included, as a traced decode runs); its bytes are the cache it must read.
-`--attention-only` times only these:
+`--attention-only` times only these (`--sweep-attention` adds the kernels' launch settings):
 
-    python benchmarks/bench_fused.py --attention-only --out benchmarks/results/attention.json
+    python benchmarks/bench_fused.py --attention-only --sweep-attention --out benchmarks/results/attention.json
 """
 
 from __future__ import annotations
@@ -69,6 +69,17 @@ MATVEC_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
 # positions the call attends over, device positions or not)
 ATTENTION_HEADS = (32, 8, 128, 4096)
 ATTENTION_CALLS = [(1, 512, False), (1, 4096, False), (1, 512, True), (1, 4096, True), (8, 4096, False)]
+# --sweep-attention: (BS, num_warps, num_stages, split_min_keys) of the kernels
+ATTENTION_SWEEP = [
+    (32, 4, 2, 64),
+    (32, 4, 2, 128),
+    (32, 4, 2, 256),
+    (32, 4, 2, 512),
+    (32, 4, 2, 4096),
+    (16, 4, 2, 128),
+    (32, 4, 3, 256),
+    (32, 8, 2, 256),
+]
 GROUPED_SWEEP = [  # BM, BN, BK, warps, stages
     (64, 128, 64, 4, 4),
     (64, 128, 64, 8, 3),
@@ -178,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--attention-only", action="store_true", help="time only harness::attention")
     p.add_argument(
+        "--sweep-attention",
+        action="store_true",
+        help="also try launch settings of harness::attention's kernels (ATTENTION_SWEEP)",
+    )
+    p.add_argument(
         "--sweep-matvec",
         action="store_true",
         help="also try launch configurations of the default Q4_K matrix-vector kernel (1 token)",
@@ -248,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    attention_rows(dev, row, comparisons, save)
+    attention_rows(dev, row, comparisons, save, args.sweep_attention)
     if args.attention_only:
         return 0
 
@@ -356,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def attention_rows(dev: torch.device, row, comparisons: list, save) -> None:
+def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
     """`harness::attention` per ATTENTION_CALLS, the Triton kernels against the torch path, each
-    timed in a CUDA graph (a row each) and eagerly (in the comparison)."""
+    timed in a CUDA graph (a row each) and eagerly (in the comparison); with `sweep`, the
+    kernels under each of ATTENTION_SWEEP's launch settings too (rows only)."""
     from harness.model.mixtral import rope_tables
 
     n_heads, n_kv, hd, s_max = ATTENTION_HEADS
@@ -400,6 +417,20 @@ def attention_rows(dev: torch.device, row, comparisons: list, save) -> None:
         }
         comparisons.append(c)
         save()
+        if sweep:
+            saved = dict(fused.ATTENTION_CONFIG)
+            for bs, warps, stages, split_min in ATTENTION_SWEEP:
+                fused.ATTENTION_CONFIG.update(
+                    BS=bs, num_warps=warps, num_stages=stages, split_min_keys=split_min
+                )
+                ms = try_time_ms(
+                    lambda q=q, k=k, v=v, positions=positions, start=start: torch.ops.harness.attention(
+                        q, k, v, cache_k, cache_v, cos, sin, positions, start
+                    )
+                )
+                label = f"  sweep BS={bs} warps={warps} stages={stages} split_min_keys={split_min} {name}"
+                row(label, ms, nbytes, flops)
+            fused.ATTENTION_CONFIG.update(saved)
         print(
             f"  {new} is {c['old_ms_over_new_ms']:.2f}x {old} in a graph, "
             f"{c['eager_old_ms_over_new_ms']:.2f}x eager, NMSE {c['nmse_new_vs_old']:.1e}",
