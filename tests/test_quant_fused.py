@@ -254,13 +254,19 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
             )
             results.append({"case": f"{case} cache write", "nmse": 0.0, "exact": bool(same)})
 
+    router = (torch.randn(8, dim) * 0.1).to(device)  # [E, D] float32, as an F16/F32 GGUF router becomes
     for t in tokens:
-        logits = torch.randn(t, 8) * 3
-        weights, experts = torch.ops.harness.router_topk(logits.to(device), 2, ROUTER_WEIGHT_SUM_MIN)
+        x = torch.randn(t, dim).to(device)
+        # the torch path's ops on the same device: the op runs them (the product inside it, or
+        # from a quantized router's logits), so the same bits
+        logits = x @ router.T
         ref_w, ref_e = logits.softmax(-1).topk(2, dim=-1)
         ref_w = ref_w / ref_w.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-        exact = torch.equal(experts.cpu(), ref_e) and torch.equal(weights.cpu(), ref_w)
-        results.append({"case": f"router_topk T={t}", "nmse": _nmse(weights, ref_w.double()), "exact": exact})
+        for form, args in (("logits", (logits, None)), ("x and weight", (x, router))):
+            weights, experts = torch.ops.harness.router_topk(*args, 2, ROUTER_WEIGHT_SUM_MIN)
+            exact = torch.equal(experts, ref_e) and torch.equal(weights, ref_w)
+            name = f"router_topk {form} T={t}"
+            results.append({"case": name, "nmse": _nmse(weights, ref_w.cpu().double()), "exact": exact})
 
     table = _random_weight(GGMLType.Q4_K, 50, dim, rng)
     full = _dequant(table, GGMLType.Q4_K, 50, dim)
@@ -484,7 +490,7 @@ def expected_case_count(small: bool) -> int:
         for qtype, _, _ in _weight_cases(256, small)
     )
     moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
-    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
+    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + 2 * len(tokens) + 1
     extreme = sum(
         len(_paths(t, q in fused.MATVEC_PATH_TYPES))
         for t in (1, 17)
@@ -778,7 +784,10 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
                 0,
             ),  # fmt: skip
         ),
-        ("router_topk", lambda: torch.ops.harness.router_topk(*tensors(torch.ones(1, 8)), 2, 1e-4)),
+        (
+            "router_topk",
+            lambda: torch.ops.harness.router_topk(*tensors(torch.ones(1, 16), torch.ones(8, 16)), 2, 1e-4),
+        ),
         (
             "add_rms_norm",
             lambda: torch.ops.harness.add_rms_norm(
@@ -837,8 +846,9 @@ def test_fake_implementations_give_shapes_without_running():
         assert out.shape == (5, 64) and out.dtype == torch.float32
         total, normed = torch.ops.harness.add_rms_norm(x, x, torch.empty(512), 1e-5)
         assert total.shape == normed.shape == (5, 512)
-        w, e = torch.ops.harness.router_topk(torch.empty(5, 8), 2, 1e-4)
-        assert (w.shape, w.dtype, e.shape, e.dtype) == ((5, 2), torch.float32, (5, 2), torch.int64)
+        for args in ((torch.empty(5, 8), None), (x, torch.empty(8, 512))):
+            w, e = torch.ops.harness.router_topk(*args, 2, 1e-4)
+            assert (w.shape, w.dtype, e.shape, e.dtype) == ((5, 2), torch.float32, (5, 2), torch.int64)
         rows = torch.ops.harness.embed_rows(
             torch.empty(50, 144, dtype=torch.uint8), torch.empty(3, dtype=torch.int64), 12, 256
         )
@@ -910,8 +920,8 @@ def test_cuda_decode_ops_refuse_a_cpu_tensor_with_a_device_error():
 
     for cpu_arg in (0, 1, 3):  # an activation, a weight or the cache, the table or the token ids
         for name, call in _decode_op_calls("cuda", cpu_arg):
-            if name == "router_topk" and cpu_arg:
-                continue  # it has one tensor argument
+            if name == "router_topk" and cpu_arg == 3:
+                continue  # it has two tensor arguments
             with pytest.raises(RuntimeError) as info:
                 call()
             assert is_device_error(str(info.value)) and "cpu" in str(info.value), (name, cpu_arg)

@@ -1642,19 +1642,27 @@ def _(x, residual, weight, eps):
 
 
 @torch.library.custom_op("harness::router_topk", mutates_args=())
-def router_topk(logits: torch.Tensor, k: int, min_sum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral's routing in one op: softmax over the experts of logits [T, E], the top k, their
-    weights renormalized to sum 1 (the sum clamped at `min_sum`, as llama.cpp does) ->
-    weights [T, k] float32, experts [T, k] int64."""
-    _check_devices("harness::router_topk", logits)
+def router_topk(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045  (torch 2.11's schema inference reads Optional)
+    k: int,
+    min_sum: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's routing in one op, the router's product included: logits x @ weight.T (x [T, D]
+    float32, weight [E, D] the router's float32 GGUF weight; with weight None, x is the logits
+    [T, E]), softmax over the experts, the top k, their weights renormalized to sum 1 (the sum
+    clamped at `min_sum`, as llama.cpp does) -> weights [T, k] float32, experts [T, k] int64.
+    The torch path's ops (`harness.model.mixtral.Router`), bit for bit."""
+    _check_devices("harness::router_topk", x, *(() if weight is None else (weight,)))
+    logits = x if weight is None else x @ weight.T
     weights, experts = logits.float().softmax(-1).topk(k, dim=-1)
     return weights / weights.sum(-1, keepdim=True).clamp(min=min_sum), experts
 
 
 @router_topk.register_fake
-def _(logits, k, min_sum):
-    t = logits.shape[0]
-    return logits.new_empty((t, k), dtype=torch.float32), logits.new_empty((t, k), dtype=torch.int64)
+def _(x, weight, k, min_sum):
+    t = x.shape[0]
+    return x.new_empty((t, k), dtype=torch.float32), x.new_empty((t, k), dtype=torch.int64)
 
 
 @torch.library.custom_op("harness::embed_rows", mutates_args=())
