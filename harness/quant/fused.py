@@ -947,7 +947,8 @@ if triton is not None:
         base = (t * H + h) * HD
         _rope_row(x_ptr + base, out_ptr + base, cos_ptr + pos * HALF, sin_ptr + pos * HALF, HD, HALF, BH, BD)
 
-    @triton.jit
+    # Positions and key counts change every decode step: not specialized on (one compilation).
+    @triton.jit(do_not_specialize=["start"])
     def _rope_cache_kernel(
         q_ptr, k_ptr, v_ptr, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, q_out,
         H, KV, S_MAX, HD, HALF, BH: tl.constexpr, BD: tl.constexpr, FROM_START: tl.constexpr,
@@ -975,7 +976,7 @@ if triton is not None:
             m = d < hd
             tl.store(cache_v + slot + d, tl.load(v_ptr + row + d, mask=m, other=0.0), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["start", "N_KEYS", "SPLIT_KEYS"])
     def _attention_kernel(
         q_ptr, cache_k, cache_v, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
         T, G, S_MAX, N_KEYS, SPLIT_KEYS, HD, scale,
