@@ -19,7 +19,8 @@ tokens; 512 and 4096 cached positions, in the start form and at device positions
 4096-position cache as the decode graph calls it): its Triton kernels ("triton", new) against
 the torch path ("torch", old), timed in a CUDA graph like the rest, and also eager (`eager_ms`,
 host launch costs included, as a traced decode runs); its bytes are the cache it must read.
-`--attention-only` times only these (`--sweep-attention` adds the kernels' launch settings):
+They come last; `--attention-only` times only these (`--sweep-attention` adds the kernels'
+launch settings):
 
     python benchmarks/bench_fused.py --attention-only --sweep-attention --out benchmarks/results/attention.json
 """
@@ -264,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    attention_rows(dev, row, comparisons, save, args.sweep_attention)
     if args.attention_only:
+        attention_rows(dev, row, comparisons, save, args.sweep_attention)
         return 0
 
     for qtype, n, k in SHAPES:
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"  sweep {fused.matvec_path} BN={bn} warps={warps} stages={stages} Q4_K {n}x{k} T=1"
                 row(name, ms, w.numel(), 2 * n * k)
         fused.MATVEC_CONFIG[T.Q4_K].update(saved)
+    attention_rows(dev, row, comparisons, save, args.sweep_attention)
     return 0
 
 
