@@ -336,22 +336,21 @@ def _stack_raw(weights: list[QTensor]) -> torch.Tensor:
 class Router(QMatMul):
     """The MoE router (`ffn_gate_inp`): a QMatMul whose logits [T, E] pick each token's experts.
 
-    `router(x)` gives the logits; `router(x, k)` the routing: softmax over all experts, the top
-    k, their weights renormalized (the sum clamped at ROUTER_WEIGHT_SUM_MIN, as llama.cpp does)
-    -> weights [T, k] float32, experts [T, k] int64. Where the fused ops run, that is one op,
-    `harness::router_topk`, which takes a float32 weight itself (the product inside the op, the
-    GGUF tensor among its inputs) and a quantized router's logits otherwise."""
+    `router(x)` gives the logits. Where the fused ops run (`routes_in_one_op`), `router(x, k)`
+    gives the routing as one op, `harness::router_topk`: softmax over all experts, the top k,
+    their weights renormalized -> weights [T, k] float32, experts [T, k] int64. A float32
+    weight goes into the op itself (the product inside it, the GGUF tensor among its inputs);
+    a quantized router hands it its logits."""
+
+    def routes_in_one_op(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.float32 and x.dim() == 2 and fused.runs_on(x.device)
 
     def forward(self, x: torch.Tensor, k: int | None = None):
         if k is None:
             return super().forward(x)
-        if x.dtype == torch.float32 and x.dim() == 2 and fused.runs_on(x.device):
-            if self.strategy == "f32":
-                return torch.ops.harness.router_topk(x, self.weight, k, ROUTER_WEIGHT_SUM_MIN)
-            return torch.ops.harness.router_topk(super().forward(x), None, k, ROUTER_WEIGHT_SUM_MIN)
-        probs = super().forward(x).float().softmax(-1)  # [T, E]
-        weights, chosen = probs.topk(k, dim=-1)  # [T, k]
-        return weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN), chosen
+        if self.strategy == "f32":
+            return torch.ops.harness.router_topk(x, self.weight, k, ROUTER_WEIGHT_SUM_MIN)
+        return torch.ops.harness.router_topk(super().forward(x), None, k, ROUTER_WEIGHT_SUM_MIN)
 
 
 class MoE(nn.Module):
@@ -364,7 +363,13 @@ class MoE(nn.Module):
         self.n_used = n_used
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, chosen = self.router(x, self.n_used)  # [T, k]
+        if self.router.routes_in_one_op(x):
+            weights, chosen = self.router(x, self.n_used)  # [T, k]
+            return self.experts(x, weights, chosen)
+        logits = self.router(x)  # [T, E]
+        probs = logits.float().softmax(-1)
+        weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
         return self.experts(x, weights, chosen)
 
 
