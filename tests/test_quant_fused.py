@@ -306,9 +306,9 @@ ATTENTION_SHAPES_FULL = [
     (8, 16, 8, 64, 64, 333, 100, False),
     (9, 32, 8, 128, 128, 4096, 3, False),
 ]
-# Launch settings tried beside the default: short key steps and splits, so that small caches
+# Launch settings tried beside the default: short splits, so that small caches
 # take several splits (and the merge launch) too.
-ATTENTION_SPLIT_CONFIG = {"BS": 16, "split_min_keys": 16}
+ATTENTION_SPLIT_CONFIG = {"split_min_keys": 16}
 
 
 def _attention_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
