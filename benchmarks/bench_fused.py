@@ -13,6 +13,16 @@ A weight the kernels read repacked (`fused.packs`: Q6_K, Q8_0) is also timed in 
 layout, the old read ("packed" new, "gguf" old), with the default kernel choices.
 For a memory-bound row, `fraction_of_copy` is the weight bytes it reads over the time, divided
 by the copy rate.
+
+`harness::attention` at decode shapes (Mixtral's 32 heads, 8 KV heads, head dim 128; 1 and 8
+tokens; 512 and 4096 cached positions, in the start form and at device positions over a
+4096-position cache as the decode graph calls it): its Triton kernels ("triton", new) against
+the torch path ("torch", old), timed in a CUDA graph like the rest, and also eager (`eager_ms`,
+host launch costs included, as a traced decode runs); its bytes are the cache it must read.
+They come last; `--attention-only` times only these (`--sweep-attention` adds the kernels'
+launch settings):
+
+    python benchmarks/bench_fused.py --attention-only --sweep-attention --out benchmarks/results/attention.json
 """
 
 from __future__ import annotations
@@ -56,6 +66,21 @@ SHAPES = [
 TOKENS = (1, 512)
 MOE_SHAPE = (8, 4096, 14336)
 MATVEC_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
+# harness::attention: Mixtral's heads, KV heads, head dim, cache length; (tokens, cached
+# positions the call attends over, device positions or not)
+ATTENTION_HEADS = (32, 8, 128, 4096)
+ATTENTION_CALLS = [(1, 512, False), (1, 4096, False), (1, 512, True), (1, 4096, True), (8, 4096, False)]
+# --sweep-attention: (BS, num_warps, num_stages, split_min_keys) of the kernels
+ATTENTION_SWEEP = [
+    (32, 4, 2, 64),
+    (32, 4, 2, 128),
+    (32, 4, 2, 256),
+    (32, 4, 2, 512),
+    (32, 4, 2, 4096),
+    (16, 4, 2, 128),
+    (32, 4, 3, 256),
+    (32, 8, 2, 256),
+]
 GROUPED_SWEEP = [  # BM, BN, BK, warps, stages
     (64, 128, 64, 4, 4),
     (64, 128, 64, 8, 3),
@@ -94,6 +119,24 @@ def time_ms(fn, reps: int = 20) -> float:
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def eager_time_ms(fn, reps: int = 20) -> float:
+    """Median milliseconds of one `fn()` called eagerly, host launch costs included: `reps`
+    calls between two CUDA events, the median over 5 such runs, after warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / reps)
@@ -144,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep-grouped",
         action="store_true",
         help="also try launch configurations of the prefill's grouped float16 GEMM (MoE, 512 tokens)",
+    )
+    p.add_argument("--attention-only", action="store_true", help="time only harness::attention")
+    p.add_argument(
+        "--sweep-attention",
+        action="store_true",
+        help="also try launch settings of harness::attention's kernels (ATTENTION_SWEEP)",
     )
     p.add_argument(
         "--sweep-matvec",
@@ -215,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {new} is {c['old_ms_over_new_ms']:.2f}x {old}, NMSE {c['nmse_new_vs_old']:.1e}",
                 flush=True,
             )
+
+    if args.attention_only:
+        attention_rows(dev, row, comparisons, save, args.sweep_attention)
+        return 0
 
     for qtype, n, k in SHAPES:
         w = random_weight(qtype, n, k, device=dev)
@@ -317,7 +370,74 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"  sweep {fused.matvec_path} BN={bn} warps={warps} stages={stages} Q4_K {n}x{k} T=1"
                 row(name, ms, w.numel(), 2 * n * k)
         fused.MATVEC_CONFIG[T.Q4_K].update(saved)
+    attention_rows(dev, row, comparisons, save, args.sweep_attention)
     return 0
+
+
+def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
+    """`harness::attention` per ATTENTION_CALLS, the Triton kernels against the torch path, each
+    timed in a CUDA graph (a row each) and eagerly (in the comparison); with `sweep`, the
+    kernels under each of ATTENTION_SWEEP's launch settings too (rows only)."""
+    from harness.model.mixtral import rope_tables
+
+    n_heads, n_kv, hd, s_max = ATTENTION_HEADS
+    cos, sin = rope_tables(hd, 1e6, s_max, dev)
+    cache_k, cache_v = torch.randn(n_kv, s_max, hd, device=dev), torch.randn(n_kv, s_max, hd, device=dev)
+    for t, n_keys, at_device in ATTENTION_CALLS:
+        q = torch.randn(t, n_heads * hd, device=dev)
+        k, v = torch.randn(t, n_kv * hd, device=dev), torch.randn(t, n_kv * hd, device=dev)
+        start = n_keys - t
+        positions = torch.arange(start, start + t, device=dev) if at_device else None
+        form = f"at device positions over S_max={s_max}" if at_device else "start form"
+        name = f"attention H={n_heads} K={n_kv} Hd={hd} T={t} keys={n_keys} {form}"
+        nbytes = 2 * n_kv * n_keys * hd * 4  # the cached keys and values it must read
+        flops = 2 * 2 * t * n_heads * n_keys * hd
+        times, eager, outs = {}, {}, {}
+        for path in fused.ATTENTION_PATHS:  # the kernels (new) first
+
+            def call(path=path, q=q, k=k, v=v, positions=positions, start=start):
+                before, fused.attention_path = fused.attention_path, path
+                try:
+                    return torch.ops.harness.attention(q, k, v, cache_k, cache_v, cos, sin, positions, start)
+                finally:
+                    fused.attention_path = before
+
+            times[path] = time_ms(call)
+            eager[path] = eager_time_ms(call)
+            outs[path] = call()
+            row(f"{name} {path}", times[path], nbytes, flops)
+        new, old = fused.ATTENTION_PATHS
+        c = {
+            "name": name,
+            "new": new,
+            "old": old,
+            "old_ms_over_new_ms": times[old] / times[new],
+            "eager_ms": eager,
+            "eager_old_ms_over_new_ms": eager[old] / eager[new],
+            "nmse_new_vs_old": nmse(outs[new], outs[old]),
+            "max_abs_new_vs_old": float((outs[new] - outs[old]).abs().max()),
+        }
+        comparisons.append(c)
+        save()
+        if sweep:
+            saved = dict(fused.ATTENTION_CONFIG)
+            for bs, warps, stages, split_min in ATTENTION_SWEEP:
+                fused.ATTENTION_CONFIG.update(
+                    BS=bs, num_warps=warps, num_stages=stages, split_min_keys=split_min
+                )
+                ms = try_time_ms(
+                    lambda q=q, k=k, v=v, positions=positions, start=start: torch.ops.harness.attention(
+                        q, k, v, cache_k, cache_v, cos, sin, positions, start
+                    )
+                )
+                label = f"  sweep BS={bs} warps={warps} stages={stages} split_min_keys={split_min} {name}"
+                row(label, ms, nbytes, flops)
+            fused.ATTENTION_CONFIG.update(saved)
+        print(
+            f"  {new} is {c['old_ms_over_new_ms']:.2f}x {old} in a graph, "
+            f"{c['eager_old_ms_over_new_ms']:.2f}x eager, NMSE {c['nmse_new_vs_old']:.1e}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NMSE_MAX = 1e-5
+# attention's outputs (averages of N(0, 1) values) from the kernels and from the torch path:
+# the same float32 arithmetic summed in another order
+ATTENTION_MAX_ABS = 1e-5
 
 
 def _random_weight(qtype, rows: int, cols: int, rng: np.random.Generator) -> torch.Tensor:
@@ -136,6 +139,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
         )
 
     results += _decode_op_cases(device, tokens, rng)
+    results += _attention_cases(device, small, rng)
 
     # MoE: E experts, k=2; gate/up [F, D], down [D, F]. Routings: random, all tokens on experts
     # 0 and 1 (the others get none; 0 and 1 get every token).
@@ -250,13 +254,19 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
             )
             results.append({"case": f"{case} cache write", "nmse": 0.0, "exact": bool(same)})
 
+    router = (torch.randn(8, dim) * 0.1).to(device)  # [E, D] float32, as an F16/F32 GGUF router becomes
     for t in tokens:
-        logits = torch.randn(t, 8) * 3
-        weights, experts = torch.ops.harness.router_topk(logits.to(device), 2, ROUTER_WEIGHT_SUM_MIN)
+        x = torch.randn(t, dim).to(device)
+        # the torch path's ops on the same device: the op runs them (the product inside it, or
+        # from a quantized router's logits), so the same bits
+        logits = x @ router.T
         ref_w, ref_e = logits.softmax(-1).topk(2, dim=-1)
         ref_w = ref_w / ref_w.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-        exact = torch.equal(experts.cpu(), ref_e) and torch.equal(weights.cpu(), ref_w)
-        results.append({"case": f"router_topk T={t}", "nmse": _nmse(weights, ref_w.double()), "exact": exact})
+        for form, args in (("logits", (logits, None)), ("x and weight", (x, router))):
+            weights, experts = torch.ops.harness.router_topk(*args, 2, ROUTER_WEIGHT_SUM_MIN)
+            exact = torch.equal(experts, ref_e) and torch.equal(weights, ref_w)
+            name = f"router_topk {form} T={t}"
+            results.append({"case": name, "nmse": _nmse(weights, ref_w.cpu().double()), "exact": exact})
 
     table = _random_weight(GGMLType.Q4_K, 50, dim, rng)
     full = _dequant(table, GGMLType.Q4_K, 50, dim)
@@ -272,6 +282,109 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
     return results
 
 
+# Attention at decode shapes: (tokens, heads, KV heads, head dim, rope dims, cache length, first
+# position, positions form). Under the interpreter small caches (odd lengths); on a GPU Mixtral's
+# heads and a 4096-position cache. Positions at 0, in a partly filled cache, and at S_max - 1;
+# GQA groups 4 and 1; head dims 64 and 128; rope on part of a head; 9 tokens take the torch path.
+ATTENTION_SHAPES_SMALL = [
+    (1, 8, 2, 64, 64, 37, 0, False),
+    (1, 8, 2, 64, 64, 37, 36, True),
+    (2, 8, 2, 128, 128, 37, 13, False),
+    (5, 2, 2, 64, 16, 37, 20, True),
+    (8, 2, 2, 128, 128, 37, 29, False),
+    (8, 8, 2, 64, 64, 37, 0, True),
+    (9, 8, 2, 64, 64, 37, 3, False),
+]
+ATTENTION_SHAPES_FULL = [
+    (1, 32, 8, 128, 128, 4096, 0, True),
+    (1, 32, 8, 128, 128, 4096, 4095, True),
+    (1, 32, 8, 128, 128, 512, 300, False),
+    (2, 32, 8, 128, 128, 4096, 1000, False),
+    (5, 8, 8, 64, 64, 4095, 2047, True),
+    (8, 32, 8, 128, 128, 4096, 4088, False),
+    (8, 8, 8, 128, 32, 1001, 0, True),
+    (8, 16, 8, 64, 64, 333, 100, False),
+    (9, 32, 8, 128, 128, 4096, 3, False),
+]
+# Launch settings tried beside the default: short splits, so that small caches
+# take several splits (and the merge launch) too.
+ATTENTION_SPLIT_CONFIG = {"split_min_keys": 16}
+
+
+def _attention_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """`harness::attention` at decode shapes (ATTENTION_SHAPES_*), with the default launch
+    settings and with many splits: its output against float64 (NMSE) and against the torch path
+    (largest difference), its cache writes bit for bit those of the torch path and of the
+    reference, and whether the Triton kernels ran."""
+    from harness.model.mixtral import rope_tables
+    from harness.quant import fused
+
+    results = []
+    shapes = ATTENTION_SHAPES_SMALL if small else ATTENTION_SHAPES_FULL
+    for t, n_heads, n_kv, hd, rope_dim, s_max, start, at_device in shapes:
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        cos, sin = rope_tables(rope_dim, 10000.0, s_max, torch.device("cpu"))
+        q = torch.randn(t, n_heads * hd, generator=gen)
+        k, v = torch.randn(t, n_kv * hd, generator=gen), torch.randn(t, n_kv * hd, generator=gen)
+        cache_k, cache_v = (
+            torch.randn(n_kv, s_max, hd, generator=gen),
+            torch.randn(n_kv, s_max, hd, generator=gen),
+        )
+        if at_device:  # the static-shape step attends over the whole cache: later slots masked
+            cache_k[:, start + t :] = cache_v[:, start + t :] = 1e4
+        ref, ref_k, ref_v = _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start)
+        args = [x.to(device) for x in (q, k, v)]
+        tables = cos.to(device), sin.to(device)
+        positions = torch.arange(start, start + t, device=device) if at_device else None
+        outs = {}
+        for path, config in (("torch", {}), ("triton", {}), ("triton", ATTENTION_SPLIT_CONFIG)):
+            got_k, got_v = cache_k.to(device), cache_v.to(device)
+            with _attention_kernels(path, config):
+                kernels = fused.attention_takes_kernels(*args, got_k, got_v, *tables, positions)
+                splits = fused.attention_splits(start + t if positions is None else s_max, n_kv, got_k.device)
+                out = torch.ops.harness.attention(*args, got_k, got_v, *tables, positions, start)
+            outs[path, bool(config)] = out.cpu(), got_k.cpu(), got_v.cpu()
+            if path == "torch":
+                continue
+            torch_out, torch_k, torch_v = outs["torch", False]
+            form = "device positions" if at_device else "start position"
+            case = (
+                f"attention kernels T={t} H={n_heads} K={n_kv} Hd={hd} rope {rope_dim} S_max={s_max} at {start} {form} "
+                f"{'splits' if config else 'default'} ({splits[0] if kernels else 'torch path'})"
+            )
+            caches = (out_k, out_v) = outs[path, bool(config)][1:]
+            same = all(torch.equal(a, b) for a, b in zip(caches, (torch_k, torch_v), strict=True))
+            results.append(
+                {
+                    "case": case,
+                    "nmse": _nmse(out, ref),
+                    "max_abs_vs_torch": float((out.cpu() - torch_out).abs().max()),
+                    "exact": same and torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v),
+                    "kernels": kernels,
+                    "expect_kernels": t <= fused.ATTENTION_MAX_TOKENS,
+                    "splits": splits[0],
+                }
+            )
+    return results
+
+
+@contextlib.contextmanager
+def _attention_kernels(path: str, config: dict):
+    """Inside, `harness::attention` takes `path` ("triton" or "torch") with launch settings
+    `config` over the defaults."""
+    from harness.quant import fused
+
+    before = fused.attention_path, dict(fused.ATTENTION_CONFIG)
+    fused.attention_path = path
+    fused.ATTENTION_CONFIG.update(config)
+    try:
+        yield
+    finally:
+        fused.attention_path = before[0]
+        fused.ATTENTION_CONFIG.clear()
+        fused.ATTENTION_CONFIG.update(before[1])
+
+
 def _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start):
     """Attention of tokens at start.. over a cache, in float64 from the model's torch path's rope:
     the output [T, H*Hd] and the caches after the write (float32)."""
@@ -279,9 +392,12 @@ def _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start):
     n_heads = q.shape[1] // hd
     c, s_ = cos[start : start + t, None, :], sin[start : start + t, None, :]
 
-    def rope(x):
-        even, odd = x[..., 0::2], x[..., 1::2]
-        return torch.stack((even * c - odd * s_, even * s_ + odd * c), dim=-1).flatten(-2)
+    def rope(x):  # on the first 2 * cos.shape[1] dims
+        rot, rest = x[..., : 2 * cos.shape[1]], x[..., 2 * cos.shape[1] :]
+        even, odd = rot[..., 0::2], rot[..., 1::2]
+        return torch.cat(
+            (torch.stack((even * c - odd * s_, even * s_ + odd * c), dim=-1).flatten(-2), rest), -1
+        )
 
     qr, kr = rope(q.view(t, n_heads, hd)), rope(k.view(t, n_kv, hd))
     cache_k, cache_v = cache_k.clone(), cache_v.clone()
@@ -374,13 +490,14 @@ def expected_case_count(small: bool) -> int:
         for qtype, _, _ in _weight_cases(256, small)
     )
     moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
-    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
+    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + 2 * len(tokens) + 1
     extreme = sum(
         len(_paths(t, q in fused.MATVEC_PATH_TYPES))
         for t in (1, 17)
         for q, _, _ in _extreme_cases(256, small)
     )
-    return qmatmul + extreme + 3 * len(tokens) + decode_ops + moe
+    attention = 2 * len(ATTENTION_SHAPES_SMALL if small else ATTENTION_SHAPES_FULL)
+    return qmatmul + extreme + 3 * len(tokens) + decode_ops + attention + moe
 
 
 # ---- CPU: Triton's interpreter ---------------------------------------------------------------
@@ -409,6 +526,73 @@ def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
     assert paths == {"matvec=vec", "matvec=words", "prefill=dequant", "prefill=tiled"}
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
+    _check_attention(interpreted)
+
+
+def _check_attention(results: list[dict]) -> None:
+    """The attention cases took the kernels where they should (several splits among them), and
+    agree with the torch path to float32 rounding."""
+    attention = [r for r in results if r["case"].startswith("attention kernels")]
+    assert attention
+    assert all(r["kernels"] == r["expect_kernels"] for r in attention), attention
+    assert any(r["kernels"] and r["splits"] > 1 for r in attention)
+    assert any(r["kernels"] and r["splits"] == 1 for r in attention)
+    far = [r for r in attention if not r["max_abs_vs_torch"] <= ATTENTION_MAX_ABS]
+    assert not far, far
+
+
+@pytest.mark.slow
+def test_attention_kernels_compile_for_sm_90_without_a_gpu():
+    """The attention kernels compile for an H100 (sm_90) with Triton's own compiler and ptxas,
+    as a GPU run would compile them (pointers and the cache's strides 16-byte aligned): the
+    interpreter accepts things the compiler refuses (a tl.dot under 16 rows, for one)."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from harness.quant import fused
+
+    cfg = fused.ATTENTION_CONFIG
+    scalars = {"start": "i64", "scale": "fp32"}
+    aligned = ("S_MAX", "HD", "N_KEYS", "SPLIT_KEYS")
+    launches = [  # (kernel, constexprs, launch options): the decode step's and a start form's
+        (
+            fused._rope_cache_kernel,
+            {"BH": 64, "BD": 128, "FROM_START": False},
+            {"num_warps": 1, "enable_fp_fusion": False},
+        ),
+        (
+            fused._rope_cache_kernel,
+            {"BH": 64, "BD": 128, "FROM_START": True},
+            {"num_warps": 1, "enable_fp_fusion": False},
+        ),
+        (
+            fused._attention_kernel,
+            {"BM": 16, "BD": 128, "BS": cfg["BS"], "FROM_START": False, "SPLIT": True},
+            {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        ),
+        (
+            fused._attention_kernel,
+            {"BM": fused.ATTENTION_MAX_ROWS, "BD": 64, "BS": cfg["BS"], "FROM_START": True, "SPLIT": False},
+            {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        ),
+        (fused._attention_merge_kernel, {"BM": 16, "BD": 128, "BP": 16}, {"num_warps": cfg["merge_warps"]}),
+    ]
+    for kernel, consts, options in launches:
+        names = kernel.arg_names
+        pointers = [n for n in names if n.endswith("_ptr") or n.startswith(("cache_", "part_", "q_out"))]
+        signature = {
+            n: "constexpr" if n in consts else "*i64" if n == "pos_ptr" else "*fp32" if n in pointers
+            else scalars.get(n, "i32")
+            for n in names
+        }  # fmt: skip
+        attrs = {
+            (i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in aligned
+        }
+        source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
+        assert compiled.asm["cubin"], (kernel.__name__, consts)
 
 
 @pytest.mark.parametrize(
@@ -665,7 +849,10 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
                 0,
             ),  # fmt: skip
         ),
-        ("router_topk", lambda: torch.ops.harness.router_topk(*tensors(torch.ones(1, 8)), 2, 1e-4)),
+        (
+            "router_topk",
+            lambda: torch.ops.harness.router_topk(*tensors(torch.ones(1, 16), torch.ones(8, 16)), 2, 1e-4),
+        ),
         (
             "add_rms_norm",
             lambda: torch.ops.harness.add_rms_norm(
@@ -724,8 +911,9 @@ def test_fake_implementations_give_shapes_without_running():
         assert out.shape == (5, 64) and out.dtype == torch.float32
         total, normed = torch.ops.harness.add_rms_norm(x, x, torch.empty(512), 1e-5)
         assert total.shape == normed.shape == (5, 512)
-        w, e = torch.ops.harness.router_topk(torch.empty(5, 8), 2, 1e-4)
-        assert (w.shape, w.dtype, e.shape, e.dtype) == ((5, 2), torch.float32, (5, 2), torch.int64)
+        for args in ((torch.empty(5, 8), None), (x, torch.empty(8, 512))):
+            w, e = torch.ops.harness.router_topk(*args, 2, 1e-4)
+            assert (w.shape, w.dtype, e.shape, e.dtype) == ((5, 2), torch.float32, (5, 2), torch.int64)
         rows = torch.ops.harness.embed_rows(
             torch.empty(50, 144, dtype=torch.uint8), torch.empty(3, dtype=torch.int64), 12, 256
         )
@@ -775,6 +963,7 @@ def test_cuda_kernels_match_dequantize_then_matmul():
     assert len(results) == expected_case_count(small=False)
     bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
+    _check_attention(results)
 
 
 @pytest.mark.cuda(real=True)
@@ -820,8 +1009,8 @@ def test_cuda_decode_ops_refuse_a_cpu_tensor_with_a_device_error():
 
     for cpu_arg in (0, 1, 3):  # an activation, a weight or the cache, the table or the token ids
         for name, call in _decode_op_calls("cuda", cpu_arg):
-            if name == "router_topk" and cpu_arg:
-                continue  # it has one tensor argument
+            if name == "router_topk" and cpu_arg == 3:
+                continue  # it has two tensor arguments
             with pytest.raises(RuntimeError) as info:
                 call()
             assert is_device_error(str(info.value)) and "cpu" in str(info.value), (name, cpu_arg)

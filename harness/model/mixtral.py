@@ -353,20 +353,40 @@ def _stack_raw(weights: list[QTensor]) -> torch.Tensor:
     return torch.stack([w.raw for w in weights])
 
 
+class Router(QMatMul):
+    """The MoE router (`ffn_gate_inp`): a QMatMul whose logits [T, E] pick each token's experts.
+
+    `router(x)` gives the logits. Where the fused ops run (`routes_in_one_op`), `router(x, k)`
+    gives the routing as one op, `harness::router_topk`: softmax over all experts, the top k,
+    their weights renormalized -> weights [T, k] float32, experts [T, k] int64. A float32
+    weight goes into the op itself (the product inside it, the GGUF tensor among its inputs);
+    a quantized router hands it its logits."""
+
+    def routes_in_one_op(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.float32 and x.dim() == 2 and fused.runs_on(x.device)
+
+    def forward(self, x: torch.Tensor, k: int | None = None):
+        if k is None:
+            return super().forward(x)
+        if self.strategy == "f32":
+            return torch.ops.harness.router_topk(x, self.weight, k, ROUTER_WEIGHT_SUM_MIN)
+        return torch.ops.harness.router_topk(super().forward(x), None, k, ROUTER_WEIGHT_SUM_MIN)
+
+
 class MoE(nn.Module):
     """Router -> softmax over all experts -> top-k -> renormalized weights -> weighted experts."""
 
-    def __init__(self, router: QMatMul, experts: Experts, n_used: int):
+    def __init__(self, router: Router, experts: Experts, n_used: int):
         super().__init__()
         self.router = router
         self.experts = experts
         self.n_used = n_used
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.router(x)  # [T, E]
-        if logits.dtype == torch.float32 and fused.runs_on(logits.device):
-            weights, chosen = torch.ops.harness.router_topk(logits, self.n_used, ROUTER_WEIGHT_SUM_MIN)
+        if self.router.routes_in_one_op(x):
+            weights, chosen = self.router(x, self.n_used)  # [T, k]
             return self.experts(x, weights, chosen)
+        logits = self.router(x)  # [T, E]
         probs = logits.float().softmax(-1)
         weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
@@ -386,7 +406,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(w("ffn_norm"), c.rms_eps)
         if c.is_moe:
             experts = Experts(*(mf.experts(i, kind) for kind in ("gate", "up", "down")), device=device)
-            self.moe = MoE(QMatMul(w("ffn_gate_inp"), strategy), experts, c.expert_used_count)
+            self.moe = MoE(Router(w("ffn_gate_inp"), strategy), experts, c.expert_used_count)
         else:
             self.ffn = FeedForward(w("ffn_gate"), w("ffn_up"), w("ffn_down"), strategy)
 

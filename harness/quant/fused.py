@@ -109,6 +109,23 @@ GROUPED_CONFIG: dict[str, int] = {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4,
 
 _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
+# How `harness::attention` runs (`attention_takes_kernels` decides per call): "triton", its
+# kernels for decode-sized calls (rope and cache write in one launch, flash-decoding attention
+# over splits of the cache in one, a merge of the splits in a third when there are several), the
+# torch path for the rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import;
+# `attention_path` may be set later (benchmarks compare both).
+ATTENTION_PATHS = ("triton", "torch")
+attention_path = os.environ.get("HARNESS_ATTENTION", "triton")
+ATTENTION_MAX_TOKENS = MATVEC_MAX_ROWS  # tokens of a call up to which the kernels run (decode)
+ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one program's tile
+# BS keys per loop step (64 spills registers on sm_90 at 32 query rows; BS 32 with 2 stages
+# does not: tests/test_quant_fused.py compiles it for sm_90); a split of the cache has at least
+# split_min_keys keys (not swept on a GPU yet: 256 makes a 4096-position cache of Mixtral's 8 KV
+# heads 16 splits, 128 programs).
+ATTENTION_CONFIG: dict[str, int] = {
+    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 256,
+}  # fmt: skip
+
 
 @contextlib.contextmanager
 def disabled():
@@ -915,25 +932,144 @@ if triton is not None:
         tl.store(out_ptr + row * D + cols, y, mask=m)
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, H, HD, HALF, BH: tl.constexpr):
-        """Token t, head h: pairs (x[2i], x[2i+1]), i < HALF, rotated by position pos[t] (GGML rope
-        type 0); dims past 2*HALF copied. Products and differences rounded one by one, as eager
-        torch does (launched without fp fusion)."""
+    def _rope_row(src, dst, cos_row, sin_row, HD, HALF, BH: tl.constexpr, BD: tl.constexpr):
+        """One head's row of HD values: pairs (src[2i], src[2i+1]), i < HALF (BH >= HALF),
+        rotated by the angles at cos_row/sin_row (GGML rope type 0) into dst; dims past 2*HALF
+        copied (BD >= HD; HD 0: nothing). Products and differences rounded one by one, as eager
+        torch does (the launch passes enable_fp_fusion=False)."""
+        i = tl.arange(0, BH)
+        m = i < HALF
+        even = tl.load(src + 2 * i, mask=m, other=0.0)
+        odd = tl.load(src + 2 * i + 1, mask=m, other=0.0)
+        c = tl.load(cos_row + i, mask=m, other=0.0)
+        s = tl.load(sin_row + i, mask=m, other=0.0)
+        tl.store(dst + 2 * i, even * c - odd * s, mask=m)
+        tl.store(dst + 2 * i + 1, even * s + odd * c, mask=m)
+        rest = 2 * HALF + tl.arange(0, BD)
+        mr = rest < HD
+        tl.store(dst + rest, tl.load(src + rest, mask=mr, other=0.0), mask=mr)
+
+    @triton.jit
+    def _rope_kernel(
+        x_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, H, HD, HALF, BH: tl.constexpr, BD: tl.constexpr
+    ):
+        """Token t, head h of x [T, H, HD]: `_rope_row` at position pos[t]."""
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
-        i = tl.arange(0, BH)
-        m = i < HALF
         base = (t * H + h) * HD
-        even = tl.load(x_ptr + base + 2 * i, mask=m, other=0.0)
-        odd = tl.load(x_ptr + base + 2 * i + 1, mask=m, other=0.0)
-        c = tl.load(cos_ptr + pos * HALF + i, mask=m, other=0.0)
-        s = tl.load(sin_ptr + pos * HALF + i, mask=m, other=0.0)
-        tl.store(out_ptr + base + 2 * i, even * c - odd * s, mask=m)
-        tl.store(out_ptr + base + 2 * i + 1, even * s + odd * c, mask=m)
-        rest = 2 * HALF + tl.arange(0, 2 * BH)
-        mr = rest < HD
-        tl.store(out_ptr + base + rest, tl.load(x_ptr + base + rest, mask=mr, other=0.0), mask=mr)
+        _rope_row(x_ptr + base, out_ptr + base, cos_ptr + pos * HALF, sin_ptr + pos * HALF, HD, HALF, BH, BD)
+
+    # Positions and key counts change every decode step: not specialized on (one compilation).
+    @triton.jit(do_not_specialize=["start"])
+    def _rope_cache_kernel(
+        q_ptr, k_ptr, v_ptr, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, q_out,
+        H, KV, S_MAX, HD, HALF, BH: tl.constexpr, BD: tl.constexpr, FROM_START: tl.constexpr,
+    ):  # fmt: skip
+        """`harness::attention`'s first launch. Program (t, j), j < H: query head j of token t
+        rotated into q_out [T, H, HD]; j = H + kv: key head kv rotated into cache_k [KV, S_MAX, HD]
+        at the token's position, value head kv copied into cache_v there. A position outside
+        0..S_MAX-1 writes nothing (index_copy_ would raise; this cannot without a host read)."""
+        t = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1).to(tl.int64)
+        pos = start + t if FROM_START else tl.load(pos_ptr + t).to(tl.int64)
+        ok = (pos >= 0) & (pos < S_MAX)
+        at = tl.where(ok, pos, 0)
+        hd, half = tl.where(ok, HD, 0), tl.where(ok, HALF, 0)  # a row of no values: nothing written
+        c, s = cos_ptr + at * HALF, sin_ptr + at * HALF
+        if j < H:
+            base = (t * H + j) * HD
+            _rope_row(q_ptr + base, q_out + base, c, s, hd, half, BH, BD)
+        else:
+            kv = j - H
+            row = (t * KV + kv) * HD
+            slot = (kv * S_MAX + at) * HD
+            _rope_row(k_ptr + row, cache_k + slot, c, s, hd, half, BH, BD)
+            d = tl.arange(0, BD)
+            m = d < hd
+            tl.store(cache_v + slot + d, tl.load(v_ptr + row + d, mask=m, other=0.0), mask=m)
+
+    @triton.jit(do_not_specialize=["start", "N_KEYS", "SPLIT_KEYS"])
+    def _attention_kernel(
+        q_ptr, cache_k, cache_v, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
+        T, G, S_MAX, N_KEYS, SPLIT_KEYS, HD, scale,
+        BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, FROM_START: tl.constexpr, SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        """`harness::attention`'s second launch (flash decoding). Program (kv, split): the G*T
+        queries of KV head kv (row r = g*T + t: head kv*G + g, token t; rotated, q_ptr
+        [T, H, HD]) against the cached keys split*SPLIT_KEYS.. of the next SPLIT_KEYS below
+        N_KEYS, each query seeing positions up to its own. Online softmax in float32. Without
+        SPLIT the rows are finished into out [T, H*HD]; with it, the unnormalized rows, their
+        maxima and sums go to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS, BM]
+        for `_attention_merge_kernel`. A program past the last query's position reads nothing."""
+        kv = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1).to(tl.int64)
+        r = tl.arange(0, BM)
+        valid = r < G * T
+        g = r // T
+        t = r % T
+        pos = start + t.to(tl.int64) if FROM_START else tl.load(pos_ptr + t, mask=valid, other=0).to(tl.int64)
+        pos = tl.where(valid, pos, -1)  # [BM] each query's position; -1 for padding rows
+        lo = split * SPLIT_KEYS
+        hi = tl.minimum(tl.minimum(lo + SPLIT_KEYS, N_KEYS), tl.max(pos, 0) + 1)
+        d = tl.arange(0, BD)
+        dm = d < HD
+        head = kv * G + g
+        q = tl.load(
+            q_ptr + ((t * G * tl.num_programs(0) + head) * HD)[:, None] + d[None, :],
+            mask=valid[:, None] & dm[None, :], other=0.0,
+        )  # fmt: skip
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BD], tl.float32)
+        for s0 in range(lo, hi, BS):
+            s = s0 + tl.arange(0, BS)
+            sm = s < hi
+            slot = (kv * S_MAX + s) * HD
+            km = sm[:, None] & dm[None, :]
+            keys = tl.load(cache_k + slot[:, None] + d[None, :], mask=km, other=0.0)  # [BS, BD]
+            scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale  # [BM, BS]
+            seen = sm[None, :] & (s[None, :] <= pos[:, None])
+            scores = tl.where(seen, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+            p = tl.exp(scores - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            values = tl.load(cache_v + slot[:, None] + d[None, :], mask=km, other=0.0)  # [BS, BD]
+            acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+            m_i = m_new
+        if SPLIT:
+            at = (kv * tl.num_programs(1) + split) * BM + r
+            tl.store(part_acc + at[:, None] * BD + d[None, :], acc)
+            tl.store(part_m + at, m_i)
+            tl.store(part_l + at, l_i)
+        else:
+            out = out_ptr + ((t * G * tl.num_programs(0) + head) * HD)[:, None] + d[None, :]
+            total = tl.where(valid, l_i, 1.0)  # (padding rows: no division by zero)
+            tl.store(out, acc / total[:, None], mask=valid[:, None] & dm[None, :])
+
+    @triton.jit
+    def _attention_merge_kernel(
+        part_acc, part_m, part_l, out_ptr, T, G, KV, HD, SPLITS, BM: tl.constexpr, BD: tl.constexpr,
+        BP: tl.constexpr,
+    ):  # fmt: skip
+        """`harness::attention`'s third launch when the keys were split: program (kv, r) merges
+        row r of KV head kv over the splits (each rescaled to the largest maximum) into out."""
+        kv = tl.program_id(0).to(tl.int64)
+        r = tl.program_id(1).to(tl.int64)
+        sp = tl.arange(0, BP)
+        spm = sp < SPLITS
+        at = (kv * SPLITS + sp) * BM + r  # [BP]
+        m = tl.load(part_m + at, mask=spm, other=float("-inf"))
+        l_ = tl.load(part_l + at, mask=spm, other=0.0)
+        top = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+        d = tl.arange(0, BD)
+        acc = tl.load(part_acc + at[:, None] * BD + d[None, :], mask=spm[:, None], other=0.0)
+        total = tl.sum(acc * w[:, None], 0) / tl.sum(l_ * w, 0)
+        head = kv * G + r // T
+        tl.store(out_ptr + ((r % T) * G * KV + head) * HD + d, total, mask=d < HD)
 
 
 @functools.cache
@@ -1086,6 +1222,14 @@ def _matvec_path() -> str:
             None, "HARNESS_MATVEC", f"must be one of {', '.join(MATVEC_PATHS)}, got {matvec_path!r}"
         )
     return matvec_path
+
+
+def _attention_path() -> str:
+    if attention_path not in ATTENTION_PATHS:
+        raise UsageError(
+            None, "HARNESS_ATTENTION", f"must be one of {', '.join(ATTENTION_PATHS)}, got {attention_path!r}"
+        )
+    return attention_path
 
 
 def _prefill_path() -> str:
@@ -1248,7 +1392,7 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: t
         with _launch_device(x.device):
             _rope_kernel[(t, heads)](
                 x, cos, sin, positions, out, heads, hd, half, BH=triton.next_power_of_2(max(half, 1)),
-                num_warps=1, enable_fp_fusion=False,
+                BD=triton.next_power_of_2(hd), num_warps=1, enable_fp_fusion=False,
             )  # fmt: skip
     return out
 
@@ -1358,8 +1502,10 @@ def attention(
     sit at `positions` ([T] int64 on the device; the static-shape decode step, attending over the
     whole cache, masked), or, when that is None, at start..start+T-1 (attending over the first
     start+T cached positions). k and v (k rotated) are written into the caches at those
-    positions. -> [T, H*Hd] float32, the heads' outputs side by side. The arithmetic is the
-    torch path's (`harness.model.mixtral.Attention`), op for op."""
+    positions. -> [T, H*Hd] float32, the heads' outputs side by side. Decode-sized calls take
+    Triton kernels (`attention_takes_kernels` says which), the others the torch path
+    (`harness.model.mixtral.Attention`'s arithmetic, op for op); both write the caches bit for
+    bit alike, their outputs agree to float32 rounding."""
     _check_devices(
         "harness::attention",
         q,
@@ -1371,6 +1517,100 @@ def attention(
         sin,
         *(() if positions is None else (positions,)),
     )
+    if attention_takes_kernels(q, k, v, cache_k, cache_v, cos, sin, positions):
+        return _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start)
+    return _attention_torch(q, k, v, cache_k, cache_v, cos, sin, positions, start)
+
+
+def attention_takes_kernels(q, k, v, cache_k, cache_v, cos, sin, positions) -> bool:
+    """Whether `harness::attention` takes its Triton kernels: the one place that decides. Yes for
+    decode-sized calls (`attention_path` "triton", 1..ATTENTION_MAX_TOKENS tokens, at most
+    ATTENTION_MAX_ROWS queries per KV head, head dims 16..256, rope tables covering the cache) of
+    contiguous float32 tensors and [T] int64 positions. The torch path runs everything else:
+    a longer call (prefill) is compute, not launches, and its batched matmuls use the GPU better
+    than one program per KV head, whose query tile (group * T rows) would outgrow its registers."""
+    t = q.shape[0]
+    n_kv, _, hd = cache_k.shape
+    if _attention_path() != "triton" or not 1 <= t <= ATTENTION_MAX_TOKENS or not 16 <= hd <= 256:
+        return False
+    if q.shape[1] % (n_kv * hd) or q.shape[1] // (n_kv * hd) * t > ATTENTION_MAX_ROWS:
+        return False
+    if (
+        k.shape != v.shape
+        or k.shape != (t, n_kv * hd)
+        or 2 * cos.shape[1] > hd
+        or cos.shape[0] < cache_k.shape[1]
+    ):
+        return False
+    tensors = (q, k, v, cache_k, cache_v, cos, sin)
+    if any(x.dtype != torch.float32 or not x.is_contiguous() for x in tensors):
+        return False
+    return positions is None or (
+        positions.dtype == torch.int64 and positions.shape == (t,) and positions.is_contiguous()
+    )
+
+
+def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per split) of the cached keys (flash decoding): enough programs to fill
+    the device (`_programs_wanted` over the KV heads), none with fewer than
+    ATTENTION_CONFIG["split_min_keys"] keys, so a short cache is one split (no merge launch)."""
+    bs = ATTENTION_CONFIG["BS"]
+    wanted = -(-_programs_wanted(device) // n_kv)
+    per = -(-n_keys // wanted)
+    per = max(ATTENTION_CONFIG["split_min_keys"], -(-per // bs) * bs)
+    return -(-n_keys // per), per
+
+
+def _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start):
+    """`harness::attention` in two or three launches: `_rope_cache_kernel` (rope on q and k, the
+    cache write), `_attention_kernel` over splits of the keys, and `_attention_merge_kernel`
+    when there is more than one split. The rope and the cache write are bit for bit the torch
+    path's; the attention agrees with it to float32 rounding (its sums run in another order)."""
+    t = q.shape[0]
+    n_kv, s_max, hd = cache_k.shape
+    n_heads = q.shape[1] // hd
+    group = n_heads // n_kv
+    half = cos.shape[1]
+    from_start = positions is None
+    if from_start and not 0 <= start <= s_max - t:
+        raise IndexError(
+            f"harness::attention: positions {start}..{start + t - 1} outside the cache of {s_max}"
+        )
+    n_keys = start + t if from_start else s_max
+    pos = q if from_start else positions  # a pointer the kernels do not read when from_start
+    rotated = torch.empty_like(q)
+    out = torch.empty_like(q)
+    cfg = ATTENTION_CONFIG
+    bm = max(16, triton.next_power_of_2(group * t))
+    bd = triton.next_power_of_2(hd)
+    splits, split_keys = attention_splits(n_keys, n_kv, q.device)
+    with _launch_device(q.device):
+        _rope_cache_kernel[(t, n_heads + n_kv)](
+            q, k, v, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
+            BH=triton.next_power_of_2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+        if splits == 1:
+            part_acc = part_m = part_l = out
+        else:
+            part_acc = q.new_empty((n_kv, splits, bm, bd))
+            part_m, part_l = q.new_empty((n_kv, splits, bm)), q.new_empty((n_kv, splits, bm))
+        _attention_kernel[(n_kv, splits)](
+            rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
+            split_keys, hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+        if splits > 1:
+            _attention_merge_kernel[(n_kv, group * t)](
+                part_acc, part_m, part_l, out, t, group, n_kv, hd, splits, BM=bm, BD=bd,
+                BP=triton.next_power_of_2(splits), num_warps=cfg["merge_warps"],
+            )  # fmt: skip
+    return out
+
+
+def _attention_torch(q, k, v, cache_k, cache_v, cos, sin, positions, start):
+    """`harness::attention` in torch ops (and `_rotated`): the reference the kernels match, and
+    the path for calls they do not cover."""
     t = q.shape[0]
     n_kv, s_max, hd = cache_k.shape
     n_heads = q.shape[1] // hd
@@ -1416,19 +1656,27 @@ def _(x, residual, weight, eps):
 
 
 @torch.library.custom_op("harness::router_topk", mutates_args=())
-def router_topk(logits: torch.Tensor, k: int, min_sum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral's routing in one op: softmax over the experts of logits [T, E], the top k, their
-    weights renormalized to sum 1 (the sum clamped at `min_sum`, as llama.cpp does) ->
-    weights [T, k] float32, experts [T, k] int64."""
-    _check_devices("harness::router_topk", logits)
+def router_topk(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045  (torch 2.11's schema inference reads Optional)
+    k: int,
+    min_sum: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's routing in one op, the router's product included: logits x @ weight.T (x [T, D]
+    float32, weight [E, D] the router's float32 GGUF weight; with weight None, x is the logits
+    [T, E]), softmax over the experts, the top k, their weights renormalized to sum 1 (the sum
+    clamped at `min_sum`, as llama.cpp does) -> weights [T, k] float32, experts [T, k] int64.
+    The torch path's ops (`harness.model.mixtral.Router`), bit for bit."""
+    _check_devices("harness::router_topk", x, *(() if weight is None else (weight,)))
+    logits = x if weight is None else x @ weight.T
     weights, experts = logits.float().softmax(-1).topk(k, dim=-1)
     return weights / weights.sum(-1, keepdim=True).clamp(min=min_sum), experts
 
 
 @router_topk.register_fake
-def _(logits, k, min_sum):
-    t = logits.shape[0]
-    return logits.new_empty((t, k), dtype=torch.float32), logits.new_empty((t, k), dtype=torch.int64)
+def _(x, weight, k, min_sum):
+    t = x.shape[0]
+    return x.new_empty((t, k), dtype=torch.float32), x.new_empty((t, k), dtype=torch.int64)
 
 
 @torch.library.custom_op("harness::embed_rows", mutates_args=())
