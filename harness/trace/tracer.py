@@ -134,6 +134,8 @@ _FOLLOW = frozenset(
     }
 )
 _SEQUENCES = (list, tuple)
+_getframe = sys._getframe
+_inference_mode_enabled = torch.is_inference_mode_enabled
 _OUTSIDE = (None, None)  # (module path, expected device) outside the model
 _MAX_STACK_FRAMES = 40
 _SEEN_LIMIT = 1 << 14  # kinds of ok events whose line is kept (a few MiB at most)
@@ -410,7 +412,9 @@ class Tracer(TorchDispatchMode):
         self._modules: dict[tuple, int] = {}
         self._ops: dict[int, _OpInfo] = {}
         self._weights: dict[int, tuple] = {}
-        self._sources: dict[Any, dict[int, str] | bool] = {}  # code -> {lasti: text}; False: not model code
+        # id(code) -> {lasti: text}, False where not model code; `_codes` keeps those codes alive
+        self._sources: dict[int, dict[int, str] | bool] = {}
+        self._codes: list = []
         self._expected: dict[str | None, str | None] = {}
         self._hooks: list = []
         self._global_hooks: list = []
@@ -818,7 +822,7 @@ class Tracer(TorchDispatchMode):
         info = self._ops.get(id(func))  # ops live for ever; OpOverload.__hash__ is slow Python
         if info is None:
             info = self._ops[id(func)] = _OpInfo(func)
-        if info.composite and torch.is_inference_mode_enabled():
+        if info.composite and _inference_mode_enabled():
             out = self._decompose(info, func, args, kwargs)
             if out is not NotImplemented:
                 return out
@@ -850,19 +854,21 @@ class Tracer(TorchDispatchMode):
 
         module, expected = self._stack[-1] if self._stack else _OUTSIDE
 
-        # The innermost frame of model code (not torch, not the tracer): code -> {instruction:
-        # "file:line in function"} (f_lasti is cheap; f_lineno scans the line table).
-        f = sys._getframe(1)  # the code that called the op (None from C++ threads)
+        # The innermost frame of model code (not torch, not the tracer): id(code) -> {instruction:
+        # "file:line in function"} (a code object hashes its contents, its id is cheap; f_lasti
+        # is cheap, f_lineno scans the line table).
+        f = _getframe(1)  # the code that called the op (None from C++ threads)
         sources = self._sources
         source = None
         while f is not None:
-            at = sources.get(f.f_code)
+            code = f.f_code
+            at = sources.get(id(code))
             if at is None:
-                at = sources[f.f_code] = {} if _is_model_code(f.f_code.co_filename) else False
+                at = self._source_table(code)
             if at is not False:
                 source = at.get(f.f_lasti)
                 if source is None:
-                    source = at[f.f_lasti] = _source_text(f.f_code, f.f_lineno)
+                    source = at[f.f_lasti] = _source_text(code, f.f_lineno)
                 break
             f = f.f_back
 
@@ -934,6 +940,13 @@ class Tracer(TorchDispatchMode):
         self._finish(ev, out=out if module == "" else None)
         return out
 
+    def _source_table(self, code) -> dict[int, str] | bool:
+        """The table of source texts of a code object's instructions: {} to begin with, False
+        for code that is not the model's (torch's, the tracer's, the standard library's)."""
+        self._codes.append(code)  # (so that its id stays its own while the tracer runs)
+        at = self._sources[id(code)] = {} if _is_model_code(code.co_filename) else False
+        return at
+
     def _names_elsewhere(self, args, kwargs, inputs) -> tuple[str, ...] | None:
         """For an op refused for devices that reads many weights (a fused op, as the encoder
         layer's fast path): the names of the weights on a device that the op's other operands
@@ -990,7 +1003,7 @@ class Tracer(TorchDispatchMode):
         """Runs a composite op as its decomposition, whose ops the tracer then sees, as it does
         outside inference mode: one verdict in every grad mode. NotImplemented where autograd
         would not have decomposed it either (a backend kernel of its own)."""
-        first = next(_tensor_args(args, kwargs), None)  # its device decides, as in the dispatcher
+        first = _first_tensor(args, kwargs)  # its device decides, as in the dispatcher
         if first is not None:
             device_type = first.device.type
             own = info.backend_kernel.get(device_type)
@@ -1277,6 +1290,20 @@ def _tensor_args(args, kwargs):
         for t in a if a.__class__ in _SEQUENCES else (a,):
             if isinstance(t, Tensor):
                 yield t
+
+
+def _first_tensor(args, kwargs) -> Tensor | None:
+    """The first tensor argument (inside lists too), as `_tensor_args` walks them."""
+    for a in args:
+        if isinstance(a, Tensor):
+            return a
+        if a.__class__ in _SEQUENCES:
+            for t in a:
+                if isinstance(t, Tensor):
+                    return t
+    if kwargs:
+        return next(_tensor_args((), kwargs), None)
+    return None
 
 
 def _warm_constants(params: dict[int, weakref.ref]) -> None:
