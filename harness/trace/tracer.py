@@ -397,6 +397,7 @@ class Tracer(TorchDispatchMode):
     def _reset(self) -> None:
         self._seq = 0
         self._step = 0
+        self._step_text = ',"step":0,'  # the part of an event line after its seq (`_set_step`)
         self._calls = 0
         self._stack: list[tuple[str | None, str | None]] = []  # (module path, its device)
         self._recording = True
@@ -707,7 +708,7 @@ class Tracer(TorchDispatchMode):
             return
         step = self._calls
         self._calls += 1
-        self._step = step
+        self._set_step(step)
         self.classifier.begin_call()
         if step % self.sample_every == 0:
             self._steps_traced += 1
@@ -718,6 +719,10 @@ class Tracer(TorchDispatchMode):
             self._steps_skipped += 1
             if not self._skipping:
                 self._skip()
+
+    def _set_step(self, step: int) -> None:
+        self._step = step
+        self._step_text = f',"step":{step},'
 
     def _root_post(self, module, args, output) -> None:
         if get_ident() != self._thread:
@@ -923,7 +928,7 @@ class Tracer(TorchDispatchMode):
                 seen[1] += 1
                 lines = self._lines
                 if lines is not None:
-                    lines.append(f'{{"seq":{seq},"step":{self._step},{seen[0]}')
+                    lines.append(f'{{"seq":{seq}{self._step_text}{seen[0]}')
                     if len(lines) >= BATCH:
                         self._writer.drain()
                 return out
