@@ -1,7 +1,9 @@
 """The tracer: every aten op of a run, with its module, weights, source line and devices.
 
-A `TorchDispatchMode` sees each op; global module forward hooks (`always_call=True`, so the
-module stack stays right when an op raises) say which module it belongs to. The event is made
+A `TorchDispatchMode` sees each op; a stand-in for `nn.Module.__call__` while the tracer runs
+(`_module_call`: what global forward hooks with `always_call=True` would do, around every module
+call, without taking module calls off torch's hook-free fast path; the module stack stays right
+when an op raises) says which module it belongs to. The event is made
 before the op runs (an op that raises is recorded with its exception, which is re-raised
 unchanged), classified when it is done, streamed to the trace file and dropped: the tracer keeps
 counters, the first offence and small aggregates, never the events (unless `keep_events`).
@@ -18,7 +20,7 @@ whether a copy moves the forward call's inputs or a weight (`Event.role`), and w
 offloading hook made it (`Event.hook`). A download in the model's own forward is held until the
 call returns: the result handed to the host if the call returns it (or a host tensor or numpy
 array made from it), else a sync; such an event is written when the call ends. A TorchScript
-model takes no hooks of its own: the global module hooks see its calls. Under inference mode, autograd's decomposition of
+model takes no hooks of its own: `_module_call` sees its calls. Under inference mode, autograd's decomposition of
 composite ops does not happen before a dispatch mode sees them; the tracer runs their composite
 kernels itself, so it sees the same ops, and gives the same verdict, in every grad mode.
 
@@ -28,8 +30,8 @@ inside the model it is `inconclusive`. While a tracer records, `is_tracing()` is
 
 Sampled mode (`sample_every=N`): forward call i of the model (0 is the prefill, then one per
 decode step) is traced when i % N == 0. The ops of the other calls, up to the next call, are
-skipped (`unsampled="skip"`: the mode and the global hooks are taken off, nothing is paid per
-op) or only counted (`unsampled="count"`).
+skipped (`unsampled="skip"`: the mode and the module-call watch are taken off, nothing is paid
+per op or module call) or only counted (`unsampled="count"`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._C import _pop_torch_dispatch_stack, _push_on_torch_dispatch_stack
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import (
     TorchDispatchMode,
     _get_current_dispatch_mode,
@@ -418,7 +419,8 @@ class Tracer(TorchDispatchMode):
         self._codes: list = []
         self._expected: dict[str | None, str | None] = {}
         self._hooks: list = []
-        self._global_hooks: list = []
+        self._watching = False  # whether module calls go through `_module_call` to this tracer
+        self._resumed_root = False  # `_resume` pushed the model's path: `_root_post` pops it
         self._writer: TraceWriter | None = None
         self._write: Callable[[str], None] | None = None
         self._lines: list[str] | None = None  # the writer's line buffer
@@ -434,7 +436,7 @@ class Tracer(TorchDispatchMode):
         self._error: dict | None = None  # an error (not a device error) that the run raised
         self._last_error: tuple[int, dict] | None = None  # the latest one seen leaving a module
         self._hooked = False  # whether some module has an offloading hook (accelerate's)
-        self._root_by_global = False  # a TorchScript model: its calls are seen by the global hooks
+        self._root_by_global = False  # a TorchScript model: its calls are seen by `_module_call`
         self._waits_patched: list[tuple[object, str, object]] = []  # (owner, name, the real one)
         self._grad_mode = _grad_mode()
         # Bytes copied inside the model: direction -> bytes, in the first traced call and after it.
@@ -567,7 +569,7 @@ class Tracer(TorchDispatchMode):
             self._write = self._writer.write
             self._lines = self._writer.lines
             self._encode = self._writer.encode
-        self._install_global_hooks()
+        self._watch_modules()
         self._watch_host_waits()
         self._root_by_global = isinstance(self.model, torch.jit.ScriptModule)
         if self.model is not None and not self._root_by_global:
@@ -596,7 +598,7 @@ class Tracer(TorchDispatchMode):
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
             self._active = False
-            self._remove_global_hooks()
+            self._unwatch_modules()
             for owner, name, real in reversed(self._waits_patched):
                 setattr(owner, name, real)
             self._waits_patched = []
@@ -619,12 +621,10 @@ class Tracer(TorchDispatchMode):
             self._params = {}
             self._inputs = {}
 
-    def _install_global_hooks(self) -> None:
-        if not self._global_hooks:
-            self._global_hooks = [
-                register_module_forward_pre_hook(self._pre_hook),
-                register_module_forward_hook(self._post_hook, always_call=True),
-            ]
+    def _watch_modules(self) -> None:
+        if not self._watching:
+            _watch_module_calls(self)
+            self._watching = True
 
     def _watch_host_waits(self) -> None:
         """`torch.cuda.synchronize()`, `torch.accelerator.synchronize()` and a stream's or an
@@ -667,16 +667,16 @@ class Tracer(TorchDispatchMode):
             ev.named_devices = []
         self._finish(ev, stack=_stack_text(frames))
 
-    def _remove_global_hooks(self) -> None:
-        for h in self._global_hooks:
-            h.remove()
-        self._global_hooks = []
+    def _unwatch_modules(self) -> None:
+        if self._watching:
+            _unwatch_module_calls(self)
+            self._watching = False
 
     # -- module hooks --------------------------------------------------------------------
 
     def _pre_hook(self, module, args) -> None:
         if get_ident() != self._thread:
-            return  # module hooks are global; the dispatch mode sees the tracing thread's ops only
+            return  # module calls are watched in every thread; the dispatch mode sees the tracing thread's ops only
         entry = self._paths.get(module)
         stack = self._stack
         if entry is None:
@@ -727,6 +727,9 @@ class Tracer(TorchDispatchMode):
     def _root_post(self, module, args, output) -> None:
         if get_ident() != self._thread:
             return
+        if self._resumed_root:
+            self._resumed_root = False
+            self._post_hook(module, args, output)
         if output is None:
             exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except` when forward raised
             if exc is not None:
@@ -797,10 +800,10 @@ class Tracer(TorchDispatchMode):
         return {"error": _error_text(exc), "module": module, "source": source}
 
     def _skip(self) -> None:
-        # The global pre-hook has pushed the model's path for this call; its post-hook will not run.
-        if self._global_hooks and self._stack and self._stack[-1][0] == "":
+        # `_pre_hook` has pushed the model's path for this call; `_post_hook` will not run.
+        if self._watching and self._stack and self._stack[-1][0] == "":
             self._stack.pop()
-        self._remove_global_hooks()
+        self._unwatch_modules()
         self._skipping = True
         self._recording = False
         if self.unsampled == "skip" and _get_current_dispatch_mode() is self:
@@ -811,8 +814,10 @@ class Tracer(TorchDispatchMode):
         if self._mode_popped:
             _push_mode(self)
             self._mode_popped = False
-        self._install_global_hooks()
-        self._stack.append(self._paths[self.model])  # the global post-hook pops it at the call's end
+        self._watch_modules()
+        # This call began unwatched: `_root_post` does what `_post_hook` would have done (pop it).
+        self._stack.append(self._paths[self.model])
+        self._resumed_root = True
         self._skipping = False
         self._recording = True
 
@@ -1295,6 +1300,51 @@ def _tensor_args(args, kwargs):
         for t in a if a.__class__ in _SEQUENCES else (a,):
             if isinstance(t, Tensor):
                 yield t
+
+
+# Tracers watching module calls, in the order they began to, and the `nn.Module.__call__` that
+# `_module_call` stands in for while there is one.
+_WATCHERS: list[Tracer] = []
+_REAL_CALL: list[Callable] = []
+
+
+def _watch_module_calls(tracer: Tracer) -> None:
+    """Module calls go through `tracer._pre_hook` and `_post_hook` (as global forward hooks
+    would, without taking every module call off torch's fast path: a hook costs about 2 us a
+    module call there, the stand-in `nn.Module.__call__` a fifth of that)."""
+    if not _WATCHERS:
+        _REAL_CALL[:] = [torch.nn.Module.__call__]
+        torch.nn.Module.__call__ = _module_call
+    _WATCHERS.append(tracer)
+
+
+def _unwatch_module_calls(tracer: Tracer) -> None:
+    _WATCHERS.remove(tracer)
+    if not _WATCHERS and torch.nn.Module.__call__ is _module_call:  # (not if another has put theirs)
+        torch.nn.Module.__call__ = _REAL_CALL[0]  # (kept: calls under way still go through it)
+
+
+def _module_call(module, *args, **kwargs):
+    """`nn.Module.__call__` while tracers watch module calls."""
+    return _call_watched(tuple(_WATCHERS), module, args, kwargs)
+
+
+def _call_watched(watchers: tuple, module, args, kwargs):
+    if not watchers:
+        return _REAL_CALL[0](module, *args, **kwargs)
+    tracer, rest = watchers[0], watchers[1:]
+    tracer._pre_hook(module, args)
+    try:
+        output = _call_watched(rest, module, args, kwargs) if rest else _REAL_CALL[0](module, *args, **kwargs)
+    except Exception:
+        # (as an always-called forward hook: the error is in `sys.exc_info()`; not if the tracer
+        # stopped watching during the call, as a hook taken off is not called)
+        if tracer._watching:
+            tracer._post_hook(module, args, None)
+        raise
+    if tracer._watching:
+        tracer._post_hook(module, args, output)
+    return output
 
 
 def _first_tensor(args, kwargs) -> Tensor | None:
