@@ -300,7 +300,7 @@ class _OpInfo:
             self.composite = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE)
         except Exception:
             self.composite = False
-        self.backend_kernel: dict[str, bool] = {}  # device type -> `_backend_kernel`, worked out once
+        self.backend_kernel: dict[torch.device, bool] = {}  # device -> `_backend_kernel`, worked out once
         self.follow = (is_view and not in_place) or base in _FOLLOW
         kind = op_kind(self.name)
         self.copy_to = kind == K_COPY_TO
@@ -1013,12 +1013,13 @@ class Tracer(TorchDispatchMode):
         """Runs a composite op as its decomposition, whose ops the tracer then sees, as it does
         outside inference mode: one verdict in every grad mode. NotImplemented where autograd
         would not have decomposed it either (a backend kernel of its own)."""
-        first = _first_tensor(args, kwargs)  # its device decides, as in the dispatcher
+        # Its first tensor's device decides, as in the dispatcher.
+        first = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(args, kwargs)
         if first is not None:
-            device_type = first.device.type
-            own = info.backend_kernel.get(device_type)
+            device = first.device
+            own = info.backend_kernel.get(device)
             if own is None:
-                own = info.backend_kernel[device_type] = _backend_kernel(func, device_type)
+                own = info.backend_kernel[device] = _backend_kernel(func, device.type)
             if own:
                 return NotImplemented
         _push_on_torch_dispatch_stack(self)  # the mode is off while its __torch_dispatch__ runs
