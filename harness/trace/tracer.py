@@ -676,7 +676,7 @@ class Tracer(TorchDispatchMode):
 
     def _pre_hook(self, module, args) -> None:
         if get_ident() != self._thread:
-            return  # module calls are watched in every thread; the dispatch mode sees the tracing thread's ops only
+            return  # (module calls of every thread come here; the mode sees only this thread's ops)
         entry = self._paths.get(module)
         stack = self._stack
         if entry is None:
@@ -1313,7 +1313,7 @@ def _watch_module_calls(tracer: Tracer) -> None:
     """Module calls go through `tracer._pre_hook` and `_post_hook` (as global forward hooks
     would, without taking every module call off torch's fast path: a hook costs about 2 us a
     module call there, the stand-in `nn.Module.__call__` a fifth of that)."""
-    if not _WATCHERS:
+    if not _WATCHERS and torch.nn.Module.__call__ is not _module_call:
         _REAL_CALL[:] = [torch.nn.Module.__call__]
         torch.nn.Module.__call__ = _module_call
     _WATCHERS.append(tracer)
