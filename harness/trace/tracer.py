@@ -267,6 +267,7 @@ class _OpInfo:
 
     __slots__ = (
         "name",
+        "op",
         "call",
         "alias",
         "maybe_self",
@@ -283,6 +284,7 @@ class _OpInfo:
 
     def __init__(self, func):
         self.name = str(func)
+        self.op = func  # (kept alive: `_OPS` is keyed by its id)
         self.call = getattr(func, "_op", func)  # OpOverload.__call__ is a Python frame around _op
         base = base_name(self.name)
         try:
@@ -318,6 +320,16 @@ class _OpInfo:
             self.non_blocking_at = names.index("non_blocking")
         except (AttributeError, ValueError):
             pass
+
+
+_OPS: dict[int, _OpInfo] = {}  # id(op) -> its _OpInfo, for every tracer (`_op_info`)
+
+
+def _op_info(func) -> _OpInfo:
+    """The `_OpInfo` of an op, worked out once per process (it keeps the op, so the id stays its
+    own: a custom op of a library that is gone is not mistaken for a new one)."""
+    info = _OPS[id(func)] = _OpInfo(func)
+    return info
 
 
 class Tracer(TorchDispatchMode):
@@ -412,7 +424,6 @@ class Tracer(TorchDispatchMode):
         self._stacks_kept = 0
         self._transfers: dict[tuple, list[int]] = {}
         self._modules: dict[tuple, int] = {}
-        self._ops: dict[int, _OpInfo] = {}
         self._weights: dict[int, tuple] = {}
         # id(code) -> {lasti: text}, False where not model code; `_codes` keeps those codes alive
         self._sources: dict[int, dict[int, str] | bool] = {}
@@ -829,9 +840,9 @@ class Tracer(TorchDispatchMode):
         if not self._recording:
             self._unrecorded += 1
             return func(*args, **kwargs) if kwargs else func(*args)
-        info = self._ops.get(id(func))  # ops live for ever; OpOverload.__hash__ is slow Python
+        info = _OPS.get(id(func))  # (OpOverload.__hash__ is slow Python)
         if info is None:
-            info = self._ops[id(func)] = _OpInfo(func)
+            info = _op_info(func)
         if info.composite and _inference_mode_enabled():
             out = self._decompose(info, func, args, kwargs)
             if out is not NotImplemented:
