@@ -356,14 +356,36 @@ def test_tracer_leaves_no_trace_behind(model, on):
 
     modes = list(_get_current_dispatch_mode_stack())
     hooks = (len(nn_module._global_forward_pre_hooks), len(nn_module._global_forward_hooks))
+    call = nn_module.Module.__call__
     with Tracer(model, sample_every=2):
+        assert nn_module.Module.__call__ is not call  # module calls are watched
         generate(model, TOKENS, 2)
     with pytest.raises(ValueError), Tracer(model, sample_every=2):
         generate(model, TOKENS, 2)
         raise ValueError  # leaving after a skipped step
     assert list(_get_current_dispatch_mode_stack()) == modes
     assert (len(nn_module._global_forward_pre_hooks), len(nn_module._global_forward_hooks)) == hooks
+    assert nn_module.Module.__call__ is call
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_two_tracers_at_once_each_keep_their_module_stack(model, on):
+    """Module calls are watched for each tracer: a sampled one inside a full one, which goes on
+    watching while the inner one skips its steps, see what each sees alone."""
+
+    def seen(tracer):
+        return [(e.step, e.module, e.op) for e in tracer.events]
+
+    with Tracer(model, keep_events=True) as alone:
+        generate(model, TOKENS, 3)
+    with Tracer(model, keep_events=True, sample_every=2) as sampled_alone:
+        generate(model, TOKENS, 3)
+    with Tracer(model, keep_events=True) as outer, Tracer(model, keep_events=True, sample_every=2) as inner:
+        generate(model, TOKENS, 3)
+    assert seen(outer) == seen(alone) and seen(inner) == seen(sampled_alone)
+    assert {e.step for e in inner.events} == {0, 2} and {e.step for e in outer.events} == {0, 1, 2}
+    assert outer.verdict == inner.verdict == CLEAN
+    assert outer._stack == [] and inner._stack == []
 
 
 # -- threads --------------------------------------------------------------------------------------

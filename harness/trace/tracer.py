@@ -1,7 +1,9 @@
 """The tracer: every aten op of a run, with its module, weights, source line and devices.
 
-A `TorchDispatchMode` sees each op; global module forward hooks (`always_call=True`, so the
-module stack stays right when an op raises) say which module it belongs to. The event is made
+A `TorchDispatchMode` sees each op; a stand-in for `nn.Module.__call__` while the tracer runs
+(`_module_call`: what global forward hooks with `always_call=True` would do, around every module
+call, without taking module calls off torch's hook-free fast path; the module stack stays right
+when an op raises) says which module it belongs to. The event is made
 before the op runs (an op that raises is recorded with its exception, which is re-raised
 unchanged), classified when it is done, streamed to the trace file and dropped: the tracer keeps
 counters, the first offence and small aggregates, never the events (unless `keep_events`).
@@ -18,7 +20,7 @@ whether a copy moves the forward call's inputs or a weight (`Event.role`), and w
 offloading hook made it (`Event.hook`). A download in the model's own forward is held until the
 call returns: the result handed to the host if the call returns it (or a host tensor or numpy
 array made from it), else a sync; such an event is written when the call ends. A TorchScript
-model takes no hooks of its own: the global module hooks see its calls. Under inference mode, autograd's decomposition of
+model takes no hooks of its own: `_module_call` sees its calls. Under inference mode, autograd's decomposition of
 composite ops does not happen before a dispatch mode sees them; the tracer runs their composite
 kernels itself, so it sees the same ops, and gives the same verdict, in every grad mode.
 
@@ -28,8 +30,8 @@ inside the model it is `inconclusive`. While a tracer records, `is_tracing()` is
 
 Sampled mode (`sample_every=N`): forward call i of the model (0 is the prefill, then one per
 decode step) is traced when i % N == 0. The ops of the other calls, up to the next call, are
-skipped (`unsampled="skip"`: the mode and the global hooks are taken off, nothing is paid per
-op) or only counted (`unsampled="count"`).
+skipped (`unsampled="skip"`: the mode and the module-call watch are taken off, nothing is paid
+per op or module call) or only counted (`unsampled="count"`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._C import _pop_torch_dispatch_stack, _push_on_torch_dispatch_stack
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import (
     TorchDispatchMode,
     _get_current_dispatch_mode,
@@ -134,6 +135,8 @@ _FOLLOW = frozenset(
     }
 )
 _SEQUENCES = (list, tuple)
+_getframe = sys._getframe
+_inference_mode_enabled = torch.is_inference_mode_enabled
 _OUTSIDE = (None, None)  # (module path, expected device) outside the model
 _MAX_STACK_FRAMES = 40
 _SEEN_LIMIT = 1 << 14  # kinds of ok events whose line is kept (a few MiB at most)
@@ -264,6 +267,7 @@ class _OpInfo:
 
     __slots__ = (
         "name",
+        "op",
         "call",
         "alias",
         "maybe_self",
@@ -280,6 +284,7 @@ class _OpInfo:
 
     def __init__(self, func):
         self.name = str(func)
+        self.op = func  # (kept alive: `_OPS` is keyed by its id)
         self.call = getattr(func, "_op", func)  # OpOverload.__call__ is a Python frame around _op
         base = base_name(self.name)
         try:
@@ -297,7 +302,7 @@ class _OpInfo:
             self.composite = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE)
         except Exception:
             self.composite = False
-        self.backend_kernel: dict[str, bool] = {}  # device type -> `_backend_kernel`, worked out once
+        self.backend_kernel: dict[torch.device, bool] = {}  # device -> `_backend_kernel`, worked out once
         self.follow = (is_view and not in_place) or base in _FOLLOW
         kind = op_kind(self.name)
         self.copy_to = kind == K_COPY_TO
@@ -315,6 +320,16 @@ class _OpInfo:
             self.non_blocking_at = names.index("non_blocking")
         except (AttributeError, ValueError):
             pass
+
+
+_OPS: dict[int, _OpInfo] = {}  # id(op) -> its _OpInfo, for every tracer (`_op_info`)
+
+
+def _op_info(func) -> _OpInfo:
+    """The `_OpInfo` of an op, worked out once per process (it keeps the op, so the id stays its
+    own: a custom op of a library that is gone is not mistaken for a new one)."""
+    info = _OPS[id(func)] = _OpInfo(func)
+    return info
 
 
 class Tracer(TorchDispatchMode):
@@ -395,6 +410,7 @@ class Tracer(TorchDispatchMode):
     def _reset(self) -> None:
         self._seq = 0
         self._step = 0
+        self._step_text = ',"step":0,'  # the part of an event line after its seq (`_set_step`)
         self._calls = 0
         self._stack: list[tuple[str | None, str | None]] = []  # (module path, its device)
         self._recording = True
@@ -408,12 +424,14 @@ class Tracer(TorchDispatchMode):
         self._stacks_kept = 0
         self._transfers: dict[tuple, list[int]] = {}
         self._modules: dict[tuple, int] = {}
-        self._ops: dict[int, _OpInfo] = {}
         self._weights: dict[int, tuple] = {}
-        self._sources: dict[Any, dict[int, str] | bool] = {}  # code -> {lasti: text}; False: not model code
+        # id(code) -> {lasti: text}, False where not model code; `_codes` keeps those codes alive
+        self._sources: dict[int, dict[int, str] | bool] = {}
+        self._codes: list = []
         self._expected: dict[str | None, str | None] = {}
         self._hooks: list = []
-        self._global_hooks: list = []
+        self._watching = False  # whether module calls go through `_module_call` to this tracer
+        self._resumed_root = False  # `_resume` pushed the model's path: `_root_post` pops it
         self._writer: TraceWriter | None = None
         self._write: Callable[[str], None] | None = None
         self._lines: list[str] | None = None  # the writer's line buffer
@@ -429,7 +447,7 @@ class Tracer(TorchDispatchMode):
         self._error: dict | None = None  # an error (not a device error) that the run raised
         self._last_error: tuple[int, dict] | None = None  # the latest one seen leaving a module
         self._hooked = False  # whether some module has an offloading hook (accelerate's)
-        self._root_by_global = False  # a TorchScript model: its calls are seen by the global hooks
+        self._root_by_global = False  # a TorchScript model: its calls are seen by `_module_call`
         self._waits_patched: list[tuple[object, str, object]] = []  # (owner, name, the real one)
         self._grad_mode = _grad_mode()
         # Bytes copied inside the model: direction -> bytes, in the first traced call and after it.
@@ -562,7 +580,7 @@ class Tracer(TorchDispatchMode):
             self._write = self._writer.write
             self._lines = self._writer.lines
             self._encode = self._writer.encode
-        self._install_global_hooks()
+        self._watch_modules()
         self._watch_host_waits()
         self._root_by_global = isinstance(self.model, torch.jit.ScriptModule)
         if self.model is not None and not self._root_by_global:
@@ -591,7 +609,7 @@ class Tracer(TorchDispatchMode):
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
             self._active = False
-            self._remove_global_hooks()
+            self._unwatch_modules()
             for owner, name, real in reversed(self._waits_patched):
                 setattr(owner, name, real)
             self._waits_patched = []
@@ -614,12 +632,10 @@ class Tracer(TorchDispatchMode):
             self._params = {}
             self._inputs = {}
 
-    def _install_global_hooks(self) -> None:
-        if not self._global_hooks:
-            self._global_hooks = [
-                register_module_forward_pre_hook(self._pre_hook),
-                register_module_forward_hook(self._post_hook, always_call=True),
-            ]
+    def _watch_modules(self) -> None:
+        if not self._watching:
+            _watch_module_calls(self)
+            self._watching = True
 
     def _watch_host_waits(self) -> None:
         """`torch.cuda.synchronize()`, `torch.accelerator.synchronize()` and a stream's or an
@@ -662,16 +678,16 @@ class Tracer(TorchDispatchMode):
             ev.named_devices = []
         self._finish(ev, stack=_stack_text(frames))
 
-    def _remove_global_hooks(self) -> None:
-        for h in self._global_hooks:
-            h.remove()
-        self._global_hooks = []
+    def _unwatch_modules(self) -> None:
+        if self._watching:
+            _unwatch_module_calls(self)
+            self._watching = False
 
     # -- module hooks --------------------------------------------------------------------
 
     def _pre_hook(self, module, args) -> None:
         if get_ident() != self._thread:
-            return  # module hooks are global; the dispatch mode sees the tracing thread's ops only
+            return  # (module calls of every thread come here; the mode sees only this thread's ops)
         entry = self._paths.get(module)
         stack = self._stack
         if entry is None:
@@ -703,7 +719,7 @@ class Tracer(TorchDispatchMode):
             return
         step = self._calls
         self._calls += 1
-        self._step = step
+        self._set_step(step)
         self.classifier.begin_call()
         if step % self.sample_every == 0:
             self._steps_traced += 1
@@ -715,9 +731,16 @@ class Tracer(TorchDispatchMode):
             if not self._skipping:
                 self._skip()
 
+    def _set_step(self, step: int) -> None:
+        self._step = step
+        self._step_text = f',"step":{step},'
+
     def _root_post(self, module, args, output) -> None:
         if get_ident() != self._thread:
             return
+        if self._resumed_root:
+            self._resumed_root = False
+            self._post_hook(module, args, output)
         if output is None:
             exc = sys.exc_info()[1]  # torch calls always_call hooks inside its `except` when forward raised
             if exc is not None:
@@ -788,10 +811,10 @@ class Tracer(TorchDispatchMode):
         return {"error": _error_text(exc), "module": module, "source": source}
 
     def _skip(self) -> None:
-        # The global pre-hook has pushed the model's path for this call; its post-hook will not run.
-        if self._global_hooks and self._stack and self._stack[-1][0] == "":
+        # `_pre_hook` has pushed the model's path for this call; `_post_hook` will not run.
+        if self._watching and self._stack and self._stack[-1][0] == "":
             self._stack.pop()
-        self._remove_global_hooks()
+        self._unwatch_modules()
         self._skipping = True
         self._recording = False
         if self.unsampled == "skip" and _get_current_dispatch_mode() is self:
@@ -802,8 +825,10 @@ class Tracer(TorchDispatchMode):
         if self._mode_popped:
             _push_mode(self)
             self._mode_popped = False
-        self._install_global_hooks()
-        self._stack.append(self._paths[self.model])  # the global post-hook pops it at the call's end
+        self._watch_modules()
+        # This call began unwatched: `_root_post` does what `_post_hook` would have done (pop it).
+        self._stack.append(self._paths[self.model])
+        self._resumed_root = True
         self._skipping = False
         self._recording = True
 
@@ -815,10 +840,10 @@ class Tracer(TorchDispatchMode):
         if not self._recording:
             self._unrecorded += 1
             return func(*args, **kwargs) if kwargs else func(*args)
-        info = self._ops.get(id(func))  # ops live for ever; OpOverload.__hash__ is slow Python
+        info = _OPS.get(id(func))  # (OpOverload.__hash__ is slow Python)
         if info is None:
-            info = self._ops[id(func)] = _OpInfo(func)
-        if info.composite and torch.is_inference_mode_enabled():
+            info = _op_info(func)
+        if info.composite and _inference_mode_enabled():
             out = self._decompose(info, func, args, kwargs)
             if out is not NotImplemented:
                 return out
@@ -850,19 +875,21 @@ class Tracer(TorchDispatchMode):
 
         module, expected = self._stack[-1] if self._stack else _OUTSIDE
 
-        # The innermost frame of model code (not torch, not the tracer): code -> {instruction:
-        # "file:line in function"} (f_lasti is cheap; f_lineno scans the line table).
-        f = sys._getframe(1)  # the code that called the op (None from C++ threads)
+        # The innermost frame of model code (not torch, not the tracer): id(code) -> {instruction:
+        # "file:line in function"} (a code object hashes its contents, its id is cheap; f_lasti
+        # is cheap, f_lineno scans the line table).
+        f = _getframe(1)  # the code that called the op (None from C++ threads)
         sources = self._sources
         source = None
         while f is not None:
-            at = sources.get(f.f_code)
+            code = f.f_code
+            at = sources.get(id(code))
             if at is None:
-                at = sources[f.f_code] = {} if _is_model_code(f.f_code.co_filename) else False
+                at = self._source_table(code)
             if at is not False:
                 source = at.get(f.f_lasti)
                 if source is None:
-                    source = at[f.f_lasti] = _source_text(f.f_code, f.f_lineno)
+                    source = at[f.f_lasti] = _source_text(code, f.f_lineno)
                 break
             f = f.f_back
 
@@ -917,7 +944,7 @@ class Tracer(TorchDispatchMode):
                 seen[1] += 1
                 lines = self._lines
                 if lines is not None:
-                    lines.append(f'{{"seq":{seq},"step":{self._step},{seen[0]}')
+                    lines.append(f'{{"seq":{seq}{self._step_text}{seen[0]}')
                     if len(lines) >= BATCH:
                         self._writer.drain()
                 return out
@@ -933,6 +960,13 @@ class Tracer(TorchDispatchMode):
             self._copy_roles(ev, info, args, kwargs)
         self._finish(ev, out=out if module == "" else None)
         return out
+
+    def _source_table(self, code) -> dict[int, str] | bool:
+        """The table of source texts of a code object's instructions: {} to begin with, False
+        for code that is not the model's (torch's, the tracer's, the standard library's)."""
+        self._codes.append(code)  # (so that its id stays its own while the tracer runs)
+        at = self._sources[id(code)] = {} if _is_model_code(code.co_filename) else False
+        return at
 
     def _names_elsewhere(self, args, kwargs, inputs) -> tuple[str, ...] | None:
         """For an op refused for devices that reads many weights (a fused op, as the encoder
@@ -990,12 +1024,13 @@ class Tracer(TorchDispatchMode):
         """Runs a composite op as its decomposition, whose ops the tracer then sees, as it does
         outside inference mode: one verdict in every grad mode. NotImplemented where autograd
         would not have decomposed it either (a backend kernel of its own)."""
-        first = next(_tensor_args(args, kwargs), None)  # its device decides, as in the dispatcher
+        # Its first tensor's device decides, as in the dispatcher.
+        first = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(args, kwargs)
         if first is not None:
-            device_type = first.device.type
-            own = info.backend_kernel.get(device_type)
+            device = first.device
+            own = info.backend_kernel.get(device)
             if own is None:
-                own = info.backend_kernel[device_type] = _backend_kernel(func, device_type)
+                own = info.backend_kernel[device] = _backend_kernel(func, device.type)
             if own:
                 return NotImplemented
         _push_on_torch_dispatch_stack(self)  # the mode is off while its __torch_dispatch__ runs
@@ -1277,6 +1312,65 @@ def _tensor_args(args, kwargs):
         for t in a if a.__class__ in _SEQUENCES else (a,):
             if isinstance(t, Tensor):
                 yield t
+
+
+# Tracers watching module calls, in the order they began to, and the `nn.Module.__call__` that
+# `_module_call` stands in for while there is one.
+_WATCHERS: list[Tracer] = []
+_REAL_CALL: list[Callable] = []
+
+
+def _watch_module_calls(tracer: Tracer) -> None:
+    """Module calls go through `tracer._pre_hook` and `_post_hook` (as global forward hooks
+    would, without taking every module call off torch's fast path: a hook costs about 2 us a
+    module call there, the stand-in `nn.Module.__call__` a fifth of that)."""
+    if not _WATCHERS and torch.nn.Module.__call__ is not _module_call:
+        _REAL_CALL[:] = [torch.nn.Module.__call__]
+        torch.nn.Module.__call__ = _module_call
+    _WATCHERS.append(tracer)
+
+
+def _unwatch_module_calls(tracer: Tracer) -> None:
+    _WATCHERS.remove(tracer)
+    if not _WATCHERS and torch.nn.Module.__call__ is _module_call:  # (not if another has put theirs)
+        torch.nn.Module.__call__ = _REAL_CALL[0]  # (kept: calls under way still go through it)
+
+
+def _module_call(module, *args, **kwargs):
+    """`nn.Module.__call__` while tracers watch module calls."""
+    return _call_watched(tuple(_WATCHERS), module, args, kwargs)
+
+
+def _call_watched(watchers: tuple, module, args, kwargs):
+    if not watchers:
+        return _REAL_CALL[0](module, *args, **kwargs)
+    tracer, rest = watchers[0], watchers[1:]
+    tracer._pre_hook(module, args)
+    try:
+        output = _call_watched(rest, module, args, kwargs) if rest else _REAL_CALL[0](module, *args, **kwargs)
+    except Exception:
+        # (as an always-called forward hook: the error is in `sys.exc_info()`; not if the tracer
+        # stopped watching during the call, as a hook taken off is not called)
+        if tracer._watching:
+            tracer._post_hook(module, args, None)
+        raise
+    if tracer._watching:
+        tracer._post_hook(module, args, output)
+    return output
+
+
+def _first_tensor(args, kwargs) -> Tensor | None:
+    """The first tensor argument (inside lists too), as `_tensor_args` walks them."""
+    for a in args:
+        if isinstance(a, Tensor):
+            return a
+        if a.__class__ in _SEQUENCES:
+            for t in a:
+                if isinstance(t, Tensor):
+                    return t
+    if kwargs:
+        return next(_tensor_args((), kwargs), None)
+    return None
 
 
 def _warm_constants(params: dict[int, weakref.ref]) -> None:
