@@ -606,3 +606,38 @@ def test_a_host_wait_with_no_tensor_op_is_a_sync(on, wait):
     first = tracer.summary.first_offence
     assert (first["class"], first["module"]) == (SYNC, "inner")
     assert first["source"].startswith("tests/test_trace_tracer.py:")
+
+
+def test_an_op_dispatched_with_no_python_caller_is_recorded():
+    """Autograd runs a CUDA backward's ops on its device threads, straight from C++: the tracer's
+    handler is then the outermost Python frame (looking for its caller once raised "call stack
+    is not deep enough" in every grad-mode run on a GPU). Here a thread started from C with the
+    handler itself as its function stands in for such a thread."""
+    import _thread
+    import sys
+    import time
+
+    model = torch.nn.Linear(4, 4)
+    tracer = Tracer(model, keep_events=True)
+    a = torch.ones(3)
+    errors, done = [], []
+
+    def unraisable(u):
+        errors.append(u.exc_value)
+
+    before = sys.unraisablehook
+    sys.unraisablehook = unraisable
+    try:
+        with tracer:
+            n = len(tracer.events)
+            _thread.start_new_thread(tracer.__torch_dispatch__, (torch.ops.aten.mul.Tensor, (), (a, a)))
+            deadline = time.monotonic() + 30
+            while len(tracer.events) == n and not errors and time.monotonic() < deadline:
+                time.sleep(0.01)
+            done.append(len(tracer.events) - n)
+    finally:
+        sys.unraisablehook = before
+    assert not errors, errors
+    assert done == [1]
+    [ev] = [e for e in tracer.events if e.op == "aten.mul.Tensor"]
+    assert ev.source is None and ev.module is None

@@ -135,7 +135,6 @@ _FOLLOW = frozenset(
     }
 )
 _SEQUENCES = (list, tuple)
-_getframe = sys._getframe
 _inference_mode_enabled = torch.is_inference_mode_enabled
 _OUTSIDE = (None, None)  # (module path, expected device) outside the model
 _MAX_STACK_FRAMES = 40
@@ -232,6 +231,16 @@ def _frame_text(code, lineno: int) -> str:
     text = _source_text(code, lineno)
     line = linecache.getline(code.co_filename, lineno).strip()
     return f"{text}: {line}" if line else text
+
+
+def _caller(depth: int):
+    """The frame `depth` calls above the function that calls this (`sys._getframe(depth)` there),
+    or None where the stack is not that deep: ops that autograd's device threads run straight
+    from C++ (a backward on CUDA) have no Python caller."""
+    try:
+        return sys._getframe(depth + 1)
+    except ValueError:
+        return None
 
 
 def _live_frames(frame) -> list[tuple[Any, int]]:
@@ -660,7 +669,7 @@ class Tracer(TorchDispatchMode):
     def _host_wait(self, on) -> None:
         """Records a host wait; `on`: the device, a stream or an event waited for, or None."""
         module, expected = self._stack[-1] if self._stack else _OUTSIDE
-        frames = _live_frames(sys._getframe(2))
+        frames = _live_frames(_caller(2))
         model = [(c, n) for c, n in frames if _is_model_code(c.co_filename)]
         source = _source_text(*model[-1]) if model else None
         ev = Event(self._seq, self._step, HOST_WAIT, module, expected, None, source, [])
@@ -878,7 +887,7 @@ class Tracer(TorchDispatchMode):
         # The innermost frame of model code (not torch, not the tracer): id(code) -> {instruction:
         # "file:line in function"} (a code object hashes its contents, its id is cheap; f_lasti
         # is cheap, f_lineno scans the line table).
-        f = _getframe(1)  # the code that called the op (None from C++ threads)
+        f = _caller(1)  # the code that called the op (None from C++ threads)
         sources = self._sources
         source = None
         while f is not None:
@@ -1007,7 +1016,7 @@ class Tracer(TorchDispatchMode):
         elif moved and any(self._is_weight(t) for t in moved):
             ev.role = "weight"
         if self._hooked:
-            ev.hook = _offloading_hook(sys._getframe(2))
+            ev.hook = _offloading_hook(_caller(2))
 
     def _is_weight(self, t) -> bool:
         """A parameter or buffer of the model, a view of one, or a copy the names followed."""
@@ -1106,7 +1115,7 @@ class Tracer(TorchDispatchMode):
             module = self._stack[-1][0] if self._stack else None
             self._last_error = (id(exc), self._error_record(exc, module))
             return
-        frames = _live_frames(sys._getframe(2))  # the stack above the module, then the traceback
+        frames = _live_frames(_caller(2))  # the stack above the module, then the traceback
         t = exc.__traceback__
         while t is not None:
             frames.append((t.tb_frame.f_code, t.tb_lineno))
@@ -1129,7 +1138,7 @@ class Tracer(TorchDispatchMode):
         cls = self.classifier.classify(ev)
         if isinstance(out, Tensor) and cls == ALLOWED and ev.transfer.get("why") == "output":
             self._downloaded[id(out)] = (weakref.ref(out), len(self._downloads))
-            self._downloads.append((ev, _stack_text(_live_frames(sys._getframe(1)))))
+            self._downloads.append((ev, _stack_text(_live_frames(_caller(1)))))
             return
         self._record(ev, cls, stack, depth=2)
 
@@ -1177,7 +1186,7 @@ class Tracer(TorchDispatchMode):
         if cls in OFFENDING:
             if self._stacks_kept < self.max_stacks:
                 self._stacks_kept += 1
-                ev.stack = stack if stack is not None else _stack_text(_live_frames(sys._getframe(depth)))
+                ev.stack = stack if stack is not None else _stack_text(_live_frames(_caller(depth)))
             if self._first is None or ev.seq < self._first["seq"]:  # (a held download comes late)
                 self._first = first_offence(ev)
                 if ev.source:
