@@ -110,5 +110,5 @@ def test_a_model_loaded_with_device_map_auto_and_offloaded_traces_clean(tmp_path
         out = model.generate(torch.tensor([[3, 7, 11]], device="cuda:0"), max_new_tokens=3, do_sample=False)
     s = tracer.summary
     assert out.shape == (1, 6)
-    assert s.verdict == "clean", s.explanation
+    assert s.verdict == "clean", (s.first_offence, s.counts, s.transfers)
     assert s.counts["ok"] > 0 and s.counts["allowed"] > 0  # the offloaded weights came in, declared

@@ -139,6 +139,10 @@ class DecodeGraph:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.out = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        # The warm-up step runs for real and writes the KV cache at its position: the last one,
+        # which no query sees before its own step writes it (at 0 it once overwrote the prompt's
+        # first entry, and the graph decoded other tokens than eager steps).
+        self.pos.fill_(model.max_seq_len - 1)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):

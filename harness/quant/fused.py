@@ -151,11 +151,14 @@ PACKED = 1 << 8  # the blocks are in `pack`'s layout
 WIDE = 1 << 9  # some value is beyond float16's range: prefill keeps the weight in float32 (tiled)
 HALF_MAX = 65504.0
 # Q6_K's 16 int8 scales of a block, as `pack` stores them: index 4f + 2c + h holds GGUF's
-# scale 8c + 2f + h (half c of the block, quarter f of the half, sub-block h of the quarter).
-_Q6_K_SCALE_ORDER = [8 * c + 2 * f + h for f in range(4) for c in range(2) for h in range(2)]
-# The planes of a repacked row, in order: (first byte in the block, bytes, order of those bytes).
-_PLANES: dict[GGMLType, tuple[tuple[int, int, list[int] | None], ...]] = {
-    T.Q6_K: ((0, 128, None), (128, 64, None), (192, 16, _Q6_K_SCALE_ORDER), (208, 2, None)),  # ql qh sc d
+# scale 8c + 2f + h (half c of the block, quarter f of the half, sub-block h of the quarter):
+# GGUF's 16 bytes as a [2, 4, 2] grid (c, f, h) with its first two axes swapped. Done with views
+# and copies, no index tensor (which would be uploaded, and cannot be inside a CUDA graph).
+_Q6_K_SCALE_GRID = (2, 4, 2)
+# The planes of a repacked row, in order: (first byte in the block, bytes, None where the bytes
+# keep their order, else the grid whose first two axes the packed plane swaps).
+_PLANES: dict[GGMLType, tuple[tuple[int, int, tuple[int, int, int] | None], ...]] = {
+    T.Q6_K: ((0, 128, None), (128, 64, None), (192, 16, _Q6_K_SCALE_GRID), (208, 2, None)),  # ql qh sc d
     T.Q8_0: ((2, 32, None), (0, 2, None)),  # qs d
 }
 
@@ -172,14 +175,14 @@ def packs(qtype: GGMLType, in_features: int) -> bool:
 
 def _planes(raw: torch.Tensor, qtype: GGMLType):
     """(leading shape, blocks per row, [(plane's bytes [..., blocks, size] in the packed row,
-    the block bytes it holds [..., blocks, size] in the GGUF row's layout, order)])"""
+    the block bytes it holds [..., blocks, size] in the GGUF row's layout, grid)])"""
     if qtype not in _PLANES:
         raise ValueError(f"no packed layout for {qtype.name}")
     lead, row_bytes, size = raw.shape[:-1], raw.shape[-1], type_size(qtype)
     n = row_bytes // size
     planes, at = [], 0
-    for first, nbytes, order in _PLANES[qtype]:
-        planes.append((slice(at * n, (at + nbytes) * n), slice(first, first + nbytes), order))
+    for first, nbytes, grid in _PLANES[qtype]:
+        planes.append((slice(at * n, (at + nbytes) * n), slice(first, first + nbytes), grid))
         at += nbytes
     return lead, n, size, planes
 
@@ -187,14 +190,18 @@ def _planes(raw: torch.Tensor, qtype: GGMLType):
 def pack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     """Blocks [..., row_bytes] of a type in `_PLANES` in the kernels' layout, the same bytes
     moved: each row becomes planes, one per field, holding that field of all its blocks in
-    turn (Q6_K: ql | qh | scales in `_Q6_K_SCALE_ORDER` | d; Q8_0: qs | d). A new tensor on raw's
+    turn (Q6_K: ql | qh | scales as `_Q6_K_SCALE_GRID` says | d; Q8_0: qs | d). A new tensor on raw's
     device, written field by field."""
     lead, n, size, planes = _planes(raw, qtype)
     blocks = raw.reshape(*lead, n, size)
     out = torch.empty_like(raw)
-    for packed, field, order in planes:
-        source = blocks[..., field] if order is None else blocks[..., field][..., order]
-        out[..., packed].view(*lead, n, -1).copy_(source)
+    for packed, field, grid in planes:
+        target = out[..., packed].view(*lead, n, -1)
+        if grid is None:
+            target.copy_(blocks[..., field])
+        else:
+            swapped = (grid[1], grid[0], *grid[2:])
+            target.unflatten(-1, swapped).copy_(blocks[..., field].unflatten(-1, grid).transpose(-3, -2))
     return out
 
 
@@ -203,11 +210,13 @@ def unpack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     lead, n, size, planes = _planes(raw, qtype)
     out = torch.empty_like(raw)
     blocks = out.view(*lead, n, size)
-    for packed, field, order in planes:
+    for packed, field, grid in planes:
         plane = raw[..., packed].reshape(*lead, n, -1)
-        if order is not None:
-            plane = plane[..., [order.index(i) for i in range(len(order))]]
-        blocks[..., field].copy_(plane)
+        if grid is None:
+            blocks[..., field].copy_(plane)
+        else:
+            swapped = (grid[1], grid[0], *grid[2:])
+            blocks[..., field].unflatten(-1, grid).copy_(plane.unflatten(-1, swapped).transpose(-3, -2))
     return out
 
 
@@ -680,7 +689,7 @@ if triton is not None:
         - value 128c + 32f + l (half c, quarter f, l = 4w + b, w = 4h + w4): its low nibble is
           nibble f // 2 of ql byte 64c + 32(f % 2) + l, i.e. at bit 8b + 4(f // 2) of ql word
           16c + 8(f % 2) + w; its two high bits are at bit 8b + 2f of qh word 8c + w; its scale
-          is number 8c + 2f + h, byte 2c + h of scale word f (`_Q6_K_SCALE_ORDER`);
+          is number 8c + 2f + h, byte 2c + h of scale word f (`_Q6_K_SCALE_GRID`);
         - each field becomes a float by masking alone (a subnormal, exactly, as in
           `_q4_k_dot_vec`; fields above bit 16 (nibbles) or 20 (pairs) after one shift of the
           word by 12), the pair scaled to the nibble's place by one multiply, and x of that
