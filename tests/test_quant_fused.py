@@ -821,8 +821,8 @@ def test_cpu_tensors_raise_a_device_error_without_the_interpreter():
 
 
 def _decode_op_calls(device: str, cpu_arg: int | None = None):
-    """(name, call) of each decode-path op on small `device` tensors; argument `cpu_arg` of each
-    (counted among its tensor arguments) on the CPU instead."""
+    """(name, number of tensor arguments, call) of each decode-path op on small `device` tensors;
+    argument `cpu_arg` of each (counted among its tensor arguments) on the CPU instead."""
     from harness.quant.types import GGMLType
 
     def tensors(*ts):
@@ -832,9 +832,14 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
     wq, wk = torch.zeros(8, 144, dtype=torch.uint8), torch.zeros(4, 272, dtype=torch.uint8)
     cache = torch.zeros(2, 6, 4)
     return [
-        ("qkv", lambda: torch.ops.harness.qkv(*tensors(torch.ones(1, 256), wq, wk, wk.clone()), q4, q8, q8)),
+        (
+            "qkv",
+            4,
+            lambda: torch.ops.harness.qkv(*tensors(torch.ones(1, 256), wq, wk, wk.clone()), q4, q8, q8),
+        ),
         (
             "attention",
+            8,
             lambda: torch.ops.harness.attention(
                 *tensors(
                     torch.ones(1, 16),
@@ -851,15 +856,17 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
         ),
         (
             "router_topk",
+            2,
             lambda: torch.ops.harness.router_topk(*tensors(torch.ones(1, 16), torch.ones(8, 16)), 2, 1e-4),
         ),
         (
             "add_rms_norm",
+            3,
             lambda: torch.ops.harness.add_rms_norm(
                 *tensors(torch.ones(1, 8), torch.ones(1, 8), torch.ones(8)), 1e-5
             ),
         ),
-        ("embed_rows", lambda: torch.ops.harness.embed_rows(*tensors(wq, torch.tensor([1])), q4, 256)),
+        ("embed_rows", 2, lambda: torch.ops.harness.embed_rows(*tensors(wq, torch.tensor([1])), q4, 256)),
     ]
 
 
@@ -869,7 +876,7 @@ def test_decode_ops_refuse_cpu_tensors_without_the_interpreter():
 
     if kernels.interpreting():
         pytest.skip("the interpreter runs CPU tensors")
-    for name, call in _decode_op_calls("cpu"):
+    for name, _, call in _decode_op_calls("cpu"):
         with pytest.raises(RuntimeError) as info:
             call()
         assert is_device_error(str(info.value)) and f"harness::{name}" in str(info.value), name
@@ -1007,10 +1014,10 @@ def test_cuda_decode_ops_refuse_a_cpu_tensor_with_a_device_error():
     from harness.quant import fused  # noqa: F401
     from harness.trace.classify import is_device_error
 
-    for cpu_arg in (0, 1, 3):  # an activation, a weight or the cache, the table or the token ids
-        for name, call in _decode_op_calls("cuda", cpu_arg):
-            if name in ("router_topk", "embed_rows") and cpu_arg == 3:
-                continue  # they have two tensor arguments
+    for cpu_arg in range(8):  # each tensor argument of each op in turn
+        for name, n_tensors, call in _decode_op_calls("cuda", cpu_arg):
+            if cpu_arg >= n_tensors:
+                continue
             with pytest.raises(RuntimeError) as info:
                 call()
             assert is_device_error(str(info.value)) and "cpu" in str(info.value), (name, cpu_arg)

@@ -25,7 +25,15 @@ import pytest
 import torch
 
 from harness import faults
-from tests.thirdparty import GRAD_MODES, MODELS, PLACEMENTS, hf_common, one_thread, trace_run  # noqa: F401
+from tests.thirdparty import (  # noqa: F401
+    GRAD_MODES,
+    MODELS,
+    PLACEMENTS,
+    hf_common,
+    judge_offences,
+    one_thread,
+    trace_run,
+)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("one_thread")]
 
@@ -110,5 +118,6 @@ def test_a_model_loaded_with_device_map_auto_and_offloaded_traces_clean(tmp_path
         out = model.generate(torch.tensor([[3, 7, 11]], device="cuda:0"), max_new_tokens=3, do_sample=False)
     s = tracer.summary
     assert out.shape == (1, 6)
-    assert s.verdict == "clean", (s.first_offence, s.counts, s.transfers)
+    first, known = judge_offences(tracer.events)  # the offload's traffic is declared
+    assert first is None, (first, known, s.counts)
     assert s.counts["ok"] > 0 and s.counts["allowed"] > 0  # the offloaded weights came in, declared

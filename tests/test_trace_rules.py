@@ -60,6 +60,30 @@ def test_refusal_gives_cuda_messages():
     assert rules.refusal("aten.mm.default", [cpu._replace(name="self"), cpu]) is None  # a CPU op
 
 
+def test_fused_attention_backward_takes_its_rng_state_from_the_host():
+    """Flash attention's forward on CUDA returns its dropout RNG state as 0-dim CPU tensors (no
+    dropout, no graph capture), and its backward takes them: an H100 ran nn.Transformer's causal
+    attention backward so, and the classifier had called it a mismatch. Any other operand on the
+    host is still refused."""
+    op = "aten._scaled_dot_product_flash_attention_backward.default"
+    names = ("grad_out", "query", "key", "value", "out")
+    on_device = [rules.Operand(n, "cuda:0", "float32", (1, 2, 4, 8)) for n in names]
+    on_device.append(rules.Operand("logsumexp", "cuda:0", "float32", (1, 2, 4)))
+    state = [rules.Operand(n, "cpu", "int64", ()) for n in ("philox_seed", "philox_offset")]
+    assert rules.rule_of(op) == rules.RNG_STATE
+    assert rules.refusal(op, on_device + state) is None
+    host_query = [on_device[0], on_device[1]._replace(device="cpu"), *on_device[2:], *state]
+    assert "query is on cpu" in rules.refusal(op, host_query)
+    # A trace records no spec for the undefined cum_seq_q/k: the names after them shift.
+    specs = [rules.Operand("", *o[1:4]) for o in on_device + state]
+    recorded = rules.recorded_operands(op, specs)
+    assert [o.name for o in recorded][-2:] == ["cum_seq_q", "cum_seq_k"]
+    assert rules.refusal(op, recorded) is None
+    assert rules.refusal(
+        op, rules.recorded_operands(op, [specs[0], specs[1]._replace(device="cpu"), *specs[2:]])
+    )
+
+
 # (op, live arguments) calls, each judged on live tensors by the emulation and on their
 # recorded specs by the classifier: the answers must be the same.
 def _calls():

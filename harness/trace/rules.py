@@ -55,6 +55,7 @@ SCATTER = "scatter"  # slice_scatter & co: src copied into a clone of self; any 
 ANY = "any"  # resize_as_: the other tensor gives a shape only
 MASKED_INDEX = "masked-index"  # _unsafe_masked_index(_put_accumulate): indices on the CPU or self's device
 HOST_LENGTHS = "host-lengths"  # _pack_padded_sequence / _pad_packed_sequence: lengths on the CPU
+RNG_STATE = "rng-state"  # fused attention backward: its dropout RNG state may be host tensors
 
 RULE_DOCS = {
     SAME: "all tensor arguments on one device; a 0-dim CPU tensor is no exception "
@@ -83,7 +84,12 @@ RULE_DOCS = {
     "host (checkLongTensor): those must be CPU tensors; the data may be anywhere",
     MASKED_INDEX: "_unsafe_masked_index(_put_accumulate) (CompositeExplicitAutograd, over index): index "
     "tensors on the CPU or on self's device; mask and values on self's device",
+    RNG_STATE: "flash/efficient/cuDNN attention backward: the forward's dropout RNG state "
+    "(philox_seed, philox_offset; rng_state, unused) comes back as host tensors outside graph "
+    "capture (0-dim CPU ones when there is no dropout) and is taken so; the rest on one device",
 }
+# Their names in the fused attention backward ops' schemas.
+_RNG_STATE_ARGS = frozenset({"philox_seed", "philox_offset", "rng_state", "unused"})
 
 # Binary and comparison ops built with TensorIterator's BINARY_OP_CONFIG / comparison config
 # (allow_cpu_scalars(true)); their functional, in-place and out variants are all `NoCheck`.
@@ -129,6 +135,18 @@ RULES: dict[str, str] = {
     "_use_miopen_ctc_loss": ANY,
     "_use_cudnn_rnn_flatten_weight": ANY,
     "_unsafe_masked_index": MASKED_INDEX,
+    **dict.fromkeys(
+        [
+            "_scaled_dot_product_flash_attention_backward",
+            "_flash_attention_backward",
+            "_scaled_dot_product_efficient_attention_backward",
+            "_efficient_attention_backward",
+            "_scaled_dot_product_cudnn_attention_backward",
+            "_cudnn_attention_backward",
+            "_scaled_dot_product_fused_attention_overrideable_backward",
+        ],
+        RNG_STATE,
+    ),
     "_unsafe_masked_index_put_accumulate": MASKED_INDEX,
     "where": WHERE,
     "masked_fill": MASKED_FILL,
@@ -475,6 +493,15 @@ _TYPE_NAMES = {
 }
 
 
+def _check_rng_state(ops, wrapper, accumulate) -> str | None:
+    # By name, or as what they are (0-dim int64): a trace leaves out the undefined tensors before
+    # them (flash's cum_seq_q/k), so recorded operands can carry the wrong names.
+    def rng(o: Operand) -> bool:
+        return o.device == "cpu" and (o.name in _RNG_STATE_ARGS or (o.dim == 0 and o.dtype == "int64"))
+
+    return _same_device([o for o in ops if not rng(o)], wrapper)
+
+
 def _no_check(ops, wrapper, accumulate) -> None:
     return None
 
@@ -488,6 +515,7 @@ _CHECKS = {
     TRANSFER: _no_check,
     MASKED_INDEX: _check_masked_index,
     HOST_LENGTHS: _check_host_lengths,
+    RNG_STATE: _check_rng_state,
     WHERE: _check_where,
     MASKED_FILL: _check_masked_fill,
     SCALAR_VALUE: _check_scalar_value,
