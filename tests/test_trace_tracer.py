@@ -649,3 +649,31 @@ def test_an_op_dispatched_with_no_python_caller_is_recorded():
     assert done == [1]
     [ev] = [e for e in tracer.events if e.op == "aten.mul.Tensor"]
     assert ev.source is None and ev.module is None
+
+
+def test_indexing_with_a_python_list_is_an_upload_on_every_call(on):
+    """`h[:, [0, 2, 3]]` makes the list an index tensor on h's device from the host, on every call
+    (indexing_tensor_from_data: a host copy uploaded, then its lift_fresh, the op a dispatch mode
+    sees; so on an H100): an upload of Python data inside the forward, an offending transfer of
+    the index's 24 bytes. An index tensor kept on the device is no upload."""
+
+    class Pick(torch.nn.Module):
+        def __init__(self, keep: torch.Tensor | None):
+            super().__init__()
+            self.keep = keep
+
+        def forward(self, h):
+            return h[:, [0, 2, 3] if self.keep is None else self.keep]
+
+    for keep, verdict in ((None, DIRTY), (torch.tensor([0, 2, 3], device=on.device), CLEAN)):
+        model = Pick(keep)
+        h = torch.randn(2, 8, device=on.device)
+        with torch.no_grad(), Tracer(model, placement=on.device, keep_events=True) as tracer:
+            out = model(h)
+        assert torch.equal(out.cpu(), h.cpu()[:, [0, 2, 3]])
+        s = tracer.summary
+        assert s.verdict == verdict
+        if verdict == DIRTY:
+            f = s.first_offence
+            assert (f["class"], f["op"], f["module"]) == (TRANSFER, "aten.lift_fresh.default", "")
+            assert [t["bytes"] for t in s.transfers if t["class"] == TRANSFER] == [24]

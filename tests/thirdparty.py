@@ -269,14 +269,6 @@ KNOWN_FINDINGS = (
         "host-to-device upload of Python data on every forward (seen with 5.17 on the H100; later "
         "versions write torch.zeros((), device=...))",
     ),
-    KnownFinding(
-        "sync",
-        "transformers/masking_utils.py",
-        "_local_scalar_dense",
-        "transformers 5.17 reads a generate call's padding mask on the host in every step to choose "
-        "SDPA's causal path (_ignore_causal_mask_sdpa: `padding_mask is None or padding_mask.all()`), "
-        "seen on the H100 under from_pretrained(device_map='auto')",
-    ),
 )
 
 

@@ -712,13 +712,14 @@ def _index_parts(self: torch.Tensor, index) -> tuple[torch.Tensor, list]:
     items = []
     for i in index:
         if isinstance(i, (list, range)) or (hasattr(i, "__array__") and not isinstance(i, _Tensor)):
-            # A sequence becomes a long (or bool) index tensor on the tensor's device, uploaded
-            # without dispatch (indexing_tensor_from_data).
+            # A sequence becomes a long (or bool) index tensor on the tensor's device: made on the
+            # host and uploaded without dispatch, then lifted on the device, the one op dispatch
+            # modes see (indexing_tensor_from_data; an H100 showed the lift_fresh).
             with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
                 t = torch.as_tensor(list(i) if isinstance(i, range) else i)
                 if t.dtype not in (torch.bool, torch.uint8):
                     t = t.to(torch.long)
-            i = EmulatedTensor(t, self.device)
+            i = _aten.lift_fresh.default(EmulatedTensor(t, self.device))
         items.append(i)
 
     def width(i) -> int:
