@@ -1034,7 +1034,7 @@ class Tracer(TorchDispatchMode):
         outside inference mode: one verdict in every grad mode. NotImplemented where autograd
         would not have decomposed it either (a backend kernel of its own)."""
         # Its first tensor's device decides, as in the dispatcher.
-        first = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(args, kwargs)
+        first = args[0] if args and isinstance(args[0], Tensor) else next(_tensor_args(args, kwargs), None)
         if first is not None:
             device = first.device
             own = info.backend_kernel.get(device)
@@ -1366,20 +1366,6 @@ def _call_watched(watchers: tuple, module, args, kwargs):
     if tracer._watching:
         tracer._post_hook(module, args, output)
     return output
-
-
-def _first_tensor(args, kwargs) -> Tensor | None:
-    """The first tensor argument (inside lists too), as `_tensor_args` walks them."""
-    for a in args:
-        if isinstance(a, Tensor):
-            return a
-        if a.__class__ in _SEQUENCES:
-            for t in a:
-                if isinstance(t, Tensor):
-                    return t
-    if kwargs:
-        return next(_tensor_args((), kwargs), None)
-    return None
 
 
 def _warm_constants(params: dict[int, weakref.ref]) -> None:
