@@ -542,8 +542,9 @@ def _check_attention(results: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_attention_kernels_compile_for_sm_90_without_a_gpu():
-    """The attention kernels compile for an H100 (sm_90) with Triton's own compiler and ptxas,
+def test_decode_kernels_compile_for_sm_90_without_a_gpu():
+    """The attention kernels and `_vec_x_kernel` (one program per super-block) compile for an
+    H100 (sm_90) with Triton's own compiler and ptxas,
     as a GPU run would compile them (pointers and the cache's strides 16-byte aligned): the
     interpreter accepts things the compiler refuses (a tl.dot under 16 rows, for one)."""
     triton = pytest.importorskip("triton")
@@ -578,6 +579,7 @@ def test_attention_kernels_compile_for_sm_90_without_a_gpu():
             {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         ),
         (fused._attention_merge_kernel, {"BM": 16, "BD": 128, "BP": 16}, {"num_warps": cfg["merge_warps"]}),
+        *((fused._vec_x_kernel, {"QT": qt, "PEAK_BLOCK": 4096}, {"num_warps": 4}) for qt in (8, 12, 14)),
     ]
     for kernel, consts, options in launches:
         names = kernel.arg_names

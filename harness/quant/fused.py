@@ -65,19 +65,22 @@ FUSED_TYPES: tuple[GGMLType, ...] = tuple(PARTS)
 SUPER = 256  # values per super-block (one K-quant block, eight 32-value blocks)
 
 MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel is used
-# Launch configurations per type (benchmarks/bench_fused.py --sweep on an H100).
-# Types not swept take the Q4_K tile settings (their tiles have the same 128-value parts).
+# Launch configurations per type (benchmarks/bench_fused.py --sweep on an H100; Q4_K and Q5_K
+# from session 7's sweep of the "vec" path, over Mixtral's 14336x4096, 4096x14336 and 4096x4096).
+# Types not swept take the first row's settings (their tiles have the same 128-value parts).
 # "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory).
 MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BN": 16, "num_warps": 4, "stages": 1} for qtype in PARTS
 } | {
+    T.Q4_K: {"BN": 8, "num_warps": 2, "stages": 1},
+    T.Q5_K: {"BN": 32, "num_warps": 2, "stages": 1},
     T.Q6_K: {"BN": 64, "num_warps": 2, "stages": 1},
     T.Q8_0: {"BN": 8, "num_warps": 2, "stages": 1},
 }
-# Weights in `pack`'s layout (not swept on a GPU yet: 32 rows of [2, 2, 4] words give 4 warps
-# one 16-byte load per thread).
+# Weights in `pack`'s layout (Q6_K: session 7's sweep, 32000x4096 and 4096x14336; Q8_0 not
+# swept apart from its sizes, where every setting was within 10%).
 PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
-    T.Q6_K: {"BN": 32, "num_warps": 4, "stages": 1},
+    T.Q6_K: {"BN": 64, "num_warps": 4, "stages": 1},
     T.Q8_0: {"BN": 16, "num_warps": 4, "stages": 1},
 }
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
@@ -120,10 +123,11 @@ ATTENTION_MAX_TOKENS = MATVEC_MAX_ROWS  # tokens of a call up to which the kerne
 ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one program's tile
 # BS keys per loop step (64 spills registers on sm_90 at 32 query rows; BS 32 with 2 stages
 # does not: tests/test_quant_fused.py compiles it for sm_90); a split of the cache has at least
-# split_min_keys keys (not swept on a GPU yet: 256 makes a 4096-position cache of Mixtral's 8 KV
-# heads 16 splits, 128 programs).
+# split_min_keys keys. Session 7's H100 sweep (`bench_fused.py --attention-only
+# --sweep-attention`, Mixtral's 32/8 heads, T=1): 64 takes 512 cached keys in 0.019-0.021 ms
+# against 256's 0.053-0.056 (more splits fill the device), and 0.064 against 0.062 at 4096.
 ATTENTION_CONFIG: dict[str, int] = {
-    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 256,
+    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64,
 }  # fmt: skip
 
 
@@ -598,22 +602,28 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, n_super, QT: tl.constexpr):
-        """One row of x for `_q4_k_dot_vec` (QT 12; Q8_0, 8, shares its sums), or
-        `_q6_k_dot_vec` (QT 14), see `_vec_x`, in two passes over it: its peak, then the
-        permuted, scaled values and the sums."""
+    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, QT: tl.constexpr, PEAK_BLOCK: tl.constexpr):
+        """Super-block program_id(1) of row program_id(0) of x for `_q4_k_dot_vec` (QT 12; Q8_0,
+        8, shares its sums), or `_q6_k_dot_vec` (QT 14), see `_vec_x`: the row's peak (every
+        program of the row reads the whole row, a few KB from L2, so that one launch with a
+        program per super-block does it all), then this super-block's permuted, scaled values
+        and sums."""
         r = tl.program_id(0).to(tl.int64)
+        sb = tl.program_id(1)
         row = x_ptr + r * K
+        p = tl.arange(0, PEAK_BLOCK)
+        peak = tl.max(tl.abs(tl.load(row + p, mask=p < K, other=0.0)), axis=0)
+        for lo in range(PEAK_BLOCK, K, PEAK_BLOCK):
+            part = tl.load(row + lo + p, mask=lo + p < K, other=0.0)
+            peak = tl.maximum(peak, tl.max(tl.abs(part), axis=0))
         o = tl.arange(0, 256)
-        peak = tl.max(tl.abs(tl.load(row + o)), axis=0)
-        for sb in range(1, n_super):
-            peak = tl.maximum(peak, tl.max(tl.abs(tl.load(row + sb * 256 + o)), axis=0))
         # 2^e with 2^(e-1) <= peak < 2^e (at least 2^-125, at most 2^127), 1 for a zero row
         biased = (peak.to(tl.int32, bitcast=True) >> 23) & 0xFF
         power = (tl.minimum(tl.maximum(biased, 1) + 1, 254) << 23).to(tl.float32, bitcast=True)
         power = tl.where(peak > 0, power, 1.0)
         inv = 1.0 / power  # exact: a power of two
-        tl.store(power_ptr + r, power)
+        if sb == 0:
+            tl.store(power_ptr + r, power)
         # output position o reads value src, times 2^(120 - at) for the bit `at` its field has
         # in the word as the kernel reads it
         if QT == 14:  # o = (f, b, c, h, w4): value 128c + 32f + 4(4h + w4) + b, nibble f // 2
@@ -645,11 +655,10 @@ if triton is not None:
             SUMS: tl.constexpr = 8
         place = ((247 - at) << 23).to(tl.float32, bitcast=True)  # 2^(120 - at)
         span: tl.constexpr = 256 // SUMS
-        for sb in range(0, n_super):
-            v = tl.load(row + sb * 256 + src) * inv
-            tl.store(out_ptr + r * K + sb * 256 + o, v * place)
-            chunk = tl.load(row + sb * 256 + first[:, None] + tl.arange(0, span)[None, :]) * inv
-            tl.store(xsum_ptr + r * (K // span) + sb * SUMS + j, tl.sum(chunk, axis=1) * unit)
+        v = tl.load(row + sb * 256 + src) * inv
+        tl.store(out_ptr + r * K + sb * 256 + o, v * place)
+        chunk = tl.load(row + sb * 256 + first[:, None] + tl.arange(0, span)[None, :]) * inv
+        tl.store(xsum_ptr + r * (K // span) + sb * SUMS + j, tl.sum(chunk, axis=1) * unit)
 
     @triton.jit
     def _q8_0_dot_vec(wq, roww, sb, n_super, xp, xsum_p, BN: tl.constexpr):
@@ -1203,7 +1212,7 @@ def _product(
 
 def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] as `_q4_k_dot_vec`, `_q6_k_dot_vec` or `_q8_0_dot_vec` reads it, made by one
-    launch (`_vec_x_kernel`).
+    launch (`_vec_x_kernel`, a program per super-block of each row).
 
     Q6_K: per 256 values in the order of (quarter f, byte b, half c, word w) -> value
     128c + 32f + 4w + b, scaled as below for its nibble's bit; the sums are 32 times those of
@@ -1221,7 +1230,10 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
     order = torch.empty_like(x)
     power = x.new_empty(r)
     sums = x.new_empty((r, k // (16 if qtype == T.Q6_K else 32)))
-    _vec_x_kernel[(r,)](x, order, sums, power, k, k // SUPER, QT=int(qtype), num_warps=4)
+    peak_block = min(triton.next_power_of_2(k), 4096)
+    _vec_x_kernel[(r, k // SUPER)](
+        x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
+    )
     return order, sums, power
 
 
