@@ -6,12 +6,16 @@ nothing.
 
 A decode step runs eager here (a replayed CUDA graph shows as one event), so `wall_ms_per_step`
 includes launch costs the graph removes; `kernel_ms_per_step` is what the graph cannot remove.
+`decode_eager_host` says where the host time of an eager step goes (cProfile, self time by
+Python function): the launch costs that an eager run, and so a traced one, pays.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import time
 from collections import defaultdict
@@ -39,6 +43,38 @@ def kernel_table(prof, kind, steps: int, top: int) -> tuple[float, list[dict]]:
     return total, [
         {"kernel": name, "calls_per_step": n / steps, "ms_per_step": ms / steps} for name, (n, ms) in rows
     ]
+
+
+def host_profile(step, sync, steps: int, top: int) -> dict:
+    """Wall milliseconds of an unprofiled eager step (median of `steps`), and the `top` Python
+    functions by self time per step under cProfile (which slows them; the shares are the point)."""
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    sync()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, calls, self s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {
+        "wall_ms_per_step": sorted(times)[len(times) // 2],
+        "top_self": [
+            {
+                "function": f"{'/'.join(Path(file).parts[-2:])}:{line}({name})",
+                "calls_per_step": calls / steps,
+                "self_ms_per_step": own * 1000 / steps,
+                "cumulative_ms_per_step": cum * 1000 / steps,
+            }
+            for (file, line, name), (_, calls, own, cum, _) in rows
+        ],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             "kernel_ms_per_step": kernel_ms,
             "top": rows,
         }
+
+        result["decode_eager_host"] = host_profile(lambda: model(token, 3), sync, args.steps, args.top)
 
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
