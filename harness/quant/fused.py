@@ -939,12 +939,18 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BD: tl.constexpr):
-        """One row: x * rsqrt(mean(x^2) + eps) * w, in float32."""
+    def _rms_norm_kernel(
+        x_ptr, r_ptr, total_ptr, w_ptr, out_ptr, D, eps, BD: tl.constexpr, ADD: tl.constexpr
+    ):
+        """One row: x * rsqrt(mean(x^2) + eps) * w, in float32; with ADD, x is first the sum of
+        the rows at x_ptr and r_ptr (one rounded add, as torch's), stored at total_ptr."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BD)
         m = cols < D
         x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        if ADD:
+            x = x + tl.load(r_ptr + row * D + cols, mask=m, other=0.0)
+            tl.store(total_ptr + row * D + cols, x, mask=m)
         r = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         y = x * r * tl.load(w_ptr + cols, mask=m, other=0.0)
         tl.store(out_ptr + row * D + cols, y, mask=m)
@@ -1373,21 +1379,27 @@ def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] float32 normalized by its root mean square, times weight [D] float32 (one launch)."""
     _check_devices("harness::rms_norm", x, weight)
-    return _normed(x, weight, eps)
+    return _normed(x, None, weight, eps)[1]
 
 
-def _normed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`rms_norm`'s launch (the devices checked by the caller)."""
+def _normed(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, or x when residual is None; its `rms_norm`) in one launch (the devices
+    checked by the caller; x and residual float32 of one shape)."""
     d = x.shape[-1]
     x = x.contiguous()
+    add = residual is not None
+    residual = residual.contiguous() if add else x
+    total = torch.empty_like(x) if add else x
     out = torch.empty_like(x)
     if x.numel():
         with _launch_device(x.device):
             bd = triton.next_power_of_2(d)
             _rms_norm_kernel[(x.numel() // d,)](
-                x, weight, out, d, eps, BD=bd, num_warps=8 if bd >= 2048 else 4
+                x, residual, total, weight, out, d, eps, BD=bd, ADD=add, num_warps=8 if bd >= 2048 else 4
             )
-    return out
+    return total, out
 
 
 @rms_norm.register_fake
@@ -1664,11 +1676,12 @@ def _(q, k, v, cache_k, cache_v, cos, sin, positions, start):
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A residual add and the RMSNorm after it in one op: (x + residual, `rms_norm` of that),
-    x, residual [..., D] float32, weight [D] float32."""
+    """A residual add and the RMSNorm after it in one op and one launch: (x + residual, `rms_norm`
+    of that), x, residual [..., D] float32, weight [D] float32."""
     _check_devices("harness::add_rms_norm", x, residual, weight)
-    total = x + residual
-    return total, _normed(total, weight, eps)
+    if x.shape == residual.shape and x.dtype == residual.dtype == torch.float32:
+        return _normed(x, residual, weight, eps)
+    return _normed(x + residual, None, weight, eps)  # broadcast or promoted: torch adds
 
 
 @add_rms_norm.register_fake
