@@ -13,9 +13,7 @@ Python function): the launch costs that an eager run, and so a traced one, pays.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
-import pstats
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.bench import host_hotspots  # noqa: E402
 from harness.model.generate import greedy_decode  # noqa: E402
 from harness.model.mixtral import Mixtral  # noqa: E402
 
@@ -46,8 +45,8 @@ def kernel_table(prof, kind, steps: int, top: int) -> tuple[float, list[dict]]:
 
 
 def host_profile(step, sync, steps: int, top: int) -> dict:
-    """Wall milliseconds of an unprofiled eager step (median of `steps`), and the `top` Python
-    functions by self time per step under cProfile (which slows them; the shares are the point)."""
+    """Wall milliseconds of an unprofiled eager step (median of `steps`), and where its host time
+    goes (`harness.bench.host_hotspots`, per step)."""
     times = []
     for _ in range(steps):
         sync()
@@ -55,26 +54,7 @@ def host_profile(step, sync, steps: int, top: int) -> dict:
         step()
         sync()
         times.append((time.perf_counter() - start) * 1000)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(steps):
-        step()
-    sync()
-    profiler.disable()
-    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, calls, self s, cumulative s, callers)
-    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-    return {
-        "wall_ms_per_step": sorted(times)[len(times) // 2],
-        "top_self": [
-            {
-                "function": f"{'/'.join(Path(file).parts[-2:])}:{line}({name})",
-                "calls_per_step": calls / steps,
-                "self_ms_per_step": own * 1000 / steps,
-                "cumulative_ms_per_step": cum * 1000 / steps,
-            }
-            for (file, line, name), (_, calls, own, cum, _) in rows
-        ],
-    }
+    return {"wall_ms_per_step": sorted(times)[len(times) // 2], "top_self": host_hotspots(step, steps, top)}
 
 
 def main(argv: list[str] | None = None) -> int:
