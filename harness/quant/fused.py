@@ -1097,6 +1097,16 @@ if triton is not None:
 
 
 @functools.cache
+def _ceil_div(a: int, b: int) -> int:
+    """triton.cdiv on the host (Triton's is a constexpr function there: microseconds a call)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1): triton.next_power_of_2 on the host, cheaply."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _programs_wanted(device: torch.device) -> int:
     """Programs that keep `device` busy in a matrix-vector launch: four per multiprocessor."""
     if device.type != "cuda":
@@ -1177,7 +1187,7 @@ def _product(
             vec = (_matvec_path() == "vec" and qtype in MATVEC_PATH_TYPES) or packed
             cfg = PACKED_MATVEC_CONFIG[qtype] if packed else MATVEC_CONFIG[qtype]
             bn, warps = cfg["BN"], cfg["num_warps"]
-            tiles = triton.cdiv(out_features, bn) * n_pairs
+            tiles = _ceil_div(out_features, bn) * n_pairs
             # Split the rows' super-blocks over programs until the device has enough of them;
             # the partial sums add up in a fixed order (deterministic). Gated products need whole sums.
             splits = 1 if gated else min(n_super, -(-_programs_wanted(x.device) // tiles))
@@ -1189,7 +1199,7 @@ def _product(
             xsum = xpow = out
             if vec:
                 x, xsum, xpow = _vec_x(x, qtype)
-            grid = (triton.cdiv(out_features, bn), n_pairs, splits)
+            grid = (_ceil_div(out_features, bn), n_pairs, splits)
             _matvec_kernel[grid](
                 x, wv, uv, part, out if experts is None else experts, scale, lut, out_features, n_pairs, n_super,
                 chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, BN=bn, num_warps=warps,
@@ -1207,7 +1217,7 @@ def _product(
             if experts is None:  # a dense weight: every row on "expert" 0
                 experts = torch.zeros(n_pairs, dtype=torch.int64, device=x.device)
             sorted_ids, block_expert = _sort_by_expert(experts, n_experts, bm)
-            grid = (block_expert.numel(), triton.cdiv(out_features, bn))
+            grid = (block_expert.numel(), _ceil_div(out_features, bn))
             _matmat_kernel[grid](
                 x, w, u, out, sorted_ids, block_expert, scale, lut, out_features, n_super, n_pairs,
                 row_bytes, out_features * row_bytes, x.stride(0), x_div, BM=bm, BN=bn,
@@ -1236,7 +1246,7 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
     order = torch.empty_like(x)
     power = x.new_empty(r)
     sums = x.new_empty((r, k // (16 if qtype == T.Q6_K else 32)))
-    peak_block = min(triton.next_power_of_2(k), 4096)
+    peak_block = min(_next_pow2(k), 4096)
     _vec_x_kernel[(r, k // SUPER)](
         x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
     )
@@ -1313,7 +1323,7 @@ def _product_dequantized(
         sorted_ids, block_expert = _sort_by_expert(experts, n_experts, cfg["BM"])
         per_expert = n_out * in_features * 2
         chunk = max(1, min(n_experts, SCRATCH_MAX_BYTES // per_expert))
-        grid = (block_expert.numel(), triton.cdiv(n_out, cfg["BN"]))
+        grid = (block_expert.numel(), _ceil_div(n_out, cfg["BN"]))
         for m in mats:
             y = out if len(mats) == 1 else torch.empty_like(out)
             for lo in range(0, n_experts, chunk):
@@ -1395,7 +1405,7 @@ def _normed(
     out = torch.empty_like(x)
     if x.numel():
         with _launch_device(x.device):
-            bd = triton.next_power_of_2(d)
+            bd = _next_pow2(d)
             _rms_norm_kernel[(x.numel() // d,)](
                 x, residual, total, weight, out, d, eps, BD=bd, ADD=add, num_warps=8 if bd >= 2048 else 4
             )
@@ -1424,8 +1434,8 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: t
     if x.numel():
         with _launch_device(x.device):
             _rope_kernel[(t, heads)](
-                x, cos, sin, positions, out, heads, hd, half, BH=triton.next_power_of_2(max(half, 1)),
-                BD=triton.next_power_of_2(hd), num_warps=1, enable_fp_fusion=False,
+                x, cos, sin, positions, out, heads, hd, half, BH=_next_pow2(max(half, 1)),
+                BD=_next_pow2(hd), num_warps=1, enable_fp_fusion=False,
             )  # fmt: skip
     return out
 
@@ -1614,13 +1624,13 @@ def _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start):
     rotated = torch.empty_like(q)
     out = torch.empty_like(q)
     cfg = ATTENTION_CONFIG
-    bm = max(16, triton.next_power_of_2(group * t))
-    bd = triton.next_power_of_2(hd)
+    bm = max(16, _next_pow2(group * t))
+    bd = _next_pow2(hd)
     splits, split_keys = attention_splits(n_keys, n_kv, q.device)
     with _launch_device(q.device):
         _rope_cache_kernel[(t, n_heads + n_kv)](
             q, k, v, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
-            BH=triton.next_power_of_2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
+            BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
             enable_fp_fusion=False,
         )  # fmt: skip
         if splits == 1:
@@ -1636,7 +1646,7 @@ def _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start):
         if splits > 1:
             _attention_merge_kernel[(n_kv, group * t)](
                 part_acc, part_m, part_l, out, t, group, n_kv, hd, splits, BM=bm, BD=bd,
-                BP=triton.next_power_of_2(splits), num_warps=cfg["merge_warps"],
+                BP=_next_pow2(splits), num_warps=cfg["merge_warps"],
             )  # fmt: skip
     return out
 
