@@ -140,6 +140,8 @@ def run_cases(device: str, small: bool) -> list[dict]:
 
     results += _decode_op_cases(device, tokens, rng)
     results += _attention_cases(device, small, rng)
+    results += _packed_dequant_cases(device, rng)
+    results += _scaled_half_cases(device)
 
     # MoE: E experts, k=2; gate/up [F, D], down [D, F]. Routings: random, all tokens on experts
     # 0 and 1 (the others get none; 0 and 1 get every token).
@@ -413,6 +415,56 @@ def _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start):
     return out.reshape(t, n_heads * hd), cache_k, cache_v
 
 
+PACKED_DEQUANT_SHAPES = ((3, 2048), (3, 5, 4096))  # a launch's last program part-filled; experts
+
+
+def _packed_dequant_cases(device: str, rng: np.random.Generator) -> list[dict]:
+    """The prefill's float16 dequantization of a weight in `pack`'s layout, read in place
+    (no unpacked copy), against the GGUF blocks' dequantization to float16 bit for bit, and
+    against float64 (random and extreme scales: values beyond float16's range become inf alike)."""
+    from harness.quant import fused, kernels
+    from harness.quant.types import GGMLType
+
+    results = []
+    for qtype in (GGMLType.Q6_K, GGMLType.Q8_0):
+        for shape in PACKED_DEQUANT_SHAPES:
+            for make in (_random_weight, _extreme_weight):
+                raw = make(qtype, int(np.prod(shape[:-1])), shape[-1], rng).reshape(*shape[:-1], -1)
+                out = fused._dequantize_packed(fused.pack(raw, qtype).to(device), qtype, shape).cpu()
+                ref = kernels.dequantize(raw.to(device), qtype, shape, torch.float16).cpu()
+                exact = torch.equal(out.view(torch.int16), ref.view(torch.int16))
+                finite = make is _random_weight
+                nmse = (
+                    _nmse(out, _dequant(raw, qtype, int(np.prod(shape[:-1])), shape[-1]).view(shape))
+                    if finite
+                    else 0.0
+                )
+                name = f"dequant packed {qtype.name} {list(shape)} {make.__name__.strip('_')}"
+                results.append({"case": name, "nmse": nmse, "exact": exact})
+    return results
+
+
+SCALED_HALF_SHAPES = ((5, 256), (6, 14336 + 256))  # rows of one and of several loop steps
+
+
+def _scaled_half_cases(device: str) -> list[dict]:
+    """The prefill's activations as float16 rows over their peak (one launch), against torch's
+    ops bit for bit: rows from 1e-30 to 1e30, a row of zeros, one with an inf, one with a NaN."""
+    from harness.quant import fused
+
+    results = []
+    for rows, cols in SCALED_HALF_SHAPES:
+        x = torch.randn(rows, cols) * torch.logspace(-30, 30, rows)[:, None]
+        x[0], x[2, 5], x[3, 7] = 0.0, float("inf"), float("nan")
+        peak = x.abs().amax(1)
+        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+        ref = (x / peak[:, None]).half()
+        out, out_peak = (t.cpu() for t in fused._scaled_half(x.to(device)))
+        exact = torch.equal(out.view(torch.int16), ref.view(torch.int16)) and torch.equal(out_peak, peak)
+        results.append({"case": f"scaled_half {rows}x{cols}", "nmse": 0.0, "exact": exact})
+    return results
+
+
 def _weight_cases(cols: int, small: bool) -> list:
     """(type, row length, layout) of the qmatmul cases: every type with a kernel at `cols` in
     GGUF's layout (as a module built elsewhere and moved hands it), and each type the kernels
@@ -497,7 +549,8 @@ def expected_case_count(small: bool) -> int:
         for q, _, _ in _extreme_cases(256, small)
     )
     attention = 2 * len(ATTENTION_SHAPES_SMALL if small else ATTENTION_SHAPES_FULL)
-    return qmatmul + extreme + 3 * len(tokens) + decode_ops + attention + moe
+    packed_dequant = 2 * len(PACKED_DEQUANT_SHAPES) * 2 + len(SCALED_HALF_SHAPES)
+    return qmatmul + extreme + 3 * len(tokens) + decode_ops + attention + packed_dequant + moe
 
 
 # ---- CPU: Triton's interpreter ---------------------------------------------------------------
