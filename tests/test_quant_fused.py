@@ -980,6 +980,37 @@ def test_fake_implementations_give_shapes_without_running():
         assert rows.shape == (3, 256)
 
 
+@pytest.mark.parametrize(
+    "tokens, used, n_experts, block",
+    [(1, 2, 8, 64), (17, 2, 4, 16), (512, 2, 8, 64), (300, 8, 128, 64)],
+)
+def test_pairs_sorted_by_expert_fill_padded_blocks_in_their_order(tokens, used, n_experts, block):
+    """The prefill's grouping of token-expert pairs: every pair once, in its expert's blocks
+    (experts in order, each group padded with the id n_pairs to whole blocks), the pairs of one
+    expert in their own order; each block names its expert, -1 for the blocks past the last."""
+    from harness.quant import fused
+
+    gen = torch.Generator().manual_seed(tokens)
+    routings = [torch.stack([torch.randperm(n_experts, generator=gen)[:used] for _ in range(tokens)])]
+    routings.append(torch.tensor([[0, n_experts - 1]] * tokens).view(tokens, 2))  # two experts take all
+    for experts in routings:
+        flat = experts.reshape(-1)
+        n_pairs = flat.numel()
+        sorted_ids, block_expert = fused._sort_by_expert(experts, n_experts, block)
+        assert sorted_ids.numel() == block_expert.numel() * block
+        assert block_expert.dtype == torch.int32
+        expected_ids, expected_blocks = [], []
+        for e in range(n_experts):
+            mine = [p for p in range(n_pairs) if flat[p] == e]
+            n_blocks = -(-len(mine) // block)
+            expected_ids += mine + [n_pairs] * (n_blocks * block - len(mine))
+            expected_blocks += [e] * n_blocks
+        expected_blocks += [-1] * (block_expert.numel() - len(expected_blocks))
+        expected_ids += [n_pairs] * (sorted_ids.numel() - len(expected_ids))
+        assert sorted_ids.tolist() == expected_ids
+        assert block_expert.tolist() == expected_blocks
+
+
 def test_pack_rows_puts_runs_of_one_type_in_one_buffer():
     from harness.quant import fused
     from harness.quant.types import GGMLType
