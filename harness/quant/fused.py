@@ -1163,9 +1163,8 @@ def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[
     n_blocks = -(-n_pairs // block) + n_experts
     device = flat.device
     hits = flat[:, None] == torch.arange(n_experts, device=device)  # [P, E]
-    rank = (
-        hits.cumsum(0, dtype=torch.int32).gather(1, flat[:, None]).view(-1) - 1
-    )  # earlier pairs of its expert
+    seen = hits.cumsum(0, dtype=torch.int32)  # [P, E] pairs of each expert up to each pair
+    rank = seen.gather(1, flat[:, None]).view(-1) - 1  # earlier pairs of the pair's expert
     padded = (hits.sum(0) + block - 1) // block * block
     padded_end = padded.cumsum(0)
     slot = (padded_end - padded)[flat] + rank
