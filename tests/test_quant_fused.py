@@ -648,6 +648,52 @@ def test_attention_kernels_compile_for_sm_90_without_a_gpu():
         assert compiled.asm["cubin"], (kernel.__name__, consts)
 
 
+@pytest.mark.slow
+def test_prefill_kernels_compile_for_sm_90_with_wide_loads_without_a_gpu():
+    """The prefill's packed dequantization and activation scaling compile for an H100 (sm_90)
+    with Triton's compiler and ptxas, as a launch on 16-byte aligned tensors compiles them; the
+    packed planes' quants load 16 bytes at a time (the reason for the layout), the float16
+    stores are 16-byte vectors, and the scaling divides as IEEE does (div.rn, as torch)."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from harness.quant import fused
+
+    aligned = [["tt.divisibility", 16]]
+    dequant = {"raw_ptr": "*u8", "out_ptr": "*fp16", "nblocks": "i64", "n": "i32", "row_bytes": "i32"}
+    scaled = {"x_ptr": "*fp32", "out_ptr": "*fp16", "peak_ptr": "*fp32", "K": "i32"}
+    launches = [  # (kernel, signature, constexprs, aligned arguments, what the PTX must hold)
+        (
+            fused._dequant_packed_kernel,
+            dequant,
+            {"QT": 14, "NB": 16},
+            (0, 1, 4),
+            ("ld.global.v4", "st.global.v4"),
+        ),
+        (
+            fused._dequant_packed_kernel,
+            dequant,
+            {"QT": 8, "NB": 128},
+            (0, 1, 4),
+            ("ld.global.v4", "st.global.v4"),
+        ),
+        (fused._scaled_half_kernel, scaled, {"BK": 1024}, (0, 1, 3), ("div.rn.f32", "st.global.v4")),
+    ]
+    for kernel, signature, consts, at, wanted in launches:
+        source = ASTSource(
+            fn=kernel,
+            signature={**signature, **dict.fromkeys(consts, "constexpr")},
+            constexprs=consts,
+            attrs={(i,): aligned for i in at},
+        )
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+        assert compiled.asm["cubin"], (kernel.__name__, consts)
+        missing = [w for w in wanted if w not in compiled.asm["ptx"]]
+        assert not missing, (kernel.__name__, consts, missing)
+
+
 @pytest.mark.parametrize(
     "qtype, planes",
     [
