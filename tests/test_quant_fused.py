@@ -140,6 +140,8 @@ def run_cases(device: str, small: bool) -> list[dict]:
 
     results += _decode_op_cases(device, tokens, rng)
     results += _attention_cases(device, small, rng)
+    results += _packed_dequant_cases(device, rng)
+    results += _scaled_half_cases(device)
 
     # MoE: E experts, k=2; gate/up [F, D], down [D, F]. Routings: random, all tokens on experts
     # 0 and 1 (the others get none; 0 and 1 get every token).
@@ -413,6 +415,56 @@ def _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start):
     return out.reshape(t, n_heads * hd), cache_k, cache_v
 
 
+PACKED_DEQUANT_SHAPES = ((3, 2048), (3, 5, 4096))  # a launch's last program part-filled; experts
+
+
+def _packed_dequant_cases(device: str, rng: np.random.Generator) -> list[dict]:
+    """The prefill's float16 dequantization of a weight in `pack`'s layout, read in place
+    (no unpacked copy), against the GGUF blocks' dequantization to float16 bit for bit, and
+    against float64 (random and extreme scales: values beyond float16's range become inf alike)."""
+    from harness.quant import fused, kernels
+    from harness.quant.types import GGMLType
+
+    results = []
+    for qtype in (GGMLType.Q6_K, GGMLType.Q8_0):
+        for shape in PACKED_DEQUANT_SHAPES:
+            for make in (_random_weight, _extreme_weight):
+                raw = make(qtype, int(np.prod(shape[:-1])), shape[-1], rng).reshape(*shape[:-1], -1)
+                out = fused._dequantize_packed(fused.pack(raw, qtype).to(device), qtype, shape).cpu()
+                ref = kernels.dequantize(raw.to(device), qtype, shape, torch.float16).cpu()
+                exact = torch.equal(out.view(torch.int16), ref.view(torch.int16))
+                finite = make is _random_weight
+                nmse = (
+                    _nmse(out, _dequant(raw, qtype, int(np.prod(shape[:-1])), shape[-1]).view(shape))
+                    if finite
+                    else 0.0
+                )
+                name = f"dequant packed {qtype.name} {list(shape)} {make.__name__.strip('_')}"
+                results.append({"case": name, "nmse": nmse, "exact": exact})
+    return results
+
+
+SCALED_HALF_SHAPES = ((5, 256), (6, 14336 + 256))  # rows of one and of several loop steps
+
+
+def _scaled_half_cases(device: str) -> list[dict]:
+    """The prefill's activations as float16 rows over their peak (one launch), against torch's
+    ops bit for bit: rows from 1e-30 to 1e30, a row of zeros, one with an inf, one with a NaN."""
+    from harness.quant import fused
+
+    results = []
+    for rows, cols in SCALED_HALF_SHAPES:
+        x = torch.randn(rows, cols) * torch.logspace(-30, 30, rows)[:, None]
+        x[0], x[2, 5], x[3, 7] = 0.0, float("inf"), float("nan")
+        peak = x.abs().amax(1)
+        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+        ref = (x / peak[:, None]).half()
+        out, out_peak = (t.cpu() for t in fused._scaled_half(x.to(device)))
+        exact = torch.equal(out.view(torch.int16), ref.view(torch.int16)) and torch.equal(out_peak, peak)
+        results.append({"case": f"scaled_half {rows}x{cols}", "nmse": 0.0, "exact": exact})
+    return results
+
+
 def _weight_cases(cols: int, small: bool) -> list:
     """(type, row length, layout) of the qmatmul cases: every type with a kernel at `cols` in
     GGUF's layout (as a module built elsewhere and moved hands it), and each type the kernels
@@ -497,7 +549,8 @@ def expected_case_count(small: bool) -> int:
         for q, _, _ in _extreme_cases(256, small)
     )
     attention = 2 * len(ATTENTION_SHAPES_SMALL if small else ATTENTION_SHAPES_FULL)
-    return qmatmul + extreme + 3 * len(tokens) + decode_ops + attention + moe
+    packed_dequant = 2 * len(PACKED_DEQUANT_SHAPES) * 2 + len(SCALED_HALF_SHAPES)
+    return qmatmul + extreme + 3 * len(tokens) + decode_ops + attention + packed_dequant + moe
 
 
 # ---- CPU: Triton's interpreter ---------------------------------------------------------------
@@ -596,6 +649,52 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
         assert compiled.asm["cubin"], (kernel.__name__, consts)
+
+
+@pytest.mark.slow
+def test_prefill_kernels_compile_for_sm_90_with_wide_loads_without_a_gpu():
+    """The prefill's packed dequantization and activation scaling compile for an H100 (sm_90)
+    with Triton's compiler and ptxas, as a launch on 16-byte aligned tensors compiles them; the
+    packed planes' quants load 16 bytes at a time (the reason for the layout), the float16
+    stores are 16-byte vectors, and the scaling divides as IEEE does (div.rn, as torch)."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from harness.quant import fused
+
+    aligned = [["tt.divisibility", 16]]
+    dequant = {"raw_ptr": "*u8", "out_ptr": "*fp16", "nblocks": "i64", "n": "i32", "row_bytes": "i32"}
+    scaled = {"x_ptr": "*fp32", "out_ptr": "*fp16", "peak_ptr": "*fp32", "K": "i32"}
+    launches = [  # (kernel, signature, constexprs, aligned arguments, what the PTX must hold)
+        (
+            fused._dequant_packed_kernel,
+            dequant,
+            {"QT": 14, "NB": 16},
+            (0, 1, 4),
+            ("ld.global.v4", "st.global.v4"),
+        ),
+        (
+            fused._dequant_packed_kernel,
+            dequant,
+            {"QT": 8, "NB": 128},
+            (0, 1, 4),
+            ("ld.global.v4", "st.global.v4"),
+        ),
+        (fused._scaled_half_kernel, scaled, {"BK": 1024}, (0, 1, 3), ("div.rn.f32", "st.global.v4")),
+    ]
+    for kernel, signature, consts, at, wanted in launches:
+        source = ASTSource(
+            fn=kernel,
+            signature={**signature, **dict.fromkeys(consts, "constexpr")},
+            constexprs=consts,
+            attrs={(i,): aligned for i in at},
+        )
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+        assert compiled.asm["cubin"], (kernel.__name__, consts)
+        missing = [w for w in wanted if w not in compiled.asm["ptx"]]
+        assert not missing, (kernel.__name__, consts, missing)
 
 
 @pytest.mark.parametrize(
@@ -928,6 +1027,37 @@ def test_fake_implementations_give_shapes_without_running():
             torch.empty(50, 144, dtype=torch.uint8), torch.empty(3, dtype=torch.int64), 12, 256
         )
         assert rows.shape == (3, 256)
+
+
+@pytest.mark.parametrize(
+    "tokens, used, n_experts, block",
+    [(1, 2, 8, 64), (17, 2, 4, 16), (512, 2, 8, 64), (300, 8, 128, 64)],
+)
+def test_pairs_sorted_by_expert_fill_padded_blocks_in_their_order(tokens, used, n_experts, block):
+    """The prefill's grouping of token-expert pairs: every pair once, in its expert's blocks
+    (experts in order, each group padded with the id n_pairs to whole blocks), the pairs of one
+    expert in their own order; each block names its expert, -1 for the blocks past the last."""
+    from harness.quant import fused
+
+    gen = torch.Generator().manual_seed(tokens)
+    routings = [torch.stack([torch.randperm(n_experts, generator=gen)[:used] for _ in range(tokens)])]
+    routings.append(torch.tensor([[0, n_experts - 1]] * tokens).view(tokens, 2))  # two experts take all
+    for experts in routings:
+        flat = experts.reshape(-1)
+        n_pairs = flat.numel()
+        sorted_ids, block_expert = fused._sort_by_expert(experts, n_experts, block)
+        assert sorted_ids.numel() == block_expert.numel() * block
+        assert block_expert.dtype == torch.int32
+        expected_ids, expected_blocks = [], []
+        for e in range(n_experts):
+            mine = [p for p in range(n_pairs) if flat[p] == e]
+            n_blocks = -(-len(mine) // block)
+            expected_ids += mine + [n_pairs] * (n_blocks * block - len(mine))
+            expected_blocks += [e] * n_blocks
+        expected_blocks += [-1] * (block_expert.numel() - len(expected_blocks))
+        expected_ids += [n_pairs] * (sorted_ids.numel() - len(expected_ids))
+        assert sorted_ids.tolist() == expected_ids
+        assert block_expert.tolist() == expected_blocks
 
 
 def test_pack_rows_puts_runs_of_one_type_in_one_buffer():

@@ -935,6 +935,63 @@ if triton is not None:
         out = out_ptr + tl.where(valid, pairs, 0).to(tl.int64)[:, None] * N + n[None, :]
         tl.store(out, acc, mask=valid[:, None] & (n < N)[None, :])
 
+    @triton.jit
+    def _scaled_half_kernel(x_ptr, out_ptr, peak_ptr, K, BK: tl.constexpr):
+        """Row r of x [R, K] float32 in two passes: its largest magnitude (1 for zeros or a NaN)
+        into peak[r], then the row divided by it (IEEE division, as torch's) as float16 into out."""
+        row = x_ptr + tl.program_id(0).to(tl.int64) * K
+        cols = tl.arange(0, BK)
+        top = tl.zeros((BK,), tl.float32)
+        nan = tl.zeros((BK,), tl.int32)
+        for k0 in range(0, K, BK):
+            v = tl.load(row + k0 + cols, mask=k0 + cols < K, other=0.0)
+            top = tl.maximum(top, tl.abs(v))
+            nan = tl.maximum(nan, (v != v).to(tl.int32))  # (the maximum above drops NaNs)
+        peak = tl.max(top, axis=0)
+        peak = tl.where((peak > 0) & (tl.max(nan, axis=0) == 0), peak, 1.0)
+        tl.store(peak_ptr + tl.program_id(0), peak)
+        out = out_ptr + tl.program_id(0).to(tl.int64) * K
+        for k0 in range(0, K, BK):
+            m = k0 + cols < K
+            v = tl.load(row + k0 + cols, mask=m, other=0.0)
+            tl.store(out + k0 + cols, tl.math.div_rn(v, peak).to(tl.float16), mask=m)
+
+    @triton.jit
+    def _dequant_packed_kernel(raw_ptr, out_ptr, nblocks, n, row_bytes, QT: tl.constexpr, NB: tl.constexpr):
+        """Blocks pid*NB.. (of all rows in turn, n a row) of a weight in `pack`'s layout written
+        as the values harness.quant.kernels writes for the GGUF blocks, in out's dtype, the same
+        arithmetic (bit for bit): the prefill's dequantization without unpacking first.
+        Q6_K (QT 14): tile rows (block, sub-block j of 16 values), value 16j + i: c = j // 8,
+        s = j % 8, nibble s // 4 of ql[64c + 16(s % 4) + i], bits 2(s // 2).. of
+        qh[32c + 16(s % 2) + i], scale j at 4f + 2c + h of the scales plane (`_Q6_K_SCALE_GRID`:
+        f = s // 2, h = s % 2); y = (d * sc) * (q - 32). Q8_0 (QT 8): y = qs[i] * d."""
+        pid = tl.program_id(0).to(tl.int64)
+        SUB: tl.constexpr = 16 if QT == 14 else 32  # values of a tile row
+        ROWS: tl.constexpr = NB * 16 if QT == 14 else NB
+        r = tl.arange(0, ROWS)
+        i = tl.arange(0, SUB)
+        g = pid * NB + r // (ROWS // NB)  # each tile row's block
+        ok = g < nblocks
+        g = tl.where(ok, g, nblocks - 1)  # (a tail's rows read the last block, write nothing)
+        b = g % n
+        row = raw_ptr + (g // n) * row_bytes  # the block's row (16-byte aligned: `packs`)
+        if QT == 14:
+            j = r % 16
+            c = j // 8
+            s = j % 8
+            sc = tl.load(row + 192 * n + 16 * b + 4 * (s // 2) + 2 * c + s % 2).to(tl.int8, bitcast=True)
+            dl = (_f16(row + 208 * n + 2 * b) * sc.to(tl.float32))[:, None]
+            at_l = row + 128 * b + 64 * c + 16 * (s % 4)
+            at_h = row + 128 * n + 64 * b + 32 * c + 16 * (s % 2)
+            ql = (_byte(at_l[:, None] + i[None, :]) >> (4 * (s // 4))[:, None]) & 0xF
+            qh = (_byte(at_h[:, None] + i[None, :]) >> (2 * (s // 2))[:, None]) & 3
+            y = dl * ((ql | (qh << 4)) - 32).to(tl.float32)
+        else:
+            q = tl.load(row[:, None] + 32 * b[:, None] + i[None, :]).to(tl.int8, bitcast=True)
+            y = q.to(tl.float32) * _f16(row + 32 * n + 2 * b)[:, None]
+        out = out_ptr + pid * (NB * 16 * SUB if QT == 14 else NB * SUB)
+        tl.store(out + r[:, None] * SUB + i[None, :], y.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
 
 if triton is not None:
 
@@ -1123,23 +1180,21 @@ def _launch_device(device: torch.device):
 
 def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair ids (flattened [T, k] routing) grouped by expert, each group padded to whole blocks of
-    `block` rows with the id n_pairs; and each row block's expert (-1 past the last). On the
-    device, fixed sizes: no host read."""
+    `block` rows with the id n_pairs, the pairs of an expert in their order; and each row block's
+    expert (-1 past the last). On the device, fixed sizes: no host read, and no sort (each
+    pair's place in its group is a running count of its expert's pairs)."""
     flat = experts.reshape(-1)
     n_pairs = flat.numel()
     n_blocks = -(-n_pairs // block) + n_experts
     device = flat.device
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=device).scatter_add_(
-        0, flat, torch.ones_like(flat)
-    )
-    padded = (counts + block - 1) // block * block
+    hits = flat[:, None] == torch.arange(n_experts, device=device)  # [P, E]
+    seen = hits.cumsum(0, dtype=torch.int32)  # [P, E] pairs of each expert up to each pair
+    rank = seen.gather(1, flat[:, None]).view(-1) - 1  # earlier pairs of the pair's expert
+    padded = (hits.sum(0) + block - 1) // block * block
     padded_end = padded.cumsum(0)
-    order = flat.argsort(stable=True)
-    chosen = flat[order]
-    first = counts.cumsum(0) - counts  # first sorted position of each expert
-    slot = (padded_end - padded)[chosen] + torch.arange(n_pairs, device=device) - first[chosen]
+    slot = (padded_end - padded)[flat] + rank
     sorted_ids = torch.full((n_blocks * block,), n_pairs, dtype=torch.int64, device=device)
-    sorted_ids.scatter_(0, slot, order)
+    sorted_ids.scatter_(0, slot, torch.arange(n_pairs, device=device))
     starts = torch.arange(n_blocks, device=device) * block
     block_expert = torch.searchsorted(padded_end, starts, right=True)
     block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
@@ -1278,11 +1333,16 @@ def _prefill_path() -> str:
 
 
 def _scaled_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] float32 as float16 rows divided by their largest magnitude (no overflow, no lost
-    small rows), and those magnitudes [R] (1 for a row of zeros)."""
-    peak = x.abs().amax(1)
-    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
-    return (x / peak[:, None]).half(), peak
+    """x [R, K] float32 (contiguous) as float16 rows divided by their largest magnitude (no
+    overflow, no lost small rows), and those magnitudes [R] (1 for a row of zeros, or one with a
+    NaN): one launch (`_scaled_half_kernel`), bit for bit torch's `(x / peak[:, None]).half()`."""
+    r, k = x.shape
+    out = x.new_empty((r, k), dtype=torch.float16)
+    peak = x.new_empty(r)
+    if x.numel():
+        with _launch_device(x.device):
+            _scaled_half_kernel[(r,)](x, out, peak, k, BK=1024, num_warps=4)
+    return out, peak
 
 
 def _product_dequantized(
@@ -1297,25 +1357,30 @@ def _product_dequantized(
     packed: bool,
 ) -> torch.Tensor:
     """`_product` for many rows, written into `out` [P, N]: weights dequantized to float16 (bounded
-    scratch; a packed weight is unpacked a chunk at a time, a transient copy of its blocks, for
-    the dequantization kernels), products on tensor cores with float32 accumulation. A dense weight (experts None,
-    x_div 1) goes to torch.matmul; routed pairs to `_grouped_kernel`, launched once per chunk of
-    experts, each launch skipping the row blocks of other experts (no host read of the routing)."""
+    scratch; a packed weight read in its layout, `_dequantize_packed`), products on tensor cores
+    with float32 accumulation. A dense weight (experts None, x_div 1) goes to torch.matmul;
+    routed pairs to `_grouped_kernel`, launched once per chunk of experts, each launch skipping
+    the row blocks of other experts (no host read of the routing). Results go into `out` in
+    place (no copy of a finished product)."""
     n_pairs, n_out = out.shape
     in_features = x.shape[1]
     xh, peak = _scaled_half(x)
     mats = [w] if u is None else [w, u]
 
-    def blocks(m: torch.Tensor) -> torch.Tensor:
-        return unpack(m, qtype) if packed else m
+    def half(m: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if packed:  # read in place: no unpacked copy of the blocks
+            return _dequantize_packed(m, qtype, shape)
+        return kernels.dequantize(m, qtype, shape, torch.float16)
 
     results = []
     if experts is None:
         if x_div != 1:  # every row of x stands for x_div pairs
             xh, peak = xh.repeat_interleave(x_div, 0), peak.repeat_interleave(x_div)
         for m in mats:
-            wh = kernels.dequantize(blocks(m[0]), qtype, (n_out, in_features), torch.float16)
-            results.append(torch.matmul(xh, wh.T).float() * peak[:, None])
+            wh = half(m[0], (n_out, in_features))
+            y = out if len(mats) == 1 else torch.empty_like(out)
+            torch.mul(torch.matmul(xh, wh.T), peak[:, None], out=y)  # float16 products, widened
+            results.append(y)
             del wh  # the scratch goes back to the allocator before the next one is made
     else:
         cfg = GROUPED_CONFIG
@@ -1328,7 +1393,7 @@ def _product_dequantized(
             y = out if len(mats) == 1 else torch.empty_like(out)
             for lo in range(0, n_experts, chunk):
                 hi = min(lo + chunk, n_experts)
-                wh = kernels.dequantize(blocks(m[lo:hi]), qtype, (hi - lo, n_out, in_features), torch.float16)
+                wh = half(m[lo:hi], (hi - lo, n_out, in_features))
                 _grouped_kernel[grid](
                     xh, peak, wh, y, sorted_ids, block_expert, n_out, in_features, n_pairs, x_div, lo, hi,
                     BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
@@ -1336,11 +1401,28 @@ def _product_dequantized(
                 )  # fmt: skip
                 del wh
             results.append(y)
-    y = results[0] if u is None else torch.nn.functional.silu(results[0]) * results[1]
+    if u is not None:
+        torch.mul(torch.nn.functional.silu(results[0], inplace=True), results[1], out=out)
     if scale is not None:
-        y = y * scale[:, None]
-    if y is not out:
-        out.copy_(y)
+        out.mul_(scale[:, None])
+    return out
+
+
+def _dequantize_packed(raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...]) -> torch.Tensor:
+    """A weight's blocks [..., rows, row_bytes] in `pack`'s layout as float16 values of `shape`,
+    bit for bit `kernels.dequantize(unpack(raw, qtype), qtype, shape, torch.float16)`, in one
+    launch (`_dequant_packed_kernel`) that reads the planes where they are."""
+    raw = raw.contiguous()
+    out = raw.new_empty(shape, dtype=torch.float16)  # from raw: a tracer sees which weight it is for
+    values = shape[-1]
+    nblocks = out.numel() // block_size(qtype)
+    if nblocks:
+        nb = 16 if qtype == T.Q6_K else 128  # 4096 values a program, as harness.quant.kernels
+        with _launch_device(raw.device):
+            _dequant_packed_kernel[(triton.cdiv(nblocks, nb),)](
+                raw, out, nblocks, values // block_size(qtype), raw.shape[-1], QT=int(qtype), NB=nb, num_warps=4,
+                enable_fp_fusion=False,
+            )  # fmt: skip
     return out
 
 
