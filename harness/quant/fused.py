@@ -1419,7 +1419,7 @@ def _dequantize_packed(raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...
     if nblocks:
         nb = 16 if qtype == T.Q6_K else 128  # 4096 values a program, as harness.quant.kernels
         with _launch_device(raw.device):
-            _dequant_packed_kernel[(triton.cdiv(nblocks, nb),)](
+            _dequant_packed_kernel[(_ceil_div(nblocks, nb),)](
                 raw, out, nblocks, values // block_size(qtype), raw.shape[-1], QT=int(qtype), NB=nb, num_warps=4,
                 enable_fp_fusion=False,
             )  # fmt: skip
