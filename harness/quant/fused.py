@@ -1735,12 +1735,13 @@ def router_topk(
     by float32 rounding: its experts are the torch path's unless two probabilities are within
     that rounding of each other, and its weights agree with the torch path's to float32
     rounding. Equal probabilities (an exact tie; a row of zeros ties every expert) are listed
-    lower expert first. torch.topk on CUDA chooses the same experts (its selection takes the
-    k-th largest value's ties in index order) but may list equal ones in another order (it
-    sorts the k chosen with an unstable bitonic network: two equal ones come out higher expert
-    first, by a simulation of torch 2.11's network), so the (expert, weight) pairs are the
-    same; torch.topk on the CPU may choose other tied experts. A NaN logit makes every
-    probability NaN: experts 0..k-1, as torch.topk on CUDA takes them (NaN above all)."""
+    lower expert first, as llama.cpp's fused MoE top-k (topk-moe.cu) takes them. torch.topk on
+    CUDA chooses the same experts (its selection takes the k-th largest value's ties in index
+    order) but may list equal ones in another order (it sorts the k chosen with an unstable
+    bitonic network: two equal ones come out higher expert first, by a simulation of torch
+    2.11's network), so the (expert, weight) pairs are the same; torch.topk on the CPU may
+    choose other tied experts. A NaN logit makes every probability NaN: experts 0..k-1, as
+    torch.topk on CUDA takes them (NaN above all)."""
     _check_devices("harness::router_topk", x, *(() if weight is None else (weight,)))
     if router_takes_kernel(x, weight, k):
         return _router_topk_kernel_call(x, weight, k, min_sum)
