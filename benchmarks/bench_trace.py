@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.bench import host_hotspots  # noqa: E402
 from harness.model.generate import generate  # noqa: E402
 from harness.model.mixtral import Mixtral  # noqa: E402
 from harness.trace import Tracer, load_trace  # noqa: E402
@@ -63,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-every", default="16", help="N, or several: 16,32 (one sampled mode each)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--nop", action="store_true", help="also time a do-nothing dispatch mode")
+    p.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="TOP",
+        help="after the timings, the TOP Python functions by self time of one untraced and one full run (cProfile)",
+    )
     p.add_argument("--name", default=None)
     p.add_argument("--out", default="benchmarks/results/trace.json")
     args = p.parse_args(argv)
@@ -190,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": {k: [round(x, 5) for x in v] for k, v in wall.items()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        if args.host_profile:  # where the host time of each goes (cProfile slows both)
+            result["host_top_self"] = {
+                k: host_hotspots(modes[k], 1, args.host_profile) for k in ("untraced", "full")
+            }
     name = args.name or f"{model_name}-{args.device}-d{args.decode}"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ nothing.
 
 A decode step runs eager here (a replayed CUDA graph shows as one event), so `wall_ms_per_step`
 includes launch costs the graph removes; `kernel_ms_per_step` is what the graph cannot remove.
+`decode_eager_host` says where the host time of an eager step goes (cProfile, self time by
+Python function): the launch costs that an eager run, and so a traced one, pays.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.bench import host_hotspots  # noqa: E402
 from harness.model.generate import greedy_decode  # noqa: E402
 from harness.model.mixtral import Mixtral  # noqa: E402
 
@@ -39,6 +42,19 @@ def kernel_table(prof, kind, steps: int, top: int) -> tuple[float, list[dict]]:
     return total, [
         {"kernel": name, "calls_per_step": n / steps, "ms_per_step": ms / steps} for name, (n, ms) in rows
     ]
+
+
+def host_profile(step, sync, steps: int, top: int) -> dict:
+    """Wall milliseconds of an unprofiled eager step (median of `steps`), and where its host time
+    goes (`harness.bench.host_hotspots`, per step)."""
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return {"wall_ms_per_step": sorted(times)[len(times) // 2], "top_self": host_hotspots(step, steps, top)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             "kernel_ms_per_step": kernel_ms,
             "top": rows,
         }
+
+        result["decode_eager_host"] = host_profile(lambda: model(token, 3), sync, args.steps, args.top)
 
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

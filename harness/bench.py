@@ -13,12 +13,14 @@ asserts a speed: callers write the numbers down (benchmarks/bench_model.py, `har
 
 from __future__ import annotations
 
+import cProfile
 import csv
 import gc
 import io
 import json
 import os
 import platform
+import pstats
 import re
 import shlex
 import statistics
@@ -123,6 +125,28 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repetitions: int
         times.append(time.perf_counter() - start)
     del src, dst
     return 2 * nbytes / statistics.median(times)
+
+
+def host_hotspots(run, repeats: int, top: int) -> list[dict]:
+    """The `top` Python functions by self time (host time, where launch costs go) over `repeats`
+    calls of `run` under cProfile, per call. cProfile slows what it watches: the shares are the
+    point, not the times."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(repeats):
+        run()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, calls, self s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [
+        {
+            "function": f"{'/'.join(Path(file).parts[-2:])}:{line}({name})",
+            "calls": calls / repeats,
+            "self_ms": own * 1000 / repeats,
+            "cumulative_ms": cum * 1000 / repeats,
+        }
+        for (file, line, name), (_, calls, own, cum, _) in rows
+    ]
 
 
 def decode_bytes_per_token(path: str | os.PathLike) -> int:

@@ -679,9 +679,10 @@ def _check_attention(results: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_attention_kernels_compile_for_sm_90_without_a_gpu():
-    """The attention kernels compile for an H100 (sm_90) with Triton's own compiler and ptxas,
-    as a GPU run would compile them (pointers and the cache's strides 16-byte aligned): the
+def test_decode_kernels_compile_for_sm_90_without_a_gpu():
+    """The attention kernels, `_vec_x_kernel` (one program per super-block) and the RMSNorm
+    kernel (with its residual add) compile for an H100 (sm_90) with Triton's own compiler and
+    ptxas, as a GPU run would compile them (pointers and the cache's strides 16-byte aligned): the
     interpreter accepts things the compiler refuses (a tl.dot under 16 rows, for one)."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
@@ -691,7 +692,7 @@ def test_attention_kernels_compile_for_sm_90_without_a_gpu():
     from harness.quant import fused
 
     cfg = fused.ATTENTION_CONFIG
-    scalars = {"start": "i64", "scale": "fp32"}
+    scalars = {"start": "i64", "scale": "fp32", "eps": "fp32"}
     aligned = ("S_MAX", "HD", "N_KEYS", "SPLIT_KEYS")
     launches = [  # (kernel, constexprs, launch options): the decode step's and a start form's
         (
@@ -715,6 +716,8 @@ def test_attention_kernels_compile_for_sm_90_without_a_gpu():
             {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         ),
         (fused._attention_merge_kernel, {"BM": 16, "BD": 128, "BP": 16}, {"num_warps": cfg["merge_warps"]}),
+        *((fused._vec_x_kernel, {"QT": qt, "PEAK_BLOCK": 4096}, {"num_warps": 4}) for qt in (8, 12, 14)),
+        *((fused._rms_norm_kernel, {"BD": 4096, "ADD": add}, {"num_warps": 8}) for add in (False, True)),
     ]
     for kernel, consts, options in launches:
         names = kernel.arg_names

@@ -370,3 +370,39 @@ def test_the_device_generic_accelerator_api_answers_for_cuda(emu):
     # each device's one stream, nothing pending (optimizers ask whether a graph is being captured)
     assert not accelerator.current_stream().is_capturing() and torch.cuda.current_stream(1).device == C1
     assert torch.cuda.current_stream().query() and not torch.cuda.is_current_stream_capturing()
+
+
+def test_a_graph_reaches_cuda_however_python_reuses_the_ids_of_freed_node_objects():
+    """torch makes an autograd node's Python object afresh on each access and frees it when unused,
+    so a node deeper in the graph can take a freed one's id(). The walk that decides whether a
+    backward goes to the emulated engine must not mistake it for a node already seen: on the
+    H100 it did, for a CUDA input three nodes below the root (slice_scatter of a CPU tensor and a
+    CUDA source, then sum, then `0 +`), and PyTorch's own engine ran the backward unchecked."""
+    import types
+
+    from torch.autograd.graph import GradientEdge
+
+    from harness.trace.emulated_autograd import reaches_cuda
+
+    class Node:
+        def __init__(self, device: str, child: Node | None = None):
+            self.device, self.child = device, child
+
+    class View:  # like torch's: made on each access of next_functions, freed when dropped
+        def __init__(self, node: Node):
+            self.node = node
+
+        @property
+        def _input_metadata(self):
+            return [types.SimpleNamespace(device=torch.device(self.node.device))]
+
+        @property
+        def next_functions(self):
+            return () if self.node.child is None else ((View(self.node.child), 0),)
+
+    for depth in range(1, 9):
+        node = Node("cuda")
+        for _ in range(depth):
+            node = Node("cpu", node)
+        assert reaches_cuda([GradientEdge(View(node), 0)]), depth
+        assert not reaches_cuda([GradientEdge(View(Node("cpu", Node("cpu", Node("cpu")))), 0)])

@@ -65,19 +65,22 @@ FUSED_TYPES: tuple[GGMLType, ...] = tuple(PARTS)
 SUPER = 256  # values per super-block (one K-quant block, eight 32-value blocks)
 
 MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel is used
-# Launch configurations per type (benchmarks/bench_fused.py --sweep on an H100).
-# Types not swept take the Q4_K tile settings (their tiles have the same 128-value parts).
+# Launch configurations per type (benchmarks/bench_fused.py --sweep on an H100; Q4_K and Q5_K
+# from session 7's sweep of the "vec" path, over Mixtral's 14336x4096, 4096x14336 and 4096x4096).
+# Types not swept take the first row's settings (their tiles have the same 128-value parts).
 # "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory).
 MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BN": 16, "num_warps": 4, "stages": 1} for qtype in PARTS
 } | {
+    T.Q4_K: {"BN": 8, "num_warps": 2, "stages": 1},
+    T.Q5_K: {"BN": 32, "num_warps": 2, "stages": 1},
     T.Q6_K: {"BN": 64, "num_warps": 2, "stages": 1},
     T.Q8_0: {"BN": 8, "num_warps": 2, "stages": 1},
 }
-# Weights in `pack`'s layout (not swept on a GPU yet: 32 rows of [2, 2, 4] words give 4 warps
-# one 16-byte load per thread).
+# Weights in `pack`'s layout (Q6_K: session 7's sweep, 32000x4096 and 4096x14336; Q8_0 not
+# swept apart from its sizes, where every setting was within 10%).
 PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
-    T.Q6_K: {"BN": 32, "num_warps": 4, "stages": 1},
+    T.Q6_K: {"BN": 64, "num_warps": 4, "stages": 1},
     T.Q8_0: {"BN": 16, "num_warps": 4, "stages": 1},
 }
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
@@ -120,10 +123,11 @@ ATTENTION_MAX_TOKENS = MATVEC_MAX_ROWS  # tokens of a call up to which the kerne
 ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one program's tile
 # BS keys per loop step (64 spills registers on sm_90 at 32 query rows; BS 32 with 2 stages
 # does not: tests/test_quant_fused.py compiles it for sm_90); a split of the cache has at least
-# split_min_keys keys (not swept on a GPU yet: 256 makes a 4096-position cache of Mixtral's 8 KV
-# heads 16 splits, 128 programs).
+# split_min_keys keys. Session 7's H100 sweep (`bench_fused.py --attention-only
+# --sweep-attention`, Mixtral's 32/8 heads, T=1): 64 takes 512 cached keys in 0.019-0.021 ms
+# against 256's 0.053-0.056 (more splits fill the device), and 0.064 against 0.062 at 4096.
 ATTENTION_CONFIG: dict[str, int] = {
-    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 256,
+    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64,
 }  # fmt: skip
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
@@ -607,22 +611,28 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, n_super, QT: tl.constexpr):
-        """One row of x for `_q4_k_dot_vec` (QT 12; Q8_0, 8, shares its sums), or
-        `_q6_k_dot_vec` (QT 14), see `_vec_x`, in two passes over it: its peak, then the
-        permuted, scaled values and the sums."""
+    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, QT: tl.constexpr, PEAK_BLOCK: tl.constexpr):
+        """Super-block program_id(1) of row program_id(0) of x for `_q4_k_dot_vec` (QT 12; Q8_0,
+        8, shares its sums), or `_q6_k_dot_vec` (QT 14), see `_vec_x`: the row's peak (every
+        program of the row reads the whole row, a few KB from L2, so that one launch with a
+        program per super-block does it all), then this super-block's permuted, scaled values
+        and sums."""
         r = tl.program_id(0).to(tl.int64)
+        sb = tl.program_id(1)
         row = x_ptr + r * K
+        p = tl.arange(0, PEAK_BLOCK)
+        peak = tl.max(tl.abs(tl.load(row + p, mask=p < K, other=0.0)), axis=0)
+        for lo in range(PEAK_BLOCK, K, PEAK_BLOCK):
+            part = tl.load(row + lo + p, mask=lo + p < K, other=0.0)
+            peak = tl.maximum(peak, tl.max(tl.abs(part), axis=0))
         o = tl.arange(0, 256)
-        peak = tl.max(tl.abs(tl.load(row + o)), axis=0)
-        for sb in range(1, n_super):
-            peak = tl.maximum(peak, tl.max(tl.abs(tl.load(row + sb * 256 + o)), axis=0))
         # 2^e with 2^(e-1) <= peak < 2^e (at least 2^-125, at most 2^127), 1 for a zero row
         biased = (peak.to(tl.int32, bitcast=True) >> 23) & 0xFF
         power = (tl.minimum(tl.maximum(biased, 1) + 1, 254) << 23).to(tl.float32, bitcast=True)
         power = tl.where(peak > 0, power, 1.0)
         inv = 1.0 / power  # exact: a power of two
-        tl.store(power_ptr + r, power)
+        if sb == 0:
+            tl.store(power_ptr + r, power)
         # output position o reads value src, times 2^(120 - at) for the bit `at` its field has
         # in the word as the kernel reads it
         if QT == 14:  # o = (f, b, c, h, w4): value 128c + 32f + 4(4h + w4) + b, nibble f // 2
@@ -654,11 +664,10 @@ if triton is not None:
             SUMS: tl.constexpr = 8
         place = ((247 - at) << 23).to(tl.float32, bitcast=True)  # 2^(120 - at)
         span: tl.constexpr = 256 // SUMS
-        for sb in range(0, n_super):
-            v = tl.load(row + sb * 256 + src) * inv
-            tl.store(out_ptr + r * K + sb * 256 + o, v * place)
-            chunk = tl.load(row + sb * 256 + first[:, None] + tl.arange(0, span)[None, :]) * inv
-            tl.store(xsum_ptr + r * (K // span) + sb * SUMS + j, tl.sum(chunk, axis=1) * unit)
+        v = tl.load(row + sb * 256 + src) * inv
+        tl.store(out_ptr + r * K + sb * 256 + o, v * place)
+        chunk = tl.load(row + sb * 256 + first[:, None] + tl.arange(0, span)[None, :]) * inv
+        tl.store(xsum_ptr + r * (K // span) + sb * SUMS + j, tl.sum(chunk, axis=1) * unit)
 
     @triton.jit
     def _q8_0_dot_vec(wq, roww, sb, n_super, xp, xsum_p, BN: tl.constexpr):
@@ -939,12 +948,18 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BD: tl.constexpr):
-        """One row: x * rsqrt(mean(x^2) + eps) * w, in float32."""
+    def _rms_norm_kernel(
+        x_ptr, r_ptr, total_ptr, w_ptr, out_ptr, D, eps, BD: tl.constexpr, ADD: tl.constexpr
+    ):
+        """One row: x * rsqrt(mean(x^2) + eps) * w, in float32; with ADD, x is first the sum of
+        the rows at x_ptr and r_ptr (one rounded add, as torch's), stored at total_ptr."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BD)
         m = cols < D
         x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        if ADD:
+            x = x + tl.load(r_ptr + row * D + cols, mask=m, other=0.0)
+            tl.store(total_ptr + row * D + cols, x, mask=m)
         r = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         y = x * r * tl.load(w_ptr + cols, mask=m, other=0.0)
         tl.store(out_ptr + row * D + cols, y, mask=m)
@@ -1091,6 +1106,16 @@ if triton is not None:
 
 
 @functools.cache
+def _ceil_div(a: int, b: int) -> int:
+    """triton.cdiv on the host (Triton's is a constexpr function there: microseconds a call)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1): triton.next_power_of_2 on the host, cheaply."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _programs_wanted(device: torch.device) -> int:
     """Programs that keep `device` busy in a matrix-vector launch: four per multiprocessor."""
     if device.type != "cuda":
@@ -1171,7 +1196,7 @@ def _product(
             vec = (_matvec_path() == "vec" and qtype in MATVEC_PATH_TYPES) or packed
             cfg = PACKED_MATVEC_CONFIG[qtype] if packed else MATVEC_CONFIG[qtype]
             bn, warps = cfg["BN"], cfg["num_warps"]
-            tiles = triton.cdiv(out_features, bn) * n_pairs
+            tiles = _ceil_div(out_features, bn) * n_pairs
             # Split the rows' super-blocks over programs until the device has enough of them;
             # the partial sums add up in a fixed order (deterministic). Gated products need whole sums.
             splits = 1 if gated else min(n_super, -(-_programs_wanted(x.device) // tiles))
@@ -1183,7 +1208,7 @@ def _product(
             xsum = xpow = out
             if vec:
                 x, xsum, xpow = _vec_x(x, qtype)
-            grid = (triton.cdiv(out_features, bn), n_pairs, splits)
+            grid = (_ceil_div(out_features, bn), n_pairs, splits)
             _matvec_kernel[grid](
                 x, wv, uv, part, out if experts is None else experts, scale, lut, out_features, n_pairs, n_super,
                 chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, BN=bn, num_warps=warps,
@@ -1201,7 +1226,7 @@ def _product(
             if experts is None:  # a dense weight: every row on "expert" 0
                 experts = torch.zeros(n_pairs, dtype=torch.int64, device=x.device)
             sorted_ids, block_expert = _sort_by_expert(experts, n_experts, bm)
-            grid = (block_expert.numel(), triton.cdiv(out_features, bn))
+            grid = (block_expert.numel(), _ceil_div(out_features, bn))
             _matmat_kernel[grid](
                 x, w, u, out, sorted_ids, block_expert, scale, lut, out_features, n_super, n_pairs,
                 row_bytes, out_features * row_bytes, x.stride(0), x_div, BM=bm, BN=bn,
@@ -1212,7 +1237,7 @@ def _product(
 
 def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] as `_q4_k_dot_vec`, `_q6_k_dot_vec` or `_q8_0_dot_vec` reads it, made by one
-    launch (`_vec_x_kernel`).
+    launch (`_vec_x_kernel`, a program per super-block of each row).
 
     Q6_K: per 256 values in the order of (quarter f, byte b, half c, word w) -> value
     128c + 32f + 4w + b, scaled as below for its nibble's bit; the sums are 32 times those of
@@ -1230,7 +1255,10 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
     order = torch.empty_like(x)
     power = x.new_empty(r)
     sums = x.new_empty((r, k // (16 if qtype == T.Q6_K else 32)))
-    _vec_x_kernel[(r,)](x, order, sums, power, k, k // SUPER, QT=int(qtype), num_warps=4)
+    peak_block = min(_next_pow2(k), 4096)
+    _vec_x_kernel[(r, k // SUPER)](
+        x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
+    )
     return order, sums, power
 
 
@@ -1304,7 +1332,7 @@ def _product_dequantized(
         sorted_ids, block_expert = _sort_by_expert(experts, n_experts, cfg["BM"])
         per_expert = n_out * in_features * 2
         chunk = max(1, min(n_experts, SCRATCH_MAX_BYTES // per_expert))
-        grid = (block_expert.numel(), triton.cdiv(n_out, cfg["BN"]))
+        grid = (block_expert.numel(), _ceil_div(n_out, cfg["BN"]))
         for m in mats:
             y = out if len(mats) == 1 else torch.empty_like(out)
             for lo in range(0, n_experts, chunk):
@@ -1370,21 +1398,27 @@ def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] float32 normalized by its root mean square, times weight [D] float32 (one launch)."""
     _check_devices("harness::rms_norm", x, weight)
-    return _normed(x, weight, eps)
+    return _normed(x, None, weight, eps)[1]
 
 
-def _normed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`rms_norm`'s launch (the devices checked by the caller)."""
+def _normed(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, or x when residual is None; its `rms_norm`) in one launch (the devices
+    checked by the caller; x and residual float32 of one shape)."""
     d = x.shape[-1]
     x = x.contiguous()
+    add = residual is not None
+    residual = residual.contiguous() if add else x
+    total = torch.empty_like(x) if add else x
     out = torch.empty_like(x)
     if x.numel():
         with _launch_device(x.device):
-            bd = triton.next_power_of_2(d)
+            bd = _next_pow2(d)
             _rms_norm_kernel[(x.numel() // d,)](
-                x, weight, out, d, eps, BD=bd, num_warps=8 if bd >= 2048 else 4
+                x, residual, total, weight, out, d, eps, BD=bd, ADD=add, num_warps=8 if bd >= 2048 else 4
             )
-    return out
+    return total, out
 
 
 @rms_norm.register_fake
@@ -1409,8 +1443,8 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: t
     if x.numel():
         with _launch_device(x.device):
             _rope_kernel[(t, heads)](
-                x, cos, sin, positions, out, heads, hd, half, BH=triton.next_power_of_2(max(half, 1)),
-                BD=triton.next_power_of_2(hd), num_warps=1, enable_fp_fusion=False,
+                x, cos, sin, positions, out, heads, hd, half, BH=_next_pow2(max(half, 1)),
+                BD=_next_pow2(hd), num_warps=1, enable_fp_fusion=False,
             )  # fmt: skip
     return out
 
@@ -1599,13 +1633,13 @@ def _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start):
     rotated = torch.empty_like(q)
     out = torch.empty_like(q)
     cfg = ATTENTION_CONFIG
-    bm = max(16, triton.next_power_of_2(group * t))
-    bd = triton.next_power_of_2(hd)
+    bm = max(16, _next_pow2(group * t))
+    bd = _next_pow2(hd)
     splits, split_keys = attention_splits(n_keys, n_kv, q.device)
     with _launch_device(q.device):
         _rope_cache_kernel[(t, n_heads + n_kv)](
             q, k, v, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
-            BH=triton.next_power_of_2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
+            BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
             enable_fp_fusion=False,
         )  # fmt: skip
         if splits == 1:
@@ -1621,7 +1655,7 @@ def _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start):
         if splits > 1:
             _attention_merge_kernel[(n_kv, group * t)](
                 part_acc, part_m, part_l, out, t, group, n_kv, hd, splits, BM=bm, BD=bd,
-                BP=triton.next_power_of_2(splits), num_warps=cfg["merge_warps"],
+                BP=_next_pow2(splits), num_warps=cfg["merge_warps"],
             )  # fmt: skip
     return out
 
@@ -1661,11 +1695,12 @@ def _(q, k, v, cache_k, cache_v, cos, sin, positions, start):
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A residual add and the RMSNorm after it in one op: (x + residual, `rms_norm` of that),
-    x, residual [..., D] float32, weight [D] float32."""
+    """A residual add and the RMSNorm after it in one op and one launch: (x + residual, `rms_norm`
+    of that), x, residual [..., D] float32, weight [D] float32."""
     _check_devices("harness::add_rms_norm", x, residual, weight)
-    total = x + residual
-    return total, _normed(total, weight, eps)
+    if x.shape == residual.shape and x.dtype == residual.dtype == torch.float32:
+        return _normed(x, residual, weight, eps)
+    return _normed(x + residual, None, weight, eps)  # broadcast or promoted: torch adds
 
 
 @add_rms_norm.register_fake

@@ -373,7 +373,7 @@ def dequantize(
     if nb & (nb - 1):
         raise UsageError(None, None, f"blocks_per_program must be a power of two, got {nb}")
     kernel, consts = _KERNELS[qtype]
-    grid = (triton.cdiv(nblocks, nb),)
+    grid = (-(-nblocks // nb),)
     # Triton launches on the current CUDA device; switch only when the data lives elsewhere.
     other_gpu = raw.device.type == "cuda" and raw.device.index != torch.cuda.current_device()
     with torch.cuda.device(raw.device) if other_gpu else contextlib.nullcontext():

@@ -366,8 +366,10 @@ def _before(node, input_nr: int, grad):
 
 
 def reaches_cuda(outputs) -> bool:
-    """Whether the graph behind these tensors (or gradient edges) has a node on a CUDA device."""
-    stack, seen = [], set()
+    """Whether the graph behind these tensors (or gradient edges) has a node on a CUDA device.
+    The nodes seen are held: torch makes a node's Python object afresh on each access and frees
+    it when unused, so a later node's object can take a freed one's id()."""
+    stack, seen = [], {}
     for t in outputs:
         if isinstance(t, GradientEdge):
             stack.append(t.node)
@@ -379,7 +381,7 @@ def reaches_cuda(outputs) -> bool:
         n = stack.pop()
         if n is None or id(n) in seen:
             continue
-        seen.add(id(n))
+        seen[id(n)] = n
         if any(m.device.type == "cuda" for m in n._input_metadata):
             return True
         stack.extend(nxt for nxt, _ in n.next_functions)
