@@ -1805,8 +1805,8 @@ def router_tile(n_experts: int, d: int) -> int:
     """Columns of the router's weight `_router_topk_kernel` reads a loop step: about
     ROUTER_CONFIG["tile"] products over the experts' rows (padded to a power of two), at least
     16, at most the row (a power of two)."""
-    be = triton.next_power_of_2(n_experts)
-    return min(triton.next_power_of_2(max(d, 1)), max(16, ROUTER_CONFIG["tile"] // be))
+    be = _next_pow2(n_experts)
+    return min(_next_pow2(d), max(16, ROUTER_CONFIG["tile"] // be))
 
 
 def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_sum: float):
@@ -1817,8 +1817,8 @@ def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_
     experts = x.new_empty((t, k), dtype=torch.int64)
     with _launch_device(x.device):
         _router_topk_kernel[(t,)](
-            x, weight, weights, experts, d, n_experts, min_sum, K=k, BE=triton.next_power_of_2(n_experts),
-            BD=router_tile(n_experts, d), BK=triton.next_power_of_2(k), CUDA_EXP=not kernels.interpreting(),
+            x, weight, weights, experts, d, n_experts, min_sum, K=k, BE=_next_pow2(n_experts),
+            BD=router_tile(n_experts, d), BK=_next_pow2(k), CUDA_EXP=not kernels.interpreting(),
             num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"],
         )  # fmt: skip
     return weights, experts
