@@ -23,6 +23,14 @@ They come last; `--attention-only` times only these (`--sweep-attention` adds th
 launch settings):
 
     python benchmarks/bench_fused.py --attention-only --sweep-attention --out benchmarks/results/attention.json
+
+`harness::router_topk` with Mixtral's float32 router (8 experts, 2 used, 4096 columns) at 1 and
+8 tokens: its Triton kernel ("triton", new) against the torch path ("torch", old: the op under
+`fused.disabled()`), in a CUDA graph and eagerly, as attention; its bytes are the router's
+weight. Before attention in the default run; `--router-only` times only these
+(`--sweep-router` adds the kernel's launch settings):
+
+    python benchmarks/bench_fused.py --router-only --sweep-router --out benchmarks/results/router.json
 """
 
 from __future__ import annotations
@@ -80,6 +88,18 @@ ATTENTION_SWEEP = [
     (16, 4, 2, 128),
     (32, 4, 3, 256),
     (32, 8, 2, 256),
+]
+# harness::router_topk: (tokens, experts, experts used, columns)
+ROUTER_CALLS = [(1, 8, 2, 4096), (8, 8, 2, 4096)]
+# --sweep-router: (tile, num_warps, num_stages) of its kernel (tile: products a loop step)
+ROUTER_SWEEP = [
+    (2048, 4, 1),
+    (4096, 4, 1),
+    (8192, 8, 1),
+    (16384, 8, 1),
+    (16384, 16, 1),
+    (32768, 8, 1),
+    (32768, 16, 1),
 ]
 GROUPED_SWEEP = [  # BM, BN, BK, warps, stages
     (64, 128, 64, 4, 4),
@@ -189,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also try launch configurations of the prefill's grouped float16 GEMM (MoE, 512 tokens)",
     )
     p.add_argument("--attention-only", action="store_true", help="time only harness::attention")
+    p.add_argument("--router-only", action="store_true", help="time only harness::router_topk")
+    p.add_argument(
+        "--sweep-router",
+        action="store_true",
+        help="also try launch settings of harness::router_topk's kernel (ROUTER_SWEEP)",
+    )
     p.add_argument(
         "--sweep-attention",
         action="store_true",
@@ -244,29 +270,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def compared_ways(name: str, fns: dict, nbytes: int, flops: int, named: bool = True) -> None:
         """Time each of `fns` (way -> fn, the new one first); with two, add their comparison."""
-        times, outs = {}, {}
-        for way, fn in fns.items():
-            times[way] = time_ms(fn)
-            outs[way] = fn()
-            row(f"{name} {way}" if named else name, times[way], nbytes, flops)
-        if len(fns) == 2:
-            new, old = fns
-            c = {
-                "name": name,
-                "new": new,
-                "old": old,
-                "old_ms_over_new_ms": times[old] / times[new],
-                "nmse_new_vs_old": nmse(outs[new], outs[old]),
-            }
-            comparisons.append(c)
-            save()
-            print(
-                f"  {new} is {c['old_ms_over_new_ms']:.2f}x {old}, NMSE {c['nmse_new_vs_old']:.1e}",
-                flush=True,
-            )
+        compared_paths(name, fns, nbytes, flops, row, comparisons, save, named=named)
 
     if args.attention_only:
         attention_rows(dev, row, comparisons, save, args.sweep_attention)
+        return 0
+    if args.router_only:
+        router_rows(dev, row, comparisons, save, args.sweep_router)
         return 0
 
     for qtype, n, k in SHAPES:
@@ -370,8 +380,77 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"  sweep {fused.matvec_path} BN={bn} warps={warps} stages={stages} Q4_K {n}x{k} T=1"
                 row(name, ms, w.numel(), 2 * n * k)
         fused.MATVEC_CONFIG[T.Q4_K].update(saved)
+    router_rows(dev, row, comparisons, save, args.sweep_router)
     attention_rows(dev, row, comparisons, save, args.sweep_attention)
     return 0
+
+
+def compared_paths(
+    name: str, calls: dict, nbytes: int, flops: int, row, comparisons: list, save, eager=False, named=True
+) -> dict | None:
+    """Time each of `calls` (way -> fn, the new one first) in a CUDA graph (a row each), and with
+    `eager` eagerly too; with two, add their comparison (of their first outputs) and return it."""
+    times, eager_ms, outs = {}, {}, {}
+    for way, call in calls.items():
+        times[way] = time_ms(call)
+        if eager:
+            eager_ms[way] = eager_time_ms(call)
+        out = call()
+        outs[way] = out[0] if isinstance(out, tuple) else out
+        row(f"{name} {way}" if named else name, times[way], nbytes, flops)
+    if len(calls) != 2:
+        return None
+    new, old = calls
+    c = {"name": name, "new": new, "old": old, "old_ms_over_new_ms": times[old] / times[new]}
+    if eager:
+        c |= {"eager_ms": eager_ms, "eager_old_ms_over_new_ms": eager_ms[old] / eager_ms[new]}
+    c |= {
+        "nmse_new_vs_old": nmse(outs[new], outs[old]),
+        "max_abs_new_vs_old": float((outs[new] - outs[old]).abs().max()),
+    }
+    comparisons.append(c)
+    save()
+    ways = f"{c['eager_old_ms_over_new_ms']:.2f}x eager, " if eager else ""
+    print(
+        f"  {new} is {c['old_ms_over_new_ms']:.2f}x {old}{' in a graph, ' if eager else ', '}{ways}"
+        f"NMSE {c['nmse_new_vs_old']:.1e}",
+        flush=True,
+    )
+    return c
+
+
+def router_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
+    """`harness::router_topk` per ROUTER_CALLS with the router's float32 weight, its kernel
+    against the torch path (`compared_paths`; the comparison also says whether they chose the
+    same experts); with `sweep`, the kernel under each of ROUTER_SWEEP's launch settings too."""
+    from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN
+
+    for t, n_exp, k, d in ROUTER_CALLS:
+        x = torch.randn(t, d, device=dev)
+        weight = torch.randn(n_exp, d, device=dev) * 0.05
+        name = f"router_topk E={n_exp} k={k} D={d} T={t}"
+        nbytes = weight.numel() * 4
+        flops = 2 * t * n_exp * d
+
+        def kernel(x=x, weight=weight, k=k):
+            return torch.ops.harness.router_topk(x, weight, k, ROUTER_WEIGHT_SUM_MIN)
+
+        def torch_path(x=x, weight=weight, k=k):
+            with fused.disabled():
+                return torch.ops.harness.router_topk(x, weight, k, ROUTER_WEIGHT_SUM_MIN)
+
+        assert fused.router_takes_kernel(x, weight, k), name
+        ways = {"triton": kernel, "torch": torch_path}
+        c = compared_paths(name, ways, nbytes, flops, row, comparisons, save, eager=True)
+        c["same_experts"] = bool(torch.equal(kernel()[1], torch_path()[1]))
+        save()
+        if sweep:
+            saved = dict(fused.ROUTER_CONFIG)
+            for tile, warps, stages in ROUTER_SWEEP:
+                fused.ROUTER_CONFIG.update(tile=tile, num_warps=warps, num_stages=stages)
+                ms = try_time_ms(kernel)
+                row(f"  sweep tile={tile} warps={warps} stages={stages} {name}", ms, nbytes, flops)
+            fused.ROUTER_CONFIG.update(saved)
 
 
 def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
@@ -392,7 +471,7 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
         name = f"attention H={n_heads} K={n_kv} Hd={hd} T={t} keys={n_keys} {form}"
         nbytes = 2 * n_kv * n_keys * hd * 4  # the cached keys and values it must read
         flops = 2 * 2 * t * n_heads * n_keys * hd
-        times, eager, outs = {}, {}, {}
+        calls = {}
         for path in fused.ATTENTION_PATHS:  # the kernels (new) first
 
             def call(path=path, q=q, k=k, v=v, positions=positions, start=start):
@@ -402,23 +481,8 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
                 finally:
                     fused.attention_path = before
 
-            times[path] = time_ms(call)
-            eager[path] = eager_time_ms(call)
-            outs[path] = call()
-            row(f"{name} {path}", times[path], nbytes, flops)
-        new, old = fused.ATTENTION_PATHS
-        c = {
-            "name": name,
-            "new": new,
-            "old": old,
-            "old_ms_over_new_ms": times[old] / times[new],
-            "eager_ms": eager,
-            "eager_old_ms_over_new_ms": eager[old] / eager[new],
-            "nmse_new_vs_old": nmse(outs[new], outs[old]),
-            "max_abs_new_vs_old": float((outs[new] - outs[old]).abs().max()),
-        }
-        comparisons.append(c)
-        save()
+            calls[path] = call
+        compared_paths(name, calls, nbytes, flops, row, comparisons, save, eager=True)
         if sweep:
             saved = dict(fused.ATTENTION_CONFIG)
             for bs, warps, stages, split_min in ATTENTION_SWEEP:
@@ -433,11 +497,6 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
                 label = f"  sweep BS={bs} warps={warps} stages={stages} split_min_keys={split_min} {name}"
                 row(label, ms, nbytes, flops)
             fused.ATTENTION_CONFIG.update(saved)
-        print(
-            f"  {new} is {c['old_ms_over_new_ms']:.2f}x {old} in a graph, "
-            f"{c['eager_old_ms_over_new_ms']:.2f}x eager, NMSE {c['nmse_new_vs_old']:.1e}",
-            flush=True,
-        )
 
 
 if __name__ == "__main__":

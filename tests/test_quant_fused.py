@@ -8,7 +8,7 @@ row counts that do not fill the last tile, and experts that get no token or ever
 Two ways to run: compiled on a GPU (`-m cuda`, every shape), and on the CPU through Triton's
 interpreter (small shapes; a subprocess, because TRITON_INTERPRET must be set before the kernels
 are defined). Run this file as a script (`python tests/test_quant_fused.py SMALL|FULL DEVICE`)
-to print the cases' results as JSON.
+to print the cases' results as JSON; `ROUTER DEVICE SEED` prints only harness::router_topk's.
 """
 
 from __future__ import annotations
@@ -256,19 +256,16 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
             )
             results.append({"case": f"{case} cache write", "nmse": 0.0, "exact": bool(same)})
 
-    router = (torch.randn(8, dim) * 0.1).to(device)  # [E, D] float32, as an F16/F32 GGUF router becomes
+    # router_topk from a quantized router's logits (weight None) runs the torch path's ops on the
+    # same device, so the same bits (with the router's weight: `_router_cases`)
     for t in tokens:
-        x = torch.randn(t, dim).to(device)
-        # the torch path's ops on the same device: the op runs them (the product inside it, or
-        # from a quantized router's logits), so the same bits
-        logits = x @ router.T
+        logits = torch.randn(t, 8).to(device)
         ref_w, ref_e = logits.softmax(-1).topk(2, dim=-1)
         ref_w = ref_w / ref_w.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-        for form, args in (("logits", (logits, None)), ("x and weight", (x, router))):
-            weights, experts = torch.ops.harness.router_topk(*args, 2, ROUTER_WEIGHT_SUM_MIN)
-            exact = torch.equal(experts, ref_e) and torch.equal(weights, ref_w)
-            name = f"router_topk {form} T={t}"
-            results.append({"case": name, "nmse": _nmse(weights, ref_w.cpu().double()), "exact": exact})
+        weights, experts = torch.ops.harness.router_topk(logits, None, 2, ROUTER_WEIGHT_SUM_MIN)
+        exact = torch.equal(experts, ref_e) and torch.equal(weights, ref_w)
+        name = f"router_topk logits T={t}"
+        results.append({"case": name, "nmse": _nmse(weights, ref_w.cpu().double()), "exact": exact})
 
     table = _random_weight(GGMLType.Q4_K, 50, dim, rng)
     full = _dequant(table, GGMLType.Q4_K, 50, dim)
@@ -465,6 +462,126 @@ def _scaled_half_cases(device: str) -> list[dict]:
     return results
 
 
+# `harness::router_topk` with the router's weight: (tokens, experts, k, row length). Mixtral's
+# E=8 k=2 at 1, 5 and 8 tokens, E=4 k=1, E=16 k=4, E=64 k=8, E=3 k=3 (not a power of two, all
+# taken), rows that do not fill the last tile; 9 tokens (prefill) take the torch path. On a GPU
+# Mixtral's 4096 columns.
+ROUTER_SHAPES_SMALL = [
+    (1, 8, 2, 256), (5, 8, 2, 200), (8, 8, 2, 256), (1, 4, 1, 256), (5, 4, 1, 100),
+    (8, 16, 4, 256), (5, 64, 8, 96), (2, 3, 3, 40), (9, 8, 2, 256),
+]  # fmt: skip
+ROUTER_SHAPES_FULL = [
+    (1, 8, 2, 4096), (5, 8, 2, 4096), (8, 8, 2, 4096), (1, 4, 1, 4096), (5, 4, 1, 1000),
+    (8, 16, 4, 4096), (5, 64, 8, 4096), (2, 3, 3, 40), (9, 8, 2, 4096),
+]  # fmt: skip
+# Rows of each shape: random; exact ties (integer logits: the same in any summation order); x of
+# zeros (every logit 0); a NaN in x (every probability NaN); a min_sum above 1 (the clamp takes
+# effect on every row).
+ROUTER_ROWS = ("random", "ties", "zeros", "nan", "clamped sum")
+ROUTER_TIED_ROWS = ("ties", "zeros", "nan")
+# The kernel's weights against the torch path's: the same float32 arithmetic, the logits summed
+# in another order (logits of a few units over up to 4096 columns)
+ROUTER_RTOL = 1e-5
+
+
+def _router_inputs(kind: str, t: int, n_exp: int, dim: int, gen: torch.Generator):
+    """x [t, dim], the router's weight [n_exp, dim] and min_sum of one `ROUTER_ROWS` kind."""
+    from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN
+
+    x = torch.randn(t, dim, generator=gen)
+    weight = torch.randn(n_exp, dim, generator=gen) * 0.05  # logits of a few units, as a router's
+    if kind == "ties":  # weight: the identity on the first n_exp columns; x there: the logits
+        logits = torch.randint(0, 3, (t, n_exp), generator=gen).float()
+        logits[0] = 0.0
+        logits[0, [1 % n_exp, n_exp - 1]] = 2.0  # two experts share the largest
+        if t > 1:  # the k-th largest shared beyond the k-th
+            logits[1] = 1.0
+            logits[1, n_exp - 1] = 2.0
+        weight = torch.zeros(n_exp, dim)
+        weight[:, :n_exp] = torch.eye(n_exp)
+        x = torch.zeros(t, dim)
+        x[:, :n_exp] = logits
+    elif kind == "zeros":
+        x = torch.zeros(t, dim)
+    elif kind == "nan":
+        x[0, dim // 2] = float("nan")
+    return x, weight, 1.5 if kind == "clamped sum" else ROUTER_WEIGHT_SUM_MIN
+
+
+def _router_rule(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The experts the kernel must choose: the k most probable in descending probability, equal
+    ones lower expert first, NaN above all (a stable sort)."""
+    probs = (x @ weight.T).softmax(-1)
+    probs = torch.where(probs.isnan(), 2.0, probs)
+    return probs.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def _by_expert(weights: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A routing with each row's slots in ascending expert order: the (expert, weight) pairs as a set."""
+    experts, order = experts.sort(dim=-1)
+    return weights.gather(-1, order), experts
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether float tensors hold the same values, NaN where the other has NaN."""
+    return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+
+
+def _router_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """`harness::router_topk` with the router's weight at each of ROUTER_SHAPES_* and
+    ROUTER_ROWS: whether the kernel ran, its experts against the torch path's (in order, and
+    as a set with their weights) and against `_router_rule`, and the largest relative
+    difference of its weights from the torch path's (matched by expert)."""
+    from harness.quant import fused
+
+    results = []
+    for t, n_exp, k, dim in ROUTER_SHAPES_SMALL if small else ROUTER_SHAPES_FULL:
+        for kind in ROUTER_ROWS:
+            gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+            x, weight, min_sum = _router_inputs(kind, t, n_exp, dim, gen)
+            args = x.to(device), weight.to(device), k, min_sum
+            with fused.disabled():
+                ref_w, ref_e = (a.cpu() for a in torch.ops.harness.router_topk(*args))
+            kernel = fused.router_takes_kernel(*args[:3])
+            got_w, got_e = (a.cpu() for a in torch.ops.harness.router_topk(*args))
+            (got_ws, got_es), (ref_ws, ref_es) = _by_expert(got_w, got_e), _by_expert(ref_w, ref_e)
+            rel = ((got_ws - ref_ws).abs() / ref_ws.abs()).nan_to_num(0.0, float("inf"), float("inf"))
+            results.append(
+                {
+                    "case": f"router_topk E={n_exp} k={k} D={dim} T={t} {kind}",
+                    "rows": kind,
+                    "kernel": kernel,
+                    "expect_kernel": t <= fused.MATVEC_MAX_ROWS,
+                    "same_experts": bool(torch.equal(got_e, ref_e)),
+                    "same_routing": bool(torch.equal(got_es, ref_es))
+                    and bool(torch.equal(got_ws.isnan(), ref_ws.isnan())),
+                    "as_rule": bool(torch.equal(got_e, _router_rule(x, weight, k))),
+                    "exact": None if kernel else bool(torch.equal(got_e, ref_e) and _same_bits(got_w, ref_w)),
+                    "max_rel_vs_torch": float(rel.max()),
+                    "clamped": bool((ref_w.sum(-1) < 0.99).all()),
+                }
+            )
+    return results
+
+
+def _check_router(results: list[dict], device: str) -> None:
+    """The router cases took the kernel where they should; its experts are the torch path's
+    (ties: chosen by `_router_rule`; on CUDA the torch path chooses the same ones, on the CPU
+    torch.topk may choose other tied ones) and its weights the torch path's to ROUTER_RTOL."""
+    assert len(results) == len(ROUTER_SHAPES_SMALL) * len(ROUTER_ROWS)
+    assert all(r["kernel"] == r["expect_kernel"] for r in results), results
+    assert all(r["exact"] for r in results if not r["kernel"]), results
+    taken = [r for r in results if r["kernel"]]
+    assert all(r["as_rule"] for r in taken), [r for r in taken if not r["as_rule"]]
+    assert all(r["clamped"] for r in results if r["rows"] == "clamped sum")
+    untied = [r for r in taken if r["rows"] not in ROUTER_TIED_ROWS]
+    assert all(r["same_experts"] for r in untied), [r for r in untied if not r["same_experts"]]
+    compared = untied if device == "cpu" else taken
+    assert all(r["same_routing"] for r in compared), [r for r in compared if not r["same_routing"]]
+    far = [r for r in compared if not r["max_rel_vs_torch"] <= ROUTER_RTOL]
+    assert not far, far
+
+
 def _weight_cases(cols: int, small: bool) -> list:
     """(type, row length, layout) of the qmatmul cases: every type with a kernel at `cols` in
     GGUF's layout (as a module built elsewhere and moved hands it), and each type the kernels
@@ -542,7 +659,7 @@ def expected_case_count(small: bool) -> int:
         for qtype, _, _ in _weight_cases(256, small)
     )
     moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
-    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + 2 * len(tokens) + 1
+    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
     extreme = sum(
         len(_paths(t, q in fused.MATVEC_PATH_TYPES))
         for t in (1, 17)
@@ -580,6 +697,26 @@ def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
     _check_attention(interpreted)
+
+
+@pytest.mark.slow
+def test_interpreter_router_topk_kernel_matches_the_torch_path():
+    """`harness::router_topk`'s kernel under Triton's interpreter (a subprocess: TRITON_INTERPRET
+    is read at import) against the op's torch path on the CPU (`_check_router`)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    seed = str(int.from_bytes(os.urandom(4), "little"))
+    proc = subprocess.run(
+        [sys.executable, __file__, "ROUTER", "cpu", seed],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (
+        f"interpreter subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    _check_router(json.loads(proc.stdout.strip().splitlines()[-1]), "cpu")
 
 
 def _check_attention(results: list[dict]) -> None:
@@ -695,6 +832,34 @@ def test_prefill_kernels_compile_for_sm_90_with_wide_loads_without_a_gpu():
         assert compiled.asm["cubin"], (kernel.__name__, consts)
         missing = [w for w in wanted if w not in compiled.asm["ptx"]]
         assert not missing, (kernel.__name__, consts, missing)
+
+
+@pytest.mark.slow
+def test_router_kernel_compiles_for_sm_90_without_a_gpu():
+    """`harness::router_topk`'s kernel compiles for an H100 (sm_90) with CUDA's expf linked from
+    libdevice, at the tiles `_router_topk_kernel_call` picks for Mixtral's router, for the
+    largest expert count, for one expert and for counts that are not powers of two."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from harness.quant import fused
+
+    pointers = {"x_ptr": "*fp32", "w_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64"}
+    for n_exp, k, dim in ((8, 2, 4096), (fused.ROUTER_MAX_EXPERTS, 8, 4096), (1, 1, 4096), (3, 3, 40)):
+        consts = {
+            "K": k, "BE": triton.next_power_of_2(n_exp), "BK": triton.next_power_of_2(k), "CUDA_EXP": True,
+            "BD": fused.router_tile(n_exp, dim),
+        }  # fmt: skip
+        signature = {**pointers, "D": "i32", "E": "i32", "min_sum": "fp32"} | dict.fromkeys(
+            consts, "constexpr"
+        )
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers))}
+        source = ASTSource(fn=fused._router_topk_kernel, signature=signature, constexprs=consts, attrs=attrs)
+        options = {k: v for k, v in fused.ROUTER_CONFIG.items() if k != "tile"}
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
+        assert compiled.asm["cubin"], consts
 
 
 @pytest.mark.parametrize(
@@ -1060,6 +1225,38 @@ def test_pairs_sorted_by_expert_fill_padded_blocks_in_their_order(tokens, used, 
         assert block_expert.tolist() == expected_blocks
 
 
+def test_router_takes_the_kernel_only_for_the_calls_it_covers(monkeypatch):
+    """`router_takes_kernel`: decode-sized calls with the router's contiguous float32 weight and
+    up to ROUTER_MAX_EXPERTS experts, where the fused kernels run; not on the plain CPU, not
+    under `fused.disabled()` (HARNESS_FUSED=0)."""
+    from harness.quant import fused, kernels
+
+    x, w = torch.zeros(1, 64), torch.zeros(8, 64)
+    if not kernels.interpreting():
+        assert not fused.router_takes_kernel(x, w, 2)  # the CPU without the interpreter
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)  # runs_on: the CPU takes kernels
+    assert fused.router_takes_kernel(x, w, 2)
+    with fused.disabled():
+        assert not fused.router_takes_kernel(x, w, 2)
+    assert fused.router_takes_kernel(torch.zeros(fused.MATVEC_MAX_ROWS, 64), w, 8)
+    assert fused.router_takes_kernel(x, torch.zeros(fused.ROUTER_MAX_EXPERTS, 64), 8)
+    assert fused.router_takes_kernel(x, torch.zeros(3, 64), 3)
+    for args in (
+        (x, None, 2),  # a quantized router's logits
+        (torch.zeros(fused.MATVEC_MAX_ROWS + 1, 64), w, 2),  # prefill
+        (torch.zeros(0, 64), w, 2),
+        (x, torch.zeros(fused.ROUTER_MAX_EXPERTS + 1, 64), 2),
+        (x, w, 9),
+        (x, w, 0),
+        (x.double(), w.double(), 2),
+        (x.half(), w, 2),
+        (torch.zeros(1, 128)[:, ::2], w, 2),  # not contiguous
+        (x, torch.zeros(8, 32), 2),  # rows of another length: the torch path raises torch's error
+        (x[0], w, 2),
+    ):
+        assert not fused.router_takes_kernel(*args), args
+
+
 def test_pack_rows_puts_runs_of_one_type_in_one_buffer():
     from harness.quant import fused
     from harness.quant.types import GGMLType
@@ -1104,6 +1301,15 @@ def test_cuda_kernels_match_dequantize_then_matmul():
     bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
     _check_attention(results)
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_router_topk_kernel_matches_the_torch_path():
+    """`harness::router_topk`'s kernel against the op's torch path on the GPU at Mixtral's
+    shapes (`_check_router`: tied rows too, where torch.topk on CUDA chooses the same experts)."""
+    from harness.quant import fused  # noqa: F401
+
+    _check_router(_router_cases("cuda", False, np.random.default_rng()), "cuda")
 
 
 @pytest.mark.cuda(real=True)
@@ -1160,4 +1366,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     from harness.quant import fused  # noqa: F401
 
-    print(json.dumps(run_cases(sys.argv[2], small=sys.argv[1] == "SMALL")))
+    if sys.argv[1] == "ROUTER":  # only harness::router_topk's cases, small shapes
+        print(json.dumps(_router_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    else:
+        print(json.dumps(run_cases(sys.argv[2], small=sys.argv[1] == "SMALL")))

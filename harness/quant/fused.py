@@ -130,6 +130,15 @@ ATTENTION_CONFIG: dict[str, int] = {
     "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64,
 }  # fmt: skip
 
+# `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
+# decode-sized calls with the router's float32 weight: one launch, one program per token, for the
+# logits, the softmax, the top k and their renormalized weights (the torch path is ~9 launches).
+# Its tile holds about "tile" products (experts x columns) per loop step: Mixtral's router
+# (8 x 4096) in two steps of 64 KB, 114 registers a thread at 8 warps for sm_90 (not swept on a
+# GPU yet; `benchmarks/bench_fused.py --sweep-router` times other settings).
+ROUTER_MAX_EXPERTS = 64
+ROUTER_CONFIG: dict[str, int] = {"tile": 16384, "num_warps": 8, "num_stages": 1}
+
 
 @contextlib.contextmanager
 def disabled():
@@ -1781,6 +1790,50 @@ def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
+if triton is not None:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _router_topk_kernel(
+        x_ptr, w_ptr, weights_ptr, experts_ptr, D, E, min_sum,
+        K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, CUDA_EXP: tl.constexpr,
+    ):  # fmt: skip
+        """`harness::router_topk` for token t (program t): the logits x[t] @ w.T of the E experts
+        (float32 products summed over BD columns a step), their softmax, the K largest
+        probabilities in descending order (equal ones: the lower expert first; NaN above all,
+        as torch.topk ranks it), renormalized to sum 1 with the sum clamped at min_sum. Each
+        expert's rank (how many come before it) is counted at once, not found by K rounds of
+        argmax. CUDA_EXP: the softmax takes CUDA's expf (libdevice), as torch's does (tl.exp is
+        the approximate ex2 there); the interpreter has no libdevice, its tl.exp is numpy's."""
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, BE)
+        em = e < E
+        rows = w_ptr + e.to(tl.int64)[:, None] * D
+        logits = tl.zeros([BE], tl.float32)
+        for d0 in range(0, D, BD):
+            d = d0 + tl.arange(0, BD)
+            dm = d < D
+            xs = tl.load(x_ptr + t * D + d, mask=dm, other=0.0)
+            w = tl.load(rows + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
+            logits += tl.sum(w * xs[None, :], 1)
+        top = tl.max(tl.where(em, logits, float("-inf")), 0)
+        ex = tl.where(em, libdevice.exp(logits - top) if CUDA_EXP else tl.exp(logits - top), 0.0)
+        probs = tl.math.div_rn(ex, tl.sum(ex, 0))  # (`/` is an approximate division on CUDA)
+        key = tl.where(em, tl.where(probs != probs, 2.0, probs), -1.0)  # probabilities are <= 1
+        ki, kj = key[:, None], key[None, :]  # [BE, BE]: expert i against expert j
+        before = (kj > ki) | ((kj == ki) & (e[None, :] < e[:, None]))
+        rank = tl.sum(before.to(tl.int32), 1)  # [BE]: padding ranks after every expert
+        slot = tl.arange(0, BK)
+        at = rank[None, :] == slot[:, None]  # [BK, BE]: the expert of each slot
+        chosen_p = tl.sum(tl.where(at, probs[None, :], 0.0), 1)
+        chosen_e = tl.sum(tl.where(at, e[None, :], 0), 1)
+        total = tl.sum(tl.where(slot < K, chosen_p, 0.0), 0)
+        total = tl.where(total < min_sum, min_sum, total)  # a NaN sum stays NaN, as clamp keeps it
+        out = t * K + slot
+        tl.store(weights_ptr + out, tl.math.div_rn(chosen_p, total), mask=slot < K)
+        tl.store(experts_ptr + out, chosen_e.to(tl.int64), mask=slot < K)
+
+
 @torch.library.custom_op("harness::router_topk", mutates_args=())
 def router_topk(
     x: torch.Tensor,
@@ -1792,11 +1845,65 @@ def router_topk(
     float32, weight [E, D] the router's float32 GGUF weight; with weight None, x is the logits
     [T, E]), softmax over the experts, the top k, their weights renormalized to sum 1 (the sum
     clamped at `min_sum`, as llama.cpp does) -> weights [T, k] float32, experts [T, k] int64.
-    The torch path's ops (`harness.model.mixtral.Router`), bit for bit."""
+
+    Decode-sized calls with the weight take one Triton launch (`router_takes_kernel` says
+    which); the others run the torch path's ops (`harness.model.mixtral.Router`), bit for bit.
+    The kernel sums the logits in another order than the torch path's product, so they differ
+    by float32 rounding: its experts are the torch path's unless two probabilities are within
+    that rounding of each other, and its weights agree with the torch path's to float32
+    rounding. Equal probabilities (an exact tie; a row of zeros ties every expert) are listed
+    lower expert first, as llama.cpp's fused MoE top-k (topk-moe.cu) takes them. torch.topk on
+    CUDA chooses the same experts (its selection takes the k-th largest value's ties in index
+    order) but may list equal ones in another order (it sorts the k chosen with an unstable
+    bitonic network: two equal ones come out higher expert first, by a simulation of torch
+    2.11's network), so the (expert, weight) pairs are the same; torch.topk on the CPU may
+    choose other tied experts. A NaN logit makes every probability NaN: experts 0..k-1, as
+    torch.topk on CUDA takes them (NaN above all)."""
     _check_devices("harness::router_topk", x, *(() if weight is None else (weight,)))
+    if router_takes_kernel(x, weight, k):
+        return _router_topk_kernel_call(x, weight, k, min_sum)
     logits = x if weight is None else x @ weight.T
     weights, experts = logits.float().softmax(-1).topk(k, dim=-1)
     return weights / weights.sum(-1, keepdim=True).clamp(min=min_sum), experts
+
+
+def router_takes_kernel(x: torch.Tensor, weight: Optional[torch.Tensor], k: int) -> bool:  # noqa: UP045
+    """Whether `harness::router_topk` takes its Triton kernel: the one place that decides. Yes
+    where the fused kernels run (`runs_on`: a CUDA device with Triton, or the CPU under
+    Triton's interpreter; not the emulation, not under `disabled()` or HARNESS_FUSED=0) for
+    1..MATVEC_MAX_ROWS tokens (decode) with the router's weight (not None): x [T, D] and weight
+    [E, D] contiguous float32, 1 <= k <= E <= ROUTER_MAX_EXPERTS. The torch path runs the rest
+    (a longer call, prefill, is one product that cuBLAS does better than a program per token)."""
+    if weight is None or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        return False
+    if not 1 <= x.shape[0] <= MATVEC_MAX_ROWS or not 1 <= k <= weight.shape[0] <= ROUTER_MAX_EXPERTS:
+        return False
+    if any(a.dtype != torch.float32 or not a.is_contiguous() for a in (x, weight)):
+        return False
+    return runs_on(x.device)
+
+
+def router_tile(n_experts: int, d: int) -> int:
+    """Columns of the router's weight `_router_topk_kernel` reads a loop step: about
+    ROUTER_CONFIG["tile"] products over the experts' rows (padded to a power of two), at least
+    16, at most the row (a power of two)."""
+    be = _next_pow2(n_experts)
+    return min(_next_pow2(d), max(16, ROUTER_CONFIG["tile"] // be))
+
+
+def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_sum: float):
+    """`router_topk`'s launch (the devices checked, `router_takes_kernel` true)."""
+    t, d = x.shape
+    n_experts = weight.shape[0]
+    weights = x.new_empty((t, k))
+    experts = x.new_empty((t, k), dtype=torch.int64)
+    with _launch_device(x.device):
+        _router_topk_kernel[(t,)](
+            x, weight, weights, experts, d, n_experts, min_sum, K=k, BE=_next_pow2(n_experts),
+            BD=router_tile(n_experts, d), BK=_next_pow2(k), CUDA_EXP=not kernels.interpreting(),
+            num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"],
+        )  # fmt: skip
+    return weights, experts
 
 
 @router_topk.register_fake
