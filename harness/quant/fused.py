@@ -1188,21 +1188,23 @@ def _launch_device(device: torch.device):
 
 def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair ids (flattened [T, k] routing) grouped by expert, each group padded to whole blocks of
-    `block` rows with the id n_pairs, the pairs of an expert in their order; and each row block's
-    expert (-1 past the last). On the device, fixed sizes: no host read, and no sort (each
-    pair's place in its group is a running count of its expert's pairs)."""
+    `block` rows with the id n_pairs; and each row block's expert (-1 past the last). On the
+    device, fixed sizes: no host read."""
     flat = experts.reshape(-1)
     n_pairs = flat.numel()
     n_blocks = -(-n_pairs // block) + n_experts
     device = flat.device
-    hits = flat[:, None] == torch.arange(n_experts, device=device)  # [P, E]
-    seen = hits.cumsum(0, dtype=torch.int32)  # [P, E] pairs of each expert up to each pair
-    rank = seen.gather(1, flat[:, None]).view(-1) - 1  # earlier pairs of the pair's expert
-    padded = (hits.sum(0) + block - 1) // block * block
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+    padded = (counts + block - 1) // block * block
     padded_end = padded.cumsum(0)
-    slot = (padded_end - padded)[flat] + rank
+    order = flat.argsort(stable=True)
+    chosen = flat[order]
+    first = counts.cumsum(0) - counts  # first sorted position of each expert
+    slot = (padded_end - padded)[chosen] + torch.arange(n_pairs, device=device) - first[chosen]
     sorted_ids = torch.full((n_blocks * block,), n_pairs, dtype=torch.int64, device=device)
-    sorted_ids.scatter_(0, slot, torch.arange(n_pairs, device=device))
+    sorted_ids.scatter_(0, slot, order)
     starts = torch.arange(n_blocks, device=device) * block
     block_expert = torch.searchsorted(padded_end, starts, right=True)
     block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
