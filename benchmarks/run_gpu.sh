@@ -20,6 +20,7 @@ nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv
 # the CPU; under the build the tests once ran past their time limit).
 timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_quant_fused.py 2>&1 | tee "$OUT/tests.log" | tail -3
 timeout 180 python3 benchmarks/bench_fused.py --out "$OUT/fused.json" 2>&1 | tee "$OUT/fused.log"
+timeout 60 python3 benchmarks/bench_host.py --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log"
 if [ -n "$LLAMA_SRC" ]; then
   (cmake -B /tmp/lb -S "$LLAMA_SRC" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
@@ -28,7 +29,7 @@ if [ -n "$LLAMA_SRC" ]; then
 fi
 [ -n "$SYNTH" ] && wait "$SYNTH"; tail -2 /tmp/synth.log 2>/dev/null
 timeout 200 python3 benchmarks/bench_trace.py --model "$MODEL" --device cuda --decode 128 --repeats 2 \
-  --sample-every 16 --name mixtral-8x7b-Q4_K_M-cuda-d128 --out "$OUT/trace.json" 2>&1 | tee "$OUT/trace.log" | tail -25
+  --sample-every 16 --host-profile 40 --name mixtral-8x7b-Q4_K_M-cuda-d128 --out "$OUT/trace.json" 2>&1 | tee "$OUT/trace.log" | tail -25
 COMPARE=()
 if [ -n "$LLAMA_SRC" ]; then
   for _ in $(seq 120); do grep -q "build rc" /tmp/lb.log && break; sleep 2; done
