@@ -1192,7 +1192,7 @@ def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[
     device, fixed sizes: no host read."""
     flat = experts.reshape(-1)
     n_pairs = flat.numel()
-    n_blocks = -(-n_pairs // block) + n_experts
+    n_blocks = _ceil_div(n_pairs, block) + n_experts
     device = flat.device
     counts = torch.zeros(n_experts, dtype=torch.int64, device=device).scatter_add_(
         0, flat, torch.ones_like(flat)
@@ -1255,9 +1255,9 @@ def _product(
             tiles = _ceil_div(out_features, bn) * n_pairs
             # Split the rows' super-blocks over programs until the device has enough of them;
             # the partial sums add up in a fixed order (deterministic). Gated products need whole sums.
-            splits = 1 if gated else min(n_super, -(-_programs_wanted(x.device) // tiles))
-            chunk = -(-n_super // splits)
-            splits = -(-n_super // chunk)
+            splits = 1 if gated else min(n_super, _ceil_div(_programs_wanted(x.device), tiles))
+            chunk = _ceil_div(n_super, splits)
+            splits = _ceil_div(n_super, chunk)
             part = out if splits == 1 else x.new_empty((splits, n_pairs, out_features), dtype=torch.float32)
             words = qtype == T.Q4_K or vec
             wv, uv = (w.view(torch.int32), u.view(torch.int32)) if words else (w, u)
@@ -1690,10 +1690,10 @@ def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int,
     the device (`_programs_wanted` over the KV heads), none with fewer than
     ATTENTION_CONFIG["split_min_keys"] keys, so a short cache is one split (no merge launch)."""
     bs = ATTENTION_CONFIG["BS"]
-    wanted = -(-_programs_wanted(device) // n_kv)
-    per = -(-n_keys // wanted)
-    per = max(ATTENTION_CONFIG["split_min_keys"], -(-per // bs) * bs)
-    return -(-n_keys // per), per
+    wanted = _ceil_div(_programs_wanted(device), n_kv)
+    per = _ceil_div(n_keys, wanted)
+    per = max(ATTENTION_CONFIG["split_min_keys"], _ceil_div(per, bs) * bs)
+    return _ceil_div(n_keys, per), per
 
 
 def _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start):
