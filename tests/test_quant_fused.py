@@ -304,6 +304,9 @@ ATTENTION_SHAPES_FULL = [
     (8, 8, 8, 128, 32, 1001, 0, True),
     (8, 16, 8, 64, 64, 333, 100, False),
     (9, 32, 8, 128, 128, 4096, 3, False),
+    # A cache shorter than ATTENTION_CONFIG["split_min_keys"]: one split on any device (the
+    # H100's 132 multiprocessors split every longer cache above).
+    (1, 32, 8, 128, 128, 48, 20, True),
 ]
 # Launch settings tried beside the default: short splits, so that small caches
 # take several splits (and the merge launch) too.
