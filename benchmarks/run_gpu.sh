@@ -21,6 +21,7 @@ nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv
 timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_quant_fused.py 2>&1 | tee "$OUT/tests.log" | tail -3
 timeout 180 python3 benchmarks/bench_fused.py --out "$OUT/fused.json" 2>&1 | tee "$OUT/fused.log"
 timeout 60 python3 benchmarks/bench_host.py --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log"
+timeout 120 python3 benchmarks/sweep_matvec.py --out "$OUT/matvec_sweep.json" 2>&1 | tail -40 > "$OUT/matvec_sweep.log"
 if [ -n "$LLAMA_SRC" ]; then
   (cmake -B /tmp/lb -S "$LLAMA_SRC" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \

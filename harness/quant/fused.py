@@ -65,21 +65,27 @@ FUSED_TYPES: tuple[GGMLType, ...] = tuple(PARTS)
 SUPER = 256  # values per super-block (one K-quant block, eight 32-value blocks)
 
 MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel is used
-# Launch configurations per type (benchmarks/bench_fused.py --sweep on an H100). Session 7's
-# sweep timed Q4_K's "vec" kernel fastest at BN=8 with 2 warps, but that build gave every other
-# output row 0 on the H100 (`-m cuda` caught it; the sweep times, it does not check), so Q4_K and
-# Q5_K stay at the verified first row, as do the packed Q6_K settings below.
+# Launch configurations per type. "programs_per_sm": split the rows' super-blocks until the
+# device has that many programs a multiprocessor (4 when absent). From
+# `benchmarks/sweep_matvec.py` on an H100 (session 8, results/matvec_sweep.json: weights rotated
+# past the 50 MB L2, each setting checked against the default's result):
+# - Q4_K at BN=32, 4 warps: the gated expert product (2 x 14336 x 4096) 79 us against 116 at
+#   BN=16, a 4096 x 4096 product 14.3 against 15.9 (BN=64 was 13.3 there but 87 gated);
+# - packed Q6_K at BN=16, 1 warp, 8 programs a multiprocessor: the down product (2 x 4096 x
+#   14336) 63 us against 82, the 32000-row head 55 against 79.
+# Session 7's faster-looking Q4_K setting, BN=8 with 2 warps, gave every other row 0 on the H100.
 # Types not swept take the first row's settings (their tiles have the same 128-value parts).
 # "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory).
 MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BN": 16, "num_warps": 4, "stages": 1} for qtype in PARTS
 } | {
+    T.Q4_K: {"BN": 32, "num_warps": 4, "stages": 1},
     T.Q6_K: {"BN": 64, "num_warps": 2, "stages": 1},
     T.Q8_0: {"BN": 8, "num_warps": 2, "stages": 1},
 }
-# Weights in `pack`'s layout (session 7's sweep timed Q6_K at BN=64 fastest, not verified yet).
+# Weights in `pack`'s layout.
 PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
-    T.Q6_K: {"BN": 32, "num_warps": 4, "stages": 1},
+    T.Q6_K: {"BN": 16, "num_warps": 1, "stages": 1, "programs_per_sm": 8},
     T.Q8_0: {"BN": 16, "num_warps": 4, "stages": 1},
 }
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
@@ -1172,11 +1178,11 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def _programs_wanted(device: torch.device) -> int:
-    """Programs that keep `device` busy in a matrix-vector launch: four per multiprocessor."""
+def _programs_wanted(device: torch.device, per_sm: int = 4) -> int:
+    """Programs that keep `device` busy in a matrix-vector launch: `per_sm` per multiprocessor."""
     if device.type != "cuda":
-        return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return per_sm
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_device(device: torch.device):
@@ -1255,7 +1261,8 @@ def _product(
             tiles = _ceil_div(out_features, bn) * n_pairs
             # Split the rows' super-blocks over programs until the device has enough of them;
             # the partial sums add up in a fixed order (deterministic). Gated products need whole sums.
-            splits = 1 if gated else min(n_super, _ceil_div(_programs_wanted(x.device), tiles))
+            wanted = _programs_wanted(x.device, cfg.get("programs_per_sm", 4))
+            splits = 1 if gated else min(n_super, _ceil_div(wanted, tiles))
             chunk = _ceil_div(n_super, splits)
             splits = _ceil_div(n_super, chunk)
             part = out if splits == 1 else x.new_empty((splits, n_pairs, out_features), dtype=torch.float32)

@@ -1,0 +1,131 @@
+"""Launch settings of the matrix-vector kernel (decode) per read, at Mixtral-8x7B's decode shapes,
+on a CUDA device: (BN, warps, programs per multiprocessor) for each of
+- the gated expert product (Q4_K gate and up stacks, two experts, one token),
+- the routed down product (packed Q6_K, two experts, scaled),
+- a 4096 x 4096 Q4_K product, the 32000-row packed Q6_K head, a 1024-row packed Q6_K product.
+
+Each call reads weights other than the previous call's (experts or copies in turn, more than the
+H100's 50 MB L2 in all), as the model reads each weight once a token: timing one weight over and
+over measures L2, not memory. Times are medians of a CUDA graph of 20 calls (`bench_fused.time_ms`);
+every setting's result is checked against the default setting's (NMSE; a wrong build shows
+here, as BN=8 with 2 warps once did). Writes JSON; asserts nothing.
+
+    python benchmarks/sweep_matvec.py --out benchmarks/results/matvec_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_fused import nmse, random_weight, time_ms  # noqa: E402
+
+from harness.bench import copy_bandwidth, device_name  # noqa: E402
+from harness.quant import fused  # noqa: E402
+from harness.quant.types import GGMLType as T  # noqa: E402
+from harness.quant.types import type_size  # noqa: E402
+
+GRID = [(16, 4), (16, 2), (16, 1), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8)]
+PROGRAMS_PER_SM = (4, 8)
+
+
+def in_turn(items: list):
+    """A function giving items[1], items[2], ... items[0], items[1], ... call after call."""
+    turn = itertools.cycle(items[1:] + items[:1])
+    return lambda: next(turn)
+
+
+def cases(dev: torch.device) -> dict:
+    """name -> (call(choice=None): the product on the next weight in turn or on `choice`; the
+    first choice; weight bytes a call reads; the type; whether its weights are packed)."""
+    d, f = 4096, 14336
+    x = torch.randn(1, d, device=dev)
+    pairs = [torch.tensor([a, (a + 3) % 8], device=dev) for a in range(8)]
+    gate, up = random_weight(T.Q4_K, 8, f, d, device=dev), random_weight(T.Q4_K, 8, f, d, device=dev)
+    next_gated = in_turn(pairs)
+    down, code6 = fused.kernel_weight(random_weight(T.Q6_K, 8 * d, f, device=dev), T.Q6_K, f)
+    down = down.view(8, d, -1)
+    h, scale = torch.randn(2, f, device=dev), torch.rand(2, device=dev)
+    next_down = in_turn(pairs)
+    square = [random_weight(T.Q4_K, d, d, device=dev) for _ in range(8)]
+    next_square = in_turn(square)
+    head, _ = fused.kernel_weight(random_weight(T.Q6_K, 32000, d, device=dev), T.Q6_K, d)
+    narrow = [
+        fused.kernel_weight(random_weight(T.Q6_K, 1024, d, device=dev), T.Q6_K, d)[0] for _ in range(16)
+    ]
+    next_narrow = in_turn(narrow)
+    q4, q6 = type_size(T.Q4_K), type_size(T.Q6_K)  # bytes of 256 values
+    return {
+        "gated Q4_K 2 x 14336 x 4096": (
+            lambda e=None: fused._product(x, gate, up, int(T.Q4_K), f, next_gated() if e is None else e, 2, None),
+            pairs[0], 2 * 2 * f * d * q4 // 256, T.Q4_K, False,
+        ),
+        "down packed Q6_K 2 x 4096 x 14336": (
+            lambda e=None: fused._product(h, down, None, code6, d, next_down() if e is None else e, 1, scale),
+            pairs[0], 2 * d * f * q6 // 256, T.Q6_K, True,
+        ),
+        "Q4_K 4096 x 4096": (
+            lambda w=None: fused._product(x, (next_square() if w is None else w)[None], None, int(T.Q4_K), d, None, 1, None),
+            square[0], d * d * q4 // 256, T.Q4_K, False,
+        ),
+        "head packed Q6_K 32000 x 4096": (
+            lambda w=None: fused._product(x, head[None], None, code6, 32000, None, 1, None),
+            None, 32000 * d * q6 // 256, T.Q6_K, True,
+        ),
+        "packed Q6_K 1024 x 4096": (
+            lambda w=None: fused._product(x, (next_narrow() if w is None else w)[None], None, code6, 1024, None, 1, None),
+            narrow[0], 1024 * d * q6 // 256, T.Q6_K, True,
+        ),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/matvec_sweep.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_matvec: needs a CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    copy_tbps = copy_bandwidth(dev) / 1e12
+    result = {"device": device_name(dev), "torch": torch.__version__, "copy_TBps": copy_tbps, "rows": []}
+    for name, (call, first, nbytes, qtype, packed) in cases(dev).items():
+        configs = fused.PACKED_MATVEC_CONFIG if packed else fused.MATVEC_CONFIG
+        default = dict(configs[qtype])
+        reference = call(first)
+        for (bn, warps), per_sm in itertools.product(GRID, PROGRAMS_PER_SM):
+            if "gated" in name and per_sm != PROGRAMS_PER_SM[0]:
+                continue  # a gated product takes no splits
+            configs[qtype].update(BN=bn, num_warps=warps, programs_per_sm=per_sm)
+            try:
+                off = nmse(call(first), reference)
+                ms = time_ms(call)
+            except Exception as exc:  # triton's OutOfResources and the like
+                print(f"    skipped: {type(exc).__name__}: {str(exc)[:100]}")
+                off, ms = None, float("nan")
+            finally:
+                configs[qtype].clear()
+                configs[qtype].update(default)
+            row = {
+                "case": name, "BN": bn, "warps": warps, "programs_per_sm": per_sm, "us": round(ms * 1000, 2),
+                "fraction_of_copy": round(nbytes / ms / 1e9 / copy_tbps, 3), "nmse_vs_default": off,
+                "default": (bn, warps, per_sm) == (default["BN"], default["num_warps"], default.get("programs_per_sm", 4)),
+            }  # fmt: skip
+            result["rows"].append(row)
+            print(row, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
