@@ -245,9 +245,8 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
             positions = torch.tensor([start], device=device) if at_device else None
             if at_device:  # the static-shape step attends over the whole cache: later slots masked
                 got_k[:, start + 1 :] = got_v[:, start + 1 :] = 1e4
-            out = torch.ops.harness.attention(
-                torch.cat((q, k, v), 1).to(device), got_k, got_v, cos.to(device), sin.to(device), positions, start
-            )
+            qkv, tables = torch.cat((q, k, v), 1).to(device), (cos.to(device), sin.to(device))
+            out = torch.ops.harness.attention(qkv, got_k, got_v, *tables, positions, start)
             case = f"attention T={t} {'device position' if at_device else 'start position'}"
             results.append({"case": case, "nmse": _nmse(out, ref)})
             end = start + t
@@ -298,7 +297,11 @@ def _split_sum_cases(device: str, small: bool, rng: np.random.Generator) -> list
 
     results = []
     cols = 2048 if small else 4096  # 8 or 16 super-blocks: several splits at a few output tiles
-    for qtype, rows, t, k in ((GGMLType.Q6_K, 19, 1, 1), (GGMLType.Q4_K, 40, 1, 1), (GGMLType.Q6_K, 19, 3, 2)):
+    for qtype, rows, t, k in (
+        (GGMLType.Q6_K, 19, 1, 1),
+        (GGMLType.Q4_K, 40, 1, 1),
+        (GGMLType.Q6_K, 19, 3, 2),
+    ):
         raw = _random_weight(qtype, rows, cols, rng)
         w = _dequant(raw, qtype, rows, cols)
         kraw, code = fused.kernel_weight(raw, qtype, cols)

@@ -1273,7 +1273,9 @@ def _matvec_plan(
 
 
 @functools.lru_cache(maxsize=4096)
-def _planned(code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, path, cfg_items):
+def _planned(
+    code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, path, cfg_items
+):
     qtype, packed = GGMLType(code & 0xFF), bool(code & PACKED)
     cfg = dict(cfg_items)
     bn = cfg["BN"]
