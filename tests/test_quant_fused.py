@@ -285,7 +285,7 @@ def _split_sum_cases(device: str, small: bool, rng: np.random.Generator) -> list
     the k experts of a token summed by `moe_ffn`'s down product): the last program of each tile
     sums the partials the others left (`fused._partials`), pair by pair and split by split from
     0.0. Each case's output against that sum done by torch in float32, bit for bit, twice in a
-    row (the counters are back at zero after a launch), and against float64 (NMSE)."""
+    row, the counters back at zero after the launches, and the output against float64 (NMSE)."""
     from harness.quant import fused
     from harness.quant.types import GGMLType
 
@@ -329,6 +329,8 @@ def _split_sum_cases(device: str, small: bool, rng: np.random.Generator) -> list
                     pair = pair + part[s, j::k]
                 total = total + pair
             same = same and torch.equal(out, total)
+        counters = fused._split_counters(torch.empty(0, device=device).device, 0)
+        same = same and not bool(counters.any())  # every launch left its counters at 0
         splits = parts[0].shape[0] if parts else 0
         name = f"split sum {qtype.name} {rows}x{cols} T={t} k={k} ({splits} splits)"
         results.append({"case": name, "nmse": _nmse(outs[0], ref), "exact": same, "splits": splits, "k": k})
@@ -1361,6 +1363,21 @@ def test_router_takes_the_kernel_only_for_the_calls_it_covers(monkeypatch):
         (x[0], w, 2),
     ):
         assert not fused.router_takes_kernel(*args), args
+
+
+def test_split_counters_grow_and_keep_the_buffers_a_graph_may_hold():
+    """The split sums' counters: zeroed int32, one buffer while it is large enough; a larger
+    need makes a larger one and keeps the older (a captured CUDA graph may point at it)."""
+    from harness.quant import fused
+
+    device = torch.device("cpu")
+    first = fused._split_counters(device, 10)
+    assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
+    assert fused._split_counters(device, first.numel()) is first
+    bigger = fused._split_counters(device, first.numel() + 1)
+    assert bigger.numel() > first.numel() and not bigger.any()
+    older, newest = fused._COUNTERS[device][-2:]
+    assert older is first and newest is bigger
 
 
 def test_pack_rows_puts_runs_of_one_type_in_one_buffer():

@@ -1416,10 +1416,11 @@ def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div
 
 
 # Per device, zeroed int32 counters that `_matvec_kernel`'s programs count their arrivals at an
-# output tile with (the last one sums the partials and sets its counter back to 0): grown when a
-# launch needs more, never read on the host. Launches that use them follow each other on one
-# stream (two streams running products at once on one device would share them).
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# output tile with (the last one sums the partials and sets its counter back to 0), never read
+# on the host. Launches that use them follow each other on one stream (two streams running
+# products at once on one device would share them). When a launch needs more, a larger buffer
+# is made and the older ones are kept: a captured CUDA graph may still point at them.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _partials(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -1429,11 +1430,14 @@ def _partials(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """`n` or more of the zeroed counters on `device` (`_COUNTERS`)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        counters = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return counters
+    """`n` or more of the zeroed counters on `device` (`_COUNTERS`: its newest buffer)."""
+    made = _COUNTERS.get(device)
+    if made is None:
+        made = _COUNTERS[device] = []
+    if not made or made[-1].numel() < n:
+        size = max(n, 2 * made[-1].numel() if made else 4096)
+        made.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return made[-1]
 
 
 def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
