@@ -520,8 +520,7 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
     cos, sin = rope_tables(hd, 1e6, s_max, dev)
     cache_k, cache_v = torch.randn(n_kv, s_max, hd, device=dev), torch.randn(n_kv, s_max, hd, device=dev)
     for t, n_keys, at_device in ATTENTION_CALLS:
-        q = torch.randn(t, n_heads * hd, device=dev)
-        k, v = torch.randn(t, n_kv * hd, device=dev), torch.randn(t, n_kv * hd, device=dev)
+        qkv = torch.randn(t, (n_heads + 2 * n_kv) * hd, device=dev)  # q, k, v side by side
         start = n_keys - t
         positions = torch.arange(start, start + t, device=dev) if at_device else None
         form = f"at device positions over S_max={s_max}" if at_device else "start form"
@@ -531,10 +530,10 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
         calls = {}
         for path in fused.ATTENTION_PATHS:  # the kernels (new) first
 
-            def call(path=path, q=q, k=k, v=v, positions=positions, start=start):
+            def call(path=path, qkv=qkv, positions=positions, start=start):
                 before, fused.attention_path = fused.attention_path, path
                 try:
-                    return torch.ops.harness.attention(q, k, v, cache_k, cache_v, cos, sin, positions, start)
+                    return torch.ops.harness.attention(qkv, cache_k, cache_v, cos, sin, positions, start)
                 finally:
                     fused.attention_path = before
 

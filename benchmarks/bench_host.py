@@ -1,7 +1,7 @@
 """Host time of one call of each kind an eager decode step makes, on this machine's host: how an
 op is registered (`torch.library.custom_op`, as harness's fused ops are, against a
 `torch.library.Library` definition of the same trivial op), a plain torch op, and the fused decode
-ops themselves at Mixtral-8x7B's decode shapes (on a CUDA device only). An eager step, and so a
+ops themselves at Mixtral-8x7B's decode shapes and Q4_K_M types (on a CUDA device only). An eager step, and so a
 traced one, is bound by these costs (benchmarks/profile_decode.py's `decode_eager_host`). Writes
 JSON; asserts nothing.
 
@@ -56,30 +56,58 @@ def per_call_us(fn, calls: int, sync) -> float:
     return statistics.median(runs)
 
 
-def fused_ops(device: torch.device) -> dict:
-    """The decode step's fused ops at Mixtral-8x7B's shapes, one token (random Q4_K blocks with
-    small finite scales)."""
+def _weight(qtype, rows: int, cols: int, device: torch.device, experts: int = 0):
+    """Random blocks of `qtype` ([experts,] rows, row_bytes) whose f16 scales are all 2^-8, as
+    a module hands them to the ops (`fused.kernel_weight`: repacked where it packs) -> (blocks, code)."""
     from harness.quant import fused
-    from harness.quant.types import GGMLType, type_size
+    from harness.quant.types import F16_FIELDS, block_size, type_size
 
-    d, n_kv, hd, s_max = 4096, 8, 128, 4096
+    lead = (experts,) if experts else ()
+    blocks = torch.randint(
+        0, 256, (*lead, rows * cols // block_size(qtype), type_size(qtype)), dtype=torch.uint8
+    )
+    for at in F16_FIELDS[qtype]:
+        blocks[..., at : at + 2] = torch.tensor([0x00, 0x1C], dtype=torch.uint8)  # 2^-8, little-endian
+    return fused.kernel_weight(blocks.reshape(*lead, rows, -1).to(device), qtype, cols)
+
+
+def fused_ops(device: torch.device) -> dict:
+    """The decode step's fused ops at Mixtral-8x7B's shapes (its Q4_K_M types), one token."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    q4, q6 = GGMLType.Q4_K, GGMLType.Q6_K
+    d, ffn, n_experts, n_kv, hd, s_max = 4096, 14336, 8, 8, 128, 4096
     x = torch.randn(1, d, device=device)
     w = torch.ones(d, device=device)
-    raw = torch.randint(0, 256, (d, d // 256 * type_size(GGMLType.Q4_K)), dtype=torch.uint8, device=device)
-    raw[:, :4] = torch.tensor([0, 0x1C, 0, 0x1C], dtype=torch.uint8, device=device)  # d, dmin = 2^-8
-    weight, code = fused.kernel_weight(raw, GGMLType.Q4_K, d)
+    weight, code = _weight(q4, d, d, device)
+    weight6, code6 = _weight(q6, d, d, device)
+    (wq, _), (wk, _), (wv, code_v) = (
+        _weight(q, rows, d, device) for q, rows in ((q4, d), (q4, 1024), (q6, 1024))
+    )
+    # q and k in one buffer, as a model has them
+    wq, wk, wv = fused.pack_rows([wq, wk, wv], [code, code, code_v])
+    gate, code_gu = _weight(q4, ffn, d, device, n_experts)
+    up, _ = _weight(q4, ffn, d, device, n_experts)
+    down, code_down = _weight(q6, d, ffn, device, n_experts)
+    routing = torch.tensor([[0.6, 0.4]], device=device), torch.tensor([[1, 6]], device=device)
     router = torch.randn(8, d, device=device) * 0.05
     cache_k = torch.randn(n_kv, s_max, hd, device=device)
     cache_v = torch.randn_like(cache_k)
     cos, sin = torch.ones(s_max, hd // 2, device=device), torch.zeros(s_max, hd // 2, device=device)
-    k = torch.randn(1, n_kv * hd, device=device)
+    qkv = torch.randn(1, d + 2 * n_kv * hd, device=device)
     ops = torch.ops.harness
     return {
         "harness::rms_norm": lambda: ops.rms_norm(x, w, 1e-5),
         "harness::add_rms_norm": lambda: ops.add_rms_norm(x, x, w, 1e-5),
         "harness::qmatmul Q4_K 4096x4096": lambda: ops.qmatmul(x, weight, code, d),
+        "harness::qmatmul Q6_K 4096x4096": lambda: ops.qmatmul(x, weight6, code6, d),
+        "harness::qkv Q4_K 4096+1024, Q6_K 1024": lambda: ops.qkv(x, wq, wk, wv, code, code, code_v),
         "harness::router_topk E=8 k=2": lambda: ops.router_topk(x, router, 2, 1e-6),
-        "harness::attention 512 keys": lambda: ops.attention(x, k, k, cache_k, cache_v, cos, sin, None, 511),
+        "harness::moe_ffn 2 of 8 experts Q4_K/Q6_K": lambda: ops.moe_ffn(
+            x, gate, up, down, *routing, code_gu, code_down
+        ),
+        "harness::attention 512 keys": lambda: ops.attention(qkv, cache_k, cache_v, cos, sin, None, 511),
     }
 
 

@@ -62,10 +62,13 @@ def compile_matvec(qtype: GGMLType, packed: bool, vec: bool, gated: bool):
         "w_ptr": weights,
         "u_ptr": weights,
         "experts_ptr": "*i64",
+        "part_ptr": "*fp32",
+        "counter_ptr": "*i32",
     }
     consts = {
         "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated, "SCALED": False,
         "ROUTED": False, "VEC": vec, "PACKED": packed, "STAGES": cfg.get("stages", 1),
+        "REDUCE": not gated,  # a decode product's splits summed in the kernel (gated ones take one split)
     }  # fmt: skip
     names = fused._matvec_kernel.arg_names
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}

@@ -139,6 +139,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
         )
 
     results += _decode_op_cases(device, tokens, rng)
+    results += _split_sum_cases(device, small, rng)
     results += _attention_cases(device, small, rng)
     results += _packed_dequant_cases(device, rng)
     results += _scaled_half_cases(device)
@@ -228,7 +229,7 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
                 on_device = fused.pack_rows(on_device, codes)
             for t in tokens:
                 x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-                outs = torch.ops.harness.qkv(x.to(device), *on_device, *codes)
+                outs = torch.ops.harness.qkv(x.to(device), *on_device, *codes).split(rows, dim=1)
                 for part, out, ref in zip("qkv", outs, refs, strict=True):
                     name = f"qkv {part} {'/'.join(q.name for q in types)} T={t} {layout}"
                     results.append({"case": name, "nmse": _nmse(out, x.double() @ ref.T)})
@@ -244,10 +245,8 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
             positions = torch.tensor([start], device=device) if at_device else None
             if at_device:  # the static-shape step attends over the whole cache: later slots masked
                 got_k[:, start + 1 :] = got_v[:, start + 1 :] = 1e4
-            out = torch.ops.harness.attention(
-                q.to(device), k.to(device), v.to(device), got_k, got_v, cos.to(device), sin.to(device),
-                positions, start,
-            )  # fmt: skip
+            qkv, tables = torch.cat((q, k, v), 1).to(device), (cos.to(device), sin.to(device))
+            out = torch.ops.harness.attention(qkv, got_k, got_v, *tables, positions, start)
             case = f"attention T={t} {'device position' if at_device else 'start position'}"
             results.append({"case": case, "nmse": _nmse(out, ref)})
             end = start + t
@@ -279,6 +278,70 @@ def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Genera
         }
     )
     return results
+
+
+def _split_sum_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """Decode-sized products whose output rows several programs make (the super-blocks split,
+    the k experts of a token summed by `moe_ffn`'s down product): the last program of each tile
+    sums the partials the others left (`fused._partials`), pair by pair and split by split from
+    0.0. Each case's output against that sum done by torch in float32, bit for bit, twice in a
+    row, the counters back at zero after the launches, and the output against float64 (NMSE)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    original, captured = fused._partials, []
+
+    def partials(x, shape):
+        captured.append(original(x, shape))
+        return captured[-1]
+
+    results = []
+    cols = 2048 if small else 4096  # 8 or 16 super-blocks: several splits at a few output tiles
+    for qtype, rows, t, k in (
+        (GGMLType.Q6_K, 19, 1, 1),
+        (GGMLType.Q4_K, 40, 1, 1),
+        (GGMLType.Q6_K, 19, 3, 2),
+    ):
+        raw = _random_weight(qtype, rows, cols, rng)
+        w = _dequant(raw, qtype, rows, cols)
+        kraw, code = fused.kernel_weight(raw, qtype, cols)
+        x = torch.randn(t * k, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+        scale = torch.rand(t * k)
+        experts = torch.zeros(t * k, dtype=torch.int64)  # one "expert": the weight itself
+        ref = ((x.double() @ w.T) * scale.double()[:, None]).view(t, k, rows).sum(1)
+        fused._partials = partials
+        try:
+            outs = [
+                fused._product(x.to(device), kraw.to(device)[None], None, code, rows, experts.to(device), 1,
+                               scale.to(device), out_div=k).cpu()
+                for _ in range(2)
+            ]  # fmt: skip
+        finally:
+            fused._partials = original
+        parts = [p.cpu() for p in captured[-2:]] if len(captured) >= 2 else []
+        captured.clear()
+        same = len(parts) == 2
+        for out, part in zip(outs, parts, strict=False):
+            total = torch.zeros(t, rows)
+            for j in range(k):
+                pair = torch.zeros(t, rows)
+                for s in range(part.shape[0]):
+                    pair = pair + part[s, j::k]
+                total = total + pair
+            same = same and torch.equal(out, total)
+        counters = fused._split_counters(torch.empty(0, device=device).device, 0)
+        same = same and not bool(counters.any())  # every launch left its counters at 0
+        splits = parts[0].shape[0] if parts else 0
+        name = f"split sum {qtype.name} {rows}x{cols} T={t} k={k} ({splits} splits)"
+        results.append({"case": name, "nmse": _nmse(outs[0], ref), "exact": same, "splits": splits, "k": k})
+    return results
+
+
+def _check_split_sums(results: list[dict]) -> None:
+    """Split sums ran with several splits, and with the k pairs of a token summed."""
+    sums = [r for r in results if r["case"].startswith("split sum")]
+    assert any(r["splits"] > 1 and r["k"] == 1 for r in sums), sums
+    assert any(r["k"] > 1 for r in sums), sums
 
 
 # Attention at decode shapes: (tokens, heads, KV heads, head dim, rope dims, cache length, first
@@ -335,7 +398,7 @@ def _attention_cases(device: str, small: bool, rng: np.random.Generator) -> list
         if at_device:  # the static-shape step attends over the whole cache: later slots masked
             cache_k[:, start + t :] = cache_v[:, start + t :] = 1e4
         ref, ref_k, ref_v = _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start)
-        args = [x.to(device) for x in (q, k, v)]
+        args = [torch.cat((q, k, v), 1).to(device)]
         tables = cos.to(device), sin.to(device)
         positions = torch.arange(start, start + t, device=device) if at_device else None
         outs = {}
@@ -669,7 +732,7 @@ def expected_case_count(small: bool) -> int:
         for qtype, _, _ in _weight_cases(256, small)
     )
     moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
-    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1
+    decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1 + 3
     extreme = sum(
         len(_paths(t, q in fused.MATVEC_PATH_TYPES))
         for t in (1, 17)
@@ -707,6 +770,7 @@ def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
     _check_attention(interpreted)
+    _check_split_sums(interpreted)
 
 
 @pytest.mark.slow
@@ -796,6 +860,42 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
         assert compiled.asm["cubin"], (kernel.__name__, consts)
+
+
+@pytest.mark.slow
+def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
+    """`_matvec_kernel` with its in-kernel split sum (Q4_K's read; packed Q6_K routed and scaled,
+    as `moe_ffn`'s down product) compiles for an H100 (sm_90): each program's arrival is one
+    acq_rel atomic at GPU scope after a barrier, the last program reads the others' partials
+    past L1 (ld.global.cg) and sets its counter back with an atomic exchange. (The interpreter
+    runs programs one after another: it checks the sums' order, not the synchronization.)"""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from harness.quant import fused
+
+    kernel = fused._matvec_kernel
+    pointers = {
+        "x_ptr": "*fp32", "w_ptr": "*i32", "u_ptr": "*i32", "out_ptr": "*fp32", "experts_ptr": "*i64",
+        "scale_ptr": "*fp32", "lut_ptr": "*fp32", "xsum_ptr": "*fp32", "xpow_ptr": "*fp32",
+        "part_ptr": "*fp32", "counter_ptr": "*i32",
+    }  # fmt: skip
+    common = {"GATED": False, "VEC": True, "STAGES": 1, "REDUCE": True}
+    for consts in (
+        {"QT": 12, "NP": 2, "BN": 16, "SCALED": False, "ROUTED": False, "PACKED": False, **common},
+        {"QT": 14, "NP": 4, "BN": 32, "SCALED": True, "ROUTED": True, "PACKED": True, **common},
+    ):
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+        ptx = compiled.asm["ptx"]
+        arrive = ptx.index("atom.global.gpu.acq_rel.add")
+        assert "bar.sync" in ptx[:arrive], consts
+        assert "ld.global.cg" in ptx[arrive:] and "atom.global.gpu.acq_rel.exch" in ptx[arrive:], consts
 
 
 @pytest.mark.slow
@@ -1116,12 +1216,10 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
         ),
         (
             "attention",
-            8,
+            6,
             lambda: torch.ops.harness.attention(
                 *tensors(
-                    torch.ones(1, 16),
-                    torch.ones(1, 8),
-                    torch.ones(1, 8),
+                    torch.ones(1, 16 + 8 + 8),  # q, k, v side by side
                     cache,
                     cache.clone(),
                     torch.ones(6, 2),
@@ -1179,7 +1277,7 @@ def test_fake_implementations_give_shapes_without_running():
             12,
         )
         assert y.shape == (5, 512)
-        q, k, v = torch.ops.harness.qkv(
+        qkv = torch.ops.harness.qkv(
             x,
             torch.empty(64, 288, dtype=torch.uint8),
             *[torch.empty(16, 544, dtype=torch.uint8)] * 2,
@@ -1187,10 +1285,10 @@ def test_fake_implementations_give_shapes_without_running():
             8,
             8,
         )
-        assert (q.shape, k.shape, v.shape) == ((5, 64), (5, 16), (5, 16))
+        assert qkv.shape == (5, 64 + 16 + 16) and qkv.dtype == torch.float32
         cache = torch.empty(2, 32, 8)
         out = torch.ops.harness.attention(
-            q, k, v, cache, torch.empty_like(cache), torch.empty(32, 4), torch.empty(32, 4), None, 3
+            qkv, cache, torch.empty_like(cache), torch.empty(32, 4), torch.empty(32, 4), None, 3
         )
         assert out.shape == (5, 64) and out.dtype == torch.float32
         total, normed = torch.ops.harness.add_rms_norm(x, x, torch.empty(512), 1e-5)
@@ -1267,6 +1365,21 @@ def test_router_takes_the_kernel_only_for_the_calls_it_covers(monkeypatch):
         assert not fused.router_takes_kernel(*args), args
 
 
+def test_split_counters_grow_and_keep_the_buffers_a_graph_may_hold():
+    """The split sums' counters: zeroed int32, one buffer while it is large enough; a larger
+    need makes a larger one and keeps the older (a captured CUDA graph may point at it)."""
+    from harness.quant import fused
+
+    device = torch.device("cpu")
+    first = fused._split_counters(device, 10)
+    assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
+    assert fused._split_counters(device, first.numel()) is first
+    bigger = fused._split_counters(device, first.numel() + 1)
+    assert bigger.numel() > first.numel() and not bigger.any()
+    older, newest = fused._COUNTERS[device][-2:]
+    assert older is first and newest is bigger
+
+
 def test_pack_rows_puts_runs_of_one_type_in_one_buffer():
     from harness.quant import fused
     from harness.quant.types import GGMLType
@@ -1311,6 +1424,7 @@ def test_cuda_kernels_match_dequantize_then_matmul():
     bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
     _check_attention(results)
+    _check_split_sums(results)
 
 
 @pytest.mark.cuda(real=True)

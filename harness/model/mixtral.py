@@ -185,14 +185,12 @@ class Attention(nn.Module):
         t = x.shape[0]
         if x.dtype == torch.float32 and self.fused():
             wq, wk, wv = self.wq, self.wk, self.wv
-            q, k, v = torch.ops.harness.qkv(
+            qkv = torch.ops.harness.qkv(
                 x, wq.qweight, wk.qweight, wv.qweight, wq.kernel_qtype, wk.kernel_qtype, wv.kernel_qtype
-            )
+            )  # [T, q + k + v]
             at = start_pos if isinstance(start_pos, torch.Tensor) else None
             out = torch.ops.harness.attention(
-                q,
-                k,
-                v,
+                qkv,
                 self.cache.k,
                 self.cache.v,
                 self.rope.cos,

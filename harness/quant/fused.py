@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -298,16 +298,13 @@ def runs_on(device: torch.device) -> bool:
 def _check_devices(op: str, *tensors: torch.Tensor) -> torch.device:
     """The one device of `tensors`; the device error CUDA ops raise when they are not all on one
     CUDA device (a CPU pointer handed to a GPU kernel would be read as garbage)."""
-    devices = []
-    for t in tensors:
-        if t.device not in devices:
-            devices.append(t.device)
-    if len(devices) > 1:
-        raise RuntimeError(
-            f"Expected all tensors to be on the same device, but found at least two devices, "
-            f"{devices[0]} and {devices[1]}! ({op})"
-        )
-    device = devices[0]
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found at least two devices, "
+                f"{device} and {t.device}! ({op})"
+            )
     if device.type != "cuda" and not (device.type == "cpu" and kernels.interpreting()):
         raise RuntimeError(f"{op}: expected device cuda, but got tensors on {device} (a GPU-only kernel)")
     return device
@@ -772,6 +769,10 @@ if triton is not None:
         x_div,
         xsum_ptr,
         xpow_ptr,
+        part_ptr,
+        counter_ptr,
+        out_stride,
+        out_div,
         QT: tl.constexpr,
         NP: tl.constexpr,
         BN: tl.constexpr,
@@ -781,12 +782,20 @@ if triton is not None:
         VEC: tl.constexpr,
         PACKED: tl.constexpr,
         STAGES: tl.constexpr,
+        REDUCE: tl.constexpr,
     ):
-        """out[s, p, n] = x[p // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e =
-        experts[p] when ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)). For Q4_K, and
-        Q6_K with VEC, w_ptr and u_ptr are int32 views; with VEC, Q4_K takes `_q4_k_dot_vec` and
-        Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x` (xsum_ptr, xpow_ptr: its sums and
-        powers)."""
+        """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
+        x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
+        ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)), times scale[q] when SCALED; out's
+        rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views; with
+        VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
+        (xsum_ptr, xpow_ptr: its sums and powers).
+
+        Without REDUCE (one split, out_div 1) each program stores its row. With it, each stores
+        its partial in part [splits, pairs, N], and the last program to arrive at an output tile
+        (counter_ptr: a zeroed int32 per tile, bumped with acq_rel) sums the tile's partials in
+        a fixed order, pair by pair and split by split from 0.0 (float32: the same bits every
+        run), writes the row and sets the counter back to 0."""
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         split = tl.program_id(2)
@@ -848,7 +857,24 @@ if triton is not None:
             acc = _silu_mul(acc, acc_u)
         if SCALED:
             acc = acc * tl.load(scale_ptr + p)
-        tl.store(out_ptr + (split * n_pairs + p).to(tl.int64) * N + n, acc, mask=n < N)
+        if REDUCE:
+            tl.store(part_ptr + (split * n_pairs + p).to(tl.int64) * N + n, acc, mask=n < N)
+            row = p // out_div
+            counter = counter_ptr + row * tl.num_programs(0) + pid_n
+            tl.debug_barrier()  # every thread's partial is stored before this program's arrival counts
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == out_div * tl.num_programs(2) - 1:  # the last: every partial is stored
+                total = tl.zeros((BN,), dtype=tl.float32)
+                for j in range(out_div):
+                    pair = tl.zeros((BN,), dtype=tl.float32)
+                    for s in range(tl.num_programs(2)):
+                        at = part_ptr + (s * n_pairs + row * out_div + j).to(tl.int64) * N + n
+                        pair += tl.load(at, mask=n < N, other=0.0, cache_modifier=".cg")  # not from L1
+                    total += pair
+                tl.store(out_ptr + row.to(tl.int64) * out_stride + n, total, mask=n < N)
+                tl.atomic_xchg(counter, 0)
+        else:
+            tl.store(out_ptr + p.to(tl.int64) * out_stride + n, acc, mask=n < N)
 
     @triton.jit
     def _matmat_kernel(
@@ -1058,13 +1084,15 @@ if triton is not None:
     # Positions and key counts change every decode step: not specialized on (one compilation).
     @triton.jit(do_not_specialize=["start"])
     def _rope_cache_kernel(
-        q_ptr, k_ptr, v_ptr, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, q_out,
+        qkv_ptr, W, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, q_out,
         H, KV, S_MAX, HD, HALF, BH: tl.constexpr, BD: tl.constexpr, FROM_START: tl.constexpr,
     ):  # fmt: skip
-        """`harness::attention`'s first launch. Program (t, j), j < H: query head j of token t
-        rotated into q_out [T, H, HD]; j = H + kv: key head kv rotated into cache_k [KV, S_MAX, HD]
-        at the token's position, value head kv copied into cache_v there. A position outside
-        0..S_MAX-1 writes nothing (index_copy_ would raise; this cannot without a host read)."""
+        """`harness::attention`'s first launch. Token t's row of qkv [T, W] holds its H query
+        heads, KV key heads and KV value heads of HD values, side by side. Program (t, j), j < H:
+        query head j rotated into q_out [T, H, HD]; j = H + kv: key head kv rotated into cache_k
+        [KV, S_MAX, HD] at the token's position, value head kv copied into cache_v there. A
+        position outside 0..S_MAX-1 writes nothing (index_copy_ would raise; this cannot without
+        a host read)."""
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1).to(tl.int64)
         pos = start + t if FROM_START else tl.load(pos_ptr + t).to(tl.int64)
@@ -1072,17 +1100,17 @@ if triton is not None:
         at = tl.where(ok, pos, 0)
         hd, half = tl.where(ok, HD, 0), tl.where(ok, HALF, 0)  # a row of no values: nothing written
         c, s = cos_ptr + at * HALF, sin_ptr + at * HALF
+        row = qkv_ptr + t * W
         if j < H:
-            base = (t * H + j) * HD
-            _rope_row(q_ptr + base, q_out + base, c, s, hd, half, BH, BD)
+            _rope_row(row + j * HD, q_out + (t * H + j) * HD, c, s, hd, half, BH, BD)
         else:
             kv = j - H
-            row = (t * KV + kv) * HD
             slot = (kv * S_MAX + at) * HD
-            _rope_row(k_ptr + row, cache_k + slot, c, s, hd, half, BH, BD)
+            _rope_row(row + j * HD, cache_k + slot, c, s, hd, half, BH, BD)
             d = tl.arange(0, BD)
             m = d < hd
-            tl.store(cache_v + slot + d, tl.load(v_ptr + row + d, mask=m, other=0.0), mask=m)
+            v = row + (j + KV) * HD
+            tl.store(cache_v + slot + d, tl.load(v + d, mask=m, other=0.0), mask=m)
 
     @triton.jit(do_not_specialize=["start", "N_KEYS", "SPLIT_KEYS"])
     def _attention_kernel(
@@ -1178,16 +1206,24 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+@functools.cache
 def _programs_wanted(device: torch.device, per_sm: int = 4) -> int:
-    """Programs that keep `device` busy in a matrix-vector launch: `per_sm` per multiprocessor."""
+    """Programs that keep `device` busy in a matrix-vector launch: `per_sm` per multiprocessor
+    (the device's properties read once per device)."""
     if device.type != "cuda":
         return per_sm
     return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _cuda_device_count() -> int:
+    return torch.cuda.device_count()
+
+
 def _launch_device(device: torch.device):
-    """Triton launches on the current CUDA device: switch only when the data lives elsewhere."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
+    """Triton launches on the current CUDA device: switch only when the data lives elsewhere
+    (with one GPU it cannot, and the current device is not asked)."""
+    if device.type == "cuda" and _cuda_device_count() > 1 and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
 
@@ -1217,6 +1253,65 @@ def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[
     return sorted_ids, block_expert
 
 
+class _MatvecPlan(NamedTuple):
+    """How `_matvec_kernel` runs one decode-sized product (`_matvec_plan`)."""
+
+    grid: tuple[int, int, int]  # (output tiles, pairs, splits of the super-blocks)
+    reduce: bool  # several programs make an output row (splits, or pairs summed): partials
+    chunk: int  # super-blocks a split
+    n_super: int
+    row_bytes: int
+    vec: bool  # x prepared by `_vec_x`
+    words: bool  # the blocks read as int32 words
+    qtype: GGMLType
+    options: dict  # the kernel's constexprs and launch options
+
+
+def _matvec_plan(
+    code: int, in_features: int, out_features: int, n_pairs: int, out_div: int, gated: bool, scaled: bool,
+    routed: bool, device: torch.device,
+) -> _MatvecPlan:  # fmt: skip
+    """The launch of a product of `n_pairs` <= MATVEC_MAX_ROWS rows, made once per shape, type
+    code, device, `matvec_path` and launch setting (MATVEC_CONFIG may change: the sweeps)."""
+    cfg = (PACKED_MATVEC_CONFIG if code & PACKED else MATVEC_CONFIG)[code & 0xFF]
+    key = (code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device)
+    return _planned(*key, _matvec_path(), tuple(cfg.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned(
+    code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, path, cfg_items
+):
+    qtype, packed = GGMLType(code & 0xFF), bool(code & PACKED)
+    cfg = dict(cfg_items)
+    bn = cfg["BN"]
+    n_super = in_features // SUPER
+    vec = (path == "vec" and qtype in MATVEC_PATH_TYPES) or packed
+    tiles = _ceil_div(out_features, bn) * n_pairs
+    # Split the rows' super-blocks over programs until the device has enough of them; the
+    # partial sums add up in a fixed order (deterministic). Gated products need whole sums.
+    wanted = _programs_wanted(device, cfg.get("programs_per_sm", 4))
+    splits = 1 if gated else min(n_super, _ceil_div(wanted, tiles))
+    chunk = _ceil_div(n_super, splits)
+    splits = _ceil_div(n_super, chunk)
+    options = {
+        "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
+        "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "BN": bn, "num_warps": cfg["num_warps"],
+        "REDUCE": splits > 1 or out_div > 1,
+    }  # fmt: skip
+    return _MatvecPlan(
+        grid=(_ceil_div(out_features, bn), n_pairs, splits),
+        reduce=options["REDUCE"],
+        chunk=chunk,
+        n_super=n_super,
+        row_bytes=in_features // block_size(qtype) * type_size(qtype),
+        vec=vec,
+        words=qtype == T.Q4_K or vec,
+        qtype=qtype,
+        options=options,
+    )
+
+
 def _product(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -1226,10 +1321,34 @@ def _product(
     experts: torch.Tensor | None,
     x_div: int,
     scale: torch.Tensor | None,
+    out_div: int = 1,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[P, out] rows: pair p times expert experts[p] (None: expert 0 for every row, P = len(x)) of
-    the stack w [E, out, row_bytes] (gated by u: silu(w.x) * (u.x)), x row p // x_div, times
-    scale[p] when given. `code`: the GGML type | PACKED | WIDE (`kernel_weight`)."""
+    """[P / out_div, out] rows: pair p times expert experts[p] (None: expert 0 for every row,
+    P = len(x)) of the stack w [E, out, row_bytes] or the one weight w [out, row_bytes] (gated
+    by u: silu(w.x) * (u.x)), x row p // x_div, times scale[p] when given, the out_div pairs of
+    each output row summed in order. `code`: the GGML type | PACKED | WIDE (`kernel_weight`).
+    Written into `out` when given (rows of unit column stride, e.g. columns of a wider tensor)."""
+    if experts is not None:
+        experts = experts.reshape(-1)
+    n_pairs = x.shape[0] * x_div if experts is None else experts.numel()
+    if n_pairs == 0:
+        return x.new_empty((0, out_features), dtype=torch.float32) if out is None else out
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    if n_pairs <= MATVEC_MAX_ROWS:
+        return _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out)
+    y = _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs)
+    if out_div > 1:
+        y = y.view(n_pairs // out_div, out_div, out_features).sum(1)
+    return y if out is None else out.copy_(y)
+
+
+def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs) -> torch.Tensor:
+    """`_product` of more than MATVEC_MAX_ROWS pairs (prefill; x float32, contiguous): the
+    dequantized weight on tensor cores (`_product_dequantized`) or `_matmat_kernel`."""
+    if w.dim() == 2:
+        w, u = w[None], None if u is None else u[None]
     qtype, packed, wide = GGMLType(code & 0xFF), bool(code & PACKED), bool(code & WIDE)
     w = w.contiguous()  # a merged stack's view already is
     u = None if u is None else u.contiguous()
@@ -1237,65 +1356,95 @@ def _product(
     in_features = x.shape[1]
     n_super = in_features // SUPER
     row_bytes = in_features // block_size(qtype) * type_size(qtype)
-    if experts is not None:
-        experts = experts.reshape(-1)
-    n_pairs = x.shape[0] * x_div if experts is None else experts.numel()
-    out = x.new_empty((n_pairs, out_features), dtype=torch.float32)
-    if n_pairs == 0:
-        return out
-    x = x.float().contiguous()
-    consts = {
-        "QT": int(qtype), "NP": PARTS[qtype], "GATED": u is not None, "SCALED": scale is not None,
-        "PACKED": packed,
-    }  # fmt: skip
+    out = x.new_empty((n_pairs, out_features))
     scaled = scale is not None
     scale = out if scale is None else scale.float().contiguous()
     gated = u is not None
     u = w if u is None else u
     lut = kernels.iq4_table(x.device) if qtype == T.IQ4_XS else out
     with _launch_device(x.device):
-        if n_pairs <= MATVEC_MAX_ROWS:
-            vec = (_matvec_path() == "vec" and qtype in MATVEC_PATH_TYPES) or packed
-            cfg = PACKED_MATVEC_CONFIG[qtype] if packed else MATVEC_CONFIG[qtype]
-            bn, warps = cfg["BN"], cfg["num_warps"]
-            tiles = _ceil_div(out_features, bn) * n_pairs
-            # Split the rows' super-blocks over programs until the device has enough of them;
-            # the partial sums add up in a fixed order (deterministic). Gated products need whole sums.
-            wanted = _programs_wanted(x.device, cfg.get("programs_per_sm", 4))
-            splits = 1 if gated else min(n_super, _ceil_div(wanted, tiles))
-            chunk = _ceil_div(n_super, splits)
-            splits = _ceil_div(n_super, chunk)
-            part = out if splits == 1 else x.new_empty((splits, n_pairs, out_features), dtype=torch.float32)
-            words = qtype == T.Q4_K or vec
-            wv, uv = (w.view(torch.int32), u.view(torch.int32)) if words else (w, u)
-            xsum = xpow = out
-            if vec:
-                x, xsum, xpow = _vec_x(x, qtype)
-            grid = (_ceil_div(out_features, bn), n_pairs, splits)
-            _matvec_kernel[grid](
-                x, wv, uv, part, out if experts is None else experts, scale, lut, out_features, n_pairs, n_super,
-                chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, BN=bn, num_warps=warps,
-                ROUTED=experts is not None, VEC=vec, STAGES=cfg.get("stages", 1), **consts,
-            )  # fmt: skip
-            if splits > 1:
-                torch.sum(part, 0, out=out)
-        elif _prefill_path() == "dequant" and not wide:
+        if _prefill_path() == "dequant" and not wide:
             return _product_dequantized(
                 x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None, packed
             )
-        else:
-            cfg = MATMAT_CONFIG[qtype]
-            bm, bn = cfg["BM"], cfg["BN"]
-            if experts is None:  # a dense weight: every row on "expert" 0
-                experts = torch.zeros(n_pairs, dtype=torch.int64, device=x.device)
-            sorted_ids, block_expert = _sort_by_expert(experts, n_experts, bm)
-            grid = (block_expert.numel(), _ceil_div(out_features, bn))
-            _matmat_kernel[grid](
-                x, w, u, out, sorted_ids, block_expert, scale, lut, out_features, n_super, n_pairs,
-                row_bytes, out_features * row_bytes, x.stride(0), x_div, BM=bm, BN=bn,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts,
-            )  # fmt: skip
+        cfg = MATMAT_CONFIG[qtype]
+        bm, bn = cfg["BM"], cfg["BN"]
+        if experts is None:  # a dense weight: every row on "expert" 0
+            experts = torch.zeros(n_pairs, dtype=torch.int64, device=x.device)
+        sorted_ids, block_expert = _sort_by_expert(experts, n_experts, bm)
+        grid = (block_expert.numel(), _ceil_div(out_features, bn))
+        _matmat_kernel[grid](
+            x, w, u, out, sorted_ids, block_expert, scale, lut, out_features, n_super, n_pairs,
+            row_bytes, out_features * row_bytes, x.stride(0), x_div, QT=int(qtype), NP=PARTS[qtype], BM=bm, BN=bn,
+            GATED=gated, SCALED=scaled, PACKED=packed, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
     return out
+
+
+def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out) -> torch.Tensor:
+    """`_product` of 1..MATVEC_MAX_ROWS pairs (x float32, contiguous): `_vec_x` where the type
+    reads x prepared, then `_matvec_kernel`, whose last program of each output tile sums the
+    partials of its splits and pairs (no launch for the sums)."""
+    device = x.device
+    gated, scaled, routed = u is not None, scale is not None, experts is not None
+    plan = _matvec_plan(code, x.shape[1], out_features, n_pairs, out_div, gated, scaled, routed, device)
+    if out is None:
+        out = x.new_empty((n_pairs // out_div, out_features))
+    if not w.is_contiguous():
+        w = w.contiguous()
+    if u is None:
+        u = w
+    elif not u.is_contiguous():
+        u = u.contiguous()
+    if scale is None:
+        scale = out
+    elif scale.dtype != torch.float32 or not scale.is_contiguous():
+        scale = scale.float().contiguous()
+    lut = kernels.iq4_table(device) if plan.qtype == T.IQ4_XS else out
+    tiles, _, splits = plan.grid
+    part = counters = out
+    if plan.reduce:
+        part = _partials(x, (splits, n_pairs, out_features))
+        counters = _split_counters(device, tiles * (n_pairs // out_div))
+    with _launch_device(device):
+        if plan.words:
+            w = w.view(torch.int32)
+            u = w if u is w else u.view(torch.int32)
+        xsum = xpow = out
+        if plan.vec:
+            x, xsum, xpow = _vec_x(x, plan.qtype)
+        row_bytes = plan.row_bytes
+        _matvec_kernel[plan.grid](
+            x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
+            plan.chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, part, counters,
+            out.stride(0), out_div, **plan.options,
+        )  # fmt: skip
+    return out
+
+
+# Per device, zeroed int32 counters that `_matvec_kernel`'s programs count their arrivals at an
+# output tile with (the last one sums the partials and sets its counter back to 0), never read
+# on the host. Launches that use them follow each other on one stream (two streams running
+# products at once on one device would share them). When a launch needs more, a larger buffer
+# is made and the older ones are kept: a captured CUDA graph may still point at them.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _partials(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The scratch [splits, pairs, N] `_matvec_kernel` leaves its partial products in (a
+    function of its own so that tests can see them: they check the order they are summed in)."""
+    return x.new_empty(shape)
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """`n` or more of the zeroed counters on `device` (`_COUNTERS`: its newest buffer)."""
+    made = _COUNTERS.get(device)
+    if made is None:
+        made = _COUNTERS[device] = []
+    if not made or made[-1].numel() < n:
+        size = max(n, 2 * made[-1].numel() if made else 4096)
+        made.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return made[-1]
 
 
 def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1449,7 +1598,9 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int) -
 
     `qtype`: the GGML type, with PACKED and WIDE as `kernel_weight` gives them."""
     _check_devices("harness::qmatmul", x, raw)
-    return _product(x, raw.reshape(1, out_features, -1), None, qtype, out_features, None, 1, None)
+    if raw.dim() != 2:
+        raw = raw.reshape(out_features, -1)
+    return _product(x, raw, None, qtype, out_features, None, 1, None)
 
 
 @qmatmul.register_fake
@@ -1475,8 +1626,7 @@ def moe_ffn(
     t, k = experts.shape
     ffn, dim = gate.shape[1], down.shape[1]
     h = _product(x, gate, up, gate_up_qtype, ffn, experts, k, None)  # [T*k, F]
-    y = _product(h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1))  # [T*k, D]
-    return y.view(t, k, dim).sum(1)
+    return _product(h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k)  # [T, D]
 
 
 @moe_ffn.register_fake
@@ -1593,43 +1743,39 @@ def qkv(
     qtype_q: int,
     qtype_k: int,
     qtype_v: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """x [T, in] float times attention's three GGUF weights (blocks [out_i, row_bytes] as
-    `kernel_weight` prepares them, with its codes: the GGML type | PACKED | WIDE) -> q, k, v
-    [T, out_i] float32. Weights of one code whose blocks follow each other in memory
-    (`pack_rows`) are multiplied in one launch."""
+    `kernel_weight` prepares them, with its codes: the GGML type | PACKED | WIDE) -> [T,
+    out_q + out_k + out_v] float32, q, k and v side by side in each row (one tensor, written in
+    place: `harness::attention` takes it whole). Weights of one code whose blocks follow each
+    other in memory (`pack_rows`) are multiplied in one launch."""
     _check_devices("harness::qkv", x, wq, wk, wv)
     weights, qtypes = (wq, wk, wv), (qtype_q, qtype_k, qtype_v)
-    outs: list[torch.Tensor] = []
-    i = 0
+    out = x.new_empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=torch.float32)
+    i = column = 0
     while i < 3:
         j = i + 1
         while j < 3 and qtypes[j] == qtypes[i] and _follows(weights[j - 1], weights[j]):
             j += 1
         rows = sum(w.shape[0] for w in weights[i:j])
-        run = torch.as_strided(weights[i], (rows, *weights[i].shape[1:]), weights[i].stride())
-        y = _product(x, run.reshape(1, rows, -1), None, qtypes[i], rows, None, 1, None)
-        if j - i == 1:
-            outs.append(y)
-        else:
-            start = 0
-            for w in weights[i:j]:
-                outs.append(y[:, start : start + w.shape[0]].clone(memory_format=torch.contiguous_format))
-                start += w.shape[0]
+        run = weights[i]
+        if j - i > 1:
+            run = torch.as_strided(run, (rows, *run.shape[1:]), run.stride())
+        into = out if rows == out.shape[1] else out[:, column : column + rows]
+        _product(x, run, None, qtypes[i], rows, None, 1, None, out=into)
+        column += rows
         i = j
-    return outs[0], outs[1], outs[2]
+    return out
 
 
 @qkv.register_fake
 def _(x, wq, wk, wv, qtype_q, qtype_k, qtype_v):
-    return tuple(x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32) for w in (wq, wk, wv))
+    return x.new_empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("harness::attention", mutates_args=("cache_k", "cache_v"))
 def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     cache_k: torch.Tensor,
     cache_v: torch.Tensor,
     cos: torch.Tensor,
@@ -1639,9 +1785,10 @@ def attention(
 ) -> torch.Tensor:
     """Causal attention of one call, with its KV-cache write, in one op.
 
-    q [T, H*Hd], k, v [T, K*Hd] float32 (projections, before rope); cache_k, cache_v [K, S_max, Hd]
-    float32; cos, sin [S_max, rope_dim/2] rope tables (GGML rope type 0 on q and k). The tokens
-    sit at `positions` ([T] int64 on the device; the static-shape decode step, attending over the
+    qkv [T, H*Hd + 2*K*Hd] float32: each token's projections (before rope) q [H*Hd], k, v [K*Hd]
+    side by side, as `harness::qkv` gives them; cache_k, cache_v [K, S_max, Hd] float32; cos,
+    sin [S_max, rope_dim/2] rope tables (GGML rope type 0 on q and k). The tokens sit at
+    `positions` ([T] int64 on the device; the static-shape decode step, attending over the
     whole cache, masked), or, when that is None, at start..start+T-1 (attending over the first
     start+T cached positions). k and v (k rotated) are written into the caches at those
     positions. -> [T, H*Hd] float32, the heads' outputs side by side. Decode-sized calls take
@@ -1649,42 +1796,36 @@ def attention(
     (`harness.model.mixtral.Attention`'s arithmetic, op for op); both write the caches bit for
     bit alike, their outputs agree to float32 rounding."""
     _check_devices(
-        "harness::attention",
-        q,
-        k,
-        v,
-        cache_k,
-        cache_v,
-        cos,
-        sin,
-        *(() if positions is None else (positions,)),
+        "harness::attention", qkv, cache_k, cache_v, cos, sin, *(() if positions is None else (positions,))
     )
-    if attention_takes_kernels(q, k, v, cache_k, cache_v, cos, sin, positions):
-        return _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start)
-    return _attention_torch(q, k, v, cache_k, cache_v, cos, sin, positions, start)
+    n_kv, _, hd = cache_k.shape
+    if qkv.dim() != 2 or qkv.shape[1] <= 2 * n_kv * hd:
+        raise ValueError(
+            f"harness::attention: qkv {list(qkv.shape)} is not [T, H*Hd + 2*K*Hd] for the cache's "
+            f"{n_kv} heads of {hd}"
+        )
+    if attention_takes_kernels(qkv, cache_k, cache_v, cos, sin, positions):
+        return _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start)
+    return _attention_torch(qkv, cache_k, cache_v, cos, sin, positions, start)
 
 
-def attention_takes_kernels(q, k, v, cache_k, cache_v, cos, sin, positions) -> bool:
+def attention_takes_kernels(qkv, cache_k, cache_v, cos, sin, positions) -> bool:
     """Whether `harness::attention` takes its Triton kernels: the one place that decides. Yes for
     decode-sized calls (`attention_path` "triton", 1..ATTENTION_MAX_TOKENS tokens, at most
     ATTENTION_MAX_ROWS queries per KV head, head dims 16..256, rope tables covering the cache) of
     contiguous float32 tensors and [T] int64 positions. The torch path runs everything else:
     a longer call (prefill) is compute, not launches, and its batched matmuls use the GPU better
     than one program per KV head, whose query tile (group * T rows) would outgrow its registers."""
-    t = q.shape[0]
+    t, width = qkv.shape
     n_kv, _, hd = cache_k.shape
+    q_width = width - 2 * n_kv * hd
     if _attention_path() != "triton" or not 1 <= t <= ATTENTION_MAX_TOKENS or not 16 <= hd <= 256:
         return False
-    if q.shape[1] % (n_kv * hd) or q.shape[1] // (n_kv * hd) * t > ATTENTION_MAX_ROWS:
+    if q_width % (n_kv * hd) or q_width // (n_kv * hd) * t > ATTENTION_MAX_ROWS:
         return False
-    if (
-        k.shape != v.shape
-        or k.shape != (t, n_kv * hd)
-        or 2 * cos.shape[1] > hd
-        or cos.shape[0] < cache_k.shape[1]
-    ):
+    if 2 * cos.shape[1] > hd or cos.shape[0] < cache_k.shape[1]:
         return False
-    tensors = (q, k, v, cache_k, cache_v, cos, sin)
+    tensors = (qkv, cache_k, cache_v, cos, sin)
     if any(x.dtype != torch.float32 or not x.is_contiguous() for x in tensors):
         return False
     return positions is None or (
@@ -1703,14 +1844,14 @@ def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int,
     return _ceil_div(n_keys, per), per
 
 
-def _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start):
+def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     """`harness::attention` in two or three launches: `_rope_cache_kernel` (rope on q and k, the
     cache write), `_attention_kernel` over splits of the keys, and `_attention_merge_kernel`
     when there is more than one split. The rope and the cache write are bit for bit the torch
     path's; the attention agrees with it to float32 rounding (its sums run in another order)."""
-    t = q.shape[0]
+    t, width = qkv.shape
     n_kv, s_max, hd = cache_k.shape
-    n_heads = q.shape[1] // hd
+    n_heads = width // hd - 2 * n_kv
     group = n_heads // n_kv
     half = cos.shape[1]
     from_start = positions is None
@@ -1719,24 +1860,24 @@ def _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start):
             f"harness::attention: positions {start}..{start + t - 1} outside the cache of {s_max}"
         )
     n_keys = start + t if from_start else s_max
-    pos = q if from_start else positions  # a pointer the kernels do not read when from_start
-    rotated = torch.empty_like(q)
-    out = torch.empty_like(q)
+    pos = qkv if from_start else positions  # a pointer the kernels do not read when from_start
+    rotated = qkv.new_empty((t, n_heads * hd))
+    out = qkv.new_empty((t, n_heads * hd))
     cfg = ATTENTION_CONFIG
     bm = max(16, _next_pow2(group * t))
     bd = _next_pow2(hd)
-    splits, split_keys = attention_splits(n_keys, n_kv, q.device)
-    with _launch_device(q.device):
+    splits, split_keys = attention_splits(n_keys, n_kv, qkv.device)
+    with _launch_device(qkv.device):
         _rope_cache_kernel[(t, n_heads + n_kv)](
-            q, k, v, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
+            qkv, width, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
             BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
             enable_fp_fusion=False,
         )  # fmt: skip
         if splits == 1:
             part_acc = part_m = part_l = out
         else:
-            part_acc = q.new_empty((n_kv, splits, bm, bd))
-            part_m, part_l = q.new_empty((n_kv, splits, bm)), q.new_empty((n_kv, splits, bm))
+            part_acc = qkv.new_empty((n_kv, splits, bm, bd))
+            part_m, part_l = qkv.new_empty((n_kv, splits, bm)), qkv.new_empty((n_kv, splits, bm))
         _attention_kernel[(n_kv, splits)](
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
             split_keys, hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
@@ -1750,12 +1891,13 @@ def _attention_kernels(q, k, v, cache_k, cache_v, cos, sin, positions, start):
     return out
 
 
-def _attention_torch(q, k, v, cache_k, cache_v, cos, sin, positions, start):
+def _attention_torch(qkv, cache_k, cache_v, cos, sin, positions, start):
     """`harness::attention` in torch ops (and `_rotated`): the reference the kernels match, and
     the path for calls they do not cover."""
-    t = q.shape[0]
+    t = qkv.shape[0]
     n_kv, s_max, hd = cache_k.shape
-    n_heads = q.shape[1] // hd
+    n_heads = qkv.shape[1] // hd - 2 * n_kv
+    q, k, v = qkv.split((n_heads * hd, n_kv * hd, n_kv * hd), dim=1)
     if positions is None:
         positions = torch.arange(start, start + t, device=q.device)
         n_keys = start + t
@@ -1777,8 +1919,9 @@ def _attention_torch(q, k, v, cache_k, cache_v, cos, sin, positions, start):
 
 
 @attention.register_fake
-def _(q, k, v, cache_k, cache_v, cos, sin, positions, start):
-    return torch.empty_like(q)
+def _(qkv, cache_k, cache_v, cos, sin, positions, start):
+    n_kv, _, hd = cache_k.shape
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1] - 2 * n_kv * hd))
 
 
 @torch.library.custom_op("harness::add_rms_norm", mutates_args=())
