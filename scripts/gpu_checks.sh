@@ -4,6 +4,11 @@
 # is kept under $OUT) and, beside it, the detection matrix and the held-out unseen-bugs check.
 #
 #   OUT=results-dir DEADLINE=330 bash scripts/gpu_checks.sh
+#
+# Give it the machine to itself: the two slow sweeps each run 14 worker processes and take most
+# of the time. On an H100 machine (16 cores) the whole `pytest -m cuda` took 207-240 s alone; beside
+# a model synthesis and a llama.cpp build it ran past a 260 s deadline, and even alone with -n 14
+# past 185 s (session 8). Start those after it, or give it DEADLINE=330 or more.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
