@@ -6,9 +6,9 @@
 #   OUT=results-dir DEADLINE=330 bash scripts/gpu_checks.sh
 #
 # Give it the machine to itself: the two slow sweeps each run 14 worker processes and take most
-# of the time. On an H100 machine (16 cores) the whole `pytest -m cuda` took 207-240 s alone; beside
-# a model synthesis and a llama.cpp build it ran past a 260 s deadline, and even alone with -n 14
-# past 185 s (session 8). Start those after it, or give it DEADLINE=330 or more.
+# of the time. On an H100 machine (16 cores) the whole `pytest -m cuda` took 207 s beside a model
+# synthesis and a llama.cpp build in session 7; in session 8 it ran past a 260 s deadline beside
+# them, and past 185 s alone at -n 14. Start those after it, or give it DEADLINE=330 or more.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
