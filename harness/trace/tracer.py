@@ -96,7 +96,7 @@ from harness.trace.events import (
 )
 from harness.trace.placement import ModulePlacement
 from harness.trace.routing import collect_routing
-from harness.trace.store import BATCH, TraceWriter
+from harness.trace.store import BATCH, LINE_OPEN, TraceWriter, step_text
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _TRACE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -446,7 +446,7 @@ class Tracer(TorchDispatchMode):
     def _reset(self) -> None:
         self._seq = 0
         self._step = 0
-        self._step_text = ',"step":0,'  # the part of an event line after its seq (`_set_step`)
+        self._step_text = step_text(0)  # the piece of an event line after its seq (`_set_step`)
         self._calls = 0
         self._stack: list[tuple[str | None, str | None]] = []  # (module path, its device)
         self._recording = True
@@ -795,7 +795,7 @@ class Tracer(TorchDispatchMode):
 
     def _set_step(self, step: int) -> None:
         self._step = step
-        self._step_text = f',"step":{step},'
+        self._step_text = step_text(step)
 
     def _root_post(self, module, args, output) -> None:
         if get_ident() != self._thread:
@@ -1022,7 +1022,7 @@ class Tracer(TorchDispatchMode):
                 seen[1] += 1
                 lines = self._lines
                 if lines is not None:
-                    lines.append(f'{{"seq":{seq}{self._step_text}{seen[0]}')
+                    lines += (LINE_OPEN, str(seq), self._step_text, seen[0])
                     if len(lines) >= BATCH:
                         self._writer.drain()
                 return out
