@@ -751,3 +751,20 @@ def test_counts_stay_whole_when_the_table_of_repeated_events_is_emptied(tiny_pat
     full, folded = summaries
     assert folded.counts == full.counts and folded.modules == full.modules
     assert folded.counts[OK] == full.events == len(traces[0])
+
+
+def test_repeated_events_are_written_as_the_event_by_event_path_writes_them(model, on, tmp_path):
+    """`keep_events=True` sends every event through the classifier and the store's encoder; the
+    default writes a repeated ok event from what it wrote the first time. The two traces of the
+    same run (the prefill, then decode steps that repeat it op for op) are the same line for
+    line, and so are their counts."""
+    traces, summaries = [], []
+    for keep in (True, False):
+        path = tmp_path / f"keep{keep}.jsonl"
+        with Tracer(model, path=path, keep_events=keep) as tracer:
+            generate(model, TOKENS, 4)
+        traces.append(_event_lines(path))
+        summaries.append(tracer.summary)
+    assert len(traces[0]) == summaries[0].events > 100
+    assert traces[0] == traces[1]
+    assert summaries[0].counts == summaries[1].counts and summaries[0].modules == summaries[1].modules
