@@ -24,7 +24,7 @@ from harness.paths import check_input_file
 from harness.trace.events import Event, Summary
 
 FORMAT = "harness-trace/1"
-BATCH = 4096  # pieces of event lines (a line is one piece, or the four of `LINE_OPEN` ...) joined into one write
+BATCH = 4096  # pieces of event lines joined into one write (a line is one piece, or four:)
 # An event line is LINE_OPEN, its seq, `step_text(step)`, then its `body`: the tracer writes a
 # repeated event as these four pieces, its body the same every time (a string over 512 bytes
 # made per event is slow to allocate; the four are copied once, when the buffer is written).
