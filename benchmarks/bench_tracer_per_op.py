@@ -1,8 +1,13 @@
 """The tracer's own cost per op on a workload shaped like the fused decode path, without a model
-file: per layer 8 module calls and 13 ops on small static tensors (a product of a named weight,
-a norm, a few ops with several tensor arguments), `--layers` layers, `--steps` forward calls
-under inference mode. Modes in turn in every repeat, medians of process CPU time (steadier than
-wall time on a shared machine):
+file, `--layers` layers, `--steps` forward calls under inference mode:
+- `--workload aten` (the default): per layer 8 module calls and 13 aten ops on small static
+  tensors (a product of a named weight, a norm, a few ops with several tensor arguments);
+- `--workload custom-ops`: per layer the 8 module calls and 8 ops of the fused decode step, each
+  a custom op with the argument list of its `harness::` op (37 tensors a layer: qkv's three
+  weights, attention's caches and tables, moe_ffn's stacked experts named per expert) doing
+  next to nothing, and the `.to()` the experts end with.
+Modes in turn in every repeat, medians of process CPU time (steadier than wall time on a shared
+machine):
 - untraced; nop (a do-nothing TorchDispatchMode: the floor of any dispatch-mode tracer);
 - full: `Tracer(model, path=...)`.
 
@@ -25,9 +30,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -100,23 +106,159 @@ class Model(nn.Module):
         return x
 
 
+def custom_ops_model(layers: int) -> nn.Module:
+    """A model whose layers make the fused decode step's calls with trivial custom ops."""
+    lib = "bench_tracer_per_op"
+
+    def op(name, mutates=()):
+        return lambda fn: torch.library.custom_op(f"{lib}::{name}", mutates_args=mutates)(fn)
+
+    @op("rms_norm")
+    def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+        return x.clone()
+
+    @op("add_rms_norm")
+    def add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        return x.clone(), x.clone()
+
+    @op("qkv")
+    def qkv(x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, a: int, b: int, c: int) -> Tensor:
+        return x.new_zeros(x.shape[0], 3 * x.shape[1])  # q, k and v side by side
+
+    @op("attention", ("ck", "cv"))
+    def attention(
+        qkv: Tensor,
+        ck: Tensor,
+        cv: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        at: Optional[Tensor],  # noqa: UP045 (the form torch.library reads on every version)
+        p: int,
+    ) -> Tensor:
+        return qkv[:, : qkv.shape[1] // 3].clone()
+
+    @op("qmatmul")
+    def qmatmul(x: Tensor, w: Tensor, qtype: int, n: int) -> Tensor:
+        return x.clone()
+
+    @op("router_topk")
+    def router_topk(x: Tensor, w: Tensor, k: int, floor: float) -> tuple[Tensor, Tensor]:
+        return x.new_ones(1, k), x.new_zeros(1, k, dtype=torch.int64)
+
+    @op("moe_ffn")
+    def moe_ffn(
+        x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, weights: Tensor, experts: Tensor, a: int, b: int
+    ) -> Tensor:
+        return x.clone()
+
+    ops = getattr(torch.ops, lib)
+
+    def named(module: nn.Module, name: str, t: torch.Tensor, gguf: str) -> nn.Module:
+        module.register_buffer(name, t)
+        module.gguf_name = gguf
+        return module
+
+    class Norm(nn.Module):
+        def forward(self, x, residual=None):
+            if residual is None:
+                return ops.rms_norm(x, self.weight, 1e-5)
+            return ops.add_rms_norm(x, residual, self.weight, 1e-5)
+
+    class QMatMul(nn.Module):
+        def forward(self, x):
+            return ops.qmatmul(x, self.qweight, 12, 8)
+
+    class Attention(nn.Module):
+        def __init__(self, i: int):
+            super().__init__()
+            blocks = torch.ones(8, 8, dtype=torch.uint8)
+            for w in ("q", "k", "v", "output"):
+                setattr(
+                    self, f"w{w[0]}", named(QMatMul(), "qweight", blocks.clone(), f"blk.{i}.attn_{w}.weight")
+                )
+            for name in ("cache_k", "cache_v"):
+                self.register_buffer(name, torch.zeros(2, 16, 4))
+            for name in ("cos", "sin"):
+                self.register_buffer(name, torch.ones(16, 2))
+
+        def forward(self, x, position):
+            qkv = ops.qkv(x, self.wq.qweight, self.wk.qweight, self.wv.qweight, 12, 12, 14)
+            out = ops.attention(qkv, self.cache_k, self.cache_v, self.cos, self.sin, position, 0)
+            return self.wo(out)
+
+    class Router(nn.Module):
+        def forward(self, x, k):
+            return ops.router_topk(x, self.weight, k, 1e-6)
+
+    class Experts(nn.Module):
+        def __init__(self, i: int):
+            super().__init__()
+            self.gguf_names = {}
+            for attr, kind in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+                self.register_buffer(attr, torch.ones(8, 8, 8, dtype=torch.uint8))
+                self.gguf_names[attr] = [f"blk.{i}.ffn_{kind}.{e}.weight" for e in range(8)]
+
+        def forward(self, x, weights, experts):
+            return ops.moe_ffn(x, self.w1, self.w3, self.w2, weights, experts, 12, 14).to(x.dtype)
+
+    class MoE(nn.Module):
+        def __init__(self, i: int):
+            super().__init__()
+            self.router = named(Router(), "weight", torch.ones(8, 8), f"blk.{i}.ffn_gate_inp.weight")
+            self.experts = Experts(i)
+
+        def forward(self, x):
+            return self.experts(x, *self.router(x, 2))
+
+    class Layer(nn.Module):
+        def __init__(self, i: int):
+            super().__init__()
+            self.attn_norm = named(Norm(), "weight", torch.ones(8), f"blk.{i}.attn_norm.weight")
+            self.attn = Attention(i)
+            self.ffn_norm = named(Norm(), "weight", torch.ones(8), f"blk.{i}.ffn_norm.weight")
+            self.moe = MoE(i)
+
+        def forward(self, x, position):
+            x, normed = self.ffn_norm(x, self.attn(self.attn_norm(x), position))
+            return x + self.moe(normed)
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer(i) for i in range(layers))
+
+        def forward(self, x, position):
+            for layer in self.layers:
+                x = layer(x, position)
+            return x
+
+    return Decoder()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--name", default="fused-like")
+    p.add_argument("--workload", choices=("aten", "custom-ops"), default="aten")
+    p.add_argument("--name", default=None, help="default: fused-like (aten), custom-ops")
     p.add_argument("--out", default="benchmarks/results/tracer_per_op.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    model = Model(args.layers)
+    args.name = args.name or {"aten": "fused-like", "custom-ops": "custom-ops"}[args.workload]
     x = torch.ones(1, 8)
+    if args.workload == "aten":
+        model = Model(args.layers)
+        inputs = (x,)
+    else:
+        model = custom_ops_model(args.layers)
+        inputs = (x, torch.zeros(1, dtype=torch.int64))
     trace_path = Path(tempfile.mkdtemp(prefix="bench-per-op-")) / "t.jsonl"
 
     def run():
         with torch.inference_mode():
             for _ in range(args.steps):
-                model(x)
+                model(*inputs)
 
     modes = {
         "untraced": contextlib.nullcontext,
@@ -139,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in cpu.items()}
     result = {
         "benchmark": "tracer_per_op",
+        "workload": args.workload,
         "layers": args.layers,
         "steps": args.steps,
         "repeats": args.repeats,

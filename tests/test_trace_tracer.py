@@ -677,3 +677,94 @@ def test_indexing_with_a_python_list_is_an_upload_on_every_call(on):
             f = s.first_offence
             assert (f["class"], f["op"], f["module"]) == (TRANSFER, "aten.lift_fresh.default", "")
             assert [t["bytes"] for t in s.transfers if t["class"] == TRANSFER] == [24]
+
+
+# -- the hot path's caches -------------------------------------------------------------------------
+
+
+class _Negate(torch.nn.Module):
+    def forward(self, x):
+        return torch.neg(x)  # one op at one source line, whatever x is
+
+
+class _Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.step = _Negate()
+
+    def forward(self, x):
+        return self.step(x)
+
+
+def _event_lines(path) -> list[dict]:
+    import json
+
+    return [d for d in map(json.loads, path.read_text().splitlines()) if "record" not in d]
+
+
+def test_an_op_seen_again_on_other_tensors_is_recorded_as_they_are(on, tmp_path):
+    """The tracer writes a repeated ok op from what it wrote last time at the same site; the site
+    seen again with a tensor on another device, of another dtype or shape, is recorded as that
+    tensor is (and judged again), and as before once the tensors are back."""
+    model = _Twice()
+    xs = [
+        torch.ones(2, 4),
+        torch.ones(2, 4, device=on.device),
+        torch.ones(2, 4, device="meta"),
+        torch.ones(2, 4),
+        torch.ones(2, 4, dtype=torch.float64),
+        torch.ones(3, 4),
+        torch.ones(2, 4),
+    ]
+    path = tmp_path / "t.jsonl"
+    with torch.no_grad(), Tracer(model, placement="cpu", path=path) as tracer:
+        for x in xs:
+            model(x)
+    lines = _event_lines(path)
+    assert [d["module"] for d in lines] == ["step"] * len(xs)
+    assert [d["in"] for d in lines] == [
+        [[str(x.device), str(x.dtype).removeprefix("torch."), list(x.shape), x.numel() * x.element_size()]]
+        for x in xs
+    ]
+    assert [d["out"] for d in lines] == [d["in"] for d in lines]
+    assert [d["class"] for d in lines] == [OK, STRAY, STRAY, OK, OK, OK, OK]
+    assert tracer.summary.counts[OK] == 5 and tracer.summary.counts[STRAY] == 2
+    assert tracer.summary.modules == {"step": {"cpu": 5, "cuda:0": 1, "meta": 1}}
+
+
+def test_counts_stay_whole_when_the_table_of_repeated_events_is_emptied(tiny_path, tmp_path, monkeypatch):
+    """The table of repeated ok events is folded into the counters when it is full (every 2
+    kinds here): the events counted after that are neither lost nor counted twice, and the
+    trace is the one written with the table never full."""
+    from harness.trace import tracer as tracer_module
+
+    model = Mixtral.from_gguf(tiny_path, device="cpu", max_seq_len=32)
+    summaries, traces = [], []
+    for limit in (tracer_module._SEEN_LIMIT, 2):
+        monkeypatch.setattr(tracer_module, "_SEEN_LIMIT", limit)
+        path = tmp_path / f"limit{limit}.jsonl"
+        with Tracer(model, path=path) as tracer:
+            generate(model, TOKENS, 3)
+        summaries.append(tracer.summary)
+        traces.append(_event_lines(path))
+    assert traces[0] == traces[1]
+    full, folded = summaries
+    assert folded.counts == full.counts and folded.modules == full.modules
+    assert folded.counts[OK] == full.events == len(traces[0])
+
+
+def test_repeated_events_are_written_as_the_event_by_event_path_writes_them(model, on, tmp_path):
+    """`keep_events=True` sends every event through the classifier and the store's encoder; the
+    default writes a repeated ok event from what it wrote the first time. The two traces of the
+    same run (the prefill, then decode steps that repeat it op for op) are the same line for
+    line, and so are their counts."""
+    traces, summaries = [], []
+    for keep in (True, False):
+        path = tmp_path / f"keep{keep}.jsonl"
+        with Tracer(model, path=path, keep_events=keep) as tracer:
+            generate(model, TOKENS, 4)
+        traces.append(_event_lines(path))
+        summaries.append(tracer.summary)
+    assert len(traces[0]) == summaries[0].events > 100
+    assert traces[0] == traces[1]
+    assert summaries[0].counts == summaries[1].counts and summaries[0].modules == summaries[1].modules

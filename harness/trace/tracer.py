@@ -37,6 +37,7 @@ per op or module call) or only counted (`unsampled="count"`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import linecache
 import math
 import os
@@ -95,7 +96,7 @@ from harness.trace.events import (
 )
 from harness.trace.placement import ModulePlacement
 from harness.trace.routing import collect_routing
-from harness.trace.store import BATCH, TraceWriter
+from harness.trace.store import BATCH, LINE_OPEN, TraceWriter, step_text
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _TRACE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -136,6 +137,7 @@ _FOLLOW = frozenset(
 )
 _SEQUENCES = (list, tuple)
 _inference_mode_enabled = torch.is_inference_mode_enabled
+_getframe = sys._getframe
 _OUTSIDE = (None, None)  # (module path, expected device) outside the model
 _MAX_STACK_FRAMES = 40
 _SEEN_LIMIT = 1 << 14  # kinds of ok events whose line is kept (a few MiB at most)
@@ -221,6 +223,31 @@ class _SpecCache(dict):
         nbytes = math.prod(shape) * dtype.itemsize
         spec = self[key] = TensorSpec(str(device), str(dtype).removeprefix("torch."), shape, nbytes)
         return spec
+
+    def of(self, raw) -> tuple[TensorSpec, ...]:
+        """The specs of tensors given flat, as the hot path gathers them: device, dtype, shape of
+        each, one after another."""
+        it = iter(raw)
+        return tuple([self[key] for key in zip(it, it, it, strict=True)])
+
+
+_TENSOR, _LIST = 1, 2
+
+
+class _ArgKinds(dict):
+    """An argument's class -> _TENSOR (torch.Tensor or a subclass), _LIST (exactly a list or a
+    tuple, which may hold tensors) or 0, worked out once per class: `isinstance(x, Tensor)`
+    takes a slow path for every object that is not exactly a torch.Tensor (an int, a
+    Parameter), about 80 ns."""
+
+    def __missing__(self, cls):
+        if len(self) > 1 << 12:
+            self.clear()
+        kind = self[cls] = _TENSOR if issubclass(cls, Tensor) else _LIST if cls in _SEQUENCES else 0
+        return kind
+
+
+_KINDS = _ArgKinds()
 
 
 _DEVICE_NAME = re.compile(r"\b(?:cpu|meta|cuda:\d+)\b")
@@ -419,7 +446,7 @@ class Tracer(TorchDispatchMode):
     def _reset(self) -> None:
         self._seq = 0
         self._step = 0
-        self._step_text = ',"step":0,'  # the part of an event line after its seq (`_set_step`)
+        self._step_text = step_text(0)  # the piece of an event line after its seq (`_set_step`)
         self._calls = 0
         self._stack: list[tuple[str | None, str | None]] = []  # (module path, its device)
         self._recording = True
@@ -447,6 +474,9 @@ class Tracer(TorchDispatchMode):
         self._encode: Callable[[Event], str] | None = None
         self._specs = _SpecCache()
         self._seen: dict[tuple, list | bool] = {}  # kinds of event: [line body, count] of ok ones, else False
+        self._last: dict[
+            tuple, tuple
+        ] = {}  # (op, module, source, ...) -> (raw, its `_seen` entry), the latest
         self._fast = not self.keep_events
         self._t0 = 0.0
         self._thread: int | None = None  # the thread that entered the tracer
@@ -694,16 +724,39 @@ class Tracer(TorchDispatchMode):
 
     # -- module hooks --------------------------------------------------------------------
 
-    def _pre_hook(self, module, args) -> None:
+    def _watched_call(self, call, module, args, kwargs):
+        """`call(module, *args, **kwargs)` (the real `nn.Module.__call__`, or the next tracer's
+        watch) with the module's path on this tracer's stack while it runs: what a global
+        forward pre-hook and an always-called forward hook (`_post_hook`) would do, inline."""
         if get_ident() != self._thread:
-            return  # (module calls of every thread come here; the mode sees only this thread's ops)
+            # (module calls of every thread come here; the mode sees only this thread's ops)
+            return call(module, *args, **kwargs)
         entry = self._paths.get(module)
         stack = self._stack
-        if entry is None:
-            entry = stack[-1] if stack else _OUTSIDE  # a module outside the model map: its caller's
-        stack.append(entry)
+        stack.append(entry if entry is not None else stack[-1] if stack else _OUTSIDE)
         if self._root_by_global and module is self.model:
             self._root_pre(module, args, {})  # a TorchScript model takes no hooks of its own
+        try:
+            output = call(module, *args, **kwargs)
+        except Exception:
+            # (as an always-called forward hook: the error is in `sys.exc_info()`; not if the
+            # tracer stopped watching during the call, as a hook taken off is not called)
+            if self._watching:
+                self._post_hook(module, args, None)
+            raise
+        if self._watching:
+            if output is None or self._root_by_global:
+                self._post_hook(module, args, output)
+            else:  # (`_post_hook`'s work for a call that returned, inline)
+                if isinstance(output, Tensor) and (
+                    module in self._activation_outputs
+                    if entry is not None
+                    else getattr(module, "outputs_activations", False)
+                ):
+                    self._weights.pop(id(output), None)
+                if stack:
+                    stack.pop()
+        return output
 
     def _post_hook(self, module, args, output) -> None:
         if get_ident() != self._thread:
@@ -742,7 +795,7 @@ class Tracer(TorchDispatchMode):
 
     def _set_step(self, step: int) -> None:
         self._step = step
-        self._step_text = f',"step":{step},'
+        self._step_text = step_text(step)
 
     def _root_post(self, module, args, output) -> None:
         if get_ident() != self._thread:
@@ -859,35 +912,42 @@ class Tracer(TorchDispatchMode):
         seq = self._seq
         self._seq = seq + 1
 
-        # Tensor arguments (inside lists too): their specs, and the names of weights among them.
-        specs = self._specs
+        # Tensor arguments (inside lists too): device, dtype and shape of each, flat in `raw`
+        # (specs are made from them only for a kind of event not seen before), and the names of
+        # weights among them.
+        kinds = _KINDS
         weights = self._weights
-        inputs = []
+        raw: list = []
         names = None
         try:
             for a in (*args, *kwargs.values()) if kwargs else args:
-                if isinstance(a, Tensor):
-                    inputs.append(specs[(a.device, a.dtype, a.shape)])
+                kind = kinds[a.__class__]
+                if kind == _TENSOR:
+                    raw += (a.device, a.dtype, a.shape)
                     entry = weights.get(id(a))
                     if entry is not None and entry[0]() is a:
                         names = entry[1] if names is None else names + entry[1]
-                elif a.__class__ in _SEQUENCES:
+                elif kind == _LIST:
                     for b in a:
-                        if isinstance(b, Tensor):
-                            inputs.append(specs[(b.device, b.dtype, b.shape)])
+                        if kinds[b.__class__] == _TENSOR:
+                            raw += (b.device, b.dtype, b.shape)
                             entry = weights.get(id(b))
                             if entry is not None and entry[0]() is b:
                                 names = entry[1] if names is None else names + entry[1]
         except RuntimeError:  # a lazy module's uninitialized parameter, a nested tensor
-            inputs = [specs[_raw_key(t)] for t in _tensor_args(args, kwargs)]
-        inputs = tuple(inputs)
+            raw = [x for t in _tensor_args(args, kwargs) for x in _raw_key(t)]
+        n_in = len(raw)
 
-        module, expected = self._stack[-1] if self._stack else _OUTSIDE
+        stack = self._stack
+        module, expected = stack[-1] if stack else _OUTSIDE
 
         # The innermost frame of model code (not torch, not the tracer): id(code) -> {instruction:
         # "file:line in function"} (a code object hashes its contents, its id is cheap; f_lasti
         # is cheap, f_lineno scans the line table).
-        f = _caller(1)  # the code that called the op (None from C++ threads)
+        try:
+            f = _getframe(1)  # the code that called the op
+        except ValueError:  # none: an op that autograd's device threads run straight from C++
+            f = None
         sources = self._sources
         source = None
         while f is not None:
@@ -905,6 +965,7 @@ class Tracer(TorchDispatchMode):
         try:
             out = info.call(*args, **kwargs) if kwargs else info.call(*args)
         except BaseException as exc:
+            inputs = self._specs.of(raw)
             if names is not None and len(names) > 1 and is_device_error(str(exc)):
                 names = self._names_elsewhere(args, kwargs, inputs) or names
             ev = Event(seq, self._step, info.name, module, expected, names, source, list(inputs))
@@ -922,44 +983,53 @@ class Tracer(TorchDispatchMode):
         if self._downloaded and module == "":
             self._derive(args, kwargs, out)
         alias = info.alias
-        if isinstance(out, Tensor):
+        kind = kinds[out.__class__]
+        if kind == _TENSOR:
             try:
-                outputs = (specs[(out.device, out.dtype, out.shape)],)
+                raw += (out.device, out.dtype, out.shape)
             except RuntimeError:  # a nested tensor has no single shape
-                outputs = (specs[_raw_key(out)],)
+                raw += _raw_key(out)
             if info.maybe_self and args and out is args[0]:
                 alias = True
             if names is not None and info.follow:
                 self._follow(info, args, out)
-        elif isinstance(out, _SEQUENCES):
-            outs = [o for o in out if isinstance(o, Tensor)]
-            try:
-                outputs = tuple([specs[(t.device, t.dtype, t.shape)] for t in outs])
-            except RuntimeError:
-                outputs = tuple([specs[_raw_key(t)] for t in outs])
+        elif kind == _LIST or isinstance(out, _SEQUENCES):  # (a structseq too)
+            outs = [o for o in out if kinds[o.__class__] == _TENSOR]
+            for o in outs:
+                try:
+                    raw += (o.device, o.dtype, o.shape)
+                except RuntimeError:
+                    raw += _raw_key(o)
             if names is not None and info.follow and outs:
                 self._follow(info, args, outs[0])
-        else:
-            outputs = ()
 
-        # The common case: an op that ran here before on these specs and was found an ordinary
-        # ok event then (see `_new_seen`); its line is the same as that time's.
+        # The common case: an op that ran here before on these tensors and was found an
+        # ordinary ok event then (see `_new_seen`); its line is the same as that time's. Most
+        # often it is the same as the last op of this site (op, module, source line, weights):
+        # a comparison of `raw` then, not a hash of it.
         if self._fast:
-            key = (info, module, source, alias, names, inputs, outputs)
-            seen = self._seen.get(key)
-            if seen is None:
-                seen = self._new_seen(key, expected)
+            site = (info, module, source, alias, names, n_in)
+            last = self._last.get(site)
+            if last is not None and last[0] == raw:
+                seen = last[1]
+            else:
+                key = (*site, *raw)
+                seen = self._seen.get(key)
+                if seen is None:
+                    seen = self._new_seen(key, expected)
+                self._last[site] = (raw, seen)
             if seen is not False:
                 seen[1] += 1
                 lines = self._lines
                 if lines is not None:
-                    lines.append(f'{{"seq":{seq}{self._step_text}{seen[0]}')
+                    lines += (LINE_OPEN, str(seq), self._step_text, seen[0])
                     if len(lines) >= BATCH:
                         self._writer.drain()
                 return out
 
-        ev = Event(seq, self._step, info.name, module, expected, names, source, list(inputs))
-        ev.outputs = list(outputs)
+        specs = self._specs
+        ev = Event(seq, self._step, info.name, module, expected, names, source, list(specs.of(raw[:n_in])))
+        ev.outputs = list(specs.of(raw[n_in:]))
         ev.alias = alias
         if info.sync_unless is not None:
             ev.waits = info.sync_unless(args, kwargs)
@@ -1055,7 +1125,8 @@ class Tracer(TorchDispatchMode):
         other kind (it goes to the classifier every time)."""
         if len(self._seen) >= _SEEN_LIMIT:
             self._fold_seen()
-        info, module, source, alias, names, inputs, outputs = key
+        info, module, source, alias, names, n_in, *raw = key
+        inputs, outputs = self._specs.of(raw[:n_in]), self._specs.of(raw[n_in:])
         plain = (
             expected is not None
             and (info.plain or expected == "cpu")
@@ -1079,6 +1150,7 @@ class Tracer(TorchDispatchMode):
                 self._modules[key] = self._modules.get(key, 0) + seen[1]
                 self._counts[OK] += seen[1]
         self._seen = {}
+        self._last = {}  # (its entries are `_seen`'s)
 
     def _follow(self, info: _OpInfo, args, out: torch.Tensor) -> None:
         """The weight names of an op's first input go to its output (a view or copy of it)."""
@@ -1330,7 +1402,7 @@ _REAL_CALL: list[Callable] = []
 
 
 def _watch_module_calls(tracer: Tracer) -> None:
-    """Module calls go through `tracer._pre_hook` and `_post_hook` (as global forward hooks
+    """Module calls go through `tracer._watched_call` (as global forward hooks
     would, without taking every module call off torch's fast path: a hook costs about 2 us a
     module call there, the stand-in `nn.Module.__call__` a fifth of that)."""
     if not _WATCHERS and torch.nn.Module.__call__ is not _module_call:
@@ -1347,25 +1419,18 @@ def _unwatch_module_calls(tracer: Tracer) -> None:
 
 def _module_call(module, *args, **kwargs):
     """`nn.Module.__call__` while tracers watch module calls."""
-    return _call_watched(tuple(_WATCHERS), module, args, kwargs)
+    watchers = _WATCHERS
+    if len(watchers) == 1:
+        return watchers[0]._watched_call(_REAL_CALL[0], module, args, kwargs)
+    return _call_watched(tuple(watchers), module, *args, **kwargs)
 
 
-def _call_watched(watchers: tuple, module, args, kwargs):
+def _call_watched(watchers: tuple, module, *args, **kwargs):
+    """A module call through the watch of each tracer in turn (the first outermost), then the
+    real `nn.Module.__call__`."""
     if not watchers:
         return _REAL_CALL[0](module, *args, **kwargs)
-    tracer, rest = watchers[0], watchers[1:]
-    tracer._pre_hook(module, args)
-    try:
-        output = _call_watched(rest, module, args, kwargs) if rest else _REAL_CALL[0](module, *args, **kwargs)
-    except Exception:
-        # (as an always-called forward hook: the error is in `sys.exc_info()`; not if the tracer
-        # stopped watching during the call, as a hook taken off is not called)
-        if tracer._watching:
-            tracer._post_hook(module, args, None)
-        raise
-    if tracer._watching:
-        tracer._post_hook(module, args, output)
-    return output
+    return watchers[0]._watched_call(functools.partial(_call_watched, watchers[1:]), module, args, kwargs)
 
 
 def _warm_constants(params: dict[int, weakref.ref]) -> None:
