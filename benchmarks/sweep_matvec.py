@@ -1,8 +1,8 @@
 """Launch settings of the matrix-vector kernel (decode) per read, at Mixtral-8x7B's decode shapes,
-on a CUDA device: (BN, warps, programs per multiprocessor) for each of
-- the gated expert product (Q4_K gate and up stacks, two experts, one token),
-- the routed down product (packed Q6_K, two experts, scaled),
-- a 4096 x 4096 Q4_K product, the 32000-row packed Q6_K head, a 1024-row packed Q6_K product.
+on a CUDA device: (BN, warps, programs per multiprocessor) of one type and layout at a time, in
+- harness::moe_ffn at one token, two of eight experts: Q4_K gate and up stacks with a packed Q6_K
+  down stack (swept for Q4_K, then for packed Q6_K) and with a Q4_K one (a Q4_K_M file has both);
+- harness::qmatmul: Q4_K 4096 x 4096, the 32000-row packed Q6_K head, a 1024-row packed Q6_K.
 
 Each call reads weights other than the previous call's (experts or copies in turn, more than the
 H100's 50 MB L2 in all), as the model reads each weight once a token: timing one weight over and
@@ -43,46 +43,51 @@ def in_turn(items: list):
     return lambda: next(turn)
 
 
-def cases(dev: torch.device) -> dict:
-    """name -> (call(choice=None): the product on the next weight in turn or on `choice`; the
-    first choice; weight bytes a call reads; the type; whether its weights are packed)."""
-    d, f = 4096, 14336
+def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000) -> dict:
+    """name -> (call(choice=None): the op on the next weights in turn or on `choice`; the first
+    choice; weight bytes a call reads; the type and layout whose launch setting the case sweeps)."""
     x = torch.randn(1, d, device=dev)
-    pairs = [torch.tensor([a, (a + 3) % 8], device=dev) for a in range(8)]
+    ops = torch.ops.harness
+    pairs = [torch.tensor([[a, (a + 3) % 8]], device=dev) for a in range(8)]
+    weights = torch.tensor([[0.6, 0.4]], device=dev)
     gate, up = random_weight(T.Q4_K, 8, f, d, device=dev), random_weight(T.Q4_K, 8, f, d, device=dev)
-    next_gated = in_turn(pairs)
-    down, code6 = fused.kernel_weight(random_weight(T.Q6_K, 8 * d, f, device=dev), T.Q6_K, f)
-    down = down.view(8, d, -1)
-    h, scale = torch.randn(2, f, device=dev), torch.rand(2, device=dev)
-    next_down = in_turn(pairs)
+    down4 = random_weight(T.Q4_K, 8, d, f, device=dev)
+    down6, code6 = fused.kernel_weight(random_weight(T.Q6_K, 8, d, f, device=dev), T.Q6_K, f)
     square = [random_weight(T.Q4_K, d, d, device=dev) for _ in range(8)]
-    next_square = in_turn(square)
-    head, _ = fused.kernel_weight(random_weight(T.Q6_K, 32000, d, device=dev), T.Q6_K, d)
+    head, _ = fused.kernel_weight(random_weight(T.Q6_K, vocab, d, device=dev), T.Q6_K, d)
     narrow = [
-        fused.kernel_weight(random_weight(T.Q6_K, 1024, d, device=dev), T.Q6_K, d)[0] for _ in range(16)
+        fused.kernel_weight(random_weight(T.Q6_K, d // 4, d, device=dev), T.Q6_K, d)[0] for _ in range(16)
     ]
-    next_narrow = in_turn(narrow)
     q4, q6 = type_size(T.Q4_K), type_size(T.Q6_K)  # bytes of 256 values
+    gated_bytes = 2 * 2 * f * d * q4 // 256  # two experts' gate and up rows
+
+    def experts(down, down_code):
+        turn = in_turn(pairs)
+        return lambda e=None: ops.moe_ffn(
+            x, gate, up, down, weights, turn() if e is None else e, int(T.Q4_K), down_code
+        )
+
+    def product(weights_in_turn, code, n):
+        turn = in_turn(weights_in_turn)
+        return lambda w=None: ops.qmatmul(x, turn() if w is None else w, code, n)
+
+    moe6 = experts(down6, code6)
     return {
-        "gated Q4_K 2 x 14336 x 4096": (
-            lambda e=None: fused._product(x, gate, up, int(T.Q4_K), f, next_gated() if e is None else e, 2, None),
-            pairs[0], 2 * 2 * f * d * q4 // 256, T.Q4_K, False,
+        "moe_ffn Q4_K gate/up, packed Q6_K down; Q4_K settings": (
+            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, T.Q4_K, False,
         ),
-        "down packed Q6_K 2 x 4096 x 14336": (
-            lambda e=None: fused._product(h, down, None, code6, d, next_down() if e is None else e, 1, scale),
-            pairs[0], 2 * d * f * q6 // 256, T.Q6_K, True,
+        "moe_ffn Q4_K gate/up, packed Q6_K down; packed Q6_K settings": (
+            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, T.Q6_K, True,
         ),
-        "Q4_K 4096 x 4096": (
-            lambda w=None: fused._product(x, (next_square() if w is None else w)[None], None, int(T.Q4_K), d, None, 1, None),
-            square[0], d * d * q4 // 256, T.Q4_K, False,
+        "moe_ffn Q4_K gate/up/down; Q4_K settings": (
+            experts(down4, int(T.Q4_K)), pairs[0], gated_bytes + 2 * d * f * q4 // 256, T.Q4_K, False,
         ),
-        "head packed Q6_K 32000 x 4096": (
-            lambda w=None: fused._product(x, head[None], None, code6, 32000, None, 1, None),
-            None, 32000 * d * q6 // 256, T.Q6_K, True,
+        "qmatmul Q4_K 4096 x 4096": (product(square, int(T.Q4_K), d), square[0], d * d * q4 // 256, T.Q4_K, False),
+        "qmatmul packed Q6_K head 32000 x 4096": (
+            product([head], code6, vocab), head, vocab * d * q6 // 256, T.Q6_K, True,
         ),
-        "packed Q6_K 1024 x 4096": (
-            lambda w=None: fused._product(x, (next_narrow() if w is None else w)[None], None, code6, 1024, None, 1, None),
-            narrow[0], 1024 * d * q6 // 256, T.Q6_K, True,
+        "qmatmul packed Q6_K 1024 x 4096": (
+            product(narrow, code6, d // 4), narrow[0], d // 4 * d * q6 // 256, T.Q6_K, True,
         ),
     }  # fmt: skip
 
@@ -102,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         default = dict(configs[qtype])
         reference = call(first)
         for (bn, warps), per_sm in itertools.product(GRID, PROGRAMS_PER_SM):
-            if "gated" in name and per_sm != PROGRAMS_PER_SM[0]:
-                continue  # a gated product takes no splits
             configs[qtype].update(BN=bn, num_warps=warps, programs_per_sm=per_sm)
             try:
                 off = nmse(call(first), reference)
