@@ -67,8 +67,8 @@ SUPER = 256  # values per super-block (one K-quant block, eight 32-value blocks)
 MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel is used
 # Launch configurations per type. "programs_per_sm": split the rows' super-blocks until the
 # device has that many programs a multiprocessor (4 when absent). From
-# `benchmarks/sweep_matvec.py` on an H100 (session 8, results/matvec_sweep.json: weights rotated
-# past the 50 MB L2, each setting checked against the default's result):
+# the draft of `benchmarks/sweep_matvec.py` on an H100 (session 8, results/matvec_sweep.json:
+# weights rotated past the 50 MB L2, each setting checked against the default's result):
 # - Q4_K at BN=32, 4 warps: the gated expert product (2 x 14336 x 4096) 79 us against 116 at
 #   BN=16, a 4096 x 4096 product 14.3 against 15.9 (BN=64 was 13.3 there but 87 gated);
 # - packed Q6_K at BN=16, 1 warp, 8 programs a multiprocessor: the down product (2 x 4096 x
