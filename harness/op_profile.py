@@ -1,0 +1,246 @@
+"""Where a profiled run's device time goes, op call by op call: each `harness::` op (and each aten
+op called outside them), split by its signature (types and shapes), beside the bytes a call reads.
+
+    with torch.profiler.profile(activities=[CPU, CUDA], record_shapes=True) as prof:
+        for pos in range(steps):
+            model(token, pos)
+    table = op_table(prof.events(), DeviceType.CUDA, steps, copy_bytes_per_second=rate)
+    print(format_op_table(table["rows"]))
+
+How time is attributed. torch.profiler links each kernel to the CPU op that was innermost when
+it was launched (a Triton launch inside a custom op's Python body: the custom op itself; an aten
+op the body calls: that aten op), and an op's `device_time_total` is its own kernels plus its
+children's. Here each kernel is counted once, for its op's *owner*: the outermost `harness::` op
+above it, or, outside every `harness::` op, the outermost op (user annotations skipped). Owners
+never nest, so no kernel is counted twice, and an owner's time is its `device_time_total`.
+Kernels linked to no CPU op (none are expected in an eager run) make the row "(no op)". Without
+a device (`device_type` CPU) the CPU time of each event (self time, summed into its owner the
+same way) stands in: the table's shape is then right, its times are the host's.
+
+Bytes a call reads (`bytes_per_call`, and `bytes_counted` says how), from the op's recorded input
+shapes and integer arguments (`record_shapes=True`): the quantized weights' blocks (uint8, one
+byte an element; repacked weights hold the same bytes); for `moe_ffn` the experts a call can
+use, min(E, T*k) of E (exactly k for one token: top-k picks distinct experts); for `embed_rows`
+the T rows it reads; the float32 router and norm weights; for `attention` the cached keys and
+values it reads (start + T positions, or the whole cache at a device position). `tb_per_s` is
+those bytes over the call's time; `fraction_of_copy` is that rate over a device-to-device copy's
+(read + written, `harness.bench.copy_bandwidth`), as `BenchResult.decode_bandwidth_fraction`
+compares a decoded token's weight bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+NO_OP = "(no op)"
+HARNESS_PREFIX = "harness::"
+
+
+def _shape(shape) -> str:
+    return " x ".join(str(d) for d in shape)
+
+
+def _type_name(code) -> str:
+    """A fused op's `qtype` argument in words: the GGML type, "packed" and "wide" as its flags say."""
+    from harness.quant.fused import PACKED, WIDE
+    from harness.quant.types import GGMLType
+
+    if not isinstance(code, int):
+        return "?"
+    try:
+        name = GGMLType(code & 0xFF).name
+    except ValueError:
+        name = f"type {code & 0xFF}"
+    return name + (" packed" if code & PACKED else "") + (" wide" if code & WIDE else "")
+
+
+def _in_features(row_bytes: int, code) -> int | None:
+    """Values in a row of `row_bytes` bytes of the GGML type in `code` (None if unknown)."""
+    from harness.quant.types import GGMLType, block_size, type_size
+
+    try:
+        qtype = GGMLType(code & 0xFF)
+        return row_bytes // type_size(qtype) * block_size(qtype)
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 0
+
+
+def _weight(shape, code) -> str:
+    """A weight's type and logical shape: "Q4_K [4096 x 4096]" (leading dims kept: [E x out x in])."""
+    if not shape:
+        return "?"
+    cols = _in_features(shape[-1], code)
+    return f"{_type_name(code)} [{_shape([*shape[:-1], cols if cols is not None else '?'])}]"
+
+
+def _tokens(shapes) -> int:
+    return shapes[0][0] if shapes and shapes[0] else 0
+
+
+def _describe(name: str, shapes: list, values: list) -> tuple[str, int | None, str]:
+    """(signature in words, bytes one call reads, how they were counted) of one op call."""
+    n = len(shapes)
+
+    def arg(i):
+        return values[i] if i < len(values) else None
+
+    def shape(i):
+        return list(shapes[i]) if i < n and shapes[i] is not None else []
+
+    if name == "harness::qmatmul" and n >= 4:
+        raw, code, out = shape(1), arg(2), arg(3)
+        rows = [out, _numel(raw) // out] if isinstance(out, int) and out else raw
+        return f"{_weight(rows, code)}, T={_tokens(shapes)}", _numel(raw), "weight blocks"
+    if name == "harness::qkv" and n >= 7:
+        parts = [f"{p} {_weight(shape(i), arg(i + 3))}" for i, p in ((1, "q"), (2, "k"), (3, "v"))]
+        sig = ", ".join(parts) + f", T={_tokens(shapes)}"
+        return sig, sum(_numel(shape(i)) for i in (1, 2, 3)), "q, k and v weight blocks"
+    if name == "harness::moe_ffn" and n >= 8:
+        gate, up, down, experts = shape(1), shape(2), shape(3), shape(5)
+        n_experts = gate[0] if gate else 0
+        t, k = (experts + [0, 0])[:2]
+        used = min(n_experts, t * k)
+        every = _numel(gate) + _numel(up) + _numel(down)
+        sig = f"gate/up {_weight(gate, arg(6))}, down {_weight(down, arg(7))}, k={k} of {n_experts}, T={t}"
+        nbytes = every * used // n_experts if n_experts else None
+        return sig, nbytes, f"gate, up and down blocks of min(E, T*k) = {used} of {n_experts} experts"
+    if name == "harness::embed_rows" and n >= 4:
+        table, t = shape(0), _numel(shape(1))
+        row_bytes = table[-1] if table else 0
+        sig = f"table {_weight(table, arg(2))}, T={t}"
+        return sig, t * row_bytes, f"{t} rows of the table"
+    if name == "harness::router_topk" and n >= 4:
+        weight, k = shape(1), arg(2)
+        if weight:
+            return (
+                f"F32 router [{_shape(weight)}], k={k}, T={_tokens(shapes)}",
+                4 * _numel(weight),
+                "router weight (float32)",
+            )
+        return f"logits [{_shape(shape(0))}] in, k={k}", 0, "no weight (logits given)"
+    if name in ("harness::rms_norm", "harness::add_rms_norm"):
+        at = 1 if name == "harness::rms_norm" else 2
+        return f"[{_shape(shape(0))}]", 4 * _numel(shape(at)), "norm weight (float32)"
+    if name == "harness::attention" and n >= 7:
+        qkv, cache = shape(0), shape(1)
+        if len(cache) == 3 and len(qkv) == 2:
+            n_kv, s_max, hd = cache
+            t = qkv[0]
+            heads = (qkv[1] - 2 * n_kv * hd) // hd
+            positions = shape(5)
+            start = arg(6)
+            keys = s_max if positions else (start + t if isinstance(start, int) else s_max)
+            sig = f"H={heads} K={n_kv} Hd={hd}, T={t}" + (", at device positions" if positions else "")
+            return sig, 2 * 4 * n_kv * keys * hd, "KV cache read: 2 x K x positions x Hd float32"
+    sig = ", ".join(f"[{_shape(s)}]" for s in shapes if s)
+    return sig, None, ""
+
+
+def _owner(ev, memo: dict):
+    """The event `ev`'s time is counted for: the outermost harness:: op above it (or itself), else
+    its outermost ancestor that is not a user annotation."""
+    key = id(ev)
+    if key not in memo:
+        chain = []
+        at = ev
+        while at is not None:
+            chain.append(at)
+            at = at.cpu_parent
+        harness = [e for e in chain if e.name.startswith(HARNESS_PREFIX)]
+        ops = [e for e in chain if not getattr(e, "is_user_annotation", False)] or chain
+        memo[key] = harness[-1] if harness else ops[-1]
+    return memo[key]
+
+
+def op_table(
+    events: Iterable,
+    device_type: torch.autograd.DeviceType,
+    steps: int,
+    copy_bytes_per_second: float | None = None,
+) -> dict:
+    """The per-op table of profiler `events` (`prof.events()`, recorded with `record_shapes=True`)
+    over `steps` repetitions of what was profiled: {"time_source", "ms_per_step" (every kernel),
+    "attributed_ms_per_step" (those under an op), "copy_bytes_per_second", "rows"}, rows sorted by
+    time: op, signature, calls_per_step, ms_per_step, us_per_call, bytes_per_call,
+    bytes_counted, tb_per_s, fraction_of_copy (the last three None where nothing is counted)."""
+    on_cpu = device_type == torch.autograd.DeviceType.CPU
+    memo: dict = {}
+    owners: dict[int, tuple] = {}  # id(owner) -> (owner, microseconds)
+    total = 0.0
+    for ev in events:
+        if ev.device_type == device_type and not on_cpu:
+            total += ev.device_time_total
+        if ev.device_type != torch.autograd.DeviceType.CPU or getattr(ev, "is_async", False):
+            continue
+        own = ev.self_cpu_time_total if on_cpu else sum(k.duration for k in ev.kernels)
+        owner = _owner(ev, memo)
+        prev = owners.get(id(owner), (owner, 0.0))[1]
+        owners[id(owner)] = (owner, prev + own)
+    rows: dict[tuple[str, str], dict] = {}
+    for owner, us in owners.values():
+        if "::" not in owner.name and us <= 0:
+            continue  # e.g. a top-level device synchronization: no op, no kernel
+        sig, nbytes, counted = _describe(
+            owner.name, list(owner.input_shapes or []), list(owner.concrete_inputs or [])
+        )
+        row = rows.setdefault((owner.name, sig), {"calls": 0, "us": 0.0, "bytes": 0, "counted": counted})
+        row["calls"] += 1
+        row["us"] += us
+        row["bytes"] = None if nbytes is None or row["bytes"] is None else row["bytes"] + nbytes
+    attributed = sum(r["us"] for r in rows.values())
+    if on_cpu:
+        total = attributed
+    elif total - attributed > 1e-3 * max(total, 1.0):
+        rows[(NO_OP, "")] = {"calls": 0, "us": total - attributed, "bytes": None, "counted": ""}
+    out = []
+    for (name, sig), r in rows.items():
+        us_per_call = r["us"] / r["calls"] if r["calls"] else None
+        per_call = r["bytes"] / r["calls"] if r["bytes"] is not None and r["calls"] else None
+        rate = per_call / (us_per_call * 1e-6) if per_call and us_per_call else None
+        out.append(
+            {
+                "op": name,
+                "signature": sig,
+                "calls_per_step": r["calls"] / steps,
+                "ms_per_step": r["us"] / 1000 / steps,
+                "us_per_call": us_per_call,
+                "bytes_per_call": per_call,
+                "bytes_counted": r["counted"] if per_call is not None else "",
+                "tb_per_s": rate / 1e12 if rate else None,
+                "fraction_of_copy": rate / copy_bytes_per_second if rate and copy_bytes_per_second else None,
+            }
+        )
+    out.sort(key=lambda row: (-row["ms_per_step"], row["op"], row["signature"]))
+    return {
+        "time_source": "cpu op time (no device)" if on_cpu else f"{device_type.name.lower()} kernels",
+        "ms_per_step": total / 1000 / steps,
+        "attributed_ms_per_step": attributed / 1000 / steps,
+        "copy_bytes_per_second": copy_bytes_per_second,
+        "rows": out,
+    }
+
+
+def format_op_table(rows: list[dict]) -> str:
+    """`op_table`'s rows as a fixed-width text table."""
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [
+        f"{'ms/step':>8} {'calls':>6} {'us/call':>9} {'MB/call':>9} {'TB/s':>6} {'of copy':>7}  op  signature"
+    ]
+    for r in rows:
+        mb = None if r["bytes_per_call"] is None else r["bytes_per_call"] / 1e6
+        lines.append(
+            f"{r['ms_per_step']:8.3f} {num(r['calls_per_step'], '6.2f')} {num(r['us_per_call'], '9.1f')} "
+            f"{num(mb, '9.3f')} {num(r['tb_per_s'], '6.3f')} {num(r['fraction_of_copy'], '7.1%')}  "
+            f"{r['op']}  {r['signature']}"
+        )
+    return "\n".join(lines)
