@@ -167,7 +167,9 @@ def op_table(
 ) -> dict:
     """The per-op table of profiler `events` (`prof.events()`, recorded with `record_shapes=True`)
     over `steps` repetitions of what was profiled: {"time_source", "ms_per_step" (every kernel),
-    "attributed_ms_per_step" (those under an op), "copy_bytes_per_second", "rows"}, rows sorted by
+    "attributed_ms_per_step" (those under an op), "owners_device_time_total_ms_per_step" (torch's
+    device_time_total of the owners, a check of the former; None on the CPU),
+    "copy_bytes_per_second", "rows"}, rows sorted by
     time: op, signature, calls_per_step, ms_per_step, us_per_call, bytes_per_call,
     bytes_counted, tb_per_s, fraction_of_copy (the last three None where nothing is counted)."""
     on_cpu = device_type == torch.autograd.DeviceType.CPU
@@ -187,14 +189,18 @@ def op_table(
     for owner, us in owners.values():
         if "::" not in owner.name and us <= 0:
             continue  # e.g. a top-level device synchronization: no op, no kernel
+        shapes = list(getattr(owner, "input_shapes", None) or [])
         sig, nbytes, counted = _describe(
-            owner.name, list(owner.input_shapes or []), list(owner.concrete_inputs or [])
+            owner.name, shapes, list(getattr(owner, "concrete_inputs", None) or [])
         )
         row = rows.setdefault((owner.name, sig), {"calls": 0, "us": 0.0, "bytes": 0, "counted": counted})
         row["calls"] += 1
         row["us"] += us
         row["bytes"] = None if nbytes is None or row["bytes"] is None else row["bytes"] + nbytes
     attributed = sum(r["us"] for r in rows.values())
+    # torch's own sum of the same kernels (an op's and its children's): equal to `attributed` when
+    # the profiler's nesting and its kernel links agree with the walk above
+    nested = None if on_cpu else sum(o.device_time_total for o, _ in owners.values()) / 1000 / steps
     if on_cpu:
         total = attributed
     elif total - attributed > 1e-3 * max(total, 1.0):
@@ -222,6 +228,7 @@ def op_table(
         "time_source": "cpu op time (no device)" if on_cpu else f"{device_type.name.lower()} kernels",
         "ms_per_step": total / 1000 / steps,
         "attributed_ms_per_step": attributed / 1000 / steps,
+        "owners_device_time_total_ms_per_step": nested,
         "copy_bytes_per_second": copy_bytes_per_second,
         "rows": out,
     }

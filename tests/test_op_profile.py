@@ -27,19 +27,32 @@ REPO = Path(__file__).resolve().parents[1]
 CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
 
 
+class _Event(SimpleNamespace):
+    """A stand-in for a torch.profiler FunctionEvent: what op_table reads of one, and its
+    device_time_total as torch defines it (a CPU op's kernels and its children's)."""
+
+    @property
+    def device_time_total(self):
+        if self.device_type != CPU:
+            return self.us
+        return sum(k.duration for k in self.kernels) + sum(c.device_time_total for c in self.cpu_children)
+
+
 def _event(name, parent=None, kernels=(), shapes=(), values=(), device_type=CPU, us=0.0):
-    """A stand-in for a torch.profiler FunctionEvent: what op_table reads of one."""
-    ev = SimpleNamespace(
+    ev = _Event(
         name=name,
         cpu_parent=parent,
+        cpu_children=[],
         kernels=[SimpleNamespace(duration=d) for d in kernels],
         input_shapes=[list(s) for s in shapes],
         concrete_inputs=list(values),
         device_type=device_type,
-        device_time_total=us,
+        us=us,
         self_cpu_time_total=0.0,
         is_async=False,
     )
+    if parent is not None:
+        parent.cpu_children.append(ev)
     return ev
 
 
@@ -94,6 +107,7 @@ def test_each_kernel_is_counted_once_for_its_outermost_harness_op():
     assert rows[(NO_OP, "")]["ms_per_step"] == pytest.approx(0.007)
     assert table["ms_per_step"] == pytest.approx(0.294)
     assert table["attributed_ms_per_step"] == pytest.approx(0.287)
+    assert table["owners_device_time_total_ms_per_step"] == pytest.approx(0.287)
     assert [r["ms_per_step"] for r in table["rows"]] == sorted(
         (r["ms_per_step"] for r in table["rows"]), reverse=True
     )
