@@ -15,7 +15,8 @@ outside them), one row per op and signature (e.g. `harness::moe_ffn` in layers w
 stack is Q6_K apart from those where it is Q4_K; the head's `harness::qmatmul` apart from the
 attention output's), with the bytes a call reads, its effective TB/s and that as a fraction of
 a device-to-device copy (`harness.bench.copy_bandwidth`, measured once in this run; read +
-written bytes). Its `ms_per_step` is every kernel's, `attributed_ms_per_step` those under an op
+written bytes); inside a row, each weight product's own launch (moe_ffn's gate/up and down,
+qkv's runs of one type) with its TB/s. Its `ms_per_step` is every kernel's, `attributed_ms_per_step` those under an op
 (a row "(no op)" holds the rest). On the CPU (no GPU) the profiler's CPU times stand in, and the
 harness:: ops appear only under Triton's interpreter (`TRITON_INTERPRET=1`): elsewhere the
 model runs its torch path and the rows are aten ops.

@@ -43,7 +43,7 @@ def _event(name, parent=None, kernels=(), shapes=(), values=(), device_type=CPU,
         name=name,
         cpu_parent=parent,
         cpu_children=[],
-        kernels=[SimpleNamespace(duration=d) for d in kernels],
+        kernels=[SimpleNamespace(name=n, duration=d) for n, d in kernels],
         input_shapes=[list(s) for s in shapes],
         concrete_inputs=list(values),
         device_type=device_type,
@@ -64,25 +64,34 @@ def _moe_args(down_code):
 
 def _synthetic_profile(steps: int) -> list:
     """`steps` decode-like steps: per step two moe_ffn calls (Q4_K and Q6_K down) whose kernels
-    sit on the op itself and on an aten op nested two deep inside it, the head's qmatmul, a
-    residual add outside every harness op, a synchronization with no kernel, and one kernel
-    linked to no op (a device event only)."""
+    sit on the op itself and on an aten op nested two deep inside it (the Q4_K one launches as
+    the fused op does: x prepared, the gate/up product, x prepared, the down product; the Q6_K
+    one a single product launch), the head's qmatmul, a residual add outside every harness op,
+    a synchronization with no kernel, and one kernel linked to no op (a device event only)."""
+    q4_launches = [
+        ("_vec_x_kernel", 3.0),
+        ("_matvec_kernel", 60.0),
+        ("_vec_x_kernel", 2.0),
+        ("_matvec_kernel", 35.0),
+    ]
     events = []
     for _ in range(steps):
-        for down, own, nested in ((12, 100.0, 5.0), (14 | PACKED, 150.0, 0.0)):
+        for down, own, nested in ((12, q4_launches, 5.0), (14 | PACKED, [("_matvec_kernel", 150.0)], 0.0)):
             shapes, values = _moe_args(down)
-            moe = _event("harness::moe_ffn", kernels=[own], shapes=shapes, values=values)
+            moe = _event("harness::moe_ffn", kernels=own, shapes=shapes, values=values)
             outer = _event("aten::zeros", moe)
-            inner = _event("aten::zero_", outer, kernels=[nested] if nested else [])
+            inner = _event("aten::zero_", outer, kernels=[("fill", nested)] if nested else [])
             events += [moe, outer, inner]
-        head = _event("harness::qmatmul", kernels=[30.0], shapes=([1, 256], [384, 144], [], []))
+        head = _event(
+            "harness::qmatmul", kernels=[("_matvec_kernel", 30.0)], shapes=([1, 256], [384, 144], [], [])
+        )
         head.concrete_inputs = [None, None, 12, 384]
         events += [
             head,
-            _event("aten::add", kernels=[2.0], shapes=([1, 256], [1, 256], [])),
+            _event("aten::add", kernels=[("add", 2.0)], shapes=([1, 256], [1, 256], [])),
             _event("cudaDeviceSynchronize"),
         ]
-        for d in (100.0, 5.0, 150.0, 30.0, 2.0, 7.0):  # the last one: under no op
+        for d in (3.0, 60.0, 2.0, 35.0, 5.0, 150.0, 30.0, 2.0, 7.0):  # the last one: under no op
             events.append(_event("kernel", device_type=CUDA, us=d))
     return events
 
@@ -120,8 +129,34 @@ def test_each_kernel_is_counted_once_for_its_outermost_harness_op():
     head = rows[("harness::qmatmul", "")]
     assert head["signature"] == "Q4_K [384 x 256], T=1" and head["bytes_per_call"] == 384 * 144
     assert rows[("aten::add", "")]["bytes_per_call"] is None
-    text = format_op_table(table["rows"])
-    assert text.splitlines()[1].split()[0] == "0.150" and "down Q6_K packed" in text.splitlines()[1]
+    # launches in order, the product launches paired with gate/up and down
+    assert [(x["kernel"], x["us_per_call"]) for x in q4["launches"]] == [
+        ("_vec_x_kernel", 3.0),
+        ("_matvec_kernel", 60.0),
+        ("_vec_x_kernel", 2.0),
+        ("_matvec_kernel", 35.0),
+        ("fill", 5.0),
+    ]
+    gate_up, down = q4["products"]
+    assert (gate_up["product"], gate_up["bytes_per_call"], gate_up["us_per_call"]) == (
+        "gate/up",
+        2 * 4 * 256 * 144 // 2,
+        60.0,
+    )
+    assert (down["product"], down["bytes_per_call"], down["us_per_call"]) == (
+        "down",
+        4 * 256 * 144 // 2,
+        35.0,
+    )
+    assert down["tb_per_s"] == pytest.approx(down["bytes_per_call"] / 35e-6 / 1e12)
+    assert down["fraction_of_copy"] == pytest.approx(down["bytes_per_call"] / 35e-6 / 2e12)
+    # one product launch for two products: no pairing, the bytes still split
+    assert [(x["product"], x["us_per_call"]) for x in q6["products"]] == [("gate/up", None), ("down", None)]
+    assert head["products"][0]["us_per_call"] == 30.0
+    text = format_op_table(table["rows"]).splitlines()
+    assert text[1].split()[0] == "0.150" and "down Q6_K packed" in text[1]
+    assert "down Q4_K" in text[2] and text[3].split()[-2:] == ["gate/up", "(_matvec_kernel)"]
+    assert text[4].split()[:2] == ["35.0", "0.074"] and text[4].split()[-2] == "down"
 
 
 @torch.library.custom_op("opprofile_test::outer", mutates_args=())
@@ -216,6 +251,10 @@ def test_a_decode_step_under_the_interpreter_has_every_fused_op_with_its_bytes(t
     assert len(expected) == 2  # Q4_K_M: the down stacks of some layers are Q6_K, of others Q4_K
     assert {s: r["bytes_per_call"] for s, r in moe.items()} == expected
     assert all(r["calls_per_step"] == 1 for r in moe.values())
+    assert all(sum(x["bytes_per_call"] for x in r["products"]) == r["bytes_per_call"] for r in moe.values())
+    # q, k and v: one product per run of one type (as harness::qkv launches them)
+    qkv = {r["signature"]: [x["product"] for x in r["products"]] for r in rows if r["op"] == "harness::qkv"}
+    assert sorted(qkv.values()) == [["q+k", "v"], ["q+k+v"]], qkv
     assert out["table"]["attributed_ms_per_step"] == pytest.approx(out["table"]["ms_per_step"])
 
 
