@@ -16,10 +16,12 @@ stack is Q6_K apart from those where it is Q4_K; the head's `harness::qmatmul` a
 attention output's), with the bytes a call reads, its effective TB/s and that as a fraction of
 a device-to-device copy (`harness.bench.copy_bandwidth`, measured once in this run; read +
 written bytes); inside a row, each weight product's own launch (moe_ffn's gate/up and down,
-qkv's runs of one type) with its TB/s. Its `ms_per_step` is every kernel's, `attributed_ms_per_step` those under an op
-(a row "(no op)" holds the rest). On the CPU (no GPU) the profiler's CPU times stand in, and the
-harness:: ops appear only under Triton's interpreter (`TRITON_INTERPRET=1`): elsewhere the
-model runs its torch path and the rows are aten ops.
+qkv's runs of one type) with its TB/s. Its `ms_per_step` is every kernel's,
+`attributed_ms_per_step` those under an op (a row "(no op)" holds the rest). On the CPU (no
+GPU) the profiler's CPU times stand in, and the harness:: ops appear only under Triton's
+interpreter (`TRITON_INTERPRET=1`): elsewhere the model runs its torch path and the rows are
+aten ops. `record_shapes` is on for the decode profile, so `wall_ms_per_step_profiled` carries
+its host cost too.
 """
 
 from __future__ import annotations
@@ -85,16 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         else torch.device("cpu")
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # the copy rate the per-op table compares with: 1 GiB on a GPU, 64 MiB on the CPU
+    copy_rate = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the copy's 2 GiB back before the model loads
     model = Mixtral.from_gguf(args.model, device=device, max_seq_len=max(args.prefill, 256))
     kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
     token = torch.tensor([5], device=device)
     prompt = torch.randint(3, model.config.vocab_size, (args.prefill,), device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result: dict = {"device": name, "torch": torch.__version__}
-    # the copy rate the per-op table compares with: 1 GiB on a GPU, 64 MiB on the CPU
-    copy_rate = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the copy's 2 GiB back before the model loads
     with torch.inference_mode():
         for pos in range(3):  # compile and warm up
             model(token, pos)

@@ -316,25 +316,26 @@ def _row(name: str, r: dict, steps: int, copy_bytes_per_second: float | None) ->
 
 
 def format_op_table(rows: list[dict]) -> str:
-    """`op_table`'s rows as a fixed-width text table."""
+    """`op_table`'s rows as a fixed-width text table; under a row, its products that have a time."""
 
-    def num(v, fmt):
-        return "-" if v is None else format(v, fmt)
+    def num(v, spec: str, width: int) -> str:
+        return ("-" if v is None else format(v, spec)).rjust(width)
+
+    def cells(us, nbytes, tb, fraction) -> str:
+        mb = None if nbytes is None else nbytes / 1e6
+        return f"{num(us, '.1f', 9)} {num(mb, '.3f', 9)} {num(tb, '.3f', 6)} {num(fraction, '.1%', 7)}"
 
     lines = [
         f"{'ms/step':>8} {'calls':>6} {'us/call':>9} {'MB/call':>9} {'TB/s':>6} {'of copy':>7}  op  signature"
     ]
     for r in rows:
-        mb = None if r["bytes_per_call"] is None else r["bytes_per_call"] / 1e6
         lines.append(
-            f"{r['ms_per_step']:8.3f} {num(r['calls_per_step'], '6.2f')} {num(r['us_per_call'], '9.1f')} "
-            f"{num(mb, '9.3f')} {num(r['tb_per_s'], '6.3f')} {num(r['fraction_of_copy'], '7.1%')}  "
+            f"{r['ms_per_step']:8.3f} {r['calls_per_step']:6.2f} "
+            f"{cells(r['us_per_call'], r['bytes_per_call'], r['tb_per_s'], r['fraction_of_copy'])}  "
             f"{r['op']}  {r['signature']}"
         )
         for x in r["products"]:
             if x["us_per_call"] is not None:
-                lines.append(
-                    f"{'':8} {'':6} {x['us_per_call']:9.1f} {x['bytes_per_call'] / 1e6:9.3f} "
-                    f"{num(x['tb_per_s'], '6.3f')} {num(x['fraction_of_copy'], '7.1%')}    {x['product']} ({PRODUCT_KERNEL})"
-                )
+                numbers = cells(x["us_per_call"], x["bytes_per_call"], x["tb_per_s"], x["fraction_of_copy"])
+                lines.append(f"{'':15} {numbers}    {x['product']} ({PRODUCT_KERNEL})")
     return "\n".join(lines)
