@@ -288,3 +288,36 @@ def test_profile_decode_on_the_cpu_adds_decode_ops_and_keeps_its_keys(tmp_path):
     times = [r["ms_per_step"] for r in ops["rows"]]
     assert times == sorted(times, reverse=True)
     assert sum(times) == pytest.approx(ops["attributed_ms_per_step"]) == pytest.approx(ops["ms_per_step"])
+
+
+@pytest.mark.cuda(real=True)
+def test_on_a_gpu_every_kernel_of_a_decode_step_is_under_one_harness_op(tmp_path):
+    """On real CUDA (what only a GPU run shows): the profiler links every kernel of an eager decode
+    step, the Triton launches inside the custom ops included, to an op; torch's device_time_total
+    of the owning ops is the same sum; each moe_ffn call's gate/up and down products are paired
+    with their own `_matvec_kernel` launch, and so is each qkv product."""
+    from harness.model.mixtral import Mixtral
+
+    path = synthesize(tmp_path / "tiny.gguf", "tiny", file_type="Q4_K_M", seed=5)
+    model = Mixtral.from_gguf(path, device="cuda", max_seq_len=16)
+    token = torch.tensor([5], device="cuda")
+    with torch.inference_mode():
+        for pos in range(3):  # compile and warm up
+            model(token, pos)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            model(token, 3)
+            torch.cuda.synchronize()
+    table = op_table(prof.events(), CUDA, 1)
+    rows = table["rows"]
+    assert not [r for r in rows if r["op"] == NO_OP], format_op_table(rows)
+    assert table["attributed_ms_per_step"] == pytest.approx(table["ms_per_step"])
+    assert table["owners_device_time_total_ms_per_step"] == pytest.approx(table["attributed_ms_per_step"])
+    n = len(model.layers)
+    calls: dict[str, float] = {}
+    for r in rows:
+        calls[r["op"]] = calls.get(r["op"], 0) + r["calls_per_step"]
+    assert calls["harness::moe_ffn"] == calls["harness::qkv"] == n and calls["harness::qmatmul"] == n + 1
+    for r in rows:
+        if r["op"] in ("harness::moe_ffn", "harness::qkv", "harness::qmatmul"):
+            assert r["ms_per_step"] > 0 and all(x["us_per_call"] for x in r["products"]), r
