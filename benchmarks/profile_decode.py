@@ -1,13 +1,27 @@
 """Where one decode step and one prefill of the full model spend their GPU time: kernel time by
-kernel name under torch.profiler, beside the wall time of the same steps. Writes JSON; asserts
-nothing.
+kernel name under torch.profiler, beside the wall time of the same steps, and the decode step's
+time op by op. Writes JSON; asserts nothing.
 
-    python benchmarks/profile_decode.py --model /tmp/m.gguf --out profile.json
+    python benchmarks/profile_decode.py --model /tmp/m.gguf --steps 8 --top 40 --out profile.json
 
 A decode step runs eager here (a replayed CUDA graph shows as one event), so `wall_ms_per_step`
 includes launch costs the graph removes; `kernel_ms_per_step` is what the graph cannot remove.
 `decode_eager_host` says where the host time of an eager step goes (cProfile, self time by
 Python function): the launch costs that an eager run, and so a traced one, pays.
+
+`decode_ops` splits the same profiled decode steps by op call (`harness.op_profile.op_table`):
+each kernel counted once, for the outermost `harness::` op that launched it (or the aten op
+outside them), one row per op and signature (e.g. `harness::moe_ffn` in layers whose down
+stack is Q6_K apart from those where it is Q4_K; the head's `harness::qmatmul` apart from the
+attention output's), with the bytes a call reads, its effective TB/s and that as a fraction of
+a device-to-device copy (`harness.bench.copy_bandwidth`, measured once in this run; read +
+written bytes); inside a row, each weight product's own launch (moe_ffn's gate/up and down,
+qkv's runs of one type) with its TB/s. Its `ms_per_step` is every kernel's,
+`attributed_ms_per_step` those under an op (a row "(no op)" holds the rest). On the CPU (no
+GPU) the profiler's CPU times stand in, and the harness:: ops appear only under Triton's
+interpreter (`TRITON_INTERPRET=1`): elsewhere the model runs its torch path and the rows are
+aten ops. `record_shapes` is on for the decode profile, so `wall_ms_per_step_profiled` carries
+its host cost too.
 """
 
 from __future__ import annotations
@@ -24,9 +38,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.bench import host_hotspots  # noqa: E402
+from harness.bench import copy_bandwidth, host_hotspots  # noqa: E402
 from harness.model.generate import greedy_decode  # noqa: E402
 from harness.model.mixtral import Mixtral  # noqa: E402
+from harness.op_profile import format_op_table, op_table  # noqa: E402
 
 
 def kernel_table(prof, kind, steps: int, top: int) -> tuple[float, list[dict]]:
@@ -63,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="decode steps profiled")
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--graph-tokens", type=int, default=64, help="tokens a timed graph decode makes")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     device = (
@@ -71,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         else torch.device("cpu")
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # the copy rate the per-op table compares with: 1 GiB on a GPU, 64 MiB on the CPU
+    copy_rate = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the copy's 2 GiB back before the model loads
     model = Mixtral.from_gguf(args.model, device=device, max_seq_len=max(args.prefill, 256))
     kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
     token = torch.tensor([5], device=device)
@@ -84,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         sync()
 
         start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        # record_shapes: the per-op table splits each op by its arguments' shapes and type codes
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             for pos in range(3, 3 + args.steps):
                 model(token, pos)
             sync()
@@ -95,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             "kernel_ms_per_step": kernel_ms,
             "top": rows,
         }
+        result["decode_ops"] = op_table(prof.events(), kind, args.steps, copy_rate)
 
         result["decode_eager_host"] = host_profile(lambda: model(token, 3), sync, args.steps, args.top)
 
@@ -111,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "top": rows,
         }
 
-        n = 64
+        n = args.graph_tokens
         greedy_decode(model, token, 0, n)  # captures the graph
         sync()
         times = []
@@ -122,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             times.append((time.perf_counter() - start) * 1000 / n)
         result["decode_graph_ms_per_token"] = sorted(times)[1]
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "decode_ops"}, indent=1))
+    ops = result["decode_ops"]
+    print(
+        f"\ndecode step by op ({ops['time_source']}; {ops['attributed_ms_per_step']:.3f} of "
+        f"{ops['ms_per_step']:.3f} ms a step under an op; copy {copy_rate / 1e12:.3f} TB/s):"
+    )
+    print(format_op_table(ops["rows"][: args.top]))
     return 0
 
 
