@@ -66,6 +66,12 @@ EOF
 fi
 pip=("$py" -m pip install --quiet --disable-pip-version-check)
 
+# torch and llama.cpp's build need a few GB; say so plainly before pip fails half-way with ENOSPC.
+free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
+if [ -n "$free_mb" ] && [ "$free_mb" -lt 3000 ]; then
+  echo "setup: warning: only ${free_mb} MB free on $(df -P . | awk 'NR == 2 {print $6}'); torch and its build need about 3000 MB" >&2
+fi
+
 if "$py" -c "import torch" 2>/dev/null; then
   echo "setup: using the installed torch $("$py" -c 'import torch; print(torch.__version__)')"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
