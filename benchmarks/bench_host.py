@@ -56,7 +56,7 @@ def per_call_us(fn, calls: int, sync) -> float:
     return statistics.median(runs)
 
 
-def _weight(qtype, rows: int, cols: int, device: torch.device, experts: int = 0):
+def random_weight(qtype, rows: int, cols: int, device: torch.device, experts: int = 0):
     """Random blocks of `qtype` ([experts,] rows, row_bytes) whose f16 scales are all 2^-8, as
     a module hands them to the ops (`fused.kernel_weight`: repacked where it packs) -> (blocks, code)."""
     from harness.quant import fused
@@ -80,16 +80,16 @@ def fused_ops(device: torch.device) -> dict:
     d, ffn, n_experts, n_kv, hd, s_max = 4096, 14336, 8, 8, 128, 4096
     x = torch.randn(1, d, device=device)
     w = torch.ones(d, device=device)
-    weight, code = _weight(q4, d, d, device)
-    weight6, code6 = _weight(q6, d, d, device)
+    weight, code = random_weight(q4, d, d, device)
+    weight6, code6 = random_weight(q6, d, d, device)
     (wq, _), (wk, _), (wv, code_v) = (
-        _weight(q, rows, d, device) for q, rows in ((q4, d), (q4, 1024), (q6, 1024))
+        random_weight(q, rows, d, device) for q, rows in ((q4, d), (q4, 1024), (q6, 1024))
     )
     # q and k in one buffer, as a model has them
     wq, wk, wv = fused.pack_rows([wq, wk, wv], [code, code, code_v])
-    gate, code_gu = _weight(q4, ffn, d, device, n_experts)
-    up, _ = _weight(q4, ffn, d, device, n_experts)
-    down, code_down = _weight(q6, d, ffn, device, n_experts)
+    gate, code_gu = random_weight(q4, ffn, d, device, n_experts)
+    up, _ = random_weight(q4, ffn, d, device, n_experts)
+    down, code_down = random_weight(q6, d, ffn, device, n_experts)
     routing = torch.tensor([[0.6, 0.4]], device=device), torch.tensor([[1, 6]], device=device)
     router = torch.randn(8, d, device=device) * 0.05
     cache_k = torch.randn(n_kv, s_max, hd, device=device)
