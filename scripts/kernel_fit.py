@@ -34,8 +34,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Shared memory one block may use (opt-in maximum), bytes, per compute capability.
-SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 120: 101_376}
-ARCH_NAMES = {80: "A100", 86: "RTX 30xx / A10", 89: "RTX 40xx / L4 / L40", 90: "H100 / H200", 120: "RTX 50xx"}
+SHARED_LIMIT = {70: 98_304, 75: 65_536, 80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 120: 101_376}
+ARCH_NAMES = {
+    70: "V100",
+    75: "T4 / RTX 20xx",
+    80: "A100",
+    86: "RTX 30xx / A10",
+    89: "RTX 40xx / L4 / L40",
+    90: "H100 / H200",
+    120: "RTX 50xx",
+}
 OP_GROUPS = ("decode", "prefill")
 
 _TRITON_TYPES = {
