@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sweep-grouped",
         action="store_true",
-        help="also try launch configurations of the prefill's grouped float16 GEMM (MoE, 512 tokens)",
+        help="also try launch configurations of the prefill's grouped float16 GEMM and of the "
+        "in-register tiled16 kernel (MoE, 512 tokens)",
     )
     p.add_argument("--attention-only", action="store_true", help="time only harness::attention")
     p.add_argument("--router-only", action="store_true", help="time only harness::router_topk")
@@ -353,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
                 return torch.ops.harness.qmatmul(x, w, int(qtype), n)
 
             reference = mat()
-            for bm, bn, warps, stages in MATMAT_SWEEP:
+            for bm, bn, warps, stages in MATMAT_SWEEP:  # the in-register kernel, on float16 tiles
                 fused.MATMAT_CONFIG[qtype].update(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
-                ms, off = timed_setting(mat, reference, 3)
+                with kernel_choice(512, "tiled16"):
+                    ms, off = timed_setting(mat, reference, 3)
                 row(
-                    f"  sweep BM={bm} BN={bn} w={warps} s={stages} {qtype.name} {n}x{k} T=512",
+                    f"  sweep tiled16 BM={bm} BN={bn} w={warps} s={stages} {qtype.name} {n}x{k} T=512",
                     ms,
                     w.numel(),
                     2 * 512 * n * k,
@@ -418,6 +420,13 @@ def main(argv: list[str] | None = None) -> int:
                     off,
                 )
             fused.GROUPED_CONFIG.update(saved)
+            saved = dict(fused.MATMAT_CONFIG[T.Q4_K])
+            for bm, bn, warps, stages in MATMAT_SWEEP:
+                fused.MATMAT_CONFIG[T.Q4_K].update(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+                with kernel_choice(2 * t, "tiled16"):
+                    ms, off = timed_setting(moe, reference)
+                row(f"  sweep tiled16 BM={bm} BN={bn} w={warps} s={stages} {name}", ms, read, flops, off)
+            fused.MATMAT_CONFIG[T.Q4_K].update(saved)
 
     if args.sweep_matvec:
         _, n, k = SHAPES[0]

@@ -143,7 +143,10 @@ def record(groups: list[str]) -> list[dict]:
                 ops.qmatmul(x, head, code_head, 32000)
                 ops.qkv(x, weight, weight[:1024], weight6[:1024], code, code, code6)
                 ops.router_topk(x, router, 2, 1e-6)
-                ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down)
+                for path in fused.PREFILL_PATHS if group == "prefill" else (fused.prefill_path,):
+                    fused.prefill_path = path
+                    ops.qmatmul(x, weight, code, d)
+                    ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down)
                 qkv = torch.randn(t, d + 2 * n_kv * hd)
                 for start in (0, 511, 4000 - t):
                     ops.attention(qkv, cache_k, cache_v, cos, sin, None, start)

@@ -13,8 +13,9 @@ How a product runs depends on its rows (token-expert pairs):
 - more rows (prefill, `prefill_path`): "dequant" writes the weight as float16 into a bounded
   scratch (harness.quant.kernels, bandwidth-bound) and multiplies on tensor cores: torch.matmul
   for a dense weight, `_grouped_kernel` for experts; "tiled" is the older `_matmat_kernel`,
-  which dequantizes in registers for every row block. Either way the pairs are sorted by expert
-  on the device and padded to whole row blocks (vLLM's moe_align_block_size), each row block
+  which dequantizes in registers for every row block, and "tiled16" that kernel on float16
+  tiles (the scratch path's arithmetic without the scratch). Either way the pairs are sorted
+  by expert on the device and padded to whole row blocks (vLLM's moe_align_block_size), each row block
   knows its expert: no host read of the routing, no Python loop over experts (the "dequant" path
   launches once per chunk of experts that fits the scratch). Its products round weights and
   activations to float16 (activation rows divided by their peak first) and accumulate in
@@ -104,9 +105,16 @@ matvec_path = os.environ.get("HARNESS_MATVEC", "vec")
 # - "dequant": the weight is dequantized into a float16 scratch (harness.quant.kernels, a
 #   bandwidth-bound kernel) and multiplied on tensor cores: torch.matmul (cuBLAS) for a dense
 #   weight, a grouped float16 GEMM in Triton (`_grouped_kernel`) for experts;
-# - "tiled": `_matmat_kernel`, which dequantizes in registers for every row block.
-# HARNESS_PREFILL picks one at import; `prefill_path` may be set later (benchmarks compare both).
-PREFILL_PATHS = ("dequant", "tiled")
+# - "tiled": `_matmat_kernel`, which dequantizes in registers for every row block, in float32
+#   (tf32 products);
+# - "tiled16": the same kernel on float16 tiles: the weight's values rounded to float16 in
+#   registers (as "dequant" rounds them into its scratch) against the activation rows divided by
+#   their peak (`_scaled_half`, as "dequant"): "dequant"'s arithmetic without its scratch, whose
+#   writing and reading back is most of a prefill's memory traffic (a weight is read as blocks,
+#   once per row block of its pairs).
+# A weight with values beyond float16's range (WIDE) takes "tiled" whichever is chosen.
+# HARNESS_PREFILL picks one at import; `prefill_path` may be set later (benchmarks compare them).
+PREFILL_PATHS = ("dequant", "tiled", "tiled16")
 prefill_path = os.environ.get("HARNESS_PREFILL", "dequant")
 # The float16 scratch of one grouped launch is at most this many bytes: experts are dequantized in
 # chunks that fit (Mixtral-8x7B: 4 experts of 14336x4096, 470 MB, per launch). A dense weight is
@@ -885,6 +893,7 @@ if triton is not None:
         sorted_ptr,
         block_expert_ptr,
         scale_ptr,
+        xscale_ptr,
         lut_ptr,
         N,
         n_super,
@@ -900,11 +909,13 @@ if triton is not None:
         GATED: tl.constexpr,
         SCALED: tl.constexpr,
         PACKED: tl.constexpr,
+        HALF: tl.constexpr,
     ):
         """Row block b of the expert-sorted pairs times its expert's W (tiles of BN outputs).
 
         Pair ids >= n_pairs are padding; x row of pair q is q // x_div; a block whose expert is
-        -1 (past the last expert's blocks) does nothing."""
+        -1 (past the last expert's blocks) does nothing. HALF: x is float16, each row divided by
+        xscale[row], and the weight's tiles are rounded to float16 (float32 sums, scaled back)."""
         b = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(block_expert_ptr + b)
@@ -922,10 +933,19 @@ if triton is not None:
             for part in tl.static_range(NP):
                 w, cols = _tile(w_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                 xt = tl.load(x_ptr + xrow[:, None] * x_stride + cols[None, :], mask=valid[:, None], other=0.0)
+                if HALF:
+                    w = w.to(tl.float16)
                 acc = tl.dot(xt, tl.trans(w), acc)
                 if GATED:
                     wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
+                    if HALF:
+                        wu = wu.to(tl.float16)
                     acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+        if HALF:
+            peak = tl.load(xscale_ptr + xrow, mask=valid, other=0.0)[:, None]
+            acc = acc * peak
+            if GATED:
+                acc_u = acc_u * peak
         if GATED:
             acc = _silu_mul(acc, acc_u)
         if SCALED:
@@ -1363,10 +1383,15 @@ def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs) 
     u = w if u is None else u
     lut = kernels.iq4_table(x.device) if qtype == T.IQ4_XS else out
     with _launch_device(x.device):
-        if _prefill_path() == "dequant" and not wide:
+        path = _prefill_path()
+        if path == "dequant" and not wide:
             return _product_dequantized(
                 x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None, packed
             )
+        half = path == "tiled16" and not wide
+        xscale = out
+        if half:
+            x, xscale = _scaled_half(x)
         cfg = MATMAT_CONFIG[qtype]
         bm, bn = cfg["BM"], cfg["BN"]
         if experts is None:  # a dense weight: every row on "expert" 0
@@ -1374,9 +1399,10 @@ def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs) 
         sorted_ids, block_expert = _sort_by_expert(experts, n_experts, bm)
         grid = (block_expert.numel(), _ceil_div(out_features, bn))
         _matmat_kernel[grid](
-            x, w, u, out, sorted_ids, block_expert, scale, lut, out_features, n_super, n_pairs,
+            x, w, u, out, sorted_ids, block_expert, scale, xscale, lut, out_features, n_super, n_pairs,
             row_bytes, out_features * row_bytes, x.stride(0), x_div, QT=int(qtype), NP=PARTS[qtype], BM=bm, BN=bn,
-            GATED=gated, SCALED=scaled, PACKED=packed, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            GATED=gated, SCALED=scaled, PACKED=packed, HALF=half, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )  # fmt: skip
     return out
 
