@@ -251,3 +251,63 @@ def test_the_encoders_nested_tensor_fast_path(device):
     else:
         first = t.summary.first_offence
         assert (first["class"], first["op"]) == (SYNC, "aten._nested_tensor_from_mask_left_aligned.default")
+
+
+# ---- round three --------------------------------------------------------------------------------
+
+
+def test_side_streams_and_events_run_and_a_wait_on_an_event_is_a_sync():
+    """torch.cuda.Stream / Event / stream() / record_stream work on the emulated devices as on a
+    GPU; an event's synchronize() inside the model is the host waiting (a sync)."""
+
+    class Side(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            side = torch.cuda.Stream(device=x.device)
+            with torch.cuda.stream(side):
+                assert torch.cuda.current_stream(x.device) == side
+                y = self.proj(x)
+            assert torch.cuda.current_stream(x.device) != side
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            y.record_stream(torch.cuda.current_stream(x.device))
+            done = side.record_event()
+            done.synchronize()
+            return y
+
+    model = nn.Sequential(Side()).to("cuda:0")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:
+        model(torch.ones(2, 4, device="cuda:0"))
+    first = t.summary.first_offence
+    assert (first["class"], first["module"], first["op"]) == (SYNC, "0", "cuda::synchronize")
+    assert t.summary.counts[SYNC] == 1, t.summary.counts
+
+
+def test_pinned_host_memory_and_its_non_blocking_upload():
+    x = torch.arange(6.0).pin_memory()
+    assert x.is_pinned() and x[2:].is_pinned() and not torch.ones(2).is_pinned()
+    assert torch.empty(3, pin_memory=True).is_pinned()
+    model = nn.Sequential(nn.Linear(6, 2)).to("cuda:0")
+    with torch.no_grad(), Tracer(model) as t:
+        model(x.to("cuda:0", non_blocking=True)[None])
+    assert t.summary.verdict == "clean" and t.summary.inside > 0
+
+
+def test_a_gradient_sent_to_the_host_by_a_tensor_hook_is_a_recorded_device_error():
+    """PyTorch checks what a tensor hook returns (check_variable_result) after the hook; the
+    error comes out of backward(), outside every module: recorded even when caught."""
+    model = nn.Sequential(nn.Linear(4, 4)).to("cuda:0")
+    with Tracer(model, keep_events=True) as t:
+        y = model(torch.ones(2, 4, device="cuda:0", requires_grad=True))
+        y.register_hook(lambda grad: grad.cpu())
+        with pytest.raises(RuntimeError) as raised:
+            y.sum().backward()
+    message = (
+        "hook '<lambda>' has changed the type of value (was torch.cuda.FloatTensor got torch.FloatTensor)"
+    )
+    assert str(raised.value) == message
+    first = t.summary.first_offence
+    assert (first["class"], first["module"]) == (MISMATCH, None), first
+    assert "test_a_gradient_sent_to_the_host" in first["source"]

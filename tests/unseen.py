@@ -1147,6 +1147,394 @@ def _saved(devices):
     return model, lambda m: m(_tokens(devices[0])), devices[0]
 
 
+# ---- round three: more transformers families, complex and sparse tensors, streams, bugs in hooks --
+
+# (model class, config class, tiny sizes, the inputs' maker); `ids`: token ids (and an attention mask)
+_HF3 = {
+    "mistral-sliding": (
+        "MistralForCausalLM",
+        "MistralConfig",
+        dict(_DECODER, num_key_value_heads=1, head_dim=8, sliding_window=4),
+        "ids",
+    ),
+    "qwen3-moe": (
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        dict(
+            _DECODER,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+        ),
+        "ids",
+    ),
+    "olmoe": (
+        "OlmoeForCausalLM",
+        "OlmoeConfig",
+        dict(_DECODER, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2),
+        "ids",
+    ),
+    "deepseek-v3": (
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        dict(
+            _DECODER,
+            num_key_value_heads=2,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            q_lora_rank=8,
+            kv_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+        ),
+        "ids",
+    ),
+    "vit": (
+        "ViTForImageClassification",
+        "ViTConfig",
+        dict(
+            hidden_size=D,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=8,
+            patch_size=4,
+            num_labels=3,
+        ),
+        "pixels",
+    ),
+    "clip-vision": (
+        "CLIPVisionModel",
+        "CLIPVisionConfig",
+        dict(
+            hidden_size=D,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+        ),
+        "pixels",
+    ),
+    "whisper": (
+        "WhisperForConditionalGeneration",
+        "WhisperConfig",
+        dict(
+            d_model=D,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            num_mel_bins=8,
+            max_source_positions=8,
+            max_target_positions=16,
+            vocab_size=VOCAB,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        ),
+        "audio",
+    ),
+    "mamba": (
+        "MambaForCausalLM",
+        "MambaConfig",
+        dict(hidden_size=D, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4),
+        "ids-only",
+    ),
+}
+
+
+def _hf3(kind: str):
+    def build(devices):
+        import transformers as tf
+
+        torch.manual_seed(0)
+        model_class, config_class, sizes, inputs = _HF3[kind]
+        sizes = {"vocab_size": VOCAB, **sizes} if inputs.startswith("ids") else sizes
+        config = getattr(tf, config_class)(attn_implementation="eager", **sizes)
+        model = getattr(tf, model_class)(config).eval().to(devices[0])
+        device = devices[0]
+
+        def run(m):
+            if inputs == "pixels":
+                out = m(pixel_values=_image(device))
+                return out.logits if hasattr(out, "logits") else out.last_hidden_state
+            if inputs == "audio":
+                features = torch.sin(torch.arange(8 * 16, dtype=torch.float32).reshape(1, 8, 16) / 3)
+                return m(input_features=features.to(device), decoder_input_ids=_tokens(device, 3)).logits
+            ids = _tokens(device)
+            if inputs == "ids-only":
+                return m(input_ids=ids, use_cache=False).logits
+            return m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+        return model, run, device
+
+    return build
+
+
+class Spectral(nn.Module):
+    """FNet-style token mixing with torch.fft, a complex64 rotary from a device table, and a
+    sparse COO matrix on the device: nothing of it is on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+        angles = torch.arange(32).float()[:, None] * inv
+        self.register_buffer("rotary", torch.polar(torch.ones_like(angles), angles), persistent=False)
+        dense = torch.eye(T) + torch.diag(torch.ones(T - 1), 1)
+        self.register_buffer("adjacency", dense.to_sparse(), persistent=False)
+
+    def forward(self, x):  # [1, T, D]
+        x = x + torch.fft.fft2(x).real  # complex64 on the device
+        z = torch.view_as_complex(x.unflatten(-1, (D // 2, 2)).contiguous())
+        x = torch.view_as_real(z * self.rotary[: x.shape[1]]).flatten(-2)
+        x = torch.sparse.mm(self.adjacency, x[0])[None]
+        return self.proj(x)
+
+
+class Sampler(nn.Module):
+    """Samples from distributions with device parameters (no argument validation: that reads on
+    the host), multinomial with the device's generator, 0-dim CPU bounds in clamp's place."""
+
+    def __init__(self, validate: bool = False):
+        super().__init__()
+        self.validate = validate
+        self.proj = nn.Linear(D, D)
+        self.log_scale = nn.Parameter(torch.zeros(D))
+
+    def forward(self, x):
+        from torch.distributions import Categorical, Normal
+
+        h = self.proj(x)
+        torch.manual_seed(0)
+        noise = Normal(h, self.log_scale.exp(), validate_args=self.validate).rsample()
+        picks = Categorical(logits=h[0], validate_args=self.validate).sample()  # [T]
+        drawn = torch.multinomial(h[0].softmax(-1), 1)  # the device's own generator
+        h = h + noise * 0.01 + (picks + drawn[:, 0]).to(h.dtype)[None, :, None] * 0.001
+        return torch.maximum(h, torch.tensor(-1.0)) * torch.tensor(0.5)  # 0-dim CPU: scalars
+
+
+class Streams(nn.Module):
+    """Work on a side stream, joined back with wait_stream and record_stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(D, D)
+        self.b = nn.Linear(D, D)
+
+    def forward(self, x):
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            y = self.a(x)
+        z = self.b(x)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        y.record_stream(torch.cuda.current_stream(x.device))
+        return y + z
+
+
+def _pinned_inputs(devices):
+    """The batch waits in pinned host memory and is uploaded with non_blocking=True, as a
+    DataLoader(pin_memory=True) loop does: the run's inputs, declared."""
+    torch.manual_seed(0)
+    model = LM().eval().to(devices[0])
+    ids = _tokens("cpu").pin_memory()
+    return model, lambda m: m(ids.to(devices[0], non_blocking=True)), devices[0]
+
+
+class HostState(nn.Module):
+    """A block with a bug of state kept on the host (`bug`), or none."""
+
+    def __init__(self, bug: str | None = None):
+        super().__init__()
+        self.bug = bug
+        self.proj = nn.Linear(D, D)
+        self.rnn = nn.LSTM(D, D, batch_first=True)
+        self.gains = [nn.Parameter(torch.ones(D))]  # a plain list: `.to()` never sees it
+        self.extra = nn.ParameterDict({"bias": nn.Parameter(torch.zeros(D))})
+        self.edges = torch.linspace(-1, 1, 5)  # a plain attribute: stays on the host
+        self.class_weight = torch.ones(D)  # a plain attribute: stays on the host
+        self.host_weights = {k: v.detach().clone() for k, v in self.proj.state_dict().items()}
+        self.special = torch.tensor([1, 3, 5])  # a plain attribute: stays on the host
+        self.keep = torch.arange(D) % 2 == 0  # a plain attribute: stays on the host
+
+    def forward(self, x):  # [1, T, D]
+        bug = self.bug
+        if bug == "lstm-h0-without-device":
+            h0 = torch.zeros(1, x.shape[0], D)  # no device=
+            x, _ = self.rnn(x, (h0, h0))
+        else:
+            x, _ = self.rnn(x)
+        if bug == "polar-on-host":
+            inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))  # rebuilt on the host each call
+            table = torch.polar(
+                torch.ones(x.shape[1], D // 2), torch.arange(x.shape[1]).float()[:, None] * inv
+            )
+            z = torch.view_as_complex(x.unflatten(-1, (D // 2, 2)).contiguous())
+            x = torch.view_as_real(z * table.to(x.device)).flatten(-2)
+        if bug == "searchsorted-host-edges":
+            x = x + torch.searchsorted(self.edges, x.contiguous()).to(x.dtype)
+        if bug == "plain-list-parameter":
+            x = x * self.gains[0]
+        if bug == "dict-entry-after-to":
+            x = x + self.extra["late"]
+        if bug == "lazy-buffer":
+            if not hasattr(self, "running"):
+                self.register_buffer("running", torch.ones(D))  # made in forward, on the host
+            x = x * self.running
+        if bug == "host-multinomial":
+            generator = torch.Generator().manual_seed(0)
+            picks = torch.multinomial(x[0].softmax(-1), 1, generator=generator)
+            x = x + picks.to(x.dtype)[None]
+        if bug == "loss-weight-on-host":
+            target = x[0].argmax(-1)
+            return F.cross_entropy(x[0], target, weight=self.class_weight)[None, None, None] + x
+        if bug == "masked-fill-host-mask":
+            x = x.masked_fill(self.keep, 0.0)
+        if bug == "embedding-host-indices":
+            x = x + F.embedding(self.special, self.proj.weight).sum(0)
+        if bug == "functional-call-host-weights":
+            return torch.func.functional_call(self.proj, self.host_weights, (x,))
+        if bug == "new-tensor-per-call":
+            x = x * x.new_tensor([0.5] * D)  # host data uploaded on every call
+        if bug == "distribution-validated":
+            from torch.distributions import Normal
+
+            x = x + Normal(x, torch.ones_like(x)).mean  # validate_args by default: checked on the host
+        return self.proj(x)
+
+
+def _host_state(bug=None, prepare=None):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Wrapper(HostState(bug)).eval().to(devices[0])
+        if prepare is not None:
+            prepare(model)
+        return model, lambda m: m(_tokens(devices[0])), devices[0]
+
+    return build
+
+
+def _late_dict_entry(model):
+    model.inner.extra["late"] = nn.Parameter(torch.zeros(D))  # after .to(): on the host
+
+
+def _wrong_device_hook(devices):
+    """Two blocks on two GPUs; a forward pre-hook meant to bring block1's inputs to its device
+    sends them to "cuda:0" instead."""
+    torch.manual_seed(0)
+    model = SplitLM(_rope_block(True)(), _rope_block(True)()).eval()
+    _ROPE_CACHE.clear()
+    d0, d1 = devices
+    model.embed.to(d0)
+    model.block0.to(d0)
+    model.block1.to(d1)
+    model.head.to(d1)
+    model.block1_device = torch.device(d1)
+    model.block1.proj.register_forward_pre_hook(lambda mod, args: tuple(a.to("cuda:0") for a in args))
+    placement = {"": d0, "block1": d1, "head": d1}
+    return model, lambda m: m(_tokens(d0)), placement
+
+
+class Annotated(nn.Module):
+    """Profiler annotations (NVTX ranges, record_function), statistics under no_grad, a
+    0-dim CPU fill value, repeat_interleave with its output size, nonzero_static: no host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.register_buffer("mean", torch.zeros(D))
+
+    def forward(self, x):
+        with torch.cuda.nvtx.range("proj"), torch.autograd.profiler.record_function("proj"):
+            y = self.proj(x)
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(y.detach().mean((0, 1)), alpha=0.1)
+        y = y - self.mean
+        y = y.masked_fill(y.abs() > 10, torch.tensor(0.0))  # a 0-dim CPU value: read as a scalar
+        repeats = torch.ones(y.shape[1], dtype=torch.long, device=y.device)
+        y = y.repeat_interleave(repeats, dim=1, output_size=y.shape[1])  # no host read: size given
+        first = torch.nonzero_static(y[0, :, 0] > 0, size=2, fill_value=0)[:, 0]
+        return y + y[:, first].sum(1, keepdim=True)
+
+
+class OnCurrentDevice(nn.Module):
+    """Makes its noise on device="cuda" inside `torch.cuda.device(x.device)`: the current device
+    is the module's own, wherever that is."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        with torch.cuda.device(x.device):
+            noise = torch.zeros(x.shape, device="cuda")
+        return self.proj(x + noise)
+
+
+class Probe(nn.Module):
+    """A block with a host-side probe left in (`how`)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        how = self.how
+        if how == "event-timing":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            y = self.proj(x)
+            end.record()
+            end.synchronize()  # the host waits for the device to time it
+            self.ms = start.elapsed_time(end)
+            return y
+        if how == "boolean-mask-select":
+            x = x + x[x > 0].mean()  # a data-dependent shape: CUDA reads the count on the host
+        if how == "legacy-type-cast":
+            x = x * (x > 0).type(torch.FloatTensor)  # the legacy CPU type: a download
+        if how == "cat-host-zeros":
+            x = torch.cat([x, torch.zeros(x.shape[0], 1, D)], 1)[:, 1:]  # no device=
+        if how == "grad-hook-to-host" and x.requires_grad:
+            x.register_hook(lambda grad: grad.cpu())  # a gradient sent to the host
+        return self.proj(x)
+
+
+class CompiledStray(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.proj(x) + torch.arange(D).float()  # no device=
+
+
+def _compiled_inner():
+    return torch.compile(CompiledStray())
+
+
+def _on_second(make_inner):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Wrapper(make_inner()).eval().to(devices[1])
+        return model, lambda m: m(_tokens(devices[1])), devices[1]
+
+    return build
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in (
@@ -1376,6 +1764,175 @@ CASES: dict[str, Case] = {
             (TRANSFER, "inner"),
             "StepCounter.forward",
             why="torch.tensor([[step]], device=...) on every call: an upload from host data",
+        ),
+        # round three: clean
+        Case("hf-mistral-sliding", _hf3("mistral-sliding"), None),
+        Case("hf-qwen3-moe", _hf3("qwen3-moe"), None),
+        Case("hf-olmoe", _hf3("olmoe"), None),
+        Case("hf-deepseek-v3", _hf3("deepseek-v3"), None, why="MLA attention, grouped top-k routing"),
+        Case("hf-vit", _hf3("vit"), None),
+        Case("hf-clip-vision", _hf3("clip-vision"), None),
+        Case("hf-whisper", _hf3("whisper"), None, why="a conv front end, an encoder-decoder"),
+        Case("hf-mamba", _hf3("mamba"), None, why="the slow path (no mamba kernels): a conv and a scan"),
+        Case("spectral", _wrapped(Spectral), None, why="torch.fft, complex64, a sparse COO buffer"),
+        Case("sampler", _wrapped(Sampler), None, why="distributions, multinomial, 0-dim CPU scalars"),
+        Case("streams", _wrapped(Streams), None, why="a side stream, wait_stream, record_stream"),
+        Case("pinned-inputs", _pinned_inputs, None, why="the run's inputs, uploaded from pinned memory"),
+        Case("host-state-none", _host_state(), None, why="the same block as the bugs below, without one"),
+        Case("probe-none", _wrapped(lambda: Probe("none")), None, why="the probe block without a probe"),
+        # round three: bugs
+        Case(
+            "lstm-h0-without-device",
+            _host_state("lstm-h0-without-device"),
+            (STRAY, "inner"),
+            "HostState.forward",
+            why="torch.zeros without device= for the LSTM's initial state: made on the host in a "
+            "device module (a stray, as the KV cache without device=), then CUDA refuses the LSTM",
+        ),
+        Case(
+            "polar-on-host",
+            _host_state("polar-on-host"),
+            (STRAY, "inner"),
+            "HostState.forward",
+            why="the complex rotary table computed on the host on every call, then uploaded",
+        ),
+        Case(
+            "searchsorted-host-edges",
+            _host_state("searchsorted-host-edges"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="boundaries kept as a plain attribute stay on the host: CUDA refuses searchsorted",
+        ),
+        Case(
+            "plain-list-parameter",
+            _host_state("plain-list-parameter"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="a Parameter in a plain list is no registered parameter: `.to()` leaves it behind",
+        ),
+        Case(
+            "dict-entry-after-to",
+            _host_state("dict-entry-after-to", prepare=_late_dict_entry),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="a ParameterDict entry added after `.to()` stays on the host",
+        ),
+        Case(
+            "lazy-buffer",
+            _host_state("lazy-buffer"),
+            (STRAY, "inner"),
+            "HostState.forward",
+            why="a buffer registered inside forward, made without device=: a host tensor made in a "
+            "device module, then CUDA refuses the product",
+        ),
+        Case(
+            "host-multinomial",
+            _host_state("host-multinomial"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="CUDA refuses a CPU generator for sampling a CUDA tensor",
+        ),
+        Case(
+            "loss-weight-on-host",
+            _host_state("loss-weight-on-host"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="cross_entropy's class weights on the host, the logits on the device: CUDA refuses",
+        ),
+        Case(
+            "masked-fill-host-mask",
+            _host_state("masked-fill-host-mask"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="masked_fill wants its mask on self's device",
+        ),
+        Case(
+            "embedding-host-indices",
+            _host_state("embedding-host-indices"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="F.embedding with host indices into a device table: CUDA refuses",
+        ),
+        Case(
+            "functional-call-host-weights",
+            _host_state("functional-call-host-weights"),
+            (MISMATCH, "inner.proj"),
+            "HostState.forward",
+            why="torch.func.functional_call swaps in a host state dict: the Linear runs with host "
+            "weights on device inputs",
+        ),
+        Case(
+            "new-tensor-per-call",
+            _host_state("new-tensor-per-call"),
+            (TRANSFER, "inner"),
+            "HostState.forward",
+            why="x.new_tensor(python data): an upload from host data on every call",
+        ),
+        Case(
+            "distribution-validated",
+            _host_state("distribution-validated"),
+            (SYNC, "inner"),
+            "HostState.forward",
+            why="torch.distributions validates its arguments by default: `constraint.check(value).all()` "
+            "read on the host, a sync on every call",
+        ),
+        Case(
+            "pre-hook-wrong-device",
+            _wrong_device_hook,
+            (TRANSFER, "block1.proj"),
+            "_wrong_device_hook.<locals>.<lambda>",
+            devices=2,
+            why="a forward pre-hook sends block1's inputs to cuda:0: an undeclared device-to-device "
+            "copy, then CUDA refuses the Linear",
+        ),
+        Case("annotated", _wrapped(Annotated), None, why="nvtx, record_function, static sizes"),
+        Case("current-device-context", _on_second(OnCurrentDevice), None, devices=2),
+        Case(
+            "event-timing",
+            _wrapped(lambda: Probe("event-timing")),
+            (SYNC, "inner"),
+            "Probe.forward",
+            why="timing with CUDA events: the host waits for the end event on every call",
+        ),
+        Case(
+            "boolean-mask-select",
+            _wrapped(lambda: Probe("boolean-mask-select")),
+            (SYNC, "inner"),
+            "Probe.forward",
+            why="x[x > 0] has a data-dependent shape: CUDA counts the mask on the host (nonzero)",
+        ),
+        Case(
+            "legacy-type-cast",
+            _wrapped(lambda: Probe("legacy-type-cast")),
+            (SYNC, "inner"),
+            "Probe.forward",
+            why="`.type(torch.FloatTensor)` is the CPU type: a download inside the model, then CUDA "
+            "refuses the product",
+        ),
+        Case(
+            "cat-host-zeros",
+            _wrapped(lambda: Probe("cat-host-zeros")),
+            (STRAY, "inner"),
+            "Probe.forward",
+            why="torch.zeros without device=: made on the host in a device module, then CUDA refuses the cat",
+        ),
+        Case(
+            "grad-hook-to-host",
+            _wrapped(lambda: Probe("grad-hook-to-host")),
+            (MISMATCH, None),
+            "trace_case",
+            modes=("grad",),
+            why="a tensor hook returns the gradient on the host: autograd refuses it after the hook "
+            "returns (\"hook '<lambda>' has changed the type of value (was torch.cuda.FloatTensor "
+            'got torch.FloatTensor)"), in the backward pass (module None), at the line that '
+            "called backward(), as on CUDA",
+        ),
+        Case(
+            "compiled-stray",
+            _wrapped(_compiled_inner),
+            (STRAY, "inner"),
+            "CompiledStray.forward",
+            why="torch.compile'd module whose code makes a tensor without device=",
         ),
         # bugs
         Case("child-traps", _wrapped(ChildTraps), None),

@@ -170,6 +170,9 @@ _DEVICE_ERROR = re.compile(
     # Legacy checks (convolutions) name tensor types: one CUDA type against one CPU type.
     r"\(torch\.cuda\.\w+\) and \w+ type \(torch\.(?!cuda\.)\w+\)|"
     r"\(torch\.(?!cuda\.)\w+\) and \w+ type \(torch\.cuda\.\w+\)|"
+    # Autograd's check of a tensor hook's result (check_variable_result): a gradient moved across.
+    r"\(was torch\.cuda\.\w+ got torch\.(?!cuda\.)\w+\)|\(was torch\.(?!cuda\.)\w+ got torch\.cuda\.\w+\)|"
+    r"was (?:CUDA|CPU) tensor got (?:CPU|CUDA) tensor|"
     # A kernel's own device assertion, and a CUDA tensor reaching an op with no CUDA kernel.
     r"is_cuda\(\) INTERNAL ASSERT|with arguments from the 'CUDA' backend",
     re.IGNORECASE,

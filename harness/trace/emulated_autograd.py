@@ -358,11 +358,26 @@ def _before(node, input_nr: int, grad):
     for hook in list((tensor._backward_hooks or {}).values()):
         result = hook(grad)
         if result is not None:
+            _check_hook_result(grad, result, hook)
             grad = result
     if tensor.retains_grad:
         with torch.no_grad():
             tensor.grad = grad.detach() if tensor.grad is None else tensor.grad + grad
     return grad
+
+
+def _check_hook_result(grad, result, hook) -> None:
+    """PyTorch's check of what a tensor hook returns (check_variable_result): the same tensor
+    type (backend and dtype: a CUDA gradient may not come back on the host) and size."""
+    name = getattr(hook, "__name__", None) or type(hook).__name__
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(f"expected Variable, but hook returned '{type(result).__name__}'")
+    if grad.type() != result.type():
+        raise RuntimeError(
+            f"hook '{name}' has changed the type of value (was {grad.type()} got {result.type()})"
+        )
+    if grad.shape != result.shape:
+        raise RuntimeError(f"hook '{name}' has changed the size of value")
 
 
 def reaches_cuda(outputs) -> bool:

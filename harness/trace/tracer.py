@@ -487,7 +487,7 @@ class Tracer(TorchDispatchMode):
         self._last_error: tuple[int, dict] | None = None  # the latest one seen leaving a module
         self._hooked = False  # whether some module has an offloading hook (accelerate's)
         self._root_by_global = False  # a TorchScript model: its calls are seen by `_module_call`
-        self._waits_patched: list[tuple[object, str, object]] = []  # (owner, name, the real one)
+        self._patched: list[tuple[object, str, object]] = []  # (owner, name, the real one)
         self._grad_mode = _grad_mode()
         # Bytes copied inside the model: direction -> bytes, in the first traced call and after it.
         self._moved = {"first": dict.fromkeys(DIRECTIONS, 0), "later": dict.fromkeys(DIRECTIONS, 0)}
@@ -621,6 +621,7 @@ class Tracer(TorchDispatchMode):
             self._encode = self._writer.encode
         self._watch_modules()
         self._watch_host_waits()
+        self._watch_backward()
         self._root_by_global = isinstance(self.model, torch.jit.ScriptModule)
         if self.model is not None and not self._root_by_global:
             self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
@@ -649,9 +650,9 @@ class Tracer(TorchDispatchMode):
                 _ACTIVE.remove(self)
             self._active = False
             self._unwatch_modules()
-            for owner, name, real in reversed(self._waits_patched):
+            for owner, name, real in reversed(self._patched):
                 setattr(owner, name, real)
-            self._waits_patched = []
+            self._patched = []
             for h in self._hooks:
                 h.remove()
             self._hooks = []
@@ -693,8 +694,27 @@ class Tracer(TorchDispatchMode):
                     self._host_wait(args[0] if args else kwargs.get("device"))
                 return _real(*args, **kwargs)
 
-            self._waits_patched.append((owner, name, real))
+            self._patched.append((owner, name, real))
             setattr(owner, name, waits)
+
+    def _watch_backward(self) -> None:
+        """A backward pass runs outside every module's forward: a device error raised there
+        other than by an op (autograd's own checks of a gradient's device, of a hook's result)
+        is recorded where `backward()` / `torch.autograd.grad()` was called, also when the caller
+        catches it inside the `with` block."""
+        for name in ("backward", "grad"):
+            real = getattr(torch.autograd, name)
+
+            def runs(*args, _real=real, **kwargs):
+                try:
+                    return _real(*args, **kwargs)
+                except Exception as exc:
+                    if self._recording and get_ident() == self._thread and is_device_error(_error_text(exc)):
+                        self._raised(exc)
+                    raise
+
+            self._patched.append((torch.autograd, name, real))
+            setattr(torch.autograd, name, runs)
 
     def _host_wait(self, on) -> None:
         """Records a host wait; `on`: the device, a stream or an event waited for, or None."""
