@@ -311,3 +311,35 @@ def test_a_gradient_sent_to_the_host_by_a_tensor_hook_is_a_recorded_device_error
     first = t.summary.first_offence
     assert (first["class"], first["module"]) == (MISMATCH, None), first
     assert "test_a_gradient_sent_to_the_host" in first["source"]
+
+
+def test_inputs_and_outputs_nested_in_a_users_own_objects_are_the_runs_edge():
+    """Uploads of tensors the call was given inside a dataclass, a dict of lists or a plain
+    object, and downloads returned inside a dataclass, are the run's inputs and outputs."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        y: torch.Tensor
+        kept: dict
+
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, batch, box):
+            x = batch["x"][0].to("cuda:0") + box.t.to("cuda:0")
+            y = self.proj(x)
+            return Out(y, {"host": [y.detach().cpu()]})
+
+    model = Model().to("cuda:0")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:
+        model({"x": [torch.ones(2, 4)]}, Box(torch.ones(4)))
+    assert t.summary.verdict == "clean", t.summary.first_offence
+    moved = sorted((e.transfer["from"], e.transfer["to"], e.cls) for e in t.events if e.transfer)
+    assert moved == [("cpu", "cuda:0", ALLOWED)] * 2 + [("cuda:0", "cpu", ALLOWED)]

@@ -1535,6 +1535,51 @@ def _on_second(make_inner):
     return build
 
 
+@dataclass
+class Batch:
+    """A user's batch object, as a collate function makes it: on the host until the model moves it."""
+
+    ids: torch.Tensor
+    extras: dict
+
+    def to(self, device):
+        return Batch(self.ids.to(device), {k: [t.to(device) for t in v] for k, v in self.extras.items()})
+
+
+@dataclass
+class Prediction:
+    logits: torch.Tensor
+    lengths: torch.Tensor  # on the host, for the caller's bookkeeping
+
+
+class BatchModel(nn.Module):
+    """Takes a batch object on the host and moves it itself; returns a dataclass whose lengths
+    are downloaded for the caller (both the run's own edge: its inputs and outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, batch: Batch):
+        batch = batch.to(self.embed.weight.device)
+        mask = batch.extras["mask"][0]
+        x = self.embed(batch.ids) * mask[..., None]
+        return Prediction(self.head(x), mask.sum(-1).cpu())
+
+
+def _batch_inputs(devices):
+    torch.manual_seed(0)
+    model = BatchModel().eval().to(devices[0])
+    ids = _tokens("cpu")
+    batch = Batch(ids, {"mask": [torch.ones(ids.shape)]})
+
+    def run(m):
+        return m(batch).logits
+
+    return model, run, devices[0]
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in (
@@ -1779,6 +1824,13 @@ CASES: dict[str, Case] = {
         Case("streams", _wrapped(Streams), None, why="a side stream, wait_stream, record_stream"),
         Case("pinned-inputs", _pinned_inputs, None, why="the run's inputs, uploaded from pinned memory"),
         Case("host-state-none", _host_state(), None, why="the same block as the bugs below, without one"),
+        Case(
+            "batch-object",
+            _batch_inputs,
+            None,
+            why="a dataclass batch (a dict of lists inside) uploaded by the model: the run's inputs; "
+            "a dataclass result with a download in it: the run's output",
+        ),
         Case("probe-none", _wrapped(lambda: Probe("none")), None, why="the probe block without a probe"),
         # round three: bugs
         Case(

@@ -47,7 +47,7 @@ import sys
 import sysconfig
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from threading import get_ident
 from typing import Any
 
@@ -136,6 +136,38 @@ _FOLLOW = frozenset(
     }
 )
 _SEQUENCES = (list, tuple)
+_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device)
+
+
+def _tensors_in(x, limit: int = 1 << 12, depth: int = 6):
+    """The tensors a forward call's arguments or result hold, as deep as a user nests them:
+    in dicts and other mappings (transformers' BatchEncoding, ModelOutput), lists, tuples, sets,
+    dataclasses and plain objects' attributes (a user's batch class); numpy arrays are yielded
+    too, in the order they stand. Modules are not looked into (they are the model's, not the
+    call's)."""
+    seen: set[int] = set()
+    todo = [(x, 0)]
+    while todo and len(seen) < limit:
+        x, level = todo.pop()
+        if isinstance(x, _LEAVES) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, Tensor) or isinstance(getattr(x, "__array_interface__", None), dict):
+            yield x
+            continue
+        if level >= depth or isinstance(x, (torch.nn.Module, type)) or callable(x):
+            continue
+        if isinstance(x, Mapping):
+            items = x.values()
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            items = x
+        elif dataclasses.is_dataclass(x):
+            items = (getattr(x, f.name, None) for f in dataclasses.fields(x))
+        else:
+            items = getattr(x, "__dict__", {}).values()
+        todo.extend((item, level + 1) for item in reversed(list(items)))  # (in their order)
+
+
 _inference_mode_enabled = torch.is_inference_mode_enabled
 _getframe = sys._getframe
 _OUTSIDE = (None, None)  # (module path, expected device) outside the model
@@ -839,17 +871,16 @@ class Tracer(TorchDispatchMode):
         and its token ids: `input_ids`, else the first integer tensor argument."""
         inputs: dict[int, weakref.ref] = {}
         tokens = None
-        for a in (*args, *kwargs.values()):
-            for t in a.values() if isinstance(a, dict) else a if isinstance(a, _SEQUENCES) else (a,):
-                if isinstance(t, Tensor):
-                    inputs[id(t)] = weakref.ref(t)
-                    if (
-                        tokens is None
-                        and not t.dtype.is_floating_point
-                        and not t.dtype.is_complex
-                        and t.dtype != torch.bool
-                    ):
-                        tokens = t
+        for t in _tensors_in((args, kwargs)):
+            if isinstance(t, Tensor):
+                inputs[id(t)] = weakref.ref(t)
+                if (
+                    tokens is None
+                    and not t.dtype.is_floating_point
+                    and not t.dtype.is_complex
+                    and t.dtype != torch.bool
+                ):
+                    tokens = t
         ids = kwargs.get("input_ids")
         if isinstance(ids, Tensor):
             tokens = ids
@@ -1247,21 +1278,14 @@ class Tracer(TorchDispatchMode):
                 return
 
     def _settle_downloads(self, output) -> None:
-        """At the end of a forward call: its held downloads that it returns (inside tuples, lists,
-        dicts, transformers' ModelOutput; as numpy arrays too) are the run's edge; the others are
-        offences."""
+        """At the end of a forward call: its held downloads that it returns (anywhere in what
+        `_tensors_in` walks; as numpy arrays too) are the run's edge; the others are offences."""
         returned: dict[int, Tensor] = {}
         arrays = set()  # where returned numpy arrays keep their data (`.cpu().numpy()`)
-        todo = [output]
-        while todo and len(returned) + len(arrays) < 1 << 12:
-            x = todo.pop()
+        for x in _tensors_in(output):
             if isinstance(x, Tensor):
                 returned[id(x)] = x
-            elif isinstance(x, dict):
-                todo.extend(x.values())
-            elif isinstance(x, (list, tuple)):
-                todo.extend(x)
-            elif isinstance(getattr(x, "__array_interface__", None), dict):
+            else:
                 arrays.add(x.__array_interface__["data"][0])
         kept = set()
         for key, (ref, index) in self._downloaded.items():
