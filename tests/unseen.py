@@ -1580,6 +1580,85 @@ def _batch_inputs(devices):
     return model, run, devices[0]
 
 
+class Masks(nn.Module):
+    """Boolean-mask writes and random draws on the device (`bug`: a host read of a mask)."""
+
+    def __init__(self, bug: str | None = None):
+        super().__init__()
+        self.bug = bug
+        self.proj = nn.Linear(D, D)
+        self.bag = nn.EmbeddingBag(VOCAB, D, mode="sum")
+        self.host_offsets = torch.tensor([0, 2])  # a plain attribute: stays on the host
+
+    def forward(self, x):
+        x = self.proj(x).clone()
+        x[x.abs() > 3] = 0.0  # a scalar through a device mask: masked_fill, no host read
+        x = x + F.dropout(x, 0.1, training=True) * 0 + torch.bernoulli(torch.full_like(x, 0.5)) * 0
+        order = torch.randperm(x.shape[1], device=x.device)
+        picks = torch.randint(0, VOCAB, (4,), device=x.device)
+        if self.bug == "bag-host-offsets":
+            bag = self.bag(picks, self.host_offsets)
+        else:
+            offsets = torch.arange(0, 4, 2, device=x.device)
+            bag = self.bag(picks, offsets, per_sample_weights=torch.ones(4, device=x.device))
+        x = x[:, order.sort().values] + bag.sum(0)
+        if self.bug == "where-one-argument":
+            rows, cols = torch.where(x[0] > 0)  # nonzero: CUDA counts on the host
+            x = x + x[0, rows, cols].sum()
+        return x
+
+
+class Ensemble(nn.Module):
+    """Model ensembling with torch.func: stacked states, vmap over functional_call."""
+
+    def __init__(self):
+        super().__init__()
+        self.members = nn.ModuleList(nn.Linear(D, D) for _ in range(3))
+
+    def forward(self, x):
+        from torch.func import functional_call, stack_module_state, vmap
+
+        params, buffers = stack_module_state(list(self.members))
+        base = self.members[0]
+
+        def one(p, b, v):
+            return functional_call(base, (p, b), (v,))
+
+        return vmap(one, in_dims=(0, 0, None))(params, buffers, x).mean(0)
+
+
+class ReentrantCheckpoint(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        if torch.is_grad_enabled():
+            return checkpoint(self.block, x, use_reentrant=True, preserve_rng_state=True)
+        return self.block(x)
+
+
+def _built_under_device_context(devices):
+    """The model built under `with torch.device(...)` (factories without device= land there),
+    another built on meta and materialized with to_empty(); both run under the context too."""
+    torch.manual_seed(0)
+    with torch.device(devices[0]):
+        model = LM("positions-without-device").eval()  # arange without device=: on the device here
+    with torch.device("meta"):
+        head = nn.Linear(VOCAB, VOCAB)
+    head = head.to_empty(device=devices[0])
+    head.reset_parameters()
+    model.head2 = head
+
+    def run(m):
+        with torch.device(devices[0]):
+            return m.head2(m(_tokens(devices[0])))
+
+    return model, run, devices[0]
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in (
@@ -1830,6 +1909,24 @@ CASES: dict[str, Case] = {
             None,
             why="a dataclass batch (a dict of lists inside) uploaded by the model: the run's inputs; "
             "a dataclass result with a download in it: the run's output",
+        ),
+        Case("masks", _wrapped(Masks), None, why="x[mask] = scalar, dropout, randperm, EmbeddingBag"),
+        Case("ensemble-vmap", _wrapped(Ensemble), None, why="torch.func: stack_module_state, vmap"),
+        Case("checkpoint-reentrant", _wrapped(ReentrantCheckpoint), None, why="the CUDA RNG state kept"),
+        Case("device-context", _built_under_device_context, None, why="torch.device(...) as a context"),
+        Case(
+            "where-one-argument",
+            _wrapped(lambda: Masks("where-one-argument")),
+            (SYNC, "inner"),
+            "Masks.forward",
+            why="torch.where(cond) is nonzero: CUDA counts the matches on the host",
+        ),
+        Case(
+            "bag-host-offsets",
+            _wrapped(lambda: Masks("bag-host-offsets")),
+            (MISMATCH, "inner.bag"),
+            "Masks.forward",
+            why="EmbeddingBag offsets kept on the host: CUDA refuses them beside device indices",
         ),
         Case("probe-none", _wrapped(lambda: Probe("none")), None, why="the probe block without a probe"),
         # round three: bugs

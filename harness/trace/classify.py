@@ -392,7 +392,12 @@ class Classifier:
             home = ins[0][0] if ins else "cpu"
             indices = ins[1:-1] if kind == K_INDEX_PUT else ins[1:]
             if home != "cpu":
-                if any(s[0] != "cpu" and s[1] == "bool" for s in indices):
+                # (x[mask] = scalar is masked_fill_ on CUDA: no count of the mask; `accumulate`
+                # is not recorded, and is taken as False, as `x[...] = v` passes it)
+                fills = kind == K_INDEX_PUT and rules.index_put_is_masked_fill(
+                    rules.recorded_operands(event.op, ins)
+                )
+                if not fills and any(s[0] != "cpu" and s[1] == "bool" for s in indices):
                     cls = ALLOWED if event.module is None else SYNC  # nonzero of a device mask
                     event.cls = cls
                     return cls

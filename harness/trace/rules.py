@@ -33,6 +33,7 @@ __all__ = [
     "RULE_DOCS",
     "Layout",
     "Operand",
+    "index_put_is_masked_fill",
     "layout",
     "live_operands",
     "recorded_operands",
@@ -430,15 +431,24 @@ def _check_index(ops, wrapper, accumulate) -> str | None:
     return None
 
 
+def index_put_is_masked_fill(ops: Sequence[Operand], accumulate: bool = False) -> bool:
+    """Whether CUDA runs this `index_put_` (x[mask] = v) as `self.masked_fill_(mask, v.item())`
+    (canDispatchToMaskedFill): not accumulating, a one-element CPU value, and one index, a bool or
+    uint8 mask on self's device. The mask is then never counted on the host (no nonzero)."""
+    self, value = _first(ops, "self"), _first(ops, "values")
+    if accumulate or self is None or value is None or value.numel != 1 or value.device != "cpu":
+        return False
+    indices = [o for o in ops if o.name == "indices"]
+    return len(indices) == 1 and indices[0].dtype in ("bool", "uint8") and indices[0].device == self.device
+
+
 def _check_index_put(ops, wrapper, accumulate) -> str | None:
     self, value = _first(ops, "self"), _first(ops, "values")
     if self is None or value is None:
         return _same_device(ops, wrapper)
     dev = self.device
-    if not accumulate and value.numel == 1 and value.device == "cpu":
-        indices = [o for o in ops if o.name == "indices"]
-        if len(indices) == 1 and indices[0].dtype in ("bool", "uint8") and indices[0].device == dev:
-            return None  # canDispatchToMaskedFill: self.masked_fill_(mask, value.item())
+    if index_put_is_masked_fill(ops, accumulate):
+        return None
     vdev = value.device
     if vdev != dev and value.dim == 0:
         vdev = dev  # moved
