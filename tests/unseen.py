@@ -9,14 +9,22 @@ such as a causal mask built without `device=`, `.tolist()` in forward, a rotary 
 the first device, a buffer registered after `.to()`. Traps that must NOT be flagged sit beside
 them: 0-dim CPU tensors and Python scalars in arithmetic, `new_zeros`, `.to(same device)`,
 zero-byte copies, channels_last, non-contiguous views, TorchScript, accelerate's offload.
+Round three adds transformers' Qwen3-MoE, OLMoE, DeepSeek-V3 (MLA), Mistral with a sliding
+window, ViT, CLIP's vision tower, Whisper and Mamba (forward, generate, a training loss), fft,
+complex64 and sparse tensors, distributions, side streams and events, pinned inputs, a user's
+batch object, `torch.func`, `torch.device` as a context, expert parallelism over two GPUs; and
+bugs in state kept on the host (a plain list's Parameter, a ParameterDict entry added late, a
+lazily registered buffer, host boundaries, class weights, masks, indices, a functional_call
+state dict), an LSTM's initial state, a host complex rotary table, hooks that move inputs or
+gradients, CUDA-event timing, a boolean-mask select, legacy tensor types, a compiled module.
 
 Each `Case` builds its model inside the accelerator (real CUDA or `EmulatedCuda(device_count=2)`),
 places it, and says what the tracer must find: `expect` = (class, module) of the first offence,
 and `where`, the function whose line the first offence must name; `expect=None`: the run must be
 clean. What class a bug is, where that is open to argument, is decided in the case's `why`.
 
-`scripts/unseen_bugs.py` runs every case in each grad mode with the placement inferred and given,
-and tabulates; `tests/test_unseen.py` runs a fast subset in CI.
+`scripts/unseen_bugs.py` runs every case in each grad mode with the placement inferred and given
+(or the one it names), and tabulates; `tests/test_unseen.py` runs a fast subset in CI.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ class Case:
         True  # with a known limit: whether real CUDA meets `expect` (False: a limit there too)
     )
     modes: tuple[str, ...] = ()  # the grad modes the bug shows in (others: a clean run); () all
+    # the placements it is judged with; () both. A deliberate round trip between devices in one
+    # call is a transfer unless declared (README: "declare a deliberate round trip with placement=")
+    placements: tuple[str, ...] = ()
 
     def expect_in(self, mode: str) -> tuple[str, str] | None:
         return self.expect if not self.modes or mode in self.modes else None
@@ -1412,7 +1423,9 @@ class HostState(nn.Module):
         if bug == "distribution-validated":
             from torch.distributions import Normal
 
-            x = x + Normal(x, torch.ones_like(x)).mean  # validate_args by default: checked on the host
+            # validate_args (the default, until torch.compile's first use turns it off for the
+            # process): the arguments are checked on the host
+            x = x + Normal(x, torch.ones_like(x), validate_args=True).mean
         return self.proj(x)
 
 
@@ -1657,6 +1670,88 @@ def _built_under_device_context(devices):
             return m.head2(m(_tokens(devices[0])))
 
     return model, run, devices[0]
+
+
+def _generate3(kind: str, **options):
+    """generate() of a round-three family: prefill and decode steps over its own cache (a
+    sliding-window cache, MoE routing per step, Mamba's conv and SSM states)."""
+
+    def build(devices):
+        model, _, device = _hf3(kind)(devices)
+
+        def run(m):
+            ids = _tokens(device)
+            mask = {} if kind == "mamba" else {"attention_mask": torch.ones_like(ids)}
+            return m.generate(
+                ids, max_new_tokens=3, pad_token_id=0, do_sample=False, **mask, **options
+            ).float()
+
+        return model, run, device
+
+    return build
+
+
+def _hf3_train(kind: str):
+    """A training forward with labels: the loss and, for MoE, the router's load-balancing loss."""
+
+    def build(devices):
+        model, _, device = _hf3(kind)(devices)
+        model.config.output_router_logits = True
+
+        def run(m):
+            ids = _tokens(device)
+            out = m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+            return out.loss
+
+        return model, run, device
+
+    return build
+
+
+def _host_positions(devices):
+    """The caller passes position_ids made without device= to a model on the GPU."""
+    model, _, device = _hf3("mistral-sliding")(devices)
+
+    def run(m):
+        ids = _tokens(device)
+        positions = torch.arange(ids.shape[1])[None]  # no device=
+        return m(input_ids=ids, position_ids=positions, use_cache=False).logits
+
+    return model, run, device
+
+
+class ExpertParallel(nn.Module):
+    """Experts split over two GPUs; the router's module sends each expert its tokens and brings
+    the results back (`bug`: one expert's result is not brought back)."""
+
+    def __init__(self, bug: bool = False):
+        super().__init__()
+        self.bug = bug
+        self.router = nn.Linear(D, 4)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(D, 32), nn.GELU(), nn.Linear(32, D)) for _ in range(4)
+        )
+
+    def forward(self, x):  # [1, T, D]
+        weights = self.router(x).softmax(-1)  # [1, T, 4], dense routing: no host reads
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            device = expert[0].weight.device
+            y = expert(x.to(device)) * weights[..., i, None].to(device)
+            out = out + (y if self.bug and i == 3 else y.to(x.device))
+        return out
+
+
+def _expert_parallel(bug: bool):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Wrapper(ExpertParallel(bug)).eval().to(devices[0])
+        for i in (2, 3):
+            model.inner.experts[i].to(devices[1])
+        placement = {"": devices[0], "inner.experts.2": devices[1], "inner.experts.3": devices[1]}
+        return model, lambda m: m(_tokens(devices[0])), placement
+
+    return build
 
 
 CASES: dict[str, Case] = {
@@ -1928,6 +2023,44 @@ CASES: dict[str, Case] = {
             "Masks.forward",
             why="EmbeddingBag offsets kept on the host: CUDA refuses them beside device indices",
         ),
+        Case("qwen3-moe-generate", _generate3("qwen3-moe"), None),
+        Case(
+            "mistral-sliding-generate",
+            _generate3("mistral-sliding"),
+            (TRANSFER, "model.layers.0.self_attn"),
+            "DynamicSlidingWindowLayer.lazy_initialization",
+            why="transformers' own: the sliding-window cache made in the first forward moves its "
+            "window size, a host tensor, to the device then (once per layer: the lazy set-up "
+            "inside a traced forward of llama-static-cache)",
+        ),
+        Case(
+            "mamba-generate",
+            _generate3("mamba"),
+            (TRANSFER, "backbone.layers.0.mixer"),
+            "LinearAttentionLayer.lazy_initialization",
+            why="transformers' own: Mamba's cache moves its length counter from the host in the "
+            "first forward (the same lazy set-up)",
+        ),
+        Case("qwen3-moe-train", _hf3_train("qwen3-moe"), None, why="the load-balancing loss"),
+        Case("expert-parallel", _expert_parallel(False), None, devices=2, placements=("given",)),
+        Case(
+            "expert-parallel-not-returned",
+            _expert_parallel(True),
+            (MISMATCH, "inner"),
+            "ExpertParallel.forward",
+            devices=2,
+            why="one expert's result stays on cuda:1: CUDA refuses the sum on cuda:0",
+            placements=("given",),
+        ),
+        Case(
+            "host-position-ids",
+            _host_positions,
+            (STRAY, "model"),
+            "find_packed_sequence_indices",
+            why="position_ids made without device= by the caller: transformers first computes on "
+            "them on the host (whether they pack several sequences: a stray in a device module), "
+            "then CUDA refuses the rotary embedding's product",
+        ),
         Case("probe-none", _wrapped(lambda: Probe("none")), None, why="the probe block without a probe"),
         # round three: bugs
         Case(
@@ -2022,8 +2155,9 @@ CASES: dict[str, Case] = {
             _host_state("distribution-validated"),
             (SYNC, "inner"),
             "HostState.forward",
-            why="torch.distributions validates its arguments by default: `constraint.check(value).all()` "
-            "read on the host, a sync on every call",
+            why="torch.distributions validating its arguments (the default, but that torch.compile "
+            "turns it off for the process when first used): `constraint.check(value).all()` read "
+            "on the host, a sync on every call",
         ),
         Case(
             "pre-hook-wrong-device",

@@ -414,7 +414,14 @@ class Classifier:
                 device = next((s[0] for s in ins if not _is_cpu_scalar(s)), ins[0][0])
             else:
                 device = None
-            if device is not None and device != expected and not _computes_nothing((*ins, *(outs or ()))):
+            # (a module whose submodules the placement spreads over several devices may compute
+            # on any of them: it hands its submodules their inputs and combines their results)
+            if (
+                device is not None
+                and device != expected
+                and not (self.placement is not None and self._places_on(event.module, device))
+                and not _computes_nothing((*ins, *(outs or ())))
+            ):
                 event.cls = STRAY
                 return STRAY
         event.cls = OK

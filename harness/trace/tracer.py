@@ -141,10 +141,10 @@ _LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch
 
 def _tensors_in(x, limit: int = 1 << 12, depth: int = 6):
     """The tensors a forward call's arguments or result hold, as deep as a user nests them:
-    in dicts and other mappings (transformers' BatchEncoding, ModelOutput), lists, tuples, sets,
-    dataclasses and plain objects' attributes (a user's batch class); numpy arrays are yielded
-    too, in the order they stand. Modules are not looked into (they are the model's, not the
-    call's)."""
+    in dicts and other mappings (transformers' BatchEncoding, ModelOutput), lists, tuples, sets
+    and dataclasses (a user's batch); numpy arrays are yielded too, in the order they stand.
+    Other objects are not looked into: a cache object passed in (transformers' past_key_values)
+    holds the model's state, whose uploads are the model's own, not the caller's inputs."""
     seen: set[int] = set()
     todo = [(x, 0)]
     while todo and len(seen) < limit:
@@ -164,7 +164,7 @@ def _tensors_in(x, limit: int = 1 << 12, depth: int = 6):
         elif dataclasses.is_dataclass(x):
             items = (getattr(x, f.name, None) for f in dataclasses.fields(x))
         else:
-            items = getattr(x, "__dict__", {}).values()
+            continue  # (not other objects' attributes: a KV cache passed in is state, not input)
         todo.extend((item, level + 1) for item in reversed(list(items)))  # (in their order)
 
 
