@@ -19,6 +19,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harness.trace import Tracer, rules
@@ -373,3 +374,43 @@ def test_a_module_spread_over_two_devices_may_compute_on_either():
         model(torch.ones(2, 4, device="cuda:0"))
     strays = [(e.module, e.op) for e in t.events if e.cls == STRAY]
     assert strays == [("1", "aten.mul.Tensor")], strays
+
+
+def test_ctc_loss_moves_tensor_lengths_to_the_host_itself():
+    """`_ctc_loss.Tensor` (ctc_loss_tensor) copies its lengths to the host whatever their device,
+    so CUDA accepts host lengths (the OpInfo sweep on the H100 saw it) and reads device ones there;
+    the int-list overload still wants log_probs and targets on one device."""
+    lp, tg = (
+        rules.Operand(n, "cuda:0", d, s)
+        for n, d, s in (("log_probs", "float32", (9, 2, 5)), ("targets", "int64", (2, 3)))
+    )
+    host = [rules.Operand(n, "cpu", "int64", (2,)) for n in ("input_lengths", "target_lengths")]
+    assert rules.refusal("aten._ctc_loss.Tensor", [lp, tg, *host]) is None
+    assert rules.refusal("aten._ctc_loss.default", [lp, tg._replace(device="cpu")]) is not None
+    log_probs = torch.randn(9, 2, 5).log_softmax(-1)
+    targets = torch.tensor([[1, 2, 3], [2, 3, 4]])
+    want = F.ctc_loss(log_probs, targets, torch.tensor([9, 9]), torch.tensor([3, 3]), reduction="sum")
+    model = nn.Sequential(nn.Identity()).to("cuda:0")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:
+        got = F.ctc_loss(
+            model(log_probs.to("cuda:0")),
+            targets.to("cuda:0"),
+            torch.tensor([9, 9]),
+            torch.tensor([3, 3]),
+            reduction="sum",
+        )
+    assert got.device == torch.device("cuda:0") and torch.allclose(got.cpu(), want)
+    assert [e.cls for e in t.events if e.op == "aten._ctc_loss.Tensor"] == [OK]
+
+
+def test_an_in_place_restride_of_a_device_tensor_is_followed():
+    """transpose_, t_, unsqueeze_, squeeze_, as_strided_ change a tensor's sizes and strides in
+    place (stft ends with one): the emulated tensor follows, as CUDA's would."""
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    y = x.to("cuda:0")
+    y.transpose_(0, 2)
+    y.unsqueeze_(0)
+    assert y.shape == (1, 4, 3, 2) and torch.equal(y.cpu(), x.transpose(0, 2)[None])
+    wave = torch.sin(torch.arange(64.0))
+    spec = torch.stft(wave.to("cuda:0"), 8, window=torch.hann_window(8, device="cuda:0"), return_complex=True)
+    assert torch.allclose(spec.cpu(), torch.stft(wave, 8, window=torch.hann_window(8), return_complex=True))

@@ -1754,6 +1754,81 @@ def _expert_parallel(bug: bool):
     return build
 
 
+def _hooked(kind: str):
+    """The LM with a user's hook on its second block: `item` logs its output's norm (a host read
+    on every call); `backward` keeps the gradients' norms of a module (a full backward hook)."""
+
+    def build(devices):
+        torch.manual_seed(0)
+        model = LM().eval().to(devices[0])
+        norms: list = []
+        if kind == "item":
+            model.layers[1].register_forward_hook(lambda mod, args, out: norms.append(out.norm().item()))
+        else:
+            model.layers[1].register_full_backward_hook(lambda mod, gin, gout: norms.append(gout[0].norm()))
+        return model, lambda m: m(_tokens(devices[0])), devices[0]
+
+    return build
+
+
+def _train_fused(devices):
+    """A training step with the fused AdamW (CUDA's one kernel for every parameter), a LR
+    schedule and clip_grad_norm_ over foreach kernels."""
+    torch.manual_seed(0)
+    model = LM().to(devices[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+
+    def run(m):
+        ids = _tokens(devices[0])
+        logits = m(ids)
+        if not torch.is_grad_enabled():
+            return logits
+        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+        loss.backward()
+        nn.utils.clip_grad_norm_(m.parameters(), 1.0, foreach=True)
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    return model, run, devices[0]
+
+
+class Speech(nn.Module):
+    """A spectrogram front end (`bug`: the window made without device=; or a CTC loss with
+    lengths computed on the device)."""
+
+    def __init__(self, bug: str | None = None):
+        super().__init__()
+        self.bug = bug
+        self.register_buffer("window", torch.hann_window(8), persistent=False)
+        self.proj = nn.Linear(5, VOCAB)
+
+    def forward(self, wave):  # [2, 64]
+        window = torch.hann_window(8) if self.bug == "stft-host-window" else self.window
+        spec = torch.stft(wave, 8, hop_length=4, window=window, return_complex=True).abs()  # [2, 5, 17]
+        log_probs = self.proj(spec.transpose(1, 2)).log_softmax(-1).transpose(0, 1)  # [17, 2, V]
+        if self.bug == "ctc-device-lengths":
+            # (no CTC loss is clean on CUDA: it uploads host targets itself, and PyTorch 2.13 copies
+            # device targets to the host to ask whether MIOpen could run it)
+            targets = torch.arange(1, 7, device=wave.device).reshape(2, 3)
+            lengths = torch.full((2,), log_probs.shape[0], device=wave.device)  # read on the host
+            return log_probs + F.ctc_loss(log_probs, targets, lengths, lengths.new_full((2,), 3))
+        return log_probs
+
+
+def _speech(bug=None):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Wrapper(Speech(bug)).to(devices[0]).eval()
+        wave = torch.sin(torch.arange(2 * 64, dtype=torch.float32).reshape(2, 64) / 3).to(devices[0])
+        model.forward = lambda w: model.inner(w)  # the wrapper's embedding and head: not for audio
+        return model, lambda m: m(wave), devices[0]
+
+    return build
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in (
@@ -2060,6 +2135,31 @@ CASES: dict[str, Case] = {
             why="position_ids made without device= by the caller: transformers first computes on "
             "them on the host (whether they pack several sequences: a stray in a device module), "
             "then CUDA refuses the rotary embedding's product",
+        ),
+        Case("full-backward-hook", _hooked("backward"), None, why="a module's gradients kept by a hook"),
+        Case("train-fused-adamw", _train_fused, None, why="fused AdamW, foreach clipping, a schedule"),
+        Case("speech-stft", _speech(), None, why="stft with a device window (its C++ ends in transpose_)"),
+        Case(
+            "forward-hook-item",
+            _hooked("item"),
+            (SYNC, "layers.1"),
+            "_hooked.<locals>.build.<locals>.<lambda>",
+            why="a forward hook that logs `.item()`: the host reads the device inside the module's call",
+        ),
+        Case(
+            "stft-host-window",
+            _speech("stft-host-window"),
+            (STRAY, "inner"),
+            "Speech.forward",
+            why="hann_window without device= computes on the host in a device module, then CUDA refuses stft",
+        ),
+        Case(
+            "ctc-device-lengths",
+            _speech("ctc-device-lengths"),
+            (SYNC, "inner"),
+            "Speech.forward",
+            why="ctc_loss reads its lengths on the host: lengths on the device are copied back first "
+            "(and PyTorch 2.13 copies the device targets back too, at the same line)",
         ),
         Case("probe-none", _wrapped(lambda: Probe("none")), None, why="the probe block without a probe"),
         # round three: bugs

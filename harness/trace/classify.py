@@ -131,6 +131,14 @@ def _lengths_checked(args, kwargs) -> bool:
     return isinstance(kwargs.get("lengths"), torch.Tensor) and not kwargs.get("unsafe", False)
 
 
+def _ctc_lengths_on_device(first: int):
+    # _ctc_loss(_backward).Tensor moves its lengths (arguments `first`, `first` + 1) to the host.
+    def reads(args, kwargs) -> bool:
+        return any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args[first : first + 2])
+
+    return reads
+
+
 # Ops that read device data on the host only for some arguments (or overloads): op -> (args,
 # kwargs) -> whether this call does. The tracer asks before the op runs (`Event.waits`).
 SYNC_UNLESS = {
@@ -153,6 +161,8 @@ SYNC_UNLESS = {
     "aten.normal.Tensor_Tensor": _always,
     "aten.normal.float_Tensor": _always,
     "aten.segment_reduce.default": _lengths_checked,
+    "aten._ctc_loss.Tensor": _ctc_lengths_on_device(2),
+    "aten._ctc_loss_backward.Tensor": _ctc_lengths_on_device(3),
 }
 INDEX_GET = frozenset({"index", "_unsafe_index"})  # (self, *indices)
 # (self, *indices, value)

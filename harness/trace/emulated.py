@@ -58,13 +58,16 @@ How it works:
   exit and given back on the next entry (a model loaded in one block keeps the constants it made
   at load when traced in another).
 
-Limits: the emulated backward does not run hooks registered on autograd nodes themselves nor
-`nn.Module` full backward hooks (it raises `EmulationUnsupported` for the latter);
+Limits: the emulated backward does not run hooks registered on PyTorch's C++ autograd nodes
+themselves (`nn.Module` full backward hooks run: `harness.trace.emulated_autograd`);
 `Tensor.as_subclass` of an emulated tensor is refused (it is a wrapper subclass already);
-in-place changes of an emulated tensor's shape (`resize_` to a new size, `set_`, `unsqueeze_`,
-...) raise `EmulationUnsupported`; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
-streams and events are not emulated but for each device's one stream (`torch.cuda.current_stream()`,
-nothing pending on it; without a GPU), and `torch.accelerator` answers for CUDA; the patches are process-wide, so one
+in-place changes of an emulated tensor's storage or size (`resize_` to a new size, `set_`) raise
+`EmulationUnsupported` (in-place restrides, `transpose_`, `unsqueeze_`, `as_strided_`, ... are
+followed); the CUDA RNG is the CPU one (same values as the CPU, not as a GPU; `get_rng_state` /
+`fork_rng` work on it); streams (`torch.cuda.Stream`, `stream()`, `set_stream`, `record_stream`)
+and events are stand-ins on which nothing is ever pending (without a GPU); pinned host memory
+is ordinary host memory the emulation remembers as pinned; NVTX ranges mark nothing;
+`torch.accelerator` answers for CUDA; the patches are process-wide, so one
 thread at a time (jobs given to a `concurrent.futures.ThreadPoolExecutor` inside a block run under
 it in their worker threads: transformers loads weights so). A bare device number is a CUDA device,
 as on a CUDA build (`torch.device(1)`, `module.to(0)`: accelerate's device maps). On a machine with real CUDA the emulation works too: real CUDA tensors made
@@ -419,6 +422,8 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
         device = _resolve(device)
     elif plan.rule == rules.SCATTER:
         device = args[0].device  # a clone of self, whatever src's device
+    elif plan.rule == rules.CTC_LENGTHS:  # computed where log_probs are; the lengths go to the host
+        device = (args[1] if plan.name == "_ctc_loss_backward" else args[0]).device
     else:
         device = next((t.device for t in _tensors(args, kwargs) if _is_accel(t.device)), CPU)
         if not device_arg and device.type != "cpu":
@@ -431,6 +436,8 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     if plan.meta_mutating:
         self = args[0]
         if isinstance(self, EmulatedTensor):
+            if plan.name in _INPLACE_VIEWS:
+                return _inplace_view(func, plan, self, args, kwargs)
             target = args[1].shape if plan.name == "resize_as_" else args[1]
             if plan.name in ("resize_", "resize_as_") and tuple(target) == tuple(self.shape):
                 return self
@@ -505,6 +512,38 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
                     f"{list(inner.shape)}, which the emulation cannot follow",
                 )
     return result
+
+
+# In-place view ops (Tag.inplace_view) that only restride their tensor: done to the CPU data, then
+# to the wrapper's own sizes and strides by the op's meta kernel (as PyTorch's
+# return_and_correct_aliasing does for wrapper subclasses). stft ends with `out.transpose_(1, 2)`.
+_INPLACE_VIEWS = frozenset(
+    ["squeeze_", "unsqueeze_", "t_", "transpose_", "swapaxes_", "swapdims_", "as_strided_"]
+)
+
+
+def _inplace_view(func, plan: _Plan, self: EmulatedTensor, args, kwargs) -> EmulatedTensor:
+    rest = args[1:]
+    func(self.data_cpu, *rest, **kwargs)
+    with torch.utils._mode_utils.no_dispatch():
+        meta_in_tls = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            func(self, *rest, **kwargs)
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
+    inner = self.data_cpu
+    if (self.shape, self.stride(), self.storage_offset()) != (
+        inner.shape,
+        inner.stride(),
+        inner.storage_offset(),
+    ):
+        raise EmulationUnsupported(
+            None,
+            plan.op,
+            f"restrided a tensor on {self.device} in place in a way the emulation cannot follow",
+        )
+    return self
 
 
 def _names_cuda_device(args, kwargs) -> bool:
