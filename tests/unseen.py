@@ -10,8 +10,8 @@ the first device, a buffer registered after `.to()`. Traps that must NOT be flag
 them: 0-dim CPU tensors and Python scalars in arithmetic, `new_zeros`, `.to(same device)`,
 zero-byte copies, channels_last, non-contiguous views, TorchScript, accelerate's offload.
 Round three adds transformers' Qwen3-MoE, OLMoE, DeepSeek-V3 (MLA), Mistral with a sliding
-window, ViT, CLIP's vision tower, Whisper and Mamba (forward, generate, a training loss), fft,
-complex64 and sparse tensors, distributions, side streams and events, pinned inputs, a user's
+window, GPT-OSS, Jamba, ViT, CLIP's vision tower, Whisper and Mamba (forward, generate, a
+training loss), fft, complex64 and sparse tensors, distributions, side streams and events, pinned inputs, a user's
 batch object, `torch.func`, `torch.device` as a context, expert parallelism over two GPUs; and
 bugs in state kept on the host (a plain list's Parameter, a ParameterDict entry added late, a
 lazily registered buffer, host boundaries, class weights, masks, indices, a functional_call
@@ -1257,6 +1257,39 @@ _HF3 = {
         ),
         "audio",
     ),
+    "gpt-oss": (
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        dict(
+            _DECODER,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "ids",
+    ),
+    "jamba": (
+        "JambaForCausalLM",
+        "JambaConfig",
+        dict(
+            _DECODER,
+            num_key_value_heads=1,
+            num_experts=2,
+            num_experts_per_tok=1,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            mamba_d_state=4,
+            mamba_d_conv=2,
+            mamba_expand=2,
+            use_mamba_kernels=False,
+        ),
+        "ids",
+    ),
     "mamba": (
         "MambaForCausalLM",
         "MambaConfig",
@@ -2068,6 +2101,15 @@ CASES: dict[str, Case] = {
         Case("hf-clip-vision", _hf3("clip-vision"), None),
         Case("hf-whisper", _hf3("whisper"), None, why="a conv front end, an encoder-decoder"),
         Case("hf-mamba", _hf3("mamba"), None, why="the slow path (no mamba kernels): a conv and a scan"),
+        Case("hf-gpt-oss", _hf3("gpt-oss"), None, why="MoE experts, attention sinks, sliding layers"),
+        Case(
+            "hf-jamba-mask-read",
+            _hf3("jamba"),
+            (SYNC, "model"),
+            "create_recurrent_attention_mask",
+            why="transformers' own: Jamba asks `torch.all(attention_mask == 1)` on the host on every "
+            "call, to skip the recurrent layers' mask (as BERT's _ignore_bidirectional_mask_sdpa)",
+        ),
         Case("spectral", _wrapped(Spectral), None, why="torch.fft, complex64, a sparse COO buffer"),
         Case("sampler", _wrapped(Sampler), None, why="distributions, multinomial, 0-dim CPU scalars"),
         Case("streams", _wrapped(Streams), None, why="a side stream, wait_stream, record_stream"),
