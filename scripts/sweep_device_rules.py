@@ -50,7 +50,6 @@ from sweep_common import (  # noqa: E402
 
 # Disagreements known and left alone (ops far from inference code); the sweep lists them apart.
 KNOWN_DIFFERENCES = {
-    "nn.functional.ctc_loss": "CUDA's CTC loss moves targets and lengths from any device itself",
     "nn.functional.binary_cross_entropy_with_logits": "its decomposition takes a CPU-scalar self only",
     "nn.functional.bilinear": "with zero-size inputs, CUDA skips the device check",
     "linalg.pinv": "with zero-size inputs, CUDA skips the device check",

@@ -58,6 +58,8 @@ def run_all(backend: str, names: list[str], modes: list[str], placements: list[s
         case = CASES[name]
         for mode in modes:
             for placement in placements:
+                if case.placements and placement not in case.placements:
+                    continue
                 with _accelerator(backend):
                     o = trace_case(name, mode, placement)
                 expect = case.expect_in(mode)

@@ -193,11 +193,13 @@ def test_refusal_answers_without_running(emu):
     assert emulated.refusal(torch.ops.aten.add.Tensor, (a, torch.tensor(1.0))) is None
 
 
-def test_shape_changes_in_place_are_refused(emu):
+def test_size_changes_in_place_are_refused_restrides_followed(emu):
     x = torch.zeros(2, 3, device="cuda")
     x.resize_(2, 3)  # same shape: fine
-    with pytest.raises(EmulationUnsupported, match="aten::unsqueeze_: would change the shape"):
-        x.unsqueeze_(0)
+    with pytest.raises(EmulationUnsupported, match="aten::resize_: would change the shape"):
+        x.resize_(4, 3)
+    x.unsqueeze_(0)  # a restride in place: the wrapper follows its data
+    assert x.shape == x.data_cpu.shape == (1, 2, 3) and x.stride() == x.data_cpu.stride()
 
 
 def test_without_a_device_guard_autograd_is_refused_not_aborted(monkeypatch):

@@ -152,9 +152,16 @@ def test_autograd_grad_double_backward_hooks_and_retained_grads():
             z.backward()
 
         model = torch.nn.Linear(3, 1).cuda()
-        model.register_full_backward_hook(lambda *a: None)
-        with pytest.raises(EmulationUnsupported, match="backward hooks"):
-            model(x).sum().backward()
+        seen = []
+        model.register_full_backward_pre_hook(lambda m, grad_out: (grad_out[0] * 2,))
+        model.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append((grad_in, grad_out)))
+        x.grad = None
+        model(x).sum().backward()
+        (grad_in,), (grad_out,) = seen[0]  # the module's hooks ran, the pre-hook's gradient went on
+        assert grad_out.device == C0 and grad_out.cpu().tolist() == [2.0]
+        assert (
+            x.grad.cpu().tolist() == (2 * model.weight.detach().cpu()[0]).tolist() == grad_in.cpu().tolist()
+        )
 
 
 def test_slicing_with_device_scalars_and_moves_under_inference_mode():

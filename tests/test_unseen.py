@@ -1,8 +1,8 @@
 """The held-out cases of `tests/unseen.py` in CI, and the mechanisms they showed wrong, one fact each.
 
 Each case runs once, in one grad mode (rotated over the cases, so all three are covered), with
-its placement inferred; `scripts/unseen_bugs.py` runs every case in every grad mode with the
-placement inferred and given. They are `cuda` tests: real CUDA where there is a GPU
+its placement inferred (or the one it names); `scripts/unseen_bugs.py` runs every case in every
+grad mode with the placement inferred and given. They are `cuda` tests: real CUDA where there is a GPU
 (`pytest -m cuda`), else the emulated accelerator with two devices.
 
 Before the fixes these cases showed (`scripts/unseen_bugs.py` on main): host bookkeeping in a
@@ -19,6 +19,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harness.trace import Tracer, rules
@@ -51,7 +52,7 @@ def test_held_out_case(name, mode):
     known = case.known_in(mode)
     if known and not emulated and not case.cuda_checked:
         pytest.skip(f"a known limit, on real CUDA too: {known}")
-    o = trace_case(name, mode, "inferred")
+    o = trace_case(name, mode, case.placements[0] if case.placements else "inferred")
     if known and emulated:  # a limit of the emulation: the run is never judged clean
         assert o.crashed or o.verdict != "clean", o.describe()
         return
@@ -251,3 +252,165 @@ def test_the_encoders_nested_tensor_fast_path(device):
     else:
         first = t.summary.first_offence
         assert (first["class"], first["op"]) == (SYNC, "aten._nested_tensor_from_mask_left_aligned.default")
+
+
+# ---- round three --------------------------------------------------------------------------------
+
+
+def test_side_streams_and_events_run_and_a_wait_on_an_event_is_a_sync():
+    """torch.cuda.Stream / Event / stream() / record_stream work on the emulated devices as on a
+    GPU; an event's synchronize() inside the model is the host waiting (a sync)."""
+
+    class Side(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            side = torch.cuda.Stream(device=x.device)
+            with torch.cuda.stream(side):
+                assert torch.cuda.current_stream(x.device) == side
+                y = self.proj(x)
+            assert torch.cuda.current_stream(x.device) != side
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            y.record_stream(torch.cuda.current_stream(x.device))
+            done = side.record_event()
+            done.synchronize()
+            return y
+
+    model = nn.Sequential(Side()).to("cuda:0")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:
+        model(torch.ones(2, 4, device="cuda:0"))
+    first = t.summary.first_offence
+    assert (first["class"], first["module"], first["op"]) == (SYNC, "0", "cuda::synchronize")
+    assert t.summary.counts[SYNC] == 1, t.summary.counts
+
+
+def test_pinned_host_memory_and_its_non_blocking_upload():
+    x = torch.arange(6.0).pin_memory()
+    assert x.is_pinned() and x[2:].is_pinned() and not torch.ones(2).is_pinned()
+    assert torch.empty(3, pin_memory=True).is_pinned()
+    model = nn.Sequential(nn.Linear(6, 2)).to("cuda:0")
+    with torch.no_grad(), Tracer(model) as t:
+        model(x.to("cuda:0", non_blocking=True)[None])
+    assert t.summary.verdict == "clean" and t.summary.inside > 0
+
+
+def test_a_gradient_sent_to_the_host_by_a_tensor_hook_is_a_recorded_device_error():
+    """PyTorch checks what a tensor hook returns (check_variable_result) after the hook; the
+    error comes out of backward(), outside every module: recorded even when caught."""
+    model = nn.Sequential(nn.Linear(4, 4)).to("cuda:0")
+    with Tracer(model, keep_events=True) as t:
+        y = model(torch.ones(2, 4, device="cuda:0", requires_grad=True))
+        y.register_hook(lambda grad: grad.cpu())
+        with pytest.raises(RuntimeError) as raised:
+            y.sum().backward()
+    message = (
+        "hook '<lambda>' has changed the type of value (was torch.cuda.FloatTensor got torch.FloatTensor)"
+    )
+    assert str(raised.value) == message
+    first = t.summary.first_offence
+    assert (first["class"], first["module"]) == (MISMATCH, None), first
+    assert "test_a_gradient_sent_to_the_host" in first["source"]
+
+
+def test_inputs_and_outputs_nested_in_a_users_own_objects_are_the_runs_edge():
+    """Uploads of tensors the call was given inside a dataclass or a dict of lists, and
+    downloads returned inside a dataclass, are the run's inputs and outputs; a tensor held by
+    another object passed in (a cache, say) is state: its upload is the model's own."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        y: torch.Tensor
+        kept: dict
+
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, batch, box):
+            x = batch["x"][0].to("cuda:0") + box.t.to("cuda:0")
+            y = self.proj(x)
+            return Out(y, {"host": [y.detach().cpu()]})
+
+    model = Model().to("cuda:0")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:
+        model({"x": [torch.ones(2, 4)]}, Box(torch.ones(4)))
+    assert t.summary.first_offence["source"].endswith("Model.forward"), t.summary.first_offence
+    moved = sorted((e.transfer["from"], e.transfer["to"], e.cls) for e in t.events if e.transfer)
+    assert moved == [("cpu", "cuda:0", ALLOWED), ("cpu", "cuda:0", TRANSFER), ("cuda:0", "cpu", ALLOWED)]
+
+
+def test_a_module_spread_over_two_devices_may_compute_on_either():
+    """Expert parallelism: the module that hands experts on cuda:1 their tokens may weigh their
+    results there; a module placed on one device computing on another is still a stray."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+
+    class Combine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.near, self.far = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            w = x.sum(-1, keepdim=True)
+            far = self.far(x.to("cuda:1")) * w.to("cuda:1")  # weighed on cuda:1, in this module
+            return self.near(x) + far.to("cuda:0")
+
+    class Leaf(nn.Module):
+        def forward(self, x):
+            return (x.to("cuda:1") * 2).to("cuda:0")  # placed on cuda:0, computes on cuda:1
+
+    model = nn.Sequential(Combine(), Leaf()).to("cuda:0")
+    model[0].far.to("cuda:1")
+    placement = {"": "cuda:0", "0.far": "cuda:1"}
+    with torch.no_grad(), Tracer(model, placement=placement, keep_events=True) as t:
+        model(torch.ones(2, 4, device="cuda:0"))
+    strays = [(e.module, e.op) for e in t.events if e.cls == STRAY]
+    assert strays == [("1", "aten.mul.Tensor")], strays
+
+
+def test_ctc_loss_moves_tensor_lengths_to_the_host_itself():
+    """`_ctc_loss.Tensor` (ctc_loss_tensor) copies its lengths to the host whatever their device,
+    so CUDA accepts host lengths (the OpInfo sweep on the H100 saw it) and reads device ones there;
+    the int-list overload still wants log_probs and targets on one device."""
+    lp, tg = (
+        rules.Operand(n, "cuda:0", d, s)
+        for n, d, s in (("log_probs", "float32", (9, 2, 5)), ("targets", "int64", (2, 3)))
+    )
+    host = [rules.Operand(n, "cpu", "int64", (2,)) for n in ("input_lengths", "target_lengths")]
+    assert rules.refusal("aten._ctc_loss.Tensor", [lp, tg, *host]) is None
+    assert rules.refusal("aten._ctc_loss.default", [lp, tg._replace(device="cpu")]) is not None
+    log_probs = torch.randn(9, 2, 5).log_softmax(-1)
+    targets = torch.tensor([[1, 2, 3], [2, 3, 4]])
+    want = F.ctc_loss(log_probs, targets, torch.tensor([9, 9]), torch.tensor([3, 3]), reduction="sum")
+    model = nn.Sequential(nn.Identity()).to("cuda:0")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:
+        got = F.ctc_loss(
+            model(log_probs.to("cuda:0")),
+            targets.to("cuda:0"),
+            torch.tensor([9, 9]),
+            torch.tensor([3, 3]),
+            reduction="sum",
+        )
+    assert got.device == torch.device("cuda:0") and torch.allclose(got.cpu(), want)
+    assert [e.cls for e in t.events if e.op == "aten._ctc_loss.Tensor"] == [OK]
+
+
+def test_an_in_place_restride_of_a_device_tensor_is_followed():
+    """transpose_, t_, unsqueeze_, squeeze_, as_strided_ change a tensor's sizes and strides in
+    place (stft ends with one): the emulated tensor follows, as CUDA's would."""
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    y = x.to("cuda:0")
+    y.transpose_(0, 2)
+    y.unsqueeze_(0)
+    assert y.shape == (1, 4, 3, 2) and torch.equal(y.cpu(), x.transpose(0, 2)[None])
+    wave = torch.sin(torch.arange(64.0))
+    spec = torch.stft(wave.to("cuda:0"), 8, window=torch.hann_window(8, device="cuda:0"), return_complex=True)
+    assert torch.allclose(spec.cpu(), torch.stft(wave, 8, window=torch.hann_window(8), return_complex=True))

@@ -9,14 +9,22 @@ such as a causal mask built without `device=`, `.tolist()` in forward, a rotary 
 the first device, a buffer registered after `.to()`. Traps that must NOT be flagged sit beside
 them: 0-dim CPU tensors and Python scalars in arithmetic, `new_zeros`, `.to(same device)`,
 zero-byte copies, channels_last, non-contiguous views, TorchScript, accelerate's offload.
+Round three adds transformers' Qwen3-MoE, OLMoE, DeepSeek-V3 (MLA), Mistral with a sliding
+window, GPT-OSS, Jamba, ViT, CLIP's vision tower, Whisper and Mamba (forward, generate, a
+training loss), fft, complex64 and sparse tensors, distributions, side streams and events, pinned inputs, a user's
+batch object, `torch.func`, `torch.device` as a context, expert parallelism over two GPUs; and
+bugs in state kept on the host (a plain list's Parameter, a ParameterDict entry added late, a
+lazily registered buffer, host boundaries, class weights, masks, indices, a functional_call
+state dict), an LSTM's initial state, a host complex rotary table, hooks that move inputs or
+gradients, CUDA-event timing, a boolean-mask select, legacy tensor types, a compiled module.
 
 Each `Case` builds its model inside the accelerator (real CUDA or `EmulatedCuda(device_count=2)`),
 places it, and says what the tracer must find: `expect` = (class, module) of the first offence,
 and `where`, the function whose line the first offence must name; `expect=None`: the run must be
 clean. What class a bug is, where that is open to argument, is decided in the case's `why`.
 
-`scripts/unseen_bugs.py` runs every case in each grad mode with the placement inferred and given,
-and tabulates; `tests/test_unseen.py` runs a fast subset in CI.
+`scripts/unseen_bugs.py` runs every case in each grad mode with the placement inferred and given
+(or the one it names), and tabulates; `tests/test_unseen.py` runs a fast subset in CI.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ class Case:
         True  # with a known limit: whether real CUDA meets `expect` (False: a limit there too)
     )
     modes: tuple[str, ...] = ()  # the grad modes the bug shows in (others: a clean run); () all
+    # the placements it is judged with; () both. A deliberate round trip between devices in one
+    # call is a transfer unless declared (README: "declare a deliberate round trip with placement=")
+    placements: tuple[str, ...] = ()
 
     def expect_in(self, mode: str) -> tuple[str, str] | None:
         return self.expect if not self.modes or mode in self.modes else None
@@ -1147,6 +1158,710 @@ def _saved(devices):
     return model, lambda m: m(_tokens(devices[0])), devices[0]
 
 
+# ---- round three: more transformers families, complex and sparse tensors, streams, bugs in hooks --
+
+# (model class, config class, tiny sizes, the inputs' maker); `ids`: token ids (and an attention mask)
+_HF3 = {
+    "mistral-sliding": (
+        "MistralForCausalLM",
+        "MistralConfig",
+        dict(_DECODER, num_key_value_heads=1, head_dim=8, sliding_window=4),
+        "ids",
+    ),
+    "qwen3-moe": (
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        dict(
+            _DECODER,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+        ),
+        "ids",
+    ),
+    "olmoe": (
+        "OlmoeForCausalLM",
+        "OlmoeConfig",
+        dict(_DECODER, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2),
+        "ids",
+    ),
+    "deepseek-v3": (
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        dict(
+            _DECODER,
+            num_key_value_heads=2,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            q_lora_rank=8,
+            kv_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+        ),
+        "ids",
+    ),
+    "vit": (
+        "ViTForImageClassification",
+        "ViTConfig",
+        dict(
+            hidden_size=D,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=8,
+            patch_size=4,
+            num_labels=3,
+        ),
+        "pixels",
+    ),
+    "clip-vision": (
+        "CLIPVisionModel",
+        "CLIPVisionConfig",
+        dict(
+            hidden_size=D,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+        ),
+        "pixels",
+    ),
+    "whisper": (
+        "WhisperForConditionalGeneration",
+        "WhisperConfig",
+        dict(
+            d_model=D,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            num_mel_bins=8,
+            max_source_positions=8,
+            max_target_positions=16,
+            vocab_size=VOCAB,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        ),
+        "audio",
+    ),
+    "gpt-oss": (
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        dict(
+            _DECODER,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "ids",
+    ),
+    "jamba": (
+        "JambaForCausalLM",
+        "JambaConfig",
+        dict(
+            _DECODER,
+            num_key_value_heads=1,
+            num_experts=2,
+            num_experts_per_tok=1,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            mamba_d_state=4,
+            mamba_d_conv=2,
+            mamba_expand=2,
+            use_mamba_kernels=False,
+        ),
+        "ids",
+    ),
+    "mamba": (
+        "MambaForCausalLM",
+        "MambaConfig",
+        dict(hidden_size=D, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4),
+        "ids-only",
+    ),
+}
+
+
+def _hf3(kind: str):
+    def build(devices):
+        import transformers as tf
+
+        torch.manual_seed(0)
+        model_class, config_class, sizes, inputs = _HF3[kind]
+        sizes = {"vocab_size": VOCAB, **sizes} if inputs.startswith("ids") else sizes
+        config = getattr(tf, config_class)(attn_implementation="eager", **sizes)
+        model = getattr(tf, model_class)(config).eval().to(devices[0])
+        device = devices[0]
+
+        def run(m):
+            if inputs == "pixels":
+                out = m(pixel_values=_image(device))
+                return out.logits if hasattr(out, "logits") else out.last_hidden_state
+            if inputs == "audio":
+                features = torch.sin(torch.arange(8 * 16, dtype=torch.float32).reshape(1, 8, 16) / 3)
+                return m(input_features=features.to(device), decoder_input_ids=_tokens(device, 3)).logits
+            ids = _tokens(device)
+            if inputs == "ids-only":
+                return m(input_ids=ids, use_cache=False).logits
+            return m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+        return model, run, device
+
+    return build
+
+
+class Spectral(nn.Module):
+    """FNet-style token mixing with torch.fft, a complex64 rotary from a device table, and a
+    sparse COO matrix on the device: nothing of it is on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+        angles = torch.arange(32).float()[:, None] * inv
+        self.register_buffer("rotary", torch.polar(torch.ones_like(angles), angles), persistent=False)
+        dense = torch.eye(T) + torch.diag(torch.ones(T - 1), 1)
+        self.register_buffer("adjacency", dense.to_sparse(), persistent=False)
+
+    def forward(self, x):  # [1, T, D]
+        x = x + torch.fft.fft2(x).real  # complex64 on the device
+        z = torch.view_as_complex(x.unflatten(-1, (D // 2, 2)).contiguous())
+        x = torch.view_as_real(z * self.rotary[: x.shape[1]]).flatten(-2)
+        x = torch.sparse.mm(self.adjacency, x[0])[None]
+        return self.proj(x)
+
+
+class Sampler(nn.Module):
+    """Samples from distributions with device parameters (no argument validation: that reads on
+    the host), multinomial with the device's generator, 0-dim CPU bounds in clamp's place."""
+
+    def __init__(self, validate: bool = False):
+        super().__init__()
+        self.validate = validate
+        self.proj = nn.Linear(D, D)
+        self.log_scale = nn.Parameter(torch.zeros(D))
+
+    def forward(self, x):
+        from torch.distributions import Categorical, Normal
+
+        h = self.proj(x)
+        torch.manual_seed(0)
+        noise = Normal(h, self.log_scale.exp(), validate_args=self.validate).rsample()
+        picks = Categorical(logits=h[0], validate_args=self.validate).sample()  # [T]
+        drawn = torch.multinomial(h[0].softmax(-1), 1)  # the device's own generator
+        h = h + noise * 0.01 + (picks + drawn[:, 0]).to(h.dtype)[None, :, None] * 0.001
+        return torch.maximum(h, torch.tensor(-1.0)) * torch.tensor(0.5)  # 0-dim CPU: scalars
+
+
+class Streams(nn.Module):
+    """Work on a side stream, joined back with wait_stream and record_stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(D, D)
+        self.b = nn.Linear(D, D)
+
+    def forward(self, x):
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            y = self.a(x)
+        z = self.b(x)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        y.record_stream(torch.cuda.current_stream(x.device))
+        return y + z
+
+
+def _pinned_inputs(devices):
+    """The batch waits in pinned host memory and is uploaded with non_blocking=True, as a
+    DataLoader(pin_memory=True) loop does: the run's inputs, declared."""
+    torch.manual_seed(0)
+    model = LM().eval().to(devices[0])
+    ids = _tokens("cpu").pin_memory()
+    return model, lambda m: m(ids.to(devices[0], non_blocking=True)), devices[0]
+
+
+class HostState(nn.Module):
+    """A block with a bug of state kept on the host (`bug`), or none."""
+
+    def __init__(self, bug: str | None = None):
+        super().__init__()
+        self.bug = bug
+        self.proj = nn.Linear(D, D)
+        self.rnn = nn.LSTM(D, D, batch_first=True)
+        self.gains = [nn.Parameter(torch.ones(D))]  # a plain list: `.to()` never sees it
+        self.extra = nn.ParameterDict({"bias": nn.Parameter(torch.zeros(D))})
+        self.edges = torch.linspace(-1, 1, 5)  # a plain attribute: stays on the host
+        self.class_weight = torch.ones(D)  # a plain attribute: stays on the host
+        self.host_weights = {k: v.detach().clone() for k, v in self.proj.state_dict().items()}
+        self.special = torch.tensor([1, 3, 5])  # a plain attribute: stays on the host
+        self.keep = torch.arange(D) % 2 == 0  # a plain attribute: stays on the host
+
+    def forward(self, x):  # [1, T, D]
+        bug = self.bug
+        if bug == "lstm-h0-without-device":
+            h0 = torch.zeros(1, x.shape[0], D)  # no device=
+            x, _ = self.rnn(x, (h0, h0))
+        else:
+            x, _ = self.rnn(x)
+        if bug == "polar-on-host":
+            inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))  # rebuilt on the host each call
+            table = torch.polar(
+                torch.ones(x.shape[1], D // 2), torch.arange(x.shape[1]).float()[:, None] * inv
+            )
+            z = torch.view_as_complex(x.unflatten(-1, (D // 2, 2)).contiguous())
+            x = torch.view_as_real(z * table.to(x.device)).flatten(-2)
+        if bug == "searchsorted-host-edges":
+            x = x + torch.searchsorted(self.edges, x.contiguous()).to(x.dtype)
+        if bug == "plain-list-parameter":
+            x = x * self.gains[0]
+        if bug == "dict-entry-after-to":
+            x = x + self.extra["late"]
+        if bug == "lazy-buffer":
+            if not hasattr(self, "running"):
+                self.register_buffer("running", torch.ones(D))  # made in forward, on the host
+            x = x * self.running
+        if bug == "host-multinomial":
+            generator = torch.Generator().manual_seed(0)
+            picks = torch.multinomial(x[0].softmax(-1), 1, generator=generator)
+            x = x + picks.to(x.dtype)[None]
+        if bug == "loss-weight-on-host":
+            target = x[0].argmax(-1)
+            return F.cross_entropy(x[0], target, weight=self.class_weight)[None, None, None] + x
+        if bug == "masked-fill-host-mask":
+            x = x.masked_fill(self.keep, 0.0)
+        if bug == "embedding-host-indices":
+            x = x + F.embedding(self.special, self.proj.weight).sum(0)
+        if bug == "functional-call-host-weights":
+            return torch.func.functional_call(self.proj, self.host_weights, (x,))
+        if bug == "new-tensor-per-call":
+            x = x * x.new_tensor([0.5] * D)  # host data uploaded on every call
+        if bug == "distribution-validated":
+            from torch.distributions import Normal
+
+            # validate_args (the default, until torch.compile's first use turns it off for the
+            # process): the arguments are checked on the host
+            x = x + Normal(x, torch.ones_like(x), validate_args=True).mean
+        return self.proj(x)
+
+
+def _host_state(bug=None, prepare=None):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Wrapper(HostState(bug)).eval().to(devices[0])
+        if prepare is not None:
+            prepare(model)
+        return model, lambda m: m(_tokens(devices[0])), devices[0]
+
+    return build
+
+
+def _late_dict_entry(model):
+    model.inner.extra["late"] = nn.Parameter(torch.zeros(D))  # after .to(): on the host
+
+
+def _wrong_device_hook(devices):
+    """Two blocks on two GPUs; a forward pre-hook meant to bring block1's inputs to its device
+    sends them to "cuda:0" instead."""
+    torch.manual_seed(0)
+    model = SplitLM(_rope_block(True)(), _rope_block(True)()).eval()
+    _ROPE_CACHE.clear()
+    d0, d1 = devices
+    model.embed.to(d0)
+    model.block0.to(d0)
+    model.block1.to(d1)
+    model.head.to(d1)
+    model.block1_device = torch.device(d1)
+    model.block1.proj.register_forward_pre_hook(lambda mod, args: tuple(a.to("cuda:0") for a in args))
+    placement = {"": d0, "block1": d1, "head": d1}
+    return model, lambda m: m(_tokens(d0)), placement
+
+
+class Annotated(nn.Module):
+    """Profiler annotations (NVTX ranges, record_function), statistics under no_grad, a
+    0-dim CPU fill value, repeat_interleave with its output size, nonzero_static: no host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.register_buffer("mean", torch.zeros(D))
+
+    def forward(self, x):
+        with torch.cuda.nvtx.range("proj"), torch.autograd.profiler.record_function("proj"):
+            y = self.proj(x)
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(y.detach().mean((0, 1)), alpha=0.1)
+        y = y - self.mean
+        y = y.masked_fill(y.abs() > 10, torch.tensor(0.0))  # a 0-dim CPU value: read as a scalar
+        repeats = torch.ones(y.shape[1], dtype=torch.long, device=y.device)
+        y = y.repeat_interleave(repeats, dim=1, output_size=y.shape[1])  # no host read: size given
+        first = torch.nonzero_static(y[0, :, 0] > 0, size=2, fill_value=0)[:, 0]
+        return y + y[:, first].sum(1, keepdim=True)
+
+
+class OnCurrentDevice(nn.Module):
+    """Makes its noise on device="cuda" inside `torch.cuda.device(x.device)`: the current device
+    is the module's own, wherever that is."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        with torch.cuda.device(x.device):
+            noise = torch.zeros(x.shape, device="cuda")
+        return self.proj(x + noise)
+
+
+class Probe(nn.Module):
+    """A block with a host-side probe left in (`how`)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        how = self.how
+        if how == "event-timing":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            y = self.proj(x)
+            end.record()
+            end.synchronize()  # the host waits for the device to time it
+            self.ms = start.elapsed_time(end)
+            return y
+        if how == "boolean-mask-select":
+            x = x + x[x > 0].mean()  # a data-dependent shape: CUDA reads the count on the host
+        if how == "legacy-type-cast":
+            x = x * (x > 0).type(torch.FloatTensor)  # the legacy CPU type: a download
+        if how == "cat-host-zeros":
+            x = torch.cat([x, torch.zeros(x.shape[0], 1, D)], 1)[:, 1:]  # no device=
+        if how == "grad-hook-to-host" and x.requires_grad:
+            x.register_hook(lambda grad: grad.cpu())  # a gradient sent to the host
+        return self.proj(x)
+
+
+class CompiledStray(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.proj(x) + torch.arange(D).float()  # no device=
+
+
+def _compiled_inner():
+    return torch.compile(CompiledStray())
+
+
+def _on_second(make_inner):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Wrapper(make_inner()).eval().to(devices[1])
+        return model, lambda m: m(_tokens(devices[1])), devices[1]
+
+    return build
+
+
+@dataclass
+class Batch:
+    """A user's batch object, as a collate function makes it: on the host until the model moves it."""
+
+    ids: torch.Tensor
+    extras: dict
+
+    def to(self, device):
+        return Batch(self.ids.to(device), {k: [t.to(device) for t in v] for k, v in self.extras.items()})
+
+
+@dataclass
+class Prediction:
+    logits: torch.Tensor
+    lengths: torch.Tensor  # on the host, for the caller's bookkeeping
+
+
+class BatchModel(nn.Module):
+    """Takes a batch object on the host and moves it itself; returns a dataclass whose lengths
+    are downloaded for the caller (both the run's own edge: its inputs and outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, batch: Batch):
+        batch = batch.to(self.embed.weight.device)
+        mask = batch.extras["mask"][0]
+        x = self.embed(batch.ids) * mask[..., None]
+        return Prediction(self.head(x), mask.sum(-1).cpu())
+
+
+def _batch_inputs(devices):
+    torch.manual_seed(0)
+    model = BatchModel().eval().to(devices[0])
+    ids = _tokens("cpu")
+    batch = Batch(ids, {"mask": [torch.ones(ids.shape)]})
+
+    def run(m):
+        return m(batch).logits
+
+    return model, run, devices[0]
+
+
+class Masks(nn.Module):
+    """Boolean-mask writes and random draws on the device (`bug`: a host read of a mask)."""
+
+    def __init__(self, bug: str | None = None):
+        super().__init__()
+        self.bug = bug
+        self.proj = nn.Linear(D, D)
+        self.bag = nn.EmbeddingBag(VOCAB, D, mode="sum")
+        self.host_offsets = torch.tensor([0, 2])  # a plain attribute: stays on the host
+
+    def forward(self, x):
+        x = self.proj(x).clone()
+        x[x.abs() > 3] = 0.0  # a scalar through a device mask: masked_fill, no host read
+        x = x + F.dropout(x, 0.1, training=True) * 0 + torch.bernoulli(torch.full_like(x, 0.5)) * 0
+        order = torch.randperm(x.shape[1], device=x.device)
+        picks = torch.randint(0, VOCAB, (4,), device=x.device)
+        if self.bug == "bag-host-offsets":
+            bag = self.bag(picks, self.host_offsets)
+        else:
+            offsets = torch.arange(0, 4, 2, device=x.device)
+            bag = self.bag(picks, offsets, per_sample_weights=torch.ones(4, device=x.device))
+        x = x[:, order.sort().values] + bag.sum(0)
+        if self.bug == "where-one-argument":
+            rows, cols = torch.where(x[0] > 0)  # nonzero: CUDA counts on the host
+            x = x + x[0, rows, cols].sum()
+        return x
+
+
+class Ensemble(nn.Module):
+    """Model ensembling with torch.func: stacked states, vmap over functional_call."""
+
+    def __init__(self):
+        super().__init__()
+        self.members = nn.ModuleList(nn.Linear(D, D) for _ in range(3))
+
+    def forward(self, x):
+        from torch.func import functional_call, stack_module_state, vmap
+
+        params, buffers = stack_module_state(list(self.members))
+        base = self.members[0]
+
+        def one(p, b, v):
+            return functional_call(base, (p, b), (v,))
+
+        return vmap(one, in_dims=(0, 0, None))(params, buffers, x).mean(0)
+
+
+class ReentrantCheckpoint(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        if torch.is_grad_enabled():
+            return checkpoint(self.block, x, use_reentrant=True, preserve_rng_state=True)
+        return self.block(x)
+
+
+def _built_under_device_context(devices):
+    """The model built under `with torch.device(...)` (factories without device= land there),
+    another built on meta and materialized with to_empty(); both run under the context too."""
+    torch.manual_seed(0)
+    with torch.device(devices[0]):
+        model = LM("positions-without-device").eval()  # arange without device=: on the device here
+    with torch.device("meta"):
+        head = nn.Linear(VOCAB, VOCAB)
+    head = head.to_empty(device=devices[0])
+    head.reset_parameters()
+    model.head2 = head
+
+    def run(m):
+        with torch.device(devices[0]):
+            return m.head2(m(_tokens(devices[0])))
+
+    return model, run, devices[0]
+
+
+def _generate3(kind: str, **options):
+    """generate() of a round-three family: prefill and decode steps over its own cache (a
+    sliding-window cache, MoE routing per step, Mamba's conv and SSM states)."""
+
+    def build(devices):
+        model, _, device = _hf3(kind)(devices)
+
+        def run(m):
+            ids = _tokens(device)
+            mask = {} if kind == "mamba" else {"attention_mask": torch.ones_like(ids)}
+            return m.generate(
+                ids, max_new_tokens=3, pad_token_id=0, do_sample=False, **mask, **options
+            ).float()
+
+        return model, run, device
+
+    return build
+
+
+def _hf3_train(kind: str):
+    """A training forward with labels: the loss and, for MoE, the router's load-balancing loss."""
+
+    def build(devices):
+        model, _, device = _hf3(kind)(devices)
+        model.config.output_router_logits = True
+
+        def run(m):
+            ids = _tokens(device)
+            out = m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+            return out.loss
+
+        return model, run, device
+
+    return build
+
+
+def _host_positions(devices):
+    """The caller passes position_ids made without device= to a model on the GPU."""
+    model, _, device = _hf3("mistral-sliding")(devices)
+
+    def run(m):
+        ids = _tokens(device)
+        positions = torch.arange(ids.shape[1])[None]  # no device=
+        return m(input_ids=ids, position_ids=positions, use_cache=False).logits
+
+    return model, run, device
+
+
+class ExpertParallel(nn.Module):
+    """Experts split over two GPUs; the router's module sends each expert its tokens and brings
+    the results back (`bug`: one expert's result is not brought back)."""
+
+    def __init__(self, bug: bool = False):
+        super().__init__()
+        self.bug = bug
+        self.router = nn.Linear(D, 4)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(D, 32), nn.GELU(), nn.Linear(32, D)) for _ in range(4)
+        )
+
+    def forward(self, x):  # [1, T, D]
+        weights = self.router(x).softmax(-1)  # [1, T, 4], dense routing: no host reads
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            device = expert[0].weight.device
+            y = expert(x.to(device)) * weights[..., i, None].to(device)
+            out = out + (y if self.bug and i == 3 else y.to(x.device))
+        return out
+
+
+def _expert_parallel(bug: bool):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Wrapper(ExpertParallel(bug)).eval().to(devices[0])
+        for i in (2, 3):
+            model.inner.experts[i].to(devices[1])
+        placement = {"": devices[0], "inner.experts.2": devices[1], "inner.experts.3": devices[1]}
+        return model, lambda m: m(_tokens(devices[0])), placement
+
+    return build
+
+
+def _hooked(kind: str):
+    """The LM with a user's hook on its second block: `item` logs its output's norm (a host read
+    on every call); `backward` keeps the gradients' norms of a module (a full backward hook)."""
+
+    def build(devices):
+        torch.manual_seed(0)
+        model = LM().eval().to(devices[0])
+        norms: list = []
+        if kind == "item":
+            model.layers[1].register_forward_hook(lambda mod, args, out: norms.append(out.norm().item()))
+        else:
+            model.layers[1].register_full_backward_hook(lambda mod, gin, gout: norms.append(gout[0].norm()))
+        return model, lambda m: m(_tokens(devices[0])), devices[0]
+
+    return build
+
+
+def _train_fused(devices):
+    """A training step with the fused AdamW (CUDA's one kernel for every parameter), a LR
+    schedule and clip_grad_norm_ over foreach kernels."""
+    torch.manual_seed(0)
+    model = LM().to(devices[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+
+    def run(m):
+        ids = _tokens(devices[0])
+        logits = m(ids)
+        if not torch.is_grad_enabled():
+            return logits
+        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+        loss.backward()
+        nn.utils.clip_grad_norm_(m.parameters(), 1.0, foreach=True)
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    return model, run, devices[0]
+
+
+class Speech(nn.Module):
+    """A spectrogram front end (`bug`: the window made without device=; or a CTC loss with
+    lengths computed on the device)."""
+
+    def __init__(self, bug: str | None = None):
+        super().__init__()
+        self.bug = bug
+        self.register_buffer("window", torch.hann_window(8), persistent=False)
+        self.proj = nn.Linear(5, VOCAB)
+
+    def forward(self, wave):  # [2, 64]
+        window = torch.hann_window(8) if self.bug == "stft-host-window" else self.window
+        spec = torch.stft(wave, 8, hop_length=4, window=window, return_complex=True).abs()  # [2, 5, 17]
+        log_probs = self.proj(spec.transpose(1, 2)).log_softmax(-1).transpose(0, 1)  # [17, 2, V]
+        if self.bug == "ctc-device-lengths":
+            # (no CTC loss is clean on CUDA: it uploads host targets itself, and PyTorch 2.13 copies
+            # device targets to the host to ask whether MIOpen could run it)
+            targets = torch.arange(1, 7, device=wave.device).reshape(2, 3)
+            lengths = torch.full((2,), log_probs.shape[0], device=wave.device)  # read on the host
+            return log_probs + F.ctc_loss(log_probs, targets, lengths, lengths.new_full((2,), 3))
+        return log_probs
+
+
+def _speech(bug=None):
+    def build(devices):
+        torch.manual_seed(0)
+        model = Wrapper(Speech(bug)).to(devices[0]).eval()
+        wave = torch.sin(torch.arange(2 * 64, dtype=torch.float32).reshape(2, 64) / 3).to(devices[0])
+        model.forward = lambda w: model.inner(w)  # the wrapper's embedding and head: not for audio
+        return model, lambda m: m(wave), devices[0]
+
+    return build
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in (
@@ -1376,6 +2091,273 @@ CASES: dict[str, Case] = {
             (TRANSFER, "inner"),
             "StepCounter.forward",
             why="torch.tensor([[step]], device=...) on every call: an upload from host data",
+        ),
+        # round three: clean
+        Case("hf-mistral-sliding", _hf3("mistral-sliding"), None),
+        Case("hf-qwen3-moe", _hf3("qwen3-moe"), None),
+        Case("hf-olmoe", _hf3("olmoe"), None),
+        Case("hf-deepseek-v3", _hf3("deepseek-v3"), None, why="MLA attention, grouped top-k routing"),
+        Case("hf-vit", _hf3("vit"), None),
+        Case("hf-clip-vision", _hf3("clip-vision"), None),
+        Case("hf-whisper", _hf3("whisper"), None, why="a conv front end, an encoder-decoder"),
+        Case("hf-mamba", _hf3("mamba"), None, why="the slow path (no mamba kernels): a conv and a scan"),
+        Case("hf-gpt-oss", _hf3("gpt-oss"), None, why="MoE experts, attention sinks, sliding layers"),
+        Case(
+            "hf-jamba-mask-read",
+            _hf3("jamba"),
+            (SYNC, "model"),
+            "create_recurrent_attention_mask",
+            why="transformers' own: Jamba asks `torch.all(attention_mask == 1)` on the host on every "
+            "call, to skip the recurrent layers' mask (as BERT's _ignore_bidirectional_mask_sdpa)",
+        ),
+        Case("spectral", _wrapped(Spectral), None, why="torch.fft, complex64, a sparse COO buffer"),
+        Case("sampler", _wrapped(Sampler), None, why="distributions, multinomial, 0-dim CPU scalars"),
+        Case("streams", _wrapped(Streams), None, why="a side stream, wait_stream, record_stream"),
+        Case("pinned-inputs", _pinned_inputs, None, why="the run's inputs, uploaded from pinned memory"),
+        Case("host-state-none", _host_state(), None, why="the same block as the bugs below, without one"),
+        Case(
+            "batch-object",
+            _batch_inputs,
+            None,
+            why="a dataclass batch (a dict of lists inside) uploaded by the model: the run's inputs; "
+            "a dataclass result with a download in it: the run's output",
+        ),
+        Case("masks", _wrapped(Masks), None, why="x[mask] = scalar, dropout, randperm, EmbeddingBag"),
+        Case("ensemble-vmap", _wrapped(Ensemble), None, why="torch.func: stack_module_state, vmap"),
+        Case("checkpoint-reentrant", _wrapped(ReentrantCheckpoint), None, why="the CUDA RNG state kept"),
+        Case("device-context", _built_under_device_context, None, why="torch.device(...) as a context"),
+        Case(
+            "where-one-argument",
+            _wrapped(lambda: Masks("where-one-argument")),
+            (SYNC, "inner"),
+            "Masks.forward",
+            why="torch.where(cond) is nonzero: CUDA counts the matches on the host",
+        ),
+        Case(
+            "bag-host-offsets",
+            _wrapped(lambda: Masks("bag-host-offsets")),
+            (MISMATCH, "inner.bag"),
+            "Masks.forward",
+            why="EmbeddingBag offsets kept on the host: CUDA refuses them beside device indices",
+        ),
+        Case("qwen3-moe-generate", _generate3("qwen3-moe"), None),
+        Case(
+            "mistral-sliding-generate",
+            _generate3("mistral-sliding"),
+            (TRANSFER, "model.layers.0.self_attn"),
+            "DynamicSlidingWindowLayer.lazy_initialization",
+            why="transformers' own: the sliding-window cache made in the first forward moves its "
+            "window size, a host tensor, to the device then (once per layer: the lazy set-up "
+            "inside a traced forward of llama-static-cache)",
+        ),
+        Case(
+            "mamba-generate",
+            _generate3("mamba"),
+            (TRANSFER, "backbone.layers.0.mixer"),
+            "LinearAttentionLayer.lazy_initialization",
+            why="transformers' own: Mamba's cache moves its length counter from the host in the "
+            "first forward (the same lazy set-up)",
+        ),
+        Case("qwen3-moe-train", _hf3_train("qwen3-moe"), None, why="the load-balancing loss"),
+        Case("expert-parallel", _expert_parallel(False), None, devices=2, placements=("given",)),
+        Case(
+            "expert-parallel-not-returned",
+            _expert_parallel(True),
+            (MISMATCH, "inner"),
+            "ExpertParallel.forward",
+            devices=2,
+            why="one expert's result stays on cuda:1: CUDA refuses the sum on cuda:0",
+            placements=("given",),
+        ),
+        Case(
+            "host-position-ids",
+            _host_positions,
+            (STRAY, "model"),
+            "find_packed_sequence_indices",
+            why="position_ids made without device= by the caller: transformers first computes on "
+            "them on the host (whether they pack several sequences: a stray in a device module), "
+            "then CUDA refuses the rotary embedding's product",
+        ),
+        Case("full-backward-hook", _hooked("backward"), None, why="a module's gradients kept by a hook"),
+        Case("train-fused-adamw", _train_fused, None, why="fused AdamW, foreach clipping, a schedule"),
+        Case("speech-stft", _speech(), None, why="stft with a device window (its C++ ends in transpose_)"),
+        Case(
+            "forward-hook-item",
+            _hooked("item"),
+            (SYNC, "layers.1"),
+            "_hooked.<locals>.build.<locals>.<lambda>",
+            why="a forward hook that logs `.item()`: the host reads the device inside the module's call",
+        ),
+        Case(
+            "stft-host-window",
+            _speech("stft-host-window"),
+            (STRAY, "inner"),
+            "Speech.forward",
+            why="hann_window without device= computes on the host in a device module, then CUDA refuses stft",
+        ),
+        Case(
+            "ctc-device-lengths",
+            _speech("ctc-device-lengths"),
+            (SYNC, "inner"),
+            "Speech.forward",
+            why="ctc_loss reads its lengths on the host: lengths on the device are copied back first "
+            "(and PyTorch 2.13 copies the device targets back too, at the same line)",
+        ),
+        Case("probe-none", _wrapped(lambda: Probe("none")), None, why="the probe block without a probe"),
+        # round three: bugs
+        Case(
+            "lstm-h0-without-device",
+            _host_state("lstm-h0-without-device"),
+            (STRAY, "inner"),
+            "HostState.forward",
+            why="torch.zeros without device= for the LSTM's initial state: made on the host in a "
+            "device module (a stray, as the KV cache without device=), then CUDA refuses the LSTM",
+        ),
+        Case(
+            "polar-on-host",
+            _host_state("polar-on-host"),
+            (STRAY, "inner"),
+            "HostState.forward",
+            why="the complex rotary table computed on the host on every call, then uploaded",
+        ),
+        Case(
+            "searchsorted-host-edges",
+            _host_state("searchsorted-host-edges"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="boundaries kept as a plain attribute stay on the host: CUDA refuses searchsorted",
+        ),
+        Case(
+            "plain-list-parameter",
+            _host_state("plain-list-parameter"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="a Parameter in a plain list is no registered parameter: `.to()` leaves it behind",
+        ),
+        Case(
+            "dict-entry-after-to",
+            _host_state("dict-entry-after-to", prepare=_late_dict_entry),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="a ParameterDict entry added after `.to()` stays on the host",
+        ),
+        Case(
+            "lazy-buffer",
+            _host_state("lazy-buffer"),
+            (STRAY, "inner"),
+            "HostState.forward",
+            why="a buffer registered inside forward, made without device=: a host tensor made in a "
+            "device module, then CUDA refuses the product",
+        ),
+        Case(
+            "host-multinomial",
+            _host_state("host-multinomial"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="CUDA refuses a CPU generator for sampling a CUDA tensor",
+        ),
+        Case(
+            "loss-weight-on-host",
+            _host_state("loss-weight-on-host"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="cross_entropy's class weights on the host, the logits on the device: CUDA refuses",
+        ),
+        Case(
+            "masked-fill-host-mask",
+            _host_state("masked-fill-host-mask"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="masked_fill wants its mask on self's device",
+        ),
+        Case(
+            "embedding-host-indices",
+            _host_state("embedding-host-indices"),
+            (MISMATCH, "inner"),
+            "HostState.forward",
+            why="F.embedding with host indices into a device table: CUDA refuses",
+        ),
+        Case(
+            "functional-call-host-weights",
+            _host_state("functional-call-host-weights"),
+            (MISMATCH, "inner.proj"),
+            "HostState.forward",
+            why="torch.func.functional_call swaps in a host state dict: the Linear runs with host "
+            "weights on device inputs",
+        ),
+        Case(
+            "new-tensor-per-call",
+            _host_state("new-tensor-per-call"),
+            (TRANSFER, "inner"),
+            "HostState.forward",
+            why="x.new_tensor(python data): an upload from host data on every call",
+        ),
+        Case(
+            "distribution-validated",
+            _host_state("distribution-validated"),
+            (SYNC, "inner"),
+            "HostState.forward",
+            why="torch.distributions validating its arguments (the default, but that torch.compile "
+            "turns it off for the process when first used): `constraint.check(value).all()` read "
+            "on the host, a sync on every call",
+        ),
+        Case(
+            "pre-hook-wrong-device",
+            _wrong_device_hook,
+            (TRANSFER, "block1.proj"),
+            "_wrong_device_hook.<locals>.<lambda>",
+            devices=2,
+            why="a forward pre-hook sends block1's inputs to cuda:0: an undeclared device-to-device "
+            "copy, then CUDA refuses the Linear",
+        ),
+        Case("annotated", _wrapped(Annotated), None, why="nvtx, record_function, static sizes"),
+        Case("current-device-context", _on_second(OnCurrentDevice), None, devices=2),
+        Case(
+            "event-timing",
+            _wrapped(lambda: Probe("event-timing")),
+            (SYNC, "inner"),
+            "Probe.forward",
+            why="timing with CUDA events: the host waits for the end event on every call",
+        ),
+        Case(
+            "boolean-mask-select",
+            _wrapped(lambda: Probe("boolean-mask-select")),
+            (SYNC, "inner"),
+            "Probe.forward",
+            why="x[x > 0] has a data-dependent shape: CUDA counts the mask on the host (nonzero)",
+        ),
+        Case(
+            "legacy-type-cast",
+            _wrapped(lambda: Probe("legacy-type-cast")),
+            (SYNC, "inner"),
+            "Probe.forward",
+            why="`.type(torch.FloatTensor)` is the CPU type: a download inside the model, then CUDA "
+            "refuses the product",
+        ),
+        Case(
+            "cat-host-zeros",
+            _wrapped(lambda: Probe("cat-host-zeros")),
+            (STRAY, "inner"),
+            "Probe.forward",
+            why="torch.zeros without device=: made on the host in a device module, then CUDA refuses the cat",
+        ),
+        Case(
+            "grad-hook-to-host",
+            _wrapped(lambda: Probe("grad-hook-to-host")),
+            (MISMATCH, None),
+            "trace_case",
+            modes=("grad",),
+            why="a tensor hook returns the gradient on the host: autograd refuses it after the hook "
+            "returns (\"hook '<lambda>' has changed the type of value (was torch.cuda.FloatTensor "
+            'got torch.FloatTensor)"), in the backward pass (module None), at the line that '
+            "called backward(), as on CUDA",
+        ),
+        Case(
+            "compiled-stray",
+            _wrapped(_compiled_inner),
+            (STRAY, "inner"),
+            "CompiledStray.forward",
+            why="torch.compile'd module whose code makes a tensor without device=",
         ),
         # bugs
         Case("child-traps", _wrapped(ChildTraps), None),

@@ -131,6 +131,14 @@ def _lengths_checked(args, kwargs) -> bool:
     return isinstance(kwargs.get("lengths"), torch.Tensor) and not kwargs.get("unsafe", False)
 
 
+def _ctc_lengths_on_device(first: int):
+    # _ctc_loss(_backward).Tensor moves its lengths (arguments `first`, `first` + 1) to the host.
+    def reads(args, kwargs) -> bool:
+        return any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args[first : first + 2])
+
+    return reads
+
+
 # Ops that read device data on the host only for some arguments (or overloads): op -> (args,
 # kwargs) -> whether this call does. The tracer asks before the op runs (`Event.waits`).
 SYNC_UNLESS = {
@@ -153,6 +161,8 @@ SYNC_UNLESS = {
     "aten.normal.Tensor_Tensor": _always,
     "aten.normal.float_Tensor": _always,
     "aten.segment_reduce.default": _lengths_checked,
+    "aten._ctc_loss.Tensor": _ctc_lengths_on_device(2),
+    "aten._ctc_loss_backward.Tensor": _ctc_lengths_on_device(3),
 }
 INDEX_GET = frozenset({"index", "_unsafe_index"})  # (self, *indices)
 # (self, *indices, value)
@@ -170,6 +180,9 @@ _DEVICE_ERROR = re.compile(
     # Legacy checks (convolutions) name tensor types: one CUDA type against one CPU type.
     r"\(torch\.cuda\.\w+\) and \w+ type \(torch\.(?!cuda\.)\w+\)|"
     r"\(torch\.(?!cuda\.)\w+\) and \w+ type \(torch\.cuda\.\w+\)|"
+    # Autograd's check of a tensor hook's result (check_variable_result): a gradient moved across.
+    r"\(was torch\.cuda\.\w+ got torch\.(?!cuda\.)\w+\)|\(was torch\.(?!cuda\.)\w+ got torch\.cuda\.\w+\)|"
+    r"was (?:CUDA|CPU) tensor got (?:CPU|CUDA) tensor|"
     # A kernel's own device assertion, and a CUDA tensor reaching an op with no CUDA kernel.
     r"is_cuda\(\) INTERNAL ASSERT|with arguments from the 'CUDA' backend",
     re.IGNORECASE,
@@ -389,7 +402,12 @@ class Classifier:
             home = ins[0][0] if ins else "cpu"
             indices = ins[1:-1] if kind == K_INDEX_PUT else ins[1:]
             if home != "cpu":
-                if any(s[0] != "cpu" and s[1] == "bool" for s in indices):
+                # (x[mask] = scalar is masked_fill_ on CUDA: no count of the mask; `accumulate`
+                # is not recorded, and is taken as False, as `x[...] = v` passes it)
+                fills = kind == K_INDEX_PUT and rules.index_put_is_masked_fill(
+                    rules.recorded_operands(event.op, ins)
+                )
+                if not fills and any(s[0] != "cpu" and s[1] == "bool" for s in indices):
                     cls = ALLOWED if event.module is None else SYNC  # nonzero of a device mask
                     event.cls = cls
                     return cls
@@ -406,7 +424,14 @@ class Classifier:
                 device = next((s[0] for s in ins if not _is_cpu_scalar(s)), ins[0][0])
             else:
                 device = None
-            if device is not None and device != expected and not _computes_nothing((*ins, *(outs or ()))):
+            # (a module whose submodules the placement spreads over several devices may compute
+            # on any of them: it hands its submodules their inputs and combines their results)
+            if (
+                device is not None
+                and device != expected
+                and not (self.placement is not None and self._places_on(event.module, device))
+                and not _computes_nothing((*ins, *(outs or ())))
+            ):
                 event.cls = STRAY
                 return STRAY
         event.cls = OK

@@ -1090,6 +1090,22 @@ SYNC_ROWS: tuple[SyncRow, ...] = (
         note="three arguments",
     ),
     SyncRow("cumsum", {"i": longs("gpu", _COUNTS)}, lambda i: i.cumsum(0), NO_SYNC, STAYS),
+    SyncRow(
+        "index_put_",
+        {"x": f32("gpu", 8), "m": mask("gpu", 8)},
+        lambda x, m: x.clone().__setitem__(m, 0.0),
+        NO_SYNC,
+        "x[mask] = scalar runs as masked_fill_ (canDispatchToMaskedFill): " + STAYS,
+        note="bool mask, a scalar",
+    ),
+    SyncRow(
+        "index_put_",
+        {"x": f32("gpu", 8), "m": mask("gpu", 8), "v": f32("gpu", 8, seed=1)},
+        lambda x, m, v: x.clone().__setitem__(m, v[m]),
+        SYNCS,
+        SHAPE + " (the mask's count, for the values)",
+        note="bool mask, a tensor",
+    ),
 )
 
 

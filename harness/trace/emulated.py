@@ -58,13 +58,16 @@ How it works:
   exit and given back on the next entry (a model loaded in one block keeps the constants it made
   at load when traced in another).
 
-Limits: the emulated backward does not run hooks registered on autograd nodes themselves nor
-`nn.Module` full backward hooks (it raises `EmulationUnsupported` for the latter);
+Limits: the emulated backward does not run hooks registered on PyTorch's C++ autograd nodes
+themselves (`nn.Module` full backward hooks run: `harness.trace.emulated_autograd`);
 `Tensor.as_subclass` of an emulated tensor is refused (it is a wrapper subclass already);
-in-place changes of an emulated tensor's shape (`resize_` to a new size, `set_`, `unsqueeze_`,
-...) raise `EmulationUnsupported`; the CUDA RNG is the CPU one (same values as the CPU, not as a GPU);
-streams and events are not emulated but for each device's one stream (`torch.cuda.current_stream()`,
-nothing pending on it; without a GPU), and `torch.accelerator` answers for CUDA; the patches are process-wide, so one
+in-place changes of an emulated tensor's storage or size (`resize_` to a new size, `set_`) raise
+`EmulationUnsupported` (in-place restrides, `transpose_`, `unsqueeze_`, `as_strided_`, ... are
+followed); the CUDA RNG is the CPU one (same values as the CPU, not as a GPU; `get_rng_state` /
+`fork_rng` work on it); streams (`torch.cuda.Stream`, `stream()`, `set_stream`, `record_stream`)
+and events are stand-ins on which nothing is ever pending (without a GPU); pinned host memory
+is ordinary host memory the emulation remembers as pinned; NVTX ranges mark nothing;
+`torch.accelerator` answers for CUDA; the patches are process-wide, so one
 thread at a time (jobs given to a `concurrent.futures.ThreadPoolExecutor` inside a block run under
 it in their worker threads: transformers loads weights so). A bare device number is a CUDA device,
 as on a CUDA build (`torch.device(1)`, `module.to(0)`: accelerate's device maps). On a machine with real CUDA the emulation works too: real CUDA tensors made
@@ -83,8 +86,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import importlib
+import itertools
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -417,6 +422,8 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
         device = _resolve(device)
     elif plan.rule == rules.SCATTER:
         device = args[0].device  # a clone of self, whatever src's device
+    elif plan.rule == rules.CTC_LENGTHS:  # computed where log_probs are; the lengths go to the host
+        device = (args[1] if plan.name == "_ctc_loss_backward" else args[0]).device
     else:
         device = next((t.device for t in _tensors(args, kwargs) if _is_accel(t.device)), CPU)
         if not device_arg and device.type != "cpu":
@@ -429,6 +436,8 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     if plan.meta_mutating:
         self = args[0]
         if isinstance(self, EmulatedTensor):
+            if plan.name in _INPLACE_VIEWS:
+                return _inplace_view(func, plan, self, args, kwargs)
             target = args[1].shape if plan.name == "resize_as_" else args[1]
             if plan.name in ("resize_", "resize_as_") and tuple(target) == tuple(self.shape):
                 return self
@@ -505,6 +514,38 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
     return result
 
 
+# In-place view ops (Tag.inplace_view) that only restride their tensor: done to the CPU data, then
+# to the wrapper's own sizes and strides by the op's meta kernel (as PyTorch's
+# return_and_correct_aliasing does for wrapper subclasses). stft ends with `out.transpose_(1, 2)`.
+_INPLACE_VIEWS = frozenset(
+    ["squeeze_", "unsqueeze_", "t_", "transpose_", "swapaxes_", "swapdims_", "as_strided_"]
+)
+
+
+def _inplace_view(func, plan: _Plan, self: EmulatedTensor, args, kwargs) -> EmulatedTensor:
+    rest = args[1:]
+    func(self.data_cpu, *rest, **kwargs)
+    with torch.utils._mode_utils.no_dispatch():
+        meta_in_tls = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            func(self, *rest, **kwargs)
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
+    inner = self.data_cpu
+    if (self.shape, self.stride(), self.storage_offset()) != (
+        inner.shape,
+        inner.stride(),
+        inner.storage_offset(),
+    ):
+        raise EmulationUnsupported(
+            None,
+            plan.op,
+            f"restrided a tensor on {self.device} in place in a way the emulation cannot follow",
+        )
+    return self
+
+
 def _names_cuda_device(args, kwargs) -> bool:
     """Whether a call names a CUDA device (`device=`, or by position as `aten.to.device` does)."""
     device = kwargs.get("device")
@@ -520,9 +561,40 @@ class _EmulationMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.ctx._real_cuda and (func in _PINNING or kwargs.get("pin_memory")):
+            return _pinned(func, args, kwargs)
         if EmulatedTensor not in types and not _names_cuda_device(args, kwargs):
             return func(*args, **kwargs)  # nothing emulated (CPU, or real CUDA): run as is
         return _emulate(func, args, kwargs, self.ctx)
+
+
+# Page-locked host memory is CUDA's allocator's; without a GPU the host tensors the emulation
+# "pins" are ordinary ones whose storage it remembers, so `is_pinned()` answers as CUDA would
+# (for views of them too).
+_PINNING = frozenset({torch.ops.aten._pin_memory.default, torch.ops.aten.is_pinned.default})
+_PINNED: dict[int, weakref.ref] = {}  # storage address -> a tensor pinned there
+
+
+def _storage_address(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _pinned(func, args, kwargs):
+    if func is torch.ops.aten.is_pinned.default:
+        t = args[0]
+        if t.device.type != "cpu" or isinstance(t, EmulatedTensor):
+            return False
+        owner = _PINNED.get(_storage_address(t))
+        owner = owner() if owner is not None else None
+        return owner is not None and _storage_address(owner) == _storage_address(t)
+    if func is torch.ops.aten._pin_memory.default:
+        out = args[0].clone()
+    else:  # a factory with pin_memory=True
+        out = func(*args, **{**kwargs, "pin_memory": False})
+        if isinstance(out, EmulatedTensor) or out.device.type != "cpu":
+            return out
+    _PINNED[_storage_address(out)] = weakref.ref(out)
+    return out
 
 
 # ---- tensors from data, generators ---------------------------------------------------------------
@@ -1042,16 +1114,47 @@ _EMULATED_TABLES: dict[tuple, object] = {}
 _GPU_ONLY = (("harness.quant.kernels", "supports", lambda *args, **kwargs: False),)
 
 
-@dataclass(frozen=True)
 class EmulatedStream:
-    """A device's one stream (`torch.cuda.current_stream()`): the emulation runs every op when it
-    is called, so nothing is ever pending and no graph is being captured."""
+    """A stream of an emulated device: `torch.cuda.Stream(device, priority)`, each device's default
+    one (`torch.cuda.current_stream()` until `torch.cuda.set_stream` / `torch.cuda.stream(s)`
+    picks another). The emulation runs every op when it is called, so nothing is ever pending
+    and no graph is being captured: waiting and querying are no-ops that answer "done"."""
 
-    device: torch.device
+    device_type = 1  # DeviceType.CUDA, as a real stream's
+
+    def __init__(self, device=None, priority: int = 0, *, stream_id: int | None = None, **kwargs):
+        self.device = _resolve(device if device is not None else "cuda")
+        _check_ordinal(self.device)
+        self.priority = priority
+        self.stream_id = next(_STREAM_IDS) if stream_id is None else stream_id
 
     @property
     def device_index(self) -> int:
         return self.device.index
+
+    @property
+    def cuda_stream(self) -> int:
+        return self.stream_id
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EmulatedStream) and (self.device, self.stream_id) == (
+            other.device,
+            other.stream_id,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.device, self.stream_id))
+
+    def __repr__(self) -> str:
+        return f"<EmulatedStream device={self.device} stream_id={self.stream_id}>"
+
+    def __enter__(self):  # `with stream:` (torch.Stream's own context manager)
+        self._previous = _ACTIVE._stream(self.device)
+        _ACTIVE._set_stream(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE._set_stream(self._previous)
 
     def is_capturing(self) -> bool:
         return False
@@ -1067,6 +1170,44 @@ class EmulatedStream:
 
     def wait_event(self, event) -> None:
         pass
+
+    def record_event(self, event=None):
+        event = event if event is not None else EmulatedEvent()
+        event.record(self)
+        return event
+
+    @staticmethod
+    def priority_range() -> tuple[int, int]:
+        return 0, -1  # (lowest, highest), as CUDA answers
+
+
+_STREAM_IDS = itertools.count(1)  # 0: each device's default stream
+
+
+class EmulatedEvent:
+    """`torch.cuda.Event()` of the emulation: recorded on a stream of an emulated device, always
+    complete (nothing is pending), `elapsed_time` 0 ms (the emulation keeps no device clock)."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self.enable_timing = enable_timing
+        self.device: torch.device | None = None
+
+    def record(self, stream=None) -> None:
+        self.device = (stream if stream is not None else _ACTIVE._stream()).device
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end_event) -> float:
+        if not (self.enable_timing and end_event.enable_timing):
+            raise RuntimeError("Both events must be created with argument 'enable_timing=True'.")
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -1096,6 +1237,7 @@ class EmulatedCuda:
         self.capability = tuple(capability)  # what get_device_capability() answers (sm_80 by default)
         self.total_memory = int(memory_gib * (1 << 30))  # what get_device_properties/mem_get_info say
         self.current = 0
+        self._streams: dict[int, EmulatedStream] = {}  # each device's current stream, if not its default
         self._mode: _EmulationMode | None = None
         self._fmode: _ConstructorMode | None = None
         self._patches: list[tuple[object, str, object]] = []
@@ -1120,7 +1262,15 @@ class EmulatedCuda:
         return prev
 
     def _stream(self, device=None) -> EmulatedStream:
-        return EmulatedStream(torch.device("cuda", self._device_index(device)))
+        index = self._device_index(device)
+        return self._streams.get(index) or EmulatedStream(index, stream_id=0)
+
+    def _default_stream(self, device=None) -> EmulatedStream:
+        return EmulatedStream(self._device_index(device), stream_id=0)
+
+    def _set_stream(self, stream) -> None:
+        if stream is not None:
+            self._streams[stream.device.index] = stream
 
     @contextlib.contextmanager
     def _current_within(self, index):
@@ -1205,8 +1355,19 @@ class EmulatedCuda:
         stream = cuda.current_stream if self._real_cuda else self._stream
         if not self._real_cuda:
             self._patch(cuda, "current_stream", self._stream)
-            self._patch(cuda, "default_stream", self._stream)
+            self._patch(cuda, "default_stream", self._default_stream)
+            self._patch(cuda, "set_stream", self._set_stream)
+            self._patch(cuda, "Stream", EmulatedStream)
+            self._patch(cuda, "Event", EmulatedEvent)
             self._patch(cuda, "is_current_stream_capturing", lambda: False)
+            self._patch(_Tensor, "record_stream", _record_stream(_Tensor.record_stream))
+            self._patch(cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
+            self._patch(cuda, "set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))
+            self._patch(cuda, "get_rng_state_all", lambda: [torch.get_rng_state()] * self.device_count)
+            self._patch(cuda, "reset_peak_memory_stats", lambda device=None: None)
+            self._patch(cuda, "memory_summary", lambda device=None, abbreviated=False: "")
+            for name in ("range_push", "range_pop", "mark", "range_start", "range_end"):
+                self._patch(cuda.nvtx, name, lambda *args, **kwargs: 0)  # profiler marks: nothing to mark
         self._patch(cuda, "get_device_name", self._get_device_name)
         self._patch(cuda, "get_device_properties", self._get_device_properties)
         self._patch(cuda, "get_device_capability", self._get_device_capability)
@@ -1227,6 +1388,7 @@ class EmulatedCuda:
                 ("device_index", self._current_within),
                 ("synchronize", self._synchronize),
                 ("current_stream", stream),
+                *((("set_stream", self._set_stream),) if not self._real_cuda else ()),
                 ("get_memory_info", self._mem_get_info),
                 ("empty_cache", lambda: None),
             ):
@@ -1286,6 +1448,7 @@ class EmulatedCuda:
             for obj, name, value in reversed(self._patches):
                 setattr(obj, name, value)
             self._patches.clear()
+            self._streams.clear()
             _EMULATED_TABLES.update(TABLES.take("cuda"))
             TABLES.give(self._real_tables)
             self._real_tables = {}
@@ -1293,6 +1456,18 @@ class EmulatedCuda:
             with _LOCK:
                 if _ACTIVE is self:
                     _ACTIVE = None
+
+
+def _record_stream(real):
+    """`Tensor.record_stream(stream)`: the emulation frees nothing early, so there is nothing to
+    record for an emulated tensor or stream; real ones go to PyTorch."""
+
+    def record_stream(self, stream):
+        if isinstance(self, EmulatedTensor) or isinstance(stream, EmulatedStream):
+            return None
+        return real(self, stream)
+
+    return record_stream
 
 
 def _submit_in_emulation(ctx: EmulatedCuda, submit):

@@ -16,9 +16,11 @@ own AccumulateGrad nodes, hooks added with `Tensor.register_hook`, `retain_grad(
 `inputs=`, and callbacks queued during the pass. Gradients of emulated tensors are emulated
 tensors, and every op of the backward passes the emulation's device rules and any tracer.
 
-Not run: hooks registered on autograd nodes themselves (`grad_fn.register_hook`,
-`register_prehook`), and `nn.Module` full backward hooks, which are built from them: a backward
-that meets one raises `EmulationUnsupported` rather than skipping it.
+Hooks registered on the nodes of Python autograd.Functions while the emulation is active run
+too, so `nn.Module` full backward (pre-)hooks, which are built from them, work (a module hook
+registered before the block began raises `EmulationUnsupported` rather than being skipped).
+Not run: hooks registered on PyTorch's C++ nodes themselves (`y.grad_fn.register_hook` of a
+`MulBackward0`, ...), which Python cannot read back.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import weakref
 
 import torch
+from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.autograd.variable import Variable
 
@@ -263,8 +266,8 @@ def run_backward(
                 "backward through the graph a second time or if you need to access saved tensors after "
                 "calling .backward() or autograd.grad()."
             )
-        if n.name() in _MODULE_HOOK_NODES and id(n) in needed:
-            raise EmulationUnsupported(
+        if n.name() in _MODULE_HOOK_NODES and id(n) in needed and _NODE_HOOKS not in n.metadata:
+            raise EmulationUnsupported(  # (a hook registered before the emulation began)
                 None, n.name(), "nn.Module full backward hooks are not run by the emulated backward pass"
             )
 
@@ -296,8 +299,14 @@ def run_backward(
                 grads = buffers.pop(key, None)
                 if key in needed and grads is not None:
                     grads = [_before(node, i, g) for i, g in enumerate(grads)]
+                    for hook in _node_hooks(node, "pre"):
+                        out = hook(tuple(grads))
+                        grads = list(out) if out is not None else grads
                     # torch.autograd.grad leaves the leaves' .grad alone
                     results = () if _is_leaf_node(node) and not accumulate_grad else _apply(node, grads)
+                    for hook in _node_hooks(node, "post"):
+                        out = hook(results, tuple(grads))
+                        results = tuple(out) if out is not None else results
                     for i, ((nxt, input_nr), g) in enumerate(zip(node.next_functions, results, strict=False)):
                         deliver(nxt, input_nr, _checked(g, node, i, nxt, input_nr))
                     if not keep_graph and not _is_leaf_node(node):
@@ -358,11 +367,26 @@ def _before(node, input_nr: int, grad):
     for hook in list((tensor._backward_hooks or {}).values()):
         result = hook(grad)
         if result is not None:
+            _check_hook_result(grad, result, hook)
             grad = result
     if tensor.retains_grad:
         with torch.no_grad():
             tensor.grad = grad.detach() if tensor.grad is None else tensor.grad + grad
     return grad
+
+
+def _check_hook_result(grad, result, hook) -> None:
+    """PyTorch's check of what a tensor hook returns (check_variable_result): the same tensor
+    type (backend and dtype: a CUDA gradient may not come back on the host) and size."""
+    name = getattr(hook, "__name__", None) or type(hook).__name__
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(f"expected Variable, but hook returned '{type(result).__name__}'")
+    if grad.type() != result.type():
+        raise RuntimeError(
+            f"hook '{name}' has changed the type of value (was {grad.type()} got {result.type()})"
+        )
+    if grad.shape != result.shape:
+        raise RuntimeError(f"hook '{name}' has changed the size of value")
 
 
 def reaches_cuda(outputs) -> bool:
@@ -410,12 +434,39 @@ class EmulatedEngine:
         return getattr(self.real, name)
 
 
+# Hooks on the nodes of Python autograd.Functions (nn.Module full backward hooks are made of
+# them) live in C++; while the emulated engine is in place, registering one also notes, in the
+# node's metadata, the dict that holds them (so a removed hook is gone there too).
+_NODE_HOOKS = "harness.node_hooks"  # metadata key: {"post": dict ref, "pre": dict ref}
+_REGISTER = {"post": "register_hook", "pre": "register_prehook"}
+
+
+def _noting(kind: str, real):
+    def register(node, fn):
+        handle = real(node, fn)
+        node.metadata.setdefault(_NODE_HOOKS, {})[kind] = handle.hooks_dict_ref
+        return handle
+
+    return register
+
+
+def _node_hooks(node, kind: str) -> list:
+    ref = node.metadata.get(_NODE_HOOKS, {}).get(kind) if not callable(node) else None
+    hooks = ref() if ref is not None else None
+    return list(hooks.values()) if hooks else []
+
+
 def install_engine() -> object:
     """Puts an `EmulatedEngine` in place; returns the engine it replaced (for `remove_engine`)."""
     real = Variable._execution_engine
     Variable._execution_engine = EmulatedEngine(real)
+    for kind, name in _REGISTER.items():
+        setattr(BackwardCFunction, name, _noting(kind, getattr(BackwardCFunction, name)))
     return real
 
 
 def remove_engine(real) -> None:
     Variable._execution_engine = real
+    for name in _REGISTER.values():
+        if name in vars(BackwardCFunction):
+            delattr(BackwardCFunction, name)  # (the C++ methods it inherits come back)

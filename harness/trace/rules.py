@@ -33,6 +33,7 @@ __all__ = [
     "RULE_DOCS",
     "Layout",
     "Operand",
+    "index_put_is_masked_fill",
     "layout",
     "live_operands",
     "recorded_operands",
@@ -56,6 +57,7 @@ ANY = "any"  # resize_as_: the other tensor gives a shape only
 MASKED_INDEX = "masked-index"  # _unsafe_masked_index(_put_accumulate): indices on the CPU or self's device
 HOST_LENGTHS = "host-lengths"  # _pack_padded_sequence / _pad_packed_sequence: lengths on the CPU
 RNG_STATE = "rng-state"  # fused attention backward: its dropout RNG state may be host tensors
+CTC_LENGTHS = "ctc-lengths"  # _ctc_loss(_backward).Tensor: lengths anywhere (read on the host)
 
 RULE_DOCS = {
     SAME: "all tensor arguments on one device; a 0-dim CPU tensor is no exception "
@@ -84,6 +86,8 @@ RULE_DOCS = {
     "host (checkLongTensor): those must be CPU tensors; the data may be anywhere",
     MASKED_INDEX: "_unsafe_masked_index(_put_accumulate) (CompositeExplicitAutograd, over index): index "
     "tensors on the CPU or on self's device; mask and values on self's device",
+    CTC_LENGTHS: "_ctc_loss(_backward) with tensor lengths (ctc_loss_tensor): the lengths are moved to "
+    "the host whatever their device; the int-list overload wants log_probs and targets on one device",
     RNG_STATE: "flash/efficient/cuDNN attention backward: the forward's dropout RNG state "
     "(philox_seed, philox_offset; rng_state, unused) comes back as host tensors outside graph "
     "capture (0-dim CPU ones when there is no dropout) and is taken so; the rest on one device",
@@ -131,6 +135,11 @@ RULES: dict[str, str] = {
     "_pack_padded_sequence": HOST_LENGTHS,
     "_pad_packed_sequence": HOST_LENGTHS,
     # questions about the arguments (may cuDNN / MIOpen run this?), asked by CTC loss and RNNs
+    # ctc_loss_tensor moves both lengths to the host itself, whatever their device (read there),
+    # then calls the int-list `_ctc_loss`, an op of its own, checked on its own (log_probs and
+    # targets on one device; ctc_loss has moved the targets to log_probs' device by then)
+    "_ctc_loss": CTC_LENGTHS,
+    "_ctc_loss_backward": CTC_LENGTHS,
     "_use_cudnn_ctc_loss": ANY,
     "_use_miopen_ctc_loss": ANY,
     "_use_cudnn_rnn_flatten_weight": ANY,
@@ -430,15 +439,24 @@ def _check_index(ops, wrapper, accumulate) -> str | None:
     return None
 
 
+def index_put_is_masked_fill(ops: Sequence[Operand], accumulate: bool = False) -> bool:
+    """Whether CUDA runs this `index_put_` (x[mask] = v) as `self.masked_fill_(mask, v.item())`
+    (canDispatchToMaskedFill): not accumulating, a one-element CPU value, and one index, a bool or
+    uint8 mask on self's device. The mask is then never counted on the host (no nonzero)."""
+    self, value = _first(ops, "self"), _first(ops, "values")
+    if accumulate or self is None or value is None or value.numel != 1 or value.device != "cpu":
+        return False
+    indices = [o for o in ops if o.name == "indices"]
+    return len(indices) == 1 and indices[0].dtype in ("bool", "uint8") and indices[0].device == self.device
+
+
 def _check_index_put(ops, wrapper, accumulate) -> str | None:
     self, value = _first(ops, "self"), _first(ops, "values")
     if self is None or value is None:
         return _same_device(ops, wrapper)
     dev = self.device
-    if not accumulate and value.numel == 1 and value.device == "cpu":
-        indices = [o for o in ops if o.name == "indices"]
-        if len(indices) == 1 and indices[0].dtype in ("bool", "uint8") and indices[0].device == dev:
-            return None  # canDispatchToMaskedFill: self.masked_fill_(mask, value.item())
+    if index_put_is_masked_fill(ops, accumulate):
+        return None
     vdev = value.device
     if vdev != dev and value.dim == 0:
         vdev = dev  # moved
@@ -506,6 +524,15 @@ def _no_check(ops, wrapper, accumulate) -> None:
     return None
 
 
+_CTC_LENGTH_ARGS = frozenset({"input_lengths", "target_lengths"})
+
+
+def _check_ctc_lengths(ops, wrapper, accumulate) -> str | None:
+    if not any(o.name in _CTC_LENGTH_ARGS for o in ops):
+        return _same_device(ops, wrapper)  # the int-list overload: a plain device check
+    return None  # the tensor-lengths one: the lengths go to the host; the rest is the inner op's
+
+
 _CHECKS = {
     SAME: lambda ops, wrapper, accumulate: _same_device(ops, wrapper),
     CPU_SCALAR: lambda ops, wrapper, accumulate: _tensor_iterator(ops, allow_cpu_scalars=True),
@@ -516,6 +543,7 @@ _CHECKS = {
     MASKED_INDEX: _check_masked_index,
     HOST_LENGTHS: _check_host_lengths,
     RNG_STATE: _check_rng_state,
+    CTC_LENGTHS: _check_ctc_lengths,
     WHERE: _check_where,
     MASKED_FILL: _check_masked_fill,
     SCALAR_VALUE: _check_scalar_value,

@@ -47,7 +47,7 @@ import sys
 import sysconfig
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from threading import get_ident
 from typing import Any
 
@@ -136,6 +136,38 @@ _FOLLOW = frozenset(
     }
 )
 _SEQUENCES = (list, tuple)
+_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device)
+
+
+def _tensors_in(x, limit: int = 1 << 12, depth: int = 6):
+    """The tensors a forward call's arguments or result hold, as deep as a user nests them:
+    in dicts and other mappings (transformers' BatchEncoding, ModelOutput), lists, tuples, sets
+    and dataclasses (a user's batch); numpy arrays are yielded too, in the order they stand.
+    Other objects are not looked into: a cache object passed in (transformers' past_key_values)
+    holds the model's state, whose uploads are the model's own, not the caller's inputs."""
+    seen: set[int] = set()
+    todo = [(x, 0)]
+    while todo and len(seen) < limit:
+        x, level = todo.pop()
+        if isinstance(x, _LEAVES) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, Tensor) or isinstance(getattr(x, "__array_interface__", None), dict):
+            yield x
+            continue
+        if level >= depth or isinstance(x, (torch.nn.Module, type)) or callable(x):
+            continue
+        if isinstance(x, Mapping):
+            items = x.values()
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            items = x
+        elif dataclasses.is_dataclass(x):
+            items = (getattr(x, f.name, None) for f in dataclasses.fields(x))
+        else:
+            continue  # (not other objects' attributes: a KV cache passed in is state, not input)
+        todo.extend((item, level + 1) for item in reversed(list(items)))  # (in their order)
+
+
 _inference_mode_enabled = torch.is_inference_mode_enabled
 _getframe = sys._getframe
 _OUTSIDE = (None, None)  # (module path, expected device) outside the model
@@ -487,7 +519,7 @@ class Tracer(TorchDispatchMode):
         self._last_error: tuple[int, dict] | None = None  # the latest one seen leaving a module
         self._hooked = False  # whether some module has an offloading hook (accelerate's)
         self._root_by_global = False  # a TorchScript model: its calls are seen by `_module_call`
-        self._waits_patched: list[tuple[object, str, object]] = []  # (owner, name, the real one)
+        self._patched: list[tuple[object, str, object]] = []  # (owner, name, the real one)
         self._grad_mode = _grad_mode()
         # Bytes copied inside the model: direction -> bytes, in the first traced call and after it.
         self._moved = {"first": dict.fromkeys(DIRECTIONS, 0), "later": dict.fromkeys(DIRECTIONS, 0)}
@@ -621,6 +653,7 @@ class Tracer(TorchDispatchMode):
             self._encode = self._writer.encode
         self._watch_modules()
         self._watch_host_waits()
+        self._watch_backward()
         self._root_by_global = isinstance(self.model, torch.jit.ScriptModule)
         if self.model is not None and not self._root_by_global:
             self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
@@ -649,9 +682,9 @@ class Tracer(TorchDispatchMode):
                 _ACTIVE.remove(self)
             self._active = False
             self._unwatch_modules()
-            for owner, name, real in reversed(self._waits_patched):
+            for owner, name, real in reversed(self._patched):
                 setattr(owner, name, real)
-            self._waits_patched = []
+            self._patched = []
             for h in self._hooks:
                 h.remove()
             self._hooks = []
@@ -693,8 +726,27 @@ class Tracer(TorchDispatchMode):
                     self._host_wait(args[0] if args else kwargs.get("device"))
                 return _real(*args, **kwargs)
 
-            self._waits_patched.append((owner, name, real))
+            self._patched.append((owner, name, real))
             setattr(owner, name, waits)
+
+    def _watch_backward(self) -> None:
+        """A backward pass runs outside every module's forward: a device error raised there
+        other than by an op (autograd's own checks of a gradient's device, of a hook's result)
+        is recorded where `backward()` / `torch.autograd.grad()` was called, also when the caller
+        catches it inside the `with` block."""
+        for name in ("backward", "grad"):
+            real = getattr(torch.autograd, name)
+
+            def runs(*args, _real=real, **kwargs):
+                try:
+                    return _real(*args, **kwargs)
+                except Exception as exc:
+                    if self._recording and get_ident() == self._thread and is_device_error(_error_text(exc)):
+                        self._raised(exc)
+                    raise
+
+            self._patched.append((torch.autograd, name, real))
+            setattr(torch.autograd, name, runs)
 
     def _host_wait(self, on) -> None:
         """Records a host wait; `on`: the device, a stream or an event waited for, or None."""
@@ -819,17 +871,16 @@ class Tracer(TorchDispatchMode):
         and its token ids: `input_ids`, else the first integer tensor argument."""
         inputs: dict[int, weakref.ref] = {}
         tokens = None
-        for a in (*args, *kwargs.values()):
-            for t in a.values() if isinstance(a, dict) else a if isinstance(a, _SEQUENCES) else (a,):
-                if isinstance(t, Tensor):
-                    inputs[id(t)] = weakref.ref(t)
-                    if (
-                        tokens is None
-                        and not t.dtype.is_floating_point
-                        and not t.dtype.is_complex
-                        and t.dtype != torch.bool
-                    ):
-                        tokens = t
+        for t in _tensors_in((args, kwargs)):
+            if isinstance(t, Tensor):
+                inputs[id(t)] = weakref.ref(t)
+                if (
+                    tokens is None
+                    and not t.dtype.is_floating_point
+                    and not t.dtype.is_complex
+                    and t.dtype != torch.bool
+                ):
+                    tokens = t
         ids = kwargs.get("input_ids")
         if isinstance(ids, Tensor):
             tokens = ids
@@ -1227,21 +1278,14 @@ class Tracer(TorchDispatchMode):
                 return
 
     def _settle_downloads(self, output) -> None:
-        """At the end of a forward call: its held downloads that it returns (inside tuples, lists,
-        dicts, transformers' ModelOutput; as numpy arrays too) are the run's edge; the others are
-        offences."""
+        """At the end of a forward call: its held downloads that it returns (anywhere in what
+        `_tensors_in` walks; as numpy arrays too) are the run's edge; the others are offences."""
         returned: dict[int, Tensor] = {}
         arrays = set()  # where returned numpy arrays keep their data (`.cpu().numpy()`)
-        todo = [output]
-        while todo and len(returned) + len(arrays) < 1 << 12:
-            x = todo.pop()
+        for x in _tensors_in(output):
             if isinstance(x, Tensor):
                 returned[id(x)] = x
-            elif isinstance(x, dict):
-                todo.extend(x.values())
-            elif isinstance(x, (list, tuple)):
-                todo.extend(x)
-            elif isinstance(getattr(x, "__array_interface__", None), dict):
+            else:
                 arrays.add(x.__array_interface__["data"][0])
         kept = set()
         for key, (ref, index) in self._downloaded.items():
