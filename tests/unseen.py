@@ -73,6 +73,21 @@ class Case:
         return self.known if not self.modes or mode in self.modes else ""
 
 
+class Unavailable(Exception):
+    """A case needs what this environment lacks (a transformers class of a newer release): it is
+    left out, and said so, not counted as a crash."""
+
+
+def transformers_classes(*names: str) -> list:
+    """transformers' classes `names`; Unavailable where the installed release has not one of them."""
+    import transformers as tf
+
+    missing = [n for n in names if not hasattr(tf, n)]
+    if missing:
+        raise Unavailable(f"transformers {tf.__version__} has no {', '.join(missing)}")
+    return [getattr(tf, n) for n in names]
+
+
 def _tokens(device, n: int = T) -> torch.Tensor:
     return (torch.arange(n) * 7 % VOCAB).to(device)[None]  # [1, n]
 
@@ -235,12 +250,10 @@ _HF = {
 
 def _hf(kind: str, attn: str = "eager", mask: bool = True):
     def build(devices):
-        import transformers as tf
-
         torch.manual_seed(0)
         model_class, config_class, sizes = _HF[kind]
-        config = getattr(tf, config_class)(vocab_size=VOCAB, attn_implementation=attn, **sizes)
-        model = getattr(tf, model_class)(config)
+        model_type, config_type = transformers_classes(model_class, config_class)
+        model = model_type(config_type(vocab_size=VOCAB, attn_implementation=attn, **sizes))
         model = model.eval().to(devices[0])
 
         def run(m):
@@ -1301,13 +1314,11 @@ _HF3 = {
 
 def _hf3(kind: str):
     def build(devices):
-        import transformers as tf
-
         torch.manual_seed(0)
         model_class, config_class, sizes, inputs = _HF3[kind]
         sizes = {"vocab_size": VOCAB, **sizes} if inputs.startswith("ids") else sizes
-        config = getattr(tf, config_class)(attn_implementation="eager", **sizes)
-        model = getattr(tf, model_class)(config).eval().to(devices[0])
+        model_type, config_type = transformers_classes(model_class, config_class)
+        model = model_type(config_type(attn_implementation="eager", **sizes)).eval().to(devices[0])
         device = devices[0]
 
         def run(m):
@@ -2535,7 +2546,7 @@ def trace_case(name: str, mode: str, placement: str, devices=("cuda:0", "cuda:1"
     case = CASES[name]
     outcome = Outcome(name, mode, placement, case.expect_in(mode))
     try:
-        model, run, given = case.build(list(devices))
+        model, run, given = case.build(list(devices))  # Unavailable goes to the caller
         if mode == "grad":
             model.train()
             for m in model.modules():  # keep dropout and batch statistics deterministic
@@ -2553,6 +2564,8 @@ def trace_case(name: str, mode: str, placement: str, devices=("cuda:0", "cuda:1"
             except Exception as exc:
                 if not is_device_error(str(exc)):
                     raise
+    except Unavailable:
+        raise
     except Exception as exc:
         outcome.error = f"{type(exc).__name__}: {str(exc)[:300]}"
         return outcome
