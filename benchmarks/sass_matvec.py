@@ -44,6 +44,8 @@ READS = [
     ("Q5_K tile", T.Q5_K, False, "tile", False),
     ("Q5_K vec", T.Q5_K, False, "vec", False),
     ("Q5_K vec gated", T.Q5_K, False, "vec", True),
+    ("Q5_K int", T.Q5_K, False, "int", False),
+    ("Q5_K int gated", T.Q5_K, False, "int", True),
     ("Q6_K tile", T.Q6_K, False, "tile", False),
     ("Q6_K packed vec", T.Q6_K, True, "vec", False),
     ("Q6_K packed vec gated", T.Q6_K, True, "vec", True),

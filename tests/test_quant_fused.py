@@ -171,18 +171,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
         for t in tokens:
             x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
             for routing in ("random", "two experts take all"):
-                if routing == "random":
-                    experts = torch.stack([torch.randperm(n_exp)[:k] for _ in range(t)])
-                else:
-                    experts = torch.tensor([[0, 1]] * t)
-                weights = torch.rand(t, k).softmax(-1)
-                ref = torch.zeros(t, dim, dtype=torch.float64)
-                for i in range(t):
-                    for s in range(k):
-                        e = int(experts[i, s])
-                        xi = x[i].double()
-                        h = torch.nn.functional.silu(wg[e] @ xi) * (wu[e] @ xi)
-                        ref[i] += weights[i, s].double() * (wd[e] @ h)
+                experts, weights, ref = _moe_reference(x, wg, wu, wd, k, routing, (0, 1))
                 for path in _paths(t * k, gu_code, down_code):
                     with _kernels(path, scratch):
                         out = torch.ops.harness.moe_ffn(
@@ -199,6 +188,25 @@ def run_cases(device: str, small: bool) -> list[dict]:
                     name = f"moe_ffn {gu_type.name}/{down_type.name} {layout} T={t} {routing} {path}"
                     results.append({"case": name, "nmse": _nmse(out, ref)})
     return results
+
+
+def _moe_reference(x, wg, wu, wd, k: int, routing: str, takers: tuple[int, ...]):
+    """A routing of x's tokens to k of the experts (float64 weights wg, wu [F, D], wd [D, F] per
+    expert): random, or every token to the experts `takers` (the others get none); its routing
+    weights, and the MoE MLP's output in float64."""
+    t, n_exp = x.shape[0], len(wg)
+    if routing == "random":
+        experts = torch.stack([torch.randperm(n_exp)[:k] for _ in range(t)])
+    else:
+        experts = torch.tensor([list(takers)] * t)
+    weights = torch.rand(t, k).softmax(-1)
+    ref = torch.zeros(t, wd[0].shape[0], dtype=torch.float64)
+    for i in range(t):
+        for s in range(k):
+            e, xi = int(experts[i, s]), x[i].double()
+            h = torch.nn.functional.silu(wg[e] @ xi) * (wu[e] @ xi)
+            ref[i] += weights[i, s].double() * (wd[e] @ h)
+    return experts, weights, ref
 
 
 def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Generator) -> list[dict]:
@@ -549,6 +557,7 @@ def int_read_case_count(small: bool) -> int:
 INT_READ_WEIGHTS = (
     ("Q4_K", "gguf", 512, 4096, 19),
     ("Q4_K", "gguf", 256, 4096, 131),
+    ("Q5_K", "gguf", 256, 4096, 19),
     ("Q6_K", "packed", 2048, 4096, 9),
     ("Q8_0", "packed", 256, 4096, 21),
 )
@@ -652,17 +661,7 @@ def _int_moe_cases(device: str, small: bool, rng: np.random.Generator) -> list[d
         for t in tokens:
             for routing in ("random", "two experts take all"):
                 x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-                if routing == "random":
-                    experts = torch.stack([torch.randperm(n_exp)[:k] for _ in range(t)])
-                else:
-                    experts = torch.tensor([[3, 1]] * t)
-                weights = torch.rand(t, k).softmax(-1)
-                ref = torch.zeros(t, dim, dtype=torch.float64)
-                for i in range(t):
-                    for s in range(k):
-                        e, xi = int(experts[i, s]), x[i].double()
-                        h = torch.nn.functional.silu(refs[0][e] @ xi) * (refs[1][e] @ xi)
-                        ref[i] += weights[i, s].double() * (refs[2][e] @ h)
+                experts, weights, ref = _moe_reference(x, *refs, k, routing, (3, 1))
                 with _kernels("matvec=int"):
                     out = torch.ops.harness.moe_ffn(
                         *(a.to(device) for a in (x, gate, up, down, weights, experts)), gu_code, down_code
@@ -1066,7 +1065,7 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
             for gated, routed in ((False, False), (True, False), (False, True)):
                 consts = {
                     "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
-                    "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype != GGMLType.Q4_K,
+                    "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
                     "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "PTX": True,
                 }  # fmt: skip
                 names = kernel.arg_names

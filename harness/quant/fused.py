@@ -95,6 +95,7 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # (3.01). `benchmarks/sweep_matvec.py --paths int` sweeps them.
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q4_K: {"BN": 64, "num_warps": 4, "stages": 1},
+    T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1},
     T.Q6_K: {"BN": 16, "num_warps": 1, "stages": 1, "programs_per_sm": 8},
     T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1},
 }
@@ -105,13 +106,13 @@ MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
 # How the matrix-vector kernel reads Q4_K and Q5_K (decode): "vec", `_q4_k_dot_vec` (16-byte
 # loads of weights and x, two integer ops a nibble); "words", the older `_q4_k_dot` (Q4_K) and
 # `_tile_q5_k` (Q5_K); "int", integer dot products (PTX dp2a) against x quantized to int16 per
-# 32 values (`_int_x`), for Q4_K and for Q6_K and Q8_0 repacked (`_q4_k_dot_int`,
-# `_q6_k_dot_int`, `_q8_0_dot_int`; Q5_K takes "vec" there). HARNESS_MATVEC picks one at
+# 32 values (`_int_x`), for Q4_K, Q5_K, and Q6_K and Q8_0 repacked (`_q4_k_dot_int`,
+# `_q6_k_dot_int`, `_q8_0_dot_int`). HARNESS_MATVEC picks one at
 # import; `matvec_path` may be set later (benchmarks compare them). Other types: one kernel for
 # each layout (see `kernel_weight`); `matvec_paths` says which choices read a weight differently.
 MATVEC_PATHS = ("vec", "words", "int")
 MATVEC_PATH_TYPES = (T.Q4_K, T.Q5_K)  # the types "vec" and "words" choose for
-INT_READ_TYPES = (T.Q4_K, T.Q6_K, T.Q8_0)  # the types "int" reads (Q6_K and Q8_0 repacked)
+INT_READ_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)  # the types "int" reads (Q6_K and Q8_0 repacked)
 matvec_path = os.environ.get("HARNESS_MATVEC", "vec")
 
 # How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
@@ -182,7 +183,7 @@ def matvec_config(code: int) -> dict[str, int]:
 def _reads_int(code: int, path: str) -> bool:
     """Whether `path` reads a weight of `code` with integer dot products."""
     qtype = GGMLType(code & 0xFF)
-    return path == "int" and qtype in INT_READ_TYPES and (qtype == T.Q4_K or bool(code & PACKED))
+    return path == "int" and qtype in INT_READ_TYPES and (qtype in MATVEC_PATH_TYPES or bool(code & PACKED))
 
 
 def matvec_paths(code: int) -> tuple[str, ...]:
@@ -561,6 +562,15 @@ if triton is not None:
         return sc, mn
 
     @triton.jit
+    def _k_block_head(wq, blk):
+        """Q4_K/Q5_K block words 0..3 at blk (int32 pointer offsets): d, dmin as float32 and the
+        three words of scales[12] (`_q4_k_word_scales` reads them)."""
+        head = tl.load(wq + blk)
+        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return d, dmin, tl.load(wq + blk + 1), tl.load(wq + blk + 2), tl.load(wq + blk + 3)
+
+    @triton.jit
     def _q4_k_dot(wq, roww, sb, xp, BN: tl.constexpr):
         """[BN] dot products of x with super-block sb of BN Q4_K rows, read as int32 words.
 
@@ -569,15 +579,10 @@ if triton is not None:
         64g + 4w + b (sub-block 2g) and high nibble value 64g + 32 + 4w + b (sub-block 2g + 1).
         Per sub-block: d*sc * sum(q*x) - dmin*m * sum(x), as llama.cpp's vec_dot does."""
         blk = roww[:, None] + sb * 36  # [BN, 1]
-        head = tl.load(wq + blk)
-        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        d, dmin, s1, s2, s3 = _k_block_head(wq, blk)
         g = tl.arange(0, 4)[None, :]  # [1, 4]
         words = tl.load(wq + blk[:, :, None] + 4 + 8 * g[:, :, None] + tl.arange(0, 8)[None, None, :])
         xcol = xp + sb * 256 + 64 * g[:, :, None] + 4 * tl.arange(0, 8)[None, None, :]  # [1, 4, 8]
-        s1 = tl.load(wq + blk + 1)
-        s2 = tl.load(wq + blk + 2)
-        s3 = tl.load(wq + blk + 3)
         acc = tl.zeros((BN,), dtype=tl.float32)
         for h in tl.static_range(2):
             j = 2 * g + h  # [1, 4] sub-blocks of this nibble
@@ -615,12 +620,7 @@ if triton is not None:
         8g + w = qs[32g + 4w .. + 3]."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
         blk = roww[:, None] + sb * (44 if Q5 else 36)  # [BN, 1] in words
-        head = tl.load(wq + blk)
-        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        s1 = tl.load(wq + blk + 1)
-        s2 = tl.load(wq + blk + 2)
-        s3 = tl.load(wq + blk + 3)
+        d, dmin, s1, s2, s3 = _k_block_head(wq, blk)
         g = tl.arange(0, 4)[None, :]  # [1, 4]
         w = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
         words = tl.load(wq + blk[:, :, None] + QS + 8 * g[:, :, None] + w)  # [BN, 4, 8]
@@ -829,7 +829,7 @@ if triton is not None:
     # takes its scale d*sc*s in one multiply-add; offsets (Q4_K's mins, Q6_K's -32) come from the
     # float sums of x per 16 values. int32 cannot overflow: a sub-block's sum is at most
     # 32 * 32767 * 240 = 251,658,240 < 2^31 (Q4_K's high nibbles are read in place, times 16),
-    # 16 * 32767 * 63 for Q6_K and 32 * 32767 * 128 for Q8_0. Against float32 x the int16 x
+    # 32 * 32767 * 31 for Q5_K, 16 * 32767 * 63 for Q6_K and 32 * 32767 * 128 for Q8_0. Against float32 x the int16 x
     # rounds each value by at most s/2: Gaussian x times random Q4_K rows (K = 4096, float64)
     # gives NMSE 4e-10; int8 x with a scale per 32 values (llama.cpp's q8_1) gives 2.9e-5,
     # above the 1e-5 the kernels must meet. A scale per 32 values (not 256) keeps an outlier's
@@ -876,34 +876,44 @@ if triton is not None:
         return _dp2a(tl.load(xw + 8), q, lo, True, SIGNED, PTX)
 
     @triton.jit
-    def _q4_k_dot_int(wq, roww, sb, xw, xs_p, xsum_p, BN: tl.constexpr, PTX: tl.constexpr):
+    def _q4_k_dot_int(
+        wq, roww, sb, xw, xs_p, xsum_p, BN: tl.constexpr, PTX: tl.constexpr, Q5: tl.constexpr = False
+    ):
         """[BN, 4] partial dot products (per group g of two sub-blocks) of super-block sb of BN
-        Q4_K rows (words, as `_q4_k_dot_vec` reads them) with x from `_int_x`: x pointers xw
-        (int32 pairs), xs_p (scales per 32 values), xsum_p (sums per 16 values) of the row.
-        Word 8g + w of qs holds values 64g + 4w + b (low nibbles, sub-block 2g: x block 2g) and
-        64g + 32 + 4w + b (high nibbles, sub-block 2g + 1, read in place: 16 times the value)."""
-        blk = roww[:, None] + sb * 36  # [BN, 1] in words
-        head = tl.load(wq + blk)
-        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        s1 = tl.load(wq + blk + 1)
-        s2 = tl.load(wq + blk + 2)
-        s3 = tl.load(wq + blk + 3)
+        Q4_K (Q5: Q5_K) rows (words, as `_q4_k_dot_vec` reads them) with x from `_int_x`: x
+        pointers xw (int32 pairs), xs_p (scales per 32 values), xsum_p (sums per 16 values) of the
+        row. Word 8g + w of qs holds values 64g + 4w + b (low nibbles, sub-block 2g: x block 2g)
+        and 64g + 32 + 4w + b (high nibbles, sub-block 2g + 1; Q4_K reads them in place, 16 times
+        the value). Q5_K: the fifth bit of value 32j + 4w + b (sub-block j) is bit 8b + j of qh
+        word w, moved to bit 4 of byte b (the high nibbles shifted down first)."""
+        QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
+        blk = roww[:, None] + sb * (44 if Q5 else 36)  # [BN, 1] in words
+        d, dmin, s1, s2, s3 = _k_block_head(wq, blk)
         g = tl.arange(0, 4)[None, :]  # [1, 4]
         w = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
         # words 0..3 and 4..7 of each group as two tiles of one layout: a thread holds all eight
         # words of its (row, group), so its sums need no other thread
-        first = tl.load(wq + blk[:, :, None] + 4 + 8 * g[:, :, None] + w)  # [BN, 4, 4]
-        second = tl.load(wq + blk[:, :, None] + 8 + 8 * g[:, :, None] + w)
+        first = tl.load(wq + blk[:, :, None] + QS + 8 * g[:, :, None] + w)  # [BN, 4, 4]
+        second = tl.load(wq + blk[:, :, None] + QS + 4 + 8 * g[:, :, None] + w)
+        if Q5:  # qh words 0..3 and 4..7, the same for each g
+            qh_first = tl.load(wq + blk[:, :, None] + 4 + 0 * g[:, :, None] + w)
+            qh_second = tl.load(wq + blk[:, :, None] + 8 + 0 * g[:, :, None] + w)
         acc = tl.zeros((BN, 4), dtype=tl.float32)
         for h in tl.static_range(2):
             j = 2 * g + h  # [1, 4] the sub-blocks (and x blocks) of nibble h
-            mask = 0x0F0F0F0F if h == 0 else -252645136  # 0xF0F0F0F0: 16 x the high nibbles
+            if Q5:
+                jj = j[:, :, None]
+                q1 = ((first >> (4 * h)) & 0x0F0F0F0F) | (((qh_first >> jj) << 4) & 0x10101010)
+                q2 = ((second >> (4 * h)) & 0x0F0F0F0F) | (((qh_second >> jj) << 4) & 0x10101010)
+                unit = 1.0
+            else:
+                mask = 0x0F0F0F0F if h == 0 else -252645136  # 0xF0F0F0F0: 16 x the high nibbles
+                q1, q2 = first & mask, second & mask
+                unit = 1.0 if h == 0 else 0.0625
             xj = xw + sb * 128 + 16 * j[:, :, None] + w
-            dots = _dp4(xj, first & mask, False, PTX) + _dp4(xj + 4, second & mask, False, PTX)
-            dots = tl.sum(dots, axis=2)  # [BN, 4]
+            dots = tl.sum(_dp4(xj, q1, False, PTX) + _dp4(xj + 4, q2, False, PTX), axis=2)  # [BN, 4]
             sc, mn = _q4_k_word_scales(s1, s2, s3, j)
-            xs = tl.load(xs_p + sb * 8 + j) * (1.0 if h == 0 else 0.0625)
+            xs = tl.load(xs_p + sb * 8 + j) * unit
             xsum = tl.load(xsum_p + sb * 16 + 2 * j) + tl.load(xsum_p + sb * 16 + 2 * j + 1)
             acc += (d * sc) * xs * dots.to(tl.float32) - (dmin * mn) * xsum
         return acc
@@ -996,8 +1006,8 @@ if triton is not None:
         ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)), times scale[q] when SCALED; out's
         rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views; with
         VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
-        (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K, Q6_K and Q8_0 (both PACKED)
-        take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on x from `_int_x` (x_ptr: its
+        (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K and Q5_K, Q6_K and Q8_0 (both
+        PACKED) take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on x from `_int_x` (x_ptr: its
         int16 pairs as int32, x_stride in pairs; xsum_ptr: its sums, xpow_ptr: its scales), the
         dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
 
@@ -1037,10 +1047,10 @@ if triton is not None:
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
         for sb in tl.range(first, last, num_stages=STAGES):
-            if INT and QT == 12:  # Q4_K, integer dot products
-                acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, xp, xscale, xsum, BN, PTX)
+            if INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
+                acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, xp, xscale, xsum, BN, PTX, QT == 13)
                 if GATED:
-                    acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, xp, xscale, xsum, BN, PTX)
+                    acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, xp, xscale, xsum, BN, PTX, QT == 13)
             elif INT and QT == 14:  # Q6_K repacked, integer dot products
                 acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xp, xscale, xsum, BN, PTX)
                 if GATED:
