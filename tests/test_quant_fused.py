@@ -615,7 +615,9 @@ def _int_read_cases(device: str, small: bool, rng: np.random.Generator) -> list[
                     nmse, exact = _nmse(out[1:], ref[1:]), bool((out[0] == 0).all())
                 else:
                     nmse, exact = _nmse(out[1:], ref[1:]), not bool(torch.isfinite(out[0]).any())
-                results.append({"case": f"int qmatmul {name} x {form}", "nmse": nmse, "exact": exact})
+                results.append(
+                    {"case": f"int qmatmul {name} {layout} N={rows} x {form}", "nmse": nmse, "exact": exact}
+                )
     finally:
         fused._int_x = original
 
