@@ -187,10 +187,12 @@ def kernel_choice(rows: int, choice: str):
 
 def choices(rows: int, qtypes) -> tuple[str, ...]:
     """The ways the fused module can compute a product of `rows` rows of weights of `qtypes`,
-    the default first (the matrix-vector kernel has two only for Q4_K and Q5_K)."""
+    the default first (the matrix-vector kernel has several for Q4_K, Q5_K, and Q6_K and Q8_0
+    repacked: `fused.matvec_paths`)."""
     if rows > fused.MATVEC_MAX_ROWS:
         return fused.PREFILL_PATHS
-    return fused.MATVEC_PATHS if set(qtypes) & set(fused.MATVEC_PATH_TYPES) else fused.MATVEC_PATHS[:1]
+    several = set(fused.MATVEC_PATH_TYPES) | set(fused.INT_READ_TYPES)
+    return fused.MATVEC_PATHS if set(qtypes) & several else fused.MATVEC_PATHS[:1]
 
 
 def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:

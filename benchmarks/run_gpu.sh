@@ -18,10 +18,12 @@ fi
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv
 # Kernel tests and kernel speeds before llama.cpp's build takes every core (Triton compiles on
 # the CPU; under the build the tests once ran past their time limit).
-timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_quant_fused.py 2>&1 | tee "$OUT/tests.log" | tail -3
+timeout 420 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_quant_fused.py 2>&1 | tee "$OUT/tests.log" | tail -3
 timeout 180 python3 benchmarks/bench_fused.py --out "$OUT/fused.json" 2>&1 | tee "$OUT/fused.log"
 timeout 60 python3 benchmarks/bench_host.py --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log"
 timeout 120 python3 benchmarks/sweep_matvec.py --out "$OUT/matvec_sweep.json" 2>&1 | tail -40 > "$OUT/matvec_sweep.log"
+# the decode read with integer dot products against "vec", at each one's default setting
+timeout 120 python3 benchmarks/sweep_matvec.py --compare --paths vec,int --out "$OUT/matvec_int.json" 2>&1 | tee "$OUT/matvec_int.log"
 if [ -n "$LLAMA_SRC" ]; then
   (cmake -B /tmp/lb -S "$LLAMA_SRC" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
@@ -39,3 +41,6 @@ if [ -n "$LLAMA_SRC" ]; then
 fi
 timeout 300 python3 benchmarks/bench_model.py --model "$MODEL" --repeats 3 "${COMPARE[@]}" \
   --out "$OUT/model.json" 2>&1 | tee "$OUT/model.log"
+# the same decode with the integer-dot-product read (fused.matvec_path "int"), last: not yet the default
+HARNESS_MATVEC=int timeout 300 python3 benchmarks/bench_model.py --model "$MODEL" --repeats 3 \
+  --out "$OUT/model_int.json" 2>&1 | tee "$OUT/model_int.log"

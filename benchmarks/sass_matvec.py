@@ -6,10 +6,11 @@ that needs no GPU. Writes JSON; asserts nothing.
 
 For each read, `_matvec_kernel` is compiled for sm_90 (pointers and row strides taken as 16-byte
 aligned, as the model's weights are) and disassembled with cuobjdump; the loop over super-blocks
-is the longest span between a backward branch and its target. Rows: the loop's instructions, the
-weight bytes one thread reads per iteration (BN rows of one super-block over the threads), their
-ratio, the global loads by width (LDG.E.128 is 16 bytes, LDG.E.U8 one), integer-to-float
-conversions (I2F) and local-memory loads (LDL: register spills). Fewer instructions per byte and
+is the longest span between a backward branch and its target (not the split sums' loop).
+Rows: the loop's instructions, the weight bytes one thread reads per iteration (BN rows of one
+super-block over the threads), their ratio, the global loads by width (LDG.E.128 is 16 bytes,
+LDG.E.U8 one), integer-to-float conversions (I2F), integer dot products (IDP: the "int"
+reads' dp2a) and local-memory loads (LDL: register spills). Fewer instructions per byte and
 wider loads are faster while the kernel issues more than memory delivers; only a GPU says by how
 much (benchmarks/bench_fused.py).
 """
@@ -32,33 +33,47 @@ from harness.quant import fused  # noqa: E402
 from harness.quant.types import GGMLType, type_size  # noqa: E402
 
 T = GGMLType
-# (name, type, repacked weight, wide read (VEC), gated)
+# (name, type, repacked weight, read: "tile"/"words" (the older reads), "vec" (wide loads, VEC)
+# or "int" (integer dot products, INT), gated)
 READS = [
-    ("Q4_K words", T.Q4_K, False, False, False),
-    ("Q4_K vec", T.Q4_K, False, True, False),
-    ("Q4_K vec gated", T.Q4_K, False, True, True),
-    ("Q5_K tile", T.Q5_K, False, False, False),
-    ("Q5_K vec", T.Q5_K, False, True, False),
-    ("Q5_K vec gated", T.Q5_K, False, True, True),
-    ("Q6_K tile", T.Q6_K, False, False, False),
-    ("Q6_K packed vec", T.Q6_K, True, True, False),
-    ("Q6_K packed vec gated", T.Q6_K, True, True, True),
-    ("Q8_0 tile", T.Q8_0, False, False, False),
-    ("Q8_0 packed vec", T.Q8_0, True, True, False),
-    ("Q8_0 packed vec gated", T.Q8_0, True, True, True),
+    ("Q4_K words", T.Q4_K, False, "words", False),
+    ("Q4_K vec", T.Q4_K, False, "vec", False),
+    ("Q4_K vec gated", T.Q4_K, False, "vec", True),
+    ("Q4_K int", T.Q4_K, False, "int", False),
+    ("Q4_K int gated", T.Q4_K, False, "int", True),
+    ("Q5_K tile", T.Q5_K, False, "tile", False),
+    ("Q5_K vec", T.Q5_K, False, "vec", False),
+    ("Q5_K vec gated", T.Q5_K, False, "vec", True),
+    ("Q5_K int", T.Q5_K, False, "int", False),
+    ("Q5_K int gated", T.Q5_K, False, "int", True),
+    ("Q6_K tile", T.Q6_K, False, "tile", False),
+    ("Q6_K packed vec", T.Q6_K, True, "vec", False),
+    ("Q6_K packed vec gated", T.Q6_K, True, "vec", True),
+    ("Q6_K packed int", T.Q6_K, True, "int", False),
+    ("Q6_K packed int gated", T.Q6_K, True, "int", True),
+    ("Q8_0 tile", T.Q8_0, False, "tile", False),
+    ("Q8_0 packed vec", T.Q8_0, True, "vec", False),
+    ("Q8_0 packed vec gated", T.Q8_0, True, "vec", True),
+    ("Q8_0 packed int", T.Q8_0, True, "int", False),
+    ("Q8_0 packed int gated", T.Q8_0, True, "int", True),
 ]
 
 
-def compile_matvec(qtype: GGMLType, packed: bool, vec: bool, gated: bool):
+def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
     """`_matvec_kernel` compiled for sm_90 as `fused._product` launches it; and its config."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = (fused.PACKED_MATVEC_CONFIG if packed else fused.MATVEC_CONFIG)[qtype]
-    weights = "*i32" if qtype == T.Q4_K or vec else "*u8"
+    vec, int_read = read == "vec", read == "int"
+    tables = (
+        fused.INT_MATVEC_CONFIG if int_read else fused.PACKED_MATVEC_CONFIG if packed else fused.MATVEC_CONFIG
+    )
+    cfg = tables[qtype]
+    weights = "*i32" if qtype == T.Q4_K or vec or int_read else "*u8"
     pointers = {
-        **dict.fromkeys(("x_ptr", "out_ptr", "scale_ptr", "lut_ptr", "xsum_ptr", "xpow_ptr"), "*fp32"),
+        **dict.fromkeys(("out_ptr", "scale_ptr", "lut_ptr", "xsum_ptr", "xpow_ptr"), "*fp32"),
+        "x_ptr": "*i32" if int_read else "*fp32",
         "w_ptr": weights,
         "u_ptr": weights,
         "experts_ptr": "*i64",
@@ -69,6 +84,7 @@ def compile_matvec(qtype: GGMLType, packed: bool, vec: bool, gated: bool):
         "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated, "SCALED": False,
         "ROUTED": False, "VEC": vec, "PACKED": packed, "STAGES": cfg.get("stages", 1),
         "REDUCE": not gated,  # a decode product's splits summed in the kernel (gated ones take one split)
+        "INT": int_read, "PTX": True,
     }  # fmt: skip
     names = fused._matvec_kernel.arg_names
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
@@ -101,13 +117,15 @@ def sass(cubin: bytes) -> list[tuple[int, str]]:
 
 
 def longest_loop(code: list[tuple[int, str]]) -> list[str]:
-    """The instructions between the backward branch that spans the most and its target."""
+    """The instructions between the backward branch that spans the most and its target, of the
+    loops that read no split sums (those loads bypass L1: LDG.E.STRONG.GPU, from `.cg`)."""
     best: list[str] = []
     for addr, ins in code:
         m = re.search(r"BRA\s+(?:\S+\s+)?0x([0-9a-f]+)", ins)
         if m and int(m.group(1), 16) < addr:
             body = [i for a, i in code if int(m.group(1), 16) <= a <= addr]
-            best = max(best, body, key=len)
+            if not any("LDG.E.STRONG" in i for i in body):
+                best = max(best, body, key=len)
     return [re.sub(r"^@!?U?P\w+\s+", "", i) for i in best]  # without predicates
 
 
@@ -118,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     rows = []
-    for name, qtype, packed, vec, gated in READS:
-        kernel, cfg = compile_matvec(qtype, packed, vec, gated)
+    for name, qtype, packed, read, gated in READS:
+        kernel, cfg = compile_matvec(qtype, packed, read, gated)
         loop = longest_loop(sass(kernel.asm["cubin"]))
         ops = collections.Counter(i.split()[0] for i in loop)
         super_block_bytes = type_size(qtype) * (8 if qtype == T.Q8_0 else 1)
@@ -131,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
             "instructions_per_byte": len(loop) / per_thread,
             "loads": {k: v for k, v in sorted(ops.items()) if k.startswith(("LDG", "LDS", "LDL"))},
             "i2f": sum(v for k, v in ops.items() if k.startswith("I2F")),
+            "idp": sum(v for k, v in ops.items() if k.startswith("IDP")),
             "config": cfg,
         }
         rows.append(row)
         print(
             f"{name:24s} {row['instructions_per_byte']:6.2f} instructions/byte  {row['loads']}  I2F {row['i2f']}"
+            f"  IDP {row['idp']}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

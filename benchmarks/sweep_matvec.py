@@ -11,6 +11,13 @@ every setting's result is checked against the default setting's (NMSE; a wrong b
 here, as BN=8 with 2 warps once did). Writes JSON; asserts nothing.
 
     python benchmarks/sweep_matvec.py --out benchmarks/results/matvec_sweep.json
+
+`--paths vec,int` sweeps the settings of each `matvec_path` in turn (the table that path reads:
+`fused.matvec_config`). `--compare` times each of `--paths` at its default setting instead, in
+one run, with each case's result against dequantize-then-matmul in float32 (NMSE) and each
+path's time over the first path's:
+
+    python benchmarks/sweep_matvec.py --compare --paths vec,int --out benchmarks/results/matvec_int.json
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fused import nmse, random_weight, time_ms  # noqa: E402
 
 from harness.bench import copy_bandwidth, device_name  # noqa: E402
-from harness.quant import fused  # noqa: E402
+from harness.quant import dequant, fused  # noqa: E402
 from harness.quant.types import GGMLType as T  # noqa: E402
 from harness.quant.types import type_size  # noqa: E402
 
@@ -43,9 +50,16 @@ def in_turn(items: list):
     return lambda: next(turn)
 
 
+def dense(raw: torch.Tensor, code: int, rows: int, cols: int) -> torch.Tensor:
+    """A weight prepared by `fused.kernel_weight` (`code`) as float32 [rows, cols]."""
+    qtype = T(code & 0xFF)
+    return dequant.dequantize(fused.gguf_blocks(raw, code), qtype, (rows, cols), torch.float32)
+
+
 def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000) -> dict:
     """name -> (call(choice=None): the op on the next weights in turn or on `choice`; the first
-    choice; weight bytes a call reads; the type and layout whose launch setting the case sweeps)."""
+    choice; weight bytes a call reads; the type and layout whose launch setting the case sweeps;
+    reference(): the first choice's result by dequantize-then-matmul in float32)."""
     x = torch.randn(1, d, device=dev)
     ops = torch.ops.harness
     pairs = [torch.tensor([[a, (a + 3) % 8]], device=dev) for a in range(8)]
@@ -71,23 +85,42 @@ def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000) 
         turn = in_turn(weights_in_turn)
         return lambda w=None: ops.qmatmul(x, turn() if w is None else w, code, n)
 
-    moe6 = experts(down6, code6)
+    def moe_reference(down, down_code):
+        def reference():
+            out = torch.zeros(1, d, device=dev)
+            for e, share in zip(pairs[0][0].tolist(), weights[0].tolist(), strict=True):
+                g, u = dense(gate[e], int(T.Q4_K), f, d), dense(up[e], int(T.Q4_K), f, d)
+                h = torch.nn.functional.silu(x @ g.T) * (x @ u.T)
+                out += share * (h @ dense(down[e], down_code, d, f).T)
+            return out
+
+        return reference
+
+    def product_reference(w, code, n):
+        return lambda: x @ dense(w, code, n, d).T
+
+    moe6, moe6_ref = experts(down6, code6), moe_reference(down6, code6)
     return {
         "moe_ffn Q4_K gate/up, packed Q6_K down; Q4_K settings": (
-            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, T.Q4_K, False,
+            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, int(T.Q4_K), moe6_ref,
         ),
         "moe_ffn Q4_K gate/up, packed Q6_K down; packed Q6_K settings": (
-            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, T.Q6_K, True,
+            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, code6, moe6_ref,
         ),
         "moe_ffn Q4_K gate/up/down; Q4_K settings": (
-            experts(down4, int(T.Q4_K)), pairs[0], gated_bytes + 2 * d * f * q4 // 256, T.Q4_K, False,
+            experts(down4, int(T.Q4_K)), pairs[0], gated_bytes + 2 * d * f * q4 // 256, int(T.Q4_K),
+            moe_reference(down4, int(T.Q4_K)),
         ),
-        "qmatmul Q4_K 4096 x 4096": (product(square, int(T.Q4_K), d), square[0], d * d * q4 // 256, T.Q4_K, False),
+        "qmatmul Q4_K 4096 x 4096": (
+            product(square, int(T.Q4_K), d), square[0], d * d * q4 // 256, int(T.Q4_K),
+            product_reference(square[0], int(T.Q4_K), d),
+        ),
         "qmatmul packed Q6_K head 32000 x 4096": (
-            product([head], code6, vocab), head, vocab * d * q6 // 256, T.Q6_K, True,
+            product([head], code6, vocab), head, vocab * d * q6 // 256, code6, product_reference(head, code6, vocab),
         ),
         "qmatmul packed Q6_K 1024 x 4096": (
-            product(narrow, code6, d // 4), narrow[0], d // 4 * d * q6 // 256, T.Q6_K, True,
+            product(narrow, code6, d // 4), narrow[0], d // 4 * d * q6 // 256, code6,
+            product_reference(narrow[0], code6, d // 4),
         ),
     }  # fmt: skip
 
@@ -95,19 +128,54 @@ def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/matvec_sweep.json")
+    p.add_argument("--paths", default="vec", help="comma-separated values of fused.matvec_path")
+    p.add_argument("--compare", action="store_true", help="each path at its default setting, no sweep")
     args = p.parse_args(argv)
+    paths = args.paths.split(",")
+    unknown = [x for x in paths if x not in fused.MATVEC_PATHS]
+    if unknown:
+        print(f"sweep_matvec: --paths: unknown {unknown}, known {list(fused.MATVEC_PATHS)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("sweep_matvec: needs a CUDA device", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
     copy_tbps = copy_bandwidth(dev) / 1e12
-    result = {"device": device_name(dev), "torch": torch.__version__, "copy_TBps": copy_tbps, "rows": []}
-    for name, (call, first, nbytes, qtype, packed) in cases(dev).items():
-        configs = fused.PACKED_MATVEC_CONFIG if packed else fused.MATVEC_CONFIG
-        default = dict(configs[qtype])
+    result = {
+        "device": device_name(dev), "torch": torch.__version__, "copy_TBps": copy_tbps, "paths": paths,
+        "compare": args.compare, "rows": [],
+    }  # fmt: skip
+    before = fused.matvec_path
+    try:
+        for name, case in cases(dev).items():
+            rows = (
+                compared(name, case, paths, copy_tbps)
+                if args.compare
+                else swept(name, case, paths, copy_tbps)
+            )
+            for row in rows:
+                result["rows"].append(row)
+                print(row, flush=True)
+    finally:
+        fused.matvec_path = before
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def swept(name: str, case: tuple, paths: list[str], copy_tbps: float) -> list[dict]:
+    """Rows of one case: each path's launch settings (GRID x PROGRAMS_PER_SM), each checked
+    against that path's default setting."""
+    call, first, nbytes, code, _ = case
+    rows = []
+    for path in paths:
+        fused.matvec_path = path
+        config = fused.matvec_config(code)
+        default = dict(config)
         reference = call(first)
         for (bn, warps), per_sm in itertools.product(GRID, PROGRAMS_PER_SM):
-            configs[qtype].update(BN=bn, num_warps=warps, programs_per_sm=per_sm)
+            config.update(BN=bn, num_warps=warps, programs_per_sm=per_sm)
             try:
                 off = nmse(call(first), reference)
                 ms = time_ms(call)
@@ -115,19 +183,33 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    skipped: {type(exc).__name__}: {str(exc)[:100]}")
                 off, ms = None, float("nan")
             finally:
-                configs[qtype].clear()
-                configs[qtype].update(default)
-            row = {
-                "case": name, "BN": bn, "warps": warps, "programs_per_sm": per_sm, "us": round(ms * 1000, 2),
-                "fraction_of_copy": round(nbytes / ms / 1e9 / copy_tbps, 3), "nmse_vs_default": off,
+                config.clear()
+                config.update(default)
+            rows.append({
+                "case": name, "path": path, "BN": bn, "warps": warps, "programs_per_sm": per_sm,
+                "us": round(ms * 1000, 2), "fraction_of_copy": round(nbytes / ms / 1e9 / copy_tbps, 3),
+                "nmse_vs_default": off,
                 "default": (bn, warps, per_sm) == (default["BN"], default["num_warps"], default.get("programs_per_sm", 4)),
-            }  # fmt: skip
-            result["rows"].append(row)
-            print(row, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+            })  # fmt: skip
+    return rows
+
+
+def compared(name: str, case: tuple, paths: list[str], copy_tbps: float) -> list[dict]:
+    """Rows of one case: each path at its default setting, its result against dequantize-then-
+    matmul in float32 and its time over the first path's (medians of one run)."""
+    call, first, nbytes, code, reference = case
+    ref = reference()
+    rows = []
+    for path in paths:
+        fused.matvec_path = path
+        off = nmse(call(first), ref)
+        ms = time_ms(call)
+        rows.append({
+            "case": name, "path": path, "setting": dict(fused.matvec_config(code)), "us": round(ms * 1000, 2),
+            "fraction_of_copy": round(nbytes / ms / 1e9 / copy_tbps, 3), "nmse_vs_dequantize_then_matmul": off,
+            "time_over_first_path": round(ms * 1000 / rows[0]["us"], 3) if rows else 1.0,
+        })  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

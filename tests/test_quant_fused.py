@@ -86,7 +86,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
         kraw, code = _prepared(raw, qtype, width, layout)
         for t in tokens:
             x = torch.randn(t, width, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-            for path in _paths(t, qtype in fused.MATVEC_PATH_TYPES):
+            for path in _paths(t, code):
                 with _kernels(path):
                     out = torch.ops.harness.qmatmul(x.to(device), kraw.to(device), code, rows)
                 results.append(
@@ -104,7 +104,7 @@ def run_cases(device: str, small: bool) -> list[dict]:
         assert code & fused.WIDE, (qtype, cols_)
         for t in (1, 17):
             x = torch.randn(t, cols_, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-            for path in _paths(t, qtype in fused.MATVEC_PATH_TYPES):
+            for path in _paths(t, code):
                 with _kernels(path):
                     out = torch.ops.harness.qmatmul(x.to(device), kraw.to(device), code, rows)
                 name = f"qmatmul extreme {qtype.name} {layout} T={t} {path}"
@@ -171,19 +171,8 @@ def run_cases(device: str, small: bool) -> list[dict]:
         for t in tokens:
             x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
             for routing in ("random", "two experts take all"):
-                if routing == "random":
-                    experts = torch.stack([torch.randperm(n_exp)[:k] for _ in range(t)])
-                else:
-                    experts = torch.tensor([[0, 1]] * t)
-                weights = torch.rand(t, k).softmax(-1)
-                ref = torch.zeros(t, dim, dtype=torch.float64)
-                for i in range(t):
-                    for s in range(k):
-                        e = int(experts[i, s])
-                        xi = x[i].double()
-                        h = torch.nn.functional.silu(wg[e] @ xi) * (wu[e] @ xi)
-                        ref[i] += weights[i, s].double() * (wd[e] @ h)
-                for path in _paths(t * k, True):  # both pairs of types have a Q4_K weight
+                experts, weights, ref = _moe_reference(x, wg, wu, wd, k, routing, (0, 1))
+                for path in _paths(t * k, gu_code, down_code):
                     with _kernels(path, scratch):
                         out = torch.ops.harness.moe_ffn(
                             x.to(device),
@@ -199,6 +188,25 @@ def run_cases(device: str, small: bool) -> list[dict]:
                     name = f"moe_ffn {gu_type.name}/{down_type.name} {layout} T={t} {routing} {path}"
                     results.append({"case": name, "nmse": _nmse(out, ref)})
     return results
+
+
+def _moe_reference(x, wg, wu, wd, k: int, routing: str, takers: tuple[int, ...]):
+    """A routing of x's tokens to k of the experts (float64 weights wg, wu [F, D], wd [D, F] per
+    expert): random, or every token to the experts `takers` (the others get none); its routing
+    weights, and the MoE MLP's output in float64."""
+    t, n_exp = x.shape[0], len(wg)
+    if routing == "random":
+        experts = torch.stack([torch.randperm(n_exp)[:k] for _ in range(t)])
+    else:
+        experts = torch.tensor([list(takers)] * t)
+    weights = torch.rand(t, k).softmax(-1)
+    ref = torch.zeros(t, wd[0].shape[0], dtype=torch.float64)
+    for i in range(t):
+        for s in range(k):
+            e, xi = int(experts[i, s]), x[i].double()
+            h = torch.nn.functional.silu(wg[e] @ xi) * (wu[e] @ xi)
+            ref[i] += weights[i, s].double() * (wd[e] @ h)
+    return experts, weights, ref
 
 
 def _decode_op_cases(device: str, tokens: tuple[int, ...], rng: np.random.Generator) -> list[dict]:
@@ -535,6 +543,199 @@ def _scaled_half_cases(device: str) -> list[dict]:
     return results
 
 
+def int_read_case_count(small: bool) -> int:
+    """How many results `_int_read_cases` gives: the products, moe_ffn's pairs of types at their
+    token counts and 2 routings, 2 layout cases and 4 dp2a forms."""
+    moe = sum(len(tokens) for _, _, _, tokens in INT_MOE_SMALL if small) + sum(
+        len(tokens) for _, _, _, tokens in INT_MOE_FULL if not small
+    )
+    return len(INT_READ_WEIGHTS) * (len(INT_READ_TOKENS) + len(INT_READ_X)) + 2 * moe + 2 + 4
+
+
+# The "int" reads (`fused.INT_READ_TYPES`): (type, layout, row length small, on a GPU, rows):
+# odd row counts, one part-filled tile and several tiles (Q4_K's BN is 64).
+INT_READ_WEIGHTS = (
+    ("Q4_K", "gguf", 512, 4096, 19),
+    ("Q4_K", "gguf", 256, 4096, 131),
+    ("Q5_K", "gguf", 256, 4096, 19),
+    ("Q6_K", "packed", 2048, 4096, 9),
+    ("Q8_0", "packed", 256, 4096, 21),
+)
+INT_READ_TOKENS = (1, 5, 8)  # 8: MATVEC_MAX_ROWS
+INT_READ_X = ("outlier", "zero row", "nan")
+
+
+def _int_read_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """`matvec_path` "int": qmatmul against float64 at 1, 5 and MATVEC_MAX_ROWS rows (each case
+    checks that x went through `fused._int_x`), x with an outlier, a row of zeros (exactly 0 out)
+    and a NaN (its row all non-finite, the others finite); moe_ffn with T*k up to
+    MATVEC_MAX_ROWS pairs, experts with no token and with every token; `_int_x`'s layout, scales
+    and rounding recomputed by torch bit for bit; `_dp2a` (PTX on a GPU, emulated under the
+    interpreter) against int64 arithmetic."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    assert INT_READ_TOKENS[-1] == fused.MATVEC_MAX_ROWS
+    original, calls = fused._int_x, []
+
+    def counted(x):
+        calls.append(x.shape)
+        return original(x)
+
+    results = []
+    fused._int_x = counted
+    try:
+        for name, layout, cols_small, cols_full, rows in INT_READ_WEIGHTS:
+            qtype, cols = GGMLType[name], cols_small if small else cols_full
+            raw = _random_weight(qtype, rows, cols, rng)
+            w = _dequant(raw, qtype, rows, cols)
+            kraw, code = _prepared(raw, qtype, cols, layout)
+            kraw = kraw.to(device)
+            for t in INT_READ_TOKENS:
+                x = torch.randn(t, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+                calls.clear()
+                with _kernels("matvec=int"):
+                    out = torch.ops.harness.qmatmul(x.to(device), kraw, code, rows)
+                case = f"int qmatmul {name} {layout} T={t} N={rows} K={cols}"
+                results.append({"case": case, "nmse": _nmse(out, x.double() @ w.T), "exact": len(calls) == 1})
+            for form in INT_READ_X:
+                x = torch.randn(3, cols)
+                if form == "outlier":  # one activation 1e4 times the others: its block's scale is large
+                    x[1, 37] = 1e4
+                else:
+                    x[0] = 0.0 if form == "zero row" else x[0]
+                    if form == "nan":
+                        x[0, 5] = float("nan")
+                with _kernels("matvec=int"):
+                    out = torch.ops.harness.qmatmul(x.to(device), kraw, code, rows).cpu()
+                ref = x.double() @ w.T
+                if form == "outlier":
+                    nmse, exact = _nmse(out, ref), True
+                elif form == "zero row":
+                    nmse, exact = _nmse(out[1:], ref[1:]), bool((out[0] == 0).all())
+                else:
+                    nmse, exact = _nmse(out[1:], ref[1:]), not bool(torch.isfinite(out[0]).any())
+                results.append(
+                    {"case": f"int qmatmul {name} {layout} N={rows} x {form}", "nmse": nmse, "exact": exact}
+                )
+    finally:
+        fused._int_x = original
+
+    results += _int_moe_cases(device, small, rng)
+    results += _int_x_layout_cases(device)
+    results += _dp2a_cases(device)
+    return results
+
+
+# moe_ffn through the "int" reads: (gate/up type, down type, ffn, tokens); k = 2 of 4 experts,
+# so 4 tokens make MATVEC_MAX_ROWS pairs. Under the interpreter small sizes (run_cases' moe_ffn
+# cases take the int read at 1 token; packed Q6_K is read routed by the products above); on a
+# GPU Q4_K_M's pair of types with a packed Q6_K down.
+INT_MOE_SMALL = (("Q4_K", "Q8_0", 256, (4,)), ("Q8_0", "Q4_K", 256, (4,)))
+INT_MOE_FULL = (("Q4_K", "Q6_K", 2048, (1, 4)), ("Q8_0", "Q4_K", 512, (1, 4)), ("Q4_K", "Q8_0", 512, (4,)))
+
+
+def _int_moe_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """moe_ffn through the "int" reads (INT_MOE_*) against float64; routings: random, and two
+    experts taking every token (the others none)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    n_exp, k, dim = 4, 2, 256 if small else 1024
+    results = []
+    for gu_name, down_name, ffn, tokens in INT_MOE_SMALL if small else INT_MOE_FULL:
+        gu_type, down_type = GGMLType[gu_name], GGMLType[down_name]
+        stacks = [
+            torch.stack([_random_weight(q, r, c, rng) for _ in range(n_exp)])
+            for q, r, c in ((gu_type, ffn, dim), (gu_type, ffn, dim), (down_type, dim, ffn))
+        ]
+        refs = [
+            [_dequant(s[e], q, r, c) for e in range(n_exp)]
+            for s, q, r, c in zip(
+                stacks, (gu_type, gu_type, down_type), (ffn, ffn, dim), (dim, dim, ffn), strict=True
+            )
+        ]
+        (gate, gu_code), (up, _), (down, down_code) = (
+            fused.kernel_weight(stacks[0], gu_type, dim),
+            fused.kernel_weight(stacks[1], gu_type, dim),
+            fused.kernel_weight(stacks[2], down_type, ffn),
+        )
+        for t in tokens:
+            for routing in ("random", "two experts take all"):
+                x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+                experts, weights, ref = _moe_reference(x, *refs, k, routing, (3, 1))
+                with _kernels("matvec=int"):
+                    out = torch.ops.harness.moe_ffn(
+                        *(a.to(device) for a in (x, gate, up, down, weights, experts)), gu_code, down_code
+                    )
+                name = f"int moe_ffn {gu_type.name}/{down_type.name} T={t} {routing}"
+                results.append({"case": name, "nmse": _nmse(out, ref)})
+    return results
+
+
+def _int_x_layout_cases(device: str) -> list[dict]:
+    """`fused._int_x` against torch: each 32-value block's scale max|x| / 32767 and its values
+    round(x / max|x| * 32767) (half away from zero) at the int layout's places, bit for bit;
+    the sums of 16 values to float32 rounding. Rows of N(0, 1), of tiny and huge values, and a
+    row of zeros."""
+    from harness.quant import fused
+
+    results = []
+    x = torch.randn(4, 512)
+    x[1] *= 1e-30
+    x[2] *= 1e30
+    x[3, 256:] = 0.0
+    pairs, sums, scales = (t.cpu() for t in fused._int_x(x.to(device)))
+    blocks = x.view(4, -1, 32)
+    peak = blocks.abs().amax(-1, keepdim=True)
+    q = torch.where(peak > 0, blocks / torch.where(peak > 0, peak, 1.0), 0.0) * 32767.0
+    q = torch.where(q >= 0, q + 0.5, q - 0.5).trunc().to(torch.int16)
+    o = torch.arange(32)
+    place = 4 * ((o % 16) // 2) + 2 * (o // 16) + o % 2  # the value at each position of a block
+    expected = q[..., place].reshape(4, -1)
+    same = torch.equal(pairs.view(torch.int16), expected) and torch.equal(
+        scales, (peak / 32767.0).squeeze(-1)
+    )
+    close = torch.allclose(sums, x.view(4, -1, 16).sum(-1), rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    results.append({"case": "int x layout", "nmse": 0.0, "exact": same and close})
+    bad = torch.randn(2, 256)
+    bad[0, 3], bad[1, 200] = float("nan"), float("inf")
+    _, bad_sums, bad_scales = (t.cpu() for t in fused._int_x(bad.to(device)))
+    flagged = bool(bad_scales[0, 0].isnan() and bad_scales[1, 6].isnan())
+    clean = bool(bad_scales[0, 1:].isfinite().all() and bad_scales[1, :6].isfinite().all())
+    results.append(
+        {"case": "int x scale of a block with a NaN or an inf", "nmse": 0.0, "exact": flagged and clean}
+    )
+    return results
+
+
+def _dp2a_cases(device: str) -> list[dict]:
+    """`fused._dp2a` (lo and hi, unsigned and signed bytes; PTX on a GPU, plain Triton ops under
+    the interpreter) against the same sums in int64, bit for bit, on random words and extremes."""
+    from harness.quant import fused
+
+    gen = torch.Generator().manual_seed(5)
+    n = 1024
+    a = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64)
+    b = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64)
+    a[:4] = torch.tensor([-(2**31), 2**31 - 1, -1, 0x80007FFF - 2**32])  # int16 extremes in both halves
+    b[:4] = torch.tensor([-1, 0x7F807F80, -(2**31), 0x01FF80FF])
+    c = torch.randint(-(2**30), 2**30, (n,), generator=gen, dtype=torch.int64)
+    halves = [((a << 48) >> 48), (a << 32) >> 48]  # signed int16 halves
+    results = []
+    for hi in (False, True):
+        for signed in (False, True):
+            first = 16 if hi else 0
+            byte = [(b >> (first + 8 * i)) & 0xFF for i in (0, 1)]
+            if signed:
+                byte = [torch.where(v > 127, v - 256, v) for v in byte]
+            ref = (c + halves[0] * byte[0] + halves[1] * byte[1]).to(torch.int32)
+            out = fused.dp2a(*(v.to(torch.int32).to(device) for v in (a, b, c)), hi=hi, signed=signed).cpu()
+            name = f"dp2a {'hi' if hi else 'lo'} {'signed' if signed else 'unsigned'} bytes"
+            results.append({"case": name, "nmse": 0.0, "exact": torch.equal(out, ref)})
+    return results
+
+
 # `harness::router_topk` with the router's weight: (tokens, experts, k, row length). Mixtral's
 # E=8 k=2 at 1, 5 and 8 tokens, E=4 k=1, E=16 k=4, E=64 k=8, E=3 k=3 (not a power of two, all
 # taken), rows that do not fill the last tile; 9 tokens (prefill) take the torch path. On a GPU
@@ -692,14 +893,23 @@ def _prepared(raw: torch.Tensor, qtype, cols: int, layout: str) -> tuple[torch.T
     return kraw, code
 
 
-def _paths(rows: int, two_reads: bool) -> tuple[str, ...]:
-    """The kernel choices that serve a product of `rows` rows: each way the matrix-vector kernel
-    reads Q4_K and Q5_K (when `two_reads`: such a weight takes part), or each prefill path."""
+def _paths(rows: int, *codes: int) -> tuple[str, ...]:
+    """The kernel choices that serve a product of `rows` rows of weights of `codes`: each value
+    of `matvec_path` that reads one of them its own way (`fused.matvec_paths`), or each prefill
+    path."""
     from harness.quant import fused
 
     if rows > fused.MATVEC_MAX_ROWS:
         return tuple(f"prefill={p}" for p in fused.PREFILL_PATHS)
-    return tuple(f"matvec={p}" for p in fused.MATVEC_PATHS) if two_reads else ("matvec",)
+    reads = {p for code in codes for p in fused.matvec_paths(code)}
+    return tuple(f"matvec={p}" for p in fused.MATVEC_PATHS if p in reads) if len(reads) > 1 else ("matvec",)
+
+
+def _layout_code(qtype, layout: str) -> int:
+    """The `qtype` code `_prepared` gives a weight of `qtype` in `layout` (WIDE aside)."""
+    from harness.quant import fused
+
+    return int(qtype) | (fused.PACKED if layout == "packed" else 0)
 
 
 @contextlib.contextmanager
@@ -723,20 +933,21 @@ def _kernels(path: str, scratch: int | None = None):
 
 def expected_case_count(small: bool) -> int:
     """How many results run_cases gives."""
-    from harness.quant import fused
+    from harness.quant.types import GGMLType
 
     tokens = (1, 5, 17) if small else (1, 5, 17, 129, 512)
     qmatmul = sum(
-        len(_paths(t, qtype in fused.MATVEC_PATH_TYPES))
+        len(_paths(t, _layout_code(qtype, layout)))
         for t in tokens
-        for qtype, _, _ in _weight_cases(256, small)
+        for qtype, _, layout in _weight_cases(256, small)
     )
-    moe = sum(len(_paths(2 * t, True)) for t in tokens) * 2 * 2
+    # both pairs of types have a Q4_K weight, which every matrix-vector path reads its own way
+    moe = sum(len(_paths(2 * t, int(GGMLType.Q4_K))) for t in tokens) * 2 * 2
     decode_ops = 2 * 3 * 3 * len(tokens) + 2 * (len(tokens) + 1) + len(tokens) + 1 + 3
     extreme = sum(
-        len(_paths(t, q in fused.MATVEC_PATH_TYPES))
+        len(_paths(t, _layout_code(q, layout)))
         for t in (1, 17)
-        for q, _, _ in _extreme_cases(256, small)
+        for q, _, layout in _extreme_cases(256, small)
     )
     attention = 2 * len(ATTENTION_SHAPES_SMALL if small else ATTENTION_SHAPES_FULL)
     packed_dequant = 2 * len(PACKED_DEQUANT_SHAPES) * 2 + len(SCALED_HALF_SHAPES)
@@ -766,7 +977,9 @@ def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
     assert any(" packed " in r["case"] and "matvec" in r["case"] for r in interpreted)
     assert any(r["case"].startswith("moe_ffn Q8_0/Q4_K packed") for r in interpreted)
     paths = {r["case"].split()[-1] for r in interpreted if r["case"].startswith("moe_ffn")}
-    assert paths == {"matvec=vec", "matvec=words", "prefill=dequant", "prefill=tiled", "prefill=tiled16"}
+    assert paths == {
+        "matvec=vec", "matvec=words", "matvec=int", "prefill=dequant", "prefill=tiled", "prefill=tiled16",
+    }  # fmt: skip
     bad = [r for r in interpreted if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
     assert not bad, bad
     _check_attention(interpreted)
@@ -791,6 +1004,104 @@ def test_interpreter_router_topk_kernel_matches_the_torch_path():
         f"interpreter subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
     _check_router(json.loads(proc.stdout.strip().splitlines()[-1]), "cpu")
+
+
+@pytest.mark.slow
+def test_interpreter_int_reads_match_dequantize_then_matmul():
+    """`matvec_path` "int" under Triton's interpreter (a subprocess), dp2a emulated by the same
+    integer arithmetic: every case of `_int_read_cases` within NMSE_MAX of float64 and exact
+    where it says so (x's layout and scales, zeros, NaN, dp2a's sums)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    seed = str(int.from_bytes(os.urandom(4), "little"))
+    proc = subprocess.run(
+        [sys.executable, __file__, "INT", "cpu", seed], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, (
+        f"interpreter subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    _check_int_reads(json.loads(proc.stdout.strip().splitlines()[-1]), small=True)
+
+
+def _check_int_reads(results: list[dict], small: bool) -> None:
+    assert len(results) == int_read_case_count(small)
+    bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
+    assert not bad, bad
+
+
+@pytest.mark.slow
+def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
+    """`_matvec_kernel`'s "int" reads (Q4_K, packed Q6_K and Q8_0; plain, gated, and routed with
+    split sums) compile for an H100 (sm_90) at their launch settings: the PTX holds dp2a, the
+    SASS of the loop over super-blocks integer dot products (IDP.2A), and no local memory
+    (register spills) anywhere. Also `_int_x_kernel`."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("Triton's bundled cuobjdump is absent")
+
+    def sass(cubin: bytes, tmp: Path) -> str:
+        tmp.write_bytes(cubin)
+        return subprocess.run(
+            [str(cuobjdump), "-sass", str(tmp)], capture_output=True, text=True, check=True
+        ).stdout
+
+    kernel = fused._matvec_kernel
+    pointers = {
+        "x_ptr": "*i32", "w_ptr": "*i32", "u_ptr": "*i32", "out_ptr": "*fp32", "experts_ptr": "*i64",
+        "scale_ptr": "*fp32", "lut_ptr": "*fp32", "xsum_ptr": "*fp32", "xpow_ptr": "*fp32",
+        "part_ptr": "*fp32", "counter_ptr": "*i32",
+    }  # fmt: skip
+    aligned = (*pointers, "row_bytes", "expert_bytes", "x_stride")
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"int_read_{os.getpid()}.cubin"
+    try:
+        for qtype in fused.INT_READ_TYPES:
+            cfg = fused.INT_MATVEC_CONFIG[qtype]
+            for gated, routed in ((False, False), (True, False), (False, True)):
+                consts = {
+                    "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
+                    "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
+                    "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "PTX": True,
+                }  # fmt: skip
+                names = kernel.arg_names
+                signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
+                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
+                source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+                compiled = triton.compile(
+                    source, target=GPUTarget("cuda", 90, 64), options={"num_warps": cfg["num_warps"]}
+                )
+                where = (qtype.name, gated, routed)
+                assert "dp2a.lo" in compiled.asm["ptx"] and "dp2a.hi" in compiled.asm["ptx"], where
+                code = sass(compiled.asm["cubin"], tmp)
+                assert not re.search(r"\b(LDL|STL)\b", code), where
+                # a dp2a takes 2 of the 256 values of a row's super-block: per thread and loop step
+                per_step = 128 * cfg["BN"] * (2 if gated else 1) // (32 * cfg["num_warps"])
+                assert code.count("IDP.2A") >= per_step, (where, code.count("IDP.2A"), per_step)
+        source = ASTSource(
+            fn=fused._int_x_kernel,
+            signature={
+                "x_ptr": "*fp32",
+                "q_ptr": "*i16",
+                "scale_ptr": "*fp32",
+                "sum_ptr": "*fp32",
+                "K": "i32",
+            },
+            constexprs={},
+            attrs={(i,): [["tt.divisibility", 16]] for i in range(5)},
+        )
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 1})
+        assert not re.search(r"\b(LDL|STL)\b", sass(compiled.asm["cubin"], tmp))
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_attention(results: list[dict]) -> None:
@@ -882,7 +1193,7 @@ def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
         "scale_ptr": "*fp32", "lut_ptr": "*fp32", "xsum_ptr": "*fp32", "xpow_ptr": "*fp32",
         "part_ptr": "*fp32", "counter_ptr": "*i32",
     }  # fmt: skip
-    common = {"GATED": False, "VEC": True, "STAGES": 1, "REDUCE": True}
+    common = {"GATED": False, "VEC": True, "STAGES": 1, "REDUCE": True, "INT": False, "PTX": True}
     for consts in (
         {"QT": 12, "NP": 2, "BN": 16, "SCALED": False, "ROUTED": False, "PACKED": False, **common},
         {"QT": 14, "NP": 4, "BN": 32, "SCALED": True, "ROUTED": True, "PACKED": True, **common},
@@ -1428,6 +1739,14 @@ def test_cuda_kernels_match_dequantize_then_matmul():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_int_reads_match_dequantize_then_matmul():
+    """`matvec_path` "int" on the GPU (PTX dp2a) at Mixtral-sized rows: `_int_read_cases`."""
+    from harness.quant import fused  # noqa: F401
+
+    _check_int_reads(_int_read_cases("cuda", False, np.random.default_rng()), small=False)
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_router_topk_kernel_matches_the_torch_path():
     """`harness::router_topk`'s kernel against the op's torch path on the GPU at Mixtral's
     shapes (`_check_router`: tied rows too, where torch.topk on CUDA chooses the same experts)."""
@@ -1492,5 +1811,7 @@ if __name__ == "__main__":
 
     if sys.argv[1] == "ROUTER":  # only harness::router_topk's cases, small shapes
         print(json.dumps(_router_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "INT":  # only the "int" reads' cases, small shapes
+        print(json.dumps(_int_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     else:
         print(json.dumps(run_cases(sys.argv[2], small=sys.argv[1] == "SMALL")))

@@ -89,16 +89,31 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q6_K: {"BN": 16, "num_warps": 1, "stages": 1, "programs_per_sm": 8},
     T.Q8_0: {"BN": 16, "num_warps": 4, "stages": 1},
 }
+# The "int" reads (`matvec_path`; Q6_K and Q8_0 in `pack`'s layout). Not timed on a GPU yet:
+# chosen by `benchmarks/sass_matvec.py` (sm_90 SASS, instructions per weight byte in the loop):
+# Q4_K 4.19 at BN=64 with 4 warps against 4.97 at BN=32 (two rows a thread share their x
+# loads), Q8_0 1.21 at BN=64 against 4.0 at BN=16; Q6_K keeps packed "vec"'s measured setting
+# (3.01). `benchmarks/sweep_matvec.py --paths int` sweeps them.
+INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
+    T.Q4_K: {"BN": 64, "num_warps": 4, "stages": 1},
+    T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1},
+    T.Q6_K: {"BN": 16, "num_warps": 1, "stages": 1, "programs_per_sm": 8},
+    T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1},
+}
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
 
 # How the matrix-vector kernel reads Q4_K and Q5_K (decode): "vec", `_q4_k_dot_vec` (16-byte
 # loads of weights and x, two integer ops a nibble); "words", the older `_q4_k_dot` (Q4_K) and
-# `_tile_q5_k` (Q5_K). HARNESS_MATVEC picks one at import; `matvec_path` may be set later
-# (benchmarks compare both). Other types: one kernel for each layout (see `kernel_weight`).
-MATVEC_PATHS = ("vec", "words")
-MATVEC_PATH_TYPES = (T.Q4_K, T.Q5_K)  # the types `matvec_path` chooses for
+# `_tile_q5_k` (Q5_K); "int", integer dot products (PTX dp2a) against x quantized to int16 per
+# 32 values (`_int_x`), for Q4_K, Q5_K, and Q6_K and Q8_0 repacked (`_q4_k_dot_int`,
+# `_q6_k_dot_int`, `_q8_0_dot_int`). HARNESS_MATVEC picks one at
+# import; `matvec_path` may be set later (benchmarks compare them). Other types: one kernel for
+# each layout (see `kernel_weight`); `matvec_paths` says which choices read a weight differently.
+MATVEC_PATHS = ("vec", "words", "int")
+MATVEC_PATH_TYPES = (T.Q4_K, T.Q5_K)  # the types "vec" and "words" choose for
+INT_READ_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)  # the types "int" reads (Q6_K and Q8_0 repacked)
 matvec_path = os.environ.get("HARNESS_MATVEC", "vec")
 
 # How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
@@ -162,6 +177,30 @@ def disabled():
         yield
     finally:
         _enabled = before
+
+
+def matvec_config(code: int) -> dict[str, int]:
+    """The launch setting (a dict of MATVEC_CONFIG, PACKED_MATVEC_CONFIG or INT_MATVEC_CONFIG,
+    which sweeps may change) of the matrix-vector kernel for a weight of `code` under the
+    current `matvec_path`."""
+    if _reads_int(code, _matvec_path()):
+        return INT_MATVEC_CONFIG[GGMLType(code & 0xFF)]
+    return (PACKED_MATVEC_CONFIG if code & PACKED else MATVEC_CONFIG)[GGMLType(code & 0xFF)]
+
+
+def _reads_int(code: int, path: str) -> bool:
+    """Whether `path` reads a weight of `code` with integer dot products."""
+    qtype = GGMLType(code & 0xFF)
+    return path == "int" and qtype in INT_READ_TYPES and (qtype in MATVEC_PATH_TYPES or bool(code & PACKED))
+
+
+def matvec_paths(code: int) -> tuple[str, ...]:
+    """The values of `matvec_path` under which the matrix-vector kernel reads a weight of `qtype`
+    code `code` (`kernel_weight`) each its own way ("vec" first; one value: the path does not
+    matter)."""
+    qtype = GGMLType(code & 0xFF)
+    words = ("words",) if qtype in MATVEC_PATH_TYPES else ()
+    return ("vec", *words, *(("int",) if _reads_int(code, "int") else ()))
 
 
 def supports(qtype: GGMLType, device: torch.device, in_features: int) -> bool:
@@ -531,6 +570,15 @@ if triton is not None:
         return sc, mn
 
     @triton.jit
+    def _k_block_head(wq, blk):
+        """Q4_K/Q5_K block words 0..3 at blk (int32 pointer offsets): d, dmin as float32 and the
+        three words of scales[12] (`_q4_k_word_scales` reads them)."""
+        head = tl.load(wq + blk)
+        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return d, dmin, tl.load(wq + blk + 1), tl.load(wq + blk + 2), tl.load(wq + blk + 3)
+
+    @triton.jit
     def _q4_k_dot(wq, roww, sb, xp, BN: tl.constexpr):
         """[BN] dot products of x with super-block sb of BN Q4_K rows, read as int32 words.
 
@@ -539,15 +587,10 @@ if triton is not None:
         64g + 4w + b (sub-block 2g) and high nibble value 64g + 32 + 4w + b (sub-block 2g + 1).
         Per sub-block: d*sc * sum(q*x) - dmin*m * sum(x), as llama.cpp's vec_dot does."""
         blk = roww[:, None] + sb * 36  # [BN, 1]
-        head = tl.load(wq + blk)
-        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        d, dmin, s1, s2, s3 = _k_block_head(wq, blk)
         g = tl.arange(0, 4)[None, :]  # [1, 4]
         words = tl.load(wq + blk[:, :, None] + 4 + 8 * g[:, :, None] + tl.arange(0, 8)[None, None, :])
         xcol = xp + sb * 256 + 64 * g[:, :, None] + 4 * tl.arange(0, 8)[None, None, :]  # [1, 4, 8]
-        s1 = tl.load(wq + blk + 1)
-        s2 = tl.load(wq + blk + 2)
-        s3 = tl.load(wq + blk + 3)
         acc = tl.zeros((BN,), dtype=tl.float32)
         for h in tl.static_range(2):
             j = 2 * g + h  # [1, 4] sub-blocks of this nibble
@@ -585,12 +628,7 @@ if triton is not None:
         8g + w = qs[32g + 4w .. + 3]."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
         blk = roww[:, None] + sb * (44 if Q5 else 36)  # [BN, 1] in words
-        head = tl.load(wq + blk)
-        d = (head & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = ((head >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        s1 = tl.load(wq + blk + 1)
-        s2 = tl.load(wq + blk + 2)
-        s3 = tl.load(wq + blk + 3)
+        d, dmin, s1, s2, s3 = _k_block_head(wq, blk)
         g = tl.arange(0, 4)[None, :]  # [1, 4]
         w = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
         words = tl.load(wq + blk[:, :, None] + QS + 8 * g[:, :, None] + w)  # [BN, 4, 8]
@@ -680,6 +718,37 @@ if triton is not None:
         tl.store(xsum_ptr + r * (K // span) + sb * SUMS + j, tl.sum(chunk, axis=1) * unit)
 
     @triton.jit
+    def _int_x_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, K):
+        """Super-block program_id(1) of row program_id(0) of x [R, K] float32 for the "int"
+        reads (`_int_x`): each 32-value block B as int16 q = round(32767 x / max|x|) at the
+        positions of the int layout (int16 2(16B + 8p + w) + e holds value 32B + 4w + 2p + e),
+        its scale max|x| / 32767 (NaN when the block holds a NaN or an infinity), and the sums
+        of each 16 values (float32)."""
+        r = tl.program_id(0).to(tl.int64)
+        sb = tl.program_id(1)
+        row = x_ptr + r * K + sb * 256
+        o = tl.arange(0, 32)[None, :]  # position in the block
+        value = 4 * ((o % 16) // 2) + 2 * (o // 16) + o % 2
+        v = tl.load(row + 32 * tl.arange(0, 8)[:, None] + value)  # [8, 32]
+        peak = tl.max(tl.abs(v), axis=1)[:, None]  # [8, 1]
+        sixteens = tl.load(row + 16 * tl.arange(0, 16)[:, None] + tl.arange(0, 16)[None, :])
+        sums = tl.sum(sixteens, axis=1)  # [16]
+        blocks = tl.reshape(sums, (8, 2))
+        # 0 * (the block's sum) is NaN when the block holds a NaN or an infinity: so is the scale
+        # IEEE divisions (as torch's): a test recomputes q and the scale bit for bit
+        scale = (
+            tl.math.div_rn(peak, tl.full(peak.shape, 32767.0, tl.float32))
+            + 0.0 * tl.sum(blocks, axis=1)[:, None]
+        )
+        q = tl.math.div_rn(v, tl.where(peak > 0, peak, 1.0)) * 32767.0
+        q = tl.where(q == q, tl.minimum(tl.maximum(q, -32767.0), 32767.0), 0.0)
+        q = tl.where(q >= 0, q + 0.5, q - 0.5).to(tl.int32)  # rounded half away from zero
+        out = q_ptr + r * K + sb * 256 + 32 * tl.arange(0, 8)[:, None] + o
+        tl.store(out, q.to(tl.int16))
+        tl.store(scale_ptr + r * (K // 32) + sb * 8 + tl.arange(0, 8)[:, None], scale)
+        tl.store(sum_ptr + r * (K // 16) + sb * 16 + tl.arange(0, 16), sums)
+
+    @triton.jit
     def _q8_0_dot_vec(wq, roww, sb, n_super, xp, xsum_p, BN: tl.constexpr):
         """[BN, 8, 8] partial dot products of super-block sb (eight blocks) of BN Q8_0 rows in
         `pack`'s layout with x (prepared by `_vec_x`, QT 8); the row's product is their sum
@@ -758,6 +827,152 @@ if triton is not None:
             acc += (d[:, None, None, None] * sc) * (part - tl.where(w4 == 0, off, 0.0))
         return acc
 
+    # -- the "int" read: integer dot products against x quantized to int16 (`_int_x`) ----------
+    # x comes as int16 values q with a float scale s per 32-value block B (x ~ q * s, |q| <=
+    # 32767), laid out so that int32 word 16B + 8p + w holds the two values 32B + 4w + 2p and
+    # 32B + 4w + 2p + 1: the pair that bytes 2p and 2p + 1 of a weight word w multiply (Q4_K's qs
+    # words, Q6_K's ql/qh words and Q8_0's qs words all hold values 4w + b of a block in byte b).
+    # A weight word's bytes (unsigned quants, or Q8_0's signed ones) meet x in two PTX dp2a
+    # (int16x2 . int8x2 + int32, `_dp2a`); each sub-block's int32 sum becomes a float once and
+    # takes its scale d*sc*s in one multiply-add; offsets (Q4_K's mins, Q6_K's -32) come from the
+    # float sums of x per 16 values. int32 cannot overflow: a sub-block's sum is at most
+    # 32 * 32767 * 240 = 251,658,240 < 2^31 (Q4_K's high nibbles are read in place, times 16),
+    # 32 * 32767 * 31 for Q5_K, 16 * 32767 * 63 for Q6_K and 32 * 32767 * 128 for Q8_0. Against float32 x the int16 x
+    # rounds each value by at most s/2: Gaussian x times random Q4_K rows (K = 4096, float64)
+    # gives NMSE 4e-10; int8 x with a scale per 32 values (llama.cpp's q8_1) gives 2.9e-5,
+    # above the 1e-5 the kernels must meet. A scale per 32 values (not 256) keeps an outlier's
+    # coarse steps to its own block.
+
+    @triton.jit
+    def _dp2a(a, b, c, HI: tl.constexpr, SIGNED: tl.constexpr, PTX: tl.constexpr):
+        """c + a0 * b[k] + a1 * b[k + 1] elementwise (int32 tensors): a0, a1 the signed low and
+        high int16 of a; b[k] byte k of b (k = 2 with HI, else 0), unsigned, or signed with
+        SIGNED. PTX: one `dp2a` instruction (sm_61 and later); otherwise the same integer
+        arithmetic in plain Triton ops (the interpreter cannot run inline assembly)."""
+        if PTX:
+            op: tl.constexpr = ("dp2a.hi" if HI else "dp2a.lo") + (".s32.s32" if SIGNED else ".s32.u32")
+            return tl.inline_asm_elementwise(
+                op + " $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+            )
+        else:
+            at: tl.constexpr = 16 if HI else 0  # the first byte's bit
+            if SIGNED:
+                b0 = (b << (24 - at)) >> 24  # arithmetic shifts: the byte's sign kept
+                b1 = (b << (16 - at)) >> 24
+            else:
+                b0 = (b >> at) & 0xFF
+                b1 = (b >> (at + 8)) & 0xFF
+            return c + ((a << 16) >> 16) * b0 + (a >> 16) * b1
+
+    @triton.jit
+    def _dp2a_kernel(
+        a_ptr, b_ptr, c_ptr, out_ptr, n, HI: tl.constexpr, SIGNED: tl.constexpr, PTX: tl.constexpr
+    ):
+        """out = `_dp2a`(a, b, c) elementwise over n int32 values (`dp2a`)."""
+        i = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+        m = i < n
+        a = tl.load(a_ptr + i, mask=m, other=0)
+        b = tl.load(b_ptr + i, mask=m, other=0)
+        c = tl.load(c_ptr + i, mask=m, other=0)
+        tl.store(out_ptr + i, _dp2a(a, b, c, HI, SIGNED, PTX), mask=m)
+
+    @triton.jit
+    def _dp4(xw, q, SIGNED: tl.constexpr, PTX: tl.constexpr):
+        """The int32 dot products of the four bytes of each word q with the x pairs at xw (bytes
+        0, 1) and xw + 8 (bytes 2, 3), as the int layout stores them."""
+        lo = _dp2a(tl.load(xw), q, tl.zeros_like(q), False, SIGNED, PTX)
+        return _dp2a(tl.load(xw + 8), q, lo, True, SIGNED, PTX)
+
+    @triton.jit
+    def _q4_k_dot_int(
+        wq, roww, sb, xw, xs_p, xsum_p, BN: tl.constexpr, PTX: tl.constexpr, Q5: tl.constexpr = False
+    ):
+        """[BN, 4] partial dot products (per group g of two sub-blocks) of super-block sb of BN
+        Q4_K (Q5: Q5_K) rows (words, as `_q4_k_dot_vec` reads them) with x from `_int_x`: x
+        pointers xw (int32 pairs), xs_p (scales per 32 values), xsum_p (sums per 16 values) of the
+        row. Word 8g + w of qs holds values 64g + 4w + b (low nibbles, sub-block 2g: x block 2g)
+        and 64g + 32 + 4w + b (high nibbles, sub-block 2g + 1; Q4_K reads them in place, 16 times
+        the value). Q5_K: the fifth bit of value 32j + 4w + b (sub-block j) is bit 8b + j of qh
+        word w, moved to bit 4 of byte b (the high nibbles shifted down first)."""
+        QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
+        blk = roww[:, None] + sb * (44 if Q5 else 36)  # [BN, 1] in words
+        d, dmin, s1, s2, s3 = _k_block_head(wq, blk)
+        g = tl.arange(0, 4)[None, :]  # [1, 4]
+        w = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
+        # words 0..3 and 4..7 of each group as two tiles of one layout: a thread holds all eight
+        # words of its (row, group), so its sums need no other thread
+        first = tl.load(wq + blk[:, :, None] + QS + 8 * g[:, :, None] + w)  # [BN, 4, 4]
+        second = tl.load(wq + blk[:, :, None] + QS + 4 + 8 * g[:, :, None] + w)
+        if Q5:  # qh words 0..3 and 4..7, the same for each g
+            qh_first = tl.load(wq + blk[:, :, None] + 4 + 0 * g[:, :, None] + w)
+            qh_second = tl.load(wq + blk[:, :, None] + 8 + 0 * g[:, :, None] + w)
+        acc = tl.zeros((BN, 4), dtype=tl.float32)
+        for h in tl.static_range(2):
+            j = 2 * g + h  # [1, 4] the sub-blocks (and x blocks) of nibble h
+            if Q5:
+                jj = j[:, :, None]
+                q1 = ((first >> (4 * h)) & 0x0F0F0F0F) | (((qh_first >> jj) << 4) & 0x10101010)
+                q2 = ((second >> (4 * h)) & 0x0F0F0F0F) | (((qh_second >> jj) << 4) & 0x10101010)
+                unit = 1.0
+            else:
+                mask = 0x0F0F0F0F if h == 0 else -252645136  # 0xF0F0F0F0: 16 x the high nibbles
+                q1, q2 = first & mask, second & mask
+                unit = 1.0 if h == 0 else 0.0625
+            xj = xw + sb * 128 + 16 * j[:, :, None] + w
+            dots = tl.sum(_dp4(xj, q1, False, PTX) + _dp4(xj + 4, q2, False, PTX), axis=2)  # [BN, 4]
+            sc, mn = _q4_k_word_scales(s1, s2, s3, j)
+            xs = tl.load(xs_p + sb * 8 + j) * unit
+            xsum = tl.load(xsum_p + sb * 16 + 2 * j) + tl.load(xsum_p + sb * 16 + 2 * j + 1)
+            acc += (d * sc) * xs * dots.to(tl.float32) - (dmin * mn) * xsum
+        return acc
+
+    @triton.jit
+    def _q6_k_dot_int(wq, roww, sb, n_super, xw, xs_p, xsum_p, BN: tl.constexpr, PTX: tl.constexpr):
+        """[BN, 2, 2] partial dot products (per half c, sub-block h of a quarter) of super-block
+        sb of BN Q6_K rows in `pack`'s layout (words, as `_q6_k_dot_vec` reads them) with x from
+        `_int_x`. Value 128c + 32f + 4w + b (w = 4h + w4): its 6-bit q (0..63) is byte b of
+        ((ql word >> 4(f // 2)) & 0x0F0F0F0F) | (qh word's bits 2f.. moved to 4..5), ql word
+        16c + 8(f % 2) + w, qh word 8c + w; sub-block 8c + 2f + h, x block 4c + f. The -32 of
+        each value: 32 times the sum of x over the sub-block's 16 values."""
+        row = roww[:, None, None, None]  # [BN, 1, 1, 1]
+        c = tl.arange(0, 2)[None, :, None, None]
+        h = tl.arange(0, 2)[None, None, :, None]
+        w4 = tl.arange(0, 4)[None, None, None, :]
+        ql_even = tl.load(wq + row + sb * 32 + 16 * c + 4 * h + w4)  # [BN, 2, 2, 4], f = 0, 2
+        ql_odd = tl.load(wq + row + sb * 32 + 16 * c + 8 + 4 * h + w4)  # f = 1, 3
+        qh = tl.load(wq + row + 32 * n_super + sb * 16 + 8 * c + 4 * h + w4)
+        d_word = tl.load(wq + roww + 52 * n_super + sb // 2)  # [BN]
+        d = ((d_word >> (16 * (sb % 2))) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        d = d[:, None, None]
+        c3, h3 = tl.arange(0, 2)[None, :, None], tl.arange(0, 2)[None, None, :]  # [1, 2, 1], [1, 1, 2]
+        acc = tl.zeros((BN, 2, 2), dtype=tl.float32)
+        for f in tl.static_range(4):
+            ql = ql_even if f % 2 == 0 else ql_odd
+            low = (ql if f < 2 else ql >> 4) & 0x0F0F0F0F
+            high = (qh << (4 - 2 * f) if f < 2 else qh >> (2 * f - 4)) & 0x30303030
+            xw_f = xw + sb * 128 + 16 * (4 * c + f) + 4 * h + w4  # x block 4c + f, word w
+            dots = tl.sum(_dp4(xw_f, low | high, False, PTX), axis=3)  # [BN, 2, 2]
+            scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None]
+            sc = ((scale_word << (24 - 8 * (2 * c3 + h3))) >> 24).to(tl.float32)  # int8, sign kept
+            xs = tl.load(xs_p + sb * 8 + 4 * c3 + f)  # [1, 2, 1]
+            xsum = tl.load(xsum_p + sb * 16 + 8 * c3 + 2 * f + h3)  # [1, 2, 2] sub-block 8c + 2f + h
+            acc += (d * sc) * (xs * dots.to(tl.float32) - 32.0 * xsum)
+        return acc
+
+    @triton.jit
+    def _q8_0_dot_int(wq, roww, sb, n_super, xw, xs_p, BN: tl.constexpr, PTX: tl.constexpr):
+        """[BN, 8] partial dot products (per block k) of super-block sb (eight blocks) of BN
+        Q8_0 rows in `pack`'s layout with x from `_int_x`: value 32k + 4w + b of block k is the
+        signed byte b of qs word 8k + w."""
+        k = tl.arange(0, 8)[None, :, None]
+        w = tl.arange(0, 8)[None, None, :]
+        words = tl.load(wq + roww[:, None, None] + sb * 64 + 8 * k + w)  # [BN, 8, 8]
+        dots = tl.sum(_dp4(xw + sb * 128 + 16 * k + w, words, True, PTX), axis=2)  # [BN, 8]
+        halves = wq.to(tl.pointer_type(tl.float16))
+        d = tl.load(halves + 2 * roww[:, None] + 128 * n_super + 8 * sb + tl.arange(0, 8)[None, :])
+        xs = tl.load(xs_p + sb * 8 + tl.arange(0, 8)[None, :])  # [1, 8]
+        return (d.to(tl.float32) * xs) * dots.to(tl.float32)
+
     @triton.jit
     def _matvec_kernel(
         x_ptr,
@@ -791,13 +1006,18 @@ if triton is not None:
         PACKED: tl.constexpr,
         STAGES: tl.constexpr,
         REDUCE: tl.constexpr,
+        INT: tl.constexpr,
+        PTX: tl.constexpr,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
         ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)), times scale[q] when SCALED; out's
         rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views; with
         VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
-        (xsum_ptr, xpow_ptr: its sums and powers).
+        (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K and Q5_K, Q6_K and Q8_0 (both
+        PACKED) take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on x from `_int_x` (x_ptr: its
+        int16 pairs as int32, x_stride in pairs; xsum_ptr: its sums, xpow_ptr: its scales), the
+        dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
 
         Without REDUCE (one split, out_div 1) each program stores its row. With it, each stores
         its partial in part [splits, pairs, N], and the last program to arrive at an output tile
@@ -825,11 +1045,29 @@ if triton is not None:
             acc3 = tl.zeros((BN, 4, 8), dtype=tl.float32)
             acc3_u = tl.zeros((BN, 4, 8), dtype=tl.float32)
             xsum = xsum_ptr + (p // x_div).to(tl.int64) * (x_stride // 32)
+        if INT:  # [BN, 4] partials, or [BN, 2, 2] for Q6_K, [BN, 8] for Q8_0
+            acc_i = tl.zeros((BN, 8) if QT == 8 else (BN, 2, 2) if QT == 14 else (BN, 4), dtype=tl.float32)
+            acc_i_u = tl.zeros((BN, 8) if QT == 8 else (BN, 2, 2) if QT == 14 else (BN, 4), dtype=tl.float32)
+            x_row = (p // x_div).to(tl.int64)
+            xsum = xsum_ptr + x_row * (x_stride // 8)  # per 16 values (x_stride: K / 2 pairs)
+            xscale = xpow_ptr + x_row * (x_stride // 16)  # per 32
         x_power = tl.load(xpow_ptr + p // x_div) if VEC else 1.0
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
         for sb in tl.range(first, last, num_stages=STAGES):
-            if QT == 12 and VEC:  # Q4_K, wide loads
+            if INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
+                acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, xp, xscale, xsum, BN, PTX, QT == 13)
+                if GATED:
+                    acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, xp, xscale, xsum, BN, PTX, QT == 13)
+            elif INT and QT == 14:  # Q6_K repacked, integer dot products
+                acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xp, xscale, xsum, BN, PTX)
+                if GATED:
+                    acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xp, xscale, xsum, BN, PTX)
+            elif INT:  # Q8_0 repacked, integer dot products
+                acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, xp, xscale, BN, PTX)
+                if GATED:
+                    acc_i_u += _q8_0_dot_int(u_ptr, rowb // 4, sb, n_super, xp, xscale, BN, PTX)
+            elif QT == 12 and VEC:  # Q4_K, wide loads
                 acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN)
                 if GATED:
                     acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN)
@@ -857,6 +1095,9 @@ if triton is not None:
                     if GATED:
                         wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
+        if INT:
+            acc = tl.sum(tl.reshape(acc_i, (BN, 8 if QT == 8 else 4)), axis=1)
+            acc_u = tl.sum(tl.reshape(acc_i_u, (BN, 8 if QT == 8 else 4)), axis=1)
         if VEC:
             width: tl.constexpr = 16 if QT == 14 else 64 if QT == 8 else 32
             acc = tl.sum(tl.reshape(acc3, (BN, width)), axis=1) * 536870912.0 * x_power  # * 2^29 * power
@@ -1282,6 +1523,7 @@ class _MatvecPlan(NamedTuple):
     n_super: int
     row_bytes: int
     vec: bool  # x prepared by `_vec_x`
+    int_read: bool  # x prepared by `_int_x` (integer dot products)
     words: bool  # the blocks read as int32 words
     qtype: GGMLType
     options: dict  # the kernel's constexprs and launch options
@@ -1293,9 +1535,8 @@ def _matvec_plan(
 ) -> _MatvecPlan:  # fmt: skip
     """The launch of a product of `n_pairs` <= MATVEC_MAX_ROWS rows, made once per shape, type
     code, device, `matvec_path` and launch setting (MATVEC_CONFIG may change: the sweeps)."""
-    cfg = (PACKED_MATVEC_CONFIG if code & PACKED else MATVEC_CONFIG)[code & 0xFF]
     key = (code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device)
-    return _planned(*key, _matvec_path(), tuple(cfg.items()))
+    return _planned(*key, _matvec_path(), tuple(matvec_config(code).items()))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1306,7 +1547,8 @@ def _planned(
     cfg = dict(cfg_items)
     bn = cfg["BN"]
     n_super = in_features // SUPER
-    vec = (path == "vec" and qtype in MATVEC_PATH_TYPES) or packed
+    int_read = _reads_int(code, path)
+    vec = not int_read and ((path in ("vec", "int") and qtype in MATVEC_PATH_TYPES) or packed)
     tiles = _ceil_div(out_features, bn) * n_pairs
     # Split the rows' super-blocks over programs until the device has enough of them; the
     # partial sums add up in a fixed order (deterministic). Gated products need whole sums.
@@ -1317,7 +1559,7 @@ def _planned(
     options = {
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "BN": bn, "num_warps": cfg["num_warps"],
-        "REDUCE": splits > 1 or out_div > 1,
+        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "PTX": not kernels.interpreting(),
     }  # fmt: skip
     return _MatvecPlan(
         grid=(_ceil_div(out_features, bn), n_pairs, splits),
@@ -1326,7 +1568,8 @@ def _planned(
         n_super=n_super,
         row_bytes=in_features // block_size(qtype) * type_size(qtype),
         vec=vec,
-        words=qtype == T.Q4_K or vec,
+        int_read=int_read,
+        words=qtype == T.Q4_K or vec or int_read,
         qtype=qtype,
         options=options,
     )
@@ -1439,6 +1682,8 @@ def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div
         xsum = xpow = out
         if plan.vec:
             x, xsum, xpow = _vec_x(x, plan.qtype)
+        elif plan.int_read:
+            x, xsum, xpow = _int_x(x)
         row_bytes = plan.row_bytes
         _matvec_kernel[plan.grid](
             x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
@@ -1498,6 +1743,32 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
         x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
     )
     return order, sums, power
+
+
+def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, K] float32 as the "int" reads take it, made by one launch (`_int_x_kernel`, a
+    program per super-block of each row): its int16 values in the int layout, viewed as int32
+    pairs [R, K / 2]; their float32 sums per 16 values [R, K / 16]; the scales per 32 [R, K / 32]."""
+    r, k = x.shape
+    q = x.new_empty((r, k), dtype=torch.int16)
+    scales = x.new_empty((r, k // 32))
+    sums = x.new_empty((r, k // 16))
+    _int_x_kernel[(r, k // SUPER)](x, q, scales, sums, k, num_warps=1)
+    return q.view(torch.int32), sums, scales
+
+
+def dp2a(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, hi: bool, signed: bool) -> torch.Tensor:
+    """`_dp2a` elementwise on int32 tensors of one shape on one device, as the "int" reads
+    compute it there (PTX dp2a on a GPU, its emulation under the interpreter): for checks."""
+    _check_devices("dp2a", a, b, c)
+    a, b, c = (t.to(torch.int32).contiguous() for t in (a, b, c))
+    out = torch.empty_like(a)
+    if a.numel():
+        with _launch_device(a.device):
+            _dp2a_kernel[(_ceil_div(a.numel(), 1024),)](
+                a, b, c, out, a.numel(), HI=hi, SIGNED=signed, PTX=not kernels.interpreting(), num_warps=4
+            )
+    return out
 
 
 def _matvec_path() -> str:
