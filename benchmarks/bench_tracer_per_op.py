@@ -9,6 +9,9 @@ file, `--layers` layers, `--steps` forward calls under inference mode:
 Modes in turn in every repeat, medians of process CPU time (steadier than wall time on a shared
 machine):
 - untraced; nop (a do-nothing TorchDispatchMode: the floor of any dispatch-mode tracer);
+- facts: a do-nothing mode that also reads the device, dtype and shape of every tensor an op
+  takes and gives (the least a tracer of devices reads; `full - facts` is the tracer's own
+  bookkeeping: module, source line, weight names, matching a repeat, writing, setup);
 - full: `Tracer(model, path=...)`.
 
     python benchmarks/bench_tracer_per_op.py --out /tmp/per_op.json
@@ -42,6 +45,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_trace import NopMode  # noqa: E402  (the do-nothing mode bench_trace.py times)
 
 from harness.trace import Tracer  # noqa: E402
+
+
+class FactsMode(NopMode):
+    """A do-nothing mode that reads each tensor's device, dtype and shape, as a tracer must
+    (arguments, inside lists too, and outputs), as cheaply as Python can."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        facts = []
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            if a.__class__ is Tensor or (a.__class__ not in _PLAIN and isinstance(a, Tensor)):
+                facts += (a.device, a.dtype, a.shape)
+            elif a.__class__ is list or a.__class__ is tuple:
+                facts += [(b.device, b.dtype, b.shape) for b in a if isinstance(b, Tensor)]
+        out = func._op(*args, **kwargs) if kwargs else func._op(*args)
+        if out.__class__ is Tensor:
+            facts += (out.device, out.dtype, out.shape)
+        elif isinstance(out, (list, tuple)):
+            facts += [(o.device, o.dtype, o.shape) for o in out if isinstance(o, Tensor)]
+        return out
+
+
+_PLAIN = frozenset((int, float, bool, str, type(None)))  # (isinstance(x, Tensor) is slow for them)
 
 
 class Product(nn.Module):
@@ -263,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = {
         "untraced": contextlib.nullcontext,
         "nop": NopMode,
+        "facts": FactsMode,
         "full": lambda: Tracer(model, path=trace_path),
     }
     with Tracer(model, path=trace_path) as tracer:
@@ -291,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         "tracer_cpu_us_per_op_over_untraced": round((med["full"] - med["untraced"]) / events * 1e6, 2),
         "tracer_cpu_us_per_op_over_nop": round((med["full"] - med["nop"]) / events * 1e6, 2),
         "nop_cpu_us_per_op": round((med["nop"] - med["untraced"]) / events * 1e6, 2),
+        "facts_cpu_us_per_op": round((med["facts"] - med["untraced"]) / events * 1e6, 2),
+        "tracer_cpu_us_per_op_over_facts": round((med["full"] - med["facts"]) / events * 1e6, 2),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
@@ -304,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.name}: {events} events, tracer {result['tracer_cpu_us_per_op_over_untraced']} us/op over "
         f"untraced, {result['tracer_cpu_us_per_op_over_nop']} over a do-nothing mode "
-        f"({result['nop_cpu_us_per_op']} us/op) -> {out}"
+        f"({result['nop_cpu_us_per_op']} us/op; reading every tensor's facts too: "
+        f"{result['facts_cpu_us_per_op']}) -> {out}"
     )
     return 0
 

@@ -768,3 +768,44 @@ def test_repeated_events_are_written_as_the_event_by_event_path_writes_them(mode
     assert len(traces[0]) == summaries[0].events > 100
     assert traces[0] == traces[1]
     assert summaries[0].counts == summaries[1].counts and summaries[0].modules == summaries[1].modules
+
+
+def _spec(t: torch.Tensor) -> list:
+    return [str(t.device), str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size()]
+
+
+def test_an_ops_tensors_are_recorded_in_argument_order(tmp_path):
+    """An event lists its op's tensors in argument order (inside a list of tensors too, tensors
+    given by keyword last), none left out where a Tensor? argument is None or left out, and the
+    repeated events written from the first one's line say the same."""
+    aten = torch.ops.aten
+    x, lo, hi = torch.ones(2, 3), torch.zeros(1, 3), torch.full((2, 1), 2.0, dtype=torch.float64)
+    w = torch.ones(3)
+    out = torch.empty(2, 3)
+    calls = [
+        (lambda: aten.clamp.Tensor(x, lo, hi), [x, lo, hi]),
+        (lambda: aten.clamp.Tensor(x, None, hi), [x, hi]),  # a None in a Tensor? place
+        (lambda: aten.clamp.Tensor(x, lo), [x, lo]),  # a trailing Tensor? left out
+        (lambda: aten.cat.default([x, lo], 0), [x, lo]),
+        (lambda: aten.add.out(x, lo, out=out), [x, lo, out]),  # by keyword: last
+        (lambda: aten.addcmul.default(x, lo, x, value=2), [x, lo, x]),
+        (lambda: aten.native_layer_norm.default(x, [3], w, None, 1e-5), [x, w]),  # not side by side
+        (lambda: aten.native_layer_norm.default(x, [3], None, w, 1e-5), [x, w]),
+    ]
+    model = torch.nn.Identity()
+    path = tmp_path / "t.jsonl"
+    with torch.no_grad(), Tracer(model, placement="cpu", path=path, keep_events=True) as kept:
+        for call, _ in calls:
+            call()
+    fast_path = tmp_path / "fast.jsonl"
+    with torch.no_grad(), Tracer(model, placement="cpu", path=fast_path) as fast:
+        for _ in range(2):  # the second time, each is a repeat written from the first one's line
+            for call, _ in calls:
+                call()
+    expected = [[_spec(t) for t in tensors] for _, tensors in calls]
+    assert [ev.inputs for ev in kept.events] == [
+        [tuple(s[:2]) + (tuple(s[2]), s[3]) for s in e] for e in expected
+    ]
+    assert [d["in"] for d in _event_lines(path)] == expected
+    assert [d["in"] for d in _event_lines(fast_path)] == expected * 2
+    assert fast.summary.counts == {**kept.summary.counts, OK: 2 * kept.summary.counts[OK]}

@@ -554,6 +554,28 @@ def test_a_placement_for_any_module(dev):
         ModulePlacement.of(model, {"": "gpu0"})
 
 
+def test_a_modules_own_tensors_are_what_its_named_members_give():
+    """`own_tensors` (read from a module's tables, for speed) gives what
+    `named_parameters(recurse=False)` then `named_buffers(recurse=False)` give: no submodule's,
+    no None buffer; a TorchScript module, whose tables are not dicts, the same."""
+    from harness.trace.placement import own_tensors
+
+    m = torch.nn.BatchNorm1d(3)
+    m.register_buffer("nothing", None)
+    m.inner = torch.nn.Linear(2, 2)
+    expected = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+    assert [n for n, _ in expected] == [
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    ]
+    assert [(n, id(t)) for n, t in own_tensors(m)] == [(n, id(t)) for n, t in expected]
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    assert [n for n, _ in own_tensors(scripted)] == ["weight", "bias"]
+
+
 def test_traces_use_the_models_own_module_paths(dev, tmp_path):
     model, ids = _made("blocks", dev)
     with torch.no_grad(), Tracer(model, path=tmp_path / "t.jsonl") as tracer:

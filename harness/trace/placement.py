@@ -42,6 +42,17 @@ def is_lazy(t: torch.Tensor) -> bool:
     return isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
 
 
+def own_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a module's own parameters, then its own buffers (None ones left out):
+    what `named_parameters(recurse=False)` and `named_buffers(recurse=False)` give, read from
+    the module's tables (their generators take about 10 times as long: tracing a model starts
+    with this for every module)."""
+    params, buffers = getattr(module, "_parameters", None), getattr(module, "_buffers", None)
+    if isinstance(params, dict) and isinstance(buffers, dict):
+        return [(name, t) for name, t in (*params.items(), *buffers.items()) if t is not None]
+    return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+
+
 def execution_device(module: torch.nn.Module) -> str | None:
     """The device an offloading hook (accelerate's `AlignDevicesHook`, alone or inside a
     `SequentialHook`) runs `module` on, else None."""
@@ -71,13 +82,13 @@ class ModulePlacement:
         """The placement to trace `model` against (see the module doc); None for none."""
         if isinstance(placement, ModulePlacement):
             return placement
-        modules = [path for path, _ in model.named_modules()] if model is not None else None
         if placement is None and model is not None:
             placement = getattr(model, "placement", None)
             if placement is None or not hasattr(placement, "device_of"):
                 return cls.inferred(model)
         if placement is None:
             return None
+        modules = [path for path, _ in model.named_modules()] if model is not None else None
         if isinstance(placement, (str, torch.device)):
             return cls({"": _device(placement, "placement")}, modules)
         if isinstance(placement, Mapping):
@@ -99,9 +110,8 @@ class ModulePlacement:
             if path in hooked:  # its weights wait elsewhere (host, disk, meta); it runs here
                 own[path] = {hooked[path]}
                 continue
-            tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
             # a lazy module's uninitialized parameters have no place yet
-            own[path] = {str(t.device) for t in tensors if t is not None and not is_lazy(t)}
+            own[path] = {str(t.device) for _, t in own_tensors(module) if not is_lazy(t)}
         under: dict[str, set[str]] = {path: set(devices) for path, devices in own.items()}
         for path in sorted(named, key=lambda p: -p.count(".") if p else 1):
             if path:

@@ -94,7 +94,7 @@ from harness.trace.events import (
     direction,
     first_offence,
 )
-from harness.trace.placement import ModulePlacement
+from harness.trace.placement import ModulePlacement, own_tensors
 from harness.trace.routing import collect_routing
 from harness.trace.store import BATCH, LINE_OPEN, TraceWriter, step_text
 
@@ -463,10 +463,11 @@ class Tracer(TorchDispatchMode):
         self._routing = None  # (context manager, RoutingCounts) while the block runs
         self.extra_header = dict(header or {})
         self.classifier = Classifier(None, allow_transfers)  # checks allow_transfers now
-        if model is not None:
+        prefixes = [p for p in getattr(self.classifier.allow, "prefixes", ()) if p]
+        if model is not None and prefixes:
             paths = {path for path, _ in model.named_modules()}
-            for p in getattr(self.classifier.allow, "prefixes", ()):
-                if p and p not in paths:
+            for p in prefixes:
+                if p not in paths:
                     raise UsageError(None, f"allow_transfers[{p!r}]", "the model has no module of that path")
         self.events: list[Event] = []
         self._summary: Summary | None = None
@@ -554,10 +555,7 @@ class Tracer(TorchDispatchMode):
                         self._remember(t, tuple(ns))
             name = getattr(module, "gguf_name", None)
             if isinstance(name, str):
-                for _, t in module.named_buffers(recurse=False):
-                    if t is not None:
-                        self._remember(t, (name,))
-                for _, t in module.named_parameters(recurse=False):
+                for _, t in own_tensors(module):
                     self._remember(t, (name,))
         # Every parameter and buffer is a weight to the transfer policy; a model without GGUF
         # names has its weights named by their state-dict names.
