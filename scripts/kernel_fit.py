@@ -138,14 +138,19 @@ def record(groups: list[str]) -> list[dict]:
                 weights = torch.full((t, 2), 0.5)
                 ops.rms_norm(x, norm, 1e-5)
                 ops.add_rms_norm(x, x, norm, 1e-5)
-                for w, c in typed.values():
-                    ops.qmatmul(x, w, c, d)
-                ops.qmatmul(x, head, code_head, 32000)
-                ops.qkv(x, weight, weight[:1024], weight6[:1024], code, code, code6)
                 ops.router_topk(x, router, 2, 1e-6)
-                for path in fused.PREFILL_PATHS if group == "prefill" else (fused.prefill_path,):
-                    fused.prefill_path = path
-                    ops.qmatmul(x, weight, code, d)
+                # every way the products can run: each matrix-vector read (decode) or prefill path
+                kind, paths = (
+                    ("matvec_path", fused.MATVEC_PATHS)
+                    if group == "decode"
+                    else ("prefill_path", fused.PREFILL_PATHS)
+                )
+                for path in paths:
+                    setattr(fused, kind, path)
+                    for w, c in typed.values():
+                        ops.qmatmul(x, w, c, d)
+                    ops.qmatmul(x, head, code_head, 32000)
+                    ops.qkv(x, weight, weight[:1024], weight6[:1024], code, code, code6)
                     ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down)
                 qkv = torch.randn(t, d + 2 * n_kv * hd)
                 for start in (0, 511, 4000 - t):
