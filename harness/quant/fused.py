@@ -48,6 +48,8 @@ from harness.quant import dequant, kernels
 from harness.quant.types import GGMLType, block_size, type_size
 
 triton, tl = kernels.triton, kernels.tl
+# Raised by a launch whose kernel needs more shared memory than the device has.
+OutOfResources = triton.runtime.errors.OutOfResources if triton is not None else RuntimeError
 
 T = GGMLType
 
@@ -1635,19 +1637,61 @@ def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs) 
         xscale = out
         if half:
             x, xscale = _scaled_half(x)
-        cfg = MATMAT_CONFIG[qtype]
-        bm, bn = cfg["BM"], cfg["BN"]
+        bm = MATMAT_CONFIG[qtype]["BM"]
         if experts is None:  # a dense weight: every row on "expert" 0
             experts = torch.zeros(n_pairs, dtype=torch.int64, device=x.device)
         sorted_ids, block_expert = _sort_by_expert(experts, n_experts, bm)
-        grid = (block_expert.numel(), _ceil_div(out_features, bn))
-        _matmat_kernel[grid](
-            x, w, u, out, sorted_ids, block_expert, scale, xscale, lut, out_features, n_super, n_pairs,
-            row_bytes, out_features * row_bytes, x.stride(0), x_div, QT=int(qtype), NP=PARTS[qtype], BM=bm, BN=bn,
-            GATED=gated, SCALED=scaled, PACKED=packed, HALF=half, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-        )  # fmt: skip
+        variant = (x.device, code, gated, scaled, half, tuple(MATMAT_CONFIG[qtype].items()))
+
+        def launch(cfg: dict[str, int]) -> None:
+            grid = (block_expert.numel(), _ceil_div(out_features, cfg["BN"]))
+            _matmat_kernel[grid](
+                x, w, u, out, sorted_ids, block_expert, scale, xscale, lut, out_features, n_super, n_pairs,
+                row_bytes, out_features * row_bytes, x.stride(0), x_div, QT=int(qtype), NP=PARTS[qtype], BM=bm,
+                BN=cfg["BN"], GATED=gated, SCALED=scaled, PACKED=packed, HALF=half, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )  # fmt: skip
+
+        _launch_fitted(launch, variant, MATMAT_CONFIG[qtype])
     return out
+
+
+# The settings each kernel variant launched with on each device, where the configured ones asked
+# for more shared memory than the device has (`_launch_fitted`).
+_FITTED: dict[tuple, dict[str, int]] = {}
+
+
+def fallback_settings(cfg: dict[str, int]):
+    """`cfg` (a kernel's BN and num_stages among its settings), then ever smaller demands on shared
+    memory: one pipelining stage, then half the output tile, down to 16 columns."""
+    yield cfg
+    if cfg.get("num_stages", 1) > 1:
+        cfg = {**cfg, "num_stages": 1}
+        yield cfg
+    while cfg["BN"] > 16:
+        cfg = {**cfg, "BN": cfg["BN"] // 2}
+        yield cfg
+
+
+def _launch_fitted(launch, variant: tuple, cfg: dict[str, int]) -> None:
+    """`launch(cfg)`; where the device has too little shared memory for it (a consumer GPU has 99
+    KB a block, an H100 227 KB: scripts/kernel_fit.py), `launch` with the next of
+    `fallback_settings`. The first that launches is kept for `variant` (the device, the kernel's
+    constexprs, the configured settings)."""
+    fitted = _FITTED.get(variant)
+    if fitted is not None:
+        launch(fitted)
+        return
+    *smaller, last = fallback_settings(cfg)
+    for tried in smaller:
+        try:
+            launch(tried)
+        except OutOfResources:
+            continue
+        _FITTED[variant] = tried
+        return
+    launch(last)  # the smallest: its error, if any, is the caller's
+    _FITTED[variant] = last
 
 
 def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out) -> torch.Tensor:
