@@ -1483,6 +1483,12 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count()
 
 
+def _ptx() -> bool:
+    """Whether kernels may hold NVIDIA's PTX (the int reads' dp2a): compiled for an NVIDIA GPU,
+    not under the interpreter nor for ROCm (whose torch also calls its devices "cuda")."""
+    return not kernels.interpreting() and torch.version.hip is None
+
+
 def _launch_device(device: torch.device):
     """Triton launches on the current CUDA device: switch only when the data lives elsewhere
     (with one GPU it cannot, and the current device is not asked)."""
@@ -1561,7 +1567,7 @@ def _planned(
     options = {
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "BN": bn, "num_warps": cfg["num_warps"],
-        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "PTX": not kernels.interpreting(),
+        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "PTX": _ptx(),
     }  # fmt: skip
     return _MatvecPlan(
         grid=(_ceil_div(out_features, bn), n_pairs, splits),
@@ -1810,7 +1816,7 @@ def dp2a(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, hi: bool, signed: bo
     if a.numel():
         with _launch_device(a.device):
             _dp2a_kernel[(_ceil_div(a.numel(), 1024),)](
-                a, b, c, out, a.numel(), HI=hi, SIGNED=signed, PTX=not kernels.interpreting(), num_warps=4
+                a, b, c, out, a.numel(), HI=hi, SIGNED=signed, PTX=_ptx(), num_warps=4
             )
     return out
 
