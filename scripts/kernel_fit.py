@@ -236,16 +236,20 @@ FALLBACK_KERNELS = {"_matmat_kernel"}
 
 
 def _fallback(launch: dict, arch: int, done: dict) -> dict | None:
-    """The settings (BN, num_stages) a launch that does not fit sm_`arch` falls back to, or None."""
+    """The settings (BM, BN, num_stages) a launch that does not fit sm_`arch` falls back to, or None."""
     from harness.quant import fused
 
     if launch["kernel"] not in FALLBACK_KERNELS:
         return None
-    cfg = {"BN": launch["constexprs"]["BN"], "num_stages": launch["options"].get("num_stages", 1)}
+    cfg = {
+        "BM": launch["constexprs"]["BM"],
+        "BN": launch["constexprs"]["BN"],
+        "num_stages": launch["options"].get("num_stages", 1),
+    }
     for tried in list(fused.fallback_settings(cfg))[1:]:
         smaller = {
             **launch,
-            "constexprs": {**launch["constexprs"], "BN": tried["BN"]},
+            "constexprs": {**launch["constexprs"], "BM": tried["BM"], "BN": tried["BN"]},
             "options": {**launch["options"], "num_stages": tried["num_stages"]},
         }
         if compile_launch(smaller, arch, done)["shared_bytes"] <= SHARED_LIMIT[arch]:

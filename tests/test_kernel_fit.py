@@ -81,11 +81,12 @@ def test_a_launch_the_device_lacks_shared_memory_for_steps_down_once_per_variant
     assert calls == [(1, 32)]
 
     def never(cfg):
-        calls.append((cfg["num_stages"], cfg["BN"]))
+        calls.append((cfg["num_stages"], cfg["BN"], cfg["BM"]))
         raise fused.OutOfResources(1 << 20, 101376, "shared memory")
 
     calls.clear()
     with pytest.raises(fused.OutOfResources):
         fused._launch_fitted(never, ("cuda:0", "other"), cfg)
-    assert calls == [(2, 64), (1, 64), (1, 32), (1, 16)]
+    # one stage, then narrower output tiles, then fewer rows a block (tl.dot takes 16 at least)
+    assert calls == [(2, 64, 64), (1, 64, 64), (1, 32, 64), (1, 16, 64), (1, 16, 32), (1, 16, 16)]
     assert ("cuda:0", "other") not in fused._FITTED

@@ -1643,17 +1643,16 @@ def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs) 
         xscale = out
         if half:
             x, xscale = _scaled_half(x)
-        bm = MATMAT_CONFIG[qtype]["BM"]
         if experts is None:  # a dense weight: every row on "expert" 0
             experts = torch.zeros(n_pairs, dtype=torch.int64, device=x.device)
-        sorted_ids, block_expert = _sort_by_expert(experts, n_experts, bm)
         variant = (x.device, code, gated, scaled, half, tuple(MATMAT_CONFIG[qtype].items()))
 
         def launch(cfg: dict[str, int]) -> None:
+            sorted_ids, block_expert = _sort_by_expert(experts, n_experts, cfg["BM"])
             grid = (block_expert.numel(), _ceil_div(out_features, cfg["BN"]))
             _matmat_kernel[grid](
                 x, w, u, out, sorted_ids, block_expert, scale, xscale, lut, out_features, n_super, n_pairs,
-                row_bytes, out_features * row_bytes, x.stride(0), x_div, QT=int(qtype), NP=PARTS[qtype], BM=bm,
+                row_bytes, out_features * row_bytes, x.stride(0), x_div, QT=int(qtype), NP=PARTS[qtype], BM=cfg["BM"],
                 BN=cfg["BN"], GATED=gated, SCALED=scaled, PACKED=packed, HALF=half, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
             )  # fmt: skip
@@ -1668,15 +1667,17 @@ _FITTED: dict[tuple, dict[str, int]] = {}
 
 
 def fallback_settings(cfg: dict[str, int]):
-    """`cfg` (a kernel's BN and num_stages among its settings), then ever smaller demands on shared
-    memory: one pipelining stage, then half the output tile, down to 16 columns."""
+    """`cfg` (a kernel's BM, BN and num_stages among its settings), then ever smaller demands on
+    shared memory: one pipelining stage, then half the output tile down to 16 columns, then half
+    the row block down to 16 rows (tl.dot's least)."""
     yield cfg
     if cfg.get("num_stages", 1) > 1:
         cfg = {**cfg, "num_stages": 1}
         yield cfg
-    while cfg["BN"] > 16:
-        cfg = {**cfg, "BN": cfg["BN"] // 2}
-        yield cfg
+    for key in ("BN", "BM"):
+        while cfg[key] > 16:
+            cfg = {**cfg, key: cfg[key] // 2}
+            yield cfg
 
 
 def _launch_fitted(launch, variant: tuple, cfg: dict[str, int]) -> None:
