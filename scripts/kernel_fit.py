@@ -117,9 +117,8 @@ def record(groups: list[str]) -> list[dict]:
     q4, q6 = GGMLType.Q4_K, GGMLType.Q6_K
     d, ffn, n_experts, n_kv, hd, s_max = 4096, 14336, 8, 8, 128, 4096
     cpu = torch.device("cpu")
-    weight, code = random_weight(q4, d, d, cpu)
-    weight6, code6 = random_weight(q6, d, d, cpu)
-    typed = {qtype: random_weight(qtype, d, d, cpu) for qtype in fused.FUSED_TYPES}
+    typed = {qtype: random_weight(qtype, d, d, cpu) for qtype in fused.FUSED_TYPES}  # d x d, each type
+    (weight, code), (weight6, code6) = typed[q4], typed[q6]
     head, code_head = random_weight(q6, 32000, d, cpu)
     gate, code_gu = random_weight(q4, ffn, d, cpu, n_experts)
     up, _ = random_weight(q4, ffn, d, cpu, n_experts)
