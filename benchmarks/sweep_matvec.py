@@ -128,7 +128,9 @@ def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/matvec_sweep.json")
-    p.add_argument("--paths", default="vec", help="comma-separated values of fused.matvec_path")
+    p.add_argument(
+        "--paths", default=fused.MATVEC_PATHS[0], help="comma-separated values of fused.matvec_path"
+    )
     p.add_argument("--compare", action="store_true", help="each path at its default setting, no sweep")
     args = p.parse_args(argv)
     paths = args.paths.split(",")

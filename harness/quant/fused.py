@@ -6,10 +6,11 @@
 
 How a product runs depends on its rows (token-expert pairs):
 - up to MATVEC_MAX_ROWS (decode): a matrix-vector kernel dequantizes the blocks in registers, one
-  program per (output tile, pair); Q4_K and Q5_K have a read with fewer instructions per byte
-  (`_q4_k_dot_vec`, `matvec_path` "vec"; "words" is the older read), and so have Q6_K and Q8_0
-  repacked (`_q6_k_dot_vec`, `_q8_0_dot_vec`: their blocks are 2-byte aligned, so the weight is
-  kept as per-row planes that load 16 bytes at a time, see `kernel_weight`);
+  program per (output tile, pair); Q4_K and Q5_K have reads with fewer instructions per byte
+  (`matvec_path` "int", the default: integer dot products against x quantized to int16;
+  "vec", `_q4_k_dot_vec`, float products; "words" is the older read), and so have Q6_K and Q8_0
+  repacked ("int" and "vec": their blocks are 2-byte aligned, so the weight is kept as per-row
+  planes that load 16 bytes at a time, see `kernel_weight`);
 - more rows (prefill, `prefill_path`): "dequant" writes the weight as float16 into a bounded
   scratch (harness.quant.kernels, bandwidth-bound) and multiplies on tensor cores: torch.matmul
   for a dense weight, `_grouped_kernel` for experts; "tiled" is the older `_matmat_kernel`,
@@ -95,11 +96,14 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # chosen by `benchmarks/sass_matvec.py` (sm_90 SASS, instructions per weight byte in the loop):
 # Q4_K 4.19 at BN=64 with 4 warps against 4.97 at BN=32 (two rows a thread share their x
 # loads), Q8_0 1.21 at BN=64 against 4.0 at BN=16; Q6_K keeps packed "vec"'s measured setting
-# (3.01). `benchmarks/sweep_matvec.py --paths int` sweeps them.
+# (3.01). `benchmarks/sweep_matvec.py --paths int` sweeps them. Measured on an H100 (that sweep,
+# 40 settings at 8x7B's decode shapes): Q4_K at BN=128 with 4 warps, the moe_ffn of Q4_K
+# gate/up/down 115 us against 148 us at BN=64; Q6_K at 2 warps, the Q6_K head 57 us against 60
+# us at 1 warp, and the moe_ffn with a Q6_K down 152 us against 158 us.
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
-    T.Q4_K: {"BN": 64, "num_warps": 4, "stages": 1},
+    T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1},
-    T.Q6_K: {"BN": 16, "num_warps": 1, "stages": 1, "programs_per_sm": 8},
+    T.Q6_K: {"BN": 16, "num_warps": 2, "stages": 1, "programs_per_sm": 8},
     T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1},
 }
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
@@ -110,13 +114,15 @@ MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
 # loads of weights and x, two integer ops a nibble); "words", the older `_q4_k_dot` (Q4_K) and
 # `_tile_q5_k` (Q5_K); "int", integer dot products (PTX dp2a) against x quantized to int16 per
 # 32 values (`_int_x`), for Q4_K, Q5_K, and Q6_K and Q8_0 repacked (`_q4_k_dot_int`,
-# `_q6_k_dot_int`, `_q8_0_dot_int`). HARNESS_MATVEC picks one at
-# import; `matvec_path` may be set later (benchmarks compare them). Other types: one kernel for
-# each layout (see `kernel_weight`); `matvec_paths` says which choices read a weight differently.
-MATVEC_PATHS = ("vec", "words", "int")
+# `_q6_k_dot_int`, `_q8_0_dot_int`). HARNESS_MATVEC picks one at import, "int" by default (on an
+# H100, `benchmarks/sweep_matvec.py --compare --paths vec,int`: the Q4_K/Q6_K moe_ffn 158 us
+# against 173 us, the Q6_K head 59 us against 78 us); `matvec_path` may be set later
+# (benchmarks compare them). Other types: one kernel for each layout (see `kernel_weight`);
+# `matvec_paths` says which choices read a weight differently.
+MATVEC_PATHS = ("int", "vec", "words")
 MATVEC_PATH_TYPES = (T.Q4_K, T.Q5_K)  # the types "vec" and "words" choose for
 INT_READ_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)  # the types "int" reads (Q6_K and Q8_0 repacked)
-matvec_path = os.environ.get("HARNESS_MATVEC", "vec")
+matvec_path = os.environ.get("HARNESS_MATVEC", "int")
 
 # How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
 # - "dequant": the weight is dequantized into a float16 scratch (harness.quant.kernels, a
@@ -198,11 +204,15 @@ def _reads_int(code: int, path: str) -> bool:
 
 def matvec_paths(code: int) -> tuple[str, ...]:
     """The values of `matvec_path` under which the matrix-vector kernel reads a weight of `qtype`
-    code `code` (`kernel_weight`) each its own way ("vec" first; one value: the path does not
-    matter)."""
+    code `code` (`kernel_weight`) each its own way, in MATVEC_PATHS' order (one value: the path
+    does not matter)."""
     qtype = GGMLType(code & 0xFF)
-    words = ("words",) if qtype in MATVEC_PATH_TYPES else ()
-    return ("vec", *words, *(("int",) if _reads_int(code, "int") else ()))
+    reads = {
+        "vec",
+        *(("words",) if qtype in MATVEC_PATH_TYPES else ()),
+        *(("int",) if _reads_int(code, "int") else ()),
+    }
+    return tuple(path for path in MATVEC_PATHS if path in reads)
 
 
 def supports(qtype: GGMLType, device: torch.device, in_features: int) -> bool:
