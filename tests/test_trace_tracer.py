@@ -765,7 +765,9 @@ def test_repeated_events_are_written_as_the_event_by_event_path_writes_them(mode
             generate(model, TOKENS, 4)
         traces.append(_event_lines(path))
         summaries.append(tracer.summary)
-    assert len(traces[0]) == summaries[0].events > 100
+    # a step is about 20 events where the fused ops run (CUDA) and more on the torch path: 4
+    # steps and the prefill write at least 50 (100 on the H100)
+    assert len(traces[0]) == summaries[0].events >= 50
     assert traces[0] == traces[1]
     assert summaries[0].counts == summaries[1].counts and summaries[0].modules == summaries[1].modules
 

@@ -424,4 +424,6 @@ def test_an_in_place_restride_of_a_device_tensor_is_followed():
     assert y.shape == (1, 4, 3, 2) and torch.equal(y.cpu(), x.transpose(0, 2)[None])
     wave = torch.sin(torch.arange(64.0))
     spec = torch.stft(wave.to("cuda:0"), 8, window=torch.hann_window(8, device="cuda:0"), return_complex=True)
-    assert torch.allclose(spec.cpu(), torch.stft(wave, 8, window=torch.hann_window(8), return_complex=True))
+    # cuFFT and the CPU's FFT round differently: bins near 0 differ by about 1e-7
+    want = torch.stft(wave, 8, window=torch.hann_window(8), return_complex=True)
+    assert torch.allclose(spec.cpu(), want, atol=1e-5)

@@ -88,6 +88,17 @@ def transformers_classes(*names: str) -> list:
     return [getattr(tf, n) for n in names]
 
 
+def transformers_has(module: str, name: str) -> None:
+    """Unavailable where the installed transformers' `module` has no `name`: a case whose bug
+    is transformers' own code of a later release."""
+    import importlib
+
+    import transformers as tf
+
+    if not hasattr(importlib.import_module(f"transformers.{module}"), name):
+        raise Unavailable(f"transformers {tf.__version__} has no {module}.{name}")
+
+
 def _tokens(device, n: int = T) -> torch.Tensor:
     return (torch.arange(n) * 7 % VOCAB).to(device)[None]  # [1, n]
 
@@ -1716,11 +1727,14 @@ def _built_under_device_context(devices):
     return model, run, devices[0]
 
 
-def _generate3(kind: str, **options):
+def _generate3(kind: str, needs: tuple[str, str] | None = None, **options):
     """generate() of a round-three family: prefill and decode steps over its own cache (a
-    sliding-window cache, MoE routing per step, Mamba's conv and SSM states)."""
+    sliding-window cache, MoE routing per step, Mamba's conv and SSM states). `needs`: the
+    (module, name) of transformers the case's finding lives in (`transformers_has`)."""
 
     def build(devices):
+        if needs:
+            transformers_has(*needs)
         model, _, device = _hf3(kind)(devices)
 
         def run(m):
@@ -2163,7 +2177,7 @@ CASES: dict[str, Case] = {
         ),
         Case(
             "mamba-generate",
-            _generate3("mamba"),
+            _generate3("mamba", needs=("cache_utils", "LinearAttentionLayer")),
             (TRANSFER, "backbone.layers.0.mixer"),
             "LinearAttentionLayer.lazy_initialization",
             why="transformers' own: Mamba's cache moves its length counter from the host in the "
