@@ -308,10 +308,17 @@ def test_on_a_gpu_every_kernel_of_a_decode_step_is_under_one_harness_op(tmp_path
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             model(token, 3)
             torch.cuda.synchronize()
-    table = op_table(prof.events(), CUDA, 1)
+    events = prof.events()
+    table = op_table(events, CUDA, 1)
     rows = table["rows"]
     assert not [r for r in rows if r["op"] == NO_OP], format_op_table(rows)
-    assert table["attributed_ms_per_step"] == pytest.approx(table["ms_per_step"])
+    # the kernels the GPU ran are the kernels linked to ops, by name
+    ran = {e.name for e in events if e.device_type == CUDA}
+    linked = {k.name for e in events if e.device_type != CUDA for k in e.kernels}
+    assert ran == linked, (sorted(ran - linked), sorted(linked - ran))
+    # and by time: on the H100 (torch 2.11) the linked kernels' durations summed 1.7 us more than
+    # the device events' (0.9% of 196 us; not understood), hence the 2%
+    assert table["attributed_ms_per_step"] == pytest.approx(table["ms_per_step"], rel=0.02)
     assert table["owners_device_time_total_ms_per_step"] == pytest.approx(table["attributed_ms_per_step"])
     n = len(model.layers)
     calls: dict[str, float] = {}

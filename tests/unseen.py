@@ -88,15 +88,21 @@ def transformers_classes(*names: str) -> list:
     return [getattr(tf, n) for n in names]
 
 
-def transformers_has(module: str, name: str) -> None:
-    """Unavailable where the installed transformers' `module` has no `name`: a case whose bug
-    is transformers' own code of a later release."""
+def transformers_has(module: str, name: str, mentioning: str = "") -> None:
+    """Unavailable where the installed transformers' `module` has no `name` (dotted: a class's
+    method) or its source does not mention `mentioning`: a case whose bug is transformers' own
+    code of some releases."""
     import importlib
+    import inspect
 
     import transformers as tf
 
-    if not hasattr(importlib.import_module(f"transformers.{module}"), name):
-        raise Unavailable(f"transformers {tf.__version__} has no {module}.{name}")
+    found = importlib.import_module(f"transformers.{module}")
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    if found is None or mentioning not in inspect.getsource(found):
+        what = f"{module}.{name}" + (f" that mentions {mentioning}" if mentioning else "")
+        raise Unavailable(f"transformers {tf.__version__} has no {what}")
 
 
 def _tokens(device, n: int = T) -> torch.Tensor:
@@ -1727,10 +1733,10 @@ def _built_under_device_context(devices):
     return model, run, devices[0]
 
 
-def _generate3(kind: str, needs: tuple[str, str] | None = None, **options):
+def _generate3(kind: str, needs: tuple[str, ...] | None = None, **options):
     """generate() of a round-three family: prefill and decode steps over its own cache (a
     sliding-window cache, MoE routing per step, Mamba's conv and SSM states). `needs`: the
-    (module, name) of transformers the case's finding lives in (`transformers_has`)."""
+    transformers code the case's finding lives in (`transformers_has`'s arguments)."""
 
     def build(devices):
         if needs:
@@ -2177,7 +2183,10 @@ CASES: dict[str, Case] = {
         ),
         Case(
             "mamba-generate",
-            _generate3("mamba", needs=("cache_utils", "LinearAttentionLayer")),
+            _generate3(
+                "mamba",
+                needs=("cache_utils", "LinearAttentionLayer.lazy_initialization", "cumulative_length_linear"),
+            ),
             (TRANSFER, "backbone.layers.0.mixer"),
             "LinearAttentionLayer.lazy_initialization",
             why="transformers' own: Mamba's cache moves its length counter from the host in the "
