@@ -21,9 +21,11 @@ emulation's, which stand for CUDA tensors), or another dispatch mode than the ha
 PyTorch's own path, as they would untraced. (A direct call of `torch.ops.aten.ctc_loss.Tensor` is
 not intercepted.)
 
-Other `areAnyTensorSubclassLike` branches in ATen's native ops keep the same devices on both
-paths (they avoid in-place ops or `data_ptr` on subclasses); CTC loss is the one that moves data
-to the host.
+Other such branches keep their data where it is: most only avoid in-place ops on subclasses
+(gather, masked_select, cummax/cummin backward, reshape). Some backward formulas read device data
+on the host untraced and not under a mode (prod's `nonzero`, cumprod's `item`, masked_fill's
+`masked_select` for a tensor value): the tracer misses those syncs, which a backward pass makes
+outside the model, where a sync is allowed anyway. max/min/median's is a CPU-only branch.
 """
 
 from __future__ import annotations
