@@ -60,8 +60,9 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "nn.L1Loss": _COMPOSITE.format("broadcast_tensors"),
     "nn.KLDivLoss": _COMPOSITE.format("kl_div"),
     "nn.HingeEmbeddingLoss": _COMPOSITE.format("hinge_embedding_loss"),
-    "nn.CTCLoss": "CUDA's CTC loss moves targets and lengths from any device itself (as in the OpInfo sweep); "
-    + _COMPOSITE.format("ctc_loss"),
+    # (nn.CTCLoss is no longer listed: its 9 calls on the H100 were the emulation and the tracer
+    # taking ctc_loss's subclass path under their dispatch modes; `harness.trace.untraced_paths`
+    # now runs it as untraced CUDA does, and the emulation accepts all 9 as CUDA did)
 }
 MAX_SAMPLES = 3  # sample inputs per module (environment: SWEEP_SAMPLES)
 MAX_LEAVES = 6  # tensors moved to the CPU per sample, at most

@@ -387,31 +387,104 @@ def test_a_module_spread_over_two_devices_may_compute_on_either():
     assert strays == [("1", "aten.mul.Tensor")], strays
 
 
-def test_ctc_loss_moves_tensor_lengths_to_the_host_itself():
-    """`_ctc_loss.Tensor` (ctc_loss_tensor) copies its lengths to the host whatever their device,
-    so CUDA accepts host lengths (the OpInfo sweep on the H100 saw it) and reads device ones there;
-    the int-list overload still wants log_probs and targets on one device."""
-    lp, tg = (
-        rules.Operand(n, "cuda:0", d, s)
-        for n, d, s in (("log_probs", "float32", (9, 2, 5)), ("targets", "int64", (2, 3)))
-    )
-    host = [rules.Operand(n, "cpu", "int64", (2,)) for n in ("input_lengths", "target_lengths")]
-    assert rules.refusal("aten._ctc_loss.Tensor", [lp, tg, *host]) is None
-    assert rules.refusal("aten._ctc_loss.default", [lp, tg._replace(device="cpu")]) is not None
-    log_probs = torch.randn(9, 2, 5).log_softmax(-1)
+class _CTCLoss(nn.Module):
+    def forward(self, log_probs, targets, input_lengths, target_lengths, reduction):
+        return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction=reduction)
+
+
+def _traced_ctc(mode: str, lengths_device: str, reduction: str):
+    """F.ctc_loss inside a module on cuda:0 (log_probs and targets there), traced in a grad mode
+    (with grad, through a backward pass): (loss, log_probs' grad or None, the tracer, the
+    untraced loss and grad on the CPU)."""
+    torch.manual_seed(0)
+    logits = torch.randn(9, 2, 5)
     targets = torch.tensor([[1, 2, 3], [2, 3, 4]])
-    want = F.ctc_loss(log_probs, targets, torch.tensor([9, 9]), torch.tensor([3, 3]), reduction="sum")
-    model = nn.Sequential(nn.Identity()).to("cuda:0")
-    with torch.no_grad(), Tracer(model, keep_events=True) as t:
-        got = F.ctc_loss(
-            model(log_probs.to("cuda:0")),
-            targets.to("cuda:0"),
-            torch.tensor([9, 9]),
-            torch.tensor([3, 3]),
-            reduction="sum",
+    lengths = torch.tensor([9, 7]), torch.tensor([3, 2])
+    want_in = logits.clone().requires_grad_()
+    want = F.ctc_loss(want_in.log_softmax(-1), targets, *lengths, reduction=reduction)
+    want.backward()
+    model = _CTCLoss().to("cuda:0")
+    x = logits.to("cuda:0").requires_grad_(mode == "grad")
+    with GRAD_MODES[mode](), Tracer(model, keep_events=True) as t:
+        got = model(
+            x.log_softmax(-1), targets.to("cuda:0"), *(n.to(lengths_device) for n in lengths), reduction
         )
-    assert got.device == torch.device("cuda:0") and torch.allclose(got.cpu(), want)
-    assert [e.cls for e in t.events if e.op == "aten._ctc_loss.Tensor"] == [OK]
+        if mode == "grad":
+            got.backward()
+    return got, x.grad, t, want.detach(), want_in.grad
+
+
+def _length_reads(t: Tracer) -> list[tuple]:
+    """(op, class, module) of the traced copies of a [2] int64 tensor (the lengths) to the host."""
+    return [
+        (e.op, e.cls, e.module)
+        for e in t.events
+        if e.inputs
+        and e.inputs[0].device != "cpu"
+        and (e.inputs[0].dtype, e.inputs[0].shape) == ("int64", (2,))
+        and [o.device for o in e.outputs or ()] == ["cpu"]
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ctc_loss_takes_host_lengths_as_untraced_cuda_does(mode):
+    """Untraced, `ctc_loss` with length tensors copies them to the host and calls the int-list
+    overload; under any dispatch mode (a tracer, the emulation) PyTorch's C++ would call
+    `_ctc_loss.Tensor` instead, whose CUDA wrapper refuses host lengths (torch 2.11 on an H100),
+    and divide by the host lengths on the device. Traced, the call runs as untraced CUDA runs it:
+    host lengths with log_probs on the device are accepted, forward and backward, and nothing
+    reads the lengths off the device."""
+    lp = rules.Operand("log_probs", "cuda:0", "float32", (9, 2, 5))
+    tg = rules.Operand("targets", "cuda:0", "int64", (2, 3))
+    host = [rules.Operand(n, "cpu", "int64", (2,)) for n in ("input_lengths", "target_lengths")]
+    assert "input_lengths is on cpu" in rules.refusal("aten._ctc_loss.Tensor", [lp, tg, *host])
+    assert (
+        rules.refusal("aten._ctc_loss.Tensor", [lp, tg, *(o._replace(device="cuda:0") for o in host)]) is None
+    )
+    for reduction in ("mean", "sum"):
+        got, grad, t, want, want_grad = _traced_ctc(mode, "cpu", reduction)
+        assert got.device == torch.device("cuda:0") and torch.allclose(got.detach().cpu(), want)
+        if mode == "grad":
+            assert grad.device == torch.device("cuda:0") and torch.allclose(grad.cpu(), want_grad, atol=1e-6)
+        ops = [e.op for e in t.events]
+        assert "aten._ctc_loss.Tensor" not in ops and "aten._ctc_loss_backward.Tensor" not in ops
+        assert any(op in ops for op in ("aten._ctc_loss.default", "aten._cudnn_ctc_loss.default")), ops
+        assert [e.op for e in t.events if e.cls == MISMATCH] == [] and t.summary.error is None
+        assert _length_reads(t) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ctc_loss_reads_device_lengths_on_the_host(mode):
+    """Length tensors on the device are copied to the host by `ctc_loss` itself (untraced too):
+    the tracer records each copy, inside the model a `sync`, as it records `nonzero`."""
+    got, grad, t, want, want_grad = _traced_ctc(mode, "cuda:0", "mean")
+    assert got.device == torch.device("cuda:0") and torch.allclose(got.detach().cpu(), want)
+    if mode == "grad":
+        assert torch.allclose(grad.cpu(), want_grad, atol=1e-6)
+    assert _length_reads(t) == [("aten._to_copy.default", SYNC, "")] * 2
+    assert [e.op for e in t.events if e.cls == MISMATCH] == [] and t.summary.error is None
+
+
+def test_ctc_loss_in_cudnn_form_takes_host_targets():
+    """Host int32 targets, concatenated, with every input length the full length and blank 0:
+    real CUDA runs `_cudnn_ctc_loss`, which wants the targets on the host (checkBackend), not on
+    log_probs' device; traced, that is no mismatch (the emulation, as CUDA without cuDNN, runs
+    `_ctc_loss` on targets it uploads)."""
+    lp = rules.Operand("log_probs", "cuda:0", "float32", (9, 2, 5))
+    tg = rules.Operand("targets", "cpu", "int32", (5,))
+    assert rules.refusal("aten._cudnn_ctc_loss.default", [lp, tg]) is None
+    assert "CPU Backend" in rules.refusal("aten._cudnn_ctc_loss.default", [lp, tg._replace(device="cuda:0")])
+    torch.manual_seed(0)
+    log_probs = torch.randn(9, 2, 5).log_softmax(-1)
+    targets = torch.tensor([1, 2, 3, 2, 4], dtype=torch.int32)
+    lengths = torch.tensor([9, 9], dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32)
+    want = F.ctc_loss(log_probs, targets, *lengths, reduction="sum")
+    model = _CTCLoss().to("cuda:0")
+    with torch.no_grad(), Tracer(model, keep_events=True) as t:
+        got = model(log_probs.to("cuda:0"), targets, *lengths, "sum")
+    assert torch.allclose(got.cpu(), want, rtol=1e-4)
+    assert [e.op for e in t.events if e.cls == MISMATCH] == [] and t.summary.error is None
+    assert any(e.op in ("aten._ctc_loss.default", "aten._cudnn_ctc_loss.default") for e in t.events)
 
 
 def test_an_in_place_restride_of_a_device_tensor_is_followed():

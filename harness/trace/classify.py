@@ -132,7 +132,8 @@ def _lengths_checked(args, kwargs) -> bool:
 
 
 def _ctc_lengths_on_device(first: int):
-    # _ctc_loss(_backward).Tensor moves its lengths (arguments `first`, `first` + 1) to the host.
+    # _ctc_loss(_backward).Tensor, called directly, copies its lengths (arguments `first`,
+    # `first` + 1) to the host (ctc_loss_tensor); CUDA wants them on log_probs' device.
     def reads(args, kwargs) -> bool:
         return any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args[first : first + 2])
 

@@ -748,6 +748,41 @@ ROWS: tuple[Row, ...] = (
         R,
         "checkLongTensor: 'lengths' must be a 1D CPU int64 tensor, whatever the data's device",
     ),
+    # -- ctc_loss with length tensors (LossCTC.cpp) copies them to the host and calls the int-list
+    # overload, also under a tracer (harness.trace.untraced_paths); `_ctc_loss.Tensor` itself,
+    # which PyTorch calls under any dispatch mode, checks them on log_probs' device
+    *(
+        Row(
+            "ctc_loss",
+            {
+                "log_probs": f32(lp, 6, 2, 5),
+                "targets": long_grid(tg, [[1, 2], [3, 4]]),
+                "input_lengths": longs(lengths, [6, 5]),
+                "target_lengths": longs(lengths, [2, 1]),
+            },
+            F.ctc_loss,
+            A,
+            why,
+            out=lp,
+        )
+        for lp, tg, lengths, why in (
+            ("gpu", "gpu", "cpu", "lengths copied to the host (no copy: there already), int-list overload"),
+            ("gpu", "gpu", "gpu", "lengths copied to the host, int-list overload"),
+            ("cpu", "gpu", "gpu", "lengths copied to the host, targets to log_probs' device (the CPU)"),
+        )
+    ),
+    Row(
+        "_ctc_loss.Tensor",
+        {
+            "log_probs": f32("gpu", 6, 2, 5),
+            "targets": long_grid("gpu", [[1, 2], [3, 4]]),
+            "input_lengths": longs("cpu", [6, 5]),
+            "target_lengths": longs("cpu", [2, 1]),
+        },
+        lambda *args: torch.ops.aten._ctc_loss.Tensor(*args)[0],
+        R,
+        CODEGEN + ": the length tensors too",
+    ),
 )
 
 

@@ -103,7 +103,7 @@ from torch.utils._python_dispatch import (
 
 from harness.device_tables import TABLES
 from harness.errors import EmulationUnsupported
-from harness.trace import emulated_autograd, rules
+from harness.trace import emulated_autograd, rules, untraced_paths
 
 __all__ = [
     "EmulatedCuda",
@@ -144,6 +144,7 @@ def active() -> EmulatedCuda | None:
 # ---- the tensor ----------------------------------------------------------------------------------
 
 
+@untraced_paths.stands_for_plain  # stands for a CUDA tensor
 class EmulatedTensor(torch.Tensor):
     """A tensor on an emulated CUDA device: `.device` is `cuda:N`, the values are in `.data_cpu`."""
 
@@ -422,8 +423,6 @@ def _emulate(func, args, kwargs, ctx: EmulatedCuda | None):
         device = _resolve(device)
     elif plan.rule == rules.SCATTER:
         device = args[0].device  # a clone of self, whatever src's device
-    elif plan.rule == rules.CTC_LENGTHS:  # computed where log_probs are; the lengths go to the host
-        device = (args[1] if plan.name == "_ctc_loss_backward" else args[0]).device
     else:
         device = next((t.device for t in _tensors(args, kwargs) if _is_accel(t.device)), CPU)
         if not device_arg and device.type != "cpu":
@@ -554,6 +553,7 @@ def _names_cuda_device(args, kwargs) -> bool:
     return any(isinstance(a, torch.device) and a.type == "cuda" for a in args)
 
 
+@untraced_paths.stands_for_plain
 class _EmulationMode(TorchDispatchMode):
     def __init__(self, ctx: EmulatedCuda):
         super().__init__()
@@ -1245,6 +1245,7 @@ class EmulatedCuda:
         self._real_cuda = False
         self._autograd = False
         self._engine = None
+        self._untraced_paths = False  # untraced_paths installed by this block
         self._only_lift_cpu: bool | None = None
 
     # -- torch.cuda stand-ins --------------------------------------------------------------------
@@ -1421,6 +1422,8 @@ class EmulatedCuda:
         torch._C._set_only_lift_cpu_tensors(True)
         self._autograd = emulated_autograd.install_guard()
         self._engine = emulated_autograd.install_engine()
+        untraced_paths.install()
+        self._untraced_paths = True
         self._fmode = _ConstructorMode(self._autograd)
         self._fmode.__enter__()
         self._mode = _EmulationMode(self)
@@ -1439,6 +1442,9 @@ class EmulatedCuda:
             if self._only_lift_cpu is not None:
                 torch._C._set_only_lift_cpu_tensors(self._only_lift_cpu)
                 self._only_lift_cpu = None
+            if self._untraced_paths:
+                untraced_paths.uninstall()
+                self._untraced_paths = False
             if self._engine is not None:
                 emulated_autograd.remove_engine(self._engine)
                 self._engine = None

@@ -57,7 +57,7 @@ ANY = "any"  # resize_as_: the other tensor gives a shape only
 MASKED_INDEX = "masked-index"  # _unsafe_masked_index(_put_accumulate): indices on the CPU or self's device
 HOST_LENGTHS = "host-lengths"  # _pack_padded_sequence / _pad_packed_sequence: lengths on the CPU
 RNG_STATE = "rng-state"  # fused attention backward: its dropout RNG state may be host tensors
-CTC_LENGTHS = "ctc-lengths"  # _ctc_loss(_backward).Tensor: lengths anywhere (read on the host)
+CUDNN_CTC = "cudnn-ctc"  # _cudnn_ctc_loss: log_probs on CUDA, targets on the host (int-list lengths)
 
 RULE_DOCS = {
     SAME: "all tensor arguments on one device; a 0-dim CPU tensor is no exception "
@@ -86,8 +86,8 @@ RULE_DOCS = {
     "host (checkLongTensor): those must be CPU tensors; the data may be anywhere",
     MASKED_INDEX: "_unsafe_masked_index(_put_accumulate) (CompositeExplicitAutograd, over index): index "
     "tensors on the CPU or on self's device; mask and values on self's device",
-    CTC_LENGTHS: "_ctc_loss(_backward) with tensor lengths (ctc_loss_tensor): the lengths are moved to "
-    "the host whatever their device; the int-list overload wants log_probs and targets on one device",
+    CUDNN_CTC: "_cudnn_ctc_loss (device_check: NoCheck; cudnn/LossCTC.cpp checkBackend): log_probs on "
+    "CUDA; with int-list lengths the targets on the CPU, with length tensors anywhere (moved to CUDA)",
     RNG_STATE: "flash/efficient/cuDNN attention backward: the forward's dropout RNG state "
     "(philox_seed, philox_offset; rng_state, unused) comes back as host tensors outside graph "
     "capture (0-dim CPU ones when there is no dropout) and is taken so; the rest on one device",
@@ -135,12 +135,12 @@ RULES: dict[str, str] = {
     "_pack_padded_sequence": HOST_LENGTHS,
     "_pad_packed_sequence": HOST_LENGTHS,
     # questions about the arguments (may cuDNN / MIOpen run this?), asked by CTC loss and RNNs
-    # ctc_loss_tensor moves both lengths to the host itself, whatever their device (read there),
-    # then calls the int-list `_ctc_loss`, an op of its own, checked on its own (log_probs and
-    # targets on one device; ctc_loss has moved the targets to log_probs' device by then)
-    "_ctc_loss": CTC_LENGTHS,
-    "_ctc_loss_backward": CTC_LENGTHS,
+    # (`_ctc_loss(_backward)`, both overloads, keep the default: CUDA's generated wrapper wants
+    # every tensor on log_probs' device, the length tensors of `.Tensor` too (torch 2.11 on an
+    # H100 refuses host lengths there); `torch.ctc_loss` itself moves length tensors to the host
+    # and calls the int-list overload, as `harness.trace.untraced_paths` keeps it under a tracer)
     "_use_cudnn_ctc_loss": ANY,
+    "_cudnn_ctc_loss": CUDNN_CTC,
     "_use_miopen_ctc_loss": ANY,
     "_use_cudnn_rnn_flatten_weight": ANY,
     "_unsafe_masked_index": MASKED_INDEX,
@@ -199,7 +199,7 @@ def rule_of(op: str) -> str:
 def one_device_suffices(op: str) -> bool:
     """Whether every call of `op` with all its tensors on one device is accepted (all but the ops
     that want some argument on the host whatever the others' device)."""
-    return rule_of(op) != HOST_LENGTHS
+    return rule_of(op) not in (HOST_LENGTHS, CUDNN_CTC)
 
 
 # ---- operands ------------------------------------------------------------------------------------
@@ -524,13 +524,19 @@ def _no_check(ops, wrapper, accumulate) -> None:
     return None
 
 
-_CTC_LENGTH_ARGS = frozenset({"input_lengths", "target_lengths"})
-
-
-def _check_ctc_lengths(ops, wrapper, accumulate) -> str | None:
-    if not any(o.name in _CTC_LENGTH_ARGS for o in ops):
-        return _same_device(ops, wrapper)  # the int-list overload: a plain device check
-    return None  # the tensor-lengths one: the lengths go to the host; the rest is the inner op's
+def _check_cudnn_ctc(ops, wrapper, accumulate) -> str | None:
+    log_probs, targets = _first(ops, "log_probs"), _first(ops, "targets")
+    if log_probs is None or targets is None:
+        return _same_device(ops, wrapper)
+    lengths_given = any(o.name in ("input_lengths", "target_lengths") for o in ops)  # the .Tensor overload
+    want_targets = "cpu" if not lengths_given else targets.device
+    for o, want in ((log_probs, "cuda"), (targets, want_targets)):
+        if o.device.split(":")[0] != want.split(":")[0]:
+            return (
+                f"Expected tensor to have {want.split(':')[0].upper()} Backend, but got tensor with "
+                f"{o.device.split(':')[0].upper()} Backend (while checking arguments for cudnn_ctc_loss)"
+            )
+    return None
 
 
 _CHECKS = {
@@ -543,7 +549,7 @@ _CHECKS = {
     MASKED_INDEX: _check_masked_index,
     HOST_LENGTHS: _check_host_lengths,
     RNG_STATE: _check_rng_state,
-    CTC_LENGTHS: _check_ctc_lengths,
+    CUDNN_CTC: _check_cudnn_ctc,
     WHERE: _check_where,
     MASKED_FILL: _check_masked_fill,
     SCALAR_VALUE: _check_scalar_value,

@@ -62,6 +62,7 @@ from torch.utils._python_dispatch import (
 )
 
 from harness.errors import UsageError
+from harness.trace import untraced_paths
 from harness.trace.classify import (
     HOST_WAIT,
     K_COPY_FROM,
@@ -400,6 +401,7 @@ def _op_info(func) -> _OpInfo:
     return info
 
 
+@untraced_paths.stands_for_plain
 class Tracer(TorchDispatchMode):
     """Records every aten op run inside `with Tracer(model, path=...) as tracer:`.
 
@@ -660,6 +662,7 @@ class Tracer(TorchDispatchMode):
             collection = collect_routing(self.model)
             self._routing = (collection, collection.__enter__())
         self._t0 = time.perf_counter()
+        untraced_paths.install()
         self._active = True
         super().__enter__()
         _ACTIVE.append(self)
@@ -678,6 +681,8 @@ class Tracer(TorchDispatchMode):
         finally:
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
+            if self._active:
+                untraced_paths.uninstall()
             self._active = False
             self._unwatch_modules()
             for owner, name, real in reversed(self._patched):
