@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.bench import device_name  # noqa: E402
+from harness.quant.kernels import tl  # noqa: E402
 
 
 @torch.library.custom_op("harness_bench::trivial_custom_op", mutates_args=())
@@ -176,18 +177,27 @@ def decode_steps(device: torch.device, layers: int, steps: int, sync, launches: 
         load_s = time.perf_counter() - start
     finally:
         shutil.rmtree(tmp)
+    from harness.quant import launch
+
     token = torch.tensor([1], device=device)
+    # Triton's own launch against harness.quant.launch's direct one, where that applies
+    modes = ("direct", "triton") if launch.fast_path else ("triton",)
+    runs: dict[str, list[float]] = {mode: [] for mode in modes}
     with torch.inference_mode():
         for pos in range(3):  # warm-up: compiles, plans, tables
             model(token, pos)
         sync()
-        runs = []
-        for _ in range(7):
-            start = time.perf_counter()
-            for pos in range(steps):
-                model(token, pos)
-            sync()
-            runs.append((time.perf_counter() - start) / steps * 1e3)
+        try:
+            for _ in range(7):
+                for mode in modes:  # in turn: drifts of the machine hit both alike
+                    launch.fast_path = mode == "direct"
+                    start = time.perf_counter()
+                    for pos in range(steps):
+                        model(token, pos)
+                    sync()
+                    runs[mode].append((time.perf_counter() - start) / steps * 1e3)
+        finally:
+            launch.fast_path = "direct" in modes
         counter = OpCounter()
         before = dict(launches or {})
         with counter:
@@ -197,7 +207,8 @@ def decode_steps(device: torch.device, layers: int, steps: int, sync, launches: 
         "layers": layers,
         "steps_per_run": steps,
         "load_s": round(load_s, 2),
-        "ms_per_step": statistics.median(runs),
+        "ms_per_step": statistics.median(runs[modes[0]]),
+        "ms_per_step_by_launch": {mode: statistics.median(r) for mode, r in runs.items()},
         "ms_per_step_runs": runs,
         "ops_per_step": counter.counts,
     }
@@ -207,6 +218,70 @@ def decode_steps(device: torch.device, layers: int, steps: int, sync, launches: 
         }
         result["launches_per_step_total"] = sum(result["launches_per_step"].values())
     return result
+
+
+def _matvec_signature(
+    x_ptr, w_ptr, u_ptr, out_ptr, experts_ptr, scale_ptr, lut_ptr, N, n_pairs, n_super, chunk, row_bytes,
+    expert_bytes, x_stride, x_div, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, out_div,
+    QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
+    ROUTED: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr, STAGES: tl.constexpr,
+    REDUCE: tl.constexpr, INT: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """`harness.quant.fused._matvec_kernel`'s parameters, for `direct_launch` (no body: not compiled)."""
+
+
+def direct_launch() -> dict:
+    """harness.quant.launch's own host time for a launch it sends straight to the compiled
+    kernel, with `_matvec_kernel`'s arguments (21 positional, 13 by keyword) as a decode
+    product passes them, where there is no GPU: a JITFunction of that kernel's code whose
+    Triton launch gives back a compiled kernel whose launcher does nothing."""
+    import triton
+
+    from harness.quant import launch
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            pass
+
+    kernel = triton.runtime.jit.JITFunction(_matvec_signature)
+    kernel.run = lambda *args, grid, warmup, **kwargs: Compiled()
+    launch.fast_path = True
+    launch.current_stream = lambda index: 0
+    x, out = torch.randn(1, 4096), torch.empty(1, 4096)
+    w, experts = torch.zeros(4096, 576, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
+    options = {
+        "QT": 12, "NP": 2, "GATED": False, "SCALED": False, "PACKED": False, "ROUTED": False, "VEC": True,
+        "STAGES": 1, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "PTX": True,
+    }  # fmt: skip
+    args = (x, w, w, out, experts, out, out, 4096, 1, 16, 1, 2304, 4096 * 2304, 4096, 1, x, out, out, out)
+    args += (torch.zeros(64, dtype=torch.int32), 4096, 1)
+    return {
+        "launch.launch, direct (matvec's arguments)": lambda: launch.launch(
+            kernel, (128, 1, 4), *args, **options
+        )
+    }
+
+
+def triton_launch(calls: dict) -> dict:
+    """The same calls with harness.quant.launch's fast path off: Triton's own launch."""
+    from harness.quant import launch
+
+    def slow(fn):
+        def call():
+            launch.fast_path = False
+            try:
+                fn()
+            finally:
+                launch.fast_path = True
+
+        return call
+
+    return {f"{name} (Triton's launch)": slow(fn) for name, fn in calls.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,8 +309,16 @@ def main(argv: list[str] | None = None) -> int:
         "custom_op (trivial)": lambda: torch.ops.harness_bench.trivial_custom_op(x),
         "Library op (trivial)": lambda: torch.ops.harness_bench.trivial_library_op(x),
     }
+    from harness.quant import launch
+
+    fast_path = launch.fast_path  # (direct_launch sets it for its own calls)
     if device.type == "cuda" or launches is not None:
-        calls |= fused_ops(device)
+        ops = fused_ops(device)
+        calls |= ops
+        if launch.fast_path:
+            calls |= triton_launch(ops)
+    if launches is not None:
+        calls |= direct_launch()
     import triton
 
     result = {
@@ -247,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with torch.inference_mode():
         result["us_per_call"] = {name: per_call_us(fn, args.calls, sync) for name, fn in calls.items()}
+    launch.fast_path = fast_path
     for name, us in result["us_per_call"].items():
         print(f"{name:45s} {us:8.2f} us", flush=True)
     if args.decode_step:
