@@ -250,8 +250,7 @@ def direct_launch() -> dict:
 
     kernel = triton.runtime.jit.JITFunction(_matvec_signature)
     kernel.run = lambda *args, grid, warmup, **kwargs: Compiled()
-    launch.fast_path = True
-    launch.current_stream = lambda index: 0
+    launch.current_stream = lambda index: 0  # (no GPU: no stream)
     x, out = torch.randn(1, 4096), torch.empty(1, 4096)
     w, experts = torch.zeros(4096, 576, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
     options = {
@@ -260,11 +259,15 @@ def direct_launch() -> dict:
     }  # fmt: skip
     args = (x, w, w, out, experts, out, out, 4096, 1, 16, 1, 2304, 4096 * 2304, 4096, 1, x, out, out, out)
     args += (torch.zeros(64, dtype=torch.int32), 4096, 1)
-    return {
-        "launch.launch, direct (matvec's arguments)": lambda: launch.launch(
-            kernel, (128, 1, 4), *args, **options
-        )
-    }
+
+    def direct():
+        launch.fast_path = True
+        try:
+            launch.launch(kernel, (128, 1, 4), *args, **options)
+        finally:
+            launch.fast_path = False
+
+    return {"launch.launch, direct (matvec's arguments)": direct}
 
 
 def triton_launch(calls: dict) -> dict:
@@ -311,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     from harness.quant import launch
 
-    fast_path = launch.fast_path  # (direct_launch sets it for its own calls)
     if device.type == "cuda" or launches is not None:
         ops = fused_ops(device)
         calls |= ops
@@ -330,7 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     with torch.inference_mode():
         result["us_per_call"] = {name: per_call_us(fn, args.calls, sync) for name, fn in calls.items()}
-    launch.fast_path = fast_path
     for name, us in result["us_per_call"].items():
         print(f"{name:45s} {us:8.2f} us", flush=True)
     if args.decode_step:

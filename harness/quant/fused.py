@@ -1951,7 +1951,31 @@ def _dequantize_packed(raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...
     return out
 
 
-@torch.library.custom_op("harness::qmatmul", mutates_args=())
+# The ops are defined with torch.library.Library, not torch.library.custom_op: the same schema
+# (inferred from the function as custom_op infers it) and fake implementation, with fewer Python
+# layers a call (custom_op's wrappers cost microseconds per call, an eager decode step makes
+# hundreds: benchmarks/bench_host.py). An op that mutates a tensor bumps its version itself.
+_LIBRARY = torch.library.Library("harness", "FRAGMENT")
+
+
+def _op(mutates_args: tuple[str, ...] = ()):
+    """Registers the decorated function as the op harness::<its name>."""
+
+    def define(fn):
+        schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
+        _LIBRARY.define(fn.__name__ + schema, tags=(torch.Tag.pt2_compliant_tag,))
+        _LIBRARY.impl(fn.__name__, fn, "CompositeExplicitAutograd")
+        return fn
+
+    return define
+
+
+def _fake(name: str):
+    """Registers the decorated function as harness::`name`'s fake implementation (shapes only)."""
+    return torch.library.register_fake(f"harness::{name}", lib=_LIBRARY)
+
+
+@_op()
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
     """[T, in] float x times the GGUF weight `raw` ([out, row_bytes] blocks of `qtype`) -> [T, out] float32.
 
@@ -1962,12 +1986,12 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int) -
     return _product(x, raw, None, qtype, out_features, None, 1, None)
 
 
-@qmatmul.register_fake
+@_fake("qmatmul")
 def _(x, raw, qtype, out_features):
     return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
 
 
-@torch.library.custom_op("harness::moe_ffn", mutates_args=())
+@_op()
 def moe_ffn(
     x: torch.Tensor,
     gate: torch.Tensor,
@@ -1988,12 +2012,12 @@ def moe_ffn(
     return _product(h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k)  # [T, D]
 
 
-@moe_ffn.register_fake
+@_fake("moe_ffn")
 def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype):
     return x.new_empty((x.shape[0], down.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("harness::rms_norm", mutates_args=())
+@_op()
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] float32 normalized by its root mean square, times weight [D] float32 (one launch)."""
     _check_devices("harness::rms_norm", x, weight)
@@ -2021,12 +2045,12 @@ def _normed(
     return total, out
 
 
-@rms_norm.register_fake
+@_fake("rms_norm")
 def _(x, weight, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("harness::rope", mutates_args=())
+@_op()
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """x [T, heads, Hd] float32 with pairs (2i, 2i+1), i < cos.shape[1], rotated by the angles of
     row positions[t] of the tables cos, sin [S_max, rope_dim/2] (GGML rope type 0; one launch)."""
@@ -2049,7 +2073,7 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: t
     return out
 
 
-@rope.register_fake
+@_fake("rope")
 def _(x, cos, sin, positions):
     return torch.empty_like(x)
 
@@ -2094,7 +2118,7 @@ def pack_rows(raws: list[torch.Tensor], qtypes: list[int]) -> list[torch.Tensor]
     return out
 
 
-@torch.library.custom_op("harness::qkv", mutates_args=())
+@_op()
 def qkv(
     x: torch.Tensor,
     wq: torch.Tensor,
@@ -2128,12 +2152,12 @@ def qkv(
     return out
 
 
-@qkv.register_fake
+@_fake("qkv")
 def _(x, wq, wk, wv, qtype_q, qtype_k, qtype_v):
     return x.new_empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("harness::attention", mutates_args=("cache_k", "cache_v"))
+@_op(mutates_args=("cache_k", "cache_v"))
 def attention(
     qkv: torch.Tensor,
     cache_k: torch.Tensor,
@@ -2248,6 +2272,9 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
                 part_acc, part_m, part_l, out, t, group, n_kv, hd, splits, BM=bm, BD=bd,
                 BP=_next_pow2(splits), num_warps=cfg["merge_warps"],
             )  # fmt: skip
+    # the kernels wrote the caches outside torch: their versions move as an in-place op's would
+    torch.autograd.graph.increment_version(cache_k)
+    torch.autograd.graph.increment_version(cache_v)
     return out
 
 
@@ -2278,13 +2305,13 @@ def _attention_torch(qkv, cache_k, cache_v, cos, sin, positions, start):
     return out.transpose(0, 1).reshape(t, n_heads * hd)
 
 
-@attention.register_fake
+@_fake("attention")
 def _(qkv, cache_k, cache_v, cos, sin, positions, start):
     n_kv, _, hd = cache_k.shape
     return qkv.new_empty((qkv.shape[0], qkv.shape[1] - 2 * n_kv * hd))
 
 
-@torch.library.custom_op("harness::add_rms_norm", mutates_args=())
+@_op()
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2296,7 +2323,7 @@ def add_rms_norm(
     return _normed(x + residual, None, weight, eps)  # broadcast or promoted: torch adds
 
 
-@add_rms_norm.register_fake
+@_fake("add_rms_norm")
 def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
@@ -2345,7 +2372,7 @@ if triton is not None:
         tl.store(experts_ptr + out, chosen_e.to(tl.int64), mask=slot < K)
 
 
-@torch.library.custom_op("harness::router_topk", mutates_args=())
+@_op()
 def router_topk(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],  # noqa: UP045  (torch 2.11's schema inference reads Optional)
@@ -2417,13 +2444,13 @@ def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_
     return weights, experts
 
 
-@router_topk.register_fake
+@_fake("router_topk")
 def _(x, weight, k, min_sum):
     t = x.shape[0]
     return x.new_empty((t, k), dtype=torch.float32), x.new_empty((t, k), dtype=torch.int64)
 
 
-@torch.library.custom_op("harness::embed_rows", mutates_args=())
+@_op()
 def embed_rows(table: torch.Tensor, tokens: torch.Tensor, qtype: int, row_length: int) -> torch.Tensor:
     """Rows `tokens` ([T] int64) of the GGUF table `table` ([V, row_bytes] blocks of `qtype`),
     dequantized (only those rows) -> [T, row_length] float32, bit-identical to dequantizing the table."""
@@ -2432,6 +2459,6 @@ def embed_rows(table: torch.Tensor, tokens: torch.Tensor, qtype: int, row_length
     return dequant.dequantize(rows, GGMLType(qtype), (rows.shape[0], row_length), torch.float32)
 
 
-@embed_rows.register_fake
+@_fake("embed_rows")
 def _(table, tokens, qtype, row_length):
     return table.new_empty((tokens.numel(), row_length), dtype=torch.float32)
