@@ -114,10 +114,16 @@ def test_no_direct_launch_where_the_fast_path_does_not_apply(kernel, monkeypatch
         launch.launch(kernel, (1,), a, 32, (0.5,), B=4)  # a tuple: not an argument kind known here
         launch.launch(kernel, lambda meta: (1,), a, 32, 0.5, B=4)  # a callable grid
     assert len(kernel.triton_calls) == 6 and launch.cached_launches() == 0
+    launch.launch(kernel, (1,), a, 32, 0.5, B=4)
+    launch.launch(kernel, (1,), a, 32, 0.5, B=4)  # direct
+    kernel.pre_run_hooks.append(lambda *args, **kwargs: None)
+    launch.launch(kernel, (1,), a, 32, 0.5, B=4)  # Triton runs the hook
+    assert len(kernel.triton_calls) == 8 and launch.cached_launches() == 1
+    kernel.pre_run_hooks.clear()
     monkeypatch.setattr(launch, "fast_path", False)
     for _ in range(2):
         launch.launch(kernel, (1,), a, 32, 0.5, B=4)
-    assert len(kernel.triton_calls) == 8 and launch.cached_launches() == 0
+    assert len(kernel.triton_calls) == 10 and launch.cached_launches() == 1
 
 
 def test_the_fast_path_is_off_under_the_interpreter_and_on_known_triton_versions_only():

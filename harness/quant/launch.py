@@ -14,9 +14,10 @@ calls that share a key always share Triton's compiled kernel.
 
 The direct call applies only where it is known to end as Triton's own launch: Triton 3.6 to 3.9
 (read: both ends of that range), NVIDIA's backend (not ROCm, whose backend specializes on more),
-not under the interpreter, grids given as tuples, arguments of the types above. Everything else
-(`fast_path` False included) is `kernel[grid](...)`. Triton's settings (`triton.knobs`) are
-read at the first launch of a key, not at each call.
+not under the interpreter, no pre-run hooks on the kernel, grids given as tuples, arguments of
+the types above. Everything else (`fast_path` False included) is `kernel[grid](...)`. Triton's
+compile settings (`triton.knobs`) and the kernel's global values are read at the first launch
+of a key, not at each call (the launch hooks at each call, as Triton reads them).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     except TypeError:  # an unhashable keyword argument
         kernel[grid](*args, **kwargs)
         return
-    if known is None or known[0] is not kernel:
+    if known is None or known[0] is not kernel or kernel.pre_run_hooks:
         compiled = kernel[grid](*args, **kwargs)
         _remember(key, kernel, compiled, len(args), kwargs)
         return
