@@ -80,6 +80,7 @@ def test_a_repeated_launch_calls_the_compiled_launcher_with_every_parameter_in_o
         "constexpr",
         "launch option",
         "bool for int",
+        "True for 1",
     ],
 )
 def test_what_may_change_tritons_compiled_kernel_goes_through_triton_again(kernel, changed):
@@ -102,9 +103,13 @@ def test_what_may_change_tritons_compiled_kernel_goes_through_triton_again(kerne
         kwargs["num_warps"] = 4
     elif changed == "bool for int":
         args[1] = True
+    elif changed == "True for 1":  # True == 1 in Python; Triton takes one as i1, the other as constexpr 1
+        args[1] = 1
+        launch.launch(kernel, (1,), *args, **kwargs)
+        args[1] = True
     launch.launch(kernel, (1,), *args, **kwargs)
-    assert len(kernel.triton_calls) == 2
-    assert not kernel.compiled[0].launches
+    assert len(kernel.triton_calls) == (3 if changed == "True for 1" else 2)
+    assert not any(compiled.launches for compiled in kernel.compiled)
 
 
 def test_no_direct_launch_where_the_fast_path_does_not_apply(kernel, monkeypatch):

@@ -57,40 +57,24 @@ _I32 = range(-(1 << 31), 1 << 31)
 _I64 = range(-(1 << 63), 1 << 63)
 
 
-def _tensor(a: torch.Tensor):
-    return (a.dtype, not a.data_ptr() & 15)
-
-
-def _int(a: int):
-    return 1 if a == 1 else (not a & 15, a in _I32, a in _I64)
-
-
-def _float(a: float):
-    return 0.0
-
-
-def _same(a):
-    return a
-
-
-_SPECIALIZE = {torch.Tensor: _tensor, int: _int, float: _float, bool: _same, type(None): _same}
-
-
 def _specialization(args: tuple) -> tuple | None:
     """What the compiled kernel for `args` depends on (a superset of Triton's), or None for an
-    argument of another type."""
-    try:
-        return tuple([_SPECIALIZE[a.__class__](a) for a in args])
-    except KeyError:  # a tensor subclass, or another type
-        pass
+    argument of another type. (One loop, no call an argument: it runs at every launch.)"""
     out = []
     for a in args:
-        f = _SPECIALIZE.get(a.__class__)
-        if f is None:
-            if not isinstance(a, torch.Tensor):
-                return None
-            f = _tensor
-        out.append(f(a))
+        kind = a.__class__
+        if kind is int:
+            out.append(1 if a == 1 else (not a & 15, a in _I32, a in _I64))
+        elif kind is torch.Tensor or isinstance(a, torch.Tensor):
+            out.append((a.dtype, not a.data_ptr() & 15))
+        elif kind is float:
+            out.append(0.0)
+        elif kind is bool:
+            out.append(("i1", a))  # (True == 1: apart from the int 1)
+        elif a is None:
+            out.append(None)
+        else:
+            return None
     return tuple(out)
 
 
