@@ -157,3 +157,28 @@ def test_cuda_direct_launches_compute_what_triton_launches_compute(monkeypatch):
     for out in again:
         assert torch.equal(out, first) and torch.equal(out, slow)
     assert fused.runs_on(x.device)
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_decode_steps_with_direct_launches_are_bit_identical_to_tritons(tmp_path, monkeypatch):
+    """Every kernel of a decode step (norms, q/k/v, rope and attention, routing, the experts,
+    the head), launched directly after its first launch, gives the logits Triton's own launches
+    give, bit for bit, step after step."""
+    from harness.model.mixtral import Mixtral
+    from harness.synth import synthesize
+
+    path = synthesize(tmp_path / "tiny.gguf", "tiny", file_type="Q4_K_M", seed=5)
+    model = Mixtral.from_gguf(path, device="cuda", max_seq_len=32)
+    prompt = torch.tensor([3, 17, 99, 250, 7], device="cuda")
+    runs = {}
+    for fast in (False, True, True):  # the second direct run: every launch a repeat
+        monkeypatch.setattr(launch, "fast_path", fast)
+        with torch.inference_mode():
+            model.reset()
+            logits = [model(prompt, 0)[-1:]]
+            for pos in range(5, 12):
+                logits.append(model(logits[-1].argmax(-1), pos))
+        runs.setdefault(fast, []).append(torch.cat(logits))
+    assert launch.cached_launches() > 0
+    for direct in runs[True]:
+        assert torch.equal(direct, runs[False][0])
