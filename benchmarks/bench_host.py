@@ -1,30 +1,50 @@
 """Host time of one call of each kind an eager decode step makes, on this machine's host: how an
-op is registered (`torch.library.custom_op`, as harness's fused ops are, against a
-`torch.library.Library` definition of the same trivial op), a plain torch op, and the fused decode
-ops themselves at Mixtral-8x7B's decode shapes and Q4_K_M types (on a CUDA device only). An eager step, and so a
+op is registered (`torch.library.custom_op` against a `torch.library.Library` definition of the
+same trivial op), a plain torch op, and the fused decode ops themselves at Mixtral-8x7B's decode
+shapes and Q4_K_M types; and (`--decode-step`) whole eager decode steps of a Mixtral-8x7B with
+`--layers` layers (synthesized into a temporary folder, deleted after). An eager step, and so a
 traced one, is bound by these costs (benchmarks/profile_decode.py's `decode_eager_host`). Writes
 JSON; asserts nothing.
 
-    python benchmarks/bench_host.py --out benchmarks/results/host.json
+    python benchmarks/bench_host.py --out benchmarks/results/host.json            # CUDA if present
+    python benchmarks/bench_host.py --decode-step --layers 4                      # and decode steps
+    python benchmarks/bench_host.py --stub-launches --decode-step --out /tmp/h.json   # no GPU
 
-Each figure is the median over 7 runs of `--calls` calls, divided by the calls, with the device
-synchronized once at the end of a run: host-bound calls measure their host time.
+`--stub-launches` measures the fused path's own Python on a machine without a GPU: the ops run
+on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set here before Triton is
+imported) with every kernel launch replaced by a count (nothing computed: the outputs are
+garbage, the host path is the real one), so the figures are the ops' host time without
+Triton's launch cost, plus `harness.quant.launch`'s own where `--fake-compiled` hands it a
+compiled kernel whose launch does nothing.
+
+Each figure is the median over 7 runs of `--calls` calls (decode steps: `--steps`), divided by
+the calls, with the device synchronized once at the end of a run: host-bound calls measure their
+host time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+if "--stub-launches" in sys.argv:  # before torch and triton are imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.bench import device_name  # noqa: E402
+from harness.quant.kernels import tl  # noqa: E402
 
 
 @torch.library.custom_op("harness_bench::trivial_custom_op", mutates_args=())
@@ -111,12 +131,179 @@ def fused_ops(device: torch.device) -> dict:
     }
 
 
+class OpCounter(TorchDispatchMode):
+    """The ops a tracer would see (harness:: ops and the others apart), counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {"harness": 0, "other": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts["harness" if func.namespace == "harness" else "other"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def stub_launches() -> dict[str, int]:
+    """Every Triton launch under the interpreter replaced by a count per kernel (returned, live)."""
+    import triton.runtime.interpreter as interpreter
+
+    from harness.quant import kernels
+
+    if not kernels.interpreting():
+        raise SystemExit("--stub-launches: TRITON_INTERPRET did not take (was triton imported first?)")
+    counts: dict[str, int] = {}
+
+    def counted(self, *args, grid, warmup, **kwargs):
+        counts[self.fn.__name__] = counts.get(self.fn.__name__, 0) + 1
+
+    interpreter.InterpretedFunction.run = counted
+    return counts
+
+
+def decode_steps(device: torch.device, layers: int, steps: int, sync, launches: dict | None) -> dict:
+    """Eager decode steps (`model(token, pos)`, one token) of a synthesized Mixtral-8x7B Q4_K_M
+    with `layers` layers on `device`: ms per step (median of 7 runs of `steps`), and the ops
+    (and, with stubbed launches, kernel launches) of one step."""
+    from harness.gguf_file import PRESETS
+    from harness.model.mixtral import Mixtral
+    from harness.synth import synthesize
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-host-"))
+    try:
+        config = dataclasses.replace(PRESETS["mixtral-8x7b"], block_count=layers)
+        path = synthesize(tmp / "model.gguf", config, "Q4_K_M")
+        start = time.perf_counter()
+        model = Mixtral.from_gguf(path, device=device, max_seq_len=1024)
+        load_s = time.perf_counter() - start
+    finally:
+        shutil.rmtree(tmp)
+    from harness.quant import launch
+
+    token = torch.tensor([1], device=device)
+    # Triton's own launch against harness.quant.launch's direct one, where that applies
+    modes = ("direct", "triton") if launch.fast_path else ("triton",)
+    runs: dict[str, list[float]] = {mode: [] for mode in modes}
+    with torch.inference_mode():
+        for pos in range(3):  # warm-up: compiles, plans, tables
+            model(token, pos)
+        sync()
+        try:
+            for _ in range(7):
+                for mode in modes:  # in turn: drifts of the machine hit both alike
+                    launch.fast_path = mode == "direct"
+                    start = time.perf_counter()
+                    for pos in range(steps):
+                        model(token, pos)
+                    sync()
+                    runs[mode].append((time.perf_counter() - start) / steps * 1e3)
+        finally:
+            launch.fast_path = "direct" in modes
+        counter = OpCounter()
+        before = dict(launches or {})
+        with counter:
+            model(token, 3)
+        sync()
+    result = {
+        "layers": layers,
+        "steps_per_run": steps,
+        "load_s": round(load_s, 2),
+        "ms_per_step": statistics.median(runs[modes[0]]),
+        "ms_per_step_by_launch": {mode: statistics.median(r) for mode, r in runs.items()},
+        "ms_per_step_runs": runs,
+        "ops_per_step": counter.counts,
+    }
+    if launches is not None:
+        result["launches_per_step"] = {
+            k: v - before.get(k, 0) for k, v in launches.items() if v > before.get(k, 0)
+        }
+        result["launches_per_step_total"] = sum(result["launches_per_step"].values())
+    return result
+
+
+def _matvec_signature(
+    x_ptr, w_ptr, u_ptr, out_ptr, experts_ptr, scale_ptr, lut_ptr, N, n_pairs, n_super, chunk, row_bytes,
+    expert_bytes, x_stride, x_div, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, out_div,
+    QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
+    ROUTED: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr, STAGES: tl.constexpr,
+    REDUCE: tl.constexpr, INT: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """`harness.quant.fused._matvec_kernel`'s parameters, for `direct_launch` (no body: not compiled)."""
+
+
+def direct_launch() -> dict:
+    """harness.quant.launch's own host time for a launch it sends straight to the compiled
+    kernel, with `_matvec_kernel`'s arguments (21 positional, 13 by keyword) as a decode
+    product passes them, where there is no GPU: a JITFunction of that kernel's code whose
+    Triton launch gives back a compiled kernel whose launcher does nothing."""
+    import triton
+
+    from harness.quant import launch
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            pass
+
+    kernel = triton.runtime.jit.JITFunction(_matvec_signature)
+    kernel.run = lambda *args, grid, warmup, **kwargs: Compiled()
+    launch.current_stream = lambda index: 0  # (no GPU: no stream)
+    x, out = torch.randn(1, 4096), torch.empty(1, 4096)
+    w, experts = torch.zeros(4096, 576, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
+    options = {
+        "QT": 12, "NP": 2, "GATED": False, "SCALED": False, "PACKED": False, "ROUTED": False, "VEC": True,
+        "STAGES": 1, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "PTX": True,
+    }  # fmt: skip
+    args = (x, w, w, out, experts, out, out, 4096, 1, 16, 1, 2304, 4096 * 2304, 4096, 1, x, out, out, out)
+    args += (torch.zeros(64, dtype=torch.int32), 4096, 1)
+
+    def direct():
+        launch.fast_path = True
+        try:
+            launch.launch(kernel, (128, 1, 4), *args, **options)
+        finally:
+            launch.fast_path = False
+
+    return {"launch.launch, direct (matvec's arguments)": direct}
+
+
+def triton_launch(calls: dict) -> dict:
+    """The same calls with harness.quant.launch's fast path off: Triton's own launch."""
+    from harness.quant import launch
+
+    def slow(fn):
+        def call():
+            launch.fast_path = False
+            try:
+                fn()
+            finally:
+                launch.fast_path = True
+
+        return call
+
+    return {f"{name} (Triton's launch)": slow(fn) for name, fn in calls.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=2000)
+    p.add_argument(
+        "--stub-launches", action="store_true", help="CPU: the interpreter, launches counted, not run"
+    )
+    p.add_argument(
+        "--decode-step", action="store_true", help="also time eager decode steps of a synthesized model"
+    )
+    p.add_argument("--layers", type=int, default=2, help="layers of that model (Mixtral-8x7B's shapes)")
+    p.add_argument("--steps", type=int, default=20, help="decode steps per timed run")
     p.add_argument("--out", default="benchmarks/results/host.json")
     args = p.parse_args(argv)
+    launches = stub_launches() if args.stub_launches else None
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and launches is None:
+        print("no CUDA device: only the trivial calls (--stub-launches times the fused ops' host path)")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x = torch.randn(1, 4096, device=device)
     calls = {
@@ -125,13 +312,35 @@ def main(argv: list[str] | None = None) -> int:
         "custom_op (trivial)": lambda: torch.ops.harness_bench.trivial_custom_op(x),
         "Library op (trivial)": lambda: torch.ops.harness_bench.trivial_library_op(x),
     }
-    if device.type == "cuda":
-        calls |= fused_ops(device)
-    result = {"device": device_name(device), "torch": torch.__version__, "calls_per_run": args.calls}
+    from harness.quant import launch
+
+    if device.type == "cuda" or launches is not None:
+        ops = fused_ops(device)
+        calls |= ops
+        if launch.fast_path:
+            calls |= triton_launch(ops)
+    if launches is not None:
+        calls |= direct_launch()
+    import triton
+
+    result = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "stub_launches": launches is not None,
+        "calls_per_run": args.calls,
+    }
     with torch.inference_mode():
         result["us_per_call"] = {name: per_call_us(fn, args.calls, sync) for name, fn in calls.items()}
     for name, us in result["us_per_call"].items():
-        print(f"{name:40s} {us:8.2f} us", flush=True)
+        print(f"{name:45s} {us:8.2f} us", flush=True)
+    if args.decode_step:
+        step = result["decode_step"] = decode_steps(device, args.layers, args.steps, sync, launches)
+        print(
+            f"decode step, {args.layers} layers: {step['ms_per_step']:.3f} ms, ops {step['ops_per_step']}"
+            + (f", launches {step['launches_per_step_total']}" if launches is not None else ""),
+            flush=True,
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

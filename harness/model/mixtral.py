@@ -305,7 +305,7 @@ class Experts(nn.Module):
             codes = self.kernel_qtypes
             qt, qt_down = codes["w1"] | (codes["w3"] & fused.WIDE), codes["w2"]
             y = torch.ops.harness.moe_ffn(x, self.w1, self.w3, self.w2, weights, experts, qt, qt_down)
-            return y.to(x.dtype)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         t, k = experts.shape
         if t * k < self.n_experts:
             return self._gather(x, weights, experts)
@@ -510,4 +510,5 @@ class Mixtral(nn.Module):
             x = layer(x, start_pos)
         if x.device != self.placement.head:
             x = x.to(self.placement.head)
-        return self.head(self.norm(x)).float()
+        logits = self.head(self.norm(x))
+        return logits if logits.dtype == torch.float32 else logits.float()

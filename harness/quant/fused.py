@@ -40,12 +40,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from typing import NamedTuple, Optional
 
 import torch
 
 from harness.errors import UsageError
 from harness.quant import dequant, kernels
+from harness.quant.launch import launch
 from harness.quant.types import GGMLType, block_size, type_size
 
 triton, tl = kernels.triton, kernels.tl
@@ -195,14 +197,16 @@ def matvec_config(code: int) -> dict[str, int]:
     which sweeps may change) of the matrix-vector kernel for a weight of `code` under the
     current `matvec_path`."""
     if _reads_int(code, _matvec_path()):
-        return INT_MATVEC_CONFIG[GGMLType(code & 0xFF)]
-    return (PACKED_MATVEC_CONFIG if code & PACKED else MATVEC_CONFIG)[GGMLType(code & 0xFF)]
+        return INT_MATVEC_CONFIG[code & 0xFF]
+    return (PACKED_MATVEC_CONFIG if code & PACKED else MATVEC_CONFIG)[code & 0xFF]
 
 
 def _reads_int(code: int, path: str) -> bool:
     """Whether `path` reads a weight of `code` with integer dot products."""
-    qtype = GGMLType(code & 0xFF)
-    return path == "int" and qtype in INT_READ_TYPES and (qtype in MATVEC_PATH_TYPES or bool(code & PACKED))
+    if path != "int":
+        return False
+    qtype = code & 0xFF
+    return qtype in INT_READ_TYPES and (qtype in MATVEC_PATH_TYPES or bool(code & PACKED))
 
 
 def matvec_paths(code: int) -> tuple[str, ...]:
@@ -347,14 +351,22 @@ def _max_magnitude(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> floa
 
 def runs_on(device: torch.device) -> bool:
     """Whether the fused kernels (these, and `rms_norm` and `rope`) run on `device` now."""
+    global _cuda_usable
     if not _enabled:
         return False
     if device.type == "cuda":
-        from harness.trace import emulated  # here: harness.trace imports the model, which imports this
-
-        # triton imports and has a GPU, and "cuda" is not the CPU emulation of one
-        return emulated.active() is None and kernels.supports(GGMLType.Q4_K)
+        # "cuda" is not the CPU emulation of one (harness.trace imports the model, which imports
+        # this: the emulation cannot be active before its module is imported)
+        emulation = sys.modules.get("harness.trace.emulated")
+        if emulation is not None and emulation.active() is not None:
+            return False
+        if _cuda_usable is None:  # asked once, outside the emulation (which claims a GPU)
+            _cuda_usable = kernels.supports(GGMLType.Q4_K)
+        return _cuda_usable
     return device.type == "cpu" and kernels.interpreting()
+
+
+_cuda_usable: bool | None = None  # triton imports and has a GPU (`runs_on`)
 
 
 def _check_devices(op: str, *tensors: torch.Tensor) -> torch.device:
@@ -1660,17 +1672,17 @@ def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs) 
             experts = torch.zeros(n_pairs, dtype=torch.int64, device=x.device)
         variant = (x.device, code, gated, scaled, half, tuple(MATMAT_CONFIG[qtype].items()))
 
-        def launch(cfg: dict[str, int]) -> None:
+        def launch_with(cfg: dict[str, int]) -> None:
             sorted_ids, block_expert = _sort_by_expert(experts, n_experts, cfg["BM"])
             grid = (block_expert.numel(), _ceil_div(out_features, cfg["BN"]))
-            _matmat_kernel[grid](
+            launch(_matmat_kernel, grid,
                 x, w, u, out, sorted_ids, block_expert, scale, xscale, lut, out_features, n_super, n_pairs,
                 row_bytes, out_features * row_bytes, x.stride(0), x_div, QT=int(qtype), NP=PARTS[qtype], BM=cfg["BM"],
                 BN=cfg["BN"], GATED=gated, SCALED=scaled, PACKED=packed, HALF=half, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
             )  # fmt: skip
 
-        _launch_fitted(launch, variant, MATMAT_CONFIG[qtype])
+        _launch_fitted(launch_with, variant, MATMAT_CONFIG[qtype])
     return out
 
 
@@ -1749,7 +1761,7 @@ def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div
         elif plan.int_read:
             x, xsum, xpow = _int_x(x)
         row_bytes = plan.row_bytes
-        _matvec_kernel[plan.grid](
+        launch(_matvec_kernel, plan.grid,
             x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
             plan.chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, part, counters,
             out.stride(0), out_div, **plan.options,
@@ -1803,9 +1815,9 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
     power = x.new_empty(r)
     sums = x.new_empty((r, k // (16 if qtype == T.Q6_K else 32)))
     peak_block = min(_next_pow2(k), 4096)
-    _vec_x_kernel[(r, k // SUPER)](
-        x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
-    )
+    launch(
+        _vec_x_kernel, (r, k // SUPER), x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
+    )  # fmt: skip
     return order, sums, power
 
 
@@ -1817,7 +1829,7 @@ def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q = x.new_empty((r, k), dtype=torch.int16)
     scales = x.new_empty((r, k // 32))
     sums = x.new_empty((r, k // 16))
-    _int_x_kernel[(r, k // SUPER)](x, q, scales, sums, k, num_warps=1)
+    launch(_int_x_kernel, (r, k // SUPER), x, q, scales, sums, k, num_warps=1)
     return q.view(torch.int32), sums, scales
 
 
@@ -1829,9 +1841,8 @@ def dp2a(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, hi: bool, signed: bo
     out = torch.empty_like(a)
     if a.numel():
         with _launch_device(a.device):
-            _dp2a_kernel[(_ceil_div(a.numel(), 1024),)](
-                a, b, c, out, a.numel(), HI=hi, SIGNED=signed, PTX=_ptx(), num_warps=4
-            )
+            grid = (_ceil_div(a.numel(), 1024),)
+            launch(_dp2a_kernel, grid, a, b, c, out, a.numel(), HI=hi, SIGNED=signed, PTX=_ptx(), num_warps=4)
     return out
 
 
@@ -1868,7 +1879,7 @@ def _scaled_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     peak = x.new_empty(r)
     if x.numel():
         with _launch_device(x.device):
-            _scaled_half_kernel[(r,)](x, out, peak, k, BK=1024, num_warps=4)
+            launch(_scaled_half_kernel, (r,), x, out, peak, k, BK=1024, num_warps=4)
     return out, peak
 
 
@@ -1921,7 +1932,7 @@ def _product_dequantized(
             for lo in range(0, n_experts, chunk):
                 hi = min(lo + chunk, n_experts)
                 wh = half(m[lo:hi], (hi - lo, n_out, in_features))
-                _grouped_kernel[grid](
+                launch(_grouped_kernel, grid,
                     xh, peak, wh, y, sorted_ids, block_expert, n_out, in_features, n_pairs, x_div, lo, hi,
                     BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"],
@@ -1946,14 +1957,38 @@ def _dequantize_packed(raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...
     if nblocks:
         nb = 16 if qtype == T.Q6_K else 128  # 4096 values a program, as harness.quant.kernels
         with _launch_device(raw.device):
-            _dequant_packed_kernel[(_ceil_div(nblocks, nb),)](
+            launch(_dequant_packed_kernel, (_ceil_div(nblocks, nb),),
                 raw, out, nblocks, values // block_size(qtype), raw.shape[-1], QT=int(qtype), NB=nb, num_warps=4,
                 enable_fp_fusion=False,
             )  # fmt: skip
     return out
 
 
-@torch.library.custom_op("harness::qmatmul", mutates_args=())
+# The ops are defined with torch.library.Library, not torch.library.custom_op: the same schema
+# (inferred from the function as custom_op infers it) and fake implementation, with fewer Python
+# layers a call (custom_op's wrappers cost microseconds per call, an eager decode step makes
+# hundreds: benchmarks/bench_host.py). An op that mutates a tensor bumps its version itself.
+_LIBRARY = torch.library.Library("harness", "FRAGMENT")
+
+
+def _op(mutates_args: tuple[str, ...] = ()):
+    """Registers the decorated function as the op harness::<its name>."""
+
+    def define(fn):
+        schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
+        _LIBRARY.define(fn.__name__ + schema, tags=(torch.Tag.pt2_compliant_tag,))
+        _LIBRARY.impl(fn.__name__, fn, "CompositeExplicitAutograd")
+        return fn
+
+    return define
+
+
+def _fake(name: str):
+    """Registers the decorated function as harness::`name`'s fake implementation (shapes only)."""
+    return torch.library.register_fake(f"harness::{name}", lib=_LIBRARY)
+
+
+@_op()
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
     """[T, in] float x times the GGUF weight `raw` ([out, row_bytes] blocks of `qtype`) -> [T, out] float32.
 
@@ -1964,12 +1999,12 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int) -
     return _product(x, raw, None, qtype, out_features, None, 1, None)
 
 
-@qmatmul.register_fake
+@_fake("qmatmul")
 def _(x, raw, qtype, out_features):
     return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
 
 
-@torch.library.custom_op("harness::moe_ffn", mutates_args=())
+@_op()
 def moe_ffn(
     x: torch.Tensor,
     gate: torch.Tensor,
@@ -1990,12 +2025,12 @@ def moe_ffn(
     return _product(h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k)  # [T, D]
 
 
-@moe_ffn.register_fake
+@_fake("moe_ffn")
 def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype):
     return x.new_empty((x.shape[0], down.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("harness::rms_norm", mutates_args=())
+@_op()
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] float32 normalized by its root mean square, times weight [D] float32 (one launch)."""
     _check_devices("harness::rms_norm", x, weight)
@@ -2016,18 +2051,19 @@ def _normed(
     if x.numel():
         with _launch_device(x.device):
             bd = _next_pow2(d)
-            _rms_norm_kernel[(x.numel() // d,)](
-                x, residual, total, weight, out, d, eps, BD=bd, ADD=add, num_warps=8 if bd >= 2048 else 4
-            )
+            launch(
+                _rms_norm_kernel, (x.numel() // d,), x, residual, total, weight, out, d, eps, BD=bd, ADD=add,
+                num_warps=8 if bd >= 2048 else 4,
+            )  # fmt: skip
     return total, out
 
 
-@rms_norm.register_fake
+@_fake("rms_norm")
 def _(x, weight, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("harness::rope", mutates_args=())
+@_op()
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """x [T, heads, Hd] float32 with pairs (2i, 2i+1), i < cos.shape[1], rotated by the angles of
     row positions[t] of the tables cos, sin [S_max, rope_dim/2] (GGML rope type 0; one launch)."""
@@ -2043,14 +2079,14 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: t
     out = torch.empty_like(x)
     if x.numel():
         with _launch_device(x.device):
-            _rope_kernel[(t, heads)](
+            launch(_rope_kernel, (t, heads),
                 x, cos, sin, positions, out, heads, hd, half, BH=_next_pow2(max(half, 1)),
                 BD=_next_pow2(hd), num_warps=1, enable_fp_fusion=False,
             )  # fmt: skip
     return out
 
 
-@rope.register_fake
+@_fake("rope")
 def _(x, cos, sin, positions):
     return torch.empty_like(x)
 
@@ -2095,7 +2131,7 @@ def pack_rows(raws: list[torch.Tensor], qtypes: list[int]) -> list[torch.Tensor]
     return out
 
 
-@torch.library.custom_op("harness::qkv", mutates_args=())
+@_op()
 def qkv(
     x: torch.Tensor,
     wq: torch.Tensor,
@@ -2129,12 +2165,12 @@ def qkv(
     return out
 
 
-@qkv.register_fake
+@_fake("qkv")
 def _(x, wq, wk, wv, qtype_q, qtype_k, qtype_v):
     return x.new_empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("harness::attention", mutates_args=("cache_k", "cache_v"))
+@_op(mutates_args=("cache_k", "cache_v"))
 def attention(
     qkv: torch.Tensor,
     cache_k: torch.Tensor,
@@ -2229,7 +2265,7 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     bd = _next_pow2(hd)
     splits, split_keys = attention_splits(n_keys, n_kv, qkv.device)
     with _launch_device(qkv.device):
-        _rope_cache_kernel[(t, n_heads + n_kv)](
+        launch(_rope_cache_kernel, (t, n_heads + n_kv),
             qkv, width, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
             BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
             enable_fp_fusion=False,
@@ -2239,16 +2275,19 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         else:
             part_acc = qkv.new_empty((n_kv, splits, bm, bd))
             part_m, part_l = qkv.new_empty((n_kv, splits, bm)), qkv.new_empty((n_kv, splits, bm))
-        _attention_kernel[(n_kv, splits)](
+        launch(_attention_kernel, (n_kv, splits),
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
             split_keys, hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
         if splits > 1:
-            _attention_merge_kernel[(n_kv, group * t)](
+            launch(_attention_merge_kernel, (n_kv, group * t),
                 part_acc, part_m, part_l, out, t, group, n_kv, hd, splits, BM=bm, BD=bd,
                 BP=_next_pow2(splits), num_warps=cfg["merge_warps"],
             )  # fmt: skip
+    # the kernels wrote the caches outside torch: their versions move as an in-place op's would
+    torch.autograd.graph.increment_version(cache_k)
+    torch.autograd.graph.increment_version(cache_v)
     return out
 
 
@@ -2279,13 +2318,13 @@ def _attention_torch(qkv, cache_k, cache_v, cos, sin, positions, start):
     return out.transpose(0, 1).reshape(t, n_heads * hd)
 
 
-@attention.register_fake
+@_fake("attention")
 def _(qkv, cache_k, cache_v, cos, sin, positions, start):
     n_kv, _, hd = cache_k.shape
     return qkv.new_empty((qkv.shape[0], qkv.shape[1] - 2 * n_kv * hd))
 
 
-@torch.library.custom_op("harness::add_rms_norm", mutates_args=())
+@_op()
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2297,7 +2336,7 @@ def add_rms_norm(
     return _normed(x + residual, None, weight, eps)  # broadcast or promoted: torch adds
 
 
-@add_rms_norm.register_fake
+@_fake("add_rms_norm")
 def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
@@ -2346,7 +2385,7 @@ if triton is not None:
         tl.store(experts_ptr + out, chosen_e.to(tl.int64), mask=slot < K)
 
 
-@torch.library.custom_op("harness::router_topk", mutates_args=())
+@_op()
 def router_topk(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],  # noqa: UP045  (torch 2.11's schema inference reads Optional)
@@ -2410,7 +2449,7 @@ def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_
     weights = x.new_empty((t, k))
     experts = x.new_empty((t, k), dtype=torch.int64)
     with _launch_device(x.device):
-        _router_topk_kernel[(t,)](
+        launch(_router_topk_kernel, (t,),
             x, weight, weights, experts, d, n_experts, min_sum, K=k, BE=_next_pow2(n_experts),
             BD=router_tile(n_experts, d), BK=_next_pow2(k), CUDA_EXP=not kernels.interpreting(),
             num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"],
@@ -2418,13 +2457,13 @@ def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_
     return weights, experts
 
 
-@router_topk.register_fake
+@_fake("router_topk")
 def _(x, weight, k, min_sum):
     t = x.shape[0]
     return x.new_empty((t, k), dtype=torch.float32), x.new_empty((t, k), dtype=torch.int64)
 
 
-@torch.library.custom_op("harness::embed_rows", mutates_args=())
+@_op()
 def embed_rows(table: torch.Tensor, tokens: torch.Tensor, qtype: int, row_length: int) -> torch.Tensor:
     """Rows `tokens` ([T] int64) of the GGUF table `table` ([V, row_bytes] blocks of `qtype`),
     dequantized (only those rows) -> [T, row_length] float32, bit-identical to dequantizing the table."""
@@ -2433,6 +2472,6 @@ def embed_rows(table: torch.Tensor, tokens: torch.Tensor, qtype: int, row_length
     return dequant.dequantize(rows, GGMLType(qtype), (rows.shape[0], row_length), torch.float32)
 
 
-@embed_rows.register_fake
+@_fake("embed_rows")
 def _(table, tokens, qtype, row_length):
     return table.new_empty((tokens.numel(), row_length), dtype=torch.float32)

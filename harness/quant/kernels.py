@@ -376,8 +376,12 @@ def dequantize(
     grid = (-(-nblocks // nb),)
     # Triton launches on the current CUDA device; switch only when the data lives elsewhere.
     other_gpu = raw.device.type == "cuda" and raw.device.index != torch.cuda.current_device()
+    from harness.quant.launch import launch  # (it imports this module)
+
     with torch.cuda.device(raw.device) if other_gpu else contextlib.nullcontext():
-        kernel[grid](
+        launch(
+            kernel,
+            grid,
             raw,
             out,
             _lut(raw.device),

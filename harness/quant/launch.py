@@ -1,0 +1,151 @@
+"""Triton kernel launches with less host time: `launch(kernel, grid, *args, **kwargs)` does what
+`kernel[grid](*args, **kwargs)` does.
+
+Triton's launch (`JITFunction.run`) binds and specializes every argument, builds a cache key and
+looks the compiled kernel up again at every call: tens of microseconds of host time a launch,
+which an eager decode step (hundreds of launches) is bound by. Here the first launch of each
+(kernel, current device, keyword arguments, what Triton specializes the positional arguments
+on) goes through Triton, which compiles and launches it and returns its compiled kernel; the
+later ones call that kernel's launcher directly, as the end of `JITFunction.run` does (the same
+arguments in the kernel's parameter order, stream, launch metadata and hooks). What Triton
+specializes on is taken as a superset: a tensor's dtype and 16-byte alignment, an integer's
+value where it is 1 and else its divisibility by 16 and size class, a bool's value; so two
+calls that share a key always share Triton's compiled kernel.
+
+The direct call applies only where it is known to end as Triton's own launch: Triton 3.6 to 3.9
+(read: both ends of that range), NVIDIA's backend (not ROCm, whose backend specializes on more),
+not under the interpreter, no pre-run hooks on the kernel, grids given as tuples, arguments of
+the types above. Everything else (`fast_path` False included) is `kernel[grid](...)`. Triton's
+compile settings (`triton.knobs`) and the kernel's global values are read at the first launch
+of a key, not at each call (the launch hooks at each call, as Triton reads them).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from harness.quant import kernels
+
+triton = kernels.triton
+
+# The Triton versions whose `JITFunction.run` ends in the launch `_direct` repeats.
+KNOWN_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
+
+
+def _known_triton() -> bool:
+    if triton is None:
+        return False
+    try:
+        version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return version in KNOWN_TRITON
+
+
+# Whether launches may skip Triton's per-call work (tests and benchmarks may set it).
+fast_path = _known_triton() and not kernels.interpreting() and torch.version.hip is None
+
+# (id of the kernel, device, specialization of the positional arguments, keyword arguments) ->
+# (the kernel, its compiled kernel, the parameters after the positional ones in order: keyword
+# values and defaults).
+_COMPILED: dict[tuple, tuple] = {}
+
+
+_I32 = range(-(1 << 31), 1 << 31)
+_I64 = range(-(1 << 63), 1 << 63)
+
+
+def _specialization(args: tuple) -> tuple | None:
+    """What the compiled kernel for `args` depends on (a superset of Triton's), or None for an
+    argument of another type. (One loop, no call an argument: it runs at every launch.)"""
+    out = []
+    for a in args:
+        kind = a.__class__
+        if kind is int:
+            out.append(1 if a == 1 else (not a & 15, a in _I32, a in _I64))
+        elif kind is torch.Tensor or isinstance(a, torch.Tensor):
+            out.append((a.dtype, not a.data_ptr() & 15))
+        elif kind is float:
+            out.append(0.0)
+        elif kind is bool:
+            out.append(("i1", a))  # (True == 1: apart from the int 1)
+        elif a is None:
+            out.append(None)
+        else:
+            return None
+    return tuple(out)
+
+
+_one_device: bool | None = None
+
+
+def _current_device() -> int:
+    global _one_device
+    if _one_device is None:
+        _one_device = torch.cuda.device_count() <= 1
+    return 0 if _one_device else torch.cuda.current_device()
+
+
+def cached_launches() -> int:
+    """How many kinds of launch have a compiled kernel kept for direct calls."""
+    return len(_COMPILED)
+
+
+def current_stream(device: int):
+    """The stream Triton launches on for `device` (its driver's current stream)."""
+    return triton.runtime.driver.active.get_current_stream(device)
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)`, with the per-call work of Triton skipped after the
+    first launch of the same kind (see the module's docstring)."""
+    if not fast_path or grid.__class__ is not tuple:
+        kernel[grid](*args, **kwargs)
+        return
+    spec = _specialization(args)
+    if spec is None:
+        kernel[grid](*args, **kwargs)
+        return
+    device = 0 if _one_device else _current_device()
+    key = (id(kernel), device, spec, *kwargs.items())
+    try:
+        known = _COMPILED.get(key)
+    except TypeError:  # an unhashable keyword argument
+        kernel[grid](*args, **kwargs)
+        return
+    if known is None or known[0] is not kernel or kernel.pre_run_hooks:
+        compiled = kernel[grid](*args, **kwargs)
+        _remember(key, kernel, compiled, len(args), kwargs)
+        return
+    _, compiled, tail = known
+    _direct(compiled, grid, current_stream(device), args + tail)
+
+
+def _remember(key: tuple, kernel, compiled, n_args: int, kwargs: dict) -> None:
+    """Keep `compiled` for `key` where its launcher can be called directly: the parameters past
+    the positional arguments all given by keyword or by their defaults."""
+    if not isinstance(kernel, triton.runtime.jit.JITFunction) or not hasattr(compiled, "packed_metadata"):
+        return
+    tail = []
+    for param in kernel.params[n_args:]:
+        if param.name in kwargs:
+            tail.append(kwargs[param.name])
+        elif param.default is not inspect.Parameter.empty:
+            tail.append(param.default)
+        else:
+            return
+    _COMPILED[key] = (kernel, compiled, tuple(tail))
+
+
+def _direct(compiled, grid: tuple, stream, bound: tuple) -> None:
+    """The launch at the end of Triton's `JITFunction.run` (3.6 to 3.9), `bound` the values of
+    all the kernel's parameters in order."""
+    knobs = triton.knobs
+    g = (*grid, 1, 1)
+    metadata = compiled.launch_metadata(grid, stream, *bound)
+    compiled.run(
+        g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, metadata,
+        knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound,
+    )  # fmt: skip
