@@ -23,6 +23,7 @@ of a key, not at each call (the launch hooks at each call, as Triton reads them)
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 
@@ -44,8 +45,14 @@ def _known_triton() -> bool:
     return version in KNOWN_TRITON
 
 
-# Whether launches may skip Triton's per-call work (tests and benchmarks may set it).
-fast_path = _known_triton() and not kernels.interpreting() and torch.version.hip is None
+# Whether launches may skip Triton's per-call work (tests and benchmarks may set it;
+# HARNESS_DIRECT_LAUNCH=0 turns it off).
+fast_path = (
+    os.environ.get("HARNESS_DIRECT_LAUNCH", "1") != "0"
+    and _known_triton()
+    and not kernels.interpreting()
+    and torch.version.hip is None
+)
 
 # (id of the kernel, device, specialization of the positional arguments, keyword arguments) ->
 # (the kernel, its compiled kernel, the parameters after the positional ones in order: keyword
