@@ -7,9 +7,9 @@
 How a product runs depends on its rows (token-expert pairs):
 - up to MATVEC_MAX_ROWS (decode): a matrix-vector kernel dequantizes the blocks in registers, one
   program per (output tile, pair); Q4_K and Q5_K have reads with fewer instructions per byte
-  (`matvec_path` "vec", the default, `_q4_k_dot_vec`, float products; "int", integer dot
-  products against x quantized to int16; "words" is the older read), and so have Q6_K and Q8_0
-  repacked ("vec" and "int": their blocks are 2-byte aligned, so the weight is kept as per-row
+  (`matvec_path` "int", the default: integer dot products against x quantized to int16;
+  "vec", `_q4_k_dot_vec`, float products; "words" is the older read), and so have Q6_K and Q8_0
+  repacked ("int" and "vec": their blocks are 2-byte aligned, so the weight is kept as per-row
   planes that load 16 bytes at a time, see `kernel_weight`);
 - more rows (prefill, `prefill_path`): "dequant" writes the weight as float16 into a bounded
   scratch (harness.quant.kernels, bandwidth-bound) and multiplies on tensor cores: torch.matmul
@@ -116,18 +116,15 @@ MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
 # loads of weights and x, two integer ops a nibble); "words", the older `_q4_k_dot` (Q4_K) and
 # `_tile_q5_k` (Q5_K); "int", integer dot products (PTX dp2a) against x quantized to int16 per
 # 32 values (`_int_x`), for Q4_K, Q5_K, and Q6_K and Q8_0 repacked (`_q4_k_dot_int`,
-# `_q6_k_dot_int`, `_q8_0_dot_int`). HARNESS_MATVEC picks one at import, "vec" by default; "int"
-# is faster on an H100 (`benchmarks/sweep_matvec.py --compare --paths vec,int`: the Q4_K/Q6_K
-# moe_ffn 158 us against 173 us, the Q6_K head 59 us against 78 us) but not yet the default: the
-# tiny model's logits on CUDA depart from the CPU's under it (NMSE 0.036,
-# tests/test_model_mixtral.py::test_cuda_logits_match_cpu with HARNESS_MATVEC=int), while its
-# qmatmul products match. `matvec_path` may be set later (benchmarks compare them). Other types:
-# one kernel for each layout (see `kernel_weight`); `matvec_paths` says which choices read a
-# weight differently.
-MATVEC_PATHS = ("vec", "words", "int")
+# `_q6_k_dot_int`, `_q8_0_dot_int`). HARNESS_MATVEC picks one at import, "int" by default (on an
+# H100, `benchmarks/sweep_matvec.py --compare --paths vec,int`: the Q4_K/Q6_K moe_ffn 158 us
+# against 173 us, the Q6_K head 59 us against 78 us); `matvec_path` may be set later
+# (benchmarks compare them). Other types: one kernel for each layout (see `kernel_weight`);
+# `matvec_paths` says which choices read a weight differently.
+MATVEC_PATHS = ("int", "vec", "words")
 MATVEC_PATH_TYPES = (T.Q4_K, T.Q5_K)  # the types "vec" and "words" choose for
 INT_READ_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)  # the types "int" reads (Q6_K and Q8_0 repacked)
-matvec_path = os.environ.get("HARNESS_MATVEC", "vec")
+matvec_path = os.environ.get("HARNESS_MATVEC", "int")
 
 # How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
 # - "dequant": the weight is dequantized into a float16 scratch (harness.quant.kernels, a
