@@ -1616,12 +1616,15 @@ def _product(
     scale: torch.Tensor | None,
     out_div: int = 1,
     out: torch.Tensor | None = None,
+    prepared: dict | None = None,
 ) -> torch.Tensor:
     """[P / out_div, out] rows: pair p times expert experts[p] (None: expert 0 for every row,
     P = len(x)) of the stack w [E, out, row_bytes] or the one weight w [out, row_bytes] (gated
     by u: silu(w.x) * (u.x)), x row p // x_div, times scale[p] when given, the out_div pairs of
     each output row summed in order. `code`: the GGML type | PACKED | WIDE (`kernel_weight`).
-    Written into `out` when given (rows of unit column stride, e.g. columns of a wider tensor)."""
+    Written into `out` when given (rows of unit column stride, e.g. columns of a wider tensor).
+    `prepared`: where several products of one op read the same x, a dict (empty at first) that
+    keeps x as the decode reads took it (`_matvec`), so that it is prepared once."""
     if experts is not None:
         experts = experts.reshape(-1)
     n_pairs = x.shape[0] * x_div if experts is None else experts.numel()
@@ -1630,7 +1633,7 @@ def _product(
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     if n_pairs <= MATVEC_MAX_ROWS:
-        return _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out)
+        return _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared)
     y = _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs)
     if out_div > 1:
         y = y.view(n_pairs // out_div, out_div, out_features).sum(1)
@@ -1723,10 +1726,13 @@ def _launch_fitted(launch, variant: tuple, cfg: dict[str, int]) -> None:
     _FITTED[variant] = last
 
 
-def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out) -> torch.Tensor:
-    """`_product` of 1..MATVEC_MAX_ROWS pairs (x float32, contiguous): `_vec_x` where the type
-    reads x prepared, then `_matvec_kernel`, whose last program of each output tile sums the
-    partials of its splits and pairs (no launch for the sums)."""
+def _matvec(
+    x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared=None
+) -> torch.Tensor:
+    """`_product` of 1..MATVEC_MAX_ROWS pairs (x float32, contiguous): `_vec_x` or `_int_x`
+    where the type reads x prepared (taken from `prepared` when a product of the same op
+    prepared this x so before, and left there), then `_matvec_kernel`, whose last program of
+    each output tile sums the partials of its splits and pairs (no launch for the sums)."""
     device = x.device
     gated, scaled, routed = u is not None, scale is not None, experts is not None
     plan = _matvec_plan(code, x.shape[1], out_features, n_pairs, out_div, gated, scaled, routed, device)
@@ -1753,10 +1759,14 @@ def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div
             w = w.view(torch.int32)
             u = w if u is w else u.view(torch.int32)
         xsum = xpow = out
-        if plan.vec:
-            x, xsum, xpow = _vec_x(x, plan.qtype)
-        elif plan.int_read:
-            x, xsum, xpow = _int_x(x)
+        if plan.vec or plan.int_read:
+            form = plan.qtype if plan.vec else "int"  # (`_vec_x`'s order depends on the type)
+            made = None if prepared is None else prepared.get(form)
+            if made is None:
+                made = _vec_x(x, plan.qtype) if plan.vec else _int_x(x)
+                if prepared is not None:
+                    prepared[form] = made
+            x, xsum, xpow = made
         row_bytes = plan.row_bytes
         launch(_matvec_kernel, plan.grid,
             x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
@@ -2142,10 +2152,14 @@ def qkv(
     `kernel_weight` prepares them, with its codes: the GGML type | PACKED | WIDE) -> [T,
     out_q + out_k + out_v] float32, q, k and v side by side in each row (one tensor, written in
     place: `harness::attention` takes it whole). Weights of one code whose blocks follow each
-    other in memory (`pack_rows`) are multiplied in one launch."""
+    other in memory (`pack_rows`) are multiplied in one launch; x is prepared once for the
+    products that read it alike (decode: one `_int_x` for Q4_K_M's Q4_K and packed Q6_K)."""
     _check_devices("harness::qkv", x, wq, wk, wv)
     weights, qtypes = (wq, wk, wv), (qtype_q, qtype_k, qtype_v)
     out = x.new_empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=torch.float32)
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    prepared = {}
     i = column = 0
     while i < 3:
         j = i + 1
@@ -2156,7 +2170,7 @@ def qkv(
         if j - i > 1:
             run = torch.as_strided(run, (rows, *run.shape[1:]), run.stride())
         into = out if rows == out.shape[1] else out[:, column : column + rows]
-        _product(x, run, None, qtypes[i], rows, None, 1, None, out=into)
+        _product(x, run, None, qtypes[i], rows, None, 1, None, out=into, prepared=prepared)
         column += rows
         i = j
     return out
