@@ -1706,6 +1706,24 @@ def test_router_takes_the_kernel_only_for_the_calls_it_covers(monkeypatch):
         assert not fused.router_takes_kernel(*args), args
 
 
+def test_matvec_plans_are_kept_and_follow_a_setting_changed_in_place(monkeypatch):
+    """A decode product's plan is made once per shape and path (`fused._PLANS`), and made again
+    when a sweep changes its launch setting in place (as benchmarks/sweep_matvec.py does)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    monkeypatch.setattr(fused, "matvec_path", "int")
+    cfg = fused.INT_MATVEC_CONFIG[GGMLType.Q4_K]
+    shape = (int(GGMLType.Q4_K), 4096, 4096, 1, 1, False, False, False, torch.device("cpu"))
+    plan = fused._matvec_plan(*shape)
+    assert fused._matvec_plan(*shape) is plan and plan.options["BN"] == cfg["BN"]
+    monkeypatch.setitem(cfg, "BN", cfg["BN"] // 2)
+    again = fused._matvec_plan(*shape)
+    assert again.options["BN"] == cfg["BN"] and again.grid[0] == 2 * plan.grid[0]
+    monkeypatch.setattr(fused, "matvec_path", "vec")
+    assert not fused._matvec_plan(*shape).int_read
+
+
 def test_split_counters_grow_and_keep_the_buffers_a_graph_may_hold():
     """The split sums' counters: zeroed int32, one buffer while it is large enough; a larger
     need makes a larger one and keeps the older (a captured CUDA graph may point at it)."""

@@ -1516,7 +1516,10 @@ def _launch_device(device: torch.device):
     (with one GPU it cannot, and the current device is not asked)."""
     if device.type == "cuda" and _cuda_device_count() > 1 and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _STAY
+
+
+_STAY = contextlib.nullcontext()  # (reusable: it holds nothing)
 
 
 def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1565,8 +1568,22 @@ def _matvec_plan(
 ) -> _MatvecPlan:  # fmt: skip
     """The launch of a product of `n_pairs` <= MATVEC_MAX_ROWS rows, made once per shape, type
     code, device, `matvec_path` and launch setting (MATVEC_CONFIG may change: the sweeps)."""
-    key = (code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device)
-    return _planned(*key, _matvec_path(), tuple(matvec_config(code).items()))
+    key = (code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, matvec_path)
+    known = _PLANS.get(key)
+    if known is not None and known[0] == known[1]:  # (the setting as it was planned with)
+        return known[2]
+    cfg = matvec_config(code)  # (checks matvec_path)
+    plan = _planned(*key[:-1], _matvec_path(), tuple(cfg.items()))
+    if len(_PLANS) >= 4096:
+        _PLANS.clear()
+    _PLANS[key] = (cfg, dict(cfg), plan)
+    return plan
+
+
+# Each product's plan by its shape, type code, device and `matvec_path`: (the setting dict it
+# was made with, a copy of it then, the plan); used while the two are equal (sweeps change
+# settings in place). One dict lookup a product instead of `_planned`'s arguments rebuilt.
+_PLANS: dict[tuple, tuple[dict, dict, _MatvecPlan]] = {}
 
 
 @functools.lru_cache(maxsize=4096)
