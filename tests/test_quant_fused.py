@@ -631,7 +631,9 @@ def _int_read_cases(device: str, small: bool, rng: np.random.Generator) -> list[
 def _int_qkv_cases(device: str, small: bool, rng: np.random.Generator, calls: list) -> list[dict]:
     """`harness::qkv` of Q4_K_M's types (q and k Q4_K in one buffer, v packed Q6_K) through the
     "int" reads at 1 and MATVEC_MAX_ROWS tokens: x quantized once for both launches (`calls`
-    counts `fused._int_x`), each part bit for bit `harness::qmatmul` of its weight alone."""
+    counts `fused._int_x`), each part bit for bit `harness::qmatmul` of its weight alone, and
+    a second call on other x the same bits as a first would give (it reuses the scratch of the
+    calls before it, `fused._SCRATCH`, and makes none)."""
     from harness.quant import fused
     from harness.quant.types import GGMLType
 
@@ -652,7 +654,12 @@ def _int_qkv_cases(device: str, small: bool, rng: np.random.Generator, calls: li
             got = torch.ops.harness.qkv(x, *weights, *codes).split([w.shape[0] for w in weights], 1)
             once = len(calls) == 1
             alone = [torch.ops.harness.qmatmul(x, w, c, len(w)) for w, c in zip(weights, codes, strict=True)]
+            scratch = len(fused._SCRATCH)
+            torch.ops.harness.qkv(-x, *weights, *codes)
+            again = torch.ops.harness.qkv(x, *weights, *codes).split([len(w) for w in weights], 1)
+            reused = len(fused._SCRATCH) == scratch
         same = all(torch.equal(a, b) for a, b in zip(got, alone, strict=True))
+        same = same and reused and all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
         results.append({"case": f"int qkv Q4_K+Q4_K, Q6_K packed T={t}", "nmse": 0.0, "exact": once and same})
     return results
 

@@ -1801,10 +1801,28 @@ def _matvec(
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
+# Per device and shape, the decode launches' scratch: x as the matrix-vector reads take it
+# (`_int_x`, `_vec_x`), the partial sums (`_partials`), the attention's rotated queries and its
+# splits' partial results. A scratch never leaves its op: the launch that fills it and those
+# that read it follow each other on one stream, in one op call, so every call of that shape
+# reuses it instead of allocating (the same assumption as `_COUNTERS`: two streams running ops
+# at once on one device would share them). Kept for good: a captured CUDA graph points at the
+# buffers it was captured with. Decode shapes only (at most MATVEC_MAX_ROWS rows): few of them.
+_SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _scratch(key: tuple, make) -> tuple[torch.Tensor, ...]:
+    """The scratch of `key` (its device and shape in it), made by `make()` the first time."""
+    made = _SCRATCH.get(key)
+    if made is None:
+        made = _SCRATCH[key] = make()
+    return made
+
+
 def _partials(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """The scratch [splits, pairs, N] `_matvec_kernel` leaves its partial products in (a
     function of its own so that tests can see them: they check the order they are summed in)."""
-    return x.new_empty(shape)
+    return _scratch(("partials", x.device, shape), lambda: (x.new_empty(shape),))[0]
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -1833,11 +1851,12 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
     divided by its power, a power of two above its largest magnitude, and times 2^(120 - at)
     for the nibble's bit position `at` in the word as the kernel reads it (all exact). Also the
     rows' sums of 32 values, divided by the power, times 2^-29 (the products' units)
-    [R, K / 32], and the powers [R]."""
+    [R, K / 32], and the powers [R]. (The device's scratch for that shape: `_SCRATCH`.)"""
     r, k = x.shape
-    order = torch.empty_like(x)
-    power = x.new_empty(r)
-    sums = x.new_empty((r, k // (16 if qtype == T.Q6_K else 32)))
+    order, sums, power = _scratch(
+        ("vec x", qtype, x.device, r, k),
+        lambda: (torch.empty_like(x), x.new_empty((r, k // (16 if qtype == T.Q6_K else 32))), x.new_empty(r)),
+    )
     peak_block = min(_next_pow2(k), 4096)
     launch(
         _vec_x_kernel, (r, k // SUPER), x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
@@ -1848,11 +1867,14 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
 def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] float32 as the "int" reads take it, made by one launch (`_int_x_kernel`, a
     program per super-block of each row): its int16 values in the int layout, viewed as int32
-    pairs [R, K / 2]; their float32 sums per 16 values [R, K / 16]; the scales per 32 [R, K / 32]."""
+    pairs [R, K / 2]; their float32 sums per 16 values [R, K / 16]; the scales per 32 [R, K / 32]
+    (the device's scratch for that shape: `_SCRATCH`)."""
     r, k = x.shape
-    q = x.new_empty((r, k), dtype=torch.int16)
-    scales = x.new_empty((r, k // 32))
-    sums = x.new_empty((r, k // 16))
+
+    def make():
+        return x.new_empty((r, k), dtype=torch.int16), x.new_empty((r, k // 16)), x.new_empty((r, k // 32))
+
+    q, sums, scales = _scratch(("int x", x.device, r, k), make)
     launch(_int_x_kernel, (r, k // SUPER), x, q, scales, sums, k, num_warps=1)
     return q.view(torch.int32), sums, scales
 
@@ -2286,13 +2308,14 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         )
     n_keys = start + t if from_start else s_max
     pos = qkv if from_start else positions  # a pointer the kernels do not read when from_start
-    rotated = qkv.new_empty((t, n_heads * hd))
+    device = qkv.device
+    (rotated,) = _scratch(("rotated", device, t, n_heads * hd), lambda: (qkv.new_empty((t, n_heads * hd)),))
     out = qkv.new_empty((t, n_heads * hd))
     cfg = ATTENTION_CONFIG
     bm = max(16, _next_pow2(group * t))
     bd = _next_pow2(hd)
-    splits, split_keys = attention_splits(n_keys, n_kv, qkv.device)
-    with _launch_device(qkv.device):
+    splits, split_keys = attention_splits(n_keys, n_kv, device)
+    with _launch_device(device):
         launch(_rope_cache_kernel, (t, n_heads + n_kv),
             qkv, width, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
             BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
@@ -2301,8 +2324,12 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         if splits == 1:
             part_acc = part_m = part_l = out
         else:
-            part_acc = qkv.new_empty((n_kv, splits, bm, bd))
-            part_m, part_l = qkv.new_empty((n_kv, splits, bm)), qkv.new_empty((n_kv, splits, bm))
+            part_acc, part_m, part_l = _scratch(
+                ("attention splits", device, n_kv, splits, bm, bd),
+                lambda: tuple(
+                    qkv.new_empty(shape) for shape in ((n_kv, splits, bm, bd), *((n_kv, splits, bm),) * 2)
+                ),
+            )
         launch(_attention_kernel, (n_kv, splits),
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
             split_keys, hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
