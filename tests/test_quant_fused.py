@@ -544,12 +544,12 @@ def _scaled_half_cases(device: str) -> list[dict]:
 
 
 def int_read_case_count(small: bool) -> int:
-    """How many results `_int_read_cases` gives: the products, moe_ffn's pairs of types at their
-    token counts and 2 routings, 2 layout cases and 4 dp2a forms."""
+    """How many results `_int_read_cases` gives: the products, 2 qkv cases, moe_ffn's pairs of
+    types at their token counts and 2 routings, 2 layout cases and 4 dp2a forms."""
     moe = sum(len(tokens) for _, _, _, tokens in INT_MOE_SMALL if small) + sum(
         len(tokens) for _, _, _, tokens in INT_MOE_FULL if not small
     )
-    return len(INT_READ_WEIGHTS) * (len(INT_READ_TOKENS) + len(INT_READ_X)) + 2 * moe + 2 + 4
+    return len(INT_READ_WEIGHTS) * (len(INT_READ_TOKENS) + len(INT_READ_X)) + 2 + 2 * moe + 2 + 4
 
 
 # The "int" reads (`fused.INT_READ_TYPES`): (type, layout, row length small, on a GPU, rows):
@@ -618,12 +618,49 @@ def _int_read_cases(device: str, small: bool, rng: np.random.Generator) -> list[
                 results.append(
                     {"case": f"int qmatmul {name} {layout} N={rows} x {form}", "nmse": nmse, "exact": exact}
                 )
+        results += _int_qkv_cases(device, small, rng, calls)
     finally:
         fused._int_x = original
 
     results += _int_moe_cases(device, small, rng)
     results += _int_x_layout_cases(device)
     results += _dp2a_cases(device)
+    return results
+
+
+def _int_qkv_cases(device: str, small: bool, rng: np.random.Generator, calls: list) -> list[dict]:
+    """`harness::qkv` of Q4_K_M's types (q and k Q4_K in one buffer, v packed Q6_K) through the
+    "int" reads at 1 and MATVEC_MAX_ROWS tokens: x quantized once for both launches (`calls`
+    counts `fused._int_x`), each part bit for bit `harness::qmatmul` of its weight alone, and
+    a second call on other x the same bits as a first would give (it reuses the scratch of the
+    calls before it, `fused._SCRATCH`, and makes none)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    q4, q6 = GGMLType.Q4_K, GGMLType.Q6_K
+    cols = 2048 if small else 4096  # (Q6_K rows pack from 2048 values: whole 16 bytes)
+    prepared = [
+        _prepared(_random_weight(qtype, rows, cols, rng), qtype, cols, layout)
+        for qtype, rows, layout in ((q4, 67, "gguf"), (q4, 19, "gguf"), (q6, 19, "packed"))
+    ]
+    weights = fused.pack_rows([w.to(device) for w, _ in prepared], [code for _, code in prepared])
+    codes = [code for _, code in prepared]
+    results = []
+    for t in (1, fused.MATVEC_MAX_ROWS):
+        seed = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        x = torch.randn(t, cols, generator=seed).to(device)
+        with _kernels("matvec=int"):
+            calls.clear()
+            got = torch.ops.harness.qkv(x, *weights, *codes).split([w.shape[0] for w in weights], 1)
+            once = len(calls) == 1
+            alone = [torch.ops.harness.qmatmul(x, w, c, len(w)) for w, c in zip(weights, codes, strict=True)]
+            scratch = len(fused._SCRATCH)
+            torch.ops.harness.qkv(-x, *weights, *codes)
+            again = torch.ops.harness.qkv(x, *weights, *codes).split([len(w) for w in weights], 1)
+            reused = len(fused._SCRATCH) == scratch
+        same = all(torch.equal(a, b) for a, b in zip(got, alone, strict=True))
+        same = same and reused and all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+        results.append({"case": f"int qkv Q4_K+Q4_K, Q6_K packed T={t}", "nmse": 0.0, "exact": once and same})
     return results
 
 
@@ -1674,6 +1711,24 @@ def test_router_takes_the_kernel_only_for_the_calls_it_covers(monkeypatch):
         (x[0], w, 2),
     ):
         assert not fused.router_takes_kernel(*args), args
+
+
+def test_matvec_plans_are_kept_and_follow_a_setting_changed_in_place(monkeypatch):
+    """A decode product's plan is made once per shape and path (`fused._PLANS`), and made again
+    when a sweep changes its launch setting in place (as benchmarks/sweep_matvec.py does)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    monkeypatch.setattr(fused, "matvec_path", "int")
+    cfg = fused.INT_MATVEC_CONFIG[GGMLType.Q4_K]
+    shape = (int(GGMLType.Q4_K), 4096, 4096, 1, 1, False, False, False, torch.device("cpu"))
+    plan = fused._matvec_plan(*shape)
+    assert fused._matvec_plan(*shape) is plan and plan.options["BN"] == cfg["BN"]
+    monkeypatch.setitem(cfg, "BN", cfg["BN"] // 2)
+    again = fused._matvec_plan(*shape)
+    assert again.options["BN"] == cfg["BN"] and again.grid[0] == 2 * plan.grid[0]
+    monkeypatch.setattr(fused, "matvec_path", "vec")
+    assert not fused._matvec_plan(*shape).int_read
 
 
 def test_split_counters_grow_and_keep_the_buffers_a_graph_may_hold():

@@ -81,6 +81,8 @@ def test_a_repeated_launch_calls_the_compiled_launcher_with_every_parameter_in_o
         "launch option",
         "bool for int",
         "True for 1",
+        "float for int",
+        "int divisible by 16 for a tensor",
     ],
 )
 def test_what_may_change_tritons_compiled_kernel_goes_through_triton_again(kernel, changed):
@@ -103,6 +105,10 @@ def test_what_may_change_tritons_compiled_kernel_goes_through_triton_again(kerne
         kwargs["num_warps"] = 4
     elif changed == "bool for int":
         args[1] = True
+    elif changed == "float for int":
+        args[1] = 32.0
+    elif changed == "int divisible by 16 for a tensor":  # (a flat key must not confuse the two)
+        args[0] = 32
     elif changed == "True for 1":  # True == 1 in Python; Triton takes one as i1, the other as constexpr 1
         args[1] = 1
         launch.launch(kernel, (1,), *args, **kwargs)

@@ -1516,7 +1516,10 @@ def _launch_device(device: torch.device):
     (with one GPU it cannot, and the current device is not asked)."""
     if device.type == "cuda" and _cuda_device_count() > 1 and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _STAY
+
+
+_STAY = contextlib.nullcontext()  # (reusable: it holds nothing)
 
 
 def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1565,8 +1568,22 @@ def _matvec_plan(
 ) -> _MatvecPlan:  # fmt: skip
     """The launch of a product of `n_pairs` <= MATVEC_MAX_ROWS rows, made once per shape, type
     code, device, `matvec_path` and launch setting (MATVEC_CONFIG may change: the sweeps)."""
-    key = (code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device)
-    return _planned(*key, _matvec_path(), tuple(matvec_config(code).items()))
+    key = (code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, matvec_path)
+    known = _PLANS.get(key)
+    if known is not None and known[0] == known[1]:  # (the setting as it was planned with)
+        return known[2]
+    cfg = matvec_config(code)  # (checks matvec_path)
+    plan = _planned(*key[:-1], _matvec_path(), tuple(cfg.items()))
+    if len(_PLANS) >= 4096:
+        _PLANS.clear()
+    _PLANS[key] = (cfg, dict(cfg), plan)
+    return plan
+
+
+# Each product's plan by its shape, type code, device and `matvec_path`: (the setting dict it
+# was made with, a copy of it then, the plan); used while the two are equal (sweeps change
+# settings in place). One dict lookup a product instead of `_planned`'s arguments rebuilt.
+_PLANS: dict[tuple, tuple[dict, dict, _MatvecPlan]] = {}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1616,12 +1633,15 @@ def _product(
     scale: torch.Tensor | None,
     out_div: int = 1,
     out: torch.Tensor | None = None,
+    prepared: dict | None = None,
 ) -> torch.Tensor:
     """[P / out_div, out] rows: pair p times expert experts[p] (None: expert 0 for every row,
     P = len(x)) of the stack w [E, out, row_bytes] or the one weight w [out, row_bytes] (gated
     by u: silu(w.x) * (u.x)), x row p // x_div, times scale[p] when given, the out_div pairs of
     each output row summed in order. `code`: the GGML type | PACKED | WIDE (`kernel_weight`).
-    Written into `out` when given (rows of unit column stride, e.g. columns of a wider tensor)."""
+    Written into `out` when given (rows of unit column stride, e.g. columns of a wider tensor).
+    `prepared`: where several products of one op read the same x, a dict (empty at first) that
+    keeps x as the decode reads took it (`_matvec`), so that it is prepared once."""
     if experts is not None:
         experts = experts.reshape(-1)
     n_pairs = x.shape[0] * x_div if experts is None else experts.numel()
@@ -1630,7 +1650,7 @@ def _product(
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     if n_pairs <= MATVEC_MAX_ROWS:
-        return _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out)
+        return _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared)
     y = _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs)
     if out_div > 1:
         y = y.view(n_pairs // out_div, out_div, out_features).sum(1)
@@ -1723,10 +1743,13 @@ def _launch_fitted(launch, variant: tuple, cfg: dict[str, int]) -> None:
     _FITTED[variant] = last
 
 
-def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out) -> torch.Tensor:
-    """`_product` of 1..MATVEC_MAX_ROWS pairs (x float32, contiguous): `_vec_x` where the type
-    reads x prepared, then `_matvec_kernel`, whose last program of each output tile sums the
-    partials of its splits and pairs (no launch for the sums)."""
+def _matvec(
+    x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared=None
+) -> torch.Tensor:
+    """`_product` of 1..MATVEC_MAX_ROWS pairs (x float32, contiguous): `_vec_x` or `_int_x`
+    where the type reads x prepared (taken from `prepared` when a product of the same op
+    prepared this x so before, and left there), then `_matvec_kernel`, whose last program of
+    each output tile sums the partials of its splits and pairs (no launch for the sums)."""
     device = x.device
     gated, scaled, routed = u is not None, scale is not None, experts is not None
     plan = _matvec_plan(code, x.shape[1], out_features, n_pairs, out_div, gated, scaled, routed, device)
@@ -1753,10 +1776,14 @@ def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div
             w = w.view(torch.int32)
             u = w if u is w else u.view(torch.int32)
         xsum = xpow = out
-        if plan.vec:
-            x, xsum, xpow = _vec_x(x, plan.qtype)
-        elif plan.int_read:
-            x, xsum, xpow = _int_x(x)
+        if plan.vec or plan.int_read:
+            form = plan.qtype if plan.vec else "int"  # (`_vec_x`'s order depends on the type)
+            made = None if prepared is None else prepared.get(form)
+            if made is None:
+                made = _vec_x(x, plan.qtype) if plan.vec else _int_x(x)
+                if prepared is not None:
+                    prepared[form] = made
+            x, xsum, xpow = made
         row_bytes = plan.row_bytes
         launch(_matvec_kernel, plan.grid,
             x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
@@ -1774,10 +1801,28 @@ def _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
+# Per device and shape, the decode launches' scratch: x as the matrix-vector reads take it
+# (`_int_x`, `_vec_x`), the partial sums (`_partials`), the attention's rotated queries and its
+# splits' partial results. A scratch never leaves its op: the launch that fills it and those
+# that read it follow each other on one stream, in one op call, so every call of that shape
+# reuses it instead of allocating (the same assumption as `_COUNTERS`: two streams running ops
+# at once on one device would share them). Kept for good: a captured CUDA graph points at the
+# buffers it was captured with. Decode shapes only (at most MATVEC_MAX_ROWS rows): few of them.
+_SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _scratch(key: tuple, make) -> tuple[torch.Tensor, ...]:
+    """The scratch of `key` (its device and shape in it), made by `make()` the first time."""
+    made = _SCRATCH.get(key)
+    if made is None:
+        made = _SCRATCH[key] = make()
+    return made
+
+
 def _partials(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """The scratch [splits, pairs, N] `_matvec_kernel` leaves its partial products in (a
     function of its own so that tests can see them: they check the order they are summed in)."""
-    return x.new_empty(shape)
+    return _scratch(("partials", x.device, shape), lambda: (x.new_empty(shape),))[0]
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -1806,11 +1851,12 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
     divided by its power, a power of two above its largest magnitude, and times 2^(120 - at)
     for the nibble's bit position `at` in the word as the kernel reads it (all exact). Also the
     rows' sums of 32 values, divided by the power, times 2^-29 (the products' units)
-    [R, K / 32], and the powers [R]."""
+    [R, K / 32], and the powers [R]. (The device's scratch for that shape: `_SCRATCH`.)"""
     r, k = x.shape
-    order = torch.empty_like(x)
-    power = x.new_empty(r)
-    sums = x.new_empty((r, k // (16 if qtype == T.Q6_K else 32)))
+    order, sums, power = _scratch(
+        ("vec x", qtype, x.device, r, k),
+        lambda: (torch.empty_like(x), x.new_empty((r, k // (16 if qtype == T.Q6_K else 32))), x.new_empty(r)),
+    )
     peak_block = min(_next_pow2(k), 4096)
     launch(
         _vec_x_kernel, (r, k // SUPER), x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
@@ -1821,11 +1867,14 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
 def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] float32 as the "int" reads take it, made by one launch (`_int_x_kernel`, a
     program per super-block of each row): its int16 values in the int layout, viewed as int32
-    pairs [R, K / 2]; their float32 sums per 16 values [R, K / 16]; the scales per 32 [R, K / 32]."""
+    pairs [R, K / 2]; their float32 sums per 16 values [R, K / 16]; the scales per 32 [R, K / 32]
+    (the device's scratch for that shape: `_SCRATCH`)."""
     r, k = x.shape
-    q = x.new_empty((r, k), dtype=torch.int16)
-    scales = x.new_empty((r, k // 32))
-    sums = x.new_empty((r, k // 16))
+
+    def make():
+        return x.new_empty((r, k), dtype=torch.int16), x.new_empty((r, k // 16)), x.new_empty((r, k // 32))
+
+    q, sums, scales = _scratch(("int x", x.device, r, k), make)
     launch(_int_x_kernel, (r, k // SUPER), x, q, scales, sums, k, num_warps=1)
     return q.view(torch.int32), sums, scales
 
@@ -2142,10 +2191,14 @@ def qkv(
     `kernel_weight` prepares them, with its codes: the GGML type | PACKED | WIDE) -> [T,
     out_q + out_k + out_v] float32, q, k and v side by side in each row (one tensor, written in
     place: `harness::attention` takes it whole). Weights of one code whose blocks follow each
-    other in memory (`pack_rows`) are multiplied in one launch."""
+    other in memory (`pack_rows`) are multiplied in one launch; x is prepared once for the
+    products that read it alike (decode: one `_int_x` for Q4_K_M's Q4_K and packed Q6_K)."""
     _check_devices("harness::qkv", x, wq, wk, wv)
     weights, qtypes = (wq, wk, wv), (qtype_q, qtype_k, qtype_v)
     out = x.new_empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=torch.float32)
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    prepared = {}
     i = column = 0
     while i < 3:
         j = i + 1
@@ -2156,7 +2209,7 @@ def qkv(
         if j - i > 1:
             run = torch.as_strided(run, (rows, *run.shape[1:]), run.stride())
         into = out if rows == out.shape[1] else out[:, column : column + rows]
-        _product(x, run, None, qtypes[i], rows, None, 1, None, out=into)
+        _product(x, run, None, qtypes[i], rows, None, 1, None, out=into, prepared=prepared)
         column += rows
         i = j
     return out
@@ -2255,13 +2308,14 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         )
     n_keys = start + t if from_start else s_max
     pos = qkv if from_start else positions  # a pointer the kernels do not read when from_start
-    rotated = qkv.new_empty((t, n_heads * hd))
+    device = qkv.device
+    (rotated,) = _scratch(("rotated", device, t, n_heads * hd), lambda: (qkv.new_empty((t, n_heads * hd)),))
     out = qkv.new_empty((t, n_heads * hd))
     cfg = ATTENTION_CONFIG
     bm = max(16, _next_pow2(group * t))
     bd = _next_pow2(hd)
-    splits, split_keys = attention_splits(n_keys, n_kv, qkv.device)
-    with _launch_device(qkv.device):
+    splits, split_keys = attention_splits(n_keys, n_kv, device)
+    with _launch_device(device):
         launch(_rope_cache_kernel, (t, n_heads + n_kv),
             qkv, width, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
             BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
@@ -2270,8 +2324,12 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         if splits == 1:
             part_acc = part_m = part_l = out
         else:
-            part_acc = qkv.new_empty((n_kv, splits, bm, bd))
-            part_m, part_l = qkv.new_empty((n_kv, splits, bm)), qkv.new_empty((n_kv, splits, bm))
+            part_acc, part_m, part_l = _scratch(
+                ("attention splits", device, n_kv, splits, bm, bd),
+                lambda: tuple(
+                    qkv.new_empty(shape) for shape in ((n_kv, splits, bm, bd), *((n_kv, splits, bm),) * 2)
+                ),
+            )
         launch(_attention_kernel, (n_kv, splits),
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
             split_keys, hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,

@@ -60,26 +60,36 @@ fast_path = (
 _COMPILED: dict[tuple, tuple] = {}
 
 
-_I32 = range(-(1 << 31), 1 << 31)
+_I32_LOW, _I32_HIGH = -(1 << 31), 1 << 31
 _I64 = range(-(1 << 63), 1 << 63)
 
 
-def _specialization(args: tuple) -> tuple | None:
-    """What the compiled kernel for `args` depends on (a superset of Triton's), or None for an
-    argument of another type. (One loop, no call an argument: it runs at every launch.)"""
+def _specialization(args: tuple, tensor=torch.Tensor) -> tuple | None:
+    """What the compiled kernel for `args` depends on (a superset of Triton's), flat, or None
+    for an argument of another type: a tensor's dtype and whether it is 16-byte aligned; an
+    int's code (1 for 1, else 2 + divisible by 16 + 2 * within int32 + 4 * within int64); a
+    bool as "i1" and its value; a float as 0.0; None. Two argument tuples of one kernel with
+    one key have the same types at every position (a dtype, a str, 0.0, None and an int code
+    never equal one another). (One flat loop, no call an argument: it runs at every launch.)"""
     out = []
+    add = out.append
     for a in args:
         kind = a.__class__
-        if kind is int:
-            out.append(1 if a == 1 else (not a & 15, a in _I32, a in _I64))
-        elif kind is torch.Tensor or isinstance(a, torch.Tensor):
-            out.append((a.dtype, not a.data_ptr() & 15))
-        elif kind is float:
-            out.append(0.0)
+        if kind is tensor:
+            add(a.dtype)
+            add(not a.data_ptr() & 15)
+        elif kind is int:
+            add(1 if a == 1 else 2 + (not a & 15) + 2 * (_I32_LOW <= a < _I32_HIGH) + 4 * (a in _I64))
         elif kind is bool:
-            out.append(("i1", a))  # (True == 1: apart from the int 1)
+            add("i1")  # (True == 1: apart from the int 1)
+            add(a)
+        elif kind is float:
+            add(0.0)
         elif a is None:
-            out.append(None)
+            add(None)
+        elif isinstance(a, tensor):
+            add(a.dtype)
+            add(not a.data_ptr() & 15)
         else:
             return None
     return tuple(out)
