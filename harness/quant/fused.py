@@ -2324,11 +2324,16 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         if splits == 1:
             part_acc = part_m = part_l = out
         else:
-            part_acc, part_m, part_l = _scratch(
-                ("attention splits", device, n_kv, splits, bm, bd),
-                lambda: tuple(
-                    qkv.new_empty(shape) for shape in ((n_kv, splits, bm, bd), *((n_kv, splits, bm),) * 2)
-                ),
+            # one buffer for every split count (they grow with the cache, up to the programs
+            # wanted a KV head): the first elements, viewed as this call's shapes
+            most = _ceil_div(_programs_wanted(device), n_kv)
+            flat = _scratch(
+                ("attention splits", device, n_kv, bm, bd),
+                lambda: tuple(qkv.new_empty(n_kv * most * size) for size in (bm * bd, bm, bm)),
+            )
+            part_acc, part_m, part_l = (
+                buffer[: n_kv * splits * size].view(n_kv, splits, *shape)
+                for buffer, size, shape in zip(flat, (bm * bd, bm, bm), ((bm, bd), (bm,), (bm,)), strict=True)
             )
         launch(_attention_kernel, (n_kv, splits),
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
