@@ -1582,11 +1582,10 @@ def _matvec_plan(
 
 # Each product's plan by its shape, type code, device and `matvec_path`: (the setting dict it
 # was made with, a copy of it then, the plan); used while the two are equal (sweeps change
-# settings in place). One dict lookup a product instead of `_planned`'s arguments rebuilt.
+# settings in place). The only cache of plans: `_planned` makes one anew.
 _PLANS: dict[tuple, tuple[dict, dict, _MatvecPlan]] = {}
 
 
-@functools.lru_cache(maxsize=4096)
 def _planned(
     code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, path, cfg_items
 ):
