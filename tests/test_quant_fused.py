@@ -1066,6 +1066,16 @@ def _check_int_reads(results: list[dict], small: bool) -> None:
     assert not bad, bad
 
 
+def _matvec_pointer_types(x: str) -> dict[str, str]:
+    """`_matvec_kernel`'s pointer arguments and their Triton types, for compiling it without a GPU:
+    x as `x` ("*i32": the int read's pairs; "*fp32": the float reads)."""
+    return {
+        "x_ptr": x, "w_ptr": "*i32", "u_ptr": "*i32", "out_ptr": "*fp32", "experts_ptr": "*i64",
+        "scale_ptr": "*fp32", "lut_ptr": "*fp32", "xsum_ptr": "*fp32", "xpow_ptr": "*fp32",
+        "part_ptr": "*fp32", "counter_ptr": "*i32",
+    }  # fmt: skip
+
+
 @pytest.mark.slow
 def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
     """`_matvec_kernel`'s "int" reads (Q4_K, packed Q6_K and Q8_0; plain, gated, and routed with
@@ -1093,11 +1103,7 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
         ).stdout
 
     kernel = fused._matvec_kernel
-    pointers = {
-        "x_ptr": "*i32", "w_ptr": "*i32", "u_ptr": "*i32", "out_ptr": "*fp32", "experts_ptr": "*i64",
-        "scale_ptr": "*fp32", "lut_ptr": "*fp32", "xsum_ptr": "*fp32", "xpow_ptr": "*fp32",
-        "part_ptr": "*fp32", "counter_ptr": "*i32",
-    }  # fmt: skip
+    pointers = _matvec_pointer_types(x="*i32")
     aligned = (*pointers, "row_bytes", "expert_bytes", "x_stride")
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"int_read_{os.getpid()}.cubin"
     try:
@@ -1225,11 +1231,7 @@ def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
     from harness.quant import fused
 
     kernel = fused._matvec_kernel
-    pointers = {
-        "x_ptr": "*fp32", "w_ptr": "*i32", "u_ptr": "*i32", "out_ptr": "*fp32", "experts_ptr": "*i64",
-        "scale_ptr": "*fp32", "lut_ptr": "*fp32", "xsum_ptr": "*fp32", "xpow_ptr": "*fp32",
-        "part_ptr": "*fp32", "counter_ptr": "*i32",
-    }  # fmt: skip
+    pointers = _matvec_pointer_types(x="*fp32")
     common = {"GATED": False, "VEC": True, "STAGES": 1, "REDUCE": True, "INT": False, "PTX": True}
     for consts in (
         {"QT": 12, "NP": 2, "BN": 16, "SCALED": False, "ROUTED": False, "PACKED": False, **common},
