@@ -1076,6 +1076,18 @@ def _matvec_pointer_types(x: str) -> dict[str, str]:
     }  # fmt: skip
 
 
+def _check_waits_first(ptx: str, where) -> None:
+    """A decode kernel compiled with PDL (`fused.pdl`): it waits for the grid before it
+    (griddepcontrol.wait) before any load or store of global memory, then lets the next start."""
+    wait = ptx.index("griddepcontrol.wait")
+    assert "griddepcontrol.launch_dependents" in ptx[wait:], where
+    first_access = min(
+        (ptx.find(op) for op in ("ld.global", "st.global", "atom.global")),
+        key=lambda i: i if i >= 0 else len(ptx),
+    )
+    assert wait < first_access, where
+
+
 @pytest.mark.slow
 def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
     """`_matvec_kernel`'s "int" reads (Q4_K, packed Q6_K and Q8_0; plain, gated, and routed with
@@ -1113,16 +1125,18 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
                 consts = {
                     "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
                     "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
-                    "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "PTX": True,
+                    "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "PTX": True, "PDL": True,
                 }  # fmt: skip
                 names = kernel.arg_names
                 signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
                 attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
                 source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
                 compiled = triton.compile(
-                    source, target=GPUTarget("cuda", 90, 64), options={"num_warps": cfg["num_warps"]}
-                )
+                    source, target=GPUTarget("cuda", 90, 64),
+                    options={"num_warps": cfg["num_warps"], "launch_pdl": True},
+                )  # fmt: skip
                 where = (qtype.name, gated, routed)
+                _check_waits_first(compiled.asm["ptx"], where)
                 assert "dp2a.lo" in compiled.asm["ptx"] and "dp2a.hi" in compiled.asm["ptx"], where
                 code = sass(compiled.asm["cubin"], tmp)
                 assert not re.search(r"\b(LDL|STL)\b", code), where
@@ -1137,11 +1151,15 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
                 "scale_ptr": "*fp32",
                 "sum_ptr": "*fp32",
                 "K": "i32",
+                "PDL": "constexpr",
             },
-            constexprs={},
+            constexprs={"PDL": True},
             attrs={(i,): [["tt.divisibility", 16]] for i in range(5)},
         )
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 1})
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 1, "launch_pdl": True}
+        )
+        _check_waits_first(compiled.asm["ptx"], "_int_x_kernel")
         assert not re.search(r"\b(LDL|STL)\b", sass(compiled.asm["cubin"], tmp))
     finally:
         tmp.unlink(missing_ok=True)
@@ -1201,6 +1219,7 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         *((fused._rms_norm_kernel, {"BD": 4096, "ADD": add}, {"num_warps": 8}) for add in (False, True)),
     ]
     for kernel, consts, options in launches:
+        consts, options = {**consts, "PDL": True}, {**options, "launch_pdl": True}  # as on an H100
         names = kernel.arg_names
         pointers = [n for n in names if n.endswith("_ptr") or n.startswith(("cache_", "part_", "q_out"))]
         signature = {
@@ -1214,6 +1233,7 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
         assert compiled.asm["cubin"], (kernel.__name__, consts)
+        _check_waits_first(compiled.asm["ptx"], (kernel.__name__, consts))
 
 
 @pytest.mark.slow
@@ -1232,7 +1252,15 @@ def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
 
     kernel = fused._matvec_kernel
     pointers = _matvec_pointer_types(x="*fp32")
-    common = {"GATED": False, "VEC": True, "STAGES": 1, "REDUCE": True, "INT": False, "PTX": True}
+    common = {
+        "GATED": False,
+        "VEC": True,
+        "STAGES": 1,
+        "REDUCE": True,
+        "INT": False,
+        "PTX": True,
+        "PDL": False,
+    }
     for consts in (
         {"QT": 12, "NP": 2, "BN": 16, "SCALED": False, "ROUTED": False, "PACKED": False, **common},
         {"QT": 14, "NP": 4, "BN": 32, "SCALED": True, "ROUTED": True, "PACKED": True, **common},
@@ -1310,16 +1338,17 @@ def test_router_kernel_compiles_for_sm_90_without_a_gpu():
     for n_exp, k, dim in ((8, 2, 4096), (fused.ROUTER_MAX_EXPERTS, 8, 4096), (1, 1, 4096), (3, 3, 40)):
         consts = {
             "K": k, "BE": triton.next_power_of_2(n_exp), "BK": triton.next_power_of_2(k), "CUDA_EXP": True,
-            "BD": fused.router_tile(n_exp, dim),
+            "BD": fused.router_tile(n_exp, dim), "PDL": True,
         }  # fmt: skip
         signature = {**pointers, "D": "i32", "E": "i32", "min_sum": "fp32"} | dict.fromkeys(
             consts, "constexpr"
         )
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers))}
         source = ASTSource(fn=fused._router_topk_kernel, signature=signature, constexprs=consts, attrs=attrs)
-        options = {k: v for k, v in fused.ROUTER_CONFIG.items() if k != "tile"}
+        options = {k: v for k, v in fused.ROUTER_CONFIG.items() if k != "tile"} | {"launch_pdl": True}
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
         assert compiled.asm["cubin"], consts
+        _check_waits_first(compiled.asm["ptx"], consts)
 
 
 @pytest.mark.parametrize(

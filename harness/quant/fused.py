@@ -177,6 +177,16 @@ ATTENTION_CONFIG: dict[str, int] = {
 ROUTER_MAX_EXPERTS = 64
 ROUTER_CONFIG: dict[str, int] = {"tile": 16384, "num_warps": 8, "num_stages": 1}
 
+# Programmatic dependent launch (Hopper and later, `pdl_options`): each decode kernel (the
+# matrix-vector product, its x preparation, the norms, the attention's launches, the router) is
+# launched so that it may start while the kernel before it on the stream is finishing. Its first
+# act is to wait for that kernel (`_pdl_start`: griddepcontrol.wait, which returns once the
+# previous grid has completed and its writes are visible) before it reads or writes anything;
+# then it lets the next one start. What it saves is each launch's start-up gap, hundreds of them
+# a decode step (inside a CUDA graph too: captured launches keep the attribute). HARNESS_PDL=0
+# turns it off at import; `pdl` may be set later (benchmarks compare both).
+pdl = os.environ.get("HARNESS_PDL", "1") != "0"
+
 
 @contextlib.contextmanager
 def disabled():
@@ -381,7 +391,24 @@ def _check_devices(op: str, *tensors: torch.Tensor) -> torch.device:
     return device
 
 
+_HAS_GDC = False  # Triton has grid dependency control (set below)
 if triton is not None:
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401  (`_pdl_capable` reads its options)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        _HAS_GDC = True
+    except ImportError:  # an older Triton, or one without NVIDIA's backend
+        _HAS_GDC = False
+
+    @triton.jit
+    def _pdl_start(PDL: tl.constexpr):
+        """A decode kernel's first act under programmatic dependent launch (`pdl`): wait until
+        the grid before it on the stream has completed (its writes visible), then let the
+        next one start launching. Nothing without PDL."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     @triton.jit
     def _f16(ptr):
@@ -683,12 +710,22 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, QT: tl.constexpr, PEAK_BLOCK: tl.constexpr):
+    def _vec_x_kernel(
+        x_ptr,
+        out_ptr,
+        xsum_ptr,
+        power_ptr,
+        K,
+        QT: tl.constexpr,
+        PEAK_BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         """Super-block program_id(1) of row program_id(0) of x for `_q4_k_dot_vec` (QT 12; Q8_0,
         8, shares its sums), or `_q6_k_dot_vec` (QT 14), see `_vec_x`: the row's peak (every
         program of the row reads the whole row, a few KB from L2, so that one launch with a
         program per super-block does it all), then this super-block's permuted, scaled values
         and sums."""
+        _pdl_start(PDL)
         r = tl.program_id(0).to(tl.int64)
         sb = tl.program_id(1)
         row = x_ptr + r * K
@@ -742,12 +779,13 @@ if triton is not None:
         tl.store(xsum_ptr + r * (K // span) + sb * SUMS + j, tl.sum(chunk, axis=1) * unit)
 
     @triton.jit
-    def _int_x_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, K):
+    def _int_x_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, K, PDL: tl.constexpr = False):
         """Super-block program_id(1) of row program_id(0) of x [R, K] float32 for the "int"
         reads (`_int_x`): each 32-value block B as int16 q = round(32767 x / max|x|) at the
         positions of the int layout (int16 2(16B + 8p + w) + e holds value 32B + 4w + 2p + e),
         its scale max|x| / 32767 (NaN when the block holds a NaN or an infinity), and the sums
         of each 16 values (float32)."""
+        _pdl_start(PDL)
         r = tl.program_id(0).to(tl.int64)
         sb = tl.program_id(1)
         row = x_ptr + r * K + sb * 256
@@ -1032,6 +1070,7 @@ if triton is not None:
         REDUCE: tl.constexpr,
         INT: tl.constexpr,
         PTX: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
@@ -1048,6 +1087,7 @@ if triton is not None:
         (counter_ptr: a zeroed int32 per tile, bumped with acq_rel) sums the tile's partials in
         a fixed order, pair by pair and split by split from 0.0 (float32: the same bits every
         run), writes the row and sets the counter back to 0."""
+        _pdl_start(PDL)
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         split = tl.program_id(2)
@@ -1322,10 +1362,20 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, r_ptr, total_ptr, w_ptr, out_ptr, D, eps, BD: tl.constexpr, ADD: tl.constexpr
+        x_ptr,
+        r_ptr,
+        total_ptr,
+        w_ptr,
+        out_ptr,
+        D,
+        eps,
+        BD: tl.constexpr,
+        ADD: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """One row: x * rsqrt(mean(x^2) + eps) * w, in float32; with ADD, x is first the sum of
         the rows at x_ptr and r_ptr (one rounded add, as torch's), stored at total_ptr."""
+        _pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BD)
         m = cols < D
@@ -1370,7 +1420,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["start"])
     def _rope_cache_kernel(
         qkv_ptr, W, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, q_out,
-        H, KV, S_MAX, HD, HALF, BH: tl.constexpr, BD: tl.constexpr, FROM_START: tl.constexpr,
+        H, KV, S_MAX, HD, HALF, BH: tl.constexpr, BD: tl.constexpr, FROM_START: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::attention`'s first launch. Token t's row of qkv [T, W] holds its H query
         heads, KV key heads and KV value heads of HD values, side by side. Program (t, j), j < H:
@@ -1378,6 +1428,7 @@ if triton is not None:
         [KV, S_MAX, HD] at the token's position, value head kv copied into cache_v there. A
         position outside 0..S_MAX-1 writes nothing (index_copy_ would raise; this cannot without
         a host read)."""
+        _pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1).to(tl.int64)
         pos = start + t if FROM_START else tl.load(pos_ptr + t).to(tl.int64)
@@ -1401,7 +1452,7 @@ if triton is not None:
     def _attention_kernel(
         q_ptr, cache_k, cache_v, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
         T, G, S_MAX, N_KEYS, SPLIT_KEYS, HD, scale,
-        BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, FROM_START: tl.constexpr, SPLIT: tl.constexpr,
+        BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, FROM_START: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::attention`'s second launch (flash decoding). Program (kv, split): the G*T
         queries of KV head kv (row r = g*T + t: head kv*G + g, token t; rotated, q_ptr
@@ -1410,6 +1461,7 @@ if triton is not None:
         SPLIT the rows are finished into out [T, H*HD]; with it, the unnormalized rows, their
         maxima and sums go to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS, BM]
         for `_attention_merge_kernel`. A program past the last query's position reads nothing."""
+        _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1).to(tl.int64)
         r = tl.arange(0, BM)
@@ -1460,10 +1512,11 @@ if triton is not None:
     @triton.jit
     def _attention_merge_kernel(
         part_acc, part_m, part_l, out_ptr, T, G, KV, HD, SPLITS, BM: tl.constexpr, BD: tl.constexpr,
-        BP: tl.constexpr,
+        BP: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::attention`'s third launch when the keys were split: program (kv, r) merges
         row r of KV head kv over the splits (each rescaled to the largest maximum) into out."""
+        _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
         r = tl.program_id(1).to(tl.int64)
         sp = tl.arange(0, BP)
@@ -1509,6 +1562,28 @@ def _ptx() -> bool:
     """Whether kernels may hold NVIDIA's PTX (the int reads' dp2a): compiled for an NVIDIA GPU,
     not under the interpreter nor for ROCm (whose torch also calls its devices "cuda")."""
     return not kernels.interpreting() and torch.version.hip is None
+
+
+def pdl_options(device: torch.device) -> dict:
+    """The launch keywords of a decode kernel on `device`: its PDL constexpr and Triton's
+    `launch_pdl` where `pdl` is set and the device and Triton can (see `pdl`), else none."""
+    return _PDL_ON if pdl and _pdl_capable(device) else _PDL_OFF
+
+
+_PDL_ON, _PDL_OFF = {"PDL": True, "launch_pdl": True}, {}
+
+
+@functools.cache
+def _pdl_capable(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or later, NVIDIA's (not ROCm), not the
+    interpreter, and a Triton with grid dependency control (`gdc_wait`) and the `launch_pdl`
+    launch option (asked once per device)."""
+    if device.type != "cuda" or not _ptx() or not _HAS_GDC:
+        return False
+    options = getattr(triton.backends.nvidia.compiler, "CUDAOptions", None)
+    if options is None or "launch_pdl" not in getattr(options, "__dataclass_fields__", {}):
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _launch_device(device: torch.device):
@@ -1787,7 +1862,7 @@ def _matvec(
         launch(_matvec_kernel, plan.grid,
             x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
             plan.chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, part, counters,
-            out.stride(0), out_div, **plan.options,
+            out.stride(0), out_div, **plan.options, **pdl_options(device),
         )  # fmt: skip
     return out
 
@@ -1858,7 +1933,8 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
     )
     peak_block = min(_next_pow2(k), 4096)
     launch(
-        _vec_x_kernel, (r, k // SUPER), x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
+        _vec_x_kernel, (r, k // SUPER), x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4,
+        **pdl_options(x.device),
     )  # fmt: skip
     return order, sums, power
 
@@ -1874,7 +1950,7 @@ def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return x.new_empty((r, k), dtype=torch.int16), x.new_empty((r, k // 16)), x.new_empty((r, k // 32))
 
     q, sums, scales = _scratch(("int x", x.device, r, k), make)
-    launch(_int_x_kernel, (r, k // SUPER), x, q, scales, sums, k, num_warps=1)
+    launch(_int_x_kernel, (r, k // SUPER), x, q, scales, sums, k, num_warps=1, **pdl_options(x.device))
     return q.view(torch.int32), sums, scales
 
 
@@ -2098,7 +2174,7 @@ def _normed(
             bd = _next_pow2(d)
             launch(
                 _rms_norm_kernel, (x.numel() // d,), x, residual, total, weight, out, d, eps, BD=bd, ADD=add,
-                num_warps=8 if bd >= 2048 else 4,
+                num_warps=8 if bd >= 2048 else 4, **pdl_options(x.device),
             )  # fmt: skip
     return total, out
 
@@ -2314,11 +2390,12 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     bm = max(16, _next_pow2(group * t))
     bd = _next_pow2(hd)
     splits, split_keys = attention_splits(n_keys, n_kv, device)
+    pdl_kw = pdl_options(device)
     with _launch_device(device):
         launch(_rope_cache_kernel, (t, n_heads + n_kv),
             qkv, width, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
             BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **pdl_kw,
         )  # fmt: skip
         if splits == 1:
             part_acc = part_m = part_l = out
@@ -2337,12 +2414,12 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         launch(_attention_kernel, (n_kv, splits),
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
             split_keys, hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw,
         )  # fmt: skip
         if splits > 1:
             launch(_attention_merge_kernel, (n_kv, group * t),
                 part_acc, part_m, part_l, out, t, group, n_kv, hd, splits, BM=bm, BD=bd,
-                BP=_next_pow2(splits), num_warps=cfg["merge_warps"],
+                BP=_next_pow2(splits), num_warps=cfg["merge_warps"], **pdl_kw,
             )  # fmt: skip
     # the kernels wrote the caches outside torch: their versions move as an in-place op's would
     torch.autograd.graph.increment_version(cache_k)
@@ -2406,7 +2483,7 @@ if triton is not None:
     @triton.jit
     def _router_topk_kernel(
         x_ptr, w_ptr, weights_ptr, experts_ptr, D, E, min_sum,
-        K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, CUDA_EXP: tl.constexpr,
+        K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, CUDA_EXP: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::router_topk` for token t (program t): the logits x[t] @ w.T of the E experts
         (float32 products summed over BD columns a step), their softmax, the K largest
@@ -2415,6 +2492,7 @@ if triton is not None:
         expert's rank (how many come before it) is counted at once, not found by K rounds of
         argmax. CUDA_EXP: the softmax takes CUDA's expf (libdevice), as torch's does (tl.exp is
         the approximate ex2 there); the interpreter has no libdevice, its tl.exp is numpy's."""
+        _pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BE)
         em = e < E
@@ -2511,7 +2589,7 @@ def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_
         launch(_router_topk_kernel, (t,),
             x, weight, weights, experts, d, n_experts, min_sum, K=k, BE=_next_pow2(n_experts),
             BD=router_tile(n_experts, d), BK=_next_pow2(k), CUDA_EXP=not kernels.interpreting(),
-            num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"],
+            num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"], **pdl_options(x.device),
         )  # fmt: skip
     return weights, experts
 
