@@ -71,10 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "decode": "eager" if args.eager else "CUDA graph where possible",
         # which fused kernels ran and how they were launched (HARNESS_MATVEC, HARNESS_PREFILL,
-        # HARNESS_PDL, HARNESS_PREFETCH; see harness.quant.fused)
-        "kernels": {
-            "matvec": fused.matvec_path, "prefill": fused.prefill_path, "pdl": fused.pdl, "prefetch": fused.prefetch,
-        },  # fmt: skip
+        # HARNESS_PDL; see harness.quant.fused)
+        "kernels": {"matvec": fused.matvec_path, "prefill": fused.prefill_path, "pdl": fused.pdl},
         "synth_seconds": synth_seconds,
         "load_seconds": r.load_seconds,
         "prefill_tokens_per_second": r.prefill_tokens_per_second,

@@ -186,10 +186,6 @@ ROUTER_CONFIG: dict[str, int] = {"tile": 16384, "num_warps": 8, "num_stages": 1}
 # a decode step (inside a CUDA graph too: captured launches keep the attribute). HARNESS_PDL=0
 # turns it off at import; `pdl` may be set later (benchmarks compare both).
 pdl = os.environ.get("HARNESS_PDL", "1") != "0"
-# With PDL, a matrix-vector program of a weight not chosen by the routing (the attention's and
-# the output head's) asks L2 for its rows' bytes before it waits (PREFETCH of `_matvec_kernel`):
-# the weight's first reads overlap the kernel before. HARNESS_PREFETCH=0 turns it off.
-prefetch = os.environ.get("HARNESS_PREFETCH", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -413,49 +409,6 @@ if triton is not None:
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
-
-    @triton.jit
-    def _prefetch_l2(addr):
-        """Asks L2 for the line holding each address of `addr` (a hint: nothing waits for it)."""
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
-            "=r,l",
-            [addr],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-    @triton.jit
-    def _prefetch_span(base, lo, size):
-        """`_prefetch_l2` of every 128-byte line of bytes [lo, lo + size) after each byte pointer
-        of `base` [BN] (only addresses inside the span are touched)."""
-        for off in range(0, size, 128):
-            _prefetch_l2(base + lo + off)
-        _prefetch_l2(base + lo + tl.maximum(size - 1, 0))
-
-    @triton.jit
-    def _prefetch_rows(
-        w_ptr, rows_b, first, last, n_super, row_bytes, QT: tl.constexpr, PACKED: tl.constexpr
-    ):
-        """`_prefetch_span` of what super-blocks first..last-1 of the rows starting at byte
-        offsets rows_b [BN] of w occupy: one span a row in GGUF's layout, one a plane in
-        `pack`'s."""
-        base = w_ptr.to(tl.pointer_type(tl.int8)) + rows_b
-        if not PACKED:
-            per = row_bytes // n_super
-            _prefetch_span(base, first * per, (last - first) * per)
-        else:
-            start = 0
-            for i in tl.static_range(4 if QT == 14 else 2):
-                # Q6_K planes: ql 128, qh 64, scales 16, d 2 bytes a block; Q8_0: qs 256, d 16 a super-block
-                size = (
-                    (128 if i == 0 else 64 if i == 1 else 16 if i == 2 else 2)
-                    if QT == 14
-                    else (256 if i == 0 else 16)
-                )
-                _prefetch_span(base, start + first * size, (last - first) * size)
-                start += size * n_super
 
     @triton.jit
     def _f16(ptr):
@@ -1118,7 +1071,6 @@ if triton is not None:
         INT: tl.constexpr,
         PTX: tl.constexpr,
         PDL: tl.constexpr = False,
-        PREFETCH: tl.constexpr = False,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
@@ -1134,38 +1086,11 @@ if triton is not None:
         its partial in part [splits, pairs, N], and the last program to arrive at an output tile
         (counter_ptr: a zeroed int32 per tile, bumped with acq_rel) sums the tile's partials in
         a fixed order, pair by pair and split by split from 0.0 (float32: the same bits every
-        run), writes the row and sets the counter back to 0.
-
-        PREFETCH (a weight not chosen by `experts`, see `_matvec_plan`): before waiting for the
-        kernel before it (PDL), the program asks L2 for the bytes of its rows it will read."""
+        run), writes the row and sets the counter back to 0."""
+        _pdl_start(PDL)
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         split = tl.program_id(2)
-        if PREFETCH:
-            rows = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
-            rows_b = tl.where(rows < N, rows, 0) * row_bytes
-            _prefetch_rows(
-                w_ptr,
-                rows_b,
-                split * chunk,
-                tl.minimum(split * chunk + chunk, n_super),
-                n_super,
-                row_bytes,
-                QT,
-                PACKED,
-            )
-            if GATED:
-                _prefetch_rows(
-                    u_ptr,
-                    rows_b,
-                    split * chunk,
-                    tl.minimum(split * chunk + chunk, n_super),
-                    n_super,
-                    row_bytes,
-                    QT,
-                    PACKED,
-                )
-        _pdl_start(PDL)
         e = tl.load(experts_ptr + p).to(tl.int64) if ROUTED else 0
         xp = x_ptr + (p // x_div).to(tl.int64) * x_stride
         n = pid_n * BN + tl.arange(0, BN)
@@ -1718,25 +1643,12 @@ def _matvec_plan(
 ) -> _MatvecPlan:  # fmt: skip
     """The launch of a product of `n_pairs` <= MATVEC_MAX_ROWS rows, made once per shape, type
     code, device, `matvec_path` and launch setting (MATVEC_CONFIG may change: the sweeps)."""
-    key = (
-        code,
-        in_features,
-        out_features,
-        n_pairs,
-        out_div,
-        gated,
-        scaled,
-        routed,
-        device,
-        matvec_path,
-        pdl,
-        prefetch,
-    )
+    key = (code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, matvec_path)
     known = _PLANS.get(key)
     if known is not None and known[0] == known[1]:  # (the setting as it was planned with)
         return known[2]
     cfg = matvec_config(code)  # (checks matvec_path)
-    plan = _planned(*key[:9], _matvec_path(), tuple(cfg.items()))
+    plan = _planned(*key[:-1], _matvec_path(), tuple(cfg.items()))
     if len(_PLANS) >= 4096:
         _PLANS.clear()
     _PLANS[key] = (cfg, dict(cfg), plan)
@@ -1768,9 +1680,8 @@ def _planned(
     options = {
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "BN": bn, "num_warps": cfg["num_warps"],
-        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "PTX": _ptx(), **pdl_options(device),
+        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "PTX": _ptx(),
     }  # fmt: skip
-    options["PREFETCH"] = bool(options.get("PDL")) and prefetch and not routed
     return _MatvecPlan(
         grid=(_ceil_div(out_features, bn), n_pairs, splits),
         reduce=options["REDUCE"],
@@ -1951,7 +1862,7 @@ def _matvec(
         launch(_matvec_kernel, plan.grid,
             x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
             plan.chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, part, counters,
-            out.stride(0), out_div, **plan.options,
+            out.stride(0), out_div, **plan.options, **pdl_options(device),
         )  # fmt: skip
     return out
 
