@@ -12,6 +12,12 @@ here, as BN=8 with 2 warps once did). Writes JSON; asserts nothing.
 
     python benchmarks/sweep_matvec.py --out benchmarks/results/matvec_sweep.json
 
+`--grid 64x4,128x8` sweeps those (BN, warps) instead of GRID, `--stages 1,2,3` the software
+pipelining of the loop over super-blocks too, `--cases Q4_K,head` only the cases whose names
+hold one of those strings:
+
+    python benchmarks/sweep_matvec.py --paths int --grid 64x4,128x4,128x8 --stages 1,2,3 --cases moe_ffn
+
 `--paths vec,int` sweeps the settings of each `matvec_path` in turn (the table that path reads:
 `fused.matvec_config`). `--compare` times each of `--paths` at its default setting instead, in
 one run, with each case's result against dequantize-then-matmul in float32 (NMSE) and each
@@ -132,7 +138,26 @@ def main(argv: list[str] | None = None) -> int:
         "--paths", default=fused.MATVEC_PATHS[0], help="comma-separated values of fused.matvec_path"
     )
     p.add_argument("--compare", action="store_true", help="each path at its default setting, no sweep")
+    p.add_argument(
+        "--grid", help="BNxWARPS settings to sweep, comma-separated (e.g. 64x4,128x8); default GRID"
+    )
+    p.add_argument(
+        "--stages",
+        default="1",
+        help="comma-separated values of a setting's software pipelining stages to sweep",
+    )
+    p.add_argument("--cases", help="only the cases whose name holds one of these comma-separated strings")
     args = p.parse_args(argv)
+    try:
+        grid = GRID if not args.grid else [tuple(int(v) for v in g.split("x")) for g in args.grid.split(",")]
+        stages = [int(v) for v in args.stages.split(",")]
+        if any(len(g) != 2 or min(g) < 1 for g in grid) or min(stages) < 1:
+            raise ValueError
+    except ValueError:
+        print(
+            "sweep_matvec: --grid takes BNxWARPS,... and --stages N,... (positive integers)", file=sys.stderr
+        )
+        return 2
     paths = args.paths.split(",")
     unknown = [x for x in paths if x not in fused.MATVEC_PATHS]
     if unknown:
@@ -150,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     before = fused.matvec_path
     try:
         for name, case in cases(dev).items():
+            if args.cases and not any(part in name for part in args.cases.split(",")):
+                continue
             rows = (
                 compared(name, case, paths, copy_tbps)
                 if args.compare
-                else swept(name, case, paths, copy_tbps)
+                else swept(name, case, paths, copy_tbps, grid, stages)
             )
             for row in rows:
                 result["rows"].append(row)
@@ -166,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def swept(name: str, case: tuple, paths: list[str], copy_tbps: float) -> list[dict]:
-    """Rows of one case: each path's launch settings (GRID x PROGRAMS_PER_SM), each checked
-    against that path's default setting."""
+def swept(name: str, case: tuple, paths: list[str], copy_tbps: float, grid: list, stages: list) -> list[dict]:
+    """Rows of one case: each path's launch settings (`grid` x PROGRAMS_PER_SM x `stages`), each
+    checked against that path's default setting."""
     call, first, nbytes, code, _ = case
     rows = []
     for path in paths:
@@ -176,8 +203,8 @@ def swept(name: str, case: tuple, paths: list[str], copy_tbps: float) -> list[di
         config = fused.matvec_config(code)
         default = dict(config)
         reference = call(first)
-        for (bn, warps), per_sm in itertools.product(GRID, PROGRAMS_PER_SM):
-            config.update(BN=bn, num_warps=warps, programs_per_sm=per_sm)
+        for (bn, warps), per_sm, n_stages in itertools.product(grid, PROGRAMS_PER_SM, stages):
+            config.update(BN=bn, num_warps=warps, programs_per_sm=per_sm, stages=n_stages)
             try:
                 off = nmse(call(first), reference)
                 ms = time_ms(call)
@@ -188,10 +215,11 @@ def swept(name: str, case: tuple, paths: list[str], copy_tbps: float) -> list[di
                 config.clear()
                 config.update(default)
             rows.append({
-                "case": name, "path": path, "BN": bn, "warps": warps, "programs_per_sm": per_sm,
+                "case": name, "path": path, "BN": bn, "warps": warps, "programs_per_sm": per_sm, "stages": n_stages,
                 "us": round(ms * 1000, 2), "fraction_of_copy": round(nbytes / ms / 1e9 / copy_tbps, 3),
                 "nmse_vs_default": off,
-                "default": (bn, warps, per_sm) == (default["BN"], default["num_warps"], default.get("programs_per_sm", 4)),
+                "default": (bn, warps, per_sm, n_stages)
+                == (default["BN"], default["num_warps"], default.get("programs_per_sm", 4), default.get("stages", 1)),
             })  # fmt: skip
     return rows
 
