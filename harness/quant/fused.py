@@ -169,13 +169,21 @@ ATTENTION_CONFIG: dict[str, int] = {
 }  # fmt: skip
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
-# decode-sized calls with the router's float32 weight: one launch, one program per token, for the
-# logits, the softmax, the top k and their renormalized weights (the torch path is ~9 launches).
-# Its tile holds about "tile" products (experts x columns) per loop step: Mixtral's router
-# (8 x 4096) in two steps of 64 KB, 114 registers a thread at 8 warps for sm_90 (not swept on a
-# GPU yet; `benchmarks/bench_fused.py --sweep-router` times other settings).
+# decode-sized calls with the router's float32 weight: one launch for the logits, the softmax,
+# the top k and their renormalized weights (the torch path is ~9 launches). A call is
+# latency-bound: between two layers' routers the experts' weights flush L2, so each call reads
+# its weight (Mixtral's 8 x 4096, 128 KB) from DRAM. One program per token reading it in 64 KB
+# steps took 8.8 us a call on an H100 (session 7's decode profile), so the columns are split:
+# up to "splits" programs a token (`router_plan`), each storing partial logits that the last of
+# them sums and routes. 32 splits: Mixtral's router in runs of 128 columns, 4 KB a program, the
+# whole run one loop step of "tile" 1024 products (8 floats, two 16-byte loads, a thread at 4
+# warps); 32 programs a token, 256 at 8 tokens: one wave on an H100's 132 SMs; the last program
+# reads 32 partials of 32 B at once. More splits halve a program's reads but double the
+# partials and the programs. Chosen by that reasoning, not yet timed: `benchmarks/bench_fused.py
+# --router-only --sweep-router` times it against other settings and the one-program kernel
+# ("splits" 1, "tile" 16384, 8 warps: the kernel before splits).
 ROUTER_MAX_EXPERTS = 64
-ROUTER_CONFIG: dict[str, int] = {"tile": 16384, "num_warps": 8, "num_stages": 1}
+ROUTER_CONFIG: dict[str, int] = {"splits": 32, "tile": 1024, "num_warps": 4, "num_stages": 1}
 
 
 @contextlib.contextmanager
@@ -2405,27 +2413,59 @@ if triton is not None:
 
     @triton.jit
     def _router_topk_kernel(
-        x_ptr, w_ptr, weights_ptr, experts_ptr, D, E, min_sum,
-        K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, CUDA_EXP: tl.constexpr,
+        x_ptr, w_ptr, weights_ptr, experts_ptr, part_ptr, counter_ptr, D, E, chunk, min_sum,
+        K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
+        CUDA_EXP: tl.constexpr,
     ):  # fmt: skip
-        """`harness::router_topk` for token t (program t): the logits x[t] @ w.T of the E experts
-        (float32 products summed over BD columns a step), their softmax, the K largest
-        probabilities in descending order (equal ones: the lower expert first; NaN above all,
-        as torch.topk ranks it), renormalized to sum 1 with the sum clamped at min_sum. Each
-        expert's rank (how many come before it) is counted at once, not found by K rounds of
-        argmax. CUDA_EXP: the softmax takes CUDA's expf (libdevice), as torch's does (tl.exp is
-        the approximate ex2 there); the interpreter has no libdevice, its tl.exp is numpy's."""
+        """`harness::router_topk` for token t (program (t, split)): the logits x[t] @ w.T of the E
+        experts over the split's `chunk` columns (float32 products summed over BD columns a
+        step), then `_router_choose`. With one split, the program routes the token. With
+        SPLITS, each stores its partial logits in part [T, SPLITS, BE], and the last program to
+        arrive for the token (counter_ptr: a zeroed int32 per token, bumped with acq_rel) sums
+        the token's partials split by split from 0.0 (float32, unrolled: its loads go out at
+        once; the same bits every run), routes the token and sets the counter back to 0."""
         t = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
         e = tl.arange(0, BE)
         em = e < E
         rows = w_ptr + e.to(tl.int64)[:, None] * D
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, D)
         logits = tl.zeros([BE], tl.float32)
-        for d0 in range(0, D, BD):
+        for d0 in range(lo, hi, BD):
             d = d0 + tl.arange(0, BD)
-            dm = d < D
+            dm = d < hi
             xs = tl.load(x_ptr + t * D + d, mask=dm, other=0.0)
             w = tl.load(rows + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
             logits += tl.sum(w * xs[None, :], 1)
+        if SPLITS > 1:
+            tl.store(part_ptr + (t * SPLITS + split) * BE + e, logits)
+            counter = counter_ptr + t
+            tl.debug_barrier()  # every thread's partial is stored before this program's arrival counts
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == SPLITS - 1:  # the last: every partial is stored
+                total = tl.zeros([BE], tl.float32)
+                for s in tl.static_range(SPLITS):
+                    total += tl.load(
+                        part_ptr + (t * SPLITS + s) * BE + e, cache_modifier=".cg"
+                    )  # not from L1
+                _router_choose(total, e, em, t, weights_ptr, experts_ptr, min_sum, K, BK, CUDA_EXP)
+                tl.atomic_xchg(counter, 0)
+        else:
+            _router_choose(logits, e, em, t, weights_ptr, experts_ptr, min_sum, K, BK, CUDA_EXP)
+
+    @triton.jit
+    def _router_choose(
+        logits, e, em, t, weights_ptr, experts_ptr, min_sum,
+        K: tl.constexpr, BK: tl.constexpr, CUDA_EXP: tl.constexpr,
+    ):  # fmt: skip
+        """Token t's routing from its logits [BE] (experts e, em: e < E): their softmax, the K
+        largest probabilities in descending order (equal ones: the lower expert first; NaN above
+        all, as torch.topk ranks it), renormalized to sum 1 with the sum clamped at min_sum,
+        stored at row t of weights and experts [T, K]. Each expert's rank (how many come before
+        it) is counted at once, not found by K rounds of argmax. CUDA_EXP: the softmax takes
+        CUDA's expf (libdevice), as torch's does (tl.exp is the approximate ex2 there); the
+        interpreter has no libdevice, its tl.exp is numpy's."""
         top = tl.max(tl.where(em, logits, float("-inf")), 0)
         ex = tl.where(em, libdevice.exp(logits - top) if CUDA_EXP else tl.exp(logits - top), 0.0)
         probs = tl.math.div_rn(ex, tl.sum(ex, 0))  # (`/` is an approximate division on CUDA)
@@ -2493,24 +2533,38 @@ def router_takes_kernel(x: torch.Tensor, weight: Optional[torch.Tensor], k: int)
     return runs_on(x.device)
 
 
-def router_tile(n_experts: int, d: int) -> int:
-    """Columns of the router's weight `_router_topk_kernel` reads a loop step: about
-    ROUTER_CONFIG["tile"] products over the experts' rows (padded to a power of two), at least
-    16, at most the row (a power of two)."""
-    be = _next_pow2(n_experts)
-    return min(_next_pow2(d), max(16, ROUTER_CONFIG["tile"] // be))
+def router_plan(n_experts: int, d: int) -> tuple[int, int, int]:
+    """(splits, columns a split, columns a loop step) of `_router_topk_kernel` for a router
+    weight [n_experts, d]: up to ROUTER_CONFIG["splits"] programs a token, each over a run of
+    columns that is a multiple of 16 (aligned loads), the last run shorter; a loop step reads
+    about ROUTER_CONFIG["tile"] products over the experts' rows (padded to a power of two), at
+    least 16 columns, at most the run (a power of two)."""
+    run = 16 * max(1, _ceil_div(_ceil_div(d, ROUTER_CONFIG["splits"]), 16))
+    splits = max(1, _ceil_div(d, run))
+    step = min(_next_pow2(run), max(16, ROUTER_CONFIG["tile"] // _next_pow2(n_experts)))
+    return splits, run, step
 
 
 def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_sum: float):
-    """`router_topk`'s launch (the devices checked, `router_takes_kernel` true)."""
+    """`router_topk`'s launch (the devices checked, `router_takes_kernel` true): a program per
+    token and split (`router_plan`); with several splits, the partial logits go to the device's
+    scratch for the shape and the token's counter (`_split_counters`)."""
     t, d = x.shape
     n_experts = weight.shape[0]
+    splits, run, step = router_plan(n_experts, d)
+    be = _next_pow2(n_experts)
     weights = x.new_empty((t, k))
     experts = x.new_empty((t, k), dtype=torch.int64)
+    part = counters = weights
+    if splits > 1:
+        part = _scratch(
+            ("router partials", x.device, t, splits, be), lambda: (x.new_empty((t, splits, be)),)
+        )[0]
+        counters = _split_counters(x.device, t)
     with _launch_device(x.device):
-        launch(_router_topk_kernel, (t,),
-            x, weight, weights, experts, d, n_experts, min_sum, K=k, BE=_next_pow2(n_experts),
-            BD=router_tile(n_experts, d), BK=_next_pow2(k), CUDA_EXP=not kernels.interpreting(),
+        launch(_router_topk_kernel, (t, splits),
+            x, weight, weights, experts, part, counters, d, n_experts, run, min_sum, K=k, BE=be, BD=step,
+            BK=_next_pow2(k), SPLITS=splits, CUDA_EXP=not kernels.interpreting(),
             num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"],
         )  # fmt: skip
     return weights, experts
