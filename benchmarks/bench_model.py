@@ -70,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         "decode_tokens": r.n_gen,
         "repeats": args.repeats,
         "decode": "eager" if args.eager else "CUDA graph where possible",
-        # which fused kernels ran (HARNESS_MATVEC, HARNESS_PREFILL; see harness.quant.fused)
-        "kernels": {"matvec": fused.matvec_path, "prefill": fused.prefill_path},
+        # which fused kernels ran and how they were launched (HARNESS_MATVEC, HARNESS_PREFILL,
+        # HARNESS_PDL, HARNESS_PREFETCH; see harness.quant.fused)
+        "kernels": {
+            "matvec": fused.matvec_path, "prefill": fused.prefill_path, "pdl": fused.pdl, "prefetch": fused.prefetch,
+        },  # fmt: skip
         "synth_seconds": synth_seconds,
         "load_seconds": r.load_seconds,
         "prefill_tokens_per_second": r.prefill_tokens_per_second,

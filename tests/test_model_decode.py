@@ -232,3 +232,30 @@ def test_cuda_fused_decode_at_device_positions_and_in_a_graph(tiny_path):
         graphed = greedy_decode(model, first, 5, 8, fast=True)
     assert model.decode_graph is not None
     assert graphed.tolist() == eager.tolist()
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_decode_with_programmatic_dependent_launch_is_bit_identical(tiny_path, monkeypatch):
+    """Programmatic dependent launch (`fused.pdl`, on by default from sm_90) changes when the
+    decode kernels start, never what they compute: eager steps give the same logits, bit for
+    bit, with it and without it, and a CUDA graph captured with it decodes what eager steps do."""
+    from harness.quant import fused
+
+    if not fused.pdl_options(torch.device("cuda")):
+        pytest.skip("no programmatic dependent launch on this GPU or Triton (it needs sm_90 or later)")
+    prompt = torch.tensor([3, 17, 99, 250, 7], device="cuda")
+    logits, tokens = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(fused, "pdl", on)
+        model = Mixtral.from_gguf(tiny_path, device="cuda", max_seq_len=32)
+        with torch.inference_mode():
+            steps = [model(prompt, 0)[-1]]
+            for pos in range(5, 11):
+                steps.append(model(steps[-1].argmax().view(1), pos)[-1])
+            logits[on] = torch.stack(steps)
+            model.reset()
+            model(prompt, 0)
+            tokens[on] = greedy_decode(model, logits[on][0].argmax().view(1), 5, 6, fast=True)
+        assert model.decode_graph is not None
+    assert torch.equal(logits[True], logits[False])
+    assert tokens[True].tolist() == tokens[False].tolist() == logits[True][1:].argmax(-1).tolist()

@@ -1151,6 +1151,18 @@ def _matvec_pointer_types(x: str) -> dict[str, str]:
     }  # fmt: skip
 
 
+def _check_waits_first(ptx: str, where) -> None:
+    """A decode kernel compiled with PDL (`fused.pdl`): it waits for the grid before it
+    (griddepcontrol.wait) before any load or store of global memory, then lets the next start."""
+    wait = ptx.index("griddepcontrol.wait")
+    assert "griddepcontrol.launch_dependents" in ptx[wait:], where
+    first_access = min(
+        (ptx.find(op) for op in ("ld.global", "st.global", "atom.global")),
+        key=lambda i: i if i >= 0 else len(ptx),
+    )
+    assert wait < first_access, where
+
+
 @pytest.mark.slow
 def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
     """`_matvec_kernel`'s "int" reads (Q4_K, packed Q6_K and Q8_0; plain, gated, and routed with
@@ -1188,16 +1200,20 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
                 consts = {
                     "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
                     "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
-                    "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "PTX": True,
+                    "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "PTX": True, "PDL": True, "PREFETCH": not routed,
                 }  # fmt: skip
                 names = kernel.arg_names
                 signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
                 attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
                 source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
                 compiled = triton.compile(
-                    source, target=GPUTarget("cuda", 90, 64), options={"num_warps": cfg["num_warps"]}
-                )
+                    source, target=GPUTarget("cuda", 90, 64),
+                    options={"num_warps": cfg["num_warps"], "launch_pdl": True},
+                )  # fmt: skip
                 where = (qtype.name, gated, routed)
+                _check_waits_first(compiled.asm["ptx"], where)
+                ptx = compiled.asm["ptx"]  # a dense weight's rows are asked of L2 before the wait
+                assert ("prefetch.global.L2" in ptx[: ptx.index("griddepcontrol.wait")]) is not routed, where
                 assert "dp2a.lo" in compiled.asm["ptx"] and "dp2a.hi" in compiled.asm["ptx"], where
                 code = sass(compiled.asm["cubin"], tmp)
                 assert not re.search(r"\b(LDL|STL)\b", code), where
@@ -1212,11 +1228,15 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
                 "scale_ptr": "*fp32",
                 "sum_ptr": "*fp32",
                 "K": "i32",
+                "PDL": "constexpr",
             },
-            constexprs={},
+            constexprs={"PDL": True},
             attrs={(i,): [["tt.divisibility", 16]] for i in range(5)},
         )
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 1})
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 1, "launch_pdl": True}
+        )
+        _check_waits_first(compiled.asm["ptx"], "_int_x_kernel")
         assert not re.search(r"\b(LDL|STL)\b", sass(compiled.asm["cubin"], tmp))
     finally:
         tmp.unlink(missing_ok=True)
@@ -1276,6 +1296,7 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         *((fused._rms_norm_kernel, {"BD": 4096, "ADD": add}, {"num_warps": 8}) for add in (False, True)),
     ]
     for kernel, consts, options in launches:
+        consts, options = {**consts, "PDL": True}, {**options, "launch_pdl": True}  # as on an H100
         names = kernel.arg_names
         pointers = [n for n in names if n.endswith("_ptr") or n.startswith(("cache_", "part_", "q_out"))]
         signature = {
@@ -1289,6 +1310,7 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
         assert compiled.asm["cubin"], (kernel.__name__, consts)
+        _check_waits_first(compiled.asm["ptx"], (kernel.__name__, consts))
 
 
 @pytest.mark.slow
@@ -1307,7 +1329,16 @@ def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
 
     kernel = fused._matvec_kernel
     pointers = _matvec_pointer_types(x="*fp32")
-    common = {"GATED": False, "VEC": True, "STAGES": 1, "REDUCE": True, "INT": False, "PTX": True}
+    common = {
+        "GATED": False,
+        "VEC": True,
+        "STAGES": 1,
+        "REDUCE": True,
+        "INT": False,
+        "PTX": True,
+        "PDL": False,
+        "PREFETCH": False,
+    }
     for consts in (
         {"QT": 12, "NP": 2, "BN": 16, "SCALED": False, "ROUTED": False, "PACKED": False, **common},
         {"QT": 14, "NP": 4, "BN": 32, "SCALED": True, "ROUTED": True, "PACKED": True, **common},
@@ -1377,7 +1408,8 @@ def test_router_kernel_compiles_for_sm_90_without_spills_without_a_gpu(monkeypat
     that are not powers of two, with no local memory (register spills). Split, each program's
     arrival is one acq_rel atomic at GPU scope after a barrier, the last reads the partials past
     L1 (ld.global.cg) and sets its counter back with an atomic exchange; Mixtral's weight loads
-    are 16-byte vectors."""
+    are 16-byte vectors. With PDL, only the weight (ld.global.cg) is read before the wait for the
+    kernel before (griddepcontrol.wait): no store, no atomic, x after it."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
     import re
@@ -1411,7 +1443,7 @@ def test_router_kernel_compiles_for_sm_90_without_spills_without_a_gpu(monkeypat
                 splits, _, step = fused.router_plan(n_exp, dim)
                 consts = {
                     "K": k, "BE": triton.next_power_of_2(n_exp), "BD": step, "BK": triton.next_power_of_2(k),
-                    "SPLITS": splits, "CUDA_EXP": True,
+                    "SPLITS": splits, "CUDA_EXP": True, "PDL": True,
                 }  # fmt: skip
                 names = kernel.arg_names
                 signature = {
@@ -1422,6 +1454,7 @@ def test_router_kernel_compiles_for_sm_90_without_spills_without_a_gpu(monkeypat
                 attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
                 source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
                 options = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
+                options["launch_pdl"] = True
                 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
                 tmp.write_bytes(compiled.asm["cubin"])
                 usage = subprocess.run(
@@ -1433,6 +1466,13 @@ def test_router_kernel_compiles_for_sm_90_without_spills_without_a_gpu(monkeypat
                     usage,
                 )
                 ptx = compiled.asm["ptx"]
+                # the weight's first step (ld.global.cg) before the wait, nothing else
+                before, after = ptx.split("griddepcontrol.wait", 1)
+                assert "griddepcontrol.launch_dependents" in after, where
+                assert "st.global" not in before and "atom." not in before, where
+                assert re.search(r"ld\.global\.cg", before), where
+                assert not re.search(r"ld\.global(?!\.cg)", before), where
+                assert re.search(r"ld\.global(?!\.cg)", after), where  # x, after the wait
                 if splits > 1:
                     arrive = ptx.index("atom.global.gpu.acq_rel.add")
                     assert "bar.sync" in ptx[:arrive], where
@@ -1442,7 +1482,7 @@ def test_router_kernel_compiles_for_sm_90_without_spills_without_a_gpu(monkeypat
                 else:
                     assert "atom." not in ptx, where
                 if (n_exp, dim) == (8, 4096):
-                    assert "ld.global.v4" in ptx, where
+                    assert re.search(r"ld\.global\.cg\.v4", ptx), where
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -185,6 +185,20 @@ ATTENTION_CONFIG: dict[str, int] = {
 ROUTER_MAX_EXPERTS = 64
 ROUTER_CONFIG: dict[str, int] = {"splits": 32, "tile": 1024, "num_warps": 4, "num_stages": 1}
 
+# Programmatic dependent launch (Hopper and later, `pdl_options`): each decode kernel (the
+# matrix-vector product, its x preparation, the norms, the attention's launches, the router) is
+# launched so that it may start while the kernel before it on the stream is finishing. Its first
+# act is to wait for that kernel (`_pdl_start`: griddepcontrol.wait, which returns once the
+# previous grid has completed and its writes are visible) before it reads or writes anything;
+# then it lets the next one start. What it saves is each launch's start-up gap, hundreds of them
+# a decode step (inside a CUDA graph too: captured launches keep the attribute). HARNESS_PDL=0
+# turns it off at import; `pdl` may be set later (benchmarks compare both).
+pdl = os.environ.get("HARNESS_PDL", "1") != "0"
+# With PDL, a matrix-vector program of a weight not chosen by the routing (the attention's and
+# the output head's) asks L2 for its rows' bytes before it waits (PREFETCH of `_matvec_kernel`):
+# the weight's first reads overlap the kernel before. HARNESS_PREFETCH=0 turns it off.
+prefetch = os.environ.get("HARNESS_PREFETCH", "1") != "0"
+
 
 @contextlib.contextmanager
 def disabled():
@@ -389,7 +403,67 @@ def _check_devices(op: str, *tensors: torch.Tensor) -> torch.device:
     return device
 
 
+_HAS_GDC = False  # Triton has grid dependency control (set below)
 if triton is not None:
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401  (`_pdl_capable` reads its options)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        _HAS_GDC = True
+    except ImportError:  # an older Triton, or one without NVIDIA's backend
+        _HAS_GDC = False
+
+    @triton.jit
+    def _pdl_start(PDL: tl.constexpr):
+        """A decode kernel's first act under programmatic dependent launch (`pdl`): wait until
+        the grid before it on the stream has completed (its writes visible), then let the
+        next one start launching. Nothing without PDL."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
+    def _prefetch_l2(addr):
+        """Asks L2 for the line holding each address of `addr` (a hint: nothing waits for it)."""
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
+            "=r,l",
+            [addr],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
+    def _prefetch_span(base, lo, size):
+        """`_prefetch_l2` of every 128-byte line of bytes [lo, lo + size) after each byte pointer
+        of `base` [BN] (only addresses inside the span are touched)."""
+        for off in range(0, size, 128):
+            _prefetch_l2(base + lo + off)
+        _prefetch_l2(base + lo + tl.maximum(size - 1, 0))
+
+    @triton.jit
+    def _prefetch_rows(
+        w_ptr, rows_b, first, last, n_super, row_bytes, QT: tl.constexpr, PACKED: tl.constexpr
+    ):
+        """`_prefetch_span` of what super-blocks first..last-1 of the rows starting at byte
+        offsets rows_b [BN] of w occupy: one span a row in GGUF's layout, one a plane in
+        `pack`'s."""
+        base = w_ptr.to(tl.pointer_type(tl.int8)) + rows_b
+        if not PACKED:
+            per = row_bytes // n_super
+            _prefetch_span(base, first * per, (last - first) * per)
+        else:
+            start = 0
+            for i in tl.static_range(4 if QT == 14 else 2):
+                # Q6_K planes: ql 128, qh 64, scales 16, d 2 bytes a block; Q8_0: qs 256, d 16 a super-block
+                size = (
+                    (128 if i == 0 else 64 if i == 1 else 16 if i == 2 else 2)
+                    if QT == 14
+                    else (256 if i == 0 else 16)
+                )
+                _prefetch_span(base, start + first * size, (last - first) * size)
+                start += size * n_super
 
     @triton.jit
     def _f16(ptr):
@@ -691,12 +765,22 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _vec_x_kernel(x_ptr, out_ptr, xsum_ptr, power_ptr, K, QT: tl.constexpr, PEAK_BLOCK: tl.constexpr):
+    def _vec_x_kernel(
+        x_ptr,
+        out_ptr,
+        xsum_ptr,
+        power_ptr,
+        K,
+        QT: tl.constexpr,
+        PEAK_BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
         """Super-block program_id(1) of row program_id(0) of x for `_q4_k_dot_vec` (QT 12; Q8_0,
         8, shares its sums), or `_q6_k_dot_vec` (QT 14), see `_vec_x`: the row's peak (every
         program of the row reads the whole row, a few KB from L2, so that one launch with a
         program per super-block does it all), then this super-block's permuted, scaled values
         and sums."""
+        _pdl_start(PDL)
         r = tl.program_id(0).to(tl.int64)
         sb = tl.program_id(1)
         row = x_ptr + r * K
@@ -750,12 +834,13 @@ if triton is not None:
         tl.store(xsum_ptr + r * (K // span) + sb * SUMS + j, tl.sum(chunk, axis=1) * unit)
 
     @triton.jit
-    def _int_x_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, K):
+    def _int_x_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, K, PDL: tl.constexpr = False):
         """Super-block program_id(1) of row program_id(0) of x [R, K] float32 for the "int"
         reads (`_int_x`): each 32-value block B as int16 q = round(32767 x / max|x|) at the
         positions of the int layout (int16 2(16B + 8p + w) + e holds value 32B + 4w + 2p + e),
         its scale max|x| / 32767 (NaN when the block holds a NaN or an infinity), and the sums
         of each 16 values (float32)."""
+        _pdl_start(PDL)
         r = tl.program_id(0).to(tl.int64)
         sb = tl.program_id(1)
         row = x_ptr + r * K + sb * 256
@@ -1040,6 +1125,8 @@ if triton is not None:
         REDUCE: tl.constexpr,
         INT: tl.constexpr,
         PTX: tl.constexpr,
+        PDL: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
@@ -1055,10 +1142,38 @@ if triton is not None:
         its partial in part [splits, pairs, N], and the last program to arrive at an output tile
         (counter_ptr: a zeroed int32 per tile, bumped with acq_rel) sums the tile's partials in
         a fixed order, pair by pair and split by split from 0.0 (float32: the same bits every
-        run), writes the row and sets the counter back to 0."""
+        run), writes the row and sets the counter back to 0.
+
+        PREFETCH (a weight not chosen by `experts`, see `_matvec_plan`): before waiting for the
+        kernel before it (PDL), the program asks L2 for the bytes of its rows it will read."""
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
         split = tl.program_id(2)
+        if PREFETCH:
+            rows = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+            rows_b = tl.where(rows < N, rows, 0) * row_bytes
+            _prefetch_rows(
+                w_ptr,
+                rows_b,
+                split * chunk,
+                tl.minimum(split * chunk + chunk, n_super),
+                n_super,
+                row_bytes,
+                QT,
+                PACKED,
+            )
+            if GATED:
+                _prefetch_rows(
+                    u_ptr,
+                    rows_b,
+                    split * chunk,
+                    tl.minimum(split * chunk + chunk, n_super),
+                    n_super,
+                    row_bytes,
+                    QT,
+                    PACKED,
+                )
+        _pdl_start(PDL)
         e = tl.load(experts_ptr + p).to(tl.int64) if ROUTED else 0
         xp = x_ptr + (p // x_div).to(tl.int64) * x_stride
         n = pid_n * BN + tl.arange(0, BN)
@@ -1330,10 +1445,20 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, r_ptr, total_ptr, w_ptr, out_ptr, D, eps, BD: tl.constexpr, ADD: tl.constexpr
+        x_ptr,
+        r_ptr,
+        total_ptr,
+        w_ptr,
+        out_ptr,
+        D,
+        eps,
+        BD: tl.constexpr,
+        ADD: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """One row: x * rsqrt(mean(x^2) + eps) * w, in float32; with ADD, x is first the sum of
         the rows at x_ptr and r_ptr (one rounded add, as torch's), stored at total_ptr."""
+        _pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BD)
         m = cols < D
@@ -1378,7 +1503,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["start"])
     def _rope_cache_kernel(
         qkv_ptr, W, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, q_out,
-        H, KV, S_MAX, HD, HALF, BH: tl.constexpr, BD: tl.constexpr, FROM_START: tl.constexpr,
+        H, KV, S_MAX, HD, HALF, BH: tl.constexpr, BD: tl.constexpr, FROM_START: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::attention`'s first launch. Token t's row of qkv [T, W] holds its H query
         heads, KV key heads and KV value heads of HD values, side by side. Program (t, j), j < H:
@@ -1386,6 +1511,7 @@ if triton is not None:
         [KV, S_MAX, HD] at the token's position, value head kv copied into cache_v there. A
         position outside 0..S_MAX-1 writes nothing (index_copy_ would raise; this cannot without
         a host read)."""
+        _pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1).to(tl.int64)
         pos = start + t if FROM_START else tl.load(pos_ptr + t).to(tl.int64)
@@ -1409,7 +1535,7 @@ if triton is not None:
     def _attention_kernel(
         q_ptr, cache_k, cache_v, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
         T, G, S_MAX, N_KEYS, SPLIT_KEYS, HD, scale,
-        BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, FROM_START: tl.constexpr, SPLIT: tl.constexpr,
+        BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, FROM_START: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::attention`'s second launch (flash decoding). Program (kv, split): the G*T
         queries of KV head kv (row r = g*T + t: head kv*G + g, token t; rotated, q_ptr
@@ -1418,6 +1544,7 @@ if triton is not None:
         SPLIT the rows are finished into out [T, H*HD]; with it, the unnormalized rows, their
         maxima and sums go to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS, BM]
         for `_attention_merge_kernel`. A program past the last query's position reads nothing."""
+        _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1).to(tl.int64)
         r = tl.arange(0, BM)
@@ -1468,10 +1595,11 @@ if triton is not None:
     @triton.jit
     def _attention_merge_kernel(
         part_acc, part_m, part_l, out_ptr, T, G, KV, HD, SPLITS, BM: tl.constexpr, BD: tl.constexpr,
-        BP: tl.constexpr,
+        BP: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::attention`'s third launch when the keys were split: program (kv, r) merges
         row r of KV head kv over the splits (each rescaled to the largest maximum) into out."""
+        _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
         r = tl.program_id(1).to(tl.int64)
         sp = tl.arange(0, BP)
@@ -1517,6 +1645,28 @@ def _ptx() -> bool:
     """Whether kernels may hold NVIDIA's PTX (the int reads' dp2a): compiled for an NVIDIA GPU,
     not under the interpreter nor for ROCm (whose torch also calls its devices "cuda")."""
     return not kernels.interpreting() and torch.version.hip is None
+
+
+def pdl_options(device: torch.device) -> dict:
+    """The launch keywords of a decode kernel on `device`: its PDL constexpr and Triton's
+    `launch_pdl` where `pdl` is set and the device and Triton can (see `pdl`), else none."""
+    return _PDL_ON if pdl and _pdl_capable(device) else _PDL_OFF
+
+
+_PDL_ON, _PDL_OFF = {"PDL": True, "launch_pdl": True}, {}
+
+
+@functools.cache
+def _pdl_capable(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or later, NVIDIA's (not ROCm), not the
+    interpreter, and a Triton with grid dependency control (`gdc_wait`) and the `launch_pdl`
+    launch option (asked once per device)."""
+    if device.type != "cuda" or not _ptx() or not _HAS_GDC:
+        return False
+    options = getattr(triton.backends.nvidia.compiler, "CUDAOptions", None)
+    if options is None or "launch_pdl" not in getattr(options, "__dataclass_fields__", {}):
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _launch_device(device: torch.device):
@@ -1576,12 +1726,25 @@ def _matvec_plan(
 ) -> _MatvecPlan:  # fmt: skip
     """The launch of a product of `n_pairs` <= MATVEC_MAX_ROWS rows, made once per shape, type
     code, device, `matvec_path` and launch setting (MATVEC_CONFIG may change: the sweeps)."""
-    key = (code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, matvec_path)
+    key = (
+        code,
+        in_features,
+        out_features,
+        n_pairs,
+        out_div,
+        gated,
+        scaled,
+        routed,
+        device,
+        matvec_path,
+        pdl,
+        prefetch,
+    )
     known = _PLANS.get(key)
     if known is not None and known[0] == known[1]:  # (the setting as it was planned with)
         return known[2]
     cfg = matvec_config(code)  # (checks matvec_path)
-    plan = _planned(*key[:-1], _matvec_path(), tuple(cfg.items()))
+    plan = _planned(*key[:9], _matvec_path(), tuple(cfg.items()))
     if len(_PLANS) >= 4096:
         _PLANS.clear()
     _PLANS[key] = (cfg, dict(cfg), plan)
@@ -1613,8 +1776,9 @@ def _planned(
     options = {
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "BN": bn, "num_warps": cfg["num_warps"],
-        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "PTX": _ptx(),
+        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "PTX": _ptx(), **pdl_options(device),
     }  # fmt: skip
+    options["PREFETCH"] = bool(options.get("PDL")) and prefetch and not routed
     return _MatvecPlan(
         grid=(_ceil_div(out_features, bn), n_pairs, splits),
         reduce=options["REDUCE"],
@@ -1866,7 +2030,8 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
     )
     peak_block = min(_next_pow2(k), 4096)
     launch(
-        _vec_x_kernel, (r, k // SUPER), x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4
+        _vec_x_kernel, (r, k // SUPER), x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4,
+        **pdl_options(x.device),
     )  # fmt: skip
     return order, sums, power
 
@@ -1882,7 +2047,7 @@ def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return x.new_empty((r, k), dtype=torch.int16), x.new_empty((r, k // 16)), x.new_empty((r, k // 32))
 
     q, sums, scales = _scratch(("int x", x.device, r, k), make)
-    launch(_int_x_kernel, (r, k // SUPER), x, q, scales, sums, k, num_warps=1)
+    launch(_int_x_kernel, (r, k // SUPER), x, q, scales, sums, k, num_warps=1, **pdl_options(x.device))
     return q.view(torch.int32), sums, scales
 
 
@@ -2106,7 +2271,7 @@ def _normed(
             bd = _next_pow2(d)
             launch(
                 _rms_norm_kernel, (x.numel() // d,), x, residual, total, weight, out, d, eps, BD=bd, ADD=add,
-                num_warps=8 if bd >= 2048 else 4,
+                num_warps=8 if bd >= 2048 else 4, **pdl_options(x.device),
             )  # fmt: skip
     return total, out
 
@@ -2322,11 +2487,12 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     bm = max(16, _next_pow2(group * t))
     bd = _next_pow2(hd)
     splits, split_keys = attention_splits(n_keys, n_kv, device)
+    pdl_kw = pdl_options(device)
     with _launch_device(device):
         launch(_rope_cache_kernel, (t, n_heads + n_kv),
             qkv, width, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
             BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **pdl_kw,
         )  # fmt: skip
         if splits == 1:
             part_acc = part_m = part_l = out
@@ -2345,12 +2511,12 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         launch(_attention_kernel, (n_kv, splits),
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
             split_keys, hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw,
         )  # fmt: skip
         if splits > 1:
             launch(_attention_merge_kernel, (n_kv, group * t),
                 part_acc, part_m, part_l, out, t, group, n_kv, hd, splits, BM=bm, BD=bd,
-                BP=_next_pow2(splits), num_warps=cfg["merge_warps"],
+                BP=_next_pow2(splits), num_warps=cfg["merge_warps"], **pdl_kw,
             )  # fmt: skip
     # the kernels wrote the caches outside torch: their versions move as an in-place op's would
     torch.autograd.graph.increment_version(cache_k)
@@ -2415,7 +2581,7 @@ if triton is not None:
     def _router_topk_kernel(
         x_ptr, w_ptr, weights_ptr, experts_ptr, part_ptr, counter_ptr, D, E, chunk, min_sum,
         K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
-        CUDA_EXP: tl.constexpr,
+        CUDA_EXP: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::router_topk` for token t (program (t, split)): the logits x[t] @ w.T of the E
         experts over the split's `chunk` columns (float32 products summed over BD columns a
@@ -2423,7 +2589,11 @@ if triton is not None:
         SPLITS, each stores its partial logits in part [T, SPLITS, BE], and the last program to
         arrive for the token (counter_ptr: a zeroed int32 per token, bumped with acq_rel) sums
         the token's partials split by split from 0.0 (float32, unrolled: its loads go out at
-        once; the same bits every run), routes the token and sets the counter back to 0."""
+        once; the same bits every run), routes the token and sets the counter back to 0.
+
+        The weight is no kernel's output: its first step's columns are loaded before the wait
+        for the kernel before (PDL), so the read overlaps that kernel's end, and each loop step
+        loads the next step's (past L1, ".cg": read once) before it uses this one's."""
         t = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         e = tl.arange(0, BE)
@@ -2431,13 +2601,18 @@ if triton is not None:
         rows = w_ptr + e.to(tl.int64)[:, None] * D
         lo = split * chunk
         hi = tl.minimum(lo + chunk, D)
+        d = lo + tl.arange(0, BD)
+        w = tl.load(rows + d[None, :], mask=em[:, None] & (d < hi)[None, :], other=0.0, cache_modifier=".cg")
+        _pdl_start(PDL)
         logits = tl.zeros([BE], tl.float32)
         for d0 in range(lo, hi, BD):
-            d = d0 + tl.arange(0, BD)
-            dm = d < hi
-            xs = tl.load(x_ptr + t * D + d, mask=dm, other=0.0)
-            w = tl.load(rows + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
-            logits += tl.sum(w * xs[None, :], 1)
+            xs = tl.load(x_ptr + t * D + d, mask=d < hi, other=0.0)
+            this = w
+            d = d0 + BD + tl.arange(0, BD)  # the next step's (past the run: nothing read)
+            w = tl.load(
+                rows + d[None, :], mask=em[:, None] & (d < hi)[None, :], other=0.0, cache_modifier=".cg"
+            )
+            logits += tl.sum(this * xs[None, :], 1)
         if SPLITS > 1:
             tl.store(part_ptr + (t * SPLITS + split) * BE + e, logits)
             counter = counter_ptr + t
@@ -2445,10 +2620,8 @@ if triton is not None:
             arrived = tl.atomic_add(counter, 1, sem="acq_rel")
             if arrived == SPLITS - 1:  # the last: every partial is stored
                 total = tl.zeros([BE], tl.float32)
-                for s in tl.static_range(SPLITS):
-                    total += tl.load(
-                        part_ptr + (t * SPLITS + s) * BE + e, cache_modifier=".cg"
-                    )  # not from L1
+                for s in tl.static_range(SPLITS):  # (past L1: the other programs' stores)
+                    total += tl.load(part_ptr + (t * SPLITS + s) * BE + e, cache_modifier=".cg")
                 _router_choose(total, e, em, t, weights_ptr, experts_ptr, min_sum, K, BK, CUDA_EXP)
                 tl.atomic_xchg(counter, 0)
         else:
@@ -2565,7 +2738,7 @@ def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_
         launch(_router_topk_kernel, (t, splits),
             x, weight, weights, experts, part, counters, d, n_experts, run, min_sum, K=k, BE=be, BD=step,
             BK=_next_pow2(k), SPLITS=splits, CUDA_EXP=not kernels.interpreting(),
-            num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"],
+            num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"], **pdl_options(x.device),
         )  # fmt: skip
     return weights, experts
 
