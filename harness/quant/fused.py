@@ -175,13 +175,14 @@ ATTENTION_CONFIG: dict[str, int] = {
 # its weight (Mixtral's 8 x 4096, 128 KB) from DRAM. One program per token reading it in 64 KB
 # steps took 8.8 us a call on an H100 (session 7's decode profile), so the columns are split:
 # up to "splits" programs a token (`router_plan`), each storing partial logits that the last of
-# them sums and routes. 32 splits: Mixtral's router in runs of 128 columns, 4 KB a program, the
-# whole run one loop step of "tile" 1024 products (8 floats, two 16-byte loads, a thread at 4
-# warps); 32 programs a token, 256 at 8 tokens: one wave on an H100's 132 SMs; the last program
-# reads 32 partials of 32 B at once. More splits halve a program's reads but double the
-# partials and the programs. Chosen by that reasoning, not yet timed: `benchmarks/bench_fused.py
-# --router-only --sweep-router` times it against other settings and the one-program kernel
-# ("splits" 1, "tile" 16384, 8 warps: the kernel before splits).
+# them sums and routes; each loads its weight before it waits for the kernel before (PDL: the
+# weight is no kernel's output). 32 splits: Mixtral's router in runs of 128 columns, 4 KB a
+# program, the whole run one loop step of "tile" 1024 products (8 floats, two 16-byte loads, a
+# thread at 4 warps); 32 programs a token, 256 at 8 tokens: one wave on an H100's 132 SMs; the
+# last program reads 32 partials of 32 B at once. More splits halve a program's reads but
+# double the partials and the programs. Chosen by that reasoning, not yet timed:
+# `benchmarks/bench_fused.py --router-only --sweep-router` times it against other settings and
+# the one-program kernel ("splits" 1, "tile" 16384, 8 warps: the kernel before splits).
 ROUTER_MAX_EXPERTS = 64
 ROUTER_CONFIG: dict[str, int] = {"splits": 32, "tile": 1024, "num_warps": 4, "num_stages": 1}
 
