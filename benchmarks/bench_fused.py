@@ -78,10 +78,15 @@ SHAPES = [
 TOKENS = (1, 512)
 MOE_SHAPE = (8, 4096, 14336)
 MATVEC_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
-# harness::attention: Mixtral's heads, KV heads, head dim, cache length; (tokens, cached
-# positions the call attends over, device positions or not)
+# harness::attention: Mixtral's heads, KV heads, head dim, cache length
 ATTENTION_HEADS = (32, 8, 128, 4096)
-ATTENTION_CALLS = [(1, 512, False), (1, 4096, False), (1, 512, True), (1, 4096, True), (8, 4096, False)]
+# (tokens, cached positions the call attends over, device positions or not); short caches as a
+# decode starts among them: 12 in the start form (one split, as session 11's eager decode
+# profile ran it), 100 at device positions (the whole-cache step of a CUDA graph)
+ATTENTION_CALLS = [
+    (1, 12, False), (1, 100, True), (1, 512, False), (1, 4096, False), (1, 512, True), (1, 4096, True),
+    (8, 4096, False),
+]  # fmt: skip
 # --sweep-attention: (BS, num_warps, num_stages, split_min_keys) of the kernels
 ATTENTION_SWEEP = [
     (32, 4, 2, 64),
@@ -92,6 +97,8 @@ ATTENTION_SWEEP = [
     (16, 4, 2, 128),
     (32, 4, 3, 256),
     (32, 8, 2, 256),
+    (32, 8, 2, 64),  # 8 warps: each warp's loop 874 instructions, not 1564 (sass_attention.py)
+    (16, 8, 2, 32),
 ]
 # harness::router_topk: (tokens, experts, experts used, columns)
 ROUTER_CALLS = [(1, 8, 2, 4096), (8, 8, 2, 4096)]

@@ -364,6 +364,9 @@ ATTENTION_SHAPES_SMALL = [
     (8, 2, 2, 128, 128, 37, 29, False),
     (8, 8, 2, 64, 64, 37, 0, True),
     (9, 8, 2, 64, 64, 37, 3, False),
+    # the static-shape step early in a long cache: one KV head takes 4 splits (the CPU's
+    # programs wanted), among which the kernel spreads the 71 keys seen: 32, 32, 7 and none
+    (1, 4, 1, 64, 64, 300, 70, True),
 ]
 ATTENTION_SHAPES_FULL = [
     (1, 32, 8, 128, 128, 4096, 0, True),
@@ -1269,7 +1272,7 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
 
     cfg = fused.ATTENTION_CONFIG
     scalars = {"start": "i64", "scale": "fp32", "eps": "fp32"}
-    aligned = ("S_MAX", "HD", "N_KEYS", "SPLIT_KEYS")
+    aligned = ("S_MAX", "HD", "N_KEYS")
     launches = [  # (kernel, constexprs, launch options): the decode step's and a start form's
         (
             fused._rope_cache_kernel,

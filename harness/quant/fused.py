@@ -160,8 +160,10 @@ attention_path = os.environ.get("HARNESS_ATTENTION", "triton")
 ATTENTION_MAX_TOKENS = MATVEC_MAX_ROWS  # tokens of a call up to which the kernels run (decode)
 ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one program's tile
 # BS keys per loop step (64 spills registers on sm_90 at 32 query rows; BS 32 with 2 stages
-# does not: tests/test_quant_fused.py compiles it for sm_90); a split of the cache has at least
-# split_min_keys keys. Session 7's H100 sweep (`bench_fused.py --attention-only
+# does not: tests/test_quant_fused.py compiles it for sm_90); the launch has as many splits as
+# give the cache's length (the whole cache in the static-shape step) at least split_min_keys
+# keys a split, and the kernel spreads the keys its queries see over them in whole BS steps.
+# Session 7's H100 sweep (`bench_fused.py --attention-only
 # --sweep-attention`, Mixtral's 32/8 heads, T=1): 64 takes 512 cached keys in 0.019-0.021 ms
 # against 256's 0.053-0.056 (more splits fill the device), and 0.064 against 0.062 at 4096.
 ATTENTION_CONFIG: dict[str, int] = {
@@ -1532,16 +1534,20 @@ if triton is not None:
             v = row + (j + KV) * HD
             tl.store(cache_v + slot + d, tl.load(v + d, mask=m, other=0.0), mask=m)
 
-    @triton.jit(do_not_specialize=["start", "N_KEYS", "SPLIT_KEYS"])
+    @triton.jit(do_not_specialize=["start", "N_KEYS"])
     def _attention_kernel(
         q_ptr, cache_k, cache_v, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
-        T, G, S_MAX, N_KEYS, SPLIT_KEYS, HD, scale,
+        T, G, S_MAX, N_KEYS, HD, scale,
         BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, FROM_START: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::attention`'s second launch (flash decoding). Program (kv, split): the G*T
         queries of KV head kv (row r = g*T + t: head kv*G + g, token t; rotated, q_ptr
-        [T, H, HD]) against the cached keys split*SPLIT_KEYS.. of the next SPLIT_KEYS below
-        N_KEYS, each query seeing positions up to its own. Online softmax in float32. Without
+        [T, H, HD]) against its share of the cached keys, each query seeing positions up to its
+        own: the keys below N_KEYS that any query sees (up to the last query's position, read
+        from the device in the static-shape step) are spread evenly over the launch's splits in
+        runs of whole BS steps, so that a short cache in a long one takes as many programs as
+        it has steps, not the first splits (a program with none reads nothing). Online softmax
+        in float32. Without
         SPLIT the rows are finished into out [T, H*HD]; with it, the unnormalized rows, their
         maxima and sums go to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS, BM]
         for `_attention_merge_kernel`. A program past the last query's position reads nothing."""
@@ -1554,8 +1560,10 @@ if triton is not None:
         t = r % T
         pos = start + t.to(tl.int64) if FROM_START else tl.load(pos_ptr + t, mask=valid, other=0).to(tl.int64)
         pos = tl.where(valid, pos, -1)  # [BM] each query's position; -1 for padding rows
-        lo = split * SPLIT_KEYS
-        hi = tl.minimum(tl.minimum(lo + SPLIT_KEYS, N_KEYS), tl.max(pos, 0) + 1)
+        n_seen = tl.minimum(N_KEYS, tl.max(pos, 0) + 1)  # keys the queries see
+        per = tl.cdiv(tl.cdiv(n_seen, tl.num_programs(1)), BS) * BS
+        lo = split * per
+        hi = tl.minimum(lo + per, n_seen)
         d = tl.arange(0, BD)
         dm = d < HD
         head = kv * G + g
@@ -2454,9 +2462,11 @@ def attention_takes_kernels(qkv, cache_k, cache_v, cos, sin, positions) -> bool:
 
 
 def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int, int]:
-    """(splits, keys per split) of the cached keys (flash decoding): enough programs to fill
-    the device (`_programs_wanted` over the KV heads), none with fewer than
-    ATTENTION_CONFIG["split_min_keys"] keys, so a short cache is one split (no merge launch)."""
+    """(splits, keys per split) of `n_keys` cached keys (flash decoding; the whole cache in the
+    static-shape step): enough programs to fill the device (`_programs_wanted` over the KV
+    heads), none with fewer than ATTENTION_CONFIG["split_min_keys"] keys, so a short cache is
+    one split (no merge launch). The kernel spreads the keys its queries see over that many
+    splits (`_attention_kernel`), fewer a split where they are fewer than `n_keys`."""
     bs = ATTENTION_CONFIG["BS"]
     wanted = _ceil_div(_programs_wanted(device), n_kv)
     per = _ceil_div(n_keys, wanted)
@@ -2487,7 +2497,7 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     cfg = ATTENTION_CONFIG
     bm = max(16, _next_pow2(group * t))
     bd = _next_pow2(hd)
-    splits, split_keys = attention_splits(n_keys, n_kv, device)
+    splits, _ = attention_splits(n_keys, n_kv, device)
     pdl_kw = pdl_options(device)
     with _launch_device(device):
         launch(_rope_cache_kernel, (t, n_heads + n_kv),
@@ -2511,7 +2521,7 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
             )
         launch(_attention_kernel, (n_kv, splits),
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
-            split_keys, hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
+            hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw,
         )  # fmt: skip
         if splits > 1:
