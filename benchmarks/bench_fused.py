@@ -87,18 +87,20 @@ ATTENTION_CALLS = [
     (1, 12, False), (1, 100, True), (1, 512, False), (1, 4096, False), (1, 512, True), (1, 4096, True),
     (8, 4096, False),
 ]  # fmt: skip
-# --sweep-attention: (BS, num_warps, num_stages, split_min_keys) of the kernels
+# --sweep-attention: (BS, num_warps, num_stages, split_min_keys, dot) of the kernels
 ATTENTION_SWEEP = [
-    (32, 4, 2, 64),
-    (32, 4, 2, 128),
-    (32, 4, 2, 256),
-    (32, 4, 2, 512),
-    (32, 4, 2, 4096),
-    (16, 4, 2, 128),
-    (32, 4, 3, 256),
-    (32, 8, 2, 256),
-    (32, 8, 2, 64),  # 8 warps: each warp's loop 874 instructions, not 1564 (sass_attention.py)
-    (16, 8, 2, 32),
+    (32, 4, 2, 64, "ieee"),
+    (32, 4, 2, 128, "ieee"),
+    (32, 4, 2, 256, "ieee"),
+    (32, 4, 2, 512, "ieee"),
+    (32, 4, 2, 4096, "ieee"),
+    (16, 4, 2, 128, "ieee"),
+    (32, 4, 3, 256, "ieee"),
+    (32, 8, 2, 256, "ieee"),
+    (32, 8, 2, 64, "ieee"),  # 8 warps: each warp's loop 874 instructions, not 1564 (sass_attention.py)
+    (16, 8, 2, 32, "ieee"),
+    (32, 4, 2, 64, "tf32x3"),  # tensor cores, near float32: 942 (4 warps), 689 (8 warps)
+    (32, 8, 2, 64, "tf32x3"),
 ]
 # harness::router_topk: (tokens, experts, experts used, columns)
 ROUTER_CALLS = [(1, 8, 2, 4096), (8, 8, 2, 4096)]
@@ -595,12 +597,13 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
         if sweep:
             saved = dict(fused.ATTENTION_CONFIG)
             reference = calls[fused.ATTENTION_PATHS[0]]()  # the kernels at the default settings
-            for bs, warps, stages, split_min in ATTENTION_SWEEP:
+            for bs, warps, stages, split_min, dot in ATTENTION_SWEEP:
                 fused.ATTENTION_CONFIG.update(
-                    BS=bs, num_warps=warps, num_stages=stages, split_min_keys=split_min
+                    BS=bs, num_warps=warps, num_stages=stages, split_min_keys=split_min, dot=dot
                 )
                 ms, off = timed_setting(calls[fused.ATTENTION_PATHS[0]], reference)
-                label = f"  sweep BS={bs} warps={warps} stages={stages} split_min_keys={split_min} {name}"
+                setting = f"BS={bs} warps={warps} stages={stages} split_min_keys={split_min} dot={dot}"
+                label = f"  sweep {setting} {name}"
                 row(label, ms, nbytes, flops, off)
             fused.ATTENTION_CONFIG.update(saved)
 

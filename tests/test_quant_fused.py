@@ -1286,12 +1286,19 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         ),
         (
             fused._attention_kernel,
-            {"BM": 16, "BD": 128, "BS": cfg["BS"], "FROM_START": False, "SPLIT": True},
+            {"BM": 16, "BD": 128, "BS": cfg["BS"], "FROM_START": False, "SPLIT": True, "DOT": cfg["dot"]},
             {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         ),
         (
             fused._attention_kernel,
-            {"BM": fused.ATTENTION_MAX_ROWS, "BD": 64, "BS": cfg["BS"], "FROM_START": True, "SPLIT": False},
+            {
+                "BM": fused.ATTENTION_MAX_ROWS,
+                "BD": 64,
+                "BS": cfg["BS"],
+                "FROM_START": True,
+                "SPLIT": False,
+                "DOT": cfg["dot"],
+            },  # fmt: skip
             {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         ),
         (fused._attention_merge_kernel, {"BM": 16, "BD": 128, "BP": 16}, {"num_warps": cfg["merge_warps"]}),

@@ -166,8 +166,12 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # Session 7's H100 sweep (`bench_fused.py --attention-only
 # --sweep-attention`, Mixtral's 32/8 heads, T=1): 64 takes 512 cached keys in 0.019-0.021 ms
 # against 256's 0.053-0.056 (more splits fill the device), and 0.064 against 0.062 at 4096.
-ATTENTION_CONFIG: dict[str, int] = {
-    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64,
+# "dot": the products' tl.dot input_precision: "ieee", float32 FMAs (the torch path's
+# arithmetic); "tf32x3", three TF32 tensor-core products each, near float32 (a loop of 942
+# instructions for sm_90, not 1564; neither timed nor checked against ATTENTION_MAX_ABS on a GPU
+# yet: `bench_fused.py --attention-only --sweep-attention` gives its time and NMSE).
+ATTENTION_CONFIG: dict[str, int | str] = {
+    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64, "dot": "ieee",
 }  # fmt: skip
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
@@ -1539,6 +1543,7 @@ if triton is not None:
         q_ptr, cache_k, cache_v, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
         T, G, S_MAX, N_KEYS, HD, scale,
         BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, FROM_START: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+        DOT: tl.constexpr = "ieee",
     ):  # fmt: skip
         """`harness::attention`'s second launch (flash decoding). Program (kv, split): the G*T
         queries of KV head kv (row r = g*T + t: head kv*G + g, token t; rotated, q_ptr
@@ -1547,10 +1552,10 @@ if triton is not None:
         from the device in the static-shape step) are spread evenly over the launch's splits in
         runs of whole BS steps, so that a short cache in a long one takes as many programs as
         it has steps, not the first splits (a program with none reads nothing). Online softmax
-        in float32. Without
-        SPLIT the rows are finished into out [T, H*HD]; with it, the unnormalized rows, their
-        maxima and sums go to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS, BM]
-        for `_attention_merge_kernel`. A program past the last query's position reads nothing."""
+        in float32, the products at tl.dot's input precision DOT. Without SPLIT the rows are
+        finished into out [T, H*HD]; with it, the unnormalized rows, their maxima and sums go
+        to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS, BM] for
+        `_attention_merge_kernel`."""
         _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1).to(tl.int64)
@@ -1580,7 +1585,7 @@ if triton is not None:
             slot = (kv * S_MAX + s) * HD
             km = sm[:, None] & dm[None, :]
             keys = tl.load(cache_k + slot[:, None] + d[None, :], mask=km, other=0.0)  # [BS, BD]
-            scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale  # [BM, BS]
+            scores = tl.dot(q, tl.trans(keys), input_precision=DOT) * scale  # [BM, BS]
             seen = sm[None, :] & (s[None, :] <= pos[:, None])
             scores = tl.where(seen, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -1589,7 +1594,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             values = tl.load(cache_v + slot[:, None] + d[None, :], mask=km, other=0.0)  # [BS, BD]
-            acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p, values, input_precision=DOT)
             m_i = m_new
         if SPLIT:
             at = (kv * tl.num_programs(1) + split) * BM + r
@@ -2522,7 +2527,7 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         launch(_attention_kernel, (n_kv, splits),
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
             hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], DOT=cfg["dot"], **pdl_kw,
         )  # fmt: skip
         if splits > 1:
             launch(_attention_merge_kernel, (n_kv, group * t),
