@@ -28,7 +28,10 @@ launch settings):
 8 tokens: its Triton kernel ("triton", new) against the torch path ("torch", old: the op under
 `fused.disabled()`), in a CUDA graph and eagerly, as attention; its bytes are the router's
 weight. Before attention in the default run; `--router-only` times only these
-(`--sweep-router` adds the kernel's launch settings):
+(`--sweep-router` adds the kernel's launch settings, ROUTER_SWEEP, the one-program kernel
+among them). A "weight from DRAM" row times calls on weights in turn (more than twice the L2
+cache in all), as a decode step's routers read theirs; the others time one weight over and
+over, from L2:
 
     python benchmarks/bench_fused.py --router-only --sweep-router --out benchmarks/results/router.json
 """
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -74,32 +78,46 @@ SHAPES = [
 TOKENS = (1, 512)
 MOE_SHAPE = (8, 4096, 14336)
 MATVEC_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
-# harness::attention: Mixtral's heads, KV heads, head dim, cache length; (tokens, cached
-# positions the call attends over, device positions or not)
+# harness::attention: Mixtral's heads, KV heads, head dim, cache length
 ATTENTION_HEADS = (32, 8, 128, 4096)
-ATTENTION_CALLS = [(1, 512, False), (1, 4096, False), (1, 512, True), (1, 4096, True), (8, 4096, False)]
-# --sweep-attention: (BS, num_warps, num_stages, split_min_keys) of the kernels
+# (tokens, cached positions the call attends over, device positions or not); short caches as a
+# decode starts among them: 12 in the start form (one split, as session 11's eager decode
+# profile ran it), 100 at device positions (the whole-cache step of a CUDA graph)
+ATTENTION_CALLS = [
+    (1, 12, False), (1, 100, True), (1, 512, False), (1, 4096, False), (1, 512, True), (1, 4096, True),
+    (8, 4096, False),
+]  # fmt: skip
+# --sweep-attention: (BS, num_warps, num_stages, split_min_keys, dot) of the kernels
 ATTENTION_SWEEP = [
-    (32, 4, 2, 64),
-    (32, 4, 2, 128),
-    (32, 4, 2, 256),
-    (32, 4, 2, 512),
-    (32, 4, 2, 4096),
-    (16, 4, 2, 128),
-    (32, 4, 3, 256),
-    (32, 8, 2, 256),
+    (32, 4, 2, 64, "ieee"),
+    (32, 4, 2, 128, "ieee"),
+    (32, 4, 2, 256, "ieee"),
+    (32, 4, 2, 512, "ieee"),
+    (32, 4, 2, 4096, "ieee"),
+    (16, 4, 2, 128, "ieee"),
+    (32, 4, 3, 256, "ieee"),
+    (32, 8, 2, 256, "ieee"),
+    (32, 8, 2, 64, "ieee"),  # 8 warps: each warp's loop 874 instructions, not 1564 (sass_attention.py)
+    (16, 8, 2, 32, "ieee"),
+    (32, 4, 2, 64, "tf32x3"),  # tensor cores, near float32: 942 (4 warps), 689 (8 warps)
+    (32, 8, 2, 64, "tf32x3"),
 ]
 # harness::router_topk: (tokens, experts, experts used, columns)
 ROUTER_CALLS = [(1, 8, 2, 4096), (8, 8, 2, 4096)]
-# --sweep-router: (tile, num_warps, num_stages) of its kernel (tile: products a loop step)
+# --sweep-router: ROUTER_CONFIG's (splits, tile, num_warps, num_stages) (splits: programs a token
+# over the columns; tile: products a loop step); the first, one program a token, is the kernel
+# before splits; (32, 1024, 4, 1) the default.
 ROUTER_SWEEP = [
-    (2048, 4, 1),
-    (4096, 4, 1),
-    (8192, 8, 1),
-    (16384, 8, 1),
-    (16384, 16, 1),
-    (32768, 8, 1),
-    (32768, 16, 1),
+    (1, 16384, 8, 1),
+    (8, 4096, 4, 1),
+    (16, 2048, 4, 1),
+    (32, 1024, 4, 1),
+    (32, 1024, 2, 1),
+    (32, 1024, 8, 1),
+    (64, 512, 2, 1),
+    (64, 512, 4, 1),
+    (128, 256, 1, 1),
+    (128, 256, 2, 1),
 ]
 GROUPED_SWEEP = [  # BM, BN, BK, warps, stages
     (64, 128, 64, 4, 4),
@@ -489,7 +507,9 @@ def compared_paths(
 def router_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
     """`harness::router_topk` per ROUTER_CALLS with the router's float32 weight, its kernel
     against the torch path (`compared_paths`; the comparison also says whether they chose the
-    same experts); with `sweep`, the kernel under each of ROUTER_SWEEP's launch settings too."""
+    same experts), then both on weights from DRAM (`in_turn_from_dram`); with `sweep`, the
+    kernel under each of ROUTER_SWEEP's launch settings too, both ways (its result checked
+    against the default setting's)."""
     from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN
 
     for t, n_exp, k, d in ROUTER_CALLS:
@@ -511,14 +531,38 @@ def router_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = F
         c = compared_paths(name, ways, nbytes, flops, row, comparisons, save, eager=True)
         c["same_experts"] = bool(torch.equal(kernel()[1], torch_path()[1]))
         save()
+        turn, n_weights = in_turn_from_dram(weight)
+
+        def kernel_from_dram(x=x, k=k, turn=turn):
+            return torch.ops.harness.router_topk(x, turn(), k, ROUTER_WEIGHT_SUM_MIN)
+
+        def torch_from_dram(x=x, k=k, turn=turn):
+            with fused.disabled():
+                return torch.ops.harness.router_topk(x, turn(), k, ROUTER_WEIGHT_SUM_MIN)
+
+        for way, fn in (("triton", kernel_from_dram), ("torch", torch_from_dram)):
+            row(f"{name} {way} weight from DRAM", try_time_ms(fn, n_weights), nbytes, flops)
         if sweep:
             saved = dict(fused.ROUTER_CONFIG)
             reference = kernel()
-            for tile, warps, stages in ROUTER_SWEEP:
-                fused.ROUTER_CONFIG.update(tile=tile, num_warps=warps, num_stages=stages)
+            for splits, tile, warps, stages in ROUTER_SWEEP:
+                fused.ROUTER_CONFIG.update(splits=splits, tile=tile, num_warps=warps, num_stages=stages)
+                setting = f"splits={splits} tile={tile} warps={warps} stages={stages}"
                 ms, off = timed_setting(kernel, reference)
-                row(f"  sweep tile={tile} warps={warps} stages={stages} {name}", ms, nbytes, flops, off)
+                row(f"  sweep {setting} {name}", ms, nbytes, flops, off)
+                ms = try_time_ms(kernel_from_dram, n_weights)
+                row(f"  sweep {setting} {name} weight from DRAM", ms, nbytes, flops)
             fused.ROUTER_CONFIG.update(saved)
+
+
+def in_turn_from_dram(weight: torch.Tensor) -> tuple:
+    """(a function giving `weight` and copies of it in turn, call after call; how many there
+    are): more than twice the device's L2 cache in all, so that a CUDA graph of that many calls
+    reads each from DRAM."""
+    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 50 << 20)
+    n = max(2, -(-2 * l2 // (weight.numel() * weight.element_size())))
+    turn = itertools.cycle([weight] + [weight.clone() for _ in range(n - 1)])
+    return (lambda: next(turn)), n
 
 
 def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
@@ -553,12 +597,13 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
         if sweep:
             saved = dict(fused.ATTENTION_CONFIG)
             reference = calls[fused.ATTENTION_PATHS[0]]()  # the kernels at the default settings
-            for bs, warps, stages, split_min in ATTENTION_SWEEP:
+            for bs, warps, stages, split_min, dot in ATTENTION_SWEEP:
                 fused.ATTENTION_CONFIG.update(
-                    BS=bs, num_warps=warps, num_stages=stages, split_min_keys=split_min
+                    BS=bs, num_warps=warps, num_stages=stages, split_min_keys=split_min, dot=dot
                 )
                 ms, off = timed_setting(calls[fused.ATTENTION_PATHS[0]], reference)
-                label = f"  sweep BS={bs} warps={warps} stages={stages} split_min_keys={split_min} {name}"
+                setting = f"BS={bs} warps={warps} stages={stages} split_min_keys={split_min} dot={dot}"
+                label = f"  sweep {setting} {name}"
                 row(label, ms, nbytes, flops, off)
             fused.ATTENTION_CONFIG.update(saved)
 

@@ -7,9 +7,9 @@ nothing.
 
 Each row compiles `_attention_kernel` as `fused._attention_kernels` launches it for Mixtral's
 head dim (128) with the default settings (`fused.ATTENTION_CONFIG`) and with the sweep's
-(benchmarks/bench_fused.py ATTENTION_SWEEP), at 16 query rows (one token of a group of 4, or up
-to 4 tokens) and at ATTENTION_MAX_ROWS; pointers and strides 16-byte aligned, as the model's
-caches are. Only a GPU says how fast (bench_fused.py --attention-only).
+(benchmarks/bench_fused.py ATTENTION_SWEEP, tl.dot's input precision among them), at 16 query
+rows (one token of a group of 4, or up to 4 tokens) and at ATTENTION_MAX_ROWS; pointers and
+strides 16-byte aligned, as the model's caches are. Only a GPU says how fast (bench_fused.py --attention-only).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from harness.quant import fused  # noqa: E402
 POINTERS = ("q_ptr", "cache_k", "cache_v", "out_ptr", "part_acc", "part_m", "part_l")
 
 
-def compile_attention(rows: int, bs: int, warps: int, stages: int, split: bool):
-    """`_attention_kernel` compiled for sm_90 at head dim 128, positions on the device."""
+def compile_attention(rows: int, bs: int, warps: int, stages: int, split: bool, dot: str = "ieee"):
+    """`_attention_kernel` compiled for sm_90 at head dim 128, positions on the device, its
+    products at tl.dot's input precision `dot`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    consts = {"BM": rows, "BD": 128, "BS": bs, "FROM_START": False, "SPLIT": split}
+    consts = {"BM": rows, "BD": 128, "BS": bs, "FROM_START": False, "SPLIT": split, "DOT": dot}
     types = {**dict.fromkeys(POINTERS, "*fp32"), "pos_ptr": "*i64", "start": "i64", "scale": "fp32"}
     names = fused._attention_kernel.arg_names
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
@@ -56,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     cfg = fused.ATTENTION_CONFIG
-    settings = {(cfg["BS"], cfg["num_warps"], cfg["num_stages"])}
-    settings |= {(bs, warps, stages) for bs, warps, stages, _ in ATTENTION_SWEEP}
+    settings = {(cfg["BS"], cfg["num_warps"], cfg["num_stages"], cfg["dot"])}
+    settings |= {(bs, warps, stages, dot) for bs, warps, stages, _, dot in ATTENTION_SWEEP}
     rows = []
-    for bs, warps, stages in sorted(settings):
+    for bs, warps, stages, dot in sorted(settings):
         for n_rows in (16, fused.ATTENTION_MAX_ROWS):
-            kernel = compile_attention(n_rows, bs, warps, stages, split=True)
+            kernel = compile_attention(n_rows, bs, warps, stages, split=True, dot=dot)
             code = sass(kernel.asm["cubin"])
             ops = collections.Counter(i.split()[0].split(".")[0] for _, i in code)
             loop = longest_loop(code)
@@ -69,19 +70,22 @@ def main(argv: list[str] | None = None) -> int:
                 "BS": bs,
                 "num_warps": warps,
                 "num_stages": stages,
+                "dot": dot,
                 "query_rows": n_rows,
-                "default": (bs, warps, stages) == (cfg["BS"], cfg["num_warps"], cfg["num_stages"]),
+                "default": (bs, warps, stages, dot)
+                == (cfg["BS"], cfg["num_warps"], cfg["num_stages"], cfg["dot"]),
                 "shared_bytes": kernel.metadata.shared,
                 "local_stores": ops["STL"],
                 "local_loads": ops["LDL"],
                 "loop_instructions": len(loop),
                 "loop_ffma": sum(1 for i in loop if i.startswith("FFMA")),
+                "loop_hmma": sum(1 for i in loop if i.startswith("HMMA")),
             }
             rows.append(row)
             print(
-                f"BS={bs:3d} warps={warps} stages={stages} rows={n_rows:3d}: shared {row['shared_bytes']:6d} B, "
-                f"STL {row['local_stores']:4d} LDL {row['local_loads']:4d}, loop {row['loop_instructions']} "
-                f"instructions ({row['loop_ffma']} FFMA)",
+                f"BS={bs:3d} warps={warps} stages={stages} dot={dot:6s} rows={n_rows:3d}: shared "
+                f"{row['shared_bytes']:6d} B, STL {row['local_stores']:4d} LDL {row['local_loads']:4d}, loop "
+                f"{row['loop_instructions']} instructions ({row['loop_ffma']} FFMA, {row['loop_hmma']} HMMA)",
                 flush=True,
             )
     out = Path(args.out)

@@ -364,6 +364,9 @@ ATTENTION_SHAPES_SMALL = [
     (8, 2, 2, 128, 128, 37, 29, False),
     (8, 8, 2, 64, 64, 37, 0, True),
     (9, 8, 2, 64, 64, 37, 3, False),
+    # the static-shape step early in a long cache: one KV head takes 4 splits (the CPU's
+    # programs wanted), among which the kernel spreads the 71 keys seen: 32, 32, 7 and none
+    (1, 4, 1, 64, 64, 300, 70, True),
 ]
 ATTENTION_SHAPES_FULL = [
     (1, 32, 8, 128, 128, 4096, 0, True),
@@ -838,16 +841,17 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
 
 
-def _router_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
-    """`harness::router_topk` with the router's weight at each of ROUTER_SHAPES_* and
-    ROUTER_ROWS: whether the kernel ran, its experts against the torch path's (in order, and
-    as a set with their weights) and against `_router_rule`, and the largest relative
-    difference of its weights from the torch path's (matched by expert)."""
+def _router_cases(device: str, shapes: list, rng: np.random.Generator, rows=ROUTER_ROWS) -> list[dict]:
+    """`harness::router_topk` with the router's weight at each of `shapes` (ROUTER_SHAPES_*) and
+    `rows`: whether the kernel ran and with how many splits, its experts against the torch
+    path's (in order, and as a set with their weights) and against `_router_rule`, the largest
+    relative difference of its weights from the torch path's (matched by expert), and on a GPU
+    whether a second call gives the same bits."""
     from harness.quant import fused
 
     results = []
-    for t, n_exp, k, dim in ROUTER_SHAPES_SMALL if small else ROUTER_SHAPES_FULL:
-        for kind in ROUTER_ROWS:
+    for t, n_exp, k, dim in shapes:
+        for kind in rows:
             gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
             x, weight, min_sum = _router_inputs(kind, t, n_exp, dim, gen)
             args = x.to(device), weight.to(device), k, min_sum
@@ -857,12 +861,17 @@ def _router_cases(device: str, small: bool, rng: np.random.Generator) -> list[di
             got_w, got_e = (a.cpu() for a in torch.ops.harness.router_topk(*args))
             (got_ws, got_es), (ref_ws, ref_es) = _by_expert(got_w, got_e), _by_expert(ref_w, ref_e)
             rel = ((got_ws - ref_ws).abs() / ref_ws.abs()).nan_to_num(0.0, float("inf"), float("inf"))
+            repeatable = None  # (the interpreter runs the programs one after another: always)
+            if kernel and device != "cpu":
+                again_w, again_e = (a.cpu() for a in torch.ops.harness.router_topk(*args))
+                repeatable = torch.equal(again_e, got_e) and _same_bits(again_w, got_w)
             results.append(
                 {
-                    "case": f"router_topk E={n_exp} k={k} D={dim} T={t} {kind}",
+                    "case": f"router_topk E={n_exp} k={k} D={dim} T={t} {kind} {fused.ROUTER_CONFIG}",
                     "rows": kind,
                     "kernel": kernel,
                     "expect_kernel": t <= fused.MATVEC_MAX_ROWS,
+                    "splits": fused.router_plan(n_exp, dim)[0] if kernel else None,
                     "same_experts": bool(torch.equal(got_e, ref_e)),
                     "same_routing": bool(torch.equal(got_es, ref_es))
                     and bool(torch.equal(got_ws.isnan(), ref_ws.isnan())),
@@ -870,16 +879,18 @@ def _router_cases(device: str, small: bool, rng: np.random.Generator) -> list[di
                     "exact": None if kernel else bool(torch.equal(got_e, ref_e) and _same_bits(got_w, ref_w)),
                     "max_rel_vs_torch": float(rel.max()),
                     "clamped": bool((ref_w.sum(-1) < 0.99).all()),
+                    "repeatable": repeatable,
                 }
             )
     return results
 
 
-def _check_router(results: list[dict], device: str) -> None:
-    """The router cases took the kernel where they should; its experts are the torch path's
-    (ties: chosen by `_router_rule`; on CUDA the torch path chooses the same ones, on the CPU
-    torch.topk may choose other tied ones) and its weights the torch path's to ROUTER_RTOL."""
-    assert len(results) == len(ROUTER_SHAPES_SMALL) * len(ROUTER_ROWS)
+def _check_router(results: list[dict], device: str, n_cases: int) -> None:
+    """The router cases (`n_cases` of them) took the kernel where they should; its experts are
+    the torch path's (ties: chosen by `_router_rule`; on CUDA the torch path chooses the same
+    ones, on the CPU torch.topk may choose other tied ones) and its weights the torch path's to
+    ROUTER_RTOL; on a GPU a second call gave the same bits."""
+    assert len(results) == n_cases
     assert all(r["kernel"] == r["expect_kernel"] for r in results), results
     assert all(r["exact"] for r in results if not r["kernel"]), results
     taken = [r for r in results if r["kernel"]]
@@ -891,6 +902,62 @@ def _check_router(results: list[dict], device: str) -> None:
     assert all(r["same_routing"] for r in compared), [r for r in compared if not r["same_routing"]]
     far = [r for r in compared if not r["max_rel_vs_torch"] <= ROUTER_RTOL]
     assert not far, far
+    assert all(r["repeatable"] is (None if device == "cpu" else True) for r in taken), taken
+
+
+# Settings of the router kernel (ROUTER_CONFIG's "splits" and "tile") that `_router_split_cases`
+# runs ROUTER_SPLIT_SHAPES under: one program a token (1), 2, 3 and 7 splits of the columns; at
+# 200 columns, runs of 112, 80 and 32 columns (multiples of 16) with a shorter last one, read in
+# loop steps of tile / experts (padded) columns: several steps a run, and one.
+ROUTER_SPLIT_CONFIGS = [
+    {"splits": 1, "tile": 256}, {"splits": 2, "tile": 512}, {"splits": 3, "tile": 128}, {"splits": 7, "tile": 256},
+]  # fmt: skip
+# (tokens, experts, k, row length): 1 to 8 tokens; k 1, 2 and 4 of 8 experts, 2 and 4 of 64;
+# rows that are no multiple of 16 or of a loop step (200), and 136 (5 runs of 32 at 7 splits)
+ROUTER_SPLIT_SHAPES = [
+    (1, 8, 1, 200), (8, 8, 2, 200), (3, 8, 4, 200), (2, 64, 2, 200), (1, 64, 4, 200), (8, 64, 4, 136),
+]  # fmt: skip
+ROUTER_SPLIT_ROWS = ("random", "ties", "nan")
+
+
+def _router_split_cases(device: str, rng: np.random.Generator) -> list[dict]:
+    """`_router_cases` of ROUTER_SPLIT_SHAPES under each of ROUTER_SPLIT_CONFIGS, then the
+    order the split kernel sums its partials in: 4 splits of 16 columns whose products for
+    expert 0 are 2^24, 1, 1 and -2^24 (exact partials), expert 1's logit 0.5. Summed split by
+    split from 0.0 in float32, 2^24 absorbs each 1 and expert 0's logit is 0 (expert 1 first);
+    any other order (pairwise, reversed) leaves 1 or 2 (expert 0 first)."""
+    from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN
+    from harness.quant import fused
+
+    saved = dict(fused.ROUTER_CONFIG)
+    results = []
+    try:
+        for config in ROUTER_SPLIT_CONFIGS:
+            fused.ROUTER_CONFIG.update(config)
+            results += _router_cases(device, ROUTER_SPLIT_SHAPES, rng, ROUTER_SPLIT_ROWS)
+        fused.ROUTER_CONFIG.update(splits=4, tile=256)
+        x, weight = torch.zeros(1, 64), torch.zeros(2, 64)
+        x[0, ::16] = 1.0
+        weight[0, ::16] = torch.tensor([2.0**24, 1.0, 1.0, -(2.0**24)])
+        weight[1, 0] = 0.5
+        args = x.to(device), weight.to(device), 2, ROUTER_WEIGHT_SUM_MIN
+        experts = torch.ops.harness.router_topk(*args)[1].cpu()
+        order = {"case": "router_topk split order", "splits": fused.router_plan(2, 64)[0]}
+        results.append(order | {"experts": experts.tolist(), "kernel": fused.router_takes_kernel(*args[:3])})
+    finally:
+        fused.ROUTER_CONFIG.update(saved)
+    return results
+
+
+def _check_router_splits(results: list[dict], device: str) -> None:
+    """`_router_split_cases`: each setting's cases as `_check_router` wants them, under one
+    program a token and 2, 3, 5 and 7 splits; the partials summed split by split."""
+    *cases, order = results
+    _check_router(
+        cases, device, len(ROUTER_SPLIT_CONFIGS) * len(ROUTER_SPLIT_SHAPES) * len(ROUTER_SPLIT_ROWS)
+    )
+    assert {r["splits"] for r in cases} == {1, 2, 3, 5, 7}
+    assert order == {"case": "router_topk split order", "splits": 4, "experts": [[1, 0]], "kernel": True}
 
 
 def _weight_cases(cols: int, small: bool) -> list:
@@ -1023,24 +1090,35 @@ def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
     _check_split_sums(interpreted)
 
 
-@pytest.mark.slow
-def test_interpreter_router_topk_kernel_matches_the_torch_path():
-    """`harness::router_topk`'s kernel under Triton's interpreter (a subprocess: TRITON_INTERPRET
-    is read at import) against the op's torch path on the CPU (`_check_router`)."""
+def _interpreted_cases(mode: str) -> list[dict]:
+    """The cases this file prints as a script in `mode` (ROUTER, ROUTER_SPLITS) on the CPU under
+    Triton's interpreter, in a subprocess (TRITON_INTERPRET is read at import), at a fresh seed."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
     seed = str(int.from_bytes(os.urandom(4), "little"))
     proc = subprocess.run(
-        [sys.executable, __file__, "ROUTER", "cpu", seed],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+        [sys.executable, __file__, mode, "cpu", seed], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, (
-        f"interpreter subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        f"interpreter subprocess failed (seed {seed}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
-    _check_router(json.loads(proc.stdout.strip().splitlines()[-1]), "cpu")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_interpreter_router_topk_kernel_matches_the_torch_path():
+    """`harness::router_topk`'s kernel at ROUTER_CONFIG under Triton's interpreter against the
+    op's torch path on the CPU (`_check_router`)."""
+    _check_router(_interpreted_cases("ROUTER"), "cpu", len(ROUTER_SHAPES_SMALL) * len(ROUTER_ROWS))
+
+
+@pytest.mark.slow
+def test_interpreter_router_split_kernel_matches_the_torch_path():
+    """`harness::router_topk`'s kernel with its columns split over programs (and one program a
+    token) under Triton's interpreter: `_check_router_splits` (1 to 8 tokens, k 1 to 4 of 8
+    and 64 experts, rows that are no multiple of a run or a step, NaN and tied rows; the
+    partials summed split by split from 0.0)."""
+    _check_router_splits(_interpreted_cases("ROUTER_SPLITS"), "cpu")
 
 
 @pytest.mark.slow
@@ -1192,7 +1270,7 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
 
     cfg = fused.ATTENTION_CONFIG
     scalars = {"start": "i64", "scale": "fp32", "eps": "fp32"}
-    aligned = ("S_MAX", "HD", "N_KEYS", "SPLIT_KEYS")
+    aligned = ("S_MAX", "HD", "N_KEYS")
     launches = [  # (kernel, constexprs, launch options): the decode step's and a start form's
         (
             fused._rope_cache_kernel,
@@ -1206,12 +1284,19 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         ),
         (
             fused._attention_kernel,
-            {"BM": 16, "BD": 128, "BS": cfg["BS"], "FROM_START": False, "SPLIT": True},
+            {"BM": 16, "BD": 128, "BS": cfg["BS"], "FROM_START": False, "SPLIT": True, "DOT": cfg["dot"]},
             {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         ),
         (
             fused._attention_kernel,
-            {"BM": fused.ATTENTION_MAX_ROWS, "BD": 64, "BS": cfg["BS"], "FROM_START": True, "SPLIT": False},
+            {
+                "BM": fused.ATTENTION_MAX_ROWS,
+                "BD": 64,
+                "BS": cfg["BS"],
+                "FROM_START": True,
+                "SPLIT": False,
+                "DOT": cfg["dot"],
+            },  # fmt: skip
             {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         ),
         (fused._attention_merge_kernel, {"BM": 16, "BD": 128, "BP": 16}, {"num_warps": cfg["merge_warps"]}),
@@ -1323,32 +1408,90 @@ def test_prefill_kernels_compile_for_sm_90_with_wide_loads_without_a_gpu():
 
 
 @pytest.mark.slow
-def test_router_kernel_compiles_for_sm_90_without_a_gpu():
+def test_router_kernel_compiles_for_sm_90_without_spills_without_a_gpu(monkeypatch):
     """`harness::router_topk`'s kernel compiles for an H100 (sm_90) with CUDA's expf linked from
-    libdevice, at the tiles `_router_topk_kernel_call` picks for Mixtral's router, for the
-    largest expert count, for one expert and for counts that are not powers of two."""
+    libdevice, at the splits and steps `router_plan` picks (ROUTER_CONFIG's, and one program a
+    token: "splits" 1) for Mixtral's router, the largest expert count, one expert and counts
+    that are not powers of two, with no local memory (register spills). Split, each program's
+    arrival is one acq_rel atomic at GPU scope after a barrier, the last reads the partials past
+    L1 (ld.global.cg) and sets its counter back with an atomic exchange; Mixtral's weight loads
+    are 16-byte vectors. With PDL, only the weight (ld.global.cg) is read before the wait for the
+    kernel before (griddepcontrol.wait): no store, no atomic, x after it."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
+    import re
+
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from harness.quant import fused
 
-    pointers = {"x_ptr": "*fp32", "w_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64"}
-    for n_exp, k, dim in ((8, 2, 4096), (fused.ROUTER_MAX_EXPERTS, 8, 4096), (1, 1, 4096), (3, 3, 40)):
-        consts = {
-            "K": k, "BE": triton.next_power_of_2(n_exp), "BK": triton.next_power_of_2(k), "CUDA_EXP": True,
-            "BD": fused.router_tile(n_exp, dim), "PDL": True,
-        }  # fmt: skip
-        signature = {**pointers, "D": "i32", "E": "i32", "min_sum": "fp32"} | dict.fromkeys(
-            consts, "constexpr"
-        )
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(pointers))}
-        source = ASTSource(fn=fused._router_topk_kernel, signature=signature, constexprs=consts, attrs=attrs)
-        options = {k: v for k, v in fused.ROUTER_CONFIG.items() if k != "tile"} | {"launch_pdl": True}
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
-        assert compiled.asm["cubin"], consts
-        _check_waits_first(compiled.asm["ptx"], consts)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("Triton's bundled cuobjdump is absent")
+    kernel = fused._router_topk_kernel
+    pointers = {
+        "x_ptr": "*fp32", "w_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64", "part_ptr": "*fp32",
+        "counter_ptr": "*i32",
+    }  # fmt: skip
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"router_{os.getpid()}.cubin"
+    try:
+        for config in (
+            dict(fused.ROUTER_CONFIG),
+            {"splits": 1, "tile": 16384, "num_warps": 8, "num_stages": 1},
+        ):
+            monkeypatch.setattr(fused, "ROUTER_CONFIG", config)
+            for n_exp, k, dim in (
+                (8, 2, 4096),
+                (fused.ROUTER_MAX_EXPERTS, 8, 4096),
+                (1, 1, 4096),
+                (3, 3, 40),
+            ):
+                splits, _, step = fused.router_plan(n_exp, dim)
+                consts = {
+                    "K": k, "BE": triton.next_power_of_2(n_exp), "BD": step, "BK": triton.next_power_of_2(k),
+                    "SPLITS": splits, "CUDA_EXP": True, "PDL": True,
+                }  # fmt: skip
+                names = kernel.arg_names
+                signature = {
+                    n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "min_sum" else "i32")
+                    for n in names
+                }  # fmt: skip
+                aligned = (*pointers, "chunk", *(("D",) if dim % 16 == 0 else ()))
+                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
+                source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+                options = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
+                options["launch_pdl"] = True
+                compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
+                tmp.write_bytes(compiled.asm["cubin"])
+                usage = subprocess.run(
+                    [str(cuobjdump), "-res-usage", str(tmp)], capture_output=True, text=True, check=True
+                ).stdout
+                where = (config, n_exp, k, dim, splits)
+                assert re.search(r"\bLOCAL:0\b", usage) and not re.search(r"\bLOCAL:[1-9]", usage), (
+                    where,
+                    usage,
+                )
+                ptx = compiled.asm["ptx"]
+                # the weight's first step (ld.global.cg) before the wait, nothing else
+                before, after = ptx.split("griddepcontrol.wait", 1)
+                assert "griddepcontrol.launch_dependents" in after, where
+                assert "st.global" not in before and "atom." not in before, where
+                assert re.search(r"ld\.global\.cg", before), where
+                assert not re.search(r"ld\.global(?!\.cg)", before), where
+                assert re.search(r"ld\.global(?!\.cg)", after), where  # x, after the wait
+                if splits > 1:
+                    arrive = ptx.index("atom.global.gpu.acq_rel.add")
+                    assert "bar.sync" in ptx[:arrive], where
+                    assert (
+                        "ld.global.cg" in ptx[arrive:] and "atom.global.gpu.acq_rel.exch" in ptx[arrive:]
+                    ), where
+                else:
+                    assert "atom." not in ptx, where
+                if (n_exp, dim) == (8, 4096):
+                    assert re.search(r"ld\.global\.cg\.v4", ptx), where
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize(
@@ -1838,7 +1981,9 @@ def test_cuda_router_topk_kernel_matches_the_torch_path():
     shapes (`_check_router`: tied rows too, where torch.topk on CUDA chooses the same experts)."""
     from harness.quant import fused  # noqa: F401
 
-    _check_router(_router_cases("cuda", False, np.random.default_rng()), "cuda")
+    results = _router_cases("cuda", ROUTER_SHAPES_FULL, np.random.default_rng())
+    _check_router(results, "cuda", len(ROUTER_SHAPES_FULL) * len(ROUTER_ROWS))
+    _check_router_splits(_router_split_cases("cuda", np.random.default_rng()), "cuda")
 
 
 @pytest.mark.cuda(real=True)
@@ -1896,7 +2041,13 @@ if __name__ == "__main__":
     from harness.quant import fused  # noqa: F401
 
     if sys.argv[1] == "ROUTER":  # only harness::router_topk's cases, small shapes
-        print(json.dumps(_router_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+        print(
+            json.dumps(
+                _router_cases(sys.argv[2], ROUTER_SHAPES_SMALL, np.random.default_rng(int(sys.argv[3])))
+            )
+        )
+    elif sys.argv[1] == "ROUTER_SPLITS":  # harness::router_topk's kernel under several split settings
+        print(json.dumps(_router_split_cases(sys.argv[2], np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "INT":  # only the "int" reads' cases, small shapes
         print(json.dumps(_int_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     else:

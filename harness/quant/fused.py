@@ -160,22 +160,37 @@ attention_path = os.environ.get("HARNESS_ATTENTION", "triton")
 ATTENTION_MAX_TOKENS = MATVEC_MAX_ROWS  # tokens of a call up to which the kernels run (decode)
 ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one program's tile
 # BS keys per loop step (64 spills registers on sm_90 at 32 query rows; BS 32 with 2 stages
-# does not: tests/test_quant_fused.py compiles it for sm_90); a split of the cache has at least
-# split_min_keys keys. Session 7's H100 sweep (`bench_fused.py --attention-only
+# does not: tests/test_quant_fused.py compiles it for sm_90); the launch has as many splits as
+# give the cache's length (the whole cache in the static-shape step) at least split_min_keys
+# keys a split, and the kernel spreads the keys its queries see over them in whole BS steps.
+# Session 7's H100 sweep (`bench_fused.py --attention-only
 # --sweep-attention`, Mixtral's 32/8 heads, T=1): 64 takes 512 cached keys in 0.019-0.021 ms
 # against 256's 0.053-0.056 (more splits fill the device), and 0.064 against 0.062 at 4096.
-ATTENTION_CONFIG: dict[str, int] = {
-    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64,
+# "dot": the products' tl.dot input_precision: "ieee", float32 FMAs (the torch path's
+# arithmetic); "tf32x3", three TF32 tensor-core products each, near float32 (a loop of 942
+# instructions for sm_90, not 1564; neither timed nor checked against ATTENTION_MAX_ABS on a GPU
+# yet: `bench_fused.py --attention-only --sweep-attention` gives its time and NMSE).
+ATTENTION_CONFIG: dict[str, int | str] = {
+    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64, "dot": "ieee",
 }  # fmt: skip
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
-# decode-sized calls with the router's float32 weight: one launch, one program per token, for the
-# logits, the softmax, the top k and their renormalized weights (the torch path is ~9 launches).
-# Its tile holds about "tile" products (experts x columns) per loop step: Mixtral's router
-# (8 x 4096) in two steps of 64 KB, 114 registers a thread at 8 warps for sm_90 (not swept on a
-# GPU yet; `benchmarks/bench_fused.py --sweep-router` times other settings).
+# decode-sized calls with the router's float32 weight: one launch for the logits, the softmax,
+# the top k and their renormalized weights (the torch path is ~9 launches). A call is
+# latency-bound: between two layers' routers the experts' weights flush L2, so each call reads
+# its weight (Mixtral's 8 x 4096, 128 KB) from DRAM. One program per token reading it in 64 KB
+# steps took 8.8 us a call on an H100 (session 7's decode profile), so the columns are split:
+# up to "splits" programs a token (`router_plan`), each storing partial logits that the last of
+# them sums and routes; each loads its weight before it waits for the kernel before (PDL: the
+# weight is no kernel's output). 32 splits: Mixtral's router in runs of 128 columns, 4 KB a
+# program, the whole run one loop step of "tile" 1024 products (8 floats, two 16-byte loads, a
+# thread at 4 warps); 32 programs a token, 256 at 8 tokens: one wave on an H100's 132 SMs; the
+# last program reads 32 partials of 32 B at once. More splits halve a program's reads but
+# double the partials and the programs. Chosen by that reasoning, not yet timed:
+# `benchmarks/bench_fused.py --router-only --sweep-router` times it against other settings and
+# the one-program kernel ("splits" 1, "tile" 16384, 8 warps: the kernel before splits).
 ROUTER_MAX_EXPERTS = 64
-ROUTER_CONFIG: dict[str, int] = {"tile": 16384, "num_warps": 8, "num_stages": 1}
+ROUTER_CONFIG: dict[str, int] = {"splits": 32, "tile": 1024, "num_warps": 4, "num_stages": 1}
 
 # Programmatic dependent launch (Hopper and later, `pdl_options`): each decode kernel (the
 # matrix-vector product, its x preparation, the norms, the attention's launches, the router) is
@@ -1448,19 +1463,24 @@ if triton is not None:
             v = row + (j + KV) * HD
             tl.store(cache_v + slot + d, tl.load(v + d, mask=m, other=0.0), mask=m)
 
-    @triton.jit(do_not_specialize=["start", "N_KEYS", "SPLIT_KEYS"])
+    @triton.jit(do_not_specialize=["start", "N_KEYS"])
     def _attention_kernel(
         q_ptr, cache_k, cache_v, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
-        T, G, S_MAX, N_KEYS, SPLIT_KEYS, HD, scale,
+        T, G, S_MAX, N_KEYS, HD, scale,
         BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, FROM_START: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+        DOT: tl.constexpr = "ieee",
     ):  # fmt: skip
         """`harness::attention`'s second launch (flash decoding). Program (kv, split): the G*T
         queries of KV head kv (row r = g*T + t: head kv*G + g, token t; rotated, q_ptr
-        [T, H, HD]) against the cached keys split*SPLIT_KEYS.. of the next SPLIT_KEYS below
-        N_KEYS, each query seeing positions up to its own. Online softmax in float32. Without
-        SPLIT the rows are finished into out [T, H*HD]; with it, the unnormalized rows, their
-        maxima and sums go to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS, BM]
-        for `_attention_merge_kernel`. A program past the last query's position reads nothing."""
+        [T, H, HD]) against its share of the cached keys, each query seeing positions up to its
+        own: the keys below N_KEYS that any query sees (up to the last query's position, read
+        from the device in the static-shape step) are spread evenly over the launch's splits in
+        runs of whole BS steps, so that a short cache in a long one takes as many programs as
+        it has steps, not the first splits (a program with none reads nothing). Online softmax
+        in float32, the products at tl.dot's input precision DOT. Without SPLIT the rows are
+        finished into out [T, H*HD]; with it, the unnormalized rows, their maxima and sums go
+        to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS, BM] for
+        `_attention_merge_kernel`."""
         _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1).to(tl.int64)
@@ -1470,8 +1490,10 @@ if triton is not None:
         t = r % T
         pos = start + t.to(tl.int64) if FROM_START else tl.load(pos_ptr + t, mask=valid, other=0).to(tl.int64)
         pos = tl.where(valid, pos, -1)  # [BM] each query's position; -1 for padding rows
-        lo = split * SPLIT_KEYS
-        hi = tl.minimum(tl.minimum(lo + SPLIT_KEYS, N_KEYS), tl.max(pos, 0) + 1)
+        n_seen = tl.minimum(N_KEYS, tl.max(pos, 0) + 1)  # keys the queries see
+        per = tl.cdiv(tl.cdiv(n_seen, tl.num_programs(1)), BS) * BS
+        lo = split * per
+        hi = tl.minimum(lo + per, n_seen)
         d = tl.arange(0, BD)
         dm = d < HD
         head = kv * G + g
@@ -1488,7 +1510,7 @@ if triton is not None:
             slot = (kv * S_MAX + s) * HD
             km = sm[:, None] & dm[None, :]
             keys = tl.load(cache_k + slot[:, None] + d[None, :], mask=km, other=0.0)  # [BS, BD]
-            scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale  # [BM, BS]
+            scores = tl.dot(q, tl.trans(keys), input_precision=DOT) * scale  # [BM, BS]
             seen = sm[None, :] & (s[None, :] <= pos[:, None])
             scores = tl.where(seen, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -1497,7 +1519,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             values = tl.load(cache_v + slot[:, None] + d[None, :], mask=km, other=0.0)  # [BS, BD]
-            acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p, values, input_precision=DOT)
             m_i = m_new
         if SPLIT:
             at = (kv * tl.num_programs(1) + split) * BM + r
@@ -2356,9 +2378,11 @@ def attention_takes_kernels(qkv, cache_k, cache_v, cos, sin, positions) -> bool:
 
 
 def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int, int]:
-    """(splits, keys per split) of the cached keys (flash decoding): enough programs to fill
-    the device (`_programs_wanted` over the KV heads), none with fewer than
-    ATTENTION_CONFIG["split_min_keys"] keys, so a short cache is one split (no merge launch)."""
+    """(splits, keys per split) of `n_keys` cached keys (flash decoding; the whole cache in the
+    static-shape step): enough programs to fill the device (`_programs_wanted` over the KV
+    heads), none with fewer than ATTENTION_CONFIG["split_min_keys"] keys, so a short cache is
+    one split (no merge launch). The kernel spreads the keys its queries see over that many
+    splits (`_attention_kernel`), fewer a split where they are fewer than `n_keys`."""
     bs = ATTENTION_CONFIG["BS"]
     wanted = _ceil_div(_programs_wanted(device), n_kv)
     per = _ceil_div(n_keys, wanted)
@@ -2389,7 +2413,7 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     cfg = ATTENTION_CONFIG
     bm = max(16, _next_pow2(group * t))
     bd = _next_pow2(hd)
-    splits, split_keys = attention_splits(n_keys, n_kv, device)
+    splits, _ = attention_splits(n_keys, n_kv, device)
     pdl_kw = pdl_options(device)
     with _launch_device(device):
         launch(_rope_cache_kernel, (t, n_heads + n_kv),
@@ -2413,8 +2437,8 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
             )
         launch(_attention_kernel, (n_kv, splits),
             rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
-            split_keys, hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw,
+            hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], DOT=cfg["dot"], **pdl_kw,
         )  # fmt: skip
         if splits > 1:
             launch(_attention_merge_kernel, (n_kv, group * t),
@@ -2482,28 +2506,66 @@ if triton is not None:
 
     @triton.jit
     def _router_topk_kernel(
-        x_ptr, w_ptr, weights_ptr, experts_ptr, D, E, min_sum,
-        K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, CUDA_EXP: tl.constexpr, PDL: tl.constexpr = False,
+        x_ptr, w_ptr, weights_ptr, experts_ptr, part_ptr, counter_ptr, D, E, chunk, min_sum,
+        K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
+        CUDA_EXP: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
-        """`harness::router_topk` for token t (program t): the logits x[t] @ w.T of the E experts
-        (float32 products summed over BD columns a step), their softmax, the K largest
-        probabilities in descending order (equal ones: the lower expert first; NaN above all,
-        as torch.topk ranks it), renormalized to sum 1 with the sum clamped at min_sum. Each
-        expert's rank (how many come before it) is counted at once, not found by K rounds of
-        argmax. CUDA_EXP: the softmax takes CUDA's expf (libdevice), as torch's does (tl.exp is
-        the approximate ex2 there); the interpreter has no libdevice, its tl.exp is numpy's."""
-        _pdl_start(PDL)
+        """`harness::router_topk` for token t (program (t, split)): the logits x[t] @ w.T of the E
+        experts over the split's `chunk` columns (float32 products summed over BD columns a
+        step), then `_router_choose`. With one split, the program routes the token. With
+        SPLITS, each stores its partial logits in part [T, SPLITS, BE], and the last program to
+        arrive for the token (counter_ptr: a zeroed int32 per token, bumped with acq_rel) sums
+        the token's partials split by split from 0.0 (float32, unrolled: its loads go out at
+        once; the same bits every run), routes the token and sets the counter back to 0.
+
+        The weight is no kernel's output: its first step's columns are loaded before the wait
+        for the kernel before (PDL), so the read overlaps that kernel's end, and each loop step
+        loads the next step's (past L1, ".cg": read once) before it uses this one's."""
         t = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
         e = tl.arange(0, BE)
         em = e < E
         rows = w_ptr + e.to(tl.int64)[:, None] * D
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, D)
+        d = lo + tl.arange(0, BD)
+        w = tl.load(rows + d[None, :], mask=em[:, None] & (d < hi)[None, :], other=0.0, cache_modifier=".cg")
+        _pdl_start(PDL)
         logits = tl.zeros([BE], tl.float32)
-        for d0 in range(0, D, BD):
-            d = d0 + tl.arange(0, BD)
-            dm = d < D
-            xs = tl.load(x_ptr + t * D + d, mask=dm, other=0.0)
-            w = tl.load(rows + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
-            logits += tl.sum(w * xs[None, :], 1)
+        for d0 in range(lo, hi, BD):
+            xs = tl.load(x_ptr + t * D + d, mask=d < hi, other=0.0)
+            this = w
+            d = d0 + BD + tl.arange(0, BD)  # the next step's (past the run: nothing read)
+            w = tl.load(
+                rows + d[None, :], mask=em[:, None] & (d < hi)[None, :], other=0.0, cache_modifier=".cg"
+            )
+            logits += tl.sum(this * xs[None, :], 1)
+        if SPLITS > 1:
+            tl.store(part_ptr + (t * SPLITS + split) * BE + e, logits)
+            counter = counter_ptr + t
+            tl.debug_barrier()  # every thread's partial is stored before this program's arrival counts
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == SPLITS - 1:  # the last: every partial is stored
+                total = tl.zeros([BE], tl.float32)
+                for s in tl.static_range(SPLITS):  # (past L1: the other programs' stores)
+                    total += tl.load(part_ptr + (t * SPLITS + s) * BE + e, cache_modifier=".cg")
+                _router_choose(total, e, em, t, weights_ptr, experts_ptr, min_sum, K, BK, CUDA_EXP)
+                tl.atomic_xchg(counter, 0)
+        else:
+            _router_choose(logits, e, em, t, weights_ptr, experts_ptr, min_sum, K, BK, CUDA_EXP)
+
+    @triton.jit
+    def _router_choose(
+        logits, e, em, t, weights_ptr, experts_ptr, min_sum,
+        K: tl.constexpr, BK: tl.constexpr, CUDA_EXP: tl.constexpr,
+    ):  # fmt: skip
+        """Token t's routing from its logits [BE] (experts e, em: e < E): their softmax, the K
+        largest probabilities in descending order (equal ones: the lower expert first; NaN above
+        all, as torch.topk ranks it), renormalized to sum 1 with the sum clamped at min_sum,
+        stored at row t of weights and experts [T, K]. Each expert's rank (how many come before
+        it) is counted at once, not found by K rounds of argmax. CUDA_EXP: the softmax takes
+        CUDA's expf (libdevice), as torch's does (tl.exp is the approximate ex2 there); the
+        interpreter has no libdevice, its tl.exp is numpy's."""
         top = tl.max(tl.where(em, logits, float("-inf")), 0)
         ex = tl.where(em, libdevice.exp(logits - top) if CUDA_EXP else tl.exp(logits - top), 0.0)
         probs = tl.math.div_rn(ex, tl.sum(ex, 0))  # (`/` is an approximate division on CUDA)
@@ -2571,24 +2633,38 @@ def router_takes_kernel(x: torch.Tensor, weight: Optional[torch.Tensor], k: int)
     return runs_on(x.device)
 
 
-def router_tile(n_experts: int, d: int) -> int:
-    """Columns of the router's weight `_router_topk_kernel` reads a loop step: about
-    ROUTER_CONFIG["tile"] products over the experts' rows (padded to a power of two), at least
-    16, at most the row (a power of two)."""
-    be = _next_pow2(n_experts)
-    return min(_next_pow2(d), max(16, ROUTER_CONFIG["tile"] // be))
+def router_plan(n_experts: int, d: int) -> tuple[int, int, int]:
+    """(splits, columns a split, columns a loop step) of `_router_topk_kernel` for a router
+    weight [n_experts, d]: up to ROUTER_CONFIG["splits"] programs a token, each over a run of
+    columns that is a multiple of 16 (aligned loads), the last run shorter; a loop step reads
+    about ROUTER_CONFIG["tile"] products over the experts' rows (padded to a power of two), at
+    least 16 columns, at most the run (a power of two)."""
+    run = 16 * max(1, _ceil_div(_ceil_div(d, ROUTER_CONFIG["splits"]), 16))
+    splits = max(1, _ceil_div(d, run))
+    step = min(_next_pow2(run), max(16, ROUTER_CONFIG["tile"] // _next_pow2(n_experts)))
+    return splits, run, step
 
 
 def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_sum: float):
-    """`router_topk`'s launch (the devices checked, `router_takes_kernel` true)."""
+    """`router_topk`'s launch (the devices checked, `router_takes_kernel` true): a program per
+    token and split (`router_plan`); with several splits, the partial logits go to the device's
+    scratch for the shape and the token's counter (`_split_counters`)."""
     t, d = x.shape
     n_experts = weight.shape[0]
+    splits, run, step = router_plan(n_experts, d)
+    be = _next_pow2(n_experts)
     weights = x.new_empty((t, k))
     experts = x.new_empty((t, k), dtype=torch.int64)
+    part = counters = weights
+    if splits > 1:
+        part = _scratch(
+            ("router partials", x.device, t, splits, be), lambda: (x.new_empty((t, splits, be)),)
+        )[0]
+        counters = _split_counters(x.device, t)
     with _launch_device(x.device):
-        launch(_router_topk_kernel, (t,),
-            x, weight, weights, experts, d, n_experts, min_sum, K=k, BE=_next_pow2(n_experts),
-            BD=router_tile(n_experts, d), BK=_next_pow2(k), CUDA_EXP=not kernels.interpreting(),
+        launch(_router_topk_kernel, (t, splits),
+            x, weight, weights, experts, part, counters, d, n_experts, run, min_sum, K=k, BE=be, BD=step,
+            BK=_next_pow2(k), SPLITS=splits, CUDA_EXP=not kernels.interpreting(),
             num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"], **pdl_options(x.device),
         )  # fmt: skip
     return weights, experts
