@@ -1952,6 +1952,30 @@ def test_supports_is_false_for_types_and_rows_without_kernels():
         assert not fused.supports(GGMLType.Q4_K, dev, 4096)
 
 
+def test_supports_all_is_supports_of_each_weight_with_runs_on_asked_once_per_device(monkeypatch):
+    from harness.quant import fused
+    from harness.quant.types import GGMLType as G
+
+    asked = []
+    monkeypatch.setattr(fused, "runs_on", lambda device: asked.append(str(device)) or device.type == "cuda")
+    a, b, cpu = torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")
+    cases = [
+        [(G.Q4_K, a, 4096), (G.Q4_K, a, 4096), (G.Q6_K, a, 4096)],
+        [(G.Q4_K, a, 4096), (G.Q6_K, b, 4096)],
+        [(G.Q4_K, a, 4096), (G.Q4_K, cpu, 4096)],
+        [(G.Q4_K, a, 4096), (G.IQ4_NL, a, 4096)],
+        [(G.Q4_K, a, 4096 + 32)],
+        [],
+    ]
+    for weights in cases:
+        asked.clear()
+        assert fused.supports_all(weights) == all(fused.supports(*w) for w in weights)
+    asked.clear()
+    assert fused.supports_all(cases[0]) and asked == ["cuda:0"]  # one device: asked once
+    asked.clear()
+    assert not fused.supports_all(cases[2]) and asked == ["cuda:0", "cpu"]
+
+
 # ---- GPU -------------------------------------------------------------------------------------
 
 

@@ -61,12 +61,33 @@ def test_a_repeated_launch_calls_the_compiled_launcher_with_every_parameter_in_o
     assert len(kernel.triton_calls) == 1  # not Triton again
     (call,) = kernel.compiled[0].launches
     bound = (b, 200, 1.5, 4, 7)  # the keyword constexpr, then C's default
-    assert call[:9] == (5, 1, 1, "stream0", "function", "packed", ("metadata", (5,), "stream0", bound),
-                        *call[7:9])  # fmt: skip
+    # no launch hook set: no metadata and no hooks, which Triton's launcher skips
+    assert call[:9] == (5, 1, 1, "stream0", "function", "packed", None, None, None)
     assert call[9:] == bound
-    hooks = kernels.triton.knobs.runtime
-    assert call[7] is hooks.launch_enter_hook and call[8] is hooks.launch_exit_hook
     assert launch.cached_launches() == 1
+
+
+@pytest.mark.parametrize("hook", ["launch_enter_hook", "launch_exit_hook"])
+def test_a_launch_hook_gets_triton_s_launch_metadata_on_a_direct_launch(kernel, monkeypatch, hook):
+    """Where a hook is in Triton's chains (a profiler's), the direct launch hands the launcher
+    the compiled kernel's launch metadata and both chains, as Triton's launch does."""
+    hooks = kernels.triton.knobs.runtime
+    a = torch.zeros(64)
+    launch.launch(kernel, (3, 2), a, 100, 0.5, B=4)
+    seen = []
+    getattr(hooks, hook).add(seen.append)
+    try:
+        launch.launch(kernel, (3, 2), a, 100, 0.5, B=4)
+    finally:
+        getattr(hooks, hook).remove(seen.append)
+    (call,) = kernel.compiled[0].launches
+    assert call[6] == ("metadata", (3, 2), "stream0", (a, 100, 0.5, 4, 7))
+    assert call[7] is hooks.launch_enter_hook and call[8] is hooks.launch_exit_hook
+    monkeypatch.setattr(hooks, "launch_enter_hook", None)  # not a chain: Triton's metadata, as given
+    launch.launch(kernel, (3, 2), a, 100, 0.5, B=4)
+    assert kernel.compiled[0].launches[1][6:9] == (("metadata", (3, 2), "stream0", (a, 100, 0.5, 4, 7)), None,
+                                                   hooks.launch_exit_hook)  # fmt: skip
+    assert len(kernel.triton_calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -76,8 +97,12 @@ def test_a_repeated_launch_calls_the_compiled_launcher_with_every_parameter_in_o
         "dtype",
         "int equal to 1",
         "int not divisible by 16",
+        "int divisible by 16",
+        "int of 1 becomes 17",
         "int beyond int32",
         "constexpr",
+        "constexpr True for 1",
+        "constexpr 4.0 for 4",
         "launch option",
         "bool for int",
         "True for 1",
@@ -87,7 +112,8 @@ def test_a_repeated_launch_calls_the_compiled_launcher_with_every_parameter_in_o
 )
 def test_what_may_change_tritons_compiled_kernel_goes_through_triton_again(kernel, changed):
     buffer = torch.zeros(128)
-    args, kwargs = [buffer[:64], 32, 0.5], {"B": 4, "num_warps": 2}
+    first_int = {"int divisible by 16": 33, "int of 1 becomes 17": 1}.get(changed, 32)
+    args, kwargs = [buffer[:64], first_int, 0.5], {"B": 4, "num_warps": 2}
     launch.launch(kernel, (1,), *args, **kwargs)
     if changed == "misaligned tensor":
         args[0] = buffer[1:65]  # 4 bytes past a 16-byte boundary
@@ -97,10 +123,20 @@ def test_what_may_change_tritons_compiled_kernel_goes_through_triton_again(kerne
         args[1] = 1
     elif changed == "int not divisible by 16":
         args[1] = 33
+    elif changed == "int divisible by 16":  # from 33
+        args[1] = 48
+    elif changed == "int of 1 becomes 17":
+        args[1] = 17
     elif changed == "int beyond int32":
         args[1] = 1 << 32
     elif changed == "constexpr":
         kwargs["B"] = 8
+    elif changed == "constexpr True for 1":
+        kwargs["B"] = 1
+        launch.launch(kernel, (1,), *args, **kwargs)
+        kwargs["B"] = True
+    elif changed == "constexpr 4.0 for 4":
+        kwargs["B"] = 4.0
     elif changed == "launch option":
         kwargs["num_warps"] = 4
     elif changed == "bool for int":
@@ -114,7 +150,7 @@ def test_what_may_change_tritons_compiled_kernel_goes_through_triton_again(kerne
         launch.launch(kernel, (1,), *args, **kwargs)
         args[1] = True
     launch.launch(kernel, (1,), *args, **kwargs)
-    assert len(kernel.triton_calls) == (3 if changed == "True for 1" else 2)
+    assert len(kernel.triton_calls) == (3 if changed in ("True for 1", "constexpr True for 1") else 2)
     assert not any(compiled.launches for compiled in kernel.compiled)
 
 

@@ -175,26 +175,39 @@ class Attention(nn.Module):
     def fused(self) -> bool:
         """Whether this call runs as `harness::qkv` and `harness::attention` (q/k/v products;
         rope, cache write and attention): every weight kept quantized with a fused kernel, on a
-        device the fused ops run on (`fused.supports`), and a float32 cache."""
-        return self.cache.k.dtype == torch.float32 and all(
-            m.strategy == "quantized" and fused.supports(m.qtype, m.qweight.device, m.in_features)
-            for m in (self.wq, self.wk, self.wv)
+        device the fused ops run on (`fused.supports_all`), and a float32 cache."""
+        return self._fused(self.cache.k, (self.wq, self.wk, self.wv), None)
+
+    @staticmethod
+    def _fused(cache_k: torch.Tensor, mats: tuple[QMatMul, ...], qweights: tuple | None) -> bool:
+        """`fused()` of these modules and tensors (`qweights`: each mat's, read by the caller)."""
+        if cache_k.dtype != torch.float32 or any(m.strategy != "quantized" for m in mats):
+            return False
+        if qweights is None:
+            qweights = tuple(m.qweight for m in mats)
+        return fused.supports_all(
+            [(m.qtype, w.device, m.in_features) for m, w in zip(mats, qweights, strict=True)]
         )
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        if x.dtype == torch.float32 and self.fused():
-            wq, wk, wv = self.wq, self.wk, self.wv
+        # (each submodule and buffer read once: every read is nn.Module.__getattr__)
+        mats = wq, wk, wv = self.wq, self.wk, self.wv
+        cache = self.cache
+        cache_k = cache.k
+        qweights = (wq.qweight, wk.qweight, wv.qweight)
+        if x.dtype == torch.float32 and self._fused(cache_k, mats, qweights):
             qkv = torch.ops.harness.qkv(
-                x, wq.qweight, wk.qweight, wv.qweight, wq.kernel_qtype, wk.kernel_qtype, wv.kernel_qtype
+                x, *qweights, wq.kernel_qtype, wk.kernel_qtype, wv.kernel_qtype
             )  # [T, q + k + v]
             at = start_pos if isinstance(start_pos, torch.Tensor) else None
+            rope = self.rope
             out = torch.ops.harness.attention(
                 qkv,
-                self.cache.k,
-                self.cache.v,
-                self.rope.cos,
-                self.rope.sin,
+                cache_k,
+                cache.v,
+                rope.cos,
+                rope.sin,
                 at,
                 0 if at is not None else start_pos,
             )
@@ -295,16 +308,19 @@ class Experts(nn.Module):
 
     def fused(self) -> bool:
         """Whether the whole expert MLP runs as one `harness::moe_ffn` (fused.supports decides)."""
+        return self._fused(self.w1.device)
+
+    def _fused(self, device: torch.device) -> bool:
         (g, (_, d)), (u, _), (w2, (_, f)) = self.meta["w1"], self.meta["w3"], self.meta["w2"]
-        device = self.w1.device
-        return g == u and fused.supports(g, device, d) and fused.supports(w2, device, f)
+        return g == u and fused.supports_all([(g, device, d), (w2, device, f)])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; weights, experts: [T, k]
-        if self.fused():
+        w1 = self.w1  # (a buffer: read once)
+        if self._fused(w1.device):
             codes = self.kernel_qtypes
             qt, qt_down = codes["w1"] | (codes["w3"] & fused.WIDE), codes["w2"]
-            y = torch.ops.harness.moe_ffn(x, self.w1, self.w3, self.w2, weights, experts, qt, qt_down)
+            y = torch.ops.harness.moe_ffn(x, w1, self.w3, self.w2, weights, experts, qt, qt_down)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         t, k = experts.shape
         if t * k < self.n_experts:
@@ -381,10 +397,11 @@ class MoE(nn.Module):
         self.n_used = n_used
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.router.routes_in_one_op(x):
-            weights, chosen = self.router(x, self.n_used)  # [T, k]
+        router = self.router
+        if router.routes_in_one_op(x):
+            weights, chosen = router(x, self.n_used)  # [T, k]
             return self.experts(x, weights, chosen)
-        logits = self.router(x)  # [T, E]
+        logits = router(x)  # [T, E]
         probs = logits.float().softmax(-1)
         weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
@@ -407,11 +424,11 @@ class Block(nn.Module):
             self.moe = MoE(Router(w("ffn_gate_inp"), strategy), experts, c.expert_used_count)
         else:
             self.ffn = FeedForward(w("ffn_gate"), w("ffn_up"), w("ffn_down"), strategy)
+        self.is_moe = c.is_moe  # (a plain attribute: `hasattr(self, "moe")` is two module lookups)
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         x, normed = self.ffn_norm(x, self.attn(self.attn_norm(x), start_pos))  # x + attention, normed
-        mlp = self.moe if hasattr(self, "moe") else self.ffn
-        return x + mlp(normed)
+        return x + (self.moe if self.is_moe else self.ffn)(normed)
 
 
 class Mixtral(nn.Module):

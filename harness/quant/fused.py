@@ -249,6 +249,20 @@ def supports(qtype: GGMLType, device: torch.device, in_features: int) -> bool:
     return qtype in PARTS and in_features % SUPER == 0 and runs_on(device)
 
 
+def supports_all(weights: list[tuple[GGMLType, torch.device, int]]) -> bool:
+    """Whether every (qtype, device, in_features) of `weights` takes the fused kernels
+    (`supports`), with `runs_on` asked once per run of one device."""
+    last = None
+    for qtype, device, in_features in weights:
+        if qtype not in PARTS or in_features % SUPER:
+            return False
+        if last is None or device != last:
+            if not runs_on(device):
+                return False
+            last = device
+    return True
+
+
 # -- the layout the kernels read ---------------------------------------------------------------
 # A weight that takes the kernels is prepared once, when its module is built (`kernel_weight`):
 # its blocks may be repacked (`pack`), and its values' range checked. The ops' `qtype` argument
@@ -2305,7 +2319,7 @@ def qkv(
         run = weights[i]
         if j - i > 1:
             run = torch.as_strided(run, (rows, *run.shape[1:]), run.stride())
-        into = out if rows == out.shape[1] else out[:, column : column + rows]
+        into = out if rows == out.shape[1] else out.narrow(1, column, rows)
         _product(x, run, None, qtypes[i], rows, None, 1, None, out=into, prepared=prepared)
         column += rows
         i = j
@@ -2369,9 +2383,9 @@ def attention_takes_kernels(qkv, cache_k, cache_v, cos, sin, positions) -> bool:
         return False
     if 2 * cos.shape[1] > hd or cos.shape[0] < cache_k.shape[1]:
         return False
-    tensors = (qkv, cache_k, cache_v, cos, sin)
-    if any(x.dtype != torch.float32 or not x.is_contiguous() for x in tensors):
-        return False
+    for x in (qkv, cache_k, cache_v, cos, sin):
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            return False
     return positions is None or (
         positions.dtype == torch.int64 and positions.shape == (t,) and positions.is_contiguous()
     )

@@ -17,7 +17,9 @@ The direct call applies only where it is known to end as Triton's own launch: Tr
 not under the interpreter, no pre-run hooks on the kernel, grids given as tuples, arguments of
 the types above. Everything else (`fast_path` False included) is `kernel[grid](...)`. Triton's
 compile settings (`triton.knobs`) and the kernel's global values are read at the first launch
-of a key, not at each call (the launch hooks at each call, as Triton reads them).
+of a key, not at each call (the launch hooks at each call, as Triton reads them: while both
+are Triton's empty hook chains, as they are unless a profiler adds one, the launcher is given
+no metadata and no hooks, which it then skips, instead of the metadata only a hook reads).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ import torch
 from harness.quant import kernels
 
 triton = kernels.triton
+
+# Triton's chain of launch hooks (the type of `triton.knobs.runtime.launch_enter_hook`), and its
+# driver's settings (the active driver may change; this object does not).
+_HOOK_CHAIN = getattr(getattr(triton, "knobs", None), "HookChain", None)
+_DRIVER = triton.runtime.driver if triton is not None else None
 
 # The Triton versions whose `JITFunction.run` ends in the launch `_direct` repeats.
 KNOWN_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
@@ -60,17 +67,30 @@ fast_path = (
 _COMPILED: dict[tuple, tuple] = {}
 
 
-_I32_LOW, _I32_HIGH = -(1 << 31), 1 << 31
+_I32 = range(-(1 << 31), 1 << 31)
 _I64 = range(-(1 << 63), 1 << 63)
 
+# int -> its code in the key (see `_int_code`), for the ints launches pass again and again
+# (sizes, strides, positions); at most _INT_CODES_KEPT of them.
+_INT_CODES: dict[int, int] = {}
+_INT_CODES_KEPT = 1 << 14
 
-def _specialization(args: tuple, tensor=torch.Tensor) -> tuple | None:
+
+def _int_code(a: int) -> int:
+    """1 for 1, else 2 + divisible by 16 + 2 * within int32 + 4 * within int64."""
+    code = 1 if a == 1 else 2 + (not a & 15) + 2 * (a in _I32) + 4 * (a in _I64)
+    if len(_INT_CODES) < _INT_CODES_KEPT:
+        _INT_CODES[a] = code
+    return code
+
+
+def _specialization(args: tuple, tensor=torch.Tensor, codes=_INT_CODES, int_code=_int_code) -> list | None:
     """What the compiled kernel for `args` depends on (a superset of Triton's), flat, or None
     for an argument of another type: a tensor's dtype and whether it is 16-byte aligned; an
-    int's code (1 for 1, else 2 + divisible by 16 + 2 * within int32 + 4 * within int64); a
-    bool as "i1" and its value; a float as 0.0; None. Two argument tuples of one kernel with
-    one key have the same types at every position (a dtype, a str, 0.0, None and an int code
-    never equal one another). (One flat loop, no call an argument: it runs at every launch.)"""
+    int's code (`_int_code`); a bool as "i1" and its value; a float as 0.0; None. Two argument
+    tuples of one kernel with one key have the same types at every position (a dtype, a str,
+    0.0, None and an int code never equal one another). (One flat loop, no call an argument
+    but a new int's: it runs at every launch.)"""
     out = []
     add = out.append
     for a in args:
@@ -79,7 +99,8 @@ def _specialization(args: tuple, tensor=torch.Tensor) -> tuple | None:
             add(a.dtype)
             add(not a.data_ptr() & 15)
         elif kind is int:
-            add(1 if a == 1 else 2 + (not a & 15) + 2 * (_I32_LOW <= a < _I32_HIGH) + 4 * (a in _I64))
+            code = codes.get(a)
+            add(int_code(a) if code is None else code)
         elif kind is bool:
             add("i1")  # (True == 1: apart from the int 1)
             add(a)
@@ -92,7 +113,7 @@ def _specialization(args: tuple, tensor=torch.Tensor) -> tuple | None:
             add(not a.data_ptr() & 15)
         else:
             return None
-    return tuple(out)
+    return out
 
 
 _one_device: bool | None = None
@@ -111,8 +132,9 @@ def cached_launches() -> int:
 
 
 def current_stream(device: int):
-    """The stream Triton launches on for `device` (its driver's current stream)."""
-    return triton.runtime.driver.active.get_current_stream(device)
+    """The stream Triton launches on for `device` (its driver's current stream, read at every
+    launch: a `torch.cuda.stream` block changes it)."""
+    return _DRIVER.active.get_current_stream(device)
 
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
@@ -121,12 +143,15 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if not fast_path or grid.__class__ is not tuple:
         kernel[grid](*args, **kwargs)
         return
-    spec = _specialization(args)
-    if spec is None:
+    key = _specialization(args)
+    if key is None:
         kernel[grid](*args, **kwargs)
         return
     device = 0 if _one_device else _current_device()
-    key = (id(kernel), device, spec, *kwargs.items())
+    # flat: the sizes first, so that equal keys split alike into the arguments' specialization,
+    # the keyword names, values and types (True == 1 == 1.0: Triton tells them apart)
+    values = kwargs.values()
+    key = (id(kernel), device, len(args), len(kwargs), *key, *kwargs, *values, *map(type, values))
     try:
         known = _COMPILED.get(key)
     except TypeError:  # an unhashable keyword argument
@@ -136,8 +161,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         compiled = kernel[grid](*args, **kwargs)
         _remember(key, kernel, compiled, len(args), kwargs)
         return
-    _, compiled, tail = known
-    _direct(compiled, grid, current_stream(device), args + tail)
+    _direct(known[1], grid, current_stream(device), args + known[2])
 
 
 def _remember(key: tuple, kernel, compiled, n_args: int, kwargs: dict) -> None:
@@ -158,11 +182,23 @@ def _remember(key: tuple, kernel, compiled, n_args: int, kwargs: dict) -> None:
 
 def _direct(compiled, grid: tuple, stream, bound: tuple) -> None:
     """The launch at the end of Triton's `JITFunction.run` (3.6 to 3.9), `bound` the values of
-    all the kernel's parameters in order."""
-    knobs = triton.knobs
+    all the kernel's parameters in order. Where both launch hooks are Triton's empty chains,
+    the launch metadata (only ever read by a hook) and the hooks are None, which Triton's
+    launcher skips, as calling an empty chain does nothing."""
+    hooks = triton.knobs.runtime
+    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
     g = (*grid, 1, 1)
+    if (
+        enter.__class__ is _HOOK_CHAIN
+        and leave.__class__ is _HOOK_CHAIN
+        and not enter.calls
+        and not leave.calls
+    ):
+        compiled.run(
+            g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *bound
+        )
+        return
     metadata = compiled.launch_metadata(grid, stream, *bound)
     compiled.run(
-        g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, metadata,
-        knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound,
+        g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *bound,
     )  # fmt: skip
