@@ -14,6 +14,11 @@ layout, the old read ("packed" new, "gguf" old), with the default kernel choices
 For a memory-bound row, `fraction_of_copy` is the weight bytes it reads over the time, divided
 by the copy rate.
 
+`--moe-only` times only the `harness::moe_ffn` rows (with `--sweep-grouped`, the grouped
+GEMM's settings too):
+
+    python benchmarks/bench_fused.py --moe-only --sweep-grouped --out benchmarks/results/moe.json
+
 `harness::attention` at decode shapes (Mixtral's 32 heads, 8 KV heads, head dim 128; 1 and 8
 tokens; 512 and 4096 cached positions, in the start form and at device positions over a
 4096-position cache as the decode graph calls it): its Triton kernels ("triton", new) against
@@ -125,6 +130,14 @@ GROUPED_SWEEP = [  # BM, BN, BK, warps, stages
     (128, 128, 64, 8, 3),
     (64, 256, 64, 8, 3),
     (32, 128, 64, 4, 4),
+]
+GATED_GROUPED_SWEEP = [  # the same, for gate, up and SwiGLU in one launch (two accumulators)
+    (64, 128, 64, 8, 3),
+    (64, 128, 64, 8, 4),
+    (64, 128, 64, 4, 3),
+    (64, 64, 64, 4, 4),
+    (128, 128, 64, 8, 2),
+    (128, 64, 64, 8, 3),
 ]
 
 
@@ -248,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sweep-grouped",
         action="store_true",
-        help="also try launch configurations of the prefill's grouped float16 GEMM and of the "
-        "in-register tiled16 kernel (MoE, 512 tokens)",
+        help="also try launch configurations of the prefill's grouped float16 GEMM (one weight: the "
+        "down product; gated: gate, up and SwiGLU) and of the in-register tiled16 kernel (MoE, 512 tokens)",
+    )
+    p.add_argument(
+        "--moe-only",
+        action="store_true",
+        help="time only harness::moe_ffn (1 and 512 tokens; --sweep-grouped)",
     )
     p.add_argument("--attention-only", action="store_true", help="time only harness::attention")
     p.add_argument("--router-only", action="store_true", help="time only harness::router_topk")
@@ -330,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         router_rows(dev, row, comparisons, save, args.sweep_router)
         return 0
 
-    for qtype, n, k in SHAPES:
+    for qtype, n, k in () if args.moe_only else SHAPES:
         w = random_weight(qtype, n, k, device=dev)
         kw, code = fused.kernel_weight(w, qtype, k)  # as the model hands it to the op
         for t in TOKENS:
@@ -425,21 +443,20 @@ def main(argv: list[str] | None = None) -> int:
         flops = 2 * 3 * t * 2 * d * f
         compared(name, 2 * t, (T.Q4_K,), moe, read, flops)
         if args.sweep_grouped and 2 * t > fused.MATVEC_MAX_ROWS:
-            saved = dict(fused.GROUPED_CONFIG)
             with kernel_choice(2 * t, "dequant"):
                 reference = moe()
-            for bm, bn, bk, warps, stages in GROUPED_SWEEP:
-                fused.GROUPED_CONFIG.update(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
-                with kernel_choice(2 * t, "dequant"):
-                    ms, off = timed_setting(moe, reference)
-                row(
-                    f"  sweep grouped BM={bm} BN={bn} BK={bk} w={warps} s={stages} {name}",
-                    ms,
-                    read,
-                    flops,
-                    off,
-                )
-            fused.GROUPED_CONFIG.update(saved)
+            for label, config, sweep in (
+                ("grouped", fused.GROUPED_CONFIG, GROUPED_SWEEP),  # (the down product)
+                ("gated grouped", fused.GATED_GROUPED_CONFIG, GATED_GROUPED_SWEEP),
+            ):
+                saved = dict(config)
+                for bm, bn, bk, warps, stages in sweep:
+                    config.update(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+                    with kernel_choice(2 * t, "dequant"):
+                        ms, off = timed_setting(moe, reference)
+                    settings = f"BM={bm} BN={bn} BK={bk} w={warps} s={stages}"
+                    row(f"  sweep {label} {settings} {name}", ms, read, flops, off)
+                config.update(saved)
             saved = dict(fused.MATMAT_CONFIG[T.Q4_K])
             for bm, bn, warps, stages in MATMAT_SWEEP:
                 fused.MATMAT_CONFIG[T.Q4_K].update(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
@@ -465,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"  sweep {fused.matvec_path} BN={bn} warps={warps} stages={stages} Q4_K {n}x{k} T=1"
                 row(name, ms, w.numel(), 2 * n * k, off)
         fused.MATVEC_CONFIG[T.Q4_K].update(saved)
+    if args.moe_only:
+        return 0
     router_rows(dev, row, comparisons, save, args.sweep_router)
     attention_rows(dev, row, comparisons, save, args.sweep_attention)
     return 0

@@ -189,6 +189,9 @@ def compile_launch(launch: dict, arch: int, done: dict) -> dict:
         if name in constexprs:
             signature[name] = "constexpr"
             continue
+        if name not in launch["arguments"]:  # a constexpr the launch left at its default (PDL)
+            signature[name], constexprs[name] = "constexpr", param.default
+            continue
         arg = launch["arguments"][name]
         if arg["kind"] == "none":
             signature[name], constexprs[name] = "constexpr", None
@@ -231,7 +234,7 @@ def recorded(groups: list[str]) -> list[dict]:
 
 # Kernels launched through fused._launch_fitted, which steps down fused.fallback_settings where a
 # device has too little shared memory.
-FALLBACK_KERNELS = {"_matmat_kernel"}
+FALLBACK_KERNELS = {"_matmat_kernel", "_grouped_kernel"}
 
 
 def _fallback(launch: dict, arch: int, done: dict) -> dict | None:

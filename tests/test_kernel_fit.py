@@ -53,15 +53,21 @@ def test_every_decode_and_prefill_launch_fits_a_consumer_gpu(kernel_fit, launche
 
 
 @pytest.mark.slow
-def test_a_launch_over_the_limit_is_a_misfit(kernel_fit, launches):
-    grouped = copy.deepcopy(next(launch for launch in launches if launch["kernel"] == "_grouped_kernel"))
+def test_a_launch_over_the_limit_is_a_misfit(kernel_fit, launches, monkeypatch):
+    grouped = copy.deepcopy(
+        next(l for l in launches if l["kernel"] == "_grouped_kernel" and not l["constexprs"]["GATED"])
+    )
     grouped["constexprs"] |= {"BN": 256, "BK": 128}
     grouped["options"] |= {"num_stages": 4, "num_warps": 8}
     result = kernel_fit.check([grouped], [86])
     (row,) = result["rows"]
     assert row["shared_bytes"] > kernel_fit.SHARED_LIMIT[86]
     assert not row["fits"] and result["misfits"] == 1
-    assert row["falls_back_to"] is None and result["unfitted"] == 1  # the grouped GEMM has no fallback
+    # the grouped GEMM launches through fused._launch_fitted: one stage fits
+    assert row["falls_back_to"] == {"BM": 64, "BN": 256, "num_stages": 1} and result["unfitted"] == 0
+    monkeypatch.setattr(kernel_fit, "FALLBACK_KERNELS", set())  # a kernel without the fallback
+    result = kernel_fit.check([grouped], [86])
+    assert result["rows"][0]["falls_back_to"] is None and result["unfitted"] == 1
 
 
 def test_a_launch_the_device_lacks_shared_memory_for_steps_down_once_per_variant(monkeypatch):

@@ -546,6 +546,192 @@ def _scaled_half_cases(device: str) -> list[dict]:
     return results
 
 
+# The prefill's grouped products (`fused._product` of more than MATVEC_MAX_ROWS routed pairs),
+# each (pairs, x_div, gated, scaled, routing, scratch of 2 experts): pair p reads x row
+# p // x_div (moe_ffn's gate/up product: x_div = k); gated and unscaled is moe_ffn's gate/up
+# form, scaled with one weight its down form. The scratch holds all experts or 2 at a time
+# (chunks of 2, 2, 1). The interpreter takes seconds a case: each fact is covered once or twice.
+GROUPED_CASES = (
+    *((n, x_div, True, False, "random", False) for n, x_div in ((9, 3), (17, 1), (129, 3), (512, 2))),
+    *((n, 1, False, True, "random", False) for n in (9, 17, 129, 512)),
+    (129, 3, True, False, "one expert takes all", False),
+    (129, 1, False, True, "one expert takes all", False),
+    (129, 3, True, False, "experts 0 and 4 take none", False),
+    (17, 1, False, True, "experts 0 and 4 take none", False),
+    (129, 3, True, False, "random", True),
+    (129, 1, False, True, "experts 0 and 4 take none", True),
+    (17, 1, True, True, "random", False),
+    (17, 17, False, False, "random", True),
+)
+GROUPED_EXPERTS = 5
+
+
+# `_sort_by_expert`'s kernel against its torch ops: (pairs, experts, block), each in three
+# routings (random, every pair to the last expert, pairs on every third expert only); the last
+# is past SORT_KERNEL_MAX, where torch's ops run.
+SORT_CASES = (
+    (1, 8, 64),
+    (9, 3, 16),
+    (17, 1, 16),
+    (129, 60, 16),
+    (1024, 8, 64),
+    (300, 128, 64),
+    (70000, 8, 64),
+)
+
+
+def grouped_case_count() -> int:
+    """How many results `_grouped_cases` gives: the products, 2 moe_ffn launch counts, and
+    the sorts."""
+    return len(GROUPED_CASES) + 2 + 3 * len(SORT_CASES)
+
+
+def _grouped_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """The "dequant" prefill of routed pairs (`_grouped_kernel`, gate and up in one launch where
+    gated) against float64: GROUPED_EXPERTS experts of Q4_K gate and up weights with an odd
+    row count (one full output tile and a part-filled one), experts with no pair and with every
+    pair (GROUPED_CASES). Then moe_ffn's prefill: its pairs sorted once, and the grouped
+    launches it makes (`_moe_launch_cases`)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    q4 = GGMLType.Q4_K
+    n_exp, rows, cols = GROUPED_EXPERTS, 131, 256 if small else 1024
+    gate = torch.stack([_random_weight(q4, rows, cols, rng) for _ in range(n_exp)])
+    up = torch.stack([_random_weight(q4, rows, cols, rng) for _ in range(n_exp)])
+    wg = torch.stack([_dequant(gate[e], q4, rows, cols) for e in range(n_exp)])
+    wu = torch.stack([_dequant(up[e], q4, rows, cols) for e in range(n_exp)])
+    results = []
+    for n_pairs, x_div, gated, scaled, routing, chunked in GROUPED_CASES:
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        x = torch.randn(n_pairs // x_div, cols, generator=gen)
+        scale = torch.rand(n_pairs, generator=gen)
+        if routing == "random":
+            experts = torch.randint(0, n_exp, (n_pairs,), generator=gen)
+        elif routing == "one expert takes all":
+            experts = torch.full((n_pairs,), 2)
+        else:
+            experts = torch.randint(1, n_exp - 1, (n_pairs,), generator=gen)
+        xs = x.double()[torch.arange(n_pairs) // x_div]
+        ref = torch.einsum("pk,pnk->pn", xs, wg[experts])
+        if gated:
+            ref = torch.nn.functional.silu(ref) * torch.einsum("pk,pnk->pn", xs, wu[experts])
+        if scaled:
+            ref = ref * scale.double()[:, None]
+        scratch = 2 * (2 if gated else 1) * rows * cols * 2 if chunked else None
+        with _kernels("prefill=dequant", scratch):
+            out = fused._product(
+                x.to(device), gate.to(device), up.to(device) if gated else None, int(q4), rows,
+                experts.to(device), x_div, scale.to(device) if scaled else None,
+            )  # fmt: skip
+        form = ("gated" if gated else "one weight") + (" scaled" if scaled else "")
+        chunks = "2 experts" if chunked else "all experts"
+        name = f"grouped {form} pairs={n_pairs} x_div={x_div} {routing}, scratch of {chunks}"
+        results.append({"case": name, "nmse": _nmse(out, ref)})
+    results += _moe_launch_cases(device, rng)
+    results += _sort_cases(device, rng)
+    return results
+
+
+def _sort_cases(device: str, rng: np.random.Generator) -> list[dict]:
+    """The prefill's sort of pairs by expert (`_sort_by_expert`: one launch where Triton runs)
+    against its torch ops (`_sort_by_expert_torch`) on the CPU, element for element (SORT_CASES);
+    "launches" says whether the kernel ran."""
+    from harness.quant import fused
+
+    results, launch, launched = [], fused.launch, []
+
+    def counted(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return launch(kernel, *args, **kwargs)
+
+    for n_pairs, n_exp, block in SORT_CASES:
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        for routing in ("random", "last expert takes all", "every third expert"):
+            if routing == "random":
+                experts = torch.randint(0, n_exp, (n_pairs,), generator=gen)
+            elif routing == "last expert takes all":
+                experts = torch.full((n_pairs,), n_exp - 1)
+            else:
+                experts = torch.randint(0, -(-n_exp // 3), (n_pairs,), generator=gen) * 3
+            launched.clear()
+            fused.launch = counted
+            try:
+                got = [t.cpu() for t in fused._sort_by_expert(experts.to(device), n_exp, block)]
+            finally:
+                fused.launch = launch
+            want = fused._sort_by_expert_torch(experts, n_exp, block)
+            exact = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+            kernel = n_pairs * fused._next_pow2(n_exp) <= fused.SORT_KERNEL_MAX
+            name = f"sort pairs={n_pairs} experts={n_exp} block={block} {routing}"
+            results.append(
+                {"case": name, "nmse": 0.0, "exact": exact, "launches": len(launched), "kernel": kernel}
+            )
+    return results
+
+
+def _moe_launch_cases(device: str, rng: np.random.Generator) -> list[dict]:
+    """moe_ffn's "dequant" prefill (17 tokens, 2 experts each, of 3) as launched: how many times
+    it sorts the pairs by expert, how many `_grouped_kernel` launches it makes (one per chunk of
+    experts for gate/up/SwiGLU, one per chunk for down), whether it calls a torch silu, and its
+    NMSE against float64; with every expert's weights in the scratch at once, and with one."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    q4, n_exp, t, k, dim, ffn = GGMLType.Q4_K, 3, 17, 2, 256, 256
+    gate, up, down = (
+        torch.stack([_random_weight(q4, ffn, dim, rng) for _ in range(n_exp)]) for _ in range(3)
+    )
+    wg, wu, wd = ([_dequant(m[e], q4, ffn, dim) for e in range(n_exp)] for m in (gate, up, down))
+    x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+    experts, weights, ref = _moe_reference(x, wg, wu, wd, k, "random", ())
+    results = []
+    for scratch, chunk in ((None, n_exp), (2 * ffn * dim * 2, 1)):
+        counts = {"sorts": 0, "grouped": 0, "silu": 0}
+        sort, launch, silu = fused._sort_by_expert, fused.launch, torch.nn.functional.silu
+
+        def counted(name, fn, counts=counts):
+            def call(*args, **kwargs):
+                counts[name] += name != "grouped" or args[0] is fused._grouped_kernel
+                return fn(*args, **kwargs)
+
+            return call
+
+        fused._sort_by_expert, fused.launch = counted("sorts", sort), counted("grouped", launch)
+        torch.nn.functional.silu = counted("silu", silu)
+        try:
+            with _kernels("prefill=dequant", scratch):
+                out = torch.ops.harness.moe_ffn(
+                    x.to(device), gate.to(device), up.to(device), down.to(device), weights.to(device),
+                    experts.to(device), int(q4), int(q4),
+                )  # fmt: skip
+        finally:
+            fused._sort_by_expert, fused.launch, torch.nn.functional.silu = sort, launch, silu
+        results.append(
+            {
+                "case": f"moe_ffn launches T={t} k={k} E={n_exp} chunks of {chunk}",
+                "nmse": _nmse(out, ref),
+                **counts,
+                # gate/up: 2 x chunk experts' scratch; down: chunk experts' (in twice the room)
+                "expect_grouped": -(-n_exp // chunk) + -(-n_exp // min(n_exp, 2 * chunk)),
+            }
+        )
+    return results
+
+
+def _check_grouped(results: list[dict]) -> None:
+    assert len(results) == grouped_case_count()
+    bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
+    assert not bad, bad
+    sorts = [r for r in results if r["case"].startswith("sort ")]
+    assert [r["launches"] for r in sorts] == [int(r["kernel"]) for r in sorts], sorts
+    assert any(not r["kernel"] for r in sorts)
+    launches = [r for r in results if r["case"].startswith("moe_ffn launches")]
+    assert [(r["sorts"], r["silu"], r["grouped"]) for r in launches] == [
+        (1, 0, r["expect_grouped"]) for r in launches
+    ], launches
+
+
 def int_read_case_count(small: bool) -> int:
     """How many results `_int_read_cases` gives: the products, 2 qkv cases, moe_ffn's pairs of
     types at their token counts and 2 routings, 2 layout cases and 4 dp2a forms."""
@@ -1138,6 +1324,29 @@ def test_interpreter_int_reads_match_dequantize_then_matmul():
     _check_int_reads(json.loads(proc.stdout.strip().splitlines()[-1]), small=True)
 
 
+@pytest.mark.slow
+def test_interpreter_grouped_prefill_matches_dequantize_then_matmul():
+    """The "dequant" prefill's grouped products under Triton's interpreter (a subprocess): gated
+    (gate, up and SwiGLU in one launch), routing-scaled, both and neither, at 9 to 512 pairs,
+    x rows shared by x_div pairs, experts with no pair and with every pair, the scratch in
+    chunks; and moe_ffn's prefill sorting its pairs once (`_grouped_cases`, `_check_grouped`)."""
+    pytest.importorskip("triton")
+    _check_grouped(_interpreted("GROUPED"))
+
+
+def _interpreted(mode: str) -> list[dict]:
+    """The results of this file run as a script in `mode` on the CPU under Triton's interpreter
+    (a subprocess: TRITON_INTERPRET is read at import), with a fresh seed."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    seed = str(int.from_bytes(os.urandom(4), "little"))
+    command = [sys.executable, __file__, mode, "cpu", seed]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, (
+        f"interpreter subprocess failed (seed {seed}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _check_int_reads(results: list[dict], small: bool) -> None:
     assert len(results) == int_read_case_count(small)
     bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r.get("exact") is False]
@@ -1405,6 +1614,87 @@ def test_prefill_kernels_compile_for_sm_90_with_wide_loads_without_a_gpu():
         assert compiled.asm["cubin"], (kernel.__name__, consts)
         missing = [w for w in wanted if w not in compiled.asm["ptx"]]
         assert not missing, (kernel.__name__, consts, missing)
+
+
+@pytest.mark.slow
+def test_grouped_kernel_compiles_for_sm_90_on_tensor_cores_without_spills():
+    """The prefill's grouped float16 GEMM compiles for an H100 (sm_90) at its launch settings,
+    one weight (plain and routing-scaled: moe_ffn's down product) and gated (gate, up and
+    SwiGLU: two accumulators): Hopper's tensor-core instructions (wgmma; HGMMA in the SASS,
+    gated twice as many as one weight's at its settings), no local memory (register spills), and
+    shared memory within the H100's 227 KB a block. The sort of pairs by expert before it
+    compiles without spills too (8 and 128 experts)."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from harness.quant import fused
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("Triton's bundled cuobjdump is absent")
+    kernel = fused._grouped_kernel
+    pointers = {
+        "x_ptr": "*fp16", "xscale_ptr": "*fp32", "w_ptr": "*fp16", "u_ptr": "*fp16", "scale_ptr": "*fp32",
+        "out_ptr": "*fp32", "sorted_ptr": "*i64", "block_expert_ptr": "*i32",
+    }  # fmt: skip
+    aligned = (*pointers, "N", "K")  # Mixtral's rows and row lengths are multiples of 16
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"grouped_{os.getpid()}.cubin"
+    hgmma = {}
+    try:
+        one, two = fused.GROUPED_CONFIG, fused.GATED_GROUPED_CONFIG
+        # (and one weight at the gated settings: the same tiles, to count its products against)
+        for gated, scaled, cfg in (
+            (False, False, one),
+            (False, True, one),
+            (True, False, two),
+            (False, False, two),
+        ):
+            consts = {"BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GATED": gated, "SCALED": scaled}
+            names = kernel.arg_names
+            source = ASTSource(
+                fn=kernel,
+                signature={n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names},
+                constexprs=consts,
+                attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned},
+            )
+            compiled = triton.compile(
+                source,
+                target=GPUTarget("cuda", 90, 64),
+                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+            )
+            where = (gated, scaled, cfg)
+            assert "wgmma.mma_async" in compiled.asm["ptx"], where
+            assert compiled.metadata.shared <= 232_448, (where, compiled.metadata.shared)
+            tmp.write_bytes(compiled.asm["cubin"])
+            code = subprocess.run(
+                [str(cuobjdump), "-sass", str(tmp)], capture_output=True, text=True, check=True
+            ).stdout
+            assert not re.search(r"\b(LDL|STL)\b", code), where
+            hgmma[gated, scaled, cfg is two] = code.count("HGMMA")
+        sort = fused._sort_by_expert_kernel
+        for ep in (8, 128):  # Mixtral's experts, and many
+            consts = {"BLOCK": 64, "EP": ep, "BP": max(16, 4096 // ep)}
+            source = ASTSource(
+                fn=sort,
+                signature={n: "constexpr" if n in consts else "i32" for n in sort.arg_names}
+                | {"experts_ptr": "*i64", "sorted_ptr": "*i64", "block_expert_ptr": "*i32"},
+                constexprs=consts,
+                attrs={(i,): [["tt.divisibility", 16]] for i in range(3)},
+            )
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+            tmp.write_bytes(compiled.asm["cubin"])
+            code = subprocess.run(
+                [str(cuobjdump), "-sass", str(tmp)], capture_output=True, text=True, check=True
+            ).stdout
+            assert not re.search(r"\b(LDL|STL)\b", code), ("sort", ep)
+    finally:
+        tmp.unlink(missing_ok=True)
+    assert hgmma[False, False, False] == hgmma[False, True, False] > 0, hgmma
+    assert hgmma[True, False, True] == 2 * hgmma[False, False, True] > 0, hgmma
 
 
 @pytest.mark.slow
@@ -2000,6 +2290,12 @@ def test_cuda_int_reads_match_dequantize_then_matmul():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_grouped_prefill_matches_dequantize_then_matmul():
+    """The grouped prefill products on the GPU (rows of 1024 values): `_grouped_cases`."""
+    _check_grouped(_grouped_cases("cuda", False, np.random.default_rng()))
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_router_topk_kernel_matches_the_torch_path():
     """`harness::router_topk`'s kernel against the op's torch path on the GPU at Mixtral's
     shapes (`_check_router`: tied rows too, where torch.topk on CUDA chooses the same experts)."""
@@ -2074,5 +2370,7 @@ if __name__ == "__main__":
         print(json.dumps(_router_split_cases(sys.argv[2], np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "INT":  # only the "int" reads' cases, small shapes
         print(json.dumps(_int_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "GROUPED":  # only the grouped prefill products' cases, small shapes
+        print(json.dumps(_grouped_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     else:
         print(json.dumps(run_cases(sys.argv[2], small=sys.argv[1] == "SMALL")))

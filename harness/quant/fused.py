@@ -16,9 +16,10 @@ How a product runs depends on its rows (token-expert pairs):
   for a dense weight, `_grouped_kernel` for experts; "tiled" is the older `_matmat_kernel`,
   which dequantizes in registers for every row block, and "tiled16" that kernel on float16
   tiles (the scratch path's arithmetic without the scratch). Either way the pairs are sorted
-  by expert on the device and padded to whole row blocks (vLLM's moe_align_block_size), each row block
-  knows its expert: no host read of the routing, no Python loop over experts (the "dequant" path
-  launches once per chunk of experts that fits the scratch). Its products round weights and
+  by expert on the device and padded to whole row blocks (vLLM's moe_align_block_size), once per
+  moe_ffn (one launch), each row block knows its expert: no host read of the routing, no Python
+  loop over experts (the "dequant" path launches once per chunk of experts that fits the
+  scratch, gate, up and SwiGLU in one launch). Its products round weights and
   activations to float16 (activation rows divided by their peak first) and accumulate in
   float32: NMSE about 1e-7 against float32. A weight with values beyond float16's range (WIDE,
   found when it is prepared) takes "tiled", whose float32 tiles do not overflow.
@@ -142,11 +143,23 @@ matvec_path = os.environ.get("HARNESS_MATVEC", "int")
 PREFILL_PATHS = ("dequant", "tiled", "tiled16")
 prefill_path = os.environ.get("HARNESS_PREFILL", "dequant")
 # The float16 scratch of one grouped launch is at most this many bytes: experts are dequantized in
-# chunks that fit (Mixtral-8x7B: 4 experts of 14336x4096, 470 MB, per launch). A dense weight is
-# dequantized whole (its largest, a 32000x4096 output head, is 262 MB). The scratch comes from
-# torch's caching allocator and is freed before the next one is made, so the same block is reused.
+# chunks that fit (Mixtral-8x7B: the gate and up weights of 2 experts of 14336x4096, 470 MB, per
+# gated launch; 4 experts' down weights per launch). A dense weight is dequantized whole (its
+# largest, a 32000x4096 output head, is 262 MB). The scratch comes from torch's caching allocator
+# and is freed before the next one is made, so the same block is reused.
 SCRATCH_MAX_BYTES = 512 << 20
+# `_grouped_kernel`'s launch settings: one weight (moe_ffn's down product), and gated (gate and
+# up in one launch: two accumulators; at 4 warps its sm_90 build takes all 255 registers a
+# thread, at 8 warps 128, no spills either way). Not swept on a GPU yet for the gated kernel
+# (`benchmarks/bench_fused.py --sweep-grouped`).
 GROUPED_CONFIG: dict[str, int] = {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4}
+GATED_GROUPED_CONFIG: dict[str, int] = {"BM": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+# The prefill sorts its pairs by expert in one launch of one program (`_sort_by_expert_kernel`,
+# which compares each pair with every expert: pairs x experts work, in sequence) up to this many
+# pairs x experts (rounded up to a power of two): with Mixtral's 8 experts up to 65,536 pairs
+# (32,768 tokens at k=2), with 128 experts up to 4,096 pairs. Past it, torch's ops (about 25
+# launches, each of them parallel). Not timed on a GPU yet.
+SORT_KERNEL_MAX = 1 << 19
 
 _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
@@ -1292,6 +1305,8 @@ if triton is not None:
         x_ptr,
         xscale_ptr,
         w_ptr,
+        u_ptr,
+        scale_ptr,
         out_ptr,
         sorted_ptr,
         block_expert_ptr,
@@ -1304,11 +1319,15 @@ if triton is not None:
         BM: tl.constexpr,
         BN: tl.constexpr,
         BK: tl.constexpr,
+        GATED: tl.constexpr,
+        SCALED: tl.constexpr,
     ):
         """Row block b of the expert-sorted pairs times its expert's float16 weight, for the blocks
         whose expert is in [e_lo, e_hi) (w_ptr: those experts' weights, [e_hi - e_lo, N, K]).
+        GATED: also times u_ptr's weights of the same experts (the up projection), and the row is
+        silu(x.w) * (x.u); SCALED: times scale[pair].
 
-        x [rows, K] float16 holds each row divided by xscale[row]; the float32 product is
+        x [rows, K] float16 holds each row divided by xscale[row]; the float32 products are
         multiplied back. Pair ids >= n_pairs are padding; x row of pair q is q // x_div."""
         b = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -1321,13 +1340,69 @@ if triton is not None:
         wrow = tl.where(live, e - e_lo, 0).to(tl.int64) * N + tl.where(n < N, n, 0)
         kk = tl.arange(0, BK)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, tl.where(live, K, 0), BK):
             xt = tl.load(x_ptr + xrow[:, None] * K + (k0 + kk)[None, :], mask=valid[:, None], other=0.0)
             wt = tl.load(w_ptr + wrow[:, None] * K + (k0 + kk)[None, :])
             acc = tl.dot(xt, tl.trans(wt), acc)
-        acc = acc * tl.load(xscale_ptr + xrow, mask=valid, other=0.0)[:, None]
+            if GATED:
+                ut = tl.load(u_ptr + wrow[:, None] * K + (k0 + kk)[None, :])
+                acc_u = tl.dot(xt, tl.trans(ut), acc_u)
+        peak = tl.load(xscale_ptr + xrow, mask=valid, other=0.0)[:, None]
+        acc = acc * peak
+        if GATED:
+            acc = _silu_mul(acc, acc_u * peak)
+        if SCALED:
+            acc = acc * tl.load(scale_ptr + tl.where(valid, pairs, 0), mask=valid, other=0.0)[:, None]
         out = out_ptr + tl.where(valid, pairs, 0).to(tl.int64)[:, None] * N + n[None, :]
         tl.store(out, acc, mask=valid[:, None] & (n < N)[None, :])
+
+    @triton.jit
+    def _sort_by_expert_kernel(
+        experts_ptr,
+        sorted_ptr,
+        block_expert_ptr,
+        n_pairs,
+        n_experts,
+        n_blocks,
+        BLOCK: tl.constexpr,
+        EP: tl.constexpr,
+        BP: tl.constexpr,
+    ):
+        """`_sort_by_expert` in one program: the experts' pair counts, their padded starts, then
+        each pair (in order, BP at a time) to its expert's next slot, its rank among the pairs
+        before it of its expert; then the padding (slots past an expert's pairs and past the
+        last expert's blocks: n_pairs) and each block's expert (-1 past the last). EP >=
+        n_experts (a power of two); experts' ids outside [0, n_experts) are not sorted."""
+        ex = tl.arange(0, EP)
+        real = ex < n_experts
+        counts = tl.zeros((EP,), tl.int32)
+        for p0 in range(0, n_pairs, BP):
+            p = p0 + tl.arange(0, BP)
+            e = tl.load(experts_ptr + p, mask=p < n_pairs, other=-1)
+            counts += tl.sum(((e[:, None] == ex[None, :]) & real[None, :]).to(tl.int32), axis=0)
+        padded = (counts + BLOCK - 1) // BLOCK * BLOCK
+        ends = tl.cumsum(padded, axis=0)
+        starts = ends - padded
+        seen = tl.zeros((EP,), tl.int32)
+        for p0 in range(0, n_pairs, BP):
+            p = p0 + tl.arange(0, BP)
+            e = tl.load(experts_ptr + p, mask=p < n_pairs, other=-1)
+            hit = ((e[:, None] == ex[None, :]) & real[None, :]).to(tl.int32)
+            rank = tl.cumsum(hit, axis=0) - hit + (starts + seen)[None, :]
+            slot = tl.sum(hit * rank, axis=1)
+            tl.store(sorted_ptr + slot, p.to(tl.int64), mask=tl.sum(hit, axis=1) > 0)
+            seen += tl.sum(hit, axis=0)
+        for s0 in range(0, n_blocks * BLOCK, BP):
+            s = s0 + tl.arange(0, BP)
+            owner = tl.sum((s[:, None] >= ends[None, :]).to(tl.int32), axis=1)  # experts ended by s
+            filled = tl.sum(tl.where(owner[:, None] == ex[None, :], starts + counts, 0), axis=1)
+            pad = (owner >= n_experts) | (s >= filled)  # (filled: the owner's first padding slot)
+            tl.store(sorted_ptr + s, tl.zeros((BP,), tl.int64) + n_pairs, mask=pad & (s < n_blocks * BLOCK))
+        for b0 in range(0, n_blocks, BP):
+            b = b0 + tl.arange(0, BP)
+            owner = tl.sum(((b * BLOCK)[:, None] >= ends[None, :]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + b, tl.where(owner < n_experts, owner, -1), mask=b < n_blocks)
 
     @triton.jit
     def _scaled_half_kernel(x_ptr, out_ptr, peak_ptr, K, BK: tl.constexpr):
@@ -1636,8 +1711,28 @@ _STAY = contextlib.nullcontext()  # (reusable: it holds nothing)
 def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair ids (flattened [T, k] routing) grouped by expert, each group padded to whole blocks of
     `block` rows with the id n_pairs; and each row block's expert (-1 past the last). On the
-    device, fixed sizes: no host read."""
+    device, fixed sizes: no host read. One launch where Triton runs (`_sort_by_expert_kernel`,
+    up to SORT_KERNEL_MAX), else torch's ops (`_sort_by_expert_torch`, the same result)."""
     flat = experts.reshape(-1)
+    n_pairs, ep = flat.numel(), _next_pow2(n_experts)
+    kernel = kernels.triton is not None and (flat.is_cuda or kernels.interpreting())
+    if not kernel or n_pairs * ep > SORT_KERNEL_MAX:
+        return _sort_by_expert_torch(flat, n_experts, block)
+    n_blocks = _ceil_div(n_pairs, block) + n_experts
+    sorted_ids = flat.new_empty(n_blocks * block, dtype=torch.int64)
+    block_expert = flat.new_empty(n_blocks, dtype=torch.int32)
+    with _launch_device(flat.device):
+        launch(_sort_by_expert_kernel, (1,),
+            flat.contiguous(), sorted_ids, block_expert, n_pairs, n_experts, n_blocks, BLOCK=block, EP=ep,
+            BP=max(16, 4096 // ep), num_warps=4,
+        )  # fmt: skip
+    return sorted_ids, block_expert
+
+
+def _sort_by_expert_torch(
+    flat: torch.Tensor, n_experts: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_sort_by_expert` in torch's ops (about 25 launches on a GPU)."""
     n_pairs = flat.numel()
     n_blocks = _ceil_div(n_pairs, block) + n_experts
     device = flat.device
@@ -1656,6 +1751,19 @@ def _sort_by_expert(experts: torch.Tensor, n_experts: int, block: int) -> tuple[
     block_expert = torch.searchsorted(padded_end, starts, right=True)
     block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
     return sorted_ids, block_expert
+
+
+def _sorted_pairs(
+    experts: torch.Tensor, n_experts: int, block: int, routing: dict | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_sort_by_expert(experts, n_experts, block)`, taken from `routing` where a product of the
+    same op (the same pairs) sorted them so before, and left there (None: sorted anew)."""
+    if routing is None:
+        return _sort_by_expert(experts, n_experts, block)
+    made = routing.get((n_experts, block))
+    if made is None:
+        made = routing[(n_experts, block)] = _sort_by_expert(experts, n_experts, block)
+    return made
 
 
 class _MatvecPlan(NamedTuple):
@@ -1744,6 +1852,7 @@ def _product(
     out_div: int = 1,
     out: torch.Tensor | None = None,
     prepared: dict | None = None,
+    routing: dict | None = None,
 ) -> torch.Tensor:
     """[P / out_div, out] rows: pair p times expert experts[p] (None: expert 0 for every row,
     P = len(x)) of the stack w [E, out, row_bytes] or the one weight w [out, row_bytes] (gated
@@ -1751,7 +1860,9 @@ def _product(
     each output row summed in order. `code`: the GGML type | PACKED | WIDE (`kernel_weight`).
     Written into `out` when given (rows of unit column stride, e.g. columns of a wider tensor).
     `prepared`: where several products of one op read the same x, a dict (empty at first) that
-    keeps x as the decode reads took it (`_matvec`), so that it is prepared once."""
+    keeps x as the decode reads took it (`_matvec`), so that it is prepared once. `routing`:
+    where several products of one op route the same pairs, a dict (empty at first) that keeps
+    their sorting by expert (`_sorted_pairs`), so that the prefill sorts them once."""
     if experts is not None:
         experts = experts.reshape(-1)
     n_pairs = x.shape[0] * x_div if experts is None else experts.numel()
@@ -1761,13 +1872,13 @@ def _product(
         x = x.float().contiguous()
     if n_pairs <= MATVEC_MAX_ROWS:
         return _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared)
-    y = _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs)
+    y = _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs, routing)
     if out_div > 1:
         y = y.view(n_pairs // out_div, out_div, out_features).sum(1)
     return y if out is None else out.copy_(y)
 
 
-def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs) -> torch.Tensor:
+def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs, routing) -> torch.Tensor:
     """`_product` of more than MATVEC_MAX_ROWS pairs (prefill; x float32, contiguous): the
     dequantized weight on tensor cores (`_product_dequantized`) or `_matmat_kernel`."""
     if w.dim() == 2:
@@ -1788,19 +1899,18 @@ def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs) 
     with _launch_device(x.device):
         path = _prefill_path()
         if path == "dequant" and not wide:
-            return _product_dequantized(
-                x, w, u if gated else None, qtype, out, experts, x_div, scale if scaled else None, packed
-            )
+            u, scale = (u if gated else None), (scale if scaled else None)
+            return _product_dequantized(x, w, u, qtype, out, experts, x_div, scale, packed, routing)
         half = path == "tiled16" and not wide
         xscale = out
         if half:
             x, xscale = _scaled_half(x)
         if experts is None:  # a dense weight: every row on "expert" 0
-            experts = torch.zeros(n_pairs, dtype=torch.int64, device=x.device)
+            experts, routing = torch.zeros(n_pairs, dtype=torch.int64, device=x.device), None
         variant = (x.device, code, gated, scaled, half, tuple(MATMAT_CONFIG[qtype].items()))
 
         def launch_with(cfg: dict[str, int]) -> None:
-            sorted_ids, block_expert = _sort_by_expert(experts, n_experts, cfg["BM"])
+            sorted_ids, block_expert = _sorted_pairs(experts, n_experts, cfg["BM"], routing)
             grid = (block_expert.numel(), _ceil_div(out_features, cfg["BN"]))
             launch(_matmat_kernel, grid,
                 x, w, u, out, sorted_ids, block_expert, scale, xscale, lut, out_features, n_super, n_pairs,
@@ -2050,13 +2160,15 @@ def _product_dequantized(
     x_div: int,
     scale: torch.Tensor | None,
     packed: bool,
+    routing: dict | None = None,
 ) -> torch.Tensor:
     """`_product` for many rows, written into `out` [P, N]: weights dequantized to float16 (bounded
     scratch; a packed weight read in its layout, `_dequantize_packed`), products on tensor cores
-    with float32 accumulation. A dense weight (experts None, x_div 1) goes to torch.matmul;
-    routed pairs to `_grouped_kernel`, launched once per chunk of experts, each launch skipping
-    the row blocks of other experts (no host read of the routing). Results go into `out` in
-    place (no copy of a finished product)."""
+    with float32 accumulation. A dense weight (experts None) goes to torch.matmul; routed pairs
+    to `_grouped_kernel`, launched once per chunk of experts, each launch skipping the row blocks
+    of other experts (no host read of the routing). Gated, a chunk's gate and up weights are
+    dequantized together and one launch makes silu(gate) * up; the routing scale, where given,
+    is applied there too. Results go into `out` in place (no copy of a finished product)."""
     n_pairs, n_out = out.shape
     in_features = x.shape[1]
     xh, peak = _scaled_half(x)
@@ -2067,39 +2179,43 @@ def _product_dequantized(
             return _dequantize_packed(m, qtype, shape)
         return kernels.dequantize(m, qtype, shape, torch.float16)
 
-    results = []
     if experts is None:
         if x_div != 1:  # every row of x stands for x_div pairs
             xh, peak = xh.repeat_interleave(x_div, 0), peak.repeat_interleave(x_div)
+        results = []
         for m in mats:
             wh = half(m[0], (n_out, in_features))
             y = out if len(mats) == 1 else torch.empty_like(out)
             torch.mul(torch.matmul(xh, wh.T), peak[:, None], out=y)  # float16 products, widened
             results.append(y)
             del wh  # the scratch goes back to the allocator before the next one is made
-    else:
-        cfg = GROUPED_CONFIG
-        n_experts = w.shape[0]
-        sorted_ids, block_expert = _sort_by_expert(experts, n_experts, cfg["BM"])
-        per_expert = n_out * in_features * 2
-        chunk = max(1, min(n_experts, SCRATCH_MAX_BYTES // per_expert))
+        if u is not None:
+            torch.mul(torch.nn.functional.silu(results[0], inplace=True), results[1], out=out)
+        if scale is not None:
+            out.mul_(scale[:, None])
+        return out
+    gated, scaled = u is not None, scale is not None
+    cfg = GATED_GROUPED_CONFIG if gated else GROUPED_CONFIG
+    variant = (x.device, "grouped", gated, scaled, tuple(cfg.items()))
+    n_experts = w.shape[0]
+    routing = {} if routing is None else routing
+    chunk = max(1, min(n_experts, SCRATCH_MAX_BYTES // (len(mats) * n_out * in_features * 2)))
+
+    def launch_with(cfg: dict[str, int], wh: torch.Tensor, uh: torch.Tensor, lo: int, hi: int) -> None:
+        sorted_ids, block_expert = _sorted_pairs(experts, n_experts, cfg["BM"], routing)
         grid = (block_expert.numel(), _ceil_div(n_out, cfg["BN"]))
-        for m in mats:
-            y = out if len(mats) == 1 else torch.empty_like(out)
-            for lo in range(0, n_experts, chunk):
-                hi = min(lo + chunk, n_experts)
-                wh = half(m[lo:hi], (hi - lo, n_out, in_features))
-                launch(_grouped_kernel, grid,
-                    xh, peak, wh, y, sorted_ids, block_expert, n_out, in_features, n_pairs, x_div, lo, hi,
-                    BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"],
-                )  # fmt: skip
-                del wh
-            results.append(y)
-    if u is not None:
-        torch.mul(torch.nn.functional.silu(results[0], inplace=True), results[1], out=out)
-    if scale is not None:
-        out.mul_(scale[:, None])
+        launch(_grouped_kernel, grid,
+            xh, peak, wh, uh, peak if scale is None else scale, out, sorted_ids, block_expert, n_out, in_features,
+            n_pairs, x_div, lo, hi, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GATED=gated, SCALED=scaled,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+
+    for lo in range(0, n_experts, chunk):
+        hi = min(lo + chunk, n_experts)
+        wh = half(w[lo:hi], (hi - lo, n_out, in_features))
+        uh = half(u[lo:hi], (hi - lo, n_out, in_features)) if gated else wh
+        _launch_fitted(functools.partial(launch_with, wh=wh, uh=uh, lo=lo, hi=hi), variant, cfg)
+        del wh, uh  # the scratch goes back to the allocator before the next one is made
     return out
 
 
@@ -2178,8 +2294,11 @@ def moe_ffn(
     _check_devices("harness::moe_ffn", x, gate, up, down, weights, experts)
     t, k = experts.shape
     ffn, dim = gate.shape[1], down.shape[1]
-    h = _product(x, gate, up, gate_up_qtype, ffn, experts, k, None)  # [T*k, F]
-    return _product(h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k)  # [T, D]
+    routing = {}  # both products route the same pairs: the prefill sorts them once
+    h = _product(x, gate, up, gate_up_qtype, ffn, experts, k, None, routing=routing)  # [T*k, F]
+    return _product(
+        h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k, routing=routing
+    )  # [T, D]
 
 
 @_fake("moe_ffn")
