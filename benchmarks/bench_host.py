@@ -225,14 +225,14 @@ def _matvec_signature(
     expert_bytes, x_stride, x_div, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, out_div,
     QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
     ROUTED: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr, STAGES: tl.constexpr,
-    REDUCE: tl.constexpr, INT: tl.constexpr, PTX: tl.constexpr,
+    REDUCE: tl.constexpr, INT: tl.constexpr, INT_X: tl.constexpr, PTX: tl.constexpr,
 ):  # fmt: skip
     """`harness.quant.fused._matvec_kernel`'s parameters, for `direct_launch` (no body: not compiled)."""
 
 
 def direct_launch() -> dict:
     """harness.quant.launch's own host time for a launch it sends straight to the compiled
-    kernel, with `_matvec_kernel`'s arguments (21 positional, 13 by keyword) as a decode
+    kernel, with `_matvec_kernel`'s arguments (21 positional, 14 by keyword) as a decode
     product passes them, where there is no GPU: a JITFunction of that kernel's code whose
     Triton launch gives back a compiled kernel whose launcher does nothing."""
     import triton
@@ -255,7 +255,8 @@ def direct_launch() -> dict:
     w, experts = torch.zeros(4096, 576, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
     options = {
         "QT": 12, "NP": 2, "GATED": False, "SCALED": False, "PACKED": False, "ROUTED": False, "VEC": True,
-        "STAGES": 1, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "PTX": True,
+        "STAGES": 1, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "INT_X": False,
+        "PTX": True,
     }  # fmt: skip
     args = (x, w, w, out, experts, out, out, 4096, 1, 16, 1, 2304, 4096 * 2304, 4096, 1, x, out, out, out)
     args += (torch.zeros(64, dtype=torch.int32), 4096, 1)

@@ -33,29 +33,38 @@ from harness.quant import fused  # noqa: E402
 from harness.quant.types import GGMLType, type_size  # noqa: E402
 
 T = GGMLType
-# (name, type, repacked weight, read: "tile"/"words" (the older reads), "vec" (wide loads, VEC)
-# or "int" (integer dot products, INT), gated)
+# (name, type, repacked weight, read: "tile"/"words" (the older reads), "vec" (wide loads, VEC),
+# "int" (integer dot products, INT, x quantized in the kernel: INT_X) or "int-launch" (x from
+# `_int_x`'s launch), gated)
 READS = [
     ("Q4_K words", T.Q4_K, False, "words", False),
     ("Q4_K vec", T.Q4_K, False, "vec", False),
     ("Q4_K vec gated", T.Q4_K, False, "vec", True),
     ("Q4_K int", T.Q4_K, False, "int", False),
     ("Q4_K int gated", T.Q4_K, False, "int", True),
+    ("Q4_K int launch", T.Q4_K, False, "int-launch", False),
+    ("Q4_K int launch gated", T.Q4_K, False, "int-launch", True),
     ("Q5_K tile", T.Q5_K, False, "tile", False),
     ("Q5_K vec", T.Q5_K, False, "vec", False),
     ("Q5_K vec gated", T.Q5_K, False, "vec", True),
     ("Q5_K int", T.Q5_K, False, "int", False),
     ("Q5_K int gated", T.Q5_K, False, "int", True),
+    ("Q5_K int launch", T.Q5_K, False, "int-launch", False),
+    ("Q5_K int launch gated", T.Q5_K, False, "int-launch", True),
     ("Q6_K tile", T.Q6_K, False, "tile", False),
     ("Q6_K packed vec", T.Q6_K, True, "vec", False),
     ("Q6_K packed vec gated", T.Q6_K, True, "vec", True),
     ("Q6_K packed int", T.Q6_K, True, "int", False),
     ("Q6_K packed int gated", T.Q6_K, True, "int", True),
+    ("Q6_K packed int launch", T.Q6_K, True, "int-launch", False),
+    ("Q6_K packed int launch gated", T.Q6_K, True, "int-launch", True),
     ("Q8_0 tile", T.Q8_0, False, "tile", False),
     ("Q8_0 packed vec", T.Q8_0, True, "vec", False),
     ("Q8_0 packed vec gated", T.Q8_0, True, "vec", True),
     ("Q8_0 packed int", T.Q8_0, True, "int", False),
     ("Q8_0 packed int gated", T.Q8_0, True, "int", True),
+    ("Q8_0 packed int launch", T.Q8_0, True, "int-launch", False),
+    ("Q8_0 packed int launch gated", T.Q8_0, True, "int-launch", True),
 ]
 
 
@@ -65,7 +74,7 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    vec, int_read = read == "vec", read == "int"
+    vec, int_read, int_x = read == "vec", read.startswith("int"), read == "int"
     tables = (
         fused.INT_MATVEC_CONFIG if int_read else fused.PACKED_MATVEC_CONFIG if packed else fused.MATVEC_CONFIG
     )
@@ -73,7 +82,7 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
     weights = "*i32" if qtype == T.Q4_K or vec or int_read else "*u8"
     pointers = {
         **dict.fromkeys(("out_ptr", "scale_ptr", "lut_ptr", "xsum_ptr", "xpow_ptr"), "*fp32"),
-        "x_ptr": "*i32" if int_read else "*fp32",
+        "x_ptr": "*i32" if int_read and not int_x else "*fp32",
         "w_ptr": weights,
         "u_ptr": weights,
         "experts_ptr": "*i64",
@@ -84,7 +93,7 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
         "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated, "SCALED": False,
         "ROUTED": False, "VEC": vec, "PACKED": packed, "STAGES": cfg.get("stages", 1),
         "REDUCE": not gated,  # a decode product's splits summed in the kernel (gated ones take one split)
-        "INT": int_read, "PTX": True,
+        "INT": int_read, "INT_X": int_x, "PTX": True,
     }  # fmt: skip
     names = fused._matvec_kernel.arg_names
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}

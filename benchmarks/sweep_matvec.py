@@ -24,6 +24,13 @@ one run, with each case's result against dequantize-then-matmul in float32 (NMSE
 path's time over the first path's:
 
     python benchmarks/sweep_matvec.py --compare --paths vec,int --out benchmarks/results/matvec_int.json
+
+`--int-x kernel,launch` takes the "int" path once for each of those values of `fused.int_x_path`
+(x quantized in the matrix-vector kernel, or by `_int_x`'s launch before it), in that order; rows
+say which ("int_x"), and `--compare` also says whether a result is the first read's bit for bit:
+
+    python benchmarks/sweep_matvec.py --compare --paths int --int-x kernel,launch \
+        --out benchmarks/results/matvec_int_x.json
 """
 
 from __future__ import annotations
@@ -137,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--paths", default=fused.MATVEC_PATHS[0], help="comma-separated values of fused.matvec_path"
     )
+    p.add_argument(
+        "--int-x",
+        default=fused.int_x_path,
+        help='comma-separated values of fused.int_x_path for the "int" path',
+    )
     p.add_argument("--compare", action="store_true", help="each path at its default setting, no sweep")
     p.add_argument(
         "--grid", help="BNxWARPS settings to sweep, comma-separated (e.g. 64x4,128x8); default GRID"
@@ -158,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             "sweep_matvec: --grid takes BNxWARPS,... and --stages N,... (positive integers)", file=sys.stderr
         )
         return 2
-    paths = args.paths.split(",")
-    unknown = [x for x in paths if x not in fused.MATVEC_PATHS]
-    if unknown:
-        print(f"sweep_matvec: --paths: unknown {unknown}, known {list(fused.MATVEC_PATHS)}", file=sys.stderr)
-        return 2
+    paths, int_x = args.paths.split(","), args.int_x.split(",")
+    for flag, given, known in (("--paths", paths, fused.MATVEC_PATHS), ("--int-x", int_x, fused.INT_X_PATHS)):
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            print(f"sweep_matvec: {flag}: unknown {unknown}, known {list(known)}", file=sys.stderr)
+            return 2
+    reads = [(path, x) for path in paths for x in (int_x if path == "int" else [None])]
     if not torch.cuda.is_available():
         print("sweep_matvec: needs a CUDA device", file=sys.stderr)
         return 2
@@ -170,36 +184,46 @@ def main(argv: list[str] | None = None) -> int:
     copy_tbps = copy_bandwidth(dev) / 1e12
     result = {
         "device": device_name(dev), "torch": torch.__version__, "copy_TBps": copy_tbps, "paths": paths,
-        "compare": args.compare, "rows": [],
+        "int_x": int_x, "compare": args.compare, "rows": [],
     }  # fmt: skip
-    before = fused.matvec_path
+    before = fused.matvec_path, fused.int_x_path
     try:
         for name, case in cases(dev).items():
             if args.cases and not any(part in name for part in args.cases.split(",")):
                 continue
             rows = (
-                compared(name, case, paths, copy_tbps)
+                compared(name, case, reads, copy_tbps)
                 if args.compare
-                else swept(name, case, paths, copy_tbps, grid, stages)
+                else swept(name, case, reads, copy_tbps, grid, stages)
             )
             for row in rows:
                 result["rows"].append(row)
                 print(row, flush=True)
     finally:
-        fused.matvec_path = before
+        fused.matvec_path, fused.int_x_path = before
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
-def swept(name: str, case: tuple, paths: list[str], copy_tbps: float, grid: list, stages: list) -> list[dict]:
-    """Rows of one case: each path's launch settings (`grid` x PROGRAMS_PER_SM x `stages`), each
-    checked against that path's default setting."""
+def read(path: str, int_x: str | None) -> dict:
+    """`path` taken (and `int_x` where given) for the calls that follow; the row's fields that say so."""
+    fused.matvec_path = path
+    if int_x is not None:
+        fused.int_x_path = int_x
+    return {"path": path, "int_x": int_x}
+
+
+def swept(
+    name: str, case: tuple, reads: list[tuple[str, str | None]], copy_tbps: float, grid: list, stages: list
+) -> list[dict]:
+    """Rows of one case: each read's (path, int_x) launch settings (`grid` x PROGRAMS_PER_SM x
+    `stages`), each checked against that read's default setting."""
     call, first, nbytes, code, _ = case
     rows = []
-    for path in paths:
-        fused.matvec_path = path
+    for path, int_x in reads:
+        which = read(path, int_x)
         config = fused.matvec_config(code)
         default = dict(config)
         reference = call(first)
@@ -215,7 +239,7 @@ def swept(name: str, case: tuple, paths: list[str], copy_tbps: float, grid: list
                 config.clear()
                 config.update(default)
             rows.append({
-                "case": name, "path": path, "BN": bn, "warps": warps, "programs_per_sm": per_sm, "stages": n_stages,
+                "case": name, **which, "BN": bn, "warps": warps, "programs_per_sm": per_sm, "stages": n_stages,
                 "us": round(ms * 1000, 2), "fraction_of_copy": round(nbytes / ms / 1e9 / copy_tbps, 3),
                 "nmse_vs_default": off,
                 "default": (bn, warps, per_sm, n_stages)
@@ -224,19 +248,22 @@ def swept(name: str, case: tuple, paths: list[str], copy_tbps: float, grid: list
     return rows
 
 
-def compared(name: str, case: tuple, paths: list[str], copy_tbps: float) -> list[dict]:
-    """Rows of one case: each path at its default setting, its result against dequantize-then-
-    matmul in float32 and its time over the first path's (medians of one run)."""
+def compared(name: str, case: tuple, reads: list[tuple[str, str | None]], copy_tbps: float) -> list[dict]:
+    """Rows of one case: each read (path, int_x) at its default setting, its result against
+    dequantize-then-matmul in float32 and against the first read's (bit for bit), and its time
+    over the first read's (medians of one run)."""
     call, first, nbytes, code, reference = case
     ref = reference()
-    rows = []
-    for path in paths:
-        fused.matvec_path = path
-        off = nmse(call(first), ref)
+    rows, first_out = [], None
+    for path, int_x in reads:
+        which = read(path, int_x)
+        out = call(first)
+        first_out = out.clone() if first_out is None else first_out
         ms = time_ms(call)
         rows.append({
-            "case": name, "path": path, "setting": dict(fused.matvec_config(code)), "us": round(ms * 1000, 2),
-            "fraction_of_copy": round(nbytes / ms / 1e9 / copy_tbps, 3), "nmse_vs_dequantize_then_matmul": off,
+            "case": name, **which, "setting": dict(fused.matvec_config(code)), "us": round(ms * 1000, 2),
+            "fraction_of_copy": round(nbytes / ms / 1e9 / copy_tbps, 3),
+            "nmse_vs_dequantize_then_matmul": nmse(out, ref), "same_bits_as_first_path": torch.equal(out, first_out),
             "time_over_first_path": round(ms * 1000 / rows[0]["us"], 3) if rows else 1.0,
         })  # fmt: skip
     return rows

@@ -14,6 +14,7 @@ to print the cases' results as JSON; `ROUTER DEVICE SEED` prints only harness::r
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -756,7 +757,8 @@ INT_READ_X = ("outlier", "zero row", "nan")
 
 def _int_read_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
     """`matvec_path` "int": qmatmul against float64 at 1, 5 and MATVEC_MAX_ROWS rows (each case
-    checks that x went through `fused._int_x`), x with an outlier, a row of zeros (exactly 0 out)
+    checks that x went through `fused._int_x` once under `int_x_path` "launch", never under
+    "kernel"), x with an outlier, a row of zeros (exactly 0 out)
     and a NaN (its row all non-finite, the others finite); moe_ffn with T*k up to
     MATVEC_MAX_ROWS pairs, experts with no token and with every token; `_int_x`'s layout, scales
     and rounding recomputed by torch bit for bit; `_dp2a` (PTX on a GPU, emulated under the
@@ -786,7 +788,10 @@ def _int_read_cases(device: str, small: bool, rng: np.random.Generator) -> list[
                 with _kernels("matvec=int"):
                     out = torch.ops.harness.qmatmul(x.to(device), kraw, code, rows)
                 case = f"int qmatmul {name} {layout} T={t} N={rows} K={cols}"
-                results.append({"case": case, "nmse": _nmse(out, x.double() @ w.T), "exact": len(calls) == 1})
+                launches = 1 if fused.int_x_path == "launch" else 0
+                results.append(
+                    {"case": case, "nmse": _nmse(out, x.double() @ w.T), "exact": len(calls) == launches}
+                )
             for form in INT_READ_X:
                 x = torch.randn(3, cols)
                 if form == "outlier":  # one activation 1e4 times the others: its block's scale is large
@@ -819,8 +824,8 @@ def _int_read_cases(device: str, small: bool, rng: np.random.Generator) -> list[
 
 def _int_qkv_cases(device: str, small: bool, rng: np.random.Generator, calls: list) -> list[dict]:
     """`harness::qkv` of Q4_K_M's types (q and k Q4_K in one buffer, v packed Q6_K) through the
-    "int" reads at 1 and MATVEC_MAX_ROWS tokens: x quantized once for both launches (`calls`
-    counts `fused._int_x`), each part bit for bit `harness::qmatmul` of its weight alone, and
+    "int" reads at 1 and MATVEC_MAX_ROWS tokens: x quantized by one `_int_x` for both launches
+    under `int_x_path` "launch", by none under "kernel" (`calls` counts `fused._int_x`), each part bit for bit `harness::qmatmul` of its weight alone, and
     a second call on other x the same bits as a first would give (it reuses the scratch of the
     calls before it, `fused._SCRATCH`, and makes none)."""
     from harness.quant import fused
@@ -841,7 +846,7 @@ def _int_qkv_cases(device: str, small: bool, rng: np.random.Generator, calls: li
         with _kernels("matvec=int"):
             calls.clear()
             got = torch.ops.harness.qkv(x, *weights, *codes).split([w.shape[0] for w in weights], 1)
-            once = len(calls) == 1
+            once = len(calls) == (1 if fused.int_x_path == "launch" else 0)
             alone = [torch.ops.harness.qmatmul(x, w, c, len(w)) for w, c in zip(weights, codes, strict=True)]
             scratch = len(fused._SCRATCH)
             torch.ops.harness.qkv(-x, *weights, *codes)
@@ -896,6 +901,131 @@ def _int_moe_cases(device: str, small: bool, rng: np.random.Generator) -> list[d
                     )
                 name = f"int moe_ffn {gu_type.name}/{down_type.name} T={t} {routing}"
                 results.append({"case": name, "nmse": _nmse(out, ref)})
+    return results
+
+
+# `fused.int_x_path` "kernel" against "launch", bit for bit: (type, layout, row length small,
+# on a GPU, rows). Row lengths of two or more super-blocks, so that products split them.
+INT_X_WEIGHTS = (
+    ("Q4_K", "gguf", 512, 4096, 19),
+    ("Q5_K", "gguf", 512, 4096, 19),
+    ("Q6_K", "packed", 2048, 4096, 9),
+    ("Q8_0", "packed", 512, 4096, 21),
+)
+# Under the interpreter (time) the other types than Q4_K take at most 4 pairs, packed Q6_K
+# (rows of eight super-blocks) 2.
+INT_X_TOP_PAIRS = {"Q5_K": 4, "Q8_0": 4, "Q6_K": 2}
+# (gated, routed, out_div, splits) of each product: splits "one" (programs_per_sm 1) or "many"
+# (a split per super-block); a gated product takes one split and out_div 1 (as moe_ffn's).
+INT_X_FORMS = (
+    *(
+        (False, routed, out_div, splits)
+        for routed in (False, True)
+        for out_div in (1, 2)
+        for splits in ("one", "many")
+    ),
+    *((True, routed, 1, "one") for routed in (False, True)),
+)
+
+
+def int_x_case_count() -> int:
+    """How many results `_int_x_path_cases` gives."""
+    return len(INT_X_WEIGHTS) * len(INT_X_FORMS)
+
+
+def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """`fused._product` through the "int" reads with x quantized in the matrix-vector kernel
+    (`int_x_path` "kernel") and by `_int_x`'s launch ("launch"): the same bits, for Q4_K, Q5_K,
+    packed Q6_K and packed Q8_0, gated and not, routed (3 experts, routing weights) and dense,
+    out_div 1 and 2, one split and a split per super-block, 1..MATVEC_MAX_ROWS pairs (in turn
+    over the forms; INT_X_TOP_PAIRS under the interpreter). x holds an outlier, and in every other case a NaN (its output row all NaN
+    on both paths) or an infinity. Each case also checks that "kernel" launched no `_int_x` and
+    "launch" did."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    original, calls = fused._int_x, []
+
+    def counted(x):
+        calls.append(x.shape)
+        return original(x)
+
+    def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+        a, b = a.cpu(), b.cpu()
+        nan = torch.isnan(a)
+        return torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
+
+    results, cycle, n_exp = [], {1: 0, 2: 0}, 3
+    before = fused.matvec_path, fused.int_x_path
+    fused._int_x = counted
+    try:
+        fused.matvec_path = "int"
+        for name, layout, cols_small, cols_full, rows in INT_X_WEIGHTS:
+            qtype, cols = GGMLType[name], cols_small if small else cols_full
+            stacks = [
+                torch.stack([_random_weight(qtype, rows, cols, rng) for _ in range(n_exp)]) for _ in range(2)
+            ]
+            prepared = [_prepared(st.reshape(n_exp * rows, -1), qtype, cols, layout) for st in stacks]
+            code = prepared[0][1]
+            w, u = (kraw.view(n_exp, rows, -1).to(device) for kraw, _ in prepared)
+            cfg = fused.INT_MATVEC_CONFIG[qtype]
+            top = INT_X_TOP_PAIRS.get(name, fused.MATVEC_MAX_ROWS) if small else fused.MATVEC_MAX_ROWS
+            for gated, routed, out_div, splits in INT_X_FORMS:
+                # pair counts in turn: 1..MATVEC_MAX_ROWS, even ones where two pairs make a row
+                cycle[out_div] += 1
+                n_pairs = out_div * (cycle[out_div] % (top // out_div) + 1)
+                x_div = 2 if routed and n_pairs % 2 == 0 else 1
+                x = torch.randn(
+                    n_pairs // x_div,
+                    cols,
+                    generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))),
+                )
+                x[0, int(rng.integers(cols))] = 1e4
+                if x.shape[0] > 1:
+                    x[-1, int(rng.integers(cols))] = float("nan") if cycle[1] % 2 else float("inf")
+                experts = torch.from_numpy(rng.integers(0, n_exp, n_pairs)) if routed else None
+                scale = torch.rand(n_pairs) if routed else None
+                args = (
+                    x.to(device),
+                    w if routed else w[0],
+                    (u if routed else u[0]) if gated else None,
+                    code,
+                    rows,
+                    None if experts is None else experts.to(device),
+                    x_div,
+                    None if scale is None else scale.to(device),
+                )
+                saved = cfg.get("programs_per_sm")
+                cfg["programs_per_sm"] = 1 if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
+                try:
+                    got, launched = {}, {}
+                    for path in fused.INT_X_PATHS:
+                        fused.int_x_path = path
+                        calls.clear()
+                        got[path] = fused._product(*args, out_div=out_div)
+                        launched[path] = len(calls)
+                    plan = fused._matvec_plan(
+                        code, cols, rows, n_pairs, out_div, gated, routed, routed, torch.device(device)
+                    )
+                finally:
+                    if saved is None:
+                        del cfg["programs_per_sm"]
+                    else:
+                        cfg["programs_per_sm"] = saved
+                want_splits = 1 if gated or splits == "one" else cols // fused.SUPER
+                exact = (
+                    same_bits(got["kernel"], got["launch"])
+                    and launched == {"kernel": 0, "launch": 1}
+                    and plan.grid[2] == want_splits
+                )
+                case = (
+                    f"int x kernel = launch {name} {layout} {'gated' if gated else 'plain'} "
+                    f"{'routed' if routed else 'dense'} out_div={out_div} splits={plan.grid[2]} pairs={n_pairs}"
+                )
+                results.append({"case": case, "nmse": 0.0, "exact": exact})
+    finally:
+        fused._int_x = original
+        fused.matvec_path, fused.int_x_path = before
     return results
 
 
@@ -1312,16 +1442,36 @@ def test_interpreter_int_reads_match_dequantize_then_matmul():
     """`matvec_path` "int" under Triton's interpreter (a subprocess), dp2a emulated by the same
     integer arithmetic: every case of `_int_read_cases` within NMSE_MAX of float64 and exact
     where it says so (x's layout and scales, zeros, NaN, dp2a's sums)."""
+    _check_int_reads(_interpreted_cases("INT"), small=True)
+
+
+@pytest.mark.slow
+def test_interpreter_int_x_in_kernel_matches_the_launch_bit_for_bit():
+    """`int_x_path` "kernel" (x quantized in `_matvec_kernel`) against "launch" (`_int_x` first)
+    under Triton's interpreter (a subprocess): `_int_x_path_cases`, every one the same bits."""
+    _check_int_x_paths(_interpreted_cases("INTX"))
+
+
+def _interpreted_cases(mode: str) -> list[dict]:
+    """The results of this file run as a script in `mode` (INT, INTX) on the CPU under Triton's
+    interpreter (a subprocess: TRITON_INTERPRET is read before the kernels are defined), with a
+    fresh seed."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
     seed = str(int.from_bytes(os.urandom(4), "little"))
     proc = subprocess.run(
-        [sys.executable, __file__, "INT", "cpu", seed], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, __file__, mode, "cpu", seed], capture_output=True, text=True, env=env, timeout=600
     )
     assert proc.returncode == 0, (
         f"interpreter subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
-    _check_int_reads(json.loads(proc.stdout.strip().splitlines()[-1]), small=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_int_x_paths(results: list[dict]) -> None:
+    assert len(results) == int_x_case_count()
+    bad = [r for r in results if r["exact"] is not True]
+    assert not bad, bad
 
 
 @pytest.mark.slow
@@ -1377,10 +1527,11 @@ def _check_waits_first(ptx: str, where) -> None:
 
 @pytest.mark.slow
 def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
-    """`_matvec_kernel`'s "int" reads (Q4_K, packed Q6_K and Q8_0; plain, gated, and routed with
-    split sums) compile for an H100 (sm_90) at their launch settings: the PTX holds dp2a, the
-    SASS of the loop over super-blocks integer dot products (IDP.2A), and no local memory
-    (register spills) anywhere. Also `_int_x_kernel`."""
+    """`_matvec_kernel`'s "int" reads (Q4_K, Q5_K, packed Q6_K and Q8_0; plain, gated, and routed
+    with split sums; x quantized in the kernel (INT_X) and read from `_int_x`) compile for an
+    H100 (sm_90) at their launch settings: the PTX holds dp2a, the SASS of the loop over
+    super-blocks integer dot products (IDP.2A), and no local memory (register spills) anywhere,
+    Q4_K's gated product at BN=128 with 4 warps among them. Also `_int_x_kernel`."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
     import re
@@ -1402,17 +1553,19 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
         ).stdout
 
     kernel = fused._matvec_kernel
-    pointers = _matvec_pointer_types(x="*i32")
-    aligned = (*pointers, "row_bytes", "expert_bytes", "x_stride")
+    aligned = (*_matvec_pointer_types(x="*i32"), "row_bytes", "expert_bytes", "x_stride")
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"int_read_{os.getpid()}.cubin"
     try:
         for qtype in fused.INT_READ_TYPES:
             cfg = fused.INT_MATVEC_CONFIG[qtype]
-            for gated, routed in ((False, False), (True, False), (False, True)):
+            for gated, routed, int_x in itertools.product((False, True), (False, True), (True, False)):
+                if gated and routed:
+                    continue
+                pointers = _matvec_pointer_types(x="*fp32" if int_x else "*i32")
                 consts = {
                     "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
                     "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
-                    "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "PTX": True, "PDL": True,
+                    "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "INT_X": int_x, "PTX": True, "PDL": True,
                 }  # fmt: skip
                 names = kernel.arg_names
                 signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
@@ -1422,7 +1575,7 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
                     source, target=GPUTarget("cuda", 90, 64),
                     options={"num_warps": cfg["num_warps"], "launch_pdl": True},
                 )  # fmt: skip
-                where = (qtype.name, gated, routed)
+                where = (qtype.name, gated, routed, int_x)
                 _check_waits_first(compiled.asm["ptx"], where)
                 assert "dp2a.lo" in compiled.asm["ptx"] and "dp2a.hi" in compiled.asm["ptx"], where
                 code = sass(compiled.asm["cubin"], tmp)
@@ -1552,6 +1705,7 @@ def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
         "STAGES": 1,
         "REDUCE": True,
         "INT": False,
+        "INT_X": False,
         "PTX": True,
         "PDL": False,
     }
@@ -2296,6 +2450,15 @@ def test_cuda_grouped_prefill_matches_dequantize_then_matmul():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_int_x_in_kernel_matches_the_launch_bit_for_bit():
+    """`int_x_path` "kernel" against "launch" on the GPU (PTX dp2a, the compiler's own layouts)
+    at Mixtral-sized rows: `_int_x_path_cases`, every one the same bits."""
+    from harness.quant import fused  # noqa: F401
+
+    _check_int_x_paths(_int_x_path_cases("cuda", False, np.random.default_rng()))
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_router_topk_kernel_matches_the_torch_path():
     """`harness::router_topk`'s kernel against the op's torch path on the GPU at Mixtral's
     shapes (`_check_router`: tied rows too, where torch.topk on CUDA chooses the same experts)."""
@@ -2368,6 +2531,8 @@ if __name__ == "__main__":
         )
     elif sys.argv[1] == "ROUTER_SPLITS":  # harness::router_topk's kernel under several split settings
         print(json.dumps(_router_split_cases(sys.argv[2], np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "INTX":  # only the "int" reads' x paths compared, small shapes
+        print(json.dumps(_int_x_path_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "INT":  # only the "int" reads' cases, small shapes
         print(json.dumps(_int_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "GROUPED":  # only the grouped prefill products' cases, small shapes

@@ -7,7 +7,8 @@
 How a product runs depends on its rows (token-expert pairs):
 - up to MATVEC_MAX_ROWS (decode): a matrix-vector kernel dequantizes the blocks in registers, one
   program per (output tile, pair); Q4_K and Q5_K have reads with fewer instructions per byte
-  (`matvec_path` "int", the default: integer dot products against x quantized to int16;
+  (`matvec_path` "int", the default: integer dot products against x quantized to int16, in
+  the kernel itself (`int_x_path`);
   "vec", `_q4_k_dot_vec`, float products; "words" is the older read), and so have Q6_K and Q8_0
   repacked ("int" and "vec": their blocks are 2-byte aligned, so the weight is kept as per-row
   planes that load 16 bytes at a time, see `kernel_weight`);
@@ -102,7 +103,10 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # (3.01). `benchmarks/sweep_matvec.py --paths int` sweeps them. Measured on an H100 (that sweep,
 # 40 settings at 8x7B's decode shapes): Q4_K at BN=128 with 4 warps, the moe_ffn of Q4_K
 # gate/up/down 115 us against 148 us at BN=64; Q6_K at 2 warps, the Q6_K head 57 us against 60
-# us at 1 warp, and the moe_ffn with a Q6_K down 152 us against 158 us.
+# us at 1 warp, and the moe_ffn with a Q6_K down 152 us against 158 us. Those were timed with x
+# quantized by a launch of its own (`int_x_path` "launch"); under "kernel" each program also
+# quantizes the x of its super-blocks, once for all its BN rows (gate and up alike), which
+# favours larger BN: `sweep_matvec.py --int-x kernel,launch` times both.
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1},
@@ -116,7 +120,7 @@ MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
 # How the matrix-vector kernel reads Q4_K and Q5_K (decode): "vec", `_q4_k_dot_vec` (16-byte
 # loads of weights and x, two integer ops a nibble); "words", the older `_q4_k_dot` (Q4_K) and
 # `_tile_q5_k` (Q5_K); "int", integer dot products (PTX dp2a) against x quantized to int16 per
-# 32 values (`_int_x`), for Q4_K, Q5_K, and Q6_K and Q8_0 repacked (`_q4_k_dot_int`,
+# 32 values (`_int_x_super`, see `int_x_path`), for Q4_K, Q5_K, and Q6_K and Q8_0 repacked (`_q4_k_dot_int`,
 # `_q6_k_dot_int`, `_q8_0_dot_int`). HARNESS_MATVEC picks one at import, "int" by default (on an
 # H100, `benchmarks/sweep_matvec.py --compare --paths vec,int`: the Q4_K/Q6_K moe_ffn 158 us
 # against 173 us, the Q6_K head 59 us against 78 us); `matvec_path` may be set later
@@ -126,6 +130,13 @@ MATVEC_PATHS = ("int", "vec", "words")
 MATVEC_PATH_TYPES = (T.Q4_K, T.Q5_K)  # the types "vec" and "words" choose for
 INT_READ_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)  # the types "int" reads (Q6_K and Q8_0 repacked)
 matvec_path = os.environ.get("HARNESS_MATVEC", "int")
+# Where the "int" reads quantize x: "kernel", `_matvec_kernel` itself, each program the
+# super-blocks it reads (`_int_x_super` on float32 x, a few KB a super-block from L2), with no
+# launch of its own; "launch", `_int_x_kernel` first (one launch per op's x, `_int_x`), read
+# back by the matrix-vector kernel. Both give the same bits (`_int_x_super` is the one formula).
+# HARNESS_INT_X picks one at import; `int_x_path` may be set later (benchmarks compare them).
+INT_X_PATHS = ("kernel", "launch")
+int_x_path = os.environ.get("HARNESS_INT_X", "kernel")
 
 # How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
 # - "dequant": the weight is dequantized into a float16 scratch (harness.quant.kernels, a
@@ -821,35 +832,52 @@ if triton is not None:
         tl.store(xsum_ptr + r * (K // span) + sb * SUMS + j, tl.sum(chunk, axis=1) * unit)
 
     @triton.jit
-    def _int_x_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, K, PDL: tl.constexpr = False):
-        """Super-block program_id(1) of row program_id(0) of x [R, K] float32 for the "int"
-        reads (`_int_x`): each 32-value block B as int16 q = round(32767 x / max|x|) at the
-        positions of the int layout (int16 2(16B + 8p + w) + e holds value 32B + 4w + 2p + e),
-        its scale max|x| / 32767 (NaN when the block holds a NaN or an infinity), and the sums
-        of each 16 values (float32)."""
-        _pdl_start(PDL)
-        r = tl.program_id(0).to(tl.int64)
-        sb = tl.program_id(1)
-        row = x_ptr + r * K + sb * 256
+    def _int_x_super(row):
+        """The 256 float32 values at `row` (one super-block of a row of x) as the "int" reads take
+        them: per 32-value block B, int16 q = round(32767 x / max|x|) (half away from zero) at the
+        positions of the int layout, q [8, 32] (position 2(8p + w) + e of block B holds value
+        32B + 4w + 2p + e); its scale max|x| / 32767, scales [8] (NaN when the block holds a NaN
+        or an infinity); the sums of each 16 values, sums [16] (float32, added pairwise in a
+        fixed order, so that every layout the compiler picks gives the same bits). One formula
+        for `_int_x_kernel` and `_matvec_kernel`'s own quantization (INT_X)."""
         o = tl.arange(0, 32)[None, :]  # position in the block
         value = 4 * ((o % 16) // 2) + 2 * (o // 16) + o % 2
         v = tl.load(row + 32 * tl.arange(0, 8)[:, None] + value)  # [8, 32]
         peak = tl.max(tl.abs(v), axis=1)[:, None]  # [8, 1]
-        sixteens = tl.load(row + 16 * tl.arange(0, 16)[:, None] + tl.arange(0, 16)[None, :])
-        sums = tl.sum(sixteens, axis=1)  # [16]
-        blocks = tl.reshape(sums, (8, 2))
+        # position 16a + 8t + 4m + 2n + e holds value 16t + 8m + 4n + 2a + e: as axes (block, a,
+        # t, m, n, e) of two each, the sixteens are t, summed over the others pair by pair
+        halves = tl.reshape(v, (8, 2, 2, 2, 2, 2))
+        sums = tl.sum(tl.sum(tl.sum(tl.sum(halves, axis=5), axis=4), axis=3), axis=1)  # [8, 2]: t
         # 0 * (the block's sum) is NaN when the block holds a NaN or an infinity: so is the scale
         # IEEE divisions (as torch's): a test recomputes q and the scale bit for bit
         scale = (
             tl.math.div_rn(peak, tl.full(peak.shape, 32767.0, tl.float32))
-            + 0.0 * tl.sum(blocks, axis=1)[:, None]
+            + 0.0 * tl.sum(sums, axis=1)[:, None]
         )
         q = tl.math.div_rn(v, tl.where(peak > 0, peak, 1.0)) * 32767.0
         q = tl.where(q == q, tl.minimum(tl.maximum(q, -32767.0), 32767.0), 0.0)
         q = tl.where(q >= 0, q + 0.5, q - 0.5).to(tl.int32)  # rounded half away from zero
-        out = q_ptr + r * K + sb * 256 + 32 * tl.arange(0, 8)[:, None] + o
+        return q, tl.reshape(scale, (8,)), tl.reshape(sums, (16,))
+
+    @triton.jit
+    def _int_x_words(q):
+        """q [8, 32] of `_int_x_super` as the int32 words [8, 16] of the int layout: word 8p + w
+        of block B holds the int16 values 32B + 4w + 2p (low half) and + 1 (high half)."""
+        lo, hi = tl.split(tl.reshape(q, (8, 16, 2)))
+        return (lo & 0xFFFF) | (hi << 16)
+
+    @triton.jit
+    def _int_x_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, K, PDL: tl.constexpr = False):
+        """Super-block program_id(1) of row program_id(0) of x [R, K] float32 for the "int"
+        reads when x is quantized by a launch of its own (`_int_x`, INT_X_PATHS "launch"):
+        `_int_x_super`'s q (int16, in the int layout), scales and sums, stored."""
+        _pdl_start(PDL)
+        r = tl.program_id(0).to(tl.int64)
+        sb = tl.program_id(1)
+        q, scale, sums = _int_x_super(x_ptr + r * K + sb * 256)
+        out = q_ptr + r * K + sb * 256 + 32 * tl.arange(0, 8)[:, None] + tl.arange(0, 32)[None, :]
         tl.store(out, q.to(tl.int16))
-        tl.store(scale_ptr + r * (K // 32) + sb * 8 + tl.arange(0, 8)[:, None], scale)
+        tl.store(scale_ptr + r * (K // 32) + sb * 8 + tl.arange(0, 8), scale)
         tl.store(sum_ptr + r * (K // 16) + sb * 16 + tl.arange(0, 16), sums)
 
     @triton.jit
@@ -931,9 +959,10 @@ if triton is not None:
             acc += (d[:, None, None, None] * sc) * (part - tl.where(w4 == 0, off, 0.0))
         return acc
 
-    # -- the "int" read: integer dot products against x quantized to int16 (`_int_x`) ----------
-    # x comes as int16 values q with a float scale s per 32-value block B (x ~ q * s, |q| <=
-    # 32767), laid out so that int32 word 16B + 8p + w holds the two values 32B + 4w + 2p and
+    # -- the "int" read: integer dot products against x quantized to int16 (`_int_x_super`) ----
+    # x is taken as int16 values q with a float scale s per 32-value block B (x ~ q * s, |q| <=
+    # 32767), quantized super-block by super-block by the matrix-vector kernel itself from
+    # float32 x (`int_x_path` "kernel"), or by `_int_x_kernel` before it ("launch"); laid out so that int32 word 16B + 8p + w holds the two values 32B + 4w + 2p and
     # 32B + 4w + 2p + 1: the pair that bytes 2p and 2p + 1 of a weight word w multiply (Q4_K's qs
     # words, Q6_K's ql/qh words and Q8_0's qs words all hold values 4w + b of a block in byte b).
     # A weight word's bytes (unsigned quants, or Q8_0's signed ones) meet x in two PTX dp2a
@@ -981,23 +1010,24 @@ if triton is not None:
         tl.store(out_ptr + i, _dp2a(a, b, c, HI, SIGNED, PTX), mask=m)
 
     @triton.jit
-    def _dp4(xw, q, SIGNED: tl.constexpr, PTX: tl.constexpr):
-        """The int32 dot products of the four bytes of each word q with the x pairs at xw (bytes
-        0, 1) and xw + 8 (bytes 2, 3), as the int layout stores them."""
-        lo = _dp2a(tl.load(xw), q, tl.zeros_like(q), False, SIGNED, PTX)
-        return _dp2a(tl.load(xw + 8), q, lo, True, SIGNED, PTX)
+    def _dp4(x_lo, x_hi, q, SIGNED: tl.constexpr, PTX: tl.constexpr):
+        """The int32 dot products of the four bytes of each word q with the x pairs x_lo (bytes
+        0, 1) and x_hi (bytes 2, 3): words 8p + w of an x block, p = 0 and 1 (`_int_x_words`)."""
+        lo = _dp2a(x_lo, q, tl.zeros_like(q), False, SIGNED, PTX)
+        return _dp2a(x_hi, q, lo, True, SIGNED, PTX)
 
     @triton.jit
     def _q4_k_dot_int(
-        wq, roww, sb, xw, xs_p, xsum_p, BN: tl.constexpr, PTX: tl.constexpr, Q5: tl.constexpr = False
+        wq, roww, sb, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr, Q5: tl.constexpr = False
     ):
         """[BN, 4] partial dot products (per group g of two sub-blocks) of super-block sb of BN
-        Q4_K (Q5: Q5_K) rows (words, as `_q4_k_dot_vec` reads them) with x from `_int_x`: x
-        pointers xw (int32 pairs), xs_p (scales per 32 values), xsum_p (sums per 16 values) of the
-        row. Word 8g + w of qs holds values 64g + 4w + b (low nibbles, sub-block 2g: x block 2g)
-        and 64g + 32 + 4w + b (high nibbles, sub-block 2g + 1; Q4_K reads them in place, 16 times
-        the value). Q5_K: the fifth bit of value 32j + 4w + b (sub-block j) is bit 8b + j of qh
-        word w, moved to bit 4 of byte b (the high nibbles shifted down first)."""
+        Q4_K (Q5: Q5_K) rows (words, as `_q4_k_dot_vec` reads them) with the super-block of x
+        as the int reads take it: xq [8, 16] words (`_int_x_words`), xs [8] scales per 32 values,
+        xsum [16] sums per 16 (`_int_x_super`). Word 8g + w of qs holds values 64g + 4w + b (low
+        nibbles, sub-block 2g: x block 2g) and 64g + 32 + 4w + b (high nibbles, sub-block 2g + 1;
+        Q4_K reads them in place, 16 times the value). Q5_K: the fifth bit of value 32j + 4w + b
+        (sub-block j) is bit 8b + j of qh word w, moved to bit 4 of byte b (the high nibbles
+        shifted down first)."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
         blk = roww[:, None] + sb * (44 if Q5 else 36)  # [BN, 1] in words
         d, dmin, s1, s2, s3 = _k_block_head(wq, blk)
@@ -1010,6 +1040,12 @@ if triton is not None:
         if Q5:  # qh words 0..3 and 4..7, the same for each g
             qh_first = tl.load(wq + blk[:, :, None] + 4 + 0 * g[:, :, None] + w)
             qh_second = tl.load(wq + blk[:, :, None] + 8 + 0 * g[:, :, None] + w)
+        # x word 8p + 4s + w of block 2g + h as axes (g, w, s, p, h); the scales and the pairs of
+        # sixteens (sub-block j's sum) as (g, h)
+        x_h = tl.split(tl.permute(tl.reshape(xq, (4, 2, 2, 2, 4)), (0, 4, 3, 2, 1)))
+        xs_h = tl.split(tl.reshape(xs, (4, 2)))
+        first16, second16 = tl.split(tl.reshape(xsum, (4, 2, 2)))
+        xsum_h = tl.split(first16 + second16)
         acc = tl.zeros((BN, 4), dtype=tl.float32)
         for h in tl.static_range(2):
             j = 2 * g + h  # [1, 4] the sub-blocks (and x blocks) of nibble h
@@ -1022,22 +1058,25 @@ if triton is not None:
                 mask = 0x0F0F0F0F if h == 0 else -252645136  # 0xF0F0F0F0: 16 x the high nibbles
                 q1, q2 = first & mask, second & mask
                 unit = 1.0 if h == 0 else 0.0625
-            xj = xw + sb * 128 + 16 * j[:, :, None] + w
-            dots = tl.sum(_dp4(xj, q1, False, PTX) + _dp4(xj + 4, q2, False, PTX), axis=2)  # [BN, 4]
+            x_p0, x_p1 = tl.split(x_h[h])  # [4, 4, 2] each: (g, w, s)
+            x1_lo, x2_lo = tl.split(x_p0)
+            x1_hi, x2_hi = tl.split(x_p1)
+            dots = _dp4(x1_lo[None], x1_hi[None], q1, False, PTX)
+            dots = tl.sum(dots + _dp4(x2_lo[None], x2_hi[None], q2, False, PTX), axis=2)  # [BN, 4]
             sc, mn = _q4_k_word_scales(s1, s2, s3, j)
-            xs = tl.load(xs_p + sb * 8 + j) * unit
-            xsum = tl.load(xsum_p + sb * 16 + 2 * j) + tl.load(xsum_p + sb * 16 + 2 * j + 1)
-            acc += (d * sc) * xs * dots.to(tl.float32) - (dmin * mn) * xsum
+            acc += (d * sc) * (xs_h[h][None, :] * unit) * dots.to(tl.float32) - (dmin * mn) * xsum_h[h][
+                None, :
+            ]
         return acc
 
     @triton.jit
-    def _q6_k_dot_int(wq, roww, sb, n_super, xw, xs_p, xsum_p, BN: tl.constexpr, PTX: tl.constexpr):
+    def _q6_k_dot_int(wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr):
         """[BN, 2, 2] partial dot products (per half c, sub-block h of a quarter) of super-block
-        sb of BN Q6_K rows in `pack`'s layout (words, as `_q6_k_dot_vec` reads them) with x from
-        `_int_x`. Value 128c + 32f + 4w + b (w = 4h + w4): its 6-bit q (0..63) is byte b of
-        ((ql word >> 4(f // 2)) & 0x0F0F0F0F) | (qh word's bits 2f.. moved to 4..5), ql word
-        16c + 8(f % 2) + w, qh word 8c + w; sub-block 8c + 2f + h, x block 4c + f. The -32 of
-        each value: 32 times the sum of x over the sub-block's 16 values."""
+        sb of BN Q6_K rows in `pack`'s layout (words, as `_q6_k_dot_vec` reads them) with x as
+        `_q4_k_dot_int` takes it. Value 128c + 32f + 4w + b (w = 4h + w4): its 6-bit q (0..63)
+        is byte b of ((ql word >> 4(f // 2)) & 0x0F0F0F0F) | (qh word's bits 2f.. moved to
+        4..5), ql word 16c + 8(f % 2) + w, qh word 8c + w; sub-block 8c + 2f + h, x block 4c + f.
+        The -32 of each value: 32 times the sum of x over the sub-block's 16 values."""
         row = roww[:, None, None, None]  # [BN, 1, 1, 1]
         c = tl.arange(0, 2)[None, :, None, None]
         h = tl.arange(0, 2)[None, None, :, None]
@@ -1049,33 +1088,59 @@ if triton is not None:
         d = ((d_word >> (16 * (sb % 2))) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         d = d[:, None, None]
         c3, h3 = tl.arange(0, 2)[None, :, None], tl.arange(0, 2)[None, None, :]  # [1, 2, 1], [1, 1, 2]
+        # x word 8p + 4h + w4 of block 4c + f (f = 2f1 + f0) as axes (c, h, w4, f1, f0, p); the
+        # scales of block 4c + f as (c, f1, f0); the sum of sub-block 8c + 2f + h as (c, h, f1, f0)
+        x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (2, 2, 2, 2, 2, 4)), (0, 4, 5, 1, 2, 3)))
+        x_lo_f, x_hi_f = _by_quarter(x_lo), _by_quarter(x_hi)
+        xs_f = _by_quarter(tl.reshape(xs, (2, 2, 2)))
+        xsum_f = _by_quarter(tl.permute(tl.reshape(xsum, (2, 2, 2, 2)), (0, 3, 1, 2)))
         acc = tl.zeros((BN, 2, 2), dtype=tl.float32)
         for f in tl.static_range(4):
             ql = ql_even if f % 2 == 0 else ql_odd
             low = (ql if f < 2 else ql >> 4) & 0x0F0F0F0F
             high = (qh << (4 - 2 * f) if f < 2 else qh >> (2 * f - 4)) & 0x30303030
-            xw_f = xw + sb * 128 + 16 * (4 * c + f) + 4 * h + w4  # x block 4c + f, word w
-            dots = tl.sum(_dp4(xw_f, low | high, False, PTX), axis=3)  # [BN, 2, 2]
+            dots = tl.sum(
+                _dp4(x_lo_f[f][None], x_hi_f[f][None], low | high, False, PTX), axis=3
+            )  # [BN, 2, 2]
             scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None]
             sc = ((scale_word << (24 - 8 * (2 * c3 + h3))) >> 24).to(tl.float32)  # int8, sign kept
-            xs = tl.load(xs_p + sb * 8 + 4 * c3 + f)  # [1, 2, 1]
-            xsum = tl.load(xsum_p + sb * 16 + 8 * c3 + 2 * f + h3)  # [1, 2, 2] sub-block 8c + 2f + h
-            acc += (d * sc) * (xs * dots.to(tl.float32) - 32.0 * xsum)
+            acc += (d * sc) * (xs_f[f][None, :, None] * dots.to(tl.float32) - 32.0 * xsum_f[f][None])
         return acc
 
     @triton.jit
-    def _q8_0_dot_int(wq, roww, sb, n_super, xw, xs_p, BN: tl.constexpr, PTX: tl.constexpr):
+    def _by_quarter(t):
+        """t [..., 2, 2] with axes (f1, f0) last as the tuple of t[..., f // 2, f % 2], f = 0..3."""
+        even, odd = tl.split(t)
+        t0, t2 = tl.split(even)
+        t1, t3 = tl.split(odd)
+        return t0, t1, t2, t3
+
+    @triton.jit
+    def _q8_0_dot_int(wq, roww, sb, n_super, xq, xs, BN: tl.constexpr, PTX: tl.constexpr):
         """[BN, 8] partial dot products (per block k) of super-block sb (eight blocks) of BN
-        Q8_0 rows in `pack`'s layout with x from `_int_x`: value 32k + 4w + b of block k is the
-        signed byte b of qs word 8k + w."""
+        Q8_0 rows in `pack`'s layout with x as `_q4_k_dot_int` takes it (no sums): value
+        32k + 4w + b of block k is the signed byte b of qs word 8k + w."""
         k = tl.arange(0, 8)[None, :, None]
         w = tl.arange(0, 8)[None, None, :]
         words = tl.load(wq + roww[:, None, None] + sb * 64 + 8 * k + w)  # [BN, 8, 8]
-        dots = tl.sum(_dp4(xw + sb * 128 + 16 * k + w, words, True, PTX), axis=2)  # [BN, 8]
+        x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (8, 2, 8)), (0, 2, 1)))  # [8, 8]: (k, w)
+        dots = tl.sum(_dp4(x_lo[None], x_hi[None], words, True, PTX), axis=2)  # [BN, 8]
         halves = wq.to(tl.pointer_type(tl.float16))
         d = tl.load(halves + 2 * roww[:, None] + 128 * n_super + 8 * sb + tl.arange(0, 8)[None, :])
-        xs = tl.load(xs_p + sb * 8 + tl.arange(0, 8)[None, :])  # [1, 8]
-        return (d.to(tl.float32) * xs) * dots.to(tl.float32)
+        return (d.to(tl.float32) * xs[None, :]) * dots.to(tl.float32)
+
+    @triton.jit
+    def _int_x_read(xp, xscale, xsum, sb, INT_X: tl.constexpr):
+        """Super-block sb of x as the int reads take it (`_q4_k_dot_int`): quantized here from
+        float32 x at xp (INT_X), or loaded as `_int_x` left it (xp: its int32 words, xscale, xsum:
+        its scales and sums)."""
+        if INT_X:
+            q, scales, sums = _int_x_super(xp + sb * 256)
+            return _int_x_words(q), scales, sums
+        else:
+            i = tl.arange(0, 16)
+            words = tl.load(xp + sb * 128 + 16 * tl.arange(0, 8)[:, None] + i[None, :])
+            return words, tl.load(xscale + sb * 8 + tl.arange(0, 8)), tl.load(xsum + sb * 16 + i)
 
     @triton.jit
     def _matvec_kernel(
@@ -1111,6 +1176,7 @@ if triton is not None:
         STAGES: tl.constexpr,
         REDUCE: tl.constexpr,
         INT: tl.constexpr,
+        INT_X: tl.constexpr,
         PTX: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
@@ -1120,9 +1186,10 @@ if triton is not None:
         rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views; with
         VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
         (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K and Q5_K, Q6_K and Q8_0 (both
-        PACKED) take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on x from `_int_x` (x_ptr: its
-        int16 pairs as int32, x_stride in pairs; xsum_ptr: its sums, xpow_ptr: its scales), the
-        dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
+        PACKED) take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on each super-block of x
+        quantized as `_int_x_super` does it: here, from float32 x (INT_X: x_ptr is x), or by
+        `_int_x` before (x_ptr: its int16 pairs as int32, x_stride in pairs; xsum_ptr: its sums,
+        xpow_ptr: its scales); the dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
 
         Without REDUCE (one split, out_div 1) each program stores its row. With it, each stores
         its partial in part [splits, pairs, N], and the last program to arrive at an output tile
@@ -1161,18 +1228,20 @@ if triton is not None:
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
         for sb in tl.range(first, last, num_stages=STAGES):
+            if INT:  # x's super-block once for w and u
+                xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
             if INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
-                acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, xp, xscale, xsum, BN, PTX, QT == 13)
+                acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, xq, xs, xs16, BN, PTX, QT == 13)
                 if GATED:
-                    acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, xp, xscale, xsum, BN, PTX, QT == 13)
+                    acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, xq, xs, xs16, BN, PTX, QT == 13)
             elif INT and QT == 14:  # Q6_K repacked, integer dot products
-                acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xp, xscale, xsum, BN, PTX)
+                acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
                 if GATED:
-                    acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xp, xscale, xsum, BN, PTX)
+                    acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
             elif INT:  # Q8_0 repacked, integer dot products
-                acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, xp, xscale, BN, PTX)
+                acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
                 if GATED:
-                    acc_i_u += _q8_0_dot_int(u_ptr, rowb // 4, sb, n_super, xp, xscale, BN, PTX)
+                    acc_i_u += _q8_0_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
             elif QT == 12 and VEC:  # Q4_K, wide loads
                 acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN)
                 if GATED:
@@ -1775,7 +1844,7 @@ class _MatvecPlan(NamedTuple):
     n_super: int
     row_bytes: int
     vec: bool  # x prepared by `_vec_x`
-    int_read: bool  # x prepared by `_int_x` (integer dot products)
+    int_read: bool  # integer dot products (`options["INT_X"]`: x quantized in the kernel, else by `_int_x`)
     words: bool  # the blocks read as int32 words
     qtype: GGMLType
     options: dict  # the kernel's constexprs and launch options
@@ -1786,27 +1855,40 @@ def _matvec_plan(
     routed: bool, device: torch.device,
 ) -> _MatvecPlan:  # fmt: skip
     """The launch of a product of `n_pairs` <= MATVEC_MAX_ROWS rows, made once per shape, type
-    code, device, `matvec_path` and launch setting (MATVEC_CONFIG may change: the sweeps)."""
-    key = (code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, matvec_path)
+    code, device, `matvec_path`, `int_x_path` and launch setting (MATVEC_CONFIG may change: the
+    sweeps)."""
+    key = (
+        code,
+        in_features,
+        out_features,
+        n_pairs,
+        out_div,
+        gated,
+        scaled,
+        routed,
+        device,
+        matvec_path,
+        int_x_path,
+    )
     known = _PLANS.get(key)
     if known is not None and known[0] == known[1]:  # (the setting as it was planned with)
         return known[2]
     cfg = matvec_config(code)  # (checks matvec_path)
-    plan = _planned(*key[:-1], _matvec_path(), tuple(cfg.items()))
+    plan = _planned(*key[:-2], _matvec_path(), _int_x_path(), tuple(cfg.items()))
     if len(_PLANS) >= 4096:
         _PLANS.clear()
     _PLANS[key] = (cfg, dict(cfg), plan)
     return plan
 
 
-# Each product's plan by its shape, type code, device and `matvec_path`: (the setting dict it
+# Each product's plan by its shape, type code, device, `matvec_path` and `int_x_path`: (the setting dict it
 # was made with, a copy of it then, the plan); used while the two are equal (sweeps change
 # settings in place). The only cache of plans: `_planned` makes one anew.
 _PLANS: dict[tuple, tuple[dict, dict, _MatvecPlan]] = {}
 
 
 def _planned(
-    code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, path, cfg_items
+    code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, path, int_x, cfg_items
 ):
     qtype, packed = GGMLType(code & 0xFF), bool(code & PACKED)
     cfg = dict(cfg_items)
@@ -1824,7 +1906,8 @@ def _planned(
     options = {
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "BN": bn, "num_warps": cfg["num_warps"],
-        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "PTX": _ptx(),
+        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "INT_X": int_read and int_x == "kernel",
+        "PTX": _ptx(),
     }  # fmt: skip
     return _MatvecPlan(
         grid=(_ceil_div(out_features, bn), n_pairs, splits),
@@ -1966,10 +2049,11 @@ def _launch_fitted(launch, variant: tuple, cfg: dict[str, int]) -> None:
 def _matvec(
     x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared=None
 ) -> torch.Tensor:
-    """`_product` of 1..MATVEC_MAX_ROWS pairs (x float32, contiguous): `_vec_x` or `_int_x`
-    where the type reads x prepared (taken from `prepared` when a product of the same op
-    prepared this x so before, and left there), then `_matvec_kernel`, whose last program of
-    each output tile sums the partials of its splits and pairs (no launch for the sums)."""
+    """`_product` of 1..MATVEC_MAX_ROWS pairs (x float32, contiguous): `_vec_x`, or `_int_x`
+    under `int_x_path` "launch", where the type reads x prepared (taken from `prepared` when a
+    product of the same op prepared this x so before, and left there), then `_matvec_kernel`
+    (which quantizes x itself for the "int" reads under "kernel"), whose last program of each
+    output tile sums the partials of its splits and pairs (no launch for the sums)."""
     device = x.device
     gated, scaled, routed = u is not None, scale is not None, experts is not None
     plan = _matvec_plan(code, x.shape[1], out_features, n_pairs, out_div, gated, scaled, routed, device)
@@ -1996,7 +2080,7 @@ def _matvec(
             w = w.view(torch.int32)
             u = w if u is w else u.view(torch.int32)
         xsum = xpow = out
-        if plan.vec or plan.int_read:
+        if plan.vec or (plan.int_read and not plan.options["INT_X"]):
             form = plan.qtype if plan.vec else "int"  # (`_vec_x`'s order depends on the type)
             made = None if prepared is None else prepared.get(form)
             if made is None:
@@ -2086,8 +2170,8 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [R, K] float32 as the "int" reads take it, made by one launch (`_int_x_kernel`, a
-    program per super-block of each row): its int16 values in the int layout, viewed as int32
+    """x [R, K] float32 as the "int" reads take it under `int_x_path` "launch", made by one launch
+    (`_int_x_kernel`, a program per super-block of each row): its int16 values in the int layout, viewed as int32
     pairs [R, K / 2]; their float32 sums per 16 values [R, K / 16]; the scales per 32 [R, K / 32]
     (the device's scratch for that shape: `_SCRATCH`)."""
     r, k = x.shape
@@ -2119,6 +2203,14 @@ def _matvec_path() -> str:
             None, "HARNESS_MATVEC", f"must be one of {', '.join(MATVEC_PATHS)}, got {matvec_path!r}"
         )
     return matvec_path
+
+
+def _int_x_path() -> str:
+    if int_x_path not in INT_X_PATHS:
+        raise UsageError(
+            None, "HARNESS_INT_X", f"must be one of {', '.join(INT_X_PATHS)}, got {int_x_path!r}"
+        )
+    return int_x_path
 
 
 def _attention_path() -> str:
@@ -2422,7 +2514,9 @@ def qkv(
     out_q + out_k + out_v] float32, q, k and v side by side in each row (one tensor, written in
     place: `harness::attention` takes it whole). Weights of one code whose blocks follow each
     other in memory (`pack_rows`) are multiplied in one launch; x is prepared once for the
-    products that read it alike (decode: one `_int_x` for Q4_K_M's Q4_K and packed Q6_K)."""
+    products that read it alike where a launch prepares it (decode: one `_vec_x` per type under
+    "vec", one `_int_x` for Q4_K_M's Q4_K and packed Q6_K under `int_x_path` "launch"; none
+    under "kernel")."""
     _check_devices("harness::qkv", x, wq, wk, wv)
     weights, qtypes = (wq, wk, wv), (qtype_q, qtype_k, qtype_v)
     out = x.new_empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=torch.float32)
