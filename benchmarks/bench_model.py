@@ -71,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "decode": "eager" if args.eager else "CUDA graph where possible",
         # which fused kernels ran and how they were launched (HARNESS_MATVEC, HARNESS_PREFILL,
-        # HARNESS_PDL; see harness.quant.fused)
-        "kernels": {"matvec": fused.matvec_path, "prefill": fused.prefill_path, "pdl": fused.pdl},
+        # HARNESS_INT_X, HARNESS_PDL; see harness.quant.fused)
+        "kernels": {
+            "matvec": fused.matvec_path,
+            "int_x": fused.int_x_path,
+            "prefill": fused.prefill_path,
+            "pdl": fused.pdl,
+        },  # fmt: skip
         "synth_seconds": synth_seconds,
         "load_seconds": r.load_seconds,
         "prefill_tokens_per_second": r.prefill_tokens_per_second,

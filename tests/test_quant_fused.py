@@ -999,7 +999,7 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                 cfg["programs_per_sm"] = 1 if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
                 try:
                     got, launched = {}, {}
-                    for path in fused.INT_X_PATHS:
+                    for path in ("kernel", "launch"):
                         fused.int_x_path = path
                         calls.clear()
                         got[path] = fused._product(*args, out_div=out_div)
@@ -1013,16 +1013,19 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                     else:
                         cfg["programs_per_sm"] = saved
                 want_splits = 1 if gated or splits == "one" else cols // fused.SUPER
-                exact = (
-                    same_bits(got["kernel"], got["launch"])
-                    and launched == {"kernel": 0, "launch": 1}
-                    and plan.grid[2] == want_splits
-                )
+                bits = same_bits(got["kernel"], got["launch"])
+                exact = bits and launched == {"kernel": 0, "launch": 1} and plan.grid[2] == want_splits
+                finite = torch.isfinite(got["launch"]) & torch.isfinite(got["kernel"])
+                diff = (got["kernel"] - got["launch"])[finite].double()
+                power = got["launch"][finite].double().pow(2).mean()
                 case = (
                     f"int x kernel = launch {name} {layout} {'gated' if gated else 'plain'} "
                     f"{'routed' if routed else 'dense'} out_div={out_div} splits={plan.grid[2]} pairs={n_pairs}"
                 )
-                results.append({"case": case, "nmse": 0.0, "exact": exact})
+                results.append({
+                    "case": case, "exact": exact, "same_bits": bits, "launched": launched,
+                    "nmse": float(diff.pow(2).mean() / power) if diff.numel() else 0.0,
+                })  # fmt: skip
     finally:
         fused._int_x = original
         fused.matvec_path, fused.int_x_path = before
@@ -1443,6 +1446,54 @@ def test_interpreter_int_reads_match_dequantize_then_matmul():
     integer arithmetic: every case of `_int_read_cases` within NMSE_MAX of float64 and exact
     where it says so (x's layout and scales, zeros, NaN, dp2a's sums)."""
     _check_int_reads(_interpreted_cases("INT"), small=True)
+
+
+def test_int_x_auto_quantizes_in_the_kernel_outside_a_graph(monkeypatch):
+    """`int_x_path` "auto" (the default) is "kernel" for a product outside a CUDA graph's capture
+    (here: the CPU, and on a GPU an eager call), whatever the device; a bad value is refused
+    naming HARNESS_INT_X."""
+    from harness.errors import UsageError
+    from harness.quant import fused
+
+    monkeypatch.setattr(fused, "int_x_path", "auto")
+    assert fused._int_x_path(torch.device("cpu")) == "kernel"
+    for path in ("kernel", "launch"):
+        monkeypatch.setattr(fused, "int_x_path", path)
+        assert fused._int_x_path(torch.device("cpu")) == path
+    monkeypatch.setattr(fused, "int_x_path", "later")
+    with pytest.raises(UsageError, match="HARNESS_INT_X"):
+        fused._int_x_path(torch.device("cpu"))
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_int_x_auto_launches_only_inside_a_graph(monkeypatch):
+    """Under "auto", an eager int read quantizes x in the product (no `_int_x`), and the same
+    product captured into a CUDA graph quantizes it with `_int_x`'s launch; the graph's replay
+    gives what the eager call gave (to float32 rounding: the two quantize with one formula)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    monkeypatch.setattr(fused, "int_x_path", "auto")
+    monkeypatch.setattr(fused, "matvec_path", "int")
+    calls = []
+    original = fused._int_x
+    monkeypatch.setattr(fused, "_int_x", lambda x: calls.append(x.shape) or original(x))
+    rng = np.random.default_rng(7)
+    raw, code = _prepared(_random_weight(GGMLType.Q4_K, 256, 1024, rng), GGMLType.Q4_K, 1024, "gguf")
+    raw = raw.cuda()
+    x = torch.randn(1, 1024, device="cuda")
+    monkeypatch.setattr(fused, "int_x_path", "launch")
+    torch.ops.harness.qmatmul(x, raw, code, 256)  # compiles the launch's kernels before the capture
+    monkeypatch.setattr(fused, "int_x_path", "auto")
+    calls.clear()
+    eager = torch.ops.harness.qmatmul(x, raw, code, 256)
+    assert calls == []
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.harness.qmatmul(x, raw, code, 256)
+    assert calls == [(1, 1024)]
+    graph.replay()
+    torch.testing.assert_close(captured, eager, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow

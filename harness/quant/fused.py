@@ -134,9 +134,14 @@ matvec_path = os.environ.get("HARNESS_MATVEC", "int")
 # super-blocks it reads (`_int_x_super` on float32 x, a few KB a super-block from L2), with no
 # launch of its own; "launch", `_int_x_kernel` first (one launch per op's x, `_int_x`), read
 # back by the matrix-vector kernel. Both give the same bits (`_int_x_super` is the one formula).
+# "auto" (the default): "launch" while a CUDA graph is being captured, else "kernel". On an H100
+# (.gpu/call21.sh, bench_model on the 8x7B Q4_K_M file, one run) a graph's decode was 192.2
+# tok/s under "launch" against 149.9 under "kernel" (the product's own quantization costs more
+# instructions a weight byte than the launch does: benchmarks/results/sass_matvec.json), while an
+# eager step, bound by host time, saves a launch a product under "kernel" (129 a token).
 # HARNESS_INT_X picks one at import; `int_x_path` may be set later (benchmarks compare them).
-INT_X_PATHS = ("kernel", "launch")
-int_x_path = os.environ.get("HARNESS_INT_X", "kernel")
+INT_X_PATHS = ("auto", "kernel", "launch")
+int_x_path = os.environ.get("HARNESS_INT_X", "auto")
 
 # How a product of more than MATVEC_MAX_ROWS rows (prefill) runs:
 # - "dequant": the weight is dequantized into a float16 scratch (harness.quant.kernels, a
@@ -1868,13 +1873,13 @@ def _matvec_plan(
         routed,
         device,
         matvec_path,
-        int_x_path,
+        _int_x_path(device),
     )
     known = _PLANS.get(key)
     if known is not None and known[0] == known[1]:  # (the setting as it was planned with)
         return known[2]
     cfg = matvec_config(code)  # (checks matvec_path)
-    plan = _planned(*key[:-2], _matvec_path(), _int_x_path(), tuple(cfg.items()))
+    plan = _planned(*key[:-2], _matvec_path(), key[-1], tuple(cfg.items()))
     if len(_PLANS) >= 4096:
         _PLANS.clear()
     _PLANS[key] = (cfg, dict(cfg), plan)
@@ -2205,7 +2210,12 @@ def _matvec_path() -> str:
     return matvec_path
 
 
-def _int_x_path() -> str:
+def _int_x_path(device: torch.device) -> str:
+    """Where the "int" reads quantize x for a product on `device` now: "kernel" or "launch"
+    (`int_x_path`; "auto" asks whether the current stream is capturing a CUDA graph)."""
+    if int_x_path == "auto":
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return "launch" if capturing else "kernel"
     if int_x_path not in INT_X_PATHS:
         raise UsageError(
             None, "HARNESS_INT_X", f"must be one of {', '.join(INT_X_PATHS)}, got {int_x_path!r}"
