@@ -1564,6 +1564,27 @@ def _matvec_pointer_types(x: str) -> dict[str, str]:
     }  # fmt: skip
 
 
+def _cuobjdump_tool() -> Path:
+    """Triton's bundled cuobjdump (the test skips where it is absent)."""
+    triton = pytest.importorskip("triton")
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip("Triton's bundled cuobjdump is absent")
+    return tool
+
+
+def _cuobjdump(cubin: bytes, flag: str = "-sass") -> str:
+    """`cuobjdump flag` (-sass: the machine code; -res-usage: registers, local memory) of a
+    kernel compiled for a GPU without one, from its cubin."""
+    tool = _cuobjdump_tool()
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kernel_{os.getpid()}.cubin"
+    try:
+        path.write_bytes(cubin)
+        return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True).stdout
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def _check_waits_first(ptx: str, where) -> None:
     """A decode kernel compiled with PDL (`fused.pdl`): it waits for the grid before it
     (griddepcontrol.wait) before any load or store of global memory, then lets the next start."""
@@ -1593,67 +1614,54 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
     from harness.quant import fused
     from harness.quant.types import GGMLType
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        pytest.skip("Triton's bundled cuobjdump is absent")
-
-    def sass(cubin: bytes, tmp: Path) -> str:
-        tmp.write_bytes(cubin)
-        return subprocess.run(
-            [str(cuobjdump), "-sass", str(tmp)], capture_output=True, text=True, check=True
-        ).stdout
-
+    _cuobjdump_tool()
     kernel = fused._matvec_kernel
     aligned = (*_matvec_pointer_types(x="*i32"), "row_bytes", "expert_bytes", "x_stride")
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"int_read_{os.getpid()}.cubin"
-    try:
-        for qtype in fused.INT_READ_TYPES:
-            cfg = fused.INT_MATVEC_CONFIG[qtype]
-            for gated, routed, int_x in itertools.product((False, True), (False, True), (True, False)):
-                if gated and routed:
-                    continue
-                pointers = _matvec_pointer_types(x="*fp32" if int_x else "*i32")
-                consts = {
-                    "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
-                    "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
-                    "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "INT_X": int_x, "PTX": True, "PDL": True,
-                }  # fmt: skip
-                names = kernel.arg_names
-                signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
-                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
-                source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-                compiled = triton.compile(
-                    source, target=GPUTarget("cuda", 90, 64),
-                    options={"num_warps": cfg["num_warps"], "launch_pdl": True},
-                )  # fmt: skip
-                where = (qtype.name, gated, routed, int_x)
-                _check_waits_first(compiled.asm["ptx"], where)
-                assert "dp2a.lo" in compiled.asm["ptx"] and "dp2a.hi" in compiled.asm["ptx"], where
-                code = sass(compiled.asm["cubin"], tmp)
-                assert not re.search(r"\b(LDL|STL)\b", code), where
-                # a dp2a takes 2 of the 256 values of a row's super-block: per thread and loop step
-                per_step = 128 * cfg["BN"] * (2 if gated else 1) // (32 * cfg["num_warps"])
-                assert code.count("IDP.2A") >= per_step, (where, code.count("IDP.2A"), per_step)
-        source = ASTSource(
-            fn=fused._int_x_kernel,
-            signature={
-                "x_ptr": "*fp32",
-                "q_ptr": "*i16",
-                "scale_ptr": "*fp32",
-                "sum_ptr": "*fp32",
-                "K": "i32",
-                "PDL": "constexpr",
-            },
-            constexprs={"PDL": True},
-            attrs={(i,): [["tt.divisibility", 16]] for i in range(5)},
-        )
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 1, "launch_pdl": True}
-        )
-        _check_waits_first(compiled.asm["ptx"], "_int_x_kernel")
-        assert not re.search(r"\b(LDL|STL)\b", sass(compiled.asm["cubin"], tmp))
-    finally:
-        tmp.unlink(missing_ok=True)
+    for qtype in fused.INT_READ_TYPES:
+        cfg = fused.INT_MATVEC_CONFIG[qtype]
+        for gated, routed, int_x in itertools.product((False, True), (False, True), (True, False)):
+            if gated and routed:
+                continue
+            pointers = _matvec_pointer_types(x="*fp32" if int_x else "*i32")
+            consts = {
+                "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
+                "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
+                "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "INT_X": int_x, "PTX": True, "PDL": True,
+            }  # fmt: skip
+            names = kernel.arg_names
+            signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+            compiled = triton.compile(
+                source, target=GPUTarget("cuda", 90, 64),
+                options={"num_warps": cfg["num_warps"], "launch_pdl": True},
+            )  # fmt: skip
+            where = (qtype.name, gated, routed, int_x)
+            _check_waits_first(compiled.asm["ptx"], where)
+            assert "dp2a.lo" in compiled.asm["ptx"] and "dp2a.hi" in compiled.asm["ptx"], where
+            code = _cuobjdump(compiled.asm["cubin"])
+            assert not re.search(r"\b(LDL|STL)\b", code), where
+            # a dp2a takes 2 of the 256 values of a row's super-block: per thread and loop step
+            per_step = 128 * cfg["BN"] * (2 if gated else 1) // (32 * cfg["num_warps"])
+            assert code.count("IDP.2A") >= per_step, (where, code.count("IDP.2A"), per_step)
+    source = ASTSource(
+        fn=fused._int_x_kernel,
+        signature={
+            "x_ptr": "*fp32",
+            "q_ptr": "*i16",
+            "scale_ptr": "*fp32",
+            "sum_ptr": "*fp32",
+            "K": "i32",
+            "PDL": "constexpr",
+        },
+        constexprs={"PDL": True},
+        attrs={(i,): [["tt.divisibility", 16]] for i in range(5)},
+    )
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 1, "launch_pdl": True}
+    )
+    _check_waits_first(compiled.asm["ptx"], "_int_x_kernel")
+    assert not re.search(r"\b(LDL|STL)\b", _cuobjdump(compiled.asm["cubin"]))
 
 
 def _check_attention(results: list[dict]) -> None:
@@ -1838,66 +1846,54 @@ def test_grouped_kernel_compiles_for_sm_90_on_tensor_cores_without_spills():
 
     from harness.quant import fused
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        pytest.skip("Triton's bundled cuobjdump is absent")
+    _cuobjdump_tool()
     kernel = fused._grouped_kernel
     pointers = {
         "x_ptr": "*fp16", "xscale_ptr": "*fp32", "w_ptr": "*fp16", "u_ptr": "*fp16", "scale_ptr": "*fp32",
         "out_ptr": "*fp32", "sorted_ptr": "*i64", "block_expert_ptr": "*i32",
     }  # fmt: skip
     aligned = (*pointers, "N", "K")  # Mixtral's rows and row lengths are multiples of 16
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"grouped_{os.getpid()}.cubin"
     hgmma = {}
-    try:
-        one, two = fused.GROUPED_CONFIG, fused.GATED_GROUPED_CONFIG
-        # (and one weight at the gated settings: the same tiles, to count its products against)
-        for gated, scaled, cfg in (
-            (False, False, one),
-            (False, True, one),
-            (True, False, two),
-            (False, False, two),
-        ):
-            consts = {"BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GATED": gated, "SCALED": scaled}
-            names = kernel.arg_names
-            source = ASTSource(
-                fn=kernel,
-                signature={n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names},
-                constexprs=consts,
-                attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned},
-            )
-            compiled = triton.compile(
-                source,
-                target=GPUTarget("cuda", 90, 64),
-                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-            )
-            where = (gated, scaled, cfg)
-            assert "wgmma.mma_async" in compiled.asm["ptx"], where
-            assert compiled.metadata.shared <= 232_448, (where, compiled.metadata.shared)
-            tmp.write_bytes(compiled.asm["cubin"])
-            code = subprocess.run(
-                [str(cuobjdump), "-sass", str(tmp)], capture_output=True, text=True, check=True
-            ).stdout
-            assert not re.search(r"\b(LDL|STL)\b", code), where
-            hgmma[gated, scaled, cfg is two] = code.count("HGMMA")
-        sort = fused._sort_by_expert_kernel
-        for ep in (8, 128):  # Mixtral's experts, and many
-            consts = {"BLOCK": 64, "EP": ep, "BP": max(16, 4096 // ep)}
-            source = ASTSource(
-                fn=sort,
-                signature={n: "constexpr" if n in consts else "i32" for n in sort.arg_names}
-                | {"experts_ptr": "*i64", "sorted_ptr": "*i64", "block_expert_ptr": "*i32"},
-                constexprs=consts,
-                attrs={(i,): [["tt.divisibility", 16]] for i in range(3)},
-            )
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
-            tmp.write_bytes(compiled.asm["cubin"])
-            code = subprocess.run(
-                [str(cuobjdump), "-sass", str(tmp)], capture_output=True, text=True, check=True
-            ).stdout
-            assert not re.search(r"\b(LDL|STL)\b", code), ("sort", ep)
-    finally:
-        tmp.unlink(missing_ok=True)
+    one, two = fused.GROUPED_CONFIG, fused.GATED_GROUPED_CONFIG
+    # (and one weight at the gated settings: the same tiles, to count its products against)
+    for gated, scaled, cfg in (
+        (False, False, one),
+        (False, True, one),
+        (True, False, two),
+        (False, False, two),
+    ):
+        consts = {"BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GATED": gated, "SCALED": scaled}
+        names = kernel.arg_names
+        source = ASTSource(
+            fn=kernel,
+            signature={n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names},
+            constexprs=consts,
+            attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned},
+        )
+        compiled = triton.compile(
+            source,
+            target=GPUTarget("cuda", 90, 64),
+            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        )
+        where = (gated, scaled, cfg)
+        assert "wgmma.mma_async" in compiled.asm["ptx"], where
+        assert compiled.metadata.shared <= 232_448, (where, compiled.metadata.shared)
+        code = _cuobjdump(compiled.asm["cubin"])
+        assert not re.search(r"\b(LDL|STL)\b", code), where
+        hgmma[gated, scaled, cfg is two] = code.count("HGMMA")
+    sort = fused._sort_by_expert_kernel
+    for ep in (8, 128):  # Mixtral's experts, and many
+        consts = {"BLOCK": 64, "EP": ep, "BP": max(16, 4096 // ep)}
+        source = ASTSource(
+            fn=sort,
+            signature={n: "constexpr" if n in consts else "i32" for n in sort.arg_names}
+            | {"experts_ptr": "*i64", "sorted_ptr": "*i64", "block_expert_ptr": "*i32"},
+            constexprs=consts,
+            attrs={(i,): [["tt.divisibility", 16]] for i in range(3)},
+        )
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+        code = _cuobjdump(compiled.asm["cubin"])
+        assert not re.search(r"\b(LDL|STL)\b", code), ("sort", ep)
     assert hgmma[False, False, False] == hgmma[False, True, False] > 0, hgmma
     assert hgmma[True, False, True] == 2 * hgmma[False, False, True] > 0, hgmma
 
@@ -1921,72 +1917,63 @@ def test_router_kernel_compiles_for_sm_90_without_spills_without_a_gpu(monkeypat
 
     from harness.quant import fused
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        pytest.skip("Triton's bundled cuobjdump is absent")
+    _cuobjdump_tool()
     kernel = fused._router_topk_kernel
     pointers = {
         "x_ptr": "*fp32", "w_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64", "part_ptr": "*fp32",
         "counter_ptr": "*i32",
     }  # fmt: skip
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"router_{os.getpid()}.cubin"
-    try:
-        for config in (
-            dict(fused.ROUTER_CONFIG),
-            {"splits": 1, "tile": 16384, "num_warps": 8, "num_stages": 1},
+    for config in (
+        dict(fused.ROUTER_CONFIG),
+        {"splits": 1, "tile": 16384, "num_warps": 8, "num_stages": 1},
+    ):
+        monkeypatch.setattr(fused, "ROUTER_CONFIG", config)
+        for n_exp, k, dim in (
+            (8, 2, 4096),
+            (fused.ROUTER_MAX_EXPERTS, 8, 4096),
+            (1, 1, 4096),
+            (3, 3, 40),
         ):
-            monkeypatch.setattr(fused, "ROUTER_CONFIG", config)
-            for n_exp, k, dim in (
-                (8, 2, 4096),
-                (fused.ROUTER_MAX_EXPERTS, 8, 4096),
-                (1, 1, 4096),
-                (3, 3, 40),
-            ):
-                splits, _, step = fused.router_plan(n_exp, dim)
-                consts = {
-                    "K": k, "BE": triton.next_power_of_2(n_exp), "BD": step, "BK": triton.next_power_of_2(k),
-                    "SPLITS": splits, "CUDA_EXP": True, "PDL": True,
-                }  # fmt: skip
-                names = kernel.arg_names
-                signature = {
-                    n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "min_sum" else "i32")
-                    for n in names
-                }  # fmt: skip
-                aligned = (*pointers, "chunk", *(("D",) if dim % 16 == 0 else ()))
-                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
-                source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-                options = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
-                options["launch_pdl"] = True
-                compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
-                tmp.write_bytes(compiled.asm["cubin"])
-                usage = subprocess.run(
-                    [str(cuobjdump), "-res-usage", str(tmp)], capture_output=True, text=True, check=True
-                ).stdout
-                where = (config, n_exp, k, dim, splits)
-                assert re.search(r"\bLOCAL:0\b", usage) and not re.search(r"\bLOCAL:[1-9]", usage), (
-                    where,
-                    usage,
+            splits, _, step = fused.router_plan(n_exp, dim)
+            consts = {
+                "K": k, "BE": triton.next_power_of_2(n_exp), "BD": step, "BK": triton.next_power_of_2(k),
+                "SPLITS": splits, "CUDA_EXP": True, "PDL": True,
+            }  # fmt: skip
+            names = kernel.arg_names
+            signature = {
+                n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "min_sum" else "i32")
+                for n in names
+            }  # fmt: skip
+            aligned = (*pointers, "chunk", *(("D",) if dim % 16 == 0 else ()))
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+            options = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
+            options["launch_pdl"] = True
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
+            usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+            where = (config, n_exp, k, dim, splits)
+            assert re.search(r"\bLOCAL:0\b", usage) and not re.search(r"\bLOCAL:[1-9]", usage), (
+                where,
+                usage,
+            )
+            ptx = compiled.asm["ptx"]
+            # the weight's first step (ld.global.cg) before the wait, nothing else
+            before, after = ptx.split("griddepcontrol.wait", 1)
+            assert "griddepcontrol.launch_dependents" in after, where
+            assert "st.global" not in before and "atom." not in before, where
+            assert re.search(r"ld\.global\.cg", before), where
+            assert not re.search(r"ld\.global(?!\.cg)", before), where
+            assert re.search(r"ld\.global(?!\.cg)", after), where  # x, after the wait
+            if splits > 1:
+                arrive = ptx.index("atom.global.gpu.acq_rel.add")
+                assert "bar.sync" in ptx[:arrive], where
+                assert "ld.global.cg" in ptx[arrive:] and "atom.global.gpu.acq_rel.exch" in ptx[arrive:], (
+                    where
                 )
-                ptx = compiled.asm["ptx"]
-                # the weight's first step (ld.global.cg) before the wait, nothing else
-                before, after = ptx.split("griddepcontrol.wait", 1)
-                assert "griddepcontrol.launch_dependents" in after, where
-                assert "st.global" not in before and "atom." not in before, where
-                assert re.search(r"ld\.global\.cg", before), where
-                assert not re.search(r"ld\.global(?!\.cg)", before), where
-                assert re.search(r"ld\.global(?!\.cg)", after), where  # x, after the wait
-                if splits > 1:
-                    arrive = ptx.index("atom.global.gpu.acq_rel.add")
-                    assert "bar.sync" in ptx[:arrive], where
-                    assert (
-                        "ld.global.cg" in ptx[arrive:] and "atom.global.gpu.acq_rel.exch" in ptx[arrive:]
-                    ), where
-                else:
-                    assert "atom." not in ptx, where
-                if (n_exp, dim) == (8, 4096):
-                    assert re.search(r"ld\.global\.cg\.v4", ptx), where
-    finally:
-        tmp.unlink(missing_ok=True)
+            else:
+                assert "atom." not in ptx, where
+            if (n_exp, dim) == (8, 4096):
+                assert re.search(r"ld\.global\.cg\.v4", ptx), where
 
 
 @pytest.mark.parametrize(
