@@ -157,13 +157,15 @@ def random_weight(qtype: GGMLType, *shape: int, device) -> torch.Tensor:
 def time_ms(fn, reps: int = 20) -> float:
     """Median milliseconds of one `fn()` on the device: `reps` calls captured in a CUDA graph,
     the graph replayed and timed with CUDA events (host launch costs left out, as in the model's
-    decode graph); the median over 5 replays, after warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+    decode graph, and with the kernels it chooses: `fused.graph_step`); the median over 5
+    replays, after warm-up."""
+    with fused.graph_step():
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
     graph.replay()
     times = []
     for _ in range(5):

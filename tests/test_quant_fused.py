@@ -1448,28 +1448,41 @@ def test_interpreter_int_reads_match_dequantize_then_matmul():
     _check_int_reads(_interpreted_cases("INT"), small=True)
 
 
-def test_int_x_auto_quantizes_in_the_kernel_outside_a_graph(monkeypatch):
-    """`int_x_path` "auto" (the default) is "kernel" for a product outside a CUDA graph's capture
-    (here: the CPU, and on a GPU an eager call), whatever the device; a bad value is refused
-    naming HARNESS_INT_X."""
+def test_int_x_auto_quantizes_by_a_launch_only_in_a_graph_step(monkeypatch):
+    """`int_x_path` "auto" (the default) is "launch" inside `fused.graph_step` (nested too) and
+    "kernel" outside it and after it, even when the block raised; "kernel" and "launch" hold
+    everywhere; a bad value is refused naming HARNESS_INT_X."""
     from harness.errors import UsageError
     from harness.quant import fused
 
+    cpu = torch.device("cpu")
     monkeypatch.setattr(fused, "int_x_path", "auto")
-    assert fused._int_x_path(torch.device("cpu")) == "kernel"
+    assert fused._int_x_path(cpu) == "kernel"
+    with fused.graph_step():
+        assert fused._int_x_path(cpu) == "launch"
+        with fused.graph_step():
+            assert fused._int_x_path(cpu) == "launch"
+        assert fused._int_x_path(cpu) == "launch"
+    assert fused._int_x_path(cpu) == "kernel"
+    with pytest.raises(RuntimeError), fused.graph_step():
+        raise RuntimeError("a failed capture")
+    assert fused._int_x_path(cpu) == "kernel"
     for path in ("kernel", "launch"):
         monkeypatch.setattr(fused, "int_x_path", path)
-        assert fused._int_x_path(torch.device("cpu")) == path
+        assert fused._int_x_path(cpu) == path
+        with fused.graph_step():
+            assert fused._int_x_path(cpu) == path
     monkeypatch.setattr(fused, "int_x_path", "later")
     with pytest.raises(UsageError, match="HARNESS_INT_X"):
         fused._int_x_path(torch.device("cpu"))
 
 
 @pytest.mark.cuda(real=True)
-def test_cuda_int_x_auto_launches_only_inside_a_graph(monkeypatch):
+def test_cuda_int_x_auto_launches_only_in_a_graph_step(monkeypatch):
     """Under "auto", an eager int read quantizes x in the product (no `_int_x`), and the same
-    product captured into a CUDA graph quantizes it with `_int_x`'s launch; the graph's replay
-    gives what the eager call gave (to float32 rounding: the two quantize with one formula)."""
+    product warmed up and captured into a CUDA graph inside `fused.graph_step` quantizes it with
+    `_int_x`'s launch; the graph's replay gives what the eager call gave (to float32 rounding:
+    the two quantize with one formula)."""
     from harness.quant import fused
     from harness.quant.types import GGMLType
 
@@ -1482,16 +1495,15 @@ def test_cuda_int_x_auto_launches_only_inside_a_graph(monkeypatch):
     raw, code = _prepared(_random_weight(GGMLType.Q4_K, 256, 1024, rng), GGMLType.Q4_K, 1024, "gguf")
     raw = raw.cuda()
     x = torch.randn(1, 1024, device="cuda")
-    monkeypatch.setattr(fused, "int_x_path", "launch")
-    torch.ops.harness.qmatmul(x, raw, code, 256)  # compiles the launch's kernels before the capture
-    monkeypatch.setattr(fused, "int_x_path", "auto")
-    calls.clear()
     eager = torch.ops.harness.qmatmul(x, raw, code, 256)
     assert calls == []
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.ops.harness.qmatmul(x, raw, code, 256)
-    assert calls == [(1, 1024)]
+    with fused.graph_step():
+        torch.ops.harness.qmatmul(x, raw, code, 256)  # the warm-up compiles what the capture runs
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            captured = torch.ops.harness.qmatmul(x, raw, code, 256)
+    assert calls == [(1, 1024), (1, 1024)]
     graph.replay()
     torch.testing.assert_close(captured, eager, rtol=1e-6, atol=1e-6)
 

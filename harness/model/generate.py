@@ -15,6 +15,7 @@ import torch
 
 from harness.errors import UsageError
 from harness.model.mixtral import Mixtral
+from harness.quant import fused
 from harness.trace.tracer import is_tracing
 
 
@@ -145,12 +146,13 @@ class DecodeGraph:
         self.pos.fill_(model.max_seq_len - 1)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            self._step()  # compiles the kernels and warms the allocator, off the capture
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        with fused.graph_step():  # the kernels a replay is best served by, warm-up and capture alike
+            with torch.cuda.stream(side):
+                self._step()  # compiles the kernels and warms the allocator, off the capture
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
 
     def _step(self) -> None:
         token = self.model(self.token, self.pos)[-1].argmax().view(1)

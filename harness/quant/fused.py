@@ -133,9 +133,11 @@ matvec_path = os.environ.get("HARNESS_MATVEC", "int")
 # Where the "int" reads quantize x: "kernel", `_matvec_kernel` itself, each program the
 # super-blocks it reads (`_int_x_super` on float32 x, a few KB a super-block from L2), with no
 # launch of its own; "launch", `_int_x_kernel` first (one launch per op's x, `_int_x`), read
-# back by the matrix-vector kernel. Both give the same bits (`_int_x_super` is the one formula).
-# "auto" (the default): "launch" while a CUDA graph is being captured, else "kernel". On an H100
-# (.gpu/call21.sh, bench_model on the 8x7B Q4_K_M file, one run) a graph's decode was 192.2
+# back by the matrix-vector kernel. Both take one formula (`_int_x_super`): the same bits under the
+# interpreter (its cuda comparison failed once on an H100 without saying how; it now does).
+# "auto" (the default): "launch" inside `graph_step` (the decode graph's warm-up and capture),
+# else "kernel". On an H100 (.gpu/call21.sh, bench_model on the 8x7B Q4_K_M file, one run) a
+# graph's decode was 192.2
 # tok/s under "launch" against 149.9 under "kernel" (the product's own quantization costs more
 # instructions a weight byte than the launch does: benchmarks/results/sass_matvec.json), while an
 # eager step, bound by host time, saves a launch a product under "kernel" (129 a token).
@@ -2210,12 +2212,27 @@ def _matvec_path() -> str:
     return matvec_path
 
 
+_in_graph_step = False  # inside `graph_step`
+
+
+@contextlib.contextmanager
+def graph_step():
+    """Inside the block the decode ops run as a CUDA graph's replay is best served ("auto"
+    `int_x_path`: x quantized by its own launch). The decode graph wraps its warm-up step and
+    its capture in it, so that the capture launches only kernels the warm-up compiled."""
+    global _in_graph_step
+    before, _in_graph_step = _in_graph_step, True
+    try:
+        yield
+    finally:
+        _in_graph_step = before
+
+
 def _int_x_path(device: torch.device) -> str:
     """Where the "int" reads quantize x for a product on `device` now: "kernel" or "launch"
-    (`int_x_path`; "auto" asks whether the current stream is capturing a CUDA graph)."""
+    (`int_x_path`; "auto": "launch" inside `graph_step`, else "kernel")."""
     if int_x_path == "auto":
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        return "launch" if capturing else "kernel"
+        return "launch" if _in_graph_step else "kernel"
     if int_x_path not in INT_X_PATHS:
         raise UsageError(
             None, "HARNESS_INT_X", f"must be one of {', '.join(INT_X_PATHS)}, got {int_x_path!r}"
