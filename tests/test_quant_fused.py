@@ -1455,26 +1455,25 @@ def test_int_x_auto_quantizes_by_a_launch_only_in_a_graph_step(monkeypatch):
     from harness.errors import UsageError
     from harness.quant import fused
 
-    cpu = torch.device("cpu")
     monkeypatch.setattr(fused, "int_x_path", "auto")
-    assert fused._int_x_path(cpu) == "kernel"
+    assert fused._int_x_path() == "kernel"
     with fused.graph_step():
-        assert fused._int_x_path(cpu) == "launch"
+        assert fused._int_x_path() == "launch"
         with fused.graph_step():
-            assert fused._int_x_path(cpu) == "launch"
-        assert fused._int_x_path(cpu) == "launch"
-    assert fused._int_x_path(cpu) == "kernel"
+            assert fused._int_x_path() == "launch"
+        assert fused._int_x_path() == "launch"
+    assert fused._int_x_path() == "kernel"
     with pytest.raises(RuntimeError), fused.graph_step():
         raise RuntimeError("a failed capture")
-    assert fused._int_x_path(cpu) == "kernel"
+    assert fused._int_x_path() == "kernel"
     for path in ("kernel", "launch"):
         monkeypatch.setattr(fused, "int_x_path", path)
-        assert fused._int_x_path(cpu) == path
+        assert fused._int_x_path() == path
         with fused.graph_step():
-            assert fused._int_x_path(cpu) == path
+            assert fused._int_x_path() == path
     monkeypatch.setattr(fused, "int_x_path", "later")
     with pytest.raises(UsageError, match="HARNESS_INT_X"):
-        fused._int_x_path(torch.device("cpu"))
+        fused._int_x_path()
 
 
 @pytest.mark.cuda(real=True)

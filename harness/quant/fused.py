@@ -458,8 +458,8 @@ if triton is not None:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
         _HAS_GDC = True
-    except ImportError:  # an older Triton, or one without NVIDIA's backend
-        _HAS_GDC = False
+    except ImportError:  # an older Triton, or one without NVIDIA's backend: _HAS_GDC stays False
+        pass
 
     @triton.jit
     def _pdl_start(PDL: tl.constexpr):
@@ -1875,7 +1875,7 @@ def _matvec_plan(
         routed,
         device,
         matvec_path,
-        _int_x_path(device),
+        _int_x_path(),
     )
     known = _PLANS.get(key)
     if known is not None and known[0] == known[1]:  # (the setting as it was planned with)
@@ -2228,8 +2228,8 @@ def graph_step():
         _in_graph_step = before
 
 
-def _int_x_path(device: torch.device) -> str:
-    """Where the "int" reads quantize x for a product on `device` now: "kernel" or "launch"
+def _int_x_path() -> str:
+    """Where the "int" reads quantize x for a product now: "kernel" or "launch"
     (`int_x_path`; "auto": "launch" inside `graph_step`, else "kernel")."""
     if int_x_path == "auto":
         return "launch" if _in_graph_step else "kernel"
