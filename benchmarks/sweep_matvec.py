@@ -2,7 +2,10 @@
 on a CUDA device: (BN, warps, programs per multiprocessor) of one type and layout at a time, in
 - harness::moe_ffn at one token, two of eight experts: Q4_K gate and up stacks with a packed Q6_K
   down stack (swept for Q4_K, then for packed Q6_K) and with a Q4_K one (a Q4_K_M file has both);
-- harness::qmatmul: Q4_K 4096 x 4096, the 32000-row packed Q6_K head, a 1024-row packed Q6_K.
+- harness::qkv: attention's Q4_K q (4096 x 4096) and packed Q8_0 k and v (1024 x 4096 each, one
+  launch), as Q4_K_M's 8-expert files have them (swept for Q4_K, then for packed Q8_0);
+- harness::qmatmul: Q4_K 4096 x 4096, Q5_K 4096 x 4096 (attention's output projection), the
+  32000-row packed Q6_K head, a 1024-row packed Q6_K.
 
 Each call reads weights other than the previous call's (experts or copies in turn, more than the
 H100's 50 MB L2 in all), as the model reads each weight once a token: timing one weight over and
@@ -12,11 +15,18 @@ here, as BN=8 with 2 warps once did). Writes JSON; asserts nothing.
 
     python benchmarks/sweep_matvec.py --out benchmarks/results/matvec_sweep.json
 
-`--grid 64x4,128x8` sweeps those (BN, warps) instead of GRID, `--stages 1,2,3` the software
-pipelining of the loop over super-blocks too, `--cases Q4_K,head` only the cases whose names
-hold one of those strings:
+`--grid 64x4,128x8` sweeps those (BN, warps) instead of GRID, `--per-sm 2,4,8` those programs a
+multiprocessor instead of PROGRAMS_PER_SM, `--stages 1,2,3` the software pipelining of the loop
+over super-blocks too, `--cases Q4_K,head` only the cases whose names hold one of those strings:
 
     python benchmarks/sweep_matvec.py --paths int --grid 64x4,128x4,128x8 --stages 1,2,3 --cases moe_ffn
+
+`--gated-per-sm 0,2,4,8` also sweeps the setting's "gated_programs_per_sm" (the gated gate/up
+product's splits; 0 never splits it) in the cases whose swept type is moe_ffn's gate/up type,
+apart from "programs_per_sm" (its down product's, when that is of the same type):
+
+    python benchmarks/sweep_matvec.py --paths int --int-x launch --grid 128x4 --per-sm 4 \
+        --gated-per-sm 0,1,2,4,8,16,32 --cases "moe_ffn Q4_K gate/up/down" --out /tmp/gated.json
 
 `--paths vec,int` sweeps the settings of each `matvec_path` in turn (the table that path reads:
 `fused.matvec_config`). `--compare` times each of `--paths` at its default setting instead, in
@@ -39,7 +49,9 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -57,6 +69,15 @@ GRID = [(16, 4), (16, 2), (16, 1), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8), 
 PROGRAMS_PER_SM = (4, 8)
 
 
+class Case(NamedTuple):
+    call: Callable  # call(choice=None): the op on the next weights in turn, or on `choice`
+    first: object  # the first choice
+    nbytes: int  # weight bytes a call reads
+    code: int  # the type and layout whose launch setting the case sweeps
+    reference: Callable  # the first choice's result by dequantize-then-matmul in float32
+    gated: bool = False  # whether that setting also launches a gated product (moe_ffn's gate/up)
+
+
 def in_turn(items: list):
     """A function giving items[1], items[2], ... items[0], items[1], ... call after call."""
     turn = itertools.cycle(items[1:] + items[:1])
@@ -69,10 +90,8 @@ def dense(raw: torch.Tensor, code: int, rows: int, cols: int) -> torch.Tensor:
     return dequant.dequantize(fused.gguf_blocks(raw, code), qtype, (rows, cols), torch.float32)
 
 
-def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000) -> dict:
-    """name -> (call(choice=None): the op on the next weights in turn or on `choice`; the first
-    choice; weight bytes a call reads; the type and layout whose launch setting the case sweeps;
-    reference(): the first choice's result by dequantize-then-matmul in float32)."""
+def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000, kv: int = 1024) -> dict:
+    """name -> Case."""
     x = torch.randn(1, d, device=dev)
     ops = torch.ops.harness
     pairs = [torch.tensor([[a, (a + 3) % 8]], device=dev) for a in range(8)]
@@ -81,11 +100,18 @@ def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000) 
     down4 = random_weight(T.Q4_K, 8, d, f, device=dev)
     down6, code6 = fused.kernel_weight(random_weight(T.Q6_K, 8, d, f, device=dev), T.Q6_K, f)
     square = [random_weight(T.Q4_K, d, d, device=dev) for _ in range(8)]
+    square5 = [random_weight(T.Q5_K, d, d, device=dev) for _ in range(8)]
+    code8 = fused.kernel_weight(random_weight(T.Q8_0, kv, d, device=dev), T.Q8_0, d)[1]
+    attention = []  # (q, k, v): k and v of one buffer (`fused.pack_rows`), as the model's are
+    for _ in range(4):
+        k, v = (fused.kernel_weight(random_weight(T.Q8_0, kv, d, device=dev), T.Q8_0, d)[0] for _ in range(2))
+        attention.append((random_weight(T.Q4_K, d, d, device=dev), *fused.pack_rows([k, v], [code8, code8])))
     head, _ = fused.kernel_weight(random_weight(T.Q6_K, vocab, d, device=dev), T.Q6_K, d)
     narrow = [
         fused.kernel_weight(random_weight(T.Q6_K, d // 4, d, device=dev), T.Q6_K, d)[0] for _ in range(16)
     ]
-    q4, q6 = type_size(T.Q4_K), type_size(T.Q6_K)  # bytes of 256 values
+    q4, q5, q6 = type_size(T.Q4_K), type_size(T.Q5_K), type_size(T.Q6_K)  # bytes of 256 values
+    q8 = 8 * type_size(T.Q8_0)
     gated_bytes = 2 * 2 * f * d * q4 // 256  # two experts' gate and up rows
 
     def experts(down, down_code):
@@ -112,26 +138,47 @@ def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000) 
     def product_reference(w, code, n):
         return lambda: x @ dense(w, code, n, d).T
 
+    def qkv():
+        turn = in_turn(attention)
+        return lambda w=None: ops.qkv(x, *(turn() if w is None else w), int(T.Q4_K), code8, code8)
+
+    def qkv_reference():
+        q, k, v = attention[0]
+        return torch.cat(
+            [x @ dense(q, int(T.Q4_K), d, d).T, x @ dense(k, code8, kv, d).T, x @ dense(v, code8, kv, d).T], 1
+        )
+
     moe6, moe6_ref = experts(down6, code6), moe_reference(down6, code6)
+    qkv_bytes = d * d * q4 // 256 + 2 * kv * d * q8 // 256
     return {
-        "moe_ffn Q4_K gate/up, packed Q6_K down; Q4_K settings": (
-            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, int(T.Q4_K), moe6_ref,
+        "moe_ffn Q4_K gate/up, packed Q6_K down; Q4_K settings": Case(
+            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, int(T.Q4_K), moe6_ref, gated=True,
         ),
-        "moe_ffn Q4_K gate/up, packed Q6_K down; packed Q6_K settings": (
+        "moe_ffn Q4_K gate/up, packed Q6_K down; packed Q6_K settings": Case(
             moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, code6, moe6_ref,
         ),
-        "moe_ffn Q4_K gate/up/down; Q4_K settings": (
+        "moe_ffn Q4_K gate/up/down; Q4_K settings": Case(
             experts(down4, int(T.Q4_K)), pairs[0], gated_bytes + 2 * d * f * q4 // 256, int(T.Q4_K),
-            moe_reference(down4, int(T.Q4_K)),
+            moe_reference(down4, int(T.Q4_K)), gated=True,
         ),
-        "qmatmul Q4_K 4096 x 4096": (
+        "qkv Q4_K q, packed Q8_0 k/v; Q4_K settings": Case(
+            qkv(), attention[0], qkv_bytes, int(T.Q4_K), qkv_reference,
+        ),
+        "qkv Q4_K q, packed Q8_0 k/v; packed Q8_0 settings": Case(
+            qkv(), attention[0], qkv_bytes, code8, qkv_reference,
+        ),
+        "qmatmul Q4_K 4096 x 4096": Case(
             product(square, int(T.Q4_K), d), square[0], d * d * q4 // 256, int(T.Q4_K),
             product_reference(square[0], int(T.Q4_K), d),
         ),
-        "qmatmul packed Q6_K head 32000 x 4096": (
+        "qmatmul Q5_K 4096 x 4096 (attention's output)": Case(
+            product(square5, int(T.Q5_K), d), square5[0], d * d * q5 // 256, int(T.Q5_K),
+            product_reference(square5[0], int(T.Q5_K), d),
+        ),
+        "qmatmul packed Q6_K head 32000 x 4096": Case(
             product([head], code6, vocab), head, vocab * d * q6 // 256, code6, product_reference(head, code6, vocab),
         ),
-        "qmatmul packed Q6_K 1024 x 4096": (
+        "qmatmul packed Q6_K 1024 x 4096": Case(
             product(narrow, code6, d // 4), narrow[0], d // 4 * d * q6 // 256, code6,
             product_reference(narrow[0], code6, d // 4),
         ),
@@ -158,16 +205,32 @@ def main(argv: list[str] | None = None) -> int:
         default="1",
         help="comma-separated values of a setting's software pipelining stages to sweep",
     )
+    p.add_argument(
+        "--per-sm",
+        default=",".join(map(str, PROGRAMS_PER_SM)),
+        help="comma-separated values of a setting's programs_per_sm to sweep",
+    )
+    p.add_argument(
+        "--gated-per-sm",
+        help="comma-separated values of a setting's gated_programs_per_sm to sweep where it launches "
+        "a gated product (0: never split it); default: the setting's own",
+    )
     p.add_argument("--cases", help="only the cases whose name holds one of these comma-separated strings")
     args = p.parse_args(argv)
     try:
         grid = GRID if not args.grid else [tuple(int(v) for v in g.split("x")) for g in args.grid.split(",")]
         stages = [int(v) for v in args.stages.split(",")]
-        if any(len(g) != 2 or min(g) < 1 for g in grid) or min(stages) < 1:
+        per_sm = [int(v) for v in args.per_sm.split(",")]
+        gated_per_sm = [int(v) for v in args.gated_per_sm.split(",")] if args.gated_per_sm else [None]
+        if any(len(g) != 2 or min(g) < 1 for g in grid) or min(stages + per_sm) < 1:
+            raise ValueError
+        if gated_per_sm != [None] and min(gated_per_sm) < 0:
             raise ValueError
     except ValueError:
         print(
-            "sweep_matvec: --grid takes BNxWARPS,... and --stages N,... (positive integers)", file=sys.stderr
+            "sweep_matvec: --grid takes BNxWARPS,..., --stages and --per-sm N,... (positive integers), "
+            "--gated-per-sm N,... (0 or more)",
+            file=sys.stderr,
         )
         return 2
     paths, int_x = args.paths.split(","), args.int_x.split(",")
@@ -194,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = (
                 compared(name, case, reads, copy_tbps)
                 if args.compare
-                else swept(name, case, reads, copy_tbps, grid, stages)
+                else swept(name, case, reads, copy_tbps, grid, stages, per_sm, gated_per_sm)
             )
             for row in rows:
                 result["rows"].append(row)
@@ -216,43 +279,61 @@ def read(path: str, int_x: str | None) -> dict:
 
 
 def swept(
-    name: str, case: tuple, reads: list[tuple[str, str | None]], copy_tbps: float, grid: list, stages: list
+    name: str,
+    case: Case,
+    reads: list[tuple[str, str | None]],
+    copy_tbps: float,
+    grid: list,
+    stages: list,
+    per_sm: list,
+    gated_per_sm: list,
 ) -> list[dict]:
-    """Rows of one case: each read's (path, int_x) launch settings (`grid` x PROGRAMS_PER_SM x
-    `stages`), each checked against that read's default setting."""
-    call, first, nbytes, code, _ = case
+    """Rows of one case: each read's (path, int_x) launch settings (`grid` x `per_sm` x
+    `gated_per_sm` where the case launches a gated product with them x `stages`), each checked
+    against that read's default setting."""
     rows = []
     for path, int_x in reads:
         which = read(path, int_x)
-        config = fused.matvec_config(code)
+        config = fused.matvec_config(case.code)
         default = dict(config)
-        reference = call(first)
-        for (bn, warps), per_sm, n_stages in itertools.product(grid, PROGRAMS_PER_SM, stages):
-            config.update(BN=bn, num_warps=warps, programs_per_sm=per_sm, stages=n_stages)
+        reference = case.call(case.first)
+        gated_values = gated_per_sm if case.gated else [None]
+        for (bn, warps), n_per_sm, gated, n_stages in itertools.product(grid, per_sm, gated_values, stages):
+            config.update(BN=bn, num_warps=warps, programs_per_sm=n_per_sm, stages=n_stages)
+            if gated is not None:
+                config["gated_programs_per_sm"] = gated
             try:
-                off = nmse(call(first), reference)
-                ms = time_ms(call)
+                off = nmse(case.call(case.first), reference)
+                ms = time_ms(case.call)
             except Exception as exc:  # triton's OutOfResources and the like
                 print(f"    skipped: {type(exc).__name__}: {str(exc)[:100]}")
                 off, ms = None, float("nan")
             finally:
                 config.clear()
                 config.update(default)
-            rows.append({
-                "case": name, **which, "BN": bn, "warps": warps, "programs_per_sm": per_sm, "stages": n_stages,
-                "us": round(ms * 1000, 2), "fraction_of_copy": round(nbytes / ms / 1e9 / copy_tbps, 3),
+            setting = (bn, warps, n_per_sm, n_stages)
+            row = {
+                "case": name, **which, "BN": bn, "warps": warps, "programs_per_sm": n_per_sm, "stages": n_stages,
+                "us": round(ms * 1000, 2), "fraction_of_copy": round(case.nbytes / ms / 1e9 / copy_tbps, 3),
                 "nmse_vs_default": off,
-                "default": (bn, warps, per_sm, n_stages)
+                "default": setting
                 == (default["BN"], default["num_warps"], default.get("programs_per_sm", 4), default.get("stages", 1)),
-            })  # fmt: skip
+            }  # fmt: skip
+            if case.gated:
+                gated_default = default.get("gated_programs_per_sm", default.get("programs_per_sm", 4))
+                row["gated_programs_per_sm"] = (
+                    default.get("gated_programs_per_sm", n_per_sm) if gated is None else gated
+                )
+                row["default"] = row["default"] and row["gated_programs_per_sm"] == gated_default
+            rows.append(row)
     return rows
 
 
-def compared(name: str, case: tuple, reads: list[tuple[str, str | None]], copy_tbps: float) -> list[dict]:
+def compared(name: str, case: Case, reads: list[tuple[str, str | None]], copy_tbps: float) -> list[dict]:
     """Rows of one case: each read (path, int_x) at its default setting, its result against
     dequantize-then-matmul in float32 and against the first read's (bit for bit), and its time
     over the first read's (medians of one run)."""
-    call, first, nbytes, code, reference = case
+    call, first, nbytes, code, reference, _ = case
     ref = reference()
     rows, first_out = [], None
     for path, int_x in reads:

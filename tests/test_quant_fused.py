@@ -353,6 +353,168 @@ def _check_split_sums(results: list[dict]) -> None:
     assert any(r["k"] > 1 for r in sums), sums
 
 
+# Gated products (gate and up in one launch, silu(W.x) * (U.x): moe_ffn's) split over their
+# super-blocks: (type, layout, matvec_path, thorough) of each read that handles GATED (Q3_K:
+# the tile path). A thorough read takes every form of GATED_SPLIT_FORMS in 2 and 3 splits,
+# against the unsplit kernel too, twice, and beside a plain product; the others (interpreter
+# time) the light form in 3 splits once. On a GPU, Q4_K's reads at 8x7B's gate/up shape.
+GATED_SPLIT_READS_SMALL = (
+    ("Q4_K", "gguf", "int", True),
+    ("Q4_K", "gguf", "vec", False),
+    ("Q4_K", "gguf", "words", False),
+    ("Q3_K", "gguf", "int", False),
+    ("Q6_K", "packed", "int", False),
+    ("Q8_0", "packed", "int", False),
+    ("Q8_0", "packed", "vec", False),
+)
+GATED_SPLIT_READS_FULL = (
+    ("Q4_K", "gguf", "int", True),
+    ("Q4_K", "gguf", "vec", True),
+    ("Q4_K", "gguf", "words", True),
+)
+# (experts of the pairs, scaled, out_div), x row p // 2 for pair p: moe_ffn's one token to two
+# experts; two tokens, the second's pairs on one expert, routing-scaled, summed in twos.
+GATED_SPLIT_FORMS = (((0, 1), False, 1), ((1, 0, 1, 1), True, 2))
+GATED_SPLIT_LIGHT = ((1, 1), True, 1)  # both pairs on one expert, routing-scaled
+
+
+@contextlib.contextmanager
+def _planned_splits(code: int, shape: tuple, device: torch.device, splits: int):
+    """Inside, a routed product of `shape` (in, out, pairs, out_div, gated, scaled) under the
+    current `matvec_path` takes `splits` splits of its super-blocks: the least value of its
+    setting's "gated_programs_per_sm" (gated) or "programs_per_sm" that plans them (0 for one
+    split of a gated product: the unsplit kernel)."""
+    from harness.quant import fused
+
+    cols, rows, n_pairs, out_div, gated, scaled = shape
+    cfg = fused.matvec_config(code)
+    key = "gated_programs_per_sm" if gated else "programs_per_sm"
+    saved = cfg.get(key)
+    try:
+        for per_sm in range(0 if gated else 1, 4096):
+            cfg[key] = per_sm
+            plan = fused._matvec_plan(code, cols, rows, n_pairs, out_div, gated, scaled, True, device)
+            if plan.grid[2] >= splits:
+                break
+        assert plan.grid[2] == splits and plan.reduce == (splits > 1 or out_div > 1), (splits, plan)
+        yield
+    finally:
+        if saved is None:
+            del cfg[key]
+        else:
+            cfg[key] = saved
+
+
+def gated_split_case_count(small: bool) -> int:
+    """How many results `_gated_split_cases` gives."""
+    reads = GATED_SPLIT_READS_SMALL if small else GATED_SPLIT_READS_FULL
+    return sum(len(GATED_SPLIT_FORMS) * 2 + 1 if thorough else 1 for *_, thorough in reads)
+
+
+def _gated_split_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """Gated decode products (`fused._product` with u) split over their super-blocks
+    (GATED_SPLIT_READS) against dequantize-then-matmul in float64, at rows that are no multiple
+    of BN (under the interpreter): NMSE within NMSE_MAX, and the partials ([2 * splits, pairs,
+    N]: W.x's then U.x's, unscaled) summing to W.x and U.x, the counters back at 0. A thorough
+    read's split products also within NMSE_MAX of the unsplit kernel and the same bits twice,
+    and a gated product beside a plain one with partials of the same splits, pairs and rows:
+    each gets a buffer of its own size and its own right result."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    original, captured = fused._partials, []
+
+    def partials(x, shape):
+        captured.append(original(x, shape))
+        return captured[-1]
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+
+    dev = torch.empty(0, device=device).device
+    results, before = [], fused.matvec_path
+    fused._partials = partials
+    try:
+        for name, layout, path, thorough in GATED_SPLIT_READS_SMALL if small else GATED_SPLIT_READS_FULL:
+            fused.matvec_path = path
+            qtype = GGMLType[name]
+            # 3 super-blocks (8 for packed Q6_K), two output tiles, the last not full; 8x7B's on a GPU
+            cols = (2048 if qtype == GGMLType.Q6_K else 768) if small else 4096
+            rows = fused.matvec_config(_layout_code(qtype, layout))["BN"] + 3 if small else 14336
+            stacks = [[_random_weight(qtype, rows, cols, rng) for _ in range(2)] for _ in range(2)]
+            gate, up = (torch.stack([_dequant(r, qtype, rows, cols) for r in stack]) for stack in stacks)
+            kernel = [_prepared(torch.cat(stack), qtype, cols, layout) for stack in stacks]
+            code = kernel[0][1]
+            w, u = (k.view(2, rows, -1).to(device) for k, _ in kernel)
+            for experts, scaled, out_div in GATED_SPLIT_FORMS if thorough else (GATED_SPLIT_LIGHT,):
+                n_pairs = len(experts)
+                x = torch.randn(n_pairs // 2, cols, generator=seeded())
+                scale = torch.rand(n_pairs) if scaled else torch.ones(n_pairs)
+                g = torch.stack([gate[e] @ x[p // 2].double() for p, e in enumerate(experts)])
+                h = torch.stack([up[e] @ x[p // 2].double() for p, e in enumerate(experts)])
+                ref = torch.nn.functional.silu(g) * h * scale.double()[:, None]
+                ref = ref.view(-1, out_div, rows).sum(1)
+                ids = torch.tensor(experts).to(device)
+                args = (x.to(device), w, u, code, rows, ids, 2, scale.to(device) if scaled else None)
+                shape = (cols, rows, n_pairs, out_div, True, scaled)
+                if thorough:
+                    with _planned_splits(code, shape, dev, 1):
+                        unsplit = fused._product(*args, out_div=out_div).cpu().double()
+                for splits in (2, 3) if thorough else (3,):
+                    captured.clear()
+                    with _planned_splits(code, shape, dev, splits):
+                        outs = [
+                            fused._product(*args, out_div=out_div).cpu() for _ in range(2 if thorough else 1)
+                        ]
+                    part = captured[0].cpu()
+                    halves = len(captured) == len(outs) and part.shape == (2 * splits, n_pairs, rows)
+                    off = [_nmse(outs[0], ref)]
+                    if halves:  # the W.x and U.x of every pair, unscaled
+                        off += [_nmse(part[:splits].sum(0), g), _nmse(part[splits:].sum(0), h)]
+                    if thorough:
+                        off.append(_nmse(outs[0], unsplit))
+                    form = f"experts={list(experts)}{' scaled' if scaled else ''} out_div={out_div}"
+                    results.append({
+                        "case": f"gated split {name} {layout} {path} {rows}x{cols} {form} splits={splits}",
+                        "nmse": max(off) if halves else float("inf"), "splits": splits,
+                        "exact": all(torch.equal(outs[0], o) for o in outs)
+                        and not bool(fused._split_counters(dev, 0).any()),
+                    })  # fmt: skip
+            if not thorough:
+                continue
+            # beside a plain product whose partials have the gated one's shape (splits, pairs, N)
+            experts, splits = (0, 1), 2
+            x = torch.randn(1, cols, generator=seeded())
+            g = torch.stack([gate[e] @ x[0].double() for e in experts])
+            refs = (g, torch.nn.functional.silu(g) * torch.stack([up[e] @ x[0].double() for e in experts]))
+            ids = torch.tensor(experts).to(device)
+            captured.clear()
+            outs = []
+            for gated in (False, True, False, True):
+                with _planned_splits(code, (cols, rows, 2, 1, gated, False), dev, splits):
+                    outs.append(
+                        fused._product(x.to(device), w, u if gated else None, code, rows, ids, 2, None).cpu()
+                    )
+            shapes = [tuple(p.shape) for p in captured]
+            results.append({
+                "case": f"gated split {name} {layout} {path} beside a plain product: partials {shapes}",
+                "nmse": max(_nmse(out, refs[i % 2]) for i, out in enumerate(outs)), "splits": splits,
+                "exact": shapes == [(splits, 2, rows), (2 * splits, 2, rows)] * 2
+                and torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3]),
+            })  # fmt: skip
+    finally:
+        fused._partials = original
+        fused.matvec_path = before
+    return results
+
+
+def _check_gated_splits(results: list[dict], small: bool) -> None:
+    assert len(results) == gated_split_case_count(small)
+    assert {r["splits"] for r in results} == {2, 3}
+    bad = [r for r in results if not r["nmse"] <= NMSE_MAX or r["exact"] is not True]
+    assert not bad, bad
+
+
 # Attention at decode shapes: (tokens, heads, KV heads, head dim, rope dims, cache length, first
 # position, positions form). Under the interpreter small caches (odd lengths); on a GPU Mixtral's
 # heads and a 4096-position cache. Positions at 0, in a partly filled cache, and at S_max - 1;
@@ -915,8 +1077,9 @@ INT_X_WEIGHTS = (
 # Under the interpreter (time) the other types than Q4_K take at most 4 pairs, packed Q6_K
 # (rows of eight super-blocks) 2.
 INT_X_TOP_PAIRS = {"Q5_K": 4, "Q8_0": 4, "Q6_K": 2}
-# (gated, routed, out_div, splits) of each product: splits "one" (programs_per_sm 1) or "many"
-# (a split per super-block); a gated product takes one split and out_div 1 (as moe_ffn's).
+# (gated, routed, out_div, splits) of each product: splits "one" (programs_per_sm 1, a gated
+# product's gated_programs_per_sm 0) or "many" (a split per super-block); a gated product takes
+# out_div 1 (as moe_ffn's).
 INT_X_FORMS = (
     *(
         (False, routed, out_div, splits)
@@ -924,7 +1087,8 @@ INT_X_FORMS = (
         for out_div in (1, 2)
         for splits in ("one", "many")
     ),
-    *((True, routed, 1, "one") for routed in (False, True)),
+    (True, False, 1, "one"),
+    (True, True, 1, "many"),
 )
 
 
@@ -995,8 +1159,9 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                     x_div,
                     None if scale is None else scale.to(device),
                 )
-                saved = cfg.get("programs_per_sm")
-                cfg["programs_per_sm"] = 1 if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
+                key = "gated_programs_per_sm" if gated else "programs_per_sm"
+                saved = cfg.get(key)
+                cfg[key] = (0 if gated else 1) if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
                 try:
                     got, launched = {}, {}
                     for path in ("kernel", "launch"):
@@ -1009,10 +1174,10 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                     )
                 finally:
                     if saved is None:
-                        del cfg["programs_per_sm"]
+                        del cfg[key]
                     else:
-                        cfg["programs_per_sm"] = saved
-                want_splits = 1 if gated or splits == "one" else cols // fused.SUPER
+                        cfg[key] = saved
+                want_splits = 1 if splits == "one" else cols // fused.SUPER
                 bits = same_bits(got["kernel"], got["launch"])
                 exact = bits and launched == {"kernel": 0, "launch": 1} and plan.grid[2] == want_splits
                 finite = torch.isfinite(got["launch"]) & torch.isfinite(got["kernel"])
@@ -1537,6 +1702,17 @@ def _check_int_x_paths(results: list[dict]) -> None:
 
 
 @pytest.mark.slow
+def test_interpreter_gated_splits_match_the_unsplit_product_and_float64():
+    """Gated decode products (gate and up in one launch) split into 2 and 3 programs a row under
+    Triton's interpreter (a subprocess), for each read that handles them: `_gated_split_cases`
+    (the unsplit product and float64 within NMSE_MAX, the same bits twice, both sums' partials,
+    rows that are no multiple of BN, routing scales, two pairs on one expert, the partials'
+    buffer beside a plain product's)."""
+    pytest.importorskip("triton")
+    _check_gated_splits(_interpreted("GATED"), small=True)
+
+
+@pytest.mark.slow
 def test_interpreter_grouped_prefill_matches_dequantize_then_matmul():
     """The "dequant" prefill's grouped products under Triton's interpreter (a subprocess): gated
     (gate, up and SwiGLU in one launch), routing-scaled, both and neither, at 9 to 512 pairs,
@@ -1611,10 +1787,11 @@ def _check_waits_first(ptx: str, where) -> None:
 @pytest.mark.slow
 def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
     """`_matvec_kernel`'s "int" reads (Q4_K, Q5_K, packed Q6_K and Q8_0; plain, gated, and routed
-    with split sums; x quantized in the kernel (INT_X) and read from `_int_x`) compile for an
-    H100 (sm_90) at their launch settings: the PTX holds dp2a, the SASS of the loop over
-    super-blocks integer dot products (IDP.2A), and no local memory (register spills) anywhere,
-    Q4_K's gated product at BN=128 with 4 warps among them. Also `_int_x_kernel`."""
+    with split sums, Q4_K's gated also so; x quantized in the kernel (INT_X) and read from
+    `_int_x`) compile for an H100 (sm_90) at their launch settings: the PTX holds dp2a, the
+    SASS of the loop over super-blocks integer dot products (IDP.2A), and no local memory
+    (register spills) anywhere, Q4_K's gated product at BN=128 with 4 warps among them. Also
+    `_int_x_kernel`."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
     import re
@@ -1631,13 +1808,13 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
     for qtype in fused.INT_READ_TYPES:
         cfg = fused.INT_MATVEC_CONFIG[qtype]
         for gated, routed, int_x in itertools.product((False, True), (False, True), (True, False)):
-            if gated and routed:
+            if gated and routed and qtype != GGMLType.Q4_K:  # (time) Q4_K's gated split: moe_ffn's gate/up
                 continue
             pointers = _matvec_pointer_types(x="*fp32" if int_x else "*i32")
             consts = {
                 "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
                 "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
-                "STAGES": cfg["stages"], "REDUCE": not gated, "INT": True, "INT_X": int_x, "PTX": True, "PDL": True,
+                "STAGES": cfg["stages"], "REDUCE": routed or not gated, "INT": True, "INT_X": int_x, "PTX": True, "PDL": True,
             }  # fmt: skip
             names = kernel.arg_names
             signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
@@ -1651,7 +1828,14 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
             _check_waits_first(compiled.asm["ptx"], where)
             assert "dp2a.lo" in compiled.asm["ptx"] and "dp2a.hi" in compiled.asm["ptx"], where
             code = _cuobjdump(compiled.asm["cubin"])
-            assert not re.search(r"\b(LDL|STL)\b", code), where
+            if gated and routed and not int_x:
+                # Q4_K's gated split reading `_int_x`: ptxas keeps one 4-byte value (the warp's
+                # index) in local memory across the loop, stored once before it, loaded once after
+                assert len(re.findall(r"\bSTL\b", code)) <= 1 and len(re.findall(r"\bLDL\b", code)) <= 1, (
+                    where
+                )
+            else:
+                assert not re.search(r"\b(LDL|STL)\b", code), where
             # a dp2a takes 2 of the 256 values of a row's super-block: per thread and loop step
             per_step = 128 * cfg["BN"] * (2 if gated else 1) // (32 * cfg["num_warps"])
             assert code.count("IDP.2A") >= per_step, (where, code.count("IDP.2A"), per_step)
@@ -2493,6 +2677,13 @@ def test_cuda_int_reads_match_dequantize_then_matmul():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_gated_splits_match_the_unsplit_product_and_float64():
+    """Gated decode products split into 2 and 3 programs a row on the GPU at 8x7B's gate/up
+    shape (2 pairs of 14336 x 4096 Q4_K, each of Q4_K's reads): `_gated_split_cases`."""
+    _check_gated_splits(_gated_split_cases("cuda", False, np.random.default_rng()), small=False)
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_grouped_prefill_matches_dequantize_then_matmul():
     """The grouped prefill products on the GPU (rows of 1024 values): `_grouped_cases`."""
     _check_grouped(_grouped_cases("cuda", False, np.random.default_rng()))
@@ -2584,6 +2775,8 @@ if __name__ == "__main__":
         print(json.dumps(_int_x_path_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "INT":  # only the "int" reads' cases, small shapes
         print(json.dumps(_int_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "GATED":  # only the gated products split over their super-blocks, small shapes
+        print(json.dumps(_gated_split_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "GROUPED":  # only the grouped prefill products' cases, small shapes
         print(json.dumps(_grouped_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     else:

@@ -74,7 +74,9 @@ SUPER = 256  # values per super-block (one K-quant block, eight 32-value blocks)
 
 MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel is used
 # Launch configurations per type. "programs_per_sm": split the rows' super-blocks until the
-# device has that many programs a multiprocessor (4 when absent). From
+# device has that many programs a multiprocessor (4 when absent); "gated_programs_per_sm": the
+# same for a gated product (gate and up in one launch, moe_ffn's), "programs_per_sm" when absent,
+# 0 never splits it (the kernel before gated splits; 1 does the same at 8x7B's gate/up). From
 # the draft of `benchmarks/sweep_matvec.py` on an H100 (session 8, results/matvec_sweep.json:
 # weights rotated past the 50 MB L2, each setting checked against the default's result):
 # - Q4_K at BN=32, 4 warps: the gated expert product (2 x 14336 x 4096) 79 us against 116 at
@@ -107,8 +109,15 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # quantized by a launch of its own (`int_x_path` "launch"); under "kernel" each program also
 # quantizes the x of its super-blocks, once for all its BN rows (gate and up alike), which
 # favours larger BN: `sweep_matvec.py --int-x kernel,launch` times both.
+# Q4_K's gated product, "gated_programs_per_sm" 4: NOT TIMED ON A GPU YET. Unsplit (0), 8x7B's
+# gate/up (2 x 14336 rows at BN=128) is 224 programs on an H100's 132 multiprocessors, 1 or 2
+# each, every one reading all 16 super-blocks in turn (68 us, 0.66 of a copy's rate, session 11's
+# profile), while the split down product reached 0.60 and Q4_K 4096 x 4096 more; 4 asks for 528:
+# 3 splits (6, 6 and 4 super-blocks), 672 programs, 5 or 6 a multiprocessor, for 0.7 MB of
+# partials (both sums, 0.5% of the 132 MB of weights). Timed by
+# `python3 benchmarks/sweep_matvec.py --paths int --int-x launch --grid 128x4 --cases "moe_ffn Q4_K gate/up/down" --gated-per-sm 0,1,2,3,4,8`.
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
-    T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1},
+    T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 4},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1},
     T.Q6_K: {"BN": 16, "num_warps": 2, "stages": 1, "programs_per_sm": 8},
     T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1},
@@ -1189,7 +1198,7 @@ if triton is not None:
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
-        ROUTED, else 0 (gated, one split: silu(W.x) * (U.x)), times scale[q] when SCALED; out's
+        ROUTED, else 0 (GATED: silu(W.x) * (U.x) of each pair's whole sums), times scale[q] when SCALED; out's
         rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views; with
         VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
         (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K and Q5_K, Q6_K and Q8_0 (both
@@ -1199,10 +1208,12 @@ if triton is not None:
         xpow_ptr: its scales); the dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
 
         Without REDUCE (one split, out_div 1) each program stores its row. With it, each stores
-        its partial in part [splits, pairs, N], and the last program to arrive at an output tile
-        (counter_ptr: a zeroed int32 per tile, bumped with acq_rel) sums the tile's partials in
-        a fixed order, pair by pair and split by split from 0.0 (float32: the same bits every
-        run), writes the row and sets the counter back to 0."""
+        its partial in part [splits, pairs, N] (GATED: [2 * splits, pairs, N], W.x's then U.x's,
+        unscaled), and the last program to arrive at an output tile (counter_ptr: a zeroed int32
+        per tile, bumped with acq_rel) sums the tile's partials in a fixed order, pair by pair
+        and split by split from 0.0 (float32: the same bits every run; GATED: W.x's and U.x's
+        sums of a pair, then silu(w) * u, then its scale), writes the row and sets the counter
+        back to 0."""
         _pdl_start(PDL)
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
@@ -1284,27 +1295,42 @@ if triton is not None:
             width: tl.constexpr = 16 if QT == 14 else 64 if QT == 8 else 32
             acc = tl.sum(tl.reshape(acc3, (BN, width)), axis=1) * 536870912.0 * x_power  # * 2^29 * power
             acc_u = tl.sum(tl.reshape(acc3_u, (BN, width)), axis=1) * 536870912.0 * x_power
-        if GATED:
-            acc = _silu_mul(acc, acc_u)
-        if SCALED:
-            acc = acc * tl.load(scale_ptr + p)
         if REDUCE:
-            tl.store(part_ptr + (split * n_pairs + p).to(tl.int64) * N + n, acc, mask=n < N)
+            splits = tl.num_programs(2)
+            half = (splits * n_pairs).to(tl.int64) * N  # GATED: the U.x partials after the W.x ones
+            at = part_ptr + (split * n_pairs + p).to(tl.int64) * N + n
+            if GATED:  # silu and the scale once summed
+                tl.store(at + half, acc_u, mask=n < N)
+            elif SCALED:
+                acc = acc * tl.load(scale_ptr + p)
+            tl.store(at, acc, mask=n < N)
             row = p // out_div
             counter = counter_ptr + row * tl.num_programs(0) + pid_n
             tl.debug_barrier()  # every thread's partial is stored before this program's arrival counts
             arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == out_div * tl.num_programs(2) - 1:  # the last: every partial is stored
+            if arrived == out_div * splits - 1:  # the last: every partial is stored
                 total = tl.zeros((BN,), dtype=tl.float32)
                 for j in range(out_div):
+                    q = row * out_div + j
                     pair = tl.zeros((BN,), dtype=tl.float32)
-                    for s in range(tl.num_programs(2)):
-                        at = part_ptr + (s * n_pairs + row * out_div + j).to(tl.int64) * N + n
+                    pair_u = tl.zeros((BN,), dtype=tl.float32)
+                    for s in range(splits):
+                        at = part_ptr + (s * n_pairs + q).to(tl.int64) * N + n
                         pair += tl.load(at, mask=n < N, other=0.0, cache_modifier=".cg")  # not from L1
+                        if GATED:
+                            pair_u += tl.load(at + half, mask=n < N, other=0.0, cache_modifier=".cg")
+                    if GATED:
+                        pair = _silu_mul(pair, pair_u)
+                        if SCALED:
+                            pair = pair * tl.load(scale_ptr + q)
                     total += pair
                 tl.store(out_ptr + row.to(tl.int64) * out_stride + n, total, mask=n < N)
                 tl.atomic_xchg(counter, 0)
         else:
+            if GATED:
+                acc = _silu_mul(acc, acc_u)
+            if SCALED:
+                acc = acc * tl.load(scale_ptr + p)
             tl.store(out_ptr + p.to(tl.int64) * out_stride + n, acc, mask=n < N)
 
     @triton.jit
@@ -1905,9 +1931,12 @@ def _planned(
     vec = not int_read and ((path in ("vec", "int") and qtype in MATVEC_PATH_TYPES) or packed)
     tiles = _ceil_div(out_features, bn) * n_pairs
     # Split the rows' super-blocks over programs until the device has enough of them; the
-    # partial sums add up in a fixed order (deterministic). Gated products need whole sums.
-    wanted = _programs_wanted(device, cfg.get("programs_per_sm", 4))
-    splits = 1 if gated else min(n_super, _ceil_div(wanted, tiles))
+    # partial sums add up in a fixed order (deterministic). A gated product's own key (0: never
+    # split), else the setting's; a gated split keeps both sums' partials (`_matvec`).
+    per_sm = cfg.get("programs_per_sm", 4)
+    if gated:
+        per_sm = cfg.get("gated_programs_per_sm", per_sm)
+    splits = max(1, min(n_super, _ceil_div(_programs_wanted(device, per_sm), tiles)))
     chunk = _ceil_div(n_super, splits)
     splits = _ceil_div(n_super, chunk)
     options = {
@@ -2080,7 +2109,7 @@ def _matvec(
     tiles, _, splits = plan.grid
     part = counters = out
     if plan.reduce:
-        part = _partials(x, (splits, n_pairs, out_features))
+        part = _partials(x, ((2 if gated else 1) * splits, n_pairs, out_features))
         counters = _split_counters(device, tiles * (n_pairs // out_div))
     with _launch_device(device):
         if plan.words:
@@ -2131,8 +2160,10 @@ def _scratch(key: tuple, make) -> tuple[torch.Tensor, ...]:
 
 
 def _partials(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """The scratch [splits, pairs, N] `_matvec_kernel` leaves its partial products in (a
-    function of its own so that tests can see them: they check the order they are summed in)."""
+    """The scratch [splits, pairs, N] `_matvec_kernel` leaves its partial products in, [2 *
+    splits, pairs, N] for a gated product (its W.x's, then its U.x's): keyed by that whole shape,
+    so a product never gets a buffer of another size. A function of its own so that tests can
+    see them: they check the order they are summed in."""
     return _scratch(("partials", x.device, shape), lambda: (x.new_empty(shape),))[0]
 
 
