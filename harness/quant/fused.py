@@ -86,7 +86,9 @@ MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel i
 # Session 7's faster-looking Q4_K setting, BN=8 with 2 warps, gave every other row 0 on the H100.
 # Types not swept take the first row's settings (their tiles have the same 128-value parts).
 # "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory);
-# "unroll" > 1 unrolls it that many times (Triton's loop_unroll_factor; 1 when absent).
+# "unroll" > 1 unrolls it that many times (Triton's loop_unroll_factor; 1 when absent);
+# "x_at" 0 makes the Q4_K, Q5_K and Q6_K int reads take x from `_int_x` as one [8, 16] tile taken apart
+# in registers (the older read; 1 when absent: `_q4_k_dot_int`'s X_AT).
 MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BN": 16, "num_warps": 4, "stages": 1} for qtype in PARTS
 } | {
@@ -1117,13 +1119,16 @@ if triton is not None:
         return tl.sum(acc, axis=2)  # (one term: no addition)
 
     @triton.jit
-    def _q6_k_dot_int(wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr):
+    def _q6_k_dot_int(
+        wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr, X_AT: tl.constexpr = False
+    ):
         """[BN, 2, 2] partial dot products (per half c, sub-block h of a quarter) of super-block
         sb of BN Q6_K rows in `pack`'s layout (words, as `_q6_k_dot_vec` reads them) with x as
         `_q4_k_dot_int` takes it. Value 128c + 32f + 4w + b (w = 4h + w4): its 6-bit q (0..63)
         is byte b of ((ql word >> 4(f // 2)) & 0x0F0F0F0F) | (qh word's bits 2f.. moved to
         4..5), ql word 16c + 8(f % 2) + w, qh word 8c + w; sub-block 8c + 2f + h, x block 4c + f.
-        The -32 of each value: 32 times the sum of x over the sub-block's 16 values."""
+        The -32 of each value: 32 times the sum of x over the sub-block's 16 values. X_AT: x's
+        operands loaded where `_int_x` stored them, as `_q4_k_dot_int` takes them."""
         row = roww[:, None, None, None]  # [BN, 1, 1, 1]
         c = tl.arange(0, 2)[None, :, None, None]
         h = tl.arange(0, 2)[None, None, :, None]
@@ -1137,21 +1142,28 @@ if triton is not None:
         c3, h3 = tl.arange(0, 2)[None, :, None], tl.arange(0, 2)[None, None, :]  # [1, 2, 1], [1, 1, 2]
         # x word 8p + 4h + w4 of block 4c + f (f = 2f1 + f0) as axes (c, h, w4, f1, f0, p); the
         # scales of block 4c + f as (c, f1, f0); the sum of sub-block 8c + 2f + h as (c, h, f1, f0)
-        x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (2, 2, 2, 2, 2, 4)), (0, 4, 5, 1, 2, 3)))
-        x_lo_f, x_hi_f = _by_quarter(x_lo), _by_quarter(x_hi)
-        xs_f = _by_quarter(tl.reshape(xs, (2, 2, 2)))
-        xsum_f = _by_quarter(tl.permute(tl.reshape(xsum, (2, 2, 2, 2)), (0, 3, 1, 2)))
+        if not X_AT:
+            x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (2, 2, 2, 2, 2, 4)), (0, 4, 5, 1, 2, 3)))
+            x_lo_f, x_hi_f = _by_quarter(x_lo), _by_quarter(x_hi)
+            xs_f = _by_quarter(tl.reshape(xs, (2, 2, 2)))
+            xsum_f = _by_quarter(tl.permute(tl.reshape(xsum, (2, 2, 2, 2)), (0, 3, 1, 2)))
         acc = tl.zeros((BN, 2, 2), dtype=tl.float32)
         for f in tl.static_range(4):
             ql = ql_even if f % 2 == 0 else ql_odd
             low = (ql if f < 2 else ql >> 4) & 0x0F0F0F0F
             high = (qh << (4 - 2 * f) if f < 2 else qh >> (2 * f - 4)) & 0x30303030
-            dots = tl.sum(
-                _dp4(x_lo_f[f][None], x_hi_f[f][None], low | high, False, PTX), axis=3
-            )  # [BN, 2, 2]
+            if X_AT:  # words 8p + 4h + w4 of block 4c + f; its scale; the sum of sub-block 8c + 2f + h
+                x_lo_op = tl.load(xq + 16 * (4 * c + f) + 4 * h + w4)  # [1, 2, 2, 4]
+                x_hi_op = tl.load(xq + 16 * (4 * c + f) + 8 + 4 * h + w4)
+                x_scale = tl.load(xs + 4 * c3 + f)  # [1, 2, 1]
+                x_sum = tl.load(xsum + 8 * c3 + 2 * f + h3)  # [1, 2, 2]
+            else:
+                x_lo_op, x_hi_op = x_lo_f[f][None], x_hi_f[f][None]
+                x_scale, x_sum = xs_f[f][None, :, None], xsum_f[f][None]
+            dots = tl.sum(_dp4(x_lo_op, x_hi_op, low | high, False, PTX), axis=3)  # [BN, 2, 2]
             scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None]
             sc = ((scale_word << (24 - 8 * (2 * c3 + h3))) >> 24).to(tl.float32)  # int8, sign kept
-            acc += (d * sc) * (xs_f[f][None, :, None] * dots.to(tl.float32) - 32.0 * xsum_f[f][None])
+            acc += (d * sc) * (x_scale * dots.to(tl.float32) - 32.0 * x_sum)
         return acc
 
     @triton.jit
@@ -1163,18 +1175,26 @@ if triton is not None:
         return t0, t1, t2, t3
 
     @triton.jit
-    def _q8_0_dot_int(wq, roww, sb, n_super, xq, xs, BN: tl.constexpr, PTX: tl.constexpr):
+    def _q8_0_dot_int(
+        wq, roww, sb, n_super, xq, xs, BN: tl.constexpr, PTX: tl.constexpr, X_AT: tl.constexpr = False
+    ):
         """[BN, 8] partial dot products (per block k) of super-block sb (eight blocks) of BN
         Q8_0 rows in `pack`'s layout with x as `_q4_k_dot_int` takes it (no sums): value
-        32k + 4w + b of block k is the signed byte b of qs word 8k + w."""
+        32k + 4w + b of block k is the signed byte b of qs word 8k + w. X_AT: x's operands loaded
+        where `_int_x` stored them."""
         k = tl.arange(0, 8)[None, :, None]
         w = tl.arange(0, 8)[None, None, :]
         words = tl.load(wq + roww[:, None, None] + sb * 64 + 8 * k + w)  # [BN, 8, 8]
-        x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (8, 2, 8)), (0, 2, 1)))  # [8, 8]: (k, w)
-        dots = tl.sum(_dp4(x_lo[None], x_hi[None], words, True, PTX), axis=2)  # [BN, 8]
+        if X_AT:  # words w (low) and 8 + w (high) of block k
+            x_lo, x_hi = tl.load(xq + 16 * k + w), tl.load(xq + 16 * k + 8 + w)  # [1, 8, 8]
+            x_scale = tl.load(xs + k)  # [1, 8, 1]
+        else:
+            x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (8, 2, 8)), (0, 2, 1)))  # [8, 8]: (k, w)
+            x_lo, x_hi, x_scale = x_lo[None], x_hi[None], xs[None, :, None]
+        dots = tl.sum(_dp4(x_lo, x_hi, words, True, PTX), axis=2, keep_dims=True)  # [BN, 8, 1]
         halves = wq.to(tl.pointer_type(tl.float16))
-        d = tl.load(halves + 2 * roww[:, None] + 128 * n_super + 8 * sb + tl.arange(0, 8)[None, :])
-        return (d.to(tl.float32) * xs[None, :]) * dots.to(tl.float32)
+        d = tl.load(halves + 2 * roww[:, None, None] + 128 * n_super + 8 * sb + k)  # [BN, 8, 1]
+        return tl.sum((d.to(tl.float32) * x_scale) * dots.to(tl.float32), axis=2)  # (one term)
 
     @triton.jit
     def _int_x_read(xp, xscale, xsum, sb, INT_X: tl.constexpr):
@@ -1227,6 +1247,7 @@ if triton is not None:
         PTX: tl.constexpr,
         PDL: tl.constexpr = False,
         UNROLL: tl.constexpr = 1,
+        X_AT: tl.constexpr = False,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
@@ -1280,7 +1301,7 @@ if triton is not None:
         for sb in tl.range(first, last, num_stages=STAGES, loop_unroll_factor=UNROLL):
             if INT:  # x's super-block once for w and u
                 xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
-            if INT and (QT == 12 or QT == 13) and not INT_X:  # Q4_K, Q5_K, x from `_int_x`
+            if INT and (QT == 12 or QT == 13) and X_AT:  # Q4_K, Q5_K, x from `_int_x`
                 x_at = (xp + sb * 128, xscale + sb * 8, xsum + sb * 16)
                 acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, *x_at, BN, PTX, QT == 13, True)
                 if GATED:
@@ -1289,10 +1310,20 @@ if triton is not None:
                 acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, xq, xs, xs16, BN, PTX, QT == 13)
                 if GATED:
                     acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, xq, xs, xs16, BN, PTX, QT == 13)
+            elif INT and QT == 14 and X_AT:  # Q6_K repacked, x from `_int_x`
+                x_at = (xp + sb * 128, xscale + sb * 8, xsum + sb * 16)
+                acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
+                if GATED:
+                    acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
             elif INT and QT == 14:  # Q6_K repacked, integer dot products
                 acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
                 if GATED:
                     acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
+            elif INT and X_AT:  # Q8_0 repacked, x from `_int_x`
+                x_at = (xp + sb * 128, xscale + sb * 8)
+                acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
+                if GATED:
+                    acc_i_u += _q8_0_dot_int(u_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
             elif INT:  # Q8_0 repacked, integer dot products
                 acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
                 if GATED:
@@ -1980,6 +2011,7 @@ def _planned(
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "INT_X": int_read and int_x == "kernel",
+        "X_AT": int_read and int_x != "kernel" and bool(cfg.get("x_at", 1)),
         "PTX": _ptx(),
     }  # fmt: skip
     return _MatvecPlan(
