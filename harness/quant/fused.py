@@ -112,10 +112,13 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # Q4_K's gated product, "gated_programs_per_sm" 4: NOT TIMED ON A GPU YET. Unsplit (0), 8x7B's
 # gate/up (2 x 14336 rows at BN=128) is 224 programs on an H100's 132 multiprocessors, 1 or 2
 # each, every one reading all 16 super-blocks in turn (68 us, 0.66 of a copy's rate, session 11's
-# profile), while the split down product reached 0.60 and Q4_K 4096 x 4096 more; 4 asks for 528:
-# 3 splits (6, 6 and 4 super-blocks), 672 programs, 5 or 6 a multiprocessor, for 0.7 MB of
-# partials (both sums, 0.5% of the 132 MB of weights). Timed by
-# `python3 benchmarks/sweep_matvec.py --paths int --int-x launch --grid 128x4 --cases "moe_ffn Q4_K gate/up/down" --gated-per-sm 0,1,2,3,4,8`.
+# profile): the multiprocessors with one program idle for half the launch. 4 asks for 528: 3
+# splits (6, 6 and 4 super-blocks), 672 programs, 5 or 6 a multiprocessor (its sm_90 build takes
+# 168 registers a thread: 3 resident at a time), for 0.7 MB of partials (both sums, 0.5% of the
+# 132 MB of weights). At 8x7B's gate/up on an H100, 2 and 3 give 2 splits, 6 and 8 give 4, 12
+# and 16 give 8, 32 gives 16 (1 super-block a program, 3.7 MB of partials). Timed by
+# `python3 benchmarks/sweep_matvec.py --paths int --int-x launch --grid 128x4 --per-sm 4
+# --gated-per-sm 0,2,4,6,12,32 --cases "moe_ffn Q4_K gate/up/down"`.
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 4},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1},
@@ -1198,8 +1201,8 @@ if triton is not None:
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
-        ROUTED, else 0 (GATED: silu(W.x) * (U.x) of each pair's whole sums), times scale[q] when SCALED; out's
-        rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views; with
+        ROUTED, else 0 (GATED: silu(W.x) * (U.x) of each pair's whole sums), times scale[q]
+        when SCALED; out's rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views; with
         VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
         (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K and Q5_K, Q6_K and Q8_0 (both
         PACKED) take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on each super-block of x
