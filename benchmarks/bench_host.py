@@ -255,7 +255,7 @@ def direct_launch() -> dict:
     w, experts = torch.zeros(4096, 576, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
     options = {
         "QT": 12, "NP": 2, "GATED": False, "SCALED": False, "PACKED": False, "ROUTED": False, "VEC": True,
-        "STAGES": 1, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "INT_X": False,
+        "STAGES": 1, "UNROLL": 1, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "INT_X": False,
         "PTX": True,
     }  # fmt: skip
     args = (x, w, w, out, experts, out, out, 4096, 1, 16, 1, 2304, 4096 * 2304, 4096, 1, x, out, out, out)

@@ -91,7 +91,7 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
     }
     consts = {
         "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated, "SCALED": False,
-        "ROUTED": False, "VEC": vec, "PACKED": packed, "STAGES": cfg.get("stages", 1),
+        "ROUTED": False, "VEC": vec, "PACKED": packed, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1),
         "REDUCE": not gated,  # a decode product's splits summed in the kernel (gated ones take one split)
         "INT": int_read, "INT_X": int_x, "PTX": True,
     }  # fmt: skip

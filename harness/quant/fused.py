@@ -85,7 +85,8 @@ MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel i
 #   14336) 63 us against 82, the 32000-row head 55 against 79.
 # Session 7's faster-looking Q4_K setting, BN=8 with 2 warps, gave every other row 0 on the H100.
 # Types not swept take the first row's settings (their tiles have the same 128-value parts).
-# "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory).
+# "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory);
+# "unroll" > 1 unrolls it that many times (Triton's loop_unroll_factor; 1 when absent).
 MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BN": 16, "num_warps": 4, "stages": 1} for qtype in PARTS
 } | {
@@ -109,18 +110,15 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # quantized by a launch of its own (`int_x_path` "launch"); under "kernel" each program also
 # quantizes the x of its super-blocks, once for all its BN rows (gate and up alike), which
 # favours larger BN: `sweep_matvec.py --int-x kernel,launch` times both.
-# Q4_K's gated product, "gated_programs_per_sm" 4: NOT TIMED ON A GPU YET. Unsplit (0), 8x7B's
-# gate/up (2 x 14336 rows at BN=128) is 224 programs on an H100's 132 multiprocessors, 1 or 2
-# each, every one reading all 16 super-blocks in turn (68 us, 0.66 of a copy's rate, session 11's
-# profile): the multiprocessors with one program idle for half the launch. 4 asks for 528: 3
-# splits (6, 6 and 4 super-blocks), 672 programs, 5 or 6 a multiprocessor (its sm_90 build takes
-# 168 registers a thread: 3 resident at a time), for 0.7 MB of partials (both sums, 0.5% of the
-# 132 MB of weights). At 8x7B's gate/up on an H100, 2 and 3 give 2 splits, 6 and 8 give 4, 12
-# and 16 give 8, 32 gives 16 (1 super-block a program, 3.7 MB of partials). Timed by
-# `python3 benchmarks/sweep_matvec.py --paths int --int-x launch --grid 128x4 --per-sm 4
-# --gated-per-sm 0,2,4,6,12,32 --cases "moe_ffn Q4_K gate/up/down"`.
+# Q4_K's gated product is not split ("gated_programs_per_sm" 0). On an H100 (session 12,
+# .gpu/call26.sh: `sweep_matvec.py --paths int --int-x launch --grid 128x4,128x8,64x4 --per-sm 4,8
+# --gated-per-sm 0,2,3,4,8`, benchmarks/results/matvec_gated_sweep.json) the Q4_K moe_ffn at
+# BN=128, 4 warps took 102.2 us unsplit against 124.4 (2 splits), 109.1 (3) and 112.3 (4 and
+# more), with a Q6_K down 115.2 against 138.2, 122.3 and 125.4: more programs did not make the
+# 224 of the unsplit product faster, the partials' round trip only cost. (Timed before the int
+# reads took x's operands straight from `_int_x`'s stores: `_q4_k_dot_int`'s X_AT.)
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
-    T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 4},
+    T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 0},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1},
     T.Q6_K: {"BN": 16, "num_warps": 2, "stages": 1, "programs_per_sm": 8},
     T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1},
@@ -1037,7 +1035,16 @@ if triton is not None:
 
     @triton.jit
     def _q4_k_dot_int(
-        wq, roww, sb, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr, Q5: tl.constexpr = False
+        wq,
+        roww,
+        sb,
+        xq,
+        xs,
+        xsum,
+        BN: tl.constexpr,
+        PTX: tl.constexpr,
+        Q5: tl.constexpr = False,
+        X_AT: tl.constexpr = False,
     ):
         """[BN, 4] partial dot products (per group g of two sub-blocks) of super-block sb of BN
         Q4_K (Q5: Q5_K) rows (words, as `_q4_k_dot_vec` reads them) with the super-block of x
@@ -1046,47 +1053,68 @@ if triton is not None:
         nibbles, sub-block 2g: x block 2g) and 64g + 32 + 4w + b (high nibbles, sub-block 2g + 1;
         Q4_K reads them in place, 16 times the value). Q5_K: the fifth bit of value 32j + 4w + b
         (sub-block j) is bit 8b + j of qh word w, moved to bit 4 of byte b (the high nibbles
-        shifted down first)."""
+        shifted down first). X_AT: xq, xs and xsum are where `_int_x` stored the super-block's
+        words, scales and sums, each operand loaded as the products take it (the same values;
+        taking them apart from [8, 16] costs a dozen barriers an iteration in layout changes)."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
-        blk = roww[:, None] + sb * (44 if Q5 else 36)  # [BN, 1] in words
-        d, dmin, s1, s2, s3 = _k_block_head(wq, blk)
-        g = tl.arange(0, 4)[None, :]  # [1, 4]
+        # every operand in the [BN, 4 groups, 4 words] tile's layout (the block's scales as
+        # [BN, 1, 1], x's as [1, 4, 4]): mixing 2-D and 3-D shapes cost layout changes (shared
+        # memory and barriers) every iteration
+        blk = roww[:, None, None] + sb * (44 if Q5 else 36)  # [BN, 1, 1] in words
+        g = tl.arange(0, 4)[None, :, None]  # [1, 4, 1]
         w = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
+        # the block's words 0..3 loaded as a tile of the same shape (the same four for each g),
+        # each taken out of it in its thread: loaded [BN, 1, 1] they came in another layout
+        head = tl.load(wq + blk + 0 * g + w)  # [BN, 4, 4]
+        d_word = tl.sum(tl.where(w == 0, head, 0), axis=2, keep_dims=True)  # [BN, 4, 1]
+        d = (d_word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((d_word >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        s1 = tl.sum(tl.where(w == 1, head, 0), axis=2, keep_dims=True)
+        s2 = tl.sum(tl.where(w == 2, head, 0), axis=2, keep_dims=True)
+        s3 = tl.sum(tl.where(w == 3, head, 0), axis=2, keep_dims=True)
         # words 0..3 and 4..7 of each group as two tiles of one layout: a thread holds all eight
         # words of its (row, group), so its sums need no other thread
-        first = tl.load(wq + blk[:, :, None] + QS + 8 * g[:, :, None] + w)  # [BN, 4, 4]
-        second = tl.load(wq + blk[:, :, None] + QS + 4 + 8 * g[:, :, None] + w)
+        first = tl.load(wq + blk + QS + 8 * g + w)  # [BN, 4, 4]
+        second = tl.load(wq + blk + QS + 4 + 8 * g + w)
         if Q5:  # qh words 0..3 and 4..7, the same for each g
-            qh_first = tl.load(wq + blk[:, :, None] + 4 + 0 * g[:, :, None] + w)
-            qh_second = tl.load(wq + blk[:, :, None] + 8 + 0 * g[:, :, None] + w)
-        # x word 8p + 4s + w of block 2g + h as axes (g, w, s, p, h); the scales and the pairs of
-        # sixteens (sub-block j's sum) as (g, h)
-        x_h = tl.split(tl.permute(tl.reshape(xq, (4, 2, 2, 2, 4)), (0, 4, 3, 2, 1)))
-        xs_h = tl.split(tl.reshape(xs, (4, 2)))
-        first16, second16 = tl.split(tl.reshape(xsum, (4, 2, 2)))
-        xsum_h = tl.split(first16 + second16)
-        acc = tl.zeros((BN, 4), dtype=tl.float32)
+            qh_first = tl.load(wq + blk + 4 + 0 * g + w)
+            qh_second = tl.load(wq + blk + 8 + 0 * g + w)
+        if X_AT:
+            xw = xq + 32 * g + w  # [1, 4, 4]: word w of block 2g
+        else:
+            # x word 8p + 4s + w of block 2g + h as axes (g, w, s, p, h); the scales and the
+            # pairs of sixteens (sub-block j's sum) as (g, h)
+            x_h = tl.split(tl.permute(tl.reshape(xq, (4, 2, 2, 2, 4)), (0, 4, 3, 2, 1)))
+            xs_h = tl.split(tl.reshape(xs, (4, 2)))
+            first16, second16 = tl.split(tl.reshape(xsum, (4, 2, 2)))
+            xsum_h = tl.split(first16 + second16)
+        acc = tl.zeros((BN, 4, 1), dtype=tl.float32)
         for h in tl.static_range(2):
-            j = 2 * g + h  # [1, 4] the sub-blocks (and x blocks) of nibble h
+            j = 2 * g + h  # [1, 4, 1] the sub-blocks (and x blocks) of nibble h
             if Q5:
-                jj = j[:, :, None]
-                q1 = ((first >> (4 * h)) & 0x0F0F0F0F) | (((qh_first >> jj) << 4) & 0x10101010)
-                q2 = ((second >> (4 * h)) & 0x0F0F0F0F) | (((qh_second >> jj) << 4) & 0x10101010)
+                q1 = ((first >> (4 * h)) & 0x0F0F0F0F) | (((qh_first >> j) << 4) & 0x10101010)
+                q2 = ((second >> (4 * h)) & 0x0F0F0F0F) | (((qh_second >> j) << 4) & 0x10101010)
                 unit = 1.0
             else:
                 mask = 0x0F0F0F0F if h == 0 else -252645136  # 0xF0F0F0F0: 16 x the high nibbles
                 q1, q2 = first & mask, second & mask
                 unit = 1.0 if h == 0 else 0.0625
-            x_p0, x_p1 = tl.split(x_h[h])  # [4, 4, 2] each: (g, w, s)
-            x1_lo, x2_lo = tl.split(x_p0)
-            x1_hi, x2_hi = tl.split(x_p1)
-            dots = _dp4(x1_lo[None], x1_hi[None], q1, False, PTX)
-            dots = tl.sum(dots + _dp4(x2_lo[None], x2_hi[None], q2, False, PTX), axis=2)  # [BN, 4]
+            if X_AT:  # words 8p + 4s + w of block 2g + h; scale 2g + h; sums 4g + 2h and + 1
+                x1_lo, x2_lo = tl.load(xw + 16 * h), tl.load(xw + 16 * h + 4)
+                x1_hi, x2_hi = tl.load(xw + 16 * h + 8), tl.load(xw + 16 * h + 12)
+                x_scale = tl.load(xs + 2 * g + h)  # [1, 4, 1]
+                x_sum = tl.load(xsum + 4 * g + 2 * h) + tl.load(xsum + 4 * g + 2 * h + 1)
+            else:
+                x_p0, x_p1 = tl.split(x_h[h])  # [4, 4, 2] each: (g, w, s)
+                x1_lo, x2_lo = tl.split(x_p0)
+                x1_hi, x2_hi = tl.split(x_p1)
+                x1_lo, x2_lo, x1_hi, x2_hi = x1_lo[None], x2_lo[None], x1_hi[None], x2_hi[None]
+                x_scale, x_sum = xs_h[h][None, :, None], xsum_h[h][None, :, None]
+            dots = _dp4(x1_lo, x1_hi, q1, False, PTX) + _dp4(x2_lo, x2_hi, q2, False, PTX)
+            dots = tl.sum(dots, axis=2, keep_dims=True)  # [BN, 4, 1]
             sc, mn = _q4_k_word_scales(s1, s2, s3, j)
-            acc += (d * sc) * (xs_h[h][None, :] * unit) * dots.to(tl.float32) - (dmin * mn) * xsum_h[h][
-                None, :
-            ]
-        return acc
+            acc += (d * sc) * (x_scale * unit) * dots.to(tl.float32) - (dmin * mn) * x_sum
+        return tl.sum(acc, axis=2)  # (one term: no addition)
 
     @triton.jit
     def _q6_k_dot_int(wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr):
@@ -1198,12 +1226,13 @@ if triton is not None:
         INT_X: tl.constexpr,
         PTX: tl.constexpr,
         PDL: tl.constexpr = False,
+        UNROLL: tl.constexpr = 1,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
-        x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
-        ROUTED, else 0 (GATED: silu(W.x) * (U.x) of each pair's whole sums), times scale[q]
-        when SCALED; out's rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views; with
-        VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
+        x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when ROUTED,
+        else 0 (GATED: silu(W.x) * (U.x) of each pair's whole sums), times scale[q] when SCALED;
+        out's rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views;
+        with VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
         (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K and Q5_K, Q6_K and Q8_0 (both
         PACKED) take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on each super-block of x
         quantized as `_int_x_super` does it: here, from float32 x (INT_X: x_ptr is x), or by
@@ -1248,10 +1277,15 @@ if triton is not None:
         x_power = tl.load(xpow_ptr + p // x_div) if VEC else 1.0
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
-        for sb in tl.range(first, last, num_stages=STAGES):
+        for sb in tl.range(first, last, num_stages=STAGES, loop_unroll_factor=UNROLL):
             if INT:  # x's super-block once for w and u
                 xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
-            if INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
+            if INT and (QT == 12 or QT == 13) and not INT_X:  # Q4_K, Q5_K, x from `_int_x`
+                x_at = (xp + sb * 128, xscale + sb * 8, xsum + sb * 16)
+                acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, *x_at, BN, PTX, QT == 13, True)
+                if GATED:
+                    acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, *x_at, BN, PTX, QT == 13, True)
+            elif INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
                 acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, xq, xs, xs16, BN, PTX, QT == 13)
                 if GATED:
                     acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, xq, xs, xs16, BN, PTX, QT == 13)
@@ -1944,7 +1978,7 @@ def _planned(
     splits = _ceil_div(n_super, chunk)
     options = {
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
-        "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "BN": bn, "num_warps": cfg["num_warps"],
+        "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "INT_X": int_read and int_x == "kernel",
         "PTX": _ptx(),
     }  # fmt: skip
