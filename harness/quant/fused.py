@@ -1250,10 +1250,10 @@ if triton is not None:
         X_AT: tl.constexpr = False,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
-        x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when
-        ROUTED, else 0 (GATED: silu(W.x) * (U.x) of each pair's whole sums), times scale[q] when SCALED; out's
-        rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views; with
-        VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
+        x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when ROUTED,
+        else 0 (GATED: silu(W.x) * (U.x) of each pair's whole sums), times scale[q] when SCALED;
+        out's rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views;
+        with VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
         (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K and Q5_K, Q6_K and Q8_0 (both
         PACKED) take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on each super-block of x
         quantized as `_int_x_super` does it: here, from float32 x (INT_X: x_ptr is x), or by
