@@ -1167,6 +1167,17 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _pairwise_rows(t, BN: tl.constexpr, WIDTH: tl.constexpr):
+        """t's BN rows of WIDTH (4 or 8) values each summed pairwise: (a + b) + (c + d), and for 8
+        values the two halves' sums so added. A sum over an axis of two is one addition, so the
+        bits do not depend on which thread holds which value (a wider tl.sum's order can)."""
+        if WIDTH == 8:
+            quads = tl.sum(tl.sum(tl.reshape(t, (BN, 2, 2, 2)), axis=3), axis=2)
+        else:
+            quads = tl.sum(tl.reshape(t, (BN, 2, 2)), axis=2)
+        return tl.sum(quads, axis=1)
+
+    @triton.jit
     def _by_quarter(t):
         """t [..., 2, 2] with axes (f1, f0) last as the tuple of t[..., f // 2, f % 2], f = 0..3."""
         even, odd = tl.split(t)
@@ -1356,9 +1367,10 @@ if triton is not None:
                     if GATED:
                         wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
-        if INT:
-            acc = tl.sum(tl.reshape(acc_i, (BN, 8 if QT == 8 else 4)), axis=1)
-            acc_u = tl.sum(tl.reshape(acc_i_u, (BN, 8 if QT == 8 else 4)), axis=1)
+        if INT and QT == 8:  # pairwise, in an order no layout changes: x's reads agree bit for bit
+            acc, acc_u = _pairwise_rows(acc_i, BN, 8), _pairwise_rows(acc_i_u, BN, 8)
+        elif INT:
+            acc, acc_u = _pairwise_rows(acc_i, BN, 4), _pairwise_rows(acc_i_u, BN, 4)
         if VEC:
             width: tl.constexpr = 16 if QT == 14 else 64 if QT == 8 else 32
             acc = tl.sum(tl.reshape(acc3, (BN, width)), axis=1) * 536870912.0 * x_power  # * 2^29 * power
