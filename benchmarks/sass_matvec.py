@@ -10,7 +10,8 @@ is the longest span between a backward branch and its target (not the split sums
 Rows: the loop's instructions, the weight bytes one thread reads per iteration (BN rows of one
 super-block over the threads), their ratio, the global loads by width (LDG.E.128 is 16 bytes,
 LDG.E.U8 one), integer-to-float conversions (I2F), integer dot products (IDP: the "int"
-reads' dp2a) and local-memory loads (LDL: register spills). Fewer instructions per byte and
+reads' dp2a), local-memory loads (LDL: register spills) and barriers (BAR: each a wait for
+every warp of the program, mostly around layout changes through shared memory). Fewer instructions per byte and
 wider loads are faster while the kernel issues more than memory delivers; only a GPU says by how
 much (benchmarks/bench_fused.py).
 """
@@ -159,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             "loads": {k: v for k, v in sorted(ops.items()) if k.startswith(("LDG", "LDS", "LDL"))},
             "i2f": sum(v for k, v in ops.items() if k.startswith("I2F")),
             "idp": sum(v for k, v in ops.items() if k.startswith("IDP")),
+            "barriers": sum(v for k, v in ops.items() if k.startswith("BAR")),
             "config": cfg,
         }
         rows.append(row)
         print(
             f"{name:24s} {row['instructions_per_byte']:6.2f} instructions/byte  {row['loads']}  I2F {row['i2f']}"
-            f"  IDP {row['idp']}"
+            f"  IDP {row['idp']}  BAR {row['barriers']}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
