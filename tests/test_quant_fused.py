@@ -1189,6 +1189,7 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                 )
                 results.append({
                     "case": case, "exact": exact, "same_bits": bits, "launched": launched,
+                    "splits": plan.grid[2], "want_splits": want_splits,
                     "nmse": float(diff.pow(2).mean() / power) if diff.numel() else 0.0,
                 })  # fmt: skip
     finally:
@@ -1698,7 +1699,11 @@ def _interpreted_cases(mode: str) -> list[dict]:
 def _check_int_x_paths(results: list[dict]) -> None:
     assert len(results) == int_x_case_count()
     bad = [r for r in results if r["exact"] is not True]
-    assert not bad, bad
+    assert not bad, "\n".join(
+        f"{r['case']}: same bits {r['same_bits']}, launched {r['launched']}, splits {r['splits']} "
+        f"(want {r['want_splits']}), nmse {r['nmse']:.3g}"
+        for r in bad
+    )
 
 
 @pytest.mark.slow
