@@ -20,10 +20,11 @@ GEMM's settings too):
     python benchmarks/bench_fused.py --moe-only --sweep-grouped --out benchmarks/results/moe.json
 
 `harness::attention` at decode shapes (Mixtral's 32 heads, 8 KV heads, head dim 128; 1 and 8
-tokens; 512 and 4096 cached positions, in the start form and at device positions over a
-4096-position cache as the decode graph calls it): its Triton kernels ("triton", new) against
-the torch path ("torch", old), timed in a CUDA graph like the rest, and also eager (`eager_ms`,
-host launch costs included, as a traced decode runs); its bytes are the cache it must read.
+tokens; at device positions over 640- and 4096-position caches as the decode graph calls it,
+and in the start form): its Triton kernels ("triton", new) against their form with the rope in
+a launch of its own ("triton rope launch", old) and against the torch path ("torch", old),
+timed in a CUDA graph like the rest, and also eager (`eager_ms`, host launch costs included, as
+a traced decode runs); its bytes are the cache it must read.
 They come last; `--attention-only` times only these (`--sweep-attention` adds the kernels'
 launch settings):
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import sys
@@ -83,29 +85,30 @@ SHAPES = [
 TOKENS = (1, 512)
 MOE_SHAPE = (8, 4096, 14336)
 MATVEC_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
-# harness::attention: Mixtral's heads, KV heads, head dim, cache length
-ATTENTION_HEADS = (32, 8, 128, 4096)
-# (tokens, cached positions the call attends over, device positions or not); short caches as a
-# decode starts among them: 12 in the start form (one split, as session 11's eager decode
-# profile ran it), 100 at device positions (the whole-cache step of a CUDA graph)
+# harness::attention: Mixtral's heads, KV heads, head dim
+ATTENTION_HEADS = (32, 8, 128)
+# (tokens, cached positions the call attends over, the cache's length S_max at device positions
+# or None for the start form over a 4096-position cache). The decode graph's form first: one
+# token at device positions over the whole static cache, bench_model's (512 prompt + 128: its
+# first and last steps) and a 4096-position one; short caches as a decode starts (12 in the
+# start form, as session 12's eager decode profile ran it; 100 at device positions)
 ATTENTION_CALLS = [
-    (1, 12, False), (1, 100, True), (1, 512, False), (1, 4096, False), (1, 512, True), (1, 4096, True),
-    (8, 4096, False),
+    (1, 513, 640), (1, 640, 640), (1, 512, 4096), (1, 4096, 4096), (8, 640, 640), (1, 100, 4096),
+    (1, 12, None), (1, 512, None), (1, 4096, None), (8, 4096, None),
 ]  # fmt: skip
-# --sweep-attention: (BS, num_warps, num_stages, split_min_keys, dot) of the kernels
+# --sweep-attention: (BS, num_warps, num_stages, split_min_keys, dot, fold_rope) of the kernels;
+# fold_rope False is the rope and cache write in a launch of their own (`_rope_cache_kernel`),
+# the form before session 13
 ATTENTION_SWEEP = [
-    (32, 4, 2, 64, "ieee"),
-    (32, 4, 2, 128, "ieee"),
-    (32, 4, 2, 256, "ieee"),
-    (32, 4, 2, 512, "ieee"),
-    (32, 4, 2, 4096, "ieee"),
-    (16, 4, 2, 128, "ieee"),
-    (32, 4, 3, 256, "ieee"),
-    (32, 8, 2, 256, "ieee"),
-    (32, 8, 2, 64, "ieee"),  # 8 warps: each warp's loop 874 instructions, not 1564 (sass_attention.py)
-    (16, 8, 2, 32, "ieee"),
-    (32, 4, 2, 64, "tf32x3"),  # tensor cores, near float32: 942 (4 warps), 689 (8 warps)
-    (32, 8, 2, 64, "tf32x3"),
+    (32, 4, 2, 64, "ieee", False),
+    (32, 4, 2, 64, "ieee", True),
+    (32, 4, 2, 128, "ieee", True),
+    (32, 4, 2, 256, "ieee", True),
+    (32, 4, 2, 4096, "ieee", True),
+    (16, 4, 2, 32, "ieee", True),
+    (32, 8, 2, 64, "ieee", True),  # 8 warps: each warp's loop 874 instructions, not 1564 (sass_attention.py)
+    (32, 4, 2, 64, "tf32x3", True),  # tensor cores, near float32: 942 (4 warps), 689 (8 warps)
+    (32, 8, 2, 64, "tf32x3", True),
 ]
 # harness::router_topk: (tokens, experts, experts used, columns)
 ROUTER_CALLS = [(1, 8, 2, 4096), (8, 8, 2, 4096)]
@@ -587,15 +590,23 @@ def in_turn_from_dram(weight: torch.Tensor) -> tuple:
 
 
 def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
-    """`harness::attention` per ATTENTION_CALLS, the Triton kernels against the torch path, each
-    timed in a CUDA graph (a row each) and eagerly (in the comparison); with `sweep`, the
-    kernels under each of ATTENTION_SWEEP's launch settings too (rows only)."""
+    """`harness::attention` per ATTENTION_CALLS: the Triton kernels (default settings, "triton")
+    against their form with the rope in a launch of its own ("triton rope launch",
+    ATTENTION_CONFIG["fold_rope"] off) and against the torch path, each pair timed in a CUDA
+    graph (a row each) and eagerly (in the comparison); with `sweep`, the kernels under each of
+    ATTENTION_SWEEP's launch settings too (rows only)."""
     from harness.model.mixtral import rope_tables
 
-    n_heads, n_kv, hd, s_max = ATTENTION_HEADS
-    cos, sin = rope_tables(hd, 1e6, s_max, dev)
-    cache_k, cache_v = torch.randn(n_kv, s_max, hd, device=dev), torch.randn(n_kv, s_max, hd, device=dev)
-    for t, n_keys, at_device in ATTENTION_CALLS:
+    n_heads, n_kv, hd = ATTENTION_HEADS
+    tables = {}
+    for t, n_keys, s_max in ATTENTION_CALLS:
+        at_device = s_max is not None
+        s_max = s_max or 4096
+        if s_max not in tables:
+            cos, sin = rope_tables(hd, 1e6, s_max, dev)
+            caches = torch.randn(n_kv, s_max, hd, device=dev), torch.randn(n_kv, s_max, hd, device=dev)
+            tables[s_max] = cos, sin, *caches
+        cos, sin, cache_k, cache_v = tables[s_max]
         qkv = torch.randn(t, (n_heads + 2 * n_kv) * hd, device=dev)  # q, k, v side by side
         start = n_keys - t
         positions = torch.arange(start, start + t, device=dev) if at_device else None
@@ -603,30 +614,38 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
         name = f"attention H={n_heads} K={n_kv} Hd={hd} T={t} keys={n_keys} {form}"
         nbytes = 2 * n_kv * n_keys * hd * 4  # the cached keys and values it must read
         flops = 2 * 2 * t * n_heads * n_keys * hd
-        calls = {}
-        for path in fused.ATTENTION_PATHS:  # the kernels (new) first
 
-            def call(path=path, qkv=qkv, positions=positions, start=start):
-                before, fused.attention_path = fused.attention_path, path
-                try:
-                    return torch.ops.harness.attention(qkv, cache_k, cache_v, cos, sin, positions, start)
-                finally:
-                    fused.attention_path = before
-
-            calls[path] = call
-        compared_paths(name, calls, nbytes, flops, row, comparisons, save, eager=True)
-        if sweep:
-            saved = dict(fused.ATTENTION_CONFIG)
-            reference = calls[fused.ATTENTION_PATHS[0]]()  # the kernels at the default settings
-            for bs, warps, stages, split_min, dot in ATTENTION_SWEEP:
-                fused.ATTENTION_CONFIG.update(
-                    BS=bs, num_warps=warps, num_stages=stages, split_min_keys=split_min, dot=dot
+        def call(path="triton", config=None, qkv=qkv, positions=positions, start=start, tables=tables[s_max]):
+            before = fused.attention_path, dict(fused.ATTENTION_CONFIG)
+            fused.attention_path = path
+            fused.ATTENTION_CONFIG.update(config or {})
+            try:
+                return torch.ops.harness.attention(
+                    qkv, tables[2], tables[3], tables[0], tables[1], positions, start
                 )
-                ms, off = timed_setting(calls[fused.ATTENTION_PATHS[0]], reference)
-                setting = f"BS={bs} warps={warps} stages={stages} split_min_keys={split_min} dot={dot}"
-                label = f"  sweep {setting} {name}"
-                row(label, ms, nbytes, flops, off)
-            fused.ATTENTION_CONFIG.update(saved)
+            finally:
+                fused.attention_path = before[0]
+                fused.ATTENTION_CONFIG.update(before[1])
+
+        new = call
+        old = functools.partial(call, config={"fold_rope": False})
+        torch_path = functools.partial(call, "torch")
+        for ways in ({"triton": new, "triton rope launch": old}, {"triton": new, "torch": torch_path}):
+            compared_paths(name, ways, nbytes, flops, row, comparisons, save, eager=True)
+        if sweep:
+            reference = new()  # the kernels at the default settings
+            for bs, warps, stages, split_min, dot, fold in ATTENTION_SWEEP:
+                setting = dict(
+                    BS=bs,
+                    num_warps=warps,
+                    num_stages=stages,
+                    split_min_keys=split_min,
+                    dot=dot,
+                    fold_rope=fold,
+                )
+                ms, off = timed_setting(functools.partial(call, config=setting), reference)
+                label = " ".join(f"{k}={v}" for k, v in setting.items())
+                row(f"  sweep {label} {name}", ms, nbytes, flops, off)
 
 
 if __name__ == "__main__":

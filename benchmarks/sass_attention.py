@@ -28,21 +28,27 @@ from sass_matvec import longest_loop, sass  # noqa: E402
 
 from harness.quant import fused  # noqa: E402
 
-POINTERS = ("q_ptr", "cache_k", "cache_v", "out_ptr", "part_acc", "part_m", "part_l")
+POINTERS = ("q_ptr", "cache_k", "cache_v", "cos_ptr", "sin_ptr", "out_ptr", "part_acc", "part_m", "part_l")
 
 
-def compile_attention(rows: int, bs: int, warps: int, stages: int, split: bool, dot: str = "ieee"):
-    """`_attention_kernel` compiled for sm_90 at head dim 128, positions on the device, its
-    products at tl.dot's input precision `dot`."""
+def compile_attention(
+    rows: int, bs: int, warps: int, stages: int, split: bool, dot: str = "ieee", rope: bool = True
+):
+    """`_attention_kernel` compiled for sm_90 at head dim 128 (rope on all of it), positions on
+    the device, its products at tl.dot's input precision `dot`; with `rope`, the rope and the
+    cache write folded in (ATTENTION_CONFIG["fold_rope"]), as the launch would run it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    consts = {"BM": rows, "BD": 128, "BS": bs, "FROM_START": False, "SPLIT": split, "DOT": dot}
+    consts = {
+        "BM": rows, "BD": 128, "BS": bs, "BT": 16, "TT": 1 if rows == 16 else 8, "FROM_START": False, "SPLIT": split, "ROPE": rope,
+        "PTX": True, "DOT": dot,
+    }  # fmt: skip
     types = {**dict.fromkeys(POINTERS, "*fp32"), "pos_ptr": "*i64", "start": "i64", "scale": "fp32"}
     names = fused._attention_kernel.arg_names
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
-    aligned = (*POINTERS, "pos_ptr", "S_MAX", "HD")
+    aligned = (*POINTERS, "pos_ptr", "S_MAX", "HD", "W", "HALF")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
     source = ASTSource(fn=fused._attention_kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(
@@ -57,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     cfg = fused.ATTENTION_CONFIG
-    settings = {(cfg["BS"], cfg["num_warps"], cfg["num_stages"], cfg["dot"])}
-    settings |= {(bs, warps, stages, dot) for bs, warps, stages, _, dot in ATTENTION_SWEEP}
+    default = (cfg["BS"], cfg["num_warps"], cfg["num_stages"], cfg["dot"], bool(cfg["fold_rope"]))
+    settings = {default}
+    settings |= {(bs, warps, stages, dot, rope) for bs, warps, stages, _, dot, rope in ATTENTION_SWEEP}
     rows = []
-    for bs, warps, stages, dot in sorted(settings):
+    for bs, warps, stages, dot, rope in sorted(settings):
         for n_rows in (16, fused.ATTENTION_MAX_ROWS):
-            kernel = compile_attention(n_rows, bs, warps, stages, split=True, dot=dot)
+            kernel = compile_attention(n_rows, bs, warps, stages, split=True, dot=dot, rope=rope)
             code = sass(kernel.asm["cubin"])
             ops = collections.Counter(i.split()[0].split(".")[0] for _, i in code)
             loop = longest_loop(code)
@@ -71,21 +78,23 @@ def main(argv: list[str] | None = None) -> int:
                 "num_warps": warps,
                 "num_stages": stages,
                 "dot": dot,
+                "fold_rope": rope,
                 "query_rows": n_rows,
-                "default": (bs, warps, stages, dot)
-                == (cfg["BS"], cfg["num_warps"], cfg["num_stages"], cfg["dot"]),
+                "default": (bs, warps, stages, dot, rope) == default,
                 "shared_bytes": kernel.metadata.shared,
                 "local_stores": ops["STL"],
                 "local_loads": ops["LDL"],
+                "instructions": len(code),
                 "loop_instructions": len(loop),
                 "loop_ffma": sum(1 for i in loop if i.startswith("FFMA")),
                 "loop_hmma": sum(1 for i in loop if i.startswith("HMMA")),
             }
             rows.append(row)
             print(
-                f"BS={bs:3d} warps={warps} stages={stages} dot={dot:6s} rows={n_rows:3d}: shared "
-                f"{row['shared_bytes']:6d} B, STL {row['local_stores']:4d} LDL {row['local_loads']:4d}, loop "
-                f"{row['loop_instructions']} instructions ({row['loop_ffma']} FFMA, {row['loop_hmma']} HMMA)",
+                f"BS={bs:3d} warps={warps} stages={stages} dot={dot:6s} rope={rope:d} rows={n_rows:3d}: shared "
+                f"{row['shared_bytes']:6d} B, STL {row['local_stores']:4d} LDL {row['local_loads']:4d}, "
+                f"{row['instructions']} instructions, loop {row['loop_instructions']} ({row['loop_ffma']} FFMA, "
+                f"{row['loop_hmma']} HMMA)",
                 flush=True,
             )
     out = Path(args.out)

@@ -529,7 +529,10 @@ ATTENTION_SHAPES_SMALL = [
     (9, 8, 2, 64, 64, 37, 3, False),
     # the static-shape step early in a long cache: one KV head takes 4 splits (the CPU's
     # programs wanted), among which the kernel spreads the 71 keys seen: 32, 32, 7 and none
+    # (the new key's position in the third split, its key from the fourth: the last)
     (1, 4, 1, 64, 64, 300, 70, True),
+    # 8 tokens at device positions 60..67 across two splits' keys (64 and 4 keys)
+    (8, 2, 2, 64, 64, 300, 60, True),
 ]
 ATTENTION_SHAPES_FULL = [
     (1, 32, 8, 128, 128, 4096, 0, True),
@@ -544,17 +547,30 @@ ATTENTION_SHAPES_FULL = [
     # A cache shorter than ATTENTION_CONFIG["split_min_keys"]: one split on any device (the
     # H100's 132 multiprocessors split every longer cache above).
     (1, 32, 8, 128, 128, 48, 20, True),
+    # the decode graph's form in bench_model's cache (512 prompt + 128): its first and last
+    # steps, and 8 tokens
+    (1, 32, 8, 128, 128, 640, 512, True),
+    (1, 32, 8, 128, 128, 640, 639, True),
+    (8, 32, 8, 128, 128, 640, 600, True),
 ]
-# Launch settings tried beside the default: short splits, so that small caches
-# take several splits (and the merge launch) too.
+# Launch settings tried beside the default: short splits, so that small caches take several
+# splits (and the merge launch) too; the rope and the cache write in a launch of their own.
 ATTENTION_SPLIT_CONFIG = {"split_min_keys": 16}
+ATTENTION_ROPE_LAUNCH_CONFIG = {"fold_rope": False}
+ATTENTION_CONFIGS = {
+    "default": {},
+    "splits": ATTENTION_SPLIT_CONFIG,
+    "rope launch": ATTENTION_ROPE_LAUNCH_CONFIG,
+}
 
 
 def _attention_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
-    """`harness::attention` at decode shapes (ATTENTION_SHAPES_*), with the default launch
-    settings and with many splits: its output against float64 (NMSE) and against the torch path
-    (largest difference), its cache writes bit for bit those of the torch path and of the
-    reference, and whether the Triton kernels ran."""
+    """`harness::attention` at decode shapes (ATTENTION_SHAPES_*), under each of
+    ATTENTION_CONFIGS: its output against float64 (NMSE) and against the torch path (largest
+    difference), its cache writes bit for bit those of the torch path and of the reference, and
+    whether the Triton kernels ran. The slots the call writes hold NaN before it: a program
+    that read one before the call's own key and value were written there (rather than taking
+    them from qkv, as the one-launch form must) would give NaN."""
     from harness.model.mixtral import rope_tables
     from harness.quant import fused
 
@@ -565,33 +581,35 @@ def _attention_cases(device: str, small: bool, rng: np.random.Generator) -> list
         cos, sin = rope_tables(rope_dim, 10000.0, s_max, torch.device("cpu"))
         q = torch.randn(t, n_heads * hd, generator=gen)
         k, v = torch.randn(t, n_kv * hd, generator=gen), torch.randn(t, n_kv * hd, generator=gen)
+        k[0, :hd] *= 1e-38  # its rotated products subnormal: kept, not flushed to zero (CUDA's .ftz)
         cache_k, cache_v = (
             torch.randn(n_kv, s_max, hd, generator=gen),
             torch.randn(n_kv, s_max, hd, generator=gen),
         )
         if at_device:  # the static-shape step attends over the whole cache: later slots masked
             cache_k[:, start + t :] = cache_v[:, start + t :] = 1e4
+        cache_k[:, start : start + t] = cache_v[:, start : start + t] = float("nan")
         ref, ref_k, ref_v = _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start)
         args = [torch.cat((q, k, v), 1).to(device)]
         tables = cos.to(device), sin.to(device)
         positions = torch.arange(start, start + t, device=device) if at_device else None
         outs = {}
-        for path, config in (("torch", {}), ("triton", {}), ("triton", ATTENTION_SPLIT_CONFIG)):
+        for path, label in (("torch", "default"), *(("triton", label) for label in ATTENTION_CONFIGS)):
             got_k, got_v = cache_k.to(device), cache_v.to(device)
-            with _attention_kernels(path, config):
+            with _attention_kernels(path, ATTENTION_CONFIGS[label]):
                 kernels = fused.attention_takes_kernels(*args, got_k, got_v, *tables, positions)
                 splits = fused.attention_splits(start + t if positions is None else s_max, n_kv, got_k.device)
                 out = torch.ops.harness.attention(*args, got_k, got_v, *tables, positions, start)
-            outs[path, bool(config)] = out.cpu(), got_k.cpu(), got_v.cpu()
+            outs[path, label] = out.cpu(), got_k.cpu(), got_v.cpu()
             if path == "torch":
                 continue
-            torch_out, torch_k, torch_v = outs["torch", False]
+            torch_out, torch_k, torch_v = outs["torch", "default"]
             form = "device positions" if at_device else "start position"
             case = (
                 f"attention kernels T={t} H={n_heads} K={n_kv} Hd={hd} rope {rope_dim} S_max={s_max} at {start} {form} "
-                f"{'splits' if config else 'default'} ({splits[0] if kernels else 'torch path'})"
+                f"{label} ({splits[0] if kernels else 'torch path'})"
             )
-            caches = (out_k, out_v) = outs[path, bool(config)][1:]
+            caches = (out_k, out_v) = outs[path, label][1:]
             same = all(torch.equal(a, b) for a, b in zip(caches, (torch_k, torch_v), strict=True))
             results.append(
                 {
@@ -602,6 +620,47 @@ def _attention_cases(device: str, small: bool, rng: np.random.Generator) -> list
                     "kernels": kernels,
                     "expect_kernels": t <= fused.ATTENTION_MAX_TOKENS,
                     "splits": splits[0],
+                    "fold_rope": kernels and fused.ATTENTION_CONFIG["fold_rope"] and label != "rope launch",
+                }
+            )
+    return results + _attention_past_cache_cases(device, rng)
+
+
+def _attention_past_cache_cases(device: str, rng: np.random.Generator) -> list[dict]:
+    """`harness::attention`'s kernels at device positions past the cache (each of
+    ATTENTION_CONFIGS): 2 tokens at S_max - 1 and S_max write the first token's key and value
+    and nothing else, and the first token's output is that of a call of it alone (it does not
+    see the second); 1 token at S_max + 3 writes nothing. (The torch path's index_copy_ raises.)"""
+    from harness.model.mixtral import rope_tables
+
+    results = []
+    n_heads, n_kv, hd, s_max = 8, 2, 64, 40
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    cos, sin = rope_tables(hd, 10000.0, s_max, torch.device("cpu"))
+    q = torch.randn(2, n_heads * hd, generator=gen)
+    k, v = torch.randn(2, n_kv * hd, generator=gen), torch.randn(2, n_kv * hd, generator=gen)
+    cache_k, cache_v = (
+        torch.randn(n_kv, s_max, hd, generator=gen),
+        torch.randn(n_kv, s_max, hd, generator=gen),
+    )
+    ref, ref_k, ref_v = _attention_reference(q[:1], k[:1], v[:1], cache_k, cache_v, cos, sin, s_max - 1)
+    tables = cos.to(device), sin.to(device)
+    for label, config in ATTENTION_CONFIGS.items():
+        for positions in ([s_max - 1, s_max], [s_max + 3]):
+            t = len(positions)
+            got_k, got_v = cache_k.to(device), cache_v.to(device)
+            qkv = torch.cat((q, k, v), 1)[:t].to(device)
+            with _attention_kernels("triton", config):
+                out = torch.ops.harness.attention(
+                    qkv, got_k, got_v, *tables, torch.tensor(positions, device=device), 0
+                )
+            want_k, want_v = (ref_k, ref_v) if t == 2 else (cache_k, cache_v)
+            exact = torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
+            results.append(
+                {
+                    "case": f"attention past the cache at {positions} {label}",
+                    "nmse": _nmse(out[:1], ref) if t == 2 else 0.0,
+                    "exact": exact,
                 }
             )
     return results
@@ -1538,7 +1597,7 @@ def expected_case_count(small: bool) -> int:
         for t in (1, 17)
         for q, _, layout in _extreme_cases(256, small)
     )
-    attention = 2 * len(ATTENTION_SHAPES_SMALL if small else ATTENTION_SHAPES_FULL)
+    attention = len(ATTENTION_CONFIGS) * (len(ATTENTION_SHAPES_SMALL if small else ATTENTION_SHAPES_FULL) + 2)
     packed_dequant = 2 * len(PACKED_DEQUANT_SHAPES) * 2 + len(SCALED_HALF_SHAPES)
     return qmatmul + extreme + 3 * len(tokens) + decode_ops + attention + packed_dequant + moe
 
@@ -1863,8 +1922,9 @@ def _check_attention(results: list[dict]) -> None:
     attention = [r for r in results if r["case"].startswith("attention kernels")]
     assert attention
     assert all(r["kernels"] == r["expect_kernels"] for r in attention), attention
-    assert any(r["kernels"] and r["splits"] > 1 for r in attention)
-    assert any(r["kernels"] and r["splits"] == 1 for r in attention)
+    for fold in (True, False):  # the one-launch form and the rope's own launch, split and not
+        assert any(r["kernels"] and r["fold_rope"] == fold and r["splits"] > 1 for r in attention)
+        assert any(r["kernels"] and r["fold_rope"] == fold and r["splits"] == 1 for r in attention)
     far = [r for r in attention if not r["max_abs_vs_torch"] <= ATTENTION_MAX_ABS]
     assert not far, far
 
@@ -1874,17 +1934,22 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
     """The attention kernels, `_vec_x_kernel` (one program per super-block) and the RMSNorm
     kernel (with its residual add) compile for an H100 (sm_90) with Triton's own compiler and
     ptxas, as a GPU run would compile them (pointers and the cache's strides 16-byte aligned): the
-    interpreter accepts things the compiler refuses (a tl.dot under 16 rows, for one)."""
+    interpreter accepts things the compiler refuses (a tl.dot under 16 rows, for one). With the
+    rope folded into the attention launch, its products are mul.rn (never fused into an FMA),
+    and the decode graph's form (16 query rows) spills no registers."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
+    import re
+
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from harness.quant import fused
 
+    _cuobjdump_tool()
     cfg = fused.ATTENTION_CONFIG
     scalars = {"start": "i64", "scale": "fp32", "eps": "fp32"}
-    aligned = ("S_MAX", "HD", "N_KEYS")
+    aligned = ("S_MAX", "HD", "N_KEYS", "W")
     launches = [  # (kernel, constexprs, launch options): the decode step's and a start form's
         (
             fused._rope_cache_kernel,
@@ -1896,22 +1961,25 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
             {"BH": 64, "BD": 128, "FROM_START": True},
             {"num_warps": 1, "enable_fp_fusion": False},
         ),
-        (
-            fused._attention_kernel,
-            {"BM": 16, "BD": 128, "BS": cfg["BS"], "FROM_START": False, "SPLIT": True, "DOT": cfg["dot"]},
-            {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-        ),
-        (
-            fused._attention_kernel,
-            {
-                "BM": fused.ATTENTION_MAX_ROWS,
-                "BD": 64,
-                "BS": cfg["BS"],
-                "FROM_START": True,
-                "SPLIT": False,
-                "DOT": cfg["dot"],
-            },  # fmt: skip
-            {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        *(
+            (
+                fused._attention_kernel,
+                {
+                    **form,
+                    "BS": cfg["BS"],
+                    "BT": 16,
+                    "ROPE": rope,
+                    "PTX": True,
+                    "DOT": cfg["dot"],
+                },  # fmt: skip
+                {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+            )
+            for form in (
+                # the decode graph's (1 token of a group of 4, split keys) and a start form's
+                {"BM": 16, "BD": 128, "TT": 1, "FROM_START": False, "SPLIT": True},
+                {"BM": fused.ATTENTION_MAX_ROWS, "BD": 64, "TT": 8, "FROM_START": True, "SPLIT": False},
+            )
+            for rope in (True, False)
         ),
         (fused._attention_merge_kernel, {"BM": 16, "BD": 128, "BP": 16}, {"num_warps": cfg["merge_warps"]}),
         *((fused._vec_x_kernel, {"QT": qt, "PEAK_BLOCK": 4096}, {"num_warps": 4}) for qt in (8, 12, 14)),
@@ -1933,6 +2001,12 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
         assert compiled.asm["cubin"], (kernel.__name__, consts)
         _check_waits_first(compiled.asm["ptx"], (kernel.__name__, consts))
+        if consts.get("ROPE"):
+            # the rope's products rounded one by one (never fused into an FMA: the cache write
+            # is the torch path's bit for bit) in a launch that leaves fp fusion on
+            assert "mul.rn.f32" in compiled.asm["ptx"], consts
+            if consts["BM"] == 16:  # the decode graph's form: no register spills
+                assert not re.search(r"\b(LDL|STL)\b", _cuobjdump(compiled.asm["cubin"])), consts
 
 
 @pytest.mark.slow

@@ -194,9 +194,9 @@ SORT_KERNEL_MAX = 1 << 19
 _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
 # How `harness::attention` runs (`attention_takes_kernels` decides per call): "triton", its
-# kernels for decode-sized calls (rope and cache write in one launch, flash-decoding attention
-# over splits of the cache in one, a merge of the splits in a third when there are several), the
-# torch path for the rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import;
+# kernels for decode-sized calls (flash-decoding attention over splits of the cache, with the
+# rope and the cache write, in one launch; a merge of the splits in a second when there are
+# several), the torch path for the rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import;
 # `attention_path` may be set later (benchmarks compare both).
 ATTENTION_PATHS = ("triton", "torch")
 attention_path = os.environ.get("HARNESS_ATTENTION", "triton")
@@ -213,8 +213,15 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # arithmetic); "tf32x3", three TF32 tensor-core products each, near float32 (a loop of 942
 # instructions for sm_90, not 1564; neither timed nor checked against ATTENTION_MAX_ABS on a GPU
 # yet: `bench_fused.py --attention-only --sweep-attention` gives its time and NMSE).
-ATTENTION_CONFIG: dict[str, int | str] = {
+# "fold_rope": the rope on q and k and the cache write run inside the attention launch (its
+# programs rotate their queries, the last split the new keys; `_attention_kernel`'s ROPE), not
+# in a launch of their own before it (`_rope_cache_kernel`): one launch and one wait for the
+# kernel before fewer in the decode chain (session 12's profile: the rope launch took 1.7 us a
+# layer, nearly all of it waiting and launching). Not timed on a GPU yet: `bench_fused.py
+# --attention-only --sweep-attention` times both.
+ATTENTION_CONFIG: dict[str, int | str | bool] = {
     "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64, "dot": "ieee",
+    "fold_rope": True,
 }  # fmt: skip
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
@@ -1708,7 +1715,8 @@ if triton is not None:
         qkv_ptr, W, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, q_out,
         H, KV, S_MAX, HD, HALF, BH: tl.constexpr, BD: tl.constexpr, FROM_START: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
-        """`harness::attention`'s first launch. Token t's row of qkv [T, W] holds its H query
+        """`harness::attention`'s first launch where ATTENTION_CONFIG["fold_rope"] is off (else
+        `_attention_kernel` does this itself). Token t's row of qkv [T, W] holds its H query
         heads, KV key heads and KV value heads of HD values, side by side. Program (t, j), j < H:
         query head j rotated into q_out [T, H, HD]; j = H + kv: key head kv rotated into cache_k
         [KV, S_MAX, HD] at the token's position, value head kv copied into cache_v there. A
@@ -1734,27 +1742,89 @@ if triton is not None:
             v = row + (j + KV) * HD
             tl.store(cache_v + slot + d, tl.load(v + d, mask=m, other=0.0), mask=m)
 
+    @triton.jit
+    def _mul_rn(a, b, PTX: tl.constexpr):
+        """a * b rounded to float32 on its own, subnormals kept (as torch's CUDA product): with
+        PTX, mul.rn.f32 (an explicit rounding: never fused into an FMA, where the launch allows
+        fp fusion; libdevice's mul_rn would flush subnormals, .ftz); else a plain product (the
+        interpreter's numpy rounds each)."""
+        if PTX:
+            return tl.inline_asm_elementwise(
+                "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            return a * b
+
+    @triton.jit
+    def _rope_tile(base, pos, ok, cos_ptr, sin_ptr, HD, HALF, BD: tl.constexpr, PTX: tl.constexpr):
+        """Rows of HD values at pointers base [R] rotated as `_rope_row` rotates one: pairs
+        (2i, 2i+1), i < HALF, by the angles at row pos [R] of the tables, dims past 2*HALF
+        copied, each product and difference rounded on its own (`_mul_rn`): bit for bit the
+        torch path's rope. Rows not ok read nothing (zeros). -> [R, BD]."""
+        d = tl.arange(0, BD)
+        x = tl.load(base[:, None] + d[None, :], mask=ok[:, None] & (d < HD)[None, :], other=0.0)
+        even, odd = tl.split(tl.reshape(x, (x.shape[0], BD // 2, 2)))  # [R, BD/2] each
+        i = tl.arange(0, BD // 2)
+        rot = i < HALF
+        at = tl.where(ok, pos, 0)[:, None] * HALF + i[None, :]
+        mr = ok[:, None] & rot[None, :]
+        c = tl.load(cos_ptr + at, mask=mr, other=0.0)
+        s = tl.load(sin_ptr + at, mask=mr, other=0.0)
+        y_even = _mul_rn(even, c, PTX) - _mul_rn(odd, s, PTX)
+        y_odd = _mul_rn(even, s, PTX) + _mul_rn(odd, c, PTX)
+        y_even = tl.where(rot[None, :], y_even, even)
+        y_odd = tl.where(rot[None, :], y_odd, odd)
+        return tl.reshape(tl.join(y_even, y_odd), (x.shape[0], BD))
+
+    @triton.jit
+    def _online_softmax(q, keys, values, seen, m_i, l_i, acc, scale, DOT: tl.constexpr):
+        """One step of flash attention's online softmax: queries q [BM, BD] against keys and
+        values [N, BD], `seen` [BM, N] the pairs that count; float32, the products at tl.dot's
+        input precision DOT. -> the rows' running maxima, sums and unnormalized outputs."""
+        scores = tl.dot(q, tl.trans(keys), input_precision=DOT) * scale  # [BM, N]
+        scores = tl.where(seen, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+        p = tl.exp(scores - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, values, input_precision=DOT)
+        return m_new, l_i, acc
+
     @triton.jit(do_not_specialize=["start", "N_KEYS"])
     def _attention_kernel(
-        q_ptr, cache_k, cache_v, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
-        T, G, S_MAX, N_KEYS, HD, scale,
-        BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, FROM_START: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+        q_ptr, W, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
+        T, G, S_MAX, N_KEYS, HD, HALF, scale,
+        BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, TT: tl.constexpr, FROM_START: tl.constexpr,
+        SPLIT: tl.constexpr, ROPE: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
         DOT: tl.constexpr = "ieee",
     ):  # fmt: skip
-        """`harness::attention`'s second launch (flash decoding). Program (kv, split): the G*T
-        queries of KV head kv (row r = g*T + t: head kv*G + g, token t; rotated, q_ptr
-        [T, H, HD]) against its share of the cached keys, each query seeing positions up to its
-        own: the keys below N_KEYS that any query sees (up to the last query's position, read
-        from the device in the static-shape step) are spread evenly over the launch's splits in
-        runs of whole BS steps, so that a short cache in a long one takes as many programs as
-        it has steps, not the first splits (a program with none reads nothing). Online softmax
-        in float32, the products at tl.dot's input precision DOT. Without SPLIT the rows are
-        finished into out [T, H*HD]; with it, the unnormalized rows, their maxima and sums go
-        to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS, BM] for
-        `_attention_merge_kernel`."""
+        """`harness::attention`'s attention launch (flash decoding). Program (kv, split): the G*T
+        queries of KV head kv (row r = g*T + t: head kv*G + g, token t) against its share of the
+        keys, each query seeing positions up to its own: the keys below N_KEYS that any query
+        sees (up to the last query's position, read from the device in the static-shape step)
+        are spread evenly over the launch's splits in runs of whole BS steps, so that a short
+        cache in a long one takes as many programs as it has steps, not the first splits (a
+        program with none reads nothing). Online softmax in float32, the products at tl.dot's
+        input precision DOT. Without SPLIT the rows are finished into out [T, H*HD]; with it,
+        the unnormalized rows, their maxima and sums go to part_acc [KV, SPLITS, BM, BD],
+        part_m, part_l [KV, SPLITS, BM] for `_attention_merge_kernel`.
+
+        With ROPE (the one-launch form: no `_rope_cache_kernel` before), q_ptr is qkv [T, W]
+        (the call's q, k and v side by side, before rope): each program rotates its queries
+        itself (`_rope_tile`), and the call's own keys and values (BT >= T rows) are taken from
+        qkv, never from the cache: every program's cache reads leave out the call's positions
+        (the loop's `fresh` test), and the last split alone rotates the new keys, attends to
+        them in a step before its share of the cache, and writes them and the values into the
+        caches (a position outside 0..S_MAX-1: nothing). So no program of the launch reads a
+        slot that one writes, and the write needs no ordering inside the launch; later launches
+        see it (stream order, or their PDL wait). (tests/test_quant_fused.py fills those slots
+        with NaN before each call: a read of one would show.) Without ROPE, q_ptr holds the
+        rotated queries [T, H, HD] and the caches are already written."""
         _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1).to(tl.int64)
+        n_kv = tl.num_programs(0)
         r = tl.arange(0, BM)
         valid = r < G * T
         g = r // T
@@ -1768,37 +1838,64 @@ if triton is not None:
         d = tl.arange(0, BD)
         dm = d < HD
         head = kv * G + g
-        q = tl.load(
-            q_ptr + ((t * G * tl.num_programs(0) + head) * HD)[:, None] + d[None, :],
-            mask=valid[:, None] & dm[None, :], other=0.0,
-        )  # fmt: skip
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BD], tl.float32)
+        if ROPE:
+            q_ok = valid & (pos >= 0) & (pos < S_MAX)
+            q = _rope_tile(q_ptr + t * W + head * HD, pos, q_ok, cos_ptr, sin_ptr, HD, HALF, BD, PTX)
+            if split == tl.num_programs(1) - 1:  # the call's keys and values, first
+                j = tl.arange(0, BT)  # (a tile of at least 16 rows for tl.dot)
+                jp = (
+                    start + j.to(tl.int64)
+                    if FROM_START
+                    else tl.load(pos_ptr + j, mask=j < T, other=-1).to(tl.int64)
+                )
+                new_ok = (j < T) & (jp >= 0) & (jp < S_MAX)  # a position outside the cache: nothing
+                row = q_ptr + j * W
+                k_new = _rope_tile(
+                    row + (G * n_kv + kv) * HD, jp, new_ok, cos_ptr, sin_ptr, HD, HALF, BD, PTX
+                )
+                new_m = new_ok[:, None] & dm[None, :]
+                v_new = tl.load(
+                    (row + (G * n_kv + n_kv + kv) * HD)[:, None] + d[None, :], mask=new_m, other=0.0
+                )
+                sees_new = new_ok[None, :] & (jp[None, :] <= pos[:, None])
+                m_i, l_i, acc = _online_softmax(q, k_new, v_new, sees_new, m_i, l_i, acc, scale, DOT)
+                new_slot = (kv * S_MAX + tl.where(new_ok, jp, 0)) * HD
+                tl.store(cache_k + new_slot[:, None] + d[None, :], k_new, mask=new_m)
+                tl.store(cache_v + new_slot[:, None] + d[None, :], v_new, mask=new_m)
+            # the call's positions again, in a tile of TT >= T for the loop's test
+            jt = tl.arange(0, TT)
+            fresh = (
+                start + jt.to(tl.int64)
+                if FROM_START
+                else tl.load(pos_ptr + jt, mask=jt < T, other=-1).to(tl.int64)
+            )
+            fresh = tl.where(jt < T, fresh, -1)
+        else:
+            q = tl.load(
+                q_ptr + ((t * G * n_kv + head) * HD)[:, None] + d[None, :],
+                mask=valid[:, None] & dm[None, :], other=0.0,
+            )  # fmt: skip
         for s0 in range(lo, hi, BS):
             s = s0 + tl.arange(0, BS)
             sm = s < hi
+            if ROPE:  # the call's positions: never read from the cache (the last split has them)
+                sm = sm & (tl.max((s[:, None] == fresh[None, :]).to(tl.int32), 1) == 0)
             slot = (kv * S_MAX + s) * HD
             km = sm[:, None] & dm[None, :]
             keys = tl.load(cache_k + slot[:, None] + d[None, :], mask=km, other=0.0)  # [BS, BD]
-            scores = tl.dot(q, tl.trans(keys), input_precision=DOT) * scale  # [BM, BS]
-            seen = sm[None, :] & (s[None, :] <= pos[:, None])
-            scores = tl.where(seen, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-            p = tl.exp(scores - m_use[:, None])
-            alpha = tl.exp(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
             values = tl.load(cache_v + slot[:, None] + d[None, :], mask=km, other=0.0)  # [BS, BD]
-            acc = acc * alpha[:, None] + tl.dot(p, values, input_precision=DOT)
-            m_i = m_new
+            seen = sm[None, :] & (s[None, :] <= pos[:, None])
+            m_i, l_i, acc = _online_softmax(q, keys, values, seen, m_i, l_i, acc, scale, DOT)
         if SPLIT:
             at = (kv * tl.num_programs(1) + split) * BM + r
             tl.store(part_acc + at[:, None] * BD + d[None, :], acc)
             tl.store(part_m + at, m_i)
             tl.store(part_l + at, l_i)
         else:
-            out = out_ptr + ((t * G * tl.num_programs(0) + head) * HD)[:, None] + d[None, :]
+            out = out_ptr + ((t * G * n_kv + head) * HD)[:, None] + d[None, :]
             total = tl.where(valid, l_i, 1.0)  # (padding rows: no division by zero)
             tl.store(out, acc / total[:, None], mask=valid[:, None] & dm[None, :])
 
@@ -1807,7 +1904,7 @@ if triton is not None:
         part_acc, part_m, part_l, out_ptr, T, G, KV, HD, SPLITS, BM: tl.constexpr, BD: tl.constexpr,
         BP: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
-        """`harness::attention`'s third launch when the keys were split: program (kv, r) merges
+        """`harness::attention`'s last launch when the keys were split: program (kv, r) merges
         row r of KV head kv over the splits (each rescaled to the largest maximum) into out."""
         _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
@@ -2757,9 +2854,11 @@ def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int,
 
 
 def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
-    """`harness::attention` in two or three launches: `_rope_cache_kernel` (rope on q and k, the
-    cache write), `_attention_kernel` over splits of the keys, and `_attention_merge_kernel`
-    when there is more than one split. The rope and the cache write are bit for bit the torch
+    """`harness::attention` in one launch, or two when the keys are split: `_attention_kernel`
+    over splits of the keys, its programs rotating the queries and (the last split) the new
+    keys themselves and writing the caches (ATTENTION_CONFIG["fold_rope"]; else
+    `_rope_cache_kernel` does that in a launch before), and `_attention_merge_kernel` when
+    there is more than one split. The rope and the cache write are bit for bit the torch
     path's; the attention agrees with it to float32 rounding (its sums run in another order)."""
     t, width = qkv.shape
     n_kv, s_max, hd = cache_k.shape
@@ -2774,19 +2873,24 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     n_keys = start + t if from_start else s_max
     pos = qkv if from_start else positions  # a pointer the kernels do not read when from_start
     device = qkv.device
-    (rotated,) = _scratch(("rotated", device, t, n_heads * hd), lambda: (qkv.new_empty((t, n_heads * hd)),))
     out = qkv.new_empty((t, n_heads * hd))
     cfg = ATTENTION_CONFIG
+    fold = bool(cfg["fold_rope"])
     bm = max(16, _next_pow2(group * t))
     bd = _next_pow2(hd)
     splits, _ = attention_splits(n_keys, n_kv, device)
     pdl_kw = pdl_options(device)
     with _launch_device(device):
-        launch(_rope_cache_kernel, (t, n_heads + n_kv),
-            qkv, width, cache_k, cache_v, cos, sin, pos, start, rotated, n_heads, n_kv, s_max, hd, half,
-            BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
-            enable_fp_fusion=False, **pdl_kw,
-        )  # fmt: skip
+        queries = qkv
+        if not fold:
+            (queries,) = _scratch(
+                ("rotated", device, t, n_heads * hd), lambda: (qkv.new_empty((t, n_heads * hd)),)
+            )
+            launch(_rope_cache_kernel, (t, n_heads + n_kv),
+                qkv, width, cache_k, cache_v, cos, sin, pos, start, queries, n_heads, n_kv, s_max, hd, half,
+                BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
+                enable_fp_fusion=False, **pdl_kw,
+            )  # fmt: skip
         if splits == 1:
             part_acc = part_m = part_l = out
         else:
@@ -2801,10 +2905,13 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
                 buffer[: n_kv * splits * size].view(n_kv, splits, *shape)
                 for buffer, size, shape in zip(flat, (bm * bd, bm, bm), ((bm, bd), (bm,), (bm,)), strict=True)
             )
+        # with the rope folded in, products rounded one by one: mul.rn in PTX (`_mul_rn`), which
+        # leaves fp fusion to the rest of the kernel; elsewhere (ROCm) no fusion at all
         launch(_attention_kernel, (n_kv, splits),
-            rotated, cache_k, cache_v, pos, start, out, part_acc, part_m, part_l, t, group, s_max, n_keys,
-            hd, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], FROM_START=from_start, SPLIT=splits > 1,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], DOT=cfg["dot"], **pdl_kw,
+            queries, width, cache_k, cache_v, cos, sin, pos, start, out, part_acc, part_m, part_l, t, group,
+            s_max, n_keys, hd, half, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], BT=max(16, _next_pow2(t)), TT=_next_pow2(t),
+            FROM_START=from_start, SPLIT=splits > 1, ROPE=fold, PTX=_ptx(), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], DOT=cfg["dot"], enable_fp_fusion=not fold or _ptx(), **pdl_kw,
         )  # fmt: skip
         if splits > 1:
             launch(_attention_merge_kernel, (n_kv, group * t),
