@@ -396,6 +396,50 @@ def test_two_tracers_at_once_each_keep_their_module_stack(model, on):
 # -- threads --------------------------------------------------------------------------------------
 
 
+def test_a_module_call_runs_what_torch_would_run_under_the_tracer():
+    """While a tracer watches module calls, a call runs the module's `_call_impl` (its hooks and
+    forward) as `nn.Module.__call__` does, or its `_compiled_call_impl` where it has one (what
+    `module.compile()` sets), and its ops are named by the module either way."""
+
+    class Inner(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(x) + 1
+
+    model, x = Outer(), torch.ones(2)
+    hooked = []
+    model.inner.register_forward_hook(lambda m, args, out: hooked.append(out.clone()))
+    with Tracer(model, keep_events=True) as tracer:
+        out = model(x)
+    assert out.tolist() == [3.0, 3.0] and [h.tolist() for h in hooked] == [[2.0, 2.0]]
+    assert [(ev.module, ev.op) for ev in tracer.events] == [
+        ("inner", "aten.mul.Tensor"),
+        ("inner", "aten.clone.default"),  # the hook's
+        ("", "aten.add.Tensor"),
+    ]
+    compiled = []
+
+    def compiled_call(*args, **kwargs):  # stands in for what torch.compile would run
+        compiled.append(args)
+        return torch.nn.Module._call_impl(model.inner, *args, **kwargs) - 5
+
+    model.inner._compiled_call_impl = compiled_call
+    with Tracer(model, keep_events=True) as tracer:
+        out = model(x)
+    assert len(compiled) == 1 and out.tolist() == [-2.0, -2.0]
+    assert [(ev.module, ev.op) for ev in tracer.events][2:] == [
+        ("inner", "aten.sub.Tensor"),  # compiled_call's own
+        ("", "aten.add.Tensor"),
+    ]
+
+
 def test_modules_run_by_another_thread_do_not_disturb_the_module_stack(tiny_path, monkeypatch):
     """Module hooks are global: a module that another thread runs while the model is traced
     must not push or pop the traced model's module stack (its ops are not traced at all)."""
