@@ -27,6 +27,7 @@ import datetime
 import gc
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-trace-"))
     stack = contextlib.ExitStack()
+    stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # (the traces: tens of MB on a GPU)
     device = args.device
     if device == "emulated":
         from harness.trace.emulated import EmulatedCuda
