@@ -8,6 +8,10 @@ repeats:
   the others skipped;
 - nop (with --nop): a do-nothing TorchDispatchMode, the floor any dispatch-mode tracer pays.
 
+Each mode's garbage collections during its timed runs are counted too (`gc`: per generation,
+how many and the seconds they took, over all repeats; `gc_tracked_objects`: the objects the
+collector tracks when timing starts, what a full collection walks).
+
     python benchmarks/bench_trace.py                      # tiny model on the CPU (synthesized)
     python benchmarks/bench_trace.py --model mixtral-8x7b.Q4_K_M.gguf --device cuda --decode 128
 
@@ -20,8 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,6 +43,31 @@ from harness.bench import host_hotspots  # noqa: E402
 from harness.model.generate import generate  # noqa: E402
 from harness.model.mixtral import Mixtral  # noqa: E402
 from harness.trace import Tracer, load_trace  # noqa: E402
+
+
+class GCMeter:
+    """Garbage collections while `mode` is set, per mode and generation: [count, seconds]."""
+
+    def __init__(self):
+        self.mode: str | None = None
+        self.collections: dict[str, dict[str, list]] = {}
+        self._start = 0.0
+
+    def __enter__(self) -> GCMeter:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self.mode is not None:
+            gens = self.collections.setdefault(self.mode, {})
+            entry = gens.setdefault(str(info["generation"]), [0, 0.0])
+            entry[0] += 1
+            entry[1] = round(entry[1] + time.perf_counter() - self._start, 6)
 
 
 class NopMode(TorchDispatchMode):
@@ -79,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-trace-"))
     stack = contextlib.ExitStack()
+    stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # (the traces: tens of MB on a GPU)
     device = args.device
     if device == "emulated":
         from harness.trace.emulated import EmulatedCuda
@@ -139,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
             f()
         wall: dict[str, list[float]] = {k: [] for k in modes}
         cpu: dict[str, list[float]] = {k: [] for k in modes}
+        tracked = len(gc.get_objects())
+        meter = stack.enter_context(GCMeter())
         for r in range(repeats):
             order = list(modes)[r % len(modes) :] + list(modes)[: r % len(modes)]
             for k in order:
+                meter.mode = k
                 w, c = time.perf_counter(), time.process_time()
                 modes[k]()
                 wall[k].append(time.perf_counter() - w)
                 cpu[k].append(time.process_time() - c)
+                meter.mode = None
             print(
                 f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {wall[k][-1]:.3f}s" for k in modes),
                 file=sys.stderr,
@@ -196,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             "median_cpu_s": {k: round(v, 5) for k, v in med_cpu.items()},
             "full_overhead_cpu_us_per_op": round((med_cpu["full"] - med_cpu["untraced"]) / events * 1e6, 2),
             "wall_s": {k: [round(x, 5) for x in v] for k, v in wall.items()},
+            "gc_tracked_objects": tracked,
+            "gc": {k: meter.collections.get(k, {}) for k in modes},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         if args.host_profile:  # where the host time of each goes (cProfile slows both)

@@ -365,12 +365,12 @@ def _moe_path(model):
     return f"layers.{_layer(model, moe=True)}.moe"
 
 
-def _topk_on_host_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
+def _topk_on_host_forward(self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     logits = self.router(x)  # [T, E] on the device
     probs = logits.float().cpu().softmax(-1)  # FAULT: routing fetched to the host
     weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k] on the host
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-    return self.experts(x, weights.to(x.device), chosen.to(x.device))
+    return self.experts(x, weights.to(x.device), chosen.to(x.device), residual)
 
 
 def _topk_inject(model, inj):
@@ -380,14 +380,16 @@ def _topk_inject(model, inj):
 # ---- item-in-routing -----------------------------------------------------------------------------
 
 
-def _item_in_routing_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
+def _item_in_routing_forward(
+    self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     logits = self.router(x)  # [T, E]
     probs = logits.float().softmax(-1)
     weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
     total = weights.sum(-1, keepdim=True)  # [T, 1]
     if total.min().item() < ROUTER_WEIGHT_SUM_MIN:  # FAULT: a host read decides whether to clamp
         total = total.clamp(min=ROUTER_WEIGHT_SUM_MIN)
-    return self.experts(x, weights / total, chosen)
+    return self.experts(x, weights / total, chosen, residual)
 
 
 def _item_inject(model, inj):
@@ -401,12 +403,13 @@ def _experts_path(model):
     return f"layers.{_layer(model, moe=True)}.moe.experts"
 
 
-def _indices_on_host_forward(self: Experts, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor):
+def _indices_on_host_forward(
+    self: Experts, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, residual=None
+):
     experts = experts.cpu()  # FAULT: the combine step works from host copies of the expert indices
     t, k = experts.shape
-    if t * k < self.n_experts:
-        return self._gather(x, weights, experts)
-    return self._dense(x, weights, experts)
+    y = self._gather(x, weights, experts) if t * k < self.n_experts else self._dense(x, weights, experts)
+    return y if residual is None else residual + y
 
 
 def _indices_inject(model, inj):

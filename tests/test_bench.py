@@ -165,11 +165,17 @@ def test_format_results_md_json_csv(tiny):
         bench.format_results([r], "xml")
 
 
-def test_bench_trace_reports_events_per_decoded_token(tiny, tmp_path):
+def test_bench_trace_reports_events_per_decoded_token(tiny, tmp_path, monkeypatch):
     """benchmarks/bench_trace.py on the CPU: its JSON has the decode steps' events per token, and
-    they and the prefill's add up to the whole trace."""
+    they and the prefill's add up to the whole trace; each mode's garbage collections; the
+    traces it wrote are deleted."""
     import importlib.util
+    import tempfile
     from pathlib import Path
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trace.py"
     spec = importlib.util.spec_from_file_location("bench_trace", script)
@@ -185,3 +191,5 @@ def test_bench_trace_reports_events_per_decoded_token(tiny, tmp_path):
     per_token = result["events_per_decoded_token"]
     assert per_token > 0 and result["events_prefill"] > 0
     assert result["events_prefill"] + 3 * per_token == pytest.approx(result["events_full"], abs=0.2)
+    assert set(result["gc"]) == {"untraced", "full", "sampled2"} and result["gc_tracked_objects"] > 0
+    assert list(scratch.iterdir()) == []

@@ -362,7 +362,7 @@ def test_trace_error_and_inconclusive_exit_3(tiny, monkeypatch):
     from harness.model import generate as generation
     from harness.model.mixtral import MoE
 
-    def broken(self, x):
+    def broken(self, x, residual=None):
         raise ValueError("a bug in the model")
 
     monkeypatch.setattr(MoE, "forward", broken)

@@ -241,7 +241,7 @@ def test_a_decode_step_under_the_interpreter_has_every_fused_op_with_its_bytes(t
         "harness::router_topk": n,
         "harness::moe_ffn": n,
     }
-    assert calls["aten::add"] == n  # the second residual add of each layer
+    assert "aten::add" not in calls  # each layer's second residual add is moe_ffn's
     code, vocab, dim = out["head"]
     head = [r for r in rows if r["op"] == "harness::qmatmul" and f"[{vocab} x {dim}]" in r["signature"]]
     assert len(head) == 1 and head[0]["calls_per_step"] == 1

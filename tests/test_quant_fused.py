@@ -185,9 +185,18 @@ def run_cases(device: str, small: bool) -> list[dict]:
                             gu_code,
                             down_code,
                         )
+                        # the layer's residual add in the op: the same add as after it, bit for bit
+                        residual = torch.randn(t, dim).to(device)
+                        folded = torch.ops.harness.moe_ffn(
+                            *(a.to(device) for a in (x, gate, up, down, weights, experts)),
+                            gu_code,
+                            down_code,
+                            residual,
+                        )
                     layout = "packed" if (gu_code | down_code) & fused.PACKED else "gguf"
                     name = f"moe_ffn {gu_type.name}/{down_type.name} {layout} T={t} {routing} {path}"
-                    results.append({"case": name, "nmse": _nmse(out, ref)})
+                    exact = torch.equal(folded, residual + out)
+                    results.append({"case": name, "nmse": _nmse(out, ref), "exact": exact})
     return results
 
 
@@ -2514,7 +2523,14 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
             ),
         ),
         ("embed_rows", 2, lambda: torch.ops.harness.embed_rows(*tensors(wq, torch.tensor([1])), q4, 256)),
+        ("moe_ffn", 7, lambda: _moe_ffn_with_residual(tensors, q4)),
     ]
+
+
+def _moe_ffn_with_residual(tensors, q4: int):
+    """`harness::moe_ffn` with its residual given, its tensors (`_moe_ffn_args`) through `tensors`."""
+    x, gate, up, down, weights, experts, residual = tensors(*_moe_ffn_args())
+    return torch.ops.harness.moe_ffn(x, gate, up, down, weights, experts, q4, q4, residual)
 
 
 def test_decode_ops_refuse_cpu_tensors_without_the_interpreter():
@@ -2527,6 +2543,37 @@ def test_decode_ops_refuse_cpu_tensors_without_the_interpreter():
         with pytest.raises(RuntimeError) as info:
             call()
         assert is_device_error(str(info.value)) and f"harness::{name}" in str(info.value), name
+
+
+def test_moe_ffn_checks_its_residual_like_its_other_tensors(monkeypatch):
+    """The residual `harness::moe_ffn` adds is one of its tensors: on another device than the
+    others it is refused with a device error that names it (under the emulated CUDA, which
+    applies CUDA's rule to the op's schema) before anything runs; of another shape or type, the
+    op refuses it by name."""
+    from harness.quant import fused, kernels  # noqa: F401  (registers the ops)
+    from harness.trace.classify import is_device_error
+    from harness.trace.emulated import EmulatedCuda
+
+    with EmulatedCuda():
+        x, gate, up, down, weights, experts, _ = (t.to("cuda") for t in _moe_ffn_args())
+        with pytest.raises(RuntimeError) as info:
+            torch.ops.harness.moe_ffn(x, gate, up, down, weights, experts, 12, 12, torch.ones(1, 256))
+    assert is_device_error(str(info.value)) and "residual" in str(info.value)
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)  # the op takes CPU tensors
+    for residual in (torch.ones(1, 256, dtype=torch.float64), torch.ones(2, 256), torch.ones(256)):
+        with pytest.raises(
+            ValueError, match=r"harness::moe_ffn: residual must be float32 of shape \[1, 256\]"
+        ):
+            torch.ops.harness.moe_ffn(*_moe_ffn_args()[:6], 12, 12, residual)
+
+
+def _moe_ffn_args() -> list[torch.Tensor]:
+    """x, gate, up, down, weights, experts and residual of one token over 2 of 4 zero Q4_K experts."""
+    stack = torch.zeros(4, 256, 144, dtype=torch.uint8)  # [E, 256 rows, one Q4_K block a row]
+    return [
+        torch.ones(1, 256), stack, stack.clone(), stack.clone(), torch.ones(1, 2), torch.tensor([[0, 1]]),
+        torch.ones(1, 256),
+    ]  # fmt: skip
 
 
 def test_fake_implementations_give_shapes_without_running():
@@ -2549,6 +2596,11 @@ def test_fake_implementations_give_shapes_without_running():
             12,
         )
         assert y.shape == (5, 512)
+        with_residual = torch.ops.harness.moe_ffn(
+            x, *[torch.empty(4, 64, 288, dtype=torch.uint8)] * 2, torch.empty(4, 512, 36, dtype=torch.uint8),
+            torch.empty(5, 2), torch.empty(5, 2, dtype=torch.int64), 12, 12, torch.empty(5, 512),
+        )  # fmt: skip
+        assert with_residual.shape == (5, 512) and with_residual.dtype == torch.float32
         qkv = torch.ops.harness.qkv(
             x,
             torch.empty(64, 288, dtype=torch.uint8),

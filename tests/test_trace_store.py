@@ -260,13 +260,13 @@ def test_diff_cpu_and_accelerator_runs(cpu_trace, tiny_path, tmp_path, monkeypat
     assert placement == {("layers.1", "d0", "d1"), ("head", "d0", "d1")}
 
     # A host-built mask in one run only: its ops are off the placement there.
-    def forward(self, x):
+    def forward(self, x, residual=None):
         logits = self.router(x)
         mask = torch.zeros(logits.shape, dtype=torch.bool)  # on the host
         logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
         weights, chosen = logits.float().softmax(-1).topk(self.n_used, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-        return self.experts(x, weights, chosen)
+        return self.experts(x, weights, chosen, residual)
 
     monkeypatch.setattr(MoE, "forward", forward)
     stray = _emulated_trace(tiny_path, tmp_path / "stray.jsonl")
@@ -312,11 +312,11 @@ def test_cli_trace_clean(tiny_path, tmp_path, capsys):
 
 
 def test_cli_trace_finds_a_sync(tiny_path, tmp_path, capsys, monkeypatch):
-    def forward(self, x):
+    def forward(self, x, residual=None):
         logits = self.router(x)
         assert logits.abs().max().item() < 1e9  # a host read in the routing
         weights, chosen = logits.float().softmax(-1).topk(self.n_used, dim=-1)
-        return self.experts(x, weights / weights.sum(-1, keepdim=True), chosen)
+        return self.experts(x, weights / weights.sum(-1, keepdim=True), chosen, residual)
 
     monkeypatch.setattr(MoE, "forward", forward)
     code = main(["trace", str(tiny_path), "--device", "emulated", "--tokens", "1,2,3", "--json"])

@@ -222,13 +222,13 @@ def test_meta_run_judged_by_cuda_rules(tiny_path):
 # -- sync and stray: faults injected into the routing ----------------------------------------------
 
 
-def _route(self, x, hook):
+def _route(self, x, residual, hook):
     logits = self.router(x)  # [T, E]
     logits = hook(logits)
     probs = logits.float().softmax(-1)
     weights, chosen = probs.topk(self.n_used, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-    return self.experts(x, weights.to(x.device), chosen.to(x.device))
+    return self.experts(x, weights.to(x.device), chosen.to(x.device), residual)
 
 
 def _item_in_routing(logits):
@@ -257,7 +257,7 @@ def _cpu_topk(logits):
     ids=["item", "host-mask", "cpu-topk"],
 )
 def test_routing_faults_are_caught_where_they_are(model, on, monkeypatch, hook, cls, op, line):
-    monkeypatch.setattr(MoE, "forward", lambda self, x: _route(self, x, hook))
+    monkeypatch.setattr(MoE, "forward", lambda self, x, residual=None: _route(self, x, residual, hook))
     with Tracer(model, keep_events=hook is _cpu_topk) as tracer:
         model(_tokens(), 0)
     s = tracer.summary
@@ -308,10 +308,10 @@ def test_two_device_split(tiny_path, on):
 def test_undeclared_move_inside_a_layer_is_a_transfer(model, on, monkeypatch):
     moved = []
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         bias = torch.zeros(x.shape[-1]).to(x.device)  # a host-made constant uploaded every call
         moved.append(bias.device.type)
-        return _route(self, x + bias, lambda logits: logits)
+        return _route(self, x + bias, residual, lambda logits: logits)
 
     monkeypatch.setattr(MoE, "forward", forward)
     with Tracer(model, keep_events=True) as tracer:
@@ -396,6 +396,50 @@ def test_two_tracers_at_once_each_keep_their_module_stack(model, on):
 # -- threads --------------------------------------------------------------------------------------
 
 
+def test_a_module_call_runs_what_torch_would_run_under_the_tracer():
+    """While a tracer watches module calls, a call runs the module's `_call_impl` (its hooks and
+    forward) as `nn.Module.__call__` does, or its `_compiled_call_impl` where it has one (what
+    `module.compile()` sets), and its ops are named by the module either way."""
+
+    class Inner(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(x) + 1
+
+    model, x = Outer(), torch.ones(2)
+    hooked = []
+    model.inner.register_forward_hook(lambda m, args, out: hooked.append(out.clone()))
+    with Tracer(model, keep_events=True) as tracer:
+        out = model(x)
+    assert out.tolist() == [3.0, 3.0] and [h.tolist() for h in hooked] == [[2.0, 2.0]]
+    assert [(ev.module, ev.op) for ev in tracer.events] == [
+        ("inner", "aten.mul.Tensor"),
+        ("inner", "aten.clone.default"),  # the hook's
+        ("", "aten.add.Tensor"),
+    ]
+    compiled = []
+
+    def compiled_call(*args, **kwargs):  # stands in for what torch.compile would run
+        compiled.append(args)
+        return torch.nn.Module._call_impl(model.inner, *args, **kwargs) - 5
+
+    model.inner._compiled_call_impl = compiled_call
+    with Tracer(model, keep_events=True) as tracer:
+        out = model(x)
+    assert len(compiled) == 1 and out.tolist() == [-2.0, -2.0]
+    assert [(ev.module, ev.op) for ev in tracer.events][2:] == [
+        ("inner", "aten.sub.Tensor"),  # compiled_call's own
+        ("", "aten.add.Tensor"),
+    ]
+
+
 def test_modules_run_by_another_thread_do_not_disturb_the_module_stack(tiny_path, monkeypatch):
     """Module hooks are global: a module that another thread runs while the model is traced
     must not push or pop the traced model's module stack (its ops are not traced at all)."""
@@ -414,10 +458,10 @@ def test_modules_run_by_another_thread_do_not_disturb_the_module_stack(tiny_path
     worker = threading.Thread(target=lambda: other(torch.ones(4)))
     moe_forward = MoE.forward
 
-    def moe_with_the_other_thread(self, x):
+    def moe_with_the_other_thread(self, x, residual=None):
         release.set()  # the other thread's module ends here, inside layers.N.moe
         worker.join(10)
-        return moe_forward(self, x)
+        return moe_forward(self, x, residual)
 
     monkeypatch.setattr(MoE, "forward", moe_with_the_other_thread)
     with Tracer(model, keep_events=True) as tracer:

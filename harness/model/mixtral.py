@@ -314,18 +314,37 @@ class Experts(nn.Module):
         (g, (_, d)), (u, _), (w2, (_, f)) = self.meta["w1"], self.meta["w3"], self.meta["w2"]
         return g == u and fused.supports_all([(g, device, d), (w2, device, f)])
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]; weights, experts: [T, k]
+    def forward(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        experts: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x: [T, D]; weights, experts: [T, k]. With `residual` [T, D]: residual + the experts' sum
+        # (the layer's residual add; the fused op makes it itself, where residual and x are float32).
         w1 = self.w1  # (a buffer: read once)
         if self._fused(w1.device):
             codes = self.kernel_qtypes
             qt, qt_down = codes["w1"] | (codes["w3"] & fused.WIDE), codes["w2"]
+            if (
+                residual is not None
+                and x.dtype == residual.dtype == torch.float32
+                and residual.shape == x.shape
+            ):
+                return torch.ops.harness.moe_ffn(
+                    x, w1, self.w3, self.w2, weights, experts, qt, qt_down, residual
+                )
             y = torch.ops.harness.moe_ffn(x, w1, self.w3, self.w2, weights, experts, qt, qt_down)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
-        t, k = experts.shape
-        if t * k < self.n_experts:
-            return self._gather(x, weights, experts)
-        return self._dense(x, weights, experts)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+        else:
+            t, k = experts.shape
+            y = (
+                self._gather(x, weights, experts)
+                if t * k < self.n_experts
+                else self._dense(x, weights, experts)
+            )
+        return y if residual is None else residual + y
 
     def _gather(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         t, k = experts.shape
@@ -396,16 +415,18 @@ class MoE(nn.Module):
         self.experts = experts
         self.n_used = n_used
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' weighted sum for x [T, D]; `residual + ` it where `residual` is given (the
+        layer's residual add, made by the experts: in their fused op, where it runs)."""
         router = self.router
         if router.routes_in_one_op(x):
             weights, chosen = router(x, self.n_used)  # [T, k]
-            return self.experts(x, weights, chosen)
+            return self.experts(x, weights, chosen, residual)
         logits = router(x)  # [T, E]
         probs = logits.float().softmax(-1)
         weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-        return self.experts(x, weights, chosen)
+        return self.experts(x, weights, chosen, residual)
 
 
 class Block(nn.Module):
@@ -428,7 +449,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         x, normed = self.ffn_norm(x, self.attn(self.attn_norm(x), start_pos))  # x + attention, normed
-        return x + (self.moe if self.is_moe else self.ffn)(normed)
+        if self.is_moe:
+            return self.moe(normed, x)  # x + the experts' sum (one op on the fused path)
+        return x + self.ffn(normed)
 
 
 class Mixtral(nn.Module):

@@ -2615,22 +2615,37 @@ def moe_ffn(
     experts: torch.Tensor,
     gate_up_qtype: int,
     down_qtype: int,
+    residual: Optional[torch.Tensor] = None,  # noqa: UP045  (torch 2.11's schema inference reads Optional)
 ) -> torch.Tensor:
     """sum_s weights[t, s] * down_e(silu(gate_e x_t) * up_e x_t), e = experts[t, s], for every token
     t of x [T, D]; gate/up [E, F, bytes] and down [E, D, bytes] raw blocks -> [T, D] float32
-    (the qtypes with PACKED and WIDE as `kernel_weight` gives them; gate and up share one)."""
-    _check_devices("harness::moe_ffn", x, gate, up, down, weights, experts)
+    (the qtypes with PACKED and WIDE as `kernel_weight` gives them; gate and up share one).
+
+    `residual` ([T, D] float32): the layer's residual add in the op, `residual + ` that sum (the
+    same add the layer would make after it: one op fewer a layer)."""
+    _check_devices("harness::moe_ffn", x, gate, up, down, weights, experts, *_given(residual))
     t, k = experts.shape
     ffn, dim = gate.shape[1], down.shape[1]
+    if residual is not None and (residual.shape != (t, dim) or residual.dtype != torch.float32):
+        raise ValueError(
+            f"harness::moe_ffn: residual must be float32 of shape {[t, dim]}, "
+            f"got {residual.dtype} of shape {list(residual.shape)}"
+        )
     routing = {}  # both products route the same pairs: the prefill sorts them once
     h = _product(x, gate, up, gate_up_qtype, ffn, experts, k, None, routing=routing)  # [T*k, F]
-    return _product(
+    y = _product(
         h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k, routing=routing
     )  # [T, D]
+    return y if residual is None else residual + y
+
+
+def _given(t: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(t,) for a tensor, () for None: an optional argument among the tensors `_check_devices` checks."""
+    return () if t is None else (t,)
 
 
 @_fake("moe_ffn")
-def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype):
+def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype, residual=None):
     return x.new_empty((x.shape[0], down.shape[1]), dtype=torch.float32)
 
 
@@ -3082,7 +3097,7 @@ def router_topk(
     2.11's network), so the (expert, weight) pairs are the same; torch.topk on the CPU may
     choose other tied experts. A NaN logit makes every probability NaN: experts 0..k-1, as
     torch.topk on CUDA takes them (NaN above all)."""
-    _check_devices("harness::router_topk", x, *(() if weight is None else (weight,)))
+    _check_devices("harness::router_topk", x, *_given(weight))
     if router_takes_kernel(x, weight, k):
         return _router_topk_kernel_call(x, weight, k, min_sum)
     logits = x if weight is None else x @ weight.T

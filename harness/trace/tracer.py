@@ -975,7 +975,8 @@ class Tracer(TorchDispatchMode):
         names = None
         try:
             for a in (*args, *kwargs.values()) if kwargs else args:
-                kind = kinds[a.__class__]
+                cls = a.__class__
+                kind = _TENSOR if cls is Tensor else kinds[cls]
                 if kind == _TENSOR:
                     raw += (a.device, a.dtype, a.shape)
                     entry = weights.get(id(a))
@@ -1037,7 +1038,8 @@ class Tracer(TorchDispatchMode):
         if self._downloaded and module == "":
             self._derive(args, kwargs, out)
         alias = info.alias
-        kind = kinds[out.__class__]
+        cls = out.__class__
+        kind = _TENSOR if cls is Tensor else kinds[cls]
         if kind == _TENSOR:
             try:
                 raw += (out.device, out.dtype, out.shape)
@@ -1464,11 +1466,19 @@ def _unwatch_module_calls(tracer: Tracer) -> None:
         torch.nn.Module.__call__ = _REAL_CALL[0]  # (kept: calls under way still go through it)
 
 
+# torch's `nn.Module.__call__`: it calls the module's `_compiled_call_impl` if it has one, else its
+# `_call_impl`, which `_module_call` then calls itself (a Python call fewer a module call).
+_WRAPPED_CALL = getattr(torch.nn.Module, "_wrapped_call_impl", None)
+
+
 def _module_call(module, *args, **kwargs):
     """`nn.Module.__call__` while tracers watch module calls."""
     watchers = _WATCHERS
     if len(watchers) == 1:
-        return watchers[0]._watched_call(_REAL_CALL[0], module, args, kwargs)
+        call = _REAL_CALL[0]
+        if call is _WRAPPED_CALL and module._compiled_call_impl is None:
+            call = type(module)._call_impl
+        return watchers[0]._watched_call(call, module, args, kwargs)
     return _call_watched(tuple(watchers), module, *args, **kwargs)
 
 
