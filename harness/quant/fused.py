@@ -1317,10 +1317,11 @@ if triton is not None:
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
         for sb in tl.range(first, last, num_stages=STAGES, loop_unroll_factor=UNROLL):
-            if INT:  # x's super-block once for w and u
+            if INT and X_AT:  # where `_int_x` stored x's super-block: its words, scales and sums
+                x_at = (xp + sb * 128, xscale + sb * 8, xsum + sb * 16)
+            elif INT:  # x's super-block once for w and u
                 xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
             if INT and (QT == 12 or QT == 13) and X_AT:  # Q4_K, Q5_K, x from `_int_x`
-                x_at = (xp + sb * 128, xscale + sb * 8, xsum + sb * 16)
                 acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, *x_at, BN, PTX, QT == 13, True)
                 if GATED:
                     acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, *x_at, BN, PTX, QT == 13, True)
@@ -1329,7 +1330,6 @@ if triton is not None:
                 if GATED:
                     acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, xq, xs, xs16, BN, PTX, QT == 13)
             elif INT and QT == 14 and X_AT:  # Q6_K repacked, x from `_int_x`
-                x_at = (xp + sb * 128, xscale + sb * 8, xsum + sb * 16)
                 acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
                 if GATED:
                     acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
@@ -1337,11 +1337,10 @@ if triton is not None:
                 acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
                 if GATED:
                     acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
-            elif INT and X_AT:  # Q8_0 repacked, x from `_int_x`
-                x_at = (xp + sb * 128, xscale + sb * 8)
-                acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
+            elif INT and X_AT:  # Q8_0 repacked, x from `_int_x` (no sums)
+                acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, x_at[0], x_at[1], BN, PTX, True)
                 if GATED:
-                    acc_i_u += _q8_0_dot_int(u_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
+                    acc_i_u += _q8_0_dot_int(u_ptr, rowb // 4, sb, n_super, x_at[0], x_at[1], BN, PTX, True)
             elif INT:  # Q8_0 repacked, integer dot products
                 acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
                 if GATED:
