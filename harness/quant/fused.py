@@ -1064,7 +1064,8 @@ if triton is not None:
         (sub-block j) is bit 8b + j of qh word w, moved to bit 4 of byte b (the high nibbles
         shifted down first). X_AT: xq, xs and xsum are where `_int_x` stored the super-block's
         words, scales and sums, each operand loaded as the products take it (the same values;
-        taking them apart from [8, 16] costs a dozen barriers an iteration in layout changes)."""
+        taking them apart from [8, 16] changes their layout through shared memory every
+        iteration)."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
         # every operand in the [BN, 4 groups, 4 words] tile's layout (the block's scales as
         # [BN, 1, 1], x's as [1, 4, 4]): mixing 2-D and 3-D shapes cost layout changes (shared
