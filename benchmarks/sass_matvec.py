@@ -94,7 +94,7 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
         "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated, "SCALED": False,
         "ROUTED": False, "VEC": vec, "PACKED": packed, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1),
         "REDUCE": not gated,  # a decode product's splits summed in the kernel (gated ones take one split)
-        "INT": int_read, "INT_X": int_x, "PTX": True, "X_AT": int_read and not int_x and cfg.get("x_at", 1) == 1,
+        "INT": int_read, "INT_X": int_x, "PTX": True, "X_AT": int_read and not int_x and cfg.get("x_at", fused.X_AT_DEFAULT) == 1,
     }  # fmt: skip
     names = fused._matvec_kernel.arg_names
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}

@@ -1887,7 +1887,7 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
             consts = {
                 "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
                 "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
-                "STAGES": cfg["stages"], "UNROLL": cfg.get("unroll", 1), "REDUCE": routed or not gated, "INT": True, "INT_X": int_x, "X_AT": not int_x and cfg.get("x_at", 1) == 1, "PTX": True, "PDL": True,
+                "STAGES": cfg["stages"], "UNROLL": cfg.get("unroll", 1), "REDUCE": routed or not gated, "INT": True, "INT_X": int_x, "X_AT": not int_x and cfg.get("x_at", fused.X_AT_DEFAULT) == 1, "PTX": True, "PDL": True,
             }  # fmt: skip
             names = kernel.arg_names
             signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}

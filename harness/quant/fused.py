@@ -87,8 +87,14 @@ MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel i
 # Types not swept take the first row's settings (their tiles have the same 128-value parts).
 # "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory);
 # "unroll" > 1 unrolls it that many times (Triton's loop_unroll_factor; 1 when absent);
-# "x_at" 0 makes the Q4_K, Q5_K and Q6_K int reads take x from `_int_x` as one [8, 16] tile taken apart
-# in registers (the older read; 1 when absent: `_q4_k_dot_int`'s X_AT).
+# "x_at" 1 makes the Q4_K, Q5_K, Q6_K and Q8_0 int reads load x's operands where `_int_x` stored
+# them, in the tiles' layout (`_q4_k_dot_int`'s X_AT: no barriers in the loop, more instructions a
+# byte); 0, X_AT_DEFAULT, takes x as one [8, 16] tile apart in registers. On an H100 (session 13,
+# .gpu/call29.sh, `sweep_matvec.py --compare --paths int --int-x launch`, each way) 0 was the faster
+# at every decode shape: the moe_ffn with a Q6_K down 112.1 us against 122.6, with a Q4_K down 99.7
+# against 106.7, the Q6_K head 49.6 against 59.0, Q4_K 4096 x 4096 10.2 against 11.2; and
+# bench_model's graph decode 193.7 tok/s against 183.3.
+X_AT_DEFAULT = 0
 MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BN": 16, "num_warps": 4, "stages": 1} for qtype in PARTS
 } | {
@@ -2120,7 +2126,7 @@ def _planned(
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "INT_X": int_read and int_x == "kernel",
-        "X_AT": int_read and int_x != "kernel" and bool(cfg.get("x_at", 1)),
+        "X_AT": int_read and int_x != "kernel" and bool(cfg.get("x_at", X_AT_DEFAULT)),
         "PTX": _ptx(),
     }  # fmt: skip
     return _MatvecPlan(
