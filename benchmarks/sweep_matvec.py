@@ -16,7 +16,8 @@ here, as BN=8 with 2 warps once did). Writes JSON; asserts nothing.
     python benchmarks/sweep_matvec.py --out benchmarks/results/matvec_sweep.json
 
 `--grid 64x4,128x8` sweeps those (BN, warps) instead of GRID, `--per-sm 2,4,8` those programs a
-multiprocessor instead of PROGRAMS_PER_SM, `--stages 1,2,3` the software pipelining of the loop
+multiprocessor instead of PROGRAMS_PER_SM (the setting's "dense_programs_per_sm" in the cases of
+one weight a product, its "programs_per_sm" in moe_ffn's), `--stages 1,2,3` the software pipelining of the loop
 over super-blocks too, `--cases Q4_K,head` only the cases whose names hold one of those strings:
 
     python benchmarks/sweep_matvec.py --paths int --grid 64x4,128x4,128x8 --stages 1,2,3 --cases moe_ffn
@@ -78,6 +79,7 @@ class Case(NamedTuple):
     code: int  # the type and layout whose launch setting the case sweeps
     reference: Callable  # the first choice's result by dequantize-then-matmul in float32
     gated: bool = False  # whether that setting also launches a gated product (moe_ffn's gate/up)
+    routed: bool = False  # whether its products are routed (moe_ffn's), else of one weight each
 
 
 def in_turn(items: list):
@@ -154,14 +156,14 @@ def cases(dev: torch.device, d: int = 4096, f: int = 14336, vocab: int = 32000, 
     qkv_bytes = d * d * q4 // 256 + 2 * kv * d * q8 // 256
     return {
         "moe_ffn Q4_K gate/up, packed Q6_K down; Q4_K settings": Case(
-            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, int(T.Q4_K), moe6_ref, gated=True,
+            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, int(T.Q4_K), moe6_ref, gated=True, routed=True,
         ),
         "moe_ffn Q4_K gate/up, packed Q6_K down; packed Q6_K settings": Case(
-            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, code6, moe6_ref,
+            moe6, pairs[0], gated_bytes + 2 * d * f * q6 // 256, code6, moe6_ref, routed=True,
         ),
         "moe_ffn Q4_K gate/up/down; Q4_K settings": Case(
             experts(down4, int(T.Q4_K)), pairs[0], gated_bytes + 2 * d * f * q4 // 256, int(T.Q4_K),
-            moe_reference(down4, int(T.Q4_K)), gated=True,
+            moe_reference(down4, int(T.Q4_K)), gated=True, routed=True,
         ),
         "qkv Q4_K q, packed Q8_0 k/v; Q4_K settings": Case(
             qkv(), attention[0], qkv_bytes, int(T.Q4_K), qkv_reference,
@@ -301,7 +303,8 @@ def swept(
         reference = case.call(case.first)
         gated_values = gated_per_sm if case.gated else [None]
         for (bn, warps), n_per_sm, gated, n_stages in itertools.product(grid, per_sm, gated_values, stages):
-            config.update(BN=bn, num_warps=warps, programs_per_sm=n_per_sm, stages=n_stages)
+            per_sm_key = fused.split_setting(False, case.routed)  # (the case's non-gated products)
+            config.update(BN=bn, num_warps=warps, stages=n_stages, **{per_sm_key: n_per_sm})
             if gated is not None:
                 config["gated_programs_per_sm"] = gated
             try:
@@ -319,7 +322,7 @@ def swept(
                 "us": round(ms * 1000, 2), "fraction_of_copy": round(case.nbytes / ms / 1e9 / copy_tbps, 3),
                 "nmse_vs_default": off,
                 "default": setting
-                == (default["BN"], default["num_warps"], default.get("programs_per_sm", 4), default.get("stages", 1)),
+                == (default["BN"], default["num_warps"], default.get(per_sm_key, default.get("programs_per_sm", 4)), default.get("stages", 1)),
             }  # fmt: skip
             if case.gated:
                 gated_default = default.get("gated_programs_per_sm", default.get("programs_per_sm", 4))

@@ -397,7 +397,7 @@ def _planned_splits(code: int, shape: tuple, device: torch.device, splits: int):
 
     cols, rows, n_pairs, out_div, gated, scaled = shape
     cfg = fused.matvec_config(code)
-    key = "gated_programs_per_sm" if gated else "programs_per_sm"
+    key = fused.split_setting(gated, routed=True)
     saved = cfg.get(key)
     try:
         for per_sm in range(0 if gated else 1, 4096):
@@ -1227,7 +1227,7 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                     x_div,
                     None if scale is None else scale.to(device),
                 )
-                key = "gated_programs_per_sm" if gated else "programs_per_sm"
+                key = fused.split_setting(gated, routed)
                 saved = cfg.get(key)
                 cfg[key] = (0 if gated else 1) if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
                 try:
@@ -2705,6 +2705,36 @@ def test_matvec_plans_are_kept_and_follow_a_setting_changed_in_place(monkeypatch
     assert again.options["BN"] == cfg["BN"] and again.grid[0] == 2 * plan.grid[0]
     monkeypatch.setattr(fused, "matvec_path", "vec")
     assert not fused._matvec_plan(*shape).int_read
+
+
+def test_matvec_splits_follow_the_setting_key_of_the_product_kind(monkeypatch):
+    """A product of one weight splits its super-blocks by the setting's "dense_programs_per_sm",
+    a routed one by "programs_per_sm", a gated one by "gated_programs_per_sm"
+    (`fused.split_setting`), on a device of 132 multiprocessors (an H100's)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    monkeypatch.setattr(fused, "matvec_path", "int")
+    monkeypatch.setattr(fused, "_programs_wanted", lambda device, per_sm=4: 132 * per_sm)
+    monkeypatch.setattr(fused, "_PLANS", {})
+    cfg = fused.INT_MATVEC_CONFIG[GGMLType.Q4_K]
+    for key, value in (
+        ("BN", 128),
+        ("dense_programs_per_sm", 1),
+        ("programs_per_sm", 8),
+        ("gated_programs_per_sm", 2),
+    ):
+        monkeypatch.setitem(cfg, key, value)
+    q4, cpu = int(GGMLType.Q4_K), torch.device("cpu")
+
+    def splits(gated: bool, routed: bool) -> int:  # 4096 x 4096: 32 row tiles, 16 super-blocks
+        return fused._matvec_plan(q4, 4096, 4096, 1, 1, gated, False, routed, cpu).grid[2]
+
+    assert splits(False, False) == 4  # 132 wanted: 5 splits, 4 super-blocks each: 4
+    assert splits(False, True) == 16  # 1056 wanted: one super-block a program
+    assert splits(True, True) == 8  # 264 wanted: 9 splits, 2 super-blocks each: 8
+    del cfg["dense_programs_per_sm"]  # (monkeypatch restores it)
+    assert splits(False, False) == 16  # "programs_per_sm" stands in
 
 
 def test_split_counters_grow_and_keep_the_buffers_a_graph_may_hold():

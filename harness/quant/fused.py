@@ -76,7 +76,9 @@ MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel i
 # Launch configurations per type. "programs_per_sm": split the rows' super-blocks until the
 # device has that many programs a multiprocessor (4 when absent); "gated_programs_per_sm": the
 # same for a gated product (gate and up in one launch, moe_ffn's), "programs_per_sm" when absent,
-# 0 never splits it (the kernel before gated splits; 1 does the same at 8x7B's gate/up). From
+# 0 never splits it (the kernel before gated splits; 1 does the same at 8x7B's gate/up);
+# "dense_programs_per_sm": the same for a product of one weight (not routed: attention's
+# projections, the head), "programs_per_sm" when absent (`split_setting`). From
 # the draft of `benchmarks/sweep_matvec.py` on an H100 (session 8, results/matvec_sweep.json:
 # weights rotated past the 50 MB L2, each setting checked against the default's result):
 # - Q4_K at BN=32, 4 warps: the gated expert product (2 x 14336 x 4096) 79 us against 116 at
@@ -125,11 +127,15 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # more), with a Q6_K down 115.2 against 138.2, 122.3 and 125.4: more programs did not make the
 # 224 of the unsplit product faster, the partials' round trip only cost. (Timed before the int
 # reads took x's operands straight from `_int_x`'s stores: `_q4_k_dot_int`'s X_AT.)
+# Attention's projections (products of one weight, 4096 x 4096 and 2 x 1024 x 4096 at 8x7B) split
+# their 16 super-blocks a row less ("dense_programs_per_sm" 2: 2 a program, against 1 at 4): in
+# session 12's H100 sweep (not kept) Q4_K 4096 x 4096 took 9.00 us at 2 against 10.34 at 4, the qkv
+# op 16.60 against 18.67 (Q5_K at BN=128: 10.61 against 11.21).
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
-    T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 0},
-    T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1},
+    T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 0, "dense_programs_per_sm": 2},
+    T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
     T.Q6_K: {"BN": 16, "num_warps": 2, "stages": 1, "programs_per_sm": 8},
-    T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1},
+    T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
 }
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
@@ -2097,6 +2103,14 @@ def _matvec_plan(
     return plan
 
 
+def split_setting(gated: bool, routed: bool) -> str:
+    """The key of a launch setting that says how many programs a multiprocessor a product wants
+    (how far its super-blocks split): "gated_programs_per_sm" for a gated one, else
+    "programs_per_sm" for a routed one (moe's down) and "dense_programs_per_sm" for one weight;
+    "programs_per_sm" (4 when absent) stands in for a key the setting lacks."""
+    return "gated_programs_per_sm" if gated else "programs_per_sm" if routed else "dense_programs_per_sm"
+
+
 # Each product's plan by its shape, type code, device, `matvec_path` and `int_x_path`: (the setting dict it
 # was made with, a copy of it then, the plan); used while the two are equal (sweeps change
 # settings in place). The only cache of plans: `_planned` makes one anew.
@@ -2116,9 +2130,7 @@ def _planned(
     # Split the rows' super-blocks over programs until the device has enough of them; the
     # partial sums add up in a fixed order (deterministic). A gated product's own key (0: never
     # split), else the setting's; a gated split keeps both sums' partials (`_matvec`).
-    per_sm = cfg.get("programs_per_sm", 4)
-    if gated:
-        per_sm = cfg.get("gated_programs_per_sm", per_sm)
+    per_sm = cfg.get(split_setting(gated, routed), cfg.get("programs_per_sm", 4))
     splits = max(1, min(n_super, _ceil_div(_programs_wanted(device, per_sm), tiles)))
     chunk = _ceil_div(n_super, splits)
     splits = _ceil_div(n_super, chunk)
