@@ -201,8 +201,7 @@ _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
 # How `harness::attention` runs (`attention_takes_kernels` decides per call): "triton", its
 # kernels for decode-sized calls (flash-decoding attention over splits of the cache, with the
-# rope and the cache write, in one launch; a merge of the splits in a second when there are
-# several), the torch path for the rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import;
+# rope, the cache write and the merge of the splits, in one launch), the torch path for the rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import;
 # `attention_path` may be set later (benchmarks compare both).
 ATTENTION_PATHS = ("triton", "torch")
 attention_path = os.environ.get("HARNESS_ATTENTION", "triton")
@@ -215,6 +214,9 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # Session 7's H100 sweep (`bench_fused.py --attention-only
 # --sweep-attention`, Mixtral's 32/8 heads, T=1): 64 takes 512 cached keys in 0.019-0.021 ms
 # against 256's 0.053-0.056 (more splits fill the device), and 0.064 against 0.062 at 4096.
+# Session 13: 32 (Mixtral's static 640-key cache: 20 splits a KV head, 160 programs for an
+# H100's 132 multiprocessors, one loop step each; 17 splits with keys at 513) now that the
+# splits cost no merge launch; not timed yet: the sweep has 16, 32, 64 and more.
 # "dot": the products' tl.dot input_precision: "ieee", float32 FMAs (the torch path's
 # arithmetic); "tf32x3", three TF32 tensor-core products each, near float32 (a loop of 942
 # instructions for sm_90, not 1564; neither timed nor checked against ATTENTION_MAX_ABS on a GPU
@@ -1865,7 +1867,7 @@ if triton is not None:
             q_ok = valid & (pos >= 0) & (pos < S_MAX)
             q = _rope_tile(q_ptr + t * W + head * HD, pos, q_ok, cos_ptr, sin_ptr, HD, HALF, BD, PTX)
             if split == tl.num_programs(1) - 1:  # the call's keys and values, first
-                j = tl.arange(0, BT)  # (a tile of at least 16 rows for tl.dot)
+                j = tl.arange(0, BT)  # (a tile of at least 8 rows for tl.dot)
                 jp = (
                     start + j.to(tl.int64)
                     if FROM_START
@@ -2921,7 +2923,7 @@ def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int,
     """(splits, keys per split) of `n_keys` cached keys (flash decoding; the whole cache in the
     static-shape step): enough programs to fill the device (`_programs_wanted` over the KV
     heads), none with fewer than ATTENTION_CONFIG["split_min_keys"] keys, so a short cache is
-    one split (no merge launch). The kernel spreads the keys its queries see over that many
+    one split (nothing to merge). The kernel spreads the keys its queries see over that many
     splits (`_attention_kernel`), fewer a split where they are fewer than `n_keys`."""
     bs = ATTENTION_CONFIG["BS"]
     wanted = _ceil_div(_programs_wanted(device), n_kv)
@@ -2939,11 +2941,11 @@ def attention_merge_splits(splits: int, rows: int, bd: int, warps: int) -> int:
 
 
 def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
-    """`harness::attention` in one launch, or two when the keys are split: `_attention_kernel`
-    over splits of the keys, its programs rotating the queries and (the last split) the new
-    keys themselves and writing the caches (ATTENTION_CONFIG["fold_rope"]; else
-    `_rope_cache_kernel` does that in a launch before), and `_attention_merge_kernel` when
-    there is more than one split. The rope and the cache write are bit for bit the torch
+    """`harness::attention` in one launch: `_attention_kernel` over splits of the keys, its
+    programs rotating the queries and (the last split) the new keys themselves and writing the
+    caches (ATTENTION_CONFIG["fold_rope"]; else `_rope_cache_kernel` does that in a launch
+    before), the last of each KV head's programs merging the splits (ATTENTION_CONFIG
+    "fold_merge"; else `_attention_merge_kernel` in a launch after, when there are several). The rope and the cache write are bit for bit the torch
     path's; the attention agrees with it to float32 rounding (its sums run in another order)."""
     t, width = qkv.shape
     n_kv, s_max, hd = cache_k.shape
@@ -2996,7 +2998,9 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
                 for buffer, size, shape in zip(flat, (bm * bd, bm, bm), ((bm, bd), (bm,), (bm,)), strict=True)
             )
         # with the rope folded in, products rounded one by one: mul.rn in PTX (`_mul_rn`), which
-        # leaves fp fusion to the rest of the kernel; elsewhere (ROCm) no fusion at all
+        # leaves fp fusion to the rest of the kernel; elsewhere (ROCm) no fusion at all. BT, the
+        # new keys' tile: at least 8 (a float32 tl.dot's least depth), 16 beside a query tile of
+        # 16 or more rows (as before session 13)
         launch(_attention_kernel, (n_kv, splits),
             queries, width, cache_k, cache_v, cos, sin, pos, start, out, part_acc, part_m, part_l, counters, t,
             group, s_max, n_keys, hd, half, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"],
