@@ -96,28 +96,29 @@ ATTENTION_CALLS = [
     (1, 513, 640), (1, 640, 640), (1, 512, 4096), (1, 4096, 4096), (8, 640, 640), (1, 100, 4096),
     (1, 12, None), (1, 512, None), (1, 4096, None), (8, 4096, None),
 ]  # fmt: skip
-# --sweep-attention: (BS, num_warps, num_stages, split_min_keys, dot, fold_rope, fold_merge,
+# --sweep-attention: (BS, num_warps, num_stages, split_min_keys, dot, fold_rope, fold_merge_rows,
 # min_rows) of the kernels; fold_rope False is the rope and cache write in a launch of their own
-# (`_rope_cache_kernel`), the form before session 13; fold_merge False, the merge in a launch
+# (`_rope_cache_kernel`), the form before session 13; fold_merge_rows 0, the merge in a launch
 # after (`_attention_merge_kernel`), min_rows 16, the query tile padded to 16 rows, both the
 # forms before session 13. Mixtral's static 640-key cache at split_min_keys 32: 20 splits a KV
 # head (160 programs, 17 with keys at 513), at 64: 10 (80 programs), at 16: 40.
 ATTENTION_SWEEP = [
-    (32, 4, 2, 64, "ieee", True, False, 16),  # the launches before session 13
-    (32, 4, 2, 64, "ieee", True, True, 16),
-    (32, 4, 2, 64, "ieee", True, False, 1),
-    (32, 4, 2, 64, "ieee", True, True, 1),
-    (32, 4, 2, 32, "ieee", True, True, 1),  # the default
-    (32, 4, 2, 32, "ieee", True, False, 1),
-    (16, 4, 2, 16, "ieee", True, True, 1),
-    (16, 4, 2, 32, "ieee", True, True, 1),
-    (32, 2, 2, 32, "ieee", True, True, 1),
-    (32, 8, 2, 32, "ieee", True, True, 1),
-    (64, 4, 2, 64, "ieee", True, True, 1),
-    (32, 4, 2, 128, "ieee", True, True, 1),
-    (32, 4, 2, 4096, "ieee", True, True, 1),  # one split: no merge
-    (32, 4, 2, 32, "tf32x3", True, True, 1),
-    (32, 4, 2, 32, "ieee", False, True, 1),
+    (32, 4, 2, 64, "ieee", True, 0, 16),  # the launches before session 13
+    (32, 4, 2, 64, "ieee", True, 8, 16),
+    (32, 4, 2, 64, "ieee", True, 0, 1),
+    (32, 4, 2, 64, "ieee", True, 8, 1),
+    (32, 4, 2, 32, "ieee", True, 8, 1),  # the default
+    (32, 4, 2, 32, "ieee", True, 0, 1),
+    (32, 4, 2, 32, "ieee", True, 32, 1),  # 8 tokens merged in the launch too
+    (16, 4, 2, 16, "ieee", True, 8, 1),
+    (16, 4, 2, 32, "ieee", True, 8, 1),
+    (32, 2, 2, 32, "ieee", True, 8, 1),
+    (32, 8, 2, 32, "ieee", True, 8, 1),
+    (64, 4, 2, 64, "ieee", True, 8, 1),
+    (32, 4, 2, 128, "ieee", True, 8, 1),
+    (32, 4, 2, 4096, "ieee", True, 8, 1),  # one split: no merge
+    (32, 4, 2, 32, "tf32x3", True, 8, 1),
+    (32, 4, 2, 32, "ieee", False, 8, 1),
 ]
 # harness::router_topk: (tokens, experts, experts used, columns)
 ROUTER_CALLS = [(1, 8, 2, 4096), (8, 8, 2, 4096)]
@@ -658,7 +659,7 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
                     split_min_keys=split_min,
                     dot=dot,
                     fold_rope=fold,
-                    fold_merge=merge,
+                    fold_merge_rows=merge,
                     min_rows=min_rows,
                 )
                 ms, off = timed_setting(functools.partial(call, config=setting), reference)

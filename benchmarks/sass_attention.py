@@ -49,7 +49,7 @@ def compile_attention(rows: int, setting: dict, split: bool = True):
     per = fused._ceil_div(CACHE, fused._ceil_div(H100_PROGRAMS_WANTED, N_KV))  # as fused.attention_splits
     per = max(cfg["split_min_keys"], fused._ceil_div(per, cfg["BS"]) * cfg["BS"])
     splits = fused._ceil_div(CACHE, per)
-    merge = bool(cfg["fold_merge"]) and split and splits > 1
+    merge = rows <= cfg["fold_merge_rows"] and split and splits > 1
     consts = {
         "BM": bm, "BD": 128, "BS": cfg["BS"], "BT": max(min(bm, 16), 8, fused._next_pow2(t)), "TT": fused._next_pow2(t),
         "FROM_START": False, "SPLIT": split, "ROPE": bool(cfg["fold_rope"]), "PTX": True, "DOT": cfg["dot"],
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import triton
 
-    keys = ("BS", "num_warps", "num_stages", "split_min_keys", "dot", "fold_rope", "fold_merge", "min_rows")
+    keys = ("BS", "num_warps", "num_stages", "split_min_keys", "dot", "fold_rope", "fold_merge_rows", "min_rows")  # fmt: skip
     default = tuple(fused.ATTENTION_CONFIG[k] for k in keys)
     rows = []
     for values in [default, *(s for s in ATTENTION_SWEEP if s != default)]:

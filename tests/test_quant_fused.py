@@ -587,8 +587,8 @@ ATTENTION_MERGE_SHAPES = [
     (4, 8, 1, 64, 64, 60, False), (7, 4, 1, 32, 72, 58, True), (8, 4, 1, 64, 70, 62, True),
 ]  # fmt: skip
 ATTENTION_MERGE_CONFIGS = {
-    "one launch": {"split_min_keys": 16, "fold_merge": True},
-    "two launches": {"split_min_keys": 16, "fold_merge": False},
+    "one launch": {"split_min_keys": 16, "fold_merge_rows": 32},  # every tile (ATTENTION_MAX_ROWS)
+    "two launches": {"split_min_keys": 16, "fold_merge_rows": 0},
 }
 
 

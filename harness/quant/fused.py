@@ -227,9 +227,12 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # kernel before fewer in the decode chain (session 12's profile: the rope launch took 1.7 us a
 # layer, nearly all of it waiting and launching). Not timed on a GPU yet: `bench_fused.py
 # --attention-only --sweep-attention` times both.
-# "fold_merge": the splits' partial results merged by the last of each KV head's programs to
-# arrive (an int32 arrival counter per KV head, `_split_counters`; `_attention_merge`), not by
-# `_attention_merge_kernel` in a launch after: one launch a layer (off: today's two).
+# "fold_merge_rows": up to this many query rows a KV head (group * tokens), the splits' partial
+# results are merged by the last of each KV head's programs to arrive (an int32 arrival counter
+# per KV head, `_split_counters`; `_attention_merge`), not by `_attention_merge_kernel` in a
+# launch after: one launch a layer. One program then reads a KV head's splits * rows * head dim
+# partials (Mixtral's decode token: 20 * 4 * 128 floats, 40 KB), where the merge launch spreads
+# them over a program a row: so not for many rows (8 tokens: 320 KB); 0: never (the form before).
 # "min_rows": the least rows of a program's query tile (a KV head's group * tokens queries,
 # rounded up to a power of two): Triton 3.9 takes a float32 tl.dot of any rows (its FMA form
 # computes only those), so 1; 16 was the form before (Mixtral's decode token, 4 rows in a tile
@@ -239,9 +242,9 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # ATTENTION_BEFORE_SESSION_13: the settings that give the launches before both.
 ATTENTION_CONFIG: dict[str, int | str | bool] = {
     "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 32, "dot": "ieee",
-    "fold_rope": True, "fold_merge": True, "min_rows": 1,
+    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1,
 }  # fmt: skip
-ATTENTION_BEFORE_SESSION_13 = {"fold_merge": False, "min_rows": 16, "split_min_keys": 64}
+ATTENTION_BEFORE_SESSION_13 = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys": 64}
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
 # decode-sized calls with the router's float32 weight: one launch for the logits, the softmax,
@@ -2945,7 +2948,8 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     programs rotating the queries and (the last split) the new keys themselves and writing the
     caches (ATTENTION_CONFIG["fold_rope"]; else `_rope_cache_kernel` does that in a launch
     before), the last of each KV head's programs merging the splits (ATTENTION_CONFIG
-    "fold_merge"; else `_attention_merge_kernel` in a launch after, when there are several). The rope and the cache write are bit for bit the torch
+    "fold_merge_rows"; else `_attention_merge_kernel` in a launch after, when there are several).
+    The rope and the cache write are bit for bit the torch
     path's; the attention agrees with it to float32 rounding (its sums run in another order)."""
     t, width = qkv.shape
     n_kv, s_max, hd = cache_k.shape
@@ -2966,7 +2970,7 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     rows = group * t  # the queries of one KV head: one program's rows
     bm = max(int(cfg["min_rows"]), _next_pow2(rows))
     bd = _next_pow2(hd)
-    merge = bool(cfg["fold_merge"])
+    merge = rows <= cfg["fold_merge_rows"]
     splits, _ = attention_splits(n_keys, n_kv, device)
     pdl_kw = pdl_options(device)
     with _launch_device(device):
