@@ -201,8 +201,9 @@ _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
 # How `harness::attention` runs (`attention_takes_kernels` decides per call): "triton", its
 # kernels for decode-sized calls (flash-decoding attention over splits of the cache, with the
-# rope, the cache write and the merge of the splits, in one launch), the torch path for the rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import;
-# `attention_path` may be set later (benchmarks compare both).
+# rope, the cache write and the merge of the splits, in one launch), the torch path for the
+# rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import; `attention_path`
+# may be set later (benchmarks compare both).
 ATTENTION_PATHS = ("triton", "torch")
 attention_path = os.environ.get("HARNESS_ATTENTION", "triton")
 ATTENTION_MAX_TOKENS = MATVEC_MAX_ROWS  # tokens of a call up to which the kernels run (decode)
@@ -1940,9 +1941,9 @@ if triton is not None:
     ):  # fmt: skip
         """KV head kv's rows r [BM] (valid: a query's; token t, head `head`) merged over its
         `splits` (<= BP) partial results (`_attention_kernel`'s MERGE), each rescaled to the
-        largest maximum: the maxima in one load, then MC splits a step (unrolled: their loads
-        may go out at once), the steps in split order; every load past L1 (other programs'
-        stores). The same code whichever program runs it: the same bits."""
+        largest maximum: the maxima in one load, then MC splits a step (their loads at once),
+        the steps in split order; every load past L1 (other programs' stores). The same code
+        whichever program runs it: the same bits."""
         every = tl.arange(0, BP)
         maxima = part_m + (kv * splits + every)[:, None] * BM + r[None, :]  # [BP, BM]
         top = tl.max(
@@ -2949,8 +2950,8 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     caches (ATTENTION_CONFIG["fold_rope"]; else `_rope_cache_kernel` does that in a launch
     before), the last of each KV head's programs merging the splits (ATTENTION_CONFIG
     "fold_merge_rows"; else `_attention_merge_kernel` in a launch after, when there are several).
-    The rope and the cache write are bit for bit the torch
-    path's; the attention agrees with it to float32 rounding (its sums run in another order)."""
+    The rope and the cache write are bit for bit the torch path's; the attention agrees with it
+    to float32 rounding (its sums run in another order)."""
     t, width = qkv.shape
     n_kv, s_max, hd = cache_k.shape
     n_heads = width // hd - 2 * n_kv
@@ -2970,8 +2971,8 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     rows = group * t  # the queries of one KV head: one program's rows
     bm = max(int(cfg["min_rows"]), _next_pow2(rows))
     bd = _next_pow2(hd)
-    merge = rows <= cfg["fold_merge_rows"]
     splits, _ = attention_splits(n_keys, n_kv, device)
+    merge = splits > 1 and rows <= cfg["fold_merge_rows"]  # by the launch's last programs
     pdl_kw = pdl_options(device)
     with _launch_device(device):
         queries = qkv
@@ -2989,7 +2990,7 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
             part_acc = part_m = part_l = out
         else:
             if merge:
-                counters = _split_counters(device, n_kv)
+                counters = _split_counters(device, n_kv)  # one a KV head
             # one buffer for every split count (they grow with the cache, up to the programs
             # wanted a KV head): the first elements, viewed as this call's shapes
             most = _ceil_div(_programs_wanted(device), n_kv)
