@@ -53,7 +53,7 @@ def compile_attention(rows: int, setting: dict, split: bool = True):
     consts = {
         "BM": bm, "BD": 128, "BS": cfg["BS"], "BT": max(min(bm, 16), 8, fused._next_pow2(t)), "TT": fused._next_pow2(t),
         "FROM_START": False, "SPLIT": split, "ROPE": bool(cfg["fold_rope"]), "PTX": True, "DOT": cfg["dot"],
-        "MERGE": merge, "BP": fused._next_pow2(splits), "MC": fused.attention_merge_splits(splits, bm, 128, cfg["num_warps"]),
+        "MERGE": merge, "MC": fused.attention_merge_splits(splits, bm, 128, cfg["num_warps"]),
         "PDL": True,
     }  # fmt: skip
     types = {

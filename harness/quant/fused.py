@@ -234,6 +234,8 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # launch after: one launch a layer. One program then reads a KV head's splits * rows * head dim
 # partials (Mixtral's decode token: 20 * 4 * 128 floats, 40 KB), where the merge launch spreads
 # them over a program a row: so not for many rows (8 tokens: 320 KB); 0: never (the form before).
+# It loads them in steps of at most "merge_floats" a thread (64: Mixtral's decode token's 20
+# splits in 2 steps; more spilled registers on sm_90 at 16 rows).
 # "min_rows": the least rows of a program's query tile (a KV head's group * tokens queries,
 # rounded up to a power of two): Triton 3.9 takes a float32 tl.dot of any rows (its FMA form
 # computes only those), so 1; 16 was the form before (Mixtral's decode token, 4 rows in a tile
@@ -243,7 +245,7 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # ATTENTION_BEFORE_SESSION_13: the settings that give the launches before both.
 ATTENTION_CONFIG: dict[str, int | str | bool] = {
     "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 32, "dot": "ieee",
-    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1,
+    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64,
 }  # fmt: skip
 ATTENTION_BEFORE_SESSION_13 = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys": 64}
 
@@ -1820,7 +1822,7 @@ if triton is not None:
         counter_ptr, T, G, S_MAX, N_KEYS, HD, HALF, scale,
         BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, TT: tl.constexpr, FROM_START: tl.constexpr,
         SPLIT: tl.constexpr, ROPE: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
-        DOT: tl.constexpr = "ieee", MERGE: tl.constexpr = False, BP: tl.constexpr = 1, MC: tl.constexpr = 1,
+        DOT: tl.constexpr = "ieee", MERGE: tl.constexpr = False, MC: tl.constexpr = 1,
     ):  # fmt: skip
         """`harness::attention`'s attention launch (flash decoding). Program (kv, split): the G*T
         queries of KV head kv (row r = g*T + t: head kv*G + g, token t) against its share of the
@@ -1927,7 +1929,7 @@ if triton is not None:
                 arrived = tl.atomic_add(counter, 1, sem="acq_rel")
                 if arrived == splits - 1:  # the last: every partial is stored
                     _attention_merge(part_acc, part_m, part_l, out_ptr, kv, splits, r, valid, t, head, d, dm,
-                        G * n_kv, HD, BM, BD, BP, MC)  # fmt: skip
+                        G * n_kv, HD, BM, BD, MC)  # fmt: skip
                     tl.atomic_xchg(counter, 0)
         else:
             out = out_ptr + ((t * G * n_kv + head) * HD)[:, None] + d[None, :]
@@ -1937,18 +1939,15 @@ if triton is not None:
     @triton.jit
     def _attention_merge(
         part_acc, part_m, part_l, out_ptr, kv, splits, r, valid, t, head, d, dm, H, HD,
-        BM: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, MC: tl.constexpr,
+        BM: tl.constexpr, BD: tl.constexpr, MC: tl.constexpr,
     ):  # fmt: skip
         """KV head kv's rows r [BM] (valid: a query's; token t, head `head`) merged over its
-        `splits` (<= BP) partial results (`_attention_kernel`'s MERGE), each rescaled to the
-        largest maximum: the maxima in one load, then MC splits a step (their loads at once),
-        the steps in split order; every load past L1 (other programs' stores). The same code
+        `splits` partial results (`_attention_kernel`'s MERGE), MC splits a step (their maxima,
+        sums and rows in one round of loads, past L1: other programs' stores), the steps in
+        split order, each split rescaled to the largest maximum so far and the sums before it
+        to the new one (with one step, as `_attention_merge_kernel` does it). The same code
         whichever program runs it: the same bits."""
-        every = tl.arange(0, BP)
-        maxima = part_m + (kv * splits + every)[:, None] * BM + r[None, :]  # [BP, BM]
-        top = tl.max(
-            tl.load(maxima, mask=(every < splits)[:, None], other=float("-inf"), cache_modifier=".cg"), 0
-        )
+        top = tl.full([BM], float("-inf"), tl.float32)
         num = tl.zeros([BM, BD], tl.float32)
         den = tl.zeros([BM], tl.float32)
         for c0 in range(0, splits, MC):
@@ -1961,9 +1960,13 @@ if triton is not None:
                 part_acc + at[:, :, None] * BD + d[None, None, :], mask=spm[:, :, None], other=0.0,
                 cache_modifier=".cg",
             )  # fmt: skip
-            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top[None, :]))  # [MC, BM]
-            num += tl.sum(part * w[:, :, None], 0)
-            den += tl.sum(part_sum * w, 0)
+            new_top = tl.maximum(top, tl.max(m, 0))
+            use = tl.where(new_top == float("-inf"), 0.0, new_top)  # rows no split saw yet
+            before = tl.exp(top - use)  # 0 at the first step (top -inf)
+            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - use[None, :]))  # [MC, BM]
+            num = num * before[:, None] + tl.sum(part * w[:, :, None], 0)
+            den = den * before + tl.sum(part_sum * w, 0)
+            top = new_top
         out = out_ptr + ((t * H + head) * HD)[:, None] + d[None, :]
         tl.store(out, num / tl.where(valid, den, 1.0)[:, None], mask=valid[:, None] & dm[None, :])
 
@@ -2939,8 +2942,8 @@ def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int,
 def attention_merge_splits(splits: int, rows: int, bd: int, warps: int) -> int:
     """How many splits' partial results (`rows` x `bd` floats each) the merging program of
     `_attention_kernel` (MERGE) loads at once: a power of two, at most `splits` rounded up and
-    at most 64 floats a thread (`warps` warps), at least one."""
-    most = max(1, 64 * 32 * warps // (rows * bd))
+    at most ATTENTION_CONFIG["merge_floats"] a thread (`warps` warps), at least one."""
+    most = max(1, ATTENTION_CONFIG["merge_floats"] * 32 * warps // (rows * bd))
     return min(_next_pow2(splits), 1 << (most.bit_length() - 1))
 
 
@@ -3011,7 +3014,7 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
             group, s_max, n_keys, hd, half, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"],
             BT=max(min(bm, 16), 8, _next_pow2(t)), TT=_next_pow2(t), FROM_START=from_start,
             SPLIT=splits > 1, ROPE=fold, PTX=_ptx(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            DOT=cfg["dot"], MERGE=merge, BP=_next_pow2(splits), MC=attention_merge_splits(splits, bm, bd, cfg["num_warps"]),
+            DOT=cfg["dot"], MERGE=merge, MC=attention_merge_splits(splits, bm, bd, cfg["num_warps"]),
             enable_fp_fusion=not fold or _ptx(), **pdl_kw,
         )  # fmt: skip
         if splits > 1 and not merge:
