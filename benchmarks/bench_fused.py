@@ -96,19 +96,29 @@ ATTENTION_CALLS = [
     (1, 513, 640), (1, 640, 640), (1, 512, 4096), (1, 4096, 4096), (8, 640, 640), (1, 100, 4096),
     (1, 12, None), (1, 512, None), (1, 4096, None), (8, 4096, None),
 ]  # fmt: skip
-# --sweep-attention: (BS, num_warps, num_stages, split_min_keys, dot, fold_rope) of the kernels;
-# fold_rope False is the rope and cache write in a launch of their own (`_rope_cache_kernel`),
-# the form before session 13
+# --sweep-attention: (BS, num_warps, num_stages, split_min_keys, dot, fold_rope, fold_merge_rows,
+# min_rows) of the kernels; fold_rope False is the rope and cache write in a launch of their own
+# (`_rope_cache_kernel`), the form before session 13; fold_merge_rows 0, the merge in a launch
+# after (`_attention_merge_kernel`), min_rows 16, the query tile padded to 16 rows, both the
+# forms before session 13. Mixtral's static 640-key cache at split_min_keys 32: 20 splits a KV
+# head (160 programs, 17 with keys at 513), at 64: 10 (80 programs), at 16: 40.
 ATTENTION_SWEEP = [
-    (32, 4, 2, 64, "ieee", False),
-    (32, 4, 2, 64, "ieee", True),
-    (32, 4, 2, 128, "ieee", True),
-    (32, 4, 2, 256, "ieee", True),
-    (32, 4, 2, 4096, "ieee", True),
-    (16, 4, 2, 32, "ieee", True),
-    (32, 8, 2, 64, "ieee", True),  # 8 warps: each warp's loop 874 instructions, not 1564 (sass_attention.py)
-    (32, 4, 2, 64, "tf32x3", True),  # tensor cores, near float32: 942 (4 warps), 689 (8 warps)
-    (32, 8, 2, 64, "tf32x3", True),
+    (32, 4, 2, 64, "ieee", True, 0, 16),  # the launches before session 13
+    (32, 4, 2, 64, "ieee", True, 8, 16),
+    (32, 4, 2, 64, "ieee", True, 0, 1),
+    (32, 4, 2, 64, "ieee", True, 8, 1),
+    (32, 4, 2, 32, "ieee", True, 8, 1),  # the default
+    (32, 4, 2, 32, "ieee", True, 0, 1),
+    (32, 4, 2, 32, "ieee", True, 32, 1),  # 8 tokens merged in the launch too
+    (16, 4, 2, 16, "ieee", True, 8, 1),
+    (16, 4, 2, 32, "ieee", True, 8, 1),
+    (32, 2, 2, 32, "ieee", True, 8, 1),
+    (32, 8, 2, 32, "ieee", True, 8, 1),
+    (64, 4, 2, 64, "ieee", True, 8, 1),
+    (32, 4, 1, 32, "ieee", True, 8, 1),  # one loop step a program at 640 keys: no pipeline
+    (32, 4, 2, 4096, "ieee", True, 8, 1),  # one split: no merge
+    (32, 4, 2, 32, "tf32x3", True, 8, 1),
+    (32, 4, 2, 32, "ieee", False, 8, 1),
 ]
 # harness::router_topk: (tokens, experts, experts used, columns)
 ROUTER_CALLS = [(1, 8, 2, 4096), (8, 8, 2, 4096)]
@@ -591,7 +601,9 @@ def in_turn_from_dram(weight: torch.Tensor) -> tuple:
 
 def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
     """`harness::attention` per ATTENTION_CALLS: the Triton kernels (default settings, "triton")
-    against their form with the rope in a launch of its own ("triton rope launch",
+    against their launches before session 13 ("triton two launches",
+    fused.ATTENTION_BEFORE_SESSION_13: the splits merged in a launch of their own, query tiles
+    of 16 rows), against their form with the rope in a launch of its own ("triton rope launch",
     ATTENTION_CONFIG["fold_rope"] off) and against the torch path, each pair timed in a CUDA
     graph (a row each) and eagerly (in the comparison); with `sweep`, the kernels under each of
     ATTENTION_SWEEP's launch settings too (rows only)."""
@@ -629,12 +641,17 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
 
         new = call
         old = functools.partial(call, config={"fold_rope": False})
+        before = functools.partial(call, config=fused.ATTENTION_BEFORE_SESSION_13)
         torch_path = functools.partial(call, "torch")
-        for ways in ({"triton": new, "triton rope launch": old}, {"triton": new, "torch": torch_path}):
+        for ways in (
+            {"triton": new, "triton two launches": before},
+            {"triton": new, "triton rope launch": old},
+            {"triton": new, "torch": torch_path},
+        ):
             compared_paths(name, ways, nbytes, flops, row, comparisons, save, eager=True)
         if sweep:
             reference = new()  # the kernels at the default settings
-            for bs, warps, stages, split_min, dot, fold in ATTENTION_SWEEP:
+            for bs, warps, stages, split_min, dot, fold, merge, min_rows in ATTENTION_SWEEP:
                 setting = dict(
                     BS=bs,
                     num_warps=warps,
@@ -642,6 +659,8 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
                     split_min_keys=split_min,
                     dot=dot,
                     fold_rope=fold,
+                    fold_merge_rows=merge,
+                    min_rows=min_rows,
                 )
                 ms, off = timed_setting(functools.partial(call, config=setting), reference)
                 label = " ".join(f"{k}={v}" for k, v in setting.items())

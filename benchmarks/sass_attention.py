@@ -7,9 +7,11 @@ nothing.
 
 Each row compiles `_attention_kernel` as `fused._attention_kernels` launches it for Mixtral's
 head dim (128) with the default settings (`fused.ATTENTION_CONFIG`) and with the sweep's
-(benchmarks/bench_fused.py ATTENTION_SWEEP, tl.dot's input precision among them), at 16 query
-rows (one token of a group of 4, or up to 4 tokens) and at ATTENTION_MAX_ROWS; pointers and
-strides 16-byte aligned, as the model's caches are. Only a GPU says how fast (bench_fused.py --attention-only).
+(benchmarks/bench_fused.py ATTENTION_SWEEP: tl.dot's input precision, the merge in the launch
+or after it, the query tile's least rows among them), at 4 query rows (one token of a group of
+4: the decode graph's), 16 (4 tokens) and ATTENTION_MAX_ROWS (8 tokens), splits as Mixtral's
+static 640-key cache takes them on an H100 (132 multiprocessors); pointers and strides 16-byte
+aligned, as the model's caches are. Only a GPU says how fast (bench_fused.py --attention-only).
 """
 
 from __future__ import annotations
@@ -29,31 +31,45 @@ from sass_matvec import longest_loop, sass  # noqa: E402
 from harness.quant import fused  # noqa: E402
 
 POINTERS = ("q_ptr", "cache_k", "cache_v", "cos_ptr", "sin_ptr", "out_ptr", "part_acc", "part_m", "part_l")
+H100_PROGRAMS_WANTED = 4 * 132  # fused._programs_wanted on an H100
+N_KV, CACHE = 8, 640  # Mixtral's KV heads, bench_model's static cache (512 prompt + 128)
 
 
-def compile_attention(
-    rows: int, bs: int, warps: int, stages: int, split: bool, dot: str = "ieee", rope: bool = True
-):
+def compile_attention(rows: int, setting: dict, split: bool = True):
     """`_attention_kernel` compiled for sm_90 at head dim 128 (rope on all of it), positions on
-    the device, its products at tl.dot's input precision `dot`; with `rope`, the rope and the
-    cache write folded in (ATTENTION_CONFIG["fold_rope"]), as the launch would run it."""
+    the device, `rows` query rows (group 4: rows / 4 tokens) as `fused._attention_kernels`
+    launches it under ATTENTION_CONFIG updated by `setting`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    cfg = {**fused.ATTENTION_CONFIG, **setting}
+    t = max(1, rows // 4)
+    bm = max(int(cfg["min_rows"]), fused._next_pow2(rows))
+    per = fused._ceil_div(CACHE, fused._ceil_div(H100_PROGRAMS_WANTED, N_KV))  # as fused.attention_splits
+    per = max(cfg["split_min_keys"], fused._ceil_div(per, cfg["BS"]) * cfg["BS"])
+    splits = fused._ceil_div(CACHE, per)
+    merge = rows <= cfg["fold_merge_rows"] and split and splits > 1
     consts = {
-        "BM": rows, "BD": 128, "BS": bs, "BT": 16, "TT": 1 if rows == 16 else 8, "FROM_START": False, "SPLIT": split, "ROPE": rope,
-        "PTX": True, "DOT": dot,
+        "BM": bm, "BD": 128, "BS": cfg["BS"], "BT": max(min(bm, 16), 8, fused._next_pow2(t)), "TT": fused._next_pow2(t),
+        "FROM_START": False, "SPLIT": split, "ROPE": bool(cfg["fold_rope"]), "PTX": True, "DOT": cfg["dot"],
+        "MERGE": merge, "MC": fused.attention_merge_splits(splits, bm, 128, cfg["num_warps"]),
+        "PDL": True,
     }  # fmt: skip
-    types = {**dict.fromkeys(POINTERS, "*fp32"), "pos_ptr": "*i64", "start": "i64", "scale": "fp32"}
+    types = {
+        **dict.fromkeys(POINTERS, "*fp32"),
+        "counter_ptr": "*i32",
+        "pos_ptr": "*i64",
+        "start": "i64",
+        "scale": "fp32",
+    }
     names = fused._attention_kernel.arg_names
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     aligned = (*POINTERS, "pos_ptr", "S_MAX", "HD", "W", "HALF")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
     source = ASTSource(fn=fused._attention_kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(
-        source, target=GPUTarget("cuda", 90, 64), options={"num_warps": warps, "num_stages": stages}
-    )
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "launch_pdl": True}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options), splits, merge
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,25 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import triton
 
-    cfg = fused.ATTENTION_CONFIG
-    default = (cfg["BS"], cfg["num_warps"], cfg["num_stages"], cfg["dot"], bool(cfg["fold_rope"]))
-    settings = {default}
-    settings |= {(bs, warps, stages, dot, rope) for bs, warps, stages, _, dot, rope in ATTENTION_SWEEP}
+    keys = ("BS", "num_warps", "num_stages", "split_min_keys", "dot", "fold_rope", "fold_merge_rows", "min_rows")  # fmt: skip
+    default = tuple(fused.ATTENTION_CONFIG[k] for k in keys)
     rows = []
-    for bs, warps, stages, dot, rope in sorted(settings):
-        for n_rows in (16, fused.ATTENTION_MAX_ROWS):
-            kernel = compile_attention(n_rows, bs, warps, stages, split=True, dot=dot, rope=rope)
+    for values in [default, *(s for s in ATTENTION_SWEEP if s != default)]:
+        setting = dict(zip(keys, values, strict=True))
+        for n_rows in (4, 16, fused.ATTENTION_MAX_ROWS):
+            kernel, splits, merge = compile_attention(n_rows, setting)
             code = sass(kernel.asm["cubin"])
             ops = collections.Counter(i.split()[0].split(".")[0] for _, i in code)
             loop = longest_loop(code)
             row = {
-                "BS": bs,
-                "num_warps": warps,
-                "num_stages": stages,
-                "dot": dot,
-                "fold_rope": rope,
+                **setting,
                 "query_rows": n_rows,
-                "default": (bs, warps, stages, dot, rope) == default,
+                "splits_at_640_keys": splits,
+                "merged_in_launch": merge,
+                "default": values == default,
                 "shared_bytes": kernel.metadata.shared,
                 "local_stores": ops["STL"],
                 "local_loads": ops["LDL"],
@@ -91,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(
-                f"BS={bs:3d} warps={warps} stages={stages} dot={dot:6s} rope={rope:d} rows={n_rows:3d}: shared "
-                f"{row['shared_bytes']:6d} B, STL {row['local_stores']:4d} LDL {row['local_loads']:4d}, "
-                f"{row['instructions']} instructions, loop {row['loop_instructions']} ({row['loop_ffma']} FFMA, "
-                f"{row['loop_hmma']} HMMA)",
+                " ".join(f"{k}={v}" for k, v in setting.items())
+                + f" rows={n_rows:3d} splits={splits} merged={merge:d}: shared {row['shared_bytes']:6d} B, STL "
+                f"{row['local_stores']:4d} LDL {row['local_loads']:4d}, {row['instructions']} instructions, loop "
+                f"{row['loop_instructions']} ({row['loop_ffma']} FFMA, {row['loop_hmma']} HMMA)",
                 flush=True,
             )
     out = Path(args.out)

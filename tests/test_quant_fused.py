@@ -570,6 +570,27 @@ ATTENTION_CONFIGS = {
     "default": {},
     "splits": ATTENTION_SPLIT_CONFIG,
     "rope launch": ATTENTION_ROPE_LAUNCH_CONFIG,
+    "before session 13": {},  # fused.ATTENTION_BEFORE_SESSION_13 (read where fused is imported)
+}
+
+# The one-launch form (the splits merged by the last program of each KV head, query tiles of
+# group * tokens rows) against the torch path and against the two-launch form (the same
+# splits and tiles, `_attention_merge_kernel` after): (tokens, group, KV heads, head dim, cache
+# length, first position, positions form). Key counts 1, 63, 64, 65 (around split_min_keys 16's
+# boundaries; on the CPU 4 programs wanted, so 1 to 3 splits a KV head), 513 of 640 at device
+# positions (the decode graph's), 640; positions at S_max - 1; groups 1, 4, 8; 1 to 8 tokens
+# (up to 32 query rows).
+ATTENTION_MERGE_SHAPES = [
+    (1, 4, 2, 128, 64, 0, False), (1, 4, 2, 128, 64, 62, False), (1, 4, 2, 128, 64, 63, False),
+    (2, 4, 2, 64, 80, 63, False), (1, 4, 2, 128, 640, 512, True), (1, 4, 2, 128, 640, 639, True),
+    (3, 1, 4, 64, 100, 62, True), (5, 1, 2, 64, 65, 60, False), (2, 8, 2, 64, 66, 63, True),
+    (4, 8, 1, 64, 64, 60, False), (7, 4, 1, 32, 72, 58, True), (8, 4, 1, 64, 70, 62, True),
+]  # fmt: skip
+ATTENTION_MERGE_CONFIGS = {
+    "one launch": {"split_min_keys": 16, "fold_merge_rows": 32},  # every tile (ATTENTION_MAX_ROWS)
+    "two launches": {"split_min_keys": 16, "fold_merge_rows": 0},
+    # the merge a split a step (on a GPU many splits take several): rescaled step by step
+    "one launch, a split a step": {"split_min_keys": 16, "fold_merge_rows": 32, "merge_floats": 1},
 }
 
 
@@ -605,7 +626,12 @@ def _attention_cases(device: str, small: bool, rng: np.random.Generator) -> list
         outs = {}
         for path, label in (("torch", "default"), *(("triton", label) for label in ATTENTION_CONFIGS)):
             got_k, got_v = cache_k.to(device), cache_v.to(device)
-            with _attention_kernels(path, ATTENTION_CONFIGS[label]):
+            config = (
+                fused.ATTENTION_BEFORE_SESSION_13
+                if label == "before session 13"
+                else ATTENTION_CONFIGS[label]
+            )
+            with _attention_kernels(path, config):
                 kernels = fused.attention_takes_kernels(*args, got_k, got_v, *tables, positions)
                 splits = fused.attention_splits(start + t if positions is None else s_max, n_kv, got_k.device)
                 out = torch.ops.harness.attention(*args, got_k, got_v, *tables, positions, start)
@@ -641,6 +667,7 @@ def _attention_past_cache_cases(device: str, rng: np.random.Generator) -> list[d
     and nothing else, and the first token's output is that of a call of it alone (it does not
     see the second); 1 token at S_max + 3 writes nothing. (The torch path's index_copy_ raises.)"""
     from harness.model.mixtral import rope_tables
+    from harness.quant import fused
 
     results = []
     n_heads, n_kv, hd, s_max = 8, 2, 64, 40
@@ -655,6 +682,8 @@ def _attention_past_cache_cases(device: str, rng: np.random.Generator) -> list[d
     ref, ref_k, ref_v = _attention_reference(q[:1], k[:1], v[:1], cache_k, cache_v, cos, sin, s_max - 1)
     tables = cos.to(device), sin.to(device)
     for label, config in ATTENTION_CONFIGS.items():
+        if label == "before session 13":
+            config = fused.ATTENTION_BEFORE_SESSION_13
         for positions in ([s_max - 1, s_max], [s_max + 3]):
             t = len(positions)
             got_k, got_v = cache_k.to(device), cache_v.to(device)
@@ -673,6 +702,86 @@ def _attention_past_cache_cases(device: str, rng: np.random.Generator) -> list[d
                 }
             )
     return results
+
+
+def _attention_merge_cases(device: str, rng: np.random.Generator) -> list[dict]:
+    """`harness::attention`'s kernels at ATTENTION_MERGE_SHAPES under each of
+    ATTENTION_MERGE_CONFIGS: the output against float64 (NMSE), the torch path and the other
+    form (largest differences, and whether they give the same bits; a split a step against one
+    launch), the caches
+    against the reference bit for bit (the call's slots NaN before it, as in
+    `_attention_cases`), the split count."""
+    from harness.model.mixtral import rope_tables
+    from harness.quant import fused
+
+    results = []
+    for t, group, n_kv, hd, s_max, start, at_device in ATTENTION_MERGE_SHAPES:
+        n_heads = group * n_kv
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        cos, sin = rope_tables(hd, 10000.0, s_max, torch.device("cpu"))
+        q = torch.randn(t, n_heads * hd, generator=gen)
+        k, v = torch.randn(t, n_kv * hd, generator=gen), torch.randn(t, n_kv * hd, generator=gen)
+        cache_k, cache_v = (
+            torch.randn(n_kv, s_max, hd, generator=gen),
+            torch.randn(n_kv, s_max, hd, generator=gen),
+        )
+        if at_device:
+            cache_k[:, start + t :] = cache_v[:, start + t :] = 1e4
+        cache_k[:, start : start + t] = cache_v[:, start : start + t] = float("nan")
+        ref, ref_k, ref_v = _attention_reference(q, k, v, cache_k, cache_v, cos, sin, start)
+        qkv = torch.cat((q, k, v), 1).to(device)
+        tables = cos.to(device), sin.to(device)
+        positions = torch.arange(start, start + t, device=device) if at_device else None
+        outs = {}
+        for label, config in (("torch", None), *ATTENTION_MERGE_CONFIGS.items()):
+            got_k, got_v = cache_k.to(device), cache_v.to(device)
+            with _attention_kernels("torch" if config is None else "triton", config or {}):
+                kernels = fused.attention_takes_kernels(qkv, got_k, got_v, *tables, positions)
+                splits = fused.attention_splits(s_max if at_device else start + t, n_kv, got_k.device)[0]
+                out = torch.ops.harness.attention(qkv, got_k, got_v, *tables, positions, start).cpu()
+            outs[label] = out
+            if config is None:
+                continue
+            other = None if label == "one launch" else outs["one launch"]
+            form = "device positions" if at_device else "start position"
+            results.append(
+                {
+                    "case": f"attention {label} T={t} group {group} K={n_kv} Hd={hd} S_max={s_max} at {start} {form}",
+                    "form": label,
+                    "keys": start + t,
+                    "nmse": _nmse(out, ref),
+                    "max_abs_vs_torch": float((out - outs["torch"]).abs().max()),
+                    "max_abs_vs_other": None if other is None else float((out - other).abs().max()),
+                    "same_bits_as_other": None if other is None else torch.equal(out, other),
+                    "exact": torch.equal(got_k.cpu(), ref_k) and torch.equal(got_v.cpu(), ref_v),
+                    "kernels": kernels,
+                    "splits": splits,
+                }
+            )
+    return results
+
+
+def _check_attention_merge(results: list[dict], interpreted: bool) -> None:
+    """Every case took the kernels, several splits among them and one split; each form within
+    ATTENTION_MAX_ABS of the torch path and NMSE_MAX of float64, its cache writes exact; the
+    others within ATTENTION_MAX_ABS of one launch, and under the interpreter two launches the
+    same bits (numpy adds the splits in order in both merges)."""
+    assert len(results) == len(ATTENTION_MERGE_SHAPES) * len(ATTENTION_MERGE_CONFIGS)
+    assert all(r["kernels"] for r in results), results
+    assert {1, 2, 3} <= {r["splits"] for r in results}
+    assert {1, 63, 64, 65, 513, 640} <= {r["keys"] for r in results}
+    bad = [
+        r for r in results
+        if not (r["nmse"] <= NMSE_MAX and r["max_abs_vs_torch"] <= ATTENTION_MAX_ABS and r["exact"])
+    ]  # fmt: skip
+    assert not bad, bad
+    pairs = [r for r in results if r["max_abs_vs_other"] is not None]
+    assert len(pairs) == 2 * len(ATTENTION_MERGE_SHAPES)
+    far = [r for r in pairs if not r["max_abs_vs_other"] <= ATTENTION_MAX_ABS]
+    assert not far, far
+    if interpreted:
+        differ = [r for r in pairs if r["form"] == "two launches" and not r["same_bits_as_other"]]
+        assert not differ, differ
 
 
 @contextlib.contextmanager
@@ -1659,6 +1768,13 @@ def _interpreted_cases(mode: str) -> list[dict]:
 
 
 @pytest.mark.slow
+def test_interpreter_attention_in_one_launch_matches_torch_and_two_launches():
+    """`harness::attention`'s one-launch form (the last program of each KV head merges its
+    splits) under Triton's interpreter: `_check_attention_merge` over ATTENTION_MERGE_SHAPES."""
+    _check_attention_merge(_interpreted_cases("ATTENTION_MERGE"), interpreted=True)
+
+
+@pytest.mark.slow
 def test_interpreter_router_topk_kernel_matches_the_torch_path():
     """`harness::router_topk`'s kernel at ROUTER_CONFIG under Triton's interpreter against the
     op's torch path on the CPU (`_check_router`)."""
@@ -1974,9 +2090,11 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
             (
                 fused._attention_kernel,
                 {
+                    "BT": 16,
+                    "MERGE": False,
+                    "MC": 1,
                     **form,
                     "BS": cfg["BS"],
-                    "BT": 16,
                     "ROPE": rope,
                     "PTX": True,
                     "DOT": cfg["dot"],
@@ -1984,7 +2102,19 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
                 {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
             )
             for form in (
-                # the decode graph's (1 token of a group of 4, split keys) and a start form's
+                # the decode graph's (1 token of a group of 4, split keys: merged by the last
+                # program, its tile of 4 rows; and before session 13, a tile of 16 rows and a
+                # merge launch) and a start form's
+                {
+                    "BM": 4,
+                    "BD": 128,
+                    "BT": 8,
+                    "TT": 1,
+                    "FROM_START": False,
+                    "SPLIT": True,
+                    "MERGE": True,
+                    "MC": 16,
+                },
                 {"BM": 16, "BD": 128, "TT": 1, "FROM_START": False, "SPLIT": True},
                 {"BM": fused.ATTENTION_MAX_ROWS, "BD": 64, "TT": 8, "FROM_START": True, "SPLIT": False},
             )
@@ -1999,7 +2129,8 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         names = kernel.arg_names
         pointers = [n for n in names if n.endswith("_ptr") or n.startswith(("cache_", "part_", "q_out"))]
         signature = {
-            n: "constexpr" if n in consts else "*i64" if n == "pos_ptr" else "*fp32" if n in pointers
+            n: "constexpr" if n in consts else "*i64" if n == "pos_ptr" else "*i32" if n == "counter_ptr"
+            else "*fp32" if n in pointers
             else scalars.get(n, "i32")
             for n in names
         }  # fmt: skip
@@ -2014,7 +2145,7 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
             # the rope's products rounded one by one (never fused into an FMA: the cache write
             # is the torch path's bit for bit) in a launch that leaves fp fusion on
             assert "mul.rn.f32" in compiled.asm["ptx"], consts
-            if consts["BM"] == 16:  # the decode graph's form: no register spills
+            if consts["BM"] <= 16:  # the decode graph's forms: no register spills
                 assert not re.search(r"\b(LDL|STL)\b", _cuobjdump(compiled.asm["cubin"])), consts
 
 
@@ -2824,6 +2955,15 @@ def test_cuda_kernels_match_dequantize_then_matmul():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_attention_in_one_launch_matches_torch_and_two_launches():
+    """The one-launch attention on the GPU: `_check_attention_merge` (the two forms' merges add
+    the splits in different orders there: within ATTENTION_MAX_ABS, not the same bits)."""
+    from harness.quant import fused  # noqa: F401
+
+    _check_attention_merge(_attention_merge_cases("cuda", np.random.default_rng()), interpreted=False)
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_int_reads_match_dequantize_then_matmul():
     """`matvec_path` "int" on the GPU (PTX dp2a) at Mixtral-sized rows: `_int_read_cases`."""
     from harness.quant import fused  # noqa: F401
@@ -2932,6 +3072,8 @@ if __name__ == "__main__":
         print(json.dumps(_int_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "GATED":  # only the gated products split over their super-blocks, small shapes
         print(json.dumps(_gated_split_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "ATTENTION_MERGE":  # only the one-launch attention against two launches
+        print(json.dumps(_attention_merge_cases(sys.argv[2], np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "GROUPED":  # only the grouped prefill products' cases, small shapes
         print(json.dumps(_grouped_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     else:

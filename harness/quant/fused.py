@@ -207,9 +207,9 @@ _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
 # How `harness::attention` runs (`attention_takes_kernels` decides per call): "triton", its
 # kernels for decode-sized calls (flash-decoding attention over splits of the cache, with the
-# rope and the cache write, in one launch; a merge of the splits in a second when there are
-# several), the torch path for the rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import;
-# `attention_path` may be set later (benchmarks compare both).
+# rope, the cache write and the merge of the splits, in one launch), the torch path for the
+# rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import; `attention_path`
+# may be set later (benchmarks compare both).
 ATTENTION_PATHS = ("triton", "torch")
 attention_path = os.environ.get("HARNESS_ATTENTION", "triton")
 ATTENTION_MAX_TOKENS = MATVEC_MAX_ROWS  # tokens of a call up to which the kernels run (decode)
@@ -221,6 +221,9 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # Session 7's H100 sweep (`bench_fused.py --attention-only
 # --sweep-attention`, Mixtral's 32/8 heads, T=1): 64 takes 512 cached keys in 0.019-0.021 ms
 # against 256's 0.053-0.056 (more splits fill the device), and 0.064 against 0.062 at 4096.
+# Session 13: 32 (Mixtral's static 640-key cache: 20 splits a KV head, 160 programs for an
+# H100's 132 multiprocessors, one loop step each; 17 splits with keys at 513) now that the
+# splits cost no merge launch; not timed yet: the sweep has 16, 32, 64 and more.
 # "dot": the products' tl.dot input_precision: "ieee", float32 FMAs (the torch path's
 # arithmetic); "tf32x3", three TF32 tensor-core products each, near float32 (a loop of 942
 # instructions for sm_90, not 1564; neither timed nor checked against ATTENTION_MAX_ABS on a GPU
@@ -231,10 +234,26 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # kernel before fewer in the decode chain (session 12's profile: the rope launch took 1.7 us a
 # layer, nearly all of it waiting and launching). Not timed on a GPU yet: `bench_fused.py
 # --attention-only --sweep-attention` times both.
+# "fold_merge_rows": up to this many query rows a KV head (group * tokens), the splits' partial
+# results are merged by the last of each KV head's programs to arrive (an int32 arrival counter
+# per KV head, `_split_counters`; `_attention_merge`), not by `_attention_merge_kernel` in a
+# launch after: one launch a layer. One program then reads a KV head's splits * rows * head dim
+# partials (Mixtral's decode token: 20 * 4 * 128 floats, 40 KB), where the merge launch spreads
+# them over a program a row: so not for many rows (8 tokens: 320 KB); 0: never (the form before).
+# It loads them in steps of at most "merge_floats" a thread (64: Mixtral's decode token's 20
+# splits in 2 steps; more spilled registers on sm_90 at 16 rows).
+# "min_rows": the least rows of a program's query tile (a KV head's group * tokens queries,
+# rounded up to a power of two): Triton 3.9 takes a float32 tl.dot of any rows (its FMA form
+# computes only those), so 1; 16 was the form before (Mixtral's decode token, 4 rows in a tile
+# of 16: 3/4 of the FMAs padding; sm_90 loop of 32 keys 632 instructions, 257 FFMA, against
+# 1597, 1026 FFMA: benchmarks/sass_attention.py). (Broadcast products with tl.sum compiled to
+# more: 2636, Triton spread the head dim over warps and shuffled for every sum.)
+# ATTENTION_BEFORE_SESSION_13: the settings that give the launches before both.
 ATTENTION_CONFIG: dict[str, int | str | bool] = {
-    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64, "dot": "ieee",
-    "fold_rope": True,
+    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 32, "dot": "ieee",
+    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64,
 }  # fmt: skip
+ATTENTION_BEFORE_SESSION_13 = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys": 64}
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
 # decode-sized calls with the router's float32 weight: one launch for the logits, the softmax,
@@ -1806,10 +1825,10 @@ if triton is not None:
     @triton.jit(do_not_specialize=["start", "N_KEYS"])
     def _attention_kernel(
         q_ptr, W, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
-        T, G, S_MAX, N_KEYS, HD, HALF, scale,
+        counter_ptr, T, G, S_MAX, N_KEYS, HD, HALF, scale,
         BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, TT: tl.constexpr, FROM_START: tl.constexpr,
         SPLIT: tl.constexpr, ROPE: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
-        DOT: tl.constexpr = "ieee",
+        DOT: tl.constexpr = "ieee", MERGE: tl.constexpr = False, MC: tl.constexpr = 1,
     ):  # fmt: skip
         """`harness::attention`'s attention launch (flash decoding). Program (kv, split): the G*T
         queries of KV head kv (row r = g*T + t: head kv*G + g, token t) against its share of the
@@ -1818,9 +1837,12 @@ if triton is not None:
         are spread evenly over the launch's splits in runs of whole BS steps, so that a short
         cache in a long one takes as many programs as it has steps, not the first splits (a
         program with none reads nothing). Online softmax in float32, the products at tl.dot's
-        input precision DOT. Without SPLIT the rows are finished into out [T, H*HD]; with it,
-        the unnormalized rows, their maxima and sums go to part_acc [KV, SPLITS, BM, BD],
-        part_m, part_l [KV, SPLITS, BM] for `_attention_merge_kernel`.
+        input precision DOT (BM rows: a float32 tl.dot takes any number of rows, BT >= 8 keys).
+        Without SPLIT the rows are finished into out [T, H*HD]; with it, the unnormalized rows,
+        their maxima and sums go to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS,
+        BM], merged by `_attention_merge_kernel` in a launch after, or with MERGE by the last of
+        the KV head's programs to arrive (counter_ptr + kv: a zeroed int32, bumped acq_rel, set
+        back to 0 by that program; `_attention_merge`): one launch.
 
         With ROPE (the one-launch form: no `_rope_cache_kernel` before), q_ptr is qkv [T, W]
         (the call's q, k and v side by side, before rope): each program rotates its queries
@@ -1857,7 +1879,7 @@ if triton is not None:
             q_ok = valid & (pos >= 0) & (pos < S_MAX)
             q = _rope_tile(q_ptr + t * W + head * HD, pos, q_ok, cos_ptr, sin_ptr, HD, HALF, BD, PTX)
             if split == tl.num_programs(1) - 1:  # the call's keys and values, first
-                j = tl.arange(0, BT)  # (a tile of at least 16 rows for tl.dot)
+                j = tl.arange(0, BT)  # (a tile of at least 8 rows for tl.dot)
                 jp = (
                     start + j.to(tl.int64)
                     if FROM_START
@@ -1902,14 +1924,57 @@ if triton is not None:
             seen = sm[None, :] & (s[None, :] <= pos[:, None])
             m_i, l_i, acc = _online_softmax(q, keys, values, seen, m_i, l_i, acc, scale, DOT)
         if SPLIT:
-            at = (kv * tl.num_programs(1) + split) * BM + r
+            splits = tl.num_programs(1)
+            at = (kv * splits + split) * BM + r
             tl.store(part_acc + at[:, None] * BD + d[None, :], acc)
             tl.store(part_m + at, m_i)
             tl.store(part_l + at, l_i)
+            if MERGE:
+                counter = counter_ptr + kv
+                tl.debug_barrier()  # every thread's partial is stored before this program's arrival counts
+                arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+                if arrived == splits - 1:  # the last: every partial is stored
+                    _attention_merge(part_acc, part_m, part_l, out_ptr, kv, splits, r, valid, t, head, d, dm,
+                        G * n_kv, HD, BM, BD, MC)  # fmt: skip
+                    tl.atomic_xchg(counter, 0)
         else:
             out = out_ptr + ((t * G * n_kv + head) * HD)[:, None] + d[None, :]
             total = tl.where(valid, l_i, 1.0)  # (padding rows: no division by zero)
             tl.store(out, acc / total[:, None], mask=valid[:, None] & dm[None, :])
+
+    @triton.jit
+    def _attention_merge(
+        part_acc, part_m, part_l, out_ptr, kv, splits, r, valid, t, head, d, dm, H, HD,
+        BM: tl.constexpr, BD: tl.constexpr, MC: tl.constexpr,
+    ):  # fmt: skip
+        """KV head kv's rows r [BM] (valid: a query's; token t, head `head`) merged over its
+        `splits` partial results (`_attention_kernel`'s MERGE), MC splits a step (their maxima,
+        sums and rows in one round of loads, past L1: other programs' stores), the steps in
+        split order, each split rescaled to the largest maximum so far and the sums before it
+        to the new one (with one step, as `_attention_merge_kernel` does it). The same code
+        whichever program runs it: the same bits."""
+        top = tl.full([BM], float("-inf"), tl.float32)
+        num = tl.zeros([BM, BD], tl.float32)
+        den = tl.zeros([BM], tl.float32)
+        for c0 in range(0, splits, MC):
+            sp = c0 + tl.arange(0, MC)
+            spm = (sp < splits)[:, None]
+            at = (kv * splits + sp)[:, None] * BM + r[None, :]  # [MC, BM]
+            m = tl.load(part_m + at, mask=spm, other=float("-inf"), cache_modifier=".cg")
+            part_sum = tl.load(part_l + at, mask=spm, other=0.0, cache_modifier=".cg")
+            part = tl.load(
+                part_acc + at[:, :, None] * BD + d[None, None, :], mask=spm[:, :, None], other=0.0,
+                cache_modifier=".cg",
+            )  # fmt: skip
+            new_top = tl.maximum(top, tl.max(m, 0))
+            use = tl.where(new_top == float("-inf"), 0.0, new_top)  # rows no split saw yet
+            before = tl.exp(top - use)  # 0 at the first step (top -inf)
+            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - use[None, :]))  # [MC, BM]
+            num = num * before[:, None] + tl.sum(part * w[:, :, None], 0)
+            den = den * before + tl.sum(part_sum * w, 0)
+            top = new_top
+        out = out_ptr + ((t * H + head) * HD)[:, None] + d[None, :]
+        tl.store(out, num / tl.where(valid, den, 1.0)[:, None], mask=valid[:, None] & dm[None, :])
 
     @triton.jit
     def _attention_merge_kernel(
@@ -2877,7 +2942,7 @@ def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int,
     """(splits, keys per split) of `n_keys` cached keys (flash decoding; the whole cache in the
     static-shape step): enough programs to fill the device (`_programs_wanted` over the KV
     heads), none with fewer than ATTENTION_CONFIG["split_min_keys"] keys, so a short cache is
-    one split (no merge launch). The kernel spreads the keys its queries see over that many
+    one split (nothing to merge). The kernel spreads the keys its queries see over that many
     splits (`_attention_kernel`), fewer a split where they are fewer than `n_keys`."""
     bs = ATTENTION_CONFIG["BS"]
     wanted = _ceil_div(_programs_wanted(device), n_kv)
@@ -2886,13 +2951,22 @@ def attention_splits(n_keys: int, n_kv: int, device: torch.device) -> tuple[int,
     return _ceil_div(n_keys, per), per
 
 
+def attention_merge_splits(splits: int, rows: int, bd: int, warps: int) -> int:
+    """How many splits' partial results (`rows` x `bd` floats each) the merging program of
+    `_attention_kernel` (MERGE) loads at once: a power of two, at most `splits` rounded up and
+    at most ATTENTION_CONFIG["merge_floats"] a thread (`warps` warps), at least one."""
+    most = max(1, ATTENTION_CONFIG["merge_floats"] * 32 * warps // (rows * bd))
+    return min(_next_pow2(splits), 1 << (most.bit_length() - 1))
+
+
 def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
-    """`harness::attention` in one launch, or two when the keys are split: `_attention_kernel`
-    over splits of the keys, its programs rotating the queries and (the last split) the new
-    keys themselves and writing the caches (ATTENTION_CONFIG["fold_rope"]; else
-    `_rope_cache_kernel` does that in a launch before), and `_attention_merge_kernel` when
-    there is more than one split. The rope and the cache write are bit for bit the torch
-    path's; the attention agrees with it to float32 rounding (its sums run in another order)."""
+    """`harness::attention` in one launch: `_attention_kernel` over splits of the keys, its
+    programs rotating the queries and (the last split) the new keys themselves and writing the
+    caches (ATTENTION_CONFIG["fold_rope"]; else `_rope_cache_kernel` does that in a launch
+    before), the last of each KV head's programs merging the splits (ATTENTION_CONFIG
+    "fold_merge_rows"; else `_attention_merge_kernel` in a launch after, when there are several).
+    The rope and the cache write are bit for bit the torch path's; the attention agrees with it
+    to float32 rounding (its sums run in another order)."""
     t, width = qkv.shape
     n_kv, s_max, hd = cache_k.shape
     n_heads = width // hd - 2 * n_kv
@@ -2909,9 +2983,11 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     out = qkv.new_empty((t, n_heads * hd))
     cfg = ATTENTION_CONFIG
     fold = bool(cfg["fold_rope"])
-    bm = max(16, _next_pow2(group * t))
+    rows = group * t  # the queries of one KV head: one program's rows
+    bm = max(int(cfg["min_rows"]), _next_pow2(rows))
     bd = _next_pow2(hd)
     splits, _ = attention_splits(n_keys, n_kv, device)
+    merge = splits > 1 and rows <= cfg["fold_merge_rows"]  # by the launch's last programs
     pdl_kw = pdl_options(device)
     with _launch_device(device):
         queries = qkv
@@ -2924,9 +3000,12 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
                 BH=_next_pow2(max(half, 1)), BD=bd, FROM_START=from_start, num_warps=1,
                 enable_fp_fusion=False, **pdl_kw,
             )  # fmt: skip
+        counters = out
         if splits == 1:
             part_acc = part_m = part_l = out
         else:
+            if merge:
+                counters = _split_counters(device, n_kv)  # one a KV head
             # one buffer for every split count (they grow with the cache, up to the programs
             # wanted a KV head): the first elements, viewed as this call's shapes
             most = _ceil_div(_programs_wanted(device), n_kv)
@@ -2939,14 +3018,18 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
                 for buffer, size, shape in zip(flat, (bm * bd, bm, bm), ((bm, bd), (bm,), (bm,)), strict=True)
             )
         # with the rope folded in, products rounded one by one: mul.rn in PTX (`_mul_rn`), which
-        # leaves fp fusion to the rest of the kernel; elsewhere (ROCm) no fusion at all
+        # leaves fp fusion to the rest of the kernel; elsewhere (ROCm) no fusion at all. BT, the
+        # new keys' tile: at least 8 (a float32 tl.dot's least depth), 16 beside a query tile of
+        # 16 or more rows (as before session 13)
         launch(_attention_kernel, (n_kv, splits),
-            queries, width, cache_k, cache_v, cos, sin, pos, start, out, part_acc, part_m, part_l, t, group,
-            s_max, n_keys, hd, half, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"], BT=max(16, _next_pow2(t)), TT=_next_pow2(t),
-            FROM_START=from_start, SPLIT=splits > 1, ROPE=fold, PTX=_ptx(), num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], DOT=cfg["dot"], enable_fp_fusion=not fold or _ptx(), **pdl_kw,
+            queries, width, cache_k, cache_v, cos, sin, pos, start, out, part_acc, part_m, part_l, counters, t,
+            group, s_max, n_keys, hd, half, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"],
+            BT=max(min(bm, 16), 8, _next_pow2(t)), TT=_next_pow2(t), FROM_START=from_start,
+            SPLIT=splits > 1, ROPE=fold, PTX=_ptx(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            DOT=cfg["dot"], MERGE=merge, MC=attention_merge_splits(splits, bm, bd, cfg["num_warps"]),
+            enable_fp_fusion=not fold or _ptx(), **pdl_kw,
         )  # fmt: skip
-        if splits > 1:
+        if splits > 1 and not merge:
             launch(_attention_merge_kernel, (n_kv, group * t),
                 part_acc, part_m, part_l, out, t, group, n_kv, hd, splits, BM=bm, BD=bd,
                 BP=_next_pow2(splits), num_warps=cfg["merge_warps"], **pdl_kw,
