@@ -602,7 +602,7 @@ def in_turn_from_dram(weight: torch.Tensor) -> tuple:
 def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
     """`harness::attention` per ATTENTION_CALLS: the Triton kernels (default settings, "triton")
     against their launches before session 13 ("triton two launches",
-    fused.ATTENTION_BEFORE_SESSION_13: the splits merged in a launch of their own, query tiles
+    fused.ATTENTION_TWO_LAUNCHES: the splits merged in a launch of their own, query tiles
     of 16 rows), against their form with the rope in a launch of its own ("triton rope launch",
     ATTENTION_CONFIG["fold_rope"] off) and against the torch path, each pair timed in a CUDA
     graph (a row each) and eagerly (in the comparison); with `sweep`, the kernels under each of
@@ -641,7 +641,7 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
 
         new = call
         old = functools.partial(call, config={"fold_rope": False})
-        before = functools.partial(call, config=fused.ATTENTION_BEFORE_SESSION_13)
+        before = functools.partial(call, config=fused.ATTENTION_TWO_LAUNCHES)
         torch_path = functools.partial(call, "torch")
         for ways in (
             {"triton": new, "triton two launches": before},

@@ -51,7 +51,7 @@ def compile_attention(rows: int, setting: dict, split: bool = True):
     splits = fused._ceil_div(CACHE, per)
     merge = rows <= cfg["fold_merge_rows"] and split and splits > 1
     consts = {
-        "BM": bm, "BD": 128, "BS": cfg["BS"], "BT": max(min(bm, 16), 8, fused._next_pow2(t)), "TT": fused._next_pow2(t),
+        "BM": bm, "BD": 128, "BS": cfg["BS"], "BT": max(16, fused._next_pow2(t)), "TT": fused._next_pow2(t),
         "FROM_START": False, "SPLIT": split, "ROPE": bool(cfg["fold_rope"]), "PTX": True, "DOT": cfg["dot"],
         "MERGE": merge, "MC": fused.attention_merge_splits(splits, bm, 128, cfg["num_warps"]),
         "PDL": True,

@@ -570,7 +570,7 @@ ATTENTION_CONFIGS = {
     "default": {},
     "splits": ATTENTION_SPLIT_CONFIG,
     "rope launch": ATTENTION_ROPE_LAUNCH_CONFIG,
-    "before session 13": {},  # fused.ATTENTION_BEFORE_SESSION_13 (read where fused is imported)
+    "before session 13": {},  # fused.ATTENTION_TWO_LAUNCHES (read where fused is imported)
 }
 
 # The one-launch form (the splits merged by the last program of each KV head, query tiles of
@@ -627,9 +627,7 @@ def _attention_cases(device: str, small: bool, rng: np.random.Generator) -> list
         for path, label in (("torch", "default"), *(("triton", label) for label in ATTENTION_CONFIGS)):
             got_k, got_v = cache_k.to(device), cache_v.to(device)
             config = (
-                fused.ATTENTION_BEFORE_SESSION_13
-                if label == "before session 13"
-                else ATTENTION_CONFIGS[label]
+                fused.ATTENTION_TWO_LAUNCHES if label == "before session 13" else ATTENTION_CONFIGS[label]
             )
             with _attention_kernels(path, config):
                 kernels = fused.attention_takes_kernels(*args, got_k, got_v, *tables, positions)
@@ -683,7 +681,7 @@ def _attention_past_cache_cases(device: str, rng: np.random.Generator) -> list[d
     tables = cos.to(device), sin.to(device)
     for label, config in ATTENTION_CONFIGS.items():
         if label == "before session 13":
-            config = fused.ATTENTION_BEFORE_SESSION_13
+            config = fused.ATTENTION_TWO_LAUNCHES
         for positions in ([s_max - 1, s_max], [s_max + 3]):
             t = len(positions)
             got_k, got_v = cache_k.to(device), cache_v.to(device)
@@ -2108,7 +2106,6 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
                 {
                     "BM": 4,
                     "BD": 128,
-                    "BT": 8,
                     "TT": 1,
                     "FROM_START": False,
                     "SPLIT": True,

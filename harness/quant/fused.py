@@ -243,17 +243,17 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # It loads them in steps of at most "merge_floats" a thread (64: Mixtral's decode token's 20
 # splits in 2 steps; more spilled registers on sm_90 at 16 rows).
 # "min_rows": the least rows of a program's query tile (a KV head's group * tokens queries,
-# rounded up to a power of two): Triton 3.9 takes a float32 tl.dot of any rows (its FMA form
+# rounded up to a power of two): Triton (3.6, 3.9) takes a float32 tl.dot of any rows (its FMA form
 # computes only those), so 1; 16 was the form before (Mixtral's decode token, 4 rows in a tile
 # of 16: 3/4 of the FMAs padding; sm_90 loop of 32 keys 632 instructions, 257 FFMA, against
 # 1597, 1026 FFMA: benchmarks/sass_attention.py). (Broadcast products with tl.sum compiled to
 # more: 2636, Triton spread the head dim over warps and shuffled for every sum.)
-# ATTENTION_BEFORE_SESSION_13: the settings that give the launches before both.
+# ATTENTION_TWO_LAUNCHES: the settings that give the launches before both.
 ATTENTION_CONFIG: dict[str, int | str | bool] = {
     "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 32, "dot": "ieee",
     "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64,
 }  # fmt: skip
-ATTENTION_BEFORE_SESSION_13 = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys": 64}
+ATTENTION_TWO_LAUNCHES = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys": 64}
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
 # decode-sized calls with the router's float32 weight: one launch for the logits, the softmax,
@@ -1837,7 +1837,7 @@ if triton is not None:
         are spread evenly over the launch's splits in runs of whole BS steps, so that a short
         cache in a long one takes as many programs as it has steps, not the first splits (a
         program with none reads nothing). Online softmax in float32, the products at tl.dot's
-        input precision DOT (BM rows: a float32 tl.dot takes any number of rows, BT >= 8 keys).
+        input precision DOT (BM rows: a float32 tl.dot takes any number of rows, BT >= 16 keys).
         Without SPLIT the rows are finished into out [T, H*HD]; with it, the unnormalized rows,
         their maxima and sums go to part_acc [KV, SPLITS, BM, BD], part_m, part_l [KV, SPLITS,
         BM], merged by `_attention_merge_kernel` in a launch after, or with MERGE by the last of
@@ -1879,7 +1879,7 @@ if triton is not None:
             q_ok = valid & (pos >= 0) & (pos < S_MAX)
             q = _rope_tile(q_ptr + t * W + head * HD, pos, q_ok, cos_ptr, sin_ptr, HD, HALF, BD, PTX)
             if split == tl.num_programs(1) - 1:  # the call's keys and values, first
-                j = tl.arange(0, BT)  # (a tile of at least 8 rows for tl.dot)
+                j = tl.arange(0, BT)  # (a tile of at least 16 rows for tl.dot)
                 jp = (
                     start + j.to(tl.int64)
                     if FROM_START
@@ -3019,12 +3019,12 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
             )
         # with the rope folded in, products rounded one by one: mul.rn in PTX (`_mul_rn`), which
         # leaves fp fusion to the rest of the kernel; elsewhere (ROCm) no fusion at all. BT, the
-        # new keys' tile: at least 8 (a float32 tl.dot's least depth), 16 beside a query tile of
-        # 16 or more rows (as before session 13)
+        # new keys' tile: at least 16, a float32 tl.dot's least depth on NVIDIA before Triton 3.9
+        # (3.6: 16; 3.9: 8)
         launch(_attention_kernel, (n_kv, splits),
             queries, width, cache_k, cache_v, cos, sin, pos, start, out, part_acc, part_m, part_l, counters, t,
             group, s_max, n_keys, hd, half, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"],
-            BT=max(min(bm, 16), 8, _next_pow2(t)), TT=_next_pow2(t), FROM_START=from_start,
+            BT=max(16, _next_pow2(t)), TT=_next_pow2(t), FROM_START=from_start,
             SPLIT=splits > 1, ROPE=fold, PTX=_ptx(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             DOT=cfg["dot"], MERGE=merge, MC=attention_merge_splits(splits, bm, bd, cfg["num_warps"]),
             enable_fp_fusion=not fold or _ptx(), **pdl_kw,
