@@ -1263,7 +1263,7 @@ ROWS_READ_SPANS = (4, 8)
 def rows_read_case_count() -> int:
     """How many results `_rows_read_cases` gives."""
     q5_forms = sum(1 for i, form in enumerate(INT_X_FORMS) if form[0] or i % 3 == 0)
-    return 2 * (len(INT_X_FORMS) + q5_forms) + 6
+    return 2 * (len(INT_X_FORMS) + q5_forms) + 7
 
 
 def _rows_read_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
@@ -1273,7 +1273,8 @@ def _rows_read_cases(device: str, small: bool, rng: np.random.Generator) -> list
     and 2, one split and many), 1..8 pairs in turn (Q5_K 1..4 under the interpreter), at span 1
     (the same bits as "blocks") and at span 4 or 8 (within NMSE_MAX of float64, and close to
     "blocks": the lanes' partials are added in another order); the same bits twice; the plan's
-    splits whole loop steps. x holds an outlier. Then `_planned`'s refusals (6 cases)."""
+    splits whole loop steps. x holds an outlier. Then `_rows_read_under_kernel` and `_planned`'s
+    refusals (6 cases)."""
     from harness.quant import fused
     from harness.quant.types import GGMLType
 
@@ -1334,10 +1335,40 @@ def _rows_read_cases(device: str, small: bool, rng: np.random.Generator) -> list
                 finally:
                     cfg.clear()
                     cfg.update(saved)
+        results.append(_rows_read_under_kernel(device, small, rng))
         results.extend(_rows_read_refusals())
     finally:
         fused.matvec_path, fused.int_x_path = before
     return results
+
+
+def _rows_read_under_kernel(device: str, small: bool, rng: np.random.Generator) -> dict:
+    """A gated Q4_K product of 2 pairs through the "rows" read (span 8) under `int_x_path`
+    "kernel" and "launch": x quantized by `_int_x`'s launch under both (one call each), the same
+    bits."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    cols, rows = (1536 if small else 4096), 19
+    w, u = (_random_weight(GGMLType.Q4_K, rows, cols, rng).to(device) for _ in range(2))
+    x = torch.randn(2, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30)))).to(device)
+    cfg = fused.INT_MATVEC_CONFIG[GGMLType.Q4_K]
+    saved, original, calls = dict(cfg), fused._int_x, []
+    got = {}
+    try:
+        cfg.update(read="rows", span=8, BN=8, num_warps=4)
+        fused._int_x = lambda x: calls.append(x.shape) or original(x)
+        for path in ("kernel", "launch"):
+            fused.int_x_path = path
+            got[path] = fused._product(x, w, u, int(GGMLType.Q4_K), rows, None, 1, None).cpu()
+    finally:
+        fused._int_x = original
+        cfg.clear()
+        cfg.update(saved)
+    return {
+        "case": "rows read under int_x kernel and launch", "refused": False,
+        "x_from_launch": len(calls) == 2 and _same_bits(got["kernel"], got["launch"]),
+    }  # fmt: skip
 
 
 def _rows_reference(x, dense, experts, x_div, scale, out_div, gated) -> torch.Tensor:
@@ -1410,7 +1441,9 @@ def _check_rows_read(results: list[dict]) -> None:
         )
     ]
     assert not bad, bad
-    refusals = [r for r in results if "span" not in r]
+    others = [r for r in results if "span" not in r]
+    assert others[0]["x_from_launch"], others[0]  # `_rows_read_under_kernel`
+    refusals = others[1:]
     assert [r["refused"] for r in refusals] == [True] * 5 + [False], refusals
     assert refusals[-1]["x_from_launch"], refusals[-1]
 
