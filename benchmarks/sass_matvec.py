@@ -4,13 +4,19 @@ that needs no GPU. Writes JSON; asserts nothing.
 
     python benchmarks/sass_matvec.py --out benchmarks/results/sass_matvec.json
 
+The Q4_K and Q5_K "rows" reads (INT_MATVEC_CONFIG's "read", `fused.INT_READS`) are compiled at
+ROWS_SETTING, or at each of `--rows "BN=8,num_warps=4,span=8;BN=4,num_warps=4,span=8"`; their
+weight bytes a thread are BN x span super-blocks over the threads. `--reads "Q4_K int"` compiles
+only the reads whose names hold one of those strings.
+
 For each read, `_matvec_kernel` is compiled for sm_90 (pointers and row strides taken as 16-byte
 aligned, as the model's weights are) and disassembled with cuobjdump; the loop over super-blocks
 is the longest span between a backward branch and its target (not the split sums' loop).
 Rows: the loop's instructions, the weight bytes one thread reads per iteration (BN rows of one
 super-block over the threads), their ratio, the global loads by width (LDG.E.128 is 16 bytes,
 LDG.E.U8 one), integer-to-float conversions (I2F), integer dot products (IDP: the "int"
-reads' dp2a), local-memory loads (LDL: register spills) and barriers (BAR: each a wait for
+reads' dp2a), local-memory loads (LDL: register spills; "loop_spills" and "kernel_spills" count
+LDL and STL in the loop and in the whole kernel) and barriers (BAR: each a wait for
 every warp of the program, mostly around layout changes through shared memory). Fewer instructions per byte and
 wider loads are faster while the kernel issues more than memory delivers; only a GPU says by how
 much (benchmarks/bench_fused.py).
@@ -35,8 +41,8 @@ from harness.quant.types import GGMLType, type_size  # noqa: E402
 
 T = GGMLType
 # (name, type, repacked weight, read: "tile"/"words" (the older reads), "vec" (wide loads, VEC),
-# "int" (integer dot products, INT, x quantized in the kernel: INT_X) or "int-launch" (x from
-# `_int_x`'s launch), gated)
+# "int" (integer dot products, INT, x quantized in the kernel: INT_X), "int-launch" (x from
+# `_int_x`'s launch) or "int-rows" (the "rows" read at ROWS_SETTING, x from `_int_x`), gated)
 READS = [
     ("Q4_K words", T.Q4_K, False, "words", False),
     ("Q4_K vec", T.Q4_K, False, "vec", False),
@@ -45,6 +51,8 @@ READS = [
     ("Q4_K int gated", T.Q4_K, False, "int", True),
     ("Q4_K int launch", T.Q4_K, False, "int-launch", False),
     ("Q4_K int launch gated", T.Q4_K, False, "int-launch", True),
+    ("Q4_K int rows", T.Q4_K, False, "int-rows", False),
+    ("Q4_K int rows gated", T.Q4_K, False, "int-rows", True),
     ("Q5_K tile", T.Q5_K, False, "tile", False),
     ("Q5_K vec", T.Q5_K, False, "vec", False),
     ("Q5_K vec gated", T.Q5_K, False, "vec", True),
@@ -52,6 +60,8 @@ READS = [
     ("Q5_K int gated", T.Q5_K, False, "int", True),
     ("Q5_K int launch", T.Q5_K, False, "int-launch", False),
     ("Q5_K int launch gated", T.Q5_K, False, "int-launch", True),
+    ("Q5_K int rows", T.Q5_K, False, "int-rows", False),
+    ("Q5_K int rows gated", T.Q5_K, False, "int-rows", True),
     ("Q6_K tile", T.Q6_K, False, "tile", False),
     ("Q6_K packed vec", T.Q6_K, True, "vec", False),
     ("Q6_K packed vec gated", T.Q6_K, True, "vec", True),
@@ -69,7 +79,13 @@ READS = [
 ]
 
 
-def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
+# The "rows" read's setting compiled (over the type's INT_MATVEC_CONFIG; `--rows` changes it):
+# 8 rows a program of 4 warps, 8 super-blocks a row a loop step (a warp's 32 lanes on one row,
+# two rows a thread: x's words loaded once for both).
+ROWS_SETTING = {"read": "rows", "BN": 8, "num_warps": 4, "span": 8}
+
+
+def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool, rows_setting: dict | None = None):
     """`_matvec_kernel` compiled for sm_90 as `fused._product` launches it; and its config."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -80,6 +96,10 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
         fused.INT_MATVEC_CONFIG if int_read else fused.PACKED_MATVEC_CONFIG if packed else fused.MATVEC_CONFIG
     )
     cfg = tables[qtype]
+    span = 0
+    if read == "int-rows":
+        cfg = {**cfg, **(rows_setting or ROWS_SETTING)}
+        span = fused._rows_span(qtype, cfg)
     weights = "*i32" if qtype == T.Q4_K or vec or int_read else "*u8"
     pointers = {
         **dict.fromkeys(("out_ptr", "scale_ptr", "lut_ptr", "xsum_ptr", "xpow_ptr"), "*fp32"),
@@ -94,7 +114,8 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
         "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated, "SCALED": False,
         "ROUTED": False, "VEC": vec, "PACKED": packed, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1),
         "REDUCE": not gated,  # a decode product's splits summed in the kernel (gated ones take one split)
-        "INT": int_read, "INT_X": int_x, "PTX": True, "X_AT": int_read and not int_x and cfg.get("x_at", fused.X_AT_DEFAULT) == 1,
+        "INT": int_read, "INT_X": int_x, "PTX": True, "ROWS": span,
+        "X_AT": int_read and not int_x and not span and cfg.get("x_at", fused.X_AT_DEFAULT) == 1,
     }  # fmt: skip
     names = fused._matvec_kernel.arg_names
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
@@ -142,16 +163,35 @@ def longest_loop(code: list[tuple[int, str]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/sass_matvec.json")
+    p.add_argument(
+        "--rows",
+        default=",".join(f"{k}={v}" for k, v in ROWS_SETTING.items() if k != "read"),
+        help='the "rows" read\'s setting compiled: BN=8,num_warps=4,span=8 (several: separated by ";")',
+    )
+    p.add_argument("--reads", help="only the reads whose names hold one of these comma-separated strings")
     args = p.parse_args(argv)
+    rows_settings = [
+        {"read": "rows", **{k: int(v) for k, v in (kv.split("=") for kv in one.split(","))}}
+        for one in args.rows.split(";")
+    ]
     import triton
 
     rows = []
-    for name, qtype, packed, read, gated in READS:
-        kernel, cfg = compile_matvec(qtype, packed, read, gated)
-        loop = longest_loop(sass(kernel.asm["cubin"]))
+    compiled = [
+        (name, qtype, packed, read, gated, setting)
+        for name, qtype, packed, read, gated in READS
+        if not args.reads or any(part in name for part in args.reads.split(","))
+        for setting in (rows_settings if read == "int-rows" else [None])
+    ]
+    for name, qtype, packed, read, gated, setting in compiled:
+        kernel, cfg = compile_matvec(qtype, packed, read, gated, setting)
+        code = sass(kernel.asm["cubin"])
+        loop = longest_loop(code)
         ops = collections.Counter(i.split()[0] for i in loop)
-        super_block_bytes = type_size(qtype) * (8 if qtype == T.Q8_0 else 1)
+        super_block_bytes = type_size(qtype) * (8 if qtype == T.Q8_0 else 1) * cfg.get("span", 1)
         per_thread = cfg["BN"] * super_block_bytes * (2 if gated else 1) / (32 * cfg["num_warps"])
+        if setting is not None:
+            name += " " + ",".join(f"{k}={v}" for k, v in setting.items() if k != "read")
         row = {
             "read": name,
             "loop_instructions": len(loop),
@@ -161,12 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             "i2f": sum(v for k, v in ops.items() if k.startswith("I2F")),
             "idp": sum(v for k, v in ops.items() if k.startswith("IDP")),
             "barriers": sum(v for k, v in ops.items() if k.startswith("BAR")),
+            "loop_spills": sum(1 for i in loop if re.match(r"(LDL|STL)\b", i)),
+            "kernel_spills": sum(1 for _, i in code if re.search(r"\b(LDL|STL)\b", i)),
             "config": cfg,
         }
         rows.append(row)
         print(
             f"{name:24s} {row['instructions_per_byte']:6.2f} instructions/byte  {row['loads']}  I2F {row['i2f']}"
-            f"  IDP {row['idp']}  BAR {row['barriers']}"
+            f"  IDP {row['idp']}  BAR {row['barriers']}  spills {row['loop_spills']} in the loop, {row['kernel_spills']} in all"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,26 @@ INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q6_K: {"BN": 16, "num_warps": 2, "stages": 1, "programs_per_sm": 8},
     T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
 }
+# How the int reads of Q4_K and Q5_K walk a weight (an INT_MATVEC_CONFIG setting's "read"):
+# - "blocks" (the default): a program takes BN rows and walks their super-blocks one a loop
+#   step, a thread a (row, group of 64 values) slot of the [BN, 4, 4] tile: a warp's 16-byte
+#   loads touch 8 rows (or more) at once;
+# - "rows": a program takes BN rows and walks them "span" super-blocks a loop step (8 when
+#   absent; a power of two), the lanes along K: a [BN, span, 4, 4] tile of (row, super-block,
+#   group, word), so a warp's loads cover span consecutive super-blocks of a row (at span 8, a
+#   warp's 32 lanes one row: 8 x 144 bytes in a row); each lane's partials are summed per row
+#   at the end (`_pairwise_slots`), in a fixed order. llama.cpp's mmvq reads so (ggml-cuda
+#   mmvq.cu: the threads of a block along a row's blocks, one to a few rows a block). x always
+#   comes from `_int_x`'s launch (`int_x_path` "kernel" is not taken), loaded where it is
+#   stored, as X_AT. The grid is as "blocks"' (row tiles of BN, pairs, splits); a split is
+#   whole loop steps (its super-blocks rounded up to a multiple of the span), a loop step past
+#   the split's end weighted 0. At span 1 the same sums in the same order as "blocks": the same
+#   bits (the interpreter's tests check it). With "rows" set BN (and "num_warps") for it too:
+#   BN x span x 4 slots of 16-byte loads over 32 x num_warps lanes. Not timed on a GPU yet:
+#   `benchmarks/sweep_matvec.py --reads blocks,rows` times both.
+INT_READS = ("blocks", "rows")
+ROWS_READ_TYPES = (T.Q4_K, T.Q5_K)
+ROWS_SPAN_DEFAULT = 8
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
@@ -1076,46 +1096,45 @@ if triton is not None:
     @triton.jit
     def _q4_k_dot_int(
         wq,
-        roww,
-        sb,
+        blk,
+        g,
+        w,
         xq,
         xs,
         xsum,
-        BN: tl.constexpr,
         PTX: tl.constexpr,
         Q5: tl.constexpr = False,
         X_AT: tl.constexpr = False,
     ):
-        """[BN, 4] partial dot products (per group g of two sub-blocks) of super-block sb of BN
-        Q4_K (Q5: Q5_K) rows (words, as `_q4_k_dot_vec` reads them) with the super-block of x
-        as the int reads take it: xq [8, 16] words (`_int_x_words`), xs [8] scales per 32 values,
-        xsum [16] sums per 16 (`_int_x_super`). Word 8g + w of qs holds values 64g + 4w + b (low
-        nibbles, sub-block 2g: x block 2g) and 64g + 32 + 4w + b (high nibbles, sub-block 2g + 1;
-        Q4_K reads them in place, 16 times the value). Q5_K: the fifth bit of value 32j + 4w + b
-        (sub-block j) is bit 8b + j of qh word w, moved to bit 4 of byte b (the high nibbles
-        shifted down first). X_AT: xq, xs and xsum are where `_int_x` stored the super-block's
+        """[..., 4, 1] partial dot products (per group g of two sub-blocks) of the Q4_K (Q5:
+        Q5_K) super-blocks at word offsets blk [..., 1, 1] (words, as `_q4_k_dot_vec` reads
+        them; g [..., 4, 1] and w [..., 1, 4] aranges of that rank) with a super-block of x as
+        the int reads take it: xq [8, 16] words (`_int_x_words`), xs [8] scales per 32 values,
+        xsum [16] sums per 16 (`_int_x_super`; rank 3 only). Word 8g + w of qs holds values
+        64g + 4w + b (low nibbles, sub-block 2g: x block 2g) and 64g + 32 + 4w + b (high
+        nibbles, sub-block 2g + 1; Q4_K reads them in place, 16 times the value). Q5_K: the
+        fifth bit of value 32j + 4w + b (sub-block j) is bit 8b + j of qh word w, moved to bit 4
+        of byte b (the high nibbles shifted down first). X_AT: xq, xs and xsum are where `_int_x` stored the super-block's
         words, scales and sums, each operand loaded as the products take it (the same values;
         taking them apart from [8, 16] changes their layout through shared memory every
-        iteration)."""
+        iteration); they may also be pointer tensors that broadcast against blk (the "rows"
+        read: x's super-block differs along K)."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
-        # every operand in the [BN, 4 groups, 4 words] tile's layout (the block's scales as
-        # [BN, 1, 1], x's as [1, 4, 4]): mixing 2-D and 3-D shapes cost layout changes (shared
-        # memory and barriers) every iteration
-        blk = roww[:, None, None] + sb * (44 if Q5 else 36)  # [BN, 1, 1] in words
-        g = tl.arange(0, 4)[None, :, None]  # [1, 4, 1]
-        w = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
+        # every operand in the [..., 4 groups, 4 words] tile's layout (the block's scales as
+        # [..., 1, 1], x's as [1, ..., 4, 4]): mixing 2-D and 3-D shapes cost layout changes
+        # (shared memory and barriers) every iteration
         # the block's words 0..3 loaded as a tile of the same shape (the same four for each g),
         # each taken out of it in its thread: loaded [BN, 1, 1] they came in another layout
-        head = tl.load(wq + blk + 0 * g + w)  # [BN, 4, 4]
-        d_word = tl.sum(tl.where(w == 0, head, 0), axis=2, keep_dims=True)  # [BN, 4, 1]
+        head = tl.load(wq + blk + 0 * g + w)  # [..., 4, 4]
+        d_word = tl.sum(tl.where(w == 0, head, 0), axis=-1, keep_dims=True)  # [..., 4, 1]
         d = (d_word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = ((d_word >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        s1 = tl.sum(tl.where(w == 1, head, 0), axis=2, keep_dims=True)
-        s2 = tl.sum(tl.where(w == 2, head, 0), axis=2, keep_dims=True)
-        s3 = tl.sum(tl.where(w == 3, head, 0), axis=2, keep_dims=True)
+        s1 = tl.sum(tl.where(w == 1, head, 0), axis=-1, keep_dims=True)
+        s2 = tl.sum(tl.where(w == 2, head, 0), axis=-1, keep_dims=True)
+        s3 = tl.sum(tl.where(w == 3, head, 0), axis=-1, keep_dims=True)
         # words 0..3 and 4..7 of each group as two tiles of one layout: a thread holds all eight
         # words of its (row, group), so its sums need no other thread
-        first = tl.load(wq + blk + QS + 8 * g + w)  # [BN, 4, 4]
+        first = tl.load(wq + blk + QS + 8 * g + w)  # [..., 4, 4]
         second = tl.load(wq + blk + QS + 4 + 8 * g + w)
         if Q5:  # qh words 0..3 and 4..7, the same for each g
             qh_first = tl.load(wq + blk + 4 + 0 * g + w)
@@ -1129,9 +1148,9 @@ if triton is not None:
             xs_h = tl.split(tl.reshape(xs, (4, 2)))
             first16, second16 = tl.split(tl.reshape(xsum, (4, 2, 2)))
             xsum_h = tl.split(first16 + second16)
-        acc = tl.zeros((BN, 4, 1), dtype=tl.float32)
+        acc = tl.zeros_like(d)
         for h in tl.static_range(2):
-            j = 2 * g + h  # [1, 4, 1] the sub-blocks (and x blocks) of nibble h
+            j = 2 * g + h  # [..., 4, 1] the sub-blocks (and x blocks) of nibble h
             if Q5:
                 q1 = ((first >> (4 * h)) & 0x0F0F0F0F) | (((qh_first >> j) << 4) & 0x10101010)
                 q2 = ((second >> (4 * h)) & 0x0F0F0F0F) | (((qh_second >> j) << 4) & 0x10101010)
@@ -1152,10 +1171,10 @@ if triton is not None:
                 x1_lo, x2_lo, x1_hi, x2_hi = x1_lo[None], x2_lo[None], x1_hi[None], x2_hi[None]
                 x_scale, x_sum = xs_h[h][None, :, None], xsum_h[h][None, :, None]
             dots = _dp4(x1_lo, x1_hi, q1, False, PTX) + _dp4(x2_lo, x2_hi, q2, False, PTX)
-            dots = tl.sum(dots, axis=2, keep_dims=True)  # [BN, 4, 1]
+            dots = tl.sum(dots, axis=-1, keep_dims=True)  # [..., 4, 1]
             sc, mn = _q4_k_word_scales(s1, s2, s3, j)
             acc += (d * sc) * (x_scale * unit) * dots.to(tl.float32) - (dmin * mn) * x_sum
-        return tl.sum(acc, axis=2)  # (one term: no addition)
+        return acc
 
     @triton.jit
     def _q6_k_dot_int(
@@ -1215,6 +1234,19 @@ if triton is not None:
         else:
             quads = tl.sum(tl.reshape(t, (BN, 2, 2)), axis=2)
         return tl.sum(quads, axis=1)
+
+    @triton.jit
+    def _pairwise_slots(t, BN: tl.constexpr, ROWS: tl.constexpr):
+        """The "rows" read's partials t [BN, ROWS, 4, 1] summed per row pairwise: each
+        super-block slot's four groups as `_pairwise_rows` adds them, then the slots' sums
+        neighbour with neighbour (ROWS a power of two, up to 64): a fixed order, whatever the
+        layout."""
+        quads = tl.sum(tl.reshape(t, (BN, ROWS, 2, 2)), axis=3)
+        t = tl.sum(quads, axis=2)  # [BN, ROWS]
+        for k in tl.static_range(6):
+            if (ROWS >> k) > 1:
+                t = tl.sum(tl.reshape(t, (BN, ROWS >> (k + 1), 2)), axis=2)
+        return tl.reshape(t, (BN,))
 
     @triton.jit
     def _by_quarter(t):
@@ -1298,6 +1330,7 @@ if triton is not None:
         PDL: tl.constexpr = False,
         UNROLL: tl.constexpr = 1,
         X_AT: tl.constexpr = False,
+        ROWS: tl.constexpr = 0,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when ROUTED,
@@ -1309,6 +1342,9 @@ if triton is not None:
         quantized as `_int_x_super` does it: here, from float32 x (INT_X: x_ptr is x), or by
         `_int_x` before (x_ptr: its int16 pairs as int32, x_stride in pairs; xsum_ptr: its sums,
         xpow_ptr: its scales); the dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
+        ROWS > 0 (Q4_K and Q5_K with INT, x from `_int_x`): the "rows" read (INT_READS), ROWS
+        super-blocks of each of the BN rows a loop step, the lanes along K (a [BN, ROWS, 4, 4]
+        tile: row, super-block, group, word), a chunk's tail weighted 0.
 
         Without REDUCE (one split, out_div 1) each program stores its row. With it, each stores
         its partial in part [splits, pairs, N] (GATED: [2 * splits, pairs, N], W.x's then U.x's,
@@ -1345,22 +1381,49 @@ if triton is not None:
             x_row = (p // x_div).to(tl.int64)
             xsum = xsum_ptr + x_row * (x_stride // 8)  # per 16 values (x_stride: K / 2 pairs)
             xscale = xpow_ptr + x_row * (x_stride // 16)  # per 32
+            g3 = tl.arange(0, 4)[None, :, None]  # [1, 4, 1]: `_q4_k_dot_int`'s groups
+            w3 = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]: and words
         x_power = tl.load(xpow_ptr + p // x_div) if VEC else 1.0
+        if ROWS:  # the "rows" read's [BN, ROWS, 4, 1] partials (row, super-block, group)
+            acc_r = tl.zeros((BN, ROWS, 4, 1), dtype=tl.float32)
+            acc_r_u = tl.zeros((BN, ROWS, 4, 1), dtype=tl.float32)
+            slot = tl.arange(0, ROWS)[None, :, None, None]  # [1, ROWS, 1, 1]
+            g4 = tl.arange(0, 4)[None, None, :, None]  # [1, 1, 4, 1]
+            w4 = tl.arange(0, 4)[None, None, None, :]  # [1, 1, 1, 4]
+            row_words = rowb[:, None, None, None] // 4  # [BN, 1, 1, 1]
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
-        for sb in tl.range(first, last, num_stages=STAGES, loop_unroll_factor=UNROLL):
-            if INT and X_AT:  # where `_int_x` stored x's super-block: its words, scales and sums
+        step: tl.constexpr = ROWS if ROWS else 1
+        for sb in tl.range(first, last, step, num_stages=STAGES, loop_unroll_factor=UNROLL):
+            if ROWS:  # super-blocks sb + slot; past the chunk's end its last again, weighted 0
+                at = sb + slot
+                inside = at < last
+                at = tl.where(inside, at, last - 1)
+                blk = row_words + at * (44 if QT == 13 else 36)
+                # x's operands as tiles of the weights' shape, so that they load in its layout
+                # (the same words for each row; as [1, ROWS, ...] they spread over more threads)
+                whole = 0 * row_words  # [BN, 1, 1, 1]
+                x_at = (xp + at * 128 + whole, xscale + at * 8 + whole, xsum + at * 16 + whole)
+            elif INT and X_AT:  # where `_int_x` stored x's super-block: its words, scales and sums
                 x_at = (xp + sb * 128, xscale + sb * 8, xsum + sb * 16)
             elif INT:  # x's super-block once for w and u
                 xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
-            if INT and (QT == 12 or QT == 13) and X_AT:  # Q4_K, Q5_K, x from `_int_x`
-                acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, *x_at, BN, PTX, QT == 13, True)
+            if INT and (QT == 12 or QT == 13) and not ROWS:  # [BN, 1, 1]: the rows' super-block sb, in words
+                blk = rowb[:, None, None] // 4 + sb * (44 if QT == 13 else 36)
+            if ROWS:  # Q4_K, Q5_K: the "rows" read
+                acc_r += tl.where(inside, _q4_k_dot_int(w_ptr, blk, g4, w4, *x_at, PTX, QT == 13, True), 0.0)
                 if GATED:
-                    acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, *x_at, BN, PTX, QT == 13, True)
+                    acc_r_u += tl.where(
+                        inside, _q4_k_dot_int(u_ptr, blk, g4, w4, *x_at, PTX, QT == 13, True), 0.0
+                    )
+            elif INT and (QT == 12 or QT == 13) and X_AT:  # Q4_K, Q5_K, x from `_int_x`
+                acc_i += tl.sum(_q4_k_dot_int(w_ptr, blk, g3, w3, *x_at, PTX, QT == 13, True), axis=2)
+                if GATED:
+                    acc_i_u += tl.sum(_q4_k_dot_int(u_ptr, blk, g3, w3, *x_at, PTX, QT == 13, True), axis=2)
             elif INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
-                acc_i += _q4_k_dot_int(w_ptr, rowb // 4, sb, xq, xs, xs16, BN, PTX, QT == 13)
+                acc_i += tl.sum(_q4_k_dot_int(w_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
                 if GATED:
-                    acc_i_u += _q4_k_dot_int(u_ptr, rowb // 4, sb, xq, xs, xs16, BN, PTX, QT == 13)
+                    acc_i_u += tl.sum(_q4_k_dot_int(u_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
             elif INT and QT == 14 and X_AT:  # Q6_K repacked, x from `_int_x`
                 acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
                 if GATED:
@@ -1405,7 +1468,9 @@ if triton is not None:
                     if GATED:
                         wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
-        if INT and QT == 8:  # pairwise, in an order no layout changes: x's reads agree bit for bit
+        if ROWS:  # each row's ROWS x 4 partials pairwise (ROWS 1: as the "blocks" read's)
+            acc, acc_u = _pairwise_slots(acc_r, BN, ROWS), _pairwise_slots(acc_r_u, BN, ROWS)
+        elif INT and QT == 8:  # pairwise, in an order no layout changes: x's reads agree bit for bit
             acc, acc_u = _pairwise_rows(acc_i, BN, 8), _pairwise_rows(acc_i_u, BN, 8)
         elif INT:
             acc, acc_u = _pairwise_rows(acc_i, BN, 4), _pairwise_rows(acc_i_u, BN, 4)
@@ -2182,6 +2247,23 @@ def split_setting(gated: bool, routed: bool) -> str:
 _PLANS: dict[tuple, tuple[dict, dict, _MatvecPlan]] = {}
 
 
+def _rows_span(qtype: GGMLType, cfg: dict) -> int:
+    """The "rows" read's super-blocks of a row a loop step under an int read's setting `cfg`
+    ("span", a power of two), or 0 for the "blocks" read (INT_READS)."""
+    read = cfg.get("read", INT_READS[0])
+    if read not in INT_READS:
+        raise ValueError(f'an int read\'s "read" must be one of {INT_READS}, got {read!r}')
+    if read == "blocks":
+        return 0
+    span = cfg.get("span", ROWS_SPAN_DEFAULT)
+    if qtype not in ROWS_READ_TYPES or span < 1 or span & (span - 1) or span > 64:
+        kinds = [t.name for t in ROWS_READ_TYPES]
+        raise ValueError(
+            f'the "rows" read takes {kinds} at a span of 1..64, a power of two; got {qtype.name}, {span}'
+        )
+    return span
+
+
 def _planned(
     code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, path, int_x, cfg_items
 ):
@@ -2191,6 +2273,7 @@ def _planned(
     n_super = in_features // SUPER
     int_read = _reads_int(code, path)
     vec = not int_read and ((path in ("vec", "int") and qtype in MATVEC_PATH_TYPES) or packed)
+    span = _rows_span(qtype, cfg) if int_read else 0  # the "rows" read's super-blocks a step, else 0
     tiles = _ceil_div(out_features, bn) * n_pairs
     # Split the rows' super-blocks over programs until the device has enough of them; the
     # partial sums add up in a fixed order (deterministic). A gated product's own key (0: never
@@ -2198,13 +2281,16 @@ def _planned(
     per_sm = cfg.get(split_setting(gated, routed), cfg.get("programs_per_sm", 4))
     splits = max(1, min(n_super, _ceil_div(_programs_wanted(device, per_sm), tiles)))
     chunk = _ceil_div(n_super, splits)
+    if span:  # whole loop steps a split
+        chunk = _ceil_div(chunk, span) * span
     splits = _ceil_div(n_super, chunk)
     options = {
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
-        "REDUCE": splits > 1 or out_div > 1, "INT": int_read, "INT_X": int_read and int_x == "kernel",
-        "X_AT": int_read and int_x != "kernel" and bool(cfg.get("x_at", X_AT_DEFAULT)),
-        "PTX": _ptx(),
+        "REDUCE": splits > 1 or out_div > 1, "INT": int_read,
+        "INT_X": int_read and int_x == "kernel" and not span,  # (the "rows" read takes x from `_int_x`)
+        "X_AT": int_read and int_x != "kernel" and not span and bool(cfg.get("x_at", X_AT_DEFAULT)),
+        "PTX": _ptx(), "ROWS": span,
     }  # fmt: skip
     return _MatvecPlan(
         grid=(_ceil_div(out_features, bn), n_pairs, splits),
