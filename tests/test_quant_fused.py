@@ -2034,7 +2034,8 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
     SASS of the loop over super-blocks integer dot products (IDP.2A), and no local memory
     (register spills) anywhere, Q4_K's gated product at BN=128 with 4 warps among them; and
     moe_ffn's decode forms under MOE_FFN_CONFIG (Q4_K's gated product storing h as `_int_x`
-    would, each down product adding the residual). Also `_int_x_kernel`."""
+    would, its last product rounded on its own: mul.rn; each down product adding the residual).
+    Also `_int_x_kernel`."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
     import re
@@ -2100,6 +2101,9 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
         where = (qtype.name, "INT_OUT" if gated else "RESIDUAL")
         _check_waits_first(compiled.asm["ptx"], where)
         assert ("st.global.b16" in compiled.asm["ptx"]) == gated, where  # h's int16 values
+        # h's last product rounded on its own (mul.rn), as the store before `_int_x` rounded it: no
+        # FMA with the adds of its sums
+        assert ("mul.rn.f32" in compiled.asm["ptx"]) == gated, where
         assert not re.search(r"\b(LDL|STL)\b", _cuobjdump(compiled.asm["cubin"])), where
     source = ASTSource(
         fn=fused._int_x_kernel,

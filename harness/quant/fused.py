@@ -702,8 +702,10 @@ if triton is not None:
         return tl.reshape(w, (BN, 256 // NP)), tl.reshape(cols, (256 // NP,))
 
     @triton.jit
-    def _silu_mul(g, u):
-        return g * tl.sigmoid(g) * u
+    def _silu_mul(g, u, ROUNDED: tl.constexpr = False):
+        """silu(g) * u; ROUNDED: its last product by `_mul_rn` (with PTX: where an add follows it
+        in the kernel, rounded as a store would round it, not fused into an FMA)."""
+        return _mul_rn(g * tl.sigmoid(g), u, ROUNDED)
 
     @triton.jit
     def _q4_k_word_scales(s1, s2, s3, j):
@@ -1472,10 +1474,12 @@ if triton is not None:
                 tl.store(out_ptr + row.to(tl.int64) * out_stride + n, total, mask=n < N)
                 tl.atomic_xchg(counter, 0)
         else:
+            # with RESIDUAL or INT_OUT adds follow the last product: rounded on its own (mul.rn),
+            # it is the value a store gives the torch add or `_int_x` (never fused into an FMA)
             if GATED:
-                acc = _silu_mul(acc, acc_u)
+                acc = _silu_mul(acc, acc_u, PTX and (RESIDUAL or INT_OUT) and not SCALED)
             if SCALED:
-                acc = acc * tl.load(scale_ptr + p)
+                acc = _mul_rn(acc, tl.load(scale_ptr + p), PTX and (RESIDUAL or INT_OUT))
             if INT_OUT:
                 _int_x_store_tile(acc, p, pid_n * BN, N, hq_ptr, hscale_ptr, hsum_ptr, BN)
             else:
