@@ -19,6 +19,11 @@ GEMM's settings too):
 
     python benchmarks/bench_fused.py --moe-only --sweep-grouped --out benchmarks/results/moe.json
 
+`--moe-fusions` adds the decode's moe_ffn (with its residual) with `fused.MOE_FFN_CONFIG`'s
+fusions on ("fused", new) and off ("unfused", old), Q4_K and packed Q6_K downs, 1 and 4 tokens:
+
+    python benchmarks/bench_fused.py --moe-only --default-only --moe-fusions --out benchmarks/results/moe_fusions.json
+
 `harness::attention` at decode shapes (Mixtral's 32 heads, 8 KV heads, head dim 128; 1 and 8
 tokens; at device positions over 640- and 4096-position caches as the decode graph calls it,
 and in the start form): its Triton kernels ("triton", new) against their form with the rope in
@@ -284,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time only harness::moe_ffn (1 and 512 tokens; --sweep-grouped)",
     )
+    p.add_argument(
+        "--moe-fusions",
+        action="store_true",
+        help="also time the moe_ffn decode (1 and 4 tokens, with the residual) with MOE_FFN_CONFIG's "
+        "fusions on ('fused', new) and off ('unfused', old): the same bits, a launch and an add fewer",
+    )
     p.add_argument("--attention-only", action="store_true", help="time only harness::attention")
     p.add_argument("--router-only", action="store_true", help="time only harness::router_topk")
     p.add_argument(
@@ -480,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
                 row(f"  sweep tiled16 BM={bm} BN={bn} w={warps} s={stages} {name}", ms, read, flops, off)
             fused.MATMAT_CONFIG[T.Q4_K].update(saved)
 
+    if args.moe_fusions:
+        moe_fusion_rows(dev, (gate, up), ((int(T.Q4_K), down), (code6, down6_packed)), compared_ways)
+
     if args.sweep_matvec:
         _, n, k = SHAPES[0]
         w = random_weight(T.Q4_K, n, k, device=dev)
@@ -502,6 +516,35 @@ def main(argv: list[str] | None = None) -> int:
     router_rows(dev, row, comparisons, save, args.sweep_router)
     attention_rows(dev, row, comparisons, save, args.sweep_attention)
     return 0
+
+
+def moe_fusion_rows(dev: torch.device, gate_up: tuple, downs: tuple, compared_ways) -> None:
+    """The decode's `harness::moe_ffn` (Q4_K gate/up, each of `downs`: (code, stack)) with the
+    residual, at 1 and 4 tokens, under `fused.MOE_FFN_CONFIG` all on ("fused") and all off
+    ("unfused"), as the decode graph runs it (`time_ms`: `int_x_path` "auto" is "launch")."""
+    gate, up = gate_up
+    e, d, f = MOE_SHAPE
+    for code, down in downs:
+        for t in (1, 4):
+            x, residual = torch.randn(t, d, device=dev), torch.randn(t, d, device=dev)
+            experts = torch.stack([torch.randperm(e, device=dev)[:2] for _ in range(t)])
+            weights = torch.rand(t, 2, device=dev).softmax(-1)
+
+            def moe(on: bool, x=x, residual=residual, experts=experts, weights=weights, code=code, down=down):
+                saved = dict(fused.MOE_FFN_CONFIG)
+                fused.MOE_FFN_CONFIG.update(dict.fromkeys(saved, on))
+                try:
+                    return torch.ops.harness.moe_ffn(
+                        x, gate, up, down, weights, experts, int(T.Q4_K), code, residual
+                    )
+                finally:
+                    fused.MOE_FFN_CONFIG.update(saved)
+
+            down_name = GGMLType(code & 0xFF).name + (" packed" if code & fused.PACKED else "")
+            name = f"moe_ffn fusions Q4_K/{down_name} E={e} k=2 D={d} F={f} T={t} residual"
+            nbytes = 2 * (gate.numel() + up.numel() + down.numel()) // e
+            ways = {"fused": functools.partial(moe, True), "unfused": functools.partial(moe, False)}
+            compared_ways(name, ways, nbytes, 2 * 3 * t * 2 * d * f)
 
 
 def compared_paths(

@@ -102,7 +102,9 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool, rows_s
         span = fused._rows_span(qtype, cfg)
     weights = "*i32" if qtype == T.Q4_K or vec or int_read else "*u8"
     pointers = {
-        **dict.fromkeys(("out_ptr", "scale_ptr", "lut_ptr", "xsum_ptr", "xpow_ptr"), "*fp32"),
+        **dict.fromkeys(("out_ptr", "scale_ptr", "lut_ptr", "xsum_ptr", "xpow_ptr", "res_ptr"), "*fp32"),
+        **dict.fromkeys(("hscale_ptr", "hsum_ptr"), "*fp32"),
+        "hq_ptr": "*i16",
         "x_ptr": "*i32" if int_read and not int_x else "*fp32",
         "w_ptr": weights,
         "u_ptr": weights,
@@ -116,6 +118,7 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool, rows_s
         "REDUCE": not gated,  # a decode product's splits summed in the kernel (gated ones take one split)
         "INT": int_read, "INT_X": int_x, "PTX": True, "ROWS": span,
         "X_AT": int_read and not int_x and not span and cfg.get("x_at", fused.X_AT_DEFAULT) == 1,
+        "RESIDUAL": False, "INT_OUT": False,
     }  # fmt: skip
     names = fused._matvec_kernel.arg_names
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}

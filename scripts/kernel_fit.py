@@ -151,6 +151,9 @@ def record(groups: list[str]) -> list[dict]:
                     ops.qmatmul(x, head, code_head, 32000)
                     ops.qkv(x, weight, weight[:1024], weight6[:1024], code, code, code6)
                     ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down)
+                    # the decode graph's forms: x and h quantized apart, the residual added in the kernel
+                    with fused.graph_step():
+                        ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down, x)
                 qkv = torch.randn(t, d + 2 * n_kv * hd)
                 for start in (0, 511, 4000 - t):
                     ops.attention(qkv, cache_k, cache_v, cos, sin, None, start)

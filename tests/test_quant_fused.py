@@ -1241,6 +1241,159 @@ def _int_moe_cases(device: str, small: bool, rng: np.random.Generator) -> list[d
     return results
 
 
+# moe_ffn's decode fusions (MOE_FFN_CONFIG) against its launches without them: (gate/up type,
+# down type, dim, ffn, [(tokens, k)]), each with and without a residual. Under the interpreter
+# small sizes (packed Q6_K needs rows of 2048: fewer pairs); on a GPU Mixtral's and smaller.
+# The last shape's rows are of two or more super-blocks: the fallbacks split its gated product.
+MOE_FUSION_SMALL = (
+    ("Q4_K", "Q4_K", 256, 512, ((1, 1), (1, 2), (4, 2))),
+    ("Q4_K", "Q6_K", 256, 2048, ((1, 2), (2, 1))),
+    ("Q4_K", "Q4_K", 512, 256, ((3, 2), (5, 1))),
+)
+MOE_FUSION_FULL = (
+    ("Q4_K", "Q6_K", 4096, 14336, ((1, 2), (2, 2), (4, 2))),
+    ("Q4_K", "Q4_K", 1024, 2048, ((1, 1), (1, 2), (3, 2), (8, 1))),
+)
+# the launches of one moe_ffn: x's `_int_x`, gate/up, h's `_int_x` (unless "int_h"), down
+MOE_LAUNCHES_UNFUSED = ["_int_x_kernel", "_matvec_kernel", "_int_x_kernel", "_matvec_kernel"]
+MOE_LAUNCHES_FUSED = ["_int_x_kernel", "_matvec_kernel", "_matvec_kernel"]
+
+
+def moe_fusion_case_count(small: bool) -> int:
+    """How many results `_moe_fusion_cases` gives: 2 residuals a shape, 2 fallbacks, the int forms."""
+    table = MOE_FUSION_SMALL if small else MOE_FUSION_FULL
+    shapes = sum(len(tokens) for *_, tokens in table)
+    return 2 * shapes + 2 + shapes
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bits as integers (float32 as int32: -0.0 is not 0.0, NaNs compare)."""
+    t = t.cpu().contiguous()
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def _same_bits_exactly(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """moe_ffn's decode (the "int" reads, `int_x_path` "launch", as in the decode graph) with
+    MOE_FFN_CONFIG's fusions on against both off, at MOE_FUSION_* shapes: the same bits, with and
+    without a residual, and the launches each made (the `_matvec_kernel` and `_int_x_kernel`
+    launches in order, and torch adds: aten.add); on, h's `_int_x` launch and the add are gone.
+    Where a fusion does not apply (x quantized in the kernel; the gated product split) the
+    launches are the unfused ones. And the gated product's int form of h (INT_OUT) is `_int_x`
+    of its float h, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    class Adds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.add.Tensor
+            return func(*args, **(kwargs or {}))
+
+    def run(args, int_h: bool, residual_in: bool):
+        launched, adds = [], Adds()
+
+        def counted(kernel, *a, **kw):
+            if kernel in (fused._matvec_kernel, fused._int_x_kernel):
+                launched.append(kernel.__name__)
+            with _disable_current_modes():  # (the interpreter's copies of the arguments are no adds)
+                return original(kernel, *a, **kw)
+
+        fused.launch, fused.MOE_FFN_CONFIG = counted, {"int_h": int_h, "residual": residual_in}
+        try:
+            with adds:
+                out = fused.moe_ffn(*args)
+        finally:
+            fused.launch, fused.MOE_FFN_CONFIG = original, config
+        return out.cpu(), launched, adds.count
+
+    original, config = fused.launch, fused.MOE_FFN_CONFIG
+    before = fused.matvec_path, fused.int_x_path
+    fused.matvec_path, fused.int_x_path = "int", "launch"
+    n_exp, results = 3, []
+    try:
+        for gu_name, down_name, dim, ffn, shapes in MOE_FUSION_SMALL if small else MOE_FUSION_FULL:
+            gu_type, down_type = GGMLType[gu_name], GGMLType[down_name]
+            stacks = [
+                torch.stack([_random_weight(q, r, c, rng) for _ in range(n_exp)])
+                for q, r, c in ((gu_type, ffn, dim), (gu_type, ffn, dim), (down_type, dim, ffn))
+            ]
+            (gate, gu_code), (up, _), (down, down_code) = (
+                fused.kernel_weight(s, q, c)
+                for s, q, c in zip(stacks, (gu_type, gu_type, down_type), (dim, dim, ffn), strict=True)
+            )
+            gate, up, down = gate.to(device), up.to(device), down.to(device)
+            assert down_type != GGMLType.Q6_K or down_code & fused.PACKED
+            for t, k in shapes:
+                gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+                x = torch.randn(t, dim, generator=gen)
+                x[0, int(rng.integers(dim))] = 1e4  # an outlier: a block of tiny values beside it
+                experts = torch.stack([torch.randperm(n_exp, generator=gen)[:k] for _ in range(t)])
+                weights = torch.rand(t, k, generator=gen).softmax(-1)
+                residual = torch.randn(t, dim, generator=gen) * 100
+                tensors = [a.to(device) for a in (x, gate, up, down, weights, experts)]
+                name = f"moe fusions {gu_name}/{down_name} D={dim} F={ffn} T={t} k={k}"
+                for res in (None, residual.to(device)):
+                    args = (*tensors, gu_code, down_code, res)
+                    old, old_launches, old_adds = run(args, False, False)
+                    new, new_launches, new_adds = run(args, True, True)
+                    want_adds = (int(res is not None), 0)
+                    exact = (
+                        _same_bits_exactly(old, new)
+                        and (old_launches, new_launches) == (MOE_LAUNCHES_UNFUSED, MOE_LAUNCHES_FUSED)
+                        and (old_adds, new_adds) == want_adds
+                    )
+                    results.append({
+                        "case": f"{name} {'residual' if res is not None else 'no residual'}", "nmse": 0.0,
+                        "exact": exact, "launches": [old_launches, new_launches], "adds": [old_adds, new_adds],
+                    })  # fmt: skip
+                # the gated product's int form of h against `_int_x` of its float h
+                h_int = {}
+                fused._product(tensors[0], gate, up, gu_code, ffn, tensors[5], k, None, int_out=h_int)
+                got = [a.clone() for a in h_int["int"]]
+                h = fused._product(tensors[0], gate, up, gu_code, ffn, tensors[5], k, None)
+                want = fused._int_x(h)
+                exact = all(_same_bits_exactly(a, b) for a, b in zip(got, want, strict=True))
+                results.append({"case": f"{name} int form of h", "nmse": 0.0, "exact": exact})
+        # where the fusion does not apply: the launches without it, the same bits
+        cfg = fused.INT_MATVEC_CONFIG[GGMLType.Q4_K]
+        args = (*tensors, gu_code, down_code, residual.to(device))
+        for why in ("x quantized in the kernel", "gated product split"):
+            saved = cfg.get("gated_programs_per_sm")
+            if why == "gated product split":
+                cfg["gated_programs_per_sm"] = 64 * fused.MATVEC_MAX_ROWS
+            else:
+                fused.int_x_path = "kernel"
+            try:
+                old, old_launches, _ = run(args, False, False)
+                new, new_launches, new_adds = run(args, True, True)
+                t, k = experts.shape
+                gated = fused._matvec_plan(
+                    gu_code, dim, ffn, t * k, 1, True, False, True, torch.device(device)
+                )
+            finally:
+                cfg["gated_programs_per_sm"] = saved
+                fused.int_x_path = "launch"
+            want = ["_matvec_kernel"] * 2 if why.startswith("x") else MOE_LAUNCHES_UNFUSED
+            exact = _same_bits_exactly(old, new) and old_launches == new_launches == want and new_adds == 0
+            exact = exact and gated.reduce == (why == "gated product split")
+            results.append({
+                "case": f"moe fusions fall back: {why}", "nmse": 0.0, "exact": exact,
+                "launches": [old_launches, new_launches], "gated_splits": gated.grid[2],
+            })  # fmt: skip
+    finally:
+        fused.matvec_path, fused.int_x_path = before
+    return results
+
+
 # `fused.int_x_path` "kernel" against "launch", bit for bit: (type, layout, row length small,
 # on a GPU, rows). Row lengths of two or more super-blocks, so that products split them.
 INT_X_WEIGHTS = (
@@ -2141,6 +2294,21 @@ def test_interpreter_rows_read_matches_the_blocks_read_and_float64():
 
 
 @pytest.mark.slow
+def test_interpreter_moe_ffn_fusions_match_the_unfused_launches_bit_for_bit():
+    """moe_ffn's decode with MOE_FFN_CONFIG's fusions (h in `_int_x`'s form from the gated
+    product, the residual added in the down product) under Triton's interpreter (a subprocess):
+    `_moe_fusion_cases`, every one the same bits as without them, with one launch and the add
+    fewer (none fewer where a fusion does not apply)."""
+    _check_moe_fusions(_interpreted("FUSIONS"), small=True)
+
+
+def _check_moe_fusions(results: list[dict], small: bool) -> None:
+    assert len(results) == moe_fusion_case_count(small)
+    bad = [r for r in results if r["exact"] is not True]
+    assert not bad, bad
+
+
+@pytest.mark.slow
 def test_interpreter_gated_splits_match_the_unsplit_product_and_float64():
     """Gated decode products (gate and up in one launch) split into 2 and 3 programs a row under
     Triton's interpreter (a subprocess), for each read that handles them: `_gated_split_cases`
@@ -2186,7 +2354,8 @@ def _matvec_pointer_types(x: str) -> dict[str, str]:
     return {
         "x_ptr": x, "w_ptr": "*i32", "u_ptr": "*i32", "out_ptr": "*fp32", "experts_ptr": "*i64",
         "scale_ptr": "*fp32", "lut_ptr": "*fp32", "xsum_ptr": "*fp32", "xpow_ptr": "*fp32",
-        "part_ptr": "*fp32", "counter_ptr": "*i32",
+        "part_ptr": "*fp32", "counter_ptr": "*i32", "res_ptr": "*fp32", "hq_ptr": "*i16", "hscale_ptr": "*fp32",
+        "hsum_ptr": "*fp32",
     }  # fmt: skip
 
 
@@ -2229,8 +2398,10 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
     with split sums, Q4_K's gated also so; x quantized in the kernel (INT_X) and read from
     `_int_x`) compile for an H100 (sm_90) at their launch settings: the PTX holds dp2a, the
     SASS of the loop over super-blocks integer dot products (IDP.2A), and no local memory
-    (register spills) anywhere, Q4_K's gated product at BN=128 with 4 warps among them. Also
-    `_int_x_kernel`."""
+    (register spills) anywhere, Q4_K's gated product at BN=128 with 4 warps among them; and
+    moe_ffn's decode forms under MOE_FFN_CONFIG (Q4_K's gated product storing h as `_int_x`
+    would, its last product rounded on its own: mul.rn; each down product adding the residual).
+    Also `_int_x_kernel`."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
     import re
@@ -2251,6 +2422,7 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
                 "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
                 "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
                 "STAGES": cfg["stages"], "UNROLL": cfg.get("unroll", 1), "REDUCE": routed or not gated, "INT": True, "INT_X": int_x, "X_AT": not int_x and cfg.get("x_at", fused.X_AT_DEFAULT) == 1, "PTX": True, "PDL": True, "ROWS": 0,
+                "RESIDUAL": False, "INT_OUT": False,
             }  # fmt: skip
             compiled = _matvec_sm_90(consts, "*fp32" if int_x else "*i32", cfg["num_warps"])
             where = (qtype.name, gated, routed, int_x)
@@ -2261,6 +2433,25 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
             # a dp2a takes 2 of the 256 values of a row's super-block: per thread and loop step
             per_step = 128 * cfg["BN"] * (2 if gated else 1) // (32 * cfg["num_warps"])
             assert code.count("IDP.2A") >= per_step, (where, code.count("IDP.2A"), per_step)
+    # moe_ffn's decode forms under MOE_FFN_CONFIG: the gated product leaving h in `_int_x`'s form
+    # (INT_OUT: int16 stores), the down products adding the residual where they write a row
+    for qtype, gated in ((GGMLType.Q4_K, True), *((q, False) for q in fused.INT_READ_TYPES)):
+        cfg = fused.INT_MATVEC_CONFIG[qtype]
+        consts = {
+            "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated, "SCALED": not gated,
+            "ROUTED": True, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0), "STAGES": cfg["stages"],
+            "UNROLL": cfg.get("unroll", 1), "REDUCE": not gated, "INT": True, "INT_X": False,
+            "X_AT": cfg.get("x_at", fused.X_AT_DEFAULT) == 1, "PTX": True, "PDL": True, "INT_OUT": gated,
+            "RESIDUAL": not gated, "ROWS": 0,
+        }  # fmt: skip
+        compiled = _matvec_sm_90(consts, "*i32", cfg["num_warps"])
+        where = (qtype.name, "INT_OUT" if gated else "RESIDUAL")
+        _check_waits_first(compiled.asm["ptx"], where)
+        assert ("st.global.b16" in compiled.asm["ptx"]) == gated, where  # h's int16 values
+        # h's last product rounded on its own (mul.rn), as the store before `_int_x` rounded it: no
+        # FMA with the adds of its sums
+        assert ("mul.rn.f32" in compiled.asm["ptx"]) == gated, where
+        assert not re.search(r"\b(LDL|STL)\b", _cuobjdump(compiled.asm["cubin"])), where
     source = ASTSource(
         fn=fused._int_x_kernel,
         signature={
@@ -2331,6 +2522,8 @@ def _matvec_sm_90(consts: dict, x_type: str, num_warps: int):
     from harness.quant import fused
 
     kernel = fused._matvec_kernel
+    # constexprs `consts` leaves out take their defaults (else they would compile as arguments)
+    consts = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default} | consts
     pointers = _matvec_pointer_types(x=x_type)
     aligned = (*pointers, "row_bytes", "expert_bytes", "x_stride")
     names = kernel.arg_names
@@ -2452,7 +2645,7 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
 @pytest.mark.slow
 def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
     """`_matvec_kernel` with its in-kernel split sum (Q4_K's read; packed Q6_K routed and scaled,
-    as `moe_ffn`'s down product) compiles for an H100 (sm_90): each program's arrival is one
+    with the residual added, as `moe_ffn`'s down product) compiles for an H100 (sm_90): each program's arrival is one
     acq_rel atomic at GPU scope after a barrier, the last program reads the others' partials
     past L1 (ld.global.cg) and sets its counter back with an atomic exchange. (The interpreter
     runs programs one after another: it checks the sums' order, not the synchronization.)"""
@@ -2473,13 +2666,33 @@ def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
         "REDUCE": True,
         "INT": False,
         "INT_X": False,
+        "X_AT": False,
         "PTX": True,
         "PDL": False,
         "ROWS": 0,
+        "INT_OUT": False,
     }
     for consts in (
-        {"QT": 12, "NP": 2, "BN": 16, "SCALED": False, "ROUTED": False, "PACKED": False, **common},
-        {"QT": 14, "NP": 4, "BN": 32, "SCALED": True, "ROUTED": True, "PACKED": True, **common},
+        {
+            "QT": 12,
+            "NP": 2,
+            "BN": 16,
+            "SCALED": False,
+            "ROUTED": False,
+            "PACKED": False,
+            "RESIDUAL": False,
+            **common,
+        },
+        {
+            "QT": 14,
+            "NP": 4,
+            "BN": 32,
+            "SCALED": True,
+            "ROUTED": True,
+            "PACKED": True,
+            "RESIDUAL": True,
+            **common,
+        },
     ):
         names = kernel.arg_names
         signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
@@ -3280,6 +3493,11 @@ def test_cuda_gated_splits_match_the_unsplit_product_and_float64():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_moe_ffn_fusions_match_the_unfused_launches_bit_for_bit():
+    _check_moe_fusions(_moe_fusion_cases("cuda", False, np.random.default_rng(17)), small=False)
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_grouped_prefill_matches_dequantize_then_matmul():
     """The grouped prefill products on the GPU (rows of 1024 values): `_grouped_cases`."""
     _check_grouped(_grouped_cases("cuda", False, np.random.default_rng()))
@@ -3382,6 +3600,8 @@ if __name__ == "__main__":
         print(json.dumps(_int_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "ROWS":  # only the "rows" int read against "blocks", small shapes
         print(json.dumps(_rows_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "FUSIONS":  # only moe_ffn's decode fusions against their absence, small shapes
+        print(json.dumps(_moe_fusion_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "GATED":  # only the gated products split over their super-blocks, small shapes
         print(json.dumps(_gated_split_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "ATTENTION_MERGE":  # only the one-launch attention against two launches

@@ -157,6 +157,18 @@ INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 INT_READS = ("blocks", "rows")
 ROWS_READ_TYPES = (T.Q4_K, T.Q5_K)
 ROWS_SPAN_DEFAULT = 8
+# moe_ffn's decode launches (at most MATVEC_MAX_ROWS pairs), each fusion a switch so that a GPU
+# can compare them (`benchmarks/bench_fused.py --moe-only --moe-fusions`):
+# - "int_h": the gated product leaves h (silu(gate.x) * (up.x), [pairs, F]) as `_int_x` would
+#   leave it (`_matvec_kernel`'s INT_OUT: int16 values, scales, sums, the same bits), not as
+#   float32, where the down product reads it so (an "int" read, `int_x_path` not "kernel") and
+#   the gated launch is not split (each program owns whole 32-value blocks of h): no `_int_x`
+#   launch on h. On an H100 that launch took 10.6 us a call in session 12's profile (under PDL it
+#   waits for the gated product's tail).
+# - "residual": the down product adds `residual` in the program that writes each output row
+#   (`_matvec_kernel`'s RESIDUAL; the same float32 add), not in a torch add after it.
+# Neither timed on a GPU yet.
+MOE_FFN_CONFIG: dict[str, bool] = {"int_h": True, "residual": True}
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
@@ -735,8 +747,10 @@ if triton is not None:
         return tl.reshape(w, (BN, 256 // NP)), tl.reshape(cols, (256 // NP,))
 
     @triton.jit
-    def _silu_mul(g, u):
-        return g * tl.sigmoid(g) * u
+    def _silu_mul(g, u, ROUNDED: tl.constexpr = False):
+        """silu(g) * u; ROUNDED: its last product by `_mul_rn` (with PTX: where an add follows it
+        in the kernel, rounded as a store would round it, not fused into an FMA)."""
+        return _mul_rn(g * tl.sigmoid(g), u, ROUNDED)
 
     @triton.jit
     def _q4_k_word_scales(s1, s2, s3, j):
@@ -916,15 +930,22 @@ if triton is not None:
         32B + 4w + 2p + e); its scale max|x| / 32767, scales [8] (NaN when the block holds a NaN
         or an infinity); the sums of each 16 values, sums [16] (float32, added pairwise in a
         fixed order, so that every layout the compiler picks gives the same bits). One formula
-        for `_int_x_kernel` and `_matvec_kernel`'s own quantization (INT_X)."""
+        for `_int_x_kernel`, `_matvec_kernel`'s own quantization (INT_X) and its gated product's
+        h (INT_OUT): `_int_x_blocks`."""
         o = tl.arange(0, 32)[None, :]  # position in the block
         value = 4 * ((o % 16) // 2) + 2 * (o // 16) + o % 2
-        v = tl.load(row + 32 * tl.arange(0, 8)[:, None] + value)  # [8, 32]
-        peak = tl.max(tl.abs(v), axis=1)[:, None]  # [8, 1]
+        return _int_x_blocks(tl.load(row + 32 * tl.arange(0, 8)[:, None] + value))  # [8, 32]
+
+    @triton.jit
+    def _int_x_blocks(v):
+        """`_int_x_super` of v [NB, 32], NB 32-value blocks each in the int layout's order of
+        positions: q [NB, 32], scales [NB], sums [2 NB]."""
+        NB: tl.constexpr = v.shape[0]
+        peak = tl.max(tl.abs(v), axis=1)[:, None]  # [NB, 1]
         # position 16a + 8t + 4m + 2n + e holds value 16t + 8m + 4n + 2a + e: as axes (block, a,
         # t, m, n, e) of two each, the sixteens are t, summed over the others pair by pair
-        halves = tl.reshape(v, (8, 2, 2, 2, 2, 2))
-        sums = tl.sum(tl.sum(tl.sum(tl.sum(halves, axis=5), axis=4), axis=3), axis=1)  # [8, 2]: t
+        halves = tl.reshape(v, (NB, 2, 2, 2, 2, 2))
+        sums = tl.sum(tl.sum(tl.sum(tl.sum(halves, axis=5), axis=4), axis=3), axis=1)  # [NB, 2]: t
         # 0 * (the block's sum) is NaN when the block holds a NaN or an infinity: so is the scale
         # IEEE divisions (as torch's): a test recomputes q and the scale bit for bit
         scale = (
@@ -934,7 +955,25 @@ if triton is not None:
         q = tl.math.div_rn(v, tl.where(peak > 0, peak, 1.0)) * 32767.0
         q = tl.where(q == q, tl.minimum(tl.maximum(q, -32767.0), 32767.0), 0.0)
         q = tl.where(q >= 0, q + 0.5, q - 0.5).to(tl.int32)  # rounded half away from zero
-        return q, tl.reshape(scale, (8,)), tl.reshape(sums, (16,))
+        return q, tl.reshape(scale, (NB,)), tl.reshape(sums, (2 * NB,))
+
+    @triton.jit
+    def _int_x_store_tile(h, row, first, N, q_ptr, scale_ptr, sum_ptr, BN: tl.constexpr):
+        """Values first .. first + BN of row `row` of an x [R, N] float32, h [BN] (BN and first
+        multiples of 32, N of 32), stored as `_int_x` leaves x (`_int_x_blocks`: the same bits):
+        q int16 [R, N], scales [R, N / 32], sums [R, N / 16]; blocks at N or past it are not."""
+        NB: tl.constexpr = BN // 32
+        # value 4w + 2p + e of a block goes to position 16p + 2w + e
+        v = tl.reshape(tl.permute(tl.reshape(h, (NB, 8, 2, 2)), (0, 2, 1, 3)), (NB, 32))
+        q, scales, sums = _int_x_blocks(v)
+        block = first // 32 + tl.arange(0, NB)  # [NB]
+        live = block < N // 32
+        row = row.to(tl.int64)
+        at = q_ptr + row * N + 32 * block[:, None] + tl.arange(0, 32)[None, :]
+        tl.store(at, q.to(tl.int16), mask=live[:, None])
+        tl.store(scale_ptr + row * (N // 32) + block, scales, mask=live)
+        sixteen = first // 16 + tl.arange(0, 2 * NB)
+        tl.store(sum_ptr + row * (N // 16) + sixteen, sums, mask=sixteen < N // 16)
 
     @triton.jit
     def _int_x_words(q):
@@ -1314,6 +1353,11 @@ if triton is not None:
         counter_ptr,
         out_stride,
         out_div,
+        res_ptr,
+        res_stride,
+        hq_ptr,
+        hscale_ptr,
+        hsum_ptr,
         QT: tl.constexpr,
         NP: tl.constexpr,
         BN: tl.constexpr,
@@ -1331,6 +1375,8 @@ if triton is not None:
         UNROLL: tl.constexpr = 1,
         X_AT: tl.constexpr = False,
         ROWS: tl.constexpr = 0,
+        RESIDUAL: tl.constexpr = False,
+        INT_OUT: tl.constexpr = False,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when ROUTED,
@@ -1352,7 +1398,13 @@ if triton is not None:
         per tile, bumped with acq_rel) sums the tile's partials in a fixed order, pair by pair
         and split by split from 0.0 (float32: the same bits every run; GATED: W.x's and U.x's
         sums of a pair, then silu(w) * u, then its scale), writes the row and sets the counter
-        back to 0."""
+        back to 0.
+
+        RESIDUAL: the program that writes an output row writes res[row] + it instead (res's rows
+        res_stride apart; the float32 add torch's `res + out` makes). INT_OUT (without REDUCE,
+        BN a multiple of 32): the rows are not written as float32 but as `_int_x` would leave
+        them (`_int_x_store_tile`: hq_ptr int16 [pairs, N], hscale_ptr [pairs, N / 32], hsum_ptr
+        [pairs, N / 16]), for a product that reads them next (moe_ffn's h)."""
         _pdl_start(PDL)
         pid_n = tl.program_id(0)
         p = tl.program_id(1)
@@ -1507,14 +1559,23 @@ if triton is not None:
                         if SCALED:
                             pair = pair * tl.load(scale_ptr + q)
                     total += pair
+                if RESIDUAL:
+                    total = tl.load(res_ptr + row.to(tl.int64) * res_stride + n, mask=n < N) + total
                 tl.store(out_ptr + row.to(tl.int64) * out_stride + n, total, mask=n < N)
                 tl.atomic_xchg(counter, 0)
         else:
+            # with RESIDUAL or INT_OUT adds follow the last product: rounded on its own (mul.rn),
+            # it is the value a store gives the torch add or `_int_x` (never fused into an FMA)
             if GATED:
-                acc = _silu_mul(acc, acc_u)
+                acc = _silu_mul(acc, acc_u, PTX and (RESIDUAL or INT_OUT) and not SCALED)
             if SCALED:
-                acc = acc * tl.load(scale_ptr + p)
-            tl.store(out_ptr + p.to(tl.int64) * out_stride + n, acc, mask=n < N)
+                acc = _mul_rn(acc, tl.load(scale_ptr + p), PTX and (RESIDUAL or INT_OUT))
+            if INT_OUT:
+                _int_x_store_tile(acc, p, pid_n * BN, N, hq_ptr, hscale_ptr, hsum_ptr, BN)
+            else:
+                if RESIDUAL:
+                    acc = tl.load(res_ptr + p.to(tl.int64) * res_stride + n, mask=n < N) + acc
+                tl.store(out_ptr + p.to(tl.int64) * out_stride + n, acc, mask=n < N)
 
     @triton.jit
     def _matmat_kernel(
@@ -2319,6 +2380,8 @@ def _product(
     out: torch.Tensor | None = None,
     prepared: dict | None = None,
     routing: dict | None = None,
+    residual: torch.Tensor | None = None,
+    int_out: dict | None = None,
 ) -> torch.Tensor:
     """[P / out_div, out] rows: pair p times expert experts[p] (None: expert 0 for every row,
     P = len(x)) of the stack w [E, out, row_bytes] or the one weight w [out, row_bytes] (gated
@@ -2328,7 +2391,11 @@ def _product(
     `prepared`: where several products of one op read the same x, a dict (empty at first) that
     keeps x as the decode reads took it (`_matvec`), so that it is prepared once. `routing`:
     where several products of one op route the same pairs, a dict (empty at first) that keeps
-    their sorting by expert (`_sorted_pairs`), so that the prefill sorts them once."""
+    their sorting by expert (`_sorted_pairs`), so that the prefill sorts them once.
+    `residual` ([P / out_div, out] float32): `residual + ` the result, in the decode launch
+    where it runs one. `int_out`: a dict where a decode product (unsplit, BN a multiple of 32:
+    `_h_as_int` checks) leaves its result under "int" as `_int_x` would make it from the float
+    result, which it then does not write (the float rows returned are left unset)."""
     if experts is not None:
         experts = experts.reshape(-1)
     n_pairs = x.shape[0] * x_div if experts is None else experts.numel()
@@ -2337,10 +2404,13 @@ def _product(
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     if n_pairs <= MATVEC_MAX_ROWS:
-        return _matvec(x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared)
+        args = (x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared)
+        return _matvec(*args, residual, int_out)
     y = _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs, routing)
     if out_div > 1:
         y = y.view(n_pairs // out_div, out_div, out_features).sum(1)
+    if residual is not None:
+        y = residual + y
     return y if out is None else out.copy_(y)
 
 
@@ -2430,13 +2500,15 @@ def _launch_fitted(launch, variant: tuple, cfg: dict[str, int]) -> None:
 
 
 def _matvec(
-    x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared=None
-) -> torch.Tensor:
+    x, w, u, code, out_features, experts, x_div, scale, n_pairs, out_div, out, prepared=None, residual=None,
+    int_out=None,
+) -> torch.Tensor:  # fmt: skip
     """`_product` of 1..MATVEC_MAX_ROWS pairs (x float32, contiguous): `_vec_x`, or `_int_x`
     under `int_x_path` "launch", where the type reads x prepared (taken from `prepared` when a
     product of the same op prepared this x so before, and left there), then `_matvec_kernel`
     (which quantizes x itself for the "int" reads under "kernel"), whose last program of each
-    output tile sums the partials of its splits and pairs (no launch for the sums)."""
+    output tile sums the partials of its splits and pairs (no launch for the sums) and adds
+    `residual`; under `int_out`, each program stores its rows in `_int_x`'s form instead."""
     device = x.device
     gated, scaled, routed = u is not None, scale is not None, experts is not None
     plan = _matvec_plan(code, x.shape[1], out_features, n_pairs, out_div, gated, scaled, routed, device)
@@ -2455,6 +2527,14 @@ def _matvec(
     lut = kernels.iq4_table(device) if plan.qtype == T.IQ4_XS else out
     tiles, _, splits = plan.grid
     part = counters = out
+    res = out if residual is None else residual.contiguous()  # (RESIDUAL reads res[row, n])
+    h_int = (out, out, out)  # (INT_OUT: h's int16 values, scales, sums)
+    if int_out is not None:
+        if plan.reduce or plan.options["BN"] % 32 or out_features % 32:
+            raise ValueError("_matvec: int_out needs an unsplit product of whole 32-value blocks a program")
+        hq, hsums, hscales = _int_x_scratch(device, n_pairs, out_features)
+        h_int = (hq, hscales, hsums)
+        int_out["int"] = (hq.view(torch.int32), hsums, hscales)  # as `_int_x` gives them
     if plan.reduce:
         part = _partials(x, ((2 if gated else 1) * splits, n_pairs, out_features))
         counters = _split_counters(device, tiles * (n_pairs // out_div))
@@ -2475,7 +2555,8 @@ def _matvec(
         launch(_matvec_kernel, plan.grid,
             x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
             plan.chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, part, counters,
-            out.stride(0), out_div, **plan.options, **pdl_options(device),
+            out.stride(0), out_div, res, res.stride(0), *h_int, **plan.options, RESIDUAL=residual is not None,
+            INT_OUT=int_out is not None, **pdl_options(device),
         )  # fmt: skip
     return out
 
@@ -2560,13 +2641,23 @@ def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pairs [R, K / 2]; their float32 sums per 16 values [R, K / 16]; the scales per 32 [R, K / 32]
     (the device's scratch for that shape: `_SCRATCH`)."""
     r, k = x.shape
-
-    def make():
-        return x.new_empty((r, k), dtype=torch.int16), x.new_empty((r, k // 16)), x.new_empty((r, k // 32))
-
-    q, sums, scales = _scratch(("int x", x.device, r, k), make)
+    q, sums, scales = _int_x_scratch(x.device, r, k)
     launch(_int_x_kernel, (r, k // SUPER), x, q, scales, sums, k, num_warps=1, **pdl_options(x.device))
     return q.view(torch.int32), sums, scales
+
+
+def _int_x_scratch(device: torch.device, r: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scratch x [R, K] takes `_int_x`'s form in: int16 values [R, K], sums [R, K / 16],
+    scales [R, K / 32] (`_SCRATCH`; a gated product's INT_OUT fills the same)."""
+
+    def make():
+        return (
+            torch.empty((r, k), dtype=torch.int16, device=device),
+            torch.empty((r, k // 16), device=device),
+            torch.empty((r, k // 32), device=device),
+        )
+
+    return _scratch(("int x", device, r, k), make)
 
 
 def dp2a(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, hi: bool, signed: bool) -> torch.Tensor:
@@ -2801,11 +2892,27 @@ def moe_ffn(
             f"got {residual.dtype} of shape {list(residual.shape)}"
         )
     routing = {}  # both products route the same pairs: the prefill sorts them once
-    h = _product(x, gate, up, gate_up_qtype, ffn, experts, k, None, routing=routing)  # [T*k, F]
+    # h's `_int_x` form, where the gated product leaves it so (its float rows then unset)
+    h_int = {} if _h_as_int(t * k, dim, ffn, gate_up_qtype, down_qtype, x.device) else None
+    h = _product(x, gate, up, gate_up_qtype, ffn, experts, k, None, routing=routing, int_out=h_int)
+    added = residual is not None and MOE_FFN_CONFIG["residual"]
     y = _product(
-        h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k, routing=routing
-    )  # [T, D]
-    return y if residual is None else residual + y
+        h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k, prepared=h_int,
+        routing=routing, residual=residual if added else None,
+    )  # [T, D]  # fmt: skip
+    return y if residual is None or added else residual + y
+
+
+def _h_as_int(n_pairs: int, dim: int, ffn: int, gate_up_code: int, down_code: int, device) -> bool:
+    """Whether moe_ffn's gated product leaves h in `_int_x`'s form for its down product
+    (MOE_FFN_CONFIG "int_h"): a decode product whose down product reads h so (an "int" read,
+    `int_x_path` not "kernel") and whose gated launch is one split, BN a multiple of 32."""
+    if not MOE_FFN_CONFIG["int_h"] or not 0 < n_pairs <= MATVEC_MAX_ROWS or _int_x_path() == "kernel":
+        return False
+    if not _reads_int(down_code, _matvec_path()):
+        return False
+    gated = _matvec_plan(gate_up_code, dim, ffn, n_pairs, 1, True, False, True, device)
+    return not gated.reduce and gated.options["BN"] % 32 == 0 and ffn % 32 == 0
 
 
 def _given(t: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
