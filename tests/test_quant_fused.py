@@ -1559,7 +1559,7 @@ def _rows_read_cases(device: str, small: bool, rng: np.random.Generator) -> list
                     x, w, u if gated else None, int(qtype), rows, experts, x_div, scale, device
                 )
                 want = _rows_reference(x, dense, experts, x_div, scale, out_div, gated)
-                key = "gated_programs_per_sm" if gated else "programs_per_sm"
+                key = fused.split_setting(gated, routed)
                 saved = dict(cfg)
                 try:
                     cfg[key] = (0 if gated else 1) if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
