@@ -22,6 +22,7 @@ Writes JSON; prints a row per launch and target; exits 1 where a launch does not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -151,14 +152,33 @@ def record(groups: list[str]) -> list[dict]:
                     ops.qmatmul(x, head, code_head, 32000)
                     ops.qkv(x, weight, weight[:1024], weight6[:1024], code, code, code6)
                     ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down)
-                    # the decode graph's forms: x and h quantized apart, the residual added in the kernel
+                    # the decode graph's forms: x quantized apart, and with MOE_FFN_CONFIG's fusions
+                    # (h quantized by the gated product, the residual added in the kernel)
                     with fused.graph_step():
-                        ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down, x)
+                        for fusions in (False, True):
+                            with _settings(
+                                fused.MOE_FFN_CONFIG, dict.fromkeys(fused.MOE_FFN_CONFIG, fusions)
+                            ):
+                                ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down, x)
                 qkv = torch.randn(t, d + 2 * n_kv * hd)
-                for start in (0, 511, 4000 - t):
-                    ops.attention(qkv, cache_k, cache_v, cos, sin, None, start)
-                    ops.attention(qkv, cache_k, cache_v, cos, sin, torch.arange(start, start + t), 0)
+                for settings in ({}, fused.ATTENTION_ONE_LAUNCH):
+                    with _settings(fused.ATTENTION_CONFIG, settings):
+                        for start in (0, 511, 4000 - t):
+                            ops.attention(qkv, cache_k, cache_v, cos, sin, None, start)
+                            ops.attention(qkv, cache_k, cache_v, cos, sin, torch.arange(start, start + t), 0)
     return list(launches.values())
+
+
+@contextlib.contextmanager
+def _settings(table: dict, changes: dict):
+    """Inside, `table` (a launch-settings dict of harness.quant.fused) updated by `changes`."""
+    saved = dict(table)
+    table.update(changes)
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
 
 
 def _resources(cubin: bytes) -> dict:

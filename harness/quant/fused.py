@@ -167,8 +167,9 @@ ROWS_SPAN_DEFAULT = 8
 #   waits for the gated product's tail).
 # - "residual": the down product adds `residual` in the program that writes each output row
 #   (`_matvec_kernel`'s RESIDUAL; the same float32 add), not in a torch add after it.
-# Neither timed on a GPU yet.
-MOE_FFN_CONFIG: dict[str, bool] = {"int_h": True, "residual": True}
+# Both off until timed: they have run only under Triton's interpreter (the same bits as without
+# them) and compiled for sm_90 (Triton 3.6 and 3.9, no spills), never on a GPU.
+MOE_FFN_CONFIG: dict[str, bool] = {"int_h": False, "residual": False}
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
@@ -239,7 +240,8 @@ _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
 # How `harness::attention` runs (`attention_takes_kernels` decides per call): "triton", its
 # kernels for decode-sized calls (flash-decoding attention over splits of the cache, with the
-# rope, the cache write and the merge of the splits, in one launch), the torch path for the
+# rope and the cache write, in one launch, the merge of the splits in a second: inside the first
+# under ATTENTION_ONE_LAUNCH's settings), the torch path for the
 # rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import; `attention_path`
 # may be set later (benchmarks compare both).
 ATTENTION_PATHS = ("triton", "torch")
@@ -253,9 +255,9 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # Session 7's H100 sweep (`bench_fused.py --attention-only
 # --sweep-attention`, Mixtral's 32/8 heads, T=1): 64 takes 512 cached keys in 0.019-0.021 ms
 # against 256's 0.053-0.056 (more splits fill the device), and 0.064 against 0.062 at 4096.
-# Session 13: 32 (Mixtral's static 640-key cache: 20 splits a KV head, 160 programs for an
-# H100's 132 multiprocessors, one loop step each; 17 splits with keys at 513) now that the
-# splits cost no merge launch; not timed yet: the sweep has 16, 32, 64 and more.
+# ATTENTION_ONE_LAUNCH takes 32 (Mixtral's static 640-key cache: 20 splits a KV head, 160
+# programs for an H100's 132 multiprocessors, one loop step each; 17 splits with keys at 513),
+# its splits costing no merge launch; not timed yet: the sweep has 16, 32, 64 and more.
 # "dot": the products' tl.dot input_precision: "ieee", float32 FMAs (the torch path's
 # arithmetic); "tf32x3", three TF32 tensor-core products each, near float32 (a loop of 942
 # instructions for sm_90, not 1564; neither timed nor checked against ATTENTION_MAX_ABS on a GPU
@@ -264,28 +266,32 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # programs rotate their queries, the last split the new keys; `_attention_kernel`'s ROPE), not
 # in a launch of their own before it (`_rope_cache_kernel`): one launch and one wait for the
 # kernel before fewer in the decode chain (session 12's profile: the rope launch took 1.7 us a
-# layer, nearly all of it waiting and launching). Not timed on a GPU yet: `bench_fused.py
-# --attention-only --sweep-attention` times both.
+# layer, nearly all of it waiting and launching). On an H100 (session 13, .gpu/call29.sh,
+# `bench_fused.py --attention-only`, one run) a decode token's call at 513 keys took 0.016 ms
+# against 0.018 with the rope launch, in a graph.
 # "fold_merge_rows": up to this many query rows a KV head (group * tokens), the splits' partial
 # results are merged by the last of each KV head's programs to arrive (an int32 arrival counter
 # per KV head, `_split_counters`; `_attention_merge`), not by `_attention_merge_kernel` in a
 # launch after: one launch a layer. One program then reads a KV head's splits * rows * head dim
 # partials (Mixtral's decode token: 20 * 4 * 128 floats, 40 KB), where the merge launch spreads
-# them over a program a row: so not for many rows (8 tokens: 320 KB); 0: never (the form before).
+# them over a program a row: so not for many rows (8 tokens: 320 KB); 0: never, the merge launch.
 # It loads them in steps of at most "merge_floats" a thread (64: Mixtral's decode token's 20
 # splits in 2 steps; more spilled registers on sm_90 at 16 rows).
 # "min_rows": the least rows of a program's query tile (a KV head's group * tokens queries,
 # rounded up to a power of two): Triton (3.6, 3.9) takes a float32 tl.dot of any rows (its FMA form
-# computes only those), so 1; 16 was the form before (Mixtral's decode token, 4 rows in a tile
-# of 16: 3/4 of the FMAs padding; sm_90 loop of 32 keys 632 instructions, 257 FFMA, against
+# computes only those), so 1 can be taken; at 16 (Mixtral's decode token, 4 rows in a tile
+# of 16) 3/4 of the FMAs are padding; sm_90 loop of 32 keys 632 instructions, 257 FFMA, against
 # 1597, 1026 FFMA: benchmarks/sass_attention.py). (Broadcast products with tl.sum compiled to
 # more: 2636, Triton spread the head dim over warps and shuffled for every sum.)
-# ATTENTION_TWO_LAUNCHES: the settings that give the launches before both.
+# ATTENTION_ONE_LAUNCH: the settings of the one-launch form (the merge inside, query tiles of the
+# group's rows, 32-key splits). Not the default: it has run only under Triton's interpreter
+# (the same results as two launches) and compiled for sm_90 (Triton 3.6 and 3.9, no spills at 4
+# rows), never on a GPU; `bench_fused.py --attention-only` times it beside the default.
 ATTENTION_CONFIG: dict[str, int | str | bool] = {
-    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 32, "dot": "ieee",
-    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64,
+    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64, "dot": "ieee",
+    "fold_rope": True, "fold_merge_rows": 0, "min_rows": 16, "merge_floats": 64,
 }  # fmt: skip
-ATTENTION_TWO_LAUNCHES = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys": 64}
+ATTENTION_ONE_LAUNCH = {"fold_merge_rows": 8, "min_rows": 1, "split_min_keys": 32}
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
 # decode-sized calls with the router's float32 weight: one launch for the logits, the softmax,
