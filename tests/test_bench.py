@@ -193,3 +193,36 @@ def test_bench_trace_reports_events_per_decoded_token(tiny, tmp_path, monkeypatc
     assert result["events_prefill"] + 3 * per_token == pytest.approx(result["events_full"], abs=0.2)
     assert set(result["gc"]) == {"untraced", "full", "sampled2"} and result["gc_tracked_objects"] > 0
     assert list(scratch.iterdir()) == []
+
+
+def test_with_config_changes_fused_settings_and_runs_the_script(tmp_path, monkeypatch, capsys):
+    """benchmarks/with_config.py: HARNESS_CONFIG's changes are made in fused's settings dicts (a
+    type's setting by its name, a plain key itself) before the script runs, which sees them; an
+    unknown dict or type stops it with a message naming HARNESS_CONFIG."""
+    import importlib.util
+    from pathlib import Path
+
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "with_config.py"
+    spec = importlib.util.spec_from_file_location("with_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(fused.INT_MATVEC_CONFIG, GGMLType.Q4_K, dict(fused.INT_MATVEC_CONFIG[GGMLType.Q4_K]))
+    monkeypatch.setattr(fused, "MOE_FFN_CONFIG", dict(fused.MOE_FFN_CONFIG))
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\nfrom harness.quant import fused\nfrom harness.quant.types import GGMLType\n"
+        "print('saw', fused.INT_MATVEC_CONFIG[GGMLType.Q4_K]['x_at'], fused.MOE_FFN_CONFIG['int_h'], sys.argv[1:])\n"
+    )
+    monkeypatch.setenv(
+        "HARNESS_CONFIG", '{"INT_MATVEC_CONFIG": {"Q4_K": {"x_at": 1}}, "MOE_FFN_CONFIG": {"int_h": true}}'
+    )
+    monkeypatch.setattr(sys, "argv", ["with_config.py", str(script), "--flag"])
+    module.main()
+    assert "saw 1 True ['--flag']" in capsys.readouterr().out
+    for bad in ('{"NO_SUCH_CONFIG": {}}', '{"INT_MATVEC_CONFIG": {"Q9_K": {}}}', "{not json"):
+        monkeypatch.setenv("HARNESS_CONFIG", bad)
+        with pytest.raises(SystemExit, match="HARNESS_CONFIG"):
+            module.main()
