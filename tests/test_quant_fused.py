@@ -2107,21 +2107,6 @@ def test_interpreter_kernels_match_dequantize_then_matmul(interpreted):
     _check_split_sums(interpreted)
 
 
-def _interpreted_cases(mode: str) -> list[dict]:
-    """The cases this file prints as a script in `mode` (ROUTER, ROUTER_SPLITS) on the CPU under
-    Triton's interpreter, in a subprocess (TRITON_INTERPRET is read at import), at a fresh seed."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
-    seed = str(int.from_bytes(os.urandom(4), "little"))
-    proc = subprocess.run(
-        [sys.executable, __file__, mode, "cpu", seed], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, (
-        f"interpreter subprocess failed (seed {seed}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_interpreter_attention_in_one_launch_matches_torch_and_two_launches():
     """`harness::attention`'s one-launch form (the last program of each KV head merges its
@@ -2220,9 +2205,9 @@ def test_interpreter_int_x_in_kernel_matches_the_launch_bit_for_bit():
 
 
 def _interpreted_cases(mode: str) -> list[dict]:
-    """The results of this file run as a script in `mode` (INT, INTX) on the CPU under Triton's
-    interpreter (a subprocess: TRITON_INTERPRET is read before the kernels are defined), with a
-    fresh seed."""
+    """The results of this file run as a script in `mode` (see the end of the file) on the CPU
+    under Triton's interpreter (a subprocess: TRITON_INTERPRET is read before the kernels are
+    defined), with a fresh seed, which a failure names."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
     seed = str(int.from_bytes(os.urandom(4), "little"))
@@ -2230,7 +2215,7 @@ def _interpreted_cases(mode: str) -> list[dict]:
         [sys.executable, __file__, mode, "cpu", seed], capture_output=True, text=True, env=env, timeout=600
     )
     assert proc.returncode == 0, (
-        f"interpreter subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        f"interpreter subprocess failed (seed {seed}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -2297,7 +2282,7 @@ def test_interpreter_moe_ffn_fusions_match_the_unfused_launches_bit_for_bit():
     product, the residual added in the down product) under Triton's interpreter (a subprocess):
     `_moe_fusion_cases`, every one the same bits as without them, with one launch and the add
     fewer (none fewer where a fusion does not apply)."""
-    _check_moe_fusions(_interpreted("FUSIONS"), small=True)
+    _check_moe_fusions(_interpreted_cases("FUSIONS"), small=True)
 
 
 def _check_moe_fusions(results: list[dict], small: bool) -> None:
@@ -2314,7 +2299,7 @@ def test_interpreter_gated_splits_match_the_unsplit_product_and_float64():
     rows that are no multiple of BN, routing scales, two pairs on one expert, the partials'
     buffer beside a plain product's)."""
     pytest.importorskip("triton")
-    _check_gated_splits(_interpreted("GATED"), small=True)
+    _check_gated_splits(_interpreted_cases("GATED"), small=True)
 
 
 @pytest.mark.slow
@@ -2324,20 +2309,7 @@ def test_interpreter_grouped_prefill_matches_dequantize_then_matmul():
     x rows shared by x_div pairs, experts with no pair and with every pair, the scratch in
     chunks; and moe_ffn's prefill sorting its pairs once (`_grouped_cases`, `_check_grouped`)."""
     pytest.importorskip("triton")
-    _check_grouped(_interpreted("GROUPED"))
-
-
-def _interpreted(mode: str) -> list[dict]:
-    """The results of this file run as a script in `mode` on the CPU under Triton's interpreter
-    (a subprocess: TRITON_INTERPRET is read at import), with a fresh seed."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
-    seed = str(int.from_bytes(os.urandom(4), "little"))
-    command = [sys.executable, __file__, mode, "cpu", seed]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, (
-        f"interpreter subprocess failed (seed {seed}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    _check_grouped(_interpreted_cases("GROUPED"))
 
 
 def _check_int_reads(results: list[dict], small: bool) -> None:
