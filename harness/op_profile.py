@@ -160,8 +160,13 @@ def _describe(name: str, shapes: list, values: list) -> Call:
             sig = f"F32 router [{_shape(weight)}], k={k}, T={_tokens(shapes)}"
             return Call(sig, 4 * _numel(weight), "router weight (float32)")
         return Call(f"logits [{_shape(shape(0))}] in, k={k}", 0, "no weight (logits given)")
-    if name in ("harness::rms_norm", "harness::add_rms_norm"):
-        at = 1 if name == "harness::rms_norm" else 2
+    if name in (
+        "harness::rms_norm",
+        "harness::add_rms_norm",
+        "harness::rms_norm_int",
+        "harness::add_rms_norm_int",
+    ):
+        at = 1 if name.startswith("harness::rms_norm") else 2
         return Call(f"[{_shape(shape(0))}]", 4 * _numel(shape(at)), "norm weight (float32)")
     if name == "harness::attention" and n >= 7:
         qkv, cache = shape(0), shape(1)

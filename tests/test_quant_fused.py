@@ -1274,6 +1274,25 @@ def _same_bits_exactly(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
 
 
+def _expert_weights(
+    gu_type, down_type, dim: int, ffn: int, n_exp: int, rng: np.random.Generator, device: str
+):
+    """Random gate, up [n_exp, ffn, dim] and down [n_exp, dim, ffn] stacks as a module hands them
+    to moe_ffn (`fused.kernel_weight`) on `device`, and their codes: gate, up, down, gate/up's
+    code, down's code."""
+    from harness.quant import fused
+
+    stacks = [
+        torch.stack([_random_weight(q, r, c, rng) for _ in range(n_exp)])
+        for q, r, c in ((gu_type, ffn, dim), (gu_type, ffn, dim), (down_type, dim, ffn))
+    ]
+    (gate, gu_code), (up, _), (down, down_code) = (
+        fused.kernel_weight(s, q, c)
+        for s, q, c in zip(stacks, (gu_type, gu_type, down_type), (dim, dim, ffn), strict=True)
+    )
+    return gate.to(device), up.to(device), down.to(device), gu_code, down_code
+
+
 def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
     """moe_ffn's decode (the "int" reads, `int_x_path` "launch", as in the decode graph) with
     MOE_FFN_CONFIG's fusions on against both off, at MOE_FUSION_* shapes: the same bits, with and
@@ -1320,15 +1339,9 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
     try:
         for gu_name, down_name, dim, ffn, shapes in MOE_FUSION_SMALL if small else MOE_FUSION_FULL:
             gu_type, down_type = GGMLType[gu_name], GGMLType[down_name]
-            stacks = [
-                torch.stack([_random_weight(q, r, c, rng) for _ in range(n_exp)])
-                for q, r, c in ((gu_type, ffn, dim), (gu_type, ffn, dim), (down_type, dim, ffn))
-            ]
-            (gate, gu_code), (up, _), (down, down_code) = (
-                fused.kernel_weight(s, q, c)
-                for s, q, c in zip(stacks, (gu_type, gu_type, down_type), (dim, dim, ffn), strict=True)
+            gate, up, down, gu_code, down_code = _expert_weights(
+                gu_type, down_type, dim, ffn, n_exp, rng, device
             )
-            gate, up, down = gate.to(device), up.to(device), down.to(device)
             assert down_type != GGMLType.Q6_K or down_code & fused.PACKED
             for t, k in shapes:
                 gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
@@ -1387,6 +1400,142 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                 "case": f"moe fusions fall back: {why}", "nmse": 0.0, "exact": exact,
                 "launches": [old_launches, new_launches], "gated_splits": gated.grid[2],
             })  # fmt: skip
+    finally:
+        fused.matvec_path, fused.int_x_path = before
+    return results
+
+
+# The norms' int form (NORM_CONFIG "int_out"): (rows, row length) of the norm cases (under the
+# interpreter small; on a GPU Mixtral's row, and rows of no power of two: a masked tail in the
+# norm's tile), and the row length x has in the qkv and moe_ffn cases given that form.
+NORM_INT_SMALL = ((1, 256), (5, 768))
+NORM_INT_FULL = ((1, 4096), (5, 4096), (8, 5120))
+NORM_INT_OPS_COLS = {True: 512, False: 4096}  # (by small)
+NORM_INT_OPS_TOKENS = {"qkv": (1, 5), "moe_ffn": ((1, 2), (4, 2))}  # (T) and (T, k)
+
+
+def norm_int_case_count(small: bool) -> int:
+    """How many results `_norm_int_cases` gives: each norm at each shape, qkv at each T, moe_ffn
+    at each (T, k) with and without its residual."""
+    table = NORM_INT_SMALL if small else NORM_INT_FULL
+    return 2 * len(table) + len(NORM_INT_OPS_TOKENS["qkv"]) + 2 * len(NORM_INT_OPS_TOKENS["moe_ffn"])
+
+
+def _odd_norm_inputs(r: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [r, d] and a norm weight [d] with blocks of odd values: in the weight a NaN (block 0),
+    an infinity (block 1), zeros (block 2), subnormal products (block 3), 1e30 (block 4); rows of
+    x of tiny values (the norm's eps dominates), of 1e18 (the sum of squares overflows: a row of
+    zeros out) and with a block of zeros."""
+    x, w = torch.randn(r, d, generator=gen), torch.randn(d, generator=gen)
+    w[3], w[40], w[64:96], w[96:128] = float("nan"), float("inf"), 0.0, 1e-40
+    w[128:160] *= 1e30
+    for row, scale in ((1, 1e-30), (2, 1e18)):
+        if row < r:
+            x[row] *= scale
+    x[r - 1, 160:192] = 0.0
+    return x, w
+
+
+def _norm_int_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """`harness::rms_norm_int` and `harness::add_rms_norm_int` (the norm kernel's INT_OUT) at
+    NORM_INT_* shapes (`_odd_norm_inputs`): their float outputs the plain norms' bits, their int
+    form `_int_x` of their normed output bit for bit; then `harness::qkv` (Q4_K_M's types: q and
+    k Q4_K in one buffer, v packed) and `harness::moe_ffn` (with and without its residual) given
+    a norm's int form against the same calls without it (`int_x_path` "launch", as in the decode
+    graph): the same bits, and the same launches less x's `_int_x` (the `_matvec_kernel` and
+    `_int_x_kernel` launches in order)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    ops, results = torch.ops.harness, []
+    for r, d in NORM_INT_SMALL if small else NORM_INT_FULL:
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        x, w = _odd_norm_inputs(r, d, gen)
+        residual = torch.randn(r, d, generator=gen)
+        x, w, residual = x.to(device), w.to(device), residual.to(device)
+        normed, *form = ops.rms_norm_int(x, w, 1e-5)
+        plain = [ops.rms_norm(x, w, 1e-5)]
+        total, added, *added_form = ops.add_rms_norm_int(x, residual, w, 1e-5)
+        plain_added = list(ops.add_rms_norm(x, residual, w, 1e-5))
+        for name, floats, want_floats, got in (
+            ("rms_norm_int", [normed], plain, form),
+            ("add_rms_norm_int", [total, added], plain_added, added_form),
+        ):
+            want = [t.clone() for t in fused._int_x(floats[-1])]  # (`_int_x`'s scratch: copied)
+            same_floats = all(_same_bits_exactly(a, b) for a, b in zip(floats, want_floats, strict=True))
+            got = [got[0].view(torch.int32), *got[1:]]
+            same_form = all(_same_bits_exactly(a, b) for a, b in zip(got, want, strict=True))
+            results.append({
+                "case": f"{name} R={r} D={d}", "nmse": 0.0, "exact": same_floats and same_form,
+                "same_floats": same_floats, "same_form": same_form,
+            })  # fmt: skip
+
+    launched, original = [], fused.launch
+
+    def counted(kernel, *a, **kw):
+        if kernel in (fused._matvec_kernel, fused._int_x_kernel):
+            launched.append(kernel.__name__)
+        return original(kernel, *a, **kw)
+
+    def run(call):
+        launched.clear()
+        fused.launch = counted
+        try:
+            out = call()
+        finally:
+            fused.launch = original
+        return out.cpu(), list(launched)
+
+    def compare(name: str, op, args: tuple, given: list) -> None:
+        old, old_launches = run(lambda: op(*args))
+        new, new_launches = run(lambda: op(*args, *given))
+        launches_ok = old_launches.count("_int_x_kernel") >= 1 and new_launches == old_launches[1:]
+        exact = _same_bits_exactly(old, new) and launches_ok
+        results.append({"case": name, "nmse": 0.0, "exact": exact, "launches": [old_launches, new_launches]})
+
+    q4, cols = GGMLType.Q4_K, NORM_INT_OPS_COLS[small]
+    v_type = GGMLType.Q8_0 if small else GGMLType.Q6_K
+    before = fused.matvec_path, fused.int_x_path
+    fused.matvec_path, fused.int_x_path = "int", "launch"
+    try:
+        prepared = [
+            _prepared(_random_weight(qtype, rows, cols, rng), qtype, cols, layout)
+            for qtype, rows, layout in ((q4, 67, "gguf"), (q4, 19, "gguf"), (v_type, 19, "packed"))
+        ]
+        weights = fused.pack_rows([w.to(device) for w, _ in prepared], [code for _, code in prepared])
+        codes = [code for _, code in prepared]
+        for t in NORM_INT_OPS_TOKENS["qkv"]:
+            gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+            x, w = (
+                (torch.randn(t, cols, generator=gen) * 3).to(device),
+                torch.randn(cols, generator=gen).to(device),
+            )
+            normed, *form = ops.rms_norm_int(x, w, 1e-5)
+            compare(
+                f"qkv given rms_norm_int's form Q4_K+Q4_K, {v_type.name} packed T={t}",
+                ops.qkv,
+                (normed, *weights, *codes),
+                form,
+            )
+        n_exp, ffn = 3, 256 if small else 2048
+        down_type = GGMLType.Q4_K if small else GGMLType.Q6_K
+        gate, up, down, gu_code, down_code = _expert_weights(q4, down_type, cols, ffn, n_exp, rng, device)
+        for t, k in NORM_INT_OPS_TOKENS["moe_ffn"]:
+            gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+            x, h = torch.randn(t, cols, generator=gen), torch.randn(t, cols, generator=gen)
+            x[0, 7] = 1e4  # an outlier: a block of tiny values beside it
+            w = torch.randn(cols, generator=gen)
+            experts = torch.stack([torch.randperm(n_exp, generator=gen)[:k] for _ in range(t)]).to(device)
+            routing = torch.rand(t, k, generator=gen).softmax(-1).to(device)
+            total, normed, *form = ops.add_rms_norm_int(x.to(device), h.to(device), w.to(device), 1e-5)
+            for res in (None, total):
+                compare(
+                    f"moe_ffn given add_rms_norm_int's form Q4_K/{down_type.name} T={t} k={k} "
+                    f"{'residual' if res is not None else 'no residual'}",
+                    ops.moe_ffn,
+                    (normed, gate, up, down, routing, experts, gu_code, down_code, res),
+                    form,
+                )
     finally:
         fused.matvec_path, fused.int_x_path = before
     return results
@@ -2283,6 +2432,20 @@ def test_interpreter_moe_ffn_fusions_match_the_unfused_launches_bit_for_bit():
     `_moe_fusion_cases`, every one the same bits as without them, with one launch and the add
     fewer (none fewer where a fusion does not apply)."""
     _check_moe_fusions(_interpreted_cases("FUSIONS"), small=True)
+
+
+@pytest.mark.slow
+def test_interpreter_norm_int_form_is_int_x_of_its_output_and_the_ops_take_it():
+    """The norms' `_int_x` form (NORM_CONFIG "int_out") under Triton's interpreter (a subprocess):
+    `_norm_int_cases`, every one the same bits (the norm's int form and `_int_x` of its output;
+    qkv and moe_ffn given it and not), the ops given it making no `_int_x` launch on x."""
+    _check_norm_int(_interpreted_cases("NORM_INT"), small=True)
+
+
+def _check_norm_int(results: list[dict], small: bool) -> None:
+    assert len(results) == norm_int_case_count(small)
+    bad = [r for r in results if r["exact"] is not True]
+    assert not bad, bad
 
 
 def _check_moe_fusions(results: list[dict], small: bool) -> None:
@@ -3468,6 +3631,15 @@ def test_cuda_moe_ffn_fusions_match_the_unfused_launches_bit_for_bit():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_norm_int_form_is_int_x_of_its_output_and_the_ops_take_it():
+    """The norms' `_int_x` form on the GPU (the compiler's layouts, mul.rn, PTX dp2a) at Mixtral's
+    rows: `_norm_int_cases`, every one the same bits."""
+    from harness.quant import fused  # noqa: F401
+
+    _check_norm_int(_norm_int_cases("cuda", False, np.random.default_rng(23)), small=False)
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_grouped_prefill_matches_dequantize_then_matmul():
     """The grouped prefill products on the GPU (rows of 1024 values): `_grouped_cases`."""
     _check_grouped(_grouped_cases("cuda", False, np.random.default_rng()))
@@ -3572,6 +3744,8 @@ if __name__ == "__main__":
         print(json.dumps(_rows_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "FUSIONS":  # only moe_ffn's decode fusions against their absence, small shapes
         print(json.dumps(_moe_fusion_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "NORM_INT":  # only the norms' int form and the ops given it, small shapes
+        print(json.dumps(_norm_int_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "GATED":  # only the gated products split over their super-blocks, small shapes
         print(json.dumps(_gated_split_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "ATTENTION_MERGE":  # only the one-launch attention against two launches

@@ -34,10 +34,19 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", weight.dequantize(), persistent=False)  # [D] float32
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, int_form: bool = False
+    ) -> torch.Tensor | tuple:
         """x normalized; with `residual`, (x + residual, that normalized): a residual add and the
-        norm after it (one op on the fused path, `harness::add_rms_norm`)."""
+        norm after it (one op on the fused path, `harness::add_rms_norm`). With `int_form` (where
+        the op after it takes one, `fused.norm_int_out`: x and residual float32 [T, D] on a device
+        the fused ops run on), the normed output's `_int_x` form after those, (x_q, x_sums,
+        x_scales), from the same op (`harness::rms_norm_int`, `harness::add_rms_norm_int`)."""
+        if int_form:
+            if residual is None:
+                normed, *x_int = torch.ops.harness.rms_norm_int(x, self.weight, self.eps)
+                return normed, tuple(x_int)
+            total, normed, *x_int = torch.ops.harness.add_rms_norm_int(x, residual, self.weight, self.eps)
+            return total, normed, tuple(x_int)
         fast = x.dtype == torch.float32 and fused.runs_on(x.device)
         if residual is None:
             return self._normed(x, fast)
@@ -189,7 +198,22 @@ class Attention(nn.Module):
             [(m.qtype, w.device, m.in_features) for m, w in zip(mats, qweights, strict=True)]
         )
 
-    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+    def takes_int_x(self, x: torch.Tensor) -> bool:
+        """Whether this call's `harness::qkv` would read x [T, D] in `_int_x`'s form from a launch
+        (`fused.norm_int_out`): then the norm before it makes that form (`RMSNorm`'s `int_form`)."""
+        mats = self.wq, self.wk, self.wv
+        return (
+            x.dtype == torch.float32
+            and x.dim() == 2
+            and fused.runs_on(x.device)
+            and self._fused(self.cache.k, mats, None)
+            and fused.norm_int_out(x.shape[0], x.shape[1], tuple(m.kernel_qtype for m in mats))
+        )
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int | torch.Tensor, x_int: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor:
+        """`x_int`: x's `_int_x` form from its norm (`takes_int_x`), handed to `harness::qkv`."""
         t = x.shape[0]
         # (each submodule and buffer read once: every read is nn.Module.__getattr__)
         mats = wq, wk, wv = self.wq, self.wk, self.wv
@@ -198,7 +222,7 @@ class Attention(nn.Module):
         qweights = (wq.qweight, wk.qweight, wv.qweight)
         if x.dtype == torch.float32 and self._fused(cache_k, mats, qweights):
             qkv = torch.ops.harness.qkv(
-                x, *qweights, wq.kernel_qtype, wk.kernel_qtype, wv.kernel_qtype
+                x, *qweights, wq.kernel_qtype, wk.kernel_qtype, wv.kernel_qtype, *(x_int or ())
             )  # [T, q + k + v]
             at = start_pos if isinstance(start_pos, torch.Tensor) else None
             rope = self.rope
@@ -314,28 +338,39 @@ class Experts(nn.Module):
         (g, (_, d)), (u, _), (w2, (_, f)) = self.meta["w1"], self.meta["w3"], self.meta["w2"]
         return g == u and fused.supports_all([(g, device, d), (w2, device, f)])
 
+    def gate_up_code(self) -> int:
+        """`harness::moe_ffn`'s gate_up_qtype: gate's kernel code, WIDE where either weight is."""
+        codes = self.kernel_qtypes
+        return codes["w1"] | (codes["w3"] & fused.WIDE)
+
     def forward(
         self,
         x: torch.Tensor,
         weights: torch.Tensor,
         experts: torch.Tensor,
         residual: torch.Tensor | None = None,
+        x_int: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         # x: [T, D]; weights, experts: [T, k]. With `residual` [T, D]: residual + the experts' sum
         # (the layer's residual add; the fused op makes it itself, where residual and x are float32).
+        # `x_int`: x's `_int_x` form from its norm (`MoE.takes_int_x`), handed to the fused op.
         w1 = self.w1  # (a buffer: read once)
         if self._fused(w1.device):
-            codes = self.kernel_qtypes
-            qt, qt_down = codes["w1"] | (codes["w3"] & fused.WIDE), codes["w2"]
+            qt, qt_down = self.gate_up_code(), self.kernel_qtypes["w2"]
             if (
                 residual is not None
                 and x.dtype == residual.dtype == torch.float32
                 and residual.shape == x.shape
             ):
                 return torch.ops.harness.moe_ffn(
-                    x, w1, self.w3, self.w2, weights, experts, qt, qt_down, residual
+                    x, w1, self.w3, self.w2, weights, experts, qt, qt_down, residual, *(x_int or ())
                 )
-            y = torch.ops.harness.moe_ffn(x, w1, self.w3, self.w2, weights, experts, qt, qt_down)
+            if x_int is None:
+                y = torch.ops.harness.moe_ffn(x, w1, self.w3, self.w2, weights, experts, qt, qt_down)
+            else:
+                y = torch.ops.harness.moe_ffn(
+                    x, w1, self.w3, self.w2, weights, experts, qt, qt_down, None, *x_int
+                )
             y = y if y.dtype == x.dtype else y.to(x.dtype)
         else:
             t, k = experts.shape
@@ -415,18 +450,35 @@ class MoE(nn.Module):
         self.experts = experts
         self.n_used = n_used
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def takes_int_x(self, x: torch.Tensor) -> bool:
+        """Whether this call's `harness::moe_ffn` would read x [T, D] in `_int_x`'s form from a
+        launch (its gate/up product, `fused.norm_int_out`): then the norm before it makes that
+        form (`RMSNorm`'s `int_form`)."""
+        experts = self.experts
+        if x.dtype != torch.float32 or x.dim() != 2 or not fused.runs_on(x.device):
+            return False
+        if not experts.fused():
+            return False
+        return fused.norm_int_out(x.shape[0] * self.n_used, x.shape[1], (experts.gate_up_code(),))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        x_int: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
         """The experts' weighted sum for x [T, D]; `residual + ` it where `residual` is given (the
-        layer's residual add, made by the experts: in their fused op, where it runs)."""
+        layer's residual add, made by the experts: in their fused op, where it runs). `x_int`:
+        x's `_int_x` form from its norm (`takes_int_x`), for the experts' op."""
         router = self.router
         if router.routes_in_one_op(x):
             weights, chosen = router(x, self.n_used)  # [T, k]
-            return self.experts(x, weights, chosen, residual)
+            return self.experts(x, weights, chosen, residual, x_int)
         logits = router(x)  # [T, E]
         probs = logits.float().softmax(-1)
         weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-        return self.experts(x, weights, chosen, residual)
+        return self.experts(x, weights, chosen, residual, x_int)
 
 
 class Block(nn.Module):
@@ -448,10 +500,31 @@ class Block(nn.Module):
         self.is_moe = c.is_moe  # (a plain attribute: `hasattr(self, "moe")` is two module lookups)
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        if fused.NORM_CONFIG["int_out"]:  # (decode: the norms hand their ops x's `_int_x` form too)
+            return self._forward_int_x(x, start_pos)
         x, normed = self.ffn_norm(x, self.attn(self.attn_norm(x), start_pos))  # x + attention, normed
         if self.is_moe:
             return self.moe(normed, x)  # x + the experts' sum (one op on the fused path)
         return x + self.ffn(normed)
+
+    def _forward_int_x(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """`forward` where each norm whose op takes x's `_int_x` form (`takes_int_x`) makes it
+        (fused.NORM_CONFIG "int_out"): the same results, no `_int_x` launch on a norm's output."""
+        attn = self.attn
+        if attn.takes_int_x(x):
+            normed, x_int = self.attn_norm(x, int_form=True)
+            h = attn(normed, start_pos, x_int)
+        else:
+            h = attn(self.attn_norm(x), start_pos)
+        if not self.is_moe:
+            x, normed = self.ffn_norm(x, h)
+            return x + self.ffn(normed)
+        moe = self.moe
+        if h.dtype == torch.float32 and h.shape == x.shape and moe.takes_int_x(x):
+            x, normed, x_int = self.ffn_norm(x, h, int_form=True)
+            return moe(normed, x, x_int)
+        x, normed = self.ffn_norm(x, h)
+        return moe(normed, x)
 
 
 class Mixtral(nn.Module):

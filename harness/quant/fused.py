@@ -170,6 +170,18 @@ ROWS_SPAN_DEFAULT = 8
 # Both off until timed: they have run only under Triton's interpreter (the same bits as without
 # them) and compiled for sm_90 (Triton 3.6 and 3.9, no spills), never on a GPU.
 MOE_FFN_CONFIG: dict[str, bool] = {"int_h": False, "residual": False}
+# The decode norms (`harness::rms_norm_int`, `harness::add_rms_norm_int`; the model decides per
+# call with `norm_int_out`):
+# - "int_out": a norm whose output a decode op reads through an "int" read (`harness::qkv` after
+#   the attention norm, `harness::moe_ffn` after the feed-forward one; `int_x_path` not "kernel",
+#   rows of whole super-blocks) stores that output also as `_int_x` would leave it (the norm
+#   kernel's INT_OUT: `_int_x_store_tile`, the same bits), and the op takes it (its x_q, x_sums,
+#   x_scales) instead of running `_int_x` on it: two launches a layer fewer in the decode graph
+#   (each 1.66 us on an H100 in benchmarks/results/profile_decode.json, session 13, and a wait in
+#   the chain under PDL).
+# Off until timed: it has run only under Triton's interpreter (the same logits, bit for bit) and
+# compiled for sm_90, never on a GPU.
+NORM_CONFIG: dict[str, bool] = {"int_out": False}
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
@@ -1823,14 +1835,23 @@ if triton is not None:
         total_ptr,
         w_ptr,
         out_ptr,
+        q_ptr,
+        scale_ptr,
+        sum_ptr,
         D,
         eps,
         BD: tl.constexpr,
         ADD: tl.constexpr,
         PDL: tl.constexpr = False,
+        INT_OUT: tl.constexpr = False,
+        PTX: tl.constexpr = False,
     ):
         """One row: x * rsqrt(mean(x^2) + eps) * w, in float32; with ADD, x is first the sum of
-        the rows at x_ptr and r_ptr (one rounded add, as torch's), stored at total_ptr."""
+        the rows at x_ptr and r_ptr (one rounded add, as torch's), stored at total_ptr. INT_OUT
+        (D a multiple of 32): the row also stored as `_int_x` leaves x (`_int_x_store_tile`:
+        q_ptr int16 [R, D], scale_ptr [R, D / 32], sum_ptr [R, D / 16]), the same bits as
+        `_int_x` of the float row stored; its last product then rounded on its own (`_mul_rn`
+        with PTX: the sums of `_int_x_blocks` never fuse it into an FMA)."""
         _pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BD)
@@ -1840,8 +1861,10 @@ if triton is not None:
             x = x + tl.load(r_ptr + row * D + cols, mask=m, other=0.0)
             tl.store(total_ptr + row * D + cols, x, mask=m)
         r = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        y = x * r * tl.load(w_ptr + cols, mask=m, other=0.0)
+        y = _mul_rn(x * r, tl.load(w_ptr + cols, mask=m, other=0.0), PTX and INT_OUT)
         tl.store(out_ptr + row * D + cols, y, mask=m)
+        if INT_OUT:
+            _int_x_store_tile(y, row, 0, D, q_ptr, scale_ptr, sum_ptr, BD)
 
     @triton.jit
     def _rope_row(src, dst, cos_row, sin_row, HD, HALF, BH: tl.constexpr, BD: tl.constexpr):
@@ -2882,13 +2905,19 @@ def moe_ffn(
     gate_up_qtype: int,
     down_qtype: int,
     residual: Optional[torch.Tensor] = None,  # noqa: UP045  (torch 2.11's schema inference reads Optional)
+    x_q: Optional[torch.Tensor] = None,  # noqa: UP045
+    x_sums: Optional[torch.Tensor] = None,  # noqa: UP045
+    x_scales: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
     """sum_s weights[t, s] * down_e(silu(gate_e x_t) * up_e x_t), e = experts[t, s], for every token
     t of x [T, D]; gate/up [E, F, bytes] and down [E, D, bytes] raw blocks -> [T, D] float32
     (the qtypes with PACKED and WIDE as `kernel_weight` gives them; gate and up share one).
 
     `residual` ([T, D] float32): the layer's residual add in the op, `residual + ` that sum (the
-    same add the layer would make after it: one op fewer a layer)."""
+    same add the layer would make after it: one op fewer a layer). x_q, x_sums, x_scales: x's
+    `_int_x` form, made by the norm before (`add_rms_norm_int`), which the gated product's "int"
+    read then takes instead of running `_int_x` (all three or none)."""
+    x_int = _given_int_x("harness::moe_ffn", x, x_q, x_sums, x_scales)
     _check_devices("harness::moe_ffn", x, gate, up, down, weights, experts, *_given(residual))
     t, k = experts.shape
     ffn, dim = gate.shape[1], down.shape[1]
@@ -2900,7 +2929,9 @@ def moe_ffn(
     routing = {}  # both products route the same pairs: the prefill sorts them once
     # h's `_int_x` form, where the gated product leaves it so (its float rows then unset)
     h_int = {} if _h_as_int(t * k, dim, ffn, gate_up_qtype, down_qtype, x.device) else None
-    h = _product(x, gate, up, gate_up_qtype, ffn, experts, k, None, routing=routing, int_out=h_int)
+    h = _product(
+        x, gate, up, gate_up_qtype, ffn, experts, k, None, prepared=x_int, routing=routing, int_out=h_int
+    )
     added = residual is not None and MOE_FFN_CONFIG["residual"]
     y = _product(
         h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k, prepared=h_int,
@@ -2927,7 +2958,20 @@ def _given(t: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
 
 
 @_fake("moe_ffn")
-def _(x, gate, up, down, weights, experts, gate_up_qtype, down_qtype, residual=None):
+def _(
+    x,
+    gate,
+    up,
+    down,
+    weights,
+    experts,
+    gate_up_qtype,
+    down_qtype,
+    residual=None,
+    x_q=None,
+    x_sums=None,
+    x_scales=None,
+):
     return x.new_empty((x.shape[0], down.shape[1]), dtype=torch.float32)
 
 
@@ -2939,29 +2983,136 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _normed(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, int_out: bool = False
+) -> tuple[torch.Tensor, ...]:
     """(x + residual, or x when residual is None; its `rms_norm`) in one launch (the devices
-    checked by the caller; x and residual float32 of one shape)."""
+    checked by the caller; x and residual float32 of one shape); with `int_out` (x's rows whole
+    super-blocks), then the norm's `_int_x` form: its int16 values [..., D], sums [..., D / 16],
+    scales [..., D / 32], new tensors (they leave the op: not `_SCRATCH`)."""
     d = x.shape[-1]
     x = x.contiguous()
     add = residual is not None
     residual = residual.contiguous() if add else x
     total = torch.empty_like(x) if add else x
     out = torch.empty_like(x)
+    int_form = (out, out, out)  # (INT_OUT: q, scales, sums as the kernel takes them)
+    if int_out:
+        lead = x.shape[:-1]
+        q = torch.empty(x.shape, dtype=torch.int16, device=x.device)
+        sums, scales = x.new_empty((*lead, d // 16)), x.new_empty((*lead, d // 32))
+        int_form = (q, scales, sums)
     if x.numel():
         with _launch_device(x.device):
             bd = _next_pow2(d)
             launch(
-                _rms_norm_kernel, (x.numel() // d,), x, residual, total, weight, out, d, eps, BD=bd, ADD=add,
-                num_warps=8 if bd >= 2048 else 4, **pdl_options(x.device),
+                _rms_norm_kernel, (x.numel() // d,), x, residual, total, weight, out, *int_form, d, eps, BD=bd,
+                ADD=add, INT_OUT=int_out, PTX=int_out and _ptx(), num_warps=8 if bd >= 2048 else 4, **pdl_options(x.device),
             )  # fmt: skip
-    return total, out
+    return (total, out, q, sums, scales) if int_out else (total, out)
 
 
 @_fake("rms_norm")
 def _(x, weight, eps):
     return torch.empty_like(x)
+
+
+# The norms' `_int_x` form (NORM_CONFIG "int_out") is an op's output and the next op's input, not
+# state kept between them: two ops of their own give it (`rms_norm_int`, `add_rms_norm_int`: the
+# schemas of `rms_norm` and `add_rms_norm` stay as every caller knows them), and `qkv` and
+# `moe_ffn` take it as three optional tensors, x_q, x_sums, x_scales (`_int_x`'s three, each with
+# its own dtype and shape in the schema: a tracer sees each with its device, a wrong one is
+# refused by name), in place of running `_int_x` on x.
+
+
+@_op()
+def rms_norm_int(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rms_norm` of x [..., D] float32 (D a multiple of 256) and, from the same launch, that
+    output as the "int" reads take x (`_int_x`'s form, the same bits): (normed, x_q int16 [..., D]
+    in the int layout, x_sums [..., D / 16], x_scales [..., D / 32]), for `qkv`'s or `moe_ffn`'s
+    x_q, x_sums, x_scales."""
+    _check_devices("harness::rms_norm_int", x, weight)
+    _check_int_norm("harness::rms_norm_int", x, None)
+    return _normed(x, None, weight, eps, int_out=True)[1:]
+
+
+@_fake("rms_norm_int")
+def _(x, weight, eps):
+    return torch.empty_like(x), *_int_form_like(x)
+
+
+def _int_form_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty tensors of x [..., D]'s `_int_x` form: x_q, x_sums, x_scales."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    return (
+        x.new_empty(x.shape, dtype=torch.int16),
+        x.new_empty((*lead, d // 16)),
+        x.new_empty((*lead, d // 32)),
+    )
+
+
+def _check_int_norm(op: str, x: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """What a norm with an int form takes: x float32 of rows of whole super-blocks, residual
+    float32 of x's shape."""
+    if x.dtype != torch.float32 or x.dim() == 0 or x.shape[-1] % SUPER:
+        raise ValueError(
+            f"{op}: x must be float32 of rows of a multiple of {SUPER} values, "
+            f"got {x.dtype} of shape {list(x.shape)}"
+        )
+    if residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape):
+        raise ValueError(
+            f"{op}: residual must be float32 of x's shape {list(x.shape)}, "
+            f"got {residual.dtype} of shape {list(residual.shape)}"
+        )
+
+
+def _given_int_x(op: str, x: torch.Tensor, x_q, x_sums, x_scales) -> dict | None:
+    """An op's x_q, x_sums, x_scales (x [T, K]'s `_int_x` form, from `rms_norm_int` or
+    `add_rms_norm_int`) checked against x, as `_product`'s `prepared` takes them: {"int": (x_q
+    as int32 pairs, x_sums, x_scales)}; None where none is given. A device other than x's is
+    refused with CUDA's device error, another dtype or shape with a ValueError, naming the
+    argument."""
+    given = {"x_q": x_q, "x_sums": x_sums, "x_scales": x_scales}
+    if all(t is None for t in given.values()):
+        return None
+    missing = [name for name, t in given.items() if t is None]
+    if missing:
+        raise ValueError(f"{op}: x_q, x_sums and x_scales are given together, got no {', '.join(missing)}")
+    t, k = x.shape
+    if k % SUPER:
+        raise ValueError(f"{op}: x_q needs rows of x of a multiple of {SUPER} values, got {k}")
+    want = {
+        "x_q": (torch.int16, (t, k)), "x_sums": (torch.float32, (t, k // 16)),
+        "x_scales": (torch.float32, (t, k // 32)),
+    }  # fmt: skip
+    for name, tensor in given.items():
+        if tensor.device != x.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found at least two devices, "
+                f"{x.device} and {tensor.device}! ({op}: {name})"
+            )
+        dtype, shape = want[name]
+        if tensor.dtype != dtype or tensor.shape != shape:
+            raise ValueError(
+                f"{op}: {name} must be {dtype} of shape {list(shape)} (x's `_int_x` form), "
+                f"got {tensor.dtype} of shape {list(tensor.shape)}"
+            )
+    return {"int": (x_q.contiguous().view(torch.int32), x_sums.contiguous(), x_scales.contiguous())}
+
+
+def norm_int_out(n_pairs: int, in_features: int, codes: tuple[int, ...]) -> bool:
+    """Whether a norm's output should come with its `_int_x` form (NORM_CONFIG "int_out") for the
+    decode op after it whose products of `codes` (`kernel_weight`'s) read it in `n_pairs`
+    token-expert pairs with rows of `in_features`: a decode-sized call in which one of them reads
+    it through "int" with x from a launch (`int_x_path` not "kernel")."""
+    return (
+        NORM_CONFIG["int_out"]
+        and 0 < n_pairs <= MATVEC_MAX_ROWS
+        and in_features % SUPER == 0
+        and _int_x_path() != "kernel"
+        and any(_reads_int(code, _matvec_path()) for code in codes)
+    )
 
 
 @_op()
@@ -3041,6 +3192,9 @@ def qkv(
     qtype_q: int,
     qtype_k: int,
     qtype_v: int,
+    x_q: Optional[torch.Tensor] = None,  # noqa: UP045  (as moe_ffn's residual)
+    x_sums: Optional[torch.Tensor] = None,  # noqa: UP045
+    x_scales: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
     """x [T, in] float times attention's three GGUF weights (blocks [out_i, row_bytes] as
     `kernel_weight` prepares them, with its codes: the GGML type | PACKED | WIDE) -> [T,
@@ -3049,13 +3203,16 @@ def qkv(
     other in memory (`pack_rows`) are multiplied in one launch; x is prepared once for the
     products that read it alike where a launch prepares it (decode: one `_vec_x` per type under
     "vec", one `_int_x` for Q4_K_M's Q4_K and packed Q6_K under `int_x_path` "launch"; none
-    under "kernel")."""
+    under "kernel"). x_q, x_sums, x_scales: x's `_int_x` form, made by the norm before
+    (`rms_norm_int`), which the "int" reads then take instead of running `_int_x` (all three or
+    none)."""
+    given = _given_int_x("harness::qkv", x, x_q, x_sums, x_scales)
     _check_devices("harness::qkv", x, wq, wk, wv)
     weights, qtypes = (wq, wk, wv), (qtype_q, qtype_k, qtype_v)
     out = x.new_empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=torch.float32)
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
-    prepared = {}
+    prepared = {} if given is None else given
     i = column = 0
     while i < 3:
         j = i + 1
@@ -3073,7 +3230,7 @@ def qkv(
 
 
 @_fake("qkv")
-def _(x, wq, wk, wv, qtype_q, qtype_k, qtype_v):
+def _(x, wq, wk, wv, qtype_q, qtype_k, qtype_v, x_q=None, x_sums=None, x_scales=None):
     return x.new_empty((x.shape[0], wq.shape[0] + wk.shape[0] + wv.shape[0]), dtype=torch.float32)
 
 
@@ -3287,6 +3444,23 @@ def add_rms_norm(
 @_fake("add_rms_norm")
 def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
+
+
+@_op()
+def add_rms_norm_int(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`add_rms_norm` (x, residual [..., D] float32 of one shape, D a multiple of 256) and, from
+    the same launch, its normed output's `_int_x` form (as `rms_norm_int`): (x + residual, normed,
+    x_q, x_sums, x_scales)."""
+    _check_devices("harness::add_rms_norm_int", x, residual, weight)
+    _check_int_norm("harness::add_rms_norm_int", x, residual)
+    return _normed(x, residual, weight, eps, int_out=True)
+
+
+@_fake("add_rms_norm_int")
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x), *_int_form_like(x)
 
 
 if triton is not None:
