@@ -138,6 +138,9 @@ def record(groups: list[str]) -> list[dict]:
                 weights = torch.full((t, 2), 0.5)
                 ops.rms_norm(x, norm, 1e-5)
                 ops.add_rms_norm(x, x, norm, 1e-5)
+                if group == "decode":  # NORM_CONFIG "int_out": the normed rows in `_int_x`'s form too
+                    ops.rms_norm_int(x, norm, 1e-5)
+                    ops.add_rms_norm_int(x, x, norm, 1e-5)
                 ops.router_topk(x, router, 2, 1e-6)
                 # every way the products can run: each matrix-vector read (decode) or prefill path
                 kind, paths = (

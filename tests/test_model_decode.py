@@ -197,6 +197,88 @@ def test_a_fused_decode_step_is_seven_ops_a_layer(tiny_path):
         ]
 
 
+_INTERPRETED_NORM_INT = """
+import json, sys, torch
+from harness.model.mixtral import Mixtral
+from harness.quant import fused
+from harness.trace.tracer import Tracer
+model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
+fused.int_x_path = "launch"  # x quantized by a launch of its own, as in the decode graph
+original = fused.launch
+
+def run(on):
+    launched = []
+    def counted(kernel, *args, **kwargs):
+        launched.append(kernel.__name__ + (" INT_OUT" if kwargs.get("INT_OUT") else ""))
+        return original(kernel, *args, **kwargs)
+    fused.launch, fused.NORM_CONFIG["int_out"] = counted, on
+    try:
+        model.reset()
+        with torch.inference_mode():  # a prefill of 3 tokens (6 pairs: decode-sized), two steps
+            logits = [model(torch.tensor([3, 9, 27]), 0), model(torch.tensor([5]), torch.tensor([3])),
+                      model(torch.tensor([7]), 4)]
+    finally:
+        fused.launch, fused.NORM_CONFIG["int_out"] = original, False
+    return [l.view(torch.int32).tolist() for l in logits], launched
+
+off, on = run(False), run(True)
+fused.NORM_CONFIG["int_out"] = True
+with torch.inference_mode(), Tracer(model, keep_events=True) as tracer:
+    model(torch.tensor([11]), 5)
+fused.NORM_CONFIG["int_out"] = False
+ops = [[e.module, e.op, [t.dtype for t in e.inputs], [t.dtype for t in e.outputs]]
+       for e in tracer.events if e.module and e.module.startswith("layers.1")]
+print(json.dumps({"off": off, "on": on, "layers": len(model.layers), "verdict": tracer.summary.verdict,
+                  "ops": ops}))
+"""
+
+
+def _after_norms(launches: list[str]) -> list[str]:
+    """The launch after each norm's (the router's between skipped): what reads the norm's output."""
+    after = []
+    for i, name in enumerate(launches):
+        if name.startswith("_rms_norm_kernel"):
+            rest = [n for n in launches[i + 1 :] if n != "_router_topk_kernel"]
+            after.append(rest[0] if rest else "")
+    return after
+
+
+@pytest.mark.slow
+def test_norms_int_form_leaves_the_logits_and_drops_the_int_x_launches_on_norm_outputs(tiny_path):
+    """NORM_CONFIG "int_out" on the tiny Q4_K_M model under Triton's interpreter, x quantized by a
+    launch (`int_x_path` "launch", as in the decode graph): a prefill of 3 tokens and two steps
+    give the logits they give without it, bit for bit; every norm but the last (the head's) makes
+    x's int form (INT_OUT), the ops after them take it, so that no `_int_x` launch reads a norm's
+    output (without it each layer's two norms are each followed by one) and two a layer a call
+    are gone; a tracer sees the int form as the norms' outputs and the ops' inputs, clean."""
+    got = json.loads(_interpreted(_INTERPRETED_NORM_INT, tiny_path))
+    (off_logits, off_launches), (on_logits, on_launches) = got["off"], got["on"]
+    assert on_logits == off_logits
+    layers, calls = got["layers"], 3
+    norms = 2 * layers * calls  # (the head's norm aside)
+    assert off_launches.count("_int_x_kernel") - on_launches.count("_int_x_kernel") == norms
+    assert on_launches.count("_rms_norm_kernel INT_OUT") == norms
+    assert "_rms_norm_kernel INT_OUT" not in off_launches
+    assert _after_norms(off_launches).count("_int_x_kernel") == norms
+    assert "_int_x_kernel" not in _after_norms(on_launches)
+    assert got["verdict"] == "clean"
+    form = ["int16", "float32", "float32"]
+    assert got["ops"] == [
+        ["layers.1.attn_norm", "harness.rms_norm_int.default", ["float32"] * 2, ["float32", *form]],
+        ["layers.1.attn", "harness.qkv.default", ["float32", "uint8", "uint8", "uint8", *form], ["float32"]],
+        ["layers.1.attn", "harness.attention.default", ["float32"] * 5, ["float32"]],
+        ["layers.1.attn.wo", "harness.qmatmul.default", ["float32", "uint8"], ["float32"]],
+        ["layers.1.ffn_norm", "harness.add_rms_norm_int.default", ["float32"] * 3, ["float32"] * 2 + form],
+        ["layers.1.moe.router", "harness.router_topk.default", ["float32"] * 2, ["float32", "int64"]],
+        [
+            "layers.1.moe.experts",
+            "harness.moe_ffn.default",
+            ["float32", "uint8", "uint8", "uint8", "float32", "int64", "float32", *form],
+            ["float32"],
+        ],
+    ]
+
+
 def _interpreted(script: str, model_path) -> str:
     """stdout of `script` run with `model_path` in a subprocess under Triton's interpreter."""
     pytest.importorskip("triton")
@@ -258,3 +340,33 @@ def test_cuda_decode_with_programmatic_dependent_launch_is_bit_identical(tiny_pa
         assert model.decode_graph is not None
     assert torch.equal(logits[True], logits[False])
     assert tokens[True].tolist() == tokens[False].tolist() == logits[True][1:].argmax(-1).tolist()
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_norms_int_form_decodes_the_same_logits_eager_and_in_a_graph(tiny_path, monkeypatch):
+    """NORM_CONFIG "int_out" on the GPU: eager steps with x quantized by a launch (`int_x_path`
+    "launch") give the logits they give without it, bit for bit, and a CUDA graph captured with
+    it (PDL as the device allows) decodes the tokens eager steps without it decode."""
+    from harness.quant import fused
+
+    prompt = torch.tensor([3, 17, 99, 250, 7], device="cuda")
+    model = Mixtral.from_gguf(tiny_path, device="cuda", max_seq_len=32)
+    logits = {}
+    monkeypatch.setattr(fused, "int_x_path", "launch")
+    for on in (False, True):
+        monkeypatch.setitem(fused.NORM_CONFIG, "int_out", on)
+        with torch.inference_mode():
+            model.reset()
+            steps = [model(prompt, 0)[-1]]
+            for pos in range(5, 11):
+                steps.append(model(steps[-1].argmax().view(1), pos)[-1])
+        logits[on] = torch.stack(steps)
+    assert torch.equal(logits[True].view(torch.int32), logits[False].view(torch.int32))
+    monkeypatch.setattr(fused, "int_x_path", "auto")  # ("launch" in the graph's step)
+    monkeypatch.setitem(fused.NORM_CONFIG, "int_out", True)
+    with torch.inference_mode():
+        model.reset()
+        model(prompt, 0)
+        graphed = greedy_decode(model, logits[False][0].argmax().view(1), 5, 6, fast=True)
+    assert model.decode_graph is not None
+    assert graphed.tolist() == logits[False][1:].argmax(-1).tolist()

@@ -2684,7 +2684,7 @@ def _check_attention(results: list[dict]) -> None:
 @pytest.mark.slow
 def test_decode_kernels_compile_for_sm_90_without_a_gpu():
     """The attention kernels, `_vec_x_kernel` (one program per super-block) and the RMSNorm
-    kernel (with its residual add) compile for an H100 (sm_90) with Triton's own compiler and
+    kernel (with its residual add, and with the int form of NORM_CONFIG "int_out") compile for an H100 (sm_90) with Triton's own compiler and
     ptxas, as a GPU run would compile them (pointers and the cache's strides 16-byte aligned): the
     interpreter accepts things the compiler refuses (a tl.dot under 16 rows, for one). With the
     rope folded into the attention launch, its products are mul.rn (never fused into an FMA),
@@ -2749,14 +2749,22 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         (fused._attention_merge_kernel, {"BM": 16, "BD": 128, "BP": 16}, {"num_warps": cfg["merge_warps"]}),
         *((fused._vec_x_kernel, {"QT": qt, "PEAK_BLOCK": 4096}, {"num_warps": 4}) for qt in (8, 12, 14)),
         *((fused._rms_norm_kernel, {"BD": 4096, "ADD": add}, {"num_warps": 8}) for add in (False, True)),
+        # NORM_CONFIG "int_out": the row also in `_int_x`'s form (Mixtral's 4096, and 5120: a tail)
+        *(
+            (fused._rms_norm_kernel, {"BD": bd, "ADD": add, "INT_OUT": True, "PTX": True}, {"num_warps": 8})
+            for bd in (4096, 8192)
+            for add in (False, True)
+        ),
     ]
     for kernel, consts, options in launches:
         consts, options = {**consts, "PDL": True}, {**options, "launch_pdl": True}  # as on an H100
+        # constexprs left out take their defaults (else they would compile as arguments)
+        consts = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default} | consts
         names = kernel.arg_names
         pointers = [n for n in names if n.endswith("_ptr") or n.startswith(("cache_", "part_", "q_out"))]
         signature = {
             n: "constexpr" if n in consts else "*i64" if n == "pos_ptr" else "*i32" if n == "counter_ptr"
-            else "*fp32" if n in pointers
+            else "*i16" if (kernel, n) == (fused._rms_norm_kernel, "q_ptr") else "*fp32" if n in pointers
             else scalars.get(n, "i32")
             for n in names
         }  # fmt: skip
@@ -2767,6 +2775,11 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
         assert compiled.asm["cubin"], (kernel.__name__, consts)
         _check_waits_first(compiled.asm["ptx"], (kernel.__name__, consts))
+        if consts.get("INT_OUT"):
+            # the normed row's last product rounded on its own (`_int_x_blocks`' sums never fuse
+            # it into an FMA: the int form is `_int_x` of the float row), no register spills
+            assert "mul.rn.f32" in compiled.asm["ptx"], consts
+            assert not re.search(r"\b(LDL|STL)\b", _cuobjdump(compiled.asm["cubin"])), consts
         if consts.get("ROPE"):
             # the rope's products rounded one by one (never fused into an FMA: the cache write
             # is the torch path's bit for bit) in a launch that leaves fp fusion on
@@ -3267,11 +3280,17 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
     q4, q8 = int(GGMLType.Q4_K), int(GGMLType.Q8_0)
     wq, wk = torch.zeros(8, 144, dtype=torch.uint8), torch.zeros(4, 272, dtype=torch.uint8)
     cache = torch.zeros(2, 6, 4)
+    int_form = (torch.zeros(1, 256, dtype=torch.int16), torch.zeros(1, 16), torch.zeros(1, 8))
     return [
         (
             "qkv",
             4,
             lambda: torch.ops.harness.qkv(*tensors(torch.ones(1, 256), wq, wk, wk.clone()), q4, q8, q8),
+        ),
+        (
+            "qkv",
+            7,
+            lambda: _qkv_given_int_form(tensors(torch.ones(1, 256), wq, wk, wk.clone(), *int_form), q4, q8),
         ),
         (
             "attention",
@@ -3300,9 +3319,27 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
                 *tensors(torch.ones(1, 8), torch.ones(1, 8), torch.ones(8)), 1e-5
             ),
         ),
+        (
+            "rms_norm_int",
+            2,
+            lambda: torch.ops.harness.rms_norm_int(*tensors(torch.ones(1, 256), torch.ones(256)), 1e-5),
+        ),
+        (
+            "add_rms_norm_int",
+            3,
+            lambda: torch.ops.harness.add_rms_norm_int(
+                *tensors(torch.ones(1, 256), torch.ones(1, 256), torch.ones(256)), 1e-5
+            ),
+        ),
         ("embed_rows", 2, lambda: torch.ops.harness.embed_rows(*tensors(wq, torch.tensor([1])), q4, 256)),
         ("moe_ffn", 7, lambda: _moe_ffn_with_residual(tensors, q4)),
     ]
+
+
+def _qkv_given_int_form(tensors: list[torch.Tensor], q4: int, q8: int):
+    """`harness::qkv` of x, wq, wk, wv and x's int form x_q, x_sums, x_scales (`tensors`)."""
+    x, wq, wk, wv, *int_form = tensors
+    return torch.ops.harness.qkv(x, wq, wk, wv, q4, q8, q8, *int_form)
 
 
 def _moe_ffn_with_residual(tensors, q4: int):
@@ -3343,6 +3380,60 @@ def test_moe_ffn_checks_its_residual_like_its_other_tensors(monkeypatch):
             ValueError, match=r"harness::moe_ffn: residual must be float32 of shape \[1, 256\]"
         ):
             torch.ops.harness.moe_ffn(*_moe_ffn_args()[:6], 12, 12, residual)
+
+
+def test_ops_check_the_int_form_of_x_they_are_given(monkeypatch):
+    """qkv and moe_ffn take x's int form (x_q, x_sums, x_scales: NORM_CONFIG "int_out") all three
+    or none; one of another dtype or shape is refused by name, one on another device with CUDA's
+    device error naming it (under the emulated CUDA, which applies CUDA's rule to the op's
+    schema), before anything runs. The norms that make it refuse x whose rows are no whole
+    super-blocks, x that is not float32, and a residual of another shape."""
+    from harness.quant import fused, kernels  # noqa: F401  (registers the ops)
+    from harness.quant.types import GGMLType
+    from harness.trace.classify import is_device_error
+    from harness.trace.emulated import EmulatedCuda
+
+    q4, q8 = int(GGMLType.Q4_K), int(GGMLType.Q8_0)
+    form = [torch.zeros(1, 256, dtype=torch.int16), torch.zeros(1, 16), torch.zeros(1, 8)]
+    wq, wk = torch.zeros(8, 144, dtype=torch.uint8), torch.zeros(4, 272, dtype=torch.uint8)
+    calls = {
+        "harness::qkv": lambda *f: _qkv_given_int_form([torch.ones(1, 256), wq, wk, wk.clone(), *f], q4, q8),
+        "harness::moe_ffn": lambda *f: torch.ops.harness.moe_ffn(*_moe_ffn_args()[:6], q4, q4, None, *f),
+    }
+    names = ("x_q", "x_sums", "x_scales")
+    with EmulatedCuda():  # (CUDA's device rule applied to the op's schema, as the tracer records it)
+        on_gpu = [t.to("cuda") for t in form]
+        for i, name in enumerate(names):
+            for call in (
+                lambda *f: _qkv_given_int_form(
+                    [t.to("cuda") for t in (torch.ones(1, 256), wq, wk, wk)] + [*f], q4, q8
+                ),
+                lambda *f: torch.ops.harness.moe_ffn(
+                    *(t.to("cuda") for t in _moe_ffn_args()[:6]), q4, q4, None, *f
+                ),
+            ):
+                with pytest.raises(RuntimeError) as info:
+                    call(*on_gpu[:i], form[i], *on_gpu[i + 1 :])
+                assert is_device_error(str(info.value)) and name in str(info.value), str(info.value)
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)  # the ops take CPU tensors
+    for op, call in calls.items():
+        for i, name in enumerate(names):
+            for bad in (form[i].to(torch.float64), form[i][:, :-1], torch.cat([form[i]] * 2)):
+                given = [*form[:i], bad, *form[i + 1 :]]
+                with pytest.raises(ValueError, match=rf"{op}: {name} must be torch\.\w+ of shape \["):
+                    call(*given)
+            with pytest.raises(
+                ValueError, match=rf"{op}: x_q, x_sums and x_scales are given together, got no {name}"
+            ):
+                call(*form[:i], None, *form[i + 1 :])
+    with pytest.raises(
+        ValueError, match=r"harness::rms_norm_int: x must be float32 of rows of a multiple of 256"
+    ):
+        torch.ops.harness.rms_norm_int(torch.ones(1, 128), torch.ones(128), 1e-5)
+    with pytest.raises(ValueError, match=r"harness::rms_norm_int: x must be float32"):
+        torch.ops.harness.rms_norm_int(torch.ones(1, 256, dtype=torch.float64), torch.ones(256), 1e-5)
+    with pytest.raises(ValueError, match=r"harness::add_rms_norm_int: residual must be float32 of x's shape"):
+        torch.ops.harness.add_rms_norm_int(torch.ones(2, 256), torch.ones(256), torch.ones(256), 1e-5)
 
 
 def _moe_ffn_args() -> list[torch.Tensor]:
@@ -3395,6 +3486,23 @@ def test_fake_implementations_give_shapes_without_running():
         assert out.shape == (5, 64) and out.dtype == torch.float32
         total, normed = torch.ops.harness.add_rms_norm(x, x, torch.empty(512), 1e-5)
         assert total.shape == normed.shape == (5, 512)
+        normed, *form = torch.ops.harness.rms_norm_int(x, torch.empty(512), 1e-5)
+        total, normed_too, *form_too = torch.ops.harness.add_rms_norm_int(x, x, torch.empty(512), 1e-5)
+        assert total.shape == normed.shape == normed_too.shape == (5, 512)
+        for got in (form, form_too):
+            assert [(t.shape, t.dtype) for t in got] == [
+                ((5, 512), torch.int16), ((5, 32), torch.float32), ((5, 16), torch.float32)
+            ]  # fmt: skip
+        given = torch.ops.harness.qkv(
+            x, torch.empty(64, 288, dtype=torch.uint8), *[torch.empty(16, 544, dtype=torch.uint8)] * 2, 12, 8, 8,
+            *form,
+        )  # fmt: skip
+        assert given.shape == (5, 96) and given.dtype == torch.float32
+        given = torch.ops.harness.moe_ffn(
+            x, *[torch.empty(4, 64, 288, dtype=torch.uint8)] * 2, torch.empty(4, 512, 36, dtype=torch.uint8),
+            torch.empty(5, 2), torch.empty(5, 2, dtype=torch.int64), 12, 12, None, *form,
+        )  # fmt: skip
+        assert given.shape == (5, 512) and given.dtype == torch.float32
         for args in ((torch.empty(5, 8), None), (x, torch.empty(8, 512))):
             w, e = torch.ops.harness.router_topk(*args, 2, 1e-4)
             assert (w.shape, w.dtype, e.shape, e.dtype) == ((5, 2), torch.float32, (5, 2), torch.int64)
