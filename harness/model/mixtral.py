@@ -205,9 +205,9 @@ class Attention(nn.Module):
         return (
             x.dtype == torch.float32
             and x.dim() == 2
+            and fused.norm_int_out(x.shape[0], x.shape[1], tuple(m.kernel_qtype for m in mats))
             and fused.runs_on(x.device)
             and self._fused(self.cache.k, mats, None)
-            and fused.norm_int_out(x.shape[0], x.shape[1], tuple(m.kernel_qtype for m in mats))
         )
 
     def forward(
@@ -455,11 +455,13 @@ class MoE(nn.Module):
         launch (its gate/up product, `fused.norm_int_out`): then the norm before it makes that
         form (`RMSNorm`'s `int_form`)."""
         experts = self.experts
-        if x.dtype != torch.float32 or x.dim() != 2 or not fused.runs_on(x.device):
-            return False
-        if not experts.fused():
-            return False
-        return fused.norm_int_out(x.shape[0] * self.n_used, x.shape[1], (experts.gate_up_code(),))
+        return (
+            x.dtype == torch.float32
+            and x.dim() == 2
+            and fused.norm_int_out(x.shape[0] * self.n_used, x.shape[1], (experts.gate_up_code(),))
+            and fused.runs_on(x.device)
+            and experts.fused()
+        )
 
     def forward(
         self,
