@@ -2997,16 +2997,15 @@ def _normed(
     out = torch.empty_like(x)
     int_form = (out, out, out)  # (INT_OUT: q, scales, sums as the kernel takes them)
     if int_out:
-        lead = x.shape[:-1]
-        q = torch.empty(x.shape, dtype=torch.int16, device=x.device)
-        sums, scales = x.new_empty((*lead, d // 16)), x.new_empty((*lead, d // 32))
+        q, sums, scales = _int_form_like(x)
         int_form = (q, scales, sums)
     if x.numel():
         with _launch_device(x.device):
             bd = _next_pow2(d)
             launch(
                 _rms_norm_kernel, (x.numel() // d,), x, residual, total, weight, out, *int_form, d, eps, BD=bd,
-                ADD=add, INT_OUT=int_out, PTX=int_out and _ptx(), num_warps=8 if bd >= 2048 else 4, **pdl_options(x.device),
+                ADD=add, INT_OUT=int_out, PTX=int_out and _ptx(), num_warps=8 if bd >= 2048 else 4,
+                **pdl_options(x.device),
             )  # fmt: skip
     return (total, out, q, sums, scales) if int_out else (total, out)
 
