@@ -104,16 +104,16 @@ ATTENTION_CALLS = [
 # --sweep-attention: (BS, num_warps, num_stages, split_min_keys, dot, fold_rope, fold_merge_rows,
 # min_rows) of the kernels; fold_rope False is the rope and cache write in a launch of their own
 # (`_rope_cache_kernel`); fold_merge_rows 0, the merge in a launch after
-# (`_attention_merge_kernel`), min_rows 16, the query tile padded to 16 rows: the default;
-# fold_merge_rows 8, min_rows 1, split_min_keys 32: fused.ATTENTION_ONE_LAUNCH. Mixtral's static
+# (`_attention_merge_kernel`), min_rows 16, the query tile padded to 16 rows, split_min_keys 64:
+# fused.ATTENTION_TWO_LAUNCHES; fold_merge_rows 8, min_rows 1, split_min_keys 32: the default. Mixtral's static
 # 640-key cache at split_min_keys 32: 20 splits a KV
 # head (160 programs, 17 with keys at 513), at 64: 10 (80 programs), at 16: 40.
 ATTENTION_SWEEP = [
-    (32, 4, 2, 64, "ieee", True, 0, 16),  # the default
+    (32, 4, 2, 64, "ieee", True, 0, 16),  # ATTENTION_TWO_LAUNCHES
     (32, 4, 2, 64, "ieee", True, 8, 16),
     (32, 4, 2, 64, "ieee", True, 0, 1),
     (32, 4, 2, 64, "ieee", True, 8, 1),
-    (32, 4, 2, 32, "ieee", True, 8, 1),  # ATTENTION_ONE_LAUNCH
+    (32, 4, 2, 32, "ieee", True, 8, 1),  # the default
     (32, 4, 2, 32, "ieee", True, 0, 1),
     (32, 4, 2, 32, "ieee", True, 32, 1),  # 8 tokens merged in the launch too
     (16, 4, 2, 16, "ieee", True, 8, 1),
@@ -645,8 +645,8 @@ def in_turn_from_dram(weight: torch.Tensor) -> tuple:
 
 def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
     """`harness::attention` per ATTENTION_CALLS: the Triton kernels (default settings, "triton")
-    against their one-launch form ("triton one launch", fused.ATTENTION_ONE_LAUNCH: the splits
-    merged by the last program of each KV head, query tiles of the group's rows), against their form with the rope in a launch of its own ("triton rope launch",
+    against their two-launch form ("triton two launches", fused.ATTENTION_TWO_LAUNCHES: the
+    splits merged by a launch after, query tiles of at least 16 rows, 64-key splits), against their form with the rope in a launch of its own ("triton rope launch",
     ATTENTION_CONFIG["fold_rope"] off) and against the torch path, each pair timed in a CUDA
     graph (a row each) and eagerly (in the comparison); with `sweep`, the kernels under each of
     ATTENTION_SWEEP's launch settings too (rows only)."""
@@ -684,10 +684,10 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
 
         new = call
         old = functools.partial(call, config={"fold_rope": False})
-        one_launch = functools.partial(call, config=fused.ATTENTION_ONE_LAUNCH)
+        two_launches = functools.partial(call, config=fused.ATTENTION_TWO_LAUNCHES)
         torch_path = functools.partial(call, "torch")
         for ways in (
-            {"triton": new, "triton one launch": one_launch},
+            {"triton": new, "triton two launches": two_launches},
             {"triton": new, "triton rope launch": old},
             {"triton": new, "torch": torch_path},
         ):

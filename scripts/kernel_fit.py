@@ -164,7 +164,7 @@ def record(groups: list[str]) -> list[dict]:
                             ):
                                 ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down, x)
                 qkv = torch.randn(t, d + 2 * n_kv * hd)
-                for settings in ({}, fused.ATTENTION_ONE_LAUNCH):
+                for settings in ({}, fused.ATTENTION_TWO_LAUNCHES):
                     with _settings(fused.ATTENTION_CONFIG, settings):
                         for start in (0, 511, 4000 - t):
                             ops.attention(qkv, cache_k, cache_v, cos, sin, None, start)

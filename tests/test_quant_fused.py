@@ -570,7 +570,7 @@ ATTENTION_CONFIGS = {
     "default": {},
     "splits": ATTENTION_SPLIT_CONFIG,
     "rope launch": ATTENTION_ROPE_LAUNCH_CONFIG,
-    "one launch": {},  # fused.ATTENTION_ONE_LAUNCH (read where fused is imported)
+    "two launches": {},  # fused.ATTENTION_TWO_LAUNCHES (read where fused is imported)
 }
 
 # The one-launch form (the splits merged by the last program of each KV head, query tiles of
@@ -626,7 +626,7 @@ def _attention_cases(device: str, small: bool, rng: np.random.Generator) -> list
         outs = {}
         for path, label in (("torch", "default"), *(("triton", label) for label in ATTENTION_CONFIGS)):
             got_k, got_v = cache_k.to(device), cache_v.to(device)
-            config = fused.ATTENTION_ONE_LAUNCH if label == "one launch" else ATTENTION_CONFIGS[label]
+            config = fused.ATTENTION_TWO_LAUNCHES if label == "two launches" else ATTENTION_CONFIGS[label]
             with _attention_kernels(path, config):
                 kernels = fused.attention_takes_kernels(*args, got_k, got_v, *tables, positions)
                 splits = fused.attention_splits(start + t if positions is None else s_max, n_kv, got_k.device)
@@ -678,8 +678,8 @@ def _attention_past_cache_cases(device: str, rng: np.random.Generator) -> list[d
     ref, ref_k, ref_v = _attention_reference(q[:1], k[:1], v[:1], cache_k, cache_v, cos, sin, s_max - 1)
     tables = cos.to(device), sin.to(device)
     for label, config in ATTENTION_CONFIGS.items():
-        if label == "one launch":
-            config = fused.ATTENTION_ONE_LAUNCH
+        if label == "two launches":
+            config = fused.ATTENTION_TWO_LAUNCHES
         for positions in ([s_max - 1, s_max], [s_max + 3]):
             t = len(positions)
             got_k, got_v = cache_k.to(device), cache_v.to(device)
@@ -2729,9 +2729,9 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
                 {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
             )
             for form in (
-                # the decode graph's (1 token of a group of 4, split keys: under
-                # ATTENTION_ONE_LAUNCH merged by the last program, its tile of 4 rows; by default
-                # a tile of 16 rows and a merge launch) and a start form's
+                # the decode graph's (1 token of a group of 4, split keys: by default merged by
+                # the last program, its tile of 4 rows; under ATTENTION_TWO_LAUNCHES a tile of 16
+                # rows and a merge launch) and a start form's
                 {
                     "BM": 4,
                     "BD": 128,

@@ -167,9 +167,12 @@ ROWS_SPAN_DEFAULT = 8
 #   waits for the gated product's tail).
 # - "residual": the down product adds `residual` in the program that writes each output row
 #   (`_matvec_kernel`'s RESIDUAL; the same float32 add), not in a torch add after it.
-# Both off until timed: they have run only under Triton's interpreter (the same bits as without
-# them) and compiled for sm_90 (Triton 3.6 and 3.9, no spills), never on a GPU.
-MOE_FFN_CONFIG: dict[str, bool] = {"int_h": False, "residual": False}
+# Both on: on an H100 (session 14, .gpu/call35.sh, `bench_model.py --repeats 3` through
+# benchmarks/with_config.py, one run) the model's graph decode made 194.68 tok/s with both
+# against 193.07 without (198.37 against 196.61 with attention's one launch too); the moe_ffn
+# alone (`bench_fused.py --moe-only --default-only --moe-fusions`) 0.114 ms against 0.113 at one
+# token, 0.373 against 0.379 at 4. The same bits as without them (tests, interpreter and GPU).
+MOE_FFN_CONFIG: dict[str, bool] = {"int_h": True, "residual": True}
 # The decode norms (`harness::rms_norm_int`, `harness::add_rms_norm_int`; the model decides per
 # call with `norm_int_out`):
 # - "int_out": a norm whose output a decode op reads through an "int" read (`harness::qkv` after
@@ -252,8 +255,8 @@ _enabled = os.environ.get("HARNESS_FUSED", "1") != "0"
 
 # How `harness::attention` runs (`attention_takes_kernels` decides per call): "triton", its
 # kernels for decode-sized calls (flash-decoding attention over splits of the cache, with the
-# rope and the cache write, in one launch, the merge of the splits in a second: inside the first
-# under ATTENTION_ONE_LAUNCH's settings), the torch path for the
+# rope, the cache write and the merge of the splits in one launch; in a second launch under
+# ATTENTION_TWO_LAUNCHES's settings), the torch path for the
 # rest; "torch", the torch path always. HARNESS_ATTENTION picks one at import; `attention_path`
 # may be set later (benchmarks compare both).
 ATTENTION_PATHS = ("triton", "torch")
@@ -267,9 +270,9 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # Session 7's H100 sweep (`bench_fused.py --attention-only
 # --sweep-attention`, Mixtral's 32/8 heads, T=1): 64 takes 512 cached keys in 0.019-0.021 ms
 # against 256's 0.053-0.056 (more splits fill the device), and 0.064 against 0.062 at 4096.
-# ATTENTION_ONE_LAUNCH takes 32 (Mixtral's static 640-key cache: 20 splits a KV head, 160
-# programs for an H100's 132 multiprocessors, one loop step each; 17 splits with keys at 513),
-# its splits costing no merge launch; not timed yet: the sweep has 16, 32, 64 and more.
+# The default is 32 (Mixtral's static 640-key cache: 20 splits a KV head, 160 programs for an
+# H100's 132 multiprocessors, one loop step each; 17 splits with keys at 513), its splits
+# costing no merge launch (ATTENTION_TWO_LAUNCHES keeps 64).
 # "dot": the products' tl.dot input_precision: "ieee", float32 FMAs (the torch path's
 # arithmetic); "tf32x3", three TF32 tensor-core products each, near float32 (a loop of 942
 # instructions for sm_90, not 1564; neither timed nor checked against ATTENTION_MAX_ABS on a GPU
@@ -295,15 +298,16 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # of 16) 3/4 of the FMAs are padding; sm_90 loop of 32 keys 632 instructions, 257 FFMA, against
 # 1597, 1026 FFMA: benchmarks/sass_attention.py). (Broadcast products with tl.sum compiled to
 # more: 2636, Triton spread the head dim over warps and shuffled for every sum.)
-# ATTENTION_ONE_LAUNCH: the settings of the one-launch form (the merge inside, query tiles of the
-# group's rows, 32-key splits). Not the default: it has run only under Triton's interpreter
-# (the same results as two launches) and compiled for sm_90 (Triton 3.6 and 3.9, no spills at 4
-# rows), never on a GPU; `bench_fused.py --attention-only` times it beside the default.
+# The defaults are the one-launch form (the merge inside, query tiles of the group's rows,
+# 32-key splits). On an H100 (session 14, .gpu/call35.sh, one run) the model's graph decode made
+# 196.61 tok/s with it against 193.07 with ATTENTION_TWO_LAUNCHES (session 13's defaults: the
+# merge launch, tiles of 16 rows, 64-key splits), and a decode token's call at 513 keys took
+# 0.015 ms against 0.016 in a graph (`bench_fused.py --attention-only`, which times both).
 ATTENTION_CONFIG: dict[str, int | str | bool] = {
-    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 64, "dot": "ieee",
-    "fold_rope": True, "fold_merge_rows": 0, "min_rows": 16, "merge_floats": 64,
+    "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 32, "dot": "ieee",
+    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64,
 }  # fmt: skip
-ATTENTION_ONE_LAUNCH = {"fold_merge_rows": 8, "min_rows": 1, "split_min_keys": 32}
+ATTENTION_TWO_LAUNCHES = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys": 64}
 
 # `harness::router_topk` takes its Triton kernel (`router_takes_kernel` decides per call) for
 # decode-sized calls with the router's float32 weight: one launch for the logits, the softmax,
