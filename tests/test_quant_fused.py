@@ -1285,6 +1285,7 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
     from harness.quant import fused
+    from harness.quant import launch as launch_module
     from harness.quant.types import GGMLType
 
     class Adds(TorchDispatchMode):
@@ -1300,8 +1301,10 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
         launched, adds = [], Adds()
 
         def counted(kernel, *a, **kw):
-            if kernel in (fused._matvec_kernel, fused._int_x_kernel):
-                launched.append(kernel.__name__)
+            # (`_matvec` launches its kernel bound to its plan's keywords: `launch.bind`)
+            fn = kernel.kernel if isinstance(kernel, launch_module.Bound) else kernel
+            if fn in (fused._matvec_kernel, fused._int_x_kernel):
+                launched.append(fn.__name__)
             with _disable_current_modes():  # (the interpreter's copies of the arguments are no adds)
                 return original(kernel, *a, **kw)
 
