@@ -2568,10 +2568,11 @@ def _matvec(
             kernel = plan.bound[variant] = bind(
                 _matvec_kernel, **plan.options, RESIDUAL=variant[0], INT_OUT=variant[1], **pdl_kw
             )
+        # (`t.stride()[0]`: the same as `t.stride(0)`, a third faster)
         launch(kernel, plan.grid,
             x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
-            plan.chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, part, counters,
-            out.stride(0), out_div, res, res.stride(0), *h_int,
+            plan.chunk, row_bytes, out_features * row_bytes, x.stride()[0], x_div, xsum, xpow, part, counters,
+            out.stride()[0], out_div, res, res.stride()[0], *h_int,
         )  # fmt: skip
     return out
 
