@@ -2562,7 +2562,7 @@ def _matvec(
             x, xsum, xpow = made
         row_bytes = plan.row_bytes
         pdl_kw = pdl_options(device)
-        variant = (residual is not None, int_out is not None, pdl_kw is _PDL_ON)
+        variant = (residual is not None, int_out is not None, pdl_kw is _PDL_ON)  # (one of two dicts)
         kernel = plan.bound.get(variant)
         if kernel is None:
             kernel = plan.bound[variant] = bind(
