@@ -236,7 +236,7 @@ def _matvec_signature(
 def direct_launch() -> dict:
     """harness.quant.launch's own host time for a launch it sends straight to the compiled
     kernel, with `_matvec_kernel`'s arguments (26 positional, 19 by keyword) as a decode
-    product passes them, where there is no GPU: a JITFunction of that kernel's code whose
+    product passes them (by keyword, and bound once as `fused._matvec` does), where there is no GPU: a JITFunction of that kernel's code whose
     Triton launch gives back a compiled kernel whose launcher does nothing."""
     import triton
 
@@ -272,7 +272,19 @@ def direct_launch() -> dict:
         finally:
             launch.fast_path = False
 
-    return {"launch.launch, direct (matvec's arguments)": direct}
+    bound = launch.bind(kernel, **options)
+
+    def direct_bound():  # (as `fused._matvec` launches: its plan's keywords bound once)
+        launch.fast_path = True
+        try:
+            launch.launch(bound, (128, 1, 4), *args)
+        finally:
+            launch.fast_path = False
+
+    return {
+        "launch.launch, direct (matvec's arguments)": direct,
+        "launch.launch, direct, bound keywords (matvec's)": direct_bound,
+    }
 
 
 def triton_launch(calls: dict) -> dict:

@@ -1304,6 +1304,7 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
     from harness.quant import fused
+    from harness.quant import launch as launch_module
     from harness.quant.types import GGMLType
 
     class Adds(TorchDispatchMode):
@@ -1319,8 +1320,10 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
         launched, adds = [], Adds()
 
         def counted(kernel, *a, **kw):
-            if kernel in (fused._matvec_kernel, fused._int_x_kernel):
-                launched.append(kernel.__name__)
+            # (`_matvec` launches its kernel bound to its plan's keywords: `launch.bind`)
+            fn = kernel.kernel if isinstance(kernel, launch_module.Bound) else kernel
+            if fn in (fused._matvec_kernel, fused._int_x_kernel):
+                launched.append(fn.__name__)
             with _disable_current_modes():  # (the interpreter's copies of the arguments are no adds)
                 return original(kernel, *a, **kw)
 
@@ -3591,6 +3594,45 @@ def test_matvec_plans_are_kept_and_follow_a_setting_changed_in_place(monkeypatch
     assert again.options["BN"] == cfg["BN"] and again.grid[0] == 2 * plan.grid[0]
     monkeypatch.setattr(fused, "matvec_path", "vec")
     assert not fused._matvec_plan(*shape).int_read
+
+
+def test_matvec_launches_its_kernel_bound_to_the_plan_and_the_call_s_variant(monkeypatch):
+    """`_matvec` launches `_matvec_kernel` bound (`launch.bind`) to its plan's options and to
+    the call's residual, int_out and PDL keywords, one bound kernel a variant, kept in the plan:
+    a call of another variant never gets another's keywords."""
+    from harness.quant import fused
+    from harness.quant import launch as launch_module
+    from harness.quant.types import GGMLType
+
+    launched = []
+
+    def noted(kernel, grid, *args, **kwargs):
+        if isinstance(kernel, launch_module.Bound):
+            launched.append(kernel)
+
+    monkeypatch.setattr(fused, "launch", noted)  # (nothing runs: the arguments are noted)
+    monkeypatch.setattr(fused, "matvec_path", "int")
+    monkeypatch.setattr(fused, "int_x_path", "launch")
+    code, d, n = int(GGMLType.Q4_K), 256, 64
+    x, w = torch.randn(1, d), torch.zeros(n, d // 256 * 144, dtype=torch.uint8)
+    residual = torch.zeros(1, n)
+    for use_residual, use_pdl in (
+        (False, False),
+        (True, False),
+        (False, True),
+        (False, False),
+        (True, False),
+    ):
+        monkeypatch.setattr(
+            fused, "pdl_options", lambda device, on=use_pdl: fused._PDL_ON if on else fused._PDL_OFF
+        )
+        fused._product(x, w, None, code, n, None, 1, None, residual=residual if use_residual else None)
+        kwargs = launched[-1].kwargs
+        assert kwargs["RESIDUAL"] is use_residual and kwargs.get("PDL", False) is use_pdl
+        assert ("launch_pdl" in kwargs) is use_pdl and kwargs["INT_OUT"] is False
+        plan = fused._matvec_plan(code, d, n, 1, 1, False, False, False, x.device)
+        assert {k: kwargs[k] for k in plan.options} == plan.options
+    assert len({id(b) for b in launched}) == 3 and launched[3] is launched[0] and launched[4] is launched[1]
 
 
 def test_matvec_splits_follow_the_setting_key_of_the_product_kind(monkeypatch):

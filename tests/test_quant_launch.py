@@ -173,6 +173,25 @@ def test_no_direct_launch_where_the_fast_path_does_not_apply(kernel, monkeypatch
     assert len(kernel.triton_calls) == 10 and launch.cached_launches() == 1
 
 
+def test_a_bound_kernel_launches_as_the_kernel_with_its_keywords(kernel, monkeypatch):
+    """`launch(bind(kernel, **kw), grid, *args)` is `launch(kernel, grid, *args, **kw)`: one
+    cached launch for both; other keywords, or the same values of another type, go through
+    Triton again; a bound kernel takes no keywords of its own."""
+    a = torch.zeros(64)
+    launch.launch(launch.bind(kernel, B=4, num_warps=2), (1,), a, 32, 0.5)
+    launch.launch(kernel, (2,), a, 32, 0.5, B=4, num_warps=2)  # direct: the same kind
+    assert len(kernel.triton_calls) == 1 and launch.cached_launches() == 1
+    assert kernel.compiled[0].launches[0][9:] == (a, 32, 0.5, 4, 7)
+    for other in ({"B": 8, "num_warps": 2}, {"B": 4, "num_warps": 4}, {"B": 4.0, "num_warps": 2}, {"B": 4}):
+        launch.launch(launch.bind(kernel, **other), (1,), a, 32, 0.5)
+    assert len(kernel.triton_calls) == 5 and launch.cached_launches() == 5
+    with pytest.raises(TypeError):
+        launch.launch(launch.bind(kernel, B=4), (1,), a, 32, 0.5, num_warps=2)
+    monkeypatch.setattr(launch, "fast_path", False)  # Triton's launch, with the bound keywords
+    launch.launch(launch.bind(kernel, B=4, num_warps=2), (1,), a, 32, 0.5)
+    assert kernel.triton_calls[-1][2] == {"B": 4, "num_warps": 2}
+
+
 def test_the_fast_path_is_off_under_the_interpreter_and_on_known_triton_versions_only():
     if kernels.interpreting():
         assert not launch.fast_path

@@ -49,7 +49,7 @@ import torch
 
 from harness.errors import UsageError
 from harness.quant import dequant, kernels
-from harness.quant.launch import launch
+from harness.quant.launch import bind, launch
 from harness.quant.types import GGMLType, block_size, type_size
 
 triton, tl = kernels.triton, kernels.tl
@@ -2294,6 +2294,8 @@ class _MatvecPlan(NamedTuple):
     words: bool  # the blocks read as int32 words
     qtype: GGMLType
     options: dict  # the kernel's constexprs and launch options
+    # (residual, int_out, PDL) -> `_matvec_kernel` bound to `options` and those (`launch.bind`)
+    bound: dict
 
 
 def _matvec_plan(
@@ -2397,6 +2399,7 @@ def _planned(
         words=qtype == T.Q4_K or vec or int_read,
         qtype=qtype,
         options=options,
+        bound={},
     )
 
 
@@ -2585,11 +2588,18 @@ def _matvec(
                     prepared[form] = made
             x, xsum, xpow = made
         row_bytes = plan.row_bytes
-        launch(_matvec_kernel, plan.grid,
+        pdl_kw = pdl_options(device)
+        variant = (residual is not None, int_out is not None, pdl_kw is _PDL_ON)  # (one of two dicts)
+        kernel = plan.bound.get(variant)
+        if kernel is None:
+            kernel = plan.bound[variant] = bind(
+                _matvec_kernel, **plan.options, RESIDUAL=variant[0], INT_OUT=variant[1], **pdl_kw
+            )
+        # (`t.stride()[0]`: the same as `t.stride(0)`, a third faster)
+        launch(kernel, plan.grid,
             x, w, u, out, out if experts is None else experts, scale, lut, out_features, n_pairs, plan.n_super,
-            plan.chunk, row_bytes, out_features * row_bytes, x.stride(0), x_div, xsum, xpow, part, counters,
-            out.stride(0), out_div, res, res.stride(0), *h_int, **plan.options, RESIDUAL=residual is not None,
-            INT_OUT=int_out is not None, **pdl_options(device),
+            plan.chunk, row_bytes, out_features * row_bytes, x.stride()[0], x_div, xsum, xpow, part, counters,
+            out.stride()[0], out_div, res, res.stride()[0], *h_int,
         )  # fmt: skip
     return out
 

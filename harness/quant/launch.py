@@ -10,7 +10,9 @@ later ones call that kernel's launcher directly, as the end of `JITFunction.run`
 arguments in the kernel's parameter order, stream, launch metadata and hooks). What Triton
 specializes on is taken as a superset: a tensor's dtype and 16-byte alignment, an integer's
 value where it is 1 and else its divisibility by 16 and size class, a bool's value; so two
-calls that share a key always share Triton's compiled kernel.
+calls that share a key always share Triton's compiled kernel. (The keyword arguments stand in
+the key as a number per distinct set of them; `bind` works it out once for launches whose
+keywords are fixed.)
 
 The direct call applies only where it is known to end as Triton's own launch: Triton 3.6 to 3.9
 (read: both ends of that range), NVIDIA's backend (not ROCm, whose backend specializes on more),
@@ -61,7 +63,8 @@ fast_path = (
     and torch.version.hip is None
 )
 
-# (id of the kernel, device, specialization of the positional arguments, keyword arguments) ->
+# (id of the kernel, device, the keyword arguments' number (`_keywords_code`), the positional
+# arguments' count and specialization) ->
 # (the kernel, its compiled kernel, the parameters after the positional ones in order: keyword
 # values and defaults).
 _COMPILED: dict[tuple, tuple] = {}
@@ -137,10 +140,55 @@ def current_stream(device: int):
     return _DRIVER.active.get_current_stream(device)
 
 
+class Bound:
+    """A kernel with its keyword arguments bound (`bind`), for launches whose keywords are
+    fixed (a plan's constexprs and launch options): `launch(bound, grid, *args)` is
+    `launch(kernel, grid, *args, **kwargs)`, with the keywords' part of the key worked out
+    once, here, rather than at every launch."""
+
+    __slots__ = ("kernel", "kwargs", "code")
+
+    def __init__(self, kernel, kwargs: dict):
+        self.kernel = kernel
+        self.kwargs = kwargs
+        self.code = _keywords_code(kwargs)
+
+
+def bind(kernel, **kwargs) -> Bound:
+    """`kernel` with `kwargs` bound, to pass to `launch` in its place (see `Bound`)."""
+    return Bound(kernel, kwargs)
+
+
+# The keyword arguments of launches (their count, names, values and the values' types: True == 1
+# == 1.0, which Triton tells apart) -> a number that stands for them in `_COMPILED`'s keys, one
+# per distinct set, never reused.
+_KEYWORDS: dict[tuple, int] = {}
+
+
+def _keywords_code(kwargs: dict) -> int | None:
+    """The number standing for `kwargs` in the key (None for an unhashable value)."""
+    values = kwargs.values()
+    key = (len(kwargs), *kwargs, *values, *map(type, values))
+    try:
+        code = _KEYWORDS.get(key)
+    except TypeError:
+        return None
+    if code is None:
+        code = _KEYWORDS[key] = len(_KEYWORDS)
+    return code
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)`, with the per-call work of Triton skipped after the
-    first launch of the same kind (see the module's docstring)."""
-    if not fast_path or grid.__class__ is not tuple:
+    first launch of the same kind (see the module's docstring). `kernel` may be a `Bound`
+    (then with no `kwargs`: they are its own)."""
+    if kernel.__class__ is Bound:
+        if kwargs:
+            raise TypeError("launch: a Bound kernel takes its keyword arguments from `bind`")
+        code, kwargs, kernel = kernel.code, kernel.kwargs, kernel.kernel
+    else:
+        code = _keywords_code(kwargs) if fast_path else None
+    if not fast_path or grid.__class__ is not tuple or code is None:
         kernel[grid](*args, **kwargs)
         return
     key = _specialization(args)
@@ -148,15 +196,8 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     device = 0 if _one_device else _current_device()
-    # flat: the sizes first, so that equal keys split alike into the arguments' specialization,
-    # the keyword names, values and types (True == 1 == 1.0: Triton tells them apart)
-    values = kwargs.values()
-    key = (id(kernel), device, len(args), len(kwargs), *key, *kwargs, *values, *map(type, values))
-    try:
-        known = _COMPILED.get(key)
-    except TypeError:  # an unhashable keyword argument
-        kernel[grid](*args, **kwargs)
-        return
+    key = (id(kernel), device, code, len(args), *key)
+    known = _COMPILED.get(key)
     if known is None or known[0] is not kernel or kernel.pre_run_hooks:
         compiled = kernel[grid](*args, **kwargs)
         _remember(key, kernel, compiled, len(args), kwargs)
