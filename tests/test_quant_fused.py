@@ -3543,7 +3543,35 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
         ),
         ("embed_rows", 2, lambda: torch.ops.harness.embed_rows(*tensors(wq, torch.tensor([1])), q4, 256)),
         ("moe_ffn", 7, lambda: _moe_ffn_with_residual(tensors, q4)),
+        # ATTENTION_CONFIG "int_out": attention's output in `_int_x`'s form (8 heads of 32: a row
+        # of 256), and the output projection given it
+        (
+            "attention_int",
+            6,
+            lambda: torch.ops.harness.attention_int(
+                *tensors(
+                    torch.ones(1, 256 + 64),
+                    torch.zeros(1, 6, 32),
+                    torch.zeros(1, 6, 32),
+                    torch.ones(6, 16),
+                    torch.ones(6, 16),
+                    torch.tensor([2]),
+                ),
+                0,
+            ),
+        ),  # fmt: skip
+        (
+            "qmatmul",
+            5,
+            lambda: _qmatmul_given_int_form(tensors(torch.ones(1, 256), wq, *int_form), q4),
+        ),
     ]
+
+
+def _qmatmul_given_int_form(tensors: list[torch.Tensor], q4: int):
+    """`harness::qmatmul` of x, a Q4_K weight of 8 rows and x's int form (`tensors`)."""
+    x, w, *int_form = tensors
+    return torch.ops.harness.qmatmul(x, w, q4, 8, *int_form)
 
 
 def _qkv_given_int_form(tensors: list[torch.Tensor], q4: int, q8: int):
@@ -3593,11 +3621,12 @@ def test_moe_ffn_checks_its_residual_like_its_other_tensors(monkeypatch):
 
 
 def test_ops_check_the_int_form_of_x_they_are_given(monkeypatch):
-    """qkv and moe_ffn take x's int form (x_q, x_sums, x_scales: NORM_CONFIG "int_out") all three
-    or none; one of another dtype or shape is refused by name, one on another device with CUDA's
-    device error naming it (under the emulated CUDA, which applies CUDA's rule to the op's
-    schema), before anything runs. The norms that make it refuse x whose rows are no whole
-    super-blocks, x that is not float32, and a residual of another shape."""
+    """qkv, moe_ffn and qmatmul take x's int form (x_q, x_sums, x_scales: NORM_CONFIG's and
+    ATTENTION_CONFIG's "int_out") all three or none; one of another dtype or shape is refused by
+    name, one on another device with CUDA's device error naming it (under the emulated CUDA,
+    which applies CUDA's rule to the op's schema), before anything runs. The norms that make it
+    refuse x whose rows are no whole super-blocks, x that is not float32, and a residual of
+    another shape; attention_int an output whose rows are no whole super-blocks."""
     from harness.quant import fused, kernels  # noqa: F401  (registers the ops)
     from harness.quant.types import GGMLType
     from harness.trace.classify import is_device_error
@@ -3609,6 +3638,7 @@ def test_ops_check_the_int_form_of_x_they_are_given(monkeypatch):
     calls = {
         "harness::qkv": lambda *f: _qkv_given_int_form([torch.ones(1, 256), wq, wk, wk.clone(), *f], q4, q8),
         "harness::moe_ffn": lambda *f: torch.ops.harness.moe_ffn(*_moe_ffn_args()[:6], q4, q4, None, *f),
+        "harness::qmatmul": lambda *f: _qmatmul_given_int_form([torch.ones(1, 256), wq, *f], q4),
     }
     names = ("x_q", "x_sums", "x_scales")
     with EmulatedCuda():  # (CUDA's device rule applied to the op's schema, as the tracer records it)
@@ -3621,6 +3651,7 @@ def test_ops_check_the_int_form_of_x_they_are_given(monkeypatch):
                 lambda *f: torch.ops.harness.moe_ffn(
                     *(t.to("cuda") for t in _moe_ffn_args()[:6]), q4, q4, None, *f
                 ),
+                lambda *f: _qmatmul_given_int_form([torch.ones(1, 256).cuda(), wq.cuda(), *f], q4),
             ):
                 with pytest.raises(RuntimeError) as info:
                     call(*on_gpu[:i], form[i], *on_gpu[i + 1 :])
@@ -3644,6 +3675,14 @@ def test_ops_check_the_int_form_of_x_they_are_given(monkeypatch):
         torch.ops.harness.rms_norm_int(torch.ones(1, 256, dtype=torch.float64), torch.ones(256), 1e-5)
     with pytest.raises(ValueError, match=r"harness::add_rms_norm_int: residual must be float32 of x's shape"):
         torch.ops.harness.add_rms_norm_int(torch.ones(2, 256), torch.ones(256), torch.ones(256), 1e-5)
+    cache = torch.zeros(1, 6, 32)  # (4 heads of 32: rows of 128)
+    with pytest.raises(
+        ValueError,
+        match=r"harness::attention_int: the output's rows \(H\*Hd = 128\) must be a multiple of 256",
+    ):
+        torch.ops.harness.attention_int(
+            torch.ones(1, 128 + 64), cache, cache.clone(), *[torch.ones(6, 16)] * 2, None, 0
+        )
 
 
 def _moe_ffn_args() -> list[torch.Tensor]:
@@ -3694,6 +3733,16 @@ def test_fake_implementations_give_shapes_without_running():
             qkv, cache, torch.empty_like(cache), torch.empty(32, 4), torch.empty(32, 4), None, 3
         )
         assert out.shape == (5, 64) and out.dtype == torch.float32
+        wide_cache = torch.empty(2, 32, 64)  # (x as qkv: 4 heads of 64, 2 KV heads)
+        out, *form = torch.ops.harness.attention_int(
+            x, wide_cache, torch.empty_like(wide_cache), torch.empty(32, 32), torch.empty(32, 32), None, 3
+        )
+        assert (out.shape, out.dtype) == ((5, 256), torch.float32)
+        assert [(t.shape, t.dtype) for t in form] == [
+            ((5, 256), torch.int16), ((5, 16), torch.float32), ((5, 8), torch.float32)
+        ]  # fmt: skip
+        given = torch.ops.harness.qmatmul(out, torch.empty(7, 144, dtype=torch.uint8), 12, 7, *form)
+        assert given.shape == (5, 7) and given.dtype == torch.float32
         total, normed = torch.ops.harness.add_rms_norm(x, x, torch.empty(512), 1e-5)
         assert total.shape == normed.shape == (5, 512)
         normed, *form = torch.ops.harness.rms_norm_int(x, torch.empty(512), 1e-5)
