@@ -27,8 +27,11 @@ fusions on ("fused", new) and off ("unfused", old), Q4_K and packed Q6_K downs, 
 `harness::attention` at decode shapes (Mixtral's 32 heads, 8 KV heads, head dim 128; 1 and 8
 tokens; at device positions over 640- and 4096-position caches as the decode graph calls it,
 and in the start form): its Triton kernels ("triton", new) against their form with the rope in
-a launch of its own ("triton rope launch", old) and against the torch path ("torch", old),
-timed in a CUDA graph like the rest, and also eager (`eager_ms`, host launch costs included, as
+a launch of its own ("triton rope launch", old) and against the torch path ("torch", old), and
+at device positions `harness::attention_int` ("triton int_out", new: ATTENTION_CONFIG "int_out",
+the output's `_int_x` form stored by the attention launch) against attention and an `_int_x`
+launch after it ("triton, then _int_x", old: what the decode graph runs without it), timed in a
+CUDA graph like the rest, and also eager (`eager_ms`, host launch costs included, as
 a traced decode runs); its bytes are the cache it must read.
 They come last; `--attention-only` times only these (`--sweep-attention` adds the kernels'
 launch settings):
@@ -647,7 +650,10 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
     """`harness::attention` per ATTENTION_CALLS: the Triton kernels (default settings, "triton")
     against their two-launch form ("triton two launches", fused.ATTENTION_TWO_LAUNCHES: the
     splits merged by a launch after, query tiles of at least 16 rows, 64-key splits), against their form with the rope in a launch of its own ("triton rope launch",
-    ATTENTION_CONFIG["fold_rope"] off) and against the torch path, each pair timed in a CUDA
+    ATTENTION_CONFIG["fold_rope"] off) and against the torch path, and at device positions (the
+    decode graph's form) `harness::attention_int` (ATTENTION_CONFIG "int_out": the output's
+    `_int_x` form stored by the attention launch) against attention with an `_int_x` launch
+    after it ("triton, then _int_x"), each pair timed in a CUDA
     graph (a row each) and eagerly (in the comparison); with `sweep`, the kernels under each of
     ATTENTION_SWEEP's launch settings too (rows only)."""
     from harness.model.mixtral import rope_tables
@@ -682,15 +688,30 @@ def attention_rows(dev: torch.device, row, comparisons: list, save, sweep: bool 
                 fused.attention_path = before[0]
                 fused.ATTENTION_CONFIG.update(before[1])
 
+        def with_int_form(int_out: bool, qkv=qkv, positions=positions, start=start, tables=tables[s_max]):
+            """The output and its `_int_x` form: from `harness::attention_int` (ATTENTION_CONFIG
+            "int_out": the attention launch stores it), or an `_int_x` launch after attention."""
+            args = (qkv, tables[2], tables[3], tables[0], tables[1], positions, start)
+            if int_out:
+                return torch.ops.harness.attention_int(*args)
+            out = torch.ops.harness.attention(*args)
+            return out, *fused._int_x(out)
+
         new = call
         old = functools.partial(call, config={"fold_rope": False})
         two_launches = functools.partial(call, config=fused.ATTENTION_TWO_LAUNCHES)
         torch_path = functools.partial(call, "torch")
-        for ways in (
+        compared = [
             {"triton": new, "triton two launches": two_launches},
             {"triton": new, "triton rope launch": old},
             {"triton": new, "torch": torch_path},
-        ):
+        ]
+        if at_device:  # the decode graph's form with and without ATTENTION_CONFIG "int_out"
+            with_int = functools.partial(with_int_form, True)
+            compared.append(
+                {"triton int_out": with_int, "triton, then _int_x": functools.partial(with_int_form, False)}
+            )
+        for ways in compared:
             compared_paths(name, ways, nbytes, flops, row, comparisons, save, eager=True)
         if sweep:
             reference = new()  # the kernels at the default settings

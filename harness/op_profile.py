@@ -168,7 +168,7 @@ def _describe(name: str, shapes: list, values: list) -> Call:
     ):
         at = 1 if name.startswith("harness::rms_norm") else 2
         return Call(f"[{_shape(shape(0))}]", 4 * _numel(shape(at)), "norm weight (float32)")
-    if name == "harness::attention" and n >= 7:
+    if name in ("harness::attention", "harness::attention_int") and n >= 7:
         qkv, cache = shape(0), shape(1)
         if len(cache) == 3 and len(qkv) == 2:
             n_kv, s_max, hd = cache

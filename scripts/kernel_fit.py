@@ -169,6 +169,9 @@ def record(groups: list[str]) -> list[dict]:
                         for start in (0, 511, 4000 - t):
                             ops.attention(qkv, cache_k, cache_v, cos, sin, None, start)
                             ops.attention(qkv, cache_k, cache_v, cos, sin, torch.arange(start, start + t), 0)
+                            if group == "decode":  # ATTENTION_CONFIG "int_out": the output's int form too
+                                at = torch.arange(start, start + t)
+                                ops.attention_int(qkv, cache_k, cache_v, cos, sin, at, 0)
     return list(launches.values())
 
 

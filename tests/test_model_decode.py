@@ -197,7 +197,7 @@ def test_a_fused_decode_step_is_seven_ops_a_layer(tiny_path):
         ]
 
 
-_INTERPRETED_NORM_INT = """
+_INTERPRETED_INT_FORMS = """
 import json, sys, torch
 from harness.model.mixtral import Mixtral
 from harness.quant import fused
@@ -206,31 +206,47 @@ model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
 fused.int_x_path = "launch"  # x quantized by a launch of its own, as in the decode graph
 original = fused.launch
 
-def run(on):
+def switched(attention, norms):  # ATTENTION_CONFIG's and NORM_CONFIG's "int_out"
+    fused.ATTENTION_CONFIG["int_out"], fused.NORM_CONFIG["int_out"] = attention, norms
+
+def run(attention, norms):
     launched = []
     def counted(kernel, *args, **kwargs):
         launched.append(kernel.__name__ + (" INT_OUT" if kwargs.get("INT_OUT") else ""))
         return original(kernel, *args, **kwargs)
-    fused.launch, fused.NORM_CONFIG["int_out"] = counted, on
+    fused.launch = counted
+    switched(attention, norms)
     try:
         model.reset()
         with torch.inference_mode():  # a prefill of 3 tokens (6 pairs: decode-sized), two steps
             logits = [model(torch.tensor([3, 9, 27]), 0), model(torch.tensor([5]), torch.tensor([3])),
                       model(torch.tensor([7]), 4)]
     finally:
-        fused.launch, fused.NORM_CONFIG["int_out"] = original, False
+        fused.launch = original
+        switched(False, False)
     return [l.view(torch.int32).tolist() for l in logits], launched
 
-off, on = run(False), run(True)
-fused.NORM_CONFIG["int_out"] = True
-with torch.inference_mode(), Tracer(model, keep_events=True) as tracer:
-    model(torch.tensor([11]), 5)
-fused.NORM_CONFIG["int_out"] = False
-ops = [[e.module, e.op, [t.dtype for t in e.inputs], [t.dtype for t in e.outputs]]
-       for e in tracer.events if e.module and e.module.startswith("layers.1")]
-print(json.dumps({"off": off, "on": on, "layers": len(model.layers), "verdict": tracer.summary.verdict,
-                  "ops": ops}))
+def traced(attention, norms):  # layer 1's ops in a step
+    switched(attention, norms)
+    with torch.inference_mode(), Tracer(model, keep_events=True) as tracer:
+        model(torch.tensor([11]), 5)
+    switched(False, False)
+    ops = [[e.module, e.op, [t.dtype for t in e.inputs], [t.dtype for t in e.outputs]]
+           for e in tracer.events if e.module and e.module.startswith("layers.1")]
+    return {"verdict": tracer.summary.verdict, "ops": ops}
+
+runs = {f"{a} {n}": run(a, n) for a in (False, True) for n in (False, True)}
+print(json.dumps({"runs": runs, "layers": len(model.layers), "norms": traced(False, True),
+                  "attention": traced(True, False)}))
 """
+
+
+@pytest.fixture(scope="module")
+def int_forms_run(tiny_path) -> dict:
+    """`_INTERPRETED_INT_FORMS`' results (under Triton's interpreter: run once for the tests of
+    NORM_CONFIG's and ATTENTION_CONFIG's "int_out"): logits and launches of 3 calls with each
+    switch off and on ("attention norms"), and layer 1's traced ops with each alone on."""
+    return json.loads(_interpreted(_INTERPRETED_INT_FORMS, tiny_path))
 
 
 def _after_norms(launches: list[str]) -> list[str]:
@@ -244,15 +260,18 @@ def _after_norms(launches: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_norms_int_form_leaves_the_logits_and_drops_the_int_x_launches_on_norm_outputs(tiny_path):
+def test_norms_int_form_leaves_the_logits_and_drops_the_int_x_launches_on_norm_outputs(int_forms_run):
     """NORM_CONFIG "int_out" on the tiny Q4_K_M model under Triton's interpreter, x quantized by a
     launch (`int_x_path` "launch", as in the decode graph): a prefill of 3 tokens and two steps
     give the logits they give without it, bit for bit; every norm but the last (the head's) makes
     x's int form (INT_OUT), the ops after them take it, so that no `_int_x` launch reads a norm's
     output (without it each layer's two norms are each followed by one) and two a layer a call
     are gone; a tracer sees the int form as the norms' outputs and the ops' inputs, clean."""
-    got = json.loads(_interpreted(_INTERPRETED_NORM_INT, tiny_path))
-    (off_logits, off_launches), (on_logits, on_launches) = got["off"], got["on"]
+    got = int_forms_run
+    (off_logits, off_launches), (on_logits, on_launches) = (
+        got["runs"]["False False"],
+        got["runs"]["False True"],
+    )
     assert on_logits == off_logits
     layers, calls = got["layers"], 3
     norms = 2 * layers * calls  # (the head's norm aside)
@@ -261,9 +280,9 @@ def test_norms_int_form_leaves_the_logits_and_drops_the_int_x_launches_on_norm_o
     assert "_rms_norm_kernel INT_OUT" not in off_launches
     assert _after_norms(off_launches).count("_int_x_kernel") == norms
     assert "_int_x_kernel" not in _after_norms(on_launches)
-    assert got["verdict"] == "clean"
+    assert got["norms"]["verdict"] == "clean"
     form = ["int16", "float32", "float32"]
-    assert got["ops"] == [
+    assert got["norms"]["ops"] == [
         ["layers.1.attn_norm", "harness.rms_norm_int.default", ["float32"] * 2, ["float32", *form]],
         ["layers.1.attn", "harness.qkv.default", ["float32", "uint8", "uint8", "uint8", *form], ["float32"]],
         ["layers.1.attn", "harness.attention.default", ["float32"] * 5, ["float32"]],
@@ -274,6 +293,54 @@ def test_norms_int_form_leaves_the_logits_and_drops_the_int_x_launches_on_norm_o
             "layers.1.moe.experts",
             "harness.moe_ffn.default",
             ["float32", "uint8", "uint8", "uint8", "float32", "int64", "float32", *form],
+            ["float32"],
+        ],
+    ]
+
+
+def _after_attention(launches: list[str]) -> list[str]:
+    """The launch after each attention op's launches (`_attention_kernel`, its merge launch): what
+    reads attention's output."""
+    return [
+        after
+        for name, after in zip(launches, [*launches[1:], ""], strict=True)
+        if name.startswith("_attention") and not after.startswith("_attention")
+    ]
+
+
+@pytest.mark.slow
+def test_attention_int_form_leaves_the_logits_and_drops_the_int_x_launch_after_attention(int_forms_run):
+    """ATTENTION_CONFIG "int_out" on the tiny Q4_K_M model (head dim 64, a Q4_K output projection)
+    under Triton's interpreter, x quantized by a launch (as in the decode graph), with the norms'
+    int form off and on: a prefill of 3 tokens and two steps give the logits they give without
+    it, bit for bit; the attention launch stores its output's int form (INT_OUT), so that no
+    `_int_x` launch follows an attention op (without it one follows each) and one a layer a call
+    is gone; a tracer sees the form as `harness::attention_int`'s outputs and the output
+    projection's inputs, clean."""
+    got = int_forms_run
+    runs, attentions = got["runs"], got["layers"] * 3
+    for norms in ("False", "True"):
+        (off_logits, off_launches), (on_logits, on_launches) = runs[f"False {norms}"], runs[f"True {norms}"]
+        assert on_logits == off_logits, norms
+        assert off_launches.count("_int_x_kernel") - on_launches.count("_int_x_kernel") == attentions
+        assert on_launches.count("_attention_kernel INT_OUT") == attentions
+        assert not any(n.endswith("INT_OUT") and n.startswith("_attention") for n in off_launches)
+        assert _after_attention(off_launches) == ["_int_x_kernel"] * attentions
+        assert _after_attention(on_launches) == ["_matvec_kernel"] * attentions
+    assert runs["False False"][0] == runs["True True"][0]
+    assert got["attention"]["verdict"] == "clean"
+    form = ["int16", "float32", "float32"]
+    assert got["attention"]["ops"] == [
+        ["layers.1.attn_norm", "harness.rms_norm.default", ["float32"] * 2, ["float32"]],
+        ["layers.1.attn", "harness.qkv.default", ["float32", "uint8", "uint8", "uint8"], ["float32"]],
+        ["layers.1.attn", "harness.attention_int.default", ["float32"] * 5, ["float32", *form]],
+        ["layers.1.attn.wo", "harness.qmatmul.default", ["float32", "uint8", *form], ["float32"]],
+        ["layers.1.ffn_norm", "harness.add_rms_norm.default", ["float32"] * 3, ["float32"] * 2],
+        ["layers.1.moe.router", "harness.router_topk.default", ["float32"] * 2, ["float32", "int64"]],
+        [
+            "layers.1.moe.experts",
+            "harness.moe_ffn.default",
+            ["float32", "uint8", "uint8", "uint8", "float32", "int64", "float32"],
             ["float32"],
         ],
     ]
@@ -342,6 +409,16 @@ def test_cuda_decode_with_programmatic_dependent_launch_is_bit_identical(tiny_pa
     assert tokens[True].tolist() == tokens[False].tolist() == logits[True][1:].argmax(-1).tolist()
 
 
+def _eager_steps(model: Mixtral, prompt: torch.Tensor) -> torch.Tensor:
+    """The last logits of the prompt (a prefill at 0) and of 6 greedy eager steps after it, stacked."""
+    with torch.inference_mode():
+        model.reset()
+        steps = [model(prompt, 0)[-1]]
+        for pos in range(len(prompt), len(prompt) + 6):
+            steps.append(model(steps[-1].argmax().view(1), pos)[-1])
+    return torch.stack(steps)
+
+
 @pytest.mark.cuda(real=True)
 def test_cuda_norms_int_form_decodes_the_same_logits_eager_and_in_a_graph(tiny_path, monkeypatch):
     """NORM_CONFIG "int_out" on the GPU: eager steps with x quantized by a launch (`int_x_path`
@@ -355,12 +432,7 @@ def test_cuda_norms_int_form_decodes_the_same_logits_eager_and_in_a_graph(tiny_p
     monkeypatch.setattr(fused, "int_x_path", "launch")
     for on in (False, True):
         monkeypatch.setitem(fused.NORM_CONFIG, "int_out", on)
-        with torch.inference_mode():
-            model.reset()
-            steps = [model(prompt, 0)[-1]]
-            for pos in range(5, 11):
-                steps.append(model(steps[-1].argmax().view(1), pos)[-1])
-        logits[on] = torch.stack(steps)
+        logits[on] = _eager_steps(model, prompt)
     assert torch.equal(logits[True].view(torch.int32), logits[False].view(torch.int32))
     monkeypatch.setattr(fused, "int_x_path", "auto")  # ("launch" in the graph's step)
     monkeypatch.setitem(fused.NORM_CONFIG, "int_out", True)
@@ -370,3 +442,34 @@ def test_cuda_norms_int_form_decodes_the_same_logits_eager_and_in_a_graph(tiny_p
         graphed = greedy_decode(model, logits[False][0].argmax().view(1), 5, 6, fast=True)
     assert model.decode_graph is not None
     assert graphed.tolist() == logits[False][1:].argmax(-1).tolist()
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_attention_int_form_decodes_the_same_logits_eager_and_in_a_graph(tiny_path, monkeypatch):
+    """ATTENTION_CONFIG "int_out" on the GPU, with NORM_CONFIG "int_out" off and on: eager steps
+    with x quantized by a launch (`int_x_path` "launch") give the logits they give without it, bit
+    for bit, and a CUDA graph captured with both on (PDL as the device allows) decodes the tokens
+    eager steps without them decode."""
+    from harness.quant import fused
+
+    prompt = torch.tensor([3, 17, 99, 250, 7], device="cuda")
+    model = Mixtral.from_gguf(tiny_path, device="cuda", max_seq_len=32)
+    logits = {}
+    monkeypatch.setattr(fused, "int_x_path", "launch")
+    for attention in (False, True):
+        for norms in (False, True):
+            monkeypatch.setitem(fused.ATTENTION_CONFIG, "int_out", attention)
+            monkeypatch.setitem(fused.NORM_CONFIG, "int_out", norms)
+            logits[attention, norms] = _eager_steps(model, prompt).view(torch.int32)
+    for norms in (False, True):
+        assert torch.equal(logits[True, norms], logits[False, norms]), norms
+    monkeypatch.setattr(fused, "int_x_path", "auto")  # ("launch" in the graph's step)
+    monkeypatch.setitem(fused.ATTENTION_CONFIG, "int_out", True)
+    monkeypatch.setitem(fused.NORM_CONFIG, "int_out", True)
+    with torch.inference_mode():
+        model.reset()
+        model(prompt, 0)
+        first = logits[False, False][0].view(torch.float32).argmax().view(1)
+        graphed = greedy_decode(model, first, 5, 6, fast=True)
+    assert model.decode_graph is not None
+    assert graphed.tolist() == logits[False, False][1:].view(torch.float32).argmax(-1).tolist()

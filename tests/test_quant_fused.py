@@ -1544,6 +1544,162 @@ def _norm_int_cases(device: str, small: bool, rng: np.random.Generator) -> list[
     return results
 
 
+# Attention's int form (ATTENTION_CONFIG "int_out", `harness::attention_int`): (tokens, group, KV
+# heads, head dim, cache length, first position, positions form). Groups 1, 4, 8; head dims 64,
+# 128 and 96 (a tile of 128 whose last block lies past the head); 11 keys (one split on any
+# device) and more (several: on the CPU 4 programs wanted, on a GPU Mixtral's 640-key cache); 1
+# to 8 tokens (up to 32 query rows: past "fold_merge_rows" 8 the merge launch). Head dim 48
+# (blocks straddle heads: the kernels store no int form) and 9 tokens (the torch path): an
+# `_int_x` launch in the op.
+ATTENTION_INT_SHAPES_SMALL = [
+    (1, 4, 2, 128, 64, 10, False), (1, 4, 2, 128, 640, 512, True), (3, 1, 4, 64, 100, 62, True),
+    (2, 8, 1, 64, 66, 63, True), (8, 4, 1, 64, 70, 62, True), (1, 8, 1, 96, 64, 40, False),
+    (5, 1, 2, 128, 65, 60, False), (1, 16, 1, 48, 40, 20, False), (9, 4, 1, 64, 40, 3, False),
+]  # fmt: skip
+ATTENTION_INT_SHAPES_FULL = [
+    (1, 4, 8, 128, 640, 512, True), (1, 4, 8, 128, 640, 639, True), (1, 4, 8, 128, 48, 10, False),
+    (4, 4, 8, 128, 640, 600, True), (8, 4, 8, 128, 640, 600, True), (2, 8, 4, 64, 4096, 1000, False),
+    (3, 1, 8, 64, 333, 100, True), (1, 8, 1, 96, 512, 300, False), (1, 16, 1, 48, 100, 20, False),
+    (9, 4, 8, 128, 640, 3, False),
+]  # fmt: skip
+# Under each: the default's splits (the GPU's) or short ones (the CPU's few programs wanted split
+# small caches too), merged in the launch (every tile) or by the merge launch.
+ATTENTION_INT_CONFIGS = {
+    "one launch": {"split_min_keys": 16, "fold_merge_rows": 32},
+    "default": {},
+    "two launches": {"split_min_keys": 16},  # over fused.ATTENTION_TWO_LAUNCHES
+}
+ATTENTION_INT_PROJECTIONS = (("Q4_K", 0), ("Q5_K", 2))  # (type, shape index): qmatmul given the form
+
+
+def attention_int_case_count(small: bool) -> int:
+    shapes = ATTENTION_INT_SHAPES_SMALL if small else ATTENTION_INT_SHAPES_FULL
+    return len(shapes) * len(ATTENTION_INT_CONFIGS) + len(ATTENTION_INT_PROJECTIONS)
+
+
+def _attention_int_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """`harness::attention_int` against `harness::attention` at ATTENTION_INT_SHAPES_* under each of
+    ATTENTION_INT_CONFIGS: its output and cache writes the same bits, its int form `_int_x` of its
+    output bit for bit; the kernels it launched (`INT_OUT` marked; `_int_x_kernel` none where the
+    kernels store the form) and the split count. Then `harness::qmatmul` (Q4_K, Q5_K) of an
+    output given its int form against the call without it (`int_x_path` "launch", as in the
+    decode graph): the same bits, the same launches less x's `_int_x`."""
+    from harness.model.mixtral import rope_tables
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    launched, original = [], fused.launch
+
+    def counted(kernel, *a, **kw):
+        launched.append(kernel.__name__ + (" INT_OUT" if kw.get("INT_OUT") else ""))
+        return original(kernel, *a, **kw)
+
+    def run(op, *args):
+        launched.clear()
+        fused.launch = counted
+        try:
+            return op(*args), list(launched)
+        finally:
+            fused.launch = original
+
+    results, outputs = [], []
+    for t, group, n_kv, hd, s_max, start, at_device in (
+        ATTENTION_INT_SHAPES_SMALL if small else ATTENTION_INT_SHAPES_FULL
+    ):
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+        cos, sin = (x.to(device) for x in rope_tables(hd, 10000.0, s_max, torch.device("cpu")))
+        qkv = torch.randn(t, (group + 2) * n_kv * hd, generator=gen)
+        qkv[0, 5 * 32 : 6 * 32] *= 1e-30  # a block of tiny values; zeros where the queries see nothing
+        cache = torch.randn(2, n_kv, s_max, hd, generator=gen)
+        cache[1, :, :, 32:64] = 0.0  # (values: a block of zero outputs)
+        if at_device:
+            cache[:, :, start + t :] = 1e4
+        qkv, cache = qkv.to(device), cache.to(device)
+        positions = torch.arange(start, start + t, device=device) if at_device else None
+        form = "device positions" if at_device else "start position"
+        for label, config in ATTENTION_INT_CONFIGS.items():
+            if label == "two launches":
+                config = {**fused.ATTENTION_TWO_LAUNCHES, **config}
+            with _attention_kernels("triton", config):
+                plain_cache, int_cache = cache.clone(), cache.clone()
+                plain = torch.ops.harness.attention(qkv, *plain_cache, cos, sin, positions, start)
+                (out, *got), launches = run(
+                    torch.ops.harness.attention_int, qkv, *int_cache, cos, sin, positions, start
+                )
+                kernels = fused.attention_takes_kernels(qkv, *cache, cos, sin, positions)
+                splits = fused.attention_splits(s_max if at_device else start + t, n_kv, cache.device)[0]
+                tile = max(int(fused.ATTENTION_CONFIG["min_rows"]), 1 << (group * t - 1).bit_length())
+            want = [x.clone() for x in fused._int_x(out)]  # (`_int_x`'s scratch: copied)
+            got = [got[0].view(torch.int32), *got[1:]]
+            same = {
+                "same_out": _same_bits_exactly(out, plain), "same_caches": _same_bits_exactly(int_cache, plain_cache),
+                "same_form": all(_same_bits_exactly(a, b) for a, b in zip(got, want, strict=True)),
+            }  # fmt: skip
+            results.append({
+                "case": f"attention_int {label} T={t} group {group} K={n_kv} Hd={hd} S_max={s_max} at {start} {form}",
+                "nmse": 0.0, "exact": all(same.values()), **same, "hd": hd, "tile": tile, "kernels": kernels,
+                "splits": splits, "launches": launches,
+            })  # fmt: skip
+            if label == "default":
+                outputs.append((out, got))
+    before = fused.matvec_path, fused.int_x_path
+    fused.matvec_path, fused.int_x_path = "int", "launch"
+    try:
+        for name, at in ATTENTION_INT_PROJECTIONS:
+            qtype = GGMLType[name]
+            out, (x_q, *rest) = outputs[at]
+            raw, code = _prepared(_random_weight(qtype, 40, out.shape[1], rng), qtype, out.shape[1], "gguf")
+            raw = raw.to(device)
+            old, old_launches = run(torch.ops.harness.qmatmul, out, raw, code, 40)
+            new, new_launches = run(
+                torch.ops.harness.qmatmul, out, raw, code, 40, x_q.view(torch.int16), *rest
+            )
+            launches_ok = old_launches[0] == "_int_x_kernel" and new_launches == old_launches[1:]
+            results.append({
+                "case": f"qmatmul {name} [40, {out.shape[1]}] given attention_int's form T={out.shape[0]}",
+                "nmse": 0.0, "exact": _same_bits_exactly(old, new) and launches_ok,
+                "launches": [old_launches, new_launches],
+            })  # fmt: skip
+    finally:
+        fused.matvec_path, fused.int_x_path = before
+    return results
+
+
+def _check_attention_int(results: list[dict], small: bool) -> None:
+    """Every case the same bits; the kernels' launch that writes the output (the attention launch
+    unsplit or merging, else the merge launch) stores the int form (INT_OUT) with no `_int_x`
+    launch, where head dims are a multiple of 32 and the attention launch's query tile is at
+    most "int_out_rows" rows; elsewhere one `_int_x` launch, last; one split and several among the
+    cases, each way of writing the output among them."""
+    from harness.quant import fused
+
+    most = fused.ATTENTION_CONFIG["int_out_rows"]
+    assert len(results) == attention_int_case_count(small)
+    bad = [r for r in results if r["exact"] is not True]
+    assert not bad, bad
+    ways = set()
+    for r in results:
+        if "kernels" not in r:
+            continue
+        launches = r["launches"]
+        writers = [n for n in launches if n.endswith(" INT_OUT")]
+        if r["kernels"] and r["hd"] % 32 == 0 and writers:
+            assert "_int_x_kernel" not in launches and len(writers) == 1, r
+            ways.add((writers[0], r["splits"] > 1))
+        elif r["kernels"] and r["hd"] % 32 == 0:  # a tile past "int_out_rows"
+            assert r["tile"] > most and launches == ["_attention_kernel", "_int_x_kernel"], r
+            ways.add(("_int_x_kernel after a large tile", r["splits"] > 1))
+        else:
+            assert launches.count("_int_x_kernel") == 1, r
+            assert not any(n.endswith(" INT_OUT") for n in launches), r
+    assert {
+        ("_attention_kernel INT_OUT", False),
+        ("_attention_kernel INT_OUT", True),
+        ("_attention_merge_kernel INT_OUT", True),
+        ("_int_x_kernel after a large tile", True),
+    } <= ways, ways
+
+
 # `fused.int_x_path` "kernel" against "launch", bit for bit: (type, layout, row length small,
 # on a GPU, rows). Row lengths of two or more super-blocks, so that products split them.
 INT_X_WEIGHTS = (
@@ -2445,6 +2601,16 @@ def test_interpreter_norm_int_form_is_int_x_of_its_output_and_the_ops_take_it():
     _check_norm_int(_interpreted_cases("NORM_INT"), small=True)
 
 
+@pytest.mark.slow
+def test_interpreter_attention_int_form_is_int_x_of_its_output_and_qmatmul_takes_it():
+    """Attention's `_int_x` form (ATTENTION_CONFIG "int_out", `harness::attention_int`) under
+    Triton's interpreter (a subprocess): `_attention_int_cases`, every one the same bits (the
+    output and caches as `harness::attention`'s, the form as `_int_x` of the output, qmatmul
+    given it and not), stored by the launch that writes the output (one launch unsplit or
+    merging, the merge launch), no `_int_x` launch where the kernels store it."""
+    _check_attention_int(_interpreted_cases("ATTENTION_INT"), small=True)
+
+
 def _check_norm_int(results: list[dict], small: bool) -> None:
     assert len(results) == norm_int_case_count(small)
     bad = [r for r in results if r["exact"] is not True]
@@ -2750,6 +2916,44 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
             for rope in (True, False)
         ),
         (fused._attention_merge_kernel, {"BM": 16, "BD": 128, "BP": 16}, {"num_warps": cfg["merge_warps"]}),
+        # ATTENTION_CONFIG "int_out": the program that writes the rows stores them in `_int_x`'s
+        # form too: the one-launch merge at the rows it takes ("fold_merge_rows" 8: a token's 4, 2
+        # tokens' 8, loading 20 splits as the decode graph does), unsplit, and the merge launch
+        *(
+            (
+                fused._attention_kernel,
+                {
+                    "BT": 16,
+                    "BD": 128,
+                    "BS": cfg["BS"],
+                    "ROPE": True,
+                    "PTX": True,
+                    "DOT": cfg["dot"],
+                    "FROM_START": False,
+                    "INT_OUT": True,
+                    **form,
+                },
+                {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+            )
+            for form in (
+                *(
+                    {
+                        "BM": bm,
+                        "TT": bm // 4,
+                        "SPLIT": True,
+                        "MERGE": True,
+                        "MC": fused.attention_merge_splits(20, bm, 128, cfg["num_warps"]),
+                    }
+                    for bm in (4, 8)
+                ),
+                {"BM": 4, "TT": 1, "SPLIT": False},
+            )
+        ),
+        (
+            fused._attention_merge_kernel,
+            {"BM": 16, "BD": 128, "BP": 16, "INT_OUT": True},
+            {"num_warps": cfg["merge_warps"]},
+        ),
         *((fused._vec_x_kernel, {"QT": qt, "PEAK_BLOCK": 4096}, {"num_warps": 4}) for qt in (8, 12, 14)),
         *((fused._rms_norm_kernel, {"BD": 4096, "ADD": add}, {"num_warps": 8}) for add in (False, True)),
         # NORM_CONFIG "int_out": the row also in `_int_x`'s form (Mixtral's 4096, and 5120: a tail)
@@ -2767,7 +2971,8 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         pointers = [n for n in names if n.endswith("_ptr") or n.startswith(("cache_", "part_", "q_out"))]
         signature = {
             n: "constexpr" if n in consts else "*i64" if n == "pos_ptr" else "*i32" if n == "counter_ptr"
-            else "*i16" if (kernel, n) == (fused._rms_norm_kernel, "q_ptr") else "*fp32" if n in pointers
+            else "*i16" if (kernel, n) == (fused._rms_norm_kernel, "q_ptr") or n == "xq_ptr"
+            else "*fp32" if n in pointers
             else scalars.get(n, "i32")
             for n in names
         }  # fmt: skip
@@ -2780,9 +2985,14 @@ def test_decode_kernels_compile_for_sm_90_without_a_gpu():
         _check_waits_first(compiled.asm["ptx"], (kernel.__name__, consts))
         if consts.get("INT_OUT"):
             # the normed row's last product rounded on its own (`_int_x_blocks`' sums never fuse
-            # it into an FMA: the int form is `_int_x` of the float row), no register spills
-            assert "mul.rn.f32" in compiled.asm["ptx"], consts
-            assert not re.search(r"\b(LDL|STL)\b", _cuobjdump(compiled.asm["cubin"])), consts
+            # it into an FMA: the int form is `_int_x` of the float row; attention's rows are
+            # divisions, never fused), no register spills
+            if kernel is fused._rms_norm_kernel:
+                assert "mul.rn.f32" in compiled.asm["ptx"], consts
+            assert not re.search(r"\b(LDL|STL)\b", _cuobjdump(compiled.asm["cubin"])), (
+                kernel.__name__,
+                consts,
+            )
         if consts.get("ROPE"):
             # the rope's products rounded one by one (never fused into an FMA: the cache write
             # is the torch path's bit for bit) in a launch that leaves fp fusion on
@@ -3336,7 +3546,35 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
         ),
         ("embed_rows", 2, lambda: torch.ops.harness.embed_rows(*tensors(wq, torch.tensor([1])), q4, 256)),
         ("moe_ffn", 7, lambda: _moe_ffn_with_residual(tensors, q4)),
+        # ATTENTION_CONFIG "int_out": attention's output in `_int_x`'s form (8 heads of 32: a row
+        # of 256), and the output projection given it
+        (
+            "attention_int",
+            6,
+            lambda: torch.ops.harness.attention_int(
+                *tensors(
+                    torch.ones(1, 256 + 64),
+                    torch.zeros(1, 6, 32),
+                    torch.zeros(1, 6, 32),
+                    torch.ones(6, 16),
+                    torch.ones(6, 16),
+                    torch.tensor([2]),
+                ),
+                0,
+            ),
+        ),  # fmt: skip
+        (
+            "qmatmul",
+            5,
+            lambda: _qmatmul_given_int_form(tensors(torch.ones(1, 256), wq, *int_form), q4),
+        ),
     ]
+
+
+def _qmatmul_given_int_form(tensors: list[torch.Tensor], q4: int):
+    """`harness::qmatmul` of x, a Q4_K weight of 8 rows and x's int form (`tensors`)."""
+    x, w, *int_form = tensors
+    return torch.ops.harness.qmatmul(x, w, q4, 8, *int_form)
 
 
 def _qkv_given_int_form(tensors: list[torch.Tensor], q4: int, q8: int):
@@ -3386,11 +3624,12 @@ def test_moe_ffn_checks_its_residual_like_its_other_tensors(monkeypatch):
 
 
 def test_ops_check_the_int_form_of_x_they_are_given(monkeypatch):
-    """qkv and moe_ffn take x's int form (x_q, x_sums, x_scales: NORM_CONFIG "int_out") all three
-    or none; one of another dtype or shape is refused by name, one on another device with CUDA's
-    device error naming it (under the emulated CUDA, which applies CUDA's rule to the op's
-    schema), before anything runs. The norms that make it refuse x whose rows are no whole
-    super-blocks, x that is not float32, and a residual of another shape."""
+    """qkv, moe_ffn and qmatmul take x's int form (x_q, x_sums, x_scales: NORM_CONFIG's and
+    ATTENTION_CONFIG's "int_out") all three or none; one of another dtype or shape is refused by
+    name, one on another device with CUDA's device error naming it (under the emulated CUDA,
+    which applies CUDA's rule to the op's schema), before anything runs. The norms that make it
+    refuse x whose rows are no whole super-blocks, x that is not float32, and a residual of
+    another shape; attention_int an output whose rows are no whole super-blocks."""
     from harness.quant import fused, kernels  # noqa: F401  (registers the ops)
     from harness.quant.types import GGMLType
     from harness.trace.classify import is_device_error
@@ -3402,6 +3641,7 @@ def test_ops_check_the_int_form_of_x_they_are_given(monkeypatch):
     calls = {
         "harness::qkv": lambda *f: _qkv_given_int_form([torch.ones(1, 256), wq, wk, wk.clone(), *f], q4, q8),
         "harness::moe_ffn": lambda *f: torch.ops.harness.moe_ffn(*_moe_ffn_args()[:6], q4, q4, None, *f),
+        "harness::qmatmul": lambda *f: _qmatmul_given_int_form([torch.ones(1, 256), wq, *f], q4),
     }
     names = ("x_q", "x_sums", "x_scales")
     with EmulatedCuda():  # (CUDA's device rule applied to the op's schema, as the tracer records it)
@@ -3414,6 +3654,7 @@ def test_ops_check_the_int_form_of_x_they_are_given(monkeypatch):
                 lambda *f: torch.ops.harness.moe_ffn(
                     *(t.to("cuda") for t in _moe_ffn_args()[:6]), q4, q4, None, *f
                 ),
+                lambda *f: _qmatmul_given_int_form([torch.ones(1, 256).cuda(), wq.cuda(), *f], q4),
             ):
                 with pytest.raises(RuntimeError) as info:
                     call(*on_gpu[:i], form[i], *on_gpu[i + 1 :])
@@ -3437,6 +3678,14 @@ def test_ops_check_the_int_form_of_x_they_are_given(monkeypatch):
         torch.ops.harness.rms_norm_int(torch.ones(1, 256, dtype=torch.float64), torch.ones(256), 1e-5)
     with pytest.raises(ValueError, match=r"harness::add_rms_norm_int: residual must be float32 of x's shape"):
         torch.ops.harness.add_rms_norm_int(torch.ones(2, 256), torch.ones(256), torch.ones(256), 1e-5)
+    cache = torch.zeros(1, 6, 32)  # (4 heads of 32: rows of 128)
+    with pytest.raises(
+        ValueError,
+        match=r"harness::attention_int: the output's rows \(H\*Hd = 128\) must be a multiple of 256",
+    ):
+        torch.ops.harness.attention_int(
+            torch.ones(1, 128 + 64), cache, cache.clone(), *[torch.ones(6, 16)] * 2, None, 0
+        )
 
 
 def _moe_ffn_args() -> list[torch.Tensor]:
@@ -3487,6 +3736,16 @@ def test_fake_implementations_give_shapes_without_running():
             qkv, cache, torch.empty_like(cache), torch.empty(32, 4), torch.empty(32, 4), None, 3
         )
         assert out.shape == (5, 64) and out.dtype == torch.float32
+        wide_cache = torch.empty(2, 32, 64)  # (x as qkv: 4 heads of 64, 2 KV heads)
+        out, *form = torch.ops.harness.attention_int(
+            x, wide_cache, torch.empty_like(wide_cache), torch.empty(32, 32), torch.empty(32, 32), None, 3
+        )
+        assert (out.shape, out.dtype) == ((5, 256), torch.float32)
+        assert [(t.shape, t.dtype) for t in form] == [
+            ((5, 256), torch.int16), ((5, 16), torch.float32), ((5, 8), torch.float32)
+        ]  # fmt: skip
+        given = torch.ops.harness.qmatmul(out, torch.empty(7, 144, dtype=torch.uint8), 12, 7, *form)
+        assert given.shape == (5, 7) and given.dtype == torch.float32
         total, normed = torch.ops.harness.add_rms_norm(x, x, torch.empty(512), 1e-5)
         assert total.shape == normed.shape == (5, 512)
         normed, *form = torch.ops.harness.rms_norm_int(x, torch.empty(512), 1e-5)
@@ -3790,6 +4049,16 @@ def test_cuda_norm_int_form_is_int_x_of_its_output_and_the_ops_take_it():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_attention_int_form_is_int_x_of_its_output_and_qmatmul_takes_it():
+    """Attention's `_int_x` form on the GPU (the compiler's layouts and divisions, PTX dp2a) at
+    Mixtral's heads (32 of 128, 8 KV heads) and others: `_attention_int_cases`, every one the
+    same bits."""
+    from harness.quant import fused  # noqa: F401
+
+    _check_attention_int(_attention_int_cases("cuda", False, np.random.default_rng(29)), small=False)
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_grouped_prefill_matches_dequantize_then_matmul():
     """The grouped prefill products on the GPU (rows of 1024 values): `_grouped_cases`."""
     _check_grouped(_grouped_cases("cuda", False, np.random.default_rng()))
@@ -3896,6 +4165,8 @@ if __name__ == "__main__":
         print(json.dumps(_moe_fusion_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "NORM_INT":  # only the norms' int form and the ops given it, small shapes
         print(json.dumps(_norm_int_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "ATTENTION_INT":  # only attention's int form and qmatmul given it, small shapes
+        print(json.dumps(_attention_int_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "GATED":  # only the gated products split over their super-blocks, small shapes
         print(json.dumps(_gated_split_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "ATTENTION_MERGE":  # only the one-launch attention against two launches

@@ -226,16 +226,16 @@ class Attention(nn.Module):
             )  # [T, q + k + v]
             at = start_pos if isinstance(start_pos, torch.Tensor) else None
             rope = self.rope
-            out = torch.ops.harness.attention(
-                qkv,
-                cache_k,
-                cache.v,
-                rope.cos,
-                rope.sin,
-                at,
-                0 if at is not None else start_pos,
-            )
-            return self.wo(out)
+            args = (qkv, cache_k, cache.v, rope.cos, rope.sin, at, 0 if at is not None else start_pos)
+            wo = self.wo
+            if (
+                fused.attention_int_out(t, wo.in_features, wo.kernel_qtype, self.head_dim)
+                and wo.strategy == "quantized"
+            ):
+                # (decode: attention hands the output projection its output's `_int_x` form too)
+                out, *out_int = torch.ops.harness.attention_int(*args)
+                return wo(out, tuple(out_int))
+            return wo(torch.ops.harness.attention(*args))
         q = self.rope(self.wq(x).view(t, self.n_heads, self.head_dim), start_pos)  # [T, H, Hd]
         k = self.rope(self.wk(x).view(t, self.n_kv_heads, self.head_dim), start_pos)  # [T, K, Hd]
         v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)  # [T, K, Hd]

@@ -303,9 +303,25 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # 196.61 tok/s with it against 193.07 with ATTENTION_TWO_LAUNCHES (session 13's defaults: the
 # merge launch, tiles of 16 rows, 64-key splits), and a decode token's call at 513 keys took
 # 0.015 ms against 0.016 in a graph (`bench_fused.py --attention-only`, which times both).
+# "int_out" (the model decides per call with `attention_int_out`): where the output projection
+# after it (`harness::qmatmul`) reads attention's output through an "int" read (`int_x_path` not
+# "kernel", a decode call, rows of whole super-blocks) and head dims are a multiple of 32, the
+# program that writes each output row (unsplit, the one-launch merge, or ATTENTION_TWO_LAUNCHES's
+# merge launch) stores it also as `_int_x` would leave it (INT_OUT: `_int_x_store_rows`, the
+# same bits; a KV head's group of query heads is whole 32-value blocks of a row), and
+# `harness::attention_int` hands it to the projection (its x_q, x_sums, x_scales) instead of an
+# `_int_x` launch on it: one launch a layer fewer in the decode graph (1.66 us on an H100 in
+# benchmarks/results/profile_decode.json, session 13, and a wait in the chain under PDL).
+# "int_out_rows": the attention launch stores the int form from query tiles of up to this many
+# rows (its merge at 16 rows spilled 16 registers on sm_90 with the store, none without; at 4
+# and 8 rows none, 141 and 199 registers against 163 and 162); from a larger tile an `_int_x`
+# launch after it makes the form (the merge launch, a row a program, always stores it).
+# Off until timed: it has run only under Triton's interpreter (the same logits, bit for bit) and
+# compiled for sm_90, never on a GPU.
 ATTENTION_CONFIG: dict[str, int | str | bool] = {
     "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 32, "dot": "ieee",
-    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64,
+    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64, "int_out": False,
+    "int_out_rows": 8,
 }  # fmt: skip
 ATTENTION_TWO_LAUNCHES = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys": 64}
 
@@ -996,6 +1012,34 @@ if triton is not None:
         tl.store(scale_ptr + row * (N // 32) + block, scales, mask=live)
         sixteen = first // 16 + tl.arange(0, 2 * NB)
         tl.store(sum_ptr + row * (N // 16) + sixteen, sums, mask=sixteen < N // 16)
+
+    @triton.jit
+    def _int_x_store_rows(h, row, first, width, ok, N, q_ptr, scale_ptr, sum_ptr, BN: tl.constexpr):
+        """`_int_x_store_tile` of R tiles at once: h [R, BN] (BN a multiple of 32), tile i the
+        values first[i] .. first[i] + width - 1 (first[i] and width multiples of 32, width <= BN:
+        the values past it not stored) of row row[i] of an x [R', N] float32, stored where ok[i]
+        as `_int_x` leaves x (`_int_x_blocks`: the same bits)."""
+        R: tl.constexpr = h.shape[0]
+        NB: tl.constexpr = BN // 32
+        # value 4w + 2p + e of a block goes to position 16p + 2w + e (as `_int_x_store_tile`)
+        v = tl.reshape(tl.permute(tl.reshape(h, (R, NB, 8, 2, 2)), (0, 1, 3, 2, 4)), (R * NB, 32))
+        q, scales, sums = _int_x_blocks(v)
+        block = tl.arange(0, NB)[None, :]  # [1, NB]
+        live = ok[:, None] & (block < width // 32)  # [R, NB]
+        row = row.to(tl.int64)
+        at = (row * N + first)[:, None, None] + 32 * block[:, :, None] + tl.arange(0, 32)[None, None, :]
+        tl.store(q_ptr + at, tl.reshape(q, (R, NB, 32)).to(tl.int16), mask=live[:, :, None])
+        tl.store(
+            scale_ptr + (row * (N // 32) + first // 32)[:, None] + block,
+            tl.reshape(scales, (R, NB)),
+            mask=live,
+        )
+        sixteen = tl.arange(0, 2 * NB)[None, :]
+        tl.store(
+            sum_ptr + (row * (N // 16) + first // 16)[:, None] + sixteen,
+            tl.reshape(sums, (R, 2 * NB)),
+            mask=ok[:, None] & (sixteen < width // 16),
+        )
 
     @triton.jit
     def _int_x_words(q):
@@ -1984,10 +2028,10 @@ if triton is not None:
     @triton.jit(do_not_specialize=["start", "N_KEYS"])
     def _attention_kernel(
         q_ptr, W, cache_k, cache_v, cos_ptr, sin_ptr, pos_ptr, start, out_ptr, part_acc, part_m, part_l,
-        counter_ptr, T, G, S_MAX, N_KEYS, HD, HALF, scale,
+        counter_ptr, xq_ptr, xscale_ptr, xsum_ptr, T, G, S_MAX, N_KEYS, HD, HALF, scale,
         BM: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, TT: tl.constexpr, FROM_START: tl.constexpr,
         SPLIT: tl.constexpr, ROPE: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
-        DOT: tl.constexpr = "ieee", MERGE: tl.constexpr = False, MC: tl.constexpr = 1,
+        DOT: tl.constexpr = "ieee", MERGE: tl.constexpr = False, MC: tl.constexpr = 1, INT_OUT: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::attention`'s attention launch (flash decoding). Program (kv, split): the G*T
         queries of KV head kv (row r = g*T + t: head kv*G + g, token t) against its share of the
@@ -2013,7 +2057,12 @@ if triton is not None:
         slot that one writes, and the write needs no ordering inside the launch; later launches
         see it (stream order, or their PDL wait). (tests/test_quant_fused.py fills those slots
         with NaN before each call: a read of one would show.) Without ROPE, q_ptr holds the
-        rotated queries [T, H, HD] and the caches are already written."""
+        rotated queries [T, H, HD] and the caches are already written.
+
+        INT_OUT (HD a multiple of 32; ATTENTION_CONFIG "int_out"): the program that writes rows of
+        out (unsplit, or MERGE's last) also stores them as `_int_x` leaves out
+        (`_int_x_store_rows`, the same bits): xq_ptr int16 [T, H*HD], xscale_ptr [T, H*HD / 32],
+        xsum_ptr [T, H*HD / 16]; a row's heads are whole 32-value blocks of it."""
         _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1).to(tl.int64)
@@ -2094,24 +2143,28 @@ if triton is not None:
                 arrived = tl.atomic_add(counter, 1, sem="acq_rel")
                 if arrived == splits - 1:  # the last: every partial is stored
                     _attention_merge(part_acc, part_m, part_l, out_ptr, kv, splits, r, valid, t, head, d, dm,
-                        G * n_kv, HD, BM, BD, MC)  # fmt: skip
+                        G * n_kv, HD, xq_ptr, xscale_ptr, xsum_ptr, BM, BD, MC, INT_OUT)  # fmt: skip
                     tl.atomic_xchg(counter, 0)
         else:
             out = out_ptr + ((t * G * n_kv + head) * HD)[:, None] + d[None, :]
             total = tl.where(valid, l_i, 1.0)  # (padding rows: no division by zero)
-            tl.store(out, acc / total[:, None], mask=valid[:, None] & dm[None, :])
+            y = acc / total[:, None]
+            tl.store(out, y, mask=valid[:, None] & dm[None, :])
+            if INT_OUT:
+                _int_x_store_rows(y, t, head * HD, HD, valid, G * n_kv * HD, xq_ptr, xscale_ptr, xsum_ptr, BD)
 
     @triton.jit
     def _attention_merge(
-        part_acc, part_m, part_l, out_ptr, kv, splits, r, valid, t, head, d, dm, H, HD,
-        BM: tl.constexpr, BD: tl.constexpr, MC: tl.constexpr,
+        part_acc, part_m, part_l, out_ptr, kv, splits, r, valid, t, head, d, dm, H, HD, xq_ptr, xscale_ptr,
+        xsum_ptr, BM: tl.constexpr, BD: tl.constexpr, MC: tl.constexpr, INT_OUT: tl.constexpr,
     ):  # fmt: skip
         """KV head kv's rows r [BM] (valid: a query's; token t, head `head`) merged over its
         `splits` partial results (`_attention_kernel`'s MERGE), MC splits a step (their maxima,
         sums and rows in one round of loads, past L1: other programs' stores), the steps in
         split order, each split rescaled to the largest maximum so far and the sums before it
         to the new one (with one step, as `_attention_merge_kernel` does it). The same code
-        whichever program runs it: the same bits."""
+        whichever program runs it: the same bits. INT_OUT: the rows in `_int_x`'s form too (as
+        `_attention_kernel`'s)."""
         top = tl.full([BM], float("-inf"), tl.float32)
         num = tl.zeros([BM, BD], tl.float32)
         den = tl.zeros([BM], tl.float32)
@@ -2133,15 +2186,20 @@ if triton is not None:
             den = den * before + tl.sum(part_sum * w, 0)
             top = new_top
         out = out_ptr + ((t * H + head) * HD)[:, None] + d[None, :]
-        tl.store(out, num / tl.where(valid, den, 1.0)[:, None], mask=valid[:, None] & dm[None, :])
+        y = num / tl.where(valid, den, 1.0)[:, None]
+        tl.store(out, y, mask=valid[:, None] & dm[None, :])
+        if INT_OUT:
+            _int_x_store_rows(y, t, head * HD, HD, valid, H * HD, xq_ptr, xscale_ptr, xsum_ptr, BD)
 
     @triton.jit
     def _attention_merge_kernel(
-        part_acc, part_m, part_l, out_ptr, T, G, KV, HD, SPLITS, BM: tl.constexpr, BD: tl.constexpr,
-        BP: tl.constexpr, PDL: tl.constexpr = False,
+        part_acc, part_m, part_l, out_ptr, xq_ptr, xscale_ptr, xsum_ptr, T, G, KV, HD, SPLITS,
+        BM: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr = False,
+        INT_OUT: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::attention`'s last launch when the keys were split: program (kv, r) merges
-        row r of KV head kv over the splits (each rescaled to the largest maximum) into out."""
+        row r of KV head kv over the splits (each rescaled to the largest maximum) into out;
+        INT_OUT: in `_int_x`'s form too (as `_attention_kernel`'s)."""
         _pdl_start(PDL)
         kv = tl.program_id(0).to(tl.int64)
         r = tl.program_id(1).to(tl.int64)
@@ -2157,6 +2215,12 @@ if triton is not None:
         total = tl.sum(acc * w[:, None], 0) / tl.sum(l_ * w, 0)
         head = kv * G + r // T
         tl.store(out_ptr + ((r % T) * G * KV + head) * HD + d, total, mask=d < HD)
+        if INT_OUT:
+            one = tl.full([1], 0, tl.int64)  # (a tile of one row)
+            _int_x_store_rows(
+                tl.reshape(total, (1, BD)), one + r % T, one + head * HD, HD, one == 0, G * KV * HD, xq_ptr,
+                xscale_ptr, xsum_ptr, BD,
+            )  # fmt: skip
 
 
 @functools.cache
@@ -2893,18 +2957,29 @@ def _fake(name: str):
 
 
 @_op()
-def qmatmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    qtype: int,
+    out_features: int,
+    x_q: Optional[torch.Tensor] = None,  # noqa: UP045  (as moe_ffn's)
+    x_sums: Optional[torch.Tensor] = None,  # noqa: UP045
+    x_scales: Optional[torch.Tensor] = None,  # noqa: UP045
+) -> torch.Tensor:
     """[T, in] float x times the GGUF weight `raw` ([out, row_bytes] blocks of `qtype`) -> [T, out] float32.
 
-    `qtype`: the GGML type, with PACKED and WIDE as `kernel_weight` gives them."""
+    `qtype`: the GGML type, with PACKED and WIDE as `kernel_weight` gives them. x_q, x_sums,
+    x_scales: x's `_int_x` form, made by the op before (`attention_int`), which an "int" read
+    then takes instead of running `_int_x` (all three or none)."""
+    given = _given_int_x("harness::qmatmul", x, x_q, x_sums, x_scales)
     _check_devices("harness::qmatmul", x, raw)
     if raw.dim() != 2:
         raw = raw.reshape(out_features, -1)
-    return _product(x, raw, None, qtype, out_features, None, 1, None)
+    return _product(x, raw, None, qtype, out_features, None, 1, None, prepared=given)
 
 
 @_fake("qmatmul")
-def _(x, raw, qtype, out_features):
+def _(x, raw, qtype, out_features, x_q=None, x_sums=None, x_scales=None):
     return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
 
 
@@ -3119,9 +3194,15 @@ def norm_int_out(n_pairs: int, in_features: int, codes: tuple[int, ...]) -> bool
     decode op after it whose products of `codes` (`kernel_weight`'s) read it in `n_pairs`
     token-expert pairs with rows of `in_features`: a decode-sized call in which one of them reads
     it through "int" with x from a launch (`int_x_path` not "kernel")."""
+    return NORM_CONFIG["int_out"] and _reads_int_form(n_pairs, in_features, codes)
+
+
+def _reads_int_form(n_pairs: int, in_features: int, codes: tuple[int, ...]) -> bool:
+    """Whether a decode op whose products of `codes` read x in `n_pairs` pairs with rows of
+    `in_features` would take x's `_int_x` form from a launch (one of them an "int" read,
+    `int_x_path` not "kernel", rows of whole super-blocks): then an op before it may make it."""
     return (
-        NORM_CONFIG["int_out"]
-        and 0 < n_pairs <= MATVEC_MAX_ROWS
+        0 < n_pairs <= MATVEC_MAX_ROWS
         and in_features % SUPER == 0
         and _int_x_path() != "kernel"
         and any(_reads_int(code, _matvec_path()) for code in codes)
@@ -3269,18 +3350,85 @@ def attention(
     Triton kernels (`attention_takes_kernels` says which), the others the torch path
     (`harness.model.mixtral.Attention`'s arithmetic, op for op); both write the caches bit for
     bit alike, their outputs agree to float32 rounding."""
-    _check_devices(
-        "harness::attention", qkv, cache_k, cache_v, cos, sin, *(() if positions is None else (positions,))
-    )
-    n_kv, _, hd = cache_k.shape
-    if qkv.dim() != 2 or qkv.shape[1] <= 2 * n_kv * hd:
-        raise ValueError(
-            f"harness::attention: qkv {list(qkv.shape)} is not [T, H*Hd + 2*K*Hd] for the cache's "
-            f"{n_kv} heads of {hd}"
-        )
+    _check_attention("harness::attention", qkv, cache_k, cache_v, cos, sin, positions)
     if attention_takes_kernels(qkv, cache_k, cache_v, cos, sin, positions):
         return _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start)
     return _attention_torch(qkv, cache_k, cache_v, cos, sin, positions, start)
+
+
+def _check_attention(op: str, qkv, cache_k, cache_v, cos, sin, positions) -> None:
+    """What `attention` and `attention_int` take: one device, qkv [T, H*Hd + 2*K*Hd]."""
+    _check_devices(op, qkv, cache_k, cache_v, cos, sin, *_given(positions))
+    n_kv, _, hd = cache_k.shape
+    if qkv.dim() != 2 or qkv.shape[1] <= 2 * n_kv * hd:
+        raise ValueError(
+            f"{op}: qkv {list(qkv.shape)} is not [T, H*Hd + 2*K*Hd] for the cache's {n_kv} heads of {hd}"
+        )
+
+
+# Attention's output in `_int_x`'s form (ATTENTION_CONFIG "int_out"), as the norms' (see
+# `rms_norm_int`): an output of an op of its own, `attention_int` (`attention`'s schema stays),
+# which `qmatmul` (the output projection) takes as x_q, x_sums, x_scales.
+
+
+@_op(mutates_args=("cache_k", "cache_v"))
+def attention_int(
+    qkv: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor],  # noqa: UP045  (as attention's)
+    start: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attention` (its rows H*Hd a multiple of 256 values) and that output as the "int" reads take
+    x (`_int_x`'s form, the same bits): (out [T, H*Hd], x_q int16 [T, H*Hd] in the int layout,
+    x_sums [T, H*Hd / 16], x_scales [T, H*Hd / 32]), for `qmatmul`'s x_q, x_sums, x_scales. The
+    kernels' launch that writes out stores it (INT_OUT: head dims a multiple of 32, the
+    attention launch's tiles up to ATTENTION_CONFIG "int_out_rows"); elsewhere (larger tiles,
+    other head dims, the torch path) an `_int_x` launch on out after it."""
+    op = "harness::attention_int"
+    _check_attention(op, qkv, cache_k, cache_v, cos, sin, positions)
+    n_kv, _, hd = cache_k.shape
+    width = qkv.shape[1] - 2 * n_kv * hd
+    if width % SUPER:
+        raise ValueError(f"{op}: the output's rows (H*Hd = {width}) must be a multiple of {SUPER} values")
+    args = (qkv, cache_k, cache_v, cos, sin, positions, start)
+    kernels = attention_takes_kernels(*args[:-1])
+    if kernels and hd % 32 == 0:
+        return _attention_kernels(*args, int_out=True)
+    out = _attention_kernels(*args) if kernels else _attention_torch(*args).contiguous()
+    x_q, x_sums, x_scales = _int_form_like(out)
+    if out.numel():
+        with _launch_device(out.device):
+            _int_x_into(out, x_q, x_sums, x_scales)
+    return out, x_q, x_sums, x_scales
+
+
+def _int_x_into(x: torch.Tensor, x_q: torch.Tensor, x_sums: torch.Tensor, x_scales: torch.Tensor) -> None:
+    """`_int_x`'s launch on x [R, K] (K a multiple of 256) into the tensors given (an op's
+    outputs, not `_SCRATCH`)."""
+    r, k = x.shape
+    launch(_int_x_kernel, (r, k // SUPER), x, x_q, x_scales, x_sums, k, num_warps=1, **pdl_options(x.device))
+
+
+@_fake("attention_int")
+def _(qkv, cache_k, cache_v, cos, sin, positions, start):
+    n_kv, _, hd = cache_k.shape
+    out = qkv.new_empty((qkv.shape[0], qkv.shape[1] - 2 * n_kv * hd))
+    return out, *_int_form_like(out)
+
+
+def attention_int_out(n_tokens: int, in_features: int, code: int, head_dim: int) -> bool:
+    """Whether attention's output should come with its `_int_x` form (ATTENTION_CONFIG "int_out",
+    `attention_int`) for the output projection after it (a weight of `code`, rows of
+    `in_features`) in a call of `n_tokens`: head dims a multiple of 32 (the kernels store whole
+    blocks) and the projection reading it as `norm_int_out` says."""
+    return (
+        bool(ATTENTION_CONFIG["int_out"])
+        and head_dim % 32 == 0
+        and _reads_int_form(n_tokens, in_features, (code,))
+    )
 
 
 def attention_takes_kernels(qkv, cache_k, cache_v, cos, sin, positions) -> bool:
@@ -3328,14 +3476,16 @@ def attention_merge_splits(splits: int, rows: int, bd: int, warps: int) -> int:
     return min(_next_pow2(splits), 1 << (most.bit_length() - 1))
 
 
-def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
+def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start, int_out=False):
     """`harness::attention` in one launch: `_attention_kernel` over splits of the keys, its
     programs rotating the queries and (the last split) the new keys themselves and writing the
     caches (ATTENTION_CONFIG["fold_rope"]; else `_rope_cache_kernel` does that in a launch
     before), the last of each KV head's programs merging the splits (ATTENTION_CONFIG
     "fold_merge_rows"; else `_attention_merge_kernel` in a launch after, when there are several).
     The rope and the cache write are bit for bit the torch path's; the attention agrees with it
-    to float32 rounding (its sums run in another order)."""
+    to float32 rounding (its sums run in another order). With `int_out` (head dims a multiple of
+    32), (out, and its `_int_x` form: x_q, x_sums, x_scales, new tensors) stored by the launch
+    that writes out (INT_OUT)."""
     t, width = qkv.shape
     n_kv, s_max, hd = cache_k.shape
     n_heads = width // hd - 2 * n_kv
@@ -3358,6 +3508,13 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
     splits, _ = attention_splits(n_keys, n_kv, device)
     merge = splits > 1 and rows <= cfg["fold_merge_rows"]  # by the launch's last programs
     pdl_kw = pdl_options(device)
+    x_int = (out, out, out)  # (INT_OUT: x_q, x_scales, x_sums as the kernels take them)
+    if int_out:
+        x_q, x_sums, x_scales = _int_form_like(out)
+        x_int = (x_q, x_scales, x_sums)
+    # the int form from the launch that writes out: the attention launch's tiles up to
+    # "int_out_rows" (past them its registers spill), the merge launch's always
+    int_in_launch = int_out and bm <= cfg["int_out_rows"]
     with _launch_device(device):
         queries = qkv
         if not fold:
@@ -3391,22 +3548,24 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start):
         # new keys' tile: at least 16, a float32 tl.dot's least depth on NVIDIA before Triton 3.9
         # (3.6: 16; 3.9: 8)
         launch(_attention_kernel, (n_kv, splits),
-            queries, width, cache_k, cache_v, cos, sin, pos, start, out, part_acc, part_m, part_l, counters, t,
-            group, s_max, n_keys, hd, half, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"],
+            queries, width, cache_k, cache_v, cos, sin, pos, start, out, part_acc, part_m, part_l, counters,
+            *x_int, t, group, s_max, n_keys, hd, half, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"],
             BT=max(16, _next_pow2(t)), TT=_next_pow2(t), FROM_START=from_start,
             SPLIT=splits > 1, ROPE=fold, PTX=_ptx(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             DOT=cfg["dot"], MERGE=merge, MC=attention_merge_splits(splits, bm, bd, cfg["num_warps"]),
-            enable_fp_fusion=not fold or _ptx(), **pdl_kw,
+            INT_OUT=int_in_launch and (splits == 1 or merge), enable_fp_fusion=not fold or _ptx(), **pdl_kw,
         )  # fmt: skip
         if splits > 1 and not merge:
             launch(_attention_merge_kernel, (n_kv, group * t),
-                part_acc, part_m, part_l, out, t, group, n_kv, hd, splits, BM=bm, BD=bd,
-                BP=_next_pow2(splits), num_warps=cfg["merge_warps"], **pdl_kw,
+                part_acc, part_m, part_l, out, *x_int, t, group, n_kv, hd, splits, BM=bm, BD=bd,
+                BP=_next_pow2(splits), INT_OUT=int_out, num_warps=cfg["merge_warps"], **pdl_kw,
             )  # fmt: skip
+        elif int_out and not int_in_launch:
+            _int_x_into(out, x_q, x_sums, x_scales)
     # the kernels wrote the caches outside torch: their versions move as an in-place op's would
     torch.autograd.graph.increment_version(cache_k)
     torch.autograd.graph.increment_version(cache_v)
-    return out
+    return (out, x_q, x_sums, x_scales) if int_out else out
 
 
 def _attention_torch(qkv, cache_k, cache_v, cos, sin, positions, start):

@@ -71,13 +71,16 @@ class QMatMul(nn.Module):
             return self.qtensor.dequantize(dtype=dtype)
         return self.weight.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]
+    def forward(self, x: torch.Tensor, x_int: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        # x: [..., in] -> [..., out]. `x_int`: x [T, in] float32's `_int_x` form from the op that
+        # made x (`harness::attention_int`), handed to the fused op; where it does not run, unused.
         if self.strategy == "f16":
             return (x.to(torch.float16) @ self.weight.T).to(x.dtype)
         if self.strategy == "quantized" and fused.supports(self.qtype, self.qweight.device, self.in_features):
             if x.dim() == 2 and x.dtype == torch.float32:  # (no reshapes: each is an op to a tracer)
-                return torch.ops.harness.qmatmul(x, self.qweight, self.kernel_qtype, self.out_features)
+                return torch.ops.harness.qmatmul(
+                    x, self.qweight, self.kernel_qtype, self.out_features, *(x_int or ())
+                )
             flat = x.reshape(-1, self.in_features)
             y = torch.ops.harness.qmatmul(flat, self.qweight, self.kernel_qtype, self.out_features)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
