@@ -201,6 +201,7 @@ _INTERPRETED_INT_FORMS = """
 import json, sys, torch
 from harness.model.mixtral import Mixtral
 from harness.quant import fused
+from harness.quant.launch import unbound
 from harness.trace.tracer import Tracer
 model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
 fused.int_x_path = "launch"  # x quantized by a launch of its own, as in the decode graph
@@ -212,7 +213,8 @@ def switched(attention, norms):  # ATTENTION_CONFIG's and NORM_CONFIG's "int_out
 def run(attention, norms):
     launched = []
     def counted(kernel, *args, **kwargs):
-        launched.append(kernel.__name__ + (" INT_OUT" if kwargs.get("INT_OUT") else ""))
+        fn, keywords = unbound(kernel, kwargs)  # (`_matvec` launches a `launch.Bound`)
+        launched.append(fn.__name__ + (" INT_OUT" if keywords.get("INT_OUT") else ""))
         return original(kernel, *args, **kwargs)
     fused.launch = counted
     switched(attention, norms)

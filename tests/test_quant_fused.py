@@ -1304,7 +1304,7 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
     from harness.quant import fused
-    from harness.quant import launch as launch_module
+    from harness.quant.launch import unbound
     from harness.quant.types import GGMLType
 
     class Adds(TorchDispatchMode):
@@ -1320,8 +1320,7 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
         launched, adds = [], Adds()
 
         def counted(kernel, *a, **kw):
-            # (`_matvec` launches its kernel bound to its plan's keywords: `launch.bind`)
-            fn = kernel.kernel if isinstance(kernel, launch_module.Bound) else kernel
+            fn, _ = unbound(kernel, kw)  # (`_matvec` launches a `launch.Bound`)
             if fn in (fused._matvec_kernel, fused._int_x_kernel):
                 launched.append(fn.__name__)
             with _disable_current_modes():  # (the interpreter's copies of the arguments are no adds)
@@ -1448,6 +1447,7 @@ def _norm_int_cases(device: str, small: bool, rng: np.random.Generator) -> list[
     graph): the same bits, and the same launches less x's `_int_x` (the `_matvec_kernel` and
     `_int_x_kernel` launches in order)."""
     from harness.quant import fused
+    from harness.quant.launch import unbound
     from harness.quant.types import GGMLType
 
     ops, results = torch.ops.harness, []
@@ -1476,8 +1476,9 @@ def _norm_int_cases(device: str, small: bool, rng: np.random.Generator) -> list[
     launched, original = [], fused.launch
 
     def counted(kernel, *a, **kw):
-        if kernel in (fused._matvec_kernel, fused._int_x_kernel):
-            launched.append(kernel.__name__)
+        fn, _ = unbound(kernel, kw)  # (`_matvec` launches a `launch.Bound`)
+        if fn in (fused._matvec_kernel, fused._int_x_kernel):
+            launched.append(fn.__name__)
         return original(kernel, *a, **kw)
 
     def run(call):
@@ -1586,12 +1587,14 @@ def _attention_int_cases(device: str, small: bool, rng: np.random.Generator) -> 
     decode graph): the same bits, the same launches less x's `_int_x`."""
     from harness.model.mixtral import rope_tables
     from harness.quant import fused
+    from harness.quant.launch import unbound
     from harness.quant.types import GGMLType
 
     launched, original = [], fused.launch
 
     def counted(kernel, *a, **kw):
-        launched.append(kernel.__name__ + (" INT_OUT" if kw.get("INT_OUT") else ""))
+        fn, keywords = unbound(kernel, kw)  # (`_matvec` launches a `launch.Bound`)
+        launched.append(fn.__name__ + (" INT_OUT" if keywords.get("INT_OUT") else ""))
         return original(kernel, *a, **kw)
 
     def run(op, *args):

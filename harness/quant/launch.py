@@ -178,6 +178,14 @@ def _keywords_code(kwargs: dict) -> int | None:
     return code
 
 
+def unbound(kernel, kwargs: dict) -> tuple:
+    """(the kernel, all its keyword arguments) that `launch(kernel, grid, *args, **kwargs)`
+    launches: a `Bound` unwrapped (for code that wraps `launch`, as tests counting launches do)."""
+    if kernel.__class__ is Bound:
+        return kernel.kernel, {**kernel.kwargs, **kwargs}
+    return kernel, kwargs
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)`, with the per-call work of Triton skipped after the
     first launch of the same kind (see the module's docstring). `kernel` may be a `Bound`
