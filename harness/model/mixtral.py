@@ -365,12 +365,9 @@ class Experts(nn.Module):
                 return torch.ops.harness.moe_ffn(
                     x, w1, self.w3, self.w2, weights, experts, qt, qt_down, residual, *(x_int or ())
                 )
-            if x_int is None:
-                y = torch.ops.harness.moe_ffn(x, w1, self.w3, self.w2, weights, experts, qt, qt_down)
-            else:
-                y = torch.ops.harness.moe_ffn(
-                    x, w1, self.w3, self.w2, weights, experts, qt, qt_down, None, *x_int
-                )
+            y = torch.ops.harness.moe_ffn(
+                x, w1, self.w3, self.w2, weights, experts, qt, qt_down, None, *(x_int or ())
+            )
             y = y if y.dtype == x.dtype else y.to(x.dtype)
         else:
             t, k = experts.shape

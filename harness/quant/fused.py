@@ -2747,9 +2747,8 @@ def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     (`_int_x_kernel`, a program per super-block of each row): its int16 values in the int layout, viewed as int32
     pairs [R, K / 2]; their float32 sums per 16 values [R, K / 16]; the scales per 32 [R, K / 32]
     (the device's scratch for that shape: `_SCRATCH`)."""
-    r, k = x.shape
-    q, sums, scales = _int_x_scratch(x.device, r, k)
-    launch(_int_x_kernel, (r, k // SUPER), x, q, scales, sums, k, num_warps=1, **pdl_options(x.device))
+    q, sums, scales = _int_x_scratch(x.device, *x.shape)
+    _int_x_into(x, q, sums, scales)
     return q.view(torch.int32), sums, scales
 
 
