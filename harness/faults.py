@@ -365,12 +365,16 @@ def _moe_path(model):
     return f"layers.{_layer(model, moe=True)}.moe"
 
 
-def _topk_on_host_forward(self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+# The faulted forwards take the module's whole signature; x's `_int_x` form (`x_int`, given
+# under fused.NORM_CONFIG "int_out") is passed on where the module's own forward passes it.
+def _topk_on_host_forward(
+    self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None, x_int=None
+) -> torch.Tensor:
     logits = self.router(x)  # [T, E] on the device
     probs = logits.float().cpu().softmax(-1)  # FAULT: routing fetched to the host
     weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k] on the host
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-    return self.experts(x, weights.to(x.device), chosen.to(x.device), residual)
+    return self.experts(x, weights.to(x.device), chosen.to(x.device), residual, x_int)
 
 
 def _topk_inject(model, inj):
@@ -381,7 +385,7 @@ def _topk_inject(model, inj):
 
 
 def _item_in_routing_forward(
-    self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None
+    self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None, x_int=None
 ) -> torch.Tensor:
     logits = self.router(x)  # [T, E]
     probs = logits.float().softmax(-1)
@@ -389,7 +393,7 @@ def _item_in_routing_forward(
     total = weights.sum(-1, keepdim=True)  # [T, 1]
     if total.min().item() < ROUTER_WEIGHT_SUM_MIN:  # FAULT: a host read decides whether to clamp
         total = total.clamp(min=ROUTER_WEIGHT_SUM_MIN)
-    return self.experts(x, weights / total, chosen, residual)
+    return self.experts(x, weights / total, chosen, residual, x_int)
 
 
 def _item_inject(model, inj):
@@ -404,8 +408,8 @@ def _experts_path(model):
 
 
 def _indices_on_host_forward(
-    self: Experts, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, residual=None
-):
+    self: Experts, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, residual=None, x_int=None
+):  # (x_int unread: the torch path below takes x itself)
     experts = experts.cpu()  # FAULT: the combine step works from host copies of the expert indices
     t, k = experts.shape
     y = self._gather(x, weights, experts) if t * k < self.n_experts else self._dense(x, weights, experts)
