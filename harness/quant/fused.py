@@ -998,30 +998,23 @@ if triton is not None:
     @triton.jit
     def _int_x_store_tile(h, row, first, N, q_ptr, scale_ptr, sum_ptr, BN: tl.constexpr):
         """Values first .. first + BN of row `row` of an x [R, N] float32, h [BN] (BN and first
-        multiples of 32, N of 32), stored as `_int_x` leaves x (`_int_x_blocks`: the same bits):
+        multiples of 32, N of 32), stored as `_int_x` leaves x: `_int_x_store_rows` of one tile,
         q int16 [R, N], scales [R, N / 32], sums [R, N / 16]; blocks at N or past it are not."""
-        NB: tl.constexpr = BN // 32
-        # value 4w + 2p + e of a block goes to position 16p + 2w + e
-        v = tl.reshape(tl.permute(tl.reshape(h, (NB, 8, 2, 2)), (0, 2, 1, 3)), (NB, 32))
-        q, scales, sums = _int_x_blocks(v)
-        block = first // 32 + tl.arange(0, NB)  # [NB]
-        live = block < N // 32
-        row = row.to(tl.int64)
-        at = q_ptr + row * N + 32 * block[:, None] + tl.arange(0, 32)[None, :]
-        tl.store(at, q.to(tl.int16), mask=live[:, None])
-        tl.store(scale_ptr + row * (N // 32) + block, scales, mask=live)
-        sixteen = first // 16 + tl.arange(0, 2 * NB)
-        tl.store(sum_ptr + row * (N // 16) + sixteen, sums, mask=sixteen < N // 16)
+        one = tl.zeros((1,), tl.int32)
+        width = tl.minimum(N - first, BN)
+        _int_x_store_rows(
+            tl.reshape(h, (1, BN)), row + one, first + one, width, one == 0, N, q_ptr, scale_ptr, sum_ptr, BN
+        )
 
     @triton.jit
     def _int_x_store_rows(h, row, first, width, ok, N, q_ptr, scale_ptr, sum_ptr, BN: tl.constexpr):
-        """`_int_x_store_tile` of R tiles at once: h [R, BN] (BN a multiple of 32), tile i the
+        """R tiles at once: h [R, BN] (BN a multiple of 32), tile i the
         values first[i] .. first[i] + width - 1 (first[i] and width multiples of 32, width <= BN:
         the values past it not stored) of row row[i] of an x [R', N] float32, stored where ok[i]
         as `_int_x` leaves x (`_int_x_blocks`: the same bits)."""
         R: tl.constexpr = h.shape[0]
         NB: tl.constexpr = BN // 32
-        # value 4w + 2p + e of a block goes to position 16p + 2w + e (as `_int_x_store_tile`)
+        # value 4w + 2p + e of a block goes to position 16p + 2w + e
         v = tl.reshape(tl.permute(tl.reshape(h, (R, NB, 8, 2, 2)), (0, 1, 3, 2, 4)), (R * NB, 32))
         q, scales, sums = _int_x_blocks(v)
         block = tl.arange(0, NB)[None, :]  # [1, NB]
