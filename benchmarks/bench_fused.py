@@ -48,6 +48,16 @@ cache in all), as a decode step's routers read theirs; the others time one weigh
 over, from L2:
 
     python benchmarks/bench_fused.py --router-only --sweep-router --out benchmarks/results/router.json
+
+`harness::qkv` at Mixtral's attention shapes (q Q4_K 4096 x 4096; k and v Q8_0, or Q6_K, 1024 x
+4096 each, packed into one buffer as the model does) at 1, 4 and 8 tokens, x plain and given
+in `_int_x`'s form (as NORM_CONFIG "int_out" hands it over): QKV_CONFIG "one_launch" on ("one
+launch", new: `_matvec_two_runs_kernel`) against off ("a launch a run", old), in a CUDA graph
+and eagerly, the weights in turn from DRAM (copies of them past twice the L2 cache, as a decode
+step reads each layer's); its bytes are the weights'. After moe_ffn in the default run;
+`--qkv-only` times only these:
+
+    python benchmarks/bench_fused.py --qkv-only --out benchmarks/results/qkv_one_launch.json
 """
 
 from __future__ import annotations
@@ -300,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         "fusions on ('fused', new) and off ('unfused', old): the same bits, a launch and an add fewer",
     )
     p.add_argument("--attention-only", action="store_true", help="time only harness::attention")
+    p.add_argument(
+        "--qkv-only",
+        action="store_true",
+        help="time only harness::qkv, QKV_CONFIG 'one_launch' on and off (weights from DRAM)",
+    )
     p.add_argument("--router-only", action="store_true", help="time only harness::router_topk")
     p.add_argument(
         "--sweep-router",
@@ -376,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.router_only:
         router_rows(dev, row, comparisons, save, args.sweep_router)
+        return 0
+    if args.qkv_only:
+        qkv_rows(dev, row, comparisons, save)
         return 0
 
     for qtype, n, k in () if args.moe_only else SHAPES:
@@ -517,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         fused.MATVEC_CONFIG[T.Q4_K].update(saved)
     if args.moe_only:
         return 0
+    qkv_rows(dev, row, comparisons, save)
     router_rows(dev, row, comparisons, save, args.sweep_router)
     attention_rows(dev, row, comparisons, save, args.sweep_attention)
     return 0
@@ -551,16 +570,72 @@ def moe_fusion_rows(dev: torch.device, gate_up: tuple, downs: tuple, compared_wa
             compared_ways(name, ways, nbytes, 2 * 3 * t * 2 * d * f)
 
 
+# harness::qkv: (q's type, k's and v's type), Mixtral's rows (q, k and v each), row length, tokens
+QKV_TYPES = ((T.Q4_K, T.Q8_0), (T.Q4_K, T.Q6_K))
+QKV_SHAPE = (4096, 1024, 4096)
+QKV_TOKENS = (1, 4, 8)
+
+
+def qkv_rows(dev: torch.device, row, comparisons: list, save) -> None:
+    """`harness::qkv` per QKV_TYPES and QKV_TOKENS (QKV_SHAPE; k and v packed into one buffer
+    by `fused.pack_rows`), x plain and given in `_int_x`'s form: QKV_CONFIG "one_launch" on
+    ("one launch") against off ("a launch a run") (`compared_paths`, in a graph and eagerly),
+    on weights in turn from DRAM (copies by `in_turn_from_dram`: each call takes the next)."""
+    q_rows, kv_rows, k = QKV_SHAPE
+    for q_type, kv_type in QKV_TYPES:
+        blocks = [
+            fused.kernel_weight(random_weight(qtype, rows, k, device=dev), qtype, k)
+            for qtype, rows in ((q_type, q_rows), (kv_type, kv_rows), (kv_type, kv_rows))
+        ]
+        codes = [code for _, code in blocks]
+        nbytes = sum(w.numel() for w, _ in blocks)
+        # the three as one buffer, copied past twice the L2 cache; each copy's q, k and v as views
+        # (k's and v's blocks one after the other, as `pack_rows` lays them out: one run)
+        turn, n_sets = in_turn_from_dram(torch.cat([w.reshape(-1) for w, _ in blocks]))
+        sets = []
+        for _ in range(n_sets):
+            parts = turn().split([w.numel() for w, _ in blocks])
+            sets.append([part.view(w.shape) for part, (w, _) in zip(parts, blocks, strict=True)])
+        weights = itertools.cycle(sets).__next__
+        kv_name = GGMLType(codes[1] & 0xFF).name + (" packed" if codes[1] & fused.PACKED else "")
+        for t in QKV_TOKENS:
+            x = torch.randn(t, k, device=dev)
+            form = [a.clone() for a in fused._int_x(x)]
+            form[0] = form[0].view(torch.int16)  # (as `rms_norm_int` hands it over)
+            for given in (False, True):
+
+                def qkv(on: bool, x=x, form=form if given else [], weights=weights, codes=codes):
+                    saved = fused.QKV_CONFIG["one_launch"]
+                    fused.QKV_CONFIG["one_launch"] = on
+                    try:
+                        return torch.ops.harness.qkv(x, *weights(), *codes, *form)
+                    finally:
+                        fused.QKV_CONFIG["one_launch"] = saved
+
+                ways = {
+                    "one launch": functools.partial(qkv, True),
+                    "a launch a run": functools.partial(qkv, False),
+                }
+                name = (
+                    f"qkv q {q_type.name} {q_rows}x{k}, k+v {kv_name} 2x{kv_rows}x{k} T={t} "
+                    f"{'x int form given' if given else 'x'} weights from DRAM ({n_sets} sets)"
+                )
+                compared_paths(name, ways, nbytes, 2 * t * (q_rows + 2 * kv_rows) * k, row, comparisons, save,
+                               eager=True, reps=4 * n_sets)  # fmt: skip
+
+
 def compared_paths(
-    name: str, calls: dict, nbytes: int, flops: int, row, comparisons: list, save, eager=False, named=True
-) -> dict | None:
+    name: str, calls: dict, nbytes: int, flops: int, row, comparisons: list, save, eager=False, named=True,
+    reps: int = 20,
+) -> dict | None:  # fmt: skip
     """Time each of `calls` (way -> fn, the new one first) in a CUDA graph (a row each), and with
-    `eager` eagerly too; with two, add their comparison (of their first outputs) and return it."""
+    `eager` eagerly too (`reps` calls a timing); with two, add their comparison (of their first
+    outputs) and return it."""
     times, eager_ms, outs = {}, {}, {}
     for way, call in calls.items():
-        times[way] = time_ms(call)
+        times[way] = time_ms(call, reps)
         if eager:
-            eager_ms[way] = eager_time_ms(call)
+            eager_ms[way] = eager_time_ms(call, reps)
         out = call()
         outs[way] = out[0] if isinstance(out, tuple) else out
         row(f"{name} {way}" if named else name, times[way], nbytes, flops)

@@ -1407,6 +1407,165 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
     return results
 
 
+# `harness::qkv` in one launch (QKV_CONFIG "one_launch"): (q, k, v types, row length, q rows, k and
+# v rows each, the types whose products are left unsplit: "dense_programs_per_sm" 0). Under the
+# interpreter small: q's and k+v's partials of one shape (64 rows each), rows that do not fill a
+# tile, packed Q6_K (rows of 2048: whole 16 bytes), and q+k of one type in one run with v in the
+# other; there a product splits as it fills _programs_wanted's 2 (8 for Q6_K): at 1 token both
+# runs split, at 3 q not, Q6_K's k+v still. On a GPU Mixtral's shapes, where every run splits,
+# and so with neither or one of them split. Each at QKV_TOKENS, with x as the decode graph
+# takes it (`int_x_path` "launch", and given in `_int_x`'s form) and as an eager step ("kernel").
+QKV_ONE_LAUNCH_SMALL = [
+    ("Q4_K", "Q8_0", "Q8_0", 512, 64, 32, ()), ("Q4_K", "Q8_0", "Q8_0", 512, 80, 24, ()),
+    ("Q4_K", "Q6_K", "Q6_K", 2048, 64, 16, ()), ("Q4_K", "Q4_K", "Q8_0", 512, 64, 32, ()),
+]  # fmt: skip
+QKV_ONE_LAUNCH_FULL = [
+    ("Q4_K", "Q8_0", "Q8_0", 4096, 4096, 1024, ()), ("Q4_K", "Q6_K", "Q6_K", 4096, 4096, 1024, ()),
+    ("Q5_K", "Q8_0", "Q8_0", 4096, 4096, 1024, ()), ("Q4_K", "Q8_0", "Q8_0", 4096, 4096, 1024, ("Q4_K", "Q8_0")),
+    ("Q4_K", "Q8_0", "Q8_0", 4096, 4096, 1024, ("Q4_K",)),
+]  # fmt: skip
+QKV_TOKENS = {True: (1, 3), False: (1, 4, 8)}
+QKV_X_FORMS = (("launch", False), ("launch", True), ("kernel", False))  # (int_x_path, x's form given)
+# Where the switch leaves a launch a run: k and v of one type in two buffers (three runs), one
+# type (one run), the "vec" read, and more than MATVEC_MAX_ROWS tokens (the prefill's products).
+QKV_FALLBACKS = ("three runs", "one type", "vec read", "prefill")
+
+
+def qkv_one_launch_case_count(small: bool) -> int:
+    table = QKV_ONE_LAUNCH_SMALL if small else QKV_ONE_LAUNCH_FULL
+    return len(table) * len(QKV_TOKENS[small]) * len(QKV_X_FORMS) + len(QKV_FALLBACKS)
+
+
+def _qkv_one_launch_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """`harness::qkv` with QKV_CONFIG "one_launch" on against off, at QKV_ONE_LAUNCH_* shapes and
+    QKV_X_FORMS (x with an outlier, and at a few tokens a NaN in its last row): the same bits, and
+    the launches of the matrix-vector family and `_int_x` in order: on, the two `_matvec_kernel`
+    launches are one `_matvec_two_runs_kernel` where the first was, the rest unchanged; each run's
+    splits recorded. Then QKV_FALLBACKS: the same bits and the same launches either way."""
+    from harness.quant import fused
+    from harness.quant.launch import unbound
+    from harness.quant.types import GGMLType
+
+    family = {fused._matvec_kernel, fused._matvec_two_runs_kernel, fused._int_x_kernel}
+    original, launched = fused.launch, []
+
+    def counted(kernel, *a, **kw):
+        fn, _ = unbound(kernel, kw)  # (`_matvec` launches a `launch.Bound`)
+        if fn in family:
+            launched.append(fn.__name__)
+        return original(kernel, *a, **kw)
+
+    def both(args: tuple) -> tuple:
+        """(bits the same, launches off, launches on)."""
+        outs, launches = [], []
+        for on in (False, True):
+            launched.clear()
+            fused.QKV_CONFIG["one_launch"], fused.launch = on, counted
+            try:
+                outs.append(torch.ops.harness.qkv(*args).cpu())
+            finally:
+                fused.QKV_CONFIG["one_launch"], fused.launch = False, original
+            launches.append(list(launched))
+        return _same_bits_exactly(*outs), *launches
+
+    def weights_of(types, cols, rows, packed=True):
+        prepared = [
+            _prepared(
+                _random_weight(q, r, cols, rng), q, cols, "gguf" if q in fused.ROWS_READ_TYPES else "packed"
+            )
+            for q, r in zip(types, rows, strict=True)
+        ]
+        codes = [c for _, c in prepared]
+        on_device = [w.to(device) for w, _ in prepared]
+        return (fused.pack_rows(on_device, codes) if packed else on_device), codes
+
+    def x_of(t, cols):
+        x = torch.randn(t, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+        x[0, int(rng.integers(cols))] = 1e4  # an outlier: a block of tiny values beside it
+        if t > 1:
+            x[-1, int(rng.integers(cols))] = float("nan")
+        return x.to(device)
+
+    def put_back(saved: dict) -> None:  # the "dense_programs_per_sm" settings `unsplit` changed
+        for name, value in saved.items():
+            cfg = fused.INT_MATVEC_CONFIG[GGMLType[name]]
+            if value is None:
+                del cfg["dense_programs_per_sm"]
+            else:
+                cfg["dense_programs_per_sm"] = value
+        saved.clear()
+
+    results, dev, settings = [], torch.device(device), {}
+    before = fused.matvec_path, fused.int_x_path, dict(fused.QKV_CONFIG)
+    fused.matvec_path = "int"
+    try:
+        for *names, cols, q_rows, kv_rows, unsplit in QKV_ONE_LAUNCH_SMALL if small else QKV_ONE_LAUNCH_FULL:
+            types = [GGMLType[n] for n in names]
+            for name in unsplit:
+                settings[name] = fused.INT_MATVEC_CONFIG[GGMLType[name]].get("dense_programs_per_sm")
+                fused.INT_MATVEC_CONFIG[GGMLType[name]]["dense_programs_per_sm"] = 0
+            weights, codes = weights_of(types, cols, (q_rows, kv_rows, kv_rows))
+            first_rows = q_rows + (kv_rows if types[1] == types[0] else 0)
+            run_rows = (first_rows, q_rows + 2 * kv_rows - first_rows)
+            run_codes = (codes[0], codes[2])
+            for t in QKV_TOKENS[small]:
+                x = x_of(t, cols)
+                for int_x, given in QKV_X_FORMS:
+                    fused.int_x_path = int_x
+                    form = list(fused._int_x(x)) if given else []
+                    if given:  # as `rms_norm_int` hands it over: int16 values, sums, scales
+                        form = [form[0].view(torch.int16).clone(), form[1].clone(), form[2].clone()]
+                    same, off, on = both((x, *weights, *codes, *form))
+                    first = off.index("_matvec_kernel")
+                    want = [*off[:first], "_matvec_two_runs_kernel", *off[first + 2 :]]
+                    splits = [
+                        fused._matvec_plan(c, cols, r, t, 1, False, False, False, dev).grid[2]
+                        for c, r in zip(run_codes, run_rows, strict=True)
+                    ]
+                    name = f"qkv one launch {'/'.join(names)} D={cols} q={q_rows} kv={kv_rows} T={t} {int_x}"
+                    name += f" unsplit {'/'.join(unsplit)}" if unsplit else ""
+                    results.append({
+                        "case": name + (" given" if given else ""), "nmse": 0.0, "splits": splits,
+                        "exact": same and off.count("_matvec_kernel") == 2 and on == want,
+                        "same_bits": same, "launches": [off, on],
+                    })  # fmt: skip
+            put_back(settings)
+        # where it does not apply: the launches a run as before
+        fused.int_x_path = "launch"
+        q4, q8, cols = GGMLType.Q4_K, GGMLType.Q8_0, 512 if small else 4096
+        for why in QKV_FALLBACKS:
+            types = (q4, q4, q4) if why == "one type" else (q4, q8, q8)
+            weights, codes = weights_of(types, cols, (64, 32, 32), packed=why != "three runs")
+            fused.matvec_path = "vec" if why == "vec read" else "int"
+            x = x_of(fused.MATVEC_MAX_ROWS + 1 if why == "prefill" else 1, cols)
+            same, off, on = both((x, *weights, *codes))
+            runs = {"three runs": 3, "one type": 1, "vec read": 2, "prefill": 0}[why]
+            exact = same and off == on and off.count("_matvec_kernel") == runs
+            results.append(
+                {
+                    "case": f"qkv one launch falls back: {why}",
+                    "nmse": 0.0,
+                    "exact": exact,
+                    "launches": [off, on],
+                }
+            )
+    finally:
+        put_back(settings)
+        fused.matvec_path, fused.int_x_path = before[:2]
+        fused.QKV_CONFIG.update(before[2])
+    return results
+
+
+def _check_qkv_one_launch(results: list[dict], small: bool) -> None:
+    """Every case the same bits and launches (`_qkv_one_launch_cases`), and among the one-launch
+    cases both runs split, neither, and one of them."""
+    assert len(results) == qkv_one_launch_case_count(small)
+    bad = [r for r in results if r["exact"] is not True]
+    assert not bad, bad
+    splits = {tuple(s > 1 for s in r["splits"]) for r in results if "splits" in r}
+    assert {(True, True), (False, False)} <= splits and splits & {(True, False), (False, True)}, splits
+
+
 # The norms' int form (NORM_CONFIG "int_out"): (rows, row length) of the norm cases (under the
 # interpreter small; on a GPU Mixtral's row, and rows of no power of two: a masked tail in the
 # norm's tile), and the row length x has in the qkv and moe_ffn cases given that form.
@@ -2597,6 +2756,14 @@ def test_interpreter_moe_ffn_fusions_match_the_unfused_launches_bit_for_bit():
 
 
 @pytest.mark.slow
+def test_interpreter_qkv_in_one_launch_matches_a_launch_a_run_bit_for_bit():
+    """`harness::qkv` with QKV_CONFIG "one_launch" under Triton's interpreter (a subprocess):
+    `_qkv_one_launch_cases`, every one the same bits as a launch a run, with one
+    `_matvec_two_runs_kernel` launch for two `_matvec_kernel` ones (the fallbacks unchanged)."""
+    _check_qkv_one_launch(_interpreted_cases("QKV"), small=True)
+
+
+@pytest.mark.slow
 def test_interpreter_norm_int_form_is_int_x_of_its_output_and_the_ops_take_it():
     """The norms' `_int_x` form (NORM_CONFIG "int_out") under Triton's interpreter (a subprocess):
     `_norm_int_cases`, every one the same bits (the norm's int form and `_int_x` of its output;
@@ -2777,6 +2944,70 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
     assert not re.search(r"\b(LDL|STL)\b", _cuobjdump(compiled.asm["cubin"]))
 
 
+# `_matvec_two_runs_kernel`'s forms compiled for sm_90: Mixtral's (q, k+v) type pairs, both runs
+# split (an H100's decode: 8 splits of q's 16 super-blocks at 1 token) and neither.
+QKV_SM_90_PAIRS = (("Q4_K", "Q8_0"), ("Q4_K", "Q6_K"))
+
+
+def _two_runs_sm_90(names: tuple[str, str], reduce: bool, int_x: bool):
+    """`_matvec_two_runs_kernel` for the runs of types `names` (INT_MATVEC_CONFIG's settings, as
+    `_matvec_two_runs` binds them) compiled for sm_90 under PDL: (compiled, num_warps)."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    consts, warps = {"PTX": True, "PDL": True}, 0
+    for name, end in zip(names, ("", "2"), strict=True):
+        qtype = GGMLType[name]
+        cfg = fused.INT_MATVEC_CONFIG[qtype]
+        run = {
+            "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "PACKED": qtype not in fused.ROWS_READ_TYPES,
+            "STAGES": cfg["stages"], "UNROLL": cfg.get("unroll", 1), "REDUCE": reduce, "INT_X": int_x,
+            "X_AT": not int_x and cfg.get("x_at", fused.X_AT_DEFAULT) == 1, "ROWS": 0,
+        }  # fmt: skip
+        consts |= {key + end: value for key, value in run.items()}
+        warps = max(warps, cfg["num_warps"])
+    x = "*fp32" if int_x else "*i32"
+    pointers = {
+        f"{name}{end}_ptr": kind
+        for end in ("", "2")
+        for name, kind in (("x", x), ("w", "*i32"), ("out", "*fp32"), ("xsum", "*fp32"), ("xpow", "*fp32"),
+                           ("part", "*fp32"), ("counter", "*i32"))
+    }  # fmt: skip
+    return _matvec_sm_90(consts, x, warps, fused._matvec_two_runs_kernel, pointers), warps
+
+
+@pytest.mark.slow
+def test_qkv_two_runs_kernel_compiles_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
+    """`_matvec_two_runs_kernel` (`harness::qkv` in one launch, QKV_CONFIG "one_launch") for
+    Mixtral's type pairs QKV_SM_90_PAIRS, both runs split and neither, x from `_int_x` (the decode
+    graph) and quantized in the kernel: it waits for the grid before it (PDL) once, before any
+    access; dp2a in both runs' loops (IDP.2A); no local memory (register spills). Each form's
+    registers are printed (`-s`)."""
+    pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    import re
+
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    _cuobjdump_tool()
+    for names, reduce, int_x in itertools.product(QKV_SM_90_PAIRS, (True, False), (False, True)):
+        compiled, warps = _two_runs_sm_90(names, reduce, int_x)
+        where = (names, reduce, int_x)
+        ptx = compiled.asm["ptx"]
+        _check_waits_first(ptx, where)
+        assert ptx.count("griddepcontrol.wait") == 1, where
+        assert "dp2a.lo" in ptx and "dp2a.hi" in ptx, where
+        assert (ptx.count("atom.global.gpu.acq_rel.add") == 2) == reduce, where  # a run's arrival
+        code = _cuobjdump(compiled.asm["cubin"])
+        assert not re.search(r"\b(LDL|STL)\b", code), where
+        # a dp2a takes 2 of the 256 values of a row's super-block: per thread and loop step, each run
+        bns = [fused.INT_MATVEC_CONFIG[GGMLType[n]]["BN"] for n in names]
+        assert code.count("IDP.2A") >= sum(128 * bn // (32 * warps) for bn in bns), where
+        usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+        print(where, f"num_warps={warps}", re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage)[0])
+
+
 def test_rows_read_compiles_for_sm_90_with_wide_loads_and_no_barrier_in_its_loop():
     """The "rows" read of Q4_K and Q5_K (8 rows a program of 4 warps, span 8), plain and gated,
     dense and routed with split sums, compiles for an H100 (sm_90): its loop over super-blocks
@@ -2817,20 +3048,21 @@ def test_rows_read_compiles_for_sm_90_with_wide_loads_and_no_barrier_in_its_loop
         assert loop["IDP.2A.LO.S16.U8"] == loop["IDP.2A.HI.S16.U8"] == 16 * slots * (2 if gated else 1), where
 
 
-def _matvec_sm_90(consts: dict, x_type: str, num_warps: int):
-    """`_matvec_kernel` compiled for an H100 (sm_90) under PDL at `consts`, x of `x_type`
-    ("*i32": from `_int_x`; "*fp32"), pointers and row strides 16-byte aligned."""
+def _matvec_sm_90(consts: dict, x_type: str, num_warps: int, kernel=None, pointers: dict | None = None):
+    """`_matvec_kernel` (or `kernel`, its pointers' types `pointers`) compiled for an H100
+    (sm_90) under PDL at `consts`, x of `x_type` ("*i32": from `_int_x`; "*fp32"), pointers and
+    row strides 16-byte aligned."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from harness.quant import fused
 
-    kernel = fused._matvec_kernel
+    kernel = fused._matvec_kernel if kernel is None else kernel
     # constexprs `consts` leaves out take their defaults (else they would compile as arguments)
     consts = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default} | consts
-    pointers = _matvec_pointer_types(x=x_type)
-    aligned = (*pointers, "row_bytes", "expert_bytes", "x_stride")
+    pointers = _matvec_pointer_types(x=x_type) if pointers is None else pointers
+    aligned = (*pointers, "row_bytes", "row_bytes2", "expert_bytes", "x_stride", "x2_stride")
     names = kernel.arg_names
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
@@ -4083,6 +4315,17 @@ def test_cuda_rows_read_matches_the_blocks_read_and_float64():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_qkv_in_one_launch_matches_a_launch_a_run_bit_for_bit():
+    """`harness::qkv` with QKV_CONFIG "one_launch" on the GPU (PTX dp2a, the compiler's layouts,
+    programs of both runs at once: their partials and arrival counters apart) at Mixtral's shapes:
+    `_qkv_one_launch_cases`, every one the same bits as a launch a run, one
+    `_matvec_two_runs_kernel` launch for two `_matvec_kernel` ones."""
+    from harness.quant import fused  # noqa: F401
+
+    _check_qkv_one_launch(_qkv_one_launch_cases("cuda", False, np.random.default_rng()), small=False)
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_int_x_in_kernel_matches_the_launch_bit_for_bit():
     """`int_x_path` "kernel" against "launch" on the GPU (PTX dp2a, the compiler's own layouts)
     at Mixtral-sized rows: `_int_x_path_cases`, every one the same bits."""
@@ -4172,6 +4415,8 @@ if __name__ == "__main__":
         print(json.dumps(_rows_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "FUSIONS":  # only moe_ffn's decode fusions against their absence, small shapes
         print(json.dumps(_moe_fusion_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "QKV":  # only harness::qkv in one launch against a launch a run, small shapes
+        print(json.dumps(_qkv_one_launch_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "NORM_INT":  # only the norms' int form and the ops given it, small shapes
         print(json.dumps(_norm_int_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "ATTENTION_INT":  # only attention's int form and qmatmul given it, small shapes

@@ -185,6 +185,18 @@ MOE_FFN_CONFIG: dict[str, bool] = {"int_h": True, "residual": True}
 # Off until timed: it has run only under Triton's interpreter (the same logits, bit for bit) and
 # compiled for sm_90, never on a GPU.
 NORM_CONFIG: dict[str, bool] = {"int_out": False}
+# `harness::qkv`'s decode (1..MATVEC_MAX_ROWS tokens):
+# - "one_launch": where its weights make two runs of different types (`pack_rows`; Mixtral's
+#   Q4_K_M: q Q4_K, k and v Q8_0 in one buffer) and both are "int" reads, one launch of
+#   `_matvec_two_runs_kernel` makes both (programs [0, P_q) q's plan, the rest k+v's, each with its
+#   own tiles, splits, partials and counters; the same bits), not a `_matvec_kernel` launch each.
+#   Each launch alone is too small to fill the GPU: on an H100 (benchmarks/results/
+#   profile_decode.json, session 13) 8.9 us and 8.1 us a layer, each at about 35% of copy
+#   bandwidth. Its num_warps is the larger of the two runs' settings. One run, or three (k and v
+#   of one type in two buffers), and everything else keep a launch a run.
+# Off until timed: it has run only under Triton's interpreter (the same bits) and compiled for
+# sm_90, never on a GPU (`benchmarks/bench_fused.py --qkv-only` times both ways).
+QKV_CONFIG: dict[str, bool] = {"one_launch": False}
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
@@ -1390,84 +1402,19 @@ if triton is not None:
             return words, tl.load(xscale + sb * 8 + tl.arange(0, 8)), tl.load(xsum + sb * 16 + i)
 
     @triton.jit
-    def _matvec_kernel(
-        x_ptr,
-        w_ptr,
-        u_ptr,
-        out_ptr,
-        experts_ptr,
-        scale_ptr,
-        lut_ptr,
-        N,
-        n_pairs,
-        n_super,
-        chunk,
-        row_bytes,
-        expert_bytes,
-        x_stride,
-        x_div,
-        xsum_ptr,
-        xpow_ptr,
-        part_ptr,
-        counter_ptr,
-        out_stride,
-        out_div,
-        res_ptr,
-        res_stride,
-        hq_ptr,
-        hscale_ptr,
-        hsum_ptr,
-        QT: tl.constexpr,
-        NP: tl.constexpr,
-        BN: tl.constexpr,
-        GATED: tl.constexpr,
-        SCALED: tl.constexpr,
-        ROUTED: tl.constexpr,
-        VEC: tl.constexpr,
-        PACKED: tl.constexpr,
-        STAGES: tl.constexpr,
-        REDUCE: tl.constexpr,
-        INT: tl.constexpr,
-        INT_X: tl.constexpr,
-        PTX: tl.constexpr,
-        PDL: tl.constexpr = False,
-        UNROLL: tl.constexpr = 1,
-        X_AT: tl.constexpr = False,
-        ROWS: tl.constexpr = 0,
-        RESIDUAL: tl.constexpr = False,
-        INT_OUT: tl.constexpr = False,
-    ):
-        """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
-        x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when ROUTED,
-        else 0 (GATED: silu(W.x) * (U.x) of each pair's whole sums), times scale[q] when SCALED;
-        out's rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views;
-        with VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
-        (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K and Q5_K, Q6_K and Q8_0 (both
-        PACKED) take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on each super-block of x
-        quantized as `_int_x_super` does it: here, from float32 x (INT_X: x_ptr is x), or by
-        `_int_x` before (x_ptr: its int16 pairs as int32, x_stride in pairs; xsum_ptr: its sums,
-        xpow_ptr: its scales); the dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
-        ROWS > 0 (Q4_K and Q5_K with INT, x from `_int_x`): the "rows" read (INT_READS), ROWS
-        super-blocks of each of the BN rows a loop step, the lanes along K (a [BN, ROWS, 4, 4]
-        tile: row, super-block, group, word), a chunk's tail weighted 0.
-
-        Without REDUCE (one split, out_div 1) each program stores its row. With it, each stores
-        its partial in part [splits, pairs, N] (GATED: [2 * splits, pairs, N], W.x's then U.x's,
-        unscaled), and the last program to arrive at an output tile (counter_ptr: a zeroed int32
-        per tile, bumped with acq_rel) sums the tile's partials in a fixed order, pair by pair
-        and split by split from 0.0 (float32: the same bits every run; GATED: W.x's and U.x's
-        sums of a pair, then silu(w) * u, then its scale), writes the row and sets the counter
-        back to 0.
-
-        RESIDUAL: the program that writes an output row writes res[row] + it instead (res's rows
-        res_stride apart; the float32 add torch's `res + out` makes). INT_OUT (without REDUCE,
-        BN a multiple of 32): the rows are not written as float32 but as `_int_x` would leave
-        them (`_int_x_store_tile`: hq_ptr int16 [pairs, N], hscale_ptr [pairs, N / 32], hsum_ptr
-        [pairs, N / 16]), for a product that reads them next (moe_ffn's h)."""
-        _pdl_start(PDL)
-        pid_n = tl.program_id(0)
-        p = tl.program_id(1)
-        split = tl.program_id(2)
+    def _matvec_program(
+        x_ptr, w_ptr, u_ptr, out_ptr, experts_ptr, scale_ptr, lut_ptr, N, n_pairs, n_super, chunk, row_bytes,
+        expert_bytes, x_stride, x_div, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, out_div, res_ptr,
+        res_stride, hq_ptr, hscale_ptr, hsum_ptr, QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
+        GATED: tl.constexpr, SCALED: tl.constexpr, ROUTED: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr,
+        STAGES: tl.constexpr, REDUCE: tl.constexpr, INT: tl.constexpr, INT_X: tl.constexpr, PTX: tl.constexpr,
+        UNROLL: tl.constexpr, X_AT: tl.constexpr, ROWS: tl.constexpr, RESIDUAL: tl.constexpr, INT_OUT: tl.constexpr,
+        pid_n, p, split, n_tiles, splits,
+    ):  # fmt: skip
+        """`_matvec_kernel`'s work for one program: output tile pid_n (of n_tiles), pair p, split
+        split (of splits; both None: the grid's); a function of its own so that
+        `_matvec_two_runs_kernel` runs it for each of its runs. Under PDL the kernel has waited
+        (`_pdl_start`) before it."""
         e = tl.load(experts_ptr + p).to(tl.int64) if ROUTED else 0
         xp = x_ptr + (p // x_div).to(tl.int64) * x_stride
         n = pid_n * BN + tl.arange(0, BN)
@@ -1590,7 +1537,10 @@ if triton is not None:
             acc = tl.sum(tl.reshape(acc3, (BN, width)), axis=1) * 536870912.0 * x_power  # * 2^29 * power
             acc_u = tl.sum(tl.reshape(acc3_u, (BN, width)), axis=1) * 536870912.0 * x_power
         if REDUCE:
-            splits = tl.num_programs(2)
+            if splits is None:  # (read here, not held in a register through the loop)
+                splits = tl.num_programs(2)
+            if n_tiles is None:
+                n_tiles = tl.num_programs(0)
             half = (splits * n_pairs).to(tl.int64) * N  # GATED: the U.x partials after the W.x ones
             at = part_ptr + (split * n_pairs + p).to(tl.int64) * N + n
             if GATED:  # silu and the scale once summed
@@ -1599,7 +1549,7 @@ if triton is not None:
                 acc = acc * tl.load(scale_ptr + p)
             tl.store(at, acc, mask=n < N)
             row = p // out_div
-            counter = counter_ptr + row * tl.num_programs(0) + pid_n
+            counter = counter_ptr + row * n_tiles + pid_n
             tl.debug_barrier()  # every thread's partial is stored before this program's arrival counts
             arrived = tl.atomic_add(counter, 1, sem="acq_rel")
             if arrived == out_div * splits - 1:  # the last: every partial is stored
@@ -1635,6 +1585,130 @@ if triton is not None:
                 if RESIDUAL:
                     acc = tl.load(res_ptr + p.to(tl.int64) * res_stride + n, mask=n < N) + acc
                 tl.store(out_ptr + p.to(tl.int64) * out_stride + n, acc, mask=n < N)
+
+    @triton.jit
+    def _matvec_kernel(
+        x_ptr,
+        w_ptr,
+        u_ptr,
+        out_ptr,
+        experts_ptr,
+        scale_ptr,
+        lut_ptr,
+        N,
+        n_pairs,
+        n_super,
+        chunk,
+        row_bytes,
+        expert_bytes,
+        x_stride,
+        x_div,
+        xsum_ptr,
+        xpow_ptr,
+        part_ptr,
+        counter_ptr,
+        out_stride,
+        out_div,
+        res_ptr,
+        res_stride,
+        hq_ptr,
+        hscale_ptr,
+        hsum_ptr,
+        QT: tl.constexpr,
+        NP: tl.constexpr,
+        BN: tl.constexpr,
+        GATED: tl.constexpr,
+        SCALED: tl.constexpr,
+        ROUTED: tl.constexpr,
+        VEC: tl.constexpr,
+        PACKED: tl.constexpr,
+        STAGES: tl.constexpr,
+        REDUCE: tl.constexpr,
+        INT: tl.constexpr,
+        INT_X: tl.constexpr,
+        PTX: tl.constexpr,
+        PDL: tl.constexpr = False,
+        UNROLL: tl.constexpr = 1,
+        X_AT: tl.constexpr = False,
+        ROWS: tl.constexpr = 0,
+        RESIDUAL: tl.constexpr = False,
+        INT_OUT: tl.constexpr = False,
+    ):
+        """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
+        x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when ROUTED,
+        else 0 (GATED: silu(W.x) * (U.x) of each pair's whole sums), times scale[q] when SCALED;
+        out's rows out_stride apart. For Q4_K, and Q6_K with VEC, w_ptr and u_ptr are int32 views;
+        with VEC, Q4_K takes `_q4_k_dot_vec` and Q6_K (PACKED) `_q6_k_dot_vec` on x from `_vec_x`
+        (xsum_ptr, xpow_ptr: its sums and powers). With INT, Q4_K and Q5_K, Q6_K and Q8_0 (both
+        PACKED) take `_q4_k_dot_int`, `_q6_k_dot_int`, `_q8_0_dot_int` on each super-block of x
+        quantized as `_int_x_super` does it: here, from float32 x (INT_X: x_ptr is x), or by
+        `_int_x` before (x_ptr: its int16 pairs as int32, x_stride in pairs; xsum_ptr: its sums,
+        xpow_ptr: its scales); the dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
+        ROWS > 0 (Q4_K and Q5_K with INT, x from `_int_x`): the "rows" read (INT_READS), ROWS
+        super-blocks of each of the BN rows a loop step, the lanes along K (a [BN, ROWS, 4, 4]
+        tile: row, super-block, group, word), a chunk's tail weighted 0.
+
+        Without REDUCE (one split, out_div 1) each program stores its row. With it, each stores
+        its partial in part [splits, pairs, N] (GATED: [2 * splits, pairs, N], W.x's then U.x's,
+        unscaled), and the last program to arrive at an output tile (counter_ptr: a zeroed int32
+        per tile, bumped with acq_rel) sums the tile's partials in a fixed order, pair by pair
+        and split by split from 0.0 (float32: the same bits every run; GATED: W.x's and U.x's
+        sums of a pair, then silu(w) * u, then its scale), writes the row and sets the counter
+        back to 0.
+
+        RESIDUAL: the program that writes an output row writes res[row] + it instead (res's rows
+        res_stride apart; the float32 add torch's `res + out` makes). INT_OUT (without REDUCE,
+        BN a multiple of 32): the rows are not written as float32 but as `_int_x` would leave
+        them (`_int_x_store_tile`: hq_ptr int16 [pairs, N], hscale_ptr [pairs, N / 32], hsum_ptr
+        [pairs, N / 16]), for a product that reads them next (moe_ffn's h)."""
+        _pdl_start(PDL)
+        _matvec_program(
+            x_ptr, w_ptr, u_ptr, out_ptr, experts_ptr, scale_ptr, lut_ptr, N, n_pairs, n_super, chunk, row_bytes,
+            expert_bytes, x_stride, x_div, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, out_div, res_ptr,
+            res_stride, hq_ptr, hscale_ptr, hsum_ptr, QT, NP, BN, GATED, SCALED, ROUTED, VEC, PACKED, STAGES, REDUCE,
+            INT, INT_X, PTX, UNROLL, X_AT, ROWS, RESIDUAL, INT_OUT,
+            tl.program_id(0), tl.program_id(1), tl.program_id(2), None, None,
+        )  # fmt: skip
+
+    @triton.jit
+    def _matvec_two_runs_kernel(
+        x_ptr, w_ptr, out_ptr, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, N, chunk, row_bytes, x_stride, tiles,
+        splits,
+        x2_ptr, w2_ptr, out2_ptr, xsum2_ptr, xpow2_ptr, part2_ptr, counter2_ptr, N2, chunk2, row_bytes2, x2_stride,
+        tiles2, splits2,
+        n_pairs, n_super, out_stride, first_programs,
+        QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, PACKED: tl.constexpr, STAGES: tl.constexpr,
+        UNROLL: tl.constexpr, REDUCE: tl.constexpr, INT_X: tl.constexpr, X_AT: tl.constexpr, ROWS: tl.constexpr,
+        QT2: tl.constexpr, NP2: tl.constexpr, BN2: tl.constexpr, PACKED2: tl.constexpr, STAGES2: tl.constexpr,
+        UNROLL2: tl.constexpr, REDUCE2: tl.constexpr, INT_X2: tl.constexpr, X_AT2: tl.constexpr,
+        ROWS2: tl.constexpr,
+        PTX: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        """Two "int" products of one x (n_pairs rows, dense, ungated) in one launch, as
+        `_matvec_kernel` would make each in a launch of its own (the same bits): programs [0,
+        first_programs) the first run's grid (tiles x n_pairs x splits, tile fastest), the rest
+        the second's (the names ending in 2), each with its own constexprs, partials and
+        arrival counters. `harness::qkv`'s q and k+v of different types (QKV_CONFIG)."""
+        _pdl_start(PDL)
+        pid = tl.program_id(0)
+        if pid < first_programs:
+            _matvec_program(
+                x_ptr, w_ptr, w_ptr, out_ptr, out_ptr, out_ptr, out_ptr, N, n_pairs, n_super, chunk, row_bytes, 0,
+                x_stride, 1, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, 1, out_ptr, 0, out_ptr, out_ptr,
+                out_ptr, QT, NP, BN, False, False, False, False, PACKED, STAGES, REDUCE, True, INT_X, PTX, UNROLL,
+                X_AT, ROWS, False, False,
+                pid % tiles, pid // tiles % n_pairs, pid // tiles // n_pairs, tiles, splits,
+            )  # fmt: skip
+        else:
+            at = pid - first_programs
+            _matvec_program(
+                x2_ptr, w2_ptr, w2_ptr, out2_ptr, out2_ptr, out2_ptr, out2_ptr, N2, n_pairs, n_super, chunk2,
+                row_bytes2, 0, x2_stride, 1, xsum2_ptr, xpow2_ptr, part2_ptr, counter2_ptr, out_stride, 1, out2_ptr,
+                0, out2_ptr, out2_ptr, out2_ptr, QT2, NP2, BN2, False, False, False, False, PACKED2, STAGES2,
+                REDUCE2, True, INT_X2, PTX, UNROLL2, X_AT2, ROWS2, False, False,
+                at % tiles2, at // tiles2 % n_pairs, at // tiles2 // n_pairs, tiles2, splits2,
+            )  # fmt: skip
 
     @triton.jit
     def _matmat_kernel(
@@ -2351,7 +2425,8 @@ class _MatvecPlan(NamedTuple):
     words: bool  # the blocks read as int32 words
     qtype: GGMLType
     options: dict  # the kernel's constexprs and launch options
-    # (residual, int_out, PDL) -> `_matvec_kernel` bound to `options` and those (`launch.bind`)
+    # (residual, int_out, PDL) -> `_matvec_kernel` bound to `options` and those (`launch.bind`);
+    # ("two runs", id of a second run's plan, PDL) -> (that plan, `_matvec_two_runs_kernel` bound)
     bound: dict
 
 
@@ -2635,15 +2710,7 @@ def _matvec(
         if plan.words:
             w = w.view(torch.int32)
             u = w if u is w else u.view(torch.int32)
-        xsum = xpow = out
-        if plan.vec or (plan.int_read and not plan.options["INT_X"]):
-            form = plan.qtype if plan.vec else "int"  # (`_vec_x`'s order depends on the type)
-            made = None if prepared is None else prepared.get(form)
-            if made is None:
-                made = _vec_x(x, plan.qtype) if plan.vec else _int_x(x)
-                if prepared is not None:
-                    prepared[form] = made
-            x, xsum, xpow = made
+        x, xsum, xpow = _x_read(x, plan, prepared, out)
         row_bytes = plan.row_bytes
         pdl_kw = pdl_options(device)
         variant = (residual is not None, int_out is not None, pdl_kw is _PDL_ON)  # (one of two dicts)
@@ -2659,6 +2726,72 @@ def _matvec(
             out.stride()[0], out_div, res, res.stride()[0], *h_int,
         )  # fmt: skip
     return out
+
+
+def _x_read(x: torch.Tensor, plan: _MatvecPlan, prepared: dict | None, unused: torch.Tensor) -> tuple:
+    """(x, its sums, its powers or scales) as `plan`'s read takes them: made by `_vec_x` or
+    `_int_x` where the read takes x prepared (taken from `prepared` when a product of the same
+    op prepared this x so before, and left there), else x itself and `unused` twice."""
+    if not (plan.vec or (plan.int_read and not plan.options["INT_X"])):
+        return x, unused, unused
+    form = plan.qtype if plan.vec else "int"  # (`_vec_x`'s order depends on the type)
+    made = None if prepared is None else prepared.get(form)
+    if made is None:
+        made = _vec_x(x, plan.qtype) if plan.vec else _int_x(x)
+        if prepared is not None:
+            prepared[form] = made
+    return made
+
+
+# A run's constexprs in `_matvec_two_runs_kernel` (the second run's names end in 2).
+_RUN_OPTIONS = ("QT", "NP", "BN", "PACKED", "STAGES", "UNROLL", "REDUCE", "INT_X", "X_AT", "ROWS")
+
+
+def _matvec_two_runs(x: torch.Tensor, runs: list[tuple], prepared: dict | None) -> bool:
+    """`harness::qkv`'s two runs (weight, code, rows, output columns) of x [T, K] (float32,
+    contiguous) in one launch of `_matvec_two_runs_kernel`, where QKV_CONFIG "one_launch" is on,
+    T is a decode size and both runs are "int" reads (each run's plan as `_matvec` makes it
+    alone, so the same bits); False, launching nothing, otherwise."""
+    n_pairs = x.shape[0]
+    if not QKV_CONFIG["one_launch"] or len(runs) != 2 or not 0 < n_pairs <= MATVEC_MAX_ROWS:
+        return False
+    device = x.device
+    first, second = (
+        _matvec_plan(c, x.shape[1], rows, n_pairs, 1, False, False, False, device) for _, c, rows, _ in runs
+    )
+    if not (first.int_read and second.int_read):
+        return False
+    pdl_kw = pdl_options(device)
+    # (`plan.bound`: the second run's plan and the kernel bound to both, by that plan and PDL)
+    key = ("two runs", id(second), pdl_kw is _PDL_ON)
+    made = first.bound.get(key)
+    if made is None or made[0] is not second:
+        options = {name: first.options[name] for name in _RUN_OPTIONS}
+        options |= {name + "2": second.options[name] for name in _RUN_OPTIONS}
+        warps = max(first.options["num_warps"], second.options["num_warps"])
+        made = first.bound[key] = (
+            second,
+            bind(_matvec_two_runs_kernel, **options, PTX=_ptx(), num_warps=warps, **pdl_kw),
+        )
+    kernel = made[1]
+    counted = [plan.grid[0] * n_pairs if plan.reduce else 0 for plan in (first, second)]
+    counters = _split_counters(device, sum(counted)) if any(counted) else None
+    args = []
+    for i, ((w, _, rows, into), plan) in enumerate(zip(runs, (first, second), strict=True)):
+        tiles, _, splits = plan.grid
+        part = counter = into
+        if plan.reduce:
+            part = _partials(x, (splits, n_pairs, rows), i)
+            counter = counters if i == 0 or not counted[0] else counters[counted[0] :]
+        read, xsum, xpow = _x_read(x, plan, prepared, into)
+        w = w if w.is_contiguous() else w.contiguous()
+        args += (read, w.view(torch.int32), into, xsum, xpow, part, counter, rows, plan.chunk, plan.row_bytes)
+        args += (read.stride()[0], tiles, splits)
+    with _launch_device(device):
+        programs = first.grid[0] * n_pairs * first.grid[2]
+        total = programs + second.grid[0] * n_pairs * second.grid[2]
+        launch(kernel, (total,), *args, n_pairs, first.n_super, runs[0][3].stride()[0], programs)
+    return True
 
 
 # Per device, zeroed int32 counters that `_matvec_kernel`'s programs count their arrivals at an
@@ -2687,12 +2820,13 @@ def _scratch(key: tuple, make) -> tuple[torch.Tensor, ...]:
     return made
 
 
-def _partials(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def _partials(x: torch.Tensor, shape: tuple[int, int, int], run: int = 0) -> torch.Tensor:
     """The scratch [splits, pairs, N] `_matvec_kernel` leaves its partial products in, [2 *
     splits, pairs, N] for a gated product (its W.x's, then its U.x's): keyed by that whole shape,
     so a product never gets a buffer of another size. A function of its own so that tests can
-    see them: they check the order they are summed in."""
-    return _scratch(("partials", x.device, shape), lambda: (x.new_empty(shape),))[0]
+    see them: they check the order they are summed in. `run`: which run of one launch they are
+    (`_matvec_two_runs`: two runs of one shape never share them)."""
+    return _scratch(("partials", x.device, shape, run), lambda: (x.new_empty(shape),))[0]
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -3286,10 +3420,11 @@ def qkv(
     `kernel_weight` prepares them, with its codes: the GGML type | PACKED | WIDE) -> [T,
     out_q + out_k + out_v] float32, q, k and v side by side in each row (one tensor, written in
     place: `harness::attention` takes it whole). Weights of one code whose blocks follow each
-    other in memory (`pack_rows`) are multiplied in one launch; x is prepared once for the
-    products that read it alike where a launch prepares it (decode: one `_vec_x` per type under
-    "vec", one `_int_x` for Q4_K_M's Q4_K and packed Q6_K under `int_x_path` "launch"; none
-    under "kernel"). x_q, x_sums, x_scales: x's `_int_x` form, made by the norm before
+    other in memory (`pack_rows`) are multiplied in one launch, and under QKV_CONFIG "one_launch"
+    two such runs that decode through "int" reads both in one (`_matvec_two_runs`); x is
+    prepared once for the products that read it alike where a launch prepares it (decode: one
+    `_vec_x` per type under "vec", one `_int_x` for Q4_K_M's Q4_K and packed Q6_K or Q8_0 under
+    `int_x_path` "launch"; none under "kernel"). x_q, x_sums, x_scales: x's `_int_x` form, made by the norm before
     (`rms_norm_int`), which the "int" reads then take instead of running `_int_x` (all three or
     none)."""
     given = _given_int_x("harness::qkv", x, x_q, x_sums, x_scales)
@@ -3299,6 +3434,7 @@ def qkv(
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     prepared = {} if given is None else given
+    runs = []  # (weight, code, rows, output columns)
     i = column = 0
     while i < 3:
         j = i + 1
@@ -3308,10 +3444,12 @@ def qkv(
         run = weights[i]
         if j - i > 1:
             run = torch.as_strided(run, (rows, *run.shape[1:]), run.stride())
-        into = out if rows == out.shape[1] else out.narrow(1, column, rows)
-        _product(x, run, None, qtypes[i], rows, None, 1, None, out=into, prepared=prepared)
+        runs.append((run, qtypes[i], rows, out if rows == out.shape[1] else out.narrow(1, column, rows)))
         column += rows
         i = j
+    if not _matvec_two_runs(x, runs, prepared):
+        for run, code, rows, into in runs:
+            _product(x, run, None, code, rows, None, 1, None, out=into, prepared=prepared)
     return out
 
 
