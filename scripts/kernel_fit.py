@@ -154,6 +154,9 @@ def record(groups: list[str]) -> list[dict]:
                         ops.qmatmul(x, w, c, d)
                     ops.qmatmul(x, head, code_head, 32000)
                     ops.qkv(x, weight, weight[:1024], weight6[:1024], code, code, code6)
+                    if group == "decode":  # QKV_CONFIG "one_launch": q, and k+v of one buffer, in one launch
+                        with _settings(fused.QKV_CONFIG, {"one_launch": True}):
+                            ops.qkv(x, weight, weight6[:1024], weight6[1024:2048], code, code6, code6)
                     ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down)
                     # the decode graph's forms: x quantized apart, and with MOE_FFN_CONFIG's fusions
                     # (h quantized by the gated product, the residual added in the kernel)

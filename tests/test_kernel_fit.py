@@ -37,6 +37,7 @@ def test_every_decode_and_prefill_launch_fits_a_consumer_gpu(kernel_fit, launche
     kernels = {launch["kernel"] for launch in launches}
     assert {
         "_matvec_kernel",
+        "_matvec_two_runs_kernel",
         "_vec_x_kernel",
         "_grouped_kernel",
         "_attention_kernel",

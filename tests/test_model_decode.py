@@ -348,6 +348,70 @@ def test_attention_int_form_leaves_the_logits_and_drops_the_int_x_launch_after_a
     ]
 
 
+@pytest.fixture(scope="module")
+def tiny8_path(tmp_path_factory):
+    """The tiny model with 8 experts: llama.cpp's Q4_K_M then gives attn_k and attn_v Q8_0 (q
+    Q4_K), as Mixtral-8x7B's file has them; at 256 columns Q8_0 is packed (an "int" read)."""
+    import dataclasses
+
+    from harness.gguf_file import PRESETS
+
+    config = dataclasses.replace(PRESETS["tiny"], expert_count=8)
+    return synthesize(tmp_path_factory.mktemp("decode8") / "tiny8.gguf", config, file_type="Q4_K_M", seed=5)
+
+
+_INTERPRETED_QKV_ONE_LAUNCH = """
+import json, sys, torch
+from harness.model.mixtral import Mixtral
+from harness.quant import fused
+from harness.quant.launch import unbound
+model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
+fused.int_x_path = "launch"  # x quantized by a launch of its own, as in the decode graph
+original = fused.launch
+
+def run(one_launch, norms):  # QKV_CONFIG's "one_launch", NORM_CONFIG's "int_out"
+    launched = []
+    def counted(kernel, *args, **kwargs):
+        launched.append(unbound(kernel, kwargs)[0].__name__)  # (`_matvec` launches a `launch.Bound`)
+        return original(kernel, *args, **kwargs)
+    fused.launch, fused.QKV_CONFIG["one_launch"], fused.NORM_CONFIG["int_out"] = counted, one_launch, norms
+    try:
+        model.reset()
+        with torch.inference_mode():  # a prefill of 3 tokens (decode-sized), two steps
+            logits = [model(torch.tensor([3, 9, 27]), 0), model(torch.tensor([5]), torch.tensor([3])),
+                      model(torch.tensor([7]), 4)]
+    finally:
+        fused.launch, fused.QKV_CONFIG["one_launch"], fused.NORM_CONFIG["int_out"] = original, False, False
+    return [l.view(torch.int32).tolist() for l in logits], launched
+
+types = [[int(m.kernel_qtype) & 0xFF for m in (a.wq, a.wk, a.wv)] for a in (l.attn for l in model.layers)]
+print(json.dumps({"runs": {f"{o} {n}": run(o, n) for o, n in ((False, False), (True, False), (True, True))},
+                  "layers": len(model.layers), "types": types}))
+"""
+
+
+@pytest.mark.slow
+def test_qkv_in_one_launch_leaves_the_logits_and_makes_one_launch_of_two(tiny8_path):
+    """QKV_CONFIG "one_launch" on the tiny 8-expert Q4_K_M model (q Q4_K, k and v packed Q8_0)
+    under Triton's interpreter, x quantized by a launch as in the decode graph, with NORM_CONFIG
+    "int_out" off and on: a prefill of 3 tokens and two steps give the logits they give without
+    it, bit for bit; each layer's qkv makes one `_matvec_two_runs_kernel` launch where it made two
+    `_matvec_kernel` ones, right after x's `_int_x` launch (after the norm with its int form)."""
+    got = json.loads(_interpreted(_INTERPRETED_QKV_ONE_LAUNCH, tiny8_path))
+    assert got["types"] == [[12, 8, 8]] * got["layers"]
+    qkv_calls = 3 * got["layers"]
+    (off_logits, off), (on_logits, on), (normed_logits, normed) = (
+        got["runs"][k] for k in ("False False", "True False", "True True")
+    )
+    assert on_logits == off_logits and normed_logits == off_logits
+    assert "_matvec_two_runs_kernel" not in off
+    for launches, before in ((on, "_int_x_kernel"), (normed, "_rms_norm_kernel")):
+        assert launches.count("_matvec_two_runs_kernel") == qkv_calls
+        assert off.count("_matvec_kernel") - launches.count("_matvec_kernel") == 2 * qkv_calls
+        after = [launches[i - 1] for i, name in enumerate(launches) if name == "_matvec_two_runs_kernel"]
+        assert after == [before] * qkv_calls, after
+
+
 def _interpreted(script: str, model_path) -> str:
     """stdout of `script` run with `model_path` in a subprocess under Triton's interpreter."""
     pytest.importorskip("triton")
