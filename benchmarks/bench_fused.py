@@ -55,9 +55,10 @@ in `_int_x`'s form (as NORM_CONFIG "int_out" hands it over): QKV_CONFIG "one_lau
 launch", new: `_matvec_two_runs_kernel`) against off ("a launch a run", old), in a CUDA graph
 and eagerly, the weights in turn from DRAM (copies of them past twice the L2 cache, as a decode
 step reads each layer's); its bytes are the weights'. After moe_ffn in the default run;
-`--qkv-only` times only these:
+`--qkv-only` times only these (`--sweep-qkv` adds how far q's and k+v's products split,
+QKV_SWEEP_PER_SM, both ways):
 
-    python benchmarks/bench_fused.py --qkv-only --out benchmarks/results/qkv_one_launch.json
+    python benchmarks/bench_fused.py --qkv-only --sweep-qkv --out benchmarks/results/qkv_one_launch.json
 """
 
 from __future__ import annotations
@@ -315,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time only harness::qkv, QKV_CONFIG 'one_launch' on and off (weights from DRAM)",
     )
+    p.add_argument(
+        "--sweep-qkv",
+        action="store_true",
+        help="also time harness::qkv both ways under QKV_SWEEP_PER_SM's splits of q's and k+v's products",
+    )
     p.add_argument("--router-only", action="store_true", help="time only harness::router_topk")
     p.add_argument(
         "--sweep-router",
@@ -393,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         router_rows(dev, row, comparisons, save, args.sweep_router)
         return 0
     if args.qkv_only:
-        qkv_rows(dev, row, comparisons, save)
+        qkv_rows(dev, row, comparisons, save, args.sweep_qkv)
         return 0
 
     for qtype, n, k in () if args.moe_only else SHAPES:
@@ -535,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         fused.MATVEC_CONFIG[T.Q4_K].update(saved)
     if args.moe_only:
         return 0
-    qkv_rows(dev, row, comparisons, save)
+    qkv_rows(dev, row, comparisons, save, args.sweep_qkv)
     router_rows(dev, row, comparisons, save, args.sweep_router)
     attention_rows(dev, row, comparisons, save, args.sweep_attention)
     return 0
@@ -574,13 +580,17 @@ def moe_fusion_rows(dev: torch.device, gate_up: tuple, downs: tuple, compared_wa
 QKV_TYPES = ((T.Q4_K, T.Q8_0), (T.Q4_K, T.Q6_K))
 QKV_SHAPE = (4096, 1024, 4096)
 QKV_TOKENS = (1, 4, 8)
+# --sweep-qkv: "dense_programs_per_sm" of q's type and of k+v's (INT_MATVEC_CONFIG; 2 for Q4_K
+# and Q8_0 by default, chosen for a launch a run): how far each run splits, both ways
+QKV_SWEEP_PER_SM = (1, 2, 4)
 
 
-def qkv_rows(dev: torch.device, row, comparisons: list, save) -> None:
+def qkv_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = False) -> None:
     """`harness::qkv` per QKV_TYPES and QKV_TOKENS (QKV_SHAPE; k and v packed into one buffer
     by `fused.pack_rows`), x plain and given in `_int_x`'s form: QKV_CONFIG "one_launch" on
     ("one launch") against off ("a launch a run") (`compared_paths`, in a graph and eagerly),
-    on weights in turn from DRAM (copies by `in_turn_from_dram`: each call takes the next)."""
+    on weights in turn from DRAM (copies by `in_turn_from_dram`: each call takes the next); with
+    `sweep`, x plain both ways under QKV_SWEEP_PER_SM's splits too (rows only, in a graph)."""
     q_rows, kv_rows, k = QKV_SHAPE
     for q_type, kv_type in QKV_TYPES:
         blocks = [
@@ -620,8 +630,35 @@ def qkv_rows(dev: torch.device, row, comparisons: list, save) -> None:
                     f"qkv q {q_type.name} {q_rows}x{k}, k+v {kv_name} 2x{kv_rows}x{k} T={t} "
                     f"{'x int form given' if given else 'x'} weights from DRAM ({n_sets} sets)"
                 )
-                compared_paths(name, ways, nbytes, 2 * t * (q_rows + 2 * kv_rows) * k, row, comparisons, save,
-                               eager=True, reps=4 * n_sets)  # fmt: skip
+                flops = 2 * t * (q_rows + 2 * kv_rows) * k
+                compared_paths(name, ways, nbytes, flops, row, comparisons, save, eager=True, reps=4 * n_sets)
+                if sweep and not given:
+                    qkv_sweep(name, ways, (q_type, kv_type), nbytes, flops, row, 4 * n_sets)
+
+
+def qkv_sweep(name: str, ways: dict, types: tuple, nbytes: int, flops: int, row, reps: int) -> None:
+    """Each of `ways` (qkv calls) under each pair of QKV_SWEEP_PER_SM for the two types' products
+    (their "dense_programs_per_sm"), a row each, checked against the way's default result."""
+    settings = [fused.INT_MATVEC_CONFIG[qtype] for qtype in types]
+    saved = [dict(s) for s in settings]
+
+    def restore() -> None:
+        for setting, before in zip(settings, saved, strict=True):
+            setting.clear()
+            setting.update(before)
+
+    try:
+        for way, fn in ways.items():
+            restore()  # (the reference at the default settings)
+            reference = fn()
+            for per_sm in itertools.product(QKV_SWEEP_PER_SM, repeat=2):
+                for setting, value in zip(settings, per_sm, strict=True):
+                    setting["dense_programs_per_sm"] = value
+                ms, off = timed_setting(fn, reference, reps)
+                label = f"dense_programs_per_sm q={per_sm[0]} k+v={per_sm[1]}"
+                row(f"  sweep {way} {label} {name}", ms, nbytes, flops, off)
+    finally:
+        restore()
 
 
 def compared_paths(

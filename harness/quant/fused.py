@@ -188,14 +188,17 @@ NORM_CONFIG: dict[str, bool] = {"int_out": False}
 # `harness::qkv`'s decode (1..MATVEC_MAX_ROWS tokens):
 # - "one_launch": where its weights make two runs of different types (`pack_rows`; Mixtral's
 #   Q4_K_M: q Q4_K, k and v Q8_0 in one buffer) and both are "int" reads, one launch of
-#   `_matvec_two_runs_kernel` makes both (programs [0, P_q) q's plan, the rest k+v's, each with its
-#   own tiles, splits, partials and counters; the same bits), not a `_matvec_kernel` launch each.
+#   `_matvec_two_runs_kernel` makes both (programs [0, P_q) the first run's plan, q's, the rest the
+#   second's, k+v's, each plan as its own launch would run it: its constexprs, tiles, splits,
+#   partials and counters; the same bits), not a `_matvec_kernel` launch each.
 #   Each launch alone is too small to fill the GPU: on an H100 (benchmarks/results/
 #   profile_decode.json, session 13) 8.9 us and 8.1 us a layer, each at about 35% of copy
 #   bandwidth. Its num_warps is the larger of the two runs' settings. One run, or three (k and v
 #   of one type in two buffers), and everything else keep a launch a run.
 # Off until timed: it has run only under Triton's interpreter (the same bits) and compiled for
-# sm_90, never on a GPU (`benchmarks/bench_fused.py --qkv-only` times both ways).
+# sm_90 (no spills: 128 registers a thread for Q4_K with Q8_0 or Q6_K, both split, x from `_int_x`;
+# 119 for Q4_K's own launch), never on a GPU (`benchmarks/bench_fused.py --qkv-only` times both
+# ways, `--sweep-qkv` how far each run splits).
 QKV_CONFIG: dict[str, bool] = {"one_launch": False}
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
