@@ -539,3 +539,34 @@ def test_cuda_attention_int_form_decodes_the_same_logits_eager_and_in_a_graph(ti
         graphed = greedy_decode(model, first, 5, 6, fast=True)
     assert model.decode_graph is not None
     assert graphed.tolist() == logits[False, False][1:].view(torch.float32).argmax(-1).tolist()
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_qkv_in_one_launch_decodes_the_same_logits_eager_and_in_a_graph(tiny8_path, monkeypatch):
+    """QKV_CONFIG "one_launch" on the GPU (the tiny 8-expert model: q Q4_K, k and v packed Q8_0),
+    with NORM_CONFIG "int_out" off and on: eager steps with x quantized by a launch (`int_x_path`
+    "launch") and in the kernel ("kernel") give the logits they give without it, bit for bit, and
+    a CUDA graph captured with it (PDL as the device allows) decodes the tokens eager steps
+    without it decode."""
+    from harness.quant import fused
+
+    prompt = torch.tensor([3, 17, 99, 250, 7], device="cuda")
+    model = Mixtral.from_gguf(tiny8_path, device="cuda", max_seq_len=32)
+    for int_x in ("launch", "kernel"):
+        monkeypatch.setattr(fused, "int_x_path", int_x)
+        for norms in (False, True):
+            monkeypatch.setitem(fused.NORM_CONFIG, "int_out", norms)
+            logits = {}
+            for on in (False, True):
+                monkeypatch.setitem(fused.QKV_CONFIG, "one_launch", on)
+                logits[on] = _eager_steps(model, prompt).view(torch.int32)
+            assert torch.equal(logits[True], logits[False]), (int_x, norms)
+    monkeypatch.setattr(fused, "int_x_path", "auto")  # ("launch" in the graph's step)
+    monkeypatch.setitem(fused.QKV_CONFIG, "one_launch", True)
+    with torch.inference_mode():
+        model.reset()
+        model(prompt, 0)
+        first = logits[False][0].view(torch.float32).argmax().view(1)
+        graphed = greedy_decode(model, first, 5, 6, fast=True)
+    assert model.decode_graph is not None
+    assert graphed.tolist() == logits[False][1:].view(torch.float32).argmax(-1).tolist()
