@@ -190,6 +190,11 @@ MOE_FFN_CONFIG: dict[str, bool] = {"int_h": True, "residual": True}
 #   values for its partial logits, the last routing: one launch a layer fewer in decode (on an
 #   H100 the router's launch took 3.8 us a layer and the norm's 3.5 us, session 13's
 #   benchmarks/results/profile_decode.json), the same bits as the two ops.
+#   The fused launch runs at the norm's warps (`_norm_warps`: its rms then has the norm launch's
+#   bits; ROUTER_CONFIG's "num_warps" does not apply to it), the router's other settings as
+#   `router_plan` gives them; each expert's partial logit stays in a warp's lanes at either
+#   count and `_router_choose` sums over experts pairwise, so the routing has the router
+#   launch's bits too (tests/test_quant_fused.py compares the sums' layouts for sm_90).
 # Off until timed: they have run only under Triton's interpreter (the same logits, bit for bit)
 # and compiled for sm_90, never on a GPU.
 NORM_CONFIG: dict[str, bool] = {"int_out": False, "router": False}
@@ -347,7 +352,8 @@ ATTENTION_TWO_LAUNCHES = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys"
 # last program reads 32 partials of 32 B at once. More splits halve a program's reads but
 # double the partials and the programs. Chosen by that reasoning, not yet timed:
 # `benchmarks/bench_fused.py --router-only --sweep-router` times it against other settings and
-# the one-program kernel ("splits" 1, "tile" 16384, 8 warps: the kernel before splits).
+# the one-program kernel ("splits" 1, "tile" 16384, 8 warps: the kernel before splits). Under
+# NORM_CONFIG "router" the same programs run inside the norm's launch (`_norm_route_kernel`).
 ROUTER_MAX_EXPERTS = 64
 ROUTER_CONFIG: dict[str, int] = {"splits": 32, "tile": 1024, "num_warps": 4, "num_stages": 1}
 
