@@ -479,8 +479,8 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, int] | None:
         """(the router's float32 weight, k) where `norm` of x + residual, the norm before this
         MoE, should route its output itself (`fused.norm_routes`: NORM_CONFIG "router", a decode
-        call whose tensors are all on one device the kernels run on): `RMSNorm`'s `route`, and
-        its routing this forward's `routing`. None otherwise."""
+        call whose tensors are all on one device the kernels run on), for `RMSNorm`'s `route`
+        (the routing it gives is this module's `routing`); None otherwise."""
         router = self.router
         weight = router.weight if router.strategy == "f32" else None
         if weight is not None and fused.norm_routes(x, residual, norm.weight, weight, self.n_used):
@@ -552,17 +552,17 @@ class Block(nn.Module):
         if not self.is_moe:
             x, normed = self.ffn_norm(x, h)
             return x + self.ffn(normed)
-        moe = self.moe
+        moe, ffn_norm = self.moe, self.ffn_norm
         if h.dtype == torch.float32 and h.shape == x.shape:
             int_form = moe.takes_int_x(x)
-            route = moe.norm_route(x, h, self.ffn_norm)
+            route = moe.norm_route(x, h, ffn_norm)
             if route is not None:
-                x, normed, *made = self.ffn_norm(x, h, int_form, route)  # ([x_int], routing)
+                x, normed, *made = ffn_norm(x, h, int_form, route)  # ([x_int], routing)
                 return moe(normed, x, made[0] if int_form else None, routing=made[-1])
             if int_form:
-                x, normed, x_int = self.ffn_norm(x, h, int_form=True)
+                x, normed, x_int = ffn_norm(x, h, int_form=True)
                 return moe(normed, x, x_int)
-        x, normed = self.ffn_norm(x, h)
+        x, normed = ffn_norm(x, h)
         return moe(normed, x)
 
 
