@@ -59,6 +59,15 @@ step reads each layer's); its bytes are the weights'. After moe_ffn in the defau
 QKV_SWEEP_PER_SM, both ways):
 
     python benchmarks/bench_fused.py --qkv-only --sweep-qkv --out benchmarks/results/qkv_one_launch.json
+
+The post-attention norm with the router after it (NORM_CONFIG "router") at ROUTER_CALLS' shapes,
+with and without the norm's int form: `harness::add_rms_norm_route` ("one launch", new) against
+`add_rms_norm` then `router_topk` ("two launches", old: what the model calls with the switch
+off), in a CUDA graph and eagerly, the comparison saying whether every output has the same bits,
+and both with the router's weight from DRAM. After the router's rows in the default run;
+`--norm-route-only` times only these:
+
+    python benchmarks/bench_fused.py --norm-route-only --out benchmarks/results/norm_route.json
 """
 
 from __future__ import annotations
@@ -323,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--router-only", action="store_true", help="time only harness::router_topk")
     p.add_argument(
+        "--norm-route-only",
+        action="store_true",
+        help="time only the post-attention norm with the router (harness::add_rms_norm_route) against the two ops",
+    )
+    p.add_argument(
         "--sweep-router",
         action="store_true",
         help="also try launch settings of harness::router_topk's kernel (ROUTER_SWEEP)",
@@ -400,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.qkv_only:
         qkv_rows(dev, row, comparisons, save, args.sweep_qkv)
+        return 0
+    if args.norm_route_only:
+        norm_route_rows(dev, row, comparisons, save)
         return 0
 
     for qtype, n, k in () if args.moe_only else SHAPES:
@@ -543,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     qkv_rows(dev, row, comparisons, save, args.sweep_qkv)
     router_rows(dev, row, comparisons, save, args.sweep_router)
+    norm_route_rows(dev, row, comparisons, save)
     attention_rows(dev, row, comparisons, save, args.sweep_attention)
     return 0
 
@@ -746,6 +764,56 @@ def router_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = F
                 ms = try_time_ms(kernel_from_dram, n_weights)
                 row(f"  sweep {setting} {name} weight from DRAM", ms, nbytes, flops)
             fused.ROUTER_CONFIG.update(saved)
+
+
+def norm_route_rows(dev: torch.device, row, comparisons: list, save) -> None:
+    """The post-attention norm and the router (NORM_CONFIG "router") per ROUTER_CALLS, with and
+    without the norm's int form: `harness::add_rms_norm_route` (or its int form's: "one launch")
+    against the norm's op then `router_topk` ("two launches"), `compared_paths` in a graph and
+    eagerly (the comparison also says whether every output has the same bits), then both with
+    the router's weight from DRAM (`in_turn_from_dram`), as a decode step's layers read theirs.
+    Bytes: the router's weight and the norm's."""
+    for t, n_exp, k, d in ROUTER_CALLS:
+        x, residual = torch.randn(t, d, device=dev), torch.randn(t, d, device=dev)
+        norm_weight = torch.rand(d, device=dev) + 0.5
+        weight = torch.randn(n_exp, d, device=dev) * 0.05
+        nbytes, flops = (weight.numel() + d) * 4, 2 * t * n_exp * d
+        assert fused.norm_route_takes_kernel(x, residual, norm_weight, weight, k)
+        for int_form in (False, True):
+            norm = "add_rms_norm_int" if int_form else "add_rms_norm"
+            name = f"{norm} + router_topk E={n_exp} k={k} D={d} T={t}"
+            ways = norm_route_ways(norm, x, residual, norm_weight, k)
+            c = compared_paths(
+                name, {way: functools.partial(fn, weight) for way, fn in ways.items()}, nbytes, flops, row,
+                comparisons, save, eager=True,
+            )  # fmt: skip
+            outs = [fn(weight) for fn in ways.values()]
+            c["same_bits"] = all(
+                torch.equal(a.view(torch.int32), b.view(torch.int32)) if a.dtype == torch.float32 else torch.equal(a, b)
+                for a, b in zip(*outs, strict=True)
+            )  # fmt: skip
+            save()
+            turn, n_weights = in_turn_from_dram(weight)
+            for way, fn in ways.items():
+                ms = try_time_ms(lambda fn=fn, turn=turn: fn(turn()), n_weights)
+                row(f"{name} {way} router weight from DRAM", ms, nbytes, flops)
+
+
+def norm_route_ways(norm: str, x, residual, norm_weight, k: int) -> dict:
+    """{"one launch": `harness::<norm>_route`, "two launches": `harness::<norm>` then
+    `router_topk` of its normed output}, each a function of the router's weight."""
+    from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN
+
+    ops, args = torch.ops.harness, (x, residual, norm_weight, 1e-5)
+
+    def one(weight):
+        return getattr(ops, f"{norm}_route")(*args, weight, k, ROUTER_WEIGHT_SUM_MIN)
+
+    def two(weight):
+        normed = getattr(ops, norm)(*args)
+        return *normed, *ops.router_topk(normed[1], weight, k, ROUTER_WEIGHT_SUM_MIN)
+
+    return {"one launch": one, "two launches": two}
 
 
 def in_turn_from_dram(weight: torch.Tensor) -> tuple:

@@ -366,9 +366,11 @@ def _moe_path(model):
 
 
 # The faulted forwards take the module's whole signature; x's `_int_x` form (`x_int`, given
-# under fused.NORM_CONFIG "int_out") is passed on where the module's own forward passes it.
+# under fused.NORM_CONFIG "int_out") is passed on where the module's own forward passes it. The
+# routing a norm made (`routing`, under NORM_CONFIG "router") is not taken: the faulted code
+# routes itself, as the bug did.
 def _topk_on_host_forward(
-    self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None, x_int=None
+    self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None, x_int=None, routing=None
 ) -> torch.Tensor:
     logits = self.router(x)  # [T, E] on the device
     probs = logits.float().cpu().softmax(-1)  # FAULT: routing fetched to the host
@@ -385,7 +387,7 @@ def _topk_inject(model, inj):
 
 
 def _item_in_routing_forward(
-    self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None, x_int=None
+    self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None, x_int=None, routing=None
 ) -> torch.Tensor:
     logits = self.router(x)  # [T, E]
     probs = logits.float().softmax(-1)

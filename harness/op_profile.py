@@ -160,6 +160,10 @@ def _describe(name: str, shapes: list, values: list) -> Call:
             sig = f"F32 router [{_shape(weight)}], k={k}, T={_tokens(shapes)}"
             return Call(sig, 4 * _numel(weight), "router weight (float32)")
         return Call(f"logits [{_shape(shape(0))}] in, k={k}", 0, "no weight (logits given)")
+    if name in ("harness::add_rms_norm_route", "harness::add_rms_norm_int_route") and n >= 5:
+        norm, router = _numel(shape(2)), _numel(shape(4))
+        sig = f"[{_shape(shape(0))}], F32 router [{_shape(shape(4))}], k={arg(5)}"
+        return Call(sig, 4 * (norm + router), "norm and router weights (float32)")
     if name in (
         "harness::rms_norm",
         "harness::add_rms_norm",

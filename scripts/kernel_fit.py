@@ -141,6 +141,9 @@ def record(groups: list[str]) -> list[dict]:
                 if group == "decode":  # NORM_CONFIG "int_out": the normed rows in `_int_x`'s form too
                     ops.rms_norm_int(x, norm, 1e-5)
                     ops.add_rms_norm_int(x, x, norm, 1e-5)
+                    # NORM_CONFIG "router": the norm with the router in one launch (and its int form)
+                    ops.add_rms_norm_route(x, x, norm, 1e-5, router, 2, 1e-6)
+                    ops.add_rms_norm_int_route(x, x, norm, 1e-5, router, 2, 1e-6)
                 ops.router_topk(x, router, 2, 1e-6)
                 # every way the products can run: each matrix-vector read (decode) or prefill path
                 kind, paths = (

@@ -388,6 +388,33 @@ def test_inject_and_remove_on_meta(paths, placement):
     assert set(tried) == set(faults.CATALOG) - not_applicable
 
 
+def test_replaced_forwards_take_the_whole_signature_of_the_forward_they_replace(paths):
+    """A fault that replaces a module's forward takes every parameter the module's own forward
+    takes (by name, or through *args and **kwargs), so that a caller's new argument, given only
+    on a fast path (x's `_int_x` form under NORM_CONFIG "int_out", the norm's routing under
+    "router"), never turns the fault into a TypeError."""
+    import inspect
+
+    model = Mixtral.from_gguf(paths["thebloke"], device="meta", max_seq_len=32)
+    replaced = []
+    for fault in faults.CATALOG.values():
+        if not fault.applies_to(model):
+            continue
+        sites = [None] if not fault.generic else fault.sites(model)[:1]
+        for at in sites:
+            with fault.inject(model, at):
+                for path, module in model.named_modules():
+                    if "forward" not in module.__dict__:
+                        continue
+                    own = inspect.signature(type(module).forward).parameters
+                    taken = inspect.signature(module.forward).parameters
+                    kinds = {p.kind for p in taken.values()}
+                    catch_all = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD} <= kinds
+                    assert catch_all or list(taken) == [n for n in own if n != "self"], (fault.name, path)
+                    replaced.append(fault.name)
+    assert {"router-topk-on-host", "item-in-routing", "expert-indices-on-cpu"} <= set(replaced)
+
+
 def test_nested_injections_come_out_in_reverse_order(paths):
     model = Mixtral.from_gguf(paths["thebloke"], device="meta", max_seq_len=32)
     before = _state(model)

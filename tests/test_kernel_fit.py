@@ -42,6 +42,7 @@ def test_every_decode_and_prefill_launch_fits_a_consumer_gpu(kernel_fit, launche
         "_grouped_kernel",
         "_attention_kernel",
         "_rms_norm_kernel",
+        "_norm_route_kernel",
     } <= kernels
     matvec_types = {launch["constexprs"]["QT"] for launch in launches if launch["kernel"] == "_matvec_kernel"}
     assert matvec_types == {int(qtype) for qtype in fused.FUSED_TYPES}

@@ -412,6 +412,92 @@ def test_qkv_in_one_launch_leaves_the_logits_and_makes_one_launch_of_two(tiny8_p
         assert after == [before] * qkv_calls, after
 
 
+_INTERPRETED_NORM_ROUTE = """
+import json, sys, torch
+from harness.model.mixtral import Mixtral
+from harness.quant import fused
+from harness.quant.launch import unbound
+from harness.trace.tracer import Tracer
+model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
+fused.int_x_path = "launch"  # x quantized by a launch of its own, as in the decode graph
+original = fused.launch
+
+def run(router, norms):  # NORM_CONFIG's "router" and "int_out"
+    launched = []
+    def counted(kernel, *args, **kwargs):
+        launched.append(unbound(kernel, kwargs)[0].__name__)
+        return original(kernel, *args, **kwargs)
+    fused.launch = counted
+    fused.NORM_CONFIG.update(router=router, int_out=norms)
+    try:
+        model.reset()
+        with torch.inference_mode():  # a prefill of 3 tokens (decode-sized), two steps
+            logits = [model(torch.tensor([3, 9, 27]), 0), model(torch.tensor([5]), torch.tensor([3])),
+                      model(torch.tensor([7]), 4)]
+    finally:
+        fused.launch = original
+        fused.NORM_CONFIG.update(router=False, int_out=False)
+    return [l.view(torch.int32).tolist() for l in logits], launched
+
+def traced(norms):  # layer 1's ops in a step with "router" on
+    fused.NORM_CONFIG.update(router=True, int_out=norms)
+    with torch.inference_mode(), Tracer(model, keep_events=True) as tracer:
+        model(torch.tensor([11]), 5)
+    fused.NORM_CONFIG.update(router=False, int_out=False)
+    ops = [[e.module, e.op, list(e.tensors or ())] for e in tracer.events if (e.module or "").startswith("layers.1")]
+    return {"verdict": tracer.summary.verdict, "ops": ops}
+
+runs = {f"{r} {n}": run(r, n) for r in (False, True) for n in (False, True)}
+print(json.dumps({"runs": runs, "layers": len(model.layers), "traced": [traced(False), traced(True)]}))
+"""
+
+
+def _norm_and_router_folded(launches: list[str]) -> list[str]:
+    """`launches` with each norm launch followed by a router launch as one `_norm_route_kernel`."""
+    folded = []
+    for name in launches:
+        if name == "_router_topk_kernel" and folded and folded[-1] == "_rms_norm_kernel":
+            folded[-1] = "_norm_route_kernel"
+        else:
+            folded.append(name)
+    return folded
+
+
+@pytest.mark.slow
+def test_norm_with_router_leaves_the_logits_and_drops_a_launch_a_layer(tiny_path):
+    """NORM_CONFIG "router" on the tiny Q4_K_M model under Triton's interpreter, with the norms'
+    int form off and on: a prefill of 3 tokens and two steps give the logits they give without
+    it, bit for bit; each layer's post-attention norm and router are one launch
+    (`_norm_route_kernel`): one launch a layer a call fewer, no router launch, nothing else
+    changed; a tracer sees one op in the norm's module with the norm's and the router's GGUF
+    tensors as inputs, then the experts' op, clean."""
+    got = json.loads(_interpreted(_INTERPRETED_NORM_ROUTE, tiny_path))
+    runs, fused_norms = got["runs"], got["layers"] * 3
+    for norms in ("False", "True"):
+        (off_logits, off_launches), (on_logits, on_launches) = runs[f"False {norms}"], runs[f"True {norms}"]
+        assert on_logits == off_logits == runs["False False"][0], norms
+        assert len(off_launches) - len(on_launches) == fused_norms
+        assert off_launches.count("_router_topk_kernel") == fused_norms
+        assert "_router_topk_kernel" not in on_launches
+        assert on_launches.count("_norm_route_kernel") == fused_norms
+        assert on_launches == _norm_and_router_folded(off_launches)
+    for traced, op in zip(got["traced"], ("add_rms_norm_route", "add_rms_norm_int_route"), strict=True):
+        assert traced["verdict"] == "clean"
+        ops = traced["ops"]
+        assert [o[:2] for o in ops] == [
+            [
+                "layers.1.attn_norm",
+                "harness.rms_norm_int.default" if op.endswith("int_route") else "harness.rms_norm.default",
+            ],
+            ["layers.1.attn", "harness.qkv.default"],
+            ["layers.1.attn", "harness.attention.default"],
+            ["layers.1.attn.wo", "harness.qmatmul.default"],
+            ["layers.1.ffn_norm", f"harness.{op}.default"],
+            ["layers.1.moe.experts", "harness.moe_ffn.default"],
+        ], ops
+        assert ops[4][2] == ["blk.1.ffn_norm.weight", "blk.1.ffn_gate_inp.weight"]
+
+
 def _interpreted(script: str, model_path) -> str:
     """stdout of `script` run with `model_path` in a subprocess under Triton's interpreter."""
     pytest.importorskip("triton")
@@ -510,6 +596,54 @@ def test_cuda_norms_int_form_decodes_the_same_logits_eager_and_in_a_graph(tiny_p
     assert graphed.tolist() == logits[False][1:].argmax(-1).tolist()
 
 
+def _check_graph_decodes(model: Mixtral, prompt: torch.Tensor, eager: torch.Tensor) -> None:
+    """After a prefill of `prompt`, a CUDA graph of the step decodes the tokens of `eager`
+    (`_eager_steps`' logits, as int32 bits) from its first."""
+    with torch.inference_mode():
+        model.reset()
+        model(prompt, 0)
+        first = eager[0].view(torch.float32).argmax().view(1)
+        graphed = greedy_decode(model, first, 5, 6, fast=True)
+    assert model.decode_graph is not None
+    assert graphed.tolist() == eager[1:].view(torch.float32).argmax(-1).tolist()
+
+
+@pytest.mark.cuda(real=True)
+def test_cuda_norm_with_router_decodes_the_same_logits_eager_and_in_a_graph(tiny_path, monkeypatch):
+    """NORM_CONFIG "router" on the GPU, with "int_out" off and on: eager steps (each layer's
+    post-attention norm and router one `_norm_route_kernel` launch) give the logits they give
+    without it, bit for bit, and a CUDA graph captured with both on (PDL as the device allows)
+    decodes the tokens eager steps without them decode."""
+    from harness.quant import fused
+    from harness.quant.launch import unbound
+
+    prompt = torch.tensor([3, 17, 99, 250, 7], device="cuda")
+    model = Mixtral.from_gguf(tiny_path, device="cuda", max_seq_len=32)
+    logits, launched, original = {}, [], fused.launch
+
+    def counted(kernel, *args, **kwargs):
+        launched.append(unbound(kernel, kwargs)[0].__name__)
+        return original(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "launch", counted)
+    monkeypatch.setattr(fused, "int_x_path", "launch")
+    for router in (False, True):
+        for norms in (False, True):
+            monkeypatch.setitem(fused.NORM_CONFIG, "router", router)
+            monkeypatch.setitem(fused.NORM_CONFIG, "int_out", norms)
+            launched.clear()
+            logits[router, norms] = _eager_steps(model, prompt).view(torch.int32)
+            assert ("_router_topk_kernel" in launched) != router, (router, norms)
+            assert launched.count("_norm_route_kernel") == (7 * len(model.layers) if router else 0)
+    for norms in (False, True):
+        assert torch.equal(logits[True, norms], logits[False, norms]), norms
+    monkeypatch.setattr(fused, "launch", original)
+    monkeypatch.setattr(fused, "int_x_path", "auto")  # ("launch" in the graph's step)
+    monkeypatch.setitem(fused.NORM_CONFIG, "router", True)
+    monkeypatch.setitem(fused.NORM_CONFIG, "int_out", True)
+    _check_graph_decodes(model, prompt, logits[False, False])
+
+
 @pytest.mark.cuda(real=True)
 def test_cuda_attention_int_form_decodes_the_same_logits_eager_and_in_a_graph(tiny_path, monkeypatch):
     """ATTENTION_CONFIG "int_out" on the GPU, with NORM_CONFIG "int_out" off and on: eager steps
@@ -532,13 +666,7 @@ def test_cuda_attention_int_form_decodes_the_same_logits_eager_and_in_a_graph(ti
     monkeypatch.setattr(fused, "int_x_path", "auto")  # ("launch" in the graph's step)
     monkeypatch.setitem(fused.ATTENTION_CONFIG, "int_out", True)
     monkeypatch.setitem(fused.NORM_CONFIG, "int_out", True)
-    with torch.inference_mode():
-        model.reset()
-        model(prompt, 0)
-        first = logits[False, False][0].view(torch.float32).argmax().view(1)
-        graphed = greedy_decode(model, first, 5, 6, fast=True)
-    assert model.decode_graph is not None
-    assert graphed.tolist() == logits[False, False][1:].view(torch.float32).argmax(-1).tolist()
+    _check_graph_decodes(model, prompt, logits[False, False])
 
 
 @pytest.mark.cuda(real=True)
@@ -563,10 +691,4 @@ def test_cuda_qkv_in_one_launch_decodes_the_same_logits_eager_and_in_a_graph(tin
             assert torch.equal(logits[True], logits[False]), (int_x, norms)
     monkeypatch.setattr(fused, "int_x_path", "auto")  # ("launch" in the graph's step)
     monkeypatch.setitem(fused.QKV_CONFIG, "one_launch", True)
-    with torch.inference_mode():
-        model.reset()
-        model(prompt, 0)
-        first = logits[False][0].view(torch.float32).argmax().view(1)
-        graphed = greedy_decode(model, first, 5, 6, fast=True)
-    assert model.decode_graph is not None
-    assert graphed.tolist() == logits[False][1:].view(torch.float32).argmax(-1).tolist()
+    _check_graph_decodes(model, prompt, logits[False])

@@ -1704,6 +1704,106 @@ def _norm_int_cases(device: str, small: bool, rng: np.random.Generator) -> list[
     return results
 
 
+# The norm with the router (NORM_CONFIG "router", `harness::add_rms_norm_route` and its int
+# form's): (tokens, row length, experts, k) under the interpreter small; on a GPU Mixtral's
+# router at 1, 4 and 8 tokens, a row of no power of two (5120: a masked tail in the norm's tile,
+# runs of 160 columns: two loop steps), the largest expert count, and 3 experts. Each under
+# ROUTER_CONFIG and one program a token ("splits" 1, the kernel before splits).
+NORM_ROUTE_SMALL = ((1, 256, 8, 2), (3, 768, 8, 2), (8, 256, 64, 8), (2, 512, 3, 3))
+NORM_ROUTE_FULL = (
+    (1, 4096, 8, 2), (4, 4096, 8, 2), (8, 4096, 8, 2), (2, 5120, 8, 2), (2, 4096, 64, 8), (3, 4096, 3, 3),
+)  # fmt: skip
+NORM_ROUTE_CONFIGS = ({}, {"splits": 1, "tile": 16384, "num_warps": 8})
+
+
+def norm_route_case_count(small: bool) -> int:
+    """How many results `_norm_route_cases` gives: each shape under each setting, random inputs
+    with and (rows of whole super-blocks) without the int form, ties, odd inputs."""
+    table = NORM_ROUTE_SMALL if small else NORM_ROUTE_FULL
+    return len(NORM_ROUTE_CONFIGS) * sum(3 + (d % 256 == 0) for _, d, _, _ in table)
+
+
+def _norm_route_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """`harness::add_rms_norm_route` (and `add_rms_norm_int_route` where rows are whole
+    super-blocks) at NORM_ROUTE_* shapes and settings against `add_rms_norm` (or its int form's)
+    and `router_topk` on its normed output: every output the same bits, from one launch of
+    `_norm_route_kernel` (the two ops: two launches). Inputs random; ties (the router's weight
+    with its first and last rows equal, and a row of zeros: exact ties); odd (`_odd_norm_inputs`:
+    NaN, infinities, overflow in the norm: NaN logits)."""
+    from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN
+    from harness.quant import fused
+    from harness.quant.launch import unbound
+
+    ops, results = torch.ops.harness, []
+    launched, original = [], fused.launch
+
+    def counted(kernel, *a, **kw):
+        launched.append(unbound(kernel, kw)[0].__name__)
+        return original(kernel, *a, **kw)
+
+    def run(fn, *args):
+        launched.clear()
+        fused.launch = counted
+        try:
+            return [t.cpu() for t in fn(*args)], list(launched)
+        finally:
+            fused.launch = original
+
+    before = dict(fused.ROUTER_CONFIG)
+    try:
+        for config in NORM_ROUTE_CONFIGS:
+            fused.ROUTER_CONFIG.update(config)
+            for t, d, n_exp, k in NORM_ROUTE_SMALL if small else NORM_ROUTE_FULL:
+                gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+                router = torch.randn(n_exp, d, generator=gen) * 0.05
+                odd_router = router.clone()
+                odd_router[n_exp - 1] = odd_router[0]
+                odd_router[n_exp // 2] = 0.0
+                plain = (torch.randn(t, d, generator=gen), torch.rand(d, generator=gen) + 0.5)
+                for kind, (x, w), rw in (
+                    ("random", plain, router),
+                    ("ties", plain, odd_router),
+                    ("odd", _odd_norm_inputs(t, d, gen), router),
+                ):
+                    residual = torch.randn(t, d, generator=gen)
+                    args = [a.to(device) for a in (x, residual, w)]
+                    rw = rw.to(device)
+                    for int_form in (False, True) if kind == "random" and d % 256 == 0 else (False,):
+                        norm = ops.add_rms_norm_int if int_form else ops.add_rms_norm
+                        name = "add_rms_norm_int_route" if int_form else "add_rms_norm_route"
+                        want, want_launches = run(_norm_then_route, norm, args, rw, k)
+                        got, got_launches = run(getattr(ops, name), *args, 1e-5, rw, k, ROUTER_WEIGHT_SUM_MIN)
+                        same = [_same_bits_exactly(a, b) for a, b in zip(got, want, strict=True)]
+                        one_launch = got_launches == ["_norm_route_kernel"] and len(want_launches) == 2
+                        results.append({
+                            "case": f"{name} T={t} D={d} E={n_exp} k={k} {kind} {fused.ROUTER_CONFIG}",
+                            "nmse": 0.0, "exact": all(same) and one_launch, "same": same,
+                            "launches": [want_launches, got_launches],
+                            "takes_kernel": fused.norm_route_takes_kernel(*args, rw, k),
+                        })  # fmt: skip
+            fused.ROUTER_CONFIG.clear()
+            fused.ROUTER_CONFIG.update(before)
+    finally:
+        fused.ROUTER_CONFIG.clear()
+        fused.ROUTER_CONFIG.update(before)
+    return results
+
+
+def _norm_then_route(norm, args: list[torch.Tensor], router_weight: torch.Tensor, k: int) -> tuple:
+    """The two ops `harness::add_rms_norm_route` stands for: `norm` (`add_rms_norm` or its int
+    form's) of args (x, residual, weight), then `router_topk` of its normed output."""
+    from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN
+
+    normed = norm(*args, 1e-5)
+    return *normed, *torch.ops.harness.router_topk(normed[1], router_weight, k, ROUTER_WEIGHT_SUM_MIN)
+
+
+def _check_norm_route(results: list[dict], small: bool) -> None:
+    assert len(results) == norm_route_case_count(small)
+    bad = [r for r in results if r["exact"] is not True]
+    assert not bad, bad
+
+
 # Attention's int form (ATTENTION_CONFIG "int_out", `harness::attention_int`): (tokens, group, KV
 # heads, head dim, cache length, first position, positions form). Groups 1, 4, 8; head dims 64,
 # 128 and 96 (a tile of 128 whose last block lies past the head); 11 keys (one split on any
@@ -2772,6 +2872,15 @@ def test_interpreter_norm_int_form_is_int_x_of_its_output_and_the_ops_take_it():
 
 
 @pytest.mark.slow
+def test_interpreter_norm_with_router_gives_the_two_ops_bits_from_one_launch():
+    """The post-attention norm with the router after it (NORM_CONFIG "router",
+    `harness::add_rms_norm_route` and its int form's) under Triton's interpreter (a subprocess):
+    `_norm_route_cases`, every output the bits of `add_rms_norm` (or `add_rms_norm_int`) and
+    `router_topk` on its normed output, from one launch of `_norm_route_kernel`."""
+    _check_norm_route(_interpreted_cases("NORM_ROUTE"), small=True)
+
+
+@pytest.mark.slow
 def test_interpreter_attention_int_form_is_int_x_of_its_output_and_qmatmul_takes_it():
     """Attention's `_int_x` form (ATTENTION_CONFIG "int_out", `harness::attention_int`) under
     Triton's interpreter (a subprocess): `_attention_int_cases`, every one the same bits (the
@@ -3492,6 +3601,104 @@ def test_router_kernel_compiles_for_sm_90_without_spills_without_a_gpu(monkeypat
                 assert re.search(r"ld\.global\.cg\.v4", ptx), where
 
 
+def _sm90_compile(kernel, consts: dict, pointers: dict, num_warps: int, floats=("eps", "min_sum")):
+    """`kernel` compiled for an H100 (sm_90) with PDL, its pointers (name: type) and its ints
+    "chunk" and "D" 16-aligned (Mixtral's rows), other arguments int32 or (`floats`) float32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {
+        n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in floats else "i32") for n in names
+    }
+    aligned = (*pointers, "chunk", "D")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    options = {"num_warps": num_warps, "num_stages": 1, "launch_pdl": True}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
+
+
+def _reduce_layouts(ttgir: str) -> dict[tuple, dict]:
+    """The float32 `tt.reduce`s of a compiled kernel's TTGIR: (operand shape, axis) -> its
+    operand's blocked layout ({"sizePerThread": [...], "threadsPerWarp": [...], "warpsPerCTA":
+    [...]}; the first such reduce of each shape and axis)."""
+    import re
+
+    aliases = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*)\}>$", ttgir, re.M))
+    found = {}
+    for chunk in ttgir.split('"tt.reduce"(')[1:]:  # each reduce, up to the next
+        axis = re.match(r"%\w+\) <\{axis = (\d+) : i32\}>", chunk)
+        operand = re.search(r"\}\) : \(tensor<([\dx]+)x(\w+), ([^)]*)>\)", chunk)  # (its body's end)
+        if axis is None or operand is None or operand[2] != "f32" or operand[3] not in aliases:
+            continue  # (an integer's sum is exact; a sliced layout's operand: a reduce of a reduce)
+        fields = dict(re.findall(r"(\w+) = \[([\d, ]*)\]", aliases[operand[3]]))
+        key = (tuple(int(n) for n in operand[1].split("x")), int(axis[1]))
+        found.setdefault(key, {k: [int(n) for n in v.split(",")] for k, v in fields.items()})
+    return found
+
+
+def test_norm_route_kernel_compiles_for_sm_90_without_spills_and_sums_as_the_two_kernels(monkeypatch):
+    """`harness::add_rms_norm_route`'s kernel (NORM_CONFIG "router"; with and without the int
+    form) compiles for an H100 (sm_90) at Mixtral's router and row, the largest expert count and
+    a row of no power of two, with no local memory (register spills); with PDL only the router's
+    weight (ld.global.cg) is read before the wait; each program's arrival is one acq_rel atomic
+    after a barrier. Its sums are laid out as the two kernels' (the bits on a GPU, where the
+    order of a sum follows the layout): the row's sum of squares exactly as `_rms_norm_kernel`'s
+    (the same warps), and each expert's partial logit within a warp's lanes as
+    `_router_topk_kernel`'s at ROUTER_CONFIG's warps (the same threads and warps along the
+    columns); its other sums over experts are pairwise or exact."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    import re
+
+    from harness.quant import fused
+
+    _cuobjdump_tool()
+    f32 = "*fp32"
+    router_ptrs = {"x_ptr": f32, "w_ptr": f32, "weights_ptr": f32, "experts_ptr": "*i64", "part_ptr": f32}
+    router_ptrs["counter_ptr"] = "*i32"
+    norm_ptrs = {n: f32 for n in ("x_ptr", "r_ptr", "total_ptr", "w_ptr", "out_ptr", "scale_ptr", "sum_ptr")}
+    norm_ptrs["q_ptr"] = "*i16"
+    fused_ptrs = {**router_ptrs, **norm_ptrs, "nw_ptr": f32}
+    for n_exp, k, dim in ((8, 2, 4096), (fused.ROUTER_MAX_EXPERTS, 8, 4096), (8, 2, 5120)):
+        splits, _, step = fused.router_plan(n_exp, dim)
+        be, bn = triton.next_power_of_2(n_exp), triton.next_power_of_2(dim)
+        routing = {"K": k, "BE": be, "BD": step, "BK": triton.next_power_of_2(k), "SPLITS": splits}
+        routing.update(CUDA_EXP=True, PDL=True)
+        router = _sm90_compile(
+            fused._router_topk_kernel, routing, router_ptrs, fused.ROUTER_CONFIG["num_warps"]
+        )
+        norm = _sm90_compile(
+            fused._rms_norm_kernel,
+            {"BD": bn, "ADD": True, "PDL": True, "INT_OUT": False, "PTX": False},
+            norm_ptrs,
+            fused._norm_warps(bn),
+        )
+        router_sums, norm_sums = _reduce_layouts(router.asm["ttgir"]), _reduce_layouts(norm.asm["ttgir"])
+        for int_out in (False, True) if dim % 256 == 0 else (False,):
+            consts = {**routing, "BN": bn, "INT_OUT": int_out, "PTX": True}
+            compiled = _sm90_compile(fused._norm_route_kernel, consts, fused_ptrs, fused._norm_warps(bn))
+            where = (n_exp, k, dim, int_out)
+            usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+            assert re.search(r"\bLOCAL:0\b", usage) and not re.search(r"\bLOCAL:[1-9]", usage), (where, usage)
+            ptx = compiled.asm["ptx"]
+            before, after = ptx.split("griddepcontrol.wait", 1)
+            assert "griddepcontrol.launch_dependents" in after, where
+            assert "st.global" not in before and "atom." not in before, where
+            assert re.search(r"ld\.global\.cg", before) and not re.search(r"ld\.global(?!\.cg)", before), (
+                where
+            )
+            arrive = ptx.index("atom.global.gpu.acq_rel.add")
+            assert "bar.sync" in ptx[:arrive] and "atom.global.gpu.acq_rel.exch" in ptx[arrive:], where
+            sums = _reduce_layouts(compiled.asm["ttgir"])
+            assert sums[(bn,), 0] == norm_sums[(bn,), 0], where  # the row's sum of squares
+            tile = ((be, step), 1)  # an expert's partial logit over a step's columns
+            assert {name: v[1] for name, v in sums[tile].items()} == {
+                name: v[1] for name, v in router_sums[tile].items()
+            }, where
+
+
 @pytest.mark.parametrize(
     "qtype, planes",
     [
@@ -3772,6 +3979,17 @@ def _decode_op_calls(device: str, cpu_arg: int | None = None):
             2,
             lambda: torch.ops.harness.rms_norm_int(*tensors(torch.ones(1, 256), torch.ones(256)), 1e-5),
         ),
+        # NORM_CONFIG "router": the norm with the router's float32 weight (and its int form)
+        *(
+            (
+                name,
+                4,
+                lambda name=name: _norm_route(
+                    name, tensors(torch.ones(1, 256), torch.ones(1, 256), torch.ones(256), torch.ones(8, 256))
+                ),
+            )
+            for name in ("add_rms_norm_route", "add_rms_norm_int_route")
+        ),
         (
             "add_rms_norm_int",
             3,
@@ -3816,6 +4034,13 @@ def _qkv_given_int_form(tensors: list[torch.Tensor], q4: int, q8: int):
     """`harness::qkv` of x, wq, wk, wv and x's int form x_q, x_sums, x_scales (`tensors`)."""
     x, wq, wk, wv, *int_form = tensors
     return torch.ops.harness.qkv(x, wq, wk, wv, q4, q8, q8, *int_form)
+
+
+def _norm_route(name: str, tensors: list[torch.Tensor]):
+    """`harness::<name>` (`add_rms_norm_route` or its int form's) of x, residual, the norm's
+    weight and the router's (`tensors`), k 2."""
+    x, residual, weight, router_weight = tensors
+    return getattr(torch.ops.harness, name)(x, residual, weight, 1e-5, router_weight, 2, 1e-4)
 
 
 def _moe_ffn_with_residual(tensors, q4: int):
@@ -4072,6 +4297,43 @@ def test_router_takes_the_kernel_only_for_the_calls_it_covers(monkeypatch):
         assert not fused.router_takes_kernel(*args), args
 
 
+def test_norm_takes_the_router_only_where_the_router_kernel_runs_on_one_device(monkeypatch):
+    """`norm_route_takes_kernel`: where `router_takes_kernel` says yes and the norm's residual
+    (float32 of x's shape) and weight (float32 [D]) go with it, all contiguous and on x's device;
+    a router weight or norm weight elsewhere (here the meta device) leaves the two ops, which
+    refuse it with their device errors. `norm_routes` adds NORM_CONFIG "router"."""
+    from harness.quant import fused, kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)  # runs_on: the CPU takes kernels
+    x, r, w, rw = torch.zeros(1, 64), torch.zeros(1, 64), torch.zeros(64), torch.zeros(8, 64)
+    assert fused.norm_route_takes_kernel(x, r, w, rw, 2)
+    assert fused.norm_route_takes_kernel(torch.zeros(8, 64), torch.zeros(8, 64), w, rw, 8)
+    monkeypatch.setitem(fused.NORM_CONFIG, "router", False)
+    assert not fused.norm_routes(x, r, w, rw, 2)
+    monkeypatch.setitem(fused.NORM_CONFIG, "router", True)
+    assert fused.norm_routes(x, r, w, rw, 2)
+    with fused.disabled():
+        assert not fused.norm_routes(x, r, w, rw, 2)
+    for args in (
+        (x, r, w, None, 2),  # a quantized router's logits
+        (x, r, w, rw.to("meta"), 2),  # the router's weight on another device
+        (x, r, w.to("meta"), rw, 2),
+        (x, r.to("meta"), w, rw, 2),
+        (torch.zeros(9, 64), torch.zeros(9, 64), w, rw, 2),  # prefill
+        (x, r, w, torch.zeros(fused.ROUTER_MAX_EXPERTS + 1, 64), 2),
+        (x, r, w, rw.half(), 2),
+        (x, r, w, rw, 9),
+        (x, r.double(), w, rw, 2),
+        (x, r, w.double(), rw, 2),
+        (x, torch.zeros(1, 128)[:, ::2], w, rw, 2),  # not contiguous
+        (x, r, torch.zeros(128)[::2], rw, 2),
+        (x, torch.zeros(2, 64), w, rw, 2),  # broadcast: add_rms_norm adds with torch
+        (x, r, torch.zeros(32), rw, 2),
+    ):
+        assert not fused.norm_route_takes_kernel(*args), args
+        assert not fused.norm_routes(*args), args
+
+
 def test_matvec_plans_are_kept_and_follow_a_setting_changed_in_place(monkeypatch):
     """A decode product's plan is made once per shape and path (`fused._PLANS`), and made again
     when a sweep changes its launch setting in place (as benchmarks/sweep_matvec.py does)."""
@@ -4284,6 +4546,16 @@ def test_cuda_norm_int_form_is_int_x_of_its_output_and_the_ops_take_it():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_norm_with_router_gives_the_two_ops_bits_from_one_launch():
+    """The norm with the router (NORM_CONFIG "router") on the GPU (the compiler's layouts: the
+    fused launch has the norm's warps, the router's has ROUTER_CONFIG's; CUDA's expf, PDL) at
+    Mixtral's shapes: `_norm_route_cases`, every output the two ops' bits, one launch."""
+    from harness.quant import fused  # noqa: F401
+
+    _check_norm_route(_norm_route_cases("cuda", False, np.random.default_rng(29)), small=False)
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_attention_int_form_is_int_x_of_its_output_and_qmatmul_takes_it():
     """Attention's `_int_x` form on the GPU (the compiler's layouts and divisions, PTX dp2a) at
     Mixtral's heads (32 of 128, 8 KV heads) and others: `_attention_int_cases`, every one the
@@ -4417,6 +4689,8 @@ if __name__ == "__main__":
         print(json.dumps(_moe_fusion_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "QKV":  # only harness::qkv in one launch against a launch a run, small shapes
         print(json.dumps(_qkv_one_launch_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "NORM_ROUTE":  # only the norm with the router against the two ops, small shapes
+        print(json.dumps(_norm_route_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "NORM_INT":  # only the norms' int form and the ops given it, small shapes
         print(json.dumps(_norm_int_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "ATTENTION_INT":  # only attention's int form and qmatmul given it, small shapes

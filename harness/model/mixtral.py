@@ -34,13 +34,27 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", weight.dequantize(), persistent=False)  # [D] float32
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, int_form: bool = False
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        int_form: bool = False,
+        route: tuple[torch.Tensor, int] | None = None,
     ) -> torch.Tensor | tuple:
         """x normalized; with `residual`, (x + residual, that normalized): a residual add and the
         norm after it (one op on the fused path, `harness::add_rms_norm`). With `int_form` (where
         the op after it takes one, `fused.norm_int_out`: x and residual float32 [T, D] on a device
         the fused ops run on), the normed output's `_int_x` form after those, (x_q, x_sums,
-        x_scales), from the same op (`harness::rms_norm_int`, `harness::add_rms_norm_int`)."""
+        x_scales), from the same op (`harness::rms_norm_int`, `harness::add_rms_norm_int`). With
+        `route` (with residual: the MoE router's float32 weight and k, where `MoE.norm_route`
+        gives them), the router's choice for the normed output last, (weights, experts), from
+        the same op too (`harness::add_rms_norm_route`, `harness::add_rms_norm_int_route`)."""
+        if route is not None:
+            args = (x, residual, self.weight, self.eps, *route, ROUTER_WEIGHT_SUM_MIN)
+            if int_form:
+                total, normed, *rest = torch.ops.harness.add_rms_norm_int_route(*args)
+                return total, normed, tuple(rest[:3]), tuple(rest[3:])
+            total, normed, *routing = torch.ops.harness.add_rms_norm_route(*args)
+            return total, normed, tuple(routing)
         if int_form:
             if residual is None:
                 normed, *x_int = torch.ops.harness.rms_norm_int(x, self.weight, self.eps)
@@ -460,15 +474,32 @@ class MoE(nn.Module):
             and experts.fused()
         )
 
+    def norm_route(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, int] | None:
+        """(the router's float32 weight, k) where `norm` of x + residual, the norm before this
+        MoE, should route its output itself (`fused.norm_routes`: NORM_CONFIG "router", a decode
+        call whose tensors are all on one device the kernels run on), for `RMSNorm`'s `route`
+        (the routing it gives is this module's `routing`); None otherwise."""
+        router = self.router
+        weight = router.weight if router.strategy == "f32" else None
+        if weight is not None and fused.norm_routes(x, residual, norm.weight, weight, self.n_used):
+            return weight, self.n_used
+        return None
+
     def forward(
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None = None,
         x_int: tuple[torch.Tensor, ...] | None = None,
+        routing: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The experts' weighted sum for x [T, D]; `residual + ` it where `residual` is given (the
         layer's residual add, made by the experts: in their fused op, where it runs). `x_int`:
-        x's `_int_x` form from its norm (`takes_int_x`), for the experts' op."""
+        x's `_int_x` form from its norm (`takes_int_x`), for the experts' op. `routing`: x's
+        (weights, experts) [T, k] from its norm (`norm_route`), in place of the router's."""
+        if routing is not None:
+            return self.experts(x, *routing, residual, x_int)
         router = self.router
         if router.routes_in_one_op(x):
             weights, chosen = router(x, self.n_used)  # [T, k]
@@ -499,16 +530,19 @@ class Block(nn.Module):
         self.is_moe = c.is_moe  # (a plain attribute: `hasattr(self, "moe")` is two module lookups)
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
-        if fused.NORM_CONFIG["int_out"]:  # (decode: the norms hand their ops x's `_int_x` form too)
-            return self._forward_int_x(x, start_pos)
+        norms = fused.NORM_CONFIG
+        if norms["int_out"] or norms["router"]:  # (decode: the norms hand their ops more)
+            return self._forward_fused_norms(x, start_pos)
         x, normed = self.ffn_norm(x, self.attn(self.attn_norm(x), start_pos))  # x + attention, normed
         if self.is_moe:
             return self.moe(normed, x)  # x + the experts' sum (one op on the fused path)
         return x + self.ffn(normed)
 
-    def _forward_int_x(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+    def _forward_fused_norms(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         """`forward` where each norm whose op takes x's `_int_x` form (`takes_int_x`) makes it
-        (fused.NORM_CONFIG "int_out"): the same results, no `_int_x` launch on a norm's output."""
+        (fused.NORM_CONFIG "int_out"), and the norm before a MoE routes for it where `norm_route`
+        says so ("router"): the same results, no `_int_x` launch on a norm's output, no router
+        launch of its own."""
         attn = self.attn
         if attn.takes_int_x(x):
             normed, x_int = self.attn_norm(x, int_form=True)
@@ -518,11 +552,17 @@ class Block(nn.Module):
         if not self.is_moe:
             x, normed = self.ffn_norm(x, h)
             return x + self.ffn(normed)
-        moe = self.moe
-        if h.dtype == torch.float32 and h.shape == x.shape and moe.takes_int_x(x):
-            x, normed, x_int = self.ffn_norm(x, h, int_form=True)
-            return moe(normed, x, x_int)
-        x, normed = self.ffn_norm(x, h)
+        moe, ffn_norm = self.moe, self.ffn_norm
+        if h.dtype == torch.float32 and h.shape == x.shape:
+            int_form = moe.takes_int_x(x)
+            route = moe.norm_route(x, h, ffn_norm)
+            if route is not None:
+                x, normed, *made = ffn_norm(x, h, int_form, route)  # ([x_int], routing)
+                return moe(normed, x, made[0] if int_form else None, routing=made[-1])
+            if int_form:
+                x, normed, x_int = ffn_norm(x, h, int_form=True)
+                return moe(normed, x, x_int)
+        x, normed = ffn_norm(x, h)
         return moe(normed, x)
 
 

@@ -182,9 +182,22 @@ MOE_FFN_CONFIG: dict[str, bool] = {"int_h": True, "residual": True}
 #   x_scales) instead of running `_int_x` on it: two launches a layer fewer in the decode graph
 #   (each 1.66 us on an H100 in benchmarks/results/profile_decode.json, session 13, and a wait in
 #   the chain under PDL).
-# Off until timed: it has run only under Triton's interpreter (the same logits, bit for bit) and
-# compiled for sm_90, never on a GPU.
-NORM_CONFIG: dict[str, bool] = {"int_out": False}
+# - "router": the post-attention norm and the MoE router after it as one op and one launch
+#   (`harness::add_rms_norm_route`, `harness::add_rms_norm_int_route` with "int_out"; the model
+#   asks `norm_routes`, `norm_route_takes_kernel` decides): `_norm_route_kernel`, the router's
+#   grid (32 programs a token for Mixtral), each program taking the row's rms itself (the row
+#   read again from L2), program 0 storing the norm's outputs, each making its run of normed
+#   values for its partial logits, the last routing: one launch a layer fewer in decode (on an
+#   H100 the router's launch took 3.8 us a layer and the norm's 3.5 us, session 13's
+#   benchmarks/results/profile_decode.json), the same bits as the two ops.
+#   The fused launch runs at the norm's warps (`_norm_warps`: its rms then has the norm launch's
+#   bits; ROUTER_CONFIG's "num_warps" does not apply to it), the router's other settings as
+#   `router_plan` gives them; each expert's partial logit stays in a warp's lanes at either
+#   count and `_router_choose` sums over experts pairwise, so the routing has the router
+#   launch's bits too (tests/test_quant_fused.py compares the sums' layouts for sm_90).
+# Off until timed: they have run only under Triton's interpreter (the same logits, bit for bit)
+# and compiled for sm_90, never on a GPU.
+NORM_CONFIG: dict[str, bool] = {"int_out": False, "router": False}
 # `harness::qkv`'s decode (1..MATVEC_MAX_ROWS tokens):
 # - "one_launch": where its weights make two runs of different types (`pack_rows`; Mixtral's
 #   Q4_K_M: q Q4_K, k and v Q8_0 in one buffer) and both are "int" reads, one launch of
@@ -354,7 +367,8 @@ ATTENTION_TWO_LAUNCHES = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys"
 # last program reads 32 partials of 32 B at once. More splits halve a program's reads but
 # double the partials and the programs. Chosen by that reasoning, not yet timed:
 # `benchmarks/bench_fused.py --router-only --sweep-router` times it against other settings and
-# the one-program kernel ("splits" 1, "tile" 16384, 8 warps: the kernel before splits).
+# the one-program kernel ("splits" 1, "tile" 16384, 8 warps: the kernel before splits). Under
+# NORM_CONFIG "router" the same programs run inside the norm's launch (`_norm_route_kernel`).
 ROUTER_MAX_EXPERTS = 64
 ROUTER_CONFIG: dict[str, int] = {"splits": 32, "tile": 1024, "num_warps": 4, "num_stages": 1}
 
@@ -1966,20 +1980,42 @@ if triton is not None:
     ):
         """One row: x * rsqrt(mean(x^2) + eps) * w, in float32; with ADD, x is first the sum of
         the rows at x_ptr and r_ptr (one rounded add, as torch's), stored at total_ptr. INT_OUT
-        (D a multiple of 32): the row also stored as `_int_x` leaves x (`_int_x_store_tile`:
-        q_ptr int16 [R, D], scale_ptr [R, D / 32], sum_ptr [R, D / 16]), the same bits as
-        `_int_x` of the float row stored; its last product then rounded on its own (`_mul_rn`
-        with PTX: the sums of `_int_x_blocks` never fuse it into an FMA)."""
+        (D a multiple of 32): the row also stored as `_int_x` leaves x (`_norm_row_store`)."""
         _pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
+        x, rms = _norm_row_rms(x_ptr, r_ptr, row, D, eps, BD, ADD)
+        _norm_row_store(
+            x, rms, row, D, w_ptr, total_ptr, out_ptr, q_ptr, scale_ptr, sum_ptr, BD, ADD, INT_OUT, PTX
+        )
+
+    @triton.jit
+    def _norm_row_rms(x_ptr, r_ptr, row, D, eps, BD: tl.constexpr, ADD: tl.constexpr):
+        """Row `row` of x [R, D] (with ADD, plus that of r: one rounded add, as torch's) as x
+        [BD] float32 (zeros past D), and its rsqrt(mean(x^2) + eps). The one formula of every
+        norm launch: the same bits wherever the launch has the same number of warps (the sum's
+        order follows the layout)."""
         cols = tl.arange(0, BD)
         m = cols < D
         x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
         if ADD:
             x = x + tl.load(r_ptr + row * D + cols, mask=m, other=0.0)
+        return x, tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+
+    @triton.jit
+    def _norm_row_store(
+        x, rms, row, D, w_ptr, total_ptr, out_ptr, q_ptr, scale_ptr, sum_ptr,
+        BD: tl.constexpr, ADD: tl.constexpr, INT_OUT: tl.constexpr, PTX: tl.constexpr,
+    ):  # fmt: skip
+        """`_norm_row_rms`'s row x and rms: with ADD, x stored at total_ptr; x * rms * w (the
+        weight's [D]) stored at out_ptr; INT_OUT, that also as `_int_x` leaves x
+        (`_int_x_store_tile`: q_ptr int16 [R, D], scale_ptr [R, D / 32], sum_ptr [R, D / 16]),
+        the same bits as `_int_x` of the float row stored; its last product then rounded on its
+        own (`_mul_rn` with PTX: the sums of `_int_x_blocks` never fuse it into an FMA)."""
+        cols = tl.arange(0, BD)
+        m = cols < D
+        if ADD:
             tl.store(total_ptr + row * D + cols, x, mask=m)
-        r = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        y = _mul_rn(x * r, tl.load(w_ptr + cols, mask=m, other=0.0), PTX and INT_OUT)
+        y = _mul_rn(x * rms, tl.load(w_ptr + cols, mask=m, other=0.0), PTX and INT_OUT)
         tl.store(out_ptr + row * D + cols, y, mask=m)
         if INT_OUT:
             _int_x_store_tile(y, row, 0, D, q_ptr, scale_ptr, sum_ptr, BD)
@@ -3222,10 +3258,16 @@ def _normed(
             bd = _next_pow2(d)
             launch(
                 _rms_norm_kernel, (x.numel() // d,), x, residual, total, weight, out, *int_form, d, eps, BD=bd,
-                ADD=add, INT_OUT=int_out, PTX=int_out and _ptx(), num_warps=8 if bd >= 2048 else 4,
+                ADD=add, INT_OUT=int_out, PTX=int_out and _ptx(), num_warps=_norm_warps(bd),
                 **pdl_options(x.device),
             )  # fmt: skip
     return (total, out, q, sums, scales) if int_out else (total, out)
+
+
+def _norm_warps(bd: int) -> int:
+    """The warps of a norm launch over rows of up to `bd` values (`_rms_norm_kernel`, and
+    `_norm_route_kernel`: its rms has the bits of the norm's only with the same warps)."""
+    return 8 if bd >= 2048 else 4
 
 
 @_fake("rms_norm")
@@ -3778,18 +3820,57 @@ if triton is not None:
         CUDA_EXP: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::router_topk` for token t (program (t, split)): the logits x[t] @ w.T of the E
-        experts over the split's `chunk` columns (float32 products summed over BD columns a
-        step), then `_router_choose`. With one split, the program routes the token. With
-        SPLITS, each stores its partial logits in part [T, SPLITS, BE], and the last program to
-        arrive for the token (counter_ptr: a zeroed int32 per token, bumped with acq_rel) sums
-        the token's partials split by split from 0.0 (float32, unrolled: its loads go out at
-        once; the same bits every run), routes the token and sets the counter back to 0.
+        experts over the split's `chunk` columns (`_router_logits`), then `_router_partial_done`.
 
         The weight is no kernel's output: its first step's columns are loaded before the wait
-        for the kernel before (PDL), so the read overlaps that kernel's end, and each loop step
-        loads the next step's (past L1, ".cg": read once) before it uses this one's."""
+        for the kernel before (PDL), so the read overlaps that kernel's end."""
         t = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
+        e, em, rows, lo, hi, w = _router_first_step(w_ptr, D, E, split, chunk, BE, BD)
+        _pdl_start(PDL)
+        x_row = x_ptr + t * D
+        logits = _router_logits(x_row, x_row, x_row, 1.0, rows, em, w, lo, hi, BD, False, False)
+        _router_partial_done(
+            logits, t, split, e, em, part_ptr, counter_ptr, weights_ptr, experts_ptr, min_sum, K, BK, SPLITS,
+            CUDA_EXP,
+        )  # fmt: skip
+
+    @triton.jit
+    def _norm_route_kernel(
+        x_ptr, r_ptr, total_ptr, nw_ptr, out_ptr, q_ptr, scale_ptr, sum_ptr, w_ptr, weights_ptr,
+        experts_ptr, part_ptr, counter_ptr, D, E, chunk, eps, min_sum,
+        BN: tl.constexpr, K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+        SPLITS: tl.constexpr, CUDA_EXP: tl.constexpr, PDL: tl.constexpr = False,
+        INT_OUT: tl.constexpr = False, PTX: tl.constexpr = False,
+    ):  # fmt: skip
+        """`harness::add_rms_norm_route` for token t (program (t, split), the router's grid):
+        `_rms_norm_kernel`'s row with ADD and `_router_topk_kernel`'s program in one. Each
+        program sums the row x + r and takes its rms (`_norm_row_rms`: every program reads the
+        whole row, from L2); split 0 stores the sum, the normed row and (INT_OUT) its `_int_x`
+        form (`_norm_row_store`); each makes the normed values of its run of columns from the
+        inputs (`_router_logits` with NORM) for its partial logits, and the last to arrive routes
+        the token (`_router_partial_done`). Launched with `_rms_norm_kernel`'s warps, so the
+        rms has its bits; the router's sums do not depend on the warps."""
+        t = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        e, em, rows, lo, hi, w = _router_first_step(w_ptr, D, E, split, chunk, BE, BD)
+        _pdl_start(PDL)
+        x, rms = _norm_row_rms(x_ptr, r_ptr, t, D, eps, BN, True)
+        if split == 0:
+            _norm_row_store(
+                x, rms, t, D, nw_ptr, total_ptr, out_ptr, q_ptr, scale_ptr, sum_ptr, BN, True, INT_OUT, PTX
+            )
+        logits = _router_logits(x_ptr + t * D, r_ptr + t * D, nw_ptr, rms, rows, em, w, lo, hi, BD, True, PTX)
+        _router_partial_done(
+            logits, t, split, e, em, part_ptr, counter_ptr, weights_ptr, experts_ptr, min_sum, K, BK, SPLITS,
+            CUDA_EXP,
+        )  # fmt: skip
+
+    @triton.jit
+    def _router_first_step(w_ptr, D, E, split, chunk, BE: tl.constexpr, BD: tl.constexpr):
+        """A router program's experts e [BE] (em: e < E), the weight's rows, its run of columns
+        lo .. hi (split's `chunk`), and the weight's columns of its first step, w [BE, BD]
+        (past L1, ".cg": read once)."""
         e = tl.arange(0, BE)
         em = e < E
         rows = w_ptr + e.to(tl.int64)[:, None] * D
@@ -3797,16 +3878,45 @@ if triton is not None:
         hi = tl.minimum(lo + chunk, D)
         d = lo + tl.arange(0, BD)
         w = tl.load(rows + d[None, :], mask=em[:, None] & (d < hi)[None, :], other=0.0, cache_modifier=".cg")
-        _pdl_start(PDL)
-        logits = tl.zeros([BE], tl.float32)
+        return e, em, rows, lo, hi, w
+
+    @triton.jit
+    def _router_logits(
+        x_row, r_row, nw_ptr, rms, rows, em, w, lo, hi, BD: tl.constexpr, NORM: tl.constexpr, PTX: tl.constexpr,
+    ):  # fmt: skip
+        """The partial logits [BE] of columns lo .. hi: x's (at x_row) float32 products with the
+        weight's rows, summed over BD columns a step, w (`_router_first_step`) the first step's
+        columns; each step loads the next step's before it uses this one's. NORM: x is the
+        norm's output, made here from its inputs as `_norm_row_store` makes it (x_row + r_row,
+        times rms, times the norm's weight at nw_ptr, each rounded on its own: `_mul_rn`), the
+        same bits as the stored row."""
+        logits = tl.zeros([w.shape[0]], tl.float32)
+        d = lo + tl.arange(0, BD)
         for d0 in range(lo, hi, BD):
-            xs = tl.load(x_ptr + t * D + d, mask=d < hi, other=0.0)
+            xs = tl.load(x_row + d, mask=d < hi, other=0.0)
+            if NORM:
+                xs = xs + tl.load(r_row + d, mask=d < hi, other=0.0)
+                xs = _mul_rn(xs * rms, tl.load(nw_ptr + d, mask=d < hi, other=0.0), PTX)
             this = w
             d = d0 + BD + tl.arange(0, BD)  # the next step's (past the run: nothing read)
             w = tl.load(
                 rows + d[None, :], mask=em[:, None] & (d < hi)[None, :], other=0.0, cache_modifier=".cg"
             )
             logits += tl.sum(this * xs[None, :], 1)
+        return logits
+
+    @triton.jit
+    def _router_partial_done(
+        logits, t, split, e, em, part_ptr, counter_ptr, weights_ptr, experts_ptr, min_sum,
+        K: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr, CUDA_EXP: tl.constexpr,
+    ):  # fmt: skip
+        """Token t's program `split` with its partial logits [BE]: with one split, it routes the
+        token (`_router_choose`). With SPLITS, each stores its partial logits in part [T, SPLITS,
+        BE], and the last program to arrive for the token (counter_ptr: a zeroed int32 per
+        token, bumped with acq_rel) sums the token's partials split by split from 0.0 (float32,
+        unrolled: its loads go out at once; the same bits every run), routes the token and sets
+        the counter back to 0."""
+        BE: tl.constexpr = logits.shape[0]
         if SPLITS > 1:
             tl.store(part_ptr + (t * SPLITS + split) * BE + e, logits)
             counter = counter_ptr + t
@@ -3832,10 +3942,12 @@ if triton is not None:
         stored at row t of weights and experts [T, K]. Each expert's rank (how many come before
         it) is counted at once, not found by K rounds of argmax. CUDA_EXP: the softmax takes
         CUDA's expf (libdevice), as torch's does (tl.exp is the approximate ex2 there); the
-        interpreter has no libdevice, its tl.exp is numpy's."""
+        interpreter has no libdevice, its tl.exp is numpy's. The sums over experts and slots are
+        `_pairwise_sum`s: the same bits with any number of warps (`_norm_route_kernel` runs it
+        with the norm's)."""
         top = tl.max(tl.where(em, logits, float("-inf")), 0)
         ex = tl.where(em, libdevice.exp(logits - top) if CUDA_EXP else tl.exp(logits - top), 0.0)
-        probs = tl.math.div_rn(ex, tl.sum(ex, 0))  # (`/` is an approximate division on CUDA)
+        probs = tl.math.div_rn(ex, _pairwise_sum(ex))  # (`/` is an approximate division on CUDA)
         key = tl.where(em, tl.where(probs != probs, 2.0, probs), -1.0)  # probabilities are <= 1
         ki, kj = key[:, None], key[None, :]  # [BE, BE]: expert i against expert j
         before = (kj > ki) | ((kj == ki) & (e[None, :] < e[:, None]))
@@ -3844,11 +3956,22 @@ if triton is not None:
         at = rank[None, :] == slot[:, None]  # [BK, BE]: the expert of each slot
         chosen_p = tl.sum(tl.where(at, probs[None, :], 0.0), 1)
         chosen_e = tl.sum(tl.where(at, e[None, :], 0), 1)
-        total = tl.sum(tl.where(slot < K, chosen_p, 0.0), 0)
+        total = _pairwise_sum(tl.where(slot < K, chosen_p, 0.0))
         total = tl.where(total < min_sum, min_sum, total)  # a NaN sum stays NaN, as clamp keeps it
         out = t * K + slot
         tl.store(weights_ptr + out, tl.math.div_rn(chosen_p, total), mask=slot < K)
         tl.store(experts_ptr + out, chosen_e.to(tl.int64), mask=slot < K)
+
+    @triton.jit
+    def _pairwise_sum(v):
+        """The sum of v [N] (N a power of two, up to 64) neighbour with neighbour, ((v0 + v1) +
+        (v2 + v3)) + ...: each step a sum over an axis of two, one addition, so the bits do not
+        depend on which thread holds which value (as `_pairwise_slots`)."""
+        N: tl.constexpr = v.shape[0]
+        for k in tl.static_range(6):
+            if (N >> k) > 1:
+                v = tl.sum(tl.reshape(v, (N >> (k + 1), 2)), axis=1)
+        return tl.sum(v, 0)
 
 
 @_op()
@@ -3920,14 +4043,7 @@ def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_
     n_experts = weight.shape[0]
     splits, run, step = router_plan(n_experts, d)
     be = _next_pow2(n_experts)
-    weights = x.new_empty((t, k))
-    experts = x.new_empty((t, k), dtype=torch.int64)
-    part = counters = weights
-    if splits > 1:
-        part = _scratch(
-            ("router partials", x.device, t, splits, be), lambda: (x.new_empty((t, splits, be)),)
-        )[0]
-        counters = _split_counters(x.device, t)
+    weights, experts, part, counters = _routing_buffers(x, k, splits, be)
     with _launch_device(x.device):
         launch(_router_topk_kernel, (t, splits),
             x, weight, weights, experts, part, counters, d, n_experts, run, min_sum, K=k, BE=be, BD=step,
@@ -3937,10 +4053,131 @@ def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_
     return weights, experts
 
 
+def _routing_buffers(x: torch.Tensor, k: int, splits: int, be: int) -> tuple[torch.Tensor, ...]:
+    """A router launch's outputs for x [T, D], weights [T, k] and experts [T, k] (new tensors),
+    and its scratch: with several splits the partial logits (the device's scratch for the
+    shape) and the tokens' counters (`_split_counters`), else stand-ins."""
+    t = x.shape[0]
+    weights = x.new_empty((t, k))
+    experts = x.new_empty((t, k), dtype=torch.int64)
+    part = counters = weights
+    if splits > 1:
+        part = _scratch(
+            ("router partials", x.device, t, splits, be), lambda: (x.new_empty((t, splits, be)),)
+        )[0]
+        counters = _split_counters(x.device, t)
+    return weights, experts, part, counters
+
+
 @_fake("router_topk")
 def _(x, weight, k, min_sum):
     t = x.shape[0]
     return x.new_empty((t, k), dtype=torch.float32), x.new_empty((t, k), dtype=torch.int64)
+
+
+# The post-attention norm with the router after it in one op (NORM_CONFIG "router"; the model
+# asks `norm_routes`): `add_rms_norm` (or `add_rms_norm_int`) and `router_topk` on its output,
+# the same bits, from one launch where `norm_route_takes_kernel` says so. The router's weight
+# is an input, as it is `router_topk`'s: a tracer names it by its GGUF tensor.
+
+
+@_op()
+def add_rms_norm_route(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, router_weight: torch.Tensor,
+    k: int, min_sum: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`add_rms_norm` of x, residual [T, D] float32 with weight [D], and `router_topk` of its
+    normed output with the router's float32 weight [E, D]: (x + residual, normed, routing
+    weights [T, k], experts [T, k]), the same bits as those two ops. One launch
+    (`_norm_route_kernel`) where `norm_route_takes_kernel`; the two ops' code otherwise."""
+    _check_devices("harness::add_rms_norm_route", x, residual, weight, router_weight)
+    if norm_route_takes_kernel(x, residual, weight, router_weight, k):
+        return _norm_route_call(x, residual, weight, eps, router_weight, k, min_sum, False)
+    total, normed = add_rms_norm(x, residual, weight, eps)
+    return total, normed, *router_topk(normed, router_weight, k, min_sum)
+
+
+@_fake("add_rms_norm_route")
+def _(x, residual, weight, eps, router_weight, k, min_sum):
+    return torch.empty_like(x), torch.empty_like(x), *_routing_like(x, k)
+
+
+@_op()
+def add_rms_norm_int_route(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, router_weight: torch.Tensor,
+    k: int, min_sum: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`add_rms_norm_int` and `router_topk` of its normed output, as `add_rms_norm_route`: (x +
+    residual, normed, x_q, x_sums, x_scales, routing weights, experts), the same bits as those
+    two ops."""
+    _check_devices("harness::add_rms_norm_int_route", x, residual, weight, router_weight)
+    _check_int_norm("harness::add_rms_norm_int_route", x, residual)
+    if norm_route_takes_kernel(x, residual, weight, router_weight, k):
+        return _norm_route_call(x, residual, weight, eps, router_weight, k, min_sum, True)
+    normed_int = _normed(x, residual, weight, eps, int_out=True)
+    return *normed_int, *router_topk(normed_int[1], router_weight, k, min_sum)
+
+
+@_fake("add_rms_norm_int_route")
+def _(x, residual, weight, eps, router_weight, k, min_sum):
+    return torch.empty_like(x), torch.empty_like(x), *_int_form_like(x), *_routing_like(x, k)
+
+
+def _routing_like(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty routing weights [T, k] float32 and experts [T, k] int64 for x [T, D]."""
+    t = x.shape[0]
+    return x.new_empty((t, k), dtype=torch.float32), x.new_empty((t, k), dtype=torch.int64)
+
+
+def norm_routes(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, router_weight: torch.Tensor | None, k: int
+) -> bool:
+    """Whether the model's post-attention norm (weight) of x + residual and its MoE router
+    (router_weight, k experts a token) go as one op, `harness::add_rms_norm_route` (or its int
+    form's): NORM_CONFIG "router" on and `norm_route_takes_kernel`."""
+    return NORM_CONFIG["router"] and norm_route_takes_kernel(x, residual, weight, router_weight, k)
+
+
+def norm_route_takes_kernel(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, router_weight: torch.Tensor | None, k: int
+) -> bool:
+    """Whether a norm and its router take `_norm_route_kernel`: the one place that decides. Yes
+    where the router alone takes its kernel on x's shape (`router_takes_kernel`: decode-sized,
+    a float32 weight of at most ROUTER_MAX_EXPERTS experts, a device the kernels run on) and
+    the norm's tensors go with it: residual float32 of x's shape and weight float32 [D], all
+    contiguous, and all four on x's device (a tensor elsewhere: the two ops, each refusing it
+    with the device error it gives today, where it gives it)."""
+    if router_weight is None or residual.shape != x.shape or weight.shape != x.shape[-1:]:
+        return False
+    if any(t.device != x.device for t in (residual, weight, router_weight)):
+        return False
+    if any(a.dtype != torch.float32 or not a.is_contiguous() for a in (residual, weight)):
+        return False
+    return router_takes_kernel(x, router_weight, k)
+
+
+def _norm_route_call(x, residual, weight, eps, router_weight, k, min_sum, int_out: bool):
+    """`_norm_route_kernel`'s launch (`norm_route_takes_kernel` true): the router's grid and
+    plan (`router_plan`), the norm's warps (`_norm_warps`)."""
+    t, d = x.shape
+    n_experts = router_weight.shape[0]
+    splits, run, step = router_plan(n_experts, d)
+    be, bn = _next_pow2(n_experts), _next_pow2(d)
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    int_form = (out, out, out)  # (INT_OUT: q, scales, sums as the kernel takes them)
+    if int_out:
+        q, sums, scales = _int_form_like(x)
+        int_form = (q, scales, sums)
+    weights, experts, part, counters = _routing_buffers(x, k, splits, be)
+    with _launch_device(x.device):
+        launch(_norm_route_kernel, (t, splits),
+            x, residual, total, weight, out, *int_form, router_weight, weights, experts, part, counters, d,
+            n_experts, run, eps, min_sum, BN=bn, K=k, BE=be, BD=step, BK=_next_pow2(k), SPLITS=splits,
+            CUDA_EXP=not kernels.interpreting(), INT_OUT=int_out, PTX=_ptx(), num_warps=_norm_warps(bn),
+            num_stages=ROUTER_CONFIG["num_stages"], **pdl_options(x.device),
+        )  # fmt: skip
+    normed = (total, out, q, sums, scales) if int_out else (total, out)
+    return *normed, weights, experts
 
 
 @_op()
