@@ -10,8 +10,9 @@ JSON; asserts nothing.
 recorded, as benchmarks/bench_trace.py's full mode) and sampled (`sampled<N>`, `--sample-every`:
 forward call i recorded when i % N == 0), in turn with the untraced steps in every run: ms per
 step inside the `with` block (the tracer's entry and exit apart, `trace_enter_exit_ms`, paid once
-a generation), and the ratios to untraced. `--profile-trace TOP` then adds the TOP functions by
-self time of one full-traced run (cProfile).
+a generation), and the ratios to untraced; and, apart, the host time of a sampled tracer's traced
+steps and of the steps it skips (`sampled_step_ms`: what sampling costs where it records nothing).
+`--profile-trace TOP` then adds the TOP functions by self time of one full-traced run (cProfile).
 
     python benchmarks/bench_host.py --out benchmarks/results/host.json            # CUDA if present
     python benchmarks/bench_host.py --decode-step --layers 4                      # and decode steps
@@ -220,6 +221,8 @@ def _time_decode_steps(model, device, steps, sync, launches, trace_every, profil
     runs: dict[str, list[float]] = {mode: [] for mode in modes}
     enter_exit: dict[str, list[float]] = {mode: [] for mode in tracers}
     events: dict[str, int] = {}
+    every = {f"sampled{n}": n for n in trace_every or ()}
+    split: dict[str, dict[str, list[float]]] = {mode: {"traced": [], "skipped": []} for mode in every}
 
     def run(mode: str) -> float:
         """ms per step of one run of `steps` steps in `mode`."""
@@ -228,10 +231,17 @@ def _time_decode_steps(model, device, steps, sync, launches, trace_every, profil
         outer = time.perf_counter()
         with tracer:
             start = time.perf_counter()
+            marks = [start]
             for pos in range(steps):
                 model(token, pos)
+                marks.append(time.perf_counter())
             sync()
             inner = time.perf_counter() - start
+        if mode in every:  # its steps apart: the traced ones and those it skips
+            for pos in range(steps):
+                split[mode]["skipped" if pos % every[mode] else "traced"].append(
+                    (marks[pos + 1] - marks[pos]) * 1e3
+                )
         if mode in tracers:
             enter_exit[mode].append((time.perf_counter() - outer - inner) * 1e3)
             events[mode] = tracer.summary.events
@@ -244,6 +254,9 @@ def _time_decode_steps(model, device, steps, sync, launches, trace_every, profil
             model(token, pos)
         for mode in tracers:
             run(mode)
+        for parts in split.values():  # (not the warm-up's)
+            parts["traced"].clear()
+            parts["skipped"].clear()
         sync()
         try:
             for _ in range(7):
@@ -277,6 +290,11 @@ def _time_decode_steps(model, device, steps, sync, launches, trace_every, profil
             "us_per_op_added_full": round((med["full"] - untraced) * 1e3 / (events["full"] / steps), 2),
             "events_per_run": events,
             "trace_enter_exit_ms": {mode: statistics.median(r) for mode, r in enter_exit.items()},
+            # one step's host time (no sync), median over the timed runs: a sampled tracer's
+            # traced steps, and the steps it skips (against untraced steps' mean, ms_per_step)
+            "sampled_step_ms": {
+                mode: {k: statistics.median(v) for k, v in parts.items()} for mode, parts in split.items()
+            },
         }
         if hotspots is not None:
             result["traced"]["full_top_self"] = hotspots
