@@ -223,6 +223,8 @@ def _time_decode_steps(model, device, steps, sync, launches, trace_every, profil
     events: dict[str, int] = {}
     every = {f"sampled{n}": n for n in trace_every or ()}
     split: dict[str, dict[str, list[float]]] = {mode: {"traced": [], "skipped": []} for mode in every}
+    if every:
+        split[modes[0]] = {"untraced": []}
 
     def run(mode: str) -> float:
         """ms per step of one run of `steps` steps in `mode`."""
@@ -237,11 +239,10 @@ def _time_decode_steps(model, device, steps, sync, launches, trace_every, profil
                 marks.append(time.perf_counter())
             sync()
             inner = time.perf_counter() - start
-        if mode in every:  # its steps apart: the traced ones and those it skips
-            for pos in range(steps):
-                split[mode]["skipped" if pos % every[mode] else "traced"].append(
-                    (marks[pos + 1] - marks[pos]) * 1e3
-                )
+        for pos in range(steps):  # a sampled tracer's steps apart: the traced ones and those it skips
+            part = "untraced" if mode not in every else "skipped" if pos % every[mode] else "traced"
+            if part in split.get(mode, ()):
+                split[mode][part].append((marks[pos + 1] - marks[pos]) * 1e3)
         if mode in tracers:
             enter_exit[mode].append((time.perf_counter() - outer - inner) * 1e3)
             events[mode] = tracer.summary.events
@@ -255,8 +256,8 @@ def _time_decode_steps(model, device, steps, sync, launches, trace_every, profil
         for mode in tracers:
             run(mode)
         for parts in split.values():  # (not the warm-up's)
-            parts["traced"].clear()
-            parts["skipped"].clear()
+            for part in parts.values():
+                part.clear()
         sync()
         try:
             for _ in range(7):
@@ -290,8 +291,8 @@ def _time_decode_steps(model, device, steps, sync, launches, trace_every, profil
             "us_per_op_added_full": round((med["full"] - untraced) * 1e3 / (events["full"] / steps), 2),
             "events_per_run": events,
             "trace_enter_exit_ms": {mode: statistics.median(r) for mode, r in enter_exit.items()},
-            # one step's host time (no sync), median over the timed runs: a sampled tracer's
-            # traced steps, and the steps it skips (against untraced steps' mean, ms_per_step)
+            # one step's host time (no sync), median over the timed runs' steps: a sampled
+            # tracer's traced steps and the steps it skips, and untraced steps
             "sampled_step_ms": {
                 mode: {k: statistics.median(v) for k, v in parts.items()} for mode, parts in split.items()
             },
