@@ -1428,7 +1428,6 @@ _TENSOR_BASE = torch._C.TensorBase
 
 
 _MODULE_GETATTR = torch.nn.Module.__getattr__
-_CLASS_HAS: dict[tuple[type, str], bool] = {}  # (class, name) -> whether the class has it
 
 
 def _module_attr(module: torch.nn.Module, name: str, default=None):
@@ -1437,11 +1436,8 @@ def _module_attr(module: torch.nn.Module, name: str, default=None):
     starts: an instance or class attribute, else a parameter, buffer or submodule of that name
     (a class with its own `__getattr__` is asked as usual)."""
     cls = type(module)
-    has = _CLASS_HAS.get((cls, name))
-    if has is None:
-        has = _CLASS_HAS[cls, name] = hasattr(cls, name) or cls.__getattr__ is not _MODULE_GETATTR
     d = module.__dict__
-    if has or name in d:
+    if name in d or cls.__getattr__ is not _MODULE_GETATTR or hasattr(cls, name):
         return getattr(module, name, default)
     for store in (d.get("_parameters"), d.get("_buffers"), d.get("_modules")):
         if store and name in store:
