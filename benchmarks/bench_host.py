@@ -6,9 +6,18 @@ shapes and Q4_K_M types; and (`--decode-step`) whole eager decode steps of a Mix
 traced one, is bound by these costs (benchmarks/profile_decode.py's `decode_eager_host`). Writes
 JSON; asserts nothing.
 
+`--trace` also times the same decode steps under a `Tracer` writing a trace (`full`: every op
+recorded, as benchmarks/bench_trace.py's full mode) and sampled (`sampled<N>`, `--sample-every`:
+forward call i recorded when i % N == 0), in turn with the untraced steps in every run: ms per
+step inside the `with` block (the tracer's entry and exit apart, `trace_enter_exit_ms`, paid once
+a generation), and the ratios to untraced; and, apart, the host time of a sampled tracer's traced
+steps and of the steps it skips (`sampled_step_ms`: what sampling costs where it records nothing).
+`--profile-trace TOP` then adds the TOP functions by self time of one full-traced run (cProfile).
+
     python benchmarks/bench_host.py --out benchmarks/results/host.json            # CUDA if present
     python benchmarks/bench_host.py --decode-step --layers 4                      # and decode steps
     python benchmarks/bench_host.py --stub-launches --decode-step --out /tmp/h.json   # no GPU
+    python benchmarks/bench_host.py --stub-launches --decode-step --layers 4 --trace --calls 200
 
 `--stub-launches` measures the fused path's own Python on a machine without a GPU: the ops run
 on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set here before Triton is
@@ -25,7 +34,9 @@ host time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -160,10 +171,19 @@ def stub_launches() -> dict[str, int]:
     return counts
 
 
-def decode_steps(device: torch.device, layers: int, steps: int, sync, launches: dict | None) -> dict:
+def decode_steps(
+    device: torch.device,
+    layers: int,
+    steps: int,
+    sync,
+    launches: dict | None,
+    trace_every: list[int] | None = None,
+    profile_top: int = 0,
+) -> dict:
     """Eager decode steps (`model(token, pos)`, one token) of a synthesized Mixtral-8x7B Q4_K_M
     with `layers` layers on `device`: ms per step (median of 7 runs of `steps`), and the ops
-    (and, with stubbed launches, kernel launches) of one step."""
+    (and, with stubbed launches, kernel launches) of one step; with `trace_every`, the same
+    steps under a full and sampled Tracers (see the module's docstring)."""
     from harness.gguf_file import PRESETS
     from harness.model.mixtral import Mixtral
     from harness.synth import synthesize
@@ -175,27 +195,79 @@ def decode_steps(device: torch.device, layers: int, steps: int, sync, launches: 
         start = time.perf_counter()
         model = Mixtral.from_gguf(path, device=device, max_seq_len=1024)
         load_s = time.perf_counter() - start
+        return _time_decode_steps(model, device, steps, sync, launches, trace_every, profile_top, tmp) | {
+            "layers": layers,
+            "load_s": round(load_s, 2),
+        }
     finally:
         shutil.rmtree(tmp)
+
+
+def _time_decode_steps(model, device, steps, sync, launches, trace_every, profile_top, tmp: Path) -> dict:
     from harness.quant import launch
+    from harness.trace import Tracer
 
     token = torch.tensor([1], device=device)
     # Triton's own launch against harness.quant.launch's direct one, where that applies
-    modes = ("direct", "triton") if launch.fast_path else ("triton",)
+    modes = ["direct", "triton"] if launch.fast_path else ["triton"]
+    tracers = {}
+    if trace_every is not None:
+        tracers["full"] = lambda: Tracer(model, path=tmp / "full.jsonl")
+        for n in trace_every:
+            tracers[f"sampled{n}"] = functools.partial(
+                Tracer, model, path=tmp / f"sampled{n}.jsonl", sample_every=n
+            )
+        modes += list(tracers)
     runs: dict[str, list[float]] = {mode: [] for mode in modes}
+    enter_exit: dict[str, list[float]] = {mode: [] for mode in tracers}
+    events: dict[str, int] = {}
+    every = {f"sampled{n}": n for n in trace_every or ()}
+    split: dict[str, dict[str, list[float]]] = {mode: {"traced": [], "skipped": []} for mode in every}
+    if every:
+        split[modes[0]] = {"untraced": []}
+
+    def run(mode: str) -> float:
+        """ms per step of one run of `steps` steps in `mode`."""
+        launch.fast_path = mode != "triton" and "direct" in modes
+        tracer = tracers[mode]() if mode in tracers else contextlib.nullcontext()
+        outer = time.perf_counter()
+        with tracer:
+            start = time.perf_counter()
+            marks = [start]
+            for pos in range(steps):
+                model(token, pos)
+                marks.append(time.perf_counter())
+            sync()
+            inner = time.perf_counter() - start
+        for pos in range(steps):  # a sampled tracer's steps apart: the traced ones and those it skips
+            part = "untraced" if mode not in every else "skipped" if pos % every[mode] else "traced"
+            if part in split.get(mode, ()):
+                split[mode][part].append((marks[pos + 1] - marks[pos]) * 1e3)
+        if mode in tracers:
+            enter_exit[mode].append((time.perf_counter() - outer - inner) * 1e3)
+            events[mode] = tracer.summary.events
+            if tracer.verdict != "clean":
+                raise SystemExit(f"{mode}: the traced decode steps are {tracer.verdict}, not clean")
+        return inner / steps * 1e3
+
     with torch.inference_mode():
         for pos in range(3):  # warm-up: compiles, plans, tables
             model(token, pos)
+        for mode in tracers:
+            run(mode)
+        for parts in split.values():  # (not the warm-up's)
+            for part in parts.values():
+                part.clear()
         sync()
         try:
             for _ in range(7):
-                for mode in modes:  # in turn: drifts of the machine hit both alike
-                    launch.fast_path = mode == "direct"
-                    start = time.perf_counter()
-                    for pos in range(steps):
-                        model(token, pos)
-                    sync()
-                    runs[mode].append((time.perf_counter() - start) / steps * 1e3)
+                for mode in modes:  # in turn: drifts of the machine hit all alike
+                    runs[mode].append(run(mode))
+            hotspots = None
+            if profile_top and tracers:
+                from harness.bench import host_hotspots
+
+                hotspots = host_hotspots(lambda: run("full"), 1, profile_top)
         finally:
             launch.fast_path = "direct" in modes
         counter = OpCounter()
@@ -203,15 +275,30 @@ def decode_steps(device: torch.device, layers: int, steps: int, sync, launches: 
         with counter:
             model(token, 3)
         sync()
+    med = {mode: statistics.median(r) for mode, r in runs.items()}
     result = {
-        "layers": layers,
         "steps_per_run": steps,
-        "load_s": round(load_s, 2),
-        "ms_per_step": statistics.median(runs[modes[0]]),
-        "ms_per_step_by_launch": {mode: statistics.median(r) for mode, r in runs.items()},
+        "ms_per_step": med[modes[0]],
+        "ms_per_step_by_launch": {mode: med[mode] for mode in modes if mode not in tracers},
         "ms_per_step_runs": runs,
         "ops_per_step": counter.counts,
     }
+    if tracers:
+        untraced = med[modes[0]]
+        result["traced"] = {
+            "ms_per_step": {"untraced": untraced} | {mode: med[mode] for mode in tracers},
+            "ratio": {mode: round(med[mode] / untraced, 4) for mode in tracers},
+            "us_per_op_added_full": round((med["full"] - untraced) * 1e3 / (events["full"] / steps), 2),
+            "events_per_run": events,
+            "trace_enter_exit_ms": {mode: statistics.median(r) for mode, r in enter_exit.items()},
+            # one step's host time (no sync), median over the timed runs' steps: a sampled
+            # tracer's traced steps and the steps it skips, and untraced steps
+            "sampled_step_ms": {
+                mode: {k: statistics.median(v) for k, v in parts.items()} for mode, parts in split.items()
+            },
+        }
+        if hotspots is not None:
+            result["traced"]["full_top_self"] = hotspots
     if launches is not None:
         result["launches_per_step"] = {
             k: v - before.get(k, 0) for k, v in launches.items() if v > before.get(k, 0)
@@ -314,7 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-step", action="store_true", help="also time eager decode steps of a synthesized model"
     )
     p.add_argument("--layers", type=int, default=2, help="layers of that model (Mixtral-8x7B's shapes)")
-    p.add_argument("--steps", type=int, default=20, help="decode steps per timed run")
+    p.add_argument(
+        "--steps", type=int, default=32, help="decode steps per timed run (a multiple of --sample-every)"
+    )
+    p.add_argument("--trace", action="store_true", help="also time the decode steps traced, full and sampled")
+    p.add_argument("--sample-every", default="16", help="N, or several: 16,32 (one sampled mode each)")
+    p.add_argument("--profile-trace", type=int, default=0, metavar="TOP", help="cProfile a full-traced run")
     p.add_argument("--out", default="benchmarks/results/host.json")
     args = p.parse_args(argv)
     launches = stub_launches() if args.stub_launches else None
@@ -352,12 +444,28 @@ def main(argv: list[str] | None = None) -> int:
     for name, us in result["us_per_call"].items():
         print(f"{name:45s} {us:8.2f} us", flush=True)
     if args.decode_step:
-        step = result["decode_step"] = decode_steps(device, args.layers, args.steps, sync, launches)
+        every = [int(n) for n in args.sample_every.split(",")] if args.trace else None
+        step = result["decode_step"] = decode_steps(
+            device, args.layers, args.steps, sync, launches, every, args.profile_trace
+        )
         print(
             f"decode step, {args.layers} layers: {step['ms_per_step']:.3f} ms, ops {step['ops_per_step']}"
             + (f", launches {step['launches_per_step_total']}" if launches is not None else ""),
             flush=True,
         )
+        if "traced" in step:
+            traced = step["traced"]
+            print(
+                "traced: "
+                + ", ".join(f"{k} {v:.3f} ms" for k, v in traced["ms_per_step"].items())
+                + "; ratios "
+                + ", ".join(f"{k} x{v}" for k, v in traced["ratio"].items())
+                + f"; full adds {traced['us_per_op_added_full']} us an op",
+                flush=True,
+            )
+    result["command"] = "python benchmarks/bench_host.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -545,17 +545,17 @@ class Tracer(TorchDispatchMode):
             return
         for path, module in model.named_modules():
             self._paths[module] = (path, self._expected_device(path))
-            if getattr(module, "outputs_activations", False):
+            if _module_attr(module, "outputs_activations", False):
                 self._activation_outputs.add(module)
-            if getattr(module, "_hf_hook", None) is not None:
+            if _module_attr(module, "_hf_hook") is not None:
                 self._hooked = True
-            names = getattr(module, "gguf_names", None)
+            names = _module_attr(module, "gguf_names")
             if isinstance(names, dict):
                 for attr, ns in names.items():
                     t = getattr(module, attr, None)
                     if isinstance(t, torch.Tensor):
                         self._remember(t, tuple(ns))
-            name = getattr(module, "gguf_name", None)
+            name = _module_attr(module, "gguf_name")
             if isinstance(name, str):
                 for _, t in own_tensors(module):
                     self._remember(t, (name,))
@@ -806,7 +806,7 @@ class Tracer(TorchDispatchMode):
                 if isinstance(output, Tensor) and (
                     module in self._activation_outputs
                     if entry is not None
-                    else getattr(module, "outputs_activations", False)
+                    else _module_attr(module, "outputs_activations", False)
                 ):
                     self._weights.pop(id(output), None)
                 if stack:
@@ -823,7 +823,7 @@ class Tracer(TorchDispatchMode):
         if isinstance(output, torch.Tensor) and (
             module in self._activation_outputs
             if module in self._paths
-            else getattr(module, "outputs_activations", False)  # (2.5 us on a module without it)
+            else _module_attr(module, "outputs_activations", False)
         ):
             self._weights.pop(id(output), None)  # looked-up rows of a table are activations, not the weight
         if self._stack:
@@ -1425,6 +1425,24 @@ class Tracer(TorchDispatchMode):
 
 
 _TENSOR_BASE = torch._C.TensorBase
+
+
+_MODULE_GETATTR = torch.nn.Module.__getattr__
+
+
+def _module_attr(module: torch.nn.Module, name: str, default=None):
+    """`getattr(module, name, default)`, without `nn.Module.__getattr__` raising (and formatting)
+    an AttributeError for a name the module lacks, a few microseconds a module when a tracer
+    starts: an instance or class attribute, else a parameter, buffer or submodule of that name
+    (a class with its own `__getattr__` is asked as usual)."""
+    cls = type(module)
+    d = module.__dict__
+    if name in d or cls.__getattr__ is not _MODULE_GETATTR or hasattr(cls, name):
+        return getattr(module, name, default)
+    for store in (d.get("_parameters"), d.get("_buffers"), d.get("_modules")):
+        if store and name in store:
+            return store[name]
+    return default
 
 
 def _raw_key(t: Tensor) -> tuple:
