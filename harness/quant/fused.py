@@ -137,26 +137,8 @@ INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q6_K: {"BN": 16, "num_warps": 2, "stages": 1, "programs_per_sm": 8},
     T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
 }
-# How the int reads of Q4_K and Q5_K walk a weight (an INT_MATVEC_CONFIG setting's "read"):
-# - "blocks" (the default): a program takes BN rows and walks their super-blocks one a loop
-#   step, a thread a (row, group of 64 values) slot of the [BN, 4, 4] tile: a warp's 16-byte
-#   loads touch 8 rows (or more) at once;
-# - "rows": a program takes BN rows and walks them "span" super-blocks a loop step (8 when
-#   absent; a power of two), the lanes along K: a [BN, span, 4, 4] tile of (row, super-block,
-#   group, word), so a warp's loads cover span consecutive super-blocks of a row (at span 8, a
-#   warp's 32 lanes one row: 8 x 144 bytes in a row); each lane's partials are summed per row
-#   at the end (`_pairwise_slots`), in a fixed order. llama.cpp's mmvq reads so (ggml-cuda
-#   mmvq.cu: the threads of a block along a row's blocks, one to a few rows a block). x always
-#   comes from `_int_x`'s launch (`int_x_path` "kernel" is not taken), loaded where it is
-#   stored, as X_AT. The grid is as "blocks"' (row tiles of BN, pairs, splits); a split is
-#   whole loop steps (its super-blocks rounded up to a multiple of the span), a loop step past
-#   the split's end weighted 0. At span 1 the same sums in the same order as "blocks": the same
-#   bits (the interpreter's tests check it). With "rows" set BN (and "num_warps") for it too:
-#   BN x span x 4 slots of 16-byte loads over 32 x num_warps lanes. Not timed on a GPU yet:
-#   `benchmarks/sweep_matvec.py --reads blocks,rows` times both.
-INT_READS = ("blocks", "rows")
-ROWS_READ_TYPES = (T.Q4_K, T.Q5_K)
-ROWS_SPAN_DEFAULT = 8
+# (Session 15 removed the Q4_K/Q5_K "rows" read, INT_MATVEC_CONFIG "read"/"span": slower on an
+# H100, 111.8 us at best against 99.9 for the Q4_K moe_ffn, results/matvec_rows_sweep.json.)
 # moe_ffn's decode launches (at most MATVEC_MAX_ROWS pairs), each fusion a switch so that a GPU
 # can compare them (`benchmarks/bench_fused.py --moe-only --moe-fusions`):
 # - "int_h": the gated product leaves h (silu(gate.x) * (up.x), [pairs, F]) as `_int_x` would
@@ -1244,8 +1226,7 @@ if triton is not None:
         of byte b (the high nibbles shifted down first). X_AT: xq, xs and xsum are where `_int_x` stored the super-block's
         words, scales and sums, each operand loaded as the products take it (the same values;
         taking them apart from [8, 16] changes their layout through shared memory every
-        iteration); they may also be pointer tensors that broadcast against blk (the "rows"
-        read: x's super-block differs along K)."""
+        iteration)."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
         # every operand in the [..., 4 groups, 4 words] tile's layout (the block's scales as
         # [..., 1, 1], x's as [1, ..., 4, 4]): mixing 2-D and 3-D shapes cost layout changes
@@ -1363,19 +1344,6 @@ if triton is not None:
         return tl.sum(quads, axis=1)
 
     @triton.jit
-    def _pairwise_slots(t, BN: tl.constexpr, ROWS: tl.constexpr):
-        """The "rows" read's partials t [BN, ROWS, 4, 1] summed per row pairwise: each
-        super-block slot's four groups as `_pairwise_rows` adds them, then the slots' sums
-        neighbour with neighbour (ROWS a power of two, up to 64): a fixed order, whatever the
-        layout."""
-        quads = tl.sum(tl.reshape(t, (BN, ROWS, 2, 2)), axis=3)
-        t = tl.sum(quads, axis=2)  # [BN, ROWS]
-        for k in tl.static_range(6):
-            if (ROWS >> k) > 1:
-                t = tl.sum(tl.reshape(t, (BN, ROWS >> (k + 1), 2)), axis=2)
-        return tl.reshape(t, (BN,))
-
-    @triton.jit
     def _by_quarter(t):
         """t [..., 2, 2] with axes (f1, f0) last as the tuple of t[..., f // 2, f % 2], f = 0..3."""
         even, odd = tl.split(t)
@@ -1425,7 +1393,7 @@ if triton is not None:
         res_stride, hq_ptr, hscale_ptr, hsum_ptr, QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
         GATED: tl.constexpr, SCALED: tl.constexpr, ROUTED: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr,
         STAGES: tl.constexpr, REDUCE: tl.constexpr, INT: tl.constexpr, INT_X: tl.constexpr, PTX: tl.constexpr,
-        UNROLL: tl.constexpr, X_AT: tl.constexpr, ROWS: tl.constexpr, RESIDUAL: tl.constexpr, INT_OUT: tl.constexpr,
+        UNROLL: tl.constexpr, X_AT: tl.constexpr, RESIDUAL: tl.constexpr, INT_OUT: tl.constexpr,
         pid_n, p, split, n_tiles, splits,
     ):  # fmt: skip
         """`_matvec_kernel`'s work for one program: output tile pid_n (of n_tiles), pair p, split
@@ -1459,39 +1427,16 @@ if triton is not None:
             g3 = tl.arange(0, 4)[None, :, None]  # [1, 4, 1]: `_q4_k_dot_int`'s groups
             w3 = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]: and words
         x_power = tl.load(xpow_ptr + p // x_div) if VEC else 1.0
-        if ROWS:  # the "rows" read's [BN, ROWS, 4, 1] partials (row, super-block, group)
-            acc_r = tl.zeros((BN, ROWS, 4, 1), dtype=tl.float32)
-            acc_r_u = tl.zeros((BN, ROWS, 4, 1), dtype=tl.float32)
-            slot = tl.arange(0, ROWS)[None, :, None, None]  # [1, ROWS, 1, 1]
-            g4 = tl.arange(0, 4)[None, None, :, None]  # [1, 1, 4, 1]
-            w4 = tl.arange(0, 4)[None, None, None, :]  # [1, 1, 1, 4]
-            row_words = rowb[:, None, None, None] // 4  # [BN, 1, 1, 1]
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
-        step: tl.constexpr = ROWS if ROWS else 1
-        for sb in tl.range(first, last, step, num_stages=STAGES, loop_unroll_factor=UNROLL):
-            if ROWS:  # super-blocks sb + slot; past the chunk's end its last again, weighted 0
-                at = sb + slot
-                inside = at < last
-                at = tl.where(inside, at, last - 1)
-                blk = row_words + at * (44 if QT == 13 else 36)
-                # x's operands as tiles of the weights' shape, so that they load in its layout
-                # (the same words for each row; as [1, ROWS, ...] they spread over more threads)
-                whole = 0 * row_words  # [BN, 1, 1, 1]
-                x_at = (xp + at * 128 + whole, xscale + at * 8 + whole, xsum + at * 16 + whole)
-            elif INT and X_AT:  # where `_int_x` stored x's super-block: its words, scales and sums
+        for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
+            if INT and X_AT:  # where `_int_x` stored x's super-block: its words, scales and sums
                 x_at = (xp + sb * 128, xscale + sb * 8, xsum + sb * 16)
             elif INT:  # x's super-block once for w and u
                 xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
-            if INT and (QT == 12 or QT == 13) and not ROWS:  # [BN, 1, 1]: the rows' super-block sb, in words
+            if INT and (QT == 12 or QT == 13):  # [BN, 1, 1]: the rows' super-block sb, in words
                 blk = rowb[:, None, None] // 4 + sb * (44 if QT == 13 else 36)
-            if ROWS:  # Q4_K, Q5_K: the "rows" read
-                acc_r += tl.where(inside, _q4_k_dot_int(w_ptr, blk, g4, w4, *x_at, PTX, QT == 13, True), 0.0)
-                if GATED:
-                    acc_r_u += tl.where(
-                        inside, _q4_k_dot_int(u_ptr, blk, g4, w4, *x_at, PTX, QT == 13, True), 0.0
-                    )
-            elif INT and (QT == 12 or QT == 13) and X_AT:  # Q4_K, Q5_K, x from `_int_x`
+            if INT and (QT == 12 or QT == 13) and X_AT:  # Q4_K, Q5_K, x from `_int_x`
                 acc_i += tl.sum(_q4_k_dot_int(w_ptr, blk, g3, w3, *x_at, PTX, QT == 13, True), axis=2)
                 if GATED:
                     acc_i_u += tl.sum(_q4_k_dot_int(u_ptr, blk, g3, w3, *x_at, PTX, QT == 13, True), axis=2)
@@ -1543,9 +1488,7 @@ if triton is not None:
                     if GATED:
                         wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
-        if ROWS:  # each row's ROWS x 4 partials pairwise (ROWS 1: as the "blocks" read's)
-            acc, acc_u = _pairwise_slots(acc_r, BN, ROWS), _pairwise_slots(acc_r_u, BN, ROWS)
-        elif INT and QT == 8:  # pairwise, in an order no layout changes: x's reads agree bit for bit
+        if INT and QT == 8:  # pairwise, in an order no layout changes: x's reads agree bit for bit
             acc, acc_u = _pairwise_rows(acc_i, BN, 8), _pairwise_rows(acc_i_u, BN, 8)
         elif INT:
             acc, acc_u = _pairwise_rows(acc_i, BN, 4), _pairwise_rows(acc_i_u, BN, 4)
@@ -1647,7 +1590,6 @@ if triton is not None:
         PDL: tl.constexpr = False,
         UNROLL: tl.constexpr = 1,
         X_AT: tl.constexpr = False,
-        ROWS: tl.constexpr = 0,
         RESIDUAL: tl.constexpr = False,
         INT_OUT: tl.constexpr = False,
     ):
@@ -1661,9 +1603,6 @@ if triton is not None:
         quantized as `_int_x_super` does it: here, from float32 x (INT_X: x_ptr is x), or by
         `_int_x` before (x_ptr: its int16 pairs as int32, x_stride in pairs; xsum_ptr: its sums,
         xpow_ptr: its scales); the dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
-        ROWS > 0 (Q4_K and Q5_K with INT, x from `_int_x`): the "rows" read (INT_READS), ROWS
-        super-blocks of each of the BN rows a loop step, the lanes along K (a [BN, ROWS, 4, 4]
-        tile: row, super-block, group, word), a chunk's tail weighted 0.
 
         Without REDUCE (one split, out_div 1) each program stores its row. With it, each stores
         its partial in part [splits, pairs, N] (GATED: [2 * splits, pairs, N], W.x's then U.x's,
@@ -1683,7 +1622,7 @@ if triton is not None:
             x_ptr, w_ptr, u_ptr, out_ptr, experts_ptr, scale_ptr, lut_ptr, N, n_pairs, n_super, chunk, row_bytes,
             expert_bytes, x_stride, x_div, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, out_div, res_ptr,
             res_stride, hq_ptr, hscale_ptr, hsum_ptr, QT, NP, BN, GATED, SCALED, ROUTED, VEC, PACKED, STAGES, REDUCE,
-            INT, INT_X, PTX, UNROLL, X_AT, ROWS, RESIDUAL, INT_OUT,
+            INT, INT_X, PTX, UNROLL, X_AT, RESIDUAL, INT_OUT,
             tl.program_id(0), tl.program_id(1), tl.program_id(2), None, None,
         )  # fmt: skip
 
@@ -1695,10 +1634,9 @@ if triton is not None:
         tiles2, splits2,
         n_pairs, n_super, out_stride, first_programs,
         QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, PACKED: tl.constexpr, STAGES: tl.constexpr,
-        UNROLL: tl.constexpr, REDUCE: tl.constexpr, INT_X: tl.constexpr, X_AT: tl.constexpr, ROWS: tl.constexpr,
+        UNROLL: tl.constexpr, REDUCE: tl.constexpr, INT_X: tl.constexpr, X_AT: tl.constexpr,
         QT2: tl.constexpr, NP2: tl.constexpr, BN2: tl.constexpr, PACKED2: tl.constexpr, STAGES2: tl.constexpr,
         UNROLL2: tl.constexpr, REDUCE2: tl.constexpr, INT_X2: tl.constexpr, X_AT2: tl.constexpr,
-        ROWS2: tl.constexpr,
         PTX: tl.constexpr,
         PDL: tl.constexpr = False,
     ):  # fmt: skip
@@ -1714,7 +1652,7 @@ if triton is not None:
                 x_ptr, w_ptr, w_ptr, out_ptr, out_ptr, out_ptr, out_ptr, N, n_pairs, n_super, chunk, row_bytes, 0,
                 x_stride, 1, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, 1, out_ptr, 0, out_ptr, out_ptr,
                 out_ptr, QT, NP, BN, False, False, False, False, PACKED, STAGES, REDUCE, True, INT_X, PTX, UNROLL,
-                X_AT, ROWS, False, False,
+                X_AT, False, False,
                 pid % tiles, pid // tiles % n_pairs, pid // tiles // n_pairs, tiles, splits,
             )  # fmt: skip
         else:
@@ -1723,7 +1661,7 @@ if triton is not None:
                 x2_ptr, w2_ptr, w2_ptr, out2_ptr, out2_ptr, out2_ptr, out2_ptr, N2, n_pairs, n_super, chunk2,
                 row_bytes2, 0, x2_stride, 1, xsum2_ptr, xpow2_ptr, part2_ptr, counter2_ptr, out_stride, 1, out2_ptr,
                 0, out2_ptr, out2_ptr, out2_ptr, QT2, NP2, BN2, False, False, False, False, PACKED2, STAGES2,
-                REDUCE2, True, INT_X2, PTX, UNROLL2, X_AT2, ROWS2, False, False,
+                REDUCE2, True, INT_X2, PTX, UNROLL2, X_AT2, False, False,
                 at % tiles2, at // tiles2 % n_pairs, at // tiles2 // n_pairs, tiles2, splits2,
             )  # fmt: skip
 
@@ -2508,27 +2446,17 @@ def split_setting(gated: bool, routed: bool) -> str:
     return "gated_programs_per_sm" if gated else "programs_per_sm" if routed else "dense_programs_per_sm"
 
 
+# The keys a matrix-vector launch setting may hold; `_planned` refuses others (a removed setting,
+# a typo), so that a sweep or benchmarks/with_config.py never times a setting that does nothing.
+MATVEC_SETTING_KEYS = (
+    "BN", "num_warps", "stages", "unroll", "programs_per_sm", "gated_programs_per_sm", "dense_programs_per_sm", "x_at",
+)  # fmt: skip
+
+
 # Each product's plan by its shape, type code, device, `matvec_path` and `int_x_path`: (the setting dict it
 # was made with, a copy of it then, the plan); used while the two are equal (sweeps change
 # settings in place). The only cache of plans: `_planned` makes one anew.
 _PLANS: dict[tuple, tuple[dict, dict, _MatvecPlan]] = {}
-
-
-def _rows_span(qtype: GGMLType, cfg: dict) -> int:
-    """The "rows" read's super-blocks of a row a loop step under an int read's setting `cfg`
-    ("span", a power of two), or 0 for the "blocks" read (INT_READS)."""
-    read = cfg.get("read", INT_READS[0])
-    if read not in INT_READS:
-        raise ValueError(f'an int read\'s "read" must be one of {INT_READS}, got {read!r}')
-    if read == "blocks":
-        return 0
-    span = cfg.get("span", ROWS_SPAN_DEFAULT)
-    if qtype not in ROWS_READ_TYPES or span < 1 or span & (span - 1) or span > 64:
-        kinds = [t.name for t in ROWS_READ_TYPES]
-        raise ValueError(
-            f'the "rows" read takes {kinds} at a span of 1..64, a power of two; got {qtype.name}, {span}'
-        )
-    return span
 
 
 def _planned(
@@ -2536,11 +2464,15 @@ def _planned(
 ):
     qtype, packed = GGMLType(code & 0xFF), bool(code & PACKED)
     cfg = dict(cfg_items)
+    unknown = sorted(set(cfg) - set(MATVEC_SETTING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{qtype.name}'s matrix-vector launch setting has unknown keys {unknown}: {MATVEC_SETTING_KEYS}"
+        )
     bn = cfg["BN"]
     n_super = in_features // SUPER
     int_read = _reads_int(code, path)
     vec = not int_read and ((path in ("vec", "int") and qtype in MATVEC_PATH_TYPES) or packed)
-    span = _rows_span(qtype, cfg) if int_read else 0  # the "rows" read's super-blocks a step, else 0
     tiles = _ceil_div(out_features, bn) * n_pairs
     # Split the rows' super-blocks over programs until the device has enough of them; the
     # partial sums add up in a fixed order (deterministic). A gated product's own key (0: never
@@ -2548,16 +2480,14 @@ def _planned(
     per_sm = cfg.get(split_setting(gated, routed), cfg.get("programs_per_sm", 4))
     splits = max(1, min(n_super, _ceil_div(_programs_wanted(device, per_sm), tiles)))
     chunk = _ceil_div(n_super, splits)
-    if span:  # whole loop steps a split
-        chunk = _ceil_div(chunk, span) * span
     splits = _ceil_div(n_super, chunk)
     options = {
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read,
-        "INT_X": int_read and int_x == "kernel" and not span,  # (the "rows" read takes x from `_int_x`)
-        "X_AT": int_read and int_x != "kernel" and not span and bool(cfg.get("x_at", X_AT_DEFAULT)),
-        "PTX": _ptx(), "ROWS": span,
+        "INT_X": int_read and int_x == "kernel",
+        "X_AT": int_read and int_x != "kernel" and bool(cfg.get("x_at", X_AT_DEFAULT)),
+        "PTX": _ptx(),
     }  # fmt: skip
     return _MatvecPlan(
         grid=(_ceil_div(out_features, bn), n_pairs, splits),
@@ -2783,7 +2713,7 @@ def _x_read(x: torch.Tensor, plan: _MatvecPlan, prepared: dict | None, unused: t
 
 
 # A run's constexprs in `_matvec_two_runs_kernel` (the second run's names end in 2).
-_RUN_OPTIONS = ("QT", "NP", "BN", "PACKED", "STAGES", "UNROLL", "REDUCE", "INT_X", "X_AT", "ROWS")
+_RUN_OPTIONS = ("QT", "NP", "BN", "PACKED", "STAGES", "UNROLL", "REDUCE", "INT_X", "X_AT")
 
 
 def _matvec_two_runs(x: torch.Tensor, runs: list[tuple], prepared: dict | None) -> bool:
@@ -3966,7 +3896,7 @@ if triton is not None:
     def _pairwise_sum(v):
         """The sum of v [N] (N a power of two, up to 64) neighbour with neighbour, ((v0 + v1) +
         (v2 + v3)) + ...: each step a sum over an axis of two, one addition, so the bits do not
-        depend on which thread holds which value (as `_pairwise_slots`)."""
+        depend on which thread holds which value (as `_pairwise_rows`)."""
         N: tl.constexpr = v.shape[0]
         for k in tl.static_range(6):
             if (N >> k) > 1:
