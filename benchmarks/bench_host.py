@@ -227,7 +227,7 @@ def _matvec_signature(
     QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
     ROUTED: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr, STAGES: tl.constexpr,
     REDUCE: tl.constexpr, INT: tl.constexpr, INT_X: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
-    UNROLL: tl.constexpr = 1, X_AT: tl.constexpr = False,
+    UNROLL: tl.constexpr = 1,
     RESIDUAL: tl.constexpr = False, INT_OUT: tl.constexpr = False,
 ):  # fmt: skip
     """`harness.quant.fused._matvec_kernel`'s parameters, for `direct_launch` (no body: not compiled)."""
@@ -235,7 +235,7 @@ def _matvec_signature(
 
 def direct_launch() -> dict:
     """harness.quant.launch's own host time for a launch it sends straight to the compiled
-    kernel, with `_matvec_kernel`'s arguments (26 positional, 18 by keyword) as a decode
+    kernel, with `_matvec_kernel`'s arguments (26 positional, 17 by keyword) as a decode
     product passes them (by keyword, and bound once as `fused._matvec` does), where there is no GPU: a JITFunction of that kernel's code whose
     Triton launch gives back a compiled kernel whose launcher does nothing."""
     import triton
@@ -258,7 +258,7 @@ def direct_launch() -> dict:
     w, experts = torch.zeros(4096, 576, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
     options = {
         "QT": 12, "NP": 2, "GATED": False, "SCALED": False, "PACKED": False, "ROUTED": False, "VEC": True,
-        "STAGES": 1, "UNROLL": 1, "X_AT": False, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "INT_X": False,
+        "STAGES": 1, "UNROLL": 1, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "INT_X": False,
         "PTX": True,
         "RESIDUAL": False, "INT_OUT": False,
     }  # fmt: skip

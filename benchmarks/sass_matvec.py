@@ -100,7 +100,6 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
         "ROUTED": False, "VEC": vec, "PACKED": packed, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1),
         "REDUCE": not gated,  # a decode product's splits summed in the kernel (gated ones take one split)
         "INT": int_read, "INT_X": int_x, "PTX": True,
-        "X_AT": int_read and not int_x and cfg.get("x_at", fused.X_AT_DEFAULT) == 1,
         "RESIDUAL": False, "INT_OUT": False,
     }  # fmt: skip
     names = fused._matvec_kernel.arg_names

@@ -2606,14 +2606,14 @@ def _check_int_x_paths(results: list[dict]) -> None:
 
 def test_planned_refuses_setting_keys_it_does_not_know():
     """`_planned` under a matrix-vector setting holding a key it does not take (settings removed
-    in session 15: the Q4_K/Q5_K "rows" read's "read" and "span"; a typo): a ValueError naming
+    in session 15: "x_at", the Q4_K/Q5_K "rows" read's "read" and "span"; a typo): a ValueError naming
     the key, never a launch that silently ignores it (no kernel runs)."""
     from harness.quant import fused
     from harness.quant.types import GGMLType
 
     cpu = torch.device("cpu")
     base = {"BN": 8, "num_warps": 4}
-    for extra in ({"read": "rows"}, {"span": 8}, {"BN_": 16}):
+    for extra in ({"x_at": 1}, {"read": "rows"}, {"span": 8}, {"BN_": 16}):
         with pytest.raises(ValueError, match=repr(next(iter(extra)))):
             fused._planned(
                 int(GGMLType.Q4_K), 4096, 4096, 1, 1, False, False, False, cpu, "int", "launch",
@@ -2781,7 +2781,7 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
             consts = {
                 "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated,
                 "SCALED": routed, "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
-                "STAGES": cfg["stages"], "UNROLL": cfg.get("unroll", 1), "REDUCE": routed or not gated, "INT": True, "INT_X": int_x, "X_AT": not int_x and cfg.get("x_at", fused.X_AT_DEFAULT) == 1, "PTX": True, "PDL": True,
+                "STAGES": cfg["stages"], "UNROLL": cfg.get("unroll", 1), "REDUCE": routed or not gated, "INT": True, "INT_X": int_x, "PTX": True, "PDL": True,
                 "RESIDUAL": False, "INT_OUT": False,
             }  # fmt: skip
             compiled = _matvec_sm_90(consts, "*fp32" if int_x else "*i32", cfg["num_warps"])
@@ -2801,7 +2801,7 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
             "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated, "SCALED": not gated,
             "ROUTED": True, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0), "STAGES": cfg["stages"],
             "UNROLL": cfg.get("unroll", 1), "REDUCE": not gated, "INT": True, "INT_X": False,
-            "X_AT": cfg.get("x_at", fused.X_AT_DEFAULT) == 1, "PTX": True, "PDL": True, "INT_OUT": gated,
+            "PTX": True, "PDL": True, "INT_OUT": gated,
             "RESIDUAL": not gated,
         }  # fmt: skip
         compiled = _matvec_sm_90(consts, "*i32", cfg["num_warps"])
@@ -2850,7 +2850,6 @@ def _two_runs_sm_90(names: tuple[str, str], reduce: bool, int_x: bool):
         run = {
             "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
             "STAGES": cfg["stages"], "UNROLL": cfg.get("unroll", 1), "REDUCE": reduce, "INT_X": int_x,
-            "X_AT": not int_x and cfg.get("x_at", fused.X_AT_DEFAULT) == 1,
         }  # fmt: skip
         consts |= {key + end: value for key, value in run.items()}
         warps = max(warps, cfg["num_warps"])
@@ -3108,7 +3107,6 @@ def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
         "REDUCE": True,
         "INT": False,
         "INT_X": False,
-        "X_AT": False,
         "PTX": True,
         "PDL": False,
         "INT_OUT": False,
