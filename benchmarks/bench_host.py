@@ -314,7 +314,7 @@ def _matvec_signature(
     QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
     ROUTED: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr, STAGES: tl.constexpr,
     REDUCE: tl.constexpr, INT: tl.constexpr, INT_X: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False,
-    UNROLL: tl.constexpr = 1, X_AT: tl.constexpr = False, ROWS: tl.constexpr = 0,
+    UNROLL: tl.constexpr = 1,
     RESIDUAL: tl.constexpr = False, INT_OUT: tl.constexpr = False,
 ):  # fmt: skip
     """`harness.quant.fused._matvec_kernel`'s parameters, for `direct_launch` (no body: not compiled)."""
@@ -322,7 +322,7 @@ def _matvec_signature(
 
 def direct_launch() -> dict:
     """harness.quant.launch's own host time for a launch it sends straight to the compiled
-    kernel, with `_matvec_kernel`'s arguments (26 positional, 19 by keyword) as a decode
+    kernel, with `_matvec_kernel`'s arguments (26 positional, 17 by keyword) as a decode
     product passes them (by keyword, and bound once as `fused._matvec` does), where there is no GPU: a JITFunction of that kernel's code whose
     Triton launch gives back a compiled kernel whose launcher does nothing."""
     import triton
@@ -345,9 +345,9 @@ def direct_launch() -> dict:
     w, experts = torch.zeros(4096, 576, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
     options = {
         "QT": 12, "NP": 2, "GATED": False, "SCALED": False, "PACKED": False, "ROUTED": False, "VEC": True,
-        "STAGES": 1, "UNROLL": 1, "X_AT": False, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "INT_X": False,
+        "STAGES": 1, "UNROLL": 1, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "INT_X": False,
         "PTX": True,
-        "RESIDUAL": False, "INT_OUT": False, "ROWS": 0,
+        "RESIDUAL": False, "INT_OUT": False,
     }  # fmt: skip
     args = (x, w, w, out, experts, out, out, 4096, 1, 16, 1, 2304, 4096 * 2304, 4096, 1, x, out, out, out)
     args += (torch.zeros(64, dtype=torch.int32), 4096, 1, out, 4096, out, out, out)

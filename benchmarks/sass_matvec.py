@@ -4,10 +4,7 @@ that needs no GPU. Writes JSON; asserts nothing.
 
     python benchmarks/sass_matvec.py --out benchmarks/results/sass_matvec.json
 
-The Q4_K and Q5_K "rows" reads (INT_MATVEC_CONFIG's "read", `fused.INT_READS`) are compiled at
-ROWS_SETTING, or at each of `--rows "BN=8,num_warps=4,span=8;BN=4,num_warps=4,span=8"`; their
-weight bytes a thread are BN x span super-blocks over the threads. `--reads "Q4_K int"` compiles
-only the reads whose names hold one of those strings.
+`--reads "Q4_K int"` compiles only the reads whose names hold one of those strings.
 
 For each read, `_matvec_kernel` is compiled for sm_90 (pointers and row strides taken as 16-byte
 aligned, as the model's weights are) and disassembled with cuobjdump; the loop over super-blocks
@@ -42,7 +39,7 @@ from harness.quant.types import GGMLType, type_size  # noqa: E402
 T = GGMLType
 # (name, type, repacked weight, read: "tile"/"words" (the older reads), "vec" (wide loads, VEC),
 # "int" (integer dot products, INT, x quantized in the kernel: INT_X), "int-launch" (x from
-# `_int_x`'s launch) or "int-rows" (the "rows" read at ROWS_SETTING, x from `_int_x`), gated)
+# `_int_x`'s launch), gated)
 READS = [
     ("Q4_K words", T.Q4_K, False, "words", False),
     ("Q4_K vec", T.Q4_K, False, "vec", False),
@@ -51,8 +48,6 @@ READS = [
     ("Q4_K int gated", T.Q4_K, False, "int", True),
     ("Q4_K int launch", T.Q4_K, False, "int-launch", False),
     ("Q4_K int launch gated", T.Q4_K, False, "int-launch", True),
-    ("Q4_K int rows", T.Q4_K, False, "int-rows", False),
-    ("Q4_K int rows gated", T.Q4_K, False, "int-rows", True),
     ("Q5_K tile", T.Q5_K, False, "tile", False),
     ("Q5_K vec", T.Q5_K, False, "vec", False),
     ("Q5_K vec gated", T.Q5_K, False, "vec", True),
@@ -60,8 +55,6 @@ READS = [
     ("Q5_K int gated", T.Q5_K, False, "int", True),
     ("Q5_K int launch", T.Q5_K, False, "int-launch", False),
     ("Q5_K int launch gated", T.Q5_K, False, "int-launch", True),
-    ("Q5_K int rows", T.Q5_K, False, "int-rows", False),
-    ("Q5_K int rows gated", T.Q5_K, False, "int-rows", True),
     ("Q6_K tile", T.Q6_K, False, "tile", False),
     ("Q6_K packed vec", T.Q6_K, True, "vec", False),
     ("Q6_K packed vec gated", T.Q6_K, True, "vec", True),
@@ -79,13 +72,7 @@ READS = [
 ]
 
 
-# The "rows" read's setting compiled (over the type's INT_MATVEC_CONFIG; `--rows` changes it):
-# 8 rows a program of 4 warps, 8 super-blocks a row a loop step (a warp's 32 lanes on one row,
-# two rows a thread: x's words loaded once for both).
-ROWS_SETTING = {"read": "rows", "BN": 8, "num_warps": 4, "span": 8}
-
-
-def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool, rows_setting: dict | None = None):
+def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
     """`_matvec_kernel` compiled for sm_90 as `fused._product` launches it; and its config."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -96,10 +83,6 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool, rows_s
         fused.INT_MATVEC_CONFIG if int_read else fused.PACKED_MATVEC_CONFIG if packed else fused.MATVEC_CONFIG
     )
     cfg = tables[qtype]
-    span = 0
-    if read == "int-rows":
-        cfg = {**cfg, **(rows_setting or ROWS_SETTING)}
-        span = fused._rows_span(qtype, cfg)
     weights = "*i32" if qtype == T.Q4_K or vec or int_read else "*u8"
     pointers = {
         **dict.fromkeys(("out_ptr", "scale_ptr", "lut_ptr", "xsum_ptr", "xpow_ptr", "res_ptr"), "*fp32"),
@@ -116,8 +99,7 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool, rows_s
         "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "GATED": gated, "SCALED": False,
         "ROUTED": False, "VEC": vec, "PACKED": packed, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1),
         "REDUCE": not gated,  # a decode product's splits summed in the kernel (gated ones take one split)
-        "INT": int_read, "INT_X": int_x, "PTX": True, "ROWS": span,
-        "X_AT": int_read and not int_x and not span and cfg.get("x_at", fused.X_AT_DEFAULT) == 1,
+        "INT": int_read, "INT_X": int_x, "PTX": True,
         "RESIDUAL": False, "INT_OUT": False,
     }  # fmt: skip
     names = fused._matvec_kernel.arg_names
@@ -166,35 +148,23 @@ def longest_loop(code: list[tuple[int, str]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/sass_matvec.json")
-    p.add_argument(
-        "--rows",
-        default=",".join(f"{k}={v}" for k, v in ROWS_SETTING.items() if k != "read"),
-        help='the "rows" read\'s setting compiled: BN=8,num_warps=4,span=8 (several: separated by ";")',
-    )
     p.add_argument("--reads", help="only the reads whose names hold one of these comma-separated strings")
     args = p.parse_args(argv)
-    rows_settings = [
-        {"read": "rows", **{k: int(v) for k, v in (kv.split("=") for kv in one.split(","))}}
-        for one in args.rows.split(";")
-    ]
     import triton
 
     rows = []
     compiled = [
-        (name, qtype, packed, read, gated, setting)
+        (name, qtype, packed, read, gated)
         for name, qtype, packed, read, gated in READS
         if not args.reads or any(part in name for part in args.reads.split(","))
-        for setting in (rows_settings if read == "int-rows" else [None])
     ]
-    for name, qtype, packed, read, gated, setting in compiled:
-        kernel, cfg = compile_matvec(qtype, packed, read, gated, setting)
+    for name, qtype, packed, read, gated in compiled:
+        kernel, cfg = compile_matvec(qtype, packed, read, gated)
         code = sass(kernel.asm["cubin"])
         loop = longest_loop(code)
         ops = collections.Counter(i.split()[0] for i in loop)
-        super_block_bytes = type_size(qtype) * (8 if qtype == T.Q8_0 else 1) * cfg.get("span", 1)
+        super_block_bytes = type_size(qtype) * (8 if qtype == T.Q8_0 else 1)
         per_thread = cfg["BN"] * super_block_bytes * (2 if gated else 1) / (32 * cfg["num_warps"])
-        if setting is not None:
-            name += " " + ",".join(f"{k}={v}" for k, v in setting.items() if k != "read")
         row = {
             "read": name,
             "loop_instructions": len(loop),

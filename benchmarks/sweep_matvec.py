@@ -45,14 +45,8 @@ say which ("int_x"), and `--compare` also says whether a result is the first rea
     python benchmarks/sweep_matvec.py --compare --paths int --int-x kernel,launch \
         --out benchmarks/results/matvec_int_x.json
 
-`--reads blocks,rows` sweeps the Q4_K and Q5_K int reads' "read" setting too (`fused.INT_READS`:
-"rows" puts a warp's lanes along a row, BN rows a program, `--span` super-blocks of a row a
-loop step; "rows" always takes x from `_int_x`'s launch), each over the whole grid; rows say
-which ("read", "span"). The "rows" read wants a small BN (BN x span x 16 words over 32 x warps
-threads, 4 words a thread or more), so sweep the reads one at a time:
-
-    python benchmarks/sweep_matvec.py --paths int --int-x launch --reads rows --span 4,8 \
-        --grid 4x4,8x4,16x4,8x8 --per-sm 4 --cases "Q4_K gate/up/down,qmatmul Q4_K" --out /tmp/rows.json
+(Session 15 removed `--reads`/`--span`, the Q4_K/Q5_K "rows" read's: slower on an H100,
+benchmarks/results/matvec_rows_sweep.json.)
 """
 
 from __future__ import annotations
@@ -229,39 +223,25 @@ def main(argv: list[str] | None = None) -> int:
         "a gated product (0: never split it); default: the setting's own",
     )
     p.add_argument("--cases", help="only the cases whose name holds one of these comma-separated strings")
-    p.add_argument(
-        "--reads",
-        help='comma-separated values of the Q4_K and Q5_K int reads\' "read" setting to sweep '
-        "(fused.INT_READS); default: the setting's own",
-    )
-    p.add_argument(
-        "--span",
-        default=str(fused.ROWS_SPAN_DEFAULT),
-        help='comma-separated values of the "rows" read\'s "span" (super-blocks a row a step) to sweep',
-    )
     args = p.parse_args(argv)
     try:
         grid = GRID if not args.grid else [tuple(int(v) for v in g.split("x")) for g in args.grid.split(",")]
         stages = [int(v) for v in args.stages.split(",")]
         per_sm = [int(v) for v in args.per_sm.split(",")]
         gated_per_sm = [int(v) for v in args.gated_per_sm.split(",")] if args.gated_per_sm else [None]
-        spans = [int(v) for v in args.span.split(",")]
-        if any(len(g) != 2 or min(g) < 1 for g in grid) or min(stages + per_sm + spans) < 1:
+        if any(len(g) != 2 or min(g) < 1 for g in grid) or min(stages + per_sm) < 1:
             raise ValueError
         if gated_per_sm != [None] and min(gated_per_sm) < 0:
             raise ValueError
     except ValueError:
         print(
-            "sweep_matvec: --grid takes BNxWARPS,..., --stages, --per-sm and --span N,... (positive integers), "
+            "sweep_matvec: --grid takes BNxWARPS,..., --stages and --per-sm N,... (positive integers), "
             "--gated-per-sm N,... (0 or more)",
             file=sys.stderr,
         )
         return 2
     paths, int_x = args.paths.split(","), args.int_x.split(",")
-    int_reads = args.reads.split(",") if args.reads else [None]
     checked = [("--paths", paths, fused.MATVEC_PATHS), ("--int-x", int_x, fused.INT_X_PATHS)]
-    if args.reads:
-        checked.append(("--reads", int_reads, fused.INT_READS))
     for flag, given, known in checked:
         unknown = [x for x in given if x not in known]
         if unknown:
@@ -285,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = (
                 compared(name, case, reads, copy_tbps)
                 if args.compare
-                else swept(name, case, reads, copy_tbps, grid, stages, per_sm, gated_per_sm, int_reads, spans)
+                else swept(name, case, reads, copy_tbps, grid, stages, per_sm, gated_per_sm)
             )
             for row in rows:
                 result["rows"].append(row)
@@ -315,13 +295,10 @@ def swept(
     stages: list,
     per_sm: list,
     gated_per_sm: list,
-    int_reads: list | None = None,
-    spans: list | None = None,
 ) -> list[dict]:
     """Rows of one case: each read's (path, int_x) launch settings (`grid` x `per_sm` x
-    `gated_per_sm` where the case launches a gated product with them x `stages`, x `int_reads`
-    (the int reads' "read", None: the setting's own) and `spans` for "rows" where the swept type
-    has them), each checked against that read's default setting."""
+    `gated_per_sm` where the case launches a gated product with them x `stages`), each checked
+    against that read's default setting."""
     rows = []
     for path, int_x in reads:
         which = read(path, int_x)
@@ -329,24 +306,12 @@ def swept(
         default = dict(config)
         reference = case.call(case.first)
         gated_values = gated_per_sm if case.gated else [None]
-        has_reads = (
-            path == "int" and T(case.code & 0xFF) in fused.ROWS_READ_TYPES and not case.code & fused.PACKED
-        )
-        ways = [
-            (r, s)
-            for r in (int_reads or [None] if has_reads else [None])
-            for s in (spans or [None] if r == "rows" else [None])
-        ]
-        settings = itertools.product(grid, per_sm, gated_values, stages, ways)
-        for (bn, warps), n_per_sm, gated, n_stages, (int_read, span) in settings:
+        settings = itertools.product(grid, per_sm, gated_values, stages)
+        for (bn, warps), n_per_sm, gated, n_stages in settings:
             per_sm_key = fused.split_setting(False, case.routed)  # (the case's non-gated products)
             config.update(BN=bn, num_warps=warps, stages=n_stages, **{per_sm_key: n_per_sm})
             if gated is not None:
                 config["gated_programs_per_sm"] = gated
-            if int_read is not None:
-                config["read"] = int_read
-            if span is not None:
-                config["span"] = span
             try:
                 off = nmse(case.call(case.first), reference)
                 ms = time_ms(case.call)
@@ -359,13 +324,10 @@ def swept(
             setting = (bn, warps, n_per_sm, n_stages)
             row = {
                 "case": name, **which, "BN": bn, "warps": warps, "programs_per_sm": n_per_sm, "stages": n_stages,
-                "read": int_read or default.get("read", fused.INT_READS[0]) if has_reads else None, "span": span,
                 "us": round(ms * 1000, 2), "fraction_of_copy": round(case.nbytes / ms / 1e9 / copy_tbps, 3),
                 "nmse_vs_default": off,
                 "default": setting
-                == (default["BN"], default["num_warps"], default.get(per_sm_key, default.get("programs_per_sm", 4)), default.get("stages", 1))
-                and int_read in (None, default.get("read", fused.INT_READS[0]))
-                and span in (None, default.get("span", fused.ROWS_SPAN_DEFAULT)),
+                == (default["BN"], default["num_warps"], default.get(per_sm_key, default.get("programs_per_sm", 4)), default.get("stages", 1)),
             }  # fmt: skip
             if case.gated:
                 gated_default = default.get("gated_programs_per_sm", default.get("programs_per_sm", 4))

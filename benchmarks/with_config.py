@@ -5,7 +5,7 @@ $HARNESS_CONFIG, so that one GPU run can time a setting against the default in s
         python benchmarks/with_config.py benchmarks/bench_model.py --model m.gguf --repeats 3
 
 Each top-level key names a settings dict of fused (INT_MATVEC_CONFIG, ATTENTION_CONFIG,
-MOE_FFN_CONFIG, ...); a nested dict is keyed by a GGML type's name (`{"Q4_K": {"x_at": 1}}`) and
+MOE_FFN_CONFIG, ...); a nested dict is keyed by a GGML type's name (`{"Q4_K": {"unroll": 2}}`) and
 updates that type's setting, a plain value sets the key itself. Prints each changed dict."""
 
 from __future__ import annotations

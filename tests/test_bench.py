@@ -216,18 +216,18 @@ def test_with_config_changes_fused_settings_and_runs_the_script(tmp_path, monkey
     script = tmp_path / "script.py"
     script.write_text(
         "import sys\nfrom harness.quant import fused\nfrom harness.quant.types import GGMLType\n"
-        "print('saw', fused.INT_MATVEC_CONFIG[GGMLType.Q4_K]['x_at'], fused.MOE_FFN_CONFIG['int_h'],\n"
+        "print('saw', fused.INT_MATVEC_CONFIG[GGMLType.Q4_K]['unroll'], fused.MOE_FFN_CONFIG['int_h'],\n"
         "      fused.NORM_CONFIG['int_out'], fused.NORM_CONFIG['router'], fused.ATTENTION_CONFIG['int_out'],\n"
         "      sys.argv[1:])\n"
     )
     monkeypatch.setenv(
         "HARNESS_CONFIG",
-        '{"INT_MATVEC_CONFIG": {"Q4_K": {"x_at": 1}}, "MOE_FFN_CONFIG": {"int_h": true}, '
+        '{"INT_MATVEC_CONFIG": {"Q4_K": {"unroll": 2}}, "MOE_FFN_CONFIG": {"int_h": true}, '
         '"NORM_CONFIG": {"int_out": true, "router": true}, "ATTENTION_CONFIG": {"int_out": true}}',
     )
     monkeypatch.setattr(sys, "argv", ["with_config.py", str(script), "--flag"])
     module.main()
-    assert "saw 1 True True True True ['--flag']" in capsys.readouterr().out
+    assert "saw 2 True True True True ['--flag']" in capsys.readouterr().out
     for bad in ('{"NO_SUCH_CONFIG": {}}', '{"INT_MATVEC_CONFIG": {"Q9_K": {}}}', "{not json"):
         monkeypatch.setenv("HARNESS_CONFIG", bad)
         with pytest.raises(SystemExit, match="HARNESS_CONFIG"):

@@ -89,14 +89,8 @@ MATVEC_MAX_ROWS = 8  # token-expert pairs up to which the matrix-vector kernel i
 # Types not swept take the first row's settings (their tiles have the same 128-value parts).
 # "stages" > 1 software-pipelines the loop over super-blocks (loads go through shared memory);
 # "unroll" > 1 unrolls it that many times (Triton's loop_unroll_factor; 1 when absent);
-# "x_at" 1 makes the Q4_K, Q5_K, Q6_K and Q8_0 int reads load x's operands where `_int_x` stored
-# them, in the tiles' layout (`_q4_k_dot_int`'s X_AT: no barriers in the loop, more instructions a
-# byte); 0, X_AT_DEFAULT, takes x as one [8, 16] tile apart in registers. On an H100 (session 13,
-# .gpu/call29.sh, `sweep_matvec.py --compare --paths int --int-x launch`, each way) 0 was the faster
-# at every decode shape: the moe_ffn with a Q6_K down 112.1 us against 122.6, with a Q4_K down 99.7
-# against 106.7, the Q6_K head 49.6 against 59.0, Q4_K 4096 x 4096 10.2 against 11.2; and
-# bench_model's graph decode 193.7 tok/s against 183.3.
-X_AT_DEFAULT = 0
+# (Session 15 removed "x_at" 1, the int reads loading x's operands where `_int_x` stored them:
+# slower on an H100 at every decode shape, benchmarks/results/x_at_ab.json.)
 MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BN": 16, "num_warps": 4, "stages": 1} for qtype in PARTS
 } | {
@@ -125,8 +119,7 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # --gated-per-sm 0,2,3,4,8`, benchmarks/results/matvec_gated_sweep.json) the Q4_K moe_ffn at
 # BN=128, 4 warps took 102.2 us unsplit against 124.4 (2 splits), 109.1 (3) and 112.3 (4 and
 # more), with a Q6_K down 115.2 against 138.2, 122.3 and 125.4: more programs did not make the
-# 224 of the unsplit product faster, the partials' round trip only cost. (Timed before the int
-# reads took x's operands straight from `_int_x`'s stores: `_q4_k_dot_int`'s X_AT.)
+# 224 of the unsplit product faster, the partials' round trip only cost.
 # Attention's projections (products of one weight, 4096 x 4096 and 2 x 1024 x 4096 at 8x7B) split
 # their 16 super-blocks a row less ("dense_programs_per_sm" 2: 2 a program, against 1 at 4): in
 # session 12's H100 sweep (not kept) Q4_K 4096 x 4096 took 9.00 us at 2 against 10.34 at 4, the qkv
@@ -137,26 +130,8 @@ INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q6_K: {"BN": 16, "num_warps": 2, "stages": 1, "programs_per_sm": 8},
     T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
 }
-# How the int reads of Q4_K and Q5_K walk a weight (an INT_MATVEC_CONFIG setting's "read"):
-# - "blocks" (the default): a program takes BN rows and walks their super-blocks one a loop
-#   step, a thread a (row, group of 64 values) slot of the [BN, 4, 4] tile: a warp's 16-byte
-#   loads touch 8 rows (or more) at once;
-# - "rows": a program takes BN rows and walks them "span" super-blocks a loop step (8 when
-#   absent; a power of two), the lanes along K: a [BN, span, 4, 4] tile of (row, super-block,
-#   group, word), so a warp's loads cover span consecutive super-blocks of a row (at span 8, a
-#   warp's 32 lanes one row: 8 x 144 bytes in a row); each lane's partials are summed per row
-#   at the end (`_pairwise_slots`), in a fixed order. llama.cpp's mmvq reads so (ggml-cuda
-#   mmvq.cu: the threads of a block along a row's blocks, one to a few rows a block). x always
-#   comes from `_int_x`'s launch (`int_x_path` "kernel" is not taken), loaded where it is
-#   stored, as X_AT. The grid is as "blocks"' (row tiles of BN, pairs, splits); a split is
-#   whole loop steps (its super-blocks rounded up to a multiple of the span), a loop step past
-#   the split's end weighted 0. At span 1 the same sums in the same order as "blocks": the same
-#   bits (the interpreter's tests check it). With "rows" set BN (and "num_warps") for it too:
-#   BN x span x 4 slots of 16-byte loads over 32 x num_warps lanes. Not timed on a GPU yet:
-#   `benchmarks/sweep_matvec.py --reads blocks,rows` times both.
-INT_READS = ("blocks", "rows")
-ROWS_READ_TYPES = (T.Q4_K, T.Q5_K)
-ROWS_SPAN_DEFAULT = 8
+# (Session 15 removed the Q4_K/Q5_K "rows" read, INT_MATVEC_CONFIG "read"/"span": slower on an
+# H100, 111.8 us at best against 99.9 for the Q4_K moe_ffn, results/matvec_rows_sweep.json.)
 # moe_ffn's decode launches (at most MATVEC_MAX_ROWS pairs), each fusion a switch so that a GPU
 # can compare them (`benchmarks/bench_fused.py --moe-only --moe-fusions`):
 # - "int_h": the gated product leaves h (silu(gate.x) * (up.x), [pairs, F]) as `_int_x` would
@@ -1231,7 +1206,6 @@ if triton is not None:
         xsum,
         PTX: tl.constexpr,
         Q5: tl.constexpr = False,
-        X_AT: tl.constexpr = False,
     ):
         """[..., 4, 1] partial dot products (per group g of two sub-blocks) of the Q4_K (Q5:
         Q5_K) super-blocks at word offsets blk [..., 1, 1] (words, as `_q4_k_dot_vec` reads
@@ -1241,11 +1215,7 @@ if triton is not None:
         64g + 4w + b (low nibbles, sub-block 2g: x block 2g) and 64g + 32 + 4w + b (high
         nibbles, sub-block 2g + 1; Q4_K reads them in place, 16 times the value). Q5_K: the
         fifth bit of value 32j + 4w + b (sub-block j) is bit 8b + j of qh word w, moved to bit 4
-        of byte b (the high nibbles shifted down first). X_AT: xq, xs and xsum are where `_int_x` stored the super-block's
-        words, scales and sums, each operand loaded as the products take it (the same values;
-        taking them apart from [8, 16] changes their layout through shared memory every
-        iteration); they may also be pointer tensors that broadcast against blk (the "rows"
-        read: x's super-block differs along K)."""
+        of byte b (the high nibbles shifted down first)."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
         # every operand in the [..., 4 groups, 4 words] tile's layout (the block's scales as
         # [..., 1, 1], x's as [1, ..., 4, 4]): mixing 2-D and 3-D shapes cost layout changes
@@ -1266,15 +1236,12 @@ if triton is not None:
         if Q5:  # qh words 0..3 and 4..7, the same for each g
             qh_first = tl.load(wq + blk + 4 + 0 * g + w)
             qh_second = tl.load(wq + blk + 8 + 0 * g + w)
-        if X_AT:
-            xw = xq + 32 * g + w  # [1, 4, 4]: word w of block 2g
-        else:
-            # x word 8p + 4s + w of block 2g + h as axes (g, w, s, p, h); the scales and the
-            # pairs of sixteens (sub-block j's sum) as (g, h)
-            x_h = tl.split(tl.permute(tl.reshape(xq, (4, 2, 2, 2, 4)), (0, 4, 3, 2, 1)))
-            xs_h = tl.split(tl.reshape(xs, (4, 2)))
-            first16, second16 = tl.split(tl.reshape(xsum, (4, 2, 2)))
-            xsum_h = tl.split(first16 + second16)
+        # x word 8p + 4s + w of block 2g + h as axes (g, w, s, p, h); the scales and the pairs of
+        # sixteens (sub-block j's sum) as (g, h)
+        x_h = tl.split(tl.permute(tl.reshape(xq, (4, 2, 2, 2, 4)), (0, 4, 3, 2, 1)))
+        xs_h = tl.split(tl.reshape(xs, (4, 2)))
+        first16, second16 = tl.split(tl.reshape(xsum, (4, 2, 2)))
+        xsum_h = tl.split(first16 + second16)
         acc = tl.zeros_like(d)
         for h in tl.static_range(2):
             j = 2 * g + h  # [..., 4, 1] the sub-blocks (and x blocks) of nibble h
@@ -1286,17 +1253,11 @@ if triton is not None:
                 mask = 0x0F0F0F0F if h == 0 else -252645136  # 0xF0F0F0F0: 16 x the high nibbles
                 q1, q2 = first & mask, second & mask
                 unit = 1.0 if h == 0 else 0.0625
-            if X_AT:  # words 8p + 4s + w of block 2g + h; scale 2g + h; sums 4g + 2h and + 1
-                x1_lo, x2_lo = tl.load(xw + 16 * h), tl.load(xw + 16 * h + 4)
-                x1_hi, x2_hi = tl.load(xw + 16 * h + 8), tl.load(xw + 16 * h + 12)
-                x_scale = tl.load(xs + 2 * g + h)  # [1, 4, 1]
-                x_sum = tl.load(xsum + 4 * g + 2 * h) + tl.load(xsum + 4 * g + 2 * h + 1)
-            else:
-                x_p0, x_p1 = tl.split(x_h[h])  # [4, 4, 2] each: (g, w, s)
-                x1_lo, x2_lo = tl.split(x_p0)
-                x1_hi, x2_hi = tl.split(x_p1)
-                x1_lo, x2_lo, x1_hi, x2_hi = x1_lo[None], x2_lo[None], x1_hi[None], x2_hi[None]
-                x_scale, x_sum = xs_h[h][None, :, None], xsum_h[h][None, :, None]
+            x_p0, x_p1 = tl.split(x_h[h])  # [4, 4, 2] each: (g, w, s)
+            x1_lo, x2_lo = tl.split(x_p0)
+            x1_hi, x2_hi = tl.split(x_p1)
+            x1_lo, x2_lo, x1_hi, x2_hi = x1_lo[None], x2_lo[None], x1_hi[None], x2_hi[None]
+            x_scale, x_sum = xs_h[h][None, :, None], xsum_h[h][None, :, None]
             dots = _dp4(x1_lo, x1_hi, q1, False, PTX) + _dp4(x2_lo, x2_hi, q2, False, PTX)
             dots = tl.sum(dots, axis=-1, keep_dims=True)  # [..., 4, 1]
             sc, mn = _q4_k_word_scales(s1, s2, s3, j)
@@ -1304,16 +1265,13 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _q6_k_dot_int(
-        wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr, X_AT: tl.constexpr = False
-    ):
+    def _q6_k_dot_int(wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr):
         """[BN, 2, 2] partial dot products (per half c, sub-block h of a quarter) of super-block
         sb of BN Q6_K rows in `pack`'s layout (words, as `_q6_k_dot_vec` reads them) with x as
         `_q4_k_dot_int` takes it. Value 128c + 32f + 4w + b (w = 4h + w4): its 6-bit q (0..63)
         is byte b of ((ql word >> 4(f // 2)) & 0x0F0F0F0F) | (qh word's bits 2f.. moved to
         4..5), ql word 16c + 8(f % 2) + w, qh word 8c + w; sub-block 8c + 2f + h, x block 4c + f.
-        The -32 of each value: 32 times the sum of x over the sub-block's 16 values. X_AT: x's
-        operands loaded where `_int_x` stored them, as `_q4_k_dot_int` takes them."""
+        The -32 of each value: 32 times the sum of x over the sub-block's 16 values."""
         row = roww[:, None, None, None]  # [BN, 1, 1, 1]
         c = tl.arange(0, 2)[None, :, None, None]
         h = tl.arange(0, 2)[None, None, :, None]
@@ -1327,24 +1285,17 @@ if triton is not None:
         c3, h3 = tl.arange(0, 2)[None, :, None], tl.arange(0, 2)[None, None, :]  # [1, 2, 1], [1, 1, 2]
         # x word 8p + 4h + w4 of block 4c + f (f = 2f1 + f0) as axes (c, h, w4, f1, f0, p); the
         # scales of block 4c + f as (c, f1, f0); the sum of sub-block 8c + 2f + h as (c, h, f1, f0)
-        if not X_AT:
-            x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (2, 2, 2, 2, 2, 4)), (0, 4, 5, 1, 2, 3)))
-            x_lo_f, x_hi_f = _by_quarter(x_lo), _by_quarter(x_hi)
-            xs_f = _by_quarter(tl.reshape(xs, (2, 2, 2)))
-            xsum_f = _by_quarter(tl.permute(tl.reshape(xsum, (2, 2, 2, 2)), (0, 3, 1, 2)))
+        x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (2, 2, 2, 2, 2, 4)), (0, 4, 5, 1, 2, 3)))
+        x_lo_f, x_hi_f = _by_quarter(x_lo), _by_quarter(x_hi)
+        xs_f = _by_quarter(tl.reshape(xs, (2, 2, 2)))
+        xsum_f = _by_quarter(tl.permute(tl.reshape(xsum, (2, 2, 2, 2)), (0, 3, 1, 2)))
         acc = tl.zeros((BN, 2, 2), dtype=tl.float32)
         for f in tl.static_range(4):
             ql = ql_even if f % 2 == 0 else ql_odd
             low = (ql if f < 2 else ql >> 4) & 0x0F0F0F0F
             high = (qh << (4 - 2 * f) if f < 2 else qh >> (2 * f - 4)) & 0x30303030
-            if X_AT:  # words 8p + 4h + w4 of block 4c + f; its scale; the sum of sub-block 8c + 2f + h
-                x_lo_op = tl.load(xq + 16 * (4 * c + f) + 4 * h + w4)  # [1, 2, 2, 4]
-                x_hi_op = tl.load(xq + 16 * (4 * c + f) + 8 + 4 * h + w4)
-                x_scale = tl.load(xs + 4 * c3 + f)  # [1, 2, 1]
-                x_sum = tl.load(xsum + 8 * c3 + 2 * f + h3)  # [1, 2, 2]
-            else:
-                x_lo_op, x_hi_op = x_lo_f[f][None], x_hi_f[f][None]
-                x_scale, x_sum = xs_f[f][None, :, None], xsum_f[f][None]
+            x_lo_op, x_hi_op = x_lo_f[f][None], x_hi_f[f][None]
+            x_scale, x_sum = xs_f[f][None, :, None], xsum_f[f][None]
             dots = tl.sum(_dp4(x_lo_op, x_hi_op, low | high, False, PTX), axis=3)  # [BN, 2, 2]
             scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None]
             sc = ((scale_word << (24 - 8 * (2 * c3 + h3))) >> 24).to(tl.float32)  # int8, sign kept
@@ -1363,19 +1314,6 @@ if triton is not None:
         return tl.sum(quads, axis=1)
 
     @triton.jit
-    def _pairwise_slots(t, BN: tl.constexpr, ROWS: tl.constexpr):
-        """The "rows" read's partials t [BN, ROWS, 4, 1] summed per row pairwise: each
-        super-block slot's four groups as `_pairwise_rows` adds them, then the slots' sums
-        neighbour with neighbour (ROWS a power of two, up to 64): a fixed order, whatever the
-        layout."""
-        quads = tl.sum(tl.reshape(t, (BN, ROWS, 2, 2)), axis=3)
-        t = tl.sum(quads, axis=2)  # [BN, ROWS]
-        for k in tl.static_range(6):
-            if (ROWS >> k) > 1:
-                t = tl.sum(tl.reshape(t, (BN, ROWS >> (k + 1), 2)), axis=2)
-        return tl.reshape(t, (BN,))
-
-    @triton.jit
     def _by_quarter(t):
         """t [..., 2, 2] with axes (f1, f0) last as the tuple of t[..., f // 2, f % 2], f = 0..3."""
         even, odd = tl.split(t)
@@ -1384,22 +1322,15 @@ if triton is not None:
         return t0, t1, t2, t3
 
     @triton.jit
-    def _q8_0_dot_int(
-        wq, roww, sb, n_super, xq, xs, BN: tl.constexpr, PTX: tl.constexpr, X_AT: tl.constexpr = False
-    ):
+    def _q8_0_dot_int(wq, roww, sb, n_super, xq, xs, BN: tl.constexpr, PTX: tl.constexpr):
         """[BN, 8] partial dot products (per block k) of super-block sb (eight blocks) of BN
         Q8_0 rows in `pack`'s layout with x as `_q4_k_dot_int` takes it (no sums): value
-        32k + 4w + b of block k is the signed byte b of qs word 8k + w. X_AT: x's operands loaded
-        where `_int_x` stored them."""
+        32k + 4w + b of block k is the signed byte b of qs word 8k + w."""
         k = tl.arange(0, 8)[None, :, None]
         w = tl.arange(0, 8)[None, None, :]
         words = tl.load(wq + roww[:, None, None] + sb * 64 + 8 * k + w)  # [BN, 8, 8]
-        if X_AT:  # words w (low) and 8 + w (high) of block k
-            x_lo, x_hi = tl.load(xq + 16 * k + w), tl.load(xq + 16 * k + 8 + w)  # [1, 8, 8]
-            x_scale = tl.load(xs + k)  # [1, 8, 1]
-        else:
-            x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (8, 2, 8)), (0, 2, 1)))  # [8, 8]: (k, w)
-            x_lo, x_hi, x_scale = x_lo[None], x_hi[None], xs[None, :, None]
+        x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (8, 2, 8)), (0, 2, 1)))  # [8, 8]: (k, w)
+        x_lo, x_hi, x_scale = x_lo[None], x_hi[None], xs[None, :, None]
         dots = tl.sum(_dp4(x_lo, x_hi, words, True, PTX), axis=2, keep_dims=True)  # [BN, 8, 1]
         halves = wq.to(tl.pointer_type(tl.float16))
         d = tl.load(halves + 2 * roww[:, None, None] + 128 * n_super + 8 * sb + k)  # [BN, 8, 1]
@@ -1425,7 +1356,7 @@ if triton is not None:
         res_stride, hq_ptr, hscale_ptr, hsum_ptr, QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
         GATED: tl.constexpr, SCALED: tl.constexpr, ROUTED: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr,
         STAGES: tl.constexpr, REDUCE: tl.constexpr, INT: tl.constexpr, INT_X: tl.constexpr, PTX: tl.constexpr,
-        UNROLL: tl.constexpr, X_AT: tl.constexpr, ROWS: tl.constexpr, RESIDUAL: tl.constexpr, INT_OUT: tl.constexpr,
+        UNROLL: tl.constexpr, RESIDUAL: tl.constexpr, INT_OUT: tl.constexpr,
         pid_n, p, split, n_tiles, splits,
     ):  # fmt: skip
         """`_matvec_kernel`'s work for one program: output tile pid_n (of n_tiles), pair p, split
@@ -1459,58 +1390,21 @@ if triton is not None:
             g3 = tl.arange(0, 4)[None, :, None]  # [1, 4, 1]: `_q4_k_dot_int`'s groups
             w3 = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]: and words
         x_power = tl.load(xpow_ptr + p // x_div) if VEC else 1.0
-        if ROWS:  # the "rows" read's [BN, ROWS, 4, 1] partials (row, super-block, group)
-            acc_r = tl.zeros((BN, ROWS, 4, 1), dtype=tl.float32)
-            acc_r_u = tl.zeros((BN, ROWS, 4, 1), dtype=tl.float32)
-            slot = tl.arange(0, ROWS)[None, :, None, None]  # [1, ROWS, 1, 1]
-            g4 = tl.arange(0, 4)[None, None, :, None]  # [1, 1, 4, 1]
-            w4 = tl.arange(0, 4)[None, None, None, :]  # [1, 1, 1, 4]
-            row_words = rowb[:, None, None, None] // 4  # [BN, 1, 1, 1]
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
-        step: tl.constexpr = ROWS if ROWS else 1
-        for sb in tl.range(first, last, step, num_stages=STAGES, loop_unroll_factor=UNROLL):
-            if ROWS:  # super-blocks sb + slot; past the chunk's end its last again, weighted 0
-                at = sb + slot
-                inside = at < last
-                at = tl.where(inside, at, last - 1)
-                blk = row_words + at * (44 if QT == 13 else 36)
-                # x's operands as tiles of the weights' shape, so that they load in its layout
-                # (the same words for each row; as [1, ROWS, ...] they spread over more threads)
-                whole = 0 * row_words  # [BN, 1, 1, 1]
-                x_at = (xp + at * 128 + whole, xscale + at * 8 + whole, xsum + at * 16 + whole)
-            elif INT and X_AT:  # where `_int_x` stored x's super-block: its words, scales and sums
-                x_at = (xp + sb * 128, xscale + sb * 8, xsum + sb * 16)
-            elif INT:  # x's super-block once for w and u
+        for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
+            if INT:  # x's super-block once for w and u
                 xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
-            if INT and (QT == 12 or QT == 13) and not ROWS:  # [BN, 1, 1]: the rows' super-block sb, in words
+            if INT and (QT == 12 or QT == 13):  # [BN, 1, 1]: the rows' super-block sb, in words
                 blk = rowb[:, None, None] // 4 + sb * (44 if QT == 13 else 36)
-            if ROWS:  # Q4_K, Q5_K: the "rows" read
-                acc_r += tl.where(inside, _q4_k_dot_int(w_ptr, blk, g4, w4, *x_at, PTX, QT == 13, True), 0.0)
-                if GATED:
-                    acc_r_u += tl.where(
-                        inside, _q4_k_dot_int(u_ptr, blk, g4, w4, *x_at, PTX, QT == 13, True), 0.0
-                    )
-            elif INT and (QT == 12 or QT == 13) and X_AT:  # Q4_K, Q5_K, x from `_int_x`
-                acc_i += tl.sum(_q4_k_dot_int(w_ptr, blk, g3, w3, *x_at, PTX, QT == 13, True), axis=2)
-                if GATED:
-                    acc_i_u += tl.sum(_q4_k_dot_int(u_ptr, blk, g3, w3, *x_at, PTX, QT == 13, True), axis=2)
-            elif INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
+            if INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
                 acc_i += tl.sum(_q4_k_dot_int(w_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
                 if GATED:
                     acc_i_u += tl.sum(_q4_k_dot_int(u_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
-            elif INT and QT == 14 and X_AT:  # Q6_K repacked, x from `_int_x`
-                acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
-                if GATED:
-                    acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, *x_at, BN, PTX, True)
             elif INT and QT == 14:  # Q6_K repacked, integer dot products
                 acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
                 if GATED:
                     acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
-            elif INT and X_AT:  # Q8_0 repacked, x from `_int_x` (no sums)
-                acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, x_at[0], x_at[1], BN, PTX, True)
-                if GATED:
-                    acc_i_u += _q8_0_dot_int(u_ptr, rowb // 4, sb, n_super, x_at[0], x_at[1], BN, PTX, True)
             elif INT:  # Q8_0 repacked, integer dot products
                 acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
                 if GATED:
@@ -1543,9 +1437,7 @@ if triton is not None:
                     if GATED:
                         wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
                         acc_u += tl.sum(wu * xv[None, :], axis=1)
-        if ROWS:  # each row's ROWS x 4 partials pairwise (ROWS 1: as the "blocks" read's)
-            acc, acc_u = _pairwise_slots(acc_r, BN, ROWS), _pairwise_slots(acc_r_u, BN, ROWS)
-        elif INT and QT == 8:  # pairwise, in an order no layout changes: x's reads agree bit for bit
+        if INT and QT == 8:  # pairwise, in an order no layout changes: x's reads agree bit for bit
             acc, acc_u = _pairwise_rows(acc_i, BN, 8), _pairwise_rows(acc_i_u, BN, 8)
         elif INT:
             acc, acc_u = _pairwise_rows(acc_i, BN, 4), _pairwise_rows(acc_i_u, BN, 4)
@@ -1646,8 +1538,6 @@ if triton is not None:
         PTX: tl.constexpr,
         PDL: tl.constexpr = False,
         UNROLL: tl.constexpr = 1,
-        X_AT: tl.constexpr = False,
-        ROWS: tl.constexpr = 0,
         RESIDUAL: tl.constexpr = False,
         INT_OUT: tl.constexpr = False,
     ):
@@ -1661,9 +1551,6 @@ if triton is not None:
         quantized as `_int_x_super` does it: here, from float32 x (INT_X: x_ptr is x), or by
         `_int_x` before (x_ptr: its int16 pairs as int32, x_stride in pairs; xsum_ptr: its sums,
         xpow_ptr: its scales); the dot products as PTX dp2a with PTX, else emulated (`_dp2a`).
-        ROWS > 0 (Q4_K and Q5_K with INT, x from `_int_x`): the "rows" read (INT_READS), ROWS
-        super-blocks of each of the BN rows a loop step, the lanes along K (a [BN, ROWS, 4, 4]
-        tile: row, super-block, group, word), a chunk's tail weighted 0.
 
         Without REDUCE (one split, out_div 1) each program stores its row. With it, each stores
         its partial in part [splits, pairs, N] (GATED: [2 * splits, pairs, N], W.x's then U.x's,
@@ -1683,7 +1570,7 @@ if triton is not None:
             x_ptr, w_ptr, u_ptr, out_ptr, experts_ptr, scale_ptr, lut_ptr, N, n_pairs, n_super, chunk, row_bytes,
             expert_bytes, x_stride, x_div, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, out_div, res_ptr,
             res_stride, hq_ptr, hscale_ptr, hsum_ptr, QT, NP, BN, GATED, SCALED, ROUTED, VEC, PACKED, STAGES, REDUCE,
-            INT, INT_X, PTX, UNROLL, X_AT, ROWS, RESIDUAL, INT_OUT,
+            INT, INT_X, PTX, UNROLL, RESIDUAL, INT_OUT,
             tl.program_id(0), tl.program_id(1), tl.program_id(2), None, None,
         )  # fmt: skip
 
@@ -1695,10 +1582,9 @@ if triton is not None:
         tiles2, splits2,
         n_pairs, n_super, out_stride, first_programs,
         QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, PACKED: tl.constexpr, STAGES: tl.constexpr,
-        UNROLL: tl.constexpr, REDUCE: tl.constexpr, INT_X: tl.constexpr, X_AT: tl.constexpr, ROWS: tl.constexpr,
+        UNROLL: tl.constexpr, REDUCE: tl.constexpr, INT_X: tl.constexpr,
         QT2: tl.constexpr, NP2: tl.constexpr, BN2: tl.constexpr, PACKED2: tl.constexpr, STAGES2: tl.constexpr,
-        UNROLL2: tl.constexpr, REDUCE2: tl.constexpr, INT_X2: tl.constexpr, X_AT2: tl.constexpr,
-        ROWS2: tl.constexpr,
+        UNROLL2: tl.constexpr, REDUCE2: tl.constexpr, INT_X2: tl.constexpr,
         PTX: tl.constexpr,
         PDL: tl.constexpr = False,
     ):  # fmt: skip
@@ -1714,7 +1600,7 @@ if triton is not None:
                 x_ptr, w_ptr, w_ptr, out_ptr, out_ptr, out_ptr, out_ptr, N, n_pairs, n_super, chunk, row_bytes, 0,
                 x_stride, 1, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, 1, out_ptr, 0, out_ptr, out_ptr,
                 out_ptr, QT, NP, BN, False, False, False, False, PACKED, STAGES, REDUCE, True, INT_X, PTX, UNROLL,
-                X_AT, ROWS, False, False,
+                False, False,
                 pid % tiles, pid // tiles % n_pairs, pid // tiles // n_pairs, tiles, splits,
             )  # fmt: skip
         else:
@@ -1723,7 +1609,7 @@ if triton is not None:
                 x2_ptr, w2_ptr, w2_ptr, out2_ptr, out2_ptr, out2_ptr, out2_ptr, N2, n_pairs, n_super, chunk2,
                 row_bytes2, 0, x2_stride, 1, xsum2_ptr, xpow2_ptr, part2_ptr, counter2_ptr, out_stride, 1, out2_ptr,
                 0, out2_ptr, out2_ptr, out2_ptr, QT2, NP2, BN2, False, False, False, False, PACKED2, STAGES2,
-                REDUCE2, True, INT_X2, PTX, UNROLL2, X_AT2, ROWS2, False, False,
+                REDUCE2, True, INT_X2, PTX, UNROLL2, False, False,
                 at % tiles2, at // tiles2 % n_pairs, at // tiles2 // n_pairs, tiles2, splits2,
             )  # fmt: skip
 
@@ -2508,27 +2394,17 @@ def split_setting(gated: bool, routed: bool) -> str:
     return "gated_programs_per_sm" if gated else "programs_per_sm" if routed else "dense_programs_per_sm"
 
 
+# The keys a matrix-vector launch setting may hold; `_planned` refuses others (a removed setting,
+# a typo), so that a sweep or benchmarks/with_config.py never times a setting that does nothing.
+MATVEC_SETTING_KEYS = (
+    "BN", "num_warps", "stages", "unroll", "programs_per_sm", "gated_programs_per_sm", "dense_programs_per_sm",
+)  # fmt: skip
+
+
 # Each product's plan by its shape, type code, device, `matvec_path` and `int_x_path`: (the setting dict it
 # was made with, a copy of it then, the plan); used while the two are equal (sweeps change
 # settings in place). The only cache of plans: `_planned` makes one anew.
 _PLANS: dict[tuple, tuple[dict, dict, _MatvecPlan]] = {}
-
-
-def _rows_span(qtype: GGMLType, cfg: dict) -> int:
-    """The "rows" read's super-blocks of a row a loop step under an int read's setting `cfg`
-    ("span", a power of two), or 0 for the "blocks" read (INT_READS)."""
-    read = cfg.get("read", INT_READS[0])
-    if read not in INT_READS:
-        raise ValueError(f'an int read\'s "read" must be one of {INT_READS}, got {read!r}')
-    if read == "blocks":
-        return 0
-    span = cfg.get("span", ROWS_SPAN_DEFAULT)
-    if qtype not in ROWS_READ_TYPES or span < 1 or span & (span - 1) or span > 64:
-        kinds = [t.name for t in ROWS_READ_TYPES]
-        raise ValueError(
-            f'the "rows" read takes {kinds} at a span of 1..64, a power of two; got {qtype.name}, {span}'
-        )
-    return span
 
 
 def _planned(
@@ -2536,11 +2412,15 @@ def _planned(
 ):
     qtype, packed = GGMLType(code & 0xFF), bool(code & PACKED)
     cfg = dict(cfg_items)
+    unknown = sorted(set(cfg) - set(MATVEC_SETTING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{qtype.name}'s matrix-vector launch setting has unknown keys {unknown}: {MATVEC_SETTING_KEYS}"
+        )
     bn = cfg["BN"]
     n_super = in_features // SUPER
     int_read = _reads_int(code, path)
     vec = not int_read and ((path in ("vec", "int") and qtype in MATVEC_PATH_TYPES) or packed)
-    span = _rows_span(qtype, cfg) if int_read else 0  # the "rows" read's super-blocks a step, else 0
     tiles = _ceil_div(out_features, bn) * n_pairs
     # Split the rows' super-blocks over programs until the device has enough of them; the
     # partial sums add up in a fixed order (deterministic). A gated product's own key (0: never
@@ -2548,16 +2428,13 @@ def _planned(
     per_sm = cfg.get(split_setting(gated, routed), cfg.get("programs_per_sm", 4))
     splits = max(1, min(n_super, _ceil_div(_programs_wanted(device, per_sm), tiles)))
     chunk = _ceil_div(n_super, splits)
-    if span:  # whole loop steps a split
-        chunk = _ceil_div(chunk, span) * span
     splits = _ceil_div(n_super, chunk)
     options = {
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read,
-        "INT_X": int_read and int_x == "kernel" and not span,  # (the "rows" read takes x from `_int_x`)
-        "X_AT": int_read and int_x != "kernel" and not span and bool(cfg.get("x_at", X_AT_DEFAULT)),
-        "PTX": _ptx(), "ROWS": span,
+        "INT_X": int_read and int_x == "kernel",
+        "PTX": _ptx(),
     }  # fmt: skip
     return _MatvecPlan(
         grid=(_ceil_div(out_features, bn), n_pairs, splits),
@@ -2783,7 +2660,7 @@ def _x_read(x: torch.Tensor, plan: _MatvecPlan, prepared: dict | None, unused: t
 
 
 # A run's constexprs in `_matvec_two_runs_kernel` (the second run's names end in 2).
-_RUN_OPTIONS = ("QT", "NP", "BN", "PACKED", "STAGES", "UNROLL", "REDUCE", "INT_X", "X_AT", "ROWS")
+_RUN_OPTIONS = ("QT", "NP", "BN", "PACKED", "STAGES", "UNROLL", "REDUCE", "INT_X")
 
 
 def _matvec_two_runs(x: torch.Tensor, runs: list[tuple], prepared: dict | None) -> bool:
@@ -3966,7 +3843,7 @@ if triton is not None:
     def _pairwise_sum(v):
         """The sum of v [N] (N a power of two, up to 64) neighbour with neighbour, ((v0 + v1) +
         (v2 + v3)) + ...: each step a sum over an axis of two, one addition, so the bits do not
-        depend on which thread holds which value (as `_pairwise_slots`)."""
+        depend on which thread holds which value (as `_pairwise_rows`)."""
         N: tl.constexpr = v.shape[0]
         for k in tl.static_range(6):
             if (N >> k) > 1:
