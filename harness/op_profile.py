@@ -30,8 +30,9 @@ compares a decoded token's weight bytes.
 Inside one op: `launches` lists a call's kernels in order, and `products` its weight products in
 launch order (`moe_ffn`: gate/up, then down; `qkv`: one per run of weights of one type;
 `qmatmul`: one), each with its bytes and, where a call has one `PRODUCT_KERNEL` launch per
-product, that launch's time, TB/s and fraction of the copy rate: the gated expert product apart
-from the down product, q+k apart from a v of another type.
+product, that launch's name, time, TB/s and fraction of the copy rate: the gated expert product
+apart from the down product, q+k apart from a v of another type. A `TWO_RUNS_KERNEL` launch
+makes two consecutive products, which then show as one ("q+k+v").
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ HARNESS_PREFIX = "harness::"
 # The launch of one weight product inside the fused ops at decode (`harness.quant.fused`): the
 # launches whose kernel name holds this are paired, in order, with a call's products.
 PRODUCT_KERNEL = "_matvec_kernel"
+# The launch that makes two consecutive products of a call at once (`harness::qkv`'s runs of two
+# types under QKV_CONFIG "one_launch"): paired with those two as one product ("q+k+v").
+TWO_RUNS_KERNEL = "_matvec_two_runs_kernel"
 
 
 def _shape(shape) -> str:
@@ -282,6 +286,21 @@ def op_table(
     }
 
 
+def _products_made(products: tuple[tuple[str, int], ...], timed: list[dict]) -> tuple[tuple[str, int], ...]:
+    """A call's products as its product launches `timed` made them: two consecutive products
+    as one where a `TWO_RUNS_KERNEL` launch made both (their names joined by "+", their bytes
+    summed); `products` unchanged where the launches do not account for them exactly."""
+    out, i = [], 0
+    for launch in timed:
+        take = 2 if TWO_RUNS_KERNEL in launch["kernel"] else 1
+        if i + take > len(products):
+            return products
+        run = products[i : i + take]
+        out.append(("+".join(what for what, _ in run), sum(nbytes for _, nbytes in run)))
+        i += take
+    return tuple(out) if i == len(products) else products
+
+
 def _row(name: str, r: dict, steps: int, copy_bytes_per_second: float | None) -> dict:
     """One row of `op_table` from its calls' times, bytes and launches."""
     calls, call = len(r["us"]), r["call"]
@@ -296,13 +315,16 @@ def _row(name: str, r: dict, steps: int, copy_bytes_per_second: float | None) ->
             for i, (kernel, _) in enumerate(r["launches"][0])
         ]
     products = []
-    timed = [x for x in launches or () if PRODUCT_KERNEL in x["kernel"]]
-    for i, (what, nbytes) in enumerate(call.products):
-        us = timed[i]["us_per_call"] if len(timed) == len(call.products) else None
+    timed = [x for x in launches or () if PRODUCT_KERNEL in x["kernel"] or TWO_RUNS_KERNEL in x["kernel"]]
+    made = _products_made(call.products, timed)
+    for i, (what, nbytes) in enumerate(made):
+        launch = timed[i] if len(timed) == len(made) else None
+        us = launch["us_per_call"] if launch else None
         tb, frac = _rate(nbytes, us, copy_bytes_per_second)
         products.append(
             {
                 "product": what,
+                "kernel": launch["kernel"] if launch else None,
                 "bytes_per_call": nbytes,
                 "us_per_call": us,
                 "tb_per_s": tb,
@@ -346,5 +368,5 @@ def format_op_table(rows: list[dict]) -> str:
         for x in r["products"]:
             if x["us_per_call"] is not None:
                 numbers = cells(x["us_per_call"], x["bytes_per_call"], x["tb_per_s"], x["fraction_of_copy"])
-                lines.append(f"{'':15} {numbers}    {x['product']} ({PRODUCT_KERNEL})")
+                lines.append(f"{'':15} {numbers}    {x['product']} ({x['kernel']})")
     return "\n".join(lines)

@@ -328,3 +328,26 @@ def test_on_a_gpu_every_kernel_of_a_decode_step_is_under_one_harness_op(tmp_path
     for r in rows:
         if r["op"] in ("harness::moe_ffn", "harness::qkv", "harness::qmatmul"):
             assert r["ms_per_step"] > 0 and all(x["us_per_call"] for x in r["products"]), r
+
+
+def test_a_two_run_launch_is_paired_with_the_two_qkv_products_it_makes():
+    """qkv with q Q4_K and k+v Q8_0 packed: two launches a run give q and k+v a time each; one
+    `_matvec_two_runs_kernel` launch (QKV_CONFIG "one_launch") gives one "q+k+v" product with
+    both runs' bytes and that launch's time; a launch too few pairs nothing."""
+    q, kv = [256, 144], [64, 272]  # Q4_K rows of 144 B; Q8_0 packed (8 | PACKED), rows of 272 B
+    shapes, values = ([1, 256], q, kv[:], kv[:], [], [], []), (None,) * 4 + (12, 8 | PACKED, 8 | PACKED)
+    q_bytes, kv_bytes = 256 * 144, 2 * 64 * 272
+
+    def products(kernels):
+        ev = _event("harness::qkv", kernels=kernels, shapes=shapes, values=values)
+        (row,) = op_table([ev, _event("kernel", device_type=CUDA, us=1.0)], CUDA, steps=1)["rows"][:1]
+        return [(p["product"], p["bytes_per_call"], p["us_per_call"], p["kernel"]) for p in row["products"]]
+
+    assert products([("_int_x_kernel", 1.0), ("_matvec_kernel", 9.0), ("_matvec_kernel", 8.0)]) == [
+        ("q", q_bytes, 9.0, "_matvec_kernel"),
+        ("k+v", kv_bytes, 8.0, "_matvec_kernel"),
+    ]
+    assert products([("_int_x_kernel", 1.0), ("_matvec_two_runs_kernel", 11.0)]) == [
+        ("q+k+v", q_bytes + kv_bytes, 11.0, "_matvec_two_runs_kernel")
+    ]
+    assert products([("_matvec_kernel", 9.0)]) == [("q", q_bytes, None, None), ("k+v", kv_bytes, None, None)]
