@@ -6,7 +6,8 @@ $HARNESS_CONFIG, so that one GPU run can time a setting against the default in s
 
 Each top-level key names a settings dict of fused (INT_MATVEC_CONFIG, ATTENTION_CONFIG,
 MOE_FFN_CONFIG, ...); a nested dict is keyed by a GGML type's name (`{"Q4_K": {"unroll": 2}}`) and
-updates that type's setting, a plain value sets the key itself. Prints each changed dict."""
+updates that type's setting, a plain value sets the key itself (one the dict has: an unknown key
+stops the run). Prints each changed dict."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ def apply(changes: dict) -> None:
             raise SystemExit(f"with_config: HARNESS_CONFIG: fused has no settings dict {name!r}")
         for key, value in change.items():
             if isinstance(value, dict):
-                table[GGMLType[key]].update(value)
-            else:
+                table[GGMLType[key]].update(value)  # (a type's setting keys: `fused._planned` checks them)
+            elif key in table:
                 table[key] = value
+            else:  # a misspelt switch would time the default under another name
+                raise SystemExit(f"with_config: HARNESS_CONFIG: {name} has no key {key!r} (it has {sorted(table)})")
         shown = {getattr(k, "name", k): v for k, v in table.items()}
         print(f"with_config: {name} = {shown}", flush=True)
 

@@ -198,7 +198,7 @@ def test_bench_trace_reports_events_per_decoded_token(tiny, tmp_path, monkeypatc
 def test_with_config_changes_fused_settings_and_runs_the_script(tmp_path, monkeypatch, capsys):
     """benchmarks/with_config.py: HARNESS_CONFIG's changes are made in fused's settings dicts (a
     type's setting by its name, a plain key itself) before the script runs, which sees them; an
-    unknown dict or type stops it with a message naming HARNESS_CONFIG."""
+    unknown dict, type or plain key stops it with a message naming HARNESS_CONFIG."""
     import importlib.util
     from pathlib import Path
 
@@ -228,7 +228,33 @@ def test_with_config_changes_fused_settings_and_runs_the_script(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["with_config.py", str(script), "--flag"])
     module.main()
     assert "saw 2 True True True True ['--flag']" in capsys.readouterr().out
-    for bad in ('{"NO_SUCH_CONFIG": {}}', '{"INT_MATVEC_CONFIG": {"Q9_K": {}}}', "{not json"):
+    for bad in (
+        '{"NO_SUCH_CONFIG": {}}',
+        '{"INT_MATVEC_CONFIG": {"Q9_K": {}}}',
+        "{not json",
+        '{"QKV_CONFIG": {"one_lunch": true}}',
+    ):
         monkeypatch.setenv("HARNESS_CONFIG", bad)
         with pytest.raises(SystemExit, match="HARNESS_CONFIG"):
             module.main()
+
+
+def test_run_gpu_settings_are_switches_fused_has():
+    """benchmarks/run_gpu.sh parses (bash -n), and each of its SETTINGS (name|config JSON|test
+    words) names settings dicts and keys that fused has, with values of the default's type: a
+    renamed or misspelt switch would otherwise be timed as the defaults."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from harness.quant import fused
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    block = re.search(r"^SETTINGS=\(\n(.*?)^\)", script.read_text(), re.S | re.M).group(1)
+    settings = [line.strip().strip("'").split("|") for line in block.splitlines()]
+    assert [name for name, _, _ in settings][0] == "base" and len(settings) >= 2
+    for name, config, _ in settings:
+        for table, change in json.loads(config).items():
+            for key, value in change.items():
+                assert type(getattr(fused, table)[key]) is type(value), (name, table, key)
