@@ -32,7 +32,9 @@ def apply(changes: dict) -> None:
             elif key in table:
                 table[key] = value
             else:  # a misspelt switch would time the default under another name
-                raise SystemExit(f"with_config: HARNESS_CONFIG: {name} has no key {key!r} (it has {sorted(table)})")
+                raise SystemExit(
+                    f"with_config: HARNESS_CONFIG: {name} has no key {key!r} (it has {sorted(table)})"
+                )
         shown = {getattr(k, "name", k): v for k, v in table.items()}
         print(f"with_config: {name} = {shown}", flush=True)
 
