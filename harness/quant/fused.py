@@ -3948,8 +3948,7 @@ def _routing_buffers(x: torch.Tensor, k: int, splits: int, be: int) -> tuple[tor
 
 @_fake("router_topk")
 def _(x, weight, k, min_sum):
-    t = x.shape[0]
-    return x.new_empty((t, k), dtype=torch.float32), x.new_empty((t, k), dtype=torch.int64)
+    return _routing_like(x, k)
 
 
 # The post-attention norm with the router after it in one op (NORM_CONFIG "router"; the model
