@@ -154,20 +154,51 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def stub_launches() -> dict[str, int]:
-    """Every Triton launch under the interpreter replaced by a count per kernel (returned, live)."""
+def stub_launches(fake_compiled: bool = False) -> dict[str, int]:
+    """Every Triton launch under the interpreter replaced by a count per kernel (returned, live).
+    `fake_compiled`: and `harness.quant.launch`'s direct path taken as on a GPU (`fast_path` on):
+    each launch through Triton gives back a compiled kernel whose launcher only counts, which
+    `launch` then calls directly (fused's and kernels' kernels made JITFunctions for its check)."""
+    import inspect
+
+    import triton
     import triton.runtime.interpreter as interpreter
 
-    from harness.quant import kernels
+    from harness.quant import fused, kernels, launch
 
     if not kernels.interpreting():
         raise SystemExit("--stub-launches: TRITON_INTERPRET did not take (was triton imported first?)")
     counts: dict[str, int] = {}
 
+    class Compiled:
+        function = packed_metadata = None
+
+        def __init__(self, name: str):
+            self.name = name
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            counts[self.name] = counts.get(self.name, 0) + 1
+
     def counted(self, *args, grid, warmup, **kwargs):
         counts[self.fn.__name__] = counts.get(self.fn.__name__, 0) + 1
+        return Compiled(self.fn.__name__) if fake_compiled else None
 
     interpreter.InterpretedFunction.run = counted
+    if fake_compiled:
+
+        class Direct(interpreter.InterpretedFunction, triton.runtime.jit.JITFunction):
+            """An interpreted kernel that `launch` takes for a JITFunction (its `params`)."""
+
+        for module in (fused, kernels):
+            for value in vars(module).values():
+                if value.__class__ is interpreter.InterpretedFunction:
+                    value.__class__ = Direct
+                    value.params = list(inspect.signature(value.fn).parameters.values())
+        launch.fast_path = True
+        launch.current_stream = lambda index: 0  # (no GPU: no stream)
     return counts
 
 
@@ -352,12 +383,14 @@ def direct_launch() -> dict:
     args = (x, w, w, out, experts, out, out, 4096, 1, 16, 1, 2304, 4096 * 2304, 4096, 1, x, out, out, out)
     args += (torch.zeros(64, dtype=torch.int32), 4096, 1, out, 4096, out, out, out)
 
+    was = launch.fast_path  # (on under --fake-compiled)
+
     def direct():
         launch.fast_path = True
         try:
             launch.launch(kernel, (128, 1, 4), *args, **options)
         finally:
-            launch.fast_path = False
+            launch.fast_path = was
 
     bound = launch.bind(kernel, **options)
 
@@ -366,7 +399,7 @@ def direct_launch() -> dict:
         try:
             launch.launch(bound, (128, 1, 4), *args)
         finally:
-            launch.fast_path = False
+            launch.fast_path = was
 
     return {
         "launch.launch, direct (matvec's arguments)": direct,
@@ -398,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         "--stub-launches", action="store_true", help="CPU: the interpreter, launches counted, not run"
     )
     p.add_argument(
+        "--fake-compiled",
+        action="store_true",
+        help="with --stub-launches: launch's direct path taken, the compiled kernels doing nothing",
+    )
+    p.add_argument(
         "--decode-step", action="store_true", help="also time eager decode steps of a synthesized model"
     )
     p.add_argument("--layers", type=int, default=2, help="layers of that model (Mixtral-8x7B's shapes)")
@@ -409,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-trace", type=int, default=0, metavar="TOP", help="cProfile a full-traced run")
     p.add_argument("--out", default="benchmarks/results/host.json")
     args = p.parse_args(argv)
-    launches = stub_launches() if args.stub_launches else None
+    if args.fake_compiled and not args.stub_launches:
+        raise SystemExit("--fake-compiled needs --stub-launches")
+    launches = stub_launches(args.fake_compiled) if args.stub_launches else None
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu" and launches is None:
         print("no CUDA device: only the trivial calls (--stub-launches times the fused ops' host path)")
