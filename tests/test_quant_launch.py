@@ -60,11 +60,26 @@ def test_a_repeated_launch_calls_the_compiled_launcher_with_every_parameter_in_o
     launch.launch(kernel, (5,), b, 200, 1.5, B=4, num_warps=2)
     assert len(kernel.triton_calls) == 1  # not Triton again
     (call,) = kernel.compiled[0].launches
-    bound = (b, 200, 1.5, 4, 7)  # the keyword constexpr, then C's default
+    # the tensor as its data pointer (the launcher takes an int as it is), the keyword
+    # constexpr, then C's default
+    bound = (b.data_ptr(), 200, 1.5, 4, 7)
     # no launch hook set: no metadata and no hooks, which Triton's launcher skips
     assert call[:9] == (5, 1, 1, "stream0", "function", "packed", None, None, None)
     assert call[9:] == bound
     assert launch.cached_launches() == 1
+
+
+def test_a_direct_launch_hands_each_tensor_s_own_pointer(kernel):
+    """A view's pointer is where its elements start (its offset in), an empty tensor's 0, and
+    another tensor of the same kind launched after it gets its own."""
+    buffer = torch.zeros(128)
+    launch.launch(kernel, (1,), buffer, 32, 0.5, B=4)
+    for a in (buffer[16:], torch.zeros(64), torch.zeros(0), buffer):
+        launch.launch(kernel, (1,), a, 32, 0.5, B=4)
+    launches = kernel.compiled[0].launches
+    assert [call[9] for call in launches] == [buffer.data_ptr() + 64, launches[1][9], 0, buffer.data_ptr()]
+    assert launches[1][9] not in (0, buffer.data_ptr()) and all(type(call[9]) is int for call in launches)
+    assert len(kernel.triton_calls) == 1
 
 
 @pytest.mark.parametrize("hook", ["launch_enter_hook", "launch_exit_hook"])
@@ -83,6 +98,7 @@ def test_a_launch_hook_gets_triton_s_launch_metadata_on_a_direct_launch(kernel, 
     (call,) = kernel.compiled[0].launches
     assert call[6] == ("metadata", (3, 2), "stream0", (a, 100, 0.5, 4, 7))
     assert call[7] is hooks.launch_enter_hook and call[8] is hooks.launch_exit_hook
+    assert call[9] is a  # the tensor itself, as Triton gives it, where a hook may see it
     monkeypatch.setattr(hooks, "launch_enter_hook", None)  # not a chain: Triton's metadata, as given
     launch.launch(kernel, (3, 2), a, 100, 0.5, B=4)
     assert kernel.compiled[0].launches[1][6:9] == (("metadata", (3, 2), "stream0", (a, 100, 0.5, 4, 7)), None,
@@ -181,7 +197,7 @@ def test_a_bound_kernel_launches_as_the_kernel_with_its_keywords(kernel, monkeyp
     launch.launch(launch.bind(kernel, B=4, num_warps=2), (1,), a, 32, 0.5)
     launch.launch(kernel, (2,), a, 32, 0.5, B=4, num_warps=2)  # direct: the same kind
     assert len(kernel.triton_calls) == 1 and launch.cached_launches() == 1
-    assert kernel.compiled[0].launches[0][9:] == (a, 32, 0.5, 4, 7)
+    assert kernel.compiled[0].launches[0][9:] == (a.data_ptr(), 32, 0.5, 4, 7)
     for other in ({"B": 8, "num_warps": 2}, {"B": 4, "num_warps": 4}, {"B": 4.0, "num_warps": 2}, {"B": 4}):
         launch.launch(launch.bind(kernel, **other), (1,), a, 32, 0.5)
     assert len(kernel.triton_calls) == 5 and launch.cached_launches() == 5

@@ -7,7 +7,8 @@ which an eager decode step (hundreds of launches) is bound by. Here the first la
 (kernel, current device, keyword arguments, what Triton specializes the positional arguments
 on) goes through Triton, which compiles and launches it and returns its compiled kernel; the
 later ones call that kernel's launcher directly, as the end of `JITFunction.run` does (the same
-arguments in the kernel's parameter order, stream, launch metadata and hooks). What Triton
+arguments in the kernel's parameter order, stream, launch metadata and hooks; the tensors as their
+data pointers, which the launcher takes as they are, where no launch hook may see them). What Triton
 specializes on is taken as a superset: a tensor's dtype and 16-byte alignment, an integer's
 value where it is 1 and else its divisibility by 16 and size class, a bool's value; so two
 calls that share a key always share Triton's compiled kernel. (The keyword arguments stand in
@@ -87,21 +88,28 @@ def _int_code(a: int) -> int:
     return code
 
 
-def _specialization(args: tuple, tensor=torch.Tensor, codes=_INT_CODES, int_code=_int_code) -> list | None:
-    """What the compiled kernel for `args` depends on (a superset of Triton's), flat, or None
-    for an argument of another type: a tensor's dtype and whether it is 16-byte aligned; an
-    int's code (`_int_code`); a bool as "i1" and its value; a float as 0.0; None. Two argument
-    tuples of one kernel with one key have the same types at every position (a dtype, a str,
-    0.0, None and an int code never equal one another). (One flat loop, no call an argument
-    but a new int's: it runs at every launch.)"""
+def _specialization(args: tuple, tensor=torch.Tensor, codes=_INT_CODES, int_code=_int_code) -> tuple | None:
+    """(key, values): what the compiled kernel for `args` depends on (a superset of Triton's),
+    flat, and `args` with each tensor as its data pointer, as the launcher takes them (an int
+    pointer is used as it is: no `data_ptr` call and no driver query of it a tensor); None for
+    an argument of another type. The key: a tensor's dtype and whether it is 16-byte aligned;
+    an int's code (`_int_code`); a bool as "i1" and its value; a float as 0.0; None. Two
+    argument tuples of one kernel with one key have the same types at every position (a dtype,
+    a str, 0.0, None and an int code never equal one another). (One flat loop, no call an
+    argument but a tensor's pointer and a new int's code: it runs at every launch.)"""
     out = []
     add = out.append
+    values = []
+    put = values.append
     for a in args:
         kind = a.__class__
         if kind is tensor:
+            pointer = a.data_ptr()
             add(a.dtype)
-            add(not a.data_ptr() & 15)
-        elif kind is int:
+            add(not pointer & 15)
+            put(pointer)
+            continue
+        if kind is int:
             code = codes.get(a)
             add(int_code(a) if code is None else code)
         elif kind is bool:
@@ -111,12 +119,16 @@ def _specialization(args: tuple, tensor=torch.Tensor, codes=_INT_CODES, int_code
             add(0.0)
         elif a is None:
             add(None)
-        elif isinstance(a, tensor):
+        elif isinstance(a, tensor):  # (a subclass)
+            pointer = a.data_ptr()
             add(a.dtype)
-            add(not a.data_ptr() & 15)
+            add(not pointer & 15)
+            put(pointer)
+            continue
         else:
             return None
-    return out
+        put(a)
+    return out, values
 
 
 _one_device: bool | None = None
@@ -199,18 +211,18 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if not fast_path or grid.__class__ is not tuple or code is None:
         kernel[grid](*args, **kwargs)
         return
-    key = _specialization(args)
-    if key is None:
+    made = _specialization(args)
+    if made is None:
         kernel[grid](*args, **kwargs)
         return
     device = 0 if _one_device else _current_device()
-    key = (id(kernel), device, code, len(args), *key)
+    key = (id(kernel), device, code, len(args), *made[0])
     known = _COMPILED.get(key)
     if known is None or known[0] is not kernel or kernel.pre_run_hooks:
         compiled = kernel[grid](*args, **kwargs)
         _remember(key, kernel, compiled, len(args), kwargs)
         return
-    _direct(known[1], grid, current_stream(device), args + known[2])
+    _direct(known[1], grid, current_stream(device), args, made[1], known[2])
 
 
 def _remember(key: tuple, kernel, compiled, n_args: int, kwargs: dict) -> None:
@@ -229,11 +241,13 @@ def _remember(key: tuple, kernel, compiled, n_args: int, kwargs: dict) -> None:
     _COMPILED[key] = (kernel, compiled, tuple(tail))
 
 
-def _direct(compiled, grid: tuple, stream, bound: tuple) -> None:
-    """The launch at the end of Triton's `JITFunction.run` (3.6 to 3.9), `bound` the values of
-    all the kernel's parameters in order. Where both launch hooks are Triton's empty chains,
-    the launch metadata (only ever read by a hook) and the hooks are None, which Triton's
-    launcher skips, as calling an empty chain does nothing."""
+def _direct(compiled, grid: tuple, stream, args: tuple, values: list, tail: tuple) -> None:
+    """The launch at the end of Triton's `JITFunction.run` (3.6 to 3.9) of the positional
+    arguments `args` (`values`: the same with the tensors as their data pointers) and then `tail`,
+    the values of the kernel's other parameters in order. Where both launch hooks are Triton's
+    empty chains, the launcher gets `values`, and no launch metadata (only ever read by a hook)
+    nor hooks, which it then skips, as calling an empty chain does nothing; else the tensors
+    and both, as Triton gives them."""
     hooks = triton.knobs.runtime
     enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
     g = (*grid, 1, 1)
@@ -244,9 +258,10 @@ def _direct(compiled, grid: tuple, stream, bound: tuple) -> None:
         and not leave.calls
     ):
         compiled.run(
-            g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *bound
-        )
+            g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *values, *tail,
+        )  # fmt: skip
         return
+    bound = args + tail
     metadata = compiled.launch_metadata(grid, stream, *bound)
     compiled.run(
         g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *bound,
