@@ -540,12 +540,25 @@ def _max_magnitude(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> floa
     return float(peak)
 
 
+def _device_type(device: torch.device) -> str:
+    """`device.type`, kept per device: torch makes that string anew at each read (a microsecond,
+    a few times an op)."""
+    kind = _DEVICE_TYPES.get(device)
+    if kind is None:
+        kind = _DEVICE_TYPES[device] = device.type
+    return kind
+
+
+_DEVICE_TYPES: dict[torch.device, str] = {}
+
+
 def runs_on(device: torch.device) -> bool:
     """Whether the fused kernels (these, and `rms_norm` and `rope`) run on `device` now."""
     global _cuda_usable
     if not _enabled:
         return False
-    if device.type == "cuda":
+    kind = _device_type(device)
+    if kind == "cuda":
         # "cuda" is not the CPU emulation of one (harness.trace imports the model, which imports
         # this: the emulation cannot be active before its module is imported)
         emulation = sys.modules.get("harness.trace.emulated")
@@ -554,7 +567,7 @@ def runs_on(device: torch.device) -> bool:
         if _cuda_usable is None:  # asked once, outside the emulation (which claims a GPU)
             _cuda_usable = kernels.supports(GGMLType.Q4_K)
         return _cuda_usable
-    return device.type == "cpu" and kernels.interpreting()
+    return kind == "cpu" and kernels.interpreting()
 
 
 _cuda_usable: bool | None = None  # triton imports and has a GPU (`runs_on`)
@@ -570,7 +583,8 @@ def _check_devices(op: str, *tensors: torch.Tensor) -> torch.device:
                 f"Expected all tensors to be on the same device, but found at least two devices, "
                 f"{device} and {t.device}! ({op})"
             )
-    if device.type != "cuda" and not (device.type == "cpu" and kernels.interpreting()):
+    kind = _device_type(device)
+    if kind != "cuda" and not (kind == "cpu" and kernels.interpreting()):
         raise RuntimeError(f"{op}: expected device cuda, but got tensors on {device} (a GPU-only kernel)")
     return device
 
@@ -2271,7 +2285,11 @@ def _pdl_capable(device: torch.device) -> bool:
 def _launch_device(device: torch.device):
     """Triton launches on the current CUDA device: switch only when the data lives elsewhere
     (with one GPU it cannot, and the current device is not asked)."""
-    if device.type == "cuda" and _cuda_device_count() > 1 and device.index != torch.cuda.current_device():
+    if (
+        _device_type(device) == "cuda"
+        and _cuda_device_count() > 1
+        and device.index != torch.cuda.current_device()
+    ):
         return torch.cuda.device(device)
     return _STAY
 
