@@ -2795,12 +2795,17 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
         ("vec x", qtype, x.device, r, k),
         lambda: (torch.empty_like(x), x.new_empty((r, k // (16 if qtype == T.Q6_K else 32))), x.new_empty(r)),
     )
-    peak_block = min(_next_pow2(k), 4096)
-    launch(
-        _vec_x_kernel, (r, k // SUPER), x, order, sums, power, k, QT=int(qtype), PEAK_BLOCK=peak_block, num_warps=4,
-        **pdl_options(x.device),
-    )  # fmt: skip
+    kernel = _vec_x_kernel_bound(int(qtype), min(_next_pow2(k), 4096), pdl_options(x.device) is _PDL_ON)
+    launch(kernel, (r, k // SUPER), x, order, sums, power, k)
     return order, sums, power
+
+
+@functools.cache
+def _vec_x_kernel_bound(qtype: int, peak_block: int, pdl: bool):
+    """`_vec_x_kernel` bound to its launch's keywords (`launch.bind`), once for each."""
+    return bind(
+        _vec_x_kernel, QT=qtype, PEAK_BLOCK=peak_block, num_warps=4, **(_PDL_ON if pdl else _PDL_OFF)
+    )  # fmt: skip
 
 
 def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -3150,13 +3155,18 @@ def _normed(
         int_form = (q, scales, sums)
     if x.numel():
         with _launch_device(x.device):
-            bd = _next_pow2(d)
-            launch(
-                _rms_norm_kernel, (x.numel() // d,), x, residual, total, weight, out, *int_form, d, eps, BD=bd,
-                ADD=add, INT_OUT=int_out, PTX=int_out and _ptx(), num_warps=_norm_warps(bd),
-                **pdl_options(x.device),
-            )  # fmt: skip
+            kernel = _rms_norm_kernel_bound(_next_pow2(d), add, int_out, pdl_options(x.device) is _PDL_ON)
+            launch(kernel, (x.numel() // d,), x, residual, total, weight, out, *int_form, d, eps)
     return (total, out, q, sums, scales) if int_out else (total, out)
+
+
+@functools.cache
+def _rms_norm_kernel_bound(bd: int, add: bool, int_out: bool, pdl: bool):
+    """`_rms_norm_kernel` bound to a norm launch's keywords (`launch.bind`), once for each."""
+    return bind(
+        _rms_norm_kernel, BD=bd, ADD=add, INT_OUT=int_out, PTX=int_out and _ptx(), num_warps=_norm_warps(bd),
+        **(_PDL_ON if pdl else _PDL_OFF),
+    )  # fmt: skip
 
 
 def _norm_warps(bd: int) -> int:
@@ -3227,9 +3237,9 @@ def _given_int_x(op: str, x: torch.Tensor, x_q, x_sums, x_scales) -> dict | None
     as int32 pairs, x_sums, x_scales)}; None where none is given. A device other than x's is
     refused with CUDA's device error, another dtype or shape with a ValueError, naming the
     argument."""
-    given = {"x_q": x_q, "x_sums": x_sums, "x_scales": x_scales}
-    if all(t is None for t in given.values()):
+    if x_q is None and x_sums is None and x_scales is None:
         return None
+    given = {"x_q": x_q, "x_sums": x_sums, "x_scales": x_scales}
     missing = [name for name, t in given.items() if t is None]
     if missing:
         raise ValueError(f"{op}: x_q, x_sums and x_scales are given together, got no {', '.join(missing)}")
@@ -3479,7 +3489,15 @@ def _int_x_into(x: torch.Tensor, x_q: torch.Tensor, x_sums: torch.Tensor, x_scal
     """`_int_x`'s launch on x [R, K] (K a multiple of 256) into the tensors given (an op's
     outputs, not `_SCRATCH`)."""
     r, k = x.shape
-    launch(_int_x_kernel, (r, k // SUPER), x, x_q, x_scales, x_sums, k, num_warps=1, **pdl_options(x.device))
+    launch(
+        _int_x_kernel_bound(pdl_options(x.device) is _PDL_ON), (r, k // SUPER), x, x_q, x_scales, x_sums, k
+    )
+
+
+@functools.cache
+def _int_x_kernel_bound(pdl: bool):
+    """`_int_x_kernel` bound to its launch's keywords (`launch.bind`), with PDL or without."""
+    return bind(_int_x_kernel, num_warps=1, **(_PDL_ON if pdl else _PDL_OFF))
 
 
 @_fake("attention_int")
