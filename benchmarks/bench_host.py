@@ -198,6 +198,7 @@ def stub_launches(fake_compiled: bool = False) -> dict[str, int]:
                     value.__class__ = Direct
                     value.params = list(inspect.signature(value.fn).parameters.values())
         launch.fast_path = True
+        launch.host_tensors_direct = True  # (the stand-in launchers take these CPU tensors)
         launch.current_stream = lambda index: 0  # (no GPU: no stream)
     return counts
 
@@ -372,6 +373,7 @@ def direct_launch() -> dict:
     kernel = triton.runtime.jit.JITFunction(_matvec_signature)
     kernel.run = lambda *args, grid, warmup, **kwargs: Compiled()
     launch.current_stream = lambda index: 0  # (no GPU: no stream)
+    launch.host_tensors_direct = True  # (CPU tensors, a launcher that does nothing)
     x, out = torch.randn(1, 4096), torch.empty(1, 4096)
     w, experts = torch.zeros(4096, 576, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
     options = {

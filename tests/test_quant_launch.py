@@ -47,6 +47,7 @@ def kernel(monkeypatch):
 
     fn.run = run
     monkeypatch.setattr(launch, "fast_path", True)
+    monkeypatch.setattr(launch, "host_tensors_direct", True)  # (these CPU tensors stand in for a GPU's)
     monkeypatch.setattr(launch, "_COMPILED", {})
     monkeypatch.setattr(launch, "current_stream", lambda device: f"stream{device}")
     return fn
@@ -80,6 +81,19 @@ def test_a_direct_launch_hands_each_tensor_s_own_pointer(kernel):
     assert [call[9] for call in launches] == [buffer.data_ptr() + 64, launches[1][9], 0, buffer.data_ptr()]
     assert launches[1][9] not in (0, buffer.data_ptr()) and all(type(call[9]) is int for call in launches)
     assert len(kernel.triton_calls) == 1
+
+
+def test_a_host_tensor_always_goes_through_triton_s_own_launch(kernel, monkeypatch):
+    """A direct launch hands the launcher a pointer it does not check; Triton's own launch asks
+    the driver about each tensor's and refuses a host one. So, as on a GPU, a launch with a CPU
+    tensor among its arguments is never direct: each goes through Triton, the first of a kind
+    with only GPU tensors too."""
+    monkeypatch.setattr(launch, "host_tensors_direct", False)
+    a = torch.zeros(64)
+    for _ in range(3):
+        launch.launch(kernel, (1,), a, 32, 0.5, B=4)
+    assert len(kernel.triton_calls) == 3 and not any(c.launches for c in kernel.compiled)
+    assert launch.cached_launches() == 0
 
 
 @pytest.mark.parametrize("hook", ["launch_enter_hook", "launch_exit_hook"])

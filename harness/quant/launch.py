@@ -64,6 +64,11 @@ fast_path = (
     and torch.version.hip is None
 )
 
+# Whether a host tensor may be launched directly (as its pointer): never on a GPU, where the
+# launcher given an int does not ask the driver about it (Triton's own launch asks, and refuses a
+# host pointer with "cpu tensor?"); tests whose stand-in launchers take host tensors set it.
+host_tensors_direct = False
+
 # (id of the kernel, device, the keyword arguments' number (`_keywords_code`), the positional
 # arguments' count and specialization) ->
 # (the kernel, its compiled kernel, the parameters after the positional ones in order: keyword
@@ -95,7 +100,8 @@ def _specialization(args: tuple, tensor=torch.Tensor, codes=_INT_CODES, int_code
     an argument of another type. The key: a tensor's dtype and whether it is 16-byte aligned;
     an int's code (`_int_code`); a bool as "i1" and its value; a float as 0.0; None. Two
     argument tuples of one kernel with one key have the same types at every position (a dtype,
-    a str, 0.0, None and an int code never equal one another). (One flat loop, no call an
+    a str, 0.0, None and an int code never equal one another). None for a host tensor too,
+    unless `host_tensors_direct`. (One flat loop, no call an
     argument but a tensor's pointer and a new int's code: it runs at every launch.)"""
     out = []
     add = out.append
@@ -104,6 +110,8 @@ def _specialization(args: tuple, tensor=torch.Tensor, codes=_INT_CODES, int_code
     for a in args:
         kind = a.__class__
         if kind is tensor:
+            if a.is_cpu and not host_tensors_direct:
+                return None  # (Triton's own launch then refuses it: no pointer it cannot read)
             pointer = a.data_ptr()
             add(a.dtype)
             add(not pointer & 15)
@@ -120,6 +128,8 @@ def _specialization(args: tuple, tensor=torch.Tensor, codes=_INT_CODES, int_code
         elif a is None:
             add(None)
         elif isinstance(a, tensor):  # (a subclass)
+            if a.is_cpu and not host_tensors_direct:
+                return None
             pointer = a.data_ptr()
             add(a.dtype)
             add(not pointer & 15)
