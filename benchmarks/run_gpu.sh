@@ -45,7 +45,7 @@ SETTINGS=(
   'route|{"NORM_CONFIG": {"router": true}}|route router'
   'all|{"ATTENTION_CONFIG": {"int_out": true}, "NORM_CONFIG": {"int_out": true, "router": true}, "QKV_CONFIG": {"one_launch": true}}|int_form qkv two_run route router'
 )
-TESTS_K=${TESTS_K:-int_form or route or router or qkv or one_launch or moe_ffn_fusions or decode_ops_refuse or fused_decode_at_device}
+TESTS_K=${TESTS_K:-int_form or route or router or qkv or one_launch or moe_ffn_fusions or decode_ops_refuse or fused_decode_at_device or direct_launches or device_error}
 
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv | tee "$R/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a "$R/gpu.txt"
@@ -64,7 +64,7 @@ if [ -n "$LLAMA_SRC" ]; then
 fi
 
 timeout "$(t 110 400)" python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_quant_fused.py \
-  tests/test_model_decode.py -k "$TESTS_K" -n 4 >"$R/tests.log" 2>&1
+  tests/test_model_decode.py tests/test_quant_launch.py -k "$TESTS_K" -n 4 >"$R/tests.log" 2>&1
 at tests
 grep -E "^(FAILED|ERROR)|passed|failed" "$R/tests.log" | tail -12
 for _ in $(seq 90); do grep -q "synth rc" "$R/synth.log" && break; sleep 2; done
