@@ -264,6 +264,10 @@ class _SpecCache(dict):
         return tuple([self[key] for key in zip(it, it, it, strict=True)])
 
 
+# Shared by every tracer of the process (a spec depends on its key alone): a tracer started again
+# on the same model makes none anew.
+_SPECS = _SpecCache()
+
 _TENSOR, _LIST = 1, 2
 
 
@@ -507,7 +511,7 @@ class Tracer(TorchDispatchMode):
         self._write: Callable[[str], None] | None = None
         self._lines: list[str] | None = None  # the writer's line buffer
         self._encode: Callable[[Event], str] | None = None
-        self._specs = _SpecCache()
+        self._specs = _SPECS
         self._seen: dict[tuple, list | bool] = {}  # kinds of event: [line body, count] of ok ones, else False
         self._last: dict[
             tuple, tuple
