@@ -816,6 +816,34 @@ def test_repeated_events_are_written_as_the_event_by_event_path_writes_them(mode
     assert summaries[0].counts == summaries[1].counts and summaries[0].modules == summaries[1].modules
 
 
+def test_ops_outside_the_model_are_written_as_the_event_by_event_path_writes_them(on, tmp_path):
+    """The caller's own ops between forward calls: an ok op repeated is written from its first
+    line, and counted in the summary's modules under its device; a copy across devices stays an
+    allowed transfer and an op refused for devices a mismatch every time. The traces with
+    `keep_events` (every event through the classifier) and without are the same line for line."""
+    model = _Twice()
+    here, there = torch.ones(2, 4), torch.ones(2, 4, device=on.device)
+    traces, summaries = [], []
+    for keep in (True, False):
+        path = tmp_path / f"keep{keep}.jsonl"
+        with torch.no_grad(), Tracer(model, placement="cpu", path=path, keep_events=keep) as tracer:
+            for _ in range(3):
+                model(here)
+                torch.add(here, here)  # ok, outside the model
+                here.to(on.device)  # an upload by the caller: allowed
+                with pytest.raises(RuntimeError):
+                    torch.add(here, there)  # refused: a mismatch
+        traces.append(_event_lines(path))
+        summaries.append(tracer.summary)
+    assert traces[0] == traces[1]
+    outside = [d for d in traces[1] if d["module"] is None]
+    assert [d["class"] for d in outside] == [OK, ALLOWED, MISMATCH] * 3
+    assert summaries[0].counts == summaries[1].counts
+    assert summaries[1].counts[MISMATCH] == 3 and summaries[1].counts[ALLOWED] == 3
+    assert summaries[0].modules == summaries[1].modules
+    assert summaries[1].modules["<outside>"] == {"cpu": 3 + 3, str(there.device): 3}
+
+
 def _spec(t: torch.Tensor) -> list:
     return [str(t.device), str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size()]
 

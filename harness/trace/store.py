@@ -60,6 +60,12 @@ class _SpecTexts(dict):
         return text
 
 
+# Shared by every writer of the process: the texts depend on the values alone, so a tracer started
+# again on the same model (a trace per generation) writes its first lines without JSON encoding.
+_FRAGMENTS = _Fragments()
+_SPEC_TEXTS = _SpecTexts()
+
+
 class TraceWriter:
     """Writes a trace file record by record. `header()` first, `summary()` last."""
 
@@ -68,8 +74,8 @@ class TraceWriter:
         if self.path.parent and not self.path.parent.is_dir():
             raise UsageError(self.path, None, f"cannot write here: {self.path.parent} is not a directory")
         self._f = open(self.path, "w", encoding="utf-8", buffering=buffer_bytes)  # noqa: SIM115
-        self._frag = _Fragments()
-        self._spec_texts = _SpecTexts()
+        self._frag = _FRAGMENTS
+        self._spec_texts = _SPEC_TEXTS
         self.lines: list[str] = []  # encoded lines (or their pieces) not yet handed to the file
 
     def header(self, header: dict[str, Any]) -> None:

@@ -264,6 +264,10 @@ class _SpecCache(dict):
         return tuple([self[key] for key in zip(it, it, it, strict=True)])
 
 
+# Shared by every tracer of the process (a spec depends on its key alone): a tracer started again
+# on the same model makes none anew.
+_SPECS = _SpecCache()
+
 _TENSOR, _LIST = 1, 2
 
 
@@ -507,7 +511,7 @@ class Tracer(TorchDispatchMode):
         self._write: Callable[[str], None] | None = None
         self._lines: list[str] | None = None  # the writer's line buffer
         self._encode: Callable[[Event], str] | None = None
-        self._specs = _SpecCache()
+        self._specs = _SPECS
         self._seen: dict[tuple, list | bool] = {}  # kinds of event: [line body, count] of ok ones, else False
         self._last: dict[
             tuple, tuple
@@ -1050,14 +1054,17 @@ class Tracer(TorchDispatchMode):
             if names is not None and info.follow:
                 self._follow(info, args, out)
         elif kind == _LIST or isinstance(out, _SEQUENCES):  # (a structseq too)
-            outs = [o for o in out if kinds[o.__class__] == _TENSOR]
-            for o in outs:
-                try:
-                    raw += (o.device, o.dtype, o.shape)
-                except RuntimeError:
-                    raw += _raw_key(o)
-            if names is not None and info.follow and outs:
-                self._follow(info, args, outs[0])
+            first = None
+            for o in out:  # (a loop, not a comprehension: that is a function call in Python 3.11)
+                if kinds[o.__class__] == _TENSOR:
+                    try:
+                        raw += (o.device, o.dtype, o.shape)
+                    except RuntimeError:
+                        raw += _raw_key(o)
+                    if first is None:
+                        first = o
+            if names is not None and info.follow and first is not None:
+                self._follow(info, args, first)
 
         # The common case: an op that ran here before on these tensors and was found an
         # ordinary ok event then (see `_new_seen`); its line is the same as that time's. Most
@@ -1175,36 +1182,54 @@ class Tracer(TorchDispatchMode):
             _pop_torch_dispatch_stack(None)
 
     def _new_seen(self, key: tuple, expected: str | None) -> list | bool:
-        """[line body, count] for a kind of event that is ok without further ado: an op with no
-        rule of its own (not a sync or index op; a copy that crosses no device is no transfer),
-        or any op of a CPU module, with every tensor on the module's device. False for any
-        other kind (it goes to the classifier every time)."""
+        """[line body, count, its key in `_modules`] for a kind of event that is ok without
+        further ado: an op with no rule of its own (not a sync or index op; a copy that crosses no
+        device is no transfer), or any op of a CPU module, with every tensor on the module's
+        device; outside the model (the caller's own ops between forward calls), such an op that the
+        classifier finds ok. False for any other kind (it goes to the classifier every time)."""
         if len(self._seen) >= _SEEN_LIMIT:
             self._fold_seen()
         info, module, source, alias, names, n_in, *raw = key
         inputs, outputs = self._specs.of(raw[:n_in]), self._specs.of(raw[n_in:])
-        plain = (
-            expected is not None
-            and (info.plain or expected == "cpu")
-            and all(spec[0] == expected for spec in inputs)
-            and all(spec[0] == expected for spec in outputs)
-        )
+        if expected is not None:
+            plain = (
+                (info.plain or expected == "cpu")
+                and all(spec[0] == expected for spec in inputs)
+                and all(spec[0] == expected for spec in outputs)
+            )
+        else:
+            plain = (
+                module is None
+                and info.plain
+                and self._ok_outside(info, source, names, alias, inputs, outputs)
+            )
         if not plain:
             self._seen[key] = False
             return False
         body = None
         if self._writer is not None:
             body = self._writer.ok_body(info.name, module, expected, source, inputs, outputs, names, alias)
-        seen = self._seen[key] = [body, 0]
+        # (keyed in `_modules` as `_record` keys an event: by its first output's device, else input's)
+        device = outputs[0][0] if outputs else (inputs[0][0] if inputs else None)
+        seen = self._seen[key] = [body, 0, (module, device)]
         return seen
+
+    def _ok_outside(self, info: _OpInfo, source, names, alias, inputs, outputs) -> bool:
+        """Whether an op outside the model, with no rule of its own, is ok on these tensors: the
+        classifier's answer (a copy across devices is allowed there, not ok; an op CUDA refuses
+        is a mismatch), which outside the model depends on the op and its tensors alone."""
+        ev = Event(0, 0, info.name, None, None, names, source, list(inputs))
+        ev.outputs = list(outputs)
+        ev.alias = alias
+        return self.classifier.classify(ev) == OK and ev.transfer is None
 
     def _fold_seen(self) -> None:
         """Moves the counts of the fast path's ok events into the counters."""
-        for (_, module, *_), seen in self._seen.items():
+        for seen in self._seen.values():
             if seen is not False:
-                key = (module, self._expected_device(module))
-                self._modules[key] = self._modules.get(key, 0) + seen[1]
-                self._counts[OK] += seen[1]
+                body, n, key = seen
+                self._modules[key] = self._modules.get(key, 0) + n
+                self._counts[OK] += n
         self._seen = {}
         self._last = {}  # (its entries are `_seen`'s)
 
