@@ -2268,6 +2268,10 @@ def pdl_options(device: torch.device) -> dict:
 
 _PDL_ON, _PDL_OFF = {"PDL": True, "launch_pdl": True}, {}
 
+# `bind` once per kernel and set of launch keywords, for launches whose keywords are not a plan's
+# (typed: Triton tells a constexpr True, 1 and 1.0 apart).
+_bound = functools.lru_cache(maxsize=None, typed=True)(bind)
+
 
 @functools.cache
 def _pdl_capable(device: torch.device) -> bool:
@@ -2795,17 +2799,11 @@ def _vec_x(x: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor
         ("vec x", qtype, x.device, r, k),
         lambda: (torch.empty_like(x), x.new_empty((r, k // (16 if qtype == T.Q6_K else 32))), x.new_empty(r)),
     )
-    kernel = _vec_x_kernel_bound(int(qtype), min(_next_pow2(k), 4096), pdl_options(x.device) is _PDL_ON)
+    kernel = _bound(
+        _vec_x_kernel, QT=int(qtype), PEAK_BLOCK=min(_next_pow2(k), 4096), num_warps=4, **pdl_options(x.device)
+    )  # fmt: skip
     launch(kernel, (r, k // SUPER), x, order, sums, power, k)
     return order, sums, power
-
-
-@functools.cache
-def _vec_x_kernel_bound(qtype: int, peak_block: int, pdl: bool):
-    """`_vec_x_kernel` bound to its launch's keywords (`launch.bind`), once for each."""
-    return bind(
-        _vec_x_kernel, QT=qtype, PEAK_BLOCK=peak_block, num_warps=4, **(_PDL_ON if pdl else _PDL_OFF)
-    )  # fmt: skip
 
 
 def _int_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -3155,18 +3153,13 @@ def _normed(
         int_form = (q, scales, sums)
     if x.numel():
         with _launch_device(x.device):
-            kernel = _rms_norm_kernel_bound(_next_pow2(d), add, int_out, pdl_options(x.device) is _PDL_ON)
+            bd = _next_pow2(d)
+            kernel = _bound(
+                _rms_norm_kernel, BD=bd, ADD=add, INT_OUT=int_out, PTX=int_out and _ptx(), num_warps=_norm_warps(bd),
+                **pdl_options(x.device),
+            )  # fmt: skip
             launch(kernel, (x.numel() // d,), x, residual, total, weight, out, *int_form, d, eps)
     return (total, out, q, sums, scales) if int_out else (total, out)
-
-
-@functools.cache
-def _rms_norm_kernel_bound(bd: int, add: bool, int_out: bool, pdl: bool):
-    """`_rms_norm_kernel` bound to a norm launch's keywords (`launch.bind`), once for each."""
-    return bind(
-        _rms_norm_kernel, BD=bd, ADD=add, INT_OUT=int_out, PTX=int_out and _ptx(), num_warps=_norm_warps(bd),
-        **(_PDL_ON if pdl else _PDL_OFF),
-    )  # fmt: skip
 
 
 def _norm_warps(bd: int) -> int:
@@ -3489,15 +3482,8 @@ def _int_x_into(x: torch.Tensor, x_q: torch.Tensor, x_sums: torch.Tensor, x_scal
     """`_int_x`'s launch on x [R, K] (K a multiple of 256) into the tensors given (an op's
     outputs, not `_SCRATCH`)."""
     r, k = x.shape
-    launch(
-        _int_x_kernel_bound(pdl_options(x.device) is _PDL_ON), (r, k // SUPER), x, x_q, x_scales, x_sums, k
-    )
-
-
-@functools.cache
-def _int_x_kernel_bound(pdl: bool):
-    """`_int_x_kernel` bound to its launch's keywords (`launch.bind`), with PDL or without."""
-    return bind(_int_x_kernel, num_warps=1, **(_PDL_ON if pdl else _PDL_OFF))
+    kernel = _bound(_int_x_kernel, num_warps=1, **pdl_options(x.device))
+    launch(kernel, (r, k // SUPER), x, x_q, x_scales, x_sums, k)
 
 
 @_fake("attention_int")
