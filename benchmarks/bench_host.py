@@ -216,6 +216,17 @@ def decode_steps(
     with `layers` layers on `device`: ms per step (median of 7 runs of `steps`), and the ops
     (and, with stubbed launches, kernel launches) of one step; with `trace_every`, the same
     steps under a full and sampled Tracers (see the module's docstring)."""
+    with synthesized_model(layers, device) as (model, tmp, load_s):
+        return _time_decode_steps(model, device, steps, sync, launches, trace_every, profile_top, tmp) | {
+            "layers": layers,
+            "load_s": round(load_s, 2),
+        }
+
+
+@contextlib.contextmanager
+def synthesized_model(layers: int, device):
+    """(model, its temporary folder, load seconds): a Mixtral-8x7B Q4_K_M with `layers` layers
+    synthesized into a temporary folder, loaded on `device`; the folder is deleted after."""
     from harness.gguf_file import PRESETS
     from harness.model.mixtral import Mixtral
     from harness.synth import synthesize
@@ -226,11 +237,7 @@ def decode_steps(
         path = synthesize(tmp / "model.gguf", config, "Q4_K_M")
         start = time.perf_counter()
         model = Mixtral.from_gguf(path, device=device, max_seq_len=1024)
-        load_s = time.perf_counter() - start
-        return _time_decode_steps(model, device, steps, sync, launches, trace_every, profile_top, tmp) | {
-            "layers": layers,
-            "load_s": round(load_s, 2),
-        }
+        yield model, tmp, time.perf_counter() - start
     finally:
         shutil.rmtree(tmp)
 

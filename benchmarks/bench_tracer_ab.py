@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,18 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=11)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from harness.gguf_file import PRESETS
-    from harness.model.mixtral import Mixtral
-    from harness.synth import synthesize
-
     base = load_base(args.base)
     bench_host.stub_launches()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-tracer-ab-"))
-    try:
-        config = dataclasses.replace(PRESETS["mixtral-8x7b"], block_count=args.layers)
-        model = Mixtral.from_gguf(
-            synthesize(tmp / "m.gguf", config, "Q4_K_M"), device="cpu", max_seq_len=1024
-        )
+    with bench_host.synthesized_model(args.layers, "cpu") as (model, tmp, _):
         token = torch.tensor([1])
         make = {
             "untraced": contextlib.nullcontext,
@@ -119,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.runs):
                 for mode in list(make) if r % 2 == 0 else list(make)[::-1]:
                     run(mode)
-    finally:
-        shutil.rmtree(tmp)
     if events["base"] != events["this"]:
         raise SystemExit(f"the two tracers saw different ops: {events}")
     per_step = events["this"]
