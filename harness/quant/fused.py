@@ -167,9 +167,10 @@ MOE_FFN_CONFIG: dict[str, bool] = {"int_h": True, "residual": True}
 #   benchmarks/results/profile_decode.json), the same bits as the two ops.
 #   The fused launch runs at the norm's warps (`_norm_warps`: its rms then has the norm launch's
 #   bits; ROUTER_CONFIG's "num_warps" does not apply to it), the router's other settings as
-#   `router_plan` gives them; each expert's partial logit stays in a warp's lanes at either
-#   count and `_router_choose` sums over experts pairwise, so the routing has the router
-#   launch's bits too (tests/test_quant_fused.py compares the sums' layouts for sm_90).
+#   `router_plan` gives them; each expert's partial logit is summed pairwise over a step's
+#   columns (`_pairwise_cols`) and `_router_choose` sums over experts pairwise, so the routing
+#   has the router launch's bits at any warps (tests/test_quant_fused.py checks the sums for
+#   sm_90; a plain tl.sum split 3 experts' rows over two of the norm's 8 warps on an H100).
 # Off until timed: they have run only under Triton's interpreter (the same logits, bit for bit)
 # and compiled for sm_90, never on a GPU.
 NORM_CONFIG: dict[str, bool] = {"int_out": False, "router": False}
@@ -3784,7 +3785,7 @@ if triton is not None:
         x_row, r_row, nw_ptr, rms, rows, em, w, lo, hi, BD: tl.constexpr, NORM: tl.constexpr, PTX: tl.constexpr,
     ):  # fmt: skip
         """The partial logits [BE] of columns lo .. hi: x's (at x_row) float32 products with the
-        weight's rows, summed over BD columns a step, w (`_router_first_step`) the first step's
+        weight's rows, summed over BD columns a step (pairwise: `_pairwise_cols`), w (`_router_first_step`) the first step's
         columns; each step loads the next step's before it uses this one's. NORM: x is the
         norm's output, made here from its inputs as `_norm_row_store` makes it (x_row + r_row,
         times rms, times the norm's weight at nw_ptr, each rounded on its own: `_mul_rn`), the
@@ -3801,8 +3802,21 @@ if triton is not None:
             w = tl.load(
                 rows + d[None, :], mask=em[:, None] & (d < hi)[None, :], other=0.0, cache_modifier=".cg"
             )
-            logits += tl.sum(this * xs[None, :], 1)
+            logits += _pairwise_cols(this * xs[None, :])
         return logits
+
+    @triton.jit
+    def _pairwise_cols(t):
+        """Each row of t [R, C] (C a power of two, up to 2^16) summed neighbour with neighbour, as
+        `_pairwise_sum` sums a vector: the bits do not depend on the layout, so on which warps and
+        lanes hold the columns (a tl.sum over C's order follows it: at 3 experts, 4 padded rows
+        of 128 columns, 4 warps keep a row in one warp and 8 split it over two)."""
+        R: tl.constexpr = t.shape[0]
+        C: tl.constexpr = t.shape[1]
+        for k in tl.static_range(16):
+            if (C >> k) > 1:
+                t = tl.sum(tl.reshape(t, (R, C >> (k + 1), 2)), axis=2)
+        return tl.sum(t, 1)
 
     @triton.jit
     def _router_partial_done(
