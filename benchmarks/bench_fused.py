@@ -633,12 +633,12 @@ def qkv_rows(dev: torch.device, row, comparisons: list, save, sweep: bool = Fals
             for given in (False, True):
 
                 def qkv(on: bool, x=x, form=form if given else [], weights=weights, codes=codes):
-                    saved = fused.QKV_CONFIG["one_launch"]
-                    fused.QKV_CONFIG["one_launch"] = on
+                    saved = dict(fused.QKV_CONFIG)
+                    fused.QKV_CONFIG.update(one_launch=on, one_launch_rows=fused.MATVEC_MAX_ROWS)
                     try:
                         return torch.ops.harness.qkv(x, *weights(), *codes, *form)
                     finally:
-                        fused.QKV_CONFIG["one_launch"] = saved
+                        fused.QKV_CONFIG.update(saved)
 
                 ways = {
                     "one launch": functools.partial(qkv, True),

@@ -158,7 +158,9 @@ def record(groups: list[str]) -> list[dict]:
                     ops.qmatmul(x, head, code_head, 32000)
                     ops.qkv(x, weight, weight[:1024], weight6[:1024], code, code, code6)
                     if group == "decode":  # QKV_CONFIG "one_launch": q, and k+v of one buffer, in one launch
-                        with _settings(fused.QKV_CONFIG, {"one_launch": True}):
+                        with _settings(
+                            fused.QKV_CONFIG, {"one_launch": True, "one_launch_rows": fused.MATVEC_MAX_ROWS}
+                        ):
                             ops.qkv(x, weight, weight6[:1024], weight6[1024:2048], code, code6, code6)
                     ops.moe_ffn(x, gate, up, down, weights, experts, code_gu, code_down)
                     # the decode graph's forms: x quantized apart, and with MOE_FFN_CONFIG's fusions

@@ -374,14 +374,17 @@ def run(one_launch, norms):  # QKV_CONFIG's "one_launch", NORM_CONFIG's "int_out
     def counted(kernel, *args, **kwargs):
         launched.append(unbound(kernel, kwargs)[0].__name__)  # (`_matvec` launches a `launch.Bound`)
         return original(kernel, *args, **kwargs)
-    fused.launch, fused.QKV_CONFIG["one_launch"], fused.NORM_CONFIG["int_out"] = counted, one_launch, norms
+    saved = dict(fused.QKV_CONFIG)
+    fused.QKV_CONFIG.update(one_launch=one_launch, one_launch_rows=fused.MATVEC_MAX_ROWS)
+    fused.launch, fused.NORM_CONFIG["int_out"] = counted, norms
     try:
         model.reset()
         with torch.inference_mode():  # a prefill of 3 tokens (decode-sized), two steps
             logits = [model(torch.tensor([3, 9, 27]), 0), model(torch.tensor([5]), torch.tensor([3])),
                       model(torch.tensor([7]), 4)]
     finally:
-        fused.launch, fused.QKV_CONFIG["one_launch"], fused.NORM_CONFIG["int_out"] = original, False, False
+        fused.QKV_CONFIG.update(saved)
+        fused.launch, fused.NORM_CONFIG["int_out"] = original, False
     return [l.view(torch.int32).tolist() for l in logits], launched
 
 types = [[int(m.kernel_qtype) & 0xFF for m in (a.wq, a.wk, a.wv)] for a in (l.attn for l in model.layers)]
@@ -680,6 +683,7 @@ def test_cuda_qkv_in_one_launch_decodes_the_same_logits_eager_and_in_a_graph(tin
 
     prompt = torch.tensor([3, 17, 99, 250, 7], device="cuda")
     model = Mixtral.from_gguf(tiny8_path, device="cuda", max_seq_len=32)
+    monkeypatch.setitem(fused.QKV_CONFIG, "one_launch_rows", fused.MATVEC_MAX_ROWS)  # (the prompt too)
     for int_x in ("launch", "kernel"):
         monkeypatch.setattr(fused, "int_x_path", int_x)
         for norms in (False, True):

@@ -1460,11 +1460,14 @@ def _qkv_one_launch_cases(device: str, small: bool, rng: np.random.Generator) ->
         outs, launches = [], []
         for on in (False, True):
             launched.clear()
-            fused.QKV_CONFIG["one_launch"], fused.launch = on, counted
+            saved = dict(fused.QKV_CONFIG)
+            fused.QKV_CONFIG.update(one_launch=on, one_launch_rows=fused.MATVEC_MAX_ROWS)
+            fused.launch = counted
             try:
                 outs.append(torch.ops.harness.qkv(*args).cpu())
             finally:
-                fused.QKV_CONFIG["one_launch"], fused.launch = False, original
+                fused.QKV_CONFIG.update(saved)
+                fused.launch = original
             launches.append(list(launched))
         return _same_bits_exactly(*outs), *launches
 

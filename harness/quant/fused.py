@@ -184,11 +184,14 @@ NORM_CONFIG: dict[str, bool] = {"int_out": False, "router": False}
 #   profile_decode.json, session 13) 8.9 us and 8.1 us a layer, each at about 35% of copy
 #   bandwidth. Its num_warps is the larger of the two runs' settings. One run, or three (k and v
 #   of one type in two buffers), and everything else keep a launch a run.
-# Off until timed: it has run only under Triton's interpreter (the same bits) and compiled for
-# sm_90 (no spills: 128 registers a thread for Q4_K with Q8_0 or Q6_K, both split, x from `_int_x`;
-# 119 for Q4_K's own launch), never on a GPU (`benchmarks/bench_fused.py --qkv-only` times both
-# ways, `--sweep-qkv` how far each run splits).
-QKV_CONFIG: dict[str, bool] = {"one_launch": False}
+#   On for calls of up to "one_launch_rows" tokens. On an H100 (session 17, benchmarks/results/
+#   model_switches.json, one run of `bench_model.py --repeats 3` per setting) the model's graph
+#   decode made 203.00 tok/s with it against 198.34 without. At op level (qkv_one_launch.json,
+#   `bench_fused.py --qkv-only --sweep-qkv`, in a graph) one launch took 0.013 ms against 0.016
+#   at one token with k+v Q8_0 (1.26x), 0.016 against 0.017 with k+v Q6_K; at 4 and 8 tokens it
+#   won with Q8_0 (1.29x, 1.13x) but lost with Q6_K (0.89x, 0.79x), so it stays at one token.
+#   (sm_90: no spills, 128 registers a thread for Q4_K with Q8_0 or Q6_K.)
+QKV_CONFIG: dict[str, bool | int] = {"one_launch": True, "one_launch_rows": 1}
 MATMAT_CONFIG: dict[GGMLType, dict[str, int]] = {
     qtype: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2} for qtype in PARTS
 }
@@ -2689,10 +2692,11 @@ _RUN_OPTIONS = ("QT", "NP", "BN", "PACKED", "STAGES", "UNROLL", "REDUCE", "INT_X
 def _matvec_two_runs(x: torch.Tensor, runs: list[tuple], prepared: dict | None) -> bool:
     """`harness::qkv`'s two runs (weight, code, rows, output columns) of x [T, K] (float32,
     contiguous) in one launch of `_matvec_two_runs_kernel`, where QKV_CONFIG "one_launch" is on,
-    T is a decode size and both runs are "int" reads (each run's plan as `_matvec` makes it
+    T is at most its "one_launch_rows" (and a decode size) and both runs are "int" reads (each run's plan as `_matvec` makes it
     alone, so the same bits); False, launching nothing, otherwise."""
     n_pairs = x.shape[0]
-    if not QKV_CONFIG["one_launch"] or len(runs) != 2 or not 0 < n_pairs <= MATVEC_MAX_ROWS:
+    most = min(MATVEC_MAX_ROWS, QKV_CONFIG["one_launch_rows"])
+    if not QKV_CONFIG["one_launch"] or len(runs) != 2 or not 0 < n_pairs <= most:
         return False
     device = x.device
     first, second = (
