@@ -3421,7 +3421,7 @@ def test_norm_route_kernel_compiles_for_sm_90_without_spills_and_sums_as_the_two
         routing = {"K": k, "BE": be, "BD": step, "BK": triton.next_power_of_2(k), "SPLITS": splits}
         routing.update(CUDA_EXP=True, PDL=True)
         router = _sm90_compile(
-            fused._router_topk_kernel, routing, router_ptrs, fused.ROUTER_CONFIG["num_warps"]
+            fused._router_topk_kernel, {**routing, "PTX": True}, router_ptrs, fused.ROUTER_CONFIG["num_warps"]
         )
         norm = _sm90_compile(
             fused._rms_norm_kernel,
@@ -3453,6 +3453,7 @@ def test_norm_route_kernel_compiles_for_sm_90_without_spills_and_sums_as_the_two
             for kernel in (compiled, router):
                 reduces = _float_reduces(kernel.asm["ttgir"])
                 assert pairwise <= reduces and ((be, step), 1) not in reduces, (where, reduces)
+                assert "mul.rn.f32" in kernel.asm["ptx"], where  # (products no FMA takes into the sums)
 
 
 @pytest.mark.parametrize(

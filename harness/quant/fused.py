@@ -171,8 +171,14 @@ MOE_FFN_CONFIG: dict[str, bool] = {"int_h": True, "residual": True}
 #   columns (`_pairwise_cols`) and `_router_choose` sums over experts pairwise, so the routing
 #   has the router launch's bits at any warps (tests/test_quant_fused.py checks the sums for
 #   sm_90; a plain tl.sum split 3 experts' rows over two of the norm's 8 warps on an H100).
-# Off until timed: they have run only under Triton's interpreter (the same logits, bit for bit)
-# and compiled for sm_90, never on a GPU.
+# Both off. On an H100 (session 17, benchmarks/results/model_switches.json, bench_model.py
+# --repeats 3 a setting, one run) the graph decode made 198.52 tok/s with "int_out" (and
+# attention's) and 199.85 with "router" against 198.34 without; with both and attention's
+# "int_out" over qkv's one launch, 204.09 against 203.18 (a second run). The GPU tests then
+# failed: the fused launch's routing weights differed from the router launch's in the last bits
+# (a plain tl.sum's order at 3 experts; then, summed pairwise, at every expert count: FMAs can
+# fuse a product into the first additions);
+# `_router_logits` now rounds each product on its own and sums pairwise, not yet run on a GPU.
 NORM_CONFIG: dict[str, bool] = {"int_out": False, "router": False}
 # `harness::qkv`'s decode (1..MATVEC_MAX_ROWS tokens):
 # - "one_launch": where its weights make two runs of different types (`pack_rows`; Mixtral's
@@ -323,8 +329,10 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # rows (its merge at 16 rows spilled 16 registers on sm_90 with the store, none without; at 4
 # and 8 rows none, 141 and 199 registers against 163 and 162); from a larger tile an `_int_x`
 # launch after it makes the form (the merge launch, a row a program, always stores it).
-# Off until timed: it has run only under Triton's interpreter (the same logits, bit for bit) and
-# compiled for sm_90, never on a GPU.
+# Off: timed with NORM_CONFIG's (see there); on an H100 (session 17) the merge launch's form at
+# T=2, group 8, head dim 64 differed from `_int_x` of the stored output in x_sums' and x_scales'
+# last bits, its q the same (made from the row in registers; why those differ from the stored
+# bits is not established); it now makes the form from the stored row, not yet run on a GPU.
 ATTENTION_CONFIG: dict[str, int | str | bool] = {
     "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 32, "dot": "ieee",
     "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64, "int_out": False,
@@ -2224,11 +2232,16 @@ if triton is not None:
         acc = tl.load(part_acc + at[:, None] * BD + d[None, :], mask=spm[:, None], other=0.0)
         total = tl.sum(acc * w[:, None], 0) / tl.sum(l_ * w, 0)
         head = kv * G + r // T
-        tl.store(out_ptr + ((r % T) * G * KV + head) * HD + d, total, mask=d < HD)
+        row = out_ptr + ((r % T) * G * KV + head) * HD + d
+        tl.store(row, total, mask=d < HD)
         if INT_OUT:
+            # from the row as stored: on an H100 (Triton 3.6) the form made from `total` in
+            # registers had x_sums and x_scales other than `_int_x` of the stored row
+            tl.debug_barrier()  # every thread's store is visible to the block
+            stored = tl.load(row, mask=d < HD, other=0.0)
             one = tl.full([1], 0, tl.int64)  # (a tile of one row)
             _int_x_store_rows(
-                tl.reshape(total, (1, BD)), one + r % T, one + head * HD, HD, one == 0, G * KV * HD, xq_ptr,
+                tl.reshape(stored, (1, BD)), one + r % T, one + head * HD, HD, one == 0, G * KV * HD, xq_ptr,
                 xscale_ptr, xsum_ptr, BD,
             )  # fmt: skip
 
@@ -3721,7 +3734,7 @@ if triton is not None:
     def _router_topk_kernel(
         x_ptr, w_ptr, weights_ptr, experts_ptr, part_ptr, counter_ptr, D, E, chunk, min_sum,
         K: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
-        CUDA_EXP: tl.constexpr, PDL: tl.constexpr = False,
+        CUDA_EXP: tl.constexpr, PDL: tl.constexpr = False, PTX: tl.constexpr = False,
     ):  # fmt: skip
         """`harness::router_topk` for token t (program (t, split)): the logits x[t] @ w.T of the E
         experts over the split's `chunk` columns (`_router_logits`), then `_router_partial_done`.
@@ -3733,7 +3746,7 @@ if triton is not None:
         e, em, rows, lo, hi, w = _router_first_step(w_ptr, D, E, split, chunk, BE, BD)
         _pdl_start(PDL)
         x_row = x_ptr + t * D
-        logits = _router_logits(x_row, x_row, x_row, 1.0, rows, em, w, lo, hi, BD, False, False)
+        logits = _router_logits(x_row, x_row, x_row, 1.0, rows, em, w, lo, hi, BD, False, PTX)
         _router_partial_done(
             logits, t, split, e, em, part_ptr, counter_ptr, weights_ptr, experts_ptr, min_sum, K, BK, SPLITS,
             CUDA_EXP,
@@ -3789,7 +3802,9 @@ if triton is not None:
         x_row, r_row, nw_ptr, rms, rows, em, w, lo, hi, BD: tl.constexpr, NORM: tl.constexpr, PTX: tl.constexpr,
     ):  # fmt: skip
         """The partial logits [BE] of columns lo .. hi: x's (at x_row) float32 products with the
-        weight's rows, summed over BD columns a step (pairwise: `_pairwise_cols`), w (`_router_first_step`) the first step's
+        weight's rows (PTX: each rounded on its own, `_mul_rn`: an FMA would fuse a product into
+        the sum's first additions by layout), summed over BD columns a step (pairwise:
+        `_pairwise_cols`), w (`_router_first_step`) the first step's
         columns; each step loads the next step's before it uses this one's. NORM: x is the
         norm's output, made here from its inputs as `_norm_row_store` makes it (x_row + r_row,
         times rms, times the norm's weight at nw_ptr, each rounded on its own: `_mul_rn`), the
@@ -3806,7 +3821,7 @@ if triton is not None:
             w = tl.load(
                 rows + d[None, :], mask=em[:, None] & (d < hi)[None, :], other=0.0, cache_modifier=".cg"
             )
-            logits += _pairwise_cols(this * xs[None, :])
+            logits += _pairwise_cols(_mul_rn(this, xs[None, :], PTX))
         return logits
 
     @triton.jit
@@ -3964,7 +3979,7 @@ def _router_topk_kernel_call(x: torch.Tensor, weight: torch.Tensor, k: int, min_
     with _launch_device(x.device):
         launch(_router_topk_kernel, (t, splits),
             x, weight, weights, experts, part, counters, d, n_experts, run, min_sum, K=k, BE=be, BD=step,
-            BK=_next_pow2(k), SPLITS=splits, CUDA_EXP=not kernels.interpreting(),
+            BK=_next_pow2(k), SPLITS=splits, CUDA_EXP=not kernels.interpreting(), PTX=_ptx(),
             num_warps=ROUTER_CONFIG["num_warps"], num_stages=ROUTER_CONFIG["num_stages"], **pdl_options(x.device),
         )  # fmt: skip
     return weights, experts
