@@ -2087,19 +2087,19 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
     return results
 
 
-# INT_MATVEC_CONFIG "prefetch" (Q4_K, Q5_K "int" reads): 1 each step loads the next super-block's
-# words first, 2 only a gated product's U words so (W's and ungated products as 1)
+# INT_MATVEC_CONFIG "prefetch" (Q4_K, Q5_K, packed Q6_K "int" reads): 1 each step loads the next
+# super-block's words first, 2 only a gated product's U words so (W's and ungated products as 1)
 PREFETCH_SETTINGS = (1, 2)
 
 
 def prefetch_case_count() -> int:
     """How many results `_prefetch_cases` gives."""
-    return 2 * len(INT_X_FORMS) * 2 * len(PREFETCH_SETTINGS)
+    return 3 * len(INT_X_FORMS) * 2 * len(PREFETCH_SETTINGS)
 
 
 def _prefetch_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
-    """`fused._product` through the Q4_K and Q5_K "int" reads with INT_MATVEC_CONFIG "prefetch" 1
-    and 2 against none: the same bits, in every form of INT_X_FORMS (one split and a split per
+    """`fused._product` through the Q4_K, Q5_K and packed Q6_K "int" reads with INT_MATVEC_CONFIG
+    "prefetch" 1 and 2 against none: the same bits, in every form of INT_X_FORMS (one split and a split per
     super-block), x quantized in the kernel and by a launch, x with an outlier and (past one
     row) a NaN or an infinity; and the plan's PREFETCH is the setting."""
     from harness.quant import fused
@@ -2114,7 +2114,7 @@ def _prefetch_cases(device: str, small: bool, rng: np.random.Generator) -> list[
     before = fused.matvec_path, fused.int_x_path
     try:
         fused.matvec_path = "int"
-        for name, layout, cols_small, cols_full, rows in INT_X_WEIGHTS[:2]:
+        for name, layout, cols_small, cols_full, rows in INT_X_WEIGHTS[:3]:
             qtype, cols = GGMLType[name], cols_small if small else cols_full
             code, w, u = _expert_stacks(qtype, layout, rows, cols, n_exp, rng, device)
             cfg = fused.INT_MATVEC_CONFIG[qtype]

@@ -124,13 +124,15 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # their 16 super-blocks a row less ("dense_programs_per_sm" 2: 2 a program, against 1 at 4): in
 # session 12's H100 sweep (not kept) Q4_K 4096 x 4096 took 9.00 us at 2 against 10.34 at 4, the qkv
 # op 16.60 against 18.67 (Q5_K at BN=128: 10.61 against 11.21).
-# "prefetch" (Q4_K, Q5_K; absent: 0, the plain loop): 1, each step of the loop over super-blocks
-# loads the next super-block's weight words before its own arithmetic (a register double
-# buffer: the loads stay outstanding while the step computes, where stages > 1 went through
-# shared memory); 2, a gated product only U's words so (W's in their step: 241 registers a thread
-# for the Q4_K gate/up on sm_90, where 1 spills), an ungated one as 1. The same bits. Not timed
-# on a GPU yet (NOTES-moe.md): on sm_90 the Q4_K down then takes 198 registers, 2 programs an SM
-# (4 without), so its 8 splits make 2 waves ("programs_per_sm" 1: 3 splits, one wave).
+# "prefetch" (Q4_K, Q5_K, packed Q6_K; absent: 0, the plain loop): 1, each step of the loop over
+# super-blocks loads the next super-block's weight words before its own arithmetic (a register
+# double buffer: the loads stay outstanding while the step computes, where stages > 1 went
+# through shared memory); 2, a gated product only U's words so (W's in their step: 241 registers
+# a thread for the Q4_K gate/up on sm_90, where 1 spills), an ungated one as 1. The same bits.
+# Not timed on a GPU yet (NOTES-moe.md). On sm_90 the Q4_K down then takes 198 registers, 2
+# programs an SM (4 without), so its 8 splits make 2 waves ("programs_per_sm" 1: 3 splits, one
+# wave); the packed Q6_K down 94 (64 without), 10 programs an SM, so its 1536 programs
+# ("programs_per_sm" 8) make 1.2 waves ("programs_per_sm" 4: 1024, one wave).
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 0, "dense_programs_per_sm": 2},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
@@ -1322,17 +1324,44 @@ if triton is not None:
         is byte b of ((ql word >> 4(f // 2)) & 0x0F0F0F0F) | (qh word's bits 2f.. moved to
         4..5), ql word 16c + 8(f % 2) + w, qh word 8c + w; sub-block 8c + 2f + h, x block 4c + f.
         The -32 of each value: 32 times the sum of x over the sub-block's 16 values."""
+        words = _q6_k_int_words(wq, roww, sb, n_super, None)
+        return _q6_k_dot_int_words(words, None, wq, roww, sb, n_super, xq, xs, xsum, BN, PTX)
+
+    @triton.jit
+    def _q6_k_int_words(wq, roww, sb, n_super, left):
+        """The ql (even and odd quarters), qh and d words `_q6_k_dot_int` reads of super-block sb
+        of rows roww (left None: all; else only where the int left > 0, zeros elsewhere)."""
         row = roww[:, None, None, None]  # [BN, 1, 1, 1]
         c = tl.arange(0, 2)[None, :, None, None]
         h = tl.arange(0, 2)[None, None, :, None]
         w4 = tl.arange(0, 4)[None, None, None, :]
-        ql_even = tl.load(wq + row + sb * 32 + 16 * c + 4 * h + w4)  # [BN, 2, 2, 4], f = 0, 2
-        ql_odd = tl.load(wq + row + sb * 32 + 16 * c + 8 + 4 * h + w4)  # f = 1, 3
-        qh = tl.load(wq + row + 32 * n_super + sb * 16 + 8 * c + 4 * h + w4)
-        d_word = tl.load(wq + roww + 52 * n_super + sb // 2)  # [BN]
+        ql_even = _load_where(wq + row + sb * 32 + 16 * c + 4 * h + w4, left)  # [BN, 2, 2, 4], f = 0, 2
+        ql_odd = _load_where(wq + row + sb * 32 + 16 * c + 8 + 4 * h + w4, left)  # f = 1, 3
+        qh = _load_where(wq + row + 32 * n_super + sb * 16 + 8 * c + 4 * h + w4, left)
+        d_word = _load_where(wq + roww + 52 * n_super + sb // 2, left)  # [BN]
+        return ql_even, ql_odd, qh, d_word
+
+    @triton.jit
+    def _q6_k_scale_words(wq, roww, sb, n_super, left):
+        """The four scale words [BN] of super-block sb (quarters f = 0..3), as `_q6_k_int_words`."""
+        at = wq + roww + 48 * n_super + sb * 4
+        return (
+            _load_where(at, left),
+            _load_where(at + 1, left),
+            _load_where(at + 2, left),
+            _load_where(at + 3, left),
+        )
+
+    @triton.jit
+    def _q6_k_dot_int_words(
+        words, scales, wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr
+    ):
+        """`_q6_k_dot_int` of the words `_q6_k_int_words` loaded, and the scale words
+        `_q6_k_scale_words` loaded (scales None: each loaded here where it is used)."""
+        ql_even, ql_odd, qh, d_word = words
+        c3, h3 = tl.arange(0, 2)[None, :, None], tl.arange(0, 2)[None, None, :]  # [1, 2, 1], [1, 1, 2]
         d = ((d_word >> (16 * (sb % 2))) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         d = d[:, None, None]
-        c3, h3 = tl.arange(0, 2)[None, :, None], tl.arange(0, 2)[None, None, :]  # [1, 2, 1], [1, 1, 2]
         # x word 8p + 4h + w4 of block 4c + f (f = 2f1 + f0) as axes (c, h, w4, f1, f0, p); the
         # scales of block 4c + f as (c, f1, f0); the sum of sub-block 8c + 2f + h as (c, h, f1, f0)
         x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (2, 2, 2, 2, 2, 4)), (0, 4, 5, 1, 2, 3)))
@@ -1347,7 +1376,10 @@ if triton is not None:
             x_lo_op, x_hi_op = x_lo_f[f][None], x_hi_f[f][None]
             x_scale, x_sum = xs_f[f][None, :, None], xsum_f[f][None]
             dots = tl.sum(_dp4(x_lo_op, x_hi_op, low | high, False, PTX), axis=3)  # [BN, 2, 2]
-            scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None]
+            if scales is None:
+                scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None]
+            else:
+                scale_word = scales[f][:, None, None]
             sc = ((scale_word << (24 - 8 * (2 * c3 + h3))) >> 24).to(tl.float32)  # int8, sign kept
             acc += (d * sc) * (x_scale * dots.to(tl.float32) - 32.0 * x_sum)
         return acc
@@ -1442,7 +1474,37 @@ if triton is not None:
         x_power = tl.load(xpow_ptr + p // x_div) if VEC else 1.0
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
-        if PREFETCH:  # Q4_K/Q5_K int read: each step loads the next super-block's words first
+        if PREFETCH and QT == 14:  # packed Q6_K int read: as below, its words and scale words
+            W_AHEAD6: tl.constexpr = PREFETCH == 1 or not GATED
+            roww = rowb // 4
+            w_next = _q6_k_int_words(w_ptr, roww, first, n_super, None)
+            ws_next = _q6_k_scale_words(w_ptr, roww, first, n_super, None)
+            u_next, us_next = w_next, ws_next  # (ungated: unused)
+            if GATED:
+                u_next = _q6_k_int_words(u_ptr, roww, first, n_super, None)
+                us_next = _q6_k_scale_words(u_ptr, roww, first, n_super, None)
+            for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
+                more = last - 1 - sb
+                if W_AHEAD6:
+                    w_words, w_scales = w_next, ws_next
+                    w_next = _q6_k_int_words(w_ptr, roww, sb + 1, n_super, more)
+                    ws_next = _q6_k_scale_words(w_ptr, roww, sb + 1, n_super, more)
+                else:
+                    w_words = _q6_k_int_words(w_ptr, roww, sb, n_super, None)
+                    w_scales = _q6_k_scale_words(w_ptr, roww, sb, n_super, None)
+                u_words, u_scales = u_next, us_next
+                if GATED:
+                    u_next = _q6_k_int_words(u_ptr, roww, sb + 1, n_super, more)
+                    us_next = _q6_k_scale_words(u_ptr, roww, sb + 1, n_super, more)
+                xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
+                acc_i += _q6_k_dot_int_words(
+                    w_words, w_scales, w_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX
+                )
+                if GATED:
+                    acc_i_u += _q6_k_dot_int_words(
+                        u_words, u_scales, u_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX
+                    )
+        elif PREFETCH:  # Q4_K/Q5_K int read: each step loads the next super-block's words first
             # (PREFETCH 2, gated: only U's, W's loaded in their step: fewer registers)
             SB_WORDS: tl.constexpr = 44 if QT == 13 else 36
             W_AHEAD: tl.constexpr = PREFETCH == 1 or not GATED
@@ -2522,7 +2584,7 @@ def _planned(
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read,
-        "PREFETCH": cfg.get("prefetch", 0) if int_read and qtype in (T.Q4_K, T.Q5_K) else 0,
+        "PREFETCH": cfg.get("prefetch", 0) if int_read and qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 0,
         "INT_X": int_read and int_x == "kernel",
         "PTX": _ptx(),
     }  # fmt: skip
