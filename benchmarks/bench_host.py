@@ -387,7 +387,7 @@ def direct_launch() -> dict:
         "QT": 12, "NP": 2, "GATED": False, "SCALED": False, "PACKED": False, "ROUTED": False, "VEC": True,
         "STAGES": 1, "UNROLL": 1, "BN": 32, "num_warps": 4, "REDUCE": True, "INT": False, "INT_X": False,
         "PTX": True,
-        "RESIDUAL": False, "INT_OUT": False,
+        "RESIDUAL": False, "INT_OUT": False, "PREFETCH": 0,
     }  # fmt: skip
     args = (x, w, w, out, experts, out, out, 4096, 1, 16, 1, 2304, 4096 * 2304, 4096, 1, x, out, out, out)
     args += (torch.zeros(64, dtype=torch.int32), 4096, 1, out, 4096, out, out, out)

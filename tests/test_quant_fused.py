@@ -1999,6 +1999,15 @@ def int_x_case_count() -> int:
     return len(INT_X_WEIGHTS) * len(INT_X_FORMS)
 
 
+def _expert_stacks(qtype, layout: str, rows: int, cols: int, n_exp: int, rng, device: str) -> tuple:
+    """Two random stacks (W and U) of n_exp experts' [rows, cols] weights of `qtype` as the kernels
+    take them in `layout` ("gguf" or "packed"), on `device`: (type code, w, u)."""
+    stacks = [torch.stack([_random_weight(qtype, rows, cols, rng) for _ in range(n_exp)]) for _ in range(2)]
+    prepared = [_prepared(st.reshape(n_exp * rows, -1), qtype, cols, layout) for st in stacks]
+    w, u = (kraw.view(n_exp, rows, -1).to(device) for kraw, _ in prepared)
+    return prepared[0][1], w, u
+
+
 def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
     """`fused._product` through the "int" reads with x quantized in the matrix-vector kernel
     (`int_x_path` "kernel") and by `_int_x`'s launch ("launch"): the same bits, for Q4_K, Q5_K,
@@ -2028,12 +2037,7 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
         fused.matvec_path = "int"
         for name, layout, cols_small, cols_full, rows in INT_X_WEIGHTS:
             qtype, cols = GGMLType[name], cols_small if small else cols_full
-            stacks = [
-                torch.stack([_random_weight(qtype, rows, cols, rng) for _ in range(n_exp)]) for _ in range(2)
-            ]
-            prepared = [_prepared(st.reshape(n_exp * rows, -1), qtype, cols, layout) for st in stacks]
-            code = prepared[0][1]
-            w, u = (kraw.view(n_exp, rows, -1).to(device) for kraw, _ in prepared)
+            code, w, u = _expert_stacks(qtype, layout, rows, cols, n_exp, rng, device)
             cfg = fused.INT_MATVEC_CONFIG[qtype]
             top = INT_X_TOP_PAIRS.get(name, fused.MATVEC_MAX_ROWS) if small else fused.MATVEC_MAX_ROWS
             for gated, routed, out_div, splits in INT_X_FORMS:
@@ -2079,6 +2083,72 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                 })  # fmt: skip
     finally:
         fused._int_x = original
+        fused.matvec_path, fused.int_x_path = before
+    return results
+
+
+# INT_MATVEC_CONFIG "prefetch" (Q4_K, Q5_K, packed Q6_K "int" reads): 1 each step loads the next
+# super-block's words first, 2 only a gated product's U words so (W's and ungated products as 1)
+PREFETCH_SETTINGS = (1, 2)
+
+
+def prefetch_case_count() -> int:
+    """How many results `_prefetch_cases` gives."""
+    return 3 * len(INT_X_FORMS) * 2 * len(PREFETCH_SETTINGS)
+
+
+def _prefetch_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
+    """`fused._product` through the Q4_K, Q5_K and packed Q6_K "int" reads with INT_MATVEC_CONFIG
+    "prefetch" 1 and 2 against none: the same bits, in every form of INT_X_FORMS (one split and a split per
+    super-block), x quantized in the kernel and by a launch, x with an outlier and (past one
+    row) a NaN or an infinity; and the plan's PREFETCH is the setting."""
+    from harness.quant import fused
+    from harness.quant.types import GGMLType
+
+    def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+        a, b = a.cpu(), b.cpu()
+        nan = torch.isnan(a)
+        return torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
+
+    results, n_exp, cycle = [], 3, 0
+    before = fused.matvec_path, fused.int_x_path
+    try:
+        fused.matvec_path = "int"
+        for name, layout, cols_small, cols_full, rows in INT_X_WEIGHTS[:3]:
+            qtype, cols = GGMLType[name], cols_small if small else cols_full
+            code, w, u = _expert_stacks(qtype, layout, rows, cols, n_exp, rng, device)
+            cfg = fused.INT_MATVEC_CONFIG[qtype]
+            saved = dict(cfg)
+            for gated, routed, out_div, splits in INT_X_FORMS:
+                cycle += 1
+                n_pairs = out_div * (cycle % 2 + 1)
+                x, x_div, experts, scale = _pairs_inputs(n_pairs, routed, cols, n_exp, 1e4, rng)
+                if x.shape[0] > 1:
+                    x[-1, int(rng.integers(cols))] = float("nan") if cycle % 2 else float("inf")
+                args = _product_args(x, w, u if gated else None, code, rows, experts, x_div, scale, device)
+                key = fused.split_setting(gated, routed)
+                plan_key = (code, cols, rows, n_pairs, out_div, gated, routed, routed, torch.device(device))
+                try:
+                    cfg[key] = (0 if gated else 1) if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
+                    for path in ("kernel", "launch"):
+                        fused.int_x_path = path
+                        cfg.pop("prefetch", None)
+                        want = fused._product(*args, out_div=out_div)
+                        for setting in PREFETCH_SETTINGS:
+                            cfg["prefetch"] = setting
+                            got = fused._product(*args, out_div=out_div)
+                            plan = fused._matvec_plan(*plan_key)
+                            results.append({
+                                "case": f"prefetch {setting} {name} {'gated' if gated else 'plain'} "
+                                f"{'routed' if routed else 'dense'} out_div={out_div} splits={plan.grid[2]} "
+                                f"pairs={n_pairs} x {path}",
+                                "same_bits": same_bits(got, want),
+                                "planned": plan.options["PREFETCH"],
+                            })  # fmt: skip
+                finally:
+                    cfg.clear()
+                    cfg.update(saved)
+    finally:
         fused.matvec_path, fused.int_x_path = before
     return results
 
@@ -2597,6 +2667,19 @@ def _interpreted_cases(mode: str) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def test_interpreter_int_prefetch_matches_the_plain_loop_bit_for_bit():
+    """INT_MATVEC_CONFIG "prefetch" (the next super-block's words loaded a step ahead) under
+    Triton's interpreter (a subprocess): `_prefetch_cases`, every one the same bits as without it
+    and planned with it."""
+    _check_prefetch(_interpreted_cases("PREFETCH"))
+
+
+def _check_prefetch(results: list[dict]) -> None:
+    assert len(results) == prefetch_case_count()
+    bad = [r["case"] for r in results if not r["same_bits"] or r["planned"] != int(r["case"].split()[1])]
+    assert not bad, bad
+
+
 def _check_int_x_paths(results: list[dict]) -> None:
     assert len(results) == int_x_case_count()
     bad = [r for r in results if r["exact"] is not True]
@@ -3113,6 +3196,7 @@ def test_matvec_split_sums_compile_for_sm_90_without_a_gpu():
         "PTX": True,
         "PDL": False,
         "INT_OUT": False,
+        "PREFETCH": 0,
     }
     for consts in (
         {
@@ -4349,6 +4433,13 @@ def test_cuda_int_x_in_kernel_matches_the_launch_bit_for_bit():
 
 
 @pytest.mark.cuda(real=True)
+def test_cuda_int_prefetch_matches_the_plain_loop_bit_for_bit():
+    """INT_MATVEC_CONFIG "prefetch" on the GPU (PTX dp2a, the compiler's own layouts) at
+    Mixtral-sized rows: `_prefetch_cases`, every one the same bits as without it."""
+    _check_prefetch(_prefetch_cases("cuda", False, np.random.default_rng()))
+
+
+@pytest.mark.cuda(real=True)
 def test_cuda_router_topk_kernel_matches_the_torch_path():
     """`harness::router_topk`'s kernel against the op's torch path on the GPU at Mixtral's
     shapes (`_check_router`: tied rows too, where torch.topk on CUDA chooses the same experts)."""
@@ -4423,6 +4514,8 @@ if __name__ == "__main__":
         print(json.dumps(_router_split_cases(sys.argv[2], np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "INTX":  # only the "int" reads' x paths compared, small shapes
         print(json.dumps(_int_x_path_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
+    elif sys.argv[1] == "PREFETCH":  # only the Q4_K/Q5_K int reads' prefetch against none, small shapes
+        print(json.dumps(_prefetch_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "INT":  # only the "int" reads' cases, small shapes
         print(json.dumps(_int_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "FUSIONS":  # only moe_ffn's decode fusions against their absence, small shapes

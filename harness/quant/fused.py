@@ -124,6 +124,15 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # their 16 super-blocks a row less ("dense_programs_per_sm" 2: 2 a program, against 1 at 4): in
 # session 12's H100 sweep (not kept) Q4_K 4096 x 4096 took 9.00 us at 2 against 10.34 at 4, the qkv
 # op 16.60 against 18.67 (Q5_K at BN=128: 10.61 against 11.21).
+# "prefetch" (Q4_K, Q5_K, packed Q6_K; absent: 0, the plain loop): 1, each step of the loop over
+# super-blocks loads the next super-block's weight words before its own arithmetic (a register
+# double buffer: the loads stay outstanding while the step computes, where stages > 1 went
+# through shared memory); 2, a gated product only U's words so (W's in their step: 241 registers
+# a thread for the Q4_K gate/up on sm_90, where 1 spills), an ungated one as 1. The same bits.
+# Not timed on a GPU yet (NOTES-moe.md). On sm_90 the Q4_K down then takes 198 registers, 2
+# programs an SM (4 without), so its 8 splits make 2 waves ("programs_per_sm" 1: 3 splits, one
+# wave); the packed Q6_K down 94 (64 without), 10 programs an SM, so its 1536 programs
+# ("programs_per_sm" 8) make 1.2 waves ("programs_per_sm" 4: 1024, one wave).
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 0, "dense_programs_per_sm": 2},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
@@ -1242,26 +1251,51 @@ if triton is not None:
         nibbles, sub-block 2g + 1; Q4_K reads them in place, 16 times the value). Q5_K: the
         fifth bit of value 32j + 4w + b (sub-block j) is bit 8b + j of qh word w, moved to bit 4
         of byte b (the high nibbles shifted down first)."""
+        return _q4_k_dot_int_words(_q4_k_int_words(wq, blk, g, w, None, Q5), g, w, xq, xs, xsum, PTX, Q5)
+
+    @triton.jit
+    def _load_where(ptr, left):
+        """tl.load(ptr), or (left an int scalar, not None) only where left > 0, zeros elsewhere
+        (the mask made a tensor of ptr's shape: the interpreter refuses a scalar comparison's)."""
+        if left is None:
+            return tl.load(ptr)
+        else:
+            return tl.load(ptr, mask=tl.zeros(ptr.shape, tl.int32) + left > 0, other=0)
+
+    @triton.jit
+    def _q4_k_int_words(wq, blk, g, w, left, Q5: tl.constexpr = False):
+        """The words `_q4_k_dot_int` reads of the super-blocks at word offsets blk (left None: all;
+        else only where the int left > 0, zeros elsewhere, not read), as the tuple
+        `_q4_k_dot_int_words` takes: its head (words 0..3, the same four for each g), qs words
+        0..3 and 4..7 of each group, and Q5_K's qh words (Q4_K: the head again, unused)."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
         # every operand in the [..., 4 groups, 4 words] tile's layout (the block's scales as
         # [..., 1, 1], x's as [1, ..., 4, 4]): mixing 2-D and 3-D shapes cost layout changes
         # (shared memory and barriers) every iteration
         # the block's words 0..3 loaded as a tile of the same shape (the same four for each g),
         # each taken out of it in its thread: loaded [BN, 1, 1] they came in another layout
-        head = tl.load(wq + blk + 0 * g + w)  # [..., 4, 4]
+        head = _load_where(wq + blk + 0 * g + w, left)  # [..., 4, 4]
+        # words 0..3 and 4..7 of each group as two tiles of one layout: a thread holds all eight
+        # words of its (row, group), so its sums need no other thread
+        first = _load_where(wq + blk + QS + 8 * g + w, left)  # [..., 4, 4]
+        second = _load_where(wq + blk + QS + 4 + 8 * g + w, left)
+        if Q5:  # qh words 0..3 and 4..7, the same for each g
+            qh_first = _load_where(wq + blk + 4 + 0 * g + w, left)
+            qh_second = _load_where(wq + blk + 8 + 0 * g + w, left)
+        else:
+            qh_first, qh_second = head, head
+        return head, first, second, qh_first, qh_second
+
+    @triton.jit
+    def _q4_k_dot_int_words(words, g, w, xq, xs, xsum, PTX: tl.constexpr, Q5: tl.constexpr = False):
+        """`_q4_k_dot_int` of the words `_q4_k_int_words` loaded."""
+        head, first, second, qh_first, qh_second = words
         d_word = tl.sum(tl.where(w == 0, head, 0), axis=-1, keep_dims=True)  # [..., 4, 1]
         d = (d_word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = ((d_word >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         s1 = tl.sum(tl.where(w == 1, head, 0), axis=-1, keep_dims=True)
         s2 = tl.sum(tl.where(w == 2, head, 0), axis=-1, keep_dims=True)
         s3 = tl.sum(tl.where(w == 3, head, 0), axis=-1, keep_dims=True)
-        # words 0..3 and 4..7 of each group as two tiles of one layout: a thread holds all eight
-        # words of its (row, group), so its sums need no other thread
-        first = tl.load(wq + blk + QS + 8 * g + w)  # [..., 4, 4]
-        second = tl.load(wq + blk + QS + 4 + 8 * g + w)
-        if Q5:  # qh words 0..3 and 4..7, the same for each g
-            qh_first = tl.load(wq + blk + 4 + 0 * g + w)
-            qh_second = tl.load(wq + blk + 8 + 0 * g + w)
         # x word 8p + 4s + w of block 2g + h as axes (g, w, s, p, h); the scales and the pairs of
         # sixteens (sub-block j's sum) as (g, h)
         x_h = tl.split(tl.permute(tl.reshape(xq, (4, 2, 2, 2, 4)), (0, 4, 3, 2, 1)))
@@ -1298,17 +1332,44 @@ if triton is not None:
         is byte b of ((ql word >> 4(f // 2)) & 0x0F0F0F0F) | (qh word's bits 2f.. moved to
         4..5), ql word 16c + 8(f % 2) + w, qh word 8c + w; sub-block 8c + 2f + h, x block 4c + f.
         The -32 of each value: 32 times the sum of x over the sub-block's 16 values."""
+        words = _q6_k_int_words(wq, roww, sb, n_super, None)
+        return _q6_k_dot_int_words(words, None, wq, roww, sb, n_super, xq, xs, xsum, BN, PTX)
+
+    @triton.jit
+    def _q6_k_int_words(wq, roww, sb, n_super, left):
+        """The ql (even and odd quarters), qh and d words `_q6_k_dot_int` reads of super-block sb
+        of rows roww (left None: all; else only where the int left > 0, zeros elsewhere)."""
         row = roww[:, None, None, None]  # [BN, 1, 1, 1]
         c = tl.arange(0, 2)[None, :, None, None]
         h = tl.arange(0, 2)[None, None, :, None]
         w4 = tl.arange(0, 4)[None, None, None, :]
-        ql_even = tl.load(wq + row + sb * 32 + 16 * c + 4 * h + w4)  # [BN, 2, 2, 4], f = 0, 2
-        ql_odd = tl.load(wq + row + sb * 32 + 16 * c + 8 + 4 * h + w4)  # f = 1, 3
-        qh = tl.load(wq + row + 32 * n_super + sb * 16 + 8 * c + 4 * h + w4)
-        d_word = tl.load(wq + roww + 52 * n_super + sb // 2)  # [BN]
+        ql_even = _load_where(wq + row + sb * 32 + 16 * c + 4 * h + w4, left)  # [BN, 2, 2, 4], f = 0, 2
+        ql_odd = _load_where(wq + row + sb * 32 + 16 * c + 8 + 4 * h + w4, left)  # f = 1, 3
+        qh = _load_where(wq + row + 32 * n_super + sb * 16 + 8 * c + 4 * h + w4, left)
+        d_word = _load_where(wq + roww + 52 * n_super + sb // 2, left)  # [BN]
+        return ql_even, ql_odd, qh, d_word
+
+    @triton.jit
+    def _q6_k_scale_words(wq, roww, sb, n_super, left):
+        """The four scale words [BN] of super-block sb (quarters f = 0..3), as `_q6_k_int_words`."""
+        at = wq + roww + 48 * n_super + sb * 4
+        return (
+            _load_where(at, left),
+            _load_where(at + 1, left),
+            _load_where(at + 2, left),
+            _load_where(at + 3, left),
+        )
+
+    @triton.jit
+    def _q6_k_dot_int_words(
+        words, scales, wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr
+    ):
+        """`_q6_k_dot_int` of the words `_q6_k_int_words` loaded, and the scale words
+        `_q6_k_scale_words` loaded (scales None: each loaded here where it is used)."""
+        ql_even, ql_odd, qh, d_word = words
+        c3, h3 = tl.arange(0, 2)[None, :, None], tl.arange(0, 2)[None, None, :]  # [1, 2, 1], [1, 1, 2]
         d = ((d_word >> (16 * (sb % 2))) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         d = d[:, None, None]
-        c3, h3 = tl.arange(0, 2)[None, :, None], tl.arange(0, 2)[None, None, :]  # [1, 2, 1], [1, 1, 2]
         # x word 8p + 4h + w4 of block 4c + f (f = 2f1 + f0) as axes (c, h, w4, f1, f0, p); the
         # scales of block 4c + f as (c, f1, f0); the sum of sub-block 8c + 2f + h as (c, h, f1, f0)
         x_lo, x_hi = tl.split(tl.permute(tl.reshape(xq, (2, 2, 2, 2, 2, 4)), (0, 4, 5, 1, 2, 3)))
@@ -1323,7 +1384,10 @@ if triton is not None:
             x_lo_op, x_hi_op = x_lo_f[f][None], x_hi_f[f][None]
             x_scale, x_sum = xs_f[f][None, :, None], xsum_f[f][None]
             dots = tl.sum(_dp4(x_lo_op, x_hi_op, low | high, False, PTX), axis=3)  # [BN, 2, 2]
-            scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None]
+            if scales is None:
+                scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None]
+            else:
+                scale_word = scales[f][:, None, None]
             sc = ((scale_word << (24 - 8 * (2 * c3 + h3))) >> 24).to(tl.float32)  # int8, sign kept
             acc += (d * sc) * (x_scale * dots.to(tl.float32) - 32.0 * x_sum)
         return acc
@@ -1382,7 +1446,7 @@ if triton is not None:
         res_stride, hq_ptr, hscale_ptr, hsum_ptr, QT: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
         GATED: tl.constexpr, SCALED: tl.constexpr, ROUTED: tl.constexpr, VEC: tl.constexpr, PACKED: tl.constexpr,
         STAGES: tl.constexpr, REDUCE: tl.constexpr, INT: tl.constexpr, INT_X: tl.constexpr, PTX: tl.constexpr,
-        UNROLL: tl.constexpr, RESIDUAL: tl.constexpr, INT_OUT: tl.constexpr,
+        UNROLL: tl.constexpr, RESIDUAL: tl.constexpr, INT_OUT: tl.constexpr, PREFETCH: tl.constexpr,
         pid_n, p, split, n_tiles, splits,
     ):  # fmt: skip
         """`_matvec_kernel`'s work for one program: output tile pid_n (of n_tiles), pair p, split
@@ -1418,51 +1482,110 @@ if triton is not None:
         x_power = tl.load(xpow_ptr + p // x_div) if VEC else 1.0
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
-        for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
-            if INT:  # x's super-block once for w and u
+        if PREFETCH and QT == 14:  # packed Q6_K int read: as below, its words and scale words
+            W_AHEAD6: tl.constexpr = PREFETCH == 1 or not GATED
+            roww = rowb // 4
+            w_next = _q6_k_int_words(w_ptr, roww, first, n_super, None)
+            ws_next = _q6_k_scale_words(w_ptr, roww, first, n_super, None)
+            u_next, us_next = w_next, ws_next  # (ungated: unused)
+            if GATED:
+                u_next = _q6_k_int_words(u_ptr, roww, first, n_super, None)
+                us_next = _q6_k_scale_words(u_ptr, roww, first, n_super, None)
+            for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
+                more = last - 1 - sb
+                if W_AHEAD6:
+                    w_words, w_scales = w_next, ws_next
+                    w_next = _q6_k_int_words(w_ptr, roww, sb + 1, n_super, more)
+                    ws_next = _q6_k_scale_words(w_ptr, roww, sb + 1, n_super, more)
+                else:
+                    w_words = _q6_k_int_words(w_ptr, roww, sb, n_super, None)
+                    w_scales = _q6_k_scale_words(w_ptr, roww, sb, n_super, None)
+                u_words, u_scales = u_next, us_next
+                if GATED:
+                    u_next = _q6_k_int_words(u_ptr, roww, sb + 1, n_super, more)
+                    us_next = _q6_k_scale_words(u_ptr, roww, sb + 1, n_super, more)
                 xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
-            if INT and (QT == 12 or QT == 13):  # [BN, 1, 1]: the rows' super-block sb, in words
-                blk = rowb[:, None, None] // 4 + sb * (44 if QT == 13 else 36)
-            if INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
-                acc_i += tl.sum(_q4_k_dot_int(w_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
+                acc_i += _q6_k_dot_int_words(
+                    w_words, w_scales, w_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX
+                )
                 if GATED:
-                    acc_i_u += tl.sum(_q4_k_dot_int(u_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
-            elif INT and QT == 14:  # Q6_K repacked, integer dot products
-                acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
+                    acc_i_u += _q6_k_dot_int_words(
+                        u_words, u_scales, u_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX
+                    )
+        elif PREFETCH:  # Q4_K/Q5_K int read: each step loads the next super-block's words first
+            # (PREFETCH 2, gated: only U's, W's loaded in their step: fewer registers)
+            SB_WORDS: tl.constexpr = 44 if QT == 13 else 36
+            W_AHEAD: tl.constexpr = PREFETCH == 1 or not GATED
+            at = rowb[:, None, None] // 4 + first * SB_WORDS
+            w_next = _q4_k_int_words(w_ptr, at, g3, w3, None, QT == 13)
+            u_next = w_next  # (ungated: unused)
+            if GATED:
+                u_next = _q4_k_int_words(u_ptr, at, g3, w3, None, QT == 13)
+            for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
+                more = last - 1 - sb  # (super-blocks after this one: the next loaded where > 0)
+                at = rowb[:, None, None] // 4 + sb * SB_WORDS
+                if W_AHEAD:
+                    w_words = w_next
+                    w_next = _q4_k_int_words(w_ptr, at + SB_WORDS, g3, w3, more, QT == 13)
+                else:
+                    w_words = _q4_k_int_words(w_ptr, at, g3, w3, None, QT == 13)
+                u_words = u_next
                 if GATED:
-                    acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
-            elif INT:  # Q8_0 repacked, integer dot products
-                acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
+                    u_next = _q4_k_int_words(u_ptr, at + SB_WORDS, g3, w3, more, QT == 13)
+                xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
+                acc_i += tl.sum(_q4_k_dot_int_words(w_words, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
                 if GATED:
-                    acc_i_u += _q8_0_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
-            elif QT == 12 and VEC:  # Q4_K, wide loads
-                acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN)
-                if GATED:
-                    acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN)
-            elif QT == 14 and VEC:  # Q6_K repacked, wide loads
-                acc3 += _q6_k_dot_vec(w_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
-                if GATED:
-                    acc3_u += _q6_k_dot_vec(u_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
-            elif QT == 8 and VEC:  # Q8_0 repacked, wide loads
-                acc3 += _q8_0_dot_vec(w_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
-                if GATED:
-                    acc3_u += _q8_0_dot_vec(u_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
-            elif QT == 13 and VEC:  # Q5_K, wide loads (176-byte blocks are 16-byte aligned)
-                acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN, True)
-                if GATED:
-                    acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN, True)
-            elif QT == 12:  # Q4_K
-                acc += _q4_k_dot(w_ptr, rowb // 4, sb, xp, BN)
-                if GATED:
-                    acc_u += _q4_k_dot(u_ptr, rowb // 4, sb, xp, BN)
-            else:
-                for part in tl.static_range(NP):
-                    w, cols = _tile(w_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
-                    xv = tl.load(xp + cols)
-                    acc += tl.sum(w * xv[None, :], axis=1)
+                    acc_i_u += tl.sum(
+                        _q4_k_dot_int_words(u_words, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2
+                    )
+        else:
+            for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
+                if INT:  # x's super-block once for w and u
+                    xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
+                if INT and (QT == 12 or QT == 13):  # [BN, 1, 1]: the rows' super-block sb, in words
+                    blk = rowb[:, None, None] // 4 + sb * (44 if QT == 13 else 36)
+                if INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
+                    acc_i += tl.sum(_q4_k_dot_int(w_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
                     if GATED:
-                        wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
-                        acc_u += tl.sum(wu * xv[None, :], axis=1)
+                        acc_i_u += tl.sum(
+                            _q4_k_dot_int(u_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2
+                        )
+                elif INT and QT == 14:  # Q6_K repacked, integer dot products
+                    acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
+                    if GATED:
+                        acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
+                elif INT:  # Q8_0 repacked, integer dot products
+                    acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
+                    if GATED:
+                        acc_i_u += _q8_0_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
+                elif QT == 12 and VEC:  # Q4_K, wide loads
+                    acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN)
+                    if GATED:
+                        acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN)
+                elif QT == 14 and VEC:  # Q6_K repacked, wide loads
+                    acc3 += _q6_k_dot_vec(w_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
+                    if GATED:
+                        acc3_u += _q6_k_dot_vec(u_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
+                elif QT == 8 and VEC:  # Q8_0 repacked, wide loads
+                    acc3 += _q8_0_dot_vec(w_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
+                    if GATED:
+                        acc3_u += _q8_0_dot_vec(u_ptr, rowb // 4, sb, n_super, xp, xsum, BN)
+                elif QT == 13 and VEC:  # Q5_K, wide loads (176-byte blocks are 16-byte aligned)
+                    acc3 += _q4_k_dot_vec(w_ptr, rowb // 4, sb, xp, xsum, BN, True)
+                    if GATED:
+                        acc3_u += _q4_k_dot_vec(u_ptr, rowb // 4, sb, xp, xsum, BN, True)
+                elif QT == 12:  # Q4_K
+                    acc += _q4_k_dot(w_ptr, rowb // 4, sb, xp, BN)
+                    if GATED:
+                        acc_u += _q4_k_dot(u_ptr, rowb // 4, sb, xp, BN)
+                else:
+                    for part in tl.static_range(NP):
+                        w, cols = _tile(w_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
+                        xv = tl.load(xp + cols)
+                        acc += tl.sum(w * xv[None, :], axis=1)
+                        if GATED:
+                            wu, _ = _tile(u_ptr, rowb, sb, n_super, QT, PACKED, part, BN, NP, lut_ptr)
+                            acc_u += tl.sum(wu * xv[None, :], axis=1)
         if INT and QT == 8:  # pairwise, in an order no layout changes: x's reads agree bit for bit
             acc, acc_u = _pairwise_rows(acc_i, BN, 8), _pairwise_rows(acc_i_u, BN, 8)
         elif INT:
@@ -1566,6 +1689,7 @@ if triton is not None:
         UNROLL: tl.constexpr = 1,
         RESIDUAL: tl.constexpr = False,
         INT_OUT: tl.constexpr = False,
+        PREFETCH: tl.constexpr = 0,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when ROUTED,
@@ -1596,7 +1720,7 @@ if triton is not None:
             x_ptr, w_ptr, u_ptr, out_ptr, experts_ptr, scale_ptr, lut_ptr, N, n_pairs, n_super, chunk, row_bytes,
             expert_bytes, x_stride, x_div, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, out_div, res_ptr,
             res_stride, hq_ptr, hscale_ptr, hsum_ptr, QT, NP, BN, GATED, SCALED, ROUTED, VEC, PACKED, STAGES, REDUCE,
-            INT, INT_X, PTX, UNROLL, RESIDUAL, INT_OUT,
+            INT, INT_X, PTX, UNROLL, RESIDUAL, INT_OUT, PREFETCH,
             tl.program_id(0), tl.program_id(1), tl.program_id(2), None, None,
         )  # fmt: skip
 
@@ -1626,7 +1750,7 @@ if triton is not None:
                 x_ptr, w_ptr, w_ptr, out_ptr, out_ptr, out_ptr, out_ptr, N, n_pairs, n_super, chunk, row_bytes, 0,
                 x_stride, 1, xsum_ptr, xpow_ptr, part_ptr, counter_ptr, out_stride, 1, out_ptr, 0, out_ptr, out_ptr,
                 out_ptr, QT, NP, BN, False, False, False, False, PACKED, STAGES, REDUCE, True, INT_X, PTX, UNROLL,
-                False, False,
+                False, False, False,
                 pid % tiles, pid // tiles % n_pairs, pid // tiles // n_pairs, tiles, splits,
             )  # fmt: skip
         else:
@@ -1635,7 +1759,7 @@ if triton is not None:
                 x2_ptr, w2_ptr, w2_ptr, out2_ptr, out2_ptr, out2_ptr, out2_ptr, N2, n_pairs, n_super, chunk2,
                 row_bytes2, 0, x2_stride, 1, xsum2_ptr, xpow2_ptr, part2_ptr, counter2_ptr, out_stride, 1, out2_ptr,
                 0, out2_ptr, out2_ptr, out2_ptr, QT2, NP2, BN2, False, False, False, False, PACKED2, STAGES2,
-                REDUCE2, True, INT_X2, PTX, UNROLL2, False, False,
+                REDUCE2, True, INT_X2, PTX, UNROLL2, False, False, False,
                 at % tiles2, at // tiles2 % n_pairs, at // tiles2 // n_pairs, tiles2, splits2,
             )  # fmt: skip
 
@@ -2437,6 +2561,7 @@ def split_setting(gated: bool, routed: bool) -> str:
 # a typo), so that a sweep or benchmarks/with_config.py never times a setting that does nothing.
 MATVEC_SETTING_KEYS = (
     "BN", "num_warps", "stages", "unroll", "programs_per_sm", "gated_programs_per_sm", "dense_programs_per_sm",
+    "prefetch",
 )  # fmt: skip
 
 
@@ -2472,6 +2597,7 @@ def _planned(
         "QT": int(qtype), "NP": PARTS[qtype], "GATED": gated, "SCALED": scaled, "PACKED": packed,
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read,
+        "PREFETCH": cfg.get("prefetch", 0) if int_read and qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 0,
         "INT_X": int_read and int_x == "kernel",
         "PTX": _ptx(),
     }  # fmt: skip
