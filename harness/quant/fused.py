@@ -129,10 +129,11 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # double buffer: the loads stay outstanding while the step computes, where stages > 1 went
 # through shared memory); 2, a gated product only U's words so (W's in their step: 241 registers
 # a thread for the Q4_K gate/up on sm_90, where 1 spills), an ungated one as 1. The same bits.
-# Not timed on a GPU yet (NOTES-moe.md). On sm_90 the Q4_K down then takes 198 registers, 2
-# programs an SM (4 without), so its 8 splits make 2 waves ("programs_per_sm" 1: 3 splits, one
-# wave); the packed Q6_K down 94 (64 without), 10 programs an SM, so its 1536 programs
-# ("programs_per_sm" 8) make 1.2 waves ("programs_per_sm" 4: 1024, one wave).
+# Not timed on a GPU yet (benchmarks/moe_decode_analysis.md, benchmarks/run_moe_prefetch.sh). On
+# sm_90 the Q4_K down then takes 198 registers, 2 programs an SM (4 without), so its 8 splits make
+# 2 waves ("programs_per_sm" 1: 3 splits, one wave); the packed Q6_K down 94 (64 without), 10
+# programs an SM, so its 1536 programs ("programs_per_sm" 8) make 1.2 waves ("programs_per_sm"
+# 4: 1024, one wave).
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 0, "dense_programs_per_sm": 2},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
