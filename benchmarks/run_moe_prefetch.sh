@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# benchmarks/moe_decode_analysis.md's measurements on one GPU machine in one call of at most ~9 minutes: the prefetch
-# switches' bits (the cuda test), moe_ffn at op level at the defaults and under each setting
-# (bench_fused.py through with_config.py, each in its own process, the defaults timed first and
-# last), then the access-pattern probe. Logs and JSON go to OUT.
+# benchmarks/moe_decode_analysis.md's measurements on one GPU machine in one call of at most
+# about 9 minutes: the prefetch switches' bits (the cuda test), moe_ffn at op level at the
+# defaults and under each setting (bench_fused.py through with_config.py, each in its own
+# process, the defaults timed first and last), then the access-pattern probe. Logs and JSON go
+# to OUT.
 #
 #   OUT=/tmp/out bash benchmarks/run_moe_prefetch.sh
 set -o pipefail
