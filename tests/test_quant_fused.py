@@ -2025,11 +2025,6 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
         calls.append(x.shape)
         return original(x)
 
-    def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-        a, b = a.cpu(), b.cpu()
-        nan = torch.isnan(a)
-        return torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
-
     results, cycle, n_exp = [], {1: 0, 2: 0}, 3
     before = fused.matvec_path, fused.int_x_path
     fused._int_x = counted
@@ -2067,7 +2062,7 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                     else:
                         cfg[key] = saved
                 want_splits = 1 if splits == "one" else cols // fused.SUPER
-                bits = same_bits(got["kernel"], got["launch"])
+                bits = _same_bits(got["kernel"], got["launch"])
                 exact = bits and launched == {"kernel": 0, "launch": 1} and plan.grid[2] == want_splits
                 finite = torch.isfinite(got["launch"]) & torch.isfinite(got["kernel"])
                 diff = (got["kernel"] - got["launch"])[finite].double()
@@ -2105,11 +2100,6 @@ def _prefetch_cases(device: str, small: bool, rng: np.random.Generator) -> list[
     from harness.quant import fused
     from harness.quant.types import GGMLType
 
-    def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-        a, b = a.cpu(), b.cpu()
-        nan = torch.isnan(a)
-        return torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
-
     results, n_exp, cycle = [], 3, 0
     before = fused.matvec_path, fused.int_x_path
     try:
@@ -2142,7 +2132,7 @@ def _prefetch_cases(device: str, small: bool, rng: np.random.Generator) -> list[
                                 "case": f"prefetch {setting} {name} {'gated' if gated else 'plain'} "
                                 f"{'routed' if routed else 'dense'} out_div={out_div} splits={plan.grid[2]} "
                                 f"pairs={n_pairs} x {path}",
-                                "same_bits": same_bits(got, want),
+                                "same_bits": _same_bits(got, want),
                                 "planned": plan.options["PREFETCH"],
                             })  # fmt: skip
                 finally:
@@ -2301,8 +2291,10 @@ def _by_expert(weights: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tens
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether float tensors hold the same values, NaN where the other has NaN."""
-    return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+    """Whether float tensors (on any device) hold the same values, NaN where the other has NaN."""
+    a, b = a.cpu(), b.cpu()
+    nan = a.isnan()
+    return bool(torch.equal(nan, b.isnan()) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0)))
 
 
 def _router_cases(device: str, shapes: list, rng: np.random.Generator, rows=ROUTER_ROWS) -> list[dict]:
@@ -3442,18 +3434,22 @@ def _sm90_compile(kernel, consts: dict, pointers: dict, num_warps: int, floats=(
     return triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
 
 
+def _float_reduce_operands(ttgir: str):
+    """Each float32 `tt.reduce` of a compiled kernel's TTGIR (an integer's sum is exact):
+    ((operand shape), axis) and its operand's layout name."""
+    import re
+
+    for chunk in ttgir.split('"tt.reduce"(')[1:]:  # each reduce, up to the next
+        axis = re.match(r"%\w+\) <\{axis = (\d+) : i32\}>", chunk)
+        operand = re.search(r"\}\) : \(tensor<([\dx]+)x(\w+), ([^)]*)>\)", chunk)  # (its body's end)
+        if axis is not None and operand is not None and operand[2] == "f32":
+            yield (tuple(int(n) for n in operand[1].split("x")), int(axis[1])), operand[3]
+
+
 def _float_reduces(ttgir: str) -> set[tuple]:
     """The float32 `tt.reduce`s of a compiled kernel's TTGIR as (operand shape, axis), whatever
     the operand's layout."""
-    import re
-
-    found = set()
-    for chunk in ttgir.split('"tt.reduce"(')[1:]:
-        axis = re.match(r"%\w+\) <\{axis = (\d+) : i32\}>", chunk)
-        operand = re.search(r"\}\) : \(tensor<([\dx]+)xf32, ", chunk)
-        if axis and operand:
-            found.add((tuple(int(n) for n in operand[1].split("x")), int(axis[1])))
-    return found
+    return {key for key, _ in _float_reduce_operands(ttgir)}
 
 
 def _reduce_layouts(ttgir: str) -> dict[tuple, dict]:
@@ -3464,13 +3460,10 @@ def _reduce_layouts(ttgir: str) -> dict[tuple, dict]:
 
     aliases = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*)\}>$", ttgir, re.M))
     found = {}
-    for chunk in ttgir.split('"tt.reduce"(')[1:]:  # each reduce, up to the next
-        axis = re.match(r"%\w+\) <\{axis = (\d+) : i32\}>", chunk)
-        operand = re.search(r"\}\) : \(tensor<([\dx]+)x(\w+), ([^)]*)>\)", chunk)  # (its body's end)
-        if axis is None or operand is None or operand[2] != "f32" or operand[3] not in aliases:
-            continue  # (an integer's sum is exact; a sliced layout's operand: a reduce of a reduce)
-        fields = dict(re.findall(r"(\w+) = \[([\d, ]*)\]", aliases[operand[3]]))
-        key = (tuple(int(n) for n in operand[1].split("x")), int(axis[1]))
+    for key, layout in _float_reduce_operands(ttgir):
+        if layout not in aliases:
+            continue  # (a sliced layout's operand: a reduce of a reduce)
+        fields = dict(re.findall(r"(\w+) = \[([\d, ]*)\]", aliases[layout]))
         found.setdefault(key, {k: [int(n) for n in v.split(",")] for k, v in fields.items()})
     return found
 

@@ -1483,8 +1483,9 @@ if triton is not None:
         x_power = tl.load(xpow_ptr + p // x_div) if VEC else 1.0
         first = split * chunk
         last = tl.minimum(first + chunk, n_super)
+        # W's words loaded a step ahead too (PREFETCH 2, gated: only U's, W's in their step)
+        W_AHEAD: tl.constexpr = PREFETCH == 1 or not GATED
         if PREFETCH and QT == 14:  # packed Q6_K int read: as below, its words and scale words
-            W_AHEAD6: tl.constexpr = PREFETCH == 1 or not GATED
             roww = rowb // 4
             w_next = _q6_k_int_words(w_ptr, roww, first, n_super, None)
             ws_next = _q6_k_scale_words(w_ptr, roww, first, n_super, None)
@@ -1494,7 +1495,7 @@ if triton is not None:
                 us_next = _q6_k_scale_words(u_ptr, roww, first, n_super, None)
             for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
                 more = last - 1 - sb
-                if W_AHEAD6:
+                if W_AHEAD:
                     w_words, w_scales = w_next, ws_next
                     w_next = _q6_k_int_words(w_ptr, roww, sb + 1, n_super, more)
                     ws_next = _q6_k_scale_words(w_ptr, roww, sb + 1, n_super, more)
@@ -1514,9 +1515,7 @@ if triton is not None:
                         u_words, u_scales, u_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX
                     )
         elif PREFETCH:  # Q4_K/Q5_K int read: each step loads the next super-block's words first
-            # (PREFETCH 2, gated: only U's, W's loaded in their step: fewer registers)
             SB_WORDS: tl.constexpr = 44 if QT == 13 else 36
-            W_AHEAD: tl.constexpr = PREFETCH == 1 or not GATED
             at = rowb[:, None, None] // 4 + first * SB_WORDS
             w_next = _q4_k_int_words(w_ptr, at, g3, w3, None, QT == 13)
             u_next = w_next  # (ungated: unused)
