@@ -167,12 +167,13 @@ print(json.dumps(steps))
 
 
 @pytest.mark.slow
-def test_a_fused_decode_step_is_seven_ops_a_layer(tiny_path):
+def test_a_fused_decode_step_is_six_ops_a_layer(tiny_path):
     """On the fused path a decode step is, per layer: the first norm, q/k/v as one product naming
     its three tensors, attention with its cache write, the output product, the residual add with
-    the second norm, routing with the router's product (one op naming the F32 router), and the
-    experts with the second residual add in their op; then the embedding, the final norm and the
-    head: no view, no position or mask bookkeeping, at either kind of position."""
+    the second norm and the routing (NORM_CONFIG "router": one op naming the norm's weight and
+    the F32 router), and the experts with the second residual add in their op; then the
+    embedding, the final norm and the head: no view, no position or mask bookkeeping, at either
+    kind of position."""
     steps = json.loads(_interpreted(_INTERPRETED_STEP, tiny_path))
     for step in steps:
         assert step["verdict"] == "clean"
@@ -183,8 +184,7 @@ def test_a_fused_decode_step_is_seven_ops_a_layer(tiny_path):
             ["layers.1.attn", "harness.qkv.default"],
             ["layers.1.attn", "harness.attention.default"],
             ["layers.1.attn.wo", "harness.qmatmul.default"],
-            ["layers.1.ffn_norm", "harness.add_rms_norm.default"],
-            ["layers.1.moe.router", "harness.router_topk.default"],
+            ["layers.1.ffn_norm", "harness.add_rms_norm_route.default"],
             ["layers.1.moe.experts", "harness.moe_ffn.default"],
         ]
         assert len(events) == 3 + 2 * len(layer), events
@@ -192,8 +192,9 @@ def test_a_fused_decode_step_is_seven_ops_a_layer(tiny_path):
         assert [e[2] for e in events if e[1] == "harness.qkv.default"][1] == [
             f"blk.1.attn_{p}.weight" for p in ("q", "k", "v")
         ]
-        assert [e[2] for e in events if e[1] == "harness.router_topk.default"][1] == [
-            "blk.1.ffn_gate_inp.weight"
+        assert [e[2] for e in events if e[1] == "harness.add_rms_norm_route.default"][1] == [
+            "blk.1.ffn_norm.weight",
+            "blk.1.ffn_gate_inp.weight",
         ]
 
 
@@ -205,6 +206,7 @@ from harness.quant.launch import unbound
 from harness.trace.tracer import Tracer
 model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
 fused.int_x_path = "launch"  # x quantized by a launch of its own, as in the decode graph
+fused.NORM_CONFIG["router"] = False  # (the norm and the router apart: its own test below)
 original = fused.launch
 
 def switched(attention, norms):  # ATTENTION_CONFIG's and NORM_CONFIG's "int_out"
@@ -423,6 +425,7 @@ from harness.quant.launch import unbound
 from harness.trace.tracer import Tracer
 model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
 fused.int_x_path = "launch"  # x quantized by a launch of its own, as in the decode graph
+fused.ATTENTION_CONFIG["int_out"] = False  # (attention's int form: its own test above)
 original = fused.launch
 
 def run(router, norms):  # NORM_CONFIG's "router" and "int_out"

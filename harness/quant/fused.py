@@ -134,10 +134,15 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # 2 waves ("programs_per_sm" 1: 3 splits, one wave); the packed Q6_K down 94 (64 without), 10
 # programs an SM, so its 1536 programs ("programs_per_sm" 8) make 1.2 waves ("programs_per_sm"
 # 4: 1024, one wave).
+# Packed Q6_K takes "prefetch" 1 with "programs_per_sm" 4 (the Q6_K downs and the output head): on
+# an H100 (session 18, .gpu/s18a.sh, `bench_model.py --repeats 3` a setting through with_config.py,
+# one run) the graph decode made 204.03 tok/s against 202.93 and 202.92 at the old setting
+# (programs_per_sm 8, no prefetch), 206.19 against 205.03 with the norms' and attention's switches
+# on; its cuda test passed there. Q4_K's "prefetch" 2 with "programs_per_sm" 1 made 192.60: slower.
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 0, "dense_programs_per_sm": 2},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
-    T.Q6_K: {"BN": 16, "num_warps": 2, "stages": 1, "programs_per_sm": 8},
+    T.Q6_K: {"BN": 16, "num_warps": 2, "stages": 1, "programs_per_sm": 4, "prefetch": 1},
     T.Q8_0: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
 }
 # (Session 15 removed the Q4_K/Q5_K "rows" read, INT_MATVEC_CONFIG "read"/"span": slower on an
@@ -181,15 +186,17 @@ MOE_FFN_CONFIG: dict[str, bool] = {"int_h": True, "residual": True}
 #   columns (`_pairwise_cols`) and `_router_choose` sums over experts pairwise, so the routing
 #   has the router launch's bits at any warps (tests/test_quant_fused.py checks the sums for
 #   sm_90; a plain tl.sum split 3 experts' rows over two of the norm's 8 warps on an H100).
-# Both off. On an H100 (session 17, benchmarks/results/model_switches.json, bench_model.py
+# Both on since session 18. On an H100 (session 17, benchmarks/results/model_switches.json, bench_model.py
 # --repeats 3 a setting, one run) the graph decode made 198.52 tok/s with "int_out" (and
 # attention's) and 199.85 with "router" against 198.34 without; with both and attention's
 # "int_out" over qkv's one launch, 204.09 against 203.18 (a second run). The GPU tests then
 # failed: the fused launch's routing weights differed from the router launch's in the last bits
 # (a plain tl.sum's order at 3 experts; then, summed pairwise, at every expert count: FMAs can
 # fuse a product into the first additions);
-# `_router_logits` now rounds each product on its own and sums pairwise, not yet run on a GPU.
-NORM_CONFIG: dict[str, bool] = {"int_out": False, "router": False}
+# `_router_logits` now rounds each product on its own and sums pairwise. In session 18 the GPU
+# tests passed (17 of `run_gpu.sh`'s TESTS_K, .gpu/s18a.sh), and the graph decode made 205.03
+# tok/s with both and attention's "int_out" against 202.68 and 202.93 without (one run).
+NORM_CONFIG: dict[str, bool] = {"int_out": True, "router": True}
 # `harness::qkv`'s decode (1..MATVEC_MAX_ROWS tokens):
 # - "one_launch": where its weights make two runs of different types (`pack_rows`; Mixtral's
 #   Q4_K_M: q Q4_K, k and v Q8_0 in one buffer) and both are "int" reads, one launch of
@@ -339,13 +346,14 @@ ATTENTION_MAX_ROWS = 32  # queries of one KV head (group * tokens) in one progra
 # rows (its merge at 16 rows spilled 16 registers on sm_90 with the store, none without; at 4
 # and 8 rows none, 141 and 199 registers against 163 and 162); from a larger tile an `_int_x`
 # launch after it makes the form (the merge launch, a row a program, always stores it).
-# Off: timed with NORM_CONFIG's (see there); on an H100 (session 17) the merge launch's form at
+# On since session 18, timed with NORM_CONFIG's (see there). On an H100 (session 17) the merge launch's form at
 # T=2, group 8, head dim 64 differed from `_int_x` of the stored output in x_sums' and x_scales'
 # last bits, its q the same (made from the row in registers; why those differ from the stored
-# bits is not established); it now makes the form from the stored row, not yet run on a GPU.
+# bits is not established); it now makes the form from the stored row, and the GPU tests passed
+# in session 18.
 ATTENTION_CONFIG: dict[str, int | str | bool] = {
     "BS": 32, "num_warps": 4, "num_stages": 2, "merge_warps": 4, "split_min_keys": 32, "dot": "ieee",
-    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64, "int_out": False,
+    "fold_rope": True, "fold_merge_rows": 8, "min_rows": 1, "merge_floats": 64, "int_out": True,
     "int_out_rows": 8,
 }  # fmt: skip
 ATTENTION_TWO_LAUNCHES = {"fold_merge_rows": 0, "min_rows": 16, "split_min_keys": 64}
