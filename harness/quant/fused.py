@@ -620,14 +620,21 @@ def _check_devices(op: str, *tensors: torch.Tensor) -> torch.device:
 
 
 _HAS_GDC = False  # Triton has grid dependency control (set below)
+_HAS_NUM_THREADS = False  # and triton.language.extra.cuda.num_threads
 if triton is not None:
     try:
         import triton.backends.nvidia.compiler  # noqa: F401  (`_pdl_capable` reads its options)
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait, num_threads
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
         _HAS_GDC = True
     except ImportError:  # an older Triton, or one without NVIDIA's backend: _HAS_GDC stays False
         pass
+    try:  # (`_l2_prefetch`'s tile size; apart, so that its absence leaves PDL on)
+        from triton.language.extra.cuda import num_threads
+
+        _HAS_NUM_THREADS = True
+    except ImportError:
+        _HAS_NUM_THREADS = False
 
     @triton.jit
     def _pdl_start(PDL: tl.constexpr):
@@ -2513,7 +2520,7 @@ def _pdl_capable(device: torch.device) -> bool:
 def _bulk_prefetches(device: torch.device) -> bool:
     """Whether `_l2_prefetch` may be compiled for `device`: its PTX (cp.async.bulk.prefetch.L2)
     needs sm_90, as PDL does (`_pdl_capable`); under the interpreter it is a no-op."""
-    return not _ptx() or _pdl_capable(device)
+    return not _ptx() or (_pdl_capable(device) and _HAS_NUM_THREADS)
 
 
 def _launch_device(device: torch.device):
