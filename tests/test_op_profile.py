@@ -237,8 +237,7 @@ def test_a_decode_step_under_the_interpreter_has_every_fused_op_with_its_bytes(t
         "harness::qkv": n,
         "harness::attention": n,
         "harness::qmatmul": n + 1,  # each layer's output product and the head
-        "harness::add_rms_norm": n,
-        "harness::router_topk": n,
+        "harness::add_rms_norm_route": n,  # the second norm with the router (NORM_CONFIG "router")
         "harness::moe_ffn": n,
     }
     assert "aten::add" not in calls  # each layer's second residual add is moe_ffn's

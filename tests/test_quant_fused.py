@@ -1415,8 +1415,9 @@ def _moe_fusion_cases(device: str, small: bool, rng: np.random.Generator) -> lis
 # runs split, at 3 q not, Q6_K's k+v still. On a GPU Mixtral's shapes, where every run splits,
 # and so with neither or one of them split. Each at QKV_TOKENS, with x as the decode graph
 # takes it (`int_x_path` "launch", and given in `_int_x`'s form) and as an eager step ("kernel").
+# (the second small case: q unsplit, k+v split, whatever the settings)
 QKV_ONE_LAUNCH_SMALL = [
-    ("Q4_K", "Q8_0", "Q8_0", 512, 64, 32, ()), ("Q4_K", "Q8_0", "Q8_0", 512, 80, 24, ()),
+    ("Q4_K", "Q8_0", "Q8_0", 512, 64, 32, ()), ("Q4_K", "Q8_0", "Q8_0", 512, 80, 24, ("Q4_K",)),
     ("Q4_K", "Q6_K", "Q6_K", 2048, 64, 16, ()), ("Q4_K", "Q4_K", "Q8_0", 512, 64, 32, ()),
 ]  # fmt: skip
 QKV_ONE_LAUNCH_FULL = [
