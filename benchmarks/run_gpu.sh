@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-10 measurements on one GPU machine, in one run of at most BUDGET seconds (one call of
 # the device tool): the full-size Mixtral-8x7B Q4_K_M file beside llama.cpp's llama-bench, the
-# decode switches that are off until timed, the tracing overhead.
+# decode switches (SETTINGS: the defaults, the old defaults, ...), the tracing overhead.
 #
 #   LLAMA_SRC=.llama OUT=results-dir BUDGET=585 bash benchmarks/run_gpu.sh
 #
@@ -16,7 +16,9 @@
 #    llama-bench (model.json), bench_trace.py (trace.json), profile_decode.py (profile.json).
 # 5. Op level: qkv's one launch and the norm's router both ways (bench_fused.py), the eager decode
 #    step's host time traced and untraced (bench_host.py).
-# Each step is cut to the time left. Logs and JSON go to OUT, with times.txt (when each step
+# SETTINGS_FILE (lines `name|config JSON|test words`) replaces SETTINGS; TEST_S and TEST_RESERVE
+# bound the tests (200 s, cut to leave 400); EXTRAS=0 stops after step 4's bench_model beside
+# llama-bench. Each step is cut to the time left. Logs and JSON go to OUT, with times.txt (when each step
 # ended) and head.txt (each setting's figures, the one chosen); OUT/r.tgz holds them all, renewed
 # after each step (the device tool brings back what is under $OUT even when a run is cut short).
 set -o pipefail
@@ -39,13 +41,12 @@ at() {
 }
 # name|config JSON|words of the tests that must pass for it
 SETTINGS=(
-  'base|{}|qkv two_run'
-  'qkv0|{"QKV_CONFIG": {"one_launch": false}}|'
-  'int|{"ATTENTION_CONFIG": {"int_out": true}, "NORM_CONFIG": {"int_out": true}}|int_form qkv two_run'
-  'route|{"NORM_CONFIG": {"router": true}}|route router qkv two_run'
-  'all|{"ATTENTION_CONFIG": {"int_out": true}, "NORM_CONFIG": {"int_out": true, "router": true}}|int_form qkv two_run route router'
+  'base|{}|int_form qkv two_run route router prefetch'
+  'old|{"ATTENTION_CONFIG": {"int_out": false}, "NORM_CONFIG": {"int_out": false, "router": false}, "INT_MATVEC_CONFIG": {"Q6_K": {"prefetch": 0, "programs_per_sm": 8}}}|qkv two_run'
+  'qkv0|{"QKV_CONFIG": {"one_launch": false}}|int_form route router prefetch'
 )
-TESTS_K=${TESTS_K:-int_form or route or router or qkv or one_launch or moe_ffn_fusions or decode_ops_refuse or fused_decode_at_device or direct_launches or device_error}
+if [ -n "$SETTINGS_FILE" ]; then mapfile -t SETTINGS < <(grep -v '^ *$' "$SETTINGS_FILE"); fi
+TESTS_K=${TESTS_K:-int_form or route or router or prefetch or qkv or one_launch or moe_ffn_fusions or decode_ops_refuse or fused_decode_at_device or direct_launches or device_error}
 
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv | tee "$R/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a "$R/gpu.txt"
@@ -63,7 +64,7 @@ if [ -n "$LLAMA_SRC" ]; then
   echo "build rc=$? at $((SECONDS - T0))" >>"$R/build.txt"; tail -3 /tmp/lbb.log >>"$R/build.txt") &
 fi
 
-timeout "$(t 200 400)" python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_quant_fused.py \
+timeout "$(t "${TEST_S:-200}" "${TEST_RESERVE:-400}")" python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_quant_fused.py \
   tests/test_model_decode.py tests/test_quant_launch.py -k "$TESTS_K" -n 4 >"$R/tests.log" 2>&1
 at tests
 grep -E "^(FAILED|ERROR)|passed|failed" "$R/tests.log" | tail -12
@@ -120,6 +121,7 @@ timeout "$(t 120 150)" env HARNESS_CONFIG="$CFG" python3 benchmarks/with_config.
   --out "$R/model.json" >"$R/model.log" 2>&1
 at model
 grep -h "tokens_per_second_median\|ratio_\|tg128\|pp512\|peak_gpu" "$R/model.json"
+[ "${EXTRAS:-1}" = 0 ] && exit 0
 timeout "$(t 130 45)" env HARNESS_CONFIG="$CFG" python3 benchmarks/with_config.py benchmarks/bench_trace.py \
   --model "$MODEL" --device cuda --decode 128 --repeats 5 --sample-every 16 --host-profile 40 \
   --name mixtral-8x7b-Q4_K_M-cuda-d128 --out "$R/trace.json" >"$R/trace.log" 2>&1
