@@ -14,6 +14,7 @@ import pytest
 from harness import bench
 from harness.errors import UsageError
 from harness.gguf_file import open_gguf
+from harness.quant.types import GGMLType
 from harness.synth import synthesize
 
 # What `llama-bench -o json -p 512 -n 128` prints (fields trimmed to those read, plus a few).
@@ -241,8 +242,9 @@ def test_with_config_changes_fused_settings_and_runs_the_script(tmp_path, monkey
 
 def test_run_gpu_settings_are_switches_fused_has():
     """benchmarks/run_gpu.sh parses (bash -n), and each of its SETTINGS (name|config JSON|test
-    words) names settings dicts and keys that fused has, with values of the default's type: a
-    renamed or misspelt switch would otherwise be timed as the defaults."""
+    words) names settings dicts and keys that fused has, with values of the default's type (a
+    per-type setting: a GGML type the dict has and launch setting keys, ints): a renamed or
+    misspelt switch would otherwise be timed as the defaults."""
     import re
     import subprocess
     from pathlib import Path
@@ -257,4 +259,9 @@ def test_run_gpu_settings_are_switches_fused_has():
     for name, config, _ in settings:
         for table, change in json.loads(config).items():
             for key, value in change.items():
-                assert type(getattr(fused, table)[key]) is type(value), (name, table, key)
+                if isinstance(value, dict):  # as benchmarks/with_config.py applies it
+                    assert GGMLType[key] in getattr(fused, table), (name, table, key)
+                    assert set(value) <= set(fused.MATVEC_SETTING_KEYS), (name, table, key)
+                    assert all(type(v) is int for v in value.values()), (name, table, key)
+                else:
+                    assert type(getattr(fused, table)[key]) is type(value), (name, table, key)
