@@ -131,14 +131,16 @@ def _read_cases(device: str, small: bool, rng) -> list[dict]:
     cfg = fused.INT_MATVEC_CONFIG[Q4]
     saved, before = dict(cfg), (fused.matvec_path, fused.int_x_path)
     shapes = READ_SHAPES_SMALL if small else READ_SHAPES_FULL
+    weights = {}  # per shape: (GGUF stacks, interleaved stacks, code), made on the device once
+    for kind, (rows, cols, n_exp) in shapes.items():
+        stacks = [_q4_k((n_exp,), rows, cols, rng).to(device) for _ in range(2)]
+        with _interleaving():
+            packed = [fused.kernel_weight(st, Q4, cols) for st in stacks]
+        weights[kind] = stacks, [w for w, _ in packed], packed[0][1]
     try:
         for gated, routed, out_div, splits in INT_X_FORMS:
             rows, cols, n_exp = shapes["gate_up" if gated else "down"]
-            stacks = [_q4_k((n_exp,), rows, cols, rng) for _ in range(2)]
-            with _interleaving():
-                packed = [fused.kernel_weight(st, Q4, cols) for st in stacks]
-            code = packed[0][1]
-            stacks, packed = [st.to(device) for st in stacks], [w.to(device) for w, _ in packed]
+            stacks, packed, code = weights["gate_up" if gated else "down"]
             for n_pairs in sorted({out_div, 4}):
                 x, x_div, experts, scale = _pairs_inputs(n_pairs, routed, cols, n_exp, 1e4, rng)
                 gguf = _product_args(x, stacks[0], stacks[1] if gated else None, int(Q4), rows, experts, x_div,

@@ -2774,6 +2774,7 @@ def _planned(
     int_read = _reads_int(code, path)
     vec = not int_read and ((path in ("vec", "int") and qtype in MATVEC_PATH_TYPES) or packed)
     tiles = _ceil_div(out_features, bn) * n_pairs
+    l2_rows = not _interleaved(code)  # `_l2_prefetch` takes a row's super-blocks as one range (GGUF's)
     # Split the rows' super-blocks over programs until the device has enough of them; the
     # partial sums add up in a fixed order (deterministic). A gated product's own key (0: never
     # split), else the setting's; a gated split keeps both sums' partials (`_matvec`).
@@ -2786,9 +2787,7 @@ def _planned(
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read,
         "PREFETCH": cfg.get("prefetch", 0) if int_read and qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 0,
-        "L2_PREFETCH": cfg.get("l2_prefetch", 0)
-        if int_read and not routed and not _interleaved(code) and _bulk_prefetches(device)
-        else 0,  # (`_l2_prefetch` takes a row's super-blocks as one range: GGUF's layout)
+        "L2_PREFETCH": cfg.get("l2_prefetch", 0) if int_read and not routed and l2_rows and _bulk_prefetches(device) else 0,
         "INT_X": int_read and int_x == "kernel",
         "PTX": _ptx(),
     }  # fmt: skip
@@ -3313,9 +3312,10 @@ def _product_dequantized(
 
 
 def _dequantize_packed(raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...]) -> torch.Tensor:
-    """A weight's blocks [..., rows, row_bytes] in `pack`'s layout as float16 values of `shape`,
-    bit for bit `kernels.dequantize(unpack(raw, qtype), qtype, shape, torch.float16)`, in one
-    launch (`_dequant_packed_kernel`) that reads the planes where they are."""
+    """A weight's blocks [..., rows, row_bytes] in `pack`'s layout (Q6_K, Q8_0, interleaved Q4_K)
+    as float16 values of `shape`, bit for bit `kernels.dequantize(unpack(raw, qtype), qtype,
+    shape, torch.float16)`, in one launch (`_dequant_packed_kernel`) that reads the blocks where
+    they are."""
     raw = raw.contiguous()
     out = raw.new_empty(shape, dtype=torch.float16)  # from raw: a tracer sees which weight it is for
     values = shape[-1]
