@@ -117,20 +117,25 @@ def _dequant_cases(device: str, rng) -> list[dict]:
 # (rows, values a row, experts): the interpreter's, and Mixtral-8x7B's gate/up and down
 READ_SHAPES_SMALL = {"gate_up": (64, 512, 3), "down": (32, 768, 3)}
 READ_SHAPES_FULL = {"gate_up": (14336, 4096, 8), "down": (4096, 14336, 8)}
+# (INT_MATVEC_CONFIG "prefetch", `int_x_path`) of each comparison, the interpreter's and a GPU's
+# (fewer: each is a few sm_90 compiles): all at 4 pairs, the first two at fewer
+READ_SETTINGS = tuple((prefetch, int_x) for prefetch in (0, 1, 2) for int_x in ("kernel", "launch"))
+READ_SETTINGS_GPU = ((0, "kernel"), (0, "launch"), (2, "launch"))
 
 
 def _read_cases(device: str, small: bool, rng) -> list[dict]:
     """`fused._product` (decode sizes) of interleaved Q4_K against the GGUF weights' "int" read,
     bit for bit: every form of INT_X_FORMS (gated and not, routed and dense, out_div 1 and 2, one
-    split and a split per super-block) at 1 and 4 pairs with INT_MATVEC_CONFIG "prefetch" 0, 1
-    and 2, x quantized in the kernel and by a launch (the interleaved weight under `matvec_path`
-    "vec": it reads "int" whatever the path)."""
+    split and a split per super-block) at 1 (or 2) and 4 pairs under READ_SETTINGS (on a GPU
+    READ_SETTINGS_GPU) (the interleaved weight under `matvec_path` "vec": it reads "int"
+    whatever the path)."""
     from harness.quant import fused
 
     results = []
     cfg = fused.INT_MATVEC_CONFIG[Q4]
     saved, before = dict(cfg), (fused.matvec_path, fused.int_x_path)
     shapes = READ_SHAPES_SMALL if small else READ_SHAPES_FULL
+    settings = READ_SETTINGS if small else READ_SETTINGS_GPU
     weights = {}  # per shape: (GGUF stacks, interleaved stacks, code), made on the device once
     for kind, (rows, cols, n_exp) in shapes.items():
         stacks = [_q4_k((n_exp,), rows, cols, rng).to(device) for _ in range(2)]
@@ -147,23 +152,22 @@ def _read_cases(device: str, small: bool, rng) -> list[dict]:
                                      scale, device)  # fmt: skip
                 inter = _product_args(x, packed[0], packed[1] if gated else None, code, rows, experts, x_div,
                                       scale, device)  # fmt: skip
-                for prefetch in (0, 1, 2) if n_pairs == 4 or not small else (0,):
+                for prefetch, int_x in settings if n_pairs == 4 else settings[:2]:
                     cfg.clear()
                     cfg.update(saved, prefetch=prefetch)
                     cfg[fused.split_setting(gated, routed)] = (
                         (0 if gated else 1) if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
                     )
-                    for int_x in ("kernel", "launch"):
-                        fused.int_x_path = int_x
-                        fused.matvec_path = "int"
-                        want = fused._product(*gguf, out_div=out_div)
-                        fused.matvec_path = "vec"
-                        got = fused._product(*inter, out_div=out_div)
-                        results.append({
-                            "case": f"read {'gated' if gated else 'plain'} {'routed' if routed else 'dense'} "
-                            f"out_div={out_div} splits={splits} pairs={n_pairs} prefetch={prefetch} x {int_x}",
-                            "same_bits": _same_bits(got, want),
-                        })  # fmt: skip
+                    fused.int_x_path = int_x
+                    fused.matvec_path = "int"
+                    want = fused._product(*gguf, out_div=out_div)
+                    fused.matvec_path = "vec"
+                    got = fused._product(*inter, out_div=out_div)
+                    results.append({
+                        "case": f"read {'gated' if gated else 'plain'} {'routed' if routed else 'dense'} "
+                        f"out_div={out_div} splits={splits} pairs={n_pairs} prefetch={prefetch} x {int_x}",
+                        "same_bits": _same_bits(got, want),
+                    })  # fmt: skip
     finally:
         cfg.clear()
         cfg.update(saved)
@@ -196,7 +200,7 @@ def _qkv_cases(device: str, small: bool, rng) -> list[dict]:
         for kv_type in (GGMLType.Q8_0, Q4):
             types = (Q4, kv_type, kv_type)
             raws = [
-                _random_weight(t, r, cols, rng)
+                _random_weight(t, r, cols, rng).to(device)
                 for t, r in zip(types, (q_rows, kv_rows, kv_rows), strict=True)
             ]
             xs = [torch.randn(t, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
@@ -206,7 +210,7 @@ def _qkv_cases(device: str, small: bool, rng) -> list[dict]:
                 with _interleaving(on):
                     prepared = [fused.kernel_weight(raw, t, cols) for raw, t in zip(raws, types, strict=True)]
                 codes = [c for _, c in prepared]
-                weights = fused.pack_rows([w.to(device) for w, _ in prepared], codes)
+                weights = fused.pack_rows([w for w, _ in prepared], codes)
                 outs.append([])
                 launched.clear()
                 for x in xs:
