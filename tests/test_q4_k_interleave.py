@@ -88,8 +88,7 @@ def test_only_whole_tiles_of_q4_k_are_interleaved_and_only_under_the_switch():
         assert fused.matvec_paths(code) == ("int",)
         assert all(fused._reads_int(code, path) for path in fused.MATVEC_PATHS)
         assert fused.kernel_weight(ragged, Q4, 512)[1] == int(Q4)
-        _, wide_code = fused.kernel_weight(wide, Q4, 512)  # its prefill reads GGUF blocks ("tiled")
-        assert wide_code == int(Q4) | fused.WIDE
+        assert fused.kernel_weight(wide, Q4, 512)[1] == int(Q4) | fused.PACKED | fused.WIDE
 
 
 # -- kernel cases (interpreter or GPU) --------------------------------------------------------------
@@ -226,6 +225,41 @@ def _qkv_cases(device: str, small: bool, rng) -> list[dict]:
     return results
 
 
+def _prefill_cases(device: str, small: bool, rng) -> list[dict]:
+    """`fused._product` past the decode sizes (prefill) of interleaved Q4_K against GGUF's, bit for
+    bit, under each of PREFILL_PATHS: gated routed (moe_ffn's gate/up), routed with scales, dense;
+    and a WIDE weight (values beyond float16: "tiled" in float32 whatever the path)."""
+    from harness.quant import fused
+
+    rows, cols, n_exp = (64, 512, 3) if small else (1024, 4096, 8)
+    n_pairs = fused.MATVEC_MAX_ROWS + 4
+    results, before = [], fused.prefill_path
+    try:
+        for make in (_random_weight, _extreme_weight):
+            stacks = [_q4_k((n_exp,), rows, cols, rng, make).to(device) for _ in range(2)]
+            with _interleaving():
+                packed = [fused.kernel_weight(st, Q4, cols) for st in stacks]
+            code = packed[0][1]
+            for gated, routed in ((True, True), (False, True), (False, False)):
+                x, x_div, experts, scale = _pairs_inputs(n_pairs, routed, cols, n_exp, 10.0, rng)
+                u, u_packed = (stacks[1], packed[1][0]) if gated else (None, None)
+                gguf = _product_args(
+                    x, stacks[0], u, int(Q4) | (code & fused.WIDE), rows, experts, x_div, scale, device
+                )
+                inter = _product_args(x, packed[0][0], u_packed, code, rows, experts, x_div, scale, device)
+                for path in fused.PREFILL_PATHS:
+                    fused.prefill_path = path
+                    results.append({
+                        "case": f"prefill {path} {make.__name__} {'gated' if gated else 'plain'} "
+                        f"{'routed' if routed else 'dense'} code={code}",
+                        "same_bits": _same_bits(fused._product(*inter), fused._product(*gguf)),
+                        "wide": bool(code & fused.WIDE),
+                    })  # fmt: skip
+    finally:
+        fused.prefill_path = before
+    return results
+
+
 def _check(results: list[dict]) -> None:
     assert results and all(r["same_bits"] for r in results), [
         r["case"] for r in results if not r["same_bits"]
@@ -263,6 +297,12 @@ def test_interpreter_dequantizes_interleaved_q4_k_bit_for_bit():
 @pytest.mark.slow
 def test_interpreter_int_read_of_interleaved_q4_k_matches_gguf_bit_for_bit():
     _check(_interpreted_cases("READ"))
+
+
+def test_interpreter_prefill_of_interleaved_q4_k_matches_gguf_bit_for_bit():
+    results = _interpreted_cases("PREFILL")
+    _check(results)
+    assert any(r["wide"] for r in results) and not all(r["wide"] for r in results)
 
 
 def test_interpreter_qkv_with_an_interleaved_q_matches_gguf_bit_for_bit():
@@ -325,7 +365,8 @@ def test_tiny_model_with_interleaved_q4_k_gives_the_same_logits_and_a_clean_trac
 def test_interleaved_q4_k_reads_compile_for_sm_90_with_wide_loads_and_no_spills():
     """The interleaved Q4_K "int" read (moe_ffn's gated gate/up, routed unsplit; its routed,
     split down; a dense product) compiles for an H100 at INT_MATVEC_CONFIG's setting with and
-    without "prefetch": no local memory (spills), dp2a, and its weight words as 128-bit loads."""
+    without "prefetch": no local memory (spills), dp2a, and its weight words as 128-bit loads;
+    and the prefill's dequantization of the layout with vector loads and stores."""
     pytest.importorskip("triton.backends.nvidia")
     from harness.quant import fused
 
@@ -345,6 +386,20 @@ def test_interleaved_q4_k_reads_compile_for_sm_90_with_wide_loads_and_no_spills(
         # per thread and super-block: the head, and each group's two qs chunks, a 16-byte load each
         # (W's and U's when gated)
         assert code.count("LDG.E.128") >= (2 if gated else 1) * 3, (where, code.count("LDG.E.128"))
+    # the prefill's dequantization: the quants' 16-byte chunks load, and the values store, as vectors
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {"raw_ptr": "*u8", "out_ptr": "*fp16", "nblocks": "i64", "n": "i32", "row_bytes": "i32"}
+    source = ASTSource(
+        fn=fused._dequant_packed_kernel,
+        signature={**signature, "QT": "constexpr", "NB": "constexpr"},
+        constexprs={"QT": int(Q4), "NB": 16},
+        attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 4)},
+    )
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4}).asm["ptx"]
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx
 
 
 # -- GPU --------------------------------------------------------------------------------------------------
@@ -360,6 +415,7 @@ def test_cuda_interleaved_q4_k_matches_gguf_bit_for_bit_at_mixtral_shapes():
     rng = np.random.default_rng()
     _check(_dequant_cases("cuda", rng))
     _check(_read_cases("cuda", False, rng))
+    _check(_prefill_cases("cuda", False, rng))
     _check_qkv(_qkv_cases("cuda", False, rng))
 
 
@@ -368,7 +424,9 @@ if __name__ == "__main__":
     from harness.quant import fused  # noqa: F401
 
     mode, device, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    cases = {"DEQUANT": _dequant_cases, "READ": _read_cases, "QKV": _qkv_cases}[mode]
+    cases = {"DEQUANT": _dequant_cases, "READ": _read_cases, "QKV": _qkv_cases, "PREFILL": _prefill_cases}[
+        mode
+    ]
     args = (
         (device, np.random.default_rng(seed))
         if mode == "DEQUANT"

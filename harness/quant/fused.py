@@ -99,11 +99,11 @@ MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q8_0: {"BN": 8, "num_warps": 2, "stages": 1},
 }
 # Which weights `kernel_weight` repacks beyond Q6_K and Q8_0 (always):
-# - "q4_k_interleave": Q4_K weights of out % 32 == 0 rows (not WIDE ones: their prefill reads GGUF
-#   blocks) in tiles of 32 rows, each super-block's nine 16-byte chunks of the tile's rows side by
-#   side (`pack`): a warp whose threads take 32 consecutive rows reads 512 contiguous bytes a load,
-#   where GGUF's 144-byte rows make its loads strided. Only the "int" read knows the layout: such
-#   a weight takes it under every `matvec_path`, its prefill the "dequant" path. On an H100
+# - "q4_k_interleave": Q4_K weights of out % 32 == 0 rows in tiles of 32 rows, each super-block's
+#   nine 16-byte chunks of the tile's rows side by side (`pack`): a warp whose threads take 32
+#   consecutive rows reads 512 contiguous bytes a load, where GGUF's 144-byte rows make its loads
+#   strided. Of the decode reads only "int" knows the layout: such a weight takes it under every
+#   `matvec_path`; the prefill's paths all read it (`_tile`, `_dequantize_packed`). On an H100
 #   (session 18, benchmarks/probe_read_pattern.py, results/read_pattern.json) a pure read of
 #   8x7B's gate/up bytes (132 MB) in the Q4_K int read's order took 65.0 us in GGUF's layout (0.69
 #   of a device copy; the int read itself ~61 us) against 53.7 us interleaved at BN=128/4 warps
@@ -595,8 +595,7 @@ def kernel_weight(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> tuple
     code = int(qtype)
     if _max_magnitude(raw, qtype, in_features) > HALF_MAX:
         code |= WIDE
-    # (a WIDE Q4_K stays GGUF: its prefill takes "tiled", which reads GGUF blocks)
-    if packs(qtype, in_features, raw.shape[-2]) and not (qtype == T.Q4_K and code & WIDE):
+    if packs(qtype, in_features, raw.shape[-2]):
         return pack(raw, qtype), code | PACKED
     return raw, code
 
@@ -781,16 +780,33 @@ if triton is not None:
         return sc, mn
 
     @triton.jit
-    def _tile_q4_k(raw, rowb, sb, P: tl.constexpr):
+    def _interleaved_rows(e, expert_bytes, n, N, row_bytes):
+        """The byte offset of chunk 0 of super-block 0 of rows n (< N; others row 0) of expert e
+        in interleaved Q4_K (`pack`): tiles of 32 rows, a row's chunks 16 bytes apart in its tile."""
+        m = tl.where(n < N, n, 0).to(tl.int64)
+        return e * expert_bytes + (m - m % 32) * row_bytes + (m % 32) * 16
+
+    @triton.jit
+    def _tile_q4_k(raw, rowb, sb, P: tl.constexpr, IL: tl.constexpr = False):
         """Q4_K (d | dmin | scales[12] | qs[128]): part P = nibble P of every qs byte.
-        Tile [BN, 4, 32]: g, i -> value 64g + 32P + i, sub-block j = 2g + P."""
-        blk = rowb[:, None] + sb * 144  # [BN, 1]
+        Tile [BN, 4, 32]: g, i -> value 64g + 32P + i, sub-block j = 2g + P. IL: interleaved
+        (`pack`; rowb each row's chunk 0 of super-block 0, `_interleaved_rows`): block byte k at
+        chunk k // 16, 512 bytes apart, and super-blocks 4608 bytes apart."""
+        blk = rowb[:, None] + sb * (4608 if IL else 144)  # [BN, 1]
         g = tl.arange(0, 4)[None, :]
         i = tl.arange(0, 32)
-        sc, mn = _k_scales(raw, blk, 2 * g + P)  # [BN, 4]
+        sc, mn = _k_scales(raw, blk, 2 * g + P)  # [BN, 4] (bytes 4..15: chunk 0)
         dl = _f16(raw + blk) * sc
         ml = _f16(raw + blk + 2) * mn
-        q = (_byte(raw + blk[:, :, None] + 16 + g[:, :, None] * 32 + i[None, None, :]) >> (4 * P)) & 0xF
+        if IL:  # qs byte 32g + i: chunk 1 + 2g + i // 16
+            at = (
+                blk[:, :, None]
+                + (1 + 2 * g[:, :, None] + i[None, None, :] // 16) * 512
+                + i[None, None, :] % 16
+            )
+            q = (_byte(raw + at) >> (4 * P)) & 0xF
+        else:
+            q = (_byte(raw + blk[:, :, None] + 16 + g[:, :, None] * 32 + i[None, None, :]) >> (4 * P)) & 0xF
         w = dl[:, :, None] * q.to(tl.float32) - ml[:, :, None]
         cols = sb * 256 + 64 * tl.arange(0, 4)[:, None] + 32 * P + i[None, :]
         return w, cols
@@ -928,8 +944,11 @@ if triton is not None:
         NP: tl.constexpr, lut,
     ):  # fmt: skip
         """[BN, CH] dequantized values of part P of super-block sb, and their CH columns of x
-        (PACKED: the rows are in `pack`'s layout, rows of n_super super-blocks)."""
-        if QT == 12:  # Q4_K
+        (PACKED: the rows are in `pack`'s layout, rows of n_super super-blocks; interleaved Q4_K's
+        rowb from `_interleaved_rows`)."""
+        if QT == 12 and PACKED:  # Q4_K, interleaved
+            w, cols = _tile_q4_k(raw, rowb, sb, P, True)
+        elif QT == 12:  # Q4_K
             w, cols = _tile_q4_k(raw, rowb, sb, P)
         elif QT == 14 and PACKED:  # Q6_K, repacked
             w, cols = _tile_q6_k_packed(raw, rowb, sb, n_super, P)
@@ -1597,8 +1616,7 @@ if triton is not None:
         IL: tl.constexpr = QT == 12 and PACKED
         CS: tl.constexpr = 128 if IL else 4
         if IL:
-            m = tl.where(n < N, n, 0).to(tl.int64)
-            rowb = e * expert_bytes + (m - m % 32) * row_bytes + (m % 32) * 16
+            rowb = _interleaved_rows(e, expert_bytes, n, N, row_bytes)
         else:
             rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
         acc = tl.zeros((BN,), dtype=tl.float32)
@@ -1974,7 +1992,10 @@ if triton is not None:
         valid = pairs < tl.where(live, n_pairs, 0)
         xrow = tl.where(valid, pairs // x_div, 0).to(tl.int64)
         n = pid_n * BN + tl.arange(0, BN)
-        rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
+        if QT == 12 and PACKED:
+            rowb = _interleaved_rows(e, expert_bytes, n, N, row_bytes)
+        else:
+            rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         steps = tl.where(live, n_super, 0)
@@ -2873,7 +2894,7 @@ def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs, 
     lut = kernels.iq4_table(x.device) if qtype == T.IQ4_XS else out
     with _launch_device(x.device):
         path = _prefill_path()
-        if (path == "dequant" or _interleaved(code)) and not wide:  # (`_tile` reads GGUF Q4_K)
+        if path == "dequant" and not wide:
             u, scale = (u if gated else None), (scale if scaled else None)
             return _product_dequantized(x, w, u, qtype, out, experts, x_div, scale, packed, routing)
         half = path == "tiled16" and not wide
