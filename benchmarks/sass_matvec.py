@@ -39,7 +39,7 @@ from harness.quant.types import GGMLType, type_size  # noqa: E402
 T = GGMLType
 # (name, type, repacked weight, read: "tile"/"words" (the older reads), "vec" (wide loads, VEC),
 # "int" (integer dot products, INT, x quantized in the kernel: INT_X), "int-launch" (x from
-# `_int_x`'s launch), gated)
+# `_int_x`'s launch), gated). Repacked Q4_K: fused.PACK_CONFIG "q4_k_interleave"'s layout.
 READS = [
     ("Q4_K words", T.Q4_K, False, "words", False),
     ("Q4_K vec", T.Q4_K, False, "vec", False),
@@ -48,6 +48,10 @@ READS = [
     ("Q4_K int gated", T.Q4_K, False, "int", True),
     ("Q4_K int launch", T.Q4_K, False, "int-launch", False),
     ("Q4_K int launch gated", T.Q4_K, False, "int-launch", True),
+    ("Q4_K interleaved int", T.Q4_K, True, "int", False),
+    ("Q4_K interleaved int gated", T.Q4_K, True, "int", True),
+    ("Q4_K interleaved int launch", T.Q4_K, True, "int-launch", False),
+    ("Q4_K interleaved int launch gated", T.Q4_K, True, "int-launch", True),
     ("Q5_K tile", T.Q5_K, False, "tile", False),
     ("Q5_K vec", T.Q5_K, False, "vec", False),
     ("Q5_K vec gated", T.Q5_K, False, "vec", True),

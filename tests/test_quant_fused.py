@@ -2530,8 +2530,8 @@ def _weight_cases(cols: int, small: bool) -> list:
     packed_cols = 2048 if small else 4096
     cases = [(q, cols, "gguf") for q in fused.FUSED_TYPES]
     for q in fused.FUSED_TYPES:
-        width = cols if fused.packs(q, cols) else packed_cols
-        if fused.packs(q, width):
+        width = cols if fused.packs(q, cols, 32) else packed_cols
+        if fused.packs(q, width, 32):
             cases.append((q, width, "packed"))
     return cases
 
@@ -3760,7 +3760,9 @@ def test_kernel_weight_packs_where_rows_align_and_marks_values_beyond_float16():
     odd = _random_weight(q6, 5, 768, rng)  # 3 super-blocks: 630-byte rows, not 16-byte aligned
     same, code = fused.kernel_weight(odd, q6, 768)
     assert same is odd and code == int(q6) and fused.gguf_blocks(same, code) is odd
-    assert not fused.packs(GGMLType.Q4_K, 4096) and fused.packs(q6, 4096) and not fused.packs(q6, 256)
+    assert (
+        not fused.packs(GGMLType.Q4_K, 4096, 32) and fused.packs(q6, 4096, 5) and not fused.packs(q6, 256, 5)
+    )
     huge = _extreme_weight(GGMLType.Q4_K, 5, 256, rng)
     assert fused.kernel_weight(huge, GGMLType.Q4_K, 256)[1] == int(GGMLType.Q4_K) | fused.WIDE
     # largest value 65504 * 127 / 127: exactly float16's largest, not beyond it

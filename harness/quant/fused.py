@@ -98,6 +98,18 @@ MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q6_K: {"BN": 64, "num_warps": 2, "stages": 1},
     T.Q8_0: {"BN": 8, "num_warps": 2, "stages": 1},
 }
+# Which weights `kernel_weight` repacks beyond Q6_K and Q8_0 (always):
+# - "q4_k_interleave": Q4_K weights of out % 32 == 0 rows in tiles of 32 rows, each super-block's
+#   nine 16-byte chunks of the tile's rows side by side (`pack`): a warp whose threads take 32
+#   consecutive rows reads 512 contiguous bytes a load, where GGUF's 144-byte rows make its loads
+#   strided. Of the decode reads only "int" knows the layout: such a weight takes it under every
+#   `matvec_path`; the prefill's paths all read it (`_tile`, `_dequantize_packed`). On an H100
+#   (session 18, benchmarks/probe_read_pattern.py, results/read_pattern.json) a pure read of
+#   8x7B's gate/up bytes (132 MB) in the Q4_K int read's order took 65.0 us in GGUF's layout (0.69
+#   of a device copy; the int read itself ~61 us) against 53.7 us interleaved at BN=128/4 warps
+#   and 46.3 us at BN=32/1 warp (0.96 of copy); the down read (66 MB) 33.8 us against 24.4. The
+#   same bits. Off until timed on a GPU.
+PACK_CONFIG: dict[str, bool] = {"q4_k_interleave": False}
 # Weights in `pack`'s layout.
 PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q6_K: {"BN": 16, "num_warps": 1, "stages": 1, "programs_per_sm": 8},
@@ -421,17 +433,27 @@ def matvec_config(code: int) -> dict[str, int]:
 
 
 def _reads_int(code: int, path: str) -> bool:
-    """Whether `path` reads a weight of `code` with integer dot products."""
+    """Whether `path` reads a weight of `code` with integer dot products (interleaved Q4_K under
+    every path: no other read knows its layout)."""
+    if _interleaved(code):
+        return True
     if path != "int":
         return False
     qtype = code & 0xFF
     return qtype in INT_READ_TYPES and (qtype in MATVEC_PATH_TYPES or bool(code & PACKED))
 
 
+def _interleaved(code: int) -> bool:
+    """Whether a weight of `code` (`kernel_weight`'s) is Q4_K in `pack`'s interleaved layout."""
+    return code & 0xFF == T.Q4_K and bool(code & PACKED)
+
+
 def matvec_paths(code: int) -> tuple[str, ...]:
     """The values of `matvec_path` under which the matrix-vector kernel reads a weight of `qtype`
     code `code` (`kernel_weight`) each its own way, in MATVEC_PATHS' order (one value: the path
     does not matter)."""
+    if _interleaved(code):
+        return ("int",)
     qtype = GGMLType(code & 0xFF)
     reads = {
         "vec",
@@ -465,6 +487,7 @@ def supports_all(weights: list[tuple[GGMLType, torch.device, int]]) -> bool:
 # its blocks may be repacked (`pack`), and its values' range checked. The ops' `qtype` argument
 # says what was done: the GGML type | PACKED | WIDE. This is the one place that decides.
 PACKED = 1 << 8  # the blocks are in `pack`'s layout
+Q4_K_TILE = 32  # rows of a tile of interleaved Q4_K (`pack`)
 WIDE = 1 << 9  # some value is beyond float16's range: prefill keeps the weight in float32 (tiled)
 HALF_MAX = 65504.0
 # Q6_K's 16 int8 scales of a block, as `pack` stores them: index 4f + 2c + h holds GGUF's
@@ -480,12 +503,17 @@ _PLANES: dict[GGMLType, tuple[tuple[int, int, tuple[int, int, int] | None], ...]
 }
 
 
-def packs(qtype: GGMLType, in_features: int) -> bool:
-    """Whether a weight of `qtype` with rows of `in_features` is repacked for the kernels: Q6_K
-    (210-byte blocks) and Q8_0 (34), whose blocks are 2-byte aligned (their bytes do not load as
-    wide words), when their rows are whole multiples of 16 bytes, so that every plane of every
-    row starts 16-byte aligned."""
-    if qtype not in _PLANES or in_features % SUPER:
+def packs(qtype: GGMLType, in_features: int, out_features: int) -> bool:
+    """Whether a weight of `qtype` with `out_features` rows of `in_features` is repacked for the
+    kernels: Q6_K (210-byte blocks) and Q8_0 (34), whose blocks are 2-byte aligned (their bytes do
+    not load as wide words), when their rows are whole multiples of 16 bytes, so that every plane
+    of every row starts 16-byte aligned; Q4_K under PACK_CONFIG "q4_k_interleave" when its rows
+    make whole tiles of 32 (`pack`)."""
+    if in_features % SUPER:
+        return False
+    if qtype == T.Q4_K:
+        return PACK_CONFIG["q4_k_interleave"] and out_features % Q4_K_TILE == 0
+    if qtype not in _PLANES:
         return False
     return in_features // block_size(qtype) * type_size(qtype) % 16 == 0
 
@@ -507,8 +535,13 @@ def _planes(raw: torch.Tensor, qtype: GGMLType):
 def pack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     """Blocks [..., row_bytes] of a type in `_PLANES` in the kernels' layout, the same bytes
     moved: each row becomes planes, one per field, holding that field of all its blocks in
-    turn (Q6_K: ql | qh | scales as `_Q6_K_SCALE_GRID` says | d; Q8_0: qs | d). A new tensor on raw's
-    device, written field by field."""
+    turn (Q6_K: ql | qh | scales as `_Q6_K_SCALE_GRID` says | d; Q8_0: qs | d). Q4_K [..., out,
+    row_bytes] (out % Q4_K_TILE == 0) interleaved: 16-byte chunk c of super-block s of row r at
+    byte (((r // 32) * n_super + s) * 9 + c) * 512 + (r % 32) * 16 of its matrix (leading dims
+    outermost). A new tensor on raw's device, written field by field."""
+    if qtype == T.Q4_K:
+        tiles, order = _q4_k_tiles(raw)
+        return tiles.permute(order).contiguous().view(raw.shape)
     lead, n, size, planes = _planes(raw, qtype)
     blocks = raw.reshape(*lead, n, size)
     out = torch.empty_like(raw)
@@ -522,8 +555,28 @@ def pack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     return out
 
 
+def _q4_k_tiles(raw: torch.Tensor):
+    """Q4_K blocks [..., out, row_bytes] as chunks [..., tile, row, s, c, byte] (16-byte chunk c of
+    super-block s of row `row` of 32-row tile `tile`), and the permutation that takes them to
+    `pack`'s order [..., tile, s, c, row, byte]."""
+    lead, out, n = raw.shape[:-2], raw.shape[-2], raw.shape[-1] // 144
+    if out % Q4_K_TILE or raw.shape[-1] % 144:
+        raise ValueError(
+            f"Q4_K interleaves whole tiles of {Q4_K_TILE} rows of whole blocks, not {tuple(raw.shape)}"
+        )
+    at = len(lead)
+    order = (*range(at), at, at + 2, at + 3, at + 1, at + 4)
+    return raw.reshape(*lead, out // Q4_K_TILE, Q4_K_TILE, n, 9, 16), order
+
+
 def unpack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     """GGUF blocks [..., row_bytes] from `pack`'s layout (a new tensor; bit for bit the original)."""
+    if qtype == T.Q4_K:
+        lead, out, n = raw.shape[:-2], raw.shape[-2], raw.shape[-1] // 144
+        chunks = raw.reshape(*lead, out // Q4_K_TILE, n, 9, Q4_K_TILE, 16)
+        at = len(lead)  # chunk (tile, s, c, row, byte) -> (tile, row, s, c, byte)
+        order = (*range(at), at, at + 3, at + 1, at + 2, at + 4)
+        return chunks.permute(order).contiguous().view(raw.shape)
     lead, n, size, planes = _planes(raw, qtype)
     out = torch.empty_like(raw)
     blocks = out.view(*lead, n, size)
@@ -546,7 +599,7 @@ def kernel_weight(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> tuple
     code = int(qtype)
     if _max_magnitude(raw, qtype, in_features) > HALF_MAX:
         code |= WIDE
-    if packs(qtype, in_features):
+    if packs(qtype, in_features, raw.shape[-2]):
         return pack(raw, qtype), code | PACKED
     return raw, code
 
@@ -731,16 +784,33 @@ if triton is not None:
         return sc, mn
 
     @triton.jit
-    def _tile_q4_k(raw, rowb, sb, P: tl.constexpr):
+    def _interleaved_rows(e, expert_bytes, n, N, row_bytes):
+        """The byte offset of chunk 0 of super-block 0 of rows n (< N; others row 0) of expert e
+        in interleaved Q4_K (`pack`): tiles of 32 rows, a row's chunks 16 bytes apart in its tile."""
+        m = tl.where(n < N, n, 0).to(tl.int64)
+        return e * expert_bytes + (m - m % 32) * row_bytes + (m % 32) * 16
+
+    @triton.jit
+    def _tile_q4_k(raw, rowb, sb, P: tl.constexpr, IL: tl.constexpr = False):
         """Q4_K (d | dmin | scales[12] | qs[128]): part P = nibble P of every qs byte.
-        Tile [BN, 4, 32]: g, i -> value 64g + 32P + i, sub-block j = 2g + P."""
-        blk = rowb[:, None] + sb * 144  # [BN, 1]
+        Tile [BN, 4, 32]: g, i -> value 64g + 32P + i, sub-block j = 2g + P. IL: interleaved
+        (`pack`; rowb each row's chunk 0 of super-block 0, `_interleaved_rows`): block byte k at
+        chunk k // 16, 512 bytes apart, and super-blocks 4608 bytes apart."""
+        blk = rowb[:, None] + sb * (4608 if IL else 144)  # [BN, 1]
         g = tl.arange(0, 4)[None, :]
         i = tl.arange(0, 32)
-        sc, mn = _k_scales(raw, blk, 2 * g + P)  # [BN, 4]
+        sc, mn = _k_scales(raw, blk, 2 * g + P)  # [BN, 4] (bytes 4..15: chunk 0)
         dl = _f16(raw + blk) * sc
         ml = _f16(raw + blk + 2) * mn
-        q = (_byte(raw + blk[:, :, None] + 16 + g[:, :, None] * 32 + i[None, None, :]) >> (4 * P)) & 0xF
+        if IL:  # qs byte 32g + i: chunk 1 + 2g + i // 16
+            at = (
+                blk[:, :, None]
+                + (1 + 2 * g[:, :, None] + i[None, None, :] // 16) * 512
+                + i[None, None, :] % 16
+            )
+            q = (_byte(raw + at) >> (4 * P)) & 0xF
+        else:
+            q = (_byte(raw + blk[:, :, None] + 16 + g[:, :, None] * 32 + i[None, None, :]) >> (4 * P)) & 0xF
         w = dl[:, :, None] * q.to(tl.float32) - ml[:, :, None]
         cols = sb * 256 + 64 * tl.arange(0, 4)[:, None] + 32 * P + i[None, :]
         return w, cols
@@ -878,8 +948,11 @@ if triton is not None:
         NP: tl.constexpr, lut,
     ):  # fmt: skip
         """[BN, CH] dequantized values of part P of super-block sb, and their CH columns of x
-        (PACKED: the rows are in `pack`'s layout, rows of n_super super-blocks)."""
-        if QT == 12:  # Q4_K
+        (PACKED: the rows are in `pack`'s layout, rows of n_super super-blocks; interleaved Q4_K's
+        rowb from `_interleaved_rows`)."""
+        if QT == 12 and PACKED:  # Q4_K, interleaved
+            w, cols = _tile_q4_k(raw, rowb, sb, P, True)
+        elif QT == 12:  # Q4_K
             w, cols = _tile_q4_k(raw, rowb, sb, P)
         elif QT == 14 and PACKED:  # Q6_K, repacked
             w, cols = _tile_q6_k_packed(raw, rowb, sb, n_super, P)
@@ -1319,6 +1392,7 @@ if triton is not None:
         xsum,
         PTX: tl.constexpr,
         Q5: tl.constexpr = False,
+        CS: tl.constexpr = 4,
     ):
         """[..., 4, 1] partial dot products (per group g of two sub-blocks) of the Q4_K (Q5:
         Q5_K) super-blocks at word offsets blk [..., 1, 1] (words, as `_q4_k_dot_vec` reads
@@ -1328,8 +1402,9 @@ if triton is not None:
         64g + 4w + b (low nibbles, sub-block 2g: x block 2g) and 64g + 32 + 4w + b (high
         nibbles, sub-block 2g + 1; Q4_K reads them in place, 16 times the value). Q5_K: the
         fifth bit of value 32j + 4w + b (sub-block j) is bit 8b + j of qh word w, moved to bit 4
-        of byte b (the high nibbles shifted down first)."""
-        return _q4_k_dot_int_words(_q4_k_int_words(wq, blk, g, w, None, Q5), g, w, xq, xs, xsum, PTX, Q5)
+        of byte b (the high nibbles shifted down first). CS: the words from one 16-byte chunk of a
+        block to the next (`_q4_k_int_words`)."""
+        return _q4_k_dot_int_words(_q4_k_int_words(wq, blk, g, w, None, Q5, CS), g, w, xq, xs, xsum, PTX, Q5)
 
     @triton.jit
     def _load_where(ptr, left):
@@ -1341,11 +1416,13 @@ if triton is not None:
             return tl.load(ptr, mask=tl.zeros(ptr.shape, tl.int32) + left > 0, other=0)
 
     @triton.jit
-    def _q4_k_int_words(wq, blk, g, w, left, Q5: tl.constexpr = False):
+    def _q4_k_int_words(wq, blk, g, w, left, Q5: tl.constexpr = False, CS: tl.constexpr = 4):
         """The words `_q4_k_dot_int` reads of the super-blocks at word offsets blk (left None: all;
         else only where the int left > 0, zeros elsewhere, not read), as the tuple
         `_q4_k_dot_int_words` takes: its head (words 0..3, the same four for each g), qs words
-        0..3 and 4..7 of each group, and Q5_K's qh words (Q4_K: the head again, unused)."""
+        0..3 and 4..7 of each group, and Q5_K's qh words (Q4_K: the head again, unused). Block
+        word 4c + i (16-byte chunk c) is at blk + c * CS + i: CS 4 in GGUF's layout, 128 in
+        interleaved Q4_K's (`pack`; blk then its chunk 0)."""
         QS: tl.constexpr = 12 if Q5 else 4  # the first qs word of a block
         # every operand in the [..., 4 groups, 4 words] tile's layout (the block's scales as
         # [..., 1, 1], x's as [1, ..., 4, 4]): mixing 2-D and 3-D shapes cost layout changes
@@ -1355,8 +1432,12 @@ if triton is not None:
         head = _load_where(wq + blk + 0 * g + w, left)  # [..., 4, 4]
         # words 0..3 and 4..7 of each group as two tiles of one layout: a thread holds all eight
         # words of its (row, group), so its sums need no other thread
-        first = _load_where(wq + blk + QS + 8 * g + w, left)  # [..., 4, 4]
-        second = _load_where(wq + blk + QS + 4 + 8 * g + w, left)
+        if CS == 4:
+            first = _load_where(wq + blk + QS + 8 * g + w, left)  # [..., 4, 4]
+            second = _load_where(wq + blk + QS + 4 + 8 * g + w, left)
+        else:  # interleaved Q4_K: qs words 8g + w and 8g + 4 + w in chunks 1 + 2g and 2 + 2g
+            first = _load_where(wq + blk + CS + 2 * CS * g + w, left)
+            second = _load_where(wq + blk + 2 * CS + 2 * CS * g + w, left)
         if Q5:  # qh words 0..3 and 4..7, the same for each g
             qh_first = _load_where(wq + blk + 4 + 0 * g + w, left)
             qh_second = _load_where(wq + blk + 8 + 0 * g + w, left)
@@ -1534,7 +1615,14 @@ if triton is not None:
         e = tl.load(experts_ptr + p).to(tl.int64) if ROUTED else 0
         xp = x_ptr + (p // x_div).to(tl.int64) * x_stride
         n = pid_n * BN + tl.arange(0, BN)
-        rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
+        # interleaved Q4_K (`pack`): rowb is the byte offset of each row's chunk 0 of super-block
+        # 0, a super-block SB_WORDS words on, a chunk CS words on
+        IL: tl.constexpr = QT == 12 and PACKED
+        CS: tl.constexpr = 128 if IL else 4
+        if IL:
+            rowb = _interleaved_rows(e, expert_bytes, n, N, row_bytes)
+        else:
+            rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
         acc = tl.zeros((BN,), dtype=tl.float32)
         acc_u = tl.zeros((BN,), dtype=tl.float32)
         if QT == 14:
@@ -1592,23 +1680,23 @@ if triton is not None:
                         u_words, u_scales, u_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX
                     )
         elif PREFETCH:  # Q4_K/Q5_K int read: each step loads the next super-block's words first
-            SB_WORDS: tl.constexpr = 44 if QT == 13 else 36
+            SB_WORDS: tl.constexpr = 44 if QT == 13 else 1152 if IL else 36
             at = rowb[:, None, None] // 4 + first * SB_WORDS
-            w_next = _q4_k_int_words(w_ptr, at, g3, w3, None, QT == 13)
+            w_next = _q4_k_int_words(w_ptr, at, g3, w3, None, QT == 13, CS)
             u_next = w_next  # (ungated: unused)
             if GATED:
-                u_next = _q4_k_int_words(u_ptr, at, g3, w3, None, QT == 13)
+                u_next = _q4_k_int_words(u_ptr, at, g3, w3, None, QT == 13, CS)
             for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
                 more = last - 1 - sb  # (super-blocks after this one: the next loaded where > 0)
                 at = rowb[:, None, None] // 4 + sb * SB_WORDS
                 if W_AHEAD:
                     w_words = w_next
-                    w_next = _q4_k_int_words(w_ptr, at + SB_WORDS, g3, w3, more, QT == 13)
+                    w_next = _q4_k_int_words(w_ptr, at + SB_WORDS, g3, w3, more, QT == 13, CS)
                 else:
-                    w_words = _q4_k_int_words(w_ptr, at, g3, w3, None, QT == 13)
+                    w_words = _q4_k_int_words(w_ptr, at, g3, w3, None, QT == 13, CS)
                 u_words = u_next
                 if GATED:
-                    u_next = _q4_k_int_words(u_ptr, at + SB_WORDS, g3, w3, more, QT == 13)
+                    u_next = _q4_k_int_words(u_ptr, at + SB_WORDS, g3, w3, more, QT == 13, CS)
                 xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
                 acc_i += tl.sum(_q4_k_dot_int_words(w_words, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
                 if GATED:
@@ -1620,12 +1708,14 @@ if triton is not None:
                 if INT:  # x's super-block once for w and u
                     xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
                 if INT and (QT == 12 or QT == 13):  # [BN, 1, 1]: the rows' super-block sb, in words
-                    blk = rowb[:, None, None] // 4 + sb * (44 if QT == 13 else 36)
+                    blk = rowb[:, None, None] // 4 + sb * (44 if QT == 13 else 1152 if IL else 36)
                 if INT and (QT == 12 or QT == 13):  # Q4_K, Q5_K: integer dot products
-                    acc_i += tl.sum(_q4_k_dot_int(w_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2)
+                    acc_i += tl.sum(
+                        _q4_k_dot_int(w_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13, CS), axis=2
+                    )
                     if GATED:
                         acc_i_u += tl.sum(
-                            _q4_k_dot_int(u_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13), axis=2
+                            _q4_k_dot_int(u_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13, CS), axis=2
                         )
                 elif INT and QT == 14:  # Q6_K repacked, integer dot products
                     acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
@@ -1906,7 +1996,10 @@ if triton is not None:
         valid = pairs < tl.where(live, n_pairs, 0)
         xrow = tl.where(valid, pairs // x_div, 0).to(tl.int64)
         n = pid_n * BN + tl.arange(0, BN)
-        rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
+        if QT == 12 and PACKED:
+            rowb = _interleaved_rows(e, expert_bytes, n, N, row_bytes)
+        else:
+            rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         steps = tl.where(live, n_super, 0)
@@ -2067,10 +2160,12 @@ if triton is not None:
         Q6_K (QT 14): tile rows (block, sub-block j of 16 values), value 16j + i: c = j // 8,
         s = j % 8, nibble s // 4 of ql[64c + 16(s % 4) + i], bits 2(s // 2).. of
         qh[32c + 16(s % 2) + i], scale j at 4f + 2c + h of the scales plane (`_Q6_K_SCALE_GRID`:
-        f = s // 2, h = s % 2); y = (d * sc) * (q - 32). Q8_0 (QT 8): y = qs[i] * d."""
+        f = s // 2, h = s % 2); y = (d * sc) * (q - 32). Q8_0 (QT 8): y = qs[i] * d. Q4_K (QT 12,
+        interleaved): tile rows (block, sub-block j of 32 values), value 32j + i = nibble j % 2 of
+        qs byte 32(j // 2) + i, block byte k in chunk k // 16 (`pack`); y = (d*sc)*q - dmin*m."""
         pid = tl.program_id(0).to(tl.int64)
         SUB: tl.constexpr = 16 if QT == 14 else 32  # values of a tile row
-        ROWS: tl.constexpr = NB * 16 if QT == 14 else NB
+        ROWS: tl.constexpr = NB * 16 if QT == 14 else NB * 8 if QT == 12 else NB
         r = tl.arange(0, ROWS)
         i = tl.arange(0, SUB)
         g = pid * NB + r // (ROWS // NB)  # each tile row's block
@@ -2078,7 +2173,17 @@ if triton is not None:
         g = tl.where(ok, g, nblocks - 1)  # (a tail's rows read the last block, write nothing)
         b = g % n
         row = raw_ptr + (g // n) * row_bytes  # the block's row (16-byte aligned: `packs`)
-        if QT == 14:
+        if QT == 12:
+            m = g // n  # the block's row of the matrix; its chunk 0:
+            blk = raw_ptr + (m - m % 32) * row_bytes + (m % 32) * 16 + b * 4608
+            j = r % 8
+            sc, mn = _k_scales(blk, 0, j)
+            dl = (_f16(blk) * sc)[:, None]
+            ml = (_f16(blk + 2) * mn)[:, None]
+            at = blk + (1 + 2 * (j // 2)) * 512  # qs byte 32(j // 2) + i: chunk 1 + 2(j // 2) + i // 16
+            q = (_byte(at[:, None] + (i // 16) * 512 + i % 16) >> (4 * (j % 2))[:, None]) & 0xF
+            y = dl * q.to(tl.float32) - ml
+        elif QT == 14:
             j = r % 16
             c = j // 8
             s = j % 8
@@ -2092,7 +2197,7 @@ if triton is not None:
         else:
             q = tl.load(row[:, None] + 32 * b[:, None] + i[None, :]).to(tl.int8, bitcast=True)
             y = q.to(tl.float32) * _f16(row + 32 * n + 2 * b)[:, None]
-        out = out_ptr + pid * (NB * 16 * SUB if QT == 14 else NB * SUB)
+        out = out_ptr + pid * (NB * 16 * SUB if QT == 14 else NB * 8 * SUB if QT == 12 else NB * SUB)
         tl.store(out + r[:, None] * SUB + i[None, :], y.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
@@ -2694,6 +2799,7 @@ def _planned(
     int_read = _reads_int(code, path)
     vec = not int_read and ((path in ("vec", "int") and qtype in MATVEC_PATH_TYPES) or packed)
     tiles = _ceil_div(out_features, bn) * n_pairs
+    l2_rows = not _interleaved(code)  # `_l2_prefetch` takes a row's super-blocks as one range (GGUF's)
     # Split the rows' super-blocks over programs until the device has enough of them; the
     # partial sums add up in a fixed order (deterministic). A gated product's own key (0: never
     # split), else the setting's; a gated split keeps both sums' partials (`_matvec`).
@@ -2706,7 +2812,7 @@ def _planned(
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read,
         "PREFETCH": cfg.get("prefetch", 0) if int_read and qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 0,
-        "L2_PREFETCH": cfg.get("l2_prefetch", 0) if int_read and not routed and _bulk_prefetches(device) else 0,
+        "L2_PREFETCH": cfg.get("l2_prefetch", 0) if int_read and not routed and l2_rows and _bulk_prefetches(device) else 0,
         "INT_X": int_read and int_x == "kernel",
         "PTX": _ptx(),
     }  # fmt: skip
@@ -3231,15 +3337,16 @@ def _product_dequantized(
 
 
 def _dequantize_packed(raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...]) -> torch.Tensor:
-    """A weight's blocks [..., rows, row_bytes] in `pack`'s layout as float16 values of `shape`,
-    bit for bit `kernels.dequantize(unpack(raw, qtype), qtype, shape, torch.float16)`, in one
-    launch (`_dequant_packed_kernel`) that reads the planes where they are."""
+    """A weight's blocks [..., rows, row_bytes] in `pack`'s layout (Q6_K, Q8_0, interleaved Q4_K)
+    as float16 values of `shape`, bit for bit `kernels.dequantize(unpack(raw, qtype), qtype,
+    shape, torch.float16)`, in one launch (`_dequant_packed_kernel`) that reads the blocks where
+    they are."""
     raw = raw.contiguous()
     out = raw.new_empty(shape, dtype=torch.float16)  # from raw: a tracer sees which weight it is for
     values = shape[-1]
     nblocks = out.numel() // block_size(qtype)
     if nblocks:
-        nb = 16 if qtype == T.Q6_K else 128  # 4096 values a program, as harness.quant.kernels
+        nb = 16 if qtype in (T.Q6_K, T.Q4_K) else 128  # 4096 values a program, as harness.quant.kernels
         with _launch_device(raw.device):
             launch(_dequant_packed_kernel, (_ceil_div(nblocks, nb),),
                 raw, out, nblocks, values // block_size(qtype), raw.shape[-1], QT=int(qtype), NB=nb, num_warps=4,
