@@ -17,7 +17,8 @@
 # 5. Op level: qkv's one launch and the norm's router both ways (bench_fused.py), the eager decode
 #    step's host time traced and untraced (bench_host.py).
 # SETTINGS_FILE (lines `name|config JSON|test words`) replaces SETTINGS; TEST_S and TEST_RESERVE
-# bound the tests (200 s, cut to leave 400); EXTRAS=0 stops after step 4's bench_model beside
+# bound the tests (200 s, cut to leave 400), SETTINGS_RESERVE the settings (cut to leave 280 s);
+# EXTRAS=0 stops after step 4's bench_model beside
 # llama-bench. Each step is cut to the time left. Logs and JSON go to OUT, with times.txt (when each step
 # ended) and head.txt (each setting's figures, the one chosen); OUT/r.tgz holds them all, renewed
 # after each step (the device tool brings back what is under $OUT even when a run is cut short).
@@ -65,7 +66,7 @@ if [ -n "$LLAMA_SRC" ]; then
 fi
 
 timeout "$(t "${TEST_S:-200}" "${TEST_RESERVE:-400}")" python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_quant_fused.py \
-  tests/test_model_decode.py tests/test_quant_launch.py -k "$TESTS_K" -n 4 >"$R/tests.log" 2>&1
+  tests/test_model_decode.py tests/test_quant_launch.py tests/test_q4_k_interleave.py -k "$TESTS_K" -n 4 >"$R/tests.log" 2>&1
 at tests
 grep -E "^(FAILED|ERROR)|passed|failed" "$R/tests.log" | tail -12
 for _ in $(seq 90); do grep -q "synth rc" "$R/synth.log" && break; sleep 2; done
@@ -74,7 +75,7 @@ cat "$R/synth.log"
 M=(benchmarks/bench_model.py --model "$MODEL" --repeats 3)
 for s in "${SETTINGS[@]}"; do
   IFS='|' read -r name cfg _ <<<"$s"
-  timeout "$(t 50 280)" env HARNESS_CONFIG="$cfg" python3 benchmarks/with_config.py "${M[@]}" \
+  timeout "$(t 50 "${SETTINGS_RESERVE:-280}")" env HARNESS_CONFIG="$cfg" python3 benchmarks/with_config.py "${M[@]}" \
     --out "$R/model_$name.json" >"$R/model_$name.log" 2>&1
   at "model_$name"
   [ -s "$R/model_$name.json" ] || tail -5 "$R/model_$name.log"
