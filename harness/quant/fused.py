@@ -108,8 +108,13 @@ MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 #   8x7B's gate/up bytes (132 MB) in the Q4_K int read's order took 65.0 us in GGUF's layout (0.69
 #   of a device copy; the int read itself ~61 us) against 53.7 us interleaved at BN=128/4 warps
 #   and 46.3 us at BN=32/1 warp (0.96 of copy); the down read (66 MB) 33.8 us against 24.4. The
-#   same bits. Off until timed on a GPU.
-PACK_CONFIG: dict[str, bool] = {"q4_k_interleave": False}
+#   same bits. On: on an H100 (session 18, `benchmarks/run_gpu.sh` with SETTINGS_FILE, one run;
+#   `bench_model.py --repeats 3` a setting through with_config.py) the graph decode made 229.16
+#   and 229.15 tok/s with it against 205.93 without (prefill 4,447 against 4,514: 0.985x); with
+#   Q4_K's "prefetch" 2 227.71, at BN=64 with 2 warps 228.33, with "stages" 2 113.16. Beside
+#   llama-bench on the same machine right after: 229.19 against 185.69 (1.234x), prefill
+#   4,452 against 3,970 (1.121x); its cuda test passed there.
+PACK_CONFIG: dict[str, bool] = {"q4_k_interleave": True}
 # Weights in `pack`'s layout.
 PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q6_K: {"BN": 16, "num_warps": 1, "stages": 1, "programs_per_sm": 8},
