@@ -42,12 +42,12 @@ at() {
 }
 # name|config JSON|words of the tests that must pass for it
 SETTINGS=(
-  'base|{}|int_form qkv two_run route router prefetch'
-  'old|{"ATTENTION_CONFIG": {"int_out": false}, "NORM_CONFIG": {"int_out": false, "router": false}, "INT_MATVEC_CONFIG": {"Q6_K": {"prefetch": 0, "programs_per_sm": 8}}}|qkv two_run'
-  'qkv0|{"QKV_CONFIG": {"one_launch": false}}|int_form route router prefetch'
+  'base|{}|interleave int_form qkv two_run route router prefetch'
+  'gguf|{"PACK_CONFIG": {"q4_k_interleave": false}}|int_form qkv two_run route router prefetch'
+  'old|{"PACK_CONFIG": {"q4_k_interleave": false}, "ATTENTION_CONFIG": {"int_out": false}, "NORM_CONFIG": {"int_out": false, "router": false}, "INT_MATVEC_CONFIG": {"Q6_K": {"prefetch": 0, "programs_per_sm": 8}}}|qkv two_run'
 )
 if [ -n "$SETTINGS_FILE" ]; then mapfile -t SETTINGS < <(grep -v '^ *$' "$SETTINGS_FILE"); fi
-TESTS_K=${TESTS_K:-int_form or route or router or prefetch or qkv or one_launch or moe_ffn_fusions or decode_ops_refuse or fused_decode_at_device or direct_launches or device_error}
+TESTS_K=${TESTS_K:-interleave or int_form or route or router or prefetch or qkv or one_launch or moe_ffn_fusions or decode_ops_refuse or fused_decode_at_device or direct_launches or device_error}
 
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv | tee "$R/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a "$R/gpu.txt"
