@@ -106,7 +106,6 @@ def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
         "INT": int_read, "INT_X": int_x, "PTX": True,
         "RESIDUAL": False, "INT_OUT": False,
         "PREFETCH": cfg.get("prefetch", 0) if int_read and qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 0,
-        "L2_PREFETCH": cfg.get("l2_prefetch", 0) if int_read else 0,
     }  # fmt: skip
     names = fused._matvec_kernel.arg_names
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}

@@ -2144,110 +2144,6 @@ def _prefetch_cases(device: str, small: bool, rng: np.random.Generator) -> list[
     return results
 
 
-# INT_MATVEC_CONFIG "l2_prefetch" (a one-weight product's programs ask the first S super-blocks
-# of their rows into L2 before their PDL wait): the products (type, layout, gated, splits "one"
-# or "many", rows, cols small, cols full; the interpreter takes the first three), the settings
-# S (a few super-blocks, and more than a program's range: clipped to it), and qkv's one launch.
-L2_PREFETCH_FORMS = (
-    ("Q4_K", "gguf", True, "one", (19, 512), (14336, 4096)),
-    ("Q5_K", "gguf", False, "many", (19, 512), (4096, 4096)),
-    ("Q6_K", "packed", False, "one", (9, 2048), (4096, 14336)),
-    ("Q8_0", "packed", False, "many", (21, 512), (1024, 4096)),
-)
-L2_PREFETCH_SETTINGS = (2, 64)
-
-
-def _l2_prefetch_cases(device: str, small: bool, rng: np.random.Generator) -> list[dict]:
-    """`fused._product` through the "int" reads (L2_PREFETCH_FORMS, one pair; on a GPU also 4
-    pairs) and `harness::qkv` in one launch (Q4_K q, Q8_0 k and v: `_matvec_two_runs_kernel`)
-    with INT_MATVEC_CONFIG "l2_prefetch" at each of L2_PREFETCH_SETTINGS against without it: the
-    same bits, and the plans' L2_PREFETCH the setting ("planned" against "want"), but 0 for a
-    routed product (its rows follow the router's output)."""
-    from harness.quant import fused
-    from harness.quant.launch import unbound
-    from harness.quant.types import GGMLType
-
-    results, dev = [], torch.device(device)
-    before = fused.matvec_path, fused.int_x_path
-    saved = {q: dict(cfg) for q, cfg in fused.INT_MATVEC_CONFIG.items()}
-    try:
-        fused.matvec_path, fused.int_x_path = "int", "launch"
-        for name, layout, gated, splits, shape_small, shape_full in L2_PREFETCH_FORMS[: 3 if small else None]:
-            qtype, (rows, cols) = GGMLType[name], shape_small if small else shape_full
-            code, w, u = _expert_stacks(qtype, layout, rows, cols, 1, rng, device)
-            cfg = fused.INT_MATVEC_CONFIG[qtype]
-            if small or splits == "many":  # (a GPU's "one": the setting as configured)
-                cfg[fused.split_setting(gated, False)] = (0 if gated else 1) if splits == "one" else 1 << 12
-            for n_pairs in (1,) if small else (1, 4):
-                x, _, _, _ = _pairs_inputs(n_pairs, False, cols, 1, 1e4, rng)
-                args = _product_args(x, w, u if gated else None, code, rows, None, 1, None, device)
-                cfg.pop("l2_prefetch", None)
-                want = fused._product(*args)
-                for setting in L2_PREFETCH_SETTINGS:
-                    cfg["l2_prefetch"] = setting
-                    got = fused._product(*args)
-                    plan = fused._matvec_plan(code, cols, rows, n_pairs, 1, gated, False, False, dev)
-                    results.append({
-                        "case": f"l2_prefetch {setting} {name} {'gated' if gated else 'plain'} "
-                        f"splits={plan.grid[2]} pairs={n_pairs}",
-                        "same_bits": _same_bits(got, want), "planned": plan.options["L2_PREFETCH"], "want": setting,
-                    })  # fmt: skip
-                    routed = fused._matvec_plan(code, cols, rows, 2, 1, gated, True, True, dev)
-                    results.append({
-                        "case": f"l2_prefetch {setting} {name} routed: none", "same_bits": True,
-                        "planned": routed.options["L2_PREFETCH"], "want": 0,
-                    })  # fmt: skip
-        cols, q_rows, kv_rows = (512, 64, 32) if small else (4096, 4096, 1024)
-        types = (GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.Q8_0)
-        prepared = [
-            _prepared(_random_weight(q, r, cols, rng), q, cols, "packed" if q == GGMLType.Q8_0 else "gguf")
-            for q, r in zip(types, (q_rows, kv_rows, kv_rows), strict=True)
-        ]
-        codes = [c for _, c in prepared]
-        weights = fused.pack_rows([kw.to(device) for kw, _ in prepared], codes)
-        seed = int(rng.integers(1 << 30))
-        x = torch.randn(1, cols, generator=torch.Generator().manual_seed(seed)).to(device)
-        for q in types:
-            fused.INT_MATVEC_CONFIG[q].pop("l2_prefetch", None)
-        want = torch.ops.harness.qkv(x, *weights, *codes).cpu()
-        original, launched = fused.launch, []
-
-        def counted(kernel, *a, **kw):
-            launched.append(kernel)
-            return original(kernel, *a, **kw)
-
-        for setting in L2_PREFETCH_SETTINGS:
-            for q in types:
-                fused.INT_MATVEC_CONFIG[q]["l2_prefetch"] = setting
-            launched.clear()
-            fused.launch = counted
-            try:
-                got = torch.ops.harness.qkv(x, *weights, *codes).cpu()
-            finally:
-                fused.launch = original
-            plans = [fused._matvec_plan(c, cols, r, 1, 1, False, False, False, dev) for c, r in
-                     ((codes[0], q_rows), (codes[2], 2 * kv_rows))]  # fmt: skip
-            one_launch = fused._matvec_two_runs_kernel in [unbound(k, {})[0] for k in launched]
-            results.append({
-                "case": f"l2_prefetch {setting} qkv one launch Q4_K/Q8_0 D={cols} (one launch {one_launch})",
-                "same_bits": _same_bits(got, want) and one_launch,
-                "planned": [plan.options["L2_PREFETCH"] for plan in plans], "want": [setting, setting],
-            })  # fmt: skip
-    finally:
-        for q, cfg in saved.items():
-            fused.INT_MATVEC_CONFIG[q].clear()
-            fused.INT_MATVEC_CONFIG[q].update(cfg)
-        fused.matvec_path, fused.int_x_path = before
-    return results
-
-
-def _check_l2_prefetch(results: list[dict], small: bool) -> None:
-    forms = len(L2_PREFETCH_FORMS[: 3 if small else None]) * (1 if small else 2)
-    assert len(results) == len(L2_PREFETCH_SETTINGS) * (2 * forms + 1)
-    bad = [r for r in results if not r["same_bits"] or r["planned"] != r["want"]]
-    assert not bad, bad
-
-
 def _pairs_inputs(
     n_pairs: int, routed: bool, cols: int, n_exp: int, outlier: float, rng: np.random.Generator
 ):
@@ -2771,13 +2667,6 @@ def test_interpreter_int_prefetch_matches_the_plain_loop_bit_for_bit():
     _check_prefetch(_interpreted_cases("PREFETCH"))
 
 
-def test_interpreter_l2_prefetch_keeps_the_bits():
-    """INT_MATVEC_CONFIG "l2_prefetch" under Triton's interpreter (a subprocess; the prefetch
-    itself a no-op there): `_l2_prefetch_cases`, every one the same bits as without it and
-    planned with it (none for a routed product)."""
-    _check_l2_prefetch(_interpreted_cases("L2_PREFETCH"), small=True)
-
-
 def _check_prefetch(results: list[dict]) -> None:
     assert len(results) == prefetch_case_count()
     bad = [r["case"] for r in results if not r["same_bits"] or r["planned"] != int(r["case"].split()[1])]
@@ -3027,10 +2916,9 @@ def test_int_reads_compile_for_sm_90_with_dp2a_and_no_spills_without_a_gpu():
 QKV_SM_90_PAIRS = (("Q4_K", "Q8_0"), ("Q4_K", "Q6_K"))
 
 
-def _two_runs_sm_90(names: tuple[str, str], reduce: bool, int_x: bool, l2_prefetch: int = 0):
+def _two_runs_sm_90(names: tuple[str, str], reduce: bool, int_x: bool):
     """`_matvec_two_runs_kernel` for the runs of types `names` (INT_MATVEC_CONFIG's settings, as
-    `_matvec_two_runs` binds them; each run's L2_PREFETCH `l2_prefetch`) compiled for sm_90 under
-    PDL: (compiled, num_warps)."""
+    `_matvec_two_runs` binds them) compiled for sm_90 under PDL: (compiled, num_warps)."""
     from harness.quant import fused
     from harness.quant.types import GGMLType
 
@@ -3041,7 +2929,6 @@ def _two_runs_sm_90(names: tuple[str, str], reduce: bool, int_x: bool, l2_prefet
         run = {
             "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": cfg["BN"], "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
             "STAGES": cfg["stages"], "UNROLL": cfg.get("unroll", 1), "REDUCE": reduce, "INT_X": int_x,
-            "L2_PREFETCH": l2_prefetch,
         }  # fmt: skip
         consts |= {key + end: value for key, value in run.items()}
         warps = max(warps, cfg["num_warps"])
@@ -3085,66 +2972,6 @@ def test_qkv_two_runs_kernel_compiles_for_sm_90_with_dp2a_and_no_spills_without_
         assert code.count("IDP.2A") >= sum(128 * bn // (32 * warps) for bn in bns), where
         usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
         print(where, f"num_warps={warps}", re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage)[0])
-
-
-# The ranges of a row `_l2_prefetch` asks for, per matrix: Q4_K and Q5_K one (GGUF's blocks),
-# packed Q6_K four (its planes ql, qh, scales, d), packed Q8_0 two (qs, d).
-L2_PREFETCH_RANGES = {"Q4_K": 1, "Q5_K": 1, "Q6_K": 4, "Q8_0": 2}
-
-
-@pytest.mark.slow
-def test_l2_prefetch_compiles_for_sm_90_before_the_wait_without_a_gpu():
-    """INT_MATVEC_CONFIG "l2_prefetch" (`_l2_prefetch`) compiled for sm_90 under PDL, x from
-    `_int_x`: in `_matvec_kernel`'s one-weight "int" reads (each type at its setting, Q4_K gated
-    and not; Q8_0 also at BN=256 over 4 warps) and `_matvec_two_runs_kernel` (QKV_SM_90_PAIRS,
-    split), the PTX holds as many bulk prefetches (cp.async.bulk.prefetch.L2.global) as a thread
-    issues, each run's ceil(BN x L2_PREFETCH_RANGES x matrices / threads) (one a row's range), all
-    before griddepcontrol.wait, and the SASS its UBLKPF before the wait's ACQBULK; no spills.
-    None with the setting 0, nor in a routed product (whose rows follow the router's output)."""
-    pytest.importorskip("triton")
-    pytest.importorskip("triton.backends.nvidia")
-    import re
-
-    from harness.quant import fused
-    from harness.quant.types import GGMLType
-
-    _cuobjdump_tool()
-    bulk = "cp.async.bulk.prefetch.L2.global"
-
-    def check(compiled, want: int, where) -> None:
-        ptx = compiled.asm["ptx"]
-        assert ptx.count(bulk) == want, (where, ptx.count(bulk), want)
-        if want:
-            assert ptx.rindex(bulk) < ptx.index("griddepcontrol.wait"), where
-            code = _cuobjdump(compiled.asm["cubin"])
-            assert "UBLKPF.L2" in code and code.rindex("UBLKPF.L2") < code.index("ACQBULK"), where
-            assert not re.search(r"\b(LDL|STL)\b", code), where
-
-    forms = [(q, gated, False, None) for q in fused.INT_READ_TYPES for gated in (False, True)]
-    forms += [(GGMLType.Q8_0, False, False, (256, 4)), (GGMLType.Q4_K, True, True, None)]
-    for qtype, gated, routed, shape in forms:
-        if gated and qtype != GGMLType.Q4_K:  # (time) Q4_K's: moe_ffn's gate/up as one weight
-            continue
-        cfg = fused.INT_MATVEC_CONFIG[qtype]
-        bn, warps = shape or (cfg["BN"], cfg["num_warps"])
-        for setting in (0, 3):
-            consts = {
-                "QT": int(qtype), "NP": fused.PARTS[qtype], "BN": bn, "GATED": gated, "SCALED": routed,
-                "ROUTED": routed, "VEC": False, "PACKED": qtype in (GGMLType.Q6_K, GGMLType.Q8_0),
-                "STAGES": cfg["stages"], "UNROLL": cfg.get("unroll", 1), "REDUCE": not gated, "INT": True,
-                "INT_X": False, "PTX": True, "PDL": True, "RESIDUAL": False, "INT_OUT": False, "L2_PREFETCH": setting,
-            }  # fmt: skip
-            compiled = _matvec_sm_90(consts, "*i32", warps)
-            items = bn * L2_PREFETCH_RANGES[qtype.name] * (1 + gated)
-            want = 0 if routed or not setting else -(-items // (32 * warps))
-            check(compiled, want, (qtype.name, gated, routed, bn, warps, setting))
-    for names in QKV_SM_90_PAIRS:
-        for setting in (0, 3):
-            compiled, warps = _two_runs_sm_90(names, True, False, setting)
-            bns = [fused.INT_MATVEC_CONFIG[GGMLType[n]]["BN"] for n in names]
-            items = [bn * L2_PREFETCH_RANGES[n] for bn, n in zip(bns, names, strict=True)]
-            want = sum(-(-k // (32 * warps)) for k in items) if setting else 0
-            check(compiled, want, (names, setting))
 
 
 def _matvec_sm_90(consts: dict, x_type: str, num_warps: int, kernel=None, pointers: dict | None = None):
@@ -4609,15 +4436,6 @@ def test_cuda_int_prefetch_matches_the_plain_loop_bit_for_bit():
 
 
 @pytest.mark.cuda(real=True)
-def test_cuda_l2_prefetch_keeps_the_bits():
-    """INT_MATVEC_CONFIG "l2_prefetch" on the GPU (the bulk prefetches compiled in: sm_90) at
-    Mixtral's decode shapes: `_l2_prefetch_cases`, every one the same bits as without it."""
-    from harness.quant import fused  # noqa: F401
-
-    _check_l2_prefetch(_l2_prefetch_cases("cuda", False, np.random.default_rng()), small=False)
-
-
-@pytest.mark.cuda(real=True)
 def test_cuda_router_topk_kernel_matches_the_torch_path():
     """`harness::router_topk`'s kernel against the op's torch path on the GPU at Mixtral's
     shapes (`_check_router`: tied rows too, where torch.topk on CUDA chooses the same experts)."""
@@ -4694,8 +4512,6 @@ if __name__ == "__main__":
         print(json.dumps(_int_x_path_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "PREFETCH":  # only the Q4_K/Q5_K int reads' prefetch against none, small shapes
         print(json.dumps(_prefetch_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
-    elif sys.argv[1] == "L2_PREFETCH":  # only the int reads' L2 prefetch against none, small shapes
-        print(json.dumps(_l2_prefetch_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "INT":  # only the "int" reads' cases, small shapes
         print(json.dumps(_int_read_cases(sys.argv[2], True, np.random.default_rng(int(sys.argv[3])))))
     elif sys.argv[1] == "FUSIONS":  # only moe_ffn's decode fusions against their absence, small shapes

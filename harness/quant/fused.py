@@ -156,18 +156,9 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # one run) the graph decode made 204.03 tok/s against 202.93 and 202.92 at the old setting
 # (programs_per_sm 8, no prefetch), 206.19 against 205.03 with the norms' and attention's switches
 # on; its cuda test passed there. Q4_K's "prefetch" 2 with "programs_per_sm" 1 made 192.60: slower.
-# "l2_prefetch" (absent: 0, off): S > 0, each program of a product of one weight (not routed:
-# moe_ffn's rows follow the router's output, which no program may read before its wait) first
-# asks the first S super-blocks of each of its rows' range (W's and U's) into L2, one sm_90 bulk
-# prefetch a row (and plane: packed Q6_K 4, Q8_0 2) by one thread, before its PDL wait
-# (`_l2_prefetch`): weights are no earlier grid's output, so the bytes come while the grid
-# before it ends (qkv and the output projection run at a third of copy bandwidth, each launch's
-# start is latency). `_matvec_two_runs_kernel` (qkv's one launch) takes each run's. The same
-# bits; 0 compiles the same code as without it. Off: on an H100 (session 18, model_switches.json's
-# session18, one run) the graph decode made 204.76 tok/s with 16 super-blocks a row for Q4_K, Q5_K
-# and Q8_0 (whole weights), 204.06 with Q6_K's head too, 205.29 with 1-2, against 205.97 and
-# 206.01 without. In that run Q5_K's "prefetch" 1 made 206.47 (noise), Q4_K at BN=64 with 2 warps
-# 202.57 and at BN=32 with 1 warp 184.27.
+# In session 18's run of model_switches.json (H100, one run) Q5_K's "prefetch" 1 made 206.47
+# tok/s against 205.97 and 206.01 without (noise), Q4_K at BN=64 with 2 warps 202.57 and at BN=32
+# with 1 warp 184.27.
 INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q4_K: {"BN": 128, "num_warps": 4, "stages": 1, "gated_programs_per_sm": 0, "dense_programs_per_sm": 2},
     T.Q5_K: {"BN": 64, "num_warps": 4, "stages": 1, "dense_programs_per_sm": 2},
@@ -176,6 +167,10 @@ INT_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 }
 # (Session 15 removed the Q4_K/Q5_K "rows" read, INT_MATVEC_CONFIG "read"/"span": slower on an
 # H100, 111.8 us at best against 99.9 for the Q4_K moe_ffn, results/matvec_rows_sweep.json.)
+# (Session 18 removed "l2_prefetch", one-weight products' programs asking their rows' first
+# super-blocks into L2 before their PDL wait: slower on an H100 at every setting, 204.76 tok/s
+# with whole weights against 205.97 and 206.01 without, 205.29 with 1-2 super-blocks a row;
+# benchmarks/results/model_switches.json's session18.)
 # moe_ffn's decode launches (at most MATVEC_MAX_ROWS pairs), each fusion a switch so that a GPU
 # can compare them (`benchmarks/bench_fused.py --moe-only --moe-fusions`):
 # - "int_h": the gated product leaves h (silu(gate.x) * (up.x), [pairs, F]) as `_int_x` would
@@ -690,7 +685,6 @@ def _check_devices(op: str, *tensors: torch.Tensor) -> torch.device:
 
 
 _HAS_GDC = False  # Triton has grid dependency control (set below)
-_HAS_NUM_THREADS = False  # and triton.language.extra.cuda.num_threads
 if triton is not None:
     try:
         import triton.backends.nvidia.compiler  # noqa: F401  (`_pdl_capable` reads its options)
@@ -699,12 +693,6 @@ if triton is not None:
         _HAS_GDC = True
     except ImportError:  # an older Triton, or one without NVIDIA's backend: _HAS_GDC stays False
         pass
-    try:  # (`_l2_prefetch`'s tile size; apart, so that its absence leaves PDL on)
-        from triton.language.extra.cuda import num_threads
-
-        _HAS_NUM_THREADS = True
-    except ImportError:
-        _HAS_NUM_THREADS = False
 
     @triton.jit
     def _pdl_start(PDL: tl.constexpr):
@@ -714,56 +702,6 @@ if triton is not None:
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
-
-    @triton.jit
-    def _l2_prefetch(
-        w_ptr, u_ptr, N, n_super, chunk, row_bytes, pid_n, split, QT: tl.constexpr, BN: tl.constexpr,
-        GATED: tl.constexpr, L2_PREFETCH: tl.constexpr, PTX: tl.constexpr,
-    ):  # fmt: skip
-        """The first L2_PREFETCH super-blocks of split `split` (of `chunk` super-blocks) of output
-        tile pid_n's rows of W (and U when GATED), one weight (not routed: the rows depend on
-        nothing an earlier grid writes), asked into L2 for an "int" read: a row's range of each
-        plane (Q4_K, Q5_K: GGUF's blocks, one; packed Q6_K: ql, qh, scales, d; packed Q8_0: qs, d),
-        widened to whole 16-byte units, is one sm_90 bulk prefetch (cp.async.bulk.prefetch.L2,
-        PTX ISA 8.0), each an element of a tile of at least num_threads (so each issued once). A
-        hint: nothing is loaded into registers, nothing waits for it. For a decode program before
-        its `_pdl_start`: its first weight bytes come while the grid before it ends. Without PTX
-        nothing (the interpreter)."""
-        if L2_PREFETCH and PTX:
-            PLANES: tl.constexpr = 4 if QT == 14 else 2 if QT == 8 else 1
-            ITEMS: tl.constexpr = BN * PLANES * (2 if GATED else 1)  # (matrix, plane, row)
-            THREADS: tl.constexpr = num_threads()
-            i = tl.arange(0, ITEMS if ITEMS > THREADS else THREADS)
-            row, plane = i % BN, i // BN % PLANES
-            if QT == 14:  # packed Q6_K: (the plane's offset in the row, its bytes a super-block)
-                at = tl.where(plane == 0, 0, tl.where(plane == 1, 128, tl.where(plane == 2, 192, 208)))
-                per = tl.where(plane == 0, 128, tl.where(plane == 1, 64, tl.where(plane == 2, 16, 2)))
-            elif QT == 8:  # packed Q8_0
-                at, per = tl.where(plane == 0, 0, 256), tl.where(plane == 0, 256, 16)
-            else:  # Q4_K, Q5_K: a row's super-blocks in turn
-                at, per = tl.zeros_like(i), tl.zeros_like(i) + (176 if QT == 13 else 144)
-            first = split * chunk
-            count = tl.minimum(tl.minimum(chunk, n_super - first), L2_PREFETCH)
-            n = pid_n * BN + row
-            base = w_ptr.to(tl.int64)
-            if GATED:
-                base = tl.where(i < BN * PLANES, base, u_ptr.to(tl.int64))
-            start = base + n.to(tl.int64) * row_bytes + at * n_super + first * per
-            lo = start & -16
-            size = (((start + count * per + 15) & -16) - lo).to(tl.int32)
-            tl.inline_asm_elementwise(
-                """{
-                .reg .pred l2p;
-                setp.ne.s32 l2p, $3, 0;
-                @l2p cp.async.bulk.prefetch.L2.global [$1], $2;
-                mov.u32 $0, 0;
-                }""",
-                "=r,l,r,r",
-                [lo, size, ((i < ITEMS) & (n < N)).to(tl.int32)],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
 
     @triton.jit
     def _f16(ptr):
@@ -1862,7 +1800,6 @@ if triton is not None:
         RESIDUAL: tl.constexpr = False,
         INT_OUT: tl.constexpr = False,
         PREFETCH: tl.constexpr = 0,
-        L2_PREFETCH: tl.constexpr = 0,
     ):
         """out[p // out_div, n] = sum over the out_div pairs q of that row and the splits s of
         x[q // x_div] . W_e[n] over super-blocks [s*chunk, (s+1)*chunk), e = experts[q] when ROUTED,
@@ -1887,15 +1824,7 @@ if triton is not None:
         res_stride apart; the float32 add torch's `res + out` makes). INT_OUT (without REDUCE,
         BN a multiple of 32): the rows are not written as float32 but as `_int_x` would leave
         them (`_int_x_store_tile`: hq_ptr int16 [pairs, N], hscale_ptr [pairs, N / 32], hsum_ptr
-        [pairs, N / 16]), for a product that reads them next (moe_ffn's h).
-
-        L2_PREFETCH (INT, not ROUTED): before its wait, each program asks the first L2_PREFETCH
-        super-blocks of its rows' range into L2 (`_l2_prefetch`)."""
-        if L2_PREFETCH and not ROUTED:
-            _l2_prefetch(
-                w_ptr, u_ptr, N, n_super, chunk, row_bytes, tl.program_id(0), tl.program_id(2), QT, BN, GATED,
-                L2_PREFETCH, PTX,
-            )  # fmt: skip
+        [pairs, N / 16]), for a product that reads them next (moe_ffn's h)."""
         _pdl_start(PDL)
         _matvec_program(
             x_ptr, w_ptr, u_ptr, out_ptr, experts_ptr, scale_ptr, lut_ptr, N, n_pairs, n_super, chunk, row_bytes,
@@ -1918,28 +1847,12 @@ if triton is not None:
         UNROLL2: tl.constexpr, REDUCE2: tl.constexpr, INT_X2: tl.constexpr,
         PTX: tl.constexpr,
         PDL: tl.constexpr = False,
-        L2_PREFETCH: tl.constexpr = 0,
-        L2_PREFETCH2: tl.constexpr = 0,
     ):  # fmt: skip
         """Two "int" products of one x (n_pairs rows, dense, ungated) in one launch, as
         `_matvec_kernel` would make each in a launch of its own (the same bits): programs [0,
         first_programs) the first run's grid (tiles x n_pairs x splits, tile fastest), the rest
         the second's (the names ending in 2), each with its own constexprs, partials and
-        arrival counters. `harness::qkv`'s q and k+v of different types (QKV_CONFIG). Each run's
-        L2_PREFETCH as `_matvec_kernel`'s, before the wait."""
-        if L2_PREFETCH or L2_PREFETCH2:
-            pid = tl.program_id(0)
-            if pid < first_programs:
-                _l2_prefetch(
-                    w_ptr, w_ptr, N, n_super, chunk, row_bytes, pid % tiles, pid // tiles // n_pairs, QT, BN, False,
-                    L2_PREFETCH, PTX,
-                )  # fmt: skip
-            else:
-                at = pid - first_programs
-                _l2_prefetch(
-                    w2_ptr, w2_ptr, N2, n_super, chunk2, row_bytes2, at % tiles2, at // tiles2 // n_pairs, QT2, BN2,
-                    False, L2_PREFETCH2, PTX,
-                )  # fmt: skip
+        arrival counters. `harness::qkv`'s q and k+v of different types (QKV_CONFIG)."""
         _pdl_start(PDL)
         pid = tl.program_id(0)
         if pid < first_programs:
@@ -2639,12 +2552,6 @@ def _pdl_capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _bulk_prefetches(device: torch.device) -> bool:
-    """Whether `_l2_prefetch` may be compiled for `device`: its PTX (cp.async.bulk.prefetch.L2)
-    needs sm_90, as PDL does (`_pdl_capable`); under the interpreter it is a no-op."""
-    return not _ptx() or (_pdl_capable(device) and _HAS_NUM_THREADS)
-
-
 def _launch_device(device: torch.device):
     """Triton launches on the current CUDA device: switch only when the data lives elsewhere
     (with one GPU it cannot, and the current device is not asked)."""
@@ -2779,7 +2686,7 @@ def split_setting(gated: bool, routed: bool) -> str:
 # a typo), so that a sweep or benchmarks/with_config.py never times a setting that does nothing.
 MATVEC_SETTING_KEYS = (
     "BN", "num_warps", "stages", "unroll", "programs_per_sm", "gated_programs_per_sm", "dense_programs_per_sm",
-    "prefetch", "l2_prefetch",
+    "prefetch",
 )  # fmt: skip
 
 
@@ -2804,7 +2711,6 @@ def _planned(
     int_read = _reads_int(code, path)
     vec = not int_read and ((path in ("vec", "int") and qtype in MATVEC_PATH_TYPES) or packed)
     tiles = _ceil_div(out_features, bn) * n_pairs
-    l2_rows = not _interleaved(code)  # `_l2_prefetch` takes a row's super-blocks as one range (GGUF's)
     # Split the rows' super-blocks over programs until the device has enough of them; the
     # partial sums add up in a fixed order (deterministic). A gated product's own key (0: never
     # split), else the setting's; a gated split keeps both sums' partials (`_matvec`).
@@ -2817,7 +2723,6 @@ def _planned(
         "ROUTED": routed, "VEC": vec, "STAGES": cfg.get("stages", 1), "UNROLL": cfg.get("unroll", 1), "BN": bn, "num_warps": cfg["num_warps"],
         "REDUCE": splits > 1 or out_div > 1, "INT": int_read,
         "PREFETCH": cfg.get("prefetch", 0) if int_read and qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 0,
-        "L2_PREFETCH": cfg.get("l2_prefetch", 0) if int_read and not routed and l2_rows and _bulk_prefetches(device) else 0,
         "INT_X": int_read and int_x == "kernel",
         "PTX": _ptx(),
     }  # fmt: skip
@@ -3045,7 +2950,7 @@ def _x_read(x: torch.Tensor, plan: _MatvecPlan, prepared: dict | None, unused: t
 
 
 # A run's constexprs in `_matvec_two_runs_kernel` (the second run's names end in 2).
-_RUN_OPTIONS = ("QT", "NP", "BN", "PACKED", "STAGES", "UNROLL", "REDUCE", "INT_X", "L2_PREFETCH")
+_RUN_OPTIONS = ("QT", "NP", "BN", "PACKED", "STAGES", "UNROLL", "REDUCE", "INT_X")
 
 
 def _matvec_two_runs(x: torch.Tensor, runs: list[tuple], prepared: dict | None) -> bool:
