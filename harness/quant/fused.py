@@ -146,8 +146,7 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # double buffer: the loads stay outstanding while the step computes, where stages > 1 went
 # through shared memory); 2, a gated product only U's words so (W's in their step: 241 registers
 # a thread for the Q4_K gate/up on sm_90, where 1 spills), an ungated one as 1. The same bits.
-# Not timed on a GPU yet (benchmarks/moe_decode_analysis.md, benchmarks/run_moe_prefetch.sh). On
-# sm_90 the Q4_K down then takes 198 registers, 2 programs an SM (4 without), so its 8 splits make
+# Timed in session 18 (below; benchmarks/moe_decode_analysis.md). On sm_90 the Q4_K down then takes 198 registers, 2 programs an SM (4 without), so its 8 splits make
 # 2 waves ("programs_per_sm" 1: 3 splits, one wave); the packed Q6_K down 94 (64 without), 10
 # programs an SM, so its 1536 programs ("programs_per_sm" 8) make 1.2 waves ("programs_per_sm"
 # 4: 1024, one wave).
@@ -155,7 +154,8 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # an H100 (session 18, .gpu/s18a.sh, `bench_model.py --repeats 3` a setting through with_config.py,
 # one run) the graph decode made 204.03 tok/s against 202.93 and 202.92 at the old setting
 # (programs_per_sm 8, no prefetch), 206.19 against 205.03 with the norms' and attention's switches
-# on; its cuda test passed there. Q4_K's "prefetch" 2 with "programs_per_sm" 1 made 192.60: slower.
+# on; its cuda test passed there. Q4_K's "prefetch" 2 with "programs_per_sm" 1 made 192.60: slower;
+# over interleaved Q4_K (PACK_CONFIG) its "prefetch" 2 made 227.71 against 229.16 without.
 # In session 18's run of model_switches.json (H100, one run) Q5_K's "prefetch" 1 made 206.47
 # tok/s against 205.97 and 206.01 without (noise), Q4_K at BN=64 with 2 warps 202.57 and at BN=32
 # with 1 warp 184.27.
