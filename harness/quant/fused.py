@@ -146,10 +146,11 @@ PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 # double buffer: the loads stay outstanding while the step computes, where stages > 1 went
 # through shared memory); 2, a gated product only U's words so (W's in their step: 241 registers
 # a thread for the Q4_K gate/up on sm_90, where 1 spills), an ungated one as 1. The same bits.
-# Timed in session 18 (below; benchmarks/moe_decode_analysis.md). On sm_90 the Q4_K down then takes 198 registers, 2 programs an SM (4 without), so its 8 splits make
-# 2 waves ("programs_per_sm" 1: 3 splits, one wave); the packed Q6_K down 94 (64 without), 10
-# programs an SM, so its 1536 programs ("programs_per_sm" 8) make 1.2 waves ("programs_per_sm"
-# 4: 1024, one wave).
+# Timed in session 18 (below; benchmarks/moe_decode_analysis.md). On sm_90 the Q4_K down then
+# takes 198 registers, 2 programs an SM (4 without), so its 8 splits make 2 waves
+# ("programs_per_sm" 1: 3 splits, one wave); the packed Q6_K down 94 (64 without), 10 programs an
+# SM, so its 1536 programs ("programs_per_sm" 8) make 1.2 waves ("programs_per_sm" 4: 1024, one
+# wave).
 # Packed Q6_K takes "prefetch" 1 with "programs_per_sm" 4 (the Q6_K downs and the output head): on
 # an H100 (session 18, .gpu/s18a.sh, `bench_model.py --repeats 3` a setting through with_config.py,
 # one run) the graph decode made 204.03 tok/s against 202.93 and 202.92 at the old setting
