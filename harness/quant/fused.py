@@ -541,8 +541,7 @@ def pack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     byte (((r // 32) * n_super + s) * 9 + c) * 512 + (r % 32) * 16 of its matrix (leading dims
     outermost). A new tensor on raw's device, written field by field."""
     if qtype == T.Q4_K:
-        tiles, order = _q4_k_tiles(raw)
-        return tiles.permute(order).contiguous().view(raw.shape)
+        return _q4_k_moved(raw, to_packed=True)
     lead, n, size, planes = _planes(raw, qtype)
     blocks = raw.reshape(*lead, n, size)
     out = torch.empty_like(raw)
@@ -556,28 +555,28 @@ def pack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     return out
 
 
-def _q4_k_tiles(raw: torch.Tensor):
-    """Q4_K blocks [..., out, row_bytes] as chunks [..., tile, row, s, c, byte] (16-byte chunk c of
-    super-block s of row `row` of 32-row tile `tile`), and the permutation that takes them to
-    `pack`'s order [..., tile, s, c, row, byte]."""
+def _q4_k_moved(raw: torch.Tensor, to_packed: bool) -> torch.Tensor:
+    """Q4_K blocks [..., out, row_bytes] moved from GGUF's layout to `pack`'s interleaved one
+    (to_packed) or back: a new tensor of raw's shape. Its 16-byte chunks, as [..., tile, row, s,
+    c, byte] in GGUF's order (chunk c of super-block s of row `row` of 32-row tile `tile`), are
+    [..., tile, s, c, row, byte] in `pack`'s."""
     lead, out, n = raw.shape[:-2], raw.shape[-2], raw.shape[-1] // 144
     if out % Q4_K_TILE or raw.shape[-1] % 144:
         raise ValueError(
             f"Q4_K interleaves whole tiles of {Q4_K_TILE} rows of whole blocks, not {tuple(raw.shape)}"
         )
-    at = len(lead)
-    order = (*range(at), at, at + 2, at + 3, at + 1, at + 4)
-    return raw.reshape(*lead, out // Q4_K_TILE, Q4_K_TILE, n, 9, 16), order
+    at, tiles = len(lead), out // Q4_K_TILE
+    if to_packed:  # (tile, row, s, c, byte) -> (tile, s, c, row, byte)
+        chunks, order = raw.reshape(*lead, tiles, Q4_K_TILE, n, 9, 16), (at, at + 2, at + 3, at + 1, at + 4)
+    else:  # (tile, s, c, row, byte) -> (tile, row, s, c, byte)
+        chunks, order = raw.reshape(*lead, tiles, n, 9, Q4_K_TILE, 16), (at, at + 3, at + 1, at + 2, at + 4)
+    return chunks.permute(*range(at), *order).contiguous().view(raw.shape)
 
 
 def unpack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     """GGUF blocks [..., row_bytes] from `pack`'s layout (a new tensor; bit for bit the original)."""
     if qtype == T.Q4_K:
-        lead, out, n = raw.shape[:-2], raw.shape[-2], raw.shape[-1] // 144
-        chunks = raw.reshape(*lead, out // Q4_K_TILE, n, 9, Q4_K_TILE, 16)
-        at = len(lead)  # chunk (tile, s, c, row, byte) -> (tile, row, s, c, byte)
-        order = (*range(at), at, at + 3, at + 1, at + 2, at + 4)
-        return chunks.permute(order).contiguous().view(raw.shape)
+        return _q4_k_moved(raw, to_packed=False)
     lead, n, size, planes = _planes(raw, qtype)
     out = torch.empty_like(raw)
     blocks = out.view(*lead, n, size)
