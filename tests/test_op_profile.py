@@ -246,7 +246,7 @@ def test_a_decode_step_under_the_interpreter_has_every_fused_op_with_its_bytes(t
     assert len(head) == 1 and head[0]["calls_per_step"] == 1
     assert head[0]["signature"].startswith(GGMLType(code & 0xFF).name)
     moe = {r["signature"].split(", ")[1].split(" [")[0]: r for r in rows if r["op"] == "harness::moe_ffn"}
-    expected = {f"down {GGMLType(c & 0xFF).name}": b for c, b in out["moe"]}
+    expected = {f"down {GGMLType(c & 0xFF).name}{' packed' if c & PACKED else ''}": b for c, b in out["moe"]}
     assert len(expected) == 2  # Q4_K_M: the down stacks of some layers are Q6_K, of others Q4_K
     assert {s: r["bytes_per_call"] for s, r in moe.items()} == expected
     assert all(r["calls_per_step"] == 1 for r in moe.values())

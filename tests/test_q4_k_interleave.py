@@ -6,7 +6,6 @@ TRITON_INTERPRET is read before the kernels are defined) or on a GPU."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from tests.test_quant_fused import (
     _cuobjdump,
     _cuobjdump_tool,
     _extreme_weight,
+    _interleaving,
     _matvec_sm_90,
     _pairs_inputs,
     _product_args,
@@ -36,18 +36,6 @@ Q4 = GGMLType.Q4_K
 
 # (leading dims, rows, values a row): experts, one and two tiles, one and five super-blocks
 LAYOUT_SHAPES = ((), 32, 256), ((3,), 64, 1280), ((2,), 32, 512), ((), 96, 768)
-
-
-@contextlib.contextmanager
-def _interleaving(on: bool = True):
-    from harness.quant import fused
-
-    before = fused.PACK_CONFIG["q4_k_interleave"]
-    fused.PACK_CONFIG["q4_k_interleave"] = on
-    try:
-        yield
-    finally:
-        fused.PACK_CONFIG["q4_k_interleave"] = before
 
 
 def _q4_k(lead: tuple, rows: int, cols: int, rng, make=_random_weight) -> torch.Tensor:

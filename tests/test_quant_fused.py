@@ -164,11 +164,13 @@ def run_cases(device: str, small: bool) -> list[dict]:
         wg = [_dequant(gate[e], gu_type, ffn, dim) for e in range(n_exp)]
         wu = [_dequant(up[e], gu_type, ffn, dim) for e in range(n_exp)]
         wd = [_dequant(down[e], down_type, dim, ffn) for e in range(n_exp)]
-        (gate, gu_code), (up, _), (down, down_code) = (
-            fused.kernel_weight(gate, gu_type, dim),
-            fused.kernel_weight(up, gu_type, dim),
-            fused.kernel_weight(down, down_type, ffn),
-        )
+        with _interleaving(False):  # GGUF's Q4_K: every path reads it its own way (interleaved:
+            # tests/test_q4_k_interleave.py)
+            (gate, gu_code), (up, _), (down, down_code) = (
+                fused.kernel_weight(gate, gu_type, dim),
+                fused.kernel_weight(up, gu_type, dim),
+                fused.kernel_weight(down, down_type, ffn),
+            )
         for t in tokens:
             x = torch.randn(t, dim, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
             for routing in ("random", "two experts take all"):
@@ -2422,10 +2424,13 @@ def _weight_cases(cols: int, small: bool) -> list:
     GGUF's layout (as a module built elsewhere and moved hands it), and each type the kernels
     read repacked (`fused.packs`) in that layout, at `cols` or at a row length it packs at."""
     from harness.quant import fused
+    from harness.quant.types import GGMLType
 
     packed_cols = 2048 if small else 4096
     cases = [(q, cols, "gguf") for q in fused.FUSED_TYPES]
     for q in fused.FUSED_TYPES:
+        if q == GGMLType.Q4_K:  # (interleaved Q4_K: tests/test_q4_k_interleave.py)
+            continue
         width = cols if fused.packs(q, cols, 32) else packed_cols
         if fused.packs(q, width, 32):
             cases.append((q, width, "packed"))
@@ -2464,6 +2469,19 @@ def _paths(rows: int, *codes: int) -> tuple[str, ...]:
         return tuple(f"prefill={p}" for p in fused.PREFILL_PATHS)
     reads = {p for code in codes for p in fused.matvec_paths(code)}
     return tuple(f"matvec={p}" for p in fused.MATVEC_PATHS if p in reads) if len(reads) > 1 else ("matvec",)
+
+
+@contextlib.contextmanager
+def _interleaving(on: bool = True):
+    """`kernel_weight` interleaving Q4_K weights (PACK_CONFIG "q4_k_interleave") or not, inside."""
+    from harness.quant import fused
+
+    before = fused.PACK_CONFIG["q4_k_interleave"]
+    fused.PACK_CONFIG["q4_k_interleave"] = on
+    try:
+        yield
+    finally:
+        fused.PACK_CONFIG["q4_k_interleave"] = before
 
 
 def _layout_code(qtype, layout: str) -> int:
@@ -3587,9 +3605,10 @@ def test_kernel_weight_packs_where_rows_align_and_marks_values_beyond_float16():
     odd = _random_weight(q6, 5, 768, rng)  # 3 super-blocks: 630-byte rows, not 16-byte aligned
     same, code = fused.kernel_weight(odd, q6, 768)
     assert same is odd and code == int(q6) and fused.gguf_blocks(same, code) is odd
-    assert (
-        not fused.packs(GGMLType.Q4_K, 4096, 32) and fused.packs(q6, 4096, 5) and not fused.packs(q6, 256, 5)
-    )
+    assert fused.packs(q6, 4096, 5) and not fused.packs(q6, 256, 5)
+    # Q4_K: interleaved where its rows make whole 32-row tiles, under PACK_CONFIG
+    assert fused.packs(GGMLType.Q4_K, 4096, 32) == fused.PACK_CONFIG["q4_k_interleave"]
+    assert not fused.packs(GGMLType.Q4_K, 4096, 33)
     huge = _extreme_weight(GGMLType.Q4_K, 5, 256, rng)
     assert fused.kernel_weight(huge, GGMLType.Q4_K, 256)[1] == int(GGMLType.Q4_K) | fused.WIDE
     # largest value 65504 * 127 / 127: exactly float16's largest, not beyond it
@@ -3630,7 +3649,10 @@ def test_modules_lay_their_weights_out_again_when_moved(monkeypatch):
     assert head.kernel_qtype == int(q6) | fused.PACKED and head.kernel_ready
     assert not torch.equal(head.qweight, raw) and torch.equal(head.qtensor.raw, raw)
     assert wide.kernel_qtype == int(q6) | fused.PACKED | fused.WIDE
-    assert experts.kernel_qtypes == {"w1": int(q4), "w3": int(q4), "w2": int(q6) | fused.PACKED}
+    q4_code = int(q4) | (
+        fused.PACKED if fused.PACK_CONFIG["q4_k_interleave"] else 0
+    )  # (2048 rows: whole tiles)
+    assert experts.kernel_qtypes == {"w1": q4_code, "w3": q4_code, "w2": int(q6) | fused.PACKED}
     assert all(experts.kernel_ready.values())
     scans = []
     monkeypatch.setattr(fused, "_max_magnitude", lambda *a: scans.append(a) or 0.0)
@@ -3737,11 +3759,8 @@ def test_modules_hand_the_ops_packed_weights_and_keep_the_gguf_bytes_for_the_tor
     assert seen["ops"] == [["harness.qmatmul.default", ["output.weight"]]]
     assert seen["nmse"] <= NMSE_MAX
     assert seen["wide_code"] == q6 | fused.PACKED | fused.WIDE and seen["wide_nmse"] <= NMSE_MAX
-    assert seen["experts_codes"] == {
-        "w1": int(GGMLType.Q4_K),
-        "w3": int(GGMLType.Q4_K),
-        "w2": q6 | fused.PACKED,
-    }
+    q4 = int(GGMLType.Q4_K) | (fused.PACKED if fused.PACK_CONFIG["q4_k_interleave"] else 0)  # (whole tiles)
+    assert seen["experts_codes"] == {"w1": q4, "w3": q4, "w2": q6 | fused.PACKED}
     [op] = [o for o in seen["moe_ops"] if "moe_ffn" in o[0]]
     assert sorted(op[1]) == sorted(f"{k}{e}" for k in "gud" for e in range(3))
     assert seen["moe_nmse"] <= NMSE_MAX
