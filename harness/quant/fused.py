@@ -729,9 +729,14 @@ if triton is not None:
     @triton.jit
     def _interleaved_rows(e, expert_bytes, n, N, row_bytes):
         """The byte offset of chunk 0 of super-block 0 of rows n (< N; others row 0) of expert e
-        in interleaved Q4_K (`pack`): tiles of 32 rows, a row's chunks 16 bytes apart in its tile."""
-        m = tl.where(n < N, n, 0).to(tl.int64)
-        return e * expert_bytes + (m - m % 32) * row_bytes + (m % 32) * 16
+        in interleaved Q4_K (`pack`)."""
+        return e * expert_bytes + _interleaved_row(tl.where(n < N, n, 0).to(tl.int64), row_bytes)
+
+    @triton.jit
+    def _interleaved_row(m, row_bytes):
+        """The byte offset of chunk 0 of super-block 0 of row m of a matrix of interleaved Q4_K
+        (`pack`): tiles of 32 rows, a row's chunks 16 bytes apart in its tile."""
+        return (m - m % 32) * row_bytes + (m % 32) * 16
 
     @triton.jit
     def _tile_q4_k(raw, rowb, sb, P: tl.constexpr, IL: tl.constexpr = False):
@@ -2093,7 +2098,7 @@ if triton is not None:
         row = raw_ptr + (g // n) * row_bytes  # the block's row (16-byte aligned: `packs`)
         if QT == 12:
             m = g // n  # the block's row of the matrix; its chunk 0:
-            blk = raw_ptr + (m - m % 32) * row_bytes + (m % 32) * 16 + b * 4608
+            blk = raw_ptr + _interleaved_row(m, row_bytes) + b * 4608
             j = r % 8
             sc, mn = _k_scales(blk, 0, j)
             dl = (_f16(blk) * sc)[:, None]
