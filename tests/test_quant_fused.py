@@ -555,9 +555,9 @@ ATTENTION_SHAPES_FULL = [
     (8, 8, 8, 128, 32, 1001, 0, True),
     (8, 16, 8, 64, 64, 333, 100, False),
     (9, 32, 8, 128, 128, 4096, 3, False),
-    # A cache shorter than ATTENTION_CONFIG["split_min_keys"]: one split on any device (the
-    # H100's 132 multiprocessors split every longer cache above).
-    (1, 32, 8, 128, 128, 48, 20, True),
+    # A cache no longer than any split_min_keys of ATTENTION_CONFIGS (16 to 64): one split on
+    # any device (the H100's 132 multiprocessors split every longer cache above).
+    (1, 32, 8, 128, 128, 16, 10, True),
     # the decode graph's form in bench_model's cache (512 prompt + 128): its first and last
     # steps, and 8 tokens
     (1, 32, 8, 128, 128, 640, 512, True),
@@ -1982,8 +1982,9 @@ INT_X_WEIGHTS = (
 # Under the interpreter (time) the other types than Q4_K take at most 4 pairs, packed Q6_K
 # (rows of eight super-blocks) 2.
 INT_X_TOP_PAIRS = {"Q5_K": 4, "Q8_0": 4, "Q6_K": 2}
-# (gated, routed, out_div, splits) of each product: splits "one" (programs_per_sm 1, a gated
-# product's gated_programs_per_sm 0) or "many" (a split per super-block); a gated product takes
+# (gated, routed, out_div, splits) of each product: splits "one" (the split setting 0: no split
+# on any device; 1 a multiprocessor still splits 19 rows on an H100) or "many" (a split per
+# super-block); a gated product takes
 # out_div 1 (as moe_ffn's).
 INT_X_FORMS = (
     *(
@@ -2048,7 +2049,7 @@ def _int_x_path_cases(device: str, small: bool, rng: np.random.Generator) -> lis
                 args = _product_args(x, w, u if gated else None, code, rows, experts, x_div, scale, device)
                 key = fused.split_setting(gated, routed)
                 saved = cfg.get(key)
-                cfg[key] = (0 if gated else 1) if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
+                cfg[key] = 0 if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
                 try:
                     got, launched = {}, {}
                     for path in ("kernel", "launch"):
@@ -2122,7 +2123,7 @@ def _prefetch_cases(device: str, small: bool, rng: np.random.Generator) -> list[
                 key = fused.split_setting(gated, routed)
                 plan_key = (code, cols, rows, n_pairs, out_div, gated, routed, routed, torch.device(device))
                 try:
-                    cfg[key] = (0 if gated else 1) if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
+                    cfg[key] = 0 if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
                     for path in ("kernel", "launch"):
                         fused.int_x_path = path
                         cfg.pop("prefetch", None)
