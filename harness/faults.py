@@ -365,10 +365,9 @@ def _moe_path(model):
     return f"layers.{_layer(model, moe=True)}.moe"
 
 
-# The faulted forwards take the module's whole signature; x's `_int_x` form (`x_int`, given
-# under fused.NORM_CONFIG "int_out") is passed on where the module's own forward passes it. The
-# routing a norm made (`routing`, under NORM_CONFIG "router") is not taken: the faulted code
-# routes itself, as the bug did.
+# The faulted forwards take the module's whole signature, though a replaced forward gets the
+# plain calls (`runs_own_forward`: no `x_int`, no norm's `routing`), so the faulted code routes
+# itself, as the bug did.
 def _topk_on_host_forward(
     self: MoE, x: torch.Tensor, residual: torch.Tensor | None = None, x_int=None, routing=None
 ) -> torch.Tensor:

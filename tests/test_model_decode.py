@@ -504,6 +504,94 @@ def test_norm_with_router_leaves_the_logits_and_drops_a_launch_a_layer(tiny_path
         assert ops[4][2] == ["blk.1.ffn_norm.weight", "blk.1.ffn_gate_inp.weight"]
 
 
+_INTERPRETED_REPLACED_FORWARDS = """
+import json, sys, torch
+from harness.model.mixtral import ROUTER_WEIGHT_SUM_MIN, Attention, Mixtral, MoE, Router
+from harness.quant import fused
+from harness.trace.tracer import Tracer
+model = Mixtral.from_gguf(sys.argv[1], max_seq_len=16)
+fused.NORM_CONFIG.update(router=True, int_out=True)
+fused.ATTENTION_CONFIG["int_out"] = True
+
+def logits():
+    model.reset()
+    with torch.inference_mode():
+        out = [model(torch.tensor([3, 9, 27]), 0), model(torch.tensor([5]), 3)]
+    return [o.view(torch.int32).tolist() for o in out]
+
+def moe_forward(self, x, residual=None):  # the plain signature, routing in torch
+    probs = self.router(x).float().softmax(-1)
+    weights, chosen = probs.topk(self.n_used, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
+    return self.experts(x, weights, chosen, residual)
+
+def router_forward(self, x):  # the plain signature: logits only
+    return Router.__mro__[1].forward(self, x)
+
+own = logits()
+got = {}
+for name, cls, fn in (("moe", MoE, moe_forward), ("router", Router, router_forward)):
+    saved = cls.forward
+    cls.forward = fn
+    try:
+        with Tracer(model, keep_events=True) as tracer:
+            got[name] = logits()
+        ops = sorted({e.op for e in tracer.events if (e.module or "").startswith("layers.0.")})
+        got[name + " ops"] = ops
+        got[name + " verdict"] = tracer.summary.verdict
+    finally:
+        cls.forward = saved
+attn = model.layers[0].attn  # an instance's forward replaced: the plain signature
+attn.forward = lambda x, start_pos: Attention.forward(attn, x, start_pos)
+got["attention"] = logits()
+print(json.dumps({"own": own, **got}))
+"""
+
+
+@pytest.mark.slow
+def test_replaced_forwards_get_the_plain_calls_under_the_fused_decode(tiny_path):
+    """Under the fused decode (the norms' int form and router, attention's int form; Triton's
+    interpreter), a MoE or Router forward replaced on its class and an Attention forward replaced
+    on its instance, each with the plain signature (a fault, a test's monkeypatch): the model
+    runs and gives the logits of its own forwards to float rounding, the replaced code runs
+    (a router on its own: no `harness::router_topk`, no norm that routes, the routing in aten
+    ops), and a tracer calls the run clean."""
+    got = json.loads(_interpreted(_INTERPRETED_REPLACED_FORWARDS, tiny_path))
+    own = torch.tensor(got["own"][1], dtype=torch.int32).view(torch.float32)
+    for name in ("moe", "router", "attention"):
+        step = torch.tensor(got[name][1], dtype=torch.int32).view(torch.float32)
+        torch.testing.assert_close(step, own, rtol=1e-4, atol=1e-4, msg=name)
+    for name in ("moe", "router"):
+        ops = got[name + " ops"]
+        assert got[name + " verdict"] == "clean", name
+        assert "harness.router_topk.default" not in ops, (name, ops)
+        assert not any("route" in op for op in ops), (name, ops)
+        assert "aten.topk.default" in ops and "harness.moe_ffn.default" in ops, (name, ops)
+
+
+def test_runs_own_forward_sees_a_forward_replaced_on_the_class_or_the_instance(monkeypatch, tiny_path):
+    from harness.model.mixtral import MoE, Router, runs_own_forward
+
+    model = Mixtral.from_gguf(tiny_path, max_seq_len=8)
+    moe, router, norm = model.layers[0].moe, model.layers[0].moe.router, model.layers[0].ffn_norm
+    assert runs_own_forward(moe) and runs_own_forward(router) and runs_own_forward(norm)
+
+    class Kept(MoE):  # a subclass that keeps MoE's forward
+        pass
+
+    moe.__class__ = Kept
+    assert runs_own_forward(moe)
+    moe.__class__ = MoE
+    monkeypatch.setattr(MoE, "forward", lambda self, x, residual=None: x)
+    assert not runs_own_forward(moe) and runs_own_forward(router)
+    monkeypatch.undo()
+    router.forward = lambda x: x
+    assert not runs_own_forward(router) and runs_own_forward(moe)
+    del router.forward
+    monkeypatch.setattr(Router.__mro__[1], "forward", lambda self, x: x)  # QMatMul's: Router keeps its own
+    assert runs_own_forward(router)
+
+
 def _interpreted(script: str, model_path) -> str:
     """stdout of `script` run with `model_path` in a subprocess under Triton's interpreter."""
     pytest.importorskip("triton")

@@ -26,6 +26,19 @@ from harness.quant.qtensor import QTensor
 ROUTER_WEIGHT_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k weight sum at this (2^-14)
 
 
+def runs_own_forward(module: nn.Module) -> bool:
+    """Whether `module` runs the forward this file gave its class (or the nearest base class
+    defined here), replaced neither on the class nor on the instance (a fault, a test's
+    monkeypatch, a user's override). The fused decode hands such a module more than its plain
+    arguments (`x_int`, `routing`, `int_form`, `route`, `k`) and routes in the router's place; a
+    replaced forward may not take them, and its code must run: it gets the plain calls."""
+    cls = type(module)
+    own = _DEFINED_FORWARDS.get(cls)
+    if own is None:
+        own = next((_DEFINED_FORWARDS[c] for c in cls.__mro__ if c in _DEFINED_FORWARDS), None)
+    return own is not None and cls.forward is own and "forward" not in module.__dict__
+
+
 class RMSNorm(nn.Module):
     def __init__(self, weight: QTensor, eps: float):
         super().__init__()
@@ -442,7 +455,9 @@ class Router(QMatMul):
     a quantized router hands it its logits."""
 
     def routes_in_one_op(self, x: torch.Tensor) -> bool:
-        return x.dtype == torch.float32 and x.dim() == 2 and fused.runs_on(x.device)
+        return (
+            x.dtype == torch.float32 and x.dim() == 2 and fused.runs_on(x.device) and runs_own_forward(self)
+        )
 
     def forward(self, x: torch.Tensor, k: int | None = None):
         if k is None:
@@ -482,7 +497,7 @@ class MoE(nn.Module):
         call whose tensors are all on one device the kernels run on), for `RMSNorm`'s `route`
         (the routing it gives is this module's `routing`); None otherwise."""
         router = self.router
-        weight = router.weight if router.strategy == "f32" else None
+        weight = router.weight if router.strategy == "f32" and runs_own_forward(router) else None
         if weight is not None and fused.norm_routes(x, residual, norm.weight, weight, self.n_used):
             return weight, self.n_used
         return None
@@ -542,18 +557,24 @@ class Block(nn.Module):
         """`forward` where each norm whose op takes x's `_int_x` form (`takes_int_x`) makes it
         (fused.NORM_CONFIG "int_out"), and the norm before a MoE routes for it where `norm_route`
         says so ("router"): the same results, no `_int_x` launch on a norm's output, no router
-        launch of its own."""
-        attn = self.attn
-        if attn.takes_int_x(x):
-            normed, x_int = self.attn_norm(x, int_form=True)
+        launch of its own. Only between modules that run their own forward (`runs_own_forward`):
+        a replaced one gets `forward`'s plain calls."""
+        attn, attn_norm = self.attn, self.attn_norm
+        if runs_own_forward(attn) and runs_own_forward(attn_norm) and attn.takes_int_x(x):
+            normed, x_int = attn_norm(x, int_form=True)
             h = attn(normed, start_pos, x_int)
         else:
-            h = attn(self.attn_norm(x), start_pos)
+            h = attn(attn_norm(x), start_pos)
         if not self.is_moe:
             x, normed = self.ffn_norm(x, h)
             return x + self.ffn(normed)
         moe, ffn_norm = self.moe, self.ffn_norm
-        if h.dtype == torch.float32 and h.shape == x.shape:
+        if (
+            h.dtype == torch.float32
+            and h.shape == x.shape
+            and runs_own_forward(moe)
+            and runs_own_forward(ffn_norm)
+        ):
             int_form = moe.takes_int_x(x)
             route = moe.norm_route(x, h, ffn_norm)
             if route is not None:
@@ -664,3 +685,7 @@ class Mixtral(nn.Module):
             x = x.to(self.placement.head)
         logits = self.head(self.norm(x))
         return logits if logits.dtype == torch.float32 else logits.float()
+
+
+# Each class's forward as defined above (`runs_own_forward`), taken before anything can replace it.
+_DEFINED_FORWARDS = {cls: cls.forward for cls in (RMSNorm, Attention, Router, MoE)}
