@@ -16,8 +16,10 @@
 #    llama-bench (model.json), bench_trace.py (trace.json), profile_decode.py (profile.json).
 # 5. Op level: qkv's one launch and the norm's router both ways (bench_fused.py), the eager decode
 #    step's host time traced and untraced (bench_host.py).
-# SETTINGS_FILE (lines `name|config JSON|test words`) replaces SETTINGS; TEST_S and TEST_RESERVE
-# bound the tests (200 s, cut to leave 400), SETTINGS_RESERVE the settings (cut to leave 280 s);
+# SETTINGS_FILE (lines `name|config JSON|test words`) replaces SETTINGS; TEST_FILES (spaces
+# between) and TESTS_K choose the cuda tests; TEST_S and TEST_RESERVE
+# bound the tests (200 s, cut to leave 400), SETTINGS_RESERVE the settings (cut to leave 280 s),
+# TRACE_REPEATS the traced runs (5);
 # EXTRAS=0 stops after step 4's bench_model beside
 # llama-bench. Each step is cut to the time left. Logs and JSON go to OUT, with times.txt (when each step
 # ended) and head.txt (each setting's figures, the one chosen); OUT/r.tgz holds them all, renewed
@@ -65,8 +67,9 @@ if [ -n "$LLAMA_SRC" ]; then
   echo "build rc=$? at $((SECONDS - T0))" >>"$R/build.txt"; tail -3 /tmp/lbb.log >>"$R/build.txt") &
 fi
 
-timeout "$(t "${TEST_S:-200}" "${TEST_RESERVE:-400}")" python3 -m pytest -q -p no:cacheprovider -m cuda -rfE tests/test_quant_fused.py \
-  tests/test_model_decode.py tests/test_quant_launch.py tests/test_q4_k_interleave.py -k "$TESTS_K" -n 4 >"$R/tests.log" 2>&1
+read -ra TEST_FILES <<<"${TEST_FILES:-tests/test_quant_fused.py tests/test_model_decode.py tests/test_quant_launch.py tests/test_q4_k_interleave.py}"
+timeout "$(t "${TEST_S:-200}" "${TEST_RESERVE:-400}")" python3 -m pytest -q -p no:cacheprovider -m cuda -rfE \
+  "${TEST_FILES[@]}" -k "$TESTS_K" -n 4 >"$R/tests.log" 2>&1
 at tests
 grep -E "^(FAILED|ERROR)|passed|failed" "$R/tests.log" | tail -12
 for _ in $(seq 90); do grep -q "synth rc" "$R/synth.log" && break; sleep 2; done
@@ -123,8 +126,8 @@ timeout "$(t 120 150)" env HARNESS_CONFIG="$CFG" python3 benchmarks/with_config.
 at model
 grep -h "tokens_per_second_median\|ratio_\|tg128\|pp512\|peak_gpu" "$R/model.json"
 [ "${EXTRAS:-1}" = 0 ] && exit 0
-timeout "$(t 130 45)" env HARNESS_CONFIG="$CFG" python3 benchmarks/with_config.py benchmarks/bench_trace.py \
-  --model "$MODEL" --device cuda --decode 128 --repeats 5 --sample-every 16 --host-profile 40 \
+timeout "$(t $((40 + 20 * ${TRACE_REPEATS:-5})) 45)" env HARNESS_CONFIG="$CFG" python3 benchmarks/with_config.py benchmarks/bench_trace.py \
+  --model "$MODEL" --device cuda --decode 128 --repeats "${TRACE_REPEATS:-5}" --sample-every 16 --host-profile 40 \
   --name mixtral-8x7b-Q4_K_M-cuda-d128 --out "$R/trace.json" >"$R/trace.log" 2>&1
 at trace
 tail -4 "$R/trace.log"
