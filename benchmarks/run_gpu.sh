@@ -38,8 +38,8 @@ t() { # t MAX [RESERVE]: MAX seconds, or what is left after RESERVE (at least 1:
   b=$((a < b ? a : b))
   echo $((b < 1 ? 1 : b))
 }
-at() {
-  echo "$1 at $((SECONDS - T0))" | tee -a "$R/times.txt"
+at() { # (with the host's load: the eager and traced runs are host-bound)
+  echo "$1 at $((SECONDS - T0)), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$R/times.txt"
   tar czf "$OUT/r.tgz" -C "$OUT" run 2>/dev/null
 }
 # name|config JSON|words of the tests that must pass for it
@@ -68,9 +68,15 @@ if [ -n "$LLAMA_SRC" ]; then
 fi
 
 read -ra TEST_FILES <<<"${TEST_FILES:-tests/test_quant_fused.py tests/test_model_decode.py tests/test_quant_launch.py tests/test_q4_k_interleave.py}"
-timeout "$(t "${TEST_S:-200}" "${TEST_RESERVE:-400}")" python3 -m pytest -q -p no:cacheprovider -m cuda -rfE \
-  "${TEST_FILES[@]}" -k "$TESTS_K" -n 4 >"$R/tests.log" 2>&1
+# In a process group of its own, killed whole after: xdist workers left running by the timeout
+# would load the host and the GPU while the benchmarks run.
+setsid timeout "$(t "${TEST_S:-200}" "${TEST_RESERVE:-400}")" python3 -m pytest -q -p no:cacheprovider -m cuda \
+  -rfE "${TEST_FILES[@]}" -k "$TESTS_K" -n 4 >"$R/tests.log" 2>&1 &
+TESTS_PID=$!
+wait "$TESTS_PID"
+kill -9 -- "-$TESTS_PID" 2>/dev/null
 at tests
+nvidia-smi --query-compute-apps=pid,name,used_memory --format=csv >>"$R/gpu.txt"
 grep -E "^(FAILED|ERROR)|passed|failed" "$R/tests.log" | tail -12
 for _ in $(seq 90); do grep -q "synth rc" "$R/synth.log" && break; sleep 2; done
 cat "$R/synth.log"
