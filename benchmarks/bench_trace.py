@@ -216,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             "load_s": round(load_s, 3),
             "median_wall_s": {k: round(v, 5) for k, v in med.items()},
             "ratio_wall": {k: round(v / med["untraced"], 3) for k, v in med.items() if k != "untraced"},
+            # each repeat's traced run over the untraced run next to it, the median of those: a
+            # host whose load drifts between repeats moves both runs of a pair alike
+            "ratio_wall_paired": {
+                k: round(statistics.median(t / u for t, u in zip(v, wall["untraced"], strict=True)), 3)
+                for k, v in wall.items()
+                if k != "untraced"
+            },
             "ratio_cpu_time": {
                 k: round(v / med_cpu["untraced"], 3) for k, v in med_cpu.items() if k != "untraced"
             },
@@ -246,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(out.read_text()) if out.exists() else {}
     results[name] = result
     out.write_text(json.dumps(results, indent=1) + "\n")
-    ratios = ", ".join(f"{k} x{v}" for k, v in result["ratio_wall"].items())
+    ratios = ", ".join(
+        f"{k} x{v} (paired x{result['ratio_wall_paired'][k]})" for k, v in result["ratio_wall"].items()
+    )
     print(
         f"{name}: untraced {med['untraced']:.3f}s; {ratios}; {events} events "
         f"({result['events_per_decoded_token']} per decoded token), "

@@ -168,8 +168,8 @@ def test_format_results_md_json_csv(tiny):
 
 def test_bench_trace_reports_events_per_decoded_token(tiny, tmp_path, monkeypatch):
     """benchmarks/bench_trace.py on the CPU: its JSON has the decode steps' events per token, and
-    they and the prefill's add up to the whole trace; each mode's garbage collections; the
-    traces it wrote are deleted."""
+    they and the prefill's add up to the whole trace; each mode's garbage collections; each traced
+    mode's ratio to the untraced run of the same repeat; the traces it wrote are deleted."""
     import importlib.util
     import tempfile
     from pathlib import Path
@@ -193,6 +193,11 @@ def test_bench_trace_reports_events_per_decoded_token(tiny, tmp_path, monkeypatc
     assert per_token > 0 and result["events_prefill"] > 0
     assert result["events_prefill"] + 3 * per_token == pytest.approx(result["events_full"], abs=0.2)
     assert set(result["gc"]) == {"untraced", "full", "sampled2"} and result["gc_tracked_objects"] > 0
+    wall = result["wall_s"]  # one repeat: each paired ratio is that repeat's own
+    for mode in ("full", "sampled2"):
+        assert result["ratio_wall_paired"][mode] == pytest.approx(
+            wall[mode][0] / wall["untraced"][0], abs=1.5e-3
+        )
     assert list(scratch.iterdir()) == []
 
 
