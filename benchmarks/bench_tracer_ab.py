@@ -10,6 +10,13 @@ harness is this tree's), e.g. `git archive <rev> | tar -x -C /tmp/base`.
 Per op added over untraced, microseconds: `steady` from the median step (a tracer's first step
 apart: it writes each new kind of event's line), `run` from whole runs of `--steps` steps; the
 first traced step's ms apart. Asserts nothing but that every traced run is clean.
+
+`--floors` also times, in the same turns, what any tracer of this design pays before its own
+bookkeeping: `nop` (a dispatch mode that only runs each op, bench_trace.py's), `facts` (one that
+also reads every tensor's device, dtype and shape, bench_tracer_per_op.py's) and `modules` (this
+tree's `Tracer` with a dispatch that only runs each op: its module-call watch, root hooks and
+per-call flush, no per-op work). `this - facts - (modules - nop)` is the tracer's per-op
+bookkeeping (module, source line, weight names, matching a repeat, writing).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_host  # noqa: E402
+from bench_trace import NopMode  # noqa: E402
+from bench_tracer_per_op import FactsMode  # noqa: E402
 
 import harness.trace.tracer as this  # noqa: E402
 
@@ -59,6 +68,13 @@ def load_base(base: Path):
     return tracer
 
 
+class _ModulesOnly(this.Tracer):
+    """This tree's tracer without its per-op work: each op only runs (the `modules` floor)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func._op(*args, **kwargs) if kwargs else func._op(*args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", type=Path, required=True, help="a checkout holding the base harness/trace")
@@ -66,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--runs", type=int, default=11)
     p.add_argument("--out", default=None)
+    p.add_argument("--floors", action="store_true", help="also time the nop, facts and modules floors")
     args = p.parse_args(argv)
     base = load_base(args.base)
     bench_host.stub_launches()
@@ -76,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             "base": lambda: base.Tracer(model, path=tmp / "base.jsonl"),
             "this": lambda: this.Tracer(model, path=tmp / "this.jsonl"),
         }
+        if args.floors:
+            make |= {
+                "nop": NopMode,
+                "facts": FactsMode,
+                "modules": lambda: _ModulesOnly(model, path=tmp / "modules.jsonl"),
+            }
         steps: dict[str, list[float]] = {m: [] for m in make}
         first: dict[str, list[float]] = {m: [] for m in make}
         runs: dict[str, list[float]] = {m: [] for m in make}
@@ -92,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             first[mode].append(ms[0])
             steps[mode].extend(ms[1:])
             runs[mode].append(sum(ms) / len(ms))
-            if mode != "untraced":
+            if mode in ("base", "this"):
                 if tracer.verdict != "clean":
                     raise SystemExit(f"{mode}: {tracer.verdict}, not clean")
                 events[mode] = tracer.summary.events / args.steps
@@ -115,10 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "events_per_step": per_step,
         "us_per_op_added": {
-            kind: {m: round((med[m] - med["untraced"]) * 1e3 / per_step, 2) for m in ("base", "this")}
+            kind: {m: round((med[m] - med["untraced"]) * 1e3 / per_step, 2) for m in make if m != "untraced"}
             for kind, med in (("steady", step), ("run", whole))
         },
         "first_step_ms": {m: round(statistics.median(v), 3) for m, v in first.items()},
+        # (with --floors) this tree's tracer's own per-op work, steady: over the facts floor, the
+        # module-call watch's share (modules - nop) apart
+        "bookkeeping_us_per_op": (
+            round((step["this"] - step["facts"] - step["modules"] + step["nop"]) * 1e3 / per_step, 2)
+            if args.floors
+            else None
+        ),
         "step_ms": {m: round(v, 4) for m, v in step.items()},
         "layers": args.layers,
         "steps_per_run": args.steps,
