@@ -6,11 +6,7 @@ subprocess: TRITON_INTERPRET is read before the kernels are defined) or on a GPU
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,17 +15,23 @@ import pytest
 import torch
 
 from harness.quant.types import GGMLType
+from tests.test_q4_k_interleave import (
+    _check,
+    prefill_switch_cases,
+    qkv_switch_cases,
+    read_switch_cases,
+    run_cases,
+)
+from tests.test_q4_k_interleave import _interpreted_cases as _interpreted_in
 from tests.test_quant_fused import (
     INT_X_FORMS,
     _cuobjdump,
     _cuobjdump_tool,
     _extreme_weight,
     _matvec_sm_90,
-    _pairs_inputs,
-    _product_args,
     _random_weight,
-    _same_bits,
 )
+from tests.test_quant_fused import _interleaving as _switch
 
 REPO = Path(__file__).resolve().parents[1]
 Q6 = GGMLType.Q6_K
@@ -39,17 +41,9 @@ Q6 = GGMLType.Q6_K
 LAYOUT_SHAPES = ((), 8, 2048), ((3,), 16, 4096), ((2,), 40, 2048), ((), 32, 4096)
 
 
-@contextlib.contextmanager
 def _interleaving(on: bool = True):
     """`kernel_weight` interleaving packed Q6_K (PACK_CONFIG "q6_k_interleave") or not, inside."""
-    from harness.quant import fused
-
-    before = fused.PACK_CONFIG["q6_k_interleave"]
-    fused.PACK_CONFIG["q6_k_interleave"] = on
-    try:
-        yield
-    finally:
-        fused.PACK_CONFIG["q6_k_interleave"] = before
+    return _switch(on, "q6_k_interleave")
 
 
 def _q6_k(lead: tuple, rows: int, cols: int, rng, make=_random_weight) -> torch.Tensor:
@@ -160,59 +154,22 @@ def _prepared_pair(stacks: list[torch.Tensor], cols: int):
 
 def _read_cases(device: str, small: bool, rng) -> list[dict]:
     """`fused._product` (decode sizes) of interleaved Q6_K against the row-major packed weights'
-    "int" read, bit for bit: every form of INT_X_FORMS (gated and not, routed and dense, out_div 1
-    and 2, one split and a split per super-block) at 1 (or 2) and 4 pairs under READ_SETTINGS (on
-    a GPU READ_SETTINGS_GPU, and the output head, dense, at 1 and 4) (the interleaved weight
-    under `matvec_path` "vec": it reads "int" whatever the path)."""
+    "int" read, bit for bit (`read_switch_cases`): every form of INT_X_FORMS (gated and not,
+    routed and dense, out_div 1 and 2, one split and a split per super-block) at 1 (or 2) and 4
+    pairs under READ_SETTINGS (on a GPU READ_SETTINGS_GPU, and the output head, dense)."""
     from harness.quant import fused
 
-    results = []
-    cfg = fused.INT_MATVEC_CONFIG[Q6]
-    saved, before = dict(cfg), (fused.matvec_path, fused.int_x_path)
     shapes = READ_SHAPES_SMALL if small else READ_SHAPES_FULL
-    settings = READ_SETTINGS if small else READ_SETTINGS_GPU
     weights = {}  # per shape: (row-major (stacks, code), interleaved (stacks, code)), made once
     for kind, (rows, cols, n_exp) in shapes.items():
         stacks = [_q6_k((n_exp,), rows, cols, rng).to(device) for _ in range(1 if kind == "head" else 2)]
         weights[kind] = _prepared_pair(stacks, cols)
+        assert weights[kind][1][1] & fused.INTERLEAVED and not weights[kind][0][1] & fused.INTERLEAVED
     forms = [(*form, "gate_up" if form[0] else "down") for form in INT_X_FORMS]
     if "head" in shapes:
         forms += [(False, False, 1, "one", "head")]
-    try:
-        for gated, routed, out_div, splits, kind in forms:
-            rows, cols, n_exp = shapes[kind]
-            (plain, plain_code), (inter, inter_code) = weights[kind]
-            assert inter_code & fused.INTERLEAVED and not plain_code & fused.INTERLEAVED
-            for n_pairs in sorted({out_div, 4}):
-                x, x_div, experts, scale = _pairs_inputs(n_pairs, routed, cols, n_exp, 1e4, rng)
-                u_plain, u_inter = (plain[1], inter[1]) if gated else (None, None)
-                want_args = _product_args(
-                    x, plain[0], u_plain, plain_code, rows, experts, x_div, scale, device
-                )
-                got_args = _product_args(
-                    x, inter[0], u_inter, inter_code, rows, experts, x_div, scale, device
-                )
-                for prefetch, int_x in settings if n_pairs == 4 else settings[:2]:
-                    cfg.clear()
-                    cfg.update(saved, prefetch=prefetch)
-                    cfg[fused.split_setting(gated, routed)] = (
-                        (0 if gated else 1) if splits == "one" else 64 * fused.MATVEC_MAX_ROWS
-                    )
-                    fused.int_x_path = int_x
-                    fused.matvec_path = "int"
-                    want = fused._product(*want_args, out_div=out_div)
-                    fused.matvec_path = "vec"
-                    got = fused._product(*got_args, out_div=out_div)
-                    results.append({
-                        "case": f"read {kind} {'gated' if gated else 'plain'} {'routed' if routed else 'dense'} "
-                        f"out_div={out_div} splits={splits} pairs={n_pairs} prefetch={prefetch} x {int_x}",
-                        "same_bits": _same_bits(got, want),
-                    })  # fmt: skip
-    finally:
-        cfg.clear()
-        cfg.update(saved)
-        fused.matvec_path, fused.int_x_path = before
-    return results
+    settings = READ_SETTINGS if small else READ_SETTINGS_GPU
+    return read_switch_cases(device, Q6, shapes, weights, forms, settings, rng)
 
 
 def _qkv_cases(device: str, small: bool, rng) -> list[dict]:
@@ -220,89 +177,20 @@ def _qkv_cases(device: str, small: bool, rng) -> list[dict]:
     row-major, bit for bit, at 1 and 4 tokens: q Q4_K with k and v Q6_K (one
     `_matvec_two_runs_kernel` launch), and q, k, v all Q6_K (one run of one buffer, `pack_rows`:
     its groups stay whole). The launches of each are recorded."""
-    from harness.quant import fused
-    from harness.quant.launch import unbound
-
-    family = {fused._matvec_kernel, fused._matvec_two_runs_kernel}
-    original, launched = fused.launch, []
-
-    def counted(kernel, *a, **kw):
-        fn, _ = unbound(kernel, kw)
-        if fn in family:
-            launched.append(fn.__name__)
-        return original(kernel, *a, **kw)
-
-    q_rows, kv_rows, cols = (64, 32, 2048) if small else (4096, 1024, 4096)
-    results, saved = [], dict(fused.QKV_CONFIG)
-    try:
-        fused.QKV_CONFIG.update(one_launch=True, one_launch_rows=fused.MATVEC_MAX_ROWS)
-        fused.launch = counted
-        for q_type in (GGMLType.Q4_K, Q6):
-            types = (q_type, Q6, Q6)
-            raws = [
-                _random_weight(t, r, cols, rng).to(device)
-                for t, r in zip(types, (q_rows, kv_rows, kv_rows), strict=True)
-            ]
-            xs = [torch.randn(t, cols, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-                  for t in (1, 4)]  # fmt: skip
-            outs, launches = [], []
-            for on in (False, True):
-                with _interleaving(on):
-                    prepared = [fused.kernel_weight(raw, t, cols) for raw, t in zip(raws, types, strict=True)]
-                codes = [c for _, c in prepared]
-                weights = fused.pack_rows([w for w, _ in prepared], codes)
-                outs.append([])
-                launched.clear()
-                for x in xs:
-                    outs[-1].append(torch.ops.harness.qkv(x.to(device), *weights, *codes).cpu())
-                launches.append(list(launched))
-            results.append({
-                "case": f"qkv q {q_type.name}, k v Q6_K", "codes": codes, "launches": launches,
-                "same_bits": all(_same_bits(a, b) for a, b in zip(*outs, strict=True)),
-            })  # fmt: skip
-    finally:
-        fused.QKV_CONFIG.update(saved)
-        fused.launch = original
-    return results
+    shape = (64, 32, 2048) if small else (4096, 1024, 4096)
+    return qkv_switch_cases(device, [(GGMLType.Q4_K, Q6, Q6), (Q6, Q6, Q6)], shape, _interleaving, rng)
 
 
 def _prefill_cases(device: str, small: bool, rng) -> list[dict]:
     """`fused._product` past the decode sizes (prefill) of interleaved Q6_K against the row-major
-    packed layout's, bit for bit, under each of PREFILL_PATHS: gated routed, routed with scales,
-    dense; and a WIDE weight (values beyond float16: "tiled" in float32 whatever the path)."""
-    from harness.quant import fused
-
+    packed layout's, bit for bit, under each of PREFILL_PATHS (`prefill_switch_cases`): gated
+    routed, routed with scales, dense; and a WIDE weight ("tiled" in float32 whatever the path)."""
     rows, cols, n_exp = (24, 2048, 3) if small else (1024, 4096, 8)
-    n_pairs = fused.MATVEC_MAX_ROWS + 4
-    results, before = [], fused.prefill_path
-    try:
-        for make in (_random_weight, _extreme_weight):
-            stacks = [_q6_k((n_exp,), rows, cols, rng, make).to(device) for _ in range(2)]
-            (plain, plain_code), (inter, code) = _prepared_pair(stacks, cols)
-            for gated, routed in ((True, True), (False, True), (False, False)):
-                x, x_div, experts, scale = _pairs_inputs(n_pairs, routed, cols, n_exp, 10.0, rng)
-                u_plain, u_inter = (plain[1], inter[1]) if gated else (None, None)
-                want_args = _product_args(
-                    x, plain[0], u_plain, plain_code, rows, experts, x_div, scale, device
-                )
-                got_args = _product_args(x, inter[0], u_inter, code, rows, experts, x_div, scale, device)
-                for path in fused.PREFILL_PATHS:
-                    fused.prefill_path = path
-                    results.append({
-                        "case": f"prefill {path} {make.__name__} {'gated' if gated else 'plain'} "
-                        f"{'routed' if routed else 'dense'} code={code}",
-                        "same_bits": _same_bits(fused._product(*got_args), fused._product(*want_args)),
-                        "wide": bool(code & fused.WIDE),
-                    })  # fmt: skip
-    finally:
-        fused.prefill_path = before
-    return results
 
+    def layouts(make):
+        return _prepared_pair([_q6_k((n_exp,), rows, cols, rng, make).to(device) for _ in range(2)], cols)
 
-def _check(results: list[dict]) -> None:
-    assert results and all(r["same_bits"] for r in results), [
-        r["case"] for r in results if not r["same_bits"]
-    ]
+    return prefill_switch_cases(device, (rows, cols, n_exp), layouts, rng)
 
 
 def _check_qkv(results: list[dict]) -> None:
@@ -318,16 +206,8 @@ def _check_qkv(results: list[dict]) -> None:
 
 
 def _interpreted_cases(mode: str) -> list[dict]:
-    """The results of this file run as a script in `mode` on the CPU under the interpreter, with a
-    fresh seed, which a failure names."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
-    seed = str(int.from_bytes(os.urandom(4), "little"))
-    proc = subprocess.run(
-        [sys.executable, __file__, mode, "cpu", seed], capture_output=True, text=True, env=env, timeout=1800
-    )
-    assert proc.returncode == 0, f"interpreter subprocess failed (seed {seed}):\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """The results of this file run as a script in `mode` under the interpreter (`run_cases`)."""
+    return _interpreted_in(mode, __file__, timeout=1800)
 
 
 def test_interpreter_dequantizes_interleaved_q6_k_bit_for_bit():
@@ -433,13 +313,4 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     from harness.quant import fused  # noqa: F401
 
-    mode, device, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    cases = {"DEQUANT": _dequant_cases, "READ": _read_cases, "QKV": _qkv_cases, "PREFILL": _prefill_cases}[
-        mode
-    ]
-    args = (
-        (device, np.random.default_rng(seed))
-        if mode == "DEQUANT"
-        else (device, True, np.random.default_rng(seed))
-    )
-    print(json.dumps(cases(*args)))
+    run_cases({"DEQUANT": _dequant_cases, "READ": _read_cases, "QKV": _qkv_cases, "PREFILL": _prefill_cases})
