@@ -6,6 +6,7 @@ subprocess: TRITON_INTERPRET is read before the kernels are defined) or on a GPU
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from harness.quant.types import GGMLType
+from tests.test_model_decode import _interpreted
 from tests.test_q4_k_interleave import (
     _check,
     prefill_switch_cases,
@@ -227,6 +229,73 @@ def test_interpreter_prefill_of_interleaved_q6_k_matches_row_major_bit_for_bit()
 
 def test_interpreter_qkv_with_interleaved_q6_k_matches_row_major_bit_for_bit():
     _check_qkv(_interpreted_cases("QKV"))
+
+
+# -- the modules ----------------------------------------------------------------------------------------
+
+_MODULES_SCRIPT = """
+import json, sys, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from test_quant_fused import _random_weight
+from harness.model.mixtral import Experts
+from harness.quant import fused
+from harness.quant.qmatmul import QMatMul
+from harness.quant.qtensor import QTensor
+from harness.quant.types import GGMLType
+from harness.trace.tracer import Tracer
+
+rng = np.random.default_rng(7)
+q6, q4 = GGMLType.Q6_K, GGMLType.Q4_K
+head_raw = _random_weight(q6, 16, 2048, rng)
+gate = [QTensor(_random_weight(q4, 2048, 256, rng), q4, (2048, 256), f"g{e}") for e in range(3)]
+up = [QTensor(_random_weight(q4, 2048, 256, rng), q4, (2048, 256), f"u{e}") for e in range(3)]
+down_raw = [_random_weight(q6, 256, 2048, rng) for e in range(3)]
+x, xe = torch.randn(9, 2048), torch.randn(1, 256)
+chosen, weights = torch.tensor([[2, 0]]), torch.tensor([[0.75, 0.25]])
+
+def run(on):
+    fused.PACK_CONFIG["q6_k_interleave"] = on
+    head = QMatMul(QTensor(head_raw, q6, (16, 2048), "output.weight"))
+    down = [QTensor(r, q6, (256, 2048), f"d{e}") for e, r in enumerate(down_raw)]
+    experts = Experts(gate, up, down, torch.device("cpu"))
+    with Tracer(head, keep_events=True) as tracer:
+        y = [head(x[:1]), head(x)]
+    ops = [[e.op, list(e.tensors or ())] for e in tracer.events if not e.alias]
+    with Tracer(experts, keep_events=True) as tracer:
+        ye = experts(xe, weights, chosen)
+    moe_ops = [[e.op, sorted(e.tensors or ())] for e in tracer.events if not e.alias]
+    with fused.disabled():
+        y_torch = head(x[:1])
+    return {
+        "bits": [t.view(torch.int32).flatten().tolist() for t in (*y, ye)],
+        "torch_bits": y_torch.view(torch.int32).flatten().tolist(),
+        "head_code": head.kernel_qtype, "down_code": experts.kernel_qtypes["w2"],
+        "ops": ops, "moe_ops": moe_ops,
+        "gguf_bytes": torch.equal(fused.gguf_blocks(head.qweight, head.kernel_qtype), head_raw),
+        "expert_weight": torch.equal(experts.weight("w2", 1, torch.float32),
+                                     QTensor(down_raw[1], q6, (256, 2048)).dequantize(dtype=torch.float32)),
+    }
+
+print(json.dumps({"off": run(False), "on": run(True)}))
+"""
+
+
+def test_modules_with_interleaved_q6_k_give_the_same_bits_name_the_gguf_tensors_and_unpack():
+    """Under the interpreter, QMatMul (the head: 1 and 9 rows) and Experts (Q6_K downs) with the
+    switch on: their Q6_K weights are interleaved, the ops give the bits of the row-major packed
+    layout, a tracer sees the same ops naming the same GGUF tensors, and the torch path and
+    `Experts.weight` get the GGUF blocks back."""
+    from harness.quant import fused
+
+    stdout = _interpreted(_MODULES_SCRIPT, REPO / "tests")
+    off, on = (json.loads(stdout.strip().splitlines()[-1])[k] for k in ("off", "on"))
+    packed = int(Q6) | fused.PACKED
+    assert (off["head_code"], off["down_code"]) == (packed, packed)
+    assert (on["head_code"], on["down_code"]) == (packed | fused.INTERLEAVED,) * 2
+    assert on["bits"] == off["bits"] and on["torch_bits"] == off["torch_bits"]
+    assert on["ops"] == off["ops"] and all(op[1] == ["output.weight"] for op in on["ops"])
+    assert on["moe_ops"] == off["moe_ops"] and any("d2" in op[1] for op in on["moe_ops"])
+    assert on["gguf_bytes"] and on["expert_weight"]
 
 
 # -- sm_90 (no GPU) -----------------------------------------------------------------------------------
