@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                 compared_ways(f"{name} layout", ways, w.numel(), 2 * t * n * k)
         if args.sweep:  # the matrix-vector configurations of the layout the model uses
             matvec = fused.PACKED_MATVEC_CONFIG if code & fused.PACKED else fused.MATVEC_CONFIG
-            if code & fused.PACKED and qtype == T.Q4_K:  # interleaved: read "int" whatever the path
+            if fused._interleaved(code):  # interleaved Q4_K or Q6_K: read "int" whatever the path
                 matvec = fused.INT_MATVEC_CONFIG
             saved = dict(matvec[qtype]), dict(fused.MATMAT_CONFIG[qtype])
             x = torch.randn(1, k, device=dev)

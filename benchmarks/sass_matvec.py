@@ -39,7 +39,8 @@ from harness.quant.types import GGMLType, type_size  # noqa: E402
 T = GGMLType
 # (name, type, repacked weight, read: "tile"/"words" (the older reads), "vec" (wide loads, VEC),
 # "int" (integer dot products, INT, x quantized in the kernel: INT_X), "int-launch" (x from
-# `_int_x`'s launch), gated). Repacked Q4_K: fused.PACK_CONFIG "q4_k_interleave"'s layout.
+# `_int_x`'s launch), gated). Repacked Q4_K: fused.PACK_CONFIG "q4_k_interleave"'s layout; Q6_K's
+# repacked weight 2: its packed rows interleaved ("q6_k_interleave", the kernels' PACKED 2).
 READS = [
     ("Q4_K words", T.Q4_K, False, "words", False),
     ("Q4_K vec", T.Q4_K, False, "vec", False),
@@ -66,6 +67,8 @@ READS = [
     ("Q6_K packed int gated", T.Q6_K, True, "int", True),
     ("Q6_K packed int launch", T.Q6_K, True, "int-launch", False),
     ("Q6_K packed int launch gated", T.Q6_K, True, "int-launch", True),
+    ("Q6_K interleaved int", T.Q6_K, 2, "int", False),
+    ("Q6_K interleaved int launch", T.Q6_K, 2, "int-launch", False),
     ("Q8_0 tile", T.Q8_0, False, "tile", False),
     ("Q8_0 packed vec", T.Q8_0, True, "vec", False),
     ("Q8_0 packed vec gated", T.Q8_0, True, "vec", True),
@@ -76,7 +79,7 @@ READS = [
 ]
 
 
-def compile_matvec(qtype: GGMLType, packed: bool, read: str, gated: bool):
+def compile_matvec(qtype: GGMLType, packed: int, read: str, gated: bool):
     """`_matvec_kernel` compiled for sm_90 as `fused._product` launches it; and its config."""
     import triton
     from triton.backends.compiler import GPUTarget

@@ -58,8 +58,9 @@ def _shape(shape) -> str:
 
 
 def _type_name(code) -> str:
-    """A fused op's `qtype` argument in words: the GGML type, "packed" and "wide" as its flags say."""
-    from harness.quant.fused import PACKED, WIDE
+    """A fused op's `qtype` argument in words: the GGML type, "packed", "interleaved" and "wide" as
+    its flags say."""
+    from harness.quant.fused import INTERLEAVED, PACKED, WIDE
     from harness.quant.types import GGMLType
 
     if not isinstance(code, int):
@@ -68,7 +69,8 @@ def _type_name(code) -> str:
         name = GGMLType(code & 0xFF).name
     except ValueError:
         name = f"type {code & 0xFF}"
-    return name + (" packed" if code & PACKED else "") + (" wide" if code & WIDE else "")
+    flags = (" packed" if code & PACKED else "") + (" interleaved" if code & INTERLEAVED else "")
+    return name + flags + (" wide" if code & WIDE else "")
 
 
 def _in_features(row_bytes: int, code) -> int | None:

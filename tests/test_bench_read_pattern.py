@@ -29,3 +29,18 @@ def test_probe_sums_every_layout_and_read():
     }
     assert len(results) == 12
     assert [r for r in results if not r["match"]] == []
+
+
+def test_q6_k_probe_sums_both_layouts():
+    """`--q6k`: the packed Q6_K int read's loads, in the row-major packed and the interleaved
+    layouts, sum each row's words as torch does (each d word once a super-block)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "probe_read_pattern.py"), "--check", "--q6k"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(r["layout"] for r in results) == ["interleaved"] * 2 + ["packed"] * 2
+    assert [r for r in results if not r["match"]] == []

@@ -118,27 +118,41 @@ def _read_cases(device: str, small: bool, rng) -> list[dict]:
     whatever the path)."""
     from harness.quant import fused
 
-    results = []
-    cfg = fused.INT_MATVEC_CONFIG[Q4]
-    saved, before = dict(cfg), (fused.matvec_path, fused.int_x_path)
     shapes = READ_SHAPES_SMALL if small else READ_SHAPES_FULL
-    settings = READ_SETTINGS if small else READ_SETTINGS_GPU
-    weights = {}  # per shape: (GGUF stacks, interleaved stacks, code), made on the device once
+    weights = {}  # per shape: ((GGUF stacks, code), (interleaved stacks, code)), made on the device once
     for kind, (rows, cols, n_exp) in shapes.items():
         stacks = [_q4_k((n_exp,), rows, cols, rng).to(device) for _ in range(2)]
         with _interleaving():
             packed = [fused.kernel_weight(st, Q4, cols) for st in stacks]
-        weights[kind] = stacks, [w for w, _ in packed], packed[0][1]
+        weights[kind] = (stacks, int(Q4)), ([w for w, _ in packed], packed[0][1])
+    forms = [(*form, "gate_up" if form[0] else "down") for form in INT_X_FORMS]
+    settings = READ_SETTINGS if small else READ_SETTINGS_GPU
+    return read_switch_cases(device, Q4, shapes, weights, forms, settings, rng)
+
+
+def read_switch_cases(
+    device: str, qtype, shapes: dict, weights: dict, forms: list, settings, rng
+) -> list[dict]:
+    """`fused._product` at decode sizes of two layouts of the same weights, bit for bit: for each
+    form (gated, routed, out_div, splits "one" or "many", shape kind) at 1 (or 2) and 4 pairs,
+    under each of `settings` ((INT_MATVEC_CONFIG[qtype] "prefetch", `int_x_path`): all at 4 pairs,
+    the first two at fewer), weights[kind]'s first (stacks, code) read under `matvec_path` "int"
+    against its second under "vec" (an interleaved weight reads "int" whatever the path)."""
+    from harness.quant import fused
+
+    results = []
+    cfg = fused.INT_MATVEC_CONFIG[qtype]
+    saved, before = dict(cfg), (fused.matvec_path, fused.int_x_path)
     try:
-        for gated, routed, out_div, splits in INT_X_FORMS:
-            rows, cols, n_exp = shapes["gate_up" if gated else "down"]
-            stacks, packed, code = weights["gate_up" if gated else "down"]
+        for gated, routed, out_div, splits, kind in forms:
+            rows, cols, n_exp = shapes[kind]
+            (want_w, want_code), (got_w, got_code) = weights[kind]
             for n_pairs in sorted({out_div, 4}):
                 x, x_div, experts, scale = _pairs_inputs(n_pairs, routed, cols, n_exp, 1e4, rng)
-                gguf = _product_args(x, stacks[0], stacks[1] if gated else None, int(Q4), rows, experts, x_div,
-                                     scale, device)  # fmt: skip
-                inter = _product_args(x, packed[0], packed[1] if gated else None, code, rows, experts, x_div,
-                                      scale, device)  # fmt: skip
+                want_args, got_args = (
+                    _product_args(x, w[0], w[1] if gated else None, code, rows, experts, x_div, scale, device)
+                    for w, code in ((want_w, want_code), (got_w, got_code))
+                )
                 for prefetch, int_x in settings if n_pairs == 4 else settings[:2]:
                     cfg.clear()
                     cfg.update(saved, prefetch=prefetch)
@@ -147,11 +161,11 @@ def _read_cases(device: str, small: bool, rng) -> list[dict]:
                     )
                     fused.int_x_path = int_x
                     fused.matvec_path = "int"
-                    want = fused._product(*gguf, out_div=out_div)
+                    want = fused._product(*want_args, out_div=out_div)
                     fused.matvec_path = "vec"
-                    got = fused._product(*inter, out_div=out_div)
+                    got = fused._product(*got_args, out_div=out_div)
                     results.append({
-                        "case": f"read {'gated' if gated else 'plain'} {'routed' if routed else 'dense'} "
+                        "case": f"read {kind} {'gated' if gated else 'plain'} {'routed' if routed else 'dense'} "
                         f"out_div={out_div} splits={splits} pairs={n_pairs} prefetch={prefetch} x {int_x}",
                         "same_bits": _same_bits(got, want),
                     })  # fmt: skip
@@ -167,6 +181,17 @@ def _qkv_cases(device: str, small: bool, rng) -> list[dict]:
     GGUF's layout, bit for bit, at 1 and 4 tokens: q Q4_K with k and v packed Q8_0 (one
     `_matvec_two_runs_kernel` launch), and q, k, v all Q4_K (one run of one buffer, `pack_rows`:
     its tiles stay whole). The launches of each are recorded."""
+    shape = (64, 32, 512) if small else (4096, 1024, 4096)
+    return qkv_switch_cases(
+        device, [(Q4, GGMLType.Q8_0, GGMLType.Q8_0), (Q4, Q4, Q4)], shape, _interleaving, rng
+    )
+
+
+def qkv_switch_cases(device: str, type_sets: list[tuple], shape: tuple, switch, rng) -> list[dict]:
+    """`harness::qkv` (QKV_CONFIG "one_launch" for up to 8 tokens) on weights of each of
+    `type_sets` (q, k, v) of `shape` (q rows, k and v rows, values a row), prepared with the
+    context `switch(on)` off and on, at 1 and 4 tokens: whether the two give the same bits, the
+    codes with it on, and the matrix-vector launches of each."""
     from harness.quant import fused
     from harness.quant.launch import unbound
 
@@ -179,13 +204,12 @@ def _qkv_cases(device: str, small: bool, rng) -> list[dict]:
             launched.append(fn.__name__)
         return original(kernel, *a, **kw)
 
-    q_rows, kv_rows, cols = (64, 32, 512) if small else (4096, 1024, 4096)
+    q_rows, kv_rows, cols = shape
     results, saved = [], dict(fused.QKV_CONFIG)
     try:
         fused.QKV_CONFIG.update(one_launch=True, one_launch_rows=fused.MATVEC_MAX_ROWS)
         fused.launch = counted
-        for kv_type in (GGMLType.Q8_0, Q4):
-            types = (Q4, kv_type, kv_type)
+        for types in type_sets:
             raws = [
                 _random_weight(t, r, cols, rng).to(device)
                 for t, r in zip(types, (q_rows, kv_rows, kv_rows), strict=True)
@@ -194,7 +218,7 @@ def _qkv_cases(device: str, small: bool, rng) -> list[dict]:
                   for t in (1, 4)]  # fmt: skip
             outs, launches = [], []
             for on in (False, True):
-                with _interleaving(on):
+                with switch(on):
                     prepared = [fused.kernel_weight(raw, t, cols) for raw, t in zip(raws, types, strict=True)]
                 codes = [c for _, c in prepared]
                 weights = fused.pack_rows([w for w, _ in prepared], codes)
@@ -204,7 +228,7 @@ def _qkv_cases(device: str, small: bool, rng) -> list[dict]:
                     outs[-1].append(torch.ops.harness.qkv(x.to(device), *weights, *codes).cpu())
                 launches.append(list(launched))
             results.append({
-                "case": f"qkv q Q4_K, k v {kv_type.name}", "codes": codes, "launches": launches,
+                "case": f"qkv q {types[0].name}, k v {types[1].name}", "codes": codes, "launches": launches,
                 "same_bits": all(_same_bits(a, b) for a, b in zip(*outs, strict=True)),
             })  # fmt: skip
     finally:
@@ -220,27 +244,43 @@ def _prefill_cases(device: str, small: bool, rng) -> list[dict]:
     from harness.quant import fused
 
     rows, cols, n_exp = (64, 512, 3) if small else (1024, 4096, 8)
+
+    def layouts(make):
+        stacks = [_q4_k((n_exp,), rows, cols, rng, make).to(device) for _ in range(2)]
+        with _interleaving():
+            packed = [fused.kernel_weight(st, Q4, cols) for st in stacks]
+        code = packed[0][1]
+        return (stacks, int(Q4) | (code & fused.WIDE)), ([w for w, _ in packed], code)
+
+    return prefill_switch_cases(device, (rows, cols, n_exp), layouts, rng)
+
+
+def prefill_switch_cases(device: str, shape: tuple, layouts, rng) -> list[dict]:
+    """`fused._product` past the decode sizes (prefill) of two layouts of the same weights of
+    `shape` (rows, values a row, experts), bit for bit, under each of PREFILL_PATHS: gated routed
+    (moe_ffn's gate/up), routed with scales, dense; of random weights and of extreme ones (WIDE:
+    "tiled" in float32 whatever the path). layouts(make): ((W and U stacks, code) the reference,
+    (stacks, code) compared) of weights made by `make`."""
+    from harness.quant import fused
+
+    rows, cols, n_exp = shape
     n_pairs = fused.MATVEC_MAX_ROWS + 4
     results, before = [], fused.prefill_path
     try:
         for make in (_random_weight, _extreme_weight):
-            stacks = [_q4_k((n_exp,), rows, cols, rng, make).to(device) for _ in range(2)]
-            with _interleaving():
-                packed = [fused.kernel_weight(st, Q4, cols) for st in stacks]
-            code = packed[0][1]
+            (want_w, want_code), (got_w, code) = layouts(make)
             for gated, routed in ((True, True), (False, True), (False, False)):
                 x, x_div, experts, scale = _pairs_inputs(n_pairs, routed, cols, n_exp, 10.0, rng)
-                u, u_packed = (stacks[1], packed[1][0]) if gated else (None, None)
-                gguf = _product_args(
-                    x, stacks[0], u, int(Q4) | (code & fused.WIDE), rows, experts, x_div, scale, device
+                want_args, got_args = (
+                    _product_args(x, w[0], w[1] if gated else None, c, rows, experts, x_div, scale, device)
+                    for w, c in ((want_w, want_code), (got_w, code))
                 )
-                inter = _product_args(x, packed[0][0], u_packed, code, rows, experts, x_div, scale, device)
                 for path in fused.PREFILL_PATHS:
                     fused.prefill_path = path
                     results.append({
                         "case": f"prefill {path} {make.__name__} {'gated' if gated else 'plain'} "
                         f"{'routed' if routed else 'dense'} code={code}",
-                        "same_bits": _same_bits(fused._product(*inter), fused._product(*gguf)),
+                        "same_bits": _same_bits(fused._product(*got_args), fused._product(*want_args)),
                         "wide": bool(code & fused.WIDE),
                     })  # fmt: skip
     finally:
@@ -265,14 +305,14 @@ def _check_qkv(results: list[dict]) -> None:
     assert one_type["launches"] == [["_matvec_kernel"] * 2] * 2, one_type["launches"]
 
 
-def _interpreted_cases(mode: str) -> list[dict]:
-    """The results of this file run as a script in `mode` on the CPU under the interpreter, with a
-    fresh seed, which a failure names."""
+def _interpreted_cases(mode: str, script: str = __file__, timeout: int = 900) -> list[dict]:
+    """The results of this file (or `script`, as `run_cases` runs it) run as a script in `mode`
+    on the CPU under the interpreter, with a fresh seed, which a failure names."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
     seed = str(int.from_bytes(os.urandom(4), "little"))
     proc = subprocess.run(
-        [sys.executable, __file__, mode, "cpu", seed], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, script, mode, "cpu", seed], capture_output=True, text=True, env=env, timeout=timeout
     )
     assert proc.returncode == 0, f"interpreter subprocess failed (seed {seed}):\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -382,8 +422,8 @@ def test_interleaved_q4_k_reads_compile_for_sm_90_with_wide_loads_and_no_spills(
     signature = {"raw_ptr": "*u8", "out_ptr": "*fp16", "nblocks": "i64", "n": "i32", "row_bytes": "i32"}
     source = ASTSource(
         fn=fused._dequant_packed_kernel,
-        signature={**signature, "QT": "constexpr", "NB": "constexpr"},
-        constexprs={"QT": int(Q4), "NB": 16},
+        signature={**signature, "QT": "constexpr", "NB": "constexpr", "IL": "constexpr"},
+        constexprs={"QT": int(Q4), "NB": 16, "IL": False},
         attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 4)},
     )
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4}).asm["ptx"]
@@ -407,17 +447,17 @@ def test_cuda_interleaved_q4_k_matches_gguf_bit_for_bit_at_mixtral_shapes():
     _check_qkv(_qkv_cases("cuda", False, rng))
 
 
+def run_cases(cases: dict) -> None:
+    """A test file run as a script (`_interpreted_cases`): argv mode, device, seed; prints the
+    JSON results of cases[mode] (DEQUANT's take the device and a generator, the others also
+    True: the small shapes)."""
+    mode, device, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rng = np.random.default_rng(seed)
+    print(json.dumps(cases[mode](device, rng) if mode == "DEQUANT" else cases[mode](device, True, rng)))
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     from harness.quant import fused  # noqa: F401
 
-    mode, device, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    cases = {"DEQUANT": _dequant_cases, "READ": _read_cases, "QKV": _qkv_cases, "PREFILL": _prefill_cases}[
-        mode
-    ]
-    args = (
-        (device, np.random.default_rng(seed))
-        if mode == "DEQUANT"
-        else (device, True, np.random.default_rng(seed))
-    )
-    print(json.dumps(cases(*args)))
+    run_cases({"DEQUANT": _dequant_cases, "READ": _read_cases, "QKV": _qkv_cases, "PREFILL": _prefill_cases})

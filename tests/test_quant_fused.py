@@ -2473,16 +2473,17 @@ def _paths(rows: int, *codes: int) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _interleaving(on: bool = True):
-    """`kernel_weight` interleaving Q4_K weights (PACK_CONFIG "q4_k_interleave") or not, inside."""
+def _interleaving(on: bool = True, switch: str = "q4_k_interleave"):
+    """`kernel_weight` interleaving Q4_K weights (PACK_CONFIG "q4_k_interleave"; `switch`: that
+    PACK_CONFIG key's weights) or not, inside."""
     from harness.quant import fused
 
-    before = fused.PACK_CONFIG["q4_k_interleave"]
-    fused.PACK_CONFIG["q4_k_interleave"] = on
+    before = fused.PACK_CONFIG[switch]
+    fused.PACK_CONFIG[switch] = on
     try:
         yield
     finally:
-        fused.PACK_CONFIG["q4_k_interleave"] = before
+        fused.PACK_CONFIG[switch] = before
 
 
 def _layout_code(qtype, layout: str) -> int:
@@ -3263,14 +3264,21 @@ def test_prefill_kernels_compile_for_sm_90_with_wide_loads_without_a_gpu():
         (
             fused._dequant_packed_kernel,
             dequant,
-            {"QT": 14, "NB": 16},
+            {"QT": 14, "NB": 16, "IL": False},
+            (0, 1, 4),
+            ("ld.global.v4", "st.global.v4"),
+        ),
+        (  # the packed rows interleaved (PACK_CONFIG "q6_k_interleave")
+            fused._dequant_packed_kernel,
+            dequant,
+            {"QT": 14, "NB": 16, "IL": True},
             (0, 1, 4),
             ("ld.global.v4", "st.global.v4"),
         ),
         (
             fused._dequant_packed_kernel,
             dequant,
-            {"QT": 8, "NB": 128},
+            {"QT": 8, "NB": 128, "IL": False},
             (0, 1, 4),
             ("ld.global.v4", "st.global.v4"),
         ),

@@ -114,7 +114,16 @@ MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
 #   Q4_K's "prefetch" 2 227.71, at BN=64 with 2 warps 228.33, with "stages" 2 113.16. Beside
 #   llama-bench on the same machine right after: 229.19 against 185.69 (1.234x), prefill
 #   4,452 against 3,970 (1.121x); its cuda test passed there.
-PACK_CONFIG: dict[str, bool] = {"q4_k_interleave": True}
+# - "q6_k_interleave": packed Q6_K weights (always repacked, as planes) of out % 8 == 0 rows
+#   with the packed rows of each group of Q6_K_GROUP (8) rows interleaved in 16-byte chunks
+#   (`pack`, `_q6_k_moved`): the packed Q6_K int read's warp takes 8 rows x (half c, h) of a
+#   [BN, 2, 2, 4] tile (threads [8, 2, 2, 1] on sm_90), so each of its loads of a super-block
+#   (ql even quarters, ql odd, qh) reads 512 contiguous bytes, and a warp streams its group's
+#   bytes in order. As Q4_K's, only "int" knows the layout of the decode reads (taken under every
+#   `matvec_path`); the prefill's paths all read it. Off until timed on a GPU: the row-major
+#   packed rows already load whole 32-byte sectors (two threads a 32-byte run), so the gain
+#   is in lines and DRAM pages a load touches, not sectors, and is not known.
+PACK_CONFIG: dict[str, bool] = {"q4_k_interleave": True, "q6_k_interleave": False}
 # Weights in `pack`'s layout.
 PACKED_MATVEC_CONFIG: dict[GGMLType, dict[str, int]] = {
     T.Q6_K: {"BN": 16, "num_warps": 1, "stages": 1, "programs_per_sm": 8},
@@ -445,8 +454,9 @@ def _reads_int(code: int, path: str) -> bool:
 
 
 def _interleaved(code: int) -> bool:
-    """Whether a weight of `code` (`kernel_weight`'s) is Q4_K in `pack`'s interleaved layout."""
-    return code & 0xFF == T.Q4_K and bool(code & PACKED)
+    """Whether a weight of `code` (`kernel_weight`'s) is in an interleaved layout (`pack`): Q4_K
+    repacked, or Q6_K's packed rows interleaved (INTERLEAVED)."""
+    return bool(code & PACKED) and (code & 0xFF == T.Q4_K or bool(code & INTERLEAVED))
 
 
 def matvec_paths(code: int) -> tuple[str, ...]:
@@ -490,6 +500,8 @@ def supports_all(weights: list[tuple[GGMLType, torch.device, int]]) -> bool:
 PACKED = 1 << 8  # the blocks are in `pack`'s layout
 Q4_K_TILE = 32  # rows of a tile of interleaved Q4_K (`pack`)
 WIDE = 1 << 9  # some value is beyond float16's range: prefill keeps the weight in float32 (tiled)
+INTERLEAVED = 1 << 10  # (with PACKED) Q6_K's packed rows interleaved in groups of rows (`pack`)
+Q6_K_GROUP = 8  # rows of a group of interleaved Q6_K: the rows a warp of its int read takes
 HALF_MAX = 65504.0
 # Q6_K's 16 int8 scales of a block, as `pack` stores them: index 4f + 2c + h holds GGUF's
 # scale 8c + 2f + h (half c of the block, quarter f of the half, sub-block h of the quarter):
@@ -509,7 +521,7 @@ def packs(qtype: GGMLType, in_features: int, out_features: int) -> bool:
     kernels: Q6_K (210-byte blocks) and Q8_0 (34), whose blocks are 2-byte aligned (their bytes do
     not load as wide words), when their rows are whole multiples of 16 bytes, so that every plane
     of every row starts 16-byte aligned; Q4_K under PACK_CONFIG "q4_k_interleave" when its rows
-    make whole tiles of 32 (`pack`)."""
+    make whole tiles of 32 (`pack`). (Which packed Q6_K is also interleaved: `interleaves`.)"""
     if in_features % SUPER:
         return False
     if qtype == T.Q4_K:
@@ -517,6 +529,17 @@ def packs(qtype: GGMLType, in_features: int, out_features: int) -> bool:
     if qtype not in _PLANES:
         return False
     return in_features // block_size(qtype) * type_size(qtype) % 16 == 0
+
+
+def interleaves(qtype: GGMLType, in_features: int, out_features: int) -> bool:
+    """Whether a Q6_K weight that `packs` is also interleaved (`pack`'s interleave): under
+    PACK_CONFIG "q6_k_interleave", when its rows make whole groups of Q6_K_GROUP."""
+    return (
+        qtype == T.Q6_K
+        and PACK_CONFIG["q6_k_interleave"]
+        and out_features % Q6_K_GROUP == 0
+        and packs(qtype, in_features, out_features)
+    )
 
 
 def _planes(raw: torch.Tensor, qtype: GGMLType):
@@ -533,15 +556,18 @@ def _planes(raw: torch.Tensor, qtype: GGMLType):
     return lead, n, size, planes
 
 
-def pack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
+def pack(raw: torch.Tensor, qtype: GGMLType, interleave: bool = False) -> torch.Tensor:
     """Blocks [..., row_bytes] of a type in `_PLANES` in the kernels' layout, the same bytes
     moved: each row becomes planes, one per field, holding that field of all its blocks in
     turn (Q6_K: ql | qh | scales as `_Q6_K_SCALE_GRID` says | d; Q8_0: qs | d). Q4_K [..., out,
     row_bytes] (out % Q4_K_TILE == 0) interleaved: 16-byte chunk c of super-block s of row r at
     byte (((r // 32) * n_super + s) * 9 + c) * 512 + (r % 32) * 16 of its matrix (leading dims
-    outermost). A new tensor on raw's device, written field by field."""
+    outermost). Q6_K with `interleave` (out % Q6_K_GROUP == 0): the planes of each group of 8
+    rows then interleaved (`_q6_k_moved`). A new tensor on raw's device, written field by field."""
     if qtype == T.Q4_K:
         return _q4_k_moved(raw, to_packed=True)
+    if interleave and qtype != T.Q6_K:
+        raise ValueError(f"only Q6_K's packed rows interleave, not {qtype.name}'s")
     lead, n, size, planes = _planes(raw, qtype)
     blocks = raw.reshape(*lead, n, size)
     out = torch.empty_like(raw)
@@ -552,7 +578,7 @@ def pack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
         else:
             swapped = (grid[1], grid[0], *grid[2:])
             target.unflatten(-1, swapped).copy_(blocks[..., field].unflatten(-1, grid).transpose(-3, -2))
-    return out
+    return _q6_k_moved(out, to_interleaved=True) if interleave else out
 
 
 def _q4_k_moved(raw: torch.Tensor, to_packed: bool) -> torch.Tensor:
@@ -573,10 +599,57 @@ def _q4_k_moved(raw: torch.Tensor, to_packed: bool) -> torch.Tensor:
     return chunks.permute(*range(at), *order).contiguous().view(raw.shape)
 
 
-def unpack(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
-    """GGUF blocks [..., row_bytes] from `pack`'s layout (a new tensor; bit for bit the original)."""
+def _q6_k_moved(raw: torch.Tensor, to_interleaved: bool) -> torch.Tensor:
+    """Packed Q6_K rows [..., out, row_bytes] (`pack`'s planes) moved to the interleaved layout
+    (to_interleaved) or back: a new tensor of raw's shape. Each group of Q6_K_GROUP (8) rows
+    (leading dims outermost) is one run of bytes, row r8 of the group in the 16-byte lane r8
+    of each 128-byte run: per super-block s, 1664 bytes: its ql's words 16c + 8u + 4h + w4 (u:
+    quarters f = u, u + 2) at byte 512u + 256c + 128h + 16r8 + 4w4 (two 512-byte units, u = 0,
+    1), its qh's words 8c + 4h + w4 at 1024 + 256c + 128h + 16r8 + 4w4, its scale chunk at 1536
+    + 16r8; then (at 1664 n_super) the d plane's chunk j (super-blocks 8j..8j+7) at 128j + 16r8.
+    The int read's warp loads (8 rows x (c, h), 16 bytes a thread: `_q6_k_int_words`) are then
+    512 contiguous bytes each."""
+    raw = raw.contiguous()
+    lead, out, row_bytes = raw.shape[:-2], raw.shape[-2], raw.shape[-1]
+    n = row_bytes // 210
+    if out % Q6_K_GROUP or row_bytes != 210 * n or n % 8:
+        raise ValueError(
+            f"Q6_K interleaves whole groups of {Q6_K_GROUP} rows of 8k blocks, not {tuple(raw.shape)}"
+        )
+    moved = torch.empty_like(raw)
+    planes, grouped = (raw, moved) if to_interleaved else (moved, raw)
+    at = len(lead) + 1  # the axis after the group's: a row's in `planes`, a super-block's in `grouped`
+    rows = planes.view(*lead, out // 8, 8, row_bytes)  # (group, r8, ...)
+    runs = grouped.view(*lead, out // 8, 8 * row_bytes)
+    units = runs[..., : 1664 * n].view(*lead, out // 8, n, 104, 16)  # (group, s, chunk, byte)
+    pairs = (  # (a plane's chunks with axes in the group's order, the group's chunks)
+        # ql (r8, s, c, u, h) -> (s, u, c, h, r8)
+        (rows[..., : 128 * n].unflatten(-1, (n, 2, 2, 2, 16)).permute(*range(at - 1), at - 1, at + 1, at + 3,
+         at + 2, at + 4, at, at + 5), units[..., :64, :].unflatten(-2, (2, 2, 2, 8))),
+        # qh (r8, s, c, h) -> (s, c, h, r8)
+        (rows[..., 128 * n : 192 * n].unflatten(-1, (n, 2, 2, 16)).permute(*range(at - 1), at - 1, at + 1,
+         at + 2, at + 3, at, at + 4), units[..., 64:96, :].unflatten(-2, (2, 2, 8))),
+        # scales (r8, s) -> (s, r8)
+        (rows[..., 192 * n : 208 * n].unflatten(-1, (n, 16)).transpose(at, at + 1), units[..., 96:, :]),
+        # d (r8, j) -> (j, r8)
+        (rows[..., 208 * n :].unflatten(-1, (n // 8, 16)).transpose(at, at + 1),
+         runs[..., 1664 * n :].unflatten(-1, (n // 8, 8, 16))),
+    )  # fmt: skip
+    for plane, group in pairs:
+        if to_interleaved:
+            group.copy_(plane)
+        else:
+            plane.copy_(group)
+    return moved
+
+
+def unpack(raw: torch.Tensor, qtype: GGMLType, interleaved: bool = False) -> torch.Tensor:
+    """GGUF blocks [..., row_bytes] from `pack`'s layout (a new tensor; bit for bit the original;
+    `interleaved`: Q6_K packed with `pack`'s interleave)."""
     if qtype == T.Q4_K:
         return _q4_k_moved(raw, to_packed=False)
+    if interleaved:
+        raw = _q6_k_moved(raw, to_interleaved=False)
     lead, n, size, planes = _planes(raw, qtype)
     out = torch.empty_like(raw)
     blocks = out.view(*lead, n, size)
@@ -600,6 +673,8 @@ def kernel_weight(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> tuple
     if _max_magnitude(raw, qtype, in_features) > HALF_MAX:
         code |= WIDE
     if packs(qtype, in_features, raw.shape[-2]):
+        if interleaves(qtype, in_features, raw.shape[-2]):
+            return pack(raw, qtype, interleave=True), code | PACKED | INTERLEAVED
         return pack(raw, qtype), code | PACKED
     return raw, code
 
@@ -617,9 +692,17 @@ def placed_weight(
     return gguf_blocks(raw, code), int(qtype), False
 
 
+def _packed_form(code: int) -> int:
+    """The kernels' PACKED constexpr for a weight of `code`: 0 GGUF's blocks, 1 `pack`'s layout
+    (interleaved for Q4_K), 2 Q6_K's packed rows interleaved (INTERLEAVED)."""
+    if not code & PACKED:
+        return 0
+    return 2 if code & INTERLEAVED else 1
+
+
 def gguf_blocks(raw: torch.Tensor, code: int) -> torch.Tensor:
     """The GGUF blocks of a weight prepared by `kernel_weight` (raw itself unless repacked)."""
-    return unpack(raw, GGMLType(code & 0xFF)) if code & PACKED else raw
+    return unpack(raw, GGMLType(code & 0xFF), bool(code & INTERLEAVED)) if code & PACKED else raw
 
 
 def _max_magnitude(raw: torch.Tensor, qtype: GGMLType, in_features: int) -> float:
@@ -727,16 +810,17 @@ if triton is not None:
         return sc, mn
 
     @triton.jit
-    def _interleaved_rows(e, expert_bytes, n, N, row_bytes):
+    def _interleaved_rows(e, expert_bytes, n, N, row_bytes, TILE: tl.constexpr = 32):
         """The byte offset of chunk 0 of super-block 0 of rows n (< N; others row 0) of expert e
-        in interleaved Q4_K (`pack`)."""
-        return e * expert_bytes + _interleaved_row(tl.where(n < N, n, 0).to(tl.int64), row_bytes)
+        in interleaved Q4_K (`pack`; TILE 8: interleaved Q6_K's lane of the row, `_q6_k_moved`)."""
+        return e * expert_bytes + _interleaved_row(tl.where(n < N, n, 0).to(tl.int64), row_bytes, TILE)
 
     @triton.jit
-    def _interleaved_row(m, row_bytes):
+    def _interleaved_row(m, row_bytes, TILE: tl.constexpr = 32):
         """The byte offset of chunk 0 of super-block 0 of row m of a matrix of interleaved Q4_K
-        (`pack`): tiles of 32 rows, a row's chunks 16 bytes apart in its tile."""
-        return (m - m % 32) * row_bytes + (m % 32) * 16
+        (`pack`): tiles of 32 rows, a row's chunks 16 bytes apart in its tile (TILE 8: the
+        16-byte lane of row m in the runs of its group of 8 rows of interleaved Q6_K)."""
+        return (m - m % TILE) * row_bytes + (m % TILE) * 16
 
     @triton.jit
     def _tile_q4_k(raw, rowb, sb, P: tl.constexpr, IL: tl.constexpr = False):
@@ -854,16 +938,24 @@ if triton is not None:
         return w, cols
 
     @triton.jit
-    def _tile_q6_k_packed(raw, rowb, sb, n_super, P: tl.constexpr):
-        """Q6_K in `pack`'s layout (per row: ql planes | qh | scales | d): the tile of `_tile_q6_k`."""
+    def _tile_q6_k_packed(raw, rowb, sb, n_super, P: tl.constexpr, IL: tl.constexpr = False):
+        """Q6_K in `pack`'s layout (per row: ql planes | qh | scales | d): the tile of `_tile_q6_k`.
+        IL: interleaved (`_q6_k_moved`; rowb the row's lane, `_interleaved_rows` with TILE 8)."""
         row = rowb[:, None, None]  # [BN, 1, 1]
         c = tl.arange(0, 2)[None, :, None]
         l = tl.arange(0, 32)[None, None, :]
-        ql = (_byte(raw + row + sb * 128 + 64 * c + 32 * (P % 2) + l) >> (4 * (P // 2))) & 0xF
-        qh = (_byte(raw + row + 128 * n_super + sb * 64 + 32 * c + l) >> (2 * P)) & 3
-        scale = raw + row + 192 * n_super + sb * 16 + 4 * P + 2 * c + l // 16
+        if IL:  # ql byte 64c + 32u + 16h + i at 512u + 256c + 128h + i of the super-block's run
+            at = row + sb * 1664 + 256 * c + 128 * (l // 16) + l % 16
+            ql = (_byte(raw + at + 512 * (P % 2)) >> (4 * (P // 2))) & 0xF
+            qh = (_byte(raw + at + 1024) >> (2 * P)) & 3
+            scale = raw + row + sb * 1664 + 1536 + 4 * P + 2 * c + l // 16
+            d = _f16(raw + row + 1664 * n_super + (sb // 8) * 128 + 2 * (sb % 8))
+        else:
+            ql = (_byte(raw + row + sb * 128 + 64 * c + 32 * (P % 2) + l) >> (4 * (P // 2))) & 0xF
+            qh = (_byte(raw + row + 128 * n_super + sb * 64 + 32 * c + l) >> (2 * P)) & 3
+            scale = raw + row + 192 * n_super + sb * 16 + 4 * P + 2 * c + l // 16
+            d = _f16(raw + rowb[:, None, None] + 208 * n_super + 2 * sb)
         sc = tl.load(scale).to(tl.int8, bitcast=True).to(tl.float32)
-        d = _f16(raw + rowb[:, None, None] + 208 * n_super + 2 * sb)
         w = (d * sc) * ((ql | (qh << 4)) - 32).to(tl.float32)
         cols = sb * 256 + 128 * tl.arange(0, 2)[:, None] + 32 * P + tl.arange(0, 32)[None, :]
         return w, cols
@@ -897,13 +989,13 @@ if triton is not None:
     ):  # fmt: skip
         """[BN, CH] dequantized values of part P of super-block sb, and their CH columns of x
         (PACKED: the rows are in `pack`'s layout, rows of n_super super-blocks; interleaved Q4_K's
-        rowb from `_interleaved_rows`)."""
+        rowb from `_interleaved_rows`; PACKED 2: Q6_K's interleaved, rowb from it with TILE 8)."""
         if QT == 12 and PACKED:  # Q4_K, interleaved
             w, cols = _tile_q4_k(raw, rowb, sb, P, True)
         elif QT == 12:  # Q4_K
             w, cols = _tile_q4_k(raw, rowb, sb, P)
-        elif QT == 14 and PACKED:  # Q6_K, repacked
-            w, cols = _tile_q6_k_packed(raw, rowb, sb, n_super, P)
+        elif QT == 14 and PACKED:  # Q6_K, repacked (PACKED 2: interleaved)
+            w, cols = _tile_q6_k_packed(raw, rowb, sb, n_super, P, PACKED == 2)
         elif QT == 14:  # Q6_K
             w, cols = _tile_q6_k(raw, rowb, sb, P)
         elif QT == 8 and PACKED:  # Q8_0, repacked
@@ -1432,34 +1524,54 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _q6_k_dot_int(wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr):
+    def _q6_k_dot_int(
+        wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr, IL: tl.constexpr = False
+    ):
         """[BN, 2, 2] partial dot products (per half c, sub-block h of a quarter) of super-block
         sb of BN Q6_K rows in `pack`'s layout (words, as `_q6_k_dot_vec` reads them) with x as
         `_q4_k_dot_int` takes it. Value 128c + 32f + 4w + b (w = 4h + w4): its 6-bit q (0..63)
         is byte b of ((ql word >> 4(f // 2)) & 0x0F0F0F0F) | (qh word's bits 2f.. moved to
         4..5), ql word 16c + 8(f % 2) + w, qh word 8c + w; sub-block 8c + 2f + h, x block 4c + f.
-        The -32 of each value: 32 times the sum of x over the sub-block's 16 values."""
-        words = _q6_k_int_words(wq, roww, sb, n_super, None)
-        return _q6_k_dot_int_words(words, None, wq, roww, sb, n_super, xq, xs, xsum, BN, PTX)
+        The -32 of each value: 32 times the sum of x over the sub-block's 16 values. IL: the rows
+        interleaved (`_q6_k_moved`; roww each row's lane, `_interleaved_rows` with TILE 8, in
+        words)."""
+        words = _q6_k_int_words(wq, roww, sb, n_super, None, IL)
+        return _q6_k_dot_int_words(words, None, wq, roww, sb, n_super, xq, xs, xsum, BN, PTX, IL)
 
     @triton.jit
-    def _q6_k_int_words(wq, roww, sb, n_super, left):
+    def _q6_k_int_words(wq, roww, sb, n_super, left, IL: tl.constexpr = False):
         """The ql (even and odd quarters), qh and d words `_q6_k_dot_int` reads of super-block sb
-        of rows roww (left None: all; else only where the int left > 0, zeros elsewhere)."""
+        of rows roww (left None: all; else only where the int left > 0, zeros elsewhere). IL:
+        interleaved, a warp's (8 rows x (c, h)) load of each 512 contiguous bytes."""
         row = roww[:, None, None, None]  # [BN, 1, 1, 1]
         c = tl.arange(0, 2)[None, :, None, None]
         h = tl.arange(0, 2)[None, None, :, None]
         w4 = tl.arange(0, 4)[None, None, None, :]
-        ql_even = _load_where(wq + row + sb * 32 + 16 * c + 4 * h + w4, left)  # [BN, 2, 2, 4], f = 0, 2
-        ql_odd = _load_where(wq + row + sb * 32 + 16 * c + 8 + 4 * h + w4, left)  # f = 1, 3
-        qh = _load_where(wq + row + 32 * n_super + sb * 16 + 8 * c + 4 * h + w4, left)
-        d_word = _load_where(wq + roww + 52 * n_super + sb // 2, left)  # [BN]
+        if IL:  # per super-block 416 words: ql even | ql odd | qh as [c, h, row of 8, 4] | scales
+            at = wq + row + sb * 416 + 64 * c + 32 * h + w4
+            ql_even = _load_where(at, left)  # [BN, 2, 2, 4], f = 0, 2
+            ql_odd = _load_where(at + 128, left)  # f = 1, 3
+            qh = _load_where(at + 256, left)
+            d_word = _load_where(wq + roww + 416 * n_super + (sb // 8) * 32 + (sb % 8) // 2, left)  # [BN]
+        else:
+            ql_even = _load_where(wq + row + sb * 32 + 16 * c + 4 * h + w4, left)  # [BN, 2, 2, 4], f = 0, 2
+            ql_odd = _load_where(wq + row + sb * 32 + 16 * c + 8 + 4 * h + w4, left)  # f = 1, 3
+            qh = _load_where(wq + row + 32 * n_super + sb * 16 + 8 * c + 4 * h + w4, left)
+            d_word = _load_where(wq + roww + 52 * n_super + sb // 2, left)  # [BN]
         return ql_even, ql_odd, qh, d_word
 
     @triton.jit
-    def _q6_k_scale_words(wq, roww, sb, n_super, left):
+    def _q6_k_scales_at(roww, sb, n_super, IL: tl.constexpr = False):
+        """The word offsets [BN] of the first of the four scale words of super-block sb."""
+        if IL:
+            return roww + sb * 416 + 384
+        else:
+            return roww + 48 * n_super + sb * 4
+
+    @triton.jit
+    def _q6_k_scale_words(wq, roww, sb, n_super, left, IL: tl.constexpr = False):
         """The four scale words [BN] of super-block sb (quarters f = 0..3), as `_q6_k_int_words`."""
-        at = wq + roww + 48 * n_super + sb * 4
+        at = wq + _q6_k_scales_at(roww, sb, n_super, IL)
         return (
             _load_where(at, left),
             _load_where(at + 1, left),
@@ -1469,8 +1581,9 @@ if triton is not None:
 
     @triton.jit
     def _q6_k_dot_int_words(
-        words, scales, wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr
-    ):
+        words, scales, wq, roww, sb, n_super, xq, xs, xsum, BN: tl.constexpr, PTX: tl.constexpr,
+        IL: tl.constexpr = False,
+    ):  # fmt: skip
         """`_q6_k_dot_int` of the words `_q6_k_int_words` loaded, and the scale words
         `_q6_k_scale_words` loaded (scales None: each loaded here where it is used)."""
         ql_even, ql_odd, qh, d_word = words
@@ -1492,7 +1605,7 @@ if triton is not None:
             x_scale, x_sum = xs_f[f][None, :, None], xsum_f[f][None]
             dots = tl.sum(_dp4(x_lo_op, x_hi_op, low | high, False, PTX), axis=3)  # [BN, 2, 2]
             if scales is None:
-                scale_word = tl.load(wq + roww + 48 * n_super + sb * 4 + f)[:, None, None]
+                scale_word = tl.load(wq + _q6_k_scales_at(roww, sb, n_super, IL) + f)[:, None, None]
             else:
                 scale_word = scales[f][:, None, None]
             sc = ((scale_word << (24 - 8 * (2 * c3 + h3))) >> 24).to(tl.float32)  # int8, sign kept
@@ -1564,11 +1677,12 @@ if triton is not None:
         xp = x_ptr + (p // x_div).to(tl.int64) * x_stride
         n = pid_n * BN + tl.arange(0, BN)
         # interleaved Q4_K (`pack`): rowb is the byte offset of each row's chunk 0 of super-block
-        # 0, a super-block SB_WORDS words on, a chunk CS words on
-        IL: tl.constexpr = QT == 12 and PACKED
+        # 0, a super-block SB_WORDS words on, a chunk CS words on; interleaved Q6_K (PACKED 2,
+        # `_q6_k_moved`): the row's 16-byte lane in its group's runs
+        IL: tl.constexpr = (QT == 12 and PACKED) or (QT == 14 and PACKED == 2)
         CS: tl.constexpr = 128 if IL else 4
         if IL:
-            rowb = _interleaved_rows(e, expert_bytes, n, N, row_bytes)
+            rowb = _interleaved_rows(e, expert_bytes, n, N, row_bytes, 8 if QT == 14 else 32)
         else:
             rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
         acc = tl.zeros((BN,), dtype=tl.float32)
@@ -1600,32 +1714,32 @@ if triton is not None:
         W_AHEAD: tl.constexpr = PREFETCH == 1 or not GATED
         if PREFETCH and QT == 14:  # packed Q6_K int read: as below, its words and scale words
             roww = rowb // 4
-            w_next = _q6_k_int_words(w_ptr, roww, first, n_super, None)
-            ws_next = _q6_k_scale_words(w_ptr, roww, first, n_super, None)
+            w_next = _q6_k_int_words(w_ptr, roww, first, n_super, None, IL)
+            ws_next = _q6_k_scale_words(w_ptr, roww, first, n_super, None, IL)
             u_next, us_next = w_next, ws_next  # (ungated: unused)
             if GATED:
-                u_next = _q6_k_int_words(u_ptr, roww, first, n_super, None)
-                us_next = _q6_k_scale_words(u_ptr, roww, first, n_super, None)
+                u_next = _q6_k_int_words(u_ptr, roww, first, n_super, None, IL)
+                us_next = _q6_k_scale_words(u_ptr, roww, first, n_super, None, IL)
             for sb in tl.range(first, last, 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
                 more = last - 1 - sb
                 if W_AHEAD:
                     w_words, w_scales = w_next, ws_next
-                    w_next = _q6_k_int_words(w_ptr, roww, sb + 1, n_super, more)
-                    ws_next = _q6_k_scale_words(w_ptr, roww, sb + 1, n_super, more)
+                    w_next = _q6_k_int_words(w_ptr, roww, sb + 1, n_super, more, IL)
+                    ws_next = _q6_k_scale_words(w_ptr, roww, sb + 1, n_super, more, IL)
                 else:
-                    w_words = _q6_k_int_words(w_ptr, roww, sb, n_super, None)
-                    w_scales = _q6_k_scale_words(w_ptr, roww, sb, n_super, None)
+                    w_words = _q6_k_int_words(w_ptr, roww, sb, n_super, None, IL)
+                    w_scales = _q6_k_scale_words(w_ptr, roww, sb, n_super, None, IL)
                 u_words, u_scales = u_next, us_next
                 if GATED:
-                    u_next = _q6_k_int_words(u_ptr, roww, sb + 1, n_super, more)
-                    us_next = _q6_k_scale_words(u_ptr, roww, sb + 1, n_super, more)
+                    u_next = _q6_k_int_words(u_ptr, roww, sb + 1, n_super, more, IL)
+                    us_next = _q6_k_scale_words(u_ptr, roww, sb + 1, n_super, more, IL)
                 xq, xs, xs16 = _int_x_read(xp, xscale, xsum, sb, INT_X)
                 acc_i += _q6_k_dot_int_words(
-                    w_words, w_scales, w_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX
+                    w_words, w_scales, w_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX, IL
                 )
                 if GATED:
                     acc_i_u += _q6_k_dot_int_words(
-                        u_words, u_scales, u_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX
+                        u_words, u_scales, u_ptr, roww, sb, n_super, xq, xs, xs16, BN, PTX, IL
                     )
         elif PREFETCH:  # Q4_K/Q5_K int read: each step loads the next super-block's words first
             SB_WORDS: tl.constexpr = 44 if QT == 13 else 1152 if IL else 36
@@ -1666,9 +1780,9 @@ if triton is not None:
                             _q4_k_dot_int(u_ptr, blk, g3, w3, xq, xs, xs16, PTX, QT == 13, CS), axis=2
                         )
                 elif INT and QT == 14:  # Q6_K repacked, integer dot products
-                    acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
+                    acc_i += _q6_k_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX, IL)
                     if GATED:
-                        acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX)
+                        acc_i_u += _q6_k_dot_int(u_ptr, rowb // 4, sb, n_super, xq, xs, xs16, BN, PTX, IL)
                 elif INT:  # Q8_0 repacked, integer dot products
                     acc_i += _q8_0_dot_int(w_ptr, rowb // 4, sb, n_super, xq, xs, BN, PTX)
                     if GATED:
@@ -1921,6 +2035,8 @@ if triton is not None:
         n = pid_n * BN + tl.arange(0, BN)
         if QT == 12 and PACKED:
             rowb = _interleaved_rows(e, expert_bytes, n, N, row_bytes)
+        elif QT == 14 and PACKED == 2:  # interleaved Q6_K: each row's lane
+            rowb = _interleaved_rows(e, expert_bytes, n, N, row_bytes, 8)
         else:
             rowb = e * expert_bytes + tl.where(n < N, n, 0).to(tl.int64) * row_bytes
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -2076,7 +2192,9 @@ if triton is not None:
             tl.store(out + k0 + cols, tl.math.div_rn(v, peak).to(tl.float16), mask=m)
 
     @triton.jit
-    def _dequant_packed_kernel(raw_ptr, out_ptr, nblocks, n, row_bytes, QT: tl.constexpr, NB: tl.constexpr):
+    def _dequant_packed_kernel(
+        raw_ptr, out_ptr, nblocks, n, row_bytes, QT: tl.constexpr, NB: tl.constexpr, IL: tl.constexpr = False
+    ):
         """Blocks pid*NB.. (of all rows in turn, n a row) of a weight in `pack`'s layout written
         as the values harness.quant.kernels writes for the GGUF blocks, in out's dtype, the same
         arithmetic (bit for bit): the prefill's dequantization without unpacking first.
@@ -2085,7 +2203,8 @@ if triton is not None:
         qh[32c + 16(s % 2) + i], scale j at 4f + 2c + h of the scales plane (`_Q6_K_SCALE_GRID`:
         f = s // 2, h = s % 2); y = (d * sc) * (q - 32). Q8_0 (QT 8): y = qs[i] * d. Q4_K (QT 12,
         interleaved): tile rows (block, sub-block j of 32 values), value 32j + i = nibble j % 2 of
-        qs byte 32(j // 2) + i, block byte k in chunk k // 16 (`pack`); y = (d*sc)*q - dmin*m."""
+        qs byte 32(j // 2) + i, block byte k in chunk k // 16 (`pack`); y = (d*sc)*q - dmin*m.
+        IL (Q6_K): its packed rows interleaved (`_q6_k_moved`)."""
         pid = tl.program_id(0).to(tl.int64)
         SUB: tl.constexpr = 16 if QT == 14 else 32  # values of a tile row
         ROWS: tl.constexpr = NB * 16 if QT == 14 else NB * 8 if QT == 12 else NB
@@ -2110,10 +2229,17 @@ if triton is not None:
             j = r % 16
             c = j // 8
             s = j % 8
-            sc = tl.load(row + 192 * n + 16 * b + 4 * (s // 2) + 2 * c + s % 2).to(tl.int8, bitcast=True)
-            dl = (_f16(row + 208 * n + 2 * b) * sc.to(tl.float32))[:, None]
-            at_l = row + 128 * b + 64 * c + 16 * (s % 4)
-            at_h = row + 128 * n + 64 * b + 32 * c + 16 * (s % 2)
+            if IL:  # the row's lane (`_interleaved_row`, TILE 8), a super-block's run 1664 bytes on
+                lane = raw_ptr + _interleaved_row(g // n, row_bytes, 8)
+                sc = tl.load(lane + 1664 * b + 1536 + 4 * (s // 2) + 2 * c + s % 2).to(tl.int8, bitcast=True)
+                dl = (_f16(lane + 1664 * n + (b // 8) * 128 + 2 * (b % 8)) * sc.to(tl.float32))[:, None]
+                at_l = lane + 1664 * b + 512 * ((s % 4) // 2) + 256 * c + 128 * (s % 2)
+                at_h = lane + 1664 * b + 1024 + 256 * c + 128 * (s % 2)
+            else:
+                sc = tl.load(row + 192 * n + 16 * b + 4 * (s // 2) + 2 * c + s % 2).to(tl.int8, bitcast=True)
+                dl = (_f16(row + 208 * n + 2 * b) * sc.to(tl.float32))[:, None]
+                at_l = row + 128 * b + 64 * c + 16 * (s % 4)
+                at_h = row + 128 * n + 64 * b + 32 * c + 16 * (s % 2)
             ql = (_byte(at_l[:, None] + i[None, :]) >> (4 * (s // 4))[:, None]) & 0xF
             qh = (_byte(at_h[:, None] + i[None, :]) >> (2 * (s // 2))[:, None]) & 3
             y = dl * ((ql | (qh << 4)) - 32).to(tl.float32)
@@ -2704,7 +2830,7 @@ _PLANS: dict[tuple, tuple[dict, dict, _MatvecPlan]] = {}
 def _planned(
     code, in_features, out_features, n_pairs, out_div, gated, scaled, routed, device, path, int_x, cfg_items
 ):
-    qtype, packed = GGMLType(code & 0xFF), bool(code & PACKED)
+    qtype, packed = GGMLType(code & 0xFF), _packed_form(code)
     cfg = dict(cfg_items)
     unknown = sorted(set(cfg) - set(MATVEC_SETTING_KEYS))
     if unknown:
@@ -2798,7 +2924,7 @@ def _product_tiles(x, w, u, code, out_features, experts, x_div, scale, n_pairs, 
     dequantized weight on tensor cores (`_product_dequantized`) or `_matmat_kernel`."""
     if w.dim() == 2:
         w, u = w[None], None if u is None else u[None]
-    qtype, packed, wide = GGMLType(code & 0xFF), bool(code & PACKED), bool(code & WIDE)
+    qtype, packed, wide = GGMLType(code & 0xFF), _packed_form(code), bool(code & WIDE)
     w = w.contiguous()  # a merged stack's view already is
     u = None if u is None else u.contiguous()
     n_experts = w.shape[0]
@@ -3191,7 +3317,7 @@ def _product_dequantized(
     experts: torch.Tensor | None,
     x_div: int,
     scale: torch.Tensor | None,
-    packed: bool,
+    packed: int,
     routing: dict | None = None,
 ) -> torch.Tensor:
     """`_product` for many rows, written into `out` [P, N]: weights dequantized to float16 (bounded
@@ -3207,8 +3333,8 @@ def _product_dequantized(
     mats = [w] if u is None else [w, u]
 
     def half(m: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        if packed:  # read in place: no unpacked copy of the blocks
-            return _dequantize_packed(m, qtype, shape)
+        if packed:  # read in place: no unpacked copy of the blocks (2: interleaved Q6_K)
+            return _dequantize_packed(m, qtype, shape, packed == 2)
         return kernels.dequantize(m, qtype, shape, torch.float16)
 
     if experts is None:
@@ -3251,11 +3377,13 @@ def _product_dequantized(
     return out
 
 
-def _dequantize_packed(raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...]) -> torch.Tensor:
-    """A weight's blocks [..., rows, row_bytes] in `pack`'s layout (Q6_K, Q8_0, interleaved Q4_K)
-    as float16 values of `shape`, bit for bit `kernels.dequantize(unpack(raw, qtype), qtype,
-    shape, torch.float16)`, in one launch (`_dequant_packed_kernel`) that reads the blocks where
-    they are."""
+def _dequantize_packed(
+    raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...], interleaved: bool = False
+) -> torch.Tensor:
+    """A weight's blocks [..., rows, row_bytes] in `pack`'s layout (Q6_K, Q8_0, interleaved Q4_K;
+    `interleaved`: Q6_K's interleaved) as float16 values of `shape`, bit for bit
+    `kernels.dequantize(unpack(raw, qtype, interleaved), qtype, shape, torch.float16)`, in one
+    launch (`_dequant_packed_kernel`) that reads the blocks where they are."""
     raw = raw.contiguous()
     out = raw.new_empty(shape, dtype=torch.float16)  # from raw: a tracer sees which weight it is for
     values = shape[-1]
@@ -3264,8 +3392,8 @@ def _dequantize_packed(raw: torch.Tensor, qtype: GGMLType, shape: tuple[int, ...
         nb = 16 if qtype in (T.Q6_K, T.Q4_K) else 128  # 4096 values a program, as harness.quant.kernels
         with _launch_device(raw.device):
             launch(_dequant_packed_kernel, (_ceil_div(nblocks, nb),),
-                raw, out, nblocks, values // block_size(qtype), raw.shape[-1], QT=int(qtype), NB=nb, num_warps=4,
-                enable_fp_fusion=False,
+                raw, out, nblocks, values // block_size(qtype), raw.shape[-1], QT=int(qtype), NB=nb, IL=interleaved,
+                num_warps=4, enable_fp_fusion=False,
             )  # fmt: skip
     return out
 
