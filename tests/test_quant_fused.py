@@ -4256,6 +4256,57 @@ def test_matvec_launches_its_kernel_bound_to_the_plan_and_the_call_s_variant(mon
     assert len({id(b) for b in launched}) == 3 and launched[3] is launched[0] and launched[4] is launched[1]
 
 
+def test_attention_and_norm_route_launch_their_kernels_bound_once_a_set_of_keywords(monkeypatch):
+    """`_attention_kernels` and `_norm_route_call` launch their kernels bound (`launch.bind`) to
+    the launch's keywords, one bound kernel for each distinct set: the same call again takes the
+    same one, a call of more splits, of the int form or after a change of ATTENTION_CONFIG or
+    ROUTER_CONFIG another, with the new values (no keyword passed at the launch itself)."""
+    from harness.quant import fused
+    from harness.quant import launch as launch_module
+
+    launched = []
+
+    def noted(kernel, grid, *args, **kwargs):
+        assert isinstance(kernel, launch_module.Bound) and not kwargs
+        launched.append(kernel)
+
+    monkeypatch.setattr(fused, "launch", noted)  # (nothing runs: the kernels are noted)
+    monkeypatch.setattr(fused, "_programs_wanted", lambda device, per_sm=4: 4)
+    monkeypatch.setattr(fused, "ATTENTION_CONFIG", dict(fused.ATTENTION_CONFIG))
+    monkeypatch.setattr(fused, "ROUTER_CONFIG", dict(fused.ROUTER_CONFIG))
+    monkeypatch.setattr(fused, "_ATTENTION_KERNELS", {})
+    monkeypatch.setattr(fused, "_NORM_ROUTE_KERNELS", {})
+    n_kv, s_max, hd = 2, 64, 16
+    qkv = torch.randn(1, (4 + 2 * n_kv) * hd)
+    cache_k, cache_v = torch.zeros(n_kv, s_max, hd), torch.zeros(n_kv, s_max, hd)
+    cos, sin = torch.ones(s_max, hd // 2), torch.zeros(s_max, hd // 2)
+
+    def attend(start: int) -> launch_module.Bound:
+        fused._attention_kernels(qkv, cache_k, cache_v, cos, sin, None, start)
+        return launched[-1]
+
+    one = attend(5)  # 6 keys: one split; 64 keys: two of 32 (split_min_keys)
+    assert one.kernel is fused._attention_kernel and one.kwargs["SPLIT"] is False
+    assert attend(6) is one
+    split = attend(63)
+    assert split is not one and split.kwargs["SPLIT"] is True and split.kwargs["MERGE"] is True
+    fused.ATTENTION_CONFIG["num_warps"] = 8
+    assert attend(5) is not one and launched[-1].kwargs["num_warps"] == 8
+
+    x, weight, router = torch.randn(1, 256), torch.ones(256), torch.randn(8, 256)
+
+    def route(int_out: bool) -> launch_module.Bound:
+        fused._norm_route_call(x, x, weight, 1e-5, router, 2, 1e-6, int_out)
+        return launched[-1]
+
+    plain = route(False)
+    assert plain.kernel is fused._norm_route_kernel and plain.kwargs["INT_OUT"] is False
+    assert route(False) is plain
+    assert route(True) is not plain and launched[-1].kwargs["INT_OUT"] is True
+    fused.ROUTER_CONFIG["num_stages"] = 3
+    assert route(False) is not plain and launched[-1].kwargs["num_stages"] == 3
+
+
 def test_matvec_splits_follow_the_setting_key_of_the_product_kind(monkeypatch):
     """A product of one weight splits its super-blocks by the setting's "dense_programs_per_sm",
     a routed one by "programs_per_sm", a gated one by "gated_programs_per_sm"

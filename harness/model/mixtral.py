@@ -61,8 +61,10 @@ class RMSNorm(nn.Module):
         `route` (with residual: the MoE router's float32 weight and k, where `MoE.norm_route`
         gives them), the router's choice for the normed output last, (weights, experts), from
         the same op too (`harness::add_rms_norm_route`, `harness::add_rms_norm_int_route`)."""
+        # (nn.Module.__getattr__'s table, read directly: a tenth of the time)
+        weight = self._buffers["weight"]
         if route is not None:
-            args = (x, residual, self.weight, self.eps, *route, ROUTER_WEIGHT_SUM_MIN)
+            args = (x, residual, weight, self.eps, *route, ROUTER_WEIGHT_SUM_MIN)
             if int_form:
                 total, normed, *rest = torch.ops.harness.add_rms_norm_int_route(*args)
                 return total, normed, tuple(rest[:3]), tuple(rest[3:])
@@ -70,15 +72,17 @@ class RMSNorm(nn.Module):
             return total, normed, tuple(routing)
         if int_form:
             if residual is None:
-                normed, *x_int = torch.ops.harness.rms_norm_int(x, self.weight, self.eps)
+                normed, *x_int = torch.ops.harness.rms_norm_int(x, weight, self.eps)
                 return normed, tuple(x_int)
-            total, normed, *x_int = torch.ops.harness.add_rms_norm_int(x, residual, self.weight, self.eps)
+            total, normed, *x_int = torch.ops.harness.add_rms_norm_int(x, residual, weight, self.eps)
             return total, normed, tuple(x_int)
         fast = x.dtype == torch.float32 and fused.runs_on(x.device)
         if residual is None:
+            if fast:
+                return torch.ops.harness.rms_norm(x, weight, self.eps)
             return self._normed(x, fast)
         if fast and residual.dtype == torch.float32:
-            return torch.ops.harness.add_rms_norm(x, residual, self.weight, self.eps)
+            return torch.ops.harness.add_rms_norm(x, residual, weight, self.eps)
         x = x + residual
         return x, self._normed(x, fast)
 
@@ -217,24 +221,28 @@ class Attention(nn.Module):
     @staticmethod
     def _fused(cache_k: torch.Tensor, mats: tuple[QMatMul, ...], qweights: tuple | None) -> bool:
         """`fused()` of these modules and tensors (`qweights`: each mat's, read by the caller)."""
-        if cache_k.dtype != torch.float32 or any(m.strategy != "quantized" for m in mats):
+        if cache_k.dtype != torch.float32:
             return False
-        if qweights is None:
-            qweights = tuple(m.qweight for m in mats)
-        return fused.supports_all(
-            [(m.qtype, w.device, m.in_features) for m, w in zip(mats, qweights, strict=True)]
-        )
+        weights = []  # (a loop: a generator or comprehension is a call of its own, each call)
+        for i, m in enumerate(mats):
+            if m.strategy != "quantized":
+                return False
+            w = m._buffers["qweight"] if qweights is None else qweights[i]
+            weights.append((m.qtype, w.device, m.in_features))
+        return fused.supports_all(weights)
 
     def takes_int_x(self, x: torch.Tensor) -> bool:
         """Whether this call's `harness::qkv` would read x [T, D] in `_int_x`'s form from a launch
         (`fused.norm_int_out`): then the norm before it makes that form (`RMSNorm`'s `int_form`)."""
-        mats = self.wq, self.wk, self.wv
+        if x.dtype != torch.float32 or x.dim() != 2:
+            return False
+        modules = self._modules  # (nn.Module.__getattr__'s table, read directly: a tenth of the time)
+        mats = wq, wk, wv = modules["wq"], modules["wk"], modules["wv"]
+        t, d = x.shape
         return (
-            x.dtype == torch.float32
-            and x.dim() == 2
-            and fused.norm_int_out(x.shape[0], x.shape[1], tuple(m.kernel_qtype for m in mats))
+            fused.norm_int_out(t, d, (wq.kernel_qtype, wk.kernel_qtype, wv.kernel_qtype))
             and fused.runs_on(x.device)
-            and self._fused(self.cache.k, mats, None)
+            and self._fused(modules["cache"]._buffers["k"], mats, None)
         )
 
     def forward(
@@ -242,19 +250,22 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`x_int`: x's `_int_x` form from its norm (`takes_int_x`), handed to `harness::qkv`."""
         t = x.shape[0]
-        # (each submodule and buffer read once: every read is nn.Module.__getattr__)
-        mats = wq, wk, wv = self.wq, self.wk, self.wv
-        cache = self.cache
-        cache_k = cache.k
-        qweights = (wq.qweight, wk.qweight, wv.qweight)
+        # (each submodule and buffer read once, from nn.Module.__getattr__'s tables directly:
+        # `_modules`, `_buffers`, a tenth of the time)
+        modules = self._modules
+        mats = wq, wk, wv = modules["wq"], modules["wk"], modules["wv"]
+        cache = modules["cache"]._buffers
+        cache_k = cache["k"]
+        qweights = (wq._buffers["qweight"], wk._buffers["qweight"], wv._buffers["qweight"])
         if x.dtype == torch.float32 and self._fused(cache_k, mats, qweights):
             qkv = torch.ops.harness.qkv(
                 x, *qweights, wq.kernel_qtype, wk.kernel_qtype, wv.kernel_qtype, *(x_int or ())
             )  # [T, q + k + v]
             at = start_pos if isinstance(start_pos, torch.Tensor) else None
-            rope = self.rope
-            args = (qkv, cache_k, cache.v, rope.cos, rope.sin, at, 0 if at is not None else start_pos)
-            wo = self.wo
+            rope = modules["rope"]._buffers
+            start = 0 if at is not None else start_pos
+            args = (qkv, cache_k, cache["v"], rope["cos"], rope["sin"], at, start)
+            wo = modules["wo"]
             if (
                 fused.attention_int_out(t, wo.in_features, wo.kernel_qtype, self.head_dim)
                 and wo.strategy == "quantized"
@@ -381,20 +392,20 @@ class Experts(nn.Module):
         # x: [T, D]; weights, experts: [T, k]. With `residual` [T, D]: residual + the experts' sum
         # (the layer's residual add; the fused op makes it itself, where residual and x are float32).
         # `x_int`: x's `_int_x` form from its norm (`MoE.takes_int_x`), handed to the fused op.
-        w1 = self.w1  # (a buffer: read once)
+        buffers = self._buffers  # (nn.Module.__getattr__'s table, read directly: a tenth of the time)
+        w1 = buffers["w1"]
         if self._fused(w1.device):
             qt, qt_down = self.gate_up_code(), self.kernel_qtypes["w2"]
+            w3, w2 = buffers["w3"], buffers["w2"]
             if (
                 residual is not None
                 and x.dtype == residual.dtype == torch.float32
                 and residual.shape == x.shape
             ):
                 return torch.ops.harness.moe_ffn(
-                    x, w1, self.w3, self.w2, weights, experts, qt, qt_down, residual, *(x_int or ())
+                    x, w1, w3, w2, weights, experts, qt, qt_down, residual, *(x_int or ())
                 )
-            y = torch.ops.harness.moe_ffn(
-                x, w1, self.w3, self.w2, weights, experts, qt, qt_down, None, *(x_int or ())
-            )
+            y = torch.ops.harness.moe_ffn(x, w1, w3, w2, weights, experts, qt, qt_down, None, *(x_int or ()))
             y = y if y.dtype == x.dtype else y.to(x.dtype)
         else:
             t, k = experts.shape
@@ -480,11 +491,12 @@ class MoE(nn.Module):
         """Whether this call's `harness::moe_ffn` would read x [T, D] in `_int_x`'s form from a
         launch (its gate/up product, `fused.norm_int_out`): then the norm before it makes that
         form (`RMSNorm`'s `int_form`)."""
-        experts = self.experts
+        if x.dtype != torch.float32 or x.dim() != 2:
+            return False
+        experts = self._modules["experts"]  # (nn.Module.__getattr__'s table, read directly)
+        t, d = x.shape
         return (
-            x.dtype == torch.float32
-            and x.dim() == 2
-            and fused.norm_int_out(x.shape[0] * self.n_used, x.shape[1], (experts.gate_up_code(),))
+            fused.norm_int_out(t * self.n_used, d, (experts.gate_up_code(),))
             and fused.runs_on(x.device)
             and experts.fused()
         )
@@ -496,10 +508,12 @@ class MoE(nn.Module):
         MoE, should route its output itself (`fused.norm_routes`: NORM_CONFIG "router", a decode
         call whose tensors are all on one device the kernels run on), for `RMSNorm`'s `route`
         (the routing it gives is this module's `routing`); None otherwise."""
-        router = self.router
-        weight = router.weight if router.strategy == "f32" and runs_own_forward(router) else None
-        if weight is not None and fused.norm_routes(x, residual, norm.weight, weight, self.n_used):
-            return weight, self.n_used
+        router = self._modules["router"]  # (nn.Module.__getattr__'s tables, read directly)
+        if router.strategy != "f32" or not runs_own_forward(router):
+            return None
+        weight, k = router._buffers["weight"], self.n_used
+        if weight is not None and fused.norm_routes(x, residual, norm._buffers["weight"], weight, k):
+            return weight, k
         return None
 
     def forward(
@@ -513,17 +527,18 @@ class MoE(nn.Module):
         layer's residual add, made by the experts: in their fused op, where it runs). `x_int`:
         x's `_int_x` form from its norm (`takes_int_x`), for the experts' op. `routing`: x's
         (weights, experts) [T, k] from its norm (`norm_route`), in place of the router's."""
+        experts = self._modules["experts"]  # (nn.Module.__getattr__'s table, read directly)
         if routing is not None:
-            return self.experts(x, *routing, residual, x_int)
-        router = self.router
+            return experts(x, *routing, residual, x_int)
+        router = self._modules["router"]
         if router.routes_in_one_op(x):
             weights, chosen = router(x, self.n_used)  # [T, k]
-            return self.experts(x, weights, chosen, residual, x_int)
+            return experts(x, weights, chosen, residual, x_int)
         logits = router(x)  # [T, E]
         probs = logits.float().softmax(-1)
         weights, chosen = probs.topk(self.n_used, dim=-1)  # [T, k]
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=ROUTER_WEIGHT_SUM_MIN)
-        return self.experts(x, weights, chosen, residual, x_int)
+        return experts(x, weights, chosen, residual, x_int)
 
 
 class Block(nn.Module):
@@ -559,16 +574,18 @@ class Block(nn.Module):
         says so ("router"): the same results, no `_int_x` launch on a norm's output, no router
         launch of its own. Only between modules that run their own forward (`runs_own_forward`):
         a replaced one gets `forward`'s plain calls."""
-        attn, attn_norm = self.attn, self.attn_norm
+        modules = self._modules  # (nn.Module.__getattr__'s table, read directly: a tenth of the time)
+        attn, attn_norm = modules["attn"], modules["attn_norm"]
         if runs_own_forward(attn) and runs_own_forward(attn_norm) and attn.takes_int_x(x):
             normed, x_int = attn_norm(x, int_form=True)
             h = attn(normed, start_pos, x_int)
         else:
             h = attn(attn_norm(x), start_pos)
+        ffn_norm = modules["ffn_norm"]
         if not self.is_moe:
-            x, normed = self.ffn_norm(x, h)
-            return x + self.ffn(normed)
-        moe, ffn_norm = self.moe, self.ffn_norm
+            x, normed = ffn_norm(x, h)
+            return x + modules["ffn"](normed)
+        moe = modules["moe"]
         if (
             h.dtype == torch.float32
             and h.shape == x.shape

@@ -49,7 +49,7 @@ import torch
 
 from harness.errors import UsageError
 from harness.quant import dequant, kernels
-from harness.quant.launch import bind, launch
+from harness.quant.launch import Bound, bind, launch
 from harness.quant.types import GGMLType, block_size, type_size
 
 triton, tl = kernels.triton, kernels.tl
@@ -2901,7 +2901,7 @@ def _product(
     where it runs one. `int_out`: a dict where a decode product (unsplit, BN a multiple of 32:
     `_h_as_int` checks) leaves its result under "int" as `_int_x` would make it from the float
     result, which it then does not write (the float rows returned are left unset)."""
-    if experts is not None:
+    if experts is not None and experts.dim() != 1:
         experts = experts.reshape(-1)
     n_pairs = x.shape[0] * x_div if experts is None else experts.numel()
     if n_pairs == 0:
@@ -3093,10 +3093,10 @@ def _matvec_two_runs(x: torch.Tensor, runs: list[tuple], prepared: dict | None) 
     most = min(MATVEC_MAX_ROWS, QKV_CONFIG["one_launch_rows"])
     if not QKV_CONFIG["one_launch"] or len(runs) != 2 or not 0 < n_pairs <= most:
         return False
-    device = x.device
-    first, second = (
-        _matvec_plan(c, x.shape[1], rows, n_pairs, 1, False, False, False, device) for _, c, rows, _ in runs
-    )
+    device, k = x.device, x.shape[1]
+    (_, code_1, rows_1, _), (_, code_2, rows_2, _) = runs
+    first = _matvec_plan(code_1, k, rows_1, n_pairs, 1, False, False, False, device)
+    second = _matvec_plan(code_2, k, rows_2, n_pairs, 1, False, False, False, device)
     if not (first.int_read and second.int_read):
         return False
     pdl_kw = pdl_options(device)
@@ -3112,7 +3112,10 @@ def _matvec_two_runs(x: torch.Tensor, runs: list[tuple], prepared: dict | None) 
             bind(_matvec_two_runs_kernel, **options, PTX=_ptx(), num_warps=warps, **pdl_kw),
         )
     kernel = made[1]
-    counted = [plan.grid[0] * n_pairs if plan.reduce else 0 for plan in (first, second)]
+    counted = (
+        first.grid[0] * n_pairs if first.reduce else 0,
+        second.grid[0] * n_pairs if second.reduce else 0,
+    )
     counters = _split_counters(device, sum(counted)) if any(counted) else None
     args = []
     for i, ((w, _, rows, into), plan) in enumerate(zip(runs, (first, second), strict=True)):
@@ -3484,12 +3487,13 @@ def moe_ffn(
     routing = {}  # both products route the same pairs: the prefill sorts them once
     # h's `_int_x` form, where the gated product leaves it so (its float rows then unset)
     h_int = {} if _h_as_int(t * k, dim, ffn, gate_up_qtype, down_qtype, x.device) else None
+    pairs = experts.reshape(-1)  # (once for both products)
     h = _product(
-        x, gate, up, gate_up_qtype, ffn, experts, k, None, prepared=x_int, routing=routing, int_out=h_int
+        x, gate, up, gate_up_qtype, ffn, pairs, k, None, prepared=x_int, routing=routing, int_out=h_int
     )
     added = residual is not None and MOE_FFN_CONFIG["residual"]
     y = _product(
-        h, down, None, down_qtype, dim, experts, 1, weights.reshape(-1), out_div=k, prepared=h_int,
+        h, down, None, down_qtype, dim, pairs, 1, weights.reshape(-1), out_div=k, prepared=h_int,
         routing=routing, residual=residual if added else None,
     )  # [T, D]  # fmt: skip
     return y if residual is None or added else residual + y
@@ -3783,11 +3787,12 @@ def qkv(
     runs = []  # (weight, code, rows, output columns)
     i = column = 0
     while i < 3:
+        run = weights[i]
+        rows = run.shape[0]
         j = i + 1
         while j < 3 and qtypes[j] == qtypes[i] and _follows(weights[j - 1], weights[j]):
+            rows += weights[j].shape[0]
             j += 1
-        rows = sum(w.shape[0] for w in weights[i:j])
-        run = weights[i]
         if j - i > 1:
             run = torch.as_strided(run, (rows, *run.shape[1:]), run.stride())
         runs.append((run, qtypes[i], rows, out if rows == out.shape[1] else out.narrow(1, column, rows)))
@@ -4009,28 +4014,32 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start, int_ou
         else:
             if merge:
                 counters = _split_counters(device, n_kv)  # one a KV head
-            # one buffer for every split count (they grow with the cache, up to the programs
-            # wanted a KV head): the first elements, viewed as this call's shapes
-            most = _ceil_div(_programs_wanted(device), n_kv)
-            flat = _scratch(
-                ("attention splits", device, n_kv, bm, bd),
-                lambda: tuple(qkv.new_empty(n_kv * most * size) for size in (bm * bd, bm, bm)),
+
+            def views():
+                # one buffer for every split count (they grow with the cache, up to the programs
+                # wanted a KV head): the first elements, viewed as this call's shapes
+                most = _ceil_div(_programs_wanted(device), n_kv)
+                flat = _scratch(
+                    ("attention splits", device, n_kv, bm, bd),
+                    lambda: tuple(qkv.new_empty(n_kv * most * size) for size in (bm * bd, bm, bm)),
+                )
+                return tuple(
+                    buffer[: n_kv * splits * size].view(n_kv, splits, *shape)
+                    for buffer, size, shape in zip(
+                        flat, (bm * bd, bm, bm), ((bm, bd), (bm,), (bm,)), strict=True
+                    )
+                )
+
+            # (the views kept as well, per split count: three views are microseconds a call)
+            part_acc, part_m, part_l = _scratch(
+                ("attention split views", device, n_kv, bm, bd, splits), views
             )
-            part_acc, part_m, part_l = (
-                buffer[: n_kv * splits * size].view(n_kv, splits, *shape)
-                for buffer, size, shape in zip(flat, (bm * bd, bm, bm), ((bm, bd), (bm,), (bm,)), strict=True)
-            )
-        # with the rope folded in, products rounded one by one: mul.rn in PTX (`_mul_rn`), which
-        # leaves fp fusion to the rest of the kernel; elsewhere (ROCm) no fusion at all. BT, the
-        # new keys' tile: at least 16, a float32 tl.dot's least depth on NVIDIA before Triton 3.9
-        # (3.6: 16; 3.9: 8)
-        launch(_attention_kernel, (n_kv, splits),
+        mc = attention_merge_splits(splits, bm, bd, cfg["num_warps"])
+        int_here = int_in_launch and (splits == 1 or merge)
+        kernel = _attention_bound(bm, bd, t, from_start, splits > 1, fold, merge, mc, int_here, pdl_kw)
+        launch(kernel, (n_kv, splits),
             queries, width, cache_k, cache_v, cos, sin, pos, start, out, part_acc, part_m, part_l, counters,
-            *x_int, t, group, s_max, n_keys, hd, half, hd**-0.5, BM=bm, BD=bd, BS=cfg["BS"],
-            BT=max(16, _next_pow2(t)), TT=_next_pow2(t), FROM_START=from_start,
-            SPLIT=splits > 1, ROPE=fold, PTX=_ptx(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            DOT=cfg["dot"], MERGE=merge, MC=attention_merge_splits(splits, bm, bd, cfg["num_warps"]),
-            INT_OUT=int_in_launch and (splits == 1 or merge), enable_fp_fusion=not fold or _ptx(), **pdl_kw,
+            *x_int, t, group, s_max, n_keys, hd, half, hd**-0.5,
         )  # fmt: skip
         if splits > 1 and not merge:
             launch(_attention_merge_kernel, (n_kv, group * t),
@@ -4043,6 +4052,31 @@ def _attention_kernels(qkv, cache_k, cache_v, cos, sin, positions, start, int_ou
     torch.autograd.graph.increment_version(cache_k)
     torch.autograd.graph.increment_version(cache_v)
     return (out, x_q, x_sums, x_scales) if int_out else out
+
+
+# `_attention_kernel` bound to each distinct set of its launch keywords (`_attention_bound`).
+_ATTENTION_KERNELS: dict[tuple, Bound] = {}
+
+
+def _attention_bound(bm, bd, t, from_start, split, fold, merge, mc, int_out, pdl_kw) -> Bound:
+    """`_attention_kernel` with a launch's keywords bound (`launch.bind`), found by a tuple of
+    their values (ATTENTION_CONFIG's as they are now included): one dict lookup a launch, not
+    some 20 keywords passed and keyed by `launch` at each (microseconds of an eager step)."""
+    cfg, ptx = ATTENTION_CONFIG, _ptx()
+    warps, stages, bs, dot = cfg["num_warps"], cfg["num_stages"], cfg["BS"], cfg["dot"]
+    key = (bm, bd, t, from_start, split, fold, merge, mc, int_out, ptx, warps, stages, bs, dot, pdl_kw is _PDL_ON)  # fmt: skip
+    kernel = _ATTENTION_KERNELS.get(key)
+    if kernel is None:
+        # with the rope folded in, products rounded one by one: mul.rn in PTX (`_mul_rn`), which
+        # leaves fp fusion to the rest of the kernel; elsewhere (ROCm) no fusion at all. BT, the
+        # new keys' tile: at least 16, a float32 tl.dot's least depth on NVIDIA before Triton 3.9
+        # (3.6: 16; 3.9: 8)
+        kernel = _ATTENTION_KERNELS[key] = bind(_attention_kernel,
+            BM=bm, BD=bd, BS=bs, BT=max(16, _next_pow2(t)), TT=_next_pow2(t), FROM_START=from_start,
+            SPLIT=split, ROPE=fold, PTX=ptx, num_warps=warps, num_stages=stages, DOT=dot, MERGE=merge, MC=mc,
+            INT_OUT=int_out, enable_fp_fusion=not fold or ptx, **pdl_kw,
+        )  # fmt: skip
+    return kernel
 
 
 def _attention_torch(qkv, cache_k, cache_v, cos, sin, positions, start):
@@ -4331,13 +4365,15 @@ def router_takes_kernel(x: torch.Tensor, weight: Optional[torch.Tensor], k: int)
     1..MATVEC_MAX_ROWS tokens (decode) with the router's weight (not None): x [T, D] and weight
     [E, D] contiguous float32, 1 <= k <= E <= ROUTER_MAX_EXPERTS. The torch path runs the rest
     (a longer call, prefill, is one product that cuBLAS does better than a program per token)."""
-    if weight is None or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+    if weight is None or x.dim() != 2 or weight.dim() != 2:
         return False
-    if not 1 <= x.shape[0] <= MATVEC_MAX_ROWS or not 1 <= k <= weight.shape[0] <= ROUTER_MAX_EXPERTS:
+    (t, d), (n_experts, d_weight) = x.shape, weight.shape
+    if d != d_weight or not 1 <= t <= MATVEC_MAX_ROWS or not 1 <= k <= n_experts <= ROUTER_MAX_EXPERTS:
         return False
-    if any(a.dtype != torch.float32 or not a.is_contiguous() for a in (x, weight)):
+    # (each test written out: a generator is a call of its own, and this runs at every decode layer)
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    return runs_on(x.device)
+    return x.is_contiguous() and weight.is_contiguous() and runs_on(x.device)
 
 
 def router_plan(n_experts: int, d: int) -> tuple[int, int, int]:
@@ -4463,13 +4499,24 @@ def norm_route_takes_kernel(
     the norm's tensors go with it: residual float32 of x's shape and weight float32 [D], all
     contiguous, and all four on x's device (a tensor elsewhere: the two ops, each refusing it
     with the device error it gives today, where it gives it)."""
-    if router_weight is None or residual.shape != x.shape or weight.shape != x.shape[-1:]:
+    if router_weight is None:
         return False
-    if any(t.device != x.device for t in (residual, weight, router_weight)):
+    shape = x.shape
+    if residual.shape != shape or weight.shape != shape[-1:]:
         return False
-    if any(a.dtype != torch.float32 or not a.is_contiguous() for a in (residual, weight)):
+    # (each test written out: a generator is a call of its own, and this runs at every decode layer)
+    device = x.device
+    if residual.device != device or weight.device != device or router_weight.device != device:
+        return False
+    if residual.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if not residual.is_contiguous() or not weight.is_contiguous():
         return False
     return router_takes_kernel(x, router_weight, k)
+
+
+# `_norm_route_kernel` bound to each distinct set of its launch keywords (`_norm_route_call`).
+_NORM_ROUTE_KERNELS: dict[tuple, Bound] = {}
 
 
 def _norm_route_call(x, residual, weight, eps, router_weight, k, min_sum, int_out: bool):
@@ -4485,12 +4532,20 @@ def _norm_route_call(x, residual, weight, eps, router_weight, k, min_sum, int_ou
         q, sums, scales = _int_form_like(x)
         int_form = (q, scales, sums)
     weights, experts, part, counters = _routing_buffers(x, k, splits, be)
+    pdl_kw = pdl_options(x.device)
+    stages = ROUTER_CONFIG["num_stages"]
+    # (bound once per set of keywords, found by their values: see `_attention_bound`)
+    key = (bn, k, be, step, splits, int_out, stages, pdl_kw is _PDL_ON)
+    kernel = _NORM_ROUTE_KERNELS.get(key)
+    if kernel is None:
+        kernel = _NORM_ROUTE_KERNELS[key] = bind(_norm_route_kernel,
+            BN=bn, K=k, BE=be, BD=step, BK=_next_pow2(k), SPLITS=splits, CUDA_EXP=not kernels.interpreting(),
+            INT_OUT=int_out, PTX=_ptx(), num_warps=_norm_warps(bn), num_stages=stages, **pdl_kw,
+        )  # fmt: skip
     with _launch_device(x.device):
-        launch(_norm_route_kernel, (t, splits),
+        launch(kernel, (t, splits),
             x, residual, total, weight, out, *int_form, router_weight, weights, experts, part, counters, d,
-            n_experts, run, eps, min_sum, BN=bn, K=k, BE=be, BD=step, BK=_next_pow2(k), SPLITS=splits,
-            CUDA_EXP=not kernels.interpreting(), INT_OUT=int_out, PTX=_ptx(), num_warps=_norm_warps(bn),
-            num_stages=ROUTER_CONFIG["num_stages"], **pdl_options(x.device),
+            n_experts, run, eps, min_sum,
         )  # fmt: skip
     normed = (total, out, q, sums, scales) if int_out else (total, out)
     return *normed, weights, experts
